@@ -1,0 +1,62 @@
+// Torch bindings for the CUDA kernels in csrc/*.cu, registered as torch.ops.minicpm_int4_C.*
+// (their own namespace: the public ops are declared in Python, minicpm_int4/ops.py, and call these).
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
+                                               const void* zeros, const void* bias, void* out, int M, int N,
+                                               int K, int group_size, long ldx, long ldo, int dtype,
+                                               cudaStream_t stream);
+
+namespace {
+
+at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size) {
+  TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
+              "minicpm_int4_C.w4a16_gemm: all tensors must be CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_gemm: x must be [M, K] with unit stride along K");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "w4a16_gemm (cuda): activations must be fp16 or bf16, got ", x.scalar_type());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(),
+              "w4a16_gemm: qweight must be contiguous int32 [N, K/8]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * 8 == K, "w4a16_gemm: qweight packs K=", qweight.size(1) * 8, " but x has K=", K);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && K % group_size == 0,
+              "w4a16_gemm: K=", K, " is not divisible by group_size=", group_size);
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type() && zeros.scalar_type() == x.scalar_type(),
+              "w4a16_gemm: scales/zeros must have the activation dtype");
+  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous() && scales.size(0) == N && scales.size(1) == K / group_size &&
+              zeros.sizes() == scales.sizes(), "w4a16_gemm: scales/zeros must be contiguous [N, K/group_size]");
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_contiguous(),
+                "w4a16_gemm: bias must be a contiguous CUDA tensor [N] of the activation dtype");
+    bias_ptr = bias->data_ptr();
+  }
+  TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  cudaError_t err = minicpm_int4_w4a16_gemv(
+      x.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
+      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), x.stride(0),
+      out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.w4a16_gemm: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minicpm_int4_C, m) {
+  m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) { m.impl("w4a16_gemm", &w4a16_gemm); }
+
+// `import minicpm_int4._C` loads this library, which runs the registrations above.
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "minicpm_int4 CUDA kernels", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,15 @@
+"""minicpm_int4: 4-bit inference kernels for MiniCPM-V vision-language models.
+
+    >>> import minicpm_int4
+    >>> report = minicpm_int4.patch_model(model)            # nn.Linear -> QuantLinear, in place
+    >>> print(report)
+    >>> minicpm_int4.save_quantized(model, "ckpt/")
+"""
+from .checkpoint import load_quantized, save_quantized
+from .config import QuantConfig
+from .patch import patch_model
+from .qlinear import QuantLinear
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantConfig", "QuantLinear", "patch_model", "save_quantized", "load_quantized", "__version__"]

@@ -1,0 +1,122 @@
+"""Quantized checkpoints: `model.safetensors` (canonical int4 layout + every other tensor) and
+`quant_config.json` (format version, QuantConfig, the quantized modules and their parameters)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .patch import CONFIG_ATTR
+from .qlinear import QuantLinear
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "quant_config.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+def _quant_modules(model: nn.Module) -> Dict[str, dict]:
+    return {name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
+                   "act": m.act, "bias": m.bias is not None, "dtype": str(m.scales.dtype).replace("torch.", "")}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save_quantized(model: nn.Module, path: str, report=None) -> None:
+    """Write a patched model to directory `path` (created if needed)."""
+    from safetensors.torch import save_file
+
+    modules = _quant_modules(model)
+    if not modules:
+        raise ValueError("save_quantized: the model has no QuantLinear layers; call patch_model(model) first")
+    config = getattr(model, CONFIG_ATTR, None) or QuantConfig()
+    os.makedirs(path, exist_ok=True)
+    tensors, aliases, seen = {}, {}, {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:   # tied weights are stored once
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = t.detach().to("cpu").contiguous()
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "modules": modules, "aliases": aliases}
+    if report is not None:
+        meta["decisions"] = report.to_dict()["decisions"]
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "minicpm_int4": str(FORMAT_VERSION)})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_quant_config(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} is not a minicpm_int4 checkpoint: {CONFIG_NAME} not found")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
+                                      f"(this minicpm_int4 reads version {FORMAT_VERSION})")
+    return meta
+
+
+def load_quantized(model: nn.Module, path: str) -> nn.Module:
+    """Load a checkpoint written by save_quantized into a freshly built model of the same config.
+
+    The Linears named in the checkpoint are replaced by empty QuantLinear modules, then every tensor
+    is loaded one at a time (bounded memory). Raises CheckpointMismatchError naming the first
+    module or tensor that does not match.
+    """
+    from safetensors import safe_open
+
+    meta = read_quant_config(path)
+    config = QuantConfig.from_dict(meta["config"])
+    for name, spec in meta["modules"].items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointMismatchError(f"checkpoint module {name!r} does not exist in the model") from None
+        if not isinstance(mod, (nn.Linear, QuantLinear)):
+            raise CheckpointMismatchError(f"checkpoint module {name!r} is a {type(mod).__name__} in the model, not a Linear")
+        if (mod.in_features, mod.out_features) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointMismatchError(
+                f"checkpoint module {name!r} is {spec['out_features']} x {spec['in_features']} but the model's is "
+                f"{mod.out_features} x {mod.in_features}")
+        if isinstance(mod, nn.Linear):
+            device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
+            ql = QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
+                             dtype=getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=config.backend)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, ql)
+
+    aliases = meta.get("aliases", {})
+    targets = model.state_dict(keep_vars=True)
+    with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
+        stored = set(f.keys())
+        used = set()
+        for key, target in targets.items():
+            src = aliases.get(key, key)
+            if src not in stored:
+                raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
+            sl = f.get_slice(src)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(target.shape):
+                raise CheckpointMismatchError(f"tensor {key!r}: checkpoint shape {shape} != model shape {tuple(target.shape)}")
+            t = f.get_tensor(src)
+            if t.dtype != target.dtype:
+                raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
+            with torch.no_grad():
+                target.data.copy_(t)
+            used.add(src)
+        extra = sorted(stored - used)
+        if extra:
+            raise CheckpointMismatchError(f"tensor {extra[0]!r} in the checkpoint has no counterpart in the model "
+                                          f"({len(extra)} unexpected tensors)")
+    setattr(model, CONFIG_ATTR, config)
+    return model

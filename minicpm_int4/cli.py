@@ -1,0 +1,145 @@
+"""`minicpm-int4` command line: demo | quantize.
+
+    minicpm-int4 demo                 build a small random-weight MiniCPM-V 4.6, patch it, compare
+    minicpm-int4 quantize MODEL OUT   from_pretrained(MODEL) -> patch_model -> save_quantized(OUT)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+
+def _model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device, reps=5):
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def cmd_demo(args) -> int:
+    from . import QuantConfig, patch_model
+    from .tiny import build_native, prompt_with_image
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    print(f"minicpm_int4 demo: random-weight MiniCPM-V 4.6 ({args.size}), {args.dtype}, device {device}")
+    model = build_native("4_6", size=args.size, dtype=dtype, device=device, seed=args.seed)
+    ids, pv, ts = prompt_with_image(model, text_len=16, seed=args.seed + 1)
+    ids, pv, ts = ids.to(device), pv.to(device), ts.to(device)
+    gen_kw = dict(max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens)
+
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits.float()
+        ref_gen = model.generate(input_ids=ids, pixel_values=pv, target_sizes=ts, **gen_kw)[:, ids.shape[1]:]
+        fp_ms = _time_ms(lambda: model(input_ids=ids, pixel_values=pv, target_sizes=ts), device) if device.type == "cuda" else None
+    bytes_fp = _model_bytes(model)
+
+    config = QuantConfig(group_size=args.group_size, method=args.method)
+    report = patch_model(model, config)
+    print(report)
+    bytes_q = _model_bytes(model)
+
+    with torch.no_grad():
+        q_logits = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits.float()
+        q_gen = model.generate(input_ids=ids, pixel_values=pv, target_sizes=ts, **gen_kw)[:, ids.shape[1]:]
+        q_ms = _time_ms(lambda: model(input_ids=ids, pixel_values=pv, target_sizes=ts), device) if device.type == "cuda" else None
+    rel = ((q_logits - ref_logits).norm() / ref_logits.norm()).item()
+    top1 = (q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    n = min(ref_gen.shape[1], q_gen.shape[1])
+    gen_agree = (ref_gen[:, :n] == q_gen[:, :n]).float().mean().item() if n else float("nan")
+    first_diff = next((i for i in range(n) if ref_gen[0, i] != q_gen[0, i]), None)
+    mib = 2**20
+    print()
+    print(f"weight memory (all parameters and buffers): {args.dtype} {bytes_fp / mib:.2f} MiB -> int4 {bytes_q / mib:.2f} MiB "
+          f"({bytes_fp / bytes_q:.2f}x smaller; Linear weights {report.bytes_before / mib:.2f} -> {report.bytes_after / mib:.2f} MiB)")
+    print(f"prompt logits: relative error {rel:.4f}, top-1 agreement {top1 * 100:.1f}% over {q_logits.shape[1]} positions")
+    print(f"greedy generation ({n} new tokens): {gen_agree * 100:.1f}% tokens identical"
+          + (f", first difference at token {first_diff}" if first_diff is not None else ", identical"))
+    print(f"  {args.dtype}: {ref_gen[0].tolist()}")
+    print(f"  int4: {q_gen[0].tolist()}")
+    if fp_ms is not None:
+        print(f"forward (prompt + image) on {torch.cuda.get_device_name(device)}: {args.dtype} {fp_ms:.2f} ms, int4 {q_ms:.2f} ms")
+    else:
+        print("timings: skipped on CPU (the CPU path is the PyTorch reference, not a fast kernel)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"report": report.to_dict(), "bytes_fp": bytes_fp, "bytes_int4": bytes_q, "logits_rel_err": rel,
+                       "top1_agreement": top1, "generation_agreement": gen_agree, "fp_ms": fp_ms, "int4_ms": q_ms}, f, indent=2)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from . import QuantConfig, patch_model, save_quantized
+
+    import transformers
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    cls = getattr(transformers, args.model_class)
+    print(f"loading {args.model} with {args.model_class} ({args.dtype})", file=sys.stderr)
+    model = cls.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if args.device:
+        model = model.to(args.device)
+    report = patch_model(model, QuantConfig(group_size=args.group_size, method=args.method))
+    print(report)
+    save_quantized(model, args.out, report)
+    print(f"saved to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minicpm-int4", description="int4 inference kernels for MiniCPM-V")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="patch a small random-weight MiniCPM-V 4.6 and compare it with the original")
+    d.add_argument("--size", choices=["tiny", "demo"], default="demo")
+    d.add_argument("--dtype", choices=["fp16", "bf16"], default=None)
+    d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    d.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, -1])
+    d.add_argument("--method", choices=["rtn", "search"], default="rtn")
+    d.add_argument("--new-tokens", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    d.set_defaults(func=cmd_demo)
+    q = sub.add_parser("quantize", help="quantize a pretrained model and save it")
+    q.add_argument("model", help="local path or hub name")
+    q.add_argument("out", help="output directory")
+    q.add_argument("--model-class", default="AutoModelForImageTextToText")
+    q.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
+    q.add_argument("--device", default=None)
+    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
+    q.add_argument("--method", choices=["rtn", "search"], default="rtn")
+    q.add_argument("--trust-remote-code", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", "x") is None:
+        args.dtype = "fp16" if torch.cuda.is_available() else "bf16"
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

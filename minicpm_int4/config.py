@@ -1,0 +1,117 @@
+"""QuantConfig: what to quantize and how.
+
+One frozen dataclass, serialisable to JSON (it is written beside every quantized checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+GROUP_SIZES = (32, 64, 128, -1)
+BACKENDS = ("auto", "triton", "cuda", "torch")
+ACTS = (None, "int8")
+METHODS = ("rtn", "search")
+# Parts of a MiniCPM-V model (see models.py). "other" is any Linear outside the known parts.
+PARTS = ("llm", "lm_head", "vision", "merger", "resampler", "audio", "tts", "other")
+
+ActSpec = Union[None, str, Mapping[str, Optional[str]]]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How `patch_model` / `QuantLinear.from_linear` quantize a model.
+
+    Args:
+        bits: weight bits; only 4 is implemented.
+        group_size: input channels (K) sharing one scale and zero point: 32, 64, 128, or -1 for one
+            group per output channel (the whole K).
+        act: None for W4A16 (fp16/bf16 activations), "int8" for W4A8 (dynamic per-token int8
+            activations), or a dict from model part to either, e.g. ``{"vision": "int8"}`` (parts not
+            named use W4A16).
+        backend: "auto" (fastest available for the device and M), "triton", "cuda" (the compiled
+            extension), or "torch" (the pure-PyTorch reference; what "auto" means on CPU).
+        method: "rtn" (round to nearest with min/max range) or "search" (clipping-range search).
+        quantize_llm / quantize_vision / quantize_merger / quantize_resampler / quantize_lm_head /
+            quantize_audio / quantize_tts / quantize_other: which model parts are quantized.
+        include / exclude: fnmatch patterns over qualified module names; include forces a Linear in
+            (if it can be quantized at all), exclude forces it out. Exclude wins.
+        min_out_features: Linears with fewer outputs stay in high precision (a few dozen outputs,
+            e.g. Qwen3.5's ``in_proj_a``/``in_proj_b``, cost more in dequant overhead than they save).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    act: ActSpec = None
+    backend: str = "auto"
+    method: str = "rtn"
+    quantize_llm: bool = True
+    quantize_vision: bool = True
+    quantize_merger: bool = False
+    quantize_resampler: bool = False
+    quantize_lm_head: bool = False
+    quantize_audio: bool = False
+    quantize_tts: bool = False
+    quantize_other: bool = True
+    include: tuple = ()
+    exclude: tuple = ()
+    min_out_features: int = 64
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise ValueError(f"QuantConfig.bits={self.bits}: only 4-bit weights are implemented")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"QuantConfig.group_size={self.group_size}: must be one of {GROUP_SIZES} (-1 = per output channel)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"QuantConfig.backend={self.backend!r}: must be one of {BACKENDS}")
+        if self.method not in METHODS:
+            raise ValueError(f"QuantConfig.method={self.method!r}: must be one of {METHODS}")
+        if isinstance(self.act, Mapping):
+            for part, a in self.act.items():
+                if part not in PARTS:
+                    raise ValueError(f"QuantConfig.act: unknown model part {part!r}; parts are {PARTS}")
+                if a not in ACTS:
+                    raise ValueError(f"QuantConfig.act[{part!r}]={a!r}: must be one of {ACTS}")
+            object.__setattr__(self, "act", dict(self.act))
+        elif self.act not in ACTS:
+            raise ValueError(f"QuantConfig.act={self.act!r}: must be None, 'int8' or a dict part -> act")
+        for name in ("include", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = (v,)
+            object.__setattr__(self, name, tuple(v))
+        if self.min_out_features < 1:
+            raise ValueError("QuantConfig.min_out_features must be >= 1")
+
+    # -- helpers used by patch.py -------------------------------------------------------------
+    def act_for(self, part: str) -> Optional[str]:
+        """The activation mode of a Linear in model part `part`."""
+        if isinstance(self.act, dict):
+            return self.act.get(part)
+        return self.act
+
+    def part_enabled(self, part: str) -> bool:
+        return bool(getattr(self, f"quantize_{part}"))
+
+    def matches(self, name: str, patterns: tuple) -> Optional[str]:
+        for p in patterns:
+            if fnmatch.fnmatchcase(name, p):
+                return p
+        return None
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"QuantConfig.from_dict: unknown fields {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,30 @@
+"""Helpers shared by the Triton kernels: int4 unpacking and launch-time device facts."""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _unpack_int4_tile(words, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 words [BLOCK_KW, BLOCK_N] (packing.py: nibble i of word j = element 8*j + i along K)
+    -> int32 values 0..15 [BLOCK_KW * 8, BLOCK_N], row index k = 8*j + i."""
+    shifts = tl.arange(0, 8) * 4
+    q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+    return tl.reshape(q, (BLOCK_KW * 8, BLOCK_N))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs are enough to exercise split-K
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]

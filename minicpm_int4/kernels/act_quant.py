@@ -1,0 +1,74 @@
+"""Dynamic per-token (per-row) symmetric int8 quantization of activations.
+
+    x_ptr     [M, K] fp16 / bf16 / fp32, row stride stride_xm
+    xq_ptr    int8 [M, K], row stride stride_qm
+    scale_ptr fp32 [M]
+
+scale = max|x_row| / 127 (fp32, correctly rounded division), x_q = rint(x / scale) clamped to
+[-127, 127]; a zero row stores scale 0 and zeros. One program per row. When the row fits in one
+block (K <= MAX_SINGLE_BLOCK) it is read from memory once and kept in registers; longer rows take a
+second, cached read.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+MAX_SINGLE_BLOCK = 16384
+# x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
+# (the package's rounding rule), in the interpreter and on the GPU alike.
+_RNE_MAGIC = 12582912.0
+
+
+@triton.jit
+def _quantize_block(x, scale, safe_scale):
+    v = tl.math.div_rn(x, safe_scale)
+    v = (v + 12582912.0) - 12582912.0
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = tl.where(scale > 0, v, 0.0)
+    return v.to(tl.int8)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
+                      BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = xq_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if SINGLE_BLOCK:
+        x = tl.load(x_row + offs, mask=offs < K, other=0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.math.div_rn(amax, 127.0)
+        safe = tl.where(scale > 0, scale, 1.0)
+        tl.store(q_row + offs, _quantize_block(x, scale, safe), mask=offs < K)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        amax_s = tl.max(amax, axis=0)
+        scale = tl.math.div_rn(amax_s, 127.0)
+        safe = tl.where(scale > 0, scale, 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
+            tl.store(q_row + k0 + offs, _quantize_block(x, scale, safe), mask=k0 + offs < K)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_per_token_int8_triton(x):
+    """x [M, K] -> (x_q int8 [M, K], scale fp32 [M]). Validated by ops.quantize_per_token_int8."""
+    m, k = x.shape
+    x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return x_q, scale
+    block = triton.next_power_of_2(max(k, 16))
+    single = block <= MAX_SINGLE_BLOCK
+    if not single:
+        block = 4096
+    num_warps = 4 if INTERPRET else min(32, max(4, block // 512))
+    _act_quant_kernel[(m,)](x, x_q, scale, k, x.stride(0), x_q.stride(0),
+                            BLOCK_K=block, SINGLE_BLOCK=single, num_warps=num_warps)
+    return x_q, scale

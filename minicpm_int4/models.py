@@ -1,0 +1,114 @@
+"""What each MiniCPM-V generation looks like, as data.
+
+A layout is matched by structure (which submodules exist), never by transformers version or class
+name, so the same code serves transformers 4.40+ remote-code models and the native 5.x classes.
+`parts` maps module-name prefixes to model parts (config.PARTS); the longest matching prefix wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    name: str
+    description: str
+    required: Tuple[str, ...]           # submodule paths that must all exist
+    parts: Tuple[Tuple[str, str], ...]  # (module-name prefix, part)
+
+    def matches(self, model: nn.Module) -> bool:
+        return all(_has_submodule(model, p) for p in self.required)
+
+    def part_of(self, name: str) -> str:
+        best, best_len = "other", -1
+        for prefix, part in self.parts:
+            if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = part, len(prefix)
+        return best
+
+
+LAYOUTS: Tuple[ModelLayout, ...] = (
+    ModelLayout(
+        name="minicpmv-native",
+        description="transformers-native MiniCPMV4_6 / MiniCPMV4_7 / minicpm_ocr: Qwen3.5 text model "
+                    "(full and linear-attention layers), SigLIP-style vision tower with a window-attention "
+                    "vit_merger, MLP merger",
+        required=("model.language_model", "model.vision_tower", "model.merger"),
+        parts=(
+            ("model.language_model", "llm"),
+            ("model.vision_tower", "vision"),
+            ("model.vision_tower.vit_merger", "merger"),
+            ("model.merger", "merger"),
+            ("lm_head", "lm_head"),
+        ),
+    ),
+    ModelLayout(
+        name="minicpmv-remote",
+        description="remote-code MiniCPM-V 2.0 / Llama3-V 2.5 / 2.6 / o-2.6: model.llm (MiniCPM, Llama, "
+                    "Qwen2), model.vpm (SigLIP / Idefics2 vision transformer), model.resampler "
+                    "(nn.MultiheadAttention), o-2.6 adds apm / audio_projection_layer / tts",
+        required=("llm", "vpm", "resampler"),
+        parts=(
+            ("llm", "llm"),
+            ("llm.lm_head", "lm_head"),
+            ("vpm", "vision"),
+            ("resampler", "resampler"),
+            ("apm", "audio"),
+            ("audio_projection_layer", "audio"),
+            ("tts", "tts"),
+        ),
+    ),
+)
+
+GENERIC = ModelLayout(
+    name="generic",
+    description="no known MiniCPM-V layout matched: every Linear is part 'other', the output embedding 'lm_head'",
+    required=(),
+    parts=(("", "other"),),
+)
+
+# Parents whose forward reads a child Linear's `.weight` directly (F.multi_head_attention_forward
+# takes out_proj.weight): replacing that child would change what the parent computes.
+DIRECT_WEIGHT_READERS: Tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def detect_layout(model: nn.Module) -> ModelLayout:
+    for layout in LAYOUTS:
+        if layout.matches(model):
+            return layout
+    return GENERIC
+
+
+def output_embedding_name(model: nn.Module) -> Optional[str]:
+    """Qualified name of the model's output projection (lm_head), if it has one."""
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        head = get()
+    except Exception:
+        return None
+    if head is None:
+        return None
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name
+    return None
+
+
+def protected_reason(parent: nn.Module, child_name: str) -> Optional[str]:
+    """Why the child Linear `child_name` of `parent` must never be replaced, or None."""
+    if isinstance(parent, DIRECT_WEIGHT_READERS):
+        return f"{type(parent).__name__} reads .{child_name}.weight directly"
+    return None

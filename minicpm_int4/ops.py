@@ -1,0 +1,277 @@
+"""The one door to the kernels.
+
+Every op is a `torch.library` custom op in the `minicpm_int4` namespace, declared here in Python so
+that it exists on a CPU-only install (where it computes with reference.py), with a fake (meta)
+implementation so that `torch.compile(fullgraph=True)` traces through it and CUDA graphs capture
+it. The implementation chooses the backend from the `backend` argument, the device and the problem
+size; nothing else in the package imports the Triton kernels or the compiled extension.
+
+Public functions (validate, then call the op):
+    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend)       -> y [M, N]
+    quantize_per_token_int8(x, backend)                                     -> (x_q int8 [M, K], scale fp32 [M])
+    w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
+    w4a8_linear(x, ...)                                                     -> quantize + w4a8_gemm
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import BACKENDS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Decode rows (tokens) at or below which the W4A8 path uses the W4A16 decode kernel instead:
+# a memory-bound GEMV gains nothing from int8 activations and pays for quantizing them.
+W4A8_MIN_M = 17
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend availability
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    """Import minicpm_int4.kernels (Triton) or return the reason it is unavailable."""
+    try:
+        from . import kernels
+    except Exception as e:  # ImportError, or triton failing to initialise
+        return None, f"Triton kernels unavailable: {type(e).__name__}: {e}"
+    return kernels, None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext():
+    """Load the compiled extension minicpm_int4._C or return why it is not there (EXT_ERROR)."""
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.minicpm_int4_C.*)
+    except Exception as e:
+        return None, (f"the CUDA extension minicpm_int4._C is not built ({type(e).__name__}: {e}); "
+                      "reinstall with a CUDA build of torch and nvcc: "
+                      "MINICPM_INT4_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    return torch.ops.minicpm_int4_C, None
+
+
+def triton_interpreter_active() -> bool:
+    kernels, _ = _triton_kernels()
+    return kernels is not None and kernels.INTERPRET
+
+
+def cuda_extension_error() -> Optional[str]:
+    return _cuda_ext()[1]
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """Map a requested backend to the one that will run, or raise a clear error.
+
+    "auto": CUDA tensors -> "triton" (the CUDA extension joins "auto" only where benchmarks show it
+    faster); CPU tensors -> "torch". "triton" on CPU runs only under TRITON_INTERPRET=1; it never
+    falls back silently to the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if device.type == "cuda" and _triton_kernels()[0] is not None:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        kernels, why = _triton_kernels()
+        if kernels is None:
+            raise RuntimeError(f"{op}: backend='triton' requested but {why}")
+        if device.type != "cuda" and not kernels.INTERPRET:
+            raise RuntimeError(
+                f"{op}: backend='triton' needs CUDA tensors (got {device}); on CPU the Triton kernels run only "
+                "in the interpreter: set TRITON_INTERPRET=1 before importing minicpm_int4")
+        return "triton"
+    # backend == "cuda"
+    if device.type != "cuda":
+        raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+    ext, why = _cuda_ext()
+    if ext is None:
+        raise RuntimeError(f"{op}: backend='cuda' requested but {why}")
+    return "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks (clear errors instead of crashes inside kernels); shape-only, no host sync
+# ---------------------------------------------------------------------------------------------
+def _check_weight(op: str, k: int, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                  device: torch.device) -> int:
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError(f"{op}: qweight must be int32 [N, K//8], got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    if qweight.shape[1] * 8 != k:
+        raise ValueError(f"{op}: x has K={k} input features but qweight {tuple(qweight.shape)} packs K={qweight.shape[1] * 8}")
+    gs = k if group_size == -1 else group_size
+    if gs not in (32, 64, 128) and gs != k:
+        raise ValueError(f"{op}: group_size={group_size} is not supported (32, 64, 128, or -1 / K for per channel)")
+    if k % gs:
+        raise ValueError(f"{op}: K={k} is not divisible by group_size={group_size}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.shape != (n, k // gs):
+            raise ValueError(f"{op}: {name} must have shape [N={n}, K/group_size={k // gs}], got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be fp16/bf16/fp32, got {t.dtype}")
+    if zeros.dtype != scales.dtype:
+        raise TypeError(f"{op}: zeros dtype {zeros.dtype} differs from scales dtype {scales.dtype}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {device}")
+    return gs
+
+
+def _check_bias(op: str, bias: Optional[Tensor], n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if bias is None:
+        return
+    if bias.shape != (n,):
+        raise ValueError(f"{op}: bias must have shape [N={n}], got {tuple(bias.shape)}")
+    if bias.dtype != dtype:
+        raise TypeError(f"{op}: bias dtype {bias.dtype} differs from the output dtype {dtype}")
+    if bias.device != device:
+        raise ValueError(f"{op}: bias is on {bias.device} but the input is on {device}")
+
+
+def _check_x(op: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: activations must be fp16, bf16 or fp32, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: expected 2-D activations [M, K], got shape {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# W4A16
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("minicpm_int4::w4a16_gemm", mutates_args=())
+def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                   group_size: int, backend: str) -> Tensor:
+    be = resolve_backend(backend, x.device, "w4a16_gemm")
+    if be == "triton":
+        return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size)
+    if be == "cuda":
+        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
+    return reference.w4a16_gemm_ref(x, qweight, scales, zeros, bias, group_size)
+
+
+@_w4a16_gemm_op.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, backend):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
+               group_size: int = 128, backend: str = "auto") -> Tensor:
+    """y = x @ dequant(qweight, scales, zeros).T + bias.
+
+    Args:
+        x: [M, K] fp16/bf16/fp32 activations. qweight: int32 [N, K // 8] (packing.py).
+        scales, zeros: [N, K // group_size] in x's dtype. bias: [N] in x's dtype or None.
+        group_size: 32/64/128, or -1 for per output channel.
+    Returns:
+        y: [M, N] in x's dtype.
+    Example:
+        >>> y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.bias, 128)
+    """
+    _check_x("w4a16_gemm", x)
+    gs = _check_weight("w4a16_gemm", x.shape[1], qweight, scales, zeros, group_size, x.device)
+    if scales.dtype != x.dtype:
+        raise TypeError(f"w4a16_gemm: activations are {x.dtype} but the weight scales are {scales.dtype}; "
+                        "cast the input or quantize the layer in the input's dtype")
+    _check_bias("w4a16_gemm", bias, qweight.shape[0], x.dtype, x.device)
+    return _w4a16_gemm_op(x.contiguous(), qweight, scales, zeros, bias, gs, backend)
+
+
+def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The [N, K] weight the kernels compute with (reference dequantization)."""
+    k = qweight.shape[1] * 8
+    gs = k if group_size == -1 else group_size
+    return reference.dequantize_ref(qweight, scales, zeros, gs, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic per-token int8 activation quantization
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("minicpm_int4::quantize_per_token_int8", mutates_args=())
+def _quantize_per_token_int8_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    be = resolve_backend(backend, x.device, "quantize_per_token_int8")
+    if be == "triton":
+        return _triton_kernels()[0].quantize_per_token_int8_triton(x)
+    if be == "cuda":
+        raise RuntimeError("quantize_per_token_int8: the CUDA extension has no activation quantizer; "
+                           "use backend='triton' or 'auto'")
+    return reference.quantize_per_token_int8_ref(x)
+
+
+@_quantize_per_token_int8_op.register_fake
+def _(x, backend):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def quantize_per_token_int8(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: returns (x_q int8 [M, K], scale fp32 [M]) with x ~= x_q * scale[:, None].
+
+    scale = max|x_row| / 127; x_q = round(x / scale) clamped to [-127, 127]; a zero row gives
+    scale 0 and x_q 0.
+    """
+    _check_x("quantize_per_token_int8", x)
+    return _quantize_per_token_int8_op(x.contiguous(), backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# W4A8
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("minicpm_int4::w4a8_gemm", mutates_args=())
+def _w4a8_gemm_op(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                  bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    be = resolve_backend(backend, x_q.device, "w4a8_gemm")
+    if be == "triton":
+        return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
+    if be == "cuda":
+        raise RuntimeError("w4a8_gemm: the CUDA extension has no W4A8 kernel; use backend='triton' or 'auto'")
+    return reference.w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
+
+
+@_w4a8_gemm_op.register_fake
+def _(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend):
+    return x_q.new_empty((x_q.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+def w4a8_gemm(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+              bias: Optional[Tensor] = None, group_size: int = 128, out_dtype: torch.dtype = torch.float16,
+              backend: str = "auto") -> Tensor:
+    """y = x_scale[:, None] * (x_q @ (q - z).T per group, times scales) + bias, int32 accumulation.
+
+    Args: x_q int8 [M, K]; x_scale fp32 [M]; weight as for w4a16_gemm; out_dtype fp16/bf16/fp32.
+    """
+    op = "w4a8_gemm"
+    if x_q.dtype != torch.int8 or x_q.dim() != 2:
+        raise TypeError(f"{op}: x_q must be int8 [M, K], got {x_q.dtype} {tuple(x_q.shape)}")
+    if x_scale.dtype != torch.float32 or x_scale.shape != (x_q.shape[0],):
+        raise TypeError(f"{op}: x_scale must be fp32 [M={x_q.shape[0]}], got {x_scale.dtype} {tuple(x_scale.shape)}")
+    if x_scale.device != x_q.device:
+        raise ValueError(f"{op}: x_scale is on {x_scale.device} but x_q is on {x_q.device}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be fp16/bf16/fp32, got {out_dtype}")
+    gs = _check_weight(op, x_q.shape[1], qweight, scales, zeros, group_size, x_q.device)
+    _check_bias(op, bias, qweight.shape[0], out_dtype, x_q.device)
+    return _w4a8_gemm_op(x_q.contiguous(), x_scale.contiguous(), qweight, scales, zeros, bias, gs, out_dtype, backend)
+
+
+def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
+                group_size: int = 128, backend: str = "auto") -> Tensor:
+    """W4A8 for fp activations: quantize x per token, then the int8 x int4 GEMM.
+
+    For M < W4A8_MIN_M (decode) it uses the W4A16 kernel: the GEMV is memory-bound, and int8
+    activations would only add the quantization pass and its rounding error.
+    """
+    _check_x("w4a8_linear", x)
+    if x.shape[0] < W4A8_MIN_M:
+        return w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend)
+    x_q, x_scale = quantize_per_token_int8(x, backend)
+    return w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)

@@ -1,0 +1,77 @@
+"""How int4 weights sit in memory. The format is defined here, once; everything else refers to it.
+
+Canonical layout (what QuantLinear holds and what checkpoints store):
+
+    q        uint8  [N, K]      quantized weight, values 0..15 (N = out_features, K = in_features)
+    qweight  int32  [N, K // 8] 8 values of q per word, packed along K:
+                                 bits 4*i .. 4*i+3 of qweight[n, j] hold q[n, 8*j + PACK_ORDER[i]]
+    scales   [N, K // G]        one scale per group of G consecutive input channels, per output row
+    zeros    [N, K // G]        one zero point per group, an integer 0..15 stored in scales.dtype
+
+    dequantized weight  W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]
+    computed in fp32 and rounded once to the activation dtype.
+
+Rounding rule (every implementation of every op): round half to even, as `torch.round`.
+
+Kernels may repack into private layouts at load time (see `repack_*` below); checkpoints always
+keep the canonical one.
+"""
+from __future__ import annotations
+
+import torch
+
+# Nibble i of a packed int32 word holds element PACK_ORDER[i] of its 8 consecutive K-elements.
+# The natural order: a kernel unpacks with (word >> (4 * i)) & 0xF.
+PACK_ORDER = (0, 1, 2, 3, 4, 5, 6, 7)
+VALUES_PER_WORD = 8
+_SHIFTS = tuple(4 * i for i in range(VALUES_PER_WORD))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack q (integer tensor [N, K], values 0..15, K % 8 == 0) into int32 [N, K // 8]."""
+    if q.dim() != 2:
+        raise ValueError(f"pack_int4 expects a 2-D [N, K] tensor, got shape {tuple(q.shape)}")
+    if q.dtype.is_floating_point or q.dtype == torch.bool:
+        raise TypeError(f"pack_int4 expects an integer tensor, got {q.dtype}")
+    n, k = q.shape
+    if k % VALUES_PER_WORD:
+        raise ValueError(f"pack_int4: K={k} is not a multiple of {VALUES_PER_WORD}")
+    q64 = q.to(torch.int64)
+    if q64.numel() and (q64.min() < 0 or q64.max() > 15):
+        raise ValueError("pack_int4: values must lie in 0..15")
+    order = torch.tensor(PACK_ORDER, device=q.device)
+    q64 = q64.view(n, k // VALUES_PER_WORD, VALUES_PER_WORD)[..., order]
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=q.device)
+    words = (q64 << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32 range
+    return words.to(torch.int32)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: int32 [N, K // 8] -> uint8 [N, K]."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError(f"unpack_int4 expects int32 [N, K//8], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, kw = qweight.shape
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=qweight.device)
+    nib = (qweight.unsqueeze(-1) >> shifts) & 0xF  # [N, K//8, 8], nibble i
+    inv = [0] * VALUES_PER_WORD
+    for i, p in enumerate(PACK_ORDER):
+        inv[p] = i
+    nib = nib[..., torch.tensor(inv, device=qweight.device)]
+    return nib.reshape(n, kw * VALUES_PER_WORD).to(torch.uint8)
+
+
+def num_groups(k: int, group_size: int) -> int:
+    return 1 if group_size == -1 else k // group_size
+
+
+def effective_group_size(k: int, group_size: int) -> int:
+    """-1 (per output channel) means one group spanning all of K."""
+    return k if group_size == -1 else group_size
+
+
+def packed_bytes(n: int, k: int, group_size: int, scale_dtype: torch.dtype) -> int:
+    """Bytes a canonical int4 weight occupies: qweight + scales + zeros."""
+    g = num_groups(k, group_size)
+    esize = torch.empty((), dtype=scale_dtype).element_size()
+    return n * (k // VALUES_PER_WORD) * 4 + 2 * n * g * esize

@@ -1,0 +1,170 @@
+"""patch_model: decide, for every nn.Linear, quantize or keep (and why); swap in place; report."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .models import detect_layout, output_embedding_name, protected_reason
+from .ops import W4A8_MIN_M
+from .packing import packed_bytes
+from .qlinear import QuantLinear
+from .quantize import check_quantizable, scale_dtype_for
+
+CONFIG_ATTR = "_minicpm_int4_config"
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    part: str
+    out_features: int
+    in_features: int
+    dtype: str
+    action: str            # "quantized" | "kept" | "already quantized"
+    reason: str
+    path: str              # "w4a16", "w4a8", or "fp" for kept layers
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class PatchReport:
+    layout: str
+    config: QuantConfig
+    decisions: List[LayerDecision] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> List[LayerDecision]:
+        return [d for d in self.decisions if d.action != "kept"]
+
+    @property
+    def kept(self) -> List[LayerDecision]:
+        return [d for d in self.decisions if d.action == "kept"]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(d.bytes_before for d in self.decisions)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(d.bytes_after for d in self.decisions)
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "config": self.config.to_dict(),
+                "decisions": [asdict(d) for d in self.decisions],
+                "linear_weight_bytes_before": self.bytes_before, "linear_weight_bytes_after": self.bytes_after}
+
+    def summary(self) -> str:
+        mib = 2**20
+        ratio = self.bytes_before / max(1, self.bytes_after)
+        return (f"layout {self.layout}: {len(self.quantized)} Linear layers int4, {len(self.kept)} kept; "
+                f"Linear weights {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB ({ratio:.2f}x smaller)")
+
+    def __str__(self) -> str:
+        rows = [("module", "part", "N x K", "decision", "path", "bytes before -> after", "reason")]
+        for d in self.decisions:
+            rows.append((d.name, d.part, f"{d.out_features} x {d.in_features}", d.action, d.path,
+                         f"{_fmt_bytes(d.bytes_before)} -> {_fmt_bytes(d.bytes_after)}", d.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [line(rows[0]), "  ".join("-" * w for w in widths)]
+        out += [line(r) for r in rows[1:]]
+        out.append(self.summary())
+        return "\n".join(out)
+
+    __repr__ = summary
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, div in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _decide(name: str, lin: nn.Linear, parent: nn.Module, attr: str, part: str, config: QuantConfig):
+    """(quantize?, reason, act) for one Linear."""
+    why = protected_reason(parent, attr)
+    if why:
+        return False, why, None
+    pat = config.matches(name, config.exclude)
+    if pat:
+        return False, f"excluded by pattern {pat!r}", None
+    forced = config.matches(name, config.include)
+    try:
+        check_quantizable(lin.weight, config.group_size, what=name)
+    except (ValueError, TypeError) as e:
+        return False, f"cannot quantize: {e}", None
+    act = config.act_for(part)
+    if forced:
+        return True, f"included by pattern {forced!r}", act
+    if not config.part_enabled(part):
+        return False, f"part '{part}' kept in high precision (quantize_{part}=False)", None
+    if lin.out_features < config.min_out_features:
+        return False, f"too small to pay off: {lin.out_features} outputs < min_out_features={config.min_out_features}", None
+    return True, f"part '{part}'", act
+
+
+def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress: bool = True) -> PatchReport:
+    """Replace, in place, every nn.Linear of `model` that should be int4 by a QuantLinear.
+
+    Decisions follow the model's layout (models.py) and `config`: by default the LLM and the vision
+    tower are quantized; lm_head, embeddings, the resampler/merger, Linears whose weight a parent reads
+    directly (nn.MultiheadAttention.out_proj) and layers with fewer than `min_out_features` outputs stay.
+    Calling it again is harmless (QuantLinear layers are reported as already quantized).
+
+    Returns a PatchReport; ``print(report)`` shows every Linear with its decision and weight bytes.
+    """
+    config = config or getattr(model, CONFIG_ATTR, None) or QuantConfig()
+    layout = detect_layout(model)
+    head = output_embedding_name(model)
+    report = PatchReport(layout=layout.name, config=config)
+    todo = []
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if isinstance(child, QuantLinear):
+                part = "lm_head" if name == head else layout.part_of(name)
+                report.decisions.append(LayerDecision(
+                    name, part, child.out_features, child.in_features, str(child.dtype).replace("torch.", ""),
+                    "already quantized", "QuantLinear", "w4a8" if child.act == "int8" else "w4a16",
+                    child.weight_bytes, child.weight_bytes))
+                continue
+            if not isinstance(child, nn.Linear):
+                continue
+            part = "lm_head" if name == head else layout.part_of(name)
+            w = child.weight
+            before = w.numel() * w.element_size()
+            ok, reason, act = _decide(name, child, parent, attr, part, config)
+            if ok:
+                after = packed_bytes(child.out_features, child.in_features, config.group_size, scale_dtype_for(w.dtype))
+                path = f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16"
+                todo.append((parent, attr, name, child, act, len(report.decisions)))
+            else:
+                after, path = before, "fp"
+            report.decisions.append(LayerDecision(
+                name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
+                "quantized" if ok else "kept", reason, path, before, after))
+
+    bar = _progress(todo, progress)
+    with torch.no_grad():
+        for parent, attr, name, lin, act, _ in bar:
+            ql = QuantLinear.from_linear(lin, config, act=act, name=name)
+            ql.train(lin.training)
+            setattr(parent, attr, ql)
+    setattr(model, CONFIG_ATTR, config)
+    return report
+
+
+def _progress(items, enabled: bool):
+    if not enabled or not items:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="int4 quantize", unit="layer", disable=None)

@@ -1,0 +1,105 @@
+"""QuantLinear: a drop-in nn.Linear replacement holding int4 weights in the canonical layout."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import QuantConfig
+from .packing import num_groups, pack_int4, packed_bytes
+from .quantize import check_quantizable, quantize_weight, scale_dtype_for
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(qweight, scales, zeros).T + bias, for inputs of any leading shape.
+
+    Buffers (canonical layout, packing.py): ``qweight`` int32 [N, K/8], ``scales`` and ``zeros``
+    [N, K/G] in the layer's dtype; ``bias`` [N] or None.
+
+    Example:
+        >>> ql = QuantLinear.from_linear(nn.Linear(4096, 4096, dtype=torch.float16), QuantConfig(group_size=128))
+        >>> y = ql(torch.randn(2, 7, 4096, dtype=torch.float16))
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 dtype: torch.dtype = torch.float16, device=None, act: Optional[str] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.act = act
+        self.backend = backend
+        g = num_groups(in_features, group_size)
+        sd = scale_dtype_for(dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(out_features, g, dtype=sd, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, g, dtype=sd, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=sd, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Optional[QuantConfig] = None, act: Optional[str] = None,
+                    name: str = "linear", channel_weight: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Quantize an nn.Linear (fp16, bf16 or fp32). Raises ValueError naming the layer's shape and the
+        reason when it cannot be quantized (K not divisible by the group size, empty, not floating point).
+
+        `act` overrides config.act for this layer ("int8" = W4A8); `channel_weight` ([K]) weights the
+        reconstruction error per input channel in the "search" method (activation-aware search).
+        """
+        config = config or QuantConfig()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        check_quantizable(w, config.group_size, what=f"{name}.weight")
+        if config.method == "search" and channel_weight is not None:
+            from .search import quantize_search
+
+            qw = quantize_search(w, config.group_size, channel_weight=channel_weight)
+        else:
+            qw = quantize_weight(w, config.group_size, config.method)
+        act = config.act if act is None and not isinstance(config.act, dict) else act
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  group_size=config.group_size, dtype=w.dtype, device=w.device, act=act, backend=config.backend)
+        mod.qweight.copy_(pack_int4(qw.q))
+        mod.scales.copy_(qw.scales)
+        mod.zeros.copy_(qw.zeros)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach().to(mod.bias.dtype))
+        return mod
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return packed_bytes(self.out_features, self.in_features, self.group_size, self.scales.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The [N, K] weight this module computes with, in the layer's dtype."""
+        return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): input has "
+                             f"{x.shape[-1]} features in its last dimension")
+        if x.dtype != self.scales.dtype:
+            raise TypeError(f"QuantLinear({self.in_features} -> {self.out_features}) holds a {self.scales.dtype} "
+                            f"layer but got {x.dtype} input")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.act == "int8":
+            y = ops.w4a8_linear(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.backend)
+        else:
+            y = ops.w4a16_gemm(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.backend)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        gs = "per-channel" if self.group_size == -1 else self.group_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={gs}, act={self.act or 'fp'}, backend={self.backend}, dtype={self.scales.dtype}")

@@ -1,0 +1,80 @@
+"""Pure-PyTorch reference implementations: the specification of every op, and the CPU path.
+
+Shapes (canonical layout, see packing.py): x [M, K]; qweight int32 [N, K // 8];
+scales, zeros [N, K // G]; bias [N] or None; G = group_size (a positive divisor of K here:
+ops.py turns the per-channel -1 into K before calling anything).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .packing import unpack_int4
+
+INT8_MAX = 127
+
+
+def dequantize_ref(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], in fp32, rounded once to out_dtype."""
+    q = unpack_int4(qweight).float()
+    n, k = q.shape
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    z = zeros.float().repeat_interleave(group_size, dim=1)
+    return ((q - z) * s).to(out_dtype or scales.dtype)
+
+
+def w4a16_gemm_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: Optional[torch.Tensor], group_size: int,
+) -> torch.Tensor:
+    """y = x @ W.T + bias with W dequantized in x's dtype, accumulated in fp32, returned in x's dtype."""
+    w = dequantize_ref(qweight, scales, zeros, group_size, out_dtype=x.dtype)
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_per_token_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row int8: scale = max|x_row| / 127 (fp32), x_q = round(x / scale).
+
+    A row of zeros gets scale 0 and x_q = 0 (never NaN). Returns (x_q int8 [M, K], scale fp32 [M]).
+    """
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1) / INT8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x_q = torch.round(x32 / safe.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    x_q = torch.where(scale.unsqueeze(-1) > 0, x_q, torch.zeros_like(x_q))
+    return x_q.to(torch.int8), scale
+
+
+def w4a8_gemm_ref(
+    x_q: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+    zeros: torch.Tensor, bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int8 activations x int4 weights with exact integer zero-point handling, per group g:
+
+        acc_g[m, n] = sum_{k in g} x_q[m, k] * q[n, k] - zeros[n, g] * sum_{k in g} x_q[m, k]   (exact)
+        y[m, n]     = x_scale[m] * sum_g acc_g[m, n] * scales[n, g]   (fp32, groups in order) + bias
+    """
+    m, k = x_q.shape
+    q = unpack_int4(qweight).to(torch.int64)
+    n = q.shape[0]
+    g = k // group_size
+    xg = x_q.to(torch.int64).reshape(m, g, group_size)
+    qg = q.reshape(n, g, group_size)
+    dot = torch.einsum("mgk,ngk->mng", xg, qg)              # exact in int64
+    xsum = xg.sum(-1)                                        # [M, G]
+    acc = dot - zeros.to(torch.int64).unsqueeze(0) * xsum.unsqueeze(1)  # [M, N, G], exact
+    y = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
+    s = scales.float()
+    for gi in range(g):  # the kernels' order of fp32 accumulation
+        y = y + acc[:, :, gi].float() * s[:, gi].unsqueeze(0)
+    y = y * x_scale.float().unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
