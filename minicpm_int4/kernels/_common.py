@@ -28,3 +28,19 @@ def num_sms(device: torch.device) -> int:
 
 def tl_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+# The interpreter casts fp32 -> bf16 by truncation; GPUs round to nearest even. Kernels round bf16
+# by hand under the interpreter so that both follow the package's rounding rule.
+_INTERPRET_BF16_FIX = tl.constexpr(__import__("os").environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 x -> DTYPE, round to nearest even (finite values)."""
+    if _INTERPRET_BF16_FIX:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _unpack_int4_tile, num_sms
+from ._common import _round_to, _unpack_int4_tile, num_sms
 
 DECODE_MAX_M = 16
 
@@ -41,7 +41,7 @@ def _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, NUM_GROUPS,
     n_mask = offs_n < N
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
     z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
-    return ((q.to(tl.float32) - z[None, :]) * s[None, :]).to(W_DTYPE)
+    return _round_to((q.to(tl.float32) - z[None, :]) * s[None, :], W_DTYPE)
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _w4a16_decode_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(w_dtype), mask=mask)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(acc, w_dtype), mask=mask)
     else:
         tl.store(out_ptr + pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
 
@@ -129,7 +129,7 @@ def _w4a16_prefill_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(w_dtype), mask=mask)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(acc, w_dtype), mask=mask)
 
 
 def _block_k(k: int, group_size: int, cap: int) -> int:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _unpack_int4_tile, tl_dtype
+from ._common import _round_to, _unpack_int4_tile, tl_dtype
 
 
 def _configs():
@@ -72,7 +72,7 @@ def _w4a8_gemm_kernel(
     y = y * xs[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(OUT_DTYPE),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(y, OUT_DTYPE),
              mask=m_mask[:, None] & n_mask[None, :])
 
 

@@ -1,0 +1,48 @@
+"""Test setup. TRITON_INTERPRET must be set before minicpm_int4 (and so triton.jit) is imported."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def set_seed():
+    torch.manual_seed(1234)
+    yield
+
+
+_real_empty = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    """torch.empty that fills floats with NaN and ints with a sentinel, so that an output element a
+    kernel never writes is caught (flash-linear-attention's habit)."""
+    t = _real_empty(*args, **kwargs)
+    if t.device.type == "meta" or t.numel() == 0:
+        return t
+    if t.dtype.is_floating_point:
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).min)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    yield

@@ -1,0 +1,39 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from minicpm_int4.packing import PACK_ORDER, pack_int4, packed_bytes, unpack_int4
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), kw=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(n, kw, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, kw * 8), generator=g, dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (n, kw)
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_nibble_order_is_documented_layout():
+    q = torch.arange(8, dtype=torch.uint8).reshape(1, 8) + 8  # 8..15, top nibble has bit 3 set
+    word = pack_int4(q)[0, 0].item() & 0xFFFFFFFF
+    for i in range(8):
+        assert (word >> (4 * i)) & 0xF == q[0, PACK_ORDER[i]].item()
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_int4(torch.zeros(2, 12, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4(torch.full((1, 8), 16, dtype=torch.int32))
+    with pytest.raises(TypeError, match="integer"):
+        pack_int4(torch.zeros(1, 8))
+    with pytest.raises(TypeError, match="int32"):
+        unpack_int4(torch.zeros(1, 1, dtype=torch.int64))
+
+
+def test_packed_bytes():
+    # 4096 x 4096, g128, fp16: K/2 bytes per row of q plus two fp16 per group
+    assert packed_bytes(4096, 4096, 128, torch.float16) == 4096 * 2048 + 2 * 4096 * 32 * 2
+    assert packed_bytes(64, 256, -1, torch.bfloat16) == 64 * 128 + 2 * 64 * 2
