@@ -131,7 +131,8 @@ def build_remote_layout(llm: str = "llama", dtype: torch.dtype = torch.float32, 
     import transformers as tf
 
     torch.manual_seed(seed)
-    h, inter, layers, heads, kv, hd, vocab, vh, vl = SIZES["tiny"]
+    h, inter, layers, heads, kv, hd, vocab, _, vl = SIZES["tiny"]
+    vh = 96  # != LLM hidden, so that the resampler has a kv_proj Linear (as 2.5 / 2.6 do)
     common = dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv, vocab_size=vocab)
     if llm == "llama":

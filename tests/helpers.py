@@ -1,7 +1,7 @@
 """Shared test helpers: random quantized layers and derived tolerances."""
 import torch
 
-from minicpm_int4.packing import pack_int4
+from minicpm_int4.packing import pack_int4, unpack_int4
 from minicpm_int4.quantize import quantize_rtn
 from minicpm_int4.reference import dequantize_ref
 
@@ -40,3 +40,19 @@ def assert_gemm_close(y, y_ref, x, w):
 
 def dequant(qweight, scales, zeros, gs, dtype):
     return dequantize_ref(qweight, scales, zeros, gs, out_dtype=dtype)
+
+
+def w4a8_tolerance(x_q, x_scale, qweight, scales, zeros, gs, out_dtype, y_ref):
+    """Integer parts are exact; the fp32 part sums G products acc_g * s_g then scales: each step errs
+    by <= eps32 relative, so |kernel - ref| <= 2 * (G + 2) * eps32 * sum_g |acc_g s_g| |x_scale|,
+    plus one ulp of out_dtype from the final rounding of both."""
+    q = unpack_int4(qweight).double()
+    m, k = x_q.shape
+    g = k // gs
+    z = zeros.double().repeat_interleave(gs, 1)
+    xg = x_q.double().reshape(m, g, gs)
+    wg = (q - z).reshape(-1, g, gs)
+    acc = torch.einsum("mgk,ngk->mng", xg, wg)
+    mag = (acc.abs() * scales.double().abs().unsqueeze(0)).sum(-1) * x_scale.double().abs().unsqueeze(1)
+    fin = torch.finfo(out_dtype)
+    return 2 * (g + 2) * EPS32 * mag + fin.eps * y_ref.double().abs() + fin.tiny

@@ -6,26 +6,10 @@ from minicpm_int4 import ops
 from minicpm_int4.reference import quantize_per_token_int8_ref, w4a8_gemm_ref
 from minicpm_int4.packing import unpack_int4
 
-from helpers import EPS32, random_qweight
+from helpers import random_qweight, w4a8_tolerance
 
 triton_only = pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
 SHAPES = {32: (70, 96), 64: (45, 192), 128: (33, 384), -1: (40, 200)}
-
-
-def _w4a8_tolerance(x_q, x_scale, qweight, scales, zeros, gs, out_dtype, y_ref):
-    """Integer parts are exact; the fp32 part sums G products acc_g * s_g then scales: each step errs
-    by <= eps32 relative, so |kernel - ref| <= 2 * (G + 2) * eps32 * sum_g |acc_g s_g| |x_scale|,
-    plus one ulp of out_dtype from the final rounding of both."""
-    q = unpack_int4(qweight).double()
-    m, k = x_q.shape
-    g = k // gs
-    z = zeros.double().repeat_interleave(gs, 1)
-    xg = x_q.double().reshape(m, g, gs)
-    wg = (q - z).reshape(-1, g, gs)
-    acc = torch.einsum("mgk,ngk->mng", xg, wg)
-    mag = (acc.abs() * scales.double().abs().unsqueeze(0)).sum(-1) * x_scale.double().abs().unsqueeze(1)
-    fin = torch.finfo(out_dtype)
-    return 2 * (g + 2) * EPS32 * mag + fin.eps * y_ref.double().abs() + fin.tiny
 
 
 @triton_only
@@ -45,7 +29,7 @@ def test_w4a8_triton_matches_reference(m, group_size, out_dtype, has_bias):
     y = ops.w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend="triton")
     y_ref = w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype)
     assert torch.isfinite(y).all()
-    tol = _w4a8_tolerance(x_q, x_scale, qweight, scales, zeros, gs, out_dtype, y_ref)
+    tol = w4a8_tolerance(x_q, x_scale, qweight, scales, zeros, gs, out_dtype, y_ref)
     assert ((y.double() - y_ref.double()).abs() <= tol).all()
     if m > 2 and not has_bias:
         assert (y[1] == 0).all()  # a zero row stays exactly zero

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from minicpm_int4 import QuantConfig, QuantLinear, load_quantized, patch_model, save_quantized
+from minicpm_int4.checkpoint import CheckpointMismatchError
+from minicpm_int4.tiny import build_native, build_remote_layout, prompt_with_image
+
+
+@pytest.mark.parametrize("kind", ["4_6", "ocr"])  # ocr ties lm_head to the embeddings
+def test_round_trip_is_bit_identical(tmp_path, kind):
+    model = build_native(kind, seed=0)
+    report = patch_model(model, QuantConfig(group_size=64), progress=False)
+    save_quantized(model, tmp_path, report)
+    meta = json.loads((tmp_path / "quant_config.json").read_text())
+    assert meta["config"]["group_size"] == 64 and len(meta["modules"]) == len(report.quantized)
+
+    fresh = build_native(kind, seed=123)  # different random weights: everything must come from the file
+    load_quantized(fresh, tmp_path)
+    assert sum(isinstance(m, QuantLinear) for m in fresh.modules()) == len(report.quantized)
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
+        b = fresh(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
+    assert torch.equal(a, b)
+
+
+def test_mismatching_model_names_first_bad_tensor(tmp_path):
+    model = build_native("4_6")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path)
+    other = build_native("4_6")
+    other.lm_head = torch.nn.Linear(64, 300, bias=False)  # a different vocabulary size
+    with pytest.raises(CheckpointMismatchError, match=r"tensor 'lm_head.weight': checkpoint shape \(256, 64\) != model shape \(300, 64\)"):
+        load_quantized(other, tmp_path)
+
+
+def test_checkpoint_for_another_layout(tmp_path):
+    model = build_native("4_6")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="does not exist in the model"):
+        load_quantized(build_remote_layout("llama"), tmp_path)
+
+
+def test_save_requires_a_patched_model_and_load_requires_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="patch_model"):
+        save_quantized(build_native("4_6"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="quant_config.json"):
+        load_quantized(build_native("4_6"), tmp_path)

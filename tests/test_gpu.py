@@ -1,0 +1,112 @@
+"""GPU tests: the same comparisons on MiniCPM-V's real layer shapes, compile and CUDA graphs.
+Skipped without CUDA (conftest.py)."""
+import pytest
+import torch
+
+from minicpm_int4 import QuantConfig, QuantLinear, ops, patch_model
+from minicpm_int4.reference import quantize_per_token_int8_ref, w4a16_gemm_ref, w4a8_gemm_ref
+
+from helpers import assert_gemm_close, dequant, random_qweight, w4a8_tolerance
+
+pytestmark = pytest.mark.gpu
+# (N, K) of real layers: MiniCPM-V 4.6 LLM (Qwen3.5 4096 hidden) and vision (768), Llama-3-8B, Qwen2-7B
+REAL_SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (1024, 4096), (2304, 768), (768, 3072),
+               (14336, 4096), (4096, 14336), (18944, 3584), (3584, 18944), (4608, 3584)]
+
+
+def _cuda_layer(n, k, gs, dtype):
+    qweight, scales, zeros, g = random_qweight(n, k, gs, dtype)
+    return qweight.cuda(), scales.cuda(), zeros.cuda(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 256])
+@pytest.mark.parametrize("nk", REAL_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
+def test_triton_w4a16_real_shapes(nk, m, dtype):
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton")
+    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
+    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("m", [1, 17])
+def test_triton_w4a16_group_sizes(group_size, m):
+    n, k = 1000, 1536
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, torch.float16)
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton")
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_extension_w4a16(m, dtype):
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    n, k = 4104, 4096  # N not a multiple of the block's rows
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="cuda")
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+@pytest.mark.parametrize("m,k", [(1, 4096), (17, 3584), (4096, 4096), (130, 18944)])
+def test_triton_act_quant_bit_exact(m, k):
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    x[0, 3] = 3e4
+    xq, s = ops.quantize_per_token_int8(x, backend="triton")
+    xq_ref, s_ref = quantize_per_token_int8_ref(x)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("nk", [(4096, 4096), (2304, 768), (14336, 4096)], ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("m", [17, 256])
+def test_triton_w4a8_real_shapes(nk, m):
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, torch.float16)
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    x_q, s = quantize_per_token_int8_ref(x)
+    y = ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 128, torch.float16, backend="triton")
+    y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16)
+    tol = w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, torch.float16, y_ref)
+    assert ((y.double() - y_ref.double()).abs() <= tol).all()
+
+
+def test_compile_fullgraph_patched_tiny_model():
+    from minicpm_int4.tiny import build_native
+    model = build_native("4_6", dtype=torch.float16, device="cuda")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    ids = torch.tensor([[7, 8, 9, 10]], device="cuda")
+    lm = model.model.language_model
+    emb = lm.embed_tokens(ids)
+    eager = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
+    compiled = torch.compile(lambda e: lm(inputs_embeds=e, use_cache=False).last_hidden_state, fullgraph=True)
+    out = compiled(emb)
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_cuda_graph_capture(act):
+    lin = torch.nn.Linear(4096, 4096, dtype=torch.float16, device="cuda")
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act))
+    x = torch.randn(32 if act else 1, 4096, dtype=torch.float16, device="cuda")
+    y_eager = ql(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up (autotuning) outside capture
+            ql(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_graph = ql(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
+    assert not torch.equal(y_graph, y_eager)

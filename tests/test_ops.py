@@ -1,0 +1,110 @@
+"""The op door: schemas and fake implementations (opcheck), backend rules, input checks."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minicpm_int4 import ops
+
+from helpers import random_qweight
+
+
+def _layer(dtype=torch.float16, n=40, k=128, gs=64):
+    qweight, scales, zeros, _ = random_qweight(n, k, gs, dtype)
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_opcheck_w4a16(backend, m):
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    qweight, scales, zeros = _layer()
+    x = torch.randn(m, 128, dtype=torch.float16)
+    bias = torch.randn(40, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.minicpm_int4.w4a16_gemm.default, (x, qweight, scales, zeros, bias, 64, backend))
+    torch.library.opcheck(torch.ops.minicpm_int4.w4a16_gemm.default, (x, qweight, scales, zeros, None, 64, backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_act_quant_and_w4a8(backend):
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x = torch.randn(20, 128, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.minicpm_int4.quantize_per_token_int8.default, (x, backend))
+    qweight, scales, zeros = _layer(torch.bfloat16)
+    x_q, s = ops.quantize_per_token_int8(x, backend="torch")
+    torch.library.opcheck(torch.ops.minicpm_int4.w4a8_gemm.default,
+                          (x_q, s, qweight, scales, zeros, None, 64, torch.bfloat16, backend))
+
+
+def test_ops_live_in_the_package_namespace():
+    for name in ("w4a16_gemm", "quantize_per_token_int8", "w4a8_gemm"):
+        assert hasattr(torch.ops.minicpm_int4, name)
+
+
+def test_bad_inputs_get_clear_errors():
+    qweight, scales, zeros = _layer()
+    x = torch.randn(3, 128, dtype=torch.float16)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        ops.w4a16_gemm(x.to(torch.int32), qweight, scales, zeros, None, 64)
+    with pytest.raises(TypeError, match="activations are torch.float32 but the weight scales are torch.float16"):
+        ops.w4a16_gemm(x.float(), qweight, scales, zeros, None, 64)
+    with pytest.raises(ValueError, match="x has K=120"):
+        ops.w4a16_gemm(x[:, :120], qweight, scales, zeros, None, 64)
+    with pytest.raises(ValueError, match="group_size=48 is not supported"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 48)
+    with pytest.raises(ValueError, match=r"scales must have shape \[N=40, K/group_size=4\]"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 32)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, torch.zeros(3, dtype=torch.float16), 64)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.w4a16_gemm(x[None], qweight, scales, zeros, None, 64)
+    with pytest.raises(ValueError, match="scales is on meta but the input is on cpu"):
+        ops.w4a16_gemm(x, qweight, scales.to("meta"), zeros, None, 64)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="cutlass")
+    with pytest.raises(TypeError, match="x_q must be int8"):
+        ops.w4a8_gemm(x, torch.ones(3), qweight, scales, zeros)
+    with pytest.raises(TypeError, match="x_scale must be fp32"):
+        ops.w4a8_gemm(x.to(torch.int8), torch.ones(3, dtype=torch.float16), qweight, scales, zeros)
+
+
+def test_cuda_backend_on_cpu_tensors_raises():
+    qweight, scales, zeros = _layer()
+    x = torch.randn(3, 128, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="cuda")
+
+
+def test_auto_and_torch_on_cpu_use_the_reference():
+    qweight, scales, zeros = _layer()
+    x = torch.randn(3, 128, dtype=torch.float16)
+    from minicpm_int4.reference import w4a16_gemm_ref
+    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, None, 64)
+    assert torch.equal(ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="auto"), y_ref)
+    assert torch.equal(ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="torch"), y_ref)
+
+
+def test_triton_on_cpu_without_interpreter_raises_instead_of_falling_back():
+    code = (
+        "import torch, minicpm_int4.ops as ops\n"
+        "x = torch.randn(2, 64, dtype=torch.float16)\n"
+        "q = torch.zeros(8, 8, dtype=torch.int32); s = torch.ones(8, 2, dtype=torch.float16)\n"
+        "try:\n"
+        "    ops.w4a16_gemm(x, q, s, s, None, 32, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "RAISED" in out.stdout, out.stdout + out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_cuda_extension_error_is_a_reason_not_a_crash():
+    why = ops.cuda_extension_error()
+    if why is not None:
+        assert "minicpm_int4._C" in why

@@ -1,0 +1,152 @@
+"""patch_model on tiny random-weight models built from the real transformers classes."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import minicpm_int4
+from minicpm_int4 import QuantConfig, QuantLinear, patch_model
+from minicpm_int4.models import detect_layout
+from minicpm_int4.tiny import build_native, build_remote_layout, prompt_with_image, remote_inputs
+
+EPS32 = torch.finfo(torch.float32).eps
+NATIVE = ["4_6", "4_7", "ocr"]
+
+
+def _dequantized_twin(original, patched):
+    """A copy of the original model whose quantized Linears carry the dequantized int4 weights:
+    it computes the same math as the patched model with torch's own matmul."""
+    twin = copy.deepcopy(original)
+    for name, mod in patched.named_modules():
+        if isinstance(mod, QuantLinear):
+            twin.get_submodule(name).weight.data.copy_(mod.dequantized_weight())
+    return twin
+
+
+def _equivalence_bound(report):
+    # both models compute every layer in fp32 and differ only in summation order: per layer at most
+    # K * eps32 relative, summed over the quantized layers on the path
+    ks = [d.in_features for d in report.quantized]
+    return len(ks) * max(ks) * EPS32
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _native_inputs(model, kind):
+    if kind == "4_7":  # 4.7's canvas M-RoPE needs tokenizer-resolved marker ids; text only here
+        return dict(input_ids=torch.tensor([[7, 8, 9, 10, 11, 12]]))
+    ids, pv, ts = prompt_with_image(model)
+    return dict(input_ids=ids, pixel_values=pv, target_sizes=ts)
+
+
+@pytest.mark.parametrize("kind", NATIVE)
+def test_native_models(kind):
+    model = build_native(kind)
+    original = copy.deepcopy(model)
+    inputs = _native_inputs(model, kind)
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert report.layout == "minicpmv-native" and detect_layout(original).name == "minicpmv-native"
+    by_name = {d.name: d for d in report.decisions}
+    # defaults: LLM + vision quantized; lm_head, merger and tiny projections kept, with reasons
+    assert by_name["model.language_model.layers.3.mlp.gate_proj"].action == "quantized"
+    assert by_name["model.vision_tower.encoder.layers.0.mlp.fc1"].action == "quantized"
+    assert by_name["model.vision_tower.encoder.layers.0.mlp.fc1"].part == "vision"
+    assert by_name["lm_head"].action == "kept" and "quantize_lm_head=False" in by_name["lm_head"].reason
+    assert by_name["model.merger.mlp.0.linear_1"].action == "kept" and by_name["model.merger.mlp.0.linear_1"].part == "merger"
+    assert by_name["model.vision_tower.vit_merger.linear_1"].part == "merger"
+    assert by_name["model.language_model.layers.0.linear_attn.in_proj_a"].action == "kept"
+    assert "too small" in by_name["model.language_model.layers.0.linear_attn.in_proj_b"].reason
+    assert by_name["model.language_model.layers.0.linear_attn.in_proj_qkv"].action == "quantized"
+    n_linear = sum(isinstance(m, nn.Linear) for m in original.modules())
+    assert len(report.decisions) == n_linear
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(report.quantized)
+    assert report.bytes_after < report.bytes_before
+    text = str(report)
+    assert "model.language_model.layers.3.mlp.gate_proj" in text and "quantized" in text and "MiB" in text
+
+    with torch.no_grad():
+        y = model(**inputs).logits
+        y_twin = _dequantized_twin(original, model)(**inputs).logits
+        y_fp = original(**inputs).logits
+    assert _rel(y, y_twin) <= _equivalence_bound(report)
+    assert _rel(y, y_fp) < 1.0  # int4 noise, not garbage
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2"])
+def test_remote_code_layout(llm):
+    model = build_remote_layout(llm)
+    original = copy.deepcopy(model)
+    ids, pv = remote_inputs(model)
+    report = patch_model(model, QuantConfig(group_size=32, quantize_resampler=True), progress=False)
+    assert report.layout == "minicpmv-remote"
+    by_name = {d.name: d for d in report.decisions}
+    # nn.MultiheadAttention reads out_proj.weight itself: never replaced, even when its part is quantized
+    assert by_name["resampler.attn.out_proj"].action == "kept"
+    assert "reads .out_proj.weight directly" in by_name["resampler.attn.out_proj"].reason
+    assert isinstance(model.resampler.attn.out_proj, nn.Linear)
+    assert by_name["resampler.kv_proj"].action == "quantized" and by_name["resampler.kv_proj"].part == "resampler"
+    assert by_name["llm.lm_head"].part == "lm_head" and by_name["llm.lm_head"].action == "kept"
+    assert by_name["vpm.encoder.layers.0.mlp.fc1"].part == "vision"
+    assert by_name["llm.model.layers.0.mlp.down_proj"].action == "quantized"
+    with torch.no_grad():
+        y = model(ids, pv).logits
+        y_twin = _dequantized_twin(original, model)(ids, pv).logits
+    assert _rel(y, y_twin) <= _equivalence_bound(report)
+    out = model.generate(ids, pv, max_new_tokens=3, do_sample=False)
+    assert out.shape[-1] == 3
+
+
+def test_resampler_kept_by_default():
+    model = build_remote_layout("qwen2")
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    d = {x.name: x for x in report.decisions}["resampler.kv_proj"]
+    assert d.action == "kept" and "quantize_resampler=False" in d.reason
+
+
+def test_patching_twice_is_harmless():
+    model = build_native("4_6")
+    r1 = patch_model(model, QuantConfig(group_size=32), progress=False)
+    ids = torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        y1 = model(input_ids=ids).logits
+    r2 = patch_model(model, QuantConfig(group_size=32), progress=False)
+    with torch.no_grad():
+        y2 = model(input_ids=ids).logits
+    assert torch.equal(y1, y2)
+    assert len(r2.quantized) == len(r1.quantized)
+    assert all(d.action == "already quantized" for d in r2.quantized)
+
+
+def test_include_exclude_and_per_part_act():
+    model = build_native("4_6")
+    cfg = QuantConfig(group_size=32, exclude=("*.mlp.down_proj",), include=("lm_head",), act={"vision": "int8"})
+    report = patch_model(model, cfg, progress=False)
+    d = {x.name: x for x in report.decisions}
+    assert d["model.language_model.layers.0.mlp.down_proj"].action == "kept"
+    assert "excluded by pattern" in d["model.language_model.layers.0.mlp.down_proj"].reason
+    assert d["lm_head"].action == "quantized" and "included by pattern" in d["lm_head"].reason
+    assert d["model.vision_tower.encoder.layers.0.mlp.fc1"].path.startswith("w4a8")
+    assert model.model.vision_tower.encoder.layers[0].mlp.fc1.act == "int8"
+    assert d["model.language_model.layers.0.mlp.gate_proj"].path == "w4a16"
+
+
+def test_unquantizable_shape_is_kept_with_reason():
+    model = nn.Sequential(nn.Linear(100, 128), nn.ReLU(), nn.Linear(128, 128))
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert report.layout == "generic"
+    assert report.decisions[0].action == "kept" and "not divisible by group_size=32" in report.decisions[0].reason
+    assert report.decisions[1].action == "quantized"
+
+
+def test_report_serialises():
+    model = build_native("4_6")
+    report = patch_model(model, QuantConfig(group_size=64), progress=False)
+    d = report.to_dict()
+    assert d["layout"] == "minicpmv-native" and d["config"]["group_size"] == 64
+    assert len(d["decisions"]) == len(report.decisions)
+    assert "Linear layers int4" in report.summary()

@@ -1,0 +1,95 @@
+import pytest
+import torch
+from torch import nn
+
+from minicpm_int4 import QuantConfig, QuantLinear
+
+from helpers import assert_gemm_close
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_matches_its_dequantized_weight(dtype, group_size, bias):
+    lin = nn.Linear(256, 96, bias=bias).to(dtype)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=group_size))
+    assert ql.qweight.dtype == torch.int32 and ql.qweight.shape == (96, 32)
+    assert ql.scales.dtype == dtype and ql.scales.shape == (96, 256 // (256 if group_size == -1 else group_size))
+    x = torch.randn(2, 5, 256, dtype=dtype)            # leading shape (2, 5)
+    y = ql(x)
+    assert y.shape == (2, 5, 96) and y.dtype == dtype
+    w = ql.dequantized_weight()
+    assert w.shape == (96, 256) and w.dtype == dtype
+    x2 = x.reshape(-1, 256)
+    y_ref = (x2.float() @ w.float().t() + (lin.bias.float() if bias else 0)).to(dtype)
+    assert_gemm_close(y.reshape(-1, 96), y_ref, x2, w)
+    # and the dequantized weight is within half a step of the original
+    step = ql.scales.float().repeat_interleave(256 // ql.scales.shape[1], 1)
+    tol = 0.5 * step + torch.finfo(dtype).eps * lin.weight.float().abs() + 1e-7
+    assert ((w.float() - lin.weight.float()).abs() <= tol).all()
+
+
+def test_leading_shapes_and_scalar_batch():
+    ql = QuantLinear.from_linear(nn.Linear(64, 64), QuantConfig(group_size=32))
+    assert ql(torch.randn(64)).shape == (64,)
+    assert ql(torch.randn(3, 2, 4, 64)).shape == (3, 2, 4, 64)
+    assert ql(torch.randn(0, 64)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.Linear(100, 64), r"\[N=64, K=100\]: in_features K=100 is not divisible by group_size=32"),
+    (lambda: nn.Linear(0, 64), "empty"),
+])
+def test_unquantizable_layers_raise_value_error_naming_shape(make, match):
+    with pytest.raises(ValueError, match=match):
+        QuantLinear.from_linear(make(), QuantConfig(group_size=32))
+
+
+def test_wrong_input_dtype_and_features():
+    ql = QuantLinear.from_linear(nn.Linear(64, 64).half(), QuantConfig(group_size=32))
+    with pytest.raises(TypeError, match="holds a torch.float16 layer but got torch.float32 input"):
+        ql(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="input has 32 features"):
+        ql(torch.randn(2, 32, dtype=torch.float16))
+
+
+def test_not_a_linear():
+    with pytest.raises(TypeError, match="expects an nn.Linear"):
+        QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_w4a8_module_matches_reference_path():
+    lin = nn.Linear(128, 64)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=64, act="int8"))
+    assert ql.act == "int8"
+    x = torch.randn(20, 128)
+    from minicpm_int4.reference import quantize_per_token_int8_ref, w4a8_gemm_ref
+    x_q, s = quantize_per_token_int8_ref(x)
+    assert torch.equal(ql(x), w4a8_gemm_ref(x_q, s, ql.qweight, ql.scales, ql.zeros, ql.bias, 64, torch.float32))
+
+
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_compiles_fullgraph_without_graph_breaks(act):
+    ql = QuantLinear.from_linear(nn.Linear(128, 64), QuantConfig(group_size=32, act=act))
+    x = torch.randn(4, 24, 128)
+    compiled = torch.compile(ql, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), ql(x))
+
+
+def test_state_dict_keys():
+    ql = QuantLinear.from_linear(nn.Linear(64, 64), QuantConfig(group_size=32))
+    assert set(ql.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="group_size=16"):
+        QuantConfig(group_size=16)
+    with pytest.raises(ValueError, match="backend"):
+        QuantConfig(backend="cutlass")
+    with pytest.raises(ValueError, match="unknown model part 'decoder'"):
+        QuantConfig(act={"decoder": "int8"})
+    with pytest.raises(ValueError, match="only 4-bit"):
+        QuantConfig(bits=3)
+    c = QuantConfig(act={"vision": "int8"}, include="*.q_proj")
+    assert c.act_for("vision") == "int8" and c.act_for("llm") is None and c.include == ("*.q_proj",)
+    assert QuantConfig.from_dict(c.to_dict()) == c
