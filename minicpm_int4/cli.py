@@ -1,7 +1,9 @@
-"""`minicpm-int4` command line: demo | quantize.
+"""`minicpm-int4` command line: demo | quantize | bench | profile.
 
     minicpm-int4 demo                 build a small random-weight MiniCPM-V 4.6, patch it, compare
     minicpm-int4 quantize MODEL OUT   from_pretrained(MODEL) -> patch_model -> save_quantized(OUT)
+    minicpm-int4 bench                kernel microbenchmarks vs fp16 and peers (JSON, Markdown, PNG)
+    minicpm-int4 profile              end-to-end latency vs fp16 on full-size random-weight models
 """
 from __future__ import annotations
 
@@ -108,6 +110,56 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _dtype(name):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def cmd_bench(args) -> int:
+    from .bench.micro import run_microbench
+    from .bench.report import write_all
+    from .bench.shapes import all_shapes
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.allow_cpu:
+        print("minicpm-int4 bench: no CUDA device; kernel timings on CPU mean nothing (pass --allow-cpu to "
+              "exercise the harness anyway)", file=sys.stderr)
+        return 2
+    shapes = all_shapes(args.models)
+    if args.max_n:
+        shapes = [s for s in shapes if s.n <= args.max_n]
+    print(f"[bench] {len(shapes)} shapes x M={args.ms} on {device}")
+    result = run_microbench(shapes, args.ms, device=device, dtype=_dtype(args.dtype), group_size=args.group_size,
+                            rep_ms=args.rep_ms)
+    files = write_all(result, args.out, "bench")
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .bench.e2e import run_profile
+    from .bench.report import profile_markdown, write_all
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.allow_cpu:
+        print("minicpm-int4 profile: no CUDA device (pass --allow-cpu to exercise the harness on CPU)", file=sys.stderr)
+        return 2
+    result = run_profile(args.models, size=args.size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                         image_grid=args.image_grid, modes=args.modes, group_size=args.group_size, device=device,
+                         dtype=_dtype(args.dtype), trace_dir=args.out if args.trace else None)
+    files = write_all(result, args.out, "profile")
+    print(profile_markdown(result))
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
+def _csv_ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def _csv(s):
+    return [v for v in s.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minicpm-int4", description="int4 inference kernels for MiniCPM-V")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=["rtn", "search"], default="rtn")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(func=cmd_quantize)
+    from .bench.shapes import M_SWEEP, MODEL_SHAPES
+    b = sub.add_parser("bench", help="kernel microbenchmarks against fp16 torch.matmul and peers")
+    b.add_argument("--models", type=_csv, default=list(MODEL_SHAPES), help=f"comma list of {list(MODEL_SHAPES)}")
+    b.add_argument("--ms", type=_csv_ints, default=list(M_SWEEP), help="comma list of M (tokens)")
+    b.add_argument("--max-n", type=int, default=None, help="skip shapes with more outputs (e.g. lm_head)")
+    b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
+    b.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    b.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per case")
+    b.add_argument("--out", default="bench-results", help="output folder (JSON, Markdown, PNG)")
+    b.add_argument("--device", default=None)
+    b.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_bench)
+    pr = sub.add_parser("profile", help="end-to-end latency vs fp16 on full-size random-weight models")
+    pr.add_argument("--models", type=_csv, default=["minicpmv4.6", "llama3-v2.5"])
+    pr.add_argument("--size", choices=["full", "tiny"], default="full")
+    pr.add_argument("--prompt-tokens", type=int, default=512)
+    pr.add_argument("--new-tokens", type=int, default=128)
+    pr.add_argument("--image-grid", type=int, default=28, help="image size in patches per side (28 = 448 px)")
+    pr.add_argument("--modes", type=_csv, default=["eager", "graphed"])
+    pr.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
+    pr.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    pr.add_argument("--trace", action="store_true", help="also write a Chrome trace and print the top kernels")
+    pr.add_argument("--out", default="profile-results")
+    pr.add_argument("--device", default=None)
+    pr.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
+    pr.set_defaults(func=cmd_profile)
     return p
 
 

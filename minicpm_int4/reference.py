@@ -78,3 +78,43 @@ def w4a8_gemm_ref(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def gemm_tolerance(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, y_ref: torch.Tensor,
+                   chunk: int = 8192) -> torch.Tensor:
+    """Derived elementwise bound for |y - y_ref| when y and y_ref multiply the same rounded operands
+    (x [M, K], w [N, K]), accumulate in fp32 in different orders, and round once to out_dtype:
+
+        eps(out_dtype) * |y_ref|  +  2 * K * eps32 * (|x| @ |w|.T)  +  tiny(out_dtype)
+
+    (one ulp of the output from two roundings of nearby values; each fp32 sum of K terms errs by at
+    most K * eps32 * sum|terms|; one subnormal step near zero). Computed in fp64, N in chunks."""
+    k = x.shape[1]
+    eps32 = torch.finfo(torch.float32).eps
+    fin = torch.finfo(out_dtype)
+    xa = x.abs().double()
+    mag = torch.cat([xa @ w[i:i + chunk].abs().double().t() for i in range(0, w.shape[0], chunk)], dim=1)
+    return (fin.eps * y_ref.abs().double() + 2 * k * eps32 * mag + fin.tiny).float()
+
+
+def w4a8_tolerance(x_q: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor, group_size: int, out_dtype: torch.dtype, y_ref: torch.Tensor,
+                   chunk: int = 4096) -> torch.Tensor:
+    """Derived bound for |w4a8 kernel - w4a8_gemm_ref|: the integer parts are exact, the fp32 part
+    sums G products acc_g * s_g and scales by x_scale (each step within eps32 relative), so
+
+        2 * (G + 2) * eps32 * |x_scale| * sum_g |acc_g * s_g|  +  eps(out_dtype) * |y_ref|  +  tiny."""
+    m, k = x_q.shape
+    g = k // group_size
+    xg = x_q.double().reshape(m, g, group_size)
+    parts = []
+    for i in range(0, qweight.shape[0], chunk):
+        q = unpack_int4(qweight[i:i + chunk]).double()
+        z = zeros[i:i + chunk].double().repeat_interleave(group_size, 1)
+        wg = (q - z).reshape(q.shape[0], g, group_size)
+        acc = torch.einsum("mgk,ngk->mng", xg, wg)
+        parts.append((acc.abs() * scales[i:i + chunk].double().abs().unsqueeze(0)).sum(-1))
+    mag = torch.cat(parts, dim=1) * x_scale.double().abs().unsqueeze(1)
+    eps32 = torch.finfo(torch.float32).eps
+    fin = torch.finfo(out_dtype)
+    return (2 * (g + 2) * eps32 * mag + fin.eps * y_ref.double().abs() + fin.tiny).float()

@@ -42,7 +42,8 @@ def _poisoned_empty(*args, **kwargs):
     return t
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def poison_empty(monkeypatch):
+    """Used by the kernel test modules (pytestmark = usefixtures("poison_empty"))."""
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
     yield

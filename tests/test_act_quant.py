@@ -5,6 +5,7 @@ import torch
 from minicpm_int4 import ops
 from minicpm_int4.reference import quantize_per_token_int8_ref
 
+pytestmark = pytest.mark.usefixtures("poison_empty")
 triton_only = pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
 
 

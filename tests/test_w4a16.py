@@ -12,7 +12,8 @@ from minicpm_int4.reference import w4a16_gemm_ref
 
 from helpers import assert_gemm_close, dequant, random_qweight
 
-pytestmark = pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs triton with TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs triton with TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("poison_empty")]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (N, K) not multiples of the block sizes (BLOCK_N 32, BLOCK_K 32/64 in the interpreter)

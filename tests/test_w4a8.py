@@ -8,6 +8,7 @@ from minicpm_int4.packing import unpack_int4
 
 from helpers import random_qweight, w4a8_tolerance
 
+pytestmark = pytest.mark.usefixtures("poison_empty")
 triton_only = pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
 SHAPES = {32: (70, 96), 64: (45, 192), 128: (33, 384), -1: (40, 200)}
 

@@ -1,0 +1,214 @@
+"""What `minicpm-int4 bench` times: fp16 torch.matmul, our backends, and the peers that are installed.
+
+A backend prepares its weight once from an fp weight [N, K] (quantizing it its own way), then maps
+x [M, K] -> y [M, N]. `available()` returns None or the reason it is skipped; `supports(m)` says
+which M it serves. Bytes are counted per operand (Marlin's habit), so a memory-bound kernel is
+judged against the measured copy bandwidth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..packing import num_groups, pack_int4
+from ..quantize import quantize_rtn
+
+
+@dataclass
+class Prepared:
+    run: Callable[[torch.Tensor], torch.Tensor]
+    weight_bytes: int
+    reference: Optional[Callable[[torch.Tensor], torch.Tensor]] = None   # what run() computes, exactly
+    tolerance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (x, y_ref) -> bound
+
+
+class Backend:
+    name = "?"
+    family = "?"        # "fp16", "ours", "peer"
+
+    def available(self, device: torch.device) -> Optional[str]:
+        return None
+
+    def supports(self, m: int) -> bool:
+        return True
+
+    def prepare(self, w: torch.Tensor, group_size: int) -> Prepared:
+        raise NotImplementedError
+
+    def activation_bytes(self, m: int, k: int, n: int, esize: int) -> int:
+        return m * k * esize + m * n * esize
+
+
+class Fp16Matmul(Backend):
+    name, family = "fp16", "fp16"
+
+    def prepare(self, w, group_size):
+        return Prepared(run=lambda x: F.linear(x, w), weight_bytes=w.numel() * w.element_size())
+
+
+def _int4(w, group_size):
+    qw = quantize_rtn(w, group_size)
+    return pack_int4(qw.q), qw.scales, qw.zeros
+
+
+def _int4_bytes(n, k, group_size, esize):
+    return n * k // 2 + 2 * n * num_groups(k, group_size) * esize
+
+
+class OursW4A16(Backend):
+    family = "ours"
+
+    def __init__(self, backend: str, max_m: Optional[int] = None):
+        self.backend, self.max_m = backend, max_m
+        self.name = f"w4a16-{backend}"
+
+    def available(self, device):
+        try:
+            ops.resolve_backend(self.backend, device, self.name)
+        except RuntimeError as e:
+            return str(e)
+        return None
+
+    def supports(self, m):
+        return self.max_m is None or m <= self.max_m
+
+    def prepare(self, w, group_size):
+        qweight, scales, zeros = _int4(w, group_size)
+        from ..reference import dequantize_ref, gemm_tolerance, w4a16_gemm_ref
+
+        gs = w.shape[1] if group_size == -1 else group_size
+        return Prepared(
+            run=lambda x: ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, self.backend),
+            weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
+            reference=lambda x: w4a16_gemm_ref(x, qweight, scales, zeros, None, gs),
+            tolerance=lambda x, y_ref: gemm_tolerance(
+                x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref))
+
+
+class OursW4A8(Backend):
+    """Activation quantization + int8 x int4 GEMM, timed together (the path a W4A8 layer runs)."""
+    family = "ours"
+
+    def __init__(self, backend: str = "triton"):
+        self.backend = backend
+        self.name = f"w4a8-{backend}"
+
+    def available(self, device):
+        try:
+            ops.resolve_backend(self.backend, device, self.name)
+        except RuntimeError as e:
+            return str(e)
+        return None
+
+    def prepare(self, w, group_size):
+        qweight, scales, zeros = _int4(w, group_size)
+        from ..reference import quantize_per_token_int8_ref, w4a8_gemm_ref, w4a8_tolerance
+
+        gs = w.shape[1] if group_size == -1 else group_size
+
+        def run(x):
+            x_q, s = ops.quantize_per_token_int8(x, self.backend)
+            return ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, group_size, x.dtype, self.backend)
+
+        def ref(x):
+            x_q, s = quantize_per_token_int8_ref(x)
+            return w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, x.dtype)
+
+        def tol(x, y_ref):
+            x_q, s = quantize_per_token_int8_ref(x)
+            return w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, x.dtype, y_ref)
+
+        return Prepared(run=run, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
+                        reference=ref, tolerance=tol)
+
+    def activation_bytes(self, m, k, n, esize):
+        # quantizer: read x, write x_q + scale; GEMM: read x_q + scale, write y
+        return (m * k * esize + m * k + 4 * m) + (m * k + 4 * m) + m * n * esize
+
+
+class TorchTinyGemm(Backend):
+    """torch's built-in int4 tinygemm (aten._weight_int4pack_mm), the kernel behind torchao int4wo.
+    Our (q, scale, zero) map to its format exactly: w = (q - 8) * s + (8 - z) * s."""
+    name, family = "torch-tinygemm", "peer"
+
+    def available(self, device):
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+            return "this torch has no aten._weight_int4pack_mm"
+        return None
+
+    def prepare(self, w, group_size):
+        n, k = w.shape
+        gs = k if group_size == -1 else group_size
+        qw = quantize_rtn(w.to(torch.bfloat16), group_size)
+        s, z = qw.scales.float(), qw.zeros.float()
+        sz = torch.stack([s, (8 - z) * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        q = qw.q
+        if w.device.type == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+            mm = torch.ops.aten._weight_int4pack_mm
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+        def run(x):  # tinygemm takes bf16 activations
+            return mm(x.to(torch.bfloat16), packed, gs, sz).to(x.dtype)
+
+        from ..reference import w4a16_gemm_ref
+
+        ref_q = pack_int4(q)
+        return Prepared(run=run, weight_bytes=_int4_bytes(n, k, group_size, 2),
+                        reference=lambda x: w4a16_gemm_ref(x.to(torch.bfloat16), ref_q, qw.scales, qw.zeros, None, gs).to(x.dtype))
+
+
+class BitsandbytesNF4(Backend):
+    """bitsandbytes nf4 (blocksize 64), the format of the official MiniCPM-V int4 checkpoints."""
+    name, family = "bnb-nf4", "peer"
+
+    def available(self, device):
+        if device.type != "cuda":
+            return "bitsandbytes nf4 needs CUDA"
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:
+            return f"bitsandbytes is not installed ({type(e).__name__})"
+        return None
+
+    def prepare(self, w, group_size):
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+
+        wq, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        return Prepared(run=lambda x: bnb.matmul_4bit(x, wq.t(), quant_state=state),
+                        weight_bytes=wq.numel() * wq.element_size() + w.numel() // 64 * 4,
+                        reference=lambda x: F.linear(x, bf.dequantize_4bit(wq, state)))
+
+
+class Gemlite(Backend):
+    """gemlite's Triton A16W4 GEMM (asymmetric, grouped), when installed."""
+    name, family = "gemlite", "peer"
+
+    def available(self, device):
+        if device.type != "cuda":
+            return "gemlite needs CUDA"
+        try:
+            import gemlite  # noqa: F401
+        except Exception as e:
+            return f"gemlite is not installed ({type(e).__name__})"
+        return None
+
+    def prepare(self, w, group_size):
+        from gemlite.helper import A16W4
+
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        layer.weight.data.copy_(w)
+        gl = A16W4(device=str(w.device)).from_linear(layer)
+        return Prepared(run=gl, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()))
+
+
+def default_backends():
+    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16("cuda", max_m=16), OursW4A8("triton"),
+            TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

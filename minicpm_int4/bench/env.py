@@ -1,0 +1,107 @@
+"""Where a measurement was taken (device, versions, commit) and how time and bandwidth are measured."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, Sequence
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except Exception:
+        return os.environ.get("MINICPM_INT4_COMMIT", "unknown")
+
+
+def env_info(device: torch.device) -> Dict:
+    """Device name, versions, commit and time: carried by every result file."""
+    import transformers
+
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "commit": os.environ.get("MINICPM_INT4_COMMIT") or git_commit(),
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                    total_memory_bytes=p.total_memory, l2_cache_bytes=getattr(p, "L2_cache_size", None))
+    return info
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (results/<gpu>/)."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+            quantiles: Sequence[float] = QUANTILES):
+    """Median and quantiles (ms) of fn(). CUDA: triton.testing.do_bench (flushes L2 between runs).
+    CPU: perf_counter over repeated calls (used by the harness tests, not for reported figures)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(quantiles)))
+    fn()
+    samples, t_end = [], time.perf_counter() + rep_ms / 1e3
+    while time.perf_counter() < t_end or len(samples) < 3:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(samples, n=100, method="inclusive") if len(samples) > 1 else samples * 99
+    return tuple(statistics.median(samples) if q == 0.5 else qs[max(0, min(98, int(round(q * 100)) - 1))] for q in quantiles)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth: (read + write bytes) / median time of one copy."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 64 << 20)
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)[0]
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+class Rotating:
+    """Cycles through copies of a benchmark's operands so that weights are not served from L2."""
+
+    def __init__(self, copies):
+        self.copies, self.i = list(copies), 0
+
+    def next(self):
+        item = self.copies[self.i]
+        self.i = (self.i + 1) % len(self.copies)
+        return item
+
+
+def rotating_copies(bytes_per_copy: int, device: torch.device, max_copies: int = 16) -> int:
+    """How many operand copies exceed twice the L2 cache (at least 2)."""
+    if device.type != "cuda":
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
+    need = -(-2 * l2 // max(1, bytes_per_copy))
+    return int(max(2, min(max_copies, need)))

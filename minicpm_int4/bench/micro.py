@@ -1,0 +1,131 @@
+"""Kernel microbenchmarks: every backend on every Linear shape at every M, against fp16."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .. import ops
+from .backends import Backend, default_backends
+from .env import Rotating, copy_bandwidth_gbps, env_info, rotating_copies, time_ms
+from .shapes import M_SWEEP, LinearShape
+
+CHECK_ROWS = 16          # rows of x compared against the backend's reference before timing
+PEER_REL_TOL = 2e-2      # peers round differently from us; they must still compute the same product
+
+
+class KernelMismatch(AssertionError):
+    pass
+
+
+def _check(name: str, prepared, x: torch.Tensor) -> str:
+    """Correctness before timing, on the backend's own inputs: ours within the derived bound of
+    reference.py (a mismatch raises: timing a wrong kernel is worthless); peers, which round
+    differently, within PEER_REL_TOL of their own dequantized product (a mismatch is recorded)."""
+    if prepared.reference is None:
+        return "unchecked"
+    xs = x[:CHECK_ROWS]
+    y = prepared.run(xs)
+    y_ref = prepared.reference(xs)
+    if not torch.isfinite(y).all():
+        raise KernelMismatch(f"{name}: non-finite output")
+    if prepared.tolerance is not None:
+        err = (y.double() - y_ref.double()).abs()
+        bad = err > prepared.tolerance(xs, y_ref).double()
+        if bad.any():
+            raise KernelMismatch(f"{name}: {int(bad.sum())} outputs outside the derived bound "
+                                 f"(max error {err.max().item():.3g})")
+        return "ok"
+    rel = ((y.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30)).item()
+    return "ok" if rel <= PEER_REL_TOL else f"mismatch (relative error {rel:.3g})"
+
+
+def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
+                   backends: Optional[List[Backend]] = None, device: Optional[torch.device] = None,
+                   dtype: torch.dtype = torch.float16, group_size: int = 128, rep_ms: float = 100,
+                   progress: bool = True, copy_bw_gbps: Optional[float] = None) -> Dict:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = backends if backends is not None else default_backends()
+    result = {"kind": "microbench", "env": env_info(device),
+              "config": {"dtype": str(dtype).replace("torch.", ""), "group_size": group_size, "ms": list(ms),
+                         "rep_ms": rep_ms},
+              "skipped": {}, "rows": [], "act_quant": []}
+    bw = copy_bw_gbps if copy_bw_gbps is not None else copy_bandwidth_gbps(device)
+    result["copy_bandwidth_gbps"] = bw
+    live = []
+    for b in backends:
+        why = b.available(device)
+        if why:
+            result["skipped"][b.name] = why
+            print(f"[bench] {b.name}: skipped ({why})")
+        else:
+            live.append(b)
+    esize = torch.empty((), dtype=dtype).element_size()
+    work = [(s, b) for s in shapes for b in live]
+    bar = _bar(len(work) * len(ms), progress)
+    for shape, b in work:
+        n, k = shape.n, shape.k
+        g = torch.Generator(device=device).manual_seed(n * 31 + k)
+        w = (torch.randn(n, k, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
+        first = b.prepare(w, group_size)
+        copies = [first] + [b.prepare(w, group_size) for _ in range(rotating_copies(first.weight_bytes, device) - 1)]
+        rot = Rotating(copies)
+        for m in ms:
+            bar.update(1)
+            if not b.supports(m):
+                continue
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            status = _check(b.name, first, x)
+            med, p20, p80 = time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
+            nbytes = first.weight_bytes + b.activation_bytes(m, k, n, esize)
+            gbps = nbytes / (med * 1e-3) / 1e9
+            result["rows"].append({
+                "model": shape.model, "n": n, "k": k, "m": m, "backend": b.name, "family": b.family,
+                "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
+                "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
+                "check": status, "rotating_copies": len(copies)})
+            del x
+        del copies, rot, first, w
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _add_speedups(result["rows"])
+    result["act_quant"] = _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live)
+    return result
+
+
+def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
+    if not any(b.name.startswith("w4a8") for b in live):
+        return []
+    rows = []
+    backend = "triton" if device.type == "cuda" else "torch"
+    for k in sorted({s.k for s in shapes}):
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            med, p20, p80 = time_ms(lambda: ops.quantize_per_token_int8(x, backend), device, rep_ms=rep_ms)
+            nbytes = m * k * x.element_size() + m * k + 4 * m
+            gbps = nbytes / (med * 1e-3) / 1e9
+            rows.append({"m": m, "k": k, "backend": backend, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                         "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw})
+    return rows
+
+
+def _add_speedups(rows):
+    fp = {(r["model"], r["n"], r["k"], r["m"]): r["median_ms"] for r in rows if r["backend"] == "fp16"}
+    for r in rows:
+        base = fp.get((r["model"], r["n"], r["k"], r["m"]))
+        r["speedup_vs_fp16"] = base / r["median_ms"] if base else None
+
+
+class _NullBar:
+    def update(self, n):
+        pass
+
+
+def _bar(total, enabled):
+    if not enabled:
+        return _NullBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NullBar()
+    return tqdm(total=total, desc="bench", unit="case")

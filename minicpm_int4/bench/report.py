@@ -1,0 +1,208 @@
+"""Writers shared by bench and profile: JSON (every raw figure), Markdown tables, PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+MICRO_SCHEMA_KEYS = ("kind", "env", "config", "copy_bandwidth_gbps", "skipped", "rows", "act_quant")
+ROW_KEYS = ("model", "n", "k", "m", "backend", "family", "median_ms", "p20_ms", "p80_ms", "bytes", "tflops",
+            "gbps", "pct_copy_bw", "check", "speedup_vs_fp16")
+
+
+def write_json(result: Dict, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return path
+
+
+def _env_lines(env: Dict) -> List[str]:
+    return [f"- device: **{env.get('device_name')}** ({env.get('device')})",
+            f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+            f"transformers {env.get('transformers')}",
+            f"- commit `{env.get('commit')}`, {env.get('timestamp_utc')}"]
+
+
+def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
+    """Per model: one row per shape; fp16 time and each backend's speedup at the chosen M; and the
+    decode rows' % of measured copy bandwidth."""
+    rows = result["rows"]
+    backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b != "fp16"]
+    shown_ms = [m for m in list(decode_ms) + list(prefill_ms) if m in result["config"]["ms"]]
+    by = {(r["model"], r["n"], r["k"], r["m"], r["backend"]): r for r in rows}
+    out = ["## Kernel microbenchmarks", ""] + _env_lines(result["env"]) + [
+        f"- measured copy bandwidth: **{result['copy_bandwidth_gbps']:.0f} GB/s**; "
+        f"dtype {result['config']['dtype']}, group size {result['config']['group_size']}", ""]
+    for name, why in result.get("skipped", {}).items():
+        out.append(f"- `{name}` skipped: {why}")
+    out.append("")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        shapes = list(dict.fromkeys((r["n"], r["k"]) for r in rows if r["model"] == model))
+        out += [f"### {model}", ""]
+        head = ["N x K"]
+        for m in shown_ms:
+            head.append(f"M={m} fp16 ms")
+            head += [f"M={m} {b} x" for b in backends]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for n, k in shapes:
+            cells = [f"{n} x {k}"]
+            for m in shown_ms:
+                fp = by.get((model, n, k, m, "fp16"))
+                cells.append(f"{fp['median_ms']:.4f}" if fp else "-")
+                for b in backends:
+                    r = by.get((model, n, k, m, b))
+                    cells.append(f"{r['speedup_vs_fp16']:.2f}" if r and r.get("speedup_vs_fp16") else "-")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        dec = [r for r in rows if r["model"] == model and r["m"] <= 16 and r["backend"] != "fp16"]
+        if dec:
+            out += [f"% of copy bandwidth, decode (M <= 16), {model}:", ""]
+            ms = sorted({r["m"] for r in dec})
+            bks = list(dict.fromkeys(r["backend"] for r in dec))
+            out += ["| N x K | backend | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|---|" + "---|" * len(ms)]
+            for n, k in shapes:
+                for b in bks:
+                    vals = [by.get((model, n, k, m, b)) for m in ms]
+                    if any(vals):
+                        out.append(f"| {n} x {k} | {b} | " + " | ".join(f"{v['pct_copy_bw']:.0f}%" if v else "-" for v in vals) + " |")
+            out.append("")
+    if result.get("act_quant"):
+        out += ["### per-token int8 activation quantization", "", "| M x K | ms | GB/s | % copy bw |", "|---|---|---|---|"]
+        for r in result["act_quant"]:
+            out.append(f"| {r['m']} x {r['k']} | {r['median_ms']:.4f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.0f}% |")
+        out.append("")
+    return "\n".join(out)
+
+
+def profile_markdown(result: Dict) -> str:
+    out = ["## End-to-end profile", ""] + _env_lines(result["env"]) + [
+        f"- prompt {result['config']['prompt_tokens']} tokens + {result['config'].get('images', 0)} image, "
+        f"{result['config']['new_tokens']} new tokens, batch 1", "",
+        "| model | weights | mode | vision ms | prefill ms | decode ms/token | tokens/s | weight MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else (v if v is not None else "-")  # noqa: E731
+    for r in result["runs"]:
+        out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | {fmt(r.get('vision_ms'))} | {fmt(r.get('prefill_ms'))} | "
+                   f"{fmt(r.get('decode_ms_per_token'), '{:.3f}')} | {fmt(r.get('tokens_per_s'), '{:.1f}')} | "
+                   f"{fmt(r.get('weight_bytes', 0) / 2**20, '{:.0f}')} | {fmt((r.get('peak_bytes') or 0) / 2**20, '{:.0f}')} |")
+        if r.get("error"):
+            out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | failed: {r['error']} | | | | | |")
+    return "\n".join(out) + "\n"
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt, None
+    except ImportError as e:
+        return None, f"matplotlib is not installed ({e}); plots skipped"
+
+
+def micro_plots(result: Dict, out_dir: str) -> List[str]:
+    """speedup_vs_m.png (speedup over fp16 vs M, one panel per model, a line per shape and backend)
+    and bandwidth.png (% of measured copy bandwidth at decode M)."""
+    plt, why = _plt()
+    if plt is None:
+        print(f"[bench] {why}")
+        return []
+    rows = result["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    files = []
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        lines = defaultdict(list)
+        for r in rows:
+            if r["model"] == model and r["backend"] != "fp16" and r.get("speedup_vs_fp16"):
+                lines[(r["backend"], r["n"], r["k"])].append((r["m"], r["speedup_vs_fp16"]))
+        for (b, n, k), pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                    ls="-" if b.startswith("w4a16-triton") else "--", label=f"{b} {n}x{k}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup over fp16 torch.matmul")
+        ax.set_title(model)
+        ax.legend(fontsize=5, ncol=2)
+    fig.suptitle(f"{result['env'].get('device_name')} - commit {str(result['env'].get('commit'))[:10]}")
+    fig.tight_layout()
+    files.append(os.path.join(out_dir, "speedup_vs_m.png"))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    dec = [r for r in rows if r["m"] <= 16]
+    if dec:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        series = defaultdict(list)
+        for r in dec:
+            if r["m"] == 1:
+                series[r["backend"]].append((f"{r['model']}\n{r['n']}x{r['k']}", r["pct_copy_bw"]))
+        labels = list(dict.fromkeys(lab for s in series.values() for lab, _ in s))
+        width = 0.8 / max(1, len(series))
+        for i, (b, vals) in enumerate(series.items()):
+            d = dict(vals)
+            ax.bar([j + i * width for j in range(len(labels))], [d.get(l, 0) for l in labels], width, label=b)
+        ax.axhline(100, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, fontsize=5, rotation=90)
+        ax.set_ylabel("% of measured copy bandwidth (M = 1)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files.append(os.path.join(out_dir, "bandwidth.png"))
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def profile_plot(result: Dict, out_dir: str) -> List[str]:
+    plt, why = _plt()
+    if plt is None:
+        print(f"[profile] {why}")
+        return []
+    runs = [r for r in result["runs"] if r.get("decode_ms_per_token")]
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['model']}\n{r['weights']} {r['mode']}" for r in runs]
+    axes[0].bar(range(len(runs)), [r["tokens_per_s"] for r in runs])
+    axes[0].set_ylabel("decode tokens/s")
+    axes[1].bar(range(len(runs)), [r.get("prefill_ms") or 0 for r in runs])
+    axes[1].set_ylabel("prefill ms")
+    for ax in axes:
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels(labels, fontsize=6, rotation=45, ha="right")
+    fig.suptitle(f"{result['env'].get('device_name')} - commit {str(result['env'].get('commit'))[:10]}")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "e2e.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def write_all(result: Dict, out_dir: str, stem: str) -> List[str]:
+    """JSON + Markdown + PNGs for a microbench or profile result; returns the files written."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = [write_json(result, os.path.join(out_dir, f"{stem}.json"))]
+    md = micro_markdown(result) if result["kind"] == "microbench" else profile_markdown(result)
+    files.append(os.path.join(out_dir, f"{stem}.md"))
+    with open(files[-1], "w") as f:
+        f.write(md)
+    files += micro_plots(result, out_dir) if result["kind"] == "microbench" else profile_plot(result, out_dir)
+    return files
+
+
+def validate_micro(result: Dict) -> Optional[str]:
+    """None if `result` has the microbench schema, else what is missing (used by tests and the README generator)."""
+    for key in MICRO_SCHEMA_KEYS:
+        if key not in result:
+            return f"missing key {key!r}"
+    for r in result["rows"]:
+        for key in ROW_KEYS:
+            if key not in r:
+                return f"row missing key {key!r}: {r}"
+    return None

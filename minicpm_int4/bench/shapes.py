@@ -1,0 +1,79 @@
+"""The Linear shapes (N x K) the benchmarks sweep, read off the real model classes by structure.
+
+Models are instantiated on the meta device (no memory, no download); the shapes are the distinct
+(out_features, in_features) of their Linears, each with the module names that have it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+M_SWEEP = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
+
+
+@dataclass
+class LinearShape:
+    model: str
+    n: int
+    k: int
+    names: List[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}:{self.n}x{self.k}"
+
+
+def _distinct_shapes(model_name: str, model: nn.Module, min_out_features: int = 64) -> List[LinearShape]:
+    shapes: Dict[Tuple[int, int], LinearShape] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod.out_features >= min_out_features:
+            s = shapes.setdefault((mod.out_features, mod.in_features), LinearShape(model_name, mod.out_features, mod.in_features))
+            s.names.append(name)
+    return list(shapes.values())
+
+
+def minicpmv46_shapes() -> List[LinearShape]:
+    """The default MiniCPMV4_6Config(): Qwen3.5-style LLM (4096 hidden) + vision tower (768)."""
+    import transformers
+
+    cfg = transformers.MiniCPMV4_6Config()
+    with torch.device("meta"):
+        model = transformers.MiniCPMV4_6ForConditionalGeneration(cfg)
+    return _distinct_shapes("minicpmv4.6", model)
+
+
+def llama3_v25_shapes() -> List[LinearShape]:
+    """MiniCPM-Llama3-V 2.5's LLM: Llama-3-8B (hidden 4096, intermediate 14336, 8 KV heads, vocab 128256)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    return _distinct_shapes("llama3-v2.5", model)
+
+
+def minicpmv26_shapes() -> List[LinearShape]:
+    """MiniCPM-V 2.6's LLM: Qwen2-7B (hidden 3584, intermediate 18944, 4 KV heads, vocab 151666)."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=1,
+                                   num_attention_heads=28, num_key_value_heads=4, vocab_size=151666)
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(cfg)
+    return _distinct_shapes("minicpmv2.6", model)
+
+
+MODEL_SHAPES = {"minicpmv4.6": minicpmv46_shapes, "llama3-v2.5": llama3_v25_shapes, "minicpmv2.6": minicpmv26_shapes}
+
+
+def all_shapes(models=tuple(MODEL_SHAPES)) -> List[LinearShape]:
+    out = []
+    for m in models:
+        if m not in MODEL_SHAPES:
+            raise ValueError(f"unknown model {m!r}; choose from {list(MODEL_SHAPES)}")
+        out += MODEL_SHAPES[m]()
+    return out

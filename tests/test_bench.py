@@ -1,0 +1,98 @@
+"""The measuring harness itself, on CPU and tiny shapes: schema, writers, skipped peers, checks."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from minicpm_int4.bench import backends as B
+from minicpm_int4.bench.micro import KernelMismatch, run_microbench
+from minicpm_int4.bench.report import validate_micro, write_all
+from minicpm_int4.bench.shapes import LinearShape, all_shapes
+from minicpm_int4.cli import main
+
+TINY = [LinearShape("tiny", 96, 256, ["a"]), LinearShape("tiny", 64, 128, ["b"])]
+
+
+def _cpu_backends():
+    return [B.Fp16Matmul(), B.OursW4A16("torch"), B.OursW4A8("torch"), B.TorchTinyGemm(),
+            B.BitsandbytesNF4(), B.Gemlite(), B.OursW4A16("cuda", max_m=16)]
+
+
+def test_microbench_schema_writers_and_skips(tmp_path):
+    res = run_microbench(TINY, ms=[1, 17], backends=_cpu_backends(), device=torch.device("cpu"),
+                         dtype=torch.bfloat16, group_size=64, rep_ms=2, progress=False, copy_bw_gbps=50.0)
+    assert validate_micro(res) is None
+    # missing peers and unusable backends are reported with a reason, not a crash
+    assert "bnb-nf4" in res["skipped"] and "gemlite" in res["skipped"] and "w4a16-cuda" in res["skipped"]
+    names = {r["backend"] for r in res["rows"]}
+    assert names == {"fp16", "w4a16-torch", "w4a8-torch", "torch-tinygemm"}
+    assert len(res["rows"]) == len(TINY) * 2 * len(names)
+    for r in res["rows"]:
+        assert r["check"] == ("unchecked" if r["backend"] == "fp16" else "ok") and r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
+        assert r["speedup_vs_fp16"] is not None and r["rotating_copies"] >= 2
+        assert r["bytes"] > 0 and r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / 50.0)
+    fp = next(r for r in res["rows"] if r["backend"] == "fp16" and r["m"] == 1 and r["n"] == 96)
+    assert fp["bytes"] == 96 * 256 * 2 + 256 * 2 + 96 * 2
+    assert res["act_quant"] and all(r["gbps"] > 0 for r in res["act_quant"])
+    for key in ("device_name", "torch", "triton", "commit", "timestamp_utc"):
+        assert key in res["env"]
+
+    files = write_all(res, str(tmp_path), "bench")
+    assert {os.path.basename(f) for f in files} == {"bench.json", "bench.md", "speedup_vs_m.png", "bandwidth.png"}
+    assert validate_micro(json.loads((tmp_path / "bench.json").read_text())) is None
+    md = (tmp_path / "bench.md").read_text()
+    assert "96 x 256" in md and "bnb-nf4` skipped" in md and "% of copy bandwidth" in md
+    assert (tmp_path / "speedup_vs_m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_wrong_kernel_is_caught_before_it_is_timed():
+    class Broken(B.OursW4A16):
+        def prepare(self, w, group_size):
+            p = super().prepare(w, group_size)
+            p.run = lambda x: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+            return p
+
+    with pytest.raises(KernelMismatch, match="outside the derived bound"):
+        run_microbench(TINY[:1], ms=[1], backends=[Broken("torch")], device=torch.device("cpu"),
+                       group_size=64, rep_ms=1, progress=False, copy_bw_gbps=1.0)
+
+
+def test_shapes_come_from_the_real_configs():
+    shapes = {(s.model, s.n, s.k) for s in all_shapes()}
+    assert ("minicpmv4.6", 12288, 4096) in shapes and ("minicpmv4.6", 3072, 768) in shapes
+    assert ("llama3-v2.5", 14336, 4096) in shapes and ("llama3-v2.5", 1024, 4096) in shapes
+    assert ("minicpmv2.6", 18944, 3584) in shapes and ("minicpmv2.6", 512, 3584) in shapes
+    assert ("minicpmv4.6", 32, 4096) not in shapes  # in_proj_a/b: too small to be quantized
+
+
+def test_profile_harness_on_tiny_models(tmp_path):
+    from minicpm_int4.bench.e2e import run_profile
+
+    res = run_profile(models=["minicpmv4.6", "llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3,
+                      image_grid=4, modes=["eager"], group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    assert len(res["runs"]) == 4
+    for r in res["runs"]:
+        assert "error" not in r, r
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0 and r["weight_bytes"] > 0
+    int4 = [r for r in res["runs"] if r["weights"] == "int4"]
+    fp = [r for r in res["runs"] if r["weights"] == "float32"]
+    assert all(a["weight_bytes"] < b["weight_bytes"] for a, b in zip(int4, fp))
+    assert res["runs"][0]["vision_ms"] > 0
+    files = write_all(res, str(tmp_path), "profile")
+    assert "profile.md" in {os.path.basename(f) for f in files}
+    assert "decode ms/token" in (tmp_path / "profile.md").read_text()
+
+
+def test_bench_refuses_cpu_timings_by_default(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert main(["bench"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_suite_script_parses():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", "run_gpu_suite.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
