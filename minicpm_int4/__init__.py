@@ -5,6 +5,7 @@
     >>> print(report)
     >>> minicpm_int4.save_quantized(model, "ckpt/")
 """
+from .calibrate import calibrate
 from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
 from .patch import patch_model
@@ -12,4 +13,4 @@ from .qlinear import QuantLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantConfig", "QuantLinear", "patch_model", "save_quantized", "load_quantized", "__version__"]
+__all__ = ["QuantConfig", "QuantLinear", "patch_model", "calibrate", "save_quantized", "load_quantized", "__version__"]

@@ -2,6 +2,7 @@
 `quant_config.json` (format version, QuantConfig, the quantized modules and their parameters)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Dict, Optional
@@ -66,13 +67,16 @@ def read_quant_config(path: str) -> dict:
     return meta
 
 
-def load_quantized(model: nn.Module, path: str) -> nn.Module:
+def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     """Load a checkpoint written by save_quantized into a freshly built model of the same config.
 
     The Linears named in the checkpoint are replaced by empty QuantLinear modules, then every tensor
-    is loaded one at a time (bounded memory). Raises CheckpointMismatchError naming the first
-    module or tensor that does not match.
+    is loaded one at a time (bounded memory). Tensors of a model built with its parameters on the
+    meta device (see `load_pretrained_quantized`) are materialised on `device` as they are read, so
+    the fp16 weights of quantized layers never exist in memory. Raises CheckpointMismatchError
+    naming the first module or tensor that does not match.
     """
+    load_device = device or "cpu"
     from safetensors import safe_open
 
     meta = read_quant_config(path)
@@ -89,7 +93,7 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
                 f"checkpoint module {name!r} is {spec['out_features']} x {spec['in_features']} but the model's is "
                 f"{mod.out_features} x {mod.in_features}")
         if isinstance(mod, nn.Linear):
-            device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
+            device = mod.weight.device if mod.weight.device.type != "meta" else torch.device(load_device)
             ql = QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
                              dtype=getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=config.backend)
             parent_name, _, attr = name.rpartition(".")
@@ -111,12 +115,71 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
             t = f.get_tensor(src)
             if t.dtype != target.dtype:
                 raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
-            with torch.no_grad():
-                target.data.copy_(t)
+            if target.device.type == "meta":
+                _assign(model, key, t.to(load_device))
+            else:
+                with torch.no_grad():
+                    target.data.copy_(t)
             used.add(src)
         extra = sorted(stored - used)
         if extra:
             raise CheckpointMismatchError(f"tensor {extra[0]!r} in the checkpoint has no counterpart in the model "
                                           f"({len(extra)} unexpected tensors)")
     setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace the meta parameter/buffer `key` of `model` by `value`."""
+    mod_name, _, attr = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device (buffers stay real): each parameter
+    exists in memory only while its own module is constructed, so a model's skeleton costs nothing."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_pretrained_quantized(path: str, device="cpu", model_class=None, **config_overrides) -> nn.Module:
+    """Rebuild a transformers model from the `config.json` that `minicpm-int4 quantize` saves beside the
+    checkpoint and load the int4 checkpoint into it, module by module, never holding fp16 copies of
+    the quantized layers. `model_class` defaults to the config's first `architectures` entry."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(path, **config_overrides)
+    if model_class is None:
+        archs = getattr(cfg, "architectures", None) or []
+        if not archs or not hasattr(transformers, archs[0]):
+            raise ValueError(f"{path}/config.json names no transformers model class ({archs}); pass model_class=")
+        model_class = getattr(transformers, archs[0])
+    dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None) or torch.float16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with parameters_on_meta():
+        model = model_class._from_config(cfg, dtype=dtype)
+    model = model.eval()
+    for name, buf in list(model.named_buffers()):
+        if buf.device != torch.device(device) and buf.device.type != "meta":
+            _assign(model, name, buf.to(device))
+    load_quantized(model, path, device=device)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointMismatchError(f"parameter {leftover[0]!r} was not in the checkpoint ({len(leftover)} missing)")
     return model

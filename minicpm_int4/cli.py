@@ -1,7 +1,8 @@
-"""`minicpm-int4` command line: demo | quantize | bench | profile.
+"""`minicpm-int4` command line: demo | quantize | eval | bench | profile.
 
     minicpm-int4 demo                 build a small random-weight MiniCPM-V 4.6, patch it, compare
     minicpm-int4 quantize MODEL OUT   from_pretrained(MODEL) -> patch_model -> save_quantized(OUT)
+    minicpm-int4 eval MODEL QDIR      KL / top-1 / perplexity / per-layer error of QDIR vs MODEL
     minicpm-int4 bench                kernel microbenchmarks vs fp16 and peers (JSON, Markdown, PNG)
     minicpm-int4 profile              end-to-end latency vs fp16 on full-size random-weight models
 """
@@ -92,21 +93,98 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _read_lines(path):
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _text_batches(tokenizer, lines, device, max_length):
+    return [{"input_ids": tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)}
+            for line in lines]
+
+
+def _peak_memory(device) -> str:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    msg = f"process peak RSS {rss:.0f} MiB"
+    if torch.device(device).type == "cuda":
+        msg += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    return msg
+
+
 def cmd_quantize(args) -> int:
-    from . import QuantConfig, patch_model, save_quantized
+    from . import QuantConfig, calibrate, patch_model, save_quantized
+    from .checkpoint import load_pretrained_quantized
 
     import transformers
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = _dtype(args.dtype)
     cls = getattr(transformers, args.model_class)
-    print(f"loading {args.model} with {args.model_class} ({args.dtype})", file=sys.stderr)
-    model = cls.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    if args.device:
-        model = model.to(args.device)
-    report = patch_model(model, QuantConfig(group_size=args.group_size, method=args.method))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {args.model} with {args.model_class} ({args.dtype}) on {device}", file=sys.stderr)
+    model = cls.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
+    calib = None
+    if args.calibration:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        batches = _text_batches(tok, _read_lines(args.calibration)[: args.calib_samples], device, args.max_length)
+        calib = calibrate(model, batches)
+    budget = int(args.weight_budget_mib * 2**20) if args.weight_budget_mib else None
+    config = QuantConfig(group_size=args.group_size, method=args.method, quantize_lm_head=args.quantize_lm_head,
+                         keep_most_sensitive=args.keep_most_sensitive, weight_budget_bytes=budget)
+    report = patch_model(model, config, calibration=calib)
     print(report)
     save_quantized(model, args.out, report)
-    print(f"saved to {args.out}")
+    model.config.save_pretrained(args.out)  # lets load_pretrained_quantized rebuild the skeleton
+    print(f"saved to {args.out}; {_peak_memory(device)} while quantizing")
+    if args.verify_load:
+        del model
+        import gc
+
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        load_pretrained_quantized(args.out, device=device)
+        print(f"reloaded module by module: {_peak_memory(device)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json as _json
+
+    import transformers
+
+    from .checkpoint import load_pretrained_quantized
+    from .evaluate import compare_models, layer_table, perplexity
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _dtype(args.dtype)
+    cls = getattr(transformers, args.model_class)
+    ref = cls.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
+    quant = load_pretrained_quantized(args.quantized, device=device)
+    tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    out = {"model": args.model, "quantized": args.quantized}
+    if args.prompts:
+        res = compare_models(ref, quant, _text_batches(tok, _read_lines(args.prompts), device, args.max_length))
+        out.update(res)
+        print(f"{res['tokens']} tokens: next-token KL divergence {res['kl_divergence']:.5f}, "
+              f"top-1 agreement {100 * res['top1_agreement']:.1f}%")
+        print(layer_table(res))
+    if args.text:
+        with open(args.text) as f:
+            ids = tok(f.read(), return_tensors="pt")["input_ids"].to(device)
+        out["perplexity"] = {"reference": perplexity(ref, ids, args.max_length), "quantized": perplexity(quant, ids, args.max_length),
+                             "tokens": int(ids.shape[1])}
+        print(f"perplexity on {ids.shape[1]} tokens: reference {out['perplexity']['reference']:.3f}, "
+              f"int4 {out['perplexity']['quantized']:.3f}")
+    if not args.prompts and not args.text:
+        print("minicpm-int4 eval: give --prompts and/or --text", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            _json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -177,12 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local path or hub name")
     q.add_argument("out", help="output directory")
     q.add_argument("--model-class", default="AutoModelForImageTextToText")
-    q.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
+    q.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
-    q.add_argument("--method", choices=["rtn", "search"], default="rtn")
+    q.add_argument("--method", choices=["rtn", "search"], default="search")
+    q.add_argument("--calibration", default=None, help="text file, one calibration prompt per line (activation-aware search, sensitivity)")
+    q.add_argument("--calib-samples", type=int, default=64)
+    q.add_argument("--max-length", type=int, default=512)
+    q.add_argument("--keep-most-sensitive", type=int, default=0, help="mixed precision: keep the k most sensitive layers")
+    q.add_argument("--weight-budget-mib", type=float, default=None, help="mixed precision: Linear weight budget")
+    q.add_argument("--quantize-lm-head", action="store_true")
+    q.add_argument("--verify-load", action="store_true", help="reload the result module by module and report peak memory")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="compare a quantized model with its original: KL, top-1, perplexity, per-layer error")
+    e.add_argument("model", help="the original model (path or hub name)")
+    e.add_argument("quantized", help="directory written by `minicpm-int4 quantize`")
+    e.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    e.add_argument("--text", default=None, help="text file for perplexity")
+    e.add_argument("--model-class", default="AutoModelForImageTextToText")
+    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    e.add_argument("--device", default=None)
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--json", default=None)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.set_defaults(func=cmd_eval)
     from .bench.shapes import M_SWEEP, MODEL_SHAPES
     b = sub.add_parser("bench", help="kernel microbenchmarks against fp16 torch.matmul and peers")
     b.add_argument("--models", type=_csv, default=list(MODEL_SHAPES), help=f"comma list of {list(MODEL_SHAPES)}")

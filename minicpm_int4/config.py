@@ -32,20 +32,26 @@ class QuantConfig:
             named use W4A16).
         backend: "auto" (fastest available for the device and M), "triton", "cuda" (the compiled
             extension), or "torch" (the pure-PyTorch reference; what "auto" means on CPU).
-        method: "rtn" (round to nearest with min/max range) or "search" (clipping-range search).
+        method: "search" (clipping-range search, the default: never worse than rtn on any group, and
+            measured better on trained weights, see benchmarks/results/cpu/minilm_quality.md) or "rtn"
+            (round to nearest with the min/max range).
         quantize_llm / quantize_vision / quantize_merger / quantize_resampler / quantize_lm_head /
             quantize_audio / quantize_tts / quantize_other: which model parts are quantized.
         include / exclude: fnmatch patterns over qualified module names; include forces a Linear in
             (if it can be quantized at all), exclude forces it out. Exclude wins.
         min_out_features: Linears with fewer outputs stay in high precision (a few dozen outputs,
             e.g. Qwen3.5's ``in_proj_a``/``in_proj_b``, cost more in dequant overhead than they save).
+        keep_most_sensitive: mixed precision: keep this many of the most sensitive layers (largest
+            relative output error on the calibration inputs) in high precision. Needs calibration.
+        weight_budget_bytes: mixed precision: keep the most sensitive layers in high precision as long
+            as the Linear weights stay within this many bytes. Needs calibration.
     """
 
     bits: int = 4
     group_size: int = 128
     act: ActSpec = None
     backend: str = "auto"
-    method: str = "rtn"
+    method: str = "search"
     quantize_llm: bool = True
     quantize_vision: bool = True
     quantize_merger: bool = False
@@ -57,6 +63,8 @@ class QuantConfig:
     include: tuple = ()
     exclude: tuple = ()
     min_out_features: int = 64
+    keep_most_sensitive: int = 0
+    weight_budget_bytes: Optional[int] = None
 
     def __post_init__(self):
         if self.bits != 4:
@@ -83,6 +91,14 @@ class QuantConfig:
             object.__setattr__(self, name, tuple(v))
         if self.min_out_features < 1:
             raise ValueError("QuantConfig.min_out_features must be >= 1")
+        if self.keep_most_sensitive < 0:
+            raise ValueError("QuantConfig.keep_most_sensitive must be >= 0")
+        if self.weight_budget_bytes is not None and self.weight_budget_bytes <= 0:
+            raise ValueError("QuantConfig.weight_budget_bytes must be positive")
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.keep_most_sensitive > 0 or self.weight_budget_bytes is not None
 
     # -- helpers used by patch.py -------------------------------------------------------------
     def act_for(self, part: str) -> Optional[str]:

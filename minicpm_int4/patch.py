@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .calibrate import Calibration
 from .config import QuantConfig
 from .models import detect_layout, output_embedding_name, protected_reason
 from .ops import W4A8_MIN_M
@@ -29,6 +30,7 @@ class LayerDecision:
     path: str              # "w4a16", "w4a8", or "fp" for kept layers
     bytes_before: int
     bytes_after: int
+    sensitivity: Optional[float] = None   # relative output error on the calibration inputs
 
 
 @dataclass
@@ -65,10 +67,11 @@ class PatchReport:
                 f"Linear weights {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB ({ratio:.2f}x smaller)")
 
     def __str__(self) -> str:
-        rows = [("module", "part", "N x K", "decision", "path", "bytes before -> after", "reason")]
+        rows = [("module", "part", "N x K", "decision", "path", "bytes before -> after", "sensitivity", "reason")]
         for d in self.decisions:
             rows.append((d.name, d.part, f"{d.out_features} x {d.in_features}", d.action, d.path,
-                         f"{_fmt_bytes(d.bytes_before)} -> {_fmt_bytes(d.bytes_after)}", d.reason))
+                         f"{_fmt_bytes(d.bytes_before)} -> {_fmt_bytes(d.bytes_after)}",
+                         "-" if d.sensitivity is None else f"{d.sensitivity:.2e}", d.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [line(rows[0]), "  ".join("-" * w for w in widths)]
@@ -109,7 +112,8 @@ def _decide(name: str, lin: nn.Linear, parent: nn.Module, attr: str, part: str, 
     return True, f"part '{part}'", act
 
 
-def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress: bool = True) -> PatchReport:
+def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress: bool = True,
+                calibration: Optional[Calibration] = None) -> PatchReport:
     """Replace, in place, every nn.Linear of `model` that should be int4 by a QuantLinear.
 
     Decisions follow the model's layout (models.py) and `config`: by default the LLM and the vision
@@ -117,9 +121,16 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     directly (nn.MultiheadAttention.out_proj) and layers with fewer than `min_out_features` outputs stay.
     Calling it again is harmless (QuantLinear layers are reported as already quantized).
 
+    `calibration` (from `minicpm_int4.calibrate(model, batches)`) makes method="search"
+    activation-aware, adds each layer's sensitivity to the report, and enables the mixed-precision
+    policies `keep_most_sensitive` / `weight_budget_bytes`.
+
     Returns a PatchReport; ``print(report)`` shows every Linear with its decision and weight bytes.
     """
     config = config or getattr(model, CONFIG_ATTR, None) or QuantConfig()
+    if config.mixed_precision and calibration is None:
+        raise ValueError("QuantConfig.keep_most_sensitive / weight_budget_bytes rank layers by their output error "
+                         "on calibration inputs: pass calibration=minicpm_int4.calibrate(model, batches)")
     layout = detect_layout(model)
     head = output_embedding_name(model)
     report = PatchReport(layout=layout.name, config=config)
@@ -150,14 +161,45 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
                 "quantized" if ok else "kept", reason, path, before, after))
 
-    bar = _progress(todo, progress)
+    swapped = []
     with torch.no_grad():
-        for parent, attr, name, lin, act, _ in bar:
-            ql = QuantLinear.from_linear(lin, config, act=act, name=name)
+        for parent, attr, name, lin, act, idx in _progress(todo, progress):
+            cw = calibration.channel_weight(name) if calibration is not None and config.method == "search" else None
+            ql = QuantLinear.from_linear(lin, config, act=act, name=name, channel_weight=cw)
             ql.train(lin.training)
+            d = report.decisions[idx]
+            if calibration is not None:
+                d.sensitivity = calibration.sensitivity(name, lin.weight, ql.dequantized_weight())
+                if cw is not None:
+                    d.reason += "; activation-aware search"
             setattr(parent, attr, ql)
+            swapped.append((parent, attr, lin, d))
+    if config.mixed_precision:
+        _apply_mixed_precision(report, swapped, config)
     setattr(model, CONFIG_ATTR, config)
     return report
+
+
+def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) -> None:
+    """Put the most sensitive quantized layers back in high precision, per the config's policy."""
+    ranked = sorted((s for s in swapped if s[3].sensitivity is not None), key=lambda s: -s[3].sensitivity)
+    total = report.bytes_after
+    if config.weight_budget_bytes is not None and total > config.weight_budget_bytes:
+        raise ValueError(f"weight_budget_bytes={config.weight_budget_bytes} is below the {total} bytes the Linear "
+                         "weights take with every eligible layer in int4")
+    n = len(ranked)
+    kept = 0
+    for rank, (parent, attr, lin, d) in enumerate(ranked, start=1):
+        if kept < config.keep_most_sensitive:
+            why = f"kept in high precision: sensitivity rank {rank} of {n} (keep_most_sensitive={config.keep_most_sensitive})"
+        elif config.weight_budget_bytes is not None and total + d.bytes_before - d.bytes_after <= config.weight_budget_bytes:
+            why = f"kept in high precision: sensitivity rank {rank} of {n}, fits weight_budget_bytes={config.weight_budget_bytes}"
+        else:
+            continue
+        setattr(parent, attr, lin)
+        total += d.bytes_before - d.bytes_after
+        d.action, d.path, d.bytes_after, d.reason = "kept", "fp", d.bytes_before, why
+        kept += 1
 
 
 def _progress(items, enabled: bool):

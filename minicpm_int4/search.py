@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 from .packing import effective_group_size
-from .quantize import QuantizedWeight, check_quantizable, fit_scale_zero, quantize_groups, scale_dtype_for
+from .quantize import QMAX, QuantizedWeight, check_quantizable, fit_scale_zero, quantize_groups, scale_dtype_for
 
 DEFAULT_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0, 0.975, ..., 0.5
+CHUNK_ELEMENTS = 1 << 18  # weight elements per row chunk on CPU (1 MiB of fp32)
 
 
 def quantize_search(
@@ -37,26 +38,32 @@ def quantize_search(
     gs = effective_group_size(k, group_size)
     g = k // gs
     dtype = scale_dtype_for(weight.dtype)
-    wg = weight.detach().float().reshape(n, g, gs)
     cw = None
     if channel_weight is not None:
         if channel_weight.shape != (k,):
             raise ValueError(f"channel_weight must have shape [K={k}], got {tuple(channel_weight.shape)}")
-        cw = channel_weight.detach().float().to(wg.device).reshape(1, g, gs)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    best_err = best_s = best_z = None
-    for a in grid:
-        s, z = fit_scale_zero(lo * a, hi * a, dtype)
-        q = quantize_groups(wg, s, z)
-        d = (q - z.float().unsqueeze(-1)) * s.float().unsqueeze(-1) - wg
-        d = d * d
-        err = (d * cw).sum(-1) if cw is not None else d.sum(-1)
-        if best_err is None:
-            best_err, best_s, best_z = err, s, z
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    q = quantize_groups(wg, best_s, best_z).to(torch.uint8).reshape(n, k)
-    return QuantizedWeight(q=q, scales=best_s, zeros=best_z, group_size=group_size)
+        cw = channel_weight.detach().float().to(weight.device).reshape(1, g, gs)
+    scales = torch.empty(n, g, dtype=dtype, device=weight.device)
+    zeros = torch.empty(n, g, dtype=dtype, device=weight.device)
+    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    # rows in chunks that stay cache-resident on CPU (and bound the temporaries on GPU)
+    rows = max(1, (CHUNK_ELEMENTS if weight.device.type == "cpu" else 64 * CHUNK_ELEMENTS) // k)
+    for r0 in range(0, n, rows):
+        wg = weight[r0:r0 + rows].detach().float().reshape(-1, g, gs)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        best_err = best_s = best_z = None
+        for a in grid:
+            sc, z = fit_scale_zero(lo * a, hi * a, dtype)
+            s32, z32 = sc.float().unsqueeze(-1), z.float().unsqueeze(-1)
+            d = torch.div(wg, s32).round_().add_(z32).clamp_(0, QMAX).sub_(z32).mul_(s32).sub_(wg).square_()
+            err = (d.mul_(cw) if cw is not None else d).sum(-1)
+            if best_err is None:
+                best_err, best_s, best_z = err, sc, z
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s = torch.where(better, sc, best_s)
+                best_z = torch.where(better, z, best_z)
+        scales[r0:r0 + rows], zeros[r0:r0 + rows] = best_s, best_z
+        q[r0:r0 + rows] = quantize_groups(wg, best_s, best_z).to(torch.uint8).reshape(-1, k)
+    return QuantizedWeight(q=q, scales=scales, zeros=zeros, group_size=group_size)

@@ -35,12 +35,41 @@ def test_no_top_level_kernels_package_is_installed():
     assert k.__name__ == "minicpm_int4.kernels"
 
 
-def test_quantize_command_round_trip(tmp_path):
-    # a real from_pretrained checkpoint that the test writes itself
+def _save_tiny_model_with_tokenizer(path):
+    """A real from_pretrained directory the test writes itself: tiny MiniCPM-V 4.6 + word tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     from minicpm_int4.tiny import build_native
-    src = tmp_path / "fp"
-    build_native("4_6").to(dtype=__import__("torch").bfloat16).save_pretrained(src)
-    out = tmp_path / "int4"
+
+    words = ["[UNK]", "[PAD]"] + [f"w{i}" for i in range(200)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    build_native("4_6").to(torch.float32).save_pretrained(path)
+
+
+def test_quantize_and_eval_commands(tmp_path, capsys):
+    import json
+
+    src, out = tmp_path / "fp", tmp_path / "int4"
+    _save_tiny_model_with_tokenizer(src)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(f"w{(i * 7 + j * 3) % 200}" for j in range(12)) for i in range(6)))
     assert main(["quantize", str(src), str(out), "--model-class", "MiniCPMV4_6ForConditionalGeneration",
-                 "--group-size", "32"]) == 0
-    assert (out / "model.safetensors").exists() and (out / "quant_config.json").exists()
+                 "--dtype", "fp32", "--group-size", "32", "--calibration", str(prompts),
+                 "--keep-most-sensitive", "2", "--verify-load"]) == 0
+    text = capsys.readouterr().out
+    assert "keep_most_sensitive=2" in text and "activation-aware search" in text
+    assert "reloaded module by module: process peak RSS" in text
+    assert (out / "model.safetensors").exists() and (out / "quant_config.json").exists() and (out / "config.json").exists()
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(src), str(out), "--model-class", "MiniCPMV4_6ForConditionalGeneration", "--dtype", "fp32",
+                 "--prompts", str(prompts), "--text", str(prompts), "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "next-token KL divergence" in text and "perplexity on" in text and "| layer |" in text
+    res = json.loads(report.read_text())
+    assert res["tokens"] == 6 * 12 and 0 <= res["top1_agreement"] <= 1 and res["kl_divergence"] >= 0
+    assert res["layers"] and all(r["rel_output_error"] > 0 for r in res["layers"])

@@ -12,7 +12,7 @@ from helpers import assert_gemm_close
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_linear_matches_its_dequantized_weight(dtype, group_size, bias):
     lin = nn.Linear(256, 96, bias=bias).to(dtype)
-    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=group_size))
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=group_size, method="rtn"))
     assert ql.qweight.dtype == torch.int32 and ql.qweight.shape == (96, 32)
     assert ql.scales.dtype == dtype and ql.scales.shape == (96, 256 // (256 if group_size == -1 else group_size))
     x = torch.randn(2, 5, 256, dtype=dtype)            # leading shape (2, 5)
@@ -23,7 +23,7 @@ def test_from_linear_matches_its_dequantized_weight(dtype, group_size, bias):
     x2 = x.reshape(-1, 256)
     y_ref = (x2.float() @ w.float().t() + (lin.bias.float() if bias else 0)).to(dtype)
     assert_gemm_close(y.reshape(-1, 96), y_ref, x2, w)
-    # and the dequantized weight is within half a step of the original
+    # and (round to nearest) the dequantized weight is within half a step of the original
     step = ql.scales.float().repeat_interleave(256 // ql.scales.shape[1], 1)
     tol = 0.5 * step + torch.finfo(dtype).eps * lin.weight.float().abs() + 1e-7
     assert ((w.float() - lin.weight.float()).abs() <= tol).all()
@@ -93,3 +93,10 @@ def test_config_validation():
     c = QuantConfig(act={"vision": "int8"}, include="*.q_proj")
     assert c.act_for("vision") == "int8" and c.act_for("llm") is None and c.include == ("*.q_proj",)
     assert QuantConfig.from_dict(c.to_dict()) == c
+
+
+def test_default_method_is_search_and_no_worse_than_rtn():
+    lin = nn.Linear(256, 64)
+    assert QuantConfig().method == "search"
+    err = lambda m: (QuantLinear.from_linear(lin, QuantConfig(group_size=64, method=m)).dequantized_weight() - lin.weight).norm()  # noqa: E731
+    assert err("search") <= err("rtn")

@@ -1,0 +1,110 @@
+"""Calibration: per-input-channel activation statistics of every Linear, from a few batches.
+
+`calibrate(model, batches)` runs the model on the batches with forward pre-hooks on every nn.Linear
+and keeps, per Linear, only the sum of x_k^2 over tokens ([K]) and a small fixed-size sample of
+input rows (for output-error sensitivity). The hooks are removed afterwards (also on error) and no
+activation is referenced once a batch is done, so memory stays bounded by the sample size.
+
+Uses:
+  * activation-aware search: the search weights each input channel's squared error by E[x_k^2],
+    i.e. minimises the expected output error E||(W - Wq) x||^2 under a diagonal approximation;
+  * sensitivity: relative output error ||X (W - Wq)^T|| / ||X W^T|| on the sampled rows, which the
+    mixed-precision policies rank layers by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LinearStats:
+    sum_sq: torch.Tensor            # [K] fp32, sum over tokens of x_k^2
+    count: int = 0                  # tokens seen
+    sample: Optional[torch.Tensor] = None   # [<= max_samples, K] fp32, rows of x
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return self.sum_sq / max(1, self.count)
+
+
+@dataclass
+class Calibration:
+    stats: Dict[str, LinearStats] = field(default_factory=dict)
+    batches: int = 0
+    max_samples: int = 128
+
+    def channel_weight(self, name: str) -> Optional[torch.Tensor]:
+        st = self.stats.get(name)
+        if st is None or st.count == 0:
+            return None
+        return st.mean_sq
+
+    def sensitivity(self, name: str, weight: torch.Tensor, dequantized: torch.Tensor) -> Optional[float]:
+        """Relative output error of replacing `weight` by `dequantized` on this layer's sampled inputs."""
+        st = self.stats.get(name)
+        if st is None or st.sample is None or st.sample.shape[0] == 0:
+            return None
+        x = st.sample.to(weight.device)
+        ref = x @ weight.float().t()
+        err = x @ (dequantized.float() - weight.float()).t()
+        return (err.norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _run(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progress: bool = True,
+              seed: int = 0) -> Calibration:
+    """Collect activation statistics of every nn.Linear of `model` over `batches` (each a dict of
+    model kwargs, a tuple of positional args, or a tensor such as input_ids)."""
+    calib = Calibration(max_samples=max_samples)
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+
+    def make_hook(name):
+        def hook(mod, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            st = calib.stats.get(name)
+            if st is None:
+                st = calib.stats[name] = LinearStats(sum_sq=torch.zeros(x.shape[-1], device=x.device))
+            st.sum_sq += x.square().sum(0)
+            st.count += x.shape[0]
+            have = 0 if st.sample is None else st.sample.shape[0]
+            room = max_samples - have
+            if room > 0 and x.shape[0] > 0:
+                idx = torch.randperm(x.shape[0], generator=gen)[:room].to(x.device)
+                rows = x.index_select(0, idx).clone()
+                st.sample = rows if st.sample is None else torch.cat([st.sample, rows])
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_pre_hook(make_hook(name)))
+    items = list(batches)
+    it = items
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            it = tqdm(items, desc="calibrate", unit="batch", disable=None)
+        except ImportError:
+            pass
+    try:
+        with torch.no_grad():
+            for batch in it:
+                _run(model, batch)
+                calib.batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return calib

@@ -1,0 +1,77 @@
+"""Compare a quantized model with its high-precision original.
+
+    compare_models(ref, quant, batches)  -> next-token KL divergence, top-1 agreement, and a
+                                            per-layer table of each quantized Linear's local
+                                            relative output error (both layers fed the reference
+                                            model's input to that layer)
+    perplexity(model, input_ids)         -> exp(mean next-token NLL)
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Dict, Iterable, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import _run
+from .qlinear import QuantLinear
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_errors: bool = True) -> Dict:
+    qmods = {n: m for n, m in quant.named_modules() if isinstance(m, QuantLinear)}
+    err_sq, ref_sq = defaultdict(float), defaultdict(float)
+    handles = []
+    if layer_errors:
+        for name, mod in ref.named_modules():
+            if name in qmods and isinstance(mod, nn.Linear):
+                def hook(m, args, out, name=name):
+                    y_q = qmods[name](args[0])
+                    err_sq[name] += (y_q.float() - out.float()).square().sum().item()
+                    ref_sq[name] += out.float().square().sum().item()
+                handles.append(mod.register_forward_hook(hook))
+    kl_sum = tokens = agree = 0.0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                lr = _logits(_run(ref, batch)).float()
+                lq = _logits(_run(quant, batch)).float()
+                lr, lq = lr.reshape(-1, lr.shape[-1]), lq.reshape(-1, lq.shape[-1])
+                logp_r, logp_q = F.log_softmax(lr, -1), F.log_softmax(lq, -1)
+                kl_sum += (logp_r.exp() * (logp_r - logp_q)).sum().item()
+                agree += (lr.argmax(-1) == lq.argmax(-1)).sum().item()
+                tokens += lr.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    layers: List[Dict] = [{"name": n, "rel_output_error": math.sqrt(err_sq[n] / ref_sq[n]) if ref_sq[n] > 0 else None}
+                          for n in qmods if n in ref_sq]
+    return {"tokens": int(tokens), "kl_divergence": kl_sum / max(1, tokens),
+            "top1_agreement": agree / max(1, tokens), "layers": layers}
+
+
+def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> float:
+    """exp of the mean next-token negative log-likelihood over non-overlapping windows of input_ids [1, T]."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, input_ids.shape[1] - 1, window):
+            ids = input_ids[:, s:s + window + 1]
+            if ids.shape[1] < 2:
+                break
+            logits = _logits(model(input_ids=ids[:, :-1])).float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            count += ids.shape[1] - 1
+    return math.exp(nll / max(1, count))
+
+
+def layer_table(result: Dict, top: int = 20) -> str:
+    rows = sorted((r for r in result["layers"] if r["rel_output_error"] is not None), key=lambda r: -r["rel_output_error"])
+    lines = ["| layer | relative output error |", "|---|---|"]
+    lines += [f"| {r['name']} | {r['rel_output_error']:.4f} |" for r in rows[:top]]
+    return "\n".join(lines)
