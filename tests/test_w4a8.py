@@ -57,3 +57,38 @@ def test_w4a8_linear_uses_w4a16_for_decode_rows():
     y = ops.w4a8_linear(x, qweight, scales, zeros, None, 64, backend="torch")
     x_q, s = quantize_per_token_int8_ref(x)
     assert torch.equal(y, w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, 64, torch.float32))
+
+
+def test_w4a8_patched_tiny_model_within_derived_bound_of_fp32():
+    """Every W4A8 layer of a patched tiny MiniCPM-V, on the activations the model really feeds it,
+    stays within the error that per-token int8 rounding implies against the fp32 product with the
+    same int4 weight:  |y - x @ W^T| <= (scale_m / 2) * sum_k |W[n, k]|  (+ fp32 summation terms)."""
+    from minicpm_int4 import QuantConfig, QuantLinear, patch_model
+    from minicpm_int4.tiny import build_native, prompt_with_image
+
+    model = build_native("4_6", dtype=torch.float32)
+    ids, pv, ts = prompt_with_image(model, text_len=24)
+    assert ids.shape[1] >= ops.W4A8_MIN_M  # the LLM layers take the W4A8 path, not the decode fallback
+    report = patch_model(model, QuantConfig(group_size=32, act="int8"), progress=False)
+    assert all(d.path.startswith("w4a8") for d in report.quantized)
+    checked = []
+
+    def hook(mod, args, out):
+        x = args[0].reshape(-1, mod.in_features).float()
+        if x.shape[0] < ops.W4A8_MIN_M:
+            return
+        w = mod.dequantized_weight().float()
+        exact = x @ w.t() + (mod.bias.float() if mod.bias is not None else 0)
+        _, s = quantize_per_token_int8_ref(x)
+        eps = torch.finfo(torch.float32).eps
+        bound = (s[:, None] / 2) * w.abs().sum(1)[None, :] + 4 * x.shape[1] * eps * (x.abs() @ w.abs().t()) + 1e-6
+        err = (out.reshape(-1, mod.out_features).float() - exact).abs()
+        assert (err <= bound).all(), (mod, (err - bound).max())
+        checked.append(mod)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pv, target_sizes=ts)
+    for h in handles:
+        h.remove()
+    assert len({id(m) for m in checked}) >= 20
