@@ -45,6 +45,7 @@ stage env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; pr
 stage install 240 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 stage ext 60 $PY -c "import minicpm_int4.ops as o; print('CUDA extension:', o.cuda_extension_error() or 'loaded')"
 stage gpu-tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+stage sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda_extension
 stage bench 260 $PY -m minicpm_int4 bench --out "$WORK" "${BENCH_ARGS[@]}"
 stage profile 200 $PY -m minicpm_int4 profile --out "$WORK" "${PROFILE_ARGS[@]}"
 

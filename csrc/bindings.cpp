@@ -38,6 +38,8 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
+  TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
+              "w4a16_gemm (cuda): qweight must be 16-byte aligned for 16-byte loads (got a view with an offset?)");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=["fp16", "bf16"], default=None)
     d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     d.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, -1])
-    d.add_argument("--method", choices=["rtn", "search"], default="rtn")
+    d.add_argument("--method", choices=["rtn", "search"], default="search")
     d.add_argument("--new-tokens", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", default=None, help="also write the figures to this JSON file")

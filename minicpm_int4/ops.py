@@ -164,6 +164,28 @@ def _(x, qweight, scales, zeros, bias, group_size, backend):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+def _w4a16_setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, group_size, backend = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.group_size, ctx.x_dtype, ctx.has_bias = group_size, x.dtype, bias is not None
+
+
+def _w4a16_backward(ctx, grad):
+    """The weights are frozen (int4); gradients flow to the input (and bias), so a patched model
+    can still be fine-tuned through adapters or differentiated w.r.t. its inputs."""
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = reference.dequantize_ref(qweight, scales, zeros, ctx.group_size, out_dtype=ctx.x_dtype)
+        grad_x = (grad.float() @ w.float()).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.float().sum(0).to(grad.dtype)
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+_w4a16_gemm_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+
+
 def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
                group_size: int = 128, backend: str = "auto") -> Tensor:
     """y = x @ dequant(qweight, scales, zeros).T + bias.

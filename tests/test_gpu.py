@@ -77,17 +77,24 @@ def test_triton_w4a8_real_shapes(nk, m):
     assert ((y.double() - y_ref.double()).abs() <= tol).all()
 
 
-def test_compile_fullgraph_patched_tiny_model():
-    from minicpm_int4.tiny import build_native
-    model = build_native("4_6", dtype=torch.float16, device="cuda")
+@pytest.mark.parametrize("which", ["4_6", "llama"])
+def test_compile_fullgraph_patched_tiny_model(which):
+    from minicpm_int4.tiny import build_native, build_remote_layout
+    if which == "llama":
+        model = build_remote_layout("llama", dtype=torch.float16).cuda()
+        lm = model.llm
+        fn = lambda ids: lm(input_ids=ids, use_cache=False).logits  # noqa: E731
+    else:
+        model = build_native("4_6", dtype=torch.float16, device="cuda")
+        lm = model.model.language_model
+        fn = lambda ids: lm(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
     patch_model(model, QuantConfig(group_size=32), progress=False)
     ids = torch.tensor([[7, 8, 9, 10]], device="cuda")
-    lm = model.model.language_model
-    emb = lm.embed_tokens(ids)
-    eager = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
-    compiled = torch.compile(lambda e: lm(inputs_embeds=e, use_cache=False).last_hidden_state, fullgraph=True)
-    out = compiled(emb)
-    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        eager = fn(ids)
+        out = torch.compile(fn, fullgraph=True)(ids)
+    # inductor may fuse the surrounding fp16 ops differently: compare at the fp16 rounding level
+    torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("act", [None, "int8"])

@@ -150,3 +150,24 @@ def test_report_serialises():
     assert d["layout"] == "minicpmv-native" and d["config"]["group_size"] == 64
     assert len(d["decisions"]) == len(report.decisions)
     assert "Linear layers int4" in report.summary()
+
+
+@pytest.mark.parametrize("which", ["4_6", "llama"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_patched_llm_compiles_fullgraph(which, grad):
+    """torch.compile(fullgraph=True) traces a patched model's language model without graph breaks
+    (aot_eager on CPU: the same graph capture and autograd tracing as inductor, without codegen)."""
+    if which == "llama":
+        model = build_remote_layout("llama")
+        fn_model = model.llm
+        fn = lambda ids: fn_model(input_ids=ids, use_cache=False).logits  # noqa: E731
+    else:
+        model = build_native("4_6")
+        fn_model = model.model.language_model
+        fn = lambda ids: fn_model(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    with torch.set_grad_enabled(grad):
+        eager = fn(ids)
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(ids)
+    assert torch.equal(out, eager)

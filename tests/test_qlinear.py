@@ -100,3 +100,17 @@ def test_default_method_is_search_and_no_worse_than_rtn():
     assert QuantConfig().method == "search"
     err = lambda m: (QuantLinear.from_linear(lin, QuantConfig(group_size=64, method=m)).dequantized_weight() - lin.weight).norm()  # noqa: E731
     assert err("search") <= err("rtn")
+
+
+def test_gradients_flow_to_the_input_and_bias():
+    lin = nn.Linear(128, 64)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32))
+    ql.bias.requires_grad_(True)
+    x = torch.randn(5, 128, requires_grad=True)
+    g = torch.randn(5, 64)
+    ql(x).backward(g)
+    w = ql.dequantized_weight()
+    assert torch.allclose(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ql.bias.grad, g.sum(0), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.minicpm_int4.w4a16_gemm.default,
+                          (x.detach().requires_grad_(), ql.qweight, ql.scales, ql.zeros, ql.bias, 32, "torch"))
