@@ -13,9 +13,10 @@ Dequantization of a [BLOCK_K, BLOCK_N] tile: w = ((q - z) * s) in fp32, rounded 
 group (the launcher picks BLOCK_K dividing G, or G == K), so scales and zeros are read once per tile.
 
 Two regimes (ops.py picks by M):
-  decode  (M <= 16): split-K over a grid of (N tiles, SPLIT_K) so that one token fills every SM;
-          M = 1 uses a multiply-reduce GEMV, 2..16 a dot padded to 16 rows. Deterministic: partial
-          sums go to an fp32 buffer reduced in a fixed order (no atomics).
+  decode  (M <= 16): one program per tile of rows (the widest tile that still gives ~2 programs per
+          SM) streaming all of K, so the result is written by the kernel itself; K is split across
+          programs only for narrow layers (then fp32 partials are reduced in a fixed order, no
+          atomics: deterministic). M = 1 uses a multiply-reduce GEMV, 2..16 a dot padded to 16 rows.
   prefill (M  > 16): tiled GEMM, grouped tile order for L2 reuse, autotuned tile shapes.
 """
 import torch
@@ -44,10 +45,17 @@ def _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, NUM_GROUPS,
     return _round_to((q.to(tl.float32) - z[None, :]) * s[None, :], W_DTYPE)
 
 
+def _decode_configs():
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in [(4, 3), (4, 4), (8, 3), (2, 4), (8, 4)]]
+
+
+@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "G", "BLOCK_N", "BLOCK_K", "SPLIT_K"])
 @triton.jit
 def _w4a16_decode_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, G, NUM_GROUPS,
+    M, N, K, G, NUM_GROUPS, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om, stride_ok,
     K_PER_SPLIT,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -145,12 +153,29 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
+def _decode_blocks(m: int, n: int, k: int, group_size: int, device: torch.device):
+    """(BLOCK_N, BLOCK_K, SPLIT_K) for the decode kernel. The widest row tile that still gives about
+    two programs per SM; K is split across programs only when even the narrowest tile leaves SMs idle
+    (split partial sums cost a second pass). Every K tile stays inside one group."""
+    if INTERPRET:
+        block_n, block_k = 32, _block_k(k, group_size, 64)
+    else:
+        block_k = _block_k(k, group_size, 256)
+        narrowest = 8 if m == 1 else 16  # tl.dot needs 16 rows of W per tile
+        block_n = narrowest
+        for bn in (128, 64, 32, 16):
+            if bn >= narrowest and triton.cdiv(n, bn) >= 2 * num_sms(device):
+                block_n = bn
+                break
+    return block_n, block_k, _split_k(n, k, block_n, block_k, device)
+
+
 def _split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """Enough K splits that (N tiles x splits) covers the GPU about twice, each split >= 2 tiles."""
+    """K splits so that (N tiles x splits) covers every SM, each split keeping >= 2 K tiles."""
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split = 1
-    while n_tiles * split < 2 * num_sms(device) and k_tiles // (split * 2) >= 2:
+    while n_tiles * split < num_sms(device) and k_tiles // (split * 2) >= 2:
         split *= 2
     return split
 
@@ -167,9 +192,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     b = bias if has_bias else scales  # any valid pointer; never read
     if m <= DECODE_MAX_M:
         block_m = 1 if m == 1 else 16
-        block_n = 32 if INTERPRET else 64
-        block_k = _block_k(k, g, 64 if INTERPRET else 128)
-        split = _split_k(n, k, block_n, block_k, x.device)
+        block_n, block_k, split = _decode_blocks(m, n, k, g, x.device)
         k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
         split = triton.cdiv(k, k_per_split)
         if split == 1:
@@ -178,11 +201,10 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
             out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, block_n), split)
         _w4a16_decode_kernel[grid](
-            x, qweight, scales, zeros, b, out, m, n, k, g, num_groups,
+            x, qweight, scales, zeros, b, out, m, n, k, g, num_groups, m,
             x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2), out.stride(0) if split > 1 else 0,
             k_per_split, HAS_BIAS=has_bias, SPLIT_K=split, DOT_FP32=dot_fp32,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4, num_stages=1 if INTERPRET else 3,
         )
         if split == 1:
             return out
