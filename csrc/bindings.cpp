@@ -14,8 +14,9 @@ extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qwe
 
 namespace {
 
-at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size) {
+void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
+                    at::Tensor& out) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "minicpm_int4_C.w4a16_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_gemm: x must be [M, K] with unit stride along K");
@@ -40,14 +41,24 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
   TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
               "w4a16_gemm (cuda): qweight must be 16-byte aligned for 16-byte loads (got a view with an offset?)");
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == M &&
+              out.size(1) == N && out.stride(1) == 1, "w4a16_gemm: out must be [M, N] of the activation dtype, unit stride along N");
+  TORCH_CHECK(out.device() == x.device() && qweight.device() == x.device() && scales.device() == x.device() &&
+              zeros.device() == x.device(), "w4a16_gemm: all tensors must be on the same device");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0) return out;
+  if (M == 0) return;
   cudaError_t err = minicpm_int4_w4a16_gemv(
       x.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), x.stride(0),
       out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.w4a16_gemm: kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "w4a16_gemm: x must be [M, K] and qweight [N, K/8]");
+  at::Tensor out = at::empty({x.size(0), qweight.size(0)}, x.options());
+  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out);
   return out;
 }
 
@@ -55,9 +66,14 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::
 
 TORCH_LIBRARY(minicpm_int4_C, m) {
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size) -> Tensor");
+  m.def("w4a16_gemm_out(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
+        "Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) { m.impl("w4a16_gemm", &w4a16_gemm); }
+TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {
+  m.impl("w4a16_gemm", &w4a16_gemm);
+  m.impl("w4a16_gemm_out", &w4a16_gemm_out);
+}
 
 // `import minicpm_int4._C` loads this library, which runs the registrations above.
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "minicpm_int4 CUDA kernels", -1, nullptr};

@@ -55,6 +55,39 @@ def test_cuda_extension_w4a16(m, dtype):
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+@pytest.mark.parametrize("nk", [(4104, 4096), (1000, 1544), (768, 3072)], ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_cuda_extension_poisoned_output(nk, m, group_size):
+    """The CUDA kernel writes every output element: `out` is filled with NaN before each run.
+    K = 1544 is not a multiple of 32 (the one-word-per-lane path); M = 13 spans two launches."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    n, k = nk
+    if group_size != -1 and k % group_size:
+        pytest.skip("K not divisible by the group size")
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, torch.float16)
+    for _ in range(2):  # fresh random inputs each run
+        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        torch.ops.minicpm_int4_C.w4a16_gemm_out(x, qweight, scales, zeros, None, gs, out)
+        assert_gemm_close(out, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+
+
+def test_cuda_extension_rejects_bad_inputs():
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    qweight, scales, zeros, gs = _cuda_layer(64, 256, 32, torch.float16)
+    x = torch.randn(2, 256, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="fp16 or bf16"):
+        torch.ops.minicpm_int4_C.w4a16_gemm(x.float(), qweight, scales, zeros, None, 32)
+    with pytest.raises(RuntimeError, match="not divisible by group_size"):
+        torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, 96)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        misaligned = torch.zeros(64 * 32 + 1, dtype=torch.int32, device="cuda")[1:].view(64, 32)  # 4-byte offset
+        torch.ops.minicpm_int4_C.w4a16_gemm(x, misaligned, scales, zeros, None, 32)
+
+
 @pytest.mark.parametrize("m,k", [(1, 4096), (17, 3584), (4096, 4096), (130, 18944)])
 def test_triton_act_quant_bit_exact(m, k):
     x = torch.randn(m, k, dtype=torch.float16, device="cuda")
