@@ -30,7 +30,8 @@ def _quant_modules(model: nn.Module) -> Dict[str, dict]:
 
 
 def save_quantized(model: nn.Module, path: str, report=None) -> None:
-    """Write a patched model to directory `path` (created if needed)."""
+    """Write a patched model to directory `path` (created if needed): model.safetensors,
+    quant_config.json and, for a transformers model, its config.json."""
     from safetensors.torch import save_file
 
     modules = _quant_modules(model)
@@ -53,6 +54,14 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "minicpm_int4": str(FORMAT_VERSION)})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
+    hf_config = getattr(model, "config", None)
+    if hasattr(hf_config, "save_pretrained"):  # a transformers model: lets load_pretrained_quantized rebuild it
+        if not getattr(hf_config, "architectures", None):
+            hf_config.architectures = [type(model).__name__]
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            hf_config.dtype = dtype  # what the high-precision tensors in the file are
+        hf_config.save_pretrained(path)
 
 
 def read_quant_config(path: str) -> dict:

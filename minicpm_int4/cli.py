@@ -134,8 +134,7 @@ def cmd_quantize(args) -> int:
                          keep_most_sensitive=args.keep_most_sensitive, weight_budget_bytes=budget)
     report = patch_model(model, config, calibration=calib)
     print(report)
-    save_quantized(model, args.out, report)
-    model.config.save_pretrained(args.out)  # lets load_pretrained_quantized rebuild the skeleton
+    save_quantized(model, args.out, report)  # also writes config.json for load_pretrained_quantized
     print(f"saved to {args.out}; {_peak_memory(device)} while quantizing")
     if args.verify_load:
         del model

@@ -49,3 +49,24 @@ def test_save_requires_a_patched_model_and_load_requires_a_checkpoint(tmp_path):
         save_quantized(build_native("4_6"), tmp_path)
     with pytest.raises(FileNotFoundError, match="quant_config.json"):
         load_quantized(build_native("4_6"), tmp_path)
+
+
+def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_path):
+    from minicpm_int4.checkpoint import load_pretrained_quantized, parameters_on_meta
+    from minicpm_int4.tiny import build_native
+
+    model = build_native("4_6", dtype=torch.bfloat16)
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path, report)
+    loaded = load_pretrained_quantized(str(tmp_path))
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(report.quantized)
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits,
+                           loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits)
+    # the skeleton holds no parameter memory: every parameter is on the meta device until loaded
+    with parameters_on_meta():
+        skeleton = type(model)._from_config(model.config)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    assert torch.nn.Linear(4, 4).weight.device.type == "cpu"  # the patch is undone on exit

@@ -131,3 +131,20 @@ def test_real_weights_minilm_search_beats_rtn():
         assert cos[(gs, "awq-search")] > cos[(gs, "rtn")]
         assert cos[(gs, "rtn")] > 0.9  # int4 keeps the embedding (sanity floor)
     assert cos[(32, "rtn")] > cos[(128, "rtn")]  # smaller groups, better quality
+
+
+def test_calibration_with_images_reaches_the_vision_tower():
+    from minicpm_int4.tiny import prompt_with_image
+
+    model = build_native("4_6")
+    ids, pv, ts = prompt_with_image(model)
+    calib = calibrate(model, [{"input_ids": ids, "pixel_values": pv, "target_sizes": ts}], progress=False)
+    assert "model.vision_tower.encoder.layers.0.mlp.fc1" in calib.stats
+    assert "model.language_model.layers.0.mlp.up_proj" in calib.stats
+
+
+def test_lm_head_quantized_on_request():
+    model = build_native("4_6")
+    report = patch_model(model, QuantConfig(group_size=32, quantize_lm_head=True), progress=False)
+    d = {x.name: x for x in report.decisions}["lm_head"]
+    assert d.action == "quantized" and d.part == "lm_head" and isinstance(model.lm_head, QuantLinear)
