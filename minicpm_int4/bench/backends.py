@@ -59,12 +59,14 @@ def _int4_bytes(n, k, group_size, esize):
     return n * k // 2 + 2 * n * num_groups(k, group_size) * esize
 
 
-class OursW4A16(Backend):
+class _Ours(Backend):
+    """One of our ops on one backend; available where ops.resolve_backend accepts it."""
     family = "ours"
+    op = "?"
 
     def __init__(self, backend: str, max_m: Optional[int] = None):
         self.backend, self.max_m = backend, max_m
-        self.name = f"w4a16-{backend}"
+        self.name = f"{self.op}-{backend}"
 
     def available(self, device):
         try:
@@ -72,6 +74,10 @@ class OursW4A16(Backend):
         except RuntimeError as e:
             return str(e)
         return None
+
+
+class OursW4A16(_Ours):
+    op = "w4a16"
 
     def supports(self, m):
         return self.max_m is None or m <= self.max_m
@@ -89,20 +95,9 @@ class OursW4A16(Backend):
                 x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref))
 
 
-class OursW4A8(Backend):
+class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together (the path a W4A8 layer runs)."""
-    family = "ours"
-
-    def __init__(self, backend: str = "triton"):
-        self.backend = backend
-        self.name = f"w4a8-{backend}"
-
-    def available(self, device):
-        try:
-            ops.resolve_backend(self.backend, device, self.name)
-        except RuntimeError as e:
-            return str(e)
-        return None
+    op = "w4a8"
 
     def prepare(self, w, group_size):
         qweight, scales, zeros = _int4(w, group_size)
@@ -164,18 +159,23 @@ class TorchTinyGemm(Backend):
                         reference=lambda x: w4a16_gemm_ref(x.to(torch.bfloat16), ref_q, qw.scales, qw.zeros, None, gs).to(x.dtype))
 
 
+def _cuda_peer_missing(device, module: str) -> Optional[str]:
+    """Why a CUDA-only peer library cannot run here, or None."""
+    if device.type != "cuda":
+        return f"{module} needs CUDA"
+    try:
+        __import__(module)
+    except Exception as e:
+        return f"{module} is not installed ({type(e).__name__})"
+    return None
+
+
 class BitsandbytesNF4(Backend):
     """bitsandbytes nf4 (blocksize 64), the format of the official MiniCPM-V int4 checkpoints."""
     name, family = "bnb-nf4", "peer"
 
     def available(self, device):
-        if device.type != "cuda":
-            return "bitsandbytes nf4 needs CUDA"
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:
-            return f"bitsandbytes is not installed ({type(e).__name__})"
-        return None
+        return _cuda_peer_missing(device, "bitsandbytes")
 
     def prepare(self, w, group_size):
         import bitsandbytes as bnb
@@ -192,13 +192,7 @@ class Gemlite(Backend):
     name, family = "gemlite", "peer"
 
     def available(self, device):
-        if device.type != "cuda":
-            return "gemlite needs CUDA"
-        try:
-            import gemlite  # noqa: F401
-        except Exception as e:
-            return f"gemlite is not installed ({type(e).__name__})"
-        return None
+        return _cuda_peer_missing(device, "gemlite")
 
     def prepare(self, w, group_size):
         from gemlite.helper import A16W4

@@ -45,26 +45,26 @@ def minicpmv46_shapes() -> List[LinearShape]:
     return _distinct_shapes("minicpmv4.6", model)
 
 
-def llama3_v25_shapes() -> List[LinearShape]:
-    """MiniCPM-Llama3-V 2.5's LLM: Llama-3-8B (hidden 4096, intermediate 14336, 8 KV heads, vocab 128256)."""
+def _causal_lm_shapes(name: str, family: str, **dims) -> List[LinearShape]:
+    """One decoder layer (all layers share its shapes) + lm_head of a transformers causal LM."""
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    cfg = getattr(transformers, f"{family}Config")(num_hidden_layers=1, **dims)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    return _distinct_shapes("llama3-v2.5", model)
+        model = getattr(transformers, f"{family}ForCausalLM")(cfg)
+    return _distinct_shapes(name, model)
+
+
+def llama3_v25_shapes() -> List[LinearShape]:
+    """MiniCPM-Llama3-V 2.5's LLM: Llama-3-8B (hidden 4096, intermediate 14336, 8 KV heads, vocab 128256)."""
+    return _causal_lm_shapes("llama3-v2.5", "Llama", hidden_size=4096, intermediate_size=14336,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
 
 
 def minicpmv26_shapes() -> List[LinearShape]:
     """MiniCPM-V 2.6's LLM: Qwen2-7B (hidden 3584, intermediate 18944, 4 KV heads, vocab 151666)."""
-    import transformers
-
-    cfg = transformers.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=1,
-                                   num_attention_heads=28, num_key_value_heads=4, vocab_size=151666)
-    with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(cfg)
-    return _distinct_shapes("minicpmv2.6", model)
+    return _causal_lm_shapes("minicpmv2.6", "Qwen2", hidden_size=3584, intermediate_size=18944,
+                             num_attention_heads=28, num_key_value_heads=4, vocab_size=151666)
 
 
 MODEL_SHAPES = {"minicpmv4.6": minicpmv46_shapes, "llama3-v2.5": llama3_v25_shapes, "minicpmv2.6": minicpmv26_shapes}

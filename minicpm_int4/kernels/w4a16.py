@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _round_to, _unpack_int4_tile, num_sms
+from ._common import _grouped_tile, _round_to, _unpack_int4_tile, num_sms
 
 DECODE_MAX_M = 16
 
@@ -110,15 +110,7 @@ def _w4a16_prefill_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row-tiles share each column of weight tiles while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
-    pid_n = (pid % num_pid_in_group) // group_rows
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
