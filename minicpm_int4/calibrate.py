@@ -36,6 +36,14 @@ class Calibration:
     stats: Dict[str, LinearStats] = field(default_factory=dict)
     batches: int = 0
     max_samples: int = 128
+    check_batch: object = None                   # the first batch, to verify exact rewrites (scale folds)
+    check_output: Optional[torch.Tensor] = None  # a slice of the model's output on it (fp32)
+
+    def output_fingerprint(self, model) -> Optional[torch.Tensor]:
+        if self.check_batch is None:
+            return None
+        with torch.no_grad():
+            return _fingerprint(_run(model, self.check_batch))
 
     def channel_weight(self, name: str) -> Optional[torch.Tensor]:
         st = self.stats.get(name)
@@ -52,6 +60,13 @@ class Calibration:
         ref = x @ weight.float().t()
         err = x @ (dequantized.float() - weight.float()).t()
         return (err.norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _fingerprint(out, n: int = 1 << 16) -> torch.Tensor:
+    t = out.logits if hasattr(out, "logits") else getattr(out, "last_hidden_state", out)
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    return t.detach().reshape(-1)[:n].float().cpu()
 
 
 def _run(model, batch):
@@ -102,7 +117,10 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
     try:
         with torch.no_grad():
             for batch in it:
-                _run(model, batch)
+                out = _run(model, batch)
+                if calib.check_batch is None:
+                    calib.check_batch, calib.check_output = batch, _fingerprint(out)
+                del out
                 calib.batches += 1
     finally:
         for h in handles:

@@ -41,6 +41,9 @@ class QuantConfig:
             (if it can be quantized at all), exclude forces it out. Exclude wins.
         min_out_features: Linears with fewer outputs stay in high precision (a few dozen outputs,
             e.g. Qwen3.5's ``in_proj_a``/``in_proj_b``, cost more in dequant overhead than they save).
+        fold_scales: with calibration and method="search", AWQ-style per-channel scales folded into
+            the previous op where the layout allows (models.SCALE_FOLDS), checked to leave the model's
+            output unchanged before quantizing.
         keep_most_sensitive: mixed precision: keep this many of the most sensitive layers (largest
             relative output error on the calibration inputs) in high precision. Needs calibration.
         weight_budget_bytes: mixed precision: keep the most sensitive layers in high precision as long
@@ -63,6 +66,7 @@ class QuantConfig:
     include: tuple = ()
     exclude: tuple = ()
     min_out_features: int = 64
+    fold_scales: bool = True
     keep_most_sensitive: int = 0
     weight_budget_bytes: Optional[int] = None
 

@@ -112,3 +112,51 @@ def protected_reason(parent: nn.Module, child_name: str) -> Optional[str]:
     if isinstance(parent, DIRECT_WEIGHT_READERS):
         return f"{type(parent).__name__} reads .{child_name}.weight directly"
     return None
+
+
+@dataclass(frozen=True)
+class ScaleFold:
+    """Within one block, `prev` produces the only input of the Linears `consumers`, so a per-channel
+    scale s can move exactly from the consumers' weights (W * s) into `prev`'s output (/ s):
+    AWQ-style scaling without any runtime cost. Valid only where `prev`'s output feeds nothing else
+    (pre-norm blocks: the residual is taken before the norm)."""
+    prev: str
+    consumers: Tuple[str, ...]
+    note: str
+
+
+SCALE_FOLDS: Tuple[ScaleFold, ...] = (
+    ScaleFold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "pre-norm attention (Llama, Qwen2, Qwen3.5 full attention, MiniCPM)"),
+    ScaleFold("input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                                  "linear_attn.in_proj_a"), "Qwen3.5 linear attention"),
+    ScaleFold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "pre-norm gated MLP"),
+    ScaleFold("mlp.up_proj", ("mlp.down_proj",), "gated MLP: down_proj reads act(gate) * up"),
+    ScaleFold("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "SigLIP pre-norm attention"),
+    ScaleFold("layer_norm2", ("mlp.fc1",), "SigLIP pre-norm MLP"),
+)
+
+
+def scale_fold_groups(model: nn.Module):
+    """(prev name, [consumer names], note) for every place in `model` where a ScaleFold matches."""
+    groups = []
+    for block_name, block in model.named_modules():
+        for fold in SCALE_FOLDS:
+            try:
+                prev = block.get_submodule(fold.prev)
+                cons = [block.get_submodule(c) for c in fold.consumers]
+            except AttributeError:
+                continue
+            if not all(isinstance(c, nn.Linear) for c in cons):
+                continue
+            width = cons[0].in_features
+            if any(c.in_features != width for c in cons):
+                continue
+            if isinstance(prev, nn.Linear):
+                if prev.out_features != width:
+                    continue
+            elif getattr(prev, "weight", None) is None or tuple(prev.weight.shape) != (width,):
+                continue
+            pre = f"{block_name}." if block_name else ""
+            groups.append((pre + fold.prev, [pre + c for c in fold.consumers], fold.note))
+    return groups

@@ -38,6 +38,7 @@ class PatchReport:
     layout: str
     config: QuantConfig
     decisions: List[LayerDecision] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> List[LayerDecision]:
@@ -56,7 +57,7 @@ class PatchReport:
         return sum(d.bytes_after for d in self.decisions)
 
     def to_dict(self) -> dict:
-        return {"layout": self.layout, "config": self.config.to_dict(),
+        return {"layout": self.layout, "config": self.config.to_dict(), "notes": list(self.notes),
                 "decisions": [asdict(d) for d in self.decisions],
                 "linear_weight_bytes_before": self.bytes_before, "linear_weight_bytes_after": self.bytes_after}
 
@@ -77,6 +78,7 @@ class PatchReport:
         out = [line(rows[0]), "  ".join("-" * w for w in widths)]
         out += [line(r) for r in rows[1:]]
         out.append(self.summary())
+        out += self.notes
         return "\n".join(out)
 
     __repr__ = summary
@@ -161,6 +163,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
                 "quantized" if ok else "kept", reason, path, before, after))
 
+    folds = {}
+    if calibration is not None and config.method == "search" and config.fold_scales:
+        folds = _fold_scales_checked(model, calibration, config, {t[2] for t in todo}, report)
     swapped = []
     with torch.no_grad():
         for parent, attr, name, lin, act, idx in _progress(todo, progress):
@@ -172,12 +177,36 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 d.sensitivity = calibration.sensitivity(name, lin.weight, ql.dequantized_weight())
                 if cw is not None:
                     d.reason += "; activation-aware search"
+                if name in folds:
+                    d.reason += f"; AWQ scale (alpha={folds[name].alpha:.1f}) folded into {folds[name].prev}"
             setattr(parent, attr, ql)
             swapped.append((parent, attr, lin, d))
     if config.mixed_precision:
         _apply_mixed_precision(report, swapped, config)
     setattr(model, CONFIG_ATTR, config)
     return report
+
+
+def _fold_scales_checked(model, calibration, config, quantize_names, report):
+    """fold_scales, then verify on the first calibration batch that the model computes the same
+    function (the folds are exact rewrites up to rounding); undo them all if it does not."""
+    from .awq import fold_scales, unfold_scales
+
+    folds = fold_scales(model, calibration, config.group_size, quantize_names)
+    if not folds or calibration.check_output is None:
+        return folds
+    after = calibration.output_fingerprint(model)
+    ref = calibration.check_output
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype == torch.float32 else 50 * torch.finfo(dtype).eps
+    rel = ((after - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    if not rel <= tol:
+        unfold_scales(model, folds)
+        report.notes.append(f"AWQ scale folds undone: the model's output moved by {rel:.2e} (> {tol:.0e})")
+        return {}
+    report.notes.append(f"AWQ scales folded for {len(folds)} Linear layers; output check on the first "
+                        f"calibration batch: relative change {rel:.2e}")
+    return folds
 
 
 def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) -> None:
