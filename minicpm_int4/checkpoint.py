@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .models import hf_dtype_kwargs
 from .patch import CONFIG_ATTR
 from .qlinear import QuantLinear
 
@@ -182,7 +183,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, **confi
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with parameters_on_meta():
-        model = model_class._from_config(cfg, dtype=dtype)
+        model = model_class._from_config(cfg, **hf_dtype_kwargs(dtype))
     model = model.eval()
     for name, buf in list(model.named_buffers()):
         if buf.device != torch.device(device) and buf.device.type != "meta":

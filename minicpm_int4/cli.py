@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .models import hf_dtype_kwargs
+
 
 def _model_bytes(model) -> int:
     seen, total = set(), 0
@@ -123,7 +125,7 @@ def cmd_quantize(args) -> int:
     cls = getattr(transformers, args.model_class)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {args.model} with {args.model_class} ({args.dtype}) on {device}", file=sys.stderr)
-    model = cls.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
+    model = cls.from_pretrained(args.model, **hf_dtype_kwargs(dtype), trust_remote_code=args.trust_remote_code).to(device).eval()
     calib = None
     if args.calibration:
         tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -160,7 +162,7 @@ def cmd_eval(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(args.dtype)
     cls = getattr(transformers, args.model_class)
-    ref = cls.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
+    ref = cls.from_pretrained(args.model, **hf_dtype_kwargs(dtype), trust_remote_code=args.trust_remote_code).to(device).eval()
     quant = load_pretrained_quantized(args.quantized, device=device)
     tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     out = {"model": args.model, "quantized": args.quantized}

@@ -75,6 +75,14 @@ GENERIC = ModelLayout(
 DIRECT_WEIGHT_READERS: Tuple[type, ...] = (nn.MultiheadAttention,)
 
 
+def hf_dtype_kwargs(dtype) -> dict:
+    """The keyword transformers takes for a model's dtype: `dtype` in 5.x, `torch_dtype` in 4.x."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
 def _has_submodule(model: nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)

@@ -24,13 +24,17 @@ IMAGE_TOKEN_ID = 5
 PATCH = 14
 
 
+class NativeModelUnavailable(ImportError):
+    """The installed transformers has no native class for this MiniCPM-V generation."""
+
+
 def _transformers_class(name: str):
     import transformers
 
     cls = getattr(transformers, name, None)
     if cls is None:
-        raise ImportError(f"transformers {transformers.__version__} has no {name}; the native MiniCPM-V classes "
-                          "need transformers >= 5")
+        raise NativeModelUnavailable(f"transformers {transformers.__version__} has no {name}; the native MiniCPM-V "
+                                     "classes need transformers >= 5 (4.7 and OCR need a recent 5.x)")
     return cls
 
 

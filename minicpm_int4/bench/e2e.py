@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..models import hf_dtype_kwargs
 from .env import env_info
 
 IMAGE_TOKEN_ID = 10
@@ -56,9 +57,11 @@ def build_model(name: str, size: str, dtype: torch.dtype, device: torch.device):
 
             model = build_native("4_6", "tiny", dtype=dtype, device=device)
         else:
-            cfg = transformers.MiniCPMV4_6Config(image_token_id=IMAGE_TOKEN_ID)
+            from ..tiny import _transformers_class
+
+            cfg = _transformers_class("MiniCPMV4_6Config")(image_token_id=IMAGE_TOKEN_ID)
             with torch.device(device):
-                model = transformers.MiniCPMV4_6ForConditionalGeneration._from_config(cfg, dtype=dtype)
+                model = _transformers_class("MiniCPMV4_6ForConditionalGeneration")._from_config(cfg, **hf_dtype_kwargs(dtype))
             model.eval()
         return model, "MiniCPMV4_6Config() defaults (Qwen3.5 LLM 4096 hidden, vision 768)"
     if name == "llama3-v2.5":
@@ -70,7 +73,7 @@ def build_model(name: str, size: str, dtype: torch.dtype, device: torch.device):
                                            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                            max_position_embeddings=8192)
         with torch.device(device):
-            model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
+            model = transformers.LlamaForCausalLM._from_config(cfg, **hf_dtype_kwargs(dtype))
         return model.eval(), "Llama-3-8B-shaped LLM of MiniCPM-Llama3-V 2.5 (text-only; 96 resampler tokens as text)"
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 

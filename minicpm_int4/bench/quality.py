@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..models import hf_dtype_kwargs
+
 CALIBRATION_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Quantization reduces the memory footprint of large neural networks.",
@@ -65,7 +67,7 @@ def load_minilm():
 
     path = minilm_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModel.from_pretrained(path, **hf_dtype_kwargs(torch.float32)).eval()
     return model, tok
 
 

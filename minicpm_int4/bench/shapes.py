@@ -37,11 +37,11 @@ def _distinct_shapes(model_name: str, model: nn.Module, min_out_features: int = 
 
 def minicpmv46_shapes() -> List[LinearShape]:
     """The default MiniCPMV4_6Config(): Qwen3.5-style LLM (4096 hidden) + vision tower (768)."""
-    import transformers
+    from ..tiny import _transformers_class
 
-    cfg = transformers.MiniCPMV4_6Config()
+    cfg = _transformers_class("MiniCPMV4_6Config")()
     with torch.device("meta"):
-        model = transformers.MiniCPMV4_6ForConditionalGeneration(cfg)
+        model = _transformers_class("MiniCPMV4_6ForConditionalGeneration")(cfg)
     return _distinct_shapes("minicpmv4.6", model)
 
 
