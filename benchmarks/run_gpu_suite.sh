@@ -7,7 +7,8 @@
 # and writes, under one folder (default $OUT, the device tool's return folder):
 #   suite.log        everything printed, stage by stage, with each stage's exit code and seconds
 #   summary.md       the bench and profile Markdown tables
-#   results.tar.gz   every JSON / Markdown / PNG file (unpack into benchmarks/results/<gpu>/)
+#   results.tar.gz   every JSON / Markdown / PNG file: unpack into benchmarks/results/<gpu>/, then
+#                    `python benchmarks/update_readme.py` regenerates the README's performance section
 # Each stage has its own time limit so that a slow stage cannot eat the others' time.
 #
 #   bash benchmarks/run_gpu_suite.sh [OUT_DIR]

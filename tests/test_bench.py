@@ -96,3 +96,36 @@ def test_gpu_suite_script_parses():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", "run_gpu_suite.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_readme_performance_section_is_generated_from_results(tmp_path):
+    from minicpm_int4.bench.e2e import run_profile
+    from minicpm_int4.bench.readme import END, START, update_readme
+
+    gpu_dir = tmp_path / "results" / "some-gpu"
+    res = run_microbench([LinearShape("m", 96, 256), LinearShape("m", 200000, 64)], ms=[1, 16], device=torch.device("cpu"),
+                         backends=[B.Fp16Matmul(), B.OursW4A16("torch")], group_size=64, rep_ms=1, progress=False,
+                         copy_bw_gbps=10.0)
+    write_all(res, str(gpu_dir), "bench")
+    prof = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=2, modes=["eager"],
+                       group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    write_all(prof, str(gpu_dir), "profile")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\n{START}\nold\n{END}\n\nrest\n")
+    assert update_readme(str(readme), str(tmp_path / "results"))
+    text = readme.read_text()
+    assert "old" not in text and "rest" in text
+    assert "96 x 256" in text and "200000 x 64" not in text  # the largest LLM shape, lm_head-sized ones left out
+    assert "w4a16-torch M=1" in text and "% " not in text.split(START)[0]
+    assert "decode tokens/s" in text and "results/some-gpu/bench.md" in text
+    assert not update_readme(str(readme), str(tmp_path / "results"))  # idempotent
+
+
+def test_committed_readme_matches_committed_results():
+    """The README's performance numbers come from benchmarks/results/ (regenerating changes nothing)."""
+    from minicpm_int4.bench.readme import END, START, performance_section
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    block = text[text.index(START): text.index(END) + len(END)]
+    assert block == performance_section(os.path.join(root, "benchmarks", "results"), root)
