@@ -35,11 +35,11 @@ stage() {  # stage NAME LIMIT_S CMD...
 }
 
 if [ -n "${SUITE_QUICK:-}" ]; then
-  BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 25 --max-n 20000)
-  PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager)
+  BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 25 --max-n 20000 --time-budget-s 150)
+  PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager --time-budget-s 120)
 else
-  BENCH_ARGS=(--rep-ms 40)
-  PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed)
+  BENCH_ARGS=(--rep-ms 40 --time-budget-s 230)
+  PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed --time-budget-s 170)
 fi
 
 stage env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"

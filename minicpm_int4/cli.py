@@ -208,10 +208,13 @@ def cmd_bench(args) -> int:
         shapes = [s for s in shapes if s.n <= args.max_n]
     print(f"[bench] {len(shapes)} shapes x M={args.ms} on {device}")
     result = run_microbench(shapes, args.ms, device=device, dtype=_dtype(args.dtype), group_size=args.group_size,
-                            rep_ms=args.rep_ms)
+                            rep_ms=args.rep_ms, time_budget_s=args.time_budget_s)
     files = write_all(result, args.out, "bench")
     print("\n".join(f"wrote {f}" for f in files))
-    return 0
+    ours_failed = [e for e in result.get("errors", []) if e["family"] == "ours"]
+    for e in ours_failed:
+        print(f"FAILED: {e['backend']} on {e['n']} x {e['k']}: {e['error']}", file=sys.stderr)
+    return 1 if ours_failed else 0
 
 
 def cmd_profile(args) -> int:
@@ -224,7 +227,8 @@ def cmd_profile(args) -> int:
         return 2
     result = run_profile(args.models, size=args.size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          image_grid=args.image_grid, modes=args.modes, group_size=args.group_size, device=device,
-                         dtype=_dtype(args.dtype), trace_dir=args.out if args.trace else None)
+                         dtype=_dtype(args.dtype), trace_dir=args.out if args.trace else None,
+                         time_budget_s=args.time_budget_s)
     files = write_all(result, args.out, "profile")
     print(profile_markdown(result))
     print("\n".join(f"wrote {f}" for f in files))
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     b.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per case")
     b.add_argument("--out", default="bench-results", help="output folder (JSON, Markdown, PNG)")
+    b.add_argument("--time-budget-s", type=float, default=None, help="stop after this long and write what is done")
     b.add_argument("--device", default=None)
     b.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
@@ -304,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     pr.add_argument("--trace", action="store_true", help="also write a Chrome trace and print the top kernels")
     pr.add_argument("--out", default="profile-results")
+    pr.add_argument("--time-budget-s", type=float, default=None, help="skip the runs left after this long")
     pr.add_argument("--device", default=None)
     pr.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     pr.set_defaults(func=cmd_profile)

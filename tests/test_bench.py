@@ -54,9 +54,19 @@ def test_a_wrong_kernel_is_caught_before_it_is_timed():
             p.run = lambda x: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
             return p
 
-    with pytest.raises(KernelMismatch, match="outside the derived bound"):
-        run_microbench(TINY[:1], ms=[1], backends=[Broken("torch")], device=torch.device("cpu"),
-                       group_size=64, rep_ms=1, progress=False, copy_bw_gbps=1.0)
+    res = run_microbench(TINY[:1], ms=[1], backends=[Broken("torch")], device=torch.device("cpu"),
+                         group_size=64, rep_ms=1, progress=False, copy_bw_gbps=1.0)
+    assert not res["rows"]  # never timed
+    (err,) = res["errors"]
+    assert err["backend"] == "w4a16-torch" and err["error"].startswith(KernelMismatch.__name__)
+    assert "outside the derived bound" in err["error"]
+
+
+def test_time_budget_stops_cleanly_and_marks_the_result():
+    res = run_microbench(TINY, ms=[1], backends=[B.Fp16Matmul()], device=torch.device("cpu"), group_size=64,
+                         rep_ms=1, progress=False, copy_bw_gbps=1.0, time_budget_s=0)
+    assert "time budget" in res["incomplete"] and not res["rows"]
+    assert validate_micro(res) is None
 
 
 def test_shapes_come_from_the_real_configs():

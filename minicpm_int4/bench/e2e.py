@@ -144,7 +144,28 @@ def trace_decode(model, inputs, device, path: str, top: int = 15) -> str:
 def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_tokens: int = 512, new_tokens: int = 128,
                 image_grid: int = 28, modes: Sequence[str] = ("eager", "graphed"), group_size: int = 128,
                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float16,
-                trace_dir: Optional[str] = None) -> Dict:
+                trace_dir: Optional[str] = None, time_budget_s: Optional[float] = None) -> Dict:
+    """Past `time_budget_s` (checked between runs), or on Ctrl-C / SIGINT, the remaining runs are
+    left out and the result is marked incomplete."""
+    import time
+
+    t0 = time.monotonic()
+    try:
+        return _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype,
+                            trace_dir, t0, time_budget_s)
+    except KeyboardInterrupt:
+        res = _PARTIAL.pop("result", None) or {"kind": "profile", "runs": []}
+        res["incomplete"] = "interrupted"
+        return res
+
+
+_PARTIAL: Dict = {}
+
+
+def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype, trace_dir,
+                 t0, time_budget_s):
+    import time
+
     from .. import QuantConfig, patch_model
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,7 +174,11 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
                          "image_grid_patches": image_grid, "new_tokens": new_tokens, "modes": list(modes),
                          "group_size": group_size, "dtype": str(dtype).replace("torch.", "")},
               "runs": [], "descriptions": {}, "traces": {}}
+    _PARTIAL["result"] = result
     for name in models:
+        if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+            result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {name}"
+            break
         print(f"[profile] building {name} ({size}, random weights) on {device}")
         model, desc = build_model(name, size, dtype, device)
         result["descriptions"][name] = desc
@@ -163,6 +188,9 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
                 report = patch_model(model, QuantConfig(group_size=group_size))
                 result.setdefault("patch", {})[name] = report.summary()
             for mode in modes:
+                if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+                    result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {name} {weights} {mode}"
+                    break
                 print(f"[profile] {name} {weights} {mode}")
                 r = measure(name, model, inputs, new_tokens, device, mode, weights)
                 if r.get("error"):
@@ -180,4 +208,5 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    _PARTIAL.pop("result", None)
     return result

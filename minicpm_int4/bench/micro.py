@@ -43,7 +43,13 @@ def _check(name: str, prepared, x: torch.Tensor) -> str:
 def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
                    backends: Optional[List[Backend]] = None, device: Optional[torch.device] = None,
                    dtype: torch.dtype = torch.float16, group_size: int = 128, rep_ms: float = 100,
-                   progress: bool = True, copy_bw_gbps: Optional[float] = None) -> Dict:
+                   progress: bool = True, copy_bw_gbps: Optional[float] = None,
+                   time_budget_s: Optional[float] = None) -> Dict:
+    """Time every backend on every shape at every M. Shapes run in order (lm_head-sized ones last);
+    past `time_budget_s`, or on Ctrl-C / SIGINT, it stops and returns what it has, marked incomplete."""
+    import time
+
+    t_start = time.monotonic()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = backends if backends is not None else default_backends()
     result = {"kind": "microbench", "env": env_info(device),
@@ -61,36 +67,62 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
         else:
             live.append(b)
     esize = torch.empty((), dtype=dtype).element_size()
+    shapes = sorted(shapes, key=lambda s: s.n >= 100_000)  # stable: vocabulary projections last
     work = [(s, b) for s in shapes for b in live]
     bar = _bar(len(work) * len(ms), progress)
+    result["errors"] = []
+    try:
+        result["act_quant"] = _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live)
+        _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, t_start, time_budget_s)
+    except KeyboardInterrupt:
+        result["incomplete"] = "interrupted"
+        print("[bench] interrupted: writing the results so far")
+    _add_speedups(result["rows"])
+    return result
+
+
+def _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, t_start, time_budget_s):
+    import time
+
     for shape, b in work:
-        n, k = shape.n, shape.k
-        g = torch.Generator(device=device).manual_seed(n * 31 + k)
-        w = (torch.randn(n, k, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
-        first = b.prepare(w, group_size)
-        copies = [first] + [b.prepare(w, group_size) for _ in range(rotating_copies(first.weight_bytes, device) - 1)]
-        rot = Rotating(copies)
-        for m in ms:
-            bar.update(1)
-            if not b.supports(m):
-                continue
-            x = torch.randn(m, k, device=device, dtype=dtype)
-            status = _check(b.name, first, x)
-            med, p20, p80 = time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
-            nbytes = first.weight_bytes + b.activation_bytes(m, k, n, esize)
-            gbps = nbytes / (med * 1e-3) / 1e9
-            result["rows"].append({
-                "model": shape.model, "n": n, "k": k, "m": m, "backend": b.name, "family": b.family,
-                "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
-                "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
-                "check": status, "rotating_copies": len(copies)})
-            del x
-        del copies, rot, first, w
+        if time_budget_s is not None and time.monotonic() - t_start > time_budget_s:
+            result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {shape.label} / {b.name}"
+            print(f"[bench] {result['incomplete']}")
+            return
+        try:
+            _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # recorded and reported; one failing case must not lose the sweep
+            result["errors"].append({"model": shape.model, "n": shape.n, "k": shape.k, "backend": b.name,
+                                     "family": b.family, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            print(f"[bench] {shape.label} {b.name}: {type(e).__name__}: {str(e)[:200]}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _add_speedups(result["rows"])
-    result["act_quant"] = _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live)
-    return result
+
+
+def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw):
+    n, k = shape.n, shape.k
+    g = torch.Generator(device=device).manual_seed(n * 31 + k)
+    w = (torch.randn(n, k, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
+    first = b.prepare(w, group_size)
+    copies = [first] + [b.prepare(w, group_size) for _ in range(rotating_copies(first.weight_bytes, device) - 1)]
+    rot = Rotating(copies)
+    for m in ms:
+        bar.update(1)
+        if not b.supports(m):
+            continue
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        status = _check(b.name, first, x)
+        med, p20, p80 = time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
+        nbytes = first.weight_bytes + b.activation_bytes(m, k, n, esize)
+        gbps = nbytes / (med * 1e-3) / 1e9
+        result["rows"].append({
+            "model": shape.model, "n": n, "k": k, "m": m, "backend": b.name, "family": b.family,
+            "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
+            "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
+            "check": status, "rotating_copies": len(copies)})
+        del x
 
 
 def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):

@@ -37,6 +37,10 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
         f"dtype {result['config']['dtype']}, group size {result['config']['group_size']}", ""]
     for name, why in result.get("skipped", {}).items():
         out.append(f"- `{name}` skipped: {why}")
+    if result.get("incomplete"):
+        out.append(f"- **incomplete**: {result['incomplete']}")
+    for e in result.get("errors", []):
+        out.append(f"- **error** {e['model']} {e['n']} x {e['k']} `{e['backend']}`: {e['error']}")
     out.append("")
     for model in dict.fromkeys(r["model"] for r in rows):
         shapes = list(dict.fromkeys((r["n"], r["k"]) for r in rows if r["model"] == model))
@@ -79,7 +83,8 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
 def profile_markdown(result: Dict) -> str:
     out = ["## End-to-end profile", ""] + _env_lines(result["env"]) + [
         f"- prompt {result['config']['prompt_tokens']} tokens + {result['config'].get('images', 0)} image, "
-        f"{result['config']['new_tokens']} new tokens, batch 1", "",
+        f"{result['config']['new_tokens']} new tokens, batch 1"] + (
+        [f"- **incomplete**: {result['incomplete']}"] if result.get("incomplete") else []) + ["",
         "| model | weights | mode | vision ms | prefill ms | decode ms/token | tokens/s | weight MiB | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else (v if v is not None else "-")  # noqa: E731

@@ -1,9 +1,21 @@
 """Helpers shared by the Triton kernels: int4 unpacking and launch-time device facts."""
 import functools
+import inspect
 
 import torch
 import triton
 import triton.language as tl
+
+
+def autotune(configs, key):
+    """triton.autotune with a short benchmark per config (5 ms warm-up, 25 ms timing) where this
+    Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick."""
+    kw = {}
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        import triton.testing
+
+        kw["do_bench"] = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    return triton.autotune(configs=configs, key=key, **kw)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _grouped_tile, _round_to, _unpack_int4_tile, num_sms
+from ._common import _grouped_tile, autotune, _round_to, _unpack_int4_tile, num_sms
 
 DECODE_MAX_M = 16
 
@@ -51,7 +51,7 @@ def _decode_configs():
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in [(4, 3), (4, 4), (8, 3), (2, 4), (8, 4)]]
 
 
-@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "G", "BLOCK_N", "BLOCK_K", "SPLIT_K"])
+@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "G", "BLOCK_N", "BLOCK_K", "SPLIT_K"])
 @triton.jit
 def _w4a16_decode_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -101,7 +101,7 @@ def _prefill_configs():
     return cfgs
 
 
-@triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G"])
+@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G"])
 @triton.jit
 def _w4a16_prefill_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,

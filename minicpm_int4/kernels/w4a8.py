@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _grouped_tile, _round_to, _unpack_int4_tile, tl_dtype
+from ._common import _grouped_tile, autotune, _round_to, _unpack_int4_tile, tl_dtype
 
 
 def _configs():
@@ -26,7 +26,7 @@ def _configs():
                                  (256, 128, 8, 3), (64, 64, 4, 4)]]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
+@autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
 @triton.jit
 def _w4a8_gemm_kernel(
     xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
