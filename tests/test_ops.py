@@ -40,6 +40,13 @@ def test_opcheck_act_quant_and_w4a8(backend):
                           (x_q, s, qweight, scales, zeros, None, 64, torch.bfloat16, backend))
 
 
+def test_triton_kernels_import():
+    """Guards the interpreter tests: if the kernels failed to import, they would all be skipped."""
+    kernels, why = ops._triton_kernels()
+    assert kernels is not None, why
+    assert os.environ.get("TRITON_INTERPRET") != "1" or ops.triton_interpreter_active()
+
+
 def test_ops_live_in_the_package_namespace():
     for name in ("w4a16_gemm", "quantize_per_token_int8", "w4a8_gemm"):
         assert hasattr(torch.ops.minicpm_int4, name)

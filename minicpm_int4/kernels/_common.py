@@ -12,9 +12,9 @@ def autotune(configs, key):
     Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick."""
     kw = {}
     if "do_bench" in inspect.signature(triton.autotune).parameters:
-        import triton.testing
+        from triton.testing import do_bench
 
-        kw["do_bench"] = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+        kw["do_bench"] = lambda fn, quantiles: do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
     return triton.autotune(configs=configs, key=key, **kw)
 
 
