@@ -1,56 +1,64 @@
 #!/usr/bin/env bash
-# The whole GPU suite in one call, on a bare GPU machine, inside ~9 minutes:
+# The whole GPU suite in one call, on a bare GPU machine, inside 9 minutes:
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
 #      triton and transformers are kept: --no-deps);
-#   2. the gpu-marked tests;
-#   3. `minicpm-int4 bench` (kernel sweep) and `minicpm-int4 profile` (end to end);
-# and writes, under one folder (default $OUT, the device tool's return folder):
-#   suite.log        everything printed, stage by stage, with each stage's exit code and seconds
-#   summary.md       the bench and profile Markdown tables
-#   results.tar.gz   every JSON / Markdown / PNG file: unpack into benchmarks/results/<gpu>/, then
-#                    `python benchmarks/update_readme.py` regenerates the README's performance section
-# Each stage has its own time limit so that a slow stage cannot eat the others' time.
+#   2. the gpu-marked tests, and the CUDA-extension tests under compute-sanitizer;
+#   3. the search timing, `minicpm-int4 bench` (kernel sweep) and `minicpm-int4 profile` (end to end).
+# Everything lands directly in one folder (default $OUT, the device tool's return folder), 8 files
+# at most so that all of them come back even if the call is cut short:
+#   suite.log  bench.json bench.md speedup_vs_m.png bandwidth.png  profile.json profile.md e2e.png
+# Commit them to benchmarks/results/<gpu>/ and run `python benchmarks/update_readme.py`.
+# Each stage has its own time limit, and all of them share one deadline (SUITE_DEADLINE_S, 540 s),
+# so a slow stage cannot eat the others' time.
 #
 #   bash benchmarks/run_gpu_suite.sh [OUT_DIR]
 #   SUITE_QUICK=1 bash benchmarks/run_gpu_suite.sh   # smaller sweep (for iterating)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-suite-out}}
-WORK="$OUT_DIR/work"
-mkdir -p "$WORK"
+mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/suite.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
 export MINICPM_INT4_COMMIT=${MINICPM_INT4_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+T0=$(date +%s)
+DEADLINE=${SUITE_DEADLINE_S:-540}
 
-stage() {  # stage NAME LIMIT_S CMD...
+stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left before the deadline)
   local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - ($(date +%s) - T0) - 5 ))
+  (( left < limit )) && limit=$left
+  if (( limit < 10 )); then echo "=== [$name] skipped: deadline reached" >> "$LOG"; return 0; fi
   local t0; t0=$(date +%s)
   echo "=== [$name] (limit ${limit}s): $*" >> "$LOG"
-  timeout --signal=INT --kill-after=20 "$limit" "$@" >> "$LOG" 2>&1
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
   echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s" >> "$LOG"
   return $rc
 }
 
 if [ -n "${SUITE_QUICK:-}" ]; then
-  BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 25 --max-n 20000 --time-budget-s 150)
-  PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager --time-budget-s 120)
+  BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 25 --max-n 20000 --time-budget-s 90)
+  PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager --time-budget-s 60)
 else
-  BENCH_ARGS=(--rep-ms 40 --time-budget-s 230)
-  PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed --time-budget-s 170)
+  BENCH_ARGS=(--rep-ms 30 --time-budget-s 130)
+  PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed --time-budget-s 80)
 fi
 
-stage env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"
-stage install 240 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
-stage ext 60 $PY -c "import minicpm_int4.ops as o; print('CUDA extension:', o.cuda_extension_error() or 'loaded')"
-stage gpu-tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-stage sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda_extension
-stage bench 260 $PY -m minicpm_int4 bench --out "$WORK" "${BENCH_ARGS[@]}"
-stage profile 200 $PY -m minicpm_int4 profile --out "$WORK" "${PROFILE_ARGS[@]}"
-
-cat "$WORK"/bench.md "$WORK"/profile.md > "$OUT_DIR/summary.md" 2>/dev/null
-tar -czf "$OUT_DIR/results.tar.gz" -C "$WORK" . >> "$LOG" 2>&1
-rm -rf "$WORK"
-grep -E "^=== \[.*rc=" "$LOG"
+stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"
+stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+stage ext 20 $PY -c "import minicpm_int4.ops as o; print('CUDA extension:', o.cuda_extension_error() or 'loaded')"
+stage gpu-tests 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+stage sanitizer 45 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda_extension
+stage search-timing 30 $PY -c "
+import time, torch
+from minicpm_int4.search import quantize_search
+w = (torch.randn(4096, 12288, device='cuda') * 0.02).half()
+quantize_search(w, 128); torch.cuda.synchronize()
+t = time.perf_counter(); quantize_search(w, 128); torch.cuda.synchronize()
+print(f'quantize_search 4096x12288 g128 on GPU: {(time.perf_counter() - t) * 1e3:.1f} ms')"
+stage bench 150 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
+stage profile 100 $PY -m minicpm_int4 profile --out "$OUT_DIR" "${PROFILE_ARGS[@]}"
+echo "=== total $(( $(date +%s) - T0 ))s" >> "$LOG"
+grep -E "^=== " "$LOG"

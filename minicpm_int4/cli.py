@@ -84,6 +84,9 @@ def cmd_demo(args) -> int:
           + (f", first difference at token {first_diff}" if first_diff is not None else ", identical"))
     print(f"  {args.dtype}: {ref_gen[0].tolist()}")
     print(f"  int4: {q_gen[0].tolist()}")
+    spread = ref_logits.std(-1).mean().item()
+    print(f"note: random weights give nearly flat logits (mean std {spread:.3f} across the vocabulary), so a small "
+          "perturbation flips the top-1 token; quality on trained weights: benchmarks/results/cpu/minilm_quality.md")
     if fp_ms is not None:
         print(f"forward (prompt + image) on {torch.cuda.get_device_name(device)}: {args.dtype} {fp_ms:.2f} ms, int4 {q_ms:.2f} ms")
     else:
