@@ -139,3 +139,14 @@ def test_committed_readme_matches_committed_results():
     text = open(os.path.join(root, "README.md")).read()
     block = text[text.index(START): text.index(END) + len(END)]
     assert block == performance_section(os.path.join(root, "benchmarks", "results"), root)
+
+
+def test_profile_trace_writes_a_chrome_trace(tmp_path):
+    from minicpm_int4.bench.e2e import build_model, make_inputs, trace_decode
+
+    model, _ = build_model("llama3-v2.5", "tiny", torch.float32, torch.device("cpu"))
+    inputs = make_inputs("llama3-v2.5", model, 8, 4, torch.device("cpu"))
+    path = tmp_path / "trace.json"
+    table = trace_decode(model, inputs, torch.device("cpu"), str(path))
+    assert path.exists() and '"traceEvents"' in path.read_text()[:10000]
+    assert "Name" in table and "aten::" in table

@@ -114,3 +114,24 @@ def test_gradients_flow_to_the_input_and_bias():
     assert torch.allclose(ql.bias.grad, g.sum(0), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.minicpm_int4.w4a16_gemm.default,
                           (x.detach().requires_grad_(), ql.qweight, ql.scales, ql.zeros, ql.bias, 32, "torch"))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), groups=st.integers(1, 3), gi=st.integers(0, 3), di=st.integers(0, 2),
+       lead=st.lists(st.integers(0, 3), min_size=0, max_size=2), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantlinear_matches_dequantized_matmul_property(n, groups, gi, di, lead, bias, seed):
+    group_size = [32, 64, 128, -1][gi]
+    dtype = [torch.float16, torch.bfloat16, torch.float32][di]
+    k = groups * (64 if group_size == -1 else group_size)
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).to(dtype)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=group_size))
+    x = torch.randn(*lead, k, dtype=dtype)
+    y = ql(x)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    x2, w = x.reshape(-1, k), ql.dequantized_weight()
+    y_ref = (x2.float() @ w.float().t() + (lin.bias.float() if bias else 0)).to(dtype)
+    assert_gemm_close(y.reshape(-1, n), y_ref, x2, w)
