@@ -23,6 +23,9 @@ def main(out_dir):
           f"- {result['layers']} Linear layers; calibration on {result['calibration_sentences']} sentences, "
           f"errors and embedding cosine on {result['eval_sentences']} held-out sentences",
           f"- recon err = ||W - Wq|| / ||W||; output err = ||X (W - Wq)^T|| / ||X W^T|| on held-out activations X",
+          "- rtn: round to nearest, min/max range; search: clipping-range search; act-search: the search with each "
+          "input channel's error weighted by its mean squared activation on the calibration sentences "
+          "(BERT is post-norm, so no AWQ scale can be folded exactly: models.SCALE_FOLDS has no pattern for it)",
           f"- torch {result['env']['torch']}, commit `{result['env']['commit']}`, {result['env']['timestamp_utc']}", "",
           summary_table(result), ""]
     with open(os.path.join(out_dir, "minilm_quality.md"), "w") as f:

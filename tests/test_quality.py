@@ -126,9 +126,9 @@ def test_real_weights_minilm_search_beats_rtn():
     cos = {(m["group_size"], m["method"]): m["cosine_mean"] for m in res["models"]}
     for gs in GROUP_SIZES:
         rows = lambda meth: [r for r in res["rows"] if r["group_size"] == gs and r["method"] == meth]  # noqa: E731
-        mean_out = {meth: sum(r["output_err"] for r in rows(meth)) / len(rows(meth)) for meth in ("rtn", "search", "awq-search")}
-        assert mean_out["awq-search"] < mean_out["search"] < mean_out["rtn"]
-        assert cos[(gs, "awq-search")] > cos[(gs, "rtn")]
+        mean_out = {meth: sum(r["output_err"] for r in rows(meth)) / len(rows(meth)) for meth in ("rtn", "search", "act-search")}
+        assert mean_out["act-search"] < mean_out["search"] < mean_out["rtn"]
+        assert cos[(gs, "act-search")] > cos[(gs, "rtn")]
         assert cos[(gs, "rtn")] > 0.9  # int4 keeps the embedding (sanity floor)
     assert cos[(32, "rtn")] > cos[(128, "rtn")]  # smaller groups, better quality
 

@@ -51,7 +51,7 @@ EVAL_SENTENCES = [
     "An image encoder turns pixels into a sequence of visual tokens.",
     "The library extended its opening hours during exam season.",
 ]
-METHODS = ("rtn", "search", "awq-search")
+METHODS = ("rtn", "search", "act-search")
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -95,7 +95,7 @@ def _quantize_linear(lin: nn.Linear, group_size: int, method: str, channel_weigh
     if method == "rtn":
         qw = quantize_rtn(w, group_size)
     else:
-        qw = quantize_search(w, group_size, channel_weight=channel_weight if method == "awq-search" else None)
+        qw = quantize_search(w, group_size, channel_weight=channel_weight if method == "act-search" else None)
     gs = w.shape[1] if group_size == -1 else group_size
     return dequantize_ref(pack_int4(qw.q), qw.scales, qw.zeros, gs, w.dtype)
 
