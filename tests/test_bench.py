@@ -89,7 +89,7 @@ def test_profile_harness_on_tiny_models(tmp_path):
     int4 = [r for r in res["runs"] if r["weights"] == "int4"]
     fp = [r for r in res["runs"] if r["weights"] == "float32"]
     assert all(a["weight_bytes"] < b["weight_bytes"] for a, b in zip(int4, fp))
-    assert res["runs"][0]["vision_ms"] > 0
+    assert res["runs"][0]["vision_ms"] > 0 and res["copy_bandwidth_gbps"] > 0
     files = write_all(res, str(tmp_path), "profile")
     assert "profile.md" in {os.path.basename(f) for f in files}
     assert "decode ms/token" in (tmp_path / "profile.md").read_text()

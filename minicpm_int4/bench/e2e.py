@@ -175,6 +175,9 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
                          "group_size": group_size, "dtype": str(dtype).replace("torch.", "")},
               "runs": [], "descriptions": {}, "traces": {}}
     _PARTIAL["result"] = result
+    from .env import copy_bandwidth_gbps
+
+    result["copy_bandwidth_gbps"] = copy_bandwidth_gbps(device)
     for name in models:
         if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
             result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {name}"

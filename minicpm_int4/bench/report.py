@@ -83,7 +83,8 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
 def profile_markdown(result: Dict) -> str:
     out = ["## End-to-end profile", ""] + _env_lines(result["env"]) + [
         f"- prompt {result['config']['prompt_tokens']} tokens + {result['config'].get('images', 0)} image, "
-        f"{result['config']['new_tokens']} new tokens, batch 1"] + (
+        f"{result['config']['new_tokens']} new tokens, batch 1",
+        f"- measured copy bandwidth: {result.get('copy_bandwidth_gbps', float('nan')):.0f} GB/s"] + (
         [f"- **incomplete**: {result['incomplete']}"] if result.get("incomplete") else []) + ["",
         "| model | weights | mode | vision ms | prefill ms | decode ms/token | tokens/s | weight MiB | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|"]
