@@ -64,21 +64,26 @@ def cuda_extension_error() -> Optional[str]:
     return _cuda_ext()[1]
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> str:
     """Map a requested backend to the one that will run, or raise a clear error.
 
-    "auto": CUDA tensors -> "triton" (the CUDA extension joins "auto" only where benchmarks show it
-    faster); CPU tensors -> "torch". "triton" on CPU runs only under TRITON_INTERPRET=1; it never
-    falls back silently to the reference.
+    "auto": CUDA tensors -> "triton", or "cuda" where dispatch.py's measured table says the CUDA
+    extension is faster for this GPU and (M, N, K) (`shape`, W4A16 only); CPU tensors -> "torch".
+    "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if device.type == "cuda" and _triton_kernels()[0] is not None:
-            return "triton"
-        return "torch"
+        if device.type != "cuda":
+            return "torch"
+        if shape is not None and _cuda_ext()[0] is not None:
+            from .dispatch import w4a16_auto_backend
+
+            if w4a16_auto_backend(*shape, device.index or 0, True) == "cuda":
+                return "cuda"
+        return "triton" if _triton_kernels()[0] is not None else "torch"
     if backend == "triton":
         kernels, why = _triton_kernels()
         if kernels is None:
@@ -151,7 +156,7 @@ def _check_x(op: str, x: Tensor) -> None:
 @torch.library.custom_op("minicpm_int4::w4a16_gemm", mutates_args=())
 def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                    group_size: int, backend: str) -> Tensor:
-    be = resolve_backend(backend, x.device, "w4a16_gemm")
+    be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
     if be == "triton":
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size)
     if be == "cuda":
