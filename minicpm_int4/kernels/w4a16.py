@@ -48,7 +48,7 @@ def _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, NUM_GROUPS,
 def _decode_configs():
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in [(4, 3), (4, 4), (8, 3), (2, 4), (8, 4)]]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in [(4, 3), (8, 3), (4, 4)]]
 
 
 @autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "G", "BLOCK_N", "BLOCK_K", "SPLIT_K"])
@@ -95,8 +95,7 @@ def _prefill_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfgs = []
-    for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-                         (64, 256, 8, 3), (256, 128, 8, 3), (64, 64, 4, 4)]:
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s))
     return cfgs
 
