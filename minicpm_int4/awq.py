@@ -21,7 +21,6 @@ from torch import nn
 
 from .calibrate import Calibration
 from .models import scale_fold_groups
-from .packing import effective_group_size
 from .quantize import quantize_rtn
 
 ALPHAS = tuple(i / 10 for i in range(11))  # 0.0 first: no scaling
@@ -38,11 +37,7 @@ class FoldResult:
 
 
 def _rtn_dequant(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    qw = quantize_rtn(w, group_size)
-    gs = effective_group_size(w.shape[1], group_size)
-    s = qw.scales.float().repeat_interleave(gs, 1)
-    z = qw.zeros.float().repeat_interleave(gs, 1)
-    return (qw.q.float() - z) * s
+    return quantize_rtn(w, group_size).dequantize()
 
 
 def _search_alpha(consumers: List[nn.Linear], quantized: List[bool], x: torch.Tensor, rms: torch.Tensor,

@@ -56,12 +56,7 @@ class QuantLinear(nn.Module):
             raise TypeError(f"{name}: QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         check_quantizable(w, config.group_size, what=f"{name}.weight")
-        if config.method == "search" and channel_weight is not None:
-            from .search import quantize_search
-
-            qw = quantize_search(w, config.group_size, channel_weight=channel_weight)
-        else:
-            qw = quantize_weight(w, config.group_size, config.method)
+        qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight)
         act = config.act if act is None and not isinstance(config.act, dict) else act
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   group_size=config.group_size, dtype=w.dtype, device=w.device, act=act, backend=config.backend)

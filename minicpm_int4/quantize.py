@@ -12,6 +12,7 @@ Every weight then lies within half a quantization step of its dequantized value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,12 @@ class QuantizedWeight:
     scales: torch.Tensor  # [N, G]
     zeros: torch.Tensor   # [N, G], integer values in scales.dtype
     group_size: int       # as configured (-1 = per channel)
+
+    def dequantize(self, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(q - zero) * scale per group in fp32 ([N, K]), rounded once to out_dtype if given."""
+        gs = effective_group_size(self.q.shape[1], self.group_size)
+        w = (self.q.float() - self.zeros.float().repeat_interleave(gs, 1)) * self.scales.float().repeat_interleave(gs, 1)
+        return w if out_dtype is None else w.to(out_dtype)
 
 
 def check_quantizable(weight: torch.Tensor, group_size: int, what: str = "weight") -> None:
@@ -93,12 +100,14 @@ def quantize_rtn(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     return QuantizedWeight(q=q, scales=scale, zeros=zero, group_size=group_size)
 
 
-def quantize_weight(weight: torch.Tensor, group_size: int = 128, method: str = "rtn") -> QuantizedWeight:
-    """Quantize a [N, K] weight with the chosen method ("rtn" or "search")."""
+def quantize_weight(weight: torch.Tensor, group_size: int = 128, method: str = "rtn",
+                    channel_weight: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """Quantize a [N, K] weight with the chosen method ("rtn" or "search"). `channel_weight` ([K])
+    makes the search activation-aware (each input channel's error weighted); rtn ignores it."""
     if method == "rtn":
         return quantize_rtn(weight, group_size)
     if method == "search":
         from .search import quantize_search
 
-        return quantize_search(weight, group_size)
+        return quantize_search(weight, group_size, channel_weight=channel_weight)
     raise ValueError(f"unknown quantization method {method!r} (expected 'rtn' or 'search')")

@@ -86,18 +86,11 @@ def _batches(tok, sentences):
 
 
 def _quantize_linear(lin: nn.Linear, group_size: int, method: str, channel_weight: Optional[torch.Tensor]):
-    from ..packing import pack_int4
-    from ..quantize import quantize_rtn
-    from ..reference import dequantize_ref
-    from ..search import quantize_search
+    from ..quantize import quantize_weight
 
     w = lin.weight.detach()
-    if method == "rtn":
-        qw = quantize_rtn(w, group_size)
-    else:
-        qw = quantize_search(w, group_size, channel_weight=channel_weight if method == "act-search" else None)
-    gs = w.shape[1] if group_size == -1 else group_size
-    return dequantize_ref(pack_int4(qw.q), qw.scales, qw.zeros, gs, w.dtype)
+    cw = channel_weight if method == "act-search" else None
+    return quantize_weight(w, group_size, "rtn" if method == "rtn" else "search", channel_weight=cw).dequantize(w.dtype)
 
 
 def run_minilm_quality(group_sizes=GROUP_SIZES, methods=METHODS) -> Dict:
