@@ -11,6 +11,8 @@ Public functions (validate, then call the op):
     quantize_per_token_int8(x, backend)                                     -> (x_q int8 [M, K], scale fp32 [M])
     w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
     w4a8_linear(x, ...)                                                     -> quantize + w4a8_gemm
+    quantized_linear(x, ..., act, backend)   QuantLinear's forward: the same ops without re-checking
+                                             weights that were validated when the layer was built
 """
 from __future__ import annotations
 
@@ -297,8 +299,21 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
     For M < W4A8_MIN_M (decode) it uses the W4A16 kernel: the GEMV is memory-bound, and int8
     activations would only add the quantization pass and its rounding error.
     """
-    _check_x("w4a8_linear", x)
-    if x.shape[0] < W4A8_MIN_M:
-        return w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend)
-    x_q, x_scale = quantize_per_token_int8(x, backend)
-    return w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
+    op = "w4a8_linear"
+    _check_x(op, x)
+    gs = _check_weight(op, x.shape[1], qweight, scales, zeros, group_size, x.device)
+    if scales.dtype != x.dtype:
+        raise TypeError(f"{op}: activations are {x.dtype} but the weight scales are {scales.dtype}")
+    _check_bias(op, bias, qweight.shape[0], x.dtype, x.device)
+    return quantized_linear(x.contiguous(), qweight, scales, zeros, bias, gs, "int8", backend)
+
+
+def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                     group_size: int, act: Optional[str], backend: str) -> Tensor:
+    """The forward of an already validated layer (QuantLinear checks its buffers once, at build):
+    straight to the ops, no per-call re-validation of the weights. x: contiguous [M, K] in the
+    layer's dtype on its device; group_size: positive (K for per-channel)."""
+    if act == "int8" and x.shape[0] >= W4A8_MIN_M:
+        x_q, x_scale = _quantize_per_token_int8_op(x, backend)
+        return _w4a8_gemm_op(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
+    return _w4a16_gemm_op(x, qweight, scales, zeros, bias, group_size, backend)

@@ -30,6 +30,7 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
+        self._kernel_group_size = in_features if group_size == -1 else group_size
         self.act = act
         self.backend = backend
         g = num_groups(in_features, group_size)
@@ -86,12 +87,14 @@ class QuantLinear(nn.Module):
         if x.dtype != self.scales.dtype:
             raise TypeError(f"QuantLinear({self.in_features} -> {self.out_features}) holds a {self.scales.dtype} "
                             f"layer but got {x.dtype} input")
+        if x.device != self.qweight.device:
+            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}) lives on {self.qweight.device} "
+                             f"but got input on {x.device}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.act == "int8":
-            y = ops.w4a8_linear(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.backend)
-        else:
-            y = ops.w4a16_gemm(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.backend)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
+        y = ops.quantized_linear(x2, self.qweight, self.scales, self.zeros, self.bias, self._kernel_group_size,
+                                 self.act, self.backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

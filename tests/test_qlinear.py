@@ -51,6 +51,8 @@ def test_wrong_input_dtype_and_features():
         ql(torch.randn(2, 64))
     with pytest.raises(ValueError, match="input has 32 features"):
         ql(torch.randn(2, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="lives on cpu but got input on meta"):
+        ql(torch.randn(2, 64, dtype=torch.float16, device="meta"))
 
 
 def test_not_a_linear():
