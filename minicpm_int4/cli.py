@@ -316,10 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None)
     pr.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     pr.set_defaults(func=cmd_profile)
+    ik = sub.add_parser("inspect-kernels", add_help=False,
+                        help="compile the Triton kernels for sm_80 / sm_90a without a GPU: registers, spills, "
+                             "load widths, tensor cores, SASS instructions per weight (--help for options)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["inspect-kernels"]:  # its own parser (kernels/aot.py) takes the rest
+        from .kernels import aot
+
+        return aot.main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "dtype", "x") is None:
         args.dtype = "fp16" if torch.cuda.is_available() else "bf16"

@@ -82,19 +82,22 @@ def w4a8_gemm_ref(
 
 def gemm_tolerance(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, y_ref: torch.Tensor,
                    chunk: int = 8192) -> torch.Tensor:
-    """Derived elementwise bound for |y - y_ref| when y and y_ref multiply the same rounded operands
-    (x [M, K], w [N, K]), accumulate in fp32 in different orders, and round once to out_dtype:
+    """Derived elementwise bound for |y - y_ref| when y and y_ref accumulate x [M, K] times the
+    dequantized w [N, K] in fp32 in different orders and round once to out_dtype:
 
-        eps(out_dtype) * |y_ref|  +  2 * K * eps32 * (|x| @ |w|.T)  +  tiny(out_dtype)
+        eps(out_dtype) * |y_ref|  +  (2 * K * eps32 + eps(w.dtype) / 2) * (|x| @ |w|.T)  +  tiny(out_dtype)
 
     (one ulp of the output from two roundings of nearby values; each fp32 sum of K terms errs by at
-    most K * eps32 * sum|terms|; one subnormal step near zero). Computed in fp64, N in chunks."""
+    most K * eps32 * sum|terms|; a kernel may multiply by the exact (q - z) * s instead of its
+    rounding to the activation dtype - the M = 1 GEMV applies s once per group - which moves each
+    product by at most half an ulp of w; one subnormal step near zero). In fp64, N in chunks."""
     k = x.shape[1]
     eps32 = torch.finfo(torch.float32).eps
     fin = torch.finfo(out_dtype)
     xa = x.abs().double()
     mag = torch.cat([xa @ w[i:i + chunk].abs().double().t() for i in range(0, w.shape[0], chunk)], dim=1)
-    return (fin.eps * y_ref.abs().double() + 2 * k * eps32 * mag + fin.tiny).float()
+    w_unit = torch.finfo(w.dtype).eps / 2
+    return (fin.eps * y_ref.abs().double() + (2 * k * eps32 + w_unit) * mag + fin.tiny).float()
 
 
 def w4a8_tolerance(x_q: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

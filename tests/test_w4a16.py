@@ -52,3 +52,52 @@ def test_w4a16_triton_strided_input_rows():
     x = big[:, :k]  # non-contiguous rows: the op makes them contiguous
     y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="triton")
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+
+
+# The M = 1 GEMV kernel (interpreter tiles: BLOCK_N 4, BLOCK_KW 8 words): (N, K, group) chosen so that
+# each of its paths runs - EVEN (no masks) or masked, scales read per row and step (a step inside one
+# group) or per word (a step spanning groups), per-channel.
+GEMV_CASES = {
+    "even-per-word-g32": (16, 128, 32),
+    "even-one-group-g64": (20, 256, 64),
+    "even-one-group-g128": (8, 1024, 128),
+    "even-per-channel": (16, 128, -1),
+    "masked-per-channel": (18, 136, -1),
+    "masked-per-word-g32": (7, 96, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(GEMV_CASES))
+def test_w4a16_gemv_paths(case, dtype):
+    from minicpm_int4.kernels.w4a16 import _gemv_blocks
+
+    n, k, group_size = GEMV_CASES[case]
+    block_n, block_kw, _ = _gemv_blocks(n, k // 8, torch.device("cpu"))
+    gs = k if group_size == -1 else group_size
+    assert (n % block_n == 0 and (k // 8) % block_kw == 0) == case.startswith("even")
+    assert (block_kw <= gs // 8) == ("one-group" in case or "per-channel" in case)
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n * k)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, k, generator=g).to(dtype) * 4  # fresh, larger than the weights' scale
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
+    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_w4a16_gemv_magic_nibbles_exact():
+    # every nibble value against every zero point, x a power of two per position: each product
+    # x_k * (q - z) is exact, so the GEMV's fp32 sum must equal the exact sum in fp64 (no rounding of
+    # weights to the dtype here: scales are 1)
+    k = 16 * 8
+    q = torch.arange(k).remainder(16).repeat(16, 1)                    # q = 0..15 along K
+    zeros = torch.arange(16, dtype=torch.float32).unsqueeze(1)         # z = 0..15, one per row
+    from minicpm_int4.packing import pack_int4
+
+    qweight = pack_int4(q)
+    x = (2.0 ** -(torch.arange(k) % 7)).unsqueeze(0)
+    scales = torch.ones(16, 1)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, -1, backend="triton")
+    exact = ((q.double() - zeros.double()) * x.double()).sum(1)
+    assert torch.equal(y[0].double(), exact)

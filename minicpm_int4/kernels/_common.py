@@ -7,10 +7,13 @@ import triton
 import triton.language as tl
 
 
-def autotune(configs, key):
+def autotune(configs, key, prune=None):
     """triton.autotune with a short benchmark per config (5 ms warm-up, 25 ms timing) where this
-    Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick."""
+    Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick.
+    prune(configs) -> the configs worth timing on this GPU (see min_capability)."""
     kw = {}
+    if prune is not None:
+        kw["prune_configs_by"] = {"early_config_prune": lambda configs, named_args, **_: prune(configs)}
     if "do_bench" in inspect.signature(triton.autotune).parameters:
         from triton.testing import do_bench
 
@@ -39,6 +42,20 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
     pid_n = (pid % num_pid_in_group) // group_rows
     return pid_m, pid_n
+
+
+def target_capability() -> int:
+    """Compute capability of the current GPU as 80, 90, ... (kernels/aot.py sets its target's)."""
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def min_capability(configs):
+    """Drop configs whose `min_capability` (a Config attribute set by the kernel file) this GPU lacks."""
+    if len(configs) <= 1:  # the interpreter's single config; nothing to choose
+        return configs
+    cap = target_capability()
+    return [c for c in configs if getattr(c, "min_capability", 0) <= cap] or configs
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,16 +21,17 @@ from ._common import _grouped_tile, autotune, _round_to, _unpack_int4_tile, tl_d
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    # Two [BLOCK_M, BLOCK_N] accumulators (int32 per group, fp32 across groups) live at once, so
+    # 128x256 and 256x128 tiles spill hundreds of bytes per thread (kernels/aot.py); not offered.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-                                 (256, 128, 8, 3), (64, 64, 4, 4)]]
+            for bm, bn, w, s in [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]]
 
 
 @autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
 @triton.jit
 def _w4a8_gemm_kernel(
     xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, G, M_BUCKET,
+    M, N, K, KW, G, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
@@ -50,9 +51,9 @@ def _w4a8_gemm_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xq = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                          mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
-            offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            offs_kw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)  # 16-byte loads
             words = tl.load(qw_ptr + offs_n[None, :] * stride_qn + offs_kw[:, None],
-                            mask=(offs_kw[:, None] < K // 8) & n_mask[None, :], other=0)
+                            mask=(offs_kw[:, None] < KW) & n_mask[None, :], other=0)
             q = _unpack_int4_tile(words, BLOCK_K // 8, BLOCK_N).to(tl.int8)
             acc += tl.dot(xq, q, out_dtype=tl.int32)
             xsum += tl.sum(xq.to(tl.int32), axis=1)
@@ -78,14 +79,14 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
     if m == 0:
         return out
     if g in (32, 64, 128):
-        block_k = min(g, 32 if INTERPRET else 128)
+        block_k = min(g, 32 if INTERPRET else 64)
     else:  # per channel: one group spanning K; tiles past K are masked
-        block_k = 32 if INTERPRET else 128
+        block_k = 32 if INTERPRET else 64
     has_bias = bias is not None
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a8_gemm_kernel[grid](
         x_q, x_scale, qweight, scales, zeros, bias if has_bias else scales, out,
-        m, n, k, g, triton.next_power_of_2(m),
+        m, n, k, k // 8, g, triton.next_power_of_2(m),
         x_q.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), BLOCK_K=block_k,
     )

@@ -1,0 +1,405 @@
+"""Compile the Triton kernels for a GPU that is not here, and read what the compiler made of them.
+
+Triton compiles for any NVIDIA target without a GPU (its bundled ptxas makes the cubin), so the
+properties that decide speed can be checked on a CPU machine, in CI, long before a GPU session:
+registers and spills, shared memory against the architecture's limit, whether the packed weights
+are read with 16-byte loads, whether a GEMM reaches the tensor cores (mma / wgmma, fp16 or int8),
+and how many SASS instructions the kernel's main loop spends per int4 weight.
+
+How: the real launchers (`w4a16_gemm_triton`, ...) run on CPU tensors with each kernel's launch
+replaced by a recorder, so the block sizes, split-K and constexprs are exactly those a GPU run
+picks (with the SM count of the target). Each recorded launch is compiled for every autotune
+config with the specialisation Triton's JIT would make (16-byte aligned pointers, integers
+divisible by 16, integers equal to 1 as constants).
+
+Needs the kernels imported *without* TRITON_INTERPRET (the interpreter uses other configs):
+`python -m minicpm_int4.kernels.aot` or `minicpm-int4 inspect-kernels`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    capability: int
+    sms: int
+    smem_limit: int      # bytes of shared memory one block may use (opt-in maximum)
+    regs_limit: int = 255
+
+
+ARCHS: Dict[str, Arch] = {
+    "sm80": Arch("sm80", 80, 108, 163 * 1024),     # A100
+    "sm90a": Arch("sm90a", 90, 132, 227 * 1024),   # H100 SXM (H200: the same SM)
+}
+
+
+@dataclass
+class Launch:
+    kernel: str
+    constexprs: Dict[str, object]
+    options: Dict[str, int]
+    signature: Dict[str, str]
+    attrs: Tuple[str, ...]           # names specialised as divisible by 16
+    label: str = ""
+
+    @property
+    def key(self):
+        return (self.kernel, tuple(sorted(self.constexprs.items(), key=lambda kv: kv[0])),
+                tuple(sorted(self.options.items())), tuple(sorted(self.signature.items())), self.attrs)
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    arch: str
+    label: str
+    constexprs: Dict[str, object]
+    options: Dict[str, int]
+    regs: int
+    spill_bytes: int                 # local memory (stack) per thread: register spills
+    smem: int
+    smem_limit: int
+    global_loads: Dict[str, int]     # PTX ld.global variants -> count
+    tensor_core: Dict[str, int]      # PTX mma / wgmma variants -> count
+    sass_counts: Dict[str, int] = field(default_factory=dict)   # SASS opcode -> static count
+    loop_sass: Dict[str, int] = field(default_factory=dict)     # the same, innermost hot loop only
+    error: Optional[str] = None
+
+    @property
+    def vector_bytes(self) -> int:
+        """Widest global load in bytes (4 = scalar 32-bit, 16 = 128-bit)."""
+        best = 0
+        for name in self.global_loads:
+            width = re.search(r"\.(?:b|u|s|f)(\d+)$", name)
+            vec = re.search(r"\.v(\d)\.", name)
+            if width:
+                best = max(best, int(width.group(1)) // 8 * (int(vec.group(1)) if vec else 1))
+        return best
+
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                    torch.int32: "i32", torch.int8: "i8", torch.int64: "i64", torch.uint8: "u8"}
+
+
+def _specialise(value):
+    """(type string, divisible-by-16) as Triton's JIT would specialise this argument."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype], value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", False
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    if value is None:
+        return "constexpr", False
+    raise TypeError(f"cannot specialise a kernel argument of type {type(value).__name__}")
+
+
+def _kernels():
+    from . import INTERPRET, act_quant, w4a8, w4a16
+
+    if INTERPRET:
+        raise RuntimeError("minicpm_int4.kernels.aot compiles for a GPU target: import the kernels without "
+                           "TRITON_INTERPRET=1 (run `python -m minicpm_int4.kernels.aot` in a fresh process)")
+    return {"w4a16_gemv": w4a16._w4a16_gemv_kernel, "w4a16_decode": w4a16._w4a16_decode_kernel, "w4a16_prefill": w4a16._w4a16_prefill_kernel,
+            "w4a8_gemm": w4a8._w4a8_gemm_kernel, "act_quant": act_quant._act_quant_kernel}
+
+
+def _jit_fn(kernel):
+    return kernel.fn if hasattr(kernel, "configs") else kernel  # Autotuner -> its JITFunction
+
+
+def _configs(kernel) -> List[Tuple[Dict[str, object], Dict[str, int]]]:
+    """(meta-parameters, options) per autotune config; one entry for a plain @triton.jit kernel."""
+    cfgs = getattr(kernel, "configs", None)
+    if not cfgs:
+        return [({}, {})]
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None:
+        cfgs = prune(cfgs, {})
+    return [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in cfgs]
+
+
+@contextlib.contextmanager
+def _recording(arch: Arch, sink: List[Launch], label: str):
+    """Replace every kernel's launch by a recorder, and the SM count by the target's."""
+    from . import _common, w4a16
+
+    kernels = _kernels()
+    saved = {name: k.__dict__.get("run") for name, k in kernels.items()}
+    saved_sms = w4a16.num_sms
+    saved_cap = _common.target_capability
+
+    def recorder(name, kernel):
+        fn = _jit_fn(kernel)
+
+        def run(*args, grid, warmup, **kwargs):
+            for meta, opts in _configs(kernel):
+                bound = dict(zip(fn.arg_names, args))
+                bound.update(kwargs)
+                bound.update(meta)
+                options = {"num_warps": 4, "num_stages": 3}
+                options.update({k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound})
+                options.update(opts)
+                signature, constexprs, attrs = {}, {}, []
+                for p in fn.params:
+                    value = bound[p.name]
+                    if p.is_constexpr:
+                        signature[p.name] = "constexpr"
+                        constexprs[p.name] = value
+                        continue
+                    ty, div16 = _specialise(value)
+                    signature[p.name] = ty
+                    if ty == "constexpr":
+                        constexprs[p.name] = value
+                    elif div16:
+                        attrs.append(p.name)
+                sink.append(Launch(name, constexprs, options, signature, tuple(attrs), label))
+            return None
+
+        return run
+
+    try:
+        for name, k in kernels.items():
+            k.run = recorder(name, k)
+        w4a16.num_sms = lambda device: arch.sms
+        _common.target_capability = lambda: arch.capability
+        yield
+    finally:
+        for name, k in kernels.items():
+            if saved[name] is None:
+                k.__dict__.pop("run", None)
+            else:
+                k.run = saved[name]
+        w4a16.num_sms = saved_sms
+        _common.target_capability = saved_cap
+        _common.sm_count.cache_clear()
+
+
+def _weights(n: int, k: int, group_size: int, dtype: torch.dtype):
+    g = k if group_size == -1 else group_size
+    qweight = torch.empty((n, k // 8), dtype=torch.int32)
+    scales = torch.empty((n, k // g), dtype=dtype)
+    return qweight, scales, torch.empty_like(scales), g
+
+
+def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[int],
+                    dtypes: Sequence[torch.dtype] = (torch.float16,), group_sizes: Sequence[int] = (128,),
+                    bias: Sequence[bool] = (False,), w4a8: bool = True, act_quant: bool = True) -> List[Launch]:
+    """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
+    problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16."""
+    from . import quantize_per_token_int8_triton, w4a8_gemm_triton, w4a16_gemm_triton
+
+    sink: List[Launch] = []
+    with _recording(arch, sink, ""):
+        for n, k in shapes:
+            for dtype in dtypes:
+                for gs in group_sizes:
+                    qweight, scales, zeros, g = _weights(n, k, gs, dtype)
+                    for has_bias in bias:
+                        b = torch.empty((n,), dtype=dtype) if has_bias else None
+                        for m in ms:
+                            start = len(sink)
+                            x = torch.empty((m, k), dtype=dtype)
+                            w4a16_gemm_triton(x, qweight, scales, zeros, b, g)
+                            if m > 16 and w4a8 and dtype != torch.float32:
+                                xq = torch.empty((m, k), dtype=torch.int8)
+                                xs = torch.empty((m,), dtype=torch.float32)
+                                w4a8_gemm_triton(xq, xs, qweight, scales, zeros, b, g, dtype)
+                            if m > 16 and act_quant:
+                                quantize_per_token_int8_triton(x)
+                            for launch in sink[start:]:
+                                launch.label = f"M={m} N={n} K={k} G={gs} {str(dtype)[6:]}{' bias' if has_bias else ''}"
+    distinct: Dict[object, Launch] = {}
+    for launch in sink:
+        distinct.setdefault(launch.key, launch)
+    return list(distinct.values())
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);")
+
+
+def _sass_summary(sass: str) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(opcode counts of the whole kernel, opcode counts of its innermost loop: the shortest span
+    closed by a backward branch)."""
+    instrs: List[Tuple[int, str]] = []
+    loops: List[Tuple[int, int]] = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.search(line)
+        if not m:
+            continue
+        addr, op = int(m.group(1), 16), m.group(2) + m.group(3)
+        instrs.append((addr, op))
+        if m.group(2) == "BRA":
+            target = re.search(r"0x([0-9a-f]+)", m.group(4))
+            if target and int(target.group(1), 16) < addr:
+                loops.append((int(target.group(1), 16), addr))
+    total = Counter(op for _, op in instrs if op != "NOP")
+    loop: Counter = Counter()
+    if loops:
+        lo, hi = min(loops, key=lambda span: span[1] - span[0])
+        loop = Counter(op for a, op in instrs if lo <= a <= hi and op != "NOP")
+    return dict(total), dict(loop)
+
+
+def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
+    """Compile one recorded launch for `arch` and read registers, spills, smem, loads, mma, SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_fn(_kernels()[launch.kernel])
+    names = [p.name for p in fn.params]
+    constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in launch.attrs}
+    base = dict(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
+                options=launch.options, smem_limit=arch.smem_limit)
+    try:
+        src = ASTSource(fn, launch.signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch.capability, 32), options=dict(launch.options))
+    except Exception as e:  # a config this architecture cannot take: reported, not raised
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Compiled(regs=0, spill_bytes=0, smem=0, global_loads={}, tensor_core={},
+                        error=f"{type(e).__name__}: {first[:300]}", **base)
+    ptx = compiled.asm["ptx"]
+    loads = Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))
+    # pipelined loads go global -> shared with cp.async; name them by their byte count
+    loads.update(f"cp.async.b{8 * int(b, 0)}" for b in
+                 re.findall(r"cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)", ptx))
+    mma = Counter(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)(?:\.[a-z0-9]+)*", ptx))
+    regs, stack = 0, 0
+    total, loop = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
+        if m:
+            regs, stack = int(m.group(1)), int(m.group(2))
+        if sass:
+            out = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+            total, loop = _sass_summary(out)
+    return Compiled(regs=regs, spill_bytes=stack, smem=compiled.metadata.shared, global_loads=dict(loads),
+                    tensor_core=dict(mma), sass_counts=total, loop_sass=loop, **base)
+
+
+def loop_instructions_per_weight(c: Compiled) -> Optional[float]:
+    """SASS instructions a thread issues per int4 weight in the hot loop of a W4A16 decode kernel
+    (None for other kernels or when no loop was found). One trip of the loop covers BLOCK_N x
+    BLOCK_K weights (BLOCK_KW packed words for the GEMV) over num_warps * 32 threads."""
+    if not c.loop_sass or c.kernel not in ("w4a16_gemv", "w4a16_decode"):
+        return None
+    block_k = c.constexprs["BLOCK_KW"] * 8 if c.kernel == "w4a16_gemv" else c.constexprs["BLOCK_K"]
+    weights = c.constexprs["BLOCK_N"] * block_k / (32 * c.options["num_warps"])
+    return sum(c.loop_sass.values()) / weights
+
+
+# The shapes a default run inspects: the decode/prefill-relevant Linear shapes of MiniCPM-V 4.6's
+# LLM (Qwen3.5-style, hidden 4096) and vision tower (768), plus an odd-K case.
+DEFAULT_SHAPES = ((4096, 4096), (12288, 4096), (4096, 12288), (3072, 768), (768, 3072), (1024, 4304))
+DEFAULT_MS = (1, 4, 16, 4096)
+
+
+def inspect(archs: Sequence[str] = ("sm80", "sm90a"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS,
+            dtypes=(torch.float16, torch.bfloat16), group_sizes=(128,), sass: bool = True,
+            progress: Optional[Callable[[str], None]] = None) -> List[Compiled]:
+    results: List[Compiled] = []
+    for name in archs:
+        arch = ARCHS[name]
+        launches = record_launches(arch, shapes, ms, dtypes, group_sizes)
+        for i, launch in enumerate(launches):
+            if progress:
+                progress(f"[{name} {i + 1}/{len(launches)}] {launch.kernel} {launch.label}")
+            results.append(compile_launch(launch, arch, sass=sass))
+    return results
+
+
+def problems(c: Compiled) -> List[str]:
+    """What is wrong with a compiled variant, by the package's rules (empty when nothing)."""
+    out = []
+    if c.error:
+        return [c.error]
+    if c.spill_bytes:
+        out.append(f"{c.spill_bytes} bytes of register spills per thread")
+    if c.smem > c.smem_limit:
+        out.append(f"shared memory {c.smem} B > {c.smem_limit} B")
+    dot_kernel = c.kernel in ("w4a16_prefill", "w4a8_gemm") or (
+        c.kernel == "w4a16_decode" and c.constexprs.get("BLOCK_M", 1) > 1)
+    if dot_kernel and not c.tensor_core:
+        out.append("no tensor-core instruction (mma / wgmma) in the PTX")
+    if c.kernel == "w4a8_gemm" and c.tensor_core and not any(".s8" in k for k in c.tensor_core):
+        out.append("the W4A8 GEMM does not use int8 tensor cores")
+    return out
+
+
+def format_table(results: Sequence[Compiled]) -> str:
+    head = "| arch | kernel | problem | config | regs | spills B | smem KiB | widest load B | tensor cores | loop instr/weight | problems |"
+    lines = [head, "|" + "---|" * 11]
+    for c in results:
+        cfg = " ".join(f"{k}={v}" for k, v in c.constexprs.items() if k.startswith(("BLOCK", "SPLIT", "GROUP", "EVEN")))
+        cfg += f" w{c.options.get('num_warps')} s{c.options.get('num_stages')}"
+        tc = ", ".join(sorted(c.tensor_core)) or "-"
+        ipw = loop_instructions_per_weight(c)
+        lines.append(f"| {c.arch} | {c.kernel} | {c.label} | {cfg} | {c.regs} | {c.spill_bytes} | "
+                     f"{c.smem / 1024:.1f} | {c.vector_bytes} | {tc} | {'-' if ipw is None else f'{ipw:.2f}'} | "
+                     f"{'; '.join(problems(c)) or 'ok'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="minicpm-int4 inspect-kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sm80,sm90a", help=f"comma-separated, from {sorted(ARCHS)}")
+    p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)), help="token counts (rows of x)")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES), help="NxK,...")
+    p.add_argument("--dtype", default="float16,bfloat16")
+    p.add_argument("--group-size", default="128")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--no-sass", action="store_true", help="skip disassembly (faster)")
+    args = p.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    try:
+        _kernels()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = inspect(archs=args.arch.split(","), shapes=shapes, ms=[int(v) for v in args.m.split(",")],
+                      dtypes=[getattr(torch, d) for d in args.dtype.split(",")],
+                      group_sizes=[int(v) for v in args.group_size.split(",")], sass=not args.no_sass,
+                      progress=(lambda s: print(s, file=sys.stderr, flush=True)))
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(c) | {"problems": problems(c)} for c in results], f, indent=1, default=str)
+    bad = [c for c in results if problems(c)]
+    print(f"\n{len(results)} compiled variants, {len(bad)} with problems", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
