@@ -187,7 +187,6 @@ def _recording(arch: Arch, sink: List[Launch], label: str):
                 k.run = saved[name]
         w4a16.num_sms = saved_sms
         _common.target_capability = saved_cap
-        _common.sm_count.cache_clear()
 
 
 def _weights(n: int, k: int, group_size: int, dtype: torch.dtype):

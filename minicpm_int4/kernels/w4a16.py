@@ -250,7 +250,7 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
-def _decode_blocks(m: int, n: int, k: int, group_size: int, device: torch.device):
+def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
     """(BLOCK_N, BLOCK_K, SPLIT_K) for the decode kernel. The widest row tile that still gives about
     two programs per SM; K is split across programs only when even the narrowest tile leaves SMs idle
     (split partial sums cost a second pass). Every K tile stays inside one group."""
@@ -286,9 +286,9 @@ def _gemv_blocks(n: int, kw: int, device: torch.device):
     block_kw = next((b for b in (128, 64, 32) if kw % b == 0), min(128, max(4, triton.next_power_of_2(kw))))
     for warps in (4, 2, 1):
         block_n = 16 * 32 * warps // block_kw
-        if triton.cdiv(n, block_n) >= 2 * num_sms(device) or warps == 1:
-            return block_n, block_kw, warps
-    raise AssertionError("unreachable")
+        if warps == 1 or triton.cdiv(n, block_n) >= 2 * num_sms(device):
+            break
+    return block_n, block_kw, warps
 
 
 def _gemv(x, qweight, scales, zeros, bias, group_size):
@@ -310,6 +310,8 @@ def _gemv(x, qweight, scales, zeros, bias, group_size):
 def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel)."""
+    if x.shape[0] == 1:
+        return _gemv(x, qweight, scales, zeros, bias, group_size)
     m, k = x.shape
     n = qweight.shape[0]
     g = group_size
@@ -317,11 +319,9 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     dot_fp32 = _dot_fp32(x.dtype)
     has_bias = bias is not None
     b = bias if has_bias else scales  # any valid pointer; never read
-    if m == 1:
-        return _gemv(x, qweight, scales, zeros, bias, g)
     if m <= DECODE_MAX_M:
         block_m = 16
-        block_n, block_k, split = _decode_blocks(m, n, k, g, x.device)
+        block_n, block_k, split = _decode_blocks(n, k, g, x.device)
         k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
         split = triton.cdiv(k, k_per_split)
         if split == 1:
