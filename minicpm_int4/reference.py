@@ -89,8 +89,9 @@ def gemm_tolerance(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, y_r
 
     (one ulp of the output from two roundings of nearby values; each fp32 sum of K terms errs by at
     most K * eps32 * sum|terms|; a kernel may multiply by the exact (q - z) * s instead of its
-    rounding to the activation dtype - the M = 1 GEMV applies s once per group - which moves each
-    product by at most half an ulp of w; one subnormal step near zero). In fp64, N in chunks."""
+    rounding to the activation dtype - the decode kernels (M <= 16) apply s to a group's sum -
+    which moves each product by at most half an ulp of w; one subnormal step near zero). In fp64,
+    N in chunks."""
     k = x.shape[1]
     eps32 = torch.finfo(torch.float32).eps
     fin = torch.finfo(out_dtype)

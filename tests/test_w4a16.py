@@ -40,7 +40,7 @@ def test_w4a16_triton_split_k_large_k():
     qweight, scales, zeros, gs = random_qweight(n, k, 128, torch.float16)
     x = torch.randn(2, k, dtype=torch.float16)
     from minicpm_int4.kernels.w4a16 import _decode_blocks
-    assert _decode_blocks(n, k, 128, x.device)[2] > 1
+    assert _decode_blocks(n, k, 128, x.device)[3] > 1
     y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton")
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
 
@@ -52,6 +52,57 @@ def test_w4a16_triton_strided_input_rows():
     x = big[:, :k]  # non-contiguous rows: the op makes them contiguous
     y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="triton")
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+
+
+# The 2 <= M <= 16 decode kernel (interpreter tiles: BLOCK_N 16, dot steps of 4 words, 2 steps a trip,
+# 4 "SMs"): (N, K, group) chosen so that each path runs - EVEN or masked (N and/or K remainders),
+# scales per dot step or per channel, K split across programs (fp32 partials + the reduce kernel).
+DECODE_CASES = {
+    "even-g32": (32, 128, 32),
+    "even-g128-split": (16, 1024, 128),
+    "even-per-channel": (48, 128, -1),
+    "masked-n-g64": (21, 192, 64),
+    "masked-k-per-channel": (16, 136, -1),
+    "masked-split-g32": (20, 1056, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m", [2, 5, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_w4a16_decode_paths(case, m, dtype):
+    from minicpm_int4.kernels.w4a16 import _decode_blocks
+
+    n, k, group_size = DECODE_CASES[case]
+    gs = k if group_size == -1 else group_size
+    block_n, block_kw, steps, split = _decode_blocks(n, k, gs, torch.device("cpu"))
+    assert (n % block_n == 0 and (k // 8) % (block_kw * steps * split) == 0) == case.startswith("even")
+    assert (split > 1) == ("split" in case)
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n * k + m)
+    g = torch.Generator().manual_seed(k + m)
+    x = torch.randn(m, k, generator=g).to(dtype) * 4
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
+    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_w4a16_decode_magic_nibbles_exact():
+    # every nibble value against every zero point (q - z from -15 to 15) in each of the 8 nibble
+    # positions, x powers of two: each product is exact and the sums are small, so the decode
+    # kernel's dot must give the exact fp64 sum
+    k = 16 * 8
+    q = torch.arange(k).remainder(16).repeat(16, 1)
+    q = torch.stack([q.roll(r, 1) for r in range(16)]).reshape(256, k)[::16]  # rotate nibbles across positions
+    zeros = torch.arange(16, dtype=torch.float32).unsqueeze(1)
+    from minicpm_int4.packing import pack_int4
+
+    qweight = pack_int4(q)
+    x = torch.stack([2.0 ** -(torch.arange(k) % 7), 2.0 ** -(torch.arange(k) % 5)])
+    scales = torch.ones(16, 1)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, -1, backend="triton")
+    exact = x.double() @ (q.double() - zeros.double()).t()
+    assert torch.equal(y.double(), exact)
 
 
 # The M = 1 GEMV kernel (interpreter tiles: BLOCK_N 4, BLOCK_KW 8 words): (N, K, group) chosen so that

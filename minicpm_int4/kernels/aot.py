@@ -116,6 +116,7 @@ def _kernels():
         raise RuntimeError("minicpm_int4.kernels.aot compiles for a GPU target: import the kernels without "
                            "TRITON_INTERPRET=1 (run `python -m minicpm_int4.kernels.aot` in a fresh process)")
     return {"w4a16_gemv": w4a16._w4a16_gemv_kernel, "w4a16_decode": w4a16._w4a16_decode_kernel, "w4a16_prefill": w4a16._w4a16_prefill_kernel,
+            "w4a16_splitk_reduce": w4a16._splitk_reduce_kernel,
             "w4a8_gemm": w4a8._w4a8_gemm_kernel, "act_quant": act_quant._act_quant_kernel}
 
 
@@ -306,11 +307,11 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
 
 def loop_instructions_per_weight(c: Compiled) -> Optional[float]:
     """SASS instructions a thread issues per int4 weight in the hot loop of a W4A16 decode kernel
-    (None for other kernels or when no loop was found). One trip of the loop covers BLOCK_N x
-    BLOCK_K weights (BLOCK_KW packed words for the GEMV) over num_warps * 32 threads."""
+    (None for other kernels or when no loop was found). One trip of the loop covers BLOCK_N rows x
+    BLOCK_KW packed words (times STEPS dot steps in the decode kernel) over num_warps * 32 threads."""
     if not c.loop_sass or c.kernel not in ("w4a16_gemv", "w4a16_decode"):
         return None
-    block_k = c.constexprs["BLOCK_KW"] * 8 if c.kernel == "w4a16_gemv" else c.constexprs["BLOCK_K"]
+    block_k = c.constexprs["BLOCK_KW"] * 8 * c.constexprs.get("STEPS", 1)
     weights = c.constexprs["BLOCK_N"] * block_k / (32 * c.options["num_warps"])
     return sum(c.loop_sass.values()) / weights
 

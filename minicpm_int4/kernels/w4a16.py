@@ -8,7 +8,7 @@ Pointers (canonical layout, packing.py):
     b_ptr    [N]           bias (read only when HAS_BIAS)
     out_ptr  [M, N]        x's dtype; or fp32 partial sums [SPLIT_K, M, N] when SPLIT_K > 1
 
-Two regimes (ops.py picks by M):
+Three regimes (picked here by M):
   M = 1   (_w4a16_gemv_kernel): no tensor cores. A program owns a few rows of W and streams all of
           K in 16-byte loads (4 per thread per step, so enough loads are in flight); per packed word
           it forms x_i * (q_i - z) for the 8 nibbles with one AND, one FADD and one FFMA each (the
@@ -18,11 +18,18 @@ Two regimes (ops.py picks by M):
           HBM speed is ~5), against 42.5 for the multiply-reduce GEMV it replaced.
           It multiplies by the exact (q - z) * s rather than by that weight rounded to x's dtype;
           reference.gemm_tolerance allows the half ulp of w this moves each product.
-  decode  (2 <= M <= 16): w = ((q - z) * s) in fp32 rounded once to x's dtype (the reference's
-          rule), a dot padded to 16 rows with fp32 accumulation; one program per tile of rows (the
-          widest tile that still gives ~2 programs per SM) streaming all of K; K is split across
-          programs only for narrow layers (fp32 partials reduced in a fixed order: deterministic).
-  prefill (M  > 16): tiled GEMM with the same dequantization, grouped tile order for L2 reuse,
+  decode  (2 <= M <= 16, _w4a16_decode_kernel): computed transposed, y.T = W @ x.T, so the weight
+          tile [64 rows, 128 of K] is the dot's wide operand in the layout it is loaded in (16-byte
+          loads along K; the 8 nibbles of a word are joined in registers) and x.T [K, 16] the narrow
+          one (wgmma m64n16k16 on Hopper). Each weight becomes the exact small integer q - z with one
+          LOP3 (nibble j of a half word ORed into the exponent of 2**(23-4j) reads as 2**(23-4j) + q)
+          and one FADD; the group's scale multiplies the dot's fp32 result. ~4.8 SASS instructions
+          per weight on sm_90a (aot.py), against ~14 for the [K, N]-oriented dot it replaced. K is
+          split across programs until about two programs per SM run; _splitk_reduce_kernel adds the
+          fp32 partials in a fixed order (deterministic) with the bias. Like the GEMV it multiplies
+          by the exact (q - z) * s (within reference.gemm_tolerance's half ulp of w).
+  prefill (M  > 16): tiled GEMM on tensor cores; w = ((q - z) * s) in fp32 rounded once to x's
+          dtype (the reference's rule), a [K, N] tile per step, grouped tile order for L2 reuse,
           autotuned tile shapes. Every K tile lies inside one group (BLOCK_K divides G, or G == K),
           so scales and zeros are read once per tile.
 """
@@ -56,44 +63,134 @@ def _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
 def _decode_configs():
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in [(4, 3), (8, 3), (4, 4)]]
+    # stages keep several weight tiles in flight per program (the kernel is latency-bound otherwise)
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in [(4, 2), (4, 3), (4, 4)]]
 
 
-@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "G", "BLOCK_N", "BLOCK_K", "SPLIT_K"])
+# Masks of nibbles 0..3 of a 16-bit half word, passed to the decode kernel as runtime arguments:
+# ptxas then reads them from the constant bank inside one LOP3 ((w & mask) | exponent). As literals
+# both constants need a register, and it re-materialises them with a move per use (aot.py counted
+# ~0.8 extra instructions per weight on sm_90a).
+NIBBLE_MASKS = (0xF, 0xF0, 0xF00, 0xF000)
+
+
+@triton.jit
+def _q_minus_z_tile(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr):
+    """int32 words [R, W] (8 nibbles each) and zero points zf [R, 1] (fp32) -> q - z [R, 8 * W] in
+    DTYPE, column 8 * w + i from nibble i of word w; exact (|q - z| <= 15).
+
+    Nibble j of a half word (bits 4j..4j+3) ORed into the exponent of 2**(23 - 4j) reads as the float
+    2**(23 - 4j) + q: the nibble's lowest bit is that float's unit. So one LOP3 and one FADD make
+    q - z exactly, with no shift and no int-to-float convert."""
+    hi = words >> 16
+    n0 = ((words & m0) | 0x4B000000).to(tl.float32, bitcast=True)
+    n1 = ((words & m1) | 0x49000000).to(tl.float32, bitcast=True)
+    n2 = ((words & m2) | 0x47000000).to(tl.float32, bitcast=True)
+    n3 = ((words & m3) | 0x45000000).to(tl.float32, bitcast=True)
+    n4 = ((hi & m0) | 0x4B000000).to(tl.float32, bitcast=True)
+    n5 = ((hi & m1) | 0x49000000).to(tl.float32, bitcast=True)
+    n6 = ((hi & m2) | 0x47000000).to(tl.float32, bitcast=True)
+    n7 = ((hi & m3) | 0x45000000).to(tl.float32, bitcast=True)
+    z0 = zf + 8388608.0   # 2**23
+    z1 = zf + 524288.0    # 2**19
+    z2 = zf + 32768.0     # 2**15
+    z3 = zf + 2048.0      # 2**11
+    # join appends a last axis: [R, W, 2, 2, 2] with index (c, b, a) holding nibble 4c + 2b + a
+    w = tl.join(tl.join(tl.join(n0 - z0, n4 - z0), tl.join(n2 - z2, n6 - z2)),
+                tl.join(tl.join(n1 - z1, n5 - z1), tl.join(n3 - z3, n7 - z3)))
+    return tl.reshape(w.to(DTYPE), (words.shape[0], words.shape[1] * 8))
+
+
+@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K"])
 @triton.jit
 def _w4a16_decode_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, KW, G, NUM_GROUPS, M_BUCKET,
+    M, N, KW, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om, stride_ok,
-    K_PER_SPLIT,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KW_PER_SPLIT, m0, m1, m2, m3,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, EVEN: tl.constexpr,
+    GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
 ):
+    """2 <= M <= 16: y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, k] * (q[n, k] - z[n, g]).
+
+    Computed transposed (y.T = W @ x.T): the weight tile [BLOCK_N, BLOCK_K] is the dot's first
+    operand, in the layout it is loaded in (16-byte loads along K, nibbles joined in registers: no
+    transpose through shared memory), and x.T [BLOCK_K, 16] the small second one (wgmma m64n16 on
+    Hopper). The dot multiplies x by the exact small integers q - z; the group's scale is applied
+    to the dot's fp32 result (per-channel: once at the end). A loop trip makes STEPS dots of
+    BLOCK_KW words (one group each: BLOCK_KW divides GROUP_W). Program (pid_n, pid_k) covers words
+    [pid_k * KW_PER_SPLIT, +KW_PER_SPLIT) of its rows; with SPLIT_K > 1 it writes fp32 partial sums
+    that _splitk_reduce_kernel adds in a fixed order. EVEN: no N or K remainder anywhere."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    k_begin = pid_k * K_PER_SPLIT
-    w_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        k0 = k_begin + kk
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        w = _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
-                               stride_qn, stride_sn, w_dtype, BLOCK_K, BLOCK_N)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_w = tl.arange(0, BLOCK_KW)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    x_dtype = x_ptr.dtype.element_ty
+    dot_dtype = tl.float32 if DOT_FP32 else x_dtype
+    w_rows = qw_ptr + offs_n[:, None] * stride_qn
+    sz_rows = offs_n * stride_sn
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + sz_rows, mask=n_mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + sz_rows, mask=n_mask, other=0).to(tl.float32)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    kw_begin = pid_k * KW_PER_SPLIT
+    for kw0 in range(kw_begin, kw_begin + KW_PER_SPLIT, BLOCK_KW * STEPS):
+        for step in tl.static_range(STEPS):
+            kw_step = tl.multiple_of(kw0 + step * BLOCK_KW, BLOCK_KW)
+            kw = kw_step + offs_w
+            k = kw_step * 8 + tl.arange(0, BLOCK_KW * 8)
+            x_ptrs = x_ptr + offs_m[None, :] * stride_xm + k[:, None]
+            if EVEN:
+                words = tl.load(w_rows + kw[None, :])
+                xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0)
+            else:
+                words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
+                xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k < KW * 8)[:, None], other=0)
+            if not PER_CHANNEL:
+                sz_mask = n_mask & (tl.full((BLOCK_N,), kw_step, tl.int32) < KW)
+                g = kw_step // GROUP_W
+                s = tl.load(s_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)
+                z = tl.load(z_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)[:, None]
+            w = _q_minus_z_tile(words, z, m0, m1, m2, m3, dot_dtype)
+            if PER_CHANNEL:
+                if DOT_FP32:
+                    acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w, xt, acc)
+            else:
+                if DOT_FP32:
+                    part = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(w, xt)
+                acc += part * s[:, None]
+    if PER_CHANNEL:
+        acc = acc * s[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(acc, w_dtype), mask=mask)
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, _round_to(acc, x_dtype), mask=out_mask)
     else:
-        tl.store(out_ptr + pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+        tl.store(out_ptrs + pid_k * stride_ok, acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexpr,
+                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum_p part[p, i] (in order p = 0, 1, ...: deterministic) + bias, rounded once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(part_ptr + offs, mask=mask, other=0)
+    for p in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + p * MN + offs, mask=mask, other=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,29 +348,26 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
-    """(BLOCK_N, BLOCK_K, SPLIT_K) for the decode kernel. The widest row tile that still gives about
-    two programs per SM; K is split across programs only when even the narrowest tile leaves SMs idle
-    (split partial sums cost a second pass). Every K tile stays inside one group."""
-    if INTERPRET:
-        block_n, block_k = 32, _block_k(k, group_size, 64)
+    """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K) for the 2 <= M <= 16 kernel. A dot step is BLOCK_KW words
+    inside one group; a loop trip is STEPS of them (128 weights of K on a GPU). BLOCK_N = 64 rows
+    is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs until about
+    two programs per SM run, each keeping >= 2 trips."""
+    kw = k // 8
+    per_channel = group_size >= k
+    group_w = kw if per_channel else group_size // 8
+    if INTERPRET:  # small tiles so the tests' shapes cross every boundary
+        block_n, block_kw, steps = 16, min(4, group_w) if not per_channel else 4, 2
     else:
-        block_k = _block_k(k, group_size, 256)
-        block_n = 16  # tl.dot needs 16 rows of W per tile
-        for bn in (128, 64, 32, 16):
-            if triton.cdiv(n, bn) >= 2 * num_sms(device):
-                block_n = bn
-                break
-    return block_n, block_k, _split_k(n, k, block_n, block_k, device)
-
-
-def _split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """K splits so that (N tiles x splits) covers every SM, each split keeping >= 2 K tiles."""
+        block_n = 64
+        block_kw = 16 if per_channel else min(16, group_w)
+        steps = max(1, 16 // block_kw)
+    trip = block_kw * steps
     n_tiles = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
+    trips = triton.cdiv(kw, trip)
     split = 1
-    while n_tiles * split < num_sms(device) and k_tiles // (split * 2) >= 2:
+    while n_tiles * split < 2 * num_sms(device) and trips // (split * 2) >= 2:
         split *= 2
-    return split
+    return block_n, block_kw, steps, split
 
 
 def _gemv_blocks(n: int, kw: int, device: torch.device):
@@ -307,41 +401,47 @@ def _gemv(x, qweight, scales, zeros, bias, group_size):
     return out
 
 
+def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
+    m, k = x.shape
+    n, kw = qweight.shape
+    block_n, block_kw, steps, split = _decode_blocks(n, k, group_size, x.device)
+    trip = block_kw * steps
+    kw_per_split = triton.cdiv(triton.cdiv(kw, split), trip) * trip
+    split = triton.cdiv(kw, kw_per_split)  # no program left without work
+    per_channel = group_size >= k
+    even = n % block_n == 0 and kw % trip == 0 and kw_per_split * split == kw
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    b = bias if bias is not None else scales  # any valid pointer; never read
+    _w4a16_decode_kernel[(triton.cdiv(n, block_n), split)](
+        x, qweight, scales, zeros, b, part, m, n, kw, triton.next_power_of_2(m),
+        x.stride(0), qweight.stride(0), scales.stride(0), part.stride(-2), part.stride(0) if split > 1 else 0,
+        kw_per_split, *NIBBLE_MASKS,
+        HAS_BIAS=bias is not None, SPLIT_K=split, DOT_FP32=dot_fp32, EVEN=even,
+        GROUP_W=0 if per_channel else group_size // 8, PER_CHANNEL=per_channel,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
+    )
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            part, b, out, m * n, n, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+    return out
+
+
 def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel)."""
     if x.shape[0] == 1:
         return _gemv(x, qweight, scales, zeros, bias, group_size)
+    dot_fp32 = _dot_fp32(x.dtype)
+    if x.shape[0] <= DECODE_MAX_M:
+        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32)
     m, k = x.shape
     n = qweight.shape[0]
     g = group_size
     num_groups = k // g
-    dot_fp32 = _dot_fp32(x.dtype)
     has_bias = bias is not None
     b = bias if has_bias else scales  # any valid pointer; never read
-    if m <= DECODE_MAX_M:
-        block_m = 16
-        block_n, block_k, split = _decode_blocks(n, k, g, x.device)
-        k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        split = triton.cdiv(k, k_per_split)
-        if split == 1:
-            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        else:
-            out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(n, block_n), split)
-        _w4a16_decode_kernel[grid](
-            x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m,
-            x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2), out.stride(0) if split > 1 else 0,
-            k_per_split, HAS_BIAS=has_bias, SPLIT_K=split, DOT_FP32=dot_fp32,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        )
-        if split == 1:
-            return out
-        y = out.sum(0)
-        if has_bias:
-            y = y + bias.float()
-        return y.to(x.dtype)
-
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = _block_k(k, g, 32 if INTERPRET else 64)
     m_bucket = triton.next_power_of_2(m)
