@@ -68,13 +68,27 @@ def test_no_spills_and_no_problems(compiled, kernel):
     assert not bad, "\n".join(bad)
 
 
-def test_w4a8_uses_int8_tensor_cores_and_a_spill_free_config_exists(compiled):
+def test_w4a8_uses_int8_tensor_cores_and_does_not_spill(compiled):
     for arch in ("sm80", "sm90a"):
         variants = [c for c in _by_kernel(compiled, "w4a8_gemm") if c["arch"] == arch]
         assert all(any(".s8" in k for k in c["tensor_core"]) for c in variants)
         assert any(c["spill_bytes"] == 0 for c in variants), f"every W4A8 config spills on {arch}"
+        # the grouped layers (K a multiple of the group) must not spill in any config
+        bad = [(c["label"], c["constexprs"]) for c in variants if "K=4096" in c["label"] and c["spill_bytes"]]
+        assert not bad, bad
     sm90 = [c for c in _by_kernel(compiled, "w4a8_gemm") if c["arch"] == "sm90a"]
     assert all(any(k.startswith("wgmma") for k in c["tensor_core"]) for c in sm90)
+
+
+def test_w4a8_unpacking_hides_behind_int8_wgmma(compiled):
+    # int8 wgmma does ~4096 MACs per SM-clock, so a 64-row tile's weights must be unpacked in under
+    # 64 * 128 / 4096 = 2 ... 128-row: 4 instructions per weight. Unpacking four bytes per
+    # instruction (inline PTX) keeps the K loop at ~2.3-3.5; the [K, N]-tile unpacking it replaced
+    # issued 4.5-10 (and its 128x128 tile spilled 368 bytes).
+    for c in _by_kernel(compiled, "w4a8_gemm"):
+        if c["arch"] == "sm90a" and "K=4096" in c["label"]:
+            ipw = c["instr_per_weight"]
+            assert ipw is not None and ipw <= 4.0, (c["label"], c["constexprs"], ipw)
 
 
 def test_decode_kernels_read_weights_with_16_byte_loads(compiled):
@@ -108,3 +122,22 @@ def test_decode_inner_loop_within_issue_budget(compiled):
         assert not any(op.startswith("I2F") for op in c["loop_sass"]), "int-to-float converts in the decode loop"
         if c["arch"] == "sm90a":
             assert any(k.startswith("wgmma") for k in c["tensor_core"]), c["tensor_core"]
+
+
+def test_prefill_dequantization_cost_on_sm90a(compiled):
+    # prefill dequantizes a BLOCK_N x BLOCK_K weight tile per K step while wgmma multiplies BLOCK_M
+    # rows by it: ~2048 fp16 MACs per SM-clock against 128 issued instructions per SM-clock, so the
+    # dequantization hides behind the wgmma only below BLOCK_M / 16 instructions per weight (8 for
+    # the 128-row tiles). The row-oriented path (W_ROWS) issues ~6.0 (128x256) and ~7.7 (128x128) on
+    # K=4096; the [K, N] path it replaced 9.1 and 11.5.
+    checked = 0
+    for c in _by_kernel(compiled, "w4a16_prefill"):
+        if c["arch"] != "sm90a":
+            continue
+        assert c["constexprs"]["W_ROWS"] is True
+        ipw = c["instr_per_weight"]
+        assert ipw is not None, c["label"]
+        if "K=4096" in c["label"] and c["constexprs"]["BLOCK_M"] == 128 and c["constexprs"]["BLOCK_N"] >= 128:
+            assert ipw <= 8.0, (c["label"], c["constexprs"], ipw)
+            checked += 1
+    assert checked

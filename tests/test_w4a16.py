@@ -34,6 +34,41 @@ def test_w4a16_triton_matches_reference(m, group_size, dtype, has_bias):
     assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("m", [17, 64], ids=lambda m: f"M{m}")
+def test_w4a16_prefill_row_dequant_matches_reference(m, group_size, dtype, monkeypatch):
+    # the prefill kernel's sm_90 path (W tile dequantized as rows, then transposed for the dot);
+    # the test above runs the [K, N] path the interpreter picks by default
+    from minicpm_int4.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", True)
+    n, k = SHAPES[group_size]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=m * n + 1)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
+    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_w4a16_prefill_paths_dequantize_alike(monkeypatch):
+    # both prefill paths round (q - z) * s once to the dtype (the reference's rule): with x one-hot
+    # rows each output is one dequantized weight, so the two paths must agree bit for bit
+    from minicpm_int4.kernels import w4a16
+
+    n, k = 45, 192
+    qweight, scales, zeros, gs = random_qweight(n, k, 64, torch.bfloat16, seed=3)
+    x = torch.eye(k, dtype=torch.bfloat16)[:32]
+    outs = []
+    for rows in (False, True):
+        monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", rows)
+        outs.append(ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[1], dequant(qweight, scales, zeros, gs, torch.bfloat16)[:, :32].t())
+
+
 def test_w4a16_triton_split_k_large_k():
     # enough K tiles for the decode kernel to split K across programs (fp32 partial sums)
     n, k = 50, 2048

@@ -92,3 +92,60 @@ def test_w4a8_patched_tiny_model_within_derived_bound_of_fp32():
     for h in handles:
         h.remove()
     assert len({id(m) for m in checked}) >= 20
+
+
+def _run_ptx(asm: str, a: int, b: int) -> int:
+    """Execute the few 32-bit PTX instructions the W4A8 unpacking uses ($1 = a, $2 = b, result $0)."""
+    import re
+
+    regs = {"$1": a, "$2": b}
+    mask = 0xFFFFFFFF
+
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    body = asm.strip().lstrip("{").rstrip("}")
+    for ins in filter(None, (i.strip() for i in body.split(";"))):
+        if ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        dst, *srcs = [t.strip() for t in args.split(",")]
+        v = [val(t) for t in srcs]
+        if op == "lop3.b32":
+            lut = v[3]
+            out = 0
+            for bit in range(32):  # lut index = a_bit * 4 + b_bit * 2 + c_bit, with a = 0xF0, b = 0xCC, c = 0xAA
+                idx = ((v[0] >> bit) & 1) << 2 | ((v[1] >> bit) & 1) << 1 | ((v[2] >> bit) & 1)
+                out |= ((lut >> idx) & 1) << bit
+            res = out
+        elif op == "sub.u32":
+            res = (v[0] - v[1]) & mask
+        elif op == "xor.b32":
+            res = v[0] ^ v[1]
+        elif op == "shr.u32":
+            res = v[0] >> v[1]
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+        assert re.fullmatch(r"\$0|t", dst), dst
+        regs[dst] = res
+    return regs["$0"]
+
+
+def test_w4a8_ptx_unpacking_gives_q_minus_z_for_every_byte_and_zero_point():
+    # the GPU path unpacks four weight bytes per instruction with inline PTX the interpreter cannot
+    # run; here those exact instruction strings are executed on every byte value (both nibbles) and
+    # every zero point, four bytes at a time, and must give q - z as int8 in each byte
+    from minicpm_int4.kernels.w4a8 import HIGH_NIBBLES_MINUS_Z_PTX, LOW_NIBBLES_MINUS_Z_PTX
+
+    lo_asm, hi_asm = LOW_NIBBLES_MINUS_Z_PTX.value, HIGH_NIBBLES_MINUS_Z_PTX.value
+    for z in range(16):
+        zz = z * 0x01010101
+        for base in range(0, 256, 4):
+            bytes4 = [(base + i * 67) % 256 for i in range(4)]  # 4 different bytes per word
+            word = sum(b << (8 * i) for i, b in enumerate(bytes4))
+            lo, hi = _run_ptx(lo_asm, word, zz), _run_ptx(hi_asm, word, zz)
+            for i, b in enumerate(bytes4):
+                got_lo = ((lo >> (8 * i)) & 0xFF) - (256 if (lo >> (8 * i)) & 0x80 else 0)
+                got_hi = ((hi >> (8 * i)) & 0xFF) - (256 if (hi >> (8 * i)) & 0x80 else 0)
+                assert (got_lo, got_hi) == ((b & 0xF) - z, (b >> 4) - z), (hex(word), z, i)

@@ -209,6 +209,7 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
         for n, k in shapes:
             for dtype in dtypes:
                 for gs in group_sizes:
+                    gs = gs if gs == -1 or k % gs == 0 else -1  # a K no group size divides: per channel
                     qweight, scales, zeros, g = _weights(n, k, gs, dtype)
                     for has_bias in bias:
                         b = torch.empty((n,), dtype=dtype) if has_bias else None
@@ -306,12 +307,16 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
 
 
 def loop_instructions_per_weight(c: Compiled) -> Optional[float]:
-    """SASS instructions a thread issues per int4 weight in the hot loop of a W4A16 decode kernel
-    (None for other kernels or when no loop was found). One trip of the loop covers BLOCK_N rows x
+    """SASS instructions a thread issues per int4 weight in the hot loop of a GEMM kernel (for
+    prefill and W4A8, per weight of the tile it unpacks each K step; None for other kernels or when
+    no loop was found). One trip of the loop covers BLOCK_N rows x
     BLOCK_KW packed words (times STEPS dot steps in the decode kernel) over num_warps * 32 threads."""
-    if not c.loop_sass or c.kernel not in ("w4a16_gemv", "w4a16_decode"):
+    if not c.loop_sass or c.kernel not in ("w4a16_gemv", "w4a16_decode", "w4a16_prefill", "w4a8_gemm"):
         return None
-    block_k = c.constexprs["BLOCK_KW"] * 8 * c.constexprs.get("STEPS", 1)
+    if c.kernel in ("w4a16_prefill", "w4a8_gemm"):  # a BLOCK_N x BLOCK_K weight tile per step, shared by BLOCK_M rows
+        block_k = c.constexprs["BLOCK_K"]
+    else:
+        block_k = c.constexprs["BLOCK_KW"] * 8 * c.constexprs.get("STEPS", 1)
     weights = c.constexprs["BLOCK_N"] * block_k / (32 * c.options["num_warps"])
     return sum(c.loop_sass.values()) / weights
 

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, _common
 from ._common import _grouped_tile, autotune, min_capability, _round_to, _unpack_int4_tile, num_sms
 
 DECODE_MAX_M = 16
@@ -60,6 +60,21 @@ def _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
     return _round_to((q.to(tl.float32) - z[None, :]) * s[None, :], W_DTYPE)
 
 
+@triton.jit
+def _load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn, stride_sn,
+                       m0, m1, m2, m3, W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same tile as _load_dequant_tile but as W's rows, [BLOCK_N, BLOCK_K], built in registers
+    by _dequant_rows (no [K/8, 8, N] reshape through shared memory)."""
+    offs_kw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    n_mask = offs_n < N
+    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_kw[None, :],
+                    mask=n_mask[:, None] & (offs_kw < KW)[None, :], other=0)
+    g = tl.minimum(k0 // G, NUM_GROUPS - 1)
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+    z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+    return _dequant_rows(words, z, s, m0, m1, m2, m3, W_DTYPE, True)
+
+
 def _decode_configs():
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
@@ -75,30 +90,28 @@ NIBBLE_MASKS = (0xF, 0xF0, 0xF00, 0xF000)
 
 
 @triton.jit
-def _q_minus_z_tile(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr):
-    """int32 words [R, W] (8 nibbles each) and zero points zf [R, 1] (fp32) -> q - z [R, 8 * W] in
-    DTYPE, column 8 * w + i from nibble i of word w; exact (|q - z| <= 15).
+def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.constexpr):
+    """int32 words [R, W] (8 nibbles each), zero points zf and scales sf [R, 1] (fp32) ->
+    [R, 8 * W] in DTYPE, column 8 * w + i from nibble i of word w: the exact small integer q - z, or
+    with SCALE the reference's weight, (q - z) * s (exact in fp32) rounded once to DTYPE.
 
     Nibble j of a half word (bits 4j..4j+3) ORed into the exponent of 2**(23 - 4j) reads as the float
     2**(23 - 4j) + q: the nibble's lowest bit is that float's unit. So one LOP3 and one FADD make
-    q - z exactly, with no shift and no int-to-float convert."""
+    q - z exactly, with no shift and no int-to-float convert. m0..m3 are the masks NIBBLE_MASKS."""
     hi = words >> 16
-    n0 = ((words & m0) | 0x4B000000).to(tl.float32, bitcast=True)
-    n1 = ((words & m1) | 0x49000000).to(tl.float32, bitcast=True)
-    n2 = ((words & m2) | 0x47000000).to(tl.float32, bitcast=True)
-    n3 = ((words & m3) | 0x45000000).to(tl.float32, bitcast=True)
-    n4 = ((hi & m0) | 0x4B000000).to(tl.float32, bitcast=True)
-    n5 = ((hi & m1) | 0x49000000).to(tl.float32, bitcast=True)
-    n6 = ((hi & m2) | 0x47000000).to(tl.float32, bitcast=True)
-    n7 = ((hi & m3) | 0x45000000).to(tl.float32, bitcast=True)
-    z0 = zf + 8388608.0   # 2**23
-    z1 = zf + 524288.0    # 2**19
-    z2 = zf + 32768.0     # 2**15
-    z3 = zf + 2048.0      # 2**11
+    n0 = ((words & m0) | 0x4B000000).to(tl.float32, bitcast=True) - (zf + 8388608.0)   # 2**23
+    n1 = ((words & m1) | 0x49000000).to(tl.float32, bitcast=True) - (zf + 524288.0)    # 2**19
+    n2 = ((words & m2) | 0x47000000).to(tl.float32, bitcast=True) - (zf + 32768.0)     # 2**15
+    n3 = ((words & m3) | 0x45000000).to(tl.float32, bitcast=True) - (zf + 2048.0)      # 2**11
+    n4 = ((hi & m0) | 0x4B000000).to(tl.float32, bitcast=True) - (zf + 8388608.0)
+    n5 = ((hi & m1) | 0x49000000).to(tl.float32, bitcast=True) - (zf + 524288.0)
+    n6 = ((hi & m2) | 0x47000000).to(tl.float32, bitcast=True) - (zf + 32768.0)
+    n7 = ((hi & m3) | 0x45000000).to(tl.float32, bitcast=True) - (zf + 2048.0)
+    if SCALE:
+        n0, n1, n2, n3, n4, n5, n6, n7 = n0 * sf, n1 * sf, n2 * sf, n3 * sf, n4 * sf, n5 * sf, n6 * sf, n7 * sf
     # join appends a last axis: [R, W, 2, 2, 2] with index (c, b, a) holding nibble 4c + 2b + a
-    w = tl.join(tl.join(tl.join(n0 - z0, n4 - z0), tl.join(n2 - z2, n6 - z2)),
-                tl.join(tl.join(n1 - z1, n5 - z1), tl.join(n3 - z3, n7 - z3)))
-    return tl.reshape(w.to(DTYPE), (words.shape[0], words.shape[1] * 8))
+    w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    return tl.reshape(_round_to(w, DTYPE), (words.shape[0], words.shape[1] * 8))
 
 
 @autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K"])
@@ -155,7 +168,7 @@ def _w4a16_decode_kernel(
                 g = kw_step // GROUP_W
                 s = tl.load(s_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)
                 z = tl.load(z_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)[:, None]
-            w = _q_minus_z_tile(words, z, m0, m1, m2, m3, dot_dtype)
+            w = _dequant_rows(words, z, z, m0, m1, m2, m3, dot_dtype, False)
             if PER_CHANNEL:
                 if DOT_FP32:
                     acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
@@ -307,11 +320,16 @@ def _prefill_configs():
 @triton.jit
 def _w4a16_prefill_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, KW, G, NUM_GROUPS, M_BUCKET,
-    stride_xm, stride_qn, stride_sn, stride_om,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N, K, KW, G: tl.constexpr, NUM_GROUPS, M_BUCKET,
+    stride_xm, stride_qn, stride_sn, stride_om, m0, m1, m2, m3,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, W_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """M > 16. W_ROWS: dequantize the weight tile as W's rows with _dequant_rows (one LOP3, FADD
+    and FMUL per weight) and hand its transpose to the dot - on sm_90a ~5.6-6.8 SASS instructions
+    per weight instead of ~9-11.5, which is what keeps the tile's dequantization under its wgmma
+    time; on sm_80 the transpose costs more than it saves (aot.py), so there the [K, N] tile is
+    dequantized directly (_load_dequant_tile)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -322,8 +340,12 @@ def _w4a16_prefill_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        w = _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
-                               stride_qn, stride_sn, w_dtype, BLOCK_K, BLOCK_N)
+        if W_ROWS:
+            w = tl.trans(_load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn,
+                                            stride_sn, m0, m1, m2, m3, w_dtype, BLOCK_K))
+        else:
+            w = _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
+                                   stride_qn, stride_sn, w_dtype, BLOCK_K, BLOCK_N)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -368,6 +390,16 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
     while n_tiles * split < 2 * num_sms(device) and trips // (split * 2) >= 2:
         split *= 2
     return block_n, block_kw, steps, split
+
+
+# None: pick by GPU (row-oriented dequantization on sm_90+); tests set True / False to run both paths
+PREFILL_W_ROWS = None
+
+
+def _prefill_w_rows() -> bool:
+    if PREFILL_W_ROWS is not None:
+        return PREFILL_W_ROWS
+    return not INTERPRET and _common.target_capability() >= 90
 
 
 def _gemv_blocks(n: int, kw: int, device: torch.device):
@@ -448,7 +480,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a16_prefill_kernel[grid](
         x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, BLOCK_K=block_k,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,
+        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(), BLOCK_K=block_k,
     )
     return out

@@ -1,39 +1,72 @@
 """W4A8: int8 activations x int4 weights on int8 tensor cores, exact asymmetric zero points.
 
     xq_ptr  int8 [M, K]; xs_ptr fp32 [M] (per-token scales)
-    qw_ptr  int32 [N, K/8]; s_ptr, z_ptr [N, K/G] (scales, integer zero points); b_ptr [N]
-    out_ptr [M, N] in OUT_DTYPE
+    qb_ptr  the packed weights read as bytes, int8 [N, K/2] (a view of int32 [N, K/8]: byte i of a
+            row holds elements 2i (low nibble) and 2i+1 (high nibble))
+    s_ptr, z_ptr [N, K/G] (scales, integer zero points); b_ptr [N]; out_ptr [M, N] in OUT_DTYPE
 
 Per group g (the K tiles of one group are accumulated in int32 before any scaling):
-    acc_g = dot(x_q, q) - z * rowsum(x_q)          exact integers (|acc_g| < 2**31 for K < 2**20)
+    acc_g = dot(x_q, q - z)                         exact integers (|acc_g| < 2**31 for K < 2**20)
     y    += float(acc_g) * s_g                      fp32, groups in order (as reference.w4a8_gemm_ref)
     y     = y * x_scale (+ bias)
-The int4 values are unpacked to int8 in registers; q - z is never formed, so int8 holds q exactly.
+q - z lies in [-15, 15], so int8 holds it exactly and the result equals the reference's
+sum(x_q * q) - z * sum(x_q) bit for bit, with no row sums of x to form.
+
+The weight tile is unpacked as W's rows [BLOCK_N, BLOCK_K] (K contiguous: the K-major layout int8
+wgmma wants for its second operand, so the transpose handed to tl.dot is free). On a GPU the
+unpacking works on four bytes per instruction (inline PTX, USE_ASM): low nibbles are
+((b & 0x0F0F0F0F) | 0x80808080) - z * 0x01010101, then XOR 0x80808080 (every byte is 128 + q - z
+before the XOR, so no borrow crosses bytes); high nibbles the same after a shift by 4. That is under
+one instruction per weight; aot.py counts ~2-2.7 SASS instructions per weight for the whole loop
+on sm_90a, against 7.7 for the [K, N]-tile unpacking it replaced - which matters because int8
+wgmma does ~4096 MACs per SM-clock, so a 128-row tile hides only ~4 instructions per weight.
+The interpreter cannot run inline PTX; there the same bytes are unpacked with int8 tensor ops.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _grouped_tile, autotune, _round_to, _unpack_int4_tile, tl_dtype
+from ._common import _grouped_tile, autotune, _round_to, tl_dtype
 
 
 def _configs():
+    # Two [BLOCK_M, BLOCK_N] accumulators (int32 per group, fp32 across groups) live at once, so
+    # 128x256 / 256x128 tiles spill hundreds of bytes per thread (kernels/aot.py); not offered.
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    # Two [BLOCK_M, BLOCK_N] accumulators (int32 per group, fp32 across groups) live at once, so
-    # 128x256 and 256x128 tiles spill hundreds of bytes per thread (kernels/aot.py); not offered.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]]
+
+
+# Four bytes per instruction: $1 = 4 packed weight bytes, $2 = the zero point in all 4 bytes.
+# lop3 0xEA is (a & b) | c. tests/test_w4a8.py runs these instructions on every byte and zero point.
+LOW_NIBBLES_MINUS_Z_PTX = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x0F0F0F0F, 0x80808080, 0xEA; "
+                                       "sub.u32 t, t, $2; xor.b32 $0, t, 0x80808080; }")
+HIGH_NIBBLES_MINUS_Z_PTX = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 4; lop3.b32 t, t, 0x0F0F0F0F, 0x80808080, "
+                                        "0xEA; sub.u32 t, t, $2; xor.b32 $0, t, 0x80808080; }")
+
+
+@triton.jit
+def _q_minus_z_bytes(b, z, USE_ASM: tl.constexpr):
+    """Packed bytes b int8 [R, KB] and zero points z int8 [R, KB] (one value per row, broadcast) ->
+    q - z as int8 [R, 2 * KB], column 2i from the low nibble of byte i, 2i + 1 from the high one."""
+    if USE_ASM:
+        lo = tl.inline_asm_elementwise(LOW_NIBBLES_MINUS_Z_PTX, "=r,r,r", [b, z], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(HIGH_NIBBLES_MINUS_Z_PTX, "=r,r,r", [b, z], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = (b & 0xF) - z
+        hi = ((b >> 4) & 0xF) - z
+    return tl.reshape(tl.join(lo, hi), (b.shape[0], b.shape[1] * 2))
 
 
 @autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
 @triton.jit
 def _w4a8_gemm_kernel(
-    xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, KW, G, M_BUCKET,
+    xq_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, KB, G: tl.constexpr, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
-    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -44,23 +77,21 @@ def _w4a8_gemm_kernel(
     n_mask = offs_n < N
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g0 in range(0, K, G):
+        g = g0 // G
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int8)
+        zb = tl.broadcast_to(z[:, None], (BLOCK_N, BLOCK_K // 2))
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for kk in range(0, G, BLOCK_K):
             k0 = g0 + kk
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xq = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                          mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
-            offs_kw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)  # 16-byte loads
-            words = tl.load(qw_ptr + offs_n[None, :] * stride_qn + offs_kw[:, None],
-                            mask=(offs_kw[:, None] < KW) & n_mask[None, :], other=0)
-            q = _unpack_int4_tile(words, BLOCK_K // 8, BLOCK_N).to(tl.int8)
-            acc += tl.dot(xq, q, out_dtype=tl.int32)
-            xsum += tl.sum(xq.to(tl.int32), axis=1)
-        g = g0 // G
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int32)
-        acc -= z[None, :] * xsum[:, None]
+            offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # 16-byte loads
+            b = tl.load(qb_ptr + offs_n[:, None] * stride_qn + offs_b[None, :],
+                        mask=n_mask[:, None] & (offs_b[None, :] < KB), other=0)
+            w = _q_minus_z_bytes(b, zb, USE_ASM)
+            acc = tl.dot(xq, tl.trans(w), acc, out_dtype=tl.int32)
         y += acc.to(tl.float32) * s[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0)
     y = y * xs[:, None]
@@ -80,14 +111,15 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
         return out
     if g in (32, 64, 128):
         block_k = min(g, 32 if INTERPRET else 64)
-    else:  # per channel: one group spanning K; tiles past K are masked
+    else:  # per channel: one group spanning K, tail masked (128-wide tiles spill there: aot.py)
         block_k = 32 if INTERPRET else 64
+    qbytes = qweight.view(torch.int8)  # [N, K/2], same memory
     has_bias = bias is not None
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a8_gemm_kernel[grid](
-        x_q, x_scale, qweight, scales, zeros, bias if has_bias else scales, out,
-        m, n, k, k // 8, g, triton.next_power_of_2(m),
-        x_q.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), BLOCK_K=block_k,
+        x_q, x_scale, qbytes, scales, zeros, bias if has_bias else scales, out,
+        m, n, k, k // 2, g, triton.next_power_of_2(m),
+        x_q.stride(0), qbytes.stride(0), scales.stride(0), out.stride(0),
+        HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, BLOCK_K=block_k,
     )
     return out
