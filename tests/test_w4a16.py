@@ -20,6 +20,17 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = {32: (70, 96), 64: (45, 192), 128: (33, 384), -1: (40, 200)}
 
 
+def _check_triton_vs_reference(n, k, group_size, m, dtype, weight_seed, x_seed, x_scale=1.0):
+    """Fresh random weights, x (times x_scale) and bias through the Triton backend, against reference.py."""
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=weight_seed)
+    g = torch.Generator().manual_seed(x_seed)
+    x = torch.randn(m, k, generator=g).to(dtype) * x_scale
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
+    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64], ids=lambda m: f"M{m}")
@@ -44,13 +55,7 @@ def test_w4a16_prefill_row_dequant_matches_reference(m, group_size, dtype, monke
 
     monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", True)
     n, k = SHAPES[group_size]
-    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=m * n + 1)
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype)
-    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
-    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
-    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+    _check_triton_vs_reference(n, k, group_size, m, dtype, weight_seed=m * n + 1, x_seed=m)
 
 
 def test_w4a16_prefill_paths_dequantize_alike(monkeypatch):
@@ -113,19 +118,15 @@ def test_w4a16_decode_paths(case, m, dtype):
     block_n, block_kw, steps, split = _decode_blocks(n, k, gs, torch.device("cpu"))
     assert (n % block_n == 0 and (k // 8) % (block_kw * steps * split) == 0) == case.startswith("even")
     assert (split > 1) == ("split" in case)
-    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n * k + m)
-    g = torch.Generator().manual_seed(k + m)
-    x = torch.randn(m, k, generator=g).to(dtype) * 4
-    bias = torch.randn(n, generator=g).to(dtype)
-    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
-    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
-    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+    _check_triton_vs_reference(n, k, group_size, m, dtype, weight_seed=n * k + m, x_seed=k + m, x_scale=4.0)
 
 
-def test_w4a16_decode_magic_nibbles_exact():
+@pytest.mark.parametrize("m", [1, 2], ids=["gemv-M1", "decode-M2"])
+def test_w4a16_magic_nibbles_exact(m):
     # every nibble value against every zero point (q - z from -15 to 15) in each of the 8 nibble
-    # positions, x powers of two: each product is exact and the sums are small, so the decode
-    # kernel's dot must give the exact fp64 sum
+    # positions, x powers of two, scales 1: each product is exact and the sums are small, so both
+    # decode kernels (the M = 1 GEMV's fp32 FMAs, the 2..16-row kernel's dot) must give the exact
+    # fp64 sum
     k = 16 * 8
     q = torch.arange(k).remainder(16).repeat(16, 1)
     q = torch.stack([q.roll(r, 1) for r in range(16)]).reshape(256, k)[::16]  # rotate nibbles across positions
@@ -133,7 +134,7 @@ def test_w4a16_decode_magic_nibbles_exact():
     from minicpm_int4.packing import pack_int4
 
     qweight = pack_int4(q)
-    x = torch.stack([2.0 ** -(torch.arange(k) % 7), 2.0 ** -(torch.arange(k) % 5)])
+    x = torch.stack([2.0 ** -(torch.arange(k) % 7), 2.0 ** -(torch.arange(k) % 5)])[:m]
     scales = torch.ones(16, 1)
     y = ops.w4a16_gemm(x, qweight, scales, zeros, None, -1, backend="triton")
     exact = x.double() @ (q.double() - zeros.double()).t()
@@ -163,27 +164,5 @@ def test_w4a16_gemv_paths(case, dtype):
     gs = k if group_size == -1 else group_size
     assert (n % block_n == 0 and (k // 8) % block_kw == 0) == case.startswith("even")
     assert (block_kw <= gs // 8) == ("one-group" in case or "per-channel" in case)
-    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n * k)
-    g = torch.Generator().manual_seed(k)
-    x = torch.randn(1, k, generator=g).to(dtype) * 4  # fresh, larger than the weights' scale
-    bias = torch.randn(n, generator=g).to(dtype)
-    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
-    y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
-    assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
-
-
-def test_w4a16_gemv_magic_nibbles_exact():
-    # every nibble value against every zero point, x a power of two per position: each product
-    # x_k * (q - z) is exact, so the GEMV's fp32 sum must equal the exact sum in fp64 (no rounding of
-    # weights to the dtype here: scales are 1)
-    k = 16 * 8
-    q = torch.arange(k).remainder(16).repeat(16, 1)                    # q = 0..15 along K
-    zeros = torch.arange(16, dtype=torch.float32).unsqueeze(1)         # z = 0..15, one per row
-    from minicpm_int4.packing import pack_int4
-
-    qweight = pack_int4(q)
-    x = (2.0 ** -(torch.arange(k) % 7)).unsqueeze(0)
-    scales = torch.ones(16, 1)
-    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, -1, backend="triton")
-    exact = ((q.double() - zeros.double()) * x.double()).sum(1)
-    assert torch.equal(y[0].double(), exact)
+    # x larger than the weights' scale
+    _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)

@@ -44,9 +44,17 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return pid_m, pid_n
 
 
-def target_capability() -> int:
-    """Compute capability of the current GPU as 80, 90, ... (kernels/aot.py sets its target's)."""
-    major, minor = torch.cuda.get_device_capability()
+def target_capability(device=None) -> int:
+    """Compute capability of `device` (default: the current GPU) as 80, 90, ... (kernels/aot.py sets
+    its target's). Cached: launchers ask on every call."""
+    if device is None or device.index is None:
+        return _capability(torch.cuda.current_device())
+    return _capability(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
     return 10 * major + minor
 
 

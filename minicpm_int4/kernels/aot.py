@@ -178,7 +178,7 @@ def _recording(arch: Arch, sink: List[Launch], label: str):
         for name, k in kernels.items():
             k.run = recorder(name, k)
         w4a16.num_sms = lambda device: arch.sms
-        _common.target_capability = lambda: arch.capability
+        _common.target_capability = lambda device=None: arch.capability
         yield
     finally:
         for name, k in kernels.items():

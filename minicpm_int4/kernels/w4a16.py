@@ -396,10 +396,10 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
 PREFILL_W_ROWS = None
 
 
-def _prefill_w_rows() -> bool:
+def _prefill_w_rows(device: torch.device) -> bool:
     if PREFILL_W_ROWS is not None:
         return PREFILL_W_ROWS
-    return not INTERPRET and _common.target_capability() >= 90
+    return not INTERPRET and _common.target_capability(device) >= 90
 
 
 def _gemv_blocks(n: int, kw: int, device: torch.device):
@@ -481,6 +481,6 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     _w4a16_prefill_kernel[grid](
         x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,
-        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(), BLOCK_K=block_k,
+        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(x.device), BLOCK_K=block_k,
     )
     return out
