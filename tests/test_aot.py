@@ -26,7 +26,7 @@ out = []
 for arch in ("sm80", "sm90a"):
     # decode shapes (M = 1 and 4) in fp16 and bf16, even and ragged K; prefill/W4A8/act-quant in fp16
     for shapes, ms, dtypes in [([(4096, 4096), (1152, 4304)], [1, 4], [torch.float16, torch.bfloat16]),
-                               ([(4096, 4096)], [4096], [torch.float16])]:
+                               ([(4096, 4096), (1152, 4304)], [4096], [torch.float16])]:
         for launch in aot.record_launches(aot.ARCHS[arch], shapes, ms, dtypes):
             c = aot.compile_launch(launch, aot.ARCHS[arch])
             out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
@@ -72,9 +72,10 @@ def test_w4a8_uses_int8_tensor_cores_and_does_not_spill(compiled):
     for arch in ("sm80", "sm90a"):
         variants = [c for c in _by_kernel(compiled, "w4a8_gemm") if c["arch"] == arch]
         assert all(any(".s8" in k for k in c["tensor_core"]) for c in variants)
-        assert any(c["spill_bytes"] == 0 for c in variants), f"every W4A8 config spills on {arch}"
-        # the grouped layers (K a multiple of the group) must not spill in any config
-        bad = [(c["label"], c["constexprs"]) for c in variants if "K=4096" in c["label"] and c["spill_bytes"]]
+        # no config spills: grouped layers, nor per-channel ones with a ragged K (4304: the vision
+        # MLP, which no group size divides) - those keep a single int32 accumulator (PER_CHANNEL);
+        # with the grouped loop's two accumulators they spilled 16-160 bytes on sm_80
+        bad = [(c["label"], c["constexprs"], c["spill_bytes"]) for c in variants if c["spill_bytes"]]
         assert not bad, bad
     sm90 = [c for c in _by_kernel(compiled, "w4a8_gemm") if c["arch"] == "sm90a"]
     assert all(any(k.startswith("wgmma") for k in c["tensor_core"]) for c in sm90)
@@ -103,7 +104,7 @@ def test_gemv_inner_loop_within_issue_budget(compiled):
         ipw = c["instr_per_weight"]
         assert ipw is not None, f"no loop found in {c['label']}"
         if c["constexprs"]["EVEN"]:
-            assert ipw <= 6.0, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
+            assert ipw <= 5.5, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
         else:  # masked tail handling costs a little more
             assert ipw <= 7.5, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
         assert not any(op.startswith("I2F") for op in c["loop_sass"]), "int-to-float converts in the GEMV loop"

@@ -21,6 +21,10 @@ one instruction per weight; aot.py counts ~2-2.7 SASS instructions per weight fo
 on sm_90a, against 7.7 for the [K, N]-tile unpacking it replaced - which matters because int8
 wgmma does ~4096 MACs per SM-clock, so a 128-row tile hides only ~4 instructions per weight.
 The interpreter cannot run inline PTX; there the same bytes are unpacked with int8 tensor ops.
+
+Per-channel layers (PER_CHANNEL, G == K: the vision MLP's K = 4304, which no group size divides)
+keep one int32 accumulator and scale it once at the end; run through the grouped loop they held an
+fp32 and an int32 tile at once and spilled 16-160 bytes per thread on sm_80 (kernels/aot.py).
 """
 import torch
 import triton
@@ -60,13 +64,27 @@ def _q_minus_z_bytes(b, z, USE_ASM: tl.constexpr):
     return tl.reshape(tl.join(lo, hi), (b.shape[0], b.shape[1] * 2))
 
 
+@triton.jit
+def _w4a8_step(acc, xq_ptr, qb_ptr, k0, offs_m, offs_n, m_mask, n_mask, zb, K, KB, stride_xm, stride_qn,
+               USE_ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + dot(x_q[:, k0:k0 + BLOCK_K], (q - z)[:, k0:k0 + BLOCK_K].T), int32."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    xq = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                 mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
+    offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # 16-byte loads
+    b = tl.load(qb_ptr + offs_n[:, None] * stride_qn + offs_b[None, :],
+                mask=n_mask[:, None] & (offs_b[None, :] < KB), other=0)
+    return tl.dot(xq, tl.trans(_q_minus_z_bytes(b, zb, USE_ASM)), acc, out_dtype=tl.int32)
+
+
 @autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
 @triton.jit
 def _w4a8_gemm_kernel(
     xq_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, KB, G: tl.constexpr, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
-    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -75,24 +93,27 @@ def _w4a8_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, K, G):
-        g = g0 // G
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int8)
+    if PER_CHANNEL:  # one group over all of K: a single int32 accumulator, scaled once
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_sn, mask=n_mask, other=0).to(tl.int8)
         zb = tl.broadcast_to(z[:, None], (BLOCK_N, BLOCK_K // 2))
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for kk in range(0, G, BLOCK_K):
-            k0 = g0 + kk
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xq = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
-            offs_b = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # 16-byte loads
-            b = tl.load(qb_ptr + offs_n[:, None] * stride_qn + offs_b[None, :],
-                        mask=n_mask[:, None] & (offs_b[None, :] < KB), other=0)
-            w = _q_minus_z_bytes(b, zb, USE_ASM)
-            acc = tl.dot(xq, tl.trans(w), acc, out_dtype=tl.int32)
-        y += acc.to(tl.float32) * s[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            acc = _w4a8_step(acc, xq_ptr, qb_ptr, k0, offs_m, offs_n, m_mask, n_mask, zb, K, KB,
+                             stride_xm, stride_qn, USE_ASM, BLOCK_K)
+        y = acc.to(tl.float32) * s[None, :]
+    else:
+        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g0 in range(0, K, G):
+            g = g0 // G
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int8)
+            zb = tl.broadcast_to(z[:, None], (BLOCK_N, BLOCK_K // 2))
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for kk in range(0, G, BLOCK_K):
+                acc = _w4a8_step(acc, xq_ptr, qb_ptr, g0 + kk, offs_m, offs_n, m_mask, n_mask, zb, K, KB,
+                                 stride_xm, stride_qn, USE_ASM, BLOCK_K)
+            y += acc.to(tl.float32) * s[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0)
     y = y * xs[:, None]
     if HAS_BIAS:
@@ -120,6 +141,7 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
         x_q, x_scale, qbytes, scales, zeros, bias if has_bias else scales, out,
         m, n, k, k // 2, g, triton.next_power_of_2(m),
         x_q.stride(0), qbytes.stride(0), scales.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, BLOCK_K=block_k,
+        HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
+        BLOCK_K=block_k,
     )
     return out
