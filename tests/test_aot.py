@@ -25,9 +25,12 @@ from minicpm_int4.kernels import aot
 out = []
 for arch in ("sm80", "sm90a"):
     # decode shapes (M = 1 and 4) in fp16 and bf16, even and ragged K; prefill/W4A8/act-quant in fp16
-    for shapes, ms, dtypes in [([(4096, 4096), (1152, 4304)], [1, 4], [torch.float16, torch.bfloat16]),
-                               ([(4096, 4096), (1152, 4304)], [4096], [torch.float16])]:
-        for launch in aot.record_launches(aot.ARCHS[arch], shapes, ms, dtypes):
+    # and the small groups' K tiles (32 / 64 wide) for the tensor-core kernels
+    for shapes, ms, dtypes, group_sizes in [
+            ([(4096, 4096), (1152, 4304)], [1, 4], [torch.float16, torch.bfloat16], [128]),
+            ([(4096, 4096), (1152, 4304)], [4096], [torch.float16], [128]),
+            ([(4096, 4096)], [4096], [torch.float16], [32, 64])]:
+        for launch in aot.record_launches(aot.ARCHS[arch], shapes, ms, dtypes, group_sizes):
             c = aot.compile_launch(launch, aot.ARCHS[arch])
             out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                     "instr_per_weight": aot.loop_instructions_per_weight(c)})
@@ -87,7 +90,7 @@ def test_w4a8_unpacking_hides_behind_int8_wgmma(compiled):
     # instruction (inline PTX) keeps the K loop at ~2.3-3.5; the [K, N]-tile unpacking it replaced
     # issued 4.5-10 (and its 128x128 tile spilled 368 bytes).
     for c in _by_kernel(compiled, "w4a8_gemm"):
-        if c["arch"] == "sm90a" and "K=4096" in c["label"]:
+        if c["arch"] == "sm90a" and "K=4096 G=128" in c["label"]:
             ipw = c["instr_per_weight"]
             assert ipw is not None and ipw <= 4.0, (c["label"], c["constexprs"], ipw)
 
@@ -135,10 +138,11 @@ def test_prefill_dequantization_cost_on_sm90a(compiled):
     for c in _by_kernel(compiled, "w4a16_prefill"):
         if c["arch"] != "sm90a":
             continue
-        assert c["constexprs"]["W_ROWS"] is True
+        # 32-wide K tiles (G = 32) take the [K, N] tile: their row tile does not compile for wgmma
+        assert c["constexprs"]["W_ROWS"] is (c["constexprs"]["BLOCK_K"] >= 64), (c["label"], c["constexprs"])
         ipw = c["instr_per_weight"]
         assert ipw is not None, c["label"]
-        if "K=4096" in c["label"] and c["constexprs"]["BLOCK_M"] == 128 and c["constexprs"]["BLOCK_N"] >= 128:
+        if "K=4096 G=128" in c["label"] and c["constexprs"]["BLOCK_M"] == 128 and c["constexprs"]["BLOCK_N"] >= 128:
             assert ipw <= 8.0, (c["label"], c["constexprs"], ipw)
             checked += 1
     assert checked

@@ -405,10 +405,14 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
 PREFILL_W_ROWS = None
 
 
-def _prefill_w_rows(device: torch.device) -> bool:
+def _prefill_w_rows(device: torch.device, block_k: int) -> bool:
+    """Row-oriented dequantization on sm_90+ for K tiles of 64. With 32-wide tiles (group size 32)
+    the transposed row tile does not compile for wgmma: Triton 3.6 fails its pass pipeline for the
+    128x256 and 64x128 configs, and Triton 3.9 aborts the process in LLVM ("Illegal shared layout");
+    those take the [K, N] tile (kernels/aot.py and tests/test_aot.py check both)."""
     if PREFILL_W_ROWS is not None:
         return PREFILL_W_ROWS
-    return not INTERPRET and _common.target_capability(device) >= 90
+    return not INTERPRET and block_k >= 64 and _common.target_capability(device) >= 90
 
 
 def _gemv_blocks(n: int, kw: int, device: torch.device):
@@ -490,6 +494,6 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     _w4a16_prefill_kernel[grid](
         x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,
-        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(x.device), BLOCK_K=block_k,
+        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(x.device, block_k), BLOCK_K=block_k,
     )
     return out
