@@ -29,7 +29,9 @@ for arch in ("sm80", "sm90a"):
     for shapes, ms, dtypes, group_sizes in [
             ([(4096, 4096), (1152, 4304)], [1, 4], [torch.float16, torch.bfloat16], [128]),
             ([(4096, 4096), (1152, 4304)], [4096], [torch.float16], [128]),
-            ([(4096, 4096)], [4096], [torch.float16], [32, 64])]:
+            ([(4096, 4096)], [4096], [torch.float16], [32, 64]),
+            # fp32 layers: exact fp32 FMA dots with tiles of their own (the tensor-core tiles spilled KBs)
+            ([(4096, 4096)], [4096], [torch.float32], [128])]:
         for launch in aot.record_launches(aot.ARCHS[arch], shapes, ms, dtypes, group_sizes):
             c = aot.compile_launch(launch, aot.ARCHS[arch])
             out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,

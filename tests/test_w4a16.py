@@ -166,3 +166,23 @@ def test_w4a16_gemv_paths(case, dtype):
     assert (block_kw <= gs // 8) == ("one-group" in case or "per-channel" in case)
     # x larger than the weights' scale
     _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)
+
+
+def test_prefill_config_choice_on_a_gpu(monkeypatch):
+    # What the autotuner may time on a GPU (the interpreter has a single config, so CI never runs
+    # this choice): fp32 layers get their own small FMA tiles, fp16/bf16 the tensor-core ones, and
+    # 128x256 only from sm_90. Also the row-dequantized tile only for 64-wide K tiles on sm_90.
+    from minicpm_int4.kernels import _common, w4a16
+
+    monkeypatch.setattr(w4a16, "INTERPRET", False)
+    cfgs = w4a16._prefill_configs()
+    prune = w4a16._w4a16_prefill_kernel.early_config_prune   # as triton.autotune calls it
+    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in cs}  # noqa: E731
+    for cap in (80, 90):
+        monkeypatch.setattr(_common, "target_capability", lambda device=None, cap=cap: cap)
+        fp32 = prune(cfgs, {}, DOT_FP32=True)
+        assert tiles(fp32) == {(bm, bn, w) for bm, bn, w, _ in w4a16.FP32_PREFILL_TILES}
+        tc = prune(cfgs, {}, DOT_FP32=False)
+        assert not tiles(tc) & tiles(fp32) and ((128, 256, 8) in tiles(tc)) == (cap >= 90)
+        assert w4a16._prefill_w_rows(torch.device("cpu"), 64) == (cap >= 90)
+        assert not w4a16._prefill_w_rows(torch.device("cpu"), 32)

@@ -10,10 +10,11 @@ import triton.language as tl
 def autotune(configs, key, prune=None):
     """triton.autotune with a short benchmark per config (5 ms warm-up, 25 ms timing) where this
     Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick.
-    prune(configs) -> the configs worth timing on this GPU (see min_capability)."""
+    prune(configs, kwargs) -> the configs worth timing for this launch on this GPU (kwargs: the
+    launch's keyword arguments, the constexprs among them; see min_capability)."""
     kw = {}
     if prune is not None:
-        kw["prune_configs_by"] = {"early_config_prune": lambda configs, named_args, **_: prune(configs)}
+        kw["prune_configs_by"] = {"early_config_prune": lambda configs, named_args, **kwargs: prune(configs, kwargs)}
     if "do_bench" in inspect.signature(triton.autotune).parameters:
         from triton.testing import do_bench
 
@@ -58,7 +59,7 @@ def _capability(device_index: int) -> int:
     return 10 * major + minor
 
 
-def min_capability(configs):
+def min_capability(configs, kwargs=None):
     """Drop configs whose `min_capability` (a Config attribute set by the kernel file) this GPU lacks."""
     if len(configs) <= 1:  # the interpreter's single config; nothing to choose
         return configs

@@ -124,14 +124,15 @@ def _jit_fn(kernel):
     return kernel.fn if hasattr(kernel, "configs") else kernel  # Autotuner -> its JITFunction
 
 
-def _configs(kernel) -> List[Tuple[Dict[str, object], Dict[str, int]]]:
-    """(meta-parameters, options) per autotune config; one entry for a plain @triton.jit kernel."""
+def _configs(kernel, kwargs) -> List[Tuple[Dict[str, object], Dict[str, int]]]:
+    """(meta-parameters, options) per autotune config the launch's keyword arguments leave (as the
+    autotuner's early_config_prune sees them); one entry for a plain @triton.jit kernel."""
     cfgs = getattr(kernel, "configs", None)
     if not cfgs:
         return [({}, {})]
     prune = getattr(kernel, "early_config_prune", None)
     if prune is not None:
-        cfgs = prune(cfgs, {})
+        cfgs = prune(cfgs, {}, **kwargs)
     return [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in cfgs]
 
 
@@ -149,7 +150,7 @@ def _recording(arch: Arch, sink: List[Launch], label: str):
         fn = _jit_fn(kernel)
 
         def run(*args, grid, warmup, **kwargs):
-            for meta, opts in _configs(kernel):
+            for meta, opts in _configs(kernel, kwargs):
                 bound = dict(zip(fn.arg_names, args))
                 bound.update(kwargs)
                 bound.update(meta)
@@ -350,8 +351,9 @@ def problems(c: Compiled) -> List[str]:
         out.append(f"{c.spill_bytes} bytes of register spills per thread")
     if c.smem > c.smem_limit:
         out.append(f"shared memory {c.smem} B > {c.smem_limit} B")
-    dot_kernel = c.kernel in ("w4a16_prefill", "w4a8_gemm") or (
-        c.kernel == "w4a16_decode" and c.constexprs.get("BLOCK_M", 1) > 1)
+    # fp32 layers (DOT_FP32) multiply in exact fp32 on purpose: FMA, no tensor cores
+    dot_kernel = not c.constexprs.get("DOT_FP32", False) and (c.kernel in ("w4a16_prefill", "w4a8_gemm") or (
+        c.kernel == "w4a16_decode" and c.constexprs.get("BLOCK_M", 1) > 1))
     if dot_kernel and not c.tensor_core:
         out.append("no tensor-core instruction (mma / wgmma) in the PTX")
     if c.kernel == "w4a8_gemm" and c.tensor_core and not any(".s8" in k for k in c.tensor_core):

@@ -322,10 +322,27 @@ def _prefill_configs():
         # 128x256 needs Hopper's wgmma (accumulators in fewer registers): it spills on sm_80 (aot.py)
         cfg.min_capability = 90 if bn == 256 else 0
         cfgs.append(cfg)
+    # fp32 layers multiply in exact fp32 (FMA, no tensor cores): the tiles above spill kilobytes
+    # per thread there (aot.py), so they get small ones of their own
+    for bm, bn, w, s in FP32_PREFILL_TILES:
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        cfg.dot_fp32 = True
+        cfgs.append(cfg)
     return cfgs
 
 
-@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G"], prune=min_capability)
+FP32_PREFILL_TILES = [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]  # spill-free on sm_80 / sm_90a (aot.py)
+
+
+def _prefill_prune(configs, kwargs):
+    """The fp32-dot configs for DOT_FP32 launches, the tensor-core ones otherwise; then by GPU."""
+    if len(configs) <= 1:  # the interpreter's single config
+        return configs
+    fp32 = bool(kwargs.get("DOT_FP32", False))
+    return min_capability([c for c in configs if getattr(c, "dot_fp32", False) == fp32])
+
+
+@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G"], prune=_prefill_prune)
 @triton.jit
 def _w4a16_prefill_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -488,7 +505,8 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     has_bias = bias is not None
     b = bias if has_bias else scales  # any valid pointer; never read
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_k = _block_k(k, g, 32 if INTERPRET else 64)
+    # fp32 FMA dots (no tensor cores) keep both operand tiles in registers: 32-wide K tiles there
+    block_k = _block_k(k, g, 32 if INTERPRET or dot_fp32 else 64)
     m_bucket = triton.next_power_of_2(m)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a16_prefill_kernel[grid](
