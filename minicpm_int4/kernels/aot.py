@@ -13,7 +13,10 @@ config with the specialisation Triton's JIT would make (16-byte aligned pointers
 divisible by 16, integers equal to 1 as constants).
 
 Needs the kernels imported *without* TRITON_INTERPRET (the interpreter uses other configs):
-`python -m minicpm_int4.kernels.aot` or `minicpm-int4 inspect-kernels`.
+`python -m minicpm_int4.kernels.aot` or `minicpm-int4 inspect-kernels`. A wide sweep that reports
+only what is wrong (a compiler abort included):
+    python -m minicpm_int4.kernels.aot --group-size=32,64,128,-1 --dtype float16,bfloat16,float32 \
+        --m 1,5,4096 --shapes 4096x4096,1000x1032 --bias --isolate --no-sass --problems-only
 """
 from __future__ import annotations
 
@@ -330,16 +333,46 @@ DEFAULT_MS = (1, 4, 16, 4096)
 
 def inspect(archs: Sequence[str] = ("sm80", "sm90a"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS,
             dtypes=(torch.float16, torch.bfloat16), group_sizes=(128,), sass: bool = True,
-            progress: Optional[Callable[[str], None]] = None) -> List[Compiled]:
+            progress: Optional[Callable[[str], None]] = None, bias=(False,), isolate: bool = False) -> List[Compiled]:
+    """Record and compile every launch. isolate: compile each in a forked child, so that a compiler
+    that aborts the process (LLVM fatal errors do) is reported as that variant's error."""
     results: List[Compiled] = []
     for name in archs:
         arch = ARCHS[name]
-        launches = record_launches(arch, shapes, ms, dtypes, group_sizes)
+        launches = record_launches(arch, shapes, ms, dtypes, group_sizes, bias)
         for i, launch in enumerate(launches):
             if progress:
                 progress(f"[{name} {i + 1}/{len(launches)}] {launch.kernel} {launch.label}")
-            results.append(compile_launch(launch, arch, sass=sass))
+            compile_fn = _compile_isolated if isolate else compile_launch
+            results.append(compile_fn(launch, arch, sass=sass))
     return results
+
+
+def _compile_isolated(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
+    import pickle
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compile, send the result, exit without running any cleanup of the parent's
+        os.close(read_fd)
+        try:
+            payload = pickle.dumps(compile_launch(launch, arch, sass=sass))
+        except BaseException as e:  # noqa: BLE001 - anything the compiler raises is the result
+            payload = pickle.dumps(f"{type(e).__name__}: {e}"[:300])
+        with os.fdopen(write_fd, "wb") as f:
+            f.write(payload)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        payload = f.read()
+    _, status = os.waitpid(pid, 0)
+    result = pickle.loads(payload) if payload else None
+    if isinstance(result, Compiled):
+        return result
+    error = result or f"the compiler killed the process (wait status {status})"
+    return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
+                    options=launch.options, regs=0, spill_bytes=0, smem=0, smem_limit=arch.smem_limit,
+                    global_loads={}, tensor_core={}, error=error)
 
 
 def problems(c: Compiled) -> List[str]:
@@ -388,6 +421,10 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", default="128")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--no-sass", action="store_true", help="skip disassembly (faster)")
+    p.add_argument("--bias", action="store_true", help="also every launch with a bias")
+    p.add_argument("--isolate", action="store_true",
+                   help="compile each variant in a child process (a compiler abort becomes that variant's error)")
+    p.add_argument("--problems-only", action="store_true", help="print only the variants with a problem")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     try:
@@ -398,8 +435,9 @@ def main(argv=None) -> int:
     results = inspect(archs=args.arch.split(","), shapes=shapes, ms=[int(v) for v in args.m.split(",")],
                       dtypes=[getattr(torch, d) for d in args.dtype.split(",")],
                       group_sizes=[int(v) for v in args.group_size.split(",")], sass=not args.no_sass,
-                      progress=(lambda s: print(s, file=sys.stderr, flush=True)))
-    print(format_table(results))
+                      progress=(lambda s: print(s, file=sys.stderr, flush=True)),
+                      bias=(False, True) if args.bias else (False,), isolate=args.isolate)
+    print(format_table([c for c in results if problems(c)] if args.problems_only else results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(c) | {"problems": problems(c)} for c in results], f, indent=1, default=str)
