@@ -82,6 +82,10 @@ def test_w4a8_uses_int8_tensor_cores_and_does_not_spill(compiled):
         # with the grouped loop's two accumulators they spilled 16-160 bytes on sm_80
         bad = [(c["label"], c["constexprs"], c["spill_bytes"]) for c in variants if c["spill_bytes"]]
         assert not bad, bad
+    # sm_80's grouped epilogue converts int32 -> fp32 without I2F (a 16-per-clock pipe there)
+    slow = [c["label"] for c in _by_kernel(compiled, "w4a8_gemm")
+            if c["arch"] == "sm80" and "G=-1" not in c["label"] and "I2F" in c["sass_counts"]]
+    assert not slow, slow
     sm90 = [c for c in _by_kernel(compiled, "w4a8_gemm") if c["arch"] == "sm90a"]
     assert all(any(k.startswith("wgmma") for k in c["tensor_core"]) for c in sm90)
 

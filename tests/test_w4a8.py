@@ -149,3 +149,29 @@ def test_w4a8_ptx_unpacking_gives_q_minus_z_for_every_byte_and_zero_point():
                 got_lo = ((lo >> (8 * i)) & 0xFF) - (256 if (lo >> (8 * i)) & 0x80 else 0)
                 got_hi = ((hi >> (8 * i)) & 0xFF) - (256 if (hi >> (8 * i)) & 0x80 else 0)
                 assert (got_lo, got_hi) == ((b & 0xF) - z, (b >> 4) - z), (hex(word), z, i)
+
+
+@triton_only
+@pytest.mark.parametrize("group_size", [32, 128], ids=lambda g: f"g{g}")
+def test_w4a8_magic_int_to_float_convert_is_exact(group_size, monkeypatch):
+    # sm_80's epilogue converts each group's int32 sum by (acc + bits of 1.5 * 2**23) - 1.5 * 2**23
+    # instead of I2F: the same float for |acc| < 2**22. Drive |acc| to its largest (every x_q
+    # +-127, every q - z +-15: 128 * 127 * 15) and compare the two paths bit for bit.
+    from minicpm_int4.kernels import w4a8
+
+    n, k = 40, 256
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=5)
+    zeros.copy_(torch.where(torch.arange(n)[:, None] % 2 == 0, 0.0, 15.0).to(zeros.dtype).expand_as(zeros))
+    # q = 15 on even rows (q - z = 15), 0 on odd rows (q - z = -15): all nibbles 0xF / 0x0
+    qweight.copy_(torch.where(torch.arange(n)[:, None] % 2 == 0, -1, 0).to(torch.int32).expand_as(qweight))
+    x_q = torch.where(torch.rand(33, k) < 0.9, 127, -127).to(torch.int8)
+    x_q[0] = 127
+    x_scale = torch.rand(33) + 0.5
+    outs = []
+    for magic in (False, True):
+        monkeypatch.setattr(w4a8, "W4A8_MAGIC_CVT", magic)
+        outs.append(ops.w4a8_gemm(x_q, x_scale, qweight, scales, zeros, None, group_size, torch.float32,
+                                  backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    y_ref = w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, None, gs, torch.float32)
+    assert torch.equal(outs[1], y_ref)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, _common
 from ._common import _grouped_tile, autotune, _round_to, tl_dtype
 
 
@@ -84,6 +84,7 @@ def _w4a8_gemm_kernel(
     M, N, K, KB, G: tl.constexpr, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    MAGIC_CVT: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -113,13 +114,30 @@ def _w4a8_gemm_kernel(
             for kk in range(0, G, BLOCK_K):
                 acc = _w4a8_step(acc, xq_ptr, qb_ptr, g0 + kk, offs_m, offs_n, m_mask, n_mask, zb, K, KB,
                                  stride_xm, stride_qn, USE_ASM, BLOCK_K)
-            y += acc.to(tl.float32) * s[None, :]
+            if MAGIC_CVT:  # int32 -> fp32 as (acc + bits of 1.5 * 2**23) - 1.5 * 2**23: exact for |acc| < 2**22
+                accf = (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            else:
+                accf = acc.to(tl.float32)
+            y += accf * s[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0)
     y = y * xs[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(y, OUT_DTYPE),
              mask=m_mask[:, None] & n_mask[None, :])
+
+
+# None: by GPU. sm_80/86/89 convert int32 -> fp32 with I2F on a 16-per-clock pipe, which for a
+# 128x128 tile at G = 128 takes as long as the group's int8 MMAs; the exact magic-number convert (an
+# integer add and an FADD, full-rate pipes) replaces it there. sm_90 emits I2FP, kept. Per-channel
+# layers convert once (and their |acc| may exceed 2**22), so always I2F. Tests set True / False.
+W4A8_MAGIC_CVT = None
+
+
+def _magic_convert(device: torch.device) -> bool:
+    if W4A8_MAGIC_CVT is not None:
+        return W4A8_MAGIC_CVT
+    return not INTERPRET and _common.target_capability(device) < 90
 
 
 def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype):
@@ -142,6 +160,7 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
         m, n, k, k // 2, g, triton.next_power_of_2(m),
         x_q.stride(0), qbytes.stride(0), scales.stride(0), out.stride(0),
         HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
+        MAGIC_CVT=g != k and _magic_convert(x_q.device),
         BLOCK_K=block_k,
     )
     return out
