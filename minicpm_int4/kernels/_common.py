@@ -59,7 +59,7 @@ def _capability(device_index: int) -> int:
     return 10 * major + minor
 
 
-def min_capability(configs, kwargs=None):
+def min_capability(configs):
     """Drop configs whose `min_capability` (a Config attribute set by the kernel file) this GPU lacks."""
     if len(configs) <= 1:  # the interpreter's single config; nothing to choose
         return configs

@@ -278,15 +278,12 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     names = [p.name for p in fn.params]
     constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in launch.attrs}
-    base = dict(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
-                options=launch.options, smem_limit=arch.smem_limit)
     try:
         src = ASTSource(fn, launch.signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch.capability, 32), options=dict(launch.options))
     except Exception as e:  # a config this architecture cannot take: reported, not raised
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return Compiled(regs=0, spill_bytes=0, smem=0, global_loads={}, tensor_core={},
-                        error=f"{type(e).__name__}: {first[:300]}", **base)
+        return _failed(launch, arch, f"{type(e).__name__}: {first[:300]}")
     ptx = compiled.asm["ptx"]
     loads = Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))
     # pipelined loads go global -> shared with cp.async; name them by their byte count
@@ -306,8 +303,16 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
         if sass:
             out = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
             total, loop = _sass_summary(out)
-    return Compiled(regs=regs, spill_bytes=stack, smem=compiled.metadata.shared, global_loads=dict(loads),
-                    tensor_core=dict(mma), sass_counts=total, loop_sass=loop, **base)
+    return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
+                    options=launch.options, smem_limit=arch.smem_limit, regs=regs, spill_bytes=stack,
+                    smem=compiled.metadata.shared, global_loads=dict(loads), tensor_core=dict(mma),
+                    sass_counts=total, loop_sass=loop)
+
+
+def _failed(launch: Launch, arch: Arch, error: str) -> Compiled:
+    return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
+                    options=launch.options, regs=0, spill_bytes=0, smem=0, smem_limit=arch.smem_limit,
+                    global_loads={}, tensor_core={}, error=error)
 
 
 def loop_instructions_per_weight(c: Compiled) -> Optional[float]:
@@ -337,13 +342,13 @@ def inspect(archs: Sequence[str] = ("sm80", "sm90a"), shapes=DEFAULT_SHAPES, ms=
     """Record and compile every launch. isolate: compile each in a forked child, so that a compiler
     that aborts the process (LLVM fatal errors do) is reported as that variant's error."""
     results: List[Compiled] = []
+    compile_fn = _compile_isolated if isolate else compile_launch
     for name in archs:
         arch = ARCHS[name]
         launches = record_launches(arch, shapes, ms, dtypes, group_sizes, bias)
         for i, launch in enumerate(launches):
             if progress:
                 progress(f"[{name} {i + 1}/{len(launches)}] {launch.kernel} {launch.label}")
-            compile_fn = _compile_isolated if isolate else compile_launch
             results.append(compile_fn(launch, arch, sass=sass))
     return results
 
@@ -369,10 +374,7 @@ def _compile_isolated(launch: Launch, arch: Arch, sass: bool = True) -> Compiled
     result = pickle.loads(payload) if payload else None
     if isinstance(result, Compiled):
         return result
-    error = result or f"the compiler killed the process (wait status {status})"
-    return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
-                    options=launch.options, regs=0, spill_bytes=0, smem=0, smem_limit=arch.smem_limit,
-                    global_loads={}, tensor_core={}, error=error)
+    return _failed(launch, arch, result or f"the compiler killed the process (wait status {status})")
 
 
 def problems(c: Compiled) -> List[str]:
