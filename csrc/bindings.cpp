@@ -47,9 +47,13 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
               zeros.device() == x.device(), "w4a16_gemm: all tensors must be on the same device");
   const c10::cuda::CUDAGuard guard(x.device());
   if (M == 0) return;
+  // The kernel reads x 16 bytes at a time: a view with an odd offset or row stride is copied
+  // (an [M, K] row of a decode step: a few KiB, negligible next to the weights).
+  const bool x_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (M == 1 || x.stride(0) % 8 == 0);
+  const at::Tensor xa = x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
   cudaError_t err = minicpm_int4_w4a16_gemv(
-      x.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
-      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), x.stride(0),
+      xa.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
+      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
       out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.w4a16_gemm: kernel launch failed: ", cudaGetErrorString(err));
 }

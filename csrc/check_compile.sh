@@ -9,11 +9,14 @@ if ! command -v "$NVCC" >/dev/null; then
   echo "check_compile: nvcc not found; cannot compile csrc/*.cu" >&2
   exit 1
 fi
+TORCH_NVCC_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+                  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for cu in *.cu; do
   for arch in 80 90a; do
+    # with the flags torch's CUDAExtension adds (no implicit half/bf16 conversions or operators)
     "$NVCC" -std=c++17 -O3 -c "$cu" -o "$tmp/${cu%.cu}.sm_${arch}.o" \
-      -gencode "arch=compute_${arch},code=sm_${arch}" -Xcompiler -Wall
+      -gencode "arch=compute_${arch},code=sm_${arch}" -Xcompiler -Wall,-Werror "${TORCH_NVCC_FLAGS[@]}"
     echo "nvcc ok: $cu sm_${arch}"
   done
 done

@@ -1,160 +1,100 @@
-// W4A16 decode GEMV / skinny GEMM for M = 1..8 rows: y = x @ dequant(W).T (+ bias).
+// W4A16 decode GEMV / skinny GEMM for M = 1..8 rows of x: y = x @ dequant(W).T (+ bias).
 //
 // No torch headers: plain pointers, sizes and a cudaStream_t (bindings.cpp wraps it for torch).
+// The per-thread arithmetic lives in w4a16_gemv_core.cuh (shared with the CPU emulation the tests
+// run); this file adds the block reduction, the choice of rows per block and the launch.
 //
-// Layout (canonical, minicpm_int4/packing.py) - no repacking is needed for this kernel:
-//   x        [M, K]          fp16 or bf16, row stride ldx (elements), unit stride along K
-//   qweight  int32 [N, K/8]  nibble i (bits 4i..4i+3) of word j = q[n, 8j + i], values 0..15
-//   scales   [N, K/G]        same dtype as x;  zeros [N, K/G] integer zero points, same dtype
-//   bias     [N] or nullptr; out [M, N] same dtype as x, row stride ldo
-//
-// Math (the reference's rule): w = (q - z) * s rounded once to the activation dtype, products with
-// x and their sums in fp32, one rounding of the result.
-//
-// Work split: one warp per output row n. Fast path (K % 32 == 0, so every row of qweight is 16-byte
-// aligned): each lane loads 16 bytes (4 words = 32 weights, all in one group since G >= 32 and
-// 32 | G) per step, so a warp streams 512 contiguous bytes of the row per step. int4 -> fp16/bf16
-// without int-to-float converts: (word >> 4i) & 0x000F000F | MAGIC puts nibbles i and i+4 into the
-// mantissas of a half2 holding (MAGIC_VALUE + q); subtracting (MAGIC_VALUE + z) is exact, and the
-// multiply by s rounds once, exactly like the fp32 product rounded to the dtype. The MT rows of x
-// share every weight load. A warp-shuffle reduction ends each row. Other K: one word per lane-step.
+//   bias [N] or nullptr; out [M, N] same dtype as x, row stride ldo. Larger M: launched in slices of
+//   8 rows (the extension is meant for decode; the Triton kernels take larger M).
 #include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <cstdint>
+
+#include "w4a16_gemv_core.cuh"
 
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
+using namespace minicpm_int4_gemv;
 
-template <typename T> struct Vec;
-template <> struct Vec<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
-  static constexpr float kMagicValue = 1024.f;
-  __device__ static float to_f32(__half v) { return __half2float(v); }
-  __device__ static __half from_f32(float v) { return __float2half_rn(v); }
-  __device__ static T2 splat(float v) { return __float2half2_rn(v); }
-  __device__ static float2 to_f32x2(T2 v) { return __half22float2(v); }
-};
-template <> struct Vec<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // bf16x2(128, 128)
-  static constexpr float kMagicValue = 128.f;
-  __device__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
-  __device__ static T2 splat(float v) { return __float2bfloat162_rn(v); }
-  __device__ static float2 to_f32x2(T2 v) { return __bfloat1622float2(v); }
-};
+template <typename T, int MT, int R>
+__global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const T* __restrict__ bias,
+                                                            T* __restrict__ out, long ldo, bool fast) {
+  const int tid = threadIdx.x;
+  const int n0 = blockIdx.x * R;
+  float acc[MT][R];
+  thread_partials<T, MT, R>(p, n0, tid, fast, acc);
 
-// (a & b) | c in one instruction
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
+  __shared__ float warp_sums[MT * R][kWarps];
+  const int lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = acc[m][r];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) warp_sums[m * R + r][warp] = v;
+    }
+  }
+  __syncthreads();
+  if (tid < MT * R) {
+    const int m = tid / R, r = tid % R, n = n0 + r;
+    if (n < p.N) out[m * ldo + n] = finish<T>(warp_sums[tid], bias, n);
+  }
 }
 
-// Dequantize one packed word into 8 weights (fp32 values of the dtype-rounded weights), in order.
-template <typename T>
-__device__ __forceinline__ void dequant_word(uint32_t word, typename Vec<T>::T2 zm, typename Vec<T>::T2 s2, float w[8]) {
-  using V = Vec<T>;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t bits = lop3_and_or(word >> (4 * i), 0x000F000Fu, V::kMagic);
-    typename V::T2 h = *reinterpret_cast<const typename V::T2*>(&bits);  // (MAGIC + q_i, MAGIC + q_{i+4})
-    h = __hmul2(__hsub2(h, zm), s2);                                      // (q - z) exact, * s rounds once
-    const float2 f = V::to_f32x2(h);
-    w[i] = f.x;
-    w[i + 4] = f.y;
-  }
+// SMs of the current device, cached per device (read once; the attribute query is cheap but not free).
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132;
+  if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) return 132;
+  if (dev < kMaxDevices) cache[dev] = sms;
+  return sms;
+}
+
+template <typename T, int MT, int R>
+void launch_r(const Params<T>& p, const T* bias, T* out, long ldo, bool fast, cudaStream_t stream) {
+  const dim3 grid((p.N + R - 1) / R);
+  w4a16_gemv_kernel<T, MT, R><<<grid, kThreads, 0, stream>>>(p, bias, out, ldo, fast);
 }
 
 template <typename T, int MT>
-__global__ void w4a16_gemv_kernel(const T* __restrict__ x, const int32_t* __restrict__ qweight,
-                                  const T* __restrict__ scales, const T* __restrict__ zeros,
-                                  const T* __restrict__ bias, T* __restrict__ out,
-                                  int N, int K, int group_size, long ldx, long ldo) {
-  using V = Vec<T>;
-  const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (n >= N) return;
-  const int kw_total = K / 8;
-  const int groups = K / group_size;
-  const int32_t* wrow = qweight + static_cast<long>(n) * kw_total;
-  const T* srow = scales + static_cast<long>(n) * groups;
-  const T* zrow = zeros + static_cast<long>(n) * groups;
-  float acc[MT];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-
-  int kw_done = 0;
-  if ((K & 31) == 0) {
-    const uint4* wrow4 = reinterpret_cast<const uint4*>(wrow);
-    const int kv_total = K / 32;
-    for (int kv = lane; kv < kv_total; kv += 32) {
-      const uint4 words = __ldg(wrow4 + kv);
-      const int k0 = kv * 32;
-      const int g = k0 / group_size;
-      const typename V::T2 zm = V::splat(V::kMagicValue + V::to_f32(zrow[g]));  // exact: small integers
-      const typename V::T2 s2 = V::splat(V::to_f32(srow[g]));
-      const uint32_t wv[4] = {words.x, words.y, words.z, words.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float w[8];
-        dequant_word<T>(wv[j], zm, s2, w);
-        const int kb = k0 + 8 * j;
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          const T* xr = x + m * ldx + kb;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[m] = fmaf(V::to_f32(xr[i]), w[i], acc[m]);
-        }
-      }
-    }
-    kw_done = kw_total;
+void launch_mt(const Params<T>& p, int r, const T* bias, T* out, long ldo, bool fast, cudaStream_t stream) {
+  // MT * R <= kMaxRows: the instantiations that can be picked
+  if constexpr (MT == 1) {
+    if (r == 8) return launch_r<T, 1, 8>(p, bias, out, ldo, fast, stream);
   }
-  for (int kw = kw_done + lane; kw < kw_total; kw += 32) {  // general K: one word per lane-step
-    const uint32_t word = static_cast<uint32_t>(__ldg(wrow + kw));
-    const int k0 = kw * 8;
-    const int g = k0 / group_size;  // 8 | group_size: a word lies in one group
-    const typename V::T2 zm = V::splat(V::kMagicValue + V::to_f32(zrow[g]));
-    const typename V::T2 s2 = V::splat(V::to_f32(srow[g]));
-    float w[8];
-    dequant_word<T>(word, zm, s2, w);
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      const T* xr = x + m * ldx + k0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[m] = fmaf(V::to_f32(xr[i]), w[i], acc[m]);
-    }
+  if constexpr (MT <= 2) {
+    if (r == 4) return launch_r<T, MT, 4>(p, bias, out, ldo, fast, stream);
   }
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float v = acc[m];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) {
-      if (bias != nullptr) v += V::to_f32(bias[n]);
-      out[m * ldo + n] = V::from_f32(v);
-    }
+  if constexpr (MT <= 4) {
+    if (r == 2) return launch_r<T, MT, 2>(p, bias, out, ldo, fast, stream);
   }
+  launch_r<T, MT, 1>(p, bias, out, ldo, fast, stream);
 }
 
 template <typename T>
 cudaError_t launch(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out,
                    int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
-  const dim3 block(32 * kWarpsPerBlock);
-  const dim3 grid((N + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const int chunk_shift = chunk_shift_for(K, group_size);
+  const bool fast = chunk_shift >= 0;
+  const int sms = sm_count();
   for (int m0 = 0; m0 < M; m0 += 8) {
     const int mt = (M - m0) < 8 ? (M - m0) : 8;
-    const T* xs = x + static_cast<long>(m0) * ldx;
+    const Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, N, K, group_size, ldx, chunk_shift, 0xFu};
     T* os = out + static_cast<long>(m0) * ldo;
+    const int r = rows_per_block(mt, N, sms);
     switch (mt) {
-#define MINICPM_CASE(MTV) \
-      case MTV: w4a16_gemv_kernel<T, MTV><<<grid, block, 0, stream>>>(xs, qweight, scales, zeros, bias, os, N, K, group_size, ldx, ldo); break;
-      MINICPM_CASE(1) MINICPM_CASE(2) MINICPM_CASE(3) MINICPM_CASE(4)
-      MINICPM_CASE(5) MINICPM_CASE(6) MINICPM_CASE(7) MINICPM_CASE(8)
-#undef MINICPM_CASE
+      case 1: launch_mt<T, 1>(p, r, bias, os, ldo, fast, stream); break;
+      case 2: launch_mt<T, 2>(p, r, bias, os, ldo, fast, stream); break;
+      case 3: launch_mt<T, 3>(p, r, bias, os, ldo, fast, stream); break;
+      case 4: launch_mt<T, 4>(p, r, bias, os, ldo, fast, stream); break;
+      case 5: launch_mt<T, 5>(p, r, bias, os, ldo, fast, stream); break;
+      case 6: launch_mt<T, 6>(p, r, bias, os, ldo, fast, stream); break;
+      case 7: launch_mt<T, 7>(p, r, bias, os, ldo, fast, stream); break;
+      default: launch_mt<T, 8>(p, r, bias, os, ldo, fast, stream); break;
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -164,16 +104,18 @@ cudaError_t launch(const T* x, const int32_t* qweight, const T* scales, const T*
 
 }  // namespace
 
-// dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue for arguments the kernel cannot take
-// (the bindings check them first and raise with a message; this is the last line of defence).
+// dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue / cudaErrorMisalignedAddress for
+// arguments the kernel cannot take (the bindings check them first and raise with a message; this
+// is the last line of defence).
 extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
                                                const void* zeros, const void* bias, void* out, int M, int N,
                                                int K, int group_size, long ldx, long ldo, int dtype,
                                                cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0)
     return cudaErrorInvalidValue;
-  if ((K % 32 == 0) && (group_size % 32 != 0)) return cudaErrorInvalidValue;  // 32-weight vectors span one group
-  if ((reinterpret_cast<uintptr_t>(qweight) & 15) != 0) return cudaErrorMisalignedAddress;
+  // x is read 8 values (16 bytes) at a time; qweight's rows 16 bytes at a time when K % 32 == 0
+  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0) return cudaErrorMisalignedAddress;
+  if (K % 32 == 0 && (reinterpret_cast<uintptr_t>(qweight) & 15) != 0) return cudaErrorMisalignedAddress;
   if (dtype == 0)
     return launch<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                           static_cast<const __half*>(zeros), static_cast<const __half*>(bias),

@@ -1,0 +1,114 @@
+// The CUDA W4A16 GEMV (csrc/w4a16_gemv.cu) run on the CPU, block by block and thread by thread.
+//
+// Every thread's work is the kernel's own code (thread_partials in csrc/w4a16_gemv_core.cuh, the
+// same function the GPU runs), and so are the host-side choices (chunk_shift_for, rows_per_block);
+// this file replaces only what needs a GPU - the warp shuffles, shared memory and the launch - with
+// a sequential emulation in the kernel's order of additions. Built by tests/test_csrc_gemv.py with
+// `nvcc -shared` (host code only, no GPU needed) and called through ctypes.
+#include "../../csrc/w4a16_gemv_core.cuh"
+
+#include <vector>
+
+namespace {
+
+using namespace minicpm_int4_gemv;
+
+// One block: kThreads threads' partial sums, each warp's xor-shuffle butterfly (every lane adds its
+// partner's value at each step, as __shfl_xor_sync does), lane 0's sum into warp_sums, then finish.
+template <typename T, int MT, int R>
+void run_block(const Params<T>& p, int n0, bool fast, const T* bias, T* out, long ldo) {
+  std::vector<float> acc(static_cast<size_t>(kThreads) * MT * R);
+  for (int tid = 0; tid < kThreads; ++tid) {
+    float a[MT][R];
+    thread_partials<T, MT, R>(p, n0, tid, fast, a);
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r) acc[(static_cast<size_t>(tid) * MT + m) * R + r] = a[m][r];
+  }
+  for (int m = 0; m < MT; ++m) {
+    for (int r = 0; r < R; ++r) {
+      float warp_sums[kWarps];
+      for (int w = 0; w < kWarps; ++w) {
+        float v[32], next[32];
+        for (int lane = 0; lane < 32; ++lane) v[lane] = acc[(static_cast<size_t>(w * 32 + lane) * MT + m) * R + r];
+        for (int off = 16; off > 0; off >>= 1) {
+          for (int lane = 0; lane < 32; ++lane) next[lane] = v[lane] + v[lane ^ off];
+          for (int lane = 0; lane < 32; ++lane) v[lane] = next[lane];
+        }
+        warp_sums[w] = v[0];
+      }
+      const int n = n0 + r;
+      if (n < p.N) out[m * ldo + n] = finish<T>(warp_sums, bias, n);
+    }
+  }
+}
+
+template <typename T, int MT, int R>
+void run_grid(const Params<T>& p, bool fast, const T* bias, T* out, long ldo) {
+  for (int n0 = 0; n0 < p.N; n0 += R) run_block<T, MT, R>(p, n0, fast, bias, out, ldo);
+}
+
+// The instantiations csrc/w4a16_gemv.cu launches (MT * R <= kMaxRows); false for any other pair.
+template <typename T, int MT>
+bool dispatch_r(const Params<T>& p, int r, bool fast, const T* bias, T* out, long ldo) {
+  if constexpr (MT == 1) {
+    if (r == 8) return run_grid<T, 1, 8>(p, fast, bias, out, ldo), true;
+  }
+  if constexpr (MT <= 2) {
+    if (r == 4) return run_grid<T, MT, 4>(p, fast, bias, out, ldo), true;
+  }
+  if constexpr (MT <= 4) {
+    if (r == 2) return run_grid<T, MT, 2>(p, fast, bias, out, ldo), true;
+  }
+  if (r == 1) return run_grid<T, MT, 1>(p, fast, bias, out, ldo), true;
+  return false;
+}
+
+template <typename T>
+int emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
+            int N, int K, int group_size, long ldx, long ldo, int rows, int sms) {
+  const int chunk_shift = chunk_shift_for(K, group_size);
+  const bool fast = chunk_shift >= 0;
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    const int mt = (M - m0) < 8 ? (M - m0) : 8;
+    const Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, N, K, group_size, ldx, chunk_shift, 0xFu};
+    T* os = out + static_cast<long>(m0) * ldo;
+    const int r = rows > 0 ? rows : rows_per_block(mt, N, sms);
+    bool ok = false;
+    switch (mt) {
+      case 1: ok = dispatch_r<T, 1>(p, r, fast, bias, os, ldo); break;
+      case 2: ok = dispatch_r<T, 2>(p, r, fast, bias, os, ldo); break;
+      case 3: ok = dispatch_r<T, 3>(p, r, fast, bias, os, ldo); break;
+      case 4: ok = dispatch_r<T, 4>(p, r, fast, bias, os, ldo); break;
+      case 5: ok = dispatch_r<T, 5>(p, r, fast, bias, os, ldo); break;
+      case 6: ok = dispatch_r<T, 6>(p, r, fast, bias, os, ldo); break;
+      case 7: ok = dispatch_r<T, 7>(p, r, fast, bias, os, ldo); break;
+      default: ok = dispatch_r<T, 8>(p, r, fast, bias, os, ldo); break;
+    }
+    if (!ok) return -1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype 0 = fp16, 1 = bf16; rows = R for every slice (0: rows_per_block with `sms` SMs, as the
+// launcher picks). Returns 0, or -1 for a (slice rows, R) pair the kernel has no instantiation for.
+int minicpm_int4_gemv_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
+                              const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
+                              int dtype, int rows, int sms) {
+  if (dtype == 0)
+    return emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
+                           static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
+                           static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, rows, sms);
+  return emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
+                                static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
+                                static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
+                                group_size, ldx, ldo, rows, sms);
+}
+
+int minicpm_int4_gemv_chunk_shift(int K, int group_size) { return chunk_shift_for(K, group_size); }
+int minicpm_int4_gemv_rows_per_block(int mt, int n, int sms) { return rows_per_block(mt, n, sms); }
+
+}  // extern "C"

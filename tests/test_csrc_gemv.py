@@ -1,0 +1,152 @@
+"""The CUDA W4A16 GEMV (csrc/w4a16_gemv.cu), its arithmetic and indexing run on the CPU.
+
+tests/csrc/gemv_host_emu.cu compiles the kernel's per-thread code (csrc/w4a16_gemv_core.cuh) and
+its launcher's choices (fast or general path, rows per block) for the host with nvcc, and runs
+every block and thread in turn, with the warp shuffles and the cross-warp sum emulated in the
+kernel's order. These tests compare that with reference.py under the derived GEMM tolerance, for
+every instantiation (rows of x MT x rows per block R), both paths, every group size, bias or none
+and a strided x. Every input buffer ends at an inaccessible page, so a read past its end (a row
+past N, a chunk past K) kills the test run instead of passing unnoticed.
+
+What is left to the GPU (tests/test_gpu.py): the shuffles themselves, the 16-byte loads'
+alignment in hardware, the launch, and timing. Needs nvcc (CI has it; elsewhere the tests skip
+unless MINICPM_INT4_REQUIRE_NVCC=1, which .ci/run sets so that they can never skip there).
+"""
+import ctypes
+import mmap
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from minicpm_int4.reference import w4a16_gemm_ref
+
+from helpers import assert_gemm_close, dequant, random_qweight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU_SRC = os.path.join(ROOT, "tests", "csrc", "gemv_host_emu.cu")
+VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("MINICPM_INT4_REQUIRE_NVCC") == "1":
+            pytest.fail("MINICPM_INT4_REQUIRE_NVCC=1 but nvcc is not on PATH")
+        pytest.skip("needs nvcc to build the CUDA GEMV's host emulation")
+    lib = tmp_path_factory.mktemp("csrc") / "gemv_host_emu.so"
+    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC,-Wall,-Werror", "-o", str(lib), EMU_SRC]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
+    so = ctypes.CDLL(str(lib))
+    so.minicpm_int4_gemv_emulate.restype = ctypes.c_int
+    so.minicpm_int4_gemv_emulate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
+    for f in (so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block):
+        f.restype = ctypes.c_int
+    return so
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_PAGE = mmap.PAGESIZE
+_keep = []  # the mappings behind guarded tensors stay mapped until the process ends
+
+
+def _guarded(t: torch.Tensor) -> torch.Tensor:
+    """A copy of contiguous `t` whose last byte is followed by an inaccessible page."""
+    nbytes = t.numel() * t.element_size()
+    assert nbytes % 2 == 0
+    data_pages = -(-nbytes // _PAGE)
+    mm = mmap.mmap(-1, (data_pages + 1) * _PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    if _libc.mprotect(base + data_pages * _PAGE, _PAGE, 0) != 0:  # PROT_NONE
+        raise OSError(ctypes.get_errno(), "mprotect failed")
+    _keep.append(mm)
+    start = data_pages * _PAGE - nbytes
+    out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132):
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=x.dtype)
+    args = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            bias.data_ptr() if bias is not None else None, out.data_ptr()]
+    rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0),
+                                       0 if x.dtype == torch.float16 else 1, rows, sms)
+    assert rc == 0, f"no instantiation for M={m} R={rows}"
+    return out
+
+
+# (N, K, group size as quantized (-1 = per channel)): which path the launcher takes and why
+SHAPES = [
+    (37, 8192, 128),   # fast path, 256 chunks: every thread has two, four chunks per group
+    (19, 4160, 64),    # fast path, 130 chunks: two threads get a second chunk
+    (11, 1056, 32),    # fast path, 33 chunks: most threads idle, one group per chunk
+    (23, 2080, -1),    # fast path per channel (chunk_shift 30)
+    (29, 1152, 96),    # general path: 96/32 is not a power of two
+    (13, 1160, -1),    # general path: per channel with K % 32 = 8
+    (17, 272, 16),     # general path: groups of 16
+]
+
+
+def _layer(n, k, group_size, dtype, seed):
+    if group_size in (-1, 32, 64, 128):
+        qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=seed)
+    else:  # a group size quantize.py does not offer: random codes, scales and zero points
+        g = torch.Generator().manual_seed(seed)
+        from minicpm_int4.packing import pack_int4
+
+        qweight = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+        scales = (torch.rand(n, k // group_size, generator=g) * 0.01 + 1e-3).to(dtype)
+        zeros = torch.randint(0, 16, (n, k // group_size), generator=g).to(dtype)
+        gs = group_size
+    return qweight, scales, zeros, gs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_gemv_emulation_matches_reference_every_instantiation(emu, shape, dtype):
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n + k)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    w = dequant(qweight, scales, zeros, gs, dtype)
+    g = torch.Generator().manual_seed(k)
+    for mt in range(1, 9):
+        for r in VALID_R[mt]:
+            x = _guarded(torch.randn(mt, k, generator=g).to(dtype))
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (mt + r) % 2 else None
+            y = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=r)
+            assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 8, 11, 16, 19], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("sms", [1, 132], ids=["sms1", "sms132"])
+def test_gemv_emulation_launcher_choices_and_strided_x(emu, m, sms, dtype):
+    """M past 8 runs in slices of 8 with the launcher's own rows per block; x is a view whose rows
+    are 8 elements longer than K (ldx != K)."""
+    n, k = 45, 4096
+    qweight, scales, zeros, gs = _layer(n, k, 128, dtype, seed=m)
+    g = torch.Generator().manual_seed(100 + m)
+    x_full = _guarded(torch.randn(m, k + 8, generator=g).to(dtype))
+    x = x_full[:, :k]
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = _emulate(emu, x, _guarded(qweight), _guarded(scales), _guarded(zeros), bias, gs, rows=0, sms=sms)
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_gemv_launcher_choices(emu):
+    cs = emu.minicpm_int4_gemv_chunk_shift
+    assert [cs(4096, 32), cs(4096, 64), cs(4096, 128), cs(4096, 4096)] == [0, 1, 2, 30]
+    assert [cs(4096 + 8, 4096 + 8), cs(1152, 96), cs(272, 16), cs(4096, 8)] == [-1, -1, -1, -1]
+    rpb = emu.minicpm_int4_gemv_rows_per_block
+    # H100 (132 SMs): R = 8 needs ceil(N / 8) >= 528 blocks, i.e. N >= 4217
+    assert [rpb(1, 4096, 132), rpb(1, 12288, 132), rpb(1, 768, 132), rpb(1, 100, 132)] == [4, 8, 1, 1]
+    assert [rpb(2, 12288, 132), rpb(3, 12288, 132), rpb(5, 12288, 132), rpb(8, 12288, 132)] == [4, 2, 1, 1]
+    assert [rpb(mt, 10 ** 6, 1) for mt in range(1, 9)] == [8, 4, 2, 2, 1, 1, 1, 1]
