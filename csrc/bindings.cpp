@@ -9,14 +9,17 @@
 
 extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
                                                const void* zeros, const void* bias, void* out, int M, int N,
-                                               int K, int group_size, long ldx, long ldo, int dtype,
+                                               int K, int group_size, long ldx, long ldo, int dtype, int variant,
                                                cudaStream_t stream);
+extern "C" int minicpm_int4_w4a16_mma_supported(int K, int group_size);
 
 namespace {
 
+// variant: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core GEMV), 1 = the
+// CUDA-core GEMV, 2 = the tensor-core kernel (K % 128 == 0, group size a power of two >= 32 or K).
 void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
-                    at::Tensor& out) {
+                    at::Tensor& out, int64_t variant) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "minicpm_int4_C.w4a16_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_gemm: x must be [M, K] with unit stride along K");
@@ -39,6 +42,11 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV) or 2 "
+              "(tensor cores), got ", variant);
+  TORCH_CHECK(variant != 2 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
+              "w4a16_gemm (cuda): the tensor-core kernel needs K % 128 == 0 and a group size that is a power of two "
+              ">= 32 or K; got K=", K, ", group_size=", group_size, " (variant 0 or 1 takes it)");
   TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
               "w4a16_gemm (cuda): qweight must be 16-byte aligned for 16-byte loads (got a view with an offset?)");
   TORCH_CHECK(out.is_cuda() && out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == M &&
@@ -54,24 +62,27 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   cudaError_t err = minicpm_int4_w4a16_gemv(
       xa.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
-      out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, c10::cuda::getCurrentCUDAStream().stream());
+      out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, static_cast<int>(variant),
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.w4a16_gemm: kernel launch failed: ", cudaGetErrorString(err));
 }
 
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size) {
+                      const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
+                      int64_t variant) {
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "w4a16_gemm: x must be [M, K] and qweight [N, K/8]");
   at::Tensor out = at::empty({x.size(0), qweight.size(0)}, x.options());
-  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out);
+  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out, variant);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(minicpm_int4_C, m) {
-  m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size) -> Tensor");
+  m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
+        "int variant=0) -> Tensor");
   m.def("w4a16_gemm_out(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
-        "Tensor(a!) out) -> ()");
+        "Tensor(a!) out, int variant=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {

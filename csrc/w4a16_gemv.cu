@@ -1,14 +1,23 @@
-// W4A16 decode GEMV / skinny GEMM for M = 1..8 rows of x: y = x @ dequant(W).T (+ bias).
+// W4A16 decode kernels for a few rows of x: y = x @ dequant(W).T (+ bias), two of them:
+//   - tensor cores (w4a16_mma_core.cuh): M = 1..16 per launch on m16n8k16 mma.sync, for K % 128 == 0
+//     and G a power of two >= 32 (or per channel) - every MiniCPM-V LLM layer;
+//   - a CUDA-core GEMV (w4a16_gemv_core.cuh): M = 1..8 per launch, any K % 8 == 0 and G % 8 == 0.
+// "auto" takes the tensor-core kernel where it applies. Larger M runs in slices (the extension is
+// meant for decode; the Triton kernels take prefill).
 //
 // No torch headers: plain pointers, sizes and a cudaStream_t (bindings.cpp wraps it for torch).
-// The per-thread arithmetic lives in w4a16_gemv_core.cuh (shared with the CPU emulation the tests
-// run); this file adds the block reduction, the choice of rows per block and the launch.
+// The per-thread / per-warp code lives in the two headers, shared with the CPU emulation the tests
+// run; this file adds the block reductions, the choices of rows per block and the launches.
 //
-//   bias [N] or nullptr; out [M, N] same dtype as x, row stride ldo. Larger M: launched in slices of
-//   8 rows (the extension is meant for decode; the Triton kernels take larger M).
+//   bias [N] or nullptr; out [M, N] same dtype as x, row stride ldo.
 #include <cuda_runtime.h>
 
 #include "w4a16_gemv_core.cuh"
+#include "w4a16_mma_core.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "minicpm_int4's CUDA kernels need sm_80 or newer (bf16 and m16n8k16 mma.sync)"
+#endif
 
 namespace {
 
@@ -38,6 +47,36 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const
   if (tid < MT * R) {
     const int m = tid / R, r = tid % R, n = n0 + r;
     if (n < p.N) out[m * ldo + n] = finish<T>(warp_sums[tid], bias, n);
+  }
+}
+
+template <typename T, int NT, int NB, bool POST>
+__global__ void __launch_bounds__(minicpm_int4_mma::kThreads)
+    w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
+  namespace mm = minicpm_int4_mma;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = blockIdx.x * 16 * NT;
+  const int lanes[1] = {lane};
+  float acc[NT][NB][1][4];
+  mm::warp_partials<T, NT, NB, POST, mm::DeviceMma, 1>(p, n0, warp, lanes, acc);
+
+  constexpr int kSlots = NT * NB * 4;
+  __shared__ float red[kSlots][mm::kWarps][32];  // [output slot][warp][lane]: conflict-free both ways
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(nt * NB + nb) * 4 + e][warp][lane] = acc[nt][nb][0][e];
+  __syncthreads();
+  for (int o = threadIdx.x; o < kSlots * 32; o += mm::kThreads) {
+    const int slot = o >> 5, ln = o & 31;
+    float vals[mm::kWarps];
+#pragma unroll
+    for (int w = 0; w < mm::kWarps; ++w) vals[w] = red[slot][w][ln];
+    int m, n;
+    mm::slot_output(n0, NB, slot, ln, m, n);
+    mm::store_output<T>(vals, bias, out, ldo, p.M, p.N, m, n);
   }
 }
 
@@ -102,28 +141,74 @@ cudaError_t launch(const T* x, const int32_t* qweight, const T* scales, const T*
   return cudaSuccess;
 }
 
+template <typename T, int NT, int NB>
+void launch_mma_nt(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
+  const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
+  if (post)
+    w4a16_mma_kernel<T, NT, NB, true><<<grid, minicpm_int4_mma::kThreads, 0, stream>>>(p, bias, out, ldo);
+  else
+    w4a16_mma_kernel<T, NT, NB, false><<<grid, minicpm_int4_mma::kThreads, 0, stream>>>(p, bias, out, ldo);
+}
+
+template <typename T>
+cudaError_t launch_mma(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out,
+                       int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
+  namespace mm = minicpm_int4_mma;
+  const bool post = mm::mma_post_scale(K, group_size);
+  const int nt = mm::mma_tiles_per_block(N, sm_count());
+  for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
+    const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
+    const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx, 0x000F000Fu,
+                            mm::group_shift_for(K, group_size)};
+    T* os = out + static_cast<long>(m0) * ldo;
+    if (nt == 2)
+      rows > 8 ? launch_mma_nt<T, 2, 2>(p, post, bias, os, ldo, stream) : launch_mma_nt<T, 2, 1>(p, post, bias, os, ldo, stream);
+    else
+      rows > 8 ? launch_mma_nt<T, 1, 2>(p, post, bias, os, ldo, stream) : launch_mma_nt<T, 1, 1>(p, post, bias, os, ldo, stream);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_any(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out,
+                       int M, int N, int K, int group_size, long ldx, long ldo, int variant, cudaStream_t stream) {
+  const bool mma_ok = minicpm_int4_mma::mma_supported(K, group_size);
+  if (variant == 2 && !mma_ok) return cudaErrorInvalidValue;
+  if (variant == 2 || (variant == 0 && mma_ok))
+    return launch_mma<T>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
+  return launch<T>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
+}
+
 }  // namespace
 
-// dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue / cudaErrorMisalignedAddress for
-// arguments the kernel cannot take (the bindings check them first and raise with a message; this
-// is the last line of defence).
+// dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the CUDA-core
+// GEMV, 2 = tensor cores (cudaErrorInvalidValue where unsupported). Returns cudaErrorInvalidValue /
+// cudaErrorMisalignedAddress for arguments the kernels cannot take (the bindings check them first
+// and raise with a message; this is the last line of defence).
 extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
                                                const void* zeros, const void* bias, void* out, int M, int N,
-                                               int K, int group_size, long ldx, long ldo, int dtype,
+                                               int K, int group_size, long ldx, long ldo, int dtype, int variant,
                                                cudaStream_t stream) {
-  if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0)
+  if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
+      variant < 0 || variant > 2)
     return cudaErrorInvalidValue;
   // x is read 8 values (16 bytes) at a time; qweight's rows 16 bytes at a time when K % 32 == 0
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0) return cudaErrorMisalignedAddress;
   if (K % 32 == 0 && (reinterpret_cast<uintptr_t>(qweight) & 15) != 0) return cudaErrorMisalignedAddress;
   if (dtype == 0)
-    return launch<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
-                          static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
-                          static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, stream);
+    return launch_any<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
+                              static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
+                              static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, variant, stream);
   if (dtype == 1)
-    return launch<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
-                                 static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
-                                 static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                                 group_size, ldx, ldo, stream);
+    return launch_any<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
+                                     static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
+                                     static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
+                                     group_size, ldx, ldo, variant, stream);
   return cudaErrorInvalidValue;
+}
+
+extern "C" int minicpm_int4_w4a16_mma_supported(int K, int group_size) {
+  return minicpm_int4_mma::mma_supported(K, group_size) ? 1 : 0;
 }

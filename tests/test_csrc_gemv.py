@@ -38,13 +38,17 @@ def emu(tmp_path_factory):
             pytest.fail("MINICPM_INT4_REQUIRE_NVCC=1 but nvcc is not on PATH")
         pytest.skip("needs nvcc to build the CUDA GEMV's host emulation")
     lib = tmp_path_factory.mktemp("csrc") / "gemv_host_emu.so"
-    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC,-Wall,-Werror", "-o", str(lib), EMU_SRC]
+    # -arch=sm_80: the device pass nvcc makes anyway must see bf16 arithmetic; only host code is run
+    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-arch=sm_80", "-Xcompiler", "-fPIC,-Wall,-Werror", "-o", str(lib), EMU_SRC]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
     so = ctypes.CDLL(str(lib))
     so.minicpm_int4_gemv_emulate.restype = ctypes.c_int
     so.minicpm_int4_gemv_emulate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
-    for f in (so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block):
+    so.minicpm_int4_mma_emulate.restype = ctypes.c_int
+    so.minicpm_int4_mma_emulate.argtypes = so.minicpm_int4_gemv_emulate.argtypes
+    for f in (so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block, so.minicpm_int4_mma_supported,
+              so.minicpm_int4_mma_post_scale, so.minicpm_int4_mma_tiles_per_block):
         f.restype = ctypes.c_int
     return so
 
@@ -71,15 +75,17 @@ def _guarded(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132):
+def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv"):
+    """The CUDA-core GEMV (rows = R, rows per block) or the tensor-core kernel (rows = N-tiles per
+    block); 0 = the launcher's own choice for `sms` SMs."""
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
     args = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             bias.data_ptr() if bias is not None else None, out.data_ptr()]
-    rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0),
-                                       0 if x.dtype == torch.float16 else 1, rows, sms)
-    assert rc == 0, f"no instantiation for M={m} R={rows}"
+    fn = emu.minicpm_int4_gemv_emulate if kernel == "gemv" else emu.minicpm_int4_mma_emulate
+    rc = fn(*args, m, n, k, group_size, x.stride(0), out.stride(0), 0 if x.dtype == torch.float16 else 1, rows, sms)
+    assert rc == 0, f"{kernel}: no instantiation for M={m} rows={rows} (rc {rc})"
     return out
 
 
@@ -150,3 +156,59 @@ def test_gemv_launcher_choices(emu):
     assert [rpb(1, 4096, 132), rpb(1, 12288, 132), rpb(1, 768, 132), rpb(1, 100, 132)] == [4, 8, 1, 1]
     assert [rpb(2, 12288, 132), rpb(3, 12288, 132), rpb(5, 12288, 132), rpb(8, 12288, 132)] == [4, 2, 1, 1]
     assert [rpb(mt, 10 ** 6, 1) for mt in range(1, 9)] == [8, 4, 2, 2, 1, 1, 1, 1]
+
+
+# Tensor-core kernel: (N, K, group size): N not a multiple of 16 or 32, chunk counts below and
+# above the 8 warps of a block, pre-scaled (G = 32, 64) and post-scaled (G >= 128, per channel) weights
+MMA_SHAPES = [
+    (37, 4096, 128),   # 32 chunks: 4 per warp; post-scaled
+    (19, 1024, 32),    # 8 chunks; a lane's 32 k = one group: pre-scaled
+    (21, 1536, 64),    # 12 chunks: warps 0-3 get two; pre-scaled
+    (23, 2048, -1),    # per channel: post-scaled, group shift 31
+    (13, 3072, 256),   # post-scaled, a group spans two chunks
+    (45, 640, 128),    # 5 chunks: three warps idle
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_mma_emulation_matches_reference(emu, shape, dtype):
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n * k)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    w = dequant(qweight, scales, zeros, gs, dtype)
+    g = torch.Generator().manual_seed(n + 7)
+    for m in (1, 3, 8, 9, 16):
+        for tiles in (1, 2):
+            x = _guarded(torch.randn(m, k, generator=g).to(dtype))
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (m + tiles) % 2 else None
+            y = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma")
+            assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [2, 17, 35], ids=lambda m: f"M{m}")
+def test_mma_emulation_slices_and_strided_x(emu, m, dtype):
+    """M past 16 runs in slices of 16 with the launcher's own tile count; x rows are 8 elements
+    longer than K."""
+    n, k = 40, 1024
+    qweight, scales, zeros, gs = _layer(n, k, 128, dtype, seed=m)
+    g = torch.Generator().manual_seed(200 + m)
+    x = _guarded(torch.randn(m, k + 8, generator=g).to(dtype))[:, :k]
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = _emulate(emu, x, _guarded(qweight), _guarded(scales), _guarded(zeros), bias, gs, rows=0, sms=1, kernel="mma")
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_mma_launcher_choices(emu):
+    ok, post, tiles = emu.minicpm_int4_mma_supported, emu.minicpm_int4_mma_post_scale, emu.minicpm_int4_mma_tiles_per_block
+    assert [ok(4096, 32), ok(4096, 128), ok(4096, 4096), ok(12288, 12288), ok(1152, 1152)] == [1, 1, 1, 1, 1]
+    # K % 128 != 0, a group size that is not a power of two or below 32: the CUDA-core GEMV's
+    assert [ok(4104, 4104), ok(4304, 4304), ok(4096, 96), ok(4096, 16), ok(4160, 64)] == [0, 0, 0, 0, 0]
+    assert [post(4096, 32), post(4096, 64), post(4096, 128), post(4096, 256), post(4096, 4096)] == [0, 0, 1, 1, 1]
+    # two 16-row tiles per block while ceil(N / 32) >= 2 blocks per SM (H100: 132 SMs)
+    assert [tiles(4096, 132), tiles(8448, 132), tiles(12288, 132), tiles(64, 1)] == [1, 2, 2, 2]
+    with pytest.raises(AssertionError, match="rc -2"):  # the tensor-core kernel refuses what it cannot take
+        x = torch.randn(1, 4160).half()
+        qweight, scales, zeros, gs = _layer(8, 4160, 64, torch.float16, seed=1)
+        _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma")

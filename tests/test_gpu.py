@@ -29,17 +29,40 @@ def test_triton_w4a16_group_sizes(group_size, m):
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 16])
+CUDA_VARIANTS = {"auto": 0, "gemv": 1, "mma": 2}  # bindings.cpp: CUDA-core GEMV, tensor-core kernel
+
+
+@pytest.mark.parametrize("variant", list(CUDA_VARIANTS), ids=lambda v: v)
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16, 17])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cuda_extension_w4a16(m, dtype):
+def test_cuda_extension_w4a16(m, dtype, variant):
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     n, k = 4104, 4096  # N not a multiple of the block's rows
     qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     bias = torch.randn(n, dtype=dtype, device="cuda")
-    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="cuda")
+    if variant == "auto":
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="cuda")
+    else:
+        y = torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant])
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+@pytest.mark.parametrize("variant", ["gemv", "mma"])
+@pytest.mark.parametrize("nk", REAL_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
+def test_cuda_extension_real_shapes(nk, variant):
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128 if k % 128 == 0 else -1, torch.bfloat16)
+    if variant == "mma" and k % 128:
+        pytest.skip("the tensor-core kernel needs K % 128 == 0")
+    for m in (1, 4):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        y = torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, gs, CUDA_VARIANTS[variant])
+        assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x,
+                          dequant(qweight, scales, zeros, gs, torch.bfloat16))
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
@@ -54,11 +77,14 @@ def test_cuda_extension_poisoned_output(nk, m, group_size):
     if group_size != -1 and k % group_size:
         pytest.skip("K not divisible by the group size")
     qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, torch.float16)
-    for _ in range(2):  # fresh random inputs each run
-        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-        torch.ops.minicpm_int4_C.w4a16_gemm_out(x, qweight, scales, zeros, None, gs, out)
-        assert_gemm_close(out, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+    variants = [1, 2] if k % 128 == 0 else [1]
+    for variant in variants:
+        for _ in range(2):  # fresh random inputs each run
+            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+            torch.ops.minicpm_int4_C.w4a16_gemm_out(x, qweight, scales, zeros, None, gs, out, variant)
+            assert_gemm_close(out, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x,
+                              dequant(qweight, scales, zeros, gs, x.dtype))
 
 
 def test_cuda_extension_rejects_bad_inputs():
@@ -73,6 +99,25 @@ def test_cuda_extension_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         misaligned = torch.zeros(64 * 32 + 1, dtype=torch.int32, device="cuda")[1:].view(64, 32)  # 4-byte offset
         torch.ops.minicpm_int4_C.w4a16_gemm(x, misaligned, scales, zeros, None, 32)
+    with pytest.raises(RuntimeError, match="tensor-core kernel needs K % 128"):
+        q2, s2, z2, _ = _cuda_layer(64, 1544, -1, torch.float16)
+        torch.ops.minicpm_int4_C.w4a16_gemm(torch.randn(1, 1544, dtype=torch.float16, device="cuda"), q2, s2, z2,
+                                            None, 1544, 2)
+    with pytest.raises(RuntimeError, match="variant must be"):
+        torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, 32, 7)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_cuda_extension_misaligned_x_is_copied(variant):
+    """A view of x at an odd offset (not 16-byte aligned) is copied by the bindings, not refused."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    qweight, scales, zeros, gs = _cuda_layer(96, 512, 128, torch.float16)
+    base = torch.randn(3 * 512 + 1, dtype=torch.float16, device="cuda")
+    x = base[1:].view(3, 512)  # 2-byte offset
+    y = torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, gs, variant)
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x,
+                      dequant(qweight, scales, zeros, gs, torch.float16))
 
 
 @pytest.mark.parametrize("m,k", [(1, 4096), (17, 3584), (4096, 4096), (130, 18944)])

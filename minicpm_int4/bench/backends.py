@@ -88,11 +88,27 @@ class OursW4A16(_Ours):
 
         gs = w.shape[1] if group_size == -1 else group_size
         return Prepared(
-            run=lambda x: ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, self.backend),
+            run=self._runner(qweight, scales, zeros, group_size, gs),
             weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
             reference=lambda x: w4a16_gemm_ref(x, qweight, scales, zeros, None, gs),
             tolerance=lambda x, y_ref: gemm_tolerance(
                 x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref))
+
+    def _runner(self, qweight, scales, zeros, group_size, gs):
+        return lambda x: ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, self.backend)
+
+
+class OursW4A16CudaCore(OursW4A16):
+    """The CUDA extension's CUDA-core GEMV (variant 1) where "w4a16-cuda" takes the tensor-core
+    kernel: both hand-written decode kernels side by side."""
+
+    def __init__(self, max_m: Optional[int] = 16):
+        super().__init__("cuda", max_m)
+        self.name = "w4a16-cuda-gemv"
+
+    def _runner(self, qweight, scales, zeros, group_size, gs):
+        ext = torch.ops.minicpm_int4_C
+        return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 1)
 
 
 class OursW4A8(_Ours):
@@ -204,5 +220,5 @@ class Gemlite(Backend):
 
 
 def default_backends():
-    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16("cuda", max_m=16), OursW4A8("triton"),
+    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16("cuda", max_m=16), OursW4A16CudaCore(max_m=16), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

@@ -1,0 +1,377 @@
+// The warp-level work of the W4A16 tensor-core decode kernel (csrc/w4a16_gemv.cu, M = 1..16),
+// written once for the device and the host: on the GPU a warp runs it with L = 1 (each thread its
+// own lane, the mma a real mma.sync); tests/csrc/gemv_host_emu.cu runs it with L = 32 (all lanes'
+// registers in arrays, the mma emulated from the PTX fragment layout), so the fragment bookkeeping
+// is tested in CI without a GPU.
+//
+// Layout: the canonical one (packing.py), no repacking - qweight int32 [N, K/8] (nibble i of word
+// j = q[n, 8j + i]), scales / zeros [N, K/G] in x's dtype, x [M, K] with row stride ldx.
+//
+// The product y^T = W x^T on m16n8k16 tensor cores: A = a 16 x 16 tile of W (rows n, cols k),
+// B = x^T (16 k x 8 rows of x), C = 16 n x 8 m in fp32. A mma sums over its 16 k in any order, so
+// the kernel picks which actual k sits in each logical column, the same for A and B: lane (g, t)
+// (g = lane / 4, t = lane % 4) of a warp owns, in a 128-k chunk, the 32 consecutive k
+// [32t, 32t + 32): four canonical words per row (one 16-byte load), for rows g and g + 8 of the
+// tile. Word i of those (8 k) feeds k-tiles 2i and 2i + 1 of the chunk:
+//
+//   k-tile 2i + h:  logical cols (2t, 2t+1)   <-  nibbles (2h, 2h + 4)      of word i
+//                   logical cols (2t+8, 2t+9) <-  nibbles (2h + 1, 2h + 5)
+//
+// which are exactly the pairs one LOP3 extracts into a half2 / bfloat162 (w & 0x000F000F for
+// nibbles 0 and 4, w & 0x00F000F0 for 1 and 5, the same on w >> 8 for 2, 6 and 3, 7), so no
+// nibble is moved twice. x is read as 16-byte loads of the same 32 k, and two PRMTs give each
+// k-tile's B registers. The nibble bits land in the mantissa of a magic number: fp16
+// 0x6400 | q = 1024 + q, 0x6400 | q << 4 = 1024 + 16q; bf16 0x4300 | q = 128 + q (its 7-bit
+// mantissa has no room for 16q, so bf16 shifts each nibble down); subtracting the magic plus the
+// zero point is exact and gives the small integer q - z.
+//
+// Scaling: when a 128-k chunk lies in one group (G a multiple of 128, or per channel), the
+// tensor cores sum x * (q - z) exactly-multiplied in fp32 and the chunk's sum is scaled once per
+// row (POST); otherwise each weight is (q - z) * s rounded to x's dtype - the reference's own
+// dequantized weight - before the mma.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define MINICPM_MMA_HD __host__ __device__ __forceinline__
+#else
+#define MINICPM_MMA_HD inline
+#endif
+#ifdef __CUDA_ARCH__
+#define MINICPM_MMA_UNROLL _Pragma("unroll")
+#else
+#define MINICPM_MMA_UNROLL
+#endif
+
+namespace minicpm_int4_mma {
+
+constexpr int kWarps = 8;             // warps per block; they split K (chunk c goes to warp c % kWarps)
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunk = 128;           // k per chunk: 4 lanes x 32
+constexpr int kMaxM = 16;             // rows of x per launch: NB = 1 or 2 mma column blocks of 8
+
+// ---- packed pairs: two fp16 / bf16 in a uint32 (low half = first element) ----------------------
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // (1024, 1024)
+  MINICPM_MMA_HD static float lo(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v & 0xFFFFu))); }
+  MINICPM_MMA_HD static float hi(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v >> 16))); }
+  MINICPM_MMA_HD static uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  MINICPM_MMA_HD static float to_f32(__half v) { return __half2float(v); }
+  MINICPM_MMA_HD static __half from_f32(float v) { return __float2half_rn(v); }
+};
+template <> struct Pair<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // (128, 128)
+  MINICPM_MMA_HD static float lo(uint32_t v) { return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(v & 0xFFFFu))); }
+  MINICPM_MMA_HD static float hi(uint32_t v) { return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(v >> 16))); }
+  MINICPM_MMA_HD static uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  MINICPM_MMA_HD static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  MINICPM_MMA_HD static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+};
+
+MINICPM_MMA_HD uint32_t pack2(uint32_t lo16, uint32_t hi16) { return (lo16 & 0xFFFFu) | (hi16 << 16); }
+
+// a * b + c on both halves, rounded once to T (exact here whenever the result is representable).
+// Host: in float, exact for the products that occur (a small integer times a 16-bit float) and then
+// rounded once like the hardware's fma.
+template <typename T>
+MINICPM_MMA_HD uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef __CUDA_ARCH__
+  using V2 = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+  V2 r = __hfma2(*reinterpret_cast<const V2*>(&a), *reinterpret_cast<const V2*>(&b), *reinterpret_cast<const V2*>(&c));
+  return *reinterpret_cast<uint32_t*>(&r);
+#else
+  const float l = static_cast<float>(static_cast<double>(Pair<T>::lo(a)) * Pair<T>::lo(b) + Pair<T>::lo(c));
+  const float h = static_cast<float>(static_cast<double>(Pair<T>::hi(a)) * Pair<T>::hi(b) + Pair<T>::hi(c));
+  return pack2(Pair<T>::bits(l), Pair<T>::bits(h));
+#endif
+}
+
+template <typename T> MINICPM_MMA_HD uint32_t splat(float v) { const uint32_t b = Pair<T>::bits(v); return pack2(b, b); }
+
+template <typename P> MINICPM_MMA_HD P ldg(const P* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+MINICPM_MMA_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
+  return r;
+#endif
+}
+
+// Per row of a lane (g or g + 8) and chunk: what the dequantization subtracts and multiplies.
+struct RowConsts {
+  uint32_t zlo;   // fp16: -(1024 + z) pairs (for 1024 + q); bf16: -(128 + z)
+  uint32_t zhi;   // fp16: -(64 + z) (for (1024 + 16q) / 16); bf16: unused
+  uint32_t s2;    // the scale, both halves (pre-scaling)
+  float s;        // the scale in fp32 (post-scaling)
+};
+
+// From the raw bits of a row's scale and zero point (one 2-byte load each).
+template <typename T>
+MINICPM_MMA_HD RowConsts row_consts(uint32_t s_bits, uint32_t z_bits) {
+  RowConsts rc;
+  const uint32_t z2 = pack2(z_bits, z_bits), minus_one = splat<T>(-1.f);
+  rc.s2 = pack2(s_bits, s_bits);
+  rc.s = Pair<T>::lo(rc.s2);
+  // z is an integer 0..15: -(magic + z) is exact in one fma
+  if constexpr (std::is_same<T, __half>::value) {
+    rc.zlo = fma2<T>(z2, minus_one, splat<T>(-1024.f));
+    rc.zhi = fma2<T>(z2, minus_one, splat<T>(-64.f));
+  } else {
+    rc.zlo = fma2<T>(z2, minus_one, splat<T>(-128.f));
+    rc.zhi = rc.zlo;
+  }
+  return rc;
+}
+
+// Word w (nibbles 0..7 = 8 consecutive k of one row) -> the four pairs (nib 0,4), (1,5), (2,6),
+// (3,7) as q - z (POST) or (q - z) * s rounded to T.
+template <typename T, bool POST>
+MINICPM_MMA_HD void dequant_word(uint32_t w, const RowConsts& rc, uint32_t mask_lo, uint32_t out[4]) {
+  const uint32_t one = splat<T>(1.f);
+  if constexpr (std::is_same<T, __half>::value) {
+    const uint32_t sixteenth = splat<T>(1.f / 16.f);
+    const uint32_t w8 = w >> 8;
+    out[0] = fma2<T>((w & mask_lo) | Pair<T>::kMagic, one, rc.zlo);                       // 1024 + q - (1024 + z)
+    out[1] = fma2<T>((w & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);          // (1024 + 16q) / 16 - (64 + z)
+    out[2] = fma2<T>((w8 & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
+    out[3] = fma2<T>((w8 & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);
+  } else {
+    MINICPM_MMA_UNROLL
+    for (int j = 0; j < 4; ++j) out[j] = fma2<T>(((w >> (4 * j)) & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
+  }
+  if constexpr (!POST) {
+    const uint32_t minus_zero = 0x80008000u;  // x + (-0) = x for every x, zeros included
+    MINICPM_MMA_UNROLL
+    for (int j = 0; j < 4; ++j) out[j] = fma2<T>(out[j], rc.s2, minus_zero);  // (q - z) * s, one rounding
+  }
+}
+
+// ---- the tensor-core op --------------------------------------------------------------------------
+// d = a b + c for one warp; a/b/c hold L lanes' registers (L = 1: this thread's, on the device).
+struct DeviceMma {
+  template <typename T>
+  MINICPM_MMA_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __half>::value) {
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                   : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3])
+                   : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(b[0][0]), "r"(b[0][1]));
+    } else {
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                   : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3])
+                   : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(b[0][0]), "r"(b[0][1]));
+    }
+#else
+    (void)a, (void)b, (void)c;
+#endif
+  }
+};
+
+// The same op on the host for all 32 lanes, from the PTX ISA's m16n8k16 fragment layout (.f16 /
+// .bf16 A row-major, B column-major, f32 C): g = lane / 4, t = lane % 4,
+//   A: a[l][0] = (A[g][2t], A[g][2t+1]), a[l][1] = rows g+8, a[l][2] = cols 2t+8, 2t+9 of row g,
+//      a[l][3] = row g+8, cols 2t+8, 2t+9;   B: b[l][0] = (B[2t][g], B[2t+1][g]), b[l][1] = rows 2t+8, 2t+9;
+//   C: c[l][0..1] = C[g][2t, 2t+1], c[l][2..3] = C[g+8][2t, 2t+1].
+// The products are exact in fp32 and summed in k order (the hardware's order and rounding inside
+// an mma differ; the tests' tolerance is derived for any fp32 summation order).
+struct HostMma {
+  template <typename T>
+  MINICPM_MMA_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+        A[row][col] = Pair<T>::lo(a[l][r]);
+        A[row][col + 1] = Pair<T>::hi(a[l][r]);
+      }
+      for (int r = 0; r < 2; ++r) {
+        B[2 * t + 8 * r][g] = Pair<T>::lo(b[l][r]);
+        B[2 * t + 8 * r + 1][g] = Pair<T>::hi(b[l][r]);
+      }
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+        float acc = c[l][e];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        c[l][e] = acc;
+      }
+    }
+  }
+};
+
+template <typename T> struct Params {
+  const T* x;
+  const int32_t* qweight;
+  const T* scales;
+  const T* zeros;
+  int M, N, K, group_size;
+  long ldx;
+  uint32_t mask_lo;  // 0x000F000F, passed at run time so that ptxas keeps (w & mask) | magic one LOP3
+  int group_shift;   // group of k = k >> group_shift (31 per channel)
+};
+
+// One warp's partial sums over its chunks (c = warp, warp + kWarps, ...) for the 16 * NT rows from
+// n0 and the 8 * NB rows of x: acc[nt][nb][l][e] in the C layout. lanes[l] = the lane ids held.
+template <typename T, int NT, int NB, bool POST, class Mma, int L>
+MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
+  const int chunks = p.K / kChunk;
+  const int groups = p.K / p.group_size;
+  // per lane, before the loop: row pointers (rows past N read row N - 1; their outputs are dropped)
+  const uint4* wp[NT][2][L];
+  const unsigned short* sp[NT][2][L];
+  const unsigned short* zp[NT][2][L];
+  const T* xp[NB][L];
+  int kl[L];
+  for (int l = 0; l < L; ++l) {
+    const int g = lanes[l] >> 2, t = lanes[l] & 3;
+    kl[l] = 32 * t;
+    MINICPM_MMA_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      MINICPM_MMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        int n = n0 + 16 * nt + g + 8 * h;
+        n = n < p.N ? n : p.N - 1;
+        wp[nt][h][l] = reinterpret_cast<const uint4*>(p.qweight + static_cast<long>(n) * (p.K / 8)) + t;
+        sp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.scales) + static_cast<long>(n) * groups;
+        zp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.zeros) + static_cast<long>(n) * groups;
+      }
+    // rows of x past M re-read row M - 1: they only feed columns of C whose outputs are dropped
+    MINICPM_MMA_UNROLL
+    for (int nb = 0; nb < NB; ++nb) {
+      const unsigned row = 8 * nb + g < p.M ? 8 * nb + g : p.M - 1;
+      xp[nb][l] = p.x + static_cast<unsigned long>(row) * static_cast<unsigned long>(p.ldx);
+    }
+  }
+  MINICPM_MMA_UNROLL
+  for (int nt = 0; nt < NT; ++nt)
+    MINICPM_MMA_UNROLL
+    for (int nb = 0; nb < NB; ++nb)
+      for (int l = 0; l < L; ++l)
+        MINICPM_MMA_UNROLL
+        for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
+
+  for (int c = warp; c < chunks; c += kWarps) {
+    uint32_t a[NT][8][L][4];
+    uint32_t b[NB][8][L][2];
+    float sc[NT][L][2];  // POST: the scales of rows g and g + 8
+    for (int l = 0; l < L; ++l) {
+      const int k0 = c * kChunk + kl[l];  // this lane's 32 k, all in one group
+      const int grp = k0 >> p.group_shift;
+      MINICPM_MMA_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        MINICPM_MMA_UNROLL
+        for (int h = 0; h < 2; ++h) {  // rows g, g + 8 of the tile
+          const uint4 w4 = ldg(wp[nt][h][l] + 4 * c);
+          const RowConsts rc = row_consts<T>(ldg(sp[nt][h][l] + grp), ldg(zp[nt][h][l] + grp));
+          sc[nt][l][h] = rc.s;
+          const uint32_t words[4] = {w4.x, w4.y, w4.z, w4.w};
+          MINICPM_MMA_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            uint32_t d[4];
+            dequant_word<T, POST>(words[i], rc, p.mask_lo, d);
+            // k-tile 2i: nibbles (0,4) -> A reg h (cols 2t, 2t+1), (1,5) -> A reg 2 + h (cols 2t+8, 2t+9);
+            // k-tile 2i + 1: nibbles (2,6) and (3,7)
+            a[nt][2 * i][l][h] = d[0];
+            a[nt][2 * i][l][2 + h] = d[1];
+            a[nt][2 * i + 1][l][h] = d[2];
+            a[nt][2 * i + 1][l][2 + h] = d[3];
+          }
+        }
+      }
+      MINICPM_MMA_UNROLL
+      for (int nb = 0; nb < NB; ++nb) {
+        MINICPM_MMA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + k0 + 8 * i));
+          // x[k0 + 8i + j] = element j of xv; k-tile 2i + h takes (j = 2h, 2h + 4) and (2h + 1, 2h + 5)
+          b[nb][2 * i][l][0] = byte_perm(xv.x, xv.z, 0x5410);
+          b[nb][2 * i][l][1] = byte_perm(xv.x, xv.z, 0x7632);
+          b[nb][2 * i + 1][l][0] = byte_perm(xv.y, xv.w, 0x5410);
+          b[nb][2 * i + 1][l][1] = byte_perm(xv.y, xv.w, 0x7632);
+        }
+      }
+    }
+    if constexpr (POST) {
+      MINICPM_MMA_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        MINICPM_MMA_UNROLL
+        for (int nb = 0; nb < NB; ++nb) {
+          float part[L][4];
+          for (int l = 0; l < L; ++l)
+            MINICPM_MMA_UNROLL
+            for (int e = 0; e < 4; ++e) part[l][e] = 0.f;
+          MINICPM_MMA_UNROLL
+          for (int kt = 0; kt < 8; ++kt) Mma::template run<T>(a[nt][kt], b[nb][kt], part);
+          for (int l = 0; l < L; ++l)
+            MINICPM_MMA_UNROLL
+            for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = fmaf(part[l][e], sc[nt][l][e >> 1], acc[nt][nb][l][e]);
+        }
+      }
+    } else {
+      MINICPM_MMA_UNROLL
+      for (int kt = 0; kt < 8; ++kt)
+        MINICPM_MMA_UNROLL
+        for (int nt = 0; nt < NT; ++nt)
+          MINICPM_MMA_UNROLL
+          for (int nb = 0; nb < NB; ++nb) Mma::template run<T>(a[nt][kt], b[nb][kt], acc[nt][nb]);
+    }
+  }
+}
+
+// Slot s = (nt * NB + nb) * 4 + e of lane `lane` -> the output it belongs to: (m, n).
+MINICPM_MMA_HD void slot_output(int n0, int NB, int slot, int lane, int& m, int& n) {
+  const int e = slot & 3, nb = (slot >> 2) % NB, nt = (slot >> 2) / NB;
+  n = n0 + 16 * nt + (lane >> 2) + 8 * (e >> 1);
+  m = 8 * nb + 2 * (lane & 3) + (e & 1);
+}
+
+// The block's value for one output from its warps' sums (in warp order), plus bias, rounded once;
+// stored when (m, n) is inside the output.
+template <typename T>
+MINICPM_MMA_HD void store_output(const float (&warp_vals)[kWarps], const T* bias, T* out, long ldo, int M, int N,
+                                 int m, int n) {
+  if (m >= M || n >= N) return;
+  float v = warp_vals[0];
+  MINICPM_MMA_UNROLL
+  for (int w = 1; w < kWarps; ++w) v += warp_vals[w];
+  if (bias != nullptr) v += Pair<T>::to_f32(ldg(bias + n));
+  out[m * ldo + n] = Pair<T>::from_f32(v);
+}
+
+// Host-side choices, shared with the emulation.
+// The tensor-core kernel takes K % 128 == 0 with G a power of two >= 32 (a lane's 32 k lie in one
+// group, found by a shift) or per channel; POST scaling when every 128-k chunk lies in one group.
+inline bool mma_supported(int K, int group_size) {
+  return K % kChunk == 0 && (group_size == K || (group_size >= 32 && (group_size & (group_size - 1)) == 0));
+}
+inline bool mma_post_scale(int K, int group_size) { return group_size == K || group_size % kChunk == 0; }
+inline int group_shift_for(int K, int group_size) {
+  if (group_size == K) return 31;  // k < 2**31: every k in group 0
+  int shift = 0;
+  while ((1 << shift) < group_size) ++shift;
+  return shift;
+}
+
+// N-tiles (16 rows) per block: 2 while that still gives every SM two blocks, else 1.
+inline int mma_tiles_per_block(int n, int sms) { return (n + 31) / 32 >= 2 * sms ? 2 : 1; }
+
+}  // namespace minicpm_int4_mma

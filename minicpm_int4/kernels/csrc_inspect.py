@@ -1,0 +1,180 @@
+"""Compile the CUDA extension's kernels (csrc/*.cu) for a GPU that is not here and read the SASS.
+
+The counterpart of kernels/aot.py for the hand-written kernels: plain `nvcc -cubin` (with the
+flags torch's CUDAExtension adds) for sm_80 / sm_90a, then `cuobjdump` for every instantiation's
+registers, spills and shared memory, and the instructions its K loop issues per int4 weight - the
+figure that decides whether a decode kernel can keep up with HBM (an H100 SXM issues about
+4.6 thread-instructions per weight at full memory bandwidth: 132 SMs x 4 schedulers x 32 lanes x
+1.83 GHz over 3.35 TB/s x 2 weights per byte). Static facts of the compiled code, not timings.
+
+    python -m minicpm_int4.kernels.csrc_inspect [--arch sm80,sm90a] [--json out.json]
+
+Needs nvcc and a source checkout (csrc/ beside the package); cuobjdump from CUDA or Triton's copy.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+ARCHS = {"sm80": "80", "sm90a": "90a"}
+_DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+
+
+@dataclass
+class Variant:
+    arch: str
+    kernel: str                  # "gemv" (CUDA cores) or "mma" (tensor cores)
+    dtype: str
+    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST
+    regs: int
+    spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage
+    smem: int
+    loop_counts: Dict[str, int] = field(default_factory=dict)
+    weights_per_trip: Optional[float] = None  # int4 weights one thread handles per trip of the loop
+
+    @property
+    def instr_per_weight(self) -> Optional[float]:
+        if not self.loop_counts or not self.weights_per_trip:
+            return None
+        return sum(self.loop_counts.values()) / self.weights_per_trip
+
+    @property
+    def rows_of_x(self) -> int:
+        return self.params.get("MT", 8 * self.params.get("NB", 1))
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    raise RuntimeError(f"{name} not found (install the CUDA toolkit, or triton which bundles cuobjdump)")
+
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);")
+
+
+def _loops(sass: str) -> List[Counter]:
+    """Opcode counts of every loop body (a span closed by a backward branch), innermost spans first."""
+    instrs: List[Tuple[int, str]] = []
+    spans = []
+    for line in sass.splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        addr, op = int(m.group(1), 16), m.group(2) + m.group(3)
+        instrs.append((addr, op))
+        if m.group(2) == "BRA":
+            t = re.search(r"0x([0-9a-f]+)", m.group(4))
+            if t and int(t.group(1), 16) < addr:
+                spans.append((int(t.group(1), 16), addr))
+    spans.sort(key=lambda s: s[1] - s[0])
+    return [Counter(op for a, op in instrs if lo <= a <= hi and op != "NOP") for lo, hi in spans]
+
+
+def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) -> Optional[Variant]:
+    m = re.search(r"w4a16_gemv_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)E", name)
+    if m:
+        v = Variant(arch, "gemv", _DTYPES[m.group(1)], {"MT": int(m.group(2)), "R": int(m.group(3))}, regs, spill, smem)
+        mt, r = v.params["MT"], v.params["R"]
+        # the fast loop: the one with the R weight loads and 4 * MT x loads (16 bytes each) per trip
+        for loop in _loops(sass):
+            wide = sum(c for op, c in loop.items() if op.startswith("LDG") and ".128" in op)
+            if wide and wide % (r + 4 * mt) == 0:
+                v.loop_counts, v.weights_per_trip = dict(loop), 32.0 * r * wide // (r + 4 * mt)
+                break
+        return v
+    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])E", name)
+    if m:
+        v = Variant(arch, "mma", _DTYPES[m.group(1)],
+                    {"NT": int(m.group(2)), "NB": int(m.group(3)), "POST": int(m.group(4))}, regs, spill, smem)
+        nt, nb = v.params["NT"], v.params["NB"]
+        for loop in _loops(sass):  # the loop with the tensor-core ops: 8 * NT * NB per 128-k chunk
+            mma = sum(c for op, c in loop.items() if op.startswith("HMMA"))
+            if mma and mma % (8 * nt * nb) == 0:
+                # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
+                v.loop_counts, v.weights_per_trip = dict(loop), 64.0 * nt * mma // (8 * nt * nb)
+                break
+        return v
+    return None
+
+
+def inspect(archs: Sequence[str] = ("sm80", "sm90a"), source: str = "w4a16_gemv.cu") -> List[Variant]:
+    nvcc, cuobjdump = _tool("nvcc"), _tool("cuobjdump")
+    src = os.path.join(CSRC, source)
+    if not os.path.exists(src):
+        raise RuntimeError(f"{src} not found: run from a source checkout of minicpm_int4")
+    out: List[Variant] = []
+    with tempfile.TemporaryDirectory() as d:
+        for arch in archs:
+            sm = ARCHS[arch]
+            cubin = os.path.join(d, f"{arch}.cubin")
+            done = subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-gencode", f"arch=compute_{sm},code=sm_{sm}",
+                                   *TORCH_NVCC_FLAGS, "-o", cubin, src], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"nvcc failed for {arch}:\n{done.stderr[-3000:]}")
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
+            res = {m.group(1): (int(m.group(2)), int(m.group(3)) + int(m.group(5)), int(m.group(4)))
+                   for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)}
+            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+            for part in re.split(r"\n\s*Function : ", sass)[1:]:
+                name = part.split("\n", 1)[0].strip()
+                regs, spill, smem = res.get(name, (0, 0, 0))
+                v = _variant(arch, name, regs, spill, smem, part)
+                if v is not None:
+                    out.append(v)
+    out.sort(key=lambda v: (v.arch, v.kernel, v.dtype, sorted(v.params.items())))
+    return out
+
+
+def format_table(variants: Sequence[Variant]) -> str:
+    lines = ["| arch | kernel | dtype | instantiation | regs | spills B | smem B | loop instr / weight | "
+             "per weight and row of x |", "|" + "---|" * 9]
+    for v in variants:
+        ipw = v.instr_per_weight
+        per_row = "-" if ipw is None else f"{ipw / v.rows_of_x:.2f}"
+        inst = " ".join(f"{k}={val}" for k, val in v.params.items())
+        lines.append(f"| {v.arch} | {v.kernel} | {v.dtype} | {inst} | {v.regs} | {v.spill_bytes} | {v.smem} | "
+                     f"{'-' if ipw is None else f'{ipw:.2f}'} | {per_row} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m minicpm_int4.kernels.csrc_inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sm80,sm90a")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        variants = inspect(args.arch.split(","))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(variants))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(v) | {"instr_per_weight": v.instr_per_weight} for v in variants], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
