@@ -269,20 +269,47 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
         MINICPM_MMA_UNROLL
         for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
 
-  for (int c = warp; c < chunks; c += kWarps) {
-    uint32_t a[NT][8][L][4];
-    uint32_t b[NB][8][L][2];
-    float sc[NT][L][2];  // POST: the scales of rows g and g + 8
+  // One chunk of lookahead for the weights (the HBM stream): chunk c + kWarps's words, scales and
+  // zero points are loaded before chunk c is dequantized, so each lane keeps two chunks' 16-byte
+  // weight loads in flight. The last trip re-reads its own chunk (an L1 hit) instead of branching.
+  // x (a few KiB, L1/L2-resident) is loaded in the trip that uses it: registers for occupancy.
+  struct Raw {
+    uint4 w[NT][2][L];
+    unsigned short s[NT][2][L], z[NT][2][L];
+  };
+  auto load = [&](int c, Raw& r) {
     for (int l = 0; l < L; ++l) {
       const int k0 = c * kChunk + kl[l];  // this lane's 32 k, all in one group
       const int grp = k0 >> p.group_shift;
       MINICPM_MMA_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
+      for (int nt = 0; nt < NT; ++nt)
         MINICPM_MMA_UNROLL
         for (int h = 0; h < 2; ++h) {  // rows g, g + 8 of the tile
-          const uint4 w4 = ldg(wp[nt][h][l] + 4 * c);
-          const RowConsts rc = row_consts<T>(ldg(sp[nt][h][l] + grp), ldg(zp[nt][h][l] + grp));
+          r.w[nt][h][l] = ldg(wp[nt][h][l] + 4 * c);
+          r.s[nt][h][l] = ldg(sp[nt][h][l] + grp);
+          r.z[nt][h][l] = ldg(zp[nt][h][l] + grp);
+        }
+    }
+  };
+  Raw cur;
+  if (warp < chunks) load(warp, cur);
+#ifdef __CUDA_ARCH__
+#pragma unroll 2  // two trips per iteration: `cur = next` becomes a register renaming, not moves
+#endif
+  for (int c = warp; c < chunks; c += kWarps) {
+    Raw next;
+    load(c + kWarps < chunks ? c + kWarps : c, next);
+    uint32_t a[NT][8][L][4];
+    uint32_t b[NB][8][L][2];
+    float sc[NT][L][2];  // POST: the scales of rows g and g + 8
+    for (int l = 0; l < L; ++l) {
+      MINICPM_MMA_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        MINICPM_MMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const RowConsts rc = row_consts<T>(cur.s[nt][h][l], cur.z[nt][h][l]);
           sc[nt][l][h] = rc.s;
+          const uint4 w4 = cur.w[nt][h][l];
           const uint32_t words[4] = {w4.x, w4.y, w4.z, w4.w};
           MINICPM_MMA_UNROLL
           for (int i = 0; i < 4; ++i) {
@@ -301,7 +328,7 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
       for (int nb = 0; nb < NB; ++nb) {
         MINICPM_MMA_UNROLL
         for (int i = 0; i < 4; ++i) {
-          const uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + k0 + 8 * i));
+          const uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + c * kChunk + kl[l] + 8 * i));
           // x[k0 + 8i + j] = element j of xv; k-tile 2i + h takes (j = 2h, 2h + 4) and (2h + 1, 2h + 5)
           b[nb][2 * i][l][0] = byte_perm(xv.x, xv.z, 0x5410);
           b[nb][2 * i][l][1] = byte_perm(xv.x, xv.z, 0x7632);
@@ -334,6 +361,7 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
           MINICPM_MMA_UNROLL
           for (int nb = 0; nb < NB; ++nb) Mma::template run<T>(a[nt][kt], b[nb][kt], acc[nt][nb]);
     }
+    cur = next;
   }
 }
 

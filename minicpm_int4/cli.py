@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     ik = sub.add_parser("inspect-kernels", add_help=False,
                         help="compile the Triton kernels for sm_80 / sm_90a without a GPU: registers, spills, "
                              "load widths, tensor cores, SASS instructions per weight (--help for options)")
+    sub.add_parser("inspect-cuda", add_help=False,
+                   help="compile the CUDA extension's kernels (csrc/) with nvcc for sm_80 / sm_90a: registers, "
+                        "spills, SASS instructions per weight (--help for options)")
     return p
 
 
@@ -328,6 +331,10 @@ def main(argv=None) -> int:
         from .kernels import aot
 
         return aot.main(argv[1:])
+    if argv[:1] == ["inspect-cuda"]:  # its own parser (kernels/csrc_inspect.py)
+        from .kernels import csrc_inspect
+
+        return csrc_inspect.main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "dtype", "x") is None:
         args.dtype = "fp16" if torch.cuda.is_available() else "bf16"

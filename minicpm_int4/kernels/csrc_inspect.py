@@ -7,7 +7,8 @@ figure that decides whether a decode kernel can keep up with HBM (an H100 SXM is
 4.6 thread-instructions per weight at full memory bandwidth: 132 SMs x 4 schedulers x 32 lanes x
 1.83 GHz over 3.35 TB/s x 2 weights per byte). Static facts of the compiled code, not timings.
 
-    python -m minicpm_int4.kernels.csrc_inspect [--arch sm80,sm90a] [--json out.json]
+    minicpm-int4 inspect-cuda [--arch sm80,sm90a] [--json out.json]
+    (or python -m minicpm_int4.kernels.csrc_inspect)
 
 Needs nvcc and a source checkout (csrc/ beside the package); cuobjdump from CUDA or Triton's copy.
 """
@@ -36,7 +37,7 @@ class Variant:
     dtype: str
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST
     regs: int
-    spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage
+    spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
     loop_counts: Dict[str, int] = field(default_factory=dict)
     weights_per_trip: Optional[float] = None  # int4 weights one thread handles per trip of the loop
@@ -46,6 +47,11 @@ class Variant:
         if not self.loop_counts or not self.weights_per_trip:
             return None
         return sum(self.loop_counts.values()) / self.weights_per_trip
+
+    @property
+    def loop_local_memory(self) -> int:
+        """Local-memory loads and stores inside the K loop (a spill that costs every trip)."""
+        return sum(c for op, c in self.loop_counts.items() if op.startswith(("LDL", "STL")))
 
     @property
     def rows_of_x(self) -> int:
@@ -93,24 +99,28 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
     if m:
         v = Variant(arch, "gemv", _DTYPES[m.group(1)], {"MT": int(m.group(2)), "R": int(m.group(3))}, regs, spill, smem)
         mt, r = v.params["MT"], v.params["R"]
-        # the fast loop: the one with the R weight loads and 4 * MT x loads (16 bytes each) per trip
+        # the fast loop: R weight loads and 4 * MT x loads (16 bytes each) per trip; of the loops that
+        # fit, the one with the most trips per iteration (the unrolled body, not a remainder loop)
+        best = None
         for loop in _loops(sass):
             wide = sum(c for op, c in loop.items() if op.startswith("LDG") and ".128" in op)
-            if wide and wide % (r + 4 * mt) == 0:
-                v.loop_counts, v.weights_per_trip = dict(loop), 32.0 * r * wide // (r + 4 * mt)
-                break
+            if wide and wide % (r + 4 * mt) == 0 and (best is None or wide > best[0]):
+                best = (wide, loop)
+        if best:
+            v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // (r + 4 * mt)
         return v
     m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])E", name)
     if m:
         v = Variant(arch, "mma", _DTYPES[m.group(1)],
                     {"NT": int(m.group(2)), "NB": int(m.group(3)), "POST": int(m.group(4))}, regs, spill, smem)
         nt, nb = v.params["NT"], v.params["NB"]
-        for loop in _loops(sass):  # the loop with the tensor-core ops: 8 * NT * NB per 128-k chunk
+        best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
+        for loop in _loops(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("HMMA"))
-            if mma and mma % (8 * nt * nb) == 0:
-                # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
-                v.loop_counts, v.weights_per_trip = dict(loop), 64.0 * nt * mma // (8 * nt * nb)
-                break
+            if mma and mma % (8 * nt * nb) == 0 and (best is None or mma > best[0]):
+                best = (mma, loop)
+        if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
+            v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
     return None
 
@@ -144,13 +154,14 @@ def inspect(archs: Sequence[str] = ("sm80", "sm90a"), source: str = "w4a16_gemv.
 
 
 def format_table(variants: Sequence[Variant]) -> str:
-    lines = ["| arch | kernel | dtype | instantiation | regs | spills B | smem B | loop instr / weight | "
-             "per weight and row of x |", "|" + "---|" * 9]
+    lines = ["| arch | kernel | dtype | instantiation | regs | stack B | local-memory ops in the loop | smem B | "
+             "loop instr / weight | per weight and row of x (MT, or 8 x NB) |", "|" + "---|" * 10]
     for v in variants:
         ipw = v.instr_per_weight
         per_row = "-" if ipw is None else f"{ipw / v.rows_of_x:.2f}"
         inst = " ".join(f"{k}={val}" for k, val in v.params.items())
-        lines.append(f"| {v.arch} | {v.kernel} | {v.dtype} | {inst} | {v.regs} | {v.spill_bytes} | {v.smem} | "
+        lines.append(f"| {v.arch} | {v.kernel} | {v.dtype} | {inst} | {v.regs} | {v.spill_bytes} | "
+                     f"{v.loop_local_memory} | {v.smem} | "
                      f"{'-' if ipw is None else f'{ipw:.2f}'} | {per_row} |")
     return "\n".join(lines)
 
@@ -160,7 +171,7 @@ def main(argv=None) -> int:
     import json
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m minicpm_int4.kernels.csrc_inspect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="minicpm-int4 inspect-cuda", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sm80,sm90a")
     p.add_argument("--json", help="also write every figure to this JSON file")
     args = p.parse_args(argv)
@@ -172,7 +183,8 @@ def main(argv=None) -> int:
     print(format_table(variants))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(v) | {"instr_per_weight": v.instr_per_weight} for v in variants], f, indent=1)
+            json.dump([asdict(v) | {"instr_per_weight": v.instr_per_weight, "loop_local_memory": v.loop_local_memory}
+                       for v in variants], f, indent=1)
     return 0
 
 
