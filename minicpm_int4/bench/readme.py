@@ -93,7 +93,7 @@ def performance_section(results_root: str, readme_dir: str) -> str:
             lines += profile_summary(profile, rel)
     if not found:
         lines += ["No GPU results are committed yet: the kernels are verified against the reference (in the",
-                  "Triton interpreter and, for the CUDA kernel's arithmetic, bit for bit on the CPU) but not timed.",
+                  "Triton interpreter; the CUDA kernels' own per-thread and per-warp code in a CPU emulation) but not timed.",
                   "A GPU session runs `benchmarks/run_gpu_suite.sh`, commits `benchmarks/results/<gpu>/`, and",
                   "regenerates this section with `python benchmarks/update_readme.py`.", ""]
     lines.append(END)
