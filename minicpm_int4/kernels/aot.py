@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .sass import counts as _sass_counts, parse as _sass_parse
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -242,30 +244,15 @@ def _tool(name: str) -> str:
     return path if os.path.exists(path) else name
 
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);")
-
-
-def _sass_summary(sass: str) -> Tuple[Dict[str, int], Dict[str, int]]:
+def _sass_summary(sass_text: str) -> Tuple[Dict[str, int], Dict[str, int]]:
     """(opcode counts of the whole kernel, opcode counts of its innermost loop: the shortest span
     closed by a backward branch)."""
-    instrs: List[Tuple[int, str]] = []
-    loops: List[Tuple[int, int]] = []
-    for line in sass.splitlines():
-        m = _SASS_LINE.search(line)
-        if not m:
-            continue
-        addr, op = int(m.group(1), 16), m.group(2) + m.group(3)
-        instrs.append((addr, op))
-        if m.group(2) == "BRA":
-            target = re.search(r"0x([0-9a-f]+)", m.group(4))
-            if target and int(target.group(1), 16) < addr:
-                loops.append((int(target.group(1), 16), addr))
-    total = Counter(op for _, op in instrs if op != "NOP")
+    instrs, spans = _sass_parse(sass_text)
     loop: Counter = Counter()
-    if loops:
-        lo, hi = min(loops, key=lambda span: span[1] - span[0])
-        loop = Counter(op for a, op in instrs if lo <= a <= hi and op != "NOP")
-    return dict(total), dict(loop)
+    if spans:
+        lo, hi = min(spans, key=lambda span: span[1] - span[0])
+        loop = _sass_counts(instrs, lo, hi)
+    return dict(_sass_counts(instrs)), dict(loop)
 
 
 def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:

@@ -19,9 +19,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
+
+from .sass import loop_bodies
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -73,27 +74,6 @@ def _tool(name: str) -> str:
     raise RuntimeError(f"{name} not found (install the CUDA toolkit, or triton which bundles cuobjdump)")
 
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);")
-
-
-def _loops(sass: str) -> List[Counter]:
-    """Opcode counts of every loop body (a span closed by a backward branch), innermost spans first."""
-    instrs: List[Tuple[int, str]] = []
-    spans = []
-    for line in sass.splitlines():
-        m = _LINE.search(line)
-        if not m:
-            continue
-        addr, op = int(m.group(1), 16), m.group(2) + m.group(3)
-        instrs.append((addr, op))
-        if m.group(2) == "BRA":
-            t = re.search(r"0x([0-9a-f]+)", m.group(4))
-            if t and int(t.group(1), 16) < addr:
-                spans.append((int(t.group(1), 16), addr))
-    spans.sort(key=lambda s: s[1] - s[0])
-    return [Counter(op for a, op in instrs if lo <= a <= hi and op != "NOP") for lo, hi in spans]
-
-
 def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) -> Optional[Variant]:
     m = re.search(r"w4a16_gemv_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)E", name)
     if m:
@@ -102,7 +82,7 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         # the fast loop: R weight loads and 4 * MT x loads (16 bytes each) per trip; of the loops that
         # fit, the one with the most trips per iteration (the unrolled body, not a remainder loop)
         best = None
-        for loop in _loops(sass):
+        for loop in loop_bodies(sass):
             wide = sum(c for op, c in loop.items() if op.startswith("LDG") and ".128" in op)
             if wide and wide % (r + 4 * mt) == 0 and (best is None or wide > best[0]):
                 best = (wide, loop)
@@ -115,7 +95,7 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
                     {"NT": int(m.group(2)), "NB": int(m.group(3)), "POST": int(m.group(4))}, regs, spill, smem)
         nt, nb = v.params["NT"], v.params["NB"]
         best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
-        for loop in _loops(sass):
+        for loop in loop_bodies(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("HMMA"))
             if mma and mma % (8 * nt * nb) == 0 and (best is None or mma > best[0]):
                 best = (mma, loop)
