@@ -12,6 +12,8 @@ extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qwe
                                                int K, int group_size, long ldx, long ldo, int dtype, int variant,
                                                cudaStream_t stream);
 extern "C" int minicpm_int4_w4a16_mma_supported(int K, int group_size);
+extern "C" cudaError_t minicpm_int4_act_quant(const void* x, int8_t* xq, float* scale, int M, int K, long ldx,
+                                              int dtype, cudaStream_t stream);
 
 namespace {
 
@@ -76,6 +78,31 @@ at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::
   return out;
 }
 
+// Per-token int8: (x_q int8 [M, K] contiguous, scale fp32 [M]); x fp16 / bf16 / fp32 [M, K] with unit
+// stride along K (any row stride; 16-byte rows take the vector path).
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "minicpm_int4_C.quantize_per_token_int8: x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_per_token_int8: x must be [M, K] with unit stride along K");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "quantize_per_token_int8 (cuda): activations must be fp16, bf16 or fp32, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31), "quantize_per_token_int8: sizes exceed int32");
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0 || K == 0) {
+    scale.zero_();
+    return {xq, scale};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int dtype = x.scalar_type() == at::kHalf ? 0 : x.scalar_type() == at::kBFloat16 ? 1 : 2;
+  cudaError_t err = minicpm_int4_act_quant(x.data_ptr(), xq.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                                           static_cast<int>(M), static_cast<int>(K), M == 1 ? K : x.stride(0), dtype,
+                                           c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.quantize_per_token_int8: kernel launch failed: ",
+              cudaGetErrorString(err));
+  return {xq, scale};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minicpm_int4_C, m) {
@@ -83,11 +110,13 @@ TORCH_LIBRARY(minicpm_int4_C, m) {
         "int variant=0) -> Tensor");
   m.def("w4a16_gemm_out(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
         "Tensor(a!) out, int variant=0) -> ()");
+  m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {
   m.impl("w4a16_gemm", &w4a16_gemm);
   m.impl("w4a16_gemm_out", &w4a16_gemm_out);
+  m.impl("quantize_per_token_int8", &quantize_per_token_int8);
 }
 
 // `import minicpm_int4._C` loads this library, which runs the registrations above.

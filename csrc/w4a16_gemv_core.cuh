@@ -1,5 +1,5 @@
 // The per-thread work of the W4A16 decode GEMV (csrc/w4a16_gemv.cu), written once for the device
-// and the host: the kernel calls it on the GPU, and tests/csrc/gemv_host_emu.cu runs the same code
+// and the host: the kernel calls it on the GPU, and tests/csrc/host_emu.cu runs the same code
 // on the CPU, thread by thread, so that the arithmetic and indexing are tested in CI without a GPU.
 //
 // Layout (canonical, minicpm_int4/packing.py; no repacking):

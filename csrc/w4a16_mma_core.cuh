@@ -1,6 +1,6 @@
 // The warp-level work of the W4A16 tensor-core decode kernel (csrc/w4a16_gemv.cu, M = 1..16),
 // written once for the device and the host: on the GPU a warp runs it with L = 1 (each thread its
-// own lane, the mma a real mma.sync); tests/csrc/gemv_host_emu.cu runs it with L = 32 (all lanes'
+// own lane, the mma a real mma.sync); tests/csrc/host_emu.cu runs it with L = 32 (all lanes'
 // registers in arrays, the mma emulated from the PTX fragment layout), so the fragment bookkeeping
 // is tested in CI without a GPU.
 //

@@ -232,8 +232,7 @@ def _quantize_per_token_int8_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor
     if be == "triton":
         return _triton_kernels()[0].quantize_per_token_int8_triton(x)
     if be == "cuda":
-        raise RuntimeError("quantize_per_token_int8: the CUDA extension has no activation quantizer; "
-                           "use backend='triton' or 'auto'")
+        return _cuda_ext()[0].quantize_per_token_int8(x)
     return reference.quantize_per_token_int8_ref(x)
 
 

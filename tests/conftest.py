@@ -61,3 +61,11 @@ def poison_empty(monkeypatch):
     """Used by the kernel test modules (pytestmark = usefixtures("poison_empty"))."""
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
     yield
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """tests/csrc/host_emu.cu built for the host (csrc_emu.py): the CUDA kernels' code on the CPU."""
+    import csrc_emu
+
+    return csrc_emu.build(tmp_path_factory.mktemp("csrc"))

@@ -1,6 +1,6 @@
 """The CUDA W4A16 GEMV (csrc/w4a16_gemv.cu), its arithmetic and indexing run on the CPU.
 
-tests/csrc/gemv_host_emu.cu compiles the kernel's per-thread code (csrc/w4a16_gemv_core.cuh) and
+tests/csrc/host_emu.cu compiles the kernel's per-thread code (csrc/w4a16_gemv_core.cuh) and
 its launcher's choices (fast or general path, rows per block) for the host with nvcc, and runs
 every block and thread in turn, with the warp shuffles and the cross-warp sum emulated in the
 kernel's order. These tests compare that with reference.py under the derived GEMM tolerance, for
@@ -8,71 +8,18 @@ every instantiation (rows of x MT x rows per block R), both paths, every group s
 and a strided x. Every input buffer ends at an inaccessible page, so a read past its end (a row
 past N, a chunk past K) kills the test run instead of passing unnoticed.
 
-What is left to the GPU (tests/test_gpu.py): the shuffles themselves, the 16-byte loads'
-alignment in hardware, the launch, and timing. Needs nvcc (CI has it; elsewhere the tests skip
-unless MINICPM_INT4_REQUIRE_NVCC=1, which .ci/run sets so that they can never skip there).
+What is left to the GPU (tests/test_gpu.py): the shuffles and the mma themselves, the 16-byte
+loads' alignment in hardware, the launch, and timing. Needs nvcc (the `emu` fixture, conftest.py).
 """
-import ctypes
-import mmap
-import os
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 from minicpm_int4.reference import w4a16_gemm_ref
 
+from csrc_emu import guarded as _guarded
 from helpers import assert_gemm_close, dequant, random_qweight
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_SRC = os.path.join(ROOT, "tests", "csrc", "gemv_host_emu.cu")
 VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
-
-
-@pytest.fixture(scope="session")
-def emu(tmp_path_factory):
-    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
-    if nvcc is None:
-        if os.environ.get("MINICPM_INT4_REQUIRE_NVCC") == "1":
-            pytest.fail("MINICPM_INT4_REQUIRE_NVCC=1 but nvcc is not on PATH")
-        pytest.skip("needs nvcc to build the CUDA GEMV's host emulation")
-    lib = tmp_path_factory.mktemp("csrc") / "gemv_host_emu.so"
-    # -arch=sm_80: the device pass nvcc makes anyway must see bf16 arithmetic; only host code is run
-    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-arch=sm_80", "-Xcompiler", "-fPIC,-Wall,-Werror", "-o", str(lib), EMU_SRC]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
-    so = ctypes.CDLL(str(lib))
-    so.minicpm_int4_gemv_emulate.restype = ctypes.c_int
-    so.minicpm_int4_gemv_emulate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
-    so.minicpm_int4_mma_emulate.restype = ctypes.c_int
-    so.minicpm_int4_mma_emulate.argtypes = so.minicpm_int4_gemv_emulate.argtypes
-    for f in (so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block, so.minicpm_int4_mma_supported,
-              so.minicpm_int4_mma_post_scale, so.minicpm_int4_mma_tiles_per_block):
-        f.restype = ctypes.c_int
-    return so
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_PAGE = mmap.PAGESIZE
-_keep = []  # the mappings behind guarded tensors stay mapped until the process ends
-
-
-def _guarded(t: torch.Tensor) -> torch.Tensor:
-    """A copy of contiguous `t` whose last byte is followed by an inaccessible page."""
-    nbytes = t.numel() * t.element_size()
-    assert nbytes % 2 == 0
-    data_pages = -(-nbytes // _PAGE)
-    mm = mmap.mmap(-1, (data_pages + 1) * _PAGE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    if _libc.mprotect(base + data_pages * _PAGE, _PAGE, 0) != 0:  # PROT_NONE
-        raise OSError(ctypes.get_errno(), "mprotect failed")
-    _keep.append(mm)
-    start = data_pages * _PAGE - nbytes
-    out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
-    out.copy_(t)
-    return out
 
 
 def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv"):

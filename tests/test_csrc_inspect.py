@@ -47,7 +47,11 @@ def test_every_instantiation_compiles_without_spills_in_the_loop(variants):
     spilled = [(v.arch, v.kernel, v.dtype, v.params, v.spill_bytes) for v in variants
                if v.loop_local_memory or v.spill_bytes > 16]
     assert not spilled
-    missing = [(v.arch, v.kernel, v.dtype, v.params) for v in variants if v.instr_per_weight is None]
+    for arch in ("sm80", "sm90a"):  # act_quant: (dtype, 16-byte pieces cached per thread), 0 = read twice
+        assert sorted((v.dtype, v.params["U"]) for v in _pick(variants, arch, "act_quant")) == sorted(
+            (d, u) for d in ("float16", "bfloat16", "float32") for u in (0, 1, 2, 4, 8))
+    missing = [(v.arch, v.kernel, v.dtype, v.params) for v in variants
+               if v.kernel != "act_quant" and v.instr_per_weight is None]
     assert not missing, f"K loop not found in {missing}"
 
 

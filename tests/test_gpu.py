@@ -129,6 +129,26 @@ def test_triton_act_quant_bit_exact(m, k):
     assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("m,k", [(1, 4096), (17, 3584), (4096, 4096), (130, 18944), (3, 1001)])
+def test_cuda_act_quant_bit_exact(m, k, dtype):
+    """csrc/act_quant.cu against the reference, every bit: register-cached rows, rows read twice
+    (K = 18944), element-by-element rows (K = 1001), a zero row and an outlier."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    x[0, 3] = 3e4
+    if m > 2:
+        x[2] = 0
+    xq, s = ops.quantize_per_token_int8(x, backend="cuda")
+    xq_ref, s_ref = quantize_per_token_int8_ref(x)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+    strided = torch.randn(m, k + 8, dtype=dtype, device="cuda")[:, :k]
+    xq, s = torch.ops.minicpm_int4_C.quantize_per_token_int8(strided)
+    xq_ref, s_ref = quantize_per_token_int8_ref(strided)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+
+
 @pytest.mark.parametrize("nk", [(4096, 4096), (2304, 768), (14336, 4096)], ids=lambda s: f"N{s[0]}-K{s[1]}")
 @pytest.mark.parametrize("m", [17, 256])
 def test_triton_w4a8_real_shapes(nk, m):

@@ -129,15 +129,18 @@ def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
     if not any(b.name.startswith("w4a8") for b in live):
         return []
     rows = []
-    backend = "triton" if device.type == "cuda" else "torch"
+    backends = ["triton"] if device.type == "cuda" else ["torch"]
+    if device.type == "cuda" and ops.cuda_extension_error() is None:
+        backends.append("cuda")  # csrc/act_quant.cu beside the Triton kernel
     for k in sorted({s.k for s in shapes}):
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
-            med, p20, p80 = time_ms(lambda: ops.quantize_per_token_int8(x, backend), device, rep_ms=rep_ms)
-            nbytes = m * k * x.element_size() + m * k + 4 * m
-            gbps = nbytes / (med * 1e-3) / 1e9
-            rows.append({"m": m, "k": k, "backend": backend, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                         "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw})
+            for backend in backends:
+                med, p20, p80 = time_ms(lambda: ops.quantize_per_token_int8(x, backend), device, rep_ms=rep_ms)
+                nbytes = m * k * x.element_size() + m * k + 4 * m
+                gbps = nbytes / (med * 1e-3) / 1e9
+                rows.append({"m": m, "k": k, "backend": backend, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                             "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw})
     return rows
 
 

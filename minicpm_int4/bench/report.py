@@ -73,9 +73,11 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
                         out.append(f"| {n} x {k} | {b} | " + " | ".join(f"{v['pct_copy_bw']:.0f}%" if v else "-" for v in vals) + " |")
             out.append("")
     if result.get("act_quant"):
-        out += ["### per-token int8 activation quantization", "", "| M x K | ms | GB/s | % copy bw |", "|---|---|---|---|"]
+        out += ["### per-token int8 activation quantization", "", "| M x K | backend | ms | GB/s | % copy bw |",
+                "|---|---|---|---|---|"]
         for r in result["act_quant"]:
-            out.append(f"| {r['m']} x {r['k']} | {r['median_ms']:.4f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.0f}% |")
+            out.append(f"| {r['m']} x {r['k']} | {r.get('backend', '-')} | {r['median_ms']:.4f} | {r['gbps']:.0f} | "
+                       f"{r['pct_copy_bw']:.0f}% |")
         out.append("")
     return "\n".join(out)
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
+from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 from .sass import loop_bodies
@@ -28,20 +29,20 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 ARCHS = {"sm80": "80", "sm90a": "90a"}
-_DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+_DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 
 
 @dataclass
 class Variant:
     arch: str
-    kernel: str                  # "gemv" (CUDA cores) or "mma" (tensor cores)
+    kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant"
     dtype: str
-    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST
+    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST; act_quant: U
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
     loop_counts: Dict[str, int] = field(default_factory=dict)
-    weights_per_trip: Optional[float] = None  # int4 weights one thread handles per trip of the loop
+    weights_per_trip: Optional[float] = None  # int4 weights one thread handles per trip of the loop (decode kernels)
 
     @property
     def instr_per_weight(self) -> Optional[float]:
@@ -102,10 +103,24 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
             v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
+    m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)E", name)
+    if m:  # no K loop per weight: registers, stack, and local memory in its loops
+        v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2))}, regs, spill, smem)
+        v.loop_counts = dict(sum(loop_bodies(sass), Counter()))
+        return v
     return None
 
 
-def inspect(archs: Sequence[str] = ("sm80", "sm90a"), source: str = "w4a16_gemv.cu") -> List[Variant]:
+def inspect(archs: Sequence[str] = ("sm80", "sm90a"), sources: Sequence[str] = ("w4a16_gemv.cu", "act_quant.cu")
+            ) -> List[Variant]:
+    out: List[Variant] = []
+    for source in sources:
+        out += _inspect_source(archs, source)
+    out.sort(key=lambda v: (v.arch, v.kernel, v.dtype, sorted(v.params.items())))
+    return out
+
+
+def _inspect_source(archs: Sequence[str], source: str) -> List[Variant]:
     nvcc, cuobjdump = _tool("nvcc"), _tool("cuobjdump")
     src = os.path.join(CSRC, source)
     if not os.path.exists(src):
@@ -129,7 +144,6 @@ def inspect(archs: Sequence[str] = ("sm80", "sm90a"), source: str = "w4a16_gemv.
                 v = _variant(arch, name, regs, spill, smem, part)
                 if v is not None:
                     out.append(v)
-    out.sort(key=lambda v: (v.arch, v.kernel, v.dtype, sorted(v.params.items())))
     return out
 
 

@@ -1,4 +1,5 @@
-// The CUDA W4A16 decode kernels (csrc/w4a16_gemv.cu) run on the CPU, block by block.
+// The CUDA kernels of csrc/ run on the CPU, block by block: the W4A16 decode kernels
+// (csrc/w4a16_gemv.cu) and the activation quantizer (csrc/act_quant.cu).
 //
 // CUDA-core GEMV: every thread's work is the kernel's own code (thread_partials in
 // csrc/w4a16_gemv_core.cuh), and so are the host-side choices (chunk_shift_for, rows_per_block).
@@ -10,6 +11,7 @@
 // `nvcc -shared` (host code only, no GPU needed) and called through ctypes.
 #include "../../csrc/w4a16_gemv_core.cuh"
 #include "../../csrc/w4a16_mma_core.cuh"
+#include "../../csrc/act_quant_core.cuh"
 
 #include <vector>
 
@@ -143,6 +145,46 @@ int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* ze
   return 0;
 }
 
+namespace aq = minicpm_int4_aq;
+
+// One block per row: every thread's pass 1, the block max (exact in any order, NaN-propagating),
+// the row's scale, every thread's pass 2 - the kernel's sequence with its own per-thread code.
+template <typename T, int U>
+void act_quant_rows(const T* x, int8_t* xq, float* scale, int M, int K, long ldx, bool vec) {
+  std::vector<uint4> caches(static_cast<size_t>(aq::kThreads) * (U > 0 ? U : 1));
+  for (int m = 0; m < M; ++m) {
+    const T* row = x + static_cast<long>(m) * ldx;
+    float amax = 0.f;
+    bool nan = false;
+    for (int tid = 0; tid < aq::kThreads; ++tid) {
+      auto& cache = *reinterpret_cast<uint4(*)[U > 0 ? U : 1]>(&caches[static_cast<size_t>(tid) * (U > 0 ? U : 1)]);
+      const float v = aq::thread_absmax<T, U>(row, K, tid, vec, cache).value();
+      nan = nan || v != v;
+      amax = fmaxf(amax, v);
+    }
+    float s, safe;
+    aq::row_scale(nan ? NAN : amax, s, safe);
+    scale[m] = s;
+    for (int tid = 0; tid < aq::kThreads; ++tid) {
+      const auto& cache = *reinterpret_cast<const uint4(*)[U > 0 ? U : 1]>(&caches[static_cast<size_t>(tid) * (U > 0 ? U : 1)]);
+      aq::thread_quantize<T, U>(row, xq + static_cast<long>(m) * K, K, tid, vec, s, safe, cache);
+    }
+  }
+}
+
+template <typename T>
+int act_quant(const T* x, int8_t* xq, float* scale, int M, int K, long ldx, int force_scalar) {
+  const bool vec = !force_scalar && aq::vector_path(x, ldx, K, sizeof(T));
+  switch (aq::cache_pieces(K, sizeof(T), vec)) {
+    case 1: act_quant_rows<T, 1>(x, xq, scale, M, K, ldx, vec); break;
+    case 2: act_quant_rows<T, 2>(x, xq, scale, M, K, ldx, vec); break;
+    case 4: act_quant_rows<T, 4>(x, xq, scale, M, K, ldx, vec); break;
+    case 8: act_quant_rows<T, 8>(x, xq, scale, M, K, ldx, vec); break;
+    default: act_quant_rows<T, 0>(x, xq, scale, M, K, ldx, vec); break;
+  }
+  return vec ? aq::cache_pieces(K, sizeof(T), vec) : -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -180,6 +222,16 @@ int minicpm_int4_mma_emulate(const void* x, const int32_t* qweight, const void* 
 int minicpm_int4_mma_supported(int K, int group_size) { return mm::mma_supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_post_scale(int K, int group_size) { return mm::mma_post_scale(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_tiles_per_block(int n, int sms) { return mm::mma_tiles_per_block(n, sms); }
+
+// The activation quantizer; dtype 0 fp16, 1 bf16, 2 fp32. Returns the path taken: -1 element by
+// element, 0 vector path with a second read, U > 0 vector path with U pieces per thread in registers.
+int minicpm_int4_act_quant_emulate(const void* x, int8_t* xq, float* scale, int M, int K, long ldx, int dtype,
+                                   int force_scalar) {
+  if (dtype == 0) return act_quant<__half>(static_cast<const __half*>(x), xq, scale, M, K, ldx, force_scalar);
+  if (dtype == 1)
+    return act_quant<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), xq, scale, M, K, ldx, force_scalar);
+  return act_quant<float>(static_cast<const float*>(x), xq, scale, M, K, ldx, force_scalar);
+}
 
 int minicpm_int4_gemv_chunk_shift(int K, int group_size) { return chunk_shift_for(K, group_size); }
 int minicpm_int4_gemv_rows_per_block(int mt, int n, int sms) { return rows_per_block(mt, n, sms); }
