@@ -50,18 +50,18 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const
   }
 }
 
-template <typename T, int NT, int NB, bool POST>
-__global__ void __launch_bounds__(minicpm_int4_mma::kThreads)
+template <typename T, int NT, int NB, bool POST, int W>
+__global__ void __launch_bounds__(32 * W)
     w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
   namespace mm = minicpm_int4_mma;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n0 = blockIdx.x * 16 * NT;
   const int lanes[1] = {lane};
   float acc[NT][NB][1][4];
-  mm::warp_partials<T, NT, NB, POST, mm::DeviceMma, 1>(p, n0, warp, lanes, acc);
+  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1>(p, n0, warp, lanes, acc);
 
   constexpr int kSlots = NT * NB * 4;
-  __shared__ float red[kSlots][mm::kWarps][32];  // [output slot][warp][lane]: conflict-free both ways
+  __shared__ float red[kSlots][W][32];  // [output slot][warp][lane]: conflict-free both ways
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -69,14 +69,14 @@ __global__ void __launch_bounds__(minicpm_int4_mma::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) red[(nt * NB + nb) * 4 + e][warp][lane] = acc[nt][nb][0][e];
   __syncthreads();
-  for (int o = threadIdx.x; o < kSlots * 32; o += mm::kThreads) {
+  for (int o = threadIdx.x; o < kSlots * 32; o += 32 * W) {
     const int slot = o >> 5, ln = o & 31;
-    float vals[mm::kWarps];
+    float vals[W];
 #pragma unroll
-    for (int w = 0; w < mm::kWarps; ++w) vals[w] = red[slot][w][ln];
+    for (int w = 0; w < W; ++w) vals[w] = red[slot][w][ln];
     int m, n;
     mm::slot_output(n0, NB, slot, ln, m, n);
-    mm::store_output<T>(vals, bias, out, ldo, p.M, p.N, m, n);
+    mm::store_output<T, W>(vals, bias, out, ldo, p.M, p.N, m, n);
   }
 }
 
@@ -141,13 +141,23 @@ cudaError_t launch(const T* x, const int32_t* qweight, const T* scales, const T*
   return cudaSuccess;
 }
 
-template <typename T, int NT, int NB>
-void launch_mma_nt(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
+template <typename T, int NT, int NB, int W>
+void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
   const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
   if (post)
-    w4a16_mma_kernel<T, NT, NB, true><<<grid, minicpm_int4_mma::kThreads, 0, stream>>>(p, bias, out, ldo);
+    w4a16_mma_kernel<T, NT, NB, true, W><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
   else
-    w4a16_mma_kernel<T, NT, NB, false><<<grid, minicpm_int4_mma::kThreads, 0, stream>>>(p, bias, out, ldo);
+    w4a16_mma_kernel<T, NT, NB, false, W><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+}
+
+// The instantiations: NT = 2 with 8 warps (large N), NT = 1 with 8 or 16 warps.
+template <typename T, int NB>
+void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool post, const T* bias, T* out, long ldo,
+                   cudaStream_t stream) {
+  if (nt == 2) return launch_mma_w<T, 2, NB, minicpm_int4_mma::kWarps>(p, post, bias, out, ldo, stream);
+  if (warps == minicpm_int4_mma::kWarpsSmallN)
+    return launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarpsSmallN>(p, post, bias, out, ldo, stream);
+  launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarps>(p, post, bias, out, ldo, stream);
 }
 
 template <typename T>
@@ -155,16 +165,17 @@ cudaError_t launch_mma(const T* x, const int32_t* qweight, const T* scales, cons
                        int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
   namespace mm = minicpm_int4_mma;
   const bool post = mm::mma_post_scale(K, group_size);
-  const int nt = mm::mma_tiles_per_block(N, sm_count());
+  const int sms = sm_count();
+  const int nt = mm::mma_tiles_per_block(N, sms), warps = mm::mma_warps_per_block(N, nt, sms);
   for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
     const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
     const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx, 0x000F000Fu,
                             mm::group_shift_for(K, group_size)};
     T* os = out + static_cast<long>(m0) * ldo;
-    if (nt == 2)
-      rows > 8 ? launch_mma_nt<T, 2, 2>(p, post, bias, os, ldo, stream) : launch_mma_nt<T, 2, 1>(p, post, bias, os, ldo, stream);
+    if (rows > 8)
+      launch_mma_nb<T, 2>(p, nt, warps, post, bias, os, ldo, stream);
     else
-      rows > 8 ? launch_mma_nt<T, 1, 2>(p, post, bias, os, ldo, stream) : launch_mma_nt<T, 1, 1>(p, post, bias, os, ldo, stream);
+      launch_mma_nb<T, 1>(p, nt, warps, post, bias, os, ldo, stream);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

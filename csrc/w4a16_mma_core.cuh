@@ -50,8 +50,8 @@
 
 namespace minicpm_int4_mma {
 
-constexpr int kWarps = 8;             // warps per block; they split K (chunk c goes to warp c % kWarps)
-constexpr int kThreads = 32 * kWarps;
+constexpr int kWarps = 8;             // warps per block (W); they split K (chunk c goes to warp c % W)
+constexpr int kWarpsSmallN = 16;      // W when N gives fewer blocks than SMs (k/v projections)
 constexpr int kChunk = 128;           // k per chunk: 4 lanes x 32
 constexpr int kMaxM = 16;             // rows of x per launch: NB = 1 or 2 mma column blocks of 8
 
@@ -229,9 +229,9 @@ template <typename T> struct Params {
   int group_shift;   // group of k = k >> group_shift (31 per channel)
 };
 
-// One warp's partial sums over its chunks (c = warp, warp + kWarps, ...) for the 16 * NT rows from
+// One warp's partial sums over its chunks (c = warp, warp + W, ...) for the 16 * NT rows from
 // n0 and the 8 * NB rows of x: acc[nt][nb][l][e] in the C layout. lanes[l] = the lane ids held.
-template <typename T, int NT, int NB, bool POST, class Mma, int L>
+template <typename T, int NT, int NB, bool POST, int W, class Mma, int L>
 MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
   const int chunks = p.K / kChunk;
   const int groups = p.K / p.group_size;
@@ -269,7 +269,7 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
         MINICPM_MMA_UNROLL
         for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
 
-  // One chunk of lookahead for the weights (the HBM stream): chunk c + kWarps's words, scales and
+  // One chunk of lookahead for the weights (the HBM stream): chunk c + W's words, scales and
   // zero points are loaded before chunk c is dequantized, so each lane keeps two chunks' 16-byte
   // weight loads in flight. The last trip re-reads its own chunk (an L1 hit) instead of branching.
   // x (a few KiB, L1/L2-resident) is loaded in the trip that uses it: registers for occupancy.
@@ -296,9 +296,9 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
 #ifdef __CUDA_ARCH__
 #pragma unroll 2  // two trips per iteration: `cur = next` becomes a register renaming, not moves
 #endif
-  for (int c = warp; c < chunks; c += kWarps) {
+  for (int c = warp; c < chunks; c += W) {
     Raw next;
-    load(c + kWarps < chunks ? c + kWarps : c, next);
+    load(c + W < chunks ? c + W : c, next);
     uint32_t a[NT][8][L][4];
     uint32_t b[NB][8][L][2];
     float sc[NT][L][2];  // POST: the scales of rows g and g + 8
@@ -374,13 +374,13 @@ MINICPM_MMA_HD void slot_output(int n0, int NB, int slot, int lane, int& m, int&
 
 // The block's value for one output from its warps' sums (in warp order), plus bias, rounded once;
 // stored when (m, n) is inside the output.
-template <typename T>
-MINICPM_MMA_HD void store_output(const float (&warp_vals)[kWarps], const T* bias, T* out, long ldo, int M, int N,
+template <typename T, int W>
+MINICPM_MMA_HD void store_output(const float (&warp_vals)[W], const T* bias, T* out, long ldo, int M, int N,
                                  int m, int n) {
   if (m >= M || n >= N) return;
   float v = warp_vals[0];
   MINICPM_MMA_UNROLL
-  for (int w = 1; w < kWarps; ++w) v += warp_vals[w];
+  for (int w = 1; w < W; ++w) v += warp_vals[w];
   if (bias != nullptr) v += Pair<T>::to_f32(ldg(bias + n));
   out[m * ldo + n] = Pair<T>::from_f32(v);
 }
@@ -401,5 +401,8 @@ inline int group_shift_for(int K, int group_size) {
 
 // N-tiles (16 rows) per block: 2 while that still gives every SM two blocks, else 1.
 inline int mma_tiles_per_block(int n, int sms) { return (n + 31) / 32 >= 2 * sms ? 2 : 1; }
+// Warps per block: 16 when the blocks (one per 16 * NT rows) are fewer than the SMs - a k/v
+// projection of 1024 rows has 64 - so that the SMs that have one keep twice the loads in flight.
+inline int mma_warps_per_block(int n, int tiles, int sms) { return tiles == 1 && (n + 15) / 16 < sms ? kWarpsSmallN : kWarps; }
 
 }  // namespace minicpm_int4_mma

@@ -30,11 +30,11 @@ def build(out_dir) -> ctypes.CDLL:
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
     so = ctypes.CDLL(lib)
     so.minicpm_int4_gemv_emulate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
-    so.minicpm_int4_mma_emulate.argtypes = so.minicpm_int4_gemv_emulate.argtypes
+    so.minicpm_int4_mma_emulate.argtypes = so.minicpm_int4_gemv_emulate.argtypes + [ctypes.c_int]
     so.minicpm_int4_act_quant_emulate.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_long] + [ctypes.c_int] * 2
     for f in (so.minicpm_int4_gemv_emulate, so.minicpm_int4_mma_emulate, so.minicpm_int4_act_quant_emulate,
               so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block, so.minicpm_int4_mma_supported,
-              so.minicpm_int4_mma_post_scale, so.minicpm_int4_mma_tiles_per_block):
+              so.minicpm_int4_mma_post_scale, so.minicpm_int4_mma_tiles_per_block, so.minicpm_int4_mma_warps_per_block):
         f.restype = ctypes.c_int
     return so
 

@@ -22,16 +22,19 @@ from helpers import assert_gemm_close, dequant, random_qweight
 VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
 
 
-def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv"):
+def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv", warps=0):
     """The CUDA-core GEMV (rows = R, rows per block) or the tensor-core kernel (rows = N-tiles per
-    block); 0 = the launcher's own choice for `sms` SMs."""
+    block, warps per block); 0 = the launcher's own choice for `sms` SMs."""
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
     args = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             bias.data_ptr() if bias is not None else None, out.data_ptr()]
-    fn = emu.minicpm_int4_gemv_emulate if kernel == "gemv" else emu.minicpm_int4_mma_emulate
-    rc = fn(*args, m, n, k, group_size, x.stride(0), out.stride(0), 0 if x.dtype == torch.float16 else 1, rows, sms)
+    dtype = 0 if x.dtype == torch.float16 else 1
+    if kernel == "gemv":
+        rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, sms)
+    else:
+        rc = emu.minicpm_int4_mma_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, warps, sms)
     assert rc == 0, f"{kernel}: no instantiation for M={m} rows={rows} (rc {rc})"
     return out
 
@@ -113,7 +116,8 @@ MMA_SHAPES = [
     (21, 1536, 64),    # 12 chunks: warps 0-3 get two; pre-scaled
     (23, 2048, -1),    # per channel: post-scaled, group shift 31
     (13, 3072, 256),   # post-scaled, a group spans two chunks
-    (45, 640, 128),    # 5 chunks: three warps idle
+    (45, 640, 128),    # 5 chunks: three warps idle (eleven of 16)
+    (17, 6144, 64),    # 48 chunks: 3 per warp of 16, 6 per warp of 8
 ]
 
 
@@ -126,10 +130,10 @@ def test_mma_emulation_matches_reference(emu, shape, dtype):
     w = dequant(qweight, scales, zeros, gs, dtype)
     g = torch.Generator().manual_seed(n + 7)
     for m in (1, 3, 8, 9, 16):
-        for tiles in (1, 2):
+        for tiles, warps in ((1, 8), (2, 8), (1, 16)):  # the instantiations the launcher has
             x = _guarded(torch.randn(m, k, generator=g).to(dtype))
-            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (m + tiles) % 2 else None
-            y = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma")
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (m + tiles + warps // 8) % 2 else None
+            y = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps)
             assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, w)
 
 
@@ -143,18 +147,28 @@ def test_mma_emulation_slices_and_strided_x(emu, m, dtype):
     g = torch.Generator().manual_seed(200 + m)
     x = _guarded(torch.randn(m, k + 8, generator=g).to(dtype))[:, :k]
     bias = torch.randn(n, generator=g).to(dtype)
-    y = _emulate(emu, x, _guarded(qweight), _guarded(scales), _guarded(zeros), bias, gs, rows=0, sms=1, kernel="mma")
-    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+    for sms in (1, 132):  # 2 tiles x 8 warps; 1 tile x 16 warps
+        y = _emulate(emu, x, _guarded(qweight), _guarded(scales), _guarded(zeros), bias, gs, rows=0, sms=sms, kernel="mma")
+        assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                          dequant(qweight, scales, zeros, gs, dtype))
 
 
 def test_mma_launcher_choices(emu):
     ok, post, tiles = emu.minicpm_int4_mma_supported, emu.minicpm_int4_mma_post_scale, emu.minicpm_int4_mma_tiles_per_block
+    warps = emu.minicpm_int4_mma_warps_per_block
     assert [ok(4096, 32), ok(4096, 128), ok(4096, 4096), ok(12288, 12288), ok(1152, 1152)] == [1, 1, 1, 1, 1]
     # K % 128 != 0, a group size that is not a power of two or below 32: the CUDA-core GEMV's
     assert [ok(4104, 4104), ok(4304, 4304), ok(4096, 96), ok(4096, 16), ok(4160, 64)] == [0, 0, 0, 0, 0]
     assert [post(4096, 32), post(4096, 64), post(4096, 128), post(4096, 256), post(4096, 4096)] == [0, 0, 1, 1, 1]
     # two 16-row tiles per block while ceil(N / 32) >= 2 blocks per SM (H100: 132 SMs)
     assert [tiles(4096, 132), tiles(8448, 132), tiles(12288, 132), tiles(64, 1)] == [1, 2, 2, 2]
+    # 16 warps per block when one-tile blocks are fewer than the SMs (N < 16 * 132 = 2112 on an H100)
+    assert [warps(1024, 1, 132), warps(2096, 1, 132), warps(2112, 1, 132), warps(4096, 1, 132), warps(512, 2, 1)] == [
+        16, 16, 8, 8, 8]
+    with pytest.raises(AssertionError, match="rc -1"):  # no instantiation with 2 tiles and 16 warps
+        x = torch.randn(1, 1024).half()
+        qweight, scales, zeros, gs = _layer(8, 1024, 128, torch.float16, seed=1)
+        _emulate(emu, x, qweight, scales, zeros, None, gs, rows=2, kernel="mma", warps=16)
     with pytest.raises(AssertionError, match="rc -2"):  # the tensor-core kernel refuses what it cannot take
         x = torch.randn(1, 4160).half()
         qweight, scales, zeros, gs = _layer(8, 4160, 64, torch.float16, seed=1)

@@ -42,8 +42,9 @@ def test_every_instantiation_compiles_without_spills_in_the_loop(variants):
             assert sorted((v.params["MT"], v.params["R"]) for v in gemv) == sorted(
                 (mt, r) for mt in range(1, 9) for r in (1, 2, 4, 8) if mt * r <= 8)
             mma = _pick(variants, arch, "mma", dtype)
-            assert sorted((v.params["NT"], v.params["NB"], v.params["POST"]) for v in mma) == sorted(
-                (nt, nb, post) for nt in (1, 2) for nb in (1, 2) for post in (0, 1))
+            # (NT, W): 2 tiles x 8 warps, 1 tile x 8 or 16 warps (launch_mma_nb)
+            assert sorted((v.params["NT"], v.params["W"], v.params["NB"], v.params["POST"]) for v in mma) == sorted(
+                (nt, w, nb, post) for nt, w in ((2, 8), (1, 8), (1, 16)) for nb in (1, 2) for post in (0, 1))
     spilled = [(v.arch, v.kernel, v.dtype, v.params, v.spill_bytes) for v in variants
                if v.loop_local_memory or v.spill_bytes > 16]
     assert not spilled

@@ -37,7 +37,7 @@ class Variant:
     arch: str
     kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant"
     dtype: str
-    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST; act_quant: U
+    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -90,10 +90,10 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:
             v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // (r + 4 * mt)
         return v
-    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])E", name)
+    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)E", name)
     if m:
-        v = Variant(arch, "mma", _DTYPES[m.group(1)],
-                    {"NT": int(m.group(2)), "NB": int(m.group(3)), "POST": int(m.group(4))}, regs, spill, smem)
+        v = Variant(arch, "mma", _DTYPES[m.group(1)], {"NT": int(m.group(2)), "NB": int(m.group(3)),
+                                                       "POST": int(m.group(4)), "W": int(m.group(5))}, regs, spill, smem)
         nt, nb = v.params["NT"], v.params["NB"]
         best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
         for loop in loop_bodies(sass):

@@ -13,6 +13,7 @@
 #include "../../csrc/w4a16_mma_core.cuh"
 #include "../../csrc/act_quant_core.cuh"
 
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -97,50 +98,57 @@ int emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros,
 
 namespace mm = minicpm_int4_mma;
 
-template <typename T, int NT, int NB, bool POST>
+template <typename T, int NT, int NB, bool POST, int W>
 void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
   int lanes[32];
   for (int l = 0; l < 32; ++l) lanes[l] = l;
-  std::vector<float> acc_store(static_cast<size_t>(mm::kWarps) * NT * NB * 32 * 4);
+  std::vector<float> acc_store(static_cast<size_t>(W) * NT * NB * 32 * 4);
   auto acc = reinterpret_cast<float(*)[NT][NB][32][4]>(acc_store.data());
   for (int n0 = 0; n0 < p.N; n0 += 16 * NT) {
-    for (int w = 0; w < mm::kWarps; ++w) mm::warp_partials<T, NT, NB, POST, mm::HostMma, 32>(p, n0, w, lanes, acc[w]);
+    for (int w = 0; w < W; ++w) mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32>(p, n0, w, lanes, acc[w]);
     for (int slot = 0; slot < NT * NB * 4; ++slot) {
       const int e = slot & 3, nb = (slot >> 2) % NB, nt = (slot >> 2) / NB;
       for (int lane = 0; lane < 32; ++lane) {
-        float vals[mm::kWarps];
-        for (int w = 0; w < mm::kWarps; ++w) vals[w] = acc[w][nt][nb][lane][e];
+        float vals[W];
+        for (int w = 0; w < W; ++w) vals[w] = acc[w][nt][nb][lane][e];
         int m, n;
         mm::slot_output(n0, NB, slot, lane, m, n);
-        mm::store_output<T>(vals, bias, out, ldo, p.M, p.N, m, n);
+        mm::store_output<T, W>(vals, bias, out, ldo, p.M, p.N, m, n);
       }
     }
   }
 }
 
-template <typename T, int NT, int NB>
-void mma_post(const mm::Params<T>& p, bool post, const T* bias, T* out, long ldo) {
-  if (post) return mma_grid<T, NT, NB, true>(p, bias, out, ldo);
-  mma_grid<T, NT, NB, false>(p, bias, out, ldo);
+// The kernel's instantiations (csrc/w4a16_gemv.cu launch_mma_nb); false for any other choice.
+template <typename T, int NB>
+bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, const T* bias, T* out, long ldo) {
+  auto run = [&](auto nt_c, auto w_c) {
+    constexpr int NTc = decltype(nt_c)::value, Wc = decltype(w_c)::value;
+    post ? mma_grid<T, NTc, NB, true, Wc>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc>(p, bias, out, ldo);
+    return true;
+  };
+  if (nt == 2 && warps == mm::kWarps) return run(std::integral_constant<int, 2>{}, std::integral_constant<int, mm::kWarps>{});
+  if (nt == 1 && warps == mm::kWarps) return run(std::integral_constant<int, 1>{}, std::integral_constant<int, mm::kWarps>{});
+  if (nt == 1 && warps == mm::kWarpsSmallN)
+    return run(std::integral_constant<int, 1>{}, std::integral_constant<int, mm::kWarpsSmallN>{});
+  return false;
 }
 
 template <typename T>
 int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
-                int N, int K, int group_size, long ldx, long ldo, int tiles, int sms) {
+                int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms) {
   if (!mm::mma_supported(K, group_size)) return -2;
   const bool post = mm::mma_post_scale(K, group_size);
   const int nt = tiles > 0 ? tiles : mm::mma_tiles_per_block(N, sms);
+  const int w = warps > 0 ? warps : mm::mma_warps_per_block(N, nt, sms);
   for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
     const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
     const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx,
                           0x000F000Fu, mm::group_shift_for(K, group_size)};
     T* os = out + static_cast<long>(m0) * ldo;
-    if (nt == 2)
-      rows > 8 ? mma_post<T, 2, 2>(p, post, bias, os, ldo) : mma_post<T, 2, 1>(p, post, bias, os, ldo);
-    else if (nt == 1)
-      rows > 8 ? mma_post<T, 1, 2>(p, post, bias, os, ldo) : mma_post<T, 1, 1>(p, post, bias, os, ldo);
-    else
-      return -1;
+    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, w, post, bias, os, ldo)
+                             : mma_dispatch<T, 1>(p, nt, w, post, bias, os, ldo);
+    if (!ok) return -1;
   }
   return 0;
 }
@@ -204,24 +212,26 @@ int minicpm_int4_gemv_emulate(const void* x, const int32_t* qweight, const void*
                                 group_size, ldx, ldo, rows, sms);
 }
 
-// The tensor-core kernel: tiles = N-tiles per block (0: as the launcher picks with `sms` SMs).
+// The tensor-core kernel: tiles = N-tiles per block, warps = warps per block (0: as the launcher
+// picks with `sms` SMs).
 // Returns 0, -1 for a tile count without an instantiation, -2 where the kernel does not apply.
 int minicpm_int4_mma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                              const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                             int dtype, int tiles, int sms) {
+                             int dtype, int tiles, int warps, int sms) {
   if (dtype == 0)
     return mma_emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                                static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
-                               static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, sms);
+                               static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, warps, sms);
   return mma_emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
                                     static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                     static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                                    group_size, ldx, ldo, tiles, sms);
+                                    group_size, ldx, ldo, tiles, warps, sms);
 }
 
 int minicpm_int4_mma_supported(int K, int group_size) { return mm::mma_supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_post_scale(int K, int group_size) { return mm::mma_post_scale(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_tiles_per_block(int n, int sms) { return mm::mma_tiles_per_block(n, sms); }
+int minicpm_int4_mma_warps_per_block(int n, int tiles, int sms) { return mm::mma_warps_per_block(n, tiles, sms); }
 
 // The activation quantizer; dtype 0 fp16, 1 bf16, 2 fp32. Returns the path taken: -1 element by
 // element, 0 vector path with a second read, U > 0 vector path with U pieces per thread in registers.
