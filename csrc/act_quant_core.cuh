@@ -19,46 +19,31 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define MINICPM_AQ_HD __host__ __device__ __forceinline__
-#else
-#define MINICPM_AQ_HD inline
-#endif
-#ifdef __CUDA_ARCH__
-#define MINICPM_AQ_UNROLL _Pragma("unroll")
-#else
-#define MINICPM_AQ_UNROLL
-#endif
+#include "hd_common.cuh"
 
 namespace minicpm_int4_aq {
+
+using minicpm_int4_hd::ldg;
 
 constexpr int kThreads = 256;
 constexpr int kMaxU = 8;  // 16-byte pieces per thread kept in registers: K <= 16384 fp16 / 8192 fp32
 
 template <typename T> struct Elem;
 template <> struct Elem<__half> {
-  MINICPM_AQ_HD static float f32(uint32_t bits16) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16))); }
+  MINICPM_HD static float f32(uint32_t bits16) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16))); }
 };
 template <> struct Elem<__nv_bfloat16> {
-  MINICPM_AQ_HD static float f32(uint32_t bits16) {
+  MINICPM_HD static float f32(uint32_t bits16) {
     return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits16)));
   }
 };
 template <> struct Elem<float> {
-  MINICPM_AQ_HD static float f32(uint32_t bits) {
-#ifdef __CUDA_ARCH__
-    return __uint_as_float(bits);
-#else
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-  }
+  MINICPM_HD static float f32(uint32_t bits) { return minicpm_int4_hd::as_float(bits); }
 };
 
 template <typename T> constexpr int kPerPiece = 16 / static_cast<int>(sizeof(T));  // elements per 16 bytes
 
-template <typename T> MINICPM_AQ_HD float load_one(const T* p) {
+template <typename T> MINICPM_HD float load_one(const T* p) {
   uint32_t bits = 0;
   std::memcpy(&bits, p, sizeof(T));
   return Elem<T>::f32(bits);
@@ -66,13 +51,13 @@ template <typename T> MINICPM_AQ_HD float load_one(const T* p) {
 
 // The elements of one 16-byte piece as fp32.
 template <typename T>
-MINICPM_AQ_HD void unpack_piece(const uint4& u, float (&v)[kPerPiece<T>]) {
+MINICPM_HD void unpack_piece(const uint4& u, float (&v)[kPerPiece<T>]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
   if constexpr (sizeof(T) == 4) {
-    MINICPM_AQ_UNROLL
+    MINICPM_UNROLL
     for (int i = 0; i < 4; ++i) v[i] = Elem<T>::f32(w[i]);
   } else {
-    MINICPM_AQ_UNROLL
+    MINICPM_UNROLL
     for (int i = 0; i < 4; ++i) {
       v[2 * i] = Elem<T>::f32(w[i] & 0xFFFFu);
       v[2 * i + 1] = Elem<T>::f32(w[i] >> 16);
@@ -80,26 +65,18 @@ MINICPM_AQ_HD void unpack_piece(const uint4& u, float (&v)[kPerPiece<T>]) {
   }
 }
 
-template <typename P> MINICPM_AQ_HD P ldg(const P* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
 // Running max of |x| that lets a NaN through (fmaxf would drop it).
 struct AbsMax {
   float m = 0.f;
   bool nan = false;
-  MINICPM_AQ_HD void add(float v) {
+  MINICPM_HD void add(float v) {
     nan = nan || (v != v);
     m = fmaxf(m, fabsf(v));
   }
-  MINICPM_AQ_HD float value() const { return nan ? NAN : m; }
+  MINICPM_HD float value() const { return nan ? NAN : m; }
 };
 
-MINICPM_AQ_HD float div_rn(float a, float b) {
+MINICPM_HD float div_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fdiv_rn(a, b);
 #else
@@ -108,12 +85,12 @@ MINICPM_AQ_HD float div_rn(float a, float b) {
 }
 
 // scale = amax / 127; the divisor used for the row (1 for a zero or NaN row, whose x_q are zeros).
-MINICPM_AQ_HD void row_scale(float amax, float& scale, float& safe) {
+MINICPM_HD void row_scale(float amax, float& scale, float& safe) {
   scale = div_rn(amax, 127.f);
   safe = scale > 0.f ? scale : 1.f;
 }
 
-MINICPM_AQ_HD int8_t quantize_one(float v, float scale, float safe) {
+MINICPM_HD int8_t quantize_one(float v, float scale, float safe) {
   if (!(scale > 0.f)) return 0;
   float q = rintf(div_rn(v, safe));  // ties to even in the default rounding mode
   q = fminf(fmaxf(q, -127.f), 127.f);
@@ -122,26 +99,26 @@ MINICPM_AQ_HD int8_t quantize_one(float v, float scale, float safe) {
 
 // Pass 1 of thread `tid`: its pieces (vector path, cached in `cache` when U > 0) or elements.
 template <typename T, int U>
-MINICPM_AQ_HD AbsMax thread_absmax(const T* row, int K, int tid, bool vec, uint4 (&cache)[U > 0 ? U : 1]) {
+MINICPM_HD AbsMax thread_absmax(const T* row, int K, int tid, bool vec, uint4 (&cache)[U > 0 ? U : 1]) {
   AbsMax am;
   if (vec) {
     const int pieces = K / kPerPiece<T>;
     const uint4* p = reinterpret_cast<const uint4*>(row);
     if constexpr (U > 0) {
-      MINICPM_AQ_UNROLL
+      MINICPM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = tid + u * kThreads;
         cache[u] = i < pieces ? ldg(p + i) : make_uint4(0u, 0u, 0u, 0u);
         float v[kPerPiece<T>];
         unpack_piece<T>(cache[u], v);
-        MINICPM_AQ_UNROLL
+        MINICPM_UNROLL
         for (int j = 0; j < kPerPiece<T>; ++j) am.add(v[j]);
       }
     } else {
       for (int i = tid; i < pieces; i += kThreads) {
         float v[kPerPiece<T>];
         unpack_piece<T>(ldg(p + i), v);
-        MINICPM_AQ_UNROLL
+        MINICPM_UNROLL
         for (int j = 0; j < kPerPiece<T>; ++j) am.add(v[j]);
       }
     }
@@ -153,7 +130,7 @@ MINICPM_AQ_HD AbsMax thread_absmax(const T* row, int K, int tid, bool vec, uint4
 
 // Pass 2 of thread `tid`: the same pieces (from `cache` when U > 0) or elements, quantized.
 template <typename T, int U>
-MINICPM_AQ_HD void thread_quantize(const T* row, int8_t* qrow, int K, int tid, bool vec, float scale, float safe,
+MINICPM_HD void thread_quantize(const T* row, int8_t* qrow, int K, int tid, bool vec, float scale, float safe,
                                    const uint4 (&cache)[U > 0 ? U : 1]) {
   constexpr int V = kPerPiece<T>;
   if (vec) {
@@ -163,7 +140,7 @@ MINICPM_AQ_HD void thread_quantize(const T* row, int8_t* qrow, int K, int tid, b
       float v[V];
       unpack_piece<T>(raw, v);
       int8_t q[V];
-      MINICPM_AQ_UNROLL
+      MINICPM_UNROLL
       for (int j = 0; j < V; ++j) q[j] = quantize_one(v[j], scale, safe);
       if constexpr (V == 8) {
         uint2 out;
@@ -176,7 +153,7 @@ MINICPM_AQ_HD void thread_quantize(const T* row, int8_t* qrow, int K, int tid, b
       }
     };
     if constexpr (U > 0) {
-      MINICPM_AQ_UNROLL
+      MINICPM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = tid + u * kThreads;
         if (i < pieces) one_piece(i, cache[u]);

@@ -28,19 +28,12 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define MINICPM_HD __host__ __device__ __forceinline__
-#else
-#define MINICPM_HD inline
-#endif
-// `#pragma unroll` for the device pass only (the host compiler would warn about it)
-#ifdef __CUDA_ARCH__
-#define MINICPM_UNROLL _Pragma("unroll")
-#else
-#define MINICPM_UNROLL
-#endif
+#include "hd_common.cuh"
 
 namespace minicpm_int4_gemv {
+
+using minicpm_int4_hd::as_float;
+using minicpm_int4_hd::ldg;
 
 constexpr int kThreads = 128;  // threads per block; K is split between all of them
 constexpr int kWarps = kThreads / 32;
@@ -59,24 +52,6 @@ template <> struct Vec<__nv_bfloat16> {
   MINICPM_HD static float2 to_f32x2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
   MINICPM_HD static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
 };
-
-template <typename P> MINICPM_HD P load_ro(const P* p) {  // read-only load (the texture path on the GPU)
-#ifdef __CUDA_ARCH__
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
-MINICPM_HD float as_float(uint32_t bits) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
-}
 
 // Exponent bits of 2**23, 2**19, 2**15, 2**11: nibble j of a half word ORed into the j-th reads
 // as 2**(23 - 4j) + q.
@@ -97,7 +72,7 @@ template <typename T> struct Params {
 // The 8 values x[m, k0 .. k0 + 7] as fp32 (one 16-byte load).
 template <typename T>
 MINICPM_HD void load_x8(const T* p, float f[8]) {
-  const uint4 u = load_ro(reinterpret_cast<const uint4*>(p));
+  const uint4 u = ldg(reinterpret_cast<const uint4*>(p));
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 MINICPM_UNROLL
   for (int i = 0; i < 4; ++i) {
@@ -136,8 +111,8 @@ template <typename T, int R>
 MINICPM_HD void group_consts(const T* const (&srow)[R], const T* const (&zrow)[R], int g, float s[R], float zm[R][4]) {
 MINICPM_UNROLL
   for (int r = 0; r < R; ++r) {
-    s[r] = Vec<T>::to_f32(load_ro(srow[r] + g));
-    const float z = Vec<T>::to_f32(load_ro(zrow[r] + g));  // a small integer: exact
+    s[r] = Vec<T>::to_f32(ldg(srow[r] + g));
+    const float z = Vec<T>::to_f32(ldg(zrow[r] + g));  // a small integer: exact
 MINICPM_UNROLL
     for (int j = 0; j < 4; ++j) zm[r][j] = base(j) + z;
   }
@@ -174,7 +149,7 @@ MINICPM_UNROLL
     for (int c = tid; c < chunks; c += kThreads) {
       uint4 w[R];
 MINICPM_UNROLL
-      for (int r = 0; r < R; ++r) w[r] = load_ro(reinterpret_cast<const uint4*>(wrow[r]) + c);
+      for (int r = 0; r < R; ++r) w[r] = ldg(reinterpret_cast<const uint4*>(wrow[r]) + c);
       float s[R], zm[R][4];
       group_consts<T, R>(srow, zrow, c >> p.chunk_shift, s, zm);
       float part[MT][R][2];
@@ -215,7 +190,7 @@ MINICPM_UNROLL
         float pr[MT][2];
 MINICPM_UNROLL
         for (int m = 0; m < MT; ++m) pr[m][0] = pr[m][1] = 0.f;
-        word_dot<MT>(static_cast<uint32_t>(load_ro(wrow[r] + kw)), mask, zm[r], xf, pr);
+        word_dot<MT>(static_cast<uint32_t>(ldg(wrow[r] + kw)), mask, zm[r], xf, pr);
 MINICPM_UNROLL
         for (int m = 0; m < MT; ++m) acc[m][r] = fmaf(pr[m][0] + pr[m][1], s[r], acc[m][r]);
       }
@@ -250,7 +225,7 @@ MINICPM_HD T finish(const float (&warp_sums)[kWarps], const T* bias, int n) {
   float v = warp_sums[0];
 MINICPM_UNROLL
   for (int w = 1; w < kWarps; ++w) v += warp_sums[w];
-  if (bias != nullptr) v += Vec<T>::to_f32(load_ro(bias + n));
+  if (bias != nullptr) v += Vec<T>::to_f32(ldg(bias + n));
   return Vec<T>::from_f32(v);
 }
 

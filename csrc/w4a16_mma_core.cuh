@@ -37,18 +37,11 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define MINICPM_MMA_HD __host__ __device__ __forceinline__
-#else
-#define MINICPM_MMA_HD inline
-#endif
-#ifdef __CUDA_ARCH__
-#define MINICPM_MMA_UNROLL _Pragma("unroll")
-#else
-#define MINICPM_MMA_UNROLL
-#endif
+#include "hd_common.cuh"
 
 namespace minicpm_int4_mma {
+
+using minicpm_int4_hd::ldg;
 
 constexpr int kWarps = 8;             // warps per block (W); they split K (chunk c goes to warp c % W)
 constexpr int kWarpsSmallN = 16;      // W when N gives fewer blocks than SMs (k/v projections)
@@ -59,28 +52,28 @@ constexpr int kMaxM = 16;             // rows of x per launch: NB = 1 or 2 mma c
 template <typename T> struct Pair;
 template <> struct Pair<__half> {
   static constexpr uint32_t kMagic = 0x64006400u;  // (1024, 1024)
-  MINICPM_MMA_HD static float lo(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v & 0xFFFFu))); }
-  MINICPM_MMA_HD static float hi(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v >> 16))); }
-  MINICPM_MMA_HD static uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
-  MINICPM_MMA_HD static float to_f32(__half v) { return __half2float(v); }
-  MINICPM_MMA_HD static __half from_f32(float v) { return __float2half_rn(v); }
+  MINICPM_HD static float lo(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v & 0xFFFFu))); }
+  MINICPM_HD static float hi(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v >> 16))); }
+  MINICPM_HD static uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  MINICPM_HD static float to_f32(__half v) { return __half2float(v); }
+  MINICPM_HD static __half from_f32(float v) { return __float2half_rn(v); }
 };
 template <> struct Pair<__nv_bfloat16> {
   static constexpr uint32_t kMagic = 0x43004300u;  // (128, 128)
-  MINICPM_MMA_HD static float lo(uint32_t v) { return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(v & 0xFFFFu))); }
-  MINICPM_MMA_HD static float hi(uint32_t v) { return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(v >> 16))); }
-  MINICPM_MMA_HD static uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-  MINICPM_MMA_HD static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-  MINICPM_MMA_HD static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+  MINICPM_HD static float lo(uint32_t v) { return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(v & 0xFFFFu))); }
+  MINICPM_HD static float hi(uint32_t v) { return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(v >> 16))); }
+  MINICPM_HD static uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  MINICPM_HD static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  MINICPM_HD static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
 };
 
-MINICPM_MMA_HD uint32_t pack2(uint32_t lo16, uint32_t hi16) { return (lo16 & 0xFFFFu) | (hi16 << 16); }
+MINICPM_HD uint32_t pack2(uint32_t lo16, uint32_t hi16) { return (lo16 & 0xFFFFu) | (hi16 << 16); }
 
 // a * b + c on both halves, rounded once to T (exact here whenever the result is representable).
 // Host: in float, exact for the products that occur (a small integer times a 16-bit float) and then
 // rounded once like the hardware's fma.
 template <typename T>
-MINICPM_MMA_HD uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+MINICPM_HD uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
 #ifdef __CUDA_ARCH__
   using V2 = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
   V2 r = __hfma2(*reinterpret_cast<const V2*>(&a), *reinterpret_cast<const V2*>(&b), *reinterpret_cast<const V2*>(&c));
@@ -92,17 +85,9 @@ MINICPM_MMA_HD uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
-template <typename T> MINICPM_MMA_HD uint32_t splat(float v) { const uint32_t b = Pair<T>::bits(v); return pack2(b, b); }
+template <typename T> MINICPM_HD uint32_t splat(float v) { const uint32_t b = Pair<T>::bits(v); return pack2(b, b); }
 
-template <typename P> MINICPM_MMA_HD P ldg(const P* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(p);
-#else
-  return *p;
-#endif
-}
-
-MINICPM_MMA_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+MINICPM_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 #ifdef __CUDA_ARCH__
   return __byte_perm(x, y, s);
 #else
@@ -123,7 +108,7 @@ struct RowConsts {
 
 // From the raw bits of a row's scale and zero point (one 2-byte load each).
 template <typename T>
-MINICPM_MMA_HD RowConsts row_consts(uint32_t s_bits, uint32_t z_bits) {
+MINICPM_HD RowConsts row_consts(uint32_t s_bits, uint32_t z_bits) {
   RowConsts rc;
   const uint32_t z2 = pack2(z_bits, z_bits), minus_one = splat<T>(-1.f);
   rc.s2 = pack2(s_bits, s_bits);
@@ -142,7 +127,7 @@ MINICPM_MMA_HD RowConsts row_consts(uint32_t s_bits, uint32_t z_bits) {
 // Word w (nibbles 0..7 = 8 consecutive k of one row) -> the four pairs (nib 0,4), (1,5), (2,6),
 // (3,7) as q - z (POST) or (q - z) * s rounded to T.
 template <typename T, bool POST>
-MINICPM_MMA_HD void dequant_word(uint32_t w, const RowConsts& rc, uint32_t mask_lo, uint32_t out[4]) {
+MINICPM_HD void dequant_word(uint32_t w, const RowConsts& rc, uint32_t mask_lo, uint32_t out[4]) {
   const uint32_t one = splat<T>(1.f);
   if constexpr (std::is_same<T, __half>::value) {
     const uint32_t sixteenth = splat<T>(1.f / 16.f);
@@ -152,12 +137,12 @@ MINICPM_MMA_HD void dequant_word(uint32_t w, const RowConsts& rc, uint32_t mask_
     out[2] = fma2<T>((w8 & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
     out[3] = fma2<T>((w8 & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);
   } else {
-    MINICPM_MMA_UNROLL
+    MINICPM_UNROLL
     for (int j = 0; j < 4; ++j) out[j] = fma2<T>(((w >> (4 * j)) & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
   }
   if constexpr (!POST) {
     const uint32_t minus_zero = 0x80008000u;  // x + (-0) = x for every x, zeros included
-    MINICPM_MMA_UNROLL
+    MINICPM_UNROLL
     for (int j = 0; j < 4; ++j) out[j] = fma2<T>(out[j], rc.s2, minus_zero);  // (q - z) * s, one rounding
   }
 }
@@ -166,7 +151,7 @@ MINICPM_MMA_HD void dequant_word(uint32_t w, const RowConsts& rc, uint32_t mask_
 // d = a b + c for one warp; a/b/c hold L lanes' registers (L = 1: this thread's, on the device).
 struct DeviceMma {
   template <typename T>
-  MINICPM_MMA_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
+  MINICPM_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     if constexpr (std::is_same<T, __half>::value) {
       asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -192,7 +177,7 @@ struct DeviceMma {
 // an mma differ; the tests' tolerance is derived for any fp32 summation order).
 struct HostMma {
   template <typename T>
-  MINICPM_MMA_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
+  MINICPM_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
       const int g = l / 4, t = l % 4;
@@ -232,7 +217,7 @@ template <typename T> struct Params {
 // One warp's partial sums over its chunks (c = warp, warp + W, ...) for the 16 * NT rows from
 // n0 and the 8 * NB rows of x: acc[nt][nb][l][e] in the C layout. lanes[l] = the lane ids held.
 template <typename T, int NT, int NB, bool POST, int W, class Mma, int L>
-MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
+MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
   const int chunks = p.K / kChunk;
   const int groups = p.K / p.group_size;
   // per lane, before the loop: row pointers (rows past N read row N - 1; their outputs are dropped)
@@ -244,9 +229,9 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
   for (int l = 0; l < L; ++l) {
     const int g = lanes[l] >> 2, t = lanes[l] & 3;
     kl[l] = 32 * t;
-    MINICPM_MMA_UNROLL
+    MINICPM_UNROLL
     for (int nt = 0; nt < NT; ++nt)
-      MINICPM_MMA_UNROLL
+      MINICPM_UNROLL
       for (int h = 0; h < 2; ++h) {
         int n = n0 + 16 * nt + g + 8 * h;
         n = n < p.N ? n : p.N - 1;
@@ -255,18 +240,18 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
         zp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.zeros) + static_cast<long>(n) * groups;
       }
     // rows of x past M re-read row M - 1: they only feed columns of C whose outputs are dropped
-    MINICPM_MMA_UNROLL
+    MINICPM_UNROLL
     for (int nb = 0; nb < NB; ++nb) {
       const unsigned row = 8 * nb + g < p.M ? 8 * nb + g : p.M - 1;
       xp[nb][l] = p.x + static_cast<unsigned long>(row) * static_cast<unsigned long>(p.ldx);
     }
   }
-  MINICPM_MMA_UNROLL
+  MINICPM_UNROLL
   for (int nt = 0; nt < NT; ++nt)
-    MINICPM_MMA_UNROLL
+    MINICPM_UNROLL
     for (int nb = 0; nb < NB; ++nb)
       for (int l = 0; l < L; ++l)
-        MINICPM_MMA_UNROLL
+        MINICPM_UNROLL
         for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
 
   // One chunk of lookahead for the weights (the HBM stream): chunk c + W's words, scales and
@@ -281,9 +266,9 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
     for (int l = 0; l < L; ++l) {
       const int k0 = c * kChunk + kl[l];  // this lane's 32 k, all in one group
       const int grp = k0 >> p.group_shift;
-      MINICPM_MMA_UNROLL
+      MINICPM_UNROLL
       for (int nt = 0; nt < NT; ++nt)
-        MINICPM_MMA_UNROLL
+        MINICPM_UNROLL
         for (int h = 0; h < 2; ++h) {  // rows g, g + 8 of the tile
           r.w[nt][h][l] = ldg(wp[nt][h][l] + 4 * c);
           r.s[nt][h][l] = ldg(sp[nt][h][l] + grp);
@@ -303,15 +288,15 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
     uint32_t b[NB][8][L][2];
     float sc[NT][L][2];  // POST: the scales of rows g and g + 8
     for (int l = 0; l < L; ++l) {
-      MINICPM_MMA_UNROLL
+      MINICPM_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        MINICPM_MMA_UNROLL
+        MINICPM_UNROLL
         for (int h = 0; h < 2; ++h) {
           const RowConsts rc = row_consts<T>(cur.s[nt][h][l], cur.z[nt][h][l]);
           sc[nt][l][h] = rc.s;
           const uint4 w4 = cur.w[nt][h][l];
           const uint32_t words[4] = {w4.x, w4.y, w4.z, w4.w};
-          MINICPM_MMA_UNROLL
+          MINICPM_UNROLL
           for (int i = 0; i < 4; ++i) {
             uint32_t d[4];
             dequant_word<T, POST>(words[i], rc, p.mask_lo, d);
@@ -324,9 +309,9 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
           }
         }
       }
-      MINICPM_MMA_UNROLL
+      MINICPM_UNROLL
       for (int nb = 0; nb < NB; ++nb) {
-        MINICPM_MMA_UNROLL
+        MINICPM_UNROLL
         for (int i = 0; i < 4; ++i) {
           const uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + c * kChunk + kl[l] + 8 * i));
           // x[k0 + 8i + j] = element j of xv; k-tile 2i + h takes (j = 2h, 2h + 4) and (2h + 1, 2h + 5)
@@ -338,27 +323,27 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
       }
     }
     if constexpr (POST) {
-      MINICPM_MMA_UNROLL
+      MINICPM_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        MINICPM_MMA_UNROLL
+        MINICPM_UNROLL
         for (int nb = 0; nb < NB; ++nb) {
           float part[L][4];
           for (int l = 0; l < L; ++l)
-            MINICPM_MMA_UNROLL
+            MINICPM_UNROLL
             for (int e = 0; e < 4; ++e) part[l][e] = 0.f;
-          MINICPM_MMA_UNROLL
+          MINICPM_UNROLL
           for (int kt = 0; kt < 8; ++kt) Mma::template run<T>(a[nt][kt], b[nb][kt], part);
           for (int l = 0; l < L; ++l)
-            MINICPM_MMA_UNROLL
+            MINICPM_UNROLL
             for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = fmaf(part[l][e], sc[nt][l][e >> 1], acc[nt][nb][l][e]);
         }
       }
     } else {
-      MINICPM_MMA_UNROLL
+      MINICPM_UNROLL
       for (int kt = 0; kt < 8; ++kt)
-        MINICPM_MMA_UNROLL
+        MINICPM_UNROLL
         for (int nt = 0; nt < NT; ++nt)
-          MINICPM_MMA_UNROLL
+          MINICPM_UNROLL
           for (int nb = 0; nb < NB; ++nb) Mma::template run<T>(a[nt][kt], b[nb][kt], acc[nt][nb]);
     }
     cur = next;
@@ -366,7 +351,7 @@ MINICPM_MMA_HD void warp_partials(const Params<T>& p, int n0, int warp, const in
 }
 
 // Slot s = (nt * NB + nb) * 4 + e of lane `lane` -> the output it belongs to: (m, n).
-MINICPM_MMA_HD void slot_output(int n0, int NB, int slot, int lane, int& m, int& n) {
+MINICPM_HD void slot_output(int n0, int NB, int slot, int lane, int& m, int& n) {
   const int e = slot & 3, nb = (slot >> 2) % NB, nt = (slot >> 2) / NB;
   n = n0 + 16 * nt + (lane >> 2) + 8 * (e >> 1);
   m = 8 * nb + 2 * (lane & 3) + (e & 1);
@@ -375,11 +360,11 @@ MINICPM_MMA_HD void slot_output(int n0, int NB, int slot, int lane, int& m, int&
 // The block's value for one output from its warps' sums (in warp order), plus bias, rounded once;
 // stored when (m, n) is inside the output.
 template <typename T, int W>
-MINICPM_MMA_HD void store_output(const float (&warp_vals)[W], const T* bias, T* out, long ldo, int M, int N,
+MINICPM_HD void store_output(const float (&warp_vals)[W], const T* bias, T* out, long ldo, int M, int N,
                                  int m, int n) {
   if (m >= M || n >= N) return;
   float v = warp_vals[0];
-  MINICPM_MMA_UNROLL
+  MINICPM_UNROLL
   for (int w = 1; w < W; ++w) v += warp_vals[w];
   if (bias != nullptr) v += Pair<T>::to_f32(ldg(bias + n));
   out[m * ldo + n] = Pair<T>::from_f32(v);
