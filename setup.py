@@ -51,7 +51,7 @@ def _cuda_extension():
     ext = CUDAExtension(
         name="minicpm_int4._C",
         sources=sources,
-        depends=sorted(glob.glob(os.path.join("csrc", "*.cuh"))),  # a header change rebuilds
+        depends=sorted(glob.glob(os.path.join("csrc", "*.cuh")) + glob.glob(os.path.join("csrc", "*.h"))),  # a header change rebuilds
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # no fast-math: kernels round like the reference
     )
     return ext, {"build_ext": BuildExtension}

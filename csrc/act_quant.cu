@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "act_quant_core.cuh"
+#include "launchers.h"
 
 namespace {
 
@@ -58,8 +59,8 @@ cudaError_t launch(const T* x, int8_t* xq, float* scale, int M, int K, long ldx,
 
 }  // namespace
 
-// dtype: 0 = fp16, 1 = bf16, 2 = fp32. x_q is contiguous [M, K]; M < 2**31 blocks.
-extern "C" cudaError_t minicpm_int4_act_quant(const void* x, int8_t* xq, float* scale, int M, int K, long ldx,
+// Declared in launchers.h (dtype 0 = fp16, 1 = bf16, 2 = fp32). x_q is contiguous [M, K]; M < 2**31 blocks.
+extern "C" cudaError_t minicpm_int4_act_quant(const void* x, int8_t* xq, float* scale, int M, int K, int64_t ldx,
                                               int dtype, cudaStream_t stream) {
   if (M <= 0 || K <= 0 || ldx < K) return cudaErrorInvalidValue;
   if (dtype == 0) return launch<__half>(static_cast<const __half*>(x), xq, scale, M, K, ldx, stream);

@@ -7,13 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
-extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
-                                               const void* zeros, const void* bias, void* out, int M, int N,
-                                               int K, int group_size, long ldx, long ldo, int dtype, int variant,
-                                               cudaStream_t stream);
-extern "C" int minicpm_int4_w4a16_mma_supported(int K, int group_size);
-extern "C" cudaError_t minicpm_int4_act_quant(const void* x, int8_t* xq, float* scale, int M, int K, long ldx,
-                                              int dtype, cudaStream_t stream);
+#include "launchers.h"  // the launchers of csrc/*.cu, declared once
 
 namespace {
 

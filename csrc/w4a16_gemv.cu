@@ -12,6 +12,7 @@
 //   bias [N] or nullptr; out [M, N] same dtype as x, row stride ldo.
 #include <cuda_runtime.h>
 
+#include "launchers.h"
 #include "w4a16_gemv_core.cuh"
 #include "w4a16_mma_core.cuh"
 
@@ -194,14 +195,13 @@ cudaError_t launch_any(const T* x, const int32_t* qweight, const T* scales, cons
 
 }  // namespace
 
-// dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the CUDA-core
-// GEMV, 2 = tensor cores (cudaErrorInvalidValue where unsupported). Returns cudaErrorInvalidValue /
+// Declared in launchers.h (arguments, variants). Returns cudaErrorInvalidValue /
 // cudaErrorMisalignedAddress for arguments the kernels cannot take (the bindings check them first
 // and raise with a message; this is the last line of defence).
 extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
                                                const void* zeros, const void* bias, void* out, int M, int N,
-                                               int K, int group_size, long ldx, long ldo, int dtype, int variant,
-                                               cudaStream_t stream) {
+                                               int K, int group_size, int64_t ldx, int64_t ldo, int dtype,
+                                               int variant, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
       variant < 0 || variant > 2)
     return cudaErrorInvalidValue;

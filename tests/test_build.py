@@ -39,11 +39,21 @@ def test_build_switched_off():
 
 
 def test_every_kernel_source_is_built():
-    # setup.py globs csrc/*.cu and csrc/*.cpp; the bindings declare every launcher the .cu files define
+    # setup.py globs csrc/*.cu and csrc/*.cpp; every extern "C" launcher a .cu file defines is declared
+    # once, in csrc/launchers.h, which that .cu file includes (so nvcc checks the definition against
+    # the declaration: extern "C" symbols link whatever their parameters) and so does bindings.cpp
     import glob
     import re
-    launchers = set()
+    header = open(os.path.join(ROOT, "csrc", "launchers.h")).read()
+    declared = set(re.findall(r"^(?:cudaError_t|int) (minicpm_int4_\w+)\(", header, re.M))
+    defined = set()
     for cu in glob.glob(os.path.join(ROOT, "csrc", "*.cu")):
-        launchers |= set(re.findall(r'extern "C" cudaError_t (\w+)\(', open(cu).read()))
+        src = open(cu).read()
+        names = set(re.findall(r'extern "C" (?:cudaError_t|int) (\w+)\(', src))
+        if names:
+            assert '#include "launchers.h"' in src, f"{cu} defines launchers {names} but does not include launchers.h"
+        defined |= names
     bindings = open(os.path.join(ROOT, "csrc", "bindings.cpp")).read()
-    assert launchers and all(name in bindings for name in launchers)
+    assert defined and defined == declared, (defined, declared)
+    assert '#include "launchers.h"' in bindings and 'extern "C"' not in bindings
+    assert all(name in bindings for name in declared)

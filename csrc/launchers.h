@@ -1,0 +1,37 @@
+// The C launchers of csrc/*.cu: the one declaration of each, included by the .cu file that defines
+// it and by bindings.cpp that calls it. extern "C" names carry no parameter types, so a signature
+// written twice could drift apart and still link (arguments silently misread); with this header a
+// definition that differs from its declaration is a compile error ("conflicting declaration").
+//
+// No torch headers: plain pointers, sizes and a cudaStream_t. Every launcher returns
+// cudaErrorInvalidValue / cudaErrorMisalignedAddress for arguments its kernels cannot take (the
+// bindings check them first and raise with a message), else the launch's cudaGetLastError().
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// y[M, N] = x[M, K] @ dequant(qweight, scales, zeros).T (+ bias), int4 weights in the canonical
+// layout (packing.py): qweight int32 [N, K/8], scales/zeros [N, K/group_size] in x's dtype,
+// bias [N] or NULL. ldx / ldo: row strides of x and out, in elements.
+// dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the
+// CUDA-core GEMV, 2 = tensor cores.
+cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
+                                    const void* bias, void* out, int M, int N, int K, int group_size, int64_t ldx,
+                                    int64_t ldo, int dtype, int variant, cudaStream_t stream);
+
+// 1 where the tensor-core kernel (variant 2) takes (K, group_size), else 0.
+int minicpm_int4_w4a16_mma_supported(int K, int group_size);
+
+// Per-token int8: scale[m] = max|x[m, :]| / 127, xq[m, k] = rint(x[m, k] / scale[m]) in [-127, 127].
+// x [M, K] with row stride ldx (elements); xq contiguous [M, K]. dtype: 0 = fp16, 1 = bf16, 2 = fp32.
+cudaError_t minicpm_int4_act_quant(const void* x, int8_t* xq, float* scale, int M, int K, int64_t ldx, int dtype,
+                                   cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
