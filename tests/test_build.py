@@ -57,3 +57,37 @@ def test_every_kernel_source_is_built():
     assert defined and defined == declared, (defined, declared)
     assert '#include "launchers.h"' in bindings and 'extern "C"' not in bindings
     assert all(name in bindings for name in declared)
+
+
+def _bindings_schemas():
+    """The schema strings of bindings.cpp's m.def(...) calls (adjacent C++ literals joined) and the
+    names its m.impl(...) calls register."""
+    import re
+    src = open(os.path.join(ROOT, "csrc", "bindings.cpp")).read()
+    lib = re.search(r"TORCH_LIBRARY\((\w+), m\)\s*\{(.*?)\n\}", src, re.S)
+    impl = re.search(r"TORCH_LIBRARY_IMPL\((\w+), CUDA, m\)\s*\{(.*?)\n\}", src, re.S)
+    assert lib and impl and lib.group(1) == impl.group(1) == "minicpm_int4_C"
+    defs = ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', d)) for d in re.findall(r"m\.def\((.*?)\);", lib.group(2), re.S)]
+    impls = re.findall(r'm\.impl\("(\w+)"', impl.group(2))
+    return defs, impls
+
+
+def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
+    # A schema typo would only surface when `import minicpm_int4._C` runs on a GPU machine; torch's own
+    # parser finds it here. The CPU torch has no CUDA headers to build the extension, but the same parser.
+    defs, impls = _bindings_schemas()
+    schemas = {}
+    for d in defs:
+        s = torch._C.parse_schema("minicpm_int4_C::" + d)
+        schemas[s.name.split("::")[1]] = s
+    assert sorted(schemas) == sorted(impls) == ["quantize_per_token_int8", "w4a16_gemm", "w4a16_gemm_out"]
+    args = {name: [(a.name, str(a.type)) for a in s.arguments] for name, s in schemas.items()}
+    weight = [("x", "Tensor"), ("qweight", "Tensor"), ("scales", "Tensor"), ("zeros", "Tensor"),
+              ("bias", "Optional[Tensor]"), ("group_size", "int")]
+    # ops.py calls w4a16_gemm(x, qweight, scales, zeros, bias, group_size) and the bench / gpu tests
+    # add the variant: both must bind
+    assert args["w4a16_gemm"] == weight + [("variant", "int")]
+    assert args["w4a16_gemm_out"] == weight + [("out", "Tensor"), ("variant", "int")]
+    assert schemas["w4a16_gemm_out"].arguments[6].alias_info.is_write
+    assert all(s.arguments[-1].default_value == 0 for n, s in schemas.items() if n.startswith("w4a16"))
+    assert args["quantize_per_token_int8"] == [("x", "Tensor")] and len(schemas["quantize_per_token_int8"].returns) == 2
