@@ -88,6 +88,11 @@ class QuantConfig:
             object.__setattr__(self, "act", dict(self.act))
         elif self.act not in ACTS:
             raise ValueError(f"QuantConfig.act={self.act!r}: must be None, 'int8' or a dict part -> act")
+        if self.backend == "cuda" and self.uses_int8_activations:
+            # fail here, not at the first prefill (decode rows would run, M >= 17 would not)
+            raise ValueError(f"QuantConfig(backend='cuda', act={self.act!r}): the CUDA extension has no W4A8 kernel "
+                             "(only the W4A16 decode kernels and the int8 activation quantizer); use backend='auto' "
+                             "(CUDA where the dispatch table measured it faster, Triton elsewhere) or 'triton'")
         for name in ("include", "exclude"):
             v = getattr(self, name)
             if isinstance(v, str):
@@ -105,6 +110,11 @@ class QuantConfig:
         return self.keep_most_sensitive > 0 or self.weight_budget_bytes is not None
 
     # -- helpers used by patch.py -------------------------------------------------------------
+    @property
+    def uses_int8_activations(self) -> bool:
+        """Whether any model part runs W4A8."""
+        return "int8" in (self.act.values() if isinstance(self.act, dict) else (self.act,))
+
     def act_for(self, part: str) -> Optional[str]:
         """The activation mode of a Linear in model part `part`."""
         if isinstance(self.act, dict):

@@ -92,6 +92,10 @@ def test_config_validation():
         QuantConfig(act={"decoder": "int8"})
     with pytest.raises(ValueError, match="only 4-bit"):
         QuantConfig(bits=3)
+    for act in ("int8", {"vision": "int8"}):  # no CUDA W4A8 kernel: refused here, not at the first prefill
+        with pytest.raises(ValueError, match="no W4A8 kernel"):
+            QuantConfig(backend="cuda", act=act)
+    assert QuantConfig(backend="cuda", act={"vision": None}).backend == "cuda"
     c = QuantConfig(act={"vision": "int8"}, include="*.q_proj")
     assert c.act_for("vision") == "int8" and c.act_for("llm") is None and c.include == ("*.q_proj",)
     assert QuantConfig.from_dict(c.to_dict()) == c
