@@ -182,10 +182,12 @@ def test_compile_fullgraph_patched_tiny_model(which):
     torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("act", [None, "int8"])
-def test_cuda_graph_capture(act):
+@pytest.mark.parametrize("act,backend", [(None, "auto"), ("int8", "auto"), (None, "cuda")])
+def test_cuda_graph_capture(act, backend):
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
     lin = torch.nn.Linear(4096, 4096, dtype=torch.float16, device="cuda")
-    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act))
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act, backend=backend))
     x = torch.randn(32 if act else 1, 4096, dtype=torch.float16, device="cuda")
     y_eager = ql(x)
     s = torch.cuda.Stream()
@@ -202,6 +204,26 @@ def test_cuda_graph_capture(act):
     torch.cuda.synchronize()
     torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
     assert not torch.equal(y_graph, y_eager)
+
+
+@pytest.mark.parametrize("act,backend", [(None, "triton"), ("int8", "triton"), (None, "cuda")])
+def test_forward_has_no_host_sync(act, backend):
+    # the ops' forward (checks, backend choice, launches) never waits for the GPU: decode steps queue
+    # back to back. Warm-up first: Triton's autotuning on a new shape does synchronize.
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    lin = torch.nn.Linear(4096, 1024, dtype=torch.bfloat16, device="cuda")
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act, backend=backend))
+    xs = [torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda") for m in (1, 16, 64)]
+    refs = [ql(x) for x in xs]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [ql(x) for x in xs]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 # The long sweep last, so that a time-limited run (the GPU suite) covers every other check first.
