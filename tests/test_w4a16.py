@@ -186,3 +186,116 @@ def test_prefill_config_choice_on_a_gpu(monkeypatch):
         assert not tiles(tc) & tiles(fp32) and ((128, 256, 8) in tiles(tc)) == (cap >= 90)
         assert w4a16._prefill_w_rows(torch.device("cpu"), 64) == (cap >= 90)
         assert not w4a16._prefill_w_rows(torch.device("cpu"), 32)
+
+
+def _run_pairs_ptx(asm: str, regs: dict) -> list:
+    """Execute the decode kernel's dequantization PTX ($8 = word, $9 / $10 = packed pairs) with exact
+    fp16 / bf16 lane arithmetic; returns $0..$7 as 16-bit patterns."""
+    import re
+
+    import numpy as np
+
+    mask = 0xFFFFFFFF
+    regs = dict(regs)
+
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def lanes(v, kind):  # 32-bit -> two Python floats (low half first)
+        halves = (v & 0xFFFF, v >> 16)
+        if kind == "f16":
+            return [float(np.array([h], dtype=np.uint16).view(np.float16)[0]) for h in halves]
+        return [float(np.array([h << 16], dtype=np.uint32).view(np.float32)[0]) for h in halves]
+
+    def pack(vals, kind):  # two exactly representable floats -> 32-bit
+        out = []
+        for f in vals:
+            if kind == "f16":
+                h = np.float16(f)
+                assert float(h) == f, f"{f} is not exact in fp16"
+                out.append(int(np.array([h]).view(np.uint16)[0]))
+            else:
+                bits = int(np.array([f], dtype=np.float32).view(np.uint32)[0])
+                assert bits & 0xFFFF == 0, f"{f} is not exact in bf16"
+                out.append(bits >> 16)
+        return out[0] | out[1] << 16
+
+    body = asm.strip()[1:-1]
+    for ins in filter(None, (i.strip() for i in body.split(";"))):
+        if ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        m = re.fullmatch(r"\{(\$\d), (\$\d)\}, (\w+)", args.strip())
+        if op == "mov.b32" and m:  # unpack: the first name takes the low half
+            regs[m.group(1)], regs[m.group(2)] = regs[m.group(3)] & 0xFFFF, regs[m.group(3)] >> 16
+            continue
+        dst, *srcs = [t.strip() for t in args.split(",")]
+        v = [val(t) for t in srcs]
+        if op == "lop3.b32":
+            res = 0
+            for bit in range(32):
+                idx = ((v[0] >> bit) & 1) << 2 | ((v[1] >> bit) & 1) << 1 | ((v[2] >> bit) & 1)
+                res |= ((v[3] >> idx) & 1) << bit
+        elif op == "shr.u32":
+            res = v[0] >> v[1]
+        elif op == "mov.b32":
+            res = v[0] & mask
+        elif op in ("add.rn.f16x2", "fma.rn.f16x2", "fma.rn.bf16x2"):
+            kind = "bf16" if "bf16" in op else "f16"
+            ls = [lanes(x, kind) for x in v]
+            if op.startswith("add"):
+                res = pack([a + b for a, b in zip(*ls)], kind)
+            else:
+                res = pack([a * b + c for a, b, c in zip(*ls)], kind)
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+        regs[dst] = res
+    return [regs[f"${i}"] for i in range(8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_pairs_ptx_gives_q_minus_z_for_every_nibble_and_zero_point(dtype):
+    # On a GPU the decode kernel dequantizes with inline PTX the interpreter cannot run (it runs the
+    # Triton-op twin in _dequant_pairs). Here those exact instruction strings are executed on words
+    # that put every value 0..15 at every nibble position, for every zero point: output $i must be
+    # nibble i's q - z, exactly, in the dtype (the twin's n_i).
+    import numpy as np
+
+    from minicpm_int4.kernels.w4a16 import PAIRS_BF16_PTX, PAIRS_F16_PTX
+
+    def pair(f):
+        if dtype == torch.float16:
+            h = int(np.array([np.float16(f)]).view(np.uint16)[0])
+        else:
+            h = int(np.array([f], dtype=np.float32).view(np.uint32)[0]) >> 16
+        return h | h << 16
+
+    asm = (PAIRS_F16_PTX if dtype == torch.float16 else PAIRS_BF16_PTX).value
+    checked = 0
+    for z in range(16):
+        regs = {"$9": pair(-(1024.0 + z)), "$10": pair(-(64.0 + z))} if dtype == torch.float16 else {"$9": pair(-(128.0 + z))}
+        for base in range(16):
+            q = [(base + 3 * i) % 16 for i in range(8)]
+            word = sum(qi << (4 * i) for i, qi in enumerate(q))
+            out = _run_pairs_ptx(asm, {**regs, "$8": word})
+            expect = torch.tensor([qi - z for qi in q], dtype=dtype).view(torch.int16).tolist()
+            assert [o if o < 0x8000 else o - 0x10000 for o in out] == expect, (z, q)
+            checked += 1
+    assert checked == 256
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1], ids=lambda g: f"g{g}")
+def test_tensor_core_decode_at_m1(group_size, dtype, monkeypatch):
+    # the benchmark's `w4a16-triton-tc` rows: M = 1 through the decode kernel instead of the GEMV
+    from minicpm_int4.kernels import w4a16
+
+    def no_gemv(*args):
+        raise AssertionError("the GEMV ran inside tensor_core_decode()")
+
+    monkeypatch.setattr(w4a16, "_gemv", no_gemv)
+    n, k = SHAPES[group_size]
+    with w4a16.tensor_core_decode():
+        _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=5, x_seed=6)
+    assert w4a16.GEMV_MAX_M == 1

@@ -111,6 +111,24 @@ class OursW4A16CudaCore(OursW4A16):
         return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 1)
 
 
+class OursW4A16TritonTensorCore(OursW4A16):
+    """The Triton tensor-core decode kernel at M = 1, where "w4a16-triton" takes the GEMV: fewer
+    instructions per weight against one launch less (no split-K reduction); these rows decide
+    kernels/w4a16.py's GEMV_MAX_M."""
+
+    def __init__(self):
+        super().__init__("triton", max_m=1)
+        self.name = "w4a16-triton-tc"
+
+    def _runner(self, qweight, scales, zeros, group_size, gs):
+        from ..kernels.w4a16 import tensor_core_decode  # a measurement switch, not a backend of ops.py
+
+        def run(x):
+            with tensor_core_decode():
+                return ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, "triton")
+        return run
+
+
 class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together (the path a W4A8 layer runs)."""
     op = "w4a8"
@@ -220,5 +238,6 @@ class Gemlite(Backend):
 
 
 def default_backends():
-    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16("cuda", max_m=16), OursW4A16CudaCore(max_m=16), OursW4A8("triton"),
+    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16("cuda", max_m=16),
+            OursW4A16CudaCore(max_m=16), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

@@ -21,18 +21,23 @@ Three regimes (picked here by M):
   decode  (2 <= M <= 16, _w4a16_decode_kernel): computed transposed, y.T = W @ x.T, so the weight
           tile [64 rows, 128 of K] is the dot's wide operand in the layout it is loaded in (16-byte
           loads along K; the 8 nibbles of a word are joined in registers) and x.T [K, 16] the narrow
-          one (wgmma m64n16k16 on Hopper). Each weight becomes the exact small integer q - z with one
-          LOP3 (nibble j of a half word ORed into the exponent of 2**(23-4j) reads as 2**(23-4j) + q)
-          and one FADD; the group's scale multiplies the dot's fp32 result. ~4.8 SASS instructions
-          per weight on sm_90a (aot.py), against ~14 for the [K, N]-oriented dot it replaced. K is
-          split across programs until about two programs per SM run; _splitk_reduce_kernel adds the
-          fp32 partials in a fixed order (deterministic) with the bias. Like the GEMV it multiplies
-          by the exact (q - z) * s (within reference.gemm_tolerance's half ulp of w).
+          one (wgmma m64n16k16 on Hopper). Each weight becomes the exact small integer q - z in x's
+          dtype, two at a time (inline PTX, _dequant_pairs: one LOP3 puts nibbles j and j + 4 into
+          the mantissas of a magic-number fp16 / bf16 pair, one packed HADD2 / HFMA2 subtracts magic
+          + z), in a column order that pairs them; x's rows are permuted to match inside each
+          thread's registers. The group's scale multiplies the dot's fp32 result. 3.1-3.5 SASS
+          instructions per weight on sm_90a (aot.py), against 4.75-4.9 with fp32 dequantization and
+          ~14 for the [K, N]-oriented dot before that. K is split across programs until about two
+          programs per SM run; _splitk_reduce_kernel adds the fp32 partials in a fixed order
+          (deterministic) with the bias. Like the GEMV it multiplies by the exact (q - z) * s
+          (within reference.gemm_tolerance's half ulp of w).
   prefill (M  > 16): tiled GEMM on tensor cores; w = ((q - z) * s) in fp32 rounded once to x's
           dtype (the reference's rule), a [K, N] tile per step, grouped tile order for L2 reuse,
           autotuned tile shapes. Every K tile lies inside one group (BLOCK_K divides G, or G == K),
           so scales and zeros are read once per tile.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +46,13 @@ from . import INTERPRET, _common
 from ._common import _grouped_tile, autotune, min_capability, _round_to, _unpack_int4_tile, num_sms
 
 DECODE_MAX_M = 16
+# M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
+# no split-K (one launch), the decode kernel issues fewer instructions per weight (aot.py: ~4.7 vs
+# ~3.1-3.5 on sm_90a); which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
+GEMV_MAX_M = 1
+# The decode kernel's inline-PTX dequantization (fp16 / bf16 on a GPU). False: the same numbers in the
+# same order from Triton ops (what the interpreter runs), e.g. to rule the PTX out on a new GPU.
+DECODE_ASM = True
 
 
 @triton.jit
@@ -90,10 +102,8 @@ NIBBLE_MASKS = (0xF, 0xF0, 0xF00, 0xF000)
 
 
 @triton.jit
-def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.constexpr):
-    """int32 words [R, W] (8 nibbles each), zero points zf and scales sf [R, 1] (fp32) ->
-    [R, 8 * W] in DTYPE, column 8 * w + i from nibble i of word w: the exact small integer q - z, or
-    with SCALE the reference's weight, (q - z) * s (exact in fp32) rounded once to DTYPE.
+def _q_minus_z8(words, zf, m0, m1, m2, m3):
+    """The exact q - z (fp32) of nibbles 0..7 of int32 words [R, W], zero points zf [R, 1] (fp32).
 
     Nibble j of a half word (bits 4j..4j+3) ORed into the exponent of 2**(23 - 4j) reads as the float
     2**(23 - 4j) + q: the nibble's lowest bit is that float's unit. So one LOP3 and one FADD make
@@ -107,11 +117,79 @@ def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.
     n5 = ((hi & m1) | 0x49000000).to(tl.float32, bitcast=True) - (zf + 524288.0)
     n6 = ((hi & m2) | 0x47000000).to(tl.float32, bitcast=True) - (zf + 32768.0)
     n7 = ((hi & m3) | 0x45000000).to(tl.float32, bitcast=True) - (zf + 2048.0)
+    return n0, n1, n2, n3, n4, n5, n6, n7
+
+
+@triton.jit
+def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.constexpr):
+    """int32 words [R, W] (8 nibbles each), zero points zf and scales sf [R, 1] (fp32) ->
+    [R, 8 * W] in DTYPE, column 8 * w + i from nibble i of word w: the exact small integer q - z, or
+    with SCALE the reference's weight, (q - z) * s (exact in fp32) rounded once to DTYPE."""
+    n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z8(words, zf, m0, m1, m2, m3)
     if SCALE:
         n0, n1, n2, n3, n4, n5, n6, n7 = n0 * sf, n1 * sf, n2 * sf, n3 * sf, n4 * sf, n5 * sf, n6 * sf, n7 * sf
     # join appends a last axis: [R, W, 2, 2, 2] with index (c, b, a) holding nibble 4c + 2b + a
     w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
     return tl.reshape(_round_to(w, DTYPE), (words.shape[0], words.shape[1] * 8))
+
+
+# Paired dequantization for the decode kernel: one 32-bit word of 8 nibbles -> the 8 exact small
+# integers q - z as fp16 / bf16, two per instruction. One LOP3 puts nibbles j and j + 4 (16 bits
+# apart) into the mantissas of a magic-number pair, one packed FMA subtracts magic + z:
+#   fp16: 0x6400 | q = 1024 + q, 0x6400 | q << 4 = 1024 + 16q (times 1/16 in the FMA): nibbles
+#         (0, 4) and (1, 5) from the word, (2, 6) and (3, 7) from word >> 8 - 9 instructions a word;
+#   bf16: 0x4300 | q = 128 + q (7-bit mantissa: no room for 16q), each pair shifted down - 11.
+# $8 = word, $9 = the pair -(magic + z), $10 = the pair -(magic / 16 + z) (fp16 only); outputs
+# $0..$7 = nibbles 0..7. tests/test_w4a16.py executes these strings on every nibble and zero point.
+PAIRS_F16_PTX = tl.constexpr(
+    "{ .reg .b32 w8, t0, t1, t2, t3, c; "
+    "shr.u32 w8, $8, 8; mov.b32 c, 0x2C002C00; "
+    "lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t1, $8, 0x00F000F0, 0x64006400, 0xEA; "
+    "lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA; "
+    "add.rn.f16x2 t0, t0, $9; fma.rn.f16x2 t1, t1, c, $10; add.rn.f16x2 t2, t2, $9; fma.rn.f16x2 t3, t3, c, $10; "
+    "mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }")
+PAIRS_BF16_PTX = tl.constexpr(
+    "{ .reg .b32 w4, w8, w12, t0, t1, t2, t3, c; "
+    "shr.u32 w4, $8, 4; shr.u32 w8, $8, 8; shr.u32 w12, $8, 12; mov.b32 c, 0x3F803F80; "
+    "lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t1, w4, 0x000F000F, 0x43004300, 0xEA; "
+    "lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA; "
+    "fma.rn.bf16x2 t0, t0, c, $9; fma.rn.bf16x2 t1, t1, c, $9; fma.rn.bf16x2 t2, t2, c, $9; fma.rn.bf16x2 t3, t3, c, $9; "
+    "mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }")
+
+
+@triton.jit
+def _pair_bits(v, DTYPE: tl.constexpr):
+    """fp32 [R, 1] (exactly representable in DTYPE) -> int32 holding it in DTYPE twice."""
+    h = v.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """int32 words [R, W], zero points zf [R, 1] (fp32) -> the exact q - z as [R, 8 * W] in DTYPE,
+    in the paired order: column 8 * w + 2 * j + e holds nibble j + 4 * e of word w (so the two
+    values one instruction makes sit side by side, as the dot's operand packs them; the caller
+    reads x's rows in the same order). ASM: the inline PTX above (GPU, fp16 / bf16); otherwise the
+    same numbers with Triton ops (the interpreter; fp32)."""
+    if ASM:
+        if DTYPE == tl.float16:
+            zlo = _pair_bits(-(zf + 1024.0), DTYPE)
+            zhi = _pair_bits(-(zf + 64.0), DTYPE)
+            n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
+                PAIRS_F16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, zlo, zhi], dtype=(tl.float16,) * 8,
+                is_pure=True, pack=1)
+        else:
+            zlo = _pair_bits(-(zf + 128.0), DTYPE)
+            n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
+                PAIRS_BF16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, zlo], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=1)
+    else:
+        n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z8(words, zf, m0, m1, m2, m3)
+        n0, n1, n2, n3 = n0.to(DTYPE), n1.to(DTYPE), n2.to(DTYPE), n3.to(DTYPE)
+        n4, n5, n6, n7 = n4.to(DTYPE), n5.to(DTYPE), n6.to(DTYPE), n7.to(DTYPE)
+    # [R, W, 2, 2, 2], index (a, b, e) = column 4a + 2b + e = nibble (2a + b) + 4e
+    w = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n4, n6), tl.join(n5, n7)))
+    return tl.reshape(w, (words.shape[0], words.shape[1] * 8))
 
 
 @autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K"])
@@ -122,7 +200,7 @@ def _w4a16_decode_kernel(
     stride_xm, stride_qn, stride_sn, stride_om, stride_ok,
     KW_PER_SPLIT, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, EVEN: tl.constexpr,
-    GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
 ):
     """2 <= M <= 16: y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, k] * (q[n, k] - z[n, g]).
@@ -130,8 +208,10 @@ def _w4a16_decode_kernel(
     Computed transposed (y.T = W @ x.T): the weight tile [BLOCK_N, BLOCK_K] is the dot's first
     operand, in the layout it is loaded in (16-byte loads along K, nibbles joined in registers: no
     transpose through shared memory), and x.T [BLOCK_K, 16] the small second one (wgmma m64n16 on
-    Hopper). The dot multiplies x by the exact small integers q - z; the group's scale is applied
-    to the dot's fp32 result (per-channel: once at the end). A loop trip makes STEPS dots of
+    Hopper). The dot multiplies x by the exact small integers q - z (_dequant_pairs; its column
+    order within a word is nibbles 0 4 1 5 2 6 3 7, and x.T's rows are permuted alike); the group's
+    scale is applied to the dot's fp32 result (per-channel: once at the end). ASM: the PTX
+    dequantization (fp16 / bf16 on a GPU), else its Triton-op twin. A loop trip makes STEPS dots of
     BLOCK_KW words (one group each: BLOCK_KW divides GROUP_W). Program (pid_n, pid_k) covers words
     [pid_k * KW_PER_SPLIT, +KW_PER_SPLIT) of its rows; with SPLIT_K > 1 it writes fp32 partial sums
     that _splitk_reduce_kernel adds in a fixed order. EVEN: no N or K remainder anywhere."""
@@ -168,7 +248,11 @@ def _w4a16_decode_kernel(
                 g = kw_step // GROUP_W
                 s = tl.load(s_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)
                 z = tl.load(z_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)[:, None]
-            w = _dequant_rows(words, z, z, m0, m1, m2, m3, dot_dtype, False)
+            w = _dequant_pairs(words, z, m0, m1, m2, m3, dot_dtype, ASM)
+            # x's rows in the same order (a permutation inside each thread's registers):
+            # row 8w + 2j + e <- k = 8w + j + 4e
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_KW, 2, 4, BLOCK_M)), (0, 2, 1, 3)),
+                            (BLOCK_KW * 8, BLOCK_M))
             if PER_CHANNEL:
                 if DOT_FP32:
                     acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
@@ -481,6 +565,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
         kw_per_split, *NIBBLE_MASKS,
         HAS_BIAS=bias is not None, SPLIT_K=split, DOT_FP32=dot_fp32, EVEN=even,
         GROUP_W=0 if per_channel else group_size // 8, PER_CHANNEL=per_channel,
+        ASM=DECODE_ASM and not INTERPRET and not dot_fp32,
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
     if split > 1:
@@ -493,7 +578,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
 def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel)."""
-    if x.shape[0] == 1:
+    if x.shape[0] <= GEMV_MAX_M:
         return _gemv(x, qweight, scales, zeros, bias, group_size)
     dot_fp32 = _dot_fp32(x.dtype)
     if x.shape[0] <= DECODE_MAX_M:
@@ -515,3 +600,15 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
         HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(x.device, block_k), BLOCK_K=block_k,
     )
     return out
+
+
+@contextlib.contextmanager
+def tensor_core_decode():
+    """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
+    `w4a16-triton-tc` rows; not thread-safe)."""
+    global GEMV_MAX_M
+    saved, GEMV_MAX_M = GEMV_MAX_M, 0
+    try:
+        yield
+    finally:
+        GEMV_MAX_M = saved
