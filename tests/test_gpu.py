@@ -209,14 +209,15 @@ def test_cuda_graph_capture(act, backend):
 @pytest.mark.parametrize("asm", [True, False], ids=["ptx", "triton-ops"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
-def test_triton_decode_dequantization_paths(group_size, dtype, asm, monkeypatch):
-    # the decode kernel's inline-PTX dequantization (the default) and its Triton-op twin (what the
-    # interpreter checks in CI) against the reference; ragged N and K = 4304 (per channel only)
+def test_triton_dequantization_paths(group_size, dtype, asm, monkeypatch):
+    # the inline-PTX dequantization (the default: decode kernel, M = 2..16, and the sm_90 prefill row
+    # tile, M = 64) and its Triton-op twin (what the interpreter checks in CI) against the reference;
+    # ragged N and K = 4304 (per channel only)
     from minicpm_int4.kernels import w4a16
-    monkeypatch.setattr(w4a16, "DECODE_ASM", asm)
+    monkeypatch.setattr(w4a16, "PTX_DEQUANT", asm)
     n, k = (1000, 4304) if group_size == -1 else (1000, 4096)
     qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
-    for m in (2, 5, 16):
+    for m in (2, 5, 16, 64):
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         y = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton")
         assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, dtype))

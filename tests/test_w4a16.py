@@ -208,17 +208,13 @@ def _run_pairs_ptx(asm: str, regs: dict) -> list:
             return [float(np.array([h], dtype=np.uint16).view(np.float16)[0]) for h in halves]
         return [float(np.array([h << 16], dtype=np.uint32).view(np.float32)[0]) for h in halves]
 
-    def pack(vals, kind):  # two exactly representable floats -> 32-bit
+    def pack(vals, kind, exact=True):  # two floats -> 32-bit, rounded to nearest even (or asserted exact)
         out = []
         for f in vals:
-            if kind == "f16":
-                h = np.float16(f)
-                assert float(h) == f, f"{f} is not exact in fp16"
-                out.append(int(np.array([h]).view(np.uint16)[0]))
-            else:
-                bits = int(np.array([f], dtype=np.float32).view(np.uint32)[0])
-                assert bits & 0xFFFF == 0, f"{f} is not exact in bf16"
-                out.append(bits >> 16)
+            t = torch.tensor([f], dtype=torch.float64)  # every value here is exact in fp64
+            r = t.to(torch.float16 if kind == "f16" else torch.bfloat16)
+            assert not exact or float(r) == f, f"{f} is not exact in {kind}"
+            out.append(int(r.view(torch.int16)) & 0xFFFF)
         return out[0] | out[1] << 16
 
     body = asm.strip()[1:-1]
@@ -246,8 +242,11 @@ def _run_pairs_ptx(asm: str, regs: dict) -> list:
             ls = [lanes(x, kind) for x in v]
             if op.startswith("add"):
                 res = pack([a + b for a, b in zip(*ls)], kind)
-            else:
-                res = pack([a * b + c for a, b, c in zip(*ls)], kind)
+            else:  # one rounding of the exact a * b + c (a product of two halves is exact in fp64)
+                res = pack([a * b + c for a, b, c in zip(*ls)], kind, exact=False)
+        elif op == "prmt.b32":  # bytes of {b, a}: selector nibble i picks result byte i
+            both = v[0] | v[1] << 32
+            res = sum(((both >> (8 * ((v[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
         else:
             raise AssertionError(f"unexpected PTX instruction {op}")
         regs[dst] = res
@@ -299,3 +298,29 @@ def test_tensor_core_decode_at_m1(group_size, dtype, monkeypatch):
     with w4a16.tensor_core_decode():
         _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=5, x_seed=6)
     assert w4a16.GEMV_MAX_M == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_prefill_scaled_ptx_gives_the_reference_weight(dtype):
+    # The sm_90 prefill row tile's PTX: (q - z) * s rounded once to the dtype (reference.dequantize_ref's
+    # rule), outputs $0..$7 in natural nibble order, on every nibble position and value, every zero
+    # point and fresh random scales (normal, tiny and large magnitudes).
+    from minicpm_int4.kernels.w4a16 import SCALED_BF16_PTX, SCALED_F16_PTX
+
+    def pair(f):
+        h = int(torch.tensor([f], dtype=torch.float64).to(dtype).view(torch.int16)) & 0xFFFF
+        return h | h << 16
+
+    asm = (SCALED_F16_PTX if dtype == torch.float16 else SCALED_BF16_PTX).value
+    g = torch.Generator().manual_seed(3)
+    scales = (torch.randn(24, generator=g) * torch.tensor([1e-3, 1e-2, 1.0, 30.0]).repeat(6)).to(dtype)
+    for si, s in enumerate(scales.tolist()):
+        for z in range(16):
+            regs = {"$9": pair(-(1024.0 + z)), "$10": pair(s), "$11": pair(-(64.0 + z))} if dtype == torch.float16 \
+                else {"$9": pair(-(128.0 + z)), "$10": pair(s)}
+            for base in range(0, 16, 5 if si else 1):
+                q = [(base + 3 * i) % 16 for i in range(8)]
+                word = sum(qi << (4 * i) for i, qi in enumerate(q))
+                out = _run_pairs_ptx(asm, {**regs, "$8": word})
+                expect = ((torch.tensor(q, dtype=torch.float32) - z) * s).to(dtype).view(torch.int16).tolist()
+                assert [o if o < 0x8000 else o - 0x10000 for o in out] == expect, (s, z, q)

@@ -50,9 +50,10 @@ DECODE_MAX_M = 16
 # no split-K (one launch), the decode kernel issues fewer instructions per weight (aot.py: ~4.7 vs
 # ~3.1-3.5 on sm_90a); which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
 GEMV_MAX_M = 1
-# The decode kernel's inline-PTX dequantization (fp16 / bf16 on a GPU). False: the same numbers in the
-# same order from Triton ops (what the interpreter runs), e.g. to rule the PTX out on a new GPU.
-DECODE_ASM = True
+# The inline-PTX dequantization of the decode kernel and of the sm_90 prefill row tile (fp16 / bf16 on
+# a GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
+# to rule the PTX out on a new GPU.
+PTX_DEQUANT = True
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
 
 @triton.jit
 def _load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn, stride_sn,
-                       m0, m1, m2, m3, W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+                       m0, m1, m2, m3, W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """The same tile as _load_dequant_tile but as W's rows, [BLOCK_N, BLOCK_K], built in registers
     by _dequant_rows (no [K/8, 8, N] reshape through shared memory)."""
     offs_kw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
@@ -84,7 +85,7 @@ def _load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, s
     g = tl.minimum(k0 // G, NUM_GROUPS - 1)
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
     z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
-    return _dequant_rows(words, z, s, m0, m1, m2, m3, W_DTYPE, True)
+    return _dequant_rows(words, z, s, m0, m1, m2, m3, W_DTYPE, True, ASM)
 
 
 def _decode_configs():
@@ -121,13 +122,28 @@ def _q_minus_z8(words, zf, m0, m1, m2, m3):
 
 
 @triton.jit
-def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.constexpr):
+def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.constexpr,
+                  ASM: tl.constexpr = False):
     """int32 words [R, W] (8 nibbles each), zero points zf and scales sf [R, 1] (fp32) ->
     [R, 8 * W] in DTYPE, column 8 * w + i from nibble i of word w: the exact small integer q - z, or
-    with SCALE the reference's weight, (q - z) * s (exact in fp32) rounded once to DTYPE."""
-    n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z8(words, zf, m0, m1, m2, m3)
-    if SCALE:
-        n0, n1, n2, n3, n4, n5, n6, n7 = n0 * sf, n1 * sf, n2 * sf, n3 * sf, n4 * sf, n5 * sf, n6 * sf, n7 * sf
+    with SCALE the reference's weight, (q - z) * s (exact in fp32) rounded once to DTYPE.
+    ASM (SCALE, fp16 / bf16, GPU): the same numbers by the inline PTX SCALED_*_PTX, two per
+    instruction."""
+    if ASM:
+        if DTYPE == tl.float16:
+            n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
+                SCALED_F16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
+                [words, _pair_bits(-(zf + 1024.0), DTYPE), _pair_bits(sf, DTYPE), _pair_bits(-(zf + 64.0), DTYPE)],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
+                SCALED_BF16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                [words, _pair_bits(-(zf + 128.0), DTYPE), _pair_bits(sf, DTYPE)],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z8(words, zf, m0, m1, m2, m3)
+        if SCALE:
+            n0, n1, n2, n3, n4, n5, n6, n7 = n0 * sf, n1 * sf, n2 * sf, n3 * sf, n4 * sf, n5 * sf, n6 * sf, n7 * sf
     # join appends a last axis: [R, W, 2, 2, 2] with index (c, b, a) holding nibble 4c + 2b + a
     w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
     return tl.reshape(_round_to(w, DTYPE), (words.shape[0], words.shape[1] * 8))
@@ -155,6 +171,30 @@ PAIRS_BF16_PTX = tl.constexpr(
     "lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA; "
     "fma.rn.bf16x2 t0, t0, c, $9; fma.rn.bf16x2 t1, t1, c, $9; fma.rn.bf16x2 t2, t2, c, $9; fma.rn.bf16x2 t3, t3, c, $9; "
     "mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }")
+
+
+# The prefill row tile's variant: the same pairs of q - z, times the scale pair $10 (one rounding of
+# the exact (q - z) * s: the reference's weight), then put back in natural k order by four PRMTs
+# (x's tile comes from shared memory: its columns cannot be permuted for free). $8 = word, $9 / $11
+# = -(magic + z) / -(magic / 16 + z) pairs (fp16; bf16 uses $9 only), $10 = the scale pair.
+SCALED_F16_PTX = tl.constexpr(
+    "{ .reg .b32 w8, t0, t1, t2, t3, c, nz, u0, u1, u2, u3; "
+    "shr.u32 w8, $8, 8; mov.b32 c, 0x2C002C00; mov.b32 nz, 0x80008000; "
+    "lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t1, $8, 0x00F000F0, 0x64006400, 0xEA; "
+    "lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA; "
+    "add.rn.f16x2 t0, t0, $9; fma.rn.f16x2 t1, t1, c, $11; add.rn.f16x2 t2, t2, $9; fma.rn.f16x2 t3, t3, c, $11; "
+    "fma.rn.f16x2 t0, t0, $10, nz; fma.rn.f16x2 t1, t1, $10, nz; fma.rn.f16x2 t2, t2, $10, nz; fma.rn.f16x2 t3, t3, $10, nz; "
+    "prmt.b32 u0, t0, t1, 0x5410; prmt.b32 u1, t2, t3, 0x5410; prmt.b32 u2, t0, t1, 0x7632; prmt.b32 u3, t2, t3, 0x7632; "
+    "mov.b32 {$0, $1}, u0; mov.b32 {$2, $3}, u1; mov.b32 {$4, $5}, u2; mov.b32 {$6, $7}, u3; }")
+SCALED_BF16_PTX = tl.constexpr(
+    "{ .reg .b32 w4, w8, w12, t0, t1, t2, t3, c, nz, u0, u1, u2, u3; "
+    "shr.u32 w4, $8, 4; shr.u32 w8, $8, 8; shr.u32 w12, $8, 12; mov.b32 c, 0x3F803F80; mov.b32 nz, 0x80008000; "
+    "lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t1, w4, 0x000F000F, 0x43004300, 0xEA; "
+    "lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA; "
+    "fma.rn.bf16x2 t0, t0, c, $9; fma.rn.bf16x2 t1, t1, c, $9; fma.rn.bf16x2 t2, t2, c, $9; fma.rn.bf16x2 t3, t3, c, $9; "
+    "fma.rn.bf16x2 t0, t0, $10, nz; fma.rn.bf16x2 t1, t1, $10, nz; fma.rn.bf16x2 t2, t2, $10, nz; fma.rn.bf16x2 t3, t3, $10, nz; "
+    "prmt.b32 u0, t0, t1, 0x5410; prmt.b32 u1, t2, t3, 0x5410; prmt.b32 u2, t0, t1, 0x7632; prmt.b32 u3, t2, t3, 0x7632; "
+    "mov.b32 {$0, $1}, u0; mov.b32 {$2, $3}, u1; mov.b32 {$4, $5}, u2; mov.b32 {$6, $7}, u3; }")
 
 
 @triton.jit
@@ -432,14 +472,15 @@ def _w4a16_prefill_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, KW, G: tl.constexpr, NUM_GROUPS, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om, m0, m1, m2, m3,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, W_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, W_ROWS: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """M > 16. W_ROWS: dequantize the weight tile as W's rows with _dequant_rows (one LOP3, FADD
-    and FMUL per weight) and hand its transpose to the dot - on sm_90a ~5.6-6.8 SASS instructions
-    per weight instead of ~9-11.5, which is what keeps the tile's dequantization under its wgmma
-    time; on sm_80 the transpose costs more than it saves (aot.py), so there the [K, N] tile is
-    dequantized directly (_load_dequant_tile)."""
+    """M > 16. W_ROWS: dequantize the weight tile as W's rows with _dequant_rows and hand its
+    transpose to the dot - on sm_90a 4.9-7.5 SASS instructions per weight with the inline PTX (ASM:
+    two weights per LOP3 / HADD2 / HMUL2, PRMT back to k order), 6.0-8.1 with one LOP3, FADD and
+    FMUL per weight, ~9-11.5 for the [K, N] tile; the dequantization must stay under the tile's
+    wgmma time. On sm_80 the transpose costs more than it saves (aot.py), so there the [K, N] tile
+    is dequantized directly (_load_dequant_tile)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -452,7 +493,7 @@ def _w4a16_prefill_kernel(
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         if W_ROWS:
             w = tl.trans(_load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn,
-                                            stride_sn, m0, m1, m2, m3, w_dtype, BLOCK_K))
+                                            stride_sn, m0, m1, m2, m3, w_dtype, BLOCK_K, ASM))
         else:
             w = _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
                                    stride_qn, stride_sn, w_dtype, BLOCK_K, BLOCK_N)
@@ -565,7 +606,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
         kw_per_split, *NIBBLE_MASKS,
         HAS_BIAS=bias is not None, SPLIT_K=split, DOT_FP32=dot_fp32, EVEN=even,
         GROUP_W=0 if per_channel else group_size // 8, PER_CHANNEL=per_channel,
-        ASM=DECODE_ASM and not INTERPRET and not dot_fp32,
+        ASM=PTX_DEQUANT and not INTERPRET and not dot_fp32,
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
     if split > 1:
@@ -593,11 +634,13 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
     # fp32 FMA dots (no tensor cores) keep both operand tiles in registers: 32-wide K tiles there
     block_k = _block_k(k, g, 32 if INTERPRET or dot_fp32 else 64)
     m_bucket = triton.next_power_of_2(m)
+    w_rows = _prefill_w_rows(x.device, block_k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a16_prefill_kernel[grid](
         x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,
-        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=_prefill_w_rows(x.device, block_k), BLOCK_K=block_k,
+        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=w_rows,
+        ASM=w_rows and PTX_DEQUANT and not dot_fp32 and not INTERPRET, BLOCK_K=block_k,
     )
     return out
 
