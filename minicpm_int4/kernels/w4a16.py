@@ -149,52 +149,45 @@ def _dequant_rows(words, zf, sf, m0, m1, m2, m3, DTYPE: tl.constexpr, SCALE: tl.
     return tl.reshape(_round_to(w, DTYPE), (words.shape[0], words.shape[1] * 8))
 
 
-# Paired dequantization for the decode kernel: one 32-bit word of 8 nibbles -> the 8 exact small
-# integers q - z as fp16 / bf16, two per instruction. One LOP3 puts nibbles j and j + 4 (16 bits
-# apart) into the mantissas of a magic-number pair, one packed FMA subtracts magic + z:
+# Paired dequantization: one 32-bit word of 8 nibbles -> the 8 exact small integers q - z as fp16 /
+# bf16, two per instruction. One LOP3 puts nibbles j and j + 4 (16 bits apart) into the mantissas of
+# a magic-number pair, one packed add / FMA subtracts magic + z:
 #   fp16: 0x6400 | q = 1024 + q, 0x6400 | q << 4 = 1024 + 16q (times 1/16 in the FMA): nibbles
 #         (0, 4) and (1, 5) from the word, (2, 6) and (3, 7) from word >> 8 - 9 instructions a word;
 #   bf16: 0x4300 | q = 128 + q (7-bit mantissa: no room for 16q), each pair shifted down - 11.
-# $8 = word, $9 = the pair -(magic + z), $10 = the pair -(magic / 16 + z) (fp16 only); outputs
-# $0..$7 = nibbles 0..7. tests/test_w4a16.py executes these strings on every nibble and zero point.
-PAIRS_F16_PTX = tl.constexpr(
-    "{ .reg .b32 w8, t0, t1, t2, t3, c; "
+# The pairs (nibble j, nibble j + 4) end in t0..t3. Operands: $8 = word, $9 = the pair -(magic + z),
+# fp16's -(magic / 16 + z) pair ZHI. tests/test_w4a16.py executes the composed strings on every
+# nibble and zero point.
+_PTX_REGS = "{ .reg .b32 w4, w8, w12, t0, t1, t2, t3, c, nz, u0, u1, u2, u3; "
+_F16_Q_MINUS_Z = (
     "shr.u32 w8, $8, 8; mov.b32 c, 0x2C002C00; "
     "lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t1, $8, 0x00F000F0, 0x64006400, 0xEA; "
     "lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA; "
-    "add.rn.f16x2 t0, t0, $9; fma.rn.f16x2 t1, t1, c, $10; add.rn.f16x2 t2, t2, $9; fma.rn.f16x2 t3, t3, c, $10; "
-    "mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }")
-PAIRS_BF16_PTX = tl.constexpr(
-    "{ .reg .b32 w4, w8, w12, t0, t1, t2, t3, c; "
+    "add.rn.f16x2 t0, t0, $9; fma.rn.f16x2 t1, t1, c, ZHI; add.rn.f16x2 t2, t2, $9; fma.rn.f16x2 t3, t3, c, ZHI; ")
+_BF16_Q_MINUS_Z = (
     "shr.u32 w4, $8, 4; shr.u32 w8, $8, 8; shr.u32 w12, $8, 12; mov.b32 c, 0x3F803F80; "
     "lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t1, w4, 0x000F000F, 0x43004300, 0xEA; "
     "lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA; "
-    "fma.rn.bf16x2 t0, t0, c, $9; fma.rn.bf16x2 t1, t1, c, $9; fma.rn.bf16x2 t2, t2, c, $9; fma.rn.bf16x2 t3, t3, c, $9; "
-    "mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }")
-
-
-# The prefill row tile's variant: the same pairs of q - z, times the scale pair $10 (one rounding of
-# the exact (q - z) * s: the reference's weight), then put back in natural k order by four PRMTs
-# (x's tile comes from shared memory: its columns cannot be permuted for free). $8 = word, $9 / $11
-# = -(magic + z) / -(magic / 16 + z) pairs (fp16; bf16 uses $9 only), $10 = the scale pair.
-SCALED_F16_PTX = tl.constexpr(
-    "{ .reg .b32 w8, t0, t1, t2, t3, c, nz, u0, u1, u2, u3; "
-    "shr.u32 w8, $8, 8; mov.b32 c, 0x2C002C00; mov.b32 nz, 0x80008000; "
-    "lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t1, $8, 0x00F000F0, 0x64006400, 0xEA; "
-    "lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA; "
-    "add.rn.f16x2 t0, t0, $9; fma.rn.f16x2 t1, t1, c, $11; add.rn.f16x2 t2, t2, $9; fma.rn.f16x2 t3, t3, c, $11; "
-    "fma.rn.f16x2 t0, t0, $10, nz; fma.rn.f16x2 t1, t1, $10, nz; fma.rn.f16x2 t2, t2, $10, nz; fma.rn.f16x2 t3, t3, $10, nz; "
+    "fma.rn.bf16x2 t0, t0, c, $9; fma.rn.bf16x2 t1, t1, c, $9; fma.rn.bf16x2 t2, t2, c, $9; fma.rn.bf16x2 t3, t3, c, $9; ")
+# The decode kernel keeps the pairs side by side: outputs $0..$7 = nibbles 0..7, $j and $(j + 4) from tj.
+_PAIRED_OUT = "mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; mov.b32 {$3, $7}, t3; }"
+# The prefill row tile multiplies by the scale pair $10 (x * s + -0: one rounding of the exact
+# (q - z) * s, the reference's weight) and puts the values back in natural k order by four PRMTs
+# (x's tile comes from shared memory: its columns cannot be permuted for free).
+_SCALED_OUT = (
+    "mov.b32 nz, 0x80008000; fma.rn.T2 t0, t0, $10, nz; fma.rn.T2 t1, t1, $10, nz; fma.rn.T2 t2, t2, $10, nz; "
+    "fma.rn.T2 t3, t3, $10, nz; "
     "prmt.b32 u0, t0, t1, 0x5410; prmt.b32 u1, t2, t3, 0x5410; prmt.b32 u2, t0, t1, 0x7632; prmt.b32 u3, t2, t3, 0x7632; "
     "mov.b32 {$0, $1}, u0; mov.b32 {$2, $3}, u1; mov.b32 {$4, $5}, u2; mov.b32 {$6, $7}, u3; }")
-SCALED_BF16_PTX = tl.constexpr(
-    "{ .reg .b32 w4, w8, w12, t0, t1, t2, t3, c, nz, u0, u1, u2, u3; "
-    "shr.u32 w4, $8, 4; shr.u32 w8, $8, 8; shr.u32 w12, $8, 12; mov.b32 c, 0x3F803F80; mov.b32 nz, 0x80008000; "
-    "lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t1, w4, 0x000F000F, 0x43004300, 0xEA; "
-    "lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA; lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA; "
-    "fma.rn.bf16x2 t0, t0, c, $9; fma.rn.bf16x2 t1, t1, c, $9; fma.rn.bf16x2 t2, t2, c, $9; fma.rn.bf16x2 t3, t3, c, $9; "
-    "fma.rn.bf16x2 t0, t0, $10, nz; fma.rn.bf16x2 t1, t1, $10, nz; fma.rn.bf16x2 t2, t2, $10, nz; fma.rn.bf16x2 t3, t3, $10, nz; "
-    "prmt.b32 u0, t0, t1, 0x5410; prmt.b32 u1, t2, t3, 0x5410; prmt.b32 u2, t0, t1, 0x7632; prmt.b32 u3, t2, t3, 0x7632; "
-    "mov.b32 {$0, $1}, u0; mov.b32 {$2, $3}, u1; mov.b32 {$4, $5}, u2; mov.b32 {$6, $7}, u3; }")
+PAIRS_F16_PTX = tl.constexpr(_PTX_REGS + _F16_Q_MINUS_Z.replace("ZHI", "$10") + _PAIRED_OUT)
+PAIRS_BF16_PTX = tl.constexpr(_PTX_REGS + _BF16_Q_MINUS_Z + _PAIRED_OUT)
+SCALED_F16_PTX = tl.constexpr(_PTX_REGS + _F16_Q_MINUS_Z.replace("ZHI", "$11") + _SCALED_OUT.replace("T2", "f16x2"))
+SCALED_BF16_PTX = tl.constexpr(_PTX_REGS + _BF16_Q_MINUS_Z + _SCALED_OUT.replace("T2", "bf16x2"))
+
+
+def _use_ptx(dot_fp32: bool) -> bool:
+    """The inline-PTX dequantization: on a GPU, for fp16 / bf16 tensor-core dots, unless switched off."""
+    return PTX_DEQUANT and not INTERPRET and not dot_fp32
 
 
 @triton.jit
@@ -209,7 +202,7 @@ def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.const
     """int32 words [R, W], zero points zf [R, 1] (fp32) -> the exact q - z as [R, 8 * W] in DTYPE,
     in the paired order: column 8 * w + 2 * j + e holds nibble j + 4 * e of word w (so the two
     values one instruction makes sit side by side, as the dot's operand packs them; the caller
-    reads x's rows in the same order). ASM: the inline PTX above (GPU, fp16 / bf16); otherwise the
+    reads x's rows in the same order). ASM: PAIRS_*_PTX (GPU, fp16 / bf16); otherwise the
     same numbers with Triton ops (the interpreter; fp32)."""
     if ASM:
         if DTYPE == tl.float16:
@@ -606,7 +599,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
         kw_per_split, *NIBBLE_MASKS,
         HAS_BIAS=bias is not None, SPLIT_K=split, DOT_FP32=dot_fp32, EVEN=even,
         GROUP_W=0 if per_channel else group_size // 8, PER_CHANNEL=per_channel,
-        ASM=PTX_DEQUANT and not INTERPRET and not dot_fp32,
+        ASM=_use_ptx(dot_fp32),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
     if split > 1:
@@ -640,7 +633,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
         x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,
         HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=w_rows,
-        ASM=w_rows and PTX_DEQUANT and not dot_fp32 and not INTERPRET, BLOCK_K=block_k,
+        ASM=w_rows and _use_ptx(dot_fp32), BLOCK_K=block_k,
     )
     return out
 
