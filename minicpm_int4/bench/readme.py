@@ -8,6 +8,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from .report import fmt_value
+
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HEADLINE_M = (1, 16, 4096)
 
@@ -67,8 +69,8 @@ def profile_summary(profile: Dict, rel: str) -> List[str]:
         if r.get("error"):
             out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | failed: {r['error'][:60]} | | |")
             continue
-        out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | "
-                   f"{(r.get('peak_bytes') or 0) / 2**20:.0f} |")
+        out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | {fmt_value(r.get('tokens_per_s'), '{:.1f}')} | "
+                   f"{fmt_value(r.get('prefill_ms'), '{:.1f}')} | {(r.get('peak_bytes') or 0) / 2**20:.0f} |")
     out += ["", f"Details: [{rel}/profile.md]({rel}/profile.md)", ""]
     return out
 

@@ -82,6 +82,12 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
     return "\n".join(out)
 
 
+def fmt_value(v, f="{:.2f}") -> str:
+    """A table cell: numbers formatted, a missing figure (None: e.g. a decode time lost in timer
+    noise on a tiny model) as "-"."""
+    return f.format(v) if isinstance(v, (int, float)) else (v if v is not None else "-")
+
+
 def profile_markdown(result: Dict) -> str:
     out = ["## End-to-end profile", ""] + _env_lines(result["env"]) + [
         f"- prompt {result['config']['prompt_tokens']} tokens + {result['config'].get('images', 0)} image, "
@@ -90,7 +96,7 @@ def profile_markdown(result: Dict) -> str:
         [f"- **incomplete**: {result['incomplete']}"] if result.get("incomplete") else []) + ["",
         "| model | weights | mode | vision ms | prefill ms | decode ms/token | tokens/s | weight MiB | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else (v if v is not None else "-")  # noqa: E731
+    fmt = fmt_value
     for r in result["runs"]:
         out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | {fmt(r.get('vision_ms'))} | {fmt(r.get('prefill_ms'))} | "
                    f"{fmt(r.get('decode_ms_per_token'), '{:.3f}')} | {fmt(r.get('tokens_per_s'), '{:.1f}')} | "
