@@ -7,7 +7,8 @@ it. The implementation chooses the backend from the `backend` argument, the devi
 size; nothing else in the package imports the Triton kernels or the compiled extension.
 
 Public functions (validate, then call the op):
-    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend)       -> y [M, N]
+    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend, workspace) -> y [M, N]
+    w4a16_workspace(N, device)                                              -> a layer's split-K counters
     quantize_per_token_int8(x, backend)                                     -> (x_q int8 [M, K], scale fp32 [M])
     w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
     w4a8_linear(x, ...)                                                     -> quantize + w4a8_gemm
@@ -155,24 +156,26 @@ def _check_x(op: str, x: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # W4A16
 # ---------------------------------------------------------------------------------------------
+# The workspace is not declared mutated: the kernel counts into it during the call and leaves every
+# element at zero again, so no caller can observe a change (opcheck compares it before and after).
 @torch.library.custom_op("minicpm_int4::w4a16_gemm", mutates_args=())
 def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                   group_size: int, backend: str) -> Tensor:
+                   group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
     if be == "triton":
-        return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size)
+        return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace)
     if be == "cuda":
         return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
     return reference.w4a16_gemm_ref(x, qweight, scales, zeros, bias, group_size)
 
 
 @_w4a16_gemm_op.register_fake
-def _(x, qweight, scales, zeros, bias, group_size, backend):
+def _(x, qweight, scales, zeros, bias, group_size, backend, workspace=None):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 def _w4a16_setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, group_size, backend = inputs
+    x, qweight, scales, zeros, bias, group_size, backend, workspace = inputs
     ctx.save_for_backward(qweight, scales, zeros)
     ctx.group_size, ctx.x_dtype, ctx.has_bias = group_size, x.dtype, bias is not None
 
@@ -187,20 +190,52 @@ def _w4a16_backward(ctx, grad):
         grad_x = (grad.float() @ w.float()).to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.float().sum(0).to(grad.dtype)
-    return grad_x, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None
 
 
 _w4a16_gemm_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
 
+# Rows of W per split-K counter: the narrowest row tile of the Triton decode kernel.
+WORKSPACE_ROWS_PER_COUNTER = 16
+
+
+def w4a16_workspace_numel(out_features: int) -> int:
+    """int32 elements of the workspace w4a16_gemm takes for a layer with `out_features` rows."""
+    return -(-out_features // WORKSPACE_ROWS_PER_COUNTER)
+
+
+def w4a16_workspace(out_features: int, device=None) -> Tensor:
+    """Zeroed split-K counters for one layer (QuantLinear keeps one as a buffer). With it, the Triton
+    decode kernel (2 <= M <= 16) finishes a K split in one launch: the last program of each row tile
+    to arrive reduces the partial sums (in a fixed order: the result is the same bits as without it)
+    and sets its counter back to zero. Allocate it outside CUDA-graph capture; do not share one
+    between calls that can run at the same time (two streams)."""
+    return torch.zeros(w4a16_workspace_numel(out_features), dtype=torch.int32, device=device)
+
+
+def _check_workspace(op: str, workspace: Optional[Tensor], n: int, device: torch.device) -> None:
+    if workspace is None:
+        return
+    if not isinstance(workspace, Tensor) or workspace.dtype != torch.int32 or not workspace.is_contiguous():
+        raise TypeError(f"{op}: workspace must be a contiguous int32 tensor (ops.w4a16_workspace), "
+                        f"got {getattr(workspace, 'dtype', type(workspace).__name__)}")
+    if workspace.numel() < w4a16_workspace_numel(n):
+        raise ValueError(f"{op}: workspace has {workspace.numel()} elements; a layer with N={n} outputs needs "
+                         f"{w4a16_workspace_numel(n)} (ops.w4a16_workspace(N))")
+    if workspace.device != device:
+        raise ValueError(f"{op}: workspace is on {workspace.device} but the input is on {device}")
+
 
 def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
-               group_size: int = 128, backend: str = "auto") -> Tensor:
+               group_size: int = 128, backend: str = "auto", workspace: Optional[Tensor] = None) -> Tensor:
     """y = x @ dequant(qweight, scales, zeros).T + bias.
 
     Args:
         x: [M, K] fp16/bf16/fp32 activations. qweight: int32 [N, K // 8] (packing.py).
         scales, zeros: [N, K // group_size] in x's dtype. bias: [N] in x's dtype or None.
         group_size: 32/64/128, or -1 for per output channel.
+        workspace: optional `w4a16_workspace(N, device)`: split-K decode in one launch instead of two
+            (same result). It must hold zeros, and the call leaves it so.
     Returns:
         y: [M, N] in x's dtype.
     Example:
@@ -212,7 +247,8 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
         raise TypeError(f"w4a16_gemm: activations are {x.dtype} but the weight scales are {scales.dtype}; "
                         "cast the input or quantize the layer in the input's dtype")
     _check_bias("w4a16_gemm", bias, qweight.shape[0], x.dtype, x.device)
-    return _w4a16_gemm_op(x.contiguous(), qweight, scales, zeros, bias, gs, backend)
+    _check_workspace("w4a16_gemm", workspace, qweight.shape[0], x.device)
+    return _w4a16_gemm_op(x.contiguous(), qweight, scales, zeros, bias, gs, backend, workspace)
 
 
 def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -308,11 +344,13 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
 
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                     group_size: int, act: Optional[str], backend: str) -> Tensor:
+                     group_size: int, act: Optional[str], backend: str,
+                     workspace: Optional[Tensor] = None) -> Tensor:
     """The forward of an already validated layer (QuantLinear checks its buffers once, at build):
     straight to the ops, no per-call re-validation of the weights. x: contiguous [M, K] in the
-    layer's dtype on its device; group_size: positive (K for per-channel)."""
+    layer's dtype on its device; group_size: positive (K for per-channel); workspace: the layer's
+    w4a16_workspace or None."""
     if act == "int8" and x.shape[0] >= W4A8_MIN_M:
         x_q, x_scale = _quantize_per_token_int8_op(x, backend)
         return _w4a8_gemm_op(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
-    return _w4a16_gemm_op(x, qweight, scales, zeros, bias, group_size, backend)
+    return _w4a16_gemm_op(x, qweight, scales, zeros, bias, group_size, backend, workspace)

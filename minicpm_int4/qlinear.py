@@ -16,7 +16,8 @@ class QuantLinear(nn.Module):
     """y = x @ dequant(qweight, scales, zeros).T + bias, for inputs of any leading shape.
 
     Buffers (canonical layout, packing.py): ``qweight`` int32 [N, K/8], ``scales`` and ``zeros``
-    [N, K/G] in the layer's dtype; ``bias`` [N] or None.
+    [N, K/G] in the layer's dtype; ``bias`` [N] or None; ``workspace`` int32 [N/16] zeros, the
+    decode kernel's split-K counters (not saved).
 
     Example:
         >>> ql = QuantLinear.from_linear(nn.Linear(4096, 4096, dtype=torch.float16), QuantConfig(group_size=128))
@@ -42,6 +43,9 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=sd, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # split-K counters of the decode kernel (ops.w4a16_workspace): allocated here, zeroed, never
+        # during a CUDA-graph capture; every call leaves them at zero. Not part of the checkpoint.
+        self.register_buffer("workspace", ops.w4a16_workspace(out_features, device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Optional[QuantConfig] = None, act: Optional[str] = None,
@@ -67,6 +71,12 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach().to(mod.bias.dtype))
         return mod
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a module materialised with to_empty() holds garbage counters: loading weights zeroes them
+        with torch.no_grad():
+            self.workspace.zero_()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,7 +104,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
         y = ops.quantized_linear(x2, self.qweight, self.scales, self.zeros, self.bias, self._kernel_group_size,
-                                 self.act, self.backend)
+                                 self.act, self.backend, self.workspace)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -140,6 +140,30 @@ def test_decode_inner_loop_within_issue_budget(compiled):
             assert any(k.startswith("wgmma") for k in c["tensor_core"]), c["tensor_core"]
 
 
+def test_decode_splitk_fixup_synchronises_at_gpu_scope(compiled):
+    # the one-launch split-K (kernels/w4a16.py, _splitk_fixup) as ptxas lowered it: a release fence at
+    # GPU scope before one strong GPU-scope atomic add (the arrival), the L1 invalidated before the
+    # partials are read with strong GPU loads (acquire), the counter reset by an atomic exchange; none
+    # of it inside the K loop, whose cost must equal the two-launch variant's
+    decode = _by_kernel(compiled, "w4a16_decode")
+    fixup = [c for c in decode if c["constexprs"]["FIXUP"]]
+    assert fixup and all(c["constexprs"]["SPLIT_K"] > 1 for c in fixup)
+    plain = {(c["arch"], c["label"], str(c["options"])): c for c in decode
+             if not c["constexprs"]["FIXUP"] and c["constexprs"]["SPLIT_K"] > 1}
+    for c in fixup:
+        ops = c["sass_counts"]
+        where = f"{c['arch']} {c['label']} {c['options']}"
+        assert any(op.startswith("MEMBAR") and op.endswith(".GPU") for op in ops), (where, ops)
+        assert sum(n for op, n in ops.items() if op.startswith("ATOMG") and ".ADD" in op and op.endswith(".GPU")) == 1, (where, ops)
+        assert any(op.startswith("ATOMG") and ".EXCH" in op for op in ops), (where, ops)
+        assert any(op.startswith("CCTL.IVALL") for op in ops), (where, ops)
+        assert any(op.startswith("LDG") and op.endswith("STRONG.GPU") for op in ops), (where, ops)
+        assert not any(op.startswith(("ATOM", "CCTL")) or op.endswith(".GPU") for op in c["loop_sass"]), \
+            (where, c["loop_sass"])
+        twin = plain[(c["arch"], c["label"], str(c["options"]))]
+        assert c["instr_per_weight"] == pytest.approx(twin["instr_per_weight"], abs=0.05), where
+
+
 def test_prefill_dequantization_cost_on_sm90a(compiled):
     # prefill dequantizes a BLOCK_N x BLOCK_K weight tile per K step while wgmma multiplies BLOCK_M
     # rows by it: ~2048 fp16 MACs per SM-clock against 128 issued instructions per SM-clock, so the

@@ -182,13 +182,14 @@ def test_compile_fullgraph_patched_tiny_model(which):
     torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("act,backend", [(None, "auto"), ("int8", "auto"), (None, "cuda")])
-def test_cuda_graph_capture(act, backend):
+@pytest.mark.parametrize("act,backend,m", [(None, "auto", 1), (None, "triton", 4), ("int8", "auto", 32), (None, "cuda", 1)])
+def test_cuda_graph_capture(act, backend, m):
+    # M = 4: the decode kernel's split-K counters (the layer's workspace) across replays
     if backend == "cuda" and ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     lin = torch.nn.Linear(4096, 4096, dtype=torch.float16, device="cuda")
     ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act, backend=backend))
-    x = torch.randn(32 if act else 1, 4096, dtype=torch.float16, device="cuda")
+    x = torch.randn(m, 4096, dtype=torch.float16, device="cuda")
     y_eager = ql(x)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -199,11 +200,40 @@ def test_cuda_graph_capture(act, backend):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y_graph = ql(x)
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
     assert not torch.equal(y_graph, y_eager)
+    assert torch.count_nonzero(ql.workspace) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1024, 4096), (4096, 14336)], ids=lambda s: f"N{s[0]}-K{s[1]}")
+def test_triton_splitk_in_one_launch(nk, m, dtype):
+    # the decode kernel's in-launch split-K reduction (the last program of a row tile adds the
+    # partials in a fixed order): on a GPU programs really race, so repeat it; every result must be
+    # the two-launch path's bits, and the counters must be back at zero. M = 1 through the decode
+    # kernel as the benchmark's `w4a16-triton-tc` rows run it.
+    from minicpm_int4.kernels import w4a16
+
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    assert w4a16._decode_blocks(n, k, gs, x.device)[3] > 1
+    workspace = ops.w4a16_workspace(n, "cuda")
+    with w4a16.tensor_core_decode():
+        two_launches = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton")
+        outs = [ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
+                for _ in range(50)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(y, two_launches) for y in outs)
+    assert torch.count_nonzero(workspace) == 0
+    assert_gemm_close(outs[0], w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                      dequant(qweight, scales, zeros, gs, dtype))
 
 
 @pytest.mark.parametrize("asm", [True, False], ids=["ptx", "triton-ops"])

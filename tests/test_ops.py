@@ -29,6 +29,20 @@ def test_opcheck_w4a16(backend, m):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_w4a16_with_workspace(backend):
+    # a split-K decode shape (interpreter tiles): the kernel counts into the workspace and leaves it
+    # at zero, which is why the op does not declare it mutated; opcheck compares it before and after
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    qweight, scales, zeros = _layer(n=16, k=1024, gs=128)
+    x = torch.randn(3, 1024, dtype=torch.float16)
+    workspace = ops.w4a16_workspace(16)
+    torch.library.opcheck(torch.ops.minicpm_int4.w4a16_gemm.default,
+                          (x, qweight, scales, zeros, None, 128, backend, workspace))
+    assert torch.count_nonzero(workspace) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_act_quant_and_w4a8(backend):
     if backend == "triton" and not ops.triton_interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
@@ -73,6 +87,14 @@ def test_bad_inputs_get_clear_errors():
         ops.w4a16_gemm(x, qweight, scales.to("meta"), zeros, None, 64)
     with pytest.raises(ValueError, match="unknown backend"):
         ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="cutlass")
+    with pytest.raises(TypeError, match="workspace must be a contiguous int32 tensor"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, workspace=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="workspace must be a contiguous int32 tensor"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, workspace=torch.zeros(3, 2, dtype=torch.int32).t())
+    with pytest.raises(ValueError, match=r"workspace has 2 elements; a layer with N=40 outputs needs 3"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, workspace=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="workspace is on meta but the input is on cpu"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, workspace=ops.w4a16_workspace(40, "meta"))
     with pytest.raises(TypeError, match="x_q must be int8"):
         ops.w4a8_gemm(x, torch.ones(3), qweight, scales, zeros)
     with pytest.raises(TypeError, match="x_scale must be fp32"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from minicpm_int4 import QuantConfig, QuantLinear
+from minicpm_int4 import QuantConfig, QuantLinear, ops
 
 from helpers import assert_gemm_close
 
@@ -81,6 +81,36 @@ def test_compiles_fullgraph_without_graph_breaks(act):
 def test_state_dict_keys():
     ql = QuantLinear.from_linear(nn.Linear(64, 64), QuantConfig(group_size=32))
     assert set(ql.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+
+
+def test_workspace_is_zeroed_per_layer_and_not_saved():
+    ql = QuantLinear.from_linear(nn.Linear(64, 40), QuantConfig(group_size=32))
+    assert ql.workspace.dtype == torch.int32 and ql.workspace.shape == (ops.w4a16_workspace_numel(40),)
+    assert torch.count_nonzero(ql.workspace) == 0
+    assert "workspace" not in ql.state_dict()
+    state = ql.state_dict()
+    ql.workspace.fill_(7)  # e.g. a module materialised with to_empty(): loading weights zeroes it
+    ql.load_state_dict(state)
+    assert torch.count_nonzero(ql.workspace) == 0
+
+
+@pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
+def test_forward_passes_its_workspace_to_the_decode_kernel(monkeypatch):
+    # a decode-size input on a layer whose K is split: one launch, the layer's counters back at zero
+    from minicpm_int4.kernels import w4a16
+
+    ql = QuantLinear.from_linear(nn.Linear(1024, 16, dtype=torch.float16), QuantConfig(group_size=128, backend="triton"))
+    x = torch.randn(4, 1024, dtype=torch.float16)
+    expect = ops.w4a16_gemm(x, ql.qweight, ql.scales, ql.zeros, ql.bias, 128, backend="triton")
+    assert w4a16._decode_blocks(16, 1024, 128, x.device)[3] > 1
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the split-K reduce kernel ran: the layer's workspace was not passed")
+
+    monkeypatch.setattr(w4a16, "_splitk_reduce_kernel", NoLaunch())
+    assert torch.equal(ql(x), expect)
+    assert torch.count_nonzero(ql.workspace) == 0
 
 
 def test_config_validation():

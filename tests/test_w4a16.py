@@ -121,6 +121,65 @@ def test_w4a16_decode_paths(case, m, dtype):
     _check_triton_vs_reference(n, k, group_size, m, dtype, weight_seed=n * k + m, x_seed=k + m, x_scale=4.0)
 
 
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the split-K reduce kernel was launched although a workspace was given")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m", [3, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("case", ["even-g128-split", "masked-split-g32"])
+def test_w4a16_decode_splitk_in_one_launch(case, m, dtype, monkeypatch):
+    # with a workspace the last program of each row tile reduces the partials (no second launch):
+    # the same bits as the two-launch path, within the reference's tolerance, counters back at zero
+    from minicpm_int4.kernels import w4a16
+
+    has_bias = m == 3
+    n, k, group_size = DECODE_CASES[case]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n + k + m)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype) * 4
+    bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+    two_launches = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+    workspace = ops.w4a16_workspace(n)
+    monkeypatch.setattr(w4a16, "_splitk_reduce_kernel", _NoLaunch())
+    for _ in range(2):  # the counters the first call used serve the second
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace)
+        assert torch.equal(y, two_launches)
+        assert torch.count_nonzero(workspace) == 0
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_w4a16_decode_splitk_needs_zeroed_counters():
+    # the counters are the whole synchronisation: a tile whose counter does not start at zero is
+    # reduced before its partials exist (poisoned as NaN here). This is why QuantLinear allocates
+    # its workspace zeroed, outside capture, and load_state_dict zeroes it again.
+    n, k, group_size = DECODE_CASES["even-g128-split"]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=1)
+    x = torch.randn(3, k, dtype=torch.float16)
+    workspace = ops.w4a16_workspace(n)
+    workspace[0] = 1
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", workspace=workspace)
+    assert torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("group_size", [32, -1], ids=lambda g: f"g{g}")
+def test_tensor_core_decode_at_m1_in_one_launch(group_size, monkeypatch):
+    # the `w4a16-triton-tc` rows run M = 1 through the decode kernel with the layer's workspace
+    from minicpm_int4.kernels import w4a16
+
+    n, k = 20, 1056 if group_size == 32 else 1024
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=2)
+    x = torch.randn(1, k, dtype=torch.float16)
+    assert w4a16._decode_blocks(n, k, gs, x.device)[3] > 1
+    monkeypatch.setattr(w4a16, "_splitk_reduce_kernel", _NoLaunch())
+    workspace = ops.w4a16_workspace(n)
+    with w4a16.tensor_core_decode():
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", workspace=workspace)
+    assert torch.count_nonzero(workspace) == 0
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+
+
 @pytest.mark.parametrize("m", [1, 2], ids=["gemv-M1", "decode-M2"])
 def test_w4a16_magic_nibbles_exact(m):
     # every nibble value against every zero point (q - z from -15 to 15) in each of the 8 nibble

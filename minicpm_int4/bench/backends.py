@@ -95,7 +95,9 @@ class OursW4A16(_Ours):
                 x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref))
 
     def _runner(self, qweight, scales, zeros, group_size, gs):
-        return lambda x: ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, self.backend)
+        # with a workspace, as QuantLinear calls it (split-K decode in one launch)
+        workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
+        return lambda x: ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, self.backend, workspace)
 
 
 class OursW4A16CudaCore(OursW4A16):
@@ -112,9 +114,9 @@ class OursW4A16CudaCore(OursW4A16):
 
 
 class OursW4A16TritonTensorCore(OursW4A16):
-    """The Triton tensor-core decode kernel at M = 1, where "w4a16-triton" takes the GEMV: fewer
-    instructions per weight against one launch less (no split-K reduction); these rows decide
-    kernels/w4a16.py's GEMV_MAX_M."""
+    """The Triton tensor-core decode kernel at M = 1, where "w4a16-triton" takes the GEMV: ~3.2
+    against ~4.7 SASS instructions per weight on sm_90a, both in one launch (split-K finished in the
+    decode kernel with the layer's workspace); these rows decide kernels/w4a16.py's GEMV_MAX_M."""
 
     def __init__(self):
         super().__init__("triton", max_m=1)
@@ -123,9 +125,11 @@ class OursW4A16TritonTensorCore(OursW4A16):
     def _runner(self, qweight, scales, zeros, group_size, gs):
         from ..kernels.w4a16 import tensor_core_decode  # a measurement switch, not a backend of ops.py
 
+        workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
+
         def run(x):
             with tensor_core_decode():
-                return ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, "triton")
+                return ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, "triton", workspace)
         return run
 
 

@@ -217,11 +217,15 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                 for gs in group_sizes:
                     gs = gs if gs == -1 or k % gs == 0 else -1  # a K no group size divides: per channel
                     qweight, scales, zeros, g = _weights(n, k, gs, dtype)
+                    workspace = torch.zeros((-(-n // 16),), dtype=torch.int32)
                     for has_bias in bias:
                         b = torch.empty((n,), dtype=dtype) if has_bias else None
                         for m in ms:
                             start = len(sink)
                             x = torch.empty((m, k), dtype=dtype)
+                            # as QuantLinear calls it (split-K decode in one launch), and as a bare
+                            # ops.w4a16_gemm call without a workspace does (a reduce launch after it)
+                            w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace)
                             w4a16_gemm_triton(x, qweight, scales, zeros, b, g)
                             if m > 16 and w4a8 and dtype != torch.float32:
                                 xq = torch.empty((m, k), dtype=torch.int8)

@@ -6,7 +6,9 @@ Pointers (canonical layout, packing.py):
     s_ptr    [N, K/G]      scales, x's dtype, row stride stride_sn
     z_ptr    [N, K/G]      integer zero points stored in x's dtype
     b_ptr    [N]           bias (read only when HAS_BIAS)
-    out_ptr  [M, N]        x's dtype; or fp32 partial sums [SPLIT_K, M, N] when SPLIT_K > 1
+    out_ptr  [M, N]        x's dtype
+    part_ptr [SPLIT_K, M, N] fp32 partial sums (decode kernel with SPLIT_K > 1)
+    count_ptr int32 [N / 16]  split-K arrival counters, zero between launches (the layer's workspace)
 
 Three regimes (picked here by M):
   M = 1   (_w4a16_gemv_kernel): no tensor cores. A program owns a few rows of W and streams all of
@@ -28,8 +30,10 @@ Three regimes (picked here by M):
           thread's registers. The group's scale multiplies the dot's fp32 result. 3.1-3.5 SASS
           instructions per weight on sm_90a (aot.py), against 4.75-4.9 with fp32 dequantization and
           ~14 for the [K, N]-oriented dot before that. K is split across programs until about two
-          programs per SM run; _splitk_reduce_kernel adds the fp32 partials in a fixed order
-          (deterministic) with the bias. Like the GEMV it multiplies by the exact (q - z) * s
+          programs per SM run; the last program of each row tile to finish adds the fp32 partials in
+          a fixed order (deterministic) with the bias, in the same launch (_splitk_fixup; it needs
+          the caller's zeroed counters, which QuantLinear owns; without them _splitk_reduce_kernel
+          does it in a second launch). Like the GEMV it multiplies by the exact (q - z) * s
           (within reference.gemm_tolerance's half ulp of w).
   prefill (M  > 16): tiled GEMM on tensor cores; w = ((q - z) * s) in fp32 rounded once to x's
           dtype (the reference's rule), a [K, N] tile per step, grouped tile order for L2 reuse,
@@ -47,8 +51,9 @@ from ._common import _grouped_tile, autotune, min_capability, _round_to, _unpack
 
 DECODE_MAX_M = 16
 # M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
-# no split-K (one launch), the decode kernel issues fewer instructions per weight (aot.py: ~4.7 vs
-# ~3.1-3.5 on sm_90a); which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
+# no split-K and no workspace, the decode kernel issues fewer instructions per weight (aot.py: ~4.7
+# vs ~3.1-3.5 on sm_90a) and, given the layer's workspace, finishes its split-K in the same launch;
+# which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
 GEMV_MAX_M = 1
 # The inline-PTX dequantization of the decode kernel and of the sm_90 prefill row tile (fp16 / bf16 on
 # a GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
@@ -228,11 +233,12 @@ def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.const
 @autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K"])
 @triton.jit
 def _w4a16_decode_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     M, N, KW, M_BUCKET,
-    stride_xm, stride_qn, stride_sn, stride_om, stride_ok,
+    stride_xm, stride_qn, stride_sn, stride_om,
     KW_PER_SPLIT, m0, m1, m2, m3,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, DOT_FP32: tl.constexpr,
+    EVEN: tl.constexpr,
     GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
 ):
@@ -247,7 +253,10 @@ def _w4a16_decode_kernel(
     dequantization (fp16 / bf16 on a GPU), else its Triton-op twin. A loop trip makes STEPS dots of
     BLOCK_KW words (one group each: BLOCK_KW divides GROUP_W). Program (pid_n, pid_k) covers words
     [pid_k * KW_PER_SPLIT, +KW_PER_SPLIT) of its rows; with SPLIT_K > 1 it writes fp32 partial sums
-    that _splitk_reduce_kernel adds in a fixed order. EVEN: no N or K remainder anywhere."""
+    [SPLIT_K, M, N] to part_ptr. FIXUP: the program that finishes a row tile last (a counter per
+    tile in count_ptr, which it sets back to zero) adds the partials in the order p = 0, 1, ... and
+    writes y, so the result does not depend on which program that is; else _splitk_reduce_kernel does
+    the same in a second launch. EVEN: no N or K remainder anywhere."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -306,7 +315,36 @@ def _w4a16_decode_kernel(
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
         tl.store(out_ptrs, _round_to(acc, x_dtype), mask=out_mask)
     else:
-        tl.store(out_ptrs + pid_k * stride_ok, acc, mask=out_mask)
+        part_ptrs = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(part_ptrs + pid_k * M * N, acc, mask=out_mask)
+        if FIXUP:
+            _splitk_fixup(part_ptrs, out_ptrs, out_mask, count_ptr + pid_n, b_ptr + offs_n, n_mask, M * N,
+                          HAS_BIAS, SPLIT_K, x_dtype)
+
+
+@triton.jit
+def _splitk_fixup(part_ptrs, out_ptrs, out_mask, count_ptr, b_ptrs, n_mask, MN, HAS_BIAS: tl.constexpr,
+                  SPLIT_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Split-K without a second launch: the last of a row tile's SPLIT_K programs to arrive reduces.
+
+    Each program has just stored its partial tile. The barrier orders every thread's stores before
+    thread 0's release-acquire increment of the tile's counter (the pattern of CUTLASS's semaphore:
+    __syncthreads, then one atomic at GPU scope); the program that sees SPLIT_K - 1 knows all the
+    other partials are visible, reads them past L1 (.cg), adds them in the fixed order p = 0, 1, ...
+    (the same sums as _splitk_reduce_kernel: bit-identical, independent of arrival order), adds the
+    bias, rounds once and stores y, then sets the counter back to 0 for the next launch (also a CUDA
+    graph's next replay). The counters must start at zero and must not be shared by launches that
+    can run at the same time (ops.w4a16_workspace: one per layer)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        acc = tl.load(part_ptrs, mask=out_mask, other=0, cache_modifier=".cg")
+        for p in tl.static_range(1, SPLIT_K):
+            acc += tl.load(part_ptrs + p * MN, mask=out_mask, other=0, cache_modifier=".cg")
+        if HAS_BIAS:
+            acc += tl.load(b_ptrs, mask=n_mask, other=0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, _round_to(acc, OUT_DTYPE), mask=out_mask)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -581,7 +619,7 @@ def _gemv(x, qweight, scales, zeros, bias, group_size):
     return out
 
 
-def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
+def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None):
     m, k = x.shape
     n, kw = qweight.shape
     block_n, block_kw, steps, split = _decode_blocks(n, k, group_size, x.device)
@@ -592,31 +630,37 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32):
     even = n % block_n == 0 and kw % trip == 0 and kw_per_split * split == kw
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    fixup = split > 1 and workspace is not None
+    if fixup and workspace.numel() < triton.cdiv(n, block_n):
+        raise ValueError(f"w4a16 decode: workspace of {workspace.numel()} counters for {triton.cdiv(n, block_n)} row tiles")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_decode_kernel[(triton.cdiv(n, block_n), split)](
-        x, qweight, scales, zeros, b, part, m, n, kw, triton.next_power_of_2(m),
-        x.stride(0), qweight.stride(0), scales.stride(0), part.stride(-2), part.stride(0) if split > 1 else 0,
+        x, qweight, scales, zeros, b, out, part, workspace if fixup else qweight,
+        m, n, kw, triton.next_power_of_2(m),
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         kw_per_split, *NIBBLE_MASKS,
-        HAS_BIAS=bias is not None, SPLIT_K=split, DOT_FP32=dot_fp32, EVEN=even,
+        HAS_BIAS=bias is not None, SPLIT_K=split, FIXUP=fixup, DOT_FP32=dot_fp32, EVEN=even,
         GROUP_W=0 if per_channel else group_size // 8, PER_CHANNEL=per_channel,
         ASM=_use_ptx(dot_fp32),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
-    if split > 1:
+    if split > 1 and not fixup:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             part, b, out, m * n, n, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
     return out
 
 
-def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size):
+def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
-    Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel)."""
+    Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
+    workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: split-K
+    decode then reduces in a second launch."""
     if x.shape[0] <= GEMV_MAX_M:
         return _gemv(x, qweight, scales, zeros, bias, group_size)
     dot_fp32 = _dot_fp32(x.dtype)
     if x.shape[0] <= DECODE_MAX_M:
-        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32)
+        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace)
     m, k = x.shape
     n = qweight.shape[0]
     g = group_size
