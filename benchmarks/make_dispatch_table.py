@@ -1,5 +1,6 @@
 """Write minicpm_int4/dispatch_table.json from a `minicpm-int4 bench` result: where the CUDA
-extension measured faster than the Triton kernel, backend="auto" will use it on that GPU.
+extension, or at M = 1 the Triton tensor-core decode kernel, measured faster than the Triton
+kernels' default, backend="auto" will use it on that GPU (minicpm_int4/dispatch.py).
 
     python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json
 """
@@ -17,4 +18,7 @@ if __name__ == "__main__":
     with open(TABLE_PATH, "w") as f:
         json.dump(table, f, indent=1)
     name = bench["env"]["device_name"]
-    print(f"{TABLE_PATH}: {len(table['devices'][name]['w4a16'])} (N, K, M) cases where the CUDA kernel wins on {name}")
+    rules = table["devices"][name]["w4a16"]
+    wins = {b: sum(r["backend"] == b for r in rules) for b in ("cuda", "triton-tc")}
+    print(f"{TABLE_PATH}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']}; "
+          f"where M = 1 is faster on the Triton tensor-core kernel than on the GEMV: {wins['triton-tc']}")

@@ -1,11 +1,15 @@
-"""The measured rule behind backend="auto" on CUDA for W4A16: which of the Triton kernel and the
-CUDA extension is faster for a layer shape and M, per GPU model, read from benchmark results.
+"""The measured rule behind backend="auto" on CUDA for W4A16: which kernel is fastest for a layer
+shape and M, per GPU model, read from benchmark results.
 
-`minicpm_int4/dispatch_table.json` (package data) is written by
-`python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run:
-an entry says the CUDA kernel was faster than Triton for that (N, K) at that M on that GPU. Absent
-an entry (another GPU, an unmeasured shape, M beyond the CUDA kernel's range) "auto" means Triton:
-nothing is guessed.
+Three candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
+M = 1), "triton-tc" (M = 1 on the Triton tensor-core decode kernel instead of the GEMV: fewer
+instructions per weight, split-K finished in the same launch with the layer's workspace) and "cuda"
+(the extension, M <= 16). `minicpm_int4/dispatch_table.json` (package data) is written by
+`python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run
+(rows `w4a16-triton`, `w4a16-triton-tc`, `w4a16-cuda`): an entry names an (N, K, M) where another
+candidate was measured faster than "triton", with every candidate's median, so that the lookup can
+take the fastest of those available (no extension built: the better Triton kernel). Absent an entry
+(another GPU, an unmeasured shape, M beyond 16) "auto" means "triton": nothing is guessed.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def _rules_for(device_name: str, table: Dict) -> Dict:
     entry = table.get("devices", {}).get(device_name)
     if not entry:
         return {}
-    return {(r["n"], r["k"], r["m"]): r["backend"] for r in entry["w4a16"]}
+    return {(r["n"], r["k"], r["m"]): r["times_ms"] for r in entry["w4a16"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,24 +59,37 @@ def _cached_rules(device_name: str, path: str) -> Dict:
 
 def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available: bool,
                        path: str = TABLE_PATH, device_name: Optional[str] = None) -> str:
-    """"cuda" where the table says the extension measured faster for this GPU, (N, K) and M; else "triton"."""
-    if not cuda_available or m > CUDA_MAX_M:
+    """"triton", "triton-tc" or "cuda": the fastest measured for this GPU, (N, K) and M among those
+    available (cuda_available: the extension is built); "triton" where nothing was measured."""
+    if m > CUDA_MAX_M:
         return "triton"
-    rules = _cached_rules(device_name or _device_name(device_index), path)
-    return rules.get((n, k, m_bucket(m)), "triton")
+    times = _cached_rules(device_name or _device_name(device_index), path).get((n, k, m_bucket(m)))
+    if not times:
+        return "triton"
+    usable = {b: t for b, t in times.items() if b != "cuda" or cuda_available}
+    return min(usable, key=usable.get) if usable else "triton"
+
+
+# bench row -> candidate; "triton-tc" is an M = 1 choice (the decode kernel already runs M = 2..16)
+_CANDIDATES = {"w4a16-triton": "triton", "w4a16-triton-tc": "triton-tc", "w4a16-cuda": "cuda"}
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
-    """Add one GPU's measurements to a dispatch table: CUDA wins where its median beats Triton's."""
-    rows = bench["rows"]
-    med = {(r["n"], r["k"], r["m"], r["backend"]): r["median_ms"] for r in rows if r.get("check") == "ok"}
-    rules = []
-    for (n, k, m, b), t in sorted(med.items()):
-        if b != "w4a16-cuda" or m > CUDA_MAX_M:
+    """Add one GPU's measurements to a dispatch table: an entry wherever "triton-tc" or "cuda" beat
+    "triton"'s median for an (N, K, M), with all the candidates' medians."""
+    times: Dict = {}
+    for r in bench["rows"]:
+        cand = _CANDIDATES.get(r["backend"])
+        if cand is None or r.get("check") != "ok" or r["m"] > CUDA_MAX_M or (cand == "triton-tc" and r["m"] != 1):
             continue
-        tri = med.get((n, k, m, "w4a16-triton"))
-        if tri is not None and t < tri:
-            rules.append({"n": n, "k": k, "m": m, "backend": "cuda", "cuda_ms": t, "triton_ms": tri})
+        times.setdefault((r["n"], r["k"], r["m"]), {})[cand] = r["median_ms"]
+    rules = []
+    for (n, k, m), t in sorted(times.items()):
+        if "triton" not in t:  # no baseline measured: no claim
+            continue
+        best = min(t, key=t.get)
+        if best != "triton":
+            rules.append({"n": n, "k": k, "m": m, "backend": best, "times_ms": dict(sorted(t.items()))})
     table = dict(existing or {})
     devices = dict(table.get("devices", {}))
     env = bench["env"]

@@ -70,8 +70,9 @@ def cuda_extension_error() -> Optional[str]:
 def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> str:
     """Map a requested backend to the one that will run, or raise a clear error.
 
-    "auto": CUDA tensors -> "triton", or "cuda" where dispatch.py's measured table says the CUDA
-    extension is faster for this GPU and (M, N, K) (`shape`, W4A16 only); CPU tensors -> "torch".
+    "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
+    GPU and (M, N, K) (`shape`, W4A16 only): "cuda" (the extension, when built) or, at M = 1,
+    "triton-tc" (the Triton tensor-core decode kernel instead of the GEMV); CPU tensors -> "torch".
     "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
     """
     if backend not in BACKENDS:
@@ -81,12 +82,14 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        if shape is not None and _cuda_ext()[0] is not None:
+        triton_ok = _triton_kernels()[0] is not None
+        if shape is not None:
             from .dispatch import w4a16_auto_backend
 
-            if w4a16_auto_backend(*shape, device.index or 0, True) == "cuda":
-                return "cuda"
-        return "triton" if _triton_kernels()[0] is not None else "torch"
+            pick = w4a16_auto_backend(*shape, device.index or 0, _cuda_ext()[0] is not None)
+            if pick == "cuda" or (pick == "triton-tc" and triton_ok):
+                return pick
+        return "triton" if triton_ok else "torch"
     if backend == "triton":
         kernels, why = _triton_kernels()
         if kernels is None:
@@ -162,8 +165,11 @@ def _check_x(op: str, x: Tensor) -> None:
 def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                    group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
-    if be == "triton":
-        return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace)
+    if be in ("triton", "triton-tc"):
+        # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
+        tc = be == "triton-tc" and workspace is not None
+        return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
+                                                      m1_tensor_core=tc)
     if be == "cuda":
         return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
     return reference.w4a16_gemm_ref(x, qweight, scales, zeros, bias, group_size)

@@ -19,7 +19,7 @@ def test_table_records_only_measured_wins_and_lookup_uses_it(tmp_path):
     ]
     table = table_from_bench(_bench("GPU-A", rows))
     assert table["devices"]["GPU-A"]["w4a16"] == [
-        {"n": 4096, "k": 4096, "m": 1, "backend": "cuda", "cuda_ms": 0.008, "triton_ms": 0.010}]
+        {"n": 4096, "k": 4096, "m": 1, "backend": "cuda", "times_ms": {"cuda": 0.008, "triton": 0.010}}]
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
     pick = lambda m, n, k, dev="GPU-A": w4a16_auto_backend(m, n, k, 0, True, str(path), dev)  # noqa: E731
@@ -30,6 +30,58 @@ def test_table_records_only_measured_wins_and_lookup_uses_it(tmp_path):
     assert pick(1, 4096, 8192) == "triton"           # unmeasured shape
     assert pick(64, 4096, 4096) == "triton"          # beyond the CUDA kernel's range
     assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"  # extension not built
+
+
+def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
+    # at M = 1 the Triton tensor-core decode kernel competes with the GEMV ("triton") and the CUDA
+    # extension; without the extension the lookup falls back to the better Triton kernel
+    rows = [
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton-tc", "median_ms": 0.009},
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.007},
+        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.004},
+        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-triton-tc", "median_ms": 0.003},
+        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.005},
+        {"n": 2048, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.004},
+        {"n": 2048, "k": 4096, "m": 1, "backend": "w4a16-triton-tc", "median_ms": 0.006},
+        {"n": 4096, "k": 4096, "m": 4, "backend": "w4a16-triton", "median_ms": 0.012},
+        {"n": 4096, "k": 4096, "m": 4, "backend": "w4a16-triton-tc", "median_ms": 0.001},  # not an M = 4 choice
+    ]
+    table = table_from_bench(_bench("GPU-A", rows))
+    assert [(r["n"], r["m"], r["backend"]) for r in table["devices"]["GPU-A"]["w4a16"]] == [
+        (1024, 1, "triton-tc"), (4096, 1, "cuda")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda n, ext, m=1: w4a16_auto_backend(m, n, 4096, 0, ext, str(path), "GPU-A")  # noqa: E731
+    assert pick(4096, True) == "cuda"
+    assert pick(4096, False) == "triton-tc"   # no extension: the faster Triton kernel
+    assert pick(1024, True) == "triton-tc"
+    assert pick(2048, True) == "triton"       # the GEMV measured faster: no entry
+    assert pick(4096, True, m=4) == "triton"
+
+
+def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatch):
+    # ops routes a "triton-tc" pick to the decode kernel when the layer's workspace is there (the
+    # table was measured so); a bare call without one keeps the GEMV
+    import torch
+
+    from minicpm_int4 import ops
+
+    calls = []
+
+    class Kernels:
+        @staticmethod
+        def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace, m1_tensor_core):
+            calls.append(m1_tensor_core)
+            return x.new_zeros((x.shape[0], qweight.shape[0]))
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton-tc")
+    monkeypatch.setattr(ops, "_triton_kernels", lambda: (Kernels, None))
+    x, qweight = torch.randn(1, 64, dtype=torch.float16), torch.zeros(8, 8, dtype=torch.int32)
+    scales = torch.ones(8, 2, dtype=torch.float16)
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto", ops.w4a16_workspace(8))
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto")
+    assert calls == [True, False]
 
 
 def test_tables_merge_per_device():

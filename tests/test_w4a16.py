@@ -163,6 +163,21 @@ def test_w4a16_decode_splitk_needs_zeroed_counters():
     assert torch.isnan(y).any()
 
 
+def test_m1_tensor_core_flag_runs_the_decode_kernel(monkeypatch):
+    # ops passes m1_tensor_core=True where dispatch.py's table picked "triton-tc"
+    from minicpm_int4.kernels import w4a16
+
+    def no_gemv(*args):
+        raise AssertionError("the GEMV ran although m1_tensor_core=True")
+
+    monkeypatch.setattr(w4a16, "_gemv", no_gemv)
+    n, k = SHAPES[64]
+    qweight, scales, zeros, gs = random_qweight(n, k, 64, torch.float16, seed=9)
+    x = torch.randn(1, k, dtype=torch.float16)
+    y = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, None, gs, ops.w4a16_workspace(n), m1_tensor_core=True)
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+
+
 @pytest.mark.parametrize("group_size", [32, -1], ids=lambda g: f"g{g}")
 def test_tensor_core_decode_at_m1_in_one_launch(group_size, monkeypatch):
     # the `w4a16-triton-tc` rows run M = 1 through the decode kernel with the layer's workspace

@@ -651,12 +651,13 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
     return out
 
 
-def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None):
+def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, m1_tensor_core=False):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
     workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: split-K
-    decode then reduces in a second launch."""
-    if x.shape[0] <= GEMV_MAX_M:
+    decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
+    (where dispatch.py's measured table says that is faster)."""
+    if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
         return _gemv(x, qweight, scales, zeros, bias, group_size)
     dot_fp32 = _dot_fp32(x.dtype)
     if x.shape[0] <= DECODE_MAX_M:
