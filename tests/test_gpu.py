@@ -209,33 +209,6 @@ def test_cuda_graph_capture(act, backend, m):
     assert torch.count_nonzero(ql.workspace) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("nk", [(4096, 4096), (1024, 4096), (4096, 14336)], ids=lambda s: f"N{s[0]}-K{s[1]}")
-def test_triton_splitk_in_one_launch(nk, m, dtype):
-    # the decode kernel's in-launch split-K reduction (the last program of a row tile adds the
-    # partials in a fixed order): on a GPU programs really race, so repeat it; every result must be
-    # the two-launch path's bits, and the counters must be back at zero. M = 1 through the decode
-    # kernel as the benchmark's `w4a16-triton-tc` rows run it.
-    from minicpm_int4.kernels import w4a16
-
-    n, k = nk
-    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
-    x = torch.randn(m, k, dtype=dtype, device="cuda")
-    bias = torch.randn(n, dtype=dtype, device="cuda")
-    assert w4a16._decode_blocks(n, k, gs, x.device)[3] > 1
-    workspace = ops.w4a16_workspace(n, "cuda")
-    with w4a16.tensor_core_decode():
-        two_launches = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton")
-        outs = [ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
-                for _ in range(50)]
-    torch.cuda.synchronize()
-    assert all(torch.equal(y, two_launches) for y in outs)
-    assert torch.count_nonzero(workspace) == 0
-    assert_gemm_close(outs[0], w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
-                      dequant(qweight, scales, zeros, gs, dtype))
-
-
 @pytest.mark.parametrize("asm", [True, False], ids=["ptx", "triton-ops"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
@@ -271,6 +244,33 @@ def test_forward_has_no_host_sync(act, backend):
         torch.cuda.set_sync_debug_mode("default")
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# few cases: each new (shape, dtype, M = 1 or not, fix-up or not) autotunes and compiles three configs
+@pytest.mark.parametrize("nk,m,dtype", [((4096, 4096), 1, torch.float16), ((4096, 4096), 4, torch.bfloat16),
+                                        ((1024, 4096), 16, torch.float16)], ids=["N4096-M1-fp16", "N4096-M4-bf16", "N1024-M16-fp16"])
+def test_triton_splitk_in_one_launch(nk, m, dtype):
+    # the decode kernel's in-launch split-K reduction (the last program of a row tile adds the
+    # partials in a fixed order): on a GPU programs really race, so repeat it; every result must be
+    # the two-launch path's bits, and the counters must be back at zero. M = 1 through the decode
+    # kernel as the benchmark's `w4a16-triton-tc` rows run it.
+    from minicpm_int4.kernels import w4a16
+
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    assert w4a16._decode_blocks(n, k, gs, x.device)[3] > 1
+    workspace = ops.w4a16_workspace(n, "cuda")
+    with w4a16.tensor_core_decode():
+        two_launches = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton")
+        outs = [ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
+                for _ in range(50)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(y, two_launches) for y in outs)
+    assert torch.count_nonzero(workspace) == 0
+    assert_gemm_close(outs[0], w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                      dequant(qweight, scales, zeros, gs, dtype))
 
 
 # The long sweep last, so that a time-limited run (the GPU suite) covers every other check first.
