@@ -391,7 +391,7 @@ def format_table(results: Sequence[Compiled]) -> str:
     head = "| arch | kernel | problem | config | regs | spills B | smem KiB | widest load B | tensor cores | loop instr/weight | problems |"
     lines = [head, "|" + "---|" * 11]
     for c in results:
-        cfg = " ".join(f"{k}={v}" for k, v in c.constexprs.items() if k.startswith(("BLOCK", "SPLIT", "GROUP", "EVEN")))
+        cfg = " ".join(f"{k}={v}" for k, v in c.constexprs.items() if k.startswith(("BLOCK", "SPLIT", "GROUP", "EVEN", "FIXUP")))
         cfg += f" w{c.options.get('num_warps')} s{c.options.get('num_stages')}"
         tc = ", ".join(sorted(c.tensor_core)) or "-"
         ipw = loop_instructions_per_weight(c)
