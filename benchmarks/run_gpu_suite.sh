@@ -3,7 +3,8 @@
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
 #      triton and transformers are kept: --no-deps);
 #   2. the gpu-marked tests, and the CUDA-extension tests under compute-sanitizer;
-#   3. the search timing, `minicpm-int4 bench` (kernel sweep) and `minicpm-int4 profile` (end to end).
+#   3. the search timing, `minicpm-int4 bench` (kernel sweep) and `minicpm-int4 profile` (end to end);
+#   4. `minicpm-int4 targets`: the issues' performance targets against those results, into suite.log.
 # Everything lands directly in one folder (default $OUT, the device tool's return folder), 8 files
 # at most so that all of them come back even if the call is cut short:
 #   suite.log  bench.json bench.md speedup_vs_m.png bandwidth.png  profile.json profile.md e2e.png
@@ -60,5 +61,8 @@ t = time.perf_counter(); quantize_search(w, 128); torch.cuda.synchronize()
 print(f'quantize_search 4096x12288 g128 on GPU: {(time.perf_counter() - t) * 1e3:.1f} ms')"
 stage bench 150 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 stage profile 100 $PY -m minicpm_int4 profile --out "$OUT_DIR" "${PROFILE_ARGS[@]}"
+# the issues' targets against what was just measured, into suite.log (targets.md is written later,
+# beside the committed results: at most 8 files come back)
+stage targets 15 $PY -m minicpm_int4 targets "$OUT_DIR" --no-write
 echo "=== total $(( $(date +%s) - T0 ))s" >> "$LOG"
 grep -E "^=== " "$LOG"

@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("inspect-cuda", add_help=False,
                    help="compile the CUDA extension's kernels (csrc/) with nvcc for sm_80 / sm_90a: registers, "
                         "spills, SASS instructions per weight (--help for options)")
+    sub.add_parser("targets", add_help=False,
+                   help="the issues' performance targets checked against a results folder's bench.json / "
+                        "profile.json; writes targets.md there (--help for options)")
     return p
 
 
@@ -335,6 +338,10 @@ def main(argv=None) -> int:
         from .kernels import csrc_inspect
 
         return csrc_inspect.main(argv[1:])
+    if argv[:1] == ["targets"]:  # its own parser (bench/targets.py)
+        from .bench import targets
+
+        return targets.main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "dtype", "x") is None:
         args.dtype = "fp16" if torch.cuda.is_available() else "bf16"

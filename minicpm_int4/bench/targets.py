@@ -1,0 +1,212 @@
+"""The issues' performance targets, checked against a GPU run's results (never typed by hand).
+
+    minicpm-int4 targets benchmarks/results/<gpu>/        prints the table, writes targets.md there
+
+Reads bench.json (and profile.json when present) from a results folder and states, per target,
+the measured figure (worst and median over the shapes the target names), the threshold, and
+whether it is met; a target the run did not measure (a backend skipped, a time budget cut short)
+is "not measured", never met. The closing notes of a GPU session quote this table.
+
+Targets (issue: what):
+  #3  W4A16 Triton, M = 1: >= 85% of the measured copy bandwidth on the large shapes (the faster
+      of the GEMV and the tensor-core decode kernel per shape: what backend="auto" runs once the
+      dispatch table is made); M = 16: >= 3x fp16; M = 4096: >= 0.9x fp16.
+  #4  W4A8 (activation quantization included), M = 4096 on MiniCPM-V 4.6's shapes: >= 1.5x fp16
+      and faster than W4A16 Triton; the activation quantizer at M x K = 4096 x 4096: >= 70% of
+      copy bandwidth.
+  #5  CUDA extension, M = 1 on the large shapes: >= 90% of copy bandwidth, and faster than Triton.
+"Large shapes": the LLM weights of at least 4096 x 4096 (vision tower and k/v projections are
+smaller), the vocabulary projection included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+LARGE_WEIGHTS = 4096 * 4096
+
+
+@dataclass
+class Target:
+    issue: int
+    what: str
+    threshold: float
+    unit: str                      # "%" (of copy bandwidth) or "x" (ratio)
+    strict: bool = False           # "faster than": the threshold itself is not met
+    per_shape: List[Tuple[str, float]] = field(default_factory=list)   # (label, measured)
+
+    @property
+    def worst(self) -> Optional[float]:
+        return min(v for _, v in self.per_shape) if self.per_shape else None
+
+    @property
+    def median(self) -> Optional[float]:
+        return statistics.median(v for _, v in self.per_shape) if self.per_shape else None
+
+    @property
+    def verdict(self) -> str:
+        if not self.per_shape:
+            return "not measured"
+        ok = self.worst > self.threshold if self.strict else self.worst >= self.threshold
+        return "met" if ok else "not met"
+
+    def fmt(self, v: Optional[float]) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.1f}%" if self.unit == "%" else f"{v:.2f}x"
+
+
+def _ok_rows(bench: Dict) -> Dict:
+    return {(r["model"], r["n"], r["k"], r["m"], r["backend"]): r for r in bench.get("rows", []) if r.get("check") == "ok"}
+
+
+def _shapes(bench: Dict, pick: Callable[[str, int, int], bool]) -> List[Tuple[str, int, int]]:
+    return list(dict.fromkeys((r["model"], r["n"], r["k"]) for r in bench.get("rows", []) if pick(r["model"], r["n"], r["k"])))
+
+
+def _large(model: str, n: int, k: int) -> bool:
+    return n * k >= LARGE_WEIGHTS
+
+
+def _collect(bench: Dict, target: Target, shapes, value: Callable[[Dict, Tuple[str, int, int]], Optional[float]]) -> Target:
+    by = _ok_rows(bench)
+    for s in shapes:
+        v = value(by, s)
+        if v is not None:
+            target.per_shape.append((f"{s[0]} {s[1]} x {s[2]}", v))
+    return target
+
+
+def _row(by, s, m, backend):
+    return by.get((s[0], s[1], s[2], m, backend))
+
+
+def _best_triton_m1(by, s) -> Optional[Dict]:
+    rows = [r for r in (_row(by, s, 1, "w4a16-triton"), _row(by, s, 1, "w4a16-triton-tc")) if r]
+    return min(rows, key=lambda r: r["median_ms"]) if rows else None
+
+
+def check_targets(bench: Dict) -> List[Target]:
+    large = _shapes(bench, _large)
+    v46 = _shapes(bench, lambda model, n, k: model == "minicpmv4.6")
+    out = []
+
+    def speedup(m, backend):
+        return lambda by, s: (_row(by, s, m, backend) or {}).get("speedup_vs_fp16")
+
+    def m1_bw(by, s):
+        r = _best_triton_m1(by, s)
+        return r["pct_copy_bw"] if r else None
+
+    out.append(_collect(bench, Target(3, "W4A16 Triton, M = 1: % of copy bandwidth (faster of GEMV / tensor-core kernel)",
+                                      85, "%"), large, m1_bw))
+    out.append(_collect(bench, Target(3, "W4A16 Triton, M = 16: speedup over fp16", 3.0, "x"), large,
+                        speedup(16, "w4a16-triton")))
+    out.append(_collect(bench, Target(3, "W4A16 Triton, M = 4096: speedup over fp16", 0.9, "x"), large,
+                        speedup(4096, "w4a16-triton")))
+    out.append(_collect(bench, Target(4, "W4A8 (with activation quantization), M = 4096, MiniCPM-V 4.6 shapes: speedup over fp16",
+                                      1.5, "x"), v46, speedup(4096, "w4a8-triton")))
+
+    def w4a8_over_w4a16(by, s):
+        a, b = _row(by, s, 4096, "w4a8-triton"), _row(by, s, 4096, "w4a16-triton")
+        return b["median_ms"] / a["median_ms"] if a and b else None
+
+    out.append(_collect(bench, Target(4, "W4A8 over W4A16 Triton (time ratio), M = 4096, MiniCPM-V 4.6 shapes", 1.0, "x",
+                                      strict=True), v46, w4a8_over_w4a16))
+    aq = Target(4, "activation quantization (Triton), M x K = 4096 x 4096: % of copy bandwidth", 70, "%")
+    for r in bench.get("act_quant", []):
+        if r["m"] == 4096 and r["k"] == 4096 and r["backend"] == "triton":
+            aq.per_shape.append(("4096 x 4096", r["pct_copy_bw"]))
+    out.append(aq)
+
+    def cuda_bw(by, s):
+        r = _row(by, s, 1, "w4a16-cuda")
+        return r["pct_copy_bw"] if r else None
+
+    def cuda_over_triton(by, s):
+        c, t = _row(by, s, 1, "w4a16-cuda"), _best_triton_m1(by, s)
+        return t["median_ms"] / c["median_ms"] if c and t else None
+
+    out.append(_collect(bench, Target(5, "CUDA extension, M = 1: % of copy bandwidth", 90, "%"), large, cuda_bw))
+    out.append(_collect(bench, Target(5, "CUDA extension over the faster Triton kernel (time ratio), M = 1", 1.0, "x",
+                                      strict=True), large, cuda_over_triton))
+    return out
+
+
+def e2e_lines(profile: Optional[Dict]) -> List[str]:
+    """#6's closing figures: decode tokens/s fp16 vs int4 per model and mode, peak and weight memory."""
+    if not profile:
+        return ["No profile.json: end-to-end figures not measured."]
+    runs = {(r["model"], r["mode"], r["weights"]): r for r in profile.get("runs", [])}
+    out = ["| model | mode | fp tokens/s | int4 tokens/s | int4 / fp | fp peak MiB | int4 peak MiB | fp weights MiB | int4 weights MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in profile.get("runs", [])):
+        int4 = runs.get((model, mode, "int4"))
+        fp = next((r for (m_, md, w), r in runs.items() if m_ == model and md == mode and w != "int4"), None)
+
+        def cell(r, key, scale=1.0, f="{:.1f}"):
+            if not r or r.get("error") or r.get(key) is None:
+                return "failed" if r and r.get("error") else "-"
+            return f.format(r[key] / scale)
+
+        ratio = "-"
+        if fp and int4 and fp.get("tokens_per_s") and int4.get("tokens_per_s"):
+            ratio = f"{int4['tokens_per_s'] / fp['tokens_per_s']:.2f}x"
+        out.append(f"| {model} | {mode} | {cell(fp, 'tokens_per_s')} | {cell(int4, 'tokens_per_s')} | {ratio} | "
+                   f"{cell(fp, 'peak_bytes', 2**20, '{:.0f}')} | {cell(int4, 'peak_bytes', 2**20, '{:.0f}')} | "
+                   f"{cell(fp, 'weight_bytes', 2**20, '{:.0f}')} | {cell(int4, 'weight_bytes', 2**20, '{:.0f}')} |")
+    return out
+
+
+def targets_markdown(bench: Dict, profile: Optional[Dict] = None) -> str:
+    env = bench.get("env", {})
+    targets = check_targets(bench)
+    out = ["## Targets of the issues, from this run", "",
+           f"- device: **{env.get('device_name')}**; torch {env.get('torch')}, triton {env.get('triton')}; "
+           f"commit `{env.get('commit')}`, {env.get('timestamp_utc')}",
+           f"- measured copy bandwidth: {bench.get('copy_bandwidth_gbps', 0):.0f} GB/s"]
+    if bench.get("incomplete"):
+        out.append(f"- **the sweep is incomplete**: {bench['incomplete']}")
+    for name, why in bench.get("skipped", {}).items():
+        out.append(f"- `{name}` skipped: {why}")
+    out += ["", "| issue | target | threshold | worst | median | shapes | verdict |", "|---|---|---|---|---|---|---|"]
+    for t in targets:
+        out.append(f"| #{t.issue} | {t.what} | {'>' if t.strict else '>='} {t.fmt(t.threshold)} | "
+                   f"{t.fmt(t.worst)} | {t.fmt(t.median)} | {len(t.per_shape)} | {t.verdict} |")
+    out += ["", "Per shape:", ""]
+    for t in targets:
+        if t.per_shape:
+            out.append(f"- #{t.issue} {t.what}: " + ", ".join(f"{label} {t.fmt(v)}" for label, v in t.per_shape))
+    out += ["", "### End to end (#6)", ""] + e2e_lines(profile)
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="minicpm-int4 targets", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="a results folder with bench.json (and profile.json), e.g. benchmarks/results/<gpu>")
+    p.add_argument("--no-write", action="store_true", help="print only; do not write targets.md into the folder")
+    args = p.parse_args(argv)
+    path = os.path.join(args.results, "bench.json")
+    if not os.path.exists(path):
+        p.error(f"{path} does not exist (run `minicpm-int4 bench --out {args.results}` on a GPU first)")
+    with open(path) as f:
+        bench = json.load(f)
+    profile = None
+    if os.path.exists(os.path.join(args.results, "profile.json")):
+        with open(os.path.join(args.results, "profile.json")) as f:
+            profile = json.load(f)
+    text = targets_markdown(bench, profile)
+    print(text)
+    if not args.no_write:
+        with open(os.path.join(args.results, "targets.md"), "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

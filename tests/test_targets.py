@@ -1,0 +1,91 @@
+"""`minicpm-int4 targets`: the issues' performance targets read off a results folder (bench/targets.py),
+on synthetic results whose verdicts are known."""
+import json
+
+import pytest
+
+from minicpm_int4.bench.targets import check_targets, targets_markdown
+from minicpm_int4.cli import main
+
+BW = 4000.0  # GB/s
+
+
+def _row(model, n, k, m, backend, ms, fp_ms=None, pct=None, check="ok"):
+    return {"model": model, "n": n, "k": k, "m": m, "backend": backend, "median_ms": ms, "check": check,
+            "pct_copy_bw": pct if pct is not None else 50.0, "speedup_vs_fp16": (fp_ms / ms) if fp_ms else None}
+
+
+def _bench():
+    rows = []
+    for model, n, k in [("minicpmv4.6", 4096, 4096), ("minicpmv4.6", 768, 3072), ("llama3-v2.5", 14336, 4096)]:
+        fp1, fp16, fp4096 = 0.040, 0.042, 1.0
+        rows += [_row(model, n, k, 1, "fp16", fp1, fp1), _row(model, n, k, 16, "fp16", fp16, fp16),
+                 _row(model, n, k, 4096, "fp16", fp4096, fp4096)]
+        # GEMV at 80% of bandwidth, the tensor-core kernel at 88%: the faster one counts
+        rows += [_row(model, n, k, 1, "w4a16-triton", 0.0110, fp1, pct=80.0),
+                 _row(model, n, k, 1, "w4a16-triton-tc", 0.0100, fp1, pct=88.0),
+                 _row(model, n, k, 16, "w4a16-triton", 0.0130, fp16),            # 3.23x
+                 _row(model, n, k, 4096, "w4a16-triton", 1.05, fp4096),          # 0.95x
+                 _row(model, n, k, 4096, "w4a8-triton", 0.70, fp4096),           # 1.43x: below 1.5
+                 _row(model, n, k, 1, "w4a16-cuda", 0.0095, fp1, pct=92.0)]
+    # a vision-sized shape that fails the bandwidth target must not count (not a large shape)
+    rows = [r if not (r["n"] == 768 and r["backend"] == "w4a16-triton-tc") else dict(r, pct_copy_bw=10.0) for r in rows]
+    return {"env": {"device_name": "GPU-X", "commit": "abc", "timestamp_utc": "t", "torch": "2.11", "triton": "3.6"},
+            "copy_bandwidth_gbps": BW, "skipped": {"gemlite": "not installed"}, "rows": rows,
+            "act_quant": [{"m": 4096, "k": 4096, "backend": "triton", "pct_copy_bw": 72.0},
+                          {"m": 4096, "k": 4096, "backend": "cuda", "pct_copy_bw": 20.0}]}
+
+
+def _by_what(targets, start):
+    return next(t for t in targets if t.what.startswith(start))
+
+
+def test_verdicts_on_known_numbers():
+    ts = check_targets(_bench())
+    m1 = _by_what(ts, "W4A16 Triton, M = 1")
+    assert m1.verdict == "met" and m1.worst == pytest.approx(88.0) and len(m1.per_shape) == 2  # large shapes only
+    assert _by_what(ts, "W4A16 Triton, M = 16").verdict == "met"
+    assert _by_what(ts, "W4A16 Triton, M = 4096").worst == pytest.approx(1 / 1.05)
+    w4a8 = _by_what(ts, "W4A8 (with")
+    assert w4a8.verdict == "not met" and len(w4a8.per_shape) == 2  # MiniCPM-V 4.6 shapes, vision included
+    assert _by_what(ts, "W4A8 over W4A16").verdict == "met"
+    assert _by_what(ts, "activation quantization").per_shape == [("4096 x 4096", 72.0)]
+    assert _by_what(ts, "CUDA extension, M = 1").verdict == "met"
+    assert _by_what(ts, "CUDA extension over").worst == pytest.approx(0.0100 / 0.0095)
+
+
+def test_unmeasured_and_equal_are_not_met():
+    bench = _bench()
+    bench["rows"] = [r for r in bench["rows"] if r["backend"] != "w4a16-cuda"]      # extension not built
+    bench["rows"] = [dict(r, check="mismatch") if r["backend"] == "w4a8-triton" else r for r in bench["rows"]]
+    ts = check_targets(bench)
+    assert _by_what(ts, "CUDA extension, M = 1").verdict == "not measured"
+    assert _by_what(ts, "W4A8 (with").verdict == "not measured"     # a row that failed its check is no result
+    bench = _bench()
+    bench["rows"] = [dict(r, median_ms=0.0100) if r["backend"] == "w4a16-cuda" else r for r in bench["rows"]]
+    assert _by_what(check_targets(bench), "CUDA extension over").verdict == "not met"  # as fast is not faster
+
+
+def test_cli_writes_targets_md(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps(_bench()))
+    profile = {"runs": [
+        {"model": "llama3-v2.5", "weights": "float16", "mode": "graphed", "tokens_per_s": 50.0, "peak_bytes": 2**30,
+         "weight_bytes": 2**30},
+        {"model": "llama3-v2.5", "weights": "int4", "mode": "graphed", "tokens_per_s": 120.0, "peak_bytes": 2**29,
+         "weight_bytes": 2**28},
+        {"model": "llama3-v2.5", "weights": "int4", "mode": "eager", "error": "RuntimeError: x"},
+    ]}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    assert main(["targets", str(tmp_path)]) == 0
+    text = (tmp_path / "targets.md").read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert "| #3 | W4A16 Triton, M = 1" in text and "| not met |" in text and "`gemlite` skipped" in text
+    assert "| llama3-v2.5 | graphed | 50.0 | 120.0 | 2.40x | 1024 | 512 | 1024 | 256 |" in text
+    assert "| llama3-v2.5 | eager | - | failed |" in text
+    assert "targets" in targets_markdown(_bench()).lower()
+
+
+def test_cli_names_a_missing_bench_json(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["targets", str(tmp_path)])
+    assert "bench.json does not exist" in capsys.readouterr().err
