@@ -12,8 +12,13 @@ Public functions (validate, then call the op):
     quantize_per_token_int8(x, backend)                                     -> (x_q int8 [M, K], scale fp32 [M])
     w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
     w4a8_linear(x, ...)                                                     -> quantize + w4a8_gemm
-    quantized_linear(x, ..., act, backend)   QuantLinear's forward: the same ops without re-checking
-                                             weights that were validated when the layer was built
+    quantized_linear(x, ..., act, backend, workspace)   QuantLinear's forward: the same ops without
+                                             re-checking weights that were validated when the layer
+                                             was built; in eager inference it calls each op's
+                                             implementation (`_*_impl`) directly, skipping the
+                                             dispatcher's host cost (eager_fast_path), and goes
+                                             through the ops whenever something needs them
+                                             (torch.compile / export, fake tensors, autograd, profiler)
 """
 from __future__ import annotations
 
@@ -159,11 +164,8 @@ def _check_x(op: str, x: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # W4A16
 # ---------------------------------------------------------------------------------------------
-# The workspace is not declared mutated: the kernel counts into it during the call and leaves every
-# element at zero again, so no caller can observe a change (opcheck compares it before and after).
-@torch.library.custom_op("minicpm_int4::w4a16_gemm", mutates_args=())
-def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                   group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                     group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
     if be in ("triton", "triton-tc"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
@@ -173,6 +175,14 @@ def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     if be == "cuda":
         return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
     return reference.w4a16_gemm_ref(x, qweight, scales, zeros, bias, group_size)
+
+
+# The workspace is not declared mutated: the kernel counts into it during the call and leaves every
+# element at zero again, so no caller can observe a change (opcheck compares it before and after).
+@torch.library.custom_op("minicpm_int4::w4a16_gemm", mutates_args=())
+def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                   group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+    return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
 
 
 @_w4a16_gemm_op.register_fake
@@ -268,14 +278,18 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
 # ---------------------------------------------------------------------------------------------
 # Dynamic per-token int8 activation quantization
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("minicpm_int4::quantize_per_token_int8", mutates_args=())
-def _quantize_per_token_int8_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _quantize_per_token_int8_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     be = resolve_backend(backend, x.device, "quantize_per_token_int8")
     if be == "triton":
         return _triton_kernels()[0].quantize_per_token_int8_triton(x)
     if be == "cuda":
         return _cuda_ext()[0].quantize_per_token_int8(x)
     return reference.quantize_per_token_int8_ref(x)
+
+
+@torch.library.custom_op("minicpm_int4::quantize_per_token_int8", mutates_args=())
+def _quantize_per_token_int8_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return _quantize_per_token_int8_impl(x, backend)
 
 
 @_quantize_per_token_int8_op.register_fake
@@ -296,15 +310,20 @@ def quantize_per_token_int8(x: Tensor, backend: str = "auto") -> Tuple[Tensor, T
 # ---------------------------------------------------------------------------------------------
 # W4A8
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("minicpm_int4::w4a8_gemm", mutates_args=())
-def _w4a8_gemm_op(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
-                  bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                    bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
     be = resolve_backend(backend, x_q.device, "w4a8_gemm")
     if be == "triton":
         return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
     if be == "cuda":
         raise RuntimeError("w4a8_gemm: the CUDA extension has no W4A8 kernel; use backend='triton' or 'auto'")
     return reference.w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
+
+
+@torch.library.custom_op("minicpm_int4::w4a8_gemm", mutates_args=())
+def _w4a8_gemm_op(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                  bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend)
 
 
 @_w4a8_gemm_op.register_fake
@@ -349,14 +368,42 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
     return quantized_linear(x.contiguous(), qweight, scales, zeros, bias, gs, "int8", backend)
 
 
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:  # an older torch: always take the dispatcher
+    def _in_dispatch_mode() -> bool:
+        return True
+
+
+def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether a layer's call may skip the torch.library dispatcher and call the implementation
+    directly. The custom op costs more host time than the kernel launch it wraps (Python-side
+    autograd and dispatch: ~30 us per call on a slow CPU, for a decode GEMM of a few us on the
+    GPU), and an eager decode step makes hundreds of such calls. It is skipped only when nothing
+    needs it: a plain tensor (no FakeTensor / FunctionalTensor / other subclass), no torch.compile
+    or export tracing, no dispatch mode (fake, functionalization, flop counters), no autograd
+    graph to record (no grad mode, or nothing requiring grad), and no profiler (whose traces name
+    the op). Everything else - compile, export, opcheck, gradients - goes through the op."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            and not _in_dispatch_mode() and not torch.autograd._profiler_enabled())
+
+
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                      group_size: int, act: Optional[str], backend: str,
                      workspace: Optional[Tensor] = None) -> Tensor:
     """The forward of an already validated layer (QuantLinear checks its buffers once, at build):
     straight to the ops, no per-call re-validation of the weights. x: contiguous [M, K] in the
     layer's dtype on its device; group_size: positive (K for per-channel); workspace: the layer's
-    w4a16_workspace or None."""
+    w4a16_workspace or None. Eager inference calls the implementations directly (eager_fast_path);
+    the results are the op's, bit for bit."""
+    direct = eager_fast_path(x, bias)
     if act == "int8" and x.shape[0] >= W4A8_MIN_M:
+        if direct:
+            x_q, x_scale = _quantize_per_token_int8_impl(x, backend)
+            return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
         x_q, x_scale = _quantize_per_token_int8_op(x, backend)
         return _w4a8_gemm_op(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
+    if direct:
+        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
     return _w4a16_gemm_op(x, qweight, scales, zeros, bias, group_size, backend, workspace)

@@ -91,21 +91,24 @@ class QuantLinear(nn.Module):
         return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): input has "
-                             f"{x.shape[-1]} features in its last dimension")
-        if x.dtype != self.scales.dtype:
-            raise TypeError(f"QuantLinear({self.in_features} -> {self.out_features}) holds a {self.scales.dtype} "
-                            f"layer but got {x.dtype} input")
-        if x.device != self.qweight.device:
-            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}) lives on {self.qweight.device} "
-                             f"but got input on {x.device}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        # a decode step calls this hundreds of times: each buffer is read once, the checks are one
+        # branch, and the messages are built only on failure
+        qweight, scales = self.qweight, self.scales
+        k = self.in_features
+        if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
+            self._bad_input(x)
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
-        y = ops.quantized_linear(x2, self.qweight, self.scales, self.zeros, self.bias, self._kernel_group_size,
-                                 self.act, self.backend, self.workspace)
-        return y.reshape(*lead, self.out_features)
+        y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
+                                 self._kernel_group_size, self.act, self.backend, self.workspace)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _bad_input(self, x: torch.Tensor) -> None:
+        name = f"QuantLinear({self.in_features} -> {self.out_features})"
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: input has {x.shape[-1]} features in its last dimension")
+        if x.dtype != self.scales.dtype:
+            raise TypeError(f"{name} holds a {self.scales.dtype} layer but got {x.dtype} input")
+        raise ValueError(f"{name} lives on {self.qweight.device} but got input on {x.device}")
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size == -1 else self.group_size

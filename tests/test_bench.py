@@ -33,6 +33,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
         assert r["check"] == ("unchecked" if r["backend"] == "fp16" else "ok") and r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
         assert r["speedup_vs_fp16"] is not None and r["rotating_copies"] >= 2
         assert r["bytes"] > 0 and r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / 50.0)
+        assert (r["host_us"] > 0) if r["m"] <= 16 else r["host_us"] is None
     fp = next(r for r in res["rows"] if r["backend"] == "fp16" and r["m"] == 1 and r["n"] == 96)
     assert fp["bytes"] == 96 * 256 * 2 + 256 * 2 + 96 * 2
     assert res["act_quant"] and all(r["gbps"] > 0 for r in res["act_quant"])
@@ -44,6 +45,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
     assert validate_micro(json.loads((tmp_path / "bench.json").read_text())) is None
     md = (tmp_path / "bench.md").read_text()
     assert "96 x 256" in md and "bnb-nf4` skipped" in md and "% of copy bandwidth" in md
+    assert "host time per call, M = 1" in md and "| w4a16-torch |" in md
     assert (tmp_path / "speedup_vs_m.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -171,3 +171,54 @@ def test_quantlinear_matches_dequantized_matmul_property(n, groups, gi, di, lead
     x2, w = x.reshape(-1, k), ql.dequantized_weight()
     y_ref = (x2.float() @ w.float().t() + (lin.bias.float() if bias else 0)).to(dtype)
     assert_gemm_close(y.reshape(-1, n), y_ref, x2, w)
+
+
+class _Counting:
+    """Wraps a custom op to count the calls that go through the dispatcher."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.op(*args, **kwargs)
+
+
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_eager_inference_skips_the_dispatcher_with_the_same_result(act, monkeypatch):
+    # eager inference calls the implementations directly (ops.eager_fast_path); anything that needs
+    # the op - gradients, fake tensors, the profiler - still goes through it
+    ql = QuantLinear.from_linear(nn.Linear(128, 64), QuantConfig(group_size=32, act=act, backend="torch"))
+    x = torch.randn(20, 128)  # >= W4A8_MIN_M: the int8 path for act="int8"
+    names = ["_w4a16_gemm_op"] if act is None else ["_quantize_per_token_int8_op", "_w4a8_gemm_op"]
+    counters = {}
+    for name in names:
+        counters[name] = _Counting(getattr(ops, name))
+        monkeypatch.setattr(ops, name, counters[name])
+    with torch.no_grad():
+        y = ql(x)
+    assert all(c.calls == 0 for c in counters.values())
+    with torch.no_grad(), torch.profiler.profile():
+        assert torch.equal(ql(x), y)
+    assert all(c.calls == 1 for c in counters.values())
+    with torch.inference_mode():
+        assert torch.equal(ql(x), y)
+    assert all(c.calls == 1 for c in counters.values())
+    if act is None:  # autograd needs the op's registered backward
+        xg = x.clone().requires_grad_()
+        assert torch.equal(ql(xg), y) and counters["_w4a16_gemm_op"].calls == 2
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():  # the op's fake implementation
+        out = ql(mode.from_tensor(x))
+    assert out.shape == (20, 64) and type(out) is not torch.Tensor
+
+
+def test_eager_fast_path_conditions():
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert ops.eager_fast_path(x, None)
+    assert ops.eager_fast_path(x, None)                                  # grad mode, nothing requires grad
+    assert not ops.eager_fast_path(x.clone().requires_grad_(), None)     # an autograd graph to record
+    assert not ops.eager_fast_path(x, nn.Parameter(torch.zeros(8)))     # a trainable bias
+    assert not ops.eager_fast_path(nn.Parameter(x), None)                # a tensor subclass

@@ -95,9 +95,11 @@ class OursW4A16(_Ours):
                 x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref))
 
     def _runner(self, qweight, scales, zeros, group_size, gs):
-        # with a workspace, as QuantLinear calls it (split-K decode in one launch)
+        # exactly as QuantLinear calls it: its workspace (split-K decode in one launch) and its call
+        # path (ops.quantized_linear: no per-call re-validation, no dispatcher in eager), so that at
+        # small M the host's share of a call is the layer's, not a validating wrapper's
         workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
-        return lambda x: ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, self.backend, workspace)
+        return lambda x: ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, self.backend, workspace)
 
 
 class OursW4A16CudaCore(OursW4A16):
@@ -129,7 +131,7 @@ class OursW4A16TritonTensorCore(OursW4A16):
 
         def run(x):
             with tensor_core_decode():
-                return ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, "triton", workspace)
+                return ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, "triton", workspace)
         return run
 
 

@@ -75,6 +75,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return tuple(statistics.median(samples) if q == 0.5 else qs[max(0, min(98, int(round(q * 100)) - 1))] for q in quantiles)
 
 
+def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = 50) -> float:
+    """Host time (us) of one call of fn() with no synchronisation inside the timed loop: on a GPU
+    what the CPU spends to get the work queued (checks, dispatch, launch), which an eager decode
+    step pays once per layer. When it exceeds the kernel's own time, eager generation is bound by
+    the host, not the GPU (CUDA graphs remove it). On CPU devices it includes the compute."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return elapsed / calls * 1e6
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth: (read + write bytes) / median time of one copy."""
     if device.type != "cuda":

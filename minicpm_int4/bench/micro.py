@@ -7,7 +7,7 @@ import torch
 
 from .. import ops
 from .backends import Backend, default_backends
-from .env import Rotating, copy_bandwidth_gbps, env_info, rotating_copies, time_ms
+from .env import Rotating, copy_bandwidth_gbps, env_info, host_us_per_call, rotating_copies, time_ms
 from .shapes import M_SWEEP, LinearShape
 
 CHECK_ROWS = 16          # rows of x compared against the backend's reference before timing
@@ -38,6 +38,10 @@ def _check(name: str, prepared, x: torch.Tensor) -> str:
         return "ok"
     rel = ((y.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30)).item()
     return "ok" if rel <= PEER_REL_TOL else f"mismatch (relative error {rel:.3g})"
+
+
+# M up to which each row also records the host time per call (decode sizes, where it can exceed the kernel's)
+HOST_TIMED_MAX_M = 16
 
 
 def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
@@ -115,13 +119,14 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
         x = torch.randn(m, k, device=device, dtype=dtype)
         status = _check(b.name, first, x)
         med, p20, p80 = time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
+        host_us = host_us_per_call(lambda: rot.next().run(x), device) if m <= HOST_TIMED_MAX_M else None
         nbytes = first.weight_bytes + b.activation_bytes(m, k, n, esize)
         gbps = nbytes / (med * 1e-3) / 1e9
         result["rows"].append({
             "model": shape.model, "n": n, "k": k, "m": m, "backend": b.name, "family": b.family,
             "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
             "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
-            "check": status, "rotating_copies": len(copies)})
+            "check": status, "rotating_copies": len(copies), "host_us": host_us})
         del x
 
 

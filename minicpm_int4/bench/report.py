@@ -72,6 +72,20 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
                     if any(vals):
                         out.append(f"| {n} x {k} | {b} | " + " | ".join(f"{v['pct_copy_bw']:.0f}%" if v else "-" for v in vals) + " |")
             out.append("")
+    host = [r for r in rows if r.get("host_us") is not None and r["m"] == 1]
+    if host:
+        import statistics
+
+        out += ["### host time per call, M = 1", "",
+                "CPU time to queue one call (checks, dispatch, launch; no synchronisation) against the GPU time "
+                "of the call, median over shapes. Where the host's exceeds the GPU's, eager decoding is bound by "
+                "the CPU; CUDA graphs (`profile`'s graphed mode) remove the host's share.", "",
+                "| backend | host us | GPU us | shapes |", "|---|---|---|---|"]
+        for b in dict.fromkeys(r["backend"] for r in host):
+            mine = [r for r in host if r["backend"] == b]
+            out.append(f"| {b} | {statistics.median(r['host_us'] for r in mine):.1f} | "
+                       f"{statistics.median(r['median_ms'] for r in mine) * 1e3:.1f} | {len(mine)} |")
+        out.append("")
     if result.get("act_quant"):
         out += ["### per-token int8 activation quantization", "", "| M x K | backend | ms | GB/s | % copy bw |",
                 "|---|---|---|---|---|"]

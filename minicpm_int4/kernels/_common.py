@@ -67,6 +67,18 @@ def min_capability(configs):
     return [c for c in configs if getattr(c, "min_capability", 0) <= cap] or configs
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions since
+# triton 3.6: called from Python they unwrap every argument, ~10x a plain function, and a decode
+# launch computes several of them per call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from ._common import next_pow2
 
 MAX_SINGLE_BLOCK = 16384
 # x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
@@ -64,7 +65,7 @@ def quantize_per_token_int8_triton(x):
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return x_q, scale
-    block = triton.next_power_of_2(max(k, 16))
+    block = next_pow2(max(k, 16))
     single = block <= MAX_SINGLE_BLOCK
     if not single:
         block = 4096

@@ -41,13 +41,14 @@ Three regimes (picked here by M):
           so scales and zeros are read once per tile.
 """
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
-from ._common import _grouped_tile, autotune, min_capability, _round_to, _unpack_int4_tile, num_sms
+from ._common import _grouped_tile, autotune, cdiv, min_capability, next_pow2, _round_to, _unpack_int4_tile, num_sms
 
 DECODE_MAX_M = 16
 # M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
@@ -541,7 +542,7 @@ def _w4a16_prefill_kernel(
 def _block_k(k: int, group_size: int, cap: int) -> int:
     """A K tile that never straddles two groups: it divides G, or G == K (one group)."""
     if group_size == k and group_size not in (32, 64, 128):
-        return min(cap, max(16, triton.next_power_of_2(k)))
+        return min(cap, max(16, next_pow2(k)))
     return min(group_size, cap)
 
 
@@ -556,6 +557,14 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
     inside one group; a loop trip is STEPS of them (128 weights of K on a GPU). BLOCK_N = 64 rows
     is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs until about
     two programs per SM run, each keeping >= 2 trips."""
+    return _decode_plan(n, k, group_size, num_sms(device))[:4]
+
+
+# Launch plans are pure functions of the layer's shape and the GPU's SM count: cached, so that a
+# decode step's host work per layer is a dictionary lookup, not a dozen integer computations.
+@functools.lru_cache(maxsize=4096)
+def _decode_plan(n: int, k: int, group_size: int, sms: int):
+    """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K, KW_PER_SPLIT, EVEN, PER_CHANNEL, GROUP_W) of _decode."""
     kw = k // 8
     per_channel = group_size >= k
     group_w = kw if per_channel else group_size // 8
@@ -566,12 +575,15 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
         block_kw = 16 if per_channel else min(16, group_w)
         steps = max(1, 16 // block_kw)
     trip = block_kw * steps
-    n_tiles = triton.cdiv(n, block_n)
-    trips = triton.cdiv(kw, trip)
+    n_tiles = cdiv(n, block_n)
+    trips = cdiv(kw, trip)
     split = 1
-    while n_tiles * split < 2 * num_sms(device) and trips // (split * 2) >= 2:
+    while n_tiles * split < 2 * sms and trips // (split * 2) >= 2:
         split *= 2
-    return block_n, block_kw, steps, split
+    kw_per_split = cdiv(cdiv(kw, split), trip) * trip
+    split = cdiv(kw, kw_per_split)  # no program left without work
+    even = n % block_n == 0 and kw % trip == 0 and kw_per_split * split == kw
+    return block_n, block_kw, steps, split, kw_per_split, even, per_channel, 0 if per_channel else group_size // 8
 
 
 # None: pick by GPU (row-oriented dequantization on sm_90+); tests set True / False to run both paths
@@ -592,13 +604,18 @@ def _gemv_blocks(n: int, kw: int, device: torch.device):
     """(BLOCK_N, BLOCK_KW, num_warps) for the M = 1 kernel: each thread streams 4 x 16-byte chunks
     (16 words) per step, so that enough loads are in flight; the row tile is the widest that still
     gives about two programs per SM."""
+    return _gemv_plan(n, kw, num_sms(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemv_plan(n: int, kw: int, sms: int):
     if INTERPRET:
         return 4, 8, 1
     # a step that divides K / 8 needs no masks (EVEN); else the smallest power of two covering it
-    block_kw = next((b for b in (128, 64, 32) if kw % b == 0), min(128, max(4, triton.next_power_of_2(kw))))
+    block_kw = next((b for b in (128, 64, 32) if kw % b == 0), min(128, max(4, next_pow2(kw))))
     for warps in (4, 2, 1):
         block_n = 16 * 32 * warps // block_kw
-        if warps == 1 or triton.cdiv(n, block_n) >= 2 * num_sms(device):
+        if warps == 1 or cdiv(n, block_n) >= 2 * sms:
             break
     return block_n, block_kw, warps
 
@@ -607,10 +624,10 @@ def _gemv(x, qweight, scales, zeros, bias, group_size):
     n, kw = qweight.shape
     block_n, block_kw, warps = _gemv_blocks(n, kw, x.device)
     # words per group as a power of two (per-channel: any power of two >= K/8 puts every word in group 0)
-    group_w = group_size // 8 if group_size < x.shape[1] else triton.next_power_of_2(kw)
+    group_w = group_size // 8 if group_size < x.shape[1] else next_pow2(kw)
     even = n % block_n == 0 and kw % block_kw == 0
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _w4a16_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _w4a16_gemv_kernel[(cdiv(n, block_n),)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0), scales.stride(0),
         HAS_BIAS=bias is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
@@ -622,31 +639,26 @@ def _gemv(x, qweight, scales, zeros, bias, group_size):
 def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None):
     m, k = x.shape
     n, kw = qweight.shape
-    block_n, block_kw, steps, split = _decode_blocks(n, k, group_size, x.device)
-    trip = block_kw * steps
-    kw_per_split = triton.cdiv(triton.cdiv(kw, split), trip) * trip
-    split = triton.cdiv(kw, kw_per_split)  # no program left without work
-    per_channel = group_size >= k
-    even = n % block_n == 0 and kw % trip == 0 and kw_per_split * split == kw
+    block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
+        n, k, group_size, num_sms(x.device))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     fixup = split > 1 and workspace is not None
-    if fixup and workspace.numel() < triton.cdiv(n, block_n):
-        raise ValueError(f"w4a16 decode: workspace of {workspace.numel()} counters for {triton.cdiv(n, block_n)} row tiles")
+    if fixup and workspace.numel() < cdiv(n, block_n):
+        raise ValueError(f"w4a16 decode: workspace of {workspace.numel()} counters for {cdiv(n, block_n)} row tiles")
     b = bias if bias is not None else scales  # any valid pointer; never read
-    _w4a16_decode_kernel[(triton.cdiv(n, block_n), split)](
+    _w4a16_decode_kernel[(cdiv(n, block_n), split)](
         x, qweight, scales, zeros, b, out, part, workspace if fixup else qweight,
-        m, n, kw, triton.next_power_of_2(m),
+        m, n, kw, next_pow2(m),
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         kw_per_split, *NIBBLE_MASKS,
         HAS_BIAS=bias is not None, SPLIT_K=split, FIXUP=fixup, DOT_FP32=dot_fp32, EVEN=even,
-        GROUP_W=0 if per_channel else group_size // 8, PER_CHANNEL=per_channel,
-        ASM=_use_ptx(dot_fp32),
+        GROUP_W=group_w, PER_CHANNEL=per_channel, ASM=_use_ptx(dot_fp32),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
     if split > 1 and not fixup:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        _splitk_reduce_kernel[(cdiv(m * n, block),)](
             part, b, out, m * n, n, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
     return out
 
@@ -671,9 +683,9 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # fp32 FMA dots (no tensor cores) keep both operand tiles in registers: 32-wide K tiles there
     block_k = _block_k(k, g, 32 if INTERPRET or dot_fp32 else 64)
-    m_bucket = triton.next_power_of_2(m)
+    m_bucket = next_pow2(m)
     w_rows = _prefill_w_rows(x.device, block_k)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a16_prefill_kernel[grid](
         x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
-from ._common import _grouped_tile, autotune, _round_to, tl_dtype
+from ._common import _grouped_tile, autotune, cdiv, next_pow2, _round_to, tl_dtype
 
 
 def _configs():
@@ -154,10 +154,10 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
         block_k = 32 if INTERPRET else 64
     qbytes = qweight.view(torch.int8)  # [N, K/2], same memory
     has_bias = bias is not None
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _w4a8_gemm_kernel[grid](
         x_q, x_scale, qbytes, scales, zeros, bias if has_bias else scales, out,
-        m, n, k, k // 2, g, triton.next_power_of_2(m),
+        m, n, k, k // 2, g, next_pow2(m),
         x_q.stride(0), qbytes.stride(0), scales.stride(0), out.stride(0),
         HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
         MAGIC_CVT=g != k and _magic_convert(x_q.device),
