@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _bad_input(self, x: torch.Tensor) -> None:
         name = f"QuantLinear({self.in_features} -> {self.out_features})"
