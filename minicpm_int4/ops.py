@@ -381,12 +381,12 @@ def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
     autograd and dispatch: ~30 us per call on a slow CPU, for a decode GEMM of a few us on the
     GPU), and an eager decode step makes hundreds of such calls. It is skipped only when nothing
     needs it: a plain tensor (no FakeTensor / FunctionalTensor / other subclass), no torch.compile
-    or export tracing, no dispatch mode (fake, functionalization, flop counters), no autograd
-    graph to record (no grad mode, or nothing requiring grad), and no profiler (whose traces name
-    the op). Everything else - compile, export, opcheck, gradients - goes through the op."""
+    or export tracing (nor torch.jit.trace), no dispatch mode (fake, functionalization, flop
+    counters), no autograd graph to record (no grad mode, or nothing requiring grad), and no
+    profiler (whose traces name the op). Everything else - compile, export, opcheck, gradients - goes through the op."""
     return (type(x) is Tensor and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-            and not _in_dispatch_mode() and not torch.autograd._profiler_enabled())
+            and not _in_dispatch_mode() and not torch.autograd._profiler_enabled() and not torch.jit.is_tracing())
 
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],

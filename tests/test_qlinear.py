@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -222,3 +224,9 @@ def test_eager_fast_path_conditions():
     assert not ops.eager_fast_path(x.clone().requires_grad_(), None)     # an autograd graph to record
     assert not ops.eager_fast_path(x, nn.Parameter(torch.zeros(8)))     # a trainable bias
     assert not ops.eager_fast_path(nn.Parameter(x), None)                # a tensor subclass
+    ql = QuantLinear.from_linear(nn.Linear(8, 4), QuantConfig(group_size=-1, backend="torch"))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated; users still call it
+        traced = torch.jit.trace(ql, (x,))
+    assert "minicpm_int4::w4a16_gemm" in str(traced.inlined_graph)      # torch.jit.trace records the op
+    assert torch.equal(traced(x), ql(x))
