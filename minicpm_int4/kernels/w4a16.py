@@ -586,18 +586,35 @@ def _decode_plan(n: int, k: int, group_size: int, sms: int):
     return block_n, block_kw, steps, split, kw_per_split, even, per_channel, 0 if per_channel else group_size // 8
 
 
-# None: pick by GPU (row-oriented dequantization on sm_90+); tests set True / False to run both paths
+# None: pick by K tile (row-oriented dequantization for 64-wide tiles); tests set True / False to run both paths
 PREFILL_W_ROWS = None
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
+
+
+# sm_80 takes the row tile only from the Triton where it was measured cheaper (kernels/aot.py,
+# N = K = 4096): triton 3.9 5.9 - 8.9 SASS instructions per weight against 9.6 - 13 for the [K, N]
+# tile, within mma.sync's BLOCK_M / 8; triton 3.6 10.6 - 18.2 against 9.6 - 13 (its transpose for
+# mma.sync costs more than the dequantization saves). Versions between were not measured.
+ROW_TILE_ON_SM80 = _triton_at_least(3, 9)
+
+
 def _prefill_w_rows(device: torch.device, block_k: int) -> bool:
-    """Row-oriented dequantization on sm_90+ for K tiles of 64. With 32-wide tiles (group size 32)
-    the transposed row tile does not compile for wgmma: Triton 3.6 fails its pass pipeline for the
-    128x256 and 64x128 configs, and Triton 3.9 aborts the process in LLVM ("Illegal shared layout");
-    those take the [K, N] tile (kernels/aot.py and tests/test_aot.py check both)."""
+    """Row-oriented dequantization (the paired PTX, then a transpose for the dot) for K tiles of 64:
+    on sm_90a 4.9 - 7.4 SASS instructions per weight against 9 - 11.5 for the [K, N] tile; on sm_80
+    where ROW_TILE_ON_SM80. With 32-wide tiles (group size 32) the transposed row tile does not
+    compile for wgmma: Triton 3.6 fails its pass pipeline for the 128x256 and 64x128 configs, and
+    Triton 3.9 aborts the process in LLVM ("Illegal shared layout"); those take the [K, N] tile
+    (kernels/aot.py and tests/test_aot.py check both)."""
     if PREFILL_W_ROWS is not None:
         return PREFILL_W_ROWS
-    return not INTERPRET and block_k >= 64 and _common.target_capability(device) >= 90
+    return not INTERPRET and block_k >= 64 and (ROW_TILE_ON_SM80 or _common.target_capability(device) >= 90)
 
 
 def _gemv_blocks(n: int, kw: int, device: torch.device):
