@@ -383,7 +383,8 @@ def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
     needs it: a plain tensor (no FakeTensor / FunctionalTensor / other subclass), no torch.compile
     or export tracing (nor torch.jit.trace), no dispatch mode (fake, functionalization, flop
     counters), no autograd graph to record (no grad mode, or nothing requiring grad), and no
-    profiler (whose traces name the op). Everything else - compile, export, opcheck, gradients - goes through the op."""
+    profiler (whose traces name the op). Everything else - compile, export, opcheck, gradients -
+    goes through the op."""
     return (type(x) is Tensor and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             and not _in_dispatch_mode() and not torch.autograd._profiler_enabled() and not torch.jit.is_tracing())
@@ -399,11 +400,9 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     the results are the op's, bit for bit."""
     direct = eager_fast_path(x, bias)
     if act == "int8" and x.shape[0] >= W4A8_MIN_M:
-        if direct:
-            x_q, x_scale = _quantize_per_token_int8_impl(x, backend)
-            return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
-        x_q, x_scale = _quantize_per_token_int8_op(x, backend)
-        return _w4a8_gemm_op(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
-    if direct:
-        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
-    return _w4a16_gemm_op(x, qweight, scales, zeros, bias, group_size, backend, workspace)
+        quantize, gemm = ((_quantize_per_token_int8_impl, _w4a8_gemm_impl) if direct
+                          else (_quantize_per_token_int8_op, _w4a8_gemm_op))
+        x_q, x_scale = quantize(x, backend)
+        return gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
+    w4a16 = _w4a16_gemm_impl if direct else _w4a16_gemm_op
+    return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace)

@@ -208,6 +208,7 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                     bias: Sequence[bool] = (False,), w4a8: bool = True, act_quant: bool = True) -> List[Launch]:
     """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
     problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16."""
+    from ..ops import w4a16_workspace
     from . import quantize_per_token_int8_triton, w4a8_gemm_triton, w4a16_gemm_triton
 
     sink: List[Launch] = []
@@ -217,7 +218,7 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                 for gs in group_sizes:
                     gs = gs if gs == -1 or k % gs == 0 else -1  # a K no group size divides: per channel
                     qweight, scales, zeros, g = _weights(n, k, gs, dtype)
-                    workspace = torch.zeros((-(-n // 16),), dtype=torch.int32)
+                    workspace = w4a16_workspace(n)
                     for has_bias in bias:
                         b = torch.empty((n,), dtype=dtype) if has_bias else None
                         for m in ms:

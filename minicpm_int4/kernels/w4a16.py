@@ -36,7 +36,8 @@ Three regimes (picked here by M):
           does it in a second launch). Like the GEMV it multiplies by the exact (q - z) * s
           (within reference.gemm_tolerance's half ulp of w).
   prefill (M  > 16): tiled GEMM on tensor cores; w = ((q - z) * s) in fp32 rounded once to x's
-          dtype (the reference's rule), a [K, N] tile per step, grouped tile order for L2 reuse,
+          dtype (the reference's rule), a tile per step (dequantized as W's rows and transposed,
+          or directly as [K, N]: _prefill_w_rows), grouped tile order for L2 reuse,
           autotuned tile shapes. Every K tile lies inside one group (BLOCK_K divides G, or G == K),
           so scales and zeros are read once per tile.
 """
@@ -56,8 +57,8 @@ DECODE_MAX_M = 16
 # vs ~3.1-3.5 on sm_90a) and, given the layer's workspace, finishes its split-K in the same launch;
 # which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
 GEMV_MAX_M = 1
-# The inline-PTX dequantization of the decode kernel and of the sm_90 prefill row tile (fp16 / bf16 on
-# a GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
+# The inline-PTX dequantization of the decode kernel and of the prefill row tile (fp16 / bf16 on a
+# GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
 # to rule the PTX out on a new GPU.
 PTX_DEQUANT = True
 
@@ -511,8 +512,8 @@ def _w4a16_prefill_kernel(
     transpose to the dot - on sm_90a 4.9-7.5 SASS instructions per weight with the inline PTX (ASM:
     two weights per LOP3 / HADD2 / HMUL2, PRMT back to k order), 6.0-8.1 with one LOP3, FADD and
     FMUL per weight, ~9-11.5 for the [K, N] tile; the dequantization must stay under the tile's
-    wgmma time. On sm_80 the transpose costs more than it saves (aot.py), so there the [K, N] tile
-    is dequantized directly (_load_dequant_tile)."""
+    tensor-core time. Else the [K, N] tile is dequantized directly (_load_dequant_tile): 32-wide K
+    tiles, and sm_80 under a Triton whose transpose costs more than it saves (_prefill_w_rows)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
