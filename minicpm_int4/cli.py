@@ -198,7 +198,7 @@ def _dtype(name):
 
 def cmd_bench(args) -> int:
     from .bench.micro import run_microbench
-    from .bench.report import write_all
+    from .bench.report import write_all, write_checkpoint
     from .bench.shapes import all_shapes
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -211,7 +211,8 @@ def cmd_bench(args) -> int:
         shapes = [s for s in shapes if s.n <= args.max_n]
     print(f"[bench] {len(shapes)} shapes x M={args.ms} on {device}")
     result = run_microbench(shapes, args.ms, device=device, dtype=_dtype(args.dtype), group_size=args.group_size,
-                            rep_ms=args.rep_ms, time_budget_s=args.time_budget_s)
+                            rep_ms=args.rep_ms, time_budget_s=args.time_budget_s,
+                            checkpoint=lambda res: write_checkpoint(res, args.out, "bench"))
     files = write_all(result, args.out, "bench")
     print("\n".join(f"wrote {f}" for f in files))
     ours_failed = [e for e in result.get("errors", []) if e["family"] == "ours"]
@@ -222,7 +223,7 @@ def cmd_bench(args) -> int:
 
 def cmd_profile(args) -> int:
     from .bench.e2e import run_profile
-    from .bench.report import profile_markdown, write_all
+    from .bench.report import profile_markdown, write_all, write_checkpoint
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.allow_cpu:
@@ -231,7 +232,8 @@ def cmd_profile(args) -> int:
     result = run_profile(args.models, size=args.size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          image_grid=args.image_grid, modes=args.modes, group_size=args.group_size, device=device,
                          dtype=_dtype(args.dtype), trace_dir=args.out if args.trace else None,
-                         time_budget_s=args.time_budget_s)
+                         time_budget_s=args.time_budget_s,
+                         checkpoint=lambda res: write_checkpoint(res, args.out, "profile"))
     files = write_all(result, args.out, "profile")
     print(profile_markdown(result))
     print("\n".join(f"wrote {f}" for f in files))

@@ -1,14 +1,20 @@
-"""Test setup. TRITON_INTERPRET must be set before minicpm_int4 (and so triton.jit) is imported."""
+"""Test setup. TRITON_INTERPRET must be set before minicpm_int4 (and so triton.jit) is imported.
+
+Without a GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1 by default). With one
+they are compiled: the gpu-marked tests exist to test the kernels users run, and the interpreter
+would also accept CUDA tensors (copying them to the host) and so silently test something else, at
+a fraction of the speed. TRITON_INTERPRET=1 set by hand on a GPU machine runs the interpreter tests
+instead, and the gpu tests then fail with that reason (tests/test_gpu.py)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def pytest_collection_modifyitems(config, items):

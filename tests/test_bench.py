@@ -81,10 +81,25 @@ def test_shapes_come_from_the_real_configs():
 
 def test_profile_harness_on_tiny_models(tmp_path):
     from minicpm_int4.bench.e2e import run_profile
+    from minicpm_int4.bench.report import write_checkpoint
+
+    seen = []
+
+    def checkpoint(r):
+        seen.append(len(r["runs"]))
+        write_checkpoint(r, str(tmp_path / "ckpt"), "profile")
 
     res = run_profile(models=["minicpmv4.6", "llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3,
-                      image_grid=4, modes=["eager"], group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+                      image_grid=4, modes=["eager"], group_size=32, device=torch.device("cpu"), dtype=torch.float32,
+                      checkpoint=checkpoint)
     assert len(res["runs"]) == 4
+    # written after every run, marked unfinished, no half-written files left
+    assert seen == [1, 2, 3, 4] and "incomplete" not in res
+    ckpt = json.loads((tmp_path / "ckpt" / "profile.json").read_text())
+    assert len(ckpt["runs"]) == 4 and "did not finish" in ckpt["incomplete"]
+    assert "incomplete" in (tmp_path / "ckpt" / "profile.md").read_text()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["profile.json", "profile.md"]
+    assert [("patch_model_s" in r) for r in res["runs"]] == [False, True, False, True]
     for r in res["runs"]:
         assert "error" not in r, r
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0 and r["weight_bytes"] > 0
@@ -95,6 +110,48 @@ def test_profile_harness_on_tiny_models(tmp_path):
     files = write_all(res, str(tmp_path), "profile")
     assert "profile.md" in {os.path.basename(f) for f in files}
     assert "decode ms/token" in (tmp_path / "profile.md").read_text()
+
+
+def test_profile_graphed_mode_compiles_only_the_decode_step():
+    """Graphed: static cache + transformers' own decode-step compile (told to compile on CPU here,
+    as it does by itself on CUDA); the run says how it was graphed, counts graph breaks (none through
+    QuantLinear), and the graphed runs come after every eager one."""
+    from minicpm_int4.bench.e2e import run_profile
+
+    res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3, modes=["eager", "graphed"],
+                      group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    assert [(r["weights"], r["mode"]) for r in res["runs"]] == [
+        ("float32", "eager"), ("int4", "eager"), ("float32", "graphed"), ("int4", "graphed")]
+    for r in res["runs"][2:]:
+        assert "error" not in r, r
+        assert "decode-step compile" in r["graphed_by"] and r["graph_breaks"] == 0
+        assert r["vision_ms"] is None and r["decode_ms_per_token"] > 0
+    # nothing of the graphed setup is left on a model after its run
+    from minicpm_int4.bench.e2e import _graph_decode_step, _ungraph, build_model
+
+    model, _ = build_model("llama3-v2.5", "tiny", torch.float32, torch.device("cpu"))
+    _graph_decode_step(model, torch.device("cpu"))
+    assert model.generation_config.cache_implementation == "static"
+    _ungraph(model)
+    assert model.generation_config.cache_implementation is None and model.generation_config.compile_config is None
+
+
+def test_bench_writes_a_checkpoint_after_each_shape(tmp_path):
+    from minicpm_int4.bench.report import write_checkpoint
+
+    calls = []
+
+    def checkpoint(r):
+        calls.append(len(r["rows"]))
+        write_checkpoint(r, str(tmp_path), "bench")
+
+    res = run_microbench(TINY, ms=[1, 4], backends=[B.Fp16Matmul(), B.OursW4A16("torch")], device=torch.device("cpu"),
+                         group_size=64, rep_ms=1, progress=False, copy_bw_gbps=1.0, checkpoint=checkpoint)
+    assert calls == [2, 4, 6, 8] and len(res["rows"]) == 8
+    ckpt = json.loads((tmp_path / "bench.json").read_text())
+    assert validate_micro(ckpt) is None and "did not finish" in ckpt["incomplete"]
+    assert all(r["speedup_vs_fp16"] is not None for r in ckpt["rows"])
+    assert sorted(os.listdir(tmp_path)) == ["bench.json", "bench.md"]
 
 
 def test_bench_refuses_cpu_timings_by_default(capsys):

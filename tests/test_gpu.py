@@ -8,7 +8,16 @@ from minicpm_int4.reference import quantize_per_token_int8_ref, w4a16_gemm_ref, 
 
 from helpers import assert_gemm_close, dequant, random_qweight, w4a8_tolerance
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_empty")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_empty", "compiled_triton")]
+
+
+@pytest.fixture
+def compiled_triton():
+    """These tests are about the compiled kernels: under TRITON_INTERPRET=1 the Triton kernels would
+    run in the interpreter on copies of the CUDA tensors (other tile configs, no inline PTX), so
+    refuse rather than pass on the wrong thing."""
+    if ops.triton_interpreter_active():
+        pytest.fail("the gpu tests need the compiled Triton kernels, but TRITON_INTERPRET=1 is set: unset it")
 # (N, K) of real layers: MiniCPM-V 4.6 LLM (Qwen3.5 4096 hidden) and vision (768), Llama-3-8B, Qwen2-7B
 REAL_SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (1024, 4096), (2304, 768), (768, 3072),
                (14336, 4096), (4096, 14336), (18944, 3584), (3584, 18944), (4608, 3584)]

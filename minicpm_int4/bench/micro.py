@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: every backend on every Linear shape at every M, against fp16."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,9 +48,11 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
                    backends: Optional[List[Backend]] = None, device: Optional[torch.device] = None,
                    dtype: torch.dtype = torch.float16, group_size: int = 128, rep_ms: float = 100,
                    progress: bool = True, copy_bw_gbps: Optional[float] = None,
-                   time_budget_s: Optional[float] = None) -> Dict:
+                   time_budget_s: Optional[float] = None,
+                   checkpoint: Optional[Callable[[Dict], object]] = None) -> Dict:
     """Time every backend on every shape at every M. Shapes run in order (lm_head-sized ones last);
-    past `time_budget_s`, or on Ctrl-C / SIGINT, it stops and returns what it has, marked incomplete."""
+    past `time_budget_s`, or on Ctrl-C / SIGINT, it stops and returns what it has, marked incomplete.
+    `checkpoint(result so far)` is called after each (shape, backend) (the CLI writes it to disk)."""
     import time
 
     t_start = time.monotonic()
@@ -77,7 +79,7 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
     result["errors"] = []
     try:
         result["act_quant"] = _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live)
-        _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, t_start, time_budget_s)
+        _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, t_start, time_budget_s, checkpoint)
     except KeyboardInterrupt:
         result["incomplete"] = "interrupted"
         print("[bench] interrupted: writing the results so far")
@@ -85,7 +87,7 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
     return result
 
 
-def _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, t_start, time_budget_s):
+def _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, t_start, time_budget_s, checkpoint=None):
     import time
 
     for shape, b in work:
@@ -103,6 +105,9 @@ def _sweep(work, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw, 
             print(f"[bench] {shape.label} {b.name}: {type(e).__name__}: {str(e)[:200]}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if checkpoint is not None:
+            _add_speedups(result["rows"])
+            checkpoint(result)
 
 
 def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, esize, bw):

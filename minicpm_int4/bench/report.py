@@ -11,11 +11,28 @@ ROW_KEYS = ("model", "n", "k", "m", "backend", "family", "median_ms", "p20_ms", 
             "gbps", "pct_copy_bw", "check", "speedup_vs_fp16")
 
 
-def write_json(result: Dict, path: str) -> str:
+def _write_text(path: str, text: str) -> str:
+    """Written beside and renamed into place: a run killed mid-write leaves the previous file whole."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
     return path
+
+
+def write_json(result: Dict, path: str) -> str:
+    return _write_text(path, json.dumps(result, indent=1, default=str))
+
+
+def write_checkpoint(result: Dict, out_dir: str, stem: str) -> List[str]:
+    """JSON + Markdown of a run still in progress, no plots (`bench` and `profile` call this after each
+    finished piece): a process that crashes or is killed keeps what it measured. Marked incomplete;
+    the final write_all replaces both files."""
+    snap = dict(result)
+    snap.setdefault("incomplete", "checkpoint: written while the run was still going (it did not finish)")
+    md = micro_markdown(snap) if snap["kind"] == "microbench" else profile_markdown(snap)
+    return [write_json(snap, os.path.join(out_dir, f"{stem}.json")), _write_text(os.path.join(out_dir, f"{stem}.md"), md)]
 
 
 def _env_lines(env: Dict) -> List[str]:
@@ -217,9 +234,7 @@ def write_all(result: Dict, out_dir: str, stem: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     files = [write_json(result, os.path.join(out_dir, f"{stem}.json"))]
     md = micro_markdown(result) if result["kind"] == "microbench" else profile_markdown(result)
-    files.append(os.path.join(out_dir, f"{stem}.md"))
-    with open(files[-1], "w") as f:
-        f.write(md)
+    files.append(_write_text(os.path.join(out_dir, f"{stem}.md"), md))
     files += micro_plots(result, out_dir) if result["kind"] == "microbench" else profile_plot(result, out_dir)
     return files
 
