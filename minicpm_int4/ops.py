@@ -103,6 +103,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
             raise RuntimeError(
                 f"{op}: backend='triton' needs CUDA tensors (got {device}); on CPU the Triton kernels run only "
                 "in the interpreter: set TRITON_INTERPRET=1 before importing minicpm_int4")
+        if kernels.INTERPRET and kernels.interpreter_problem():
+            raise RuntimeError(f"{op}: backend='triton' in the interpreter: {kernels.interpreter_problem()}")
         return "triton"
     # backend == "cuda"
     if device.type != "cuda":

@@ -108,6 +108,19 @@ def test_cuda_backend_on_cpu_tensors_raises():
         ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="cuda")
 
 
+@pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    """The probe passes here (CI's triton); where it fails (triton 3.6 with numpy >= 2.4) the
+    triton backend says why instead of failing inside the interpreter."""
+    from minicpm_int4 import kernels
+
+    assert kernels.interpreter_problem() is None
+    monkeypatch.setattr(kernels, "interpreter_problem", lambda: "the interpreter is broken here")
+    qweight, scales, zeros = _layer()
+    with pytest.raises(RuntimeError, match="backend='triton' in the interpreter: the interpreter is broken here"):
+        ops.w4a16_gemm(torch.randn(3, 128, dtype=torch.float16), qweight, scales, zeros, None, 64, backend="triton")
+
+
 def test_auto_and_torch_on_cpu_use_the_reference():
     qweight, scales, zeros = _layer()
     x = torch.randn(3, 128, dtype=torch.float16)
