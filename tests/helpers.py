@@ -8,10 +8,12 @@ from minicpm_int4.reference import dequantize_ref, gemm_tolerance, w4a8_toleranc
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def random_qweight(n, k, group_size, dtype, seed=0):
-    """A random fp weight quantized with rtn: (qweight, scales, zeros, effective group size)."""
+def random_qweight(n, k, group_size, dtype, seed=0, device="cpu"):
+    """A random fp weight quantized with rtn: (qweight, scales, zeros, effective group size), on
+    `device` (drawn on the CPU's generator either way; quantized and packed on `device`: the gpu
+    tests' real shapes would spend seconds each doing it on the host)."""
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(device=device, dtype=dtype)
     qw = quantize_rtn(w, group_size)
     gs = k if group_size == -1 else group_size
     return pack_int4(qw.q), qw.scales, qw.zeros, gs

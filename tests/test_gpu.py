@@ -24,8 +24,9 @@ REAL_SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (1024, 4096), (2304, 
 
 
 def _cuda_layer(n, k, gs, dtype):
-    qweight, scales, zeros, g = random_qweight(n, k, gs, dtype)
-    return qweight.cuda(), scales.cuda(), zeros.cuda(), g
+    qweight, scales, zeros, g = random_qweight(n, k, gs, dtype, device="cuda")
+    assert qweight.is_cuda and scales.is_cuda and zeros.is_cuda
+    return qweight, scales, zeros, g
 
 
 @pytest.mark.parametrize("group_size", [32, 64, -1])
