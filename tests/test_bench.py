@@ -126,6 +126,11 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
         assert "error" not in r, r
         assert "decode-step compile" in r["graphed_by"] and r["graph_breaks"] == 0
         assert r["vision_ms"] is None and r["decode_ms_per_token"] > 0
+    from minicpm_int4.bench.report import profile_markdown
+
+    md = profile_markdown(res)
+    assert "llama3-v2.5 int4 graphed: transformers' decode-step compile" in md and "graph breaks: 0" in md
+    assert "`patch_model` took" in md
     # nothing of the graphed setup is left on a model after its run
     from minicpm_int4.bench.e2e import _graph_decode_step, _ungraph, build_model
 
