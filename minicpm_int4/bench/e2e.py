@@ -139,6 +139,13 @@ def _graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
+def _cudagraph_skips() -> int:
+    """Graphs inductor compiled but did not capture in CUDA graphs (always > 0 off CUDA)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def measure(name: str, model, inputs: Dict, new_tokens: int, device, mode: str, weights: str) -> Dict:
     """One run: vision (eager mode only: graphs change nothing there), prefill, `new_tokens` of
     greedy decoding, peak memory. Graphed: see _graph_decode_step; the run records how it was
@@ -150,6 +157,7 @@ def measure(name: str, model, inputs: Dict, new_tokens: int, device, mode: str, 
             if mode == "graphed":
                 torch._dynamo.reset()
                 run["graphed_by"] = _graph_decode_step(model, device)
+                breaks0, skips0 = _graph_breaks(), _cudagraph_skips()  # the counters are process-wide
             vf = _vision_fn(name, model, inputs) if mode == "eager" else None
             run["vision_ms"] = _wall_ms(vf, device) if vf else None
             run["prefill_ms"] = _wall_ms(lambda: model.generate(**inputs, **{**gen, "min_new_tokens": 1, "max_new_tokens": 1}), device)
@@ -157,7 +165,8 @@ def measure(name: str, model, inputs: Dict, new_tokens: int, device, mode: str, 
                 torch.cuda.reset_peak_memory_stats(device)
             total = _wall_ms(lambda: model.generate(**inputs, **gen), device, reps=1)
             if mode == "graphed":
-                run["graph_breaks"] = _graph_breaks()
+                run["graph_breaks"] = _graph_breaks() - breaks0
+                run["cudagraph_skips"] = _cudagraph_skips() - skips0
                 if "_compiled_call" not in model.__dict__ and not hasattr(model.forward, "_torchdynamo_orig_callable"):
                     raise RuntimeError("transformers did not compile the decode step (is the model's static cache "
                                        "compileable?): this would be an eager run")

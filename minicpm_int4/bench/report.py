@@ -134,7 +134,8 @@ def profile_markdown(result: Dict) -> str:
                    f"{fmt(r.get('weight_bytes', 0) / 2**20, '{:.0f}')} | {fmt((r.get('peak_bytes') or 0) / 2**20, '{:.0f}')} |")
         if r.get("error"):
             out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | failed: {r['error']} | | | | | |")
-    notes = [f"- {r['model']} {r['weights']} graphed: {r['graphed_by']}; dynamo graph breaks: {r.get('graph_breaks', '-')}"
+    notes = [f"- {r['model']} {r['weights']} graphed: {r['graphed_by']}; dynamo graph breaks: {r.get('graph_breaks', '-')}, "
+             f"graphs not captured in CUDA graphs: {r.get('cudagraph_skips', '-')}"
              for r in result["runs"] if r.get("graphed_by")]
     notes += [f"- {r['model']} ({r['mode']} run): `patch_model` took {r['patch_model_s']:.1f} s"
               for r in result["runs"] if r.get("patch_model_s") is not None]
