@@ -12,6 +12,7 @@ BW = 4000.0  # GB/s
 
 def _row(model, n, k, m, backend, ms, fp_ms=None, pct=None, check="ok"):
     return {"model": model, "n": n, "k": k, "m": m, "backend": backend, "median_ms": ms, "check": check,
+            "family": "fp16" if backend == "fp16" else "ours", "p20_ms": ms, "p80_ms": ms, "gbps": 1.0, "bytes": 1,
             "pct_copy_bw": pct if pct is not None else 50.0, "speedup_vs_fp16": (fp_ms / ms) if fp_ms else None}
 
 
@@ -89,3 +90,43 @@ def test_cli_names_a_missing_bench_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["targets", str(tmp_path)])
     assert "bench.json does not exist" in capsys.readouterr().err
+
+
+def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
+    """benchmarks/ingest_gpu_results.py: a suite's output -> results/<gpu>/, README, dispatch table
+    and targets.md, with warnings for what is incomplete; CPU results are refused."""
+    from minicpm_int4.bench.ingest import device_slug, ingest
+    from minicpm_int4.bench.readme import END, START
+
+    src, root = tmp_path / "out", tmp_path / "repo"
+    src.mkdir()
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    (root / "README.md").write_text(f"# x\n\n{START}\nnothing yet\n{END}\n")
+    bench = _bench()
+    bench["env"].update(device="cuda:0", device_name="NVIDIA H200")
+    bench["config"] = {"ms": [1, 16, 4096], "group_size": 128, "dtype": "float16", "rep_ms": 30}
+    bench["errors"] = [{"backend": "bnb-nf4", "n": 1, "k": 2, "family": "peer", "error": "boom"}]
+    bench["incomplete"] = "time budget of 130 s reached before lm_head"
+    (src / "bench.json").write_text(json.dumps(bench))
+    (src / "suite.log").write_text("=== [env] rc=0\n")
+    table = tmp_path / "dispatch_table.json"
+    table.write_text(json.dumps({"devices": {"Other GPU": {"w4a16": []}}}))
+
+    rep = ingest(str(src), str(root), dispatch_table=str(table))
+    dest = root / "benchmarks" / "results" / "nvidia-h200"
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert rep["folder"] == str(dest) and rep["copied"] == ["suite.log", "bench.json"]
+    assert "profile.json" in rep["missing"]
+    assert any("incomplete" in w for w in rep["warnings"]) and any("bnb-nf4" in w for w in rep["warnings"])
+    assert (dest / "bench.json").exists() and "W4A16 Triton, M = 1" in (dest / "targets.md").read_text()
+    assert rep["readme_changed"] and "nothing yet" not in (root / "README.md").read_text()
+    devices = json.loads(table.read_text())["devices"]
+    assert set(devices) == {"Other GPU", "NVIDIA H200"}  # other GPUs' entries kept
+
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    (cpu / "bench.json").write_text(json.dumps(dict(bench, env=dict(bench["env"], device="cpu", device_name="cpu"))))
+    with pytest.raises(ValueError, match="not measured on a GPU"):
+        ingest(str(cpu), str(root), dispatch_table=str(table))
+    with pytest.raises(FileNotFoundError, match="neither bench.json nor profile.json"):
+        ingest(str(tmp_path / "repo"), str(root), dispatch_table=str(table))
