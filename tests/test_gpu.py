@@ -192,6 +192,21 @@ def test_compile_fullgraph_patched_tiny_model(which):
     torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
 
 
+def test_profile_graphed_decode_is_one_cuda_graph_per_step():
+    """What `minicpm-int4 profile` calls graphed: a patched tiny Llama's decode step compiled by
+    transformers (static cache, mode="reduce-overhead") with no graph break and nothing inductor
+    declines to capture in CUDA graphs, fp16 and int4."""
+    from minicpm_int4.bench.e2e import run_profile
+
+    res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=16, new_tokens=8, modes=["graphed"],
+                      group_size=32, device=torch.device("cuda"), dtype=torch.float16)
+    assert [r["weights"] for r in res["runs"]] == ["float16", "int4"]
+    for r in res["runs"]:
+        assert "error" not in r, r
+        assert r["graph_breaks"] == 0 and r["cudagraph_skips"] == 0, r
+        assert r["generate_ms"] > 0 and r["peak_bytes"] > 0
+
+
 @pytest.mark.parametrize("act,backend,m", [(None, "auto", 1), (None, "triton", 4), ("int8", "auto", 32), (None, "cuda", 1)])
 def test_cuda_graph_capture(act, backend, m):
     # M = 4: the decode kernel's split-K counters (the layer's workspace) across replays
