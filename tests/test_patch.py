@@ -170,4 +170,7 @@ def test_patched_llm_compiles_fullgraph(which, grad):
     with torch.set_grad_enabled(grad):
         eager = fn(ids)
         out = torch.compile(fn, fullgraph=True, backend="aot_eager")(ids)
-    assert torch.equal(out, eager)
+    # torch's default fp32 tolerance, not bit equality: under dynamo transformers may take another,
+    # equivalent code path (with torch 2.11 the *unpatched* 4.6 LLM differs from eager by 3.6e-7,
+    # patched by 4.8e-7; with 2.13 both are bit-equal), so exact bits are not this package's to promise
+    torch.testing.assert_close(out, eager)
