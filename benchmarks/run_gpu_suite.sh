@@ -54,9 +54,9 @@ stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; pr
 stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 stage ext 20 $PY -c "import minicpm_int4.ops as o; print('CUDA extension:', o.cuda_extension_error() or 'loaded')"
 # pytest-xdist where installed (the GPU image has it): the tests' time is mostly Triton compiling
-# kernels on the CPU, which 8 workers share out (and a worker that crashes the GPU context takes
-# only its own test down); the compiled kernels land in Triton's cache, which bench then reuses
-XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+# kernels on the CPU, which 12 workers (of the 16 cores) share out, and a worker that breaks its
+# GPU context takes only its own tests down; the compiled kernels stay in Triton's cache for bench
+XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
 stage gpu-tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" tests/test_gpu.py
 stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_extension and not real_shapes"
 stage search-timing 30 $PY -c "
