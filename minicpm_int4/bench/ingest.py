@@ -100,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"dispatch table written: {rep['dispatch_table']}")
     if rep.get("targets"):
         print(rep["targets"])
-    print(f"next: git add {os.path.relpath(rep['folder'], args.root)} README.md minicpm_int4/dispatch_table.json "
-          "&& git commit (quote the targets table in the closing notes)")
+    table = " minicpm_int4/dispatch_table.json" if rep.get("dispatch_table") else ""
+    print(f"next: git add {os.path.relpath(rep['folder'], args.root)} README.md{table} && git commit "
+          "(quote the targets table in the closing notes)")
     return 0
