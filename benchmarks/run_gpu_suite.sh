@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call, on a bare GPU machine, inside 9 minutes:
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
-#      triton and transformers are kept: --no-deps);
+#      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried;
 #   2. the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
 #   3. the search timing, `minicpm-int4 bench` (kernel sweep) and `minicpm-int4 profile` (end to end,
 #      given whatever time the stages before it left);
@@ -54,6 +54,15 @@ fi
 
 stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"
 stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+# the peers the image lacks, carried as wheels (bash benchmarks/fetch_peer_wheels.sh here, then the
+# device call with carry [".whl"]): bitsandbytes nf4 and gemlite rows in the bench
+PEER_SITE=/tmp/minicpm-int4-peers
+if compgen -G ".whl/*.whl" > /dev/null; then
+  stage peers 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$PEER_SITE" .whl/*.whl && export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "=== [peers] no wheels carried: bnb-nf4 and gemlite will be skipped (benchmarks/fetch_peer_wheels.sh)" >> "$LOG"
+fi
 stage ext 20 $PY -c "import minicpm_int4.ops as o; print('CUDA extension:', o.cuda_extension_error() or 'loaded')"
 # pytest-xdist where installed (the GPU image has it): the tests' time is mostly Triton compiling
 # kernels on the CPU, which 12 workers (of the 16 cores) share out, and a worker that breaks its

@@ -39,6 +39,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
     assert res["act_quant"] and all(r["gbps"] > 0 for r in res["act_quant"])
     for key in ("device_name", "torch", "triton", "commit", "timestamp_utc"):
         assert key in res["env"]
+    assert set(res["env"]["peers"]) == {"bitsandbytes", "gemlite"}
 
     files = write_all(res, str(tmp_path), "bench")
     assert {os.path.basename(f) for f in files} == {"bench.json", "bench.md", "speedup_vs_m.png", "bandwidth.png"}
@@ -46,6 +47,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "96 x 256" in md and "bnb-nf4` skipped" in md and "% of copy bandwidth" in md
     assert "host time per call, M = 1" in md and "| w4a16-torch |" in md
+    assert "- peers: bitsandbytes " in md
     assert (tmp_path / "speedup_vs_m.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -69,6 +71,68 @@ def test_time_budget_stops_cleanly_and_marks_the_result():
                          rep_ms=1, progress=False, copy_bw_gbps=1.0, time_budget_s=0)
     assert "time budget" in res["incomplete"] and not res["rows"]
     assert validate_micro(res) is None
+
+
+def test_peers_are_timed_after_fp16_and_ours():
+    """A time budget that runs out must cut the peers' rows, not the ones the targets are judged on."""
+    order = []
+    res = run_microbench(TINY, ms=[1], backends=[B.TorchTinyGemm(), B.Fp16Matmul(), B.OursW4A16("torch")],
+                         device=torch.device("cpu"), group_size=64, rep_ms=1, progress=False, copy_bw_gbps=1.0,
+                         checkpoint=lambda r: order.append(r["rows"][-1]["backend"]))
+    assert order == ["fp16", "w4a16-torch", "fp16", "w4a16-torch", "torch-tinygemm", "torch-tinygemm"]
+    assert len(res["rows"]) == 6
+
+
+def _fake_gemlite(monkeypatch, with_hqq=True):
+    """gemlite imports only with CUDA (it reads device 0 on import): a stand-in that keeps gemlite
+    0.6's contract for `helper.A16W4_HQQ_INT(device, dtype).from_weights(W_q, scales, zeros)`:
+    W_q uint8 [N, K], scales / zeros [N, K / G] with G = W_q.numel() // scales.numel(), W = (W_q - z) * s."""
+    import sys
+    import types
+
+    class A16W4_HQQ_INT:
+        def __init__(self, device="cuda:0", dtype=None):
+            self.device, self.dtype = device, dtype
+
+        def from_weights(self, W_q, scales, zeros, bias=None):
+            assert W_q.dtype == torch.uint8 and int(W_q.max()) <= 15
+            n, k = W_q.shape
+            g = W_q.numel() // scales.numel()
+            assert scales.shape == zeros.shape == (n, k // g) and scales.dtype == zeros.dtype == self.dtype
+            w = (W_q.double().view(n, -1, g) - zeros.double()[..., None]) * scales.double()[..., None]
+            return lambda x: (x.double() @ w.view(n, k).T).to(x.dtype)
+
+    helper = types.ModuleType("gemlite.helper")
+    if with_hqq:
+        helper.A16W4_HQQ_INT = A16W4_HQQ_INT
+    pkg = types.ModuleType("gemlite")
+    pkg.__version__, pkg.helper = "0.6.0" if with_hqq else "0.4.0", helper
+    monkeypatch.setitem(sys.modules, "gemlite", pkg)
+    monkeypatch.setitem(sys.modules, "gemlite.helper", helper)
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_gemlite_peer_gets_our_weights_in_hqq_convention(monkeypatch, group_size):
+    from minicpm_int4.bench.micro import _check
+
+    _fake_gemlite(monkeypatch)
+    peer = B.Gemlite()
+    assert peer.available(torch.device("cuda")) is None
+    assert "needs CUDA" in peer.available(torch.device("cpu"))
+    w = (torch.randn(96, 256) * 0.02).half()
+    p = peer.prepare(w, group_size)
+    x = torch.randn(5, 256).half()
+    assert _check("gemlite", p, x) == "ok"
+    # the same weights as reference.py's: the outputs agree to fp16 rounding, not to quantization error
+    y, y_ref = p.run(x).float(), p.reference(x).float()
+    assert ((y - y_ref).norm() / y_ref.norm()).item() < 2e-3
+    assert p.weight_bytes == 96 * 256 // 2 + 2 * 96 * (1 if group_size == -1 else 256 // group_size) * 2
+
+
+def test_an_old_gemlite_is_skipped_with_the_reason(monkeypatch):
+    _fake_gemlite(monkeypatch, with_hqq=False)
+    why = B.Gemlite().available(torch.device("cuda"))
+    assert "gemlite 0.4.0 has no helper.A16W4_HQQ_INT" in why
 
 
 def test_shapes_come_from_the_real_configs():
@@ -167,9 +231,10 @@ def test_bench_refuses_cpu_timings_by_default(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_gpu_suite_script_parses():
+@pytest.mark.parametrize("script", ["run_gpu_suite.sh", "fetch_peer_wheels.sh"])
+def test_gpu_suite_scripts_parse(script):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", "run_gpu_suite.sh")], capture_output=True, text=True)
+    r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 

@@ -228,19 +228,42 @@ class BitsandbytesNF4(Backend):
 
 
 class Gemlite(Backend):
-    """gemlite's Triton A16W4 GEMM (asymmetric, grouped), when installed."""
+    """gemlite's Triton A16W4 GEMM (asymmetric, grouped), when installed: it gets our own rtn
+    q / scales / zeros, which follow HQQ's convention W = (q - z) * s that gemlite >= 0.5 loads
+    through `helper.A16W4_HQQ_INT.from_weights`, so its output is checked against reference.py on
+    the very same weights. (gemlite imports only where CUDA is present: it reads device 0 on import.)"""
     name, family = "gemlite", "peer"
 
     def available(self, device):
-        return _cuda_peer_missing(device, "gemlite")
+        why = _cuda_peer_missing(device, "gemlite")
+        if why is None:
+            try:
+                helper = _import_helper()
+            except Exception as e:
+                return f"gemlite.helper does not import ({type(e).__name__}: {str(e)[:200]})"
+            if not hasattr(helper, "A16W4_HQQ_INT"):
+                import gemlite
+                why = (f"gemlite {getattr(gemlite, '__version__', '?')} has no helper.A16W4_HQQ_INT "
+                       "(gemlite >= 0.5 loads asymmetric int4 through it)")
+        return why
 
     def prepare(self, w, group_size):
-        from gemlite.helper import A16W4
+        from ..reference import w4a16_gemm_ref
 
-        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        layer.weight.data.copy_(w)
-        gl = A16W4(device=str(w.device)).from_linear(layer)
-        return Prepared(run=gl, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()))
+        n, k = w.shape
+        gs = k if group_size == -1 else group_size
+        qw = quantize_rtn(w, group_size)
+        scales, zeros = qw.scales.to(w.dtype), qw.zeros.to(w.dtype)
+        layer = _import_helper().A16W4_HQQ_INT(device=str(w.device), dtype=w.dtype).from_weights(qw.q, scales, zeros)
+        packed = pack_int4(qw.q)
+        return Prepared(run=layer, weight_bytes=_int4_bytes(n, k, group_size, w.element_size()),
+                        reference=lambda x: w4a16_gemm_ref(x, packed, scales, zeros, None, gs))
+
+
+def _import_helper():
+    import gemlite.helper
+
+    return gemlite.helper
 
 
 def default_backends():

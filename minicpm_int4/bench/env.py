@@ -45,11 +45,29 @@ def env_info(device: torch.device) -> Dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    info["peers"] = peer_versions()
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
                     total_memory_bytes=p.total_memory, l2_cache_bytes=getattr(p, "L2_cache_size", None))
     return info
+
+
+PEER_PACKAGES = ("bitsandbytes", "gemlite")
+
+
+def peer_versions() -> Dict:
+    """Installed versions of the peer libraries the bench compares with (None where absent), read
+    from their metadata: importing gemlite needs a GPU."""
+    from importlib import metadata
+
+    out = {}
+    for name in PEER_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def gpu_slug(name: str) -> str:

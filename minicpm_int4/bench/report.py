@@ -36,10 +36,13 @@ def write_checkpoint(result: Dict, out_dir: str, stem: str) -> List[str]:
 
 
 def _env_lines(env: Dict) -> List[str]:
-    return [f"- device: **{env.get('device_name')}** ({env.get('device')})",
-            f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
-            f"transformers {env.get('transformers')}",
-            f"- commit `{env.get('commit')}`, {env.get('timestamp_utc')}"]
+    lines = [f"- device: **{env.get('device_name')}** ({env.get('device')})",
+             f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+             f"transformers {env.get('transformers')}",
+             f"- commit `{env.get('commit')}`, {env.get('timestamp_utc')}"]
+    if env.get("peers"):
+        lines.append("- peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()))
+    return lines
 
 
 def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
