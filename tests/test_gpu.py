@@ -192,6 +192,23 @@ def test_compile_fullgraph_patched_tiny_model(which):
     torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
 
 
+def test_demo_on_gpu(capsys, tmp_path):
+    """The README's first command where a GPU is present: the tiny model patched onto the compiled
+    kernels (fp16, backend "auto"), generation, and the timings only a GPU run prints."""
+    import json
+    import math
+
+    from minicpm_int4.cli import main
+
+    out_json = tmp_path / "demo.json"
+    assert main(["demo", "--size", "tiny", "--new-tokens", "4", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "device cuda" in out and "forward (prompt + image) on" in out
+    d = json.loads(out_json.read_text())
+    assert d["fp_ms"] > 0 and d["int4_ms"] > 0 and math.isfinite(d["logits_rel_err"])
+    assert d["bytes_int4"] < d["bytes_fp"]
+
+
 def test_profile_graphed_decode_is_one_cuda_graph_per_step():
     """What `minicpm-int4 profile` calls graphed: a patched tiny Llama's decode step compiled by
     transformers (static cache, mode="reduce-overhead") with no graph break and nothing inductor
