@@ -83,6 +83,21 @@ def test_peers_are_timed_after_fp16_and_ours():
     assert len(res["rows"]) == 6
 
 
+def test_bnb_peer_with_the_real_library():
+    """bitsandbytes (the `bench` extra, installed in CI) runs nf4 on CPU too: the peer's calls -
+    double-quantized nf4, matmul_4bit at M = 1 (its GEMV) and above - and its byte count, against
+    the real library, so an API change shows here rather than as a skipped row on the GPU."""
+    pytest.importorskip("bitsandbytes")
+    from minicpm_int4.bench.micro import _check
+
+    n, k = 256, 512
+    p = B.BitsandbytesNF4().prepare((torch.randn(n, k) * 0.02).half(), 128)
+    # 4 bits per weight, one 8-bit absmax per 64 weights, one fp32 scale per 256 absmax
+    assert p.weight_bytes == n * k // 2 + n * k // 64 + 4 * (n * k // 64 // 256)
+    for m in (1, 5):
+        assert _check("bnb-nf4", p, torch.randn(m, k).half()) == "ok"
+
+
 def _fake_gemlite(monkeypatch, with_hqq=True):
     """gemlite imports only with CUDA (it reads device 0 on import): a stand-in that keeps gemlite
     0.6's contract for `helper.A16W4_HQQ_INT(device, dtype).from_weights(W_q, scales, zeros)`:

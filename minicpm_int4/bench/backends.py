@@ -211,7 +211,9 @@ def _cuda_peer_missing(device, module: str) -> Optional[str]:
 
 
 class BitsandbytesNF4(Backend):
-    """bitsandbytes nf4 (blocksize 64), the format of the official MiniCPM-V int4 checkpoints."""
+    """bitsandbytes nf4, blocksize 64 with double quantization (the absmax of each block stored as
+    8 bits, itself scaled per 256 blocks): the `BitsAndBytesConfig` of the official MiniCPM-V int4
+    checkpoints (nf4, `bnb_4bit_use_double_quant=True`, fp16 compute)."""
     name, family = "bnb-nf4", "peer"
 
     def available(self, device):
@@ -221,10 +223,19 @@ class BitsandbytesNF4(Backend):
         import bitsandbytes as bnb
         import bitsandbytes.functional as bf
 
-        wq, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        wq, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         return Prepared(run=lambda x: bnb.matmul_4bit(x, wq.t(), quant_state=state),
-                        weight_bytes=wq.numel() * wq.element_size() + w.numel() // 64 * 4,
+                        weight_bytes=wq.numel() * wq.element_size() + _nbytes_of_quant_state(state),
                         reference=lambda x: F.linear(x, bf.dequantize_4bit(wq, state)))
+
+
+def _nbytes_of_quant_state(state) -> int:
+    """What a bitsandbytes 4-bit layer reads beside its packed weights: the block absmax, and with
+    double quantization that absmax's own scales."""
+    n = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "nested", False):
+        n += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return n
 
 
 class Gemlite(Backend):
