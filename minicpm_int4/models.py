@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,45 @@ def protected_reason(parent: nn.Module, child_name: str) -> Optional[str]:
     """Why the child Linear `child_name` of `parent` must never be replaced, or None."""
     if isinstance(parent, DIRECT_WEIGHT_READERS):
         return f"{type(parent).__name__} reads .{child_name}.weight directly"
+    return hook_reason(getattr(parent, child_name))
+
+
+def _is_weight_norm_hook(hook) -> bool:
+    return isinstance(hook, WeightNorm) and hook.name == "weight"
+
+
+def hook_reason(linear: nn.Module) -> Optional[str]:
+    """Why a Linear's own hooks forbid replacing it, or None. A QuantLinear runs none of the hooks of
+    the module it replaces, so a forward hook or pre-hook (a user's, spectral norm, an accelerate
+    dispatch / offload hook) would silently stop running. Hook-based weight norm is the exception: its
+    pre-hook only recomputes `.weight`, which `effective_weight` does once before quantizing."""
+    if getattr(linear, "_hf_hook", None) is not None:
+        return (f"has an accelerate hook ({type(linear._hf_hook).__name__}: device_map dispatch / offload) that a "
+                "QuantLinear would not run; patch the model before dispatching it")
+    hooks = [h for h in linear._forward_pre_hooks.values() if not _is_weight_norm_hook(h)]
+    hooks += list(linear._forward_hooks.values())
+    if hooks:
+        names = sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks})
+        return f"has forward hooks ({', '.join(names)}) that a QuantLinear would not run"
     return None
+
+
+def _plain_weight(module: nn.Module) -> bool:
+    """Whether writing `module.weight` in place changes what it computes (not a weight computed by a
+    parametrization or a weight-norm hook, which a scale fold's in-place update would miss)."""
+    return not parametrize.is_parametrized(module, "weight") and not any(
+        _is_weight_norm_hook(h) for h in module._forward_pre_hooks.values())
+
+
+def effective_weight(linear: nn.Linear):
+    """The weight `linear`'s next forward computes with. Hook-based weight norm
+    (`torch.nn.utils.weight_norm`, in ChatTTS-style heads) sets `.weight` from weight_g / weight_v in a
+    forward pre-hook, so the attribute is stale once those change (after `load_state_dict`, say);
+    parametrized weights (`torch.nn.utils.parametrizations.weight_norm`) are computed on access."""
+    for hook in linear._forward_pre_hooks.values():
+        if _is_weight_norm_hook(hook):
+            return hook.compute_weight(linear)
+    return linear.weight
 
 
 @dataclass(frozen=True)
@@ -155,7 +195,7 @@ def scale_fold_groups(model: nn.Module):
                 cons = [block.get_submodule(c) for c in fold.consumers]
             except AttributeError:
                 continue
-            if not all(isinstance(c, nn.Linear) for c in cons):
+            if not all(isinstance(c, nn.Linear) for c in cons) or not all(map(_plain_weight, [prev, *cons])):
                 continue
             width = cons[0].in_features
             if any(c.in_features != width for c in cons):

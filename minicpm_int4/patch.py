@@ -9,7 +9,7 @@ from torch import nn
 
 from .calibrate import Calibration
 from .config import QuantConfig
-from .models import detect_layout, output_embedding_name, protected_reason
+from .models import detect_layout, effective_weight, output_embedding_name, protected_reason
 from .ops import W4A8_MIN_M
 from .packing import packed_bytes
 from .qlinear import QuantLinear
@@ -101,7 +101,7 @@ def _decide(name: str, lin: nn.Linear, parent: nn.Module, attr: str, part: str, 
         return False, f"excluded by pattern {pat!r}", None
     forced = config.matches(name, config.include)
     try:
-        check_quantizable(lin.weight, config.group_size, what=name)
+        check_quantizable(effective_weight(lin), config.group_size, what=name)
     except (ValueError, TypeError) as e:
         return False, f"cannot quantize: {e}", None
     act = config.act_for(part)
@@ -174,7 +174,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             ql.train(lin.training)
             d = report.decisions[idx]
             if calibration is not None:
-                d.sensitivity = calibration.sensitivity(name, lin.weight, ql.dequantized_weight())
+                d.sensitivity = calibration.sensitivity(name, effective_weight(lin), ql.dequantized_weight())
                 if cw is not None:
                     d.reason += "; activation-aware search"
                 if name in folds:

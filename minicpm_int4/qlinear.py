@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from .config import QuantConfig
+from .models import effective_weight
 from .packing import num_groups, pack_int4, packed_bytes
 from .quantize import check_quantizable, quantize_weight, scale_dtype_for
 
@@ -59,7 +60,7 @@ class QuantLinear(nn.Module):
         config = config or QuantConfig()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name}: QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        w = effective_weight(linear)
         check_quantizable(w, config.group_size, what=f"{name}.weight")
         qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight)
         act = config.act if act is None and not isinstance(config.act, dict) else act

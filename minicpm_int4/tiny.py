@@ -108,13 +108,63 @@ class Resampler(nn.Module):
         return self.ln_post(out) @ self.proj
 
 
+class MultiModalProjector(nn.Module):
+    """MiniCPM-o 2.6's two-layer projector (audio features -> LLM, LLM hidden -> TTS)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, out_dim)
+        self.relu = nn.ReLU()
+        self.linear2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear2(self.relu(self.linear1(x)))
+
+
+class ChatTTSHeads(nn.Module):
+    """The structure of MiniCPM-o 2.6's `tts` (ConditionalChatTTS): a projector from the LLM, a Llama
+    backbone, and weight-normed output heads - `head_code` as o-2.6 builds them (parametrized weight
+    norm, computed on access), `head_text` as the original ChatTTS did (the hook-based
+    `torch.nn.utils.weight_norm`, whose `.weight` attribute is only refreshed by a forward)."""
+
+    def __init__(self, llm_dim: int, hidden: int, num_audio_tokens: int, num_text_tokens: int, num_vq: int = 2):
+        import warnings
+
+        import transformers as tf
+        from torch.nn.utils.parametrizations import weight_norm
+
+        super().__init__()
+        self.projector = MultiModalProjector(llm_dim, hidden)
+        self.model = tf.LlamaModel(tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=8))
+        self.head_code = nn.ModuleList(weight_norm(nn.Linear(hidden, num_audio_tokens, bias=False), name="weight")
+                                       for _ in range(num_vq))
+        # deprecated in torch, still in remote code; under no_grad its first .weight is a leaf tensor, so
+        # that the model can be deep-copied (pytorch#103001)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.head_text = nn.utils.weight_norm(nn.Linear(hidden, num_text_tokens, bias=False), name="weight")
+
+    def forward(self, llm_hidden):
+        """[B, L, llm_dim] -> (text logits [B, L, text tokens], code logits [B, L, num_vq, audio tokens])."""
+        h = self.model(inputs_embeds=self.projector(llm_hidden)).last_hidden_state
+        return self.head_text(h), torch.stack([head(h) for head in self.head_code], dim=2)
+
+
 class RemoteLayoutMiniCPMV(nn.Module):
     """A MiniCPM-V 2.x-shaped model: `llm` (LlamaForCausalLM or Qwen2ForCausalLM), `vpm` (SigLIP vision
-    transformer), `resampler`. The first `num_queries` positions of the prompt hold the image."""
+    transformer), `resampler`. The first `num_queries` positions of the prompt hold the image. With
+    `omni` (MiniCPM-o 2.6) it also has `apm` (Whisper encoder), `audio_projection_layer` and `tts`."""
 
-    def __init__(self, llm, vpm, resampler):
+    def __init__(self, llm, vpm, resampler, omni: Optional[dict] = None):
         super().__init__()
         self.llm, self.vpm, self.resampler = llm, vpm, resampler
+        for name, module in (omni or {}).items():
+            setattr(self, name, module)
+
+    def audio_embed(self, mel):
+        """Whisper features of a log-mel spectrogram [B, mel bins, frames], projected to the LLM."""
+        return self.audio_projection_layer(self.apm(mel).last_hidden_state)
 
     def embed(self, input_ids, pixel_values=None):
         emb = self.llm.get_input_embeddings()(input_ids)
@@ -130,8 +180,9 @@ class RemoteLayoutMiniCPMV(nn.Module):
         return self.llm.generate(inputs_embeds=self.embed(input_ids, pixel_values), **kwargs)
 
 
-def build_remote_layout(llm: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """llm in {"llama" (Llama3-V 2.5), "qwen2" (MiniCPM-V 2.6 / o-2.6)}; SigLIP vision tower."""
+def build_remote_layout(llm: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, omni: bool = False):
+    """llm in {"llama" (Llama3-V 2.5), "qwen2" (MiniCPM-V 2.6 / o-2.6)}; SigLIP vision tower; `omni`
+    adds o-2.6's audio encoder, audio projection and TTS."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -149,7 +200,16 @@ def build_remote_layout(llm: str = "llama", dtype: torch.dtype = torch.float32, 
                                  num_attention_heads=2, image_size=4 * PATCH, patch_size=PATCH)
     vpm = tf.SiglipVisionModel(vcfg)
     vpm = getattr(vpm, "vision_model", vpm)  # transformers 4.x wraps the transformer; 5.x is flat
-    model = RemoteLayoutMiniCPMV(lm, vpm, Resampler(num_queries=8, embed_dim=h, num_heads=2, kv_dim=vh))
+    extra = None
+    if omni:
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        ah = 96
+        apm = WhisperEncoder(tf.WhisperConfig(d_model=ah, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=2 * ah,
+                                              num_mel_bins=16, max_source_positions=16))
+        extra = dict(apm=apm, audio_projection_layer=MultiModalProjector(ah, h),
+                     tts=ChatTTSHeads(llm_dim=h, hidden=64, num_audio_tokens=128, num_text_tokens=96))
+    model = RemoteLayoutMiniCPMV(lm, vpm, Resampler(num_queries=8, embed_dim=h, num_heads=2, kv_dim=vh), omni=extra)
     return model.to(dtype).eval()
 
 

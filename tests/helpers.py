@@ -30,3 +30,11 @@ def assert_gemm_close(y, y_ref, x, w):
 
 def dequant(qweight, scales, zeros, gs, dtype):
     return dequantize_ref(qweight, scales, zeros, gs, out_dtype=dtype)
+
+
+def static_cache_reads_linear_weights() -> bool:
+    """transformers 4.38 - 4.41 set up a static KV cache in `_setup_cache`, taking its dtype from
+    `o_proj.weight` (later versions ask the model's dtype)."""
+    from transformers import LlamaForCausalLM
+
+    return hasattr(LlamaForCausalLM, "_setup_cache")

@@ -1,5 +1,6 @@
 """AWQ-style scale folding: exact rewrites, checked per fold and on the whole model."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,28 @@ def test_fold_scales_can_be_switched_off():
     calib = calibrate(model, _native_batches(model), progress=False)
     report = patch_model(model, QuantConfig(group_size=32, fold_scales=False), progress=False, calibration=calib)
     assert not report.notes and not any("AWQ" in d.reason for d in report.decisions)
+
+
+def test_no_fold_into_a_weight_that_is_computed():
+    """A fold scales weights in place, which a weight computed from other parameters (weight norm,
+    parametrized or hook-based) would silently undo: such a Linear takes part in no fold."""
+    def block():
+        b = nn.Module()
+        b.post_attention_layernorm = nn.LayerNorm(64)
+        b.mlp = nn.Module()
+        b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
+        return b
+
+    def folds(b):
+        return [(prev, cons) for prev, cons, _ in layouts.scale_fold_groups(b)]
+
+    assert folds(block()) == [("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+                              ("mlp.up_proj", ["mlp.down_proj"])]
+    b = block()
+    nn.utils.parametrizations.weight_norm(b.mlp.gate_proj)
+    assert folds(b) == [("mlp.up_proj", ["mlp.down_proj"])]
+    b = block()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated by torch, still in remote code
+        nn.utils.weight_norm(b.mlp.down_proj)
+    assert folds(b) == [("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"])]

@@ -5,7 +5,7 @@ import torch
 
 from minicpm_int4 import QuantConfig, QuantLinear, load_quantized, patch_model, save_quantized
 from minicpm_int4.checkpoint import CheckpointMismatchError
-from minicpm_int4.tiny import build_native, build_remote_layout, prompt_with_image
+from minicpm_int4.tiny import build_native, build_remote_layout, prompt_with_image, remote_inputs
 
 
 @pytest.mark.parametrize("kind", ["4_6", "ocr"])  # ocr ties lm_head to the embeddings
@@ -24,6 +24,29 @@ def test_round_trip_is_bit_identical(tmp_path, kind):
         a = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
         b = fresh(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2"])
+def test_remote_layout_round_trip(tmp_path, llm):
+    """The MiniCPM-V 2.x layouts (transformers 4.x remote code); qwen2 as MiniCPM-o 2.6, whose TTS has
+    weight-normed heads: a parametrized one quantized, a hook-based one kept in high precision."""
+    omni = llm == "qwen2"
+    model = build_remote_layout(llm, omni=omni)
+    cfg = QuantConfig(group_size=32, quantize_audio=omni, quantize_tts=omni, exclude=("tts.head_text",))
+    report = patch_model(model, cfg, progress=False)
+    save_quantized(model, tmp_path, report)
+    fresh = build_remote_layout(llm, omni=omni, seed=7)
+    load_quantized(fresh, tmp_path)
+    assert sum(isinstance(m, QuantLinear) for m in fresh.modules()) == len(report.quantized)
+    ids, pv = remote_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pv).logits, fresh(ids, pv).logits)
+        if omni:
+            assert isinstance(fresh.tts.head_code[0], QuantLinear) and not isinstance(fresh.tts.head_text, QuantLinear)
+            mel, h = torch.randn(1, 16, 32), torch.randn(1, 5, model.llm.config.hidden_size)
+            assert torch.equal(model.audio_embed(mel), fresh.audio_embed(mel))
+            for a, b in zip(model.tts(h), fresh.tts(h)):
+                assert torch.equal(a, b)
 
 
 def test_mismatching_model_names_first_bad_tensor(tmp_path):

@@ -108,6 +108,91 @@ def test_resampler_kept_by_default():
     assert d.action == "kept" and "quantize_resampler=False" in d.reason
 
 
+def test_static_cache_generation_of_a_patched_llm():
+    """A static KV cache gives the same tokens as the dynamic one, except under transformers < 4.42,
+    whose static cache takes its dtype from o_proj.weight, which a QuantLinear has not: there it
+    fails, loudly (README, Compatibility)."""
+    from helpers import static_cache_reads_linear_weights
+
+    model = build_remote_layout("llama")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    ids = torch.tensor([[7, 8, 9, 10]])
+    dynamic = model.llm.generate(ids, max_new_tokens=3, do_sample=False)
+    model.llm.generation_config.cache_implementation = "static"
+    if static_cache_reads_linear_weights():
+        with pytest.raises(AttributeError, match="weight"):
+            model.llm.generate(ids, max_new_tokens=3, do_sample=False)
+    else:
+        assert torch.equal(model.llm.generate(ids, max_new_tokens=3, do_sample=False), dynamic)
+
+
+def _as_loaded(build, **kwargs):
+    """A model as from_pretrained leaves it: built, then weights of other values loaded into it (so the
+    hook-based weight norm's `.weight` attribute is stale until its next forward)."""
+    model = build(**kwargs)
+    model.load_state_dict(build(**kwargs, seed=1).state_dict())
+    return model
+
+
+def test_omni_layout_audio_and_tts_parts():
+    model = _as_loaded(build_remote_layout, llm="qwen2", omni=True)
+    original = copy.deepcopy(model)
+    d = {x.name: x for x in patch_model(model, QuantConfig(group_size=32), progress=False).decisions}
+    assert d["apm.layers.0.fc1"].part == "audio" and "quantize_audio=False" in d["apm.layers.0.fc1"].reason
+    assert d["audio_projection_layer.linear1"].part == "audio" and d["audio_projection_layer.linear1"].action == "kept"
+    for name in ("tts.head_code.0", "tts.head_text", "tts.model.layers.0.mlp.up_proj", "tts.projector.linear1"):
+        assert d[name].part == "tts" and "quantize_tts=False" in d[name].reason
+    assert d["llm.model.layers.0.mlp.down_proj"].action == "quantized"
+
+    model = copy.deepcopy(original)
+    cfg = QuantConfig(group_size=32, quantize_audio=True, quantize_tts=True)
+    report = patch_model(model, cfg, progress=False)
+    d = {x.name: x for x in report.decisions}
+    for name in ("apm.layers.0.fc1", "apm.layers.0.self_attn.q_proj", "audio_projection_layer.linear2",
+                 "tts.model.layers.0.mlp.up_proj", "tts.head_code.1", "tts.head_text"):
+        assert d[name].action == "quantized", (name, d[name].reason)
+    mel = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y, y_twin = model.audio_embed(mel), _dequantized_twin(original, model).audio_embed(mel)
+    assert _rel(y, y_twin) <= _equivalence_bound(report)
+
+    # the weight-normed heads are quantized from the weight their forward computes with: computed on
+    # access for the parametrized ones; for the hook-based one only its next forward refreshes the
+    # attribute, which until then holds the weights the model was built with
+    head = original.tts.head_text
+    stale = head.weight.detach().clone()
+    with torch.no_grad():
+        head(torch.zeros(1, head.in_features))
+    assert not torch.equal(stale, head.weight)
+    for name in ("tts.head_code.0", "tts.head_text"):
+        src = original.get_submodule(name)
+        plain = nn.Linear(src.in_features, src.out_features, bias=False)
+        plain.weight.data.copy_(src.weight)
+        want, got = QuantLinear.from_linear(plain, cfg), model.get_submodule(name)
+        for buf in ("qweight", "scales", "zeros"):
+            assert torch.equal(getattr(got, buf), getattr(want, buf)), (name, buf)
+
+
+def test_linears_with_hooks_are_kept_and_their_hooks_still_run():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.Linear(128, 128))
+    seen = []
+
+    def record_input(mod, args):
+        seen.append(tuple(args[0].shape))
+
+    model[0].register_forward_pre_hook(record_input)
+    model[2].register_forward_hook(lambda mod, args, out: out * 2)
+    model[3]._hf_hook = object()  # where accelerate's dispatch_model leaves its hook
+    report = patch_model(model, QuantConfig(group_size=32, include=("*",)), progress=False)
+    reasons = [x.reason for x in report.decisions]
+    assert [x.action for x in report.decisions] == ["kept"] * 3
+    assert "forward hooks (" in reasons[0] and "record_input)" in reasons[0]
+    assert "forward hooks (" in reasons[1] and "<lambda>" in reasons[1]
+    assert "accelerate hook (object" in reasons[2]
+    model(torch.randn(3, 64))
+    assert seen == [(3, 64)]
+
+
 def test_patching_twice_is_harmless():
     model = build_native("4_6")
     r1 = patch_model(model, QuantConfig(group_size=32), progress=False)
