@@ -60,8 +60,16 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
         if not getattr(hf_config, "architectures", None):
             hf_config.architectures = [type(model).__name__]
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if dtype is not None:
-            hf_config.dtype = dtype  # what the high-precision tensors in the file are
+        if dtype is not None:  # what the high-precision tensors in the file are (`torch_dtype` in 4.x)
+            for key, value in hf_dtype_kwargs(dtype).items():
+                setattr(hf_config, key, value)
+        if getattr(model, "_auto_class", None) is not None:
+            # remote code (MiniCPM-V 2.x / o-2.6, loaded with trust_remote_code=True): its modeling files
+            # go beside the checkpoint and into config.auto_map, as save_pretrained does; the config
+            # class's own file follows in hf_config.save_pretrained
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, path, config=hf_config)
         hf_config.save_pretrained(path)
 
 
@@ -167,18 +175,19 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def load_pretrained_quantized(path: str, device="cpu", model_class=None, **config_overrides) -> nn.Module:
+def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_remote_code: bool = False,
+                              **config_overrides) -> nn.Module:
     """Rebuild a transformers model from the `config.json` that `minicpm-int4 quantize` saves beside the
     checkpoint and load the int4 checkpoint into it, module by module, never holding fp16 copies of
-    the quantized layers. `model_class` defaults to the config's first `architectures` entry."""
+    the quantized layers. `model_class` defaults to the config's first `architectures` entry: a
+    transformers class, or for remote code (MiniCPM-V 2.x / o-2.6, whose modeling files
+    save_quantized copied beside the checkpoint) the `auto_map` class of that name, which needs
+    `trust_remote_code=True` as `from_pretrained` does."""
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(path, **config_overrides)
+    cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
     if model_class is None:
-        archs = getattr(cfg, "architectures", None) or []
-        if not archs or not hasattr(transformers, archs[0]):
-            raise ValueError(f"{path}/config.json names no transformers model class ({archs}); pass model_class=")
-        model_class = getattr(transformers, archs[0])
+        model_class = _model_class_of(cfg, path, trust_remote_code)
     dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -193,3 +202,24 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, **confi
     if leftover:
         raise CheckpointMismatchError(f"parameter {leftover[0]!r} was not in the checkpoint ({len(leftover)} missing)")
     return model
+
+
+def _model_class_of(cfg, path: str, trust_remote_code: bool):
+    """The model class config.json names: `architectures[0]` from transformers, else from the remote
+    code of `auto_map` in `path`."""
+    import transformers
+
+    archs = getattr(cfg, "architectures", None) or []
+    if archs and hasattr(transformers, archs[0]):
+        return getattr(transformers, archs[0])
+    auto_map = {k: v for k, v in (getattr(cfg, "auto_map", None) or {}).items() if k != "AutoConfig"}
+    refs = [ref for ref in auto_map.values() if isinstance(ref, str) and archs and ref.rsplit(".", 1)[-1] == archs[0]]
+    if not refs:
+        raise ValueError(f"{path}/config.json names no transformers model class ({archs}) and no remote-code class "
+                         f"of that name in auto_map ({auto_map}); pass model_class=")
+    if not trust_remote_code:
+        raise ValueError(f"{path}/config.json names the remote-code class {refs[0]} (a file beside the checkpoint): "
+                         "pass trust_remote_code=True to run it, as from_pretrained asks")
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(refs[0], path)

@@ -149,7 +149,7 @@ def cmd_quantize(args) -> int:
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        load_pretrained_quantized(args.out, device=device)
+        load_pretrained_quantized(args.out, device=device, trust_remote_code=args.trust_remote_code)
         print(f"reloaded module by module: {_peak_memory(device)}")
     return 0
 
@@ -166,7 +166,7 @@ def cmd_eval(args) -> int:
     dtype = _dtype(args.dtype)
     cls = getattr(transformers, args.model_class)
     ref = cls.from_pretrained(args.model, **hf_dtype_kwargs(dtype), trust_remote_code=args.trust_remote_code).to(device).eval()
-    quant = load_pretrained_quantized(args.quantized, device=device)
+    quant = load_pretrained_quantized(args.quantized, device=device, trust_remote_code=args.trust_remote_code)
     tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     out = {"model": args.model, "quantized": args.quantized}
     if args.prompts:

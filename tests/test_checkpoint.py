@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -93,3 +94,97 @@ def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_pat
         skeleton = type(model)._from_config(model.config)
     assert all(p.device.type == "meta" for p in skeleton.parameters())
     assert torch.nn.Linear(4, 4).weight.device.type == "cpu"  # the patch is undone on exit
+
+
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class TinyVConfig(PretrainedConfig):
+    model_type = "tinyv"
+
+    def __init__(self, llm_config=None, vision_config=None, **kwargs):
+        self.llm_config = llm_config or {}
+        self.vision_config = vision_config or {}
+        super().__init__(**kwargs)
+"""
+
+REMOTE_MODELING = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
+
+from minicpm_int4.tiny import Resampler
+
+from .configuration_tinyv import TinyVConfig
+
+
+class TinyV(PreTrainedModel):
+    config_class = TinyVConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.llm = LlamaForCausalLM(LlamaConfig(**config.llm_config))
+        vpm = SiglipVisionModel(SiglipVisionConfig(**config.vision_config))
+        self.vpm = getattr(vpm, "vision_model", vpm)
+        self.resampler = Resampler(4, config.llm_config["hidden_size"], 2, config.vision_config["hidden_size"])
+        self.post_init()
+
+    def forward(self, input_ids, pixel_values):
+        emb = self.llm.get_input_embeddings()(input_ids)
+        img = self.resampler(self.vpm(pixel_values).last_hidden_state).to(emb.dtype)
+        return self.llm(inputs_embeds=torch.cat([img, emb[:, img.shape[1]:]], dim=1))
+"""
+
+
+def _remote_code_checkpoint(root):
+    """A MiniCPM-V 2.x-style remote-code checkpoint written here (config.json with auto_map, the code
+    beside it, random weights), loaded as users load one: from_pretrained(trust_remote_code=True)."""
+    import transformers
+
+    src, ckpt = root / "tinyv_code", root / "tinyv_ckpt"
+    src.mkdir()
+    (src / "configuration_tinyv.py").write_text(REMOTE_CONFIG)
+    (src / "modeling_tinyv.py").write_text(REMOTE_MODELING)
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "tinyv", "architectures": ["TinyV"],
+        "auto_map": {"AutoConfig": "configuration_tinyv.TinyVConfig", "AutoModel": "modeling_tinyv.TinyV"},
+        "llm_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256),
+        "vision_config": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)}))
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.from_pretrained(str(src), trust_remote_code=True)
+    transformers.AutoModel.from_config(cfg, trust_remote_code=True).save_pretrained(str(ckpt))
+    return ckpt
+
+
+def test_remote_code_model_round_trip_through_its_own_code(tmp_path):
+    """MiniCPM-V 2.x / o-2.6 are remote code: save_quantized puts the modeling files beside the int4
+    checkpoint (as save_pretrained does) and load_pretrained_quantized runs them again when trusted."""
+    import transformers
+
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    ckpt = _remote_code_checkpoint(tmp_path)
+    model = transformers.AutoModel.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    out = tmp_path / "int4"
+    save_quantized(model, out, report)
+    assert {"modeling_tinyv.py", "configuration_tinyv.py", "config.json"} <= set(os.listdir(out))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_pretrained_quantized(str(out))
+    loaded = load_pretrained_quantized(str(out), trust_remote_code=True)
+    assert type(loaded).__name__ == "TinyV" and sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(report.quantized)
+    ids = torch.randint(6, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    pv = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids, pv).logits, loaded(ids, pv).logits)
+
+
+def test_cli_quantize_of_a_remote_code_model_verifies_its_reload(tmp_path, capsys):
+    from minicpm_int4.cli import main
+
+    ckpt = _remote_code_checkpoint(tmp_path)
+    rc = main(["quantize", str(ckpt), str(tmp_path / "int4"), "--model-class", "AutoModel", "--trust-remote-code",
+               "--dtype", "fp32", "--device", "cpu", "--group-size", "32", "--verify-load"])
+    assert rc == 0 and "reloaded module by module" in capsys.readouterr().out
