@@ -19,6 +19,8 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from .models import text_module
+
 
 @dataclass
 class LinearStats:
@@ -69,12 +71,17 @@ def _fingerprint(out, n: int = 1 << 16) -> torch.Tensor:
     return t.detach().reshape(-1)[:n].float().cpu()
 
 
+TEXT_KEYS = {"input_ids", "attention_mask"}
+
+
 def _run(model, batch):
+    """Run one batch: a dict of model kwargs, a tuple of positional args, or an input_ids tensor. Text
+    alone goes to models.text_module (a remote-code MiniCPM-V 2.x takes it through its `llm`)."""
     if isinstance(batch, dict):
-        return model(**batch)
+        return (text_module(model) if set(batch) <= TEXT_KEYS else model)(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
-    return model(batch)
+    return text_module(model)(batch)
 
 
 def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progress: bool = True,

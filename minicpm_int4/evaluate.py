@@ -64,7 +64,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> 
             ids = input_ids[:, s:s + window + 1]
             if ids.shape[1] < 2:
                 break
-            logits = _logits(model(input_ids=ids[:, :-1])).float()
+            logits = _logits(_run(model, {"input_ids": ids[:, :-1]})).float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
             count += ids.shape[1] - 1
     return math.exp(nll / max(1, count))

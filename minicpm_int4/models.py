@@ -85,6 +85,12 @@ def hf_dtype_kwargs(dtype) -> dict:
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
+def text_module(model: nn.Module) -> nn.Module:
+    """What runs a batch of text alone (input_ids): the remote-code 2.x layout's `llm` - the top-level
+    forward of MiniCPM-V 2.x / o-2.6 takes a `data` dict of images and text - else the model itself."""
+    return model.llm if detect_layout(model).name == "minicpmv-remote" else model
+
+
 def _has_submodule(model: nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)

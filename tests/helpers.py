@@ -38,3 +38,18 @@ def static_cache_reads_linear_weights() -> bool:
     from transformers import LlamaForCausalLM
 
     return hasattr(LlamaForCausalLM, "_setup_cache")
+
+
+def save_word_tokenizer(path, n_words: int = 200) -> None:
+    """A real tokenizer directory (from_pretrained-loadable): whitespace words w0 .. w{n-1}, ids from 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]"] + [f"w{i}" for i in range(n_words)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+
+
+def write_word_prompts(path, lines: int = 6, words: int = 12, n_words: int = 200) -> None:
+    path.write_text("\n".join(" ".join(f"w{(i * 7 + j * 3) % n_words}" for j in range(words)) for i in range(lines)))

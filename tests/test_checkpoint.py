@@ -181,10 +181,21 @@ def test_remote_code_model_round_trip_through_its_own_code(tmp_path):
         assert torch.equal(model(ids, pv).logits, loaded(ids, pv).logits)
 
 
-def test_cli_quantize_of_a_remote_code_model_verifies_its_reload(tmp_path, capsys):
+def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
+    """The CLI on a remote-code model: calibration and evaluation on text go through its `llm` (the
+    top-level forward of MiniCPM-V 2.x takes images and text together), the reload runs its code."""
+    from helpers import save_word_tokenizer, write_word_prompts
     from minicpm_int4.cli import main
 
     ckpt = _remote_code_checkpoint(tmp_path)
-    rc = main(["quantize", str(ckpt), str(tmp_path / "int4"), "--model-class", "AutoModel", "--trust-remote-code",
-               "--dtype", "fp32", "--device", "cpu", "--group-size", "32", "--verify-load"])
-    assert rc == 0 and "reloaded module by module" in capsys.readouterr().out
+    save_word_tokenizer(ckpt)
+    prompts = tmp_path / "prompts.txt"
+    write_word_prompts(prompts)
+    common = ["--model-class", "AutoModel", "--trust-remote-code", "--dtype", "fp32", "--device", "cpu"]
+    assert main(["quantize", str(ckpt), str(tmp_path / "int4"), *common, "--group-size", "32",
+                 "--calibration", str(prompts), "--verify-load"]) == 0
+    out = capsys.readouterr().out
+    assert "activation-aware search" in out and "reloaded module by module" in out
+    assert main(["eval", str(ckpt), str(tmp_path / "int4"), *common, "--prompts", str(prompts), "--text", str(prompts)]) == 0
+    out = capsys.readouterr().out
+    assert "next-token KL divergence" in out and "perplexity on" in out and "| llm.model.layers.0" in out

@@ -38,25 +38,23 @@ def test_no_top_level_kernels_package_is_installed():
 def _save_tiny_model_with_tokenizer(path):
     """A real from_pretrained directory the test writes itself: tiny MiniCPM-V 4.6 + word tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
+    from helpers import save_word_tokenizer
     from minicpm_int4.tiny import build_native
 
-    words = ["[UNK]", "[PAD]"] + [f"w{i}" for i in range(200)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    save_word_tokenizer(path)
     build_native("4_6").to(torch.float32).save_pretrained(path)
 
 
 def test_quantize_and_eval_commands(tmp_path, capsys):
     import json
 
+    from helpers import write_word_prompts
+
     src, out = tmp_path / "fp", tmp_path / "int4"
     _save_tiny_model_with_tokenizer(src)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(" ".join(f"w{(i * 7 + j * 3) % 200}" for j in range(12)) for i in range(6)))
+    write_word_prompts(prompts)
     assert main(["quantize", str(src), str(out), "--model-class", "MiniCPMV4_6ForConditionalGeneration",
                  "--dtype", "fp32", "--group-size", "32", "--calibration", str(prompts),
                  "--keep-most-sensitive", "2", "--verify-load"]) == 0
