@@ -134,6 +134,11 @@ def _is_weight_norm_hook(hook) -> bool:
     return isinstance(hook, WeightNorm) and hook.name == "weight"
 
 
+def _weight_norm_hook(module: nn.Module) -> Optional[WeightNorm]:
+    """The hook-based weight norm (`torch.nn.utils.weight_norm`) of `module.weight`, or None."""
+    return next((h for h in module._forward_pre_hooks.values() if _is_weight_norm_hook(h)), None)
+
+
 def hook_reason(linear: nn.Module) -> Optional[str]:
     """Why a Linear's own hooks forbid replacing it, or None. A QuantLinear runs none of the hooks of
     the module it replaces, so a forward hook or pre-hook (a user's, spectral norm, an accelerate
@@ -153,8 +158,7 @@ def hook_reason(linear: nn.Module) -> Optional[str]:
 def _plain_weight(module: nn.Module) -> bool:
     """Whether writing `module.weight` in place changes what it computes (not a weight computed by a
     parametrization or a weight-norm hook, which a scale fold's in-place update would miss)."""
-    return not parametrize.is_parametrized(module, "weight") and not any(
-        _is_weight_norm_hook(h) for h in module._forward_pre_hooks.values())
+    return not parametrize.is_parametrized(module, "weight") and _weight_norm_hook(module) is None
 
 
 def effective_weight(linear: nn.Linear):
@@ -162,10 +166,8 @@ def effective_weight(linear: nn.Linear):
     (`torch.nn.utils.weight_norm`, in ChatTTS-style heads) sets `.weight` from weight_g / weight_v in a
     forward pre-hook, so the attribute is stale once those change (after `load_state_dict`, say);
     parametrized weights (`torch.nn.utils.parametrizations.weight_norm`) are computed on access."""
-    for hook in linear._forward_pre_hooks.values():
-        if _is_weight_norm_hook(hook):
-            return hook.compute_weight(linear)
-    return linear.weight
+    hook = _weight_norm_hook(linear)
+    return linear.weight if hook is None else hook.compute_weight(linear)
 
 
 @dataclass(frozen=True)
