@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .config import PARTS
 from .models import hf_dtype_kwargs
 
 
@@ -135,7 +136,10 @@ def cmd_quantize(args) -> int:
         batches = _text_batches(tok, _read_lines(args.calibration)[: args.calib_samples], device, args.max_length)
         calib = calibrate(model, batches)
     budget = int(args.weight_budget_mib * 2**20) if args.weight_budget_mib else None
-    config = QuantConfig(group_size=args.group_size, method=args.method, quantize_lm_head=args.quantize_lm_head,
+    parts = {"quantize_lm_head": args.quantize_lm_head}
+    if args.parts is not None:
+        parts = {f"quantize_{p}": p in args.parts or (p == "lm_head" and args.quantize_lm_head) for p in PARTS}
+    config = QuantConfig(group_size=args.group_size, method=args.method, **parts,
                          keep_most_sensitive=args.keep_most_sensitive, weight_budget_bytes=budget)
     report = patch_model(model, config, calibration=calib)
     print(report)
@@ -190,6 +194,14 @@ def cmd_eval(args) -> int:
             _json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def _parts(text: str):
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown model part(s) {unknown or text!r}: parts are {','.join(PARTS)}")
+    return set(parts)
 
 
 def _dtype(name):
@@ -275,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-most-sensitive", type=int, default=0, help="mixed precision: keep the k most sensitive layers")
     q.add_argument("--weight-budget-mib", type=float, default=None, help="mixed precision: Linear weight budget")
     q.add_argument("--quantize-lm-head", action="store_true")
+    q.add_argument("--parts", default=None, type=_parts,
+                   help=f"comma-separated model parts to quantize, of {','.join(PARTS)} (default: QuantConfig's, "
+                        "llm,vision,other; o-2.6's audio encoder and TTS are 'audio' and 'tts')")
     q.add_argument("--verify-load", action="store_true", help="reload the result module by module and report peak memory")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(func=cmd_quantize)

@@ -193,9 +193,15 @@ def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
     write_word_prompts(prompts)
     common = ["--model-class", "AutoModel", "--trust-remote-code", "--dtype", "fp32", "--device", "cpu"]
     assert main(["quantize", str(ckpt), str(tmp_path / "int4"), *common, "--group-size", "32",
-                 "--calibration", str(prompts), "--verify-load"]) == 0
+                 "--calibration", str(prompts), "--verify-load", "--parts", "llm"]) == 0
     out = capsys.readouterr().out
     assert "activation-aware search" in out and "reloaded module by module" in out
+    decisions = {d["name"]: d for d in json.loads((tmp_path / "int4" / "quant_config.json").read_text())["decisions"]}
+    assert decisions["llm.model.layers.0.mlp.up_proj"]["action"] == "quantized"
+    assert decisions["vpm.encoder.layers.0.mlp.fc1"]["action"] == "kept"  # --parts llm: vision stays
+    with pytest.raises(SystemExit):
+        main(["quantize", str(ckpt), str(tmp_path / "x"), "--parts", "llm,speech"])
+    assert "unknown model part(s) ['speech']" in capsys.readouterr().err
     assert main(["eval", str(ckpt), str(tmp_path / "int4"), *common, "--prompts", str(prompts), "--text", str(prompts)]) == 0
     out = capsys.readouterr().out
     assert "next-token KL divergence" in out and "perplexity on" in out and "| llm.model.layers.0" in out
