@@ -44,22 +44,49 @@ def _time_ms(fn, device, reps=5):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+DEMO_MODELS = {"4.6": "MiniCPM-V 4.6 (native transformers classes)",
+               "llama3-v2.5": "MiniCPM-Llama3-V 2.5 layout (remote code: Llama LLM, SigLIP, resampler)",
+               "2.6": "MiniCPM-V 2.6 layout (remote code: Qwen2 LLM, SigLIP, resampler)"}
+
+
+def _demo_model(args, device, dtype):
+    """(model, description, forward(), generate() -> new tokens) for the demo. Without --model it is
+    the native 4.6, or where transformers has no native class (4.x) the 2.6 remote-code layout."""
+    from .tiny import NativeModelUnavailable, build_native, build_remote_layout, prompt_with_image, remote_inputs
+
+    name = args.model or "4.6"
+    gen_kw = dict(max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens)
+    if name == "4.6":
+        try:
+            model = build_native("4_6", size=args.size, dtype=dtype, device=device, seed=args.seed)
+        except NativeModelUnavailable as e:
+            if args.model:
+                raise
+            print(f"{e}: the demo runs the {DEMO_MODELS['2.6']} instead")
+            name = "2.6"
+    if name == "4.6":
+        ids, pv, ts = (t.to(device) for t in prompt_with_image(model, text_len=16, seed=args.seed + 1))
+        inputs = dict(input_ids=ids, pixel_values=pv, target_sizes=ts)
+        return (model, DEMO_MODELS[name], lambda: model(**inputs).logits,
+                lambda: model.generate(**inputs, **gen_kw)[:, ids.shape[1]:])
+    model = build_remote_layout("llama" if name == "llama3-v2.5" else "qwen2", dtype=dtype, seed=args.seed,
+                                size=args.size).to(device)
+    ids, pv = (t.to(device) for t in remote_inputs(model, text_len=24, seed=args.seed + 1))
+    return model, DEMO_MODELS[name], lambda: model(ids, pv).logits, lambda: model.generate(ids, pv, **gen_kw)
+
+
 def cmd_demo(args) -> int:
     from . import QuantConfig, patch_model
-    from .tiny import build_native, prompt_with_image
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    print(f"minicpm_int4 demo: random-weight MiniCPM-V 4.6 ({args.size}), {args.dtype}, device {device}")
-    model = build_native("4_6", size=args.size, dtype=dtype, device=device, seed=args.seed)
-    ids, pv, ts = prompt_with_image(model, text_len=16, seed=args.seed + 1)
-    ids, pv, ts = ids.to(device), pv.to(device), ts.to(device)
-    gen_kw = dict(max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens)
+    model, what, forward, generate = _demo_model(args, device, dtype)
+    print(f"minicpm_int4 demo: random-weight {what} ({args.size}), {args.dtype}, device {device}")
 
     with torch.no_grad():
-        ref_logits = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits.float()
-        ref_gen = model.generate(input_ids=ids, pixel_values=pv, target_sizes=ts, **gen_kw)[:, ids.shape[1]:]
-        fp_ms = _time_ms(lambda: model(input_ids=ids, pixel_values=pv, target_sizes=ts), device) if device.type == "cuda" else None
+        ref_logits = forward().float()
+        ref_gen = generate()
+        fp_ms = _time_ms(forward, device) if device.type == "cuda" else None
     bytes_fp = _model_bytes(model)
 
     config = QuantConfig(group_size=args.group_size, method=args.method)
@@ -68,9 +95,9 @@ def cmd_demo(args) -> int:
     bytes_q = _model_bytes(model)
 
     with torch.no_grad():
-        q_logits = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits.float()
-        q_gen = model.generate(input_ids=ids, pixel_values=pv, target_sizes=ts, **gen_kw)[:, ids.shape[1]:]
-        q_ms = _time_ms(lambda: model(input_ids=ids, pixel_values=pv, target_sizes=ts), device) if device.type == "cuda" else None
+        q_logits = forward().float()
+        q_gen = generate()
+        q_ms = _time_ms(forward, device) if device.type == "cuda" else None
     rel = ((q_logits - ref_logits).norm() / ref_logits.norm()).item()
     top1 = (q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     n = min(ref_gen.shape[1], q_gen.shape[1])
@@ -263,7 +290,9 @@ def _csv(s):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minicpm-int4", description="int4 inference kernels for MiniCPM-V")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="patch a small random-weight MiniCPM-V 4.6 and compare it with the original")
+    d = sub.add_parser("demo", help="patch a small random-weight MiniCPM-V and compare it with the original")
+    d.add_argument("--model", choices=list(DEMO_MODELS), default=None,
+                   help="default 4.6; with a transformers that has no native 4.6 class (4.x), the 2.6 layout")
     d.add_argument("--size", choices=["tiny", "demo"], default="demo")
     d.add_argument("--dtype", choices=["fp16", "bf16"], default=None)
     d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -180,13 +180,14 @@ class RemoteLayoutMiniCPMV(nn.Module):
         return self.llm.generate(inputs_embeds=self.embed(input_ids, pixel_values), **kwargs)
 
 
-def build_remote_layout(llm: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, omni: bool = False):
+def build_remote_layout(llm: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, omni: bool = False,
+                        size: str = "tiny"):
     """llm in {"llama" (Llama3-V 2.5), "qwen2" (MiniCPM-V 2.6 / o-2.6)}; SigLIP vision tower; `omni`
     adds o-2.6's audio encoder, audio projection and TTS."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    h, inter, layers, heads, kv, hd, vocab, _, vl = SIZES["tiny"]
+    h, inter, layers, heads, kv, hd, vocab, _, vl = SIZES[size]
     vh = 96  # != LLM hidden, so that the resampler has a kv_proj Linear (as 2.5 / 2.6 do)
     common = dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv, vocab_size=vocab)

@@ -10,13 +10,36 @@ from minicpm_int4.cli import main
 
 def test_demo_prints_report_memory_and_agreement(capsys, tmp_path):
     out_json = tmp_path / "demo.json"
-    assert main(["demo", "--size", "tiny", "--new-tokens", "4", "--json", str(out_json)]) == 0
+    assert main(["demo", "--model", "4.6", "--size", "tiny", "--new-tokens", "4", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "layout minicpmv-native" in out
     assert "weight memory" in out and "MiB" in out
     assert "prompt logits: relative error" in out and "top-1 agreement" in out
     assert "greedy generation (4 new tokens)" in out
     assert out_json.exists()
+
+
+@pytest.mark.parametrize("model", ["llama3-v2.5", "2.6"])
+def test_demo_on_the_remote_code_layouts(capsys, model):
+    assert main(["demo", "--model", model, "--size", "tiny", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layout minicpmv-remote" in out and "remote code" in out
+    assert "prompt logits: relative error" in out and "greedy generation (3 new tokens)" in out
+
+
+def test_demo_default_falls_back_to_the_remote_layout_without_native_classes(capsys):
+    """transformers 4.x (which the 2.x models pin) has no native 4.6 class: the README's demo command
+    still runs there, on the 2.6 layout, and says so. CI runs this under 5.x and 4.x."""
+    import transformers
+
+    native = hasattr(transformers, "MiniCPMV4_6Config")
+    assert main(["demo", "--size", "tiny", "--new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    if native:
+        assert "layout minicpmv-native" in out and "instead" not in out
+    else:
+        assert "has no MiniCPMV4_6Config" in out and "the demo runs the MiniCPM-V 2.6 layout" in out
+        assert "layout minicpmv-remote" in out
 
 
 def test_python_dash_m_entry_point():
