@@ -53,3 +53,33 @@ def save_word_tokenizer(path, n_words: int = 200) -> None:
 
 def write_word_prompts(path, lines: int = 6, words: int = 12, n_words: int = 200) -> None:
     path.write_text("\n".join(" ".join(f"w{(i * 7 + j * 3) % n_words}" for j in range(words)) for i in range(lines)))
+
+
+def check_empty_batch(device, backend, ops_backend=None):
+    """An empty batch (M = 0: e.g. no image tokens in a step) gives empty outputs of the right
+    shapes and dtypes through every op and through QuantLinear; the kernels are not launched (a
+    0-sized Triton grid crashed the interpreter)."""
+    from torch import nn
+
+    from minicpm_int4 import QuantConfig, QuantLinear, ops
+
+    ops_backend = ops_backend or backend
+    qweight, scales, zeros = (t.to(device) for t in random_qweight(40, 128, 64, torch.float16)[:3])
+    x = torch.randn(0, 128, dtype=torch.float16, device=device)
+    bias = torch.randn(40, dtype=torch.float16, device=device)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 64, backend=ops_backend)
+    assert y.shape == (0, 40) and y.dtype == torch.float16 and y.device == x.device
+    ws = ops.w4a16_workspace(40, device)
+    assert ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend=ops_backend, workspace=ws).shape == (0, 40)
+    x_q, s = ops.quantize_per_token_int8(x, backend=ops_backend)
+    assert x_q.shape == (0, 128) and x_q.dtype == torch.int8 and s.shape == (0,) and s.dtype == torch.float32
+    if ops_backend != "cuda":
+        y8 = ops.w4a8_gemm(x_q, s, qweight, scales, zeros, bias.bfloat16(), 64, torch.bfloat16, backend=ops_backend)
+        assert y8.shape == (0, 40) and y8.dtype == torch.bfloat16
+    lin = nn.Linear(128, 40, dtype=torch.float16, device=device)
+    for act in (None, "int8"):
+        if act == "int8" and backend == "cuda":
+            continue
+        ql = QuantLinear.from_linear(lin, QuantConfig(group_size=64, backend=backend, act=act))
+        assert ql(torch.randn(2, 0, 128, dtype=torch.float16, device=device)).shape == (2, 0, 40)
+

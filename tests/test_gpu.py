@@ -6,7 +6,7 @@ import torch
 from minicpm_int4 import QuantConfig, QuantLinear, ops, patch_model
 from minicpm_int4.reference import quantize_per_token_int8_ref, w4a16_gemm_ref, w4a8_gemm_ref
 
-from helpers import assert_gemm_close, dequant, random_qweight, w4a8_tolerance
+from helpers import assert_gemm_close, check_empty_batch, dequant, random_qweight, w4a8_tolerance
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_empty", "compiled_triton")]
 
@@ -327,3 +327,10 @@ def test_triton_w4a16_real_shapes(nk, m, dtype):
     y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton")
     y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs)
     assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, dtype))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_empty_batch_on_gpu(backend):
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(f"CUDA extension: {ops.cuda_extension_error()}")
+    check_empty_batch("cuda", backend)

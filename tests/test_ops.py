@@ -8,7 +8,7 @@ import torch
 
 from minicpm_int4 import ops
 
-from helpers import random_qweight
+from helpers import check_empty_batch, random_qweight
 
 
 def _layer(dtype=torch.float16, n=40, k=128, gs=64):
@@ -150,3 +150,10 @@ def test_cuda_extension_error_is_a_reason_not_a_crash():
     why = ops.cuda_extension_error()
     if why is not None:
         assert "minicpm_int4._C" in why
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend):
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    check_empty_batch("cpu", backend)
