@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -126,6 +127,57 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class CLIError(Exception):
+    """A user error (a path that does not load, a class transformers lacks): main prints the message
+    as one line and exits 2 instead of a traceback (MINICPM_INT4_TRACEBACK=1 shows it)."""
+
+
+def _model_class(name: str):
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise CLIError(f"--model-class {name}: transformers {transformers.__version__} has no such model class "
+                       "(remote-code MiniCPM-V 2.x / o-2.6: --model-class AutoModel --trust-remote-code)")
+    return cls
+
+
+def _from_pretrained(what: str, load, path: str, *args, **kwargs):
+    """load(path, ...) with the errors a wrong path, a missing trust_remote_code or a config of another
+    model raise (OSError / ValueError / ImportError from transformers) turned into one CLIError."""
+    try:
+        return load(path, *args, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        hint = "" if os.path.exists(path) else " (no such local path; not a hub name that loads either)"
+        raise CLIError(f"cannot load the {what} from {path!r}{hint}: {e}") from e
+
+
+def _load_model(args, dtype, device):
+    cls = _model_class(args.model_class)
+    model = _from_pretrained(f"model ({args.model_class})", cls.from_pretrained, args.model, **hf_dtype_kwargs(dtype),
+                             trust_remote_code=args.trust_remote_code)
+    return model.to(device).eval()
+
+
+def _load_tokenizer(args):
+    import transformers
+
+    return _from_pretrained("tokenizer", transformers.AutoTokenizer.from_pretrained, args.model,
+                            trust_remote_code=args.trust_remote_code)
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a file" + ("" if os.path.exists(path) else " (it does not exist)"))
+    return path
+
+
+def _output_dir(path: str) -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} exists and is not a directory")
+    return path
+
+
 def _read_lines(path):
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
@@ -150,18 +202,17 @@ def cmd_quantize(args) -> int:
     from . import QuantConfig, calibrate, patch_model, save_quantized
     from .checkpoint import load_pretrained_quantized
 
-    import transformers
-
     dtype = _dtype(args.dtype)
-    cls = getattr(transformers, args.model_class)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
+    if lines == []:
+        raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
+    tok = _load_tokenizer(args) if lines else None  # before the model: a missing tokenizer fails fast
     print(f"loading {args.model} with {args.model_class} ({args.dtype}) on {device}", file=sys.stderr)
-    model = cls.from_pretrained(args.model, **hf_dtype_kwargs(dtype), trust_remote_code=args.trust_remote_code).to(device).eval()
+    model = _load_model(args, dtype, device)
     calib = None
-    if args.calibration:
-        tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        batches = _text_batches(tok, _read_lines(args.calibration)[: args.calib_samples], device, args.max_length)
-        calib = calibrate(model, batches)
+    if lines:
+        calib = calibrate(model, _text_batches(tok, lines, device, args.max_length))
     budget = int(args.weight_budget_mib * 2**20) if args.weight_budget_mib else None
     parts = {"quantize_lm_head": args.quantize_lm_head}
     if args.parts is not None:
@@ -188,17 +239,23 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     import json as _json
 
-    import transformers
-
-    from .checkpoint import load_pretrained_quantized
+    from .checkpoint import CheckpointMismatchError, load_pretrained_quantized, read_quant_config
     from .evaluate import compare_models, layer_table, perplexity
 
+    if not args.prompts and not args.text:
+        raise CLIError("give --prompts and/or --text")
+    try:
+        read_quant_config(args.quantized)
+    except (FileNotFoundError, CheckpointMismatchError) as e:
+        raise CLIError(str(e)) from e
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(args.dtype)
-    cls = getattr(transformers, args.model_class)
-    ref = cls.from_pretrained(args.model, **hf_dtype_kwargs(dtype), trust_remote_code=args.trust_remote_code).to(device).eval()
-    quant = load_pretrained_quantized(args.quantized, device=device, trust_remote_code=args.trust_remote_code)
-    tok = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tok = _load_tokenizer(args)
+    ref = _load_model(args, dtype, device)
+    try:
+        quant = load_pretrained_quantized(args.quantized, device=device, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
+        raise CLIError(f"cannot load the quantized model from {args.quantized!r}: {e}") from e
     out = {"model": args.model, "quantized": args.quantized}
     if args.prompts:
         res = compare_models(ref, quant, _text_batches(tok, _read_lines(args.prompts), device, args.max_length))
@@ -213,9 +270,6 @@ def cmd_eval(args) -> int:
                              "tokens": int(ids.shape[1])}
         print(f"perplexity on {ids.shape[1]} tokens: reference {out['perplexity']['reference']:.3f}, "
               f"int4 {out['perplexity']['quantized']:.3f}")
-    if not args.prompts and not args.text:
-        print("minicpm-int4 eval: give --prompts and/or --text", file=sys.stderr)
-        return 2
     if args.json:
         with open(args.json, "w") as f:
             _json.dump(out, f, indent=1)
@@ -304,13 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("quantize", help="quantize a pretrained model and save it")
     q.add_argument("model", help="local path or hub name")
-    q.add_argument("out", help="output directory")
+    q.add_argument("out", type=_output_dir, help="output directory")
     q.add_argument("--model-class", default="AutoModelForImageTextToText")
     q.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     q.add_argument("--method", choices=["rtn", "search"], default="search")
-    q.add_argument("--calibration", default=None, help="text file, one calibration prompt per line (activation-aware search, sensitivity)")
+    q.add_argument("--calibration", default=None, type=_existing_file, help="text file, one calibration prompt per line (activation-aware search, sensitivity)")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--max-length", type=int, default=512)
     q.add_argument("--keep-most-sensitive", type=int, default=0, help="mixed precision: keep the k most sensitive layers")
@@ -325,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="compare a quantized model with its original: KL, top-1, perplexity, per-layer error")
     e.add_argument("model", help="the original model (path or hub name)")
     e.add_argument("quantized", help="directory written by `minicpm-int4 quantize`")
-    e.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    e.add_argument("--text", default=None, help="text file for perplexity")
+    e.add_argument("--prompts", default=None, type=_existing_file, help="text file, one prompt per line")
+    e.add_argument("--text", default=None, type=_existing_file, help="text file for perplexity")
     e.add_argument("--model-class", default="AutoModelForImageTextToText")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     e.add_argument("--device", default=None)
@@ -391,7 +445,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "dtype", "x") is None:
         args.dtype = "fp16" if torch.cuda.is_available() else "bf16"
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        if os.environ.get("MINICPM_INT4_TRACEBACK") == "1":
+            raise
+        print(f"minicpm-int4 {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -83,3 +83,26 @@ def check_empty_batch(device, backend, ops_backend=None):
         ql = QuantLinear.from_linear(lin, QuantConfig(group_size=64, backend=backend, act=act))
         assert ql(torch.randn(2, 0, 128, dtype=torch.float16, device=device)).shape == (2, 0, 40)
 
+
+def check_quantlinear_backend(lin, group_size, act, lead, backend):
+    """QuantLinear(backend=backend) against the reference path of the same layer on random input of
+    shape [*lead, K] on lin's device: W4A16 within the GEMM tolerance, W4A8 (M >= W4A8_MIN_M)
+    within w4a8_tolerance (its int32 sums exact, the fp32 epilogue's rounding bounded)."""
+    from minicpm_int4 import QuantConfig, QuantLinear, ops
+
+    n, k = lin.out_features, lin.in_features
+    dtype, device = lin.weight.dtype, lin.weight.device
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=group_size, backend=backend, act=act))
+    ref = QuantLinear.from_linear(lin, QuantConfig(group_size=group_size, backend="torch", act=act))
+    x = torch.randn(*lead, k, dtype=dtype, device=device)
+    y, y_ref = ql(x), ref(x)
+    assert y.shape == (*lead, n) and y.dtype == dtype and y.device == x.device
+    if x.numel() == 0:
+        return
+    x2, y, y_ref = x.reshape(-1, k), y.reshape(-1, n), y_ref.reshape(-1, n)
+    if act == "int8" and x2.shape[0] >= ops.W4A8_MIN_M:
+        x_q, s = ops.quantize_per_token_int8(x2, backend="torch")
+        tol = w4a8_tolerance(x_q, s, ql.qweight, ql.scales, ql.zeros, ql._kernel_group_size, dtype, y_ref)
+        assert ((y.double() - y_ref.double()).abs() <= tol.double()).all(), (y - y_ref).abs().max()
+    else:
+        assert_gemm_close(y, y_ref, x2, ql.dequantized_weight())

@@ -205,3 +205,51 @@ def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
     assert main(["eval", str(ckpt), str(tmp_path / "int4"), *common, "--prompts", str(prompts), "--text", str(prompts)]) == 0
     out = capsys.readouterr().out
     assert "next-token KL divergence" in out and "perplexity on" in out and "| llm.model.layers.0" in out
+
+
+def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    """A wrong path, a class transformers lacks, remote code without --trust-remote-code, a folder that
+    is not an int4 checkpoint: one line naming the problem, exit code 2, no traceback; argparse
+    refuses missing input files before anything loads."""
+    from helpers import write_word_prompts
+    from minicpm_int4.cli import main
+
+    ckpt = _remote_code_checkpoint(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    write_word_prompts(prompts)
+    out = str(tmp_path / "int4")
+
+    def err_of(argv):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return err.strip().splitlines()[-1]  # the error line ("loading ..." progress may precede it)
+
+    missing = str(tmp_path / "no_such_model")
+    err = err_of(["quantize", missing, out, "--device", "cpu"])
+    assert err.startswith("minicpm-int4 quantize: cannot load the model") and "no_such_model" in err
+    assert "no such local path" in err
+    err = err_of(["quantize", str(ckpt), out, "--model-class", "NoSuchModel", "--device", "cpu"])
+    assert "--model-class NoSuchModel" in err and "has no such model class" in err
+    err = err_of(["quantize", str(ckpt), out, "--model-class", "AutoModel", "--device", "cpu"])
+    assert "trust_remote_code" in err or "trust-remote-code" in err
+    assert not os.path.exists(out)
+    err = err_of(["eval", str(ckpt), str(ckpt), "--prompts", str(prompts), "--device", "cpu"])
+    assert "is not a minicpm_int4 checkpoint" in err
+    err = err_of(["eval", str(ckpt), str(ckpt), "--device", "cpu"])
+    assert "give --prompts and/or --text" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    err = err_of(["quantize", str(ckpt), out, "--calibration", str(empty), "--model-class", "AutoModel",
+                  "--trust-remote-code", "--device", "cpu"])
+    assert "has no non-empty line" in err
+    for argv, message in ((["quantize", str(ckpt), out, "--calibration", str(tmp_path / "nope.txt")], "does not exist"),
+                          (["eval", str(ckpt), out, "--text", str(tmp_path / "nope.txt")], "does not exist"),
+                          (["quantize", str(ckpt), str(prompts)], "exists and is not a directory")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setenv("MINICPM_INT4_TRACEBACK", "1")
+    with pytest.raises(Exception, match="NoSuchModel"):
+        main(["quantize", str(ckpt), out, "--model-class", "NoSuchModel"])

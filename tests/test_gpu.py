@@ -6,7 +6,7 @@ import torch
 from minicpm_int4 import QuantConfig, QuantLinear, ops, patch_model
 from minicpm_int4.reference import quantize_per_token_int8_ref, w4a16_gemm_ref, w4a8_gemm_ref
 
-from helpers import assert_gemm_close, check_empty_batch, dequant, random_qweight, w4a8_tolerance
+from helpers import assert_gemm_close, check_empty_batch, check_quantlinear_backend, dequant, random_qweight, w4a8_tolerance
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_empty", "compiled_triton")]
 
@@ -334,3 +334,16 @@ def test_empty_batch_on_gpu(backend):
     if backend == "cuda" and ops.cuda_extension_error():
         pytest.skip(f"CUDA extension: {ops.cuda_extension_error()}")
     check_empty_batch("cuda", backend)
+
+
+@pytest.mark.parametrize("act", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("n,k,group_size", [(40, 72, -1), (33, 96, 32), (70, 192, 64), (1000, 1544, -1)],
+                         ids=lambda v: str(v))
+def test_triton_quantlinear_odd_shapes(n, k, group_size, dtype, act):
+    """The compiled kernels on what real layers rarely have and the interpreter cannot judge: packed
+    rows not 16-byte aligned (per channel, K = 72 / 1544), N off every tile, tiny K, every M regime
+    (empty, GEMV, split-K decode, prefill tiles, W4A8 from M = 17)."""
+    lin = torch.nn.Linear(k, n, dtype=dtype, device="cuda")
+    for m in (0, 1, 3, 16, 17, 33):
+        check_quantlinear_backend(lin, group_size, act, (m,), "triton")
