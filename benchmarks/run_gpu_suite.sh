@@ -63,7 +63,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   echo "=== [peers] no wheels carried: bnb-nf4 and gemlite will be skipped (benchmarks/fetch_peer_wheels.sh)" >> "$LOG"
 fi
-stage ext 20 $PY -c "import minicpm_int4.ops as o; print('CUDA extension:', o.cuda_extension_error() or 'loaded')"
+# versions, the device, whether _C loaded (and why not), what backend="auto" picks: into suite.log
+stage env-report 30 $PY -m minicpm_int4 env
 # pytest-xdist where installed (the GPU image has it): the tests' time is mostly Triton compiling
 # kernels on the CPU, which 12 workers (of the 16 cores) share out, and a worker that breaks its
 # GPU context takes only its own tests down; the compiled kernels stay in Triton's cache for bench

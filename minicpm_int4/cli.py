@@ -5,6 +5,7 @@
     minicpm-int4 eval MODEL QDIR      KL / top-1 / perplexity / per-layer error of QDIR vs MODEL
     minicpm-int4 bench                kernel microbenchmarks vs fp16 and peers (JSON, Markdown, PNG)
     minicpm-int4 profile              end-to-end latency vs fp16 on full-size random-weight models
+    minicpm-int4 env                  versions, devices, available backends and why not, auto's picks
 """
 from __future__ import annotations
 
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("inspect-cuda", add_help=False,
                    help="compile the CUDA extension's kernels (csrc/) with nvcc for sm_80 / sm_90a: registers, "
                         "spills, SASS instructions per weight (--help for options)")
+    sub.add_parser("env", add_help=False,
+                   help="versions, devices, which backends this install can run (and why not), what "
+                        "backend='auto' picks; for bug reports (--help for options)")
     sub.add_parser("targets", add_help=False,
                    help="the issues' performance targets checked against a results folder's bench.json / "
                         "profile.json; writes targets.md there (--help for options)")
@@ -438,6 +442,10 @@ def main(argv=None) -> int:
         from .kernels import csrc_inspect
 
         return csrc_inspect.main(argv[1:])
+    if argv[:1] == ["env"]:  # its own parser (diagnose.py)
+        from . import diagnose
+
+        return diagnose.main(argv[1:])
     if argv[:1] == ["targets"]:  # its own parser (bench/targets.py)
         from .bench import targets
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minicpm_int4.cli import main
 
@@ -94,3 +95,45 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
     res = json.loads(report.read_text())
     assert res["tokens"] == 6 * 12 and 0 <= res["top1_agreement"] <= 1 and res["kl_divergence"] >= 0
     assert res["layers"] and all(r["rel_output_error"] > 0 for r in res["layers"])
+
+
+def test_env_reports_backends_and_why_not(capsys, tmp_path):
+    import json
+
+    from minicpm_int4 import ops
+
+    out = tmp_path / "env.json"
+    assert main(["env", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    info = json.loads(out.read_text())
+    assert text.startswith("minicpm_int4 ") and f"torch {torch.__version__}" in text
+    assert info["torch"] == torch.__version__ and info["backends"]["torch"]["available"]
+    assert info["backends"]["triton"]["available"] == (ops._triton_kernels()[0] is not None)
+    assert info["backends"]["triton"]["interpreter"] == ops.triton_interpreter_active()
+    if ops.cuda_extension_error():  # CI: not built, and the report says why and how to build it
+        assert not info["backends"]["cuda"]["available"]
+        assert "backend cuda: unavailable - the CUDA extension minicpm_int4._C is not built" in text
+        assert "MINICPM_INT4_BUILD_CUDA=1" in text
+    if not torch.cuda.is_available():
+        assert {p["backend"] for p in info["auto"]} == {"torch"}
+        assert "w4a16_gemm M=1 N=4096 K=4096: torch" in text
+
+
+def test_env_report_of_a_gpu_install(monkeypatch):
+    """The GPU branches of the report, from a collected report edited to look like a CUDA install."""
+    from minicpm_int4 import diagnose
+
+    info = diagnose.collect("cpu")
+    info.update(device="cuda:0", device_name="NVIDIA H200", capability="9.0", sm_count=132,
+                total_memory_bytes=141 * 2**30, cuda_devices=["NVIDIA H200", "NVIDIA H200"])
+    info["backends"]["triton"].update(available=True, interpreter=False)
+    info["backends"]["cuda"].update(available=True, ops=["quantize_per_token_int8", "w4a16_gemm"])
+    info["auto"] = [{"op": "w4a16_gemm", "m": 1, "n": 4096, "k": 4096, "backend": "cuda"}]
+    info["dispatch_table"].update(devices=["NVIDIA H200"], this_device="NVIDIA H200", this_device_rules=7)
+    text = diagnose.format_report(info)
+    assert "device: cuda:0 (NVIDIA H200), sm_90, 132 SMs, 141 GiB" in text
+    assert "CUDA devices: NVIDIA H200, NVIDIA H200" in text
+    assert "backend triton: compiled kernels\n" in text
+    assert "backend cuda: minicpm_int4._C loaded (quantize_per_token_int8, w4a16_gemm)" in text
+    assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text
+    assert "dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s)" in text

@@ -1,0 +1,141 @@
+"""`minicpm-int4 env`: what this install can run and why not, for bug reports and the GPU suite's log.
+
+Versions (minicpm_int4, torch + its CUDA, triton, transformers, the peers), the devices, each
+backend's availability with the reason when it is missing (Triton kernels, the Triton interpreter,
+the compiled extension `minicpm_int4._C`, nvcc for building it), the measured dispatch table, and
+which backend `backend="auto"` picks for a few decode and prefill shapes on this machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import torch
+
+from . import __version__, ops
+from .bench.env import env_info
+
+# (M, N, K) that "auto" is asked about: decode M = 1 and 16, prefill, on a 4096 x 4096 layer
+PROBE_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096))
+
+
+def _backends() -> Dict:
+    kernels, triton_why = ops._triton_kernels()
+    interp = bool(kernels is not None and kernels.INTERPRET)
+    ext, ext_why = ops._cuda_ext()
+    ext_ops: List[str] = []
+    if ext is not None:
+        ext_ops = sorted(n for n in ("w4a16_gemm", "quantize_per_token_int8") if hasattr(ext, n))
+    return {
+        "torch": {"available": True, "what": "reference.py (the CPU path and the specification)"},
+        "triton": {"available": kernels is not None, "reason": triton_why, "interpreter": interp,
+                   "interpreter_problem": kernels.interpreter_problem() if interp else None},
+        "cuda": {"available": ext is not None, "reason": ext_why, "ops": ext_ops,
+                 "nvcc": shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                                  if os.environ.get("CUDA_HOME") else None),
+                 "torch_cuda_build": torch.version.cuda},
+    }
+
+
+def _auto_picks(device: torch.device) -> List[Dict]:
+    picks = []
+    for m, n, k in PROBE_SHAPES:
+        try:
+            be = ops.resolve_backend("auto", device, "w4a16_gemm", shape=(m, n, k))
+        except Exception as e:  # report, do not fail: this command is what users run when things fail
+            be = f"error: {type(e).__name__}: {e}"
+        picks.append({"op": "w4a16_gemm", "m": m, "n": n, "k": k, "backend": be})
+    for op in ("quantize_per_token_int8", "w4a8_gemm"):
+        try:
+            be = ops.resolve_backend("auto", device, op)
+        except Exception as e:
+            be = f"error: {type(e).__name__}: {e}"
+        picks.append({"op": op, "backend": be})
+    return picks
+
+
+def _dispatch_table(device: torch.device) -> Dict:
+    from .dispatch import TABLE_PATH, load_table
+
+    table = load_table(TABLE_PATH)
+    devices = sorted(table.get("devices", {}))
+    out = {"path": TABLE_PATH, "exists": os.path.exists(TABLE_PATH), "devices": devices}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        entry = table.get("devices", {}).get(name)
+        out["this_device"] = name
+        out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
+    return out
+
+
+def collect(device: Optional[str] = None) -> Dict:
+    """Everything `minicpm-int4 env` prints, as a dict (JSON-serialisable)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = env_info(dev)
+    info.pop("timestamp_utc", None)
+    info["minicpm_int4"] = __version__
+    info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+    info["backends"] = _backends()
+    info["auto"] = _auto_picks(dev)
+    info["dispatch_table"] = _dispatch_table(dev)
+    return info
+
+
+def format_report(info: Dict) -> str:
+    b = info["backends"]
+    lines = [
+        f"minicpm_int4 {info['minicpm_int4']} (commit {info['commit']})",
+        f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda'] or 'none: a CPU build'}), "
+        f"triton {info['triton']}, transformers {info['transformers']}",
+        "peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in info["peers"].items()),
+        f"device: {info['device']} ({info['device_name']})"
+        + (f", sm_{info['capability'].replace('.', '')}, {info['sm_count']} SMs, "
+           f"{info['total_memory_bytes'] / 2**30:.0f} GiB" if "capability" in info else ""),
+    ]
+    if len(info["cuda_devices"]) > 1:
+        lines.append(f"CUDA devices: {', '.join(info['cuda_devices'])}")
+    t = b["triton"]
+    if not t["available"]:
+        lines.append(f"backend triton: unavailable - {t['reason']}")
+    elif t["interpreter"]:
+        lines.append("backend triton: the interpreter (TRITON_INTERPRET=1: CPU tensors, slow but exact)"
+                     + (f" - cannot run here: {t['interpreter_problem']}" if t["interpreter_problem"] else ""))
+    else:
+        lines.append("backend triton: compiled kernels" + ("" if info["device"].startswith("cuda")
+                                                             else " (need CUDA tensors; none here)"))
+    c = b["cuda"]
+    if c["available"]:
+        lines.append(f"backend cuda: minicpm_int4._C loaded ({', '.join(c['ops'])})")
+    else:
+        lines.append(f"backend cuda: unavailable - {c['reason']}")
+        lines.append(f"  to build it: nvcc {c['nvcc'] or 'not found'}, torch CUDA build "
+                     f"{c['torch_cuda_build'] or 'no (CPU torch)'}")
+    lines.append("backend='auto' on " + info["device"] + ":")
+    for p in info["auto"]:
+        shape = f" M={p['m']} N={p['n']} K={p['k']}" if "m" in p else ""
+        lines.append(f"  {p['op']}{shape}: {p['backend']}")
+    d = info["dispatch_table"]
+    table = (f"{len(d['devices'])} GPU(s) measured: {', '.join(d['devices'])}" if d["devices"]
+             else "none committed (auto uses the Triton kernels everywhere on CUDA)")
+    lines.append(f"dispatch table: {table}")
+    if "this_device" in d:
+        lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="minicpm-int4 env", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    args = p.parse_args(argv)
+    info = collect(args.device)
+    print(format_report(info))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
+    return 0
