@@ -119,6 +119,7 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
 
     aliases = meta.get("aliases", {})
     targets = model.state_dict(keep_vars=True)
+    materialised: Dict[int, torch.Tensor] = {}  # id(meta tensor) -> its loaded tensor: ties stay tied
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
         stored = set(f.keys())
         used = set()
@@ -126,6 +127,12 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
             src = aliases.get(key, key)
             if src not in stored:
                 raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
+            if target.device.type == "meta" and id(target) in materialised:
+                # a second name of one tensor (a tied lm_head / embedding): the same tensor again,
+                # not a copy (which would double its memory and untie it)
+                _assign(model, key, materialised[id(target)])
+                used.add(src)
+                continue
             sl = f.get_slice(src)
             shape = tuple(sl.get_shape())
             if shape != tuple(target.shape):
@@ -134,7 +141,7 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
             if t.dtype != target.dtype:
                 raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
             if target.device.type == "meta":
-                _assign(model, key, t.to(load_device))
+                materialised[id(target)] = _assign(model, key, t.to(load_device))
             else:
                 with torch.no_grad():
                     target.data.copy_(t)
@@ -147,14 +154,18 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     return model
 
 
-def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
-    """Replace the meta parameter/buffer `key` of `model` by `value`."""
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    """Replace the meta parameter/buffer `key` of `model` by `value` (a Parameter is set as it is);
+    returns what was set."""
     mod_name, _, attr = key.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     if attr in mod._parameters:
-        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        mod._parameters[attr] = value
     else:
         mod._buffers[attr] = value
+    return value
 
 
 @contextlib.contextmanager

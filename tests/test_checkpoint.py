@@ -96,6 +96,26 @@ def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_pat
     assert torch.nn.Linear(4, 4).weight.device.type == "cpu"  # the patch is undone on exit
 
 
+def test_load_pretrained_quantized_keeps_tied_weights_tied(tmp_path):
+    """The OCR model ties lm_head to the embeddings (kept in high precision): rebuilt from meta, the
+    two names get one tensor again, not two copies (a vocab x hidden matrix twice: 1.2 GB for a
+    151k-token vocabulary at 4096 in bf16)."""
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    model = build_native("ocr")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path, report)
+    loaded = load_pretrained_quantized(str(tmp_path))
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    # parameters() lists a shared tensor once: a copy would add one
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits,
+                           loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits)
+
+
 REMOTE_CONFIG = """
 from transformers import PretrainedConfig
 
