@@ -115,6 +115,15 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     return "cuda"
 
 
+def _reference(device: torch.device, fn, *args):
+    """A reference.py function as the "torch" backend: with autocast off, which would otherwise run
+    its fp32 matmuls in fp16 / bf16 (the kernels, being custom ops, are untouched by autocast)."""
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks (clear errors instead of crashes inside kernels); shape-only, no host sync
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +187,7 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
                                                       m1_tensor_core=tc)
     if be == "cuda":
         return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
-    return reference.w4a16_gemm_ref(x, qweight, scales, zeros, bias, group_size)
+    return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
 
 
 # The workspace is not declared mutated: the kernel counts into it during the call and leaves every
@@ -290,7 +299,7 @@ def _quantize_per_token_int8_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tens
         return _triton_kernels()[0].quantize_per_token_int8_triton(x)
     if be == "cuda":
         return _cuda_ext()[0].quantize_per_token_int8(x)
-    return reference.quantize_per_token_int8_ref(x)
+    return _reference(x.device, reference.quantize_per_token_int8_ref, x)
 
 
 @torch.library.custom_op("minicpm_int4::quantize_per_token_int8", mutates_args=())
@@ -325,7 +334,8 @@ def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tenso
         return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
     if be == "cuda":
         raise RuntimeError("w4a8_gemm: the CUDA extension has no W4A8 kernel; use backend='triton' or 'auto'")
-    return reference.w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
+    return _reference(x_q.device, reference.w4a8_gemm_ref, x_q, x_scale, qweight, scales, zeros, bias, group_size,
+                      out_dtype)
 
 
 @torch.library.custom_op("minicpm_int4::w4a8_gemm", mutates_args=())

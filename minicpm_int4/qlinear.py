@@ -97,19 +97,25 @@ class QuantLinear(nn.Module):
         qweight, scales = self.qweight, self.scales
         k = self.in_features
         if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
-            self._bad_input(x)
+            x = self._adapt_input(x)
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _bad_input(self, x: torch.Tensor) -> None:
+    def _adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """An input that does not match the layer: under torch.autocast a floating-point input is cast
+        to the layer's dtype (nn.Linear casts to the autocast dtype; the int4 kernels compute in the
+        layer's), anything else is a clear error."""
         name = f"QuantLinear({self.in_features} -> {self.out_features})"
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{name}: input has {x.shape[-1]} features in its last dimension")
-        if x.dtype != self.scales.dtype:
-            raise TypeError(f"{name} holds a {self.scales.dtype} layer but got {x.dtype} input")
-        raise ValueError(f"{name} lives on {self.qweight.device} but got input on {x.device}")
+        if x.device != self.qweight.device:
+            raise ValueError(f"{name} lives on {self.qweight.device} but got input on {x.device}")
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            return x.to(self.scales.dtype)
+        raise TypeError(f"{name} holds a {self.scales.dtype} layer but got {x.dtype} input "
+                        "(cast the input, or run under torch.autocast, which casts it to the layer's dtype)")
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size == -1 else self.group_size

@@ -157,3 +157,25 @@ def test_empty_batch(backend):
     if backend == "triton" and not ops.triton_interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
     check_empty_batch("cpu", backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_does_not_change_the_results(backend):
+    """Autocast lowers torch.matmul to bf16 / fp16; the reference backend's fp32 sums must not follow
+    (the kernels are custom ops, outside autocast): the same bits with and without it."""
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    qweight, scales, zeros = _layer(torch.float32, n=24, k=128, gs=32)
+    x = torch.randn(20, 128)
+    bias = torch.randn(24)
+
+    def run():
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 32, backend=backend)
+        x_q, s = ops.quantize_per_token_int8(x, backend=backend)
+        return y, x_q, s, ops.w4a8_gemm(x_q, s, qweight, scales, zeros, bias, 32, torch.float32, backend=backend)
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = run()
+    for a, b in zip(plain, under):
+        assert a.dtype == b.dtype and torch.equal(a, b)

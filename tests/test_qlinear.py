@@ -57,6 +57,22 @@ def test_wrong_input_dtype_and_features():
         ql(torch.randn(2, 64, dtype=torch.float16, device="meta"))
 
 
+def test_autocast_casts_the_input_to_the_layer_dtype():
+    """Drop-in for nn.Linear under torch.autocast (fp32 norm outputs feeding the Linears): the input is
+    cast to the layer's dtype, in which the int4 kernels compute; outside autocast it is an error."""
+    ql = QuantLinear.from_linear(nn.Linear(64, 32).to(torch.bfloat16), QuantConfig(group_size=32))
+    x = torch.randn(2, 3, 64)
+    with pytest.raises(TypeError, match="holds a torch.bfloat16 layer but got torch.float32 input"):
+        ql(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ql(x)
+        with pytest.raises(ValueError, match="input has 63 features"):
+            ql(x[..., :63])
+        with pytest.raises(TypeError, match="got torch.int64 input"):
+            ql(torch.ones(2, 64, dtype=torch.long))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ql(x.to(torch.bfloat16)))
+
+
 def test_not_a_linear():
     with pytest.raises(TypeError, match="expects an nn.Linear"):
         QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
