@@ -136,6 +136,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     layout = detect_layout(model)
     head = output_embedding_name(model)
     report = PatchReport(layout=layout.name, config=config)
+    owners = {}  # id(parameter) -> every name it has (a tied lm_head's weight is also the embeddings')
+    for pname, prm in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(prm), []).append(pname)
     todo = []
     for parent_name, parent in model.named_modules():
         for attr, child in parent.named_children():
@@ -156,6 +159,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             if ok:
                 after = packed_bytes(child.out_features, child.in_features, config.group_size, scale_dtype_for(w.dtype))
                 path = f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16"
+                tied = [n for n in owners.get(id(w), []) if n != f"{name}.weight"]
+                if tied:  # the fp weight lives on in its other owner: int4 adds memory, it saves none
+                    after += before
+                    reason += (f"; weight tied to {tied[0]}, which keeps its {str(w.dtype).replace('torch.', '')} "
+                               "copy: int4 adds memory here (a decode-speed choice)")
                 todo.append((parent, attr, name, child, act, len(report.decisions)))
             else:
                 after, path = before, "fp"

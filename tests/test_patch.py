@@ -259,3 +259,22 @@ def test_patched_llm_compiles_fullgraph(which, grad):
     # equivalent code path (with torch 2.11 the *unpatched* 4.6 LLM differs from eager by 3.6e-7,
     # patched by 4.8e-7; with 2.13 both are bit-equal), so exact bits are not this package's to promise
     torch.testing.assert_close(out, eager)
+
+
+def test_a_tied_lm_head_quantized_is_reported_as_adding_memory():
+    """The OCR model ties lm_head to the embeddings: quantizing lm_head (quantize_lm_head=True, for
+    decode speed) frees nothing, since the embeddings keep the weight, so the report counts the int4
+    copy on top and says why; the untied 4.6 lm_head saves its bytes as usual."""
+    from minicpm_int4.packing import packed_bytes
+
+    tied = build_native("ocr")
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    d = next(d for d in patch_model(tied, QuantConfig(group_size=32, quantize_lm_head=True), progress=False).decisions
+             if d.part == "lm_head")
+    packed = packed_bytes(d.out_features, d.in_features, 32, torch.float32)
+    assert d.action == "quantized" and d.bytes_after == d.bytes_before + packed
+    assert "weight tied to model.language_model.embed_tokens.weight" in d.reason and "adds memory" in d.reason
+    untied = build_native("4_6")
+    d = next(d for d in patch_model(untied, QuantConfig(group_size=32, quantize_lm_head=True), progress=False).decisions
+             if d.part == "lm_head")
+    assert d.bytes_after == packed_bytes(d.out_features, d.in_features, 32, torch.float32) and "tied" not in d.reason
