@@ -13,7 +13,7 @@ from .models import detect_layout, effective_weight, output_embedding_name, prot
 from .ops import W4A8_MIN_M
 from .packing import packed_bytes
 from .qlinear import QuantLinear
-from .quantize import check_quantizable, scale_dtype_for
+from .quantize import check_layer_dtype, check_quantizable, scale_dtype_for
 
 CONFIG_ATTR = "_minicpm_int4_config"
 
@@ -101,7 +101,9 @@ def _decide(name: str, lin: nn.Linear, parent: nn.Module, attr: str, part: str, 
         return False, f"excluded by pattern {pat!r}", None
     forced = config.matches(name, config.include)
     try:
-        check_quantizable(effective_weight(lin), config.group_size, what=name)
+        w = effective_weight(lin)
+        check_quantizable(w, config.group_size, what=name)
+        check_layer_dtype(w.dtype, name)
     except (ValueError, TypeError) as e:
         return False, f"cannot quantize: {e}", None
     act = config.act_for(part)

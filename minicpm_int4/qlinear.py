@@ -7,10 +7,31 @@ import torch
 from torch import nn
 
 from . import ops
-from .config import QuantConfig
+from .config import ACTS, BACKENDS, GROUP_SIZES, QuantConfig
 from .models import effective_weight
 from .packing import num_groups, pack_int4, packed_bytes
-from .quantize import check_quantizable, quantize_weight, scale_dtype_for
+from .quantize import check_layer_dtype, check_quantizable, quantize_weight, scale_dtype_for
+
+
+def _check_layer_args(in_features, out_features, group_size, dtype, act, backend) -> None:
+    """The constructor's arguments, checked (load_quantized builds layers from a checkpoint's JSON):
+    a layer whose buffers could not hold a valid int4 weight never exists."""
+    shape = f"QuantLinear(in_features={in_features}, out_features={out_features})"
+    if not all(isinstance(v, int) and v > 0 for v in (in_features, out_features)):
+        raise ValueError(f"{shape}: in_features and out_features must be positive integers")
+    if in_features % 8:
+        raise ValueError(f"{shape}: in_features must be a multiple of 8 (8 int4 values per packed word)")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"{shape}: group_size={group_size} must be one of {GROUP_SIZES} (-1 = per output channel)")
+    if group_size != -1 and in_features % group_size:
+        raise ValueError(f"{shape}: in_features is not divisible by group_size={group_size}")
+    check_layer_dtype(dtype, shape)
+    if act not in ACTS:
+        raise ValueError(f"{shape}: act={act!r} must be None (W4A16) or 'int8' (W4A8)")
+    if backend not in BACKENDS:
+        raise ValueError(f"{shape}: backend={backend!r} must be one of {BACKENDS}")
+    if backend == "cuda" and act == "int8":
+        raise ValueError(f"{shape}: backend='cuda' has no W4A8 kernel; use backend='auto' or 'triton' with act='int8'")
 
 
 class QuantLinear(nn.Module):
@@ -29,6 +50,7 @@ class QuantLinear(nn.Module):
                  dtype: torch.dtype = torch.float16, device=None, act: Optional[str] = None,
                  backend: str = "auto"):
         super().__init__()
+        _check_layer_args(in_features, out_features, group_size, dtype, act, backend)
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -62,6 +84,7 @@ class QuantLinear(nn.Module):
             raise TypeError(f"{name}: QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = effective_weight(linear)
         check_quantizable(w, config.group_size, what=f"{name}.weight")
+        check_layer_dtype(w.dtype, f"{name}.weight")
         qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight)
         act = config.act if act is None and not isinstance(config.act, dict) else act
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,

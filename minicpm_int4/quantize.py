@@ -56,6 +56,15 @@ def check_quantizable(weight: torch.Tensor, group_size: int, what: str = "weight
         raise ValueError(f"{what} of shape [N={n}, K={k}]: in_features K={k} is not a multiple of 8 (8 int4 values per packed word)")
 
 
+LAYER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_layer_dtype(dtype: torch.dtype, what: str = "layer") -> None:
+    """A QuantLinear computes in fp16, bf16 or fp32 (its scales, zeros, bias and activations)."""
+    if dtype not in LAYER_DTYPES:
+        raise TypeError(f"{what}: dtype {dtype} is not supported by the int4 layers (fp16, bf16 or fp32)")
+
+
 def scale_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     """Scales and zeros are stored in the layer's dtype (fp16, bf16, or fp32 for fp32 layers)."""
     return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32

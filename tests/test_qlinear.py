@@ -47,6 +47,37 @@ def test_unquantizable_layers_raise_value_error_naming_shape(make, match):
         QuantLinear.from_linear(make(), QuantConfig(group_size=32))
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(in_features=100, out_features=40), ValueError, "in_features must be a multiple of 8"),
+    (dict(in_features=96, out_features=40, group_size=64), ValueError, "not divisible by group_size=64"),
+    (dict(in_features=96, out_features=40, group_size=48), ValueError, "group_size=48 must be one of"),
+    (dict(in_features=0, out_features=4), ValueError, "must be positive integers"),
+    (dict(in_features=64, out_features=4, dtype=torch.int8), TypeError, "dtype torch.int8 is not supported"),
+    (dict(in_features=64, out_features=4, dtype=torch.float64), TypeError, "dtype torch.float64 is not supported"),
+    (dict(in_features=64, out_features=4, act="fp8"), ValueError, "act='fp8' must be None"),
+    (dict(in_features=64, out_features=4, backend="tensorrt"), ValueError, "backend='tensorrt' must be one of"),
+    (dict(in_features=64, out_features=4, backend="cuda", act="int8"), ValueError, "no W4A8 kernel"),
+])
+def test_constructor_refuses_layers_it_cannot_hold(kwargs, error, match):
+    """The constructor is public (and load_quantized builds layers from a checkpoint's JSON): buffers
+    that cannot hold a valid int4 weight (K // 8 truncating, groups that do not divide K) are refused
+    with the reason, not built to give wrong answers later."""
+    with pytest.raises(error, match=match):
+        QuantLinear(**{"group_size": 32, **kwargs})
+    assert QuantLinear(72, 4, group_size=-1).qweight.shape == (4, 9)  # per channel: any K % 8 == 0
+
+
+def test_fp64_layers_are_kept_by_patch_model_with_the_reason():
+    from minicpm_int4 import patch_model
+
+    model = nn.Sequential(nn.Linear(64, 64).double(), nn.Linear(64, 64))
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert [d.action for d in report.decisions] == ["kept", "quantized"]
+    assert "dtype torch.float64 is not supported" in report.decisions[0].reason
+    with pytest.raises(TypeError, match="x.weight: dtype torch.float64"):
+        QuantLinear.from_linear(nn.Linear(64, 64).double(), QuantConfig(group_size=32), name="x")
+
+
 def test_wrong_input_dtype_and_features():
     ql = QuantLinear.from_linear(nn.Linear(64, 64).half(), QuantConfig(group_size=32))
     with pytest.raises(TypeError, match="holds a torch.float16 layer but got torch.float32 input"):
