@@ -88,6 +88,14 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
               seed: int = 0) -> Calibration:
     """Collect activation statistics of every nn.Linear of `model` over `batches` (each a dict of
     model kwargs, a tuple of positional args, or a tensor such as input_ids)."""
+    items = list(batches)
+    if not items:
+        raise ValueError("calibrate: no batches (give one or more, e.g. tokenized prompts)")
+    bad = next((b for b in items if not isinstance(b, (dict, tuple, list, torch.Tensor))), None)
+    if bad is not None:
+        raise TypeError(f"calibrate: a batch must be a dict of model kwargs, a tuple of positional args or a "
+                        f"tensor such as input_ids; got {type(bad).__name__}"
+                        + (" (tokenize the text first)" if isinstance(bad, str) else ""))
     calib = Calibration(max_samples=max_samples)
     gen = torch.Generator().manual_seed(seed)
     handles = []
@@ -112,7 +120,6 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             handles.append(mod.register_forward_pre_hook(make_hook(name)))
-    items = list(batches)
     it = items
     if progress:
         try:

@@ -40,6 +40,15 @@ def test_calibration_hooks_removed_when_the_model_fails():
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
+def test_calibration_refuses_no_batches_and_untokenized_text():
+    model = build_native("4_6")
+    with pytest.raises(ValueError, match="calibrate: no batches"):
+        calibrate(model, iter([]), progress=False)
+    with pytest.raises(TypeError, match=r"got str \(tokenize the text first\)"):
+        calibrate(model, _batches(2) + ["a prompt"], progress=False)
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+
+
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_activation_aware_search_minimises_the_weighted_error(group_size):
     g = torch.Generator().manual_seed(3)
