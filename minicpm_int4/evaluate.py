@@ -32,7 +32,8 @@ def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_er
         for name, mod in ref.named_modules():
             if name in qmods and isinstance(mod, nn.Linear):
                 def hook(m, args, out, name=name):
-                    y_q = qmods[name](args[0])
+                    q = qmods[name]  # the reference may run in another dtype (eval --dtype) than the int4 layer
+                    y_q = q(args[0].to(device=q.qweight.device, dtype=q.dtype))
                     err_sq[name] += (y_q.float() - out.float()).square().sum().item()
                     ref_sq[name] += out.float().square().sum().item()
                 handles.append(mod.register_forward_hook(hook))
@@ -50,6 +51,8 @@ def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_er
     finally:
         for h in handles:
             h.remove()
+    if not tokens:
+        raise ValueError("compare_models: no batches (or only empty ones) to compare on")
     layers: List[Dict] = [{"name": n, "rel_output_error": math.sqrt(err_sq[n] / ref_sq[n]) if ref_sq[n] > 0 else None}
                           for n in qmods if n in ref_sq]
     return {"tokens": int(tokens), "kl_divergence": kl_sum / max(1, tokens),
@@ -57,7 +60,10 @@ def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_er
 
 
 def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> float:
-    """exp of the mean next-token negative log-likelihood over non-overlapping windows of input_ids [1, T]."""
+    """exp of the mean next-token negative log-likelihood over non-overlapping windows of input_ids
+    [B, T] (B rows of the same length T >= 2, no padding)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"perplexity: input_ids must be [B, T] with T >= 2 tokens, got shape {tuple(input_ids.shape)}")
     nll, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, input_ids.shape[1] - 1, window):
@@ -66,8 +72,8 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> 
                 break
             logits = _logits(_run(model, {"input_ids": ids[:, :-1]})).float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids.shape[1] - 1
-    return math.exp(nll / max(1, count))
+            count += ids[:, 1:].numel()  # every row's predictions (B x window), not one row's
+    return math.exp(nll / count)
 
 
 def layer_table(result: Dict, top: int = 20) -> str:

@@ -121,6 +121,29 @@ def test_eval_metrics():
         logits = model(input_ids=ids[:, :-1]).logits
     manual = math.exp(F.cross_entropy(logits[0], ids[0, 1:]).item())
     assert perplexity(model, ids, window=512) == pytest.approx(manual, rel=1e-5)
+    # two rows, windows of 8: the mean over every predicted token of both rows (it divided the sum of
+    # both rows' losses by one row's count)
+    ids2 = torch.randint(6, 256, (2, 17), generator=torch.Generator().manual_seed(2))
+    nll = 0.0
+    with torch.no_grad():
+        for s in range(0, 16, 8):
+            w = ids2[:, s:s + 9]
+            lg = model(input_ids=w[:, :-1]).logits
+            nll += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
+    assert perplexity(model, ids2, window=8) == pytest.approx(math.exp(nll / 32), rel=1e-5)
+    with pytest.raises(ValueError, match="T >= 2 tokens"):
+        perplexity(model, ids[:, :1])
+    with pytest.raises(ValueError, match="no batches"):
+        compare_models(model, q, [])
+    # a reference in another dtype than the int4 layers (eval --dtype): the layer table still fills
+    res_bf16 = compare_models(model, _bf16_patched(model), _batches(1))
+    assert res_bf16["layers"] and all(r["rel_output_error"] > 0 for r in res_bf16["layers"])
+
+
+def _bf16_patched(model):
+    q = copy.deepcopy(model).to(torch.bfloat16)
+    patch_model(q, QuantConfig(group_size=32), progress=False)
+    return q
 
 
 def test_real_weights_minilm_search_beats_rtn():
