@@ -54,6 +54,12 @@ def check_quantizable(weight: torch.Tensor, group_size: int, what: str = "weight
         raise ValueError(f"{what} of shape [N={n}, K={k}]: in_features K={k} is not divisible by group_size={group_size}")
     if k % 8:
         raise ValueError(f"{what} of shape [N={n}, K={k}]: in_features K={k} is not a multiple of 8 (8 int4 values per packed word)")
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        r, c = (int(v) for v in bad[0])
+        raise ValueError(f"{what} of shape [N={n}, K={k}] has {bad.shape[0]} NaN/inf value(s), the first at "
+                         f"[{r}, {c}] ({weight[r, c].item()}): no int4 scale can represent it")
 
 
 LAYER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

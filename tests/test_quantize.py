@@ -49,6 +49,10 @@ def test_all_zero_and_constant_groups_are_exact():
     (torch.randint(0, 3, (4, 64)), "floating-point"),
     (torch.randn(0, 64), "empty"),
     (torch.randn(64), "2-D"),
+    (torch.randn(4, 64).index_put_((torch.tensor([2]), torch.tensor([7])), torch.tensor(float("nan"))),
+     r"has 1 NaN/inf value\(s\), the first at \[2, 7\] \(nan\)"),
+    (torch.randn(4, 64).half().index_put_((torch.tensor([0, 3]), torch.tensor([1, 9])), torch.tensor(float("-inf")).half()),
+     r"has 2 NaN/inf value\(s\), the first at \[0, 1\] \(-inf\)"),
 ])
 def test_check_quantizable_names_the_problem(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
