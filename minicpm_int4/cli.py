@@ -335,11 +335,29 @@ def cmd_profile(args) -> int:
 
 
 def _csv_ints(s):
-    return [int(v) for v in s.split(",") if v]
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
+    bad = [v for v in vals if v < 1]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"{s!r}: token counts must be positive integers")
+    return vals
 
 
 def _csv(s):
-    return [v for v in s.split(",") if v]
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def _csv_of(choices):
+    """argparse type: a comma-separated list drawn from `choices`, refused naming the unknown ones."""
+    def parse(s):
+        vals = _csv(s)
+        unknown = [v for v in vals if v not in choices]
+        if unknown or not vals:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or s!r}: choose from {','.join(choices)}")
+        return vals
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     from .bench.shapes import M_SWEEP, MODEL_SHAPES
     b = sub.add_parser("bench", help="kernel microbenchmarks against fp16 torch.matmul and peers")
-    b.add_argument("--models", type=_csv, default=list(MODEL_SHAPES), help=f"comma list of {list(MODEL_SHAPES)}")
+    b.add_argument("--models", type=_csv_of(list(MODEL_SHAPES)), default=list(MODEL_SHAPES),
+                   help=f"comma list of {list(MODEL_SHAPES)}")
     b.add_argument("--ms", type=_csv_ints, default=list(M_SWEEP), help="comma list of M (tokens)")
     b.add_argument("--max-n", type=int, default=None, help="skip shapes with more outputs (e.g. lm_head)")
     b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
@@ -403,12 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
     pr = sub.add_parser("profile", help="end-to-end latency vs fp16 on full-size random-weight models")
-    pr.add_argument("--models", type=_csv, default=["minicpmv4.6", "llama3-v2.5"])
+    from .bench.e2e import MODELS as E2E_MODELS
+    pr.add_argument("--models", type=_csv_of(E2E_MODELS), default=["minicpmv4.6", "llama3-v2.5"],
+                    help=f"comma list of {','.join(E2E_MODELS)}")
     pr.add_argument("--size", choices=["full", "tiny"], default="full")
     pr.add_argument("--prompt-tokens", type=int, default=512)
     pr.add_argument("--new-tokens", type=int, default=128)
     pr.add_argument("--image-grid", type=int, default=28, help="image size in patches per side (28 = 448 px)")
-    pr.add_argument("--modes", type=_csv, default=["eager", "graphed"])
+    pr.add_argument("--modes", type=_csv_of(("eager", "graphed")), default=["eager", "graphed"],
+                    help="eager and/or graphed (decode step in CUDA graphs)")
     pr.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     pr.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     pr.add_argument("--trace", action="store_true", help="also write a Chrome trace and print the top kernels")

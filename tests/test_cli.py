@@ -137,3 +137,16 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     assert "backend cuda: minicpm_int4._C loaded (quantize_per_token_int8, w4a16_gemm)" in text
     assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text
     assert "dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--ms", "0,16"], "token counts must be positive integers"),
+    (["bench", "--ms", "1,x"], "is not a comma-separated list of integers"),
+    (["bench", "--models", "minicpmv4.6,nosuch"], "unknown ['nosuch']: choose from minicpmv4.6,"),
+    (["profile", "--models", "minicpmv2.6"], "unknown ['minicpmv2.6']: choose from minicpmv4.6,llama3-v2.5"),
+    (["profile", "--modes", "eager,fast"], "unknown ['fast']: choose from eager,graphed"),
+])
+def test_bench_and_profile_refuse_bad_lists_before_running(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
