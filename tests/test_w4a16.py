@@ -399,3 +399,48 @@ def test_prefill_scaled_ptx_gives_the_reference_weight(dtype):
                 out = _run_pairs_ptx(asm, {**regs, "$8": word})
                 expect = ((torch.tensor(q, dtype=torch.float32) - z) * s).to(dtype).view(torch.int16).tolist()
                 assert [o if o < 0x8000 else o - 0x10000 for o in out] == expect, (s, z, q)
+
+
+def test_row_slices_keep_every_offset_in_32_bits():
+    from minicpm_int4.kernels._common import MAX_OFFSET, row_slices
+
+    assert row_slices(4096, 4096, 151936) == [(0, 4096)]
+    slices = row_slices(20000, 4096, 151936)  # a 151k-vocabulary lm_head over 20k tokens
+    assert slices == [(0, 14080), (14080, 20000)] and 14080 * 151936 <= MAX_OFFSET + 1
+    for m, span in ((10**6, 18944), (3, 2**30), (777, 5 * 10**6)):
+        s = row_slices(m, span)
+        assert s[0][0] == 0 and s[-1][1] == m and all(a[1] == b[0] for a, b in zip(s, s[1:]))
+        assert all((m1 - m0) * span <= MAX_OFFSET + 1 for m0, m1 in s)
+
+
+@pytest.mark.parametrize("op", ["w4a16", "w4a8"])
+def test_gemms_past_32_bit_offsets_run_in_row_slices(op, monkeypatch):
+    """With the offset limit lowered to 20 output rows, a 70-row prefill runs as 4 launches on row
+    slices, giving the same bits as one launch (real calls slice only where M x N >= 2**31)."""
+    from minicpm_int4.kernels import _common, w4a8, w4a16
+
+    qweight, scales, zeros, gs = random_qweight(40, 128, 32, torch.float16, seed=3)
+    x = torch.randn(70, 128, generator=torch.Generator().manual_seed(4)).half()
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(5)).half()
+    x_q, s = ops.quantize_per_token_int8(x, backend="torch")
+
+    def run():
+        if op == "w4a16":
+            return ops.w4a16_gemm(x, qweight, scales, zeros, bias, 32, backend="triton")
+        return ops.w4a8_gemm(x_q, s, qweight, scales, zeros, bias, 32, torch.float16, backend="triton")
+
+    whole = run()
+    kernel_mod, name = (w4a16, "_w4a16_prefill_kernel") if op == "w4a16" else (w4a8, "_w4a8_gemm_kernel")
+    kernel, launches = getattr(kernel_mod, name), []
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(args[6 if op == "w4a16" else 7])  # the slice's M
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernel_mod, name, Counting())
+    monkeypatch.setattr(_common, "MAX_OFFSET", 128 * 20)  # rows of K = 128 (x) and N = 40 (out): 20 rows
+    sliced = run()
+    assert launches == [20, 20, 20, 10] and torch.equal(whole, sliced)

@@ -79,6 +79,27 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+# The GEMM kernels compute element offsets in 32 bits (row * row stride + column; the pointers are
+# 64-bit): an operand spanning 2**31 elements or more (M x N >= 2**31: a 151k-vocabulary lm_head over
+# 14k tokens) would wrap around and read or write out of bounds. Such calls run in row slices that fit.
+MAX_OFFSET = 2**31 - 1
+
+
+def row_slices(m: int, *row_strides: int):
+    """[(m0, m1), ...] covering rows 0..m in slices whose last element of every operand (row stride
+    `row_strides`) lies below MAX_OFFSET; one slice for every realistic call. Slices hold whole
+    256-row tiles where they can."""
+    span = max(1, *row_strides)
+    rows = MAX_OFFSET // span
+    if m <= rows:
+        return [(0, m)]
+    if rows >= 256:
+        rows -= rows % 256
+    if rows < 1:
+        raise ValueError(f"a row of {span} elements exceeds the kernels' 32-bit offsets")
+    return [(m0, min(m, m0 + rows)) for m0 in range(0, m, rows)]
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
-from ._common import _grouped_tile, autotune, cdiv, min_capability, next_pow2, _round_to, _unpack_int4_tile, num_sms
+from ._common import (_grouped_tile, autotune, cdiv, min_capability, next_pow2, _round_to, row_slices,
+                      _unpack_int4_tile, num_sms)
 
 DECODE_MAX_M = 16
 # M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
@@ -701,15 +702,16 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # fp32 FMA dots (no tensor cores) keep both operand tiles in registers: 32-wide K tiles there
     block_k = _block_k(k, g, 32 if INTERPRET or dot_fp32 else 64)
-    m_bucket = next_pow2(m)
     w_rows = _prefill_w_rows(x.device, block_k)
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _w4a16_prefill_kernel[grid](
-        x, qweight, scales, zeros, b, out, m, n, k, k // 8, g, num_groups, m_bucket,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS,
-        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=w_rows,
-        ASM=w_rows and _use_ptx(dot_fp32), BLOCK_K=block_k,
-    )
+    for m0, m1 in row_slices(m, x.stride(0), out.stride(0)):  # one slice unless M x N >= 2**31
+        xs, ys, ms = x[m0:m1], out[m0:m1], m1 - m0
+        grid = lambda meta, ms=ms: (cdiv(ms, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _w4a16_prefill_kernel[grid](
+            xs, qweight, scales, zeros, b, ys, ms, n, k, k // 8, g, num_groups, next_pow2(ms),
+            xs.stride(0), qweight.stride(0), scales.stride(0), ys.stride(0), *NIBBLE_MASKS,
+            HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=w_rows,
+            ASM=w_rows and _use_ptx(dot_fp32), BLOCK_K=block_k,
+        )
     return out
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
-from ._common import _grouped_tile, autotune, cdiv, next_pow2, _round_to, tl_dtype
+from ._common import _grouped_tile, autotune, cdiv, next_pow2, _round_to, row_slices, tl_dtype
 
 
 def _configs():
@@ -154,13 +154,15 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
         block_k = 32 if INTERPRET else 64
     qbytes = qweight.view(torch.int8)  # [N, K/2], same memory
     has_bias = bias is not None
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _w4a8_gemm_kernel[grid](
-        x_q, x_scale, qbytes, scales, zeros, bias if has_bias else scales, out,
-        m, n, k, k // 2, g, next_pow2(m),
-        x_q.stride(0), qbytes.stride(0), scales.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
-        MAGIC_CVT=g != k and _magic_convert(x_q.device),
-        BLOCK_K=block_k,
-    )
+    for m0, m1 in row_slices(m, x_q.stride(0), out.stride(0)):  # one slice unless M x N >= 2**31
+        xs, ss, ys, ms = x_q[m0:m1], x_scale[m0:m1], out[m0:m1], m1 - m0
+        grid = lambda meta, ms=ms: (cdiv(ms, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _w4a8_gemm_kernel[grid](
+            xs, ss, qbytes, scales, zeros, bias if has_bias else scales, ys,
+            ms, n, k, k // 2, g, next_pow2(ms),
+            xs.stride(0), qbytes.stride(0), scales.stride(0), ys.stride(0),
+            HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
+            MAGIC_CVT=g != k and _magic_convert(x_q.device),
+            BLOCK_K=block_k,
+        )
     return out
