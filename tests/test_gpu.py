@@ -347,3 +347,33 @@ def test_triton_quantlinear_odd_shapes(n, k, group_size, dtype, act):
     lin = torch.nn.Linear(k, n, dtype=dtype, device="cuda")
     for m in (0, 1, 3, 16, 17, 33):
         check_quantlinear_backend(lin, group_size, act, (m,), "triton")
+
+
+@pytest.mark.parametrize("op", ["w4a16", "w4a8"])
+def test_gemm_past_32_bit_offsets(op):
+    """M x N >= 2**31 (a 151936-vocabulary lm_head over 16384 tokens, K small to keep it quick): the
+    launcher cuts the rows into slices whose offsets fit 32 bits; the rows on both sides of the cut
+    and the last ones match the reference (the output is poisoned first: a row never written is NaN)."""
+    from minicpm_int4.kernels._common import row_slices
+
+    m, n, k = 16384, 151936, 128
+    assert len(row_slices(m, k, n)) == 2
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, torch.float16)
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    if op == "w4a16":
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton")
+    else:
+        x_q, s = quantize_per_token_int8_ref(x)
+        y = ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 128, torch.float16, backend="triton")
+    cut = row_slices(m, k, n)[0][1]
+    for rows in (slice(cut - 64, cut + 64), slice(m - 64, m), slice(0, 64)):
+        xr = x[rows]
+        if op == "w4a16":
+            assert_gemm_close(y[rows], w4a16_gemm_ref(xr, qweight, scales, zeros, None, gs), xr,
+                              dequant(qweight, scales, zeros, gs, x.dtype))
+        else:
+            x_q, s = quantize_per_token_int8_ref(xr)
+            y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16)
+            tol = w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, torch.float16, y_ref)
+            assert ((y[rows].double() - y_ref.double()).abs() <= tol).all()
+    assert torch.isfinite(y).all()
