@@ -247,8 +247,8 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeyp
         return err.strip().splitlines()[-1]  # the error line ("loading ..." progress may precede it)
 
     missing = str(tmp_path / "no_such_model")
-    err = err_of(["quantize", missing, out, "--device", "cpu"])
-    assert err.startswith("minicpm-int4 quantize: cannot load the model") and "no_such_model" in err
+    err = err_of(["quantize", missing, out, "--model-class", "AutoModel", "--device", "cpu"])
+    assert err.startswith("minicpm-int4 quantize: cannot load the model (AutoModel)") and "no_such_model" in err
     assert "no such local path" in err
     err = err_of(["quantize", str(ckpt), out, "--model-class", "NoSuchModel", "--device", "cpu"])
     assert "--model-class NoSuchModel" in err and "has no such model class" in err
