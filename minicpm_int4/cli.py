@@ -153,8 +153,23 @@ def _from_pretrained(what: str, load, path: str, *args, **kwargs):
         raise CLIError(f"cannot load the {what} from {path!r}{hint}: {e}") from e
 
 
+def _default_model_class(args) -> str:
+    """--model-class when not given: AutoModel for a remote-code checkpoint (MiniCPM-V 2.x / o-2.6: an
+    auto_map in its config.json), else AutoModelForImageTextToText (the native 4.6 / 4.7 / OCR)."""
+    import transformers
+
+    cfg = _from_pretrained("config", transformers.AutoConfig.from_pretrained, args.model,
+                           trust_remote_code=args.trust_remote_code)
+    if "AutoModel" in (getattr(cfg, "auto_map", None) or {}):
+        return "AutoModel"
+    return "AutoModelForImageTextToText"
+
+
 def _load_model(args, dtype, device):
+    if args.model_class is None:
+        args.model_class = _default_model_class(args)
     cls = _model_class(args.model_class)
+    print(f"loading {args.model} with {args.model_class} ({args.dtype}) on {device}", file=sys.stderr)
     model = _from_pretrained(f"model ({args.model_class})", cls.from_pretrained, args.model, **hf_dtype_kwargs(dtype),
                              trust_remote_code=args.trust_remote_code)
     return model.to(device).eval()
@@ -209,7 +224,6 @@ def cmd_quantize(args) -> int:
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
     tok = _load_tokenizer(args) if lines else None  # before the model: a missing tokenizer fails fast
-    print(f"loading {args.model} with {args.model_class} ({args.dtype}) on {device}", file=sys.stderr)
     model = _load_model(args, dtype, device)
     calib = None
     if lines:
@@ -378,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a pretrained model and save it")
     q.add_argument("model", help="local path or hub name")
     q.add_argument("out", type=_output_dir, help="output directory")
-    q.add_argument("--model-class", default="AutoModelForImageTextToText")
+    q.add_argument("--model-class", default=None,
+                   help="default: AutoModel for remote code (an auto_map in config.json: MiniCPM-V 2.x / o-2.6), else AutoModelForImageTextToText")
     q.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
@@ -400,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("quantized", help="directory written by `minicpm-int4 quantize`")
     e.add_argument("--prompts", default=None, type=_existing_file, help="text file, one prompt per line")
     e.add_argument("--text", default=None, type=_existing_file, help="text file for perplexity")
-    e.add_argument("--model-class", default="AutoModelForImageTextToText")
+    e.add_argument("--model-class", default=None,
+                   help="default: AutoModel for remote code (an auto_map in config.json: MiniCPM-V 2.x / o-2.6), else AutoModelForImageTextToText")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     e.add_argument("--device", default=None)
     e.add_argument("--max-length", type=int, default=512)

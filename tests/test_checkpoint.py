@@ -211,11 +211,13 @@ def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
     save_word_tokenizer(ckpt)
     prompts = tmp_path / "prompts.txt"
     write_word_prompts(prompts)
-    common = ["--model-class", "AutoModel", "--trust-remote-code", "--dtype", "fp32", "--device", "cpu"]
+    common = ["--trust-remote-code", "--dtype", "fp32", "--device", "cpu"]  # --model-class: AutoModel, from auto_map
     assert main(["quantize", str(ckpt), str(tmp_path / "int4"), *common, "--group-size", "32",
                  "--calibration", str(prompts), "--verify-load", "--parts", "llm"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "activation-aware search" in out and "reloaded module by module" in out
+    assert "with AutoModel (fp32)" in captured.err  # the default class of a config with an auto_map
     decisions = {d["name"]: d for d in json.loads((tmp_path / "int4" / "quant_config.json").read_text())["decisions"]}
     assert decisions["llm.model.layers.0.mlp.up_proj"]["action"] == "quantized"
     assert decisions["vpm.encoder.layers.0.mlp.fc1"]["action"] == "kept"  # --parts llm: vision stays
