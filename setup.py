@@ -58,4 +58,6 @@ def _cuda_extension():
 
 
 ext, cmdclass = _cuda_extension()
-setup(ext_modules=[ext] if ext is not None else [], cmdclass=cmdclass)
+# license here, `dynamic` in pyproject.toml: its table form warns under setuptools >= 77 ("deprecated,
+# update by 2027-Feb-18") and its SPDX-string form is an error before 77 (a fresh Python 3.11 venv has 65)
+setup(ext_modules=[ext] if ext is not None else [], cmdclass=cmdclass, license="Apache-2.0")
