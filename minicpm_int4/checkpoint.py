@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .models import hf_dtype_kwargs
-from .patch import CONFIG_ATTR
+from .patch import CONFIG_ATTR, _progress
 from .qlinear import QuantLinear
 
 FORMAT_VERSION = 1
@@ -85,7 +85,7 @@ def read_quant_config(path: str) -> dict:
     return meta
 
 
-def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
+def load_quantized(model: nn.Module, path: str, device=None, progress: bool = True) -> nn.Module:
     """Load a checkpoint written by save_quantized into a freshly built model of the same config.
 
     The Linears named in the checkpoint are replaced by empty QuantLinear modules, then every tensor
@@ -123,7 +123,7 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
         stored = set(f.keys())
         used = set()
-        for key, target in targets.items():
+        for key, target in _progress(list(targets.items()), progress, "load int4 checkpoint", "tensor"):
             src = aliases.get(key, key)
             if src not in stored:
                 raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
@@ -187,7 +187,7 @@ def parameters_on_meta():
 
 
 def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_remote_code: bool = False,
-                              **config_overrides) -> nn.Module:
+                              progress: bool = True, **config_overrides) -> nn.Module:
     """Rebuild a transformers model from the `config.json` that `minicpm-int4 quantize` saves beside the
     checkpoint and load the int4 checkpoint into it, module by module, never holding fp16 copies of
     the quantized layers. `model_class` defaults to the config's first `architectures` entry: a
@@ -208,7 +208,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     for name, buf in list(model.named_buffers()):
         if buf.device != torch.device(device) and buf.device.type != "meta":
             _assign(model, name, buf.to(device))
-    load_quantized(model, path, device=device)
+    load_quantized(model, path, device=device, progress=progress)
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointMismatchError(f"parameter {leftover[0]!r} was not in the checkpoint ({len(leftover)} missing)")

@@ -241,11 +241,12 @@ def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) ->
         kept += 1
 
 
-def _progress(items, enabled: bool):
+def _progress(items, enabled: bool, desc: str = "int4 quantize", unit: str = "layer"):
+    """A tqdm bar over `items` (off where stderr is not a terminal: disable=None), or the items."""
     if not enabled or not items:
         return items
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc="int4 quantize", unit="layer", disable=None)
+    return tqdm(items, desc=desc, unit=unit, disable=None)
