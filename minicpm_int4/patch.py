@@ -178,7 +178,8 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         folds = _fold_scales_checked(model, calibration, config, {t[2] for t in todo}, report)
     swapped = []
     with torch.no_grad():
-        for parent, attr, name, lin, act, idx in _progress(todo, progress):
+        for i, (parent, attr, name, lin, act, idx) in enumerate(_progress(todo, progress)):
+            todo[i] = None  # once swapped, nothing but `swapped` (mixed precision only) holds the original
             cw = calibration.channel_weight(name) if calibration is not None and config.method == "search" else None
             ql = QuantLinear.from_linear(lin, config, act=act, name=name, channel_weight=cw)
             ql.train(lin.training)
@@ -190,7 +191,8 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 if name in folds:
                     d.reason += f"; AWQ scale (alpha={folds[name].alpha:.1f}) folded into {folds[name].prev}"
             setattr(parent, attr, ql)
-            swapped.append((parent, attr, lin, d))
+            if config.mixed_precision:  # may put it back; otherwise its weight is freed now, not at the end
+                swapped.append((parent, attr, lin, d))
     if config.mixed_precision:
         _apply_mixed_precision(report, swapped, config)
     setattr(model, CONFIG_ATTR, config)

@@ -278,3 +278,24 @@ def test_a_tied_lm_head_quantized_is_reported_as_adding_memory():
     d = next(d for d in patch_model(untied, QuantConfig(group_size=32, quantize_lm_head=True), progress=False).decisions
              if d.part == "lm_head")
     assert d.bytes_after == packed_bytes(d.out_features, d.in_features, 32, torch.float32) and "tied" not in d.reason
+
+
+def test_originals_are_freed_as_layers_are_swapped(monkeypatch):
+    """Peak memory while patching is the model plus one layer, not the fp16 model plus every int4
+    layer: once a Linear is swapped nothing holds it (unless mixed precision may put it back)."""
+    import gc
+    import weakref
+
+    model = build_native("4_6")
+    refs = [weakref.ref(m) for m in model.modules() if type(m) is nn.Linear]
+    alive, from_linear = [], QuantLinear.from_linear.__func__
+
+    def spy(cls, lin, *args, **kwargs):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        return from_linear(cls, lin, *args, **kwargs)
+
+    monkeypatch.setattr(QuantLinear, "from_linear", classmethod(spy))
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert len(alive) == len(report.quantized) > 10
+    assert alive == list(range(len(refs), len(refs) - len(alive), -1))  # one fewer alive at every call
