@@ -307,3 +307,32 @@ def test_profile_trace_writes_a_chrome_trace(tmp_path):
     table = trace_decode(model, inputs, torch.device("cpu"), str(path))
     assert path.exists() and '"traceEvents"' in path.read_text()[:10000]
     assert "Name" in table and "aten::" in table
+
+
+def _cpu_costs_module():
+    import importlib.util
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("cpu_costs", os.path.join(here, "benchmarks", "cpu_costs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, here
+
+
+def test_cpu_costs_summary_and_committed_results():
+    """benchmarks/cpu_costs.py turns pytest-benchmark's JSON into microseconds and a table; the
+    committed results/cpu/cpu_costs.json holds every test of tests/test_cpu_costs.py."""
+    mod, here = _cpu_costs_module()
+    raw = {"datetime": "2026-12-02T00:00:00", "machine_info": {"cpu": {"brand_raw": "Some CPU"}, "python_version": "3.11"},
+           "commit_info": {"id": "abc", "dirty": False}, "versions": {"torch": "2.13"},
+           "benchmarks": [{"name": "test_x", "stats": {"median": 2.5e-5, "iqr": 1e-6, "min": 2e-5, "rounds": 100}}]}
+    s = mod.summarize(raw)
+    assert s["rows"] == [{"test": "test_x", "median_us": pytest.approx(25.0), "iqr_us": pytest.approx(1.0),
+                          "min_us": pytest.approx(20.0), "rounds": 100}]
+    md = mod.markdown(s)
+    assert md.startswith("# CPU-side costs (Some CPU)") and "| test_x | 25.0 | 1.0 | 20.0 | 100 |" in md
+    with open(os.path.join(here, "benchmarks", "results", "cpu", "cpu_costs.json")) as f:
+        committed = json.load(f)
+    with open(os.path.join(here, "tests", "test_cpu_costs.py")) as f:
+        tests = {line.split("(")[0][4:] for line in f if line.startswith("def test_")}
+    assert {r["test"] for r in committed["rows"]} == tests and all(r["median_us"] > 0 for r in committed["rows"])
