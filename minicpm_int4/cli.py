@@ -80,7 +80,7 @@ def _demo_model(args, device, dtype):
 def cmd_demo(args) -> int:
     from . import QuantConfig, patch_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_device(args.device))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model, what, forward, generate = _demo_model(args, device, dtype)
     print(f"minicpm_int4 demo: random-weight {what} ({args.size}), {args.dtype}, device {device}")
@@ -131,6 +131,25 @@ def cmd_demo(args) -> int:
 class CLIError(Exception):
     """A user error (a path that does not load, a class transformers lacks): main prints the message
     as one line and exits 2 instead of a traceback (MINICPM_INT4_TRACEBACK=1 shows it)."""
+
+
+def _device(name) -> str:
+    """--device, or cuda when there is one, else cpu; a device this torch cannot use is a CLIError."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name}: not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: torch {torch.__version__} sees no CUDA device"
+                           + ("" if torch.version.cuda else " (a CPU build of torch)"))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise CLIError(f"--device {name}: the int4 layers run on cuda or cpu")
+    return name
 
 
 def _model_class(name: str):
@@ -219,7 +238,7 @@ def cmd_quantize(args) -> int:
     from .checkpoint import load_pretrained_quantized
 
     dtype = _dtype(args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
@@ -263,7 +282,7 @@ def cmd_eval(args) -> int:
         read_quant_config(args.quantized)
     except (FileNotFoundError, CheckpointMismatchError) as e:
         raise CLIError(str(e)) from e
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     dtype = _dtype(args.dtype)
     tok = _load_tokenizer(args)
     ref = _load_model(args, dtype, device)
@@ -309,7 +328,7 @@ def cmd_bench(args) -> int:
     from .bench.report import write_all, write_checkpoint
     from .bench.shapes import all_shapes
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_device(args.device))
     if device.type != "cuda" and not args.allow_cpu:
         print("minicpm-int4 bench: no CUDA device; kernel timings on CPU mean nothing (pass --allow-cpu to "
               "exercise the harness anyway)", file=sys.stderr)
@@ -333,7 +352,7 @@ def cmd_profile(args) -> int:
     from .bench.e2e import run_profile
     from .bench.report import profile_markdown, write_all, write_checkpoint
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_device(args.device))
     if device.type != "cuda" and not args.allow_cpu:
         print("minicpm-int4 profile: no CUDA device (pass --allow-cpu to exercise the harness on CPU)", file=sys.stderr)
         return 2
@@ -496,7 +515,7 @@ def main(argv=None) -> int:
     except CLIError as e:
         if os.environ.get("MINICPM_INT4_TRACEBACK") == "1":
             raise
-        print(f"minicpm-int4 {args.command}: {e}", file=sys.stderr)
+        print(f"minicpm-int4 {args.command}: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
 
 

@@ -150,3 +150,15 @@ def test_bench_and_profile_refuse_bad_lists_before_running(argv, message, capsys
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("xpu", "--device xpu: the int4 layers run on cuda or cpu"),
+    ("bogus", "--device bogus: not a device"),
+    ("cuda:99", "--device cuda:99: "),
+])
+@pytest.mark.parametrize("command", [["demo", "--size", "tiny"], ["bench"], ["profile"]])
+def test_a_device_torch_cannot_use_is_one_line(command, device, message, capsys):
+    assert main([*command, "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"minicpm-int4 {command[0]}: {message}") and "Traceback" not in "".join(err)
