@@ -1,6 +1,7 @@
 """patch_model: decide, for every nn.Linear, quantize or keep (and why); swap in place; report."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
@@ -62,6 +63,8 @@ class PatchReport:
                 "linear_weight_bytes_before": self.bytes_before, "linear_weight_bytes_after": self.bytes_after}
 
     def summary(self) -> str:
+        if not self.decisions:
+            return f"layout {self.layout}: no nn.Linear layers found; nothing was quantized"
         mib = 2**20
         ratio = self.bytes_before / max(1, self.bytes_after)
         return (f"layout {self.layout}: {len(self.quantized)} Linear layers int4, {len(self.kept)} kept; "
@@ -131,6 +134,14 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
 
     Returns a PatchReport; ``print(report)`` shows every Linear with its decision and weight bytes.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model: model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise TypeError("patch_model replaces the Linears inside a model, in place; a lone nn.Linear cannot "
+                        "replace itself: use QuantLinear.from_linear(linear, config)")
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"patch_model: config must be a QuantConfig, got {type(config).__name__}"
+                        + (" (QuantConfig(**d) or QuantConfig.from_dict(d))" if isinstance(config, dict) else ""))
     config = config or getattr(model, CONFIG_ATTR, None) or QuantConfig()
     if config.mixed_precision and calibration is None:
         raise ValueError("QuantConfig.keep_most_sensitive / weight_budget_bytes rank layers by their output error "
@@ -173,6 +184,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
                 "quantized" if ok else "kept", reason, path, before, after))
 
+    if not report.decisions:
+        warnings.warn(f"patch_model: {type(model).__name__} has no nn.Linear layers; nothing was quantized",
+                      stacklevel=2)
     folds = {}
     if calibration is not None and config.method == "search" and config.fold_scales:
         folds = _fold_scales_checked(model, calibration, config, {t[2] for t in todo}, report)

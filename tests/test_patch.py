@@ -299,3 +299,15 @@ def test_originals_are_freed_as_layers_are_swapped(monkeypatch):
     report = patch_model(model, QuantConfig(group_size=32), progress=False)
     assert len(alive) == len(report.quantized) > 10
     assert alive == list(range(len(refs), len(refs) - len(alive), -1))  # one fewer alive at every call
+
+
+def test_patch_model_refuses_what_it_cannot_patch():
+    with pytest.raises(TypeError, match="a lone nn.Linear cannot replace itself: use QuantLinear.from_linear"):
+        patch_model(nn.Linear(64, 64), progress=False)
+    with pytest.raises(TypeError, match=r"config must be a QuantConfig, got dict \(QuantConfig\(\*\*d\)"):
+        patch_model(nn.Sequential(nn.Linear(64, 64)), {"group_size": 32}, progress=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        patch_model("openbmb/MiniCPM-V-4_6", progress=False)
+    with pytest.warns(UserWarning, match="Sequential has no nn.Linear layers"):
+        report = patch_model(nn.Sequential(nn.ReLU()), progress=False)
+    assert report.summary() == "layout generic: no nn.Linear layers found; nothing was quantized"
