@@ -79,6 +79,8 @@ class QuantLinear(nn.Module):
         `act` overrides config.act for this layer ("int8" = W4A8); `channel_weight` ([K]) weights the
         reconstruction error per input channel in the "search" method (activation-aware search).
         """
+        if config is not None and not isinstance(config, QuantConfig):
+            raise TypeError(f"{name}: config must be a QuantConfig, got {type(config).__name__}")
         config = config or QuantConfig()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name}: QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")

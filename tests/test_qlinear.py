@@ -104,6 +104,11 @@ def test_autocast_casts_the_input_to_the_layer_dtype():
     assert y.dtype == torch.bfloat16 and torch.equal(y, ql(x.to(torch.bfloat16)))
 
 
+def test_from_linear_needs_a_quant_config():
+    with pytest.raises(TypeError, match="config must be a QuantConfig, got dict"):
+        QuantLinear.from_linear(nn.Linear(64, 64), {"group_size": 32})
+
+
 def test_not_a_linear():
     with pytest.raises(TypeError, match="expects an nn.Linear"):
         QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
