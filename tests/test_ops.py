@@ -179,3 +179,33 @@ def test_autocast_does_not_change_the_results(backend):
         under = run()
     for a, b in zip(plain, under):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_works_without_triton():
+    """triton installs only on Linux (pyproject): without it the package imports, patches and runs on
+    the reference, `env` says why the Triton backend is missing, and backend='triton' raises naming it."""
+    code = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton on this platform")
+sys.meta_path.insert(0, NoTriton())
+import torch
+from torch import nn
+from minicpm_int4 import QuantConfig, QuantLinear, diagnose, patch_model
+model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+patch_model(model, QuantConfig(group_size=32), progress=False)
+assert model(torch.randn(2, 64)).shape == (2, 64)
+assert "backend triton: unavailable - Triton kernels unavailable: ImportError: no triton" in diagnose.format_report(diagnose.collect())
+try:
+    QuantLinear.from_linear(nn.Linear(64, 64), QuantConfig(group_size=32, backend="triton"))(torch.randn(1, 64))
+except RuntimeError as e:
+    assert "backend='triton' requested but Triton kernels unavailable" in str(e), e
+else:
+    raise AssertionError("backend='triton' ran without triton")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
