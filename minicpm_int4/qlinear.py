@@ -1,6 +1,7 @@
 """QuantLinear: a drop-in nn.Linear replacement holding int4 weights in the canonical layout."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ def _check_layer_args(in_features, out_features, group_size, dtype, act, backend
     """The constructor's arguments, checked (load_quantized builds layers from a checkpoint's JSON):
     a layer whose buffers could not hold a valid int4 weight never exists."""
     shape = f"QuantLinear(in_features={in_features}, out_features={out_features})"
-    if not all(isinstance(v, int) and v > 0 for v in (in_features, out_features)):
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in (in_features, out_features)):
         raise ValueError(f"{shape}: in_features and out_features must be positive integers")
     if in_features % 8:
         raise ValueError(f"{shape}: in_features must be a multiple of 8 (8 int4 values per packed word)")
@@ -51,6 +52,7 @@ class QuantLinear(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         _check_layer_args(in_features, out_features, group_size, dtype, act, backend)
+        in_features, out_features = int(in_features), int(out_features)  # numpy integers too
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
