@@ -127,7 +127,11 @@ def protected_reason(parent: nn.Module, child_name: str) -> Optional[str]:
     """Why the child Linear `child_name` of `parent` must never be replaced, or None."""
     if isinstance(parent, DIRECT_WEIGHT_READERS):
         return f"{type(parent).__name__} reads .{child_name}.weight directly"
-    return hook_reason(getattr(parent, child_name))
+    child = getattr(parent, child_name)
+    if type(child).forward is not nn.Linear.forward:  # parametrize's subclasses keep Linear's forward
+        return (f"{type(child).__name__} subclasses nn.Linear with a forward of its own, which a QuantLinear "
+                "would not run")
+    return hook_reason(child)
 
 
 def _is_weight_norm_hook(hook) -> bool:

@@ -311,3 +311,22 @@ def test_patch_model_refuses_what_it_cannot_patch():
     with pytest.warns(UserWarning, match="Sequential has no nn.Linear layers"):
         report = patch_model(nn.Sequential(nn.ReLU()), progress=False)
     assert report.summary() == "layout generic: no nn.Linear layers found; nothing was quantized"
+
+
+def test_linear_subclasses_with_their_own_forward_are_kept():
+    """A subclass of nn.Linear that computes something else (an adapter, a scaled or clipped output)
+    would silently lose that computation in a QuantLinear: kept, whatever `include` says; subclasses
+    that keep Linear's forward (parametrized ones, NonDynamicallyQuantizableLinear) are quantized."""
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Renamed(nn.Linear):
+        pass
+
+    model = nn.Sequential(ScaledLinear(64, 64), Renamed(64, 64), nn.Linear(64, 64))
+    report = patch_model(model, QuantConfig(group_size=32, include=("*",)), progress=False)
+    assert [d.action for d in report.decisions] == ["kept", "quantized", "quantized"]
+    assert "ScaledLinear subclasses nn.Linear with a forward of its own" in report.decisions[0].reason
+    assert type(model[0]) is ScaledLinear and isinstance(model[1], QuantLinear)
