@@ -21,25 +21,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def summarize(raw: Dict) -> Dict:
-    """pytest-benchmark's JSON -> the figures worth keeping (microseconds) and where they were taken."""
+def summarize(raw: Dict, env: Dict) -> Dict:
+    """pytest-benchmark's JSON -> the figures worth keeping (microseconds), with `env` (bench.env.env_info:
+    device, versions, commit, time) naming the CPU pytest-benchmark saw."""
     rows: List[Dict] = []
     for b in raw["benchmarks"]:
         st = b["stats"]
         rows.append({"test": b["name"], "median_us": st["median"] * 1e6, "iqr_us": st["iqr"] * 1e6,
                      "min_us": st["min"] * 1e6, "rounds": st["rounds"]})
-    m = raw.get("machine_info", {})
-    c = raw.get("commit_info", {})
-    return {"cpu": m.get("cpu", {}).get("brand_raw") or m.get("processor") or "unknown",
-            "python": m.get("python_version"), "commit": c.get("id"), "dirty": c.get("dirty"),
-            "datetime": raw.get("datetime"), "versions": raw.get("versions", {}), "rows": rows}
+    brand = raw.get("machine_info", {}).get("cpu", {}).get("brand_raw")
+    env = dict(env, device_name=brand or env.get("device_name"))
+    return {"env": env, "rows": rows}
 
 
 def markdown(summary: Dict) -> str:
-    v = summary["versions"]
-    lines = [f"# CPU-side costs ({summary['cpu']})", "",
-             f"commit {summary['commit']}{' (dirty)' if summary['dirty'] else ''}, {summary['datetime']}, python "
-             f"{summary['python']}, " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())), "",
+    e = summary["env"]
+    lines = [f"# CPU-side costs ({e['device_name']})", "",
+             f"commit {e['commit']}, {e['timestamp_utc']}, python {e['python']}, torch {e['torch']}, "
+             f"triton {e['triton']}", "",
              "| test | median (us) | IQR (us) | min (us) | rounds |", "|---|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         lines.append(f"| {r['test']} | {r['median_us']:.1f} | {r['iqr_us']:.1f} | {r['min_us']:.1f} | {r['rounds']} |")
@@ -61,10 +60,10 @@ def main(argv=None) -> int:
         with open(raw_path) as f:
             raw = json.load(f)
     import torch
-    import triton
 
-    raw["versions"] = {"torch": torch.__version__, "triton": triton.__version__}
-    summary = summarize(raw)
+    from minicpm_int4.bench.env import env_info
+
+    summary = summarize(raw, env_info(torch.device("cpu")))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cpu_costs.json"), "w") as f:
         json.dump(summary, f, indent=1)

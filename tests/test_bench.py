@@ -323,10 +323,12 @@ def test_cpu_costs_summary_and_committed_results():
     """benchmarks/cpu_costs.py turns pytest-benchmark's JSON into microseconds and a table; the
     committed results/cpu/cpu_costs.json holds every test of tests/test_cpu_costs.py."""
     mod, here = _cpu_costs_module()
-    raw = {"datetime": "2026-12-02T00:00:00", "machine_info": {"cpu": {"brand_raw": "Some CPU"}, "python_version": "3.11"},
-           "commit_info": {"id": "abc", "dirty": False}, "versions": {"torch": "2.13"},
+    from minicpm_int4.bench.env import env_info
+
+    raw = {"machine_info": {"cpu": {"brand_raw": "Some CPU"}},
            "benchmarks": [{"name": "test_x", "stats": {"median": 2.5e-5, "iqr": 1e-6, "min": 2e-5, "rounds": 100}}]}
-    s = mod.summarize(raw)
+    s = mod.summarize(raw, env_info(torch.device("cpu")))
+    assert s["env"]["device_name"] == "Some CPU" and s["env"]["device"] == "cpu" and s["env"]["commit"]
     assert s["rows"] == [{"test": "test_x", "median_us": pytest.approx(25.0), "iqr_us": pytest.approx(1.0),
                           "min_us": pytest.approx(20.0), "rounds": 100}]
     md = mod.markdown(s)
@@ -336,3 +338,4 @@ def test_cpu_costs_summary_and_committed_results():
     with open(os.path.join(here, "tests", "test_cpu_costs.py")) as f:
         tests = {line.split("(")[0][4:] for line in f if line.startswith("def test_")}
     assert {r["test"] for r in committed["rows"]} == tests and all(r["median_us"] > 0 for r in committed["rows"])
+    assert {"device", "device_name", "commit", "torch", "triton", "timestamp_utc"} <= set(committed["env"])
