@@ -178,8 +178,6 @@ def _check_x(op: str, x: Tensor) -> None:
 def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                      group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
-    if x.shape[0] == 0 and be != "torch":  # an empty batch: nothing to launch (a 0-sized grid is an error)
-        return x.new_empty((0, qweight.shape[0]))
     if be in ("triton", "triton-tc"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
         tc = be == "triton-tc" and workspace is not None
@@ -293,8 +291,6 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
 # ---------------------------------------------------------------------------------------------
 def _quantize_per_token_int8_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     be = resolve_backend(backend, x.device, "quantize_per_token_int8")
-    if x.shape[0] == 0 and be != "torch":
-        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((0,), dtype=torch.float32)
     if be == "triton":
         return _triton_kernels()[0].quantize_per_token_int8_triton(x)
     if be == "cuda":
@@ -328,8 +324,6 @@ def quantize_per_token_int8(x: Tensor, backend: str = "auto") -> Tuple[Tensor, T
 def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
                     bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
     be = resolve_backend(backend, x_q.device, "w4a8_gemm")
-    if x_q.shape[0] == 0 and be == "triton":
-        return x_q.new_empty((0, qweight.shape[0]), dtype=out_dtype)
     if be == "triton":
         return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
     if be == "cuda":

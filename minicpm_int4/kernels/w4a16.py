@@ -688,6 +688,8 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: split-K
     decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
     (where dispatch.py's measured table says that is faster)."""
+    if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
+        return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
     if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
         return _gemv(x, qweight, scales, zeros, bias, group_size)
     dot_fp32 = _dot_fp32(x.dtype)
