@@ -311,14 +311,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _parts(text: str):
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown model part(s) {unknown or text!r}: parts are {','.join(PARTS)}")
-    return set(parts)
-
-
 def _dtype(name):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
@@ -382,13 +374,14 @@ def _csv(s):
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
-def _csv_of(choices):
+def _csv_of(choices, what: str = ""):
     """argparse type: a comma-separated list drawn from `choices`, refused naming the unknown ones."""
     def parse(s):
         vals = _csv(s)
         unknown = [v for v in vals if v not in choices]
         if unknown or not vals:
-            raise argparse.ArgumentTypeError(f"unknown {unknown or s!r}: choose from {','.join(choices)}")
+            raise argparse.ArgumentTypeError(f"unknown {what + ' ' if what else ''}{unknown or s!r}: "
+                                             f"choose from {','.join(choices)}")
         return vals
     return parse
 
@@ -423,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-most-sensitive", type=int, default=0, help="mixed precision: keep the k most sensitive layers")
     q.add_argument("--weight-budget-mib", type=float, default=None, help="mixed precision: Linear weight budget")
     q.add_argument("--quantize-lm-head", action="store_true")
-    q.add_argument("--parts", default=None, type=_parts,
+    q.add_argument("--parts", default=None, type=_csv_of(PARTS, "model part(s)"),
                    help=f"comma-separated model parts to quantize, of {','.join(PARTS)} (default: QuantConfig's, "
                         "llm,vision,other; o-2.6's audio encoder and TTS are 'audio' and 'tts')")
     q.add_argument("--verify-load", action="store_true", help="reload the result module by module and report peak memory")
