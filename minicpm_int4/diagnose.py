@@ -40,19 +40,15 @@ def _backends() -> Dict:
 
 
 def _auto_picks(device: torch.device) -> List[Dict]:
+    probes = [("w4a16_gemm", dict(m=m, n=n, k=k)) for m, n, k in PROBE_SHAPES]
+    probes += [("quantize_per_token_int8", {}), ("w4a8_gemm", {})]
     picks = []
-    for m, n, k in PROBE_SHAPES:
+    for op, shape in probes:
         try:
-            be = ops.resolve_backend("auto", device, "w4a16_gemm", shape=(m, n, k))
+            be = ops.resolve_backend("auto", device, op, shape=tuple(shape.values()) or None)
         except Exception as e:  # report, do not fail: this command is what users run when things fail
             be = f"error: {type(e).__name__}: {e}"
-        picks.append({"op": "w4a16_gemm", "m": m, "n": n, "k": k, "backend": be})
-    for op in ("quantize_per_token_int8", "w4a8_gemm"):
-        try:
-            be = ops.resolve_backend("auto", device, op)
-        except Exception as e:
-            be = f"error: {type(e).__name__}: {e}"
-        picks.append({"op": op, "backend": be})
+        picks.append({"op": op, **shape, "backend": be})
     return picks
 
 
