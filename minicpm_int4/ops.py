@@ -75,6 +75,7 @@ def cuda_extension_error() -> Optional[str]:
 def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> str:
     """Map a requested backend to the one that will run, or raise a clear error.
 
+    Meta tensors always take "torch" (shapes only).
     "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
     GPU and (M, N, K) (`shape`, W4A16 only): "cuda" (the extension, when built) or, at M = 1,
     "triton-tc" (the Triton tensor-core decode kernel instead of the GEMV); CPU tensors -> "torch".
@@ -82,7 +83,9 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "torch":
+    if backend == "torch" or device.type == "meta":
+        # meta tensors carry shapes, no data (a model built under init_empty_weights / on "meta"):
+        # the reference computes the output's shape whatever backend the layer asks for
         return "torch"
     if backend == "auto":
         if device.type != "cuda":
@@ -115,10 +118,20 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     return "cuda"
 
 
+_autocast_available = getattr(torch.amp, "is_autocast_available",
+                              lambda device_type: device_type in ("cpu", "cuda", "xpu", "hpu", "mps"))
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether torch.autocast is on for `device`; False for device types autocast does not know (meta,
+    where torch.is_autocast_enabled raises)."""
+    return _autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def _reference(device: torch.device, fn, *args):
     """A reference.py function as the "torch" backend: with autocast off, which would otherwise run
     its fp32 matmuls in fp16 / bf16 (the kernels, being custom ops, are untouched by autocast)."""
-    if torch.is_autocast_enabled(device.type):
+    if autocast_enabled(device):
         with torch.autocast(device.type, enabled=False):
             return fn(*args)
     return fn(*args)

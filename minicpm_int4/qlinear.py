@@ -11,7 +11,7 @@ from . import ops
 from .config import ACTS, BACKENDS, GROUP_SIZES, QuantConfig
 from .models import effective_weight
 from .packing import num_groups, pack_int4, packed_bytes
-from .quantize import check_layer_dtype, check_quantizable, quantize_weight, scale_dtype_for
+from .quantize import LAYER_DTYPES, check_layer_dtype, check_quantizable, quantize_weight, scale_dtype_for
 
 
 def _check_layer_args(in_features, out_features, group_size, dtype, act, backend) -> None:
@@ -106,6 +106,17 @@ class QuantLinear(nn.Module):
             self.workspace.zero_()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        # model.double() / .to(torch.float64) / .to(torch.complex64) would turn the scales, zeros and
+        # bias into a dtype no int4 kernel computes in (the constructor refuses such layers): refused
+        # here, before any buffer changes; .half() / .bfloat16() / .float() / device moves go through
+        probe = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device))
+        if isinstance(probe, torch.Tensor) and probe.dtype != self.scales.dtype and probe.dtype not in LAYER_DTYPES:
+            raise TypeError(f"QuantLinear({self.in_features} -> {self.out_features}): converting it to {probe.dtype} "
+                            "is not supported: int4 layers compute in fp16, bf16 or fp32 (convert the model to one "
+                            "of those, or convert only the modules that are not QuantLinear)")
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.scales.dtype
@@ -139,7 +150,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name}: input has {x.shape[-1]} features in its last dimension")
         if x.device != self.qweight.device:
             raise ValueError(f"{name} lives on {self.qweight.device} but got input on {x.device}")
-        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        if x.is_floating_point() and ops.autocast_enabled(x.device):
             return x.to(self.scales.dtype)
         raise TypeError(f"{name} holds a {self.scales.dtype} layer but got {x.dtype} input "
                         "(cast the input, or run under torch.autocast, which casts it to the layer's dtype)")

@@ -104,6 +104,52 @@ def test_autocast_casts_the_input_to_the_layer_dtype():
     assert y.dtype == torch.bfloat16 and torch.equal(y, ql(x.to(torch.bfloat16)))
 
 
+def test_dtype_conversions_of_a_layer():
+    """model.half() / .bfloat16() / .float() convert a QuantLinear like an nn.Linear: the scales, zeros
+    and bias change dtype (qweight stays int32) and the layer computes in the new dtype; a dtype no
+    int4 kernel computes in (model.double(), complex) is refused before anything changes."""
+    torch.manual_seed(5)
+    ql = QuantLinear.from_linear(nn.Linear(128, 48).half(), QuantConfig(group_size=64))
+    for convert, dtype in ((nn.Module.bfloat16, torch.bfloat16), (nn.Module.float, torch.float32),
+                           (lambda m: m.to(torch.float16), torch.float16)):
+        before = ql.dequantized_weight().float()
+        convert(ql)
+        assert (ql.scales.dtype, ql.zeros.dtype, ql.bias.dtype, ql.qweight.dtype) == (dtype, dtype, dtype, torch.int32)
+        assert ql.workspace.dtype == torch.int32 and ql.dtype == dtype and f"dtype={dtype}" in repr(ql)
+        # the zeros are small integers (exact in every dtype); against the weight before, at most three
+        # roundings: the scale into the new dtype, the new weight, the old weight (2^-8 + 2^-8 + 2^-11
+        # for fp16 -> bf16, the worst step) < 2 eps(bf16)
+        w = ql.dequantized_weight()
+        assert w.dtype == dtype
+        assert torch.allclose(w.float(), before, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0)
+        x = torch.randn(3, 128, dtype=dtype)
+        assert_gemm_close(ql(x), (x.float() @ w.float().t() + ql.bias.float()).to(dtype), x, w)
+    state = {k: v.clone() for k, v in ql.state_dict().items()}
+    for bad in (nn.Module.double, lambda m: m.to(torch.complex64)):
+        with pytest.raises(TypeError, match=r"QuantLinear\(128 -> 48\): converting it to torch\.(float64|complex64) "
+                                            r"is not supported: int4 layers compute in fp16, bf16 or fp32"):
+            bad(ql)
+        assert all(torch.equal(v, ql.state_dict()[k]) and v.dtype == ql.state_dict()[k].dtype for k, v in state.items())
+
+
+def test_meta_device_forward_gives_shapes():
+    """A model built on the meta device (init_empty_weights, shape tracing) runs its QuantLinears like
+    nn.Linear does there: the output's shape and dtype, whatever backend the layer asks for."""
+    for backend in ("auto", "torch", "triton"):
+        ql = QuantLinear(64, 24, group_size=32, dtype=torch.bfloat16, device="meta", backend=backend)
+        y = ql(torch.empty(2, 5, 64, dtype=torch.bfloat16, device="meta"))
+        assert y.device.type == "meta" and y.shape == (2, 5, 24) and y.dtype == torch.bfloat16
+        # the ops themselves, and under autocast (which has no meta device type)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ql(torch.empty(3, 64, dtype=torch.float32, device="meta").to(torch.bfloat16))
+        assert y.shape == (3, 24)
+    x = torch.empty(4, 64, dtype=torch.float16, device="meta")
+    y = ops.w4a16_gemm(x, torch.empty(24, 8, dtype=torch.int32, device="meta"),
+                       torch.empty(24, 2, dtype=torch.float16, device="meta"),
+                       torch.empty(24, 2, dtype=torch.float16, device="meta"), None, 32)
+    assert y.device.type == "meta" and y.shape == (4, 24)
+
+
 def test_from_linear_needs_a_quant_config():
     with pytest.raises(TypeError, match="config must be a QuantConfig, got dict"):
         QuantLinear.from_linear(nn.Linear(64, 64), {"group_size": 32})
