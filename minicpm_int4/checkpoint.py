@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .models import hf_dtype_kwargs
+from .models import hf_config_dtype, hf_dtype_kwargs
 from .patch import CONFIG_ATTR, _progress
 from .qlinear import QuantLinear
 
@@ -199,9 +199,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
     if model_class is None:
         model_class = _model_class_of(cfg, path, trust_remote_code)
-    dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None) or torch.float16
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = hf_config_dtype(cfg)
     with parameters_on_meta():
         model = model_class._from_config(cfg, **hf_dtype_kwargs(dtype))
     model = model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
@@ -83,6 +84,16 @@ def hf_dtype_kwargs(dtype) -> dict:
 
     major = int(transformers.__version__.split(".")[0])
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def hf_config_dtype(cfg, default=torch.float16) -> torch.dtype:
+    """A transformers config's dtype, read from the attribute this version writes (`dtype` in 5.x,
+    where reading `torch_dtype` warns that it is deprecated; `torch_dtype` in 4.x), as a torch.dtype."""
+    import transformers
+
+    names = ("dtype", "torch_dtype") if int(transformers.__version__.split(".")[0]) >= 5 else ("torch_dtype", "dtype")
+    dtype = next((v for v in (getattr(cfg, n, None) for n in names) if v is not None), None) or default
+    return getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
 
 
 def text_module(model: nn.Module) -> nn.Module:

@@ -75,14 +75,20 @@ def test_save_requires_a_patched_model_and_load_requires_a_checkpoint(tmp_path):
         load_quantized(build_native("4_6"), tmp_path)
 
 
-def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_path):
+def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_path, monkeypatch):
+    import transformers
+
     from minicpm_int4.checkpoint import load_pretrained_quantized, parameters_on_meta
     from minicpm_int4.tiny import build_native
 
     model = build_native("4_6", dtype=torch.bfloat16)
     report = patch_model(model, QuantConfig(group_size=32), progress=False)
     save_quantized(model, tmp_path, report)
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x warns "`torch_dtype` is deprecated" on a read
+        monkeypatch.setattr(transformers.PretrainedConfig, "torch_dtype",
+                            property(lambda self: pytest.fail("read the deprecated config.torch_dtype")))
     loaded = load_pretrained_quantized(str(tmp_path))
+    assert loaded.dtype == torch.bfloat16
     assert not any(p.device.type == "meta" for p in loaded.parameters())
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(report.quantized)
     ids, pv, ts = prompt_with_image(model)
