@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -71,6 +72,7 @@ class QuantConfig:
     weight_budget_bytes: Optional[int] = None
 
     def __post_init__(self):
+        self._check_types()
         if self.bits != 4:
             raise ValueError(f"QuantConfig.bits={self.bits}: only 4-bit weights are implemented")
         if self.group_size not in GROUP_SIZES:
@@ -98,12 +100,35 @@ class QuantConfig:
             if isinstance(v, str):
                 v = (v,)
             object.__setattr__(self, name, tuple(v))
+            bad = [p for p in v if not isinstance(p, str)]
+            if bad:
+                raise TypeError(f"QuantConfig.{name}: patterns must be strings (fnmatch over module names), got {bad[0]!r}")
         if self.min_out_features < 1:
             raise ValueError("QuantConfig.min_out_features must be >= 1")
         if self.keep_most_sensitive < 0:
             raise ValueError("QuantConfig.keep_most_sensitive must be >= 0")
         if self.weight_budget_bytes is not None and self.weight_budget_bytes <= 0:
             raise ValueError("QuantConfig.weight_budget_bytes must be positive")
+
+    def _check_types(self) -> None:
+        """Wrong types are errors here, not surprises later: a string "False" for a bool field is truthy
+        (the part would be quantized), a float group size passes `in GROUP_SIZES` and then makes float
+        buffer shapes, None for include / exclude is not a tuple of patterns."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(v, bool):
+                raise TypeError(f"QuantConfig.{f.name}={v!r}: must be True or False")
+            is_int = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+            if f.name in ("bits", "group_size", "min_out_features", "keep_most_sensitive") and not is_int:
+                raise TypeError(f"QuantConfig.{f.name}={v!r}: must be an integer")
+            if f.name == "weight_budget_bytes" and v is not None and not is_int:
+                raise TypeError(f"QuantConfig.weight_budget_bytes={v!r}: must be an integer number of bytes or None")
+            if f.name in ("include", "exclude") and not isinstance(v, (str, tuple, list)):
+                raise TypeError(f"QuantConfig.{f.name}={v!r}: must be a pattern or a list of patterns (default: none)")
+        for name in ("bits", "group_size", "min_out_features", "keep_most_sensitive", "weight_budget_bytes"):
+            v = getattr(self, name)
+            if v is not None:  # numpy integers are fine; stored as int (JSON, shapes)
+                object.__setattr__(self, name, int(v))
 
     @property
     def mixed_precision(self) -> bool:

@@ -1,3 +1,5 @@
+import json
+import re
 import warnings
 
 import pytest
@@ -229,6 +231,23 @@ def test_config_validation():
     c = QuantConfig(act={"vision": "int8"}, include="*.q_proj")
     assert c.act_for("vision") == "int8" and c.act_for("llm") is None and c.include == ("*.q_proj",)
     assert QuantConfig.from_dict(c.to_dict()) == c
+    # wrong types are named, not taken: "False" is truthy (the part would be quantized), 128.0 passes
+    # `in GROUP_SIZES` and then makes float buffer shapes, None is not a pattern list
+    for kw, what in (({"quantize_lm_head": "False"}, "quantize_lm_head='False': must be True or False"),
+                     ({"fold_scales": 0}, "fold_scales=0: must be True or False"),
+                     ({"group_size": 128.0}, "group_size=128.0: must be an integer"),
+                     ({"group_size": True}, "group_size=True: must be an integer"),
+                     ({"keep_most_sensitive": 1.5}, "keep_most_sensitive=1.5: must be an integer"),
+                     ({"min_out_features": "64"}, "min_out_features='64': must be an integer"),
+                     ({"weight_budget_bytes": 1e9}, "weight_budget_bytes=1000000000.0: must be an integer"),
+                     ({"include": None}, "include=None: must be a pattern or a list of patterns"),
+                     ({"exclude": ["*.q_proj", 3]}, "exclude: patterns must be strings")):
+        with pytest.raises(TypeError, match=re.escape(what)):
+            QuantConfig(**kw)
+    import numpy as np  # a dependency of transformers
+    c = QuantConfig(group_size=np.int64(64), weight_budget_bytes=np.int64(2**20), exclude=["lm_head"])
+    assert type(c.group_size) is int and type(c.weight_budget_bytes) is int and c.exclude == ("lm_head",)
+    assert QuantConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
 def test_default_method_is_search_and_no_worse_than_rtn():
