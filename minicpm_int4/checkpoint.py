@@ -30,14 +30,36 @@ def _quant_modules(model: nn.Module) -> Dict[str, dict]:
             for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+_WEIGHT_FILE_ENDINGS = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".gguf")
+
+
+def check_output_dir(path: str, what: str = "save_quantized") -> None:
+    """Refuse to write a checkpoint where it would replace something else: a path that is a file, or a
+    folder holding model weights that is not an int4 checkpoint - the fp16 model's own folder, say,
+    whose model.safetensors and config.json the int4 ones would overwrite (and whose weights a
+    lazily loaded model may still be reading). A new or empty folder, or an int4 checkpoint's, is fine."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}: {path!r} exists and is not a directory")
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, CONFIG_NAME)):
+        return
+    weights = sorted(f for f in os.listdir(path) if f.endswith(_WEIGHT_FILE_ENDINGS))
+    if weights:
+        raise ValueError(f"{what}: {path!r} holds model weights ({weights[0]}) and is not a minicpm_int4 checkpoint "
+                         f"(no {CONFIG_NAME}): writing there would replace them; choose a new folder")
+
+
 def save_quantized(model: nn.Module, path: str, report=None) -> None:
     """Write a patched model to directory `path` (created if needed): model.safetensors,
-    quant_config.json and, for a transformers model, its config.json."""
+    quant_config.json and, for a transformers model, its config.json. A folder holding other model
+    weights (the original model's, say) is refused (check_output_dir); an earlier int4 checkpoint's is
+    overwritten."""
     from safetensors.torch import save_file
 
     modules = _quant_modules(model)
     if not modules:
         raise ValueError("save_quantized: the model has no QuantLinear layers; call patch_model(model) first")
+    check_output_dir(path)
     config = getattr(model, CONFIG_ATTR, None) or QuantConfig()
     os.makedirs(path, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}

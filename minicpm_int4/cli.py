@@ -208,8 +208,14 @@ def _existing_file(path: str) -> str:
 
 
 def _output_dir(path: str) -> str:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{path!r} exists and is not a directory")
+    """quantize's OUT, checked before the model loads and quantizes for minutes (checkpoint.check_output_dir:
+    not a file, not a folder of other model weights such as MODEL's own)."""
+    from .checkpoint import check_output_dir
+
+    try:
+        check_output_dir(path, what="OUT")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("OUT: ")) from None
     return path
 
 

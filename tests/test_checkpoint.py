@@ -75,6 +75,29 @@ def test_save_requires_a_patched_model_and_load_requires_a_checkpoint(tmp_path):
         load_quantized(build_native("4_6"), tmp_path)
 
 
+def test_save_refuses_a_folder_of_other_model_weights(tmp_path):
+    """save_quantized into the fp16 model's own folder would overwrite its model.safetensors and
+    config.json: refused, nothing written. A new folder, an empty one, or an earlier int4 checkpoint's
+    (overwritten) are fine."""
+    src = tmp_path / "fp"
+    model = build_native("4_6")
+    model.save_pretrained(src)
+    before = {f: (src / f).read_bytes() for f in os.listdir(src)}
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    with pytest.raises(ValueError, match=r"save_quantized: .*fp' holds model weights \(model.safetensors\) and is not "
+                                         r"a minicpm_int4 checkpoint \(no quant_config.json\)"):
+        save_quantized(model, src)
+    assert {f: (src / f).read_bytes() for f in os.listdir(src)} == before
+    (tmp_path / "empty").mkdir()
+    for folder in ("new", "empty", "new"):  # the second "new" is an int4 checkpoint by then
+        save_quantized(model, tmp_path / folder)
+        assert (tmp_path / folder / "quant_config.json").exists()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds model weights"):
+        save_quantized(model, tmp_path / "shards")
+
+
 def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_path, monkeypatch):
     import transformers
 
@@ -274,7 +297,9 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeyp
     assert "has no non-empty line" in err
     for argv, message in ((["quantize", str(ckpt), out, "--calibration", str(tmp_path / "nope.txt")], "does not exist"),
                           (["eval", str(ckpt), out, "--text", str(tmp_path / "nope.txt")], "does not exist"),
-                          (["quantize", str(ckpt), str(prompts)], "exists and is not a directory")):
+                          (["quantize", str(ckpt), str(prompts)], "exists and is not a directory"),
+                          (["quantize", str(ckpt), str(ckpt)], "holds model weights (model.safetensors) and is not "
+                                                               "a minicpm_int4 checkpoint")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
