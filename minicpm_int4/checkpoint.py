@@ -110,7 +110,8 @@ def read_quant_config(path: str) -> dict:
 def load_quantized(model: nn.Module, path: str, device=None, progress: bool = True) -> nn.Module:
     """Load a checkpoint written by save_quantized into a freshly built model of the same config.
 
-    The Linears named in the checkpoint are replaced by empty QuantLinear modules, then every tensor
+    The Linears named in the checkpoint are replaced by empty QuantLinear modules (QuantLinears of a
+    model patched already must match them, and take the checkpoint's act and backend), then every tensor
     is loaded one at a time (bounded memory). Tensors of a model built with its parameters on the
     meta device (see `load_pretrained_quantized`) are materialised on `device` as they are read, so
     the fp16 weights of quantized layers never exist in memory. Raises CheckpointMismatchError
@@ -138,6 +139,17 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
                              dtype=getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=config.backend)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, ql)
+        else:  # a model patched already: its layer must hold what the checkpoint holds, and runs as saved
+            held = {"group_size": mod.group_size, "dtype": str(mod.dtype).replace("torch.", ""), "bias": mod.bias is not None}
+            for key, value in held.items():
+                if value != spec[key]:
+                    raise CheckpointMismatchError(f"checkpoint module {name!r} has {key}={spec[key]!r} but the model's "
+                                                  f"QuantLinear has {key}={value!r}")
+            mod.act, mod.backend = spec["act"], config.backend
+    extra = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in meta["modules"]]
+    if extra:
+        raise CheckpointMismatchError(f"module {extra[0]!r} is a QuantLinear in the model but not int4 in the checkpoint "
+                                      f"({len(extra)} such modules): load into a model that is not patched")
 
     aliases = meta.get("aliases", {})
     targets = model.state_dict(keep_vars=True)

@@ -75,6 +75,38 @@ def test_save_requires_a_patched_model_and_load_requires_a_checkpoint(tmp_path):
         load_quantized(build_native("4_6"), tmp_path)
 
 
+def test_loading_into_a_model_patched_already(tmp_path):
+    """load_quantized into a model whose Linears are QuantLinears already: they must hold what the
+    checkpoint holds (else the mismatch is named, not a shape error deep in a tensor), and they run
+    as saved - a W4A8 checkpoint stays W4A8, not the act the model was patched with."""
+    model = build_native("4_6")
+    patch_model(model, QuantConfig(group_size=32, act="int8", exclude=("*.fc1",)), progress=False)
+    save_quantized(model, tmp_path)
+    fresh = load_quantized(build_native("4_6"), tmp_path)
+    ids, pv, ts = prompt_with_image(model)
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
+
+    wrong_group = build_native("4_6")
+    patch_model(wrong_group, QuantConfig(group_size=128, exclude=("*.fc1",)), progress=False)
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint module '.*' has group_size=32 but the model's "
+                                                      r"QuantLinear has group_size=128"):
+        load_quantized(wrong_group, tmp_path)
+    fc1_too = build_native("4_6")
+    patch_model(fc1_too, QuantConfig(group_size=32), progress=False)
+    with pytest.raises(CheckpointMismatchError, match=r"module '.*\.fc1' is a QuantLinear in the model but not int4 "
+                                                      r"in the checkpoint"):
+        load_quantized(fc1_too, tmp_path)
+    w4a16 = build_native("4_6")
+    patch_model(w4a16, QuantConfig(group_size=32, backend="torch", exclude=("*.fc1",)), progress=False)
+    load_quantized(w4a16, tmp_path)
+    layers = [m for m in w4a16.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.act == "int8" and m.backend == "auto" for m in layers)
+    assert torch.equal(logits(w4a16), logits(fresh)) and torch.equal(logits(fresh), logits(model))
+
+
 def test_save_refuses_a_folder_of_other_model_weights(tmp_path):
     """save_quantized into the fp16 model's own folder would overwrite its model.safetensors and
     config.json: refused, nothing written. A new folder, an empty one, or an earlier int4 checkpoint's
