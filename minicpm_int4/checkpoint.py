@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .models import hf_config_dtype, hf_dtype_kwargs
-from .patch import CONFIG_ATTR, _progress
+from .patch import CONFIG_ATTR, _progress, linear_places
 from .qlinear import QuantLinear
 
 FORMAT_VERSION = 1
@@ -122,6 +122,7 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
 
     meta = read_quant_config(path)
     config = QuantConfig.from_dict(meta["config"])
+    places = linear_places(model)
     for name, spec in meta["modules"].items():
         try:
             mod = model.get_submodule(name)
@@ -137,8 +138,8 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
             device = mod.weight.device if mod.weight.device.type != "meta" else torch.device(load_device)
             ql = QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
                              dtype=getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=config.backend)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, ql)
+            for parent, attr, _ in places.get(id(mod), ()):  # every place of a shared module
+                setattr(parent, attr, ql)
         else:  # a model patched already: its layer must hold what the checkpoint holds, and runs as saved
             held = {"group_size": mod.group_size, "dtype": str(mod.dtype).replace("torch.", ""), "bias": mod.bias is not None}
             for key, value in held.items():

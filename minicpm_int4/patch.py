@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -152,47 +152,50 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     owners = {}  # id(parameter) -> every name it has (a tied lm_head's weight is also the embeddings')
     for pname, prm in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(prm), []).append(pname)
+    names = {}   # id(module) -> every name it has (one module at two places in the model)
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(mname)
     todo = []
-    for parent_name, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            name = f"{parent_name}.{attr}" if parent_name else attr
-            if isinstance(child, QuantLinear):
-                part = "lm_head" if name == head else layout.part_of(name)
-                report.decisions.append(LayerDecision(
-                    name, part, child.out_features, child.in_features, str(child.dtype).replace("torch.", ""),
-                    "already quantized", "QuantLinear", "w4a8" if child.act == "int8" else "w4a16",
-                    child.weight_bytes, child.weight_bytes))
-                continue
-            if not isinstance(child, nn.Linear):
-                continue
-            part = "lm_head" if name == head else layout.part_of(name)
-            w = child.weight
-            before = w.numel() * w.element_size()
-            ok, reason, act = _decide(name, child, parent, attr, part, config)
-            if ok:
-                after = packed_bytes(child.out_features, child.in_features, config.group_size, scale_dtype_for(w.dtype))
-                path = f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16"
-                tied = [n for n in owners.get(id(w), []) if n != f"{name}.weight"]
-                if tied:  # the fp weight lives on in its other owner: int4 adds memory, it saves none
-                    after += before
-                    reason += (f"; weight tied to {tied[0]}, which keeps its {str(w.dtype).replace('torch.', '')} "
-                               "copy: int4 adds memory here (a decode-speed choice)")
-                todo.append((parent, attr, name, child, act, len(report.decisions)))
-            else:
-                after, path = before, "fp"
+    for places in linear_places(model).values():
+        parent, attr, name = places[0]
+        child = getattr(parent, attr)
+        others = [n for n in names[id(child)] if n != name]
+        shared = f"; one module, also at {', '.join(others)}" if others else ""
+        part = "lm_head" if name == head else layout.part_of(name)
+        if isinstance(child, QuantLinear):
             report.decisions.append(LayerDecision(
-                name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
-                "quantized" if ok else "kept", reason, path, before, after))
+                name, part, child.out_features, child.in_features, str(child.dtype).replace("torch.", ""),
+                "already quantized", "QuantLinear" + shared, "w4a8" if child.act == "int8" else "w4a16",
+                child.weight_bytes, child.weight_bytes))
+            continue
+        w = child.weight
+        before = w.numel() * w.element_size()
+        ok, reason, act = _decide(name, child, parent, attr, part, config)
+        if ok:
+            after = packed_bytes(child.out_features, child.in_features, config.group_size, scale_dtype_for(w.dtype))
+            path = f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16"
+            own = {f"{n}.weight" for n in names[id(child)]}
+            tied = [n for n in owners.get(id(w), []) if n not in own]
+            if tied:  # the fp weight lives on in its other owner: int4 adds memory, it saves none
+                after += before
+                reason += (f"; weight tied to {tied[0]}, which keeps its {str(w.dtype).replace('torch.', '')} "
+                           "copy: int4 adds memory here (a decode-speed choice)")
+            todo.append((places, name, child, act, len(report.decisions)))
+        else:
+            after, path = before, "fp"
+        report.decisions.append(LayerDecision(
+            name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
+            "quantized" if ok else "kept", reason + shared, path, before, after))
 
     if not report.decisions:
         warnings.warn(f"patch_model: {type(model).__name__} has no nn.Linear layers; nothing was quantized",
                       stacklevel=2)
     folds = {}
     if calibration is not None and config.method == "search" and config.fold_scales:
-        folds = _fold_scales_checked(model, calibration, config, {t[2] for t in todo}, report)
+        folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
     with torch.no_grad():
-        for i, (parent, attr, name, lin, act, idx) in enumerate(_progress(todo, progress)):
+        for i, (places, name, lin, act, idx) in enumerate(_progress(todo, progress)):
             todo[i] = None  # once swapped, nothing but `swapped` (mixed precision only) holds the original
             cw = calibration.channel_weight(name) if calibration is not None and config.method == "search" else None
             ql = QuantLinear.from_linear(lin, config, act=act, name=name, channel_weight=cw)
@@ -204,13 +207,27 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                     d.reason += "; activation-aware search"
                 if name in folds:
                     d.reason += f"; AWQ scale (alpha={folds[name].alpha:.1f}) folded into {folds[name].prev}"
-            setattr(parent, attr, ql)
+            for parent, attr, _ in places:
+                setattr(parent, attr, ql)
             if config.mixed_precision:  # may put it back; otherwise its weight is freed now, not at the end
-                swapped.append((parent, attr, lin, d))
+                swapped.append((places, lin, d))
     if config.mixed_precision:
         _apply_mixed_precision(report, swapped, config)
     setattr(model, CONFIG_ATTR, config)
     return report
+
+
+def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
+    """id(module) -> every (parent, attribute, name) where an nn.Linear / QuantLinear sits, first name
+    first, in model order: a module shared by two parents (or twice in one) is replaced at all its
+    places by one QuantLinear (named_children lists it once per parent, and only the first time)."""
+    places: Dict[int, List[Tuple[nn.Module, str, str]]] = {}
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent._modules.items():
+            if isinstance(child, (nn.Linear, QuantLinear)):
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                places.setdefault(id(child), []).append((parent, attr, name))
+    return places
 
 
 def _fold_scales_checked(model, calibration, config, quantize_names, report):
@@ -237,21 +254,22 @@ def _fold_scales_checked(model, calibration, config, quantize_names, report):
 
 def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) -> None:
     """Put the most sensitive quantized layers back in high precision, per the config's policy."""
-    ranked = sorted((s for s in swapped if s[3].sensitivity is not None), key=lambda s: -s[3].sensitivity)
+    ranked = sorted((s for s in swapped if s[2].sensitivity is not None), key=lambda s: -s[2].sensitivity)
     total = report.bytes_after
     if config.weight_budget_bytes is not None and total > config.weight_budget_bytes:
         raise ValueError(f"weight_budget_bytes={config.weight_budget_bytes} is below the {total} bytes the Linear "
                          "weights take with every eligible layer in int4")
     n = len(ranked)
     kept = 0
-    for rank, (parent, attr, lin, d) in enumerate(ranked, start=1):
+    for rank, (places, lin, d) in enumerate(ranked, start=1):
         if kept < config.keep_most_sensitive:
             why = f"kept in high precision: sensitivity rank {rank} of {n} (keep_most_sensitive={config.keep_most_sensitive})"
         elif config.weight_budget_bytes is not None and total + d.bytes_before - d.bytes_after <= config.weight_budget_bytes:
             why = f"kept in high precision: sensitivity rank {rank} of {n}, fits weight_budget_bytes={config.weight_budget_bytes}"
         else:
             continue
-        setattr(parent, attr, lin)
+        for parent, attr, _ in places:
+            setattr(parent, attr, lin)
         total += d.bytes_before - d.bytes_after
         d.action, d.path, d.bytes_after, d.reason = "kept", "fp", d.bytes_before, why
         kept += 1

@@ -207,6 +207,57 @@ def test_patching_twice_is_harmless():
     assert all(d.action == "already quantized" for d in r2.quantized)
 
 
+class _SharedLinear(nn.Module):
+    """One Linear at three places (twice in one parent, once inside a Sequential), and a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(128, 128)
+        self.b = self.a
+        self.seq = nn.Sequential(self.a)
+        self.out = nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.out(self.seq(self.b(self.a(x))))
+
+
+def test_a_module_at_several_places_is_one_quantlinear(tmp_path):
+    """A Linear shared by several places (named_children lists it once per parent, the first time
+    only) becomes one QuantLinear at every place, reported once: before, one place stayed fp32 unseen,
+    another got a second int4 copy, and the report called the shared weight tied (int4 adding memory)."""
+    from minicpm_int4 import calibrate, load_quantized, save_quantized
+
+    torch.manual_seed(11)
+    model = _SharedLinear()
+    x = torch.randn(5, 128)
+    twin_src = copy.deepcopy(model)
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert model.a is model.b is model.seq[0] and isinstance(model.a, QuantLinear)
+    assert [d.name for d in report.decisions] == ["a", "out"]
+    a = report.decisions[0]
+    assert a.action == "quantized" and "one module, also at b, seq.0" in a.reason and "tied" not in a.reason
+    assert a.bytes_after < a.bytes_before
+    twin = _dequantized_twin(twin_src, model)
+    assert twin.a is twin.b is twin.seq[0]
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(y, twin(x), rtol=1e-4, atol=1e-5)  # fp32: reference GEMM vs torch's matmul
+    again = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert [(d.name, d.action) for d in again.decisions] == [("a", "already quantized"), ("out", "already quantized")]
+    # a checkpoint round trip keeps it one module, at every place
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(_SharedLinear(), tmp_path)
+    assert loaded.a is loaded.b is loaded.seq[0] and isinstance(loaded.a, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    # mixed precision puts the original back at every place
+    fresh = _SharedLinear()
+    calib = calibrate(fresh, [(torch.randn(4, 128),)], progress=False)
+    report = patch_model(fresh, QuantConfig(group_size=32, keep_most_sensitive=2), progress=False, calibration=calib)
+    assert all(d.action == "kept" for d in report.decisions)
+    assert type(fresh.a) is nn.Linear and fresh.a is fresh.b is fresh.seq[0]
+
+
 def test_include_exclude_and_per_part_act():
     model = build_native("4_6")
     cfg = QuantConfig(group_size=32, exclude=("*.mlp.down_proj",), include=("lm_head",), act={"vision": "int8"})
