@@ -106,6 +106,7 @@ def test_autocast_casts_the_input_to_the_layer_dtype():
     assert y.dtype == torch.bfloat16 and torch.equal(y, ql(x.to(torch.bfloat16)))
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
 def test_dtype_conversions_of_a_layer():
     """model.half() / .bfloat16() / .float() convert a QuantLinear like an nn.Linear: the scales, zeros
     and bias change dtype (qweight stays int32) and the layer computes in the new dtype; a dtype no
