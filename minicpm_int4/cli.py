@@ -207,6 +207,30 @@ def _existing_file(path: str) -> str:
     return path
 
 
+def _positive_int(s: str, minimum: int = 1) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"{s!r}: must be {'a positive' if minimum == 1 else 'a non-negative'} integer")
+    return v
+
+
+def _nonnegative_int(s: str) -> int:
+    return _positive_int(s, minimum=0)
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{s!r}: must be a positive number")
+    return v
+
+
 def _output_dir(path: str) -> str:
     """quantize's OUT, checked before the model loads and quantizes for minutes (checkpoint.check_output_dir:
     not a file, not a folder of other model weights such as MODEL's own)."""
@@ -253,7 +277,7 @@ def cmd_quantize(args) -> int:
     calib = None
     if lines:
         calib = calibrate(model, _text_batches(tok, lines, device, args.max_length))
-    budget = int(args.weight_budget_mib * 2**20) if args.weight_budget_mib else None
+    budget = max(1, int(args.weight_budget_mib * 2**20)) if args.weight_budget_mib else None
     parts = {"quantize_lm_head": args.quantize_lm_head}
     if args.parts is not None:
         parts = {f"quantize_{p}": p in args.parts or (p == "lm_head" and args.quantize_lm_head) for p in PARTS}
@@ -403,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     d.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, -1])
     d.add_argument("--method", choices=["rtn", "search"], default="search")
-    d.add_argument("--new-tokens", type=int, default=16)
+    d.add_argument("--new-tokens", type=_positive_int, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", default=None, help="also write the figures to this JSON file")
     d.set_defaults(func=cmd_demo)
@@ -417,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     q.add_argument("--method", choices=["rtn", "search"], default="search")
     q.add_argument("--calibration", default=None, type=_existing_file, help="text file, one calibration prompt per line (activation-aware search, sensitivity)")
-    q.add_argument("--calib-samples", type=int, default=64)
-    q.add_argument("--max-length", type=int, default=512)
-    q.add_argument("--keep-most-sensitive", type=int, default=0, help="mixed precision: keep the k most sensitive layers")
-    q.add_argument("--weight-budget-mib", type=float, default=None, help="mixed precision: Linear weight budget")
+    q.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration lines used (the first N)")
+    q.add_argument("--max-length", type=_positive_int, default=512, help="tokens per calibration line")
+    q.add_argument("--keep-most-sensitive", type=_nonnegative_int, default=0, help="mixed precision: keep the k most sensitive layers")
+    q.add_argument("--weight-budget-mib", type=_positive_float, default=None, help="mixed precision: Linear weight budget")
     q.add_argument("--quantize-lm-head", action="store_true")
     q.add_argument("--parts", default=None, type=_csv_of(PARTS, "model part(s)"),
                    help=f"comma-separated model parts to quantize, of {','.join(PARTS)} (default: QuantConfig's, "
@@ -437,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: AutoModel for remote code (an auto_map in config.json: MiniCPM-V 2.x / o-2.6), else AutoModelForImageTextToText")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     e.add_argument("--device", default=None)
-    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--max-length", type=_positive_int, default=512,
+                   help="tokens per prompt, and the perplexity window")
     e.add_argument("--json", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -446,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", type=_csv_of(list(MODEL_SHAPES)), default=list(MODEL_SHAPES),
                    help=f"comma list of {list(MODEL_SHAPES)}")
     b.add_argument("--ms", type=_csv_ints, default=list(M_SWEEP), help="comma list of M (tokens)")
-    b.add_argument("--max-n", type=int, default=None, help="skip shapes with more outputs (e.g. lm_head)")
+    b.add_argument("--max-n", type=_positive_int, default=None, help="skip shapes with more outputs (e.g. lm_head)")
     b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     b.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     b.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per case")
@@ -460,9 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--models", type=_csv_of(E2E_MODELS), default=["minicpmv4.6", "llama3-v2.5"],
                     help=f"comma list of {','.join(E2E_MODELS)}")
     pr.add_argument("--size", choices=["full", "tiny"], default="full")
-    pr.add_argument("--prompt-tokens", type=int, default=512)
-    pr.add_argument("--new-tokens", type=int, default=128)
-    pr.add_argument("--image-grid", type=int, default=28, help="image size in patches per side (28 = 448 px)")
+    pr.add_argument("--prompt-tokens", type=_positive_int, default=512)
+    pr.add_argument("--new-tokens", type=_positive_int, default=128)
+    pr.add_argument("--image-grid", type=_positive_int, default=28, help="image size in patches per side (28 = 448 px)")
     pr.add_argument("--modes", type=_csv_of(("eager", "graphed")), default=["eager", "graphed"],
                     help="eager and/or graphed (decode step in CUDA graphs)")
     pr.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])

@@ -62,6 +62,8 @@ def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_er
 def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> float:
     """exp of the mean next-token negative log-likelihood over non-overlapping windows of input_ids
     [B, T] (B rows of the same length T >= 2, no padding)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"perplexity: window must be a positive number of tokens, got {window!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"perplexity: input_ids must be [B, T] with T >= 2 tokens, got shape {tuple(input_ids.shape)}")
     nll, count = 0.0, 0

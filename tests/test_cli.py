@@ -145,6 +145,15 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     (["bench", "--models", "minicpmv4.6,nosuch"], "unknown ['nosuch']: choose from minicpmv4.6,"),
     (["profile", "--models", "minicpmv2.6"], "unknown ['minicpmv2.6']: choose from minicpmv4.6,llama3-v2.5"),
     (["profile", "--modes", "eager,fast"], "unknown ['fast']: choose from eager,graphed"),
+    # counts that would run nothing, or fail only after minutes of loading and quantizing
+    (["profile", "--new-tokens", "0"], "argument --new-tokens: '0': must be a positive integer"),
+    (["profile", "--prompt-tokens", "-5"], "argument --prompt-tokens: '-5': must be a positive integer"),
+    (["demo", "--new-tokens", "x"], "argument --new-tokens: 'x' is not an integer"),
+    (["bench", "--max-n", "0"], "argument --max-n: '0': must be a positive integer"),
+    (["quantize", "m", "o", "--calib-samples", "0"], "argument --calib-samples: '0': must be a positive integer"),
+    (["quantize", "m", "o", "--keep-most-sensitive", "-1"], "'-1': must be a non-negative integer"),
+    (["quantize", "m", "o", "--weight-budget-mib", "-3"], "argument --weight-budget-mib: '-3': must be a positive number"),
+    (["eval", "m", "o", "--max-length", "0"], "argument --max-length: '0': must be a positive integer"),
 ])
 def test_bench_and_profile_refuse_bad_lists_before_running(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -46,6 +46,9 @@ def test_calibration_refuses_no_batches_and_untokenized_text():
         calibrate(model, iter([]), progress=False)
     with pytest.raises(TypeError, match=r"got str \(tokenize the text first\)"):
         calibrate(model, _batches(2) + ["a prompt"], progress=False)
+    for bad in (0, -1, 2.5):  # no sampled rows: no sensitivities, and mixed precision would keep nothing
+        with pytest.raises(ValueError, match=f"max_samples must be a positive number of rows per layer, got {bad}"):
+            calibrate(model, _batches(1), max_samples=bad, progress=False)
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
@@ -133,6 +136,9 @@ def test_eval_metrics():
     assert perplexity(model, ids2, window=8) == pytest.approx(math.exp(nll / 32), rel=1e-5)
     with pytest.raises(ValueError, match="T >= 2 tokens"):
         perplexity(model, ids[:, :1])
+    for window in (0, -4, 8.0):  # 0 ran range(step=0), -4 divided by zero tokens
+        with pytest.raises(ValueError, match=f"window must be a positive number of tokens, got {window}"):
+            perplexity(model, ids2, window=window)
     with pytest.raises(ValueError, match="no batches"):
         compare_models(model, q, [])
     # a reference in another dtype than the int4 layers (eval --dtype): the layer table still fills
