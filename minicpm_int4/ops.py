@@ -12,6 +12,7 @@ Public functions (validate, then call the op):
     quantize_per_token_int8(x, backend)                                     -> (x_q int8 [M, K], scale fp32 [M])
     w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
     w4a8_linear(x, ...)                                                     -> quantize + w4a8_gemm
+    (op w4a8_linear: a W4A8 layer's forward, the choice between the two paths by M inside one op)
     quantized_linear(x, ..., act, backend, workspace)   QuantLinear's forward: the same ops without
                                              re-checking weights that were validated when the layer
                                              was built; in eager inference it calls each op's
@@ -377,6 +378,34 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zer
     return _w4a8_gemm_op(x_q.contiguous(), x_scale.contiguous(), qweight, scales, zeros, bias, gs, out_dtype, backend)
 
 
+def _w4a8_linear_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                      group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+    """A W4A8 layer's forward: decode rows (M < W4A8_MIN_M) on the W4A16 kernel, else per-token int8
+    activations and the int8 GEMM. The choice by M is made here, inside one op, so that a traced graph
+    (torch.compile with a dynamic batch, torch.export) holds no guard on M: one graph serves decode
+    and prefill."""
+    if x.shape[0] < W4A8_MIN_M:
+        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
+    x_q, x_scale = _quantize_per_token_int8_impl(x, backend)
+    return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
+
+
+@torch.library.custom_op("minicpm_int4::w4a8_linear", mutates_args=())
+def _w4a8_linear_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+                    group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+    return _w4a8_linear_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
+
+
+@_w4a8_linear_op.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, backend, workspace=None):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+# Gradients as for W4A16 (y = x @ dequant(W).T + b): the int8 rounding of the activations passes the
+# gradient straight through, as quantization-aware training does.
+_w4a8_linear_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+
+
 def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
                 group_size: int = 128, backend: str = "auto") -> Tensor:
     """W4A8 for fp activations: quantize x per token, then the int8 x int4 GEMM.
@@ -424,10 +453,8 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     w4a16_workspace or None. Eager inference calls the implementations directly (eager_fast_path);
     the results are the op's, bit for bit."""
     direct = eager_fast_path(x, bias)
-    if act == "int8" and x.shape[0] >= W4A8_MIN_M:
-        quantize, gemm = ((_quantize_per_token_int8_impl, _w4a8_gemm_impl) if direct
-                          else (_quantize_per_token_int8_op, _w4a8_gemm_op))
-        x_q, x_scale = quantize(x, backend)
-        return gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
+    if act == "int8":
+        return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,
+                                                                   backend, workspace)
     w4a16 = _w4a16_gemm_impl if direct else _w4a16_gemm_op
     return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace)

@@ -52,6 +52,10 @@ def test_opcheck_act_quant_and_w4a8(backend):
     x_q, s = ops.quantize_per_token_int8(x, backend="torch")
     torch.library.opcheck(torch.ops.minicpm_int4.w4a8_gemm.default,
                           (x_q, s, qweight, scales, zeros, None, 64, torch.bfloat16, backend))
+    for rows in (ops.W4A8_MIN_M - 1, ops.W4A8_MIN_M):  # a W4A8 layer's op: both sides of the threshold
+        xr = torch.randn(rows, 128, dtype=torch.bfloat16)
+        torch.library.opcheck(torch.ops.minicpm_int4.w4a8_linear.default,
+                              (xr, qweight, scales, zeros, None, 64, backend, ops.w4a16_workspace(qweight.shape[0])))
 
 
 def test_triton_kernels_import():
@@ -62,7 +66,7 @@ def test_triton_kernels_import():
 
 
 def test_ops_live_in_the_package_namespace():
-    for name in ("w4a16_gemm", "quantize_per_token_int8", "w4a8_gemm"):
+    for name in ("w4a16_gemm", "quantize_per_token_int8", "w4a8_gemm", "w4a8_linear"):
         assert hasattr(torch.ops.minicpm_int4, name)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from minicpm_int4 import QuantConfig, QuantLinear, ops
+from minicpm_int4 import QuantConfig, QuantLinear, ops, patch_model
 
 from helpers import assert_gemm_close, check_quantlinear_backend
 
@@ -181,6 +181,29 @@ def test_compiles_fullgraph_without_graph_breaks(act):
     assert torch.equal(compiled(x), ql(x))
 
 
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_torch_export_with_a_dynamic_batch(act, tmp_path):
+    """torch.export of a patched model: the int4 layers are the package's ops in the graph (no graph
+    break, no decomposition into the reference), the batch stays dynamic across the W4A8 threshold
+    (decode rows take W4A16 inside the op's caller, so both sides of it are checked), and the saved
+    program reloads and computes the same bits."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64))
+    patch_model(model, QuantConfig(group_size=32, act=act, min_out_features=1), progress=False)
+    x = torch.randn(ops.W4A8_MIN_M + 3, 128)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert targets & {"minicpm_int4.w4a16_gemm.default", "minicpm_int4.w4a8_linear.default"} == {
+        "minicpm_int4.w4a8_linear.default" if act else "minicpm_int4.w4a16_gemm.default"}
+    path = tmp_path / "int4.pt2"
+    torch.export.save(ep, str(path))
+    loaded = torch.export.load(str(path)).module()
+    for rows in (x.shape[0], 1, 5):
+        xb = torch.randn(rows, 128)
+        assert torch.equal(loaded(xb), model(xb))
+
+
 def test_state_dict_keys():
     ql = QuantLinear.from_linear(nn.Linear(64, 64), QuantConfig(group_size=32))
     assert set(ql.state_dict()) == {"qweight", "scales", "zeros", "bias"}
@@ -258,18 +281,22 @@ def test_default_method_is_search_and_no_worse_than_rtn():
     assert err("search") <= err("rtn")
 
 
-def test_gradients_flow_to_the_input_and_bias():
+@pytest.mark.parametrize("act", [None, "int8"])
+@pytest.mark.parametrize("m", [5, 20])  # W4A8 layers: the W4A16 decode path below W4A8_MIN_M rows, int8 above
+def test_gradients_flow_to_the_input_and_bias(act, m):
+    """The int4 weights are frozen; x and bias get the gradients of y = x @ dequant(W).T + b (for W4A8
+    the activations' int8 rounding passes the gradient straight through), at every M."""
     lin = nn.Linear(128, 64)
-    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32))
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32, act=act))
     ql.bias.requires_grad_(True)
-    x = torch.randn(5, 128, requires_grad=True)
-    g = torch.randn(5, 64)
+    x = torch.randn(m, 128, requires_grad=True)
+    g = torch.randn(m, 64)
     ql(x).backward(g)
     w = ql.dequantized_weight()
     assert torch.allclose(x.grad, g @ w, rtol=1e-5, atol=1e-5)
     assert torch.allclose(ql.bias.grad, g.sum(0), rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(torch.ops.minicpm_int4.w4a16_gemm.default,
-                          (x.detach().requires_grad_(), ql.qweight, ql.scales, ql.zeros, ql.bias, 32, "torch"))
+    op = torch.ops.minicpm_int4.w4a8_linear if act else torch.ops.minicpm_int4.w4a16_gemm
+    torch.library.opcheck(op.default, (x.detach().requires_grad_(), ql.qweight, ql.scales, ql.zeros, ql.bias, 32, "torch"))
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -310,7 +337,7 @@ def test_eager_inference_skips_the_dispatcher_with_the_same_result(act, monkeypa
     # the op - gradients, fake tensors, the profiler - still goes through it
     ql = QuantLinear.from_linear(nn.Linear(128, 64), QuantConfig(group_size=32, act=act, backend="torch"))
     x = torch.randn(20, 128)  # >= W4A8_MIN_M: the int8 path for act="int8"
-    names = ["_w4a16_gemm_op"] if act is None else ["_quantize_per_token_int8_op", "_w4a8_gemm_op"]
+    names = ["_w4a16_gemm_op"] if act is None else ["_w4a8_linear_op"]
     counters = {}
     for name in names:
         counters[name] = _Counting(getattr(ops, name))
@@ -324,9 +351,8 @@ def test_eager_inference_skips_the_dispatcher_with_the_same_result(act, monkeypa
     with torch.inference_mode():
         assert torch.equal(ql(x), y)
     assert all(c.calls == 1 for c in counters.values())
-    if act is None:  # autograd needs the op's registered backward
-        xg = x.clone().requires_grad_()
-        assert torch.equal(ql(xg), y) and counters["_w4a16_gemm_op"].calls == 2
+    xg = x.clone().requires_grad_()  # autograd needs the op's registered backward
+    assert torch.equal(ql(xg), y) and counters[names[0]].calls == 2
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():  # the op's fake implementation
