@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from .models import text_module
+from .models import text_module, unwrap_compiled
 
 
 @dataclass
@@ -88,6 +88,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
               seed: int = 0) -> Calibration:
     """Collect activation statistics of every nn.Linear of `model` over `batches` (each a dict of
     model kwargs, a tuple of positional args, or a tensor such as input_ids)."""
+    model = unwrap_compiled(model)  # the hooks' names are the model's own, as patch_model looks them up
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         # 0 would keep no input rows: no layer would get a sensitivity, and mixed precision would keep nothing
         raise ValueError(f"calibrate: max_samples must be a positive number of rows per layer, got {max_samples!r}")

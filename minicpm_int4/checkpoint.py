@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .models import hf_config_dtype, hf_dtype_kwargs
+from .models import hf_config_dtype, hf_dtype_kwargs, unwrap_compiled
 from .patch import CONFIG_ATTR, _progress, linear_places
 from .qlinear import QuantLinear
 
@@ -56,6 +56,7 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
     overwritten."""
     from safetensors.torch import save_file
 
+    model = unwrap_compiled(model)  # a torch.compile wrapper: the model's own names, not `_orig_mod.`-prefixed
     modules = _quant_modules(model)
     if not modules:
         raise ValueError("save_quantized: the model has no QuantLinear layers; call patch_model(model) first")
@@ -119,6 +120,8 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
     """
     load_device = device or "cpu"
     from safetensors import safe_open
+
+    wrapper, model = model, unwrap_compiled(model)  # returned as given (a torch.compile wrapper stays one)
 
     meta = read_quant_config(path)
     config = QuantConfig.from_dict(meta["config"])
@@ -186,7 +189,7 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
             raise CheckpointMismatchError(f"tensor {extra[0]!r} in the checkpoint has no counterpart in the model "
                                           f"({len(extra)} unexpected tensors)")
     setattr(model, CONFIG_ATTR, config)
-    return model
+    return wrapper
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import _run
+from .models import unwrap_compiled
 from .qlinear import QuantLinear
 
 
@@ -25,6 +26,7 @@ def _logits(out):
 
 
 def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_errors: bool = True) -> Dict:
+    ref, quant = unwrap_compiled(ref), unwrap_compiled(quant)  # layers matched by the models' own names
     qmods = {n: m for n, m in quant.named_modules() if isinstance(m, QuantLinear)}
     err_sq, ref_sq = defaultdict(float), defaultdict(float)
     handles = []

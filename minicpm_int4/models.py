@@ -86,6 +86,16 @@ def hf_dtype_kwargs(dtype) -> dict:
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
+def unwrap_compiled(model):
+    """The module inside a torch.compile wrapper (OptimizedModule, whose parameter names all carry an
+    `_orig_mod.` prefix). patch_model, calibrate, compare_models and the checkpoints work on it, so a
+    compiled model gets the layout, the decisions and the checkpoint names of the model itself (the
+    wrapper retraces on its next call after patching)."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def hf_config_dtype(cfg, default=torch.float16) -> torch.dtype:
     """A transformers config's dtype, read from the attribute this version writes (`dtype` in 5.x,
     where reading `torch_dtype` warns that it is deprecated; `torch_dtype` in 4.x), as a torch.dtype."""

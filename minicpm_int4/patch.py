@@ -10,7 +10,7 @@ from torch import nn
 
 from .calibrate import Calibration
 from .config import QuantConfig
-from .models import detect_layout, effective_weight, output_embedding_name, protected_reason
+from .models import detect_layout, effective_weight, output_embedding_name, protected_reason, unwrap_compiled
 from .ops import W4A8_MIN_M
 from .packing import packed_bytes
 from .qlinear import QuantLinear
@@ -136,6 +136,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model: model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # torch.compile(model): names without the wrapper's `_orig_mod.` prefix
     if type(model) is nn.Linear:
         raise TypeError("patch_model replaces the Linears inside a model, in place; a lone nn.Linear cannot "
                         "replace itself: use QuantLinear.from_linear(linear, config)")

@@ -258,6 +258,40 @@ def test_a_module_at_several_places_is_one_quantlinear(tmp_path):
     assert type(fresh.a) is nn.Linear and fresh.a is fresh.b is fresh.seq[0]
 
 
+def test_a_compiled_model_is_patched_as_the_model_itself(tmp_path):
+    """patch_model(torch.compile(model)): the wrapper's names all start with `_orig_mod.`, which no
+    layout matches - the merger's Linears were taken for part 'other' and quantized (43 int4 layers
+    instead of 35). The model inside is patched, with its own names; the wrapper retraces and runs
+    the int4 layers; calibration, comparison and checkpoints use the same names."""
+    from minicpm_int4 import calibrate, load_quantized, save_quantized
+    from minicpm_int4.evaluate import compare_models
+
+    plain, ids = build_native("4_6"), torch.tensor([[5, 9, 2, 7]])
+    compiled = torch.compile(build_native("4_6"), backend="eager")
+    with torch.no_grad():
+        compiled(input_ids=ids)  # traced once before patching: it must retrace
+    cfg = QuantConfig(group_size=32)
+    calib = calibrate(compiled, [ids], progress=False)
+    assert calib.stats and not any(n.startswith("_orig_mod") for n in calib.stats)
+    expected = patch_model(plain, cfg, progress=False, calibration=calibrate(plain, [ids], progress=False))
+    report = patch_model(compiled, cfg, progress=False, calibration=calib)
+    assert [(d.name, d.part, d.action) for d in report.decisions] == [(d.name, d.part, d.action) for d in expected.decisions]
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, plain(input_ids=ids).logits)
+    result = compare_models(torch.compile(build_native("4_6"), backend="eager"), compiled, [ids])  # fp vs int4
+    ran = {r["name"] for r in result["layers"]}  # text only: the LLM's int4 layers, by their own names
+    assert ran == {d.name for d in expected.quantized if d.part == "llm"}
+    assert all(r["rel_output_error"] > 0 for r in result["layers"])
+    save_quantized(compiled, tmp_path)
+    reloaded = load_quantized(build_native("4_6"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, plain(input_ids=ids).logits)
+    again = torch.compile(build_native("4_6"), backend="eager")
+    assert load_quantized(again, tmp_path) is again
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 def test_include_exclude_and_per_part_act():
     model = build_native("4_6")
     cfg = QuantConfig(group_size=32, exclude=("*.mlp.down_proj",), include=("lm_head",), act={"vision": "int8"})
