@@ -6,6 +6,7 @@ name, so the same code serves transformers 4.40+ remote-code models and the nati
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -21,11 +22,20 @@ class ModelLayout:
     description: str
     required: Tuple[str, ...]           # submodule paths that must all exist
     parts: Tuple[Tuple[str, str], ...]  # (module-name prefix, part)
+    root: str = ""                      # where in the model it was found ("" = the model itself)
 
     def matches(self, model: nn.Module) -> bool:
         return all(_has_submodule(model, p) for p in self.required)
 
+    def path(self, name: str) -> str:
+        """A path of the layout as a name in the model it was found in."""
+        return f"{self.root}.{name}" if self.root else name
+
     def part_of(self, name: str) -> str:
+        if self.root:  # a module outside the MiniCPM-V model found inside the user's wrapper: 'other'
+            if not name.startswith(self.root + "."):
+                return "other"
+            name = name[len(self.root) + 1:]
         best, best_len = "other", -1
         for prefix, part in self.parts:
             if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
@@ -109,7 +119,8 @@ def hf_config_dtype(cfg, default=torch.float16) -> torch.dtype:
 def text_module(model: nn.Module) -> nn.Module:
     """What runs a batch of text alone (input_ids): the remote-code 2.x layout's `llm` - the top-level
     forward of MiniCPM-V 2.x / o-2.6 takes a `data` dict of images and text - else the model itself."""
-    return model.llm if detect_layout(model).name == "minicpmv-remote" else model
+    layout = detect_layout(model)
+    return model.get_submodule(layout.path("llm")) if layout.name == "minicpmv-remote" else model
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:
@@ -121,9 +132,12 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
 
 
 def detect_layout(model: nn.Module) -> ModelLayout:
-    for layout in LAYOUTS:
-        if layout.matches(model):
-            return layout
+    """The layout of `model`, or of the first submodule that has one (a MiniCPM-V model inside a
+    user's wrapper module: `root` says where), else GENERIC."""
+    for name, mod in model.named_modules():
+        for layout in LAYOUTS:
+            if layout.matches(mod):
+                return dataclasses.replace(layout, root=name) if name else layout
     return GENERIC
 
 

@@ -150,6 +150,8 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     layout = detect_layout(model)
     head = output_embedding_name(model)
     report = PatchReport(layout=layout.name, config=config)
+    if layout.root:
+        report.notes.append(f"layout {layout.name} found at submodule {layout.root!r}; Linears outside it are part 'other'")
     owners = {}  # id(parameter) -> every name it has (a tied lm_head's weight is also the embeddings')
     for pname, prm in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(prm), []).append(pname)

@@ -292,6 +292,35 @@ def test_a_compiled_model_is_patched_as_the_model_itself(tmp_path):
         assert torch.equal(again(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
+def test_a_model_inside_a_wrapper_keeps_its_layout():
+    """A MiniCPM-V model held by a user's module (a pipeline with a head of its own): its layout is
+    found where it is, so the merger / resampler / lm_head stay in high precision as they do for the
+    model alone - before, every Linear was part 'other' of a generic layout and was quantized."""
+    from minicpm_int4.models import detect_layout, text_module
+
+    class Pipeline(nn.Module):
+        def __init__(self, vlm):
+            super().__init__()
+            self.vlm = vlm
+            self.head = nn.Linear(vlm.config.text_config.vocab_size, 64)
+
+    expected = patch_model(build_native("4_6"), QuantConfig(group_size=32), progress=False)
+    wrapped = Pipeline(build_native("4_6"))
+    report = patch_model(wrapped, QuantConfig(group_size=32), progress=False)
+    assert report.layout == "minicpmv-native" and "found at submodule 'vlm'" in report.notes[0]
+    got = {d.name: (d.part, d.action) for d in report.decisions}
+    assert got.pop("head") == ("other", "quantized")
+    assert got == {f"vlm.{d.name}": (d.part, d.action) for d in expected.decisions}
+    assert {d.part for d in expected.decisions if d.action == "kept"} >= {"merger", "lm_head"}
+    remote = Pipeline.__new__(Pipeline)
+    nn.Module.__init__(remote)
+    remote.inner = nn.ModuleDict({"mllm": build_remote_layout("qwen2")})
+    layout = detect_layout(remote)
+    assert layout.name == "minicpmv-remote" and layout.root == "inner.mllm"
+    assert layout.part_of("inner.mllm.resampler.kv_proj") == "resampler" and layout.part_of("llm.x") == "other"
+    assert text_module(remote) is remote.inner["mllm"].llm
+
+
 def test_include_exclude_and_per_part_act():
     model = build_native("4_6")
     cfg = QuantConfig(group_size=32, exclude=("*.mlp.down_proj",), include=("lm_head",), act={"vision": "int8"})
