@@ -13,4 +13,8 @@ from .qlinear import QuantLinear
 
 __version__ = "0.1.0"
 
+from .hf_integration import register_when_transformers_loads as _register_with_transformers
+
+_register_with_transformers()  # from_pretrained / save_pretrained of int4 models (hf_integration.py)
+
 __all__ = ["QuantConfig", "QuantLinear", "patch_model", "calibrate", "save_quantized", "load_quantized", "__version__"]

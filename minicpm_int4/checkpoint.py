@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .hf_integration import QUANT_METHOD, mark_quantized
 from .models import hf_config_dtype, hf_dtype_kwargs, unwrap_compiled
 from .patch import CONFIG_ATTR, _progress, linear_places
 from .qlinear import QuantLinear
@@ -96,16 +97,55 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
         hf_config.save_pretrained(path)
 
 
+def layer_from_spec(spec: dict, device, backend: str, dtype: Optional[torch.dtype] = None) -> QuantLinear:
+    """An empty QuantLinear for one module record of quant_config.json (in `dtype`, default the record's)."""
+    return QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
+                       dtype=dtype or getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=backend)
+
+
 def read_quant_config(path: str) -> dict:
+    """quant_config.json of a save_quantized folder or, for a folder that transformers' save_pretrained
+    wrote from a patched model, the same record from config.json's quantization_config."""
     cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path} is not a minicpm_int4 checkpoint: {CONFIG_NAME} not found")
-    with open(cfg_path) as f:
-        meta = json.load(f)
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            meta = json.load(f)
+    else:
+        hf_path = os.path.join(path, "config.json")
+        meta = None
+        if os.path.exists(hf_path):
+            with open(hf_path) as f:
+                meta = json.load(f).get("quantization_config")
+        if not isinstance(meta, dict) or meta.get("quant_method") != QUANT_METHOD:
+            raise FileNotFoundError(f"{path} is not a minicpm_int4 checkpoint: {CONFIG_NAME} not found, and no "
+                                    f"config.json with a {QUANT_METHOD!r} quantization_config")
+        cfg_path = hf_path
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
                                       f"(this minicpm_int4 reads version {FORMAT_VERSION})")
     return meta
+
+
+@contextlib.contextmanager
+def _open_weights(path: str):
+    """{tensor name: open safetensors file} over model.safetensors, or the shards that
+    model.safetensors.index.json lists (save_pretrained of a large model)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, WEIGHTS_NAME + ".index.json")
+    if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+        files = [WEIGHTS_NAME]
+    elif os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (nor {os.path.basename(index)})")
+    with contextlib.ExitStack() as stack:
+        by_key = {}
+        for name in files:
+            handle = stack.enter_context(safe_open(os.path.join(path, name), framework="pt"))
+            by_key.update(dict.fromkeys(handle.keys(), handle))
+        yield by_key
 
 
 def load_quantized(model: nn.Module, path: str, device=None, progress: bool = True) -> nn.Module:
@@ -119,8 +159,6 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
     naming the first module or tensor that does not match.
     """
     load_device = device or "cpu"
-    from safetensors import safe_open
-
     wrapper, model = model, unwrap_compiled(model)  # returned as given (a torch.compile wrapper stays one)
 
     meta = read_quant_config(path)
@@ -139,8 +177,7 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
                 f"{mod.out_features} x {mod.in_features}")
         if isinstance(mod, nn.Linear):
             device = mod.weight.device if mod.weight.device.type != "meta" else torch.device(load_device)
-            ql = QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
-                             dtype=getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=config.backend)
+            ql = layer_from_spec(spec, device, config.backend)
             for parent, attr, _ in places.get(id(mod), ()):  # every place of a shared module
                 setattr(parent, attr, ql)
         else:  # a model patched already: its layer must hold what the checkpoint holds, and runs as saved
@@ -157,20 +194,21 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
 
     aliases = meta.get("aliases", {})
     targets = model.state_dict(keep_vars=True)
-    materialised: Dict[int, torch.Tensor] = {}  # id(meta tensor) -> its loaded tensor: ties stay tied
-    with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
-        stored = set(f.keys())
+    loaded: Dict[int, torch.Tensor] = {}  # id(model tensor) -> what it holds now: ties stay tied
+    with _open_weights(path) as files:
         used = set()
         for key, target in _progress(list(targets.items()), progress, "load int4 checkpoint", "tensor"):
             src = aliases.get(key, key)
-            if src not in stored:
-                raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
-            if target.device.type == "meta" and id(target) in materialised:
-                # a second name of one tensor (a tied lm_head / embedding): the same tensor again,
-                # not a copy (which would double its memory and untie it)
-                _assign(model, key, materialised[id(target)])
+            if id(target) in loaded and (src not in files or target.device.type == "meta"):
+                # a second name of one tensor (a tied lm_head / embedding; save_pretrained stores it once):
+                # the same tensor again, not a copy (which would double its memory and untie it)
+                if target.device.type == "meta":
+                    _assign(model, key, loaded[id(target)])
                 used.add(src)
                 continue
+            if src not in files:
+                raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
+            f = files[src]
             sl = f.get_slice(src)
             shape = tuple(sl.get_shape())
             if shape != tuple(target.shape):
@@ -179,16 +217,17 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
             if t.dtype != target.dtype:
                 raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
             if target.device.type == "meta":
-                materialised[id(target)] = _assign(model, key, t.to(load_device))
+                loaded[id(target)] = _assign(model, key, t.to(load_device))
             else:
                 with torch.no_grad():
                     target.data.copy_(t)
+                loaded[id(target)] = target
             used.add(src)
-        extra = sorted(stored - used)
+        extra = sorted(set(files) - used)
         if extra:
             raise CheckpointMismatchError(f"tensor {extra[0]!r} in the checkpoint has no counterpart in the model "
                                           f"({len(extra)} unexpected tensors)")
-    setattr(model, CONFIG_ATTR, config)
+    mark_quantized(model, config)
     return wrapper
 
 

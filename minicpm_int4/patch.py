@@ -216,7 +216,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 swapped.append((places, lin, d))
     if config.mixed_precision:
         _apply_mixed_precision(report, swapped, config)
-    setattr(model, CONFIG_ATTR, config)
+    from .hf_integration import mark_quantized
+
+    mark_quantized(model, config)  # and config.quantization_config: save_pretrained / from_pretrained
     return report
 
 

@@ -1,0 +1,235 @@
+"""transformers integration: `from_pretrained` / `save_pretrained` of int4 models.
+
+`register()` adds the quantization method "minicpm_int4" to transformers' quantizer registry
+(transformers >= 4.44 has one; 4.40 has none, and the functions here then do nothing). A patched
+transformers model carries `config.quantization_config` = {"quant_method": "minicpm_int4",
+"format_version", "config": QuantConfig, "modules": {name: spec}} - the same module specs as
+quant_config.json - so that:
+
+    model.save_pretrained(out)                            # int4 tensors + that config.json
+    AutoModelForImageTextToText.from_pretrained(out)      # QuantLinears built, int4 tensors loaded
+
+`import minicpm_int4`, before or after transformers, registers the method as soon as transformers
+imports its quantizer registry, through a one-shot import hook that costs nothing until then;
+`register()` does it by hand. Without the registration transformers would skip an unknown method
+with a warning and load the Linears' weights as missing - random. An fp checkpoint can also be
+quantized as it loads:
+`from_pretrained(path, quantization_config=minicpm_int4.hf_integration.quantization_config(QuantConfig()))`
+loads the fp weights, then runs patch_model.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+QUANT_METHOD = "minicpm_int4"
+
+
+@functools.lru_cache(maxsize=None)
+def register() -> Optional[str]:
+    """Register "minicpm_int4" with transformers; None once done, else why it cannot be (no
+    transformers, or a version without a quantizer registry)."""
+    try:
+        from transformers import __version__ as transformers_version
+        from transformers.quantizers import HfQuantizer
+        from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                                  register_quantization_config, register_quantizer)
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError as e:
+        version = getattr(sys.modules.get("transformers"), "__version__", "?")
+        return f"transformers {version} has no quantizer registry ({e})"
+
+    class MiniCPMInt4Config(QuantizationConfigMixin):
+        """config.json's quantization_config of a minicpm_int4 model."""
+
+        def __init__(self, modules=None, config=None, format_version=None, **kwargs):
+            from .checkpoint import FORMAT_VERSION
+
+            self.quant_method = QUANT_METHOD
+            self.format_version = FORMAT_VERSION if format_version is None else format_version
+            self.config = dict(config or {})
+            self.modules = dict(modules or {})
+
+        def to_dict(self):
+            return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
+                    "config": dict(self.config), "modules": dict(self.modules)}
+
+        def to_diff_dict(self):
+            return self.to_dict()
+
+    class MiniCPMInt4HfQuantizer(HfQuantizer):
+        """Pre-quantized checkpoints: the Linears named in the config become empty QuantLinears before
+        the tensors load. An fp checkpoint with this config passed to from_pretrained: patch_model once
+        the fp weights have loaded."""
+
+        requires_calibration = False
+
+        def validate_environment(self, *args, **kwargs):
+            from .checkpoint import FORMAT_VERSION, CheckpointMismatchError
+
+            version = self.quantization_config.format_version
+            if getattr(self, "pre_quantized", True) and version != FORMAT_VERSION:
+                raise CheckpointMismatchError(f"quantization_config format_version {version} is not supported "
+                                              f"(this minicpm_int4 reads version {FORMAT_VERSION})")
+            if int(transformers_version.split(".")[0]) < 5 and importlib.util.find_spec("accelerate") is None:
+                # 4.x builds a quantized model under accelerate's init_empty_weights
+                raise ImportError(f"from_pretrained of a {QUANT_METHOD} model under transformers {transformers_version} "
+                                  "needs accelerate (pip install accelerate); "
+                                  "minicpm_int4.checkpoint.load_pretrained_quantized(path) loads it without")
+
+        def update_dtype(self, dtype):
+            return dtype
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            if getattr(self, "pre_quantized", True):
+                build_quantized_modules(model, self.quantization_config.modules, self.quantization_config.config)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            from .config import QuantConfig
+
+            if getattr(self, "pre_quantized", True):
+                from .ops import w4a16_workspace
+
+                with torch.no_grad():
+                    for m in model.modules():
+                        if not isinstance(m, _quant_linear()):
+                            continue
+                        if m.workspace.device != m.qweight.device:  # 4.x leaves unsaved buffers on meta
+                            m.workspace = w4a16_workspace(m.out_features, m.qweight.device)
+                        else:
+                            m.workspace.zero_()  # 5.x allocates it, uninitialised, with the rest of the model
+                mark_quantized(model, QuantConfig.from_dict(self.quantization_config.config))
+            else:
+                from .patch import patch_model
+
+                patch_model(model, QuantConfig.from_dict(self.quantization_config.config))
+            return model
+
+        def is_serializable(self, *args, **kwargs):  # a method in 4.55+ / 5.x, a property before: truthy either way
+            return True
+
+        @property
+        def is_trainable(self):
+            return False
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(MiniCPMInt4Config)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(MiniCPMInt4HfQuantizer)
+    _registered["config_class"] = AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
+    return None
+
+
+_registered: dict = {}
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: when transformers imports its quantizer registry (`transformers.quantizers`,
+    which modeling_utils imports before any model loads), register() runs right after it, so that
+    `import minicpm_int4` costs nothing here (the registry's import takes ~2 s) and still comes first."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers.quantizers":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # the real one, from the other finders
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        try:
+            register()
+        except Exception as e:  # never break transformers' own import
+            warnings.warn(f"minicpm_int4 could not register with transformers' quantizers: {type(e).__name__}: {e}")
+
+    def __getattr__(self, name):  # get_source, is_package, ... of the real loader
+        return getattr(self.loader, name)
+
+
+def register_when_transformers_loads() -> None:
+    """register() now if transformers' quantizer registry is imported already, else right after it is
+    (import minicpm_int4 calls this)."""
+    if "transformers.quantizers" in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def _quant_linear():
+    from .qlinear import QuantLinear
+
+    return QuantLinear
+
+
+def quantization_config(config=None, modules=None):
+    """The transformers quantization config object for a QuantConfig (and, for a quantized model,
+    its module specs). Raises RuntimeError where transformers has no quantizer registry."""
+    from .config import QuantConfig
+
+    why = register()
+    if why:
+        raise RuntimeError(f"minicpm_int4 cannot plug into from_pretrained here: {why}")
+    return _registered["config_class"](modules=modules, config=(config or QuantConfig()).to_dict())
+
+
+def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> None:
+    """Replace every Linear named in `modules` (specs as quant_config.json writes them) by an empty
+    QuantLinear on the Linear's device (the meta device while transformers builds a model), at every
+    place of a shared module. The layer's dtype is the model's, which the loader casts the stored
+    scales / zeros / bias to (the specs' dtype is what was saved)."""
+    from .checkpoint import CheckpointMismatchError, layer_from_spec
+    from .patch import linear_places
+
+    QuantLinear = _quant_linear()
+    backend = config.get("backend", "auto")
+    places = linear_places(model)
+    for name, spec in modules.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointMismatchError(f"quantization_config module {name!r} does not exist in the model") from None
+        if isinstance(mod, QuantLinear):
+            continue
+        if not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointMismatchError(f"quantization_config module {name!r} is {spec['out_features']} x "
+                                          f"{spec['in_features']} int4; the model has a {type(mod).__name__} there")
+        dtype = mod.weight.dtype if mod.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+        ql = layer_from_spec(spec, mod.weight.device, backend, dtype)
+        for parent, attr, _ in places[id(mod)]:
+            setattr(parent, attr, ql)
+
+
+def mark_quantized(model: nn.Module, config) -> None:
+    """Record on a patched / loaded model what it holds: the QuantConfig (patch_model's default for a
+    second call, save_quantized's record) and, for a transformers model where the registry exists,
+    config.quantization_config, which save_pretrained writes and from_pretrained reads back."""
+    from .checkpoint import _quant_modules
+    from .patch import CONFIG_ATTR
+
+    setattr(model, CONFIG_ATTR, config)
+    hf_config = getattr(model, "config", None)
+    if not hasattr(hf_config, "save_pretrained") or register():
+        return
+    modules = _quant_modules(model)
+    if modules:
+        hf_config.quantization_config = quantization_config(config, modules)
+    elif getattr(getattr(hf_config, "quantization_config", None), "quant_method", None) == QUANT_METHOD:
+        del hf_config.quantization_config

@@ -1,0 +1,155 @@
+"""transformers' own save_pretrained / from_pretrained on int4 models (hf_integration.py), under every
+transformers CI runs: 5.x, and 4.55 / 4.40 (.ci/run), where what differs is named."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import transformers
+from minicpm_int4 import QuantConfig, QuantLinear, patch_model, save_quantized
+from minicpm_int4.checkpoint import load_pretrained_quantized
+from minicpm_int4.hf_integration import QUANT_METHOD, quantization_config, register
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+NO_REGISTRY = register()
+# transformers 4.x builds a quantized model under accelerate's init_empty_weights
+NEEDS_ACCELERATE = TF_MAJOR < 5 and importlib.util.find_spec("accelerate") is None
+
+
+def _fp_llama(path, dtype=torch.float16, tie=False):
+    """A tiny Llama written with save_pretrained (a class every transformers 4.40+ / 5.x has)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
+    return _load(path, dtype)
+
+
+def _load(path, dtype=torch.float16, **kwargs):
+    from transformers import LlamaForCausalLM
+
+    key = "dtype" if TF_MAJOR >= 5 else "torch_dtype"
+    return LlamaForCausalLM.from_pretrained(path, **{key: dtype}, **kwargs).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[3, 14, 15, 92, 65, 35]])).logits
+
+
+def _check_loaded(model, expected_logits, names):
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(layers) == names
+    for m in layers.values():  # the split-K counters: real, zero, beside the weights (4.x left them on meta)
+        assert m.workspace.device == m.qweight.device and torch.count_nonzero(m.workspace) == 0
+    assert torch.equal(_logits(model), expected_logits)
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    """A patched model saved by transformers' save_pretrained carries its int4 record in config.json;
+    from_pretrained builds the QuantLinears and loads the int4 tensors (before: the Linears' weights
+    loaded as missing, i.e. random, with a warning). The same folder, sharded or not, and a
+    save_quantized folder load through both load paths with the same bits."""
+    model = _fp_llama(tmp_path / "fp")
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    names = {d.name for d in report.quantized}
+    expected = _logits(model)
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == QUANT_METHOD and set(qc["modules"]) == names and qc["config"]["group_size"] == 32
+    _check_loaded(load_pretrained_quantized(str(out), progress=False), expected, names)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    _check_loaded(load_pretrained_quantized(str(sharded), progress=False), expected, names)
+    ours = tmp_path / "ours"
+    save_quantized(model, ours)
+    if NEEDS_ACCELERATE:
+        with pytest.raises(ImportError, match=r"needs accelerate \(pip install accelerate\); "
+                                              r"minicpm_int4.checkpoint.load_pretrained_quantized\(path\) loads it"):
+            _load(out)
+        return
+    for folder in (out, sharded, ours):
+        _check_loaded(_load(folder), expected, names)
+    # a bf16 load of the fp16 checkpoint: the layers follow the model's dtype, as nn.Linear's do
+    bf16 = _load(out, torch.bfloat16)
+    layer = bf16.get_submodule(sorted(names)[0])
+    assert layer.scales.dtype == torch.bfloat16 and _logits(bf16).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+@pytest.mark.skipif(NEEDS_ACCELERATE, reason=f"transformers {transformers.__version__} needs accelerate "
+                                             "for quantizers, which is not installed")
+def test_import_order_does_not_matter(tmp_path):
+    """A fresh interpreter: `import minicpm_int4` before transformers does not import transformers'
+    quantizer registry (~2 s), yet from_pretrained finds the method (the import hook registers it when
+    transformers loads the registry); and after transformers, it registers at once."""
+    import subprocess
+    import sys
+
+    model = _fp_llama(tmp_path / "fp")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    model.save_pretrained(tmp_path / "hf")
+    load = (f"from transformers import LlamaForCausalLM\n"
+            f"m = LlamaForCausalLM.from_pretrained({str(tmp_path / 'hf')!r})\n"
+            "assert type(m.model.layers[0].mlp.down_proj).__name__ == 'QuantLinear'\n")
+    first = "import sys, minicpm_int4\nassert 'transformers.quantizers' not in sys.modules\n" + load
+    after = "import transformers.modeling_utils, minicpm_int4\n" + load
+    for code in (first, after):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+@pytest.mark.skipif(NEEDS_ACCELERATE, reason=f"transformers {transformers.__version__} needs accelerate "
+                                             "for quantizers, which is not installed")
+def test_quantize_while_loading(tmp_path):
+    """from_pretrained(fp checkpoint, quantization_config=...) loads the fp weights, then patch_model:
+    the same layers and bits as patching by hand."""
+    by_hand = _fp_llama(tmp_path / "fp")
+    report = patch_model(by_hand, QuantConfig(group_size=32), progress=False)
+    loaded = _load(tmp_path / "fp", quantization_config=quantization_config(QuantConfig(group_size=32)))
+    _check_loaded(loaded, _logits(by_hand), {d.name for d in report.quantized})
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+def test_tied_head_saved_once_by_save_pretrained(tmp_path):
+    """save_pretrained stores a tied lm_head / embedding once; loading gives one tensor again."""
+    model = _fp_llama(tmp_path / "fp", tie=True)
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = load_pretrained_quantized(str(tmp_path / "hf"), progress=False)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_the_config_record_follows_the_model(tmp_path):
+    """config.quantization_config names exactly the QuantLinears the model holds (after mixed
+    precision put some back, after a second patch_model); where transformers has no quantizer
+    registry (4.40) nothing is written and patching works as before."""
+    from minicpm_int4 import calibrate
+
+    model = _fp_llama(tmp_path / "fp", dtype=torch.float32)
+    calib = calibrate(model, [torch.tensor([[1, 2, 3, 4, 5]])], progress=False)
+    report = patch_model(model, QuantConfig(group_size=32, keep_most_sensitive=2), progress=False, calibration=calib)
+    qc = getattr(model.config, "quantization_config", None)
+    if NO_REGISTRY:
+        assert qc is None and "has no quantizer registry" in NO_REGISTRY and TF_MAJOR == 4
+        return
+    assert set(qc.modules) == {d.name for d in report.quantized} and len(report.kept) >= 2
+    patch_model(model, QuantConfig(group_size=32), progress=False)  # the two kept layers now int4 too
+    assert set(model.config.quantization_config.modules) == {n for n, m in model.named_modules()
+                                                             if isinstance(m, QuantLinear)}
+    assert model.config.to_dict()["quantization_config"]["quant_method"] == QUANT_METHOD
+
+
+def test_a_folder_without_an_int4_record_is_named(tmp_path):
+    _fp_llama(tmp_path / "fp")
+    with pytest.raises(FileNotFoundError, match=r"is not a minicpm_int4 checkpoint: quant_config.json not found, "
+                                                r"and no config.json with a 'minicpm_int4' quantization_config"):
+        load_pretrained_quantized(str(tmp_path / "fp"))
