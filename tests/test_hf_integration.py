@@ -153,3 +153,26 @@ def test_a_folder_without_an_int4_record_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a minicpm_int4 checkpoint: quant_config.json not found, "
                                                 r"and no config.json with a 'minicpm_int4' quantization_config"):
         load_pretrained_quantized(str(tmp_path / "fp"))
+
+
+@pytest.mark.parametrize("kind", ["4_6", "ocr"])
+def test_native_minicpmv_through_from_pretrained(kind, tmp_path):
+    """The product's path: MiniCPM-V 4.6 (and the OCR model, whose lm_head is tied to the embeddings)
+    patched, saved by save_pretrained, loaded by AutoModelForImageTextToText.from_pretrained: the same
+    logits on an image prompt, the vision tower's int4 layers included. (Native classes: 5.x.)"""
+    from minicpm_int4.tiny import build_native, prompt_with_image
+
+    model = build_native(kind)  # fp32: a .to(fp16) would also round the rotary inv_freq buffers, which a load recomputes
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert {d.part for d in report.quantized} >= {"llm", "vision"}
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForImageTextToText
+
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == {d.name for d in report.quantized}
+    if kind == "ocr":
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits,
+                           model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits)
