@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 
@@ -260,6 +261,15 @@ def test_remote_code_model_round_trip_through_its_own_code(tmp_path):
     pv = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model(ids, pv).logits, loaded(ids, pv).logits)
+    # transformers' own loader on the same folder (hf_integration.py), where this transformers can
+    from minicpm_int4.hf_integration import register
+
+    major = int(transformers.__version__.split(".")[0])
+    if register() is None and (major >= 5 or importlib.util.find_spec("accelerate") is not None):  # 4.x: accelerate
+        hf = transformers.AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+        assert sum(isinstance(m, QuantLinear) for m in hf.modules()) == len(report.quantized)
+        with torch.no_grad():
+            assert torch.equal(model(ids, pv).logits, hf(ids, pv).logits)
 
 
 def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
