@@ -119,6 +119,10 @@ def register() -> Optional[str]:
         def is_trainable(self):
             return False
 
+        @property
+        def is_compileable(self):  # the layers are custom ops with fake kernels: generate may compile the decode step
+            return True
+
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(MiniCPMInt4Config)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
