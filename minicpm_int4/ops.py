@@ -202,16 +202,7 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
 
 
-# The workspace is not declared mutated: the kernel counts into it during the call and leaves every
-# element at zero again, so no caller can observe a change (opcheck compares it before and after).
-@torch.library.custom_op("minicpm_int4::w4a16_gemm", mutates_args=())
-def _w4a16_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                   group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
-    return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
-
-
-@_w4a16_gemm_op.register_fake
-def _(x, qweight, scales, zeros, bias, group_size, backend, workspace=None):
+def _linear_fake(x, qweight, scales, zeros, bias, group_size, backend, workspace=None):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
@@ -234,7 +225,24 @@ def _w4a16_backward(ctx, grad):
     return grad_x, None, None, None, grad_bias, None, None, None
 
 
-_w4a16_gemm_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+def _linear_op(name: str, impl):
+    """A custom op y[M, N] = f(x[M, K], the layer's int4 weight, bias) with the signature of `impl`,
+    the shapes-only fake and the W4A16 backward (the frozen int4 weight's x- and bias-gradients).
+
+    The workspace is not declared mutated: the kernel counts into it during the call and leaves every
+    element at zero again, so no caller can observe a change (opcheck compares it before and after)."""
+    def op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+           group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+        return impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
+
+    op.__name__ = op.__qualname__ = name
+    op = torch.library.custom_op(f"minicpm_int4::{name}", op, mutates_args=())
+    op.register_fake(_linear_fake)
+    op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+    return op
+
+
+_w4a16_gemm_op = _linear_op("w4a16_gemm", _w4a16_gemm_impl)
 
 # Rows of W per split-K counter: the narrowest row tile of the Triton decode kernel.
 WORKSPACE_ROWS_PER_COUNTER = 16
@@ -390,20 +398,9 @@ def _w4a8_linear_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
 
 
-@torch.library.custom_op("minicpm_int4::w4a8_linear", mutates_args=())
-def _w4a8_linear_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                    group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
-    return _w4a8_linear_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
-
-
-@_w4a8_linear_op.register_fake
-def _(x, qweight, scales, zeros, bias, group_size, backend, workspace=None):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
 # Gradients as for W4A16 (y = x @ dequant(W).T + b): the int8 rounding of the activations passes the
 # gradient straight through, as quantization-aware training does.
-_w4a8_linear_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
+_w4a8_linear_op = _linear_op("w4a8_linear", _w4a8_linear_impl)
 
 
 def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
