@@ -2,8 +2,9 @@
 
 Versions (minicpm_int4, torch + its CUDA, triton, transformers, the peers), the devices, each
 backend's availability with the reason when it is missing (Triton kernels, the Triton interpreter,
-the compiled extension `minicpm_int4._C`, nvcc for building it), the measured dispatch table, and
-which backend `backend="auto"` picks for a few decode and prefill shapes on this machine.
+the compiled extension `minicpm_int4._C`, nvcc for building it), the measured dispatch table,
+which backend `backend="auto"` picks for a few decode and prefill shapes on this machine, and
+whether transformers' from_pretrained / save_pretrained handle int4 models here.
 """
 from __future__ import annotations
 
@@ -77,7 +78,29 @@ def collect(device: Optional[str] = None) -> Dict:
     info["backends"] = _backends()
     info["auto"] = _auto_picks(dev)
     info["dispatch_table"] = _dispatch_table(dev)
+    info["transformers_integration"] = _transformers_integration()
     return info
+
+
+def _transformers_integration() -> Dict:
+    """Whether from_pretrained / save_pretrained handle int4 models here (hf_integration.py)."""
+    import importlib.util
+
+    from .hf_integration import QUANT_METHOD, register
+
+    try:
+        why = register()
+    except Exception as e:  # report, do not fail
+        why = f"{type(e).__name__}: {e}"
+    out = {"quant_method": QUANT_METHOD, "registered": why is None, "reason": why}
+    try:
+        import transformers
+
+        if why is None and int(transformers.__version__.split(".")[0]) < 5 and importlib.util.find_spec("accelerate") is None:
+            out["reason"] = f"from_pretrained under transformers {transformers.__version__} also needs accelerate (not installed)"
+    except ImportError:
+        pass
+    return out
 
 
 def format_report(info: Dict) -> str:
@@ -119,6 +142,10 @@ def format_report(info: Dict) -> str:
     lines.append(f"dispatch table: {table}")
     if "this_device" in d:
         lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)")
+    h = info.get("transformers_integration")
+    if h:
+        state = f"quantization method {h['quant_method']!r} registered" if h["registered"] else "unavailable"
+        lines.append(f"transformers from_pretrained / save_pretrained: {state}" + (f" - {h['reason']}" if h["reason"] else ""))
     return "\n".join(lines)
 
 

@@ -117,6 +117,12 @@ def test_env_reports_backends_and_why_not(capsys, tmp_path):
     if not torch.cuda.is_available():
         assert {p["backend"] for p in info["auto"]} == {"torch"}
         assert "w4a16_gemm M=1 N=4096 K=4096: torch" in text
+    from minicpm_int4.hf_integration import register
+
+    h = info["transformers_integration"]
+    assert h["registered"] == (register() is None)
+    line = next(x for x in text.splitlines() if x.startswith("transformers from_pretrained / save_pretrained: "))
+    assert ("'minicpm_int4' registered" in line) == h["registered"] and (h["reason"] or "") in line
 
 
 def test_env_report_of_a_gpu_install(monkeypatch):
