@@ -377,3 +377,33 @@ def test_gemm_past_32_bit_offsets(op):
             tol = w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, torch.float16, y_ref)
             assert ((y[rows].double() - y_ref.double()).abs() <= tol).all()
     assert torch.isfinite(y).all()
+
+
+def test_from_pretrained_onto_the_gpu(tmp_path):
+    """transformers' loader with device_map="cuda" (hf_integration.py): the int4 buffers and the
+    split-K counters land on the GPU (the counters are not in the file: allocated there, zero), and
+    the logits are the patched model's. backend="torch" keeps this about placement, not kernels."""
+    from minicpm_int4.hf_integration import register
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if register():
+        pytest.skip(register())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")  # loaded in fp16 below, as the int4 model is
+    from minicpm_int4.models import hf_dtype_kwargs
+
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "fp", **hf_dtype_kwargs(torch.float16)).cuda().eval()
+    patch_model(model, QuantConfig(group_size=32, backend="torch"), progress=False)
+    model.save_pretrained(tmp_path)
+    import importlib.util  # device_map needs accelerate (not in every image): else load, then .cuda()
+
+    on_gpu = {"device_map": "cuda"} if importlib.util.find_spec("accelerate") else {}
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, **on_gpu).cuda().eval()
+    layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.qweight.is_cuda and m.workspace.is_cuda and m.backend == "torch" for m in layers)
+    assert all(torch.count_nonzero(m.workspace) == 0 for m in layers)
+    ids = torch.tensor([[3, 14, 15, 92, 65]], device="cuda")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
