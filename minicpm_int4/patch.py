@@ -193,6 +193,14 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     if not report.decisions:
         warnings.warn(f"patch_model: {type(model).__name__} has no nn.Linear layers; nothing was quantized",
                       stacklevel=2)
+    names = [d.name for d in report.decisions]
+    for what, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for p in patterns:  # a typo would otherwise change nothing, silently
+            if names and not any(config.matches(n, (p,)) for n in names):
+                msg = (f"QuantConfig.{what} pattern {p!r} matches no Linear of this model (fnmatch over full "
+                       f"names such as {max(names, key=len)!r})")
+                report.notes.append(msg)
+                warnings.warn(f"patch_model: {msg}", stacklevel=2)
     folds = {}
     if calibration is not None and config.method == "search" and config.fold_scales:
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)

@@ -332,6 +332,21 @@ def test_include_exclude_and_per_part_act():
     assert d["model.vision_tower.encoder.layers.0.mlp.fc1"].path.startswith("w4a8")
     assert model.model.vision_tower.encoder.layers[0].mlp.fc1.act == "int8"
     assert d["model.language_model.layers.0.mlp.gate_proj"].path == "w4a16"
+    assert not report.notes  # every pattern matched something
+
+
+def test_a_pattern_that_matches_nothing_is_said():
+    """exclude=("*.q_prj",) (a typo) used to exclude nothing without a word: the whole model was
+    quantized. Such patterns are now warned about and noted in the report."""
+    model = build_native("4_6")
+    cfg = QuantConfig(group_size=32, exclude=("*.q_prj", "*.k_proj"), include=("lm_head.weight",))
+    with pytest.warns(UserWarning) as caught:
+        report = patch_model(model, cfg, progress=False)
+    said = [str(w.message) for w in caught if "matches no Linear" in str(w.message)]
+    assert len(said) == 2 and len(report.notes) == 2
+    assert "QuantConfig.include pattern 'lm_head.weight' matches no Linear of this model" in said[0]
+    assert "exclude pattern '*.q_prj'" in said[1] and "such as 'model." in said[1]
+    assert any("excluded by pattern '*.k_proj'" in d.reason for d in report.decisions)
 
 
 def test_unquantizable_shape_is_kept_with_reason():
