@@ -123,15 +123,30 @@ def register() -> Optional[str]:
         def is_compileable(self):  # the layers are custom ops with fake kernels: generate may compile the decode step
             return True
 
+    for cls in (MiniCPMInt4Config, MiniCPMInt4HfQuantizer):
+        # module-level names (through __getattr__ below): a patched model's config pickles (torch.save(model))
+        cls.__qualname__ = cls.__name__
+        _registered.setdefault(cls.__name__, cls)
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(MiniCPMInt4Config)
+        register_quantization_config(QUANT_METHOD)(_registered["MiniCPMInt4Config"])
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(MiniCPMInt4HfQuantizer)
+        register_quantizer(QUANT_METHOD)(_registered["MiniCPMInt4HfQuantizer"])
     _registered["config_class"] = AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
     return None
 
 
 _registered: dict = {}
+
+
+def __getattr__(name: str):
+    """MiniCPMInt4Config / MiniCPMInt4HfQuantizer, defined by register() (their base classes come with
+    transformers' quantizer registry, imported only when needed): what unpickling a model looks up."""
+    if name in ("MiniCPMInt4Config", "MiniCPMInt4HfQuantizer"):
+        why = register()
+        if why:
+            raise AttributeError(f"{__name__}.{name} needs transformers' quantizer registry: {why}")
+        return _registered[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

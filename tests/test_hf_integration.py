@@ -150,6 +150,27 @@ def test_the_config_record_follows_the_model(tmp_path):
     assert model.config.to_dict()["quantization_config"]["quant_method"] == QUANT_METHOD
 
 
+def test_a_patched_model_pickles(tmp_path):
+    """torch.save(model) of a patched transformers model: its config's quantization_config is an
+    instance of a class register() defines, which pickle must find by name - also in a fresh
+    interpreter where nothing has registered yet."""
+    import subprocess
+    import sys
+
+    model = _fp_llama(tmp_path / "fp")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    torch.save(model, tmp_path / "model.pt")
+    code = ("import torch\n"
+            f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+            "assert type(m.model.layers[0].mlp.down_proj).__name__ == 'QuantLinear'\n"
+            "qc = getattr(m.config, 'quantization_config', None)\n"
+            "print(type(qc).__name__, sorted(qc.modules)[0] if qc is not None else None)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if not NO_REGISTRY:
+        assert r.stdout.split() == ["MiniCPMInt4Config", "model.layers.0.mlp.down_proj"]
+
+
 def test_a_folder_without_an_int4_record_is_named(tmp_path):
     _fp_llama(tmp_path / "fp")
     with pytest.raises(FileNotFoundError, match=r"is not a minicpm_int4 checkpoint: quant_config.json not found, "
