@@ -119,6 +119,12 @@ def register() -> Optional[str]:
         def is_trainable(self):
             return False
 
+        def _dequantize(self, model, dtype=None):  # model.dequantize(): fp Linears with the int4 model's weights
+            from .patch import dequantize_model
+
+            dequantize_model(model, dtype, _forget=False)
+            return model
+
         @property
         def is_compileable(self):  # the layers are custom ops with fake kernels: generate may compile the decode step
             return True
@@ -238,17 +244,21 @@ def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> No
 
 def mark_quantized(model: nn.Module, config) -> None:
     """Record on a patched / loaded model what it holds: the QuantConfig (patch_model's default for a
-    second call, save_quantized's record) and, for a transformers model where the registry exists,
+    second call, save_quantized's record; None: leave it) and, for a transformers model where the registry exists,
     config.quantization_config, which save_pretrained writes and from_pretrained reads back."""
     from .checkpoint import _quant_modules
     from .patch import CONFIG_ATTR
 
-    setattr(model, CONFIG_ATTR, config)
+    if config is not None:
+        setattr(model, CONFIG_ATTR, config)
     hf_config = getattr(model, "config", None)
     if not hasattr(hf_config, "save_pretrained") or register():
         return
     modules = _quant_modules(model)
     if modules:
         hf_config.quantization_config = quantization_config(config, modules)
-    elif getattr(getattr(hf_config, "quantization_config", None), "quant_method", None) == QUANT_METHOD:
-        del hf_config.quantization_config
+    else:
+        qc = getattr(hf_config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if method == QUANT_METHOD:  # no int4 layer left (dequantize_model)
+            del hf_config.quantization_config

@@ -230,6 +230,37 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     return report
 
 
+def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None, _forget: bool = True) -> int:
+    """Undo patch_model: every QuantLinear becomes an nn.Linear holding the weight it computes with
+    (dequantize(q, scales, zeros): the int4 model's function, now in high precision; in `dtype`,
+    default the layer's), at every place of a shared module. Returns how many layers were replaced.
+    For transformers models loaded with from_pretrained, `model.dequantize()` calls this."""
+    model = unwrap_compiled(model)
+    count = 0
+    with torch.no_grad():
+        for places in linear_places(model).values():
+            parent, attr, _ = places[0]
+            q = getattr(parent, attr)
+            if not isinstance(q, QuantLinear):
+                continue
+            w = q.dequantized_weight()
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+            if q.bias is not None:
+                lin.bias = nn.Parameter(q.bias.detach().to(dtype or q.bias.dtype).clone(), requires_grad=False)
+            lin.train(q.training)
+            for parent, attr, _ in places:
+                setattr(parent, attr, lin)
+            count += 1
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        delattr(model, CONFIG_ATTR)
+    if _forget:  # transformers' model.dequantize() removes config.quantization_config itself
+        from .hf_integration import mark_quantized
+
+        mark_quantized(model, None)  # no int4 layers left: the config's quantization_config goes
+    return count
+
+
 def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
     """id(module) -> every (parent, attribute, name) where an nn.Linear / QuantLinear sits, first name
     first, in model order: a module shared by two parents (or twice in one) is replaced at all its

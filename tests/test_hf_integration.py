@@ -150,6 +150,36 @@ def test_the_config_record_follows_the_model(tmp_path):
     assert model.config.to_dict()["quantization_config"]["quant_method"] == QUANT_METHOD
 
 
+def test_dequantize_gives_back_linears_with_the_int4_weights(tmp_path):
+    """dequantize_model (and transformers' model.dequantize() on a from_pretrained int4 model): every
+    QuantLinear becomes an nn.Linear holding exactly the weight it computed with; the config's int4
+    record goes, so save_pretrained writes a plain fp checkpoint."""
+    from minicpm_int4 import dequantize_model
+
+    model = _fp_llama(tmp_path / "fp", dtype=torch.float32)
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    weights = {n: (m.dequantized_weight(), m.bias) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "int4")
+    assert dequantize_model(model) == len(weights)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    for name, (w, b) in weights.items():
+        lin = model.get_submodule(name)
+        assert type(lin) is torch.nn.Linear and torch.equal(lin.weight, w) and not lin.weight.requires_grad
+        assert (b is None) == (lin.bias is None)
+    # the same function up to the matmul's summation order (fp32: relative 1e-5 across two layers)
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    assert getattr(model.config, "quantization_config", None) is None
+    if NO_REGISTRY or NEEDS_ACCELERATE:
+        return
+    loaded = _load(tmp_path / "int4", torch.float32)
+    loaded.dequantize()
+    assert not any(isinstance(m, QuantLinear) for m in loaded.modules())
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "fp_again")
+    assert "quantization_config" not in json.loads((tmp_path / "fp_again" / "config.json").read_text())
+
+
 def test_a_patched_model_pickles(tmp_path):
     """torch.save(model) of a patched transformers model: its config's quantization_config is an
     instance of a class register() defines, which pickle must find by name - also in a fresh
