@@ -287,6 +287,12 @@ def cmd_quantize(args) -> int:
     print(report)
     save_quantized(model, args.out, report)  # also writes config.json for load_pretrained_quantized
     print(f"saved to {args.out}; {_peak_memory(device)} while quantizing")
+    from .hf_integration import register
+
+    remote = ", trust_remote_code=True" if args.trust_remote_code else ""
+    print(f"load it with minicpm_int4.checkpoint.load_pretrained_quantized({args.out!r}{remote})"
+          + ("" if register() else f", or after `import minicpm_int4` with {args.model_class or 'its class'}"
+                                   f".from_pretrained({args.out!r}{remote})"))
     if args.verify_load:
         del model
         import gc

@@ -85,6 +85,8 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "keep_most_sensitive=2" in text and "activation-aware search" in text
     assert "reloaded module by module: process peak RSS" in text
+    assert f"load it with minicpm_int4.checkpoint.load_pretrained_quantized({str(out)!r})" in text
+    assert f"MiniCPMV4_6ForConditionalGeneration.from_pretrained({str(out)!r})" in text  # native: 5.x, a registry
     assert (out / "model.safetensors").exists() and (out / "quant_config.json").exists() and (out / "config.json").exists()
 
     report = tmp_path / "eval.json"
