@@ -1,7 +1,7 @@
 """transformers integration: `from_pretrained` / `save_pretrained` of int4 models.
 
 `register()` adds the quantization method "minicpm_int4" to transformers' quantizer registry
-(transformers >= 4.44 has one; 4.40 has none, and the functions here then do nothing). A patched
+(transformers >= 4.50 has one; 4.40 - 4.49 have none, and the functions here then do nothing). A patched
 transformers model carries `config.quantization_config` = {"quant_method": "minicpm_int4",
 "format_version", "config": QuantConfig, "modules": {name: spec}} - the same module specs as
 quant_config.json - so that:
