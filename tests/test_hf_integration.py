@@ -14,7 +14,7 @@ from minicpm_int4.hf_integration import QUANT_METHOD, quantization_config, regis
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 NO_REGISTRY = register()
 # transformers 4.x builds a quantized model under accelerate's init_empty_weights
-NEEDS_ACCELERATE = TF_MAJOR < 5 and importlib.util.find_spec("accelerate") is None
+NEEDS_ACCELERATE = not NO_REGISTRY and TF_MAJOR < 5 and importlib.util.find_spec("accelerate") is None
 
 
 def _fp_llama(path, dtype=torch.float16, tie=False):
