@@ -291,7 +291,7 @@ def cmd_quantize(args) -> int:
 
     remote = ", trust_remote_code=True" if args.trust_remote_code else ""
     print(f"load it with minicpm_int4.checkpoint.load_pretrained_quantized({args.out!r}{remote})"
-          + ("" if register() else f", or after `import minicpm_int4` with {args.model_class or 'its class'}"
+          + ("" if register() else f", or after `import minicpm_int4` with {args.model_class}"
                                    f".from_pretrained({args.out!r}{remote})"))
     if args.verify_load:
         del model

@@ -87,19 +87,17 @@ def _transformers_integration() -> Dict:
     import importlib.util
 
     from .hf_integration import QUANT_METHOD, register
+    from .models import transformers_major
 
     try:
         why = register()
     except Exception as e:  # report, do not fail
         why = f"{type(e).__name__}: {e}"
     out = {"quant_method": QUANT_METHOD, "registered": why is None, "reason": why}
-    try:
-        import transformers
+    if why is None and transformers_major() < 5 and importlib.util.find_spec("accelerate") is None:
+        import transformers  # registered: it is installed
 
-        if why is None and int(transformers.__version__.split(".")[0]) < 5 and importlib.util.find_spec("accelerate") is None:
-            out["reason"] = f"from_pretrained under transformers {transformers.__version__} also needs accelerate (not installed)"
-    except ImportError:
-        pass
+        out["reason"] = f"from_pretrained under transformers {transformers.__version__} also needs accelerate (not installed)"
     return out
 
 

@@ -73,12 +73,13 @@ def register() -> Optional[str]:
 
         def validate_environment(self, *args, **kwargs):
             from .checkpoint import FORMAT_VERSION, CheckpointMismatchError
+            from .models import transformers_major
 
             version = self.quantization_config.format_version
             if getattr(self, "pre_quantized", True) and version != FORMAT_VERSION:
                 raise CheckpointMismatchError(f"quantization_config format_version {version} is not supported "
                                               f"(this minicpm_int4 reads version {FORMAT_VERSION})")
-            if int(transformers_version.split(".")[0]) < 5 and importlib.util.find_spec("accelerate") is None:
+            if transformers_major() < 5 and importlib.util.find_spec("accelerate") is None:
                 # 4.x builds a quantized model under accelerate's init_empty_weights
                 raise ImportError(f"from_pretrained of a {QUANT_METHOD} model under transformers {transformers_version} "
                                   "needs accelerate (pip install accelerate); "
@@ -222,6 +223,7 @@ def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> No
     scales / zeros / bias to (the specs' dtype is what was saved)."""
     from .checkpoint import CheckpointMismatchError, layer_from_spec
     from .patch import linear_places
+    from .quantize import LAYER_DTYPES
 
     QuantLinear = _quant_linear()
     backend = config.get("backend", "auto")
@@ -236,7 +238,7 @@ def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> No
         if not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (spec["in_features"], spec["out_features"]):
             raise CheckpointMismatchError(f"quantization_config module {name!r} is {spec['out_features']} x "
                                           f"{spec['in_features']} int4; the model has a {type(mod).__name__} there")
-        dtype = mod.weight.dtype if mod.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+        dtype = mod.weight.dtype if mod.weight.dtype in LAYER_DTYPES else None
         ql = layer_from_spec(spec, mod.weight.device, backend, dtype)
         for parent, attr, _ in places[id(mod)]:
             setattr(parent, attr, ql)

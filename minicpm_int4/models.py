@@ -88,12 +88,16 @@ GENERIC = ModelLayout(
 DIRECT_WEIGHT_READERS: Tuple[type, ...] = (nn.MultiheadAttention,)
 
 
-def hf_dtype_kwargs(dtype) -> dict:
-    """The keyword transformers takes for a model's dtype: `dtype` in 5.x, `torch_dtype` in 4.x."""
+def transformers_major() -> int:
+    """transformers' major version (4 or 5: the two differ in keywords, config attributes, loaders)."""
     import transformers
 
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+    return int(transformers.__version__.split(".")[0])
+
+
+def hf_dtype_kwargs(dtype) -> dict:
+    """The keyword transformers takes for a model's dtype: `dtype` in 5.x, `torch_dtype` in 4.x."""
+    return {"dtype": dtype} if transformers_major() >= 5 else {"torch_dtype": dtype}
 
 
 def unwrap_compiled(model):
@@ -109,9 +113,7 @@ def unwrap_compiled(model):
 def hf_config_dtype(cfg, default=torch.float16) -> torch.dtype:
     """A transformers config's dtype, read from the attribute this version writes (`dtype` in 5.x,
     where reading `torch_dtype` warns that it is deprecated; `torch_dtype` in 4.x), as a torch.dtype."""
-    import transformers
-
-    names = ("dtype", "torch_dtype") if int(transformers.__version__.split(".")[0]) >= 5 else ("torch_dtype", "dtype")
+    names = ("dtype", "torch_dtype") if transformers_major() >= 5 else ("torch_dtype", "dtype")
     dtype = next((v for v in (getattr(cfg, n, None) for n in names) if v is not None), None) or default
     return getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
 

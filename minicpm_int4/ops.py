@@ -32,8 +32,9 @@ from torch import Tensor
 
 from . import reference
 from .config import BACKENDS
+from .quantize import LAYER_DTYPES
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = LAYER_DTYPES  # what the kernels take: the int4 layers' dtypes
 # Decode rows (tokens) at or below which the W4A8 path uses the W4A16 decode kernel instead:
 # a memory-bound GEMV gains nothing from int8 activations and pays for quantizing them.
 W4A8_MIN_M = 17

@@ -73,7 +73,7 @@ def check_layer_dtype(dtype: torch.dtype, what: str = "layer") -> None:
 
 def scale_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     """Scales and zeros are stored in the layer's dtype (fp16, bf16, or fp32 for fp32 layers)."""
-    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    return weight_dtype if weight_dtype in LAYER_DTYPES else torch.float32
 
 
 def _round_up_to(x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
