@@ -1,5 +1,5 @@
 """Quantization quality on real trained weights (all-MiniLM-L6-v2): rtn vs search vs
-activation-aware search at group sizes 32/64/128. Writes JSON + Markdown.
+activation-aware search vs gptq at group sizes 32/64/128. Writes JSON + Markdown.
 
     python benchmarks/quality_minilm.py [OUT_DIR]      (default benchmarks/results/cpu)
 """
@@ -25,7 +25,9 @@ def main(out_dir):
           f"- recon err = ||W - Wq|| / ||W||; output err = ||X (W - Wq)^T|| / ||X W^T|| on held-out activations X",
           "- rtn: round to nearest, min/max range; search: clipping-range search; act-search: the search with each "
           "input channel's error weighted by its mean squared activation on the calibration sentences "
-          "(BERT is post-norm, so no AWQ scale can be folded exactly: models.SCALE_FOLDS has no pattern for it)",
+          "(BERT is post-norm, so no AWQ scale can be folded exactly: models.SCALE_FOLDS has no pattern for it); "
+          "gptq: `patch_model(QuantConfig(method=\"gptq\"), calibration=...)`, error feedback along each layer's "
+          "input Hessian from the calibration sentences (its per-group ranges searched as act-search's)",
           f"- torch {result['env']['torch']}, commit `{result['env']['commit']}`, {result['env']['timestamp_utc']}", "",
           summary_table(result), ""]
     with open(os.path.join(out_dir, "minilm_quality.md"), "w") as f:

@@ -9,7 +9,9 @@ Uses:
   * activation-aware search: the search weights each input channel's squared error by E[x_k^2],
     i.e. minimises the expected output error E||(W - Wq) x||^2 under a diagonal approximation;
   * sensitivity: relative output error ||X (W - Wq)^T|| / ||X W^T|| on the sampled rows, which the
-    mixed-precision policies rank layers by.
+    mixed-precision policies rank layers by;
+  * GPTQ (gptq.py): the batches are kept (`Calibration.inputs`, references to what was given) and run
+    again to gather each layer's input Hessian.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class Calibration:
     max_samples: int = 128
     check_batch: object = None                   # the first batch, to verify exact rewrites (scale folds)
     check_output: Optional[torch.Tensor] = None  # a slice of the model's output on it (fp32)
+    inputs: list = field(default_factory=list)   # the batches themselves (method="gptq" runs them again)
 
     def output_fingerprint(self, model) -> Optional[torch.Tensor]:
         if self.check_batch is None:
@@ -100,7 +103,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
         raise TypeError(f"calibrate: a batch must be a dict of model kwargs, a tuple of positional args or a "
                         f"tensor such as input_ids; got {type(bad).__name__}"
                         + (" (tokenize the text first)" if isinstance(bad, str) else ""))
-    calib = Calibration(max_samples=max_samples)
+    calib = Calibration(max_samples=max_samples, inputs=items)
     gen = torch.Generator().manual_seed(seed)
     handles = []
 

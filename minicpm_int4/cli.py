@@ -269,6 +269,8 @@ def cmd_quantize(args) -> int:
 
     dtype = _dtype(args.dtype)
     device = _device(args.device)
+    if args.method == "gptq" and not args.calibration:
+        raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt")
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
@@ -445,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
-    q.add_argument("--method", choices=["rtn", "search"], default="search")
-    q.add_argument("--calibration", default=None, type=_existing_file, help="text file, one calibration prompt per line (activation-aware search, sensitivity)")
+    q.add_argument("--method", choices=["rtn", "search", "gptq"], default="search",
+                   help="gptq needs --calibration (error feedback along each layer's input Hessian)")
+    q.add_argument("--calibration", default=None, type=_existing_file, help="text file, one calibration prompt per line (activation-aware search, gptq, sensitivity)")
     q.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration lines used (the first N)")
     q.add_argument("--max-length", type=_positive_int, default=512, help="tokens per calibration line")
     q.add_argument("--keep-most-sensitive", type=_nonnegative_int, default=0, help="mixed precision: keep the k most sensitive layers")

@@ -13,7 +13,7 @@ from typing import Mapping, Optional, Union
 GROUP_SIZES = (32, 64, 128, -1)
 BACKENDS = ("auto", "triton", "cuda", "torch")
 ACTS = (None, "int8")
-METHODS = ("rtn", "search")
+METHODS = ("rtn", "search", "gptq")
 # Parts of a MiniCPM-V model (see models.py). "other" is any Linear outside the known parts.
 PARTS = ("llm", "lm_head", "vision", "merger", "resampler", "audio", "tts", "other")
 
@@ -35,7 +35,9 @@ class QuantConfig:
             extension), or "torch" (the pure-PyTorch reference; what "auto" means on CPU).
         method: "search" (clipping-range search, the default: never worse than rtn on any group, and
             measured better on trained weights, see benchmarks/results/cpu/minilm_quality.md) or "rtn"
-            (round to nearest with the min/max range).
+            (round to nearest with the min/max range) or "gptq" (error feedback along the inverse Hessian
+            of each layer's calibration inputs, gptq.py: the lowest output error, needs calibration;
+            layers no calibration input reaches get the search).
         quantize_llm / quantize_vision / quantize_merger / quantize_resampler / quantize_lm_head /
             quantize_audio / quantize_tts / quantize_other: which model parts are quantized.
         include / exclude: fnmatch patterns over qualified module names; include forces a Linear in

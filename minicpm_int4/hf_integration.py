@@ -210,10 +210,15 @@ def quantization_config(config=None, modules=None):
     its module specs). Raises RuntimeError where transformers has no quantizer registry."""
     from .config import QuantConfig
 
+    config = config or QuantConfig()
+    if modules is None and getattr(config, "method", None) == "gptq":
+        raise ValueError("QuantConfig(method='gptq') needs calibration inputs, which quantizing inside from_pretrained "
+                         "does not have: load the fp model, then patch_model(model, config, calibration="
+                         "minicpm_int4.calibrate(model, batches)) and model.save_pretrained(...)")
     why = register()
     if why:
         raise RuntimeError(f"minicpm_int4 cannot plug into from_pretrained here: {why}")
-    return _registered["config_class"](modules=modules, config=(config or QuantConfig()).to_dict())
+    return _registered["config_class"](modules=modules, config=config.to_dict())
 
 
 def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> None:

@@ -1,6 +1,7 @@
 """patch_model: decide, for every nn.Linear, quantize or keep (and why); swap in place; report."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -144,6 +145,10 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         raise TypeError(f"patch_model: config must be a QuantConfig, got {type(config).__name__}"
                         + (" (QuantConfig(**d) or QuantConfig.from_dict(d))" if isinstance(config, dict) else ""))
     config = config or getattr(model, CONFIG_ATTR, None) or QuantConfig()
+    if config.method == "gptq" and (calibration is None or not calibration.inputs):
+        raise ValueError("QuantConfig(method='gptq') fits each layer to its inputs: pass calibration="
+                         "minicpm_int4.calibrate(model, batches)" + ("" if calibration is None else
+                                                                     " (this calibration holds no batches)"))
     if config.mixed_precision and calibration is None:
         raise ValueError("QuantConfig.keep_most_sensitive / weight_budget_bytes rank layers by their output error "
                          "on calibration inputs: pass calibration=minicpm_int4.calibrate(model, batches)")
@@ -205,13 +210,30 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     if calibration is not None and config.method == "search" and config.fold_scales:
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
+    gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" else {}
+    hessians, few = None, []
     with torch.no_grad():
         for i, (places, name, lin, act, idx) in enumerate(_progress(todo, progress)):
             todo[i] = None  # once swapped, nothing but `swapped` (mixed precision only) holds the original
-            cw = calibration.channel_weight(name) if calibration is not None and config.method == "search" else None
-            ql = QuantLinear.from_linear(lin, config, act=act, name=name, channel_weight=cw)
-            ql.train(lin.training)
             d = report.decisions[idx]
+            layer_config, hessian = config, None
+            if config.method == "gptq":
+                if i in gptq_passes:  # through the layers quantized so far: their int4 outputs are the inputs here
+                    hessians = None
+                    hessians = _collect_hessians(model, calibration, gptq_passes[i])
+                hessian, tokens = hessians.pop(name)
+                if hessian is None:
+                    layer_config = dataclasses.replace(config, method="search")
+                    d.reason += "; no calibration input reached it: clipping-range search instead of gptq"
+                else:
+                    d.reason += f"; gptq on {tokens} calibration tokens"
+                    if tokens < lin.in_features:
+                        few.append(name)
+            cw = (calibration.channel_weight(name) if calibration is not None and layer_config.method == "search"
+                  else None)
+            ql = QuantLinear.from_linear(lin, layer_config, act=act, name=name, channel_weight=cw, hessian=hessian)
+            del hessian
+            ql.train(lin.training)
             if calibration is not None:
                 d.sensitivity = calibration.sensitivity(name, effective_weight(lin), ql.dequantized_weight())
                 if cw is not None:
@@ -222,6 +244,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 setattr(parent, attr, ql)
             if config.mixed_precision:  # may put it back; otherwise its weight is freed now, not at the end
                 swapped.append((places, lin, d))
+    if few:  # H = sum x x^T has rank <= tokens: the fit leans on the damping in the other directions
+        msg = (f"gptq: {len(few)} layer(s) (e.g. {few[0]}) saw fewer calibration tokens than they have input "
+               "channels; more calibration text (several times in_features tokens) fits them better")
+        report.notes.append(msg)
+        warnings.warn(f"patch_model: {msg}", stacklevel=2)
     if config.mixed_precision:
         _apply_mixed_precision(report, swapped, config)
     from .hf_integration import mark_quantized
@@ -272,6 +299,29 @@ def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 places.setdefault(id(child), []).append((parent, attr, name))
     return places
+
+
+def _plan_gptq(todo, report) -> dict:
+    """{index into todo: the layers whose Hessians one calibration pass gathers}, in todo's (module)
+    order, as many per pass as gptq.HESSIAN_BUDGET_BYTES allows."""
+    from . import gptq
+
+    passes = gptq.plan_passes([(t[1], t[2]) for t in todo])
+    starts, i = {}, 0
+    for p in passes:
+        starts[i] = p
+        i += len(p)
+    if len(passes) > 1:
+        report.notes.append(f"gptq: the input Hessians of {len(todo)} layers gathered in {len(passes)} passes over the "
+                            f"calibration batches (gptq.HESSIAN_BUDGET_BYTES = {gptq.HESSIAN_BUDGET_BYTES / 2**30:g} GiB of "
+                            "fp32 [K, K] per pass); each pass runs through the layers already in int4")
+    return starts
+
+
+def _collect_hessians(model, calibration, layers):
+    from .gptq import collect_hessians
+
+    return collect_hessians(model, calibration.inputs, layers)
 
 
 def _fold_scales_checked(model, calibration, config, quantize_names, report):

@@ -74,12 +74,15 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Optional[QuantConfig] = None, act: Optional[str] = None,
-                    name: str = "linear", channel_weight: Optional[torch.Tensor] = None) -> "QuantLinear":
+                    name: str = "linear", channel_weight: Optional[torch.Tensor] = None,
+                    hessian: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Quantize an nn.Linear (fp16, bf16 or fp32). Raises ValueError naming the layer's shape and the
         reason when it cannot be quantized (K not divisible by the group size, empty, not floating point).
 
         `act` overrides config.act for this layer ("int8" = W4A8); `channel_weight` ([K]) weights the
-        reconstruction error per input channel in the "search" method (activation-aware search).
+        reconstruction error per input channel in the "search" method (activation-aware search);
+        `hessian` ([K, K], the sum of x x^T over calibration inputs) is what the "gptq" method needs
+        (patch_model gathers it from a calibration).
         """
         if config is not None and not isinstance(config, QuantConfig):
             raise TypeError(f"{name}: config must be a QuantConfig, got {type(config).__name__}")
@@ -89,7 +92,8 @@ class QuantLinear(nn.Module):
         w = effective_weight(linear)
         check_quantizable(w, config.group_size, what=f"{name}.weight")
         check_layer_dtype(w.dtype, f"{name}.weight")
-        qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight)
+        qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight, hessian=hessian,
+                             what=f"{name}.weight")
         act = config.act if act is None and not isinstance(config.act, dict) else act
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   group_size=config.group_size, dtype=w.dtype, device=w.device, act=act, backend=config.backend)

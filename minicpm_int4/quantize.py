@@ -116,13 +116,22 @@ def quantize_rtn(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = 128, method: str = "rtn",
-                    channel_weight: Optional[torch.Tensor] = None) -> QuantizedWeight:
-    """Quantize a [N, K] weight with the chosen method ("rtn" or "search"). `channel_weight` ([K])
-    makes the search activation-aware (each input channel's error weighted); rtn ignores it."""
+                    channel_weight: Optional[torch.Tensor] = None, hessian: Optional[torch.Tensor] = None,
+                    what: str = "weight") -> QuantizedWeight:
+    """Quantize a [N, K] weight with the chosen method ("rtn", "search" or "gptq"). `channel_weight`
+    ([K]) makes the search activation-aware (each input channel's error weighted); rtn ignores it.
+    "gptq" needs `hessian` ([K, K], the sum of x x^T over the layer's calibration inputs)."""
     if method == "rtn":
         return quantize_rtn(weight, group_size)
     if method == "search":
         from .search import quantize_search
 
         return quantize_search(weight, group_size, channel_weight=channel_weight)
-    raise ValueError(f"unknown quantization method {method!r} (expected 'rtn' or 'search')")
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError(f"{what}: method='gptq' needs the layer's input Hessian: quantize the model with "
+                             "patch_model(model, config, calibration=minicpm_int4.calibrate(model, batches))")
+        from .gptq import gptq_quantize
+
+        return gptq_quantize(weight, hessian, group_size, what=what)
+    raise ValueError(f"unknown quantization method {method!r} (expected 'rtn', 'search' or 'gptq')")

@@ -50,20 +50,29 @@ def quantize_search(
     rows = max(1, (CHUNK_ELEMENTS if weight.device.type == "cpu" else 64 * CHUNK_ELEMENTS) // k)
     for r0 in range(0, n, rows):
         wg = weight[r0:r0 + rows].detach().float().reshape(-1, g, gs)
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        best_err = best_s = best_z = None
-        for a in grid:
-            sc, z = fit_scale_zero(lo * a, hi * a, dtype)
-            s32, z32 = sc.float().unsqueeze(-1), z.float().unsqueeze(-1)
-            d = torch.div(wg, s32).round_().add_(z32).clamp_(0, QMAX).sub_(z32).mul_(s32).sub_(wg).square_()
-            err = (d.mul_(cw) if cw is not None else d).sum(-1)
-            if best_err is None:
-                best_err, best_s, best_z = err, sc, z
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_s = torch.where(better, sc, best_s)
-                best_z = torch.where(better, z, best_z)
+        best_s, best_z = search_scale_zero(wg, dtype, grid, cw)
         scales[r0:r0 + rows], zeros[r0:r0 + rows] = best_s, best_z
         q[r0:r0 + rows] = quantize_groups(wg, best_s, best_z).to(torch.uint8).reshape(-1, k)
     return QuantizedWeight(q=q, scales=scales, zeros=zeros, group_size=group_size)
+
+
+def search_scale_zero(wg: torch.Tensor, dtype: torch.dtype, grid: tuple = DEFAULT_GRID,
+                      cw: Optional[torch.Tensor] = None):
+    """The searched scale and zero point ([R, G], in `dtype`) of grouped fp32 weights wg [R, G, gs]:
+    per group, the grid point with the smallest (cw-weighted, cw broadcasting to [1, G, gs]) squared
+    reconstruction error; ties keep the earlier one (grid[0] = 1.0: round to nearest)."""
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best_err = best_s = best_z = None
+    for a in grid:
+        sc, z = fit_scale_zero(lo * a, hi * a, dtype)
+        s32, z32 = sc.float().unsqueeze(-1), z.float().unsqueeze(-1)
+        d = torch.div(wg, s32).round_().add_(z32).clamp_(0, QMAX).sub_(z32).mul_(s32).sub_(wg).square_()
+        err = (d.mul_(cw) if cw is not None else d).sum(-1)
+        if best_err is None:
+            best_err, best_s, best_z = err, sc, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, sc, best_s)
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z

@@ -99,6 +99,32 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
     assert res["layers"] and all(r["rel_output_error"] > 0 for r in res["layers"])
 
 
+def test_quantize_with_gptq(tmp_path, capsys):
+    import json
+
+    from helpers import write_word_prompts
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    src, out = tmp_path / "fp", tmp_path / "int4"
+    assert main(["quantize", str(src), str(out), "--method", "gptq"]) == 2  # before anything is loaded
+    assert "--method gptq fits each layer to its calibration inputs: give --calibration" in capsys.readouterr().err
+    _save_tiny_model_with_tokenizer(src)
+    prompts = tmp_path / "prompts.txt"
+    write_word_prompts(prompts, lines=12, words=40)
+    assert main(["quantize", str(src), str(out), "--model-class", "MiniCPMV4_6ForConditionalGeneration",
+                 "--dtype", "fp32", "--group-size", "32", "--method", "gptq", "--calibration", str(prompts)]) == 0
+    text = capsys.readouterr().out
+    assert "gptq on 480 calibration tokens" in text
+    assert "no calibration input reached it: clipping-range search instead of gptq" in text  # the vision tower
+    assert json.loads((out / "quant_config.json").read_text())["config"]["method"] == "gptq"
+    model = load_pretrained_quantized(str(out))
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[7, 8, 9]])).logits
+    assert torch.isfinite(logits).all()
+
+
 def test_env_reports_backends_and_why_not(capsys, tmp_path):
     import json
 

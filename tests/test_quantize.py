@@ -63,7 +63,7 @@ def test_unknown_group_size_and_method():
     with pytest.raises(ValueError, match="group_size=48"):
         quantize_rtn(torch.randn(4, 96), 48)
     with pytest.raises(ValueError, match="unknown quantization method"):
-        quantize_weight(torch.randn(4, 64), 32, method="gptq")
+        quantize_weight(torch.randn(4, 64), 32, method="hqq")
 
 
 @pytest.mark.parametrize("group_size", GROUPS)

