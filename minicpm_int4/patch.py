@@ -145,10 +145,6 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         raise TypeError(f"patch_model: config must be a QuantConfig, got {type(config).__name__}"
                         + (" (QuantConfig(**d) or QuantConfig.from_dict(d))" if isinstance(config, dict) else ""))
     config = config or getattr(model, CONFIG_ATTR, None) or QuantConfig()
-    if config.method == "gptq" and (calibration is None or not calibration.inputs):
-        raise ValueError("QuantConfig(method='gptq') fits each layer to its inputs: pass calibration="
-                         "minicpm_int4.calibrate(model, batches)" + ("" if calibration is None else
-                                                                     " (this calibration holds no batches)"))
     if config.mixed_precision and calibration is None:
         raise ValueError("QuantConfig.keep_most_sensitive / weight_budget_bytes rank layers by their output error "
                          "on calibration inputs: pass calibration=minicpm_int4.calibrate(model, batches)")
@@ -206,6 +202,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                        f"names such as {max(names, key=len)!r})")
                 report.notes.append(msg)
                 warnings.warn(f"patch_model: {msg}", stacklevel=2)
+    if todo and config.method == "gptq" and (calibration is None or not calibration.inputs):
+        # (only with layers to quantize: patching a patched model again needs no calibration)
+        raise ValueError("QuantConfig(method='gptq') fits each layer to its inputs: pass calibration="
+                         "minicpm_int4.calibrate(model, batches)" + ("" if calibration is None else
+                                                                     " (this calibration holds no batches)"))
     folds = {}
     if calibration is not None and config.method == "search" and config.fold_scales:
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
@@ -213,14 +214,19 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" else {}
     hessians, few = None, []
     with torch.no_grad():
-        for i, (places, name, lin, act, idx) in enumerate(_progress(todo, progress)):
+        bar = _progress(todo, progress, desc="int4 gptq" if gptq_passes else "int4 quantize")
+        for i, (places, name, lin, act, idx) in enumerate(bar):
             todo[i] = None  # once swapped, nothing but `swapped` (mixed precision only) holds the original
             d = report.decisions[idx]
             layer_config, hessian = config, None
             if config.method == "gptq":
                 if i in gptq_passes:  # through the layers quantized so far: their int4 outputs are the inputs here
                     hessians = None
-                    hessians = _collect_hessians(model, calibration, gptq_passes[i])
+                    if hasattr(bar, "set_postfix_str"):
+                        bar.set_postfix_str(f"input Hessians, pass {gptq_passes[i][0]} of {len(gptq_passes)}")
+                    hessians = _collect_hessians(model, calibration, gptq_passes[i][1])
+                    if hasattr(bar, "set_postfix_str"):
+                        bar.set_postfix_str("")
                 hessian, tokens = hessians.pop(name)
                 if hessian is None:
                     layer_config = dataclasses.replace(config, method="search")
@@ -302,19 +308,19 @@ def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]
 
 
 def _plan_gptq(todo, report) -> dict:
-    """{index into todo: the layers whose Hessians one calibration pass gathers}, in todo's (module)
-    order, as many per pass as gptq.HESSIAN_BUDGET_BYTES allows."""
+    """{index into todo: (pass number, the layers whose Hessians that calibration pass gathers)}, in
+    todo's (module) order, as many per pass as gptq.HESSIAN_BUDGET_BYTES allows."""
     from . import gptq
 
     passes = gptq.plan_passes([(t[1], t[2]) for t in todo])
     starts, i = {}, 0
-    for p in passes:
-        starts[i] = p
+    for number, p in enumerate(passes, start=1):
+        starts[i] = (number, p)
         i += len(p)
     if len(passes) > 1:
         report.notes.append(f"gptq: the input Hessians of {len(todo)} layers gathered in {len(passes)} passes over the "
-                            f"calibration batches (gptq.HESSIAN_BUDGET_BYTES = {gptq.HESSIAN_BUDGET_BYTES / 2**30:g} GiB of "
-                            "fp32 [K, K] per pass); each pass runs through the layers already in int4")
+                            f"calibration batches (gptq.HESSIAN_BUDGET_BYTES = {_fmt_bytes(gptq.HESSIAN_BUDGET_BYTES)} "
+                            "of fp32 [K, K] per pass); each pass runs through the layers already in int4")
     return starts
 
 

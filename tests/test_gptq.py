@@ -184,6 +184,8 @@ def test_patch_model_gathers_hessians_in_passes(budget, monkeypatch):
     expect = from_int4 if budget == 1 else from_fp
     assert torch.equal(model.down.qweight, expect.qweight)
     assert torch.equal(model.down.scales, expect.scales) and torch.equal(model.down.zeros, expect.zeros)
+    again = patch_model(model, progress=False)  # the model's own config (gptq), nothing left to quantize
+    assert [d.action for d in again.decisions] == ["already quantized"] * 2
 
 
 def test_patch_model_gptq_needs_batches_and_falls_back_where_none_reach():

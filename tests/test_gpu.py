@@ -407,3 +407,39 @@ def test_from_pretrained_onto_the_gpu(tmp_path):
     ids = torch.tensor([[3, 14, 15, 92, 65]], device="cuda")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_gptq_on_the_gpu(group_size):
+    # a real layer's shape (Llama-3-8B's o_proj): the Hessian gathered from a patched model's forward
+    # on the GPU and GPTQ's loop there; the result is a CUDA QuantLinear whose output error on the
+    # calibration inputs is below the activation-aware search's (what gptq is for) and close to the
+    # same computation on the CPU (fp32 Cholesky factors differ by rounding, so not bit for bit)
+    from torch import nn
+
+    from minicpm_int4 import calibrate
+    from minicpm_int4.gptq import gptq_quantize
+    from minicpm_int4.search import quantize_search
+
+    torch.manual_seed(0)
+    k, n = 4096, 4096
+    mix = torch.randn(k, k, device="cuda") / k ** 0.5 + torch.eye(k, device="cuda")
+    batches = [((torch.randn(512, k, device="cuda") @ mix).half(),) for _ in range(4)]
+    model = nn.Sequential(nn.Linear(k, n, bias=False)).half().cuda()
+    w = model[0].weight.detach().float().clone()
+    calib = calibrate(model, batches, progress=False)
+    report = patch_model(model, QuantConfig(method="gptq", group_size=group_size), calibration=calib, progress=False)
+    assert "gptq on 2048 calibration tokens" in report.decisions[0].reason
+    ql = model[0]
+    assert isinstance(ql, QuantLinear) and ql.qweight.is_cuda
+    x = torch.cat([b[0] for b in batches]).float()
+
+    def err(wq):
+        return ((x @ (wq.float() - w).t()).norm() / (x @ w.t()).norm()).item()
+
+    e_gpu = err(ql.dequantized_weight())
+    e_search = err(quantize_search(w.half(), group_size, channel_weight=x.square().mean(0)).dequantize())
+    h = x.cpu().t() @ x.cpu()
+    e_cpu = err(gptq_quantize(w.half().cpu(), h, group_size).dequantize().cuda())
+    assert e_gpu < e_search, (e_gpu, e_search)
+    assert abs(e_gpu - e_cpu) < 0.02 * e_cpu, (e_gpu, e_cpu)
