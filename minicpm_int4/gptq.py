@@ -14,10 +14,11 @@ patch_model gathers the Hessians in passes over the calibration batches, as many
 fit in HESSIAN_BUDGET_BYTES (fp32 [K, K] each), in module order; each pass runs through the layers
 quantized by the passes before it, so a layer's H sees its inputs as the int4 model produces them.
 
-Per group, the scale and zero point are fitted when the quantization reaches the group's first
-column, on the weights as the error feedback has left them, by the clipping-range search weighted by
-diag(H) (grid=(1.0,) gives min/max round to nearest, the paper's choice). Groups follow K in order
-(no act-order permutation), so the format needs no group index.
+Columns go in act-order (decreasing diag(H): the channels with the most input energy first). The
+groups stay contiguous in K, as the format has them (no group index), so their scales and zero
+points are fitted up front on the original weights ("static groups"), by the clipping-range search
+weighted by diag(H) (grid=(1.0,): min/max round to nearest). act_order=False keeps K order and fits
+each group when the quantization reaches it, on the weights as the error feedback has left them.
 """
 from __future__ import annotations
 
@@ -53,13 +54,19 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
         d = min(1.0, d * 10)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, grid: tuple = DEFAULT_GRID,
-                  damp: float = DAMP, block_size: int = BLOCK_SIZE, what: str = "weight",
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, act_order: bool = True,
+                  grid: tuple = DEFAULT_GRID, damp: float = DAMP, block_size: int = BLOCK_SIZE, what: str = "weight",
                   compute_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """GPTQ of a [N, K] weight against the input Hessian `hessian` ([K, K], sum of x x^T over
     calibration tokens; any positive multiple gives the same result). Scales and zeros are in the
-    weight's dtype, as with the other methods. `compute_dtype` (fp32; fp64 for exactness tests) is the
-    precision of the error feedback."""
+    weight's dtype, as with the other methods.
+
+    act_order=True (the default): columns in decreasing order of diag(H), the channels that carry the
+    most input energy first, while the later ones can still absorb their error; the groups stay
+    contiguous in K (the format's), so their ranges are searched up front on the original weights
+    ("static groups"). act_order=False: columns in K order, each group's range searched when the
+    quantization reaches it, on the weights as the error feedback has left them (the paper's order).
+    `compute_dtype` (fp32; fp64 for exactness tests) is the precision of the error feedback."""
     check_quantizable(weight, group_size, what=what)
     n, k = weight.shape
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
@@ -82,33 +89,36 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, 
         raise ValueError(f"{what}: the input Hessian is zero (no calibration token reached this layer)")
     h[dead, dead] = 1.0       # nothing to trade against: rounded on their own, their error moves nowhere
     cw = h.diagonal().float().clone()  # the search's per-channel weight: E[x_k^2] up to a constant
-    hinv = _inverse_cholesky(h, damp, what)
-    del h
-    q = torch.empty(n, k, dtype=torch.uint8, device=dev)
     scales = torch.empty(n, g, dtype=dtype, device=dev)
     zeros = torch.empty(n, g, dtype=dtype, device=dev)
-    if group_size == -1:  # one group per row: its range is the whole row's, fitted before any update
-        scales[:, 0], zeros[:, 0] = (t[:, 0] for t in search_scale_zero(w.float().reshape(n, 1, k), dtype, grid,
-                                                                         cw.reshape(1, 1, k)))
-        block = block_size
-    else:
-        block = gs * max(1, block_size // gs)  # whole groups per block: a group is fitted inside one
-    s32 = z32 = None
+    static = act_order or group_size == -1  # every range fitted before any update (one group per row: the row's)
+    if static:
+        scales[:], zeros[:] = search_scale_zero(w.float().reshape(n, g, gs), dtype, grid, cw.reshape(1, g, gs))
+    order = torch.argsort(cw, descending=True, stable=True) if act_order else None
+    if order is not None:
+        w = w[:, order]
+        h = h[order][:, order]
+    hinv = _inverse_cholesky(h, damp, what)
+    del h
+    cols = order.tolist() if order is not None else range(k)  # processing position -> column of W
+    q = torch.empty(n, k, dtype=torch.uint8, device=dev)
+    block = gs * max(1, block_size // gs) if not static else block_size  # dynamic groups: whole groups per block
+    gi_now = -1
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % gs == 0:
-                gi = col // gs
-                if group_size != -1:
-                    s, z = search_scale_zero(w1[:, i:i + gs].float().reshape(n, 1, gs), dtype, grid,
-                                             cw[col:col + gs].reshape(1, 1, gs))
-                    scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
-                s32 = scales[:, gi].to(compute_dtype)
-                z32 = zeros[:, gi].to(compute_dtype)
+            col = cols[i1 + i]
+            gi = col // gs
+            if gi != gi_now:
+                if not static:  # col is the group's first column, and the group lies inside this block
+                    sc, z = search_scale_zero(w1[:, i:i + gs].float().reshape(n, 1, gs), dtype, grid,
+                                              cw[col:col + gs].reshape(1, 1, gs))
+                    scales[:, gi], zeros[:, gi] = sc[:, 0], z[:, 0]
+                s32, z32 = scales[:, gi].to(compute_dtype), zeros[:, gi].to(compute_dtype)
+                gi_now = gi
             wc = w1[:, i]
             qc = torch.clamp(torch.round(wc / s32) + z32, 0, QMAX)
             q[:, col] = qc.to(torch.uint8)
