@@ -11,7 +11,8 @@ checkpoint loads and runs exactly like any other.
     patch_model(model, QuantConfig(method="gptq"), calibration=calibrate(model, batches))
 
 patch_model gathers the Hessians in passes over the calibration batches, as many layers per pass as
-fit in HESSIAN_BUDGET_BYTES (fp32 [K, K] each), in module order; each pass runs through the layers
+fit in hessian_budget() (HESSIAN_BUDGET_BYTES of fp32 [K, K], less on a GPU short of free memory),
+in module order; each pass runs through the layers
 quantized by the passes before it, so a layer's H sees its inputs as the int4 model produces them.
 
 Columns go in act-order (decreasing diag(H): the channels with the most input energy first). The
@@ -34,6 +35,7 @@ from .search import DEFAULT_GRID, search_scale_zero
 DAMP = 0.01                    # H + DAMP * mean(diag H) * I, the paper's dampening
 BLOCK_SIZE = 128               # columns per lazy batch update (a multiple of the group size)
 HESSIAN_BUDGET_BYTES = 4 << 30  # fp32 Hessians held at once by patch_model (more layers: more passes)
+FREE_MEMORY_SHARE = 0.25        # ... and at most this share of the GPU's free memory when it starts
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
@@ -170,10 +172,24 @@ def hessian_bytes(linear: nn.Linear) -> int:
     return linear.in_features * linear.in_features * 4
 
 
+def hessian_budget(device) -> int:
+    """Bytes of Hessians one pass may hold: HESSIAN_BUDGET_BYTES, and on a GPU at most
+    FREE_MEMORY_SHARE of its free memory (the rest is for the calibration forward's activations and
+    GPTQ's own [K, K] temporaries: a 24 GB GPU holding an 8B fp16 model has ~7 GB left)."""
+    budget = HESSIAN_BUDGET_BYTES
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, int(free * FREE_MEMORY_SHARE))
+    return budget
+
+
 def plan_passes(layers: Sequence[Tuple[str, nn.Linear]], budget: int = None) -> List[List[Tuple[str, nn.Linear]]]:
     """Split `layers` (in model order) into consecutive runs whose Hessians fit in `budget` bytes
-    together (a layer bigger than the budget gets a pass of its own)."""
-    budget = HESSIAN_BUDGET_BYTES if budget is None else budget
+    together (a layer bigger than the budget gets a pass of its own); the default budget is
+    hessian_budget of the first layer's device."""
+    if budget is None:
+        budget = hessian_budget(layers[0][1].weight.device) if layers else HESSIAN_BUDGET_BYTES
     passes, cur, used = [], [], 0
     for item in layers:
         b = hessian_bytes(item[1])

@@ -312,15 +312,17 @@ def _plan_gptq(todo, report) -> dict:
     todo's (module) order, as many per pass as gptq.HESSIAN_BUDGET_BYTES allows."""
     from . import gptq
 
-    passes = gptq.plan_passes([(t[1], t[2]) for t in todo])
+    layers = [(t[1], t[2]) for t in todo]
+    budget = gptq.hessian_budget(layers[0][1].weight.device) if layers else gptq.HESSIAN_BUDGET_BYTES
+    passes = gptq.plan_passes(layers, budget)
     starts, i = {}, 0
     for number, p in enumerate(passes, start=1):
         starts[i] = (number, p)
         i += len(p)
     if len(passes) > 1:
         report.notes.append(f"gptq: the input Hessians of {len(todo)} layers gathered in {len(passes)} passes over the "
-                            f"calibration batches (gptq.HESSIAN_BUDGET_BYTES = {_fmt_bytes(gptq.HESSIAN_BUDGET_BYTES)} "
-                            "of fp32 [K, K] per pass); each pass runs through the layers already in int4")
+                            f"calibration batches ({_fmt_bytes(budget)} of fp32 [K, K] per pass: "
+                            f"gptq.HESSIAN_BUDGET_BYTES, or {gptq.FREE_MEMORY_SHARE:g} of the GPU's free memory if less); each pass runs through the layers already in int4")
     return starts
 
 

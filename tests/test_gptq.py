@@ -198,6 +198,19 @@ def test_patch_model_gathers_hessians_in_passes(budget, monkeypatch):
     assert [d.action for d in again.decisions] == ["already quantized"] * 2
 
 
+def test_hessian_budget_and_passes(monkeypatch):
+    assert gptq.hessian_budget("cpu") == gptq.HESSIAN_BUDGET_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 20, 80 << 30))
+    assert gptq.hessian_budget("cuda") == 2 << 20  # a quarter of the 8 MiB free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
+    assert gptq.hessian_budget("cuda:0") == gptq.HESSIAN_BUDGET_BYTES
+    # Hessians of 256 KiB, 256 KiB, 1 MiB, 64 KiB, 4 MiB; in order, as many as 1 MiB holds (4 MiB alone)
+    layers = [(f"l{i}", nn.Linear(k, 8)) for i, k in enumerate([256, 256, 512, 128, 1024])]
+    runs = gptq.plan_passes(layers, budget=1 << 20)
+    assert [[name for name, _ in run] for run in runs] == [["l0", "l1"], ["l2"], ["l3"], ["l4"]]
+    assert [[n for n, _ in run] for run in gptq.plan_passes(layers)] == [["l0", "l1", "l2", "l3", "l4"]]
+
+
 def test_patch_model_gptq_needs_batches_and_falls_back_where_none_reach():
     model = TwoLayers()
     with pytest.raises(ValueError, match=r"method='gptq'.*calibration=minicpm_int4\.calibrate"):
