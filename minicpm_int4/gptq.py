@@ -14,7 +14,8 @@ patch_model gathers the Hessians in passes over the calibration batches, as many
 fit in hessian_budget() (HESSIAN_BUDGET_BYTES of fp32 [K, K], less on a GPU short of free memory),
 in module order; each pass runs through the layers quantized by the passes before it, so there a
 layer's H sees its inputs as the int4 model produces them (within a pass, as the fp model does: on
-MiniLM, one pass per layer changed the embedding cosine by < 0.001 and cost 37 passes).
+MiniLM with K-order GPTQ, one pass per layer changed the embedding cosine by < 0.001 and cost 37
+passes).
 
 Columns go in act-order (decreasing diag(H): the channels with the most input energy first). The
 groups stay contiguous in K, as the format has them (no group index), so their scales and zero
