@@ -71,13 +71,18 @@ stage env-report 30 $PY -m minicpm_int4 env
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
 stage gpu-tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" tests/test_gpu.py
 stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_extension and not real_shapes"
-stage search-timing 30 $PY -c "
+stage search-timing 45 $PY -c "
 import time, torch
 from minicpm_int4.search import quantize_search
+from minicpm_int4.gptq import gptq_quantize
 w = (torch.randn(4096, 12288, device='cuda') * 0.02).half()
 quantize_search(w, 128); torch.cuda.synchronize()
 t = time.perf_counter(); quantize_search(w, 128); torch.cuda.synchronize()
-print(f'quantize_search 4096x12288 g128 on GPU: {(time.perf_counter() - t) * 1e3:.1f} ms')"
+print(f'quantize_search 4096x12288 g128 on GPU: {(time.perf_counter() - t) * 1e3:.1f} ms')
+x = torch.randn(16384, 12288, device='cuda')  # more tokens than K: a full-rank H
+h = x.t() @ x
+t = time.perf_counter(); gptq_quantize(w, h, 128); torch.cuda.synchronize()
+print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.perf_counter() - t) * 1e3:.1f} ms')"
 stage bench 130 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 # profile takes what the stages before it left, less 25 s for targets; it starts no new run past
 # its own budget (a graphed run compiles for a minute or more), and an interrupted profile still
