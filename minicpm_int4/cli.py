@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .config import PARTS
+from .config import METHODS, PARTS
 from .models import hf_dtype_kwargs
 
 
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
-    q.add_argument("--method", choices=["rtn", "search", "gptq"], default="search",
+    q.add_argument("--method", choices=list(METHODS), default="search",
                    help="gptq needs --calibration (error feedback along each layer's input Hessian)")
     q.add_argument("--calibration", default=None, type=_existing_file, help="text file, one calibration prompt per line (activation-aware search, gptq, sensitivity)")
     q.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration lines used (the first N)")
