@@ -164,10 +164,10 @@ class HessianCollector:
         self.tokens[id(mod)] = self.tokens.get(id(mod), 0) + x.shape[0]
 
     def pop(self, name: str) -> Tuple[Optional[torch.Tensor], int]:
-        """(sum of x x^T, tokens) of the module named `name`, no longer held here; (None, 0) if no call
-        reached it."""
-        mod = self.modules[name]
-        return self.sums.pop(id(mod), None), self.tokens.get(id(mod), 0)
+        """(sum of x x^T, tokens) of the module named `name`, which is no longer held here (neither
+        the sum nor the module); (None, 0) if no call reached it."""
+        mod = self.modules.pop(name)
+        return self.sums.pop(id(mod), None), self.tokens.pop(id(mod), 0)
 
 
 def hessian_bytes(linear: nn.Linear) -> int:

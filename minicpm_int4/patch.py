@@ -212,7 +212,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" else {}
-    hessians, few = None, []
+    n_passes, hessians, few = len(gptq_passes), None, []
     with torch.no_grad():
         bar = _progress(todo, progress, desc="int4 gptq" if gptq_passes else "int4 quantize")
         for i, (places, name, lin, act, idx) in enumerate(bar):
@@ -222,9 +222,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             if config.method == "gptq":
                 if i in gptq_passes:  # through the layers quantized so far: their int4 outputs are the inputs here
                     hessians = None
+                    number, layers = gptq_passes.pop(i)  # (popped: no fp Linear outlives its swap)
                     if hasattr(bar, "set_postfix_str"):
-                        bar.set_postfix_str(f"input Hessians, pass {gptq_passes[i][0]} of {len(gptq_passes)}")
-                    hessians = _collect_hessians(model, calibration, gptq_passes[i][1])
+                        bar.set_postfix_str(f"input Hessians, pass {number} of {n_passes}")
+                    hessians = _collect_hessians(model, calibration, layers)
+                    del layers
                     if hasattr(bar, "set_postfix_str"):
                         bar.set_postfix_str("")
                 hessian, tokens = hessians.pop(name)
@@ -309,7 +311,7 @@ def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]
 
 def _plan_gptq(todo, report) -> dict:
     """{index into todo: (pass number, the layers whose Hessians that calibration pass gathers)}, in
-    todo's (module) order, as many per pass as gptq.HESSIAN_BUDGET_BYTES allows."""
+    todo's (module) order, as many per pass as gptq.hessian_budget allows."""
     from . import gptq
 
     layers = [(t[1], t[2]) for t in todo]
@@ -322,7 +324,8 @@ def _plan_gptq(todo, report) -> dict:
     if len(passes) > 1:
         report.notes.append(f"gptq: the input Hessians of {len(todo)} layers gathered in {len(passes)} passes over the "
                             f"calibration batches ({_fmt_bytes(budget)} of fp32 [K, K] per pass: "
-                            f"gptq.HESSIAN_BUDGET_BYTES, or {gptq.FREE_MEMORY_SHARE:g} of the GPU's free memory if less); each pass runs through the layers already in int4")
+                            f"gptq.HESSIAN_BUDGET_BYTES, or {gptq.FREE_MEMORY_SHARE:g} of the GPU's free memory if "
+                            "less); each pass runs through the layers already in int4")
     return starts
 
 

@@ -194,6 +194,25 @@ def test_patch_model_gathers_hessians_in_passes(budget, monkeypatch):
     expect = from_int4 if budget == 1 else from_fp
     assert torch.equal(model.down.qweight, expect.qweight)
     assert torch.equal(model.down.scales, expect.scales) and torch.equal(model.down.zeros, expect.zeros)
+    # each fp Linear is freed once swapped, while the others are quantized (an 8B model's fp16 weights
+    # beside its int4 ones would double the peak memory)
+    import gc
+    import weakref
+
+    fresh = TwoLayers()
+    up = weakref.ref(fresh.up)
+    seen = []
+    from_linear = QuantLinear.from_linear.__func__
+
+    def spy(cls, linear, *args, **kwargs):
+        if kwargs.get("name") == "down":
+            gc.collect()
+            seen.append(up())
+        return from_linear(cls, linear, *args, **kwargs)
+
+    monkeypatch.setattr(QuantLinear, "from_linear", classmethod(spy))
+    patch_model(fresh, cfg, calibration=calibrate(fresh, batches, progress=False), progress=False)
+    assert seen == [None]
     again = patch_model(model, progress=False)  # the model's own config (gptq), nothing left to quantize
     assert [d.action for d in again.decisions] == ["already quantized"] * 2
 
