@@ -285,3 +285,25 @@ def test_from_pretrained_cannot_gptq_while_loading():
 
     with pytest.raises(ValueError, match=r"method='gptq'\) needs calibration inputs"):
         quantization_config(QuantConfig(method="gptq"))
+
+
+def test_gptq_with_mixed_precision_and_int8_activations():
+    # the sensitivity ranking runs on the gptq weights; W4A8 layers take gptq weights like any other
+    torch.manual_seed(0)
+    model = TwoLayers()
+    batches = [(torch.randn(4, 50, 64),) for _ in range(2)]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = model(x)
+    calib = calibrate(model, batches, progress=False)
+    cfg = QuantConfig(method="gptq", group_size=32, min_out_features=1, keep_most_sensitive=1, act="int8")
+    report = patch_model(model, cfg, calibration=calib, progress=False)
+    kept = [d for d in report.decisions if d.action == "kept"]
+    assert len(kept) == 1 and "sensitivity rank 1 of 2" in kept[0].reason
+    quantized = [d for d in report.decisions if d.action == "quantized"]
+    assert len(quantized) == 1 and quantized[0].path.startswith("w4a8") and "gptq on 400" in quantized[0].reason
+    assert quantized[0].sensitivity < kept[0].sensitivity
+    with torch.no_grad():
+        y = model(x)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < 0.2, rel  # one int4 layer (~5-10% of its output) + int8 activations: a few % off, not garbage
