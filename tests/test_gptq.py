@@ -307,3 +307,16 @@ def test_gptq_with_mixed_precision_and_int8_activations():
         y = model(x)
     rel = ((y - ref).norm() / ref.norm()).item()
     assert rel < 0.2, rel  # one int4 layer (~5-10% of its output) + int8 activations: a few % off, not garbage
+
+
+def test_gptq_with_image_prompts_fits_the_vision_tower_too():
+    from minicpm_int4.tiny import build_native, prompt_with_image
+
+    model = build_native("4_6")
+    ids, pv, ts = prompt_with_image(model)
+    calib = calibrate(model, [{"input_ids": ids, "pixel_values": pv, "target_sizes": ts}], progress=False)
+    with pytest.warns(UserWarning, match="fewer calibration tokens"):  # one short prompt: a few dozen tokens
+        report = patch_model(model, QuantConfig(method="gptq", group_size=32), calibration=calib, progress=False)
+    by = {d.name: d for d in report.decisions}
+    for name in ("model.vision_tower.encoder.layers.0.mlp.fc1", "model.language_model.layers.0.mlp.up_proj"):
+        assert by[name].action == "quantized" and "gptq on" in by[name].reason, by[name]
