@@ -109,9 +109,11 @@ def test_gptq_has_the_lowest_output_error_on_its_inputs(group_size, seed):
             "gptq": _out_err(x, w, gptq_quantize(w, x.t() @ x, group_size)),
             "gptq-k-order": _out_err(x, w, gptq_quantize(w, x.t() @ x, group_size, act_order=False))}
     assert max(errs["gptq"], errs["gptq-k-order"]) < errs["act-search"] < errs["rtn"], errs
-    # and it generalises: fresh inputs from the same distribution rank the methods alike
+    # and it generalises: on fresh tokens from the same distribution gptq still beats the search
     x2 = _inputs(2048, k, seed, token_seed=seed + 100)
-    assert _out_err(x2, w, gptq_quantize(w, x.t() @ x, group_size)) < errs["act-search"] * 1.05
+    held_out = {"act-search": _out_err(x2, w, quantize_search(w, group_size, channel_weight=x.square().mean(0))),
+                "gptq": _out_err(x2, w, gptq_quantize(w, x.t() @ x, group_size))}
+    assert held_out["gptq"] < held_out["act-search"], held_out
 
 
 def test_gptq_input_errors_are_named():
