@@ -424,12 +424,12 @@ def test_gptq_on_the_gpu(group_size):
     torch.manual_seed(0)
     k, n = 4096, 4096
     mix = torch.randn(k, k, device="cuda") / k ** 0.5 + torch.eye(k, device="cuda")
-    batches = [((torch.randn(512, k, device="cuda") @ mix).half(),) for _ in range(4)]
+    batches = [((torch.randn(1024, k, device="cuda") @ mix).half(),) for _ in range(5)]  # 5120 tokens > K
     model = nn.Sequential(nn.Linear(k, n, bias=False)).half().cuda()
     w = model[0].weight.detach().float().clone()
     calib = calibrate(model, batches, progress=False)
     report = patch_model(model, QuantConfig(method="gptq", group_size=group_size), calibration=calib, progress=False)
-    assert "gptq on 2048 calibration tokens" in report.decisions[0].reason
+    assert "gptq on 5120 calibration tokens" in report.decisions[0].reason
     ql = model[0]
     assert isinstance(ql, QuantLinear) and ql.qweight.is_cuda
     x = torch.cat([b[0] for b in batches]).float()
