@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import gptq
 from .calibrate import Calibration
 from .config import QuantConfig
 from .models import detect_layout, effective_weight, output_embedding_name, protected_reason, unwrap_compiled
@@ -211,7 +212,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     if calibration is not None and config.method == "search" and config.fold_scales:
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
-    gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" else {}
+    gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}
     n_passes, hessians, few = len(gptq_passes), None, []
     with torch.no_grad():
         bar = _progress(todo, progress, desc="int4 gptq" if gptq_passes else "int4 quantize")
@@ -225,7 +226,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                     number, layers = gptq_passes.pop(i)  # (popped: no fp Linear outlives its swap)
                     if hasattr(bar, "set_postfix_str"):
                         bar.set_postfix_str(f"input Hessians, pass {number} of {n_passes}")
-                    hessians = _collect_hessians(model, calibration, layers)
+                    hessians = gptq.collect_hessians(model, calibration.inputs, layers)
                     del layers
                     if hasattr(bar, "set_postfix_str"):
                         bar.set_postfix_str("")
@@ -310,12 +311,10 @@ def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]
 
 
 def _plan_gptq(todo, report) -> dict:
-    """{index into todo: (pass number, the layers whose Hessians that calibration pass gathers)}, in
+    """(todo not empty) {index into todo: (pass number, the layers whose Hessians that calibration pass gathers)}, in
     todo's (module) order, as many per pass as gptq.hessian_budget allows."""
-    from . import gptq
-
     layers = [(t[1], t[2]) for t in todo]
-    budget = gptq.hessian_budget(layers[0][1].weight.device) if layers else gptq.HESSIAN_BUDGET_BYTES
+    budget = gptq.hessian_budget(layers[0][1].weight.device)
     passes = gptq.plan_passes(layers, budget)
     starts, i = {}, 0
     for number, p in enumerate(passes, start=1):
@@ -327,12 +326,6 @@ def _plan_gptq(todo, report) -> dict:
                             f"gptq.HESSIAN_BUDGET_BYTES, or {gptq.FREE_MEMORY_SHARE:g} of the GPU's free memory if "
                             "less); each pass runs through the layers already in int4")
     return starts
-
-
-def _collect_hessians(model, calibration, layers):
-    from .gptq import collect_hessians
-
-    return collect_hessians(model, calibration.inputs, layers)
 
 
 def _fold_scales_checked(model, calibration, config, quantize_names, report):

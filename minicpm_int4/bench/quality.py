@@ -125,19 +125,17 @@ def _quantize_linear(lin: nn.Linear, group_size: int, method: str, channel_weigh
     return quantize_weight(w, group_size, "rtn" if method == "rtn" else "search", channel_weight=cw).dequantize(w.dtype)
 
 
-def _gptq_weights(model, tok, group_size: int, names: List[str]) -> Dict[str, torch.Tensor]:
-    """The product's path: patch_model(method="gptq") on a copy, layers in order, each one's Hessian
-    from the calibration sentences as they reach it through the int4 layers before it. Returns the
-    dequantized weight of each layer in `names`."""
-    from ..calibrate import calibrate
+def _gptq_in_place(qmodel, calib, group_size: int, names: List[str]) -> None:
+    """The product's path on `qmodel` (a copy): patch_model(method="gptq") with the calibration, layers
+    in order, each one's Hessian from the calibration sentences as they reach it through the int4
+    layers before it; then dequantize_model, so that `qmodel` holds the int4 weights as nn.Linear
+    layers like the other methods' copies."""
     from ..config import QuantConfig
-    from ..patch import patch_model
+    from ..patch import dequantize_model, patch_model
 
-    qmodel = copy.deepcopy(model)
-    calib = calibrate(qmodel, _batches(tok, CALIBRATION_SENTENCES), progress=False)
     cfg = QuantConfig(group_size=group_size, method="gptq", backend="torch", min_out_features=1, include=tuple(names))
     patch_model(qmodel, cfg, calibration=calib, progress=False)
-    return {n: qmodel.get_submodule(n).dequantized_weight().float() for n in names}
+    dequantize_model(qmodel)
 
 
 def run_minilm_quality(group_sizes=GROUP_SIZES, methods=METHODS) -> Dict:
@@ -152,11 +150,13 @@ def run_minilm_quality(group_sizes=GROUP_SIZES, methods=METHODS) -> Dict:
     for gs in group_sizes:
         for method in methods:
             qmodel = copy.deepcopy(model)
-            gptq = _gptq_weights(qmodel, tok, gs, names) if method == "gptq" else None
+            if method == "gptq":
+                _gptq_in_place(qmodel, calib, gs, names)
             for name in names:
                 lin = qmodel.get_submodule(name)
-                w = lin.weight.detach().clone()
-                wq = gptq[name] if gptq is not None else _quantize_linear(lin, gs, method, calib.channel_weight(name))
+                w = model.get_submodule(name).weight.detach()
+                wq = (lin.weight.detach().clone() if method == "gptq"
+                      else _quantize_linear(lin, gs, method, calib.channel_weight(name)))
                 x = held_out.stats[name].sample
                 rows.append({"layer": name, "group_size": gs, "method": method,
                              "recon_err": ((wq - w).norm() / w.norm()).item(),
