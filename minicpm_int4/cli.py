@@ -248,6 +248,84 @@ def _read_lines(path):
         return [line.strip() for line in f if line.strip()]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_IMAGE_PROMPT = "Describe this image in detail."
+
+
+def _image_files(paths) -> list:
+    """--calibration-images: image files, and the images (by suffix, sorted) of any folder given."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES)
+                           and os.path.isfile(os.path.join(path, f)))
+            if not found:
+                raise CLIError(f"--calibration-images {path}: the folder has no image ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise CLIError(f"--calibration-images {path}: no such file or folder")
+    return files
+
+
+def _open_images(files) -> list:
+    """Every calibration image opened as RGB before the model loads: an unreadable file fails in a second,
+    naming itself, not after minutes of loading."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise CLIError(f"--calibration-images: cannot read {f!r} as an image: {e}") from None
+    return images
+
+
+def _load_processor(args):
+    """The checkpoint's own processor (image slicing, placeholder tokens, chat template): the same inputs
+    the model gets in use."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, ImportError, AttributeError, TypeError) as e:
+        raise CLIError(f"--calibration-images needs the model's processor, which does not load from {args.model!r}: "
+                       f"{type(e).__name__}: {e}".rstrip() + " (the MiniCPM-V 4.x processors also need torchvision)") from e
+
+
+def _image_batches(processor, images, prompts, device, dtype):
+    """One batch per image: a user turn of the image and a prompt (the calibration lines in turn, or a
+    generic request for a description), through the processor's chat template when it has one, else
+    its image token before the prompt. Floating tensors (pixel values) take the model's dtype. Not cut
+    at --max-length: a cut would drop image placeholders that the pixels must fill."""
+    batches = []
+    for i, image in enumerate(images):
+        prompt = prompts[i % len(prompts)] if prompts else DEFAULT_IMAGE_PROMPT
+        if getattr(processor, "chat_template", None):
+            msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+            enc = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                return_tensors="pt")
+        elif getattr(processor, "image_token", None):
+            enc = processor(images=[image], text=[f"{processor.image_token}\n{prompt}"], return_tensors="pt")
+        else:
+            raise CLIError(f"--calibration-images: the processor {type(processor).__name__} has neither a chat "
+                           "template nor an image token to place the image in the prompt")
+        batches.append({k: (v.to(device=device, dtype=dtype) if torch.is_floating_point(v) else v.to(device))
+                        for k, v in enc.items() if isinstance(v, torch.Tensor)})
+    return batches
+
+
+def _is_remote_code(args) -> bool:
+    import transformers
+
+    cfg = _from_pretrained("config", transformers.AutoConfig.from_pretrained, args.model,
+                           trust_remote_code=args.trust_remote_code)
+    return bool(getattr(cfg, "auto_map", None))
+
+
 def _text_batches(tokenizer, lines, device, max_length):
     return [{"input_ids": tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)}
             for line in lines]
@@ -269,16 +347,31 @@ def cmd_quantize(args) -> int:
 
     dtype = _dtype(args.dtype)
     device = _device(args.device)
-    if args.method == "gptq" and not args.calibration:
-        raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt")
+    if args.method == "gptq" and not (args.calibration or args.calibration_images):
+        raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt "
+                       "and/or --calibration-images")
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
-    tok = _load_tokenizer(args) if lines else None  # before the model: a missing tokenizer fails fast
+    images = processor = None
+    if args.calibration_images:  # everything checked and loaded before the model
+        files = _image_files(args.calibration_images)[: args.calib_samples]
+        if _is_remote_code(args):
+            raise CLIError("--calibration-images works with the native MiniCPM-V 4.x processors; a remote-code model "
+                           "(MiniCPM-V 2.x / o-2.6) has a processor and a forward of its own: calibrate it in Python "
+                           "on batches its forward takes (calibrate(model, batches) calls model(**batch) on each "
+                           "dict), then patch_model(model, config, calibration=...)")
+        images = _open_images(files)
+        processor = _load_processor(args)
+    tok = (processor.tokenizer if processor is not None else _load_tokenizer(args)) if lines else None
     model = _load_model(args, dtype, device)
     calib = None
-    if lines:
-        calib = calibrate(model, _text_batches(tok, lines, device, args.max_length))
+    if lines or images:
+        batches = _text_batches(tok, lines, device, args.max_length) if lines else []
+        if images:
+            batches += _image_batches(processor, images, lines, device, dtype)
+            print(f"calibration: {len(lines or [])} text prompt(s), {len(images)} image prompt(s)", file=sys.stderr)
+        calib = calibrate(model, batches)
     budget = max(1, int(args.weight_budget_mib * 2**20)) if args.weight_budget_mib else None
     parts = {"quantize_lm_head": args.quantize_lm_head}
     if args.parts is not None:
@@ -448,10 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     q.add_argument("--method", choices=list(METHODS), default="search",
-                   help="gptq needs --calibration (error feedback along each layer's input Hessian)")
+                   help="gptq needs --calibration and/or --calibration-images (error feedback along each layer's input Hessian)")
     q.add_argument("--calibration", default=None, type=_existing_file, help="text file, one calibration prompt per line (activation-aware search, gptq, sensitivity)")
-    q.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration lines used (the first N)")
-    q.add_argument("--max-length", type=_positive_int, default=512, help="tokens per calibration line")
+    q.add_argument("--calibration-images", nargs="+", default=None, metavar="IMAGE_OR_FOLDER",
+                   help="images (files or folders) that calibrate the vision tower as well: each one with a calibration "
+                        "line (in turn) as its prompt, through the model's processor and chat template (native 4.x)")
+    q.add_argument("--calib-samples", type=_positive_int, default=64,
+                   help="calibration lines used (the first N), and images (the first N)")
+    q.add_argument("--max-length", type=_positive_int, default=512,
+                   help="tokens per calibration line (image prompts are kept whole)")
     q.add_argument("--keep-most-sensitive", type=_nonnegative_int, default=0, help="mixed precision: keep the k most sensitive layers")
     q.add_argument("--weight-budget-mib", type=_positive_float, default=None, help="mixed precision: Linear weight budget")
     q.add_argument("--quantize-lm-head", action="store_true")

@@ -213,7 +213,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}
-    n_passes, hessians, few = len(gptq_passes), None, []
+    n_passes, hessians, few, unreached = len(gptq_passes), None, [], []
     with torch.no_grad():
         bar = _progress(todo, progress, desc="int4 gptq" if gptq_passes else "int4 quantize")
         for i, (places, name, lin, act, idx) in enumerate(bar):
@@ -234,10 +234,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 if hessian is None:
                     layer_config = dataclasses.replace(config, method="search")
                     d.reason += "; no calibration input reached it: clipping-range search instead of gptq"
+                    unreached.append((name, d.part))
                 else:
                     d.reason += f"; gptq on {tokens} calibration tokens"
                     if tokens < lin.in_features:
-                        few.append(name)
+                        few.append((name, d.part))
             cw = (calibration.channel_weight(name) if calibration is not None and layer_config.method == "search"
                   else None)
             ql = QuantLinear.from_linear(lin, layer_config, act=act, name=name, channel_weight=cw, hessian=hessian)
@@ -247,15 +248,27 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 d.sensitivity = calibration.sensitivity(name, effective_weight(lin), ql.dequantized_weight())
                 if cw is not None:
                     d.reason += "; activation-aware search"
+                elif layer_config.method == "search" and config.method == "search":
+                    d.reason += "; no calibration input reached it: clipping-range search without activation weights"
+                    unreached.append((name, d.part))
                 if name in folds:
                     d.reason += f"; AWQ scale (alpha={folds[name].alpha:.1f}) folded into {folds[name].prev}"
             for parent, attr, _ in places:
                 setattr(parent, attr, ql)
             if config.mixed_precision:  # may put it back; otherwise its weight is freed now, not at the end
                 swapped.append((places, lin, d))
+    if unreached:  # e.g. the vision tower under text-only calibration: not an error, but not what was asked
+        images = any(part in ("vision", "merger", "resampler") for _, part in unreached)
+        got = ("the clipping-range search without activation weights" if config.method == "search"
+               else f"the clipping-range search instead of {config.method}")
+        report.notes.append(f"{len(unreached)} layer(s) (e.g. {unreached[0][0]}) saw no calibration input and got {got}"
+                            + ("; calibration prompts with images reach the vision tower (CLI: --calibration-images)"
+                               if images else ""))
     if few:  # H = sum x x^T has rank <= tokens: the fit leans on the damping in the other directions
-        msg = (f"gptq: {len(few)} layer(s) (e.g. {few[0]}) saw fewer calibration tokens than they have input "
-               "channels; more calibration text (several times in_features tokens) fits them better")
+        images = any(part in ("vision", "merger", "resampler") for _, part in few)  # they see image tokens only
+        msg = (f"gptq: {len(few)} layer(s) (e.g. {few[0][0]}) saw fewer calibration tokens than they have input "
+               "channels; more calibration " + ("text and images" if images else "text")
+               + " (several times in_features tokens) fits them better")
         report.notes.append(msg)
         warnings.warn(f"patch_model: {msg}", stacklevel=2)
     if config.mixed_precision:

@@ -106,3 +106,59 @@ def check_quantlinear_backend(lin, group_size, act, lead, backend):
         assert ((y.double() - y_ref.double()).abs() <= tol.double()).all(), (y - y_ref).abs().max()
     else:
         assert_gemm_close(y, y_ref, x2, ql.dequantized_weight())
+
+
+MM_TOKENS = {"image_start_token": "<image>", "image_end_token": "</image>", "slice_start_token": "<slice>",
+             "slice_end_token": "</slice>", "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>",
+             "video_token": "<video>"}
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<img_pad>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_minicpmv4_6_processor(image_token_id: int, n_words: int = 200, scale_resolution: int = 56):
+    """The real MiniCPMV4_6Processor (image slicing, placeholders, chat template) over the PIL image
+    processor and a word tokenizer whose image token has the tiny model's id, sized for the tiny
+    vision tower (14-pixel patches, 4 x 4 per slice). The class is subclassed only to leave out its
+    video processor, which needs torchvision (CI's CPU torch has no torchvision wheel to match it); the
+    image path is the class's own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MiniCPMV4_6Processor, PreTrainedTokenizerFast
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    specials = ["[UNK]", "[PAD]", "<|im_start|>", "<|im_end|>", *MM_TOKENS.values()]
+    vocab = specials[:image_token_id] + ["<img_pad>"] + specials[image_token_id:] + [f"w{i}" for i in range(n_words)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials + ["<img_pad>"])  # whole, not split at their punctuation
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                        extra_special_tokens={"image_token": "<img_pad>", **MM_TOKENS})
+    assert tokenizer.image_token_id == image_token_id
+
+    class ImageOnlyProcessor(MiniCPMV4_6Processor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            ip = self.image_processor
+            self.slice_mode, self.video_slice_mode, self.default_use_image_id = ip.slice_mode, False, ip.use_image_id
+            self.image_token_divisor = self.video_token_divisor = 4 if ip.downsample_mode == "4x" else 16
+            for name in ("image_token", "image_token_id", "video_token", "video_token_id", *MM_TOKENS):
+                setattr(self, name, getattr(tokenizer, name))
+
+    image_processor = MiniCPMV4_6ImageProcessorPil(scale_resolution=scale_resolution, patch_size=14, max_slice_nums=4)
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def write_random_images(folder, sizes=((80, 120), (60, 60), (130, 70)), seed: int = 0) -> list:
+    """PNG files of random pixels (not blank: every channel of the vision tower sees real variation)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

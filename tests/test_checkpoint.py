@@ -295,6 +295,12 @@ def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", str(ckpt), str(tmp_path / "x"), "--parts", "llm,speech"])
     assert "unknown model part(s) ['speech']" in capsys.readouterr().err
+    from helpers import write_random_images
+
+    image = write_random_images(tmp_path / "imgs", sizes=((30, 40),))[0]
+    assert main(["quantize", str(ckpt), str(tmp_path / "y"), *common, "--calibration-images", str(image)]) == 2
+    err = capsys.readouterr().err  # its processor and forward are its own: the Python recipe instead
+    assert "works with the native MiniCPM-V 4.x processors" in err and "calls model(**batch)" in err
     assert main(["eval", str(ckpt), str(tmp_path / "int4"), *common, "--prompts", str(prompts), "--text", str(prompts)]) == 0
     out = capsys.readouterr().out
     assert "next-token KL divergence" in out and "perplexity on" in out and "| llm.model.layers.0" in out

@@ -107,7 +107,8 @@ def test_quantize_with_gptq(tmp_path, capsys):
 
     src, out = tmp_path / "fp", tmp_path / "int4"
     assert main(["quantize", str(src), str(out), "--method", "gptq"]) == 2  # before anything is loaded
-    assert "--method gptq fits each layer to its calibration inputs: give --calibration" in capsys.readouterr().err
+    assert ("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt and/or "
+            "--calibration-images") in capsys.readouterr().err
     _save_tiny_model_with_tokenizer(src)
     prompts = tmp_path / "prompts.txt"
     write_word_prompts(prompts, lines=12, words=40)
@@ -116,6 +117,8 @@ def test_quantize_with_gptq(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "gptq on 480 calibration tokens" in text
     assert "no calibration input reached it: clipping-range search instead of gptq" in text  # the vision tower
+    assert "saw no calibration input and got the clipping-range search instead of gptq" in text  # the note
+    assert "calibration prompts with images reach the vision tower (CLI: --calibration-images)" in text
     assert json.loads((out / "quant_config.json").read_text())["config"]["method"] == "gptq"
     model = load_pretrained_quantized(str(out))
     import torch
@@ -123,6 +126,86 @@ def test_quantize_with_gptq(tmp_path, capsys):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[7, 8, 9]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
+    """--calibration-images: each image, with a calibration line as its prompt, goes through the model's
+    processor and chat template, so gptq fits the vision tower on image tokens instead of falling back
+    to the search. Bad images, an empty folder and a model without a processor fail in one line
+    before the model loads."""
+    import json
+
+    from helpers import tiny_minicpmv4_6_processor, write_random_images, write_word_prompts
+    from minicpm_int4 import cli
+    from minicpm_int4.tiny import IMAGE_TOKEN_ID
+
+    src, out = tmp_path / "fp", tmp_path / "int4"
+    _save_tiny_model_with_tokenizer(src)  # skips (NativeModelUnavailable) where transformers has no 4.6
+    folder = tmp_path / "imgs"
+    write_random_images(folder)
+    prompts = tmp_path / "prompts.txt"
+    write_word_prompts(prompts, lines=12, words=40)
+    common = ["--model-class", "MiniCPMV4_6ForConditionalGeneration", "--dtype", "fp32", "--group-size", "32"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_an_image.png").write_text("plain text")
+    capsys.readouterr()  # save_pretrained's progress bar
+    for images, message in [(tmp_path / "nowhere", "no such file or folder"),
+                            (tmp_path / "empty", "the folder has no image"),
+                            (tmp_path / "not_an_image.png", "cannot read"),
+                            (folder, "needs the model's processor, which does not load")]:  # none saved in src
+        assert main(["quantize", str(src), str(out), *common, "--calibration-images", str(images)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "loading" not in err, err
+    assert not out.exists()
+
+    monkeypatch.setattr(cli, "_load_processor", lambda args: tiny_minicpmv4_6_processor(IMAGE_TOKEN_ID))
+    # images only: gptq needs no --calibration then; each image gets the generic prompt
+    assert main(["quantize", str(src), str(out), *common, "--method", "gptq", "--calibration-images", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "calibration: 0 text prompt(s), 3 image prompt(s)" in captured.err
+    decisions = json.loads((out / "quant_config.json").read_text())["decisions"]
+    vision = [d for d in decisions if d["part"] == "vision" and d["action"] == "quantized"]
+    assert vision and all("gptq on" in d["reason"] for d in vision)
+    assert "no calibration input reached it" not in captured.out
+    # text and images: the lines calibrate the LLM, and are the images' prompts in turn
+    out2 = tmp_path / "int4_both"
+    assert main(["quantize", str(src), str(out2), *common, "--method", "gptq", "--calibration", str(prompts),
+                 "--calibration-images", str(folder / "img0.png"), str(folder / "img1.png"), "--calib-samples", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "calibration: 5 text prompt(s), 2 image prompt(s)" in captured.err
+    llm = {d["name"]: d for d in json.loads((out2 / "quant_config.json").read_text())["decisions"]}
+    tokens = int(llm["model.language_model.layers.0.mlp.up_proj"]["reason"].split("gptq on ")[1].split()[0])
+    assert tokens > 5 * 40  # the 5 lines' 200 tokens reach the LLM, and the image prompts' too
+    assert "no calibration input reached it" not in captured.out
+
+
+def test_image_batches_are_the_processors_own_inputs():
+    """With a chat template the image goes in a user turn; without one, the processor's image token
+    before the prompt: the same pixels and the same number of image placeholders either way, pixel
+    values in the model's dtype, and every placeholder filled by the model's image features."""
+    from PIL import Image
+
+    from helpers import tiny_minicpmv4_6_processor
+    from minicpm_int4.cli import _image_batches
+    from minicpm_int4.tiny import IMAGE_TOKEN_ID, build_native
+
+    model = build_native("4_6")
+    proc = tiny_minicpmv4_6_processor(IMAGE_TOKEN_ID)
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for h, w in [(80, 120), (50, 40)]]
+    chat = _image_batches(proc, images, ["w1 w2 w3"], "cpu", torch.bfloat16)
+    assert len(chat) == 2 and all(b["pixel_values"].dtype == torch.bfloat16 for b in chat)
+    # the user turn ends with the prompt, then the generation prompt ("assistant": a word this vocabulary lacks)
+    tokens = proc.tokenizer.convert_ids_to_tokens(chat[1]["input_ids"][0].tolist())
+    assert tokens[-6:] == ["w1", "w2", "w3", "<|im_end|>", "<|im_start|>", "[UNK]"], tokens
+    proc.chat_template = None
+    plain = _image_batches(proc, images, None, "cpu", torch.float32)
+    for a, b in zip(chat, plain):
+        assert torch.equal(a["pixel_values"], b["pixel_values"].bfloat16()) and torch.equal(a["target_sizes"], b["target_sizes"])
+        assert int((a["input_ids"] == IMAGE_TOKEN_ID).sum()) == int((b["input_ids"] == IMAGE_TOKEN_ID).sum()) > 0
+    with torch.no_grad():
+        for b in plain:  # the model accepts them: placeholders and image features match in number
+            assert torch.isfinite(model(**b).logits).all()
 
 
 def test_env_reports_backends_and_why_not(capsys, tmp_path):

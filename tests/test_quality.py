@@ -180,6 +180,25 @@ def test_calibration_with_images_reaches_the_vision_tower():
     calib = calibrate(model, [{"input_ids": ids, "pixel_values": pv, "target_sizes": ts}], progress=False)
     assert "model.vision_tower.encoder.layers.0.mlp.fc1" in calib.stats
     assert "model.language_model.layers.0.mlp.up_proj" in calib.stats
+    report = patch_model(copy.deepcopy(model), QuantConfig(group_size=32), calibration=calib, progress=False)
+    by = {d.name: d for d in report.decisions}
+    assert "activation-aware search" in by["model.vision_tower.encoder.layers.0.mlp.fc1"].reason
+    assert not any("saw no calibration input" in n for n in report.notes)
+
+
+def test_text_only_calibration_names_the_layers_it_does_not_reach():
+    """Text alone never reaches the vision tower: its layers get the search without activation weights,
+    each says so, and one note counts them and says how to reach them."""
+    model = build_native("4_6")
+    report = patch_model(model, QuantConfig(group_size=32), calibration=calibrate(model, _batches(), progress=False),
+                         progress=False)
+    quantized = [d for d in report.decisions if d.action == "quantized"]
+    vision = [d for d in quantized if d.part == "vision"]
+    assert vision and all("no calibration input reached it: clipping-range search without activation weights"
+                          in d.reason for d in vision)
+    assert all("activation-aware search" in d.reason for d in quantized if d.part == "llm")
+    note = next(n for n in report.notes if "saw no calibration input" in n)
+    assert note.startswith(f"{len(vision)} layer(s) (e.g. {vision[0].name})") and "--calibration-images" in note
 
 
 def test_lm_head_quantized_on_request():
