@@ -252,26 +252,26 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 DEFAULT_IMAGE_PROMPT = "Describe this image in detail."
 
 
-def _image_files(paths) -> list:
-    """--calibration-images: image files, and the images (by suffix, sorted) of any folder given."""
+def _image_files(paths, flag: str) -> list:
+    """Image files, and the images (by suffix, sorted) of any folder given."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES)
                            and os.path.isfile(os.path.join(path, f)))
             if not found:
-                raise CLIError(f"--calibration-images {path}: the folder has no image ({', '.join(IMAGE_SUFFIXES)})")
+                raise CLIError(f"{flag} {path}: the folder has no image ({', '.join(IMAGE_SUFFIXES)})")
             files += found
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise CLIError(f"--calibration-images {path}: no such file or folder")
+            raise CLIError(f"{flag} {path}: no such file or folder")
     return files
 
 
-def _open_images(files) -> list:
-    """Every calibration image opened as RGB before the model loads: an unreadable file fails in a second,
-    naming itself, not after minutes of loading."""
+def _open_images(files, flag: str) -> list:
+    """Every image opened as RGB before the model loads: an unreadable file fails in a second, naming
+    itself, not after minutes of loading."""
     from PIL import Image, UnidentifiedImageError
 
     images = []
@@ -280,11 +280,11 @@ def _open_images(files) -> list:
             with Image.open(f) as im:
                 images.append(im.convert("RGB"))
         except (UnidentifiedImageError, OSError) as e:
-            raise CLIError(f"--calibration-images: cannot read {f!r} as an image: {e}") from None
+            raise CLIError(f"{flag}: cannot read {f!r} as an image: {e}") from None
     return images
 
 
-def _load_processor(args):
+def _load_processor(args, flag: str):
     """The checkpoint's own processor (image slicing, placeholder tokens, chat template): the same inputs
     the model gets in use."""
     import transformers
@@ -292,7 +292,7 @@ def _load_processor(args):
     try:
         return transformers.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, ImportError, AttributeError, TypeError) as e:
-        raise CLIError(f"--calibration-images needs the model's processor, which does not load from {args.model!r}: "
+        raise CLIError(f"{flag} needs the model's processor, which does not load from {args.model!r}: "
                        f"{type(e).__name__}: {e}".rstrip() + " (the MiniCPM-V 4.x processors also need torchvision)") from e
 
 
@@ -311,11 +311,25 @@ def _image_batches(processor, images, prompts, device, dtype):
         elif getattr(processor, "image_token", None):
             enc = processor(images=[image], text=[f"{processor.image_token}\n{prompt}"], return_tensors="pt")
         else:
-            raise CLIError(f"--calibration-images: the processor {type(processor).__name__} has neither a chat "
+            raise CLIError(f"the processor {type(processor).__name__} has neither a chat "
                            "template nor an image token to place the image in the prompt")
         batches.append({k: (v.to(device=device, dtype=dtype) if torch.is_floating_point(v) else v.to(device))
                         for k, v in enc.items() if isinstance(v, torch.Tensor)})
     return batches
+
+
+def _images_and_processor(args, paths, flag: str, limit=None):
+    """(images, processor) for `flag`'s paths, or (None, None) without them; checked and loaded before the
+    model, so that a bad image or a missing processor fails in a second."""
+    if not paths:
+        return None, None
+    files = _image_files(paths, flag)[:limit]
+    if _is_remote_code(args):
+        raise CLIError(f"{flag} works with the native MiniCPM-V 4.x processors; a remote-code model "
+                       "(MiniCPM-V 2.x / o-2.6) has a processor and a forward of its own: calibrate or compare it in "
+                       "Python on batches its forward takes (calibrate(model, batches) and compare_models(ref, quant, "
+                       "batches) call model(**batch) on each dict), then patch_model(model, config, calibration=...)")
+    return _open_images(files, flag), _load_processor(args, flag)
 
 
 def _is_remote_code(args) -> bool:
@@ -353,16 +367,7 @@ def cmd_quantize(args) -> int:
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
-    images = processor = None
-    if args.calibration_images:  # everything checked and loaded before the model
-        files = _image_files(args.calibration_images)[: args.calib_samples]
-        if _is_remote_code(args):
-            raise CLIError("--calibration-images works with the native MiniCPM-V 4.x processors; a remote-code model "
-                           "(MiniCPM-V 2.x / o-2.6) has a processor and a forward of its own: calibrate it in Python "
-                           "on batches its forward takes (calibrate(model, batches) calls model(**batch) on each "
-                           "dict), then patch_model(model, config, calibration=...)")
-        images = _open_images(files)
-        processor = _load_processor(args)
+    images, processor = _images_and_processor(args, args.calibration_images, "--calibration-images", args.calib_samples)
     tok = (processor.tokenizer if processor is not None else _load_tokenizer(args)) if lines else None
     model = _load_model(args, dtype, device)
     calib = None
@@ -407,25 +412,34 @@ def cmd_eval(args) -> int:
     from .checkpoint import CheckpointMismatchError, load_pretrained_quantized, read_quant_config
     from .evaluate import compare_models, layer_table, perplexity
 
-    if not args.prompts and not args.text:
-        raise CLIError("give --prompts and/or --text")
+    if not args.prompts and not args.text and not args.images:
+        raise CLIError("give --prompts, --images and/or --text")
     try:
         read_quant_config(args.quantized)
     except (FileNotFoundError, CheckpointMismatchError) as e:
         raise CLIError(str(e)) from e
     device = _device(args.device)
     dtype = _dtype(args.dtype)
-    tok = _load_tokenizer(args)
+    images, processor = _images_and_processor(args, args.images, "--images")
+    tok = processor.tokenizer if processor is not None else _load_tokenizer(args)
     ref = _load_model(args, dtype, device)
     try:
         quant = load_pretrained_quantized(args.quantized, device=device, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
         raise CLIError(f"cannot load the quantized model from {args.quantized!r}: {e}") from e
     out = {"model": args.model, "quantized": args.quantized}
-    if args.prompts:
-        res = compare_models(ref, quant, _text_batches(tok, _read_lines(args.prompts), device, args.max_length))
+    lines = _read_lines(args.prompts) if args.prompts else []
+    if args.prompts and not lines:
+        raise CLIError(f"--prompts {args.prompts}: the file has no non-empty line")
+    if lines or images:  # the images' prompts: the lines in turn, as in quantize
+        batches = _text_batches(tok, lines, device, args.max_length)
+        if images:
+            batches += _image_batches(processor, images, lines, device, dtype)
+        res = compare_models(ref, quant, batches)
+        res["prompts"], res["image_prompts"] = len(lines), len(images or [])
         out.update(res)
-        print(f"{res['tokens']} tokens: next-token KL divergence {res['kl_divergence']:.5f}, "
+        print(f"{res['tokens']} tokens ({len(lines)} text prompt(s), {len(images or [])} image prompt(s)): "
+              f"next-token KL divergence {res['kl_divergence']:.5f}, "
               f"top-1 agreement {100 * res['top1_agreement']:.1f}%")
         print(layer_table(res))
     if args.text:
@@ -563,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="the original model (path or hub name)")
     e.add_argument("quantized", help="directory written by `minicpm-int4 quantize`")
     e.add_argument("--prompts", default=None, type=_existing_file, help="text file, one prompt per line")
+    e.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_FOLDER",
+                   help="images (files or folders) compared as well, each with a --prompts line in turn as its prompt, "
+                        "through the model's processor and chat template (native 4.x): the vision tower's layers get "
+                        "their errors too")
     e.add_argument("--text", default=None, type=_existing_file, help="text file for perplexity")
     e.add_argument("--model-class", default=None,
                    help="default: AutoModel for remote code (an auto_map in config.json: MiniCPM-V 2.x / o-2.6), else AutoModelForImageTextToText")

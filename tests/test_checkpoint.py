@@ -300,7 +300,7 @@ def test_cli_quantize_and_eval_of_a_remote_code_model(tmp_path, capsys):
     image = write_random_images(tmp_path / "imgs", sizes=((30, 40),))[0]
     assert main(["quantize", str(ckpt), str(tmp_path / "y"), *common, "--calibration-images", str(image)]) == 2
     err = capsys.readouterr().err  # its processor and forward are its own: the Python recipe instead
-    assert "works with the native MiniCPM-V 4.x processors" in err and "calls model(**batch)" in err
+    assert "works with the native MiniCPM-V 4.x processors" in err and "call model(**batch) on each dict" in err
     assert main(["eval", str(ckpt), str(tmp_path / "int4"), *common, "--prompts", str(prompts), "--text", str(prompts)]) == 0
     out = capsys.readouterr().out
     assert "next-token KL divergence" in out and "perplexity on" in out and "| llm.model.layers.0" in out
@@ -337,7 +337,7 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeyp
     err = err_of(["eval", str(ckpt), str(ckpt), "--prompts", str(prompts), "--device", "cpu"])
     assert "is not a minicpm_int4 checkpoint" in err
     err = err_of(["eval", str(ckpt), str(ckpt), "--device", "cpu"])
-    assert "give --prompts and/or --text" in err
+    assert "give --prompts, --images and/or --text" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     err = err_of(["quantize", str(ckpt), out, "--calibration", str(empty), "--model-class", "AutoModel",

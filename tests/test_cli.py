@@ -132,7 +132,7 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     """--calibration-images: each image, with a calibration line as its prompt, goes through the model's
     processor and chat template, so gptq fits the vision tower on image tokens instead of falling back
     to the search. Bad images, an empty folder and a model without a processor fail in one line
-    before the model loads."""
+    before the model loads. eval --images compares on image prompts the same way."""
     import json
 
     from helpers import tiny_minicpmv4_6_processor, write_random_images, write_word_prompts
@@ -158,7 +158,7 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
         assert message in err and len(err.strip().splitlines()) == 1 and "loading" not in err, err
     assert not out.exists()
 
-    monkeypatch.setattr(cli, "_load_processor", lambda args: tiny_minicpmv4_6_processor(IMAGE_TOKEN_ID))
+    monkeypatch.setattr(cli, "_load_processor", lambda args, flag: tiny_minicpmv4_6_processor(IMAGE_TOKEN_ID))
     # images only: gptq needs no --calibration then; each image gets the generic prompt
     assert main(["quantize", str(src), str(out), *common, "--method", "gptq", "--calibration-images", str(folder)]) == 0
     captured = capsys.readouterr()
@@ -176,6 +176,20 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     llm = {d["name"]: d for d in json.loads((out2 / "quant_config.json").read_text())["decisions"]}
     tokens = int(llm["model.language_model.layers.0.mlp.up_proj"]["reason"].split("gptq on ")[1].split()[0])
     assert tokens > 5 * 40  # the 5 lines' 200 tokens reach the LLM, and the image prompts' too
+
+    # eval --images: image prompts compared too, so the vision tower's layers get output errors
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(src), str(out), *common[:4], "--images", str(folder), "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "tokens (0 text prompt(s), 3 image prompt(s)): next-token KL divergence" in text
+    res = json.loads(report.read_text())
+    assert res["image_prompts"] == 3 and res["prompts"] == 0 and res["kl_divergence"] >= 0
+    errors = {r["name"]: r["rel_output_error"] for r in res["layers"]}
+    assert {d["name"] for d in vision} <= set(errors) and all(errors[d["name"]] > 0 for d in vision)
+    assert main(["eval", str(src), str(out), *common[:4], "--prompts", str(prompts), "--images", str(folder / "img2.png")]) == 0
+    assert "tokens (12 text prompt(s), 1 image prompt(s))" in capsys.readouterr().out
+    assert main(["eval", str(src), str(out), *common[:4], "--images", str(tmp_path / "empty")]) == 2
+    assert "--images " in capsys.readouterr().err
     assert "no calibration input reached it" not in captured.out
 
 
