@@ -269,19 +269,20 @@ def _image_files(paths, flag: str) -> list:
     return files
 
 
-def _open_images(files, flag: str) -> list:
-    """Every image opened as RGB before the model loads: an unreadable file fails in a second, naming
-    itself, not after minutes of loading."""
+def _open_image(path, flag: str, verify_only: bool = False):
+    """The image at `path` as RGB; with verify_only, only checked (the header and the file's structure,
+    no decoding: every image is checked before the model loads, so an unreadable file fails in a second,
+    naming itself, while the pixels are decoded one image at a time later)."""
     from PIL import Image, UnidentifiedImageError
 
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise CLIError(f"{flag}: cannot read {f!r} as an image: {e}") from None
-    return images
+    try:
+        with Image.open(path) as im:
+            if verify_only:
+                im.verify()
+                return path
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # verify() raises SyntaxError too
+        raise CLIError(f"{flag}: cannot read {str(path)!r} as an image: {e}") from None
 
 
 def _load_processor(args, flag: str):
@@ -296,13 +297,16 @@ def _load_processor(args, flag: str):
                        f"{type(e).__name__}: {e}".rstrip() + " (the MiniCPM-V 4.x processors also need torchvision)") from e
 
 
-def _image_batches(processor, images, prompts, device, dtype):
-    """One batch per image: a user turn of the image and a prompt (the calibration lines in turn, or a
-    generic request for a description), through the processor's chat template when it has one, else
-    its image token before the prompt. Floating tensors (pixel values) take the model's dtype. Not cut
-    at --max-length: a cut would drop image placeholders that the pixels must fill."""
+def _image_batches(processor, images, prompts, device, dtype, flag: str = "--calibration-images"):
+    """One batch per image (a path, decoded here, or a PIL image): a user turn of the image and a prompt
+    (the calibration lines in turn, or a generic request for a description), through the processor's
+    chat template when it has one, else its image token before the prompt. Floating tensors (pixel
+    values) take the model's dtype. Not cut at --max-length: a cut would drop image placeholders that
+    the pixels must fill."""
     batches = []
     for i, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            image = _open_image(image, flag)
         prompt = prompts[i % len(prompts)] if prompts else DEFAULT_IMAGE_PROMPT
         if getattr(processor, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
@@ -319,8 +323,8 @@ def _image_batches(processor, images, prompts, device, dtype):
 
 
 def _images_and_processor(args, paths, flag: str, limit=None):
-    """(images, processor) for `flag`'s paths, or (None, None) without them; checked and loaded before the
-    model, so that a bad image or a missing processor fails in a second."""
+    """(image paths, processor) for `flag`'s paths, or (None, None) without them; checked and loaded before
+    the model, so that a bad image or a missing processor fails in a second."""
     if not paths:
         return None, None
     files = _image_files(paths, flag)[:limit]
@@ -329,7 +333,7 @@ def _images_and_processor(args, paths, flag: str, limit=None):
                        "(MiniCPM-V 2.x / o-2.6) has a processor and a forward of its own: calibrate or compare it in "
                        "Python on batches its forward takes (calibrate(model, batches) and compare_models(ref, quant, "
                        "batches) call model(**batch) on each dict), then patch_model(model, config, calibration=...)")
-    return _open_images(files, flag), _load_processor(args, flag)
+    return [_open_image(f, flag, verify_only=True) for f in files], _load_processor(args, flag)
 
 
 def _is_remote_code(args) -> bool:
@@ -420,6 +424,9 @@ def cmd_eval(args) -> int:
         raise CLIError(str(e)) from e
     device = _device(args.device)
     dtype = _dtype(args.dtype)
+    lines = _read_lines(args.prompts) if args.prompts else []
+    if args.prompts and not lines:
+        raise CLIError(f"--prompts {args.prompts}: the file has no non-empty line")
     images, processor = _images_and_processor(args, args.images, "--images")
     tok = processor.tokenizer if processor is not None else _load_tokenizer(args)
     ref = _load_model(args, dtype, device)
@@ -428,13 +435,10 @@ def cmd_eval(args) -> int:
     except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
         raise CLIError(f"cannot load the quantized model from {args.quantized!r}: {e}") from e
     out = {"model": args.model, "quantized": args.quantized}
-    lines = _read_lines(args.prompts) if args.prompts else []
-    if args.prompts and not lines:
-        raise CLIError(f"--prompts {args.prompts}: the file has no non-empty line")
     if lines or images:  # the images' prompts: the lines in turn, as in quantize
         batches = _text_batches(tok, lines, device, args.max_length)
         if images:
-            batches += _image_batches(processor, images, lines, device, dtype)
+            batches += _image_batches(processor, images, lines, device, dtype, "--images")
         res = compare_models(ref, quant, batches)
         res["prompts"], res["image_prompts"] = len(lines), len(images or [])
         out.update(res)

@@ -148,10 +148,13 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     common = ["--model-class", "MiniCPMV4_6ForConditionalGeneration", "--dtype", "fp32", "--group-size", "32"]
     (tmp_path / "empty").mkdir()
     (tmp_path / "not_an_image.png").write_text("plain text")
+    png = (folder / "img0.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])  # a real header, half the data
     capsys.readouterr()  # save_pretrained's progress bar
     for images, message in [(tmp_path / "nowhere", "no such file or folder"),
                             (tmp_path / "empty", "the folder has no image"),
                             (tmp_path / "not_an_image.png", "cannot read"),
+                            (tmp_path / "truncated.png", "truncated.png' as an image"),
                             (folder, "needs the model's processor, which does not load")]:  # none saved in src
         assert main(["quantize", str(src), str(out), *common, "--calibration-images", str(images)]) == 2
         err = capsys.readouterr().err
@@ -190,6 +193,10 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     assert "tokens (12 text prompt(s), 1 image prompt(s))" in capsys.readouterr().out
     assert main(["eval", str(src), str(out), *common[:4], "--images", str(tmp_path / "empty")]) == 2
     assert "--images " in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert main(["eval", str(src), str(out), *common[:4], "--prompts", str(tmp_path / "blank.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "the file has no non-empty line" in err and "loading" not in err  # before any model loads
     assert "no calibration input reached it" not in captured.out
 
 
