@@ -15,6 +15,7 @@ Uses:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional
 
@@ -80,7 +81,7 @@ TEXT_KEYS = {"input_ids", "attention_mask"}
 def _run(model, batch):
     """Run one batch: a dict of model kwargs, a tuple of positional args, or an input_ids tensor. Text
     alone goes to models.text_module (a remote-code MiniCPM-V 2.x takes it through its `llm`)."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or what tokenizers and processors return (BatchEncoding / BatchFeature)
         return (text_module(model) if set(batch) <= TEXT_KEYS else model)(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -98,7 +99,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
     items = list(batches)
     if not items:
         raise ValueError("calibrate: no batches (give one or more, e.g. tokenized prompts)")
-    bad = next((b for b in items if not isinstance(b, (dict, tuple, list, torch.Tensor))), None)
+    bad = next((b for b in items if not isinstance(b, (Mapping, tuple, list, torch.Tensor))), None)
     if bad is not None:
         raise TypeError(f"calibrate: a batch must be a dict of model kwargs, a tuple of positional args or a "
                         f"tensor such as input_ids; got {type(bad).__name__}"

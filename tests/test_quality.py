@@ -186,6 +186,35 @@ def test_calibration_with_images_reaches_the_vision_tower():
     assert not any("saw no calibration input" in n for n in report.notes)
 
 
+def test_calibrate_takes_tokenizer_and_processor_outputs_as_they_come():
+    """A tokenizer's BatchEncoding and a processor's BatchFeature are mappings, not dicts: calibrate
+    and compare_models take them as they are (no dict(...) needed), with the same statistics."""
+    from transformers import BatchEncoding
+
+    from helpers import tiny_minicpmv4_6_processor
+    from minicpm_int4.tiny import IMAGE_TOKEN_ID
+
+    model = build_native("4_6")
+    proc = tiny_minicpmv4_6_processor(IMAGE_TOKEN_ID)
+    g = torch.Generator().manual_seed(3)
+    from PIL import Image
+
+    image = Image.fromarray((torch.rand(60, 90, 3, generator=g) * 255).to(torch.uint8).numpy())
+    feature = proc.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                     {"type": "text", "text": "w1 w2"}]}],
+                                       tokenize=True, return_dict=True, return_tensors="pt")
+    encoding = BatchEncoding({"input_ids": _batches(1)[0]["input_ids"]})
+    assert not isinstance(feature, dict) and not isinstance(encoding, dict)
+    as_given = calibrate(model, [encoding, feature], progress=False)
+    as_dicts = calibrate(model, [dict(encoding), dict(feature)], progress=False)
+    assert as_given.stats.keys() == as_dicts.stats.keys() and "model.vision_tower.encoder.layers.0.mlp.fc1" in as_given.stats
+    for name, st in as_given.stats.items():
+        assert torch.equal(st.sum_sq, as_dicts.stats[name].sum_sq) and st.count == as_dicts.stats[name].count
+    q = copy.deepcopy(model)
+    patch_model(q, QuantConfig(group_size=32), calibration=as_given, progress=False)
+    assert compare_models(model, q, [encoding, feature])["tokens"] == encoding["input_ids"].numel() + feature["input_ids"].numel()
+
+
 def test_text_only_calibration_names_the_layers_it_does_not_reach():
     """Text alone never reaches the vision tower: its layers get the search without activation weights,
     each says so, and one note counts them and says how to reach them."""
