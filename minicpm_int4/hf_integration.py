@@ -214,7 +214,9 @@ def quantization_config(config=None, modules=None):
     if modules is None and getattr(config, "method", None) == "gptq":
         raise ValueError("QuantConfig(method='gptq') needs calibration inputs, which quantizing inside from_pretrained "
                          "does not have: load the fp model, then patch_model(model, config, calibration="
-                         "minicpm_int4.calibrate(model, batches)) and model.save_pretrained(...)")
+                         "minicpm_int4.calibrate(model, batches)) and model.save_pretrained(...), or from the shell "
+                         "minicpm-int4 quantize MODEL OUT --method gptq --calibration prompts.txt [--calibration-images "
+                         "DIR]")
     why = register()
     if why:
         raise RuntimeError(f"minicpm_int4 cannot plug into from_pretrained here: {why}")
