@@ -273,8 +273,10 @@ def _open_image(path, flag: str, verify_only: bool = False):
     """The image at `path` as RGB; with verify_only, only checked (the header and the file's structure,
     no decoding: every image is checked before the model loads, so an unreadable file fails in a second,
     naming itself, while the pixels are decoded one image at a time later)."""
-    from PIL import Image, UnidentifiedImageError
-
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise CLIError(f"{flag} needs Pillow to read images (pip install pillow)") from None
     try:
         with Image.open(path) as im:
             if verify_only:

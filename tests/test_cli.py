@@ -200,6 +200,14 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     assert "no calibration input reached it" not in captured.out
 
 
+def test_images_without_pillow_are_one_clear_error(monkeypatch, tmp_path):
+    from minicpm_int4.cli import CLIError, _open_image
+
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError
+    with pytest.raises(CLIError, match=r"--images needs Pillow to read images \(pip install pillow\)"):
+        _open_image(tmp_path / "a.png", "--images", verify_only=True)
+
+
 def test_image_batches_are_the_processors_own_inputs():
     """With a chat template the image goes in a user turn; without one, the processor's image token
     before the prompt: the same pixels and the same number of image placeholders either way, pixel
