@@ -173,15 +173,21 @@ def _from_pretrained(what: str, load, path: str, *args, **kwargs):
 
 
 def _default_model_class(args) -> str:
-    """--model-class when not given: AutoModel for a remote-code checkpoint (MiniCPM-V 2.x / o-2.6: an
-    auto_map in its config.json), else AutoModelForImageTextToText (the native 4.6 / 4.7 / OCR)."""
+    """--model-class when not given: AutoModel for a remote-code checkpoint (MiniCPM-V 2.x / o-2.6), else
+    AutoModelForImageTextToText (the native 4.6 / 4.7 / OCR)."""
+    return "AutoModel" if _is_remote_code(args) else "AutoModelForImageTextToText"
+
+
+def _is_remote_code(args) -> bool:
+    """Whether MODEL loads through its own code: an auto_map in its config.json, and a config class that
+    came from that code (transformers_modules), not from transformers. A checkpoint that ships remote code
+    beside a class transformers has natively loads the native class without --trust-remote-code, and is
+    native here too."""
     import transformers
 
     cfg = _from_pretrained("config", transformers.AutoConfig.from_pretrained, args.model,
                            trust_remote_code=args.trust_remote_code)
-    if "AutoModel" in (getattr(cfg, "auto_map", None) or {}):
-        return "AutoModel"
-    return "AutoModelForImageTextToText"
+    return bool(getattr(cfg, "auto_map", None)) and not type(cfg).__module__.startswith("transformers.")
 
 
 def _load_model(args, dtype, device):
@@ -336,14 +342,6 @@ def _images_and_processor(args, paths, flag: str, limit=None):
                        "Python on batches its forward takes (calibrate(model, batches) and compare_models(ref, quant, "
                        "batches) call model(**batch) on each dict), then patch_model(model, config, calibration=...)")
     return [_open_image(f, flag, verify_only=True) for f in files], _load_processor(args, flag)
-
-
-def _is_remote_code(args) -> bool:
-    import transformers
-
-    cfg = _from_pretrained("config", transformers.AutoConfig.from_pretrained, args.model,
-                           trust_remote_code=args.trust_remote_code)
-    return bool(getattr(cfg, "auto_map", None))
 
 
 def _text_batches(tokenizer, lines, device, max_length):
@@ -556,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local path or hub name")
     q.add_argument("out", type=_output_dir, help="output directory")
     q.add_argument("--model-class", default=None,
-                   help="default: AutoModel for remote code (an auto_map in config.json: MiniCPM-V 2.x / o-2.6), else AutoModelForImageTextToText")
+                   help="default: AutoModel for remote code (a config loaded through the checkpoint's own code: MiniCPM-V 2.x / "
+                        "o-2.6 with --trust-remote-code), else AutoModelForImageTextToText")
     q.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     q.add_argument("--device", default=None)
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
@@ -589,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "their errors too")
     e.add_argument("--text", default=None, type=_existing_file, help="text file for perplexity")
     e.add_argument("--model-class", default=None,
-                   help="default: AutoModel for remote code (an auto_map in config.json: MiniCPM-V 2.x / o-2.6), else AutoModelForImageTextToText")
+                   help="default: AutoModel for remote code (a config loaded through the checkpoint's own code: MiniCPM-V 2.x / "
+                        "o-2.6 with --trust-remote-code), else AutoModelForImageTextToText")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     e.add_argument("--device", default=None)
     e.add_argument("--max-length", type=_positive_int, default=512,

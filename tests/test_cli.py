@@ -200,6 +200,34 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     assert "no calibration input reached it" not in captured.out
 
 
+def test_a_native_checkpoint_that_also_ships_remote_code_is_native(tmp_path, capsys, monkeypatch):
+    """A checkpoint can carry remote code (an auto_map) beside a class transformers has natively; without
+    --trust-remote-code transformers loads the native class, and so does the CLI: the model class with
+    the LM head (not AutoModel, which would drop it) and image calibration through its processor."""
+    import json
+
+    from helpers import tiny_minicpmv4_6_processor, write_random_images, write_word_prompts
+    from minicpm_int4 import cli
+    from minicpm_int4.tiny import IMAGE_TOKEN_ID
+
+    src = tmp_path / "fp"
+    _save_tiny_model_with_tokenizer(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_minicpm.MiniCPMVConfig", "AutoModel": "modeling_minicpmv.MiniCPMV"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    write_random_images(tmp_path / "imgs", sizes=((60, 60),))
+    prompts = tmp_path / "prompts.txt"
+    write_word_prompts(prompts)
+    monkeypatch.setattr(cli, "_load_processor", lambda args, flag: tiny_minicpmv4_6_processor(IMAGE_TOKEN_ID))
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(tmp_path / "int4"), "--dtype", "fp32", "--group-size", "32",
+                 "--calibration", str(prompts), "--calibration-images", str(tmp_path / "imgs")]) == 0
+    captured = capsys.readouterr()
+    assert "with AutoModelForImageTextToText (fp32)" in captured.err
+    assert "calibration: 6 text prompt(s), 1 image prompt(s)" in captured.err
+    assert "model.vision_tower.encoder.layers.0.mlp.fc1" in captured.out and "lm_head" in captured.out
+
+
 def test_images_without_pillow_are_one_clear_error(monkeypatch, tmp_path):
     from minicpm_int4.cli import CLIError, _open_image
 
