@@ -368,6 +368,20 @@ def cmd_quantize(args) -> int:
     if args.method == "gptq" and not (args.calibration or args.calibration_images):
         raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt "
                        "and/or --calibration-images")
+    # the config first: whatever it refuses, it refuses before minutes of loading
+    budget = max(1, int(args.weight_budget_mib * 2**20)) if args.weight_budget_mib else None
+    parts = {"quantize_lm_head": args.quantize_lm_head}
+    if args.parts is not None:
+        parts = {f"quantize_{p}": p in args.parts or (p == "lm_head" and args.quantize_lm_head) for p in PARTS}
+    try:
+        config = QuantConfig(group_size=args.group_size, method=args.method, act=args.act, include=tuple(args.include),
+                             exclude=tuple(args.exclude), **parts, keep_most_sensitive=args.keep_most_sensitive,
+                             weight_budget_bytes=budget)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from e
+    if config.mixed_precision and not (args.calibration or args.calibration_images):
+        raise CLIError("--keep-most-sensitive / --weight-budget-mib rank layers by their output error on calibration "
+                       "inputs: give --calibration prompts.txt and/or --calibration-images")
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
@@ -381,12 +395,6 @@ def cmd_quantize(args) -> int:
             batches += _image_batches(processor, images, lines, device, dtype)
             print(f"calibration: {len(lines or [])} text prompt(s), {len(images)} image prompt(s)", file=sys.stderr)
         calib = calibrate(model, batches)
-    budget = max(1, int(args.weight_budget_mib * 2**20)) if args.weight_budget_mib else None
-    parts = {"quantize_lm_head": args.quantize_lm_head}
-    if args.parts is not None:
-        parts = {f"quantize_{p}": p in args.parts or (p == "lm_head" and args.quantize_lm_head) for p in PARTS}
-    config = QuantConfig(group_size=args.group_size, method=args.method, **parts,
-                         keep_most_sensitive=args.keep_most_sensitive, weight_budget_bytes=budget)
     report = patch_model(model, config, calibration=calib)
     print(report)
     save_quantized(model, args.out, report)  # also writes config.json for load_pretrained_quantized
@@ -535,6 +543,27 @@ def _csv_of(choices, what: str = ""):
     return parse
 
 
+def _act_spec(s: str):
+    """argparse type of --act: int8 (every part), none, or part=int8[,part=int8...] (the parts not named
+    keep fp16 / bf16 activations), as QuantConfig.act takes them."""
+    from .config import ACTS
+
+    names = {"none": None, "int8": "int8"}
+    if "=" not in s:
+        if s not in names:
+            raise argparse.ArgumentTypeError(f"{s!r}: give int8, none, or part=int8[,part=int8...]")
+        return names[s]
+    spec = {}
+    for item in _csv(s):
+        part, _, act = item.partition("=")
+        if part not in PARTS:
+            raise argparse.ArgumentTypeError(f"unknown model part {part!r} in {s!r}: choose from {','.join(PARTS)}")
+        if act not in names or names[act] not in ACTS:
+            raise argparse.ArgumentTypeError(f"{item!r}: the activations of a part are int8 or none")
+        spec[part] = names[act]
+    return spec
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minicpm-int4", description="int4 inference kernels for MiniCPM-V")
     sub = p.add_subparsers(dest="command", required=True)
@@ -571,6 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per calibration line (image prompts are kept whole)")
     q.add_argument("--keep-most-sensitive", type=_nonnegative_int, default=0, help="mixed precision: keep the k most sensitive layers")
     q.add_argument("--weight-budget-mib", type=_positive_float, default=None, help="mixed precision: Linear weight budget")
+    q.add_argument("--act", type=_act_spec, default=None,
+                   help="activations: int8 (W4A8 everywhere), none (W4A16, the default), or per part, e.g. "
+                        "vision=int8 (prefill-heavy parts on int8 tensor cores; decode rows use the W4A16 kernel)")
+    q.add_argument("--include", nargs="+", default=(), metavar="PATTERN",
+                   help="fnmatch patterns of module names forced into int4 (where they can be)")
+    q.add_argument("--exclude", nargs="+", default=(), metavar="PATTERN",
+                   help="fnmatch patterns of module names kept in high precision (exclude wins over include)")
     q.add_argument("--quantize-lm-head", action="store_true")
     q.add_argument("--parts", default=None, type=_csv_of(PARTS, "model part(s)"),
                    help=f"comma-separated model parts to quantize, of {','.join(PARTS)} (default: QuantConfig's, "

@@ -200,6 +200,37 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     assert "no calibration input reached it" not in captured.out
 
 
+def test_quantize_per_part_activations_and_patterns(tmp_path, capsys):
+    """--act picks W4A8 per model part, --include / --exclude pick layers by name, as QuantConfig does;
+    what the config refuses (mixed precision without calibration) is refused before the model loads.
+    The checkpoint keeps the choices and reloads into the same paths."""
+    import json
+
+    from minicpm_int4 import QuantLinear
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    src, out = tmp_path / "fp", tmp_path / "int4"
+    _save_tiny_model_with_tokenizer(src)
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(out), "--keep-most-sensitive", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "rank layers by their output error on calibration inputs: give --calibration" in err and "loading" not in err
+    assert main(["quantize", str(src), str(out), "--dtype", "fp32", "--group-size", "32", "--act", "vision=int8",
+                 "--exclude", "*layers.3.mlp*", "--include", "model.merger.mlp.0.linear_1"]) == 0
+    saved = json.loads((out / "quant_config.json").read_text())
+    assert saved["config"]["act"] == {"vision": "int8"} and saved["config"]["exclude"] == ["*layers.3.mlp*"]
+    by = {d["name"]: d for d in saved["decisions"]}
+    assert by["model.vision_tower.encoder.layers.0.mlp.fc1"]["path"].startswith("w4a8")
+    assert by["model.language_model.layers.0.mlp.up_proj"]["path"] == "w4a16"
+    assert by["model.language_model.layers.3.mlp.up_proj"]["action"] == "kept"
+    assert "excluded by pattern '*layers.3.mlp*'" in by["model.language_model.layers.3.mlp.up_proj"]["reason"]
+    assert by["model.merger.mlp.0.linear_1"]["action"] == "quantized"  # merger is off by default; included by name
+    model = load_pretrained_quantized(str(out))
+    fc1 = model.get_submodule("model.vision_tower.encoder.layers.0.mlp.fc1")
+    assert isinstance(fc1, QuantLinear) and fc1.act == "int8"
+    assert model.get_submodule("model.language_model.layers.0.mlp.up_proj").act is None
+
+
 def test_a_native_checkpoint_that_also_ships_remote_code_is_native(tmp_path, capsys, monkeypatch):
     """A checkpoint can carry remote code (an auto_map) beside a class transformers has natively; without
     --trust-remote-code transformers loads the native class, and so does the CLI: the model class with
@@ -328,6 +359,9 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     (["quantize", "m", "o", "--keep-most-sensitive", "-1"], "'-1': must be a non-negative integer"),
     (["quantize", "m", "o", "--weight-budget-mib", "-3"], "argument --weight-budget-mib: '-3': must be a positive number"),
     (["eval", "m", "o", "--max-length", "0"], "argument --max-length: '0': must be a positive integer"),
+    (["quantize", "m", "o", "--act", "fp8"], "argument --act: 'fp8': give int8, none, or part=int8[,part=int8...]"),
+    (["quantize", "m", "o", "--act", "eyes=int8"], "unknown model part 'eyes' in 'eyes=int8': choose from llm,"),
+    (["quantize", "m", "o", "--act", "vision=int4"], "'vision=int4': the activations of a part are int8 or none"),
 ])
 def test_bench_and_profile_refuse_bad_lists_before_running(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
