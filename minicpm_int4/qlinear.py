@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
         check_quantizable(w, config.group_size, what=f"{name}.weight")
         check_layer_dtype(w.dtype, f"{name}.weight")
         qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight, hessian=hessian,
-                             what=f"{name}.weight")
+                             what=f"{name}.weight", damp=config.gptq_damp)
         act = config.act if act is None and not isinstance(config.act, dict) else act
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   group_size=config.group_size, dtype=w.dtype, device=w.device, act=act, backend=config.backend)

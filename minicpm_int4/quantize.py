@@ -117,10 +117,11 @@ def quantize_rtn(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
 
 def quantize_weight(weight: torch.Tensor, group_size: int = 128, method: str = "rtn",
                     channel_weight: Optional[torch.Tensor] = None, hessian: Optional[torch.Tensor] = None,
-                    what: str = "weight") -> QuantizedWeight:
+                    what: str = "weight", damp: Optional[float] = None) -> QuantizedWeight:
     """Quantize a [N, K] weight with the chosen method ("rtn", "search" or "gptq"). `channel_weight`
     ([K]) makes the search activation-aware (each input channel's error weighted); rtn ignores it.
-    "gptq" needs `hessian` ([K, K], the sum of x x^T over the layer's calibration inputs)."""
+    "gptq" needs `hessian` ([K, K], the sum of x x^T over the layer's calibration inputs); `damp` is
+    its dampening (None: gptq.DAMP)."""
     if method == "rtn":
         return quantize_rtn(weight, group_size)
     if method == "search":
@@ -133,5 +134,5 @@ def quantize_weight(weight: torch.Tensor, group_size: int = 128, method: str = "
                              "patch_model(model, config, calibration=minicpm_int4.calibrate(model, batches))")
         from .gptq import gptq_quantize
 
-        return gptq_quantize(weight, hessian, group_size, what=what)
+        return gptq_quantize(weight, hessian, group_size, what=what, **({} if damp is None else {"damp": damp}))
     raise ValueError(f"unknown quantization method {method!r} (expected 'rtn', 'search' or 'gptq')")

@@ -150,6 +150,24 @@ def test_a_singular_hessian_gets_more_damping():
     assert _out_err(x, w, qw) <= _out_err(x, w, quantize_rtn(w, 32))
 
 
+def test_the_configs_damping_reaches_the_fit():
+    """QuantConfig.gptq_damp is the d of H + d * mean(diag H) * I that from_linear and patch_model use:
+    the same bits as gptq_quantize(damp=d), different ones for another d (on a rank-deficient H, where
+    the damping matters)."""
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(128, 64)
+    x = torch.randn(40, 128, generator=g)  # 40 tokens < 128 channels
+    h = x.t() @ x
+    for damp in (0.01, gptq.DAMP, 0.5):
+        ql = QuantLinear.from_linear(lin, QuantConfig(method="gptq", group_size=32, gptq_damp=damp), hessian=h)
+        ref = gptq_quantize(lin.weight.detach(), h, 32, damp=damp)
+        assert torch.equal(ql.dequantized_weight(), ref.dequantize(torch.float32))
+    assert QuantConfig().gptq_damp == gptq.DAMP
+    a, b = (QuantLinear.from_linear(lin, QuantConfig(method="gptq", group_size=32, gptq_damp=d), hessian=h)
+            for d in (0.01, 0.5))
+    assert not torch.equal(a.qweight, b.qweight)
+
+
 class TwoLayers(nn.Module):
     def __init__(self):
         super().__init__()

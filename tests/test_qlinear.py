@@ -265,13 +265,27 @@ def test_config_validation():
                      ({"min_out_features": "64"}, "min_out_features='64': must be an integer"),
                      ({"weight_budget_bytes": 1e9}, "weight_budget_bytes=1000000000.0: must be an integer"),
                      ({"include": None}, "include=None: must be a pattern or a list of patterns"),
-                     ({"exclude": ["*.q_proj", 3]}, "exclude: patterns must be strings")):
+                     ({"exclude": ["*.q_proj", 3]}, "exclude: patterns must be strings"),
+                     ({"gptq_damp": "0.1"}, "gptq_damp='0.1': must be a number"),
+                     ({"gptq_damp": True}, "gptq_damp=True: must be a number")):
         with pytest.raises(TypeError, match=re.escape(what)):
             QuantConfig(**kw)
+    for damp in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"gptq_damp=.*must be in \(0, 1\]"):
+            QuantConfig(gptq_damp=damp)
+    assert QuantConfig().gptq_damp == 0.1 and type(QuantConfig(gptq_damp=np_one()).gptq_damp) is float
+    old_checkpoint = {k: v for k, v in QuantConfig().to_dict().items() if k != "gptq_damp"}  # saved before the field
+    assert QuantConfig.from_dict(old_checkpoint) == QuantConfig()
     import numpy as np  # a dependency of transformers
     c = QuantConfig(group_size=np.int64(64), weight_budget_bytes=np.int64(2**20), exclude=["lm_head"])
     assert type(c.group_size) is int and type(c.weight_budget_bytes) is int and c.exclude == ("lm_head",)
     assert QuantConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def np_one():
+    import numpy as np
+
+    return np.float32(1.0)
 
 
 def test_default_method_is_search_and_no_worse_than_rtn():
