@@ -344,6 +344,15 @@ def _images_and_processor(args, paths, flag: str, limit=None):
     return [_open_image(f, flag, verify_only=True) for f in files], _load_processor(args, flag)
 
 
+def _prompt_batches(tok, lines, processor, images, device, dtype, max_length, flag: str):
+    """The text lines' batches, then one per image (its prompt: the lines in turn), as quantize
+    calibrates and eval compares."""
+    batches = _text_batches(tok, lines, device, max_length) if lines else []
+    if images:
+        batches += _image_batches(processor, images, lines, device, dtype, flag)
+    return batches
+
+
 def _text_batches(tokenizer, lines, device, max_length):
     return [{"input_ids": tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)}
             for line in lines]
@@ -391,9 +400,8 @@ def cmd_quantize(args) -> int:
     model = _load_model(args, dtype, device)
     calib = None
     if lines or images:
-        batches = _text_batches(tok, lines, device, args.max_length) if lines else []
+        batches = _prompt_batches(tok, lines, processor, images, device, dtype, args.max_length, "--calibration-images")
         if images:
-            batches += _image_batches(processor, images, lines, device, dtype)
             print(f"calibration: {len(lines or [])} text prompt(s), {len(images)} image prompt(s)", file=sys.stderr)
         calib = calibrate(model, batches)
     report = patch_model(model, config, calibration=calib)
@@ -445,9 +453,7 @@ def cmd_eval(args) -> int:
         raise CLIError(f"cannot load the quantized model from {args.quantized!r}: {e}") from e
     out = {"model": args.model, "quantized": args.quantized}
     if lines or images:  # the images' prompts: the lines in turn, as in quantize
-        batches = _text_batches(tok, lines, device, args.max_length)
-        if images:
-            batches += _image_batches(processor, images, lines, device, dtype, "--images")
+        batches = _prompt_batches(tok, lines, processor, images, device, dtype, args.max_length, "--images")
         res = compare_models(ref, quant, batches)
         res["prompts"], res["image_prompts"] = len(lines), len(images or [])
         out.update(res)

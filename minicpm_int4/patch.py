@@ -18,6 +18,9 @@ from .packing import packed_bytes
 from .qlinear import QuantLinear
 from .quantize import check_layer_dtype, check_quantizable, scale_dtype_for
 
+IMAGE_PARTS = ("vision", "merger", "resampler")  # model parts only image tokens reach: text calibration never does
+
+
 CONFIG_ATTR = "_minicpm_int4_config"
 
 
@@ -258,14 +261,14 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             if config.mixed_precision:  # may put it back; otherwise its weight is freed now, not at the end
                 swapped.append((places, lin, d))
     if unreached:  # e.g. the vision tower under text-only calibration: not an error, but not what was asked
-        images = any(part in ("vision", "merger", "resampler") for _, part in unreached)
+        images = any(part in IMAGE_PARTS for _, part in unreached)
         got = ("the clipping-range search without activation weights" if config.method == "search"
                else f"the clipping-range search instead of {config.method}")
         report.notes.append(f"{len(unreached)} layer(s) (e.g. {unreached[0][0]}) saw no calibration input and got {got}"
                             + ("; calibration prompts with images reach the vision tower (CLI: --calibration-images)"
                                if images else ""))
     if few:  # H = sum x x^T has rank <= tokens: the fit leans on the damping in the other directions
-        images = any(part in ("vision", "merger", "resampler") for _, part in few)  # they see image tokens only
+        images = any(part in IMAGE_PARTS for _, part in few)
         msg = (f"gptq: {len(few)} layer(s) (e.g. {few[0][0]}) saw fewer calibration tokens than they have input "
                "channels; more calibration " + ("text and images" if images else "text")
                + " (several times in_features tokens) fits them better")
