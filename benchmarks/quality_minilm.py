@@ -1,7 +1,8 @@
 """Quantization quality on real trained weights (all-MiniLM-L6-v2): rtn vs search vs
 activation-aware search vs gptq at group sizes 32/64/128, and how much calibration each needs (a
-sweep over the number of calibration sentences at group size 128), and gptq's dampening at each
-group size. Writes JSON + Markdown (~15 min on 2 CPU cores).
+sweep over the number of calibration sentences at group size 128), gptq's dampening at each
+group size, and mixed precision's layer ranking (QuantConfig.sensitivity). Writes JSON + Markdown
+(~20 min on 2 CPU cores).
 
     python benchmarks/quality_minilm.py [OUT_DIR]      (default benchmarks/results/cpu)
 """
@@ -10,8 +11,8 @@ import os
 import sys
 
 from minicpm_int4.bench.env import env_info
-from minicpm_int4.bench.quality import (damp_table, run_calibration_sweep, run_damp_sweep, run_minilm_quality,
-                                        summary_table, sweep_table)
+from minicpm_int4.bench.quality import (damp_table, mixed_precision_table, run_calibration_sweep, run_damp_sweep,
+                                        run_minilm_quality, run_mixed_precision, summary_table, sweep_table)
 
 import torch
 
@@ -52,6 +53,22 @@ def main(out_dir):
            f"- calibrated on all {damps['calibration_sentences']} sentences, errors and cosine on the "
            f"{damps['eval_sentences']} held-out ones, as above; the default is 0.1 (the paper's 0.01 before)", "",
            damp_table(damps), ""]
+    mixed = {method: run_mixed_precision(method=method) for method in ("search", "gptq")}
+    mixed["env"] = result["env"]
+    with open(os.path.join(out_dir, "minilm_mixed_precision.json"), "w") as f:
+        json.dump(mixed, f, indent=1)
+    first = mixed["search"]
+    md += [f"## Mixed precision: which layers stay in high precision (QuantConfig.sensitivity), group size "
+           f"{first['group_size']}", "",
+           f"- `patch_model(QuantConfig(method=m, keep_most_sensitive=k or weight_budget_bytes=B, sensitivity=s), "
+           f"calibration)` on all {first['calibration_sentences']} sentences, embedding error on the "
+           f"{first['eval_sentences']} held-out ones; budgets are the all-int4 Linear bytes plus the given fp32 bytes",
+           f"- model: each layer ranked by how much of the int4 model's output error on {first['sensitivity_batches']} "
+           "calibration sentences (evenly spaced) goes away with it alone back in high precision (a budget is "
+           "filled per byte kept); layer: by its own relative output error on its calibration inputs; random: k "
+           "layers drawn at random (mean over draws)", ""]
+    for method in ("search", "gptq"):
+        md += [f"### method {method}", "", mixed_precision_table(mixed[method]), ""]
     with open(os.path.join(out_dir, "minilm_quality.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))

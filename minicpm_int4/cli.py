@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .config import METHODS, PARTS
+from .config import METHODS, PARTS, SENSITIVITIES
 from .models import hf_dtype_kwargs
 
 
@@ -386,7 +386,8 @@ def cmd_quantize(args) -> int:
         config = QuantConfig(group_size=args.group_size, method=args.method, gptq_damp=args.gptq_damp,
                              act=args.act, include=tuple(args.include),
                              exclude=tuple(args.exclude), **parts, keep_most_sensitive=args.keep_most_sensitive,
-                             weight_budget_bytes=budget)
+                             weight_budget_bytes=budget, sensitivity=args.sensitivity,
+                             sensitivity_batches=args.sensitivity_batches)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from e
     if config.mixed_precision and not (args.calibration or args.calibration_images):
@@ -609,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per calibration line (image prompts are kept whole)")
     q.add_argument("--keep-most-sensitive", type=_nonnegative_int, default=0, help="mixed precision: keep the k most sensitive layers")
     q.add_argument("--weight-budget-mib", type=_positive_float, default=None, help="mixed precision: Linear weight budget")
+    q.add_argument("--sensitivity", choices=list(SENSITIVITIES), default="model",
+                   help="mixed precision ranks layers by the model's output error with each alone back in high precision "
+                        "(model: one forward over --sensitivity-batches calibration prompts per layer; measured better) "
+                        "or by each layer's own output error (layer: no extra forward)")
+    q.add_argument("--sensitivity-batches", type=_positive_int, default=4,
+                   help="calibration prompts (N of them, evenly spaced: text and image ones) that --sensitivity model runs per layer")
     q.add_argument("--act", type=_act_spec, default=None,
                    help="activations: int8 (W4A8 everywhere), none (W4A16, the default), or per part, e.g. "
                         "vision=int8 (prefill-heavy parts on int8 tensor cores; decode rows use the W4A16 kernel)")

@@ -37,6 +37,9 @@ class LayerDecision:
     bytes_before: int
     bytes_after: int
     sensitivity: Optional[float] = None   # relative output error on the calibration inputs
+    # QuantConfig(sensitivity="model") with mixed precision: the share of the int4 model's output error
+    # on the first calibration batches that goes away with this layer alone back in high precision
+    model_sensitivity: Optional[float] = None
 
 
 @dataclass
@@ -76,11 +79,15 @@ class PatchReport:
                 f"Linear weights {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB ({ratio:.2f}x smaller)")
 
     def __str__(self) -> str:
-        rows = [("module", "part", "N x K", "decision", "path", "bytes before -> after", "sensitivity", "reason")]
+        model_sens = any(d.model_sensitivity is not None for d in self.decisions)
+        rows = [("module", "part", "N x K", "decision", "path", "bytes before -> after", "sensitivity")
+                + (("model sensitivity",) if model_sens else ()) + ("reason",)]
         for d in self.decisions:
             rows.append((d.name, d.part, f"{d.out_features} x {d.in_features}", d.action, d.path,
                          f"{_fmt_bytes(d.bytes_before)} -> {_fmt_bytes(d.bytes_after)}",
-                         "-" if d.sensitivity is None else f"{d.sensitivity:.2e}", d.reason))
+                         "-" if d.sensitivity is None else f"{d.sensitivity:.2e}")
+                        + (("-" if d.model_sensitivity is None else f"{d.model_sensitivity:.2e}",) if model_sens else ())
+                        + (d.reason,))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [line(rows[0]), "  ".join("-" * w for w in widths)]
@@ -211,6 +218,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         raise ValueError("QuantConfig(method='gptq') fits each layer to its inputs: pass calibration="
                          "minicpm_int4.calibrate(model, batches)" + ("" if calibration is None else
                                                                      " (this calibration holds no batches)"))
+    model_ref = None
+    if todo and config.mixed_precision and config.sensitivity == "model":  # the fp model's outputs, before any change
+        model_ref = _model_output_reference(model, calibration, config, report)
     folds = {}
     if calibration is not None and config.method == "search" and config.fold_scales:
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
@@ -275,6 +285,8 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         report.notes.append(msg)
         warnings.warn(f"patch_model: {msg}", stacklevel=2)
     if config.mixed_precision:
+        if model_ref is not None:
+            _model_sensitivity(model, swapped, model_ref, report, progress)
         _apply_mixed_precision(report, swapped, config)
     from .hf_integration import mark_quantized
 
@@ -366,27 +378,142 @@ def _fold_scales_checked(model, calibration, config, quantize_names, report):
     return folds
 
 
+MODEL_OUTPUT_ROWS = 128  # rows of each batch's output (evenly spaced tokens) that sensitivity="model" compares
+
+
+def _output_rows(out) -> Optional[torch.Tensor]:
+    """Up to MODEL_OUTPUT_ROWS evenly spaced rows ([rows, last dim], fp32) of a model output's logits (or
+    last hidden state, or first tensor); None if it has no tensor."""
+    t = getattr(out, "logits", None)
+    if t is None:
+        t = getattr(out, "last_hidden_state", None)
+    if t is None:
+        t = out
+        while isinstance(t, (tuple, list)) and t:
+            t = t[0]
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.numel() == 0:
+        return None
+    rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(1, -1)
+    if rows.shape[0] > MODEL_OUTPUT_ROWS:
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, MODEL_OUTPUT_ROWS, device=rows.device).round().long()]
+    return rows.float()
+
+
+def _spread(items, k: int) -> list:
+    """k of `items`, evenly spaced from the first to the last (all of them if there are no more than k):
+    text prompts followed by image prompts give batches of both kinds."""
+    items = list(items)
+    if len(items) <= k:
+        return items
+    if k == 1:
+        return items[:1]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def _model_output_reference(model, calibration, config, report):
+    """(batches, the high-precision model's output rows on each) for sensitivity="model", or None (with a
+    note: the layer sensitivity ranks instead) where the calibration holds no batches or the model's
+    output has no tensor."""
+    from .calibrate import _run
+
+    batches = _spread(calibration.inputs, config.sensitivity_batches)
+    why = None
+    if not batches:
+        why = "the calibration holds no batches"
+    else:
+        with torch.no_grad():
+            ref = [_output_rows(_run(model, b)) for b in batches]
+        if any(r is None for r in ref):
+            why = "the model's output on a calibration batch has no tensor to compare"
+    if why:
+        report.notes.append(f"mixed precision: sensitivity='model' needs the model's output on calibration batches, "
+                            f"but {why}; layers ranked by their own output error (sensitivity='layer') instead")
+        return None
+    return batches, ref
+
+
+def _model_sensitivity(model, swapped, model_ref, report, progress: bool) -> None:
+    """For each quantized layer, the share of the int4 model's output error (squared, relative to the
+    high-precision model's output, on the reference batches) that goes away when that layer alone is put
+    back in high precision: d.model_sensitivity, which _apply_mixed_precision ranks by."""
+    from .calibrate import _run
+
+    batches, ref = model_ref
+    ref_energy = sum(r.square().sum().item() for r in ref)
+
+    def error() -> float:
+        num = 0.0
+        with torch.no_grad():
+            for b, r in zip(batches, ref):
+                num += (_output_rows(_run(model, b)) - r).square().sum().item()
+        return num / max(ref_energy, 1e-30)
+
+    base, unreached = error(), []
+    for places, lin, d in _progress(swapped, progress, desc="sensitivity", unit="layer"):
+        ql = getattr(places[0][0], places[0][1])
+        for parent, attr, _ in places:
+            setattr(parent, attr, lin)
+        err = error()
+        for parent, attr, _ in places:
+            setattr(parent, attr, ql)
+        d.model_sensitivity = (base - err) / base if base > 0 else 0.0
+        if err == base:
+            unreached.append((d.name, d.part))
+    report.notes.append(f"mixed precision: {len(swapped)} layers ranked by the model's output error on "
+                        f"{len(batches)} calibration batch(es) with each alone back in high precision "
+                        f"({len(swapped) + 1} forward passes; relative squared output error {base:.3e} with every "
+                        "layer int4)")
+    if unreached:
+        images = any(part in IMAGE_PARTS for _, part in unreached)
+        report.notes.append(f"mixed precision: {len(unreached)} layer(s) (e.g. {unreached[0][0]}) did not change the "
+                            "model's output on those batches (none reaches them) and rank last"
+                            + ("; calibration prompts with images reach the vision tower" if images else ""))
+
+
+def _per_byte(d: LayerDecision) -> float:
+    """Model-output sensitivity per byte that keeping the layer in high precision adds (a layer whose int4
+    form adds bytes - a tied lm_head - is free to keep)."""
+    cost = d.bytes_before - d.bytes_after
+    return d.model_sensitivity / cost if cost > 0 else float("inf")
+
+
 def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) -> None:
-    """Put the most sensitive quantized layers back in high precision, per the config's policy."""
-    ranked = sorted((s for s in swapped if s[2].sensitivity is not None), key=lambda s: -s[2].sensitivity)
+    """Put the most sensitive quantized layers back in high precision, per the config's policy:
+    keep_most_sensitive takes the top of the ranking; weight_budget_bytes then fills the budget in the
+    ranking's order - with model sensitivities, in the order of output error removed per byte kept (a
+    knapsack's greedy order: on MiniLM it kept the budget's error lower than the plain ranking did)."""
+    by_model = any(s[2].model_sensitivity is not None for s in swapped)
+    if by_model:  # ties (a layer with no effect on the output) broken by the layer's own output error
+        ranked = sorted(swapped, key=lambda s: (-s[2].model_sensitivity, -(s[2].sensitivity or 0.0)))
+    else:
+        ranked = sorted((s for s in swapped if s[2].sensitivity is not None), key=lambda s: -s[2].sensitivity)
+    what = "model-output sensitivity" if by_model else "sensitivity"
     total = report.bytes_after
     if config.weight_budget_bytes is not None and total > config.weight_budget_bytes:
         raise ValueError(f"weight_budget_bytes={config.weight_budget_bytes} is below the {total} bytes the Linear "
                          "weights take with every eligible layer in int4")
     n = len(ranked)
-    kept = 0
-    for rank, (places, lin, d) in enumerate(ranked, start=1):
-        if kept < config.keep_most_sensitive:
-            why = f"kept in high precision: sensitivity rank {rank} of {n} (keep_most_sensitive={config.keep_most_sensitive})"
-        elif config.weight_budget_bytes is not None and total + d.bytes_before - d.bytes_after <= config.weight_budget_bytes:
-            why = f"kept in high precision: sensitivity rank {rank} of {n}, fits weight_budget_bytes={config.weight_budget_bytes}"
-        else:
-            continue
+
+    def keep(places, lin, d, why):
+        nonlocal total
         for parent, attr, _ in places:
             setattr(parent, attr, lin)
         total += d.bytes_before - d.bytes_after
         d.action, d.path, d.bytes_after, d.reason = "kept", "fp", d.bytes_before, why
-        kept += 1
+
+    k = config.keep_most_sensitive
+    for rank, (places, lin, d) in enumerate(ranked[:k], start=1):
+        keep(places, lin, d, f"kept in high precision: {what} rank {rank} of {n} (keep_most_sensitive={k})")
+    if config.weight_budget_bytes is None:
+        return
+    fill, how = ranked, what
+    if by_model:
+        fill, how = sorted(ranked, key=lambda s: -_per_byte(s[2])), "model-output sensitivity per byte"
+    done = {id(s[2]) for s in ranked[:k]}
+    for rank, (places, lin, d) in enumerate(fill, start=1):
+        if id(d) not in done and total + d.bytes_before - d.bytes_after <= config.weight_budget_bytes:
+            keep(places, lin, d, f"kept in high precision: {how} rank {rank} of {n}, fits "
+                                 f"weight_budget_bytes={config.weight_budget_bytes}")
 
 
 def _progress(items, enabled: bool, desc: str = "int4 quantize", unit: str = "layer"):

