@@ -37,8 +37,8 @@ class LayerDecision:
     bytes_before: int
     bytes_after: int
     sensitivity: Optional[float] = None   # relative output error on the calibration inputs
-    # QuantConfig(sensitivity="model") with mixed precision: the share of the int4 model's output error
-    # on the first calibration batches that goes away with this layer alone back in high precision
+    # QuantConfig(sensitivity="model") with mixed precision: the share of the int4 model's output error on
+    # `sensitivity_batches` calibration batches that goes away with this layer alone back in high precision
     model_sensitivity: Optional[float] = None
 
 
@@ -213,6 +213,10 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                        f"names such as {max(names, key=len)!r})")
                 report.notes.append(msg)
                 warnings.warn(f"patch_model: {msg}", stacklevel=2)
+    if config.weight_budget_bytes is not None and report.bytes_after > config.weight_budget_bytes:
+        # (the int4 sizes are known from the shapes: refused before minutes of quantizing)
+        raise ValueError(f"weight_budget_bytes={config.weight_budget_bytes} is below the {report.bytes_after} bytes "
+                         "the Linear weights take with every eligible layer in int4")
     if todo and config.method == "gptq" and (calibration is None or not calibration.inputs):
         # (only with layers to quantize: patching a patched model again needs no calibration)
         raise ValueError("QuantConfig(method='gptq') fits each layer to its inputs: pass calibration="
@@ -488,10 +492,7 @@ def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) ->
     else:
         ranked = sorted((s for s in swapped if s[2].sensitivity is not None), key=lambda s: -s[2].sensitivity)
     what = "model-output sensitivity" if by_model else "sensitivity"
-    total = report.bytes_after
-    if config.weight_budget_bytes is not None and total > config.weight_budget_bytes:
-        raise ValueError(f"weight_budget_bytes={config.weight_budget_bytes} is below the {total} bytes the Linear "
-                         "weights take with every eligible layer in int4")
+    total = report.bytes_after  # within the budget: patch_model checked it before quantizing
     n = len(ranked)
 
     def keep(places, lin, d, why):

@@ -208,8 +208,9 @@ def test_mixed_precision_needs_calibration_and_a_feasible_budget():
         patch_model(build_native("4_6"), QuantConfig(keep_most_sensitive=2), progress=False)
     model = build_native("4_6")
     calib = calibrate(model, _batches(1), progress=False)
-    with pytest.raises(ValueError, match="below the"):
+    with pytest.raises(ValueError, match="weight_budget_bytes=1000 is below the .* bytes the Linear weights take"):
         patch_model(model, QuantConfig(group_size=32, weight_budget_bytes=1000), progress=False, calibration=calib)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before anything was quantized
 
 
 def test_eval_metrics():
