@@ -174,12 +174,18 @@ def test_quantize_with_calibration_images(tmp_path, capsys, monkeypatch):
     # text and images: the lines calibrate the LLM, and are the images' prompts in turn
     out2 = tmp_path / "int4_both"
     assert main(["quantize", str(src), str(out2), *common, "--method", "gptq", "--calibration", str(prompts),
-                 "--calibration-images", str(folder / "img0.png"), str(folder / "img1.png"), "--calib-samples", "5"]) == 0
+                 "--calibration-images", str(folder / "img0.png"), str(folder / "img1.png"), "--calib-samples", "5",
+                 "--keep-most-sensitive", "2"]) == 0
     captured = capsys.readouterr()
     assert "calibration: 5 text prompt(s), 2 image prompt(s)" in captured.err
     llm = {d["name"]: d for d in json.loads((out2 / "quant_config.json").read_text())["decisions"]}
     tokens = int(llm["model.language_model.layers.0.mlp.up_proj"]["reason"].split("gptq on ")[1].split()[0])
     assert tokens > 5 * 40  # the 5 lines' 200 tokens reach the LLM, and the image prompts' too
+    # mixed precision's sensitivity batches are spread over text and image prompts: the vision tower's
+    # layers change the model's output there, so they are ranked by it too
+    vision2 = [d for d in llm.values() if d["part"] == "vision" and d["model_sensitivity"] is not None]
+    assert vision2 and all(d["model_sensitivity"] != 0 for d in vision2)
+    assert "did not change the model's output" not in captured.out
 
     # eval --images: image prompts compared too, so the vision tower's layers get output errors
     report = tmp_path / "eval.json"
