@@ -15,6 +15,7 @@ Uses:
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional
@@ -48,7 +49,7 @@ class Calibration:
     def output_fingerprint(self, model) -> Optional[torch.Tensor]:
         if self.check_batch is None:
             return None
-        with torch.no_grad():
+        with inference_forward(model):
             return _fingerprint(_run(model, self.check_batch))
 
     def channel_weight(self, name: str) -> Optional[torch.Tensor]:
@@ -76,6 +77,22 @@ def _fingerprint(out, n: int = 1 << 16) -> torch.Tensor:
 
 
 TEXT_KEYS = {"input_ids", "attention_mask"}
+
+
+@contextlib.contextmanager
+def inference_forward(model: nn.Module):
+    """No autograd, and every module in eval mode (each one's own mode restored afterwards): the
+    calibration forwards measure the model as it will run, without dropout's noise - a model built from
+    a config, or left in train mode, would otherwise give different statistics, Hessians and
+    sensitivities on every run."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _run(model, batch):
@@ -137,7 +154,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
         except ImportError:
             pass
     try:
-        with torch.no_grad():
+        with inference_forward(model):
             for batch in it:
                 out = _run(model, batch)
                 if calib.check_batch is None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import _run
+from .calibrate import _run, inference_forward
 from .models import unwrap_compiled
 from .qlinear import QuantLinear
 
@@ -41,7 +41,7 @@ def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_er
                 handles.append(mod.register_forward_hook(hook))
     kl_sum = tokens = agree = 0.0
     try:
-        with torch.no_grad():
+        with inference_forward(ref), inference_forward(quant):  # as they run for inference: no dropout
             for batch in batches:
                 lr = _logits(_run(ref, batch)).float()
                 lq = _logits(_run(quant, batch)).float()
@@ -69,7 +69,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> 
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"perplexity: input_ids must be [B, T] with T >= 2 tokens, got shape {tuple(input_ids.shape)}")
     nll, count = 0.0, 0
-    with torch.no_grad():
+    with inference_forward(model):
         for s in range(0, input_ids.shape[1] - 1, window):
             ids = input_ids[:, s:s + window + 1]
             if ids.shape[1] < 2:

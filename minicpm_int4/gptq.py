@@ -207,9 +207,9 @@ def plan_passes(layers: Sequence[Tuple[str, nn.Linear]], budget: int = None) -> 
 
 def collect_hessians(model: nn.Module, inputs: Sequence, layers: Sequence[Tuple[str, nn.Linear]]) -> HessianCollector:
     """Run the calibration `inputs` through `model` once, summing x x^T for each of `layers`."""
-    from .calibrate import _run
+    from .calibrate import _run, inference_forward
 
-    with HessianCollector(dict(layers)) as col, torch.no_grad():
+    with HessianCollector(dict(layers)) as col, inference_forward(model):
         for batch in inputs:
             _run(model, batch)
     return col

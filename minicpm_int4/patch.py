@@ -418,14 +418,14 @@ def _model_output_reference(model, calibration, config, report):
     """(batches, the high-precision model's output rows on each) for sensitivity="model", or None (with a
     note: the layer sensitivity ranks instead) where the calibration holds no batches or the model's
     output has no tensor."""
-    from .calibrate import _run
+    from .calibrate import _run, inference_forward
 
     batches = _spread(calibration.inputs, config.sensitivity_batches)
     why = None
     if not batches:
         why = "the calibration holds no batches"
     else:
-        with torch.no_grad():
+        with inference_forward(model):
             ref = [_output_rows(_run(model, b)) for b in batches]
         if any(r is None for r in ref):
             why = "the model's output on a calibration batch has no tensor to compare"
@@ -440,14 +440,14 @@ def _model_sensitivity(model, swapped, model_ref, report, progress: bool) -> Non
     """For each quantized layer, the share of the int4 model's output error (squared, relative to the
     high-precision model's output, on the reference batches) that goes away when that layer alone is put
     back in high precision: d.model_sensitivity, which _apply_mixed_precision ranks by."""
-    from .calibrate import _run
+    from .calibrate import _run, inference_forward
 
     batches, ref = model_ref
     ref_energy = sum(r.square().sum().item() for r in ref)
 
     def error() -> float:
         num = 0.0
-        with torch.no_grad():
+        with inference_forward(model):
             for b, r in zip(batches, ref):
                 num += (_output_rows(_run(model, b)) - r).square().sum().item()
         return num / max(ref_energy, 1e-30)

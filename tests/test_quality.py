@@ -396,3 +396,41 @@ def test_real_weights_minilm_model_sensitivity_beats_the_layer_ranking():
     model_row = next(r for r in res["runs"] if r["sensitivity"] == "model")
     assert len(model_row["kept"]) == 8 and res["sensitivity_batches"] == QuantConfig().sensitivity_batches
     assert "| keep 8 | model | 8 |" in mixed_precision_table(res)
+
+
+class _WithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.drop, self.b = nn.Linear(64, 64), nn.Dropout(0.5), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(self.drop(self.a(x)))
+
+
+def test_calibration_forwards_run_in_eval_mode_and_restore_the_modes():
+    """A model left in train mode (one built from a config is): dropout would make the calibration
+    statistics, gptq's Hessians and the model-output sensitivities differ from run to run and from the
+    model as it runs for inference. They are taken in eval mode, and every module's mode is restored."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 64, generator=g),) for _ in range(3)]
+    model = _WithDropout().train()
+    model.a.eval()  # a mixed state, restored as it was
+    stats = [calibrate(model, batches, progress=False).stats["b"].sum_sq for _ in range(2)]
+    assert model.training and model.drop.training and model.b.training and not model.a.training
+    evaluated = calibrate(copy.deepcopy(model).eval(), batches, progress=False).stats["b"].sum_sq
+    assert torch.equal(stats[0], stats[1]) and torch.equal(stats[0], evaluated)
+    results = []
+    for _ in range(2):
+        m = copy.deepcopy(model)
+        calib = calibrate(m, batches, progress=False)
+        report = patch_model(m, QuantConfig(group_size=32, method="gptq", keep_most_sensitive=1), progress=False,
+                             calibration=calib)
+        assert m.training and m.drop.training and not m.a.training
+        results.append(([d.model_sensitivity for d in report.decisions],
+                        [getattr(m, n).qweight.clone() for n in ("a", "b") if isinstance(getattr(m, n), QuantLinear)]))
+    assert results[0][0] == results[1][0] and all(x is not None for x in results[0][0])
+    assert len(results[0][1]) == 1 and all(torch.equal(x, y) for x, y in zip(results[0][1], results[1][1]))
+    # and compare_models measures the models as they run for inference: a copy matches exactly
+    same = compare_models(model, copy.deepcopy(model), batches, layer_errors=False)
+    assert same["kl_divergence"] == 0 and same["top1_agreement"] == 1 and model.training and not model.a.training
