@@ -69,10 +69,24 @@ class Calibration:
         return (err.norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def output_tensor(out) -> Optional[torch.Tensor]:
+    """The tensor a model's output is compared by: its logits, else its last hidden state, else its
+    first tensor (a tuple's first element); None if there is none."""
+    t = getattr(out, "logits", None)
+    if t is None:
+        t = getattr(out, "last_hidden_state", None)
+    if t is None:
+        t = out
+        while isinstance(t, (tuple, list)) and t:
+            t = t[0]
+    return t if isinstance(t, torch.Tensor) else None
+
+
 def _fingerprint(out, n: int = 1 << 16) -> torch.Tensor:
-    t = out.logits if hasattr(out, "logits") else getattr(out, "last_hidden_state", out)
-    if isinstance(t, (tuple, list)):
-        t = t[0]
+    t = output_tensor(out)
+    if t is None:
+        raise TypeError(f"the model's output ({type(out).__name__}) has no logits, last_hidden_state or tensor to "
+                        "check rewrites against")
     return t.detach().reshape(-1)[:n].float().cpu()
 
 

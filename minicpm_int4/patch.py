@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import gptq
-from .calibrate import Calibration
+from .calibrate import Calibration, output_tensor
 from .config import QuantConfig
 from .models import detect_layout, effective_weight, output_embedding_name, protected_reason, unwrap_compiled
 from .ops import W4A8_MIN_M
@@ -388,14 +388,8 @@ MODEL_OUTPUT_ROWS = 128  # rows of each batch's output (evenly spaced tokens) th
 def _output_rows(out) -> Optional[torch.Tensor]:
     """Up to MODEL_OUTPUT_ROWS evenly spaced rows ([rows, last dim], fp32) of a model output's logits (or
     last hidden state, or first tensor); None if it has no tensor."""
-    t = getattr(out, "logits", None)
-    if t is None:
-        t = getattr(out, "last_hidden_state", None)
-    if t is None:
-        t = out
-        while isinstance(t, (tuple, list)) and t:
-            t = t[0]
-    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.numel() == 0:
+    t = output_tensor(out)
+    if t is None or t.dim() == 0 or t.numel() == 0:
         return None
     rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(1, -1)
     if rows.shape[0] > MODEL_OUTPUT_ROWS:
