@@ -1,8 +1,9 @@
 """Quantization quality on real trained weights (all-MiniLM-L6-v2): rtn vs search vs
 activation-aware search vs gptq at group sizes 32/64/128, and how much calibration each needs (a
 sweep over the number of calibration sentences at group size 128), gptq's dampening at each
-group size, and mixed precision's layer ranking (QuantConfig.sensitivity). Writes JSON + Markdown
-(~20 min on 2 CPU cores).
+group size, mixed precision's layer ranking (QuantConfig.sensitivity), and per-layer input scales
+(QuantConfig.input_scales) with W4A16 and W4A8 activations. Writes JSON + Markdown (~35 min on 2
+CPU cores).
 
     python benchmarks/quality_minilm.py [OUT_DIR]      (default benchmarks/results/cpu)
 """
@@ -11,8 +12,9 @@ import os
 import sys
 
 from minicpm_int4.bench.env import env_info
-from minicpm_int4.bench.quality import (damp_table, mixed_precision_table, run_calibration_sweep, run_damp_sweep,
-                                        run_minilm_quality, run_mixed_precision, summary_table, sweep_table)
+from minicpm_int4.bench.quality import (INPUT_SCALES_GROUP_SIZES, damp_table, input_scales_table, mixed_precision_table,
+                                        run_calibration_sweep, run_damp_sweep, run_input_scales, run_minilm_quality,
+                                        run_mixed_precision, summary_table, sweep_table)
 
 import torch
 
@@ -69,6 +71,19 @@ def main(out_dir):
            "layers drawn at random (mean over draws)", ""]
     for method in ("search", "gptq"):
         md += [f"### method {method}", "", mixed_precision_table(mixed[method]), ""]
+    scales = run_input_scales(group_sizes=INPUT_SCALES_GROUP_SIZES)
+    scales["env"] = result["env"]
+    with open(os.path.join(out_dir, "minilm_input_scales.json"), "w") as f:
+        json.dump(scales, f, indent=1)
+    md += ["## Input scales (QuantConfig.input_scales) with W4A16 and W4A8 activations", "",
+           f"- `patch_model(QuantConfig(method=m, input_scales=s), calibration)` on all {scales['calibration_sentences']} "
+           f"sentences, embedding error on the {scales['eval_sentences']} held-out ones: with input scales, each layer "
+           "where no AWQ scale folds (in post-norm BERT: all of them) gets a per-channel multiplier of its input, "
+           "searched as the folds' (alpha = 0, no scale, is a candidate), and its weight is quantized divided by it",
+           "- activations fp32: the W4A16 computation; int8: the same int4 layers with act=\"int8\" (per-token int8 "
+           "activations, the W4A8 GEMM's torch reference); the first row is the fp model with int8 activations alone",
+           "- mean output err: the layers' held-out ||X (W - W_eff)^T|| / ||X W^T||, W_eff the weight the layer "
+           "computes with (its input scale included)", "", input_scales_table(scales), ""]
     with open(os.path.join(out_dir, "minilm_quality.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))

@@ -14,7 +14,7 @@ its check is undone and the group falls back to error weighting alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -157,3 +157,20 @@ def unfold_scales(model: nn.Module, results: Dict[str, FoldResult]) -> None:
                 prev.weight.copy_(((1.0 + prev.weight.float()) * sd - 1.0).to(prev.weight.dtype))
             if getattr(prev, "bias", None) is not None:
                 prev.bias.copy_((prev.bias.float() * sd).to(prev.bias.dtype))
+
+
+def search_input_scale(linear: nn.Linear, stats, group_size: int) -> Optional[Tuple[float, torch.Tensor]]:
+    """For a layer no scale folds into (QuantConfig.input_scales): (alpha, m) with m = 1/s [K] in the
+    layer's dtype, the multiplier QuantLinear applies to its input at runtime (its weight is
+    quantized as W / m), searched as fold_scales searches a group's; None where alpha = 0 (no
+    scaling) won, or the calibration never reached the layer."""
+    if stats is None or stats.sample is None or stats.count == 0:
+        return None
+    w = linear.weight
+    rms = stats.mean_sq.sqrt().clamp_min(1e-6).to(w.device)
+    alpha, s = _search_alpha([linear], [True], stats.sample.to(w.device), rms, group_size)
+    if alpha == 0:
+        return None
+    # s is normalised so that max(s) * min(s) = 1; the clamp keeps m, and W / m, well inside fp16's range
+    # even for channels the calibration never excited (QuantLinear quantizes with the m it stores)
+    return alpha, (1.0 / s).clamp(1e-3, 1e3).float()

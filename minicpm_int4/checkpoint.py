@@ -26,8 +26,11 @@ class CheckpointMismatchError(ValueError):
 
 
 def _quant_modules(model: nn.Module) -> Dict[str, dict]:
+    """name -> spec of every QuantLinear; `input_scale` only where the layer has one (records written
+    before input scales existed read the same)."""
     return {name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
-                   "act": m.act, "bias": m.bias is not None, "dtype": str(m.scales.dtype).replace("torch.", "")}
+                   "act": m.act, "bias": m.bias is not None, "dtype": str(m.scales.dtype).replace("torch.", ""),
+                   **({"input_scale": True} if m.input_scale is not None else {})}
             for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
@@ -100,7 +103,8 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
 def layer_from_spec(spec: dict, device, backend: str, dtype: Optional[torch.dtype] = None) -> QuantLinear:
     """An empty QuantLinear for one module record of quant_config.json (in `dtype`, default the record's)."""
     return QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
-                       dtype=dtype or getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=backend)
+                       dtype=dtype or getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=backend,
+                       input_scale=spec.get("input_scale", False))
 
 
 def read_quant_config(path: str) -> dict:
@@ -181,10 +185,11 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
             for parent, attr, _ in places.get(id(mod), ()):  # every place of a shared module
                 setattr(parent, attr, ql)
         else:  # a model patched already: its layer must hold what the checkpoint holds, and runs as saved
-            held = {"group_size": mod.group_size, "dtype": str(mod.dtype).replace("torch.", ""), "bias": mod.bias is not None}
+            held = {"group_size": mod.group_size, "dtype": str(mod.dtype).replace("torch.", ""), "bias": mod.bias is not None,
+                    "input_scale": mod.input_scale is not None}
             for key, value in held.items():
-                if value != spec[key]:
-                    raise CheckpointMismatchError(f"checkpoint module {name!r} has {key}={spec[key]!r} but the model's "
+                if value != spec.get(key, False):
+                    raise CheckpointMismatchError(f"checkpoint module {name!r} has {key}={spec.get(key, False)!r} but the model's "
                                                   f"QuantLinear has {key}={value!r}")
             mod.act, mod.backend = spec["act"], config.backend
     extra = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in meta["modules"]]

@@ -50,6 +50,15 @@ class QuantConfig:
         fold_scales: with calibration and method="search", AWQ-style per-channel scales folded into
             the previous op where the layout allows (models.SCALE_FOLDS), checked to leave the model's
             output unchanged before quantizing.
+        input_scales: AWQ-style per-channel scales also for the quantized layers where no scale folds
+            into the previous op (a post-norm model's layers, whose norm also feeds the residual; an
+            attention output projection; an MLP's second layer after a nonlinearity): the layer stores
+            ``input_scale`` [K] and multiplies its input by it before the int4 GEMM (one elementwise
+            multiply per layer per call, not fused into the kernels), its weight is quantized divided by
+            it. Searched per layer as the folds are (alpha = 0, no scale, is a candidate). Needs
+            calibration; any method. Off by default for that runtime cost; on MiniLM's trained weights
+            (post-norm: nothing folds) it lowered the held-out embedding error, see
+            benchmarks/results/cpu/minilm_quality.md.
         keep_most_sensitive: mixed precision: keep this many of the most sensitive layers (see
             `sensitivity`) in high precision. Needs calibration.
         weight_budget_bytes: mixed precision: keep the most sensitive layers in high precision as long
@@ -88,6 +97,7 @@ class QuantConfig:
     exclude: tuple = ()
     min_out_features: int = 64
     fold_scales: bool = True
+    input_scales: bool = False
     keep_most_sensitive: int = 0
     weight_budget_bytes: Optional[int] = None
     gptq_damp: float = 0.1

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import gptq
+from .awq import search_input_scale
 from .calibrate import Calibration, output_tensor
 from .config import QuantConfig
 from .models import detect_layout, effective_weight, output_embedding_name, protected_reason, unwrap_compiled
@@ -159,6 +160,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     if config.mixed_precision and calibration is None:
         raise ValueError("QuantConfig.keep_most_sensitive / weight_budget_bytes rank layers by their output error "
                          "on calibration inputs: pass calibration=minicpm_int4.calibrate(model, batches)")
+    if config.input_scales and calibration is None:
+        raise ValueError("QuantConfig.input_scales searches each layer's scale on its calibration inputs: pass "
+                         "calibration=minicpm_int4.calibrate(model, batches)")
     layout = detect_layout(model)
     head = output_embedding_name(model)
     report = PatchReport(layout=layout.name, config=config)
@@ -230,7 +234,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}
-    n_passes, hessians, few, unreached = len(gptq_passes), None, [], []
+    n_passes, hessians, few, unreached, n_scaled = len(gptq_passes), None, [], [], 0
     with torch.no_grad():
         bar = _progress(todo, progress, desc="int4 gptq" if gptq_passes else "int4 quantize")
         for i, (places, name, lin, act, idx) in enumerate(bar):
@@ -258,7 +262,15 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                         few.append((name, d.part))
             cw = (calibration.channel_weight(name) if calibration is not None and layer_config.method == "search"
                   else None)
-            ql = QuantLinear.from_linear(lin, layer_config, act=act, name=name, channel_weight=cw, hessian=hessian)
+            found = (search_input_scale(lin, calibration.stats.get(name), config.group_size)
+                     if config.input_scales and name not in folds else None)
+            ql = QuantLinear.from_linear(lin, layer_config, act=act, name=name, channel_weight=cw, hessian=hessian,
+                                         input_scale=None if found is None else found[1])
+            if found is not None:
+                n_scaled += 1
+                d.bytes_after += ql.weight_bytes - packed_bytes(lin.out_features, lin.in_features, config.group_size,
+                                                                ql.dtype)
+                d.reason += f"; input scale (AWQ, alpha={found[0]:.1f}) applied at runtime"
             del hessian
             ql.train(lin.training)
             if calibration is not None:
@@ -274,6 +286,12 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 setattr(parent, attr, ql)
             if config.mixed_precision:  # may put it back; otherwise its weight is freed now, not at the end
                 swapped.append((places, lin, d))
+    if config.input_scales:
+        n_new = sum(1 for d in report.decisions if d.action == "quantized")
+        report.notes.append(f"input scales: {n_scaled} of the {n_new} layers quantized now multiply their input by a "
+                            "per-channel scale before the int4 GEMM (QuantConfig.input_scales; for the others a scale "
+                            "was folded into the previous op, no scale won the search, or no calibration input "
+                            "reached them)")
     if unreached:  # e.g. the vision tower under text-only calibration: not an error, but not what was asked
         images = any(part in IMAGE_PARTS for _, part in unreached)
         got = ("the clipping-range search without activation weights" if config.method == "search"
@@ -501,6 +519,9 @@ def _apply_mixed_precision(report: PatchReport, swapped, config: QuantConfig) ->
         keep(places, lin, d, f"kept in high precision: {what} rank {rank} of {n} (keep_most_sensitive={k})")
     if config.weight_budget_bytes is None:
         return
+    if total > config.weight_budget_bytes:  # checked before quantizing, less the input scales found since
+        report.notes.append(f"weight_budget_bytes={config.weight_budget_bytes}: the input scales' bytes put the all-int4 "
+                            f"Linears {total - config.weight_budget_bytes} bytes over it; no layer kept for the budget")
     fill, how = ranked, what
     if by_model:
         fill, how = sorted(ranked, key=lambda s: -_per_byte(s[2])), "model-output sensitivity per byte"

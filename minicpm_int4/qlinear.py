@@ -14,7 +14,7 @@ from .packing import num_groups, pack_int4, packed_bytes
 from .quantize import LAYER_DTYPES, check_layer_dtype, check_quantizable, quantize_weight, scale_dtype_for
 
 
-def _check_layer_args(in_features, out_features, group_size, dtype, act, backend) -> None:
+def _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale) -> None:
     """The constructor's arguments, checked (load_quantized builds layers from a checkpoint's JSON):
     a layer whose buffers could not hold a valid int4 weight never exists."""
     shape = f"QuantLinear(in_features={in_features}, out_features={out_features})"
@@ -33,14 +33,27 @@ def _check_layer_args(in_features, out_features, group_size, dtype, act, backend
         raise ValueError(f"{shape}: backend={backend!r} must be one of {BACKENDS}")
     if backend == "cuda" and act == "int8":
         raise ValueError(f"{shape}: backend='cuda' has no W4A8 kernel; use backend='auto' or 'triton' with act='int8'")
+    if not isinstance(input_scale, bool):
+        raise TypeError(f"{shape}: input_scale={input_scale!r} must be True or False (whether the layer holds one)")
+
+
+def _check_input_scale(m: torch.Tensor, k: int, name: str) -> None:
+    if not isinstance(m, torch.Tensor) or m.shape != (k,):
+        got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"{name}: input_scale must be a tensor of shape ({k},) (one multiplier per input channel), "
+                         f"got {got}")
+    if not m.is_floating_point() or not bool(torch.isfinite(m).all() and (m > 0).all()):
+        raise ValueError(f"{name}: input_scale must hold finite positive floating-point multipliers")
 
 
 class QuantLinear(nn.Module):
     """y = x @ dequant(qweight, scales, zeros).T + bias, for inputs of any leading shape.
 
     Buffers (canonical layout, packing.py): ``qweight`` int32 [N, K/8], ``scales`` and ``zeros``
-    [N, K/G] in the layer's dtype; ``bias`` [N] or None; ``workspace`` int32 [N/16] zeros, the
-    decode kernel's split-K counters (not saved).
+    [N, K/G] in the layer's dtype; ``bias`` [N] or None; ``input_scale`` [K] in the layer's dtype or
+    None (QuantConfig.input_scales: the forward computes with x * input_scale, and the int4 weight
+    holds W / input_scale); ``workspace`` int32 [N/16] zeros, the decode kernel's split-K counters
+    (not saved).
 
     Example:
         >>> ql = QuantLinear.from_linear(nn.Linear(4096, 4096, dtype=torch.float16), QuantConfig(group_size=128))
@@ -49,9 +62,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.float16, device=None, act: Optional[str] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", input_scale: bool = False):
         super().__init__()
-        _check_layer_args(in_features, out_features, group_size, dtype, act, backend)
+        _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale)
         in_features, out_features = int(in_features), int(out_features)  # numpy integers too
         self.in_features = in_features
         self.out_features = out_features
@@ -68,6 +81,7 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=sd, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=sd, device=device) if input_scale else None)
         # split-K counters of the decode kernel (ops.w4a16_workspace): allocated here, zeroed, never
         # during a CUDA-graph capture; every call leaves them at zero. Not part of the checkpoint.
         self.register_buffer("workspace", ops.w4a16_workspace(out_features, device), persistent=False)
@@ -75,14 +89,16 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Optional[QuantConfig] = None, act: Optional[str] = None,
                     name: str = "linear", channel_weight: Optional[torch.Tensor] = None,
-                    hessian: Optional[torch.Tensor] = None) -> "QuantLinear":
+                    hessian: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Quantize an nn.Linear (fp16, bf16 or fp32). Raises ValueError naming the layer's shape and the
         reason when it cannot be quantized (K not divisible by the group size, empty, not floating point).
 
         `act` overrides config.act for this layer ("int8" = W4A8); `channel_weight` ([K]) weights the
         reconstruction error per input channel in the "search" method (activation-aware search);
         `hessian` ([K, K], the sum of x x^T over calibration inputs) is what the "gptq" method needs
-        (patch_model gathers it from a calibration).
+        (patch_model gathers it from a calibration). `input_scale` ([K], positive; awq.search_input_scale
+        finds one) makes the layer compute x * input_scale @ Q(W / input_scale)^T: the statistics above
+        are of the layer's own input x, scaled here to match.
         """
         if config is not None and not isinstance(config, QuantConfig):
             raise TypeError(f"{name}: config must be a QuantConfig, got {type(config).__name__}")
@@ -92,14 +108,26 @@ class QuantLinear(nn.Module):
         w = effective_weight(linear)
         check_quantizable(w, config.group_size, what=f"{name}.weight")
         check_layer_dtype(w.dtype, f"{name}.weight")
+        if input_scale is not None:
+            _check_input_scale(input_scale, linear.in_features, name)
+            m = input_scale.to(device=w.device, dtype=scale_dtype_for(w.dtype))  # as stored: the weight matches it
+            m32 = m.float()
+            w = (w.float() / m32).to(w.dtype)
+            if channel_weight is not None:
+                channel_weight = channel_weight.to(m32.device) * m32.square()
+            if hessian is not None:
+                hessian = hessian * m32.to(hessian)[:, None] * m32.to(hessian)[None, :]
         qw = quantize_weight(w, config.group_size, config.method, channel_weight=channel_weight, hessian=hessian,
                              what=f"{name}.weight", damp=config.gptq_damp)
         act = config.act if act is None and not isinstance(config.act, dict) else act
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  group_size=config.group_size, dtype=w.dtype, device=w.device, act=act, backend=config.backend)
+                  group_size=config.group_size, dtype=w.dtype, device=w.device, act=act, backend=config.backend,
+                  input_scale=input_scale is not None)
         mod.qweight.copy_(pack_int4(qw.q))
         mod.scales.copy_(qw.scales)
         mod.zeros.copy_(qw.zeros)
+        if input_scale is not None:
+            mod.input_scale.copy_(m)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach().to(mod.bias.dtype))
         return mod
@@ -127,11 +155,16 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return packed_bytes(self.out_features, self.in_features, self.group_size, self.scales.dtype)
+        extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
+        return packed_bytes(self.out_features, self.in_features, self.group_size, self.scales.dtype) + extra
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The [N, K] weight this module computes with, in the layer's dtype."""
-        return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.scales.dtype)
+        """The [N, K] weight this module computes with, in the layer's dtype (x @ it.T is the forward's
+        product, the input scale included)."""
+        if self.input_scale is None:
+            return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.scales.dtype)
+        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, torch.float32)
+        return (w * self.input_scale.float()[None, :]).to(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step calls this hundreds of times: each buffer is read once, the checks are one
@@ -140,6 +173,8 @@ class QuantLinear(nn.Module):
         k = self.in_features
         if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
+        if self.input_scale is not None:  # (a trace sees a fixed branch: the buffer exists or not)
+            x = x * self.input_scale
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace)
@@ -162,4 +197,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={gs}, act={self.act or 'fp'}, backend={self.backend}, dtype={self.scales.dtype}")
+                f"group_size={gs}, act={self.act or 'fp'}, backend={self.backend}, dtype={self.scales.dtype}"
+                + (", input_scale=True" if self.input_scale is not None else ""))

