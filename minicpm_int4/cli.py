@@ -387,12 +387,15 @@ def cmd_quantize(args) -> int:
                              act=args.act, include=tuple(args.include),
                              exclude=tuple(args.exclude), **parts, keep_most_sensitive=args.keep_most_sensitive,
                              weight_budget_bytes=budget, sensitivity=args.sensitivity,
-                             sensitivity_batches=args.sensitivity_batches)
+                             sensitivity_batches=args.sensitivity_batches, input_scales=args.input_scales)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from e
     if config.mixed_precision and not (args.calibration or args.calibration_images):
         raise CLIError("--keep-most-sensitive / --weight-budget-mib rank layers by their output error on calibration "
                        "inputs: give --calibration prompts.txt and/or --calibration-images")
+    if config.input_scales and not (args.calibration or args.calibration_images):
+        raise CLIError("--input-scales searches each layer's scale on its calibration inputs: give --calibration "
+                       "prompts.txt and/or --calibration-images")
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
@@ -616,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or by each layer's own output error (layer: no extra forward)")
     q.add_argument("--sensitivity-batches", type=_positive_int, default=4,
                    help="calibration prompts (N of them, evenly spaced: text and image ones) that --sensitivity model runs per layer")
+    q.add_argument("--input-scales", action="store_true",
+                   help="per-channel AWQ scales also where none folds into the previous op (post-norm layers, attention "
+                        "output, an MLP's second layer): the layer multiplies its input by it at runtime (one elementwise "
+                        "multiply per layer); needs --calibration and/or --calibration-images")
     q.add_argument("--act", type=_act_spec, default=None,
                    help="activations: int8 (W4A8 everywhere), none (W4A16, the default), or per part, e.g. "
                         "vision=int8 (prefill-heavy parts on int8 tensor cores; decode rows use the W4A16 kernel)")

@@ -211,12 +211,15 @@ def quantization_config(config=None, modules=None):
     from .config import QuantConfig
 
     config = config or QuantConfig()
-    if modules is None and getattr(config, "method", None) == "gptq":
-        raise ValueError("QuantConfig(method='gptq') needs calibration inputs, which quantizing inside from_pretrained "
-                         "does not have: load the fp model, then patch_model(model, config, calibration="
+    needs = [what for what, used in (("method='gptq'", config.method == "gptq"),
+                                     ("input_scales=True", config.input_scales),
+                                     ("keep_most_sensitive / weight_budget_bytes", config.mixed_precision)) if used]
+    if modules is None and needs:
+        raise ValueError(f"QuantConfig({', '.join(needs)}) needs calibration inputs, which quantizing inside "
+                         "from_pretrained does not have: load the fp model, then patch_model(model, config, calibration="
                          "minicpm_int4.calibrate(model, batches)) and model.save_pretrained(...), or from the shell "
-                         "minicpm-int4 quantize MODEL OUT --method gptq --calibration prompts.txt [--calibration-images "
-                         "DIR]")
+                         "minicpm-int4 quantize MODEL OUT --calibration prompts.txt [--calibration-images DIR] with the "
+                         "same options")
     why = register()
     if why:
         raise RuntimeError(f"minicpm_int4 cannot plug into from_pretrained here: {why}")

@@ -76,14 +76,18 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
     from helpers import write_word_prompts
 
     src, out = tmp_path / "fp", tmp_path / "int4"
+    assert main(["quantize", str(src), str(out), "--input-scales"]) == 2  # before anything is loaded
+    assert ("--input-scales searches each layer's scale on its calibration inputs: give --calibration prompts.txt "
+            "and/or --calibration-images") in capsys.readouterr().err
     _save_tiny_model_with_tokenizer(src)
     prompts = tmp_path / "prompts.txt"
     write_word_prompts(prompts)
     assert main(["quantize", str(src), str(out), "--model-class", "MiniCPMV4_6ForConditionalGeneration",
                  "--dtype", "fp32", "--group-size", "32", "--calibration", str(prompts),
-                 "--keep-most-sensitive", "2", "--verify-load"]) == 0
+                 "--keep-most-sensitive", "2", "--input-scales", "--verify-load"]) == 0
     text = capsys.readouterr().out
     assert "keep_most_sensitive=2" in text and "activation-aware search" in text
+    assert "input scales: " in text and "layers quantized now multiply their input" in text
     assert "model-output sensitivity rank 1 of" in text and "model sensitivity" in text  # the default ranking
     assert "reloaded module by module: process peak RSS" in text
     assert f"load it with minicpm_int4.checkpoint.load_pretrained_quantized({str(out)!r})" in text

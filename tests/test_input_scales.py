@@ -1,0 +1,251 @@
+"""QuantConfig.input_scales: a per-channel multiplier of a layer's input (AWQ's 1/s where no scale folds
+into the previous op), held by QuantLinear as ``input_scale``, its weight quantized divided by it."""
+import pytest
+import torch
+from torch import nn
+
+from minicpm_int4 import QuantConfig, QuantLinear, calibrate, patch_model, save_quantized
+from minicpm_int4.awq import search_input_scale
+from minicpm_int4.checkpoint import CheckpointMismatchError, load_pretrained_quantized, load_quantized
+from minicpm_int4.gptq import gptq_quantize
+from minicpm_int4.packing import pack_int4
+from minicpm_int4.patch import dequantize_model
+from minicpm_int4.quantize import quantize_weight
+from minicpm_int4.reference import gemm_tolerance
+
+import transformers
+from helpers import assert_gemm_close
+
+NATIVE = hasattr(transformers, "MiniCPMV4_6Config")
+
+
+def _multiplier(k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(k, generator=g))  # positive, spread over ~e^-3..e^3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [None, "int8"])
+@pytest.mark.parametrize("m_rows", [1, 3, 17])
+def test_forward_multiplies_the_input_and_the_weight_holds_w_over_m(dtype, act, m_rows):
+    torch.manual_seed(m_rows)
+    lin = nn.Linear(96, 40).to(dtype)
+    m = _multiplier(96)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch", act=act), input_scale=m)
+    stored = m.to(dtype)
+    assert ql.input_scale.dtype == dtype and torch.equal(ql.input_scale, stored)
+    # the int4 weight is W / m, quantized as any weight is (m as stored: the product is W again)
+    qw = quantize_weight((lin.weight.float() / stored.float()).to(dtype), 32, "search")
+    assert torch.equal(ql.qweight, pack_int4(qw.q)) and torch.equal(ql.scales, qw.scales)
+    # the forward is the plain int4 layer on x * m
+    plain = _without_input_scale(ql)
+    x = torch.randn(2, m_rows, 96).to(dtype)
+    y = ql(x)
+    assert torch.equal(y, plain(x * stored))
+    if act is None:  # and x @ dequantized_weight().T, up to the two roundings of a product by m
+        w_eff = ql.dequantized_weight()
+        x2 = x.reshape(-1, 96)
+        ref = (x2.float() @ w_eff.float().t() + lin.bias.float()).to(dtype)
+        mag = x2.abs().double() @ w_eff.abs().double().t()
+        tol = gemm_tolerance(x2, w_eff, dtype, ref) + torch.finfo(dtype).eps * mag.float()
+        assert ((y.reshape(-1, 40).double() - ref.double()).abs() <= tol.double()).all()
+    assert "input_scale=True" in repr(ql)
+    assert ql.weight_bytes == plain.weight_bytes + 96 * stored.element_size()
+
+
+def test_statistics_of_the_input_are_scaled_to_the_scaled_input():
+    """The channel weights (activation-aware search) and the Hessian (gptq) handed to from_linear are
+    of the layer's own input x: the layer sees x * m, so they are scaled by m (m^2; m H m)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    m = _multiplier(64, seed=1)
+    x = torch.randn(200, 64) * torch.linspace(0.2, 3, 64)
+    cw, h = x.square().mean(0), x.t() @ x
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch"), channel_weight=cw, input_scale=m)
+    ws = lin.weight / m
+    expect = quantize_weight(ws, 32, "search", channel_weight=cw * m.square())
+    assert torch.equal(ql.qweight, pack_int4(expect.q)) and torch.equal(ql.zeros, expect.zeros)
+    qg = QuantLinear.from_linear(lin, QuantConfig(group_size=32, method="gptq", backend="torch"), hessian=h,
+                                 input_scale=m)
+    expect = gptq_quantize(ws, m[:, None] * h * m[None, :], 32, damp=QuantConfig().gptq_damp)
+    assert torch.equal(qg.qweight, pack_int4(expect.q)) and torch.equal(qg.scales, expect.scales)
+
+
+def test_bad_input_scales_are_named():
+    lin = nn.Linear(64, 32)
+    cfg = QuantConfig(group_size=32, backend="torch")
+    with pytest.raises(ValueError, match=r"input_scale must be a tensor of shape \(64,\).*got \(32,\)"):
+        QuantLinear.from_linear(lin, cfg, input_scale=torch.ones(32))
+    for bad in (torch.zeros(64), -torch.ones(64), torch.full((64,), float("nan")), torch.ones(64, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="input_scale must hold finite positive floating-point multipliers"):
+            QuantLinear.from_linear(lin, cfg, input_scale=bad)
+    with pytest.raises(TypeError, match="input_scale='yes' must be True or False"):
+        QuantLinear(64, 32, group_size=32, input_scale="yes")
+
+
+def _outlier_mlp():
+    """Two Linears whose inputs have a few channels ~30x the rest (as trained models' do); in an
+    nn.Sequential no scale folds into a previous op, so input scales are the only way to scale them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128)).eval()
+    gain = torch.ones(128)
+    gain[[3, 40, 77, 101]] = 30.0
+
+    def batch(seed):
+        return torch.randn(6, 16, 128, generator=torch.Generator().manual_seed(seed)) * gain
+
+    return model, batch
+
+
+def _err(x, w, w_eff):
+    return ((x @ (w_eff.float() - w).t()).norm() / (x @ w.t()).norm()).item()
+
+
+def test_patch_model_scales_each_layer_no_worse_on_its_calibration_inputs():
+    """The scale is searched per layer with alpha = 0 (none) a candidate, on the calibration inputs,
+    under round to nearest: with method='rtn' each layer's error on those inputs is no larger than
+    without a scale (up to the rounding of W / m), and the layer fed by the outlier channels gains."""
+    model, batch = _outlier_mlp()
+    calib = calibrate(model, [batch(i) for i in range(4)], progress=False)
+    cfg = QuantConfig(group_size=32, method="rtn", backend="torch", min_out_features=1)
+    plain_model = _copy(model)
+    plain = patch_model(plain_model, cfg, calibration=calib, progress=False)
+    scaled_model = _copy(model)
+    report = patch_model(scaled_model, cfg.replace(input_scales=True), calibration=calib, progress=False)
+    assert scaled_model[0].input_scale is not None  # the outliers make alpha > 0 win there
+    assert "input scale (AWQ, alpha=" in report.decisions[0].reason
+    assert any(n.startswith("input scales: ") and " of the 2 layers quantized now" in n for n in report.notes)
+    errs = {}
+    for i in (0, 2):
+        x, w = calib.stats[str(i)].sample, model[i].weight.detach()
+        errs[i] = (_err(x, w, plain_model[i].dequantized_weight()), _err(x, w, scaled_model[i].dequantized_weight()))
+        assert errs[i][1] <= errs[i][0] * (1 + 1e-3), errs
+    assert errs[0][1] < 0.7 * errs[0][0], errs  # AWQ's point: the error on the salient channels shrinks
+    # the bytes: the report counts the multipliers
+    scaled_bytes = sum(d.bytes_after for d in report.decisions)
+    extra = sum(m.input_scale.numel() * 4 for m in scaled_model if isinstance(m, QuantLinear) and m.input_scale is not None)
+    assert scaled_bytes == plain.bytes_after + extra
+
+
+def test_dequantize_model_keeps_the_scaled_function():
+    model, batch = _outlier_mlp()
+    calib = calibrate(model, [batch(i) for i in range(4)], progress=False)
+    patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=1, input_scales=True),
+                calibration=calib, progress=False)
+    x = batch(9)
+    with torch.no_grad():
+        y = model(x)
+        dequantize_model(model)
+        assert isinstance(model[0], nn.Linear)
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
+def test_input_scales_need_calibration():
+    model, _ = _outlier_mlp()
+    with pytest.raises(ValueError, match="input_scales searches each layer's scale on its calibration inputs"):
+        patch_model(model, QuantConfig(input_scales=True, min_out_features=1), progress=False)
+    assert isinstance(model[0], nn.Linear)  # refused before anything changed
+
+
+def test_no_scale_without_calibration_inputs_or_gain():
+    lin = nn.Linear(64, 64)
+    assert search_input_scale(lin, None, 32) is None
+    model = nn.Sequential(lin)
+    calib = calibrate(model, [torch.randn(4, 8, 64)], progress=False)  # no outliers: alpha = 0 may win
+    found = search_input_scale(lin, calib.stats["0"], 32)
+    assert found is None or (0 < found[0] <= 1 and found[1].shape == (64,) and (found[1] > 0).all())
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _scaled_tiny_model():
+    from minicpm_int4.tiny import build_native
+
+    model = build_native("4_6")
+    ids = [torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calib = calibrate(model, ids, progress=False)
+    # gptq: no folds, so the LLM's layers get scales where the search finds one
+    report = patch_model(model, QuantConfig(group_size=32, method="gptq", input_scales=True), calibration=calib,
+                         progress=False)
+    scaled = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert scaled, report.notes
+    return model, ids[0], scaled
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native MiniCPM-V 4.6 class needs transformers 5.x")
+def test_checkpoints_keep_the_input_scales(tmp_path):
+    model, ids, scaled = _scaled_tiny_model()
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_quantized(model, tmp_path / "q")
+    loaded = load_pretrained_quantized(str(tmp_path / "q"), progress=False)
+    got = {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert got == scaled
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    # into a model patched already without them: a named mismatch, not a silent wrong answer
+    from minicpm_int4.tiny import build_native
+
+    other = build_native("4_6")
+    patch_model(other, QuantConfig(group_size=32), progress=False)
+    with pytest.raises(CheckpointMismatchError, match="has input_scale=True but the model's QuantLinear has "
+                                                      "input_scale=False"):
+        load_quantized(other, str(tmp_path / "q"), progress=False)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native MiniCPM-V 4.6 class needs transformers 5.x")
+def test_transformers_save_and_from_pretrained_keep_the_input_scales(tmp_path):
+    from minicpm_int4.hf_integration import register
+
+    assert register() is None  # transformers 5.x has the quantizer registry
+    model, ids, scaled = _scaled_tiny_model()
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "hf")
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    got = {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert got == scaled
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_triton_backend_and_compile_with_an_input_scale():
+    """The multiply sits before the custom op: the Triton kernels (here the interpreter) and a
+    fullgraph compile see an ordinary input."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).half()
+    m = _multiplier(64, seed=2)
+    tri = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="triton"), input_scale=m)
+    ref = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch"), input_scale=m)
+    x = torch.randn(3, 64).half()
+    y, y_ref = tri(x), ref(x)
+    # both backends multiply x by the same stored m, then run their GEMM on the same int4 weight
+    w_int4 = QuantLinear.dequantized_weight(_without_input_scale(ref))
+    assert_gemm_close(y, y_ref, x * ref.input_scale, w_int4)
+    compiled = torch.compile(ref, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), y_ref)
+
+
+def _without_input_scale(ql):
+    plain = QuantLinear(ql.in_features, ql.out_features, bias=ql.bias is not None, group_size=ql.group_size,
+                        dtype=ql.dtype, act=ql.act, backend=ql.backend)
+    plain.load_state_dict({k: v for k, v in ql.state_dict().items() if k != "input_scale"})
+    return plain
+
+
+@pytest.mark.parametrize("config, named", [
+    (QuantConfig(input_scales=True), r"QuantConfig\(input_scales=True\)"),
+    (QuantConfig(method="gptq"), r"QuantConfig\(method='gptq'\)"),
+    (QuantConfig(keep_most_sensitive=2), r"QuantConfig\(keep_most_sensitive / weight_budget_bytes\)"),
+])
+def test_quantizing_inside_from_pretrained_refuses_what_needs_calibration(config, named):
+    """from_pretrained(quantization_config=...) quantizes without calibration inputs: what needs them is
+    refused where the config object is made, not deep inside loading."""
+    from minicpm_int4.hf_integration import quantization_config
+
+    with pytest.raises(ValueError, match=named + " needs calibration inputs, which quantizing inside from_pretrained"):
+        quantization_config(config)
