@@ -160,9 +160,10 @@ def unfold_scales(model: nn.Module, results: Dict[str, FoldResult]) -> None:
 
 
 def search_input_scale(linear: nn.Linear, stats, group_size: int) -> Optional[Tuple[float, torch.Tensor]]:
-    """For a layer no scale folds into (QuantConfig.input_scales): (alpha, m) with m = 1/s [K] in the
-    layer's dtype, the multiplier QuantLinear applies to its input at runtime (its weight is
-    quantized as W / m), searched as fold_scales searches a group's; None where alpha = 0 (no
+    """For a layer no scale folds into (QuantConfig.input_scales): (alpha, m) with m = 1/s [K] (fp32;
+    QuantLinear.from_linear stores it in the layer's dtype), the multiplier the layer applies to its
+    input at runtime (its weight is quantized as W / m), searched on the layer's calibration sample
+    as fold_scales searches a group's (round to nearest as the quantizer); None where alpha = 0 (no
     scaling) won, or the calibration never reached the layer."""
     if stats is None or stats.sample is None or stats.count == 0:
         return None
