@@ -625,7 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiply per layer); needs --calibration and/or --calibration-images")
     q.add_argument("--act", type=_act_spec, default=None,
                    help="activations: int8 (W4A8 everywhere), none (W4A16, the default), or per part, e.g. "
-                        "vision=int8 (prefill-heavy parts on int8 tensor cores; decode rows use the W4A16 kernel)")
+                        "vision=int8 (prefill-heavy parts on int8 tensor cores; decode rows use the W4A16 kernel); "
+                        "with --input-scales the int8 activations cost less accuracy (on MiniLM with the search: "
+                        "1-3%% more error than W4A16 instead of 9-10%%)")
     q.add_argument("--include", nargs="+", default=(), metavar="PATTERN",
                    help="fnmatch patterns of module names forced into int4 (where they can be)")
     q.add_argument("--exclude", nargs="+", default=(), metavar="PATTERN",
