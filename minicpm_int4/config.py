@@ -47,10 +47,11 @@ class QuantConfig:
             (if it can be quantized at all), exclude forces it out. Exclude wins.
         min_out_features: Linears with fewer outputs stay in high precision (a few dozen outputs,
             e.g. Qwen3.5's ``in_proj_a``/``in_proj_b``, cost more in dequant overhead than they save).
-        fold_scales: with calibration and method="search", AWQ-style per-channel scales folded into
-            the previous op where the layout allows (models.SCALE_FOLDS), checked to leave the model's
-            output unchanged before quantizing.
-        input_scales: AWQ-style per-channel scales also for the quantized layers where no scale folds
+        fold_scales: with calibration and method="search" (any method with input_scales),
+            AWQ-style per-channel scales folded into the previous op where the layout allows
+            (models.SCALE_FOLDS), checked to leave the model's output unchanged before quantizing.
+        input_scales: AWQ-style per-channel scales for every quantized layer: folded where the layout
+            allows (fold_scales, with any method), and for the layers where no scale folds
             into the previous op (a post-norm model's layers, whose norm also feeds the residual; an
             attention output projection; an MLP's second layer after a nonlinearity): the layer stores
             ``input_scale`` [K] and multiplies its input by it before the int4 GEMM (one elementwise

@@ -230,7 +230,8 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     if todo and config.mixed_precision and config.sensitivity == "model":  # the fp model's outputs, before any change
         model_ref = _model_output_reference(model, calibration, config, report)
     folds = {}
-    if calibration is not None and config.method == "search" and config.fold_scales:
+    if calibration is not None and config.fold_scales and (config.method == "search" or config.input_scales):
+        # (input_scales asks for a scale on every layer: folded where it can be, free at runtime)
         folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}

@@ -1,5 +1,7 @@
 """QuantConfig.input_scales: a per-channel multiplier of a layer's input (AWQ's 1/s where no scale folds
 into the previous op), held by QuantLinear as ``input_scale``, its weight quantized divided by it."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -168,7 +170,7 @@ def _scaled_tiny_model():
     model = build_native("4_6")
     ids = [torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     calib = calibrate(model, ids, progress=False)
-    # gptq: no folds, so the LLM's layers get scales where the search finds one
+    # the layers where no scale folds (o_proj, out_proj, ...) get input scales where the search finds one
     report = patch_model(model, QuantConfig(group_size=32, method="gptq", input_scales=True), calibration=calib,
                          progress=False)
     scaled = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
@@ -249,3 +251,32 @@ def test_quantizing_inside_from_pretrained_refuses_what_needs_calibration(config
 
     with pytest.raises(ValueError, match=named + " needs calibration inputs, which quantizing inside from_pretrained"):
         quantization_config(config)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native MiniCPM-V 4.6 class needs transformers 5.x")
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_with_input_scales_the_folds_run_for_every_method(method):
+    """input_scales asks for a scale on every layer: where one folds into the previous op (free at
+    runtime) it is folded, also with gptq and rtn (without input_scales only the search folds), and
+    only the other layers hold an input_scale."""
+    from minicpm_int4.models import scale_fold_groups
+    from minicpm_int4.tiny import build_native
+
+    def patched(input_scales):
+        model = build_native("4_6")
+        foldable = {c for _, cons, _ in scale_fold_groups(model) for c in cons}
+        ids = [torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        with warnings.catch_warnings():  # gptq's few-calibration-tokens warning: beside the point here
+            warnings.simplefilter("ignore", UserWarning)
+            report = patch_model(model, QuantConfig(group_size=32, method=method, input_scales=input_scales),
+                                 calibration=calibrate(model, ids, progress=False), progress=False)
+        return model, foldable, report
+
+    model, foldable, report = patched(True)
+    folded = [d.name for d in report.decisions if "folded into" in d.reason]
+    assert folded and set(folded) <= foldable
+    assert any(n.startswith("AWQ scales folded for ") for n in report.notes)
+    scaled = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert not scaled & foldable
+    _, _, plain = patched(False)
+    assert not any("folded into" in d.reason for d in plain.decisions)
