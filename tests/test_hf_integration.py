@@ -229,3 +229,30 @@ def test_native_minicpmv_through_from_pretrained(kind, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits,
                            model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits)
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+def test_input_scales_survive_save_pretrained_and_from_pretrained(tmp_path):
+    """A layer holding an input scale (QuantConfig.input_scales) is recorded as such in config.json, and
+    from_pretrained / load_pretrained_quantized build it with the buffer the checkpoint holds (under 5.x
+    and 4.x, whose quantizer builds the layers under accelerate's init_empty_weights)."""
+    from minicpm_int4 import calibrate
+
+    model = _fp_llama(tmp_path / "fp", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 160, (1, 32), generator=g) for _ in range(4)]
+    report = patch_model(model, QuantConfig(group_size=32, input_scales=True), progress=False,
+                         calibration=calibrate(model, batches, progress=False))
+    scaled = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert scaled, report.notes  # o_proj (GQA: no fold) takes one
+    model.save_pretrained(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert {n for n, spec in qc["modules"].items() if spec.get("input_scale")} == scaled
+    expected = _logits(model)
+    loaders = [lambda: load_pretrained_quantized(str(tmp_path / "hf"), progress=False)]
+    if not NEEDS_ACCELERATE:
+        loaders.append(lambda: _load(tmp_path / "hf", torch.float32))
+    for load in loaders:
+        loaded = load()
+        assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None} == scaled
+        assert torch.equal(_logits(loaded), expected)
