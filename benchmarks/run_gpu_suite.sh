@@ -3,8 +3,8 @@
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
 #      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried;
 #   2. the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
-#   3. the search timing, `minicpm-int4 bench` (kernel sweep) and `minicpm-int4 profile` (end to end,
-#      given whatever time the stages before it left);
+#   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep) and
+#      `minicpm-int4 profile` (end to end, given whatever time the stages before it left);
 #   4. `minicpm-int4 targets`: the issues' performance targets against those results, into suite.log.
 # Everything lands directly in one folder (default $OUT, the device tool's return folder), 8 files
 # at most so that all of them come back even if the call is cut short:
@@ -83,6 +83,9 @@ x = torch.randn(16384, 12288, device='cuda')  # more tokens than K: a full-rank 
 h = x.t() @ x
 t = time.perf_counter(); gptq_quantize(w, h, 128); torch.cuda.synchronize()
 print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.perf_counter() - t) * 1e3:.1f} ms')"
+# QuantConfig.input_scales' one unfused multiply per layer: a 4096 x 4096 layer with and without it, eager
+# and CUDA-graphed, at M = 1 / 16 / 4096 (whether to fuse it into the kernels)
+stage input-scale-cost 30 $PY benchmarks/input_scale_cost.py
 stage bench 130 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 # profile takes what the stages before it left, less 25 s for targets; it starts no new run past
 # its own budget (a graphed run compiles for a minute or more), and an interrupted profile still

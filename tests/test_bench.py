@@ -339,3 +339,19 @@ def test_cpu_costs_summary_and_committed_results():
         tests = {line.split("(")[0][4:] for line in f if line.startswith("def test_")}
     assert {r["test"] for r in committed["rows"]} == tests and all(r["median_us"] > 0 for r in committed["rows"])
     assert {"device", "device_name", "commit", "torch", "triton", "timestamp_utc"} <= set(committed["env"])
+
+
+def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
+    """benchmarks/input_scale_cost.py (the GPU suite's input-scale stage) on the CPU, small: a row per M
+    with both layers' times, and a line each in the log it prints into."""
+    import importlib.util
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("input_scale_cost", os.path.join(here, "benchmarks", "input_scale_cost.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.measure("cpu", n=48, k=128, ms=(1, 3), reps=2, dtype=torch.float32)
+    assert [r["m"] for r in rows] == [1, 3]
+    assert all(r["plain_eager_ms"] > 0 and r["input_scale_eager_ms"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "input scale cost, 48 x 128 G=128 float32 M=1: eager" in out and "M=3" in out

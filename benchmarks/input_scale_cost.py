@@ -1,0 +1,94 @@
+"""What an input scale (QuantConfig.input_scales) costs at runtime: one int4 layer timed with and without
+`input_scale` (one elementwise multiply of the input before the int4 GEMM, not fused), eager and, on a
+GPU, replayed from a CUDA graph (where launch overhead is what is left of a decode step's host cost).
+Prints one line per M; the GPU suite runs it into suite.log.
+
+    python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
+"""
+import argparse
+import statistics
+
+import torch
+from torch import nn
+
+from minicpm_int4 import QuantConfig, QuantLinear
+
+
+def _median_ms(fn, reps: int, device: torch.device, inner: int = 10) -> float:
+    """Median over `reps` of the mean time of `inner` back-to-back calls (so that a call of a few
+    microseconds is not lost in the timer's own cost)."""
+    for _ in range(3):
+        fn()
+    times = []
+    if device.type != "cuda":
+        import time
+
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t) * 1e3 / inner)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def _graphed(layer, x):
+    """layer(x) captured in a CUDA graph (warmed up on a side stream first, as torch's docs do)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            layer(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        layer(x)
+    return g.replay
+
+
+def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16):
+    device = torch.device(device)
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=False).to(device=device, dtype=dtype)
+    m = torch.rand(k, device=device) + 0.5
+    layers = {"plain": QuantLinear.from_linear(lin, QuantConfig(group_size=128)),
+              "input_scale": QuantLinear.from_linear(lin, QuantConfig(group_size=128), input_scale=m)}
+    rows = []
+    with torch.no_grad():
+        for rows_m in ms:
+            x = torch.randn(rows_m, k, device=device, dtype=dtype)
+            row = {"n": n, "k": k, "m": rows_m}
+            for name, layer in layers.items():
+                row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
+                if device.type == "cuda":
+                    row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
+            rows.append(row)
+            kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
+            print(f"input scale cost, {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
+                f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'input_scale_{kind}_ms'] * 1e3:.1f} us "
+                f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)" for kind in kinds), flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--ms", default="1,16,4096")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=50)
+    a = p.parse_args(argv)
+    measure(a.device, a.n, a.k, tuple(int(v) for v in a.ms.split(",")), a.reps)
+
+
+if __name__ == "__main__":
+    main()
