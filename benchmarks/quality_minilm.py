@@ -2,7 +2,7 @@
 activation-aware search vs gptq at group sizes 32/64/128, and how much calibration each needs (a
 sweep over the number of calibration sentences at group size 128), gptq's dampening at each
 group size, mixed precision's layer ranking (QuantConfig.sensitivity), and per-layer input scales
-(QuantConfig.input_scales) with W4A16 and W4A8 activations. Writes JSON + Markdown (~35 min on 2
+(QuantConfig.input_scales) with W4A16 and W4A8 activations. Writes JSON + Markdown (~25 min on 2
 CPU cores).
 
     python benchmarks/quality_minilm.py [OUT_DIR]      (default benchmarks/results/cpu)
