@@ -211,15 +211,17 @@ def quantization_config(config=None, modules=None):
     from .config import QuantConfig
 
     config = config or QuantConfig()
-    needs = [what for what, used in (("method='gptq'", config.method == "gptq"),
-                                     ("input_scales=True", config.input_scales),
-                                     ("keep_most_sensitive / weight_budget_bytes", config.mixed_precision)) if used]
+    needs = [(what, flag) for what, flag, used in (
+        ("method='gptq'", "--method gptq", config.method == "gptq"),
+        ("input_scales=True", "--input-scales", config.input_scales),
+        ("keep_most_sensitive / weight_budget_bytes", "--keep-most-sensitive K / --weight-budget-mib B",
+         config.mixed_precision)) if used]
     if modules is None and needs:
-        raise ValueError(f"QuantConfig({', '.join(needs)}) needs calibration inputs, which quantizing inside "
-                         "from_pretrained does not have: load the fp model, then patch_model(model, config, calibration="
-                         "minicpm_int4.calibrate(model, batches)) and model.save_pretrained(...), or from the shell "
-                         "minicpm-int4 quantize MODEL OUT --calibration prompts.txt [--calibration-images DIR] with the "
-                         "same options")
+        raise ValueError(f"QuantConfig({', '.join(w for w, _ in needs)}) needs calibration inputs, which quantizing "
+                         "inside from_pretrained does not have: load the fp model, then patch_model(model, config, "
+                         "calibration=minicpm_int4.calibrate(model, batches)) and model.save_pretrained(...), or from "
+                         f"the shell minicpm-int4 quantize MODEL OUT {' '.join(f for _, f in needs)} --calibration "
+                         "prompts.txt [--calibration-images DIR]")
     why = register()
     if why:
         raise RuntimeError(f"minicpm_int4 cannot plug into from_pretrained here: {why}")

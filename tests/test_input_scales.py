@@ -239,17 +239,20 @@ def _without_input_scale(ql):
     return plain
 
 
-@pytest.mark.parametrize("config, named", [
-    (QuantConfig(input_scales=True), r"QuantConfig\(input_scales=True\)"),
-    (QuantConfig(method="gptq"), r"QuantConfig\(method='gptq'\)"),
-    (QuantConfig(keep_most_sensitive=2), r"QuantConfig\(keep_most_sensitive / weight_budget_bytes\)"),
+@pytest.mark.parametrize("config, named, flags", [
+    (QuantConfig(input_scales=True), r"QuantConfig\(input_scales=True\)", "--input-scales"),
+    (QuantConfig(method="gptq", input_scales=True), r"QuantConfig\(method='gptq', input_scales=True\)",
+     "--method gptq --input-scales"),
+    (QuantConfig(keep_most_sensitive=2), r"QuantConfig\(keep_most_sensitive / weight_budget_bytes\)",
+     "--keep-most-sensitive K / --weight-budget-mib B"),
 ])
-def test_quantizing_inside_from_pretrained_refuses_what_needs_calibration(config, named):
+def test_quantizing_inside_from_pretrained_refuses_what_needs_calibration(config, named, flags):
     """from_pretrained(quantization_config=...) quantizes without calibration inputs: what needs them is
-    refused where the config object is made, not deep inside loading."""
+    refused where the config object is made, not deep inside loading, naming the CLI's flags for it."""
     from minicpm_int4.hf_integration import quantization_config
 
-    with pytest.raises(ValueError, match=named + " needs calibration inputs, which quantizing inside from_pretrained"):
+    with pytest.raises(ValueError, match=named + " needs calibration inputs, which quantizing inside from_pretrained"
+                       + ".*minicpm-int4 quantize MODEL OUT " + flags + " --calibration prompts.txt"):
         quantization_config(config)
 
 
