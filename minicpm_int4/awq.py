@@ -104,10 +104,11 @@ def _fold_into_prev(prev: nn.Module, s: torch.Tensor) -> Optional[str]:
 
 
 def fold_scales(model: nn.Module, calibration: Calibration, group_size: int,
-                quantize_names: set) -> Dict[str, FoldResult]:
+                quantize_names: set, declined: Optional[set] = None) -> Dict[str, FoldResult]:
     """Search and fold per-channel scales for every matching group whose consumers all have
     calibration samples and at least one of which will be quantized. Updates the calibration
-    statistics of the consumers to the scaled inputs. Returns {consumer name: FoldResult}."""
+    statistics of the consumers to the scaled inputs. Returns {consumer name: FoldResult}; the
+    consumers of groups where no scaling (alpha = 0) won are added to `declined` when given."""
     results: Dict[str, FoldResult] = {}
     for prev_name, cons_names, note in scale_fold_groups(model):
         if not any(n in quantize_names for n in cons_names):
@@ -120,6 +121,8 @@ def fold_scales(model: nn.Module, calibration: Calibration, group_size: int,
         x = stats[0].sample.to(consumers[0].weight.device)
         alpha, s = _search_alpha(consumers, [n in quantize_names for n in cons_names], x, rms, group_size)
         if alpha == 0:
+            if declined is not None:
+                declined.update(cons_names)
             continue
         form = _fold_into_prev(model.get_submodule(prev_name), s)
         if form is None:

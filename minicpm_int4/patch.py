@@ -229,10 +229,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     model_ref = None
     if todo and config.mixed_precision and config.sensitivity == "model":  # the fp model's outputs, before any change
         model_ref = _model_output_reference(model, calibration, config, report)
-    folds = {}
+    folds, declined = {}, set()
     if calibration is not None and config.fold_scales and (config.method == "search" or config.input_scales):
-        # (input_scales asks for a scale on every layer: folded where it can be, free at runtime)
-        folds = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
+        # (input_scales asks for a scale on every layer: folded where it can be, free at runtime; a layer
+        # whose group's search chose no scale gets no runtime one either)
+        folds, declined = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}
     n_passes, hessians, few, unreached, n_scaled = len(gptq_passes), None, [], [], 0
@@ -264,7 +265,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             cw = (calibration.channel_weight(name) if calibration is not None and layer_config.method == "search"
                   else None)
             found = (search_input_scale(lin, calibration.stats.get(name), config.group_size)
-                     if config.input_scales and name not in folds else None)
+                     if config.input_scales and name not in folds and name not in declined else None)
             ql = QuantLinear.from_linear(lin, layer_config, act=act, name=name, channel_weight=cw, hessian=hessian,
                                          input_scale=None if found is None else found[1])
             if found is not None:
@@ -380,12 +381,14 @@ def _plan_gptq(todo, report) -> dict:
 
 def _fold_scales_checked(model, calibration, config, quantize_names, report):
     """fold_scales, then verify on the first calibration batch that the model computes the same
-    function (the folds are exact rewrites up to rounding); undo them all if it does not."""
+    function (the folds are exact rewrites up to rounding); undo them all if it does not. Returns
+    the folds and the layers whose group's search chose no scale (none, once the folds are undone)."""
     from .awq import fold_scales, unfold_scales
 
-    folds = fold_scales(model, calibration, config.group_size, quantize_names)
+    declined = set()
+    folds = fold_scales(model, calibration, config.group_size, quantize_names, declined)
     if not folds or calibration.check_output is None:
-        return folds
+        return folds, declined
     after = calibration.output_fingerprint(model)
     ref = calibration.check_output
     dtype = next(model.parameters()).dtype
@@ -394,10 +397,10 @@ def _fold_scales_checked(model, calibration, config, quantize_names, report):
     if not rel <= tol:
         unfold_scales(model, folds)
         report.notes.append(f"AWQ scale folds undone: the model's output moved by {rel:.2e} (> {tol:.0e})")
-        return {}
+        return {}, set()
     report.notes.append(f"AWQ scales folded for {len(folds)} Linear layers; output check on the first "
                         f"calibration batch: relative change {rel:.2e}")
-    return folds
+    return folds, declined
 
 
 MODEL_OUTPUT_ROWS = 128  # rows of each batch's output (evenly spaced tokens) that sensitivity="model" compares

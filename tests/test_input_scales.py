@@ -283,3 +283,27 @@ def test_with_input_scales_the_folds_run_for_every_method(method):
     assert not scaled & foldable
     _, _, plain = patched(False)
     assert not any("folded into" in d.reason for d in plain.decisions)
+
+
+def test_a_group_whose_fold_search_chose_no_scale_gets_no_runtime_scale():
+    """Runtime multipliers only where no scale can fold: the q/k/v of a block whose input_layernorm group
+    searched and chose alpha = 0 keep no scale (each alone might have taken one, at a runtime cost the
+    fold would not have had); the layers outside every fold group (o_proj, GQA) may take one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minicpm_int4.models import scale_fold_groups
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).half().eval()  # fp16: here layer 0's q/k/v group searches to alpha = 0
+    groups = {c for _, cons, _ in scale_fold_groups(model) for c in cons}
+    g = torch.Generator().manual_seed(0)
+    calib = calibrate(model, [torch.randint(0, 160, (1, 32), generator=g) for _ in range(4)], progress=False)
+    report = patch_model(model, QuantConfig(group_size=32, input_scales=True, backend="torch"), calibration=calib,
+                         progress=False)
+    folded = {d.name for d in report.decisions if "folded into" in d.reason}
+    scaled = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert "model.layers.0.self_attn.q_proj" in groups - folded  # the case this test is about
+    assert not scaled & groups
+    assert scaled <= {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} - groups
