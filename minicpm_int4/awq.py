@@ -36,6 +36,11 @@ class FoldResult:
     scale: torch.Tensor = None  # [C], the consumers' weights were multiplied by it
 
 
+def _reached(stats) -> bool:
+    """Whether calibration inputs reached a layer (its statistics hold a sample to search on)."""
+    return stats is not None and stats.sample is not None and stats.count > 0
+
+
 def _rtn_dequant(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return quantize_rtn(w, group_size).dequantize()
 
@@ -114,7 +119,7 @@ def fold_scales(model: nn.Module, calibration: Calibration, group_size: int,
         if not any(n in quantize_names for n in cons_names):
             continue
         stats = [calibration.stats.get(n) for n in cons_names]
-        if any(st is None or st.sample is None or st.count == 0 for st in stats):
+        if not all(map(_reached, stats)):
             continue  # not exercised by the calibration inputs: nothing to search or verify with
         consumers = [model.get_submodule(n) for n in cons_names]
         rms = stats[0].mean_sq.sqrt().clamp_min(1e-6).to(consumers[0].weight.device)
@@ -168,7 +173,7 @@ def search_input_scale(linear: nn.Linear, stats, group_size: int) -> Optional[Tu
     input at runtime (its weight is quantized as W / m), searched on the layer's calibration sample
     as fold_scales searches a group's (round to nearest as the quantizer); None where alpha = 0 (no
     scaling) won, or the calibration never reached the layer."""
-    if stats is None or stats.sample is None or stats.count == 0:
+    if not _reached(stats):
         return None
     w = linear.weight
     rms = stats.mean_sq.sqrt().clamp_min(1e-6).to(w.device)

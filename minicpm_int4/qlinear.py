@@ -173,8 +173,9 @@ class QuantLinear(nn.Module):
         k = self.in_features
         if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
-        if self.input_scale is not None:  # (a trace sees a fixed branch: the buffer exists or not)
-            x = x * self.input_scale
+        m = self.input_scale
+        if m is not None:  # (a trace sees a fixed branch: the buffer exists or not)
+            x = x * m
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace)

@@ -405,11 +405,8 @@ def run_input_scales(group_sizes=INPUT_SCALES_GROUP_SIZES, methods=("search", "g
                 cfg = QuantConfig(group_size=gs, method=method, backend="torch", min_out_features=1,
                                   include=tuple(names), input_scales=scales)
                 report = patch_model(q, cfg, calibration=calib, progress=False)
-                errs = []
-                for n in names:
-                    w, wq = model.get_submodule(n).weight.detach(), q.get_submodule(n).dequantized_weight()
-                    x = held_out.stats[n].sample
-                    errs.append(((x @ (wq - w).t()).norm() / (x @ w.t()).norm()).item())
+                errs = [held_out.sensitivity(n, model.get_submodule(n).weight.detach(),
+                                             q.get_submodule(n).dequantized_weight()) for n in names]
                 scaled = sum(1 for n in names if q.get_submodule(n).input_scale is not None)
                 for act in (None, "int8"):
                     for m in q.modules():
