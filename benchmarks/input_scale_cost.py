@@ -1,7 +1,8 @@
 """What an input scale (QuantConfig.input_scales) costs at runtime: one int4 layer timed with and without
-`input_scale` (one elementwise multiply of the input before the int4 GEMM, not fused), eager and, on a
-GPU, replayed from a CUDA graph (where launch overhead is what is left of a decode step's host cost).
-Prints one line per M; the GPU suite runs it into suite.log.
+`input_scale`, eager and, on a GPU, replayed from a CUDA graph (where launch overhead is what is left of a
+decode step's host cost). W4A16: one elementwise multiply of the input before the GEMM (not fused);
+W4A8 from ops.W4A8_MIN_M rows on: the multiply inside the activation quantizer's pass (fused), below it
+the W4A16 path's. Prints one line per layer kind and M; the GPU suite runs it into suite.log.
 
     python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
 """
@@ -56,26 +57,33 @@ def _graphed(layer, x):
 
 
 def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16):
+    from minicpm_int4.ops import W4A8_MIN_M
+
     device = torch.device(device)
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=False).to(device=device, dtype=dtype)
     m = torch.rand(k, device=device) + 0.5
-    layers = {"plain": QuantLinear.from_linear(lin, QuantConfig(group_size=128)),
-              "input_scale": QuantLinear.from_linear(lin, QuantConfig(group_size=128), input_scale=m)}
     rows = []
+    kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
     with torch.no_grad():
-        for rows_m in ms:
-            x = torch.randn(rows_m, k, device=device, dtype=dtype)
-            row = {"n": n, "k": k, "m": rows_m}
-            for name, layer in layers.items():
-                row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
-                if device.type == "cuda":
-                    row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
-            rows.append(row)
-            kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
-            print(f"input scale cost, {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
-                f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'input_scale_{kind}_ms'] * 1e3:.1f} us "
-                f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)" for kind in kinds), flush=True)
+        for act in (None, "int8"):
+            config = QuantConfig(group_size=128, act=act)
+            layers = {"plain": QuantLinear.from_linear(lin, config),
+                      "input_scale": QuantLinear.from_linear(lin, config, input_scale=m)}
+            for rows_m in ms:
+                if act == "int8" and rows_m < W4A8_MIN_M:
+                    continue  # the W4A16 path, timed above
+                x = torch.randn(rows_m, k, device=device, dtype=dtype)
+                row = {"n": n, "k": k, "m": rows_m, "act": act or "fp"}
+                for name, layer in layers.items():
+                    row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
+                    if device.type == "cuda":
+                        row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
+                rows.append(row)
+                label = "W4A8" if act else "W4A16"
+                print(f"input scale cost, {label} {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
+                    f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'input_scale_{kind}_ms'] * 1e3:.1f} us "
+                    f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)" for kind in kinds), flush=True)
     return rows
 
 

@@ -7,13 +7,13 @@ it. The implementation chooses the backend from the `backend` argument, the devi
 size; nothing else in the package imports the Triton kernels or the compiled extension.
 
 Public functions (validate, then call the op):
-    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend, workspace) -> y [M, N]
+    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale) -> y [M, N]
     w4a16_workspace(N, device)                                              -> a layer's split-K counters
-    quantize_per_token_int8(x, backend)                                     -> (x_q int8 [M, K], scale fp32 [M])
+    quantize_per_token_int8(x, backend, input_scale)                       -> (x_q int8 [M, K], scale fp32 [M])
     w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
-    w4a8_linear(x, ...)                                                     -> quantize + w4a8_gemm
+    w4a8_linear(x, ..., input_scale)                                        -> quantize + w4a8_gemm
     (op w4a8_linear: a W4A8 layer's forward, the choice between the two paths by M inside one op)
-    quantized_linear(x, ..., act, backend, workspace)   QuantLinear's forward: the same ops without
+    quantized_linear(x, ..., act, backend, workspace, input_scale)   QuantLinear's forward: the same ops without
                                              re-checking weights that were validated when the layer
                                              was built; in eager inference it calls each op's
                                              implementation (`_*_impl`) directly, skipping the
@@ -187,11 +187,33 @@ def _check_x(op: str, x: Tensor) -> None:
         raise ValueError(f"{op}: expected 2-D activations [M, K], got shape {tuple(x.shape)}")
 
 
+def _check_input_scale(op: str, input_scale: Optional[Tensor], x: Tensor) -> None:
+    """Shape, dtype and device of a per-input-channel scale; its values (finite, positive) are the
+    caller's to keep (QuantLinear checks them once, when the layer is made): no host sync here."""
+    if input_scale is None:
+        return
+    k = x.shape[1]
+    if not isinstance(input_scale, Tensor) or input_scale.shape != (k,):
+        got = tuple(input_scale.shape) if isinstance(input_scale, Tensor) else type(input_scale).__name__
+        raise ValueError(f"{op}: input_scale must have shape [K={k}] (one multiplier per input channel), got {got}")
+    if input_scale.dtype != x.dtype:
+        raise TypeError(f"{op}: input_scale is {input_scale.dtype} but the activations are {x.dtype} "
+                        "(x * input_scale is computed in the activations' dtype)")
+    if input_scale.device != x.device:
+        raise ValueError(f"{op}: input_scale is on {input_scale.device} but the input is on {x.device}")
+
+
 # ---------------------------------------------------------------------------------------------
 # W4A16
 # ---------------------------------------------------------------------------------------------
 def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                     group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+                     group_size: int, backend: str, workspace: Optional[Tensor] = None,
+                     input_scale: Optional[Tensor] = None) -> Tensor:
+    if input_scale is not None:
+        # a pass of its own, not fused into the W4A16 kernels: each decode program that reads x (and
+        # the prefill kernel, per tile) would redo the multiply; benchmarks/input_scale_cost.py times
+        # what the pass costs, to decide
+        x = x * input_scale
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
     if be in ("triton", "triton-tc"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
@@ -203,38 +225,43 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
 
 
-def _linear_fake(x, qweight, scales, zeros, bias, group_size, backend, workspace=None):
+def _linear_fake(x, qweight, scales, zeros, bias, group_size, backend, workspace=None, input_scale=None):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 def _w4a16_setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, group_size, backend, workspace = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
+    x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale = inputs
+    ctx.save_for_backward(qweight, scales, zeros, input_scale)
     ctx.group_size, ctx.x_dtype, ctx.has_bias = group_size, x.dtype, bias is not None
 
 
 def _w4a16_backward(ctx, grad):
     """The weights are frozen (int4); gradients flow to the input (and bias), so a patched model
     can still be fine-tuned through adapters or differentiated w.r.t. its inputs."""
-    qweight, scales, zeros = ctx.saved_tensors
+    qweight, scales, zeros, input_scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         w = reference.dequantize_ref(qweight, scales, zeros, ctx.group_size, out_dtype=ctx.x_dtype)
-        grad_x = (grad.float() @ w.float()).to(ctx.x_dtype)
+        grad_x = grad.float() @ w.float()
+        if input_scale is not None:  # y = (x * m) @ W.T
+            grad_x = grad_x * input_scale.float()
+        grad_x = grad_x.to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.float().sum(0).to(grad.dtype)
-    return grad_x, None, None, None, grad_bias, None, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None, None
 
 
 def _linear_op(name: str, impl):
-    """A custom op y[M, N] = f(x[M, K], the layer's int4 weight, bias) with the signature of `impl`,
-    the shapes-only fake and the W4A16 backward (the frozen int4 weight's x- and bias-gradients).
+    """A custom op y[M, N] = f(x[M, K] * input_scale, the layer's int4 weight, bias) with the signature
+    of `impl`, the shapes-only fake and the W4A16 backward (the frozen int4 weight's x- and
+    bias-gradients; input_scale, a buffer, gets none).
 
     The workspace is not declared mutated: the kernel counts into it during the call and leaves every
     element at zero again, so no caller can observe a change (opcheck compares it before and after)."""
     def op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-           group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
-        return impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
+           group_size: int, backend: str, workspace: Optional[Tensor] = None,
+           input_scale: Optional[Tensor] = None) -> Tensor:
+        return impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)
 
     op.__name__ = op.__qualname__ = name
     op = torch.library.custom_op(f"minicpm_int4::{name}", op, mutates_args=())
@@ -277,8 +304,9 @@ def _check_workspace(op: str, workspace: Optional[Tensor], n: int, device: torch
 
 
 def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
-               group_size: int = 128, backend: str = "auto", workspace: Optional[Tensor] = None) -> Tensor:
-    """y = x @ dequant(qweight, scales, zeros).T + bias.
+               group_size: int = 128, backend: str = "auto", workspace: Optional[Tensor] = None,
+               input_scale: Optional[Tensor] = None) -> Tensor:
+    """y = x @ dequant(qweight, scales, zeros).T + bias, or (x * input_scale) @ ... with an input scale.
 
     Args:
         x: [M, K] fp16/bf16/fp32 activations. qweight: int32 [N, K // 8] (packing.py).
@@ -286,6 +314,8 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
         group_size: 32/64/128, or -1 for per output channel.
         workspace: optional `w4a16_workspace(N, device)`: split-K decode in one launch instead of two
             (same result). It must hold zeros, and the call leaves it so.
+        input_scale: optional [K] in x's dtype, a multiplier per input channel (QuantLinear.input_scale),
+            applied to x in x's dtype before the GEMM (a separate elementwise pass).
     Returns:
         y: [M, N] in x's dtype.
     Example:
@@ -298,7 +328,9 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
                         "cast the input or quantize the layer in the input's dtype")
     _check_bias("w4a16_gemm", bias, qweight.shape[0], x.dtype, x.device)
     _check_workspace("w4a16_gemm", workspace, qweight.shape[0], x.device)
-    return _w4a16_gemm_op(x.contiguous(), qweight, scales, zeros, bias, gs, backend, workspace)
+    _check_input_scale("w4a16_gemm", input_scale, x)
+    return _w4a16_gemm_op(x.contiguous(), qweight, scales, zeros, bias, gs, backend, workspace,
+                          None if input_scale is None else input_scale.contiguous())
 
 
 def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -312,33 +344,39 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
 # ---------------------------------------------------------------------------------------------
 # Dynamic per-token int8 activation quantization
 # ---------------------------------------------------------------------------------------------
-def _quantize_per_token_int8_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _quantize_per_token_int8_impl(x: Tensor, backend: str,
+                                  input_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     be = resolve_backend(backend, x.device, "quantize_per_token_int8")
-    if be == "triton":
-        return _triton_kernels()[0].quantize_per_token_int8_triton(x)
-    if be == "cuda":
-        return _cuda_ext()[0].quantize_per_token_int8(x)
-    return _reference(x.device, reference.quantize_per_token_int8_ref, x)
+    if be == "triton":  # the input scale multiplied inside the one pass over x
+        return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale)
+    if be == "cuda":  # the CUDA quantizer takes no scale: x * m first (the same bits, one more pass)
+        return _cuda_ext()[0].quantize_per_token_int8(x if input_scale is None else x * input_scale)
+    return _reference(x.device, reference.quantize_per_token_int8_ref, x, input_scale)
 
 
 @torch.library.custom_op("minicpm_int4::quantize_per_token_int8", mutates_args=())
-def _quantize_per_token_int8_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    return _quantize_per_token_int8_impl(x, backend)
+def _quantize_per_token_int8_op(x: Tensor, backend: str,
+                                input_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _quantize_per_token_int8_impl(x, backend, input_scale)
 
 
 @_quantize_per_token_int8_op.register_fake
-def _(x, backend):
+def _(x, backend, input_scale=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-def quantize_per_token_int8(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def quantize_per_token_int8(x: Tensor, backend: str = "auto",
+                            input_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Per-row symmetric int8: returns (x_q int8 [M, K], scale fp32 [M]) with x ~= x_q * scale[:, None].
 
     scale = max|x_row| / 127; x_q = round(x / scale) clamped to [-127, 127]; a zero row gives
-    scale 0 and x_q 0.
+    scale 0 and x_q 0. `input_scale` ([K], x's dtype): quantize x * input_scale instead (computed in
+    x's dtype), in the same pass over x on the Triton backend (the bits of quantizing `x * input_scale`).
     """
     _check_x("quantize_per_token_int8", x)
-    return _quantize_per_token_int8_op(x.contiguous(), backend)
+    _check_input_scale("quantize_per_token_int8", input_scale, x)
+    return _quantize_per_token_int8_op(x.contiguous(), backend,
+                                       None if input_scale is None else input_scale.contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,14 +426,16 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zer
 
 
 def _w4a8_linear_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
-                      group_size: int, backend: str, workspace: Optional[Tensor] = None) -> Tensor:
+                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
+                      input_scale: Optional[Tensor] = None) -> Tensor:
     """A W4A8 layer's forward: decode rows (M < W4A8_MIN_M) on the W4A16 kernel, else per-token int8
     activations and the int8 GEMM. The choice by M is made here, inside one op, so that a traced graph
     (torch.compile with a dynamic batch, torch.export) holds no guard on M: one graph serves decode
-    and prefill."""
+    and prefill. An input scale is multiplied into x inside the activation quantizer's one pass over
+    x (Triton), so a W4A8 layer's input scale costs no pass of its own there."""
     if x.shape[0] < W4A8_MIN_M:
-        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace)
-    x_q, x_scale = _quantize_per_token_int8_impl(x, backend)
+        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)
+    x_q, x_scale = _quantize_per_token_int8_impl(x, backend, input_scale)
     return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
 
 
@@ -405,8 +445,9 @@ _w4a8_linear_op = _linear_op("w4a8_linear", _w4a8_linear_impl)
 
 
 def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
-                group_size: int = 128, backend: str = "auto") -> Tensor:
-    """W4A8 for fp activations: quantize x per token, then the int8 x int4 GEMM.
+                group_size: int = 128, backend: str = "auto", input_scale: Optional[Tensor] = None) -> Tensor:
+    """W4A8 for fp activations: quantize x (or x * input_scale, [K] in x's dtype) per token, then the
+    int8 x int4 GEMM.
 
     For M < W4A8_MIN_M (decode) it uses the W4A16 kernel: the GEMV is memory-bound, and int8
     activations would only add the quantization pass and its rounding error.
@@ -417,7 +458,9 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
     if scales.dtype != x.dtype:
         raise TypeError(f"{op}: activations are {x.dtype} but the weight scales are {scales.dtype}")
     _check_bias(op, bias, qweight.shape[0], x.dtype, x.device)
-    return quantized_linear(x.contiguous(), qweight, scales, zeros, bias, gs, "int8", backend)
+    _check_input_scale(op, input_scale, x)
+    return quantized_linear(x.contiguous(), qweight, scales, zeros, bias, gs, "int8", backend,
+                            input_scale=None if input_scale is None else input_scale.contiguous())
 
 
 try:
@@ -444,15 +487,21 @@ def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                      group_size: int, act: Optional[str], backend: str,
-                     workspace: Optional[Tensor] = None) -> Tensor:
+                     workspace: Optional[Tensor] = None, input_scale: Optional[Tensor] = None) -> Tensor:
     """The forward of an already validated layer (QuantLinear checks its buffers once, at build):
     straight to the ops, no per-call re-validation of the weights. x: contiguous [M, K] in the
     layer's dtype on its device; group_size: positive (K for per-channel); workspace: the layer's
-    w4a16_workspace or None. Eager inference calls the implementations directly (eager_fast_path);
-    the results are the op's, bit for bit."""
+    w4a16_workspace or None; input_scale: the layer's [K] multiplier or None. Eager inference calls
+    the implementations directly (eager_fast_path); the results are the op's, bit for bit.
+
+    A W4A8 layer's input scale goes into its op (the activation quantizer multiplies it in its pass
+    over x); a W4A16 layer's is multiplied before the op, where torch.compile can fuse the multiply
+    into the kernel that produced x (the W4A16 kernels would redo it per program / tile)."""
     direct = eager_fast_path(x, bias)
     if act == "int8":
         return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,
-                                                                   backend, workspace)
+                                                                   backend, workspace, input_scale)
+    if input_scale is not None:
+        x = x * input_scale
     w4a16 = _w4a16_gemm_impl if direct else _w4a16_gemm_op
     return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace)

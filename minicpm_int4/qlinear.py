@@ -173,12 +173,11 @@ class QuantLinear(nn.Module):
         k = self.in_features
         if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
-        m = self.input_scale
-        if m is not None:  # (a trace sees a fixed branch: the buffer exists or not)
-            x = x * m
-        # buffers were validated when the layer was built (and load_state_dict keeps their shapes)
+        # buffers were validated when the layer was built (and load_state_dict keeps their shapes);
+        # the input scale (or None) is applied by quantized_linear, fused where a kernel can take it
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
-                                 self._kernel_group_size, self.act, self.backend, self.workspace)
+                                 self._kernel_group_size, self.act, self.backend, self.workspace,
+                                 self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _adapt_input(self, x: torch.Tensor) -> torch.Tensor:

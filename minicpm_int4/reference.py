@@ -39,11 +39,16 @@ def w4a16_gemm_ref(
     return y.to(x.dtype)
 
 
-def quantize_per_token_int8_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token_int8_ref(x: torch.Tensor,
+                                input_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-row int8: scale = max|x_row| / 127 (fp32), x_q = round(x / scale).
 
     A row of zeros gets scale 0 and x_q = 0 (never NaN). Returns (x_q int8 [M, K], scale fp32 [M]).
+    With `input_scale` ([K], x's dtype) the row quantized is x * input_scale computed in x's dtype (one
+    rounding, as QuantLinear's own `x * input_scale`), so fusing the multiply changes no bit.
     """
+    if input_scale is not None:
+        x = x * input_scale
     x32 = x.float()
     scale = x32.abs().amax(dim=-1) / INT8_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -47,3 +47,58 @@ def test_reference_semantics():
     assert xq[2].tolist() == [-127, 32, 0, 0]                    # 0.25 / (1/127) = 31.75 -> 32
     err = (xq.float() * s[:, None] - x).abs()
     assert (err <= 0.5 * s[:, None] + 1e-6).all()
+
+
+def _input_scale(k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(k, generator=g)).to(dtype)  # positive, ~e^-3..e^3
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k", [(1, 64), (3, 100), (17, 256), (130, 72)], ids=lambda v: str(v))
+def test_triton_input_scale_fused_bit_exact(m, k, dtype):
+    """The input scale multiplied inside the quantizer's pass gives the bits of quantizing x * m (as
+    QuantLinear computed it before, in x's dtype), zero and outlier rows included."""
+    x = _cases(m, k, dtype)
+    scale = _input_scale(k, dtype, seed=m)
+    if m > 2:
+        scale[k // 3] = 0.75  # the outlier channel: fp16's 6e4 times it stays finite
+    xq, s = ops.quantize_per_token_int8(x, backend="triton", input_scale=scale)
+    xq_ref, s_ref = quantize_per_token_int8_ref(x * scale)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+    assert torch.equal(quantize_per_token_int8_ref(x, scale)[0], xq_ref)
+    # the scale changes the result (the test would see a kernel that ignored it)
+    assert not torch.equal(xq, ops.quantize_per_token_int8(x, backend="triton")[0])
+
+
+@triton_only
+def test_triton_input_scale_on_the_two_read_path():
+    from minicpm_int4.kernels import act_quant
+    k = act_quant.MAX_SINGLE_BLOCK + 40
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    scale = _input_scale(k, torch.bfloat16)
+    xq, s = ops.quantize_per_token_int8(x, backend="triton", input_scale=scale)
+    xq_ref, s_ref = quantize_per_token_int8_ref(x * scale)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+
+
+def test_input_scale_reference_rounds_the_product_in_x_dtype():
+    # 1 + 2^-10 times 1 + 2^-10 is 1 + 2^-9 + 2^-20 exactly: fp16 rounds it to 1 + 2^-9 before the
+    # quantizer sees it, as `x * m` does; an fp32 product would keep the 2^-20
+    x = torch.tensor([[1 + 2 ** -10, 127.0]], dtype=torch.float16)
+    scale = torch.tensor([1 + 2 ** -10, 1.0], dtype=torch.float16)
+    xq, s = quantize_per_token_int8_ref(x, scale)
+    assert torch.equal(xq, quantize_per_token_int8_ref(x * scale)[0]) and s.item() == 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.ones(63, dtype=torch.float16), r"input_scale must have shape \[K=64\]"),
+    (torch.ones(64, dtype=torch.float32), r"input_scale is torch.float32 but the activations are torch.float16"),
+    (torch.ones(64, dtype=torch.float16, device="meta"), r"input_scale is on meta but the input is on cpu"),
+    ("0.5", r"input_scale must have shape \[K=64\].*got str"),
+])
+def test_bad_input_scale_is_named(bad, match):
+    x = torch.randn(2, 64, dtype=torch.float16)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.quantize_per_token_int8(x, backend="torch", input_scale=bad)

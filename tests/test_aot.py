@@ -73,6 +73,14 @@ def test_no_spills_and_no_problems(compiled, kernel):
     assert not bad, "\n".join(bad)
 
 
+def test_act_quant_with_an_input_scale_compiles_to_the_same_wide_loads(compiled):
+    """The input scale (QuantConfig.input_scales) read in the quantizer's pass: its variants compile,
+    spill nothing and keep 16-byte loads, as those without it."""
+    variants = _by_kernel(compiled, "act_quant")
+    assert {c["constexprs"]["HAS_SCALE"] for c in variants} == {True, False}
+    assert all(c["vector_bytes"] == 16 and not c["spill_bytes"] for c in variants)
+
+
 def _known_triton36_w4a8_spill(c) -> bool:
     """The one spill these kernels are known to have: triton 3.6's ptxas (the GPU image's compiler)
     spills 8 bytes in W4A8's 64 x 64 configs on sm_80 (results/cpu/kernel_inspection_triton3.6.md;

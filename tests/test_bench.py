@@ -342,16 +342,18 @@ def test_cpu_costs_summary_and_committed_results():
 
 
 def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
-    """benchmarks/input_scale_cost.py (the GPU suite's input-scale stage) on the CPU, small: a row per M
-    with both layers' times, and a line each in the log it prints into."""
+    """benchmarks/input_scale_cost.py (the GPU suite's input-scale stage) on the CPU, small: a row per
+    layer kind and M with both layers' times, and a line each in the log it prints into."""
     import importlib.util
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("input_scale_cost", os.path.join(here, "benchmarks", "input_scale_cost.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = mod.measure("cpu", n=48, k=128, ms=(1, 3), reps=2, dtype=torch.float32)
-    assert [r["m"] for r in rows] == [1, 3]
+    rows = mod.measure("cpu", n=48, k=128, ms=(1, 3, 17), reps=2, dtype=torch.float32)
+    # W4A16 at every M, W4A8 only where it quantizes activations (from W4A8_MIN_M rows on)
+    assert [(r["act"], r["m"]) for r in rows] == [("fp", 1), ("fp", 3), ("fp", 17), ("int8", 17)]
     assert all(r["plain_eager_ms"] > 0 and r["input_scale_eager_ms"] > 0 for r in rows)
     out = capsys.readouterr().out
-    assert "input scale cost, 48 x 128 G=128 float32 M=1: eager" in out and "M=3" in out
+    assert "input scale cost, W4A16 48 x 128 G=128 float32 M=1: eager" in out and "W4A16 48 x 128 G=128 float32 M=3" in out
+    assert "input scale cost, W4A8 48 x 128 G=128 float32 M=17: eager" in out

@@ -139,6 +139,23 @@ def test_triton_act_quant_bit_exact(m, k):
     assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m,k", [(17, 3584), (4096, 4096), (130, 18944)])
+def test_act_quant_with_an_input_scale_bit_exact(m, k, dtype, backend):
+    """A W4A8 layer's input scale: Triton multiplies it inside its pass (registers, and the two-read
+    path at K = 18944), CUDA before its kernel; both give the bits of quantizing x * m."""
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    x[0, 3] = 3e3
+    scale = torch.exp(torch.randn(k, device="cuda")).to(dtype)
+    scale[3] = 1.5  # the outlier's channel: stays finite in fp16
+    xq, s = ops.quantize_per_token_int8(x, backend=backend, input_scale=scale)
+    xq_ref, s_ref = quantize_per_token_int8_ref(x * scale)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("m,k", [(1, 4096), (17, 3584), (4096, 4096), (130, 18944), (3, 1001)])
 def test_cuda_act_quant_bit_exact(m, k, dtype):

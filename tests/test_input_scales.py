@@ -216,8 +216,9 @@ def test_transformers_save_and_from_pretrained_keep_the_input_scales(tmp_path):
 
 
 def test_triton_backend_and_compile_with_an_input_scale():
-    """The multiply sits before the custom op: the Triton kernels (here the interpreter) and a
-    fullgraph compile see an ordinary input."""
+    """A W4A16 layer multiplies before the custom op (where torch.compile can fuse the multiply into
+    the op that made x): the Triton kernels (here the interpreter) and a fullgraph compile see an
+    ordinary input."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).half()
     m = _multiplier(64, seed=2)
@@ -230,6 +231,38 @@ def test_triton_backend_and_compile_with_an_input_scale():
     assert_gemm_close(y, y_ref, x * ref.input_scale, w_int4)
     compiled = torch.compile(ref, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), y_ref)
+
+
+@pytest.mark.parametrize("rows", [3, 17, 40])
+def test_w4a8_layer_multiplies_the_input_scale_inside_its_activation_quantizer(rows, monkeypatch):
+    """A W4A8 layer hands its input scale to its op; from W4A8_MIN_M rows on, the Triton activation
+    quantizer multiplies it in its one pass over x (no pass of its own), with the bits of the plain
+    layer on x * m; below, the W4A16 decode path multiplies first. Eager and a fullgraph compile."""
+    from minicpm_int4 import ops
+
+    if not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    kernels = ops._triton_kernels()[0]
+    seen = []
+    quantizer = kernels.quantize_per_token_int8_triton
+    monkeypatch.setattr(kernels, "quantize_per_token_int8_triton",
+                        lambda x, input_scale=None: seen.append((x, input_scale)) or quantizer(x, input_scale))
+    torch.manual_seed(rows)
+    lin = nn.Linear(64, 48).half()
+    m = _multiplier(64, seed=3)
+    tri = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="triton", act="int8"), input_scale=m)
+    plain = _without_input_scale(tri)
+    x = torch.randn(rows, 64).half()
+    y = tri(x)
+    assert torch.equal(y, plain(x * tri.input_scale))
+    if rows >= ops.W4A8_MIN_M:
+        # the layer's own input (not x * m) reached the quantizer, with the scale
+        assert torch.equal(seen[0][0], x) and seen[0][1] is tri.input_scale
+    else:
+        assert not seen
+    ref = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch", act="int8"), input_scale=m)
+    compiled = torch.compile(ref, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), ref(x))
 
 
 def _without_input_scale(ql):

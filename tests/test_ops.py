@@ -58,6 +58,35 @@ def test_opcheck_act_quant_and_w4a8(backend):
                               (xr, qweight, scales, zeros, None, 64, backend, ops.w4a16_workspace(qweight.shape[0])))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_with_an_input_scale(backend):
+    """The ops that take a layer's input scale (QuantConfig.input_scales): schemas, fakes and the
+    gradient with respect to x (y = (x * m) @ W.T: grad_x = (grad @ W) * m), both sides of W4A8's
+    threshold."""
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    qweight, scales, zeros = _layer(torch.bfloat16)
+    scale = (torch.rand(128) + 0.5).to(torch.bfloat16)
+    bias = torch.randn(40, dtype=torch.bfloat16)
+    x = torch.randn(20, 128, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.minicpm_int4.quantize_per_token_int8.default, (x, backend, scale))
+    for rows in (ops.W4A8_MIN_M - 1, ops.W4A8_MIN_M):
+        xr = torch.randn(rows, 128, dtype=torch.bfloat16)
+        args = (qweight, scales, zeros, bias, 64, backend, ops.w4a16_workspace(qweight.shape[0]), scale)
+        for op in (torch.ops.minicpm_int4.w4a8_linear.default, torch.ops.minicpm_int4.w4a16_gemm.default):
+            torch.library.opcheck(op, (xr, *args))
+    # the gradient: against autograd through (x * m) @ W.T with the same int4 weight
+    w = ops.dequantize(qweight, scales, zeros, 64, torch.bfloat16).float()  # the weight the forward multiplies by
+    xg = torch.randn(3, 128, dtype=torch.float32, requires_grad=True)
+    grad = torch.randn(3, 40)
+    for op in (ops.w4a8_linear, ops.w4a16_gemm):
+        (got,) = torch.autograd.grad(op(xg.bfloat16(), qweight, scales, zeros, bias, 64, backend=backend,
+                                        input_scale=scale), xg, grad.bfloat16())
+        (want,) = torch.autograd.grad(((xg * scale.float()) @ w.t()), xg, grad.bfloat16().float())
+        # one rounding of each fp32 gradient to bf16 (half an ulp, 2^-8 relative); fp32 sums of 128 products
+        torch.testing.assert_close(got, want.bfloat16().float(), rtol=2 ** -8, atol=1e-5 * want.abs().max().item())
+
+
 def test_triton_kernels_import():
     """Guards the interpreter tests: if the kernels failed to import, they would all be skipped."""
     kernels, why = ops._triton_kernels()

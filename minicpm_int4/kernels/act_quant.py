@@ -1,20 +1,24 @@
 """Dynamic per-token (per-row) symmetric int8 quantization of activations.
 
     x_ptr     [M, K] fp16 / bf16 / fp32, row stride stride_xm
+    m_ptr     [K] x's dtype: the layer's input scale (read only when HAS_SCALE)
     xq_ptr    int8 [M, K], row stride stride_qm
     scale_ptr fp32 [M]
 
 scale = max|x_row| / 127 (fp32, correctly rounded division), x_q = rint(x / scale) clamped to
 [-127, 127]; a zero row stores scale 0 and zeros. One program per row. When the row fits in one
 block (K <= MAX_SINGLE_BLOCK) it is read from memory once and kept in registers; longer rows take a
-second, cached read.
+second, cached read. HAS_SCALE: the row is x * m, rounded to x's dtype as torch's own multiply
+rounds it (the product of two fp16 / bf16 values is exact in fp32, so one rounding of it is the
+correctly rounded product), so the fused pass gives the bits of `x * m` followed by this kernel
+without writing and re-reading x * m.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import next_pow2
+from ._common import _round_to, next_pow2
 
 MAX_SINGLE_BLOCK = 16384
 # x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
@@ -32,14 +36,24 @@ def _quantize_block(x, scale, safe_scale):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
-                      BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+def _load_row_block(x_row, m_ptr, offs, K, HAS_SCALE: tl.constexpr):
+    """fp32 [BLOCK_K] of the row (times the input scale, rounded to x's dtype, when HAS_SCALE)."""
+    x = tl.load(x_row + offs, mask=offs < K, other=0)
+    if HAS_SCALE:
+        m = tl.load(m_ptr + offs, mask=offs < K, other=0)
+        x = _round_to(x.to(tl.float32) * m.to(tl.float32), x_row.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, m_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
+                      BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
     if SINGLE_BLOCK:
-        x = tl.load(x_row + offs, mask=offs < K, other=0).to(tl.float32)
+        x = _load_row_block(x_row, m_ptr, offs, K, HAS_SCALE)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.math.div_rn(amax, 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
@@ -47,19 +61,20 @@ def _act_quant_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
+            x = _load_row_block(x_row, m_ptr, k0 + offs, K, HAS_SCALE)
             amax = tl.maximum(amax, tl.abs(x))
         amax_s = tl.max(amax, axis=0)
         scale = tl.math.div_rn(amax_s, 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
+            x = _load_row_block(x_row, m_ptr, k0 + offs, K, HAS_SCALE)
             tl.store(q_row + k0 + offs, _quantize_block(x, scale, safe), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_per_token_int8_triton(x):
-    """x [M, K] -> (x_q int8 [M, K], scale fp32 [M]). Validated by ops.quantize_per_token_int8."""
+def quantize_per_token_int8_triton(x, input_scale=None):
+    """x [M, K] -> (x_q int8 [M, K], scale fp32 [M]) of x, or of x * input_scale ([K], x's dtype).
+    Validated by ops.quantize_per_token_int8."""
     m, k = x.shape
     x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -70,6 +85,7 @@ def quantize_per_token_int8_triton(x):
     if not single:
         block = 4096
     num_warps = 4 if INTERPRET else min(32, max(4, block // 512))
-    _act_quant_kernel[(m,)](x, x_q, scale, k, x.stride(0), x_q.stride(0),
-                            BLOCK_K=block, SINGLE_BLOCK=single, num_warps=num_warps)
+    has_scale = input_scale is not None
+    _act_quant_kernel[(m,)](x, input_scale if has_scale else x, x_q, scale, k, x.stride(0), x_q.stride(0),
+                            BLOCK_K=block, SINGLE_BLOCK=single, HAS_SCALE=has_scale, num_warps=num_warps)
     return x_q, scale

@@ -234,6 +234,8 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                                 w4a8_gemm_triton(xq, xs, qweight, scales, zeros, b, g, dtype)
                             if m > 16 and act_quant:
                                 quantize_per_token_int8_triton(x)
+                                # a W4A8 layer with an input scale (QuantConfig.input_scales)
+                                quantize_per_token_int8_triton(x, torch.empty((k,), dtype=dtype))
                             for launch in sink[start:]:
                                 launch.label = f"M={m} N={n} K={k} G={gs} {str(dtype)[6:]}{' bias' if has_bias else ''}"
     distinct: Dict[object, Launch] = {}
