@@ -1,12 +1,14 @@
 """What an input scale (QuantConfig.input_scales) costs at runtime: one int4 layer timed with and without
 `input_scale`, eager and, on a GPU, replayed from a CUDA graph (where launch overhead is what is left of a
-decode step's host cost). W4A16: one elementwise multiply of the input before the GEMM (not fused);
-W4A8 from ops.W4A8_MIN_M rows on: the multiply inside the activation quantizer's pass (fused), below it
-the W4A16 path's. Prints one line per layer kind and M; the GPU suite runs it into suite.log.
+decode step's host cost). W4A16 decode (M <= 16): multiplied into the Triton kernels' loads of x, and on
+a GPU also timed as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False: which is
+faster); W4A16 prefill: a separate pass; W4A8 from ops.W4A8_MIN_M rows on: inside the activation
+quantizer's pass. Prints one line per layer kind and M; the GPU suite runs it into suite.log.
 
     python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
 """
 import argparse
+import contextlib
 import statistics
 
 import torch
@@ -56,7 +58,23 @@ def _graphed(layer, x):
     return g.replay
 
 
-def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16):
+@contextlib.contextmanager
+def _fused(fuse):
+    """kernels.w4a16.FUSE_INPUT_SCALE set to `fuse` inside the block (None: left as it is)."""
+    if fuse is None:
+        yield
+        return
+    from minicpm_int4.kernels import w4a16
+
+    saved, w4a16.FUSE_INPUT_SCALE = w4a16.FUSE_INPUT_SCALE, fuse
+    try:
+        yield
+    finally:
+        w4a16.FUSE_INPUT_SCALE = saved
+
+
+def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16,
+            backend: str = "auto"):
     from minicpm_int4.ops import W4A8_MIN_M
 
     device = torch.device(device)
@@ -67,23 +85,30 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
     kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
     with torch.no_grad():
         for act in (None, "int8"):
-            config = QuantConfig(group_size=128, act=act)
-            layers = {"plain": QuantLinear.from_linear(lin, config),
-                      "input_scale": QuantLinear.from_linear(lin, config, input_scale=m)}
+            config = QuantConfig(group_size=128, act=act, backend=backend)
+            plain = QuantLinear.from_linear(lin, config)
+            scaled = QuantLinear.from_linear(lin, config, input_scale=m)
             for rows_m in ms:
                 if act == "int8" and rows_m < W4A8_MIN_M:
                     continue  # the W4A16 path, timed above
                 x = torch.randn(rows_m, k, device=device, dtype=dtype)
                 row = {"n": n, "k": k, "m": rows_m, "act": act or "fp"}
-                for name, layer in layers.items():
-                    row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
-                    if device.type == "cuda":
-                        row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
+                # (name, layer, FUSE_INPUT_SCALE); the Triton decode kernels both ways where they run
+                variants = [("plain", plain, None), ("input_scale", scaled, None)]
+                if act is None and rows_m <= 16 and (device.type == "cuda" or backend == "triton"):
+                    variants.append(("input_scale_separate", scaled, False))
+                for name, layer, fuse in variants:
+                    with _fused(fuse):
+                        row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
+                        if device.type == "cuda":
+                            row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
                 rows.append(row)
                 label = "W4A8" if act else "W4A16"
                 print(f"input scale cost, {label} {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
                     f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'input_scale_{kind}_ms'] * 1e3:.1f} us "
-                    f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)" for kind in kinds), flush=True)
+                    f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)"
+                    + (f", separate pass {row[f'input_scale_separate_{kind}_ms'] * 1e3:.1f} us"
+                       if f"input_scale_separate_{kind}_ms" in row else "") for kind in kinds), flush=True)
     return rows
 
 

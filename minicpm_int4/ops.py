@@ -209,17 +209,15 @@ def _check_input_scale(op: str, input_scale: Optional[Tensor], x: Tensor) -> Non
 def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
                      input_scale: Optional[Tensor] = None) -> Tensor:
-    if input_scale is not None:
-        # a pass of its own, not fused into the W4A16 kernels: each decode program that reads x (and
-        # the prefill kernel, per tile) would redo the multiply; benchmarks/input_scale_cost.py times
-        # what the pass costs, to decide
-        x = x * input_scale
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
     if be in ("triton", "triton-tc"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
         tc = be == "triton-tc" and workspace is not None
+        # the decode kernels (M <= 16) multiply the input scale into x as they load it; prefill first
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
-                                                      m1_tensor_core=tc)
+                                                      m1_tensor_core=tc, input_scale=input_scale)
+    if input_scale is not None:  # the CUDA kernels and the reference take x * m (a pass of its own)
+        x = x * input_scale
     if be == "cuda":
         return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
     return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
@@ -314,8 +312,9 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
         group_size: 32/64/128, or -1 for per output channel.
         workspace: optional `w4a16_workspace(N, device)`: split-K decode in one launch instead of two
             (same result). It must hold zeros, and the call leaves it so.
-        input_scale: optional [K] in x's dtype, a multiplier per input channel (QuantLinear.input_scale),
-            applied to x in x's dtype before the GEMM (a separate elementwise pass).
+        input_scale: optional [K] in x's dtype, a multiplier per input channel (QuantLinear.input_scale):
+            y = (x * input_scale) @ ..., the product rounded to x's dtype; the Triton decode kernels
+            (M <= 16) multiply it into x as they load it, the other kernels get x * input_scale.
     Returns:
         y: [M, N] in x's dtype.
     Example:
@@ -494,14 +493,11 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     w4a16_workspace or None; input_scale: the layer's [K] multiplier or None. Eager inference calls
     the implementations directly (eager_fast_path); the results are the op's, bit for bit.
 
-    A W4A8 layer's input scale goes into its op (the activation quantizer multiplies it in its pass
-    over x); a W4A16 layer's is multiplied before the op, where torch.compile can fuse the multiply
-    into the kernel that produced x (the W4A16 kernels would redo it per program / tile)."""
+    The input scale goes into the op: the Triton decode kernels and the activation quantizer multiply
+    it into x as they load it (no pass of its own); before the other kernels the op multiplies first."""
     direct = eager_fast_path(x, bias)
     if act == "int8":
         return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,
                                                                    backend, workspace, input_scale)
-    if input_scale is not None:
-        x = x * input_scale
     w4a16 = _w4a16_gemm_impl if direct else _w4a16_gemm_op
-    return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace)
+    return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 import torch
 
+from minicpm_int4 import ops
 from minicpm_int4.bench import backends as B
 from minicpm_int4.bench.micro import KernelMismatch, run_microbench
 from minicpm_int4.bench.report import validate_micro, write_all
@@ -357,3 +358,8 @@ def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
     out = capsys.readouterr().out
     assert "input scale cost, W4A16 48 x 128 G=128 float32 M=1: eager" in out and "W4A16 48 x 128 G=128 float32 M=3" in out
     assert "input scale cost, W4A8 48 x 128 G=128 float32 M=17: eager" in out
+    assert "separate pass" not in out  # the reference backend has no fused decode kernel to compare
+    if ops.triton_interpreter_active():  # the Triton decode kernels: fused, and the separate pass too
+        rows = mod.measure("cpu", n=48, k=128, ms=(3,), reps=1, dtype=torch.float16, backend="triton")
+        assert all(r["input_scale_separate_eager_ms"] > 0 for r in rows)
+        assert "input scale cost, W4A16 48 x 128 G=128 float16 M=3: eager" in capsys.readouterr().out

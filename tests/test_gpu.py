@@ -332,6 +332,27 @@ def test_triton_splitk_in_one_launch(nk, m, dtype):
                       dequant(qweight, scales, zeros, gs, dtype))
 
 
+# few variants: each new (dtype, shape) compiles the decode kernel's autotune configs once more
+@pytest.mark.parametrize("m", [1, 16, 17])
+@pytest.mark.parametrize("nk, group_size, dtype", [((4096, 4096), 128, torch.float16), ((4096, 4096), 128, torch.bfloat16),
+                                                   ((1152, 4304), -1, torch.float16)], ids=lambda v: str(v))
+def test_triton_w4a16_input_scale(nk, group_size, dtype, m):
+    """A layer's input scale multiplied into the compiled decode kernels' loads of x (the GEMV, the
+    tensor-core kernel with m as x.T's tile on sm_90 / as a column on sm_80, split-K in one launch),
+    before prefill: against the reference on x * m."""
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    scale = torch.exp(torch.randn(k, device="cuda")).to(dtype)
+    workspace = ops.w4a16_workspace(n, "cuda")
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", workspace=workspace,
+                       input_scale=scale)
+    assert torch.count_nonzero(workspace) == 0
+    xm = x * scale
+    assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, None, gs), xm,
+                      dequant(qweight, scales, zeros, gs, dtype))
+
+
 # The long sweep last, so that a time-limited run (the GPU suite) covers every other check first.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 256])

@@ -216,9 +216,8 @@ def test_transformers_save_and_from_pretrained_keep_the_input_scales(tmp_path):
 
 
 def test_triton_backend_and_compile_with_an_input_scale():
-    """A W4A16 layer multiplies before the custom op (where torch.compile can fuse the multiply into
-    the op that made x): the Triton kernels (here the interpreter) and a fullgraph compile see an
-    ordinary input."""
+    """The input scale goes into the layer's op: the Triton decode kernel (here the interpreter) multiplies
+    it into its loads of x, and a fullgraph compile traces the op with it."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).half()
     m = _multiplier(64, seed=2)

@@ -242,6 +242,63 @@ def test_w4a16_gemv_paths(case, dtype):
     _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)
 
 
+def _input_scale(k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(k, generator=g)).to(dtype)  # positive, ~e^-3..e^3: products round
+
+
+# (M, kernel, case, the decode kernel's m as x.T's tile (sm_90) or as a column (sm_80))
+INPUT_SCALE_CASES = [(1, "gemv", case, None) for case in GEMV_CASES] + [
+    (m, "decode", case, False) for m in (3, 16) for case in DECODE_CASES] + [
+    (16, "decode", case, True) for case in ("even-g32", "masked-n-g64", "masked-split-g32")] + [
+    (17, "prefill", "masked-n-g64", None)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m, kernel, case, tile", INPUT_SCALE_CASES, ids=lambda v: str(v))
+def test_input_scale_multiplied_as_x_is_loaded(m, kernel, case, tile, dtype, monkeypatch):
+    """A layer's input scale (QuantConfig.input_scales) inside the decode kernels' loads of x - the
+    GEMV's (M = 1) and the tensor-core decode kernel's (2..16, split-K in one launch or two; m
+    loaded either way), masked and even tiles - gives the bits of the same kernel on x * m computed
+    by torch; prefill multiplies before its kernel. Against the reference on x * m within its
+    tolerance too."""
+    from minicpm_int4.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "SCALE_AS_TILE", tile)
+    n, k, group_size = (GEMV_CASES if kernel == "gemv" else DECODE_CASES)[case]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n + k + m)
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g).to(dtype) * 4
+    bias = torch.randn(n, generator=g).to(dtype) if m != 16 else None
+    scale = _input_scale(k, dtype, seed=m)
+    launched = []
+    for name in ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_kernel"):
+        kern = getattr(w4a16, name)
+        monkeypatch.setattr(w4a16, name, _Recording(kern, name, launched))
+    for workspace in (None, ops.w4a16_workspace(n)) if kernel == "decode" else (None,):
+        launched.clear()
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace,
+                           input_scale=scale)
+        assert launched == [f"_w4a16_{kernel}_kernel"]
+        xm = x * scale
+        assert torch.equal(y, ops.w4a16_gemm(xm, qweight, scales, zeros, bias, group_size, backend="triton",
+                                             workspace=workspace))
+    assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm, dequant(qweight, scales, zeros, gs, dtype))
+    # the scale matters (a kernel that ignored it would fail here)
+    assert not torch.equal(y, ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton"))
+
+
+class _Recording:
+    """A launched Triton kernel, its name recorded (kernel[grid](...) passes through)."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 def test_prefill_config_choice_on_a_gpu(monkeypatch):
     # What the autotuner may time on a GPU (the interpreter has a single config, so CI never runs
     # this choice): fp32 layers get their own small FMA tiles, fp16/bf16 the tensor-core ones, and

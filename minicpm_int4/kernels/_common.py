@@ -129,3 +129,15 @@ def _round_to(x, DTYPE: tl.constexpr):
             bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def _times_input_scale(x, m):
+    """x * m in x's dtype, rounded as torch's `x * m` rounds it (QuantLinear.input_scale, fused into
+    a kernel's loads without changing a bit): an fp16 or bf16 product is exact in fp32, so one
+    rounding of it is the correctly rounded product. fp16 and fp32 multiply natively (mul.rn.f16 /
+    f16x2 on the GPU, numpy's in the interpreter); bf16 goes through fp32 and _round_to, which also
+    rounds correctly in the interpreter and on GPUs without a bf16 multiply (sm_80)."""
+    if x.dtype == tl.bfloat16:
+        return _round_to(x.to(tl.float32) * m.to(tl.float32), tl.bfloat16)
+    return x * m

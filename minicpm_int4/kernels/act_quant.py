@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _round_to, next_pow2
+from ._common import _times_input_scale, next_pow2
 
 MAX_SINGLE_BLOCK = 16384
 # x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
@@ -41,7 +41,7 @@ def _load_row_block(x_row, m_ptr, offs, K, HAS_SCALE: tl.constexpr):
     x = tl.load(x_row + offs, mask=offs < K, other=0)
     if HAS_SCALE:
         m = tl.load(m_ptr + offs, mask=offs < K, other=0)
-        x = _round_to(x.to(tl.float32) * m.to(tl.float32), x_row.dtype.element_ty)
+        x = _times_input_scale(x, m)
     return x.to(tl.float32)
 
 

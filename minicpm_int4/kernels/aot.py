@@ -205,9 +205,11 @@ def _weights(n: int, k: int, group_size: int, dtype: torch.dtype):
 
 def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[int],
                     dtypes: Sequence[torch.dtype] = (torch.float16,), group_sizes: Sequence[int] = (128,),
-                    bias: Sequence[bool] = (False,), w4a8: bool = True, act_quant: bool = True) -> List[Launch]:
+                    bias: Sequence[bool] = (False,), w4a8: bool = True, act_quant: bool = True,
+                    input_scale: bool = True) -> List[Launch]:
     """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
-    problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16."""
+    problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16; with
+    `input_scale` also the decode kernels and the quantizer as a layer with an input scale runs them."""
     from ..ops import w4a16_workspace
     from . import quantize_per_token_int8_triton, w4a8_gemm_triton, w4a16_gemm_triton
 
@@ -228,14 +230,17 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                             # ops.w4a16_gemm call without a workspace does (a reduce launch after it)
                             w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace)
                             w4a16_gemm_triton(x, qweight, scales, zeros, b, g)
+                            scale = torch.empty((k,), dtype=dtype)
+                            if m <= 16 and input_scale:  # multiplied into x's loads (prefill: before)
+                                w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_scale=scale)
                             if m > 16 and w4a8 and dtype != torch.float32:
                                 xq = torch.empty((m, k), dtype=torch.int8)
                                 xs = torch.empty((m,), dtype=torch.float32)
                                 w4a8_gemm_triton(xq, xs, qweight, scales, zeros, b, g, dtype)
                             if m > 16 and act_quant:
                                 quantize_per_token_int8_triton(x)
-                                # a W4A8 layer with an input scale (QuantConfig.input_scales)
-                                quantize_per_token_int8_triton(x, torch.empty((k,), dtype=dtype))
+                                if input_scale:  # a W4A8 layer with an input scale
+                                    quantize_per_token_int8_triton(x, scale)
                             for launch in sink[start:]:
                                 launch.label = f"M={m} N={n} K={k} G={gs} {str(dtype)[6:]}{' bias' if has_bias else ''}"
     distinct: Dict[object, Launch] = {}

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
-from ._common import (_grouped_tile, autotune, cdiv, min_capability, next_pow2, _round_to, row_slices,
-                      _unpack_int4_tile, num_sms)
+from ._common import (_grouped_tile, _times_input_scale, autotune, cdiv, min_capability, next_pow2, _round_to,
+                      row_slices, _unpack_int4_tile, num_sms)
 
 DECODE_MAX_M = 16
 # M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
@@ -58,6 +58,15 @@ DECODE_MAX_M = 16
 # vs ~3.1-3.5 on sm_90a) and, given the layer's workspace, finishes its split-K in the same launch;
 # which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
 GEMV_MAX_M = 1
+# The decode kernels (M <= 16) multiply a layer's input scale (QuantConfig.input_scales) into x as they
+# load it, instead of a separate launch and pass over x (at decode sizes about as long as the GEMM).
+# Static cost in SASS instructions per weight of the loop (kernels/aot.py; 4096 x 4096 G = 128 and
+# 1152 x 4304 per channel, fp16 / bf16, M = 4 / 16): the GEMV 4.48 - 5.34 -> 4.52 - 5.60 (sm_80 /
+# sm_90a); the tensor-core decode kernel on sm_90a 2.94 - 3.53 -> 3.20 - 3.67 (m loaded as x.T's
+# tile), on sm_80 4.17 - 4.94 -> 3.86 - 4.73 (m as a vector: fewer, because the multiplied tile
+# reaches the mma registers by ldmatrix where the plain one is read 16 bits at a time; m as a tile
+# there: 6.30 - 7.03). False: x * m in its own pass first (benchmarks/input_scale_cost.py times both).
+FUSE_INPUT_SCALE = True
 # The inline-PTX dequantization of the decode kernel and of the prefill row tile (fp16 / bf16 on a
 # GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
 # to rule the PTX out on a new GPU.
@@ -233,15 +242,34 @@ def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.const
     return tl.reshape(w, (words.shape[0], words.shape[1] * 8))
 
 
+@triton.jit
+def _load_input_scale(m_ptr, k, offs_m, K, EVEN: tl.constexpr, TILE: tl.constexpr):
+    """The input scale for x.T's tile [len(k), len(offs_m)]: TILE loads it as that tile (the same k
+    offsets, stride 0 along M), so it arrives in x.T's own layout (sm_90a: +0.2 SASS instructions
+    per weight against +0.8 as a vector); else as a [len(k), 1] column broadcast along M (sm_80:
+    -0.25 against the kernel without a scale, +2.1 as a tile; see FUSE_INPUT_SCALE)."""
+    if TILE:
+        ptrs = m_ptr + k[:, None] + 0 * offs_m[None, :]
+        mask = (k < K)[:, None] & (offs_m >= 0)[None, :]
+    else:  # one return below: Triton's if-branches must agree on the returned shape
+        ptrs = m_ptr + k[:, None]
+        mask = (k < K)[:, None]
+    if EVEN:
+        m = tl.load(ptrs)
+    else:
+        m = tl.load(ptrs, mask=mask, other=0)
+    return m
+
+
 @autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K"])
 @triton.jit
 def _w4a16_decode_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
+    x_ptr, m_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     M, N, KW, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
     KW_PER_SPLIT, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, DOT_FP32: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_TILE: tl.constexpr,
     GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
 ):
@@ -259,7 +287,9 @@ def _w4a16_decode_kernel(
     [SPLIT_K, M, N] to part_ptr. FIXUP: the program that finishes a row tile last (a counter per
     tile in count_ptr, which it sets back to zero) adds the partials in the order p = 0, 1, ... and
     writes y, so the result does not depend on which program that is; else _splitk_reduce_kernel does
-    the same in a second launch. EVEN: no N or K remainder anywhere."""
+    the same in a second launch. EVEN: no N or K remainder anywhere. HAS_SCALE: y = (x * m) @ W.T,
+    the layer's input scale (m_ptr [K]) multiplied into x.T's tile as it is loaded, in x's dtype
+    (BLOCK_M / BLOCK_N multiplies per weight: the x tile is narrow)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,9 +315,13 @@ def _w4a16_decode_kernel(
             if EVEN:
                 words = tl.load(w_rows + kw[None, :])
                 xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0)
+                if HAS_SCALE:
+                    xt = _times_input_scale(xt, _load_input_scale(m_ptr, k, offs_m, KW * 8, True, SCALE_TILE))
             else:
                 words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
                 xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k < KW * 8)[:, None], other=0)
+                if HAS_SCALE:
+                    xt = _times_input_scale(xt, _load_input_scale(m_ptr, k, offs_m, KW * 8, False, SCALE_TILE))
             if not PER_CHANNEL:
                 sz_mask = n_mask & (tl.full((BLOCK_N,), kw_step, tl.int32) < KW)
                 g = kw_step // GROUP_W
@@ -365,15 +399,20 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexp
 
 
 @triton.jit
-def _x_columns(x_ptr, kw, KW, EVEN: tl.constexpr):
+def _x_columns(x_ptr, m_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr):
     """x[8 * kw + i] * 16**-(i % 4) for i = 0..7 as eight [BLOCK_KW] fp32 vectors (the power of two
     meets _nibbles_dot's unshifted nibbles; exact). One contiguous load per word of x, scaled before
-    it is split and spread to the threads that hold the weights (so once per element, not per row)."""
-    ptrs = x_ptr + kw[:, None] * 8 + tl.arange(0, 8)[None, :]
+    it is split and spread to the threads that hold the weights (so once per element, not per row).
+    HAS_SCALE: x * m first (the layer's input scale, m_ptr [K]), rounded to x's dtype as torch does."""
+    offs = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
     if EVEN:
-        x = tl.load(ptrs)
+        x = tl.load(x_ptr + offs)
+        if HAS_SCALE:
+            x = _times_input_scale(x, tl.load(m_ptr + offs))
     else:
-        x = tl.load(ptrs, mask=(kw < KW)[:, None], other=0)
+        x = tl.load(x_ptr + offs, mask=(kw < KW)[:, None], other=0)
+        if HAS_SCALE:
+            x = _times_input_scale(x, tl.load(m_ptr + offs, mask=(kw < KW)[:, None], other=0))
     pow2 = ((127 - 4 * (tl.arange(0, 8) % 4)) << 23).to(tl.float32, bitcast=True)
     x = (x.to(tl.float32) * pow2[None, :]).reshape(kw.shape[0], 4, 2)
     x_even, x_odd = tl.split(x)                                 # i = 0 2 4 6 | 1 3 5 7
@@ -417,9 +456,9 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, m_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     N, KW, stride_qn, stride_sn,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     """M = 1: y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g]).
@@ -431,7 +470,8 @@ def _w4a16_gemv_kernel(
     groups' words in registers. (Loaded per word, their layout became the accumulator's under Triton
     3.6 - the GPU image's - and every nibble's product went through shared memory to reach it: 8.1
     SASS instructions per weight instead of 4.6.) The sum over K stays per thread until one reduction
-    at the end. EVEN: N % BLOCK_N == 0 and KW % BLOCK_KW == 0."""
+    at the end. EVEN: N % BLOCK_N == 0 and KW % BLOCK_KW == 0. HAS_SCALE: y = (x * m) @ W.T, the
+    layer's input scale multiplied into x as it is loaded (once per element per program)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -444,7 +484,7 @@ def _w4a16_gemv_kernel(
             words = tl.load(w_rows + kw[None, :])
         else:
             words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(x_ptr, kw, KW, EVEN)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(x_ptr, m_ptr, kw, KW, EVEN, HAS_SCALE)
         if BLOCK_KW <= GROUP_W:
             sz = offs_n * stride_sn + kw0 // GROUP_W
             s = tl.load(s_ptr + sz, mask=n_mask, other=0).to(tl.float32)[:, None]
@@ -590,6 +630,15 @@ def _decode_plan(n: int, k: int, group_size: int, sms: int):
 
 # None: pick by K tile (row-oriented dequantization for 64-wide tiles); tests set True / False to run both paths
 PREFILL_W_ROWS = None
+# None: the decode kernel loads an input scale as x.T's tile on sm_90+ and as a vector on older GPUs
+# and in the interpreter (_load_input_scale); tests set True / False to run both
+SCALE_AS_TILE = None
+
+
+def _decode_scale_tile(device: torch.device) -> bool:
+    if SCALE_AS_TILE is not None:
+        return SCALE_AS_TILE
+    return not INTERPRET and _common.target_capability(device) >= 90
 
 
 def _triton_at_least(major: int, minor: int) -> bool:
@@ -639,7 +688,7 @@ def _gemv_plan(n: int, kw: int, sms: int):
     return block_n, block_kw, warps
 
 
-def _gemv(x, qweight, scales, zeros, bias, group_size):
+def _gemv(x, qweight, scales, zeros, bias, group_size, input_scale=None):
     n, kw = qweight.shape
     block_n, block_kw, warps = _gemv_blocks(n, kw, x.device)
     # words per group as a power of two (per-channel: any power of two >= K/8 puts every word in group 0)
@@ -647,15 +696,15 @@ def _gemv(x, qweight, scales, zeros, bias, group_size):
     even = n % block_n == 0 and kw % block_kw == 0
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _w4a16_gemv_kernel[(cdiv(n, block_n),)](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out, n, kw,
-        qweight.stride(0), scales.stride(0),
-        HAS_BIAS=bias is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        x, x if input_scale is None else input_scale, qweight, scales, zeros,
+        bias if bias is not None else scales, out, n, kw, qweight.stride(0), scales.stride(0),
+        HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
         num_warps=warps, num_stages=1,
     )
     return out
 
 
-def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None):
+def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None, input_scale=None):
     m, k = x.shape
     n, kw = qweight.shape
     block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
@@ -667,11 +716,13 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
         raise ValueError(f"w4a16 decode: workspace of {workspace.numel()} counters for {cdiv(n, block_n)} row tiles")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_decode_kernel[(cdiv(n, block_n), split)](
-        x, qweight, scales, zeros, b, out, part, workspace if fixup else qweight,
+        x, x if input_scale is None else input_scale, qweight, scales, zeros, b, out, part,
+        workspace if fixup else qweight,
         m, n, kw, next_pow2(m),
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         kw_per_split, *NIBBLE_MASKS,
         HAS_BIAS=bias is not None, SPLIT_K=split, FIXUP=fixup, DOT_FP32=dot_fp32, EVEN=even,
+        HAS_SCALE=input_scale is not None, SCALE_TILE=input_scale is not None and _decode_scale_tile(x.device),
         GROUP_W=group_w, PER_CHANNEL=per_channel, ASM=_use_ptx(dot_fp32),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
@@ -682,19 +733,25 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
     return out
 
 
-def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, m1_tensor_core=False):
+def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, m1_tensor_core=False,
+                      input_scale=None):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
     workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: split-K
     decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
-    (where dispatch.py's measured table says that is faster)."""
+    (where dispatch.py's measured table says that is faster). input_scale: [K] in x's dtype or None,
+    y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
+    (FUSE_INPUT_SCALE), before the prefill kernel (whose x tiles go from memory to the tensor cores
+    untouched)."""
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
         return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
+    if input_scale is not None and (x.shape[0] > DECODE_MAX_M or not FUSE_INPUT_SCALE):
+        x, input_scale = x * input_scale, None
     if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
-        return _gemv(x, qweight, scales, zeros, bias, group_size)
+        return _gemv(x, qweight, scales, zeros, bias, group_size, input_scale)
     dot_fp32 = _dot_fp32(x.dtype)
     if x.shape[0] <= DECODE_MAX_M:
-        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace)
+        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale)
     m, k = x.shape
     n = qweight.shape[0]
     g = group_size
