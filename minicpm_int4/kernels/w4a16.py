@@ -65,7 +65,9 @@ GEMV_MAX_M = 1
 # sm_90a); the tensor-core decode kernel on sm_90a 2.94 - 3.53 -> 3.20 - 3.67 (m loaded as x.T's
 # tile), on sm_80 4.17 - 4.94 -> 3.86 - 4.73 (m as a vector: fewer, because the multiplied tile
 # reaches the mma registers by ldmatrix where the plain one is read 16 bits at a time; m as a tile
-# there: 6.30 - 7.03). False: x * m in its own pass first (benchmarks/input_scale_cost.py times both).
+# there: 6.30 - 7.03). With triton 3.6 (the lent GPUs' image): GEMV +0.05 - 0.22, decode on sm_90a
+# 2.77 - 3.31 -> 3.14 - 3.70, on sm_80 4.33 - 5.05 -> 5.00 - 5.83 (as a tile 6.00 - 6.50).
+# False: x * m in its own pass first (benchmarks/input_scale_cost.py times both).
 FUSE_INPUT_SCALE = True
 # The inline-PTX dequantization of the decode kernel and of the prefill row tile (fp16 / bf16 on a
 # GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
