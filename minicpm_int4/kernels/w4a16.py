@@ -2,6 +2,7 @@
 
 Pointers (canonical layout, packing.py):
     x_ptr    [M, K]        fp16 / bf16 / fp32, row stride stride_xm, unit stride along K
+    m_ptr    [K]           the layer's input scale in x's dtype (decode kernels, read only when HAS_SCALE)
     qw_ptr   int32 [N, K/8] 8 nibbles per word along K, row stride stride_qn
     s_ptr    [N, K/G]      scales, x's dtype, row stride stride_sn
     z_ptr    [N, K/G]      integer zero points stored in x's dtype
