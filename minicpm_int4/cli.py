@@ -621,8 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration prompts (N of them, evenly spaced: text and image ones) that --sensitivity model runs per layer")
     q.add_argument("--input-scales", action="store_true",
                    help="per-channel AWQ scales also where none folds into the previous op (post-norm layers, attention "
-                        "output, an MLP's second layer): the layer multiplies its input by it at runtime (one elementwise "
-                        "multiply per layer); needs --calibration and/or --calibration-images")
+                        "output, an MLP's second layer): the layer multiplies its input by it at runtime (inside the "
+                        "Triton decode kernels' and the int8 quantizer's loads of x, else one elementwise pass); needs "
+                        "--calibration and/or --calibration-images")
     q.add_argument("--act", type=_act_spec, default=None,
                    help="activations: int8 (W4A8 everywhere), none (W4A16, the default), or per part, e.g. "
                         "vision=int8 (prefill-heavy parts on int8 tensor cores; decode rows use the W4A16 kernel); "
