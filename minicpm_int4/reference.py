@@ -44,8 +44,8 @@ def quantize_per_token_int8_ref(x: torch.Tensor,
     """Dynamic symmetric per-row int8: scale = max|x_row| / 127 (fp32), x_q = round(x / scale).
 
     A row of zeros gets scale 0 and x_q = 0 (never NaN). Returns (x_q int8 [M, K], scale fp32 [M]).
-    With `input_scale` ([K], x's dtype) the row quantized is x * input_scale computed in x's dtype (one
-    rounding, as QuantLinear's own `x * input_scale`), so fusing the multiply changes no bit.
+    With `input_scale` ([K], x's dtype) the row quantized is x * input_scale computed in x's dtype (torch's
+    `x * input_scale`: one rounding), the product the kernels that fuse the multiply must reproduce bit for bit.
     """
     if input_scale is not None:
         x = x * input_scale
