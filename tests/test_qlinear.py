@@ -204,6 +204,29 @@ def test_torch_export_with_a_dynamic_batch(act, tmp_path):
         assert torch.equal(loaded(xb), model(xb))
 
 
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_torch_export_with_an_input_scale(act, tmp_path):
+    """A layer's input scale (QuantConfig.input_scales) goes into its op as a buffer argument: the
+    exported program keeps it (no separate multiply node), saves, reloads and computes the same bits
+    on both sides of the W4A8 threshold."""
+    torch.manual_seed(3)
+    lin = nn.Linear(256, 64)
+    m = torch.exp(torch.randn(256))
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(),
+                          QuantLinear.from_linear(lin, QuantConfig(group_size=32, act=act), input_scale=m))
+    x = torch.randn(ops.W4A8_MIN_M + 3, 128)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function"
+             and str(n.target) in ("minicpm_int4.w4a16_gemm.default", "minicpm_int4.w4a8_linear.default")]
+    assert len(calls) == 1 and len(calls[0].args) == 9 and calls[0].args[8] is not None
+    assert not any(n.op == "call_function" and "mul" in str(n.target) for n in ep.graph.nodes)
+    torch.export.save(ep, str(tmp_path / "scaled.pt2"))
+    loaded = torch.export.load(str(tmp_path / "scaled.pt2")).module()
+    for rows in (x.shape[0], 1, 5):
+        xb = torch.randn(rows, 128)
+        assert torch.equal(loaded(xb), model(xb))
+
+
 def test_state_dict_keys():
     ql = QuantLinear.from_linear(nn.Linear(64, 64), QuantConfig(group_size=32))
     assert set(ql.state_dict()) == {"qweight", "scales", "zeros", "bias"}
