@@ -56,9 +56,10 @@ class QuantConfig:
             attention output projection; an MLP's second layer after a nonlinearity): the layer stores
             ``input_scale`` [K] and multiplies its input by it before the int4 GEMM (the Triton decode
             kernels and the activation quantizer multiply it into their loads of x; before W4A16
-            prefill and the CUDA kernels, one elementwise pass), its weight is quantized divided by it. Searched per layer as the folds are (alpha = 0, no scale, is a candidate; a layer of a fold
-            group whose search chose no scale gets no runtime one either). Needs
-            calibration; any method. Off by default for that runtime cost. On MiniLM's trained weights
+            prefill and the CUDA kernels, one elementwise pass), its weight is quantized divided by it.
+            Searched per layer as the folds are (alpha = 0, no scale, is a candidate; a layer of a fold
+            group whose search chose no scale gets no runtime one either). Needs calibration; any
+            method. Off by default for that runtime cost. On MiniLM's trained weights
             (post-norm: nothing folds) it cut the held-out embedding 1 - cos by 27-36% with the search
             (32-40% with W4A8 activations) and by 3-12% with gptq (16-24% with W4A8), at G = 128 / 32
             (benchmarks/results/cpu/minilm_quality.md).

@@ -270,7 +270,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                                          input_scale=None if found is None else found[1])
             if found is not None:
                 n_scaled += 1
-                d.bytes_after += ql.input_scale.numel() * ql.input_scale.element_size()
+                d.bytes_after = ql.weight_bytes  # the planned int4 bytes plus the scale's (the layer counts them)
                 d.reason += f"; input scale (AWQ, alpha={found[0]:.1f}) applied at runtime"
             del hessian
             ql.train(lin.training)

@@ -19,6 +19,13 @@ def random_qweight(n, k, group_size, dtype, seed=0, device="cpu"):
     return pack_int4(qw.q), qw.scales, qw.zeros, gs
 
 
+def random_input_scale(k, dtype=torch.float32, seed=0):
+    """A layer's per-channel input scale for tests: exp(N(0, 1)), positive and spread over ~e^-3..e^3,
+    so that products with it round."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(k, generator=g)).to(dtype)
+
+
 def assert_gemm_close(y, y_ref, x, w):
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     assert torch.isfinite(y).all(), "output has NaN/inf (an element never written?)"

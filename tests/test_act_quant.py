@@ -5,6 +5,8 @@ import torch
 from minicpm_int4 import ops
 from minicpm_int4.reference import quantize_per_token_int8_ref
 
+from helpers import random_input_scale
+
 pytestmark = pytest.mark.usefixtures("poison_empty")
 triton_only = pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
 
@@ -49,11 +51,6 @@ def test_reference_semantics():
     assert (err <= 0.5 * s[:, None] + 1e-6).all()
 
 
-def _input_scale(k, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.exp(torch.randn(k, generator=g)).to(dtype)  # positive, ~e^-3..e^3
-
-
 @triton_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("m,k", [(1, 64), (3, 100), (17, 256), (130, 72)], ids=lambda v: str(v))
@@ -61,7 +58,7 @@ def test_triton_input_scale_fused_bit_exact(m, k, dtype):
     """The input scale multiplied inside the quantizer's pass gives the bits of quantizing x * m (as
     QuantLinear computed it before, in x's dtype), zero and outlier rows included."""
     x = _cases(m, k, dtype)
-    scale = _input_scale(k, dtype, seed=m)
+    scale = random_input_scale(k, dtype, seed=m)
     if m > 2:
         scale[k // 3] = 0.75  # the outlier channel: fp16's 6e4 times it stays finite
     xq, s = ops.quantize_per_token_int8(x, backend="triton", input_scale=scale)
@@ -77,7 +74,7 @@ def test_triton_input_scale_on_the_two_read_path():
     from minicpm_int4.kernels import act_quant
     k = act_quant.MAX_SINGLE_BLOCK + 40
     x = torch.randn(3, k, dtype=torch.bfloat16)
-    scale = _input_scale(k, torch.bfloat16)
+    scale = random_input_scale(k, torch.bfloat16)
     xq, s = ops.quantize_per_token_int8(x, backend="triton", input_scale=scale)
     xq_ref, s_ref = quantize_per_token_int8_ref(x * scale)
     assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)

@@ -16,14 +16,9 @@ from minicpm_int4.quantize import quantize_weight
 from minicpm_int4.reference import gemm_tolerance
 
 import transformers
-from helpers import assert_gemm_close
+from helpers import assert_gemm_close, random_input_scale
 
 NATIVE = hasattr(transformers, "MiniCPMV4_6Config")
-
-
-def _multiplier(k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.exp(torch.randn(k, generator=g))  # positive, spread over ~e^-3..e^3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,7 +27,7 @@ def _multiplier(k, seed=0):
 def test_forward_multiplies_the_input_and_the_weight_holds_w_over_m(dtype, act, m_rows):
     torch.manual_seed(m_rows)
     lin = nn.Linear(96, 40).to(dtype)
-    m = _multiplier(96)
+    m = random_input_scale(96)
     ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch", act=act), input_scale=m)
     stored = m.to(dtype)
     assert ql.input_scale.dtype == dtype and torch.equal(ql.input_scale, stored)
@@ -60,7 +55,7 @@ def test_statistics_of_the_input_are_scaled_to_the_scaled_input():
     of the layer's own input x: the layer sees x * m, so they are scaled by m (m^2; m H m)."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
-    m = _multiplier(64, seed=1)
+    m = random_input_scale(64, seed=1)
     x = torch.randn(200, 64) * torch.linspace(0.2, 3, 64)
     cw, h = x.square().mean(0), x.t() @ x
     ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch"), channel_weight=cw, input_scale=m)
@@ -220,7 +215,7 @@ def test_triton_backend_and_compile_with_an_input_scale():
     it into its loads of x, and a fullgraph compile traces the op with it."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).half()
-    m = _multiplier(64, seed=2)
+    m = random_input_scale(64, seed=2)
     tri = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="triton"), input_scale=m)
     ref = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="torch"), input_scale=m)
     x = torch.randn(3, 64).half()
@@ -248,7 +243,7 @@ def test_w4a8_layer_multiplies_the_input_scale_inside_its_activation_quantizer(r
                         lambda x, input_scale=None: seen.append((x, input_scale)) or quantizer(x, input_scale))
     torch.manual_seed(rows)
     lin = nn.Linear(64, 48).half()
-    m = _multiplier(64, seed=3)
+    m = random_input_scale(64, seed=3)
     tri = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="triton", act="int8"), input_scale=m)
     plain = _without_input_scale(tri)
     x = torch.randn(rows, 64).half()

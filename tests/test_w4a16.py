@@ -10,7 +10,7 @@ import torch
 from minicpm_int4 import ops
 from minicpm_int4.reference import w4a16_gemm_ref
 
-from helpers import assert_gemm_close, dequant, random_qweight
+from helpers import assert_gemm_close, dequant, random_input_scale, random_qweight
 
 pytestmark = [pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs triton with TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("poison_empty")]
@@ -242,11 +242,6 @@ def test_w4a16_gemv_paths(case, dtype):
     _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)
 
 
-def _input_scale(k, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.exp(torch.randn(k, generator=g)).to(dtype)  # positive, ~e^-3..e^3: products round
-
-
 # (M, kernel, case, the decode kernel's m as x.T's tile (sm_90) or as a column (sm_80))
 INPUT_SCALE_CASES = [(1, "gemv", case, None) for case in GEMV_CASES] + [
     (m, "decode", case, False) for m in (3, 16) for case in DECODE_CASES] + [
@@ -270,7 +265,7 @@ def test_input_scale_multiplied_as_x_is_loaded(m, kernel, case, tile, dtype, mon
     g = torch.Generator().manual_seed(m + k)
     x = torch.randn(m, k, generator=g).to(dtype) * 4
     bias = torch.randn(n, generator=g).to(dtype) if m != 16 else None
-    scale = _input_scale(k, dtype, seed=m)
+    scale = random_input_scale(k, dtype, seed=m)
     launched = []
     for name in ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_kernel"):
         kern = getattr(w4a16, name)
