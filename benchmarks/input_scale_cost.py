@@ -3,7 +3,8 @@
 decode step's host cost). W4A16 decode (M <= 16): multiplied into the Triton kernels' loads of x, and on
 a GPU also timed as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False: which is
 faster); W4A16 prefill: a separate pass; W4A8 from ops.W4A8_MIN_M rows on: inside the activation
-quantizer's pass. Prints one line per layer kind and M; the GPU suite runs it into suite.log.
+quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in their loads of
+x). Prints one line per layer kind and M; the GPU suite runs it into suite.log.
 
     python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
 """
@@ -75,6 +76,7 @@ def _fused(fuse):
 
 def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16,
             backend: str = "auto"):
+    from minicpm_int4 import ops
     from minicpm_int4.ops import W4A8_MIN_M
 
     device = torch.device(device)
@@ -83,19 +85,28 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
     m = torch.rand(k, device=device) + 0.5
     rows = []
     kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
+    # (backend, act): the requested backend; on a GPU with the CUDA extension built, its W4A16 decode
+    # kernels too (which multiply the scale into their loads of x as well; no W4A8 kernel there), before
+    # W4A8, whose first call autotunes, should the suite's time limit cut the script short
+    runs = [(backend, None)]
+    if device.type == "cuda" and backend == "auto" and ops.cuda_extension_error() is None:
+        runs.append(("cuda", None))
+    runs.append((backend, "int8"))
     with torch.no_grad():
-        for act in (None, "int8"):
-            config = QuantConfig(group_size=128, act=act, backend=backend)
+        for be, act in runs:
+            config = QuantConfig(group_size=128, act=act, backend=be)
             plain = QuantLinear.from_linear(lin, config)
             scaled = QuantLinear.from_linear(lin, config, input_scale=m)
             for rows_m in ms:
                 if act == "int8" and rows_m < W4A8_MIN_M:
                     continue  # the W4A16 path, timed above
+                if be == "cuda" and rows_m > 16:
+                    continue  # the extension's kernels are for decode
                 x = torch.randn(rows_m, k, device=device, dtype=dtype)
-                row = {"n": n, "k": k, "m": rows_m, "act": act or "fp"}
+                row = {"n": n, "k": k, "m": rows_m, "act": act or "fp", "backend": be}
                 # (name, layer, FUSE_INPUT_SCALE); the Triton decode kernels both ways where they run
                 variants = [("plain", plain, None), ("input_scale", scaled, None)]
-                if act is None and rows_m <= 16 and (device.type == "cuda" or backend == "triton"):
+                if act is None and be != "cuda" and rows_m <= 16 and (device.type == "cuda" or be == "triton"):
                     variants.append(("input_scale_separate", scaled, False))
                 for name, layer, fuse in variants:
                     with _fused(fuse):
@@ -103,7 +114,7 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
                         if device.type == "cuda":
                             row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
                 rows.append(row)
-                label = "W4A8" if act else "W4A16"
+                label = ("W4A8" if act else "W4A16") + (" CUDA extension" if be == "cuda" else "")
                 print(f"input scale cost, {label} {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
                     f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'input_scale_{kind}_ms'] * 1e3:.1f} us "
                     f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)"

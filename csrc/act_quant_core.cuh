@@ -6,6 +6,8 @@
 //   scale = max|x_row| / 127 (correctly rounded), x_q = rint(x / scale) (ties to even, correctly
 //   rounded division) clamped to [-127, 127]; a row of zeros gets scale 0 and zeros; a NaN in a row
 //   makes its scale NaN and its x_q zeros (as the reference: NaN > 0 is false).
+//   With a layer's input scale m [K] (QuantConfig.input_scales), all of this is done to x * m, each
+//   product rounded to x's dtype as torch's x * m is, computed as x is read (no pass of its own).
 //
 // One block of kThreads threads per row. Vector path (the row's bytes a multiple of 16 and
 // 16-byte aligned): thread t reads 16-byte pieces t, t + kThreads, ...; rows of up to
@@ -29,17 +31,40 @@ constexpr int kThreads = 256;
 constexpr int kMaxU = 8;  // 16-byte pieces per thread kept in registers: K <= 16384 fp16 / 8192 fp32
 
 template <typename T> struct Elem;
+// f32: an element's bits as fp32; round: fp32 -> the nearest T, as fp32 (identity for fp32).
 template <> struct Elem<__half> {
   MINICPM_HD static float f32(uint32_t bits16) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16))); }
+  MINICPM_HD static float round(float v) { return __half2float(__float2half_rn(v)); }
+  MINICPM_HD static uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
 template <> struct Elem<__nv_bfloat16> {
   MINICPM_HD static float f32(uint32_t bits16) {
     return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits16)));
   }
+  MINICPM_HD static float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+  MINICPM_HD static uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };
 template <> struct Elem<float> {
   MINICPM_HD static float f32(uint32_t bits) { return minicpm_int4_hd::as_float(bits); }
+  MINICPM_HD static float round(float v) { return v; }
+  MINICPM_HD static uint32_t bits(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  }
 };
+
+MINICPM_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);  // never contracted into an fma
+#else
+  return a * b;
+#endif
+}
+
+// x * m in T, as fp32: torch's x * input_scale. For fp16 / bf16 the fp32 product is exact (11 + 11
+// or 8 + 8 significant bits) and rounding it to T is the one rounding; for fp32 it is the fp32 product.
+template <typename T> MINICPM_HD float times(float v, float m) { return Elem<T>::round(mul_rn(v, m)); }
 
 template <typename T> constexpr int kPerPiece = 16 / static_cast<int>(sizeof(T));  // elements per 16 bytes
 
@@ -63,6 +88,36 @@ MINICPM_HD void unpack_piece(const uint4& u, float (&v)[kPerPiece<T>]) {
       v[2 * i + 1] = Elem<T>::f32(w[i] >> 16);
     }
   }
+}
+
+// Piece i of the row (16 bytes), or with S that piece times the input scale's piece i, element
+// by element, as T bits: the rest of the kernel never knows the difference.
+template <typename T, bool S>
+MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, int i) {
+  const uint4 raw = ldg(xp + i);
+  if constexpr (!S) {
+    return raw;
+  } else {
+    float v[kPerPiece<T>], m[kPerPiece<T>];
+    unpack_piece<T>(raw, v);
+    unpack_piece<T>(ldg(mp + i), m);
+    uint32_t w[4];
+    if constexpr (sizeof(T) == 4) {
+      MINICPM_UNROLL
+      for (int j = 0; j < 4; ++j) w[j] = Elem<T>::bits(times<T>(v[j], m[j]));
+    } else {
+      MINICPM_UNROLL
+      for (int j = 0; j < 4; ++j)
+        w[j] = Elem<T>::bits(times<T>(v[2 * j], m[2 * j])) | (Elem<T>::bits(times<T>(v[2 * j + 1], m[2 * j + 1])) << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// Element k of the row, or with S x[k] * m[k] in T, as fp32.
+template <typename T, bool S> MINICPM_HD float fetch_one(const T* row, const T* ms, int k) {
+  if constexpr (S) return times<T>(load_one(row + k), load_one(ms + k));
+  return load_one(row + k);
 }
 
 // Running max of |x| that lets a NaN through (fmaxf would drop it).
@@ -98,17 +153,19 @@ MINICPM_HD int8_t quantize_one(float v, float scale, float safe) {
 }
 
 // Pass 1 of thread `tid`: its pieces (vector path, cached in `cache` when U > 0) or elements.
-template <typename T, int U>
-MINICPM_HD AbsMax thread_absmax(const T* row, int K, int tid, bool vec, uint4 (&cache)[U > 0 ? U : 1]) {
+// S: ms (the input scale, [K]) multiplies x as it is read; the cache holds the products.
+template <typename T, int U, bool S = false>
+MINICPM_HD AbsMax thread_absmax(const T* row, const T* ms, int K, int tid, bool vec, uint4 (&cache)[U > 0 ? U : 1]) {
   AbsMax am;
   if (vec) {
     const int pieces = K / kPerPiece<T>;
     const uint4* p = reinterpret_cast<const uint4*>(row);
+    const uint4* mp = reinterpret_cast<const uint4*>(ms);
     if constexpr (U > 0) {
       MINICPM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = tid + u * kThreads;
-        cache[u] = i < pieces ? ldg(p + i) : make_uint4(0u, 0u, 0u, 0u);
+        cache[u] = i < pieces ? fetch_piece<T, S>(p, mp, i) : make_uint4(0u, 0u, 0u, 0u);
         float v[kPerPiece<T>];
         unpack_piece<T>(cache[u], v);
         MINICPM_UNROLL
@@ -117,25 +174,26 @@ MINICPM_HD AbsMax thread_absmax(const T* row, int K, int tid, bool vec, uint4 (&
     } else {
       for (int i = tid; i < pieces; i += kThreads) {
         float v[kPerPiece<T>];
-        unpack_piece<T>(ldg(p + i), v);
+        unpack_piece<T>(fetch_piece<T, S>(p, mp, i), v);
         MINICPM_UNROLL
         for (int j = 0; j < kPerPiece<T>; ++j) am.add(v[j]);
       }
     }
   } else {
-    for (int k = tid; k < K; k += kThreads) am.add(load_one(row + k));
+    for (int k = tid; k < K; k += kThreads) am.add(fetch_one<T, S>(row, ms, k));
   }
   return am;
 }
 
 // Pass 2 of thread `tid`: the same pieces (from `cache` when U > 0) or elements, quantized.
-template <typename T, int U>
-MINICPM_HD void thread_quantize(const T* row, int8_t* qrow, int K, int tid, bool vec, float scale, float safe,
-                                   const uint4 (&cache)[U > 0 ? U : 1]) {
+template <typename T, int U, bool S = false>
+MINICPM_HD void thread_quantize(const T* row, const T* ms, int8_t* qrow, int K, int tid, bool vec, float scale,
+                                float safe, const uint4 (&cache)[U > 0 ? U : 1]) {
   constexpr int V = kPerPiece<T>;
   if (vec) {
     const int pieces = K / V;
     const uint4* p = reinterpret_cast<const uint4*>(row);
+    const uint4* mp = reinterpret_cast<const uint4*>(ms);
     auto one_piece = [&](int i, const uint4& raw) {
       float v[V];
       unpack_piece<T>(raw, v);
@@ -159,16 +217,18 @@ MINICPM_HD void thread_quantize(const T* row, int8_t* qrow, int K, int tid, bool
         if (i < pieces) one_piece(i, cache[u]);
       }
     } else {
-      for (int i = tid; i < pieces; i += kThreads) one_piece(i, ldg(p + i));
+      for (int i = tid; i < pieces; i += kThreads) one_piece(i, fetch_piece<T, S>(p, mp, i));
     }
   } else {
-    for (int k = tid; k < K; k += kThreads) qrow[k] = quantize_one(load_one(row + k), scale, safe);
+    for (int k = tid; k < K; k += kThreads) qrow[k] = quantize_one(fetch_one<T, S>(row, ms, k), scale, safe);
   }
 }
 
 // Host-side choices, shared with the emulation: the vector path and the register cache size.
-inline bool vector_path(const void* x, long ldx, int K, int esize) {
-  return (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (ldx * esize) % 16 == 0 && (static_cast<long>(K) * esize) % 16 == 0;
+// input_scale: nullptr, or [K] read in 16-byte pieces beside x's (so it too must be 16-byte aligned).
+inline bool vector_path(const void* x, long ldx, int K, int esize, const void* input_scale = nullptr) {
+  return (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(input_scale) & 15) == 0 &&
+         (ldx * esize) % 16 == 0 && (static_cast<long>(K) * esize) % 16 == 0;
 }
 inline int cache_pieces(int K, int esize, bool vec) {  // U: 0 (second read), 1, 2, 4 or 8
   if (!vec) return 0;

@@ -11,11 +11,27 @@
 
 namespace {
 
+// A layer's input scale as the kernels read it: undefined for None, else [K] of x's dtype on x's
+// device, contiguous and 16-byte aligned (read 16 bytes at a time; a view with an offset is copied).
+at::Tensor checked_input_scale(const char* op, const std::optional<at::Tensor>& input_scale, const at::Tensor& x) {
+  if (!input_scale.has_value()) return at::Tensor();
+  const at::Tensor& m = *input_scale;
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == x.size(1), op, ": input_scale must have shape [K=", x.size(1),
+              "] (one multiplier per input channel), got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == x.scalar_type(), op, ": input_scale is ", m.scalar_type(), " but the activations are ",
+              x.scalar_type(), " (x * input_scale is computed in the activations' dtype)");
+  TORCH_CHECK(m.device() == x.device(), op, ": input_scale is on ", m.device(), " but x is on ", x.device());
+  if (m.is_contiguous() && reinterpret_cast<uintptr_t>(m.data_ptr()) % 16 == 0) return m;
+  return at::empty({m.size(0)}, m.options()).copy_(m);  // a fresh allocation: contiguous and aligned
+}
+
 // variant: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core GEMV), 1 = the
 // CUDA-core GEMV, 2 = the tensor-core kernel (K % 128 == 0, group size a power of two >= 32 or K).
+// input_scale: None, or [K] of the activation dtype: y = (x * input_scale) @ ..., multiplied in the
+// kernels' loads of x (each product rounded to x's dtype, torch's x * input_scale).
 void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
-                    at::Tensor& out, int64_t variant) {
+                    at::Tensor& out, int64_t variant, const std::optional<at::Tensor>& input_scale) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "minicpm_int4_C.w4a16_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_gemm: x must be [M, K] with unit stride along K");
@@ -49,6 +65,7 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
               out.size(1) == N && out.stride(1) == 1, "w4a16_gemm: out must be [M, N] of the activation dtype, unit stride along N");
   TORCH_CHECK(out.device() == x.device() && qweight.device() == x.device() && scales.device() == x.device() &&
               zeros.device() == x.device(), "w4a16_gemm: all tensors must be on the same device");
+  const at::Tensor ms = checked_input_scale("w4a16_gemm", input_scale, x);
   const c10::cuda::CUDAGuard guard(x.device());
   if (M == 0) return;
   // The kernel reads x 16 bytes at a time: a view with an odd offset or row stride is copied
@@ -56,7 +73,7 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const bool x_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (M == 1 || x.stride(0) % 8 == 0);
   const at::Tensor xa = x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
   cudaError_t err = minicpm_int4_w4a16_gemv(
-      xa.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
+      xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
       out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, static_cast<int>(variant),
       c10::cuda::getCurrentCUDAStream().stream());
@@ -65,22 +82,24 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
 
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
-                      int64_t variant) {
+                      int64_t variant, const std::optional<at::Tensor>& input_scale) {
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "w4a16_gemm: x must be [M, K] and qweight [N, K/8]");
   at::Tensor out = at::empty({x.size(0), qweight.size(0)}, x.options());
-  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out, variant);
+  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out, variant, input_scale);
   return out;
 }
 
 // Per-token int8: (x_q int8 [M, K] contiguous, scale fp32 [M]); x fp16 / bf16 / fp32 [M, K] with unit
 // stride along K (any row stride; 16-byte rows take the vector path).
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
+                                                           const std::optional<at::Tensor>& input_scale) {
   TORCH_CHECK(x.is_cuda(), "minicpm_int4_C.quantize_per_token_int8: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_per_token_int8: x must be [M, K] with unit stride along K");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "quantize_per_token_int8 (cuda): activations must be fp16, bf16 or fp32, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31), "quantize_per_token_int8: sizes exceed int32");
+  const at::Tensor ms = checked_input_scale("quantize_per_token_int8", input_scale, x);
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0 || K == 0) {
@@ -89,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x) 
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int dtype = x.scalar_type() == at::kHalf ? 0 : x.scalar_type() == at::kBFloat16 ? 1 : 2;
-  cudaError_t err = minicpm_int4_act_quant(x.data_ptr(), xq.data_ptr<int8_t>(), scale.data_ptr<float>(),
+  cudaError_t err = minicpm_int4_act_quant(x.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, xq.data_ptr<int8_t>(), scale.data_ptr<float>(),
                                            static_cast<int>(M), static_cast<int>(K), M == 1 ? K : x.stride(0), dtype,
                                            c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.quantize_per_token_int8: kernel launch failed: ",
@@ -101,10 +120,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x) 
 
 TORCH_LIBRARY(minicpm_int4_C, m) {
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
-        "int variant=0) -> Tensor");
+        "int variant=0, Tensor? input_scale=None) -> Tensor");
   m.def("w4a16_gemm_out(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
-        "Tensor(a!) out, int variant=0) -> ()");
-  m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
+        "Tensor(a!) out, int variant=0, Tensor? input_scale=None) -> ()");
+  m.def("quantize_per_token_int8(Tensor x, Tensor? input_scale=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {

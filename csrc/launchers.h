@@ -18,19 +18,23 @@ extern "C" {
 // y[M, N] = x[M, K] @ dequant(qweight, scales, zeros).T (+ bias), int4 weights in the canonical
 // layout (packing.py): qweight int32 [N, K/8], scales/zeros [N, K/group_size] in x's dtype,
 // bias [N] or NULL. ldx / ldo: row strides of x and out, in elements.
+// input_scale: NULL, or [K] in x's dtype, 16-byte aligned: y = (x * input_scale) @ ..., each
+// product rounded to x's dtype (torch's x * input_scale), multiplied as x is loaded.
 // dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the
 // CUDA-core GEMV, 2 = tensor cores.
-cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
-                                    const void* bias, void* out, int M, int N, int K, int group_size, int64_t ldx,
-                                    int64_t ldo, int dtype, int variant, cudaStream_t stream);
+cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* qweight, const void* scales,
+                                    const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
+                                    int64_t ldx, int64_t ldo, int dtype, int variant, cudaStream_t stream);
 
 // 1 where the tensor-core kernel (variant 2) takes (K, group_size), else 0.
 int minicpm_int4_w4a16_mma_supported(int K, int group_size);
 
 // Per-token int8: scale[m] = max|x[m, :]| / 127, xq[m, k] = rint(x[m, k] / scale[m]) in [-127, 127].
 // x [M, K] with row stride ldx (elements); xq contiguous [M, K]. dtype: 0 = fp16, 1 = bf16, 2 = fp32.
-cudaError_t minicpm_int4_act_quant(const void* x, int8_t* xq, float* scale, int M, int K, int64_t ldx, int dtype,
-                                   cudaStream_t stream);
+// input_scale: NULL, or [K] in x's dtype: then all of this is done to x * input_scale (each product
+// rounded to x's dtype, as torch's x * input_scale), multiplied as x is read.
+cudaError_t minicpm_int4_act_quant(const void* x, const void* input_scale, int8_t* xq, float* scale, int M, int K,
+                                   int64_t ldx, int dtype, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -3,7 +3,8 @@
 //     and G a power of two >= 32 (or per channel) - every MiniCPM-V LLM layer;
 //   - a CUDA-core GEMV (w4a16_gemv_core.cuh): M = 1..8 per launch, any K % 8 == 0 and G % 8 == 0.
 // "auto" takes the tensor-core kernel where it applies. Larger M runs in slices (the extension is
-// meant for decode; the Triton kernels take prefill).
+// meant for decode; the Triton kernels take prefill). A layer's input scale (QuantConfig.input_scales)
+// is multiplied into x as it is loaded, by instantiations of their own (S = true).
 //
 // No torch headers: plain pointers, sizes and a cudaStream_t (bindings.cpp wraps it for torch).
 // The per-thread / per-warp code lives in the two headers, shared with the CPU emulation the tests
@@ -24,13 +25,13 @@ namespace {
 
 using namespace minicpm_int4_gemv;
 
-template <typename T, int MT, int R>
+template <typename T, int MT, int R, bool S>
 __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const T* __restrict__ bias,
                                                             T* __restrict__ out, long ldo, bool fast) {
   const int tid = threadIdx.x;
   const int n0 = blockIdx.x * R;
   float acc[MT][R];
-  thread_partials<T, MT, R>(p, n0, tid, fast, acc);
+  thread_partials<T, MT, R, S>(p, n0, tid, fast, acc);
 
   __shared__ float warp_sums[MT * R][kWarps];
   const int lane = tid & 31, warp = tid >> 5;
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const
   }
 }
 
-template <typename T, int NT, int NB, bool POST, int W>
+template <typename T, int NT, int NB, bool POST, int W, bool S>
 __global__ void __launch_bounds__(32 * W)
     w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
   namespace mm = minicpm_int4_mma;
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(32 * W)
   const int n0 = blockIdx.x * 16 * NT;
   const int lanes[1] = {lane};
   float acc[NT][NB][1][4];
-  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1>(p, n0, warp, lanes, acc);
+  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S>(p, n0, warp, lanes, acc);
 
   constexpr int kSlots = NT * NB * 4;
   __shared__ float red[kSlots][W][32];  // [output slot][warp][lane]: conflict-free both ways
@@ -97,7 +98,10 @@ int sm_count() {
 template <typename T, int MT, int R>
 void launch_r(const Params<T>& p, const T* bias, T* out, long ldo, bool fast, cudaStream_t stream) {
   const dim3 grid((p.N + R - 1) / R);
-  w4a16_gemv_kernel<T, MT, R><<<grid, kThreads, 0, stream>>>(p, bias, out, ldo, fast);
+  if (p.input_scale != nullptr)
+    w4a16_gemv_kernel<T, MT, R, true><<<grid, kThreads, 0, stream>>>(p, bias, out, ldo, fast);
+  else
+    w4a16_gemv_kernel<T, MT, R, false><<<grid, kThreads, 0, stream>>>(p, bias, out, ldo, fast);
 }
 
 template <typename T, int MT>
@@ -116,14 +120,14 @@ void launch_mt(const Params<T>& p, int r, const T* bias, T* out, long ldo, bool 
 }
 
 template <typename T>
-cudaError_t launch(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out,
-                   int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
+cudaError_t launch(const T* x, const T* ms, const int32_t* qweight, const T* scales, const T* zeros, const T* bias,
+                   T* out, int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
   const int chunk_shift = chunk_shift_for(K, group_size);
   const bool fast = chunk_shift >= 0;
   const int sms = sm_count();
   for (int m0 = 0; m0 < M; m0 += 8) {
     const int mt = (M - m0) < 8 ? (M - m0) : 8;
-    const Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, N, K, group_size, ldx, chunk_shift, 0xFu};
+    const Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, N, K, group_size, ldx, chunk_shift, 0xFu, ms};
     T* os = out + static_cast<long>(m0) * ldo;
     const int r = rows_per_block(mt, N, sms);
     switch (mt) {
@@ -145,10 +149,17 @@ cudaError_t launch(const T* x, const int32_t* qweight, const T* scales, const T*
 template <typename T, int NT, int NB, int W>
 void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
   const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
+  // scaled: 16 warps never take two column blocks (mma_warps_for_launch), so no such instantiation
+  constexpr bool kScaledOk = !(NB == 2 && W == minicpm_int4_mma::kWarpsSmallN);
+  const bool s = p.input_scale != nullptr;
+  if constexpr (kScaledOk) {
+    if (s && post) return w4a16_mma_kernel<T, NT, NB, true, W, true><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+    if (s) return w4a16_mma_kernel<T, NT, NB, false, W, true><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+  }
   if (post)
-    w4a16_mma_kernel<T, NT, NB, true, W><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+    w4a16_mma_kernel<T, NT, NB, true, W, false><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
   else
-    w4a16_mma_kernel<T, NT, NB, false, W><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+    w4a16_mma_kernel<T, NT, NB, false, W, false><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
 }
 
 // The instantiations: NT = 2 with 8 warps (large N), NT = 1 with 8 or 16 warps.
@@ -162,8 +173,8 @@ void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool
 }
 
 template <typename T>
-cudaError_t launch_mma(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out,
-                       int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
+cudaError_t launch_mma(const T* x, const T* ms, const int32_t* qweight, const T* scales, const T* zeros, const T* bias,
+                       T* out, int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
   namespace mm = minicpm_int4_mma;
   const bool post = mm::mma_post_scale(K, group_size);
   const int sms = sm_count();
@@ -171,12 +182,13 @@ cudaError_t launch_mma(const T* x, const int32_t* qweight, const T* scales, cons
   for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
     const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
     const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx, 0x000F000Fu,
-                            mm::group_shift_for(K, group_size)};
+                            mm::group_shift_for(K, group_size), ms};
     T* os = out + static_cast<long>(m0) * ldo;
+    const int w = mm::mma_warps_for_launch(warps, rows, ms != nullptr);
     if (rows > 8)
-      launch_mma_nb<T, 2>(p, nt, warps, post, bias, os, ldo, stream);
+      launch_mma_nb<T, 2>(p, nt, w, post, bias, os, ldo, stream);
     else
-      launch_mma_nb<T, 1>(p, nt, warps, post, bias, os, ldo, stream);
+      launch_mma_nb<T, 1>(p, nt, w, post, bias, os, ldo, stream);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -184,13 +196,13 @@ cudaError_t launch_mma(const T* x, const int32_t* qweight, const T* scales, cons
 }
 
 template <typename T>
-cudaError_t launch_any(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out,
-                       int M, int N, int K, int group_size, long ldx, long ldo, int variant, cudaStream_t stream) {
+cudaError_t launch_any(const T* x, const T* ms, const int32_t* qweight, const T* scales, const T* zeros, const T* bias,
+                       T* out, int M, int N, int K, int group_size, long ldx, long ldo, int variant, cudaStream_t stream) {
   const bool mma_ok = minicpm_int4_mma::mma_supported(K, group_size);
   if (variant == 2 && !mma_ok) return cudaErrorInvalidValue;
   if (variant == 2 || (variant == 0 && mma_ok))
-    return launch_mma<T>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
-  return launch<T>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
+    return launch_mma<T>(x, ms, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
+  return launch<T>(x, ms, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
 }
 
 }  // namespace
@@ -198,22 +210,26 @@ cudaError_t launch_any(const T* x, const int32_t* qweight, const T* scales, cons
 // Declared in launchers.h (arguments, variants). Returns cudaErrorInvalidValue /
 // cudaErrorMisalignedAddress for arguments the kernels cannot take (the bindings check them first
 // and raise with a message; this is the last line of defence).
-extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const int32_t* qweight, const void* scales,
-                                               const void* zeros, const void* bias, void* out, int M, int N,
-                                               int K, int group_size, int64_t ldx, int64_t ldo, int dtype,
-                                               int variant, cudaStream_t stream) {
+extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* qweight,
+                                               const void* scales, const void* zeros, const void* bias, void* out,
+                                               int M, int N, int K, int group_size, int64_t ldx, int64_t ldo,
+                                               int dtype, int variant, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
       variant < 0 || variant > 2)
     return cudaErrorInvalidValue;
-  // x is read 8 values (16 bytes) at a time; qweight's rows 16 bytes at a time when K % 32 == 0
-  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0) return cudaErrorMisalignedAddress;
+  // x and the input scale are read 8 values (16 bytes) at a time; qweight's rows 16 bytes at a time
+  // when K % 32 == 0
+  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || (reinterpret_cast<uintptr_t>(input_scale) & 15) != 0)
+    return cudaErrorMisalignedAddress;
   if (K % 32 == 0 && (reinterpret_cast<uintptr_t>(qweight) & 15) != 0) return cudaErrorMisalignedAddress;
   if (dtype == 0)
-    return launch_any<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
-                              static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
-                              static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, variant, stream);
+    return launch_any<__half>(static_cast<const __half*>(x), static_cast<const __half*>(input_scale), qweight,
+                              static_cast<const __half*>(scales), static_cast<const __half*>(zeros),
+                              static_cast<const __half*>(bias), static_cast<__half*>(out), M, N, K, group_size, ldx,
+                              ldo, variant, stream);
   if (dtype == 1)
-    return launch_any<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
+    return launch_any<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x),
+                                     static_cast<const __nv_bfloat16*>(input_scale), qweight,
                                      static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                      static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
                                      group_size, ldx, ldo, variant, stream);

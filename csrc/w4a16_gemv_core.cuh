@@ -45,12 +45,14 @@ template <> struct Vec<__half> {
   MINICPM_HD static float to_f32(__half v) { return __half2float(v); }
   MINICPM_HD static float2 to_f32x2(__half2 v) { return __half22float2(v); }
   MINICPM_HD static __half from_f32(float v) { return __float2half_rn(v); }
+  MINICPM_HD static uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
 template <> struct Vec<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   MINICPM_HD static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
   MINICPM_HD static float2 to_f32x2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
   MINICPM_HD static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+  MINICPM_HD static uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };
 
 // Exponent bits of 2**23, 2**19, 2**15, 2**11: nibble j of a half word ORed into the j-th reads
@@ -67,12 +69,12 @@ template <typename T> struct Params {
   long ldx;
   int chunk_shift;       // fast path: chunk c (32 weights) lies in group c >> chunk_shift
   uint32_t nibble_mask;  // 0xF, passed at run time: see word_dot
+  const T* input_scale;  // [K] or nullptr: the kernel computes with x * input_scale rounded to T
 };
 
-// The 8 values x[m, k0 .. k0 + 7] as fp32 (one 16-byte load).
+// A 16-byte piece of x (8 values) as fp32.
 template <typename T>
-MINICPM_HD void load_x8(const T* p, float f[8]) {
-  const uint4 u = ldg(reinterpret_cast<const uint4*>(p));
+MINICPM_HD void to_f32x8(const uint4& u, float f[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 MINICPM_UNROLL
   for (int i = 0; i < 4; ++i) {
@@ -82,6 +84,31 @@ MINICPM_UNROLL
     f[2 * i] = v.x;
     f[2 * i + 1] = v.y;
   }
+}
+
+// The 8 values x[m, k0 .. k0 + 7] as fp32 (one 16-byte load).
+template <typename T>
+MINICPM_HD void load_x8(const T* p, float f[8]) {
+  to_f32x8<T>(ldg(reinterpret_cast<const uint4*>(p)), f);
+}
+
+// Both halves of a packed pair times b's, each rounded once to T: torch's x * m for two values.
+// Device: one HMUL2 (fp16) / HFMA2.BF16 with -0 (bf16). Host: the fp32 product is exact (11 + 11
+// or 8 + 8 significant bits), so rounding it to T is the same one rounding.
+template <typename T>
+MINICPM_HD uint32_t mul2(uint32_t a, uint32_t b) {
+  typename Vec<T>::T2 ha, hb;
+  std::memcpy(static_cast<void*>(&ha), &a, sizeof ha);
+  std::memcpy(static_cast<void*>(&hb), &b, sizeof hb);
+#ifdef __CUDA_ARCH__
+  const typename Vec<T>::T2 r = __hmul2(ha, hb);
+  uint32_t out;
+  std::memcpy(&out, static_cast<const void*>(&r), sizeof out);
+  return out;
+#else
+  const float2 fa = Vec<T>::to_f32x2(ha), fb = Vec<T>::to_f32x2(hb);
+  return Vec<T>::bits(fa.x * fb.x) | (Vec<T>::bits(fa.y * fb.y) << 16);
+#endif
 }
 
 // sum_i xf[m][i] * (q_i - z) over the 8 nibbles of `word` into part[m] (two chains: lo / hi half).
@@ -107,6 +134,28 @@ MINICPM_UNROLL
   }
 }
 
+// x[m, k0 .. k0 + 7] for the MT rows of x as fp32; with S, each piece times the input scale's
+// (loaded once for all MT rows) in packed pairs before the conversion.
+template <typename T, int MT, bool S>
+MINICPM_HD void load_rows(const Params<T>& p, long k0, float (*xf)[8]) {
+  if constexpr (S) {
+    const uint4 mu = ldg(reinterpret_cast<const uint4*>(p.input_scale) + (k0 >> 3));
+    const T* xk = p.x + k0;
+MINICPM_UNROLL
+    for (int m = 0; m < MT; ++m) {
+      uint4 u = ldg(reinterpret_cast<const uint4*>(xk + m * p.ldx));
+      u.x = mul2<T>(u.x, mu.x);
+      u.y = mul2<T>(u.y, mu.y);
+      u.z = mul2<T>(u.z, mu.z);
+      u.w = mul2<T>(u.w, mu.w);
+      to_f32x8<T>(u, xf[m]);
+    }
+  } else {
+MINICPM_UNROLL
+    for (int m = 0; m < MT; ++m) load_x8(p.x + m * p.ldx + k0, xf[m]);
+  }
+}
+
 template <typename T, int R>
 MINICPM_HD void group_consts(const T* const (&srow)[R], const T* const (&zrow)[R], int g, float s[R], float zm[R][4]) {
 MINICPM_UNROLL
@@ -121,8 +170,9 @@ MINICPM_UNROLL
 // Thread `tid`'s partial sums acc[m][r] = its share of y[m, n0 + r] (before bias). Rows past N
 // read row N - 1 (their sums are dropped by the caller). fast: K % 32 == 0 and the group size a
 // power-of-two multiple of 32 or K, so a 32-weight chunk is one 16-byte load per row inside group
-// c >> chunk_shift; otherwise one word (8 weights) per row per step.
-template <typename T, int MT, int R>
+// c >> chunk_shift; otherwise one word (8 weights) per row per step. S: p.input_scale is set (its
+// 8 values are loaded once per step for all MT rows of x).
+template <typename T, int MT, int R, bool S = false>
 MINICPM_HD void thread_partials(const Params<T>& p, int n0, int tid, bool fast, float acc[MT][R]) {
   const long kw_total = p.K / 8;
   const int groups = p.K / p.group_size;
@@ -160,8 +210,7 @@ MINICPM_UNROLL
 MINICPM_UNROLL
       for (int j = 0; j < 4; ++j) {
         float xf[MT][8];
-MINICPM_UNROLL
-        for (int m = 0; m < MT; ++m) load_x8(p.x + m * p.ldx + 32L * c + 8 * j, xf[m]);
+        load_rows<T, MT, S>(p, 32L * c + 8 * j, xf);
 MINICPM_UNROLL
         for (int r = 0; r < R; ++r) {
           const uint32_t word = j == 0 ? w[r].x : j == 1 ? w[r].y : j == 2 ? w[r].z : w[r].w;
@@ -183,8 +232,7 @@ MINICPM_UNROLL
       float s[R], zm[R][4];
       group_consts<T, R>(srow, zrow, static_cast<int>(kw * 8 / p.group_size), s, zm);  // 8 | G: one group
       float xf[MT][8];
-MINICPM_UNROLL
-      for (int m = 0; m < MT; ++m) load_x8(p.x + m * p.ldx + 8 * kw, xf[m]);
+      load_rows<T, MT, S>(p, 8 * kw, xf);
 MINICPM_UNROLL
       for (int r = 0; r < R; ++r) {
         float pr[MT][2];

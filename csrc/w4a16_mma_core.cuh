@@ -212,11 +212,14 @@ template <typename T> struct Params {
   long ldx;
   uint32_t mask_lo;  // 0x000F000F, passed at run time so that ptxas keeps (w & mask) | magic one LOP3
   int group_shift;   // group of k = k >> group_shift (31 per channel)
+  const T* input_scale;  // [K] or nullptr: x * input_scale (rounded to T) is what the mma reads as x
 };
 
 // One warp's partial sums over its chunks (c = warp, warp + W, ...) for the 16 * NT rows from
 // n0 and the 8 * NB rows of x: acc[nt][nb][l][e] in the C layout. lanes[l] = the lane ids held.
-template <typename T, int NT, int NB, bool POST, int W, class Mma, int L>
+// S: p.input_scale is set, and each 16-byte piece of x is multiplied by the same piece of it as it
+// is loaded (one packed HFMA2 with -0 per pair: x * m rounded once to T, the bits of torch's x * m).
+template <typename T, int NT, int NB, bool POST, int W, class Mma, int L, bool S = false>
 MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
   const int chunks = p.K / kChunk;
   const int groups = p.K / p.group_size;
@@ -310,10 +313,20 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
         }
       }
       MINICPM_UNROLL
-      for (int nb = 0; nb < NB; ++nb) {
+      for (int i = 0; i < 4; ++i) {
+        // S: the input scale's 8 k of this piece, shared by every row of x
+        [[maybe_unused]] uint4 mv;
+        if constexpr (S) mv = ldg(reinterpret_cast<const uint4*>(p.input_scale + c * kChunk + kl[l] + 8 * i));
         MINICPM_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + c * kChunk + kl[l] + 8 * i));
+        for (int nb = 0; nb < NB; ++nb) {
+          uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + c * kChunk + kl[l] + 8 * i));
+          if constexpr (S) {
+            const uint32_t minus_zero = 0x80008000u;  // x * m + (-0) = x * m, signed zeros included
+            xv.x = fma2<T>(xv.x, mv.x, minus_zero);
+            xv.y = fma2<T>(xv.y, mv.y, minus_zero);
+            xv.z = fma2<T>(xv.z, mv.z, minus_zero);
+            xv.w = fma2<T>(xv.w, mv.w, minus_zero);
+          }
           // x[k0 + 8i + j] = element j of xv; k-tile 2i + h takes (j = 2h, 2h + 4) and (2h + 1, 2h + 5)
           b[nb][2 * i][l][0] = byte_perm(xv.x, xv.z, 0x5410);
           b[nb][2 * i][l][1] = byte_perm(xv.x, xv.z, 0x7632);
@@ -389,5 +402,8 @@ inline int mma_tiles_per_block(int n, int sms) { return (n + 31) / 32 >= 2 * sms
 // Warps per block: 16 when the blocks (one per 16 * NT rows) are fewer than the SMs - a k/v
 // projection of 1024 rows has 64 - so that the SMs that have one keep twice the loads in flight.
 inline int mma_warps_per_block(int n, int tiles, int sms) { return tiles == 1 && (n + 15) / 16 < sms ? kWarpsSmallN : kWarps; }
+// With an input scale and two column blocks of x (M = 9..16), a 16-warp block's 128 registers per
+// thread are too few (ptxas spills in the K loop): 8 warps there. The instantiations follow this rule.
+inline int mma_warps_for_launch(int warps, int rows, bool scaled) { return scaled && rows > 8 ? kWarps : warps; }
 
 }  // namespace minicpm_int4_mma

@@ -216,10 +216,10 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         # the decode kernels (M <= 16) multiply the input scale into x as they load it; prefill first
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale)
-    if input_scale is not None:  # the CUDA kernels and the reference take x * m (a pass of its own)
+    if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it too
+        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale)
+    if input_scale is not None:  # the reference takes x * m (a pass of its own)
         x = x * input_scale
-    if be == "cuda":
-        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size)
     return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
 
 
@@ -314,7 +314,8 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
             (same result). It must hold zeros, and the call leaves it so.
         input_scale: optional [K] in x's dtype, a multiplier per input channel (QuantLinear.input_scale):
             y = (x * input_scale) @ ..., the product rounded to x's dtype; the Triton decode kernels
-            (M <= 16) multiply it into x as they load it, the other kernels get x * input_scale.
+            (M <= 16) and the CUDA kernels multiply it into x as they load it, Triton prefill and the
+            reference get x * input_scale.
     Returns:
         y: [M, N] in x's dtype.
     Example:
@@ -348,8 +349,8 @@ def _quantize_per_token_int8_impl(x: Tensor, backend: str,
     be = resolve_backend(backend, x.device, "quantize_per_token_int8")
     if be == "triton":  # the input scale multiplied inside the one pass over x
         return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale)
-    if be == "cuda":  # the CUDA quantizer takes no scale: x * m first (the same bits, one more pass)
-        return _cuda_ext()[0].quantize_per_token_int8(x if input_scale is None else x * input_scale)
+    if be == "cuda":  # the same in the CUDA quantizer's pass
+        return _cuda_ext()[0].quantize_per_token_int8(x, input_scale)
     return _reference(x.device, reference.quantize_per_token_int8_ref, x, input_scale)
 
 
@@ -370,7 +371,8 @@ def quantize_per_token_int8(x: Tensor, backend: str = "auto",
 
     scale = max|x_row| / 127; x_q = round(x / scale) clamped to [-127, 127]; a zero row gives
     scale 0 and x_q 0. `input_scale` ([K], x's dtype): quantize x * input_scale instead (computed in
-    x's dtype), in the same pass over x on the Triton backend (the bits of quantizing `x * input_scale`).
+    x's dtype), in the same pass over x on the Triton and CUDA backends (the bits of quantizing
+    `x * input_scale`).
     """
     _check_x("quantize_per_token_int8", x)
     _check_input_scale("quantize_per_token_int8", input_scale, x)
@@ -431,7 +433,7 @@ def _w4a8_linear_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     activations and the int8 GEMM. The choice by M is made here, inside one op, so that a traced graph
     (torch.compile with a dynamic batch, torch.export) holds no guard on M: one graph serves decode
     and prefill. An input scale is multiplied into x inside the activation quantizer's one pass over
-    x (Triton), so a W4A8 layer's input scale costs no pass of its own there."""
+    x, so a W4A8 layer's input scale costs no pass of its own there."""
     if x.shape[0] < W4A8_MIN_M:
         return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)
     x_q, x_scale = _quantize_per_token_int8_impl(x, backend, input_scale)
@@ -493,8 +495,9 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     w4a16_workspace or None; input_scale: the layer's [K] multiplier or None. Eager inference calls
     the implementations directly (eager_fast_path); the results are the op's, bit for bit.
 
-    The input scale goes into the op: the Triton decode kernels and the activation quantizer multiply
-    it into x as they load it (no pass of its own); before the other kernels the op multiplies first."""
+    The input scale goes into the op: the decode kernels (Triton and CUDA) and the activation
+    quantizers multiply it into x as they load it (no pass of its own); before Triton prefill and the
+    reference the op multiplies first."""
     direct = eager_fast_path(x, bias)
     if act == "int8":
         return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,

@@ -4,7 +4,9 @@ tests/csrc/host_emu.cu runs the kernel's own per-thread code (csrc/act_quant_cor
 thread of every row's block, with the block max in between, and the launcher's own choice of path
 (16-byte pieces kept in registers, 16-byte pieces read twice, or element by element). The math is
 exact (a max, one correctly rounded division, rint), so the result must equal the reference's in
-every bit, zero rows and NaN rows included. Inputs end at an inaccessible page (csrc_emu.guarded).
+every bit, zero rows and NaN rows included, also with a layer's input scale multiplied in as x is
+read (the reference quantizes torch's x * input_scale). Inputs end at an inaccessible page
+(csrc_emu.guarded).
 """
 import pytest
 import torch
@@ -12,21 +14,23 @@ import torch
 from minicpm_int4.reference import quantize_per_token_int8_ref
 
 from csrc_emu import guarded
+from helpers import random_input_scale
 
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-def _emulate(emu, x, force_scalar=False):
+def _emulate(emu, x, force_scalar=False, input_scale=None):
     m, k = x.shape
     x_q = torch.full((m, k), -128, dtype=torch.int8)  # -128 is never written: spots a missed element
     scale = torch.full((m,), float("inf"))
     path = emu.minicpm_int4_act_quant_emulate(x.data_ptr(), x_q.data_ptr(), scale.data_ptr(), m, k, x.stride(0),
-                                              DTYPE_CODE[x.dtype], int(force_scalar))
+                                              DTYPE_CODE[x.dtype], int(force_scalar),
+                                              None if input_scale is None else input_scale.data_ptr())
     return x_q, scale, path
 
 
-def _assert_exact(x, x_q, scale):
-    q_ref, s_ref = quantize_per_token_int8_ref(x)
+def _assert_exact(x, x_q, scale, input_scale=None):
+    q_ref, s_ref = quantize_per_token_int8_ref(x, input_scale)
     assert torch.equal(x_q, q_ref), f"{int((x_q != q_ref).sum())} elements differ"
     assert torch.equal(scale.isnan(), s_ref.isnan()) and torch.equal(scale.nan_to_num(), s_ref.nan_to_num())
 
@@ -79,3 +83,35 @@ def test_act_quant_emulation_strided_nan_and_scalar_path(emu, dtype):
     assert scale[3].isnan() and (x_q[3] == 0).all()
     x_q2, scale2, path2 = _emulate(emu, x, force_scalar=True)
     assert path2 == -1 and torch.equal(x_q2, x_q) and torch.equal(scale2.nan_to_num(), scale.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODE), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("k", [4096, 18944, 1001])  # registers, two-pass, element by element
+def test_act_quant_emulation_input_scale_bit_exact(emu, dtype, k):
+    """x * input_scale as x is read: the reference's quantization of torch's x * m, every path; the
+    register path's cache holds the products (pass 2 must not multiply again)."""
+    m = guarded(random_input_scale(k, dtype, seed=k + 3))
+    # rows of very different size, outliers, ties and a zero row, divided by max(m) so that x * m stays
+    # finite in fp16 (an inf in a row has no defined int8); the small rows become fp16 subnormals
+    x = guarded((_rows(17, k, torch.float32, seed=k) / m.float().max()).to(dtype))
+    x_q, scale, path = _emulate(emu, x, input_scale=m)
+    assert ("scalar" if path < 0 else "two-pass" if path == 0 else "regs") == _expected_path(x)
+    _assert_exact(x, x_q, scale, m)
+    q_plain, s_plain = quantize_per_token_int8_ref(x)
+    assert not torch.equal(scale.nan_to_num(), s_plain.nan_to_num()), "the scale must change the result"
+    if path != -1:  # the same through the element-by-element path
+        x_q2, scale2, path2 = _emulate(emu, x, force_scalar=True, input_scale=m)
+        assert path2 == -1 and torch.equal(x_q2, x_q) and torch.equal(scale2.nan_to_num(), scale.nan_to_num())
+
+
+def test_act_quant_emulation_misaligned_input_scale_takes_element_path(emu):
+    """An input scale that is not 16-byte aligned cannot be read in 16-byte pieces: the launcher's
+    rule sends the rows element by element, with the same bits."""
+    k = 2048
+    x = guarded(_rows(3, k, torch.float16, seed=9))
+    m_full = guarded(random_input_scale(k + 1, torch.float16, seed=4))
+    m = m_full[:k]  # guarded() ends the buffer at a page: its start is 2 bytes short of a 16-byte boundary
+    assert m.data_ptr() % 16 != 0 and x.data_ptr() % 16 == 0
+    x_q, scale, path = _emulate(emu, x, input_scale=m)
+    assert path == -1
+    _assert_exact(x, x_q, scale, m)

@@ -8,6 +8,10 @@ every instantiation (rows of x MT x rows per block R), both paths, every group s
 and a strided x. Every input buffer ends at an inaccessible page, so a read past its end (a row
 past N, a chunk past K) kills the test run instead of passing unnoticed.
 
+With a layer's input scale (QuantConfig.input_scales) the kernels multiply it into x as they load it:
+their result must be, bit for bit, what they give for torch's x * input_scale (the same sums in the
+same order), and so within the GEMM tolerance of the reference.
+
 What is left to the GPU (tests/test_gpu.py): the shuffles and the mma themselves, the 16-byte
 loads' alignment in hardware, the launch, and timing. Needs nvcc (the `emu` fixture, conftest.py).
 """
@@ -17,24 +21,27 @@ import torch
 from minicpm_int4.reference import w4a16_gemm_ref
 
 from csrc_emu import guarded as _guarded
-from helpers import assert_gemm_close, dequant, random_qweight
+from helpers import assert_gemm_close, dequant, random_input_scale, random_qweight
 
 VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
 
 
-def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv", warps=0):
+def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv", warps=0,
+             input_scale=None):
     """The CUDA-core GEMV (rows = R, rows per block) or the tensor-core kernel (rows = N-tiles per
-    block, warps per block); 0 = the launcher's own choice for `sms` SMs."""
+    block, warps per block); 0 = the launcher's own choice for `sms` SMs. input_scale: [K] or None."""
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
     args = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             bias.data_ptr() if bias is not None else None, out.data_ptr()]
     dtype = 0 if x.dtype == torch.float16 else 1
+    ms = None if input_scale is None else input_scale.data_ptr()
     if kernel == "gemv":
-        rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, sms)
+        rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, sms, ms)
     else:
-        rc = emu.minicpm_int4_mma_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, warps, sms)
+        rc = emu.minicpm_int4_mma_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, warps,
+                                          sms, ms)
     assert rc == 0, f"{kernel}: no instantiation for M={m} rows={rows} (rc {rc})"
     return out
 
@@ -165,6 +172,9 @@ def test_mma_launcher_choices(emu):
     # 16 warps per block when one-tile blocks are fewer than the SMs (N < 16 * 132 = 2112 on an H100)
     assert [warps(1024, 1, 132), warps(2096, 1, 132), warps(2112, 1, 132), warps(4096, 1, 132), warps(512, 2, 1)] == [
         16, 16, 8, 8, 8]
+    # with an input scale, M = 9..16 (two column blocks of x) never takes 16 warps: 128 registers spill
+    for_launch = emu.minicpm_int4_mma_warps_for_launch
+    assert [for_launch(16, 8, 1), for_launch(16, 9, 1), for_launch(16, 16, 0), for_launch(8, 16, 1)] == [16, 8, 16, 8]
     with pytest.raises(AssertionError, match="rc -1"):  # no instantiation with 2 tiles and 16 warps
         x = torch.randn(1, 1024).half()
         qweight, scales, zeros, gs = _layer(8, 1024, 128, torch.float16, seed=1)
@@ -173,3 +183,88 @@ def test_mma_launcher_choices(emu):
         x = torch.randn(1, 4160).half()
         qweight, scales, zeros, gs = _layer(8, 4160, 64, torch.float16, seed=1)
         _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma")
+
+
+def _scaled_pair(emu, x, qweight, scales, zeros, bias, gs, m, **kw):
+    """The kernel with the input scale fused, and the same kernel given torch's x * m. The tensor-core
+    kernel's launcher gives a scaled slice of 9..16 rows 8 warps, not 16 (mma_warps_for_launch):
+    the unscaled run takes the same warps per slice, so that both sum in the same order."""
+    fused = _emulate(emu, x, qweight, scales, zeros, bias, gs, input_scale=m, **kw)
+    xm = (x * m).contiguous()
+    if kw.get("kernel") != "mma" or not kw.get("warps"):
+        return fused, _emulate(emu, _guarded(xm), qweight, scales, zeros, bias, gs, **kw)
+    premultiplied = torch.empty_like(fused)
+    for m0 in range(0, x.shape[0], 16):  # the launcher's slices
+        rows = min(16, x.shape[0] - m0)
+        warps = emu.minicpm_int4_mma_warps_for_launch(kw["warps"], rows, 1)
+        premultiplied[m0:m0 + rows] = _emulate(emu, _guarded(xm[m0:m0 + rows]), qweight, scales, zeros, bias, gs,
+                                               **{**kw, "warps": warps})
+    return fused, premultiplied
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4], SHAPES[6]], ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_gemv_emulation_input_scale_is_x_times_m(emu, shape, dtype):
+    """Both paths (fast: 32-weight chunks; general: one word per step), every rows-of-x count."""
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n + k + 1)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    m = _guarded(random_input_scale(k, dtype, seed=k))
+    g = torch.Generator().manual_seed(k + 5)
+    for mt in range(1, 9):
+        r = VALID_R[mt][-1]
+        x = _guarded(torch.randn(mt, k, generator=g).to(dtype))
+        bias = _guarded(torch.randn(n, generator=g).to(dtype)) if mt % 2 else None
+        fused, pre = _scaled_pair(emu, x, qweight, scales, zeros, bias, gs, m, rows=r)
+        assert torch.equal(fused, pre), f"MT={mt} R={r}: {int((fused != pre).sum())} outputs differ"
+        assert_gemm_close(fused, w4a16_gemm_ref(x * m, qweight, scales, zeros, bias, gs), x * m,
+                          dequant(qweight, scales, zeros, gs, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [MMA_SHAPES[0], MMA_SHAPES[1], MMA_SHAPES[3], MMA_SHAPES[6]],
+                         ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_mma_emulation_input_scale_is_x_times_m(emu, shape, dtype):
+    """Post- and pre-scaled weights, one and two mma column blocks (M <= 8, 9..16), every
+    instantiation, a strided x, and M past 16 in slices (the scale is the same for every slice)."""
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n * k + 1)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    m = _guarded(random_input_scale(k, dtype, seed=k + 1))
+    g = torch.Generator().manual_seed(n + 11)
+    for rows_of_x in (1, 5, 16, 19):
+        for tiles, warps in ((1, 8), (2, 8), (1, 16)):
+            x = _guarded(torch.randn(rows_of_x, k + 8, generator=g).to(dtype))[:, :k]
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (rows_of_x + tiles) % 2 else None
+            fused, pre = _scaled_pair(emu, x, qweight, scales, zeros, bias, gs, m, rows=tiles, kernel="mma",
+                                      warps=warps)
+            assert torch.equal(fused, pre), f"M={rows_of_x} tiles={tiles} warps={warps}: outputs differ"
+            assert_gemm_close(fused, w4a16_gemm_ref(x * m, qweight, scales, zeros, bias, gs), x * m,
+                              dequant(qweight, scales, zeros, gs, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_emulation_input_scale_products_round_in_x_dtype(emu, dtype):
+    """Values whose product with the scale needs rounding (and one that overflows): the fused
+    kernels see torch's x * m bits, not the exact product - checked through a one-hot weight, so
+    that y[:, j] is x[:, c] * m[c] * (q - z) * s with every factor exact except x * m."""
+    n, k, c = 16, 256, 37
+    q = torch.full((n, k), 8, dtype=torch.uint8)
+    q[:, c] = 9                                  # q - z = 1 at column c, 0 elsewhere
+    from minicpm_int4.packing import pack_int4
+
+    qweight = _guarded(pack_int4(q))
+    scales = _guarded(torch.ones(n, 2, dtype=dtype))
+    zeros = _guarded(torch.full((n, 2), 8.0, dtype=dtype))
+    m = torch.ones(k, dtype=dtype)
+    m[c] = 1.0 + 2.0 ** -7                       # x * m needs rounding in both dtypes
+    big = torch.finfo(dtype).max                 # times m: past the largest finite value, inf
+    x = torch.tensor([1.0 + 2.0 ** -3 + 2.0 ** -6, 3.0 + 2.0 ** -5, big, -1.75], dtype=dtype)
+    x = _guarded(torch.randn(4, k).to(dtype).index_put_((torch.arange(4), torch.full((4,), c)), x))
+    m = _guarded(m)
+    expect = (x * m)[:, c]                       # torch's product, rounded to the dtype
+    exact = x[:, c].double() * m[c].double()
+    assert expect[0] != exact[0] and expect[1] != exact[1] and expect[2].isinf(), "the test's products must round"
+    for kernel, rows in (("gemv", 1), ("mma", 1)):
+        y = _emulate(emu, x, qweight, scales, zeros, None, 128, rows=rows, kernel=kernel, input_scale=m)
+        assert torch.equal(y[:, 0], expect), (kernel, y[:, 0], expect)

@@ -84,6 +84,40 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
     assert calls == [True, False]
 
 
+def test_cuda_backend_gets_the_input_scale_and_the_unscaled_x(monkeypatch):
+    # the CUDA extension multiplies a layer's input scale into its loads of x: ops hands it x as it is
+    # and the scale (no x * m pass before it), for the W4A16 kernels and the activation quantizer
+    import torch
+
+    from minicpm_int4 import ops
+
+    seen = []
+
+    class Ext:
+        @staticmethod
+        def w4a16_gemm(x, qweight, scales, zeros, bias, group_size, variant, input_scale):
+            seen.append(("w4a16", x, variant, input_scale))
+            return x.new_zeros((x.shape[0], qweight.shape[0]))
+
+        @staticmethod
+        def quantize_per_token_int8(x, input_scale):
+            seen.append(("act", x, None, input_scale))
+            return torch.zeros(x.shape, dtype=torch.int8), torch.ones(x.shape[0])
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "cuda")
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext, None))
+    x, qweight = torch.randn(3, 64, dtype=torch.float16), torch.zeros(8, 8, dtype=torch.int32)
+    scales = torch.ones(8, 2, dtype=torch.float16)
+    m = torch.full((64,), 2.0, dtype=torch.float16)
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "cuda", None, m)
+    ops._quantize_per_token_int8_op(x, "cuda", m)
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "cuda")
+    assert [(kind, variant) for kind, _, variant, _ in seen] == [("w4a16", 0), ("act", None), ("w4a16", 0)]
+    assert all(torch.equal(got_x, x) for _, got_x, _, _ in seen)  # never x * m
+    assert seen[0][3] is not None and torch.equal(seen[0][3], m) and torch.equal(seen[1][3], m)
+    assert seen[2][3] is None
+
+
 def test_tables_merge_per_device():
     a = table_from_bench(_bench("GPU-A", []))
     b = table_from_bench(_bench("GPU-B", []), a)

@@ -117,6 +117,42 @@ def test_cuda_extension_rejects_bad_inputs():
         torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, 32, 7)
 
 
+@pytest.mark.parametrize("variant", list(CUDA_VARIANTS), ids=lambda v: v)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_extension_input_scale_fused(dtype, variant):
+    """The extension's decode kernels multiply a layer's input scale into their loads of x: the same
+    bits as the same kernel given torch's x * m (the same sums in the same order), at M = 1, 5, 16 and
+    17 (two launches), group sizes 32 (weights scaled before the mma) and 128 (after), and a scale
+    view that is not 16-byte aligned (copied by the bindings). Also the quantizer's, strided x."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    c_ops = torch.ops.minicpm_int4_C
+    n, k = 4104, 4096
+    for group_size in (32, 128):
+        qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+        scale = torch.exp(torch.randn(k + 1, device="cuda")).to(dtype)[1:]  # 2 bytes past an aligned start
+        bias = torch.randn(n, dtype=dtype, device="cuda")
+        for m in (1, 5, 16, 17):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            if variant == "auto":
+                y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="cuda", input_scale=scale)
+            else:
+                y = c_ops.w4a16_gemm(x, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant], scale)
+            xm = x * scale
+            pre = c_ops.w4a16_gemm(xm, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant])
+            assert torch.equal(y, pre), f"G={group_size} M={m}: {int((y != pre).sum())} outputs differ"
+            assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm,
+                              dequant(qweight, scales, zeros, gs, dtype))
+    strided = torch.randn(9, k + 8, dtype=dtype, device="cuda")[:, :k]
+    xq, s = c_ops.quantize_per_token_int8(strided, scale)
+    xq_ref, s_ref = quantize_per_token_int8_ref(strided * scale)
+    assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
+    with pytest.raises(RuntimeError, match=r"input_scale must have shape \[K=4096\]"):
+        c_ops.w4a16_gemm(x, qweight, scales, zeros, None, gs, 0, scale[:-8])
+    with pytest.raises(RuntimeError, match="input_scale is Float but the activations are"):
+        c_ops.quantize_per_token_int8(x, scale.float())
+
+
 @pytest.mark.parametrize("variant", [1, 2])
 def test_cuda_extension_misaligned_x_is_copied(variant):
     """A view of x at an odd offset (not 16-byte aligned) is copied by the bindings, not refused."""
@@ -143,8 +179,8 @@ def test_triton_act_quant_bit_exact(m, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("m,k", [(17, 3584), (4096, 4096), (130, 18944)])
 def test_act_quant_with_an_input_scale_bit_exact(m, k, dtype, backend):
-    """A W4A8 layer's input scale: Triton multiplies it inside its pass (registers, and the two-read
-    path at K = 18944), CUDA before its kernel; both give the bits of quantizing x * m."""
+    """A W4A8 layer's input scale: Triton and CUDA multiply it inside their pass (registers, and the
+    two-read path at K = 18944); both give the bits of quantizing x * m."""
     if backend == "cuda" and ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     x = torch.randn(m, k, dtype=dtype, device="cuda")

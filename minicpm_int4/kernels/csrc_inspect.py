@@ -37,7 +37,8 @@ class Variant:
     arch: str
     kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant"
     dtype: str
-    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U
+    params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
+                                 # all: S (1: the layer's input scale multiplied into the loads of x)
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -76,24 +77,28 @@ def _tool(name: str) -> str:
 
 
 def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) -> Optional[Variant]:
-    m = re.search(r"w4a16_gemv_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)E", name)
+    m = re.search(r"w4a16_gemv_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])E", name)
     if m:
-        v = Variant(arch, "gemv", _DTYPES[m.group(1)], {"MT": int(m.group(2)), "R": int(m.group(3))}, regs, spill, smem)
+        v = Variant(arch, "gemv", _DTYPES[m.group(1)], {"MT": int(m.group(2)), "R": int(m.group(3)),
+                                                        "S": int(m.group(4))}, regs, spill, smem)
         mt, r = v.params["MT"], v.params["R"]
-        # the fast loop: R weight loads and 4 * MT x loads (16 bytes each) per trip; of the loops that
-        # fit, the one with the most trips per iteration (the unrolled body, not a remainder loop)
+        # the fast loop: R weight loads and 4 * MT x loads (16 bytes each) per trip, and 4 of the input
+        # scale with S; of the loops that fit, the one with the most trips per iteration (the unrolled
+        # body, not a remainder loop)
+        per_trip = r + 4 * mt + 4 * v.params["S"]
         best = None
         for loop in loop_bodies(sass):
             wide = sum(c for op, c in loop.items() if op.startswith("LDG") and ".128" in op)
-            if wide and wide % (r + 4 * mt) == 0 and (best is None or wide > best[0]):
+            if wide and wide % per_trip == 0 and (best is None or wide > best[0]):
                 best = (wide, loop)
         if best:
-            v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // (r + 4 * mt)
+            v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // per_trip
         return v
-    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)E", name)
+    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])E", name)
     if m:
         v = Variant(arch, "mma", _DTYPES[m.group(1)], {"NT": int(m.group(2)), "NB": int(m.group(3)),
-                                                       "POST": int(m.group(4)), "W": int(m.group(5))}, regs, spill, smem)
+                                                       "POST": int(m.group(4)), "W": int(m.group(5)),
+                                                       "S": int(m.group(6))}, regs, spill, smem)
         nt, nb = v.params["NT"], v.params["NB"]
         best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
         for loop in loop_bodies(sass):
@@ -103,9 +108,10 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
             v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
-    m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)E", name)
+    m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)ELb([01])E", name)
     if m:  # no K loop per weight: registers, stack, and local memory in its loops
-        v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2))}, regs, spill, smem)
+        v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2)), "S": int(m.group(3))}, regs, spill,
+                    smem)
         v.loop_counts = dict(sum(loop_bodies(sass), Counter()))
         return v
     return None

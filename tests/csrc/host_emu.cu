@@ -27,7 +27,10 @@ void run_block(const Params<T>& p, int n0, bool fast, const T* bias, T* out, lon
   std::vector<float> acc(static_cast<size_t>(kThreads) * MT * R);
   for (int tid = 0; tid < kThreads; ++tid) {
     float a[MT][R];
-    thread_partials<T, MT, R>(p, n0, tid, fast, a);
+    if (p.input_scale != nullptr)  // the launcher's choice of instantiation
+      thread_partials<T, MT, R, true>(p, n0, tid, fast, a);
+    else
+      thread_partials<T, MT, R, false>(p, n0, tid, fast, a);
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) acc[(static_cast<size_t>(tid) * MT + m) * R + r] = a[m][r];
   }
@@ -72,12 +75,12 @@ bool dispatch_r(const Params<T>& p, int r, bool fast, const T* bias, T* out, lon
 
 template <typename T>
 int emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
-            int N, int K, int group_size, long ldx, long ldo, int rows, int sms) {
+            int N, int K, int group_size, long ldx, long ldo, int rows, int sms, const T* ms) {
   const int chunk_shift = chunk_shift_for(K, group_size);
   const bool fast = chunk_shift >= 0;
   for (int m0 = 0; m0 < M; m0 += 8) {
     const int mt = (M - m0) < 8 ? (M - m0) : 8;
-    const Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, N, K, group_size, ldx, chunk_shift, 0xFu};
+    const Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, N, K, group_size, ldx, chunk_shift, 0xFu, ms};
     T* os = out + static_cast<long>(m0) * ldo;
     const int r = rows > 0 ? rows : rows_per_block(mt, N, sms);
     bool ok = false;
@@ -105,7 +108,12 @@ void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
   std::vector<float> acc_store(static_cast<size_t>(W) * NT * NB * 32 * 4);
   auto acc = reinterpret_cast<float(*)[NT][NB][32][4]>(acc_store.data());
   for (int n0 = 0; n0 < p.N; n0 += 16 * NT) {
-    for (int w = 0; w < W; ++w) mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32>(p, n0, w, lanes, acc[w]);
+    for (int w = 0; w < W; ++w) {
+      if (p.input_scale != nullptr)  // the launcher's choice of instantiation
+        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, true>(p, n0, w, lanes, acc[w]);
+      else
+        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false>(p, n0, w, lanes, acc[w]);
+    }
     for (int slot = 0; slot < NT * NB * 4; ++slot) {
       const int e = slot & 3, nb = (slot >> 2) % NB, nt = (slot >> 2) / NB;
       for (int lane = 0; lane < 32; ++lane) {
@@ -136,7 +144,7 @@ bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, const T*
 
 template <typename T>
 int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
-                int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms) {
+                int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms, const T* ms) {
   if (!mm::mma_supported(K, group_size)) return -2;
   const bool post = mm::mma_post_scale(K, group_size);
   const int nt = tiles > 0 ? tiles : mm::mma_tiles_per_block(N, sms);
@@ -144,10 +152,11 @@ int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* ze
   for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
     const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
     const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx,
-                          0x000F000Fu, mm::group_shift_for(K, group_size)};
+                          0x000F000Fu, mm::group_shift_for(K, group_size), ms};
     T* os = out + static_cast<long>(m0) * ldo;
-    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, w, post, bias, os, ldo)
-                             : mma_dispatch<T, 1>(p, nt, w, post, bias, os, ldo);
+    const int ws = mm::mma_warps_for_launch(w, rows, ms != nullptr);  // the launcher applies it to every slice
+    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, ws, post, bias, os, ldo)
+                             : mma_dispatch<T, 1>(p, nt, ws, post, bias, os, ldo);
     if (!ok) return -1;
   }
   return 0;
@@ -157,8 +166,8 @@ namespace aq = minicpm_int4_aq;
 
 // One block per row: every thread's pass 1, the block max (exact in any order, NaN-propagating),
 // the row's scale, every thread's pass 2 - the kernel's sequence with its own per-thread code.
-template <typename T, int U>
-void act_quant_rows(const T* x, int8_t* xq, float* scale, int M, int K, long ldx, bool vec) {
+template <typename T, int U, bool S>
+void act_quant_rows(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, bool vec) {
   std::vector<uint4> caches(static_cast<size_t>(aq::kThreads) * (U > 0 ? U : 1));
   for (int m = 0; m < M; ++m) {
     const T* row = x + static_cast<long>(m) * ldx;
@@ -166,7 +175,7 @@ void act_quant_rows(const T* x, int8_t* xq, float* scale, int M, int K, long ldx
     bool nan = false;
     for (int tid = 0; tid < aq::kThreads; ++tid) {
       auto& cache = *reinterpret_cast<uint4(*)[U > 0 ? U : 1]>(&caches[static_cast<size_t>(tid) * (U > 0 ? U : 1)]);
-      const float v = aq::thread_absmax<T, U>(row, K, tid, vec, cache).value();
+      const float v = aq::thread_absmax<T, U, S>(row, ms, K, tid, vec, cache).value();
       nan = nan || v != v;
       amax = fmaxf(amax, v);
     }
@@ -175,21 +184,29 @@ void act_quant_rows(const T* x, int8_t* xq, float* scale, int M, int K, long ldx
     scale[m] = s;
     for (int tid = 0; tid < aq::kThreads; ++tid) {
       const auto& cache = *reinterpret_cast<const uint4(*)[U > 0 ? U : 1]>(&caches[static_cast<size_t>(tid) * (U > 0 ? U : 1)]);
-      aq::thread_quantize<T, U>(row, xq + static_cast<long>(m) * K, K, tid, vec, s, safe, cache);
+      aq::thread_quantize<T, U, S>(row, ms, xq + static_cast<long>(m) * K, K, tid, vec, s, safe, cache);
     }
   }
 }
 
-template <typename T>
-int act_quant(const T* x, int8_t* xq, float* scale, int M, int K, long ldx, int force_scalar) {
-  const bool vec = !force_scalar && aq::vector_path(x, ldx, K, sizeof(T));
+template <typename T, bool S>
+void act_quant_u(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, bool vec) {
   switch (aq::cache_pieces(K, sizeof(T), vec)) {
-    case 1: act_quant_rows<T, 1>(x, xq, scale, M, K, ldx, vec); break;
-    case 2: act_quant_rows<T, 2>(x, xq, scale, M, K, ldx, vec); break;
-    case 4: act_quant_rows<T, 4>(x, xq, scale, M, K, ldx, vec); break;
-    case 8: act_quant_rows<T, 8>(x, xq, scale, M, K, ldx, vec); break;
-    default: act_quant_rows<T, 0>(x, xq, scale, M, K, ldx, vec); break;
+    case 1: act_quant_rows<T, 1, S>(x, ms, xq, scale, M, K, ldx, vec); break;
+    case 2: act_quant_rows<T, 2, S>(x, ms, xq, scale, M, K, ldx, vec); break;
+    case 4: act_quant_rows<T, 4, S>(x, ms, xq, scale, M, K, ldx, vec); break;
+    case 8: act_quant_rows<T, 8, S>(x, ms, xq, scale, M, K, ldx, vec); break;
+    default: act_quant_rows<T, 0, S>(x, ms, xq, scale, M, K, ldx, vec); break;
   }
+}
+
+template <typename T>
+int act_quant(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, int force_scalar) {
+  const bool vec = !force_scalar && aq::vector_path(x, ldx, K, sizeof(T), ms);
+  if (ms != nullptr)
+    act_quant_u<T, true>(x, ms, xq, scale, M, K, ldx, vec);
+  else
+    act_quant_u<T, false>(x, ms, xq, scale, M, K, ldx, vec);
   return vec ? aq::cache_pieces(K, sizeof(T), vec) : -1;
 }
 
@@ -198,49 +215,60 @@ int act_quant(const T* x, int8_t* xq, float* scale, int M, int K, long ldx, int 
 extern "C" {
 
 // dtype 0 = fp16, 1 = bf16; rows = R for every slice (0: rows_per_block with `sms` SMs, as the
-// launcher picks). Returns 0, or -1 for a (slice rows, R) pair the kernel has no instantiation for.
+// launcher picks); input_scale: NULL or [K] of x's dtype. Returns 0, or -1 for a (slice rows, R)
+// pair the kernel has no instantiation for.
 int minicpm_int4_gemv_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                               const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                              int dtype, int rows, int sms) {
+                              int dtype, int rows, int sms, const void* input_scale) {
   if (dtype == 0)
     return emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                            static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
-                           static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, rows, sms);
+                           static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, rows, sms,
+                           static_cast<const __half*>(input_scale));
   return emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
                                 static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                 static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                                group_size, ldx, ldo, rows, sms);
+                                group_size, ldx, ldo, rows, sms, static_cast<const __nv_bfloat16*>(input_scale));
 }
 
 // The tensor-core kernel: tiles = N-tiles per block, warps = warps per block (0: as the launcher
-// picks with `sms` SMs).
+// picks with `sms` SMs); input_scale as above.
 // Returns 0, -1 for a tile count without an instantiation, -2 where the kernel does not apply.
 int minicpm_int4_mma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                              const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                             int dtype, int tiles, int warps, int sms) {
+                             int dtype, int tiles, int warps, int sms, const void* input_scale) {
   if (dtype == 0)
     return mma_emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                                static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
-                               static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, warps, sms);
+                               static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, warps, sms,
+                               static_cast<const __half*>(input_scale));
   return mma_emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
                                     static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                     static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                                    group_size, ldx, ldo, tiles, warps, sms);
+                                    group_size, ldx, ldo, tiles, warps, sms, static_cast<const __nv_bfloat16*>(input_scale));
 }
 
 int minicpm_int4_mma_supported(int K, int group_size) { return mm::mma_supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_post_scale(int K, int group_size) { return mm::mma_post_scale(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_tiles_per_block(int n, int sms) { return mm::mma_tiles_per_block(n, sms); }
 int minicpm_int4_mma_warps_per_block(int n, int tiles, int sms) { return mm::mma_warps_per_block(n, tiles, sms); }
+int minicpm_int4_mma_warps_for_launch(int warps, int rows, int scaled) {
+  return mm::mma_warps_for_launch(warps, rows, scaled != 0);
+}
 
-// The activation quantizer; dtype 0 fp16, 1 bf16, 2 fp32. Returns the path taken: -1 element by
-// element, 0 vector path with a second read, U > 0 vector path with U pieces per thread in registers.
+// The activation quantizer; dtype 0 fp16, 1 bf16, 2 fp32; input_scale NULL or [K] of x's dtype.
+// Returns the path taken: -1 element by element, 0 vector path with a second read, U > 0 vector
+// path with U pieces per thread in registers.
 int minicpm_int4_act_quant_emulate(const void* x, int8_t* xq, float* scale, int M, int K, long ldx, int dtype,
-                                   int force_scalar) {
-  if (dtype == 0) return act_quant<__half>(static_cast<const __half*>(x), xq, scale, M, K, ldx, force_scalar);
+                                   int force_scalar, const void* input_scale) {
+  if (dtype == 0)
+    return act_quant<__half>(static_cast<const __half*>(x), static_cast<const __half*>(input_scale), xq, scale, M, K,
+                             ldx, force_scalar);
   if (dtype == 1)
-    return act_quant<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), xq, scale, M, K, ldx, force_scalar);
-  return act_quant<float>(static_cast<const float*>(x), xq, scale, M, K, ldx, force_scalar);
+    return act_quant<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x),
+                                    static_cast<const __nv_bfloat16*>(input_scale), xq, scale, M, K, ldx, force_scalar);
+  return act_quant<float>(static_cast<const float*>(x), static_cast<const float*>(input_scale), xq, scale, M, K, ldx,
+                          force_scalar);
 }
 
 int minicpm_int4_gemv_chunk_shift(int K, int group_size) { return chunk_shift_for(K, group_size); }
