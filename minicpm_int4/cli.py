@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-scales", action="store_true",
                    help="per-channel AWQ scales also where none folds into the previous op (post-norm layers, attention "
                         "output, an MLP's second layer): the layer multiplies its input by it at runtime (inside the "
-                        "Triton decode kernels' and the int8 quantizer's loads of x, else one elementwise pass); needs "
+                        "decode kernels' and the int8 quantizers' loads of x, else one elementwise pass); needs "
                         "--calibration and/or --calibration-images")
     q.add_argument("--act", type=_act_spec, default=None,
                    help="activations: int8 (W4A8 everywhere), none (W4A16, the default), or per part, e.g. "
