@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(const T* __restrict
 }
 
 template <typename T, bool S>
-void launch_u(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, bool vec, cudaStream_t stream) {
+void launch_u(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, bool vec,
+              cudaStream_t stream) {
   const dim3 grid(M);
   switch (cache_pieces(K, sizeof(T), vec)) {
     case 1: act_quant_kernel<T, 1, S><<<grid, kThreads, 0, stream>>>(x, ms, xq, scale, K, ldx, vec); break;

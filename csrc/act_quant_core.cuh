@@ -108,7 +108,8 @@ MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, int i) {
     } else {
       MINICPM_UNROLL
       for (int j = 0; j < 4; ++j)
-        w[j] = Elem<T>::bits(times<T>(v[2 * j], m[2 * j])) | (Elem<T>::bits(times<T>(v[2 * j + 1], m[2 * j + 1])) << 16);
+        w[j] = Elem<T>::bits(times<T>(v[2 * j], m[2 * j])) |
+               (Elem<T>::bits(times<T>(v[2 * j + 1], m[2 * j + 1])) << 16);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
   }

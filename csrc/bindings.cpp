@@ -73,7 +73,8 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const bool x_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (M == 1 || x.stride(0) % 8 == 0);
   const at::Tensor xa = x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
   cudaError_t err = minicpm_int4_w4a16_gemv(
-      xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
+      xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr(),
+      zeros.data_ptr(), bias_ptr, out.data_ptr(),
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
       out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, static_cast<int>(variant),
       c10::cuda::getCurrentCUDAStream().stream());
@@ -108,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int dtype = x.scalar_type() == at::kHalf ? 0 : x.scalar_type() == at::kBFloat16 ? 1 : 2;
-  cudaError_t err = minicpm_int4_act_quant(x.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, xq.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                                           static_cast<int>(M), static_cast<int>(K), M == 1 ? K : x.stride(0), dtype,
-                                           c10::cuda::getCurrentCUDAStream().stream());
+  cudaError_t err = minicpm_int4_act_quant(x.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, xq.data_ptr<int8_t>(),
+                                           scale.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K),
+                                           M == 1 ? K : x.stride(0), dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.quantize_per_token_int8: kernel launch failed: ",
               cudaGetErrorString(err));
   return {xq, scale};

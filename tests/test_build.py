@@ -84,10 +84,14 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
     args = {name: [(a.name, str(a.type)) for a in s.arguments] for name, s in schemas.items()}
     weight = [("x", "Tensor"), ("qweight", "Tensor"), ("scales", "Tensor"), ("zeros", "Tensor"),
               ("bias", "Optional[Tensor]"), ("group_size", "int")]
-    # ops.py calls w4a16_gemm(x, qweight, scales, zeros, bias, group_size) and the bench / gpu tests
-    # add the variant: both must bind
-    assert args["w4a16_gemm"] == weight + [("variant", "int")]
-    assert args["w4a16_gemm_out"] == weight + [("out", "Tensor"), ("variant", "int")]
+    # ops.py calls w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale) and
+    # quantize_per_token_int8(x, input_scale); the bench / gpu tests pass the variant and leave the
+    # input scale out: every form must bind
+    scale = [("input_scale", "Optional[Tensor]")]
+    assert args["w4a16_gemm"] == weight + [("variant", "int")] + scale
+    assert args["w4a16_gemm_out"] == weight + [("out", "Tensor"), ("variant", "int")] + scale
     assert schemas["w4a16_gemm_out"].arguments[6].alias_info.is_write
-    assert all(s.arguments[-1].default_value == 0 for n, s in schemas.items() if n.startswith("w4a16"))
-    assert args["quantize_per_token_int8"] == [("x", "Tensor")] and len(schemas["quantize_per_token_int8"].returns) == 2
+    assert all(s.arguments[-2].default_value == 0 for n, s in schemas.items() if n.startswith("w4a16"))
+    assert all(s.arguments[-1].default_value is None for s in schemas.values())
+    assert args["quantize_per_token_int8"] == [("x", "Tensor")] + scale
+    assert len(schemas["quantize_per_token_int8"].returns) == 2

@@ -121,18 +121,20 @@ def test_cuda_extension_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_extension_input_scale_fused(dtype, variant):
     """The extension's decode kernels multiply a layer's input scale into their loads of x: the same
-    bits as the same kernel given torch's x * m (the same sums in the same order), at M = 1, 5, 16 and
-    17 (two launches), group sizes 32 (weights scaled before the mma) and 128 (after), and a scale
-    view that is not 16-byte aligned (copied by the bindings). Also the quantizer's, strided x."""
+    bits as the same kernel given torch's x * m (the same sums in the same order; where the launcher
+    splits K over fewer warps for a scaled 9..16-row slice, within the tolerance), at M = 1 and 16 with
+    group size 32 (weights scaled before the mma), 5 and 17 (two launches) with 128 (after), and a
+    scale view that is not 16-byte aligned (copied by the bindings). Also the quantizer's, strided x.
+    Small shapes: the GPU suite runs this under compute-sanitizer."""
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     c_ops = torch.ops.minicpm_int4_C
-    n, k = 4104, 4096
-    for group_size in (32, 128):
+    n, k = 1032, 2048  # N not a multiple of the blocks' rows
+    for group_size, ms in ((32, (1, 16)), (128, (5, 17))):
         qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
         scale = torch.exp(torch.randn(k + 1, device="cuda")).to(dtype)[1:]  # 2 bytes past an aligned start
         bias = torch.randn(n, dtype=dtype, device="cuda")
-        for m in (1, 5, 16, 17):
+        for m in ms:
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             if variant == "auto":
                 y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="cuda", input_scale=scale)
@@ -140,14 +142,21 @@ def test_cuda_extension_input_scale_fused(dtype, variant):
                 y = c_ops.w4a16_gemm(x, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant], scale)
             xm = x * scale
             pre = c_ops.w4a16_gemm(xm, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant])
-            assert torch.equal(y, pre), f"G={group_size} M={m}: {int((y != pre).sum())} outputs differ"
+            # bit for bit where both launches split K alike: a scaled 9..16-row slice takes 8 warps where
+            # an unscaled one may take 16 (fewer one-tile blocks than SMs), which sums in another order
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            alike = variant == "gemv" or m <= 8 or (n + 15) // 16 >= sms or (n + 31) // 32 >= 2 * sms
+            if alike:
+                assert torch.equal(y, pre), f"G={group_size} M={m}: {int((y != pre).sum())} outputs differ"
+            else:
+                assert torch.equal(y[16:], pre[16:]), f"G={group_size} M={m}: the rows past 16 differ"
             assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm,
                               dequant(qweight, scales, zeros, gs, dtype))
     strided = torch.randn(9, k + 8, dtype=dtype, device="cuda")[:, :k]
     xq, s = c_ops.quantize_per_token_int8(strided, scale)
     xq_ref, s_ref = quantize_per_token_int8_ref(strided * scale)
     assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
-    with pytest.raises(RuntimeError, match=r"input_scale must have shape \[K=4096\]"):
+    with pytest.raises(RuntimeError, match=r"input_scale must have shape \[K=2048\]"):
         c_ops.w4a16_gemm(x, qweight, scales, zeros, None, gs, 0, scale[:-8])
     with pytest.raises(RuntimeError, match="input_scale is Float but the activations are"):
         c_ops.quantize_per_token_int8(x, scale.float())
