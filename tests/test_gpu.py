@@ -162,6 +162,24 @@ def test_cuda_extension_input_scale_fused(dtype, variant):
         c_ops.quantize_per_token_int8(x, scale.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_cuda_extension_act_quant_every_path_small(dtype):
+    """The CUDA activation quantizer's three paths - 16-byte pieces kept in registers (K = 2048), read
+    twice (K = 18944 fp16 / bf16, 9000 fp32), element by element (K = 1001) - with and without an
+    input scale, on a few rows: bit for bit against the reference. Small, so that the GPU suite's
+    compute-sanitizer stage (which selects the `cuda_extension` tests) checks every path's accesses."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    for k in (2048, 18944 if dtype != torch.float32 else 9000, 1001):
+        x = torch.randn(3, k, dtype=dtype, device="cuda")
+        x[1] = 0  # a zero row: scale 0, x_q 0
+        scale = torch.exp(torch.randn(k, device="cuda")).to(dtype)
+        for m in (None, scale):
+            xq, s = torch.ops.minicpm_int4_C.quantize_per_token_int8(x, m)
+            xq_ref, s_ref = quantize_per_token_int8_ref(x, m)
+            assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref), (k, m is not None)
+
+
 @pytest.mark.parametrize("variant", [1, 2])
 def test_cuda_extension_misaligned_x_is_copied(variant):
     """A view of x at an odd offset (not 16-byte aligned) is copied by the bindings, not refused."""
