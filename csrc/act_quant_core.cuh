@@ -91,7 +91,8 @@ MINICPM_HD void unpack_piece(const uint4& u, float (&v)[kPerPiece<T>]) {
 }
 
 // Piece i of the row (16 bytes), or with S that piece times the input scale's piece i, element
-// by element, as T bits: the rest of the kernel never knows the difference.
+// by element, as T bits: the rest of the kernel never knows the difference. (bits() rounds the exact
+// fp32 product to T once: times() without its round trip back to fp32.)
 template <typename T, bool S>
 MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, int i) {
   const uint4 raw = ldg(xp + i);
@@ -104,12 +105,11 @@ MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, int i) {
     uint32_t w[4];
     if constexpr (sizeof(T) == 4) {
       MINICPM_UNROLL
-      for (int j = 0; j < 4; ++j) w[j] = Elem<T>::bits(times<T>(v[j], m[j]));
+      for (int j = 0; j < 4; ++j) w[j] = Elem<T>::bits(mul_rn(v[j], m[j]));
     } else {
       MINICPM_UNROLL
       for (int j = 0; j < 4; ++j)
-        w[j] = Elem<T>::bits(times<T>(v[2 * j], m[2 * j])) |
-               (Elem<T>::bits(times<T>(v[2 * j + 1], m[2 * j + 1])) << 16);
+        w[j] = Elem<T>::bits(mul_rn(v[2 * j], m[2 * j])) | (Elem<T>::bits(mul_rn(v[2 * j + 1], m[2 * j + 1])) << 16);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
   }

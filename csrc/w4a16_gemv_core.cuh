@@ -139,6 +139,8 @@ MINICPM_UNROLL
 template <typename T, int MT, bool S>
 MINICPM_HD void load_rows(const Params<T>& p, long k0, float (*xf)[8]) {
   if constexpr (S) {
+    // (addressed this way - the scale's piece index, one x base for the rows - because other forms
+    // made ptxas keep a pointer word on the stack and reload it every trip in common instantiations)
     const uint4 mu = ldg(reinterpret_cast<const uint4*>(p.input_scale) + (k0 >> 3));
     const T* xk = p.x + k0;
 MINICPM_UNROLL
