@@ -1,10 +1,10 @@
 """What an input scale (QuantConfig.input_scales) costs at runtime: one int4 layer timed with and without
 `input_scale`, eager and, on a GPU, replayed from a CUDA graph (where launch overhead is what is left of a
-decode step's host cost). W4A16 decode (M <= 16): multiplied into the Triton kernels' loads of x, and on
-a GPU also timed as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False: which is
-faster); W4A16 prefill: a separate pass; W4A8 from ops.W4A8_MIN_M rows on: inside the activation
-quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in their loads of
-x). Prints one line per layer kind and M; the GPU suite runs it into suite.log.
+decode step's host cost). W4A16: multiplied into the Triton kernels' loads of x, and on a GPU also timed
+as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False for decode, M <= 16, and
+FUSE_INPUT_SCALE_PREFILL = False for prefill: which is faster); W4A8 from ops.W4A8_MIN_M rows on: inside
+the activation quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in
+their loads of x). Prints one line per layer kind and M; the GPU suite runs it into suite.log.
 
     python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
 """
@@ -61,17 +61,19 @@ def _graphed(layer, x):
 
 @contextlib.contextmanager
 def _fused(fuse):
-    """kernels.w4a16.FUSE_INPUT_SCALE set to `fuse` inside the block (None: left as it is)."""
+    """kernels.w4a16.FUSE_INPUT_SCALE and FUSE_INPUT_SCALE_PREFILL set to `fuse` inside the block (None:
+    left as they are)."""
     if fuse is None:
         yield
         return
     from minicpm_int4.kernels import w4a16
 
-    saved, w4a16.FUSE_INPUT_SCALE = w4a16.FUSE_INPUT_SCALE, fuse
+    saved = w4a16.FUSE_INPUT_SCALE, w4a16.FUSE_INPUT_SCALE_PREFILL
+    w4a16.FUSE_INPUT_SCALE = w4a16.FUSE_INPUT_SCALE_PREFILL = fuse
     try:
         yield
     finally:
-        w4a16.FUSE_INPUT_SCALE = saved
+        w4a16.FUSE_INPUT_SCALE, w4a16.FUSE_INPUT_SCALE_PREFILL = saved
 
 
 def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16,
@@ -104,9 +106,9 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
                     continue  # the extension's kernels are for decode
                 x = torch.randn(rows_m, k, device=device, dtype=dtype)
                 row = {"n": n, "k": k, "m": rows_m, "act": act or "fp", "backend": be}
-                # (name, layer, FUSE_INPUT_SCALE); the Triton decode kernels both ways where they run
+                # (name, layer, FUSE_INPUT_SCALE*); the Triton W4A16 kernels both ways where they run
                 variants = [("plain", plain, None), ("input_scale", scaled, None)]
-                if act is None and be != "cuda" and rows_m <= 16 and (device.type == "cuda" or be == "triton"):
+                if act is None and be != "cuda" and (device.type == "cuda" or be == "triton"):
                     variants.append(("input_scale_separate", scaled, False))
                 for name, layer, fuse in variants:
                     with _fused(fuse):

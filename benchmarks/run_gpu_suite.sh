@@ -84,11 +84,11 @@ h = x.t() @ x
 t = time.perf_counter(); gptq_quantize(w, h, 128); torch.cuda.synchronize()
 print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.perf_counter() - t) * 1e3:.1f} ms')"
 # QuantConfig.input_scales' multiply per layer: a 4096 x 4096 layer with and without it, eager and
-# CUDA-graphed, W4A16 at M = 1 / 16 (in the decode kernels' loads, and as a separate pass: which is
-# faster) and 4096 (a separate pass), the CUDA extension's decode kernels at M = 1 / 16 (in their
+# CUDA-graphed, W4A16 at M = 1 / 16 / 4096 (in the Triton kernels' loads - prefill's on sm_90 - and as
+# a separate pass: which is faster), the CUDA extension's decode kernels at M = 1 / 16 (in their
 # loads), W4A8 at 4096 (in the activation quantizer); W4A16's lines come first, should the limit cut
 # W4A8's autotuning short
-stage input-scale-cost 40 $PY benchmarks/input_scale_cost.py
+stage input-scale-cost 50 $PY benchmarks/input_scale_cost.py
 stage bench 130 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 # profile takes what the stages before it left, less 25 s for targets; it starts no new run past
 # its own budget (a graphed run compiles for a minute or more), and an interrupted profile still

@@ -55,8 +55,9 @@ class QuantConfig:
             into the previous op (a post-norm model's layers, whose norm also feeds the residual; an
             attention output projection; an MLP's second layer after a nonlinearity): the layer stores
             ``input_scale`` [K] and multiplies its input by it before the int4 GEMM (the decode kernels,
-            Triton and CUDA, and the activation quantizers multiply it into their loads of x; before
-            W4A16 prefill, one elementwise pass), its weight is quantized divided by it.
+            Triton and CUDA, the activation quantizers and on sm_90 Triton's W4A16 prefill multiply it
+            into their loads of x; elsewhere one elementwise pass before W4A16 prefill), its weight is
+            quantized divided by it.
             Searched per layer as the folds are (alpha = 0, no scale, is a candidate; a layer of a fold
             group whose search chose no scale gets no runtime one either). Needs calibration; any
             method. Off by default for that runtime cost. On MiniLM's trained weights

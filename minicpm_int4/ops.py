@@ -495,9 +495,9 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     w4a16_workspace or None; input_scale: the layer's [K] multiplier or None. Eager inference calls
     the implementations directly (eager_fast_path); the results are the op's, bit for bit.
 
-    The input scale goes into the op: the decode kernels (Triton and CUDA) and the activation
-    quantizers multiply it into x as they load it (no pass of its own); before Triton prefill and the
-    reference the op multiplies first."""
+    The input scale goes into the op: the decode kernels (Triton and CUDA), the activation quantizers
+    and on sm_90 Triton's prefill multiply it into x as they load it (no pass of its own); before
+    Triton prefill elsewhere and the reference the op multiplies first."""
     direct = eager_fast_path(x, bias)
     if act == "int8":
         return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,

@@ -206,6 +206,31 @@ def test_decode_kernels_multiply_an_input_scale_for_little(compiled):
                 assert c["constexprs"]["SCALE_TILE"] == (c["arch"] == "sm90a")
 
 
+def test_prefill_multiplies_an_input_scale_on_sm90_for_little(compiled):
+    """A layer's input scale in the prefill kernel's x tiles (w4a16.FUSE_INPUT_SCALE_PREFILL, by default
+    on sm_90 only, never for fp32 layers): the same tensor-core instructions as its twin without the scale
+    (the multiplied tile reaches wgmma from registers), and on K = 4096 at most one packed multiply per
+    two elements of x's tile plus 0.5 SASS instructions per weight (x's tile is BLOCK_M / BLOCK_N
+    elements per weight; measured +0.25 - 0.5 on the 64x128 / 128x128 / 128x256 tiles). The absolute
+    budgets of test_prefill_dequantization_cost hold for these variants too (they run there)."""
+    prefill = _by_kernel(compiled, "w4a16_prefill")
+
+    def twin_key(c):
+        return (c["arch"], c["label"], str(c["options"]),
+                tuple(sorted((k, v) for k, v in c["constexprs"].items() if k != "HAS_SCALE")))
+
+    twins = {twin_key(c): c for c in prefill if not c["constexprs"]["HAS_SCALE"]}
+    scaled = [c for c in prefill if c["constexprs"]["HAS_SCALE"]]
+    assert scaled and {c["arch"] for c in scaled} == {"sm90a"}
+    assert not any(c["constexprs"]["DOT_FP32"] for c in scaled)
+    for c in scaled:
+        twin, ce = twins[twin_key(c)], c["constexprs"]
+        where = (c["label"], ce["BLOCK_M"], ce["BLOCK_N"], twin["instr_per_weight"], c["instr_per_weight"])
+        assert c["tensor_core"] == twin["tensor_core"], where
+        if "K=4096" in c["label"]:
+            assert c["instr_per_weight"] <= twin["instr_per_weight"] + 0.5 * ce["BLOCK_M"] / ce["BLOCK_N"] + 0.5, where
+
+
 def test_prefill_dequantization_cost(compiled):
     # prefill dequantizes a BLOCK_N x BLOCK_K weight tile per K step while the tensor cores multiply
     # BLOCK_M rows by it. sm_90a: ~2048 fp16 MACs per SM-clock (wgmma) against 128 issued

@@ -359,7 +359,10 @@ def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
     assert "input scale cost, W4A16 48 x 128 G=128 float32 M=1: eager" in out and "W4A16 48 x 128 G=128 float32 M=3" in out
     assert "input scale cost, W4A8 48 x 128 G=128 float32 M=17: eager" in out
     assert "separate pass" not in out  # the reference backend has no fused decode kernel to compare
-    if ops.triton_interpreter_active():  # the Triton decode kernels: fused, and the separate pass too
-        rows = mod.measure("cpu", n=48, k=128, ms=(3,), reps=1, dtype=torch.float16, backend="triton")
-        assert all(r["input_scale_separate_eager_ms"] > 0 for r in rows)
-        assert "input scale cost, W4A16 48 x 128 G=128 float16 M=3: eager" in capsys.readouterr().out
+    if ops.triton_interpreter_active():  # the Triton kernels (decode, prefill): fused, and the separate pass too
+        rows = mod.measure("cpu", n=48, k=128, ms=(3, 17), reps=1, dtype=torch.float16, backend="triton")
+        assert [(r["act"], r["m"]) for r in rows] == [("fp", 3), ("fp", 17), ("int8", 17)]
+        assert all(r["input_scale_separate_eager_ms"] > 0 for r in rows if r["act"] == "fp")
+        out = capsys.readouterr().out
+        assert "input scale cost, W4A16 48 x 128 G=128 float16 M=3: eager" in out
+        assert out.count("separate pass") == 2, out

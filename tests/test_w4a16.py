@@ -242,24 +242,29 @@ def test_w4a16_gemv_paths(case, dtype):
     _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)
 
 
-# (M, kernel, case, the decode kernel's m as x.T's tile (sm_90) or as a column (sm_80))
+# (M, kernel, case, variant: the decode kernel's m as x.T's tile (sm_90) or as a column (sm_80); the
+# prefill kernel's weight tile dequantized as rows (sm_90) or as [K, N])
 INPUT_SCALE_CASES = [(1, "gemv", case, None) for case in GEMV_CASES] + [
     (m, "decode", case, False) for m in (3, 16) for case in DECODE_CASES] + [
     (16, "decode", case, True) for case in ("even-g32", "masked-n-g64", "masked-split-g32")] + [
-    (17, "prefill", "masked-n-g64", None)]
+    (17, "prefill", "masked-n-g64", False), (64, "prefill", "even-g32", False),
+    (17, "prefill", "masked-k-per-channel", True), (33, "prefill", "even-g128-split", True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("m, kernel, case, tile", INPUT_SCALE_CASES, ids=lambda v: str(v))
 def test_input_scale_multiplied_as_x_is_loaded(m, kernel, case, tile, dtype, monkeypatch):
-    """A layer's input scale (QuantConfig.input_scales) inside the decode kernels' loads of x - the
-    GEMV's (M = 1) and the tensor-core decode kernel's (2..16, split-K in one launch or two; m
-    loaded either way), masked and even tiles - gives the bits of the same kernel on x * m computed
-    by torch; prefill multiplies before its kernel. Against the reference on x * m within its
+    """A layer's input scale (QuantConfig.input_scales) inside the kernels' loads of x - the GEMV's
+    (M = 1), the tensor-core decode kernel's (2..16, split-K in one launch or two; m loaded either
+    way) and the prefill kernel's (either weight tile; fp16 / bf16), masked and even tiles - gives the
+    bits of the same kernel on x * m computed by torch. Against the reference on x * m within its
     tolerance too."""
     from minicpm_int4.kernels import w4a16
 
-    monkeypatch.setattr(w4a16, "SCALE_AS_TILE", tile)
+    if kernel == "prefill":
+        monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", tile)
+    else:
+        monkeypatch.setattr(w4a16, "SCALE_AS_TILE", tile)
     n, k, group_size = (GEMV_CASES if kernel == "gemv" else DECODE_CASES)[case]
     qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n + k + m)
     g = torch.Generator().manual_seed(m + k)
@@ -274,13 +279,56 @@ def test_input_scale_multiplied_as_x_is_loaded(m, kernel, case, tile, dtype, mon
         launched.clear()
         y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace,
                            input_scale=scale)
-        assert launched == [f"_w4a16_{kernel}_kernel"]
+        # the scale went in with x (no separate pass), but for fp32 layers' prefill (their FMA tiles spill)
+        fused = not (kernel == "prefill" and dtype == torch.float32)
+        assert launched == [f"_w4a16_{kernel}_kernel" + (" HAS_SCALE" if fused else "")]
         xm = x * scale
         assert torch.equal(y, ops.w4a16_gemm(xm, qweight, scales, zeros, bias, group_size, backend="triton",
                                              workspace=workspace))
     assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm, dequant(qweight, scales, zeros, gs, dtype))
     # the scale matters (a kernel that ignored it would fail here)
     assert not torch.equal(y, ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton"))
+
+
+def test_prefill_fuses_the_input_scale_on_sm90_only(monkeypatch):
+    """FUSE_INPUT_SCALE_PREFILL = None (the default) decides by GPU: fused on sm_90 (+0.25 - 0.5 SASS
+    instructions per weight, tests/test_aot.py), a pass of its own on sm_80 (mma.sync's per-warp-column
+    multiply costs up to +2.4) and for fp32 layers (a spill); the interpreter runs the fused kernel.
+    True / False force it, but for fp32."""
+    from minicpm_int4.kernels import _common, w4a16
+
+    x16, x32 = torch.empty(2, 8, dtype=torch.float16), torch.empty(2, 8)
+    monkeypatch.setattr(w4a16, "INTERPRET", False)
+    for cap, fused in ((80, False), (86, False), (89, False), (90, True), (100, True)):
+        monkeypatch.setattr(_common, "target_capability", lambda device=None, cap=cap: cap)
+        assert w4a16._fuse_prefill_scale(x16) is fused and not w4a16._fuse_prefill_scale(x32)
+        for forced in (True, False):
+            monkeypatch.setattr(w4a16, "FUSE_INPUT_SCALE_PREFILL", forced)
+            assert w4a16._fuse_prefill_scale(x16) is forced and not w4a16._fuse_prefill_scale(x32)
+        monkeypatch.setattr(w4a16, "FUSE_INPUT_SCALE_PREFILL", None)
+    monkeypatch.setattr(w4a16, "INTERPRET", True)
+    assert w4a16._fuse_prefill_scale(x16)
+
+
+@pytest.mark.parametrize("m, flag", [(3, "FUSE_INPUT_SCALE"), (17, "FUSE_INPUT_SCALE_PREFILL")])
+def test_input_scale_fusion_can_be_switched_off(m, flag, monkeypatch):
+    """w4a16.FUSE_INPUT_SCALE (decode) / FUSE_INPUT_SCALE_PREFILL = False: x * m in a pass of its own
+    (what benchmarks/input_scale_cost.py times against the fused kernels), the kernel launched without
+    the scale, and the same bits as fused."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k, group_size = DECODE_CASES["masked-n-g64"]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+    scale = random_input_scale(k, torch.float16, seed=m)
+    name = "_w4a16_decode_kernel" if m <= 16 else "_w4a16_prefill_kernel"
+    launched = []
+    monkeypatch.setattr(w4a16, name, _Recording(getattr(w4a16, name), name, launched))
+    fused = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", input_scale=scale)
+    monkeypatch.setattr(w4a16, flag, False)
+    separate = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", input_scale=scale)
+    assert launched[0] == f"{name} HAS_SCALE" and launched[-1] == name
+    assert torch.equal(fused, separate)
 
 
 class _Recording:
@@ -290,8 +338,10 @@ class _Recording:
         self.kernel, self.name, self.log = kernel, name, log
 
     def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.log.append(self.name + (" HAS_SCALE" if kwargs.get("HAS_SCALE") else ""))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def test_prefill_config_choice_on_a_gpu(monkeypatch):
@@ -488,7 +538,7 @@ def test_gemms_past_32_bit_offsets_run_in_row_slices(op, monkeypatch):
     class Counting:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append(args[6 if op == "w4a16" else 7])  # the slice's M
+                launches.append(args[7])  # the slice's M (after x and the scale or qx and its scales)
                 return kernel[grid](*args, **kwargs)
             return launch
 

@@ -209,7 +209,8 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                     input_scale: bool = True) -> List[Launch]:
     """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
     problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16; with
-    `input_scale` also the decode kernels and the quantizer as a layer with an input scale runs them."""
+    `input_scale` also the W4A16 kernels (the decode ones everywhere, prefill where it fuses the scale:
+    sm_90) and the quantizer as a layer with an input scale runs them."""
     from ..ops import w4a16_workspace
     from . import quantize_per_token_int8_triton, w4a8_gemm_triton, w4a16_gemm_triton
 
@@ -231,7 +232,7 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                             w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace)
                             w4a16_gemm_triton(x, qweight, scales, zeros, b, g)
                             scale = torch.empty((k,), dtype=dtype)
-                            if m <= 16 and input_scale:  # multiplied into x's loads (prefill: before)
+                            if input_scale:  # multiplied into x's loads
                                 w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_scale=scale)
                             if m > 16 and w4a8 and dtype != torch.float32:
                                 xq = torch.empty((m, k), dtype=torch.int8)

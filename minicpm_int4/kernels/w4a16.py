@@ -2,7 +2,8 @@
 
 Pointers (canonical layout, packing.py):
     x_ptr    [M, K]        fp16 / bf16 / fp32, row stride stride_xm, unit stride along K
-    m_ptr    [K]           the layer's input scale in x's dtype (decode kernels, read only when HAS_SCALE)
+    m_ptr    [K]           the layer's input scale in x's dtype, read only when HAS_SCALE (in_scale_ptr
+                           in the prefill kernel)
     qw_ptr   int32 [N, K/8] 8 nibbles per word along K, row stride stride_qn
     s_ptr    [N, K/G]      scales, x's dtype, row stride stride_sn
     z_ptr    [N, K/G]      integer zero points stored in x's dtype
@@ -70,6 +71,15 @@ GEMV_MAX_M = 1
 # 2.77 - 3.31 -> 3.14 - 3.70, on sm_80 4.33 - 5.05 -> 5.00 - 5.83 (as a tile 6.00 - 6.50).
 # False: x * m in its own pass first (benchmarks/input_scale_cost.py times both).
 FUSE_INPUT_SCALE = True
+# The prefill kernel (M > 16) likewise, each x tile multiplied between its load and the dot; None: by
+# GPU (_fuse_prefill_scale). On sm_90a the multiplied tile reaches wgmma from registers instead of shared
+# memory, for +0.25 - 0.5 SASS instructions per weight on 4096 x 4096 (G = 64 / 128: 128x256 tile
+# 4.92 -> 5.42, 128x128 6.38 -> 6.81; +0.9 on 128x64), inside the tensor cores' issue budget (BLOCK_M / 16
+# per weight). On sm_80 every warp multiplies the rows it feeds to mma.sync, once per warp column:
+# +1.1 - 2.4 (64x128 5.86 -> 6.98, 128x128 7.94 -> 10.38), near the BLOCK_M / 8 budget of the 64-row
+# tiles, so there x * m takes its own pass (~M x K x 4 bytes of traffic, ~6% of a 4096^3 GEMM). fp32
+# layers always do (their FMA tiles spill with it). benchmarks/input_scale_cost.py times both.
+FUSE_INPUT_SCALE_PREFILL = None
 # The inline-PTX dequantization of the decode kernel and of the prefill row tile (fp16 / bf16 on a
 # GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
 # to rule the PTX out on a new GPU.
@@ -264,7 +274,7 @@ def _load_input_scale(m_ptr, k, offs_m, K, EVEN: tl.constexpr, TILE: tl.constexp
     return m
 
 
-@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K"])
+@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "HAS_SCALE"])
 @triton.jit
 def _w4a16_decode_kernel(
     x_ptr, m_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
@@ -543,21 +553,23 @@ def _prefill_prune(configs, kwargs):
     return min_capability([c for c in configs if getattr(c, "dot_fp32", False) == fp32])
 
 
-@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G"], prune=_prefill_prune)
+@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_SCALE"], prune=_prefill_prune)
 @triton.jit
 def _w4a16_prefill_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, in_scale_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, KW, G: tl.constexpr, NUM_GROUPS, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om, m0, m1, m2, m3,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, W_ROWS: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, W_ROWS: tl.constexpr,
+    ASM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """M > 16. W_ROWS: dequantize the weight tile as W's rows with _dequant_rows and hand its
     transpose to the dot - on sm_90a 4.9-7.5 SASS instructions per weight with the inline PTX (ASM:
     two weights per LOP3 / HADD2 / HMUL2, PRMT back to k order), 6.0-8.1 with one LOP3, FADD and
     FMUL per weight, ~9-11.5 for the [K, N] tile; the dequantization must stay under the tile's
     tensor-core time. Else the [K, N] tile is dequantized directly (_load_dequant_tile): 32-wide K
-    tiles, and sm_80 under a Triton whose transpose costs more than it saves (_prefill_w_rows)."""
+    tiles, and sm_80 under a Triton whose transpose costs more than it saves (_prefill_w_rows).
+    HAS_SCALE: y = (x * m) @ W.T, m (in_scale_ptr [K]) multiplied into each x tile after its load,
+    rounded as torch's `x * m` (FUSE_INPUT_SCALE_PREFILL)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -568,6 +580,8 @@ def _w4a16_prefill_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        if HAS_SCALE:  # x * m as torch rounds it, in registers between the load and the dot
+            x = _times_input_scale(x, tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0)[None, :])
         if W_ROWS:
             w = tl.trans(_load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn,
                                             stride_sn, m0, m1, m2, m3, w_dtype, BLOCK_K, ASM))
@@ -642,6 +656,15 @@ def _decode_scale_tile(device: torch.device) -> bool:
     if SCALE_AS_TILE is not None:
         return SCALE_AS_TILE
     return not INTERPRET and _common.target_capability(device) >= 90
+
+
+def _fuse_prefill_scale(x: torch.Tensor) -> bool:
+    """Whether the prefill kernel multiplies the input scale into its x tiles (FUSE_INPUT_SCALE_PREFILL)."""
+    if x.dtype == torch.float32:
+        return False
+    if FUSE_INPUT_SCALE_PREFILL is not None:
+        return FUSE_INPUT_SCALE_PREFILL
+    return INTERPRET or _common.target_capability(x.device) >= 90
 
 
 def _triton_at_least(major: int, minor: int) -> bool:
@@ -744,11 +767,11 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
     (where dispatch.py's measured table says that is faster). input_scale: [K] in x's dtype or None,
     y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
-    (FUSE_INPUT_SCALE), before the prefill kernel (whose x tiles go from memory to the tensor cores
-    untouched)."""
+    (FUSE_INPUT_SCALE), into the prefill kernel's x tiles on sm_90 (FUSE_INPUT_SCALE_PREFILL), else in a
+    pass of its own first."""
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
         return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
-    if input_scale is not None and (x.shape[0] > DECODE_MAX_M or not FUSE_INPUT_SCALE):
+    if input_scale is not None and not (_fuse_prefill_scale(x) if x.shape[0] > DECODE_MAX_M else FUSE_INPUT_SCALE):
         x, input_scale = x * input_scale, None
     if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
         return _gemv(x, qweight, scales, zeros, bias, group_size, input_scale)
@@ -769,9 +792,9 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
         xs, ys, ms = x[m0:m1], out[m0:m1], m1 - m0
         grid = lambda meta, ms=ms: (cdiv(ms, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _w4a16_prefill_kernel[grid](
-            xs, qweight, scales, zeros, b, ys, ms, n, k, k // 8, g, num_groups, next_pow2(ms),
-            xs.stride(0), qweight.stride(0), scales.stride(0), ys.stride(0), *NIBBLE_MASKS,
-            HAS_BIAS=has_bias, DOT_FP32=dot_fp32, W_ROWS=w_rows,
+            xs, xs if input_scale is None else input_scale, qweight, scales, zeros, b, ys, ms, n, k, k // 8, g,
+            num_groups, next_pow2(ms), xs.stride(0), qweight.stride(0), scales.stride(0), ys.stride(0), *NIBBLE_MASKS,
+            HAS_BIAS=has_bias, HAS_SCALE=input_scale is not None, DOT_FP32=dot_fp32, W_ROWS=w_rows,
             ASM=w_rows and _use_ptx(dot_fp32), BLOCK_K=block_k,
         )
     return out
