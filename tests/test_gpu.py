@@ -400,9 +400,10 @@ def test_triton_splitk_in_one_launch(nk, m, dtype):
 @pytest.mark.parametrize("nk, group_size, dtype", [((4096, 4096), 128, torch.float16), ((4096, 4096), 128, torch.bfloat16),
                                                    ((1152, 4304), -1, torch.float16)], ids=lambda v: str(v))
 def test_triton_w4a16_input_scale(nk, group_size, dtype, m):
-    """A layer's input scale multiplied into the compiled decode kernels' loads of x (the GEMV, the
-    tensor-core kernel with m as x.T's tile on sm_90 / as a column on sm_80, split-K in one launch),
-    before prefill: against the reference on x * m."""
+    """A layer's input scale multiplied into the compiled kernels' loads of x (the GEMV, the
+    tensor-core decode kernel with m as x.T's tile on sm_90 / as a column on sm_80, split-K in one
+    launch; the prefill kernel's x tiles on sm_90, a separate pass before it on sm_80): against the
+    reference on x * m."""
     n, k = nk
     qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
     x = torch.randn(m, k, dtype=dtype, device="cuda")
