@@ -2,23 +2,34 @@
 extension, or at M = 1 the Triton tensor-core decode kernel, measured faster than the Triton
 kernels' default, backend="auto" will use it on that GPU (minicpm_int4/dispatch.py).
 
-    python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json
+    python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json [--out PATH]
+
+--out writes (or adds this GPU to) another table instead of the package's: the GPU suite writes one
+from its own bench and points MINICPM_INT4_DISPATCH_TABLE at it for the profile that follows.
 """
+import argparse
 import json
-import sys
 
-from minicpm_int4.dispatch import TABLE_PATH, load_table, table_from_bench
+from minicpm_int4.dispatch import PACKAGE_TABLE_PATH, load_table, table_from_bench
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    with open(sys.argv[1]) as f:
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench_json")
+    p.add_argument("--out", default=PACKAGE_TABLE_PATH, help="the table to write (default: the package's)")
+    args = p.parse_args(argv)
+    with open(args.bench_json) as f:
         bench = json.load(f)
-    table = table_from_bench(bench, load_table())
-    with open(TABLE_PATH, "w") as f:
+    table = table_from_bench(bench, load_table(args.out))
+    with open(args.out, "w") as f:
         json.dump(table, f, indent=1)
     name = bench["env"]["device_name"]
     rules = table["devices"][name]["w4a16"]
     wins = {b: sum(r["backend"] == b for r in rules) for b in ("cuda", "triton-tc")}
-    print(f"{TABLE_PATH}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']}; "
+    print(f"{args.out}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']}; "
           f"where M = 1 is faster on the Triton tensor-core kernel than on the GEMV: {wins['triton-tc']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,8 +3,9 @@
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
 #      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried;
 #   2. the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
-#   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep) and
-#      `minicpm-int4 profile` (end to end, given whatever time the stages before it left);
+#   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep), the dispatch table
+#      it measured, and `minicpm-int4 profile` (end to end with backend="auto" on that table, given
+#      whatever time the stages before it left);
 #   4. `minicpm-int4 targets`: the issues' performance targets against those results, into suite.log.
 # Everything lands directly in one folder (default $OUT, the device tool's return folder), 8 files
 # at most so that all of them come back even if the call is cut short:
@@ -90,6 +91,13 @@ print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.per
 # W4A8's autotuning short
 stage input-scale-cost 50 $PY benchmarks/input_scale_cost.py
 stage bench 130 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
+# the dispatch table this bench measured (where the CUDA kernel, or at M = 1 the Triton tensor-core
+# kernel, beat the default), outside the checkout: the profile's backend="auto" runs on it, as it will
+# once ingest_gpu_results.py commits the same table (profile.json's env records which table it used)
+SUITE_TABLE=/tmp/minicpm-int4-dispatch-table.json
+rm -f "$SUITE_TABLE"
+stage dispatch-table 20 $PY benchmarks/make_dispatch_table.py "$OUT_DIR/bench.json" --out "$SUITE_TABLE" \
+  && export MINICPM_INT4_DISPATCH_TABLE="$SUITE_TABLE"
 # profile takes what the stages before it left, less 25 s for targets; it starts no new run past
 # its own budget (a graphed run compiles for a minute or more), and an interrupted profile still
 # writes what it measured

@@ -54,17 +54,9 @@ def _auto_picks(device: torch.device) -> List[Dict]:
 
 
 def _dispatch_table(device: torch.device) -> Dict:
-    from .dispatch import TABLE_PATH, load_table
+    from .dispatch import describe
 
-    table = load_table(TABLE_PATH)
-    devices = sorted(table.get("devices", {}))
-    out = {"path": TABLE_PATH, "exists": os.path.exists(TABLE_PATH), "devices": devices}
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        entry = table.get("devices", {}).get(name)
-        out["this_device"] = name
-        out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
-    return out
+    return describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
 def collect(device: Optional[str] = None) -> Dict:
@@ -137,6 +129,8 @@ def format_report(info: Dict) -> str:
     d = info["dispatch_table"]
     table = (f"{len(d['devices'])} GPU(s) measured: {', '.join(d['devices'])}" if d["devices"]
              else "none committed (auto uses the Triton kernels everywhere on CUDA)")
+    if d.get("from_env"):
+        table += f" (MINICPM_INT4_DISPATCH_TABLE={d['path']}{'' if d.get('exists') else ', missing'})"
     lines.append(f"dispatch table: {table}")
     if "this_device" in d:
         lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)")

@@ -10,6 +10,10 @@ instructions per weight, split-K finished in the same launch with the layer's wo
 candidate was measured faster than "triton", with every candidate's median, so that the lookup can
 take the fastest of those available (no extension built: the better Triton kernel). Absent an entry
 (another GPU, an unmeasured shape, M beyond 16) "auto" means "triton": nothing is guessed.
+
+MINICPM_INT4_DISPATCH_TABLE=<path>, set before minicpm_int4 is imported, reads the table from there
+instead: the GPU suite writes one from the bench it has just run, so that its end-to-end profile runs
+"auto" as a committed table would make it.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import json
 import os
 from typing import Dict, Optional
 
-TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
+PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
+TABLE_ENV = "MINICPM_INT4_DISPATCH_TABLE"
+TABLE_PATH = os.environ.get(TABLE_ENV) or PACKAGE_TABLE_PATH  # the table "auto" reads
 CUDA_MAX_M = 16
 
 
@@ -68,6 +74,20 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
         return "triton"
     usable = {b: t for b, t in times.items() if b != "cuda" or cuda_available}
     return min(usable, key=usable.get) if usable else "triton"
+
+
+def describe(device_name: Optional[str] = None) -> Dict:
+    """The table "auto" reads: its path, whether MINICPM_INT4_DISPATCH_TABLE chose it, the GPUs it has
+    measurements for and, given a GPU's name, how many rules it holds for that GPU (result files and
+    `minicpm-int4 env` carry this, so that a profile says what "auto" ran on)."""
+    table = load_table(TABLE_PATH)
+    out = {"path": TABLE_PATH, "from_env": TABLE_PATH != PACKAGE_TABLE_PATH, "exists": os.path.exists(TABLE_PATH),
+           "devices": sorted(table.get("devices", {}))}
+    if device_name is not None:
+        entry = table.get("devices", {}).get(device_name)
+        out["this_device"] = device_name
+        out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
+    return out
 
 
 # bench row -> candidate; "triton-tc" is an M = 1 choice (the decode kernel already runs M = 2..16)

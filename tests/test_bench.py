@@ -366,3 +366,17 @@ def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
         out = capsys.readouterr().out
         assert "input scale cost, W4A16 48 x 128 G=128 float16 M=3: eager" in out
         assert out.count("separate pass") == 2, out
+
+
+def test_result_files_say_which_dispatch_table_auto_ran_on():
+    """A GPU run's env carries dispatch.describe() (bench/env.py), and its Markdown says whether
+    backend="auto" used the package's table or one made from the same run's bench (the GPU suite's)."""
+    from minicpm_int4.bench.report import _env_lines
+
+    env = {"device_name": "NVIDIA H200", "device": "cuda:0"}
+    assert not any("dispatch table" in line for line in _env_lines(env))  # a CPU run: none
+    env["dispatch_table"] = {"path": "/tmp/t.json", "from_env": True, "this_device_rules": 5}
+    assert '- backend="auto": dispatch table made from this run\'s bench, 5 measured rule(s) for this GPU' in \
+        "\n".join(_env_lines(env))
+    env["dispatch_table"] = {"path": "pkg", "from_env": False, "this_device_rules": 0}
+    assert "dispatch table the package's, 0 measured rule(s)" in "\n".join(_env_lines(env))

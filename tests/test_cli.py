@@ -355,6 +355,8 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     assert "backend cuda: minicpm_int4._C loaded (quantize_per_token_int8, w4a16_gemm)" in text
     assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text
     assert "dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s)" in text
+    info["dispatch_table"].update(from_env=True, path="/tmp/suite-table.json", exists=True)
+    assert "NVIDIA H200 (MINICPM_INT4_DISPATCH_TABLE=/tmp/suite-table.json)\n" in diagnose.format_report(info)
 
 
 @pytest.mark.parametrize("argv, message", [

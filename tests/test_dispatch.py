@@ -131,8 +131,43 @@ def test_m_buckets():
 def test_no_table_is_shipped_until_measured():
     # the committed package must not carry an unmeasured dispatch table
     import os
-    from minicpm_int4.dispatch import TABLE_PATH
-    if os.path.exists(TABLE_PATH):
-        t = json.load(open(TABLE_PATH))
+    from minicpm_int4.dispatch import PACKAGE_TABLE_PATH
+    if os.path.exists(PACKAGE_TABLE_PATH):
+        t = json.load(open(PACKAGE_TABLE_PATH))
         for dev, entry in t["devices"].items():
             assert entry["commit"] and entry["timestamp_utc"], dev
+
+
+def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
+    """benchmarks/make_dispatch_table.py --out writes a table of its own from a bench result, and
+    MINICPM_INT4_DISPATCH_TABLE (read at import) makes "auto" use it: the GPU suite's profile runs on the
+    table its own bench just measured. describe() and the result files' env say which table it was."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(_bench("GPU-A", [
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton-tc", "median_ms": 0.007}])))
+    table = tmp_path / "table.json"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MINICPM_INT4_DISPATCH_TABLE", None)
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "make_dispatch_table.py"), str(bench),
+                        "--out", str(table)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "on GPU-A" in r.stdout and "Triton tensor-core kernel than on the GEMV: 1" in r.stdout
+    assert [x["backend"] for x in json.loads(table.read_text())["devices"]["GPU-A"]["w4a16"]] == ["triton-tc"]
+    probe = ("import json; from minicpm_int4 import dispatch as d; "
+             "print(json.dumps([d.describe('GPU-A'), d.w4a16_auto_backend(1, 4096, 4096, 0, False, device_name='GPU-A')]))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       env=dict(env, MINICPM_INT4_DISPATCH_TABLE=str(table)))
+    assert r.returncode == 0, r.stderr
+    described, pick = json.loads(r.stdout.splitlines()[-1])
+    assert pick == "triton-tc"
+    assert described == {"path": str(table), "from_env": True, "exists": True, "devices": ["GPU-A"],
+                         "this_device": "GPU-A", "this_device_rules": 1}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)  # the package's
+    described, pick = json.loads(r.stdout.splitlines()[-1])
+    assert pick == "triton" and not described["from_env"] and described["this_device_rules"] == 0

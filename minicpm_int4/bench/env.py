@@ -50,6 +50,9 @@ def env_info(device: torch.device) -> Dict:
         p = torch.cuda.get_device_properties(device)
         info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
                     total_memory_bytes=p.total_memory, l2_cache_bytes=getattr(p, "L2_cache_size", None))
+        from ..dispatch import describe
+
+        info["dispatch_table"] = describe(info["device_name"])  # what backend="auto" ran on
     return info
 
 

@@ -42,6 +42,11 @@ def _env_lines(env: Dict) -> List[str]:
              f"- commit `{env.get('commit')}`, {env.get('timestamp_utc')}"]
     if env.get("peers"):
         lines.append("- peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()))
+    d = env.get("dispatch_table")
+    if d:
+        where = "made from this run's bench" if d.get("from_env") else "the package's"
+        lines.append(f"- backend=\"auto\": dispatch table {where}, {d.get('this_device_rules', 0)} measured rule(s) "
+                     f"for this GPU (`minicpm_int4/dispatch.py`)")
     return lines
 
 
