@@ -127,10 +127,14 @@ def format_report(info: Dict) -> str:
         shape = f" M={p['m']} N={p['n']} K={p['k']}" if "m" in p else ""
         lines.append(f"  {p['op']}{shape}: {p['backend']}")
     d = info["dispatch_table"]
-    table = (f"{len(d['devices'])} GPU(s) measured: {', '.join(d['devices'])}" if d["devices"]
-             else "none committed (auto uses the Triton kernels everywhere on CUDA)")
+    if d["devices"]:
+        table = f"{len(d['devices'])} GPU(s) measured: {', '.join(d['devices'])}"
+    elif d.get("from_env"):
+        table = "no GPU measured in it (auto uses the Triton kernels everywhere on CUDA)"
+    else:
+        table = "none committed (auto uses the Triton kernels everywhere on CUDA)"
     if d.get("from_env"):
-        table += f" (MINICPM_INT4_DISPATCH_TABLE={d['path']}{'' if d.get('exists') else ', missing'})"
+        table += f" (MINICPM_INT4_DISPATCH_TABLE={d['path']}{'' if d.get('exists') else ', no such file'})"
     lines.append(f"dispatch table: {table}")
     if "this_device" in d:
         lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)")

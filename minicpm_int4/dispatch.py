@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from typing import Dict, Optional
 
 PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
@@ -39,6 +40,9 @@ def m_bucket(m: int) -> int:
 @functools.lru_cache(maxsize=None)
 def load_table(path: str = TABLE_PATH) -> Dict:
     if not os.path.exists(path):
+        if path == TABLE_PATH != PACKAGE_TABLE_PATH:  # named by the user: say so, once
+            warnings.warn(f"{TABLE_ENV}={path}: no such file; backend='auto' uses the Triton kernels everywhere",
+                          stacklevel=2)
         return {}
     with open(path) as f:
         return json.load(f)

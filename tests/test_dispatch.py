@@ -171,3 +171,9 @@ def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)  # the package's
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton" and not described["from_env"] and described["this_device_rules"] == 0
+    missing = str(tmp_path / "missing.json")  # a wrong path: a warning, and nothing guessed
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       env=dict(env, MINICPM_INT4_DISPATCH_TABLE=missing))
+    described, pick = json.loads(r.stdout.splitlines()[-1])
+    assert pick == "triton" and described["from_env"] and not described["exists"]
+    assert f"MINICPM_INT4_DISPATCH_TABLE={missing}: no such file" in r.stderr
