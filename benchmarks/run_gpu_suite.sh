@@ -54,7 +54,12 @@ else
 fi
 
 stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"
-stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+# should the CUDA extension fail to build, the package goes in without it, so that the Triton kernels'
+# tests, bench and profile still run in this call (the log keeps the build's error; the extension's
+# tests then fail naming it)
+stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+  || stage install-without-cuda-extension 60 env MINICPM_INT4_BUILD_CUDA=0 $PY -m pip install --no-build-isolation \
+       --no-deps --no-index -e .
 # the peers the image lacks, carried as wheels (bash benchmarks/fetch_peer_wheels.sh here, then the
 # device call with carry [".whl"]): bitsandbytes nf4 and gemlite rows in the bench
 PEER_SITE=/tmp/minicpm-int4-peers
