@@ -213,7 +213,7 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     if be in ("triton", "triton-tc"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
         tc = be == "triton-tc" and workspace is not None
-        # the decode kernels (M <= 16) multiply the input scale into x as they load it; prefill first
+        # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first)
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale)
     if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it too
@@ -314,8 +314,8 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
             (same result). It must hold zeros, and the call leaves it so.
         input_scale: optional [K] in x's dtype, a multiplier per input channel (QuantLinear.input_scale):
             y = (x * input_scale) @ ..., the product rounded to x's dtype; the Triton decode kernels
-            (M <= 16) and the CUDA kernels multiply it into x as they load it, Triton prefill and the
-            reference get x * input_scale.
+            (M <= 16), Triton prefill on sm_90 and the CUDA kernels multiply it into x as they load it;
+            Triton prefill elsewhere and the reference get x * input_scale.
     Returns:
         y: [M, N] in x's dtype.
     Example:
