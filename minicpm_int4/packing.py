@@ -18,6 +18,8 @@ keep the canonical one.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # Nibble i of a packed int32 word holds element PACK_ORDER[i] of its 8 consecutive K-elements.
@@ -25,6 +27,7 @@ import torch
 PACK_ORDER = (0, 1, 2, 3, 4, 5, 6, 7)
 VALUES_PER_WORD = 8
 _SHIFTS = tuple(4 * i for i in range(VALUES_PER_WORD))
+_LITTLE_ENDIAN = sys.byteorder == "little"  # where int32 words can be read as their four bytes
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -36,15 +39,27 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     if k % VALUES_PER_WORD:
         raise ValueError(f"pack_int4: K={k} is not a multiple of {VALUES_PER_WORD}")
-    q64 = q.to(torch.int64)
-    if q64.numel() and (q64.min() < 0 or q64.max() > 15):
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError("pack_int4: values must lie in 0..15")
     order = torch.tensor(PACK_ORDER, device=q.device)
-    q64 = q64.view(n, k // VALUES_PER_WORD, VALUES_PER_WORD)[..., order]
+    q8 = q.to(torch.uint8).reshape(n, k // VALUES_PER_WORD, VALUES_PER_WORD)[..., order]  # nibble i of each word
+    if _LITTLE_ENDIAN:
+        # byte j of a word holds nibbles 2j (low half) and 2j + 1: one uint8 OR per byte, the bytes read
+        # as int32 (little-endian: byte j = bits 8j .. 8j + 7), no int64 temporaries
+        return (q8[..., 0::2] | (q8[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(n, k // VALUES_PER_WORD)
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=q.device)
-    words = (q64 << shifts).sum(-1)
+    words = (q8.to(torch.int64) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32 range
     return words.to(torch.int32)
+
+
+def nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., W] -> uint8 [..., W, 8]: nibble i (bits 4i .. 4i + 3) of each word."""
+    if _LITTLE_ENDIAN:
+        b = words.contiguous().view(torch.uint8)  # [..., 4W], byte j of a word = bits 8j .. 8j + 7
+        return torch.stack((b & 0xF, b >> 4), -1).reshape(*words.shape, VALUES_PER_WORD)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -52,13 +67,11 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError(f"unpack_int4 expects int32 [N, K//8], got {qweight.dtype} {tuple(qweight.shape)}")
     n, kw = qweight.shape
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=qweight.device)
-    nib = (qweight.unsqueeze(-1) >> shifts) & 0xF  # [N, K//8, 8], nibble i
     inv = [0] * VALUES_PER_WORD
     for i, p in enumerate(PACK_ORDER):
         inv[p] = i
-    nib = nib[..., torch.tensor(inv, device=qweight.device)]
-    return nib.reshape(n, kw * VALUES_PER_WORD).to(torch.uint8)
+    nib = nibbles(qweight)[..., torch.tensor(inv, device=qweight.device)]  # [N, K//8, 8], element order
+    return nib.reshape(n, kw * VALUES_PER_WORD)
 
 
 def num_groups(k: int, group_size: int) -> int:

@@ -15,6 +15,17 @@ def test_pack_unpack_round_trip(n, kw, seed):
     assert torch.equal(unpack_int4(packed), q)
 
 
+def test_pack_takes_any_integer_dtype_and_strides():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (24, 40), generator=g, dtype=torch.int64)
+    want = pack_int4(q.to(torch.uint8))
+    for variant in (q, q.to(torch.int32), q.t().contiguous().t(), q.to(torch.uint8).t().contiguous().t()):
+        assert torch.equal(pack_int4(variant), want)
+    # against the layout's definition, word by word: sum of q << 4i in 64-bit, read as int32
+    words = sum(q.reshape(24, 5, 8)[..., PACK_ORDER[i]] << (4 * i) for i in range(8))
+    assert torch.equal(want, torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+
+
 def test_nibble_order_is_documented_layout():
     q = torch.arange(8, dtype=torch.uint8).reshape(1, 8) + 8  # 8..15, top nibble has bit 3 set
     word = pack_int4(q)[0, 0].item() & 0xFFFFFFFF
