@@ -313,4 +313,8 @@ def _model_class_of(cfg, path: str, trust_remote_code: bool):
                          "pass trust_remote_code=True to run it, as from_pretrained asks")
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    return get_class_from_dynamic_module(refs[0], path)
+    cls = get_class_from_dynamic_module(refs[0], path)
+    # as from_pretrained does: the class then knows its auto_map entry, so that save_quantized of the
+    # loaded model copies its modeling files again (a converted or re-saved checkpoint stays loadable)
+    cls.register_for_auto_class(next(k for k, v in auto_map.items() if v == refs[0]))
+    return cls

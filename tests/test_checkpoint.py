@@ -261,6 +261,12 @@ def test_remote_code_model_round_trip_through_its_own_code(tmp_path):
     pv = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model(ids, pv).logits, loaded(ids, pv).logits)
+    # the reloaded model saves its code again (its class knows its auto_map entry, as from_pretrained's does)
+    save_quantized(loaded, tmp_path / "again")
+    assert {"modeling_tinyv.py", "configuration_tinyv.py"} <= set(os.listdir(tmp_path / "again"))
+    with torch.no_grad():
+        again = load_pretrained_quantized(str(tmp_path / "again"), trust_remote_code=True)
+        assert torch.equal(model(ids, pv).logits, again(ids, pv).logits)
     # transformers' own loader on the same folder (hf_integration.py), where this transformers can
     from minicpm_int4.hf_integration import register
 
