@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from .config import GROUP_SIZES, QuantConfig
 from .hf_integration import QUANT_METHOD, mark_quantized
 from .models import hf_config_dtype, hf_dtype_kwargs, unwrap_compiled
 from .patch import CONFIG_ATTR, _progress, linear_places
@@ -130,24 +130,55 @@ def read_quant_config(path: str) -> dict:
     return meta
 
 
+class _TorchFile:
+    """A `torch.save`d state dict (pytorch_model.bin) behind the part of safetensors' safe_open API
+    the loaders use: keys(), get_slice(key).get_shape(), get_tensor(key)."""
+
+    def __init__(self, path: str):
+        try:  # memory-mapped: tensors are read as they are used, not all at once
+            self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+            self._state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(self._state, dict):
+            raise CheckpointMismatchError(f"{path} holds a {type(self._state).__name__}, not a state dict")
+
+    def keys(self):
+        return self._state.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def get_slice(self, key: str):
+        t = self._state[key]
+        return type("_Slice", (), {"get_shape": staticmethod(lambda: list(t.shape))})()
+
+
 @contextlib.contextmanager
-def _open_weights(path: str):
-    """{tensor name: open safetensors file} over model.safetensors, or the shards that
-    model.safetensors.index.json lists (save_pretrained of a large model)."""
+def _open_weights(path: str, allow_bin: bool = False):
+    """{tensor name: open file} over model.safetensors, or the shards that model.safetensors.index.json
+    lists (save_pretrained of a large model); with `allow_bin` also pytorch_model.bin (+ index), which
+    older AWQ / GPTQ checkpoints use."""
     from safetensors import safe_open
 
-    index = os.path.join(path, WEIGHTS_NAME + ".index.json")
-    if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
-        files = [WEIGHTS_NAME]
-    elif os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (nor {os.path.basename(index)})")
+    candidates = [WEIGHTS_NAME] + (["pytorch_model.bin"] if allow_bin else [])
+    files = None
+    for single in candidates:
+        index = os.path.join(path, single + ".index.json")
+        if os.path.exists(os.path.join(path, single)):
+            files = [single]
+        elif os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        if files:
+            break
+    if not files:
+        raise FileNotFoundError(f"{path}: no {' / '.join(candidates)} (nor their .index.json)")
     with contextlib.ExitStack() as stack:
         by_key = {}
         for name in files:
-            handle = stack.enter_context(safe_open(os.path.join(path, name), framework="pt"))
+            full = os.path.join(path, name)
+            handle = (stack.enter_context(safe_open(full, framework="pt")) if name.endswith(".safetensors")
+                      else _TorchFile(full))
             by_key.update(dict.fromkeys(handle.keys(), handle))
         yield by_key
 
@@ -164,6 +195,12 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
     """
     load_device = device or "cpu"
     wrapper, model = model, unwrap_compiled(model)  # returned as given (a torch.compile wrapper stays one)
+    from . import foreign
+
+    fmt = foreign.detect(path)
+    if fmt is not None:  # an AWQ / GPTQ checkpoint (foreign.py)
+        _load_foreign(model, path, fmt, load_device, progress)
+        return wrapper
 
     meta = read_quant_config(path)
     config = QuantConfig.from_dict(meta["config"])
@@ -197,43 +234,77 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
         raise CheckpointMismatchError(f"module {extra[0]!r} is a QuantLinear in the model but not int4 in the checkpoint "
                                       f"({len(extra)} such modules): load into a model that is not patched")
 
-    aliases = meta.get("aliases", {})
-    targets = model.state_dict(keep_vars=True)
-    loaded: Dict[int, torch.Tensor] = {}  # id(model tensor) -> what it holds now: ties stay tied
     with _open_weights(path) as files:
-        used = set()
-        for key, target in _progress(list(targets.items()), progress, "load int4 checkpoint", "tensor"):
-            src = aliases.get(key, key)
-            if id(target) in loaded and (src not in files or target.device.type == "meta"):
-                # a second name of one tensor (a tied lm_head / embedding; save_pretrained stores it once):
-                # the same tensor again, not a copy (which would double its memory and untie it)
-                if target.device.type == "meta":
-                    _assign(model, key, loaded[id(target)])
-                used.add(src)
-                continue
-            if src not in files:
-                raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
-            f = files[src]
-            sl = f.get_slice(src)
-            shape = tuple(sl.get_shape())
-            if shape != tuple(target.shape):
-                raise CheckpointMismatchError(f"tensor {key!r}: checkpoint shape {shape} != model shape {tuple(target.shape)}")
-            t = f.get_tensor(src)
-            if t.dtype != target.dtype:
-                raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
-            if target.device.type == "meta":
-                loaded[id(target)] = _assign(model, key, t.to(load_device))
-            else:
-                with torch.no_grad():
-                    target.data.copy_(t)
-                loaded[id(target)] = target
-            used.add(src)
-        extra = sorted(set(files) - used)
-        if extra:
-            raise CheckpointMismatchError(f"tensor {extra[0]!r} in the checkpoint has no counterpart in the model "
-                                          f"({len(extra)} unexpected tensors)")
+        _load_tensors(model, files, meta.get("aliases", {}), load_device, progress)
     mark_quantized(model, config)
     return wrapper
+
+
+def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool) -> None:
+    """An AWQ / GPTQ checkpoint into `model`: its int4 layers become QuantLinears (foreign.load_layers),
+    every other tensor loads as in load_quantized."""
+    from . import foreign
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise CheckpointMismatchError(f"{path} is a {fmt.name} checkpoint: load it into a model that is not patched")
+    with _open_weights(path, allow_bin=True) as files:
+        consumed, group_size = foreign.load_layers(model, files, fmt, load_device, progress=progress)
+        _load_tensors(model, files, {}, load_device, progress, consumed, skip_quant_layers=True)
+    hf_config = getattr(model, "config", None)
+    if isinstance(getattr(hf_config, "quantization_config", None), dict):  # the foreign record: ours replaces it
+        del hf_config.quantization_config
+    mark_quantized(model, QuantConfig(group_size=group_size if group_size in GROUP_SIZES else -1))
+
+
+def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_device, progress: bool,
+                  consumed=(), skip_quant_layers: bool = False) -> None:
+    """Every tensor of `model`'s state dict from `files` (tensor name -> open file), one at a time:
+    meta tensors are materialised on `load_device`, others copied into; tied names stay one tensor.
+    Checkpoint tensors named in `consumed` were read already (and with `skip_quant_layers` the
+    QuantLinears' own tensors were filled from them); any other tensor the model lacks is an error,
+    unless it names one of the model's non-persistent buffers (rotary `inv_freq`, which older
+    checkpoints saved and the model computes itself) or the model's class says to ignore it
+    (transformers' `_keys_to_ignore_on_load_unexpected`)."""
+    import re
+
+    targets = model.state_dict(keep_vars=True)
+    if skip_quant_layers:
+        targets = {k: t for k, t in targets.items()
+                   if not isinstance(model.get_submodule(k.rpartition(".")[0]), QuantLinear)}
+    loaded: Dict[int, torch.Tensor] = {}  # id(model tensor) -> what it holds now: ties stay tied
+    used = set(consumed)
+    for key, target in _progress(list(targets.items()), progress, "load int4 checkpoint", "tensor"):
+        src = aliases.get(key, key)
+        if id(target) in loaded and (src not in files or target.device.type == "meta"):
+            # a second name of one tensor (a tied lm_head / embedding; save_pretrained stores it once):
+            # the same tensor again, not a copy (which would double its memory and untie it)
+            if target.device.type == "meta":
+                _assign(model, key, loaded[id(target)])
+            used.add(src)
+            continue
+        if src not in files:
+            raise CheckpointMismatchError(f"tensor {key!r} of the model is missing from the checkpoint")
+        f = files[src]
+        sl = f.get_slice(src)
+        shape = tuple(sl.get_shape())
+        if shape != tuple(target.shape):
+            raise CheckpointMismatchError(f"tensor {key!r}: checkpoint shape {shape} != model shape {tuple(target.shape)}")
+        t = f.get_tensor(src)
+        if t.dtype != target.dtype:
+            raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
+        if target.device.type == "meta":
+            loaded[id(target)] = _assign(model, key, t.to(load_device))
+        else:
+            with torch.no_grad():
+                target.data.copy_(t)
+            loaded[id(target)] = target
+        used.add(src)
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    used |= {name for name, _ in model.named_buffers(remove_duplicate=False)} - set(model.state_dict())
+    extra = sorted(k for k in set(files) - used if not any(p.search(k) for p in ignore))
+    if extra:
+        raise CheckpointMismatchError(f"tensor {extra[0]!r} in the checkpoint has no counterpart in the model "
+                                      f"({len(extra)} unexpected tensors)")
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -275,10 +346,20 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     the quantized layers. `model_class` defaults to the config's first `architectures` entry: a
     transformers class, or for remote code (MiniCPM-V 2.x / o-2.6, whose modeling files
     save_quantized copied beside the checkpoint) the `auto_map` class of that name, which needs
-    `trust_remote_code=True` as `from_pretrained` does."""
+    `trust_remote_code=True` as `from_pretrained` does.
+
+    `path` may also be an int4 checkpoint of AutoAWQ (GEMM layout) or GPTQ (AutoGPTQ / GPTQModel,
+    desc_act=False): its layers are read exactly into QuantLinears (foreign.py), so the model computes
+    what it computed there, on this package's kernels; `save_quantized` then writes it in this
+    package's format (`minicpm-int4 convert`)."""
     import transformers
 
+    from . import foreign
+
+    fmt = foreign.detect(path)  # before minutes of building: an unreadable AWQ / GPTQ variant fails here
     cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
+    if fmt is not None and hasattr(cfg, "quantization_config"):  # not for transformers to act on
+        del cfg.quantization_config
     if model_class is None:
         model_class = _model_class_of(cfg, path, trust_remote_code)
     dtype = hf_config_dtype(cfg)

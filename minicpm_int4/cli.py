@@ -431,6 +431,45 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _foreign_format(path: str):
+    """foreign.detect(path) with its refusal (an AWQ / GPTQ variant it cannot read exactly) as a CLIError."""
+    from .foreign import ForeignFormatError, detect
+
+    try:
+        return detect(path)
+    except ForeignFormatError as e:
+        raise CLIError(str(e)) from e
+
+
+def cmd_convert(args) -> int:
+    from . import QuantLinear, save_quantized
+    from .checkpoint import CheckpointMismatchError, load_pretrained_quantized
+
+    if not os.path.isdir(args.model):
+        raise CLIError(f"{args.model!r} is not a local folder (download the checkpoint first, e.g. "
+                       "`huggingface-cli download NAME --local-dir DIR`)")
+    fmt = _foreign_format(args.model)
+    if fmt is None:
+        raise CLIError(f"{args.model!r} is not an AWQ or GPTQ int4 checkpoint: its config.json has no quantization_config "
+                       "with quant_method 'awq' / 'gptq', and there is no quantize_config.json (an fp16 / bf16 model is "
+                       "quantized with `minicpm-int4 quantize`)")
+    device = _device(args.device)
+    print(f"reading the {fmt.name} checkpoint {args.model} on {device}", file=sys.stderr)
+    try:
+        model = load_pretrained_quantized(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
+        raise CLIError(f"cannot read {args.model!r}: {e}") from e
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    save_quantized(model, args.out)
+    sizes = sorted({m.group_size for m in layers})
+    print(f"{len(layers)} int4 layers (group size {', '.join('per channel' if g == -1 else str(g) for g in sizes)}) read "
+          f"exactly from {fmt.name}; saved to {args.out}")
+    remote = ", trust_remote_code=True" if args.trust_remote_code else ""
+    print(f"load it with minicpm_int4.checkpoint.load_pretrained_quantized({args.out!r}{remote}) (the {fmt.name} folder "
+          "itself loads that way too)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json as _json
 
@@ -439,10 +478,11 @@ def cmd_eval(args) -> int:
 
     if not args.prompts and not args.text and not args.images:
         raise CLIError("give --prompts, --images and/or --text")
-    try:
-        read_quant_config(args.quantized)
-    except (FileNotFoundError, CheckpointMismatchError) as e:
-        raise CLIError(str(e)) from e
+    if _foreign_format(args.quantized) is None:  # an AWQ / GPTQ folder is read as it is (foreign.py)
+        try:
+            read_quant_config(args.quantized)
+        except (FileNotFoundError, CheckpointMismatchError) as e:
+            raise CLIError(str(e)) from e
     device = _device(args.device)
     dtype = _dtype(args.dtype)
     lines = _read_lines(args.prompts) if args.prompts else []
@@ -642,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="compare a quantized model with its original: KL, top-1, perplexity, per-layer error")
     e.add_argument("model", help="the original model (path or hub name)")
-    e.add_argument("quantized", help="directory written by `minicpm-int4 quantize`")
+    e.add_argument("quantized", help="directory written by `minicpm-int4 quantize` (or `convert`), or an AWQ / GPTQ "
+                                     "int4 checkpoint's folder")
     e.add_argument("--prompts", default=None, type=_existing_file, help="text file, one prompt per line")
     e.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_FOLDER",
                    help="images (files or folders) compared as well, each with a --prompts line in turn as its prompt, "
@@ -659,6 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("convert", help="read an AWQ (GEMM) or GPTQ int4 checkpoint exactly and save it in this "
+                                       "package's format")
+    c.add_argument("model", help="local folder of the AWQ / GPTQ checkpoint (config.json with its quantization_config)")
+    c.add_argument("out", type=_output_dir, help="output directory")
+    c.add_argument("--device", default=None, help="where the model is built while converting (default: cuda when available)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modeling code beside the checkpoint (MiniCPM-V 2.x / o-2.6)")
+    c.set_defaults(func=cmd_convert)
     from .bench.shapes import M_SWEEP, MODEL_SHAPES
     b = sub.add_parser("bench", help="kernel microbenchmarks against fp16 torch.matmul and peers")
     b.add_argument("--models", type=_csv_of(list(MODEL_SHAPES)), default=list(MODEL_SHAPES),

@@ -1,0 +1,269 @@
+"""Int4 checkpoints written by other packages, read into the canonical layout (packing.py).
+
+AutoAWQ's GEMM layout and GPTQ's (AutoGPTQ, GPTQModel, optimum) hold the same numbers as this
+package: per group of G consecutive input channels and per output row, an integer zero point z and a
+scale s, with W = (q - z) * s. Only where the nibbles sit differs, so reading them is exact: a
+MiniCPM-V checkpoint someone quantized with AutoAWQ or GPTQ runs on this package's kernels computing
+what it computed there.
+
+    AWQ   (quantization_config: quant_method "awq", version "gemm", zero_point true, bits 4)
+        qweight int32 [K, N / 8]      nibble i of word [k, j] holds q[8 j + AWQ_ORDER[i], k]
+        qzeros  int32 [K / G, N / 8]  the zero points, packed as qweight's rows
+        scales        [K / G, N]
+    GPTQ  (quant_method "gptq", checkpoint_format "gptq" (v1, the default) or "gptq_v2", bits 4)
+        qweight int32 [K / 8, N]      nibble i of word [r, n] holds q[n, 8 r + i]
+        qzeros  int32 [K / G, N / 8]  nibble i of word [g, j] holds z[8 j + i, g], minus 1 in v1
+        scales        [K / G, N]
+        g_idx   int32 [K]             the group of each input channel; must be k // G: a checkpoint
+                                      quantized with desc_act=True orders its groups by activation
+                                      (not contiguous in K) and is refused, naming the layer
+
+(q[n, k] and z[n, g] as in packing.py: n the output row, k the input channel.) A checkpoint is
+recognised by the quantization_config of its config.json, or by the quantize_config.json AutoGPTQ
+writes, or the quant_config.json of older AutoAWQ versions. `checkpoint.load_pretrained_quantized`
+and `checkpoint.load_quantized` read these folders as they read their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .packing import nibbles, pack_int4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its 8
+METHODS = ("awq", "gptq")
+GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to a stored zero point
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+class ForeignFormatError(ValueError):
+    """A foreign int4 checkpoint this package cannot read exactly (the message names what and why)."""
+
+
+@dataclass(frozen=True)
+class ForeignFormat:
+    """What a foreign checkpoint's quantization config says, checked."""
+    method: str          # "awq" | "gptq"
+    group_size: int      # as the checkpoint says: -1 (or K) means one group per output row
+    zero_offset: int     # added to every stored zero point: 1 for GPTQ v1, else 0
+    source: str          # the file the config came from
+
+    @property
+    def name(self) -> str:
+        return "AWQ (GEMM)" if self.method == "awq" else ("GPTQ" if self.zero_offset else "GPTQ (v2)")
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else None
+
+
+def detect(path: str) -> Optional[ForeignFormat]:
+    """The foreign format of checkpoint folder `path`, or None where it is not one (this package's own
+    checkpoints, a plain fp16 model). Raises ForeignFormatError for an AWQ / GPTQ checkpoint that
+    cannot be read exactly (other bits, AWQ's GEMV / Marlin layouts, a group size the kernels lack)."""
+    path = os.fspath(path)
+    qc, source = None, None
+    hf = _read_json(os.path.join(path, "config.json")) or {}
+    if isinstance(hf.get("quantization_config"), dict):
+        qc, source = hf["quantization_config"], "config.json"
+    else:
+        gptq = _read_json(os.path.join(path, "quantize_config.json"))  # AutoGPTQ's own file
+        awq = _read_json(os.path.join(path, "quant_config.json"))      # AutoAWQ before 0.1.7 (this package's
+        if gptq is not None:                                           # own file of that name has format_version)
+            qc, source = {"quant_method": "gptq", **gptq}, "quantize_config.json"
+        elif awq is not None and "format_version" not in awq and ("w_bit" in awq or "q_group_size" in awq):
+            qc, source = {"quant_method": "awq", "bits": awq.get("w_bit"), "group_size": awq.get("q_group_size"),
+                          "zero_point": awq.get("zero_point", True), "version": awq.get("version", "gemm")}, "quant_config.json"
+    if qc is None:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in METHODS:
+        return None
+    where = f"{os.path.join(path, source)}: quantization method {method!r}"
+    bits = qc.get("bits", qc.get("w_bit", 4))
+    if bits != 4:
+        raise ForeignFormatError(f"{where} with bits={bits}: only 4-bit checkpoints can be read")
+    group_size = qc.get("group_size", qc.get("q_group_size", 128))
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size > 0 or group_size == -1):
+        raise ForeignFormatError(f"{where} with group_size={group_size!r}: expected a positive size or -1")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ForeignFormatError(f"{where} in the {version!r} layout: only AWQ's GEMM layout is read (convert it "
+                                     "with AutoAWQ, or quantize the fp16 model with `minicpm-int4 quantize`)")
+        if not qc.get("zero_point", True):
+            raise ForeignFormatError(f"{where} without zero points (zero_point=false): the int4 layers here are "
+                                     "asymmetric; only AWQ's zero-point checkpoints are read")
+        offset = 0
+    else:
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in GPTQ_FORMATS:
+            raise ForeignFormatError(f"{where} with checkpoint_format={fmt!r}: only {sorted(GPTQ_FORMATS)} are read "
+                                     "(a Marlin / BitBLAS repack is not the GPTQ layout)")
+        offset = GPTQ_FORMATS[fmt]
+    return ForeignFormat(method=method, group_size=group_size, zero_offset=offset, source=source)
+
+
+def _check_shape(name: str, what: str, t: torch.Tensor, shape: Tuple[int, ...], dtype=None) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ForeignFormatError(f"{name}.{what}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ForeignFormatError(f"{name}.{what}: dtype {t.dtype}, expected {dtype}")
+    if dtype is None and not t.is_floating_point():
+        raise ForeignFormatError(f"{name}.{what}: dtype {t.dtype}, expected a floating-point tensor")
+
+
+def layer_group_size(fmt_group_size: int, in_features: int, name: str) -> int:
+    """The QuantLinear group size for a layer of `in_features` inputs: -1 for one group over K."""
+    if fmt_group_size in (-1, in_features):
+        return -1
+    if fmt_group_size not in SUPPORTED_GROUP_SIZES:
+        raise ForeignFormatError(f"{name}: group_size={fmt_group_size} of a {in_features}-input layer: the int4 kernels "
+                                 f"take groups of {SUPPORTED_GROUP_SIZES} input channels or one per output row")
+    if in_features % fmt_group_size:
+        raise ForeignFormatError(f"{name}: in_features={in_features} is not divisible by group_size={fmt_group_size}")
+    return fmt_group_size
+
+
+def awq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, in_features: int,
+                     out_features: int, group_size: int, name: str = "layer"):
+    """AutoAWQ GEMM tensors of one layer -> canonical (qweight int32 [N, K/8], scales [N, G], zeros
+    [N, G] in scales' dtype), exactly. `group_size` as QuantLinear takes it (-1: one group)."""
+    k, n = in_features, out_features
+    g = 1 if group_size == -1 else k // group_size
+    if n % 8:
+        raise ForeignFormatError(f"{name}: out_features={n} is not a multiple of 8, which AWQ's layout packs")
+    _check_shape(name, "qweight", qweight, (k, n // 8), torch.int32)
+    _check_shape(name, "qzeros", qzeros, (g, n // 8), torch.int32)
+    _check_shape(name, "scales", scales, (g, n))
+    inverse = torch.tensor([AWQ_ORDER.index(c) for c in range(8)], device=qweight.device)
+    z = nibbles(qzeros)[..., inverse].reshape(g, n)
+    _check_scales(scales, name)
+    # AWQ packs along N, the canonical layout along K: unpacked and packed again, ROWS_PER_CHUNK output
+    # rows (qweight's words n0 / 8 .. n1 / 8, column order restored) at a time
+    qweight = torch.cat([pack_int4(nibbles(qweight[:, n0 // 8:n1 // 8])[..., inverse].reshape(k, n1 - n0).t())
+                         for n0, n1 in ((n0, min(n, n0 + ROWS_PER_CHUNK)) for n0 in range(0, n, ROWS_PER_CHUNK))])
+    return qweight, scales.t().contiguous(), z.t().contiguous().to(scales.dtype)
+
+
+def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
+                      in_features: int, out_features: int, group_size: int, zero_offset: int = 1, name: str = "layer"):
+    """GPTQ tensors of one layer -> canonical (qweight int32 [N, K/8], scales [N, G], zeros [N, G]),
+    exactly. `zero_offset` 1 for the v1 format (zero points stored minus 1), 0 for v2; `g_idx` (or
+    None) must put input channel k in group k // G."""
+    k, n = in_features, out_features
+    g = 1 if group_size == -1 else k // group_size
+    if k % 8 or n % 8:
+        raise ForeignFormatError(f"{name}: {n} x {k}: GPTQ's layout packs 8 input channels and 8 zero points per word")
+    _check_shape(name, "qweight", qweight, (k // 8, n), torch.int32)
+    _check_shape(name, "qzeros", qzeros, (g, n // 8), torch.int32)
+    _check_shape(name, "scales", scales, (g, n))
+    if g_idx is not None:
+        if tuple(g_idx.shape) != (k,) or g_idx.is_floating_point():
+            raise ForeignFormatError(f"{name}.g_idx: shape {tuple(g_idx.shape)} {g_idx.dtype}, expected integers ({k},)")
+        gs = k if group_size == -1 else group_size
+        expected = torch.arange(k, device=g_idx.device) // gs
+        if not torch.equal(g_idx.to(torch.int64), expected):
+            bad = int((g_idx.to(torch.int64) != expected).nonzero()[0])
+            raise ForeignFormatError(
+                f"{name}.g_idx puts input channel {bad} in group {int(g_idx[bad])}, not {bad // gs}: the checkpoint was "
+                "quantized with desc_act=True (groups ordered by activation, not contiguous in K), which the int4 "
+                "kernels cannot run; use a desc_act=False checkpoint, or quantize the fp16 model with `minicpm-int4 "
+                "quantize --method gptq` (act-order inside contiguous groups)")
+    z = nibbles(qzeros).reshape(g, n).to(torch.int16) + zero_offset
+    if int(z.max()) > 15:
+        raise ForeignFormatError(
+            f"{name}.qzeros: a zero point reads {int(z.max())} after the v1 format's +1: the checkpoint stored a zero "
+            "point of 0 as -1, which AutoGPTQ's packing also ORs into the zero points beside it, so they cannot be "
+            "read back; re-export it in the gptq_v2 format, or quantize the fp16 model with `minicpm-int4 quantize`")
+    _check_scales(scales, name)
+    # word [r, n] holds input channels 8 r .. 8 r + 7 of row n in nibbles 0..7: the canonical word
+    # [n, r] already, so the layout is a transpose
+    return qweight.t().contiguous(), scales.t().contiguous(), z.t().contiguous().to(scales.dtype)
+
+
+ROWS_PER_CHUNK = 2048  # AWQ rows repacked at a time: a 151k-row lm_head needs no GBs of temporaries
+
+
+def _check_scales(scales: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(scales).all()):
+        raise ForeignFormatError(f"{name}.scales holds NaN or inf")
+
+
+def quantized_prefixes(keys) -> list:
+    """Module names with a `qweight` tensor among checkpoint keys, in key order."""
+    return [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
+
+
+def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, backend: str = "auto",
+                progress: bool = True) -> Tuple[set, int]:
+    """Replace each Linear of `model` that the checkpoint (`files`: tensor name -> open file) holds in
+    int4 by a QuantLinear holding the same numbers in the canonical layout, on the Linear's device (or
+    `load_device` for a meta Linear). Returns (the tensor names consumed, the layers' group size)."""
+    from .checkpoint import CheckpointMismatchError
+    from .patch import _progress, linear_places
+    from .qlinear import QuantLinear
+    from .quantize import LAYER_DTYPES
+
+    prefixes = quantized_prefixes(files)
+    if not prefixes:
+        raise CheckpointMismatchError(f"the {fmt.name} checkpoint ({fmt.source}) has no int4 layer (no '*.qweight' tensor)")
+    places = linear_places(model)
+    consumed, group_sizes, lossy, made = set(), set(), [], set()
+    for name in _progress(prefixes, progress, f"read {fmt.name} layers", "layer"):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointMismatchError(f"checkpoint module {name!r} does not exist in the model") from None
+        if id(mod) in made:  # a second name of a shared Linear, replaced at all its places already
+            consumed.update(f"{name}.{what}" for what in LAYER_TENSORS if f"{name}.{what}" in files)
+            continue
+        if isinstance(mod, QuantLinear) or not isinstance(mod, nn.Linear):
+            raise CheckpointMismatchError(f"checkpoint module {name!r} is a {type(mod).__name__} in the model, not an "
+                                          "nn.Linear (load a foreign checkpoint into a model that is not patched)")
+        device = mod.weight.device if mod.weight.device.type != "meta" else torch.device(load_device)
+        # converted where the layer will live (on a GPU in milliseconds)
+        t = {what: files[f"{name}.{what}"].get_tensor(f"{name}.{what}").to(device)
+             for what in LAYER_TENSORS if f"{name}.{what}" in files}
+        missing = [what for what in ("qzeros", "scales") if what not in t]
+        if missing:
+            raise CheckpointMismatchError(f"checkpoint module {name!r} has a qweight but no {missing[0]}")
+        gs = layer_group_size(fmt.group_size, mod.in_features, name)
+        if fmt.method == "awq":
+            qweight, scales, zeros = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], mod.in_features,
+                                                      mod.out_features, gs, name)
+        else:
+            qweight, scales, zeros = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                                       mod.in_features, mod.out_features, gs, fmt.zero_offset, name)
+        dtype = mod.weight.dtype if mod.weight.dtype in LAYER_DTYPES else scales.dtype
+        if scales.dtype != dtype and not torch.equal(scales.to(dtype).to(scales.dtype), scales):
+            lossy.append(name)
+        ql = QuantLinear(mod.in_features, mod.out_features, bias="bias" in t, group_size=gs, dtype=dtype, device=device,
+                         backend=backend)
+        with torch.no_grad():
+            ql.qweight.copy_(qweight)
+            ql.scales.copy_(scales.to(dtype))
+            ql.zeros.copy_(zeros.to(dtype))
+            if "bias" in t:
+                _check_shape(name, "bias", t["bias"], (mod.out_features,))
+                ql.bias.copy_(t["bias"].to(dtype))
+        for parent, attr, _ in places.get(id(mod), ()):
+            setattr(parent, attr, ql)
+        made.add(id(ql))
+        consumed.update(f"{name}.{what}" for what in t)
+        group_sizes.add(gs)
+    if lossy:
+        warnings.warn(f"{len(lossy)} {fmt.name} layer(s) (the first {lossy[0]!r}) hold scales that the model's dtype "
+                      "rounds: they were converted to it", stacklevel=3)
+    return consumed, (group_sizes.pop() if len(group_sizes) == 1 else fmt.group_size)

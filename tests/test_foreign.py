@@ -1,0 +1,356 @@
+"""AWQ / GPTQ checkpoints read into the canonical layout (minicpm_int4/foreign.py).
+
+The packers below write each format as its own package does (AutoAWQ's WQLinear_GEMM.from_linear,
+AutoGPTQ's QuantLinear.pack: loops over columns / rows with shifts and ORs, uint32 arithmetic),
+independently of the vectorised readers under test; the readers must give back the exact q, zero
+points and scales they packed.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from minicpm_int4 import QuantConfig, QuantLinear, load_quantized, patch_model, save_quantized
+from minicpm_int4.checkpoint import CheckpointMismatchError, load_pretrained_quantized
+from minicpm_int4.foreign import ForeignFormatError, awq_to_canonical, detect, gptq_to_canonical
+from minicpm_int4.packing import pack_int4, unpack_int4
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _int32(words):
+    """uint32 values held in int64 -> the int32 with the same bits (as numpy's astype(int32))."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def awq_pack(q, z, s):
+    """AutoAWQ GEMM tensors from canonical q [N, K], zero points z [N, G] and scales s [N, G]."""
+    iw, zw = q.t().to(torch.int64), z.t().to(torch.int64)  # [K, N], [G, N]
+    qweight = torch.zeros(iw.shape[0], iw.shape[1] // 8, dtype=torch.int64)
+    qzeros = torch.zeros(zw.shape[0], zw.shape[1] // 8, dtype=torch.int64)
+    for col in range(iw.shape[1] // 8):
+        for i in range(8):
+            qweight[:, col] |= iw[:, col * 8 + AWQ_ORDER[i]] << (4 * i)
+            qzeros[:, col] |= zw[:, col * 8 + AWQ_ORDER[i]] << (4 * i)
+    return {"qweight": _int32(qweight), "qzeros": _int32(qzeros), "scales": s.t().contiguous()}
+
+
+def gptq_pack(q, z, s, v1=True, group_size=None):
+    """GPTQ tensors (v1: zero points stored minus 1, as uint32) from canonical q, z, s."""
+    n, k = q.shape
+    iw = q.t().to(torch.int64)                        # [K, N]
+    zw = (z.t().to(torch.int64) - (1 if v1 else 0)) & 0xFFFFFFFF  # np.uint32 of zeros - 1
+    qweight = torch.zeros(k // 8, n, dtype=torch.int64)
+    for row in range(k // 8):
+        for j in range(8):
+            qweight[row] |= iw[8 * row + j] << (4 * j)
+    qzeros = torch.zeros(zw.shape[0], n // 8, dtype=torch.int64)
+    for col in range(n // 8):
+        for j in range(8):
+            qzeros[:, col] |= (zw[:, 8 * col + j] << (4 * j)) & 0xFFFFFFFF
+    gs = group_size or k // z.shape[1]
+    return {"qweight": _int32(qweight), "qzeros": _int32(qzeros), "scales": s.t().contiguous(),
+            "g_idx": (torch.arange(k) // gs).to(torch.int32)}
+
+
+def _random_layer(n, k, group_size, seed, zmin=0, zmax=15, dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else k // group_size
+    q = torch.randint(0, 16, (n, k), generator=g)
+    z = torch.randint(zmin, zmax + 1, (n, groups), generator=g)
+    s = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).to(dtype)
+    return q, z, s
+
+
+LAYER_CASES = [(24, 96, 32), (40, 256, 64), (16, 384, 128), (24, 136, -1)]  # N, K, G (K = 136: per channel only)
+
+
+@pytest.fixture(params=[2048, 16], ids=["one-chunk", "chunks-of-16-rows"])
+def rows_per_chunk(request, monkeypatch):
+    """The AWQ reader unpacks and repacks ROWS_PER_CHUNK output rows at a time: also in several chunks."""
+    monkeypatch.setattr("minicpm_int4.foreign.ROWS_PER_CHUNK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("n,k,group_size", LAYER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_awq_layer_reads_exactly(n, k, group_size, dtype, rows_per_chunk):
+    q, z, s = _random_layer(n, k, group_size, seed=n + k, dtype=dtype)
+    t = awq_pack(q, z, s)
+    qweight, scales, zeros = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], k, n, group_size)
+    assert torch.equal(qweight, pack_int4(q)) and torch.equal(unpack_int4(qweight), q.to(torch.uint8))
+    assert scales.dtype == zeros.dtype == dtype
+    assert torch.equal(scales, s) and torch.equal(zeros, z.to(dtype))
+
+
+@pytest.mark.parametrize("n,k,group_size", LAYER_CASES)
+@pytest.mark.parametrize("v1", [True, False])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_layer_reads_exactly(n, k, group_size, v1, sym):
+    # sym: every zero point 8 (stored 7 in v1); asym: 1..15 in v1 (it cannot store 0), 0..15 in v2
+    lo, hi = (8, 8) if sym else ((1, 15) if v1 else (0, 15))
+    q, z, s = _random_layer(n, k, group_size, seed=n * k, zmin=lo, zmax=hi)
+    t = gptq_pack(q, z, s, v1=v1, group_size=k if group_size == -1 else group_size)
+    qweight, scales, zeros = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], k, n, group_size,
+                                               zero_offset=1 if v1 else 0)
+    assert torch.equal(qweight, pack_int4(q))
+    assert torch.equal(scales, s) and torch.equal(zeros, z.to(s.dtype))
+    # g_idx is optional (older checkpoints lack it)
+    again = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], None, k, n, group_size, zero_offset=1 if v1 else 0)
+    assert all(torch.equal(a, b) for a, b in zip(again, (qweight, scales, zeros)))
+
+
+def test_gptq_v1_zero_point_0_is_refused():
+    """AutoGPTQ's v1 packing stores zero point 0 as -1 (uint32 0xFFFFFFFF), ORing ones into the zero
+    points beside it: those layers cannot be read back, and the error says so."""
+    q, z, s = _random_layer(16, 64, 32, seed=3, zmin=1)
+    z[3, 1] = 0
+    t = gptq_pack(q, z, s, v1=True)
+    with pytest.raises(ForeignFormatError, match=r"model\.q_proj\.qzeros: a zero point reads 16 .* stored a zero point of 0"):
+        gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 64, 16, 32, zero_offset=1,
+                          name="model.q_proj")
+    # the same numbers in the v2 format read exactly
+    t2 = gptq_pack(q, z, s, v1=False)
+    _, _, zeros = gptq_to_canonical(t2["qweight"], t2["qzeros"], t2["scales"], t2["g_idx"], 64, 16, 32, zero_offset=0)
+    assert torch.equal(zeros, z.to(zeros.dtype))
+
+
+def test_gptq_desc_act_groups_are_refused():
+    q, z, s = _random_layer(16, 128, 32, seed=4, zmin=1)
+    t = gptq_pack(q, z, s)
+    g_idx = t["g_idx"][torch.randperm(128, generator=torch.Generator().manual_seed(0))]  # act-order
+    with pytest.raises(ForeignFormatError, match=r"layers\.0\.mlp\.up_proj\.g_idx puts input channel \d+ in group \d+.*desc_act=True"):
+        gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], g_idx, 128, 16, 32, name="layers.0.mlp.up_proj")
+
+
+@pytest.mark.parametrize("what,bad,match", [
+    ("qweight", lambda t: t[:-1], r"L\.qweight: shape \(95, 3\), expected \(96, 3\)"),
+    ("qweight", lambda t: t.to(torch.int64), r"L\.qweight: dtype torch\.int64, expected torch\.int32"),
+    ("qzeros", lambda t: t[:, :2], r"L\.qzeros: shape \(3, 2\), expected \(3, 3\)"),
+    ("scales", lambda t: t.to(torch.int32), r"L\.scales: dtype torch\.int32, expected a floating-point"),
+    ("scales", lambda t: t.clone().fill_(float("nan")), r"L\.scales holds NaN"),
+])
+def test_awq_bad_tensors_are_named(what, bad, match):
+    q, z, s = _random_layer(24, 96, 32, seed=5)
+    t = awq_pack(q, z, s)
+    t[what] = bad(t[what])
+    with pytest.raises(ForeignFormatError, match=match):
+        awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], 96, 24, 32, name="L")
+
+
+def _write_json(path, data):
+    path.write_text(json.dumps(data))
+
+
+def test_detect_reads_each_config_file(tmp_path):
+    assert detect(tmp_path) is None  # no config at all
+    _write_json(tmp_path / "config.json", {"model_type": "llama"})
+    assert detect(tmp_path) is None  # a plain model
+    _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                                                    "zero_point": True, "version": "gemm"}})
+    f = detect(tmp_path)
+    assert (f.method, f.group_size, f.zero_offset, f.source) == ("awq", 128, 0, "config.json")
+    _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64,
+                                                                    "desc_act": False, "sym": True}})
+    assert (detect(tmp_path).method, detect(tmp_path).zero_offset) == ("gptq", 1)
+    _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1,
+                                                                    "checkpoint_format": "gptq_v2"}})
+    assert (detect(tmp_path).group_size, detect(tmp_path).zero_offset) == (-1, 0)
+    _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    assert detect(tmp_path) is None  # not one this module reads (nf4 is not an integer grid)
+    # AutoGPTQ's own quantize_config.json beside a config.json without quantization_config
+    _write_json(tmp_path / "config.json", {"model_type": "llama"})
+    _write_json(tmp_path / "quantize_config.json", {"bits": 4, "group_size": 128, "desc_act": False})
+    assert (detect(tmp_path).method, detect(tmp_path).source) == ("gptq", "quantize_config.json")
+    os.remove(tmp_path / "quantize_config.json")
+    # older AutoAWQ's quant_config.json; this package's own quant_config.json (format_version) is not foreign
+    _write_json(tmp_path / "quant_config.json", {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"})
+    assert (detect(tmp_path).method, detect(tmp_path).group_size) == ("awq", 64)
+    _write_json(tmp_path / "quant_config.json", {"format_version": 1, "config": {}, "modules": {}})
+    assert detect(tmp_path) is None
+
+
+@pytest.mark.parametrize("qc,match", [
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, r"bits=8: only 4-bit"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, r"'gemv' layout: only AWQ's GEMM"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, r"without zero points"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, r"checkpoint_format='marlin'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, r"group_size=0"),
+])
+def test_detect_refuses_what_it_cannot_read_exactly(tmp_path, qc, match):
+    _write_json(tmp_path / "config.json", {"quantization_config": qc})
+    with pytest.raises(ForeignFormatError, match=match):
+        detect(tmp_path)
+
+
+# --- whole checkpoints: a patched tiny MiniCPM-V 4.6 written as AWQ / GPTQ, read back ---------------------------
+
+
+def _native_or_skip(seed=0):
+    """A tiny random MiniCPM-V 4.6 in fp16 built as from_pretrained builds one (dtype given to the
+    constructor: rotary inv_freq stays fp32, where .half() of a built model would round it)."""
+    from minicpm_int4.models import hf_dtype_kwargs
+    from minicpm_int4.tiny import NATIVE_KINDS, NativeModelUnavailable, _transformers_class, native_config
+
+    try:
+        cls = _transformers_class(NATIVE_KINDS["4_6"][1])
+        cfg = native_config("4_6")
+    except NativeModelUnavailable as e:
+        pytest.skip(f"no native MiniCPM-V 4.6 in this transformers: {e}")
+    torch.manual_seed(seed)
+    return cls._from_config(cfg, **hf_dtype_kwargs(torch.float16)).eval()
+
+
+def _write_foreign(model, path, method, v1=True, bin_shards=False):
+    """Write patched `model` as an AWQ / GPTQ checkpoint: config.json with that quantization_config,
+    the QuantLinears' numbers in the format's layout, every other tensor as saved by transformers."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.update(architectures=[type(model).__name__], dtype="float16", torch_dtype="float16")
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                   "version": "gemm"} if method == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+                                   **({} if v1 else {"checkpoint_format": "gptq_v2"})})
+    _write_json(path / "config.json", cfg)
+    tensors = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            q, z, s = unpack_int4(mod.qweight), mod.zeros.round().to(torch.int64), mod.scales
+            packed = awq_pack(q, z, s) if method == "awq" else gptq_pack(q, z, s, v1=v1, group_size=32)
+            tensors.update({f"{name}.{k}": v for k, v in packed.items()})
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().clone()
+    for key, t in model.state_dict().items():
+        owner = model.get_submodule(key.rpartition(".")[0])
+        if not isinstance(owner, QuantLinear):
+            tensors[key] = t.detach().clone().contiguous()
+    if not bin_shards:
+        save_file(tensors, str(path / "model.safetensors"))
+        return
+    for name, buf in model.named_buffers():  # older checkpoints hold rotary inv_freq, which the model computes
+        if name.endswith("inv_freq") and name not in tensors:
+            tensors[name] = buf.clone()
+    assert any(k.endswith("inv_freq") for k in tensors)
+    keys = sorted(tensors)  # two pytorch_model-*.bin shards and their index, as older checkpoints have
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for fname, ks in shards.items():
+        torch.save({k: tensors[k] for k in ks}, str(path / fname))
+    _write_json(path / "pytorch_model.bin.index.json", {"weight_map": {k: f for f, ks in shards.items() for k in ks}})
+
+
+@pytest.mark.parametrize("method,v1,bin_shards", [("awq", True, False), ("gptq", True, False), ("gptq", False, True)])
+def test_foreign_checkpoint_runs_as_the_model_it_was_written_from(tmp_path, method, v1, bin_shards):
+    from minicpm_int4.tiny import prompt_with_image
+
+    model = _native_or_skip()
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    if method == "gptq" and v1:  # v1 cannot store a zero point of 0 (see above): use 1..15
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.zeros.clamp_(min=1)
+    _write_foreign(model, tmp_path / "ckpt", method, v1, bin_shards)
+
+    loaded = load_pretrained_quantized(str(tmp_path / "ckpt"))
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == len(report.quantized)
+    for name, m in layers.items():
+        ref = model.get_submodule(name)
+        for what in ("qweight", "scales", "zeros"):
+            assert torch.equal(getattr(m, what), getattr(ref, what)), (name, what)
+        assert m.group_size == 32 and m.dtype == torch.float16
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits, want)
+    # written again in this package's format, it reloads to the same model, and config.json no longer
+    # says AWQ / GPTQ (transformers would try those quantizers on it)
+    save_quantized(loaded, tmp_path / "int4")
+    hf_cfg = json.loads((tmp_path / "int4" / "config.json").read_text())
+    assert hf_cfg.get("quantization_config", {}).get("quant_method") != method
+    again = load_pretrained_quantized(str(tmp_path / "int4"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits, want)
+
+
+def test_foreign_checkpoint_into_a_built_model_and_its_errors(tmp_path):
+    from minicpm_int4.tiny import prompt_with_image
+
+    model = _native_or_skip()
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    _write_foreign(model, tmp_path / "ckpt", "awq")
+    fresh = _native_or_skip(seed=9)  # other weights: all must come from the file
+    load_quantized(fresh, str(tmp_path / "ckpt"), progress=False)
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits,
+                           model(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits)
+    with pytest.raises(CheckpointMismatchError, match="AWQ .* load it into a model that is not patched"):
+        load_quantized(fresh, str(tmp_path / "ckpt"), progress=False)
+    # a layer without its scales
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    victim = next(k for k in tensors if k.endswith(".scales"))
+    del tensors[victim]
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=rf"{victim[:-len('.scales')]}' has a qweight but no scales"):
+        load_quantized(_native_or_skip(), str(tmp_path / "ckpt"), progress=False)
+
+
+def test_remote_code_awq_checkpoint_and_the_cli(tmp_path, capsys):
+    """MiniCPM-V 2.x / o-2.6 are remote code, and their AWQ checkpoints carry the modeling files
+    beside config.json (auto_map): read with trust_remote_code=True, as from_pretrained asks."""
+    import shutil
+
+    import transformers
+    from test_checkpoint import _remote_code_checkpoint
+
+    from minicpm_int4.models import hf_dtype_kwargs
+
+    ckpt = _remote_code_checkpoint(tmp_path)
+    model = transformers.AutoModel.from_pretrained(str(ckpt), trust_remote_code=True,
+                                                   **hf_dtype_kwargs(torch.float16)).eval()
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    out = tmp_path / "awq"
+    _write_foreign(model, out, "awq")
+    for f in os.listdir(ckpt):
+        if f.endswith(".py"):
+            shutil.copy(ckpt / f, out / f)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_pretrained_quantized(str(out))
+    loaded = load_pretrained_quantized(str(out), trust_remote_code=True, progress=False)
+    assert type(loaded).__name__ == "TinyV"
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(report.quantized)
+    ids = torch.randint(6, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    pv = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2)).half()
+    with torch.no_grad():
+        assert torch.equal(model(ids, pv).logits, loaded(ids, pv).logits)
+    # the CLI: convert writes this package's format; eval compares the AWQ folder with the original as it is
+    from helpers import save_word_tokenizer, write_word_prompts
+    from minicpm_int4.cli import main
+
+    remote = ["--trust-remote-code", "--device", "cpu"]
+    assert main(["convert", str(out), str(tmp_path / "int4"), *remote]) == 0
+    assert f"{len(report.quantized)} int4 layers (group size 32) read exactly from AWQ (GEMM)" in capsys.readouterr().out
+    converted = load_pretrained_quantized(str(tmp_path / "int4"), trust_remote_code=True, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pv).logits, converted(ids, pv).logits)
+    save_word_tokenizer(ckpt)
+    prompts = tmp_path / "prompts.txt"
+    write_word_prompts(prompts)
+    assert main(["eval", str(ckpt), str(out), *remote, "--dtype", "fp16", "--prompts", str(prompts)]) == 0
+    assert "next-token KL divergence" in capsys.readouterr().out
+    # user errors: one line, exit code 2
+    assert main(["convert", str(ckpt), str(tmp_path / "x"), *remote]) == 2
+    assert "is not an AWQ or GPTQ int4 checkpoint" in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 8
+    _write_json(out / "config.json", cfg)
+    assert main(["convert", str(out), str(tmp_path / "y"), *remote]) == 2
+    assert "bits=8: only 4-bit checkpoints can be read" in capsys.readouterr().err
