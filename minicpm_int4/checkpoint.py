@@ -26,11 +26,12 @@ class CheckpointMismatchError(ValueError):
 
 
 def _quant_modules(model: nn.Module) -> Dict[str, dict]:
-    """name -> spec of every QuantLinear; `input_scale` only where the layer has one (records written
-    before input scales existed read the same)."""
+    """name -> spec of every QuantLinear; `input_scale` / `input_perm` only where the layer has one (records
+    written before they existed read the same)."""
     return {name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
                    "act": m.act, "bias": m.bias is not None, "dtype": str(m.scales.dtype).replace("torch.", ""),
-                   **({"input_scale": True} if m.input_scale is not None else {})}
+                   **({"input_scale": True} if m.input_scale is not None else {}),
+                   **({"input_perm": True} if m.input_perm is not None else {})}
             for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
@@ -104,7 +105,7 @@ def layer_from_spec(spec: dict, device, backend: str, dtype: Optional[torch.dtyp
     """An empty QuantLinear for one module record of quant_config.json (in `dtype`, default the record's)."""
     return QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], group_size=spec["group_size"],
                        dtype=dtype or getattr(torch, spec["dtype"]), device=device, act=spec["act"], backend=backend,
-                       input_scale=spec.get("input_scale", False))
+                       input_scale=spec.get("input_scale", False), input_perm=spec.get("input_perm", False))
 
 
 def read_quant_config(path: str) -> dict:
@@ -156,8 +157,9 @@ class _TorchFile:
 @contextlib.contextmanager
 def _open_weights(path: str, allow_bin: bool = False):
     """{tensor name: open file} over model.safetensors, or the shards that model.safetensors.index.json
-    lists (save_pretrained of a large model); with `allow_bin` also pytorch_model.bin (+ index), which
-    older AWQ / GPTQ checkpoints use."""
+    lists (save_pretrained of a large model); with `allow_bin` (AWQ / GPTQ checkpoints) also
+    pytorch_model.bin (+ index), or the folder's one *.safetensors file of another name (AutoGPTQ's
+    `gptq_model-4bit-128g.safetensors`)."""
     from safetensors import safe_open
 
     candidates = [WEIGHTS_NAME] + (["pytorch_model.bin"] if allow_bin else [])
@@ -171,6 +173,12 @@ def _open_weights(path: str, allow_bin: bool = False):
                 files = sorted(set(json.load(f)["weight_map"].values()))
         if files:
             break
+    if not files and allow_bin and os.path.isdir(path):
+        others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if len(others) > 1:
+            raise FileNotFoundError(f"{path}: {len(others)} .safetensors files ({', '.join(others[:3])}, ...) and no "
+                                    f"{WEIGHTS_NAME}.index.json saying which tensor is where")
+        files = others
     if not files:
         raise FileNotFoundError(f"{path}: no {' / '.join(candidates)} (nor their .index.json)")
     with contextlib.ExitStack() as stack:
@@ -223,7 +231,7 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
                 setattr(parent, attr, ql)
         else:  # a model patched already: its layer must hold what the checkpoint holds, and runs as saved
             held = {"group_size": mod.group_size, "dtype": str(mod.dtype).replace("torch.", ""), "bias": mod.bias is not None,
-                    "input_scale": mod.input_scale is not None}
+                    "input_scale": mod.input_scale is not None, "input_perm": mod.input_perm is not None}
             for key, value in held.items():
                 if value != spec.get(key, False):
                     raise CheckpointMismatchError(f"checkpoint module {name!r} has {key}={spec.get(key, False)!r} but the model's "
@@ -236,6 +244,12 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
 
     with _open_weights(path) as files:
         _load_tensors(model, files, meta.get("aliases", {}), load_device, progress)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            try:
+                m.check_input_perm(name)
+            except ValueError as e:
+                raise CheckpointMismatchError(f"checkpoint module {e}") from None
     mark_quantized(model, config)
     return wrapper
 
@@ -348,8 +362,8 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     save_quantized copied beside the checkpoint) the `auto_map` class of that name, which needs
     `trust_remote_code=True` as `from_pretrained` does.
 
-    `path` may also be an int4 checkpoint of AutoAWQ (GEMM layout) or GPTQ (AutoGPTQ / GPTQModel,
-    desc_act=False): its layers are read exactly into QuantLinears (foreign.py), so the model computes
+    `path` may also be an int4 checkpoint of AutoAWQ (GEMM layout) or GPTQ (AutoGPTQ / GPTQModel, act-order
+    too): its layers are read exactly into QuantLinears (foreign.py), so the model computes
     what it computed there, on this package's kernels; `save_quantized` then writes it in this
     package's format (`minicpm-int4 convert`)."""
     import transformers

@@ -14,9 +14,10 @@ what it computed there.
         qweight int32 [K / 8, N]      nibble i of word [r, n] holds q[n, 8 r + i]
         qzeros  int32 [K / G, N / 8]  nibble i of word [g, j] holds z[8 j + i, g], minus 1 in v1
         scales        [K / G, N]
-        g_idx   int32 [K]             the group of each input channel; must be k // G: a checkpoint
-                                      quantized with desc_act=True orders its groups by activation
-                                      (not contiguous in K) and is refused, naming the layer
+        g_idx   int32 [K]             the group of each input channel: k // G, or with desc_act=True
+                                      (act-order) groups of G channels scattered over K; then the
+                                      channels are reordered so that each group is a run of K, and
+                                      the layer computes with x[..., input_perm] (QuantLinear)
 
 (q[n, k] and z[n, g] as in packing.py: n the output row, k the input channel.) A checkpoint is
 recognised by the quantization_config of its config.json, or by the quantize_config.json AutoGPTQ
@@ -29,18 +30,28 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .packing import nibbles, pack_int4
+from .packing import nibbles, pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its 8
 METHODS = ("awq", "gptq")
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to a stored zero point
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+class Canonical(NamedTuple):
+    """One layer in the canonical layout: qweight int32 [N, K/8], scales and zeros [N, G] (zeros
+    integers in scales' dtype), and input_perm (int32 [K]: column j of the weight multiplies input
+    channel input_perm[j]) or None."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    input_perm: Optional[torch.Tensor] = None
 
 
 class ForeignFormatError(ValueError):
@@ -154,14 +165,14 @@ def awq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     # rows (qweight's words n0 / 8 .. n1 / 8, column order restored) at a time
     qweight = torch.cat([pack_int4(nibbles(qweight[:, n0 // 8:n1 // 8])[..., inverse].reshape(k, n1 - n0).t())
                          for n0, n1 in ((n0, min(n, n0 + ROWS_PER_CHUNK)) for n0 in range(0, n, ROWS_PER_CHUNK))])
-    return qweight, scales.t().contiguous(), z.t().contiguous().to(scales.dtype)
+    return Canonical(qweight, scales.t().contiguous(), z.t().contiguous().to(scales.dtype))
 
 
 def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
                       in_features: int, out_features: int, group_size: int, zero_offset: int = 1, name: str = "layer"):
-    """GPTQ tensors of one layer -> canonical (qweight int32 [N, K/8], scales [N, G], zeros [N, G]),
-    exactly. `zero_offset` 1 for the v1 format (zero points stored minus 1), 0 for v2; `g_idx` (or
-    None) must put input channel k in group k // G."""
+    """GPTQ tensors of one layer -> Canonical, exactly. `zero_offset` 1 for the v1 format (zero points
+    stored minus 1), 0 for v2; `g_idx` (or None: k // G) the group of each input channel: groups of G
+    channels anywhere in K (desc_act=True) come back as runs of K in the order Canonical.input_perm."""
     k, n = in_features, out_features
     g = 1 if group_size == -1 else k // group_size
     if k % 8 or n % 8:
@@ -169,18 +180,20 @@ def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     _check_shape(name, "qweight", qweight, (k // 8, n), torch.int32)
     _check_shape(name, "qzeros", qzeros, (g, n // 8), torch.int32)
     _check_shape(name, "scales", scales, (g, n))
+    perm = None
     if g_idx is not None:
         if tuple(g_idx.shape) != (k,) or g_idx.is_floating_point():
             raise ForeignFormatError(f"{name}.g_idx: shape {tuple(g_idx.shape)} {g_idx.dtype}, expected integers ({k},)")
         gs = k if group_size == -1 else group_size
-        expected = torch.arange(k, device=g_idx.device) // gs
-        if not torch.equal(g_idx.to(torch.int64), expected):
-            bad = int((g_idx.to(torch.int64) != expected).nonzero()[0])
-            raise ForeignFormatError(
-                f"{name}.g_idx puts input channel {bad} in group {int(g_idx[bad])}, not {bad // gs}: the checkpoint was "
-                "quantized with desc_act=True (groups ordered by activation, not contiguous in K), which the int4 "
-                "kernels cannot run; use a desc_act=False checkpoint, or quantize the fp16 model with `minicpm-int4 "
-                "quantize --method gptq` (act-order inside contiguous groups)")
+        gi = g_idx.to(torch.int64)
+        if not torch.equal(gi, torch.arange(k, device=gi.device) // gs):
+            # desc_act=True: GPTQ quantized the channels in order of decreasing activation, G at a time, so
+            # each group holds G channels scattered over K; sorted by group they are runs of K again
+            sizes = torch.bincount(gi.clamp(0, g - 1), minlength=g)
+            if int(gi.min()) < 0 or int(gi.max()) >= g or not bool((sizes == gs).all()):
+                raise ForeignFormatError(f"{name}.g_idx: groups of {int(sizes.min())} to {int(sizes.max())} input "
+                                         f"channels in 0..{int(gi.max())}, expected {g} groups of {gs}")
+            perm = torch.argsort(gi, stable=True)
     z = nibbles(qzeros).reshape(g, n).to(torch.int16) + zero_offset
     if int(z.max()) > 15:
         raise ForeignFormatError(
@@ -189,11 +202,16 @@ def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
             "read back; re-export it in the gptq_v2 format, or quantize the fp16 model with `minicpm-int4 quantize`")
     _check_scales(scales, name)
     # word [r, n] holds input channels 8 r .. 8 r + 7 of row n in nibbles 0..7: the canonical word
-    # [n, r] already, so the layout is a transpose
-    return qweight.t().contiguous(), scales.t().contiguous(), z.t().contiguous().to(scales.dtype)
+    # [n, r] already, so the layout is a transpose (and with act-order, the columns reordered)
+    qweight = qweight.t().contiguous()
+    if perm is not None:
+        qweight = torch.cat([pack_int4(unpack_int4(qweight[n0:n0 + ROWS_PER_CHUNK])[:, perm])
+                             for n0 in range(0, n, ROWS_PER_CHUNK)])
+        perm = perm.to(torch.int32)
+    return Canonical(qweight, scales.t().contiguous(), z.t().contiguous().to(scales.dtype), perm)
 
 
-ROWS_PER_CHUNK = 2048  # AWQ rows repacked at a time: a 151k-row lm_head needs no GBs of temporaries
+ROWS_PER_CHUNK = 2048  # rows repacked at a time (AWQ; act-order GPTQ): a 151k-row lm_head needs no GBs of temporaries
 
 
 def _check_scales(scales: torch.Tensor, name: str) -> None:
@@ -241,20 +259,23 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
             raise CheckpointMismatchError(f"checkpoint module {name!r} has a qweight but no {missing[0]}")
         gs = layer_group_size(fmt.group_size, mod.in_features, name)
         if fmt.method == "awq":
-            qweight, scales, zeros = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], mod.in_features,
-                                                      mod.out_features, gs, name)
+            qweight, scales, zeros, perm = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], mod.in_features,
+                                                            mod.out_features, gs, name)
         else:
-            qweight, scales, zeros = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
-                                                       mod.in_features, mod.out_features, gs, fmt.zero_offset, name)
+            qweight, scales, zeros, perm = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                                             mod.in_features, mod.out_features, gs, fmt.zero_offset,
+                                                             name)
         dtype = mod.weight.dtype if mod.weight.dtype in LAYER_DTYPES else scales.dtype
         if scales.dtype != dtype and not torch.equal(scales.to(dtype).to(scales.dtype), scales):
             lossy.append(name)
         ql = QuantLinear(mod.in_features, mod.out_features, bias="bias" in t, group_size=gs, dtype=dtype, device=device,
-                         backend=backend)
+                         backend=backend, input_perm=perm is not None)
         with torch.no_grad():
             ql.qweight.copy_(qweight)
             ql.scales.copy_(scales.to(dtype))
             ql.zeros.copy_(zeros.to(dtype))
+            if perm is not None:
+                ql.input_perm.copy_(perm)
             if "bias" in t:
                 _check_shape(name, "bias", t["bias"], (mod.out_features,))
                 ql.bias.copy_(t["bias"].to(dtype))

@@ -14,7 +14,7 @@ from .packing import num_groups, pack_int4, packed_bytes
 from .quantize import LAYER_DTYPES, check_layer_dtype, check_quantizable, quantize_weight, scale_dtype_for
 
 
-def _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale) -> None:
+def _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale, input_perm=False) -> None:
     """The constructor's arguments, checked (load_quantized builds layers from a checkpoint's JSON):
     a layer whose buffers could not hold a valid int4 weight never exists."""
     shape = f"QuantLinear(in_features={in_features}, out_features={out_features})"
@@ -33,8 +33,9 @@ def _check_layer_args(in_features, out_features, group_size, dtype, act, backend
         raise ValueError(f"{shape}: backend={backend!r} must be one of {BACKENDS}")
     if backend == "cuda" and act == "int8":
         raise ValueError(f"{shape}: backend='cuda' has no W4A8 kernel; use backend='auto' or 'triton' with act='int8'")
-    if not isinstance(input_scale, bool):
-        raise TypeError(f"{shape}: input_scale={input_scale!r} must be True or False (whether the layer holds one)")
+    for flag, value in (("input_scale", input_scale), ("input_perm", input_perm)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{shape}: {flag}={value!r} must be True or False (whether the layer holds one)")
 
 
 def _check_input_scale(m: torch.Tensor, k: int, name: str) -> None:
@@ -52,8 +53,10 @@ class QuantLinear(nn.Module):
     Buffers (canonical layout, packing.py): ``qweight`` int32 [N, K/8], ``scales`` and ``zeros``
     [N, K/G] in the layer's dtype; ``bias`` [N] or None; ``input_scale`` [K] in the layer's dtype or
     None (QuantConfig.input_scales: the forward computes with x * input_scale, and the int4 weight
-    holds W / input_scale); ``workspace`` int32 [N/16] zeros, the decode kernel's split-K counters
-    (not saved).
+    holds W / input_scale); ``input_perm`` int32 [K] or None (a GPTQ checkpoint quantized with
+    desc_act=True, foreign.py: its groups are runs of K only in this order of the input channels, so
+    the forward computes with x[..., input_perm], the scale, if any, applying to that); ``workspace``
+    int32 [N/16] zeros, the decode kernel's split-K counters (not saved).
 
     Example:
         >>> ql = QuantLinear.from_linear(nn.Linear(4096, 4096, dtype=torch.float16), QuantConfig(group_size=128))
@@ -62,9 +65,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.float16, device=None, act: Optional[str] = None,
-                 backend: str = "auto", input_scale: bool = False):
+                 backend: str = "auto", input_scale: bool = False, input_perm: bool = False):
         super().__init__()
-        _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale)
+        _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale, input_perm)
         in_features, out_features = int(in_features), int(out_features)  # numpy integers too
         self.in_features = in_features
         self.out_features = out_features
@@ -82,6 +85,8 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=sd, device=device) if input_scale else None)
+        self.register_buffer("input_perm", torch.arange(in_features, dtype=torch.int32, device=device)
+                             if input_perm else None)
         # split-K counters of the decode kernel (ops.w4a16_workspace): allocated here, zeroed, never
         # during a CUDA-graph capture; every call leaves them at zero. Not part of the checkpoint.
         self.register_buffer("workspace", ops.w4a16_workspace(out_features, device), persistent=False)
@@ -155,16 +160,28 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
+        extra = sum(t.numel() * t.element_size() for t in (self.input_scale, self.input_perm) if t is not None)
         return packed_bytes(self.out_features, self.in_features, self.group_size, self.scales.dtype) + extra
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [N, K] weight this module computes with, in the layer's dtype (x @ it.T is the forward's
         product, the input scale included)."""
         if self.input_scale is None:
-            return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.scales.dtype)
-        w = ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, torch.float32)
-        return (w * self.input_scale.float()[None, :]).to(self.scales.dtype)
+            w = ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.scales.dtype)
+        else:
+            w = ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, torch.float32)
+            w = (w * self.input_scale.float()[None, :]).to(self.scales.dtype)
+        if self.input_perm is not None:  # column j multiplies input channel input_perm[j]: back to channel order
+            w = w.index_select(1, torch.argsort(self.input_perm))
+        return w
+
+    def check_input_perm(self, name: str = "QuantLinear") -> None:
+        """Raise ValueError unless `input_perm` (if any) is a permutation of 0..K-1 (a layer loaded from
+        a file: a wrong index would fail inside a kernel, or on a GPU as a device-side assert)."""
+        p = self.input_perm
+        if p is not None and not torch.equal(torch.sort(p.to(torch.int64)).values,
+                                             torch.arange(self.in_features, device=p.device)):
+            raise ValueError(f"{name}: input_perm is not a permutation of the {self.in_features} input channels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step calls this hundreds of times: each buffer is read once, the checks are one
@@ -175,6 +192,8 @@ class QuantLinear(nn.Module):
             x = self._adapt_input(x)
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes);
         # the input scale (or None) is applied by quantized_linear, fused where a kernel can take it
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace,
                                  self.input_scale)
@@ -198,4 +217,5 @@ class QuantLinear(nn.Module):
         gs = "per-channel" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={gs}, act={self.act or 'fp'}, backend={self.backend}, dtype={self.scales.dtype}"
-                + (", input_scale=True" if self.input_scale is not None else ""))
+                + (", input_scale=True" if self.input_scale is not None else "")
+                + (", input_perm=True" if self.input_perm is not None else ""))

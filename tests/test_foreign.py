@@ -79,7 +79,8 @@ def rows_per_chunk(request, monkeypatch):
 def test_awq_layer_reads_exactly(n, k, group_size, dtype, rows_per_chunk):
     q, z, s = _random_layer(n, k, group_size, seed=n + k, dtype=dtype)
     t = awq_pack(q, z, s)
-    qweight, scales, zeros = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], k, n, group_size)
+    qweight, scales, zeros, perm = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], k, n, group_size)
+    assert perm is None
     assert torch.equal(qweight, pack_int4(q)) and torch.equal(unpack_int4(qweight), q.to(torch.uint8))
     assert scales.dtype == zeros.dtype == dtype
     assert torch.equal(scales, s) and torch.equal(zeros, z.to(dtype))
@@ -93,13 +94,13 @@ def test_gptq_layer_reads_exactly(n, k, group_size, v1, sym):
     lo, hi = (8, 8) if sym else ((1, 15) if v1 else (0, 15))
     q, z, s = _random_layer(n, k, group_size, seed=n * k, zmin=lo, zmax=hi)
     t = gptq_pack(q, z, s, v1=v1, group_size=k if group_size == -1 else group_size)
-    qweight, scales, zeros = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], k, n, group_size,
-                                               zero_offset=1 if v1 else 0)
-    assert torch.equal(qweight, pack_int4(q))
+    qweight, scales, zeros, perm = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], k, n,
+                                                     group_size, zero_offset=1 if v1 else 0)
+    assert perm is None and torch.equal(qweight, pack_int4(q))
     assert torch.equal(scales, s) and torch.equal(zeros, z.to(s.dtype))
     # g_idx is optional (older checkpoints lack it)
     again = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], None, k, n, group_size, zero_offset=1 if v1 else 0)
-    assert all(torch.equal(a, b) for a, b in zip(again, (qweight, scales, zeros)))
+    assert all(torch.equal(a, b) for a, b in zip(again[:3], (qweight, scales, zeros))) and again.input_perm is None
 
 
 def test_gptq_v1_zero_point_0_is_refused():
@@ -113,15 +114,56 @@ def test_gptq_v1_zero_point_0_is_refused():
                           name="model.q_proj")
     # the same numbers in the v2 format read exactly
     t2 = gptq_pack(q, z, s, v1=False)
-    _, _, zeros = gptq_to_canonical(t2["qweight"], t2["qzeros"], t2["scales"], t2["g_idx"], 64, 16, 32, zero_offset=0)
+    _, _, zeros, _ = gptq_to_canonical(t2["qweight"], t2["qzeros"], t2["scales"], t2["g_idx"], 64, 16, 32, zero_offset=0)
     assert torch.equal(zeros, z.to(zeros.dtype))
 
 
-def test_gptq_desc_act_groups_are_refused():
+def _act_order_g_idx(k, group_size, seed):
+    """g_idx as GPTQ's desc_act=True makes it: channel order[i] (order: by decreasing activation, here
+    random) is quantized i-th, in group i // G."""
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    return g_idx
+
+
+def _dequant_by_g_idx(q, z, s, g_idx):
+    """The weight a GPTQ layer holds, in input-channel order: (q[n, k] - z[n, g]) * s[n, g], g = g_idx[k]."""
+    gi = g_idx.long()
+    return ((q.float() - z.float()[:, gi]) * s.float()[:, gi]).to(s.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gptq_act_order_layer_computes_with_permuted_input(dtype, rows_per_chunk):
+    """desc_act=True: the groups are G channels each, scattered over K. Read with the channels sorted by
+    group (input_perm), the layer's weight is exactly the checkpoint's and its forward is x @ W.T."""
+    from helpers import assert_gemm_close
+
+    n, k, gs = 40, 256, 64
+    q, z, s = _random_layer(n, k, gs, seed=11, zmin=1, dtype=dtype)
+    g_idx = _act_order_g_idx(k, gs, seed=12)
+    t = gptq_pack(q, z, s)  # q in channel order; z, s per group
+    c = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], g_idx, k, n, gs, zero_offset=1, name="L")
+    assert c.input_perm is not None and c.input_perm.dtype == torch.int32
+    assert torch.equal(g_idx[c.input_perm.long()].long(), torch.arange(k) // gs)  # runs of K in that order
+    ql = QuantLinear(k, n, bias=False, group_size=gs, dtype=dtype, input_perm=True, backend="torch")
+    for name, value in zip(("qweight", "scales", "zeros", "input_perm"), c):
+        getattr(ql, name).copy_(value)
+    w = _dequant_by_g_idx(q, z, s, g_idx)
+    assert torch.equal(ql.dequantized_weight(), w)
+    x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(13)).to(dtype)
+    y = ql(x)
+    assert y.shape == (3, 5, n)
+    assert_gemm_close(y.reshape(-1, n), torch.nn.functional.linear(x, w).reshape(-1, n), x.reshape(-1, k), w)
+    assert "input_perm=True" in repr(ql)
+
+
+def test_gptq_g_idx_that_is_no_grouping_is_refused():
     q, z, s = _random_layer(16, 128, 32, seed=4, zmin=1)
     t = gptq_pack(q, z, s)
-    g_idx = t["g_idx"][torch.randperm(128, generator=torch.Generator().manual_seed(0))]  # act-order
-    with pytest.raises(ForeignFormatError, match=r"layers\.0\.mlp\.up_proj\.g_idx puts input channel \d+ in group \d+.*desc_act=True"):
+    g_idx = t["g_idx"].clone()
+    g_idx[0] = 1  # group 0 has 31 channels, group 1 has 33
+    with pytest.raises(ForeignFormatError, match=r"layers\.0\.mlp\.up_proj\.g_idx: groups of 31 to 33 input channels"):
         gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], g_idx, 128, 16, 32, name="layers.0.mlp.up_proj")
 
 
@@ -203,9 +245,11 @@ def _native_or_skip(seed=0):
     return cls._from_config(cfg, **hf_dtype_kwargs(torch.float16)).eval()
 
 
-def _write_foreign(model, path, method, v1=True, bin_shards=False):
+def _write_foreign(model, path, method, v1=True, bin_shards=False, act_order=False):
     """Write patched `model` as an AWQ / GPTQ checkpoint: config.json with that quantization_config,
-    the QuantLinears' numbers in the format's layout, every other tensor as saved by transformers."""
+    the QuantLinears' numbers in the format's layout, every other tensor as saved by transformers.
+    act_order (GPTQ): each layer's groups scattered over K as desc_act=True leaves them (a model of
+    other weights, then). Returns {layer: (q, z, s, g_idx)} as written."""
     from safetensors.torch import save_file
 
     path.mkdir()
@@ -214,14 +258,17 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False):
     cfg.update(architectures=[type(model).__name__], dtype="float16", torch_dtype="float16")
     cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                    "version": "gemm"} if method == "awq" else
-                                  {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+                                  {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order, "sym": False,
                                    **({} if v1 else {"checkpoint_format": "gptq_v2"})})
     _write_json(path / "config.json", cfg)
-    tensors = {}
-    for name, mod in model.named_modules():
+    tensors, written = {}, {}
+    for i, (name, mod) in enumerate(model.named_modules()):
         if isinstance(mod, QuantLinear):
             q, z, s = unpack_int4(mod.qweight), mod.zeros.round().to(torch.int64), mod.scales
             packed = awq_pack(q, z, s) if method == "awq" else gptq_pack(q, z, s, v1=v1, group_size=32)
+            if act_order:
+                packed["g_idx"] = _act_order_g_idx(q.shape[1], 32, seed=i)
+            written[name] = (q, z, s, packed.get("g_idx"))
             tensors.update({f"{name}.{k}": v for k, v in packed.items()})
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias.detach().clone()
@@ -229,9 +276,9 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False):
         owner = model.get_submodule(key.rpartition(".")[0])
         if not isinstance(owner, QuantLinear):
             tensors[key] = t.detach().clone().contiguous()
-    if not bin_shards:
-        save_file(tensors, str(path / "model.safetensors"))
-        return
+    if not bin_shards:  # GPTQ: the file name AutoGPTQ gives it (model_file_base_name unset)
+        save_file(tensors, str(path / ("model.safetensors" if method == "awq" else "gptq_model-4bit-32g.safetensors")))
+        return written
     for name, buf in model.named_buffers():  # older checkpoints hold rotary inv_freq, which the model computes
         if name.endswith("inv_freq") and name not in tensors:
             tensors[name] = buf.clone()
@@ -241,6 +288,7 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False):
     for fname, ks in shards.items():
         torch.save({k: tensors[k] for k in ks}, str(path / fname))
     _write_json(path / "pytorch_model.bin.index.json", {"weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    return written
 
 
 @pytest.mark.parametrize("method,v1,bin_shards", [("awq", True, False), ("gptq", True, False), ("gptq", False, True)])
@@ -276,6 +324,48 @@ def test_foreign_checkpoint_runs_as_the_model_it_was_written_from(tmp_path, meth
     again = load_pretrained_quantized(str(tmp_path / "int4"))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits, want)
+
+
+def test_act_order_gptq_checkpoint_loads_saves_and_reloads(tmp_path):
+    """desc_act=True layers: each QuantLinear holds the checkpoint's weight in input-channel order
+    (through input_perm), and this package's checkpoint of them (quant_config.json records input_perm)
+    reloads - by load_pretrained_quantized and by transformers' from_pretrained - to the same logits."""
+    import transformers
+
+    from minicpm_int4.hf_integration import register
+    from minicpm_int4.tiny import prompt_with_image
+
+    model = _native_or_skip()
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.zeros.clamp_(min=1)
+    written = _write_foreign(model, tmp_path / "ckpt", "gptq", act_order=True)
+    loaded = load_pretrained_quantized(str(tmp_path / "ckpt"), progress=False)
+    for name, (q, z, s, g_idx) in written.items():
+        layer = loaded.get_submodule(name)
+        assert layer.input_perm is not None
+        assert torch.equal(layer.dequantized_weight(), _dequant_by_g_idx(q, z, s, g_idx)), name
+    save_quantized(loaded, tmp_path / "int4")
+    specs = json.loads((tmp_path / "int4" / "quant_config.json").read_text())["modules"]
+    assert all(specs[name].get("input_perm") for name in written)
+    ids, pv, ts = prompt_with_image(model)
+    inputs = dict(input_ids=ids, pixel_values=pv.half(), target_sizes=ts)
+    with torch.no_grad():
+        want = loaded(**inputs).logits
+        assert torch.equal(load_pretrained_quantized(str(tmp_path / "int4"), progress=False)(**inputs).logits, want)
+        if register() is None:
+            hf = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "int4")).eval()
+            assert torch.equal(hf(**inputs).logits, want)
+    # a checkpoint whose input_perm is no permutation is refused by name, not left to fail in a kernel
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "int4" / "model.safetensors"))
+    victim = next(k for k in tensors if k.endswith(".input_perm"))
+    tensors[victim][0] = tensors[victim][1]
+    save_file(tensors, str(tmp_path / "int4" / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=rf"{victim[:-len('.input_perm')]}: input_perm is not a permutation"):
+        load_pretrained_quantized(str(tmp_path / "int4"), progress=False)
 
 
 def test_foreign_checkpoint_into_a_built_model_and_its_errors(tmp_path):

@@ -174,8 +174,16 @@ def test_w4a8_module_matches_reference_path():
 
 
 @pytest.mark.parametrize("act", [None, "int8"])
-def test_compiles_fullgraph_without_graph_breaks(act):
+@pytest.mark.parametrize("input_perm", [False, True])
+def test_compiles_fullgraph_without_graph_breaks(act, input_perm):
     ql = QuantLinear.from_linear(nn.Linear(128, 64), QuantConfig(group_size=32, act=act))
+    if input_perm:  # an act-order GPTQ layer's (foreign.py): the forward gathers x's channels first
+        perm = torch.randperm(128, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+        permuted = QuantLinear(128, 64, group_size=32, dtype=ql.dtype, act=act, input_perm=True)
+        permuted.load_state_dict({**ql.state_dict(), "input_perm": perm})
+        x = torch.randn(4, 24, 128)
+        assert torch.equal(permuted(x), ql(x[..., perm.long()]))
+        ql = permuted
     x = torch.randn(4, 24, 128)
     compiled = torch.compile(ql, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), ql(x))
