@@ -263,7 +263,7 @@ def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool)
         raise CheckpointMismatchError(f"{path} is a {fmt.name} checkpoint: load it into a model that is not patched")
     with _open_weights(path, allow_bin=True) as files:
         consumed, group_size = foreign.load_layers(model, files, fmt, load_device, progress=progress)
-        _load_tensors(model, files, {}, load_device, progress, consumed, skip_quant_layers=True)
+        _load_tensors(model, files, {}, load_device, progress, consumed, skip_quant_layers=True, cast=True)
     hf_config = getattr(model, "config", None)
     if isinstance(getattr(hf_config, "quantization_config", None), dict):  # the foreign record: ours replaces it
         del hf_config.quantization_config
@@ -271,14 +271,15 @@ def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool)
 
 
 def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_device, progress: bool,
-                  consumed=(), skip_quant_layers: bool = False) -> None:
+                  consumed=(), skip_quant_layers: bool = False, cast: bool = False) -> None:
     """Every tensor of `model`'s state dict from `files` (tensor name -> open file), one at a time:
     meta tensors are materialised on `load_device`, others copied into; tied names stay one tensor.
     Checkpoint tensors named in `consumed` were read already (and with `skip_quant_layers` the
     QuantLinears' own tensors were filled from them); any other tensor the model lacks is an error,
     unless it names one of the model's non-persistent buffers (rotary `inv_freq`, which older
     checkpoints saved and the model computes itself) or the model's class says to ignore it
-    (transformers' `_keys_to_ignore_on_load_unexpected`)."""
+    (transformers' `_keys_to_ignore_on_load_unexpected`). `cast`: a floating-point tensor of another
+    dtype is cast to the model's (else that is an error)."""
     import re
 
     targets = model.state_dict(keep_vars=True)
@@ -304,6 +305,8 @@ def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_d
         if shape != tuple(target.shape):
             raise CheckpointMismatchError(f"tensor {key!r}: checkpoint shape {shape} != model shape {tuple(target.shape)}")
         t = f.get_tensor(src)
+        if cast and t.dtype != target.dtype and t.is_floating_point() and target.is_floating_point():
+            t = t.to(target.dtype)
         if t.dtype != target.dtype:
             raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
         if target.device.type == "meta":
@@ -354,7 +357,8 @@ def parameters_on_meta():
 
 
 def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_remote_code: bool = False,
-                              progress: bool = True, **config_overrides) -> nn.Module:
+                              progress: bool = True, dtype: Optional[torch.dtype] = None,
+                              **config_overrides) -> nn.Module:
     """Rebuild a transformers model from the `config.json` that `minicpm-int4 quantize` saves beside the
     checkpoint and load the int4 checkpoint into it, module by module, never holding fp16 copies of
     the quantized layers. `model_class` defaults to the config's first `architectures` entry: a
@@ -365,18 +369,24 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     `path` may also be an int4 checkpoint of AutoAWQ (GEMM layout) or GPTQ (AutoGPTQ / GPTQModel, act-order
     too): its layers are read exactly into QuantLinears (foreign.py), so the model computes
     what it computed there, on this package's kernels; `save_quantized` then writes it in this
-    package's format (`minicpm-int4 convert`)."""
+    package's format (`minicpm-int4 convert`). `dtype` (default: config.json's) builds such a model in
+    another dtype, its other tensors cast as from_pretrained(dtype=) casts them: AWQ's scales are
+    fp16, so a checkpoint whose config says bf16 runs its int4 layers exactly only in fp16. This
+    package's own checkpoints load in the dtype they were saved in (model.to(dtype) converts after)."""
     import transformers
 
     from . import foreign
 
     fmt = foreign.detect(path)  # before minutes of building: an unreadable AWQ / GPTQ variant fails here
+    if dtype is not None and fmt is None:
+        raise ValueError(f"load_pretrained_quantized(dtype={dtype}) is for AWQ / GPTQ checkpoints; {path} holds this "
+                         "package's tensors in the dtype they were saved in: load it, then model.to(dtype)")
     cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
     if fmt is not None and hasattr(cfg, "quantization_config"):  # not for transformers to act on
         del cfg.quantization_config
     if model_class is None:
         model_class = _model_class_of(cfg, path, trust_remote_code)
-    dtype = hf_config_dtype(cfg)
+    dtype = dtype or hf_config_dtype(cfg)
     with parameters_on_meta():
         model = model_class._from_config(cfg, **hf_dtype_kwargs(dtype))
     model = model.eval()

@@ -456,7 +456,8 @@ def cmd_convert(args) -> int:
     device = _device(args.device)
     print(f"reading the {fmt.name} checkpoint {args.model} on {device}", file=sys.stderr)
     try:
-        model = load_pretrained_quantized(args.model, device=device, trust_remote_code=args.trust_remote_code)
+        model = load_pretrained_quantized(args.model, device=device, trust_remote_code=args.trust_remote_code,
+                                          dtype=_dtype(args.dtype) if args.dtype else None)
     except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
         raise CLIError(f"cannot read {args.model!r}: {e}") from e
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -705,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="local folder of the AWQ / GPTQ checkpoint (config.json with its quantization_config)")
     c.add_argument("out", type=_output_dir, help="output directory")
     c.add_argument("--device", default=None, help="where the model is built while converting (default: cuda when available)")
+    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="the model's dtype (default: its config.json's); AWQ's scales are fp16, exact in fp16 / fp32 only")
     c.add_argument("--trust-remote-code", action="store_true",
                    help="run the modeling code beside the checkpoint (MiniCPM-V 2.x / o-2.6)")
     c.set_defaults(func=cmd_convert)
@@ -774,7 +777,7 @@ def main(argv=None) -> int:
 
         return targets.main(argv[1:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "dtype", "x") is None:
+    if args.command == "demo" and args.dtype is None:
         args.dtype = "fp16" if torch.cuda.is_available() else "bf16"
     try:
         return args.func(args)

@@ -286,5 +286,6 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
         group_sizes.add(gs)
     if lossy:
         warnings.warn(f"{len(lossy)} {fmt.name} layer(s) (the first {lossy[0]!r}) hold scales that the model's dtype "
-                      "rounds: they were converted to it", stacklevel=3)
+                      "rounds: they were converted to it (load_pretrained_quantized(..., dtype=<the scales' dtype>) "
+                      "keeps them exact)", stacklevel=3)
     return consumed, (group_sizes.pop() if len(group_sizes) == 1 else fmt.group_size)

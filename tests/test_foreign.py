@@ -382,6 +382,17 @@ def test_foreign_checkpoint_into_a_built_model_and_its_errors(tmp_path):
                            model(input_ids=ids, pixel_values=pv.half(), target_sizes=ts).logits)
     with pytest.raises(CheckpointMismatchError, match="AWQ .* load it into a model that is not patched"):
         load_quantized(fresh, str(tmp_path / "ckpt"), progress=False)
+    # in another dtype: the other tensors cast as from_pretrained(dtype=) casts them; fp16 scales that bf16
+    # rounds are converted with a warning that names the way to keep them exact
+    with pytest.warns(UserWarning, match=r"hold scales that the model's dtype rounds.*dtype=<the scales' dtype>"):
+        bf16 = load_pretrained_quantized(str(tmp_path / "ckpt"), dtype=torch.bfloat16, progress=False)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert all(m.dtype == torch.bfloat16 for m in bf16.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        assert torch.isfinite(bf16(input_ids=ids, pixel_values=pv.bfloat16(), target_sizes=ts).logits).all()
+    save_quantized(bf16, tmp_path / "int4-bf16")
+    with pytest.raises(ValueError, match=r"dtype=torch.float16\) is for AWQ / GPTQ checkpoints"):
+        load_pretrained_quantized(str(tmp_path / "int4-bf16"), dtype=torch.float16)
     # a layer without its scales
     from safetensors.torch import load_file, save_file
 
