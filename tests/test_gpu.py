@@ -559,3 +559,35 @@ def test_gptq_on_the_gpu(group_size):
     e_cpu = err(gptq_quantize(w.half().cpu(), h, group_size).dequantize().cuda())
     assert e_gpu < e_search, (e_gpu, e_search)
     assert abs(e_gpu - e_cpu) < 0.02 * e_cpu, (e_gpu, e_cpu)
+
+
+@pytest.mark.parametrize("backend,act,m", [("auto", None, 1), ("triton", None, 16), ("auto", None, 300),
+                                           ("cuda", None, 4), ("auto", "int8", 300)])
+def test_input_perm_layer_on_gpu(backend, act, m):
+    """An act-order GPTQ layer (QuantLinear.input_perm, foreign.py) on each backend: x's channels gathered,
+    then the kernels; against the layer's own weight in channel order, and in a CUDA graph."""
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    k, n = 4096, 4096
+    lin = torch.nn.Linear(k, n, dtype=torch.float16, device="cuda")
+    base = QuantLinear.from_linear(lin, QuantConfig(group_size=128, backend=backend, act=act))
+    perm = torch.randperm(k, device="cuda").to(torch.int32)
+    ql = QuantLinear(k, n, group_size=128, dtype=torch.float16, device="cuda", backend=backend, act=act, input_perm=True)
+    ql.load_state_dict({**base.state_dict(), "input_perm": perm})
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    torch.testing.assert_close(ql(x), base(x[:, perm.long()]), rtol=0, atol=0)  # the same kernel on gathered x
+    if act is None:
+        w = ql.dequantized_weight()
+        assert_gemm_close(ql(x), torch.nn.functional.linear(x, w, ql.bias), x, w)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ql(x)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        y_graph = ql(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
