@@ -206,7 +206,7 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
     from . import foreign
 
     fmt = foreign.detect(path)
-    if fmt is not None:  # an AWQ / GPTQ checkpoint (foreign.py)
+    if fmt is not None:  # an AWQ / GPTQ / compressed-tensors checkpoint (foreign.py)
         _load_foreign(model, path, fmt, load_device, progress)
         return wrapper
 
@@ -255,7 +255,7 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
 
 
 def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool) -> None:
-    """An AWQ / GPTQ checkpoint into `model`: its int4 layers become QuantLinears (foreign.load_layers),
+    """An AWQ / GPTQ / compressed-tensors checkpoint into `model`: its int4 layers become QuantLinears (foreign.load_layers),
     every other tensor loads as in load_quantized."""
     from . import foreign
 
@@ -366,10 +366,11 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     save_quantized copied beside the checkpoint) the `auto_map` class of that name, which needs
     `trust_remote_code=True` as `from_pretrained` does.
 
-    `path` may also be an int4 checkpoint of AutoAWQ (GEMM layout) or GPTQ (AutoGPTQ / GPTQModel, act-order
-    too): its layers are read exactly into QuantLinears (foreign.py), so the model computes
-    what it computed there, on this package's kernels; `save_quantized` then writes it in this
-    package's format (`minicpm-int4 convert`). `dtype` (default: config.json's) builds such a model in
+    `path` may also be an int4 checkpoint of AutoAWQ (GEMM layout), GPTQ (AutoGPTQ / GPTQModel, act-order
+    too) or compressed-tensors (llm-compressor's pack-quantized): its layers are read exactly into
+    QuantLinears (foreign.py), so the model computes what it computed there, on this package's kernels;
+    `save_quantized` then writes it in this package's format (`minicpm-int4 convert`). `dtype`
+    (default: config.json's) builds such a model in
     another dtype, its other tensors cast as from_pretrained(dtype=) casts them: AWQ's scales are
     fp16, so a checkpoint whose config says bf16 runs its int4 layers exactly only in fp16. This
     package's own checkpoints load in the dtype they were saved in (model.to(dtype) converts after)."""
@@ -379,8 +380,9 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
 
     fmt = foreign.detect(path)  # before minutes of building: an unreadable AWQ / GPTQ variant fails here
     if dtype is not None and fmt is None:
-        raise ValueError(f"load_pretrained_quantized(dtype={dtype}) is for AWQ / GPTQ checkpoints; {path} holds this "
-                         "package's tensors in the dtype they were saved in: load it, then model.to(dtype)")
+        raise ValueError(f"load_pretrained_quantized(dtype={dtype}) is for AWQ / GPTQ / compressed-tensors checkpoints; "
+                         f"{path} holds this package's tensors in the dtype they were saved in: load it, then "
+                         "model.to(dtype)")
     cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
     if fmt is not None and hasattr(cfg, "quantization_config"):  # not for transformers to act on
         del cfg.quantization_config

@@ -432,7 +432,8 @@ def cmd_quantize(args) -> int:
 
 
 def _foreign_format(path: str):
-    """foreign.detect(path) with its refusal (an AWQ / GPTQ variant it cannot read exactly) as a CLIError."""
+    """foreign.detect(path) with its refusal (an AWQ / GPTQ / compressed-tensors variant it cannot read exactly)
+    as a CLIError."""
     from .foreign import ForeignFormatError, detect
 
     try:
@@ -450,9 +451,9 @@ def cmd_convert(args) -> int:
                        "`huggingface-cli download NAME --local-dir DIR`)")
     fmt = _foreign_format(args.model)
     if fmt is None:
-        raise CLIError(f"{args.model!r} is not an AWQ or GPTQ int4 checkpoint: its config.json has no quantization_config "
-                       "with quant_method 'awq' / 'gptq', and there is no quantize_config.json (an fp16 / bf16 model is "
-                       "quantized with `minicpm-int4 quantize`)")
+        raise CLIError(f"{args.model!r} is not an AWQ, GPTQ or compressed-tensors int4 checkpoint: its config.json has no "
+                       "quantization_config with quant_method 'awq' / 'gptq' / 'compressed-tensors', and there is no "
+                       "quantize_config.json (an fp16 / bf16 model is quantized with `minicpm-int4 quantize`)")
     device = _device(args.device)
     print(f"reading the {fmt.name} checkpoint {args.model} on {device}", file=sys.stderr)
     try:
@@ -479,7 +480,7 @@ def cmd_eval(args) -> int:
 
     if not args.prompts and not args.text and not args.images:
         raise CLIError("give --prompts, --images and/or --text")
-    if _foreign_format(args.quantized) is None:  # an AWQ / GPTQ folder is read as it is (foreign.py)
+    if _foreign_format(args.quantized) is None:  # an AWQ / GPTQ / compressed-tensors folder is read as it is
         try:
             read_quant_config(args.quantized)
         except (FileNotFoundError, CheckpointMismatchError) as e:
@@ -683,8 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="compare a quantized model with its original: KL, top-1, perplexity, per-layer error")
     e.add_argument("model", help="the original model (path or hub name)")
-    e.add_argument("quantized", help="directory written by `minicpm-int4 quantize` (or `convert`), or an AWQ / GPTQ "
-                                     "int4 checkpoint's folder")
+    e.add_argument("quantized", help="directory written by `minicpm-int4 quantize` (or `convert`), or an AWQ / GPTQ / "
+                                     "compressed-tensors int4 checkpoint's folder")
     e.add_argument("--prompts", default=None, type=_existing_file, help="text file, one prompt per line")
     e.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_FOLDER",
                    help="images (files or folders) compared as well, each with a --prompts line in turn as its prompt, "
@@ -701,9 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("convert", help="read an AWQ (GEMM) or GPTQ int4 checkpoint exactly and save it in this "
-                                       "package's format")
-    c.add_argument("model", help="local folder of the AWQ / GPTQ checkpoint (config.json with its quantization_config)")
+    c = sub.add_parser("convert", help="read an AWQ (GEMM), GPTQ or compressed-tensors int4 checkpoint exactly and save "
+                                       "it in this package's format")
+    c.add_argument("model", help="local folder of the int4 checkpoint (config.json with its quantization_config)")
     c.add_argument("out", type=_output_dir, help="output directory")
     c.add_argument("--device", default=None, help="where the model is built while converting (default: cuda when available)")
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,

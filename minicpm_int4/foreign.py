@@ -1,10 +1,10 @@
 """Int4 checkpoints written by other packages, read into the canonical layout (packing.py).
 
-AutoAWQ's GEMM layout and GPTQ's (AutoGPTQ, GPTQModel, optimum) hold the same numbers as this
-package: per group of G consecutive input channels and per output row, an integer zero point z and a
-scale s, with W = (q - z) * s. Only where the nibbles sit differs, so reading them is exact: a
-MiniCPM-V checkpoint someone quantized with AutoAWQ or GPTQ runs on this package's kernels computing
-what it computed there.
+AutoAWQ's GEMM layout, GPTQ's (AutoGPTQ, GPTQModel, optimum) and llm-compressor's (compressed-tensors,
+pack-quantized) hold the same numbers as this package: per group of G consecutive input channels and
+per output row, an integer zero point z and a scale s, with W = (q - z) * s. Only where the nibbles
+sit differs, so reading them is exact: a MiniCPM-V checkpoint someone quantized with those tools runs
+on this package's kernels computing what it computed there.
 
     AWQ   (quantization_config: quant_method "awq", version "gemm", zero_point true, bits 4)
         qweight int32 [K, N / 8]      nibble i of word [k, j] holds q[8 j + AWQ_ORDER[i], k]
@@ -18,6 +18,15 @@ what it computed there.
                                       (act-order) groups of G channels scattered over K; then the
                                       channels are reordered so that each group is a run of K, and
                                       the layer computes with x[..., input_perm] (QuantLinear)
+
+    compressed-tensors  (llm-compressor: quant_method "compressed-tensors", format "pack-quantized",
+                         weights int 4-bit, strategy "group" or "channel", no activation quantization)
+        weight_packed     int32 [N, K / 8]   nibble i of word [n, j] holds q[n, 8 j + i] (stored as the
+                                             signed value + 8: the canonical word as it is)
+        weight_scale            [N, G]
+        weight_zero_point int32 [N / 8, G]   asymmetric only: nibble i of word [r, g] holds z[8 r + i, g]
+                                             (+ 8 as well); symmetric layers have z = 8
+        weight_g_idx      int   [K]          act-order only, as GPTQ's g_idx
 
 (q[n, k] and z[n, g] as in packing.py: n the output row, k the input channel.) A checkpoint is
 recognised by the quantization_config of its config.json, or by the quantize_config.json AutoGPTQ
@@ -38,10 +47,12 @@ from torch import nn
 from .packing import nibbles, pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its 8
-METHODS = ("awq", "gptq")
+METHODS = ("awq", "gptq", "compressed-tensors")
+CT_FORMAT = "pack-quantized"
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to a stored zero point
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+CT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "bias")
 
 
 class Canonical(NamedTuple):
@@ -61,14 +72,22 @@ class ForeignFormatError(ValueError):
 @dataclass(frozen=True)
 class ForeignFormat:
     """What a foreign checkpoint's quantization config says, checked."""
-    method: str          # "awq" | "gptq"
+    method: str          # "awq" | "gptq" | "compressed-tensors"
     group_size: int      # as the checkpoint says: -1 (or K) means one group per output row
     zero_offset: int     # added to every stored zero point: 1 for GPTQ v1, else 0
     source: str          # the file the config came from
+    symmetric: bool = False  # compressed-tensors: no zero points stored (z = 8)
 
     @property
     def name(self) -> str:
+        if self.method == "compressed-tensors":
+            return "compressed-tensors (pack-quantized)"
         return "AWQ (GEMM)" if self.method == "awq" else ("GPTQ" if self.zero_offset else "GPTQ (v2)")
+
+    @property
+    def weight_key(self) -> str:
+        """The tensor whose presence marks an int4 layer."""
+        return "weight_packed" if self.method == "compressed-tensors" else "qweight"
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -94,14 +113,17 @@ def detect(path: str) -> Optional[ForeignFormat]:
         if gptq is not None:                                           # own file of that name has format_version)
             qc, source = {"quant_method": "gptq", **gptq}, "quantize_config.json"
         elif awq is not None and "format_version" not in awq and ("w_bit" in awq or "q_group_size" in awq):
-            qc, source = {"quant_method": "awq", "bits": awq.get("w_bit"), "group_size": awq.get("q_group_size"),
-                          "zero_point": awq.get("zero_point", True), "version": awq.get("version", "gemm")}, "quant_config.json"
+            qc = {"quant_method": "awq", "bits": awq.get("w_bit"), "group_size": awq.get("q_group_size"),
+                  "zero_point": awq.get("zero_point", True), "version": awq.get("version", "gemm")}
+            source = "quant_config.json"
     if qc is None:
         return None
     method = str(qc.get("quant_method", "")).lower()
     if method not in METHODS:
         return None
     where = f"{os.path.join(path, source)}: quantization method {method!r}"
+    if method == "compressed-tensors":
+        return _detect_compressed_tensors(qc, where, source)
     bits = qc.get("bits", qc.get("w_bit", 4))
     if bits != 4:
         raise ForeignFormatError(f"{where} with bits={bits}: only 4-bit checkpoints can be read")
@@ -126,6 +148,43 @@ def detect(path: str) -> Optional[ForeignFormat]:
     return ForeignFormat(method=method, group_size=group_size, zero_offset=offset, source=source)
 
 
+def _detect_compressed_tensors(qc: dict, where: str, source: str) -> ForeignFormat:
+    """llm-compressor's config: every config group's weights must be the same 4-bit integer scheme,
+    by group or channel, packed ("pack-quantized"), with no activation quantization."""
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    weights = [g.get("weights") for g in groups if g.get("weights")]
+    if not weights:
+        raise ForeignFormatError(f"{where}: no config group quantizes weights")
+    if any(w != weights[0] for w in weights):
+        raise ForeignFormatError(f"{where}: config groups with different weight schemes; only one scheme for "
+                                 "every int4 layer is read")
+    w = weights[0]
+    formats = {str(g.get("format") or qc.get("format") or "") for g in groups}
+    if formats != {CT_FORMAT}:
+        raise ForeignFormatError(f"{where} in format {sorted(formats)}: only {CT_FORMAT!r} (int4 packed 8 per int32) "
+                                 "is read")
+    if w.get("num_bits") != 4 or w.get("type", "int") != "int":
+        raise ForeignFormatError(f"{where} with {w.get('type', 'int')} weights of {w.get('num_bits')} bits: only 4-bit "
+                                 "integer weights can be read")
+    if any(g.get("input_activations") or g.get("output_activations") for g in groups):
+        raise ForeignFormatError(f"{where} quantizes activations as well: only weight-only (W4A16) checkpoints are "
+                                 "read (QuantConfig(act='int8') is this package's own W4A8)")
+    strategy = w.get("strategy")
+    if strategy == "group":
+        group_size = w.get("group_size")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+            raise ForeignFormatError(f"{where} with group_size={group_size!r}: expected a positive size")
+    elif strategy == "channel":
+        group_size = -1
+    else:
+        raise ForeignFormatError(f"{where} with strategy {strategy!r}: only 'group' and 'channel' are read")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ForeignFormatError(f"{where} with quantization_status {status!r}: the weights are not stored packed")
+    return ForeignFormat(method="compressed-tensors", group_size=group_size, zero_offset=0, source=source,
+                         symmetric=bool(w.get("symmetric", True)))
+
+
 def _check_shape(name: str, what: str, t: torch.Tensor, shape: Tuple[int, ...], dtype=None) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ForeignFormatError(f"{name}.{what}: shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -140,8 +199,8 @@ def layer_group_size(fmt_group_size: int, in_features: int, name: str) -> int:
     if fmt_group_size in (-1, in_features):
         return -1
     if fmt_group_size not in SUPPORTED_GROUP_SIZES:
-        raise ForeignFormatError(f"{name}: group_size={fmt_group_size} of a {in_features}-input layer: the int4 kernels "
-                                 f"take groups of {SUPPORTED_GROUP_SIZES} input channels or one per output row")
+        raise ForeignFormatError(f"{name}: group_size={fmt_group_size} of a {in_features}-input layer: the int4 "
+                                 f"kernels take groups of {SUPPORTED_GROUP_SIZES} input channels or one per output row")
     if in_features % fmt_group_size:
         raise ForeignFormatError(f"{name}: in_features={in_features} is not divisible by group_size={fmt_group_size}")
     return fmt_group_size
@@ -180,20 +239,7 @@ def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     _check_shape(name, "qweight", qweight, (k // 8, n), torch.int32)
     _check_shape(name, "qzeros", qzeros, (g, n // 8), torch.int32)
     _check_shape(name, "scales", scales, (g, n))
-    perm = None
-    if g_idx is not None:
-        if tuple(g_idx.shape) != (k,) or g_idx.is_floating_point():
-            raise ForeignFormatError(f"{name}.g_idx: shape {tuple(g_idx.shape)} {g_idx.dtype}, expected integers ({k},)")
-        gs = k if group_size == -1 else group_size
-        gi = g_idx.to(torch.int64)
-        if not torch.equal(gi, torch.arange(k, device=gi.device) // gs):
-            # desc_act=True: GPTQ quantized the channels in order of decreasing activation, G at a time, so
-            # each group holds G channels scattered over K; sorted by group they are runs of K again
-            sizes = torch.bincount(gi.clamp(0, g - 1), minlength=g)
-            if int(gi.min()) < 0 or int(gi.max()) >= g or not bool((sizes == gs).all()):
-                raise ForeignFormatError(f"{name}.g_idx: groups of {int(sizes.min())} to {int(sizes.max())} input "
-                                         f"channels in 0..{int(gi.max())}, expected {g} groups of {gs}")
-            perm = torch.argsort(gi, stable=True)
+    perm = _group_order(g_idx, k, group_size, f"{name}.g_idx")
     z = nibbles(qzeros).reshape(g, n).to(torch.int16) + zero_offset
     if int(z.max()) > 15:
         raise ForeignFormatError(
@@ -203,12 +249,63 @@ def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     _check_scales(scales, name)
     # word [r, n] holds input channels 8 r .. 8 r + 7 of row n in nibbles 0..7: the canonical word
     # [n, r] already, so the layout is a transpose (and with act-order, the columns reordered)
-    qweight = qweight.t().contiguous()
-    if perm is not None:
-        qweight = torch.cat([pack_int4(unpack_int4(qweight[n0:n0 + ROWS_PER_CHUNK])[:, perm])
-                             for n0 in range(0, n, ROWS_PER_CHUNK)])
-        perm = perm.to(torch.int32)
+    qweight, perm = _reorder_columns(qweight.t().contiguous(), perm)
     return Canonical(qweight, scales.t().contiguous(), z.t().contiguous().to(scales.dtype), perm)
+
+
+def compressed_tensors_to_canonical(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                                    weight_zero_point: Optional[torch.Tensor], g_idx: Optional[torch.Tensor],
+                                    in_features: int, out_features: int, group_size: int, name: str = "layer"):
+    """compressed-tensors pack-quantized tensors of one layer -> Canonical, exactly. `weight_zero_point`
+    None: a symmetric layer (z = 8, the offset every stored value carries)."""
+    k, n = in_features, out_features
+    g = 1 if group_size == -1 else k // group_size
+    if k % 8:
+        raise ForeignFormatError(f"{name}: in_features={k} is not a multiple of 8 (its last word would be padding)")
+    _check_shape(name, "weight_packed", weight_packed, (n, k // 8), torch.int32)
+    _check_shape(name, "weight_scale", weight_scale, (n, g))
+    if weight_zero_point is None:
+        z = torch.full((n, g), 8, dtype=torch.int16, device=weight_scale.device)
+    else:
+        _check_shape(name, "weight_zero_point", weight_zero_point, ((n + 7) // 8, g), torch.int32)
+        # packed along N: nibble i of word [r, g] is row 8 r + i (the last word padded past N)
+        z = nibbles(weight_zero_point.t().contiguous()).reshape(g, -1)[:, :n].t()
+    _check_scales(weight_scale, name)
+    perm = _group_order(g_idx, k, group_size, f"{name}.weight_g_idx")
+    qweight, perm = _reorder_columns(weight_packed.contiguous(), perm)
+    return Canonical(qweight, weight_scale.contiguous(), z.contiguous().to(weight_scale.dtype), perm)
+
+
+def _group_order(g_idx: Optional[torch.Tensor], k: int, group_size: int, what: str) -> Optional[torch.Tensor]:
+    """None where `g_idx` (each input channel's group; None = k // G) makes the groups runs of K; else
+    the channel order that does (act-order: GPTQ's desc_act=True and compressed-tensors' actorder
+    quantize the channels in order of decreasing activation, G at a time, so each group holds G
+    channels scattered over K; sorted by group they are runs of K again)."""
+    if g_idx is None:
+        return None
+    if tuple(g_idx.shape) != (k,) or g_idx.is_floating_point():
+        raise ForeignFormatError(f"{what}: shape {tuple(g_idx.shape)} {g_idx.dtype}, expected integers ({k},)")
+    gs = k if group_size == -1 else group_size
+    g = k // gs
+    gi = g_idx.to(torch.int64)
+    if torch.equal(gi, torch.arange(k, device=gi.device) // gs):
+        return None
+    sizes = torch.bincount(gi.clamp(0, g - 1), minlength=g)
+    if int(gi.min()) < 0 or int(gi.max()) >= g or not bool((sizes == gs).all()):
+        raise ForeignFormatError(f"{what}: groups of {int(sizes.min())} to {int(sizes.max())} input channels in "
+                                 f"0..{int(gi.max())}, expected {g} groups of {gs}")
+    return torch.argsort(gi, stable=True)
+
+
+def _reorder_columns(qweight: torch.Tensor, perm: Optional[torch.Tensor]):
+    """Canonical qweight [N, K/8] with its input channels in the order `perm` (or as it is), and perm
+    as the layer's int32 input_perm."""
+    if perm is None:
+        return qweight, None
+    n = qweight.shape[0]
+    qweight = torch.cat([pack_int4(unpack_int4(qweight[n0:n0 + ROWS_PER_CHUNK])[:, perm])
+                         for n0 in range(0, n, ROWS_PER_CHUNK)])
+    return qweight, perm.to(torch.int32)
 
 
 ROWS_PER_CHUNK = 2048  # rows repacked at a time (AWQ; act-order GPTQ): a 151k-row lm_head needs no GBs of temporaries
@@ -219,9 +316,10 @@ def _check_scales(scales: torch.Tensor, name: str) -> None:
         raise ForeignFormatError(f"{name}.scales holds NaN or inf")
 
 
-def quantized_prefixes(keys) -> list:
-    """Module names with a `qweight` tensor among checkpoint keys, in key order."""
-    return [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
+def quantized_prefixes(keys, weight_key: str = "qweight") -> list:
+    """Module names with a `weight_key` tensor (qweight; compressed-tensors' weight_packed) among
+    checkpoint keys, in key order."""
+    return [k[: -len(weight_key) - 1] for k in keys if k.endswith("." + weight_key)]
 
 
 def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, backend: str = "auto",
@@ -234,9 +332,11 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
     from .qlinear import QuantLinear
     from .quantize import LAYER_DTYPES
 
-    prefixes = quantized_prefixes(files)
+    prefixes = quantized_prefixes(files, fmt.weight_key)
     if not prefixes:
-        raise CheckpointMismatchError(f"the {fmt.name} checkpoint ({fmt.source}) has no int4 layer (no '*.qweight' tensor)")
+        raise CheckpointMismatchError(f"the {fmt.name} checkpoint ({fmt.source}) has no int4 layer (no "
+                                      f"'*.{fmt.weight_key}' tensor)")
+    tensors = CT_TENSORS if fmt.method == "compressed-tensors" else LAYER_TENSORS
     places = linear_places(model)
     consumed, group_sizes, lossy, made = set(), set(), [], set()
     for name in _progress(prefixes, progress, f"read {fmt.name} layers", "layer"):
@@ -245,7 +345,7 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
         except AttributeError:
             raise CheckpointMismatchError(f"checkpoint module {name!r} does not exist in the model") from None
         if id(mod) in made:  # a second name of a shared Linear, replaced at all its places already
-            consumed.update(f"{name}.{what}" for what in LAYER_TENSORS if f"{name}.{what}" in files)
+            consumed.update(f"{name}.{what}" for what in tensors if f"{name}.{what}" in files)
             continue
         if isinstance(mod, QuantLinear) or not isinstance(mod, nn.Linear):
             raise CheckpointMismatchError(f"checkpoint module {name!r} is a {type(mod).__name__} in the model, not an "
@@ -253,12 +353,27 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
         device = mod.weight.device if mod.weight.device.type != "meta" else torch.device(load_device)
         # converted where the layer will live (on a GPU in milliseconds)
         t = {what: files[f"{name}.{what}"].get_tensor(f"{name}.{what}").to(device)
-             for what in LAYER_TENSORS if f"{name}.{what}" in files}
-        missing = [what for what in ("qzeros", "scales") if what not in t]
+             for what in tensors if f"{name}.{what}" in files}
+        needed = (("weight_scale",) + (() if fmt.symmetric else ("weight_zero_point",))
+                  if fmt.method == "compressed-tensors" else ("qzeros", "scales"))
+        missing = [what for what in needed if what not in t]
         if missing:
-            raise CheckpointMismatchError(f"checkpoint module {name!r} has a qweight but no {missing[0]}")
+            raise CheckpointMismatchError(f"checkpoint module {name!r} has a {fmt.weight_key} but no {missing[0]}")
         gs = layer_group_size(fmt.group_size, mod.in_features, name)
-        if fmt.method == "awq":
+        if fmt.method == "compressed-tensors":
+            if "weight_shape" in t and [int(v) for v in t["weight_shape"]] != [mod.out_features, mod.in_features]:
+                shape = [int(v) for v in t["weight_shape"]]
+                raise CheckpointMismatchError(f"checkpoint module {name!r} is {shape} (weight_shape) but the model's "
+                                              f"is {[mod.out_features, mod.in_features]}")
+            zp = t.get("weight_zero_point")
+            if fmt.symmetric and zp is not None:  # a symmetric scheme's zero points, if stored, are all 0
+                if bool((zp != 0).any()):
+                    raise ForeignFormatError(f"{name}.weight_zero_point: nonzero zero points in a symmetric scheme")
+                zp = None
+            qweight, scales, zeros, perm = compressed_tensors_to_canonical(
+                t["weight_packed"], t["weight_scale"], zp, t.get("weight_g_idx"), mod.in_features, mod.out_features,
+                gs, name)
+        elif fmt.method == "awq":
             qweight, scales, zeros, perm = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], mod.in_features,
                                                             mod.out_features, gs, name)
         else:

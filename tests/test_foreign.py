@@ -13,7 +13,8 @@ import torch
 
 from minicpm_int4 import QuantConfig, QuantLinear, load_quantized, patch_model, save_quantized
 from minicpm_int4.checkpoint import CheckpointMismatchError, load_pretrained_quantized
-from minicpm_int4.foreign import ForeignFormatError, awq_to_canonical, detect, gptq_to_canonical
+from minicpm_int4.foreign import (ForeignFormatError, awq_to_canonical, compressed_tensors_to_canonical, detect,
+                                  gptq_to_canonical)
 from minicpm_int4.packing import pack_int4, unpack_int4
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -53,6 +54,27 @@ def gptq_pack(q, z, s, v1=True, group_size=None):
     gs = group_size or k // z.shape[1]
     return {"qweight": _int32(qweight), "qzeros": _int32(qzeros), "scales": s.t().contiguous(),
             "g_idx": (torch.arange(k) // gs).to(torch.int32)}
+
+
+def ct_pack(q, z, s, symmetric):
+    """compressed-tensors pack-quantized tensors (pack_to_int32: signed values + 8 as uint32, weights
+    packed along K, zero points along N) from canonical q, z, s; symmetric: z must be 8, not stored."""
+    n, k = q.shape
+    v = q.to(torch.int64)  # (q - 8) + 8: the stored value is the canonical q
+    packed = torch.zeros(n, k // 8, dtype=torch.int64)
+    for i in range(8):
+        packed |= v[:, i::8] << (4 * i)
+    out = {"weight_packed": _int32(packed), "weight_scale": s.contiguous(), "weight_shape": torch.tensor([n, k])}
+    if symmetric:
+        assert bool((z == 8).all())
+        return out
+    zp = torch.zeros(8 * ((n + 7) // 8), z.shape[1], dtype=torch.int64)
+    zp[:n] = z.to(torch.int64)
+    packed_zp = torch.zeros(zp.shape[0] // 8, z.shape[1], dtype=torch.int64)
+    for i in range(8):
+        packed_zp |= zp[i::8, :] << (4 * i)
+    out["weight_zero_point"] = _int32(packed_zp)
+    return out
 
 
 def _random_layer(n, k, group_size, seed, zmin=0, zmax=15, dtype=torch.float16):
@@ -101,6 +123,27 @@ def test_gptq_layer_reads_exactly(n, k, group_size, v1, sym):
     # g_idx is optional (older checkpoints lack it)
     again = gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], None, k, n, group_size, zero_offset=1 if v1 else 0)
     assert all(torch.equal(a, b) for a, b in zip(again[:3], (qweight, scales, zeros))) and again.input_perm is None
+
+
+@pytest.mark.parametrize("n,k,group_size", LAYER_CASES + [(20, 64, 32)])  # N = 20: zero points padded to 24 rows
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_compressed_tensors_layer_reads_exactly(n, k, group_size, symmetric, act_order):
+    lo, hi = (8, 8) if symmetric else (0, 15)
+    q, z, s = _random_layer(n, k, group_size, seed=n + 3 * k, zmin=lo, zmax=hi, dtype=torch.bfloat16)
+    t = ct_pack(q, z, s, symmetric)
+    gs = k if group_size == -1 else group_size
+    g_idx = _act_order_g_idx(k, gs, seed=k) if act_order and group_size != -1 else None
+    c = compressed_tensors_to_canonical(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), g_idx, k, n,
+                                        group_size)
+    assert torch.equal(c.scales, s) and torch.equal(c.zeros, z.to(s.dtype))
+    if g_idx is None:
+        assert c.input_perm is None and torch.equal(c.qweight, pack_int4(q))
+    else:  # columns in group order; the weight in channel order is the checkpoint's
+        ql = QuantLinear(k, n, bias=False, group_size=group_size, dtype=torch.bfloat16, input_perm=True)
+        for name, value in zip(("qweight", "scales", "zeros", "input_perm"), c):
+            getattr(ql, name).copy_(value)
+        assert torch.equal(ql.dequantized_weight(), _dequant_by_g_idx(q, z, s, g_idx))
 
 
 def test_gptq_v1_zero_point_0_is_refused():
@@ -214,6 +257,41 @@ def test_detect_reads_each_config_file(tmp_path):
     assert detect(tmp_path) is None
 
 
+def _ct_config(**weights):
+    w = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32, "actorder": None,
+         **weights}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w, "input_activations": None}},
+            "ignore": ["lm_head"]}
+
+
+def test_detect_reads_compressed_tensors(tmp_path):
+    _write_json(tmp_path / "config.json", {"quantization_config": _ct_config()})
+    f = detect(tmp_path)
+    assert (f.method, f.group_size, f.symmetric, f.weight_key) == ("compressed-tensors", 32, False, "weight_packed")
+    _write_json(tmp_path / "config.json", {"quantization_config": _ct_config(strategy="channel", group_size=None,
+                                                                             symmetric=True)})
+    assert (detect(tmp_path).group_size, detect(tmp_path).symmetric) == (-1, True)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c.update(format="int-quantized"), r"format \['int-quantized'\]: only 'pack-quantized'"),
+    (lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=8), r"int weights of 8 bits"),
+    (lambda c: c["config_groups"]["group_0"]["weights"].update(strategy="tensor"), r"strategy 'tensor'"),
+    (lambda c: c["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "dynamic": True}),
+     r"quantizes activations as well"),
+    (lambda c: c["config_groups"].update(group_1={"targets": ["re:.*mlp.*"], "weights": {"num_bits": 4, "group_size": 64}}),
+     r"different weight schemes"),
+    (lambda c: c.update(quantization_status="frozen"), r"quantization_status 'frozen'"),
+])
+def test_detect_refuses_compressed_tensors_it_cannot_read(tmp_path, change, match):
+    qc = _ct_config()
+    change(qc)
+    _write_json(tmp_path / "config.json", {"quantization_config": qc})
+    with pytest.raises(ForeignFormatError, match=match):
+        detect(tmp_path)
+
+
 @pytest.mark.parametrize("qc,match", [
     ({"quant_method": "awq", "bits": 8, "group_size": 128}, r"bits=8: only 4-bit"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, r"'gemv' layout: only AWQ's GEMM"),
@@ -256,7 +334,8 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False, act_order=Fal
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.update(architectures=[type(model).__name__], dtype="float16", torch_dtype="float16")
-    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+    cfg["quantization_config"] = (_ct_config() if method == "compressed-tensors" else
+                                  {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                    "version": "gemm"} if method == "awq" else
                                   {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order, "sym": False,
                                    **({} if v1 else {"checkpoint_format": "gptq_v2"})})
@@ -265,7 +344,8 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False, act_order=Fal
     for i, (name, mod) in enumerate(model.named_modules()):
         if isinstance(mod, QuantLinear):
             q, z, s = unpack_int4(mod.qweight), mod.zeros.round().to(torch.int64), mod.scales
-            packed = awq_pack(q, z, s) if method == "awq" else gptq_pack(q, z, s, v1=v1, group_size=32)
+            packed = (ct_pack(q, z, s, symmetric=False) if method == "compressed-tensors" else awq_pack(q, z, s)
+                      if method == "awq" else gptq_pack(q, z, s, v1=v1, group_size=32))
             if act_order:
                 packed["g_idx"] = _act_order_g_idx(q.shape[1], 32, seed=i)
             written[name] = (q, z, s, packed.get("g_idx"))
@@ -277,7 +357,7 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False, act_order=Fal
         if not isinstance(owner, QuantLinear):
             tensors[key] = t.detach().clone().contiguous()
     if not bin_shards:  # GPTQ: the file name AutoGPTQ gives it (model_file_base_name unset)
-        save_file(tensors, str(path / ("model.safetensors" if method == "awq" else "gptq_model-4bit-32g.safetensors")))
+        save_file(tensors, str(path / ("gptq_model-4bit-32g.safetensors" if method == "gptq" else "model.safetensors")))
         return written
     for name, buf in model.named_buffers():  # older checkpoints hold rotary inv_freq, which the model computes
         if name.endswith("inv_freq") and name not in tensors:
@@ -291,7 +371,8 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False, act_order=Fal
     return written
 
 
-@pytest.mark.parametrize("method,v1,bin_shards", [("awq", True, False), ("gptq", True, False), ("gptq", False, True)])
+@pytest.mark.parametrize("method,v1,bin_shards", [("awq", True, False), ("gptq", True, False), ("gptq", False, True),
+                                                  ("compressed-tensors", True, False)])
 def test_foreign_checkpoint_runs_as_the_model_it_was_written_from(tmp_path, method, v1, bin_shards):
     from minicpm_int4.tiny import prompt_with_image
 
@@ -391,7 +472,7 @@ def test_foreign_checkpoint_into_a_built_model_and_its_errors(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(bf16(input_ids=ids, pixel_values=pv.bfloat16(), target_sizes=ts).logits).all()
     save_quantized(bf16, tmp_path / "int4-bf16")
-    with pytest.raises(ValueError, match=r"dtype=torch.float16\) is for AWQ / GPTQ checkpoints"):
+    with pytest.raises(ValueError, match=r"dtype=torch.float16\) is for AWQ / GPTQ / compressed-tensors checkpoints"):
         load_pretrained_quantized(str(tmp_path / "int4-bf16"), dtype=torch.float16)
     # a layer without its scales
     from safetensors.torch import load_file, save_file
@@ -449,7 +530,7 @@ def test_remote_code_awq_checkpoint_and_the_cli(tmp_path, capsys):
     assert "next-token KL divergence" in capsys.readouterr().out
     # user errors: one line, exit code 2
     assert main(["convert", str(ckpt), str(tmp_path / "x"), *remote]) == 2
-    assert "is not an AWQ or GPTQ int4 checkpoint" in capsys.readouterr().err
+    assert "is not an AWQ, GPTQ or compressed-tensors int4 checkpoint" in capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["bits"] = 8
     _write_json(out / "config.json", cfg)
