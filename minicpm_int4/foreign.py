@@ -140,7 +140,7 @@ def detect(path: str) -> Optional[ForeignFormat]:
                                      "asymmetric; only AWQ's zero-point checkpoints are read")
         offset = 0
     else:
-        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()  # GPTQModel writes either
         if fmt not in GPTQ_FORMATS:
             raise ForeignFormatError(f"{where} with checkpoint_format={fmt!r}: only {sorted(GPTQ_FORMATS)} are read "
                                      "(a Marlin / BitBLAS repack is not the GPTQ layout)")

@@ -243,6 +243,9 @@ def test_detect_reads_each_config_file(tmp_path):
     _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1,
                                                                     "checkpoint_format": "gptq_v2"}})
     assert (detect(tmp_path).group_size, detect(tmp_path).zero_offset) == (-1, 0)
+    _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                                                    "format": "gptq_v2"}})  # GPTQModel's newer key
+    assert detect(tmp_path).zero_offset == 0
     _write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
     assert detect(tmp_path) is None  # not one this module reads (nf4 is not an integer grid)
     # AutoGPTQ's own quantize_config.json beside a config.json without quantization_config
