@@ -53,9 +53,10 @@ class QuantLinear(nn.Module):
     Buffers (canonical layout, packing.py): ``qweight`` int32 [N, K/8], ``scales`` and ``zeros``
     [N, K/G] in the layer's dtype; ``bias`` [N] or None; ``input_scale`` [K] in the layer's dtype or
     None (QuantConfig.input_scales: the forward computes with x * input_scale, and the int4 weight
-    holds W / input_scale); ``input_perm`` int32 [K] or None (a GPTQ checkpoint quantized with
-    desc_act=True, foreign.py: its groups are runs of K only in this order of the input channels, so
-    the forward computes with x[..., input_perm], the scale, if any, applying to that); ``workspace``
+    holds W / input_scale); ``input_perm`` int32 [K] or None (an act-order checkpoint - GPTQ's
+    desc_act=True, compressed-tensors' actorder - read by foreign.py: its groups are runs of K only in
+    this order of the input channels, so the forward computes with x[..., input_perm], the scale, if
+    any, applying to that); ``workspace``
     int32 [N/16] zeros, the decode kernel's split-K counters (not saved).
 
     Example:
