@@ -591,3 +591,31 @@ def test_input_perm_layer_on_gpu(backend, act, m):
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", True), ("compressed-tensors", False)])
+def test_foreign_checkpoint_converts_on_the_gpu(tmp_path, method, act_order):
+    """load_pretrained_quantized(device="cuda") converts AWQ / GPTQ / compressed-tensors layers on the GPU
+    (byte views, gathers, repacking there): the same buffers as the CPU's conversion, and the model runs."""
+    from test_foreign import _native_or_skip, _write_foreign
+
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+    from minicpm_int4.tiny import prompt_with_image
+
+    model = _native_or_skip()
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.zeros.clamp_(min=1)  # GPTQ v1 cannot store a zero point of 0
+    _write_foreign(model, tmp_path / "ckpt", method, act_order=act_order)
+    on_cpu = load_pretrained_quantized(str(tmp_path / "ckpt"), progress=False)
+    on_gpu = load_pretrained_quantized(str(tmp_path / "ckpt"), device="cuda", progress=False)
+    gpu_layers = dict(on_gpu.named_modules())
+    for name, m in on_cpu.named_modules():
+        if isinstance(m, QuantLinear):
+            for key, t in m.state_dict().items():
+                assert torch.equal(gpu_layers[name].state_dict()[key].cpu(), t), (name, key)
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        logits = on_gpu(input_ids=ids.cuda(), pixel_values=pv.half().cuda(), target_sizes=ts.cuda()).logits
+    assert torch.isfinite(logits).all()
