@@ -374,6 +374,10 @@ def cmd_quantize(args) -> int:
 
     dtype = _dtype(args.dtype)
     device = _device(args.device)
+    fmt = _foreign_format(args.model) if os.path.isdir(args.model) else None
+    if fmt is not None:  # transformers would need autoawq / gptqmodel to load it, and its weights are int4 already
+        raise CLIError(f"{args.model!r} is already an int4 checkpoint ({fmt.name}): `minicpm-int4 convert {args.model} "
+                       f"{args.out}` reads it exactly (quantize takes an fp16 / bf16 model)")
     if args.method == "gptq" and not (args.calibration or args.calibration_images):
         raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt "
                        "and/or --calibration-images")

@@ -534,6 +534,8 @@ def test_remote_code_awq_checkpoint_and_the_cli(tmp_path, capsys):
     # user errors: one line, exit code 2
     assert main(["convert", str(ckpt), str(tmp_path / "x"), *remote]) == 2
     assert "is not an AWQ, GPTQ or compressed-tensors int4 checkpoint" in capsys.readouterr().err
+    assert main(["quantize", str(out), str(tmp_path / "x"), *remote]) == 2
+    assert "is already an int4 checkpoint (AWQ (GEMM)): `minicpm-int4 convert" in capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["bits"] = 8
     _write_json(out / "config.json", cfg)
