@@ -270,7 +270,7 @@ def compressed_tensors_to_canonical(weight_packed: torch.Tensor, weight_scale: t
         _check_shape(name, "weight_zero_point", weight_zero_point, ((n + 7) // 8, g), torch.int32)
         # packed along N: nibble i of word [r, g] is row 8 r + i (the last word padded past N)
         z = nibbles(weight_zero_point.t().contiguous()).reshape(g, -1)[:, :n].t()
-    _check_scales(weight_scale, name)
+    _check_scales(weight_scale, name, "weight_scale")
     perm = _group_order(g_idx, k, group_size, f"{name}.weight_g_idx")
     qweight, perm = _reorder_columns(weight_packed.contiguous(), perm)
     return Canonical(qweight, weight_scale.contiguous(), z.contiguous().to(weight_scale.dtype), perm)
@@ -311,9 +311,9 @@ def _reorder_columns(qweight: torch.Tensor, perm: Optional[torch.Tensor]):
 ROWS_PER_CHUNK = 2048  # rows repacked at a time (AWQ; act-order GPTQ): a 151k-row lm_head needs no GBs of temporaries
 
 
-def _check_scales(scales: torch.Tensor, name: str) -> None:
+def _check_scales(scales: torch.Tensor, name: str, what: str = "scales") -> None:
     if not bool(torch.isfinite(scales).all()):
-        raise ForeignFormatError(f"{name}.scales holds NaN or inf")
+        raise ForeignFormatError(f"{name}.{what} holds NaN or inf")
 
 
 def quantized_prefixes(keys, weight_key: str = "qweight") -> list:
