@@ -372,7 +372,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     `save_quantized` then writes it in this package's format (`minicpm-int4 convert`). `dtype`
     (default: config.json's) builds such a model in
     another dtype, its other tensors cast as from_pretrained(dtype=) casts them: AWQ's scales are
-    fp16, so a checkpoint whose config says bf16 runs its int4 layers exactly only in fp16. This
+    fp16, so a checkpoint whose config says bf16 runs its int4 layers exactly in fp16 or fp32, not bf16. This
     package's own checkpoints load in the dtype they were saved in (model.to(dtype) converts after)."""
     import transformers
 
