@@ -255,8 +255,8 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
 
 
 def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool) -> None:
-    """An AWQ / GPTQ / compressed-tensors checkpoint into `model`: its int4 layers become QuantLinears (foreign.load_layers),
-    every other tensor loads as in load_quantized."""
+    """An AWQ / GPTQ / compressed-tensors checkpoint into `model`: its int4 layers become QuantLinears
+    (foreign.load_layers), every other tensor loads as in load_quantized."""
     from . import foreign
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -370,10 +370,10 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     too) or compressed-tensors (llm-compressor's pack-quantized): its layers are read exactly into
     QuantLinears (foreign.py), so the model computes what it computed there, on this package's kernels;
     `save_quantized` then writes it in this package's format (`minicpm-int4 convert`). `dtype`
-    (default: config.json's) builds such a model in
-    another dtype, its other tensors cast as from_pretrained(dtype=) casts them: AWQ's scales are
-    fp16, so a checkpoint whose config says bf16 runs its int4 layers exactly in fp16 or fp32, not bf16. This
-    package's own checkpoints load in the dtype they were saved in (model.to(dtype) converts after)."""
+    (default: config.json's) builds such a model in another dtype, its other tensors cast as
+    from_pretrained(dtype=) casts them: AWQ's scales are fp16, so a checkpoint whose config says bf16
+    runs its int4 layers exactly in fp16 or fp32, not bf16. This package's own checkpoints load in
+    the dtype they were saved in (model.to(dtype) converts after)."""
     import transformers
 
     from . import foreign

@@ -222,9 +222,11 @@ def awq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     _check_scales(scales, name)
     # AWQ packs along N, the canonical layout along K: unpacked and packed again, ROWS_PER_CHUNK output
     # rows (qweight's words n0 / 8 .. n1 / 8, column order restored) at a time
-    qweight = torch.cat([pack_int4(nibbles(qweight[:, n0 // 8:n1 // 8])[..., inverse].reshape(k, n1 - n0).t())
-                         for n0, n1 in ((n0, min(n, n0 + ROWS_PER_CHUNK)) for n0 in range(0, n, ROWS_PER_CHUNK))])
-    return Canonical(qweight, scales.t().contiguous(), z.t().contiguous().to(scales.dtype))
+    chunks = []
+    for n0 in range(0, n, ROWS_PER_CHUNK):
+        n1 = min(n, n0 + ROWS_PER_CHUNK)
+        chunks.append(pack_int4(nibbles(qweight[:, n0 // 8:n1 // 8])[..., inverse].reshape(k, n1 - n0).t()))
+    return Canonical(torch.cat(chunks), scales.t().contiguous(), z.t().contiguous().to(scales.dtype))
 
 
 def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
