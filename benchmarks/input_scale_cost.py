@@ -4,7 +4,11 @@ decode step's host cost). W4A16: multiplied into the Triton kernels' loads of x,
 as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False for decode, M <= 16, and
 FUSE_INPUT_SCALE_PREFILL = False for prefill: which is faster); W4A8 from ops.W4A8_MIN_M rows on: inside
 the activation quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in
-their loads of x). Prints one line per layer kind and M; the GPU suite runs it into suite.log.
+their loads of x). Likewise an act-order layer's channel order (QuantLinear.input_perm, from GPTQ /
+compressed-tensors checkpoints, foreign.py): read through by the Triton decode kernels and activation
+quantizer, and on a GPU also timed as a gather pass first (kernels.w4a16.FUSE_INPUT_PERM = False); the
+other paths always gather first. Prints a line per layer kind and M for each; the GPU suite runs it into
+suite.log.
 
     python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
 """
@@ -59,21 +63,34 @@ def _graphed(layer, x):
     return g.replay
 
 
+SCALE_FLAGS = ("FUSE_INPUT_SCALE", "FUSE_INPUT_SCALE_PREFILL")
+PERM_FLAGS = ("FUSE_INPUT_PERM",)
+
+
 @contextlib.contextmanager
-def _fused(fuse):
-    """kernels.w4a16.FUSE_INPUT_SCALE and FUSE_INPUT_SCALE_PREFILL set to `fuse` inside the block (None:
-    left as they are)."""
-    if fuse is None:
+def _unfused(flags):
+    """The kernels.w4a16 switches `flags` set to False inside the block (a pass of its own first)."""
+    if not flags:
         yield
         return
     from minicpm_int4.kernels import w4a16
 
-    saved = w4a16.FUSE_INPUT_SCALE, w4a16.FUSE_INPUT_SCALE_PREFILL
-    w4a16.FUSE_INPUT_SCALE = w4a16.FUSE_INPUT_SCALE_PREFILL = fuse
+    saved = {f: getattr(w4a16, f) for f in flags}
     try:
+        for f in flags:
+            setattr(w4a16, f, False)
         yield
     finally:
-        w4a16.FUSE_INPUT_SCALE, w4a16.FUSE_INPUT_SCALE_PREFILL = saved
+        for f, v in saved.items():
+            setattr(w4a16, f, v)
+
+
+def _line(what, label, n, k, dtype, rows_m, row, name, kinds):
+    return (f"{what} cost, {label} {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
+        f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'{name}_{kind}_ms'] * 1e3:.1f} us "
+        f"({row[f'{name}_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)"
+        + (f", separate pass {row[f'{name}_separate_{kind}_ms'] * 1e3:.1f} us"
+           if f"{name}_separate_{kind}_ms" in row else "") for kind in kinds))
 
 
 def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps: int = 50, dtype=torch.float16,
@@ -85,6 +102,7 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=False).to(device=device, dtype=dtype)
     m = torch.rand(k, device=device) + 0.5
+    perm = torch.randperm(k, device=device).to(torch.int32)
     rows = []
     kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
     # (backend, act): the requested backend; on a GPU with the CUDA extension built, its W4A16 decode
@@ -99,6 +117,9 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
             config = QuantConfig(group_size=128, act=act, backend=be)
             plain = QuantLinear.from_linear(lin, config)
             scaled = QuantLinear.from_linear(lin, config, input_scale=m)
+            permuted = QuantLinear(k, n, bias=False, group_size=128, dtype=dtype, device=device, act=act, backend=be,
+                                   input_perm=True)
+            permuted.load_state_dict({**plain.state_dict(), "input_perm": perm})
             for rows_m in ms:
                 if act == "int8" and rows_m < W4A8_MIN_M:
                     continue  # the W4A16 path, timed above
@@ -106,22 +127,21 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
                     continue  # the extension's kernels are for decode
                 x = torch.randn(rows_m, k, device=device, dtype=dtype)
                 row = {"n": n, "k": k, "m": rows_m, "act": act or "fp", "backend": be}
-                # (name, layer, FUSE_INPUT_SCALE*); the Triton W4A16 kernels both ways where they run
-                variants = [("plain", plain, None), ("input_scale", scaled, None)]
+                # (name, layer, switches turned off); the Triton W4A16 kernels both ways where they run
+                variants = [("plain", plain, ()), ("input_scale", scaled, ()), ("input_perm", permuted, ())]
                 if act is None and be != "cuda" and (device.type == "cuda" or be == "triton"):
-                    variants.append(("input_scale_separate", scaled, False))
-                for name, layer, fuse in variants:
-                    with _fused(fuse):
+                    variants.append(("input_scale_separate", scaled, SCALE_FLAGS))
+                    if rows_m <= 16:  # prefill always gathers first
+                        variants.append(("input_perm_separate", permuted, PERM_FLAGS))
+                for name, layer, flags in variants:
+                    with _unfused(flags):
                         row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
                         if device.type == "cuda":
                             row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)
                 rows.append(row)
                 label = ("W4A8" if act else "W4A16") + (" CUDA extension" if be == "cuda" else "")
-                print(f"input scale cost, {label} {n} x {k} G=128 {str(dtype).replace('torch.', '')} M={rows_m}: " + "; ".join(
-                    f"{kind} {row[f'plain_{kind}_ms'] * 1e3:.1f} us -> {row[f'input_scale_{kind}_ms'] * 1e3:.1f} us "
-                    f"({row[f'input_scale_{kind}_ms'] / row[f'plain_{kind}_ms']:.2f}x)"
-                    + (f", separate pass {row[f'input_scale_separate_{kind}_ms'] * 1e3:.1f} us"
-                       if f"input_scale_separate_{kind}_ms" in row else "") for kind in kinds), flush=True)
+                print(_line("input scale", label, n, k, dtype, rows_m, row, "input_scale", kinds), flush=True)
+                print(_line("input perm", label, n, k, dtype, rows_m, row, "input_perm", kinds), flush=True)
     return rows
 
 

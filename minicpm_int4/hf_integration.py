@@ -99,9 +99,10 @@ def register() -> Optional[str]:
                 from .ops import w4a16_workspace
 
                 with torch.no_grad():
-                    for m in model.modules():
+                    for name, m in model.named_modules():
                         if not isinstance(m, _quant_linear()):
                             continue
+                        m.check_input_perm(name)  # the kernels read x through it: a bad index is refused here
                         if m.workspace.device != m.qweight.device:  # 4.x leaves unsaved buffers on meta
                             m.workspace = w4a16_workspace(m.out_features, m.qweight.device)
                         else:

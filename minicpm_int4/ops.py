@@ -7,13 +7,15 @@ it. The implementation chooses the backend from the `backend` argument, the devi
 size; nothing else in the package imports the Triton kernels or the compiled extension.
 
 Public functions (validate, then call the op):
-    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale) -> y [M, N]
+    w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale, input_perm)
+                                                                            -> y [M, N]
     w4a16_workspace(N, device)                                              -> a layer's split-K counters
-    quantize_per_token_int8(x, backend, input_scale)                       -> (x_q int8 [M, K], scale fp32 [M])
+    quantize_per_token_int8(x, backend, input_scale, input_perm)           -> (x_q int8 [M, K], scale fp32 [M])
     w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, backend) -> y [M, N]
-    w4a8_linear(x, ..., input_scale)                                        -> quantize + w4a8_gemm
+    w4a8_linear(x, ..., input_scale, input_perm)                            -> quantize + w4a8_gemm
     (op w4a8_linear: a W4A8 layer's forward, the choice between the two paths by M inside one op)
-    quantized_linear(x, ..., act, backend, workspace, input_scale)   QuantLinear's forward: the same ops without
+    quantized_linear(x, ..., act, backend, workspace, input_scale, input_perm)
+                                             QuantLinear's forward: the same ops without
                                              re-checking weights that were validated when the layer
                                              was built; in eager inference it calls each op's
                                              implementation (`_*_impl`) directly, skipping the
@@ -203,63 +205,91 @@ def _check_input_scale(op: str, input_scale: Optional[Tensor], x: Tensor) -> Non
         raise ValueError(f"{op}: input_scale is on {input_scale.device} but the input is on {x.device}")
 
 
+def _check_input_perm(op: str, input_perm: Optional[Tensor], x: Tensor) -> None:
+    """Shape, dtype and device of an act-order layer's channel order (QuantLinear.input_perm); that it
+    is a permutation of 0..K-1 is the caller's to keep, as the input scale's values are (QuantLinear
+    checks it when it is loaded, check_input_perm): no host sync here."""
+    if input_perm is None:
+        return
+    k = x.shape[1]
+    if not isinstance(input_perm, Tensor) or input_perm.shape != (k,):
+        got = tuple(input_perm.shape) if isinstance(input_perm, Tensor) else type(input_perm).__name__
+        raise ValueError(f"{op}: input_perm must have shape [K={k}] (the input channel of each weight column), "
+                         f"got {got}")
+    if input_perm.dtype != torch.int32:
+        raise TypeError(f"{op}: input_perm must be int32, got {input_perm.dtype}")
+    if input_perm.device != x.device:
+        raise ValueError(f"{op}: input_perm is on {input_perm.device} but the input is on {x.device}")
+
+
+def _gathered(x: Tensor, input_perm: Optional[Tensor]) -> Tensor:
+    """x[:, input_perm], in a pass of its own (for the kernels that do not read x through it)."""
+    return x if input_perm is None else x.index_select(1, input_perm)
+
+
 # ---------------------------------------------------------------------------------------------
 # W4A16
 # ---------------------------------------------------------------------------------------------
 def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
-                     input_scale: Optional[Tensor] = None) -> Tensor:
+                     input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
     if be in ("triton", "triton-tc"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
         tc = be == "triton-tc" and workspace is not None
-        # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first)
+        # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first),
+        # and the decode kernels read x through input_perm (prefill gathers first)
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
-                                                      m1_tensor_core=tc, input_scale=input_scale)
-    if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it too
+                                                      m1_tensor_core=tc, input_scale=input_scale,
+                                                      input_perm=input_perm)
+    x = _gathered(x, input_perm)  # the CUDA kernels and the reference take x gathered
+    if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it
         return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale)
     if input_scale is not None:  # the reference takes x * m (a pass of its own)
         x = x * input_scale
     return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
 
 
-def _linear_fake(x, qweight, scales, zeros, bias, group_size, backend, workspace=None, input_scale=None):
+def _linear_fake(x, qweight, scales, zeros, bias, group_size, backend, workspace=None, input_scale=None,
+                 input_perm=None):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 def _w4a16_setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale = inputs
-    ctx.save_for_backward(qweight, scales, zeros, input_scale)
+    x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale, input_perm = inputs
+    ctx.save_for_backward(qweight, scales, zeros, input_scale, input_perm)
     ctx.group_size, ctx.x_dtype, ctx.has_bias = group_size, x.dtype, bias is not None
 
 
 def _w4a16_backward(ctx, grad):
     """The weights are frozen (int4); gradients flow to the input (and bias), so a patched model
     can still be fine-tuned through adapters or differentiated w.r.t. its inputs."""
-    qweight, scales, zeros, input_scale = ctx.saved_tensors
+    qweight, scales, zeros, input_scale, input_perm = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         w = reference.dequantize_ref(qweight, scales, zeros, ctx.group_size, out_dtype=ctx.x_dtype)
         grad_x = grad.float() @ w.float()
-        if input_scale is not None:  # y = (x * m) @ W.T
+        if input_scale is not None:  # y = (x[:, perm] * m) @ W.T
             grad_x = grad_x * input_scale.float()
+        if input_perm is not None:  # column j of the gathered x is channel perm[j] of x
+            grad_x = torch.empty_like(grad_x).index_copy_(1, input_perm.long(), grad_x)
         grad_x = grad_x.to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.float().sum(0).to(grad.dtype)
-    return grad_x, None, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None, None, None
 
 
 def _linear_op(name: str, impl):
-    """A custom op y[M, N] = f(x[M, K] * input_scale, the layer's int4 weight, bias) with the signature
-    of `impl`, the shapes-only fake and the W4A16 backward (the frozen int4 weight's x- and
-    bias-gradients; input_scale, a buffer, gets none).
+    """A custom op y[M, N] = f(x[M, K][:, input_perm] * input_scale, the layer's int4 weight, bias) with
+    the signature of `impl`, the shapes-only fake and the W4A16 backward (the frozen int4 weight's x- and
+    bias-gradients; input_scale and input_perm, buffers, get none).
 
     The workspace is not declared mutated: the kernel counts into it during the call and leaves every
     element at zero again, so no caller can observe a change (opcheck compares it before and after)."""
     def op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
            group_size: int, backend: str, workspace: Optional[Tensor] = None,
-           input_scale: Optional[Tensor] = None) -> Tensor:
-        return impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)
+           input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
+        return impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale, input_perm)
 
     op.__name__ = op.__qualname__ = name
     op = torch.library.custom_op(f"minicpm_int4::{name}", op, mutates_args=())
@@ -303,8 +333,9 @@ def _check_workspace(op: str, workspace: Optional[Tensor], n: int, device: torch
 
 def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
                group_size: int = 128, backend: str = "auto", workspace: Optional[Tensor] = None,
-               input_scale: Optional[Tensor] = None) -> Tensor:
-    """y = x @ dequant(qweight, scales, zeros).T + bias, or (x * input_scale) @ ... with an input scale.
+               input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
+    """y = x @ dequant(qweight, scales, zeros).T + bias, or (x[:, input_perm] * input_scale) @ ... with an
+    input scale and / or a channel order.
 
     Args:
         x: [M, K] fp16/bf16/fp32 activations. qweight: int32 [N, K // 8] (packing.py).
@@ -316,6 +347,10 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
             y = (x * input_scale) @ ..., the product rounded to x's dtype; the Triton decode kernels
             (M <= 16), Triton prefill on sm_90 and the CUDA kernels multiply it into x as they load it;
             Triton prefill elsewhere and the reference get x * input_scale.
+        input_perm: optional int32 [K], a permutation of 0..K-1 (QuantLinear.input_perm, an act-order
+            checkpoint's channel order): weight column j multiplies x[:, input_perm[j]] (the input scale
+            is in column order). The Triton decode kernels (M <= 16) read x through it; the other paths
+            gather first. Not checked to be a permutation here (no host sync): QuantLinear checks its own.
     Returns:
         y: [M, N] in x's dtype.
     Example:
@@ -329,8 +364,10 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
     _check_bias("w4a16_gemm", bias, qweight.shape[0], x.dtype, x.device)
     _check_workspace("w4a16_gemm", workspace, qweight.shape[0], x.device)
     _check_input_scale("w4a16_gemm", input_scale, x)
+    _check_input_perm("w4a16_gemm", input_perm, x)
     return _w4a16_gemm_op(x.contiguous(), qweight, scales, zeros, bias, gs, backend, workspace,
-                          None if input_scale is None else input_scale.contiguous())
+                          None if input_scale is None else input_scale.contiguous(),
+                          None if input_perm is None else input_perm.contiguous())
 
 
 def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -344,40 +381,44 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
 # ---------------------------------------------------------------------------------------------
 # Dynamic per-token int8 activation quantization
 # ---------------------------------------------------------------------------------------------
-def _quantize_per_token_int8_impl(x: Tensor, backend: str,
-                                  input_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _quantize_per_token_int8_impl(x: Tensor, backend: str, input_scale: Optional[Tensor] = None,
+                                  input_perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     be = resolve_backend(backend, x.device, "quantize_per_token_int8")
-    if be == "triton":  # the input scale multiplied inside the one pass over x
-        return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale)
-    if be == "cuda":  # the same in the CUDA quantizer's pass
+    if be == "triton":  # the input scale multiplied, and x gathered, inside the one pass over x
+        return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm)
+    x = _gathered(x, input_perm)
+    if be == "cuda":  # the input scale multiplied in the CUDA quantizer's pass
         return _cuda_ext()[0].quantize_per_token_int8(x, input_scale)
     return _reference(x.device, reference.quantize_per_token_int8_ref, x, input_scale)
 
 
 @torch.library.custom_op("minicpm_int4::quantize_per_token_int8", mutates_args=())
-def _quantize_per_token_int8_op(x: Tensor, backend: str,
-                                input_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return _quantize_per_token_int8_impl(x, backend, input_scale)
+def _quantize_per_token_int8_op(x: Tensor, backend: str, input_scale: Optional[Tensor] = None,
+                                input_perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _quantize_per_token_int8_impl(x, backend, input_scale, input_perm)
 
 
 @_quantize_per_token_int8_op.register_fake
-def _(x, backend, input_scale=None):
+def _(x, backend, input_scale=None, input_perm=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-def quantize_per_token_int8(x: Tensor, backend: str = "auto",
-                            input_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def quantize_per_token_int8(x: Tensor, backend: str = "auto", input_scale: Optional[Tensor] = None,
+                            input_perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Per-row symmetric int8: returns (x_q int8 [M, K], scale fp32 [M]) with x ~= x_q * scale[:, None].
 
     scale = max|x_row| / 127; x_q = round(x / scale) clamped to [-127, 127]; a zero row gives
     scale 0 and x_q 0. `input_scale` ([K], x's dtype): quantize x * input_scale instead (computed in
     x's dtype), in the same pass over x on the Triton and CUDA backends (the bits of quantizing
-    `x * input_scale`).
+    `x * input_scale`). `input_perm` (int32 [K], a permutation; w4a16_gemm's): quantize x[:, input_perm]
+    (times the scale), gathered inside the Triton quantizer's pass, before the others.
     """
     _check_x("quantize_per_token_int8", x)
     _check_input_scale("quantize_per_token_int8", input_scale, x)
+    _check_input_perm("quantize_per_token_int8", input_perm, x)
     return _quantize_per_token_int8_op(x.contiguous(), backend,
-                                       None if input_scale is None else input_scale.contiguous())
+                                       None if input_scale is None else input_scale.contiguous(),
+                                       None if input_perm is None else input_perm.contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,15 +469,16 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zer
 
 def _w4a8_linear_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                       group_size: int, backend: str, workspace: Optional[Tensor] = None,
-                      input_scale: Optional[Tensor] = None) -> Tensor:
+                      input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
     """A W4A8 layer's forward: decode rows (M < W4A8_MIN_M) on the W4A16 kernel, else per-token int8
     activations and the int8 GEMM. The choice by M is made here, inside one op, so that a traced graph
     (torch.compile with a dynamic batch, torch.export) holds no guard on M: one graph serves decode
     and prefill. An input scale is multiplied into x inside the activation quantizer's one pass over
-    x, so a W4A8 layer's input scale costs no pass of its own there."""
+    x, so a W4A8 layer's input scale costs no pass of its own there (nor, on Triton, its input_perm)."""
     if x.shape[0] < W4A8_MIN_M:
-        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)
-    x_q, x_scale = _quantize_per_token_int8_impl(x, backend, input_scale)
+        return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale,
+                                input_perm)
+    x_q, x_scale = _quantize_per_token_int8_impl(x, backend, input_scale, input_perm)
     return _w4a8_gemm_impl(x_q, x_scale, qweight, scales, zeros, bias, group_size, x.dtype, backend)
 
 
@@ -446,9 +488,10 @@ _w4a8_linear_op = _linear_op("w4a8_linear", _w4a8_linear_impl)
 
 
 def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None,
-                group_size: int = 128, backend: str = "auto", input_scale: Optional[Tensor] = None) -> Tensor:
-    """W4A8 for fp activations: quantize x (or x * input_scale, [K] in x's dtype) per token, then the
-    int8 x int4 GEMM.
+                group_size: int = 128, backend: str = "auto", input_scale: Optional[Tensor] = None,
+                input_perm: Optional[Tensor] = None) -> Tensor:
+    """W4A8 for fp activations: quantize x (or x[:, input_perm] * input_scale, as in w4a16_gemm) per
+    token, then the int8 x int4 GEMM.
 
     For M < W4A8_MIN_M (decode) it uses the W4A16 kernel: the GEMV is memory-bound, and int8
     activations would only add the quantization pass and its rounding error.
@@ -460,8 +503,10 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
         raise TypeError(f"{op}: activations are {x.dtype} but the weight scales are {scales.dtype}")
     _check_bias(op, bias, qweight.shape[0], x.dtype, x.device)
     _check_input_scale(op, input_scale, x)
+    _check_input_perm(op, input_perm, x)
     return quantized_linear(x.contiguous(), qweight, scales, zeros, bias, gs, "int8", backend,
-                            input_scale=None if input_scale is None else input_scale.contiguous())
+                            input_scale=None if input_scale is None else input_scale.contiguous(),
+                            input_perm=None if input_perm is None else input_perm.contiguous())
 
 
 try:
@@ -488,19 +533,22 @@ def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                      group_size: int, act: Optional[str], backend: str,
-                     workspace: Optional[Tensor] = None, input_scale: Optional[Tensor] = None) -> Tensor:
+                     workspace: Optional[Tensor] = None, input_scale: Optional[Tensor] = None,
+                     input_perm: Optional[Tensor] = None) -> Tensor:
     """The forward of an already validated layer (QuantLinear checks its buffers once, at build):
     straight to the ops, no per-call re-validation of the weights. x: contiguous [M, K] in the
     layer's dtype on its device; group_size: positive (K for per-channel); workspace: the layer's
-    w4a16_workspace or None; input_scale: the layer's [K] multiplier or None. Eager inference calls
+    w4a16_workspace or None; input_scale: the layer's [K] multiplier or None; input_perm: its int32 [K]
+    channel order (act-order) or None. Eager inference calls
     the implementations directly (eager_fast_path); the results are the op's, bit for bit.
 
     The input scale goes into the op: the decode kernels (Triton and CUDA), the activation quantizers
     and on sm_90 Triton's prefill multiply it into x as they load it (no pass of its own); before
-    Triton prefill elsewhere and the reference the op multiplies first."""
+    Triton prefill elsewhere and the reference the op multiplies first. Likewise the Triton decode
+    kernels and activation quantizer read x through input_perm; the other paths gather x first."""
     direct = eager_fast_path(x, bias)
     if act == "int8":
         return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,
-                                                                   backend, workspace, input_scale)
+                                                                   backend, workspace, input_scale, input_perm)
     w4a16 = _w4a16_gemm_impl if direct else _w4a16_gemm_op
-    return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale)
+    return w4a16(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale, input_perm)

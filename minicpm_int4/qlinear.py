@@ -38,6 +38,13 @@ def _check_layer_args(in_features, out_features, group_size, dtype, act, backend
             raise TypeError(f"{shape}: {flag}={value!r} must be True or False (whether the layer holds one)")
 
 
+def _is_permutation(p: torch.Tensor, k: int) -> bool:
+    """Whether p holds 0..k-1 once each (a meta tensor, which holds nothing yet, passes)."""
+    if p.device.type == "meta":
+        return True
+    return not p.is_floating_point() and torch.equal(torch.sort(p.to(torch.int64)).values, torch.arange(k, device=p.device))
+
+
 def _check_input_scale(m: torch.Tensor, k: int, name: str) -> None:
     if not isinstance(m, torch.Tensor) or m.shape != (k,):
         got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
@@ -142,6 +149,11 @@ class QuantLinear(nn.Module):
         # a module materialised with to_empty() holds garbage counters: loading weights zeroes them
         with torch.no_grad():
             self.workspace.zero_()
+        perm = state_dict.get(prefix + "input_perm")
+        if self.input_perm is not None and isinstance(perm, torch.Tensor) and perm.shape == self.input_perm.shape \
+                and not _is_permutation(perm, self.in_features):  # the kernels read x at these indices
+            raise ValueError(f"{prefix[:-1] or 'QuantLinear'}: input_perm is not a permutation of the "
+                             f"{self.in_features} input channels")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
@@ -177,11 +189,10 @@ class QuantLinear(nn.Module):
         return w
 
     def check_input_perm(self, name: str = "QuantLinear") -> None:
-        """Raise ValueError unless `input_perm` (if any) is a permutation of 0..K-1 (a layer loaded from
-        a file: a wrong index would fail inside a kernel, or on a GPU as a device-side assert)."""
-        p = self.input_perm
-        if p is not None and not torch.equal(torch.sort(p.to(torch.int64)).values,
-                                             torch.arange(self.in_features, device=p.device)):
+        """Raise ValueError unless `input_perm` (if any) is a permutation of 0..K-1. The layer's loaders
+        call it (load_state_dict, load_quantized, transformers' from_pretrained): the decode kernels read x
+        at these indices, so a wrong one would read out of bounds. A meta tensor is not checked."""
+        if self.input_perm is not None and not _is_permutation(self.input_perm, self.in_features):
             raise ValueError(f"{name}: input_perm is not a permutation of the {self.in_features} input channels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,12 +203,11 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes);
-        # the input scale (or None) is applied by quantized_linear, fused where a kernel can take it
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
+        # the input scale and an act-order layer's channel order (or None) are applied by quantized_linear,
+        # fused where a kernel can take them (the decode kernels read x through input_perm)
         y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace,
-                                 self.input_scale)
+                                 self.input_scale, self.input_perm)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _adapt_input(self, x: torch.Tensor) -> torch.Tensor:

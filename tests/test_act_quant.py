@@ -80,6 +80,38 @@ def test_triton_input_scale_on_the_two_read_path():
     assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref)
 
 
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k", [(1, 64), (3, 100), (17, 256)], ids=lambda v: str(v))
+def test_triton_input_perm_gathered_in_the_pass(m, k, dtype):
+    """An act-order layer's channel order (input_perm) read inside the quantizer's pass: the bits of
+    quantizing x[:, perm] (times the input scale, in the permuted order), zero and outlier rows
+    included, on the one-read and the two-read path."""
+    from minicpm_int4.kernels import act_quant
+
+    x = _cases(m, k, dtype)
+    g = torch.Generator().manual_seed(m + k)
+    perm = torch.randperm(k, generator=g).to(torch.int32)
+    scale = random_input_scale(k, dtype, seed=m)
+    xp = x[:, perm.long()]
+    if m > 2:
+        scale[(perm == k // 3).nonzero().item()] = 0.75  # the outlier's column: fp16's 6e4 times it stays finite
+    for input_scale in (None, scale):
+        want = quantize_per_token_int8_ref(xp, input_scale)
+        assert torch.equal(want[0], quantize_per_token_int8_ref(xp if input_scale is None else xp * input_scale)[0])
+        for single in (act_quant.MAX_SINGLE_BLOCK, 32):  # rows in one block, or (K > 32) the two-read path
+            act_quant.MAX_SINGLE_BLOCK, saved = single, act_quant.MAX_SINGLE_BLOCK
+            try:
+                got = ops.quantize_per_token_int8(x, backend="triton", input_scale=input_scale, input_perm=perm)
+            finally:
+                act_quant.MAX_SINGLE_BLOCK = saved
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        # the reference and the op's torch backend gather first
+        got = ops.quantize_per_token_int8(x, backend="torch", input_scale=input_scale, input_perm=perm)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(got[0], ops.quantize_per_token_int8(x, backend="triton", input_scale=scale)[0])
+
+
 def test_input_scale_reference_rounds_the_product_in_x_dtype():
     # 1 + 2^-10 times 1 + 2^-10 is 1 + 2^-9 + 2^-20 exactly: fp16 rounds it to 1 + 2^-9 before the
     # quantizer sees it, as `x * m` does; an fp32 product would keep the 2^-20

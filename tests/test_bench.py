@@ -344,7 +344,8 @@ def test_cpu_costs_summary_and_committed_results():
 
 def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
     """benchmarks/input_scale_cost.py (the GPU suite's input-scale stage) on the CPU, small: a row per
-    layer kind and M with both layers' times, and a line each in the log it prints into."""
+    layer kind and M with the plain, scaled and permuted (act-order) layers' times, and a line each for
+    the scale and the order in the log it prints into."""
     import importlib.util
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,18 +355,22 @@ def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
     rows = mod.measure("cpu", n=48, k=128, ms=(1, 3, 17), reps=2, dtype=torch.float32)
     # W4A16 at every M, W4A8 only where it quantizes activations (from W4A8_MIN_M rows on)
     assert [(r["act"], r["m"]) for r in rows] == [("fp", 1), ("fp", 3), ("fp", 17), ("int8", 17)]
-    assert all(r["plain_eager_ms"] > 0 and r["input_scale_eager_ms"] > 0 for r in rows)
+    assert all(r["plain_eager_ms"] > 0 and r["input_scale_eager_ms"] > 0 and r["input_perm_eager_ms"] > 0 for r in rows)
     out = capsys.readouterr().out
-    assert "input scale cost, W4A16 48 x 128 G=128 float32 M=1: eager" in out and "W4A16 48 x 128 G=128 float32 M=3" in out
-    assert "input scale cost, W4A8 48 x 128 G=128 float32 M=17: eager" in out
+    for what in ("input scale", "input perm"):
+        assert f"{what} cost, W4A16 48 x 128 G=128 float32 M=1: eager" in out
+        assert f"{what} cost, W4A16 48 x 128 G=128 float32 M=3: eager" in out
+        assert f"{what} cost, W4A8 48 x 128 G=128 float32 M=17: eager" in out
     assert "separate pass" not in out  # the reference backend has no fused decode kernel to compare
     if ops.triton_interpreter_active():  # the Triton kernels (decode, prefill): fused, and the separate pass too
         rows = mod.measure("cpu", n=48, k=128, ms=(3, 17), reps=1, dtype=torch.float16, backend="triton")
         assert [(r["act"], r["m"]) for r in rows] == [("fp", 3), ("fp", 17), ("int8", 17)]
         assert all(r["input_scale_separate_eager_ms"] > 0 for r in rows if r["act"] == "fp")
+        assert [r["m"] for r in rows if "input_perm_separate_eager_ms" in r] == [3]  # prefill always gathers
         out = capsys.readouterr().out
         assert "input scale cost, W4A16 48 x 128 G=128 float16 M=3: eager" in out
-        assert out.count("separate pass") == 2, out
+        assert "input perm cost, W4A16 48 x 128 G=128 float16 M=3: eager" in out
+        assert out.count("separate pass") == 3, out
 
 
 def test_result_files_say_which_dispatch_table_auto_ran_on():

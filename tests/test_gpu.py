@@ -561,11 +561,13 @@ def test_gptq_on_the_gpu(group_size):
     assert abs(e_gpu - e_cpu) < 0.02 * e_cpu, (e_gpu, e_cpu)
 
 
-@pytest.mark.parametrize("backend,act,m", [("auto", None, 1), ("triton", None, 16), ("auto", None, 300),
-                                           ("cuda", None, 4), ("auto", "int8", 300)])
+@pytest.mark.parametrize("backend,act,m", [("auto", None, 1), ("triton", None, 1), ("triton", None, 4),
+                                           ("triton", None, 16), ("auto", None, 300), ("cuda", None, 4),
+                                           ("auto", "int8", 300)])
 def test_input_perm_layer_on_gpu(backend, act, m):
-    """An act-order GPTQ layer (QuantLinear.input_perm, foreign.py) on each backend: x's channels gathered,
-    then the kernels; against the layer's own weight in channel order, and in a CUDA graph."""
+    """An act-order GPTQ layer (QuantLinear.input_perm, foreign.py) on each backend: the Triton decode
+    kernels and activation quantizer read x through the order, the other paths gather first; the bits
+    of the same kernel on gathered x, against the layer's own weight in channel order, and in a CUDA graph."""
     if backend == "cuda" and ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     k, n = 4096, 4096

@@ -87,6 +87,52 @@ def test_opcheck_with_an_input_scale(backend):
         torch.testing.assert_close(got, want.bfloat16().float(), rtol=2 ** -8, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_with_an_input_perm(backend):
+    """The ops that take an act-order layer's channel order (QuantLinear.input_perm): schemas, fakes,
+    both sides of W4A8's threshold, with and without an input scale, and the gradient with respect to x
+    (y = (x[:, p] * m) @ W.T: the column-order gradient scattered back to channel p[j])."""
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    qweight, scales, zeros = _layer(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    perm = torch.randperm(128, generator=g).to(torch.int32)
+    scale = (torch.rand(128, generator=g) + 0.5).to(torch.bfloat16)
+    bias = torch.randn(40, dtype=torch.bfloat16)
+    x = torch.randn(20, 128, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.minicpm_int4.quantize_per_token_int8.default, (x, backend, None, perm))
+    for rows in (1, ops.W4A8_MIN_M - 1, ops.W4A8_MIN_M):
+        xr = torch.randn(rows, 128, dtype=torch.bfloat16)
+        for m in (None, scale):
+            args = (qweight, scales, zeros, bias, 64, backend, ops.w4a16_workspace(qweight.shape[0]), m, perm)
+            for op in (torch.ops.minicpm_int4.w4a8_linear.default, torch.ops.minicpm_int4.w4a16_gemm.default):
+                torch.library.opcheck(op, (xr, *args))
+    w = ops.dequantize(qweight, scales, zeros, 64, torch.bfloat16).float()
+    xg = torch.randn(3, 128, dtype=torch.float32, requires_grad=True)
+    grad = torch.randn(3, 40)
+    for op in (ops.w4a8_linear, ops.w4a16_gemm):
+        (got,) = torch.autograd.grad(op(xg.bfloat16(), qweight, scales, zeros, bias, 64, backend=backend,
+                                        input_scale=scale, input_perm=perm), xg, grad.bfloat16())
+        (want,) = torch.autograd.grad(((xg[:, perm.long()] * scale.float()) @ w.t()), xg, grad.bfloat16().float())
+        torch.testing.assert_close(got, want.bfloat16().float(), rtol=2 ** -8, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.arange(127, dtype=torch.int32), ValueError, r"input_perm must have shape \[K=128\].*got \(127,\)"),
+    (torch.arange(128), TypeError, r"input_perm must be int32, got torch.int64"),
+    (torch.arange(128, dtype=torch.int32, device="meta"), ValueError, r"input_perm is on meta but the input is on cpu"),
+    ([0, 1], ValueError, r"input_perm must have shape \[K=128\].*got list"),
+])
+def test_bad_input_perm_is_named(bad, error, match):
+    qweight, scales, zeros = _layer()
+    x = torch.randn(3, 128, dtype=torch.float16)
+    for call in (lambda: ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, input_perm=bad),
+                 lambda: ops.w4a8_linear(x, qweight, scales, zeros, None, 64, input_perm=bad),
+                 lambda: ops.quantize_per_token_int8(x, input_perm=bad)):
+        with pytest.raises(error, match=match):
+            call()
+
+
 def test_triton_kernels_import():
     """Guards the interpreter tests: if the kernels failed to import, they would all be skipped."""
     kernels, why = ops._triton_kernels()

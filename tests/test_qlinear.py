@@ -177,7 +177,7 @@ def test_w4a8_module_matches_reference_path():
 @pytest.mark.parametrize("input_perm", [False, True])
 def test_compiles_fullgraph_without_graph_breaks(act, input_perm):
     ql = QuantLinear.from_linear(nn.Linear(128, 64), QuantConfig(group_size=32, act=act))
-    if input_perm:  # an act-order GPTQ layer's (foreign.py): the forward gathers x's channels first
+    if input_perm:  # an act-order GPTQ layer's (foreign.py): the op reads x's channels in its order
         perm = torch.randperm(128, generator=torch.Generator().manual_seed(0)).to(torch.int32)
         permuted = QuantLinear(128, 64, group_size=32, dtype=ql.dtype, act=act, input_perm=True)
         permuted.load_state_dict({**ql.state_dict(), "input_perm": perm})
@@ -187,6 +187,21 @@ def test_compiles_fullgraph_without_graph_breaks(act, input_perm):
     x = torch.randn(4, 24, 128)
     compiled = torch.compile(ql, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), ql(x))
+
+
+def test_loading_an_input_perm_that_is_not_a_permutation_is_refused():
+    """The decode kernels read x at input_perm's indices: load_state_dict refuses one that is not a
+    permutation of the input channels, naming the module, before it reaches the layer."""
+    model = nn.Sequential(QuantLinear(64, 16, group_size=32, input_perm=True))
+    good = torch.randperm(64, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    model.load_state_dict({**model.state_dict(), "0.input_perm": good})
+    for bad in (torch.where(good == 7, 9, good), torch.where(good == 7, 64, good), torch.where(good == 7, -1, good)):
+        with pytest.raises(ValueError, match=r"^0: input_perm is not a permutation of the 64 input channels"):
+            model.load_state_dict({**model.state_dict(), "0.input_perm": bad})
+        assert torch.equal(model[0].input_perm, good)
+    ql = QuantLinear(64, 16, group_size=32, input_perm=True)
+    with pytest.raises(ValueError, match=r"^QuantLinear: input_perm is not a permutation"):
+        ql.load_state_dict({**ql.state_dict(), "input_perm": torch.zeros(64, dtype=torch.int32)})
 
 
 @pytest.mark.parametrize("act", [None, "int8"])

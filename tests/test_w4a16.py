@@ -331,15 +331,91 @@ def test_input_scale_fusion_can_be_switched_off(m, flag, monkeypatch):
     assert torch.equal(fused, separate)
 
 
+# (M, kernel, case, dtype): the GEMV at M = 1, the tensor-core decode kernel (split-K in one launch or
+# two), and prefill, which gathers first. Every tile shape in fp16; the order is read the same way for
+# every dtype, so bf16 / fp32 (fp32 dots, fp32 prefill's unfused scale) on masked tiles only
+_F16, _BF16, _F32 = torch.float16, torch.bfloat16, torch.float32
+INPUT_PERM_CASES = [(1, "gemv", case, _F16) for case in GEMV_CASES] + [
+    (1, "gemv", case, dtype) for case in ("masked-per-channel", "masked-per-word-g32") for dtype in (_BF16, _F32)] + [
+    (3, "decode", case, _F16) for case in ("even-g32", "even-g128-split", "even-per-channel", "masked-n-g64",
+                                           "masked-k-per-channel")] + [
+    (3, "decode", "masked-n-g64", _BF16), (3, "decode", "masked-k-per-channel", _F32),
+    (16, "decode", "masked-split-g32", _F16), (16, "decode", "even-per-channel", _BF16),
+    (17, "prefill", "masked-n-g64", _F16), (17, "prefill", "masked-n-g64", _BF16), (40, "prefill", "even-per-channel", _F32)]
+
+
+@pytest.mark.parametrize("m, kernel, case, dtype", INPUT_PERM_CASES,
+                         ids=lambda v: str(v).split(".")[-1] if isinstance(v, torch.dtype) else str(v))
+def test_input_perm_read_as_x_is_loaded(m, kernel, case, dtype, monkeypatch):
+    """An act-order layer's channel order (QuantLinear.input_perm, foreign.py) read by the decode kernels
+    as they load x - x[perm[k]] where x[k] was, masked and even tiles, with and without an input scale
+    (which is in W's column order) - gives the bits of the same kernel on torch's gather x[:, perm];
+    prefill gathers first and launches its kernel without it. Against the reference within its
+    tolerance too, and a kernel that ignored the order would fail."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k, group_size = (GEMV_CASES if kernel == "gemv" else DECODE_CASES)[case]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n + k + m + 1)
+    g = torch.Generator().manual_seed(m + k + 1)
+    x = torch.randn(m, k, generator=g).to(dtype) * 4
+    bias = torch.randn(n, generator=g).to(dtype) if m != 16 else None
+    perm = torch.randperm(k, generator=g).to(torch.int32)
+    xp = x[:, perm.long()]
+    launched = []
+    for name in ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_kernel"):
+        monkeypatch.setattr(w4a16, name, _Recording(getattr(w4a16, name), name, launched))
+    for scale in (None, random_input_scale(k, dtype, seed=m + 1)):
+        for workspace in (None, ops.w4a16_workspace(n)) if kernel == "decode" else (None,):
+            launched.clear()
+            y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace,
+                               input_scale=scale, input_perm=perm)
+            fused_scale = scale is not None and not (kernel == "prefill" and dtype == torch.float32)
+            assert launched == [f"_w4a16_{kernel}_kernel" + (" HAS_SCALE" if fused_scale else "")
+                                + (" HAS_PERM" if kernel != "prefill" else "")]
+            assert torch.equal(y, ops.w4a16_gemm(xp, qweight, scales, zeros, bias, group_size, backend="triton",
+                                                 workspace=workspace, input_scale=scale))
+    xm = xp * scale
+    assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm, dequant(qweight, scales, zeros, gs, dtype))
+    assert not torch.equal(y, ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton",
+                                             input_scale=scale))
+
+
+@pytest.mark.parametrize("m, flag", [(1, "FUSE_INPUT_PERM"), (3, "FUSE_INPUT_PERM"), (3, "FUSE_INPUT_SCALE")])
+def test_input_perm_gathered_first_where_not_fused(m, flag, monkeypatch):
+    """w4a16.FUSE_INPUT_PERM = False: the decode kernels get x gathered by torch (a pass of its own,
+    what benchmarks/input_scale_cost.py times against reading x through the order). With the input
+    scale's fusion off, x * m needs x in W's column order, so the gather comes first too. Same bits."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k, group_size = DECODE_CASES["masked-n-g64"]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).half()
+    perm = torch.randperm(k, generator=g).to(torch.int32)
+    scale = random_input_scale(k, torch.float16, seed=m)
+    name = "_w4a16_gemv_kernel" if m == 1 else "_w4a16_decode_kernel"
+    launched = []
+    monkeypatch.setattr(w4a16, name, _Recording(getattr(w4a16, name), name, launched))
+    fused = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", input_scale=scale,
+                           input_perm=perm)
+    monkeypatch.setattr(w4a16, flag, False)
+    separate = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton", input_scale=scale,
+                              input_perm=perm)
+    assert launched[0] == f"{name} HAS_SCALE HAS_PERM"
+    assert launched[-1] == name + (" HAS_SCALE" if flag == "FUSE_INPUT_PERM" else "")
+    assert torch.equal(fused, separate)
+
+
 class _Recording:
-    """A launched Triton kernel, its name recorded (kernel[grid](...) passes through)."""
+    """A launched Triton kernel, its name recorded (kernel[grid](...) passes through), with the
+    HAS_SCALE / HAS_PERM flags it was launched with."""
 
     def __init__(self, kernel, name, log):
         self.kernel, self.name, self.log = kernel, name, log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.log.append(self.name + (" HAS_SCALE" if kwargs.get("HAS_SCALE") else ""))
+            self.log.append(self.name + "".join(f" {flag}" for flag in ("HAS_SCALE", "HAS_PERM") if kwargs.get(flag)))
             return self.kernel[grid](*args, **kwargs)
         return launch
 

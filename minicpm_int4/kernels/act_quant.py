@@ -2,6 +2,8 @@
 
     x_ptr     [M, K] fp16 / bf16 / fp32, row stride stride_xm
     m_ptr     [K] x's dtype: the layer's input scale (read only when HAS_SCALE)
+    p_ptr     int32 [K]: the layer's input_perm (read only when HAS_PERM): the row quantized is
+              x[row, perm], gathered as it is read
     xq_ptr    int8 [M, K], row stride stride_qm
     scale_ptr fp32 [M]
 
@@ -11,7 +13,8 @@ block (K <= MAX_SINGLE_BLOCK) it is read from memory once and kept in registers;
 second, cached read. HAS_SCALE: the row is x * m, rounded to x's dtype as torch's own multiply
 rounds it (the product of two fp16 / bf16 values is exact in fp32, so one rounding of it is the
 correctly rounded product), so the fused pass gives the bits of `x * m` followed by this kernel
-without writing and re-reading x * m.
+without writing and re-reading x * m. HAS_PERM (an act-order layer, foreign.py): element k of the
+row is x[row, perm[k]] (times m[k] with HAS_SCALE), the bits of quantizing torch's gather.
 """
 import torch
 import triton
@@ -36,9 +39,13 @@ def _quantize_block(x, scale, safe_scale):
 
 
 @triton.jit
-def _load_row_block(x_row, m_ptr, offs, K, HAS_SCALE: tl.constexpr):
-    """fp32 [BLOCK_K] of the row (times the input scale, rounded to x's dtype, when HAS_SCALE)."""
-    x = tl.load(x_row + offs, mask=offs < K, other=0)
+def _load_row_block(x_row, m_ptr, p_ptr, offs, K, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr):
+    """fp32 [BLOCK_K] of the row (gathered through input_perm when HAS_PERM; times the input scale,
+    rounded to x's dtype, when HAS_SCALE)."""
+    if HAS_PERM:
+        x = tl.load(x_row + tl.load(p_ptr + offs, mask=offs < K, other=0), mask=offs < K, other=0)
+    else:
+        x = tl.load(x_row + offs, mask=offs < K, other=0)
     if HAS_SCALE:
         m = tl.load(m_ptr + offs, mask=offs < K, other=0)
         x = _times_input_scale(x, m)
@@ -46,14 +53,15 @@ def _load_row_block(x_row, m_ptr, offs, K, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, m_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
-                      BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _act_quant_kernel(x_ptr, m_ptr, p_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
+                      BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_PERM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = xq_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
     if SINGLE_BLOCK:
-        x = _load_row_block(x_row, m_ptr, offs, K, HAS_SCALE)
+        x = _load_row_block(x_row, m_ptr, p_ptr, offs, K, HAS_SCALE, HAS_PERM)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.math.div_rn(amax, 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
@@ -61,20 +69,20 @@ def _act_quant_kernel(x_ptr, m_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = _load_row_block(x_row, m_ptr, k0 + offs, K, HAS_SCALE)
+            x = _load_row_block(x_row, m_ptr, p_ptr, k0 + offs, K, HAS_SCALE, HAS_PERM)
             amax = tl.maximum(amax, tl.abs(x))
         amax_s = tl.max(amax, axis=0)
         scale = tl.math.div_rn(amax_s, 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
         for k0 in range(0, K, BLOCK_K):
-            x = _load_row_block(x_row, m_ptr, k0 + offs, K, HAS_SCALE)
+            x = _load_row_block(x_row, m_ptr, p_ptr, k0 + offs, K, HAS_SCALE, HAS_PERM)
             tl.store(q_row + k0 + offs, _quantize_block(x, scale, safe), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_per_token_int8_triton(x, input_scale=None):
-    """x [M, K] -> (x_q int8 [M, K], scale fp32 [M]) of x, or of x * input_scale ([K], x's dtype).
-    Validated by ops.quantize_per_token_int8."""
+def quantize_per_token_int8_triton(x, input_scale=None, input_perm=None):
+    """x [M, K] -> (x_q int8 [M, K], scale fp32 [M]) of x, or of x * input_scale ([K], x's dtype),
+    x read as x[:, input_perm] (int32 [K]) where one is given. Validated by ops.quantize_per_token_int8."""
     m, k = x.shape
     x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -86,6 +94,7 @@ def quantize_per_token_int8_triton(x, input_scale=None):
         block = 4096
     num_warps = 4 if INTERPRET else min(32, max(4, block // 512))
     has_scale = input_scale is not None
-    _act_quant_kernel[(m,)](x, input_scale if has_scale else x, x_q, scale, k, x.stride(0), x_q.stride(0),
-                            BLOCK_K=block, SINGLE_BLOCK=single, HAS_SCALE=has_scale, num_warps=num_warps)
+    _act_quant_kernel[(m,)](x, input_scale if has_scale else x, x if input_perm is None else input_perm, x_q, scale,
+                            k, x.stride(0), x_q.stride(0), BLOCK_K=block, SINGLE_BLOCK=single, HAS_SCALE=has_scale,
+                            HAS_PERM=input_perm is not None, num_warps=num_warps)
     return x_q, scale

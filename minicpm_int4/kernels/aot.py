@@ -206,11 +206,13 @@ def _weights(n: int, k: int, group_size: int, dtype: torch.dtype):
 def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[int],
                     dtypes: Sequence[torch.dtype] = (torch.float16,), group_sizes: Sequence[int] = (128,),
                     bias: Sequence[bool] = (False,), w4a8: bool = True, act_quant: bool = True,
-                    input_scale: bool = True) -> List[Launch]:
+                    input_scale: bool = True, input_perm: bool = True) -> List[Launch]:
     """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
     problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16; with
     `input_scale` also the W4A16 kernels (the decode ones everywhere, prefill where it fuses the scale:
-    sm_90) and the quantizer as a layer with an input scale runs them."""
+    sm_90) and the quantizer as a layer with an input scale runs them; with `input_perm` the decode
+    kernels and the quantizer as an act-order layer (foreign.py) runs them, reading x through its
+    channel order (prefill gathers first: its kernel is the plain one)."""
     from ..ops import w4a16_workspace
     from . import quantize_per_token_int8_triton, w4a8_gemm_triton, w4a16_gemm_triton
 
@@ -234,6 +236,9 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                             scale = torch.empty((k,), dtype=dtype)
                             if input_scale:  # multiplied into x's loads
                                 w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_scale=scale)
+                            perm = torch.empty((k,), dtype=torch.int32)
+                            if input_perm and m <= 16:  # x read through the channel order
+                                w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_perm=perm)
                             if m > 16 and w4a8 and dtype != torch.float32:
                                 xq = torch.empty((m, k), dtype=torch.int8)
                                 xs = torch.empty((m,), dtype=torch.float32)
@@ -242,6 +247,8 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                                 quantize_per_token_int8_triton(x)
                                 if input_scale:  # a W4A8 layer with an input scale
                                     quantize_per_token_int8_triton(x, scale)
+                                if input_perm:  # an act-order W4A8 layer
+                                    quantize_per_token_int8_triton(x, None, perm)
                             for launch in sink[start:]:
                                 launch.label = f"M={m} N={n} K={k} G={gs} {str(dtype)[6:]}{' bias' if has_bias else ''}"
     distinct: Dict[object, Launch] = {}

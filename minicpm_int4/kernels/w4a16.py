@@ -71,6 +71,12 @@ GEMV_MAX_M = 1
 # 2.77 - 3.31 -> 3.14 - 3.70, on sm_80 4.33 - 5.05 -> 5.00 - 5.83 (as a tile 6.00 - 6.50).
 # False: x * m in its own pass first (benchmarks/input_scale_cost.py times both).
 FUSE_INPUT_SCALE = True
+# The decode kernels (M <= 16) also read x through a layer's input_perm (an act-order GPTQ /
+# compressed-tensors checkpoint's channel order, foreign.py): x[perm[k]] loaded where x[k] was, the
+# permutation (int32, 4 bytes per input channel) read beside x. A gather pass of its own costs a launch
+# and as much time as a decode GEMM of a small layer. Prefill (M > 16) gathers first: there the pass is
+# a few percent of the GEMM and the tile loads stay contiguous. False: gather first at decode too.
+FUSE_INPUT_PERM = True
 # The prefill kernel (M > 16) likewise, each x tile multiplied between its load and the dot; None: by
 # GPU (_fuse_prefill_scale). On sm_90a the multiplied tile reaches wgmma from registers instead of shared
 # memory, for +0.25 - 0.5 SASS instructions per weight on 4096 x 4096 (G = 64 / 128: 128x256 tile
@@ -274,15 +280,27 @@ def _load_input_scale(m_ptr, k, offs_m, K, EVEN: tl.constexpr, TILE: tl.constexp
     return m
 
 
-@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "HAS_SCALE"])
+@triton.jit
+def _input_channels(p_ptr, k, K, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
+    """The input channels that weight columns k multiply: k itself, or with HAS_PERM the layer's
+    input_perm[k] (p_ptr int32 [K]; 0 past K, where the x load is masked too)."""
+    if HAS_PERM:
+        if EVEN:
+            k = tl.load(p_ptr + k)
+        else:
+            k = tl.load(p_ptr + k, mask=k < K, other=0)
+    return k
+
+
+@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "HAS_SCALE", "HAS_PERM"])
 @triton.jit
 def _w4a16_decode_kernel(
-    x_ptr, m_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
+    x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     M, N, KW, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
     KW_PER_SPLIT, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, DOT_FP32: tl.constexpr,
-    EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_TILE: tl.constexpr,
+    EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_PERM: tl.constexpr,
     GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
 ):
@@ -302,7 +320,8 @@ def _w4a16_decode_kernel(
     writes y, so the result does not depend on which program that is; else _splitk_reduce_kernel does
     the same in a second launch. EVEN: no N or K remainder anywhere. HAS_SCALE: y = (x * m) @ W.T,
     the layer's input scale (m_ptr [K]) multiplied into x.T's tile as it is loaded, in x's dtype
-    (BLOCK_M / BLOCK_N multiplies per weight: the x tile is narrow)."""
+    (BLOCK_M / BLOCK_N multiplies per weight: the x tile is narrow). HAS_PERM: x's channels read in
+    the order p_ptr [K] (int32; the layer's input_perm): column k of W meets x[:, perm[k]]."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,7 +343,7 @@ def _w4a16_decode_kernel(
             kw_step = tl.multiple_of(kw0 + step * BLOCK_KW, BLOCK_KW)
             kw = kw_step + offs_w
             k = kw_step * 8 + tl.arange(0, BLOCK_KW * 8)
-            x_ptrs = x_ptr + offs_m[None, :] * stride_xm + k[:, None]
+            x_ptrs = x_ptr + offs_m[None, :] * stride_xm + _input_channels(p_ptr, k, KW * 8, EVEN, HAS_PERM)[:, None]
             if EVEN:
                 words = tl.load(w_rows + kw[None, :])
                 xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0)
@@ -412,18 +431,20 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexp
 
 
 @triton.jit
-def _x_columns(x_ptr, m_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr):
     """x[8 * kw + i] * 16**-(i % 4) for i = 0..7 as eight [BLOCK_KW] fp32 vectors (the power of two
     meets _nibbles_dot's unshifted nibbles; exact). One contiguous load per word of x, scaled before
     it is split and spread to the threads that hold the weights (so once per element, not per row).
-    HAS_SCALE: x * m first (the layer's input scale, m_ptr [K]), rounded to x's dtype as torch does."""
+    HAS_SCALE: x * m first (the layer's input scale, m_ptr [K]), rounded to x's dtype as torch does.
+    HAS_PERM: x[perm[k]] in place of x[k] (p_ptr [K], the layer's input_perm; the scale is in W's
+    column order, so it stays indexed by k)."""
     offs = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
     if EVEN:
-        x = tl.load(x_ptr + offs)
+        x = tl.load(x_ptr + _input_channels(p_ptr, offs, KW * 8, True, HAS_PERM))
         if HAS_SCALE:
             x = _times_input_scale(x, tl.load(m_ptr + offs))
     else:
-        x = tl.load(x_ptr + offs, mask=(kw < KW)[:, None], other=0)
+        x = tl.load(x_ptr + _input_channels(p_ptr, offs, KW * 8, False, HAS_PERM), mask=(kw < KW)[:, None], other=0)
         if HAS_SCALE:
             x = _times_input_scale(x, tl.load(m_ptr + offs, mask=(kw < KW)[:, None], other=0))
     pow2 = ((127 - 4 * (tl.arange(0, 8) % 4)) << 23).to(tl.float32, bitcast=True)
@@ -469,9 +490,9 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, m_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     N, KW, stride_qn, stride_sn,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     """M = 1: y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g]).
@@ -484,7 +505,8 @@ def _w4a16_gemv_kernel(
     3.6 - the GPU image's - and every nibble's product went through shared memory to reach it: 8.1
     SASS instructions per weight instead of 4.6.) The sum over K stays per thread until one reduction
     at the end. EVEN: N % BLOCK_N == 0 and KW % BLOCK_KW == 0. HAS_SCALE: y = (x * m) @ W.T, the
-    layer's input scale multiplied into x as it is loaded (once per element per program)."""
+    layer's input scale multiplied into x as it is loaded (once per element per program). HAS_PERM:
+    x read through the layer's input_perm (p_ptr [K]), x[perm[k]] for column k."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -497,7 +519,7 @@ def _w4a16_gemv_kernel(
             words = tl.load(w_rows + kw[None, :])
         else:
             words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(x_ptr, m_ptr, kw, KW, EVEN, HAS_SCALE)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM)
         if BLOCK_KW <= GROUP_W:
             sz = offs_n * stride_sn + kw0 // GROUP_W
             s = tl.load(s_ptr + sz, mask=n_mask, other=0).to(tl.float32)[:, None]
@@ -714,7 +736,7 @@ def _gemv_plan(n: int, kw: int, sms: int):
     return block_n, block_kw, warps
 
 
-def _gemv(x, qweight, scales, zeros, bias, group_size, input_scale=None):
+def _gemv(x, qweight, scales, zeros, bias, group_size, input_scale=None, input_perm=None):
     n, kw = qweight.shape
     block_n, block_kw, warps = _gemv_blocks(n, kw, x.device)
     # words per group as a power of two (per-channel: any power of two >= K/8 puts every word in group 0)
@@ -722,15 +744,16 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, input_scale=None):
     even = n % block_n == 0 and kw % block_kw == 0
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _w4a16_gemv_kernel[(cdiv(n, block_n),)](
-        x, x if input_scale is None else input_scale, qweight, scales, zeros,
-        bias if bias is not None else scales, out, n, kw, qweight.stride(0), scales.stride(0),
-        HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        x, x if input_scale is None else input_scale, x if input_perm is None else input_perm, qweight, scales,
+        zeros, bias if bias is not None else scales, out, n, kw, qweight.stride(0), scales.stride(0),
+        HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
         num_warps=warps, num_stages=1,
     )
     return out
 
 
-def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None, input_scale=None):
+def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None, input_scale=None,
+            input_perm=None):
     m, k = x.shape
     n, kw = qweight.shape
     block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
@@ -742,13 +765,15 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
         raise ValueError(f"w4a16 decode: workspace of {workspace.numel()} counters for {cdiv(n, block_n)} row tiles")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_decode_kernel[(cdiv(n, block_n), split)](
-        x, x if input_scale is None else input_scale, qweight, scales, zeros, b, out, part,
+        x, x if input_scale is None else input_scale, x if input_perm is None else input_perm, qweight, scales,
+        zeros, b, out, part,
         workspace if fixup else qweight,
         m, n, kw, next_pow2(m),
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         kw_per_split, *NIBBLE_MASKS,
         HAS_BIAS=bias is not None, SPLIT_K=split, FIXUP=fixup, DOT_FP32=dot_fp32, EVEN=even,
         HAS_SCALE=input_scale is not None, SCALE_TILE=input_scale is not None and _decode_scale_tile(x.device),
+        HAS_PERM=input_perm is not None,
         GROUP_W=group_w, PER_CHANNEL=per_channel, ASM=_use_ptx(dot_fp32),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
@@ -760,7 +785,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
 
 
 def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, m1_tensor_core=False,
-                      input_scale=None):
+                      input_scale=None, input_perm=None):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
     workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: split-K
@@ -768,16 +793,22 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     (where dispatch.py's measured table says that is faster). input_scale: [K] in x's dtype or None,
     y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
     (FUSE_INPUT_SCALE), into the prefill kernel's x tiles on sm_90 (FUSE_INPUT_SCALE_PREFILL), else in a
-    pass of its own first."""
+    pass of its own first. input_perm: int32 [K] or None, y = (x[:, input_perm] * input_scale) @ ...:
+    the decode kernels read x through it (FUSE_INPUT_PERM), prefill gathers first."""
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
         return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
-    if input_scale is not None and not (_fuse_prefill_scale(x) if x.shape[0] > DECODE_MAX_M else FUSE_INPUT_SCALE):
+    decode = x.shape[0] <= DECODE_MAX_M
+    fuse_scale = FUSE_INPUT_SCALE if decode else _fuse_prefill_scale(x)
+    # the scale is in W's column order: x * m in a pass of its own needs x gathered first
+    if input_perm is not None and not (decode and FUSE_INPUT_PERM and (input_scale is None or fuse_scale)):
+        x, input_perm = x.index_select(1, input_perm), None
+    if input_scale is not None and not fuse_scale:
         x, input_scale = x * input_scale, None
     if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
-        return _gemv(x, qweight, scales, zeros, bias, group_size, input_scale)
+        return _gemv(x, qweight, scales, zeros, bias, group_size, input_scale, input_perm)
     dot_fp32 = _dot_fp32(x.dtype)
-    if x.shape[0] <= DECODE_MAX_M:
-        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale)
+    if decode:
+        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale, input_perm)
     m, k = x.shape
     n = qweight.shape[0]
     g = group_size
