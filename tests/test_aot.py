@@ -135,6 +135,8 @@ def test_gemv_inner_loop_within_issue_budget(compiled):
     for c in _by_kernel(compiled, "w4a16_gemv"):
         ipw = c["instr_per_weight"]
         assert ipw is not None, f"no loop found in {c['label']}"
+        if c["constexprs"]["HAS_PERM"]:
+            continue  # its gathers: test_decode_kernels_read_x_through_an_input_perm
         if c["constexprs"]["EVEN"]:
             assert ipw <= 5.5, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
         else:  # masked tail handling costs a little more
@@ -216,13 +218,14 @@ def test_decode_kernels_read_x_through_an_input_perm(compiled):
     """An act-order layer's channel order (QuantLinear.input_perm) read by the decode kernels as they load
     x: each x element becomes a scalar load from a 64-bit address computed from the order (plus, in the
     tensor-core kernel, a 2-byte store into shared memory) instead of part of a 16-byte vector, so the
-    cost per weight is the x tile's elements over the weights they meet, BLOCK_M / BLOCK_N (16 / 64 at
-    M <= 16) or 1 / BLOCK_N (the GEMV's, 4 - 32 rows), times ~4 instructions. Measured: the GEMV +0.15 -
-    0.4 SASS instructions per weight on 4096 x 4096, +2.1 - 2.3 on 1152 x 4304 per channel (4 rows a
-    program); the tensor-core kernel +0.2 - 0.9 on sm_80 and +1.2 - 2.0 on sm_90a, which takes it past
-    an H200's ~3.6 - 3.9 budget: whether that beats a gather pass of its own (a launch) is the GPU
-    suite's input-perm cost lines' to say (w4a16.FUSE_INPUT_PERM). Weights stay in 16-byte loads, the
-    loop keeps its PTX dequantization, nothing spills."""
+    cost per weight grows with the x elements each weight meets: BLOCK_M / BLOCK_N (16 / 64) in the
+    tensor-core kernel, 1 / BLOCK_N in the GEMV (4 rows a program on 1152 x 4304). Measured, SASS
+    instructions per weight, triton 3.9 / 3.6: the GEMV +0.15 - 0.82 on 4096 x 4096 and +2.1 - 2.5 on
+    1152 x 4304 per channel; the tensor-core kernel +0.2 - 1.3 on sm_80 and +1.0 - 2.0 on sm_90a, past
+    an H200's ~3.6 - 3.9 budget: whether that beats a gather pass of its own (a launch, and at decode
+    about a small layer's GEMM time) is for the GPU suite's input-perm cost lines to say
+    (w4a16.FUSE_INPUT_PERM). Held to +3 against the same kernel without the order; weights stay in
+    16-byte loads, the loop keeps its PTX dequantization, nothing spills."""
     for kernel in ("w4a16_gemv", "w4a16_decode"):
         variants = _by_kernel(compiled, kernel)
         twins = {(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP")): c for c in variants
@@ -233,7 +236,7 @@ def test_decode_kernels_read_x_through_an_input_perm(compiled):
         for c in permuted:
             twin = twins[(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP"))]
             where = (c["arch"], c["label"], c["options"], twin["instr_per_weight"], c["instr_per_weight"])
-            assert c["instr_per_weight"] <= twin["instr_per_weight"] + 2.5, where
+            assert c["instr_per_weight"] <= twin["instr_per_weight"] + 3.0, where
             assert c["vector_bytes"] == twin["vector_bytes"] and not c["spill_bytes"], where
             assert not any(op.startswith("I2F") for op in c["loop_sass"]), where
             if kernel == "w4a16_decode":

@@ -74,8 +74,11 @@ FUSE_INPUT_SCALE = True
 # The decode kernels (M <= 16) also read x through a layer's input_perm (an act-order GPTQ /
 # compressed-tensors checkpoint's channel order, foreign.py): x[perm[k]] loaded where x[k] was, the
 # permutation (int32, 4 bytes per input channel) read beside x. A gather pass of its own costs a launch
-# and as much time as a decode GEMM of a small layer. Prefill (M > 16) gathers first: there the pass is
-# a few percent of the GEMM and the tile loads stay contiguous. False: gather first at decode too.
+# and as much time as a decode GEMM of a small layer. Reading through it costs each x element a scalar
+# load (kernels/aot.py, SASS instructions per weight, 4096 x 4096 fp16): the GEMV +0.15 - 0.8, the
+# tensor-core kernel +0.3 - 1.3 on sm_80 and +1.2 - 1.5 on sm_90a (past an H200's ~3.6 - 3.9 budget);
+# which wins is benchmarks/input_scale_cost.py's to say on a GPU. Prefill (M > 16) gathers first: there
+# the pass is a few percent of the GEMM and the tile loads stay contiguous. False: gather first at decode too.
 FUSE_INPUT_PERM = True
 # The prefill kernel (M > 16) likewise, each x tile multiplied between its load and the dot; None: by
 # GPU (_fuse_prefill_scale). On sm_90a the multiplied tile reaches wgmma from registers instead of shared
