@@ -71,7 +71,8 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
 
     class Kernels:
         @staticmethod
-        def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace, m1_tensor_core, input_scale=None):
+        def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace, m1_tensor_core, input_scale=None,
+                              input_perm=None):
             calls.append(m1_tensor_core)
             return x.new_zeros((x.shape[0], qweight.shape[0]))
 
