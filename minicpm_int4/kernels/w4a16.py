@@ -801,12 +801,13 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
         return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
     decode = x.shape[0] <= DECODE_MAX_M
-    fuse_scale = FUSE_INPUT_SCALE if decode else _fuse_prefill_scale(x)
-    # the scale is in W's column order: x * m in a pass of its own needs x gathered first
-    if input_perm is not None and not (decode and FUSE_INPUT_PERM and (input_scale is None or fuse_scale)):
-        x, input_perm = x.index_select(1, input_perm), None
-    if input_scale is not None and not fuse_scale:
-        x, input_scale = x * input_scale, None
+    if input_scale is not None or input_perm is not None:  # (a plain layer's call skips the decisions)
+        fuse_scale = input_scale is not None and (FUSE_INPUT_SCALE if decode else _fuse_prefill_scale(x))
+        # the scale is in W's column order: x * m in a pass of its own needs x gathered first
+        if input_perm is not None and not (decode and FUSE_INPUT_PERM and (input_scale is None or fuse_scale)):
+            x, input_perm = x.index_select(1, input_perm), None
+        if input_scale is not None and not fuse_scale:
+            x, input_scale = x * input_scale, None
     if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
         return _gemv(x, qweight, scales, zeros, bias, group_size, input_scale, input_perm)
     dot_fp32 = _dot_fp32(x.dtype)
