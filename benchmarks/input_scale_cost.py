@@ -6,8 +6,9 @@ FUSE_INPUT_SCALE_PREFILL = False for prefill: which is faster); W4A8 from ops.W4
 the activation quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in
 their loads of x). Likewise an act-order layer's channel order (QuantLinear.input_perm, from GPTQ /
 compressed-tensors checkpoints, foreign.py): read through by the Triton decode kernels and activation
-quantizer, and on a GPU also timed as a gather pass first (kernels.w4a16.FUSE_INPUT_PERM = False); the
-other paths always gather first. Prints a line per layer kind and M for each; the GPU suite runs it into
+quantizer and the CUDA extension's tensor-core kernel, and on a GPU also timed as a gather pass first
+(kernels.w4a16.FUSE_INPUT_PERM = False; ops.CUDA_FUSE_INPUT_PERM = False); the other paths always gather
+first. Prints a line per layer kind and M for each; the GPU suite runs it into
 suite.log.
 
     python benchmarks/input_scale_cost.py [--n 4096] [--k 4096] [--ms 1,16,4096]
@@ -63,26 +64,30 @@ def _graphed(layer, x):
     return g.replay
 
 
-SCALE_FLAGS = ("FUSE_INPUT_SCALE", "FUSE_INPUT_SCALE_PREFILL")
-PERM_FLAGS = ("FUSE_INPUT_PERM",)
+# (module, switch): kernels.w4a16's for the Triton kernels, ops' for the CUDA extension
+SCALE_FLAGS = (("w4a16", "FUSE_INPUT_SCALE"), ("w4a16", "FUSE_INPUT_SCALE_PREFILL"))
+PERM_FLAGS = (("w4a16", "FUSE_INPUT_PERM"),)
+CUDA_PERM_FLAGS = (("ops", "CUDA_FUSE_INPUT_PERM"),)
 
 
 @contextlib.contextmanager
 def _unfused(flags):
-    """The kernels.w4a16 switches `flags` set to False inside the block (a pass of its own first)."""
+    """The switches `flags` set to False inside the block (a pass of its own first)."""
     if not flags:
         yield
         return
+    from minicpm_int4 import ops
     from minicpm_int4.kernels import w4a16
 
-    saved = {f: getattr(w4a16, f) for f in flags}
+    modules = {"w4a16": w4a16, "ops": ops}
+    saved = {(mod, f): getattr(modules[mod], f) for mod, f in flags}
     try:
-        for f in flags:
-            setattr(w4a16, f, False)
+        for mod, f in flags:
+            setattr(modules[mod], f, False)
         yield
     finally:
-        for f, v in saved.items():
-            setattr(w4a16, f, v)
+        for (mod, f), v in saved.items():
+            setattr(modules[mod], f, v)
 
 
 def _line(what, label, n, k, dtype, rows_m, row, name, kinds):
@@ -133,6 +138,8 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
                     variants.append(("input_scale_separate", scaled, SCALE_FLAGS))
                     if rows_m <= 16:  # prefill always gathers first
                         variants.append(("input_perm_separate", permuted, PERM_FLAGS))
+                if be == "cuda":  # the tensor-core kernel reading x through the order, or torch's gather first
+                    variants.append(("input_perm_separate", permuted, CUDA_PERM_FLAGS))
                 for name, layer, flags in variants:
                     with _unfused(flags):
                         row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)

@@ -8,6 +8,8 @@
 //   makes its scale NaN and its x_q zeros (as the reference: NaN > 0 is false).
 //   With a layer's input scale m [K] (QuantConfig.input_scales), all of this is done to x * m, each
 //   product rounded to x's dtype as torch's x * m is, computed as x is read (no pass of its own).
+//   With an act-order layer's channel order perm [K] (int32, a permutation; QuantLinear.input_perm),
+//   all of this is done to x[perm] (then times m): element k is read from x[perm[k]].
 //
 // One block of kThreads threads per row. Vector path (the row's bytes a multiple of 16 and
 // 16-byte aligned): thread t reads 16-byte pieces t, t + kThreads, ...; rows of up to
@@ -90,12 +92,32 @@ MINICPM_HD void unpack_piece(const uint4& u, float (&v)[kPerPiece<T>]) {
   }
 }
 
-// Piece i of the row (16 bytes), or with S that piece times the input scale's piece i, element
-// by element, as T bits: the rest of the kernel never knows the difference. (bits() rounds the exact
-// fp32 product to T once: times() without its round trip back to fp32.)
-template <typename T, bool S>
-MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, int i) {
-  const uint4 raw = ldg(xp + i);
+// Piece i of x[row][perm] (16 bytes): the elements at perm[i * V .. i * V + V - 1] packed as a plain
+// load of piece i places them (indices 16 bytes at a time; 16-byte aligned perm).
+template <typename T>
+MINICPM_HD uint4 gather_piece(const uint4* xp, const int32_t* perm, int i) {
+  if constexpr (sizeof(T) == 4) {
+    const int4 idx = ldg(reinterpret_cast<const int4*>(perm) + i);
+    const uint32_t* r = reinterpret_cast<const uint32_t*>(xp);
+    return make_uint4(ldg(r + idx.x), ldg(r + idx.y), ldg(r + idx.z), ldg(r + idx.w));
+  } else {
+    int idx[8];
+    minicpm_int4_hd::load_idx8(perm + 8 * i, idx);
+    return minicpm_int4_hd::gather8(xp, idx);
+  }
+}
+
+// Piece i of the row (16 bytes), or with P of the row read through perm, and with S that piece
+// times the input scale's piece i, element by element, as T bits: the rest of the kernel never
+// knows the difference. (bits() rounds the exact fp32 product to T once: times() without its round
+// trip back to fp32.)
+template <typename T, bool S, bool P = false>
+MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, const int32_t* perm, int i) {
+  uint4 raw;
+  if constexpr (P)
+    raw = gather_piece<T>(xp, perm, i);
+  else
+    raw = ldg(xp + i);
   if constexpr (!S) {
     return raw;
   } else {
@@ -115,10 +137,12 @@ MINICPM_HD uint4 fetch_piece(const uint4* xp, const uint4* mp, int i) {
   }
 }
 
-// Element k of the row, or with S x[k] * m[k] in T, as fp32.
-template <typename T, bool S> MINICPM_HD float fetch_one(const T* row, const T* ms, int k) {
-  if constexpr (S) return times<T>(load_one(row + k), load_one(ms + k));
-  return load_one(row + k);
+// Element k of the row (with P, element perm[k]), or with S that times m[k] in T, as fp32.
+template <typename T, bool S, bool P = false>
+MINICPM_HD float fetch_one(const T* row, const T* ms, const int32_t* perm, int k) {
+  const float v = load_one(row + (P ? ldg(perm + k) : k));
+  if constexpr (S) return times<T>(v, load_one(ms + k));
+  return v;
 }
 
 // Running max of |x| that lets a NaN through (fmaxf would drop it).
@@ -155,8 +179,10 @@ MINICPM_HD int8_t quantize_one(float v, float scale, float safe) {
 
 // Pass 1 of thread `tid`: its pieces (vector path, cached in `cache` when U > 0) or elements.
 // S: ms (the input scale, [K]) multiplies x as it is read; the cache holds the products.
-template <typename T, int U, bool S = false>
-MINICPM_HD AbsMax thread_absmax(const T* row, const T* ms, int K, int tid, bool vec, uint4 (&cache)[U > 0 ? U : 1]) {
+// P: x is read through perm (the channel order, [K]); the cache holds the gathered pieces.
+template <typename T, int U, bool S = false, bool P = false>
+MINICPM_HD AbsMax thread_absmax(const T* row, const T* ms, const int32_t* perm, int K, int tid, bool vec,
+                                uint4 (&cache)[U > 0 ? U : 1]) {
   AbsMax am;
   if (vec) {
     const int pieces = K / kPerPiece<T>;
@@ -166,7 +192,7 @@ MINICPM_HD AbsMax thread_absmax(const T* row, const T* ms, int K, int tid, bool 
       MINICPM_UNROLL
       for (int u = 0; u < U; ++u) {
         const int i = tid + u * kThreads;
-        cache[u] = i < pieces ? fetch_piece<T, S>(p, mp, i) : make_uint4(0u, 0u, 0u, 0u);
+        cache[u] = i < pieces ? fetch_piece<T, S, P>(p, mp, perm, i) : make_uint4(0u, 0u, 0u, 0u);
         float v[kPerPiece<T>];
         unpack_piece<T>(cache[u], v);
         MINICPM_UNROLL
@@ -175,21 +201,21 @@ MINICPM_HD AbsMax thread_absmax(const T* row, const T* ms, int K, int tid, bool 
     } else {
       for (int i = tid; i < pieces; i += kThreads) {
         float v[kPerPiece<T>];
-        unpack_piece<T>(fetch_piece<T, S>(p, mp, i), v);
+        unpack_piece<T>(fetch_piece<T, S, P>(p, mp, perm, i), v);
         MINICPM_UNROLL
         for (int j = 0; j < kPerPiece<T>; ++j) am.add(v[j]);
       }
     }
   } else {
-    for (int k = tid; k < K; k += kThreads) am.add(fetch_one<T, S>(row, ms, k));
+    for (int k = tid; k < K; k += kThreads) am.add(fetch_one<T, S, P>(row, ms, perm, k));
   }
   return am;
 }
 
 // Pass 2 of thread `tid`: the same pieces (from `cache` when U > 0) or elements, quantized.
-template <typename T, int U, bool S = false>
-MINICPM_HD void thread_quantize(const T* row, const T* ms, int8_t* qrow, int K, int tid, bool vec, float scale,
-                                float safe, const uint4 (&cache)[U > 0 ? U : 1]) {
+template <typename T, int U, bool S = false, bool P = false>
+MINICPM_HD void thread_quantize(const T* row, const T* ms, const int32_t* perm, int8_t* qrow, int K, int tid, bool vec,
+                                float scale, float safe, const uint4 (&cache)[U > 0 ? U : 1]) {
   constexpr int V = kPerPiece<T>;
   if (vec) {
     const int pieces = K / V;
@@ -218,18 +244,21 @@ MINICPM_HD void thread_quantize(const T* row, const T* ms, int8_t* qrow, int K, 
         if (i < pieces) one_piece(i, cache[u]);
       }
     } else {
-      for (int i = tid; i < pieces; i += kThreads) one_piece(i, fetch_piece<T, S>(p, mp, i));
+      for (int i = tid; i < pieces; i += kThreads) one_piece(i, fetch_piece<T, S, P>(p, mp, perm, i));
     }
   } else {
-    for (int k = tid; k < K; k += kThreads) qrow[k] = quantize_one(fetch_one<T, S>(row, ms, k), scale, safe);
+    for (int k = tid; k < K; k += kThreads) qrow[k] = quantize_one(fetch_one<T, S, P>(row, ms, perm, k), scale, safe);
   }
 }
 
 // Host-side choices, shared with the emulation: the vector path and the register cache size.
-// input_scale: nullptr, or [K] read in 16-byte pieces beside x's (so it too must be 16-byte aligned).
-inline bool vector_path(const void* x, long ldx, int K, int esize, const void* input_scale = nullptr) {
+// input_scale: nullptr, or [K] read in 16-byte pieces beside x's (so it too must be 16-byte aligned);
+// input_perm: nullptr, or [K] int32 read 16 bytes at a time (the same).
+inline bool vector_path(const void* x, long ldx, int K, int esize, const void* input_scale = nullptr,
+                        const void* input_perm = nullptr) {
   return (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(input_scale) & 15) == 0 &&
-         (ldx * esize) % 16 == 0 && (static_cast<long>(K) * esize) % 16 == 0;
+         (reinterpret_cast<uintptr_t>(input_perm) & 15) == 0 && (ldx * esize) % 16 == 0 &&
+         (static_cast<long>(K) * esize) % 16 == 0;
 }
 inline int cache_pieces(int K, int esize, bool vec) {  // U: 0 (second read), 1, 2, 4 or 8
   if (!vec) return 0;

@@ -25,13 +25,32 @@ at::Tensor checked_input_scale(const char* op, const std::optional<at::Tensor>& 
   return at::empty({m.size(0)}, m.options()).copy_(m);  // a fresh allocation: contiguous and aligned
 }
 
+// An act-order layer's channel order as the kernels read it: undefined for None, else int32 [K] on
+// x's device, contiguous and 16-byte aligned (read 16 bytes at a time; a view with an offset is
+// copied). That it is a permutation of 0..K-1 is the caller's to keep (QuantLinear checks its own
+// when it is loaded; checking here would cost a host sync every call): the kernels read x[perm[k]].
+at::Tensor checked_input_perm(const char* op, const std::optional<at::Tensor>& input_perm, const at::Tensor& x) {
+  if (!input_perm.has_value()) return at::Tensor();
+  const at::Tensor& g = *input_perm;
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(1), op, ": input_perm must have shape [K=", x.size(1),
+              "] (the input channel of each weight column), got ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == at::kInt, op, ": input_perm must be int32, got ", g.scalar_type());
+  TORCH_CHECK(g.device() == x.device(), op, ": input_perm is on ", g.device(), " but x is on ", x.device());
+  if (g.is_contiguous() && reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0) return g;
+  return at::empty({g.size(0)}, g.options()).copy_(g);
+}
+
 // variant: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core GEMV), 1 = the
 // CUDA-core GEMV, 2 = the tensor-core kernel (K % 128 == 0, group size a power of two >= 32 or K).
 // input_scale: None, or [K] of the activation dtype: y = (x * input_scale) @ ..., multiplied in the
 // kernels' loads of x (each product rounded to x's dtype, torch's x * input_scale).
+// input_perm: None, or int32 [K], a permutation: y = (x[:, input_perm] * input_scale) @ ..., x read through
+// it by the tensor-core kernel where the layer has no input scale, else gathered here first (x[:, perm]:
+// the CUDA-core GEMV has no such instantiations; minicpm_int4_w4a16_reads_perm).
 void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
-                    at::Tensor& out, int64_t variant, const std::optional<at::Tensor>& input_scale) {
+                    at::Tensor& out, int64_t variant, const std::optional<at::Tensor>& input_scale,
+                    const std::optional<at::Tensor>& input_perm) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "minicpm_int4_C.w4a16_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_gemm: x must be [M, K] with unit stride along K");
@@ -66,14 +85,22 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   TORCH_CHECK(out.device() == x.device() && qweight.device() == x.device() && scales.device() == x.device() &&
               zeros.device() == x.device(), "w4a16_gemm: all tensors must be on the same device");
   const at::Tensor ms = checked_input_scale("w4a16_gemm", input_scale, x);
+  at::Tensor perm = checked_input_perm("w4a16_gemm", input_perm, x);
   const c10::cuda::CUDAGuard guard(x.device());
   if (M == 0) return;
   // The kernel reads x 16 bytes at a time: a view with an odd offset or row stride is copied
-  // (an [M, K] row of a decode step: a few KiB, negligible next to the weights).
+  // (an [M, K] row of a decode step: a few KiB, negligible next to the weights). Where the kernel
+  // does not read x through the channel order, x is gathered (a fresh, aligned tensor).
   const bool x_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (M == 1 || x.stride(0) % 8 == 0);
-  const at::Tensor xa = x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
+  at::Tensor xa = x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
+  if (perm.defined() && !minicpm_int4_w4a16_reads_perm(static_cast<int>(K), static_cast<int>(group_size),
+                                                       static_cast<int>(variant), ms.defined() ? 1 : 0)) {
+    xa = x.index_select(1, perm);
+    perm = at::Tensor();
+  }
   cudaError_t err = minicpm_int4_w4a16_gemv(
-      xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr(),
+      xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, perm.defined() ? perm.data_ptr<int32_t>() : nullptr,
+      qweight.data_ptr<int32_t>(), scales.data_ptr(),
       zeros.data_ptr(), bias_ptr, out.data_ptr(),
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
       out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, static_cast<int>(variant),
@@ -83,17 +110,20 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
 
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t group_size,
-                      int64_t variant, const std::optional<at::Tensor>& input_scale) {
+                      int64_t variant, const std::optional<at::Tensor>& input_scale,
+                      const std::optional<at::Tensor>& input_perm) {
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "w4a16_gemm: x must be [M, K] and qweight [N, K/8]");
   at::Tensor out = at::empty({x.size(0), qweight.size(0)}, x.options());
-  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out, variant, input_scale);
+  w4a16_gemm_out(x, qweight, scales, zeros, bias, group_size, out, variant, input_scale, input_perm);
   return out;
 }
 
 // Per-token int8: (x_q int8 [M, K] contiguous, scale fp32 [M]); x fp16 / bf16 / fp32 [M, K] with unit
-// stride along K (any row stride; 16-byte rows take the vector path).
+// stride along K (any row stride; 16-byte rows take the vector path); of x[:, input_perm] * input_scale
+// where they are given.
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
-                                                           const std::optional<at::Tensor>& input_scale) {
+                                                           const std::optional<at::Tensor>& input_scale,
+                                                           const std::optional<at::Tensor>& input_perm) {
   TORCH_CHECK(x.is_cuda(), "minicpm_int4_C.quantize_per_token_int8: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_per_token_int8: x must be [M, K] with unit stride along K");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
@@ -101,6 +131,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31), "quantize_per_token_int8: sizes exceed int32");
   const at::Tensor ms = checked_input_scale("quantize_per_token_int8", input_scale, x);
+  at::Tensor perm = checked_input_perm("quantize_per_token_int8", input_perm, x);
+  // the quantizer reads x through the channel order or multiplies the input scale in, not both (no
+  // such instantiation; no reader of checkpoints makes such a layer): then x is gathered first
+  const at::Tensor xs = perm.defined() && ms.defined() ? x.index_select(1, perm) : x;
+  if (ms.defined()) perm = at::Tensor();
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0 || K == 0) {
@@ -109,9 +144,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int dtype = x.scalar_type() == at::kHalf ? 0 : x.scalar_type() == at::kBFloat16 ? 1 : 2;
-  cudaError_t err = minicpm_int4_act_quant(x.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, xq.data_ptr<int8_t>(),
+  cudaError_t err = minicpm_int4_act_quant(xs.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr,
+                                           perm.defined() ? perm.data_ptr<int32_t>() : nullptr, xq.data_ptr<int8_t>(),
                                            scale.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K),
-                                           M == 1 ? K : x.stride(0), dtype, c10::cuda::getCurrentCUDAStream().stream());
+                                           M == 1 ? K : xs.stride(0), dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.quantize_per_token_int8: kernel launch failed: ",
               cudaGetErrorString(err));
   return {xq, scale};
@@ -121,10 +157,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
 
 TORCH_LIBRARY(minicpm_int4_C, m) {
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
-        "int variant=0, Tensor? input_scale=None) -> Tensor");
+        "int variant=0, Tensor? input_scale=None, Tensor? input_perm=None) -> Tensor");
   m.def("w4a16_gemm_out(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
-        "Tensor(a!) out, int variant=0, Tensor? input_scale=None) -> ()");
-  m.def("quantize_per_token_int8(Tensor x, Tensor? input_scale=None) -> (Tensor, Tensor)");
+        "Tensor(a!) out, int variant=0, Tensor? input_scale=None, Tensor? input_perm=None) -> ()");
+  m.def("quantize_per_token_int8(Tensor x, Tensor? input_scale=None, Tensor? input_perm=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {

@@ -1,7 +1,10 @@
 // What the *_core.cuh headers share: functions compiled for the device and the host (the kernels
 // run them on the GPU, tests/csrc/host_emu.cu on the CPU), `#pragma unroll` for the device pass
-// only (the host compiler would warn about it), read-only loads and bit casts that work on both.
+// only (the host compiler would warn about it), read-only loads and bit casts that work on both,
+// and the gathered read of x through an act-order layer's channel order.
 #pragma once
+
+#include <vector_types.h>
 
 #include <cstdint>
 #include <cstring>
@@ -36,6 +39,29 @@ MINICPM_HD float as_float(uint32_t bits) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 #endif
+}
+
+// An act-order layer's channel order (QuantLinear.input_perm, int32 [K], 16-byte aligned): weight
+// column k multiplies x[perm[k]]. The kernels read x through it where they would read x[k .. k + 7]
+// as one 16-byte piece: the 8 indices (two 16-byte loads, shared by every row of x), then one 2-byte
+// load per element, packed into the piece the plain load would have given (x is a few KiB, in L1/L2).
+MINICPM_HD void load_idx8(const int32_t* perm, int (&idx)[8]) {
+  const int4 a = ldg(reinterpret_cast<const int4*>(perm)), b = ldg(reinterpret_cast<const int4*>(perm) + 1);
+  idx[0] = a.x, idx[1] = a.y, idx[2] = a.z, idx[3] = a.w;
+  idx[4] = b.x, idx[5] = b.y, idx[6] = b.z, idx[7] = b.w;
+}
+
+// row[idx[0 .. 7]] of 2-byte elements (fp16 / bf16 bits) as one 16-byte piece, element i in bits
+// 16i .. 16i + 15 as a plain load of 8 consecutive elements places it.
+MINICPM_HD uint4 gather8(const void* row, const int (&idx)[8]) {
+  const unsigned short* r = static_cast<const unsigned short*>(row);
+  uint32_t w[4];
+MINICPM_UNROLL
+  for (int i = 0; i < 4; ++i)
+    w[i] = static_cast<uint32_t>(ldg(r + idx[2 * i])) | (static_cast<uint32_t>(ldg(r + idx[2 * i + 1])) << 16);
+  uint4 u;
+  u.x = w[0], u.y = w[1], u.z = w[2], u.w = w[3];
+  return u;
 }
 
 }  // namespace minicpm_int4_hd

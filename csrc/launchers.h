@@ -20,21 +20,31 @@ extern "C" {
 // bias [N] or NULL. ldx / ldo: row strides of x and out, in elements.
 // input_scale: NULL, or [K] in x's dtype, 16-byte aligned: y = (x * input_scale) @ ..., each
 // product rounded to x's dtype (torch's x * input_scale), multiplied as x is loaded.
+// input_perm: NULL, or int32 [K], a permutation of 0..K-1, 16-byte aligned: y = x[:, input_perm] @ ..., x read
+// through it (an act-order layer's channel order; its values are the caller's to check). Only with the
+// tensor-core kernel and no input_scale (minicpm_int4_w4a16_reads_perm), else cudaErrorInvalidValue.
 // dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the
 // CUDA-core GEMV, 2 = tensor cores.
-cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* qweight, const void* scales,
-                                    const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
-                                    int64_t ldx, int64_t ldo, int dtype, int variant, cudaStream_t stream);
+cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* input_perm,
+                                    const int32_t* qweight, const void* scales, const void* zeros, const void* bias,
+                                    void* out, int M, int N, int K, int group_size, int64_t ldx, int64_t ldo, int dtype,
+                                    int variant, cudaStream_t stream);
 
 // 1 where the tensor-core kernel (variant 2) takes (K, group_size), else 0.
 int minicpm_int4_w4a16_mma_supported(int K, int group_size);
+
+// 1 where minicpm_int4_w4a16_gemv reads x through an input_perm for these arguments (the tensor-core
+// kernel runs, and there is no input scale), else 0: the caller passes x gathered and no input_perm.
+int minicpm_int4_w4a16_reads_perm(int K, int group_size, int variant, int has_input_scale);
 
 // Per-token int8: scale[m] = max|x[m, :]| / 127, xq[m, k] = rint(x[m, k] / scale[m]) in [-127, 127].
 // x [M, K] with row stride ldx (elements); xq contiguous [M, K]. dtype: 0 = fp16, 1 = bf16, 2 = fp32.
 // input_scale: NULL, or [K] in x's dtype: then all of this is done to x * input_scale (each product
 // rounded to x's dtype, as torch's x * input_scale), multiplied as x is read.
-cudaError_t minicpm_int4_act_quant(const void* x, const void* input_scale, int8_t* xq, float* scale, int M, int K,
-                                   int64_t ldx, int dtype, cudaStream_t stream);
+// input_perm: NULL, or int32 [K] as above: all of this is done to x[:, input_perm], read through it;
+// only without an input_scale (else cudaErrorInvalidValue: the caller gathers x first).
+cudaError_t minicpm_int4_act_quant(const void* x, const void* input_scale, const int32_t* input_perm, int8_t* xq,
+                                   float* scale, int M, int K, int64_t ldx, int dtype, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -4,7 +4,11 @@
 //   - a CUDA-core GEMV (w4a16_gemv_core.cuh): M = 1..8 per launch, any K % 8 == 0 and G % 8 == 0.
 // "auto" takes the tensor-core kernel where it applies. Larger M runs in slices (the extension is
 // meant for decode; the Triton kernels take prefill). A layer's input scale (QuantConfig.input_scales)
-// is multiplied into x as it is loaded, by instantiations of their own (S = true).
+// is multiplied into x as it is loaded, by instantiations of their own (S = true). The tensor-core
+// kernel also reads x through an act-order layer's channel order (input_perm; P = true, a layer
+// without an input scale - what GPTQ / compressed-tensors checkpoints give); for the other cases the
+// bindings gather x first (the GEMV's instantiations would double its build time for layers that
+// are rare: act-order and K % 128 != 0).
 //
 // No torch headers: plain pointers, sizes and a cudaStream_t (bindings.cpp wraps it for torch).
 // The per-thread / per-warp code lives in the two headers, shared with the CPU emulation the tests
@@ -52,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const
   }
 }
 
-template <typename T, int NT, int NB, bool POST, int W, bool S>
+template <typename T, int NT, int NB, bool POST, int W, bool S, bool P>
 __global__ void __launch_bounds__(32 * W)
     w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
   namespace mm = minicpm_int4_mma;
@@ -60,7 +64,7 @@ __global__ void __launch_bounds__(32 * W)
   const int n0 = blockIdx.x * 16 * NT;
   const int lanes[1] = {lane};
   float acc[NT][NB][1][4];
-  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S>(p, n0, warp, lanes, acc);
+  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S, P>(p, n0, warp, lanes, acc);
 
   constexpr int kSlots = NT * NB * 4;
   __shared__ float red[kSlots][W][32];  // [output slot][warp][lane]: conflict-free both ways
@@ -98,10 +102,12 @@ int sm_count() {
 template <typename T, int MT, int R>
 void launch_r(const Params<T>& p, const T* bias, T* out, long ldo, bool fast, cudaStream_t stream) {
   const dim3 grid((p.N + R - 1) / R);
-  if (p.input_scale != nullptr)
+  const bool s = p.input_scale != nullptr;
+  if (s) {
     w4a16_gemv_kernel<T, MT, R, true><<<grid, kThreads, 0, stream>>>(p, bias, out, ldo, fast);
-  else
+  } else {
     w4a16_gemv_kernel<T, MT, R, false><<<grid, kThreads, 0, stream>>>(p, bias, out, ldo, fast);
+  }
 }
 
 template <typename T, int MT>
@@ -146,20 +152,25 @@ cudaError_t launch(const T* x, const T* ms, const int32_t* qweight, const T* sca
   return cudaSuccess;
 }
 
+template <typename T, int NT, int NB, int W, bool S, bool P>
+void launch_mma_sp(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
+  const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
+  if (post)
+    w4a16_mma_kernel<T, NT, NB, true, W, S, P><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+  else
+    w4a16_mma_kernel<T, NT, NB, false, W, S, P><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+}
+
 template <typename T, int NT, int NB, int W>
 void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
-  const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
-  // scaled: 16 warps never take two column blocks (mma_warps_for_launch), so no such instantiation
-  constexpr bool kScaledOk = !(NB == 2 && W == minicpm_int4_mma::kWarpsSmallN);
-  const bool s = p.input_scale != nullptr;
-  if constexpr (kScaledOk) {
-    if (s && post) return w4a16_mma_kernel<T, NT, NB, true, W, true><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
-    if (s) return w4a16_mma_kernel<T, NT, NB, false, W, true><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+  // scaled or permuted: 16 warps never take two column blocks (mma_warps_for_launch), so no such instantiations
+  constexpr bool kLoadsOk = !(NB == 2 && W == minicpm_int4_mma::kWarpsSmallN);
+  const bool s = p.input_scale != nullptr, g = p.input_perm != nullptr;
+  if constexpr (kLoadsOk) {
+    if (g) return launch_mma_sp<T, NT, NB, W, false, true>(p, post, bias, out, ldo, stream);
+    if (s) return launch_mma_sp<T, NT, NB, W, true, false>(p, post, bias, out, ldo, stream);
   }
-  if (post)
-    w4a16_mma_kernel<T, NT, NB, true, W, false><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
-  else
-    w4a16_mma_kernel<T, NT, NB, false, W, false><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+  launch_mma_sp<T, NT, NB, W, false, false>(p, post, bias, out, ldo, stream);
 }
 
 // The instantiations: NT = 2 with 8 warps (large N), NT = 1 with 8 or 16 warps.
@@ -173,8 +184,9 @@ void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool
 }
 
 template <typename T>
-cudaError_t launch_mma(const T* x, const T* ms, const int32_t* qweight, const T* scales, const T* zeros, const T* bias,
-                       T* out, int M, int N, int K, int group_size, long ldx, long ldo, cudaStream_t stream) {
+cudaError_t launch_mma(const T* x, const T* ms, const int32_t* perm, const int32_t* qweight, const T* scales,
+                       const T* zeros, const T* bias, T* out, int M, int N, int K, int group_size, long ldx, long ldo,
+                       cudaStream_t stream) {
   namespace mm = minicpm_int4_mma;
   const bool post = mm::mma_post_scale(K, group_size);
   const int sms = sm_count();
@@ -182,9 +194,9 @@ cudaError_t launch_mma(const T* x, const T* ms, const int32_t* qweight, const T*
   for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
     const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
     const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx, 0x000F000Fu,
-                            mm::group_shift_for(K, group_size), ms};
+                            mm::group_shift_for(K, group_size), ms, perm};
     T* os = out + static_cast<long>(m0) * ldo;
-    const int w = mm::mma_warps_for_launch(warps, rows, ms != nullptr);
+    const int w = mm::mma_warps_for_launch(warps, rows, ms != nullptr || perm != nullptr);
     if (rows > 8)
       launch_mma_nb<T, 2>(p, nt, w, post, bias, os, ldo, stream);
     else
@@ -196,12 +208,15 @@ cudaError_t launch_mma(const T* x, const T* ms, const int32_t* qweight, const T*
 }
 
 template <typename T>
-cudaError_t launch_any(const T* x, const T* ms, const int32_t* qweight, const T* scales, const T* zeros, const T* bias,
-                       T* out, int M, int N, int K, int group_size, long ldx, long ldo, int variant, cudaStream_t stream) {
+cudaError_t launch_any(const T* x, const T* ms, const int32_t* perm, const int32_t* qweight, const T* scales,
+                       const T* zeros, const T* bias, T* out, int M, int N, int K, int group_size, long ldx, long ldo,
+                       int variant, cudaStream_t stream) {
   const bool mma_ok = minicpm_int4_mma::mma_supported(K, group_size);
   if (variant == 2 && !mma_ok) return cudaErrorInvalidValue;
-  if (variant == 2 || (variant == 0 && mma_ok))
-    return launch_mma<T>(x, ms, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
+  const bool mma = variant == 2 || (variant == 0 && mma_ok);
+  if (perm != nullptr && (!mma || ms != nullptr)) return cudaErrorInvalidValue;  // x gathered first there
+  if (mma)
+    return launch_mma<T>(x, ms, perm, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
   return launch<T>(x, ms, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
 }
 
@@ -210,26 +225,27 @@ cudaError_t launch_any(const T* x, const T* ms, const int32_t* qweight, const T*
 // Declared in launchers.h (arguments, variants). Returns cudaErrorInvalidValue /
 // cudaErrorMisalignedAddress for arguments the kernels cannot take (the bindings check them first
 // and raise with a message; this is the last line of defence).
-extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* qweight,
-                                               const void* scales, const void* zeros, const void* bias, void* out,
-                                               int M, int N, int K, int group_size, int64_t ldx, int64_t ldo,
-                                               int dtype, int variant, cudaStream_t stream) {
+extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* input_perm,
+                                               const int32_t* qweight, const void* scales, const void* zeros,
+                                               const void* bias, void* out, int M, int N, int K, int group_size,
+                                               int64_t ldx, int64_t ldo, int dtype, int variant, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
       variant < 0 || variant > 2)
     return cudaErrorInvalidValue;
-  // x and the input scale are read 8 values (16 bytes) at a time; qweight's rows 16 bytes at a time
-  // when K % 32 == 0
-  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || (reinterpret_cast<uintptr_t>(input_scale) & 15) != 0)
+  // x, the input scale and the channel order are read 8 values (16 or 32 bytes) at a time; qweight's
+  // rows 16 bytes at a time when K % 32 == 0
+  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || ldx % 8 != 0 || (reinterpret_cast<uintptr_t>(input_scale) & 15) != 0 ||
+      (reinterpret_cast<uintptr_t>(input_perm) & 15) != 0)
     return cudaErrorMisalignedAddress;
   if (K % 32 == 0 && (reinterpret_cast<uintptr_t>(qweight) & 15) != 0) return cudaErrorMisalignedAddress;
   if (dtype == 0)
-    return launch_any<__half>(static_cast<const __half*>(x), static_cast<const __half*>(input_scale), qweight,
+    return launch_any<__half>(static_cast<const __half*>(x), static_cast<const __half*>(input_scale), input_perm, qweight,
                               static_cast<const __half*>(scales), static_cast<const __half*>(zeros),
                               static_cast<const __half*>(bias), static_cast<__half*>(out), M, N, K, group_size, ldx,
                               ldo, variant, stream);
   if (dtype == 1)
     return launch_any<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x),
-                                     static_cast<const __nv_bfloat16*>(input_scale), qweight,
+                                     static_cast<const __nv_bfloat16*>(input_scale), input_perm, qweight,
                                      static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                      static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
                                      group_size, ldx, ldo, variant, stream);
@@ -238,4 +254,8 @@ extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_
 
 extern "C" int minicpm_int4_w4a16_mma_supported(int K, int group_size) {
   return minicpm_int4_mma::mma_supported(K, group_size) ? 1 : 0;
+}
+
+extern "C" int minicpm_int4_w4a16_reads_perm(int K, int group_size, int variant, int has_input_scale) {
+  return !has_input_scale && variant != 1 && minicpm_int4_mma::mma_supported(K, group_size) ? 1 : 0;
 }

@@ -213,14 +213,19 @@ template <typename T> struct Params {
   uint32_t mask_lo;  // 0x000F000F, passed at run time so that ptxas keeps (w & mask) | magic one LOP3
   int group_shift;   // group of k = k >> group_shift (31 per channel)
   const T* input_scale;  // [K] or nullptr: x * input_scale (rounded to T) is what the mma reads as x
+  const int32_t* input_perm;  // [K] or nullptr: x[:, input_perm] is what the mma reads as x (never with input_scale)
 };
 
 // One warp's partial sums over its chunks (c = warp, warp + W, ...) for the 16 * NT rows from
 // n0 and the 8 * NB rows of x: acc[nt][nb][l][e] in the C layout. lanes[l] = the lane ids held.
 // S: p.input_scale is set, and each 16-byte piece of x is multiplied by the same piece of it as it
 // is loaded (one packed HFMA2 with -0 per pair: x * m rounded once to T, the bits of torch's x * m).
-template <typename T, int NT, int NB, bool POST, int W, class Mma, int L, bool S = false>
+// P: p.input_perm is set, and each piece is gathered through it (the 8 indices loaded once for
+// every row of x, then one 2-byte load per element; hd_common.cuh); never with S.
+template <typename T, int NT, int NB, bool POST, int W, class Mma, int L, bool S = false, bool P = false>
 MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
+  static_assert(!(S && P), "x read through a channel order is not multiplied by an input scale here: "
+                           "the launcher gathers x first for a layer with both");
   const int chunks = p.K / kChunk;
   const int groups = p.K / p.group_size;
   // per lane, before the loop: row pointers (rows past N read row N - 1; their outputs are dropped)
@@ -228,10 +233,12 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
   const unsigned short* sp[NT][2][L];
   const unsigned short* zp[NT][2][L];
   const T* xp[NB][L];
+  [[maybe_unused]] const int32_t* pp[L];  // P: this lane's channel indices, from chunk 0
   int kl[L];
   for (int l = 0; l < L; ++l) {
     const int g = lanes[l] >> 2, t = lanes[l] & 3;
     kl[l] = 32 * t;
+    if constexpr (P) pp[l] = p.input_perm + kl[l];
     MINICPM_UNROLL
     for (int nt = 0; nt < NT; ++nt)
       MINICPM_UNROLL
@@ -317,8 +324,24 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
         // S: the input scale's 8 k of this piece, shared by every row of x
         [[maybe_unused]] uint4 mv;
         if constexpr (S) mv = ldg(reinterpret_cast<const uint4*>(p.input_scale + c * kChunk + kl[l] + 8 * i));
+        // P: the channel of each of the piece's 8 k, shared by every row of x
+        [[maybe_unused]] int idx[8];
+        if constexpr (P) minicpm_int4_hd::load_idx8(pp[l] + c * kChunk + 8 * i, idx);
         MINICPM_UNROLL
         for (int nb = 0; nb < NB; ++nb) {
+          if constexpr (P) {
+            // the element pairs the k-tiles take (below), packed straight from the gathered 2-byte
+            // loads: one PRMT per pair instead of packing a piece and then permuting it
+            const unsigned short* row = reinterpret_cast<const unsigned short*>(xp[nb][l]);
+            uint32_t e[8];
+            MINICPM_UNROLL
+            for (int j = 0; j < 8; ++j) e[j] = ldg(row + idx[j]);
+            b[nb][2 * i][l][0] = e[0] | (e[4] << 16);
+            b[nb][2 * i][l][1] = e[1] | (e[5] << 16);
+            b[nb][2 * i + 1][l][0] = e[2] | (e[6] << 16);
+            b[nb][2 * i + 1][l][1] = e[3] | (e[7] << 16);
+            continue;
+          }
           uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + c * kChunk + kl[l] + 8 * i));
           if constexpr (S) {
             const uint32_t minus_zero = 0x80008000u;  // x * m + (-0) = x * m, signed zeros included
@@ -402,8 +425,11 @@ inline int mma_tiles_per_block(int n, int sms) { return (n + 31) / 32 >= 2 * sms
 // Warps per block: 16 when the blocks (one per 16 * NT rows) are fewer than the SMs - a k/v
 // projection of 1024 rows has 64 - so that the SMs that have one keep twice the loads in flight.
 inline int mma_warps_per_block(int n, int tiles, int sms) { return tiles == 1 && (n + 15) / 16 < sms ? kWarpsSmallN : kWarps; }
-// With an input scale and two column blocks of x (M = 9..16), a 16-warp block's 128 registers per
-// thread are too few (ptxas spills in the K loop): 8 warps there. The instantiations follow this rule.
-inline int mma_warps_for_launch(int warps, int rows, bool scaled) { return scaled && rows > 8 ? kWarps : warps; }
+// With an input scale or a channel order and two column blocks of x (M = 9..16), a 16-warp block's
+// 128 registers per thread are too few (ptxas spills in the K loop): 8 warps there. The
+// instantiations follow this rule.
+inline int mma_warps_for_launch(int warps, int rows, bool scaled_or_permuted) {
+  return scaled_or_permuted && rows > 8 ? kWarps : warps;
+}
 
 }  // namespace minicpm_int4_mma

@@ -40,6 +40,10 @@ FLOAT_DTYPES = LAYER_DTYPES  # what the kernels take: the int4 layers' dtypes
 # Decode rows (tokens) at or below which the W4A8 path uses the W4A16 decode kernel instead:
 # a memory-bound GEMV gains nothing from int8 activations and pays for quantizing them.
 W4A8_MIN_M = 17
+# An act-order layer's channel order (input_perm) on the CUDA extension: its tensor-core kernel and
+# activation quantizer read x through it (True), or x is gathered by torch first (False: a pass and a
+# launch of their own; benchmarks/input_scale_cost.py times both, as w4a16.FUSE_INPUT_PERM for Triton).
+CUDA_FUSE_INPUT_PERM = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +67,13 @@ def _cuda_ext():
     except Exception as e:
         return None, (f"the CUDA extension minicpm_int4._C is not built ({type(e).__name__}: {e}); "
                       "reinstall with a CUDA build of torch and nvcc: "
+                      "MINICPM_INT4_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    # an editable install keeps the _C it built until it is reinstalled: one built from an older
+    # checkout would take these ops' arguments wrongly, so it is refused by name
+    schema = str(torch.ops.minicpm_int4_C.w4a16_gemm.default._schema)
+    if "input_perm" not in schema:
+        return None, ("the CUDA extension minicpm_int4._C was built from an older checkout (its w4a16_gemm "
+                      f"is {schema!r}, without input_perm); rebuild it: "
                       "MINICPM_INT4_BUILD_CUDA=1 pip install --no-build-isolation -e .")
     return torch.ops.minicpm_int4_C, None
 
@@ -242,9 +253,12 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale,
                                                       input_perm=input_perm)
-    x = _gathered(x, input_perm)  # the CUDA kernels and the reference take x gathered
-    if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it
-        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale)
+    if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it, and the
+        # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
+        if not CUDA_FUSE_INPUT_PERM:
+            x, input_perm = _gathered(x, input_perm), None
+        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale, input_perm)
+    x = _gathered(x, input_perm)  # the reference takes x gathered
     if input_scale is not None:  # the reference takes x * m (a pass of its own)
         x = x * input_scale
     return _reference(x.device, reference.w4a16_gemm_ref, x, qweight, scales, zeros, bias, group_size)
@@ -349,8 +363,9 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
             Triton prefill elsewhere and the reference get x * input_scale.
         input_perm: optional int32 [K], a permutation of 0..K-1 (QuantLinear.input_perm, an act-order
             checkpoint's channel order): weight column j multiplies x[:, input_perm[j]] (the input scale
-            is in column order). The Triton decode kernels (M <= 16) read x through it; the other paths
-            gather first. Not checked to be a permutation here (no host sync): QuantLinear checks its own.
+            is in column order). The Triton decode kernels (M <= 16) and the CUDA tensor-core kernel (a
+            layer without an input scale) read x through it; the other paths gather first. Not checked to
+            be a permutation here (no host sync): QuantLinear checks its own.
     Returns:
         y: [M, N] in x's dtype.
     Example:
@@ -386,9 +401,11 @@ def _quantize_per_token_int8_impl(x: Tensor, backend: str, input_scale: Optional
     be = resolve_backend(backend, x.device, "quantize_per_token_int8")
     if be == "triton":  # the input scale multiplied, and x gathered, inside the one pass over x
         return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm)
+    if be == "cuda":  # the input scale multiplied, or x read through input_perm, in the CUDA quantizer's pass
+        if not CUDA_FUSE_INPUT_PERM:
+            x, input_perm = _gathered(x, input_perm), None
+        return _cuda_ext()[0].quantize_per_token_int8(x, input_scale, input_perm)
     x = _gathered(x, input_perm)
-    if be == "cuda":  # the input scale multiplied in the CUDA quantizer's pass
-        return _cuda_ext()[0].quantize_per_token_int8(x, input_scale)
     return _reference(x.device, reference.quantize_per_token_int8_ref, x, input_scale)
 
 
@@ -411,7 +428,8 @@ def quantize_per_token_int8(x: Tensor, backend: str = "auto", input_scale: Optio
     scale 0 and x_q 0. `input_scale` ([K], x's dtype): quantize x * input_scale instead (computed in
     x's dtype), in the same pass over x on the Triton and CUDA backends (the bits of quantizing
     `x * input_scale`). `input_perm` (int32 [K], a permutation; w4a16_gemm's): quantize x[:, input_perm]
-    (times the scale), gathered inside the Triton quantizer's pass, before the others.
+    (times the scale), gathered inside the Triton and CUDA quantizers' pass (CUDA: unless the layer also has an
+    input scale), before the reference's.
     """
     _check_x("quantize_per_token_int8", x)
     _check_input_scale("quantize_per_token_int8", input_scale, x)
@@ -474,7 +492,7 @@ def _w4a8_linear_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     activations and the int8 GEMM. The choice by M is made here, inside one op, so that a traced graph
     (torch.compile with a dynamic batch, torch.export) holds no guard on M: one graph serves decode
     and prefill. An input scale is multiplied into x inside the activation quantizer's one pass over
-    x, so a W4A8 layer's input scale costs no pass of its own there (nor, on Triton, its input_perm)."""
+    x, so a W4A8 layer's input scale costs no pass of its own there (nor its input_perm)."""
     if x.shape[0] < W4A8_MIN_M:
         return _w4a16_gemm_impl(x, qweight, scales, zeros, bias, group_size, backend, workspace, input_scale,
                                 input_perm)
@@ -545,7 +563,8 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
     The input scale goes into the op: the decode kernels (Triton and CUDA), the activation quantizers
     and on sm_90 Triton's prefill multiply it into x as they load it (no pass of its own); before
     Triton prefill elsewhere and the reference the op multiplies first. Likewise the Triton decode
-    kernels and activation quantizer read x through input_perm; the other paths gather x first."""
+    kernels and activation quantizer, and the CUDA tensor-core kernel and quantizer (for a layer
+    without an input scale), read x through input_perm; the other paths gather x first."""
     direct = eager_fast_path(x, bias)
     if act == "int8":
         return (_w4a8_linear_impl if direct else _w4a8_linear_op)(x, qweight, scales, zeros, bias, group_size,

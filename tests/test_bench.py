@@ -371,6 +371,13 @@ def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
         assert "input scale cost, W4A16 48 x 128 G=128 float16 M=3: eager" in out
         assert "input perm cost, W4A16 48 x 128 G=128 float16 M=3: eager" in out
         assert out.count("separate pass") == 3, out
+    # the CUDA extension's switch (timed on a GPU with the extension built): off inside, restored after
+    assert ops.CUDA_FUSE_INPUT_PERM
+    with mod._unfused(mod.CUDA_PERM_FLAGS + mod.PERM_FLAGS):
+        from minicpm_int4.kernels import w4a16
+
+        assert not ops.CUDA_FUSE_INPUT_PERM and not w4a16.FUSE_INPUT_PERM
+    assert ops.CUDA_FUSE_INPUT_PERM and w4a16.FUSE_INPUT_PERM
 
 
 def test_result_files_say_which_dispatch_table_auto_ran_on():

@@ -84,14 +84,16 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
     args = {name: [(a.name, str(a.type)) for a in s.arguments] for name, s in schemas.items()}
     weight = [("x", "Tensor"), ("qweight", "Tensor"), ("scales", "Tensor"), ("zeros", "Tensor"),
               ("bias", "Optional[Tensor]"), ("group_size", "int")]
-    # ops.py calls w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale) and
-    # quantize_per_token_int8(x, input_scale); the bench / gpu tests pass the variant and leave the
-    # input scale out: every form must bind
-    scale = [("input_scale", "Optional[Tensor]")]
+    # ops.py calls w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale, input_perm)
+    # and quantize_per_token_int8(x, input_scale, input_perm); the bench / gpu tests pass the variant and
+    # leave the input scale and channel order out: every form must bind (ops._cuda_ext refuses a _C
+    # whose w4a16_gemm lacks input_perm: one built from an older checkout)
+    scale = [("input_scale", "Optional[Tensor]"), ("input_perm", "Optional[Tensor]")]
     assert args["w4a16_gemm"] == weight + [("variant", "int")] + scale
     assert args["w4a16_gemm_out"] == weight + [("out", "Tensor"), ("variant", "int")] + scale
     assert schemas["w4a16_gemm_out"].arguments[6].alias_info.is_write
-    assert all(s.arguments[-2].default_value == 0 for n, s in schemas.items() if n.startswith("w4a16"))
-    assert all(s.arguments[-1].default_value is None for s in schemas.values())
+    assert all(s.arguments[-3].default_value == 0 for n, s in schemas.items() if n.startswith("w4a16"))
+    assert all(s.arguments[-1].default_value is None and s.arguments[-2].default_value is None
+               for s in schemas.values())
     assert args["quantize_per_token_int8"] == [("x", "Tensor")] + scale
     assert len(schemas["quantize_per_token_int8"].returns) == 2

@@ -5,7 +5,8 @@ thread of every row's block, with the block max in between, and the launcher's o
 (16-byte pieces kept in registers, 16-byte pieces read twice, or element by element). The math is
 exact (a max, one correctly rounded division, rint), so the result must equal the reference's in
 every bit, zero rows and NaN rows included, also with a layer's input scale multiplied in as x is
-read (the reference quantizes torch's x * input_scale). Inputs end at an inaccessible page
+read (the reference quantizes torch's x * input_scale), and with an act-order layer's channel order
+read with x (the reference quantizes x[:, input_perm]). Inputs end at an inaccessible page
 (csrc_emu.guarded).
 """
 import pytest
@@ -19,13 +20,14 @@ from helpers import random_input_scale
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-def _emulate(emu, x, force_scalar=False, input_scale=None):
+def _emulate(emu, x, force_scalar=False, input_scale=None, input_perm=None):
     m, k = x.shape
     x_q = torch.full((m, k), -128, dtype=torch.int8)  # -128 is never written: spots a missed element
     scale = torch.full((m,), float("inf"))
     path = emu.minicpm_int4_act_quant_emulate(x.data_ptr(), x_q.data_ptr(), scale.data_ptr(), m, k, x.stride(0),
                                               DTYPE_CODE[x.dtype], int(force_scalar),
-                                              None if input_scale is None else input_scale.data_ptr())
+                                              None if input_scale is None else input_scale.data_ptr(),
+                                              None if input_perm is None else input_perm.data_ptr())
     return x_q, scale, path
 
 
@@ -115,3 +117,31 @@ def test_act_quant_emulation_misaligned_input_scale_takes_element_path(emu):
     x_q, scale, path = _emulate(emu, x, input_scale=m)
     assert path == -1
     _assert_exact(x, x_q, scale, m)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODE), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("k", [4096, 18944, 1001])  # registers, two-pass, element by element
+def test_act_quant_emulation_input_perm_bit_exact(emu, dtype, k):
+    """x read through a channel order (an act-order layer's input_perm): the reference's quantization
+    of x[:, perm], every path, a strided x; the register path's cache holds the gathered pieces."""
+    g = torch.Generator().manual_seed(k + 21)
+    perm = guarded(torch.randperm(k, generator=g).to(torch.int32))
+    full = guarded(_rows(17, k + 8, dtype, seed=k + 1))
+    x = full[:, :k] if k % 8 == 0 else guarded(_rows(17, k, dtype, seed=k + 1))
+    x_q, scale, path = _emulate(emu, x, input_perm=perm)
+    assert ("scalar" if path < 0 else "two-pass" if path == 0 else "regs") == _expected_path(x)
+    _assert_exact(x[:, perm.long()], x_q, scale)
+    assert not torch.equal(x_q, quantize_per_token_int8_ref(x)[0]), "the order must change the result"
+    if path != -1:  # the same through the element-by-element path
+        x_q2, scale2, path2 = _emulate(emu, x, force_scalar=True, input_perm=perm)
+        assert path2 == -1 and torch.equal(x_q2, x_q) and torch.equal(scale2.nan_to_num(), scale.nan_to_num())
+
+
+def test_act_quant_emulation_refuses_an_input_scale_with_an_input_perm(emu):
+    """No instantiation reads x through a channel order and multiplies an input scale in: the
+    launcher refuses the pair (cudaErrorInvalidValue; the bindings gather x first)."""
+    k = 256
+    x = guarded(_rows(2, k, torch.float16, seed=1))
+    perm = guarded(torch.randperm(k, generator=torch.Generator().manual_seed(1)).to(torch.int32))
+    m = guarded(random_input_scale(k, torch.float16, seed=2))
+    assert _emulate(emu, x, input_scale=m, input_perm=perm)[2] == -3

@@ -10,7 +10,8 @@ past N, a chunk past K) kills the test run instead of passing unnoticed.
 
 With a layer's input scale (QuantConfig.input_scales) the kernels multiply it into x as they load it:
 their result must be, bit for bit, what they give for torch's x * input_scale (the same sums in the
-same order), and so within the GEMM tolerance of the reference.
+same order), and so within the GEMM tolerance of the reference. Likewise the tensor-core kernel reading
+x through an act-order layer's channel order (input_perm) gives the bits it gives for x[:, input_perm].
 
 What is left to the GPU (tests/test_gpu.py): the shuffles and the mma themselves, the 16-byte
 loads' alignment in hardware, the launch, and timing. Needs nvcc (the `emu` fixture, conftest.py).
@@ -27,9 +28,10 @@ VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
 
 
 def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv", warps=0,
-             input_scale=None):
+             input_scale=None, input_perm=None):
     """The CUDA-core GEMV (rows = R, rows per block) or the tensor-core kernel (rows = N-tiles per
-    block, warps per block); 0 = the launcher's own choice for `sms` SMs. input_scale: [K] or None."""
+    block, warps per block); 0 = the launcher's own choice for `sms` SMs. input_scale: [K] or None;
+    input_perm (the tensor-core kernel only): int32 [K] or None."""
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
@@ -41,7 +43,7 @@ def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, 
         rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, sms, ms)
     else:
         rc = emu.minicpm_int4_mma_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, warps,
-                                          sms, ms)
+                                          sms, ms, None if input_perm is None else input_perm.data_ptr())
     assert rc == 0, f"{kernel}: no instantiation for M={m} rows={rows} (rc {rc})"
     return out
 
@@ -268,3 +270,48 @@ def test_emulation_input_scale_products_round_in_x_dtype(emu, dtype):
     for kernel, rows in (("gemv", 1), ("mma", 1)):
         y = _emulate(emu, x, qweight, scales, zeros, None, 128, rows=rows, kernel=kernel, input_scale=m)
         assert torch.equal(y[:, 0], expect), (kernel, y[:, 0], expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [MMA_SHAPES[0], MMA_SHAPES[1], MMA_SHAPES[3], MMA_SHAPES[6]],
+                         ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_mma_emulation_input_perm_is_x_gathered(emu, shape, dtype):
+    """The tensor-core kernel reading x through a channel order (an act-order layer's input_perm):
+    bit for bit what it gives for torch's x[:, perm] - pre- and post-scaled weights, one and two mma
+    column blocks, every instantiation, a strided x, M past 16 in slices - and so within the GEMM
+    tolerance of the reference. The channel order ends at an inaccessible page."""
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n * k + 3)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    g = torch.Generator().manual_seed(n + 13)
+    perm = _guarded(torch.randperm(k, generator=g).to(torch.int32))
+    w = dequant(qweight, scales, zeros, gs, dtype)
+    for rows_of_x in (1, 5, 16, 19):
+        for tiles, warps in ((1, 8), (2, 8), (1, 16)):
+            x = _guarded(torch.randn(rows_of_x, k + 8, generator=g).to(dtype))[:, :k]
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (rows_of_x + tiles) % 2 else None
+            fused = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps,
+                             input_perm=perm)
+            xg = x[:, perm.long()].contiguous()
+            gathered = torch.empty_like(fused)
+            for m0 in range(0, rows_of_x, 16):  # the launcher's slices, each with its warps (as for a scale)
+                rows = min(16, rows_of_x - m0)
+                ws = emu.minicpm_int4_mma_warps_for_launch(warps, rows, 1)
+                gathered[m0:m0 + rows] = _emulate(emu, _guarded(xg[m0:m0 + rows]), qweight, scales, zeros, bias, gs,
+                                                  rows=tiles, kernel="mma", warps=ws)
+            assert torch.equal(fused, gathered), f"M={rows_of_x} tiles={tiles} warps={warps}: outputs differ"
+            assert_gemm_close(fused, w4a16_gemm_ref(xg, qweight, scales, zeros, bias, gs), xg, w)
+    assert not torch.equal(fused, _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma",
+                                           warps=warps)), "the order must change the result"
+
+
+def test_mma_emulation_refuses_an_input_scale_with_an_input_perm(emu):
+    """No instantiation reads x through a channel order and multiplies an input scale in: the
+    launcher refuses the pair (cudaErrorInvalidValue; the bindings gather x first, then scale)."""
+    k = 1024
+    qweight, scales, zeros, gs = _layer(16, k, 128, torch.float16, seed=5)
+    x = torch.randn(2, k).half()
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(5)).to(torch.int32)
+    with pytest.raises(AssertionError, match="rc -3"):
+        _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma", input_scale=random_input_scale(k, torch.float16, seed=5),
+                 input_perm=perm)

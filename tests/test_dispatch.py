@@ -1,6 +1,8 @@
 """backend="auto" on CUDA: a measured table decides between the Triton kernel and the CUDA extension."""
 import json
 
+import pytest
+
 from minicpm_int4.dispatch import m_bucket, table_from_bench, w4a16_auto_backend
 
 
@@ -85,9 +87,11 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
     assert calls == [True, False]
 
 
-def test_cuda_backend_gets_the_input_scale_and_the_unscaled_x(monkeypatch):
-    # the CUDA extension multiplies a layer's input scale into its loads of x: ops hands it x as it is
-    # and the scale (no x * m pass before it), for the W4A16 kernels and the activation quantizer
+def test_cuda_backend_gets_the_input_scale_and_perm_and_the_unscaled_x(monkeypatch):
+    # the CUDA extension multiplies a layer's input scale into its loads of x and reads x through an
+    # act-order layer's channel order (its bindings gather first where a kernel does not): ops hands it
+    # x as it is, the scale and the order (no x * m or x[:, perm] pass before it), for the W4A16 kernels
+    # and the activation quantizer
     import torch
 
     from minicpm_int4 import ops
@@ -96,13 +100,13 @@ def test_cuda_backend_gets_the_input_scale_and_the_unscaled_x(monkeypatch):
 
     class Ext:
         @staticmethod
-        def w4a16_gemm(x, qweight, scales, zeros, bias, group_size, variant, input_scale):
-            seen.append(("w4a16", x, variant, input_scale))
+        def w4a16_gemm(x, qweight, scales, zeros, bias, group_size, variant, input_scale, input_perm):
+            seen.append(("w4a16", x, variant, input_scale, input_perm))
             return x.new_zeros((x.shape[0], qweight.shape[0]))
 
         @staticmethod
-        def quantize_per_token_int8(x, input_scale):
-            seen.append(("act", x, None, input_scale))
+        def quantize_per_token_int8(x, input_scale, input_perm):
+            seen.append(("act", x, None, input_scale, input_perm))
             return torch.zeros(x.shape, dtype=torch.int8), torch.ones(x.shape[0])
 
     monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "cuda")
@@ -110,13 +114,25 @@ def test_cuda_backend_gets_the_input_scale_and_the_unscaled_x(monkeypatch):
     x, qweight = torch.randn(3, 64, dtype=torch.float16), torch.zeros(8, 8, dtype=torch.int32)
     scales = torch.ones(8, 2, dtype=torch.float16)
     m = torch.full((64,), 2.0, dtype=torch.float16)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0)).to(torch.int32)
     ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "cuda", None, m)
     ops._quantize_per_token_int8_op(x, "cuda", m)
     ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "cuda")
-    assert [(kind, variant) for kind, _, variant, _ in seen] == [("w4a16", 0), ("act", None), ("w4a16", 0)]
-    assert all(torch.equal(got_x, x) for _, got_x, _, _ in seen)  # never x * m
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "cuda", None, None, perm)
+    ops._quantize_per_token_int8_op(x, "cuda", None, perm)
+    assert [(kind, variant) for kind, _, variant, _, _ in seen] == [
+        ("w4a16", 0), ("act", None), ("w4a16", 0), ("w4a16", 0), ("act", None)]
+    assert all(torch.equal(got_x, x) for _, got_x, _, _, _ in seen)  # never x * m, never x[:, perm]
     assert seen[0][3] is not None and torch.equal(seen[0][3], m) and torch.equal(seen[1][3], m)
-    assert seen[2][3] is None
+    assert seen[2][3] is None and all(s[3] is None for s in seen[3:])
+    assert all(s[4] is None for s in seen[:3]) and all(torch.equal(s[4], perm) for s in seen[3:])
+    # ops.CUDA_FUSE_INPUT_PERM = False (what input_scale_cost.py times against): torch gathers x first
+    seen.clear()
+    monkeypatch.setattr(ops, "CUDA_FUSE_INPUT_PERM", False)
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "cuda", None, None, perm)
+    ops._quantize_per_token_int8_op(x, "cuda", None, perm)
+    assert [s[0] for s in seen] == ["w4a16", "act"]
+    assert all(torch.equal(s[1], x[:, perm.long()]) and s[4] is None for s in seen)
 
 
 def test_tables_merge_per_device():
@@ -178,3 +194,35 @@ def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton" and described["from_env"] and not described["exists"]
     assert f"MINICPM_INT4_DISPATCH_TABLE={missing}: no such file" in r.stderr
+
+
+def test_a_cuda_extension_built_from_an_older_checkout_is_refused_by_name(monkeypatch):
+    """An editable install keeps the _C it built until it is reinstalled: one whose w4a16_gemm has no
+    input_perm (built before the kernels read x through an act-order layer's channel order) would take
+    the order as another argument, so ops._cuda_ext refuses it and says to rebuild; a current one loads.
+    The extension is stood in for by a registered schema (no CUDA kernel is called)."""
+    import sys
+    import types
+
+    import torch
+
+    from minicpm_int4 import ops
+
+    if ops.cuda_extension_error() is None:
+        pytest.skip("the real extension is loaded in this process: its namespace cannot be stood in for")
+    monkeypatch.setitem(sys.modules, "minicpm_int4._C", types.ModuleType("minicpm_int4._C"))
+    head = "w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, int variant=0, "
+    for tail, loads in (("Tensor? input_scale=None) -> Tensor", False),
+                        ("Tensor? input_scale=None, Tensor? input_perm=None) -> Tensor", True)):
+        lib = torch.library.Library("minicpm_int4_C", "DEF")
+        try:
+            lib.define(head + tail)
+            ops._cuda_ext.cache_clear()
+            ext, why = ops._cuda_ext()
+            if loads:
+                assert why is None and ext is torch.ops.minicpm_int4_C
+            else:
+                assert ext is None and "older checkout" in why and "without input_perm" in why and "rebuild" in why
+        finally:
+            lib._destroy()
+            ops._cuda_ext.cache_clear()

@@ -162,6 +162,62 @@ def test_cuda_extension_input_scale_fused(dtype, variant):
         c_ops.quantize_per_token_int8(x, scale.float())
 
 
+@pytest.mark.parametrize("variant", list(CUDA_VARIANTS), ids=lambda v: v)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_extension_input_perm_read_with_x(dtype, variant):
+    """An act-order layer's channel order: the tensor-core kernel reads x through it, the GEMV's x is
+    gathered by the bindings first, and so is a layer's with an input scale too - every way, the bits of
+    the same kernel on torch's x[:, perm] (where the launches split K alike, as for the input scale),
+    at M = 1, 5, 16, 17 with group sizes 32 and 128, a channel-order view that is not 16-byte aligned
+    (copied), and the quantizer's three paths. Small shapes: the GPU suite runs this under compute-sanitizer."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    c_ops = torch.ops.minicpm_int4_C
+    n, k = 1032, 2048
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    perm = torch.cat([torch.zeros(1, dtype=torch.int32, device="cuda"),
+                      torch.randperm(k, device="cuda").to(torch.int32)])[1:]  # 4 bytes past an aligned start
+    scale = torch.exp(torch.randn(k, device="cuda")).to(dtype)
+    for group_size, ms in ((32, (1, 16)), (128, (5, 17))):
+        qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+        bias = torch.randn(n, dtype=dtype, device="cuda")
+        for m in ms:
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            xg = x[:, perm.long()]
+            for with_scale in (False, True):
+                msc = scale if with_scale else None
+                if variant == "auto":
+                    y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="cuda", input_scale=msc,
+                                       input_perm=perm)
+                else:
+                    y = c_ops.w4a16_gemm(x, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant], msc, perm)
+                pre = c_ops.w4a16_gemm(xg, qweight, scales, zeros, bias, gs, CUDA_VARIANTS[variant], msc)
+                # read through the order (tensor cores, no scale): a 9..16-row slice takes 8 warps where
+                # the plain kernel may take 16, as with an input scale; gathered by the bindings: the same
+                read = variant != "gemv" and not with_scale
+                alike = not read or m <= 8 or (n + 15) // 16 >= sms or (n + 31) // 32 >= 2 * sms
+                if alike:
+                    assert torch.equal(y, pre), f"G={group_size} M={m} scale={with_scale}: {int((y != pre).sum())} differ"
+                else:
+                    assert torch.equal(y[16:], pre[16:]), f"G={group_size} M={m}: the rows past 16 differ"
+                xe = xg * scale if with_scale else xg
+                assert_gemm_close(y, w4a16_gemm_ref(xe, qweight, scales, zeros, bias, gs), xe,
+                                  dequant(qweight, scales, zeros, gs, dtype))
+    for kq in (2048, 18944, 1001):  # the quantizer: registers, two reads, element by element
+        pq = torch.randperm(kq, device="cuda").to(torch.int32)
+        xq_in = torch.randn(3, kq, dtype=dtype, device="cuda")
+        xq_in[1] = 0
+        sq = torch.exp(torch.randn(kq, device="cuda")).to(dtype)
+        for msc in (None, sq):
+            xq, s = c_ops.quantize_per_token_int8(xq_in, msc, pq)
+            xq_ref, s_ref = quantize_per_token_int8_ref(xq_in[:, pq.long()], msc)
+            assert torch.equal(xq, xq_ref) and torch.equal(s, s_ref), (kq, msc is not None)
+    with pytest.raises(RuntimeError, match="input_perm must be int32"):
+        c_ops.w4a16_gemm(x, qweight, scales, zeros, None, gs, 0, None, perm.long())
+    with pytest.raises(RuntimeError, match=r"input_perm must have shape \[K=2048\]"):
+        c_ops.quantize_per_token_int8(x, None, perm[:-8])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_cuda_extension_act_quant_every_path_small(dtype):
     """The CUDA activation quantizer's three paths - 16-byte pieces kept in registers (K = 2048), read
@@ -562,11 +618,12 @@ def test_gptq_on_the_gpu(group_size):
 
 
 @pytest.mark.parametrize("backend,act,m", [("auto", None, 1), ("triton", None, 1), ("triton", None, 4),
-                                           ("triton", None, 16), ("auto", None, 300), ("cuda", None, 4),
+                                           ("triton", None, 16), ("auto", None, 300), ("cuda", None, 1), ("cuda", None, 4),
                                            ("auto", "int8", 300)])
 def test_input_perm_layer_on_gpu(backend, act, m):
     """An act-order GPTQ layer (QuantLinear.input_perm, foreign.py) on each backend: the Triton decode
-    kernels and activation quantizer read x through the order, the other paths gather first; the bits
+    kernels and activation quantizer and the CUDA tensor-core kernel read x through the order, the other
+    paths gather first; the bits
     of the same kernel on gathered x, against the layer's own weight in channel order, and in a CUDA graph."""
     if backend == "cuda" and ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())

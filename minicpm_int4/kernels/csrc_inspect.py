@@ -38,7 +38,8 @@ class Variant:
     kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant"
     dtype: str
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
-                                 # all: S (1: the layer's input scale multiplied into the loads of x)
+                                 # all: S (1: the layer's input scale multiplied into the loads of x);
+                                 # mma, act_quant: P (1: x read through an act-order layer's channel order)
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -94,11 +95,11 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:
             v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // per_trip
         return v
-    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])E", name)
+    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])ELb([01])E", name)
     if m:
         v = Variant(arch, "mma", _DTYPES[m.group(1)], {"NT": int(m.group(2)), "NB": int(m.group(3)),
                                                        "POST": int(m.group(4)), "W": int(m.group(5)),
-                                                       "S": int(m.group(6))}, regs, spill, smem)
+                                                       "S": int(m.group(6)), "P": int(m.group(7))}, regs, spill, smem)
         nt, nb = v.params["NT"], v.params["NB"]
         best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
         for loop in loop_bodies(sass):
@@ -108,10 +109,10 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
             v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
-    m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)ELb([01])E", name)
+    m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)ELb([01])ELb([01])E", name)
     if m:  # no K loop per weight: registers, stack, and local memory in its loops
-        v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2)), "S": int(m.group(3))}, regs, spill,
-                    smem)
+        v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2)), "S": int(m.group(3)),
+                                                             "P": int(m.group(4))}, regs, spill, smem)
         v.loop_counts = dict(sum(loop_bodies(sass), Counter()))
         return v
     return None

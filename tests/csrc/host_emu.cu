@@ -109,7 +109,9 @@ void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
   auto acc = reinterpret_cast<float(*)[NT][NB][32][4]>(acc_store.data());
   for (int n0 = 0; n0 < p.N; n0 += 16 * NT) {
     for (int w = 0; w < W; ++w) {
-      if (p.input_scale != nullptr)  // the launcher's choice of instantiation
+      if (p.input_perm != nullptr)  // the launcher's choice of instantiation (never both)
+        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false, true>(p, n0, w, lanes, acc[w]);
+      else if (p.input_scale != nullptr)
         mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, true>(p, n0, w, lanes, acc[w]);
       else
         mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false>(p, n0, w, lanes, acc[w]);
@@ -144,17 +146,20 @@ bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, const T*
 
 template <typename T>
 int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
-                int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms, const T* ms) {
+                int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms, const T* ms,
+                const int32_t* perm) {
   if (!mm::mma_supported(K, group_size)) return -2;
+  if (perm != nullptr && ms != nullptr) return -3;  // as the launcher: no such instantiation
   const bool post = mm::mma_post_scale(K, group_size);
   const int nt = tiles > 0 ? tiles : mm::mma_tiles_per_block(N, sms);
   const int w = warps > 0 ? warps : mm::mma_warps_per_block(N, nt, sms);
   for (int m0 = 0; m0 < M; m0 += mm::kMaxM) {
     const int rows = (M - m0) < mm::kMaxM ? (M - m0) : mm::kMaxM;
     const mm::Params<T> p{x + static_cast<long>(m0) * ldx, qweight, scales, zeros, rows, N, K, group_size, ldx,
-                          0x000F000Fu, mm::group_shift_for(K, group_size), ms};
+                          0x000F000Fu, mm::group_shift_for(K, group_size), ms, perm};
     T* os = out + static_cast<long>(m0) * ldo;
-    const int ws = mm::mma_warps_for_launch(w, rows, ms != nullptr);  // the launcher applies it to every slice
+    // the launcher applies it to every slice
+    const int ws = mm::mma_warps_for_launch(w, rows, ms != nullptr || perm != nullptr);
     const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, ws, post, bias, os, ldo)
                              : mma_dispatch<T, 1>(p, nt, ws, post, bias, os, ldo);
     if (!ok) return -1;
@@ -166,8 +171,9 @@ namespace aq = minicpm_int4_aq;
 
 // One block per row: every thread's pass 1, the block max (exact in any order, NaN-propagating),
 // the row's scale, every thread's pass 2 - the kernel's sequence with its own per-thread code.
-template <typename T, int U, bool S>
-void act_quant_rows(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, bool vec) {
+template <typename T, int U, bool S, bool P>
+void act_quant_rows(const T* x, const T* ms, const int32_t* perm, int8_t* xq, float* scale, int M, int K, long ldx,
+                    bool vec) {
   std::vector<uint4> caches(static_cast<size_t>(aq::kThreads) * (U > 0 ? U : 1));
   for (int m = 0; m < M; ++m) {
     const T* row = x + static_cast<long>(m) * ldx;
@@ -175,7 +181,7 @@ void act_quant_rows(const T* x, const T* ms, int8_t* xq, float* scale, int M, in
     bool nan = false;
     for (int tid = 0; tid < aq::kThreads; ++tid) {
       auto& cache = *reinterpret_cast<uint4(*)[U > 0 ? U : 1]>(&caches[static_cast<size_t>(tid) * (U > 0 ? U : 1)]);
-      const float v = aq::thread_absmax<T, U, S>(row, ms, K, tid, vec, cache).value();
+      const float v = aq::thread_absmax<T, U, S, P>(row, ms, perm, K, tid, vec, cache).value();
       nan = nan || v != v;
       amax = fmaxf(amax, v);
     }
@@ -184,29 +190,34 @@ void act_quant_rows(const T* x, const T* ms, int8_t* xq, float* scale, int M, in
     scale[m] = s;
     for (int tid = 0; tid < aq::kThreads; ++tid) {
       const auto& cache = *reinterpret_cast<const uint4(*)[U > 0 ? U : 1]>(&caches[static_cast<size_t>(tid) * (U > 0 ? U : 1)]);
-      aq::thread_quantize<T, U, S>(row, ms, xq + static_cast<long>(m) * K, K, tid, vec, s, safe, cache);
+      aq::thread_quantize<T, U, S, P>(row, ms, perm, xq + static_cast<long>(m) * K, K, tid, vec, s, safe, cache);
     }
   }
 }
 
-template <typename T, bool S>
-void act_quant_u(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, bool vec) {
+template <typename T, bool S, bool P>
+void act_quant_u(const T* x, const T* ms, const int32_t* perm, int8_t* xq, float* scale, int M, int K, long ldx,
+                 bool vec) {
   switch (aq::cache_pieces(K, sizeof(T), vec)) {
-    case 1: act_quant_rows<T, 1, S>(x, ms, xq, scale, M, K, ldx, vec); break;
-    case 2: act_quant_rows<T, 2, S>(x, ms, xq, scale, M, K, ldx, vec); break;
-    case 4: act_quant_rows<T, 4, S>(x, ms, xq, scale, M, K, ldx, vec); break;
-    case 8: act_quant_rows<T, 8, S>(x, ms, xq, scale, M, K, ldx, vec); break;
-    default: act_quant_rows<T, 0, S>(x, ms, xq, scale, M, K, ldx, vec); break;
+    case 1: act_quant_rows<T, 1, S, P>(x, ms, perm, xq, scale, M, K, ldx, vec); break;
+    case 2: act_quant_rows<T, 2, S, P>(x, ms, perm, xq, scale, M, K, ldx, vec); break;
+    case 4: act_quant_rows<T, 4, S, P>(x, ms, perm, xq, scale, M, K, ldx, vec); break;
+    case 8: act_quant_rows<T, 8, S, P>(x, ms, perm, xq, scale, M, K, ldx, vec); break;
+    default: act_quant_rows<T, 0, S, P>(x, ms, perm, xq, scale, M, K, ldx, vec); break;
   }
 }
 
 template <typename T>
-int act_quant(const T* x, const T* ms, int8_t* xq, float* scale, int M, int K, long ldx, int force_scalar) {
-  const bool vec = !force_scalar && aq::vector_path(x, ldx, K, sizeof(T), ms);
-  if (ms != nullptr)
-    act_quant_u<T, true>(x, ms, xq, scale, M, K, ldx, vec);
+int act_quant(const T* x, const T* ms, const int32_t* perm, int8_t* xq, float* scale, int M, int K, long ldx,
+              int force_scalar) {
+  if (perm != nullptr && ms != nullptr) return -3;  // as the launcher: no such instantiation
+  const bool vec = !force_scalar && aq::vector_path(x, ldx, K, sizeof(T), ms, perm);
+  if (perm != nullptr)
+    act_quant_u<T, false, true>(x, ms, perm, xq, scale, M, K, ldx, vec);
+  else if (ms != nullptr)
+    act_quant_u<T, true, false>(x, ms, perm, xq, scale, M, K, ldx, vec);
   else
-    act_quant_u<T, false>(x, ms, xq, scale, M, K, ldx, vec);
+    act_quant_u<T, false, false>(x, ms, perm, xq, scale, M, K, ldx, vec);
   return vec ? aq::cache_pieces(K, sizeof(T), vec) : -1;
 }
 
@@ -232,43 +243,48 @@ int minicpm_int4_gemv_emulate(const void* x, const int32_t* qweight, const void*
 }
 
 // The tensor-core kernel: tiles = N-tiles per block, warps = warps per block (0: as the launcher
-// picks with `sms` SMs); input_scale as above.
-// Returns 0, -1 for a tile count without an instantiation, -2 where the kernel does not apply.
+// picks with `sms` SMs); input_scale as above; input_perm NULL or int32 [K] (x read through it).
+// Returns 0, -1 for a tile count without an instantiation, -2 where the kernel does not apply,
+// -3 for an input scale and a channel order together (the launcher's cudaErrorInvalidValue).
 int minicpm_int4_mma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                              const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                             int dtype, int tiles, int warps, int sms, const void* input_scale) {
+                             int dtype, int tiles, int warps, int sms, const void* input_scale,
+                             const int32_t* input_perm) {
   if (dtype == 0)
     return mma_emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                                static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
                                static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, warps, sms,
-                               static_cast<const __half*>(input_scale));
+                               static_cast<const __half*>(input_scale), input_perm);
   return mma_emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
                                     static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                     static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                                    group_size, ldx, ldo, tiles, warps, sms, static_cast<const __nv_bfloat16*>(input_scale));
+                                    group_size, ldx, ldo, tiles, warps, sms, static_cast<const __nv_bfloat16*>(input_scale),
+                                    input_perm);
 }
 
 int minicpm_int4_mma_supported(int K, int group_size) { return mm::mma_supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_post_scale(int K, int group_size) { return mm::mma_post_scale(K, group_size) ? 1 : 0; }
 int minicpm_int4_mma_tiles_per_block(int n, int sms) { return mm::mma_tiles_per_block(n, sms); }
 int minicpm_int4_mma_warps_per_block(int n, int tiles, int sms) { return mm::mma_warps_per_block(n, tiles, sms); }
-int minicpm_int4_mma_warps_for_launch(int warps, int rows, int scaled) {
-  return mm::mma_warps_for_launch(warps, rows, scaled != 0);
+int minicpm_int4_mma_warps_for_launch(int warps, int rows, int scaled_or_permuted) {
+  return mm::mma_warps_for_launch(warps, rows, scaled_or_permuted != 0);
 }
 
-// The activation quantizer; dtype 0 fp16, 1 bf16, 2 fp32; input_scale NULL or [K] of x's dtype.
-// Returns the path taken: -1 element by element, 0 vector path with a second read, U > 0 vector
-// path with U pieces per thread in registers.
+// The activation quantizer; dtype 0 fp16, 1 bf16, 2 fp32; input_scale NULL or [K] of x's dtype;
+// input_perm NULL or int32 [K]. Returns the path taken: -1 element by element, 0 vector path with a
+// second read, U > 0 vector path with U pieces per thread in registers; -3 for an input scale and a
+// channel order together (the launcher's cudaErrorInvalidValue).
 int minicpm_int4_act_quant_emulate(const void* x, int8_t* xq, float* scale, int M, int K, long ldx, int dtype,
-                                   int force_scalar, const void* input_scale) {
+                                   int force_scalar, const void* input_scale, const int32_t* input_perm) {
   if (dtype == 0)
-    return act_quant<__half>(static_cast<const __half*>(x), static_cast<const __half*>(input_scale), xq, scale, M, K,
-                             ldx, force_scalar);
+    return act_quant<__half>(static_cast<const __half*>(x), static_cast<const __half*>(input_scale), input_perm, xq,
+                             scale, M, K, ldx, force_scalar);
   if (dtype == 1)
     return act_quant<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x),
-                                    static_cast<const __nv_bfloat16*>(input_scale), xq, scale, M, K, ldx, force_scalar);
-  return act_quant<float>(static_cast<const float*>(x), static_cast<const float*>(input_scale), xq, scale, M, K, ldx,
-                          force_scalar);
+                                    static_cast<const __nv_bfloat16*>(input_scale), input_perm, xq, scale, M, K, ldx,
+                                    force_scalar);
+  return act_quant<float>(static_cast<const float*>(x), static_cast<const float*>(input_scale), input_perm, xq, scale,
+                          M, K, ldx, force_scalar);
 }
 
 int minicpm_int4_gemv_chunk_shift(int K, int group_size) { return chunk_shift_for(K, group_size); }
