@@ -93,7 +93,7 @@ print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.per
 # CUDA-graphed, W4A16 at M = 1 / 16 / 4096 (in the Triton kernels' loads - prefill's on sm_90 - and as
 # a separate pass: which is faster), the CUDA extension's decode kernels at M = 1 / 16 (in their
 # loads), W4A8 at 4096 (in the activation quantizer); and the same for an act-order layer's channel
-# order (input_perm: read through by the Triton decode kernels and quantizer, or gathered first);
+# order (input_perm: read through by the Triton decode kernels and quantizer and the CUDA tensor-core kernel, or gathered first);
 # W4A16's lines come first, should the limit cut W4A8's autotuning short
 stage input-scale-cost 50 $PY benchmarks/input_scale_cost.py
 stage bench 130 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
