@@ -378,6 +378,11 @@ def cmd_quantize(args) -> int:
     if fmt is not None:  # transformers would need autoawq / gptqmodel to load it, and its weights are int4 already
         raise CLIError(f"{args.model!r} is already an int4 checkpoint ({fmt.name}): `minicpm-int4 convert {args.model} "
                        f"{args.out}` reads it exactly (quantize takes an fp16 / bf16 model)")
+    bnb = _bitsandbytes_checkpoint(args.model) if os.path.isdir(args.model) else None
+    if bnb:  # (a hub name: patch_model reports and warns about such layers after loading)
+        raise CLIError(f"{args.model!r} is a bitsandbytes {bnb} checkpoint: its weights are not this package's integer "
+                       "grid, and quantizing them again would round twice; quantize the fp16 / bf16 model it was made "
+                       "from (MiniCPM-V's official -int4 checkpoints are bitsandbytes nf4 copies of the fp16 release)")
     if args.method == "gptq" and not (args.calibration or args.calibration_images):
         raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt "
                        "and/or --calibration-images")
@@ -433,6 +438,20 @@ def cmd_quantize(args) -> int:
         load_pretrained_quantized(args.out, device=device, trust_remote_code=args.trust_remote_code)
         print(f"reloaded module by module: {_peak_memory(device)}")
     return 0
+
+
+def _bitsandbytes_checkpoint(path: str) -> str | None:
+    """The scheme ("nf4", "fp4", "int8") where folder `path`'s config.json says bitsandbytes quantized it, else None."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "bitsandbytes":
+        return None
+    if qc.get("load_in_8bit"):
+        return "int8"
+    return str(qc.get("bnb_4bit_quant_type") or "4-bit")
 
 
 def _foreign_format(path: str):

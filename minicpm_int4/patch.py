@@ -107,6 +107,46 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+FOREIGN_ADVICE = {
+    "bitsandbytes": "bitsandbytes' nf4 / int8 are not this package's integer grid (quantizing them again would round "
+                    "twice): patch the fp16 model they were made from",
+    "int4": "another package's int4 layers run on these kernels when their checkpoint folder is loaded with "
+            "minicpm_int4.checkpoint.load_pretrained_quantized (AWQ GEMM, GPTQ and compressed-tensors int4 are read "
+            "exactly) or converted with `minicpm-int4 convert`",
+}
+
+
+def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
+    """(what, kind) where another package has already quantized `module` - kind "bitsandbytes" or "int4"
+    (a key of FOREIGN_ADVICE) - else None. By structure, not by import: bitsandbytes' Linear4bit /
+    Linear8bitLt (nn.Linear subclasses whose weight is a Params4bit / Int8Params), and modules holding
+    packed int4 tensors (qweight with scales or qzeros: AutoAWQ, AutoGPTQ / GPTQModel, exllama, Marlin;
+    weight_packed: compressed-tensors), whether or not they subclass nn.Linear. This package's
+    QuantLinear is not foreign."""
+    if isinstance(module, QuantLinear):
+        return None
+    cls = type(module)
+    what = f"{cls.__module__.split('.')[0]} {cls.__name__}"
+    weight = module.__dict__.get("_parameters", {}).get("weight")
+    if cls.__module__.startswith("bitsandbytes") or type(weight).__name__ in ("Params4bit", "Int8Params"):
+        return what, "bitsandbytes"
+    own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+    if ("qweight" in own and own & {"scales", "qzeros"}) or "weight_packed" in own:
+        return what, "int4"
+    return None
+
+
+def _foreign_decision(name: str, module: nn.Module, part: str, what: str, kind: str, shared: str = "") -> LayerDecision:
+    """A module another package quantized, in the report: kept as it is, with what to do instead."""
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    out_f = getattr(module, "out_features", getattr(module, "outfeatures", 0)) or 0
+    in_f = getattr(module, "in_features", getattr(module, "infeatures", 0)) or 0
+    return LayerDecision(name, part, int(out_f), int(in_f), kind, "kept",
+                         f"already quantized by another package ({what}): left as it is (see the notes){shared}",
+                         "other", size, size)
+
+
 def _decide(name: str, lin: nn.Linear, parent: nn.Module, attr: str, part: str, config: QuantConfig):
     """(quantize?, reason, act) for one Linear."""
     why = protected_reason(parent, attr)
@@ -139,7 +179,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     Decisions follow the model's layout (models.py) and `config`: by default the LLM and the vision
     tower are quantized; lm_head, embeddings, the resampler/merger, Linears whose weight a parent reads
     directly (nn.MultiheadAttention.out_proj) and layers with fewer than `min_out_features` outputs stay.
-    Calling it again is harmless (QuantLinear layers are reported as already quantized).
+    Calling it again is harmless (QuantLinear layers are reported as already quantized). Layers another
+    package quantized (AutoAWQ, GPTQ, compressed-tensors, bitsandbytes; foreign_quantization) are listed
+    as kept and left as they are, with a note and a warning saying how to run them instead.
 
     `calibration` (from `minicpm_int4.calibrate(model, batches)`) makes method="search"
     activation-aware, adds each layer's sensitivity to the report, and enables the mixed-precision
@@ -174,8 +216,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     names = {}   # id(module) -> every name it has (one module at two places in the model)
     for mname, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(mname)
-    todo = []
-    for places in linear_places(model).values():
+    todo, foreign_found = [], []
+    linears = linear_places(model)
+    for places in linears.values():
         parent, attr, name = places[0]
         child = getattr(parent, attr)
         others = [n for n in names[id(child)] if n != name]
@@ -186,6 +229,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 name, part, child.out_features, child.in_features, str(child.dtype).replace("torch.", ""),
                 "already quantized", "QuantLinear" + shared, "w4a8" if child.act == "int8" else "w4a16",
                 child.weight_bytes, child.weight_bytes))
+            continue
+        foreign = foreign_quantization(child)
+        if foreign is not None:  # an nn.Linear subclass another package quantized (bitsandbytes, compressed-tensors)
+            report.decisions.append(_foreign_decision(name, child, part, *foreign, shared))
+            foreign_found.append(foreign)
             continue
         w = child.weight
         before = w.numel() * w.element_size()
@@ -206,6 +254,19 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
             "quantized" if ok else "kept", reason + shared, path, before, after))
 
+    # int4 modules of other packages that are no nn.Linear (AutoAWQ's WQLinear_GEMM, GPTQ's QuantLinear, ...)
+    for mname, mod in model.named_modules():
+        foreign = None if id(mod) in linears else foreign_quantization(mod)
+        if foreign is not None:
+            report.decisions.append(_foreign_decision(mname, mod, "lm_head" if mname == head else layout.part_of(mname),
+                                                      *foreign))
+            foreign_found.append(foreign)
+    if foreign_found:
+        classes = ", ".join(sorted({what for what, _ in foreign_found}))
+        msg = (f"{len(foreign_found)} layer(s) already quantized by another package ({classes}) are left as they "
+               "are: " + "; ".join(FOREIGN_ADVICE[k] for k in sorted({kind for _, kind in foreign_found})))
+        report.notes.append(msg)
+        warnings.warn(f"patch_model: {msg}", stacklevel=2)
     if not report.decisions:
         warnings.warn(f"patch_model: {type(model).__name__} has no nn.Linear layers; nothing was quantized",
                       stacklevel=2)

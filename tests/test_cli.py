@@ -396,3 +396,17 @@ def test_a_device_torch_cannot_use_is_one_line(command, device, message, capsys)
     assert main([*command, "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"minicpm-int4 {command[0]}: {message}") and "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize("qc, scheme", [({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "nf4"),
+                                        ({"load_in_8bit": True}, "int8")])
+def test_quantize_refuses_a_bitsandbytes_checkpoint_before_loading_it(capsys, tmp_path, qc, scheme):
+    """MiniCPM-V's official -int4 checkpoints are bitsandbytes nf4: quantize names that and what to quantize
+    instead, exit 2, before any loading (a hub name is loaded, and patch_model then lists and warns)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes", **qc}}))
+    assert main(["quantize", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"is a bitsandbytes {scheme} checkpoint" in err and "quantize the fp16 / bf16 model" in err
+    assert "loading" not in err and not (tmp_path / "out").exists()

@@ -459,3 +459,90 @@ def test_linear_subclasses_with_their_own_forward_are_kept():
     assert [d.action for d in report.decisions] == ["kept", "quantized", "quantized"]
     assert "ScaledLinear subclasses nn.Linear with a forward of its own" in report.decisions[0].reason
     assert type(model[0]) is ScaledLinear and isinstance(model[1], QuantLinear)
+
+
+def _foreign_classes():
+    """Stand-ins with the structure of other packages' quantized layers (none of them installs here)."""
+
+    class WQLinear_GEMM(nn.Module):  # AutoAWQ: no nn.Linear; packed buffers
+        def __init__(self, k, n, g=32):
+            super().__init__()
+            self.in_features, self.out_features = k, n
+            self.register_buffer("qweight", torch.randint(0, 2**31 - 1, (k, n // 8), dtype=torch.int32))
+            self.register_buffer("qzeros", torch.zeros(k // g, n // 8, dtype=torch.int32))
+            self.register_buffer("scales", torch.ones(k // g, n, dtype=torch.float16))
+
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    class GPTQLinear(WQLinear_GEMM):  # AutoGPTQ's QuantLinear: infeatures / outfeatures, g_idx
+        def __init__(self, k, n):
+            super().__init__(k, n)
+            self.infeatures, self.outfeatures = self.__dict__.pop("in_features"), self.__dict__.pop("out_features")
+            self.out_features = self.outfeatures
+            self.register_buffer("g_idx", torch.arange(k, dtype=torch.int32) // 32)
+
+    class CompressedLinear(nn.Linear):  # compressed-tensors: an nn.Linear whose weight was replaced
+        def __init__(self, k, n):
+            super().__init__(k, n, bias=False)
+            del self.weight
+            self.weight_packed = nn.Parameter(torch.zeros(n, k // 8, dtype=torch.int32), requires_grad=False)
+            self.weight_scale = nn.Parameter(torch.ones(n, k // 32), requires_grad=False)
+
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    class Params4bit(nn.Parameter):
+        pass
+
+    class Linear4bit(nn.Linear):  # bitsandbytes: an nn.Linear whose weight is a Params4bit (uint8 on a GPU)
+        def __init__(self, k, n):
+            super().__init__(k, n)
+            self.weight = Params4bit(torch.zeros(k * n // 2, 1, dtype=torch.uint8), requires_grad=False)
+
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    WQLinear_GEMM.__module__ = "awq.modules.linear.gemm"
+    GPTQLinear.__module__ = "auto_gptq.nn_modules.qlinear.qlinear_cuda_old"
+    CompressedLinear.__module__ = "compressed_tensors.linear.compressed_linear"
+    Linear4bit.__module__ = Params4bit.__module__ = "bitsandbytes.nn.modules"
+    return WQLinear_GEMM, GPTQLinear, CompressedLinear, Linear4bit
+
+
+def test_layers_another_package_quantized_are_listed_kept_and_said():
+    """Layers AutoAWQ, AutoGPTQ / GPTQModel, compressed-tensors or bitsandbytes quantized (found by
+    structure: packed int4 tensors, or a Params4bit weight; whether or not they subclass nn.Linear) are
+    listed in the report as kept, untouched, with what to do instead in a note and a warning - load the
+    checkpoint with load_pretrained_quantized, or patch the fp16 model - never quantized a second time
+    nor crashed on (CompressedLinear has no `weight`); the plain Linears beside them are quantized."""
+    import json
+
+    from minicpm_int4.patch import foreign_quantization
+
+    awq, gptq_cls, compressed, bnb = _foreign_classes()
+    model = nn.ModuleDict({"awq": awq(64, 64), "gptq": gptq_cls(64, 64), "ct": compressed(64, 64),
+                           "bnb": bnb(64, 64), "plain": nn.Linear(64, 64), "inner": nn.Sequential(nn.Linear(64, 64))})
+    assert foreign_quantization(model["awq"]) == ("awq WQLinear_GEMM", "int4")
+    assert foreign_quantization(model["bnb"]) == ("bitsandbytes Linear4bit", "bitsandbytes")
+    assert foreign_quantization(model["plain"]) is None and foreign_quantization(QuantLinear(64, 64, group_size=32)) is None
+    before = {name: (type(m), {k: v.clone() for k, v in m.state_dict().items()}) for name, m in model.items()}
+    with pytest.warns(UserWarning, match=r"4 layer\(s\) already quantized by another package") as caught:
+        report = patch_model(model, QuantConfig(group_size=32, include=("*",)), progress=False)
+    msg = str(caught[0].message)
+    assert "load_pretrained_quantized" in msg and "patch the fp16 model" in msg and msg.endswith(report.notes[-1])
+    by = {d.name: d for d in report.decisions}
+    assert sorted(by) == ["awq", "bnb", "ct", "gptq", "inner.0", "plain"]
+    assert [by[n].action for n in ("plain", "inner.0")] == ["quantized", "quantized"]
+    for name, what in (("awq", "awq WQLinear_GEMM"), ("gptq", "auto_gptq GPTQLinear"),
+                       ("ct", "compressed_tensors CompressedLinear"), ("bnb", "bitsandbytes Linear4bit")):
+        d = by[name]
+        assert (d.action, d.path, d.out_features, d.in_features) == ("kept", "other", 64, 64)
+        assert f"already quantized by another package ({what})" in d.reason
+        own = list(model[name].parameters(recurse=False)) + list(model[name].buffers(recurse=False))
+        assert d.bytes_before == d.bytes_after == sum(t.numel() * t.element_size() for t in own)
+        cls, state = before[name]
+        assert type(model[name]) is cls and all(torch.equal(v, model[name].state_dict()[k]) for k, v in state.items())
+    assert isinstance(model["plain"], QuantLinear) and isinstance(model["inner"][0], QuantLinear)
+    json.dumps(report.to_dict())
+    print(report)  # the table prints with them
