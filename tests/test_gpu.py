@@ -162,8 +162,10 @@ def test_cuda_extension_input_scale_fused(dtype, variant):
         c_ops.quantize_per_token_int8(x, scale.float())
 
 
-@pytest.mark.parametrize("variant", list(CUDA_VARIANTS), ids=lambda v: v)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+# fp16 for each variant, bf16 through "auto" (the emulation covers both dtypes in every instantiation):
+# few cases, as the sanitizer stage runs them all
+@pytest.mark.parametrize("variant,dtype", [("auto", torch.float16), ("auto", torch.bfloat16), ("gemv", torch.float16),
+                                           ("mma", torch.float16)], ids=["auto-fp16", "auto-bf16", "gemv-fp16", "mma-fp16"])
 def test_cuda_extension_input_perm_read_with_x(dtype, variant):
     """An act-order layer's channel order: the tensor-core kernel reads x through it, the GEMV's x is
     gathered by the bindings first, and so is a layer's with an input scale too - every way, the bits of
@@ -203,7 +205,7 @@ def test_cuda_extension_input_perm_read_with_x(dtype, variant):
                 xe = xg * scale if with_scale else xg
                 assert_gemm_close(y, w4a16_gemm_ref(xe, qweight, scales, zeros, bias, gs), xe,
                                   dequant(qweight, scales, zeros, gs, dtype))
-    for kq in (2048, 18944, 1001):  # the quantizer: registers, two reads, element by element
+    for kq in (2048, 18944, 1001) if variant == "auto" else ():  # the quantizer: registers, two reads, one by one
         pq = torch.randperm(kq, device="cuda").to(torch.int32)
         xq_in = torch.randn(3, kq, dtype=dtype, device="cuda")
         xq_in[1] = 0
