@@ -44,7 +44,8 @@ MINICPM_HD float as_float(uint32_t bits) {
 // An act-order layer's channel order (QuantLinear.input_perm, int32 [K], 16-byte aligned): weight
 // column k multiplies x[perm[k]]. The kernels read x through it where they would read x[k .. k + 7]
 // as one 16-byte piece: the 8 indices (two 16-byte loads, shared by every row of x), then one 2-byte
-// load per element, packed into the piece the plain load would have given (x is a few KiB, in L1/L2).
+// load per element (x is a few KiB, in L1/L2), packed into the piece the plain load would have given
+// (gather8, the quantizer's) or straight into the mma's operand pairs (the tensor-core kernel's own).
 MINICPM_HD void load_idx8(const int32_t* perm, int (&idx)[8]) {
   const int4 a = ldg(reinterpret_cast<const int4*>(perm)), b = ldg(reinterpret_cast<const int4*>(perm) + 1);
   idx[0] = a.x, idx[1] = a.y, idx[2] = a.z, idx[3] = a.w;
