@@ -136,10 +136,42 @@ def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
     return None
 
 
+def awq_gemm_module(module: nn.Module) -> bool:
+    """AutoAWQ's 4-bit WQLinear_GEMM: a layer in the layout its checkpoints hold (buffers qweight [K, N/8],
+    qzeros [K/G, N/8], scales [K/G, N]), which foreign.awq_to_canonical reads exactly. (Its other layers -
+    GEMV, Marlin, exllama - and other packages' int4 modules are not converted: their in-memory layouts
+    or zero-point conventions differ, so they are listed and left.)"""
+    cls = type(module)
+    return (cls.__name__ == "WQLinear_GEMM" and cls.__module__.split(".")[0] == "awq"
+            and getattr(module, "w_bit", 4) == 4
+            and all(isinstance(getattr(module, t, None), torch.Tensor) for t in ("qweight", "qzeros", "scales")))
+
+
+def _from_awq_gemm(module: nn.Module, name: str, act: Optional[str], backend: str) -> QuantLinear:
+    """A QuantLinear holding exactly the int4 numbers of an AutoAWQ WQLinear_GEMM (in its scales' dtype,
+    fp16, which AutoAWQ computes in). Raises foreign.ForeignFormatError for one the kernels cannot take."""
+    from .foreign import awq_to_canonical, layer_group_size
+
+    k, n = int(module.in_features), int(module.out_features)
+    gs = layer_group_size(int(getattr(module, "group_size", k)), k, name)
+    qweight, scales, zeros, _ = awq_to_canonical(module.qweight, module.qzeros, module.scales, k, n, gs, name)
+    bias = getattr(module, "bias", None)
+    ql = QuantLinear(k, n, bias=bias is not None, group_size=gs, dtype=scales.dtype, device=qweight.device, act=act,
+                     backend=backend)
+    with torch.no_grad():
+        ql.qweight.copy_(qweight)
+        ql.scales.copy_(scales)
+        ql.zeros.copy_(zeros)
+        if bias is not None:
+            ql.bias.copy_(bias.to(scales.dtype))
+    return ql
+
+
 def _foreign_decision(name: str, module: nn.Module, part: str, what: str, kind: str, shared: str = "") -> LayerDecision:
     """A module another package quantized, in the report: kept as it is, with what to do instead."""
-    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    size = sum(t.numel() * t.element_size() for t in tensors)
+    tensors = [t for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if n != "bias"]
+    size = sum(t.numel() * t.element_size() for t in tensors)  # the weight's bytes, as for a Linear
     out_f = getattr(module, "out_features", getattr(module, "outfeatures", 0)) or 0
     in_f = getattr(module, "in_features", getattr(module, "infeatures", 0)) or 0
     return LayerDecision(name, part, int(out_f), int(in_f), kind, "kept",
@@ -179,9 +211,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     Decisions follow the model's layout (models.py) and `config`: by default the LLM and the vision
     tower are quantized; lm_head, embeddings, the resampler/merger, Linears whose weight a parent reads
     directly (nn.MultiheadAttention.out_proj) and layers with fewer than `min_out_features` outputs stay.
-    Calling it again is harmless (QuantLinear layers are reported as already quantized). Layers another
-    package quantized (AutoAWQ, GPTQ, compressed-tensors, bitsandbytes; foreign_quantization) are listed
-    as kept and left as they are, with a note and a warning saying how to run them instead.
+    Calling it again is harmless (QuantLinear layers are reported as already quantized). AutoAWQ's
+    WQLinear_GEMM layers (a model transformers loaded from an AWQ checkpoint) become QuantLinears holding
+    exactly their int4 numbers ("converted"); layers other packages quantized otherwise (GPTQ,
+    compressed-tensors, bitsandbytes; foreign_quantization) are listed as kept and left as they are, with a
+    note and a warning saying how to run them instead.
 
     `calibration` (from `minicpm_int4.calibrate(model, batches)`) makes method="search"
     activation-aware, adds each layer's sensitivity to the report, and enables the mixed-precision
@@ -254,13 +288,28 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
             "quantized" if ok else "kept", reason + shared, path, before, after))
 
-    # int4 modules of other packages that are no nn.Linear (AutoAWQ's WQLinear_GEMM, GPTQ's QuantLinear, ...)
+    # int4 modules of other packages that are no nn.Linear: AutoAWQ's WQLinear_GEMM converted exactly (below,
+    # after the refusals), the others (GPTQ's QuantLinear, ...) listed and left
+    awq_layers = []
     for mname, mod in model.named_modules():
         foreign = None if id(mod) in linears else foreign_quantization(mod)
-        if foreign is not None:
-            report.decisions.append(_foreign_decision(mname, mod, "lm_head" if mname == head else layout.part_of(mname),
-                                                      *foreign))
-            foreign_found.append(foreign)
+        if foreign is None:
+            continue
+        part = "lm_head" if mname == head else layout.part_of(mname)
+        pat = config.matches(mname, config.exclude)
+        if awq_gemm_module(mod) and not pat:
+            before = sum(getattr(mod, t).numel() * getattr(mod, t).element_size() for t in ("qweight", "qzeros", "scales"))
+            act = config.act_for(part)
+            awq_layers.append((mname, mod, act, len(report.decisions)))
+            report.decisions.append(LayerDecision(
+                mname, part, int(mod.out_features), int(mod.in_features), str(mod.scales.dtype).replace("torch.", ""),
+                "converted", f"read exactly from {foreign[0]} (its int4 numbers, in this package's layout)",
+                f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16", before, before))
+            continue
+        report.decisions.append(_foreign_decision(mname, mod, part, *foreign))
+        if pat:
+            report.decisions[-1].reason += f"; excluded by pattern {pat!r}"
+        foreign_found.append(foreign)
     if foreign_found:
         classes = ", ".join(sorted({what for what, _ in foreign_found}))
         msg = (f"{len(foreign_found)} layer(s) already quantized by another package ({classes}) are left as they "
@@ -295,6 +344,23 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         # (input_scales asks for a scale on every layer: folded where it can be, free at runtime; a layer
         # whose group's search chose no scale gets no runtime one either)
         folds, declined = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
+    for mname, mod, act, idx in awq_layers:  # exact: no calibration, no search
+        d = report.decisions[idx]
+        try:
+            ql = _from_awq_gemm(mod, mname, act, config.backend)
+        except ValueError as e:  # a group size or shape the kernels do not take: left, and said
+            d.action, d.path, d.reason = "kept", "other", f"already quantized by another package, not converted: {e}"
+            continue
+        ql.train(mod.training)
+        d.bytes_after = ql.weight_bytes
+        for _, parent in list(model.named_modules()):
+            for attr, child in list(parent._modules.items()):
+                if child is mod:
+                    setattr(parent, attr, ql)
+    n_awq = sum(1 for *_, idx in awq_layers if report.decisions[idx].action == "converted")
+    if n_awq:
+        report.notes.append(f"{n_awq} AutoAWQ WQLinear_GEMM layer(s) converted exactly to QuantLinears (the same int4 "
+                            "numbers and group size, in their scales' dtype)")
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}
     n_passes, hessians, few, unreached, n_scaled = len(gptq_passes), None, [], [], 0

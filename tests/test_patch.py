@@ -464,13 +464,14 @@ def test_linear_subclasses_with_their_own_forward_are_kept():
 def _foreign_classes():
     """Stand-ins with the structure of other packages' quantized layers (none of them installs here)."""
 
-    class WQLinear_GEMM(nn.Module):  # AutoAWQ: no nn.Linear; packed buffers
-        def __init__(self, k, n, g=32):
+    class WQLinear_GEMM(nn.Module):  # AutoAWQ: no nn.Linear; packed buffers (its GEMM layout)
+        def __init__(self, k, n, g=32, bias=False):
             super().__init__()
-            self.in_features, self.out_features = k, n
+            self.in_features, self.out_features, self.w_bit, self.group_size = k, n, 4, g
             self.register_buffer("qweight", torch.randint(0, 2**31 - 1, (k, n // 8), dtype=torch.int32))
             self.register_buffer("qzeros", torch.zeros(k // g, n // 8, dtype=torch.int32))
             self.register_buffer("scales", torch.ones(k // g, n, dtype=torch.float16))
+            self.register_buffer("bias", torch.randn(n).half() if bias else None)
 
         def forward(self, x):
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -511,11 +512,12 @@ def _foreign_classes():
 
 
 def test_layers_another_package_quantized_are_listed_kept_and_said():
-    """Layers AutoAWQ, AutoGPTQ / GPTQModel, compressed-tensors or bitsandbytes quantized (found by
-    structure: packed int4 tensors, or a Params4bit weight; whether or not they subclass nn.Linear) are
-    listed in the report as kept, untouched, with what to do instead in a note and a warning - load the
-    checkpoint with load_pretrained_quantized, or patch the fp16 model - never quantized a second time
-    nor crashed on (CompressedLinear has no `weight`); the plain Linears beside them are quantized."""
+    """Layers AutoGPTQ / GPTQModel, compressed-tensors or bitsandbytes quantized (found by structure:
+    packed int4 tensors, or a Params4bit weight; whether or not they subclass nn.Linear), and an AutoAWQ
+    layer a pattern excludes, are listed in the report as kept, untouched, with what to do instead in a
+    note and a warning - load the checkpoint with load_pretrained_quantized, or patch the fp16 model -
+    never quantized a second time nor crashed on (CompressedLinear has no `weight`); the plain Linears
+    beside them are quantized."""
     import json
 
     from minicpm_int4.patch import foreign_quantization
@@ -528,7 +530,7 @@ def test_layers_another_package_quantized_are_listed_kept_and_said():
     assert foreign_quantization(model["plain"]) is None and foreign_quantization(QuantLinear(64, 64, group_size=32)) is None
     before = {name: (type(m), {k: v.clone() for k, v in m.state_dict().items()}) for name, m in model.items()}
     with pytest.warns(UserWarning, match=r"4 layer\(s\) already quantized by another package") as caught:
-        report = patch_model(model, QuantConfig(group_size=32, include=("*",)), progress=False)
+        report = patch_model(model, QuantConfig(group_size=32, include=("*",), exclude=("awq",)), progress=False)
     msg = str(caught[0].message)
     assert "load_pretrained_quantized" in msg and "patch the fp16 model" in msg and msg.endswith(report.notes[-1])
     by = {d.name: d for d in report.decisions}
@@ -539,10 +541,51 @@ def test_layers_another_package_quantized_are_listed_kept_and_said():
         d = by[name]
         assert (d.action, d.path, d.out_features, d.in_features) == ("kept", "other", 64, 64)
         assert f"already quantized by another package ({what})" in d.reason
-        own = list(model[name].parameters(recurse=False)) + list(model[name].buffers(recurse=False))
+        own = [t for n, t in list(model[name].named_parameters(recurse=False))
+               + list(model[name].named_buffers(recurse=False)) if n != "bias"]  # the weight's bytes
         assert d.bytes_before == d.bytes_after == sum(t.numel() * t.element_size() for t in own)
         cls, state = before[name]
         assert type(model[name]) is cls and all(torch.equal(v, model[name].state_dict()[k]) for k, v in state.items())
+    assert by["awq"].reason.endswith("excluded by pattern 'awq'")
     assert isinstance(model["plain"], QuantLinear) and isinstance(model["inner"][0], QuantLinear)
     json.dumps(report.to_dict())
     print(report)  # the table prints with them
+
+
+@pytest.mark.parametrize("n, k, group_size", [(40, 256, 64), (24, 136, 136)], ids=["G64", "per-channel"])
+def test_autoawq_gemm_layers_are_converted_exactly(n, k, group_size):
+    """A model transformers loaded from an AWQ checkpoint holds AutoAWQ's WQLinear_GEMM layers (buffers in
+    the GEMM layout, packed as AutoAWQ packs them: test_foreign.awq_pack). patch_model makes each a
+    QuantLinear holding exactly the same q, zero points, scales and bias - one QuantLinear where one layer
+    sits at two places - in the layers' fp16, with no warning; the result is the layer's own weight."""
+    import warnings
+
+    from minicpm_int4.packing import pack_int4
+    from minicpm_int4.reference import w4a16_gemm_ref
+
+    from helpers import assert_gemm_close, dequant
+    from test_foreign import _random_layer, awq_pack
+
+    awq_cls = _foreign_classes()[0]
+    q, z, s = _random_layer(n, k, -1 if group_size == k else group_size, seed=n + k)
+    layer = awq_cls(k, n, g=group_size, bias=True)
+    for name, t in awq_pack(q, z, s).items():
+        getattr(layer, name).copy_(t)
+    bias = layer.bias.clone()
+    model = nn.ModuleDict({"a": layer, "b": nn.Sequential(layer), "plain": nn.Linear(k, n)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left unconverted: no warning
+        report = patch_model(model, QuantConfig(group_size=-1, include=("plain",)), progress=False)
+    ql = model["a"]
+    assert isinstance(ql, QuantLinear) and model["b"][0] is ql and isinstance(model["plain"], QuantLinear)
+    d = {d.name: d for d in report.decisions}["a"]
+    assert (d.action, d.path, d.dtype, d.out_features, d.in_features) == ("converted", "w4a16", "float16", n, k)
+    assert "read exactly from awq WQLinear_GEMM" in d.reason and d.bytes_after == ql.weight_bytes
+    assert "1 AutoAWQ WQLinear_GEMM layer(s) converted exactly" in report.notes[-1]
+    assert ql.group_size == (-1 if group_size == k else group_size) and ql.scales.dtype == torch.float16
+    assert torch.equal(ql.qweight, pack_int4(q)) and torch.equal(ql.scales, s)
+    assert torch.equal(ql.zeros, z.to(torch.float16)) and torch.equal(ql.bias, bias)
+    x = torch.randn(3, k).half()
+    w = dequant(ql.qweight, ql.scales, ql.zeros, ql.group_size if ql.group_size != -1 else k, torch.float16)
+    assert_gemm_close(ql(x), w4a16_gemm_ref(x, ql.qweight, ql.scales, ql.zeros, bias, k if group_size == k else group_size),
+                      x, w)
