@@ -350,6 +350,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             ql = _from_awq_gemm(mod, mname, act, config.backend)
         except ValueError as e:  # a group size or shape the kernels do not take: left, and said
             d.action, d.path, d.reason = "kept", "other", f"already quantized by another package, not converted: {e}"
+            d.bytes_after = d.bytes_before
+            report.notes.append(f"{mname}: {d.reason}")
+            warnings.warn(f"patch_model: {mname}: {d.reason}", stacklevel=2)
             continue
         ql.train(mod.training)
         d.bytes_after = ql.weight_bytes

@@ -585,6 +585,12 @@ def test_autoawq_gemm_layers_are_converted_exactly(n, k, group_size):
     assert ql.group_size == (-1 if group_size == k else group_size) and ql.scales.dtype == torch.float16
     assert torch.equal(ql.qweight, pack_int4(q)) and torch.equal(ql.scales, s)
     assert torch.equal(ql.zeros, z.to(torch.float16)) and torch.equal(ql.bias, bias)
+    # a group size the kernels lack (AWQ allows any): left as it is, and said
+    odd = awq_cls(k, n, g=8)
+    odd.group_size = 8
+    with pytest.warns(UserWarning, match="odd: already quantized by another package, not converted: odd: group_size=8"):
+        r = patch_model(nn.ModuleDict({"odd": odd}), QuantConfig(), progress=False)
+    assert [(d.action, d.path) for d in r.decisions] == [("kept", "other")] and r.decisions[0].bytes_after > 0
     x = torch.randn(3, k).half()
     w = dequant(ql.qweight, ql.scales, ql.zeros, ql.group_size if ql.group_size != -1 else k, torch.float16)
     assert_gemm_close(ql(x), w4a16_gemm_ref(x, ql.qweight, ql.scales, ql.zeros, bias, k if group_size == k else group_size),
