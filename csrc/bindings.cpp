@@ -91,13 +91,11 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   // The kernel reads x 16 bytes at a time: a view with an odd offset or row stride is copied
   // (an [M, K] row of a decode step: a few KiB, negligible next to the weights). Where the kernel
   // does not read x through the channel order, x is gathered (a fresh, aligned tensor).
+  const bool gather = perm.defined() && !minicpm_int4_w4a16_reads_perm(static_cast<int>(K), static_cast<int>(group_size),
+                                                                       static_cast<int>(variant), ms.defined() ? 1 : 0);
   const bool x_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (M == 1 || x.stride(0) % 8 == 0);
-  at::Tensor xa = x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
-  if (perm.defined() && !minicpm_int4_w4a16_reads_perm(static_cast<int>(K), static_cast<int>(group_size),
-                                                       static_cast<int>(variant), ms.defined() ? 1 : 0)) {
-    xa = x.index_select(1, perm);
-    perm = at::Tensor();
-  }
+  const at::Tensor xa = gather ? x.index_select(1, perm) : x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
+  if (gather) perm = at::Tensor();
   cudaError_t err = minicpm_int4_w4a16_gemv(
       xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, perm.defined() ? perm.data_ptr<int32_t>() : nullptr,
       qweight.data_ptr<int32_t>(), scales.data_ptr(),

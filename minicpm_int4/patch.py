@@ -344,6 +344,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         # (input_scales asks for a scale on every layer: folded where it can be, free at runtime; a layer
         # whose group's search chose no scale gets no runtime one either)
         folds, declined = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
+    awq_places = linear_places(model, awq_gemm_module) if awq_layers else {}
     for mname, mod, act, idx in awq_layers:  # exact: no calibration, no search
         d = report.decisions[idx]
         try:
@@ -356,10 +357,8 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             continue
         ql.train(mod.training)
         d.bytes_after = ql.weight_bytes
-        for _, parent in list(model.named_modules()):
-            for attr, child in list(parent._modules.items()):
-                if child is mod:
-                    setattr(parent, attr, ql)
+        for parent, attr, _ in awq_places.get(id(mod), ()):
+            setattr(parent, attr, ql)
     n_awq = sum(1 for *_, idx in awq_layers if report.decisions[idx].action == "converted")
     if n_awq:
         report.notes.append(f"{n_awq} AutoAWQ WQLinear_GEMM layer(s) converted exactly to QuantLinears (the same int4 "
@@ -478,14 +477,16 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None, _for
     return count
 
 
-def linear_places(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
-    """id(module) -> every (parent, attribute, name) where an nn.Linear / QuantLinear sits, first name
-    first, in model order: a module shared by two parents (or twice in one) is replaced at all its
-    places by one QuantLinear (named_children lists it once per parent, and only the first time)."""
+def linear_places(model: nn.Module, match=None) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
+    """id(module) -> every (parent, attribute, name) where an nn.Linear / QuantLinear (or a module
+    `match(module)` accepts) sits, first name first, in model order: a module shared by two parents (or
+    twice in one) is replaced at all its places by one QuantLinear (named_children lists it once per
+    parent, and only the first time)."""
+    match = match or (lambda m: isinstance(m, (nn.Linear, QuantLinear)))
     places: Dict[int, List[Tuple[nn.Module, str, str]]] = {}
     for parent_name, parent in model.named_modules():
         for attr, child in parent._modules.items():
-            if isinstance(child, (nn.Linear, QuantLinear)):
+            if match(child):
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 places.setdefault(id(child), []).append((parent, attr, name))
     return places
