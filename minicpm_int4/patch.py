@@ -136,34 +136,75 @@ def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
     return None
 
 
-def awq_gemm_module(module: nn.Module) -> bool:
-    """AutoAWQ's 4-bit WQLinear_GEMM: a layer in the layout its checkpoints hold (buffers qweight [K, N/8],
-    qzeros [K/G, N/8], scales [K/G, N]), which foreign.awq_to_canonical reads exactly. (Its other layers -
-    GEMV, Marlin, exllama - and other packages' int4 modules are not converted: their in-memory layouts
-    or zero-point conventions differ, so they are listed and left.)"""
+AUTOGPTQ_KERNELS = ("cuda", "cuda-old", "triton")  # AutoGPTQ QuantLinear.QUANT_TYPEs that keep the checkpoint layout
+CONVERTED_LABELS = {"awq": "AutoAWQ WQLinear_GEMM", "gptq": "AutoGPTQ QuantLinear"}
+
+
+def _has_tensors(module: nn.Module, names) -> bool:
+    return all(isinstance(getattr(module, t, None), torch.Tensor) for t in names)
+
+
+def convertible_foreign(module: nn.Module) -> Optional[str]:
+    """The reader that converts another package's int4 layer exactly, by its in-memory layout: "awq" for
+    AutoAWQ's 4-bit WQLinear_GEMM (what transformers 4.x builds from an AWQ checkpoint: buffers as the
+    checkpoint holds them, qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]); "gptq" for AutoGPTQ's
+    4-bit QuantLinear of its cuda, cuda-old and triton kernels (what AutoGPTQ, and transformers 4.x through
+    optimum, build with exllama disabled - as OpenBMB's instructions for MiniCPM-o 2.6 int4 do: the GPTQ v1
+    checkpoint layout, qweight [K/8, N], qzeros [G, N/8] holding zero points minus 1, scales [G, N],
+    g_idx [K]); else None. Not converted, listed and left: AutoAWQ's GEMV / exllama / Marlin layers and
+    AutoGPTQ's exllama / exllamav2 / Marlin ones (their kernels reorder or repack the buffers once the
+    model is on a GPU), GPTQModel's layers (how transformers 5.x loads AWQ and GPTQ checkpoints: often
+    repacked, and its zero-point convention is its own), compressed-tensors' and bitsandbytes' layers."""
     cls = type(module)
-    return (cls.__name__ == "WQLinear_GEMM" and cls.__module__.split(".")[0] == "awq"
-            and getattr(module, "w_bit", 4) == 4
-            and all(isinstance(getattr(module, t, None), torch.Tensor) for t in ("qweight", "qzeros", "scales")))
+    root = cls.__module__.split(".")[0]
+    if (root == "awq" and cls.__name__ == "WQLinear_GEMM" and getattr(module, "w_bit", 4) == 4
+            and _has_tensors(module, ("qweight", "qzeros", "scales"))):
+        return "awq"
+    if (root == "auto_gptq" and getattr(cls, "QUANT_TYPE", None) in AUTOGPTQ_KERNELS and getattr(module, "bits", 4) == 4
+            and _has_tensors(module, ("qweight", "qzeros", "scales", "g_idx"))):
+        return "gptq"
+    return None
 
 
-def _from_awq_gemm(module: nn.Module, name: str, act: Optional[str], backend: str) -> QuantLinear:
-    """A QuantLinear holding exactly the int4 numbers of an AutoAWQ WQLinear_GEMM (in its scales' dtype,
-    fp16, which AutoAWQ computes in). Raises foreign.ForeignFormatError for one the kernels cannot take."""
-    from .foreign import awq_to_canonical, layer_group_size
+def _features(module: nn.Module) -> Tuple[int, int]:
+    """(in, out) features of a foreign layer (AutoGPTQ spells them infeatures / outfeatures)."""
+    k = getattr(module, "in_features", getattr(module, "infeatures", 0)) or 0
+    n = getattr(module, "out_features", getattr(module, "outfeatures", 0)) or 0
+    return int(k), int(n)
 
-    k, n = int(module.in_features), int(module.out_features)
+
+def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], backend: str) -> QuantLinear:
+    """A QuantLinear holding exactly the int4 numbers of a layer convertible_foreign names (in its scales'
+    dtype, which the package computes in), computing what the layer computes. Raises
+    foreign.ForeignFormatError for one the kernels cannot take."""
+    from .foreign import ForeignFormatError, awq_to_canonical, gptq_to_canonical, layer_group_size
+
+    k, n = _features(module)
     gs = layer_group_size(int(getattr(module, "group_size", k)), k, name)
-    qweight, scales, zeros, _ = awq_to_canonical(module.qweight, module.qzeros, module.scales, k, n, gs, name)
+    if kind == "awq":
+        canon = awq_to_canonical(module.qweight, module.qzeros, module.scales, k, n, gs, name)
+    else:
+        g_idx = module.g_idx
+        if type(module).QUANT_TYPE == "cuda-old":
+            # its kernels group the channels in runs of G whatever g_idx says (AutoGPTQ picks it only
+            # without act-order): a g_idx that says otherwise is not what the layer computes
+            runs = torch.arange(k, device=g_idx.device) // (k if gs == -1 else gs)
+            if not torch.equal(g_idx.to(torch.int64), runs):
+                raise ForeignFormatError(f"{name}: an act-order g_idx in AutoGPTQ's cuda-old layer, whose kernels "
+                                         "ignore it (the layer computes with runs of group_size channels)")
+            g_idx = None
+        canon = gptq_to_canonical(module.qweight, module.qzeros, module.scales, g_idx, k, n, gs, 1, name)
     bias = getattr(module, "bias", None)
-    ql = QuantLinear(k, n, bias=bias is not None, group_size=gs, dtype=scales.dtype, device=qweight.device, act=act,
-                     backend=backend)
+    ql = QuantLinear(k, n, bias=bias is not None, group_size=gs, dtype=canon.scales.dtype, device=canon.qweight.device,
+                     act=act, backend=backend, input_perm=canon.input_perm is not None)
     with torch.no_grad():
-        ql.qweight.copy_(qweight)
-        ql.scales.copy_(scales)
-        ql.zeros.copy_(zeros)
+        ql.qweight.copy_(canon.qweight)
+        ql.scales.copy_(canon.scales)
+        ql.zeros.copy_(canon.zeros)
+        if canon.input_perm is not None:
+            ql.input_perm.copy_(canon.input_perm)
         if bias is not None:
-            ql.bias.copy_(bias.to(scales.dtype))
+            ql.bias.copy_(bias.to(canon.scales.dtype))
     return ql
 
 
@@ -212,10 +253,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     tower are quantized; lm_head, embeddings, the resampler/merger, Linears whose weight a parent reads
     directly (nn.MultiheadAttention.out_proj) and layers with fewer than `min_out_features` outputs stay.
     Calling it again is harmless (QuantLinear layers are reported as already quantized). AutoAWQ's
-    WQLinear_GEMM layers (a model transformers loaded from an AWQ checkpoint) become QuantLinears holding
-    exactly their int4 numbers ("converted"); layers other packages quantized otherwise (GPTQ,
-    compressed-tensors, bitsandbytes; foreign_quantization) are listed as kept and left as they are, with a
-    note and a warning saying how to run them instead.
+    WQLinear_GEMM layers and AutoGPTQ's cuda / cuda-old / triton QuantLinears (a model transformers 4.x or
+    AutoGPTQ loaded from an AWQ / GPTQ checkpoint; convertible_foreign) become QuantLinears holding exactly
+    their int4 numbers ("converted"); layers other packages quantized otherwise (GPTQModel, exllama and
+    Marlin kernels, compressed-tensors, bitsandbytes; foreign_quantization) are listed as kept and left as
+    they are, with a note and a warning saying how to run them instead.
 
     `calibration` (from `minicpm_int4.calibrate(model, batches)`) makes method="search"
     activation-aware, adds each layer's sensitivity to the report, and enables the mixed-precision
@@ -288,21 +330,24 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
             "quantized" if ok else "kept", reason + shared, path, before, after))
 
-    # int4 modules of other packages that are no nn.Linear: AutoAWQ's WQLinear_GEMM converted exactly (below,
-    # after the refusals), the others (GPTQ's QuantLinear, ...) listed and left
-    awq_layers = []
+    # int4 modules of other packages that are no nn.Linear: AutoAWQ's and AutoGPTQ's in their checkpoint
+    # layout converted exactly (below, after the refusals), the others listed and left
+    converts = []
     for mname, mod in model.named_modules():
         foreign = None if id(mod) in linears else foreign_quantization(mod)
         if foreign is None:
             continue
         part = "lm_head" if mname == head else layout.part_of(mname)
         pat = config.matches(mname, config.exclude)
-        if awq_gemm_module(mod) and not pat:
-            before = sum(getattr(mod, t).numel() * getattr(mod, t).element_size() for t in ("qweight", "qzeros", "scales"))
+        kind = convertible_foreign(mod)
+        if kind and not pat:
+            packed = ("qweight", "qzeros", "scales") + (("g_idx",) if kind == "gptq" else ())
+            before = sum(getattr(mod, t).numel() * getattr(mod, t).element_size() for t in packed)
             act = config.act_for(part)
-            awq_layers.append((mname, mod, act, len(report.decisions)))
+            converts.append((mname, mod, kind, act, len(report.decisions)))
+            k, n = _features(mod)
             report.decisions.append(LayerDecision(
-                mname, part, int(mod.out_features), int(mod.in_features), str(mod.scales.dtype).replace("torch.", ""),
+                mname, part, n, k, str(mod.scales.dtype).replace("torch.", ""),
                 "converted", f"read exactly from {foreign[0]} (its int4 numbers, in this package's layout)",
                 f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16", before, before))
             continue
@@ -344,11 +389,11 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         # (input_scales asks for a scale on every layer: folded where it can be, free at runtime; a layer
         # whose group's search chose no scale gets no runtime one either)
         folds, declined = _fold_scales_checked(model, calibration, config, {t[1] for t in todo}, report)
-    awq_places = linear_places(model, awq_gemm_module) if awq_layers else {}
-    for mname, mod, act, idx in awq_layers:  # exact: no calibration, no search
+    convert_places = linear_places(model, convertible_foreign) if converts else {}
+    for mname, mod, kind, act, idx in converts:  # exact: no calibration, no search
         d = report.decisions[idx]
         try:
-            ql = _from_awq_gemm(mod, mname, act, config.backend)
+            ql = _from_foreign(mod, kind, mname, act, config.backend)
         except ValueError as e:  # a group size or shape the kernels do not take: left, and said
             d.action, d.path, d.reason = "kept", "other", f"already quantized by another package, not converted: {e}"
             d.bytes_after = d.bytes_before
@@ -357,12 +402,13 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             continue
         ql.train(mod.training)
         d.bytes_after = ql.weight_bytes
-        for parent, attr, _ in awq_places.get(id(mod), ()):
+        for parent, attr, _ in convert_places.get(id(mod), ()):
             setattr(parent, attr, ql)
-    n_awq = sum(1 for *_, idx in awq_layers if report.decisions[idx].action == "converted")
-    if n_awq:
-        report.notes.append(f"{n_awq} AutoAWQ WQLinear_GEMM layer(s) converted exactly to QuantLinears (the same int4 "
-                            "numbers and group size, in their scales' dtype)")
+    done = [kind for *_, kind, _, idx in converts if report.decisions[idx].action == "converted"]
+    if done:
+        counts = " and ".join(f"{done.count(kind)} {label}" for kind, label in CONVERTED_LABELS.items() if kind in done)
+        report.notes.append(f"{counts} layer(s) converted exactly to QuantLinears (the same int4 numbers, group size "
+                            "and channel order, in their scales' dtype)")
     swapped = []
     gptq_passes = _plan_gptq(todo, report) if config.method == "gptq" and todo else {}
     n_passes, hessians, few, unreached, n_scaled = len(gptq_passes), None, [], [], 0

@@ -35,6 +35,49 @@ def assert_gemm_close(y, y_ref, x, w):
     assert not bad.any(), f"{int(bad.sum())} elements off; worst excess {(err - tol).max().item():.3g}"
 
 
+def assert_close_to_unfused_bias(y, y_theirs, x, w, bias):
+    """|y - y_theirs| within gemm_tolerance, plus half an ulp of the other package's product before its bias:
+    AutoAWQ's and AutoGPTQ's torch forwards round x @ W to fp16 and then add the bias in fp16 (one more
+    rounding than the single one gemm_tolerance allows each side)."""
+    assert y.shape == y_theirs.shape and y.dtype == y_theirs.dtype == torch.float16
+    tol = gemm_tolerance(x, w, y.dtype, y_theirs).double()
+    if bias is not None:
+        tol += torch.finfo(torch.float16).eps / 2 * (y_theirs.double() - bias.double()).abs()
+    err = (y.double() - y_theirs.double()).abs()
+    assert torch.isfinite(y).all() and not (err > tol).any(), f"worst excess {(err - tol).max().item():.3g}"
+
+
+def load_submodules(package: str, modules):
+    """Import `modules` of an installed `package` without running the package's __init__ (AutoAWQ's and
+    AutoGPTQ's import their whole quantizers: datasets, model zoos); yields a namespace of them and then
+    restores sys.modules. None where the package is not installed."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    import warnings
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        yield None
+        return
+    mine = lambda k: k == package or k.startswith(package + ".")  # noqa: E731
+    saved = {k: v for k, v in sys.modules.items() if mine(k)}
+    if package not in sys.modules:
+        pkg = types.ModuleType(package)
+        pkg.__path__, pkg.__spec__, pkg.__file__ = list(spec.submodule_search_locations), spec, spec.origin
+        sys.modules[package] = pkg
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield types.SimpleNamespace(**{m.rsplit(".", 1)[-1]: importlib.import_module(f"{package}.{m}")
+                                           for m in modules})
+    finally:
+        for k in [k for k in sys.modules if mine(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
 def dequant(qweight, scales, zeros, gs, dtype):
     return dequantize_ref(qweight, scales, zeros, gs, out_dtype=dtype)
 

@@ -12,47 +12,29 @@ these run there and fail rather than skip if it is missing; elsewhere they skip,
 AutoAWQ's top-level `import awq` imports its whole quantizer (datasets, its model zoo): the tests load
 only its layer and packing modules, with the package's __init__ bypassed (and restored afterwards).
 """
-import importlib
-import importlib.util
 import os
-import sys
 import types
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from minicpm_int4 import QuantConfig, QuantLinear, patch_model
-from minicpm_int4.reference import gemm_tolerance
-
-from helpers import dequant
+from helpers import assert_close_to_unfused_bias, dequant, load_submodules
 from test_foreign import _random_layer, awq_pack
 
 
 @pytest.fixture(scope="module")
 def autoawq():
     """AutoAWQ's layer module (WQLinear_GEMM) and its packing utilities."""
-    spec = importlib.util.find_spec("awq")
-    if spec is None or not spec.submodule_search_locations:
+    gen = load_submodules("awq", ("modules.linear.gemm", "utils.packing_utils"))
+    mods = next(gen)
+    if mods is None:
         if os.environ.get("MINICPM_INT4_REQUIRE_AUTOAWQ") == "1":
             pytest.fail("MINICPM_INT4_REQUIRE_AUTOAWQ=1 but autoawq is not installed")
         pytest.skip("autoawq is not installed (CI installs it in its transformers 4.55 stage)")
-    saved = {k: v for k, v in sys.modules.items() if k == "awq" or k.startswith("awq.")}
-    if "awq" not in sys.modules:
-        pkg = types.ModuleType("awq")
-        pkg.__path__, pkg.__spec__, pkg.__file__ = list(spec.submodule_search_locations), spec, spec.origin
-        sys.modules["awq"] = pkg
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gemm = importlib.import_module("awq.modules.linear.gemm")
-            packing = importlib.import_module("awq.utils.packing_utils")
-        yield types.SimpleNamespace(gemm=gemm, packing=packing, WQLinear_GEMM=gemm.WQLinear_GEMM)
-    finally:
-        for k in [k for k in sys.modules if k == "awq" or k.startswith("awq.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    yield types.SimpleNamespace(gemm=mods.gemm, packing=mods.packing_utils, WQLinear_GEMM=mods.gemm.WQLinear_GEMM)
+    next(gen, None)
 
 
 @pytest.fixture
@@ -103,18 +85,6 @@ def _quantized_like_autoawq(n, k, group_size, seed):
     return w, z, s
 
 
-def _assert_close_to_autoawq(y, y_theirs, x, w, bias):
-    """|y - y_theirs| within reference.gemm_tolerance, plus half an ulp of AutoAWQ's product before its
-    bias: its forward rounds x @ W to fp16 and then adds the bias in fp16 (one more rounding than the
-    single one gemm_tolerance allows each side)."""
-    assert y.shape == y_theirs.shape and y.dtype == y_theirs.dtype == torch.float16
-    tol = gemm_tolerance(x, w, y.dtype, y_theirs).double()
-    if bias is not None:
-        tol += torch.finfo(torch.float16).eps / 2 * (y_theirs.double() - bias.double()).abs()
-    err = (y.double() - y_theirs.double()).abs()
-    assert torch.isfinite(y).all() and not (err > tol).any(), f"worst excess {(err - tol).max().item():.3g}"
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_patch_model_converts_autoawq_layers_exactly(autoawq, naive_forward, backend):
     """A model holding AutoAWQ's WQLinear_GEMM layers (groups of 32, 64 and 128 and one group per row, bias
@@ -147,7 +117,7 @@ def test_patch_model_converts_autoawq_layers_exactly(autoawq, naive_forward, bac
         mine = dequant(ql.qweight, ql.scales, ql.zeros, k if gs == -1 else gs, torch.float16)
         assert torch.equal(mine, weights[name]), name
         for x, y_theirs in zip(xs[name], theirs[name]):
-            _assert_close_to_autoawq(ql(x), y_theirs, x, mine, ql.bias)
+            assert_close_to_unfused_bias(ql(x), y_theirs, x, mine, ql.bias)
 
 
 def test_converted_layer_repacks_to_autoawqs_words(autoawq):
@@ -224,7 +194,7 @@ def test_minicpmv26_layout_loaded_as_transformers_loads_awq(autoawq, naive_forwa
         x, y_theirs = seen[name]
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            _assert_close_to_autoawq(ql(x2), y_theirs.reshape(x2.shape[0], -1), x2, mine, ql.bias)
+            assert_close_to_unfused_bias(ql(x2), y_theirs.reshape(x2.shape[0], -1), x2, mine, ql.bias)
     assert f"{len(awq_layers)} AutoAWQ WQLinear_GEMM layer(s) converted exactly" in " ".join(report.notes)
     assert all(d.action == "kept" for d in report.decisions if d.name.startswith(("vpm", "resampler")))
     with torch.no_grad():
