@@ -37,12 +37,12 @@ def assert_gemm_close(y, y_ref, x, w):
 
 def assert_close_to_unfused_bias(y, y_theirs, x, w, bias):
     """|y - y_theirs| within gemm_tolerance, plus half an ulp of the other package's product before its bias:
-    AutoAWQ's and AutoGPTQ's torch forwards round x @ W to fp16 and then add the bias in fp16 (one more
-    rounding than the single one gemm_tolerance allows each side)."""
-    assert y.shape == y_theirs.shape and y.dtype == y_theirs.dtype == torch.float16
+    AutoAWQ's and AutoGPTQ's torch forwards round x @ W to the output dtype and then add the bias in it (one
+    more rounding than the single one gemm_tolerance allows each side)."""
+    assert y.shape == y_theirs.shape and y.dtype == y_theirs.dtype
     tol = gemm_tolerance(x, w, y.dtype, y_theirs).double()
     if bias is not None:
-        tol += torch.finfo(torch.float16).eps / 2 * (y_theirs.double() - bias.double()).abs()
+        tol += torch.finfo(y.dtype).eps / 2 * (y_theirs.double() - bias.double()).abs()
     err = (y.double() - y_theirs.double()).abs()
     assert torch.isfinite(y).all() and not (err > tol).any(), f"worst excess {(err - tol).max().item():.3g}"
 

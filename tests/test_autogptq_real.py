@@ -43,20 +43,21 @@ def autogptq():
     next(gen, None)
 
 
-def _pack(cls, q, z, s, group_size, g_idx=None, bias=None):
+def _pack(cls, q, z, s, group_size, g_idx=None, bias=None, dtype=torch.float16):
     """AutoGPTQ's own packing (QuantLinear.pack, as its quantizer calls it: scales and integer zero points
-    [N, G], g_idx [K]) of the weight (q - z) * s in fp16 (with power-of-two scales exact, so that pack's
-    round((W + z s) / s) gives back q)."""
+    [N, G], g_idx [K]) of the weight (q - z) * s in `dtype` (with power-of-two scales exact, so that pack's
+    round((W + z s) / s) gives back q), into a layer holding `dtype` scales and bias (AutoGPTQ's
+    weight_dtype: bf16 where a model is loaded with torch_dtype=torch.bfloat16)."""
     n, k = q.shape
     gs = k if group_size == -1 else group_size
     gi = (torch.arange(k) // gs) if g_idx is None else g_idx.long()
     w = (q.float() - z.float()[:, gi]) * s.float()[:, gi]
-    lin = nn.Linear(k, n, bias=bias is not None).half()
+    lin = nn.Linear(k, n, bias=bias is not None).to(dtype)
     with torch.no_grad():
-        lin.weight.copy_(w.half())
+        lin.weight.copy_(w.to(dtype))
         if bias is not None:
             lin.bias.copy_(bias)
-    layer = cls(4, group_size, k, n, bias is not None)
+    layer = cls(4, group_size, k, n, bias is not None, weight_dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer.pack(lin, s.clone(), z.to(torch.int32).clone(), gi.to(torch.int32))
@@ -90,36 +91,38 @@ def _their_weight(layer):
     bias, layer.bias = layer.bias, None
     try:
         with torch.no_grad():
-            return layer(torch.eye(layer.infeatures, dtype=torch.float16)).t().contiguous()
+            return layer(torch.eye(layer.infeatures, dtype=layer.scales.dtype)).t().contiguous()
     finally:
         layer.bias = bias
 
 
-CASES = {  # name: (kernel, N, K, group size, act-order, bias)
-    "cuda_g32_act": ("cuda", 64, 128, 32, True, True),
-    "cuda_g128_act": ("cuda", 32, 256, 128, True, False),
-    "cuda_g64": ("cuda", 96, 128, 64, False, True),
-    "old_g64": ("cuda-old", 64, 192, 64, False, True),
-    "old_per_row": ("cuda-old", 32, 160, -1, False, False),  # (AutoGPTQ packs K in 32s)
-    "triton_g32_act": ("triton", 64, 96, 32, True, False),
+BF16 = torch.bfloat16
+CASES = {  # name: (kernel, N, K, group size, act-order, bias, dtype)
+    "cuda_g32_act": ("cuda", 64, 128, 32, True, True, torch.float16),
+    "cuda_g128_act": ("cuda", 32, 256, 128, True, False, torch.float16),
+    "cuda_g64_bf16": ("cuda", 96, 128, 64, False, True, BF16),
+    "old_g64": ("cuda-old", 64, 192, 64, False, True, torch.float16),
+    # MiniCPM-o 2.6 int4 as OpenBMB loads it: per channel (its act-order is then no reordering), bf16
+    "old_per_row_bf16": ("cuda-old", 32, 160, -1, False, False, BF16),  # (AutoGPTQ packs K in 32s)
+    "triton_g32_act": ("triton", 64, 96, 32, True, False, torch.float16),
 }
 
 
 def test_patch_model_converts_autogptq_layers_exactly(autogptq, monkeypatch):
     """A model holding AutoGPTQ layers of its cuda, cuda-old and triton kernels (groups of 32 / 64 / 128 and
-    one per row; act-order; bias or none) and one exllama layer: patch_model converts the first ones into
+    one per row; act-order; bias or none; fp16 and bf16 scales) and one exllama layer: patch_model converts the first ones into
     QuantLinears whose weight, in input-channel order, is bit for bit the one AutoGPTQ computes with (its
     cuda layer's forward for the triton one, whose forward needs a GPU: the same buffers mean the same
     weight), and whose output is AutoGPTQ's own forward's within the fp16 GEMM bound (M = 1, 3, 17); the
     exllama layer (its kernel reorders the buffers on the GPU) is listed and left."""
     model, theirs, xs = nn.ModuleDict(), {}, {}
-    for i, (name, (kernel, n, k, gs, act_order, bias)) in enumerate(CASES.items()):
-        q, z, s = _random_layer(n, k, gs, seed=i, zmin=1)
+    for i, (name, (kernel, n, k, gs, act_order, bias, dtype)) in enumerate(CASES.items()):
+        q, z, s = _random_layer(n, k, gs, seed=i, zmin=1, dtype=dtype)
         g_idx = _act_order_g_idx(k, gs, seed=50 + i) if act_order else None
-        b = (torch.randn(n) * 0.1).half() if bias else None
-        model[name] = _pack(autogptq[kernel], q, z, s, gs, g_idx, b)
-        twin = model[name] if kernel != "triton" else _pack(autogptq["cuda"], q, z, s, gs, g_idx, b)
-        xs[name] = [torch.randn(m, k).half() for m in (1, 3, 17)]
+        b = (torch.randn(n) * 0.1).to(dtype) if bias else None
+        model[name] = _pack(autogptq[kernel], q, z, s, gs, g_idx, b, dtype)
+        twin = model[name] if kernel != "triton" else _pack(autogptq["cuda"], q, z, s, gs, g_idx, b, dtype)
+        xs[name] = [torch.randn(m, k).to(dtype) for m in (1, 3, 17)]
         with torch.no_grad():
             theirs[name] = (_their_weight(twin), [twin(x) for x in xs[name]])
     q, z, s = _random_layer(32, 128, 32, seed=99, zmin=1)
@@ -131,10 +134,11 @@ def test_patch_model_converts_autogptq_layers_exactly(autogptq, monkeypatch):
     by = {d.name: d for d in report.decisions}
     assert (by["exl"].action, by["exl"].path) == ("kept", "other")
     assert f"{len(CASES)} AutoGPTQ QuantLinear layer(s) converted exactly" in " ".join(report.notes)
-    for name, (kernel, n, k, gs, act_order, bias) in CASES.items():
+    for name, (kernel, n, k, gs, act_order, bias, dtype) in CASES.items():
         ql = model[name]
         assert isinstance(ql, QuantLinear) and by[name].action == "converted", name
         assert ql.group_size == gs and (ql.input_perm is not None) == act_order and (ql.bias is not None) == bias
+        assert ql.scales.dtype == dtype and by[name].dtype == str(dtype).replace("torch.", "")
         w, ys = theirs[name]
         assert torch.equal(ql.dequantized_weight(), w), name
         for x, y in zip(xs[name], ys):
