@@ -5,8 +5,8 @@ The product (awq.search_input_scale) picks each layer's alpha in 0, 0.1, ..., 1 
 on its calibration sample with the weight rounded to nearest (RTN), then GPTQ quantizes W * s. Here alpha
 minimises what GPTQ leaves instead: tr(E H E^T), E = W - Q_gptq(W * s) / s, with H the layer's Hessian over
 all calibration tokens (GPTQ's objective; the sample's 128 rows are too few for it). MiniLM (real weights),
-G = 32 and 128, held-out embedding 1 - cos, W4A16 and W4A8. Writes
-benchmarks/results/cpu/minilm_input_scale_alpha_proxy.json (~4 min on 2 cores).
+G = 32, 64 and 128, held-out embedding 1 - cos, W4A16 and W4A8. Writes
+benchmarks/results/cpu/minilm_input_scale_alpha_proxy.json (~6 min on 2 cores).
 
     python benchmarks/input_scale_alpha_proxy.py
 """
@@ -61,7 +61,7 @@ def main():
     col = collect_hessians(model, calib.inputs, layers)
     hessians = {n: col.sums[id(m)].clone() for n, m in layers}
     runs = []
-    for gs in (32, 128):
+    for gs in (32, 64, 128):
         for proxy in ("rtn", "gptq"):
             t0 = time.time()
             q = copy.deepcopy(model)
