@@ -47,12 +47,14 @@ def assert_close_to_unfused_bias(y, y_theirs, x, w, bias):
     assert torch.isfinite(y).all() and not (err > tol).any(), f"worst excess {(err - tol).max().item():.3g}"
 
 
-def load_submodules(package: str, modules):
-    """Import `modules` of an installed `package` without running the package's __init__ (AutoAWQ's and
-    AutoGPTQ's import their whole quantizers: datasets, model zoos); yields a namespace of them and then
-    restores sys.modules. None where the package is not installed."""
+def load_submodules(package: str, modules, bypass=()):
+    """Import `modules` of an installed `package` without running the package's __init__, nor those of its
+    subpackages in `bypass` (AutoAWQ's and AutoGPTQ's import their whole quantizers: datasets, model zoos);
+    yields a namespace of them (by last name) and then restores sys.modules. None where the package is not
+    installed."""
     import importlib
     import importlib.util
+    import os
     import sys
     import types
     import warnings
@@ -63,10 +65,13 @@ def load_submodules(package: str, modules):
         return
     mine = lambda k: k == package or k.startswith(package + ".")  # noqa: E731
     saved = {k: v for k, v in sys.modules.items() if mine(k)}
-    if package not in sys.modules:
-        pkg = types.ModuleType(package)
-        pkg.__path__, pkg.__spec__, pkg.__file__ = list(spec.submodule_search_locations), spec, spec.origin
-        sys.modules[package] = pkg
+    for sub in (package, *(f"{package}.{b}" for b in bypass)):
+        if sub not in sys.modules:
+            path = [os.path.join(p, *sub.split(".")[1:]) for p in spec.submodule_search_locations]
+            pkg = types.ModuleType(sub)
+            pkg.__path__, pkg.__file__ = path, os.path.join(path[0], "__init__.py")
+            pkg.__spec__ = importlib.util.spec_from_file_location(sub, pkg.__file__, submodule_search_locations=path)
+            sys.modules[sub] = pkg
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -168,3 +168,85 @@ def test_autogptq_layers_that_do_not_compute_the_checkpoint_are_left(autogptq):
     assert "g16: group_size=16" in text
     assert [(d.action, d.path) for d in report.decisions] == [("kept", "other")] * 3
     assert all(type(m).__name__ == "QuantLinear" and not isinstance(m, QuantLinear) for m in model.values())
+
+
+@pytest.fixture(scope="module")
+def autogptq_loading():
+    """AutoGPTQ's make_quant (what its from_quantized runs to build the int4 layers) and
+    dynamically_import_QuantLinear (which of its kernels it picks)."""
+    gen = load_submodules("auto_gptq", ["utils.import_utils", "modeling._utils"], bypass=("utils", "modeling"))
+    mods = next(gen)
+    if mods is None:
+        if os.environ.get("MINICPM_INT4_REQUIRE_AUTOGPTQ") == "1":
+            pytest.fail("MINICPM_INT4_REQUIRE_AUTOGPTQ=1 but auto-gptq is not installed")
+        pytest.skip("auto-gptq is not installed (CI installs it in its transformers 4.55 stage)")
+    yield mods
+    next(gen, None)
+
+
+def test_minicpmo26_layout_loaded_as_autogptq_loads_its_int4(autogptq_loading):
+    """End to end on a MiniCPM-o 2.6-layout model (Qwen2 LLM, SigLIP vision tower, resampler, Whisper audio
+    encoder, TTS heads) in bf16, built as AutoGPTQ's from_quantized builds OpenBMB's MiniCPM-o 2.6 int4 (per
+    channel, desc_act, exllama and exllamav2 disabled, torch_dtype=bfloat16): its make_quant puts its cuda-old
+    layers (the kernel it picks for that) in the LLM's decoder, packed by their own pack (as the checkpoint
+    was); patch_model converts every one of them, quantizes nothing else when told to exclude the other
+    parts, and each QuantLinear computes AutoGPTQ's output for the activations the model fed that layer."""
+    from minicpm_int4.tiny import build_remote_layout, remote_inputs
+
+    picked = autogptq_loading.import_utils.dynamically_import_QuantLinear(
+        use_triton=False, desc_act=True, group_size=-1, bits=4, disable_exllama=True, disable_exllamav2=True)
+    assert picked.QUANT_TYPE == "cuda-old"
+    model = build_remote_layout("qwen2", dtype=torch.bfloat16, omni=True)
+    fp = {name: m for name, m in model.llm.named_modules()
+          if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        autogptq_loading._utils.make_quant(model.llm, list(fp), bits=4, group_size=-1, desc_act=True,
+                                           disable_exllama=True, disable_exllamav2=True)
+    layers = {name: model.llm.get_submodule(name) for name in fp}
+    assert {type(m).QUANT_TYPE for m in layers.values()} == {"cuda-old"} and len(layers) >= 7 * 2
+    for i, (name, layer) in enumerate(layers.items()):
+        n, k = fp[name].weight.shape
+        q, z, s = _pow2_layer(n, k, -1, seed=200 + i)
+        w = (q.float() - z.float()) * s.float()  # one group: [N, 1] broadcasts
+        with torch.no_grad():
+            fp[name].weight.copy_(w.to(torch.bfloat16))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer.pack(fp[name], s.to(torch.bfloat16), z.to(torch.int32), torch.zeros(k, dtype=torch.int32))
+    assert all(m.scales.dtype == torch.bfloat16 for m in layers.values())
+
+    seen = {}
+
+    def record(name):
+        def hook(module, args, y):
+            seen[name] = (args[0].detach(), y.detach())
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in layers.items()]
+    ids, pv = remote_inputs(model)
+    with torch.no_grad():
+        model(ids, pv)
+    for h in hooks:
+        h.remove()
+    weights = {name: _their_weight(m) for name, m in layers.items()}
+
+    report = patch_model(model, QuantConfig(backend="torch", exclude=("vpm*", "resampler*", "llm.lm_head")),
+                         progress=False)
+    by = {d.name: d for d in report.decisions}
+    for name in layers:
+        full = f"llm.{name}"
+        ql = model.get_submodule(full)
+        assert isinstance(ql, QuantLinear) and by[full].action == "converted" and by[full].part == "llm", full
+        assert ql.group_size == -1 and ql.input_perm is None and ql.scales.dtype == torch.bfloat16
+        assert torch.equal(ql.dequantized_weight(), weights[name]), full
+        x, y = seen[name]
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            assert_close_to_unfused_bias(ql(x2), y.reshape(x2.shape[0], -1), x2, weights[name], ql.bias)
+    assert f"{len(layers)} AutoGPTQ QuantLinear layer(s) converted exactly" in " ".join(report.notes)
+    others = [d for d in report.decisions if not d.name.startswith("llm.model.layers.")]
+    assert others and all(d.action == "kept" for d in others)  # vision, resampler, audio, TTS, lm_head
+    assert {d.part for d in others} >= {"vision", "audio", "tts"}
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, pv).logits).all()
