@@ -98,7 +98,16 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
             from transformers.dynamic_module_utils import custom_object_save
 
             custom_object_save(model, path, config=hf_config)
-        hf_config.save_pretrained(path)
+        qc = getattr(hf_config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        stale = qc is not None and getattr(method, "value", method) != QUANT_METHOD
+        if stale:  # another package's record (transformers loaded AWQ / GPTQ layers that patch_model converted,
+            del hf_config.quantization_config  # and no registry let it put ours there): not in the checkpoint
+        try:
+            hf_config.save_pretrained(path)
+        finally:
+            if stale:
+                hf_config.quantization_config = qc
 
 
 def layer_from_spec(spec: dict, device, backend: str, dtype: Optional[torch.dtype] = None) -> QuantLinear:

@@ -103,16 +103,21 @@ def detect(path: str) -> Optional[ForeignFormat]:
     checkpoints, a plain fp16 model). Raises ForeignFormatError for an AWQ / GPTQ checkpoint that
     cannot be read exactly (other bits, AWQ's GEMV / Marlin layouts, a group size the kernels lack)."""
     path = os.fspath(path)
+    own = _read_json(os.path.join(path, "quant_config.json"))
+    if own is not None and "format_version" in own:
+        # this package's checkpoint, whatever config.json says (a model converted from AWQ / GPTQ layers
+        # where transformers had recorded their quantization_config)
+        return None
     qc, source = None, None
     hf = _read_json(os.path.join(path, "config.json")) or {}
     if isinstance(hf.get("quantization_config"), dict):
         qc, source = hf["quantization_config"], "config.json"
     else:
         gptq = _read_json(os.path.join(path, "quantize_config.json"))  # AutoGPTQ's own file
-        awq = _read_json(os.path.join(path, "quant_config.json"))      # AutoAWQ before 0.1.7 (this package's
+        awq = own                                                      # AutoAWQ before 0.1.7 (this package's
         if gptq is not None:                                           # own file of that name has format_version)
             qc, source = {"quant_method": "gptq", **gptq}, "quantize_config.json"
-        elif awq is not None and "format_version" not in awq and ("w_bit" in awq or "q_group_size" in awq):
+        elif awq is not None and ("w_bit" in awq or "q_group_size" in awq):
             qc = {"quant_method": "awq", "bits": awq.get("w_bit"), "group_size": awq.get("q_group_size"),
                   "zero_point": awq.get("zero_point", True), "version": awq.get("version", "gemm")}
             source = "quant_config.json"

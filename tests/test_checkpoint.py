@@ -158,6 +158,47 @@ def test_load_pretrained_quantized_rebuilds_from_config_module_by_module(tmp_pat
     assert torch.nn.Linear(4, 4).weight.device.type == "cpu"  # the patch is undone on exit
 
 
+@pytest.mark.parametrize("record", ["dict", "config object"])
+def test_converted_model_is_saved_without_the_foreign_quantization_config(tmp_path, record):
+    """A model transformers loaded from an AWQ / GPTQ checkpoint carries that method's
+    config.quantization_config; where patch_model converted its layers and transformers has no quantizer
+    registry (4.40) to take this package's record, it stays. save_quantized must not write it into
+    config.json: the folder would then read back as an AWQ checkpoint. It writes the model without it
+    (and leaves the model's config as it was); the folder is this package's checkpoint whatever a
+    config.json says, and reloads with the same logits."""
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minicpm_int4 import foreign
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    if record == "config object":  # as from_pretrained leaves it: an AwqConfig, quant_method an enum
+        from transformers.utils.quantization_config import QuantizationMethod
+
+        awq = types.SimpleNamespace(**{**awq, "quant_method": QuantizationMethod.AWQ})
+    model.config.quantization_config = awq
+    save_quantized(model, tmp_path)
+    assert model.config.quantization_config is awq
+    written = json.loads((tmp_path / "config.json").read_text()).get("quantization_config") or {}
+    assert written.get("quant_method") in (None, "minicpm_int4")
+    assert foreign.detect(str(tmp_path)) is None
+    # a config.json naming a foreign method does not make this package's folder a foreign one
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": dict(awq if record == "dict"
+                                                                                         else vars(awq), quant_method="awq")}))
+    assert foreign.detect(str(tmp_path)) is None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_pretrained_quantized(str(tmp_path))
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
 def test_load_pretrained_quantized_keeps_tied_weights_tied(tmp_path):
     """The OCR model ties lm_head to the embeddings (kept in high precision): rebuilt from meta, the
     two names get one tensor again, not two copies (a vocab x hidden matrix twice: 1.2 GB for a
