@@ -121,8 +121,9 @@ def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
     (a key of FOREIGN_ADVICE) - else None. By structure, not by import: bitsandbytes' Linear4bit /
     Linear8bitLt (nn.Linear subclasses whose weight is a Params4bit / Int8Params), and modules holding
     packed int4 tensors (qweight with scales or qzeros: AutoAWQ, AutoGPTQ / GPTQModel, exllama, Marlin;
-    weight_packed: compressed-tensors), whether or not they subclass nn.Linear. This package's
-    QuantLinear is not foreign."""
+    weight_packed: compressed-tensors; <name>_qweight: AutoAWQ's fused MLP, which holds its gate and up
+    projections' tensors itself and runs them with its own kernels), whether or not they subclass
+    nn.Linear. This package's QuantLinear is not foreign."""
     if isinstance(module, QuantLinear):
         return None
     cls = type(module)
@@ -132,6 +133,8 @@ def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
         return what, "bitsandbytes"
     own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
     if ("qweight" in own and own & {"scales", "qzeros"}) or "weight_packed" in own:
+        return what, "int4"
+    if any(n.endswith("_qweight") for n in own):  # AutoAWQ's fused MLP: gate_proj_qweight, up_proj_qweight, ...
         return what, "int4"
     return None
 

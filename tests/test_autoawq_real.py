@@ -199,3 +199,24 @@ def test_minicpmv26_layout_loaded_as_transformers_loads_awq(autoawq, naive_forwa
     assert all(d.action == "kept" for d in report.decisions if d.name.startswith(("vpm", "resampler")))
     with torch.no_grad():
         assert torch.isfinite(model(ids, pv).logits).all()
+
+
+def test_autoawq_fused_mlp_is_listed_kept_and_its_down_proj_converted(autoawq, monkeypatch):
+    """AutoAWQ's fused MLP (its from_quantized(fuse_layers=True), transformers' do_fuse) keeps its gate and
+    up projections' tensors as its own buffers and runs them with its CUDA kernels: patch_model lists it
+    as kept, with the warning; its down_proj, a WQLinear_GEMM it calls as a module, is converted. (Its
+    kernels are not installed here: a stand-in namespace lets the real class be built.)"""
+    gen = load_submodules("awq", ("modules.fused.mlp",))
+    fused_mod = next(gen).mlp
+    try:
+        monkeypatch.setattr(fused_mod, "awq_ext", types.SimpleNamespace(gemm_forward_cuda=None), raising=False)
+        layers = [_from_linear(autoawq, *_quantized_like_autoawq(n, k, 32, seed=i), 32)
+                  for i, (n, k) in enumerate([(128, 64), (64, 128), (128, 64)])]
+        model = nn.ModuleDict({"mlp": fused_mod.QuantFusedMLP(*layers)})
+        with pytest.warns(UserWarning, match=r"1 layer\(s\) already quantized by another package \(awq QuantFusedMLP\)"):
+            report = patch_model(model, QuantConfig(backend="torch"), progress=False)
+        by = {d.name: d for d in report.decisions}
+        assert (by["mlp"].action, by["mlp"].path) == ("kept", "other") and by["mlp.down_proj"].action == "converted"
+        assert isinstance(model["mlp"].down_proj, QuantLinear)
+    finally:
+        next(gen, None)

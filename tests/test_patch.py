@@ -552,6 +552,34 @@ def test_layers_another_package_quantized_are_listed_kept_and_said():
     print(report)  # the table prints with them
 
 
+def test_autoawq_fused_mlp_is_listed_kept_and_its_down_proj_converted():
+    """AutoAWQ's fused MLP (from_quantized(fuse_layers=True), transformers' do_fuse) holds its gate and up
+    projections' packed tensors itself (gate_proj_qweight, ...) and runs them with its own kernels: it is
+    listed as kept, with the note and warning, not passed over in silence; its down_proj, a WQLinear_GEMM
+    it calls as a module, is converted."""
+    from minicpm_int4.patch import foreign_quantization
+
+    awq_cls = _foreign_classes()[0]
+
+    class QuantFusedMLP(nn.Module):
+        def __init__(self, gate, down, up):
+            super().__init__()
+            for name, lin in (("gate_proj", gate), ("up_proj", up)):
+                for t in ("qweight", "scales", "qzeros"):
+                    self.register_buffer(f"{name}_{t}", getattr(lin, t))
+            self.in_features, self.out_features, self.down_proj = gate.in_features, down.out_features, down
+
+    QuantFusedMLP.__module__ = "awq.modules.fused.mlp"
+    fused = QuantFusedMLP(awq_cls(64, 128), awq_cls(128, 64), awq_cls(64, 128))
+    assert foreign_quantization(fused) == ("awq QuantFusedMLP", "int4")
+    model = nn.ModuleDict({"mlp": fused})
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) already quantized by another package \(awq QuantFusedMLP\)"):
+        report = patch_model(model, QuantConfig(), progress=False)
+    by = {d.name: d for d in report.decisions}
+    assert (by["mlp"].action, by["mlp"].path) == ("kept", "other") and by["mlp.down_proj"].action == "converted"
+    assert isinstance(model["mlp"].down_proj, QuantLinear) and type(model["mlp"]) is QuantFusedMLP
+
+
 @pytest.mark.parametrize("n, k, group_size", [(40, 256, 64), (24, 136, 136)], ids=["G64", "per-channel"])
 def test_autoawq_gemm_layers_are_converted_exactly(n, k, group_size):
     """A model transformers loaded from an AWQ checkpoint holds AutoAWQ's WQLinear_GEMM layers (buffers in
