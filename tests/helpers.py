@@ -83,6 +83,27 @@ def load_submodules(package: str, modules, bypass=()):
         sys.modules.update(saved)
 
 
+def record_layer_io(model, layers, *inputs):
+    """Run model(*inputs) once without grad; {name: (input, output)} of each module in `layers` ({name:
+    module}) on that call (forward hooks, removed after)."""
+    seen = {}
+
+    def record(name):
+        def hook(module, args, y):
+            seen[name] = (args[0].detach(), y.detach())
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(seen) == sorted(layers), "a layer was not reached"
+    return seen
+
+
 def dequant(qweight, scales, zeros, gs, dtype):
     return dequantize_ref(qweight, scales, zeros, gs, out_dtype=dtype)
 

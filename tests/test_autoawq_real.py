@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from minicpm_int4 import QuantConfig, QuantLinear, patch_model
-from helpers import assert_close_to_unfused_bias, dequant, load_submodules
+from helpers import assert_close_to_unfused_bias, dequant, load_submodules, record_layer_io
 from test_foreign import _random_layer, awq_pack
 
 
@@ -166,20 +166,8 @@ def test_minicpmv26_layout_loaded_as_transformers_loads_awq(autoawq, naive_forwa
         packed = _from_linear(autoawq, w, z, s, 32, fp16[name].bias)
         layer.load_state_dict(packed.state_dict())
 
-    seen = {}
-
-    def record(name):
-        def hook(module, args, y):
-            seen[name] = (args[0].detach(), y.detach())
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in awq_layers.items()]
     ids, pv = remote_inputs(model)
-    with torch.no_grad():
-        model(ids, pv)
-    for h in hooks:
-        h.remove()
-    assert sorted(seen) == sorted(awq_layers)
+    seen = record_layer_io(model, awq_layers, ids, pv)
 
     report = patch_model(model, QuantConfig(backend="torch", exclude=("vpm*", "resampler*", "llm.lm_head")),
                          progress=False)

@@ -21,7 +21,7 @@ from torch import nn
 from minicpm_int4 import QuantConfig, QuantLinear, patch_model
 from minicpm_int4.patch import convertible_foreign
 
-from helpers import assert_close_to_unfused_bias, load_submodules
+from helpers import assert_close_to_unfused_bias, load_submodules, record_layer_io
 from test_foreign import _act_order_g_idx, _random_layer, gptq_pack
 
 KERNELS = {"cuda": "qlinear_cuda", "cuda-old": "qlinear_cuda_old", "triton": "qlinear_triton"}
@@ -216,19 +216,8 @@ def test_minicpmo26_layout_loaded_as_autogptq_loads_its_int4(autogptq_loading):
             layer.pack(fp[name], s.to(torch.bfloat16), z.to(torch.int32), torch.zeros(k, dtype=torch.int32))
     assert all(m.scales.dtype == torch.bfloat16 for m in layers.values())
 
-    seen = {}
-
-    def record(name):
-        def hook(module, args, y):
-            seen[name] = (args[0].detach(), y.detach())
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in layers.items()]
     ids, pv = remote_inputs(model)
-    with torch.no_grad():
-        model(ids, pv)
-    for h in hooks:
-        h.remove()
+    seen = record_layer_io(model, layers, ids, pv)
     weights = {name: _their_weight(m) for name, m in layers.items()}
 
     report = patch_model(model, QuantConfig(backend="torch", exclude=("vpm*", "resampler*", "llm.lm_head")),
