@@ -108,13 +108,13 @@ CASES = {  # name: (kernel, N, K, group size, act-order, bias, dtype)
 }
 
 
-def test_patch_model_converts_autogptq_layers_exactly(autogptq, monkeypatch):
+def test_patch_model_converts_autogptq_layers_exactly(autogptq):
     """A model holding AutoGPTQ layers of its cuda, cuda-old and triton kernels (groups of 32 / 64 / 128 and
-    one per row; act-order; bias or none; fp16 and bf16 scales) and one exllama layer: patch_model converts the first ones into
-    QuantLinears whose weight, in input-channel order, is bit for bit the one AutoGPTQ computes with (its
-    cuda layer's forward for the triton one, whose forward needs a GPU: the same buffers mean the same
-    weight), and whose output is AutoGPTQ's own forward's within the fp16 GEMM bound (M = 1, 3, 17); the
-    exllama layer (its kernel reorders the buffers on the GPU) is listed and left."""
+    one per row; act-order; bias or none; fp16 and bf16 scales) and one exllama layer: patch_model converts
+    the first ones into QuantLinears whose weight, in input-channel order, is bit for bit the one AutoGPTQ
+    computes with (its cuda layer's forward for the triton one, whose forward needs a GPU: the same buffers
+    mean the same weight), and whose output is AutoGPTQ's own forward's within the GEMM bound of the dtype
+    (M = 1, 3, 17); the exllama layer (its kernel reorders the buffers on the GPU) is listed and left."""
     model, theirs, xs = nn.ModuleDict(), {}, {}
     for i, (name, (kernel, n, k, gs, act_order, bias, dtype)) in enumerate(CASES.items()):
         q, z, s = _random_layer(n, k, gs, seed=i, zmin=1, dtype=dtype)
@@ -125,7 +125,6 @@ def test_patch_model_converts_autogptq_layers_exactly(autogptq, monkeypatch):
         xs[name] = [torch.randn(m, k).to(dtype) for m in (1, 3, 17)]
         with torch.no_grad():
             theirs[name] = (_their_weight(twin), [twin(x) for x in xs[name]])
-    q, z, s = _random_layer(32, 128, 32, seed=99, zmin=1)
     model["exl"] = autogptq["exllama"](4, 32, 128, 32, False)
     assert [convertible_foreign(m) for m in model.values()] == ["gptq"] * len(CASES) + [None]
 
