@@ -329,6 +329,25 @@ def quantized_prefixes(keys, weight_key: str = "qweight") -> list:
     return [k[: -len(weight_key) - 1] for k in keys if k.endswith("." + weight_key)]
 
 
+def quant_linear_from_canonical(canon: Canonical, in_features: int, out_features: int, group_size: int,
+                                bias: Optional[torch.Tensor], dtype: torch.dtype, backend: str = "auto",
+                                act: Optional[str] = None):
+    """A QuantLinear holding `canon` (and `bias`), on canon's device, its scales and zeros in `dtype`."""
+    from .qlinear import QuantLinear
+
+    ql = QuantLinear(in_features, out_features, bias=bias is not None, group_size=group_size, dtype=dtype,
+                     device=canon.qweight.device, act=act, backend=backend, input_perm=canon.input_perm is not None)
+    with torch.no_grad():
+        ql.qweight.copy_(canon.qweight)
+        ql.scales.copy_(canon.scales.to(dtype))
+        ql.zeros.copy_(canon.zeros.to(dtype))
+        if canon.input_perm is not None:
+            ql.input_perm.copy_(canon.input_perm)
+        if bias is not None:
+            ql.bias.copy_(bias.to(dtype))
+    return ql
+
+
 def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, backend: str = "auto",
                 progress: bool = True) -> Tuple[set, int]:
     """Replace each Linear of `model` that the checkpoint (`files`: tensor name -> open file) holds in
@@ -390,17 +409,10 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
         dtype = mod.weight.dtype if mod.weight.dtype in LAYER_DTYPES else scales.dtype
         if scales.dtype != dtype and not torch.equal(scales.to(dtype).to(scales.dtype), scales):
             lossy.append(name)
-        ql = QuantLinear(mod.in_features, mod.out_features, bias="bias" in t, group_size=gs, dtype=dtype, device=device,
-                         backend=backend, input_perm=perm is not None)
-        with torch.no_grad():
-            ql.qweight.copy_(qweight)
-            ql.scales.copy_(scales.to(dtype))
-            ql.zeros.copy_(zeros.to(dtype))
-            if perm is not None:
-                ql.input_perm.copy_(perm)
-            if "bias" in t:
-                _check_shape(name, "bias", t["bias"], (mod.out_features,))
-                ql.bias.copy_(t["bias"].to(dtype))
+        if "bias" in t:
+            _check_shape(name, "bias", t["bias"], (mod.out_features,))
+        ql = quant_linear_from_canonical(Canonical(qweight, scales, zeros, perm), mod.in_features, mod.out_features,
+                                         gs, t.get("bias"), dtype, backend)
         for parent, attr, _ in places.get(id(mod), ()):
             setattr(parent, attr, ql)
         made.add(id(ql))

@@ -180,7 +180,8 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
     """A QuantLinear holding exactly the int4 numbers of a layer convertible_foreign names (in its scales'
     dtype, which the package computes in), computing what the layer computes. Raises
     foreign.ForeignFormatError for one the kernels cannot take."""
-    from .foreign import ForeignFormatError, awq_to_canonical, gptq_to_canonical, layer_group_size
+    from .foreign import (ForeignFormatError, awq_to_canonical, gptq_to_canonical, layer_group_size,
+                          quant_linear_from_canonical)
 
     k, n = _features(module)
     gs = layer_group_size(int(getattr(module, "group_size", k)), k, name)
@@ -197,18 +198,7 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
                                          "ignore it (the layer computes with runs of group_size channels)")
             g_idx = None
         canon = gptq_to_canonical(module.qweight, module.qzeros, module.scales, g_idx, k, n, gs, 1, name)
-    bias = getattr(module, "bias", None)
-    ql = QuantLinear(k, n, bias=bias is not None, group_size=gs, dtype=canon.scales.dtype, device=canon.qweight.device,
-                     act=act, backend=backend, input_perm=canon.input_perm is not None)
-    with torch.no_grad():
-        ql.qweight.copy_(canon.qweight)
-        ql.scales.copy_(canon.scales)
-        ql.zeros.copy_(canon.zeros)
-        if canon.input_perm is not None:
-            ql.input_perm.copy_(canon.input_perm)
-        if bias is not None:
-            ql.bias.copy_(bias.to(canon.scales.dtype))
-    return ql
+    return quant_linear_from_canonical(canon, k, n, gs, getattr(module, "bias", None), canon.scales.dtype, backend, act)
 
 
 def _foreign_decision(name: str, module: nn.Module, part: str, what: str, kind: str, shared: str = "") -> LayerDecision:
@@ -216,9 +206,8 @@ def _foreign_decision(name: str, module: nn.Module, part: str, what: str, kind: 
     tensors = [t for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
                if n != "bias"]
     size = sum(t.numel() * t.element_size() for t in tensors)  # the weight's bytes, as for a Linear
-    out_f = getattr(module, "out_features", getattr(module, "outfeatures", 0)) or 0
-    in_f = getattr(module, "in_features", getattr(module, "infeatures", 0)) or 0
-    return LayerDecision(name, part, int(out_f), int(in_f), kind, "kept",
+    in_f, out_f = _features(module)
+    return LayerDecision(name, part, out_f, in_f, kind, "kept",
                          f"already quantized by another package ({what}): left as it is (see the notes){shared}",
                          "other", size, size)
 
