@@ -56,7 +56,8 @@ def check_output_dir(path: str, what: str = "save_quantized") -> None:
 
 def save_quantized(model: nn.Module, path: str, report=None) -> None:
     """Write a patched model to directory `path` (created if needed): model.safetensors,
-    quant_config.json and, for a transformers model, its config.json. A folder holding other model
+    quant_config.json and, for a transformers model, its config.json (and generation_config.json where it
+    can generate, as save_pretrained writes them). A folder holding other model
     weights (the original model's, say) is refused (check_output_dir); an earlier int4 checkpoint's is
     overwritten."""
     from safetensors.torch import save_file
@@ -108,6 +109,29 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
         finally:
             if stale:
                 hf_config.quantization_config = qc
+        if _can_generate(model):  # as save_pretrained: eos ids, sampling defaults, generate()'s limits
+            model.generation_config.save_pretrained(path)
+
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def _can_generate(model: nn.Module) -> bool:
+    """Whether transformers' save_pretrained / from_pretrained would write / read the model's
+    generation_config.json: a model that can generate and holds a GenerationConfig."""
+    can = getattr(model, "can_generate", None)
+    return callable(can) and bool(can()) and hasattr(getattr(model, "generation_config", None), "save_pretrained")
+
+
+def read_generation_config(model: nn.Module, path: str) -> None:
+    """Give `model` the generation_config.json of folder `path`, where there is one, as from_pretrained does
+    (the checkpoint's end-of-turn tokens and sampling defaults: without them generate() falls back to a
+    config derived from config.json and may not stop where the model was meant to, or sample otherwise)."""
+    if not _can_generate(model) or not os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 def layer_from_spec(spec: dict, device, backend: str, dtype: Optional[torch.dtype] = None) -> QuantLinear:
@@ -401,6 +425,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     with parameters_on_meta():
         model = model_class._from_config(cfg, **hf_dtype_kwargs(dtype))
     model = model.eval()
+    read_generation_config(model, path)
     for name, buf in list(model.named_buffers()):
         if buf.device != torch.device(device) and buf.device.type != "meta":
             _assign(model, name, buf.to(device))

@@ -401,3 +401,34 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeyp
     monkeypatch.setenv("MINICPM_INT4_TRACEBACK", "1")
     with pytest.raises(Exception, match="NoSuchModel"):
         main(["quantize", str(ckpt), out, "--model-class", "NoSuchModel"])
+
+
+def test_generation_config_travels_with_the_checkpoint(tmp_path):
+    """save_quantized writes the model's generation_config.json and load_pretrained_quantized reads it,
+    as save_pretrained / from_pretrained do: generate() of the reloaded model stops at the checkpoint's
+    end-of-turn token (without it, it ran on to the config's default length)."""
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    model = build_native("4_6", seed=0)
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    ids, pv, ts = prompt_with_image(model)
+    inputs = dict(input_ids=ids, pixel_values=pv, target_sizes=ts)
+    with torch.no_grad():
+        new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    # the first new token that did not come before it: the reloaded model must stop right after it
+    stop_at = next(i for i in range(1, len(new)) if new[i] not in new[:i])
+    model.generation_config.eos_token_id = [new[stop_at]]
+    model.generation_config.max_new_tokens = 8
+    model.generation_config.pad_token_id = 0
+    save_quantized(model, tmp_path, report)
+    assert (tmp_path / "generation_config.json").exists()
+
+    loaded = load_pretrained_quantized(str(tmp_path))
+    assert loaded.generation_config.eos_token_id == [new[stop_at]]
+    assert loaded.generation_config.max_new_tokens == 8
+    with torch.no_grad():
+        out = loaded.generate(**inputs, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert out == new[: stop_at + 1]
+    # a folder without the file (written before it was saved) loads with the config-derived defaults
+    (tmp_path / "generation_config.json").unlink()
+    assert load_pretrained_quantized(str(tmp_path)).generation_config.eos_token_id != [new[stop_at]]

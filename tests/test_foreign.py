@@ -343,6 +343,7 @@ def _write_foreign(model, path, method, v1=True, bin_shards=False, act_order=Fal
                                   {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order, "sym": False,
                                    **({} if v1 else {"checkpoint_format": "gptq_v2"})})
     _write_json(path / "config.json", cfg)
+    _write_json(path / "generation_config.json", {"eos_token_id": [3, 7], "max_new_tokens": 5})  # as published folders have
     tensors, written = {}, {}
     for i, (name, mod) in enumerate(model.named_modules()):
         if isinstance(mod, QuantLinear):
@@ -389,6 +390,7 @@ def test_foreign_checkpoint_runs_as_the_model_it_was_written_from(tmp_path, meth
 
     loaded = load_pretrained_quantized(str(tmp_path / "ckpt"))
     assert not any(p.device.type == "meta" for p in loaded.parameters())
+    assert loaded.generation_config.eos_token_id == [3, 7] and loaded.generation_config.max_new_tokens == 5
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
     assert len(layers) == len(report.quantized)
     for name, m in layers.items():
