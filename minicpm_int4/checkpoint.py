@@ -225,7 +225,8 @@ def _open_weights(path: str, allow_bin: bool = False):
 
 
 def load_quantized(model: nn.Module, path: str, device=None, progress: bool = True) -> nn.Module:
-    """Load a checkpoint written by save_quantized into a freshly built model of the same config.
+    """Load a checkpoint written by save_quantized (a folder, or a Hugging Face Hub model id: hub.py) into a
+    freshly built model of the same config.
 
     The Linears named in the checkpoint are replaced by empty QuantLinear modules (QuantLinears of a
     model patched already must match them, and take the checkpoint's act and backend), then every tensor
@@ -234,9 +235,12 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
     the fp16 weights of quantized layers never exist in memory. Raises CheckpointMismatchError
     naming the first module or tensor that does not match.
     """
+    from . import foreign
+    from .hub import checkpoint_dir
+
+    path = checkpoint_dir(path)  # a Hub model id: its files, fetched or from the cache
     load_device = device or "cpu"
     wrapper, model = model, unwrap_compiled(model)  # returned as given (a torch.compile wrapper stays one)
-    from . import foreign
 
     fmt = foreign.detect(path)
     if fmt is not None:  # an AWQ / GPTQ / compressed-tensors checkpoint (foreign.py)
@@ -394,7 +398,8 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
                               **config_overrides) -> nn.Module:
     """Rebuild a transformers model from the `config.json` that `minicpm-int4 quantize` saves beside the
     checkpoint and load the int4 checkpoint into it, module by module, never holding fp16 copies of
-    the quantized layers. `model_class` defaults to the config's first `architectures` entry: a
+    the quantized layers. `path` is a folder or a Hugging Face Hub model id (`openbmb/MiniCPM-V-4_6-AWQ`:
+    fetched as from_pretrained fetches one, hub.py). `model_class` defaults to the config's first `architectures` entry: a
     transformers class, or for remote code (MiniCPM-V 2.x / o-2.6, whose modeling files
     save_quantized copied beside the checkpoint) the `auto_map` class of that name, which needs
     `trust_remote_code=True` as `from_pretrained` does.
@@ -410,7 +415,9 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     import transformers
 
     from . import foreign
+    from .hub import checkpoint_dir
 
+    path = checkpoint_dir(path)  # a Hub model id: its files, fetched (with progress) or from the cache
     fmt = foreign.detect(path)  # before minutes of building: an unreadable AWQ / GPTQ variant fails here
     if dtype is not None and fmt is None:
         raise ValueError(f"load_pretrained_quantized(dtype={dtype}) is for AWQ / GPTQ / compressed-tensors checkpoints; "

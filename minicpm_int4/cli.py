@@ -133,6 +133,32 @@ class CLIError(Exception):
     as one line and exits 2 instead of a traceback (MINICPM_INT4_TRACEBACK=1 shows it)."""
 
 
+def _checkpoint_dir(name: str, what: str, weights: bool = True) -> str:
+    """The local folder of checkpoint `name` (hub.checkpoint_dir: a folder as it is; a Hugging Face Hub model id
+    fetched, with progress, or found in the cache), with a line saying so when it is fetched; a CLIError where
+    there is neither."""
+    from .hub import CheckpointNotFoundError, checkpoint_dir, looks_like_repo_id
+
+    if not os.path.isdir(name) and looks_like_repo_id(name):
+        print(f"{what} {name}: fetching {'its files' if weights else 'its configs'} from the Hugging Face Hub "
+              "(or its cache)", file=sys.stderr)
+    try:
+        return checkpoint_dir(name, weights=weights)
+    except CheckpointNotFoundError as e:
+        raise CLIError(f"{what} {e}") from e
+
+
+def _carry_support_files(src: str, out: str) -> None:
+    """Copy MODEL's tokenizer / processor / chat template / remote code / licence files beside the int4
+    checkpoint (hub.copy_support_files), and say which."""
+    from .hub import copy_support_files
+
+    copied = copy_support_files(src, out)
+    if copied:
+        names = ", ".join(copied[:6]) + (f", ... ({len(copied) - 6} more)" if len(copied) > 6 else "")
+        print(f"copied {len(copied)} file(s) the model's processor, tokenizer or code need from {src}: {names}")
+
+
 def _device(name) -> str:
     """--device, or cuda when there is one, else cpu; a device this torch cannot use is a CLIError."""
     if name is None:
@@ -168,8 +194,7 @@ def _from_pretrained(what: str, load, path: str, *args, **kwargs):
     try:
         return load(path, *args, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        hint = "" if os.path.exists(path) else " (no such local path; not a hub name that loads either)"
-        raise CLIError(f"cannot load the {what} from {path!r}{hint}: {e}") from e
+        raise CLIError(f"cannot load the {what} from {path!r}: {e}") from e
 
 
 def _default_model_class(args) -> str:
@@ -374,15 +399,6 @@ def cmd_quantize(args) -> int:
 
     dtype = _dtype(args.dtype)
     device = _device(args.device)
-    fmt = _foreign_format(args.model) if os.path.isdir(args.model) else None
-    if fmt is not None:  # transformers would need autoawq / gptqmodel to load it, and its weights are int4 already
-        raise CLIError(f"{args.model!r} is already an int4 checkpoint ({fmt.name}): `minicpm-int4 convert {args.model} "
-                       f"{args.out}` reads it exactly (quantize takes an fp16 / bf16 model)")
-    bnb = _bitsandbytes_checkpoint(args.model) if os.path.isdir(args.model) else None
-    if bnb:  # (a hub name: patch_model reports and warns about such layers after loading)
-        raise CLIError(f"{args.model!r} is a bitsandbytes {bnb} checkpoint: its weights are not this package's integer "
-                       "grid, and quantizing them again would round twice; quantize the fp16 / bf16 model it was made "
-                       "from (MiniCPM-V's official -int4 checkpoints are bitsandbytes nf4 copies of the fp16 release)")
     if args.method == "gptq" and not (args.calibration or args.calibration_images):
         raise CLIError("--method gptq fits each layer to its calibration inputs: give --calibration prompts.txt "
                        "and/or --calibration-images")
@@ -408,6 +424,18 @@ def cmd_quantize(args) -> int:
     lines = _read_lines(args.calibration)[: args.calib_samples] if args.calibration else None
     if lines == []:
         raise CLIError(f"--calibration {args.calibration}: the file has no non-empty line")
+    name = args.model
+    configs = _checkpoint_dir(name, "MODEL", weights=False)  # after the option checks, before any weights
+    fmt = _foreign_format(configs)
+    if fmt is not None:  # transformers would need autoawq / gptqmodel to load it, and its weights are int4 already
+        raise CLIError(f"{name!r} is already an int4 checkpoint ({fmt.name}): `minicpm-int4 convert {name} "
+                       f"{args.out}` reads it exactly (quantize takes an fp16 / bf16 model)")
+    bnb = _bitsandbytes_checkpoint(configs)
+    if bnb:
+        raise CLIError(f"{name!r} is a bitsandbytes {bnb} checkpoint: its weights are not this package's integer "
+                       "grid, and quantizing them again would round twice; quantize the fp16 / bf16 model it was made "
+                       "from (MiniCPM-V's official -int4 checkpoints are bitsandbytes nf4 copies of the fp16 release)")
+    args.model = name if configs == name else _checkpoint_dir(name, "MODEL")  # (a Hub model: now its weights)
     images, processor = _images_and_processor(args, args.calibration_images, "--calibration-images", args.calib_samples)
     tok = (processor.tokenizer if processor is not None else _load_tokenizer(args)) if lines else None
     model = _load_model(args, dtype, device)
@@ -421,6 +449,7 @@ def cmd_quantize(args) -> int:
     print(report)
     save_quantized(model, args.out, report)  # also writes config.json for load_pretrained_quantized
     print(f"saved to {args.out}; {_peak_memory(device)} while quantizing")
+    _carry_support_files(args.model, args.out)
     from .hf_integration import register
 
     remote = ", trust_remote_code=True" if args.trust_remote_code else ""
@@ -469,23 +498,24 @@ def cmd_convert(args) -> int:
     from . import QuantLinear, save_quantized
     from .checkpoint import CheckpointMismatchError, load_pretrained_quantized
 
-    if not os.path.isdir(args.model):
-        raise CLIError(f"{args.model!r} is not a local folder (download the checkpoint first, e.g. "
-                       "`huggingface-cli download NAME --local-dir DIR`)")
-    fmt = _foreign_format(args.model)
+    name = args.model
+    configs = _checkpoint_dir(name, "MODEL", weights=False)
+    fmt = _foreign_format(configs)
     if fmt is None:
-        raise CLIError(f"{args.model!r} is not an AWQ, GPTQ or compressed-tensors int4 checkpoint: its config.json has no "
+        raise CLIError(f"{name!r} is not an AWQ, GPTQ or compressed-tensors int4 checkpoint: its config.json has no "
                        "quantization_config with quant_method 'awq' / 'gptq' / 'compressed-tensors', and there is no "
                        "quantize_config.json (an fp16 / bf16 model is quantized with `minicpm-int4 quantize`)")
     device = _device(args.device)
-    print(f"reading the {fmt.name} checkpoint {args.model} on {device}", file=sys.stderr)
+    args.model = name if configs == name else _checkpoint_dir(name, "MODEL")
+    print(f"reading the {fmt.name} checkpoint {name} on {device}", file=sys.stderr)
     try:
         model = load_pretrained_quantized(args.model, device=device, trust_remote_code=args.trust_remote_code,
                                           dtype=_dtype(args.dtype) if args.dtype else None)
     except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
-        raise CLIError(f"cannot read {args.model!r}: {e}") from e
+        raise CLIError(f"cannot read {name!r}: {e}") from e
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     save_quantized(model, args.out)
+    _carry_support_files(args.model, args.out)
     sizes = sorted({m.group_size for m in layers})
     print(f"{len(layers)} int4 layers (group size {', '.join('per channel' if g == -1 else str(g) for g in sizes)}) read "
           f"exactly from {fmt.name}; saved to {args.out}")
@@ -503,6 +533,8 @@ def cmd_eval(args) -> int:
 
     if not args.prompts and not args.text and not args.images:
         raise CLIError("give --prompts, --images and/or --text")
+    out = {"model": args.model, "quantized": args.quantized}  # as given (a Hub model's name, not its cache folder)
+    args.quantized = _checkpoint_dir(args.quantized, "QUANTIZED")
     if _foreign_format(args.quantized) is None:  # an AWQ / GPTQ / compressed-tensors folder is read as it is
         try:
             read_quant_config(args.quantized)
@@ -513,14 +545,14 @@ def cmd_eval(args) -> int:
     lines = _read_lines(args.prompts) if args.prompts else []
     if args.prompts and not lines:
         raise CLIError(f"--prompts {args.prompts}: the file has no non-empty line")
+    args.model = _checkpoint_dir(args.model, "MODEL")
     images, processor = _images_and_processor(args, args.images, "--images")
     tok = processor.tokenizer if processor is not None else _load_tokenizer(args)
     ref = _load_model(args, dtype, device)
     try:
         quant = load_pretrained_quantized(args.quantized, device=device, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, ImportError, CheckpointMismatchError) as e:
-        raise CLIError(f"cannot load the quantized model from {args.quantized!r}: {e}") from e
-    out = {"model": args.model, "quantized": args.quantized}
+        raise CLIError(f"cannot load the quantized model from {out['quantized']!r}: {e}") from e
     if lines or images:  # the images' prompts: the lines in turn, as in quantize
         batches = _prompt_batches(tok, lines, processor, images, device, dtype, args.max_length, "--images")
         res = compare_models(ref, quant, batches)
@@ -708,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="compare a quantized model with its original: KL, top-1, perplexity, per-layer error")
     e.add_argument("model", help="the original model (path or hub name)")
     e.add_argument("quantized", help="directory written by `minicpm-int4 quantize` (or `convert`), or an AWQ / GPTQ / "
-                                     "compressed-tensors int4 checkpoint's folder")
+                                     "compressed-tensors int4 checkpoint's folder; or such a model's Hub id")
     e.add_argument("--prompts", default=None, type=_existing_file, help="text file, one prompt per line")
     e.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_FOLDER",
                    help="images (files or folders) compared as well, each with a --prompts line in turn as its prompt, "
@@ -727,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="read an AWQ (GEMM), GPTQ or compressed-tensors int4 checkpoint exactly and save "
                                        "it in this package's format")
-    c.add_argument("model", help="local folder of the int4 checkpoint (config.json with its quantization_config)")
+    c.add_argument("model", help="the int4 checkpoint: a local folder (config.json with its quantization_config) or a "
+                                 "Hugging Face Hub model id, fetched")
     c.add_argument("out", type=_output_dir, help="output directory")
     c.add_argument("--device", default=None, help="where the model is built while converting (default: cuda when available)")
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
