@@ -48,7 +48,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "96 x 256" in md and "bnb-nf4` skipped" in md and "% of copy bandwidth" in md
     assert "host time per call, M = 1" in md and "| w4a16-torch |" in md
-    assert "- peers: bitsandbytes " in md
+    assert "- peers: bitsandbytes " in md and "linear-attention" not in md  # (the model's kernels: profile only)
     assert (tmp_path / "speedup_vs_m.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -189,7 +189,15 @@ def test_profile_harness_on_tiny_models(tmp_path):
     assert res["runs"][0]["vision_ms"] > 0 and res["copy_bandwidth_gbps"] > 0
     files = write_all(res, str(tmp_path), "profile")
     assert "profile.md" in {os.path.basename(f) for f in files}
-    assert "decode ms/token" in (tmp_path / "profile.md").read_text()
+    md = (tmp_path / "profile.md").read_text()
+    assert "decode ms/token" in md
+    # what the linear attention ran on, as installed here (CI has neither package)
+    from importlib.util import find_spec
+
+    assert set(res["env"]["model_kernels"]) == {"fla-core", "causal-conv1d"}
+    if find_spec("fla") is None:
+        assert res["env"]["model_kernels"]["fla-core"] is None
+        assert "linear-attention layers (Qwen3.5) ran on PyTorch in place of fla-core (not installed)" in md
 
 
 def test_profile_graphed_mode_compiles_only_the_decode_step():

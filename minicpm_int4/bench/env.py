@@ -46,6 +46,7 @@ def env_info(device: torch.device) -> Dict:
     except ImportError:
         info["triton"] = None
     info["peers"] = peer_versions()
+    info["model_kernels"] = peer_versions(MODEL_KERNEL_PACKAGES)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
@@ -57,15 +58,21 @@ def env_info(device: torch.device) -> Dict:
 
 
 PEER_PACKAGES = ("bitsandbytes", "gemlite")
+# What transformers runs MiniCPM-V 4.6's LLM with where installed: its Qwen3.5 linear-attention layers take the
+# gated delta rule from flash-linear-attention's fla (fla-core) and their short convolution from causal-conv1d,
+# else a reference PyTorch implementation ("correct but much slower", transformers warns): the same for fp16 and
+# int4, so it adds to both sides of an end-to-end comparison. Recorded so that the profile's numbers are read
+# with it.
+MODEL_KERNEL_PACKAGES = ("fla-core", "causal-conv1d")
 
 
-def peer_versions() -> Dict:
-    """Installed versions of the peer libraries the bench compares with (None where absent), read
-    from their metadata: importing gemlite needs a GPU."""
+def peer_versions(packages=PEER_PACKAGES) -> Dict:
+    """Installed versions of the peer libraries the bench compares with, or of other `packages` (None where
+    absent), read from their metadata: importing gemlite needs a GPU."""
     from importlib import metadata
 
     out = {}
-    for name in PEER_PACKAGES:
+    for name in packages:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

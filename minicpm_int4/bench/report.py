@@ -35,13 +35,18 @@ def write_checkpoint(result: Dict, out_dir: str, stem: str) -> List[str]:
     return [write_json(snap, os.path.join(out_dir, f"{stem}.json")), _write_text(os.path.join(out_dir, f"{stem}.md"), md)]
 
 
-def _env_lines(env: Dict) -> List[str]:
+def _env_lines(env: Dict, model_kernels: bool = False) -> List[str]:
     lines = [f"- device: **{env.get('device_name')}** ({env.get('device')})",
              f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}",
              f"- commit `{env.get('commit')}`, {env.get('timestamp_utc')}"]
     if env.get("peers"):
         lines.append("- peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()))
+    kernels = env.get("model_kernels")
+    if model_kernels and kernels:  # (end-to-end only: the kernel rows do not run the model)
+        lines.append("- MiniCPM-V 4.6's linear-attention layers (Qwen3.5) ran on " + ", ".join(
+            f"{k} {v}" if v else f"PyTorch in place of {k} (not installed)" for k, v in kernels.items())
+            + " (`bench/env.py`: the same for fp16 and int4)")
     d = env.get("dispatch_table")
     if d:
         where = "made from this run's bench" if d.get("from_env") else "the package's"
@@ -128,7 +133,7 @@ def fmt_value(v, f="{:.2f}") -> str:
 
 
 def profile_markdown(result: Dict) -> str:
-    out = ["## End-to-end profile", ""] + _env_lines(result["env"]) + [
+    out = ["## End-to-end profile", ""] + _env_lines(result["env"], model_kernels=True) + [
         f"- prompt {result['config']['prompt_tokens']} tokens + {result['config'].get('images', 0)} image, "
         f"{result['config']['new_tokens']} new tokens, batch 1",
         f"- measured copy bandwidth: {result.get('copy_bandwidth_gbps', float('nan')):.0f} GB/s"] + (
