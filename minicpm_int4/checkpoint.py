@@ -394,12 +394,13 @@ def parameters_on_meta():
 
 
 def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_remote_code: bool = False,
-                              progress: bool = True, dtype: Optional[torch.dtype] = None,
+                              progress: bool = True, dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
                               **config_overrides) -> nn.Module:
     """Rebuild a transformers model from the `config.json` that `minicpm-int4 quantize` saves beside the
     checkpoint and load the int4 checkpoint into it, module by module, never holding fp16 copies of
     the quantized layers. `path` is a folder or a Hugging Face Hub model id (`openbmb/MiniCPM-V-4_6-AWQ`:
-    fetched as from_pretrained fetches one, hub.py). `model_class` defaults to the config's first `architectures` entry: a
+    fetched as from_pretrained fetches one, at `revision` - a branch, tag or commit - if given; hub.py).
+    `model_class` defaults to the config's first `architectures` entry: a
     transformers class, or for remote code (MiniCPM-V 2.x / o-2.6, whose modeling files
     save_quantized copied beside the checkpoint) the `auto_map` class of that name, which needs
     `trust_remote_code=True` as `from_pretrained` does.
@@ -417,7 +418,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     from . import foreign
     from .hub import checkpoint_dir
 
-    path = checkpoint_dir(path)  # a Hub model id: its files, fetched (with progress) or from the cache
+    path = checkpoint_dir(path, revision=revision)  # a Hub model id: its files, fetched (with progress) or cached
     fmt = foreign.detect(path)  # before minutes of building: an unreadable AWQ / GPTQ variant fails here
     if dtype is not None and fmt is None:
         raise ValueError(f"load_pretrained_quantized(dtype={dtype}) is for AWQ / GPTQ / compressed-tensors checkpoints; "

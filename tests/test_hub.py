@@ -93,6 +93,14 @@ def test_an_online_fetch_asks_for_configs_code_and_one_kind_of_weights(tmp_path,
     assert len(calls) == (2 if weights == "bin" else 1)
     calls.clear()
     shutil.rmtree(folder)
+    # load_pretrained_quantized passes its revision on (a pinned commit, not main's latest)
+    revisions = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, **kw: revisions.append(revision) or str(tmp_path / "repo"))
+    with pytest.raises(ValueError):  # (the stand-in config.json is no JSON)
+        load_pretrained_quantized("owner/model", revision="v1.0")
+    assert revisions and set(revisions) == {"v1.0"}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(remote, calls))
     assert set(os.listdir(checkpoint_dir("owner/model", weights=False))) == {
         "config.json", "tokenizer.json", "modeling_x.py", "merges.txt"}
     assert len(calls) == 1
