@@ -200,7 +200,7 @@ class QuantLinear(nn.Module):
         # branch, and the messages are built only on failure
         qweight, scales = self.qweight, self.scales
         k = self.in_features
-        if x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
+        if x.ndim == 0 or x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes);
         # the input scale and an act-order layer's channel order (or None) are applied by quantized_linear,
@@ -215,6 +215,8 @@ class QuantLinear(nn.Module):
         to the layer's dtype (nn.Linear casts to the autocast dtype; the int4 kernels compute in the
         layer's), anything else is a clear error."""
         name = f"QuantLinear({self.in_features} -> {self.out_features})"
+        if x.ndim == 0:  # (as nn.Linear, which takes [..., K] with at least one dimension)
+            raise ValueError(f"{name}: input is a 0-d tensor; it needs a last dimension of {self.in_features} features")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{name}: input has {x.shape[-1]} features in its last dimension")
         if x.device != self.qweight.device:

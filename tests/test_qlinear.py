@@ -88,6 +88,10 @@ def test_wrong_input_dtype_and_features():
         ql(torch.randn(2, 32, dtype=torch.float16))
     with pytest.raises(ValueError, match="lives on cpu but got input on meta"):
         ql(torch.randn(2, 64, dtype=torch.float16, device="meta"))
+    with pytest.raises(ValueError, match="input is a 0-d tensor; it needs a last dimension of 64 features"):
+        ql(torch.tensor(1.0, dtype=torch.float16))
+    x = torch.randn(64, dtype=torch.float16)  # one vector, as nn.Linear takes it
+    assert torch.equal(ql(x), ql(x[None])[0]) and ql(x).shape == (64,)
 
 
 def test_autocast_casts_the_input_to_the_layer_dtype():
