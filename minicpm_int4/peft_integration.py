@@ -1,0 +1,122 @@
+"""LoRA adapters (PEFT) on the int4 layers: fine-tuning a patched model QLoRA-style, its int4 weights frozen.
+
+PEFT puts adapters only on the layer types it knows; a LoraConfig made here knows QuantLinear too (PEFT's
+custom-module hook), so that
+
+    model = minicpm_int4.checkpoint.load_pretrained_quantized("int4/")      # or patch_model(model)
+    model = peft.get_peft_model(model, minicpm_int4.peft_integration.lora_config(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ...train...                                    # gradients: the adapters'; x's through the int4 GEMM
+    model.save_pretrained("adapter/")              # the adapter only, as PEFT saves it
+    model = minicpm_int4.peft_integration.load_adapter(int4_model, "adapter/")
+
+Each adapted layer computes QuantLinear(x) + B(A(dropout(x))) * scaling, the sum in the adapter's dtype
+(fp32 by PEFT's default) rounded once to the layer's. The int4 weight is not changed: merging an adapter into
+it (merge_and_unload) would round the adapter's small update away, and is refused with what to do instead;
+so are the LoRA variants and initialisations that read the base layer's floating-point weight (DoRA, PiSSA,
+OLoRA, LoftQ, ...). peft is optional: nothing here imports it before it is used.
+"""
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from .qlinear import QuantLinear
+
+# the initialisations that do not read the base layer's weight (PEFT's default, none, gaussian)
+PLAIN_INITS = (True, False, "gaussian")
+_MERGE_REFUSED = ("merging a LoRA adapter into an int4 QuantLinear would round the adapter's update away "
+                  "(its steps are far below the int4 grid's); keep it unmerged (PeftModel runs it beside the int4 "
+                  "layer), or minicpm_int4.dequantize_model(model.base_model.model) first - fp Linears - and merge "
+                  "there, then quantize the merged model again")
+
+
+def _peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise ImportError("LoRA adapters on QuantLinear layers need peft (pip install peft)") from e
+
+
+@functools.lru_cache(maxsize=None)
+def lora_layer_class():
+    """The PEFT LoRA layer for a QuantLinear (built on first use: peft is optional)."""
+    _peft()
+    from peft.tuners.lora.layer import LoraLayer
+
+    class QuantLinearLora(nn.Module, LoraLayer):
+        """LoRA adapters beside a frozen QuantLinear: y = QuantLinear(x) + sum over active adapters of
+        B(A(dropout(x))) * scaling."""
+
+        def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
+            super().__init__()
+            LoraLayer.__init__(self, base_layer)
+            refused = [name for name in ("use_dora", "use_qalora", "use_alora", "use_bdlora", "velora_config",
+                                         "lora_ga_config")
+                       if getattr(config, name, None)]
+            if refused:
+                raise ValueError(f"LoRA on an int4 QuantLinear: {refused[0]} is not supported (it needs the base layer's "
+                                 "floating-point weight); plain LoRA is")
+            if config.init_lora_weights not in PLAIN_INITS:
+                raise ValueError(f"LoRA on an int4 QuantLinear: init_lora_weights={config.init_lora_weights!r} reads the "
+                                 f"base layer's floating-point weight; use one of {PLAIN_INITS}")
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+        def _get_in_out_features(self, module):
+            return module.in_features, module.out_features
+
+        def resolve_lora_variant(self, *, config, **kwargs):
+            return None  # (the variants were refused above)
+
+        def forward(self, x, *args, **kwargs):
+            result = self.base_layer(x, *args, **kwargs)
+            if self.disable_adapters:
+                return result
+            dtype = result.dtype
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+                xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+                result = (result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]).to(dtype)
+            return result
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            raise NotImplementedError(_MERGE_REFUSED)
+
+        def unmerge(self) -> None:
+            raise NotImplementedError(_MERGE_REFUSED)
+
+        def get_delta_weight(self, adapter):
+            raise NotImplementedError(_MERGE_REFUSED)
+
+        def __repr__(self) -> str:
+            return "lora." + super().__repr__()
+
+    return QuantLinearLora
+
+
+def register(config):
+    """Let PEFT LoraConfig `config` put its adapters on QuantLinear layers too (returns it)."""
+    config._register_custom_module({QuantLinear: lora_layer_class()})
+    return config
+
+
+def lora_config(**kwargs):
+    """peft.LoraConfig(**kwargs) that adapts QuantLinear layers (target_modules names them as for nn.Linear)."""
+    _peft()
+    from peft import LoraConfig
+
+    return register(LoraConfig(**kwargs))
+
+
+def load_adapter(model, path: str, **kwargs):
+    """peft.PeftModel.from_pretrained(model, path) for a model with QuantLinear layers: a saved adapter's
+    LoraConfig does not keep the registration (register), so PEFT alone would refuse the int4 layers."""
+    _peft()
+    from peft import LoraConfig, PeftModel
+
+    config = register(LoraConfig.from_pretrained(path))
+    return PeftModel.from_pretrained(model, path, config=config, **kwargs)

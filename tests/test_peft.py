@@ -1,0 +1,177 @@
+"""LoRA adapters (PEFT) on QuantLinear layers: peft_integration.py.
+
+CI runs these in a stage of their own with peft installed (.ci/run) and MINICPM_INT4_REQUIRE_PEFT=1, so
+that they fail rather than skip there; elsewhere they skip where peft is not installed, naming why."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from minicpm_int4 import QuantConfig, QuantLinear, dequantize_model, patch_model
+from minicpm_int4.tiny import build_native, prompt_with_image
+
+EPS32 = torch.finfo(torch.float32).eps
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def peft():
+    try:
+        import peft
+    except ImportError:
+        if os.environ.get("MINICPM_INT4_REQUIRE_PEFT") == "1":
+            pytest.fail("MINICPM_INT4_REQUIRE_PEFT=1 but peft is not installed")
+        pytest.skip("peft is not installed (CI installs it in a stage of its own)")
+    return peft
+
+
+def _randomize_adapters(model, seed):
+    """LoRA B starts at zero (the adapted model is the base model): give every adapter weight a value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _int4_and_twin(peft, dtype=torch.float32):
+    """The same tiny MiniCPM-V 4.6 patched to int4, and its dequantized twin (nn.Linear layers holding the
+    weights the int4 layers compute with), each with the same LoRA adapters."""
+    from minicpm_int4.peft_integration import lora_config
+
+    model = build_native("4_6", seed=0, dtype=dtype)
+    report = patch_model(model, QuantConfig(group_size=32, backend="torch"), progress=False)
+    twin = copy.deepcopy(model)
+    dequantize_model(twin)
+    kw = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    int4 = peft.get_peft_model(model, lora_config(**kw))
+    fp = peft.get_peft_model(twin, peft.LoraConfig(**kw))
+    _randomize_adapters(int4, seed=1)
+    fp.load_state_dict(int4.state_dict(), strict=False)  # the adapters; the base weights differ in kind
+    return int4, fp, report
+
+
+def _bound(report):
+    # both compute each layer in fp32 and differ in summation order only: at most K * eps32 relative per
+    # quantized layer on the path (forward, and again for the gradients flowing back through it)
+    ks = [d.in_features for d in report.quantized]
+    return 2 * len(ks) * max(ks) * EPS32
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_lora_on_int4_layers_computes_and_learns_as_on_their_dequantized_twin(peft):
+    from minicpm_int4.peft_integration import lora_layer_class
+
+    int4, fp, report = _int4_and_twin(peft)
+    adapted = {n: m for n, m in int4.named_modules() if isinstance(m, lora_layer_class())}
+    assert adapted and all(isinstance(m.base_layer, QuantLinear) for m in adapted.values())
+    assert any(n.endswith("mlp.up_proj") for n in adapted)
+    trainable = {n for n, p in int4.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable == {n for n, p in fp.named_parameters() if p.requires_grad}
+
+    ids, pv, ts = prompt_with_image(int4)
+    inputs = dict(input_ids=ids, pixel_values=pv, target_sizes=ts)
+    y4, yf = int4(**inputs).logits, fp(**inputs).logits
+    with int4.disable_adapter():
+        base = int4(**inputs).logits
+    assert _rel(y4, yf) <= _bound(report)
+    assert _rel(y4, base) > 100 * _bound(report)  # the adapters change the output
+    y4.pow(2).mean().backward()
+    yf.pow(2).mean().backward()
+    g4 = torch.cat([p.grad.flatten() for n, p in sorted(int4.named_parameters()) if n in trainable])
+    gf = torch.cat([p.grad.flatten() for n, p in sorted(fp.named_parameters()) if n in trainable])
+    assert g4.abs().sum() > 0 and _rel(g4, gf) <= _bound(report)
+
+
+def test_a_few_steps_train_the_adapters_and_leave_the_int4_weights(peft):
+    int4, _, _ = _int4_and_twin(peft)
+    frozen = {n: b.clone() for n, b in int4.named_buffers() if n.endswith(("qweight", "scales", "zeros"))}
+    ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(3))
+    target = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW([p for p in int4.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(8):
+        logits = int4(input_ids=ids).logits
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(b, frozen[n]) for n, b in int4.named_buffers() if n in frozen)
+
+
+def test_triton_backend_forward_and_backward_match_the_reference(peft):
+    """The adapted layer on the Triton kernels (the interpreter here) against the torch reference backend:
+    the same int4 layer, the same adapter."""
+    from minicpm_int4 import ops
+    from minicpm_int4.peft_integration import lora_config
+
+    if not ops.triton_interpreter_active():
+        pytest.skip("needs the Triton kernels importable on CPU (TRITON_INTERPRET=1)")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 48, dtype=torch.float16))
+    outs = {}
+    for backend in ("torch", "triton"):
+        model = copy.deepcopy(base)
+        patch_model(model, QuantConfig(group_size=32, backend=backend, min_out_features=1), progress=False)
+        pm = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=["0"]))
+        _randomize_adapters(pm, seed=5)
+        x = torch.randn(3, 64, dtype=torch.float16, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        y = pm(x)
+        y.float().pow(2).sum().backward()
+        outs[backend] = (y.detach(), x.grad, pm.base_model.model[0].lora_A["default"].weight.grad)
+    for a, b in zip(outs["triton"], outs["torch"]):
+        # fp16 outputs of fp32 sums in another order: a few fp16 ulps of the largest value
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4 * 2**-10 * b.float().abs().max().item())
+
+
+def test_saved_adapter_loads_onto_a_reloaded_int4_model(peft, tmp_path):
+    from minicpm_int4 import save_quantized
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+    from minicpm_int4.peft_integration import load_adapter
+
+    model = build_native("4_6", seed=0)
+    report = patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path / "int4", report)
+    from minicpm_int4.peft_integration import lora_config
+
+    pm = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    _randomize_adapters(pm, seed=2)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids, pv, ts = prompt_with_image(model)
+    inputs = dict(input_ids=ids, pixel_values=pv, target_sizes=ts)
+    with torch.no_grad():
+        want = pm(**inputs).logits
+
+    # PEFT alone does not know the int4 layers in a saved adapter's config: load_adapter registers them
+    with pytest.raises(ValueError, match="not supported"):
+        peft.PeftModel.from_pretrained(load_pretrained_quantized(str(tmp_path / "int4")), str(tmp_path / "adapter"))
+    again = load_adapter(load_pretrained_quantized(str(tmp_path / "int4")), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, want)
+
+
+def test_what_needs_the_fp_weight_is_refused_clearly(peft):
+    from minicpm_int4.peft_integration import lora_config
+
+    def adapted(**kw):
+        model = build_native("4_6", seed=0)
+        patch_model(model, QuantConfig(group_size=32), progress=False)
+        return peft.get_peft_model(model, lora_config(r=4, target_modules=["up_proj"], **kw))
+
+    with pytest.raises(ValueError, match="use_dora is not supported"):
+        adapted(use_dora=True)
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' reads the base layer's floating-point weight"):
+        adapted(init_lora_weights="pissa")
+    pm = adapted()
+    with pytest.raises(NotImplementedError, match="would round the adapter's update away"):
+        pm.merge_and_unload()
+    plain = adapted().unload()  # the adapters taken off: the int4 layers as they were
+    assert isinstance(plain.get_submodule("model.language_model.layers.0.mlp.up_proj"), QuantLinear)
