@@ -20,10 +20,11 @@ SUPPORT_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja
 WEIGHT_PATTERNS = ("*.safetensors",)
 LEGACY_WEIGHT_PATTERNS = ("*.bin",)  # pytorch_model*.bin: fetched only where a model has no safetensors
 
-# Not carried into an int4 folder: what its own writer puts there, other quantizers' records (the folder is not
+# Not carried into an int4 folder: what its own writer puts there (config.json is the int4 model's; a
+# generation_config.json is carried where the writer did not write one), other quantizers' records (the folder is not
 # theirs any more), weight indexes of files it does not have, and the model card (it describes the other weights).
-NOT_CARRIED = ("config.json", "quant_config.json", "quantize_config.json", "generation_config.json", "*.index.json",
-               "README*", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+NOT_CARRIED = ("config.json", "quant_config.json", "quantize_config.json", "*.index.json", "README*", "*.safetensors",
+               "*.bin", "*.pt", "*.pth", "*.gguf")
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 

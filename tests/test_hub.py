@@ -112,8 +112,9 @@ def test_support_files_are_carried_but_not_what_the_int4_folder_has_or_must_not_
     (src / "assets").mkdir()
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
              "chat_template.jinja", "processing_x.py", "merges.txt", "tokenizer.model", "LICENSE",
+             "generation_config.json",  # (where the int4 folder has none: a model that cannot generate)
              # not carried:
-             "config.json", "generation_config.json", "quantize_config.json", "quant_config.json",
+             "config.json", "quantize_config.json", "quant_config.json",
              "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "README.md", ".gitattributes",
              "modeling_x.py")
     for f in names:
@@ -125,7 +126,8 @@ def test_support_files_are_carried_but_not_what_the_int4_folder_has_or_must_not_
     copied = copy_support_files(str(src), str(dst))
     assert sorted(copied) == sorted(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                                      "preprocessor_config.json", "chat_template.jinja", "processing_x.py", "merges.txt",
-                                     "tokenizer.model", "LICENSE", os.path.join("additional_chat_templates", "tool.jinja")])
+                                     "tokenizer.model", "LICENSE", "generation_config.json",
+                                     os.path.join("additional_chat_templates", "tool.jinja")])
     assert (dst / "modeling_x.py").read_text() == "written from the model"  # never overwritten
 
 
