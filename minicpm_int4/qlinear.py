@@ -202,10 +202,15 @@ class QuantLinear(nn.Module):
         k = self.in_features
         if x.ndim == 0 or x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
+        bias = self.bias
+        if bias is not None and bias.dtype != scales.dtype:
+            # recast from outside (peft.prepare_model_for_kbit_training sets every fp16 / bf16 parameter's .data
+            # to fp32): the kernels add a bias of the layer's dtype, and the cast back is exact for such a bias
+            bias = bias.to(scales.dtype)
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes);
         # the input scale and an act-order layer's channel order (or None) are applied by quantized_linear,
         # fused where a kernel can take them (the decode kernels read x through input_perm)
-        y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, self.bias,
+        y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, bias,
                                  self._kernel_group_size, self.act, self.backend, self.workspace,
                                  self.input_scale, self.input_perm)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -680,3 +680,20 @@ def test_foreign_checkpoint_converts_on_the_gpu(tmp_path, method, act_order):
     with torch.no_grad():
         logits = on_gpu(input_ids=ids.cuda(), pixel_values=pv.half().cuda(), target_sizes=ts.cuda()).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_bias_recast_to_fp32_runs_on_the_gpu_kernels(backend):
+    """peft.prepare_model_for_kbit_training leaves the int4 layers' biases in fp32: the CUDA extension takes
+    only a bias of the activation dtype, so the layer hands it one (the same numbers)."""
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    torch.manual_seed(0)
+    ql = QuantLinear.from_linear(torch.nn.Linear(4096, 4096, dtype=torch.bfloat16, device="cuda"),
+                                 QuantConfig(group_size=128, backend=backend))
+    for m in (1, 16, 64):
+        x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+        want = ql(x)
+        ql.bias.data = ql.bias.data.float()
+        assert torch.equal(ql(x), want), m
+        ql.bias.data = ql.bias.data.to(torch.bfloat16)

@@ -175,3 +175,30 @@ def test_what_needs_the_fp_weight_is_refused_clearly(peft):
         pm.merge_and_unload()
     plain = adapted().unload()  # the adapters taken off: the int4 layers as they were
     assert isinstance(plain.get_submodule("model.language_model.layers.0.mlp.up_proj"), QuantLinear)
+
+
+def test_peft_prepare_for_kbit_training_then_autocast(peft):
+    """The QLoRA recipe: peft.prepare_model_for_kbit_training casts the model's other parameters to fp32 (the
+    int4 layers' biases too); training then runs under torch.autocast in the int4 layers' dtype (Trainer's
+    bf16=True), which casts their inputs. Without autocast the int4 layers name the mismatch."""
+    from minicpm_int4.peft_integration import lora_config
+
+    model = build_native("4_6", seed=0, dtype=torch.bfloat16)
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    with_bias = [m for m in model.modules() if isinstance(m, QuantLinear) and m.bias is not None]
+    assert with_bias  # (the vision tower's)
+    ids, pv, ts = prompt_with_image(model)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(m.scales.dtype == torch.bfloat16 for m in with_bias)
+    pm = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    _randomize_adapters(pm, seed=7)
+    inputs = dict(input_ids=ids, pixel_values=pv, target_sizes=ts)
+    with pytest.raises(TypeError, match="holds a torch.bfloat16 layer but got torch.float32 input"):
+        pm(**inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm(**inputs).logits.float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0

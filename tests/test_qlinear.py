@@ -463,3 +463,26 @@ def test_triton_quantlinear_property(n, groups, gi, di, m, lead, bias, act, k8, 
     k = 8 * k8 if group_size == -1 else groups * group_size  # per channel: any K the packing allows
     torch.manual_seed(seed)
     check_quantlinear_backend(nn.Linear(k, n, bias=bias).to(dtype), group_size, act, (lead, m), "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_a_bias_recast_from_outside_computes_as_before(backend, act, monkeypatch):
+    """peft.prepare_model_for_kbit_training sets every fp16 / bf16 parameter's .data to fp32, the int4
+    layers' biases included: the layer hands the kernels its bias in its own dtype again (the CUDA
+    extension requires it; exact: it came from that dtype), and computes as before."""
+    from minicpm_int4 import ops
+
+    if backend == "triton" and not ops.triton_interpreter_active():
+        pytest.skip("needs the Triton kernels importable on CPU (TRITON_INTERPRET=1)")
+    torch.manual_seed(0)
+    ql = QuantLinear.from_linear(nn.Linear(64, 48).to(torch.bfloat16),
+                                 QuantConfig(group_size=32, backend=backend, act=act))
+    x = torch.randn(20, 64, dtype=torch.bfloat16)  # M > 16: W4A8 runs its own kernel
+    want = ql(x)
+    ql.bias.data = ql.bias.data.float()
+    seen = []
+    real = ops.quantized_linear
+    monkeypatch.setattr(ops, "quantized_linear", lambda *a: seen.append(a[4].dtype) or real(*a))
+    assert torch.equal(ql(x), want) and ql.bias.dtype == torch.float32
+    assert seen == [torch.bfloat16]
