@@ -118,8 +118,8 @@ def register() -> Optional[str]:
             return True
 
         @property
-        def is_trainable(self):
-            return False
+        def is_trainable(self):  # adapters (PEFT: peft_integration.py) train over the frozen int4 layers, whose
+            return True          # backward sends gradients to x; transformers' Trainer asks before it trains
 
         def _dequantize(self, model, dtype=None):  # model.dequantize(): fp Linears with the int4 model's weights
             from .patch import dequantize_model

@@ -202,3 +202,26 @@ def test_peft_prepare_for_kbit_training_then_autocast(peft):
     grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_trainer_accepts_adapters_over_a_model_loaded_by_from_pretrained(peft, tmp_path):
+    """A model transformers loaded from an int4 folder carries this package's quantizer: its Trainer checks
+    that the quantization method supports training (adapters over the frozen int4 layers) before it trains,
+    and still refuses the int4 model without adapters."""
+    import transformers
+    from transformers import trainer_utils
+
+    from minicpm_int4.hf_integration import register
+    from minicpm_int4.peft_integration import lora_config
+
+    if register() is not None or not hasattr(trainer_utils, "validate_quantization_for_training"):
+        pytest.skip(f"transformers {transformers.__version__}: no quantizer registry or no separate training check")
+    model = build_native("4_6", seed=0)
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    model.save_pretrained(str(tmp_path / "int4"))
+    loaded = type(model).from_pretrained(str(tmp_path / "int4"))
+    assert loaded.is_quantized and loaded.hf_quantizer.is_trainable
+    with pytest.raises(ValueError, match="purely quantized"):
+        trainer_utils.validate_quantization_for_training(loaded)
+    pm = peft.get_peft_model(loaded, lora_config(r=4, target_modules=TARGETS))
+    trainer_utils.validate_quantization_for_training(pm)  # (raised "do not support training" before)
