@@ -19,6 +19,8 @@ OLoRA, LoftQ, ...). peft is optional: nothing here imports it before it is used.
 from __future__ import annotations
 
 import functools
+import types
+import warnings
 
 from torch import nn
 
@@ -49,20 +51,30 @@ def lora_layer_class():
         """LoRA adapters beside a frozen QuantLinear: y = QuantLinear(x) + sum over active adapters of
         B(A(dropout(x))) * scaling."""
 
-        def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
+        def __init__(self, base_layer, adapter_name: str, config=None, r: int = 0, lora_alpha: int = 1, **kwargs):
             super().__init__()
-            LoraLayer.__init__(self, base_layer)
+            with warnings.catch_warnings():  # peft 0.13 warns of any layer type it does not list, then reads
+                warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)  # in/out_features
+                LoraLayer.__init__(self, base_layer)
+            # PEFT hands a custom layer its LoraConfig (0.14 on) or, before, the settings as keyword arguments
+            # (peft 0.13, the last for transformers 4.40 - 4.4x, which MiniCPM-V 2.x pins)
+            settings = config if config is not None else types.SimpleNamespace(**kwargs)
             refused = [name for name in ("use_dora", "use_qalora", "use_alora", "use_bdlora", "velora_config",
                                          "lora_ga_config")
-                       if getattr(config, name, None)]
+                       if getattr(settings, name, None)]
             if refused:
                 raise ValueError(f"LoRA on an int4 QuantLinear: {refused[0]} is not supported (it needs the base layer's "
                                  "floating-point weight); plain LoRA is")
-            if config.init_lora_weights not in PLAIN_INITS:
-                raise ValueError(f"LoRA on an int4 QuantLinear: init_lora_weights={config.init_lora_weights!r} reads the "
-                                 f"base layer's floating-point weight; use one of {PLAIN_INITS}")
+            init = getattr(settings, "init_lora_weights", True)
+            if init not in PLAIN_INITS:
+                raise ValueError(f"LoRA on an int4 QuantLinear: init_lora_weights={init!r} reads the base layer's "
+                                 f"floating-point weight; use one of {PLAIN_INITS}")
             self._active_adapter = adapter_name
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+            if config is not None:
+                self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+            else:
+                self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=kwargs.get("lora_dropout", 0.0),
+                                  init_lora_weights=init, use_rslora=kwargs.get("use_rslora", False))
 
         def _get_in_out_features(self, module):
             return module.in_features, module.out_features
@@ -79,7 +91,8 @@ def lora_layer_class():
                 if name not in self.lora_A:
                     continue
                 lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-                xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+                cast = getattr(self, "_cast_input_dtype", None)  # (PEFT's, which its helpers can switch off; 0.14 on)
+                xa = cast(x, lora_A.weight.dtype) if cast is not None else x.to(lora_A.weight.dtype)
                 result = (result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]).to(dtype)
             return result
 
