@@ -14,11 +14,14 @@ import shutil
 from typing import List, Optional
 
 # Besides the weights: configs (config.json, quantization records, generation_config.json, tokenizer / processor
-# configs, weight indexes), remote code, vocabularies, chat templates, licences.
-SUPPORT_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja", "additional_chat_templates/*",
-                    "LICENSE*", "NOTICE*")
+# configs, weight indexes), remote code, vocabularies, chat templates, licences. Top-level files only (the Hub's
+# patterns match across folders: a repo's other folders - original/ weights, examples - are left), and the one
+# folder a processor reads, transformers' named chat templates.
+SUPPORT_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja", "LICENSE*", "NOTICE*")
 WEIGHT_PATTERNS = ("*.safetensors",)
 LEGACY_WEIGHT_PATTERNS = ("*.bin",)  # pytorch_model*.bin: fetched only where a model has no safetensors
+SUBFOLDERS = ("*/*",)
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 # Not carried into an int4 folder: what its own writer puts there (config.json is the int4 model's; a
 # generation_config.json is carried where the writer did not write one), other quantizers' records (the folder is not
@@ -59,12 +62,14 @@ def checkpoint_dir(path, weights: bool = True, revision: Optional[str] = None) -
     except ImportError:  # (transformers depends on it; a bare install may not have it)
         raise CheckpointNotFoundError(f"{path!r} is not a local folder, and huggingface_hub (to fetch it from the "
                                       "Hub) is not installed") from None
+    def fetch(allow, ignore=SUBFOLDERS):
+        return snapshot_download(path, revision=revision, allow_patterns=list(allow), ignore_patterns=list(ignore))
+
     try:
-        folder = snapshot_download(path, revision=revision, allow_patterns=list(SUPPORT_PATTERNS + (
-            WEIGHT_PATTERNS if weights else ())))
+        folder = fetch(SUPPORT_PATTERNS + (WEIGHT_PATTERNS if weights else ()))
         if weights and not _has_weights(folder):
-            folder = snapshot_download(path, revision=revision,
-                                       allow_patterns=list(SUPPORT_PATTERNS + LEGACY_WEIGHT_PATTERNS))
+            folder = fetch(SUPPORT_PATTERNS + LEGACY_WEIGHT_PATTERNS)
+        folder = fetch((f"{CHAT_TEMPLATES_DIR}/*",), ignore=())
     except Exception as e:  # huggingface_hub's errors (not found, gated, offline and not cached) are of many kinds
         raise CheckpointNotFoundError(f"{path!r} is not a local folder, and no Hugging Face Hub model of that name "
                                       f"could be fetched ({type(e).__name__}: {' '.join(str(e).split())})") from e
@@ -78,10 +83,10 @@ def copy_support_files(src: str, dst: str) -> List[str]:
     copied = []
     for root, dirs, files in os.walk(src):
         rel_root = os.path.relpath(root, src)
-        dirs[:] = [d for d in dirs if d == "additional_chat_templates"] if rel_root == "." else []
+        dirs[:] = [d for d in dirs if d == CHAT_TEMPLATES_DIR] if rel_root == "." else []
         for name in sorted(files):
             rel = name if rel_root == "." else os.path.join(rel_root, name)
-            if name.startswith(".") or not any(fnmatch.fnmatch(rel, p) for p in SUPPORT_PATTERNS):
+            if name.startswith(".") or not any(fnmatch.fnmatch(name, p) for p in SUPPORT_PATTERNS):
                 continue
             if any(fnmatch.fnmatch(name, p) for p in NOT_CARRIED) or os.path.exists(os.path.join(dst, rel)):
                 continue

@@ -2,7 +2,6 @@
 huggingface_hub's own cache, laid out as it lays it out (models--owner--name/refs/main and
 snapshots/<commit>/), read by the real snapshot_download in offline mode; what an online fetch asks for
 is checked against a stand-in for snapshot_download."""
-import fnmatch
 import json
 import os
 import shutil
@@ -57,15 +56,18 @@ def test_a_model_neither_local_nor_fetchable_is_named(hub_cache):
 
 
 def _fake_snapshot_download(remote, calls):
-    """snapshot_download as it behaves online, over a local folder standing for the Hub repo: the files
-    allow_patterns match, copied into a snapshot folder."""
-    def fetch(repo_id, revision=None, allow_patterns=None, **kwargs):
+    """snapshot_download as it behaves online, over a local folder standing for the Hub repo: the files its
+    own filter (huggingface_hub.utils.filter_repo_objects) lets through, copied into a snapshot folder."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    def fetch(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **kwargs):
         calls.append(list(allow_patterns))
         snap = remote.parent / "snapshot"
-        for f in os.listdir(remote):
-            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
-                snap.mkdir(exist_ok=True)
-                shutil.copy(remote / f, snap / f)
+        snap.mkdir(exist_ok=True)
+        files = [str(f.relative_to(remote)) for f in remote.rglob("*") if f.is_file()]
+        for f in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snap / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote / f, snap / f)
         return str(snap)
     return fetch
 
@@ -76,7 +78,9 @@ def test_an_online_fetch_asks_for_configs_code_and_one_kind_of_weights(tmp_path,
 
     remote = tmp_path / "repo"
     remote.mkdir()
-    for f in ("config.json", "tokenizer.json", "modeling_x.py", "README.md", "model.onnx", "merges.txt"):
+    for f in ("config.json", "tokenizer.json", "modeling_x.py", "README.md", "model.onnx", "merges.txt",
+              "original/consolidated.safetensors", "original/params.json", "additional_chat_templates/tool.jinja"):
+        (remote / f).parent.mkdir(exist_ok=True)
         (remote / f).write_text("x")
     if weights in ("safetensors", "both"):
         (remote / "model.safetensors").write_text("x")
@@ -86,11 +90,12 @@ def test_an_online_fetch_asks_for_configs_code_and_one_kind_of_weights(tmp_path,
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(remote, calls))
     folder = checkpoint_dir("owner/model")
     got = set(os.listdir(folder))
-    assert {"config.json", "tokenizer.json", "modeling_x.py", "merges.txt"} <= got
-    assert not got & {"README.md", "model.onnx"}
+    assert {"config.json", "tokenizer.json", "modeling_x.py", "merges.txt", "additional_chat_templates"} <= got
+    assert not got & {"README.md", "model.onnx", "original"}  # (the Hub's patterns match across folders)
+    assert os.listdir(os.path.join(folder, "additional_chat_templates")) == ["tool.jinja"]
     # safetensors where the model has them (never both kinds); *.bin in a second call only where it has none
     assert ("model.safetensors" in got) == (weights != "bin") and ("pytorch_model.bin" in got) == (weights == "bin")
-    assert len(calls) == (2 if weights == "bin" else 1)
+    assert len(calls) == (3 if weights == "bin" else 2)  # (+ the chat templates' folder)
     calls.clear()
     shutil.rmtree(folder)
     # load_pretrained_quantized passes its revision on (a pinned commit, not main's latest)
@@ -102,8 +107,8 @@ def test_an_online_fetch_asks_for_configs_code_and_one_kind_of_weights(tmp_path,
     assert revisions and set(revisions) == {"v1.0"}
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(remote, calls))
     assert set(os.listdir(checkpoint_dir("owner/model", weights=False))) == {
-        "config.json", "tokenizer.json", "modeling_x.py", "merges.txt"}
-    assert len(calls) == 1
+        "config.json", "tokenizer.json", "modeling_x.py", "merges.txt", "additional_chat_templates"}
+    assert len(calls) == 2
 
 
 def test_support_files_are_carried_but_not_what_the_int4_folder_has_or_must_not_have(tmp_path):
