@@ -47,9 +47,10 @@ def _has_weights(folder: str) -> bool:
 
 def checkpoint_dir(path, weights: bool = True, revision: Optional[str] = None) -> str:
     """The local folder holding checkpoint `path`: `path` itself where it is a folder; for a Hub model id, the
-    snapshot folder huggingface_hub fills with its configs, code, tokenizer files and (with `weights`) its
-    *.safetensors - or its *.bin where it has none - printing download progress, or finds in its cache when the
-    Hub cannot be reached. Raises CheckpointNotFoundError naming `path` where there is neither."""
+    snapshot folder huggingface_hub fills with its top-level configs, code, tokenizer files and (with `weights`)
+    *.safetensors - or *.bin where it has none - and its named chat templates, printing download progress, or finds
+    in its cache when the Hub cannot be reached. Raises CheckpointNotFoundError naming `path` where there is
+    neither."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
@@ -62,6 +63,7 @@ def checkpoint_dir(path, weights: bool = True, revision: Optional[str] = None) -
     except ImportError:  # (transformers depends on it; a bare install may not have it)
         raise CheckpointNotFoundError(f"{path!r} is not a local folder, and huggingface_hub (to fetch it from the "
                                       "Hub) is not installed") from None
+
     def fetch(allow, ignore=SUBFOLDERS):
         return snapshot_download(path, revision=revision, allow_patterns=list(allow), ignore_patterns=list(ignore))
 

@@ -57,7 +57,7 @@ def lora_layer_class():
                 warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)  # in/out_features
                 LoraLayer.__init__(self, base_layer)
             # PEFT hands a custom layer its LoraConfig (0.14 on) or, before, the settings as keyword arguments
-            # (peft 0.13, the last for transformers 4.40 - 4.4x, which MiniCPM-V 2.x pins)
+            # (peft 0.13: the last release that imports under transformers 4.40, which MiniCPM-V 2.x's recipes pin)
             settings = config if config is not None else types.SimpleNamespace(**kwargs)
             refused = [name for name in ("use_dora", "use_qalora", "use_alora", "use_bdlora", "velora_config",
                                          "lora_ga_config")
@@ -83,6 +83,9 @@ def lora_layer_class():
             return None  # (the variants were refused above)
 
         def forward(self, x, *args, **kwargs):
+            if kwargs.pop("adapter_names", None) is not None:
+                raise NotImplementedError("LoRA on an int4 QuantLinear: a batch of rows with different adapters "
+                                          "(adapter_names=) is not supported; set one adapter active")
             result = self.base_layer(x, *args, **kwargs)
             if self.disable_adapters:
                 return result

@@ -193,6 +193,11 @@ def test_what_needs_the_fp_weight_is_refused_clearly(peft):
     pm = adapted()
     with pytest.raises(NotImplementedError, match="would round the adapter's update away"):
         pm.merge_and_unload()
+    from minicpm_int4.tiny import remote_inputs
+
+    ids, pv = remote_inputs(pm.base_model.model)
+    with pytest.raises(NotImplementedError, match=r"different adapters \(adapter_names=\)"):
+        pm.eval()(ids, pv, adapter_names=["default"])  # (PEFT's mixed-adapter batch: inference only)
     from packaging.version import Version
 
     if Version(peft.__version__) >= Version("0.14"):  # (0.13's unload() copies a `.weight` the int4 layer lacks)
