@@ -12,7 +12,8 @@ custom-module hook), so that
 
 Each adapted layer computes QuantLinear(x) + B(A(dropout(x))) * scaling, the sum in the adapter's dtype
 (fp32 by PEFT's default) rounded once to the layer's. The int4 weight is not changed: merging an adapter into
-it (merge_and_unload) would round the adapter's small update away, and is refused with what to do instead;
+it (merge_and_unload) would round the adapter's small update away, and is refused with what to do instead
+(merged_model: the adapters merged into fp weights, to be quantized again);
 so are the LoRA variants and initialisations that read the base layer's floating-point weight (DoRA, PiSSA,
 OLoRA, LoftQ, ...). peft is optional: nothing here imports it before it is used.
 """
@@ -30,8 +31,8 @@ from .qlinear import QuantLinear
 PLAIN_INITS = (True, False, "gaussian")
 _MERGE_REFUSED = ("merging a LoRA adapter into an int4 QuantLinear would round the adapter's update away "
                   "(its steps are far below the int4 grid's); keep it unmerged (PeftModel runs it beside the int4 "
-                  "layer), or minicpm_int4.dequantize_model(model.base_model.model) first - fp Linears - and merge "
-                  "there, then quantize the merged model again")
+                  "layer), or merge into fp weights with minicpm_int4.peft_integration.merged_model(model) and "
+                  "quantize the merged model again (patch_model)")
 
 
 def _peft():
@@ -112,6 +113,41 @@ def lora_layer_class():
             return "lora." + super().__repr__()
 
     return QuantLinearLora
+
+
+def merged_model(model, dtype=None) -> nn.Module:
+    """The fine-tuned model with its active adapters merged into fp weights, to be quantized again
+    (patch_model, or save_pretrained and `minicpm-int4 quantize`): then it runs at the int4 kernels' speed with
+    no adapter matmuls beside them. Each adapted int4 layer becomes an nn.Linear holding
+    dequantize(W) + B A * scaling (summed in fp32; in the layer's dtype, or `dtype`), PEFT merges the adapters of
+    the other layers, and the PEFT wrappers go (merge_and_unload); the int4 layers without an adapter stay as
+    they are. `model`: the PeftModel. Returns its base model, changed in place."""
+    import torch
+
+    cls = lora_layer_class()
+    with torch.no_grad():
+        for name, mod in list(model.named_modules()):
+            if not isinstance(mod, cls):
+                continue
+            base = mod.base_layer
+            w = base.dequantized_weight().float()
+            b = base.bias.detach().float() if base.bias is not None else None
+            for adapter in mod.active_adapters:
+                if adapter not in mod.lora_A:
+                    continue
+                lora_A, lora_B, scale = mod.lora_A[adapter], mod.lora_B[adapter], mod.scaling[adapter]
+                w += (lora_B.weight.float() @ lora_A.weight.float()) * scale
+                if lora_B.bias is not None:  # (lora_bias=True)
+                    b = (b if b is not None else torch.zeros_like(w[:, 0])) + lora_B.bias.float() * scale
+            out_dtype = dtype or base.dtype
+            lin = nn.Linear(base.in_features, base.out_features, bias=b is not None, device="meta")
+            lin.weight = nn.Parameter(w.to(out_dtype), requires_grad=False)
+            if b is not None:
+                lin.bias = nn.Parameter(b.to(out_dtype), requires_grad=False)
+            lin.train(base.training)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, lin)
+    return model.merge_and_unload()
 
 
 def register(config):

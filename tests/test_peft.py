@@ -252,3 +252,35 @@ def test_trainer_accepts_adapters_over_a_model_loaded_by_from_pretrained(peft, t
         trainer_utils.validate_quantization_for_training(loaded)
     pm = peft.get_peft_model(loaded, lora_config(r=4, target_modules=TARGETS))
     trainer_utils.validate_quantization_for_training(pm)  # (raised "do not support training" before)
+
+
+@pytest.mark.parametrize("kind", ["native", "remote"])
+def test_merged_model_computes_as_the_adapted_one_and_quantizes_again(peft, kind):
+    """merged_model: the adapters merged into fp weights (dequantized W + B A * scaling), the PEFT wrappers
+    gone, the unadapted int4 layers kept; patch_model quantizes the merged layers again, within half an int4
+    step of the merged weight (round to nearest)."""
+    from minicpm_int4.peft_integration import lora_config, lora_layer_class, merged_model
+
+    model, run = _build(kind)
+    report = patch_model(model, QuantConfig(group_size=32, backend="torch"), progress=False)
+    n_int4 = len(report.quantized)
+    pm = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    _randomize_adapters(pm, seed=8)
+    with torch.no_grad():
+        want = run(pm)
+    adapted = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, lora_layer_class())]
+    merged = merged_model(pm)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in adapted)
+    assert sum(isinstance(m, QuantLinear) for m in merged.modules()) == n_int4 - len(adapted)
+    with torch.no_grad():
+        got = run(merged)
+    assert _rel(got, want) <= _bound(report)  # the same sums, grouped otherwise
+
+    weights = {n: merged.get_submodule(n).weight.detach().clone() for n in adapted}
+    patch_model(merged, QuantConfig(group_size=32, method="rtn"), progress=False)
+    for n, w in weights.items():
+        q = merged.get_submodule(n)
+        assert isinstance(q, QuantLinear)
+        step = q.scales.float().repeat_interleave(32, dim=1)
+        assert ((q.dequantized_weight().float() - w.float()).abs() <= 0.5 * step * (1 + 1e-3) + 1e-7).all(), n
