@@ -697,3 +697,28 @@ def test_a_bias_recast_to_fp32_runs_on_the_gpu_kernels(backend):
         ql.bias.data = ql.bias.data.float()
         assert torch.equal(ql(x), want), m
         ql.bias.data = ql.bias.data.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("act", [None, "int8"], ids=["w4a16", "w4a8"])
+def test_gradient_to_the_input_on_the_gpu(backend, act):
+    """Fine-tuning through the int4 layers (LoRA adapters: peft_integration.py) needs x's gradient: on every
+    GPU path, grad @ W (W: the dequantized int4 weight; W4A8's forward passes it straight through) summed in
+    fp32 and rounded once to the layer's dtype."""
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    torch.manual_seed(0)
+    n, k = 1024, 4096
+    ql = QuantLinear.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16, device="cuda"),
+                                 QuantConfig(group_size=128, backend=backend, act=act))
+    w = ql.dequantized_weight().double()
+    for m in (1, 16) + (() if backend == "cuda" else (300,)):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        g = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
+        ql(x).backward(g)
+        want = g.double() @ w
+        # fp32 sums of n products (at most n * eps32 of the sum of their magnitudes), then one bf16 rounding
+        # (at most half an ulp: 2**-8 of the fp32 value)
+        fp32_err = n * 2**-23 * (g.double().abs() @ w.abs())
+        bound = fp32_err + 2**-8 * (want.abs() + fp32_err)
+        assert x.grad is not None and ((x.grad.double() - want).abs() <= bound).all(), m
