@@ -484,6 +484,16 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     return report
 
 
+def frozen_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Linear:
+    """An nn.Linear holding `weight` [N, K] and `bias` (or none) as they are, frozen (requires_grad=False),
+    in train mode or not: what an int4 layer becomes in high precision."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin.train(training)
+
+
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None, _forget: bool = True) -> int:
     """Undo patch_model: every QuantLinear becomes an nn.Linear holding the weight it computes with
     (dequantize(q, scales, zeros): the int4 model's function, now in high precision; in `dtype`,
@@ -498,11 +508,8 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None, _for
             if not isinstance(q, QuantLinear):
                 continue
             w = q.dequantized_weight()
-            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
-            lin.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
-            if q.bias is not None:
-                lin.bias = nn.Parameter(q.bias.detach().to(dtype or q.bias.dtype).clone(), requires_grad=False)
-            lin.train(q.training)
+            b = None if q.bias is None else q.bias.detach().to(dtype or q.bias.dtype).clone()
+            lin = frozen_linear(w.to(dtype or w.dtype), b, q.training)
             for parent, attr, _ in places:
                 setattr(parent, attr, lin)
             count += 1

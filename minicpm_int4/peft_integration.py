@@ -124,6 +124,8 @@ def merged_model(model, dtype=None) -> nn.Module:
     they are. `model`: the PeftModel. Returns its base model, changed in place."""
     import torch
 
+    from .patch import frozen_linear
+
     cls = lora_layer_class()
     with torch.no_grad():
         for name, mod in list(model.named_modules()):
@@ -140,11 +142,7 @@ def merged_model(model, dtype=None) -> nn.Module:
                 if lora_B.bias is not None:  # (lora_bias=True)
                     b = (b if b is not None else torch.zeros_like(w[:, 0])) + lora_B.bias.float() * scale
             out_dtype = dtype or base.dtype
-            lin = nn.Linear(base.in_features, base.out_features, bias=b is not None, device="meta")
-            lin.weight = nn.Parameter(w.to(out_dtype), requires_grad=False)
-            if b is not None:
-                lin.bias = nn.Parameter(b.to(out_dtype), requires_grad=False)
-            lin.train(base.training)
+            lin = frozen_linear(w.to(out_dtype), None if b is None else b.to(out_dtype), base.training)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, lin)
     return model.merge_and_unload()
