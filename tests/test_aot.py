@@ -6,8 +6,10 @@ the GEMMs must reach tensor cores (int8 ones for W4A8), the decode kernels must 
 weights with 16-byte loads, and the M = 1 GEMV's inner loop must stay near the issue budget of a
 memory-bound int4 GEMV. That budget, for an H100 SXM: 3.35 TB/s over 132 SMs at 1.98 GHz is 12.8
 bytes = 25.6 weights per SM-clock, against 4 x 32 = 128 thread-instructions issued per SM-clock, so
-about 5 instructions per weight keep up with memory; the test allows 6 (the kernel is at ~5; the
-version before it issued 42.5). The 2..16-row decode kernel is held to a similar budget.
+about 5 instructions per weight keep up with memory; an H200 (4.8 TB/s) at 85% of it leaves ~4.2 at
+perfect issue, ~3.6 - 3.9 in practice. The GEMV's loop is at 4.2 - 4.8 (4.7 - 5.3 before its nibble
+masks carried their own exponents; 42.5 for the version before that); the test holds it to 4.8 on
+16-byte-aligned steps and 5.6 on masked ones. The 2..16-row decode kernel is held to a similar budget.
 
 Runs in a fresh process without TRITON_INTERPRET (the interpreter changes the configs).
 """
@@ -138,9 +140,9 @@ def test_gemv_inner_loop_within_issue_budget(compiled):
         if c["constexprs"]["HAS_PERM"]:
             continue  # its gathers: test_decode_kernels_read_x_through_an_input_perm
         if c["constexprs"]["EVEN"]:
-            assert ipw <= 5.5, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
+            assert ipw <= 4.8, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
         else:  # masked tail handling costs a little more
-            assert ipw <= 7.5, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
+            assert ipw <= 5.6, f"{c['arch']} {c['label']}: {ipw:.2f} SASS instructions per weight"
         assert not any(op.startswith("I2F") for op in c["loop_sass"]), "int-to-float converts in the GEMV loop"
 
 
@@ -220,7 +222,7 @@ def test_decode_kernels_read_x_through_an_input_perm(compiled):
     tensor-core kernel, a 2-byte store into shared memory) instead of part of a 16-byte vector, so the
     cost per weight grows with the x elements each weight meets: BLOCK_M / BLOCK_N (16 / 64) in the
     tensor-core kernel, 1 / BLOCK_N in the GEMV (4 rows a program on 1152 x 4304). Measured, SASS
-    instructions per weight, triton 3.9 / 3.6: the GEMV +0.15 - 0.82 on 4096 x 4096 and +2.1 - 2.5 on
+    instructions per weight, triton 3.9 / 3.6: the GEMV +0.16 - 0.82 on 4096 x 4096 and +2.0 - 2.5 on
     1152 x 4304 per channel; the tensor-core kernel +0.2 - 1.3 on sm_80 and +1.0 - 2.0 on sm_90a, past
     an H200's ~3.6 - 3.9 budget: whether that beats a gather pass of its own (a launch, and at decode
     about a small layer's GEMM time) is for the GPU suite's input-perm cost lines to say

@@ -16,10 +16,13 @@ Three regimes (picked here by M):
   M = 1   (_w4a16_gemv_kernel): no tensor cores. A program owns a few rows of W and streams all of
           K in 16-byte loads (4 per thread per step, so enough loads are in flight); per packed word
           it forms x_i * (q_i - z) for the 8 nibbles with one AND, one FADD and one FFMA each (the
-          nibble ANDed into the exponent of 2**23 is read as a float: no shift, no int-to-float
-          convert) and applies the scale once per word; one reduction over K at the end. Its inner
-          loop issues ~5 SASS instructions per weight on sm_90a (kernels/aot.py; the budget for
-          HBM speed is ~5), against 42.5 for the multiply-reduce GEMV it replaced.
+          nibble ANDed out together with the exponent of a power of two that makes its lowest bit
+          the float's unit is read as a float: no shift, no int-to-float convert, no rescaling of
+          x) and applies the scale once per word; one reduction over K at the end. Its inner loop
+          issues 4.1-4.3 SASS instructions per weight on sm_90a at G = 128 (kernels/aot.py; 4.3-4.5
+          with triton 3.6, the GPU image's compiler), 4.4-4.5 on sm_80: was 4.7 with x scaled by
+          16**-j and one exponent for every nibble, 42.5 for the multiply-reduce GEMV before that.
+          An H200 at 85% of its bandwidth leaves ~3.6-3.9 (see GEMV_MAX_M).
           It multiplies by the exact (q - z) * s rather than by that weight rounded to x's dtype;
           reference.gemm_tolerance allows the half ulp of w this moves each product.
   decode  (2 <= M <= 16, _w4a16_decode_kernel): computed transposed, y.T = W @ x.T, so the weight
@@ -56,18 +59,20 @@ from ._common import (_grouped_tile, _times_input_scale, autotune, cdiv, min_cap
 
 DECODE_MAX_M = 16
 # M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
-# no split-K and no workspace, the decode kernel issues fewer instructions per weight (aot.py: ~4.7
-# vs ~3.1-3.5 on sm_90a) and, given the layer's workspace, finishes its split-K in the same launch;
-# which is faster at M = 1 is for the benchmark to say (`w4a16-triton-tc`).
+# no split-K and no workspace, the decode kernel issues fewer instructions per weight (aot.py: 4.1-4.3
+# vs ~3.1-3.5 on sm_90a; an H200 moving 0.53 bytes per int4 weight at 85% of 4.8 TB/s leaves 132 SMs x
+# 128 lanes x ~1.9 GHz / 7.7e12 weights/s = ~4.2 at perfect issue, ~3.6-3.9 in practice) and, given
+# the layer's workspace, finishes its split-K in the same launch; which is faster at M = 1 is for the
+# benchmark to say (`w4a16-triton-tc`), and the dispatch table it writes picks that one.
 GEMV_MAX_M = 1
 # The decode kernels (M <= 16) multiply a layer's input scale (QuantConfig.input_scales) into x as they
 # load it, instead of a separate launch and pass over x (at decode sizes about as long as the GEMM).
 # Static cost in SASS instructions per weight of the loop (kernels/aot.py; 4096 x 4096 G = 128 and
-# 1152 x 4304 per channel, fp16 / bf16, M = 4 / 16): the GEMV 4.48 - 5.34 -> 4.52 - 5.60 (sm_80 /
-# sm_90a); the tensor-core decode kernel on sm_90a 2.94 - 3.53 -> 3.20 - 3.67 (m loaded as x.T's
+# 1152 x 4304 per channel, fp16 / bf16; M = 1 for the GEMV, 4 / 16 for the decode kernel): the GEMV
+# 4.20 - 4.78 -> 4.29 - 5.07 (sm_80 / sm_90a); the tensor-core decode kernel on sm_90a 2.94 - 3.53 -> 3.20 - 3.67 (m loaded as x.T's
 # tile), on sm_80 4.17 - 4.94 -> 3.86 - 4.73 (m as a vector: fewer, because the multiplied tile
 # reaches the mma registers by ldmatrix where the plain one is read 16 bits at a time; m as a tile
-# there: 6.30 - 7.03). With triton 3.6 (the lent GPUs' image): GEMV +0.05 - 0.22, decode on sm_90a
+# there: 6.30 - 7.03). With triton 3.6 (the lent GPUs' image): GEMV -0.12 - +0.27, decode on sm_90a
 # 2.77 - 3.31 -> 3.14 - 3.70, on sm_80 4.33 - 5.05 -> 5.00 - 5.83 (as a tile 6.00 - 6.50).
 # False: x * m in its own pass first (benchmarks/input_scale_cost.py times both).
 FUSE_INPUT_SCALE = True
@@ -75,7 +80,7 @@ FUSE_INPUT_SCALE = True
 # compressed-tensors checkpoint's channel order, foreign.py): x[perm[k]] loaded where x[k] was, the
 # permutation (int32, 4 bytes per input channel) read beside x. A gather pass of its own costs a launch
 # and as much time as a decode GEMM of a small layer. Reading through it costs each x element a scalar
-# load (kernels/aot.py, SASS instructions per weight, 4096 x 4096 fp16): the GEMV +0.15 - 0.8, the
+# load (kernels/aot.py, SASS instructions per weight, 4096 x 4096 fp16): the GEMV +0.16 - 0.82, the
 # tensor-core kernel +0.3 - 1.3 on sm_80 and +1.2 - 1.5 on sm_90a (past an H200's ~3.6 - 3.9 budget);
 # which wins is benchmarks/input_scale_cost.py's to say on a GPU. Prefill (M > 16) gathers first: there
 # the pass is a few percent of the GEMM and the tile loads stay contiguous. False: gather first at decode too.
@@ -139,6 +144,8 @@ def _decode_configs():
 # both constants need a register, and it re-materialises them with a move per use (aot.py counted
 # ~0.8 extra instructions per weight on sm_90a).
 NIBBLE_MASKS = (0xF, 0xF0, 0xF00, 0xF000)
+# The GEMV's (_nibbles_dot): nibble j with the exponent of 2**(23 - 4j), the same way in.
+GEMV_MASKS = (0x4B00000F, 0x490000F0, 0x47000F00, 0x4500F000)
 
 
 @triton.jit
@@ -435,9 +442,9 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexp
 
 @triton.jit
 def _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr):
-    """x[8 * kw + i] * 16**-(i % 4) for i = 0..7 as eight [BLOCK_KW] fp32 vectors (the power of two
-    meets _nibbles_dot's unshifted nibbles; exact). One contiguous load per word of x, scaled before
-    it is split and spread to the threads that hold the weights (so once per element, not per row).
+    """x[8 * kw + i] for i = 0..7 as eight [BLOCK_KW] fp32 vectors. One contiguous load per word of
+    x, converted before it is split and spread to the threads that hold the weights (so once per
+    element, not per row).
     HAS_SCALE: x * m first (the layer's input scale, m_ptr [K]), rounded to x's dtype as torch does.
     HAS_PERM: x[perm[k]] in place of x[k] (p_ptr [K], the layer's input_perm; the scale is in W's
     column order, so it stays indexed by k)."""
@@ -450,8 +457,7 @@ def _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.co
         x = tl.load(x_ptr + _input_channels(p_ptr, offs, KW * 8, False, HAS_PERM), mask=(kw < KW)[:, None], other=0)
         if HAS_SCALE:
             x = _times_input_scale(x, tl.load(m_ptr + offs, mask=(kw < KW)[:, None], other=0))
-    pow2 = ((127 - 4 * (tl.arange(0, 8) % 4)) << 23).to(tl.float32, bitcast=True)
-    x = (x.to(tl.float32) * pow2[None, :]).reshape(kw.shape[0], 4, 2)
+    x = x.to(tl.float32).reshape(kw.shape[0], 4, 2)
     x_even, x_odd = tl.split(x)                                 # i = 0 2 4 6 | 1 3 5 7
     x04, x26 = tl.split(x_even.reshape(kw.shape[0], 2, 2))
     x15, x37 = tl.split(x_odd.reshape(kw.shape[0], 2, 2))
@@ -463,38 +469,37 @@ def _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.co
 
 
 @triton.jit
-def _nibble(src_m, j: tl.constexpr, zm):
-    """(q - z) * 16**j (fp32, exact) for nibble j (0..3, bits 4j..4j+3) of src_m = word | 0x4B000000:
-    keeping the exponent bits of 2**23 and the nibble in place gives 2**23 + q * 16**j (one AND, no
-    shift, no int-to-float convert); zm = 2**23 + z * 16**j."""
-    return (src_m & (0x4B000000 | (0xF << (4 * j)))).to(tl.float32, bitcast=True) - zm
-
-
-@triton.jit
-def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum_i x_i * (q_i - z) over the 8 nibbles of each word (x_i carries 16**-(i % 4); nibbles 4..7
-    come from word >> 16)."""
-    lo = words | 0x4B000000
-    hi = (words >> 16) | 0x4B000000
-    zm0 = z + 8388608.0
-    zm1 = z * 16.0 + 8388608.0
-    zm2 = z * 256.0 + 8388608.0
-    zm3 = z * 4096.0 + 8388608.0
-    acc = _nibble(lo, 0, zm0) * x0[None, :]
-    acc += _nibble(lo, 1, zm1) * x1[None, :]
-    acc += _nibble(lo, 2, zm2) * x2[None, :]
-    acc += _nibble(lo, 3, zm3) * x3[None, :]
-    acc += _nibble(hi, 0, zm0) * x4[None, :]
-    acc += _nibble(hi, 1, zm1) * x5[None, :]
-    acc += _nibble(hi, 2, zm2) * x6[None, :]
-    acc += _nibble(hi, 3, zm3) * x7[None, :]
-    return acc
+def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
+    """sum_i x_i * (q_i - z) over the 8 nibbles of each word, every product exact in fp32 (nibbles
+    4..7 come from word >> 16). Each nibble becomes the float 2**(23 - 4j) + q for its place j
+    (0..3, bits 4j..4j+3) in one AND: the word ORed once with 0x4F000000 (every exponent bit the
+    four floats use) keeps, under the mask m_j = GEMV_MASKS[j] = exponent of 2**(23 - 4j) | nibble j,
+    just that float's exponent and the nibble, whose lowest bit is the float's unit. One FADD of
+    2**(23 - 4j) + z then gives q - z exactly: no shift, no int-to-float convert, and x needs no
+    scaling by 16**-j. The masks come in as kernel arguments so that ptxas reads them from the
+    constant bank inside the LOP3 (as literals it re-materialised them with a MOV per use on sm_90a:
+    +0.45 SASS instructions per weight)."""
+    lo = words | 0x4F000000
+    hi = (words >> 16) | 0x4F000000
+    z0 = z + 8388608.0   # 2**23
+    z1 = z + 524288.0    # 2**19
+    z2 = z + 32768.0     # 2**15
+    z3 = z + 2048.0      # 2**11
+    d = ((lo & m0).to(tl.float32, bitcast=True) - z0) * x0[None, :]
+    d += ((lo & m1).to(tl.float32, bitcast=True) - z1) * x1[None, :]
+    d += ((lo & m2).to(tl.float32, bitcast=True) - z2) * x2[None, :]
+    d += ((lo & m3).to(tl.float32, bitcast=True) - z3) * x3[None, :]
+    d += ((hi & m0).to(tl.float32, bitcast=True) - z0) * x4[None, :]
+    d += ((hi & m1).to(tl.float32, bitcast=True) - z1) * x5[None, :]
+    d += ((hi & m2).to(tl.float32, bitcast=True) - z2) * x6[None, :]
+    d += ((hi & m3).to(tl.float32, bitcast=True) - z3) * x7[None, :]
+    return d
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    N, KW, stride_qn, stride_sn,
+    N, KW, stride_qn, stride_sn, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
@@ -542,7 +547,7 @@ def _w4a16_gemv_kernel(
                 z = tl.load(z_ptr + sz, mask=mask, other=0).to(tl.float32)
             s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP_W)), (BLOCK_N, BLOCK_KW))
             z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, NG, GROUP_W)), (BLOCK_N, BLOCK_KW))
-        acc += _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7) * s
+        acc += _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3) * s
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
@@ -748,7 +753,7 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, input_scale=None, input_p
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _w4a16_gemv_kernel[(cdiv(n, block_n),)](
         x, x if input_scale is None else input_scale, x if input_perm is None else input_perm, qweight, scales,
-        zeros, bias if bias is not None else scales, out, n, kw, qweight.stride(0), scales.stride(0),
+        zeros, bias if bias is not None else scales, out, n, kw, qweight.stride(0), scales.stride(0), *GEMV_MASKS,
         HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
         num_warps=warps, num_stages=1,
     )
