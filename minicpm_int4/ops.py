@@ -314,7 +314,7 @@ def _linear_op(name: str, impl):
 
 _w4a16_gemm_op = _linear_op("w4a16_gemm", _w4a16_gemm_impl)
 
-# Rows of W per split-K counter: the narrowest row tile of the Triton decode kernel.
+# Rows of W per split-K counter: the row tile of the Triton GEMV when it splits K (the decode kernel's is 64).
 WORKSPACE_ROWS_PER_COUNTER = 16
 
 
@@ -325,7 +325,8 @@ def w4a16_workspace_numel(out_features: int) -> int:
 
 def w4a16_workspace(out_features: int, device=None) -> Tensor:
     """Zeroed split-K counters for one layer (QuantLinear keeps one as a buffer). With it, the Triton
-    decode kernel (2 <= M <= 16) finishes a K split in one launch: the last program of each row tile
+    decode kernels (the M = 1 GEMV where it splits K, and 2 <= M <= 16) finish a K split in one launch:
+    the last program of each row tile
     to arrive reduces the partial sums (in a fixed order: the result is the same bits as without it)
     and sets its counter back to zero. Allocate it outside CUDA-graph capture; do not share one
     between calls that can run at the same time (two streams)."""

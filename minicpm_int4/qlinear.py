@@ -95,7 +95,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=sd, device=device) if input_scale else None)
         self.register_buffer("input_perm", torch.arange(in_features, dtype=torch.int32, device=device)
                              if input_perm else None)
-        # split-K counters of the decode kernel (ops.w4a16_workspace): allocated here, zeroed, never
+        # split-K counters of the decode kernels, the GEMV's too (ops.w4a16_workspace): allocated here, zeroed, never
         # during a CUDA-graph capture; every call leaves them at zero. Not part of the checkpoint.
         self.register_buffer("workspace", ops.w4a16_workspace(out_features, device), persistent=False)
 

@@ -453,6 +453,35 @@ def test_triton_splitk_in_one_launch(nk, m, dtype):
                       dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("nk,dtype", [((1024, 4096), torch.float16), ((4096, 4096), torch.bfloat16),
+                                      ((768, 3072), torch.float16)], ids=["N1024-fp16", "N4096-bf16", "N768-K3072-fp16"])
+def test_triton_gemv_splitk_in_one_launch(nk, dtype):
+    # the M = 1 GEMV splits K where the rows alone give too few threads (a GQA k / v projection of 1024
+    # rows on any GPU; 4096 rows on an H100 / H200), reduced in the same launch with the layer's
+    # workspace: programs really race here, so repeat it; every result the two-launch path's bits,
+    # counters back at zero, and K split or not, within the reference's tolerance
+    from minicpm_int4.kernels import w4a16
+
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    split = w4a16._gemv_blocks(n, k // 8, x.device)[3]
+    assert split > 1 or n != 1024
+    workspace = ops.w4a16_workspace(n, "cuda")
+    two_launches = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton")
+    outs = [ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
+            for _ in range(50)]
+    with w4a16.unsplit_gemv():
+        unsplit = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
+    torch.cuda.synchronize()
+    assert all(torch.equal(y, two_launches) for y in outs)
+    assert torch.count_nonzero(workspace) == 0
+    ref, w = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), dequant(qweight, scales, zeros, gs, dtype)
+    assert_gemm_close(outs[0], ref, x, w)
+    assert_gemm_close(unsplit, ref, x, w)
+
+
 # few variants: each new (dtype, shape) compiles the decode kernel's autotune configs once more
 @pytest.mark.parametrize("m", [1, 16, 17])
 @pytest.mark.parametrize("nk, group_size, dtype", [((4096, 4096), 128, torch.float16), ((4096, 4096), 128, torch.bfloat16),

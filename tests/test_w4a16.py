@@ -230,16 +230,55 @@ GEMV_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", list(GEMV_CASES))
-def test_w4a16_gemv_paths(case, dtype):
-    from minicpm_int4.kernels.w4a16 import _gemv_blocks
+@pytest.mark.parametrize("split", ["unsplit", "split-k"])
+def test_w4a16_gemv_paths(case, dtype, split, monkeypatch):
+    # GEMV_SPLIT = 1: each program streams all of K (the plan for N large enough to fill the GPU);
+    # None: these shapes are too small to fill even the interpreter's 4 "SMs", so K is split across
+    # programs (16-row tiles; N masked where it is no multiple of 16) and reduced in a second launch
+    # (no workspace here)
+    from minicpm_int4.kernels import w4a16
 
+    monkeypatch.setattr(w4a16, "GEMV_SPLIT", 1 if split == "unsplit" else None)
     n, k, group_size = GEMV_CASES[case]
-    block_n, block_kw, _ = _gemv_blocks(n, k // 8, torch.device("cpu"))
+    block_n, block_kw, _, n_split, kw_per_split = w4a16._gemv_blocks(n, k // 8, torch.device("cpu"))
     gs = k if group_size == -1 else group_size
-    assert (n % block_n == 0 and (k // 8) % block_kw == 0) == case.startswith("even")
+    # (K / 8 no multiple of the step: never split, so that K is masked in the narrow tile only)
+    assert (n_split > 1) == (split == "split-k" and (k // 8) % block_kw == 0)
+    if n_split == 1:
+        assert (n % block_n == 0 and (k // 8) % block_kw == 0) == case.startswith("even")
+    else:
+        assert block_n == 16 and kw_per_split % block_kw == 0 and (n_split - 1) * kw_per_split < k // 8 <= n_split * kw_per_split
     assert (block_kw <= gs // 8) == ("one-group" in case or "per-channel" in case)
     # x larger than the weights' scale
     _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", ["even-per-word-g32", "even-one-group-g64", "even-one-group-g128"])
+def test_w4a16_gemv_splitk_in_one_launch(case, dtype, monkeypatch):
+    # with the layer's workspace the GEMV's split K is reduced by the last program of each 16-row tile
+    # (as the decode kernel's): the same bits as the second launch, counters back at zero, and K split
+    # or not, within the reference's tolerance
+    from minicpm_int4.kernels import w4a16
+
+    n, k, group_size = GEMV_CASES[case]
+    assert w4a16._gemv_blocks(n, k // 8, torch.device("cpu"))[3] > 1
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n + k)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, k, generator=g).to(dtype) * 4
+    bias = torch.randn(n, generator=g).to(dtype) if case != "even-one-group-g128" else None
+    two_launches = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+    workspace = ops.w4a16_workspace(n)
+    with monkeypatch.context() as mp:
+        mp.setattr(w4a16, "_splitk_reduce_kernel", _NoLaunch())
+        for _ in range(2):  # the counters the first call used serve the second
+            y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace)
+            assert torch.equal(y, two_launches)
+            assert torch.count_nonzero(workspace) == 0
+    ref, w = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), dequant(qweight, scales, zeros, gs, dtype)
+    assert_gemm_close(y, ref, x, w)
+    monkeypatch.setattr(w4a16, "GEMV_SPLIT", 1)
+    assert_gemm_close(ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton"), ref, x, w)
 
 
 # (M, kernel, case, variant: the decode kernel's m as x.T's tile (sm_90) or as a column (sm_80); the
@@ -275,7 +314,7 @@ def test_input_scale_multiplied_as_x_is_loaded(m, kernel, case, tile, dtype, mon
     for name in ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_kernel"):
         kern = getattr(w4a16, name)
         monkeypatch.setattr(w4a16, name, _Recording(kern, name, launched))
-    for workspace in (None, ops.w4a16_workspace(n)) if kernel == "decode" else (None,):
+    for workspace in (None, ops.w4a16_workspace(n)) if kernel != "prefill" else (None,):
         launched.clear()
         y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace,
                            input_scale=scale)
@@ -365,7 +404,7 @@ def test_input_perm_read_as_x_is_loaded(m, kernel, case, dtype, monkeypatch):
     for name in ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_kernel"):
         monkeypatch.setattr(w4a16, name, _Recording(getattr(w4a16, name), name, launched))
     for scale in (None, random_input_scale(k, dtype, seed=m + 1)):
-        for workspace in (None, ops.w4a16_workspace(n)) if kernel == "decode" else (None,):
+        for workspace in (None, ops.w4a16_workspace(n)) if kernel != "prefill" else (None,):
             launched.clear()
             y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=workspace,
                                input_scale=scale, input_perm=perm)

@@ -135,6 +135,27 @@ class OursW4A16TritonTensorCore(OursW4A16):
         return run
 
 
+class OursW4A16TritonUnsplit(OursW4A16):
+    """The Triton M = 1 GEMV with K never split across programs (kernels/w4a16.py GEMV_SPLIT = 1), where
+    "w4a16-triton" splits it for shapes whose rows alone give too few threads (N = 1024 - 4096 on
+    an H100 / H200; elsewhere the two rows run the same kernel): these rows tell whether the split's
+    parallelism is worth its partial sums (GEMV_THREADS_PER_SM)."""
+
+    def __init__(self):
+        super().__init__("triton", max_m=1)
+        self.name = "w4a16-triton-unsplit"
+
+    def _runner(self, qweight, scales, zeros, group_size, gs):
+        from ..kernels.w4a16 import unsplit_gemv  # a measurement switch, not a backend of ops.py
+
+        workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
+
+        def run(x):
+            with unsplit_gemv():
+                return ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, "triton", workspace)
+        return run
+
+
 class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together (the path a W4A8 layer runs)."""
     op = "w4a8"
@@ -278,6 +299,7 @@ def _import_helper():
 
 
 def default_backends():
-    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16("cuda", max_m=16),
+    return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
+            OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

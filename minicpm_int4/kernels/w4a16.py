@@ -14,7 +14,9 @@ Pointers (canonical layout, packing.py):
 
 Three regimes (picked here by M):
   M = 1   (_w4a16_gemv_kernel): no tensor cores. A program owns a few rows of W and streams all of
-          K in 16-byte loads (4 per thread per step, so enough loads are in flight); per packed word
+          K in 16-byte loads (4 per thread per step, so enough loads are in flight) - or, where the
+          rows alone give too few threads to keep the memory system busy (N = 1024 - 4096 on an
+          H100 / H200), a split of K, reduced as the decode kernel's is (GEMV_THREADS_PER_SM); per packed word
           it forms x_i * (q_i - z) for the 8 nibbles with one AND, one FADD and one FFMA each (the
           nibble ANDed out together with the exponent of a power of two that makes its lowest bit
           the float's unit is read as a float: no shift, no int-to-float convert, no rescaling of
@@ -498,10 +500,10 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    N, KW, stride_qn, stride_sn, m0, m1, m2, m3,
+    x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
+    N, KW, KW_PER_SPLIT, stride_qn, stride_sn, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     """M = 1: y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g]).
 
@@ -512,16 +514,27 @@ def _w4a16_gemv_kernel(
     groups' words in registers. (Loaded per word, their layout became the accumulator's under Triton
     3.6 - the GPU image's - and every nibble's product went through shared memory to reach it: 8.1
     SASS instructions per weight instead of 4.6.) The sum over K stays per thread until one reduction
-    at the end. EVEN: N % BLOCK_N == 0 and KW % BLOCK_KW == 0. HAS_SCALE: y = (x * m) @ W.T, the
+    at the end. Program (pid_n, pid_k) covers words [pid_k * KW_PER_SPLIT, +KW_PER_SPLIT) of its rows
+    (a multiple of BLOCK_KW); with SPLIT_K > 1 it writes its fp32 sums to part_ptr [SPLIT_K, N] and,
+    with FIXUP, the last program of the row tile to arrive adds them in a fixed order (_splitk_fixup,
+    a counter per 16 rows in count_ptr), as the decode kernel does; else _splitk_reduce_kernel does.
+    EVEN: no N or K remainder in any program. HAS_SCALE: y = (x * m) @ W.T, the
     layer's input scale multiplied into x as it is loaded (once per element per program). HAS_PERM:
     x read through the layer's input_perm (p_ptr [K]), x[perm[k]] for column k."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, BLOCK_KW)
     w_rows = qw_ptr + offs_n[:, None] * stride_qn
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    for kw0 in range(0, KW, BLOCK_KW):
+    if SPLIT_K == 1:  # (bounds the compiler knows: the loop as it was before K could be split)
+        kw_begin = 0
+        kw_end = KW
+    else:
+        kw_begin = pid_k * KW_PER_SPLIT
+        kw_end = kw_begin + KW_PER_SPLIT
+    for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         kw = kw0 + offs_w
         if EVEN:
             words = tl.load(w_rows + kw[None, :])
@@ -549,9 +562,16 @@ def _w4a16_gemv_kernel(
             z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, NG, GROUP_W)), (BLOCK_N, BLOCK_KW))
         acc += _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3) * s
     y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-    tl.store(out_ptr + offs_n, _round_to(y, x_ptr.dtype.element_ty), mask=n_mask)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+        tl.store(out_ptr + offs_n, _round_to(y, x_ptr.dtype.element_ty), mask=n_mask)
+    else:  # as the decode kernel's [BLOCK_N, M] tile, with M = 1
+        part_ptrs = part_ptr + offs_n[:, None]
+        tl.store(part_ptrs + pid_k * N, y[:, None], mask=n_mask[:, None])
+        if FIXUP:
+            _splitk_fixup(part_ptrs, out_ptr + offs_n[:, None], n_mask[:, None], count_ptr + pid_n * (BLOCK_N // 16),
+                          b_ptr + offs_n, n_mask, N, HAS_BIAS, SPLIT_K, x_ptr.dtype.element_ty)
 
 
 def _prefill_configs():
@@ -725,38 +745,81 @@ def _prefill_w_rows(device: torch.device, block_k: int) -> bool:
 
 
 def _gemv_blocks(n: int, kw: int, device: torch.device):
-    """(BLOCK_N, BLOCK_KW, num_warps) for the M = 1 kernel: each thread streams 4 x 16-byte chunks
-    (16 words) per step, so that enough loads are in flight; the row tile is the widest that still
-    gives about two programs per SM."""
-    return _gemv_plan(n, kw, num_sms(device))
+    """(BLOCK_N, BLOCK_KW, num_warps, SPLIT_K, KW_PER_SPLIT) for the M = 1 kernel: each thread streams
+    4 x 16-byte chunks (16 words) per step, so that enough loads are in flight; the row tile is the
+    widest that still gives about two programs per SM, and K is split when the rows alone give too
+    few threads to keep the memory system busy (_gemv_plan)."""
+    return _gemv_plan(n, kw, num_sms(device), GEMV_SPLIT)
+
+
+# The threads per SM the M = 1 GEMV aims to have streaming W: its loop holds ~128 registers a thread
+# (kernels/aot.py), so 512 threads (16 warps) fill an SM's 64K registers. Each thread keeps 64 bytes
+# of W in flight per step: 32 KB an SM, about what an H100 / H200 needs in flight to run at its
+# bandwidth (~3.35 - 4.8 TB/s x ~0.7 us of loaded latency / 132 SMs = 18 - 26 KB). The rows of W
+# alone give 8 threads per row (N = 4096: 248 an SM, 16 KB; N = 1024, a GQA k / v projection: 62),
+# so K is split across programs (SPLIT_K, each program at least one step of K) until the grid
+# reaches this, in row tiles of 16 (a workspace counter each: ops.WORKSPACE_ROWS_PER_COUNTER).
+GEMV_THREADS_PER_SM = 512
+# None: split K by _gemv_plan; 1: never (the GEMV as it was before the split; for A/B timing and tests).
+GEMV_SPLIT = None
 
 
 @functools.lru_cache(maxsize=4096)
-def _gemv_plan(n: int, kw: int, sms: int):
-    if INTERPRET:
-        return 4, 8, 1
-    # a step that divides K / 8 needs no masks (EVEN); else the smallest power of two covering it
-    block_kw = next((b for b in (128, 64, 32) if kw % b == 0), min(128, max(4, next_pow2(kw))))
-    for warps in (4, 2, 1):
-        block_n = 16 * 32 * warps // block_kw
-        if warps == 1 or cdiv(n, block_n) >= 2 * sms:
-            break
-    return block_n, block_kw, warps
+def _gemv_plan(n: int, kw: int, sms: int, force_split=None):
+    if INTERPRET:  # small tiles so that the tests' shapes cross every boundary, split K included
+        block_n, block_kw, warps = 4, 8, 1
+    else:
+        # a step that divides K / 8 needs no masks (EVEN); else the smallest power of two covering it
+        block_kw = next((b for b in (128, 64, 32) if kw % b == 0), min(128, max(4, next_pow2(kw))))
+        for warps in (4, 2, 1):
+            block_n = 16 * 32 * warps // block_kw
+            if warps == 1 or cdiv(n, block_n) >= 2 * sms:
+                break
+    target = GEMV_THREADS_PER_SM * sms
+    trips = cdiv(kw, block_kw)
+    split = 1
+    # (not where K / 8 is no multiple of the step: masking K in a 16-row, 4-warp tile cost 5.2 - 6.0 SASS
+    # instructions per weight against 4.6 - 5.2 for the narrow unsplit tile; K = 4304, SigLIP's MLP)
+    if force_split != 1 and cdiv(n, block_n) * 32 * warps < target and kw % block_kw == 0 \
+            and (INTERPRET or block_kw >= 32):
+        tile_warps = max(1, block_kw // 32)  # 16 rows x BLOCK_KW words, 16 words a thread
+        tile_threads = cdiv(n, 16) * 32 * tile_warps
+        while tile_threads * split * 2 <= target and trips // (split * 2) >= 1:
+            split *= 2
+        # the divisor of the steps nearest that (the larger on a tie): every program gets as many
+        # steps, so no step is masked where K / 8 is a multiple of BLOCK_KW (EVEN)
+        split = min((d for d in range(1, trips + 1) if trips % d == 0), key=lambda d: (abs(d - split), -d))
+        if split > 1:
+            block_n, warps = 16, tile_warps
+    kw_per_split = cdiv(cdiv(kw, split), block_kw) * block_kw
+    split = cdiv(kw, kw_per_split)  # no program left without work
+    return block_n, block_kw, warps, split, kw_per_split
 
 
-def _gemv(x, qweight, scales, zeros, bias, group_size, input_scale=None, input_perm=None):
+def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_scale=None, input_perm=None):
     n, kw = qweight.shape
-    block_n, block_kw, warps = _gemv_blocks(n, kw, x.device)
+    block_n, block_kw, warps, split, kw_per_split = _gemv_blocks(n, kw, x.device)
     # words per group as a power of two (per-channel: any power of two >= K/8 puts every word in group 0)
     group_w = group_size // 8 if group_size < x.shape[1] else next_pow2(kw)
-    even = n % block_n == 0 and kw % block_kw == 0
+    even = n % block_n == 0 and kw % block_kw == 0 and kw_per_split * split == kw
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _w4a16_gemv_kernel[(cdiv(n, block_n),)](
+    part = out if split == 1 else torch.empty((split, 1, n), dtype=torch.float32, device=x.device)
+    fixup = split > 1 and workspace is not None
+    if fixup and workspace.numel() < cdiv(n, 16):
+        raise ValueError(f"w4a16 gemv: workspace of {workspace.numel()} counters for {cdiv(n, 16)} row tiles")
+    b = bias if bias is not None else scales  # any valid pointer; never read
+    _w4a16_gemv_kernel[(cdiv(n, block_n), split)](
         x, x if input_scale is None else input_scale, x if input_perm is None else input_perm, qweight, scales,
-        zeros, bias if bias is not None else scales, out, n, kw, qweight.stride(0), scales.stride(0), *GEMV_MASKS,
-        HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even, GROUP_W=group_w, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        zeros, b, out, part, workspace if fixup else qweight,
+        n, kw, kw_per_split, qweight.stride(0), scales.stride(0), *GEMV_MASKS,
+        HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even,
+        GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw,
         num_warps=warps, num_stages=1,
     )
+    if split > 1 and not fixup:
+        block = 1024
+        _splitk_reduce_kernel[(cdiv(n, block),)](
+            part, b, out, n, n, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
     return out
 
 
@@ -796,8 +859,8 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
                       input_scale=None, input_perm=None):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
-    workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: split-K
-    decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
+    workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: a split-K
+    GEMV or decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
     (where dispatch.py's measured table says that is faster). input_scale: [K] in x's dtype or None,
     y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
     (FUSE_INPUT_SCALE), into the prefill kernel's x tiles on sm_90 (FUSE_INPUT_SCALE_PREFILL), else in a
@@ -814,7 +877,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
         if input_scale is not None and not fuse_scale:
             x, input_scale = x * input_scale, None
     if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
-        return _gemv(x, qweight, scales, zeros, bias, group_size, input_scale, input_perm)
+        return _gemv(x, qweight, scales, zeros, bias, group_size, workspace, input_scale, input_perm)
     dot_fp32 = _dot_fp32(x.dtype)
     if decode:
         return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale, input_perm)
@@ -850,3 +913,16 @@ def tensor_core_decode():
         yield
     finally:
         GEMV_MAX_M = saved
+
+
+@contextlib.contextmanager
+def unsplit_gemv():
+    """Run the M = 1 GEMV without splitting K, inside the block (the benchmark's `w4a16-triton-unsplit`
+    rows, beside `w4a16-triton`'s split where _gemv_plan splits: they tell GEMV_THREADS_PER_SM's worth;
+    not thread-safe)."""
+    global GEMV_SPLIT
+    saved, GEMV_SPLIT = GEMV_SPLIT, 1
+    try:
+        yield
+    finally:
+        GEMV_SPLIT = saved
