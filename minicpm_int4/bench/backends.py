@@ -115,45 +115,46 @@ class OursW4A16CudaCore(OursW4A16):
         return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 1)
 
 
-class OursW4A16TritonTensorCore(OursW4A16):
-    """The Triton tensor-core decode kernel at M = 1, where "w4a16-triton" takes the GEMV: ~3.2
-    against ~4.7 SASS instructions per weight on sm_90a, both in one launch (split-K finished in the
-    decode kernel with the layer's workspace); these rows decide kernels/w4a16.py's GEMV_MAX_M."""
+class _OursW4A16TritonSwitched(OursW4A16):
+    """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), inside one of
+    kernels/w4a16.py's measurement switches (context managers, not backends of ops.py)."""
+    switch = "?"
 
-    def __init__(self):
+    def __init__(self, name: str):
         super().__init__("triton", max_m=1)
-        self.name = "w4a16-triton-tc"
+        self.name = name
 
     def _runner(self, qweight, scales, zeros, group_size, gs):
-        from ..kernels.w4a16 import tensor_core_decode  # a measurement switch, not a backend of ops.py
+        from ..kernels import w4a16
 
+        switch = getattr(w4a16, self.switch)
         workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
 
         def run(x):
-            with tensor_core_decode():
+            with switch():
                 return ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, "triton", workspace)
         return run
 
 
-class OursW4A16TritonUnsplit(OursW4A16):
+class OursW4A16TritonTensorCore(_OursW4A16TritonSwitched):
+    """The Triton tensor-core decode kernel at M = 1, where "w4a16-triton" takes the GEMV: ~3.2
+    against ~4.2 SASS instructions per weight on sm_90a, both in one launch (split-K finished in the
+    decode kernel with the layer's workspace); these rows decide kernels/w4a16.py's GEMV_MAX_M."""
+    switch = "tensor_core_decode"
+
+    def __init__(self):
+        super().__init__("w4a16-triton-tc")
+
+
+class OursW4A16TritonUnsplit(_OursW4A16TritonSwitched):
     """The Triton M = 1 GEMV with K never split across programs (kernels/w4a16.py GEMV_SPLIT = 1), where
     "w4a16-triton" splits it for shapes whose rows alone give too few threads (N = 1024 - 4096 on
     an H100 / H200; elsewhere the two rows run the same kernel): these rows tell whether the split's
     parallelism is worth its partial sums (GEMV_THREADS_PER_SM)."""
+    switch = "unsplit_gemv"
 
     def __init__(self):
-        super().__init__("triton", max_m=1)
-        self.name = "w4a16-triton-unsplit"
-
-    def _runner(self, qweight, scales, zeros, group_size, gs):
-        from ..kernels.w4a16 import unsplit_gemv  # a measurement switch, not a backend of ops.py
-
-        workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
-
-        def run(x):
-            with unsplit_gemv():
-                return ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, "triton", workspace)
-        return run
+        super().__init__("w4a16-triton-unsplit")
 
 
 class OursW4A8(_Ours):
