@@ -904,25 +904,24 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
 
 
 @contextlib.contextmanager
-def tensor_core_decode():
-    """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
-    `w4a16-triton-tc` rows; not thread-safe)."""
-    global GEMV_MAX_M
-    saved, GEMV_MAX_M = GEMV_MAX_M, 0
+def _setting(name: str, value):
+    """This module's setting `name` at `value` inside the block (a measurement switch; not thread-safe)."""
+    saved = globals()[name]
+    globals()[name] = value
     try:
         yield
     finally:
-        GEMV_MAX_M = saved
+        globals()[name] = saved
 
 
-@contextlib.contextmanager
+def tensor_core_decode():
+    """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
+    `w4a16-triton-tc` rows; not thread-safe)."""
+    return _setting("GEMV_MAX_M", 0)
+
+
 def unsplit_gemv():
     """Run the M = 1 GEMV without splitting K, inside the block (the benchmark's `w4a16-triton-unsplit`
     rows, beside `w4a16-triton`'s split where _gemv_plan splits: they tell GEMV_THREADS_PER_SM's worth;
     not thread-safe)."""
-    global GEMV_SPLIT
-    saved, GEMV_SPLIT = GEMV_SPLIT, 1
-    try:
-        yield
-    finally:
-        GEMV_SPLIT = saved
+    return _setting("GEMV_SPLIT", 1)
