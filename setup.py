@@ -2,7 +2,8 @@
 
     MINICPM_INT4_BUILD_CUDA=1   force the build (fail loudly if it cannot happen)
     MINICPM_INT4_BUILD_CUDA=0   never build it
-    TORCH_CUDA_ARCH_LIST        archs to build for (default: the GPU present, else 8.0;8.6;8.9;9.0a)
+    TORCH_CUDA_ARCH_LIST        archs to build for (default: the GPU present - an H100 / H200 as sm_90a -,
+                                else 8.0;8.6;8.9;9.0a)
 
 Use `pip install --no-build-isolation .` so that the build sees the installed torch.
 """
@@ -18,6 +19,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _log(msg):
     print(f"[minicpm_int4 setup] {msg}", file=sys.stderr)
+
+
+def _default_arch_list(torch):
+    """TORCH_CUDA_ARCH_LIST where none is set: without a visible GPU, every arch the package supports; on
+    Hopper GPUs (capability 9.0 only), sm_90a - the target CI compiles (csrc/check_compile.sh) and
+    `minicpm-int4 inspect-cuda` reads, where torch's own choice would be sm_90 + PTX; on other GPUs None:
+    torch's choice, each visible GPU's arch."""
+    if not torch.cuda.is_available():
+        return "8.0;8.6;8.9;9.0a"
+    caps = {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}
+    return "9.0a" if caps == {(9, 0)} else None
 
 
 def _cuda_extension():
@@ -43,8 +55,10 @@ def _cuda_extension():
             raise RuntimeError(f"MINICPM_INT4_BUILD_CUDA=1 but {reason}")
         _log(f"skipping the CUDA extension: {reason}; installing pure Python")
         return None, {}
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0a"
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        archs = _default_arch_list(torch)
+        if archs:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     _log(f"building minicpm_int4._C from {sources} for TORCH_CUDA_ARCH_LIST="
          f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(the GPU present)')}")

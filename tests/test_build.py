@@ -97,3 +97,28 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
                for s in schemas.values())
     assert args["quantize_per_token_int8"] == [("x", "Tensor")] + scale
     assert len(schemas["quantize_per_token_int8"].returns) == 2
+
+
+def _setup_function(name):
+    """One function of setup.py, compiled on its own (running setup.py would run setup())."""
+    import ast
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    node = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), scope)
+    return scope[name]
+
+
+@pytest.mark.parametrize("caps, expected", [
+    ([], "8.0;8.6;8.9;9.0a"),            # no GPU visible: every arch the package supports
+    ([(9, 0)], "9.0a"),                   # an H100 / H200: the arch-specific target CI compiles and inspect-cuda reads
+    ([(9, 0), (9, 0)], "9.0a"),
+    ([(8, 0)], None),                     # other GPUs: torch's own choice (each GPU's arch)
+    ([(9, 0), (8, 6)], None),
+    ([(12, 0)], None),
+])
+def test_default_arch_list_builds_hopper_as_sm90a(caps, expected):
+    from types import SimpleNamespace
+    cuda = SimpleNamespace(is_available=lambda: bool(caps), device_count=lambda: len(caps),
+                           get_device_capability=lambda i: caps[i])
+    assert _setup_function("_default_arch_list")(SimpleNamespace(cuda=cuda)) == expected
