@@ -803,10 +803,7 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
     group_w = group_size // 8 if group_size < x.shape[1] else next_pow2(kw)
     even = n % block_n == 0 and kw % block_kw == 0 and kw_per_split * split == kw
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    part = out if split == 1 else torch.empty((split, 1, n), dtype=torch.float32, device=x.device)
-    fixup = split > 1 and workspace is not None
-    if fixup and workspace.numel() < cdiv(n, 16):
-        raise ValueError(f"w4a16 gemv: workspace of {workspace.numel()} counters for {cdiv(n, 16)} row tiles")
+    part, fixup = _split_k_partials(out, split, workspace, cdiv(n, 16), "gemv")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_gemv_kernel[(cdiv(n, block_n), split)](
         x, x if input_scale is None else input_scale, x if input_perm is None else input_perm, qweight, scales,
@@ -817,10 +814,26 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
         num_warps=warps, num_stages=1,
     )
     if split > 1 and not fixup:
-        block = 1024
-        _splitk_reduce_kernel[(cdiv(n, block),)](
-            part, b, out, n, n, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+        _reduce_split_k(part, b, out, split, bias is not None)
     return out
+
+
+def _split_k_partials(out, split, workspace, counters: int, kernel: str):
+    """(part, fixup) for a launch that splits K `split` ways: the fp32 partial sums [split, *out.shape]
+    (out itself when it does not split), and whether the kernel finishes the split itself (FIXUP: given
+    the layer's workspace, which must hold `counters`); else _reduce_split_k adds them after it."""
+    if split == 1:
+        return out, False
+    if workspace is not None and workspace.numel() < counters:
+        raise ValueError(f"w4a16 {kernel}: workspace of {workspace.numel()} counters for {counters} row tiles")
+    return torch.empty((split, *out.shape), dtype=torch.float32, device=out.device), workspace is not None
+
+
+def _reduce_split_k(part, b, out, split: int, has_bias: bool):
+    """The split's partial sums (part [split, M, N]) added in a second launch into out [M, N] (+ b)."""
+    block = 1024
+    _splitk_reduce_kernel[(cdiv(out.numel(), block),)](
+        part, b, out, out.numel(), out.shape[1], HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=block, num_warps=4)
 
 
 def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None, input_scale=None,
@@ -830,10 +843,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
     block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
         n, k, group_size, num_sms(x.device))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    fixup = split > 1 and workspace is not None
-    if fixup and workspace.numel() < cdiv(n, block_n):
-        raise ValueError(f"w4a16 decode: workspace of {workspace.numel()} counters for {cdiv(n, block_n)} row tiles")
+    part, fixup = _split_k_partials(out, split, workspace, cdiv(n, block_n), "decode")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_decode_kernel[(cdiv(n, block_n), split)](
         x, x if input_scale is None else input_scale, x if input_perm is None else input_perm, qweight, scales,
@@ -849,9 +859,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
     if split > 1 and not fixup:
-        block = 1024
-        _splitk_reduce_kernel[(cdiv(m * n, block),)](
-            part, b, out, m * n, n, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+        _reduce_split_k(part, b, out, split, bias is not None)
     return out
 
 
