@@ -196,13 +196,15 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name}: input_perm is not a permutation of the {self.in_features} input channels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step calls this hundreds of times: each buffer is read once, the checks are one
-        # branch, and the messages are built only on failure
-        qweight, scales = self.qweight, self.scales
+        # a decode step calls this hundreds of times: each buffer is read once, from the module's own
+        # dicts (nn.Module.__getattr__'s search costs about 1 us a tensor on a slow CPU, as much as a
+        # small GEMM's launch), the checks are one branch, and the messages are built only on failure
+        buffers = self._buffers
+        qweight, scales = buffers["qweight"], buffers["scales"]
         k = self.in_features
         if x.ndim == 0 or x.shape[-1] != k or x.dtype != scales.dtype or x.device != qweight.device:
             x = self._adapt_input(x)
-        bias = self.bias
+        bias = self._parameters["bias"]
         if bias is not None and bias.dtype != scales.dtype:
             # recast from outside (peft.prepare_model_for_kbit_training sets every fp16 / bf16 parameter's .data
             # to fp32): the kernels add a bias of the layer's dtype, and the cast back is exact for such a bias
@@ -210,9 +212,9 @@ class QuantLinear(nn.Module):
         # buffers were validated when the layer was built (and load_state_dict keeps their shapes);
         # the input scale and an act-order layer's channel order (or None) are applied by quantized_linear,
         # fused where a kernel can take them (the decode kernels read x through input_perm)
-        y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, self.zeros, bias,
-                                 self._kernel_group_size, self.act, self.backend, self.workspace,
-                                 self.input_scale, self.input_perm)
+        y = ops.quantized_linear(x.reshape(-1, k).contiguous(), qweight, scales, buffers["zeros"], bias,
+                                 self._kernel_group_size, self.act, self.backend, buffers["workspace"],
+                                 buffers["input_scale"], buffers["input_perm"])
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _adapt_input(self, x: torch.Tensor) -> torch.Tensor:

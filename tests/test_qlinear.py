@@ -270,6 +270,34 @@ def test_workspace_is_zeroed_per_layer_and_not_saved():
     assert torch.count_nonzero(ql.workspace) == 0
 
 
+def test_forward_reads_the_tensors_the_module_holds_now():
+    """The forward reads its buffers and bias from the module's own dicts (a cheaper lookup than
+    attribute access): what it computes with must follow every way they change - assignment,
+    load_state_dict, a dtype conversion, a bias set to None."""
+    torch.manual_seed(3)
+    ql = QuantLinear.from_linear(nn.Linear(64, 24), QuantConfig(group_size=32))
+    other = QuantLinear.from_linear(nn.Linear(64, 24), QuantConfig(group_size=32))
+    x = torch.randn(3, 64)
+
+    def expected(layer, x):
+        w = layer.dequantized_weight().float()
+        return x.float() @ w.t() + (layer.bias.float() if layer.bias is not None else 0)
+
+    assert_gemm_close(ql(x), expected(ql, x).to(x.dtype), x, ql.dequantized_weight())
+    ql.scales = ql.scales * 2                                    # assignment replaces the buffer
+    ql.zeros = other.zeros.clone()
+    ql.bias = nn.Parameter(torch.randn(24), requires_grad=False)
+    assert_gemm_close(ql(x), expected(ql, x).to(x.dtype), x, ql.dequantized_weight())
+    ql.load_state_dict(other.state_dict())                      # copied into the buffers in place
+    assert torch.equal(ql(x), other(x))
+    ql.bias = None
+    assert_gemm_close(ql(x), expected(ql, x).to(x.dtype), x, ql.dequantized_weight())
+    ql = ql.to(torch.bfloat16)                                  # _apply swaps every tensor
+    xb = x.bfloat16()
+    assert ql(xb).dtype == torch.bfloat16
+    assert_gemm_close(ql(xb), expected(ql, xb).to(torch.bfloat16), xb, ql.dequantized_weight())
+
+
 @pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
 def test_forward_passes_its_workspace_to_the_decode_kernel(monkeypatch):
     # a decode-size input on a layer whose K is split: one launch, the layer's counters back at zero
