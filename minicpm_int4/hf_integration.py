@@ -255,17 +255,89 @@ def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> No
         ql = layer_from_spec(spec, mod.weight.device, backend, dtype)
         for parent, attr, _ in places[id(mod)]:
             setattr(parent, attr, ql)
+    untie_quantized(model)  # before the tensors load: 5.x ties what all_tied_weights_keys says after loading
+
+
+def _tie_configs(config) -> list:
+    """The config objects whose tie_word_embeddings transformers reads: the model's own (5.x, 4.40) and
+    its decoder text config (4.45+: get_text_config(decoder=True)), each once."""
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text = get_text(decoder=True)
+        except TypeError:  # a get_text_config without the decoder argument
+            text = get_text()
+        if text is not None and all(text is not c for c in configs):
+            configs.append(text)
+    return configs
+
+
+def untie_quantized(model: nn.Module) -> list:
+    """A Linear that transformers ties to another module's weight - an lm_head tied to the input
+    embeddings (MiniCPM-V OCR, small LLMs) - and that is now a QuantLinear is tied no more: its int4
+    weight is its own, the embeddings keep theirs. Record that where transformers reads it, else
+    `tie_weights()` (from_pretrained, resize_token_embeddings, PEFT) puts the embeddings' fp matrix on the
+    QuantLinear as a `weight` its forward never reads (and save_pretrained then writes), and transformers
+    5.x's from_pretrained of the saved model fails looking for that weight: each transformers model's
+    `all_tied_weights_keys` (5.x, the tying that loading does) loses the pairs with an int4 end, and its
+    config's `tie_word_embeddings` (what a saved config.json, `tie_weights()` and 4.x read) becomes False
+    where no other pair is left to tie. Returns the QuantLinears' names untied (new ones only)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    QuantLinear = _quant_linear()
+    names = {id(m): n for n, m in model.named_modules()}
+    untied = []
+    for _, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+
+        def int4_owner(param: str):  # the QuantLinear holding `param` (a name relative to sub) in sub, else None
+            try:
+                owner = sub.get_submodule(param.rpartition(".")[0])
+            except AttributeError:
+                return None
+            return owner if isinstance(owner, QuantLinear) else None
+
+        held = getattr(sub, "all_tied_weights_keys", None)  # 5.x: {target: source}, sub's and its children's
+        if isinstance(held, dict):
+            for target in [t for t, s in held.items() if int4_owner(t) or int4_owner(s)]:
+                del held[target]
+        if not any(getattr(c, "tie_word_embeddings", False) for c in _tie_configs(sub.config)):
+            continue
+        if hasattr(sub, "get_expanded_tied_weights_keys"):  # 5.x: the pairs sub's config ties
+            try:
+                pairs = sub.get_expanded_tied_weights_keys(all_submodels=False)
+            except ValueError:  # a pattern that matches nothing now: nothing of it is tied either
+                pairs = {}
+            owners = [int4_owner(t) or int4_owner(s) for t, s in pairs.items()]
+        else:  # 4.x: tie_weights() ties get_output_embeddings() to the input embeddings
+            try:
+                out = sub.get_output_embeddings()
+            except (AttributeError, NotImplementedError):
+                out = None
+            owners = [out] if isinstance(out, QuantLinear) else []
+        if owners and all(owners):
+            for c in _tie_configs(sub.config):
+                if getattr(c, "tie_word_embeddings", False):
+                    c.tie_word_embeddings = False
+            untied += [names.get(id(o), "?") for o in owners]
+    return untied
 
 
 def mark_quantized(model: nn.Module, config) -> None:
     """Record on a patched / loaded model what it holds: the QuantConfig (patch_model's default for a
-    second call, save_quantized's record; None: leave it) and, for a transformers model where the registry exists,
+    second call, save_quantized's record; None: leave it), a tied output embedding that is int4 now as
+    untied (untie_quantized) and, for a transformers model where the registry exists,
     config.quantization_config, which save_pretrained writes and from_pretrained reads back."""
     from .checkpoint import _quant_modules
     from .patch import CONFIG_ATTR
 
     if config is not None:
         setattr(model, CONFIG_ATTR, config)
+    untie_quantized(model)
     hf_config = getattr(model, "config", None)
     if not hasattr(hf_config, "save_pretrained") or register():
         return

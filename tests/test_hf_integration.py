@@ -130,6 +130,48 @@ def test_tied_head_saved_once_by_save_pretrained(tmp_path):
     assert torch.equal(_logits(loaded), _logits(model))
 
 
+def test_an_int4_lm_head_tied_to_the_embeddings_is_untied(tmp_path):
+    """quantize_lm_head on a model whose lm_head is tied to the input embeddings: the lm_head becomes int4
+    and the embeddings stay fp16, so the model is untied, which the report and config.tie_word_embeddings
+    say. Before, transformers' tie_weights() (from_pretrained, resize_token_embeddings, PEFT) hung the
+    embeddings' matrix on the QuantLinear as a `weight` its forward never read (and save_pretrained wrote),
+    and 5.x's from_pretrained of the saved model failed (AttributeError: QuantLinear has no attribute
+    `weight`). A folder saved before this, whose config.json still says tied, loads too, untied."""
+    import shutil
+
+    model = _fp_llama(tmp_path / "fp", tie=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    report = patch_model(model, QuantConfig(group_size=32, quantize_lm_head=True), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings is False
+    assert any(n.startswith("lm_head: tied to the input embeddings") for n in report.notes), report.notes
+    expected = _logits(model)
+    model.tie_weights()
+    assert "weight" not in model.lm_head._parameters and "lm_head.weight" not in model.state_dict()
+    assert torch.equal(_logits(model), expected)
+
+    folders = {"ours": tmp_path / "ours"}
+    save_quantized(model, folders["ours"])
+    if not NO_REGISTRY:  # save_pretrained writes the int4 record where transformers has a quantizer registry
+        folders["hf"] = tmp_path / "hf"
+        model.save_pretrained(folders["hf"])
+    for name in list(folders):  # as saved before the untying: config.json says tied
+        cfg = json.loads((folders[name] / "config.json").read_text())
+        assert cfg["tie_word_embeddings"] is False
+        folders[name + "-tied"] = tmp_path / (name + "-tied")
+        shutil.copytree(folders[name], folders[name + "-tied"])
+        (folders[name + "-tied"] / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    loads = {name: lambda f=f: load_pretrained_quantized(str(f), progress=False) for name, f in folders.items()}
+    if not NO_REGISTRY and not NEEDS_ACCELERATE:
+        loads.update({f"from_pretrained {name}": lambda f=f: _load(f) for name, f in folders.items() if "hf" in name})
+    for name, load in loads.items():
+        loaded = load()
+        assert isinstance(loaded.lm_head, QuantLinear), name
+        assert loaded.config.tie_word_embeddings is False, name
+        loaded.tie_weights()
+        assert "weight" not in loaded.lm_head._parameters, name
+        assert torch.equal(_logits(loaded), expected), name
+
+
 def test_the_config_record_follows_the_model(tmp_path):
     """config.quantization_config names exactly the QuantLinears the model holds (after mixed
     precision put some back, after a second patch_model); where transformers has no quantizer
@@ -208,23 +250,27 @@ def test_a_folder_without_an_int4_record_is_named(tmp_path):
         load_pretrained_quantized(str(tmp_path / "fp"))
 
 
-@pytest.mark.parametrize("kind", ["4_6", "ocr"])
-def test_native_minicpmv_through_from_pretrained(kind, tmp_path):
-    """The product's path: MiniCPM-V 4.6 (and the OCR model, whose lm_head is tied to the embeddings)
-    patched, saved by save_pretrained, loaded by AutoModelForImageTextToText.from_pretrained: the same
-    logits on an image prompt, the vision tower's int4 layers included. (Native classes: 5.x.)"""
+@pytest.mark.parametrize("kind,int4_head", [("4_6", False), ("ocr", False), ("ocr", True)])
+def test_native_minicpmv_through_from_pretrained(kind, int4_head, tmp_path):
+    """The product's path: MiniCPM-V 4.6 (and the OCR model, whose lm_head is tied to the embeddings:
+    kept so, or int4 and untied) patched, saved by save_pretrained, loaded by
+    AutoModelForImageTextToText.from_pretrained: the same logits on an image prompt, the vision tower's
+    int4 layers included. (Native classes: 5.x.)"""
     from minicpm_int4.tiny import build_native, prompt_with_image
 
     model = build_native(kind)  # fp32: a .to(fp16) would also round the rotary inv_freq buffers, which a load recomputes
-    report = patch_model(model, QuantConfig(group_size=32), progress=False)
-    assert {d.part for d in report.quantized} >= {"llm", "vision"}
+    report = patch_model(model, QuantConfig(group_size=32, quantize_lm_head=int4_head), progress=False)
+    assert {d.part for d in report.quantized} >= {"llm", "vision"} | ({"lm_head"} if int4_head else set())
     model.save_pretrained(tmp_path)
     from transformers import AutoModelForImageTextToText
 
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == {d.name for d in report.quantized}
-    if kind == "ocr":
+    if kind == "ocr" and not int4_head:
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    if int4_head:
+        loaded.tie_weights()
+        assert "weight" not in loaded.get_output_embeddings()._parameters
     ids, pv, ts = prompt_with_image(model)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits,
