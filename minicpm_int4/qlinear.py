@@ -167,6 +167,21 @@ class QuantLinear(nn.Module):
                             "of those, or convert only the modules that are not QuantLinear)")
         return super()._apply(fn, *args, **kwargs)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # code written for nn.Linear that reads or replaces its fp weight (transformers' resize_token_embeddings,
+        # an initialisation from the weight): say what the layer holds and what to do, not only "no attribute"
+        # (still an AttributeError: hasattr(layer, "weight") stays False)
+        raise AttributeError(f"QuantLinear ({self.in_features} -> {self.out_features}) has no `weight`: it holds it as "
+                             "int4 (qweight, scales, zeros) and dequantized_weight() gives the [out, in] matrix it "
+                             "computes with. Code that reads or replaces a Linear's fp weight (resize_token_embeddings, "
+                             "weight tying, weight-based initialisations) runs on the fp model: before patch_model, or "
+                             "after minicpm_int4.dequantize_model(model)")
+
     @property
     def dtype(self) -> torch.dtype:
         return self.scales.dtype

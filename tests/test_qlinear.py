@@ -167,6 +167,28 @@ def test_not_a_linear():
         QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
 
 
+def test_reading_the_fp_weight_says_what_the_layer_holds():
+    """Code written for nn.Linear that reads its fp weight (transformers' resize_token_embeddings on an int4
+    lm_head) gets an AttributeError that says what the layer holds and what to do; hasattr stays False,
+    and other missing attributes keep torch's own message."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ql = QuantLinear.from_linear(nn.Linear(64, 48), QuantConfig(group_size=32))
+    assert not hasattr(ql, "weight")
+    with pytest.raises(AttributeError, match=r"QuantLinear \(64 -> 48\) has no `weight`: it holds it as int4 "
+                                             r"\(qweight, scales, zeros\) and dequantized_weight\(\) gives"):
+        ql.weight
+    with pytest.raises(AttributeError, match=r"^'QuantLinear' object has no attribute 'weights'$"):
+        ql.weights
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    patch_model(model, QuantConfig(group_size=32, quantize_lm_head=True), progress=False)
+    with pytest.raises(AttributeError, match=r"runs on the fp model: before patch_model, or after "
+                                             r"minicpm_int4.dequantize_model\(model\)"):
+        model.resize_token_embeddings(200, mean_resizing=False)
+
+
 def test_w4a8_module_matches_reference_path():
     lin = nn.Linear(128, 64)
     ql = QuantLinear.from_linear(lin, QuantConfig(group_size=64, act="int8"))
