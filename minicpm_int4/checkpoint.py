@@ -324,9 +324,20 @@ def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_d
         targets = {k: t for k, t in targets.items()
                    if not isinstance(model.get_submodule(k.rpartition(".")[0]), QuantLinear)}
     loaded: Dict[int, torch.Tensor] = {}  # id(model tensor) -> what it holds now: ties stay tied
+    first: Dict[int, str] = {}  # id(model tensor) -> the name it was loaded under
     used = set(consumed)
     for key, target in _progress(list(targets.items()), progress, "load int4 checkpoint", "tensor"):
         src = aliases.get(key, key)
+        if id(target) in loaded and src in files and aliases.get(first[id(target)], first[id(target)]) != src:
+            # one tensor in the model, two in the file: the same values (a .bin keeps both names), or the saved
+            # model had them untied (an lm_head given its own weight): one tensor cannot hold both
+            held = loaded[id(target)].detach()
+            t = files[src].get_tensor(src)
+            if tuple(t.shape) != tuple(held.shape) or not torch.equal(t.to(held.dtype), held.cpu()):
+                raise CheckpointMismatchError(
+                    f"tensors {first[id(target)]!r} and {key!r} are one tensor in the model (tied) but differ in the "
+                    "checkpoint, whose model had them untied: build the model untied (tie_word_embeddings=False in "
+                    "its config), as load_pretrained_quantized does from a checkpoint's config.json")
         if id(target) in loaded and (src not in files or target.device.type == "meta"):
             # a second name of one tensor (a tied lm_head / embedding; save_pretrained stores it once):
             # the same tensor again, not a copy (which would double its memory and untie it)
@@ -352,6 +363,7 @@ def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_d
             with torch.no_grad():
                 target.data.copy_(t)
             loaded[id(target)] = target
+        first.setdefault(id(target), key)
         used.add(src)
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
     used |= {name for name, _ in model.named_buffers(remove_duplicate=False)} - set(model.state_dict())

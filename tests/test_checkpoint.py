@@ -431,3 +431,29 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path):
     # a folder without the file (written before it was saved) loads with the config-derived defaults
     (tmp_path / "generation_config.json").unlink()
     assert load_pretrained_quantized(str(tmp_path)).generation_config.eos_token_id != [new[stop_at]]
+
+
+def test_a_tied_model_refuses_a_checkpoint_whose_tied_pair_differs(tmp_path):
+    """The OCR model's lm_head is tied to its embeddings. Quantized, then dequantized (dequantize_model gives it
+    a weight of its own) and patched again with the lm_head kept, the saved model holds two different matrices.
+    One tied tensor cannot hold both: load_quantized into a tied model refuses, naming the pair, where it
+    silently let one overwrite the other; load_pretrained_quantized builds the model untied from the saved
+    config.json and computes as the saved model."""
+    from minicpm_int4 import dequantize_model
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    model = build_native("ocr")
+    patch_model(model, QuantConfig(group_size=32, quantize_lm_head=True), progress=False)
+    dequantize_model(model)
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    save_quantized(model, tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"tensors '.*embed_tokens.weight' and 'lm_head.weight' are one "
+                                                      r"tensor in the model \(tied\) but differ in the checkpoint"):
+        load_quantized(build_native("ocr", seed=5), tmp_path)
+    loaded = load_pretrained_quantized(str(tmp_path), progress=False)
+    ids, pv, ts = prompt_with_image(model)
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
+        b = loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)  # fp32; the loaded tensors are file mappings (other BLAS paths)
