@@ -327,20 +327,20 @@ def untie_quantized(model: nn.Module) -> list:
     return untied
 
 
-def mark_quantized(model: nn.Module, config) -> None:
+def mark_quantized(model: nn.Module, config) -> list:
     """Record on a patched / loaded model what it holds: the QuantConfig (patch_model's default for a
     second call, save_quantized's record; None: leave it), a tied output embedding that is int4 now as
-    untied (untie_quantized) and, for a transformers model where the registry exists,
-    config.quantization_config, which save_pretrained writes and from_pretrained reads back."""
+    untied (untie_quantized, whose list of names this returns) and, for a transformers model where the
+    registry exists, config.quantization_config, which save_pretrained writes and from_pretrained reads back."""
     from .checkpoint import _quant_modules
     from .patch import CONFIG_ATTR
 
     if config is not None:
         setattr(model, CONFIG_ATTR, config)
-    untie_quantized(model)
+    untied = untie_quantized(model)
     hf_config = getattr(model, "config", None)
     if not hasattr(hf_config, "save_pretrained") or register():
-        return
+        return untied
     modules = _quant_modules(model)
     if modules:
         hf_config.quantization_config = quantization_config(config, modules)
@@ -349,3 +349,4 @@ def mark_quantized(model: nn.Module, config) -> None:
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
         if method == QUANT_METHOD:  # no int4 layer left (dequantize_model)
             del hf_config.quantization_config
+    return untied

@@ -478,14 +478,13 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         if model_ref is not None:
             _model_sensitivity(model, swapped, model_ref, report, progress)
         _apply_mixed_precision(report, swapped, config)
-    from .hf_integration import mark_quantized, untie_quantized
+    from .hf_integration import mark_quantized
 
-    untied = untie_quantized(model)
+    untied = mark_quantized(model, config)  # and config.quantization_config: save_pretrained / from_pretrained
     if untied:
         report.notes.append(f"{', '.join(untied)}: tied to the input embeddings in the fp model, int4 now (the embeddings "
                             "stay in high precision): untied, config.tie_word_embeddings = False, so that tie_weights() "
                             "and a saved config.json do not tie them again")
-    mark_quantized(model, config)  # and config.quantization_config: save_pretrained / from_pretrained
     return report
 
 
