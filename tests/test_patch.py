@@ -126,6 +126,49 @@ def test_static_cache_generation_of_a_patched_llm():
         assert torch.equal(model.llm.generate(ids, max_new_tokens=3, do_sample=False), dynamic)
 
 
+def test_batched_left_padded_generate_on_the_triton_kernels():
+    """The Triton kernels inside a real generate loop: a batch of prompts of different lengths, left
+    padded, greedy. Prefill runs the tiled kernel (M = 3 x 7 tokens), each step after it the decode
+    kernel at M = 3, and the prompt generated alone the decode kernel (M = 2), then the GEMV (M = 1).
+    down_proj's K = 256 is split across programs, finished in the same launch through the layer's
+    workspace counters, which each launch must leave at zero for the next. Every step's logits match
+    the same model on the torch reference backend, and the prompt alone (no padding) matches its row
+    of the batch: all of them differ only in fp32 summation order."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    on_triton = copy.deepcopy(model)
+    report = patch_model(model, QuantConfig(group_size=32, backend="torch", method="rtn"), progress=False)
+    patch_model(on_triton, QuantConfig(group_size=32, backend="triton", method="rtn"), progress=False)
+    g = torch.Generator().manual_seed(4)
+    lens = [7, 2, 5]
+    prompts = [torch.randint(10, model.config.vocab_size, (n,), generator=g) for n in lens]
+    ids = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, -len(p):], mask[row, -len(p):] = p, 1
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        out = on_triton.generate(input_ids=ids, attention_mask=mask, **kw)
+        alone = on_triton.generate(input_ids=prompts[1][None], attention_mask=torch.ones(1, lens[1], dtype=torch.long), **kw)
+    from minicpm_int4.kernels import w4a16
+
+    # the premise: down_proj (N = 64, K = 256) is split across programs by both decode kernels
+    assert w4a16._decode_blocks(64, 256, 32, ids.device)[3] > 1 and w4a16._gemv_blocks(64, 256 // 8, ids.device)[3] > 1
+    bound = _equivalence_bound(report)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.logits) == len(ref.logits) == len(alone.logits) == 3
+    for step in range(3):
+        assert _rel(out.logits[step], ref.logits[step]) <= bound, f"step {step}"
+        assert _rel(alone.logits[step][0], ref.logits[step][1]) <= bound, f"step {step}, the prompt alone"
+    assert torch.equal(alone.sequences[0, -3:], ref.sequences[1, -3:])
+    workspaces = [m.workspace for m in on_triton.modules() if isinstance(m, QuantLinear) and m.workspace is not None]
+    assert workspaces and all(bool((w == 0).all()) for w in workspaces)
+
+
 def _as_loaded(build, **kwargs):
     """A model as from_pretrained leaves it: built, then weights of other values loaded into it (so the
     hook-based weight norm's `.weight` attribute is stale until its next forward)."""
