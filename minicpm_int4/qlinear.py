@@ -64,7 +64,8 @@ class QuantLinear(nn.Module):
     desc_act=True, compressed-tensors' actorder - read by foreign.py: its groups are runs of K only in
     this order of the input channels, so the forward computes with x[..., input_perm], the scale, if
     any, applying to that); ``workspace``
-    int32 [N/16] zeros, the decode kernel's split-K counters (not saved).
+    int32 [N/16] zeros, the decode kernel's split-K counters (not saved; None to share nothing between
+    calls on several CUDA streams at once).
 
     Example:
         >>> ql = QuantLinear.from_linear(nn.Linear(4096, 4096, dtype=torch.float16), QuantConfig(group_size=128))
@@ -96,7 +97,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_perm", torch.arange(in_features, dtype=torch.int32, device=device)
                              if input_perm else None)
         # split-K counters of the decode kernels, the GEMV's too (ops.w4a16_workspace): allocated here, zeroed, never
-        # during a CUDA-graph capture; every call leaves them at zero. Not part of the checkpoint.
+        # during a CUDA-graph capture; every call leaves them at zero. Not part of the checkpoint. One set per layer:
+        # calls of one layer on two CUDA streams at once would race on them; `layer.workspace = None` makes the
+        # split-K reduce in a second launch instead (same bits, no shared state; README, Compatibility).
         self.register_buffer("workspace", ops.w4a16_workspace(out_features, device), persistent=False)
 
     @classmethod
@@ -147,8 +150,9 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a module materialised with to_empty() holds garbage counters: loading weights zeroes them
-        with torch.no_grad():
-            self.workspace.zero_()
+        if self.workspace is not None:  # None: set by a user who runs the layer on several streams at once
+            with torch.no_grad():
+                self.workspace.zero_()
         perm = state_dict.get(prefix + "input_perm")
         if self.input_perm is not None and isinstance(perm, torch.Tensor) and perm.shape == self.input_perm.shape \
                 and not _is_permutation(perm, self.in_features):  # the kernels read x at these indices

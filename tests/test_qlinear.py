@@ -339,6 +339,36 @@ def test_forward_passes_its_workspace_to_the_decode_kernel(monkeypatch):
     assert torch.count_nonzero(ql.workspace) == 0
 
 
+@pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
+def test_a_layer_without_workspace_reduces_its_split_k_in_a_second_launch(monkeypatch):
+    """`layer.workspace = None` (README, Compatibility: one layer run on several CUDA streams at once):
+    the split decode kernels and GEMV reduce in a second launch, to the same bits, and the layer still
+    loads weights and converts."""
+    from minicpm_int4.kernels import w4a16
+
+    torch.manual_seed(5)
+    ql = QuantLinear.from_linear(nn.Linear(1024, 16, dtype=torch.float16), QuantConfig(group_size=128, backend="triton"))
+    assert w4a16._decode_blocks(16, 1024, 128, ql.qweight.device)[3] > 1
+    assert w4a16._gemv_blocks(16, 1024 // 8, ql.qweight.device)[3] > 1
+    xs = [torch.randn(m, 1024, dtype=torch.float16) for m in (1, 3)]
+    with_workspace = [ql(x) for x in xs]
+    ql.workspace = None
+    launches = []
+    reduce_kernel = w4a16._splitk_reduce_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return reduce_kernel[grid]
+
+    monkeypatch.setattr(w4a16, "_splitk_reduce_kernel", Counting())
+    for x, y in zip(xs, with_workspace):
+        assert torch.equal(ql(x), y)
+    assert len(launches) == 2
+    ql.load_state_dict(ql.state_dict())
+    assert ql.workspace is None and ql.to(torch.bfloat16)(xs[1].bfloat16()).dtype == torch.bfloat16
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="group_size=16"):
         QuantConfig(group_size=16)
