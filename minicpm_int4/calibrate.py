@@ -2,7 +2,9 @@
 
 `calibrate(model, batches)` runs the model on the batches with forward pre-hooks on every nn.Linear
 and keeps, per Linear, only the sum of x_k^2 over tokens ([K]) and a small fixed-size sample of
-input rows (for output-error sensitivity). The hooks are removed afterwards (also on error) and no
+input rows (for output-error sensitivity). In a padded text batch (a dict whose `attention_mask` has
+zeros: `tokenizer(texts, padding=True)`) the padding positions are left out of the text layers'
+statistics, as they are of GPTQ's Hessians and the output errors that rank layers. The hooks are removed afterwards (also on error) and no
 activation is referenced once a batch is done, so memory stays bounded by the sample size.
 
 Uses:
@@ -23,7 +25,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from .models import text_module, unwrap_compiled
+from .models import detect_layout, text_module, unwrap_compiled
 
 
 @dataclass
@@ -91,6 +93,33 @@ def _fingerprint(out, n: int = 1 << 16) -> torch.Tensor:
 
 
 TEXT_KEYS = {"input_ids", "attention_mask"}
+# the model parts whose Linears see the text tokens, one row per position of input_ids ("other": a model of
+# no MiniCPM-V layout, a plain LLM or encoder)
+TEXT_PARTS = ("llm", "lm_head", "other")
+
+
+def padding_mask(batch) -> Optional[torch.Tensor]:
+    """Which tokens of a padded text batch are real: its `attention_mask` as a bool [B, T] where it masks
+    some position out (a tokenizer's padding=True); None where no position is padding. Padding tokens'
+    activations are not the model's inputs: the statistics, Hessians and output errors leave them out."""
+    m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or bool(m.all()):
+        return None
+    return m.bool()
+
+
+def token_rows(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """t [..., C] as rows [n, C]; with a padding mask [B, T] and t [B, T, C], the real tokens' rows only."""
+    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.to(t.device)]
+    return t.reshape(-1, t.shape[-1])
+
+
+def text_linear_names(model: nn.Module) -> set:
+    """The nn.Linear names of `model` in a text part (TEXT_PARTS): where a padding mask applies. The vision
+    tower, merger, resampler and audio layers see rows of another kind, never masked."""
+    layout = detect_layout(model)
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and layout.part_of(n) in TEXT_PARTS}
 
 
 @contextlib.contextmanager
@@ -138,11 +167,15 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
     calib = Calibration(max_samples=max_samples, inputs=items)
     gen = torch.Generator().manual_seed(seed)
     handles = []
+    text = text_linear_names(model)
+    batch_mask = [None]  # the padding mask of the batch running now
 
     def make_hook(name):
+        masked = name in text
+
         def hook(mod, args):
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = token_rows(x, batch_mask[0] if masked else None).float()
             st = calib.stats.get(name)
             if st is None:
                 st = calib.stats[name] = LinearStats(sum_sq=torch.zeros(x.shape[-1], device=x.device))
@@ -170,6 +203,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_samples: int = 128, progr
     try:
         with inference_forward(model):
             for batch in it:
+                batch_mask[0] = padding_mask(batch)
                 out = _run(model, batch)
                 if calib.check_batch is None:
                     calib.check_batch, calib.check_output = batch, _fingerprint(out)

@@ -3,7 +3,8 @@
     compare_models(ref, quant, batches)  -> next-token KL divergence, top-1 agreement, and a
                                             per-layer table of each quantized Linear's local
                                             relative output error (both layers fed the reference
-                                            model's input to that layer)
+                                            model's input to that layer), over the real tokens of
+                                            padded batches (calibrate.padding_mask)
     perplexity(model, input_ids)         -> exp(mean next-token NLL)
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import _run, inference_forward
+from .calibrate import _run, inference_forward, padding_mask, text_linear_names, token_rows
 from .models import unwrap_compiled
 from .qlinear import QuantLinear
 
@@ -30,22 +31,27 @@ def compare_models(ref: nn.Module, quant: nn.Module, batches: Iterable, layer_er
     qmods = {n: m for n, m in quant.named_modules() if isinstance(m, QuantLinear)}
     err_sq, ref_sq = defaultdict(float), defaultdict(float)
     handles = []
+    batch_mask = [None]  # the padding mask of the batch running now: padding positions are not compared
     if layer_errors:
+        text = text_linear_names(ref)
         for name, mod in ref.named_modules():
             if name in qmods and isinstance(mod, nn.Linear):
-                def hook(m, args, out, name=name):
+                def hook(m, args, out, name=name, masked=name in text):
                     q = qmods[name]  # the reference may run in another dtype (eval --dtype) than the int4 layer
                     y_q = q(args[0].to(device=q.qweight.device, dtype=q.dtype))
-                    err_sq[name] += (y_q.float() - out.float()).square().sum().item()
-                    ref_sq[name] += out.float().square().sum().item()
+                    mask = batch_mask[0] if masked else None
+                    y_q, y = token_rows(y_q.float(), mask), token_rows(out.float(), mask)
+                    err_sq[name] += (y_q.to(y.device) - y).square().sum().item()
+                    ref_sq[name] += y.square().sum().item()
                 handles.append(mod.register_forward_hook(hook))
     kl_sum = tokens = agree = 0.0
     try:
         with inference_forward(ref), inference_forward(quant):  # as they run for inference: no dropout
             for batch in batches:
+                batch_mask[0] = mask = padding_mask(batch)
                 lr = _logits(_run(ref, batch)).float()
                 lq = _logits(_run(quant, batch)).float()
-                lr, lq = lr.reshape(-1, lr.shape[-1]), lq.reshape(-1, lq.shape[-1])
+                lr, lq = token_rows(lr, mask), token_rows(lq.to(lr.device), mask)
                 logp_r, logp_q = F.log_softmax(lr, -1), F.log_softmax(lq, -1)
                 kl_sum += (logp_r.exp() * (logp_r - logp_q)).sum().item()
                 agree += (lr.argmax(-1) == lq.argmax(-1)).sum().item()

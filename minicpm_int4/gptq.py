@@ -137,11 +137,13 @@ class HessianCollector:
     """Forward pre-hooks that add x^T x of every input row to a [K, K] fp32 sum per Linear (a module
     at several places in the model adds all of its calls to one sum). Use as a context manager."""
 
-    def __init__(self, modules: Dict[str, nn.Linear]):
+    def __init__(self, modules: Dict[str, nn.Linear], masked: Sequence[str] = ()):
         self.sums: Dict[int, torch.Tensor] = {}
         self.tokens: Dict[int, int] = {}
         self.modules = modules
         self._handles = []
+        self._masked = {id(modules[n]) for n in masked if n in modules}  # text layers: padding rows left out
+        self.mask: Optional[torch.Tensor] = None  # the padding mask of the batch running now (calibrate.padding_mask)
 
     def __enter__(self):
         for mod in {id(m): m for m in self.modules.values()}.values():
@@ -155,8 +157,9 @@ class HessianCollector:
         return False
 
     def _hook(self, mod, args):
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
+        from .calibrate import token_rows
+
+        x = token_rows(args[0].detach(), self.mask if id(mod) in self._masked else None).float()
         h = self.sums.get(id(mod))
         if h is None:
             h = self.sums[id(mod)] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
@@ -206,10 +209,14 @@ def plan_passes(layers: Sequence[Tuple[str, nn.Linear]], budget: int = None) -> 
 
 
 def collect_hessians(model: nn.Module, inputs: Sequence, layers: Sequence[Tuple[str, nn.Linear]]) -> HessianCollector:
-    """Run the calibration `inputs` through `model` once, summing x x^T for each of `layers`."""
-    from .calibrate import _run, inference_forward
+    """Run the calibration `inputs` through `model` once, summing x x^T for each of `layers` (in the text
+    layers, over the real tokens of a padded batch)."""
+    from .calibrate import _run, inference_forward, padding_mask, text_linear_names
 
-    with HessianCollector(dict(layers)) as col, inference_forward(model):
+    layers = dict(layers)
+    text = text_linear_names(model)
+    with HessianCollector(layers, [n for n in layers if n in text]) as col, inference_forward(model):
         for batch in inputs:
+            col.mask = padding_mask(batch)
             _run(model, batch)
     return col

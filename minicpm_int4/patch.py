@@ -586,13 +586,16 @@ def _fold_scales_checked(model, calibration, config, quantize_names, report):
 MODEL_OUTPUT_ROWS = 128  # rows of each batch's output (evenly spaced tokens) that sensitivity="model" compares
 
 
-def _output_rows(out) -> Optional[torch.Tensor]:
+def _output_rows(out, mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Up to MODEL_OUTPUT_ROWS evenly spaced rows ([rows, last dim], fp32) of a model output's logits (or
-    last hidden state, or first tensor); None if it has no tensor."""
+    last hidden state, or first tensor), of the real tokens only where `mask` (the batch's padding mask)
+    applies; None if it has no tensor."""
+    from .calibrate import token_rows
+
     t = output_tensor(out)
     if t is None or t.dim() == 0 or t.numel() == 0:
         return None
-    rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.detach().reshape(1, -1)
+    rows = token_rows(t.detach(), mask) if t.dim() > 1 else t.detach().reshape(1, -1)
     if rows.shape[0] > MODEL_OUTPUT_ROWS:
         rows = rows[torch.linspace(0, rows.shape[0] - 1, MODEL_OUTPUT_ROWS, device=rows.device).round().long()]
     return rows.float()
@@ -613,7 +616,7 @@ def _model_output_reference(model, calibration, config, report):
     """(batches, the high-precision model's output rows on each) for sensitivity="model", or None (with a
     note: the layer sensitivity ranks instead) where the calibration holds no batches or the model's
     output has no tensor."""
-    from .calibrate import _run, inference_forward
+    from .calibrate import _run, inference_forward, padding_mask
 
     batches = _spread(calibration.inputs, config.sensitivity_batches)
     why = None
@@ -621,7 +624,7 @@ def _model_output_reference(model, calibration, config, report):
         why = "the calibration holds no batches"
     else:
         with inference_forward(model):
-            ref = [_output_rows(_run(model, b)) for b in batches]
+            ref = [_output_rows(_run(model, b), padding_mask(b)) for b in batches]
         if any(r is None for r in ref):
             why = "the model's output on a calibration batch has no tensor to compare"
     if why:
@@ -635,16 +638,17 @@ def _model_sensitivity(model, swapped, model_ref, report, progress: bool) -> Non
     """For each quantized layer, the share of the int4 model's output error (squared, relative to the
     high-precision model's output, on the reference batches) that goes away when that layer alone is put
     back in high precision: d.model_sensitivity, which _apply_mixed_precision ranks by."""
-    from .calibrate import _run, inference_forward
+    from .calibrate import _run, inference_forward, padding_mask
 
     batches, ref = model_ref
     ref_energy = sum(r.square().sum().item() for r in ref)
+    masks = [padding_mask(b) for b in batches]
 
     def error() -> float:
         num = 0.0
         with inference_forward(model):
-            for b, r in zip(batches, ref):
-                num += (_output_rows(_run(model, b)) - r).square().sum().item()
+            for b, mask, r in zip(batches, masks, ref):
+                num += (_output_rows(_run(model, b), mask) - r).square().sum().item()
         return num / max(ref_energy, 1e-30)
 
     base, unreached = error(), []

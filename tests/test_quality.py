@@ -322,6 +322,69 @@ def test_calibrate_takes_tokenizer_and_processor_outputs_as_they_come():
     assert compare_models(model, q, [encoding, feature])["tokens"] == encoding["input_ids"].numel() + feature["input_ids"].numel()
 
 
+def _right_padded(prompts, pad_id=1):
+    """A tokenizer's padding=True batch of `prompts` (right padding), and each prompt alone."""
+    ids = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)], mask[row, :len(p)] = p, 1
+    return {"input_ids": ids, "attention_mask": mask}, [{"input_ids": p[None]} for p in prompts]
+
+
+@pytest.mark.parametrize("kind", ["4_6", "llama"])
+def test_a_padded_batch_calibrates_as_its_prompts_one_by_one(kind):
+    """tokenizer(texts, padding=True): the padding positions' activations are no input of the model, so
+    calibrate's statistics, GPTQ's Hessians, the model-output rows that rank layers and compare_models
+    leave them out. With right padding and causal attention the real tokens compute what they compute
+    alone, so each figure is the one-by-one figure, up to fp32 summation order. The 4.6 model's
+    vision layers are never masked (their rows are patches); here no image reaches them."""
+    from minicpm_int4.gptq import collect_hessians
+    from minicpm_int4.patch import _output_rows
+    from minicpm_int4.calibrate import padding_mask
+    from minicpm_int4.tiny import build_remote_layout
+
+    model = build_native("4_6") if kind == "4_6" else build_remote_layout("llama").llm
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(6, 256, (n,), generator=g) for n in (9, 4, 6)]
+    padded, alone = _right_padded(prompts)
+    real = sum(len(p) for p in prompts)
+    a, b = calibrate(model, [padded], progress=False), calibrate(model, alone, progress=False)
+    assert a.stats.keys() == b.stats.keys()
+    tol = 1e-4  # fp32 activations through a few layers in another batch shape: ~1e-6 relative
+    for name, st in a.stats.items():
+        assert st.count == b.stats[name].count == real, name
+        assert torch.allclose(st.sum_sq, b.stats[name].sum_sq, rtol=tol, atol=0), name
+        assert st.sample.shape == (real, st.sum_sq.shape[0])
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in a.stats]
+    ha, hb = collect_hessians(model, [padded], layers), collect_hessians(model, alone, layers)
+    for name, _ in layers:
+        (sa, ta), (sb, tb) = ha.pop(name), hb.pop(name)
+        assert ta == tb == real and torch.allclose(sa, sb, rtol=tol, atol=tol * sb.abs().max().item()), name
+    with torch.no_grad():
+        rows = _output_rows(model(**padded), padding_mask(padded))
+        ones = torch.cat([_output_rows(model(**x)) for x in alone])
+    assert rows.shape == ones.shape == (real, 256) and torch.allclose(rows, ones, rtol=tol, atol=tol)
+    q = copy.deepcopy(model)
+    patch_model(q, QuantConfig(group_size=32), progress=False)
+    ra, rb = compare_models(model, q, [padded]), compare_models(model, q, alone)
+    assert ra["tokens"] == rb["tokens"] == real and ra["top1_agreement"] == rb["top1_agreement"]
+    assert ra["kl_divergence"] == pytest.approx(rb["kl_divergence"], rel=1e-3)
+    by_name = {r["name"]: r["rel_output_error"] for r in rb["layers"]}
+    assert all(r["rel_output_error"] == pytest.approx(by_name[r["name"]], rel=1e-3) for r in ra["layers"])
+    # mixed precision ranks layers by the model's output error on the calibration batches: the same ranking
+    mixed = QuantConfig(group_size=32, keep_most_sensitive=2, sensitivity="model", method="rtn")
+    reports = []
+    for calib in (a, b):
+        q = copy.deepcopy(model)
+        reports.append(patch_model(q, mixed, calibration=calib, progress=False))
+    sens = [{d.name: d.model_sensitivity for d in r.decisions if d.model_sensitivity is not None} for r in reports]
+    assert sens[0] and sens[0].keys() == sens[1].keys()
+    assert all(v == pytest.approx(sens[1][n], rel=1e-3, abs=1e-6) for n, v in sens[0].items())
+    kept = [[d.name for d in r.decisions if d.action == "kept" and "model-output sensitivity rank" in d.reason]
+            for r in reports]
+    assert len(kept[0]) == 2 and kept[0] == kept[1]
+
+
 def test_text_only_calibration_names_the_layers_it_does_not_reach():
     """Text alone never reaches the vision tower: its layers get the search without activation weights,
     each says so, and one note counts them and says how to reach them."""
