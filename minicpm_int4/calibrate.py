@@ -4,8 +4,9 @@
 and keeps, per Linear, only the sum of x_k^2 over tokens ([K]) and a small fixed-size sample of
 input rows (for output-error sensitivity). In a padded text batch (a dict whose `attention_mask` has
 zeros: `tokenizer(texts, padding=True)`) the padding positions are left out of the text layers'
-statistics, as they are of GPTQ's Hessians and the output errors that rank layers. The hooks are removed afterwards (also on error) and no
-activation is referenced once a batch is done, so memory stays bounded by the sample size.
+statistics, as they are of GPTQ's Hessians and the output errors that rank layers. The hooks are
+removed afterwards (also on error) and no activation is referenced once a batch is done, so memory
+stays bounded by the sample size.
 
 Uses:
   * activation-aware search: the search weights each input channel's squared error by E[x_k^2],
