@@ -328,19 +328,19 @@ def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_d
     used = set(consumed)
     for key, target in _progress(list(targets.items()), progress, "load int4 checkpoint", "tensor"):
         src = aliases.get(key, key)
-        if id(target) in loaded and src in files and aliases.get(first[id(target)], first[id(target)]) != src:
-            # one tensor in the model, two in the file: the same values (a .bin keeps both names), or the saved
-            # model had them untied (an lm_head given its own weight): one tensor cannot hold both
-            held = loaded[id(target)].detach()
-            t = files[src].get_tensor(src)
-            if tuple(t.shape) != tuple(held.shape) or not torch.equal(t.to(held.dtype), held.cpu()):
-                raise CheckpointMismatchError(
-                    f"tensors {first[id(target)]!r} and {key!r} are one tensor in the model (tied) but differ in the "
-                    "checkpoint, whose model had them untied: build the model untied (tie_word_embeddings=False in "
-                    "its config), as load_pretrained_quantized does from a checkpoint's config.json")
-        if id(target) in loaded and (src not in files or target.device.type == "meta"):
-            # a second name of one tensor (a tied lm_head / embedding; save_pretrained stores it once):
-            # the same tensor again, not a copy (which would double its memory and untie it)
+        if id(target) in loaded:
+            # a second name of one tensor (a tied lm_head / embedding): the tensor loaded under the first name
+            # again, not a copy (which would double its memory and untie it). save_pretrained stores it once; a
+            # .bin keeps both names with the same values, but a model saved untied (an lm_head given its own
+            # weight) has two different ones, which one tensor cannot hold
+            if src in files and aliases.get(first[id(target)], first[id(target)]) != src:
+                held = loaded[id(target)].detach()
+                t = files[src].get_tensor(src)
+                if tuple(t.shape) != tuple(held.shape) or not torch.equal(t.to(held.dtype), held.cpu()):
+                    raise CheckpointMismatchError(
+                        f"tensors {first[id(target)]!r} and {key!r} are one tensor in the model (tied) but differ in "
+                        "the checkpoint, whose model had them untied: build the model untied (tie_word_embeddings="
+                        "False in its config), as load_pretrained_quantized does from a checkpoint's config.json")
             if target.device.type == "meta":
                 _assign(model, key, loaded[id(target)])
             used.add(src)

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .calibrate import token_rows
 from .packing import effective_group_size
 from .quantize import QMAX, QuantizedWeight, check_quantizable, scale_dtype_for
 from .search import DEFAULT_GRID, search_scale_zero
@@ -157,8 +158,6 @@ class HessianCollector:
         return False
 
     def _hook(self, mod, args):
-        from .calibrate import token_rows
-
         x = token_rows(args[0].detach(), self.mask if id(mod) in self._masked else None).float()
         h = self.sums.get(id(mod))
         if h is None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import gptq
 from .awq import search_input_scale
-from .calibrate import Calibration, output_tensor
+from .calibrate import Calibration, output_tensor, padding_mask, token_rows
 from .config import QuantConfig
 from .models import detect_layout, effective_weight, output_embedding_name, protected_reason, unwrap_compiled
 from .ops import W4A8_MIN_M
@@ -590,8 +590,6 @@ def _output_rows(out, mask: Optional[torch.Tensor] = None) -> Optional[torch.Ten
     """Up to MODEL_OUTPUT_ROWS evenly spaced rows ([rows, last dim], fp32) of a model output's logits (or
     last hidden state, or first tensor), of the real tokens only where `mask` (the batch's padding mask)
     applies; None if it has no tensor."""
-    from .calibrate import token_rows
-
     t = output_tensor(out)
     if t is None or t.dim() == 0 or t.numel() == 0:
         return None
@@ -616,7 +614,7 @@ def _model_output_reference(model, calibration, config, report):
     """(batches, the high-precision model's output rows on each) for sensitivity="model", or None (with a
     note: the layer sensitivity ranks instead) where the calibration holds no batches or the model's
     output has no tensor."""
-    from .calibrate import _run, inference_forward, padding_mask
+    from .calibrate import _run, inference_forward
 
     batches = _spread(calibration.inputs, config.sensitivity_batches)
     why = None
@@ -638,7 +636,7 @@ def _model_sensitivity(model, swapped, model_ref, report, progress: bool) -> Non
     """For each quantized layer, the share of the int4 model's output error (squared, relative to the
     high-precision model's output, on the reference batches) that goes away when that layer alone is put
     back in high precision: d.model_sensitivity, which _apply_mixed_precision ranks by."""
-    from .calibrate import _run, inference_forward, padding_mask
+    from .calibrate import _run, inference_forward
 
     batches, ref = model_ref
     ref_energy = sum(r.square().sum().item() for r in ref)
