@@ -303,3 +303,37 @@ def test_prefill_dequantization_cost(compiled):
             assert ipw <= c["constexprs"]["BLOCK_M"] / 8, (c["label"], c["constexprs"], ipw)
             checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "half"], "--dtype 'half': comma-separated, from fp16"),
+    (["--arch", "sm75"], "--arch 'sm75': choose from"),
+    (["--shapes", "4096"], "--shapes '4096': comma-separated NxK"),
+    (["--shapes", "4096xK"], "--shapes / --m / --group-size: comma-separated integers"),
+    (["--m", "0"], "--m '0': token counts must be positive"),
+    (["--group-size", "256"], "--group-size '256': 32, 64, 128 or -1")])
+def test_inspect_kernels_names_a_bad_option_before_compiling(argv, message, capsys, monkeypatch):
+    """A bad value is argparse's one-line error (exit 2), found before anything compiles; it was an
+    AttributeError traceback for `--dtype fp16`, the spelling every other command takes."""
+    from minicpm_int4.kernels import aot
+
+    monkeypatch.setattr(aot, "inspect", lambda **kw: pytest.fail("compiled despite a bad option"))
+    with pytest.raises(SystemExit) as e:
+        aot.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_inspect_kernels_takes_both_dtype_spellings(monkeypatch, capsys):
+    import torch
+
+    from minicpm_int4.kernels import aot
+
+    seen = {}
+    monkeypatch.setattr(aot, "_kernels", lambda: None)  # the interpreter's kernels: nothing is compiled here
+    monkeypatch.setattr(aot, "inspect", lambda **kw: seen.update(kw) or [])
+    assert aot.main(["--dtype", "fp16,bfloat16,bf16,fp32", "--m", "1,5", "--shapes", "64x128", "--group-size=-1,32",
+                     "--arch", "sm90a"]) == 0
+    assert seen["dtypes"] == [torch.float16, torch.bfloat16, torch.float32]
+    assert seen["ms"] == [1, 5] and seen["shapes"] == [(64, 128)] and seen["group_sizes"] == [-1, 32]
+    assert seen["archs"] == ["sm90a"]
+    assert "0 compiled variants, 0 with problems" in capsys.readouterr().err

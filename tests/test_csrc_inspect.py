@@ -132,3 +132,16 @@ def test_input_perm_costs_bounded_in_the_tensor_core_loop(variants, arch):
         assert len(twin) == 1 and twin[0].params["S"] == 0
         extra = v.instr_per_weight - twin[0].instr_per_weight
         assert 0 < extra < (1.25 if v.params["NB"] == 1 else 2.25), (v.dtype, v.params, round(extra, 2))
+
+
+@pytest.mark.parametrize("arch", ["sm75", "sm80,", ""])
+def test_an_unknown_arch_is_one_line_before_nvcc_starts(arch, capsys, monkeypatch):
+    """It was a KeyError traceback from inside the compile loop (no nvcc needed to check this)."""
+    monkeypatch.setattr(csrc_inspect, "inspect", lambda archs: pytest.fail("nvcc ran despite a bad --arch")
+                        if any(a not in csrc_inspect.ARCHS for a in archs) or not archs else [])
+    if arch == "sm80,":  # a trailing comma is not a bad arch
+        assert csrc_inspect.main(["--arch", arch]) == 0
+        return
+    with pytest.raises(SystemExit) as e:
+        csrc_inspect.main(["--arch", arch])
+    assert e.value.code == 2 and "choose from ['sm80', 'sm90a']" in capsys.readouterr().err

@@ -15,7 +15,7 @@ divisible by 16, integers equal to 1 as constants).
 Needs the kernels imported *without* TRITON_INTERPRET (the interpreter uses other configs):
 `python -m minicpm_int4.kernels.aot` or `minicpm-int4 inspect-kernels`. A wide sweep that reports
 only what is wrong (a compiler abort included):
-    python -m minicpm_int4.kernels.aot --group-size=32,64,128,-1 --dtype float16,bfloat16,float32 \
+    python -m minicpm_int4.kernels.aot --group-size=32,64,128,-1 --dtype fp16,bf16,fp32 \
         --m 1,5,4096 --shapes 4096x4096,1000x1032 --bias --isolate --no-sass --problems-only
 """
 from __future__ import annotations
@@ -417,6 +417,10 @@ def format_table(results: Sequence[Compiled]) -> str:
     return "\n".join(lines)
 
 
+_DTYPE_NAMES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "float32": torch.float32}
+
+
 def main(argv=None) -> int:
     import argparse
     import json
@@ -426,7 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="sm80,sm90a", help=f"comma-separated, from {sorted(ARCHS)}")
     p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)), help="token counts (rows of x)")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES), help="NxK,...")
-    p.add_argument("--dtype", default="float16,bfloat16")
+    p.add_argument("--dtype", default="fp16,bf16", help="comma-separated: fp16 (float16), bf16 (bfloat16), fp32 (float32)")
     p.add_argument("--group-size", default="128")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--no-sass", action="store_true", help="skip disassembly (faster)")
@@ -435,15 +439,32 @@ def main(argv=None) -> int:
                    help="compile each variant in a child process (a compiler abort becomes that variant's error)")
     p.add_argument("--problems-only", action="store_true", help="print only the variants with a problem")
     args = p.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    # the values, checked before anything compiles: a bad one is argparse's one-line error
+    archs = [a for a in args.arch.split(",") if a]
+    if not archs or any(a not in ARCHS for a in archs):
+        p.error(f"--arch {args.arch!r}: choose from {sorted(ARCHS)}")
+    bad_dtypes = [d for d in args.dtype.split(",") if d not in _DTYPE_NAMES]
+    if bad_dtypes or not args.dtype:
+        p.error(f"--dtype {args.dtype!r}: comma-separated, from fp16 / float16, bf16 / bfloat16, fp32 / float32")
+    dtypes = list(dict.fromkeys(_DTYPE_NAMES[d] for d in args.dtype.split(",")))
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+        ms = [int(v) for v in args.m.split(",")]
+        group_sizes = [int(v) for v in args.group_size.split(",")]
+    except ValueError as e:
+        p.error(f"--shapes / --m / --group-size: comma-separated integers (shapes as NxK): {e}")
+    if any(len(s) != 2 or min(s) < 1 for s in shapes) or not shapes:
+        p.error(f"--shapes {args.shapes!r}: comma-separated NxK with positive N and K, e.g. 4096x4096,1024x4304")
+    if any(m < 1 for m in ms):
+        p.error(f"--m {args.m!r}: token counts must be positive")
+    if any(g != -1 and g not in (32, 64, 128) for g in group_sizes):
+        p.error(f"--group-size {args.group_size!r}: 32, 64, 128 or -1 (per channel)")
     try:
         _kernels()
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = inspect(archs=args.arch.split(","), shapes=shapes, ms=[int(v) for v in args.m.split(",")],
-                      dtypes=[getattr(torch, d) for d in args.dtype.split(",")],
-                      group_sizes=[int(v) for v in args.group_size.split(",")], sass=not args.no_sass,
+    results = inspect(archs=archs, shapes=shapes, ms=ms, dtypes=dtypes, group_sizes=group_sizes, sass=not args.no_sass,
                       progress=(lambda s: print(s, file=sys.stderr, flush=True)),
                       bias=(False, True) if args.bias else (False,), isolate=args.isolate)
     print(format_table([c for c in results if problems(c)] if args.problems_only else results))

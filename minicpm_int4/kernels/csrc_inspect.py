@@ -173,11 +173,14 @@ def main(argv=None) -> int:
     import sys
 
     p = argparse.ArgumentParser(prog="minicpm-int4 inspect-cuda", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="sm80,sm90a")
+    p.add_argument("--arch", default="sm80,sm90a", help=f"comma-separated, from {sorted(ARCHS)}")
     p.add_argument("--json", help="also write every figure to this JSON file")
     args = p.parse_args(argv)
+    archs = [a for a in args.arch.split(",") if a]
+    if not archs or any(a not in ARCHS for a in archs):  # before nvcc starts: argparse's one-line error
+        p.error(f"--arch {args.arch!r}: choose from {sorted(ARCHS)}")
     try:
-        variants = inspect(args.arch.split(","))
+        variants = inspect(archs)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
