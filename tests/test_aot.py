@@ -201,7 +201,9 @@ def test_decode_kernels_multiply_an_input_scale_for_little(compiled):
     ~0.3 SASS instructions per weight and the sm_90a decode kernel ~0.2 - 0.35 (m loaded as x.T's
     tile; as a column it cost ~0.8, which the bound 0.4 tells apart); on sm_80 (m as a column; as a
     tile ~+2.1) the decode loop even gets cheaper. A separate pass over x instead costs a launch. The
-    absolute budgets are test_*_inner_loop_within_issue_budget's, which these variants meet too."""
+    absolute budgets are test_*_inner_loop_within_issue_budget's, which these variants meet too. The
+    bounds are CI's compiler's (triton 3.9): triton 3.6 meets them on sm_90a but not sm_80's decode
+    kernel (+0.41 - 0.88; results/cpu/kernel_inspection_triton3.6.md)."""
     for kernel, extra in (("w4a16_gemv", {"sm80": 0.3, "sm90a": 0.3}), ("w4a16_decode", {"sm80": 0.0, "sm90a": 0.4})):
         variants = _by_kernel(compiled, kernel)
         twins = {(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP")): c for c in variants
