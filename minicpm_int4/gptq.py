@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .calibrate import token_rows
+from .calibrate import _run, inference_forward, padding_mask, text_linear_names, token_rows
 from .packing import effective_group_size
 from .quantize import QMAX, QuantizedWeight, check_quantizable, scale_dtype_for
 from .search import DEFAULT_GRID, search_scale_zero
@@ -210,8 +210,6 @@ def plan_passes(layers: Sequence[Tuple[str, nn.Linear]], budget: int = None) -> 
 def collect_hessians(model: nn.Module, inputs: Sequence, layers: Sequence[Tuple[str, nn.Linear]]) -> HessianCollector:
     """Run the calibration `inputs` through `model` once, summing x x^T for each of `layers` (in the text
     layers, over the real tokens of a padded batch)."""
-    from .calibrate import _run, inference_forward, padding_mask, text_linear_names
-
     layers = dict(layers)
     text = text_linear_names(model)
     with HessianCollector(layers, [n for n in layers if n in text]) as col, inference_forward(model):

@@ -443,8 +443,7 @@ def main(argv=None) -> int:
     archs = [a for a in args.arch.split(",") if a]
     if not archs or any(a not in ARCHS for a in archs):
         p.error(f"--arch {args.arch!r}: choose from {sorted(ARCHS)}")
-    bad_dtypes = [d for d in args.dtype.split(",") if d not in _DTYPE_NAMES]
-    if bad_dtypes or not args.dtype:
+    if any(d not in _DTYPE_NAMES for d in args.dtype.split(",")):  # "" too
         p.error(f"--dtype {args.dtype!r}: comma-separated, from fp16 / float16, bf16 / bfloat16, fp32 / float32")
     dtypes = list(dict.fromkeys(_DTYPE_NAMES[d] for d in args.dtype.split(",")))
     try:
