@@ -339,3 +339,47 @@ def test_inspect_kernels_takes_both_dtype_spellings(monkeypatch, capsys):
     assert seen["ms"] == [1, 5] and seen["shapes"] == [(64, 128)] and seen["group_sizes"] == [-1, 32]
     assert seen["archs"] == ["sm90a"]
     assert "0 compiled variants, 0 with problems" in capsys.readouterr().err
+
+
+def test_inspect_kernels_speaks_the_older_compiler_api(monkeypatch):
+    """triton 3.0 / 3.1 (torch 2.4 / 2.5 pin them) take ASTSource(fn, signature of the runtime parameters,
+    constants by name, AttrsDescriptor of parameter indices), not 3.3+'s constexprs / attrs by index: every
+    variant of inspect-kernels failed there with a TypeError. Checked against triton 3.0.0 itself (all 230
+    variants of this file's set compile); here, the translation against stand-ins of that API, and 3.2's
+    third kind refused up front with a one-line error."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import triton.compiler
+    import triton.compiler.compiler
+
+    from minicpm_int4.kernels import aot
+
+    class OldASTSource:  # triton 3.0's signature
+        def __init__(self, fn, signature, constants=None, attrs=None):
+            self.fn, self.signature, self.constants, self.attrs = fn, signature, constants, attrs
+
+    @dataclasses.dataclass
+    class OldAttrs:
+        divisible_by_16: set = None
+        equal_to_1: set = None
+
+    monkeypatch.setattr(triton.compiler, "ASTSource", OldASTSource)
+    monkeypatch.setattr(triton.compiler.compiler, "AttrsDescriptor", OldAttrs, raising=False)
+    assert aot.compiler_api_problem() is None
+    fn = SimpleNamespace(params=[SimpleNamespace(name=n) for n in ("x_ptr", "N", "ONE", "BLOCK", "K")])
+    launch = aot.Launch("w4a16_gemv", {"ONE": 1, "BLOCK": 64}, {"num_warps": 4},
+                        {"x_ptr": "*fp16", "N": "i32", "ONE": "constexpr", "BLOCK": "constexpr", "K": "i32"}, ("x_ptr", "K"))
+    src = aot._ast_source(fn, launch)
+    assert src.signature == {"x_ptr": "*fp16", "N": "i32", "K": "i32"}
+    assert src.constants == {"ONE": 1, "BLOCK": 64}
+    assert src.attrs == OldAttrs(divisible_by_16={0, 4}, equal_to_1=set())
+
+    class Triton32Attrs:  # 3.2: a class of its own in triton.backends.compiler, not the dataclass
+        pass
+
+    monkeypatch.setattr(triton.compiler.compiler, "AttrsDescriptor", Triton32Attrs)
+    assert "inspect-kernels drives the compilers of triton 3.0, 3.1 and >= 3.3" in aot.compiler_api_problem()
+    monkeypatch.setattr(aot, "_kernels", lambda: None)
+    monkeypatch.setattr(aot, "inspect", lambda **kw: pytest.fail("compiled with a compiler it cannot drive"))
+    assert aot.main(["--arch", "sm90a"]) == 2

@@ -275,18 +275,53 @@ def _sass_summary(sass_text: str) -> Tuple[Dict[str, int], Dict[str, int]]:
     return dict(_sass_counts(instrs)), dict(loop)
 
 
+def compiler_api_problem() -> Optional[str]:
+    """Why this triton's compiler cannot be driven from here, or None: _ast_source speaks the ASTSource of
+    triton >= 3.3 (constexprs and attributes by parameter index) and of 3.0 / 3.1 (the signature of the
+    runtime parameters, constants by name, an AttrsDescriptor); 3.2's attributes descriptor is of another kind."""
+    import inspect as _inspect
+
+    import triton
+    from triton.compiler import ASTSource
+
+    if "constexprs" in _inspect.signature(ASTSource.__init__).parameters:
+        return None
+    try:
+        from triton.compiler.compiler import AttrsDescriptor
+    except ImportError:
+        AttrsDescriptor = None
+    if AttrsDescriptor is None or not hasattr(AttrsDescriptor, "__dataclass_fields__"):
+        return (f"triton {triton.__version__}: inspect-kernels drives the compilers of triton 3.0, 3.1 and >= 3.3, "
+                "not this one's")
+    return None
+
+
+def _ast_source(fn, launch: Launch):
+    """The compiler's source object for one recorded launch, as this triton takes it (compiler_api_problem)."""
+    import inspect as _inspect
+
+    from triton.compiler import ASTSource
+
+    names = [p.name for p in fn.params]
+    if "constexprs" in _inspect.signature(ASTSource.__init__).parameters:  # triton >= 3.3
+        constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
+        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in launch.attrs}
+        return ASTSource(fn, launch.signature, constexprs=constexprs, attrs=attrs)
+    from triton.compiler.compiler import AttrsDescriptor  # triton 3.0 / 3.1, as their JIT calls it
+
+    signature = {k: v for k, v in launch.signature.items() if v != "constexpr"}
+    return ASTSource(fn, signature, dict(launch.constexprs),
+                     AttrsDescriptor(divisible_by_16={names.index(k) for k in launch.attrs}, equal_to_1=set()))
+
+
 def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     """Compile one recorded launch for `arch` and read registers, spills, smem, loads, mma, SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     fn = _jit_fn(_kernels()[launch.kernel])
-    names = [p.name for p in fn.params]
-    constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in launch.attrs}
     try:
-        src = ASTSource(fn, launch.signature, constexprs=constexprs, attrs=attrs)
+        src = _ast_source(fn, launch)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch.capability, 32), options=dict(launch.options))
     except Exception as e:  # a config this architecture cannot take: reported, not raised
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -462,6 +497,10 @@ def main(argv=None) -> int:
         _kernels()
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    api = compiler_api_problem()
+    if api:
+        print(f"error: {api}", file=sys.stderr)
         return 2
     results = inspect(archs=archs, shapes=shapes, ms=ms, dtypes=dtypes, group_sizes=group_sizes, sass=not args.no_sass,
                       progress=(lambda s: print(s, file=sys.stderr, flush=True)),
