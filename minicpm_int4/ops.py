@@ -23,8 +23,8 @@ Public functions (validate, then call the op):
                                              through the ops whenever something needs them
                                              (torch.compile / export, fake tensors, autograd, profiler)
 """
-from __future__ import annotations
-
+# (no `from __future__ import annotations` here: torch < 2.5 builds a custom op's schema from its function's
+# annotations as they are, and strings - 'Tensor', 'Optional[Tensor]' - made `import minicpm_int4` fail on torch 2.4)
 import functools
 import os
 from typing import Optional, Tuple
@@ -528,11 +528,11 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
                             input_perm=None if input_perm is None else input_perm.contiguous())
 
 
-try:
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
-except ImportError:  # an older torch: always take the dispatcher
-    def _in_dispatch_mode() -> bool:
-        return True
+def _in_dispatch_mode() -> bool:
+    """Whether a torch dispatch mode (fake tensors, functionalization, proxy tracing, a flop counter) is
+    active: the C++ mode stack itself, not torch.utils._python_dispatch's Python flag, which torch 2.4
+    leaves set after a FakeTensorMode exits (every later eager call then took the dispatcher)."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:

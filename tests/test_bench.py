@@ -28,7 +28,10 @@ def test_microbench_schema_writers_and_skips(tmp_path):
     # missing peers and unusable backends are reported with a reason, not a crash
     assert "bnb-nf4" in res["skipped"] and "gemlite" in res["skipped"] and "w4a16-cuda" in res["skipped"]
     names = {r["backend"] for r in res["rows"]}
-    assert names == {"fp16", "w4a16-torch", "w4a8-torch", "torch-tinygemm"}
+    # torch's CPU tinygemm ops came after torch 2.4 (the oldest torch pyproject.toml takes): skipped there, named
+    tinygemm = B.TorchTinyGemm().available(torch.device("cpu"))
+    assert (tinygemm is None) == ("torch-tinygemm" not in res["skipped"])
+    assert names == {"fp16", "w4a16-torch", "w4a8-torch"} | ({"torch-tinygemm"} if tinygemm is None else set())
     assert len(res["rows"]) == len(TINY) * 2 * len(names)
     for r in res["rows"]:
         assert r["check"] == ("unchecked" if r["backend"] == "fp16" else "ok") and r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
@@ -76,11 +79,14 @@ def test_time_budget_stops_cleanly_and_marks_the_result():
 
 def test_peers_are_timed_after_fp16_and_ours():
     """A time budget that runs out must cut the peers' rows, not the ones the targets are judged on."""
+    class Peer(B.Fp16Matmul):  # a peer that runs everywhere (torch 2.4 has no CPU tinygemm)
+        name, family = "some-peer", "peer"
+
     order = []
-    res = run_microbench(TINY, ms=[1], backends=[B.TorchTinyGemm(), B.Fp16Matmul(), B.OursW4A16("torch")],
+    res = run_microbench(TINY, ms=[1], backends=[Peer(), B.Fp16Matmul(), B.OursW4A16("torch")],
                          device=torch.device("cpu"), group_size=64, rep_ms=1, progress=False, copy_bw_gbps=1.0,
                          checkpoint=lambda r: order.append(r["rows"][-1]["backend"]))
-    assert order == ["fp16", "w4a16-torch", "fp16", "w4a16-torch", "torch-tinygemm", "torch-tinygemm"]
+    assert order == ["fp16", "w4a16-torch", "fp16", "w4a16-torch", "some-peer", "some-peer"]
     assert len(res["rows"]) == 6
 
 
@@ -203,7 +209,8 @@ def test_profile_harness_on_tiny_models(tmp_path):
 def test_profile_graphed_mode_compiles_only_the_decode_step():
     """Graphed: static cache + transformers' own decode-step compile (told to compile on CPU here,
     as it does by itself on CUDA); the run says how it was graphed, counts graph breaks (none through
-    QuantLinear), and the graphed runs come after every eager one."""
+    QuantLinear: the int4 run has the fp32 run's - none with CI's torch; torch 2.4's dynamo breaks 13 times
+    in transformers 4.55's own code), and the graphed runs come after every eager one."""
     from minicpm_int4.bench.e2e import run_profile
 
     try:  # transformers < 4.48 has no decode-step compile: the harness compiles model.forward
@@ -222,13 +229,13 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
         assert "has no `weight`: it holds it as int4" in graphed.pop()["error"]
     for r in graphed:
         assert "error" not in r, r
-        assert r["graphed_by"].startswith(how) and r["graph_breaks"] == 0
+        assert r["graphed_by"].startswith(how) and r["graph_breaks"] == graphed[0]["graph_breaks"]
         # (decode time per token can be lost in timer noise on a tiny CPU model: >= 0, not > 0)
         assert r["vision_ms"] is None and r["generate_ms"] > 0 and r["decode_ms_per_token"] >= 0
     from minicpm_int4.bench.report import profile_markdown
 
     md = profile_markdown(res)
-    assert f"llama3-v2.5 float32 graphed: {how}" in md and "graph breaks: 0" in md
+    assert f"llama3-v2.5 float32 graphed: {how}" in md and f"graph breaks: {graphed[0]['graph_breaks']}" in md
     assert "`patch_model` took" in md
     # nothing of the graphed setup is left on a model after its run
     from minicpm_int4.bench.e2e import _graph_decode_step, _ungraph, build_model

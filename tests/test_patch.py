@@ -413,20 +413,38 @@ def test_report_serialises():
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_patched_llm_compiles_fullgraph(which, grad):
     """torch.compile(fullgraph=True) traces a patched model's language model without graph breaks
-    (aot_eager on CPU: the same graph capture and autograd tracing as inductor, without codegen)."""
-    if which == "llama":
-        model = build_remote_layout("llama")
-        fn_model = model.llm
-        fn = lambda ids: fn_model(input_ids=ids, use_cache=False).logits  # noqa: E731
-    else:
-        model = build_native("4_6")
-        fn_model = model.model.language_model
-        fn = lambda ids: fn_model(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
+    (aot_eager on CPU: the same graph capture and autograd tracing as inductor, without codegen).
+    Where it fails, the same model unpatched is compiled too: if that fails as well, this torch cannot
+    trace this transformers' model at all (torch 2.4's dynamo and transformers 4.55's mask code), which
+    is not the int4 layers' doing - a skip that names it."""
+    def llm(model):
+        if which == "llama":
+            return lambda ids: model.llm(input_ids=ids, use_cache=False).logits
+        return lambda ids: model.model.language_model(input_ids=ids, use_cache=False).last_hidden_state
+
+    def build():
+        return build_remote_layout("llama") if which == "llama" else build_native("4_6")
+
+    import torch._dynamo
+
+    model = build()
+    fn = llm(model)
     patch_model(model, QuantConfig(group_size=32), progress=False)
     ids = torch.tensor([[7, 8, 9, 10, 11]])
     with torch.set_grad_enabled(grad):
         eager = fn(ids)
-        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(ids)
+        try:
+            out = torch.compile(fn, fullgraph=True, backend="aot_eager")(ids)
+        except torch._dynamo.exc.Unsupported as e:
+            torch._dynamo.reset()
+            try:
+                torch.compile(llm(build()), fullgraph=True, backend="aot_eager")(ids)
+            except torch._dynamo.exc.Unsupported as unpatched:
+                import transformers
+
+                pytest.skip(f"torch {torch.__version__} cannot compile transformers {transformers.__version__}'s "
+                            f"{which} LLM fullgraph even unpatched: {str(unpatched).splitlines()[0][:200]}")
+            raise e
     # torch's default fp32 tolerance, not bit equality: under dynamo transformers may take another,
     # equivalent code path (with torch 2.11 the *unpatched* 4.6 LLM differs from eager by 3.6e-7,
     # patched by 4.8e-7; with 2.13 both are bit-equal), so exact bits are not this package's to promise

@@ -193,9 +193,11 @@ class TorchTinyGemm(Backend):
     name, family = "torch-tinygemm", "peer"
 
     def available(self, device):
-        if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-            return "this torch has no aten._weight_int4pack_mm"
-        return None
+        # on CPU the ops of their own that newer torch has (torch 2.4 has none)
+        ops = ("_convert_weight_to_int4pack", "_weight_int4pack_mm") if device.type == "cuda" else \
+            ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+        missing = [op for op in ops if not hasattr(torch.ops.aten, op)]
+        return f"this torch ({torch.__version__}) has no aten.{missing[0]}" if missing else None
 
     def prepare(self, w, group_size):
         n, k = w.shape
@@ -205,7 +207,11 @@ class TorchTinyGemm(Backend):
         sz = torch.stack([s, (8 - z) * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         q = qw.q
         if w.device.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+            # the weight as uint8 [N, K / 2], two nibbles a byte (torch >= 2.5); torch 2.4 takes int32 [N, K]
+            # (the dtypes their meta registrations check; a wrong layout fails the check against the reference)
+            old_layout = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5)
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                q.to(torch.int32) if old_layout else (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
             mm = torch.ops.aten._weight_int4pack_mm
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)

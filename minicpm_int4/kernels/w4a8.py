@@ -59,8 +59,10 @@ def _q_minus_z_bytes(b, z, USE_ASM: tl.constexpr):
         lo = tl.inline_asm_elementwise(LOW_NIBBLES_MINUS_Z_PTX, "=r,r,r", [b, z], dtype=tl.int8, is_pure=True, pack=4)
         hi = tl.inline_asm_elementwise(HIGH_NIBBLES_MINUS_Z_PTX, "=r,r,r", [b, z], dtype=tl.int8, is_pure=True, pack=4)
     else:
-        lo = (b & 0xF) - z
-        hi = ((b >> 4) & 0xF) - z
+        # int8 by the cast: triton 3.0 types a Python int constant int32, so `b & 0xF` was int32 there,
+        # and its interpreter refused the int8 x int32 dot
+        lo = ((b & 0xF) - z).to(tl.int8)
+        hi = (((b >> 4) & 0xF) - z).to(tl.int8)
     return tl.reshape(tl.join(lo, hi), (b.shape[0], b.shape[1] * 2))
 
 
