@@ -528,11 +528,10 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
                             input_perm=None if input_perm is None else input_perm.contiguous())
 
 
-def _in_dispatch_mode() -> bool:
-    """Whether a torch dispatch mode (fake tensors, functionalization, proxy tracing, a flop counter) is
-    active: the C++ mode stack itself, not torch.utils._python_dispatch's Python flag, which torch 2.4
-    leaves set after a FakeTensorMode exits (every later eager call then took the dispatcher)."""
-    return torch._C._len_torch_dispatch_stack() > 0
+# How many torch dispatch modes (fake tensors, functionalization, proxy tracing, a flop counter) are active: the
+# C++ mode stack itself, not torch.utils._python_dispatch's Python flag, which torch 2.4 leaves set after a
+# FakeTensorMode exits (every later eager call then took the dispatcher). Bound once: eager_fast_path runs per forward.
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
@@ -547,7 +546,7 @@ def eager_fast_path(x: Tensor, bias: Optional[Tensor]) -> bool:
     goes through the op."""
     return (type(x) is Tensor and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-            and not _in_dispatch_mode() and not torch.autograd._profiler_enabled() and not torch.jit.is_tracing())
+            and not _dispatch_modes() and not torch.autograd._profiler_enabled() and not torch.jit.is_tracing())
 
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],

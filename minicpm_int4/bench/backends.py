@@ -209,9 +209,8 @@ class TorchTinyGemm(Backend):
         if w.device.type == "cuda":
             # the weight as uint8 [N, K / 2], two nibbles a byte (torch >= 2.5); torch 2.4 takes int32 [N, K]
             # (the dtypes their meta registrations check; a wrong layout fails the check against the reference)
-            old_layout = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5)
             packed = torch.ops.aten._convert_weight_to_int4pack(
-                q.to(torch.int32) if old_layout else (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+                q.to(torch.int32) if torch.__version__ < (2, 5) else (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
             mm = torch.ops.aten._weight_int4pack_mm
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)

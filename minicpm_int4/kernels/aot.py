@@ -275,35 +275,39 @@ def _sass_summary(sass_text: str) -> Tuple[Dict[str, int], Dict[str, int]]:
     return dict(_sass_counts(instrs)), dict(loop)
 
 
-def compiler_api_problem() -> Optional[str]:
-    """Why this triton's compiler cannot be driven from here, or None: _ast_source speaks the ASTSource of
-    triton >= 3.3 (constexprs and attributes by parameter index) and of 3.0 / 3.1 (the signature of the
-    runtime parameters, constants by name, an AttrsDescriptor); 3.2's attributes descriptor is of another kind."""
+def _legacy_compiler_api() -> Optional[bool]:
+    """How this triton takes the compiler's source object (ASTSource): False for triton >= 3.3 (constexprs and
+    attributes by parameter index), True for 3.0 / 3.1 (the signature of the runtime parameters, constants by name,
+    an AttrsDescriptor dataclass), None for neither (3.2's attributes descriptor is of another kind)."""
     import inspect as _inspect
 
-    import triton
     from triton.compiler import ASTSource
 
     if "constexprs" in _inspect.signature(ASTSource.__init__).parameters:
-        return None
+        return False
     try:
         from triton.compiler.compiler import AttrsDescriptor
     except ImportError:
-        AttrsDescriptor = None
-    if AttrsDescriptor is None or not hasattr(AttrsDescriptor, "__dataclass_fields__"):
+        return None
+    return True if hasattr(AttrsDescriptor, "__dataclass_fields__") else None
+
+
+def compiler_api_problem() -> Optional[str]:
+    """Why this triton's compiler cannot be driven from here (_legacy_compiler_api), or None."""
+    import triton
+
+    if _legacy_compiler_api() is None:
         return (f"triton {triton.__version__}: inspect-kernels drives the compilers of triton 3.0, 3.1 and >= 3.3, "
                 "not this one's")
     return None
 
 
 def _ast_source(fn, launch: Launch):
-    """The compiler's source object for one recorded launch, as this triton takes it (compiler_api_problem)."""
-    import inspect as _inspect
-
+    """The compiler's source object for one recorded launch, as this triton takes it (_legacy_compiler_api)."""
     from triton.compiler import ASTSource
 
     names = [p.name for p in fn.params]
-    if "constexprs" in _inspect.signature(ASTSource.__init__).parameters:  # triton >= 3.3
+    if not _legacy_compiler_api():  # triton >= 3.3
         constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
         attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in launch.attrs}
         return ASTSource(fn, launch.signature, constexprs=constexprs, attrs=attrs)
