@@ -132,6 +132,9 @@ def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
     if cls.__module__.startswith("bitsandbytes") or type(weight).__name__ in ("Params4bit", "Int8Params"):
         return what, "bitsandbytes"
     own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+    if "weight_packed" in own and cls.__module__.startswith("torch."):
+        # transformers 5.x loads a compressed-tensors checkpoint into plain nn.Linears holding its tensors
+        return "compressed-tensors", "int4"
     if ("qweight" in own and own & {"scales", "qzeros"}) or "weight_packed" in own:
         return what, "int4"
     if any(n.endswith("_qweight") for n in own):  # AutoAWQ's fused MLP: gate_proj_qweight, up_proj_qweight, ...
@@ -140,7 +143,13 @@ def foreign_quantization(module: nn.Module) -> Optional[Tuple[str, str]]:
 
 
 AUTOGPTQ_KERNELS = ("cuda", "cuda-old", "triton")  # AutoGPTQ QuantLinear.QUANT_TYPEs that keep the checkpoint layout
-CONVERTED_LABELS = {"awq": "AutoAWQ WQLinear_GEMM", "gptq": "AutoGPTQ QuantLinear"}
+CONVERTED_LABELS = {"awq": "AutoAWQ WQLinear_GEMM", "gptq": "AutoGPTQ QuantLinear",
+                    "compressed-tensors": "compressed-tensors pack-quantized"}
+# each kind's packed tensors (their bytes are the layer's before conversion) and the one holding its scales
+CONVERTED_TENSORS = {"awq": (("qweight", "qzeros", "scales"), "scales"),
+                     "gptq": (("qweight", "qzeros", "scales", "g_idx"), "scales"),
+                     "compressed-tensors": (("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx",
+                                             "weight_shape"), "weight_scale")}
 
 
 def _has_tensors(module: nn.Module, names) -> bool:
@@ -157,9 +166,16 @@ def convertible_foreign(module: nn.Module) -> Optional[str]:
     g_idx [K]); else None. Not converted, listed and left: AutoAWQ's GEMV / exllama / Marlin layers and
     AutoGPTQ's exllama / exllamav2 / Marlin ones (their kernels reorder or repack the buffers once the
     model is on a GPU), GPTQModel's layers (how transformers 5.x loads AWQ and GPTQ checkpoints: often
-    repacked, and its zero-point convention is its own), compressed-tensors' and bitsandbytes' layers."""
+    repacked, and its zero-point convention is its own), bitsandbytes' layers; "compressed-tensors" for a
+    Linear that compressed-tensors holds compressed in memory in its int4 pack-quantized layout (what
+    transformers 5.x builds from an llm-compressor checkpoint, and compressed-tensors' CompressedLinear:
+    weight_packed [N, K/8], weight_scale [N, G], the asymmetric schemes' weight_zero_point [(N + 7) / 8, G]
+    packed along N, act-order's weight_g_idx [K], its `quantization_scheme` saying int4 by group or
+    channel, weights only); the checkpoint's other schemes stay."""
     cls = type(module)
     root = cls.__module__.split(".")[0]
+    if _compressed_tensors_int4(module):
+        return "compressed-tensors"
     if (root == "awq" and cls.__name__ == "WQLinear_GEMM" and getattr(module, "w_bit", 4) == 4
             and _has_tensors(module, ("qweight", "qzeros", "scales"))):
         return "awq"
@@ -167,6 +183,23 @@ def convertible_foreign(module: nn.Module) -> Optional[str]:
             and _has_tensors(module, ("qweight", "qzeros", "scales", "g_idx"))):
         return "gptq"
     return None
+
+
+def _enum_value(v) -> str:
+    return str(getattr(v, "value", v))
+
+
+def _compressed_tensors_int4(module: nn.Module) -> bool:
+    """A Linear that compressed-tensors holds compressed, in its int4 pack-quantized layout, weights only."""
+    scheme = getattr(module, "quantization_scheme", None)
+    args = getattr(scheme, "weights", None)
+    packed = getattr(module, "weight_packed", None)
+    return (isinstance(module, nn.Linear) and args is not None and isinstance(packed, torch.Tensor)
+            and packed.dtype == torch.int32 and _has_tensors(module, ("weight_scale",))
+            and getattr(args, "num_bits", None) == 4 and _enum_value(getattr(args, "type", "int")) == "int"
+            and _enum_value(getattr(args, "strategy", None)) in ("group", "channel")
+            and getattr(scheme, "input_activations", None) is None
+            and getattr(scheme, "output_activations", None) is None)
 
 
 def _features(module: nn.Module) -> Tuple[int, int]:
@@ -184,6 +217,8 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
                           quant_linear_from_canonical)
 
     k, n = _features(module)
+    if kind == "compressed-tensors":
+        return _from_compressed_tensors(module, k, n, name, act, backend)
     gs = layer_group_size(int(getattr(module, "group_size", k)), k, name)
     if kind == "awq":
         canon = awq_to_canonical(module.qweight, module.qzeros, module.scales, k, n, gs, name)
@@ -198,6 +233,27 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
                                          "ignore it (the layer computes with runs of group_size channels)")
             g_idx = None
         canon = gptq_to_canonical(module.qweight, module.qzeros, module.scales, g_idx, k, n, gs, 1, name)
+    return quant_linear_from_canonical(canon, k, n, gs, getattr(module, "bias", None), canon.scales.dtype, backend, act)
+
+
+def _from_compressed_tensors(module: nn.Module, k: int, n: int, name: str, act: Optional[str],
+                             backend: str) -> QuantLinear:
+    from .foreign import (ForeignFormatError, compressed_tensors_to_canonical, layer_group_size,
+                          quant_linear_from_canonical)
+
+    args = module.quantization_scheme.weights
+    gs = layer_group_size(-1 if _enum_value(args.strategy) == "channel" else int(args.group_size), k, name)
+    zero_point = None if getattr(args, "symmetric", True) else getattr(module, "weight_zero_point", None)
+    if not getattr(args, "symmetric", True) and zero_point is None:
+        raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
+    g_idx = getattr(module, "weight_g_idx", None)
+    if g_idx is not None and bool((g_idx < 0).any()):  # compressed-tensors' "not set": its columns in order
+        g_idx = None
+    if g_idx is None and _enum_value(getattr(args, "actorder", None)) in ("group", "dynamic"):
+        raise ForeignFormatError(f"{name}: an act-order (actorder={_enum_value(args.actorder)!r}) compressed-tensors "
+                                 "layer without its weight_g_idx: the order of its channels was not loaded")
+    canon = compressed_tensors_to_canonical(module.weight_packed, module.weight_scale, zero_point, g_idx, k, n, gs,
+                                            name)
     return quant_linear_from_canonical(canon, k, n, gs, getattr(module, "bias", None), canon.scales.dtype, backend, act)
 
 
@@ -245,11 +301,12 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     tower are quantized; lm_head, embeddings, the resampler/merger, Linears whose weight a parent reads
     directly (nn.MultiheadAttention.out_proj) and layers with fewer than `min_out_features` outputs stay.
     Calling it again is harmless (QuantLinear layers are reported as already quantized). AutoAWQ's
-    WQLinear_GEMM layers and AutoGPTQ's cuda / cuda-old / triton QuantLinears (a model transformers 4.x or
-    AutoGPTQ loaded from an AWQ / GPTQ checkpoint; convertible_foreign) become QuantLinears holding exactly
+    WQLinear_GEMM layers, AutoGPTQ's cuda / cuda-old / triton QuantLinears and compressed-tensors' int4
+    pack-quantized Linears (a model transformers 4.x or AutoGPTQ loaded from an AWQ / GPTQ checkpoint, or
+    transformers 5.x from an llm-compressor one; convertible_foreign) become QuantLinears holding exactly
     their int4 numbers ("converted"); layers other packages quantized otherwise (GPTQModel, exllama and
-    Marlin kernels, compressed-tensors, bitsandbytes; foreign_quantization) are listed as kept and left as
-    they are, with a note and a warning saying how to run them instead.
+    Marlin kernels, compressed-tensors' other schemes, bitsandbytes; foreign_quantization) are listed as
+    kept and left as they are, with a note and a warning saying how to run them instead.
 
     `calibration` (from `minicpm_int4.calibrate(model, batches)`) makes method="search"
     activation-aware, adds each layer's sensitivity to the report, and enables the mixed-precision
@@ -298,8 +355,10 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 "already quantized", "QuantLinear" + shared, "w4a8" if child.act == "int8" else "w4a16",
                 child.weight_bytes, child.weight_bytes))
             continue
+        if convertible_foreign(child):  # compressed-tensors' layers: converted with the others below
+            continue
         foreign = foreign_quantization(child)
-        if foreign is not None:  # an nn.Linear subclass another package quantized (bitsandbytes, compressed-tensors)
+        if foreign is not None:  # an nn.Linear another package quantized (bitsandbytes, compressed-tensors)
             report.decisions.append(_foreign_decision(name, child, part, *foreign, shared))
             foreign_found.append(foreign)
             continue
@@ -322,24 +381,26 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
             name, part, child.out_features, child.in_features, str(w.dtype).replace("torch.", ""),
             "quantized" if ok else "kept", reason + shared, path, before, after))
 
-    # int4 modules of other packages that are no nn.Linear: AutoAWQ's and AutoGPTQ's in their checkpoint
-    # layout converted exactly (below, after the refusals), the others listed and left
+    # int4 modules of other packages that are no nn.Linear, and compressed-tensors' Linears: AutoAWQ's,
+    # AutoGPTQ's and compressed-tensors' in their checkpoint layout converted exactly (below, after the
+    # refusals), the others listed and left
     converts = []
     for mname, mod in model.named_modules():
-        foreign = None if id(mod) in linears else foreign_quantization(mod)
+        kind = convertible_foreign(mod)
+        foreign = None if id(mod) in linears and not kind else foreign_quantization(mod)
         if foreign is None:
             continue
         part = "lm_head" if mname == head else layout.part_of(mname)
         pat = config.matches(mname, config.exclude)
-        kind = convertible_foreign(mod)
         if kind and not pat:
-            packed = ("qweight", "qzeros", "scales") + (("g_idx",) if kind == "gptq" else ())
-            before = sum(getattr(mod, t).numel() * getattr(mod, t).element_size() for t in packed)
+            packed, scales = CONVERTED_TENSORS[kind]
+            before = sum(t.numel() * t.element_size() for t in (getattr(mod, p, None) for p in packed)
+                         if isinstance(t, torch.Tensor))
             act = config.act_for(part)
             converts.append((mname, mod, kind, act, len(report.decisions)))
             k, n = _features(mod)
             report.decisions.append(LayerDecision(
-                mname, part, n, k, str(mod.scales.dtype).replace("torch.", ""),
+                mname, part, n, k, str(getattr(mod, scales).dtype).replace("torch.", ""),
                 "converted", f"read exactly from {foreign[0]} (its int4 numbers, in this package's layout)",
                 f"w4a8 (w4a16 if M<{W4A8_MIN_M})" if act == "int8" else "w4a16", before, before))
             continue

@@ -65,10 +65,11 @@ def _tiny_llama(dtype):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def _write_like_llm_compressor(ct, out, dtype, group_size, symmetric, actorder, seed=0):
-    """A tiny Llama quantized and saved as llm-compressor does it, its min-max qparams by compressed-tensors'
-    calculate_qparams; act-order: each layer's groups are G input channels scattered at random over K, as
-    GPTQ's activation order leaves them. Returns the scheme (for decompress)."""
+def _compressed_in_memory(ct, dtype, group_size, symmetric, actorder, seed=0):
+    """A tiny Llama quantized and compressed in memory as llm-compressor does before saving, its min-max
+    qparams by compressed-tensors' calculate_qparams; act-order: each layer's groups are G input channels
+    scattered at random over K, as GPTQ's activation order leaves them. The same arguments give the same
+    model. Returns (model, scheme, compressor)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus, apply_quantization_config)
@@ -102,6 +103,13 @@ def _write_like_llm_compressor(ct, out, dtype, group_size, symmetric, actorder, 
     assert quantized == 14
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
+    return model, scheme, compressor
+
+
+def _write_like_llm_compressor(ct, out, dtype, group_size, symmetric, actorder, seed=0):
+    """_compressed_in_memory's model saved as llm-compressor saves it (its config record included). Returns
+    the scheme (for decompress)."""
+    model, scheme, compressor = _compressed_in_memory(ct, dtype, group_size, symmetric, actorder, seed)
     model.save_pretrained(out)
     compressor.update_config(out)
     return scheme
@@ -176,3 +184,76 @@ def test_transformers_own_loader_dequantizes_the_same_weights(ct, tmp_path, grou
             assert type(theirs) is torch.nn.Linear and torch.equal(theirs.weight, layer.dequantized_weight()), name
             checked += 1
     assert checked == 14
+
+
+@pytest.mark.parametrize("group_size,symmetric,actorder", [(32, False, False), (-1, True, False), (64, False, True)])
+def test_patch_model_converts_compressed_layers_exactly(ct, tmp_path, group_size, symmetric, actorder):
+    """A model whose Linears compressed-tensors holds compressed in memory (its compress_model, as llm-compressor
+    leaves a model before saving it and transformers 5.x loads a checkpoint): patch_model converts every one
+    to a QuantLinear holding the weight compressed-tensors' own decompress gives from the same module state,
+    bit for bit, with no warning - the QuantLinears load_pretrained_quantized makes from the saved checkpoint -
+    and the model runs (compressed-tensors' hook that decompresses the model on its first forward finds
+    nothing left to do)."""
+    import warnings
+
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from minicpm_int4 import QuantConfig, patch_model
+    if actorder and _version(ct) >= (0, 19):
+        pytest.skip(f"compressed-tensors {ct.__version__} no longer writes act-order groups (0.18 does; CI runs both)")
+    out = str(tmp_path / "ct")
+    scheme = _write_like_llm_compressor(ct, out, torch.float16, group_size, symmetric, actorder)
+    model = _compressed_in_memory(ct, torch.float16, group_size, symmetric, actorder)[0]  # the same model
+    states = {name: {k: t.clone() for k, t in m.state_dict().items()} for name, m in model.named_modules()
+              if hasattr(m, "weight_packed")}
+    assert len(states) == 14
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = patch_model(model, QuantConfig(), progress=False)
+    assert sum(d.action == "converted" for d in report.decisions) == 14
+    for name, state in states.items():
+        layer = model.get_submodule(name)
+        theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        assert isinstance(layer, QuantLinear) and torch.equal(layer.dequantized_weight(), theirs), name
+    loaded = load_pretrained_quantized(out, progress=False)
+    for name in states:
+        mine, theirs = model.get_submodule(name).state_dict(), loaded.get_submodule(name).state_dict()
+        assert sorted(mine) == sorted(theirs) and all(torch.equal(t, theirs[k]) for k, t in mine.items()), name
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    layers = {name: model.get_submodule(name) for name in states}
+    for name, (x, y) in record_layer_io(model, layers, ids).items():  # (compressed-tensors' decompress hook ran)
+        w = layers[name].dequantized_weight()
+        assert_gemm_close(y, F.linear(x.float(), w.float()).to(torch.float16), x, w)
+
+
+@pytest.mark.parametrize("group_size,actorder", [(128, False), (-1, False), (64, True)])
+def test_transformers_loaded_checkpoint_patched_is_the_checkpoint(ct, tmp_path, group_size, actorder):
+    """The user's path on transformers 5.x: from_pretrained(llm-compressor folder), which holds compressed-tensors'
+    layers compressed, then patch_model: the same logits as load_pretrained_quantized(folder), bit for bit (the
+    same QuantLinears); and saved with save_pretrained (the model's quantizer was compressed-tensors') or
+    save_quantized, it loads back as this package's checkpoint with those logits. (Symmetric schemes: transformers
+    5.25 does not load an asymmetric one compressed - it compares the packed zero points' shape with the unpacked
+    one; test_patch_model_converts_compressed_layers_exactly converts those from memory.)"""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from minicpm_int4 import QuantConfig, patch_model, save_quantized
+    if actorder and _version(ct) >= (0, 19):
+        pytest.skip(f"compressed-tensors {ct.__version__} no longer writes act-order groups (0.18 does; CI runs both)")
+    out = str(tmp_path / "ct")
+    _write_like_llm_compressor(ct, out, torch.float16, group_size, True, actorder)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(hasattr(m, "weight_packed") for m in model.modules()) == 14
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = patch_model(model, QuantConfig(), progress=False)
+    assert sum(d.action == "converted" for d in report.decisions) == 14
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = load_pretrained_quantized(out, progress=False)(ids).logits
+        assert torch.equal(model(ids).logits, want)
+        model.save_pretrained(tmp_path / "hf")
+        assert detect(str(tmp_path / "hf")) is None  # not read as a compressed-tensors folder again
+        assert torch.equal(load_pretrained_quantized(str(tmp_path / "hf"), progress=False)(ids).logits, want)
+        save_quantized(model, tmp_path / "ours")
+        assert torch.equal(load_pretrained_quantized(str(tmp_path / "ours"), progress=False)(ids).logits, want)

@@ -522,6 +522,14 @@ def test_linear_subclasses_with_their_own_forward_are_kept():
     assert type(model[0]) is ScaledLinear and isinstance(model[1], QuantLinear)
 
 
+def _ct_scheme(num_bits=4, strategy="group", group_size=32, symmetric=False, actorder=None, input_activations=None):
+    """compressed-tensors' QuantizationScheme of a layer, as far as patch_model reads it."""
+    import types
+    weights = types.SimpleNamespace(num_bits=num_bits, type="int", strategy=strategy, symmetric=symmetric,
+                                    group_size=None if strategy == "channel" else group_size, actorder=actorder)
+    return types.SimpleNamespace(weights=weights, input_activations=input_activations, output_activations=None)
+
+
 def _foreign_classes():
     """Stand-ins with the structure of other packages' quantized layers (none of them installs here)."""
 
@@ -544,12 +552,13 @@ def _foreign_classes():
             self.out_features = self.outfeatures
             self.register_buffer("g_idx", torch.arange(k, dtype=torch.int32) // 32)
 
-    class CompressedLinear(nn.Linear):  # compressed-tensors: an nn.Linear whose weight was replaced
-        def __init__(self, k, n):
+    class CompressedLinear(nn.Linear):  # compressed-tensors: an nn.Linear whose weight was replaced (here by
+        def __init__(self, k, n):        # a scheme patch_model does not convert: 8-bit weights)
             super().__init__(k, n, bias=False)
             del self.weight
-            self.weight_packed = nn.Parameter(torch.zeros(n, k // 8, dtype=torch.int32), requires_grad=False)
+            self.weight_packed = nn.Parameter(torch.zeros(n, k // 4, dtype=torch.int32), requires_grad=False)
             self.weight_scale = nn.Parameter(torch.ones(n, k // 32), requires_grad=False)
+            self.quantization_scheme = _ct_scheme(num_bits=8)
 
         def forward(self, x):
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -684,3 +693,94 @@ def test_autoawq_gemm_layers_are_converted_exactly(n, k, group_size):
     w = dequant(ql.qweight, ql.scales, ql.zeros, ql.group_size if ql.group_size != -1 else k, torch.float16)
     assert_gemm_close(ql(x), w4a16_gemm_ref(x, ql.qweight, ql.scales, ql.zeros, bias, k if group_size == k else group_size),
                       x, w)
+
+
+def _ct_linear(q, z, s, scheme, g_idx=None, bias=None):
+    """A Linear as transformers 5.x holds one of a compressed-tensors checkpoint: an nn.Linear without its
+    weight, holding the checkpoint's packed tensors (test_foreign.ct_pack: pack_to_int32's words, which
+    tests/test_compressed_tensors_real.py checks against compressed-tensors itself) and its scheme."""
+    from test_foreign import ct_pack
+
+    n, k = q.shape
+    lin = nn.Linear(k, n, bias=bias is not None).to(s.dtype)
+    del lin.weight
+    for name, t in ct_pack(q, z, s, symmetric=scheme.weights.symmetric).items():
+        lin.register_parameter(name, nn.Parameter(t, requires_grad=False))
+    if g_idx is not None:
+        lin.register_parameter("weight_g_idx", nn.Parameter(g_idx, requires_grad=False))
+    if bias is not None:
+        lin.bias.data.copy_(bias)
+    lin.quantization_scheme = scheme
+    return lin
+
+
+@pytest.mark.parametrize("case", ["G32-asym", "per-channel-sym", "G64-act-order"])
+def test_compressed_tensors_layers_are_converted_exactly(case):
+    """transformers 5.x loads an llm-compressor (compressed-tensors pack-quantized) checkpoint into plain
+    nn.Linears holding its packed tensors. patch_model makes each a QuantLinear holding exactly the
+    checkpoint's int4 numbers (act-order: its channels sorted by group, read through input_perm) and the
+    layer's bias, with no warning; the layer computes with the weight compressed-tensors' decompression
+    gives, (q - z) * s per channel's group."""
+    import warnings
+
+    from minicpm_int4.reference import dequantize_ref
+
+    from helpers import assert_gemm_close
+    from test_foreign import _random_layer
+
+    n, k = 40, 256
+    group_size, symmetric, actorder = {"G32-asym": (32, False, None), "per-channel-sym": (-1, True, None),
+                                       "G64-act-order": (64, False, "group")}[case]
+    q, z, s = _random_layer(n, k, group_size, seed=7, zmin=8 if symmetric else 0, zmax=8 if symmetric else 15)
+    g = k if group_size == -1 else group_size
+    g_idx = None
+    if actorder:  # each group's G channels scattered over K
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[torch.randperm(k, generator=torch.Generator().manual_seed(3))] = (torch.arange(k) // g).to(torch.int32)
+    scheme = _ct_scheme(strategy="channel" if group_size == -1 else "group", group_size=group_size,
+                        symmetric=symmetric, actorder=actorder)
+    bias = torch.randn(n).half()
+    layer = _ct_linear(q, z, s, scheme, g_idx, bias)
+    model = nn.ModuleDict({"a": layer, "plain": nn.Linear(k, n)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left unconverted: no warning
+        report = patch_model(model, QuantConfig(include=("plain",)), progress=False)
+    ql = model["a"]
+    assert isinstance(ql, QuantLinear) and isinstance(model["plain"], QuantLinear)
+    d = {d.name: d for d in report.decisions}["a"]
+    assert (d.action, d.path, d.dtype, d.out_features, d.in_features) == ("converted", "w4a16", "float16", n, k)
+    assert "read exactly from compressed-tensors (its int4 numbers" in d.reason and d.bytes_after == ql.weight_bytes
+    assert d.bytes_before == sum(t.numel() * t.element_size() for name, t in layer.named_parameters() if name != "bias")
+    assert "1 compressed-tensors pack-quantized layer(s) converted exactly" in report.notes[-1]
+    # the weight compressed-tensors decompresses: column c of group g_idx[c] (in order without act-order)
+    groups = (torch.arange(k) // g) if g_idx is None else g_idx.long()
+    w = ((q - z[:, groups]).float() * s.float()[:, groups]).half()
+    assert torch.equal(ql.dequantized_weight(), w) and torch.equal(ql.bias, bias)
+    assert (ql.input_perm is not None) == bool(actorder)
+    x = torch.randn(3, k).half()
+    assert_gemm_close(ql(x), (x.float() @ w.float().t() + bias.float()).half(), x, w)
+    assert torch.equal(dequantize_ref(ql.qweight, ql.scales, ql.zeros, g).index_select(
+        1, torch.argsort(ql.input_perm)) if actorder else dequantize_ref(ql.qweight, ql.scales, ql.zeros, g), w)
+
+
+def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
+    """What patch_model cannot convert exactly stays as it is, listed with the reason: an act-order scheme
+    whose weight_g_idx is missing (the checkpoint's channel order was not loaded: converting in column order
+    would compute other weights), and another scheme (8-bit weights, int8 activations)."""
+    from test_foreign import _random_layer
+
+    q, z, s = _random_layer(16, 128, 64, seed=2)
+    lost = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"))
+    unset = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"), g_idx=torch.full((128,), -1, dtype=torch.int32))
+    w4a8 = _ct_linear(q, z, s, _ct_scheme(group_size=64, input_activations=object()))
+    model = nn.ModuleDict({"lost": lost, "unset": unset, "w4a8": w4a8})
+    with pytest.warns(UserWarning) as caught:
+        report = patch_model(model, QuantConfig(), progress=False)
+    by = {d.name: d for d in report.decisions}
+    for name in ("lost", "unset"):
+        assert (by[name].action, by[name].path) == ("kept", "other") and type(model[name]) is nn.Linear
+        assert (f"not converted: {name}: an act-order (actorder='group') compressed-tensors layer without its "
+                "weight_g_idx") in by[name].reason
+    assert (by["w4a8"].action, type(model["w4a8"])) == ("kept", nn.Linear)
+    assert "already quantized by another package (compressed-tensors)" in by["w4a8"].reason
+    assert any("load_pretrained_quantized" in str(w.message) for w in caught)
