@@ -189,17 +189,25 @@ def _enum_value(v) -> str:
     return str(getattr(v, "value", v))
 
 
-def _compressed_tensors_int4(module: nn.Module) -> bool:
-    """A Linear that compressed-tensors holds compressed, in its int4 pack-quantized layout, weights only."""
+def _compressed_tensors_scheme(module: nn.Module):
+    """compressed-tensors' scheme of a Linear it quantized to int4 integers by group or channel, weights only
+    (whether it holds the layer compressed or has decompressed it), else None."""
     scheme = getattr(module, "quantization_scheme", None)
     args = getattr(scheme, "weights", None)
-    packed = getattr(module, "weight_packed", None)
-    return (isinstance(module, nn.Linear) and args is not None and isinstance(packed, torch.Tensor)
-            and packed.dtype == torch.int32 and _has_tensors(module, ("weight_scale",))
-            and getattr(args, "num_bits", None) == 4 and _enum_value(getattr(args, "type", "int")) == "int"
+    if (isinstance(module, nn.Linear) and args is not None and getattr(args, "num_bits", None) == 4
+            and _enum_value(getattr(args, "type", "int")) == "int"
             and _enum_value(getattr(args, "strategy", None)) in ("group", "channel")
             and getattr(scheme, "input_activations", None) is None
-            and getattr(scheme, "output_activations", None) is None)
+            and getattr(scheme, "output_activations", None) is None):
+        return scheme
+    return None
+
+
+def _compressed_tensors_int4(module: nn.Module) -> bool:
+    """A Linear that compressed-tensors holds compressed, in its int4 pack-quantized layout, weights only."""
+    packed = getattr(module, "weight_packed", None)
+    return (_compressed_tensors_scheme(module) is not None and isinstance(packed, torch.Tensor)
+            and packed.dtype == torch.int32 and _has_tensors(module, ("weight_scale",)))
 
 
 def _features(module: nn.Module) -> Tuple[int, int]:
@@ -341,7 +349,7 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
     names = {}   # id(module) -> every name it has (one module at two places in the model)
     for mname, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(mname)
-    todo, foreign_found = [], []
+    todo, foreign_found, decompressed = [], [], []
     linears = linear_places(model)
     for places in linears.values():
         parent, attr, name = places[0]
@@ -375,6 +383,9 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
                 reason += (f"; weight tied to {tied[0]}, which keeps its {str(w.dtype).replace('torch.', '')} "
                            "copy: int4 adds memory here (a decode-speed choice)")
             todo.append((places, name, child, act, len(report.decisions)))
+            if (_compressed_tensors_scheme(child) is not None
+                    and _enum_value(getattr(child, "quantization_status", None)) == "decompressed"):
+                decompressed.append(name)  # its int4 weight, decompressed in place by compressed-tensors
         else:
             after, path = before, "fp"
         report.decisions.append(LayerDecision(
@@ -408,6 +419,13 @@ def patch_model(model: nn.Module, config: Optional[QuantConfig] = None, progress
         if pat:
             report.decisions[-1].reason += f"; excluded by pattern {pat!r}"
         foreign_found.append(foreign)
+    if decompressed:
+        msg = (f"{len(decompressed)} layer(s) compressed-tensors had quantized to int4 hold its decompressed weights "
+               f"(a forward ran before patch_model: {decompressed[0]}, ...): they are quantized again from them, a "
+               "second rounding; to keep the checkpoint's int4 numbers exactly, call patch_model before the model's "
+               "first forward or load the checkpoint folder with minicpm_int4.checkpoint.load_pretrained_quantized")
+        report.notes.append(msg)
+        warnings.warn(f"patch_model: {msg}", stacklevel=2)
     if foreign_found:
         classes = ", ".join(sorted({what for what, _ in foreign_found}))
         msg = (f"{len(foreign_found)} layer(s) already quantized by another package ({classes}) are left as they "

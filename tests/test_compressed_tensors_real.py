@@ -257,3 +257,20 @@ def test_transformers_loaded_checkpoint_patched_is_the_checkpoint(ct, tmp_path, 
         assert torch.equal(load_pretrained_quantized(str(tmp_path / "hf"), progress=False)(ids).logits, want)
         save_quantized(model, tmp_path / "ours")
         assert torch.equal(load_pretrained_quantized(str(tmp_path / "ours"), progress=False)(ids).logits, want)
+
+
+def test_a_forward_before_patch_model_is_said(ct, tmp_path):
+    """A forward of the loaded model before patch_model makes compressed-tensors decompress every layer (its
+    hook): patch_model then quantizes their fp weights again, and says so (test_patch has the message)."""
+    from transformers import AutoModelForCausalLM
+
+    from minicpm_int4 import QuantConfig, patch_model
+    out = str(tmp_path / "ct")
+    _write_like_llm_compressor(ct, out, torch.float16, 128, True, False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 5)))
+    assert not any(hasattr(m, "weight_packed") for m in model.modules())
+    with pytest.warns(UserWarning, match=r"14 layer\(s\) compressed-tensors had quantized to int4 hold its decompressed"):
+        report = patch_model(model, QuantConfig(), progress=False)
+    assert sum(d.action == "quantized" for d in report.decisions) == 14

@@ -784,3 +784,22 @@ def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
     assert (by["w4a8"].action, type(model["w4a8"])) == ("kept", nn.Linear)
     assert "already quantized by another package (compressed-tensors)" in by["w4a8"].reason
     assert any("load_pretrained_quantized" in str(w.message) for w in caught)
+
+
+def test_layers_compressed_tensors_decompressed_are_quantized_again_and_said():
+    """compressed-tensors decompresses a model it holds compressed on its first forward (a hook): a Linear
+    then holds the fp weight of its int4 numbers and its scheme, status "decompressed". patch_model quantizes
+    it like any Linear - from those weights, a second rounding - and says so, with how to keep the
+    checkpoint's numbers (patch before the first forward, or load the folder with load_pretrained_quantized)."""
+    import types
+
+    model = nn.ModuleDict({"a": nn.Linear(64, 64), "b": nn.Linear(64, 64), "plain": nn.Linear(64, 64)})
+    for name in ("a", "b"):
+        model[name].quantization_scheme = _ct_scheme()
+        model[name].quantization_status = types.SimpleNamespace(value="decompressed")  # its enum's value
+    model["b"].quantization_status = "frozen"  # llm-compressor's calibration state: its own fp weight, not said
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) compressed-tensors had quantized to int4 hold its "
+                                         r"decompressed weights \(a forward ran before patch_model: a, \.\.\.\)") as caught:
+        report = patch_model(model, QuantConfig(group_size=32, include=("*",)), progress=False)
+    assert [d.action for d in report.decisions] == ["quantized"] * 3
+    assert "load_pretrained_quantized" in report.notes[-1] and str(caught[0].message).endswith(report.notes[-1])
