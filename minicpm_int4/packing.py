@@ -56,7 +56,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 [..., W] -> uint8 [..., W, 8]: nibble i (bits 4i .. 4i + 3) of each word."""
     if _LITTLE_ENDIAN:
-        b = words.contiguous().view(torch.uint8)  # [..., 4W], byte j of a word = bits 8j .. 8j + 7
+        w = words.contiguous()
+        if w.dim() and w.stride(-1) != 1:  # "contiguous", but a last dim of one element may have any stride
+            w = w.clone(memory_format=torch.contiguous_format)  # (the transpose of a [1, G] tensor): view refuses it
+        b = w.view(torch.uint8)  # [..., 4W], byte j of a word = bits 8j .. 8j + 7
         return torch.stack((b & 0xF, b >> 4), -1).reshape(*words.shape, VALUES_PER_WORD)
     shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=words.device)
     return ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)

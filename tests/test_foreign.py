@@ -125,7 +125,8 @@ def test_gptq_layer_reads_exactly(n, k, group_size, v1, sym):
     assert all(torch.equal(a, b) for a, b in zip(again[:3], (qweight, scales, zeros))) and again.input_perm is None
 
 
-@pytest.mark.parametrize("n,k,group_size", LAYER_CASES + [(20, 64, 32)])  # N = 20: zero points padded to 24 rows
+@pytest.mark.parametrize("n,k,group_size", LAYER_CASES + [(20, 64, 32), (8, 64, 32), (3, 96, 32)])  # N = 20: zero points
+# padded to 24 rows; N <= 8: one word of zero points per group (its transpose a column whose stride is not 1)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_compressed_tensors_layer_reads_exactly(n, k, group_size, symmetric, act_order):
