@@ -225,6 +225,10 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
                           quant_linear_from_canonical)
 
     k, n = _features(module)
+    if any(t.is_meta for t in module.parameters(recurse=False)) or any(t.is_meta for t in module.buffers(recurse=False)):
+        raise ForeignFormatError(f"{name}: its tensors are on the meta device (offloaded, or not loaded): patch the "
+                                 "model with its weights in memory, or load the checkpoint folder with "
+                                 "minicpm_int4.checkpoint.load_pretrained_quantized")
     if kind == "compressed-tensors":
         return _from_compressed_tensors(module, k, n, name, act, backend)
     gs = layer_group_size(int(getattr(module, "group_size", k)), k, name)

@@ -766,14 +766,16 @@ def test_compressed_tensors_layers_are_converted_exactly(case):
 def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
     """What patch_model cannot convert exactly stays as it is, listed with the reason: an act-order scheme
     whose weight_g_idx is missing (the checkpoint's channel order was not loaded: converting in column order
-    would compute other weights), and another scheme (8-bit weights, int8 activations)."""
+    would compute other weights), a layer whose tensors are on the meta device (offloaded: a QuantLinear of
+    meta tensors would fail only at its first forward), and another scheme (8-bit weights, int8 activations)."""
     from test_foreign import _random_layer
 
     q, z, s = _random_layer(16, 128, 64, seed=2)
     lost = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"))
     unset = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"), g_idx=torch.full((128,), -1, dtype=torch.int32))
     w4a8 = _ct_linear(q, z, s, _ct_scheme(group_size=64, input_activations=object()))
-    model = nn.ModuleDict({"lost": lost, "unset": unset, "w4a8": w4a8})
+    offloaded = _ct_linear(q, z, s, _ct_scheme(group_size=64)).to("meta")  # (accelerate / compressed-tensors offload)
+    model = nn.ModuleDict({"lost": lost, "unset": unset, "w4a8": w4a8, "offloaded": offloaded})
     with pytest.warns(UserWarning) as caught:
         report = patch_model(model, QuantConfig(), progress=False)
     by = {d.name: d for d in report.decisions}
@@ -781,6 +783,8 @@ def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
         assert (by[name].action, by[name].path) == ("kept", "other") and type(model[name]) is nn.Linear
         assert (f"not converted: {name}: an act-order (actorder='group') compressed-tensors layer without its "
                 "weight_g_idx") in by[name].reason
+    assert (by["offloaded"].action, type(model["offloaded"])) == ("kept", nn.Linear)
+    assert "not converted: offloaded: its tensors are on the meta device" in by["offloaded"].reason
     assert (by["w4a8"].action, type(model["w4a8"])) == ("kept", nn.Linear)
     assert "already quantized by another package (compressed-tensors)" in by["w4a8"].reason
     assert any("load_pretrained_quantized" in str(w.message) for w in caught)
