@@ -327,6 +327,24 @@ def untie_quantized(model: nn.Module) -> list:
     return untied
 
 
+def _replace_foreign_quantizer(model: nn.Module, qc) -> None:
+    """A model transformers loaded through another quantization method (an AWQ / GPTQ / compressed-tensors
+    checkpoint) keeps that method's quantizer as `model.hf_quantizer`, which transformers asks when the model
+    saves, compiles, trains or dequantizes. Once its layers are QuantLinears (patch_model converts them), it is
+    this package's: model.dequantize() would otherwise call compressed-tensors' quantizer (NotImplementedError)
+    or AutoAWQ's on layers it no longer has. Not while a layer of that method is left (patch_model kept it), nor
+    for a model without a quantizer."""
+    from .patch import foreign_quantization
+
+    current = getattr(model, "hf_quantizer", None)
+    ours = _registered["MiniCPMInt4HfQuantizer"]
+    if current is None or isinstance(current, ours) or any(foreign_quantization(m) for m in model.modules()):
+        return
+    model.hf_quantizer = ours(qc, pre_quantized=True)
+    if hasattr(model, "quantization_method"):  # 4.x sets it beside hf_quantizer
+        model.quantization_method = QUANT_METHOD
+
+
 def mark_quantized(model: nn.Module, config) -> list:
     """Record on a patched / loaded model what it holds: the QuantConfig (patch_model's default for a
     second call, save_quantized's record; None: leave it), a tied output embedding that is int4 now as
@@ -344,6 +362,7 @@ def mark_quantized(model: nn.Module, config) -> list:
     modules = _quant_modules(model)
     if modules:
         hf_config.quantization_config = quantization_config(config, modules)
+        _replace_foreign_quantizer(model, hf_config.quantization_config)
     else:
         qc = getattr(hf_config, "quantization_config", None)
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)

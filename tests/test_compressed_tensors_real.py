@@ -230,9 +230,10 @@ def test_transformers_loaded_checkpoint_patched_is_the_checkpoint(ct, tmp_path, 
     """The user's path on transformers 5.x: from_pretrained(llm-compressor folder), which holds compressed-tensors'
     layers compressed, then patch_model: the same logits as load_pretrained_quantized(folder), bit for bit (the
     same QuantLinears); and saved with save_pretrained (the model's quantizer was compressed-tensors') or
-    save_quantized, it loads back as this package's checkpoint with those logits. (Symmetric schemes: transformers
-    5.25 does not load an asymmetric one compressed - it compares the packed zero points' shape with the unpacked
-    one; test_patch_model_converts_compressed_layers_exactly converts those from memory.)"""
+    save_quantized, it loads back as this package's checkpoint with those logits; model.dequantize() works.
+    (Symmetric schemes: transformers 5.25 does not load an asymmetric one compressed - it compares the packed zero
+    points' shape with the unpacked one; test_patch_model_converts_compressed_layers_exactly converts those from
+    memory.)"""
     import warnings
 
     from transformers import AutoModelForCausalLM
@@ -257,6 +258,13 @@ def test_transformers_loaded_checkpoint_patched_is_the_checkpoint(ct, tmp_path, 
         assert torch.equal(load_pretrained_quantized(str(tmp_path / "hf"), progress=False)(ids).logits, want)
         save_quantized(model, tmp_path / "ours")
         assert torch.equal(load_pretrained_quantized(str(tmp_path / "ours"), progress=False)(ids).logits, want)
+    # the model's quantizer is this package's now: model.dequantize() (compressed-tensors' raises
+    # NotImplementedError) gives fp Linears with the int4 model's weights
+    assert type(model.hf_quantizer).__name__ == "MiniCPMInt4HfQuantizer"
+    weights = {n: m.dequantized_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    model.dequantize()
+    assert len(weights) == 14 and all(type(model.get_submodule(n)) is torch.nn.Linear
+                                      and torch.equal(model.get_submodule(n).weight, w) for n, w in weights.items())
 
 
 def test_a_forward_before_patch_model_is_said(ct, tmp_path):

@@ -302,3 +302,48 @@ def test_input_scales_survive_save_pretrained_and_from_pretrained(tmp_path):
         loaded = load()
         assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None} == scaled
         assert torch.equal(_logits(loaded), expected)
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"no quantizer registry in this transformers: {NO_REGISTRY}")
+def test_a_converted_model_gets_this_packages_quantizer(tmp_path):
+    """A model transformers loaded through another quantization method keeps that method's quantizer as
+    `model.hf_quantizer` (transformers asks it when the model saves, compiles, trains or dequantizes). Once
+    patch_model has converted every one of its layers, the quantizer is this package's - model.dequantize()
+    gives fp Linears with the int4 model's weights instead of the other method's NotImplementedError - and
+    not while one of its layers is left; a model loaded without one gets none."""
+    import types
+
+    from test_patch import _ct_linear, _ct_scheme
+    from test_foreign import _random_layer
+
+    class OtherQuantizer:  # compressed-tensors' quantizer, as far as this goes: it cannot dequantize
+        def dequantize(self, model, dtype=None):
+            raise NotImplementedError("compressed-tensors has no implementation of `dequantize`")
+
+    model = _fp_llama(tmp_path / "fp", dtype=torch.float16)
+    q, z, s = _random_layer(128, 128, 32, seed=1)
+    model.model.layers[0].self_attn.q_proj = _ct_linear(q, z, s, _ct_scheme())
+    model.model.layers[1].self_attn.q_proj = _ct_linear(q, z, s, _ct_scheme(num_bits=8))  # a scheme it keeps
+    model.hf_quantizer = other = OtherQuantizer()
+    model.config.quantization_config = types.SimpleNamespace(quant_method="compressed-tensors")
+    with pytest.warns(UserWarning, match="already quantized by another package"):
+        patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert model.hf_quantizer is other  # a layer of that method is left: still its model
+
+    model = _fp_llama(tmp_path / "fp", dtype=torch.float16)
+    model.model.layers[0].self_attn.q_proj = _ct_linear(q, z, s, _ct_scheme())
+    model.hf_quantizer = OtherQuantizer()
+    # what from_pretrained with a quantizer also sets (4.x's dequantize deletes them)
+    model.quantization_method, model.config._pre_quantization_dtype = "compressed-tensors", torch.float16
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    assert type(model.hf_quantizer).__name__ == "MiniCPMInt4HfQuantizer" and model.quantization_method == QUANT_METHOD
+    assert model.hf_quantizer.quantization_config is model.config.quantization_config
+    weights = {n: m.dequantized_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    model.dequantize()
+    assert not any(isinstance(m, QuantLinear) for m in model.modules()) and len(weights) == 14
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in weights.items())
+    assert getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None
+
+    plain = _fp_llama(tmp_path / "fp", dtype=torch.float16)
+    patch_model(plain, QuantConfig(group_size=32), progress=False)
+    assert getattr(plain, "hf_quantizer", None) is None
