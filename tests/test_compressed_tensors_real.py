@@ -6,7 +6,8 @@ the way llm-compressor writes them (apply_quantization_config, the weights' min-
 calculate_qparams, ModelCompressor.compress_model, save_pretrained, ModelCompressor.update_config - its
 config.json record included), read back by load_pretrained_quantized and compared bit for bit with
 compressed-tensors' own PackedQuantizationCompressor.decompress, and with the weights transformers' own
-compressed-tensors loader dequantizes.
+compressed-tensors loader dequantizes; and patch_model's exact conversion of the layers compressed-tensors holds
+compressed in memory (transformers 5.x's from_pretrained of such a folder).
 
 CI runs this file twice (.ci/run), each time with MINICPM_INT4_REQUIRE_COMPRESSED_TENSORS=1 so that it fails
 rather than skips without the package: with compressed-tensors 0.20.1 (the newest) and with 0.18.0, the last
