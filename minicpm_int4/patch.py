@@ -221,18 +221,32 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
     """A QuantLinear holding exactly the int4 numbers of a layer convertible_foreign names (in its scales'
     dtype, which the package computes in), computing what the layer computes. Raises
     foreign.ForeignFormatError for one the kernels cannot take."""
-    from .foreign import (ForeignFormatError, awq_to_canonical, gptq_to_canonical, layer_group_size,
-                          quant_linear_from_canonical)
+    from .foreign import (ForeignFormatError, awq_to_canonical, compressed_tensors_to_canonical, gptq_to_canonical,
+                          layer_group_size, quant_linear_from_canonical)
 
     k, n = _features(module)
     if any(t.is_meta for t in module.parameters(recurse=False)) or any(t.is_meta for t in module.buffers(recurse=False)):
         raise ForeignFormatError(f"{name}: its tensors are on the meta device (offloaded, or not loaded): patch the "
                                  "model with its weights in memory, or load the checkpoint folder with "
                                  "minicpm_int4.checkpoint.load_pretrained_quantized")
-    if kind == "compressed-tensors":
-        return _from_compressed_tensors(module, k, n, name, act, backend)
-    gs = layer_group_size(int(getattr(module, "group_size", k)), k, name)
-    if kind == "awq":
+    args = module.quantization_scheme.weights if kind == "compressed-tensors" else None  # its scheme's int4 args
+    group_size = (int(getattr(module, "group_size", k)) if args is None
+                  else -1 if _enum_value(args.strategy) == "channel" else int(args.group_size))
+    gs = layer_group_size(group_size, k, name)
+    if args is not None:
+        symmetric = getattr(args, "symmetric", True)
+        zero_point = None if symmetric else getattr(module, "weight_zero_point", None)
+        if not symmetric and zero_point is None:
+            raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
+        g_idx = getattr(module, "weight_g_idx", None)
+        if g_idx is not None and bool((g_idx < 0).any()):  # compressed-tensors' "not set": its columns in order
+            g_idx = None
+        if g_idx is None and _enum_value(getattr(args, "actorder", None)) in ("group", "dynamic"):
+            raise ForeignFormatError(f"{name}: an act-order (actorder={_enum_value(args.actorder)!r}) compressed-tensors "
+                                     "layer without its weight_g_idx: the order of its channels was not loaded")
+        canon = compressed_tensors_to_canonical(module.weight_packed, module.weight_scale, zero_point, g_idx, k, n, gs,
+                                                name)
+    elif kind == "awq":
         canon = awq_to_canonical(module.qweight, module.qzeros, module.scales, k, n, gs, name)
     else:
         g_idx = module.g_idx
@@ -245,27 +259,6 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
                                          "ignore it (the layer computes with runs of group_size channels)")
             g_idx = None
         canon = gptq_to_canonical(module.qweight, module.qzeros, module.scales, g_idx, k, n, gs, 1, name)
-    return quant_linear_from_canonical(canon, k, n, gs, getattr(module, "bias", None), canon.scales.dtype, backend, act)
-
-
-def _from_compressed_tensors(module: nn.Module, k: int, n: int, name: str, act: Optional[str],
-                             backend: str) -> QuantLinear:
-    from .foreign import (ForeignFormatError, compressed_tensors_to_canonical, layer_group_size,
-                          quant_linear_from_canonical)
-
-    args = module.quantization_scheme.weights
-    gs = layer_group_size(-1 if _enum_value(args.strategy) == "channel" else int(args.group_size), k, name)
-    zero_point = None if getattr(args, "symmetric", True) else getattr(module, "weight_zero_point", None)
-    if not getattr(args, "symmetric", True) and zero_point is None:
-        raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
-    g_idx = getattr(module, "weight_g_idx", None)
-    if g_idx is not None and bool((g_idx < 0).any()):  # compressed-tensors' "not set": its columns in order
-        g_idx = None
-    if g_idx is None and _enum_value(getattr(args, "actorder", None)) in ("group", "dynamic"):
-        raise ForeignFormatError(f"{name}: an act-order (actorder={_enum_value(args.actorder)!r}) compressed-tensors "
-                                 "layer without its weight_g_idx: the order of its channels was not loaded")
-    canon = compressed_tensors_to_canonical(module.weight_packed, module.weight_scale, zero_point, g_idx, k, n, gs,
-                                            name)
     return quant_linear_from_canonical(canon, k, n, gs, getattr(module, "bias", None), canon.scales.dtype, backend, act)
 
 
