@@ -26,6 +26,7 @@ Public functions (validate, then call the op):
 # (no `from __future__ import annotations` here: torch < 2.5 builds a custom op's schema from its function's
 # annotations as they are, and strings - 'Tensor', 'Optional[Tensor]' - made `import minicpm_int4` fail on torch 2.4)
 import functools
+import operator
 import os
 from typing import Optional, Tuple
 
@@ -157,6 +158,16 @@ def _reference(device: torch.device, fn, *args):
 # ---------------------------------------------------------------------------------------------
 def _check_weight(op: str, k: int, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                   device: torch.device) -> int:
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    try:
+        if isinstance(group_size, bool):
+            raise TypeError
+        group_size = operator.index(group_size)  # an int, or a numpy / torch integer scalar
+    except TypeError:
+        raise TypeError(f"{op}: group_size must be an int (32, 64, 128 or -1), got {type(group_size).__name__} "
+                        f"{group_size!r}") from None
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError(f"{op}: qweight must be int32 [N, K//8], got {qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[0]
@@ -169,7 +180,8 @@ def _check_weight(op: str, k: int, qweight: Tensor, scales: Tensor, zeros: Tenso
         raise ValueError(f"{op}: K={k} is not divisible by group_size={group_size}")
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t.shape != (n, k // gs):
-            raise ValueError(f"{op}: {name} must have shape [N={n}, K/group_size={k // gs}], got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must have shape [N={n}, K/group_size = {k}/{gs} = {k // gs}], "
+                             f"got {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be fp16/bf16/fp32, got {t.dtype}")
     if zeros.dtype != scales.dtype:
@@ -180,9 +192,18 @@ def _check_weight(op: str, k: int, qweight: Tensor, scales: Tensor, zeros: Tenso
     return gs
 
 
+def _check_bias_type(op: str, bias) -> None:
+    """Before the weight's checks: ops.w4a16_gemm(x, qweight, scales, zeros, 64), the group size given where
+    the bias goes, would otherwise be reported as scales of the wrong shape for the default group size."""
+    if bias is not None and not isinstance(bias, Tensor):
+        hint = " (group_size comes after bias: pass it as group_size=...)" if isinstance(bias, int) else ""
+        raise TypeError(f"{op}: bias must be a tensor [N] or None, got {type(bias).__name__} {bias!r}{hint}")
+
+
 def _check_bias(op: str, bias: Optional[Tensor], n: int, dtype: torch.dtype, device: torch.device) -> None:
     if bias is None:
         return
+    _check_bias_type(op, bias)
     if bias.shape != (n,):
         raise ValueError(f"{op}: bias must have shape [N={n}], got {tuple(bias.shape)}")
     if bias.dtype != dtype:
@@ -373,6 +394,7 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
         >>> y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.bias, 128)
     """
     _check_x("w4a16_gemm", x)
+    _check_bias_type("w4a16_gemm", bias)
     gs = _check_weight("w4a16_gemm", x.shape[1], qweight, scales, zeros, group_size, x.device)
     if scales.dtype != x.dtype:
         raise TypeError(f"w4a16_gemm: activations are {x.dtype} but the weight scales are {scales.dtype}; "
@@ -473,6 +495,9 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zer
     Args: x_q int8 [M, K]; x_scale fp32 [M]; weight as for w4a16_gemm; out_dtype fp16/bf16/fp32.
     """
     op = "w4a8_gemm"
+    for name, t in (("x_q", x_q), ("x_scale", x_scale)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if x_q.dtype != torch.int8 or x_q.dim() != 2:
         raise TypeError(f"{op}: x_q must be int8 [M, K], got {x_q.dtype} {tuple(x_q.shape)}")
     if x_scale.dtype != torch.float32 or x_scale.shape != (x_q.shape[0],):
@@ -481,6 +506,7 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zer
         raise ValueError(f"{op}: x_scale is on {x_scale.device} but x_q is on {x_q.device}")
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be fp16/bf16/fp32, got {out_dtype}")
+    _check_bias_type(op, bias)
     gs = _check_weight(op, x_q.shape[1], qweight, scales, zeros, group_size, x_q.device)
     _check_bias(op, bias, qweight.shape[0], out_dtype, x_q.device)
     return _w4a8_gemm_op(x_q.contiguous(), x_scale.contiguous(), qweight, scales, zeros, bias, gs, out_dtype, backend)
@@ -517,6 +543,7 @@ def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias:
     """
     op = "w4a8_linear"
     _check_x(op, x)
+    _check_bias_type(op, bias)
     gs = _check_weight(op, x.shape[1], qweight, scales, zeros, group_size, x.device)
     if scales.dtype != x.dtype:
         raise TypeError(f"{op}: activations are {x.dtype} but the weight scales are {scales.dtype}")

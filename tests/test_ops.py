@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,8 +157,23 @@ def test_bad_inputs_get_clear_errors():
         ops.w4a16_gemm(x[:, :120], qweight, scales, zeros, None, 64)
     with pytest.raises(ValueError, match="group_size=48 is not supported"):
         ops.w4a16_gemm(x, qweight, scales, zeros, None, 48)
-    with pytest.raises(ValueError, match=r"scales must have shape \[N=40, K/group_size=4\]"):
+    with pytest.raises(ValueError, match=r"scales must have shape \[N=40, K/group_size = 128/32 = 4\]"):
         ops.w4a16_gemm(x, qweight, scales, zeros, None, 32)
+    # the group size passed where the bias goes: named as such, not as scales of the default group size's shape
+    for op, args in ((ops.w4a16_gemm, (x,)), (ops.w4a8_linear, (x,)),
+                     (ops.w4a8_gemm, (x.to(torch.int8), torch.ones(3)))):
+        with pytest.raises(TypeError, match=r"bias must be a tensor \[N\] or None, got int 64 \(group_size comes "
+                                            r"after bias: pass it as group_size=...\)"):
+            op(*args, qweight, scales, zeros, 64)
+    with pytest.raises(TypeError, match="group_size must be an int .* got float 64.0"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, 64.0)
+    with pytest.raises(TypeError, match="scales must be a tensor, got list"):
+        ops.w4a16_gemm(x, qweight, scales.tolist(), zeros, None, 64)
+    with pytest.raises(TypeError, match="x_scale must be a tensor, got float"):
+        ops.w4a8_gemm(x.to(torch.int8), 1.0, qweight, scales, zeros)
+    # an integer scalar of numpy or torch is a group size like an int
+    assert torch.equal(ops.w4a16_gemm(x, qweight, scales, zeros, None, np.int64(64)),
+                       ops.w4a16_gemm(x, qweight, scales, zeros, None, 64))
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.w4a16_gemm(x, qweight, scales, zeros, torch.zeros(3, dtype=torch.float16), 64)
     with pytest.raises(ValueError, match="2-D"):
