@@ -297,10 +297,14 @@ def _group_order(g_idx: Optional[torch.Tensor], k: int, group_size: int, what: s
     gi = g_idx.to(torch.int64)
     if torch.equal(gi, torch.arange(k, device=gi.device) // gs):
         return None
-    sizes = torch.bincount(gi.clamp(0, g - 1), minlength=g)
-    if int(gi.min()) < 0 or int(gi.max()) >= g or not bool((sizes == gs).all()):
-        raise ForeignFormatError(f"{what}: groups of {int(sizes.min())} to {int(sizes.max())} input channels in "
-                                 f"0..{int(gi.max())}, expected {g} groups of {gs}")
+    lo, hi = int(gi.min()), int(gi.max())
+    if lo < 0 or hi >= g:
+        raise ForeignFormatError(f"{what}: group numbers {lo}..{hi}, expected {g} groups of {gs} numbered 0..{g - 1}"
+                                 + (f" ({int((gi < 0).sum())} of the {k} channels negative: not set)" if lo < 0 else ""))
+    sizes = torch.bincount(gi, minlength=g)
+    if not bool((sizes == gs).all()):
+        raise ForeignFormatError(f"{what}: groups of {int(sizes.min())} to {int(sizes.max())} input channels, "
+                                 f"expected {g} groups of {gs}")
     return torch.argsort(gi, stable=True)
 
 

@@ -239,8 +239,8 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
         if not symmetric and zero_point is None:
             raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
         g_idx = getattr(module, "weight_g_idx", None)
-        if g_idx is not None and bool((g_idx < 0).any()):  # compressed-tensors' "not set": its columns in order
-            g_idx = None
+        if g_idx is not None and g_idx.numel() and bool((g_idx < 0).all()):  # compressed-tensors' "not set"
+            g_idx = None  # (partly -1 is no order at all: _group_order refuses it)
         if g_idx is None and _enum_value(getattr(args, "actorder", None)) in ("group", "dynamic"):
             raise ForeignFormatError(f"{name}: an act-order (actorder={_enum_value(args.actorder)!r}) compressed-tensors "
                                      "layer without its weight_g_idx: the order of its channels was not loaded")

@@ -209,6 +209,10 @@ def test_gptq_g_idx_that_is_no_grouping_is_refused():
     g_idx[0] = 1  # group 0 has 31 channels, group 1 has 33
     with pytest.raises(ForeignFormatError, match=r"layers\.0\.mlp\.up_proj\.g_idx: groups of 31 to 33 input channels"):
         gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], g_idx, 128, 16, 32, name="layers.0.mlp.up_proj")
+    g_idx[0] = 4  # a group past the last
+    with pytest.raises(ForeignFormatError, match=r"L\.g_idx: group numbers 0\.\.4, expected 4 groups of 32 numbered "
+                                                 r"0\.\.3$"):
+        gptq_to_canonical(t["qweight"], t["qzeros"], t["scales"], g_idx, 128, 16, 32, name="L")
 
 
 @pytest.mark.parametrize("what,bad,match", [

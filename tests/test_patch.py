@@ -773,9 +773,12 @@ def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
     q, z, s = _random_layer(16, 128, 64, seed=2)
     lost = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"))
     unset = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"), g_idx=torch.full((128,), -1, dtype=torch.int32))
+    half_set = torch.arange(128, dtype=torch.int32) // 64
+    half_set[::2] = -1  # part of the order unset is no order: not read as the columns in order
+    partly = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"), g_idx=half_set)
     w4a8 = _ct_linear(q, z, s, _ct_scheme(group_size=64, input_activations=object()))
     offloaded = _ct_linear(q, z, s, _ct_scheme(group_size=64)).to("meta")  # (accelerate / compressed-tensors offload)
-    model = nn.ModuleDict({"lost": lost, "unset": unset, "w4a8": w4a8, "offloaded": offloaded})
+    model = nn.ModuleDict({"lost": lost, "unset": unset, "partly": partly, "w4a8": w4a8, "offloaded": offloaded})
     with pytest.warns(UserWarning) as caught:
         report = patch_model(model, QuantConfig(), progress=False)
     by = {d.name: d for d in report.decisions}
@@ -783,6 +786,9 @@ def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
         assert (by[name].action, by[name].path) == ("kept", "other") and type(model[name]) is nn.Linear
         assert (f"not converted: {name}: an act-order (actorder='group') compressed-tensors layer without its "
                 "weight_g_idx") in by[name].reason
+    assert (by["partly"].action, type(model["partly"])) == ("kept", nn.Linear)
+    assert ("not converted: partly.weight_g_idx: group numbers -1..1, expected 2 groups of 64 numbered 0..1 (64 of "
+            "the 128 channels negative: not set)") in by["partly"].reason
     assert (by["offloaded"].action, type(model["offloaded"])) == ("kept", nn.Linear)
     assert "not converted: offloaded: its tensors are on the meta device" in by["offloaded"].reason
     assert (by["w4a8"].action, type(model["w4a8"])) == ("kept", nn.Linear)
