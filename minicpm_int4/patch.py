@@ -235,7 +235,11 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
     gs = layer_group_size(group_size, k, name)
     if args is not None:
         symmetric = getattr(args, "symmetric", True)
-        zero_point = None if symmetric else getattr(module, "weight_zero_point", None)
+        zero_point = getattr(module, "weight_zero_point", None)
+        if symmetric and zero_point is not None:  # a symmetric scheme's zero points, if held, are all 0 (as read from files)
+            if bool((zero_point != 0).any()):
+                raise ForeignFormatError(f"{name}.weight_zero_point: nonzero zero points in a symmetric scheme")
+            zero_point = None
         if not symmetric and zero_point is None:
             raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
         g_idx = getattr(module, "weight_g_idx", None)

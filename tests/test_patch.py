@@ -741,6 +741,8 @@ def test_compressed_tensors_layers_are_converted_exactly(case):
                         symmetric=symmetric, actorder=actorder)
     bias = torch.randn(n).half()
     layer = _ct_linear(q, z, s, scheme, g_idx, bias)
+    if symmetric:  # the zero points compressed-tensors may hold for a symmetric scheme: all 0, as if absent
+        layer.register_parameter("weight_zero_point", nn.Parameter(torch.zeros(n, 1, dtype=torch.int8), requires_grad=False))
     model = nn.ModuleDict({"a": layer, "plain": nn.Linear(k, n)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is left unconverted: no warning
@@ -777,8 +779,11 @@ def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
     half_set[::2] = -1  # part of the order unset is no order: not read as the columns in order
     partly = _ct_linear(q, z, s, _ct_scheme(group_size=64, actorder="group"), g_idx=half_set)
     w4a8 = _ct_linear(q, z, s, _ct_scheme(group_size=64, input_activations=object()))
+    q8, z8, s8 = _random_layer(16, 128, 64, seed=3, zmin=8, zmax=8)
+    sym = _ct_linear(q8, z8, s8, _ct_scheme(group_size=64, symmetric=True))
+    sym.register_parameter("weight_zero_point", nn.Parameter(torch.ones(16, 2, dtype=torch.int8), requires_grad=False))
     offloaded = _ct_linear(q, z, s, _ct_scheme(group_size=64)).to("meta")  # (accelerate / compressed-tensors offload)
-    model = nn.ModuleDict({"lost": lost, "unset": unset, "partly": partly, "w4a8": w4a8, "offloaded": offloaded})
+    model = nn.ModuleDict({"lost": lost, "unset": unset, "partly": partly, "sym": sym, "w4a8": w4a8, "offloaded": offloaded})
     with pytest.warns(UserWarning) as caught:
         report = patch_model(model, QuantConfig(), progress=False)
     by = {d.name: d for d in report.decisions}
@@ -789,6 +794,8 @@ def test_compressed_tensors_layers_it_cannot_convert_are_kept_and_said():
     assert (by["partly"].action, type(model["partly"])) == ("kept", nn.Linear)
     assert ("not converted: partly.weight_g_idx: group numbers -1..1, expected 2 groups of 64 numbered 0..1 (64 of "
             "the 128 channels negative: not set)") in by["partly"].reason
+    assert (by["sym"].action, type(model["sym"])) == ("kept", nn.Linear)
+    assert "not converted: sym.weight_zero_point: nonzero zero points in a symmetric scheme" in by["sym"].reason
     assert (by["offloaded"].action, type(model["offloaded"])) == ("kept", nn.Linear)
     assert "not converted: offloaded: its tensors are on the meta device" in by["offloaded"].reason
     assert (by["w4a8"].action, type(model["w4a8"])) == ("kept", nn.Linear)
