@@ -196,7 +196,8 @@ def _check_bias_type(op: str, bias) -> None:
     """Before the weight's checks: ops.w4a16_gemm(x, qweight, scales, zeros, 64), the group size given where
     the bias goes, would otherwise be reported as scales of the wrong shape for the default group size."""
     if bias is not None and not isinstance(bias, Tensor):
-        hint = " (group_size comes after bias: pass it as group_size=...)" if isinstance(bias, int) else ""
+        positional_group_size = isinstance(bias, int) and not isinstance(bias, bool)
+        hint = " (group_size comes after bias: pass it as group_size=...)" if positional_group_size else ""
         raise TypeError(f"{op}: bias must be a tensor [N] or None, got {type(bias).__name__} {bias!r}{hint}")
 
 

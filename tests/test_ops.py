@@ -165,6 +165,8 @@ def test_bad_inputs_get_clear_errors():
         with pytest.raises(TypeError, match=r"bias must be a tensor \[N\] or None, got int 64 \(group_size comes "
                                             r"after bias: pass it as group_size=...\)"):
             op(*args, qweight, scales, zeros, 64)
+    with pytest.raises(TypeError, match=r"bias must be a tensor \[N\] or None, got bool True$"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, True, 64)
     with pytest.raises(TypeError, match="group_size must be an int .* got float 64.0"):
         ops.w4a16_gemm(x, qweight, scales, zeros, None, 64.0)
     with pytest.raises(TypeError, match="scales must be a tensor, got list"):
