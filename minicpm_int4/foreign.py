@@ -262,10 +262,19 @@ def gptq_to_canonical(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
 
 def compressed_tensors_to_canonical(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                                     weight_zero_point: Optional[torch.Tensor], g_idx: Optional[torch.Tensor],
-                                    in_features: int, out_features: int, group_size: int, name: str = "layer"):
+                                    in_features: int, out_features: int, group_size: int, name: str = "layer",
+                                    symmetric: Optional[bool] = None):
     """compressed-tensors pack-quantized tensors of one layer -> Canonical, exactly. `weight_zero_point`
-    None: a symmetric layer (z = 8, the offset every stored value carries)."""
+    None: a symmetric layer (z = 8, the offset every stored value carries). `symmetric` (the scheme's
+    flag; None: as weight_zero_point says): a symmetric scheme's zero points, if held, must be all 0 and
+    are then ignored; an asymmetric one needs them."""
     k, n = in_features, out_features
+    if symmetric and weight_zero_point is not None:
+        if bool((weight_zero_point != 0).any()):
+            raise ForeignFormatError(f"{name}.weight_zero_point: nonzero zero points in a symmetric scheme")
+        weight_zero_point = None
+    if symmetric is False and weight_zero_point is None:
+        raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
     g = 1 if group_size == -1 else k // group_size
     if k % 8:
         raise ForeignFormatError(f"{name}: in_features={k} is not a multiple of 8 (its last word would be padding)")
@@ -395,14 +404,9 @@ def load_layers(model: nn.Module, files: Dict, fmt: ForeignFormat, load_device, 
                 shape = [int(v) for v in t["weight_shape"]]
                 raise CheckpointMismatchError(f"checkpoint module {name!r} is {shape} (weight_shape) but the model's "
                                               f"is {[mod.out_features, mod.in_features]}")
-            zp = t.get("weight_zero_point")
-            if fmt.symmetric and zp is not None:  # a symmetric scheme's zero points, if stored, are all 0
-                if bool((zp != 0).any()):
-                    raise ForeignFormatError(f"{name}.weight_zero_point: nonzero zero points in a symmetric scheme")
-                zp = None
             qweight, scales, zeros, perm = compressed_tensors_to_canonical(
-                t["weight_packed"], t["weight_scale"], zp, t.get("weight_g_idx"), mod.in_features, mod.out_features,
-                gs, name)
+                t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), t.get("weight_g_idx"),
+                mod.in_features, mod.out_features, gs, name, symmetric=fmt.symmetric)
         elif fmt.method == "awq":
             qweight, scales, zeros, perm = awq_to_canonical(t["qweight"], t["qzeros"], t["scales"], mod.in_features,
                                                             mod.out_features, gs, name)

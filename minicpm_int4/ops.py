@@ -202,9 +202,9 @@ def _check_bias_type(op: str, bias) -> None:
 
 
 def _check_bias(op: str, bias: Optional[Tensor], n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Shape, dtype and device; its type was checked first (_check_bias_type)."""
     if bias is None:
         return
-    _check_bias_type(op, bias)
     if bias.shape != (n,):
         raise ValueError(f"{op}: bias must have shape [N={n}], got {tuple(bias.shape)}")
     if bias.dtype != dtype:

@@ -234,22 +234,15 @@ def _from_foreign(module: nn.Module, kind: str, name: str, act: Optional[str], b
                   else -1 if _enum_value(args.strategy) == "channel" else int(args.group_size))
     gs = layer_group_size(group_size, k, name)
     if args is not None:
-        symmetric = getattr(args, "symmetric", True)
-        zero_point = getattr(module, "weight_zero_point", None)
-        if symmetric and zero_point is not None:  # a symmetric scheme's zero points, if held, are all 0 (as read from files)
-            if bool((zero_point != 0).any()):
-                raise ForeignFormatError(f"{name}.weight_zero_point: nonzero zero points in a symmetric scheme")
-            zero_point = None
-        if not symmetric and zero_point is None:
-            raise ForeignFormatError(f"{name}: an asymmetric compressed-tensors layer without its weight_zero_point")
         g_idx = getattr(module, "weight_g_idx", None)
         if g_idx is not None and g_idx.numel() and bool((g_idx < 0).all()):  # compressed-tensors' "not set"
             g_idx = None  # (partly -1 is no order at all: _group_order refuses it)
         if g_idx is None and _enum_value(getattr(args, "actorder", None)) in ("group", "dynamic"):
             raise ForeignFormatError(f"{name}: an act-order (actorder={_enum_value(args.actorder)!r}) compressed-tensors "
                                      "layer without its weight_g_idx: the order of its channels was not loaded")
-        canon = compressed_tensors_to_canonical(module.weight_packed, module.weight_scale, zero_point, g_idx, k, n, gs,
-                                                name)
+        canon = compressed_tensors_to_canonical(module.weight_packed, module.weight_scale,
+                                                getattr(module, "weight_zero_point", None), g_idx, k, n, gs, name,
+                                                symmetric=bool(getattr(args, "symmetric", True)))
     elif kind == "awq":
         canon = awq_to_canonical(module.qweight, module.qzeros, module.scales, k, n, gs, name)
     else:
