@@ -39,7 +39,11 @@ def bench_summary(bench: Dict, rel: str) -> List[str]:
     ours = [b for b in dict.fromkeys(r["backend"] for r in rows) if r_family(rows, b) == "ours"]
     head = ["model", "N x K"] + [f"{b} M={m}" for b in ours for m in HEADLINE_M]
     out = [f"Speedup over fp16 `torch.matmul` (x), with % of the measured copy bandwidth "
-           f"({bench['copy_bandwidth_gbps']:.0f} GB/s) in brackets for M <= 16:", "",
+           f"({bench['copy_bandwidth_gbps']:.0f} GB/s) in brackets for M <= 16, "
+           + ("the kernels' own time (replayed from CUDA graphs; the host's launch cost is apart, in bench.md):"
+              if bench["config"].get("timing", "").startswith("kernel time") else
+              "timed with events around eager calls: where the host takes longer to launch a call than its kernel "
+              "runs (decode sizes), the host's time, not the kernel's:"), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in _largest_llm_shapes(rows):
         cells = [s["model"], f"{s['n']} x {s['k']}"]
