@@ -50,7 +50,11 @@ def quantize_per_token_int8_ref(x: torch.Tensor,
     if input_scale is not None:
         x = x * input_scale
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1) / INT8_MAX
+    amax = x32.abs().amax(dim=-1)
+    # divided by a tensor, not the number 127: on CUDA torch turns a division by a Python scalar into a
+    # multiplication by its reciprocal (rounded twice, an ulp off the quotient in some rows), on the CPU
+    # it divides; a tensor divisor is a correctly rounded division on every device, as in the kernels
+    scale = amax / torch.full_like(amax, INT8_MAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     x_q = torch.round(x32 / safe.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
     x_q = torch.where(scale.unsqueeze(-1) > 0, x_q, torch.zeros_like(x_q))
@@ -67,12 +71,16 @@ def w4a8_gemm_ref(
         y[m, n]     = x_scale[m] * sum_g acc_g[m, n] * scales[n, g]   (fp32, groups in order) + bias
     """
     m, k = x_q.shape
-    q = unpack_int4(qweight).to(torch.int64)
+    q = unpack_int4(qweight)
     n = q.shape[0]
     g = k // group_size
-    xg = x_q.to(torch.int64).reshape(m, g, group_size)
+    xg = x_q.reshape(m, g, group_size)
     qg = q.reshape(n, g, group_size)
-    dot = torch.einsum("mgk,ngk->mng", xg, qg)              # exact in int64
+    # the integer dot products through fp64 (CUDA has no int64 matmul): every product is an integer of at
+    # most 127 * 15 and every partial sum one below 2**53 for K < 2**42, so fp64 holds each exactly, in any
+    # order of summation, and the int64 result is the exact integer sum
+    dot = torch.einsum("mgk,ngk->mng", xg.double(), qg.double()).to(torch.int64)
+    xg = xg.to(torch.int64)
     xsum = xg.sum(-1)                                        # [M, G]
     acc = dot - zeros.to(torch.int64).unsqueeze(0) * xsum.unsqueeze(1)  # [M, N, G], exact
     y = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)

@@ -1,4 +1,5 @@
 """Per-token int8 activation quantization: Triton (interpreter) bit-exact against reference.py."""
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,13 @@ def test_reference_semantics():
     assert xq[2].tolist() == [-127, 32, 0, 0]                    # 0.25 / (1/127) = 31.75 -> 32
     err = (xq.float() * s[:, None] - x).abs()
     assert (err <= 0.5 * s[:, None] + 1e-6).all()
+    # the scale is the correctly rounded quotient max|x| / 127 (numpy's float32 division), not max|x| times
+    # a rounded 1/127 (what torch computes for a division by a Python number on CUDA)
+    x = torch.randn(4096, 8) * torch.rand(4096, 1) * 100
+    amax = x.abs().amax(-1).numpy()
+    s = quantize_per_token_int8_ref(x)[1]
+    assert torch.equal(s, torch.from_numpy(amax / np.float32(127)))
+    assert not torch.equal(s, torch.from_numpy(amax * (np.float32(1) / np.float32(127))))  # they do differ
 
 
 @triton_only

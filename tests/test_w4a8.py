@@ -47,6 +47,19 @@ def test_w4a8_reference_integer_part_is_exact():
     assert torch.equal(y, exact.float())
 
 
+def test_w4a8_reference_integer_part_is_exact_past_fp32():
+    # one group of K = 32768: the integer sums reach ~2**25 (127 * 7.5 * 32768), past what an fp32 sum holds
+    # exactly (the reference sums in fp64, which any device can matmul; int64 has no CUDA matmul)
+    n, k = 8, 32768
+    qweight, scales, zeros, _ = random_qweight(n, k, -1, torch.float32)
+    scales, zeros = torch.ones_like(scales), torch.zeros_like(zeros)
+    x_q = torch.randint(100, 128, (3, k), dtype=torch.int8)
+    x_q[1] = -x_q[1]
+    y = w4a8_gemm_ref(x_q, torch.ones(3), qweight, scales, zeros, None, k, torch.float32)
+    exact = x_q.long() @ unpack_int4(qweight).long().t()
+    assert exact.abs().max() > 2**24 and torch.equal(y, exact.float())
+
+
 def test_w4a8_linear_uses_w4a16_for_decode_rows():
     n, k = 40, 128
     qweight, scales, zeros, gs = random_qweight(n, k, 64, torch.float32)
