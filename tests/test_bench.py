@@ -38,6 +38,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
         assert r["speedup_vs_fp16"] is not None and r["rotating_copies"] >= 2
         assert r["bytes"] > 0 and r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / 50.0)
         assert (r["host_us"] > 0) if r["m"] <= 16 else r["host_us"] is None
+        assert r["timing"] == "cpu"  # (on CUDA: "cuda-graph", or "eager (...)" with the reason)
     fp = next(r for r in res["rows"] if r["backend"] == "fp16" and r["m"] == 1 and r["n"] == 96)
     assert fp["bytes"] == 96 * 256 * 2 + 256 * 2 + 96 * 2
     assert res["act_quant"] and all(r["gbps"] > 0 for r in res["act_quant"])

@@ -103,6 +103,29 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return tuple(statistics.median(samples) if q == 0.5 else qs[max(0, min(98, int(round(q * 100)) - 1))] for q in quantiles)
 
 
+def kernel_time_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 100,
+                   quantiles: Sequence[float] = QUANTILES):
+    """(median, p20, p80 in ms, how) of the GPU work of one fn() call. CUDA: many calls captured in one CUDA
+    graph and replayed (triton.testing.do_bench_cudagraph; each sample the mean over the graph's calls),
+    so a small kernel's time is its own and not the host's cost of launching it (host_us_per_call
+    reports that): what a graphed decode step pays per layer. Events around eager calls would time the
+    host instead wherever its launch takes longer than the kernel (on the H200 here, 20-80 us for a call
+    whose kernel takes 5-10). Operands that must not be served from L2 rotate inside fn (Rotating): each
+    captured call reads the next copy. Where fn cannot be captured, eager events (time_ms), and `how`
+    says so with the reason. CPU: time_ms."""
+    if device.type != "cuda":
+        return (*time_ms(fn, device, rep_ms=rep_ms, quantiles=quantiles), "cpu")
+    import triton.testing
+
+    try:
+        qs = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=list(quantiles))
+        return (*qs, "cuda-graph")
+    except Exception as e:  # e.g. a peer that synchronises inside its call
+        torch.cuda.synchronize(device)
+        why = f"eager (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        return (*time_ms(fn, device, rep_ms=rep_ms, quantiles=quantiles), why)
+
+
 def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = 50) -> float:
     """Host time (us) of one call of fn() with no synchronisation inside the timed loop: on a GPU
     what the CPU spends to get the work queued (checks, dispatch, launch), which an eager decode

@@ -7,7 +7,7 @@ import torch
 
 from .. import ops
 from .backends import Backend, default_backends
-from .env import Rotating, copy_bandwidth_gbps, env_info, host_us_per_call, rotating_copies, time_ms
+from .env import Rotating, copy_bandwidth_gbps, env_info, host_us_per_call, kernel_time_ms, rotating_copies
 from .shapes import M_SWEEP, LinearShape
 
 CHECK_ROWS = 16          # rows of x compared against the backend's reference before timing
@@ -40,6 +40,8 @@ def _check(name: str, prepared, x: torch.Tensor) -> str:
     return "ok" if rel <= PEER_REL_TOL else f"mismatch (relative error {rel:.3g})"
 
 
+TIMING = ("kernel time: calls replayed from a CUDA graph (each row's `timing`; the host's launch cost is "
+          "`host_us`, apart)")
 # M up to which each row also records the host time per call (decode sizes, where it can exceed the kernel's)
 HOST_TIMED_MAX_M = 16
 
@@ -61,7 +63,7 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
     backends = backends if backends is not None else default_backends()
     result = {"kind": "microbench", "env": env_info(device),
               "config": {"dtype": str(dtype).replace("torch.", ""), "group_size": group_size, "ms": list(ms),
-                         "rep_ms": rep_ms},
+                         "rep_ms": rep_ms, "timing": TIMING if device.type == "cuda" else "cpu"},
               "skipped": {}, "rows": [], "act_quant": []}
     bw = copy_bw_gbps if copy_bw_gbps is not None else copy_bandwidth_gbps(device)
     result["copy_bandwidth_gbps"] = bw
@@ -127,7 +129,7 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
             continue
         x = torch.randn(m, k, device=device, dtype=dtype)
         status = _check(b.name, first, x)
-        med, p20, p80 = time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
+        med, p20, p80, how = kernel_time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
         host_us = host_us_per_call(lambda: rot.next().run(x), device) if m <= HOST_TIMED_MAX_M else None
         nbytes = first.weight_bytes + b.activation_bytes(m, k, n, esize)
         gbps = nbytes / (med * 1e-3) / 1e9
@@ -135,7 +137,7 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
             "model": shape.model, "n": n, "k": k, "m": m, "backend": b.name, "family": b.family,
             "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
             "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
-            "check": status, "rotating_copies": len(copies), "host_us": host_us})
+            "check": status, "rotating_copies": len(copies), "host_us": host_us, "timing": how})
         del x
 
 
@@ -149,12 +151,15 @@ def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
     for k in sorted({s.k for s in shapes}):
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
+            # copies past twice the L2, as for the weights: at 4096 x 4096 one x (32 MiB) would stay in an H200's L2
+            rot = Rotating([x] + [torch.randn_like(x) for _ in range(rotating_copies(x.nbytes, device) - 1)])
             for backend in backends:
-                med, p20, p80 = time_ms(lambda: ops.quantize_per_token_int8(x, backend), device, rep_ms=rep_ms)
+                med, p20, p80, how = kernel_time_ms(lambda: ops.quantize_per_token_int8(rot.next(), backend), device,
+                                                    rep_ms=rep_ms)
                 nbytes = m * k * x.element_size() + m * k + 4 * m
                 gbps = nbytes / (med * 1e-3) / 1e9
                 rows.append({"m": m, "k": k, "backend": backend, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                             "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw})
+                             "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw, "timing": how})
     return rows
 
 

@@ -64,7 +64,14 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
     by = {(r["model"], r["n"], r["k"], r["m"], r["backend"]): r for r in rows}
     out = ["## Kernel microbenchmarks", ""] + _env_lines(result["env"]) + [
         f"- measured copy bandwidth: **{result['copy_bandwidth_gbps']:.0f} GB/s**; "
-        f"dtype {result['config']['dtype']}, group size {result['config']['group_size']}", ""]
+        f"dtype {result['config']['dtype']}, group size {result['config']['group_size']}"]
+    if result["config"].get("timing"):  # (bench files before it timed eager calls with events: no such key)
+        out.append(f"- timing: {result['config']['timing']}")
+    eager = sorted({f"`{r['backend']}`" for r in rows if str(r.get("timing", "")).startswith("eager")})
+    if eager:
+        out.append(f"- timed eagerly (no CUDA graph; the host's launch cost can be in these): {', '.join(eager)}; "
+                   "the reason is in bench.json")
+    out.append("")
     for name, why in result.get("skipped", {}).items():
         out.append(f"- `{name}` skipped: {why}")
     if result.get("incomplete"):
