@@ -16,6 +16,12 @@
 #
 #   bash benchmarks/run_gpu_suite.sh [OUT_DIR]
 #   SUITE_QUICK=1 bash benchmarks/run_gpu_suite.sh   # smaller sweep (for iterating)
+# A follow-up call that has less device time can narrow it:
+#   SUITE_STAGES=env,install,gpu-tests,bench,targets   only these stages (default: all)
+#   SUITE_TESTS_K="act_quant or w4a8"                  pytest -k for the gpu-tests stage
+#   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out)
+#   SUITE_EXTRA_CMD="bash .probe/run.sh"               a diagnostic command carried with the call, run
+#                                                      (stage `extra`) once the package is installed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-suite-out}}
@@ -32,6 +38,9 @@ DEADLINE=${SUITE_DEADLINE_S:-540}
 
 stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left before the deadline)
   local name=$1 limit=$2; shift 2
+  if [ -n "${SUITE_STAGES:-}" ] && [[ ",$SUITE_STAGES,install-without-cuda-extension," != *",$name,"* ]]; then
+    echo "=== [$name] skipped: not in SUITE_STAGES" >> "$LOG"; return 0
+  fi
   local left=$(( DEADLINE - ($(date +%s) - T0) - 5 ))
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then echo "=== [$name] skipped: deadline reached" >> "$LOG"; return 0; fi
@@ -52,6 +61,9 @@ else
   BENCH_ARGS=(--rep-ms 20 --time-budget-s 110)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed)
 fi
+# shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)
+[ -n "${SUITE_BENCH_ARGS:-}" ] && BENCH_ARGS=($SUITE_BENCH_ARGS)
+TESTS_K=(); [ -n "${SUITE_TESTS_K:-}" ] && TESTS_K=(-k "$SUITE_TESTS_K")
 
 stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"
 # should the CUDA extension fail to build, the package goes in without it, so that the Triton kernels'
@@ -71,11 +83,12 @@ else
 fi
 # versions, the device, whether _C loaded (and why not), what backend="auto" picks: into suite.log
 stage env-report 30 $PY -m minicpm_int4 env
+[ -n "${SUITE_EXTRA_CMD:-}" ] && stage extra "${SUITE_EXTRA_S:-60}" bash -c "$SUITE_EXTRA_CMD"
 # pytest-xdist where installed (the GPU image has it): the tests' time is mostly Triton compiling
 # kernels on the CPU, which 12 workers (of the 16 cores) share out, and a worker that breaks its
 # GPU context takes only its own tests down; the compiled kernels stay in Triton's cache for bench
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
-stage gpu-tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" tests/test_gpu.py
+stage gpu-tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" "${TESTS_K[@]}" tests/test_gpu.py
 stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_extension and not real_shapes"
 stage search-timing 45 $PY -c "
 import time, torch
