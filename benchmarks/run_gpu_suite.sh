@@ -19,6 +19,7 @@
 # A follow-up call that has less device time can narrow it:
 #   SUITE_STAGES=env,install,gpu-tests,bench,targets   only these stages (default: all)
 #   SUITE_TESTS_K="act_quant or w4a8"                  pytest -k for the gpu-tests stage
+#   SUITE_TESTS_S=70                                   its time limit (default 150 s)
 #   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out)
 #   SUITE_EXTRA_CMD="bash .probe/run.sh"               a diagnostic command carried with the call, run
 #                                                      (stage `extra`) once the package is installed
@@ -88,7 +89,7 @@ stage env-report 30 $PY -m minicpm_int4 env
 # kernels on the CPU, which 12 workers (of the 16 cores) share out, and a worker that breaks its
 # GPU context takes only its own tests down; the compiled kernels stay in Triton's cache for bench
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
-stage gpu-tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" "${TESTS_K[@]}" tests/test_gpu.py
+stage gpu-tests "${SUITE_TESTS_S:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" "${TESTS_K[@]}" tests/test_gpu.py
 stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_extension and not real_shapes"
 stage search-timing 45 $PY -c "
 import time, torch
