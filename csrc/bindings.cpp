@@ -7,20 +7,48 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "launchers.h"  // the launchers of csrc/*.cu, declared once
 
 namespace {
+
+// Error messages are built here with std::to_string and std::string, never with an ostream: TORCH_CHECK
+// given several pieces formats them through a std::ostringstream instantiated in this library, and where
+// the library carries its own copy of libstdc++ (the GPU image's build links it statically) that copy's
+// locale facets are not the process's, so formatting a number crashed the process (an H200 run: every
+// check that printed a size died in basic_ostream::_M_insert<long>) or truncated the message. One std::string
+// or literal per TORCH_CHECK is passed through untouched (c10::str's string specialisations), and the
+// c10::Error it throws is formatted in libc10, which links the shared libstdc++.
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(int64_t v) { return std::to_string(v); }
+inline std::string piece(int v) { return std::to_string(v); }
+inline std::string piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const at::Device& d) { return d.str(); }  // (Device::str is libc10's)
+inline std::string piece(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string out;
+  (out += ... += piece(args));
+  return out;
+}
 
 // A layer's input scale as the kernels read it: undefined for None, else [K] of x's dtype on x's
 // device, contiguous and 16-byte aligned (read 16 bytes at a time; a view with an offset is copied).
 at::Tensor checked_input_scale(const char* op, const std::optional<at::Tensor>& input_scale, const at::Tensor& x) {
   if (!input_scale.has_value()) return at::Tensor();
   const at::Tensor& m = *input_scale;
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == x.size(1), op, ": input_scale must have shape [K=", x.size(1),
-              "] (one multiplier per input channel), got ", m.sizes());
-  TORCH_CHECK(m.scalar_type() == x.scalar_type(), op, ": input_scale is ", m.scalar_type(), " but the activations are ",
-              x.scalar_type(), " (x * input_scale is computed in the activations' dtype)");
-  TORCH_CHECK(m.device() == x.device(), op, ": input_scale is on ", m.device(), " but x is on ", x.device());
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == x.size(1), msg(op, ": input_scale must have shape [K=", x.size(1),
+              "] (one multiplier per input channel), got ", m.sizes()));
+  TORCH_CHECK(m.scalar_type() == x.scalar_type(), msg(op, ": input_scale is ", m.scalar_type(),
+              " but the activations are ", x.scalar_type(),
+              " (x * input_scale is computed in the activations' dtype)"));
+  TORCH_CHECK(m.device() == x.device(), msg(op, ": input_scale is on ", m.device(), " but x is on ", x.device()));
   if (m.is_contiguous() && reinterpret_cast<uintptr_t>(m.data_ptr()) % 16 == 0) return m;
   return at::empty({m.size(0)}, m.options()).copy_(m);  // a fresh allocation: contiguous and aligned
 }
@@ -32,10 +60,10 @@ at::Tensor checked_input_scale(const char* op, const std::optional<at::Tensor>& 
 at::Tensor checked_input_perm(const char* op, const std::optional<at::Tensor>& input_perm, const at::Tensor& x) {
   if (!input_perm.has_value()) return at::Tensor();
   const at::Tensor& g = *input_perm;
-  TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(1), op, ": input_perm must have shape [K=", x.size(1),
-              "] (the input channel of each weight column), got ", g.sizes());
-  TORCH_CHECK(g.scalar_type() == at::kInt, op, ": input_perm must be int32, got ", g.scalar_type());
-  TORCH_CHECK(g.device() == x.device(), op, ": input_perm is on ", g.device(), " but x is on ", x.device());
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(1), msg(op, ": input_perm must have shape [K=", x.size(1),
+              "] (the input channel of each weight column), got ", g.sizes()));
+  TORCH_CHECK(g.scalar_type() == at::kInt, msg(op, ": input_perm must be int32, got ", g.scalar_type()));
+  TORCH_CHECK(g.device() == x.device(), msg(op, ": input_perm is on ", g.device(), " but x is on ", x.device()));
   if (g.is_contiguous() && reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0) return g;
   return at::empty({g.size(0)}, g.options()).copy_(g);
 }
@@ -55,13 +83,13 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
               "minicpm_int4_C.w4a16_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_gemm: x must be [M, K] with unit stride along K");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "w4a16_gemm (cuda): activations must be fp16 or bf16, got ", x.scalar_type());
+              msg("w4a16_gemm (cuda): activations must be fp16 or bf16, got ", x.scalar_type()));
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(),
               "w4a16_gemm: qweight must be contiguous int32 [N, K/8]");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) * 8 == K, "w4a16_gemm: qweight packs K=", qweight.size(1) * 8, " but x has K=", K);
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && K % group_size == 0,
-              "w4a16_gemm: K=", K, " is not divisible by group_size=", group_size);
+  TORCH_CHECK(qweight.size(1) * 8 == K, msg("w4a16_gemm: qweight packs K=", qweight.size(1) * 8, " but x has K=", K));
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && K % group_size == 0, msg("w4a16_gemm: K=", K,
+              " is not divisible by group_size=", group_size));
   TORCH_CHECK(scales.scalar_type() == x.scalar_type() && zeros.scalar_type() == x.scalar_type(),
               "w4a16_gemm: scales/zeros must have the activation dtype");
   TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous() && scales.size(0) == N && scales.size(1) == K / group_size &&
@@ -73,15 +101,16 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
-  TORCH_CHECK(variant >= 0 && variant <= 2, "w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV) or 2 "
-              "(tensor cores), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 2, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV) "
+              "or 2 (tensor cores), got ", variant));
   TORCH_CHECK(variant != 2 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
-              "w4a16_gemm (cuda): the tensor-core kernel needs K % 128 == 0 and a group size that is a power of two "
-              ">= 32 or K; got K=", K, ", group_size=", group_size, " (variant 0 or 1 takes it)");
+              msg("w4a16_gemm (cuda): the tensor-core kernel needs K % 128 == 0 and a group size that is a power of two "
+                  ">= 32 or K; got K=", K, ", group_size=", group_size, " (variant 0 or 1 takes it)"));
   TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
               "w4a16_gemm (cuda): qweight must be 16-byte aligned for 16-byte loads (got a view with an offset?)");
   TORCH_CHECK(out.is_cuda() && out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == M &&
-              out.size(1) == N && out.stride(1) == 1, "w4a16_gemm: out must be [M, N] of the activation dtype, unit stride along N");
+              out.size(1) == N && out.stride(1) == 1,
+              "w4a16_gemm: out must be [M, N] of the activation dtype, unit stride along N");
   TORCH_CHECK(out.device() == x.device() && qweight.device() == x.device() && scales.device() == x.device() &&
               zeros.device() == x.device(), "w4a16_gemm: all tensors must be on the same device");
   const at::Tensor ms = checked_input_scale("w4a16_gemm", input_scale, x);
@@ -103,7 +132,7 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
       out.stride(0), x.scalar_type() == at::kHalf ? 0 : 1, static_cast<int>(variant),
       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.w4a16_gemm: kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, msg("minicpm_int4_C.w4a16_gemm: kernel launch failed: ", cudaGetErrorString(err)));
 }
 
 at::Tensor w4a16_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -125,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
   TORCH_CHECK(x.is_cuda(), "minicpm_int4_C.quantize_per_token_int8: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_per_token_int8: x must be [M, K] with unit stride along K");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "quantize_per_token_int8 (cuda): activations must be fp16, bf16 or fp32, got ", x.scalar_type());
+              msg("quantize_per_token_int8 (cuda): activations must be fp16, bf16 or fp32, got ", x.scalar_type()));
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31), "quantize_per_token_int8: sizes exceed int32");
   const at::Tensor ms = checked_input_scale("quantize_per_token_int8", input_scale, x);
@@ -146,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
                                            perm.defined() ? perm.data_ptr<int32_t>() : nullptr, xq.data_ptr<int8_t>(),
                                            scale.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K),
                                            M == 1 ? K : xs.stride(0), dtype, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "minicpm_int4_C.quantize_per_token_int8: kernel launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, msg("minicpm_int4_C.quantize_per_token_int8: kernel launch failed: ",
+              cudaGetErrorString(err)));
   return {xq, scale};
 }
 

@@ -122,3 +122,50 @@ def test_default_arch_list_builds_hopper_as_sm90a(caps, expected):
     cuda = SimpleNamespace(is_available=lambda: bool(caps), device_count=lambda: len(caps),
                            get_device_capability=lambda i: caps[i])
     assert _setup_function("_default_arch_list")(SimpleNamespace(cuda=cuda)) == expected
+
+
+def _top_level_args(src, start):
+    """The top-level comma-separated arguments of the call whose '(' is at src[start - 1]."""
+    args, depth, i, begin, in_str = [], 1, start, start, False
+    while depth:
+        c = src[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 1:
+            args.append(src[begin:i].strip())
+            begin = i + 1
+        i += 1
+    args.append(src[begin:i - 1].strip())
+    return args
+
+
+def test_bindings_never_format_a_message_through_an_iostream():
+    """The GPU image's build of minicpm_int4._C carries its own libstdc++, whose iostreams cannot format a
+    number there: a TORCH_CHECK given several message pieces (formatted by a std::ostringstream compiled
+    into the library) killed the process on an H200 the first time a check printed a size. Each check
+    passes one literal or one msg(...) (std::to_string and std::string), which c10 passes through."""
+    import re
+
+    for name in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
+        if not name.endswith((".cpp", ".cu", ".cuh", ".h")):
+            continue
+        with open(os.path.join(ROOT, "csrc", name)) as f:
+            src = f.read()
+        code = re.sub(r"//[^\n]*", "", src)
+        assert "stringstream" not in code and "std::cout" not in code and "std::cerr" not in code, name
+        for m in re.finditer(r"\bTORCH_(?:CHECK|INTERNAL_ASSERT)\(", code):
+            args = _top_level_args(code, m.end())
+            message = args[1:]
+            where = f"{name}: {code[m.start():m.start() + 80]!r}"
+            assert len(message) <= 1, f"{where}: {len(message)} message pieces; pass msg(...) instead"
+            if message:
+                assert re.fullmatch(r'("([^"\\]|\\.)*"\s*)+', message[0]) or message[0].startswith("msg("), where
