@@ -158,8 +158,12 @@ class OursW4A16TritonUnsplit(_OursW4A16TritonSwitched):
 
 
 class OursW4A8(_Ours):
-    """Activation quantization + int8 x int4 GEMM, timed together (the path a W4A8 layer runs)."""
+    """Activation quantization + int8 x int4 GEMM, timed together: the path a W4A8 layer runs from
+    ops.W4A8_MIN_M rows on (below it the layer runs W4A16, the w4a16 rows)."""
     op = "w4a8"
+
+    def supports(self, m):
+        return m >= ops.W4A8_MIN_M and super().supports(m)
 
     def prepare(self, w, group_size):
         qweight, scales, zeros = _int4(w, group_size)
