@@ -1,7 +1,7 @@
 """What an input scale (QuantConfig.input_scales) costs at runtime: one int4 layer timed with and without
 `input_scale`, eager and, on a GPU, replayed from a CUDA graph (where launch overhead is what is left of a
-decode step's host cost). W4A16: multiplied into the Triton kernels' loads of x, and on a GPU also timed
-as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False for decode, M <= 16, and
+decode step's host cost). W4A16: multiplied into the Triton kernels' loads of x (forced, for prefill
+too), and on a GPU also timed as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False for decode, M <= 16, and
 FUSE_INPUT_SCALE_PREFILL = False for prefill: which is faster); W4A8 from ops.W4A8_MIN_M rows on: inside
 the activation quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in
 their loads of x). Likewise an act-order layer's channel order (QuantLinear.input_perm, from GPTQ /
@@ -71,8 +71,8 @@ CUDA_PERM_FLAGS = (("ops", "CUDA_FUSE_INPUT_PERM"),)
 
 
 @contextlib.contextmanager
-def _unfused(flags):
-    """The switches `flags` set to False inside the block (a pass of its own first)."""
+def _switched(flags, value):
+    """The switches `flags` set to `value` inside the block (True: fused; False: a pass of its own first)."""
     if not flags:
         yield
         return
@@ -83,7 +83,7 @@ def _unfused(flags):
     saved = {(mod, f): getattr(modules[mod], f) for mod, f in flags}
     try:
         for mod, f in flags:
-            setattr(modules[mod], f, False)
+            setattr(modules[mod], f, value)
         yield
     finally:
         for (mod, f), v in saved.items():
@@ -132,16 +132,19 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
                     continue  # the extension's kernels are for decode
                 x = torch.randn(rows_m, k, device=device, dtype=dtype)
                 row = {"n": n, "k": k, "m": rows_m, "act": act or "fp", "backend": be}
-                # (name, layer, switches turned off); the Triton W4A16 kernels both ways where they run
-                variants = [("plain", plain, ()), ("input_scale", scaled, ()), ("input_perm", permuted, ())]
-                if act is None and be != "cuda" and (device.type == "cuda" or be == "triton"):
-                    variants.append(("input_scale_separate", scaled, SCALE_FLAGS))
+                # (name, layer, switches, their value); the Triton W4A16 kernels both ways where they run, the
+                # fused one forced (the prefill default on a GPU is the separate pass, which this measured faster)
+                both = act is None and be != "cuda" and (device.type == "cuda" or be == "triton")
+                variants = [("plain", plain, (), None), ("input_scale", scaled, SCALE_FLAGS if both else (), True),
+                            ("input_perm", permuted, (), None)]
+                if both:
+                    variants.append(("input_scale_separate", scaled, SCALE_FLAGS, False))
                     if rows_m <= 16:  # prefill always gathers first
-                        variants.append(("input_perm_separate", permuted, PERM_FLAGS))
+                        variants.append(("input_perm_separate", permuted, PERM_FLAGS, False))
                 if be == "cuda":  # the tensor-core kernel reading x through the order, or torch's gather first
-                    variants.append(("input_perm_separate", permuted, CUDA_PERM_FLAGS))
-                for name, layer, flags in variants:
-                    with _unfused(flags):
+                    variants.append(("input_perm_separate", permuted, CUDA_PERM_FLAGS, False))
+                for name, layer, flags, value in variants:
+                    with _switched(flags, value):
                         row[f"{name}_eager_ms"] = _median_ms(lambda: layer(x), reps, device)
                         if device.type == "cuda":
                             row[f"{name}_graph_ms"] = _median_ms(_graphed(layer, x), reps, device)

@@ -104,7 +104,7 @@ h = x.t() @ x
 t = time.perf_counter(); gptq_quantize(w, h, 128); torch.cuda.synchronize()
 print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.perf_counter() - t) * 1e3:.1f} ms')"
 # QuantConfig.input_scales' multiply per layer: a 4096 x 4096 layer with and without it, eager and
-# CUDA-graphed, W4A16 at M = 1 / 16 / 4096 (in the Triton kernels' loads - prefill's on sm_90 - and as
+# CUDA-graphed, W4A16 at M = 1 / 16 / 4096 (in the Triton kernels' loads and as
 # a separate pass: which is faster), the CUDA extension's decode kernels at M = 1 / 16 (in their
 # loads), W4A8 at 4096 (in the activation quantizer); and the same for an act-order layer's channel
 # order (input_perm: read through by the Triton decode kernels and quantizer and the CUDA tensor-core kernel, or gathered first);

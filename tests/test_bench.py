@@ -391,11 +391,15 @@ def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
         assert out.count("separate pass") == 3, out
     # the CUDA extension's switch (timed on a GPU with the extension built): off inside, restored after
     assert ops.CUDA_FUSE_INPUT_PERM
-    with mod._unfused(mod.CUDA_PERM_FLAGS + mod.PERM_FLAGS):
-        from minicpm_int4.kernels import w4a16
+    from minicpm_int4.kernels import w4a16
 
+    with mod._switched(mod.CUDA_PERM_FLAGS + mod.PERM_FLAGS, False):
         assert not ops.CUDA_FUSE_INPUT_PERM and not w4a16.FUSE_INPUT_PERM
     assert ops.CUDA_FUSE_INPUT_PERM and w4a16.FUSE_INPUT_PERM
+    # the fused prefill is forced on for its line (compiled kernels default to the pass), then restored
+    with mod._switched(mod.SCALE_FLAGS, True):
+        assert w4a16.FUSE_INPUT_SCALE is True and w4a16.FUSE_INPUT_SCALE_PREFILL is True
+    assert w4a16.FUSE_INPUT_SCALE is True and w4a16.FUSE_INPUT_SCALE_PREFILL is None
 
 
 def test_result_files_say_which_dispatch_table_auto_ran_on():

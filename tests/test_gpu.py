@@ -525,10 +525,14 @@ def test_triton_w4a16_input_scale(nk, group_size, dtype, m):
                       dequant(qweight, scales, zeros, gs, dtype))
 
 
-def test_triton_w4a16_input_scale_prefill_at_4096_rows():
-    """The prefill kernel with the scale in its x tiles at the M the benchmarks time (the autotuner's
-    4096-row choice, e.g. the 128x256 tile at 243 registers on sm_90a), against the reference on x * m;
-    on sm_80 the separate pass."""
+@pytest.mark.parametrize("fused", [True, None], ids=["fused", "default"])
+def test_triton_w4a16_input_scale_prefill_at_4096_rows(fused, monkeypatch):
+    """The prefill kernel with the scale in its x tiles (forced; the autotuner's 4096-row choice, e.g. the
+    128x256 tile at 243 registers on sm_90a) and the default (a separate pass when compiled), at the M the
+    benchmarks time, against the reference on x * m."""
+    from minicpm_int4.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "FUSE_INPUT_SCALE_PREFILL", fused)
     n = k = 4096
     qweight, scales, zeros, gs = _cuda_layer(n, k, 128, torch.float16)
     x = torch.randn(4096, k, dtype=torch.float16, device="cuda")

@@ -94,7 +94,10 @@ FUSE_INPUT_PERM = True
 # per weight). On sm_80 every warp multiplies the rows it feeds to mma.sync, once per warp column:
 # +1.1 - 2.4 (64x128 5.86 -> 6.98, 128x128 7.94 -> 10.38), near the BLOCK_M / 8 budget of the 64-row
 # tiles, so there x * m takes its own pass (~M x K x 4 bytes of traffic, ~6% of a 4096^3 GEMM). fp32
-# layers always do (their FMA tiles spill with it). benchmarks/input_scale_cost.py times both.
+# layers always do (their FMA tiles spill with it). benchmarks/input_scale_cost.py times both: on an H200
+# (triton 3.6, 4096 x 4096, G = 128, M = 4096) the fused multiply took the GEMM from 363 to 473 us, the
+# separate pass to 410 us, so compiled kernels take the pass everywhere now; the interpreter keeps the
+# fused tiles (what the CPU tests check by default; they run both).
 FUSE_INPUT_SCALE_PREFILL = None
 # The inline-PTX dequantization of the decode kernel and of the prefill row tile (fp16 / bf16 on a
 # GPU). False: the same numbers in the same order from Triton ops (what the interpreter runs), e.g.
@@ -714,7 +717,7 @@ def _fuse_prefill_scale(x: torch.Tensor) -> bool:
         return False
     if FUSE_INPUT_SCALE_PREFILL is not None:
         return FUSE_INPUT_SCALE_PREFILL
-    return INTERPRET or _common.target_capability(x.device) >= 90
+    return INTERPRET  # compiled: the separate pass, measured faster on sm_90 (above) and sm_80's choice already
 
 
 def _triton_at_least(major: int, minor: int) -> bool:
@@ -871,7 +874,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     GEMV or decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
     (where dispatch.py's measured table says that is faster). input_scale: [K] in x's dtype or None,
     y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
-    (FUSE_INPUT_SCALE), into the prefill kernel's x tiles on sm_90 (FUSE_INPUT_SCALE_PREFILL), else in a
+    (FUSE_INPUT_SCALE), into the prefill kernel's x tiles in the interpreter (FUSE_INPUT_SCALE_PREFILL), else in a
     pass of its own first. input_perm: int32 [K] or None, y = (x[:, input_perm] * input_scale) @ ...:
     the decode kernels read x through it (FUSE_INPUT_PERM), prefill gathers first."""
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
