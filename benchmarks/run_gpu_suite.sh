@@ -21,6 +21,9 @@
 #   SUITE_TESTS_K="act_quant or w4a8"                  pytest -k for the gpu-tests stage
 #   SUITE_TESTS_S=70                                   its time limit (default 150 s)
 #   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out)
+#   SUITE_PROFILE_ARGS="--modes graphed ..."           the profile's arguments (besides --out, --time-budget-s)
+# The full suite leaves the profile a minute or so of its 540 s: with a 15-minute device budget, follow
+# it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the graphed decode compiles for a minute).
 #   SUITE_EXTRA_CMD="bash .probe/run.sh"               a diagnostic command carried with the call, run
 #                                                      (stage `extra`) once the package is installed
 set -uo pipefail
@@ -54,16 +57,22 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
 }
 
 if [ -n "${SUITE_QUICK:-}" ]; then
-  BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 25 --max-n 20000 --time-budget-s 90)
+  BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 10 --max-n 20000 --time-budget-s 90)
   PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager)
 else
-  # 20 ms of repetitions per median (thousands of calls at decode sizes, 20 at the largest
-  # prefill); 20 s of the bench's old budget went to profile, whose graphed runs compile for a minute
-  BENCH_ARGS=(--rep-ms 20 --time-budget-s 110)
+  # each case replays its CUDA graph of calls for 10 x rep-ms; six M (the decode, mid and prefill sizes
+  # the targets and the dispatch table read), so that every shape of the three models is reached: on the
+  # H200 two models at three M took ~95 s. The stage's limit leaves the time the plots take (matplotlib's
+  # first import builds its font cache on a fresh machine: warmed in the background below)
+  BENCH_ARGS=(--ms 1,4,16,64,256,4096 --rep-ms 10 --time-budget-s 110)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)
 [ -n "${SUITE_BENCH_ARGS:-}" ] && BENCH_ARGS=($SUITE_BENCH_ARGS)
+# shellcheck disable=SC2206
+[ -n "${SUITE_PROFILE_ARGS:-}" ] && PROFILE_ARGS=($SUITE_PROFILE_ARGS)
+# matplotlib's font cache, built once per machine (tens of seconds), while the stages before the bench run
+( $PY -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot" > /dev/null 2>&1 & )
 TESTS_K=(); [ -n "${SUITE_TESTS_K:-}" ] && TESTS_K=(-k "$SUITE_TESTS_K")
 
 stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'"
@@ -110,7 +119,7 @@ print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.per
 # order (input_perm: read through by the Triton decode kernels and quantizer and the CUDA tensor-core kernel, or gathered first);
 # W4A16's lines come first, should the limit cut W4A8's autotuning short
 stage input-scale-cost 50 $PY benchmarks/input_scale_cost.py
-stage bench 130 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
+stage bench 150 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 # the dispatch table this bench measured (where the CUDA kernel, or at M = 1 the Triton tensor-core
 # kernel, beat the default), outside the checkout: the profile's backend="auto" runs on it, as it will
 # once ingest_gpu_results.py commits the same table (profile.json's env records which table it used)
