@@ -209,12 +209,14 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                     input_scale: bool = True, input_perm: bool = True) -> List[Launch]:
     """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
     problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16; with
-    `input_scale` also the W4A16 kernels (the decode ones everywhere, prefill where it fuses the scale:
-    sm_90) and the quantizer as a layer with an input scale runs them; with `input_perm` the decode
+    `input_scale` also the W4A16 kernels (the decode ones everywhere; prefill in a pass of its own, and
+    on sm_90 its opt-in fused tiles too, w4a16.FUSE_INPUT_SCALE_PREFILL = True) and the quantizer as a layer
+    with an input scale runs them; with `input_perm` the decode
     kernels and the quantizer as an act-order layer (foreign.py) runs them, reading x through its
     channel order (prefill gathers first: its kernel is the plain one)."""
     from ..ops import w4a16_workspace
     from . import quantize_per_token_int8_triton, w4a8_gemm_triton, w4a16_gemm_triton
+    from . import w4a16 as _w4a16
 
     sink: List[Launch] = []
     with _recording(arch, sink, ""):
@@ -236,6 +238,12 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                             scale = torch.empty((k,), dtype=dtype)
                             if input_scale:  # multiplied into x's loads
                                 w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_scale=scale)
+                                if m > 16 and arch.capability >= 90:  # the prefill tiles' opt-in multiply
+                                    saved, _w4a16.FUSE_INPUT_SCALE_PREFILL = _w4a16.FUSE_INPUT_SCALE_PREFILL, True
+                                    try:
+                                        w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_scale=scale)
+                                    finally:
+                                        _w4a16.FUSE_INPUT_SCALE_PREFILL = saved
                             perm = torch.empty((k,), dtype=torch.int32)
                             if input_perm and m <= 16:  # x read through the channel order
                                 w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_perm=perm)
