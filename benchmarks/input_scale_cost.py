@@ -1,8 +1,8 @@
 """What an input scale (QuantConfig.input_scales) costs at runtime: one int4 layer timed with and without
 `input_scale`, eager and, on a GPU, replayed from a CUDA graph (where launch overhead is what is left of a
 decode step's host cost). W4A16: multiplied into the Triton kernels' loads of x (forced, for prefill
-too), and on a GPU also timed as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE = False for decode, M <= 16, and
-FUSE_INPUT_SCALE_PREFILL = False for prefill: which is faster); W4A8 from ops.W4A8_MIN_M rows on: inside
+too), and on a GPU also timed as a separate elementwise pass first (kernels.w4a16.FUSE_INPUT_SCALE =
+False for decode, M <= 16, and FUSE_INPUT_SCALE_PREFILL = False for prefill: which is faster); W4A8 from ops.W4A8_MIN_M rows on: inside
 the activation quantizer's pass; with the CUDA extension built, its W4A16 decode kernels too (fused in
 their loads of x). Likewise an act-order layer's channel order (QuantLinear.input_perm, from GPTQ /
 compressed-tensors checkpoints, foreign.py): read through by the Triton decode kernels and activation

@@ -776,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-n", type=_positive_int, default=None, help="skip shapes with more outputs (e.g. lm_head)")
     b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     b.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    b.add_argument("--rep-ms", type=float, default=100.0, help="time per case spent replaying its CUDA graph of calls (ms; on CPU, of calls)")
+    b.add_argument("--rep-ms", type=float, default=100.0,
+                   help="time per case spent replaying its CUDA graph of calls (ms; on CPU, of calls)")
     b.add_argument("--out", default="bench-results", help="output folder (JSON, Markdown, PNG)")
     b.add_argument("--time-budget-s", type=float, default=None, help="stop after this long and write what is done")
     b.add_argument("--device", default=None)
