@@ -130,3 +130,57 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
         ingest(str(cpu), str(root), dispatch_table=str(table))
     with pytest.raises(FileNotFoundError, match="neither bench.json nor profile.json"):
         ingest(str(tmp_path / "repo"), str(root), dispatch_table=str(table))
+
+
+def _streaming_bench(floors_us, gbps, eager_backend=None):
+    """Rows whose times are exactly floor + bytes / bandwidth per backend (M = 1), over shapes of 1 - 32 MB,
+    plus fp16 at four times the bytes."""
+    rows = []
+    for n in (512, 1024, 2048, 4096, 8192, 16384):
+        k = 4096
+        int4_bytes = n * k // 2 + n * (k // 128) * 4
+        for backend, floor in floors_us.items():
+            nbytes = n * k * 2 if backend == "fp16" else int4_bytes
+            ms = (floor + nbytes / 1e6 / gbps[backend] * 1e3) / 1e3
+            r = _row("m", n, k, 1, backend, ms, pct=1.0, check="unchecked" if backend == "fp16" else "ok")
+            r["bytes"] = nbytes
+            if backend == eager_backend:
+                r["timing"] = "eager (graph capture failed: X)"
+            rows.append(r)
+    return {"rows": rows, "copy_bandwidth_gbps": 4000.0, "env": {}}
+
+
+def test_stream_fit_recovers_floor_and_bandwidth_and_bounds_the_per_shape_percentage():
+    from minicpm_int4.bench.targets import TRITON_BEST, ceiling_fraction, stream_fit_lines, stream_fits
+
+    floors = {"fp16": 3.0, "w4a16-triton": 4.0, "w4a16-triton-tc": 2.0, "w4a16-cuda": 2.5}
+    gbps = {"fp16": 4000.0, "w4a16-triton": 2000.0, "w4a16-triton-tc": 1000.0, "w4a16-cuda": 3000.0}
+    fits = {(f.backend, f.m): f for f in stream_fits(_streaming_bench(floors, gbps))}
+    for b in floors:
+        assert fits[(b, 1)].floor_us == pytest.approx(floors[b], rel=1e-6)
+        assert fits[(b, 1)].gbps == pytest.approx(gbps[b], rel=1e-6)
+        assert fits[(b, 1)].r2 == pytest.approx(1.0) and fits[(b, 1)].shapes == 6
+    # the faster Triton kernel per shape: the tensor-core one on small shapes, the GEMV on large ones, so
+    # the combined series is no line; its fit lies between the two
+    best = fits[(TRITON_BEST, 1)]
+    assert best.shapes == 6 and best.r2 < 1.0 and 1000.0 < best.gbps < 2000.0 + 1e-6
+    # the bound: 8 MB at 4 GB/ms = 2 us of streaming beside a 3 us floor shows 40%
+    assert ceiling_fraction(8.0, 3.0, 4000.0) == pytest.approx(0.4)
+    text = "\n".join(stream_fit_lines(_streaming_bench(floors, gbps)))
+    assert "| w4a16-cuda | 1 | 2.50 | 3000 | 75% | 1.000 | 6 |" in text
+    assert "fp16's floor at M = 1 is 3.00 us" in text and "no kernel reaches them" in text
+
+
+def test_stream_fit_leaves_out_eager_rows_and_needs_spread_sizes():
+    from minicpm_int4.bench.targets import stream_fit_lines, stream_fits
+
+    floors = {"fp16": 3.0, "w4a16-cuda": 2.5}
+    gbps = {"fp16": 4000.0, "w4a16-cuda": 3000.0}
+    fits = stream_fits(_streaming_bench(floors, gbps, eager_backend="w4a16-cuda"))
+    assert [f.backend for f in fits] == ["fp16"]  # eager timings hold the host's launch, not a floor
+    bench = _streaming_bench(floors, gbps)
+    bench["rows"] = [r for r in bench["rows"] if r["n"] in (4096, 8192, 16384)]  # 3 sizes: too few
+    assert stream_fits(bench) == [] and "No fit" in stream_fit_lines(bench)[0]
+    bench = _streaming_bench(floors, gbps)
+    bench["rows"] = [dict(r, check="mismatch") if r["backend"] == "w4a16-cuda" else r for r in bench["rows"]]
+    assert [f.backend for f in stream_fits(bench)] == ["fp16"]  # a row that failed its check is no time

@@ -123,6 +123,11 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
             out.append(f"| {b} | {statistics.median(r['host_us'] for r in mine):.1f} | "
                        f"{statistics.median(r['median_ms'] for r in mine) * 1e3:.1f} | {len(mine)} |")
         out.append("")
+    from .targets import stream_fits, stream_fit_lines
+
+    fits = stream_fits(result)
+    if fits:
+        out += ["### per-call floor and streaming bandwidth, decode sizes", ""] + stream_fit_lines(result, fits) + [""]
     if result.get("act_quant"):
         out += ["### per-token int8 activation quantization", "", "| M x K | backend | ms | GB/s | % copy bw |",
                 "|---|---|---|---|---|"]

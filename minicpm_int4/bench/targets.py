@@ -17,6 +17,10 @@ Targets (issue: what):
   #5  CUDA extension, M = 1 on the large shapes: >= 90% of copy bandwidth, and faster than Triton.
 "Large shapes": the LLM weights of at least 4096 x 4096 (vision tower and k/v projections are
 smaller), the vocabulary projection included.
+
+Beside the verdicts, the decode rows' time is split into a per-call floor and a streaming bandwidth
+(stream_fits), and fp16's floor gives the most of the copy bandwidth one call of each large int4 shape
+could show: what part of a per-shape percentage a kernel can still close.
 """
 from __future__ import annotations
 
@@ -136,6 +140,124 @@ def check_targets(bench: Dict) -> List[Target]:
     return out
 
 
+# A fit needs this many distinct weight sizes, the largest at least SPREAD times the smallest: else the
+# floor and the bandwidth cannot be told apart.
+FIT_MIN_SIZES = 4
+FIT_MIN_SPREAD = 4.0
+TRITON_BEST = "w4a16-triton (faster of GEMV / tensor-core kernel)"
+
+
+@dataclass
+class StreamFit:
+    """t = floor + bytes / bandwidth, least squares over one backend's shapes at one M."""
+    backend: str
+    m: int
+    floor_us: float
+    gbps: float
+    r2: float
+    shapes: int
+    mb_range: Tuple[float, float]
+
+
+def _fit(points: List[Tuple[float, float]]) -> Optional[Tuple[float, float, float]]:
+    """(intercept, slope, R^2) of y on x, or None where the x do not spread enough to separate them."""
+    xs = [x for x, _ in points]
+    if len(set(xs)) < FIT_MIN_SIZES or max(xs) < FIT_MIN_SPREAD * min(xs):
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    slope = sxy / sxx
+    icpt = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for _, y in points)
+    ss_res = sum((y - icpt - slope * x) ** 2 for x, y in points)
+    return icpt, slope, (1 - ss_res / ss_tot) if ss_tot > 0 else 1.0
+
+
+def stream_fits(bench: Dict, ms: Sequence[int] = (1, 16)) -> List[StreamFit]:
+    """Per backend and M (decode sizes), the kernel time of every shape fitted as a per-call floor plus the
+    bytes moved (packed weights, scales, zeros, x, y: the rows' `bytes`) over a streaming bandwidth.
+
+    The floor is what a call costs whatever its size (its launch inside the CUDA graph, the ramp-up and tail
+    of its grid, a split-K fix-up); the bandwidth, what it streams at once running. A percentage of copy
+    bandwidth per shape mixes the two, and at decode sizes the floor is most of it: 8.9 MB (an int4
+    4096 x 4096 layer) take 2.1 us at 4.2 TB/s, beside a floor of ~3 us that fp16's cuBLAS call pays too.
+    Rows that failed their check, and rows timed eagerly (the host's launch cost would be the floor), are
+    left out; `TRITON_BEST` is the faster Triton kernel per shape at M = 1, what target #3 takes."""
+    out = []
+    usable = [r for r in bench.get("rows", []) if r.get("check") in ("ok", "unchecked") and r.get("median_ms")
+              and r.get("bytes") and not str(r.get("timing", "")).startswith("eager")]
+    for m in ms:
+        at_m = [r for r in usable if r["m"] == m]
+        series: Dict[str, List[Tuple[float, float]]] = {}
+        for r in at_m:
+            series.setdefault(r["backend"], []).append((r["bytes"] / 1e6, r["median_ms"] * 1e3))
+        if m == 1:
+            by = {(r["model"], r["n"], r["k"], r["backend"]): r for r in at_m}
+            best = []
+            for model, n, k in dict.fromkeys((r["model"], r["n"], r["k"]) for r in at_m):
+                rows = [by.get((model, n, k, b)) for b in ("w4a16-triton", "w4a16-triton-tc")]
+                rows = [r for r in rows if r]
+                if rows:
+                    r = min(rows, key=lambda r: r["median_ms"])
+                    best.append((r["bytes"] / 1e6, r["median_ms"] * 1e3))
+            if best:
+                series[TRITON_BEST] = best
+        for backend, points in series.items():
+            fit = _fit(points)
+            if fit is None or fit[1] <= 0:
+                continue
+            xs = [x for x, _ in points]
+            out.append(StreamFit(backend, m, fit[0], 1e3 / fit[1], fit[2], len(points), (min(xs), max(xs))))
+    return out
+
+
+def stream_fit_lines(bench: Dict, fits: Optional[List[StreamFit]] = None) -> List[str]:
+    """The fits as a Markdown table, and what fp16's floor leaves of the copy bandwidth for one call of
+    each large int4 shape at M = 1 (the bound a per-shape percentage target meets)."""
+    fits = stream_fits(bench) if fits is None else fits
+    if not fits:
+        return ["No fit: too few shapes of different sizes were timed."]
+    bw = bench.get("copy_bandwidth_gbps") or 0.0
+    out = ["Kernel time against bytes moved, fitted over this run's shapes as t = floor + bytes / bandwidth "
+           "(least squares; derived from the rows, not measured apart). The floor is paid per call whatever "
+           "the size; the bandwidth is the kernel's once it streams.", "",
+           "| backend | M | floor us | streaming GB/s | % of copy bw | R^2 | shapes | MB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for f in fits:
+        pct = f"{100 * f.gbps / bw:.0f}%" if bw else "-"
+        out.append(f"| {f.backend} | {f.m} | {f.floor_us:.2f} | {f.gbps:.0f} | {pct} | {f.r2:.3f} | {f.shapes} | "
+                   f"{f.mb_range[0]:.1f} - {f.mb_range[1]:.1f} |")
+    fp = next((f for f in fits if f.backend == "fp16" and f.m == 1), None)
+    if fp and bw:
+        sizes = {}
+        for r in bench.get("rows", []):
+            if r["m"] == 1 and r["backend"] == "w4a16-triton" and _large(r["model"], r["n"], r["k"]) and r.get("bytes"):
+                sizes.setdefault((r["n"], r["k"]), r["bytes"] / 1e6)
+        if sizes:
+            cells, bounds = [], []
+            for (n, k), mb in sorted(sizes.items(), key=lambda kv: kv[1]):
+                bound = 100 * ceiling_fraction(mb, fp.floor_us, bw)
+                bounds.append(bound)
+                cells.append(f"{n} x {k} ({mb:.1f} MB) {bound:.0f}%")
+            out += ["", f"fp16's floor at M = 1 is {fp.floor_us:.2f} us. A call that paid only that and streamed at the "
+                    f"copy bandwidth would show, as % of copy bandwidth per large int4 shape at M = 1: "
+                    + ", ".join(cells) + "."]
+            above = [label for t, label in ((85, "#3's M = 1 target (85%)"), (90, "#5's (90%)")) if max(bounds) < t]
+            if above:
+                out += ["", f"Every one is below {' and '.join(above)}: no kernel reaches "
+                        f"{'it' if len(above) == 1 else 'them'} in one call of these sizes under this timing; the "
+                        "streaming bandwidth in the table is the part a kernel can close."]
+    return out
+
+
+def ceiling_fraction(mb: float, floor_us: float, gbps: float) -> float:
+    """The fraction of `gbps` one call moving `mb` megabytes shows when it pays `floor_us` and then streams
+    at `gbps`: mb / (floor + mb / gbps) / gbps."""
+    stream_us = mb / gbps * 1e3
+    return stream_us / (max(floor_us, 0.0) + stream_us)
+
+
 def e2e_lines(profile: Optional[Dict]) -> List[str]:
     """#6's closing figures: decode tokens/s fp16 vs int4 per model and mode, peak and weight memory."""
     if not profile:
@@ -180,6 +302,7 @@ def targets_markdown(bench: Dict, profile: Optional[Dict] = None) -> str:
     for t in targets:
         if t.per_shape:
             out.append(f"- #{t.issue} {t.what}: " + ", ".join(f"{label} {t.fmt(v)}" for label, v in t.per_shape))
+    out += ["", "### Floor and streaming bandwidth at decode sizes (#3, #5)", ""] + stream_fit_lines(bench)
     out += ["", "### End to end (#6)", ""] + e2e_lines(profile)
     return "\n".join(out) + "\n"
 
