@@ -40,6 +40,15 @@ for arch in ("sm80", "sm90a"):
             c = aot.compile_launch(launch, aot.ARCHS[arch])
             out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                     "instr_per_weight": aot.loop_instructions_per_weight(c)})
+    # the M = 1 GEMV's opt-in double buffer (w4a16.GEMV_PREFETCH), held to the GEMV's own checks
+    from minicpm_int4.kernels import w4a16
+    with w4a16.prefetch_gemv():
+        launches = aot.record_launches(aot.ARCHS[arch], [(4096, 4096), (12288, 4096), (1152, 4304)], [1],
+                                       [torch.float16], [128], input_scale=False, input_perm=False)
+    for launch in launches:
+        c = aot.compile_launch(launch, aot.ARCHS[arch])
+        out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
+                                "instr_per_weight": aot.loop_instructions_per_weight(c)})
 json.dump(out, open(sys.argv[1], "w"), default=str)
 """
 
@@ -131,6 +140,20 @@ def test_decode_kernels_read_weights_with_16_byte_loads(compiled):
         for c in _by_kernel(compiled, kernel):
             if "K=4096" in c["label"]:  # K / 8 words per row, a multiple of 4: 16-byte aligned rows
                 assert c["vector_bytes"] == 16, (c["label"], c["global_loads"])
+
+
+def test_gemv_prefetch_variant_compiles_and_loads_ahead(compiled):
+    # GEMV_PREFETCH: every plan of the recorded shapes (split, unsplit, ragged K) compiles on both
+    # archs (spills, loads and issue budget are the checks above and below, which include these);
+    # the next step's 16-byte weight loads (16 words a thread: four) are in the loop, not after it
+    ahead = [c for c in _by_kernel(compiled, "w4a16_gemv") if c["constexprs"].get("PREFETCH")]
+    assert {c["arch"] for c in ahead} == {"sm80", "sm90a"}
+    assert {c["constexprs"]["SPLIT_K"] > 1 for c in ahead} == {True, False}
+    for c in ahead:
+        assert not c["error"] and not c["problems"], (c["arch"], c["label"], c["error"], c["problems"])
+        if c["constexprs"]["EVEN"]:
+            wide = sum(v for k, v in c["loop_sass"].items() if k.startswith("LDG") and ".128" in k)
+            assert wide >= 4, (c["arch"], c["label"], c["loop_sass"])
 
 
 def test_gemv_inner_loop_within_issue_budget(compiled):

@@ -495,7 +495,10 @@ def test_triton_gemv_splitk_in_one_launch(nk, dtype):
             for _ in range(50)]
     with w4a16.unsplit_gemv():
         unsplit = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
+    with w4a16.prefetch_gemv():  # the next step's words loaded ahead: the same products in the same order
+        ahead = ops.w4a16_gemm(x, qweight, scales, zeros, bias, 128, backend="triton", workspace=workspace)
     torch.cuda.synchronize()
+    assert torch.equal(ahead, outs[0])
     assert all(torch.equal(y, two_launches) for y in outs)
     assert torch.count_nonzero(workspace) == 0
     ref, w = w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), dequant(qweight, scales, zeros, gs, dtype)

@@ -253,6 +253,41 @@ def test_w4a16_gemv_paths(case, dtype, split, monkeypatch):
     _check_triton_vs_reference(n, k, group_size, 1, dtype, weight_seed=n * k, x_seed=k, x_scale=4.0)
 
 
+@pytest.mark.parametrize("case", list(GEMV_CASES))
+@pytest.mark.parametrize("split", ["unsplit", "split-k"])
+def test_w4a16_gemv_prefetch_gives_the_same_bits(case, split, monkeypatch):
+    # GEMV_PREFETCH: each trip loads the next trip's words before it multiplies its own (the last trip
+    # re-reads its own step where K is even, loads masked words where it is not): the same products in
+    # the same order, so the same bits, split or not, with a bias and through the layer's workspace
+    from minicpm_int4.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "GEMV_SPLIT", 1 if split == "unsplit" else None)
+    n, k, group_size = GEMV_CASES[case]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=3 * n + k)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(1, k, generator=g).to(torch.float16) * 4
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    plain = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=ops.w4a16_workspace(n))
+    launches = []
+    kernel = w4a16._w4a16_gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["PREFETCH"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(w4a16, "_w4a16_gemv_kernel", Spy())
+    with w4a16.prefetch_gemv():
+        ahead = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton",
+                               workspace=ops.w4a16_workspace(n))
+    assert launches == [True] and not w4a16.GEMV_PREFETCH  # the switch reached the kernel, and is undone
+    assert torch.equal(ahead, plain)
+    assert_gemm_close(ahead, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                      dequant(qweight, scales, zeros, gs, torch.float16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", ["even-per-word-g32", "even-one-group-g64", "even-one-group-g128"])
 def test_w4a16_gemv_splitk_in_one_launch(case, dtype, monkeypatch):

@@ -157,6 +157,16 @@ class OursW4A16TritonUnsplit(_OursW4A16TritonSwitched):
         super().__init__("w4a16-triton-unsplit")
 
 
+class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
+    """The Triton M = 1 GEMV with its next step of W loaded before it computes the current one
+    (kernels/w4a16.py GEMV_PREFETCH), beside `w4a16-triton`'s GEMV, which waits for each step's loads:
+    these rows decide whether the double buffer's loads in flight are worth its registers."""
+    switch = "prefetch_gemv"
+
+    def __init__(self):
+        super().__init__("w4a16-triton-prefetch")
+
+
 class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together: the path a W4A8 layer runs from
     ops.W4A8_MIN_M rows on (below it the layer runs W4A16, the w4a16 rows)."""
@@ -310,6 +320,6 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16("cuda", max_m=16),
+            OursW4A16TritonPrefetch(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

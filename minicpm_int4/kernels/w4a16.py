@@ -507,6 +507,7 @@ def _w4a16_gemv_kernel(
     N, KW, KW_PER_SPLIT, stride_qn, stride_sn, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
     SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """M = 1: y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g]).
 
@@ -523,7 +524,10 @@ def _w4a16_gemv_kernel(
     a counter per 16 rows in count_ptr), as the decode kernel does; else _splitk_reduce_kernel does.
     EVEN: no N or K remainder in any program. HAS_SCALE: y = (x * m) @ W.T, the
     layer's input scale multiplied into x as it is loaded (once per element per program). HAS_PERM:
-    x read through the layer's input_perm (p_ptr [K]), x[perm[k]] for column k."""
+    x read through the layer's input_perm (p_ptr [K]), x[perm[k]] for column k. PREFETCH: each
+    trip loads the next trip's words before it computes its own (a register double buffer: Triton
+    pipelines only loads that feed a dot), so a program keeps a step of W in flight while it
+    multiplies; the last trip re-reads its own step (EVEN; a cache hit) or loads masked words past K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -537,9 +541,22 @@ def _w4a16_gemv_kernel(
     else:
         kw_begin = pid_k * KW_PER_SPLIT
         kw_end = kw_begin + KW_PER_SPLIT
+    if PREFETCH:
+        if EVEN:
+            ahead = tl.load(w_rows + (kw_begin + offs_w)[None, :])
+        else:
+            ahead = tl.load(w_rows + (kw_begin + offs_w)[None, :], mask=n_mask[:, None] & ((kw_begin + offs_w) < KW)[None, :],
+                            other=0)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         kw = kw0 + offs_w
-        if EVEN:
+        if PREFETCH:
+            words = ahead
+            if EVEN:  # (the last trip: its own step again, never past the program's words)
+                ahead = tl.load(w_rows + (tl.minimum(kw0 + BLOCK_KW, kw_end - BLOCK_KW) + offs_w)[None, :])
+            else:
+                kw_ahead = kw + BLOCK_KW
+                ahead = tl.load(w_rows + kw_ahead[None, :], mask=n_mask[:, None] & (kw_ahead < KW)[None, :], other=0)
+        elif EVEN:
             words = tl.load(w_rows + kw[None, :])
         else:
             words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
@@ -765,6 +782,17 @@ def _gemv_blocks(n: int, kw: int, device: torch.device):
 GEMV_THREADS_PER_SM = 512
 # None: split K by _gemv_plan; 1: never (the GEMV as it was before the split; for A/B timing and tests).
 GEMV_SPLIT = None
+# The M = 1 GEMV loads its next step of W before it computes the current one (PREFETCH). On the H200 the
+# Triton GEMV, like every other int4 kernel here, streamed at 2.1 - 2.3 TB/s past its per-call floor where
+# fp16's cuBLAS streams at 4.25 (bench/targets.py's fit of the committed run): a program that waits for
+# each step's loads before it multiplies, and multiplies before it loads again, keeps W in flight for
+# only part of each trip (its num_stages does nothing here: triton 3.9 compiles the same loop for 1 - 4,
+# as it pipelines only loads that feed a dot). Compiled (kernels/aot.py, triton 3.9, fp16 G = 128): on
+# sm_90a the next step's four 16-byte loads issue at the top of the loop for the same 127 - 128 registers,
+# 4.16 - 4.17 -> 4.28 - 4.31 SASS instructions per weight (per channel, K = 4304: 4.57 -> 4.96); on sm_80
+# 125 - 128 -> 162 - 167 registers (3 programs of 4 warps an SM instead of 4), 4.43 - 4.45 -> 4.56 - 4.58. Off until a
+# GPU run's `w4a16-triton-prefetch` rows say it is faster.
+GEMV_PREFETCH = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -813,7 +841,7 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
         zeros, b, out, part, workspace if fixup else qweight,
         n, kw, kw_per_split, qweight.stride(0), scales.stride(0), *GEMV_MASKS,
         HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even,
-        GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw, PREFETCH=GEMV_PREFETCH,
         num_warps=warps, num_stages=1,
     )
     if split > 1 and not fixup:
@@ -929,6 +957,12 @@ def tensor_core_decode():
     """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
     `w4a16-triton-tc` rows; not thread-safe)."""
     return _setting("GEMV_MAX_M", 0)
+
+
+def prefetch_gemv():
+    """Run the M = 1 GEMV with its next step of W loaded ahead (GEMV_PREFETCH), inside the block (the
+    benchmark's `w4a16-triton-prefetch` rows; not thread-safe)."""
+    return _setting("GEMV_PREFETCH", True)
 
 
 def unsplit_gemv():
