@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const
   }
 }
 
-template <typename T, int NT, int NB, bool POST, int W, bool S, bool P>
+template <typename T, int NT, int NB, bool POST, int W, bool S, bool P, int AHEAD>
 __global__ void __launch_bounds__(32 * W)
     w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
   namespace mm = minicpm_int4_mma;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(32 * W)
   const int n0 = blockIdx.x * 16 * NT;
   const int lanes[1] = {lane};
   float acc[NT][NB][1][4];
-  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S, P>(p, n0, warp, lanes, acc);
+  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S, P, AHEAD>(p, n0, warp, lanes, acc);
 
   constexpr int kSlots = NT * NB * 4;
   __shared__ float red[kSlots][W][32];  // [output slot][warp][lane]: conflict-free both ways
@@ -152,17 +152,20 @@ cudaError_t launch(const T* x, const T* ms, const int32_t* qweight, const T* sca
   return cudaSuccess;
 }
 
-template <typename T, int NT, int NB, int W, bool S, bool P>
+template <typename T, int NT, int NB, int W, bool S, bool P, int AHEAD = 1>
 void launch_mma_sp(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
   const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
   if (post)
-    w4a16_mma_kernel<T, NT, NB, true, W, S, P><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+    w4a16_mma_kernel<T, NT, NB, true, W, S, P, AHEAD><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
   else
-    w4a16_mma_kernel<T, NT, NB, false, W, S, P><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
+    w4a16_mma_kernel<T, NT, NB, false, W, S, P, AHEAD><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
 }
 
 template <typename T, int NT, int NB, int W>
-void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias, T* out, long ldo, cudaStream_t stream) {
+void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, bool deep, const T* bias, T* out, long ldo,
+                  cudaStream_t stream) {
+  // deep (variant 3): two chunks of lookahead, plain x only (launch_any refuses it with a scale or an order)
+  if (deep) return launch_mma_sp<T, NT, NB, W, false, false, minicpm_int4_mma::kAheadDeep>(p, post, bias, out, ldo, stream);
   // scaled or permuted: 16 warps never take two column blocks (mma_warps_for_launch), so no such instantiations
   constexpr bool kLoadsOk = !(NB == 2 && W == minicpm_int4_mma::kWarpsSmallN);
   const bool s = p.input_scale != nullptr, g = p.input_perm != nullptr;
@@ -175,18 +178,18 @@ void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, const T* bias
 
 // The instantiations: NT = 2 with 8 warps (large N), NT = 1 with 8 or 16 warps.
 template <typename T, int NB>
-void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool post, const T* bias, T* out, long ldo,
-                   cudaStream_t stream) {
-  if (nt == 2) return launch_mma_w<T, 2, NB, minicpm_int4_mma::kWarps>(p, post, bias, out, ldo, stream);
+void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool post, bool deep, const T* bias, T* out,
+                   long ldo, cudaStream_t stream) {
+  if (nt == 2) return launch_mma_w<T, 2, NB, minicpm_int4_mma::kWarps>(p, post, deep, bias, out, ldo, stream);
   if (warps == minicpm_int4_mma::kWarpsSmallN)
-    return launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarpsSmallN>(p, post, bias, out, ldo, stream);
-  launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarps>(p, post, bias, out, ldo, stream);
+    return launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarpsSmallN>(p, post, deep, bias, out, ldo, stream);
+  launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarps>(p, post, deep, bias, out, ldo, stream);
 }
 
 template <typename T>
 cudaError_t launch_mma(const T* x, const T* ms, const int32_t* perm, const int32_t* qweight, const T* scales,
                        const T* zeros, const T* bias, T* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                       cudaStream_t stream) {
+                       bool deep, cudaStream_t stream) {
   namespace mm = minicpm_int4_mma;
   const bool post = mm::mma_post_scale(K, group_size);
   const int sms = sm_count();
@@ -198,9 +201,9 @@ cudaError_t launch_mma(const T* x, const T* ms, const int32_t* perm, const int32
     T* os = out + static_cast<long>(m0) * ldo;
     const int w = mm::mma_warps_for_launch(warps, rows, ms != nullptr || perm != nullptr);
     if (rows > 8)
-      launch_mma_nb<T, 2>(p, nt, w, post, bias, os, ldo, stream);
+      launch_mma_nb<T, 2>(p, nt, w, post, deep, bias, os, ldo, stream);
     else
-      launch_mma_nb<T, 1>(p, nt, w, post, bias, os, ldo, stream);
+      launch_mma_nb<T, 1>(p, nt, w, post, deep, bias, os, ldo, stream);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -212,11 +215,13 @@ cudaError_t launch_any(const T* x, const T* ms, const int32_t* perm, const int32
                        const T* zeros, const T* bias, T* out, int M, int N, int K, int group_size, long ldx, long ldo,
                        int variant, cudaStream_t stream) {
   const bool mma_ok = minicpm_int4_mma::mma_supported(K, group_size);
-  if (variant == 2 && !mma_ok) return cudaErrorInvalidValue;
-  const bool mma = variant == 2 || (variant == 0 && mma_ok);
+  if (variant >= 2 && !mma_ok) return cudaErrorInvalidValue;
+  const bool deep = variant == 3;
+  if (deep && (ms != nullptr || perm != nullptr)) return cudaErrorInvalidValue;  // instantiated for plain x only
+  const bool mma = variant >= 2 || (variant == 0 && mma_ok);
   if (perm != nullptr && (!mma || ms != nullptr)) return cudaErrorInvalidValue;  // x gathered first there
   if (mma)
-    return launch_mma<T>(x, ms, perm, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
+    return launch_mma<T>(x, ms, perm, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, deep, stream);
   return launch<T>(x, ms, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
 }
 
@@ -230,7 +235,7 @@ extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_
                                                const void* bias, void* out, int M, int N, int K, int group_size,
                                                int64_t ldx, int64_t ldo, int dtype, int variant, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
-      variant < 0 || variant > 2)
+      variant < 0 || variant > 3)
     return cudaErrorInvalidValue;
   // x, the input scale and the channel order are read 8 values (16 or 32 bytes) at a time; qweight's
   // rows 16 bytes at a time when K % 32 == 0

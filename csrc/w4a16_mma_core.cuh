@@ -47,6 +47,9 @@ constexpr int kWarps = 8;             // warps per block (W); they split K (chun
 constexpr int kWarpsSmallN = 16;      // W when N gives fewer blocks than SMs (k/v projections)
 constexpr int kChunk = 128;           // k per chunk: 4 lanes x 32
 constexpr int kMaxM = 16;             // rows of x per launch: NB = 1 or 2 mma column blocks of 8
+// Chunks of W a warp has requested ahead of the one it multiplies (AHEAD): 1 is the kernel's default,
+// 2 the deeper variant (launcher variant 3) that keeps up to three chunks' loads in flight a warp.
+constexpr int kAheadDeep = 2;
 
 // ---- packed pairs: two fp16 / bf16 in a uint32 (low half = first element) ----------------------
 template <typename T> struct Pair;
@@ -222,7 +225,7 @@ template <typename T> struct Params {
 // is loaded (one packed HFMA2 with -0 per pair: x * m rounded once to T, the bits of torch's x * m).
 // P: p.input_perm is set, and each piece is gathered through it (the 8 indices loaded once for
 // every row of x, then one 2-byte load per element; hd_common.cuh); never with S.
-template <typename T, int NT, int NB, bool POST, int W, class Mma, int L, bool S = false, bool P = false>
+template <typename T, int NT, int NB, bool POST, int W, class Mma, int L, bool S = false, bool P = false, int AHEAD = 1>
 MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&lanes)[L], float (&acc)[NT][NB][L][4]) {
   static_assert(!(S && P), "x read through a channel order is not multiplied by an input scale here: "
                            "the launcher gathers x first for a layer with both");
@@ -264,10 +267,12 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
         MINICPM_UNROLL
         for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
 
-  // One chunk of lookahead for the weights (the HBM stream): chunk c + W's words, scales and
-  // zero points are loaded before chunk c is dequantized, so each lane keeps two chunks' 16-byte
-  // weight loads in flight. The last trip re-reads its own chunk (an L1 hit) instead of branching.
+  // AHEAD chunks of lookahead for the weights (the HBM stream): chunk c + AHEAD * W's words, scales
+  // and zero points are loaded before chunk c is dequantized, so each lane keeps AHEAD + 1 chunks'
+  // 16-byte weight loads in flight (AHEAD = 2: 12 more registers a lane per 16-row tile). A trip with
+  // no chunk that far ahead re-reads its own (an L1 hit) instead of branching.
   // x (a few KiB, L1/L2-resident) is loaded in the trip that uses it: registers for occupancy.
+  static_assert(AHEAD == 1 || AHEAD == 2, "lookahead of 1 or 2 chunks");
   struct Raw {
     uint4 w[NT][2][L];
     unsigned short s[NT][2][L], z[NT][2][L];
@@ -287,13 +292,17 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
     }
   };
   Raw cur;
-  if (warp < chunks) load(warp, cur);
+  [[maybe_unused]] Raw mid;  // AHEAD = 2: the chunk after cur
+  if (warp < chunks) {
+    load(warp, cur);
+    if constexpr (AHEAD == 2) load(warp + W < chunks ? warp + W : warp, mid);
+  }
 #ifdef __CUDA_ARCH__
-#pragma unroll 2  // two trips per iteration: `cur = next` becomes a register renaming, not moves
+#pragma unroll(AHEAD + 1)  // AHEAD + 1 trips per iteration: the buffers' rotation becomes a register renaming, not moves
 #endif
   for (int c = warp; c < chunks; c += W) {
     Raw next;
-    load(c + W < chunks ? c + W : c, next);
+    load(c + AHEAD * W < chunks ? c + AHEAD * W : c, next);
     uint32_t a[NT][8][L][4];
     uint32_t b[NB][8][L][2];
     float sc[NT][L][2];  // POST: the scales of rows g and g + 8
@@ -382,7 +391,12 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
           MINICPM_UNROLL
           for (int nb = 0; nb < NB; ++nb) Mma::template run<T>(a[nt][kt], b[nb][kt], acc[nt][nb]);
     }
-    cur = next;
+    if constexpr (AHEAD == 2) {
+      cur = mid;
+      mid = next;
+    } else {
+      cur = next;
+    }
   }
 }
 

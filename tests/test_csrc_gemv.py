@@ -28,10 +28,11 @@ VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
 
 
 def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv", warps=0,
-             input_scale=None, input_perm=None):
+             input_scale=None, input_perm=None, deep=False):
     """The CUDA-core GEMV (rows = R, rows per block) or the tensor-core kernel (rows = N-tiles per
     block, warps per block); 0 = the launcher's own choice for `sms` SMs. input_scale: [K] or None;
-    input_perm (the tensor-core kernel only): int32 [K] or None."""
+    input_perm (the tensor-core kernel only): int32 [K] or None; deep (the tensor-core kernel only):
+    the launcher's variant 3, two chunks of W requested ahead."""
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
@@ -43,7 +44,7 @@ def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, 
         rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, sms, ms)
     else:
         rc = emu.minicpm_int4_mma_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, warps,
-                                          sms, ms, None if input_perm is None else input_perm.data_ptr())
+                                          sms, ms, None if input_perm is None else input_perm.data_ptr(), int(deep))
     assert rc == 0, f"{kernel}: no instantiation for M={m} rows={rows} (rc {rc})"
     return out
 
@@ -144,6 +145,29 @@ def test_mma_emulation_matches_reference(emu, shape, dtype):
             bias = _guarded(torch.randn(n, generator=g).to(dtype)) if (m + tiles + warps // 8) % 2 else None
             y = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps)
             assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_mma_two_chunks_ahead_gives_the_same_bits(emu, shape, dtype):
+    """Variant 3 requests W two chunks ahead of the one it multiplies (a trip with none that far re-reads
+    its own): the same chunks in the same order, so the bits of the default kernel, for every
+    instantiation and every count of chunks per warp (0 - 6, the ring's ends included). Buffers end at
+    an inaccessible page, so a chunk read past K fails here."""
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n * k + 1)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    g = torch.Generator().manual_seed(n + 11)
+    for m in (1, 9):
+        for tiles, warps in ((1, 8), (2, 8), (1, 16)):
+            x = _guarded(torch.randn(m, k, generator=g).to(dtype))
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if m == 1 else None
+            one = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps)
+            two = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps, deep=True)
+            assert torch.equal(two, one), (m, tiles, warps)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    with pytest.raises(AssertionError, match="rc -3"):  # built for plain x only, as the launcher
+        _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma", deep=True, input_scale=torch.ones(k, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

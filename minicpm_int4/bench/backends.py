@@ -115,6 +115,21 @@ class OursW4A16CudaCore(OursW4A16):
         return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 1)
 
 
+class OursW4A16CudaAhead(OursW4A16):
+    """The CUDA extension's tensor-core kernel requesting W two chunks ahead instead of one (variant 3),
+    beside "w4a16-cuda": these rows decide whether the deeper lookahead's loads in flight are worth its
+    registers (csrc/w4a16_mma_core.cuh, kAheadDeep). Where the tensor-core kernel does not take the
+    shape (K % 128 != 0), the row is not measured (the variant refuses it)."""
+
+    def __init__(self, max_m: Optional[int] = 16):
+        super().__init__("cuda", max_m)
+        self.name = "w4a16-cuda-ahead2"
+
+    def _runner(self, qweight, scales, zeros, group_size, gs):
+        ext = torch.ops.minicpm_int4_C
+        return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 3)
+
+
 class _OursW4A16TritonSwitched(OursW4A16):
     """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), inside one of
     kernels/w4a16.py's measurement switches (context managers, not backends of ops.py)."""
@@ -321,5 +336,5 @@ def _import_helper():
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16("cuda", max_m=16),
-            OursW4A16CudaCore(max_m=16), OursW4A8("triton"),
+            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(max_m=16), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

@@ -39,7 +39,8 @@ class Variant:
     dtype: str
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
                                  # all: S (1: the layer's input scale multiplied into the loads of x);
-                                 # mma, act_quant: P (1: x read through an act-order layer's channel order)
+                                 # mma, act_quant: P (1: x read through an act-order layer's channel order);
+                                 # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3)
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -95,11 +96,12 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:
             v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // per_trip
         return v
-    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])ELb([01])E", name)
+    m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])ELb([01])ELi(\d+)E", name)
     if m:
         v = Variant(arch, "mma", _DTYPES[m.group(1)], {"NT": int(m.group(2)), "NB": int(m.group(3)),
                                                        "POST": int(m.group(4)), "W": int(m.group(5)),
-                                                       "S": int(m.group(6)), "P": int(m.group(7))}, regs, spill, smem)
+                                                       "S": int(m.group(6)), "P": int(m.group(7)),
+                                                       "A": int(m.group(8))}, regs, spill, smem)
         nt, nb = v.params["NT"], v.params["NB"]
         best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
         for loop in loop_bodies(sass):

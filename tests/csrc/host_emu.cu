@@ -101,7 +101,7 @@ int emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros,
 
 namespace mm = minicpm_int4_mma;
 
-template <typename T, int NT, int NB, bool POST, int W>
+template <typename T, int NT, int NB, bool POST, int W, int AHEAD = 1>
 void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
   int lanes[32];
   for (int l = 0; l < 32; ++l) lanes[l] = l;
@@ -114,7 +114,7 @@ void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
       else if (p.input_scale != nullptr)
         mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, true>(p, n0, w, lanes, acc[w]);
       else
-        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false>(p, n0, w, lanes, acc[w]);
+        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false, false, AHEAD>(p, n0, w, lanes, acc[w]);
     }
     for (int slot = 0; slot < NT * NB * 4; ++slot) {
       const int e = slot & 3, nb = (slot >> 2) % NB, nt = (slot >> 2) / NB;
@@ -130,11 +130,16 @@ void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
 }
 
 // The kernel's instantiations (csrc/w4a16_gemv.cu launch_mma_nb); false for any other choice.
+// deep: the variant-3 instantiation (two chunks of W ahead; plain x only, as the launcher).
 template <typename T, int NB>
-bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, const T* bias, T* out, long ldo) {
+bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, bool deep, const T* bias, T* out, long ldo) {
   auto run = [&](auto nt_c, auto w_c) {
     constexpr int NTc = decltype(nt_c)::value, Wc = decltype(w_c)::value;
-    post ? mma_grid<T, NTc, NB, true, Wc>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc>(p, bias, out, ldo);
+    if (deep)
+      post ? mma_grid<T, NTc, NB, true, Wc, mm::kAheadDeep>(p, bias, out, ldo)
+           : mma_grid<T, NTc, NB, false, Wc, mm::kAheadDeep>(p, bias, out, ldo);
+    else
+      post ? mma_grid<T, NTc, NB, true, Wc>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc>(p, bias, out, ldo);
     return true;
   };
   if (nt == 2 && warps == mm::kWarps) return run(std::integral_constant<int, 2>{}, std::integral_constant<int, mm::kWarps>{});
@@ -147,9 +152,10 @@ bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, const T*
 template <typename T>
 int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
                 int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms, const T* ms,
-                const int32_t* perm) {
+                const int32_t* perm, bool deep) {
   if (!mm::mma_supported(K, group_size)) return -2;
   if (perm != nullptr && ms != nullptr) return -3;  // as the launcher: no such instantiation
+  if (deep && (perm != nullptr || ms != nullptr)) return -3;  // variant 3: plain x only
   const bool post = mm::mma_post_scale(K, group_size);
   const int nt = tiles > 0 ? tiles : mm::mma_tiles_per_block(N, sms);
   const int w = warps > 0 ? warps : mm::mma_warps_per_block(N, nt, sms);
@@ -160,8 +166,8 @@ int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* ze
     T* os = out + static_cast<long>(m0) * ldo;
     // the launcher applies it to every slice
     const int ws = mm::mma_warps_for_launch(w, rows, ms != nullptr || perm != nullptr);
-    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, ws, post, bias, os, ldo)
-                             : mma_dispatch<T, 1>(p, nt, ws, post, bias, os, ldo);
+    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, ws, post, deep, bias, os, ldo)
+                             : mma_dispatch<T, 1>(p, nt, ws, post, deep, bias, os, ldo);
     if (!ok) return -1;
   }
   return 0;
@@ -243,23 +249,25 @@ int minicpm_int4_gemv_emulate(const void* x, const int32_t* qweight, const void*
 }
 
 // The tensor-core kernel: tiles = N-tiles per block, warps = warps per block (0: as the launcher
-// picks with `sms` SMs); input_scale as above; input_perm NULL or int32 [K] (x read through it).
+// picks with `sms` SMs); input_scale as above; input_perm NULL or int32 [K] (x read through it);
+// deep = 1: the launcher's variant 3 (two chunks of W ahead).
 // Returns 0, -1 for a tile count without an instantiation, -2 where the kernel does not apply,
-// -3 for an input scale and a channel order together (the launcher's cudaErrorInvalidValue).
+// -3 for an input scale and a channel order together, or either with deep (the launcher's
+// cudaErrorInvalidValue).
 int minicpm_int4_mma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                              const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
                              int dtype, int tiles, int warps, int sms, const void* input_scale,
-                             const int32_t* input_perm) {
+                             const int32_t* input_perm, int deep) {
   if (dtype == 0)
     return mma_emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                                static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
                                static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, warps, sms,
-                               static_cast<const __half*>(input_scale), input_perm);
+                               static_cast<const __half*>(input_scale), input_perm, deep != 0);
   return mma_emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
                                     static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                     static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
                                     group_size, ldx, ldo, tiles, warps, sms, static_cast<const __nv_bfloat16*>(input_scale),
-                                    input_perm);
+                                    input_perm, deep != 0);
 }
 
 int minicpm_int4_mma_supported(int K, int group_size) { return mm::mma_supported(K, group_size) ? 1 : 0; }
