@@ -184,3 +184,19 @@ def test_stream_fit_leaves_out_eager_rows_and_needs_spread_sizes():
     bench = _streaming_bench(floors, gbps)
     bench["rows"] = [dict(r, check="mismatch") if r["backend"] == "w4a16-cuda" else r for r in bench["rows"]]
     assert [f.backend for f in stream_fits(bench)] == ["fp16"]  # a row that failed its check is no time
+
+
+def test_variant_lines_compare_each_measurement_variant_with_its_default():
+    from minicpm_int4.bench.targets import variant_lines
+
+    bench = _bench()
+    for model, n, k in [("minicpmv4.6", 4096, 4096), ("minicpmv4.6", 768, 3072), ("llama3-v2.5", 14336, 4096)]:
+        # prefetch 10% faster than the GEMV everywhere; ahead2 slower than the CUDA kernel on the small shape
+        bench["rows"].append(_row(model, n, k, 1, "w4a16-triton-prefetch", 0.0100))
+        bench["rows"].append(_row(model, n, k, 1, "w4a16-cuda-ahead2", 0.0095 / (0.5 if n == 768 else 1.25)))
+    text = "\n".join(variant_lines(bench))
+    assert "| w4a16-triton-prefetch | w4a16-triton | 1.10x (1.10 - 1.10, 3) | 1.10x (1.10 - 1.10, 2) |" in text
+    assert "| w4a16-cuda-ahead2 | w4a16-cuda | 1.25x (0.50 - 1.25, 3) | 1.25x (1.25 - 1.25, 2) |" in text
+    assert "| w4a16-triton-tc | w4a16-triton | 1.10x" in text and "unsplit" not in text  # no rows: no line
+    assert variant_lines({"rows": []}) == []
+    assert "Measurement variants" in targets_markdown(bench)

@@ -251,6 +251,36 @@ def stream_fit_lines(bench: Dict, fits: Optional[List[StreamFit]] = None) -> Lis
     return out
 
 
+# The bench's measurement variants and the default each is an alternative to (bench/backends.py).
+VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton"), ("w4a16-triton-unsplit", "w4a16-triton"),
+            ("w4a16-triton-tc", "w4a16-triton"), ("w4a16-cuda-ahead2", "w4a16-cuda"))
+
+
+def variant_lines(bench: Dict, m: int = 1) -> List[str]:
+    """Each measurement variant against the kernel it would replace at M = m, per shape the two share:
+    default time / variant time (above 1: the variant is faster), median and range over all shapes and
+    over the large ones. What decides whether a variant becomes the default."""
+    by = _ok_rows(bench)
+    out = []
+    for variant, default in VARIANTS:
+        ratios = []
+        for model, n, k in dict.fromkeys((r["model"], r["n"], r["k"]) for r in bench.get("rows", [])):
+            a, b = by.get((model, n, k, m, variant)), by.get((model, n, k, m, default))
+            if a and b:
+                ratios.append((_large(model, n, k), b["median_ms"] / a["median_ms"]))
+        if not ratios:
+            continue
+        cells = []
+        for label, vals in (("all", [v for _, v in ratios]), ("large", [v for big, v in ratios if big])):
+            cells.append(f"{statistics.median(vals):.2f}x ({min(vals):.2f} - {max(vals):.2f}, {len(vals)})" if vals else "-")
+        out.append(f"| {variant} | {default} | {cells[0]} | {cells[1]} |")
+    if not out:
+        return []
+    return ([f"Measurement variants at M = {m}: the default's time over the variant's (above 1.00x the variant is "
+             "faster), median (range, shapes).", "", "| variant | instead of | all shapes | large shapes |",
+             "|---|---|---|---|"] + out)
+
+
 def ceiling_fraction(mb: float, floor_us: float, gbps: float) -> float:
     """The fraction of `gbps` one call moving `mb` megabytes shows when it pays `floor_us` and then streams
     at `gbps`: mb / (floor + mb / gbps) / gbps."""
@@ -303,6 +333,9 @@ def targets_markdown(bench: Dict, profile: Optional[Dict] = None) -> str:
         if t.per_shape:
             out.append(f"- #{t.issue} {t.what}: " + ", ".join(f"{label} {t.fmt(v)}" for label, v in t.per_shape))
     out += ["", "### Floor and streaming bandwidth at decode sizes (#3, #5)", ""] + stream_fit_lines(bench)
+    variants = variant_lines(bench)
+    if variants:
+        out += [""] + variants
     out += ["", "### End to end (#6)", ""] + e2e_lines(profile)
     return "\n".join(out) + "\n"
 
