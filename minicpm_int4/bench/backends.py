@@ -102,33 +102,40 @@ class OursW4A16(_Ours):
         return lambda x: ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, self.backend, workspace)
 
 
-class OursW4A16CudaCore(OursW4A16):
-    """The CUDA extension's CUDA-core GEMV (variant 1) where "w4a16-cuda" takes the tensor-core
-    kernel: both hand-written decode kernels side by side."""
+class _OursW4A16CudaVariant(OursW4A16):
+    """One of the CUDA extension's kernels called by its launcher variant (bindings.cpp), bypassing the
+    "auto" choice that "w4a16-cuda" makes."""
+    variant = 0
+    label = "?"
 
-    def __init__(self, max_m: Optional[int] = 16):
+    def __init__(self, max_m: Optional[int]):
         super().__init__("cuda", max_m)
-        self.name = "w4a16-cuda-gemv"
+        self.name = self.label
 
     def _runner(self, qweight, scales, zeros, group_size, gs):
-        ext = torch.ops.minicpm_int4_C
-        return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 1)
+        ext, variant = torch.ops.minicpm_int4_C, self.variant
+        return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, variant)
 
 
-class OursW4A16CudaAhead(OursW4A16):
+class OursW4A16CudaCore(_OursW4A16CudaVariant):
+    """The CUDA extension's CUDA-core GEMV (variant 1) where "w4a16-cuda" takes the tensor-core
+    kernel: both hand-written decode kernels side by side."""
+    variant, label = 1, "w4a16-cuda-gemv"
+
+    def __init__(self, max_m: Optional[int] = 16):
+        super().__init__(max_m)
+
+
+class OursW4A16CudaAhead(_OursW4A16CudaVariant):
     """The CUDA extension's tensor-core kernel requesting W two chunks ahead instead of one (variant 3),
     beside "w4a16-cuda": these rows decide whether the deeper lookahead's loads in flight are worth its
     registers (csrc/w4a16_mma_core.cuh, kAheadDeep). M = 1 only by default (#5's target; each variant
     row costs the suite's time budget). Where the tensor-core kernel does not take the shape
     (K % 128 != 0), the variant refuses it and the bench records the error."""
+    variant, label = 3, "w4a16-cuda-ahead2"
 
     def __init__(self, max_m: Optional[int] = 1):
-        super().__init__("cuda", max_m)
-        self.name = "w4a16-cuda-ahead2"
-
-    def _runner(self, qweight, scales, zeros, group_size, gs):
-        ext = torch.ops.minicpm_int4_C
-        return lambda x: ext.w4a16_gemm(x, qweight, scales, zeros, None, gs, 3)
+        super().__init__(max_m)
 
 
 class _OursW4A16TritonSwitched(OursW4A16):
