@@ -165,7 +165,8 @@ template <typename T, int NT, int NB, int W>
 void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, bool deep, const T* bias, T* out, long ldo,
                   cudaStream_t stream) {
   // deep (variant 3): two chunks of lookahead, plain x only (launch_any refuses it with a scale or an order)
-  if (deep) return launch_mma_sp<T, NT, NB, W, false, false, minicpm_int4_mma::kAheadDeep>(p, post, bias, out, ldo, stream);
+  constexpr int kDeep = minicpm_int4_mma::kAheadDeep;
+  if (deep) return launch_mma_sp<T, NT, NB, W, false, false, kDeep>(p, post, bias, out, ldo, stream);
   // scaled or permuted: 16 warps never take two column blocks (mma_warps_for_launch), so no such instantiations
   constexpr bool kLoadsOk = !(NB == 2 && W == minicpm_int4_mma::kWarpsSmallN);
   const bool s = p.input_scale != nullptr, g = p.input_perm != nullptr;

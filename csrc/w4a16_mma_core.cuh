@@ -298,7 +298,8 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
     if constexpr (AHEAD == 2) load(warp + W < chunks ? warp + W : warp, mid);
   }
 #ifdef __CUDA_ARCH__
-#pragma unroll(AHEAD + 1)  // AHEAD + 1 trips per iteration: the buffers' rotation becomes a register renaming, not moves
+// AHEAD + 1 trips per iteration: the buffers' rotation becomes a register renaming, not moves
+#pragma unroll(AHEAD + 1)
 #endif
   for (int c = warp; c < chunks; c += W) {
     Raw next;

@@ -272,7 +272,8 @@ def variant_lines(bench: Dict, m: int = 1) -> List[str]:
             continue
         cells = []
         for label, vals in (("all", [v for _, v in ratios]), ("large", [v for big, v in ratios if big])):
-            cells.append(f"{statistics.median(vals):.2f}x ({min(vals):.2f} - {max(vals):.2f}, {len(vals)})" if vals else "-")
+            cells.append(f"{statistics.median(vals):.2f}x ({min(vals):.2f} - {max(vals):.2f}, {len(vals)})"
+                         if vals else "-")
         out.append(f"| {variant} | {default} | {cells[0]} | {cells[1]} |")
     if not out:
         return []

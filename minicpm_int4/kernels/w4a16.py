@@ -542,11 +542,11 @@ def _w4a16_gemv_kernel(
         kw_begin = pid_k * KW_PER_SPLIT
         kw_end = kw_begin + KW_PER_SPLIT
     if PREFETCH:
+        kw_first = kw_begin + offs_w
         if EVEN:
-            ahead = tl.load(w_rows + (kw_begin + offs_w)[None, :])
+            ahead = tl.load(w_rows + kw_first[None, :])
         else:
-            ahead = tl.load(w_rows + (kw_begin + offs_w)[None, :], mask=n_mask[:, None] & ((kw_begin + offs_w) < KW)[None, :],
-                            other=0)
+            ahead = tl.load(w_rows + kw_first[None, :], mask=n_mask[:, None] & (kw_first < KW)[None, :], other=0)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         kw = kw0 + offs_w
         if PREFETCH:
@@ -782,16 +782,16 @@ def _gemv_blocks(n: int, kw: int, device: torch.device):
 GEMV_THREADS_PER_SM = 512
 # None: split K by _gemv_plan; 1: never (the GEMV as it was before the split; for A/B timing and tests).
 GEMV_SPLIT = None
-# The M = 1 GEMV loads its next step of W before it computes the current one (PREFETCH). On the H200 the
-# Triton GEMV, like every other int4 kernel here, streamed at 2.1 - 2.3 TB/s past its per-call floor where
-# fp16's cuBLAS streams at 4.25 (bench/targets.py's fit of the committed run): a program that waits for
-# each step's loads before it multiplies, and multiplies before it loads again, keeps W in flight for
-# only part of each trip (its num_stages does nothing here: triton 3.9 compiles the same loop for 1 - 4,
-# as it pipelines only loads that feed a dot). Compiled (kernels/aot.py, triton 3.9, fp16 G = 128): on
-# sm_90a the next step's four 16-byte loads issue at the top of the loop for the same 127 - 128 registers,
-# 4.16 - 4.17 -> 4.28 - 4.31 SASS instructions per weight (per channel, K = 4304: 4.57 -> 4.96); on sm_80
-# 125 - 128 -> 162 - 167 registers (3 programs of 4 warps an SM instead of 4), 4.43 - 4.45 -> 4.56 - 4.58. Off until a
-# GPU run's `w4a16-triton-prefetch` rows say it is faster.
+# The M = 1 GEMV loads its next step of W before it computes the current one (PREFETCH). On the H200
+# the Triton GEMV, like every other int4 kernel here, streamed at 2.1 - 2.3 TB/s past its per-call floor
+# where fp16's cuBLAS streams at 4.25 (bench/targets.py's fit of the committed run): a program that
+# waits for each step's loads before it multiplies, and multiplies before it loads again, keeps W in
+# flight for only part of each trip (its num_stages does nothing here: triton 3.9 compiles the same
+# loop for 1 - 4, as it pipelines only loads that feed a dot). Compiled (kernels/aot.py, triton 3.9,
+# fp16 G = 128): on sm_90a the next step's four 16-byte loads issue at the top of the loop for the same
+# 127 - 128 registers, 4.16 - 4.17 -> 4.28 - 4.31 SASS instructions per weight (per channel, K = 4304:
+# 4.57 -> 4.96); on sm_80 125 - 128 -> 162 - 167 registers (3 programs of 4 warps an SM instead of 4),
+# 4.43 - 4.45 -> 4.56 - 4.58. Off until a GPU run's `w4a16-triton-prefetch` rows say it is faster.
 GEMV_PREFETCH = False
 
 
