@@ -255,10 +255,12 @@ def test_w4a16_gemv_paths(case, dtype, split, monkeypatch):
 
 @pytest.mark.parametrize("case", list(GEMV_CASES))
 @pytest.mark.parametrize("split", ["unsplit", "split-k"])
-def test_w4a16_gemv_prefetch_gives_the_same_bits(case, split, monkeypatch):
-    # GEMV_PREFETCH: each trip loads the next trip's words before it multiplies its own (the last trip
-    # re-reads its own step where K is even, loads masked words where it is not): the same products in
-    # the same order, so the same bits, split or not, with a bias and through the layer's workspace
+@pytest.mark.parametrize("x_read", ["plain", "scaled-permuted"])
+def test_w4a16_gemv_prefetch_gives_the_same_bits(case, split, x_read, monkeypatch):
+    # GEMV_PREFETCH: each trip loads the next trip's words and x before it multiplies its own (the last
+    # trip re-reads its own step where K is even, loads masked words where it is not): the same products
+    # in the same order, so the same bits, split or not, with a bias and through the layer's workspace,
+    # and with x read through a channel order and multiplied by an input scale as it is loaded
     from minicpm_int4.kernels import w4a16
 
     monkeypatch.setattr(w4a16, "GEMV_SPLIT", 1 if split == "unsplit" else None)
@@ -267,7 +269,12 @@ def test_w4a16_gemv_prefetch_gives_the_same_bits(case, split, monkeypatch):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(1, k, generator=g).to(torch.float16) * 4
     bias = torch.randn(n, generator=g).to(torch.float16)
-    plain = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=ops.w4a16_workspace(n))
+    extra = {}
+    if x_read != "plain":
+        extra = {"input_scale": random_input_scale(k, torch.float16, seed=k),
+                 "input_perm": torch.randperm(k, generator=g).to(torch.int32)}
+    plain = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", workspace=ops.w4a16_workspace(n),
+                           **extra)
     launches = []
     kernel = w4a16._w4a16_gemv_kernel
 
@@ -281,11 +288,12 @@ def test_w4a16_gemv_prefetch_gives_the_same_bits(case, split, monkeypatch):
     monkeypatch.setattr(w4a16, "_w4a16_gemv_kernel", Spy())
     with w4a16.prefetch_gemv():
         ahead = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton",
-                               workspace=ops.w4a16_workspace(n))
+                               workspace=ops.w4a16_workspace(n), **extra)
     assert launches == [True] and not w4a16.GEMV_PREFETCH  # the switch reached the kernel, and is undone
     assert torch.equal(ahead, plain)
-    assert_gemm_close(ahead, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
-                      dequant(qweight, scales, zeros, gs, torch.float16))
+    if not extra:
+        assert_gemm_close(ahead, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                          dequant(qweight, scales, zeros, gs, torch.float16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

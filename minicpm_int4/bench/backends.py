@@ -181,7 +181,7 @@ class OursW4A16TritonUnsplit(_OursW4A16TritonSwitched):
 
 
 class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
-    """The Triton M = 1 GEMV with its next step of W loaded before it computes the current one
+    """The Triton M = 1 GEMV with its next step of W and x loaded before it computes the current one
     (kernels/w4a16.py GEMV_PREFETCH), beside `w4a16-triton`'s GEMV, which waits for each step's loads:
     these rows decide whether the double buffer's loads in flight are worth its registers."""
     switch = "prefetch_gemv"

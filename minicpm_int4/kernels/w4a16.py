@@ -446,11 +446,9 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexp
 
 
 @triton.jit
-def _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr):
-    """x[8 * kw + i] for i = 0..7 as eight [BLOCK_KW] fp32 vectors. One contiguous load per word of
-    x, converted before it is split and spread to the threads that hold the weights (so once per
-    element, not per row).
-    HAS_SCALE: x * m first (the layer's input scale, m_ptr [K]), rounded to x's dtype as torch does.
+def _x_words(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x[8 * kw + i] as [BLOCK_KW, 8] in x's dtype: one contiguous load per word of x.
+    HAS_SCALE: x * m (the layer's input scale, m_ptr [K]), rounded to x's dtype as torch does.
     HAS_PERM: x[perm[k]] in place of x[k] (p_ptr [K], the layer's input_perm; the scale is in W's
     column order, so it stays indexed by k)."""
     offs = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
@@ -462,10 +460,18 @@ def _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.co
         x = tl.load(x_ptr + _input_channels(p_ptr, offs, KW * 8, False, HAS_PERM), mask=(kw < KW)[:, None], other=0)
         if HAS_SCALE:
             x = _times_input_scale(x, tl.load(m_ptr + offs, mask=(kw < KW)[:, None], other=0))
-    x = x.to(tl.float32).reshape(kw.shape[0], 4, 2)
+    return x
+
+
+@triton.jit
+def _x_columns(x):
+    """_x_words' [BLOCK_KW, 8] as eight [BLOCK_KW] fp32 vectors, x[8 * kw + i] for i = 0..7: converted
+    before it is split and spread to the threads that hold the weights (so once per element, not per
+    row)."""
+    x = x.to(tl.float32).reshape(x.shape[0], 4, 2)
     x_even, x_odd = tl.split(x)                                 # i = 0 2 4 6 | 1 3 5 7
-    x04, x26 = tl.split(x_even.reshape(kw.shape[0], 2, 2))
-    x15, x37 = tl.split(x_odd.reshape(kw.shape[0], 2, 2))
+    x04, x26 = tl.split(x_even.reshape(x.shape[0], 2, 2))
+    x15, x37 = tl.split(x_odd.reshape(x.shape[0], 2, 2))
     x0, x4 = tl.split(x04)
     x2, x6 = tl.split(x26)
     x1, x5 = tl.split(x15)
@@ -525,9 +531,10 @@ def _w4a16_gemv_kernel(
     EVEN: no N or K remainder in any program. HAS_SCALE: y = (x * m) @ W.T, the
     layer's input scale multiplied into x as it is loaded (once per element per program). HAS_PERM:
     x read through the layer's input_perm (p_ptr [K]), x[perm[k]] for column k. PREFETCH: each
-    trip loads the next trip's words before it computes its own (a register double buffer: Triton
-    pipelines only loads that feed a dot), so a program keeps a step of W in flight while it
-    multiplies; the last trip re-reads its own step (EVEN; a cache hit) or loads masked words past K."""
+    trip loads the next trip's words and x before it computes its own (a register double buffer:
+    Triton pipelines only loads that feed a dot), so a program keeps a step of W in flight while it
+    multiplies, and x's loads (L2 hits) wait behind it; the last trip re-reads its own step (EVEN; a
+    cache hit) or loads masked words past K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -547,20 +554,26 @@ def _w4a16_gemv_kernel(
             ahead = tl.load(w_rows + kw_first[None, :])
         else:
             ahead = tl.load(w_rows + kw_first[None, :], mask=n_mask[:, None] & (kw_first < KW)[None, :], other=0)
+        x_ahead = _x_words(x_ptr, m_ptr, p_ptr, kw_first, KW, EVEN, HAS_SCALE, HAS_PERM)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         kw = kw0 + offs_w
         if PREFETCH:
             words = ahead
+            xw = x_ahead
             if EVEN:  # (the last trip: its own step again, never past the program's words)
-                ahead = tl.load(w_rows + (tl.minimum(kw0 + BLOCK_KW, kw_end - BLOCK_KW) + offs_w)[None, :])
+                kw_ahead = tl.minimum(kw0 + BLOCK_KW, kw_end - BLOCK_KW) + offs_w
+                ahead = tl.load(w_rows + kw_ahead[None, :])
             else:
                 kw_ahead = kw + BLOCK_KW
                 ahead = tl.load(w_rows + kw_ahead[None, :], mask=n_mask[:, None] & (kw_ahead < KW)[None, :], other=0)
-        elif EVEN:
-            words = tl.load(w_rows + kw[None, :])
+            x_ahead = _x_words(x_ptr, m_ptr, p_ptr, kw_ahead, KW, EVEN, HAS_SCALE, HAS_PERM)
         else:
-            words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM)
+            if EVEN:
+                words = tl.load(w_rows + kw[None, :])
+            else:
+                words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
+            xw = _x_words(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(xw)
         if BLOCK_KW <= GROUP_W:
             sz = offs_n * stride_sn + kw0 // GROUP_W
             s = tl.load(s_ptr + sz, mask=n_mask, other=0).to(tl.float32)[:, None]
@@ -782,16 +795,18 @@ def _gemv_blocks(n: int, kw: int, device: torch.device):
 GEMV_THREADS_PER_SM = 512
 # None: split K by _gemv_plan; 1: never (the GEMV as it was before the split; for A/B timing and tests).
 GEMV_SPLIT = None
-# The M = 1 GEMV loads its next step of W before it computes the current one (PREFETCH). On the H200
+# The M = 1 GEMV loads its next step of W (and of x) before it computes the current one (PREFETCH). On the H200
 # the Triton GEMV, like every other int4 kernel here, streamed at 2.1 - 2.3 TB/s past its per-call floor
 # where fp16's cuBLAS streams at 4.25 (bench/targets.py's fit of the committed run): a program that
 # waits for each step's loads before it multiplies, and multiplies before it loads again, keeps W in
 # flight for only part of each trip (its num_stages does nothing here: triton 3.9 compiles the same
-# loop for 1 - 4, as it pipelines only loads that feed a dot). Compiled (kernels/aot.py, triton 3.9,
-# fp16 G = 128): on sm_90a the next step's four 16-byte loads issue at the top of the loop for the same
-# 127 - 128 registers, 4.16 - 4.17 -> 4.28 - 4.31 SASS instructions per weight (per channel, K = 4304:
-# 4.57 -> 4.96); on sm_80 125 - 128 -> 162 - 167 registers (3 programs of 4 warps an SM instead of 4),
-# 4.43 - 4.45 -> 4.56 - 4.58. Off until a GPU run's `w4a16-triton-prefetch` rows say it is faster.
+# loop for 1 - 4, as it pipelines only loads that feed a dot). x's next step (one 16-byte load a thread,
+# an L2 hit whose latency the plain loop waits out before its shuffle through shared memory) comes
+# along. Compiled (kernels/aot.py, triton 3.9, fp16 G = 128): on sm_90a the next step's five 16-byte
+# loads issue at the top of the loop for the same 127 - 128 registers, 4.16 - 4.17 -> 4.31 - 4.34 SASS
+# instructions per weight (per channel, K = 4304: 4.57 -> 5.07); on sm_80 125 - 128 -> 163 - 165
+# registers (3 programs of 4 warps an SM instead of 4), 4.43 - 4.45 -> 4.60 - 4.62. Off until a GPU
+# run's `w4a16-triton-prefetch` rows say it is faster.
 GEMV_PREFETCH = False
 
 
