@@ -20,7 +20,8 @@
 #   SUITE_STAGES=env,install,gpu-tests,bench,targets   only these stages (default: all)
 #   SUITE_TESTS_K="act_quant or w4a8"                  pytest -k for the gpu-tests stage
 #   SUITE_TESTS_S=70                                   its time limit (default 150 s)
-#   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out)
+#   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out), e.g. an A/B of
+#     the measurement variants alone: "--ms 1 --backends w4a16-triton,w4a16-triton-prefetch,w4a16-cuda,w4a16-cuda-ahead2"
 #   SUITE_PROFILE_ARGS="--modes graphed ..."           the profile's arguments (besides --out, --time-budget-s)
 # The full suite leaves the profile a minute or so of its 540 s: with a 15-minute device budget, follow
 # it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the graphed decode compiles for a minute).

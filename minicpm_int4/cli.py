@@ -593,9 +593,15 @@ def cmd_bench(args) -> int:
     shapes = all_shapes(args.models)
     if args.max_n:
         shapes = [s for s in shapes if s.n <= args.max_n]
+    backends = None
+    if args.backends:
+        from .bench.backends import select_backends
+
+        backends = select_backends(args.backends)
+        print(f"[bench] backends: {', '.join(b.name for b in backends)}")
     print(f"[bench] {len(shapes)} shapes x M={args.ms} on {device}")
     result = run_microbench(shapes, args.ms, device=device, dtype=_dtype(args.dtype), group_size=args.group_size,
-                            rep_ms=args.rep_ms, time_budget_s=args.time_budget_s,
+                            rep_ms=args.rep_ms, time_budget_s=args.time_budget_s, backends=backends,
                             checkpoint=lambda res: write_checkpoint(res, args.out, "bench"))
     files = write_all(result, args.out, "bench")
     print("\n".join(f"wrote {f}" for f in files))
@@ -774,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {list(MODEL_SHAPES)}")
     b.add_argument("--ms", type=_csv_ints, default=list(M_SWEEP), help="comma list of M (tokens)")
     b.add_argument("--max-n", type=_positive_int, default=None, help="skip shapes with more outputs (e.g. lm_head)")
+    from .bench.backends import default_backends
+
+    bench_backends = [x.name for x in default_backends()]
+    b.add_argument("--backends", type=_csv_of(bench_backends, "backend"), default=None,
+                   help=f"comma list of the backends to time (default: all; fp16 is always timed, every speedup "
+                        f"is against it): {','.join(bench_backends)}")
     b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     b.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     b.add_argument("--rep-ms", type=float, default=100.0,

@@ -414,3 +414,26 @@ def test_result_files_say_which_dispatch_table_auto_ran_on():
         "\n".join(_env_lines(env))
     env["dispatch_table"] = {"path": "pkg", "from_env": False, "this_device_rules": 0}
     assert "dispatch table the package's, 0 measured rule(s)" in "\n".join(_env_lines(env))
+
+
+def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, capsys):
+    """`bench --backends`: a focused run (e.g. a measurement variant beside the kernel it would replace)
+    times fp16 and the named backends only; one this machine cannot run is skipped with its reason. The
+    choice is recorded in the result's config."""
+    if not ops.triton_interpreter_active():
+        pytest.skip("times the Triton kernels on CPU (TRITON_INTERPRET=1)")
+    import minicpm_int4.bench.shapes as shapes_mod
+
+    monkeypatch.setattr(shapes_mod, "all_shapes", lambda models: TINY[1:])
+    out = tmp_path / "b"
+    rc = main(["bench", "--allow-cpu", "--ms", "1", "--rep-ms", "1", "--out", str(out),
+               "--backends", "w4a16-triton-prefetch,w4a16-triton,w4a16-cuda-ahead2"])
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert {r["backend"] for r in res["rows"]} == {"fp16", "w4a16-triton", "w4a16-triton-prefetch"}
+    assert all(r["check"] in ("ok", "unchecked") for r in res["rows"])
+    assert res["config"]["backends"] == ["fp16", "w4a16-triton", "w4a16-triton-prefetch", "w4a16-cuda-ahead2"]
+    assert "w4a16-cuda-ahead2" in res["skipped"]  # no CUDA extension here: skipped, named
+    assert "[bench] backends: fp16, w4a16-triton, w4a16-triton-prefetch, w4a16-cuda-ahead2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"unknown backend\(s\) \['nosuch'\]: choose from fp16,w4a16-triton,"):
+        B.select_backends(["nosuch"])

@@ -370,6 +370,7 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     (["profile", "--prompt-tokens", "-5"], "argument --prompt-tokens: '-5': must be a positive integer"),
     (["demo", "--new-tokens", "x"], "argument --new-tokens: 'x' is not an integer"),
     (["bench", "--max-n", "0"], "argument --max-n: '0': must be a positive integer"),
+    (["bench", "--backends", "w4a16-triton,nosuch"], "unknown backend ['nosuch']: choose from fp16,w4a16-triton,"),
     (["quantize", "m", "o", "--calib-samples", "0"], "argument --calib-samples: '0': must be a positive integer"),
     (["quantize", "m", "o", "--keep-most-sensitive", "-1"], "'-1': must be a non-negative integer"),
     (["quantize", "m", "o", "--weight-budget-mib", "-3"], "argument --weight-budget-mib: '-3': must be a positive number"),

@@ -346,3 +346,14 @@ def default_backends():
             OursW4A16TritonPrefetch(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
+
+
+def select_backends(names) -> list:
+    """default_backends() narrowed to `names` (bench --backends), in their usual order; fp16 always, as
+    every speedup is against it. An unknown name is a ValueError that lists the known ones."""
+    every = default_backends()
+    known = [b.name for b in every]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}: choose from {','.join(known)}")
+    return [b for b in every if b.name == "fp16" or b.name in names]

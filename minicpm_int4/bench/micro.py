@@ -63,7 +63,8 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
     backends = backends if backends is not None else default_backends()
     result = {"kind": "microbench", "env": env_info(device),
               "config": {"dtype": str(dtype).replace("torch.", ""), "group_size": group_size, "ms": list(ms),
-                         "rep_ms": rep_ms, "timing": TIMING if device.type == "cuda" else "cpu"},
+                         "rep_ms": rep_ms, "timing": TIMING if device.type == "cuda" else "cpu",
+                         "backends": [b.name for b in backends]},
               "skipped": {}, "rows": [], "act_quant": []}
     bw = copy_bw_gbps if copy_bw_gbps is not None else copy_bandwidth_gbps(device)
     result["copy_bandwidth_gbps"] = bw
