@@ -193,14 +193,9 @@ def stream_fits(bench: Dict, ms: Sequence[int] = (1, 16)) -> List[StreamFit]:
         for r in at_m:
             series.setdefault(r["backend"], []).append((r["bytes"] / 1e6, r["median_ms"] * 1e3))
         if m == 1:
-            by = {(r["model"], r["n"], r["k"], r["backend"]): r for r in at_m}
-            best = []
-            for model, n, k in dict.fromkeys((r["model"], r["n"], r["k"]) for r in at_m):
-                rows = [by.get((model, n, k, b)) for b in ("w4a16-triton", "w4a16-triton-tc")]
-                rows = [r for r in rows if r]
-                if rows:
-                    r = min(rows, key=lambda r: r["median_ms"])
-                    best.append((r["bytes"] / 1e6, r["median_ms"] * 1e3))
+            by = {(r["model"], r["n"], r["k"], r["m"], r["backend"]): r for r in at_m}
+            best = [_best_triton_m1(by, s) for s in dict.fromkeys((r["model"], r["n"], r["k"]) for r in at_m)]
+            best = [(r["bytes"] / 1e6, r["median_ms"] * 1e3) for r in best if r]
             if best:
                 series[TRITON_BEST] = best
         for backend, points in series.items():
