@@ -22,9 +22,10 @@
 #   SUITE_TESTS_S=70                                   its time limit (default 150 s)
 #   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out), e.g. an A/B of
 #     the measurement variants alone: "--ms 1 --backends w4a16-triton,w4a16-triton-prefetch,w4a16-cuda,w4a16-cuda-ahead2"
-#   SUITE_PROFILE_ARGS="--modes graphed ..."           the profile's arguments (besides --out, --time-budget-s)
+#   SUITE_PROFILE_ARGS="--modes cudagraph ..."         the profile's arguments (besides --out, --time-budget-s)
 # The full suite leaves the profile a minute or so of its 540 s: with a 15-minute device budget, follow
-# it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the graphed decode compiles for a minute).
+# it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the profile runs every model eager, then with
+# the decode step captured by hand - seconds - then compiled by transformers - a minute or more each).
 #   SUITE_EXTRA_CMD="bash .probe/run.sh"               a diagnostic command carried with the call, run
 #                                                      (stage `extra`) once the package is installed
 set -uo pipefail
@@ -59,14 +60,14 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
 
 if [ -n "${SUITE_QUICK:-}" ]; then
   BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 10 --max-n 20000 --time-budget-s 90)
-  PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager)
+  PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager,cudagraph)
 else
   # each case replays its CUDA graph of calls for 10 x rep-ms; six M (the decode, mid and prefill sizes
   # the targets and the dispatch table read), so that every shape of the three models is reached: on the
   # H200 two models at three M took ~95 s. The stage's limit leaves the time the plots take (matplotlib's
   # first import builds its font cache on a fresh machine: warmed in the background below)
   BENCH_ARGS=(--ms 1,4,16,64,256,4096 --rep-ms 10 --time-budget-s 110)
-  PROFILE_ARGS=(--new-tokens 128 --modes eager,graphed)
+  PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)
 [ -n "${SUITE_BENCH_ARGS:-}" ] && BENCH_ARGS=($SUITE_BENCH_ARGS)

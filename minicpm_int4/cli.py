@@ -796,15 +796,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
     pr = sub.add_parser("profile", help="end-to-end latency vs fp16 on full-size random-weight models")
-    from .bench.e2e import MODELS as E2E_MODELS
+    from .bench.e2e import MODELS as E2E_MODELS, MODES
     pr.add_argument("--models", type=_csv_of(E2E_MODELS), default=["minicpmv4.6", "llama3-v2.5"],
                     help=f"comma list of {','.join(E2E_MODELS)}")
     pr.add_argument("--size", choices=["full", "tiny"], default="full")
     pr.add_argument("--prompt-tokens", type=_positive_int, default=512)
     pr.add_argument("--new-tokens", type=_positive_int, default=128)
     pr.add_argument("--image-grid", type=_positive_int, default=28, help="image size in patches per side (28 = 448 px)")
-    pr.add_argument("--modes", type=_csv_of(("eager", "graphed")), default=["eager", "graphed"],
-                    help="eager and/or graphed (decode step in CUDA graphs)")
+    pr.add_argument("--modes", type=_csv_of(MODES), default=list(MODES),
+                    help="eager, cudagraph (the decode step captured by hand in one CUDA graph) and/or graphed "
+                         "(transformers' decode-step compile, mode='reduce-overhead'); run in that order")
     pr.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     pr.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     pr.add_argument("--trace", action="store_true", help="also write a Chrome trace and print the top kernels")

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import types
 
 import pytest
 import torch
@@ -250,6 +251,105 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
     assert model.generation_config.cache_implementation is None
     assert getattr(model.generation_config, "compile_config", None) is None
     assert not hasattr(model.forward, "_torchdynamo_orig_callable")
+
+
+@pytest.mark.parametrize("name", ["llama3-v2.5", "minicpmv4.6"])
+def test_profile_cudagraph_mode_replays_one_captured_decode_step(name, tmp_path):
+    """cudagraph: static cache, the decode step captured by hand and replayed inside generate() (off CUDA the
+    replay calls forward on the captured buffers: the plumbing of every decode argument this transformers
+    passes, checked here by the tokens, which must be the eager static-cache decode's)."""
+    from minicpm_int4.bench.e2e import CHECK_TOKENS, WARMUP_STEPS, run_profile
+    from minicpm_int4.bench.report import profile_markdown
+
+    new_tokens = 8
+    res = run_profile(models=[name], size="tiny", prompt_tokens=8, new_tokens=new_tokens, image_grid=4,
+                      modes=["cudagraph"], group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    assert [(r["weights"], r["mode"]) for r in res["runs"]] == [("float32", "cudagraph"), ("int4", "cudagraph")]
+    from helpers import static_cache_reads_linear_weights
+
+    runs = res["runs"]
+    if static_cache_reads_linear_weights():  # transformers 4.40: as in the graphed mode
+        assert "has no `weight`: it holds it as int4" in runs.pop()["error"]
+    for r in runs:
+        assert "error" not in r, r
+        assert r["graphed_by"].startswith("the decode step captured by hand") and r["emulated"] is True
+        # the prefill gives the first token; then WARMUP_STEPS eager steps, the capture, the replays
+        assert r["replayed_steps"] == new_tokens - 1 - WARMUP_STEPS - 1
+        assert r["tokens_checked"] == min(CHECK_TOKENS, new_tokens) == r["tokens_same_as_eager"]
+        assert r["graph_step_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["vision_ms"] is None
+    md = profile_markdown(res)
+    assert f"{name} float32 cudagraph: the decode step captured by hand" in md
+    assert f"(emulated: nothing is captured off CUDA); {new_tokens - 1 - WARMUP_STEPS - 1} steps replayed" in md
+    assert f"its first {min(CHECK_TOKENS, new_tokens)} tokens are the eager decode's" in md
+    assert {"profile.json", "profile.md"} <= {os.path.basename(f) for f in write_all(res, str(tmp_path), "profile")}
+    res["runs"] = [dict(runs[0], tokens_same_as_eager=3)]  # a decode that left the eager one: said, in bold
+    md = profile_markdown(res)
+    assert f"**its tokens leave the eager decode's at token 4 of {min(CHECK_TOKENS, new_tokens)} checked**" in md
+
+
+def test_profile_runs_its_modes_in_order_and_refuses_an_unknown_one():
+    from minicpm_int4.bench.e2e import run_profile
+
+    with pytest.raises(ValueError, match=r"unknown profile mode\(s\) \['fast'\]"):
+        run_profile(models=["llama3-v2.5"], size="tiny", modes=["eager", "fast"], device=torch.device("cpu"))
+    res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=2, modes=["cudagraph", "eager"],
+                      group_size=32, device=torch.device("cpu"), dtype=torch.float32, time_budget_s=0.0)
+    assert res["config"]["modes"] == ["eager", "cudagraph"] and "before llama3-v2.5 eager" in res["incomplete"]
+
+
+def test_captured_decode_step_protocol_and_refusals():
+    """_CapturedDecode on a stand-in forward: the prefill and WARMUP_STEPS decode steps eager, one capture, then
+    every step's tensors copied into the captured buffers; a cache that moves (a new tensor, a Python number)
+    during a step, a step whose shapes or flags differ from the capture's, and a generate() too short to
+    replay anything are refused, naming what."""
+    from minicpm_int4.bench.e2e import WARMUP_STEPS, _CapturedDecode
+
+    class Cache:
+        def __init__(self):
+            self.layers = [types.SimpleNamespace(keys=torch.zeros(4), seen=torch.zeros((), dtype=torch.long))]
+
+    calls = []
+
+    def forward(input_ids, cache, attention_mask, use_cache):
+        calls.append((input_ids, attention_mask))
+        cache.layers[0].seen.add_(1)  # in place, as a static cache counts
+        return types.SimpleNamespace(logits=input_ids.float() * 2)
+
+    cache = Cache()
+    step = _CapturedDecode(forward, torch.device("cpu"))
+    ids = lambda v: torch.tensor([[v]])  # noqa: E731
+    masks = [torch.randn(1, 1, 1, 6) for _ in range(8)]
+    step(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, attention_mask=masks[0][..., :3], use_cache=True)  # prefill
+    with pytest.raises(RuntimeError, match="no decode step was replayed"):
+        step.replay_stats()
+    outs = [step(input_ids=ids(10 + i), cache=cache, attention_mask=masks[i], use_cache=True) for i in range(5)]
+    assert [float(o.logits) for o in outs] == [20.0, 22.0, 24.0, 26.0, 28.0]
+    assert int(cache.layers[0].seen) == 6
+    captured_ids, captured_mask = calls[1 + WARMUP_STEPS]
+    for i, (x, m) in enumerate(calls[1 + WARMUP_STEPS:]):  # the capture's buffers, refilled every step
+        assert x is captured_ids and m is captured_mask
+    assert step.replay_stats()["replayed_steps"] == 5 - WARMUP_STEPS - 1
+    with pytest.raises(RuntimeError, match=r"argument \.attention_mask is \(1, 1, 1, 7\).*replays fixed shapes"):
+        step(input_ids=ids(1), cache=cache, attention_mask=torch.randn(1, 1, 1, 7), use_cache=True)
+    with pytest.raises(RuntimeError, match=r"argument \.use_cache is False, the captured step had True"):
+        step(input_ids=ids(1), cache=cache, attention_mask=masks[0], use_cache=False)
+    with pytest.raises(RuntimeError, match=r"argument \.cache is .*captured step had"):
+        step(input_ids=ids(1), cache=Cache(), attention_mask=masks[0], use_cache=True)
+
+    def rebinding(input_ids, cache, attention_mask, use_cache):
+        cache.layers[0].keys = torch.cat([cache.layers[0].keys, input_ids[0].float()])  # a new tensor every step
+        return None
+
+    def counting(input_ids, cache, attention_mask, use_cache):
+        cache.steps = getattr(cache, "steps", 0) + 1
+        return None
+
+    for fn, moved in ((rebinding, r"cache\.layers\[0\]\.keys"), (counting, r"cache\.steps")):
+        step = _CapturedDecode(fn, torch.device("cpu"))
+        c = Cache()
+        c.steps = 0
+        with pytest.raises(RuntimeError, match=f"Cache is not replayable: an eager decode step changed {moved}"):
+            step(input_ids=ids(1), cache=c, attention_mask=masks[0], use_cache=True)
 
 
 def test_bench_writes_a_checkpoint_after_each_shape(tmp_path):

@@ -364,7 +364,7 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     (["bench", "--ms", "1,x"], "is not a comma-separated list of integers"),
     (["bench", "--models", "minicpmv4.6,nosuch"], "unknown ['nosuch']: choose from minicpmv4.6,"),
     (["profile", "--models", "minicpmv2.6"], "unknown ['minicpmv2.6']: choose from minicpmv4.6,llama3-v2.5"),
-    (["profile", "--modes", "eager,fast"], "unknown ['fast']: choose from eager,graphed"),
+    (["profile", "--modes", "eager,fast"], "unknown ['fast']: choose from eager,cudagraph,graphed"),
     # counts that would run nothing, or fail only after minutes of loading and quantizing
     (["profile", "--new-tokens", "0"], "argument --new-tokens: '0': must be a positive integer"),
     (["profile", "--prompt-tokens", "-5"], "argument --prompt-tokens: '-5': must be a positive integer"),

@@ -405,6 +405,23 @@ def test_profile_graphed_decode_is_one_cuda_graph_per_step():
         assert r["generate_ms"] > 0 and r["peak_bytes"] > 0
 
 
+def test_profile_cudagraph_mode_captures_the_decode_step():
+    """What `minicpm-int4 profile` calls cudagraph: a tiny Llama's decode step captured by hand in one CUDA
+    graph (fp16 and int4, backend="auto"), replayed for every step after the warm-up, and decoding the eager
+    static-cache decode's tokens."""
+    from minicpm_int4.bench.e2e import CHECK_TOKENS, WARMUP_STEPS, run_profile
+
+    res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=16, new_tokens=24, modes=["cudagraph"],
+                      group_size=32, device=torch.device("cuda"), dtype=torch.float16)
+    assert [r["weights"] for r in res["runs"]] == ["float16", "int4"]
+    for r in res["runs"]:
+        assert "error" not in r, r
+        assert r["emulated"] is False and r["capture_ms"] > 0 and r["graph_step_ms"] > 0
+        assert r["replayed_steps"] == 24 - 1 - WARMUP_STEPS - 1
+        assert r["tokens_same_as_eager"] == r["tokens_checked"] == CHECK_TOKENS, r
+        assert r["peak_bytes"] > 0 and r["tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize("act,backend,m", [(None, "auto", 1), (None, "triton", 4), ("int8", "auto", 32), (None, "cuda", 1)])
 def test_cuda_graph_capture(act, backend, m):
     # M = 4: the decode kernel's split-K counters (the layer's workspace) across replays

@@ -1,9 +1,14 @@
 """End-to-end latency against fp16 on full-size random-weight models (no download).
 
-For each mode (eager, then, if asked, graphed: the decode step captured in CUDA graphs, static cache +
-torch.compile(mode="reduce-overhead")) and each model: build it in fp16 and run it, then patch_model
-it to int4 in place and run the same again. Batch 1, a prompt of `prompt_tokens` text tokens plus
-one image.
+For each mode and each model: build it in fp16 and run it, then patch_model it to int4 in place and
+run the same again. Batch 1, a prompt of `prompt_tokens` text tokens plus one image. The modes, in the
+order they run:
+- eager: transformers' generate() as it comes (dynamic cache, every kernel launched from Python);
+- cudagraph: static cache, the decode step captured by hand in one CUDA graph and replayed
+  (_CapturedDecode: no compile, so it costs seconds, and fp16 and int4 run the same kernels apart from
+  the Linears');
+- graphed: static cache + transformers' own decode-step compile, torch.compile(mode="reduce-overhead")
+  (inductor's fusions and CUDA graphs; a minute or more of compile per model and weight type).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from .env import env_info
 
 IMAGE_TOKEN_ID = 10
 MODELS = ("minicpmv4.6", "llama3-v2.5")
+MODES = ("eager", "cudagraph", "graphed")  # (the order they run in: the graphed mode compiles, for minutes)
 
 
 def _sync(device):
@@ -124,6 +130,7 @@ def _graph_decode_step(model, device) -> str:
 
 def _ungraph(model) -> None:
     model.generation_config.cache_implementation = None
+    model.generation_config.disable_compile = False
     if hasattr(model.generation_config, "compile_config"):
         model.generation_config.compile_config = None
     for attr in ("_compiled_call", "_last_compile_config"):
@@ -131,6 +138,176 @@ def _ungraph(model) -> None:
     if hasattr(model.forward, "_torchdynamo_orig_callable"):
         model.forward = model.forward._torchdynamo_orig_callable
     torch._dynamo.reset()
+
+
+CHECK_TOKENS = 16  # the captured decode's first tokens compared with an eager decode's
+WARMUP_STEPS = 2  # eager decode steps before the capture (autotuning, lazy allocations, cuBLAS handles)
+
+
+def _hand_graph_setup(model) -> str:
+    """The "cudagraph" mode: static cache, transformers' own compile of the decode step turned off (on CUDA it
+    compiles by itself once the cache is static), and the step captured by _CapturedDecode."""
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True
+    return "the decode step captured by hand in one CUDA graph (no compile), static cache, eager prefill"
+
+
+def _static_copy(v):
+    if torch.is_tensor(v):
+        return v.clone()
+    if isinstance(v, dict):
+        return {k: _static_copy(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_static_copy(x) for x in v)
+    return v
+
+
+def _bind(static, new, path: str) -> None:
+    """Copy a decode call's tensors into the captured call's buffers; anything else must be what the capture
+    saw (the same cache object, the same flags): a graph replays the capture's shapes and Python values."""
+    if torch.is_tensor(static):
+        meta = (static.shape, static.dtype, static.device)
+        if not torch.is_tensor(new) or (new.shape, new.dtype, new.device) != meta:
+            got = f"{tuple(new.shape)} {new.dtype}" if torch.is_tensor(new) else type(new).__name__
+            raise RuntimeError(f"decode-step argument {path} is {got}, the captured step had "
+                               f"{tuple(static.shape)} {static.dtype}: a CUDA graph replays fixed shapes")
+        static.copy_(new)
+    elif isinstance(static, dict):
+        if not isinstance(new, dict) or list(new) != list(static):
+            raise RuntimeError(f"decode-step argument {path} changed its keys since the capture")
+        for k in static:
+            _bind(static[k], new[k], f"{path}.{k}")
+    elif isinstance(static, (list, tuple)):
+        if type(new) is not type(static) or len(new) != len(static):
+            raise RuntimeError(f"decode-step argument {path} changed its length since the capture")
+        for i, (a, b) in enumerate(zip(static, new)):
+            _bind(a, b, f"{path}[{i}]")
+    elif static is not new and not (type(static) is type(new) and isinstance(new, (bool, int, float, str))
+                                    and static == new):
+        raise RuntimeError(f"decode-step argument {path} is {new!r}, the captured step had {static!r}")
+
+
+def _state_of(obj, path: str, out: Dict, depth: int = 0) -> Dict:
+    """What a replay cannot redo, in a cache object: which tensor each attribute holds (its address) and
+    its Python numbers, through lists, dicts and plain objects (its layers)."""
+    if torch.is_tensor(obj):
+        out[path] = ("tensor", obj.data_ptr(), tuple(obj.shape))
+    elif isinstance(obj, (bool, int, float)):
+        out[path] = ("value", obj)
+    elif depth < 4:
+        if isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                _state_of(v, f"{path}[{i}]", out, depth + 1)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                _state_of(v, f"{path}[{k!r}]", out, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type, torch.device)):
+            for k, v in vars(obj).items():
+                _state_of(v, f"{path}.{k}", out, depth + 1)
+    return out
+
+
+class _CapturedDecode:
+    """model.forward for generate() in the "cudagraph" mode: the prefill (more than one token) runs eagerly;
+    the first WARMUP_STEPS decode steps run eagerly too (on a side stream on CUDA, as torch.cuda.graph asks),
+    each checked to leave the cache holding the same tensors and Python numbers (else a replay would re-run
+    the capture's step against stale state: refused, naming what moved); the next step is captured in one
+    torch.cuda.CUDAGraph with its own copies of the step's tensor arguments (input ids, masks, positions:
+    whatever this transformers passes), and every later step copies its arguments into them and replays.
+    generate()'s own loop (logits processing, stopping, mask preparation) stays in Python, as with
+    transformers' compiled decode step. Off CUDA nothing can be captured: the replay calls forward with the
+    same buffers (the harness's CPU tests; reported as emulated)."""
+
+    def __init__(self, forward, device: torch.device, warmup: int = WARMUP_STEPS):
+        self.forward, self.device, self.warmup = forward, device, warmup
+        self.decode_calls = 0
+        self.graph = None
+        self.static_kwargs = self.static_out = None
+        self.capture_ms = None
+        self.first_replay_t = None
+        self.step_ms: List[float] = []
+        self._events: List = []
+
+    def __call__(self, *args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if args or ids is None or ids.shape[-1] != 1:
+            return self.forward(*args, **kwargs)
+        self.decode_calls += 1
+        if self.decode_calls <= self.warmup:
+            return self._eager_step(kwargs)
+        if self.graph is None:
+            self._capture(kwargs)
+            return self._replay(kwargs, timed=False)
+        return self._replay(kwargs, timed=True)
+
+    def _eager_step(self, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        before = _state_of(cache, "cache", {})
+        if self.device.type == "cuda":
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self.forward(**kwargs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            out = self.forward(**kwargs)
+        after = _state_of(cache, "cache", {})
+        moved = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+        if moved:
+            raise RuntimeError(f"{type(cache).__name__} is not replayable: an eager decode step changed "
+                               f"{', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''} (a new tensor or a Python "
+                               "number), which a CUDA graph would replay as it was at the capture")
+        return out
+
+    def _capture(self, kwargs) -> None:
+        self.static_kwargs = _static_copy(kwargs)
+        if self.device.type != "cuda":
+            self.graph = "emulated"
+            return
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_out = self.forward(**self.static_kwargs)
+        torch.cuda.synchronize(self.device)
+        self.capture_ms = (time.perf_counter() - t0) * 1e3
+        self.graph = graph
+
+    def _replay(self, kwargs, timed: bool):
+        _bind(self.static_kwargs, kwargs, "")
+        if timed and self.first_replay_t is None:
+            _sync(self.device)
+            self.first_replay_t = time.perf_counter()
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            out = self.forward(**self.static_kwargs)
+            if timed:
+                self.step_ms.append((time.perf_counter() - t0) * 1e3)
+            return out
+        if timed:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+            self.graph.replay()
+            ev[1].record()
+            self._events.append(ev)
+        else:
+            self.graph.replay()
+        return self.static_out
+
+    def replay_stats(self) -> Dict:
+        """After generate() returned: steps replayed, the steady decode wall time per token (first timed
+        replay to the end, generate's loop included; warm-up and capture left out) and the graph's own
+        GPU time per step (median of CUDA events around each replay)."""
+        _sync(self.device)
+        n = len(self._events) or len(self.step_ms)
+        if not n:
+            raise RuntimeError(f"no decode step was replayed: {self.decode_calls} decode step(s), {self.warmup} eager "
+                               "warm-up and one capture come first (ask for more new tokens)")
+        if self._events:
+            self.step_ms = [a.elapsed_time(b) for a, b in self._events]
+        return {"replayed_steps": n, "decode_ms_per_token": (time.perf_counter() - self.first_replay_t) * 1e3 / n,
+                "graph_step_ms": statistics.median(self.step_ms), "capture_ms": self.capture_ms,
+                "emulated": self.device.type != "cuda"}
 
 
 def _graph_breaks() -> int:
@@ -158,11 +335,15 @@ def measure(name: str, model, inputs: Dict, new_tokens: int, device, mode: str, 
                 torch._dynamo.reset()
                 run["graphed_by"] = _graph_decode_step(model, device)
                 breaks0, skips0 = _graph_breaks(), _cudagraph_skips()  # the counters are process-wide
+            elif mode == "cudagraph":
+                run["graphed_by"] = _hand_graph_setup(model)
             vf = _vision_fn(name, model, inputs) if mode == "eager" else None
             run["vision_ms"] = _wall_ms(vf, device) if vf else None
             run["prefill_ms"] = _wall_ms(lambda: model.generate(**inputs, **{**gen, "min_new_tokens": 1, "max_new_tokens": 1}), device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            if mode == "cudagraph":
+                return _measure_captured(run, model, inputs, gen, device)
             total = _wall_ms(lambda: model.generate(**inputs, **gen), device, reps=1)
             if mode == "graphed":
                 run["graph_breaks"] = _graph_breaks() - breaks0
@@ -177,8 +358,34 @@ def measure(name: str, model, inputs: Dict, new_tokens: int, device, mode: str, 
     except Exception as e:  # recorded, not hidden: e.g. a cache type that cannot be graphed
         run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
-        if mode == "graphed":
+        if mode in ("graphed", "cudagraph"):
             _ungraph(model)
+    return run
+
+
+def _measure_captured(run: Dict, model, inputs: Dict, gen: Dict, device) -> Dict:
+    """The "cudagraph" mode's decode: one generate() with the step captured by hand (_CapturedDecode); its
+    tokens are checked against an eager generate() on the same static cache for the first CHECK_TOKENS
+    (the same kernels on the same inputs: they should agree; where they do not, the run says from where)."""
+    step = _CapturedDecode(model.forward, device)
+    model.forward = step
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            seq = model.generate(**inputs, **gen)
+        _sync(device)
+        run["generate_ms"] = (time.perf_counter() - t0) * 1e3
+        run.update(step.replay_stats())
+    finally:
+        model.__dict__.pop("forward", None)
+    run["tokens_per_s"] = 1e3 / run["decode_ms_per_token"] if run["decode_ms_per_token"] > 0 else None
+    run["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    n = min(CHECK_TOKENS, gen["max_new_tokens"])
+    with torch.no_grad():
+        ref = model.generate(**inputs, **{**gen, "min_new_tokens": n, "max_new_tokens": n})
+    new_ref, new_seq = ref[0, -n:].tolist(), seq[0, -gen["max_new_tokens"]:][:n].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(new_ref, new_seq)) if a != b), n)
+    run["tokens_checked"], run["tokens_same_as_eager"] = n, same
     return run
 
 
@@ -195,7 +402,7 @@ def trace_decode(model, inputs, device, path: str, top: int = 15) -> str:
 
 
 def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_tokens: int = 512, new_tokens: int = 128,
-                image_grid: int = 28, modes: Sequence[str] = ("eager", "graphed"), group_size: int = 128,
+                image_grid: int = 28, modes: Sequence[str] = MODES, group_size: int = 128,
                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float16,
                 trace_dir: Optional[str] = None, time_budget_s: Optional[float] = None,
                 checkpoint: Optional[Callable[[Dict], object]] = None) -> Dict:
@@ -204,6 +411,10 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
     run (the CLI writes it to disk: a crash in a later run, say inside a compiler, keeps it)."""
     import time
 
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown profile mode(s) {unknown}; choose from {MODES}")
+    modes = sorted(dict.fromkeys(modes), key=MODES.index)
     t0 = time.monotonic()
     try:
         return _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype,
@@ -233,14 +444,14 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
     from .env import copy_bandwidth_gbps
 
     result["copy_bandwidth_gbps"] = copy_bandwidth_gbps(device)
-    # Every model's eager runs first, then the graphed ones (each rebuilds and re-patches its model):
-    # compiling a full-size model takes a minute or more, so when time runs short the fp16 vs int4
-    # eager figures of every model are already in.
+    # Every model's eager runs first, then the hand-captured ones, then the compiled ones (each mode rebuilds
+    # and re-patches its model): compiling a full-size model takes a minute or more, so when time runs
+    # short the fp16 vs int4 eager and CUDA-graph figures of every model are already in.
     for mode in modes:
         # graphed: plain decoders first (Llama's decode step compiles everywhere it was tried; the
         # 4.6 LLM's hybrid linear-attention layers crashed torch 2.11's CPU inductor in the process),
         # so that one crashing compile does not cost the other model's figures
-        order = list(models) if mode == "eager" else sorted(models, key=lambda n: n == "minicpmv4.6")
+        order = list(models) if mode != "graphed" else sorted(models, key=lambda n: n == "minicpmv4.6")
         for name in order:
             if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
                 result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {name} {mode}"

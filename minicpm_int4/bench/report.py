@@ -144,6 +144,25 @@ def fmt_value(v, f="{:.2f}") -> str:
     return f.format(v) if isinstance(v, (int, float)) else (v if v is not None else "-")
 
 
+def _graphed_note(r: Dict) -> str:
+    head = f"- {r['model']} {r['weights']} {r['mode']}: {r['graphed_by']}"
+    if r["mode"] != "cudagraph":
+        return (f"{head}; dynamo graph breaks: {r.get('graph_breaks', '-')}, "
+                f"graphs not captured in CUDA graphs: {r.get('cudagraph_skips', '-')}")
+    if r.get("replayed_steps") is None:
+        return head
+    same, n = "", r.get("tokens_checked")
+    if n:
+        same = (f"; its first {n} tokens are the eager decode's" if r["tokens_same_as_eager"] == n
+                else f"; **its tokens leave the eager decode's at token {r['tokens_same_as_eager'] + 1} of {n} "
+                     "checked**")
+    capture = f", captured in {r['capture_ms']:.0f} ms" if r.get("capture_ms") is not None else ""
+    emulated = " (emulated: nothing is captured off CUDA)" if r.get("emulated") else ""
+    return (f"{head}{emulated}; {r['replayed_steps']} steps replayed{capture}, the graph's own time per step "
+            f"{fmt_value(r.get('graph_step_ms'), '{:.3f}')} ms (decode ms/token: from the first replay to the end of "
+            f"generate(), its Python loop included){same}")
+
+
 def profile_markdown(result: Dict) -> str:
     out = ["## End-to-end profile", ""] + _env_lines(result["env"], model_kernels=True) + [
         f"- prompt {result['config']['prompt_tokens']} tokens + {result['config'].get('images', 0)} image, "
@@ -159,9 +178,7 @@ def profile_markdown(result: Dict) -> str:
                    f"{fmt(r.get('weight_bytes', 0) / 2**20, '{:.0f}')} | {fmt((r.get('peak_bytes') or 0) / 2**20, '{:.0f}')} |")
         if r.get("error"):
             out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | failed: {r['error']} | | | | | |")
-    notes = [f"- {r['model']} {r['weights']} graphed: {r['graphed_by']}; dynamo graph breaks: {r.get('graph_breaks', '-')}, "
-             f"graphs not captured in CUDA graphs: {r.get('cudagraph_skips', '-')}"
-             for r in result["runs"] if r.get("graphed_by")]
+    notes = [_graphed_note(r) for r in result["runs"] if r.get("graphed_by")]
     notes += [f"- {r['model']} ({r['mode']} run): `patch_model` took {r['patch_model_s']:.1f} s"
               for r in result["runs"] if r.get("patch_model_s") is not None]
     return "\n".join(out + ([""] + notes if notes else [])) + "\n"
