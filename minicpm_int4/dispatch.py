@@ -1,15 +1,20 @@
 """The measured rule behind backend="auto" on CUDA for W4A16: which kernel is fastest for a layer
 shape and M, per GPU model, read from benchmark results.
 
-Three candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
-M = 1), "triton-tc" (M = 1 on the Triton tensor-core decode kernel instead of the GEMV: fewer
-instructions per weight, split-K finished in the same launch with the layer's workspace) and "cuda"
-(the extension, M <= 16). `minicpm_int4/dispatch_table.json` (package data) is written by
-`python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run
-(rows `w4a16-triton`, `w4a16-triton-tc`, `w4a16-cuda`): an entry names an (N, K, M) where another
-candidate was measured faster than "triton", with every candidate's median, so that the lookup can
-take the fastest of those available (no extension built: the better Triton kernel). Absent an entry
-(another GPU, an unmeasured shape, M beyond 16) "auto" means "triton": nothing is guessed.
+Four candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
+M = 1, the fused prefill kernel past M = 16), "triton-tc" (M = 1 on the Triton tensor-core decode
+kernel instead of the GEMV: fewer instructions per weight, split-K finished in the same launch with the
+layer's workspace), "cuda" (the extension, M <= 16) and "triton-dq" (M > 16: the weight dequantized
+whole by a Triton kernel, then torch's matmul). `minicpm_int4/dispatch_table.json` (package data) is
+written by `python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench`
+run (rows `w4a16-triton`, `w4a16-triton-tc`, `w4a16-cuda`, `w4a16-triton-dq`): a decode entry names an
+(N, K, M) where another candidate was measured faster than "triton", with every candidate's median, so
+that the lookup can take the fastest of those available (no extension built: the better Triton
+kernel). Past M = 16 every measured (N, K, M) is an entry, and a query takes the one at the largest
+measured M at or below its own: "triton-dq" pays a fixed cost (writing the fp16 weight) that a larger M
+only amortises further, so where it won at a measured M it wins above it; below the smallest measured
+prefill M, "triton". Absent an entry (another GPU, an unmeasured shape) "auto" means "triton": nothing
+is guessed.
 
 MINICPM_INT4_DISPATCH_TABLE=<path>, set before minicpm_int4 is imported, reads the table from there
 instead: the GPU suite writes one from the bench it has just run, so that its end-to-end profile runs
@@ -67,13 +72,29 @@ def _cached_rules(device_name: str, path: str) -> Dict:
     return _rules_for(device_name, load_table(path))
 
 
+@functools.lru_cache(maxsize=None)
+def _prefill_ms(device_name: str, path: str) -> Dict:
+    """(N, K) -> the sorted prefill M (> CUDA_MAX_M) this GPU's table has entries at."""
+    out: Dict = {}
+    for n, k, m in _cached_rules(device_name, path):
+        if m > CUDA_MAX_M:
+            out.setdefault((n, k), []).append(m)
+    return {nk: sorted(ms) for nk, ms in out.items()}
+
+
 def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available: bool,
                        path: str = TABLE_PATH, device_name: Optional[str] = None) -> str:
-    """"triton", "triton-tc" or "cuda": the fastest measured for this GPU, (N, K) and M among those
-    available (cuda_available: the extension is built); "triton" where nothing was measured."""
+    """"triton", "triton-tc", "cuda" or "triton-dq": the fastest measured for this GPU, (N, K) and M among
+    those available (cuda_available: the extension is built); "triton" where nothing was measured."""
+    device_name = device_name or _device_name(device_index)
     if m > CUDA_MAX_M:
-        return "triton"
-    times = _cached_rules(device_name or _device_name(device_index), path).get((n, k, m_bucket(m)))
+        measured = [mm for mm in _prefill_ms(device_name, path).get((n, k), ()) if mm <= m]
+        if not measured:
+            return "triton"
+        m = measured[-1]
+    else:
+        m = m_bucket(m)
+    times = _cached_rules(device_name, path).get((n, k, m))
     if not times:
         return "triton"
     usable = {b: t for b, t in times.items() if b != "cuda" or cuda_available}
@@ -94,25 +115,39 @@ def describe(device_name: Optional[str] = None) -> Dict:
     return out
 
 
-# bench row -> candidate; "triton-tc" is an M = 1 choice (the decode kernel already runs M = 2..16)
-_CANDIDATES = {"w4a16-triton": "triton", "w4a16-triton-tc": "triton-tc", "w4a16-cuda": "cuda"}
+# bench row -> candidate; "triton-tc" is an M = 1 choice (the decode kernel already runs M = 2..16), "cuda"
+# one of M <= 16, "triton-dq" one of M > 16
+_CANDIDATES = {"w4a16-triton": "triton", "w4a16-triton-tc": "triton-tc", "w4a16-cuda": "cuda",
+               "w4a16-triton-dq": "triton-dq"}
+
+
+def _candidate(r: Dict) -> Optional[str]:
+    cand = _CANDIDATES.get(r["backend"])
+    if cand is None or r.get("check") != "ok":
+        return None
+    if cand == "triton-tc" and r["m"] != 1 or cand == "cuda" and r["m"] > CUDA_MAX_M:
+        return None
+    if cand == "triton-dq" and r["m"] <= CUDA_MAX_M:
+        return None
+    return cand
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
     """Add one GPU's measurements to a dispatch table: an entry wherever "triton-tc" or "cuda" beat
-    "triton"'s median for an (N, K, M), with all the candidates' medians."""
+    "triton"'s median for a decode (N, K, M), and for every prefill (N, K, M) where "triton-dq" was timed
+    beside "triton" (the prefill lookup needs the M where "triton" won too), with all the candidates'
+    medians."""
     times: Dict = {}
     for r in bench["rows"]:
-        cand = _CANDIDATES.get(r["backend"])
-        if cand is None or r.get("check") != "ok" or r["m"] > CUDA_MAX_M or (cand == "triton-tc" and r["m"] != 1):
-            continue
-        times.setdefault((r["n"], r["k"], r["m"]), {})[cand] = r["median_ms"]
+        cand = _candidate(r)
+        if cand is not None:
+            times.setdefault((r["n"], r["k"], r["m"]), {})[cand] = r["median_ms"]
     rules = []
     for (n, k, m), t in sorted(times.items()):
-        if "triton" not in t:  # no baseline measured: no claim
+        if "triton" not in t or len(t) < 2:  # no baseline, or nothing beside it, measured: no claim
             continue
         best = min(t, key=t.get)
-        if best != "triton":
+        if best != "triton" or m > CUDA_MAX_M:
             rules.append({"n": n, "k": k, "m": m, "backend": best, "times_ms": dict(sorted(t.items()))})
     table = dict(existing or {})
     devices = dict(table.get("devices", {}))

@@ -93,8 +93,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
 
     Meta tensors always take "torch" (shapes only).
     "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
-    GPU and (M, N, K) (`shape`, W4A16 only): "cuda" (the extension, when built) or, at M = 1,
-    "triton-tc" (the Triton tensor-core decode kernel instead of the GEMV); CPU tensors -> "torch".
+    GPU and (M, N, K) (`shape`, W4A16 only): "cuda" (the extension, when built), at M = 1 "triton-tc"
+    (the Triton tensor-core decode kernel instead of the GEMV), at M > 16 "triton-dq" (the weight
+    dequantized by a Triton kernel, then torch's matmul, instead of the fused prefill kernel); CPU
+    tensors -> "torch".
     "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
     """
     if backend not in BACKENDS:
@@ -111,7 +113,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
             from .dispatch import w4a16_auto_backend
 
             pick = w4a16_auto_backend(*shape, device.index or 0, _cuda_ext()[0] is not None)
-            if pick == "cuda" or (pick == "triton-tc" and triton_ok):
+            if pick == "cuda" or (pick in ("triton-tc", "triton-dq") and triton_ok):
                 return pick
         return "triton" if triton_ok else "torch"
     if backend == "triton":
@@ -267,14 +269,16 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
                      input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
-    if be in ("triton", "triton-tc"):
+    if be in ("triton", "triton-tc", "triton-dq"):
         # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
         tc = be == "triton-tc" and workspace is not None
         # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first),
-        # and the decode kernels read x through input_perm (prefill gathers first)
+        # and the decode kernels read x through input_perm (prefill gathers first); "triton-dq" (M > 16):
+        # the weight dequantized whole, then torch's matmul
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale,
-                                                      input_perm=input_perm)
+                                                      input_perm=input_perm,
+                                                      dequant_matmul=True if be == "triton-dq" else None)
     if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it, and the
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:
@@ -409,12 +413,25 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
                           None if input_perm is None else input_perm.contiguous())
 
 
+def _dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, gs: int, out_dtype: Optional[torch.dtype]) -> Tensor:
+    """reference.dequantize_ref's bits: on CUDA by the Triton kernel (one pass, where the reference makes
+    several of N x K temporaries), elsewhere (or without Triton) by the reference."""
+    if qweight.is_cuda and not triton_interpreter_active():
+        kernels = _triton_kernels()[0]
+        if kernels is not None:
+            from .kernels.w4a16 import dequantize_triton
+
+            return dequantize_triton(qweight, scales, zeros, gs, out_dtype)
+    return reference.dequantize_ref(qweight, scales, zeros, gs, out_dtype)
+
+
 def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The [N, K] weight the kernels compute with (reference dequantization)."""
+    """The [N, K] weight the kernels compute with, (q - z) * s rounded once to out_dtype (default the
+    scales' dtype): reference.dequantize_ref's bits, computed by a Triton kernel on CUDA."""
     k = qweight.shape[1] * 8
     gs = k if group_size == -1 else group_size
-    return reference.dequantize_ref(qweight, scales, zeros, gs, out_dtype)
+    return _dequantize(qweight, scales, zeros, gs, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,12 +74,13 @@ def _by_kernel(compiled, kernel):
 def test_every_variant_compiles_for_sm80_and_sm90a(compiled):
     assert {c["arch"] for c in compiled} == {"sm80", "sm90a"}
     assert {c["kernel"] for c in compiled} == {"w4a16_gemv", "w4a16_decode", "w4a16_splitk_reduce", "w4a16_prefill",
-                                               "w4a8_gemm", "act_quant"}
+                                               "w4a16_dequant", "w4a8_gemm", "act_quant"}
     errors = [f"{c['arch']} {c['kernel']} {c['label']} {c['constexprs']}: {c['error']}" for c in compiled if c["error"]]
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("kernel", ["w4a16_gemv", "w4a16_decode", "w4a16_splitk_reduce", "w4a16_prefill", "act_quant"])
+@pytest.mark.parametrize("kernel", ["w4a16_gemv", "w4a16_decode", "w4a16_splitk_reduce", "w4a16_prefill", "w4a16_dequant",
+                                    "act_quant"])
 def test_no_spills_and_no_problems(compiled, kernel):
     bad = [f"{c['arch']} {c['label']} {c['constexprs']} {c['options']}: {c['problems']}"
            for c in _by_kernel(compiled, kernel) if c["problems"]]
@@ -140,6 +141,19 @@ def test_decode_kernels_read_weights_with_16_byte_loads(compiled):
         for c in _by_kernel(compiled, kernel):
             if "K=4096" in c["label"]:  # K / 8 words per row, a multiple of 4: 16-byte aligned rows
                 assert c["vector_bytes"] == 16, (c["label"], c["global_loads"])
+
+
+def test_dequant_kernel_moves_16_bytes_an_instruction(compiled):
+    # the prefill-as-matmul's weight (dequantize_triton): a memory-bound pass, 0.5 byte read and 2 (fp16 /
+    # bf16) or 4 (fp32) written per weight, in 16-byte loads of the words (K = 4096: 16-byte aligned rows) and
+    # 16-byte stores - every group size, since the small groups' tiles take more rows instead of narrower ones
+    got = _by_kernel(compiled, "w4a16_dequant")
+    assert {(c["arch"], c["constexprs"]["BLOCK_K"]) for c in got} >= {(a, b) for a in ("sm80", "sm90a") for b in (32, 64, 128)}
+    for c in got:
+        stores = {k for k in c["sass_counts"] if k.startswith("STG")}
+        assert stores == {"STG.E.128"}, (c["arch"], c["label"], stores)
+        if "K=4096" in c["label"]:
+            assert c["vector_bytes"] == 16, (c["arch"], c["label"], c["global_loads"])
 
 
 def test_gemv_prefetch_variant_compiles_and_loads_ahead(compiled):

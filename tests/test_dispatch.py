@@ -34,6 +34,31 @@ def test_table_records_only_measured_wins_and_lookup_uses_it(tmp_path):
     assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"  # extension not built
 
 
+def test_prefill_takes_the_entry_at_the_largest_measured_m_at_or_below(tmp_path):
+    """Past M = 16 "triton-dq" (the weight dequantized whole, then torch's matmul) against the fused prefill
+    kernel: every M where both were timed is an entry (those "triton" won too), and a query takes the
+    entry at the largest measured M at or below its own - the dequantization is a fixed cost that a
+    larger M only amortises - else "triton"."""
+    rows = []
+    for m, fused, dq in ((64, 0.010, 0.030), (256, 0.030, 0.040), (1024, 0.100, 0.080), (4096, 0.400, 0.300)):
+        rows += [{"n": 4096, "k": 4096, "m": m, "backend": "w4a16-triton", "median_ms": fused},
+                 {"n": 4096, "k": 4096, "m": m, "backend": "w4a16-triton-dq", "median_ms": dq}]
+    rows += [{"n": 1024, "k": 4096, "m": 4096, "backend": "w4a16-triton", "median_ms": 0.1},  # no dq row: no claim
+             {"n": 4096, "k": 4096, "m": 16, "backend": "w4a16-triton", "median_ms": 0.01},
+             {"n": 4096, "k": 4096, "m": 16, "backend": "w4a16-triton-dq", "median_ms": 0.001},  # not an M <= 16 choice
+             {"n": 4096, "k": 4096, "m": 256, "backend": "w4a16-cuda", "median_ms": 0.001}]  # nor is cuda past 16
+    table = table_from_bench(_bench("GPU-A", rows))
+    assert [(r["n"], r["m"], r["backend"]) for r in table["devices"]["GPU-A"]["w4a16"]] == [
+        (4096, 64, "triton"), (4096, 256, "triton"), (4096, 1024, "triton-dq"), (4096, 4096, "triton-dq")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda m, n=4096, ext=True: w4a16_auto_backend(m, n, 4096, 0, ext, str(path), "GPU-A")  # noqa: E731
+    assert [pick(m) for m in (16, 17, 63, 64, 300, 1023)] == ["triton"] * 6
+    assert [pick(m) for m in (1024, 2000, 4096, 100000)] == ["triton-dq"] * 4
+    assert pick(4096, ext=False) == "triton-dq"  # a Triton path: the extension does not matter
+    assert pick(4096, n=1024) == "triton"       # unmeasured: nothing guessed
+
+
 def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
     # at M = 1 the Triton tensor-core decode kernel competes with the GEMV ("triton") and the CUDA
     # extension; without the extension the lookup falls back to the better Triton kernel
@@ -74,8 +99,8 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
     class Kernels:
         @staticmethod
         def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace, m1_tensor_core, input_scale=None,
-                              input_perm=None):
-            calls.append(m1_tensor_core)
+                              input_perm=None, dequant_matmul=None):
+            calls.append((m1_tensor_core, dequant_matmul))
             return x.new_zeros((x.shape[0], qweight.shape[0]))
 
     monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton-tc")
@@ -84,7 +109,11 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
     scales = torch.ones(8, 2, dtype=torch.float16)
     ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto", ops.w4a16_workspace(8))
     ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto")
-    assert calls == [True, False]
+    assert calls == [(True, None), (False, None)]  # (None: the Triton module's own PREFILL_DEQUANT)
+    # a "triton-dq" pick (M > 16) reaches the Triton launcher as dequant_matmul
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton-dq")
+    ops._w4a16_gemm_op(torch.randn(32, 64, dtype=torch.float16), qweight, scales, scales, None, 32, "auto")
+    assert calls[-1] == (False, True)
 
 
 def test_cuda_backend_gets_the_input_scale_and_perm_and_the_unscaled_x(monkeypatch):

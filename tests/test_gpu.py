@@ -466,6 +466,25 @@ def test_triton_dequantization_paths(group_size, dtype, asm, monkeypatch):
         assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("nk,group_size", [((4096, 4096), 128), ((12288, 4096), 32), ((1000, 4304), -1),
+                                           ((3584, 18944), 64)], ids=str)
+def test_prefill_as_dequant_and_matmul(nk, group_size, dtype):
+    """backend="auto"'s "triton-dq" prefill: the compiled dequantization kernel (inline PTX) writes the
+    reference's weight bit for bit, and with cuBLAS's matmul the layer is within the reference's tolerance."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+    assert torch.equal(w4a16.dequantize_triton(qweight, scales, zeros, gs), dequant(qweight, scales, zeros, gs, dtype))
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    for m in (17, 4096):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        with w4a16.dequant_prefill():
+            y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton")
+        assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
+
+
 @pytest.mark.parametrize("act,backend", [(None, "triton"), ("int8", "triton"), (None, "cuda")])
 def test_forward_has_no_host_sync(act, backend):
     # the ops' forward (checks, backend choice, launches) never waits for the GPU: decode steps queue

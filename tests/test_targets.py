@@ -53,6 +53,13 @@ def test_verdicts_on_known_numbers():
     assert _by_what(ts, "activation quantization").per_shape == [("4096 x 4096", 72.0)]
     assert _by_what(ts, "CUDA extension, M = 1").verdict == "met"
     assert _by_what(ts, "CUDA extension over").worst == pytest.approx(0.0100 / 0.0095)
+    assert not any(t.what.startswith("W4A16 as backend='auto'") for t in ts)  # no dequant + matmul rows: no line
+    bench = _bench()  # dequantization + matmul faster on one large shape: "auto" takes the faster per shape
+    bench["rows"].append(_row("llama3-v2.5", 14336, 4096, 4096, "w4a16-triton-dq", 0.8, 1.0))
+    auto = _by_what(check_targets(bench), "W4A16 as backend='auto'")
+    assert auto.per_shape == [("minicpmv4.6 4096 x 4096", pytest.approx(1 / 1.05)),
+                              ("llama3-v2.5 14336 x 4096", pytest.approx(1 / 0.8))]
+    assert auto.verdict == "met" and _by_what(check_targets(bench), "W4A16 Triton, M = 4096").verdict == "met"
 
 
 def test_unmeasured_and_equal_are_not_met():
@@ -194,9 +201,13 @@ def test_variant_lines_compare_each_measurement_variant_with_its_default():
         # prefetch 10% faster than the GEMV everywhere; ahead2 slower than the CUDA kernel on the small shape
         bench["rows"].append(_row(model, n, k, 1, "w4a16-triton-prefetch", 0.0100))
         bench["rows"].append(_row(model, n, k, 1, "w4a16-cuda-ahead2", 0.0095 / (0.5 if n == 768 else 1.25)))
+        # the prefill as dequantization + matmul: twice the fused kernel's speed at M = 4096
+        bench["rows"].append(_row(model, n, k, 4096, "w4a16-triton-dq", 1.05 / 2))
     text = "\n".join(variant_lines(bench))
-    assert "| w4a16-triton-prefetch | w4a16-triton | 1.10x (1.10 - 1.10, 3) | 1.10x (1.10 - 1.10, 2) |" in text
-    assert "| w4a16-cuda-ahead2 | w4a16-cuda | 1.25x (0.50 - 1.25, 3) | 1.25x (1.25 - 1.25, 2) |" in text
-    assert "| w4a16-triton-tc | w4a16-triton | 1.10x" in text and "unsplit" not in text  # no rows: no line
+    assert "| w4a16-triton-prefetch | w4a16-triton | 1 | 1.10x (1.10 - 1.10, 3) | 1.10x (1.10 - 1.10, 2) |" in text
+    assert "| w4a16-cuda-ahead2 | w4a16-cuda | 1 | 1.25x (0.50 - 1.25, 3) | 1.25x (1.25 - 1.25, 2) |" in text
+    assert "| w4a16-triton-dq | w4a16-triton | 4096 | 2.00x (2.00 - 2.00, 3) | 2.00x (2.00 - 2.00, 2) |" in text
+    assert "| w4a16-triton-tc | w4a16-triton | 1 | 1.10x" in text and "unsplit" not in text  # no rows: no line
+    assert "| w4a16-triton-dq | w4a16-triton | 1024 |" not in text
     assert variant_lines({"rows": []}) == []
     assert "Measurement variants" in targets_markdown(bench)

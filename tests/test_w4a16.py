@@ -705,3 +705,52 @@ def test_gemms_past_32_bit_offsets_run_in_row_slices(op, monkeypatch):
     monkeypatch.setattr(_common, "MAX_OFFSET", 128 * 20)  # rows of K = 128 (x) and N = 40 (out): 20 rows
     sliced = run()
     assert launches == [20, 20, 20, 10] and torch.equal(whole, sliced)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n, k, group_size", [(70, 96, 32), (45, 192, 64), (33, 384, 128), (97, 1024, 128),
+                                              (40, 200, -1), (17, 4304, -1)], ids=str)
+def test_dequantize_triton_is_the_reference_weight(n, k, group_size, dtype):
+    """The prefill-as-matmul path's weight: (q - z) * s rounded once, bit for bit the reference's, on N and K
+    that the 32-row / 128-column tiles do not divide (every element written: torch.empty is poisoned)."""
+    from minicpm_int4.kernels.w4a16 import dequantize_triton
+
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=n + k)
+    w = dequantize_triton(qweight, scales, zeros, gs)
+    assert w.dtype == dtype and w.shape == (n, k)
+    assert torch.equal(w, dequant(qweight, scales, zeros, gs, dtype))
+    out = torch.full((n, k), float("nan"), dtype=dtype)  # into a given tensor: the same bits
+    assert dequantize_triton(qweight, scales, zeros, gs, out=out) is out and torch.equal(out, w)
+    for other in DTYPES:  # rounded once to another dtype, as the reference's out_dtype
+        assert torch.equal(dequantize_triton(qweight, scales, zeros, gs, other), dequant(qweight, scales, zeros, gs, other))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("group_size", [32, 128, -1], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("m", [17, 130], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("x_read", ["plain", "scaled-permuted"])
+def test_prefill_as_dequant_and_matmul_matches_reference(m, group_size, dtype, x_read, monkeypatch):
+    """M > 16 with the weight dequantized whole, then torch's matmul (what "auto" runs where the dispatch
+    table has `triton-dq` faster): the fused prefill kernel is not launched, and the result is the
+    reference's within its tolerance, bias, input scale and channel order included."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k = SHAPES[group_size]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, dtype, seed=m + n + k)
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    scale = perm = None
+    xm = x
+    if x_read == "scaled-permuted":
+        scale, perm = random_input_scale(k, dtype, seed=m), torch.randperm(k, generator=g).to(torch.int32)
+        xm = x[:, perm.long()] * scale
+    launched = []
+    for name in ("_w4a16_prefill_kernel", "_w4a16_dequant_kernel"):
+        monkeypatch.setattr(w4a16, name, _Recording(getattr(w4a16, name), name, launched))
+    with w4a16.dequant_prefill():
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, bias, group_size, backend="triton", input_scale=scale,
+                           input_perm=perm)
+    assert launched == ["_w4a16_dequant_kernel"]
+    assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm, dequant(qweight, scales, zeros, gs, dtype))
+    assert not w4a16.PREFILL_DEQUANT  # (the switch is the block's only)

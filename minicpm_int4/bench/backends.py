@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..dispatch import CUDA_MAX_M
 from ..packing import num_groups, pack_int4
 from ..quantize import quantize_rtn
 
@@ -190,6 +191,20 @@ class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
         super().__init__("w4a16-triton-prefetch")
 
 
+class OursW4A16TritonDequant(_OursW4A16TritonSwitched):
+    """M > 16 as the weight dequantized whole by a Triton kernel, then torch's matmul (kernels/w4a16.py
+    PREFILL_DEQUANT; cuBLAS on a GPU), beside `w4a16-triton`'s fused prefill kernel: these rows are the
+    dispatch table's prefill entries ("triton-dq", dispatch.py), which backend="auto" follows."""
+    switch = "dequant_prefill"
+
+    def __init__(self):
+        super().__init__("w4a16-triton-dq")
+        self.max_m = None
+
+    def supports(self, m):
+        return m > CUDA_MAX_M  # (past the decode sizes: the switch changes only M > 16)
+
+
 class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together: the path a W4A8 layer runs from
     ops.W4A8_MIN_M rows on (below it the layer runs W4A16, the w4a16 rows)."""
@@ -343,7 +358,7 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16TritonPrefetch(), OursW4A16("cuda", max_m=16),
+            OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 

@@ -111,6 +111,15 @@ def check_targets(bench: Dict) -> List[Target]:
                         speedup(16, "w4a16-triton")))
     out.append(_collect(bench, Target(3, "W4A16 Triton, M = 4096: speedup over fp16", 0.9, "x"), large,
                         speedup(4096, "w4a16-triton")))
+
+    def prefill_auto(by, s):
+        vals = [v for v in (speedup(4096, b)(by, s) for b in ("w4a16-triton", "w4a16-triton-dq")) if v is not None]
+        return max(vals) if vals else None
+
+    if any(r["backend"] == "w4a16-triton-dq" for r in bench.get("rows", [])):
+        out.append(_collect(bench, Target(3, "W4A16 as backend='auto' takes it (the faster of the fused kernel and "
+                                          "dequantization + matmul), M = 4096: speedup over fp16", 0.9, "x"),
+                            large, prefill_auto))
     out.append(_collect(bench, Target(4, "W4A8 (with activation quantization), M = 4096, MiniCPM-V 4.6 shapes: speedup over fp16",
                                       1.5, "x"), v46, speedup(4096, "w4a8-triton")))
 
@@ -247,17 +256,20 @@ def stream_fit_lines(bench: Dict, fits: Optional[List[StreamFit]] = None) -> Lis
 
 
 # The bench's measurement variants and the default each is an alternative to (bench/backends.py).
-VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton"), ("w4a16-triton-unsplit", "w4a16-triton"),
-            ("w4a16-triton-tc", "w4a16-triton"), ("w4a16-cuda-ahead2", "w4a16-cuda"))
+# (variant, the kernel it would replace, the M compared at)
+VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit", "w4a16-triton", 1),
+            ("w4a16-triton-tc", "w4a16-triton", 1), ("w4a16-cuda-ahead2", "w4a16-cuda", 1),
+            ("w4a16-triton-dq", "w4a16-triton", 1024), ("w4a16-triton-dq", "w4a16-triton", 4096))
 
 
-def variant_lines(bench: Dict, m: int = 1) -> List[str]:
-    """Each measurement variant against the kernel it would replace at M = m, per shape the two share:
+def variant_lines(bench: Dict) -> List[str]:
+    """Each measurement variant against the kernel it would replace at its M, per shape the two share:
     default time / variant time (above 1: the variant is faster), median and range over all shapes and
-    over the large ones. What decides whether a variant becomes the default."""
+    over the large ones. What decides whether a variant becomes the default (or, for `w4a16-triton-dq`,
+    what the dispatch table's prefill entries will pick)."""
     by = _ok_rows(bench)
     out = []
-    for variant, default in VARIANTS:
+    for variant, default, m in VARIANTS:
         ratios = []
         for model, n, k in dict.fromkeys((r["model"], r["n"], r["k"]) for r in bench.get("rows", [])):
             a, b = by.get((model, n, k, m, variant)), by.get((model, n, k, m, default))
@@ -269,12 +281,12 @@ def variant_lines(bench: Dict, m: int = 1) -> List[str]:
         for label, vals in (("all", [v for _, v in ratios]), ("large", [v for big, v in ratios if big])):
             cells.append(f"{statistics.median(vals):.2f}x ({min(vals):.2f} - {max(vals):.2f}, {len(vals)})"
                          if vals else "-")
-        out.append(f"| {variant} | {default} | {cells[0]} | {cells[1]} |")
+        out.append(f"| {variant} | {default} | {m} | {cells[0]} | {cells[1]} |")
     if not out:
         return []
-    return ([f"Measurement variants at M = {m}: the default's time over the variant's (above 1.00x the variant is "
-             "faster), median (range, shapes).", "", "| variant | instead of | all shapes | large shapes |",
-             "|---|---|---|---|"] + out)
+    return (["Measurement variants: the default's time over the variant's (above 1.00x the variant is "
+             "faster), median (range, shapes).", "", "| variant | instead of | M | all shapes | large shapes |",
+             "|---|---|---|---|---|"] + out)
 
 
 def ceiling_fraction(mb: float, floor_us: float, gbps: float) -> float:

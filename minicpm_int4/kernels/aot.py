@@ -121,7 +121,7 @@ def _kernels():
         raise RuntimeError("minicpm_int4.kernels.aot compiles for a GPU target: import the kernels without "
                            "TRITON_INTERPRET=1 (run `python -m minicpm_int4.kernels.aot` in a fresh process)")
     return {"w4a16_gemv": w4a16._w4a16_gemv_kernel, "w4a16_decode": w4a16._w4a16_decode_kernel, "w4a16_prefill": w4a16._w4a16_prefill_kernel,
-            "w4a16_splitk_reduce": w4a16._splitk_reduce_kernel,
+            "w4a16_splitk_reduce": w4a16._splitk_reduce_kernel, "w4a16_dequant": w4a16._w4a16_dequant_kernel,
             "w4a8_gemm": w4a8._w4a8_gemm_kernel, "act_quant": act_quant._act_quant_kernel}
 
 
@@ -208,7 +208,8 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                     bias: Sequence[bool] = (False,), w4a8: bool = True, act_quant: bool = True,
                     input_scale: bool = True, input_perm: bool = True) -> List[Launch]:
     """Every distinct (kernel, constexprs, options, specialisation) the launchers pick for these
-    problems on `arch`: W4A16 for each M, W4A8 and the activation quantizer for M > 16; with
+    problems on `arch`: W4A16 for each M, W4A8, the activation quantizer and the weight's dequantization
+    (the prefill as dequantization + matmul) for M > 16; with
     `input_scale` also the W4A16 kernels (the decode ones everywhere; prefill in a pass of its own, and
     on sm_90 its opt-in fused tiles too, w4a16.FUSE_INPUT_SCALE_PREFILL = True) and the quantizer as a layer
     with an input scale runs them; with `input_perm` the decode
@@ -247,6 +248,8 @@ def record_launches(arch: Arch, shapes: Sequence[Tuple[int, int]], ms: Sequence[
                             perm = torch.empty((k,), dtype=torch.int32)
                             if input_perm and m <= 16:  # x read through the channel order
                                 w4a16_gemm_triton(x, qweight, scales, zeros, b, g, workspace, input_perm=perm)
+                            if m > 16:  # the prefill as dequantization + matmul (dispatch "triton-dq")
+                                _w4a16.dequantize_triton(qweight, scales, zeros, g)
                             if m > 16 and w4a8 and dtype != torch.float32:
                                 xq = torch.empty((m, k), dtype=torch.int8)
                                 xs = torch.empty((m,), dtype=torch.float32)

@@ -681,6 +681,54 @@ def _w4a16_prefill_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(acc, w_dtype), mask=mask)
 
 
+@triton.jit
+def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, G, NUM_GROUPS, stride_qn, stride_sn, stride_on,
+                          m0, m1, m2, m3, ASM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W = dequant(qweight) [N, K] in out's dtype, the reference's weight bit for bit: program (pid_n, pid_k)
+    writes rows [pid_n * BLOCK_N, +BLOCK_N) x columns [pid_k * BLOCK_K, +BLOCK_K) (inside one group), the
+    prefill kernel's row tile (_load_dequant_rows, the inline PTX on a GPU), 8 consecutive columns a word:
+    16-byte stores of fp16 / bf16."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn, stride_sn,
+                           m0, m1, m2, m3, out_ptr.dtype.element_ty, BLOCK_K, ASM)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
+             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+DEQUANT_TILE = 4096  # weights a program writes: 32 a thread of its 4 warps (32 rows of a 128-wide K tile)
+# M > 16 as dequantize_triton + torch's matmul (cuBLAS) instead of the fused prefill kernel. The weight is
+# written once as fp16 (2 bytes a weight: ~10 us for 4096 x 4096 at HBM speed) and read back by the
+# GEMM, which then runs at fp16's own speed: at M = 4096 that cost is a few percent of the GEMM, where
+# the fused kernel ran at 0.49x of fp16 on the H200 (run 2); at small M the fused kernel reads 4x fewer
+# weight bytes. Off here; backend="auto" takes it where dispatch.py's measured table has it faster
+# (the bench's `w4a16-triton-dq` rows), per shape and M, and the dequantized weight is a temporary of
+# N x K x 2 bytes (the caching allocator's) for the call's length.
+PREFILL_DEQUANT = False
+
+
+def dequantize_triton(qweight, scales, zeros, group_size, out_dtype=None, out=None):
+    """The [N, K] weight (q - z) * s, exact in fp32, rounded once to out_dtype (default scales' dtype):
+    reference.dequantize_ref's bits, in one pass (0.5 byte read and 2 bytes written per fp16 weight).
+    group_size is positive (G == K per channel). out: an [N, K] tensor to write into (unit stride along K;
+    its dtype is the one rounded to), else a new one."""
+    n, kw = qweight.shape
+    k = kw * 8
+    if out is None:
+        out = torch.empty((n, k), dtype=out_dtype or scales.dtype, device=qweight.device)
+    block_k = _block_k(k, group_size, 128)  # (inside one group: G = 32 / 64 take more rows instead)
+    block_n = DEQUANT_TILE // block_k
+    grid = (cdiv(n, block_n), cdiv(k, block_k))
+    _w4a16_dequant_kernel[grid](
+        qweight, scales, zeros, out, n, k, kw, group_size, k // group_size, qweight.stride(0), scales.stride(0),
+        out.stride(0), *NIBBLE_MASKS, BLOCK_K=block_k,
+        # (the PTX takes the scale in the output's dtype: only where that is the scales' own)
+        ASM=_use_ptx(out.dtype == torch.float32) and out.dtype == scales.dtype,
+        BLOCK_N=block_n, num_warps=4)
+    return out
+
+
 def _block_k(k: int, group_size: int, cap: int) -> int:
     """A K tile that never straddles two groups: it divides G, or G == K (one group)."""
     if group_size == k and group_size not in (32, 64, 128):
@@ -910,7 +958,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
 
 
 def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, m1_tensor_core=False,
-                      input_scale=None, input_perm=None):
+                      input_scale=None, input_perm=None, dequant_matmul=None):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
     workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: a split-K
@@ -919,7 +967,9 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
     (FUSE_INPUT_SCALE), into the prefill kernel's x tiles in the interpreter (FUSE_INPUT_SCALE_PREFILL), else in a
     pass of its own first. input_perm: int32 [K] or None, y = (x[:, input_perm] * input_scale) @ ...:
-    the decode kernels read x through it (FUSE_INPUT_PERM), prefill gathers first."""
+    the decode kernels read x through it (FUSE_INPUT_PERM), prefill gathers first. dequant_matmul (M > 16;
+    None: PREFILL_DEQUANT): the weight dequantized whole by dequantize_triton, then torch's matmul (cuBLAS on
+    a GPU) in place of the fused prefill kernel - where dispatch.py's measured table says it is faster."""
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
         return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
     decode = x.shape[0] <= DECODE_MAX_M
@@ -935,6 +985,10 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     dot_fp32 = _dot_fp32(x.dtype)
     if decode:
         return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale, input_perm)
+    if PREFILL_DEQUANT if dequant_matmul is None else dequant_matmul:
+        if input_scale is not None:  # (x was gathered above; the scale left for the fused tiles: torch's x * m)
+            x = x * input_scale
+        return torch.nn.functional.linear(x, dequantize_triton(qweight, scales, zeros, group_size), bias)
     m, k = x.shape
     n = qweight.shape[0]
     g = group_size
@@ -972,6 +1026,12 @@ def tensor_core_decode():
     """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
     `w4a16-triton-tc` rows; not thread-safe)."""
     return _setting("GEMV_MAX_M", 0)
+
+
+def dequant_prefill():
+    """Run M > 16 as the whole weight dequantized (dequantize_triton) and torch's matmul instead of the fused
+    prefill kernel, inside the block (the benchmark's `w4a16-triton-dq` rows; not thread-safe)."""
+    return _setting("PREFILL_DEQUANT", True)
 
 
 def prefetch_gemv():
