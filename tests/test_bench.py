@@ -287,6 +287,33 @@ def test_profile_cudagraph_mode_replays_one_captured_decode_step(name, tmp_path)
     assert f"**its tokens leave the eager decode's at token 4 of {min(CHECK_TOKENS, new_tokens)} checked**" in md
 
 
+@pytest.mark.parametrize("name", ["llama3-v2.5", "minicpmv4.6"])
+def test_the_captured_decode_step_has_no_data_dependent_host_read(name):
+    """What the cudagraph mode captures, checked off CUDA: dynamo traces the decode step generate() makes
+    (this transformers' arguments, static cache) into one graph with no break - a read of a tensor's value
+    by Python (`.item()`, `if tensor:`) would break it, and on a GPU would synchronise inside the capture."""
+    import copy
+
+    from minicpm_int4.bench.e2e import _hand_graph_setup, build_model, make_inputs
+
+    model, _ = build_model(name, "tiny", torch.float32, torch.device("cpu"))
+    inputs = make_inputs(name, model, 8, 4, torch.device("cpu"))
+    _hand_graph_setup(model)
+    forward, found = model.forward, []
+
+    def spy(*args, **kwargs):
+        if not found and kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[-1] == 1:
+            torch._dynamo.reset()  # (a copy of the step's arguments: the traced run must not advance the cache)
+            found.append(torch._dynamo.explain(forward)(**copy.deepcopy(kwargs)))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    with torch.no_grad():
+        model.generate(**inputs, do_sample=False, min_new_tokens=3, max_new_tokens=8)
+    assert found, "generate() made no decode step"
+    assert (found[0].graph_count, found[0].graph_break_count) == (1, 0), found[0].break_reasons
+
+
 def test_profile_runs_its_modes_in_order_and_refuses_an_unknown_one():
     from minicpm_int4.bench.e2e import run_profile
 
