@@ -725,6 +725,24 @@ def test_dequantize_triton_is_the_reference_weight(n, k, group_size, dtype):
         assert torch.equal(dequantize_triton(qweight, scales, zeros, gs, other), dequant(qweight, scales, zeros, gs, other))
 
 
+def test_dequantize_triton_launches_in_row_slices_past_int32_offsets(monkeypatch):
+    """A weight of 2**31 elements or more (its offsets would overflow int32) is written in row slices that
+    each stay below; shown here by lowering the limit: slices of whole row tiles, the same bits."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k, gs = 70, 256, 64
+    qweight, scales, zeros, _ = random_qweight(n, k, gs, torch.float16, seed=5)
+    launched = []
+    monkeypatch.setattr(w4a16, "_w4a16_dequant_kernel", _Recording(w4a16._w4a16_dequant_kernel, "dq", launched))
+    whole = w4a16.dequantize_triton(qweight, scales, zeros, gs)
+    assert launched == ["dq"]
+    real_cdiv, sizes = w4a16.cdiv, []
+    monkeypatch.setattr(w4a16, "cdiv", lambda a, b: sizes.append(a) or real_cdiv(a, b))
+    monkeypatch.setattr(w4a16, "_INT32_ELEMENTS", 20 * k)  # 20 rows' worth: slices of 64 rows (a row tile)
+    assert torch.equal(w4a16.dequantize_triton(qweight, scales, zeros, gs), whole)
+    assert sizes[0::2] == [64, 6] and len(launched) == 3
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("group_size", [32, 128, -1], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("m", [17, 130], ids=lambda m: f"M{m}")

@@ -706,6 +706,7 @@ DEQUANT_TILE = 4096  # weights a program writes: 32 a thread of its 4 warps (32 
 # (the bench's `w4a16-triton-dq` rows), per shape and M, and the dequantized weight is a temporary of
 # N x K x 2 bytes (the caching allocator's) for the call's length.
 PREFILL_DEQUANT = False
+_INT32_ELEMENTS = 2**31 - 1  # the output elements one dequantization launch may address
 
 
 def dequantize_triton(qweight, scales, zeros, group_size, out_dtype=None, out=None):
@@ -719,13 +720,15 @@ def dequantize_triton(qweight, scales, zeros, group_size, out_dtype=None, out=No
         out = torch.empty((n, k), dtype=out_dtype or scales.dtype, device=qweight.device)
     block_k = _block_k(k, group_size, 128)  # (inside one group: G = 32 / 64 take more rows instead)
     block_n = DEQUANT_TILE // block_k
-    grid = (cdiv(n, block_n), cdiv(k, block_k))
-    _w4a16_dequant_kernel[grid](
-        qweight, scales, zeros, out, n, k, kw, group_size, k // group_size, qweight.stride(0), scales.stride(0),
-        out.stride(0), *NIBBLE_MASKS, BLOCK_K=block_k,
-        # (the PTX takes the scale in the output's dtype: only where that is the scales' own)
-        ASM=_use_ptx(out.dtype == torch.float32) and out.dtype == scales.dtype,
-        BLOCK_N=block_n, num_warps=4)
+    # (the PTX takes the scale in the output's dtype: only where that is the scales' own)
+    asm = _use_ptx(out.dtype == torch.float32) and out.dtype == scales.dtype
+    rows = max(block_n, _INT32_ELEMENTS // max(out.stride(0), 1) // block_n * block_n)  # int32 offsets a launch
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        _w4a16_dequant_kernel[(cdiv(r1 - r0, block_n), cdiv(k, block_k))](
+            qweight[r0:r1], scales[r0:r1], zeros[r0:r1], out[r0:r1], r1 - r0, k, kw, group_size, k // group_size,
+            qweight.stride(0), scales.stride(0), out.stride(0), *NIBBLE_MASKS, ASM=asm, BLOCK_K=block_k,
+            BLOCK_N=block_n, num_warps=4)
     return out
 
 
