@@ -49,6 +49,16 @@ for arch in ("sm80", "sm90a"):
         c = aot.compile_launch(launch, aot.ARCHS[arch])
         out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                 "instr_per_weight": aot.loop_instructions_per_weight(c)})
+# W4A8's opt-in flat group loop (w4a8.W4A8_FLAT_GROUPS) on the GPUs it is meant for
+from minicpm_int4.kernels import w4a8
+with w4a8.flat_groups():
+    launches = aot.record_launches(aot.ARCHS["sm90a"], [(4096, 4096)], [4096], [torch.float16], [64, 128],
+                                   act_quant=False, input_scale=False, input_perm=False)
+for launch in launches:
+    if launch.kernel == "w4a8_gemm":
+        c = aot.compile_launch(launch, aot.ARCHS["sm90a"])
+        out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
+                                "instr_per_weight": aot.loop_instructions_per_weight(c)})
 json.dump(out, open(sys.argv[1], "w"), default=str)
 """
 
@@ -125,13 +135,34 @@ def test_w4a8_uses_int8_tensor_cores_and_does_not_spill(compiled):
     assert all(any(k.startswith("wgmma") for k in c["tensor_core"]) for c in sm90)
 
 
+def test_w4a8_flat_group_loop_compiles_pipelined_on_sm90a(compiled):
+    # W4A8_FLAT_GROUPS: every autotune config compiles to int8 wgmma without spills, and the group loop -
+    # now the innermost - is the one software-pipelined: its cp.async copies (LDGSTS) are inside it, and
+    # the stages hold a whole group's steps (G = 128: more shared memory than the nested loop's same config)
+    def key(c):
+        k = c["constexprs"]
+        return c["label"], k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c["options"]["num_warps"], c["options"]["num_stages"]
+
+    w4a8 = [c for c in _by_kernel(compiled, "w4a8_gemm") if c["arch"] == "sm90a"]
+    flat = [c for c in w4a8 if c["constexprs"].get("FLAT_GROUPS")]
+    nested = {key(c): c for c in w4a8 if not c["constexprs"].get("FLAT_GROUPS")}
+    assert {c["label"].split(" G=")[1].split()[0] for c in flat} == {"64", "128"}
+    for c in flat:
+        assert not c["error"] and not c["spill_bytes"] and not c["problems"], (c["label"], c["constexprs"], c["problems"])
+        assert any(k.startswith("wgmma") and ".s8" in k for k in c["tensor_core"])
+        assert any(k.startswith("LDGSTS") for k in c["loop_sass"]), c["loop_sass"]
+        if key(c) in nested and "G=128" in c["label"]:
+            assert c["smem"] > nested[key(c)]["smem"], (key(c), c["smem"], nested[key(c)]["smem"])
+
+
 def test_w4a8_unpacking_hides_behind_int8_wgmma(compiled):
     # int8 wgmma does ~4096 MACs per SM-clock, so a 64-row tile's weights must be unpacked in under
     # 64 * 128 / 4096 = 2 ... 128-row: 4 instructions per weight. Unpacking four bytes per
     # instruction (inline PTX) keeps the K loop at ~2.3-3.5; the [K, N]-tile unpacking it replaced
     # issued 4.5-10 (and its 128x128 tile spilled 368 bytes).
+    # (the flat group loop's trip also holds the group's epilogue: the test above checks that variant)
     for c in _by_kernel(compiled, "w4a8_gemm"):
-        if c["arch"] == "sm90a" and "K=4096 G=128" in c["label"]:
+        if c["arch"] == "sm90a" and "K=4096 G=128" in c["label"] and not c["constexprs"].get("FLAT_GROUPS"):
             ipw = c["instr_per_weight"]
             assert ipw is not None and ipw <= 4.0, (c["label"], c["constexprs"], ipw)
 

@@ -351,6 +351,10 @@ def test_triton_w4a8_real_shapes(nk, m):
     y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16)
     tol = w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, torch.float16, y_ref)
     assert ((y.double() - y_ref.double()).abs() <= tol).all()
+    from minicpm_int4.kernels import w4a8
+
+    with w4a8.flat_groups():  # the opt-in flat group loop (the bench's w4a8-triton-flat): the same bits
+        assert torch.equal(ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 128, torch.float16, backend="triton"), y)
 
 
 @pytest.mark.parametrize("which", ["4_6", "llama"])

@@ -188,3 +188,26 @@ def test_w4a8_magic_int_to_float_convert_is_exact(group_size, monkeypatch):
     assert torch.equal(outs[0], outs[1])
     y_ref = w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, None, gs, torch.float32)
     assert torch.equal(outs[1], y_ref)
+
+
+@triton_only
+@pytest.mark.parametrize("group_size", [64, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("m", [17, 130], ids=lambda m: f"M{m}")
+def test_w4a8_flat_groups_give_the_same_bits(m, group_size):
+    """W4A8_FLAT_GROUPS (each group's K steps unrolled, so that the group loop is the one Triton pipelines)
+    sums the same integers in the same order as the nested loop: the same bits, bias and ragged N included
+    (the interpreter's 32-wide K steps: 2 and 4 of them a group)."""
+    from minicpm_int4.kernels import w4a8
+
+    n, k = SHAPES[group_size]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=m + 7)
+    x_q, x_scale = quantize_per_token_int8_ref(torch.randn(m, k))
+    bias = torch.randn(n, dtype=torch.float16)
+    nested = ops.w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, torch.float16, backend="triton")
+    with w4a8.flat_groups():
+        assert w4a8.W4A8_FLAT_GROUPS
+        flat = ops.w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, torch.float16, backend="triton")
+    assert not w4a8.W4A8_FLAT_GROUPS and torch.equal(flat, nested)
+    y_ref = w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, bias, gs, torch.float16)
+    assert ((flat.double() - y_ref.double()).abs() <= w4a8_tolerance(x_q, x_scale, qweight, scales, zeros, gs,
+                                                                     torch.float16, y_ref)).all()

@@ -7,6 +7,7 @@ judged against the measured copy bandwidth.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -221,8 +222,9 @@ class OursW4A8(_Ours):
         gs = w.shape[1] if group_size == -1 else group_size
 
         def run(x):
-            x_q, s = ops.quantize_per_token_int8(x, self.backend)
-            return ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, group_size, x.dtype, self.backend)
+            with self._switch():
+                x_q, s = ops.quantize_per_token_int8(x, self.backend)
+                return ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, group_size, x.dtype, self.backend)
 
         def ref(x):
             x_q, s = quantize_per_token_int8_ref(x)
@@ -238,6 +240,24 @@ class OursW4A8(_Ours):
     def activation_bytes(self, m, k, n, esize):
         # quantizer: read x, write x_q + scale; GEMM: read x_q + scale, write y
         return (m * k * esize + m * k + 4 * m) + (m * k + 4 * m) + m * n * esize
+
+    def _switch(self):
+        return contextlib.nullcontext()
+
+
+class OursW4A8TritonFlat(OursW4A8):
+    """The W4A8 GEMM with each group's K steps unrolled, so that Triton pipelines the loop over groups
+    (kernels/w4a8.py W4A8_FLAT_GROUPS), beside `w4a8-triton`'s nested loop: these rows decide whether it
+    becomes the default."""
+
+    def __init__(self):
+        super().__init__("triton")
+        self.name = "w4a8-triton-flat"
+
+    def _switch(self):
+        from ..kernels import w4a8
+
+        return w4a8.flat_groups()
 
 
 class TorchTinyGemm(Backend):
@@ -360,7 +380,7 @@ def _import_helper():
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
-            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"),
+            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 
 

@@ -381,6 +381,8 @@ def loop_instructions_per_weight(c: Compiled) -> Optional[float]:
         return None
     if c.kernel in ("w4a16_prefill", "w4a8_gemm"):  # a BLOCK_N x BLOCK_K weight tile per step, shared by BLOCK_M rows
         block_k = c.constexprs["BLOCK_K"]
+        if c.constexprs.get("FLAT_GROUPS") and not c.constexprs.get("PER_CHANNEL"):  # a group's steps a trip,
+            block_k = max(block_k, c.constexprs["G"])  # and its epilogue (int32 -> fp32, scale) with them
     else:
         block_k = c.constexprs["BLOCK_KW"] * 8 * c.constexprs.get("STEPS", 1)
     weights = c.constexprs["BLOCK_N"] * block_k / (32 * c.options["num_warps"])

@@ -26,6 +26,8 @@ Per-channel layers (PER_CHANNEL, G == K: the vision MLP's K = 4304, which no gro
 keep one int32 accumulator and scale it once at the end; run through the grouped loop they held an
 fp32 and an int32 tile at once and spilled 16-160 bytes per thread on sm_80 (kernels/aot.py).
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -86,7 +88,7 @@ def _w4a8_gemm_kernel(
     M, N, K, KB, G: tl.constexpr, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    MAGIC_CVT: tl.constexpr,
+    MAGIC_CVT: tl.constexpr, FLAT_GROUPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -113,9 +115,14 @@ def _w4a8_gemm_kernel(
             z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int8)
             zb = tl.broadcast_to(z[:, None], (BLOCK_N, BLOCK_K // 2))
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for kk in range(0, G, BLOCK_K):
-                acc = _w4a8_step(acc, xq_ptr, qb_ptr, g0 + kk, offs_m, offs_n, m_mask, n_mask, zb, K, KB,
-                                 stride_xm, stride_qn, USE_ASM, BLOCK_K)
+            if FLAT_GROUPS:  # the group's K steps unrolled: the group loop is the innermost, the one pipelined
+                for kk in tl.static_range(0, G, BLOCK_K):
+                    acc = _w4a8_step(acc, xq_ptr, qb_ptr, g0 + kk, offs_m, offs_n, m_mask, n_mask, zb, K, KB,
+                                     stride_xm, stride_qn, USE_ASM, BLOCK_K)
+            else:
+                for kk in range(0, G, BLOCK_K):
+                    acc = _w4a8_step(acc, xq_ptr, qb_ptr, g0 + kk, offs_m, offs_n, m_mask, n_mask, zb, K, KB,
+                                     stride_xm, stride_qn, USE_ASM, BLOCK_K)
             if MAGIC_CVT:  # int32 -> fp32 as (acc + bits of 1.5 * 2**23) - 1.5 * 2**23: exact for |acc| < 2**22
                 accf = (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
             else:
@@ -134,6 +141,28 @@ def _w4a8_gemm_kernel(
 # integer add and an FADD, full-rate pipes) replaces it there. sm_90 emits I2FP, kept. Per-channel
 # layers convert once (and their |acc| may exceed 2**22), so always I2F. Tests set True / False.
 W4A8_MAGIC_CVT = None
+# The grouped loop as one runtime loop over groups with each group's K steps unrolled (FLAT_GROUPS), instead
+# of a runtime loop inside it. Triton's pipeliner works on innermost loops only: nested, it pipelines the
+# G / BLOCK_K = 2 steps of one group (G = 128) and each group starts its loads afresh - a memory latency
+# per group, 32 of them over K = 4096 per output tile - which may be why the H200 ran W4A8 at 14% of its
+# int8 peak (280 TOPS at M = 4096). Flat, the group loop is the pipelined one (kernels/aot.py, triton 3.9,
+# sm_90a, 4096 x 4096 G = 128: twice the cp.async stages in shared memory, 49 - 82 KB, the same 154 - 255
+# registers, no spills; sm_80's 128 x 128 and 128 x 64 configs spill 352 / 16 bytes there, which the
+# autotuner can pass over). The same integers in the same order: the same bits. Off until the bench's
+# `w4a8-triton-flat` rows time it.
+W4A8_FLAT_GROUPS = False
+
+
+@contextlib.contextmanager
+def flat_groups():
+    """Run the grouped W4A8 GEMM with each group's K steps unrolled (W4A8_FLAT_GROUPS) inside the block (the
+    benchmark's `w4a8-triton-flat` rows; not thread-safe)."""
+    global W4A8_FLAT_GROUPS
+    saved, W4A8_FLAT_GROUPS = W4A8_FLAT_GROUPS, True
+    try:
+        yield
+    finally:
+        W4A8_FLAT_GROUPS = saved
 
 
 def _magic_convert(device: torch.device) -> bool:
@@ -164,7 +193,7 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
             ms, n, k, k // 2, g, next_pow2(ms),
             xs.stride(0), qbytes.stride(0), scales.stride(0), ys.stride(0),
             HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
-            MAGIC_CVT=g != k and _magic_convert(x_q.device),
+            MAGIC_CVT=g != k and _magic_convert(x_q.device), FLAT_GROUPS=W4A8_FLAT_GROUPS,
             BLOCK_K=block_k,
         )
     return out
