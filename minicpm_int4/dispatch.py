@@ -13,8 +13,8 @@ that the lookup can take the fastest of those available (no extension built: the
 kernel). Past M = 16 every measured (N, K, M) is an entry, and a query takes the one at the largest
 measured M at or below its own: "triton-dq" pays a fixed cost (writing the fp16 weight) that a larger M
 only amortises further, so where it won at a measured M it wins above it; below the smallest measured
-prefill M, "triton". Absent an entry (another GPU, an unmeasured shape) "auto" means "triton": nothing
-is guessed.
+prefill M, "triton"; and never for a weight whose fp16 copy would pass DEQUANT_MAX_BYTES. Absent an
+entry (another GPU, an unmeasured shape) "auto" means "triton": nothing is guessed.
 
 MINICPM_INT4_DISPATCH_TABLE=<path>, set before minicpm_int4 is imported, reads the table from there
 instead: the GPU suite writes one from the bench it has just run, so that its end-to-end profile runs
@@ -32,6 +32,9 @@ PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d
 TABLE_ENV = "MINICPM_INT4_DISPATCH_TABLE"
 TABLE_PATH = os.environ.get(TABLE_ENV) or PACKAGE_TABLE_PATH  # the table "auto" reads
 CUDA_MAX_M = 16
+# "triton-dq" holds the layer's weight dequantized (2 bytes a weight) for the call's length: past this size
+# "auto" keeps the fused prefill kernel whatever was measured (a 150k-vocabulary lm_head would take 1.2 GB)
+DEQUANT_MAX_BYTES = 256 * 2**20
 
 
 def m_bucket(m: int) -> int:
@@ -97,7 +100,8 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     times = _cached_rules(device_name, path).get((n, k, m))
     if not times:
         return "triton"
-    usable = {b: t for b, t in times.items() if b != "cuda" or cuda_available}
+    usable = {b: t for b, t in times.items() if (b != "cuda" or cuda_available)
+              and (b != "triton-dq" or 2 * n * k <= DEQUANT_MAX_BYTES)}
     return min(usable, key=usable.get) if usable else "triton"
 
 

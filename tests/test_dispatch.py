@@ -34,7 +34,7 @@ def test_table_records_only_measured_wins_and_lookup_uses_it(tmp_path):
     assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"  # extension not built
 
 
-def test_prefill_takes_the_entry_at_the_largest_measured_m_at_or_below(tmp_path):
+def test_prefill_takes_the_entry_at_the_largest_measured_m_at_or_below(tmp_path, monkeypatch):
     """Past M = 16 "triton-dq" (the weight dequantized whole, then torch's matmul) against the fused prefill
     kernel: every M where both were timed is an entry (those "triton" won too), and a query takes the
     entry at the largest measured M at or below its own - the dequantization is a fixed cost that a
@@ -57,6 +57,11 @@ def test_prefill_takes_the_entry_at_the_largest_measured_m_at_or_below(tmp_path)
     assert [pick(m) for m in (1024, 2000, 4096, 100000)] == ["triton-dq"] * 4
     assert pick(4096, ext=False) == "triton-dq"  # a Triton path: the extension does not matter
     assert pick(4096, n=1024) == "triton"       # unmeasured: nothing guessed
+    # a weight whose fp16 copy would pass DEQUANT_MAX_BYTES keeps the fused kernel whatever was measured
+    import minicpm_int4.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "DEQUANT_MAX_BYTES", 2 * 4096 * 4096 - 1)
+    assert pick(4096) == "triton"
 
 
 def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
