@@ -21,7 +21,8 @@
 #   SUITE_TESTS_K="act_quant or w4a8"                  pytest -k for the gpu-tests stage
 #   SUITE_TESTS_S=70                                   its time limit (default 150 s)
 #   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out), e.g. an A/B of
-#     the measurement variants alone: "--ms 1 --backends w4a16-triton,w4a16-triton-prefetch,w4a16-cuda,w4a16-cuda-ahead2"
+#     the measurement variants beside the kernels they would replace:
+#     "--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 110 --backends w4a16-triton,w4a16-triton-prefetch,w4a16-cuda,w4a16-cuda-ahead2,w4a16-triton-dq,w4a8-triton,w4a8-triton-flat"
 #   SUITE_PROFILE_ARGS="--modes cudagraph ..."         the profile's arguments (besides --out, --time-budget-s)
 # The full suite leaves the profile a minute or so of its 540 s: with a 15-minute device budget, follow
 # it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the profile runs every model eager, then with
