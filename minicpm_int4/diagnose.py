@@ -20,6 +20,8 @@ from .bench.env import env_info
 
 # (M, N, K) that "auto" is asked about: decode M = 1 and 16, prefill, on a 4096 x 4096 layer
 PROBE_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096))
+# (M, K) of the activation quantizer: a prefill batch into a 4096-wide layer and into Llama-3's down_proj
+ACT_QUANT_PROBES = ((4096, 4096), (4096, 14336))
 
 
 def _backends() -> Dict:
@@ -42,7 +44,8 @@ def _backends() -> Dict:
 
 def _auto_picks(device: torch.device) -> List[Dict]:
     probes = [("w4a16_gemm", dict(m=m, n=n, k=k)) for m, n, k in PROBE_SHAPES]
-    probes += [("quantize_per_token_int8", {}), ("w4a8_gemm", {})]
+    probes += [("quantize_per_token_int8", dict(m=m, k=k)) for m, k in ACT_QUANT_PROBES]
+    probes += [("w4a8_gemm", {})]
     picks = []
     for op, shape in probes:
         try:
@@ -124,7 +127,7 @@ def format_report(info: Dict) -> str:
                      f"{c['torch_cuda_build'] or 'no (CPU torch)'}")
     lines.append("backend='auto' on " + info["device"] + ":")
     for p in info["auto"]:
-        shape = f" M={p['m']} N={p['n']} K={p['k']}" if "m" in p else ""
+        shape = " " + " ".join(f"{d.upper()}={p[d]}" for d in ("m", "n", "k") if d in p) if "m" in p else ""
         lines.append(f"  {p['op']}{shape}: {p['backend']}")
     d = info["dispatch_table"]
     if d["devices"]:
@@ -137,7 +140,9 @@ def format_report(info: Dict) -> str:
         table += f" (MINICPM_INT4_DISPATCH_TABLE={d['path']}{'' if d.get('exists') else ', no such file'})"
     lines.append(f"dispatch table: {table}")
     if "this_device" in d:
-        lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)")
+        aq = d.get("this_device_act_quant_entries")
+        lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)"
+                     + (f", the activation quantizer timed at {aq} (K, M)" if aq else ""))
     h = info.get("transformers_integration")
     if h:
         state = f"quantization method {h['quant_method']!r} registered" if h["registered"] else "unavailable"

@@ -1,5 +1,6 @@
 """The measured rule behind backend="auto" on CUDA for W4A16: which kernel is fastest for a layer
-shape and M, per GPU model, read from benchmark results.
+shape and M, per GPU model, read from benchmark results; and likewise for the per-token int8 activation
+quantizer (Triton or the CUDA extension's, by K and M: act_quant_auto_backend).
 
 Four candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
 M = 1, the fused prefill kernel past M = 16), "triton-tc" (M = 1 on the Triton tensor-core decode
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import warnings
 from typing import Dict, Optional
@@ -105,6 +107,31 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     return min(usable, key=usable.get) if usable else "triton"
 
 
+@functools.lru_cache(maxsize=None)
+def _act_quant_rules(device_name: str, path: str) -> Dict:
+    """K -> [(M, {backend: median ms})] of this GPU's measured activation-quantizer entries."""
+    entry = load_table(path).get("devices", {}).get(device_name) or {}
+    out: Dict = {}
+    for r in entry.get("act_quant", []):
+        out.setdefault(r["k"], []).append((r["m"], r["times_ms"]))
+    return out
+
+
+def act_quant_auto_backend(m: int, k: int, device_index: int, cuda_available: bool, path: str = TABLE_PATH,
+                           device_name: Optional[str] = None) -> str:
+    """"triton" or "cuda" for the per-token int8 quantizer of an [M, K] x: the faster measured on this GPU
+    at this K (rows are read whole, so K decides how each program works), at the measured M nearest M
+    on a log scale (the larger on a tie); "triton" where this K was not measured or the extension is
+    not built."""
+    if not cuda_available:
+        return "triton"
+    entries = _act_quant_rules(device_name or _device_name(device_index), path).get(k)
+    if not entries:
+        return "triton"
+    _, times = min(entries, key=lambda e: (abs(math.log2(e[0]) - math.log2(max(m, 1))), -e[0]))
+    return min(times, key=times.get)
+
+
 def describe(device_name: Optional[str] = None) -> Dict:
     """The table "auto" reads: its path, whether MINICPM_INT4_DISPATCH_TABLE chose it, the GPUs it has
     measurements for and, given a GPU's name, how many rules it holds for that GPU (result files and
@@ -116,6 +143,7 @@ def describe(device_name: Optional[str] = None) -> Dict:
         entry = table.get("devices", {}).get(device_name)
         out["this_device"] = device_name
         out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
+        out["this_device_act_quant_entries"] = len(entry.get("act_quant", [])) if entry else 0
     return out
 
 
@@ -134,6 +162,17 @@ def _candidate(r: Dict) -> Optional[str]:
     if cand == "triton-dq" and r["m"] <= CUDA_MAX_M:
         return None
     return cand
+
+
+def _act_quant_entries(bench: Dict) -> list:
+    """Every (K, M) where the bench timed both activation quantizers (a row whose output check failed is
+    no time; runs before the check was recorded have none), with both medians."""
+    times: Dict = {}
+    for r in bench.get("act_quant", []):
+        if r["backend"] in ("triton", "cuda") and r.get("check", "ok") == "ok" and r.get("median_ms") is not None:
+            times.setdefault((r["k"], r["m"]), {})[r["backend"]] = r["median_ms"]
+    return [{"k": k, "m": m, "backend": min(t, key=t.get), "times_ms": dict(sorted(t.items()))}
+            for (k, m), t in sorted(times.items()) if len(t) == 2]
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
@@ -157,6 +196,7 @@ def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
     devices = dict(table.get("devices", {}))
     env = bench["env"]
     devices[env["device_name"]] = {"commit": env.get("commit"), "timestamp_utc": env.get("timestamp_utc"),
-                                   "torch": env.get("torch"), "triton": env.get("triton"), "w4a16": rules}
+                                   "torch": env.get("torch"), "triton": env.get("triton"), "w4a16": rules,
+                                   "act_quant": _act_quant_entries(bench)}
     table["devices"] = devices
     return table

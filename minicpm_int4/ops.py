@@ -93,10 +93,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
 
     Meta tensors always take "torch" (shapes only).
     "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
-    GPU and (M, N, K) (`shape`, W4A16 only): "cuda" (the extension, when built), at M = 1 "triton-tc"
-    (the Triton tensor-core decode kernel instead of the GEMV), at M > 16 "triton-dq" (the weight
-    dequantized by a Triton kernel, then torch's matmul, instead of the fused prefill kernel); CPU
-    tensors -> "torch".
+    GPU and `shape` - W4A16's (M, N, K): "cuda" (the extension, when built), at M = 1 "triton-tc" (the
+    Triton tensor-core decode kernel instead of the GEMV), at M > 16 "triton-dq" (the weight
+    dequantized by a Triton kernel, then torch's matmul, instead of the fused prefill kernel); the
+    activation quantizer's (M, K): "cuda" where its kernel was measured faster; CPU tensors -> "torch".
     "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
     """
     if backend not in BACKENDS:
@@ -110,9 +110,13 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
             return "torch"
         triton_ok = _triton_kernels()[0] is not None
         if shape is not None:
-            from .dispatch import w4a16_auto_backend
+            from .dispatch import act_quant_auto_backend, w4a16_auto_backend
 
-            pick = w4a16_auto_backend(*shape, device.index or 0, _cuda_ext()[0] is not None)
+            ext_ok = _cuda_ext()[0] is not None
+            if op == "quantize_per_token_int8":  # shape (M, K)
+                pick = act_quant_auto_backend(*shape, device.index or 0, ext_ok)
+            else:  # W4A16, shape (M, N, K)
+                pick = w4a16_auto_backend(*shape, device.index or 0, ext_ok)
             if pick == "cuda" or (pick in ("triton-tc", "triton-dq") and triton_ok):
                 return pick
         return "triton" if triton_ok else "torch"
@@ -439,7 +443,7 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
 # ---------------------------------------------------------------------------------------------
 def _quantize_per_token_int8_impl(x: Tensor, backend: str, input_scale: Optional[Tensor] = None,
                                   input_perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    be = resolve_backend(backend, x.device, "quantize_per_token_int8")
+    be = resolve_backend(backend, x.device, "quantize_per_token_int8", shape=tuple(x.shape))
     if be == "triton":  # the input scale multiplied, and x gathered, inside the one pass over x
         return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm)
     if be == "cuda":  # the input scale multiplied, or x read through input_perm, in the CUDA quantizer's pass

@@ -44,7 +44,7 @@ def test_microbench_schema_writers_and_skips(tmp_path):
         assert r["timing"] == "cpu"  # (on CUDA: "cuda-graph", or "eager (...)" with the reason)
     fp = next(r for r in res["rows"] if r["backend"] == "fp16" and r["m"] == 1 and r["n"] == 96)
     assert fp["bytes"] == 96 * 256 * 2 + 256 * 2 + 96 * 2
-    assert res["act_quant"] and all(r["gbps"] > 0 for r in res["act_quant"])
+    assert res["act_quant"] and all(r["gbps"] > 0 and r["check"] == "ok" for r in res["act_quant"])
     for key in ("device_name", "torch", "triton", "commit", "timestamp_utc"):
         assert key in res["env"]
     assert set(res["env"]["peers"]) == {"bitsandbytes", "gemlite"}

@@ -346,15 +346,18 @@ def test_env_report_of_a_gpu_install(monkeypatch):
                 total_memory_bytes=141 * 2**30, cuda_devices=["NVIDIA H200", "NVIDIA H200"])
     info["backends"]["triton"].update(available=True, interpreter=False)
     info["backends"]["cuda"].update(available=True, ops=["quantize_per_token_int8", "w4a16_gemm"])
-    info["auto"] = [{"op": "w4a16_gemm", "m": 1, "n": 4096, "k": 4096, "backend": "cuda"}]
-    info["dispatch_table"].update(devices=["NVIDIA H200"], this_device="NVIDIA H200", this_device_rules=7)
+    info["auto"] = [{"op": "w4a16_gemm", "m": 1, "n": 4096, "k": 4096, "backend": "cuda"},
+                    {"op": "quantize_per_token_int8", "m": 4096, "k": 14336, "backend": "cuda"}]
+    info["dispatch_table"].update(devices=["NVIDIA H200"], this_device="NVIDIA H200", this_device_rules=7,
+                                  this_device_act_quant_entries=15)
     text = diagnose.format_report(info)
     assert "device: cuda:0 (NVIDIA H200), sm_90, 132 SMs, 141 GiB" in text
     assert "CUDA devices: NVIDIA H200, NVIDIA H200" in text
     assert "backend triton: compiled kernels\n" in text
     assert "backend cuda: minicpm_int4._C loaded (quantize_per_token_int8, w4a16_gemm)" in text
-    assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text
-    assert "dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s)" in text
+    assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text and "quantize_per_token_int8 M=4096 K=14336: cuda" in text
+    assert ("dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s), the activation "
+            "quantizer timed at 15 (K, M)") in text
     info["dispatch_table"].update(from_env=True, path="/tmp/suite-table.json", exists=True)
     assert "NVIDIA H200 (MINICPM_INT4_DISPATCH_TABLE=/tmp/suite-table.json)\n" in diagnose.format_report(info)
 

@@ -64,6 +64,35 @@ def test_prefill_takes_the_entry_at_the_largest_measured_m_at_or_below(tmp_path,
     assert pick(4096) == "triton"
 
 
+def test_activation_quantizer_takes_the_faster_measured_at_its_k_and_nearest_m(tmp_path):
+    """The per-token quantizer: the bench's act_quant rows (both backends timed; a failed check is no time)
+    become entries per (K, M); a query takes its K's entry at the measured M nearest its own (log scale,
+    the larger on a tie), "triton" for an unmeasured K or without the extension."""
+    from minicpm_int4.dispatch import act_quant_auto_backend
+
+    bench = _bench("GPU-A", [])
+    bench["act_quant"] = [
+        {"k": 4096, "m": 1, "backend": "triton", "median_ms": 2.1}, {"k": 4096, "m": 1, "backend": "cuda", "median_ms": 2.3},
+        {"k": 4096, "m": 4096, "backend": "triton", "median_ms": 18.0}, {"k": 4096, "m": 4096, "backend": "cuda", "median_ms": 21.0},
+        {"k": 14336, "m": 1, "backend": "triton", "median_ms": 4.8}, {"k": 14336, "m": 1, "backend": "cuda", "median_ms": 4.4},
+        {"k": 14336, "m": 4096, "backend": "triton", "median_ms": 142.0},
+        {"k": 14336, "m": 4096, "backend": "cuda", "median_ms": 68.0},
+        {"k": 3072, "m": 64, "backend": "triton", "median_ms": 3.0},  # one backend only: no entry
+        {"k": 768, "m": 64, "backend": "triton", "median_ms": 3.0},
+        {"k": 768, "m": 64, "backend": "cuda", "median_ms": 1.0, "check": "mismatch"}]  # a wrong kernel: no time
+    table = table_from_bench(bench)
+    entries = table["devices"]["GPU-A"]["act_quant"]
+    assert [(e["k"], e["m"], e["backend"]) for e in entries] == [
+        (4096, 1, "triton"), (4096, 4096, "triton"), (14336, 1, "cuda"), (14336, 4096, "cuda")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda m, k, ext=True: act_quant_auto_backend(m, k, 0, ext, str(path), "GPU-A")  # noqa: E731
+    assert [pick(m, 14336) for m in (1, 16, 64, 4096, 65536)] == ["cuda"] * 5
+    assert [pick(m, 4096) for m in (1, 64, 4096)] == ["triton"] * 3
+    assert pick(4096, 14336, ext=False) == "triton" and pick(4096, 3072) == "triton" and pick(64, 768) == "triton"
+    assert act_quant_auto_backend(4096, 14336, 0, True, str(path), "GPU-B") == "triton"  # another GPU
+
+
 def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
     # at M = 1 the Triton tensor-core decode kernel competes with the GEMV ("triton") and the CUDA
     # extension; without the extension the lookup falls back to the better Triton kernel
@@ -218,7 +247,7 @@ def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton-tc"
     assert described == {"path": str(table), "from_env": True, "exists": True, "devices": ["GPU-A"],
-                         "this_device": "GPU-A", "this_device_rules": 1}
+                         "this_device": "GPU-A", "this_device_rules": 1, "this_device_act_quant_entries": 0}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)  # the package's
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton" and not described["from_env"] and described["this_device_rules"] == 0
@@ -260,3 +289,21 @@ def test_a_cuda_extension_built_from_an_older_checkout_is_refused_by_name(monkey
         finally:
             lib._destroy()
             ops._cuda_ext.cache_clear()
+
+
+def test_auto_asks_the_quantizer_rule_with_m_and_k(monkeypatch):
+    """resolve_backend("auto") on CUDA asks dispatch.py's quantizer rule for quantize_per_token_int8 with the
+    call's (M, K), and the W4A16 rule with (M, N, K); what the quantizer rule names is taken ("cuda" only
+    where the extension is built: the rule is told)."""
+    import torch
+
+    from minicpm_int4 import dispatch, ops
+
+    asked = []
+    monkeypatch.setattr(dispatch, "act_quant_auto_backend", lambda m, k, dev, ext: asked.append(("aq", m, k, ext)) or "cuda")
+    monkeypatch.setattr(dispatch, "w4a16_auto_backend", lambda m, n, k, dev, ext: asked.append(("w4a16", m, n, k)) or "triton")
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (object(), None))
+    cuda = torch.device("cuda", 0)
+    assert ops.resolve_backend("auto", cuda, "quantize_per_token_int8", shape=(4096, 14336)) == "cuda"
+    assert ops.resolve_backend("auto", cuda, "w4a16_gemm", shape=(4096, 1024, 4096)) in ("triton", "torch")
+    assert asked == [("aq", 4096, 14336, True), ("w4a16", 4096, 1024, 4096)]

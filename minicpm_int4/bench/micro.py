@@ -154,13 +154,18 @@ def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
             x = torch.randn(m, k, device=device, dtype=dtype)
             # copies past twice the L2, as for the weights: at 4096 x 4096 one x (32 MiB) would stay in an H200's L2
             rot = Rotating([x] + [torch.randn_like(x) for _ in range(rotating_copies(x.nbytes, device) - 1)])
+            ref = ops.quantize_per_token_int8(x, "torch")
             for backend in backends:
+                # bit for bit against the reference first (the dispatch table takes only checked times)
+                got = ops.quantize_per_token_int8(x, backend)
+                check = "ok" if all(torch.equal(a, b) for a, b in zip(got, ref)) else "mismatch"
                 med, p20, p80, how = kernel_time_ms(lambda: ops.quantize_per_token_int8(rot.next(), backend), device,
                                                     rep_ms=rep_ms)
                 nbytes = m * k * x.element_size() + m * k + 4 * m
                 gbps = nbytes / (med * 1e-3) / 1e9
                 rows.append({"m": m, "k": k, "backend": backend, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                             "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw, "timing": how})
+                             "bytes": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw, "timing": how,
+                             "check": check})
     return rows
 
 
