@@ -71,15 +71,13 @@ def test_activation_quantizer_takes_the_faster_measured_at_its_k_and_nearest_m(t
     from minicpm_int4.dispatch import act_quant_auto_backend
 
     bench = _bench("GPU-A", [])
+    row = lambda k, m, backend, ms, **kw: dict(k=k, m=m, backend=backend, median_ms=ms, **kw)  # noqa: E731
     bench["act_quant"] = [
-        {"k": 4096, "m": 1, "backend": "triton", "median_ms": 2.1}, {"k": 4096, "m": 1, "backend": "cuda", "median_ms": 2.3},
-        {"k": 4096, "m": 4096, "backend": "triton", "median_ms": 18.0}, {"k": 4096, "m": 4096, "backend": "cuda", "median_ms": 21.0},
-        {"k": 14336, "m": 1, "backend": "triton", "median_ms": 4.8}, {"k": 14336, "m": 1, "backend": "cuda", "median_ms": 4.4},
-        {"k": 14336, "m": 4096, "backend": "triton", "median_ms": 142.0},
-        {"k": 14336, "m": 4096, "backend": "cuda", "median_ms": 68.0},
-        {"k": 3072, "m": 64, "backend": "triton", "median_ms": 3.0},  # one backend only: no entry
-        {"k": 768, "m": 64, "backend": "triton", "median_ms": 3.0},
-        {"k": 768, "m": 64, "backend": "cuda", "median_ms": 1.0, "check": "mismatch"}]  # a wrong kernel: no time
+        row(4096, 1, "triton", 2.1), row(4096, 1, "cuda", 2.3), row(4096, 4096, "triton", 18.0),
+        row(4096, 4096, "cuda", 21.0), row(14336, 1, "triton", 4.8), row(14336, 1, "cuda", 4.4),
+        row(14336, 4096, "triton", 142.0), row(14336, 4096, "cuda", 68.0),
+        row(3072, 64, "triton", 3.0),  # one backend only: no entry
+        row(768, 64, "triton", 3.0), row(768, 64, "cuda", 1.0, check="mismatch")]  # a wrong kernel: no time
     table = table_from_bench(bench)
     entries = table["devices"]["GPU-A"]["act_quant"]
     assert [(e["k"], e["m"], e["backend"]) for e in entries] == [
@@ -300,8 +298,10 @@ def test_auto_asks_the_quantizer_rule_with_m_and_k(monkeypatch):
     from minicpm_int4 import dispatch, ops
 
     asked = []
-    monkeypatch.setattr(dispatch, "act_quant_auto_backend", lambda m, k, dev, ext: asked.append(("aq", m, k, ext)) or "cuda")
-    monkeypatch.setattr(dispatch, "w4a16_auto_backend", lambda m, n, k, dev, ext: asked.append(("w4a16", m, n, k)) or "triton")
+    monkeypatch.setattr(dispatch, "act_quant_auto_backend",
+                        lambda m, k, dev, ext: asked.append(("aq", m, k, ext)) or "cuda")
+    monkeypatch.setattr(dispatch, "w4a16_auto_backend",
+                        lambda m, n, k, dev, ext: asked.append(("w4a16", m, n, k)) or "triton")
     monkeypatch.setattr(ops, "_cuda_ext", lambda: (object(), None))
     cuda = torch.device("cuda", 0)
     assert ops.resolve_backend("auto", cuda, "quantize_per_token_int8", shape=(4096, 14336)) == "cuda"
