@@ -278,11 +278,12 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         tc = be == "triton-tc" and workspace is not None
         # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first),
         # and the decode kernels read x through input_perm (prefill gathers first); "triton-dq" (M > 16):
-        # the weight dequantized whole, then torch's matmul
+        # the weight dequantized whole, then torch's matmul - fp16 / bf16 only (the table's rows are
+        # fp16's; an fp32 matmul would follow the user's TF32 setting, where the fused kernel is exact fp32)
+        dq = True if be == "triton-dq" and x.dtype != torch.float32 else None
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale,
-                                                      input_perm=input_perm,
-                                                      dequant_matmul=True if be == "triton-dq" else None)
+                                                      input_perm=input_perm, dequant_matmul=dq)
     if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it, and the
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:

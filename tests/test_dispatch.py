@@ -142,10 +142,13 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
     ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto", ops.w4a16_workspace(8))
     ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto")
     assert calls == [(True, None), (False, None)]  # (None: the Triton module's own PREFILL_DEQUANT)
-    # a "triton-dq" pick (M > 16) reaches the Triton launcher as dequant_matmul
+    # a "triton-dq" pick (M > 16) reaches the Triton launcher as dequant_matmul, for fp16 / bf16 layers
     monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton-dq")
     ops._w4a16_gemm_op(torch.randn(32, 64, dtype=torch.float16), qweight, scales, scales, None, 32, "auto")
     assert calls[-1] == (False, True)
+    scales32 = scales.float()  # an fp32 layer keeps the fused kernel's exact fp32 products
+    ops._w4a16_gemm_op(torch.randn(32, 64), qweight, scales32, scales32, None, 32, "auto")
+    assert calls[-1] == (False, None)
 
 
 def test_cuda_backend_gets_the_input_scale_and_perm_and_the_unscaled_x(monkeypatch):
