@@ -267,8 +267,13 @@ class _CapturedDecode:
         torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.static_out = self.forward(**self.static_kwargs)
+        try:
+            with torch.cuda.graph(graph):
+                self.static_out = self.forward(**self.static_kwargs)
+        except Exception as e:  # (a failure inside the block makes ending the capture fail too: name the first)
+            first = e.__context__ or e
+            raise RuntimeError(f"the decode step could not be captured in a CUDA graph: {type(first).__name__}: "
+                               f"{str(first)[:200]}") from e
         torch.cuda.synchronize(self.device)
         self.capture_ms = (time.perf_counter() - t0) * 1e3
         self.graph = graph
