@@ -20,9 +20,8 @@
 #   SUITE_STAGES=env,install,gpu-tests,bench,targets   only these stages (default: all)
 #   SUITE_TESTS_K="act_quant or w4a8"                  pytest -k for the gpu-tests stage
 #   SUITE_TESTS_S=70                                   its time limit (default 150 s)
-#   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out), e.g. an A/B of
-#     the measurement variants beside the kernels they would replace:
-#     "--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 110 --backends w4a16-triton,w4a16-triton-prefetch,w4a16-cuda,w4a16-cuda-ahead2,w4a16-triton-dq,w4a8-triton,w4a8-triton-flat"
+#   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out), in place of the
+#                                                      default's (below: 2 models, 4 M, the deciding backends)
 #   SUITE_PROFILE_ARGS="--modes cudagraph ..."         the profile's arguments (besides --out, --time-budget-s)
 # The full suite leaves the profile a minute or so of its 540 s: with a 15-minute device budget, follow
 # it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the profile runs every model eager, then with
@@ -63,11 +62,15 @@ if [ -n "${SUITE_QUICK:-}" ]; then
   BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 10 --max-n 20000 --time-budget-s 90)
   PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager,cudagraph)
 else
-  # each case replays its CUDA graph of calls for 10 x rep-ms; six M (the decode, mid and prefill sizes
-  # the targets and the dispatch table read), so that every shape of the three models is reached: on the
-  # H200 two models at three M took ~95 s. The stage's limit leaves the time the plots take (matplotlib's
-  # first import builds its font cache on a fresh machine: warmed in the background below)
-  BENCH_ARGS=(--ms 1,4,16,64,256,4096 --rep-ms 10 --time-budget-s 110)
+  # each case replays its CUDA graph of calls for 10 x rep-ms; on the H200 two models (16 shapes) at three M
+  # took ~95 s for ~20 cases a shape. Four M here (decode, the dispatch table's prefill entries at 256 and
+  # 4096) and the backends whose rows decide something: fp16, the defaults, and the measurement variants
+  # not yet timed (prefetch, ahead2, dq, w4a8 flat) - not the tensor-core-at-M=1 and unsplit GEMV rows nor
+  # the CUDA-core GEMV, which run 2 settled (0.65x, 0.99x; "auto" never picked the GEMV) - ~19 cases a
+  # shape. The stage's limit leaves the time the plots take (matplotlib's first import builds its font
+  # cache on a fresh machine: warmed in the background below)
+  BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 110
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-dq,w4a16-cuda,w4a16-cuda-ahead2,w4a8-triton,w4a8-triton-flat,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)

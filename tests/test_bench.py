@@ -569,3 +569,20 @@ def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, 
             "w4a8-triton-flat" in capsys.readouterr().out)
     with pytest.raises(ValueError, match=r"unknown backend\(s\) \['nosuch'\]: choose from fp16,w4a16-triton,"):
         B.select_backends(["nosuch"])
+
+
+def test_gpu_suite_default_arguments_are_ones_the_commands_take():
+    """The suite's default bench and profile arguments (benchmarks/run_gpu_suite.sh, full and SUITE_QUICK)
+    parse, and name only known backends and modes: a misspelling would otherwise surface only on a GPU
+    machine, after its device minutes are spent."""
+    import re
+    import shlex
+
+    from minicpm_int4.cli import build_parser
+
+    script = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_gpu_suite.sh")).read()
+    found = re.findall(r"BENCH_ARGS=\((.*?)\)\n\s*PROFILE_ARGS=\((.*?)\)", script, re.S)
+    assert len(found) == 2, "the quick and the full argument sets"
+    for bench, profile in found:  # (argparse refuses an unknown backend or mode: SystemExit)
+        build_parser().parse_args(["bench", "--out", "x"] + shlex.split(bench))
+        build_parser().parse_args(["profile", "--out", "x"] + shlex.split(profile))
