@@ -49,6 +49,17 @@ for arch in ("sm80", "sm90a"):
         c = aot.compile_launch(launch, aot.ARCHS[arch])
         out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                 "instr_per_weight": aot.loop_instructions_per_weight(c)})
+# the quantizer with 4 warps a row (act_quant.ACT_QUANT_WARPS, the bench's triton-4w rows), one- and 16K-wide rows
+from minicpm_int4.kernels import act_quant
+for arch in ("sm80", "sm90a"):
+    with act_quant.warps_per_row(4):
+        launches = aot.record_launches(aot.ARCHS[arch], [(1024, 4096), (1024, 14336)], [4096], [torch.float16], [128],
+                                       w4a8=False, input_scale=False, input_perm=False)
+    for launch in launches:
+        if launch.kernel == "act_quant":
+            c = aot.compile_launch(launch, aot.ARCHS[arch])
+            out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
+                                    "instr_per_weight": aot.loop_instructions_per_weight(c)})
 # W4A8's opt-in flat group loop (w4a8.W4A8_FLAT_GROUPS) on the GPUs it is meant for
 from minicpm_int4.kernels import w4a8
 with w4a8.flat_groups():
@@ -165,6 +176,14 @@ def test_w4a8_unpacking_hides_behind_int8_wgmma(compiled):
         if c["arch"] == "sm90a" and "K=4096 G=128" in c["label"] and not c["constexprs"].get("FLAT_GROUPS"):
             ipw = c["instr_per_weight"]
             assert ipw is not None and ipw <= 4.0, (c["label"], c["constexprs"], ipw)
+
+
+def test_act_quant_with_4_warps_a_row_keeps_its_row_in_registers(compiled):
+    # the triton-4w variant: up to 128 elements a thread (a 16K-wide row) without spills, in 16-byte loads
+    four = [c for c in _by_kernel(compiled, "act_quant") if c["options"]["num_warps"] == 4 and c["label"].startswith("M=4096")]
+    assert {(c["arch"], c["constexprs"]["BLOCK_K"]) for c in four} == {(a, b) for a in ("sm80", "sm90a") for b in (4096, 16384)}
+    for c in four:
+        assert not c["spill_bytes"] and not c["problems"] and c["vector_bytes"] == 16, (c["arch"], c["label"], c["regs"])
 
 
 def test_decode_kernels_read_weights_with_16_byte_loads(compiled):

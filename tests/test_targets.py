@@ -193,6 +193,21 @@ def test_stream_fit_leaves_out_eager_rows_and_needs_spread_sizes():
     assert [f.backend for f in stream_fits(bench)] == ["fp16"]  # a row that failed its check is no time
 
 
+def test_act_quant_variant_lines_compare_4_warps_a_row_with_the_default():
+    from minicpm_int4.bench.targets import act_quant_variant_lines
+
+    bench = _bench()
+    assert act_quant_variant_lines(bench) == []  # no variant rows: no table
+    bench["act_quant"] += [
+        {"m": 4096, "k": 4096, "backend": "triton", "pct_copy_bw": 65.0, "median_ms": 0.0184},
+        {"m": 4096, "k": 4096, "backend": "triton-4w", "pct_copy_bw": 71.5, "median_ms": 0.0167},
+        {"m": 4096, "k": 14336, "backend": "triton", "pct_copy_bw": 29.4, "median_ms": 0.1422},
+        {"m": 4096, "k": 14336, "backend": "triton-4w", "pct_copy_bw": 50.0, "median_ms": 0.0836, "check": "mismatch"}]
+    text = "\n".join(act_quant_variant_lines(bench))
+    assert "| 4096 | 65.0% | 71.5% | 1.10x |" in text and "| 14336 |" not in text  # a failed check is no time
+    assert "4 warps a row" in targets_markdown(bench)
+
+
 def test_variant_lines_compare_each_measurement_variant_with_its_default():
     from minicpm_int4.bench.targets import variant_lines
 

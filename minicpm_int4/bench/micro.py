@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: every backend on every Linear shape at every M, against fp16."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -142,11 +143,21 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
         del x
 
 
+def _act_quant_variant(backend: str):
+    """(ops backend, context) of a quantizer row: "triton-4w" is the Triton kernel with 4 warps a row
+    (kernels/act_quant.py ACT_QUANT_WARPS), a measurement variant."""
+    if backend == "triton-4w":
+        from ..kernels import act_quant
+
+        return "triton", act_quant.warps_per_row(4)
+    return backend, contextlib.nullcontext()
+
+
 def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
     if not any(b.name.startswith("w4a8") for b in live):
         return []
     rows = []
-    backends = ["triton"] if device.type == "cuda" else ["torch"]
+    backends = ["triton", "triton-4w"] if device.type == "cuda" else ["torch"]  # (4w: 4 warps a row, a variant)
     if device.type == "cuda" and ops.cuda_extension_error() is None:
         backends.append("cuda")  # csrc/act_quant.cu beside the Triton kernel
     for k in sorted({s.k for s in shapes}):
@@ -156,11 +167,13 @@ def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
             rot = Rotating([x] + [torch.randn_like(x) for _ in range(rotating_copies(x.nbytes, device) - 1)])
             ref = ops.quantize_per_token_int8(x, "torch")
             for backend in backends:
-                # bit for bit against the reference first (the dispatch table takes only checked times)
-                got = ops.quantize_per_token_int8(x, backend)
-                check = "ok" if all(torch.equal(a, b) for a, b in zip(got, ref)) else "mismatch"
-                med, p20, p80, how = kernel_time_ms(lambda: ops.quantize_per_token_int8(rot.next(), backend), device,
-                                                    rep_ms=rep_ms)
+                op_backend, switch = _act_quant_variant(backend)
+                with switch:
+                    # bit for bit against the reference first (the dispatch table takes only checked times)
+                    got = ops.quantize_per_token_int8(x, op_backend)
+                    check = "ok" if all(torch.equal(a, b) for a, b in zip(got, ref)) else "mismatch"
+                    med, p20, p80, how = kernel_time_ms(lambda: ops.quantize_per_token_int8(rot.next(), op_backend),
+                                                        device, rep_ms=rep_ms)
                 nbytes = m * k * x.element_size() + m * k + 4 * m
                 gbps = nbytes / (med * 1e-3) / 1e9
                 rows.append({"m": m, "k": k, "backend": backend, "median_ms": med, "p20_ms": p20, "p80_ms": p80,

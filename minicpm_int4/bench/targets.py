@@ -291,6 +291,22 @@ def variant_lines(bench: Dict) -> List[str]:
              "|---|---|---|---|---|"] + out)
 
 
+def act_quant_variant_lines(bench: Dict, m: int = 4096) -> List[str]:
+    """The Triton quantizer with 4 warps a row (`triton-4w`) against its default, per K at M = m: % of copy
+    bandwidth each, and the default's time over the variant's (above 1.00x the variant is faster)."""
+    rows = {(r["k"], r["backend"]): r for r in bench.get("act_quant", [])
+            if r["m"] == m and r.get("check", "ok") == "ok"}
+    out = []
+    for k in sorted({k for k, _ in rows}):
+        a, b = rows.get((k, "triton-4w")), rows.get((k, "triton"))
+        if a and b:
+            out.append(f"| {k} | {b['pct_copy_bw']:.1f}% | {a['pct_copy_bw']:.1f}% | {b['median_ms'] / a['median_ms']:.2f}x |")
+    if not out:
+        return []
+    return ([f"Activation quantizer (Triton) at M = {m}, 4 warps a row (`triton-4w`) against the default:", "",
+             "| K | default | 4 warps a row | default time / variant's |", "|---|---|---|---|"] + out)
+
+
 def ceiling_fraction(mb: float, floor_us: float, gbps: float) -> float:
     """The fraction of `gbps` one call moving `mb` megabytes shows when it pays `floor_us` and then streams
     at `gbps`: mb / (floor + mb / gbps) / gbps."""
@@ -346,6 +362,9 @@ def targets_markdown(bench: Dict, profile: Optional[Dict] = None) -> str:
     variants = variant_lines(bench)
     if variants:
         out += [""] + variants
+    aq_variants = act_quant_variant_lines(bench)
+    if aq_variants:
+        out += [""] + aq_variants
     out += ["", "### End to end (#6)", ""] + e2e_lines(profile)
     return "\n".join(out) + "\n"
 

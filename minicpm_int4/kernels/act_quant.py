@@ -16,6 +16,8 @@ correctly rounded product), so the fused pass gives the bits of `x * m` followed
 without writing and re-reading x * m. HAS_PERM (an act-order layer, foreign.py): element k of the
 row is x[row, perm[k]] (times m[k] with HAS_SCALE), the bits of quantizing torch's gather.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,24 @@ from . import INTERPRET
 from ._common import _times_input_scale, next_pow2
 
 MAX_SINGLE_BLOCK = 16384
+# Warps per row (one program a row): None = block / 512 (16 elements a thread), 4 to 32. The H200 run had
+# the default at 65% of copy bandwidth on 4096 x 4096 (8 warps: up to 8 rows in flight an SM) and 25 - 29%
+# at K = 12288 / 14336 (32 warps: 2 rows an SM, whose load and reduce phases may not overlap enough);
+# the bench's `triton-4w` quantizer rows time 4 warps a row (more rows in flight, 32 - 128 elements a
+# thread) beside it. The same bits whatever the count.
+ACT_QUANT_WARPS = None
+
+
+@contextlib.contextmanager
+def warps_per_row(n: int):
+    """Run the quantizer with `n` warps a row (ACT_QUANT_WARPS) inside the block (the benchmark's
+    `triton-4w` quantizer rows; not thread-safe)."""
+    global ACT_QUANT_WARPS
+    saved, ACT_QUANT_WARPS = ACT_QUANT_WARPS, n
+    try:
+        yield
+    finally:
+        ACT_QUANT_WARPS = saved
 # x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
 # (the package's rounding rule), in the interpreter and on the GPU alike.
 _RNE_MAGIC = 12582912.0
@@ -92,7 +112,7 @@ def quantize_per_token_int8_triton(x, input_scale=None, input_perm=None):
     single = block <= MAX_SINGLE_BLOCK
     if not single:
         block = 4096
-    num_warps = 4 if INTERPRET else min(32, max(4, block // 512))
+    num_warps = 4 if INTERPRET else ACT_QUANT_WARPS or min(32, max(4, block // 512))
     has_scale = input_scale is not None
     _act_quant_kernel[(m,)](x, input_scale if has_scale else x, x if input_perm is None else input_perm, x_q, scale,
                             k, x.stride(0), x_q.stride(0), BLOCK_K=block, SINGLE_BLOCK=single, HAS_SCALE=has_scale,
