@@ -130,6 +130,23 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
     devices = json.loads(table.read_text())["devices"]
     assert set(devices) == {"Other GPU", "NVIDIA H200"}  # other GPUs' entries kept
 
+    # a second, profile-only call: its profile joins the bench already there, whose suite.log and dispatch
+    # table stay; targets.md is made again from both
+    src2 = tmp_path / "out2"
+    src2.mkdir()
+    profile = {"env": dict(bench["env"]), "config": {"prompt_tokens": 512, "new_tokens": 128, "images": 1},
+               "runs": [{"model": "llama3-v2.5", "weights": "float16", "mode": "cudagraph", "tokens_per_s": 50.0},
+                        {"model": "llama3-v2.5", "weights": "int4", "mode": "cudagraph", "tokens_per_s": 120.0}]}
+    (src2 / "profile.json").write_text(json.dumps(profile))
+    (src2 / "suite.log").write_text("=== [profile] rc=0\n")
+    table_before = table.read_text()
+    rep2 = ingest(str(src2), str(root), dispatch_table=str(table))
+    assert rep2["copied"] == ["suite.log", "profile.json"] and table.read_text() == table_before
+    assert (dest / "suite.log").read_text() == "=== [env] rc=0\n"
+    assert (dest / "suite.profile.log").read_text() == "=== [profile] rc=0\n"
+    text = (dest / "targets.md").read_text()
+    assert "W4A16 Triton, M = 1" in text and "| llama3-v2.5 | cudagraph | 50.0 | 120.0 | 2.40x" in text
+
     cpu = tmp_path / "cpu"
     cpu.mkdir()
     (cpu / "bench.json").write_text(json.dumps(dict(bench, env=dict(bench["env"], device="cpu", device_name="cpu"))))

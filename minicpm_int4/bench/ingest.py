@@ -54,7 +54,10 @@ def ingest(src: str, root: str, dispatch_table: Optional[str] = None) -> Dict:
     os.makedirs(dest, exist_ok=True)
     copied = [f for f in SUITE_FILES if os.path.exists(os.path.join(src, f))]
     for f in copied:
-        shutil.copyfile(os.path.join(src, f), os.path.join(dest, f))
+        # a profile-only call (SUITE_STAGES=install,profile, after a call that ran the bench) keeps the bench
+        # call's suite.log: its own goes beside it
+        to = "suite.profile.log" if f == "suite.log" and bench is None and os.path.exists(os.path.join(dest, f)) else f
+        shutil.copyfile(os.path.join(src, f), os.path.join(dest, to))
     report = {"folder": dest, "device": device, "copied": copied,
               "missing": [f for f in SUITE_FILES if f not in copied], "warnings": []}
     for name, res in (("bench", bench), ("profile", profile)):
@@ -68,7 +71,15 @@ def ingest(src: str, root: str, dispatch_table: Optional[str] = None) -> Dict:
         if r.get("error"):
             report["warnings"].append(f"profile error: {r['model']} {r['weights']} {r['mode']}: {r['error'][:200]}")
     report["readme_changed"] = update_readme(os.path.join(root, "README.md"), os.path.join(root, "benchmarks", "results"))
-    if bench is not None and bench.get("rows"):
+    if bench is None:  # a profile-only call: targets.md re-made with the bench already in the folder
+        bench = _load(os.path.join(dest, "bench.json"))
+        if bench is not None and bench.get("rows"):
+            md = targets_markdown(bench, profile)
+            with open(os.path.join(dest, "targets.md"), "w") as f:
+                f.write(md)
+            report["targets"] = md
+        return report
+    if bench.get("rows"):
         path = dispatch_table or os.path.join(root, "minicpm_int4", "dispatch_table.json")
         table = table_from_bench(bench, _load(path))  # other GPUs' entries are kept
         with open(path, "w") as f:
