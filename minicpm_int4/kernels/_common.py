@@ -1,4 +1,5 @@
 """Helpers shared by the Triton kernels: int4 unpacking and launch-time device facts."""
+import contextlib
 import functools
 import inspect
 
@@ -141,3 +142,15 @@ def _times_input_scale(x, m):
     if x.dtype == tl.bfloat16:
         return _round_to(x.to(tl.float32) * m.to(tl.float32), tl.bfloat16)
     return x * m
+
+
+@contextlib.contextmanager
+def module_setting(module_globals: dict, name: str, value):
+    """A kernel module's setting `name` (one of `module_globals`, its globals()) at `value` inside the
+    block: the measurement switches the benchmark's variant rows run under (not thread-safe)."""
+    saved = module_globals[name]
+    module_globals[name] = value
+    try:
+        yield
+    finally:
+        module_globals[name] = saved

@@ -16,14 +16,12 @@ correctly rounded product), so the fused pass gives the bits of `x * m` followed
 without writing and re-reading x * m. HAS_PERM (an act-order layer, foreign.py): element k of the
 row is x[row, perm[k]] (times m[k] with HAS_SCALE), the bits of quantizing torch's gather.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import _times_input_scale, next_pow2
+from ._common import _times_input_scale, module_setting, next_pow2
 
 MAX_SINGLE_BLOCK = 16384
 # Warps per row (one program a row): None = block / 512 (16 elements a thread), 4 to 32. The H200 run had
@@ -34,16 +32,10 @@ MAX_SINGLE_BLOCK = 16384
 ACT_QUANT_WARPS = None
 
 
-@contextlib.contextmanager
 def warps_per_row(n: int):
     """Run the quantizer with `n` warps a row (ACT_QUANT_WARPS) inside the block (the benchmark's
     `triton-4w` quantizer rows; not thread-safe)."""
-    global ACT_QUANT_WARPS
-    saved, ACT_QUANT_WARPS = ACT_QUANT_WARPS, n
-    try:
-        yield
-    finally:
-        ACT_QUANT_WARPS = saved
+    return module_setting(globals(), "ACT_QUANT_WARPS", n)
 # x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
 # (the package's rounding rule), in the interpreter and on the GPU alike.
 _RNE_MAGIC = 12582912.0

@@ -48,7 +48,6 @@ Three regimes (picked here by M):
           autotuned tile shapes. Every K tile lies inside one group (BLOCK_K divides G, or G == K),
           so scales and zeros are read once per tile.
 """
-import contextlib
 import functools
 
 import torch
@@ -1014,15 +1013,9 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     return out
 
 
-@contextlib.contextmanager
 def _setting(name: str, value):
     """This module's setting `name` at `value` inside the block (a measurement switch; not thread-safe)."""
-    saved = globals()[name]
-    globals()[name] = value
-    try:
-        yield
-    finally:
-        globals()[name] = saved
+    return _common.module_setting(globals(), name, value)
 
 
 def tensor_core_decode():

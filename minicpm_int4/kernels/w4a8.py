@@ -26,8 +26,6 @@ Per-channel layers (PER_CHANNEL, G == K: the vision MLP's K = 4304, which no gro
 keep one int32 accumulator and scale it once at the end; run through the grouped loop they held an
 fp32 and an int32 tile at once and spilled 16-160 bytes per thread on sm_80 (kernels/aot.py).
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -153,16 +151,10 @@ W4A8_MAGIC_CVT = None
 W4A8_FLAT_GROUPS = False
 
 
-@contextlib.contextmanager
 def flat_groups():
     """Run the grouped W4A8 GEMM with each group's K steps unrolled (W4A8_FLAT_GROUPS) inside the block (the
     benchmark's `w4a8-triton-flat` rows; not thread-safe)."""
-    global W4A8_FLAT_GROUPS
-    saved, W4A8_FLAT_GROUPS = W4A8_FLAT_GROUPS, True
-    try:
-        yield
-    finally:
-        W4A8_FLAT_GROUPS = saved
+    return _common.module_setting(globals(), "W4A8_FLAT_GROUPS", True)
 
 
 def _magic_convert(device: torch.device) -> bool:
