@@ -562,6 +562,11 @@ def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, 
     assert by_m == {1: {"fp16", "w4a16-triton", "w4a16-triton-prefetch"},
                     17: {"fp16", "w4a16-triton", "w4a16-triton-dq", "w4a8-triton-flat"}}
     assert all(r["check"] in ("ok", "unchecked") for r in res["rows"])
+    # the host time of a Triton backend's call is also taken with Triton's own launch (kernels/_launch.py)
+    for r in res["rows"]:
+        triton_row = r["backend"].startswith(("w4a16-triton", "w4a8-triton")) and r["m"] <= 16
+        assert (r["host_us_triton_launch"] > 0) if triton_row else r["host_us_triton_launch"] is None, r
+    assert "| host us | host us, Triton's launch | GPU us |" in (out / "bench.md").read_text()
     assert res["config"]["backends"] == ["fp16", "w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-dq",
                                          "w4a16-cuda-ahead2", "w4a8-triton-flat"]
     assert "w4a16-cuda-ahead2" in res["skipped"]  # no CUDA extension here: skipped, named

@@ -842,3 +842,42 @@ def test_gradient_to_the_input_on_the_gpu(backend, act):
         fp32_err = n * 2**-23 * (g.double().abs() @ w.abs())
         bound = fp32_err + 2**-8 * (want.abs() + fp32_err)
         assert x.grad is not None and ((x.grad.double() - want).abs() <= bound).all(), m
+
+
+@pytest.mark.parametrize("act,m", [(None, 1), (None, 4), (None, 64), ("int8", 64)])
+def test_triton_fast_launch_same_bits_and_taken(act, m, monkeypatch):
+    # kernels/_launch.py on a real GPU: the repeated call launched directly gives Triton's own launch's
+    # bits (same compiled kernel, same arguments), the direct path is really taken, and it captures
+    # into a CUDA graph like Triton's (the stream it launches on is the capturing one)
+    from minicpm_int4.kernels import _launch, act_quant, w4a8, w4a16
+
+    kernels = [w4a16._w4a16_gemv_kernel, w4a16._splitk_reduce_kernel, w4a16._w4a16_decode_kernel,
+               w4a16._w4a16_prefill_kernel, w4a16._w4a16_dequant_kernel, w4a8._w4a8_gemm_kernel,
+               act_quant._act_quant_kernel]
+    if not all(isinstance(k, _launch.FastLaunch) and k.usable for k in kernels):
+        pytest.skip(f"the fast launch path is off here (triton {__import__('triton').__version__})")
+    lin = torch.nn.Linear(4096, 1024, dtype=torch.float16, device="cuda")
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act, backend="triton"))
+    x = torch.randn(m, 4096, dtype=torch.float16, device="cuda")
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    y_triton = ql(x)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    ql(x)  # records the entries
+    before = sum(k.launches for k in kernels)
+    y_fast = ql(x)
+    torch.cuda.synchronize()
+    assert sum(k.launches for k in kernels) > before
+    torch.testing.assert_close(y_fast, y_triton, rtol=0, atol=0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ql(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_graph = ql(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)

@@ -133,13 +133,20 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
         status = _check(b.name, first, x)
         med, p20, p80, how = kernel_time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
         host_us = host_us_per_call(lambda: rot.next().run(x), device) if m <= HOST_TIMED_MAX_M else None
+        host_triton = None
+        if host_us is not None and getattr(b, "backend", "").startswith("triton"):
+            from ..kernels import _launch  # the same calls with every kernel launched by Triton's own path
+
+            with _launch.through_triton():
+                host_triton = host_us_per_call(lambda: rot.next().run(x), device)
         nbytes = first.weight_bytes + b.activation_bytes(m, k, n, esize)
         gbps = nbytes / (med * 1e-3) / 1e9
         result["rows"].append({
             "model": shape.model, "n": n, "k": k, "m": m, "backend": b.name, "family": b.family,
             "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
             "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
-            "check": status, "rotating_copies": len(copies), "host_us": host_us, "timing": how})
+            "check": status, "rotating_copies": len(copies), "host_us": host_us,
+            "host_us_triton_launch": host_triton, "timing": how})
         del x
 
 

@@ -116,11 +116,15 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
         out += ["### host time per call, M = 1", "",
                 "CPU time to queue one call (checks, dispatch, launch; no synchronisation) against the GPU time "
                 "of the call, median over shapes. Where the host's exceeds the GPU's, eager decoding is bound by "
-                "the CPU; CUDA graphs (`profile`'s graphed mode) remove the host's share.", "",
-                "| backend | host us | GPU us | shapes |", "|---|---|---|---|"]
+                "the CPU; CUDA graphs (`profile`'s graphed mode) remove the host's share. For our Triton "
+                "backends, also the same calls with every kernel launched by Triton's own path rather than "
+                "the package's direct launch of a repeated specialisation (kernels/_launch.py).", "",
+                "| backend | host us | host us, Triton's launch | GPU us | shapes |", "|---|---|---|---|---|"]
         for b in dict.fromkeys(r["backend"] for r in host):
             mine = [r for r in host if r["backend"] == b]
+            triton_launch = [r["host_us_triton_launch"] for r in mine if r.get("host_us_triton_launch") is not None]
             out.append(f"| {b} | {statistics.median(r['host_us'] for r in mine):.1f} | "
+                       + (f"{statistics.median(triton_launch):.1f}" if triton_launch else "-") + " | "
                        f"{statistics.median(r['median_ms'] for r in mine) * 1e3:.1f} | {len(mine)} |")
         out.append("")
     from .targets import stream_fits, stream_fit_lines

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from ._launch import fast_launch
 from ._common import _times_input_scale, module_setting, next_pow2
 
 MAX_SINGLE_BLOCK = 16384
@@ -64,6 +65,7 @@ def _load_row_block(x_row, m_ptr, p_ptr, offs, K, HAS_SCALE: tl.constexpr, HAS_P
     return x.to(tl.float32)
 
 
+@fast_launch
 @triton.jit
 def _act_quant_kernel(x_ptr, m_ptr, p_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
                       BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
+from ._launch import fast_launch
 from ._common import (_grouped_tile, _times_input_scale, autotune, cdiv, min_capability, next_pow2, _round_to,
                       row_slices, _unpack_int4_tile, num_sms)
 
@@ -306,6 +307,7 @@ def _input_channels(p_ptr, k, K, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
     return k
 
 
+@fast_launch
 @autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "HAS_SCALE", "HAS_PERM"])
 @triton.jit
 def _w4a16_decode_kernel(
@@ -430,6 +432,7 @@ def _splitk_fixup(part_ptrs, out_ptrs, out_mask, count_ptr, b_ptrs, n_mask, MN, 
         tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
+@fast_launch
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexpr,
                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
@@ -506,6 +509,7 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
     return d
 
 
+@fast_launch
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
@@ -635,6 +639,7 @@ def _prefill_prune(configs, kwargs):
     return min_capability([c for c in configs if getattr(c, "dot_fp32", False) == fp32])
 
 
+@fast_launch
 @autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_SCALE"], prune=_prefill_prune)
 @triton.jit
 def _w4a16_prefill_kernel(
@@ -680,6 +685,7 @@ def _w4a16_prefill_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round_to(acc, w_dtype), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, G, NUM_GROUPS, stride_qn, stride_sn, stride_on,
                           m0, m1, m2, m3, ASM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):

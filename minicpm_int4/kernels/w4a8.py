@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _common
+from ._launch import fast_launch
 from ._common import _grouped_tile, autotune, cdiv, next_pow2, _round_to, row_slices, tl_dtype
 
 
@@ -79,6 +80,7 @@ def _w4a8_step(acc, xq_ptr, qb_ptr, k0, offs_m, offs_n, m_mask, n_mask, zb, K, K
     return tl.dot(xq, tl.trans(_q_minus_z_bytes(b, zb, USE_ASM)), acc, out_dtype=tl.int32)
 
 
+@fast_launch
 @autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
 @triton.jit
 def _w4a8_gemm_kernel(
