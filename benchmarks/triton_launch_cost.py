@@ -2,7 +2,7 @@
 package's direct launch of a repeated specialisation (kernels/_launch.py), measured without a GPU:
 results/cpu/triton_launch_cost.{json,md}.
 
-    python benchmarks/triton_launch_cost.py [--out benchmarks/results/cpu] [--calls 2000]
+    python benchmarks/triton_launch_cost.py [--out benchmarks/results/cpu] [--calls 2000] [--name STEM]
 
 The kernels are compiled for sm_90 and launched into a stand-in driver that records the launch
 (kernels/launch_check.py): what is timed is the host's share of a call up to Triton's launcher - checks,
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--name", default="triton_launch_cost", help="file name stem (e.g. triton_launch_cost_triton3.6 "
+                   "for the GPU image's triton)")
     args = p.parse_args(argv)
     report = measure(args.calls)
     if not report.get("supported"):
@@ -77,10 +79,10 @@ def main(argv=None) -> int:
     summary = {"env": env, "triton": report["triton"], "capability": report["capability"],
                "host_us": report["host_us"], "checked_sites": [s["site"] for s in report["sites"]]}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "triton_launch_cost.json"), "w") as f:
+    with open(os.path.join(args.out, args.name + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
     text = markdown(summary)
-    with open(os.path.join(args.out, "triton_launch_cost.md"), "w") as f:
+    with open(os.path.join(args.out, args.name + ".md"), "w") as f:
         f.write(text)
     print(text)
     return 0
