@@ -123,3 +123,17 @@ def test_disabled_or_interpreted_launches_go_through_the_kernel(monkeypatch):
     if _launch.INTERPRET:  # the interpreter's kernels are left as they are
         sentinel = object()
         assert _launch.fast_launch(sentinel) is sentinel
+
+
+def test_committed_launch_costs_cover_every_launch_site():
+    """benchmarks/results/cpu/triton_launch_cost*.json (benchmarks/triton_launch_cost.py) time every site
+    launch_check checks, both ways; regenerate them when a site is added."""
+    from minicpm_int4.kernels import launch_check
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results", "cpu")
+    sites = [name for name, _ in launch_check._sites()]
+    for stem in ("triton_launch_cost", "triton_launch_cost_triton3.6"):
+        with open(os.path.join(root, stem + ".json")) as f:
+            got = json.load(f)
+        assert list(got["host_us"]) == sites == got["checked_sites"], stem
+        assert all(r["fast_us"] < r["triton_us"] for r in got["host_us"].values()), stem
