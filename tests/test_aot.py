@@ -49,10 +49,11 @@ for arch in ("sm80", "sm90a"):
         c = aot.compile_launch(launch, aot.ARCHS[arch])
         out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                 "instr_per_weight": aot.loop_instructions_per_weight(c)})
-# the quantizer with 4 warps a row (act_quant.ACT_QUANT_WARPS, the bench's triton-4w rows), one- and 16K-wide rows
+# the quantizer with 4 / 16 warps a row (act_quant.ACT_QUANT_WARPS, the bench's triton-4w / -16w rows), one- and
+# 16K-wide rows
 from minicpm_int4.kernels import act_quant
-for arch in ("sm80", "sm90a"):
-    with act_quant.warps_per_row(4):
+for arch, warps in [(a, w) for a in ("sm80", "sm90a") for w in (4, 16)]:
+    with act_quant.warps_per_row(warps):
         launches = aot.record_launches(aot.ARCHS[arch], [(1024, 4096), (1024, 14336)], [4096], [torch.float16], [128],
                                        w4a8=False, input_scale=False, input_perm=False)
     for launch in launches:
@@ -178,11 +179,15 @@ def test_w4a8_unpacking_hides_behind_int8_wgmma(compiled):
             assert ipw is not None and ipw <= 4.0, (c["label"], c["constexprs"], ipw)
 
 
-def test_act_quant_with_4_warps_a_row_keeps_its_row_in_registers(compiled):
-    # the triton-4w variant: up to 128 elements a thread (a 16K-wide row) without spills, in 16-byte loads
-    four = [c for c in _by_kernel(compiled, "act_quant") if c["options"]["num_warps"] == 4 and c["label"].startswith("M=4096")]
-    assert {(c["arch"], c["constexprs"]["BLOCK_K"]) for c in four} == {(a, b) for a in ("sm80", "sm90a") for b in (4096, 16384)}
-    for c in four:
+@pytest.mark.parametrize("warps", [4, 16])
+def test_act_quant_with_4_or_16_warps_a_row_keeps_its_row_in_registers(compiled, warps):
+    # the triton-4w / -16w variants: up to 128 / 32 elements a thread (a 16K-wide row) without spills, in
+    # 16-byte loads
+    # (the default takes 16 warps for an 8K-wide row: K = 4304; not these)
+    got = [c for c in _by_kernel(compiled, "act_quant") if c["options"]["num_warps"] == warps
+           and c["label"].startswith("M=4096") and c["constexprs"]["BLOCK_K"] in (4096, 16384)]
+    assert {(c["arch"], c["constexprs"]["BLOCK_K"]) for c in got} == {(a, b) for a in ("sm80", "sm90a") for b in (4096, 16384)}
+    for c in got:
         assert not c["spill_bytes"] and not c["problems"] and c["vector_bytes"] == 16, (c["arch"], c["label"], c["regs"])
 
 

@@ -593,7 +593,7 @@ def test_gpu_suite_default_arguments_are_ones_the_commands_take():
         build_parser().parse_args(["profile", "--out", "x"] + shlex.split(profile))
 
 
-def test_act_quant_variant_rows_run_the_triton_kernel_with_4_warps_a_row():
+def test_act_quant_variant_rows_run_the_triton_kernel_with_4_or_16_warps_a_row():
     from minicpm_int4.bench.micro import _act_quant_variant
     from minicpm_int4.kernels import act_quant
 
@@ -601,5 +601,9 @@ def test_act_quant_variant_rows_run_the_triton_kernel_with_4_warps_a_row():
     assert backend == "triton" and act_quant.ACT_QUANT_WARPS is None
     with switch:
         assert act_quant.ACT_QUANT_WARPS == 4
+    assert act_quant.ACT_QUANT_WARPS is None
+    backend, switch = _act_quant_variant("triton-16w")
+    with switch:
+        assert backend == "triton" and act_quant.ACT_QUANT_WARPS == 16
     assert act_quant.ACT_QUANT_WARPS is None
     assert _act_quant_variant("cuda")[0] == "cuda"

@@ -219,9 +219,12 @@ def test_act_quant_variant_lines_compare_4_warps_a_row_with_the_default():
         {"m": 4096, "k": 4096, "backend": "triton", "pct_copy_bw": 65.0, "median_ms": 0.0184},
         {"m": 4096, "k": 4096, "backend": "triton-4w", "pct_copy_bw": 71.5, "median_ms": 0.0167},
         {"m": 4096, "k": 14336, "backend": "triton", "pct_copy_bw": 29.4, "median_ms": 0.1422},
-        {"m": 4096, "k": 14336, "backend": "triton-4w", "pct_copy_bw": 50.0, "median_ms": 0.0836, "check": "mismatch"}]
+        {"m": 4096, "k": 14336, "backend": "triton-4w", "pct_copy_bw": 50.0, "median_ms": 0.0836, "check": "mismatch"},
+        {"m": 4096, "k": 14336, "backend": "triton-16w", "pct_copy_bw": 58.8, "median_ms": 0.0711}]
     text = "\n".join(act_quant_variant_lines(bench))
-    assert "| 4096 | 65.0% | 71.5% | 1.10x |" in text and "| 14336 |" not in text  # a failed check is no time
+    assert "| 4096 | 4 warps a row (`triton-4w`) | 65.0% | 71.5% | 1.10x |" in text
+    assert "| 14336 | 16 warps a row (`triton-16w`) | 29.4% | 58.8% | 2.00x |" in text
+    assert "| 14336 | 4 warps" not in text  # a failed check is no time
     assert "4 warps a row" in targets_markdown(bench)
 
 

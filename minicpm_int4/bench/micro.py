@@ -150,13 +150,18 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
         del x
 
 
+# The Triton quantizer's measurement variants: warps a row (kernels/act_quant.py ACT_QUANT_WARPS) in place
+# of its default, block / 512
+ACT_QUANT_VARIANTS = {"triton-4w": 4, "triton-16w": 16}
+
+
 def _act_quant_variant(backend: str):
-    """(ops backend, context) of a quantizer row: "triton-4w" is the Triton kernel with 4 warps a row
-    (kernels/act_quant.py ACT_QUANT_WARPS), a measurement variant."""
-    if backend == "triton-4w":
+    """(ops backend, context) of a quantizer row: "triton-4w" / "triton-16w" are the Triton kernel with 4 / 16
+    warps a row (kernels/act_quant.py ACT_QUANT_WARPS), measurement variants."""
+    if backend in ACT_QUANT_VARIANTS:
         from ..kernels import act_quant
 
-        return "triton", act_quant.warps_per_row(4)
+        return "triton", act_quant.warps_per_row(ACT_QUANT_VARIANTS[backend])
     return backend, contextlib.nullcontext()
 
 
@@ -164,7 +169,7 @@ def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
     if not any(b.name.startswith("w4a8") for b in live):
         return []
     rows = []
-    backends = ["triton", "triton-4w"] if device.type == "cuda" else ["torch"]  # (4w: 4 warps a row, a variant)
+    backends = ["triton", *ACT_QUANT_VARIANTS] if device.type == "cuda" else ["torch"]
     if device.type == "cuda" and ops.cuda_extension_error() is None:
         backends.append("cuda")  # csrc/act_quant.cu beside the Triton kernel
     for k in sorted({s.k for s in shapes}):

@@ -292,19 +292,25 @@ def variant_lines(bench: Dict) -> List[str]:
 
 
 def act_quant_variant_lines(bench: Dict, m: int = 4096) -> List[str]:
-    """The Triton quantizer with 4 warps a row (`triton-4w`) against its default, per K at M = m: % of copy
-    bandwidth each, and the default's time over the variant's (above 1.00x the variant is faster)."""
+    """The Triton quantizer's warps-a-row variants (`triton-4w`, `triton-16w`) against its default, per K
+    at M = m: % of copy bandwidth each, and the default's time over the variant's (above 1.00x the
+    variant is faster)."""
+    from .micro import ACT_QUANT_VARIANTS
+
     rows = {(r["k"], r["backend"]): r for r in bench.get("act_quant", [])
             if r["m"] == m and r.get("check", "ok") == "ok"}
     out = []
     for k in sorted({k for k, _ in rows}):
-        a, b = rows.get((k, "triton-4w")), rows.get((k, "triton"))
-        if a and b:
-            out.append(f"| {k} | {b['pct_copy_bw']:.1f}% | {a['pct_copy_bw']:.1f}% | {b['median_ms'] / a['median_ms']:.2f}x |")
+        b = rows.get((k, "triton"))
+        for name, warps in ACT_QUANT_VARIANTS.items():
+            a = rows.get((k, name))
+            if a and b:
+                out.append(f"| {k} | {warps} warps a row (`{name}`) | {b['pct_copy_bw']:.1f}% | {a['pct_copy_bw']:.1f}% | "
+                           f"{b['median_ms'] / a['median_ms']:.2f}x |")
     if not out:
         return []
-    return ([f"Activation quantizer (Triton) at M = {m}, 4 warps a row (`triton-4w`) against the default:", "",
-             "| K | default | 4 warps a row | default time / variant's |", "|---|---|---|---|"] + out)
+    return ([f"Activation quantizer (Triton) at M = {m}, warps a row against the default (block / 512):", "",
+             "| K | variant | default | variant | default time / variant's |", "|---|---|---|---|---|"] + out)
 
 
 def ceiling_fraction(mb: float, floor_us: float, gbps: float) -> float:

@@ -26,10 +26,12 @@ from ._common import _times_input_scale, module_setting, next_pow2
 
 MAX_SINGLE_BLOCK = 16384
 # Warps per row (one program a row): None = block / 512 (16 elements a thread), 4 to 32. The H200 run had
-# the default at 65% of copy bandwidth on 4096 x 4096 (8 warps: up to 8 rows in flight an SM) and 25 - 29%
-# at K = 12288 / 14336 (32 warps: 2 rows an SM, whose load and reduce phases may not overlap enough);
-# the bench's `triton-4w` quantizer rows time 4 warps a row (more rows in flight, 32 - 128 elements a
-# thread) beside it. The same bits whatever the count.
+# the default at 65% of copy bandwidth on 4096 x 4096 (8 warps) and 25 - 29% at K = 12288 / 14336 (32 warps).
+# Rows in flight an SM, from the registers kernels/aot.py reads on sm_90a (65536 a SM, allocated in 8s,
+# at most 2048 threads): a 4K-wide row (8 warps, 36 registers) 6; a 16K-wide row (K = 12288 / 14336)
+# with 32 warps (37 -> 40 registers x 1024 threads) only 1 - its loads, block-wide max and stores do not
+# overlap another row's -, with 16 warps (53 registers) 2, with 4 (157) 3. The bench's `triton-4w` and
+# `triton-16w` quantizer rows time those two beside the default. The same bits whatever the count.
 ACT_QUANT_WARPS = None
 
 
