@@ -25,7 +25,7 @@ launches, that every launch site of the package hands its launcher the same kern
 both ways, over argument variations of every kind.
 
 Off (every call through Triton) under the interpreter, where a launch hook is set (profilers), for a
-kernel with pre-run hooks, on Triton versions this was not checked on (before 3.6: their launchers
+kernel with pre-run hooks or an autotune config with a pre_hook, on Triton versions this was not checked on (before 3.6: their launchers
 took other arguments), and with MINICPM_INT4_FAST_LAUNCH=0. Not checked per call, unlike Triton: that
 the globals a kernel reads kept their values (this package's kernels read only constants).
 """
@@ -142,7 +142,10 @@ class FastLaunch:
             return kernel
         named = dict(kwargs)
         if self.tuner is not None:
-            named.update(self.tuner.best_config.kwargs)
+            config = self.tuner.best_config
+            if getattr(config, "pre_hook", None) is not None:  # runs before every launch: Triton's path keeps it
+                return kernel
+            named.update(config.kwargs)
         tail = []
         for p in self.jit.params[len(args):]:
             if p.name in named:

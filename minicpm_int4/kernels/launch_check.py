@@ -227,9 +227,18 @@ def _probe_kernels():
             v = v * f
         tl.store(q_ptr + offs * m, v.to(q_ptr.dtype.element_ty), mask=offs < n)
 
-    plain, tuned = fast_launch(probe), fast_launch(probe_tuned)
-    _scripted_timings(tuned)  # (a Triton that times a single config)
-    return plain, tuned
+    hook_calls = []
+
+    @triton.autotune(configs=[triton.Config({"N": 16}, num_warps=1, pre_hook=lambda nargs: hook_calls.append(1))],
+                     key=["n"])
+    @triton.jit
+    def probe_hooked(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(q_ptr + offs * m, tl.load(p_ptr + offs, mask=offs < n, other=0), mask=offs < n)
+
+    plain, tuned, hooked = fast_launch(probe), fast_launch(probe_tuned), fast_launch(probe_hooked)
+    _scripted_timings(tuned, hooked)  # (a Triton that times a single config)
+    return plain, tuned, hooked, hook_calls
 
 
 def _variants():
@@ -264,7 +273,7 @@ def check_probe():
     arguments must be Triton's own choice for the call."""
     from . import _launch
 
-    plain, tuned = _probe_kernels()
+    plain, tuned, hooked, hook_calls = _probe_kernels()
     problems = []
     calls = 0
     variants = _variants()
@@ -287,6 +296,14 @@ def check_probe():
                 calls += 1
             if outcome[False] != outcome[True]:
                 problems.append(f"{which} variant {i}: triton {outcome[False]} / fast {outcome[True]}")
+    # a config's pre_hook runs before every launch, as Triton runs it
+    _launch.ENABLED = True
+    args, _ = variants[0]
+    for i in range(3):
+        hook_calls.clear()
+        hooked[(1,)](*args, FLAG=True)
+        if len(hook_calls) != 1:
+            problems.append(f"a config's pre_hook ran {len(hook_calls)} time(s) at call {i}")
     taken = plain.launches + tuned.launches
     return {"calls": calls, "fast_launches": taken, "variants": len(variants), "problems": problems}
 
