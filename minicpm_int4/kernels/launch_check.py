@@ -27,6 +27,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 RECORDS = []
 
@@ -199,21 +201,24 @@ def _fast_launches() -> int:
     return sum(k.launches for k in kernels if isinstance(k, _launch.FastLaunch))
 
 
-def _probe_kernels():
-    import triton
-    import triton.language as tl
+@triton.jit
+def _probe_body(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
+    offs = tl.arange(0, N)
+    v = tl.load(p_ptr + offs, mask=offs < n, other=0).to(tl.float32)
+    if FLAG:
+        v = v * f
+    if b:
+        v = v + 1
+    tl.store(q_ptr + offs * m, v.to(q_ptr.dtype.element_ty), mask=offs < n)
 
+
+def _probe_kernels():
+    """(plain, autotuned, autotuned with a config pre_hook, the hook's calls): the probe as three kernels."""
     from ._launch import fast_launch
 
     @triton.jit
     def probe(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
-        offs = tl.arange(0, N)
-        v = tl.load(p_ptr + offs, mask=offs < n, other=0).to(tl.float32)
-        if FLAG:
-            v = v * f
-        if b:
-            v = v + 1
-        tl.store(q_ptr + offs * m, v.to(q_ptr.dtype.element_ty), mask=offs < n)
+        _probe_body(p_ptr, q_ptr, n, m, f, b, N, FLAG)
 
     # the config by n, so that two n that Triton specialises alike (16, 32) take different ones
     @triton.autotune(configs=[triton.Config({"N": 16}, num_warps=1), triton.Config({"N": 32}, num_warps=2)], key=["n"],
@@ -221,11 +226,7 @@ def _probe_kernels():
                                        [configs[abs(named_args["n"]) // 16 % 2]]})
     @triton.jit
     def probe_tuned(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
-        offs = tl.arange(0, N)
-        v = tl.load(p_ptr + offs, mask=offs < n, other=0).to(tl.float32)
-        if FLAG:
-            v = v * f
-        tl.store(q_ptr + offs * m, v.to(q_ptr.dtype.element_ty), mask=offs < n)
+        _probe_body(p_ptr, q_ptr, n, m, f, b, N, FLAG)
 
     hook_calls = []
 
@@ -233,8 +234,7 @@ def _probe_kernels():
                      key=["n"])
     @triton.jit
     def probe_hooked(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
-        offs = tl.arange(0, N)
-        tl.store(q_ptr + offs * m, tl.load(p_ptr + offs, mask=offs < n, other=0), mask=offs < n)
+        _probe_body(p_ptr, q_ptr, n, m, f, b, N, FLAG)
 
     plain, tuned, hooked = fast_launch(probe), fast_launch(probe_tuned), fast_launch(probe_hooked)
     _scripted_timings(tuned, hooked)  # (a Triton that times a single config)
