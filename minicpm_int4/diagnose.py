@@ -34,12 +34,27 @@ def _backends() -> Dict:
     return {
         "torch": {"available": True, "what": "reference.py (the CPU path and the specification)"},
         "triton": {"available": kernels is not None, "reason": triton_why, "interpreter": interp,
-                   "interpreter_problem": kernels.interpreter_problem() if interp else None},
+                   "interpreter_problem": kernels.interpreter_problem() if interp else None,
+                   "launch": _triton_launch(kernels, interp)},
         "cuda": {"available": ext is not None, "reason": ext_why, "ops": ext_ops,
                  "nvcc": shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                                   if os.environ.get("CUDA_HOME") else None),
                  "torch_cuda_build": torch.version.cuda},
     }
+
+
+def _triton_launch(kernels, interp: bool) -> Optional[str]:
+    """How the compiled Triton kernels are launched (kernels/_launch.py): directly on a repeated
+    specialisation, or through Triton's own launch and why."""
+    if kernels is None or interp:
+        return None
+    from .kernels import _launch
+
+    if not _launch.ENABLED:
+        return "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
+    if not _launch._SUPPORTED:
+        return f"Triton's own launch (the direct one needs triton >= 3.6, this is {_launch.triton.__version__})"
+    return "a repeated specialisation directly into its launcher (MINICPM_INT4_FAST_LAUNCH=0: Triton's own)"
 
 
 def _auto_picks(device: torch.device) -> List[Dict]:
@@ -118,6 +133,8 @@ def format_report(info: Dict) -> str:
     else:
         lines.append("backend triton: compiled kernels" + ("" if info["device"].startswith("cuda")
                                                              else " (need CUDA tensors; none here)"))
+        if t.get("launch"):
+            lines.append(f"  launched: {t['launch']}")
     c = b["cuda"]
     if c["available"]:
         lines.append(f"backend cuda: minicpm_int4._C loaded ({', '.join(c['ops'])})")

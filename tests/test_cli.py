@@ -344,7 +344,7 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     info = diagnose.collect("cpu")
     info.update(device="cuda:0", device_name="NVIDIA H200", capability="9.0", sm_count=132,
                 total_memory_bytes=141 * 2**30, cuda_devices=["NVIDIA H200", "NVIDIA H200"])
-    info["backends"]["triton"].update(available=True, interpreter=False)
+    info["backends"]["triton"].update(available=True, interpreter=False, launch=None)
     info["backends"]["cuda"].update(available=True, ops=["quantize_per_token_int8", "w4a16_gemm"])
     info["auto"] = [{"op": "w4a16_gemm", "m": 1, "n": 4096, "k": 4096, "backend": "cuda"},
                     {"op": "quantize_per_token_int8", "m": 4096, "k": 14336, "backend": "cuda"}]
@@ -360,6 +360,17 @@ def test_env_report_of_a_gpu_install(monkeypatch):
             "quantizer timed at 15 (K, M)") in text
     info["dispatch_table"].update(from_env=True, path="/tmp/suite-table.json", exists=True)
     assert "NVIDIA H200 (MINICPM_INT4_DISPATCH_TABLE=/tmp/suite-table.json)\n" in diagnose.format_report(info)
+    # how the compiled Triton kernels are launched (kernels/_launch.py), and why not directly
+    from minicpm_int4.kernels import _launch
+
+    info["backends"]["triton"]["launch"] = diagnose._triton_launch(object(), False)
+    assert ("backend triton: compiled kernels\n  launched: " + info["backends"]["triton"]["launch"]) in diagnose.format_report(info)
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    assert diagnose._triton_launch(object(), False) == "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(_launch, "_SUPPORTED", False)
+    assert "the direct one needs triton >= 3.6" in diagnose._triton_launch(object(), False)
+    assert diagnose._triton_launch(None, False) is None and diagnose._triton_launch(object(), True) is None
 
 
 @pytest.mark.parametrize("argv, message", [
