@@ -53,7 +53,7 @@ def _triton_launch(kernels, interp: bool) -> Optional[str]:
     if not _launch.ENABLED:
         return "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
     if not _launch._SUPPORTED:
-        return f"Triton's own launch (the direct one needs triton >= 3.6, this is {_launch.triton.__version__})"
+        return f"Triton's own launch (the direct one needs triton >= 3.4, this is {_launch.triton.__version__})"
     return "a repeated specialisation directly into its launcher (MINICPM_INT4_FAST_LAUNCH=0: Triton's own)"
 
 

@@ -369,7 +369,7 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     assert diagnose._triton_launch(object(), False) == "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
     monkeypatch.setattr(_launch, "ENABLED", True)
     monkeypatch.setattr(_launch, "_SUPPORTED", False)
-    assert "the direct one needs triton >= 3.6" in diagnose._triton_launch(object(), False)
+    assert "the direct one needs triton >= 3.4" in diagnose._triton_launch(object(), False)
     assert diagnose._triton_launch(None, False) is None and diagnose._triton_launch(object(), True) is None
 
 

@@ -1,7 +1,8 @@
 """Launching a Triton kernel again without Triton's per-call argument binding.
 
-`kernel[grid](*args, **kwargs)` costs ~12 us of host time in Triton 3.6 / 3.9 before the launcher runs on
-this package's decode kernels (~30 arguments; on this machine's CPU, benchmarks/triton_launch_cost.py):
+`kernel[grid](*args, **kwargs)` costs 7 us (the GEMV, ~30 arguments) to 22 us (the autotuned decode
+kernel) of host time in Triton 3.6 / 3.9 before the launcher runs (this machine's CPU;
+benchmarks/results/cpu/triton_launch_cost*.md), more in 3.4:
 JITFunction.run binds and specialises every argument, turns the specialisation into a string key,
 looks the compiled kernel up and checks the kernel's globals, and an autotuned kernel first builds
 the autotuner's key. An eager decode step pays that per layer, on top of the kernel's few
@@ -25,9 +26,10 @@ launches, that every launch site of the package hands its launcher the same kern
 both ways, over argument variations of every kind.
 
 Off (every call through Triton) under the interpreter, where a launch hook is set (profilers), for a
-kernel with pre-run hooks or an autotune config with a pre_hook, on Triton versions this was not checked on (before 3.6: their launchers
-took other arguments), and with MINICPM_INT4_FAST_LAUNCH=0. Not checked per call, unlike Triton: that
-the globals a kernel reads kept their values (this package's kernels read only constants).
+kernel with pre-run hooks or an autotune config with a pre_hook, on Triton before 3.4 (3.3's launch
+takes its hooks from CompiledKernel; checked on 3.4, 3.5, 3.6 and 3.9), and with
+MINICPM_INT4_FAST_LAUNCH=0. Not checked per call, unlike Triton: that the globals a kernel reads kept
+their values (this package's kernels read only constants).
 """
 import functools
 import os
@@ -44,7 +46,7 @@ def _version_ok() -> bool:
         major, minor = (int(p) for p in triton.__version__.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) >= (3, 6)
+    return (major, minor) >= (3, 4)
 
 
 _SUPPORTED = _version_ok()
@@ -163,7 +165,7 @@ class FastLaunch:
 
 
 def _hooked(hook) -> bool:
-    """A launch hook that would run: Triton >= 3.6 keeps an (empty) HookChain where none is set."""
+    """A launch hook that would run: None where none is set (Triton 3.4 / 3.5), or an empty HookChain (>= 3.6)."""
     return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
 
 

@@ -77,13 +77,14 @@ def stand_in_driver(capability: int = 90):
 
     from . import _common
 
-    saved, saved_cap = driver._active, _common.target_capability
+    saved, saved_cap = dict(driver.__dict__), _common.target_capability  # (its attributes differ by version)
     driver.set_active(_driver_class(capability)())
     _common.target_capability = lambda device=None: capability  # (the launchers ask torch.cuda otherwise)
     try:
         yield
     finally:
-        driver._active = saved
+        driver.__dict__.clear()
+        driver.__dict__.update(saved)
         _common.target_capability = saved_cap
 
 
