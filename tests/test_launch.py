@@ -132,7 +132,7 @@ def test_committed_launch_costs_cover_every_launch_site():
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results", "cpu")
     sites = [name for name, _ in launch_check._sites()]
-    for stem in ("triton_launch_cost", "triton_launch_cost_triton3.6"):
+    for stem in ("triton_launch_cost", "triton_launch_cost_triton3.6", "triton_launch_cost_triton3.4"):
         with open(os.path.join(root, stem + ".json")) as f:
             got = json.load(f)
         assert list(got["host_us"]) == sites == got["checked_sites"], stem
