@@ -137,3 +137,26 @@ def test_committed_launch_costs_cover_every_launch_site():
             got = json.load(f)
         assert list(got["host_us"]) == sites == got["checked_sites"], stem
         assert all(r["fast_us"] < r["triton_us"] for r in got["host_us"].values()), stem
+
+
+def test_autotuning_results_are_reused_by_a_new_process(tmp_path):
+    """_common.AUTOTUNE_CACHE: the autotuned launch sites (decode, prefill, W4A8) tuned in one process are
+    not timed again in the next one with the same Triton cache, which picks the same configs; with
+    MINICPM_INT4_AUTOTUNE_CACHE=0 every process times them. (The stand-in driver's timings; Triton's cache
+    stores configs as their attributes: the prune functions' facts live beside them, _common.tag_config.)"""
+    pytest.importorskip("triton")
+
+    def tune(**extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINICPM_INT4_AUTOTUNE_CACHE")}
+        env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), **extra)
+        proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.launch_check", "--tune"], env=env,
+                              capture_output=True, text=True, timeout=900)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+        return json.loads(lines[-1])["tune"]
+
+    first, second = tune(), tune()
+    assert first["cache"] and first["timed"] > 0
+    assert second["timed"] == 0 and second["configs"] == first["configs"]
+    off = tune(MINICPM_INT4_AUTOTUNE_CACHE="0")
+    assert not off["cache"] and off["timed"] == first["timed"]

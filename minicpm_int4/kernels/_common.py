@@ -2,24 +2,38 @@
 import contextlib
 import functools
 import inspect
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 
+# Autotuning results kept on disk (Triton's cache, ~/.triton/cache or TRITON_CACHE_DIR) where this Triton can:
+# a new process that launches a kernel on a shape tuned before takes the stored winner instead of timing
+# every config again - an eager model's first forward times the decode and prefill configs of each of its
+# layer shapes. The entry is keyed by Triton's version, the GPU target (sm_90: an H100 and an H200 share
+# it), the kernel's source, the tuning key (shapes, dtypes) and the configs. MINICPM_INT4_AUTOTUNE_CACHE=0
+# times every config again in each process (what a benchmark of the tuning itself wants).
+AUTOTUNE_CACHE = os.environ.get("MINICPM_INT4_AUTOTUNE_CACHE", "1") != "0"
+
+
 def autotune(configs, key, prune=None):
     """triton.autotune with a short benchmark per config (5 ms warm-up, 25 ms timing) where this
-    Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick.
-    prune(configs, kwargs) -> the configs worth timing for this launch on this GPU (kwargs: the
-    launch's keyword arguments, the constexprs among them; see min_capability)."""
+    Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick, and
+    its results cached on disk (AUTOTUNE_CACHE) where it can. prune(configs, kwargs) -> the configs
+    worth timing for this launch on this GPU (kwargs: the launch's keyword arguments, the constexprs
+    among them; see min_capability)."""
     kw = {}
     if prune is not None:
         kw["prune_configs_by"] = {"early_config_prune": lambda configs, named_args, **kwargs: prune(configs, kwargs)}
-    if "do_bench" in inspect.signature(triton.autotune).parameters:
+    params = inspect.signature(triton.autotune).parameters
+    if "do_bench" in params:
         from triton.testing import do_bench
 
         kw["do_bench"] = lambda fn, quantiles: do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    if "cache_results" in params and AUTOTUNE_CACHE and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        kw["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **kw)
 
 
@@ -60,12 +74,29 @@ def _capability(device_index: int) -> int:
     return 10 * major + minor
 
 
+# Facts about an autotune config the kernel files' prune functions read (min_capability, dot_fp32), kept
+# beside the config rather than on it: Triton's on-disk autotuning cache (AUTOTUNE_CACHE) stores a config
+# as its attributes and rebuilds it with Config(**attributes), which refuses any of ours.
+_CONFIG_TAGS = {}
+
+
+def tag_config(config, **tags):
+    """`config` with `tags` recorded for config_tag (the config object itself is left as Triton made it)."""
+    _CONFIG_TAGS[id(config)] = (config, tags)  # (the config held: its id stays its own)
+    return config
+
+
+def config_tag(config, name: str, default=None):
+    entry = _CONFIG_TAGS.get(id(config))
+    return entry[1].get(name, default) if entry is not None and entry[0] is config else default
+
+
 def min_capability(configs):
-    """Drop configs whose `min_capability` (a Config attribute set by the kernel file) this GPU lacks."""
+    """Drop configs whose `min_capability` (tag_config, by the kernel file) this GPU lacks."""
     if len(configs) <= 1:  # the interpreter's single config; nothing to choose
         return configs
     cap = target_capability()
-    return [c for c in configs if getattr(c, "min_capability", 0) <= cap] or configs
+    return [c for c in configs if config_tag(c, "min_capability", 0) <= cap] or configs
 
 
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions since

@@ -88,6 +88,9 @@ def stand_in_driver(capability: int = 90):
         _common.target_capability = saved_cap
 
 
+TIMED = []  # one entry per config an autotuner timed (--tune)
+
+
 def _scripted_timings(*kernels):
     """Autotuners time a config by a hash of what it launched (compiled kernel and int arguments): which
     config wins changes from one tuned key to the next, deterministically, so a launch that reused
@@ -96,6 +99,7 @@ def _scripted_timings(*kernels):
         tuner = getattr(k, "kernel", k)
 
         def do_bench(fn, quantiles=None):
+            TIMED.append(1)
             RECORDS.clear()
             fn()
             _, grid, _, function, args = RECORDS[-1]
@@ -309,6 +313,21 @@ def check_probe():
     return {"calls": calls, "fast_launches": taken, "variants": len(variants), "problems": problems}
 
 
+def tune_once():
+    """The package's autotuned launch sites called once each: how many configs were timed, and the
+    winners. Twice in a row with one TRITON_CACHE_DIR, the second process should time none
+    (_common.AUTOTUNE_CACHE: Triton's on-disk autotuning cache) and pick the same configs."""
+    from . import _common, w4a8, w4a16
+
+    sites = dict(_sites())
+    TIMED.clear()
+    for name in ("decode M=4", "prefill M=64, fused", "w4a8 M=64"):
+        sites[name]()
+    tuners = {"decode": w4a16._w4a16_decode_kernel, "prefill": w4a16._w4a16_prefill_kernel, "w4a8": w4a8._w4a8_gemm_kernel}
+    return {"timed": len(TIMED), "cache": _common.AUTOTUNE_CACHE,
+            "configs": {name: str(getattr(k, "kernel", k).best_config) for name, k in tuners.items()}}
+
+
 def host_costs(calls: int = 2000, blocks: int = 7):
     """{site: {"triton_us": ..., "fast_us": ...}}: host time of each site's call both ways, the median
     over `blocks` interleaved blocks of `calls` calls (a 2-core machine's noise lands in a few)."""
@@ -340,6 +359,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true")
     p.add_argument("--cost", action="store_true")
+    p.add_argument("--tune", action="store_true", help="the autotuned sites once: configs timed and picked")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--capability", type=int, default=90)
     args = p.parse_args(argv)
@@ -358,6 +378,8 @@ def main(argv=None) -> int:
 
     with stand_in_driver(args.capability):
         _scripted_timings(w4a16._w4a16_decode_kernel, w4a16._w4a16_prefill_kernel, w4a8._w4a8_gemm_kernel)
+        if args.tune:  # (first: the other modes tune too)
+            report["tune"] = tune_once()
         if args.check:
             report["sites"] = check_sites()
             report["probe"] = check_probe()

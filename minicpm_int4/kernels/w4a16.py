@@ -56,8 +56,8 @@ import triton.language as tl
 
 from . import INTERPRET, _common
 from ._launch import fast_launch
-from ._common import (_grouped_tile, _times_input_scale, autotune, cdiv, min_capability, next_pow2, _round_to,
-                      row_slices, _unpack_int4_tile, num_sms)
+from ._common import (_grouped_tile, _times_input_scale, autotune, cdiv, config_tag, min_capability, next_pow2,
+                      _round_to, row_slices, tag_config, _unpack_int4_tile, num_sms)
 
 DECODE_MAX_M = 16
 # M at or below which the CUDA-core GEMV runs instead of the tensor-core decode kernel. The GEMV needs
@@ -617,14 +617,12 @@ def _prefill_configs():
     for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]:
         cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
         # 128x256 needs Hopper's wgmma (accumulators in fewer registers): it spills on sm_80 (aot.py)
-        cfg.min_capability = 90 if bn == 256 else 0
-        cfgs.append(cfg)
+        cfgs.append(tag_config(cfg, min_capability=90 if bn == 256 else 0))
     # fp32 layers multiply in exact fp32 (FMA, no tensor cores): the tiles above spill kilobytes
     # per thread there (aot.py), so they get small ones of their own
     for bm, bn, w, s in FP32_PREFILL_TILES:
         cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        cfg.dot_fp32 = True
-        cfgs.append(cfg)
+        cfgs.append(tag_config(cfg, dot_fp32=True))
     return cfgs
 
 
@@ -636,7 +634,7 @@ def _prefill_prune(configs, kwargs):
     if len(configs) <= 1:  # the interpreter's single config
         return configs
     fp32 = bool(kwargs.get("DOT_FP32", False))
-    return min_capability([c for c in configs if getattr(c, "dot_fp32", False) == fp32])
+    return min_capability([c for c in configs if config_tag(c, "dot_fp32", False) == fp32])
 
 
 @fast_launch
