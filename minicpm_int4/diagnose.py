@@ -51,10 +51,20 @@ def _triton_launch(kernels, interp: bool) -> Optional[str]:
     from .kernels import _launch
 
     if not _launch.ENABLED:
-        return "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
-    if not _launch._SUPPORTED:
-        return f"Triton's own launch (the direct one needs triton >= 3.4, this is {_launch.triton.__version__})"
-    return "a repeated specialisation directly into its launcher (MINICPM_INT4_FAST_LAUNCH=0: Triton's own)"
+        how = "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
+    elif not _launch._SUPPORTED:
+        how = f"Triton's own launch (the direct one needs triton >= 3.4, this is {_launch.triton.__version__})"
+    else:
+        how = "a repeated specialisation directly into its launcher (MINICPM_INT4_FAST_LAUNCH=0: Triton's own)"
+    from .kernels import _common
+
+    if not _common.AUTOTUNE_CACHE:
+        tuned = "autotuning timed in each process (MINICPM_INT4_AUTOTUNE_CACHE=0)"
+    elif not _common.autotune_cache_supported():
+        tuned = "autotuning timed in each process (its on-disk cache needs triton >= 3.4)"
+    else:
+        tuned = "autotuning results cached on disk (MINICPM_INT4_AUTOTUNE_CACHE=0: timed in each process)"
+    return f"{how}; {tuned}"
 
 
 def _auto_picks(device: torch.device) -> List[Dict]:

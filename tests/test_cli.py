@@ -366,7 +366,14 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     info["backends"]["triton"]["launch"] = diagnose._triton_launch(object(), False)
     assert ("backend triton: compiled kernels\n  launched: " + info["backends"]["triton"]["launch"]) in diagnose.format_report(info)
     monkeypatch.setattr(_launch, "ENABLED", False)
-    assert diagnose._triton_launch(object(), False) == "Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0)"
+    assert diagnose._triton_launch(object(), False).startswith("Triton's own launch (MINICPM_INT4_FAST_LAUNCH=0); "
+                                                              "autotuning results cached on disk")
+    from minicpm_int4.kernels import _common
+
+    monkeypatch.setattr(_common, "autotune_cache_supported", lambda: False)
+    assert diagnose._triton_launch(object(), False).endswith("(its on-disk cache needs triton >= 3.4)")
+    monkeypatch.setattr(_common, "AUTOTUNE_CACHE", False)
+    assert diagnose._triton_launch(object(), False).endswith("autotuning timed in each process (MINICPM_INT4_AUTOTUNE_CACHE=0)")
     monkeypatch.setattr(_launch, "ENABLED", True)
     monkeypatch.setattr(_launch, "_SUPPORTED", False)
     assert "the direct one needs triton >= 3.4" in diagnose._triton_launch(object(), False)

@@ -18,6 +18,11 @@ import triton.language as tl
 AUTOTUNE_CACHE = os.environ.get("MINICPM_INT4_AUTOTUNE_CACHE", "1") != "0"
 
 
+def autotune_cache_supported() -> bool:
+    """Whether this Triton's autotune can keep its results on disk (cache_results: triton >= 3.4)."""
+    return "cache_results" in inspect.signature(triton.autotune).parameters
+
+
 def autotune(configs, key, prune=None):
     """triton.autotune with a short benchmark per config (5 ms warm-up, 25 ms timing) where this
     Triton lets us choose, so that first calls on many shapes (the benchmark sweep) stay quick, and
@@ -32,7 +37,7 @@ def autotune(configs, key, prune=None):
         from triton.testing import do_bench
 
         kw["do_bench"] = lambda fn, quantiles: do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-    if "cache_results" in params and AUTOTUNE_CACHE and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if autotune_cache_supported() and AUTOTUNE_CACHE and os.environ.get("TRITON_INTERPRET", "0") != "1":
         kw["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **kw)
 
