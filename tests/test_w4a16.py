@@ -772,3 +772,23 @@ def test_prefill_as_dequant_and_matmul_matches_reference(m, group_size, dtype, x
     assert launched == ["_w4a16_dequant_kernel"]
     assert_gemm_close(y, w4a16_gemm_ref(xm, qweight, scales, zeros, bias, gs), xm, dequant(qweight, scales, zeros, gs, dtype))
     assert not w4a16.PREFILL_DEQUANT  # (the switch is the block's only)
+
+
+@pytest.mark.parametrize("capability,wide", [(80, False), (86, False), (89, False), (90, True), (100, True), (120, False)])
+def test_prefill_configs_offered_by_gpu(capability, wide, monkeypatch):
+    """The prefill autotuner's configs per GPU (kernels/w4a16.py _prefill_prune): the 128 x 256 tile only where
+    its accumulators fit - Hopper's wgmma, sm_100's tcgen05 - not on Ampere / Ada or consumer Blackwell
+    (sm_120: mma.sync, where it spills as on sm_80, aot.py); fp32 layers their own small tiles. Tags kept
+    beside the configs: Triton's on-disk autotuning cache rebuilds a config from its own attributes."""
+    import triton
+
+    from minicpm_int4.kernels import _common, w4a16
+
+    monkeypatch.setattr(w4a16, "INTERPRET", False)
+    configs = w4a16._prefill_configs()
+    assert all(set(vars(c)) <= set(vars(triton.Config({}))) for c in configs)  # nothing of ours on them
+    monkeypatch.setattr(_common, "target_capability", lambda device=None: capability)
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in w4a16._prefill_prune(configs, {"DOT_FP32": False})}
+    assert ((128, 256) in tiles) == wide and (128, 128) in tiles and (64, 64) in tiles
+    fp32 = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in w4a16._prefill_prune(configs, {"DOT_FP32": True})}
+    assert fp32 == {(bm, bn) for bm, bn, _, _ in w4a16.FP32_PREFILL_TILES}

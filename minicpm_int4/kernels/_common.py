@@ -97,11 +97,16 @@ def config_tag(config, name: str, default=None):
 
 
 def min_capability(configs):
-    """Drop configs whose `min_capability` (tag_config, by the kernel file) this GPU lacks."""
+    """Drop configs this GPU cannot run well: below their `min_capability`, or - for a config tagged
+    `datacenter_mma` (tag_config, by the kernel file) - on a GPU without the data-centre parts' large
+    accumulators (wgmma on sm_90, tcgen05 on sm_100 / 103): consumer Blackwell (sm_120 / 121) has
+    Ampere's mma.sync, where such a tile spills as on sm_80."""
     if len(configs) <= 1:  # the interpreter's single config; nothing to choose
         return configs
     cap = target_capability()
-    return [c for c in configs if config_tag(c, "min_capability", 0) <= cap] or configs
+    datacenter = 90 <= cap < 110
+    return [c for c in configs if config_tag(c, "min_capability", 0) <= cap
+            and (datacenter or not config_tag(c, "datacenter_mma", False))] or configs
 
 
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions since

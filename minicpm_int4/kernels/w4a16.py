@@ -616,8 +616,9 @@ def _prefill_configs():
     cfgs = []
     for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]:
         cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        # 128x256 needs Hopper's wgmma (accumulators in fewer registers): it spills on sm_80 (aot.py)
-        cfgs.append(tag_config(cfg, min_capability=90 if bn == 256 else 0))
+        # 128x256 needs Hopper's wgmma (accumulators in fewer registers) or sm_100's tcgen05: it spills on
+        # sm_80 and on consumer Blackwell, sm_120 (aot.py)
+        cfgs.append(tag_config(cfg, min_capability=90, datacenter_mma=True) if bn == 256 else cfg)
     # fp32 layers multiply in exact fp32 (FMA, no tensor cores): the tiles above spill kilobytes
     # per thread there (aot.py), so they get small ones of their own
     for bm, bn, w, s in FP32_PREFILL_TILES:
