@@ -849,12 +849,10 @@ def test_triton_fast_launch_same_bits_and_taken(act, m, monkeypatch):
     # kernels/_launch.py on a real GPU: the repeated call launched directly gives Triton's own launch's
     # bits (same compiled kernel, same arguments), the direct path is really taken, and it captures
     # into a CUDA graph like Triton's (the stream it launches on is the capturing one)
-    from minicpm_int4.kernels import _launch, act_quant, w4a8, w4a16
+    from minicpm_int4.kernels import _launch, act_quant, w4a8, w4a16  # noqa: F401 - (their kernels registered)
 
-    kernels = [w4a16._w4a16_gemv_kernel, w4a16._splitk_reduce_kernel, w4a16._w4a16_decode_kernel,
-               w4a16._w4a16_prefill_kernel, w4a16._w4a16_dequant_kernel, w4a8._w4a8_gemm_kernel,
-               act_quant._act_quant_kernel]
-    if not all(isinstance(k, _launch.FastLaunch) and k.usable for k in kernels):
+    kernels = _launch.LAUNCHERS
+    if not kernels or not all(k.usable for k in kernels):
         pytest.skip(f"the fast launch path is off here (triton {__import__('triton').__version__})")
     lin = torch.nn.Linear(4096, 1024, dtype=torch.float16, device="cuda")
     ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act, backend="triton"))

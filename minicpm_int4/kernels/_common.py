@@ -37,7 +37,7 @@ def autotune(configs, key, prune=None):
         from triton.testing import do_bench
 
         kw["do_bench"] = lambda fn, quantiles: do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-    if autotune_cache_supported() and AUTOTUNE_CACHE and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if "cache_results" in params and AUTOTUNE_CACHE and os.environ.get("TRITON_INTERPRET", "0") != "1":
         kw["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **kw)
 

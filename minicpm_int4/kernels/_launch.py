@@ -66,6 +66,9 @@ def fast_launch(kernel):
     return FastLaunch(kernel)
 
 
+LAUNCHERS = []  # every FastLaunch made (the package's kernels once they are imported): launch counts, tests
+
+
 class _Entry:
     __slots__ = ("run", "function", "packed", "kernel", "tail", "meta")
 
@@ -95,6 +98,7 @@ class FastLaunch:
         self.kinds = None         # the first call's argument kinds, which key_fn assumes
         self.entries = {}
         self.launches = 0         # calls launched directly (tests)
+        LAUNCHERS.append(self)
 
     # the attributes aot.py and the tests read on the kernel (fn, configs, keys, ...)
     def __getattr__(self, name):

@@ -198,12 +198,9 @@ def _closure_tensors(fn):
 
 
 def _fast_launches() -> int:
-    from . import _launch, act_quant, w4a8, w4a16
+    from . import _launch
 
-    kernels = [w4a16._w4a16_gemv_kernel, w4a16._splitk_reduce_kernel, w4a16._w4a16_decode_kernel,
-               w4a16._w4a16_prefill_kernel, w4a16._w4a16_dequant_kernel, w4a8._w4a8_gemm_kernel,
-               act_quant._act_quant_kernel]
-    return sum(k.launches for k in kernels if isinstance(k, _launch.FastLaunch))
+    return sum(k.launches for k in _launch.LAUNCHERS)
 
 
 @triton.jit
