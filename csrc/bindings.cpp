@@ -184,6 +184,66 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8(const at::Tensor& x,
   return {xq, scale};
 }
 
+int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : t == at::kBFloat16 ? 1 : t == at::kFloat ? 2 : -1; }
+
+// W4A8 for prefill sizes: y = x_scale * (x_q (q - z)^T per group, times the scales) + bias in out_dtype, with
+// reference.w4a8_gemm_ref's bits. x_q int8 [M, K] and x_scale fp32 [M] (the per-token quantizer's), the weight
+// in the canonical layout with scales / zeros of fp16, bf16 or fp32; K % 16 == 0 and a group size that is a
+// multiple of 32 dividing K, or K (per channel).
+at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& qweight,
+                     const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
+                     int64_t group_size, at::ScalarType out_dtype) {
+  TORCH_CHECK(x_q.is_cuda() && x_scale.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
+              "minicpm_int4_C.w4a8_gemm: all tensors must be CUDA tensors");
+  TORCH_CHECK(x_scale.device() == x_q.device() && qweight.device() == x_q.device() && scales.device() == x_q.device() &&
+              zeros.device() == x_q.device(), "w4a8_gemm: all tensors must be on the same device");
+  TORCH_CHECK(x_q.scalar_type() == at::kChar && x_q.dim() == 2,
+              msg("w4a8_gemm: x_q must be int8 [M, K], got ", x_q.scalar_type(), " ", x_q.sizes()));
+  const int64_t M = x_q.size(0), K = x_q.size(1), N = qweight.size(0);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.dim() == 1 && x_scale.size(0) == M,
+              msg("w4a8_gemm: x_scale must be fp32 [M=", M, "], got ", x_scale.scalar_type(), " ", x_scale.sizes()));
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous() &&
+              qweight.size(1) * 8 == K, msg("w4a8_gemm: qweight must be contiguous int32 [N, K/8] with K=", K,
+              ", got ", qweight.scalar_type(), " ", qweight.sizes()));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
+              "w4a8_gemm (cuda): qweight must be 16-byte aligned (got a view with an offset?)");
+  TORCH_CHECK(minicpm_int4_w4a8_supported(static_cast<int>(K), static_cast<int>(group_size)),
+              msg("w4a8_gemm (cuda): the kernel needs K % 16 == 0 and a group size that is a multiple of 32 dividing K, "
+                  "or K (per channel); got K=", K, ", group_size=", group_size, " (backend='triton' takes it)"));
+  const int sz = dtype_code(scales.scalar_type());
+  TORCH_CHECK(sz >= 0 && zeros.scalar_type() == scales.scalar_type(),
+              msg("w4a8_gemm: scales and zeros must share one of fp16 / bf16 / fp32, got ", scales.scalar_type(), " and ",
+                  zeros.scalar_type()));
+  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous() && scales.dim() == 2 && scales.size(0) == N &&
+              scales.size(1) == K / group_size && zeros.sizes() == scales.sizes(),
+              msg("w4a8_gemm: scales/zeros must be contiguous [N, K/group_size] = [", N, ", ", K / group_size, "], got ",
+                  scales.sizes()));
+  const int od = dtype_code(out_dtype);
+  TORCH_CHECK(od >= 0, msg("w4a8_gemm: out_dtype must be fp16, bf16 or fp32, got ", out_dtype));
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->device() == x_q.device() && bias->scalar_type() == out_dtype &&
+                bias->numel() == N && bias->is_contiguous(),
+                msg("w4a8_gemm: bias must be a contiguous tensor [N=", N, "] of out_dtype (", out_dtype, ") on x_q's device"));
+    bias_ptr = bias->data_ptr();
+  }
+  TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a8_gemm: sizes exceed int32");
+  at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
+  if (M == 0) return out;
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  // the kernel copies rows of x_q 16 bytes at a time: a strided or offset view is copied (fresh, aligned)
+  const bool x_ok = x_q.is_contiguous() && reinterpret_cast<uintptr_t>(x_q.data_ptr()) % 16 == 0;
+  const at::Tensor xq = x_ok ? x_q : at::empty({M, K}, x_q.options()).copy_(x_q);
+  const at::Tensor xs = x_scale.contiguous();
+  cudaError_t err = minicpm_int4_w4a8_gemm(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), qweight.data_ptr<int32_t>(),
+                                           scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
+                                           static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                           static_cast<int>(group_size), N, sz, od,
+                                           c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, msg("minicpm_int4_C.w4a8_gemm: kernel launch failed: ", cudaGetErrorString(err)));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minicpm_int4_C, m) {
@@ -192,12 +252,15 @@ TORCH_LIBRARY(minicpm_int4_C, m) {
   m.def("w4a16_gemm_out(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
         "Tensor(a!) out, int variant=0, Tensor? input_scale=None, Tensor? input_perm=None) -> ()");
   m.def("quantize_per_token_int8(Tensor x, Tensor? input_scale=None, Tensor? input_perm=None) -> (Tensor, Tensor)");
+  m.def("w4a8_gemm(Tensor x_q, Tensor x_scale, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "
+        "int group_size, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {
   m.impl("w4a16_gemm", &w4a16_gemm);
   m.impl("w4a16_gemm_out", &w4a16_gemm_out);
   m.impl("quantize_per_token_int8", &quantize_per_token_int8);
+  m.impl("w4a8_gemm", &w4a8_gemm);
 }
 
 // `import minicpm_int4._C` loads this library, which runs the registrations above.

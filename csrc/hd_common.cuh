@@ -41,6 +41,18 @@ MINICPM_HD float as_float(uint32_t bits) {
 #endif
 }
 
+// PRMT: bytes of the 64-bit (y:x) picked by the low 3 bits of each selector nibble (__byte_perm).
+MINICPM_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
+  return r;
+#endif
+}
+
 // An act-order layer's channel order (QuantLinear.input_perm, int32 [K], 16-byte aligned): weight
 // column k multiplies x[perm[k]]. The kernels read x through it where they would read x[k .. k + 7]
 // as one 16-byte piece: the 8 indices (two 16-byte loads, shared by every row of x), then one 2-byte

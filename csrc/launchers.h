@@ -47,6 +47,20 @@ int minicpm_int4_w4a16_reads_perm(int K, int group_size, int variant, int has_in
 cudaError_t minicpm_int4_act_quant(const void* x, const void* input_scale, const int32_t* input_perm, int8_t* xq,
                                    float* scale, int M, int K, int64_t ldx, int dtype, cudaStream_t stream);
 
+// W4A8 for prefill: out[M, N] = x_scale[m] * sum over groups g of (x_q (q - z)^T)_g * scales[n, g] + bias,
+// int32 per group on int8 tensor cores, then the reference's fp32 operations in its order (its bits).
+// xq int8 [M, K] contiguous and x_scale fp32 [M] (the per-token quantizer's); qweight int32 [N, K/8]
+// canonical (packing.py), both 16-byte aligned (else cudaErrorMisalignedAddress); scales / zeros
+// [N, K/group_size] contiguous, of sz_dtype; bias [N] of out_dtype or NULL; out row stride ldo
+// (elements). Dtypes: 0 = fp16, 1 = bf16, 2 = fp32. Needs K % 16 == 0 and group_size a multiple of 32
+// dividing K, or K (per channel) - minicpm_int4_w4a8_supported - else cudaErrorInvalidValue.
+cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
+                                   const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
+                                   int64_t ldo, int sz_dtype, int out_dtype, cudaStream_t stream);
+
+// 1 where minicpm_int4_w4a8_gemm takes (K, group_size), else 0.
+int minicpm_int4_w4a8_supported(int K, int group_size);
+
 #ifdef __cplusplus
 }
 #endif

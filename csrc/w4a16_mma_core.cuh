@@ -90,16 +90,7 @@ MINICPM_HD uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
 
 template <typename T> MINICPM_HD uint32_t splat(float v) { const uint32_t b = Pair<T>::bits(v); return pack2(b, b); }
 
-MINICPM_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
-#ifdef __CUDA_ARCH__
-  return __byte_perm(x, y, s);
-#else
-  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
-  uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
-  return r;
-#endif
-}
+using minicpm_int4_hd::byte_perm;
 
 // Per row of a lane (g or g + 8) and chunk: what the dequantization subtracts and multiplies.
 struct RowConsts {

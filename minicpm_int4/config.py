@@ -128,11 +128,6 @@ class QuantConfig:
             object.__setattr__(self, "act", dict(self.act))
         elif self.act not in ACTS:
             raise ValueError(f"QuantConfig.act={self.act!r}: must be None, 'int8' or a dict part -> act")
-        if self.backend == "cuda" and self.uses_int8_activations:
-            # fail here, not at the first prefill (decode rows would run, M >= 17 would not)
-            raise ValueError(f"QuantConfig(backend='cuda', act={self.act!r}): the CUDA extension has no W4A8 kernel "
-                             "(only the W4A16 decode kernels and the int8 activation quantizer); use backend='auto' "
-                             "(CUDA where the dispatch table measured it faster, Triton elsewhere) or 'triton'")
         for name in ("include", "exclude"):
             v = getattr(self, name)
             if isinstance(v, str):

@@ -79,6 +79,27 @@ def _cuda_ext():
     return torch.ops.minicpm_int4_C, None
 
 
+def cuda_w4a8_supported(k: int, group_size: int) -> bool:
+    """Whether the CUDA W4A8 kernel takes a layer of K input features and this group size (K for per
+    channel): K % 16 == 0 (its 16-byte rows of x_q) and a group size that is a multiple of 32 dividing K,
+    or K itself (csrc/w4a8_gemm_core.cuh, supported)."""
+    return k > 0 and k % 16 == 0 and group_size > 0 and k % group_size == 0 and (group_size % 32 == 0 or group_size == k)
+
+
+def _cuda_w4a8(k: int, group_size: int):
+    """The extension's ops for a W4A8 GEMM of (K, group_size), or a clear error."""
+    ext = _cuda_ext()[0]
+    if not hasattr(ext, "w4a8_gemm"):
+        raise RuntimeError("w4a8_gemm: backend='cuda': the CUDA extension minicpm_int4._C was built from an older "
+                           "checkout, without the W4A8 kernel; rebuild it: "
+                           "MINICPM_INT4_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    if not cuda_w4a8_supported(k, group_size):
+        raise ValueError(f"w4a8_gemm: backend='cuda' needs K % 16 == 0 and a group size that is a multiple of 32 "
+                         f"dividing K, or K (per channel); got K={k}, group_size={group_size} (backend='triton' or "
+                         "'auto' takes it)")
+    return ext
+
+
 def triton_interpreter_active() -> bool:
     kernels, _ = _triton_kernels()
     return kernels is not None and kernels.INTERPRET
@@ -493,8 +514,9 @@ def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tenso
     be = resolve_backend(backend, x_q.device, "w4a8_gemm")
     if be == "triton":
         return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
-    if be == "cuda":
-        raise RuntimeError("w4a8_gemm: the CUDA extension has no W4A8 kernel; use backend='triton' or 'auto'")
+    if be == "cuda":  # the int8 mma.sync kernel (csrc/w4a8_gemm.cu): the reference's bits
+        return _cuda_w4a8(x_q.shape[1], group_size).w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size,
+                                                              out_dtype)
     return _reference(x_q.device, reference.w4a8_gemm_ref, x_q, x_scale, qweight, scales, zeros, bias, group_size,
                       out_dtype)
 

@@ -31,8 +31,10 @@ def _check_layer_args(in_features, out_features, group_size, dtype, act, backend
         raise ValueError(f"{shape}: act={act!r} must be None (W4A16) or 'int8' (W4A8)")
     if backend not in BACKENDS:
         raise ValueError(f"{shape}: backend={backend!r} must be one of {BACKENDS}")
-    if backend == "cuda" and act == "int8":
-        raise ValueError(f"{shape}: backend='cuda' has no W4A8 kernel; use backend='auto' or 'triton' with act='int8'")
+    if backend == "cuda" and act == "int8" and in_features % 16:
+        # fail at build, not at the first prefill (decode rows would run on the W4A16 kernel, M >= 17 would not)
+        raise ValueError(f"{shape}: backend='cuda' with act='int8' needs in_features % 16 == 0 (the CUDA W4A8 "
+                         "kernel's 16-byte rows of int8 activations); use backend='auto' or 'triton' for this layer")
     for flag, value in (("input_scale", input_scale), ("input_perm", input_perm)):
         if not isinstance(value, bool):
             raise TypeError(f"{shape}: {flag}={value!r} must be True or False (whether the layer holds one)")

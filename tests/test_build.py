@@ -80,7 +80,7 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
     for d in defs:
         s = torch._C.parse_schema("minicpm_int4_C::" + d)
         schemas[s.name.split("::")[1]] = s
-    assert sorted(schemas) == sorted(impls) == ["quantize_per_token_int8", "w4a16_gemm", "w4a16_gemm_out"]
+    assert sorted(schemas) == sorted(impls) == ["quantize_per_token_int8", "w4a16_gemm", "w4a16_gemm_out", "w4a8_gemm"]
     args = {name: [(a.name, str(a.type)) for a in s.arguments] for name, s in schemas.items()}
     weight = [("x", "Tensor"), ("qweight", "Tensor"), ("scales", "Tensor"), ("zeros", "Tensor"),
               ("bias", "Optional[Tensor]"), ("group_size", "int")]
@@ -94,9 +94,12 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
     assert schemas["w4a16_gemm_out"].arguments[6].alias_info.is_write
     assert all(s.arguments[-3].default_value == 0 for n, s in schemas.items() if n.startswith("w4a16"))
     assert all(s.arguments[-1].default_value is None and s.arguments[-2].default_value is None
-               for s in schemas.values())
+               for n, s in schemas.items() if n != "w4a8_gemm")
     assert args["quantize_per_token_int8"] == [("x", "Tensor")] + scale
     assert len(schemas["quantize_per_token_int8"].returns) == 2
+    # ops.py calls w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
+    assert args["w4a8_gemm"] == [("x_q", "Tensor"), ("x_scale", "Tensor")] + weight[1:] + [("out_dtype", "int")]  # (ScalarType: an int in a parsed schema)
+    assert len(schemas["w4a8_gemm"].returns) == 1
 
 
 def _setup_function(name):

@@ -357,6 +357,102 @@ def test_triton_w4a8_real_shapes(nk, m):
         assert torch.equal(ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 128, torch.float16, backend="triton"), y)
 
 
+# The CUDA W4A8 GEMM (csrc/w4a8_gemm.cu) does the reference's fp32 operations in its order after exact int32
+# group sums, so it must give reference.w4a8_gemm_ref's bits (tests/test_csrc_w4a8.py checks its code on the CPU).
+def _w4a8_cuda_bits(n, k, group_size, m, dtype, out_dtype=None, bias=True):
+    out_dtype = out_dtype or dtype
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    x[0, k // 3] = 40.0  # an outlier row
+    if m > 2:
+        x[2] = 0         # a zero row: scale 0
+    x_q, s = quantize_per_token_int8_ref(x)
+    b = torch.randn(n, dtype=out_dtype, device="cuda") if bias else None
+    torch.full((m * n + 4096,), float("nan"), dtype=torch.float32, device="cuda")  # freed into the cache: poison
+    y = ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, out_dtype, backend="cuda")
+    y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, b, gs, out_dtype)
+    assert not y.isnan().any(), "outputs never written"
+    assert torch.equal(y, y_ref), (n, k, group_size, m, dtype, int((y != y_ref).sum()))
+
+
+@pytest.mark.parametrize("case", [(72, 272, -1, 3), (200, 384, 32, 17), (130, 4304, -1, 130), (264, 512, 128, 129),
+                                  (40, 160, -1, 1)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a8_small(case):
+    """Odd sizes (N, M past a 128-tile; K % 128 != 0; K % 32 == 16 per channel, whose W rows are copied 8
+    bytes at a time): the reference's bits for fp16 and bf16 layers, an fp32 output. Small enough for
+    the GPU suite's compute-sanitizer stage (-k cuda_extension)."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    n, k, group_size, m = case
+    for dtype in (torch.float16, torch.bfloat16):
+        _w4a8_cuda_bits(n, k, group_size, m, dtype)
+    _w4a8_cuda_bits(n, k, group_size, m, torch.bfloat16, out_dtype=torch.float32, bias=False)
+
+
+@pytest.mark.parametrize("m", [17, 300])
+@pytest.mark.parametrize("nkg", [(4096, 4096, 128), (2304, 768, 128), (14336, 4096, 64), (4096, 14336, 32),
+                                 (1152, 4304, -1), (18944, 3584, 128)], ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_cuda_extension_w4a8_real_shapes(nkg, m):
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    _w4a8_cuda_bits(*nkg, m, torch.float16)
+    _w4a8_cuda_bits(*nkg, m, torch.bfloat16, bias=False)
+
+
+def test_cuda_extension_w4a8_rejects_bad_inputs():
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    c_ops = torch.ops.minicpm_int4_C
+    qweight, scales, zeros, gs = _cuda_layer(64, 264, -1, torch.float16)  # K % 16 == 8
+    x_q = torch.randint(-127, 128, (20, 264), dtype=torch.int8, device="cuda")
+    s = torch.rand(20, device="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' needs K % 16 == 0"):
+        ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs K % 16 == 0"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16)
+    qweight, scales, zeros, gs = _cuda_layer(64, 256, 32, torch.float16)
+    x_q = torch.randint(-127, 128, (20, 256), dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match="x_scale must be fp32"):
+        c_ops.w4a8_gemm(x_q, s.half(), qweight, scales, zeros, None, 32, torch.float16)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous tensor"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, torch.zeros(64, device="cuda"), 32, torch.float16)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        c_ops.w4a8_gemm(x_q, s, torch.cat([qweight.flatten(), qweight.flatten()[:1]])[1:].view(64, 32), scales, zeros,
+                        None, 32, torch.float16)
+    with pytest.raises(RuntimeError, match="out_dtype must be fp16, bf16 or fp32"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 32, torch.int32)
+    # a strided view of x_q is copied, not misread
+    wide = torch.randint(-127, 128, (20, 272), dtype=torch.int8, device="cuda")
+    view = wide[:, 16:]
+    y = c_ops.w4a8_gemm(view, s, qweight, scales, zeros, None, 32, torch.float16)
+    assert torch.equal(y, w4a8_gemm_ref(view, s, qweight, scales, zeros, None, 32, torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_w4a8_cuda_quantlinear_and_graph(dtype):
+    """QuantLinear(act='int8', backend='cuda'): decode rows on the CUDA W4A16 kernels, prefill rows through
+    the CUDA quantizer and W4A8 GEMM (the reference's bits: the quantizer is exact too), and a CUDA-graph
+    replay equal to the eager call."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3072, 1536, dtype=dtype, device="cuda")
+    for m in (1, 16, 17, 300):
+        check_quantlinear_backend(lin, 128, "int8", (m,), "cuda")
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, backend="cuda", act="int8"))
+    ref = QuantLinear.from_linear(lin, QuantConfig(group_size=128, backend="torch", act="int8"))
+    x = torch.randn(300, 3072, dtype=dtype, device="cuda")
+    assert torch.equal(ql(x), ref(x))
+    static_x = x.clone()
+    ql(static_x)  # warm-up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = ql(static_x)
+    static_x.copy_(torch.randn_like(x))
+    g.replay()
+    assert torch.equal(static_y, ql(static_x))
+
+
 @pytest.mark.parametrize("which", ["4_6", "llama"])
 def test_compile_fullgraph_patched_tiny_model(which):
     from minicpm_int4.tiny import build_native, build_remote_layout
@@ -818,9 +914,8 @@ def test_a_bias_recast_to_fp32_runs_on_the_gpu_kernels(backend):
         ql.bias.data = ql.bias.data.to(torch.bfloat16)
 
 
-# W4A8 with backend="cuda" is refused by QuantConfig (the extension has no W4A8 kernel; test_qlinear)
 @pytest.mark.parametrize("backend,act", [("auto", None), ("triton", None), ("cuda", None), ("auto", "int8"),
-                                         ("triton", "int8")], ids=lambda v: {None: "w4a16", "int8": "w4a8"}.get(v, v))
+                                         ("triton", "int8"), ("cuda", "int8")], ids=lambda v: {None: "w4a16", "int8": "w4a8"}.get(v, v))
 def test_gradient_to_the_input_on_the_gpu(backend, act):
     """Fine-tuning through the int4 layers (LoRA adapters: peft_integration.py) needs x's gradient: on every
     GPU path, grad @ W (W: the dequantized int4 weight; W4A8's forward passes it straight through) summed in
@@ -832,7 +927,7 @@ def test_gradient_to_the_input_on_the_gpu(backend, act):
     ql = QuantLinear.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16, device="cuda"),
                                  QuantConfig(group_size=128, backend=backend, act=act))
     w = ql.dequantized_weight().double()
-    for m in (1, 16) + (() if backend == "cuda" else (300,)):
+    for m in (1, 16) + (() if backend == "cuda" and act is None else (300,)):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda", requires_grad=True)
         g = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
         ql(x).backward(g)

@@ -1,5 +1,6 @@
 // The CUDA kernels of csrc/ run on the CPU, block by block: the W4A16 decode kernels
-// (csrc/w4a16_gemv.cu) and the activation quantizer (csrc/act_quant.cu).
+// (csrc/w4a16_gemv.cu), the activation quantizer (csrc/act_quant.cu) and the W4A8 GEMM
+// (csrc/w4a8_gemm.cu).
 //
 // CUDA-core GEMV: every thread's work is the kernel's own code (thread_partials in
 // csrc/w4a16_gemv_core.cuh), and so are the host-side choices (chunk_shift_for, rows_per_block).
@@ -12,7 +13,9 @@
 #include "../../csrc/w4a16_gemv_core.cuh"
 #include "../../csrc/w4a16_mma_core.cuh"
 #include "../../csrc/act_quant_core.cuh"
+#include "../../csrc/w4a8_gemm_core.cuh"
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -227,6 +230,48 @@ int act_quant(const T* x, const T* ms, const int32_t* perm, int8_t* xq, float* s
   return vec ? aq::cache_pieces(K, sizeof(T), vec) : -1;
 }
 
+namespace w8 = minicpm_int4_w4a8;
+
+// The W4A8 GEMM, block by block in the launch order: each stage's pieces copied into the block's
+// shared memory as the kernel's threads would (stage_piece: zero-filled past M, N and K), then each
+// warp's work on it (warp_stage, 32 lanes, HostMma), then each warp's stores. Shared memory starts
+// as 0xA5 bytes, so a fragment read from anywhere no copy wrote shows in the result.
+template <bool MAGIC>
+void w4a8_grid(const w8::Params& p) {
+  int lanes[32];
+  for (int l = 0; l < 32; ++l) lanes[l] = l;
+  std::vector<uint8_t> smem(w8::kSmemBytes);
+  std::vector<w8::WarpState<32>> st(w8::kWarps);
+  const long nblocks = w8::blocks(p.M, p.N);
+  const int stages = (p.K + w8::kBK - 1) / w8::kBK;
+  for (long pid = 0; pid < nblocks; ++pid) {
+    int bm, bn;
+    w8::block_tile(static_cast<int>(pid), p.M, p.N, bm, bn);
+    const int m0 = bm * w8::kBM, n0 = bn * w8::kBN;
+    std::fill(smem.begin(), smem.end(), static_cast<uint8_t>(0xA5));
+    for (int w = 0; w < w8::kWarps; ++w) w8::warp_init(st[w]);
+    for (int kb = 0; kb < stages; ++kb) {
+      uint8_t* stage = smem.data() + (kb % w8::kStages) * w8::kStageBytes;
+      for (int tid = 0; tid < w8::kThreads; ++tid)
+        for (int i = 0; i < w8::kPiecesA + w8::kPiecesB; ++i) {
+          int dst, bytes;
+          const void* src;
+          w8::stage_piece(p, m0, n0, kb, tid, i, dst, src, bytes);
+          std::memcpy(stage + dst, src, bytes);
+          std::memset(stage + dst + bytes, 0, 16 - bytes);
+        }
+      for (int w = 0; w < w8::kWarps; ++w) {
+        const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
+        w8::warp_stage<MAGIC, w8::HostMma, 32>(p, stage, kb, wm, wn, n0 + wn, lanes, st[w]);
+      }
+    }
+    for (int w = 0; w < w8::kWarps; ++w) {
+      const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
+      w8::warp_store<32>(p, m0 + wm, n0 + wn, lanes, st[w]);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -297,5 +342,28 @@ int minicpm_int4_act_quant_emulate(const void* x, int8_t* xq, float* scale, int 
 
 int minicpm_int4_gemv_chunk_shift(int K, int group_size) { return chunk_shift_for(K, group_size); }
 int minicpm_int4_gemv_rows_per_block(int mt, int n, int sms) { return rows_per_block(mt, n, sms); }
+
+// The W4A8 GEMM, as csrc/w4a8_gemm.cu's launcher takes it (dtypes 0 fp16, 1 bf16, 2 fp32). Returns 0, or -2
+// where the kernel does not apply (minicpm_int4_w4a8_supported) - the launcher's cudaErrorInvalidValue.
+int minicpm_int4_w4a8_emulate(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
+                              const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
+                              long ldo, int sz_dtype, int out_dtype) {
+  if (!w8::supported(K, group_size) || N <= 0 || ldo < N) return -2;
+  const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
+                     group_size, ldo, sz_dtype, out_dtype};
+  if (w8::magic_convert(group_size))
+    w4a8_grid<true>(p);
+  else
+    w4a8_grid<false>(p);
+  return 0;
+}
+
+int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
+int minicpm_int4_w4a8_magic_convert(int group_size) { return w8::magic_convert(group_size) ? 1 : 0; }
+int minicpm_int4_w4a8_block_tile(int pid, int M, int N) {
+  int bm, bn;
+  w8::block_tile(pid, M, N, bm, bn);
+  return bm * 65536 + bn;
+}
 
 }  // extern "C"

@@ -1,0 +1,129 @@
+// W4A8 GEMM for prefill sizes: int8 activations (the per-token quantizer's) x int4 weights on int8
+// tensor cores (m16n8k32 mma.sync, sm_80 and newer), y = x_scale * sum_g (x_q (q - z)^T)_g * s_g + bias
+// with the reference's bits (w4a8_gemm_core.cuh says how). A 128 x 128 output tile per block of 8
+// warps, K through a 3-stage cp.async pipeline of 128-k stages in 90 KiB of dynamic shared memory;
+// rows of packed W only 8-byte aligned (K % 32 == 16, per-channel layers such as the vision MLP's K = 4304)
+// are copied 8 bytes at a time.
+//
+// No torch headers: plain pointers, sizes and a cudaStream_t (bindings.cpp wraps it for torch). The
+// warp-level work lives in the header, shared with the CPU emulation the tests run; this file adds the
+// copies into shared memory, the pipeline's waits and barriers, and the launch.
+#include <cuda_runtime.h>
+
+#include "launchers.h"
+#include "w4a8_gemm_core.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "minicpm_int4's CUDA kernels need sm_80 or newer (m16n8k32 int8 mma.sync, cp.async)"
+#endif
+
+namespace {
+
+namespace w8 = minicpm_int4_w4a8;
+
+// cp.async of one piece: `bytes` of it from src, the rest zero-filled (src-size; nothing read past it).
+// NARROW: as two 8-byte copies (rows of packed W that are only 8-byte aligned, K % 32 == 16).
+template <bool NARROW>
+__device__ __forceinline__ void cp_async_piece(void* smem, const void* src, int bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if constexpr (NARROW) {
+    const int lo = bytes < 8 ? bytes : 8, hi = bytes > 8 ? bytes - 8 : 0;
+    const char* src_hi = hi ? static_cast<const char*>(src) + 8 : static_cast<const char*>(src);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(lo) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst + 8), "l"(src_hi), "r"(hi) : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+template <bool NARROW_W>
+__device__ __forceinline__ void load_stage(const w8::Params& p, uint8_t* stage, int m0, int n0, int kb) {
+#pragma unroll
+  for (int i = 0; i < w8::kPiecesA + w8::kPiecesB; ++i) {
+    int dst, bytes;
+    const void* src;
+    w8::stage_piece(p, m0, n0, kb, threadIdx.x, i, dst, src, bytes);
+    if (i >= w8::kPiecesA && NARROW_W)
+      cp_async_piece<true>(stage + dst, src, bytes);
+    else
+      cp_async_piece<false>(stage + dst, src, bytes);
+  }
+}
+
+template <bool MAGIC, bool NARROW_W>
+__global__ void __launch_bounds__(w8::kThreads, 1) w4a8_gemm_kernel(w8::Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  int bm, bn;
+  w8::block_tile(blockIdx.x, p.M, p.N, bm, bn);
+  const int m0 = bm * w8::kBM, n0 = bn * w8::kBN;
+  const int warp = threadIdx.x >> 5;
+  const int wm = (warp / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (warp % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
+  const int lanes[1] = {static_cast<int>(threadIdx.x & 31)};
+  w8::WarpState<1> st;
+  w8::warp_init(st);
+
+  const int stages = (p.K + w8::kBK - 1) / w8::kBK;
+#pragma unroll
+  for (int s = 0; s < w8::kStages - 1; ++s) {
+    if (s < stages) load_stage<NARROW_W>(p, smem + s * w8::kStageBytes, m0, n0, s);
+    cp_async_commit();  // one group per stage, empty ones included: the wait below counts them
+  }
+  for (int kb = 0; kb < stages; ++kb) {
+    cp_async_wait<w8::kStages - 2>();  // stage kb has landed (this thread's copies) ...
+    __syncthreads();                   // ... and every thread's; all warps are done with stage kb - 1
+    const int next = kb + w8::kStages - 1;
+    if (next < stages) load_stage<NARROW_W>(p, smem + (next % w8::kStages) * w8::kStageBytes, m0, n0, next);
+    cp_async_commit();
+    w8::warp_stage<MAGIC, w8::DeviceMma, 1>(p, smem + (kb % w8::kStages) * w8::kStageBytes, kb, wm, wn, n0 + wn,
+                                            lanes, st);
+  }
+  w8::warp_store<1>(p, m0 + wm, n0 + wn, lanes, st);
+}
+
+// Opt each instantiation in to kSmemBytes of dynamic shared memory, once per device.
+template <bool MAGIC, bool NARROW_W>
+cudaError_t opt_in_smem() {
+  static bool done[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 64 && done[dev]) return cudaSuccess;
+  err = cudaFuncSetAttribute(w4a8_gemm_kernel<MAGIC, NARROW_W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             w8::kSmemBytes);
+  if (err == cudaSuccess && dev < 64) done[dev] = true;
+  return err;
+}
+
+template <bool MAGIC, bool NARROW_W>
+cudaError_t launch(const w8::Params& p, long blocks, cudaStream_t stream) {
+  const cudaError_t err = opt_in_smem<MAGIC, NARROW_W>();
+  if (err != cudaSuccess) return err;
+  w4a8_gemm_kernel<MAGIC, NARROW_W><<<static_cast<unsigned>(blocks), w8::kThreads, w8::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
+
+extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_scale, const int32_t* qweight,
+                                              const void* scales, const void* zeros, const void* bias, void* out,
+                                              int M, int N, int K, int group_size, int64_t ldo, int sz_dtype,
+                                              int out_dtype, cudaStream_t stream) {
+  if (M < 0 || N <= 0 || !w8::supported(K, group_size) || sz_dtype < 0 || sz_dtype > 2 || out_dtype < 0 ||
+      out_dtype > 2 || ldo < N)
+    return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(xq) % 16 != 0 || reinterpret_cast<uintptr_t>(qweight) % 16 != 0)
+    return cudaErrorMisalignedAddress;
+  if (M == 0) return cudaSuccess;
+  const long blocks = w8::blocks(M, N);
+  if (blocks > 0x7FFFFFFFL) return cudaErrorInvalidValue;
+  const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
+                     group_size, static_cast<long>(ldo), sz_dtype, out_dtype};
+  const bool magic = w8::magic_convert(group_size), narrow = w8::narrow_w(K);
+  if (magic) return narrow ? launch<true, true>(p, blocks, stream) : launch<true, false>(p, blocks, stream);
+  return narrow ? launch<false, true>(p, blocks, stream) : launch<false, false>(p, blocks, stream);
+}
