@@ -1,7 +1,8 @@
 """Write minicpm_int4/dispatch_table.json from a `minicpm-int4 bench` result: where the CUDA
 extension, at M = 1 the Triton tensor-core decode kernel, or past M = 16 the weight dequantized and
 torch's matmul, measured faster than the Triton kernels' default, backend="auto" will use it on that
-GPU, and the faster of the two activation quantizers per (K, M) (minicpm_int4/dispatch.py).
+GPU, and the faster of the two activation quantizers per (K, M) and of the two W4A8 paths per (N, K, M)
+(minicpm_int4/dispatch.py).
 
     python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json [--out PATH]
 
@@ -28,10 +29,12 @@ def main(argv=None) -> int:
     rules = table["devices"][name]["w4a16"]
     wins = {b: sum(r["backend"] == b for r in rules) for b in ("cuda", "triton-tc", "triton-dq")}
     aq = table["devices"][name].get("act_quant", [])
+    w8 = table["devices"][name].get("w4a8", [])
     print(f"{args.out}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']}; "
           f"where M = 1 is faster on the Triton tensor-core kernel than on the GEMV: {wins['triton-tc']}; "
           f"where the prefill is faster dequantized + matmul: {wins['triton-dq']}; the activation quantizer "
-          f"timed at {len(aq)} (K, M), the CUDA one faster at {sum(e['backend'] == 'cuda' for e in aq)}")
+          f"timed at {len(aq)} (K, M), the CUDA one faster at {sum(e['backend'] == 'cuda' for e in aq)}; W4A8 (quantizer + "
+          f"GEMM) timed both ways at {len(w8)} (N, K, M), the CUDA one faster at {sum(e['backend'] == 'cuda' for e in w8)}")
     return 0
 
 

@@ -30,7 +30,7 @@ def _backends() -> Dict:
     ext, ext_why = ops._cuda_ext()
     ext_ops: List[str] = []
     if ext is not None:
-        ext_ops = sorted(n for n in ("w4a16_gemm", "quantize_per_token_int8") if hasattr(ext, n))
+        ext_ops = sorted(n for n in ("w4a16_gemm", "quantize_per_token_int8", "w4a8_gemm") if hasattr(ext, n))
     return {
         "torch": {"available": True, "what": "reference.py (the CPU path and the specification)"},
         "triton": {"available": kernels is not None, "reason": triton_why, "interpreter": interp,
@@ -70,7 +70,7 @@ def _triton_launch(kernels, interp: bool) -> Optional[str]:
 def _auto_picks(device: torch.device) -> List[Dict]:
     probes = [("w4a16_gemm", dict(m=m, n=n, k=k)) for m, n, k in PROBE_SHAPES]
     probes += [("quantize_per_token_int8", dict(m=m, k=k)) for m, k in ACT_QUANT_PROBES]
-    probes += [("w4a8_gemm", {})]
+    probes += [("w4a8_gemm", dict(m=m, n=n, k=k, group_size=128)) for m, n, k in PROBE_SHAPES[2:]]
     picks = []
     for op, shape in probes:
         try:
@@ -154,7 +154,7 @@ def format_report(info: Dict) -> str:
                      f"{c['torch_cuda_build'] or 'no (CPU torch)'}")
     lines.append("backend='auto' on " + info["device"] + ":")
     for p in info["auto"]:
-        shape = " " + " ".join(f"{d.upper()}={p[d]}" for d in ("m", "n", "k") if d in p) if "m" in p else ""
+        shape = " " + " ".join(f"{d.upper()}={p[d]}" for d in ("m", "n", "k", "group_size") if d in p) if "m" in p else ""
         lines.append(f"  {p['op']}{shape}: {p['backend']}")
     d = info["dispatch_table"]
     if d["devices"]:
@@ -167,9 +167,10 @@ def format_report(info: Dict) -> str:
         table += f" (MINICPM_INT4_DISPATCH_TABLE={d['path']}{'' if d.get('exists') else ', no such file'})"
     lines.append(f"dispatch table: {table}")
     if "this_device" in d:
-        aq = d.get("this_device_act_quant_entries")
+        aq, w8 = d.get("this_device_act_quant_entries"), d.get("this_device_w4a8_entries")
         lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)"
-                     + (f", the activation quantizer timed at {aq} (K, M)" if aq else ""))
+                     + (f", the activation quantizer timed at {aq} (K, M)" if aq else "")
+                     + (f", W4A8 at {w8} (N, K, M)" if w8 else ""))
     h = info.get("transformers_integration")
     if h:
         state = f"quantization method {h['quant_method']!r} registered" if h["registered"] else "unavailable"

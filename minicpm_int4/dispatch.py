@@ -1,6 +1,7 @@
 """The measured rule behind backend="auto" on CUDA for W4A16: which kernel is fastest for a layer
 shape and M, per GPU model, read from benchmark results; and likewise for the per-token int8 activation
-quantizer (Triton or the CUDA extension's, by K and M: act_quant_auto_backend).
+quantizer (Triton or the CUDA extension's, by K and M: act_quant_auto_backend) and the W4A8 GEMM (Triton
+or the CUDA extension's, by N, K, M and the group size measured: w4a8_auto_backend).
 
 Four candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
 M = 1, the fused prefill kernel past M = 16), "triton-tc" (M = 1 on the Triton tensor-core decode
@@ -132,6 +133,32 @@ def act_quant_auto_backend(m: int, k: int, device_index: int, cuda_available: bo
     return min(times, key=times.get)
 
 
+@functools.lru_cache(maxsize=None)
+def _w4a8_rules(device_name: str, path: str) -> Dict:
+    """(N, K) -> (group size measured, [(M, {backend: median ms})]) of this GPU's W4A8 entries."""
+    entry = load_table(path).get("devices", {}).get(device_name) or {}
+    out: Dict = {}
+    for r in entry.get("w4a8", []):
+        out.setdefault((r["n"], r["k"]), (r["group_size"], []))[1].append((r["m"], r["times_ms"]))
+    return out
+
+
+def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int, cuda_available: bool,
+                      path: str = TABLE_PATH, device_name: Optional[str] = None) -> str:
+    """"triton" or "cuda" for the W4A8 GEMM of an [M, K] x_q and an [N, K] weight of this group size: the
+    faster measured on this GPU for (N, K) at the measured M nearest M on a log scale (the larger on a
+    tie), if the bench measured this group size (each group ends in an epilogue of its own: the balance
+    between the kernels moves with it); "triton" where nothing was measured or the extension is not
+    built (the caller checks that the CUDA kernel takes K and the group size)."""
+    if not cuda_available:
+        return "triton"
+    g, entries = _w4a8_rules(device_name or _device_name(device_index), path).get((n, k), (None, None))
+    if not entries or g != group_size:
+        return "triton"
+    _, times = min(entries, key=lambda e: (abs(math.log2(e[0]) - math.log2(max(m, 1))), -e[0]))
+    return min(times, key=times.get)
+
+
 def describe(device_name: Optional[str] = None) -> Dict:
     """The table "auto" reads: its path, whether MINICPM_INT4_DISPATCH_TABLE chose it, the GPUs it has
     measurements for and, given a GPU's name, how many rules it holds for that GPU (result files and
@@ -144,6 +171,7 @@ def describe(device_name: Optional[str] = None) -> Dict:
         out["this_device"] = device_name
         out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
         out["this_device_act_quant_entries"] = len(entry.get("act_quant", [])) if entry else 0
+        out["this_device_w4a8_entries"] = len(entry.get("w4a8", [])) if entry else 0
     return out
 
 
@@ -175,6 +203,18 @@ def _act_quant_entries(bench: Dict) -> list:
             for (k, m), t in sorted(times.items()) if len(t) == 2]
 
 
+def _w4a8_entries(bench: Dict) -> list:
+    """Every (N, K, M) where the bench timed both W4A8 paths (quantizer + GEMM: `w4a8-triton`, `w4a8-cuda`)
+    and both passed their check, with both medians and the bench's group size (one per bench run)."""
+    gs = (bench.get("config") or {}).get("group_size", 128)
+    times: Dict = {}
+    for r in bench.get("rows", []):
+        if r["backend"] in ("w4a8-triton", "w4a8-cuda") and r.get("check") == "ok":
+            times.setdefault((r["n"], r["k"], r["m"]), {})[r["backend"][5:]] = r["median_ms"]
+    return [{"n": n, "k": k, "m": m, "group_size": gs, "backend": min(t, key=t.get), "times_ms": dict(sorted(t.items()))}
+            for (n, k, m), t in sorted(times.items()) if len(t) == 2]
+
+
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
     """Add one GPU's measurements to a dispatch table: an entry wherever "triton-tc" or "cuda" beat
     "triton"'s median for a decode (N, K, M), and for every prefill (N, K, M) where "triton-dq" was timed
@@ -197,6 +237,6 @@ def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
     env = bench["env"]
     devices[env["device_name"]] = {"commit": env.get("commit"), "timestamp_utc": env.get("timestamp_utc"),
                                    "torch": env.get("torch"), "triton": env.get("triton"), "w4a16": rules,
-                                   "act_quant": _act_quant_entries(bench)}
+                                   "act_quant": _act_quant_entries(bench), "w4a8": _w4a8_entries(bench)}
     table["devices"] = devices
     return table

@@ -117,7 +117,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     GPU and `shape` - W4A16's (M, N, K): "cuda" (the extension, when built), at M = 1 "triton-tc" (the
     Triton tensor-core decode kernel instead of the GEMV), at M > 16 "triton-dq" (the weight
     dequantized by a Triton kernel, then torch's matmul, instead of the fused prefill kernel); the
-    activation quantizer's (M, K): "cuda" where its kernel was measured faster; CPU tensors -> "torch".
+    activation quantizer's (M, K) and the W4A8 GEMM's (M, N, K, group size): "cuda" where its kernel was
+    measured faster (and, for W4A8, takes the layer); CPU tensors -> "torch".
     "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
     """
     if backend not in BACKENDS:
@@ -131,11 +132,16 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
             return "torch"
         triton_ok = _triton_kernels()[0] is not None
         if shape is not None:
-            from .dispatch import act_quant_auto_backend, w4a16_auto_backend
+            from .dispatch import act_quant_auto_backend, w4a16_auto_backend, w4a8_auto_backend
 
-            ext_ok = _cuda_ext()[0] is not None
+            ext = _cuda_ext()[0]
+            ext_ok = ext is not None
             if op == "quantize_per_token_int8":  # shape (M, K)
                 pick = act_quant_auto_backend(*shape, device.index or 0, ext_ok)
+            elif op == "w4a8_gemm":  # shape (M, N, K, group size): the CUDA kernel where it takes the layer
+                m, n, k, g = shape
+                pick = w4a8_auto_backend(m, n, k, g, device.index or 0,
+                                         ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g))
             else:  # W4A16, shape (M, N, K)
                 pick = w4a16_auto_backend(*shape, device.index or 0, ext_ok)
             if pick == "cuda" or (pick in ("triton-tc", "triton-dq") and triton_ok):
@@ -511,7 +517,7 @@ def quantize_per_token_int8(x: Tensor, backend: str = "auto", input_scale: Optio
 # ---------------------------------------------------------------------------------------------
 def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
                     bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
-    be = resolve_backend(backend, x_q.device, "w4a8_gemm")
+    be = resolve_backend(backend, x_q.device, "w4a8_gemm", shape=(x_q.shape[0], qweight.shape[0], x_q.shape[1], group_size))
     if be == "triton":
         return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
     if be == "cuda":  # the int8 mma.sync kernel (csrc/w4a8_gemm.cu): the reference's bits

@@ -91,6 +91,37 @@ def test_activation_quantizer_takes_the_faster_measured_at_its_k_and_nearest_m(t
     assert act_quant_auto_backend(4096, 14336, 0, True, str(path), "GPU-B") == "triton"  # another GPU
 
 
+def test_w4a8_takes_the_faster_measured_path_at_its_shape_nearest_m_and_group_size(tmp_path):
+    """The W4A8 GEMM: the bench's w4a8-triton / w4a8-cuda rows (quantizer + GEMM, both timed and checked) become
+    entries per (N, K, M) with the bench's group size; a query takes its (N, K)'s entry at the measured M
+    nearest its own (log scale, the larger on a tie), only at that group size, and "triton" without the
+    extension or for an unmeasured shape."""
+    from minicpm_int4.dispatch import w4a8_auto_backend
+
+    row = lambda n, k, m, backend, ms, **kw: dict(n=n, k=k, m=m, backend=backend, median_ms=ms, **kw)  # noqa: E731
+    bench = _bench("GPU-A", [
+        row(4096, 4096, 256, "w4a8-triton", 0.10), row(4096, 4096, 256, "w4a8-cuda", 0.12),
+        row(4096, 4096, 4096, "w4a8-triton", 1.00), row(4096, 4096, 4096, "w4a8-cuda", 0.60),
+        row(768, 3072, 4096, "w4a8-triton", 0.20),                          # one path only: no entry
+        row(1024, 4096, 4096, "w4a8-triton", 0.3), row(1024, 4096, 4096, "w4a16-triton", 0.1)])
+    bench["rows"].append(row(768, 768, 4096, "w4a8-cuda", 0.01, check="mismatch"))  # a wrong kernel: no time
+    bench["rows"].append(row(768, 768, 4096, "w4a8-triton", 0.05, check="ok"))
+    bench["config"] = {"group_size": 64}
+    table = table_from_bench(bench)
+    entries = table["devices"]["GPU-A"]["w4a8"]
+    assert entries == [{"n": 4096, "k": 4096, "m": 256, "group_size": 64, "backend": "triton",
+                        "times_ms": {"cuda": 0.12, "triton": 0.10}},
+                       {"n": 4096, "k": 4096, "m": 4096, "group_size": 64, "backend": "cuda",
+                        "times_ms": {"cuda": 0.60, "triton": 1.00}}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda m, n=4096, k=4096, g=64, ext=True, dev="GPU-A": w4a8_auto_backend(m, n, k, g, 0, ext, str(path), dev)  # noqa: E731
+    assert [pick(m) for m in (17, 256, 700, 1024, 2048, 4096, 65536)] == \
+        ["triton", "triton", "triton", "cuda", "cuda", "cuda", "cuda"]  # 1024: as far from both, the larger
+    assert pick(4096, g=128) == "triton" and pick(4096, ext=False) == "triton" and pick(4096, dev="GPU-B") == "triton"
+    assert pick(4096, n=768, k=3072) == "triton" and pick(4096, n=768, k=768) == "triton"
+
+
 def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
     # at M = 1 the Triton tensor-core decode kernel competes with the GEMV ("triton") and the CUDA
     # extension; without the extension the lookup falls back to the better Triton kernel
@@ -248,7 +279,8 @@ def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton-tc"
     assert described == {"path": str(table), "from_env": True, "exists": True, "devices": ["GPU-A"],
-                         "this_device": "GPU-A", "this_device_rules": 1, "this_device_act_quant_entries": 0}
+                         "this_device": "GPU-A", "this_device_rules": 1, "this_device_act_quant_entries": 0,
+                         "this_device_w4a8_entries": 0}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)  # the package's
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton" and not described["from_env"] and described["this_device_rules"] == 0
@@ -310,3 +342,18 @@ def test_auto_asks_the_quantizer_rule_with_m_and_k(monkeypatch):
     assert ops.resolve_backend("auto", cuda, "quantize_per_token_int8", shape=(4096, 14336)) == "cuda"
     assert ops.resolve_backend("auto", cuda, "w4a16_gemm", shape=(4096, 1024, 4096)) in ("triton", "torch")
     assert asked == [("aq", 4096, 14336, True), ("w4a16", 4096, 1024, 4096)]
+    # W4A8: (M, N, K, group size), and whether the CUDA kernel could run it (an extension with the op, a
+    # layer it takes: K % 16 == 0, a group size that is a multiple of 32 or K)
+    monkeypatch.setattr(dispatch, "w4a8_auto_backend",
+                        lambda m, n, k, g, dev, ext: asked.append(("w4a8", m, n, k, g, ext)) or ("cuda" if ext else "triton"))
+
+    class Ext:
+        w4a8_gemm = object()
+
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext(), None))
+    assert ops.resolve_backend("auto", cuda, "w4a8_gemm", shape=(4096, 1024, 4096, 128)) == "cuda"
+    assert ops.resolve_backend("auto", cuda, "w4a8_gemm", shape=(4096, 1024, 4300, 4300)) in ("triton", "torch")
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (object(), None))  # built before the W4A8 kernel
+    assert ops.resolve_backend("auto", cuda, "w4a8_gemm", shape=(4096, 1024, 4096, 128)) in ("triton", "torch")
+    assert asked[2:] == [("w4a8", 4096, 1024, 4096, 128, True), ("w4a8", 4096, 1024, 4300, 4300, False),
+                         ("w4a8", 4096, 1024, 4096, 128, False)]

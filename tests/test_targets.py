@@ -62,6 +62,30 @@ def test_verdicts_on_known_numbers():
     assert auto.verdict == "met" and _by_what(check_targets(bench), "W4A16 Triton, M = 4096").verdict == "met"
 
 
+def test_w4a8_cuda_rows_give_the_faster_w4a8_path_its_own_lines():
+    ts = check_targets(_bench())
+    assert not any("faster of Triton and the CUDA kernel" in t.what for t in ts)  # no w4a8-cuda rows: no line
+    bench = _bench()
+    fp = 1.0
+    bench["rows"] += [_row("minicpmv4.6", 4096, 4096, 4096, "w4a8-cuda", 0.60, fp),   # 1.67x, beats Triton's 0.70
+                      _row("minicpmv4.6", 768, 3072, 4096, "w4a8-cuda", 0.90, fp),    # slower than Triton's: 0.70 counts
+                      _row("minicpmv4.6", 4096, 4096, 4096, "w4a16-triton-dq", 0.65, fp)]
+    ts = check_targets(bench)
+    best = _by_what(ts, "W4A8, the faster of Triton and the CUDA kernel")
+    assert best.per_shape == [("minicpmv4.6 4096 x 4096", pytest.approx(1 / 0.60)),
+                              ("minicpmv4.6 768 x 3072", pytest.approx(1 / 0.70))]
+    assert best.verdict == "not met"  # the vision shape's 1.43x
+    over = _by_what(ts, "W4A8 (faster of Triton / CUDA) over W4A16")
+    # 4096 x 4096: W4A16's faster is dequant + matmul (0.65) against W4A8's 0.60; 768 x 3072: 1.05 against 0.70
+    assert over.per_shape == [("minicpmv4.6 4096 x 4096", pytest.approx(0.65 / 0.60)),
+                              ("minicpmv4.6 768 x 3072", pytest.approx(1.05 / 0.70))]
+    assert over.verdict == "met"
+    from minicpm_int4.bench.targets import variant_lines
+
+    # Triton time over CUDA time: 0.70 / 0.60 and 0.70 / 0.90, the median of both, the large shape alone
+    assert "| w4a8-cuda | w4a8-triton | 4096 | 0.97x (0.78 - 1.17, 2) | 1.17x (1.17 - 1.17, 1) |" in variant_lines(bench)
+
+
 def test_unmeasured_and_equal_are_not_met():
     bench = _bench()
     bench["rows"] = [r for r in bench["rows"] if r["backend"] != "w4a16-cuda"]      # extension not built

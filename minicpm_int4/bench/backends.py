@@ -209,7 +209,8 @@ class OursW4A16TritonDequant(_OursW4A16TritonSwitched):
 
 class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together: the path a W4A8 layer runs from
-    ops.W4A8_MIN_M rows on (below it the layer runs W4A16, the w4a16 rows)."""
+    ops.W4A8_MIN_M rows on (below it the layer runs W4A16, the w4a16 rows). `w4a8-triton`: the Triton
+    quantizer and GEMM; `w4a8-cuda`: the CUDA extension's (csrc/act_quant.cu, csrc/w4a8_gemm.cu)."""
     op = "w4a8"
 
     def supports(self, m):
@@ -381,6 +382,7 @@ def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
+            OursW4A8("cuda"),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 
 
