@@ -53,7 +53,7 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, uint8_t* stage, 
   }
 }
 
-template <bool MAGIC, bool NARROW_W>
+template <int GT, bool MAGIC, bool NARROW_W>
 __global__ void __launch_bounds__(w8::kThreads, 1) w4a8_gemm_kernel(w8::Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   int bm, bn;
@@ -77,31 +77,31 @@ __global__ void __launch_bounds__(w8::kThreads, 1) w4a8_gemm_kernel(w8::Params p
     const int next = kb + w8::kStages - 1;
     if (next < stages) load_stage<NARROW_W>(p, smem + (next % w8::kStages) * w8::kStageBytes, m0, n0, next);
     cp_async_commit();
-    w8::warp_stage<MAGIC, w8::DeviceMma, 1>(p, smem + (kb % w8::kStages) * w8::kStageBytes, kb, wm, wn, n0 + wn,
+    w8::warp_stage<GT, MAGIC, w8::DeviceMma, 1>(p, smem + (kb % w8::kStages) * w8::kStageBytes, kb, wm, wn, n0 + wn,
                                             lanes, st);
   }
   w8::warp_store<1>(p, m0 + wm, n0 + wn, lanes, st);
 }
 
 // Opt each instantiation in to kSmemBytes of dynamic shared memory, once per device.
-template <bool MAGIC, bool NARROW_W>
+template <int GT, bool MAGIC, bool NARROW_W>
 cudaError_t opt_in_smem() {
   static bool done[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev < 64 && done[dev]) return cudaSuccess;
-  err = cudaFuncSetAttribute(w4a8_gemm_kernel<MAGIC, NARROW_W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  err = cudaFuncSetAttribute(w4a8_gemm_kernel<GT, MAGIC, NARROW_W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              w8::kSmemBytes);
   if (err == cudaSuccess && dev < 64) done[dev] = true;
   return err;
 }
 
-template <bool MAGIC, bool NARROW_W>
+template <int GT, bool MAGIC, bool NARROW_W>
 cudaError_t launch(const w8::Params& p, long blocks, cudaStream_t stream) {
-  const cudaError_t err = opt_in_smem<MAGIC, NARROW_W>();
+  const cudaError_t err = opt_in_smem<GT, MAGIC, NARROW_W>();
   if (err != cudaSuccess) return err;
-  w4a8_gemm_kernel<MAGIC, NARROW_W><<<static_cast<unsigned>(blocks), w8::kThreads, w8::kSmemBytes, stream>>>(p);
+  w4a8_gemm_kernel<GT, MAGIC, NARROW_W><<<static_cast<unsigned>(blocks), w8::kThreads, w8::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -122,8 +122,15 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
   const long blocks = w8::blocks(M, N);
   if (blocks > 0x7FFFFFFFL) return cudaErrorInvalidValue;
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
-                     group_size, static_cast<long>(ldo), sz_dtype, out_dtype};
+                     group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, static_cast<long>(ldo), sz_dtype, out_dtype};
+  // groups of 32 / 64 / 128 (K % 32 == 0 then): placed at compile time; any other group followed at run time
+  switch (w8::static_group_tiles(K, group_size)) {
+    case 1: return launch<1, true, false>(p, blocks, stream);
+    case 2: return launch<2, true, false>(p, blocks, stream);
+    case 4: return launch<4, true, false>(p, blocks, stream);
+    default: break;
+  }
   const bool magic = w8::magic_convert(group_size), narrow = w8::narrow_w(K);
-  if (magic) return narrow ? launch<true, true>(p, blocks, stream) : launch<true, false>(p, blocks, stream);
-  return narrow ? launch<false, true>(p, blocks, stream) : launch<false, false>(p, blocks, stream);
+  if (magic) return narrow ? launch<0, true, true>(p, blocks, stream) : launch<0, true, false>(p, blocks, stream);
+  return narrow ? launch<0, false, true>(p, blocks, stream) : launch<0, false, false>(p, blocks, stream);
 }

@@ -98,17 +98,18 @@ MINICPM_HD float fadd_rn(float a, float b) {
 #endif
 }
 
+// MAGIC (|v| < 2**22): the exact convert as an integer add and an FADD on sm_80 / 86 / 89, whose I2F runs
+// on a quarter-rate pipe; sm_90 has a full-rate I2FP. The same value either way.
 template <bool MAGIC>
 MINICPM_HD float int_to_float(int32_t v) {
-  if constexpr (MAGIC) {
-    return minicpm_int4_hd::as_float(static_cast<uint32_t>(v + 0x4B400000)) - 12582912.0f;
-  } else {
-#ifdef __CUDA_ARCH__
-    return __int2float_rn(v);
-#else
-    return static_cast<float>(v);  // round to nearest, as the reference's int64 -> fp32
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (MAGIC) return minicpm_int4_hd::as_float(static_cast<uint32_t>(v + 0x4B400000)) - 12582912.0f;
 #endif
-  }
+#ifdef __CUDA_ARCH__
+  return __int2float_rn(v);
+#else
+  return static_cast<float>(v);  // round to nearest, as the reference's int64 -> fp32
+#endif
 }
 
 struct Params {
@@ -120,6 +121,9 @@ struct Params {
   const void* bias;       // [N] in the output dtype, or nullptr
   void* out;              // [M, N], row stride ldo
   int M, N, K, G;
+  int group_tiles;        // k-tiles per group: G / 32, or K / 32 rounded up per channel (group_tiles_for)
+  int groups;             // K / G: the row stride of scales and zeros (no division in the kernel)
+  uint32_t mask_lo;       // 0x0F0F0F0F, passed at run time so that (w & mask) | 0x80808080 is one LOP3
   long ldo;
   int sz_dtype;           // of scales and zeros
   int out_dtype;          // of out and bias
@@ -158,10 +162,10 @@ MINICPM_HD void stage_piece(const Params& p, int m0, int n0, int kb, int tid, in
   }
 }
 
-// (b0, b1) of one packed word: q - z as signed bytes, k 0..3 and 4..7 of the word in order.
-MINICPM_HD void word_to_b(uint32_t w, uint32_t zz, uint32_t& b0, uint32_t& b1) {
-  const uint32_t lo = ((w & 0x0F0F0F0Fu) | 0x80808080u) - zz;
-  const uint32_t hi = (((w >> 4) & 0x0F0F0F0Fu) | 0x80808080u) - zz;
+// (b0, b1) of one packed word: q - z as signed bytes, k 0..3 and 4..7 of the word in order (mask: 0x0F0F0F0F).
+MINICPM_HD void word_to_b(uint32_t w, uint32_t zz, uint32_t mask, uint32_t& b0, uint32_t& b1) {
+  const uint32_t lo = ((w & mask) | 0x80808080u) - zz;
+  const uint32_t hi = (((w >> 4) & mask) | 0x80808080u) - zz;
   b0 = byte_perm(lo, hi, 0x5140) ^ 0x80808080u;
   b1 = byte_perm(lo, hi, 0x7362) ^ 0x80808080u;
 }
@@ -172,6 +176,8 @@ struct WarpState {
   int32_t acc[kMT][kNT][L][4];  // the group's integer sums
   float y[kMT][kNT][L][4];      // sum over finished groups, fp32
   uint32_t zz[kNT][L];          // the zero point of the lane's W row (column g of each n8 tile), in all 4 bytes
+  int grp;                      // the current group (warp-uniform), -1 before the first
+  int left;                     // its k-tiles still to come: a counter, not a division by G every k-tile
 };
 
 template <int L>
@@ -183,16 +189,28 @@ MINICPM_HD void warp_init(WarpState<L>& st) {
       for (int l = 0; l < L; ++l)
         MINICPM_UNROLL
         for (int e = 0; e < 4; ++e) st.acc[mt][nt][l][e] = 0, st.y[mt][nt][l][e] = 0.f;
+  st.grp = -1;
+  st.left = 0;
 }
 
-// The int8 tensor-core op for one warp: c += a b, L lanes' registers.
+// The int8 tensor-core op for one warp: c += a b (run), or c = a b (first: a group's first k-tile, whatever c
+// held - no registers zeroed per group), L lanes' registers. Not volatile: a pure function of its operands,
+// which the compiler may schedule among the loads.
 struct DeviceMma {
   MINICPM_HD static void run(const uint32_t (*a)[4], const uint32_t (*b)[2], int32_t (*c)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+r"(c[0][0]), "+r"(c[0][1]), "+r"(c[0][2]), "+r"(c[0][3])
-                 : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(b[0][0]), "r"(b[0][1]));
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0][0]), "+r"(c[0][1]), "+r"(c[0][2]), "+r"(c[0][3])
+        : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(b[0][0]), "r"(b[0][1]));
+#else
+    (void)a, (void)b, (void)c;
+#endif
+  }
+  MINICPM_HD static void first(const uint32_t (*a)[4], const uint32_t (*b)[2], int32_t (*c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\n"
+        : "=r"(c[0][0]), "=r"(c[0][1]), "=r"(c[0][2]), "=r"(c[0][3])
+        : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(b[0][0]), "r"(b[0][1]), "r"(0));
 #else
     (void)a, (void)b, (void)c;
 #endif
@@ -221,12 +239,17 @@ struct HostMma {
       }
     }
   }
+  MINICPM_HD static void first(const uint32_t (*a)[4], const uint32_t (*b)[2], int32_t (*c)[4]) {
+    for (int l = 0; l < 32; ++l)  // what acc held is not read (finish_group<.., false> leaves it)
+      for (int e = 0; e < 4; ++e) c[l][e] = 0;
+    run(a, b, c);
+  }
 };
 
 // The zero points of the group starting at k: W rows n0w + 8 nt + g (rows past N read row N - 1).
 template <int L>
 MINICPM_HD void load_zeros(const Params& p, int n0w, int grp, const int (&lanes)[L], WarpState<L>& st) {
-  const int groups = p.K / p.G;
+  const int groups = p.groups;
   for (int l = 0; l < L; ++l) {
     MINICPM_UNROLL
     for (int nt = 0; nt < kNT; ++nt) {
@@ -239,9 +262,10 @@ MINICPM_HD void load_zeros(const Params& p, int n0w, int grp, const int (&lanes)
 }
 
 // A finished group: y += float(acc) * s for the lane's columns n0w + 8 nt + 2t (+1); acc = 0.
-template <bool MAGIC, int L>
+// RESET: zero acc here; false where the group's first mma will ignore acc instead (Mma::first).
+template <bool MAGIC, bool RESET, int L>
 MINICPM_HD void finish_group(const Params& p, int n0w, int grp, const int (&lanes)[L], WarpState<L>& st) {
-  const int groups = p.K / p.G;
+  const int groups = p.groups;
   for (int l = 0; l < L; ++l) {
     float s[kNT][2];
     MINICPM_UNROLL
@@ -259,22 +283,32 @@ MINICPM_HD void finish_group(const Params& p, int n0w, int grp, const int (&lane
         MINICPM_UNROLL
         for (int e = 0; e < 4; ++e) {
           st.y[mt][nt][l][e] = fadd_rn(st.y[mt][nt][l][e], fmul_rn(int_to_float<MAGIC>(st.acc[mt][nt][l][e]), s[nt][e & 1]));
-          st.acc[mt][nt][l][e] = 0;
+          if constexpr (RESET) st.acc[mt][nt][l][e] = 0;
         }
   }
 }
 
 // One warp's work on stage kb, held in shared memory at `stage` (kStageBytes): its 64 rows of x from
 // row wm (of the stage's tile) and 32 rows of W from wn, n0w = the first of those W rows in W.
-template <bool MAGIC, class Mma, int L>
+// GT: k-tiles per group when a stage holds whole groups (G = 32, 64, 128: GT = 1, 2, 4), where every group
+// starts and ends at a k-tile known at compile time; GT = 0: any other group (per channel, G >= 256),
+// followed at run time with the warp's counter.
+template <int GT, bool MAGIC, class Mma, int L>
 MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm, int wn, int n0w,
                            const int (&lanes)[L], WarpState<L>& st) {
+  static_assert(GT == 0 || GT == 1 || GT == 2 || GT == 4, "a stage of 4 k-tiles holds whole groups of 1, 2 or 4");
   MINICPM_UNROLL
   for (int kt = 0; kt < kBK / kKT; ++kt) {
     const int kg = kb * kBK + kKT * kt;
     if (kg >= p.K) break;  // the last stage's tail (K % 128 != 0): zero-filled, skipped
     // (K % 32 == 16: the last k-tile is half inside K, its other half zero in x and W)
-    if (kg % p.G == 0) load_zeros<L>(p, n0w, kg / p.G, lanes, st);
+    if constexpr (GT > 0) {
+      if (kt % GT == 0) load_zeros<L>(p, n0w, (kb * (kBK / kKT) + kt) / GT, lanes, st);
+    } else if (st.left == 0) {  // a group starts at this k-tile
+      st.grp += 1;
+      st.left = p.group_tiles;
+      load_zeros<L>(p, n0w, st.grp, lanes, st);
+    }
     uint32_t a[kMT][L][4], b[kNT][L][2];
     for (int l = 0; l < L; ++l) {
       const int g = lanes[l] >> 2, t = lanes[l] & 3;
@@ -302,14 +336,28 @@ MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm
 #else
         std::memcpy(&w, src, 4);
 #endif
-        word_to_b(w, st.zz[nt][l], b[nt][l][0], b[nt][l][1]);
+        word_to_b(w, st.zz[nt][l], p.mask_lo, b[nt][l][0], b[nt][l][1]);
       }
     }
+    // GT > 0: a group's first k-tile sets acc (Mma::first) instead of adding to it
     MINICPM_UNROLL
     for (int mt = 0; mt < kMT; ++mt)
       MINICPM_UNROLL
-      for (int nt = 0; nt < kNT; ++nt) Mma::run(a[mt], b[nt], st.acc[mt][nt]);
-    if ((kg + kKT) % p.G == 0 || kg + kKT >= p.K) finish_group<MAGIC, L>(p, n0w, kg / p.G, lanes, st);
+      for (int nt = 0; nt < kNT; ++nt) {
+        if (GT > 0 && kt % (GT > 0 ? GT : 1) == 0)
+          Mma::first(a[mt], b[nt], st.acc[mt][nt]);
+        else
+          Mma::run(a[mt], b[nt], st.acc[mt][nt]);
+      }
+    if constexpr (GT > 0) {
+      if (kt % GT == GT - 1) finish_group<MAGIC, false, L>(p, n0w, (kb * (kBK / kKT) + kt) / GT, lanes, st);
+    } else {
+      st.left -= 1;
+      if (st.left == 0 || kg + kKT >= p.K) {
+        finish_group<MAGIC, true, L>(p, n0w, st.grp, lanes, st);
+        st.left = 0;
+      }
+    }
   }
 }
 
@@ -344,6 +392,9 @@ inline bool supported(int K, int G) {
   return K > 0 && K % 16 == 0 && G > 0 && K % G == 0 && (G % kKT == 0 || G == K);
 }
 inline bool narrow_w(int K) { return K % 32 != 0; }
+inline int group_tiles_for(int K, int G) { return G == K ? (K + kKT - 1) / kKT : G / kKT; }
+// The instantiation's GT (warp_stage): 1, 2, 4 for G = 32, 64, 128 (not per channel), else 0.
+inline int static_group_tiles(int K, int G) { return G != K && (G == 32 || G == 64 || G == 128) ? G / kKT : 0; }
 inline bool magic_convert(int G) { return G <= kMagicMaxG; }
 inline long blocks(int M, int N) { return static_cast<long>((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN); }
 

@@ -40,8 +40,9 @@ def build(out_dir) -> ctypes.CDLL:
     so.minicpm_int4_w4a8_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a8_magic_convert.argtypes = [ctypes.c_int]
     so.minicpm_int4_w4a8_block_tile.argtypes = [ctypes.c_int] * 3
+    so.minicpm_int4_w4a8_static_group_tiles.argtypes = [ctypes.c_int] * 2
     for f in (so.minicpm_int4_w4a8_emulate, so.minicpm_int4_w4a8_supported, so.minicpm_int4_w4a8_magic_convert,
-              so.minicpm_int4_w4a8_block_tile, so.minicpm_int4_gemv_emulate, so.minicpm_int4_mma_emulate, so.minicpm_int4_act_quant_emulate,
+              so.minicpm_int4_w4a8_block_tile, so.minicpm_int4_w4a8_static_group_tiles, so.minicpm_int4_gemv_emulate, so.minicpm_int4_mma_emulate, so.minicpm_int4_act_quant_emulate,
               so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block, so.minicpm_int4_mma_supported,
               so.minicpm_int4_mma_post_scale, so.minicpm_int4_mma_tiles_per_block, so.minicpm_int4_mma_warps_per_block,
               so.minicpm_int4_mma_warps_for_launch):

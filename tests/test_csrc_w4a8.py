@@ -79,7 +79,9 @@ SHAPES = [
     (130, 40, 512, 128),   # M past one block by 2; 4 stages: buffers reused
     (64, 200, 160, -1),    # per channel, K % 128 = 32: the last stage holds one k-tile
     (33, 96, 4160, -1),    # per channel over a long K: |acc| past 2**22 (I2F, not the magic convert)
-    (5, 24, 288, 96),      # a group size quantize.py does not offer (a multiple of 32)
+    (5, 24, 288, 96),      # a group size quantize.py does not offer (a multiple of 32): groups followed at run time
+    (7, 16, 768, 256),     # G = 256: two stages a group (run time), and per channel with K = G = 128 below
+    (2, 16, 128, -1),
     (20, 48, 272, -1),     # per channel, K % 32 = 16: rows of W 8-byte aligned, the last k-tile half inside K
     (9, 40, 4304, -1),     # MiniCPM-V 4.6's vision MLP K (per channel: no group size divides it)
 ]
@@ -138,6 +140,9 @@ def test_w4a8_emulation_refuses_what_the_kernel_does_not_take(emu):
     # the magic int32 -> fp32 convert only where a group's sum stays below 2**22 (127 * 15 * G)
     assert emu.minicpm_int4_w4a8_magic_convert(2048) == 1 and emu.minicpm_int4_w4a8_magic_convert(4096) == 0
     assert 127 * 15 * 2048 < 2**22 <= 127 * 15 * 4096
+    # groups of 32 / 64 / 128 placed at compile time (1 / 2 / 4 k-tiles of a 4-k-tile stage); the rest at run time
+    assert [emu.minicpm_int4_w4a8_static_group_tiles(4096, g) for g in (32, 64, 128, 256, 4096)] == [1, 2, 4, 0, 0]
+    assert emu.minicpm_int4_w4a8_static_group_tiles(128, 128) == 0  # per channel: the run-time path
 
 
 def test_w4a8_block_order_covers_every_tile_once(emu):

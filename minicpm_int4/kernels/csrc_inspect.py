@@ -29,18 +29,21 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 ARCHS = {"sm80": "80", "sm90a": "90a"}
+# csrc/w4a8_gemm_core.cuh: a warp's tile is 64 rows of x x 32 rows of W, a stage 128 k (4 k-tiles of 16 IMMA)
+W4A8_WARP_ROWS, W4A8_WARP_W_ROWS, W4A8_STAGE_K, W4A8_STAGE_IMMA = 64, 32, 128, 64
 _DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 
 
 @dataclass
 class Variant:
     arch: str
-    kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant"
+    kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant", "w4a8" (int8 tensor cores)
     dtype: str
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
                                  # all: S (1: the layer's input scale multiplied into the loads of x);
                                  # mma, act_quant: P (1: x read through an act-order layer's channel order);
-                                 # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3)
+                                 # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3);
+                                 # w4a8: GT (k-tiles per group at compile time, 0: run time), MAGIC, NARROW
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -60,7 +63,15 @@ class Variant:
 
     @property
     def rows_of_x(self) -> int:
+        if self.kernel == "w4a8":
+            return W4A8_WARP_ROWS
         return self.params.get("MT", 8 * self.params.get("NB", 1))
+
+    @property
+    def instr_per_mma(self) -> Optional[float]:
+        """SASS instructions the loop issues per tensor-core instruction (HMMA / IMMA) in it."""
+        mma = sum(c for op, c in self.loop_counts.items() if op.startswith(("HMMA", "IMMA")))
+        return sum(self.loop_counts.values()) / mma if mma else None
 
 
 def _tool(name: str) -> str:
@@ -111,6 +122,19 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
             v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
+    m = re.search(r"w4a8_gemm_kernelILi(\d+)ELb([01])ELb([01])E", name)
+    if m:  # GT: k-tiles per group placed at compile time (0: at run time); MAGIC int -> fp32; NARROW 8-byte W copies
+        v = Variant(arch, "w4a8", "int8", {"GT": int(m.group(1)), "MAGIC": int(m.group(2)), "NARROW": int(m.group(3)),
+                                           "S": 0}, regs, spill, smem)
+        best = None  # the stage loop: 64 IMMA per 128-k stage
+        for loop in loop_bodies(sass):
+            mma = sum(c for op, c in loop.items() if op.startswith("IMMA"))
+            if mma and mma % W4A8_STAGE_IMMA == 0 and (best is None or mma > best[0]):
+                best = (mma, loop)
+        if best:  # a stage: 32 rows of W x 128 k per warp, unpacked by its 32 lanes
+            stages = best[0] // W4A8_STAGE_IMMA
+            v.loop_counts, v.weights_per_trip = dict(best[1]), stages * W4A8_WARP_W_ROWS * W4A8_STAGE_K / 32.0
+        return v
     m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)ELb([01])ELb([01])E", name)
     if m:  # no K loop per weight: registers, stack, and local memory in its loops
         v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2)), "S": int(m.group(3)),
@@ -120,8 +144,8 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
     return None
 
 
-def inspect(archs: Sequence[str] = ("sm80", "sm90a"), sources: Sequence[str] = ("w4a16_gemv.cu", "act_quant.cu")
-            ) -> List[Variant]:
+def inspect(archs: Sequence[str] = ("sm80", "sm90a"),
+            sources: Sequence[str] = ("w4a16_gemv.cu", "act_quant.cu", "w4a8_gemm.cu")) -> List[Variant]:
     out: List[Variant] = []
     for source in sources:
         out += _inspect_source(archs, source)
@@ -158,14 +182,15 @@ def _inspect_source(archs: Sequence[str], source: str) -> List[Variant]:
 
 def format_table(variants: Sequence[Variant]) -> str:
     lines = ["| arch | kernel | dtype | instantiation | regs | stack B | local-memory ops in the loop | smem B | "
-             "loop instr / weight | per weight and row of x (MT, or 8 x NB) |", "|" + "---|" * 10]
+             "loop instr / weight | per weight and row of x (MT, or 8 x NB; w4a8: 64) | loop instr / mma |",
+             "|" + "---|" * 11]
     for v in variants:
-        ipw = v.instr_per_weight
+        ipw, ipm = v.instr_per_weight, v.instr_per_mma
         per_row = "-" if ipw is None else f"{ipw / v.rows_of_x:.2f}"
-        inst = " ".join(f"{k}={val}" for k, val in v.params.items())
+        inst = " ".join(f"{k}={val}" for k, val in v.params.items() if not (v.kernel == "w4a8" and k == "S"))
         lines.append(f"| {v.arch} | {v.kernel} | {v.dtype} | {inst} | {v.regs} | {v.spill_bytes} | "
                      f"{v.loop_local_memory} | {v.smem} | "
-                     f"{'-' if ipw is None else f'{ipw:.2f}'} | {per_row} |")
+                     f"{'-' if ipw is None else f'{ipw:.2f}'} | {per_row} | {'-' if ipm is None else f'{ipm:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -189,8 +214,8 @@ def main(argv=None) -> int:
     print(format_table(variants))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(v) | {"instr_per_weight": v.instr_per_weight, "loop_local_memory": v.loop_local_memory}
-                       for v in variants], f, indent=1)
+            json.dump([asdict(v) | {"instr_per_weight": v.instr_per_weight, "loop_local_memory": v.loop_local_memory,
+                                    "instr_per_mma": v.instr_per_mma} for v in variants], f, indent=1)
     return 0
 
 

@@ -236,7 +236,7 @@ namespace w8 = minicpm_int4_w4a8;
 // shared memory as the kernel's threads would (stage_piece: zero-filled past M, N and K), then each
 // warp's work on it (warp_stage, 32 lanes, HostMma), then each warp's stores. Shared memory starts
 // as 0xA5 bytes, so a fragment read from anywhere no copy wrote shows in the result.
-template <bool MAGIC>
+template <int GT, bool MAGIC>
 void w4a8_grid(const w8::Params& p) {
   int lanes[32];
   for (int l = 0; l < 32; ++l) lanes[l] = l;
@@ -262,7 +262,7 @@ void w4a8_grid(const w8::Params& p) {
         }
       for (int w = 0; w < w8::kWarps; ++w) {
         const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
-        w8::warp_stage<MAGIC, w8::HostMma, 32>(p, stage, kb, wm, wn, n0 + wn, lanes, st[w]);
+        w8::warp_stage<GT, MAGIC, w8::HostMma, 32>(p, stage, kb, wm, wn, n0 + wn, lanes, st[w]);
       }
     }
     for (int w = 0; w < w8::kWarps; ++w) {
@@ -350,16 +350,19 @@ int minicpm_int4_w4a8_emulate(const int8_t* xq, const float* x_scale, const int3
                               long ldo, int sz_dtype, int out_dtype) {
   if (!w8::supported(K, group_size) || N <= 0 || ldo < N) return -2;
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
-                     group_size, ldo, sz_dtype, out_dtype};
-  if (w8::magic_convert(group_size))
-    w4a8_grid<true>(p);
-  else
-    w4a8_grid<false>(p);
+                     group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, ldo, sz_dtype, out_dtype};
+  switch (w8::static_group_tiles(K, group_size)) {  // the launcher's instantiations
+    case 1: w4a8_grid<1, true>(p); break;
+    case 2: w4a8_grid<2, true>(p); break;
+    case 4: w4a8_grid<4, true>(p); break;
+    default: w8::magic_convert(group_size) ? w4a8_grid<0, true>(p) : w4a8_grid<0, false>(p);
+  }
   return 0;
 }
 
 int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_w4a8_magic_convert(int group_size) { return w8::magic_convert(group_size) ? 1 : 0; }
+int minicpm_int4_w4a8_static_group_tiles(int K, int group_size) { return w8::static_group_tiles(K, group_size); }
 int minicpm_int4_w4a8_block_tile(int pid, int M, int N) {
   int bm, bn;
   w8::block_tile(pid, M, N, bm, bn);
