@@ -40,12 +40,12 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 template <bool NARROW_W>
-__device__ __forceinline__ void load_stage(const w8::Params& p, uint8_t* stage, int m0, int n0, int kb) {
+__device__ __forceinline__ void load_stage(const w8::Params& p, const w8::CopyPlan& plan, uint8_t* stage, int kb) {
 #pragma unroll
   for (int i = 0; i < w8::kPiecesA + w8::kPiecesB; ++i) {
     int dst, bytes;
     const void* src;
-    w8::stage_piece(p, m0, n0, kb, threadIdx.x, i, dst, src, bytes);
+    w8::stage_piece(p, plan, kb, i, dst, src, bytes);
     if (i >= w8::kPiecesA && NARROW_W)
       cp_async_piece<true>(stage + dst, src, bytes);
     else
@@ -53,7 +53,7 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, uint8_t* stage, 
   }
 }
 
-template <int GT, bool MAGIC, bool NARROW_W>
+template <int GT, bool MAGIC, bool NARROW_W, typename SZ>
 __global__ void __launch_bounds__(w8::kThreads, 1) w4a8_gemm_kernel(w8::Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   int bm, bn;
@@ -63,46 +63,63 @@ __global__ void __launch_bounds__(w8::kThreads, 1) w4a8_gemm_kernel(w8::Params p
   const int wm = (warp / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (warp % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
   const int lanes[1] = {static_cast<int>(threadIdx.x & 31)};
   w8::WarpState<1> st;
-  w8::warp_init(st);
+  w8::warp_init(p, n0 + wn, lanes, st);
+  const w8::CopyPlan plan = w8::copy_plan(p, m0, n0, threadIdx.x);
 
   const int stages = (p.K + w8::kBK - 1) / w8::kBK;
 #pragma unroll
   for (int s = 0; s < w8::kStages - 1; ++s) {
-    if (s < stages) load_stage<NARROW_W>(p, smem + s * w8::kStageBytes, m0, n0, s);
+    if (s < stages) load_stage<NARROW_W>(p, plan, smem + s * w8::kStageBytes, s);
     cp_async_commit();  // one group per stage, empty ones included: the wait below counts them
   }
   for (int kb = 0; kb < stages; ++kb) {
     cp_async_wait<w8::kStages - 2>();  // stage kb has landed (this thread's copies) ...
     __syncthreads();                   // ... and every thread's; all warps are done with stage kb - 1
     const int next = kb + w8::kStages - 1;
-    if (next < stages) load_stage<NARROW_W>(p, smem + (next % w8::kStages) * w8::kStageBytes, m0, n0, next);
+    if (next < stages) load_stage<NARROW_W>(p, plan, smem + (next % w8::kStages) * w8::kStageBytes, next);
     cp_async_commit();
-    w8::warp_stage<GT, MAGIC, w8::DeviceMma, 1>(p, smem + (kb % w8::kStages) * w8::kStageBytes, kb, wm, wn, n0 + wn,
-                                            lanes, st);
+    uint8_t* stage = smem + (kb % w8::kStages) * w8::kStageBytes;
+    w8::permute_x(stage, threadIdx.x);  // x's words into ldmatrix order (w4a8_gemm_core.cuh) ...
+    __syncthreads();                    // ... all of them, before any warp reads its fragments
+    w8::warp_stage<GT, MAGIC, SZ, w8::DeviceMma, 1>(p, stage, kb, wm, wn, lanes, st);
   }
   w8::warp_store<1>(p, m0 + wm, n0 + wn, lanes, st);
 }
 
 // Opt each instantiation in to kSmemBytes of dynamic shared memory, once per device.
-template <int GT, bool MAGIC, bool NARROW_W>
+template <int GT, bool MAGIC, bool NARROW_W, typename SZ>
 cudaError_t opt_in_smem() {
   static bool done[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev < 64 && done[dev]) return cudaSuccess;
-  err = cudaFuncSetAttribute(w4a8_gemm_kernel<GT, MAGIC, NARROW_W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  err = cudaFuncSetAttribute(w4a8_gemm_kernel<GT, MAGIC, NARROW_W, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              w8::kSmemBytes);
   if (err == cudaSuccess && dev < 64) done[dev] = true;
   return err;
 }
 
-template <int GT, bool MAGIC, bool NARROW_W>
+template <int GT, bool MAGIC, bool NARROW_W, typename SZ>
 cudaError_t launch(const w8::Params& p, long blocks, cudaStream_t stream) {
-  const cudaError_t err = opt_in_smem<GT, MAGIC, NARROW_W>();
+  const cudaError_t err = opt_in_smem<GT, MAGIC, NARROW_W, SZ>();
   if (err != cudaSuccess) return err;
-  w4a8_gemm_kernel<GT, MAGIC, NARROW_W><<<static_cast<unsigned>(blocks), w8::kThreads, w8::kSmemBytes, stream>>>(p);
+  w4a8_gemm_kernel<GT, MAGIC, NARROW_W, SZ><<<static_cast<unsigned>(blocks), w8::kThreads, w8::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// groups of 32 / 64 / 128 (K % 32 == 0 then): placed at compile time; any other group followed at run time
+template <typename SZ>
+cudaError_t launch_sz(const w8::Params& p, long blocks, cudaStream_t stream) {
+  switch (w8::static_group_tiles(p.K, p.G)) {
+    case 1: return launch<1, true, false, SZ>(p, blocks, stream);
+    case 2: return launch<2, true, false, SZ>(p, blocks, stream);
+    case 4: return launch<4, true, false, SZ>(p, blocks, stream);
+    default: break;
+  }
+  const bool magic = w8::magic_convert(p.G), narrow = w8::narrow_w(p.K);
+  if (magic) return narrow ? launch<0, true, true, SZ>(p, blocks, stream) : launch<0, true, false, SZ>(p, blocks, stream);
+  return narrow ? launch<0, false, true, SZ>(p, blocks, stream) : launch<0, false, false, SZ>(p, blocks, stream);
 }
 
 }  // namespace
@@ -120,17 +137,10 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
     return cudaErrorMisalignedAddress;
   if (M == 0) return cudaSuccess;
   const long blocks = w8::blocks(M, N);
-  if (blocks > 0x7FFFFFFFL) return cudaErrorInvalidValue;
+  if (blocks > 0x7FFFFFFFL || static_cast<long>(N) * (K / group_size) > 0x7FFFFFFFL) return cudaErrorInvalidValue;
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
                      group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, static_cast<long>(ldo), sz_dtype, out_dtype};
-  // groups of 32 / 64 / 128 (K % 32 == 0 then): placed at compile time; any other group followed at run time
-  switch (w8::static_group_tiles(K, group_size)) {
-    case 1: return launch<1, true, false>(p, blocks, stream);
-    case 2: return launch<2, true, false>(p, blocks, stream);
-    case 4: return launch<4, true, false>(p, blocks, stream);
-    default: break;
-  }
-  const bool magic = w8::magic_convert(group_size), narrow = w8::narrow_w(K);
-  if (magic) return narrow ? launch<0, true, true>(p, blocks, stream) : launch<0, true, false>(p, blocks, stream);
-  return narrow ? launch<0, false, true>(p, blocks, stream) : launch<0, false, false>(p, blocks, stream);
+  if (sz_dtype == 0) return launch_sz<__half>(p, blocks, stream);
+  if (sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, blocks, stream);
+  return launch_sz<float>(p, blocks, stream);
 }

@@ -20,15 +20,21 @@
 // a1 = row g + 8, the same k; a2 / a3 = rows g / g + 8, k 16 + 4t..; B b0 = k 4t..4t+3 of column g,
 // b1 = k 16 + 4t..; C c0, c1 = row g, columns 2t, 2t + 1, c2, c3 = row g + 8. An mma sums over its 32
 // k in any order, so the kernel chooses which actual k sits at each logical k, the same for A and B:
-// lane t takes the 8 consecutive k [8t, 8t + 8) of the k-tile - one 8-byte load of a row of x gives
-// (a0, a2), and one packed word of a row of W (its 8 nibbles) gives (b0, b1):
+// lane t takes the 8 consecutive k [8t, 8t + 8) of the k-tile, so that one packed word of a row of W
+// (its 8 nibbles) gives (b0, b1):
 //   lo = ((w & 0x0F0F0F0F) | 0x80808080) - z * 0x01010101     bytes 128 + q - z of k 0, 2, 4, 6
 //   hi = the same on w >> 4                                    k 1, 3, 5, 7
 //   b0 = PRMT(lo, hi: k 0, 1, 2, 3) ^ 0x80808080, b1 = PRMT(k 4, 5, 6, 7) ^ 0x80808080
 // (q - z lies in [-15, 15]: every byte stays in [113, 143] before the XOR, so no borrow crosses a byte).
+// For A the same k: once a stage of x has landed in shared memory, its 4-byte words are permuted within
+// each 32-byte k-tile to the order 0, 2, 4, 6, 1, 3, 5, 7 (permute_x, a pass of the whole block), so that
+// one ldmatrix.x4 - lane t receiving word t of a 16-byte row segment - gives every lane its
+// (a0, a1, a2, a3) = k [8t, 8t + 4) and [8t + 4, 8t + 8) of rows g and g + 8, in the register order the
+// mma takes (loaded as two 8-byte halves, the quad had to be assembled with moves).
 //
-// Shared memory rows are padded so that a warp's fragment loads hit distinct banks: x rows 160 bytes
-// (LDS.64 by 16 lanes = 4 rows x 32 bytes), W rows 80 bytes (LDS.32 by 32 lanes = 8 rows x 16 bytes).
+// Shared memory rows are padded so that fragment loads hit distinct banks: x rows 144 bytes (ldmatrix
+// reads 8 rows x 16 bytes per matrix; the permute pass 2 rows x 64 bytes per phase), W rows 80 bytes
+// (LDS.32 by 32 lanes = 8 rows x 16 bytes).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -53,7 +59,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMT = kBM / kWarpsM / 16;  // m16 tiles per warp: 4
 constexpr int kNT = kBN / kWarpsN / 8;   // n8 tiles per warp: 4
 constexpr int kStages = 3;
-constexpr int kStrideA = kBK + 32;       // bytes per row of x in shared memory
+constexpr int kStrideA = kBK + 16;       // bytes per row of x in shared memory (ldmatrix: 8 rows, 8 bank groups)
 constexpr int kStrideB = kBK / 2 + 16;   // bytes per row of packed W
 constexpr int kStageA = kBM * kStrideA;
 constexpr int kStageB = kBN * kStrideB;
@@ -70,6 +76,13 @@ MINICPM_HD float load_f32(const void* p, long i, int dtype) {
   const unsigned short b = ldg(static_cast<const unsigned short*>(p) + i);
   return dtype == 0 ? __half2float(__ushort_as_half(b)) : __bfloat162float(__ushort_as_bfloat16(b));
 }
+
+// A scale or zero point of dtype SZ (__half, __nv_bfloat16 or float: a template parameter of the kernel, so
+// that the per-group loads carry no branch on the dtype) as fp32.
+template <typename SZ> MINICPM_HD float sz_to_f32(SZ v);
+template <> MINICPM_HD float sz_to_f32<__half>(__half v) { return __half2float(v); }
+template <> MINICPM_HD float sz_to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> MINICPM_HD float sz_to_f32<float>(float v) { return v; }
 
 MINICPM_HD void store_f32(void* p, long i, float v, int dtype) {
   if (dtype == 2)
@@ -125,7 +138,7 @@ struct Params {
   int groups;             // K / G: the row stride of scales and zeros (no division in the kernel)
   uint32_t mask_lo;       // 0x0F0F0F0F, passed at run time so that (w & mask) | 0x80808080 is one LOP3
   long ldo;
-  int sz_dtype;           // of scales and zeros
+  int sz_dtype;           // of scales and zeros (the launcher picks the kernel instantiated for it)
   int out_dtype;          // of out and bias
 };
 
@@ -139,27 +152,83 @@ MINICPM_HD void block_tile(int pid, int M, int N, int& bm, int& bn) {
   bn = (pid % width) / size;
 }
 
-// The 16-byte pieces of stage kb (k from kb * kBK) that thread tid copies into shared memory: piece
-// i < kPiecesA of x, then kPiecesB of W. dst: offset in the stage; src: the global address; bytes: how
-// many of the piece's bytes lie inside x or W (16; 0 past M, N or K; 8 for the half of a W piece at the
-// end of a row when K % 32 == 16) - the rest is zero-filled, and src is then a valid address.
+// The 16-byte pieces a thread copies into shared memory each stage: kPiecesA of x (rows ra + 32 i, bytes
+// 16 ca.. of the stage's 128), then kPiecesB of W (rows rb + 64 i, bytes 16 cb.. of the stage's 64). What
+// does not change from stage to stage is worked out once (copy_plan): the rows' offsets, which rows lie
+// inside M and N, the piece's k; stage_piece then adds the stage's k. dst: offset in the stage; src: the
+// global address; bytes: how many of the piece's bytes lie inside x or W (16; 0 past M, N or K; 8 for the
+// half of a W piece at the end of a row when K % 32 == 16) - the rest is zero-filled, and src is then a
+// valid address that is not read.
 constexpr int kPiecesA = kBM * kBK / 16 / kThreads;       // 4
 constexpr int kPiecesB = kBN * kBK / 2 / 16 / kThreads;   // 2
-MINICPM_HD void stage_piece(const Params& p, int m0, int n0, int kb, int tid, int i, int& dst, const void*& src,
-                            int& bytes) {
+constexpr int kRowStepA = kThreads / (kBK / 16);          // 32 rows of x between a thread's pieces
+constexpr int kRowStepB = kThreads / (kBK / 32);          // 64 rows of W
+
+struct CopyPlan {
+  long xa, wb;        // byte offsets of the thread's first piece of x and of W, at k = 0
+  int dsta, dstb;     // their offsets in a stage
+  int ka, kw;         // the k each piece starts at within a stage (x: 16 per piece, W: 32)
+  unsigned rows_ok;   // bit i: piece i's row lies inside M (x, i < kPiecesA) or N (W)
+};
+
+MINICPM_HD CopyPlan copy_plan(const Params& p, int m0, int n0, int tid) {
+  CopyPlan c;
+  const int ra = tid / (kBK / 16), ca = tid % (kBK / 16), rb = tid / (kBK / 32), cb = tid % (kBK / 32);
+  c.ka = 16 * ca;
+  c.kw = 32 * cb;
+  c.xa = static_cast<long>(m0 + ra) * p.K + c.ka;
+  c.wb = static_cast<long>(n0 + rb) * (p.K / 2) + c.kw / 2;
+  c.dsta = ra * kStrideA + c.ka;
+  c.dstb = kStageA + rb * kStrideB + c.kw / 2;
+  c.rows_ok = 0;
+  MINICPM_UNROLL
+  for (int i = 0; i < kPiecesA; ++i) c.rows_ok |= static_cast<unsigned>(m0 + ra + kRowStepA * i < p.M) << i;
+  MINICPM_UNROLL
+  for (int i = 0; i < kPiecesB; ++i) c.rows_ok |= static_cast<unsigned>(n0 + rb + kRowStepB * i < p.N) << (kPiecesA + i);
+  return c;
+}
+
+MINICPM_HD void stage_piece(const Params& p, const CopyPlan& c, int kb, int i, int& dst, const void*& src, int& bytes) {
   const int k0 = kb * kBK;
   if (i < kPiecesA) {
-    const int c = tid + kThreads * i, row = c / (kBK / 16), col = c % (kBK / 16);
-    dst = row * kStrideA + 16 * col;
-    bytes = m0 + row < p.M && k0 + 16 * col < p.K ? 16 : 0;
-    src = bytes ? static_cast<const void*>(p.xq + static_cast<long>(m0 + row) * p.K + k0 + 16 * col) : p.xq;
+    dst = c.dsta + kRowStepA * kStrideA * i;
+    bytes = (c.rows_ok >> i) & 1 && k0 + c.ka < p.K ? 16 : 0;
+    src = bytes ? static_cast<const void*>(p.xq + c.xa + static_cast<long>(kRowStepA * i) * p.K + k0) : p.xq;
   } else {
-    const int c = tid + kThreads * (i - kPiecesA), row = c / (kBK / 32), col = c % (kBK / 32);
-    const int left = (p.K - k0 - 32 * col) / 2;  // bytes of the row from the piece on
-    dst = kStageA + row * kStrideB + 16 * col;
-    bytes = n0 + row < p.N && left > 0 ? (left < 16 ? left : 16) : 0;
-    src = bytes ? static_cast<const void*>(p.qb + static_cast<long>(n0 + row) * (p.K / 2) + k0 / 2 + 16 * col) : p.qb;
+    const int j = i - kPiecesA, left = (p.K - k0 - c.kw) / 2;  // bytes of the row from the piece on
+    dst = c.dstb + kRowStepB * kStrideB * j;
+    bytes = (c.rows_ok >> i) & 1 && left > 0 ? (left < 16 ? left : 16) : 0;
+    src = bytes ? static_cast<const void*>(p.qb + c.wb + static_cast<long>(kRowStepB * j) * (p.K / 2) + k0 / 2) : p.qb;
   }
+}
+
+// The permute pass over a landed stage of x: thread tid reorders the 4-byte words of kPermute 32-byte
+// k-tile rows to 0, 2, 4, 6, 1, 3, 5, 7 (the ldmatrix order above). Rows past M and k past K are zeros
+// either way.
+constexpr int kPermute = kBM * (kBK / kKT) / kThreads;   // 2
+MINICPM_HD void permute_x(uint8_t* stage, int tid) {
+  MINICPM_UNROLL
+  for (int i = 0; i < kPermute; ++i) {
+    const int u = tid + kThreads * i, row = u / (kBK / kKT), unit = u % (kBK / kKT);
+    uint8_t* q = stage + row * kStrideA + kKT * unit;
+#ifdef __CUDA_ARCH__
+    const uint4 lo = *reinterpret_cast<const uint4*>(q), hi = *reinterpret_cast<const uint4*>(q + 16);
+    *reinterpret_cast<uint4*>(q) = make_uint4(lo.x, lo.z, hi.x, hi.z);
+    *reinterpret_cast<uint4*>(q + 16) = make_uint4(lo.y, lo.w, hi.y, hi.w);
+#else
+    uint32_t w[8], o[8];
+    std::memcpy(w, q, 32);
+    for (int j = 0; j < 4; ++j) o[j] = w[2 * j], o[4 + j] = w[2 * j + 1];
+    std::memcpy(q, o, 32);
+#endif
+  }
+}
+
+// The row address lane `lane` hands ldmatrix.x4 for m16 tile mt of k-tile kt: matrix j = lane / 8 (rows g
+// or g + 8: j % 2; 16-byte segment j / 2 of the k-tile), its row lane % 8.
+MINICPM_HD const uint8_t* ldsm_row(const uint8_t* stage, int wm, int mt, int kt, int lane) {
+  const int j = lane >> 3, r = lane & 7;
+  return stage + (wm + 16 * mt + r + 8 * (j & 1)) * kStrideA + kKT * kt + 16 * (j >> 1);
 }
 
 // (b0, b1) of one packed word: q - z as signed bytes, k 0..3 and 4..7 of the word in order (mask: 0x0F0F0F0F).
@@ -176,12 +245,26 @@ struct WarpState {
   int32_t acc[kMT][kNT][L][4];  // the group's integer sums
   float y[kMT][kNT][L][4];      // sum over finished groups, fp32
   uint32_t zz[kNT][L];          // the zero point of the lane's W row (column g of each n8 tile), in all 4 bytes
+  int zrow[kNT][L];             // offsets of those rows in zeros (n * K / G; rows past N read row N - 1)
+  int srow[kNT][2][L];          // offsets in scales of the lane's output columns 2t, 2t + 1 of each n8 tile
   int grp;                      // the current group (warp-uniform), -1 before the first
   int left;                     // its k-tiles still to come: a counter, not a division by G every k-tile
 };
 
+// The warp's state before its first stage; n0w: its first row of W.
 template <int L>
-MINICPM_HD void warp_init(WarpState<L>& st) {
+MINICPM_HD void warp_init(const Params& p, int n0w, const int (&lanes)[L], WarpState<L>& st) {
+  for (int l = 0; l < L; ++l)
+    MINICPM_UNROLL
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int nz = n0w + 8 * nt + (lanes[l] >> 2);
+      st.zrow[nt][l] = (nz < p.N ? nz : p.N - 1) * p.groups;
+      MINICPM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int ns = n0w + 8 * nt + 2 * (lanes[l] & 3) + h;
+        st.srow[nt][h][l] = (ns < p.N ? ns : p.N - 1) * p.groups;
+      }
+    }
   MINICPM_UNROLL
   for (int mt = 0; mt < kMT; ++mt)
     MINICPM_UNROLL
@@ -204,6 +287,17 @@ struct DeviceMma {
         : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(b[0][0]), "r"(b[0][1]));
 #else
     (void)a, (void)b, (void)c;
+#endif
+  }
+  // ldmatrix.x4: this lane's (a0, a1, a2, a3) from the rows the warp's lanes address (row[0]: this lane's)
+  MINICPM_HD static void ldsm_x4(const uint8_t* const* row, uint32_t (*a)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row[0]));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[0][0]), "=r"(a[0][1]), "=r"(a[0][2]), "=r"(a[0][3])
+                 : "r"(addr));
+#else
+    (void)row, (void)a;
 #endif
   }
   MINICPM_HD static void first(const uint32_t (*a)[4], const uint32_t (*b)[2], int32_t (*c)[4]) {
@@ -239,6 +333,12 @@ struct HostMma {
       }
     }
   }
+  // ldmatrix.x4 from the PTX ISA (.b16, 8 x 8 matrices): lanes 8j .. 8j + 7 address the rows of matrix j, and
+  // lane i receives in register j the 4 bytes 4 (i % 4) .. of matrix j's row i / 4
+  MINICPM_HD static void ldsm_x4(const uint8_t* const* row, uint32_t (*a)[4]) {
+    for (int i = 0; i < 32; ++i)
+      for (int j = 0; j < 4; ++j) std::memcpy(&a[i][j], row[8 * j + i / 4] + 4 * (i % 4), 4);
+  }
   MINICPM_HD static void first(const uint32_t (*a)[4], const uint32_t (*b)[2], int32_t (*c)[4]) {
     for (int l = 0; l < 32; ++l)  // what acc held is not read (finish_group<.., false> leaves it)
       for (int e = 0; e < 4; ++e) c[l][e] = 0;
@@ -246,36 +346,29 @@ struct HostMma {
   }
 };
 
-// The zero points of the group starting at k: W rows n0w + 8 nt + g (rows past N read row N - 1).
-template <int L>
-MINICPM_HD void load_zeros(const Params& p, int n0w, int grp, const int (&lanes)[L], WarpState<L>& st) {
-  const int groups = p.groups;
-  for (int l = 0; l < L; ++l) {
+// The zero points of group grp for the lane's W rows (column g of each n8 tile).
+template <typename SZ, int L>
+MINICPM_HD void load_zeros(const Params& p, int grp, WarpState<L>& st) {
+  const SZ* zeros = static_cast<const SZ*>(p.zeros) + grp;
+  for (int l = 0; l < L; ++l)
     MINICPM_UNROLL
     for (int nt = 0; nt < kNT; ++nt) {
-      int n = n0w + 8 * nt + (lanes[l] >> 2);
-      n = n < p.N ? n : p.N - 1;
-      const int z = static_cast<int>(load_f32(p.zeros, static_cast<long>(n) * groups + grp, p.sz_dtype));
+      const int z = static_cast<int>(sz_to_f32<SZ>(ldg(zeros + st.zrow[nt][l])));
       st.zz[nt][l] = static_cast<uint32_t>(z) * 0x01010101u;
     }
-  }
 }
 
 // A finished group: y += float(acc) * s for the lane's columns n0w + 8 nt + 2t (+1); acc = 0.
 // RESET: zero acc here; false where the group's first mma will ignore acc instead (Mma::first).
-template <bool MAGIC, bool RESET, int L>
-MINICPM_HD void finish_group(const Params& p, int n0w, int grp, const int (&lanes)[L], WarpState<L>& st) {
-  const int groups = p.groups;
+template <bool MAGIC, bool RESET, typename SZ, int L>
+MINICPM_HD void finish_group(const Params& p, int grp, WarpState<L>& st) {
+  const SZ* scales = static_cast<const SZ*>(p.scales) + grp;
   for (int l = 0; l < L; ++l) {
     float s[kNT][2];
     MINICPM_UNROLL
     for (int nt = 0; nt < kNT; ++nt)
       MINICPM_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        int n = n0w + 8 * nt + 2 * (lanes[l] & 3) + h;
-        n = n < p.N ? n : p.N - 1;
-        s[nt][h] = load_f32(p.scales, static_cast<long>(n) * groups + grp, p.sz_dtype);
-      }
+      for (int h = 0; h < 2; ++h) s[nt][h] = sz_to_f32<SZ>(ldg(scales + st.srow[nt][h][l]));
     MINICPM_UNROLL
     for (int mt = 0; mt < kMT; ++mt)
       MINICPM_UNROLL
@@ -289,13 +382,13 @@ MINICPM_HD void finish_group(const Params& p, int n0w, int grp, const int (&lane
 }
 
 // One warp's work on stage kb, held in shared memory at `stage` (kStageBytes): its 64 rows of x from
-// row wm (of the stage's tile) and 32 rows of W from wn, n0w = the first of those W rows in W.
+// row wm (of the stage's tile) and 32 rows of W from wn. SZ: the dtype of scales and zeros.
 // GT: k-tiles per group when a stage holds whole groups (G = 32, 64, 128: GT = 1, 2, 4), where every group
 // starts and ends at a k-tile known at compile time; GT = 0: any other group (per channel, G >= 256),
 // followed at run time with the warp's counter.
-template <int GT, bool MAGIC, class Mma, int L>
-MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm, int wn, int n0w,
-                           const int (&lanes)[L], WarpState<L>& st) {
+template <int GT, bool MAGIC, typename SZ, class Mma, int L>
+MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm, int wn, const int (&lanes)[L],
+                           WarpState<L>& st) {
   static_assert(GT == 0 || GT == 1 || GT == 2 || GT == 4, "a stage of 4 k-tiles holds whole groups of 1, 2 or 4");
   MINICPM_UNROLL
   for (int kt = 0; kt < kBK / kKT; ++kt) {
@@ -303,30 +396,21 @@ MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm
     if (kg >= p.K) break;  // the last stage's tail (K % 128 != 0): zero-filled, skipped
     // (K % 32 == 16: the last k-tile is half inside K, its other half zero in x and W)
     if constexpr (GT > 0) {
-      if (kt % GT == 0) load_zeros<L>(p, n0w, (kb * (kBK / kKT) + kt) / GT, lanes, st);
+      if (kt % GT == 0) load_zeros<SZ, L>(p, (kb * (kBK / kKT) + kt) / GT, st);
     } else if (st.left == 0) {  // a group starts at this k-tile
       st.grp += 1;
       st.left = p.group_tiles;
-      load_zeros<L>(p, n0w, st.grp, lanes, st);
+      load_zeros<SZ, L>(p, st.grp, st);
     }
     uint32_t a[kMT][L][4], b[kNT][L][2];
+    MINICPM_UNROLL
+    for (int mt = 0; mt < kMT; ++mt) {  // (a0, a1, a2, a3) by ldmatrix from the permuted stage
+      const uint8_t* rows[L];
+      for (int l = 0; l < L; ++l) rows[l] = ldsm_row(stage, wm, mt, kt, lanes[l]);
+      Mma::ldsm_x4(rows, a[mt]);
+    }
     for (int l = 0; l < L; ++l) {
       const int g = lanes[l] >> 2, t = lanes[l] & 3;
-      MINICPM_UNROLL
-      for (int mt = 0; mt < kMT; ++mt)
-        MINICPM_UNROLL
-        for (int h = 0; h < 2; ++h) {  // rows g, g + 8: (a0, a2), (a1, a3)
-          const uint8_t* src = stage + (wm + 16 * mt + g + 8 * h) * kStrideA + kKT * kt + 8 * t;
-          uint32_t v[2];
-#ifdef __CUDA_ARCH__
-          const uint2 u = *reinterpret_cast<const uint2*>(src);
-          v[0] = u.x, v[1] = u.y;
-#else
-          std::memcpy(v, src, 8);
-#endif
-          a[mt][l][h] = v[0];
-          a[mt][l][2 + h] = v[1];
-        }
       MINICPM_UNROLL
       for (int nt = 0; nt < kNT; ++nt) {
         const uint8_t* src = stage + kStageA + (wn + 8 * nt + g) * kStrideB + (kKT / 2) * kt + 4 * t;
@@ -350,11 +434,11 @@ MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm
           Mma::run(a[mt], b[nt], st.acc[mt][nt]);
       }
     if constexpr (GT > 0) {
-      if (kt % GT == GT - 1) finish_group<MAGIC, false, L>(p, n0w, (kb * (kBK / kKT) + kt) / GT, lanes, st);
+      if (kt % GT == GT - 1) finish_group<MAGIC, false, SZ, L>(p, (kb * (kBK / kKT) + kt) / GT, st);
     } else {
       st.left -= 1;
       if (st.left == 0 || kg + kKT >= p.K) {
-        finish_group<MAGIC, true, L>(p, n0w, st.grp, lanes, st);
+        finish_group<MAGIC, true, SZ, L>(p, st.grp, st);
         st.left = 0;
       }
     }

@@ -122,10 +122,11 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
             v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
-    m = re.search(r"w4a8_gemm_kernelILi(\d+)ELb([01])ELb([01])E", name)
-    if m:  # GT: k-tiles per group placed at compile time (0: at run time); MAGIC int -> fp32; NARROW 8-byte W copies
-        v = Variant(arch, "w4a8", "int8", {"GT": int(m.group(1)), "MAGIC": int(m.group(2)), "NARROW": int(m.group(3)),
-                                           "S": 0}, regs, spill, smem)
+    m = re.search(r"w4a8_gemm_kernelILi(\d+)ELb([01])ELb([01])E(\d+__\w+?|f)E", name)
+    if m:  # GT: k-tiles per group placed at compile time (0: at run time); MAGIC int -> fp32; NARROW 8-byte W
+        # copies; dtype: of the scales and zero points (x is int8)
+        v = Variant(arch, "w4a8", _DTYPES[m.group(4)], {"GT": int(m.group(1)), "MAGIC": int(m.group(2)),
+                                                       "NARROW": int(m.group(3)), "S": 0}, regs, spill, smem)
         best = None  # the stage loop: 64 IMMA per 128-k stage
         for loop in loop_bodies(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("IMMA"))

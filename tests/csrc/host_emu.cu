@@ -233,10 +233,11 @@ int act_quant(const T* x, const T* ms, const int32_t* perm, int8_t* xq, float* s
 namespace w8 = minicpm_int4_w4a8;
 
 // The W4A8 GEMM, block by block in the launch order: each stage's pieces copied into the block's
-// shared memory as the kernel's threads would (stage_piece: zero-filled past M, N and K), then each
-// warp's work on it (warp_stage, 32 lanes, HostMma), then each warp's stores. Shared memory starts
+// shared memory as the kernel's threads would (stage_piece: zero-filled past M, N and K), every thread's
+// permute pass over x (permute_x), then each warp's work on it (warp_stage, 32 lanes, HostMma - its
+// ldmatrix too, from the row addresses the lanes hand it), then each warp's stores. Shared memory starts
 // as 0xA5 bytes, so a fragment read from anywhere no copy wrote shows in the result.
-template <int GT, bool MAGIC>
+template <int GT, bool MAGIC, typename SZ>
 void w4a8_grid(const w8::Params& p) {
   int lanes[32];
   for (int l = 0; l < 32; ++l) lanes[l] = l;
@@ -249,26 +250,37 @@ void w4a8_grid(const w8::Params& p) {
     w8::block_tile(static_cast<int>(pid), p.M, p.N, bm, bn);
     const int m0 = bm * w8::kBM, n0 = bn * w8::kBN;
     std::fill(smem.begin(), smem.end(), static_cast<uint8_t>(0xA5));
-    for (int w = 0; w < w8::kWarps; ++w) w8::warp_init(st[w]);
+    for (int w = 0; w < w8::kWarps; ++w) w8::warp_init(p, n0 + (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN), lanes, st[w]);
     for (int kb = 0; kb < stages; ++kb) {
       uint8_t* stage = smem.data() + (kb % w8::kStages) * w8::kStageBytes;
       for (int tid = 0; tid < w8::kThreads; ++tid)
         for (int i = 0; i < w8::kPiecesA + w8::kPiecesB; ++i) {
           int dst, bytes;
           const void* src;
-          w8::stage_piece(p, m0, n0, kb, tid, i, dst, src, bytes);
+          w8::stage_piece(p, w8::copy_plan(p, m0, n0, tid), kb, i, dst, src, bytes);
           std::memcpy(stage + dst, src, bytes);
           std::memset(stage + dst + bytes, 0, 16 - bytes);
         }
+      for (int tid = 0; tid < w8::kThreads; ++tid) w8::permute_x(stage, tid);
       for (int w = 0; w < w8::kWarps; ++w) {
         const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
-        w8::warp_stage<GT, MAGIC, w8::HostMma, 32>(p, stage, kb, wm, wn, n0 + wn, lanes, st[w]);
+        w8::warp_stage<GT, MAGIC, SZ, w8::HostMma, 32>(p, stage, kb, wm, wn, lanes, st[w]);
       }
     }
     for (int w = 0; w < w8::kWarps; ++w) {
       const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
       w8::warp_store<32>(p, m0 + wm, n0 + wn, lanes, st[w]);
     }
+  }
+}
+
+template <typename SZ>
+void w4a8_sz(const w8::Params& p) {
+  switch (w8::static_group_tiles(p.K, p.G)) {  // the launcher's instantiations
+    case 1: w4a8_grid<1, true, SZ>(p); break;
+    case 2: w4a8_grid<2, true, SZ>(p); break;
+    case 4: w4a8_grid<4, true, SZ>(p); break;
+    default: w8::magic_convert(p.G) ? w4a8_grid<0, true, SZ>(p) : w4a8_grid<0, false, SZ>(p);
   }
 }
 
@@ -348,15 +360,15 @@ int minicpm_int4_gemv_rows_per_block(int mt, int n, int sms) { return rows_per_b
 int minicpm_int4_w4a8_emulate(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
                               const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
                               long ldo, int sz_dtype, int out_dtype) {
-  if (!w8::supported(K, group_size) || N <= 0 || ldo < N) return -2;
+  if (!w8::supported(K, group_size) || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2) return -2;
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
                      group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, ldo, sz_dtype, out_dtype};
-  switch (w8::static_group_tiles(K, group_size)) {  // the launcher's instantiations
-    case 1: w4a8_grid<1, true>(p); break;
-    case 2: w4a8_grid<2, true>(p); break;
-    case 4: w4a8_grid<4, true>(p); break;
-    default: w8::magic_convert(group_size) ? w4a8_grid<0, true>(p) : w4a8_grid<0, false>(p);
-  }
+  if (sz_dtype == 0)
+    w4a8_sz<__half>(p);
+  else if (sz_dtype == 1)
+    w4a8_sz<__nv_bfloat16>(p);
+  else
+    w4a8_sz<float>(p);
   return 0;
 }
 
