@@ -111,8 +111,9 @@ def measure(device="cuda", n: int = 4096, k: int = 4096, ms=(1, 16, 4096), reps:
     rows = []
     kinds = ("eager", "graph") if device.type == "cuda" else ("eager",)
     # (backend, act): the requested backend; on a GPU with the CUDA extension built, its W4A16 decode
-    # kernels too (which multiply the scale into their loads of x as well; no W4A8 kernel there), before
-    # W4A8, whose first call autotunes, should the suite's time limit cut the script short
+    # kernels too (which multiply the scale into their loads of x as well; its W4A8 GEMM takes the scale
+    # in its quantizer, as the Triton path does, so it is not timed apart here), before W4A8, whose first
+    # call autotunes, should the suite's time limit cut the script short
     runs = [(backend, None)]
     if device.type == "cuda" and backend == "auto" and ops.cuda_extension_error() is None:
         runs.append(("cuda", None))
