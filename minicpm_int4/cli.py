@@ -623,7 +623,7 @@ def cmd_profile(args) -> int:
                          image_grid=args.image_grid, modes=args.modes, group_size=args.group_size, device=device,
                          dtype=_dtype(args.dtype), trace_dir=args.out if args.trace else None,
                          time_budget_s=args.time_budget_s,
-                         checkpoint=lambda res: write_checkpoint(res, args.out, "profile"))
+                         checkpoint=lambda res: write_checkpoint(res, args.out, "profile"), w4a8=args.w4a8)
     files = write_all(result, args.out, "profile")
     print(profile_markdown(result))
     print("\n".join(f"wrote {f}" for f in files))
@@ -809,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1])
     pr.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     pr.add_argument("--trace", action="store_true", help="also write a Chrome trace and print the top kernels")
+    pr.add_argument("--w4a8", action="store_true",
+                    help="also an eager run of the int4 model with int8 activations (W4A8: vision and prefill; "
+                         "decode stays W4A16), weights 'int4-w4a8'")
     pr.add_argument("--out", default="profile-results")
     pr.add_argument("--time-budget-s", type=float, default=None, help="skip the runs left after this long")
     pr.add_argument("--device", default=None)

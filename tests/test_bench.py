@@ -210,6 +210,35 @@ def test_profile_harness_on_tiny_models(tmp_path):
         assert "linear-attention layers (Qwen3.5) ran on PyTorch in place of fla-core (not installed)" in md
 
 
+def test_profile_w4a8_run_flips_the_int4_layers_to_int8_activations_and_back(monkeypatch):
+    """profile --w4a8: after the int4 eager run, one more eager run of the same layers with act="int8" (no
+    re-patch), decoding W4A8_PROFILE_TOKENS tokens; the layers are W4A16 again afterwards; targets.md's e2e
+    section compares its vision and prefill times with the int4 run's and keeps fp16 vs int4 as it was."""
+    from minicpm_int4 import QuantLinear
+    from minicpm_int4.bench import e2e
+    from minicpm_int4.bench.targets import e2e_lines
+    from minicpm_int4.cli import build_parser
+
+    acts = []
+    real_measure = e2e.measure
+
+    def spy(name, model, inputs, new_tokens, device, mode, weights):
+        acts.append((weights, new_tokens, {m.act for m in model.modules() if isinstance(m, QuantLinear)}))
+        return real_measure(name, model, inputs, new_tokens, device, mode, weights)
+
+    monkeypatch.setattr(e2e, "measure", spy)
+    res = e2e.run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=24, new_tokens=12, modes=["eager"],
+                          group_size=32, device=torch.device("cpu"), dtype=torch.float32, w4a8=True)
+    assert [(w, n) for w, n, _ in acts] == [("float32", 12), ("int4", 12), ("int4-w4a8", e2e.W4A8_PROFILE_TOKENS)]
+    assert acts[0][2] == set() and acts[1][2] == {None} and acts[2][2] == {"int8"}
+    assert res["config"]["w4a8"] is True and [r["weights"] for r in res["runs"]] == ["float32", "int4", "int4-w4a8"]
+    assert all("error" not in r for r in res["runs"]) and res["runs"][2]["new_tokens"] == e2e.W4A8_PROFILE_TOKENS
+    lines = e2e_lines(res)
+    assert lines[2].startswith("| llama3-v2.5 | eager | ") and "W4A8 end to end" in "\n".join(lines)
+    assert lines[-1].startswith("| llama3-v2.5 | ") and lines[-1].count("x |") == 1  # no vision tower: prefill only
+    assert build_parser().parse_args(["profile", "--w4a8"]).w4a8
+
+
 def test_profile_graphed_mode_compiles_only_the_decode_step():
     """Graphed: static cache + transformers' own decode-step compile (told to compile on CPU here,
     as it does by itself on CUDA); the run says how it was graphed, counts graph breaks (none through

@@ -410,10 +410,14 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
                 image_grid: int = 28, modes: Sequence[str] = MODES, group_size: int = 128,
                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float16,
                 trace_dir: Optional[str] = None, time_budget_s: Optional[float] = None,
-                checkpoint: Optional[Callable[[Dict], object]] = None) -> Dict:
+                checkpoint: Optional[Callable[[Dict], object]] = None, w4a8: bool = False) -> Dict:
     """Past `time_budget_s` (checked between runs), or on Ctrl-C / SIGINT, the remaining runs are
     left out and the result is marked incomplete. `checkpoint(result so far)` is called after each
-    run (the CLI writes it to disk: a crash in a later run, say inside a compiler, keeps it)."""
+    run (the CLI writes it to disk: a crash in a later run, say inside a compiler, keeps it).
+    w4a8: after each model's int4 run in eager mode, one more eager run ("int4-w4a8") of the same int4
+    layers with int8 activations (every QuantLinear's act = "int8": the same weights, so no re-patch):
+    what W4A8 changes end to end, the vision encoder and the prefill; its decode rows run W4A16 as
+    ever (M < ops.W4A8_MIN_M), so it decodes only W4A8_PROFILE_TOKENS tokens."""
     import time
 
     unknown = [m for m in modes if m not in MODES]
@@ -423,7 +427,7 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
     t0 = time.monotonic()
     try:
         return _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype,
-                            trace_dir, t0, time_budget_s, checkpoint)
+                            trace_dir, t0, time_budget_s, checkpoint, w4a8)
     except KeyboardInterrupt:
         res = _PARTIAL.pop("result", None) or {"kind": "profile", "runs": []}
         res["incomplete"] = "interrupted"
@@ -433,8 +437,21 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
 _PARTIAL: Dict = {}
 
 
+W4A8_PROFILE_TOKENS = 8  # decoded by the "int4-w4a8" run: its decode is W4A16's, timed by the "int4" run
+
+
+def _set_act(model, act) -> int:
+    """Every QuantLinear's activations (None: W4A16, "int8": W4A8); how many layers."""
+    from ..qlinear import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.act = act
+    return len(layers)
+
+
 def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype, trace_dir,
-                 t0, time_budget_s, checkpoint=None):
+                 t0, time_budget_s, checkpoint=None, w4a8=False):
     import time
 
     from .. import QuantConfig, patch_model
@@ -443,7 +460,7 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
     result = {"kind": "profile", "env": env_info(device),
               "config": {"models": list(models), "size": size, "prompt_tokens": prompt_tokens, "images": 1,
                          "image_grid_patches": image_grid, "new_tokens": new_tokens, "modes": list(modes),
-                         "group_size": group_size, "dtype": str(dtype).replace("torch.", "")},
+                         "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "w4a8": w4a8},
               "runs": [], "descriptions": {}, "traces": {}}
     _PARTIAL["result"] = result
     from .env import copy_bandwidth_gbps
@@ -465,7 +482,8 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
             model, desc = build_model(name, size, dtype, device)
             result["descriptions"][name] = desc
             inputs = make_inputs(name, model, prompt_tokens, image_grid, device)
-            for weights in (result["config"]["dtype"], "int4"):
+            weight_runs = [result["config"]["dtype"], "int4"] + (["int4-w4a8"] if w4a8 and mode == "eager" else [])
+            for weights in weight_runs:
                 if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
                     result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {name} {weights} {mode}"
                     break
@@ -476,8 +494,15 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
                     _sync(device)
                     patch_s = time.perf_counter() - tp
                     result.setdefault("patch", {}).setdefault(name, report.summary())
+                tokens = new_tokens
+                if weights == "int4-w4a8":  # the same int4 layers, int8 activations from W4A8_MIN_M rows on
+                    _set_act(model, "int8")
+                    tokens = min(new_tokens, W4A8_PROFILE_TOKENS)
                 print(f"[profile] {name} {weights} {mode}")
-                r = measure(name, model, inputs, new_tokens, device, mode, weights)
+                r = measure(name, model, inputs, tokens, device, mode, weights)
+                if weights == "int4-w4a8":
+                    _set_act(model, None)
+                    r["new_tokens"] = tokens
                 if patch_s is not None:
                     r["patch_model_s"] = patch_s
                 if r.get("error"):

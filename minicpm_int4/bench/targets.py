@@ -353,7 +353,7 @@ def e2e_lines(profile: Optional[Dict]) -> List[str]:
            "|---|---|---|---|---|---|---|---|---|"]
     for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in profile.get("runs", [])):
         int4 = runs.get((model, mode, "int4"))
-        fp = next((r for (m_, md, w), r in runs.items() if m_ == model and md == mode and w != "int4"), None)
+        fp = next((r for (m_, md, w), r in runs.items() if m_ == model and md == mode and not w.startswith("int4")), None)
 
         def cell(r, key, scale=1.0, f="{:.1f}"):
             if not r or r.get("error") or r.get(key) is None:
@@ -366,6 +366,20 @@ def e2e_lines(profile: Optional[Dict]) -> List[str]:
         out.append(f"| {model} | {mode} | {cell(fp, 'tokens_per_s')} | {cell(int4, 'tokens_per_s')} | {ratio} | "
                    f"{cell(fp, 'peak_bytes', 2**20, '{:.0f}')} | {cell(int4, 'peak_bytes', 2**20, '{:.0f}')} | "
                    f"{cell(fp, 'weight_bytes', 2**20, '{:.0f}')} | {cell(int4, 'weight_bytes', 2**20, '{:.0f}')} |")
+    w4a8 = [(model, r) for (model, mode, w), r in runs.items() if w == "int4-w4a8" and mode == "eager"]
+    if w4a8:  # profile --w4a8: the same int4 layers with int8 activations, eager
+        out += ["", "W4A8 end to end (`profile --w4a8`, eager: the int4 layers with int8 activations from 17 rows on; "
+                "W4A16's time over W4A8's, above 1.00x W4A8 is faster):", "",
+                "| model | int4 vision ms | int4-w4a8 vision ms | ratio | int4 prefill ms | int4-w4a8 prefill ms | ratio |",
+                "|---|---|---|---|---|---|---|"]
+        for model, r in w4a8:
+            base = runs.get((model, "eager", "int4")) or {}
+            cells = []
+            for key in ("vision_ms", "prefill_ms"):
+                a, b = base.get(key), r.get(key)
+                cells += ["-" if a is None else f"{a:.1f}", "failed" if r.get("error") else "-" if b is None else f"{b:.1f}",
+                          f"{a / b:.2f}x" if a and b else "-"]
+            out.append(f"| {model} | " + " | ".join(cells) + " |")
     return out
 
 
