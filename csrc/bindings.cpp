@@ -190,9 +190,11 @@ int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : t == at::kBFloat1
 // reference.w4a8_gemm_ref's bits. x_q int8 [M, K] and x_scale fp32 [M] (the per-token quantizer's), the weight
 // in the canonical layout with scales / zeros of fp16, bf16 or fp32; K % 16 == 0 and a group size that is a
 // multiple of 32 dividing K, or K (per channel).
+// block_rows: rows of x per block (64 or 128), or 0 for the launcher's choice by the device's SMs (what ops.py
+// passes; the bench's w4a8-cuda-m64 rows force 64).
 at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& qweight,
                      const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
-                     int64_t group_size, at::ScalarType out_dtype) {
+                     int64_t group_size, at::ScalarType out_dtype, int64_t block_rows) {
   TORCH_CHECK(x_q.is_cuda() && x_scale.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "minicpm_int4_C.w4a8_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x_scale.device() == x_q.device() && qweight.device() == x_q.device() && scales.device() == x_q.device() &&
@@ -228,6 +230,8 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a8_gemm: sizes exceed int32");
+  TORCH_CHECK(block_rows == 0 || block_rows == 64 || block_rows == 128,
+              msg("w4a8_gemm (cuda): block_rows must be 0 (the launcher's choice), 64 or 128, got ", block_rows));
   at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
   if (M == 0) return out;
   const c10::cuda::CUDAGuard guard(x_q.device());
@@ -238,7 +242,7 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   cudaError_t err = minicpm_int4_w4a8_gemm(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), qweight.data_ptr<int32_t>(),
                                            scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
                                            static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                           static_cast<int>(group_size), N, sz, od,
+                                           static_cast<int>(group_size), N, sz, od, static_cast<int>(block_rows),
                                            c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, msg("minicpm_int4_C.w4a8_gemm: kernel launch failed: ", cudaGetErrorString(err)));
   return out;
@@ -253,7 +257,7 @@ TORCH_LIBRARY(minicpm_int4_C, m) {
         "Tensor(a!) out, int variant=0, Tensor? input_scale=None, Tensor? input_perm=None) -> ()");
   m.def("quantize_per_token_int8(Tensor x, Tensor? input_scale=None, Tensor? input_perm=None) -> (Tensor, Tensor)");
   m.def("w4a8_gemm(Tensor x_q, Tensor x_scale, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "
-        "int group_size, ScalarType out_dtype) -> Tensor");
+        "int group_size, ScalarType out_dtype, int block_rows=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {

@@ -9,8 +9,8 @@
 // so the kernel gives the reference's bits (tests/csrc/host_emu.cu runs this code on the CPU with
 // every warp's 32 lanes held at once, L = 32, and the mma emulated from the PTX fragment layout).
 //
-// Block: a kBM x kBN tile of the output (rows of x x rows of W), 8 warps as 2 (m) x 4 (n), each a
-// 64 x 32 tile = 4 x 4 mma tiles. K in stages of kBK = 128 through shared memory (cp.async, kStages
+// Block: a (64 WM) x 128 tile of the output (rows of x x rows of W), WM x 4 warps (WM = 2, or 1 for grids
+// too small to fill the GPU: Block), each a 64 x 32 tile = 4 x 4 mma tiles. K in stages of kBK = 128 through shared memory (cp.async, kStages
 // deep); a stage is 4 k-tiles of 32 consecutive k, so a group (32, 64, 128 ... or all of K) ends on a
 // k-tile boundary (per channel with K % 32 == 16: the last k-tile half zero). Layouts are the canonical ones (packing.py), nothing repacked:
 //   x_q int8 [M, K] (row stride K), qweight int32 [N, K/8] read as bytes (byte i of a row holds
@@ -49,22 +49,36 @@ namespace minicpm_int4_w4a8 {
 using minicpm_int4_hd::byte_perm;
 using minicpm_int4_hd::ldg;
 
-constexpr int kBM = 128;          // rows of x per block
 constexpr int kBN = 128;          // rows of W (output columns) per block
 constexpr int kBK = 128;          // k per pipeline stage
 constexpr int kKT = 32;           // k per mma (a k-tile)
-constexpr int kWarpsM = 2, kWarpsN = 4;
-constexpr int kWarps = kWarpsM * kWarpsN;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kMT = kBM / kWarpsM / 16;  // m16 tiles per warp: 4
+constexpr int kWarpsN = 4;        // warps along N in a block; along M: the block's WM (Block)
+constexpr int kWarpRows = 64;     // rows of x per warp
+constexpr int kMT = kWarpRows / 16;      // m16 tiles per warp: 4
 constexpr int kNT = kBN / kWarpsN / 8;   // n8 tiles per warp: 4
 constexpr int kStages = 3;
 constexpr int kStrideA = kBK + 16;       // bytes per row of x in shared memory (ldmatrix: 8 rows, 8 bank groups)
 constexpr int kStrideB = kBK / 2 + 16;   // bytes per row of packed W
-constexpr int kStageA = kBM * kStrideA;
 constexpr int kStageB = kBN * kStrideB;
-constexpr int kStageBytes = kStageA + kStageB;
-constexpr int kSmemBytes = kStages * kStageBytes;  // 92160: dynamic shared memory, opted in by the launcher
+
+// A block of WM x kWarpsN warps: WM = 2, 128 rows of x (8 warps, one block an SM: 92160 bytes of shared
+// memory, ~220 registers a thread), or WM = 1, 64 rows (4 warps, 59904 bytes: two or three blocks an SM),
+// for grids of 128-row blocks too small to fill the GPU (a few hundred rows of x, or narrow N).
+template <int WM>
+struct Block {
+  static_assert(WM == 1 || WM == 2, "64 or 128 rows of x per block");
+  static constexpr int kBM = kWarpRows * WM;                     // rows of x per block
+  static constexpr int kWarps = WM * kWarpsN;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kStageA = kBM * kStrideA;                 // x's part of a stage; W's follows it
+  static constexpr int kStageBytes = kStageA + kStageB;
+  static constexpr int kSmemBytes = kStages * kStageBytes;       // dynamic, opted in by the launcher
+  static constexpr int kPiecesA = kBM * kBK / 16 / kThreads;     // 16-byte pieces of x per thread a stage: 4
+  static constexpr int kPiecesB = kBN * kBK / 2 / 16 / kThreads; // of W: 2 (WM = 2) or 4
+  static constexpr int kRowStepA = kThreads / (kBK / 16);        // rows of x between a thread's pieces
+  static constexpr int kRowStepB = kThreads / (kBK / 32);        // rows of W
+  static constexpr int kPermute = kBM * (kBK / kKT) / kThreads;  // 32-byte units a thread permutes: 2
+};
 constexpr int kGroupM = 8;               // block rows of a group in the launch order (L2 reuse of W)
 // float(acc) as (acc + bits of 1.5 * 2**23) - 1.5 * 2**23, exact for |acc| < 2**22: a group of G k has
 // |acc| <= 127 * 15 * G, so G <= kMagicMaxG; longer groups (per channel) convert with I2F
@@ -143,7 +157,9 @@ struct Params {
 };
 
 // Block id -> (row block, column block), kGroupM row blocks at a time: consecutive blocks share W's tile.
+template <int WM>
 MINICPM_HD void block_tile(int pid, int M, int N, int& bm, int& bn) {
+  constexpr int kBM = Block<WM>::kBM;
   const int nbm = (M + kBM - 1) / kBM, nbn = (N + kBN - 1) / kBN;
   const int width = kGroupM * nbn;
   const int first = (pid / width) * kGroupM;
@@ -152,18 +168,13 @@ MINICPM_HD void block_tile(int pid, int M, int N, int& bm, int& bn) {
   bn = (pid % width) / size;
 }
 
-// The 16-byte pieces a thread copies into shared memory each stage: kPiecesA of x (rows ra + 32 i, bytes
-// 16 ca.. of the stage's 128), then kPiecesB of W (rows rb + 64 i, bytes 16 cb.. of the stage's 64). What
-// does not change from stage to stage is worked out once (copy_plan): the rows' offsets, which rows lie
-// inside M and N, the piece's k; stage_piece then adds the stage's k. dst: offset in the stage; src: the
-// global address; bytes: how many of the piece's bytes lie inside x or W (16; 0 past M, N or K; 8 for the
-// half of a W piece at the end of a row when K % 32 == 16) - the rest is zero-filled, and src is then a
-// valid address that is not read.
-constexpr int kPiecesA = kBM * kBK / 16 / kThreads;       // 4
-constexpr int kPiecesB = kBN * kBK / 2 / 16 / kThreads;   // 2
-constexpr int kRowStepA = kThreads / (kBK / 16);          // 32 rows of x between a thread's pieces
-constexpr int kRowStepB = kThreads / (kBK / 32);          // 64 rows of W
-
+// The 16-byte pieces a thread copies into shared memory each stage: kPiecesA of x (rows ra + kRowStepA i,
+// bytes 16 ca.. of the stage's 128), then kPiecesB of W (rows rb + kRowStepB i, bytes 16 cb.. of the stage's
+// 64). What does not change from stage to stage is worked out once (copy_plan): the rows' offsets, which
+// rows lie inside M and N, the piece's k; stage_piece then adds the stage's k. dst: offset in the stage;
+// src: the global address; bytes: how many of the piece's bytes lie inside x or W (16; 0 past M, N or K;
+// 8 for the half of a W piece at the end of a row when K % 32 == 16) - the rest is zero-filled, and src is
+// then a valid address that is not read.
 struct CopyPlan {
   long xa, wb;        // byte offsets of the thread's first piece of x and of W, at k = 0
   int dsta, dstb;     // their offsets in a stage
@@ -171,7 +182,9 @@ struct CopyPlan {
   unsigned rows_ok;   // bit i: piece i's row lies inside M (x, i < kPiecesA) or N (W)
 };
 
+template <int WM>
 MINICPM_HD CopyPlan copy_plan(const Params& p, int m0, int n0, int tid) {
+  using B = Block<WM>;
   CopyPlan c;
   const int ra = tid / (kBK / 16), ca = tid % (kBK / 16), rb = tid / (kBK / 32), cb = tid % (kBK / 32);
   c.ka = 16 * ca;
@@ -179,37 +192,41 @@ MINICPM_HD CopyPlan copy_plan(const Params& p, int m0, int n0, int tid) {
   c.xa = static_cast<long>(m0 + ra) * p.K + c.ka;
   c.wb = static_cast<long>(n0 + rb) * (p.K / 2) + c.kw / 2;
   c.dsta = ra * kStrideA + c.ka;
-  c.dstb = kStageA + rb * kStrideB + c.kw / 2;
+  c.dstb = B::kStageA + rb * kStrideB + c.kw / 2;
   c.rows_ok = 0;
   MINICPM_UNROLL
-  for (int i = 0; i < kPiecesA; ++i) c.rows_ok |= static_cast<unsigned>(m0 + ra + kRowStepA * i < p.M) << i;
+  for (int i = 0; i < B::kPiecesA; ++i) c.rows_ok |= static_cast<unsigned>(m0 + ra + B::kRowStepA * i < p.M) << i;
   MINICPM_UNROLL
-  for (int i = 0; i < kPiecesB; ++i) c.rows_ok |= static_cast<unsigned>(n0 + rb + kRowStepB * i < p.N) << (kPiecesA + i);
+  for (int i = 0; i < B::kPiecesB; ++i)
+    c.rows_ok |= static_cast<unsigned>(n0 + rb + B::kRowStepB * i < p.N) << (B::kPiecesA + i);
   return c;
 }
 
+template <int WM>
 MINICPM_HD void stage_piece(const Params& p, const CopyPlan& c, int kb, int i, int& dst, const void*& src, int& bytes) {
+  using B = Block<WM>;
   const int k0 = kb * kBK;
-  if (i < kPiecesA) {
-    dst = c.dsta + kRowStepA * kStrideA * i;
+  if (i < B::kPiecesA) {
+    dst = c.dsta + B::kRowStepA * kStrideA * i;
     bytes = (c.rows_ok >> i) & 1 && k0 + c.ka < p.K ? 16 : 0;
-    src = bytes ? static_cast<const void*>(p.xq + c.xa + static_cast<long>(kRowStepA * i) * p.K + k0) : p.xq;
+    src = bytes ? static_cast<const void*>(p.xq + c.xa + static_cast<long>(B::kRowStepA * i) * p.K + k0) : p.xq;
   } else {
-    const int j = i - kPiecesA, left = (p.K - k0 - c.kw) / 2;  // bytes of the row from the piece on
-    dst = c.dstb + kRowStepB * kStrideB * j;
+    const int j = i - B::kPiecesA, left = (p.K - k0 - c.kw) / 2;  // bytes of the row from the piece on
+    dst = c.dstb + B::kRowStepB * kStrideB * j;
     bytes = (c.rows_ok >> i) & 1 && left > 0 ? (left < 16 ? left : 16) : 0;
-    src = bytes ? static_cast<const void*>(p.qb + c.wb + static_cast<long>(kRowStepB * j) * (p.K / 2) + k0 / 2) : p.qb;
+    src = bytes ? static_cast<const void*>(p.qb + c.wb + static_cast<long>(B::kRowStepB * j) * (p.K / 2) + k0 / 2) : p.qb;
   }
 }
 
 // The permute pass over a landed stage of x: thread tid reorders the 4-byte words of kPermute 32-byte
 // k-tile rows to 0, 2, 4, 6, 1, 3, 5, 7 (the ldmatrix order above). Rows past M and k past K are zeros
 // either way.
-constexpr int kPermute = kBM * (kBK / kKT) / kThreads;   // 2
+template <int WM>
 MINICPM_HD void permute_x(uint8_t* stage, int tid) {
+  using B = Block<WM>;
   MINICPM_UNROLL
-  for (int i = 0; i < kPermute; ++i) {
-    const int u = tid + kThreads * i, row = u / (kBK / kKT), unit = u % (kBK / kKT);
+  for (int i = 0; i < B::kPermute; ++i) {
+    const int u = tid + B::kThreads * i, row = u / (kBK / kKT), unit = u % (kBK / kKT);
     uint8_t* q = stage + row * kStrideA + kKT * unit;
 #ifdef __CUDA_ARCH__
     const uint4 lo = *reinterpret_cast<const uint4*>(q), hi = *reinterpret_cast<const uint4*>(q + 16);
@@ -381,14 +398,14 @@ MINICPM_HD void finish_group(const Params& p, int grp, WarpState<L>& st) {
   }
 }
 
-// One warp's work on stage kb, held in shared memory at `stage` (kStageBytes): its 64 rows of x from
-// row wm (of the stage's tile) and 32 rows of W from wn. SZ: the dtype of scales and zeros.
+// One warp's work on stage kb, held in shared memory at `stage` (x's rows) and `stage_w` (W's): its 64 rows
+// of x from row wm (of the stage's tile) and 32 rows of W from wn. SZ: the dtype of scales and zeros.
 // GT: k-tiles per group when a stage holds whole groups (G = 32, 64, 128: GT = 1, 2, 4), where every group
 // starts and ends at a k-tile known at compile time; GT = 0: any other group (per channel, G >= 256),
 // followed at run time with the warp's counter.
 template <int GT, bool MAGIC, typename SZ, class Mma, int L>
-MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm, int wn, const int (&lanes)[L],
-                           WarpState<L>& st) {
+MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, const uint8_t* stage_w, int kb, int wm, int wn,
+                           const int (&lanes)[L], WarpState<L>& st) {
   static_assert(GT == 0 || GT == 1 || GT == 2 || GT == 4, "a stage of 4 k-tiles holds whole groups of 1, 2 or 4");
   MINICPM_UNROLL
   for (int kt = 0; kt < kBK / kKT; ++kt) {
@@ -413,7 +430,7 @@ MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, int kb, int wm
       const int g = lanes[l] >> 2, t = lanes[l] & 3;
       MINICPM_UNROLL
       for (int nt = 0; nt < kNT; ++nt) {
-        const uint8_t* src = stage + kStageA + (wn + 8 * nt + g) * kStrideB + (kKT / 2) * kt + 4 * t;
+        const uint8_t* src = stage_w + (wn + 8 * nt + g) * kStrideB + (kKT / 2) * kt + 4 * t;
         uint32_t w;
 #ifdef __CUDA_ARCH__
         w = *reinterpret_cast<const uint32_t*>(src);
@@ -480,6 +497,16 @@ inline int group_tiles_for(int K, int G) { return G == K ? (K + kKT - 1) / kKT :
 // The instantiation's GT (warp_stage): 1, 2, 4 for G = 32, 64, 128 (not per channel), else 0.
 inline int static_group_tiles(int K, int G) { return G != K && (G == 32 || G == 64 || G == 128) ? G / kKT : 0; }
 inline bool magic_convert(int G) { return G <= kMagicMaxG; }
-inline long blocks(int M, int N) { return static_cast<long>((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN); }
+inline long blocks(int M, int N, int wm) {
+  const int bm = kWarpRows * wm;
+  return static_cast<long>((M + bm - 1) / bm) * ((N + kBN - 1) / kBN);
+}
+// Rows of x per block, as warps along M (Block's WM): 128-row blocks (WM = 2) unless they are fewer than the
+// GPU's SMs - a few hundred rows of x, or a narrow layer - where 64-row blocks (half the work a block, two or
+// more an SM) spread over more of them. wm_forced: 1 or 2 (the bench's variants), 0 = this rule.
+inline int block_warps_m(int M, int N, int sms, int wm_forced) {
+  if (wm_forced == 1 || wm_forced == 2) return wm_forced;
+  return blocks(M, N, 2) < sms ? 1 : 2;
+}
 
 }  // namespace minicpm_int4_w4a8

@@ -36,13 +36,15 @@ def build(out_dir) -> ctypes.CDLL:
     so.minicpm_int4_mma_emulate.argtypes = gemv_args + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     so.minicpm_int4_act_quant_emulate.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_long]
                                                   + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2)
-    so.minicpm_int4_w4a8_emulate.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_long] + [ctypes.c_int] * 2
+    so.minicpm_int4_w4a8_emulate.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
     so.minicpm_int4_w4a8_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a8_magic_convert.argtypes = [ctypes.c_int]
-    so.minicpm_int4_w4a8_block_tile.argtypes = [ctypes.c_int] * 3
+    so.minicpm_int4_w4a8_block_tile.argtypes = [ctypes.c_int] * 4
+    so.minicpm_int4_w4a8_block_rows.argtypes = [ctypes.c_int] * 3
     so.minicpm_int4_w4a8_static_group_tiles.argtypes = [ctypes.c_int] * 2
     for f in (so.minicpm_int4_w4a8_emulate, so.minicpm_int4_w4a8_supported, so.minicpm_int4_w4a8_magic_convert,
-              so.minicpm_int4_w4a8_block_tile, so.minicpm_int4_w4a8_static_group_tiles, so.minicpm_int4_gemv_emulate, so.minicpm_int4_mma_emulate, so.minicpm_int4_act_quant_emulate,
+              so.minicpm_int4_w4a8_block_tile, so.minicpm_int4_w4a8_static_group_tiles, so.minicpm_int4_w4a8_block_rows,
+              so.minicpm_int4_gemv_emulate, so.minicpm_int4_mma_emulate, so.minicpm_int4_act_quant_emulate,
               so.minicpm_int4_gemv_chunk_shift, so.minicpm_int4_gemv_rows_per_block, so.minicpm_int4_mma_supported,
               so.minicpm_int4_mma_post_scale, so.minicpm_int4_mma_tiles_per_block, so.minicpm_int4_mma_warps_per_block,
               so.minicpm_int4_mma_warps_for_launch):

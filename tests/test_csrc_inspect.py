@@ -158,17 +158,18 @@ def test_an_unknown_arch_is_one_line_before_nvcc_starts(arch, capsys, monkeypatc
 
 
 def test_w4a8_gemm_instantiations_and_loop(variants):
-    """The CUDA W4A8 GEMM (csrc/w4a8_gemm.cu): the 7 instantiations its launcher picks - groups of 32 / 64 /
-    128 placed at compile time (GT = 1 / 2 / 4), any other followed at run time (GT = 0) with either int32 ->
-    fp32 convert and either copy width of W - compile with no stack and no local memory, and the stage loop
+    """The CUDA W4A8 GEMM (csrc/w4a8_gemm.cu): the 7 instantiations its launcher picks per block shape (128 or 64
+    rows of x: WM = 2 / 1) - groups of 32 / 64 / 128 placed at compile time (GT = 1 / 2 / 4), any other followed
+    at run time (GT = 0) with either int32 -> fp32 convert and either copy width of W - compile with no stack
+    and no local memory, and the stage loop
     holds its 64 IMMA (4 k-tiles x 4 x 4 tiles), for scales and zeros of each dtype. For G = 128, the usual
     group, the loop issues at most 12.5 instructions per IMMA (the fp32 group epilogue - convert, multiply,
     add: the reference's operations - is 3 of them): an A100's tensor pipe takes an m16n8k32 IMMA every 8
     cycles per scheduler, so with 2 warps a scheduler that is ~16 issue slots."""
     for arch in ("sm80", "sm90a"):
         w8 = _pick(variants, arch, "w4a8")
-        assert sorted((v.dtype, v.params["GT"], v.params["MAGIC"], v.params["NARROW"]) for v in w8) == sorted(
-            (d, *c) for d in ("float16", "bfloat16", "float32")
+        assert sorted((v.dtype, v.params["WM"], v.params["GT"], v.params["MAGIC"], v.params["NARROW"]) for v in w8) == sorted(
+            (d, wm, *c) for d in ("float16", "bfloat16", "float32") for wm in (1, 2)
             for c in [(1, 1, 0), (2, 1, 0), (4, 1, 0)] + [(0, m, n) for m in (0, 1) for n in (0, 1)])
         for v in w8:
             assert v.spill_bytes == 0 and v.loop_local_memory == 0, (arch, v.params)

@@ -47,7 +47,8 @@ def _inputs(m, n, k, group_size, sz_dtype, seed, bias=False, out_dtype=None):
     return x_q, x_scale, qweight, scales, zeros, b, gs, out_dtype
 
 
-def _emulate(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None):
+def _emulate(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, block_rows=128, sms=132):
+    """The kernel with 128- or 64-row blocks (block_rows; 0: the launcher's choice for `sms` SMs)."""
     m, k = x_q.shape
     n = qweight.shape[0]
     ldo = ldo or n
@@ -57,8 +58,9 @@ def _emulate(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo
     bias = None if bias is None else guarded(bias)
     rc = emu.minicpm_int4_w4a8_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                        zeros.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                       m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype])
-    assert rc == 0, f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
+                                       m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], block_rows, sms)
+    assert rc in (64, 128) and (block_rows == 0 or rc == block_rows), \
+        f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
     return out[:, :n]
 
 
@@ -93,6 +95,17 @@ def test_w4a8_emulation_gives_the_reference_bits(emu, shape, sz_dtype):
     m, n, k, group_size = shape
     args = _inputs(m, n, k, group_size, sz_dtype, seed=m * 7 + n)
     _assert_reference_bits(_emulate(emu, *args), *args)
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] > 1], ids=lambda s: f"M{s[0]}-N{s[1]}-K{s[2]}-G{s[3]}")
+def test_w4a8_emulation_64_row_blocks_give_the_same_bits(emu, shape):
+    # the 4-warp blocks (64 rows: their own copy plan - 4 pieces of W a thread - and permute pass) compute
+    # every output exactly as the 8-warp ones do: the same integers in the same order
+    m, n, k, group_size = shape
+    args = _inputs(m, n, k, group_size, torch.bfloat16, seed=m + 3 * n, bias=True)
+    y64 = _emulate(emu, *args, block_rows=64)
+    _assert_reference_bits(y64, *args)
+    assert torch.equal(y64.view(torch.int16), _emulate(emu, *args, block_rows=128).view(torch.int16))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
@@ -135,7 +148,9 @@ def test_w4a8_emulation_refuses_what_the_kernel_does_not_take(emu):
     for k, g in ((264, 264), (256, 48), (256, 16), (256, 512), (272, 16)):  # K % 16, G % 32, G % 32, G > K, G % 32
         assert emu.minicpm_int4_w4a8_supported(k, g) == 0
         assert emu.minicpm_int4_w4a8_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                             zeros.data_ptr(), None, out.data_ptr(), 4, 16, k, g, 16, 0, 0) == -2
+                                             zeros.data_ptr(), None, out.data_ptr(), 4, 16, k, g, 16, 0, 0, 0, 132) == -2
+    assert emu.minicpm_int4_w4a8_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                         zeros.data_ptr(), None, out.data_ptr(), 4, 16, 256, 32, 16, 0, 0, 96, 132) == -2
     assert emu.minicpm_int4_w4a8_supported(4096, 128) == 1 and emu.minicpm_int4_w4a8_supported(4304, 4304) == 1
     # the magic int32 -> fp32 convert only where a group's sum stays below 2**22 (127 * 15 * G)
     assert emu.minicpm_int4_w4a8_magic_convert(2048) == 1 and emu.minicpm_int4_w4a8_magic_convert(4096) == 0
@@ -148,9 +163,21 @@ def test_w4a8_emulation_refuses_what_the_kernel_does_not_take(emu):
 def test_w4a8_block_order_covers_every_tile_once(emu):
     # the grouped launch order (8 row blocks at a time) is a permutation of the output's tiles
     for m, n in ((4096, 4096), (1000, 130), (129, 4096), (17, 12288)):
-        nbm, nbn = -(-m // 128), -(-n // 128)
-        tiles = [divmod(emu.minicpm_int4_w4a8_block_tile(pid, m, n), 65536) for pid in range(nbm * nbn)]
-        assert sorted(tiles) == [(i, j) for i in range(nbm) for j in range(nbn)]
+        for rows in (128, 64):
+            nbm, nbn = -(-m // rows), -(-n // 128)
+            tiles = [divmod(emu.minicpm_int4_w4a8_block_tile(pid, m, n, rows), 65536) for pid in range(nbm * nbn)]
+            assert sorted(tiles) == [(i, j) for i in range(nbm) for j in range(nbn)]
+
+
+def test_w4a8_block_rows_rule(emu):
+    # 128-row blocks unless they would be fewer than the SMs: a few hundred rows of x, or a narrow layer
+    rows = lambda m, n, sms=132: emu.minicpm_int4_w4a8_block_rows(m, n, sms)  # noqa: E731
+    assert rows(4096, 4096) == 128 and rows(4096, 768) == 128 and rows(1024, 4096) == 128   # 1024, 192, 256 blocks
+    assert rows(1024, 768) == 64 and rows(256, 4096) == 64 and rows(17, 12288) == 64      # 48, 64, 96 blocks
+    assert rows(1024, 768, sms=40) == 128
+    # the launcher's own choice runs it: 1024 x 768 on 132 SMs in 64-row blocks
+    args = _inputs(300, 200, 256, 128, torch.float16, seed=2)
+    assert torch.equal(_emulate(emu, *args, block_rows=0, sms=132), _emulate(emu, *args, block_rows=64))
 
 
 def test_ops_rule_is_the_kernels(emu):

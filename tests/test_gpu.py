@@ -387,12 +387,21 @@ def test_cuda_extension_w4a8_small(case):
     for dtype in (torch.float16, torch.bfloat16):
         _w4a8_cuda_bits(n, k, group_size, m, dtype)
     _w4a8_cuda_bits(n, k, group_size, m, torch.bfloat16, out_dtype=torch.float32, bias=False)
+    # both block shapes forced (the launcher picks 64-row blocks for grids this small): the same bits
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, torch.float16)
+    x_q, s = quantize_per_token_int8_ref(torch.randn(m, k, dtype=torch.float16, device="cuda"))
+    ys = [torch.ops.minicpm_int4_C.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16, rows)
+          for rows in (0, 64, 128)]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[1], ys[2])
+    assert torch.equal(ys[2], w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16))
 
 
 @pytest.mark.parametrize("m", [17, 300])
 @pytest.mark.parametrize("nkg", [(4096, 4096, 128), (2304, 768, 128), (14336, 4096, 64), (4096, 14336, 32),
                                  (1152, 4304, -1), (18944, 3584, 128)], ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
 def test_cuda_extension_w4a8_real_shapes(nkg, m):
+    """M = 17 and 300 take the launcher's 64-row blocks on shapes whose 128-row grid is under the SM count, and
+    128-row ones on the rest (N >= 14336 at M = 300 on an H100 / H200)."""
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     _w4a8_cuda_bits(*nkg, m, torch.float16)
@@ -421,6 +430,8 @@ def test_cuda_extension_w4a8_rejects_bad_inputs():
                         None, 32, torch.float16)
     with pytest.raises(RuntimeError, match="out_dtype must be fp16, bf16 or fp32"):
         c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 32, torch.int32)
+    with pytest.raises(RuntimeError, match="block_rows must be 0 .*, 64 or 128, got 96"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, 32, torch.float16, 96)
     # a strided view of x_q is copied, not misread
     wide = torch.randint(-127, 128, (20, 272), dtype=torch.int8, device="cuda")
     view = wide[:, 16:]

@@ -218,8 +218,6 @@ class OursW4A8(_Ours):
 
     def prepare(self, w, group_size):
         qweight, scales, zeros = _int4(w, group_size)
-        from ..reference import quantize_per_token_int8_ref, w4a8_gemm_ref, w4a8_tolerance
-
         gs = w.shape[1] if group_size == -1 else group_size
 
         def run(x):
@@ -227,16 +225,27 @@ class OursW4A8(_Ours):
                 x_q, s = ops.quantize_per_token_int8(x, self.backend)
                 return ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, group_size, x.dtype, self.backend)
 
+        return Prepared(run=run, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
+                        reference=self._reference(qweight, scales, zeros, gs),
+                        tolerance=self._tolerance(qweight, scales, zeros, gs))
+
+    @staticmethod
+    def _reference(qweight, scales, zeros, gs):
+        from ..reference import quantize_per_token_int8_ref, w4a8_gemm_ref
+
         def ref(x):
             x_q, s = quantize_per_token_int8_ref(x)
             return w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, x.dtype)
+        return ref
+
+    @staticmethod
+    def _tolerance(qweight, scales, zeros, gs):
+        from ..reference import quantize_per_token_int8_ref, w4a8_tolerance
 
         def tol(x, y_ref):
             x_q, s = quantize_per_token_int8_ref(x)
             return w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, x.dtype, y_ref)
-
-        return Prepared(run=run, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
-                        reference=ref, tolerance=tol)
+        return tol
 
     def activation_bytes(self, m, k, n, esize):
         # quantizer: read x, write x_q + scale; GEMM: read x_q + scale, write y
@@ -259,6 +268,29 @@ class OursW4A8TritonFlat(OursW4A8):
         from ..kernels import w4a8
 
         return w4a8.flat_groups()
+
+
+class OursW4A8CudaRows64(OursW4A8):
+    """The CUDA W4A8 GEMM with 64-row blocks of 4 warps forced (its launcher takes them only where 128-row blocks
+    would be fewer than the SMs), beside `w4a8-cuda`: these rows decide whether the smaller blocks - two or three an
+    SM - are also worth it on larger grids (e.g. N = 768 at M = 4096: 192 blocks of 128 rows over 132 SMs)."""
+
+    def __init__(self):
+        super().__init__("cuda")
+        self.name = "w4a8-cuda-m64"
+
+    def prepare(self, w, group_size):
+        qweight, scales, zeros = _int4(w, group_size)
+        gs = w.shape[1] if group_size == -1 else group_size
+        ext = torch.ops.minicpm_int4_C
+
+        def run(x):
+            x_q, s = ops.quantize_per_token_int8(x, "cuda")
+            return ext.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, x.dtype, 64)
+
+        return Prepared(run=run, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
+                        reference=self._reference(qweight, scales, zeros, gs),
+                        tolerance=self._tolerance(qweight, scales, zeros, gs))
 
 
 class TorchTinyGemm(Backend):
@@ -382,7 +414,7 @@ def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
-            OursW4A8("cuda"),
+            OursW4A8("cuda"), OursW4A8CudaRows64(),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 
 

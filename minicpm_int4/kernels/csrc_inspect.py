@@ -43,7 +43,8 @@ class Variant:
                                  # all: S (1: the layer's input scale multiplied into the loads of x);
                                  # mma, act_quant: P (1: x read through an act-order layer's channel order);
                                  # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3);
-                                 # w4a8: GT (k-tiles per group at compile time, 0: run time), MAGIC, NARROW
+                                 # w4a8: WM (warps along M), GT (k-tiles per group at compile time, 0: run
+                                 # time), MAGIC, NARROW
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -122,11 +123,12 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a chunk: 16 * NT rows x 128 k per warp = 64 * NT weights per thread
             v.loop_counts, v.weights_per_trip = dict(best[1]), 64.0 * nt * best[0] // (8 * nt * nb)
         return v
-    m = re.search(r"w4a8_gemm_kernelILi(\d+)ELb([01])ELb([01])E(\d+__\w+?|f)E", name)
-    if m:  # GT: k-tiles per group placed at compile time (0: at run time); MAGIC int -> fp32; NARROW 8-byte W
-        # copies; dtype: of the scales and zero points (x is int8)
-        v = Variant(arch, "w4a8", _DTYPES[m.group(4)], {"GT": int(m.group(1)), "MAGIC": int(m.group(2)),
-                                                       "NARROW": int(m.group(3)), "S": 0}, regs, spill, smem)
+    m = re.search(r"w4a8_gemm_kernelILi(\d+)ELi(\d+)ELb([01])ELb([01])E(\d+__\w+?|f)E", name)
+    if m:  # WM: warps along M (2: 128-row blocks, 1: 64); GT: k-tiles per group placed at compile time (0: at
+        # run time); MAGIC int -> fp32; NARROW 8-byte W copies; dtype: of the scales and zero points (x is int8)
+        v = Variant(arch, "w4a8", _DTYPES[m.group(5)], {"WM": int(m.group(1)), "GT": int(m.group(2)),
+                                                       "MAGIC": int(m.group(3)), "NARROW": int(m.group(4)), "S": 0},
+                    regs, spill, smem)
         best = None  # the stage loop: 64 IMMA per 128-k stage
         for loop in loop_bodies(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("IMMA"))

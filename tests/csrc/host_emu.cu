@@ -237,51 +237,57 @@ namespace w8 = minicpm_int4_w4a8;
 // permute pass over x (permute_x), then each warp's work on it (warp_stage, 32 lanes, HostMma - its
 // ldmatrix too, from the row addresses the lanes hand it), then each warp's stores. Shared memory starts
 // as 0xA5 bytes, so a fragment read from anywhere no copy wrote shows in the result.
-template <int GT, bool MAGIC, typename SZ>
+template <int WM, int GT, bool MAGIC, typename SZ>
 void w4a8_grid(const w8::Params& p) {
+  using B = w8::Block<WM>;
   int lanes[32];
   for (int l = 0; l < 32; ++l) lanes[l] = l;
-  std::vector<uint8_t> smem(w8::kSmemBytes);
-  std::vector<w8::WarpState<32>> st(w8::kWarps);
-  const long nblocks = w8::blocks(p.M, p.N);
+  std::vector<uint8_t> smem(B::kSmemBytes);
+  std::vector<w8::WarpState<32>> st(B::kWarps);
+  const long nblocks = w8::blocks(p.M, p.N, WM);
   const int stages = (p.K + w8::kBK - 1) / w8::kBK;
   for (long pid = 0; pid < nblocks; ++pid) {
     int bm, bn;
-    w8::block_tile(static_cast<int>(pid), p.M, p.N, bm, bn);
-    const int m0 = bm * w8::kBM, n0 = bn * w8::kBN;
+    w8::block_tile<WM>(static_cast<int>(pid), p.M, p.N, bm, bn);
+    const int m0 = bm * B::kBM, n0 = bn * w8::kBN;
     std::fill(smem.begin(), smem.end(), static_cast<uint8_t>(0xA5));
-    for (int w = 0; w < w8::kWarps; ++w) w8::warp_init(p, n0 + (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN), lanes, st[w]);
+    for (int w = 0; w < B::kWarps; ++w) w8::warp_init(p, n0 + (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN), lanes, st[w]);
     for (int kb = 0; kb < stages; ++kb) {
-      uint8_t* stage = smem.data() + (kb % w8::kStages) * w8::kStageBytes;
-      for (int tid = 0; tid < w8::kThreads; ++tid)
-        for (int i = 0; i < w8::kPiecesA + w8::kPiecesB; ++i) {
+      uint8_t* stage = smem.data() + (kb % w8::kStages) * B::kStageBytes;
+      for (int tid = 0; tid < B::kThreads; ++tid)
+        for (int i = 0; i < B::kPiecesA + B::kPiecesB; ++i) {
           int dst, bytes;
           const void* src;
-          w8::stage_piece(p, w8::copy_plan(p, m0, n0, tid), kb, i, dst, src, bytes);
+          w8::stage_piece<WM>(p, w8::copy_plan<WM>(p, m0, n0, tid), kb, i, dst, src, bytes);
           std::memcpy(stage + dst, src, bytes);
           std::memset(stage + dst + bytes, 0, 16 - bytes);
         }
-      for (int tid = 0; tid < w8::kThreads; ++tid) w8::permute_x(stage, tid);
-      for (int w = 0; w < w8::kWarps; ++w) {
-        const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
-        w8::warp_stage<GT, MAGIC, SZ, w8::HostMma, 32>(p, stage, kb, wm, wn, lanes, st[w]);
+      for (int tid = 0; tid < B::kThreads; ++tid) w8::permute_x<WM>(stage, tid);
+      for (int w = 0; w < B::kWarps; ++w) {
+        const int wm = (w / w8::kWarpsN) * w8::kWarpRows, wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
+        w8::warp_stage<GT, MAGIC, SZ, w8::HostMma, 32>(p, stage, stage + B::kStageA, kb, wm, wn, lanes, st[w]);
       }
     }
-    for (int w = 0; w < w8::kWarps; ++w) {
-      const int wm = (w / w8::kWarpsN) * (w8::kBM / w8::kWarpsM), wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
+    for (int w = 0; w < B::kWarps; ++w) {
+      const int wm = (w / w8::kWarpsN) * w8::kWarpRows, wn = (w % w8::kWarpsN) * (w8::kBN / w8::kWarpsN);
       w8::warp_store<32>(p, m0 + wm, n0 + wn, lanes, st[w]);
     }
   }
 }
 
-template <typename SZ>
-void w4a8_sz(const w8::Params& p) {
+template <int WM, typename SZ>
+void w4a8_groups(const w8::Params& p) {
   switch (w8::static_group_tiles(p.K, p.G)) {  // the launcher's instantiations
-    case 1: w4a8_grid<1, true, SZ>(p); break;
-    case 2: w4a8_grid<2, true, SZ>(p); break;
-    case 4: w4a8_grid<4, true, SZ>(p); break;
-    default: w8::magic_convert(p.G) ? w4a8_grid<0, true, SZ>(p) : w4a8_grid<0, false, SZ>(p);
+    case 1: w4a8_grid<WM, 1, true, SZ>(p); break;
+    case 2: w4a8_grid<WM, 2, true, SZ>(p); break;
+    case 4: w4a8_grid<WM, 4, true, SZ>(p); break;
+    default: w8::magic_convert(p.G) ? w4a8_grid<WM, 0, true, SZ>(p) : w4a8_grid<WM, 0, false, SZ>(p);
   }
+}
+
+template <typename SZ>
+void w4a8_sz(const w8::Params& p, int wm) {
+  wm == 1 ? w4a8_groups<1, SZ>(p) : w4a8_groups<2, SZ>(p);
 }
 
 }  // namespace
@@ -355,30 +361,38 @@ int minicpm_int4_act_quant_emulate(const void* x, int8_t* xq, float* scale, int 
 int minicpm_int4_gemv_chunk_shift(int K, int group_size) { return chunk_shift_for(K, group_size); }
 int minicpm_int4_gemv_rows_per_block(int mt, int n, int sms) { return rows_per_block(mt, n, sms); }
 
-// The W4A8 GEMM, as csrc/w4a8_gemm.cu's launcher takes it (dtypes 0 fp16, 1 bf16, 2 fp32). Returns 0, or -2
-// where the kernel does not apply (minicpm_int4_w4a8_supported) - the launcher's cudaErrorInvalidValue.
+// The W4A8 GEMM, as csrc/w4a8_gemm.cu's launcher takes it (dtypes 0 fp16, 1 bf16, 2 fp32; block_rows 0, 64 or
+// 128, 0 choosing by `sms` SMs as the launcher does). Returns the rows per block it ran with, or -2 where the
+// kernel does not apply (minicpm_int4_w4a8_supported) - the launcher's cudaErrorInvalidValue.
 int minicpm_int4_w4a8_emulate(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
                               const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
-                              long ldo, int sz_dtype, int out_dtype) {
-  if (!w8::supported(K, group_size) || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2) return -2;
+                              long ldo, int sz_dtype, int out_dtype, int block_rows, int sms) {
+  if (!w8::supported(K, group_size) || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2 ||
+      (block_rows != 0 && block_rows != 64 && block_rows != 128))
+    return -2;
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
                      group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, ldo, sz_dtype, out_dtype};
+  const int wm = w8::block_warps_m(M, N, sms, block_rows / w8::kWarpRows);
   if (sz_dtype == 0)
-    w4a8_sz<__half>(p);
+    w4a8_sz<__half>(p, wm);
   else if (sz_dtype == 1)
-    w4a8_sz<__nv_bfloat16>(p);
+    w4a8_sz<__nv_bfloat16>(p, wm);
   else
-    w4a8_sz<float>(p);
-  return 0;
+    w4a8_sz<float>(p, wm);
+  return wm * w8::kWarpRows;
 }
 
 int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_w4a8_magic_convert(int group_size) { return w8::magic_convert(group_size) ? 1 : 0; }
 int minicpm_int4_w4a8_static_group_tiles(int K, int group_size) { return w8::static_group_tiles(K, group_size); }
-int minicpm_int4_w4a8_block_tile(int pid, int M, int N) {
+int minicpm_int4_w4a8_block_tile(int pid, int M, int N, int block_rows) {
   int bm, bn;
-  w8::block_tile(pid, M, N, bm, bn);
+  if (block_rows == 64)
+    w8::block_tile<1>(pid, M, N, bm, bn);
+  else
+    w8::block_tile<2>(pid, M, N, bm, bn);
   return bm * 65536 + bn;
 }
+int minicpm_int4_w4a8_block_rows(int M, int N, int sms) { return w8::block_warps_m(M, N, sms, 0) * w8::kWarpRows; }
 
 }  // extern "C"
