@@ -91,12 +91,21 @@ MINICPM_HD float load_f32(const void* p, long i, int dtype) {
   return dtype == 0 ? __half2float(__ushort_as_half(b)) : __bfloat162float(__ushort_as_bfloat16(b));
 }
 
-// A scale or zero point of dtype SZ (__half, __nv_bfloat16 or float: a template parameter of the kernel, so
-// that the per-group loads carry no branch on the dtype) as fp32.
-template <typename SZ> MINICPM_HD float sz_to_f32(SZ v);
-template <> MINICPM_HD float sz_to_f32<__half>(__half v) { return __half2float(v); }
-template <> MINICPM_HD float sz_to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> MINICPM_HD float sz_to_f32<float>(float v) { return v; }
+// Element i of a scales / zeros array of dtype SZ as its raw bits (a register), and those bits as fp32: a load
+// kept in its raw form until it is used, so that nothing waits for it before then.
+template <typename SZ>
+MINICPM_HD uint32_t load_bits(const void* base, int i) {
+  if constexpr (sizeof(SZ) == 2) return ldg(static_cast<const unsigned short*>(base) + i);
+  else return ldg(static_cast<const uint32_t*>(base) + i);
+}
+template <typename SZ> MINICPM_HD float bits_to_f32(uint32_t b);
+template <> MINICPM_HD float bits_to_f32<__half>(uint32_t b) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+}
+template <> MINICPM_HD float bits_to_f32<__nv_bfloat16>(uint32_t b) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
+}
+template <> MINICPM_HD float bits_to_f32<float>(uint32_t b) { return minicpm_int4_hd::as_float(b); }
 
 MINICPM_HD void store_f32(void* p, long i, float v, int dtype) {
   if (dtype == 2)
@@ -262,6 +271,9 @@ struct WarpState {
   int32_t acc[kMT][kNT][L][4];  // the group's integer sums
   float y[kMT][kNT][L][4];      // sum over finished groups, fp32
   uint32_t zz[kNT][L];          // the zero point of the lane's W row (column g of each n8 tile), in all 4 bytes
+  uint32_t znext[kNT][L];       // the next group's zero points, raw bits: loaded a group ahead of their use
+  uint32_t sbits[kNT][2][L];    // this group's scales of the lane's columns, raw
+  uint32_t snext[kNT][2][L];    // the next group's, raw: loaded a group ahead of their use, as the zero points
   int zrow[kNT][L];             // offsets of those rows in zeros (n * K / G; rows past N read row N - 1)
   int srow[kNT][2][L];          // offsets in scales of the lane's output columns 2t, 2t + 1 of each n8 tile
   int grp;                      // the current group (warp-uniform), -1 before the first
@@ -363,29 +375,43 @@ struct HostMma {
   }
 };
 
-// The zero points of group grp for the lane's W rows (column g of each n8 tile).
+// Group grp starts: its zero points and scales (loaded when the group before started; the first group's
+// now) into zz and sbits, and the next group's loaded - not waited for until the next group starts, so their
+// latency hides behind a group's mma (loaded at their use, or even within the group, the loads were not:
+// the compiler sank them next to the epilogue).
 template <typename SZ, int L>
-MINICPM_HD void load_zeros(const Params& p, int grp, WarpState<L>& st) {
-  const SZ* zeros = static_cast<const SZ*>(p.zeros) + grp;
-  for (int l = 0; l < L; ++l)
+MINICPM_HD void start_group(const Params& p, int grp, WarpState<L>& st) {
+  const int ahead = grp + 1 < p.groups ? grp + 1 : grp;
+  for (int l = 0; l < L; ++l) {
     MINICPM_UNROLL
     for (int nt = 0; nt < kNT; ++nt) {
-      const int z = static_cast<int>(sz_to_f32<SZ>(ldg(zeros + st.zrow[nt][l])));
+      if (grp == 0) {
+        st.znext[nt][l] = load_bits<SZ>(p.zeros, st.zrow[nt][l]);
+        MINICPM_UNROLL
+        for (int h = 0; h < 2; ++h) st.snext[nt][h][l] = load_bits<SZ>(p.scales, st.srow[nt][h][l]);
+      }
+      const int z = static_cast<int>(bits_to_f32<SZ>(st.znext[nt][l]));
       st.zz[nt][l] = static_cast<uint32_t>(z) * 0x01010101u;
+      st.znext[nt][l] = load_bits<SZ>(p.zeros, st.zrow[nt][l] + ahead);
+      MINICPM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        st.sbits[nt][h][l] = st.snext[nt][h][l];
+        st.snext[nt][h][l] = load_bits<SZ>(p.scales, st.srow[nt][h][l] + ahead);
+      }
     }
+  }
 }
 
 // A finished group: y += float(acc) * s for the lane's columns n0w + 8 nt + 2t (+1); acc = 0.
 // RESET: zero acc here; false where the group's first mma will ignore acc instead (Mma::first).
 template <bool MAGIC, bool RESET, typename SZ, int L>
-MINICPM_HD void finish_group(const Params& p, int grp, WarpState<L>& st) {
-  const SZ* scales = static_cast<const SZ*>(p.scales) + grp;
+MINICPM_HD void finish_group(WarpState<L>& st) {
   for (int l = 0; l < L; ++l) {
     float s[kNT][2];
     MINICPM_UNROLL
     for (int nt = 0; nt < kNT; ++nt)
       MINICPM_UNROLL
-      for (int h = 0; h < 2; ++h) s[nt][h] = sz_to_f32<SZ>(ldg(scales + st.srow[nt][h][l]));
+      for (int h = 0; h < 2; ++h) s[nt][h] = bits_to_f32<SZ>(st.sbits[nt][h][l]);
     MINICPM_UNROLL
     for (int mt = 0; mt < kMT; ++mt)
       MINICPM_UNROLL
@@ -413,11 +439,11 @@ MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, const uint8_t*
     if (kg >= p.K) break;  // the last stage's tail (K % 128 != 0): zero-filled, skipped
     // (K % 32 == 16: the last k-tile is half inside K, its other half zero in x and W)
     if constexpr (GT > 0) {
-      if (kt % GT == 0) load_zeros<SZ, L>(p, (kb * (kBK / kKT) + kt) / GT, st);
+      if (kt % GT == 0) start_group<SZ, L>(p, (kb * (kBK / kKT) + kt) / GT, st);
     } else if (st.left == 0) {  // a group starts at this k-tile
       st.grp += 1;
       st.left = p.group_tiles;
-      load_zeros<SZ, L>(p, st.grp, st);
+      start_group<SZ, L>(p, st.grp, st);
     }
     uint32_t a[kMT][L][4], b[kNT][L][2];
     MINICPM_UNROLL
@@ -451,35 +477,50 @@ MINICPM_HD void warp_stage(const Params& p, const uint8_t* stage, const uint8_t*
           Mma::run(a[mt], b[nt], st.acc[mt][nt]);
       }
     if constexpr (GT > 0) {
-      if (kt % GT == GT - 1) finish_group<MAGIC, false, SZ, L>(p, (kb * (kBK / kKT) + kt) / GT, st);
+      if (kt % GT == GT - 1) finish_group<MAGIC, false, SZ, L>(st);
     } else {
       st.left -= 1;
       if (st.left == 0 || kg + kKT >= p.K) {
-        finish_group<MAGIC, true, SZ, L>(p, st.grp, st);
+        finish_group<MAGIC, true, SZ, L>(st);
         st.left = 0;
       }
     }
   }
 }
 
-// The warp's outputs: rows m0w + 16 mt + g (+8), columns n0w + 8 nt + 2t (+1), inside [M, N].
+// The warp's outputs: rows m0w + 16 mt + g (+8), columns n0w + 8 nt + 2t (+1), inside [M, N]. The lane's 8
+// token scales and 8 biases are loaded together first (one wait, not one per output).
 template <int L>
 MINICPM_HD void warp_store(const Params& p, int m0w, int n0w, const int (&lanes)[L], const WarpState<L>& st) {
   for (int l = 0; l < L; ++l) {
     const int g = lanes[l] >> 2, t = lanes[l] & 3;
+    float xs[kMT][2], bs[kNT][2];
+    MINICPM_UNROLL
+    for (int mt = 0; mt < kMT; ++mt)
+      MINICPM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0w + 16 * mt + g + 8 * h;
+        xs[mt][h] = m < p.M ? ldg(p.xs + m) : 0.f;
+      }
+    MINICPM_UNROLL
+    for (int nt = 0; nt < kNT; ++nt)
+      MINICPM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0w + 8 * nt + 2 * t + h;
+        bs[nt][h] = p.bias != nullptr && n < p.N ? load_f32(p.bias, n, p.out_dtype) : 0.f;
+      }
     MINICPM_UNROLL
     for (int mt = 0; mt < kMT; ++mt)
       MINICPM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int m = m0w + 16 * mt + g + 8 * (e >> 1);
         if (m >= p.M) continue;
-        const float xs = ldg(p.xs + m);
         MINICPM_UNROLL
         for (int nt = 0; nt < kNT; ++nt) {
           const int n = n0w + 8 * nt + 2 * t + (e & 1);
           if (n >= p.N) continue;
-          float v = fmul_rn(st.y[mt][nt][l][e], xs);
-          if (p.bias != nullptr) v = fadd_rn(v, load_f32(p.bias, n, p.out_dtype));
+          float v = fmul_rn(st.y[mt][nt][l][e], xs[mt][e >> 1]);
+          if (p.bias != nullptr) v = fadd_rn(v, bs[nt][e & 1]);
           store_f32(p.out, static_cast<long>(m) * p.ldo + n, v, p.out_dtype);
         }
       }
