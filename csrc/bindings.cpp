@@ -190,11 +190,14 @@ int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : t == at::kBFloat1
 // reference.w4a8_gemm_ref's bits. x_q int8 [M, K] and x_scale fp32 [M] (the per-token quantizer's), the weight
 // in the canonical layout with scales / zeros of fp16, bf16 or fp32; K % 16 == 0 and a group size that is a
 // multiple of 32 dividing K, or K (per channel).
-// block_rows: rows of x per block (64 or 128), or 0 for the launcher's choice by the device's SMs (what ops.py
-// passes; the bench's w4a8-cuda-m64 rows force 64).
+// kernel: 0 = the launcher's choice (what ops.py passes): the warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) on a GPU
+// with its sm_90a build where it takes (K, group_size), else the mma.sync one; 1 = mma.sync; 2 = wgmma (an error
+// where it cannot run) - the bench's w4a8-cuda-mma rows force 1.
+// block_rows (mma.sync): rows of x per block (64 or 128), or 0 for the launcher's choice by the device's SMs; 64 or
+// 128 imply kernel 1 (the bench's w4a8-cuda-m64 rows force 64).
 at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& qweight,
                      const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
-                     int64_t group_size, at::ScalarType out_dtype, int64_t block_rows) {
+                     int64_t group_size, at::ScalarType out_dtype, int64_t block_rows, int64_t kernel) {
   TORCH_CHECK(x_q.is_cuda() && x_scale.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "minicpm_int4_C.w4a8_gemm: all tensors must be CUDA tensors");
   TORCH_CHECK(x_scale.device() == x_q.device() && qweight.device() == x_q.device() && scales.device() == x_q.device() &&
@@ -232,6 +235,19 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a8_gemm: sizes exceed int32");
   TORCH_CHECK(block_rows == 0 || block_rows == 64 || block_rows == 128,
               msg("w4a8_gemm (cuda): block_rows must be 0 (the launcher's choice), 64 or 128, got ", block_rows));
+  TORCH_CHECK(kernel >= 0 && kernel <= 2,
+              msg("w4a8_gemm (cuda): kernel must be 0 (the launcher's choice), 1 (mma.sync) or 2 (wgmma), got ", kernel));
+  if (kernel == 2) {
+    TORCH_CHECK(block_rows == 0, msg("w4a8_gemm (cuda): block_rows (", block_rows, ") is the mma.sync kernel's; "
+                                     "kernel=2 (wgmma) takes block_rows=0"));
+    TORCH_CHECK(minicpm_int4_w4a8_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
+                msg("w4a8_gemm (cuda): the wgmma kernel needs K % 32 == 0 and a group size of 32, 64 or a multiple of "
+                    "128 dividing K; got K=", K, ", group_size=", group_size, " (kernel=0 or 1 takes it)"));
+    const c10::cuda::CUDAGuard probe(x_q.device());
+    TORCH_CHECK(minicpm_int4_w4a8_wgmma_available(),
+                "w4a8_gemm (cuda): the wgmma kernel needs an H100 / H200 and an extension built for sm_90a "
+                "(TORCH_CUDA_ARCH_LIST=9.0a); kernel=0 or 1 runs the mma.sync kernel");
+  }
   at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
   if (M == 0) return out;
   const c10::cuda::CUDAGuard guard(x_q.device());
@@ -243,7 +259,7 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
                                            scales.data_ptr(), zeros.data_ptr(), bias_ptr, out.data_ptr(),
                                            static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                                            static_cast<int>(group_size), N, sz, od, static_cast<int>(block_rows),
-                                           c10::cuda::getCurrentCUDAStream().stream());
+                                           static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, msg("minicpm_int4_C.w4a8_gemm: kernel launch failed: ", cudaGetErrorString(err)));
   return out;
 }
@@ -257,7 +273,7 @@ TORCH_LIBRARY(minicpm_int4_C, m) {
         "Tensor(a!) out, int variant=0, Tensor? input_scale=None, Tensor? input_perm=None) -> ()");
   m.def("quantize_per_token_int8(Tensor x, Tensor? input_scale=None, Tensor? input_perm=None) -> (Tensor, Tensor)");
   m.def("w4a8_gemm(Tensor x_q, Tensor x_scale, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "
-        "int group_size, ScalarType out_dtype, int block_rows=0) -> Tensor");
+        "int group_size, ScalarType out_dtype, int block_rows=0, int kernel=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {

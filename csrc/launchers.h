@@ -54,14 +54,23 @@ cudaError_t minicpm_int4_act_quant(const void* x, const void* input_scale, const
 // [N, K/group_size] contiguous, of sz_dtype; bias [N] of out_dtype or NULL; out row stride ldo
 // (elements). Dtypes: 0 = fp16, 1 = bf16, 2 = fp32. Needs K % 16 == 0 and group_size a multiple of 32
 // dividing K, or K (per channel) - minicpm_int4_w4a8_supported - else cudaErrorInvalidValue.
-// block_rows: rows of x per block, 128 (8 warps) or 64 (4 warps), or 0: 128 unless such blocks would be fewer
-// than the device's SMs (minicpm_int4_w4a8_block_rows).
+// kernel: 0 = the launcher's choice - the warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) where this GPU has its
+// sm_90a build (minicpm_int4_w4a8_wgmma_available) and it takes (K, group_size)
+// (minicpm_int4_w4a8_wgmma_supported), else the mma.sync one -; 1 = mma.sync; 2 = wgmma (cudaErrorInvalidValue
+// for a shape it does not take, cudaErrorNoKernelImageForDevice without the build).
+// block_rows (mma.sync): rows of x per block, 128 (8 warps) or 64 (4 warps), or 0: 128 unless such blocks would be
+// fewer than the device's SMs (minicpm_int4_w4a8_block_rows); 64 / 128 imply mma.sync (with kernel = 2: invalid).
 cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
                                    const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
-                                   int64_t ldo, int sz_dtype, int out_dtype, int block_rows, cudaStream_t stream);
+                                   int64_t ldo, int sz_dtype, int out_dtype, int block_rows, int kernel,
+                                   cudaStream_t stream);
 
 // 1 where minicpm_int4_w4a8_gemm takes (K, group_size), else 0.
 int minicpm_int4_w4a8_supported(int K, int group_size);
+// 1 where its warpgroup-MMA kernel takes them: K % 32 == 0 and a group of 32, 64, or a multiple of 128.
+int minicpm_int4_w4a8_wgmma_supported(int K, int group_size);
+// 1 where the current GPU runs the warpgroup-MMA kernel (an sm_90a build, loaded for an H100 / H200).
+int minicpm_int4_w4a8_wgmma_available(void);
 
 #ifdef __cplusplus
 }

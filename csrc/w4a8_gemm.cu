@@ -149,29 +149,38 @@ cudaError_t sm_count(int& sms) {
 
 }  // namespace
 
+// csrc/w4a8_wgmma.cu
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, cudaStream_t stream);
+
 extern "C" int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
 
 extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_scale, const int32_t* qweight,
                                               const void* scales, const void* zeros, const void* bias, void* out,
                                               int M, int N, int K, int group_size, int64_t ldo, int sz_dtype,
-                                              int out_dtype, int block_rows, cudaStream_t stream) {
+                                              int out_dtype, int block_rows, int kernel, cudaStream_t stream) {
   if (M < 0 || N <= 0 || !w8::supported(K, group_size) || sz_dtype < 0 || sz_dtype > 2 || out_dtype < 0 ||
-      out_dtype > 2 || ldo < N || (block_rows != 0 && block_rows != 64 && block_rows != 128))
+      out_dtype > 2 || ldo < N || (block_rows != 0 && block_rows != 64 && block_rows != 128) || kernel < 0 ||
+      kernel > 2 || (kernel == 2 && block_rows != 0))
     return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(xq) % 16 != 0 || reinterpret_cast<uintptr_t>(qweight) % 16 != 0)
     return cudaErrorMisalignedAddress;
   if (M == 0) return cudaSuccess;
   if (w8::blocks(M, N, 1) > 0x7FFFFFFFL || static_cast<long>(N) * (K / group_size) > 0x7FFFFFFFL)
     return cudaErrorInvalidValue;
+  const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
+                     group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, static_cast<long>(ldo),
+                     sz_dtype, out_dtype};
+  // the warpgroup-MMA kernel (sm_90a) where it takes the shape and this GPU has it, unless mma.sync or its block
+  // rows are asked for
+  if (kernel == 2 || (kernel == 0 && block_rows == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
+                      minicpm_int4_w4a8_wgmma_available()))
+    return minicpm_int4_w4a8_wgmma_launch(p, stream);
   int sms = 0;
   if (block_rows == 0) {
     const cudaError_t err = sm_count(sms);
     if (err != cudaSuccess) return err;
   }
   const int wm = w8::block_warps_m(M, N, sms, block_rows / w8::kWarpRows);
-  const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
-                     group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, static_cast<long>(ldo),
-                     sz_dtype, out_dtype};
   if (sz_dtype == 0) return launch_sz<__half>(p, wm, stream);
   if (sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, wm, stream);
   return launch_sz<float>(p, wm, stream);

@@ -99,7 +99,7 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
     assert len(schemas["quantize_per_token_int8"].returns) == 2
     # ops.py calls w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
     assert args["w4a8_gemm"] == [("x_q", "Tensor"), ("x_scale", "Tensor")] + weight[1:] + [
-        ("out_dtype", "int"), ("block_rows", "int")]  # (ScalarType: an int in a parsed schema)
+        ("out_dtype", "int"), ("block_rows", "int"), ("kernel", "int")]  # (ScalarType: an int in a parsed schema)
     assert schemas["w4a8_gemm"].arguments[-1].default_value == 0  # ops.py leaves it to the launcher
     assert len(schemas["w4a8_gemm"].returns) == 1
 

@@ -1,5 +1,7 @@
 """GPU tests: the same comparisons on MiniCPM-V's real layer shapes, compile and CUDA graphs.
 Skipped without CUDA (conftest.py)."""
+import os
+
 import pytest
 import torch
 
@@ -406,6 +408,58 @@ def test_cuda_extension_w4a8_real_shapes(nkg, m):
         pytest.skip(ops.cuda_extension_error())
     _w4a8_cuda_bits(*nkg, m, torch.float16)
     _w4a8_cuda_bits(*nkg, m, torch.bfloat16, bias=False)
+
+
+def _hopper_wgmma_expected():
+    """The suite builds an H100 / H200 for sm_90a (setup.py's default there): the wgmma kernel must then run."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    return torch.cuda.get_device_capability() == (9, 0) and (archs is None or "9.0a" in archs)
+
+
+@pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (4096, 4096, 128, 300), (2304, 768, 128, 1024),
+                                  (14336, 4096, 64, 129), (4096, 14336, 32, 17), (18944, 3584, 128, 1),
+                                  (1152, 4096, -1, 260), (264, 512, 128, 129), (72, 160, 32, 3)],
+                         ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a8_wgmma(case):
+    """The warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) forced (kernel=2), the launcher's choice (0) and the mma.sync
+    kernel (1): the reference's bits from each - the check that the hardware reads the layouts as
+    tests/test_csrc_w4a8_wgmma.py's emulation does. Elsewhere than an sm_90a build on an H100 / H200: kernel=2
+    raises a clear error."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    n, k, group_size, m = case
+    c_ops = torch.ops.minicpm_int4_C
+    for dtype in (torch.float16, torch.bfloat16):
+        qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        x[0, k // 3] = 40.0
+        x_q, s = quantize_per_token_int8_ref(x)
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, b, gs, dtype)
+        if not _hopper_wgmma_expected():
+            with pytest.raises(RuntimeError, match="wgmma kernel needs an H100 / H200 and an extension built for sm_90a"):
+                c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, 2)
+            return
+        torch.full((m * n + 4096,), float("nan"), dtype=torch.float32, device="cuda")  # freed into the cache: poison
+        ys = [c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, kern) for kern in (2, 0, 1)]
+        assert not ys[0].isnan().any(), "outputs never written"
+        assert torch.equal(ys[0], y_ref), (case, dtype, int((ys[0] != y_ref).sum()))
+        assert torch.equal(ys[1], y_ref) and torch.equal(ys[2], y_ref)
+    with pytest.raises(RuntimeError, match="block_rows .* is the mma.sync kernel's"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 64, 2)
+    with pytest.raises(RuntimeError, match="kernel must be 0 .*, 1 .* or 2 .*, got 3"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 0, 3)
+
+
+def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    qweight, scales, zeros, gs = _cuda_layer(64, 4304, -1, torch.float16)  # K % 32 == 16: the mma.sync kernel's
+    x_q, s = quantize_per_token_int8_ref(torch.randn(20, 4304, dtype=torch.float16, device="cuda"))
+    with pytest.raises(RuntimeError, match="the wgmma kernel needs K % 32 == 0"):
+        torch.ops.minicpm_int4_C.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16, 0, 2)
+    y = torch.ops.minicpm_int4_C.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16)  # launcher: mma.sync
+    assert torch.equal(y, w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16))
 
 
 def test_cuda_extension_w4a8_rejects_bad_inputs():

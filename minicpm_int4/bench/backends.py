@@ -278,6 +278,7 @@ class OursW4A8CudaRows64(OursW4A8):
     def __init__(self):
         super().__init__("cuda")
         self.name = "w4a8-cuda-m64"
+        self.block_rows, self.kernel = 64, 1
 
     def prepare(self, w, group_size):
         qweight, scales, zeros = _int4(w, group_size)
@@ -286,11 +287,23 @@ class OursW4A8CudaRows64(OursW4A8):
 
         def run(x):
             x_q, s = ops.quantize_per_token_int8(x, "cuda")
-            return ext.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, x.dtype, 64)
+            return ext.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, x.dtype, self.block_rows, self.kernel)
 
         return Prepared(run=run, weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
                         reference=self._reference(qweight, scales, zeros, gs),
                         tolerance=self._tolerance(qweight, scales, zeros, gs))
+
+
+class OursW4A8CudaMma(OursW4A8CudaRows64):
+    """The CUDA W4A8 GEMM's mma.sync kernel forced (csrc/w4a8_gemm.cu, the launcher's own block rows), beside
+    `w4a8-cuda` - which on an H100 / H200 with the sm_90a build is the warpgroup-MMA kernel (csrc/w4a8_wgmma.cu)
+    wherever it takes the shape: these rows decide from which M the launcher should take the wgmma kernel (it
+    takes it at every M for now, without a measurement)."""
+
+    def __init__(self):
+        super().__init__()
+        self.name = "w4a8-cuda-mma"
+        self.block_rows, self.kernel = 0, 1
 
 
 class TorchTinyGemm(Backend):
@@ -414,7 +427,7 @@ def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
-            OursW4A8("cuda"), OursW4A8CudaRows64(),
+            OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 
 

@@ -37,7 +37,8 @@ _DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 @dataclass
 class Variant:
     arch: str
-    kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant", "w4a8" (int8 tensor cores)
+    kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant", "w4a8" (int8 tensor cores),
+                                 # "w4a8-wg" (int8 warpgroup MMA, sm_90a)
     dtype: str
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
                                  # all: S (1: the layer's input scale multiplied into the loads of x);
@@ -66,12 +67,14 @@ class Variant:
     def rows_of_x(self) -> int:
         if self.kernel == "w4a8":
             return W4A8_WARP_ROWS
+        if self.kernel == "w4a8-wg":
+            return 128  # the wgmma's N: tokens a warpgroup's A is used for
         return self.params.get("MT", 8 * self.params.get("NB", 1))
 
     @property
     def instr_per_mma(self) -> Optional[float]:
         """SASS instructions the loop issues per tensor-core instruction (HMMA / IMMA) in it."""
-        mma = sum(c for op, c in self.loop_counts.items() if op.startswith(("HMMA", "IMMA")))
+        mma = sum(c for op, c in self.loop_counts.items() if op.startswith(("HMMA", "IMMA", "IGMMA")))
         return sum(self.loop_counts.values()) / mma if mma else None
 
 
@@ -138,6 +141,19 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
             stages = best[0] // W4A8_STAGE_IMMA
             v.loop_counts, v.weights_per_trip = dict(best[1]), stages * W4A8_WARP_W_ROWS * W4A8_STAGE_K / 32.0
         return v
+    m = re.search(r"w4a8_wgmma_kernelILi(\d+)E(\d+__\w+?|f)E", name)
+    if m:  # sm_90a only (elsewhere the kernel is a stub the launcher never starts); GT as w4a8's
+        if arch != "sm90a":
+            return None
+        v = Variant(arch, "w4a8-wg", _DTYPES[m.group(2)], {"GT": int(m.group(1)), "S": 0}, regs, spill, smem)
+        best = None  # the stage loop: 4 IGMMA (m64n128k32) per warpgroup per 128-k stage
+        for loop in loop_bodies(sass):
+            mma = sum(c for op, c in loop.items() if op.startswith("IGMMA"))
+            if mma and mma % 4 == 0 and (best is None or mma > best[0]):
+                best = (mma, loop)
+        if best:  # a stage: 64 rows of W x 128 k per warpgroup, unpacked by its 128 threads
+            v.loop_counts, v.weights_per_trip = dict(best[1]), best[0] // 4 * 64 * W4A8_STAGE_K / 128.0
+        return v
     m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)ELb([01])ELb([01])E", name)
     if m:  # no K loop per weight: registers, stack, and local memory in its loops
         v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2)), "S": int(m.group(3)),
@@ -148,7 +164,7 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
 
 
 def inspect(archs: Sequence[str] = ("sm80", "sm90a"),
-            sources: Sequence[str] = ("w4a16_gemv.cu", "act_quant.cu", "w4a8_gemm.cu")) -> List[Variant]:
+            sources: Sequence[str] = ("w4a16_gemv.cu", "act_quant.cu", "w4a8_gemm.cu", "w4a8_wgmma.cu")) -> List[Variant]:
     out: List[Variant] = []
     for source in sources:
         out += _inspect_source(archs, source)
@@ -185,12 +201,12 @@ def _inspect_source(archs: Sequence[str], source: str) -> List[Variant]:
 
 def format_table(variants: Sequence[Variant]) -> str:
     lines = ["| arch | kernel | dtype | instantiation | regs | stack B | local-memory ops in the loop | smem B | "
-             "loop instr / weight | per weight and row of x (MT, or 8 x NB; w4a8: 64) | loop instr / mma |",
+             "loop instr / weight | per weight and row of x (MT, or 8 x NB; w4a8: 64; w4a8-wg: 128) | loop instr / mma |",
              "|" + "---|" * 11]
     for v in variants:
         ipw, ipm = v.instr_per_weight, v.instr_per_mma
         per_row = "-" if ipw is None else f"{ipw / v.rows_of_x:.2f}"
-        inst = " ".join(f"{k}={val}" for k, val in v.params.items() if not (v.kernel == "w4a8" and k == "S"))
+        inst = " ".join(f"{k}={val}" for k, val in v.params.items() if not (v.kernel.startswith("w4a8") and k == "S"))
         lines.append(f"| {v.arch} | {v.kernel} | {v.dtype} | {inst} | {v.regs} | {v.spill_bytes} | "
                      f"{v.loop_local_memory} | {v.smem} | "
                      f"{'-' if ipw is None else f'{ipw:.2f}'} | {per_row} | {'-' if ipm is None else f'{ipm:.1f}'} |")

@@ -14,6 +14,7 @@
 #include "../../csrc/w4a16_mma_core.cuh"
 #include "../../csrc/act_quant_core.cuh"
 #include "../../csrc/w4a8_gemm_core.cuh"
+#include "../../csrc/w4a8_wgmma_core.cuh"
 
 #include <algorithm>
 #include <type_traits>
@@ -290,6 +291,54 @@ void w4a8_sz(const w8::Params& p, int wm) {
   wm == 1 ? w4a8_groups<1, SZ>(p) : w4a8_groups<2, SZ>(p);
 }
 
+namespace wgk = minicpm_int4_w4a8_wg;
+
+// The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), block by block in the launch order: each stage's pieces
+// copied into its buffer as the kernel's 256 threads would (wgk::stage_piece, zero-filled past M, N and K), then
+// each warpgroup's work on it (wg_stage, its 128 lanes at once, HostWg reading x through the descriptors the
+// kernel builds, from the layout the copies wrote), then each warpgroup's stores. Shared memory starts as 0xA5.
+template <int GT, typename SZ>
+void w4a8_wg_grid(const w8::Params& p) {
+  int lanes[128];
+  for (int l = 0; l < 128; ++l) lanes[l] = l;
+  std::vector<uint8_t> smem(wgk::kSmemBytes);
+  std::vector<wgk::WgState<128>> st(2);
+  wgk::HostWg wg;
+  wg.base = smem.data();
+  const long nblocks = wgk::blocks(p.M, p.N);
+  const int stages = (p.K + wgk::kBK - 1) / wgk::kBK;
+  for (long pid = 0; pid < nblocks; ++pid) {
+    int bm, bn;
+    wgk::block_tile(static_cast<int>(pid), p.M, p.N, bm, bn);
+    const int m0 = bm * wgk::kBM, n0 = bn * wgk::kBN;
+    std::fill(smem.begin(), smem.end(), static_cast<uint8_t>(0xA5));
+    for (int w = 0; w < 2; ++w) wgk::wg_init(p, n0 + 64 * w, 64 * w, lanes, st[w]);
+    for (int kb = 0; kb < stages; ++kb) {
+      uint8_t* stage = smem.data() + (kb % wgk::kStages) * wgk::kStageBytes;
+      for (int tid = 0; tid < wgk::kThreads; ++tid)
+        for (int i = 0; i < wgk::kPiecesX + wgk::kPiecesW; ++i) {
+          int dst, bytes;
+          const void* src;
+          wgk::stage_piece(p, wgk::copy_plan(p, m0, n0, tid), kb, i, dst, src, bytes);
+          std::memcpy(stage + dst, src, bytes);
+          std::memset(stage + dst + bytes, 0, 16 - bytes);
+        }
+      for (int w = 0; w < 2; ++w) wgk::wg_stage<GT, SZ, wgk::HostWg, 128>(p, wg, stage, kb, st[w]);
+    }
+    for (int w = 0; w < 2; ++w) wgk::wg_store<128>(p, m0, n0 + 64 * w, lanes, st[w]);
+  }
+}
+
+template <typename SZ>
+void w4a8_wg_sz(const w8::Params& p) {
+  switch (wgk::static_group_tiles(p.G)) {  // the launcher's instantiations
+    case 1: w4a8_wg_grid<1, SZ>(p); break;
+    case 2: w4a8_wg_grid<2, SZ>(p); break;
+    case 4: w4a8_wg_grid<4, SZ>(p); break;
+    default: w4a8_wg_grid<0, SZ>(p);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -394,5 +443,28 @@ int minicpm_int4_w4a8_block_tile(int pid, int M, int N, int block_rows) {
   return bm * 65536 + bn;
 }
 int minicpm_int4_w4a8_block_rows(int M, int N, int sms) { return w8::block_warps_m(M, N, sms, 0) * w8::kWarpRows; }
+
+// The warpgroup-MMA kernel on the host: arguments as minicpm_int4_w4a8_emulate's (no block rows); returns 0, or -2
+// where the kernel does not take the shape (its launcher's cudaErrorInvalidValue).
+int minicpm_int4_w4a8_wgmma_emulate(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
+                                    const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
+                                    long ldo, int sz_dtype, int out_dtype) {
+  if (!wgk::supported(K, group_size) || M <= 0 || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2) return -2;
+  const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
+                     group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, ldo, sz_dtype, out_dtype};
+  if (sz_dtype == 0)
+    w4a8_wg_sz<__half>(p);
+  else if (sz_dtype == 1)
+    w4a8_wg_sz<__nv_bfloat16>(p);
+  else
+    w4a8_wg_sz<float>(p);
+  return 0;
+}
+int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return wgk::supported(K, group_size) ? 1 : 0; }
+int minicpm_int4_w4a8_wgmma_block_tile(int pid, int M, int N) {
+  int bm, bn;
+  wgk::block_tile(pid, M, N, bm, bn);
+  return bm * 65536 + bn;
+}
 
 }  // extern "C"

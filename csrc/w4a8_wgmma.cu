@@ -1,0 +1,203 @@
+// W4A8 GEMM on Hopper's warpgroup MMA (sm_90a): int8 activations x int4 weights, wgmma.mma_async
+// m64n128k32 s8 with W unpacked in registers as the A operand and x read by the tensor cores from shared memory,
+// the reference's bits (w4a8_wgmma_core.cuh says how, and runs on the host in the tests' emulation). A 128 x 128
+// output tile per block of 2 warpgroups, K through 5 buffers of 128-k stages (cp.async, 3 in flight, 130 KiB),
+// two int32 accumulator sets so that a group's epilogue runs beside the next group's wgmma.
+//
+// Built for every arch (one source), but the kernel has a body only where __CUDA_ARCH_FEAT_SM90_ALL is defined
+// (nvcc -gencode arch=compute_90a): the launcher asks the loaded module (kBuilt, a device variable set per arch)
+// before it takes this kernel, and the mma.sync kernel (w4a8_gemm.cu) serves every other GPU and shape.
+// No torch headers: plain pointers, sizes and a cudaStream_t.
+#include <cuda_runtime.h>
+
+#include "launchers.h"
+#include "w4a8_wgmma_core.cuh"
+#include "wgmma_s8.cuh"
+
+namespace {
+
+namespace w8 = minicpm_int4_w4a8;
+namespace wg = minicpm_int4_w4a8_wg;
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MINICPM_WGMMA 1
+#else
+#define MINICPM_WGMMA 0
+#endif
+
+// 1 in the module of an sm_90a build, 0 in every other arch's: which one the driver loaded for this GPU says
+// whether the kernel below has a body here.
+__device__ int kBuilt = MINICPM_WGMMA;
+
+#if MINICPM_WGMMA  // the device code the kernel's body uses: compiled for sm_90a only (no unused code elsewhere)
+
+// The warpgroup-wide operations for one thread (the emulation's HostWg does them for all 128 lanes).
+// Turns (w4a8_wgmma_core.cuh, wg_stage): named barriers 1 (warpgroup 0 waits, 1 arrives) and 2 (1 waits, 0
+// arrives), 256 threads each - 128 arriving, 128 waiting; every arrival is matched by one wait before the next
+// (strict alternation within a stage; __syncthreads between stages), so no barrier ever counts two phases at once.
+struct DeviceWg {
+  int wgi;  // this thread's warpgroup: 0 or 1
+  __device__ __forceinline__ void take_turn(bool first) {
+    if (wgi == 1)
+      asm volatile("bar.sync 2, 256;\n" ::: "memory");
+    else if (!first)
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  }
+  __device__ __forceinline__ void pass_turn(bool last) {
+    if (wgi == 0)
+      asm volatile("bar.arrive 2, 256;\n" ::: "memory");
+    else if (!last)
+      asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+  }
+  __device__ __forceinline__ uint32_t smem_addr(const uint8_t* p) const {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  }
+  __device__ __forceinline__ void fence() {
+#if MINICPM_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+  }
+  __device__ __forceinline__ void commit() {
+#if MINICPM_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+  }
+  template <int N>
+  __device__ __forceinline__ void wait() {
+#if MINICPM_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+  }
+  // the accumulators as written by the async wgmma: no read of them moves above the wait before this
+  __device__ __forceinline__ void fence_acc(int32_t (*d)[wg::kAcc]) {
+#pragma unroll
+    for (int i = 0; i < wg::kAcc; ++i) asm volatile("" : "+r"(d[0][i])::"memory");
+  }
+  // d (+)= W (a: this lane's 4 registers) x the 128 tokens of x the descriptor points at; first: d = the product
+  __device__ __forceinline__ void mma(int32_t (*d)[wg::kAcc], const uint32_t (*a)[4], uint64_t desc, bool first) {
+#if MINICPM_WGMMA
+    static_assert(wg::kBM == 128, "the m64n128k32 instruction");
+    MINICPM_WGMMA_M64N128K32_S8(d, a, desc, first);
+#else
+    (void)d, (void)a, (void)desc, (void)first;
+#endif
+  }
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* src, int bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPlan& plan, uint8_t* stage, int kb) {
+#pragma unroll
+  for (int i = 0; i < wg::kPiecesX + wg::kPiecesW; ++i) {
+    int dst, bytes;
+    const void* src;
+    wg::stage_piece(p, plan, kb, i, dst, src, bytes);
+    cp_async16(stage + dst, src, bytes);
+  }
+}
+
+// Stage kb: landed (this thread's copies; then the cross-proxy fence - cp.async writes through the generic proxy,
+// wgmma reads through the async one - and every thread's), the stage kAhead on queued into the buffer whose
+// wgmma were waited for 2 stages ago, then the warpgroup's work on it.
+template <int GT, typename SZ>
+__device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, const wg::CopyPlan& plan,
+                                     int kb, int stages, wg::WgState<1>& st) {
+  cp_async_wait<wg::kAhead - 1>();
+#if MINICPM_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+  __syncthreads();
+  const int next = kb + wg::kAhead;
+  if (next < stages) load_stage(p, plan, smem + (next % wg::kStages) * wg::kStageBytes, next);
+  cp_async_commit();  // one group per stage, empty ones included: the wait above counts them
+  wg::wg_stage<GT, SZ, DeviceWg, 1>(p, dev, smem + (kb % wg::kStages) * wg::kStageBytes, kb, st);
+}
+
+#endif  // MINICPM_WGMMA
+
+template <int GT, typename SZ>
+__global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params p) {
+#if MINICPM_WGMMA
+  extern __shared__ __align__(128) uint8_t smem[];
+  int bm, bn;
+  wg::block_tile(blockIdx.x, p.M, p.N, bm, bn);
+  const int m0 = bm * wg::kBM, n0 = bn * wg::kBN, n0w = n0 + 64 * (threadIdx.x >> 7);
+  const int lanes[1] = {static_cast<int>(threadIdx.x & 127)};
+  wg::WgState<1> st;
+  wg::wg_init(p, n0w, 64 * (threadIdx.x >> 7), lanes, st);
+  DeviceWg dev{static_cast<int>(threadIdx.x >> 7)};
+  const wg::CopyPlan plan = wg::copy_plan(p, m0, n0, threadIdx.x);
+  const int stages = (p.K + wg::kBK - 1) / wg::kBK;
+#pragma unroll
+  for (int s = 0; s < wg::kAhead; ++s) {
+    if (s < stages) load_stage(p, plan, smem + s * wg::kStageBytes, s);
+    cp_async_commit();
+  }
+  for (int kb = 0; kb < stages; ++kb) step<GT, SZ>(p, dev, smem, plan, kb, stages, st);
+  wg::wg_store<1>(p, m0, n0w, lanes, st);
+#else
+  (void)p;
+  __trap();  // never launched: the launcher reads kBuilt first
+#endif
+}
+
+template <int GT, typename SZ>
+cudaError_t launch(const w8::Params& p, cudaStream_t stream) {
+  static bool done[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 64 || !done[dev]) {
+    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, wg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) done[dev] = true;
+  }
+  w4a8_wgmma_kernel<GT, SZ><<<static_cast<unsigned>(wg::blocks(p.M, p.N)), wg::kThreads, wg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename SZ>
+cudaError_t launch_groups(const w8::Params& p, cudaStream_t stream) {
+  switch (wg::static_group_tiles(p.G)) {
+    case 1: return launch<1, SZ>(p, stream);
+    case 2: return launch<2, SZ>(p, stream);
+    case 4: return launch<4, SZ>(p, stream);
+    default: return launch<0, SZ>(p, stream);
+  }
+}
+
+}  // namespace
+
+// 1 where this GPU runs the kernel: the module loaded for it is an sm_90a build's. Asked once per device.
+extern "C" int minicpm_int4_w4a8_wgmma_available() {
+  static int cached[64];
+  static bool asked[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev < 64 && asked[dev]) return cached[dev];
+  int built = 0;
+  if (cudaMemcpyFromSymbol(&built, kBuilt, sizeof(int)) != cudaSuccess) {
+    (void)cudaGetLastError();  // no module for this GPU: not available, and no sticky error left behind
+    built = 0;
+  }
+  if (dev < 64) cached[dev] = built, asked[dev] = true;
+  return built;
+}
+
+extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return wg::supported(K, group_size) ? 1 : 0; }
+
+// The launch, for w4a8_gemm.cu's entry point (which checked the pointers and sizes): cudaErrorInvalidValue
+// where the kernel does not take (K, G), cudaErrorNoKernelImageForDevice where this GPU has no sm_90a build.
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, cudaStream_t stream) {
+  if (!wg::supported(p.K, p.G) || p.M <= 0 || wg::blocks(p.M, p.N) > 0x7FFFFFFFL) return cudaErrorInvalidValue;
+  if (!minicpm_int4_w4a8_wgmma_available()) return cudaErrorNoKernelImageForDevice;
+  if (p.sz_dtype == 0) return launch_groups<__half>(p, stream);
+  if (p.sz_dtype == 1) return launch_groups<__nv_bfloat16>(p, stream);
+  return launch_groups<float>(p, stream);
+}

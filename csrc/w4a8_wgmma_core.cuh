@@ -1,0 +1,346 @@
+// The W4A8 GEMM on Hopper's warpgroup MMA (csrc/w4a8_wgmma.cu, sm_90a), written once for the device and the
+// host like w4a8_gemm_core.cuh, whose arithmetic it keeps operation for operation (the reference's bits):
+//
+//   acc_g  = sum_{k in g} x_q[m, k] * (q[n, k] - z[n, g])            int32, exact
+//   y     := fadd(y, fmul(float(acc_g), s[n, g]))                     groups in order, no fma
+//   out    = round(fadd(fmul(y, x_scale[m]), bias[n]))                to the output dtype
+//
+// The operands swap places against the mma.sync kernel: W is the wgmma's A, 64 rows a warpgroup, held in
+// registers - unpacked there from the packed nibbles into the exact bytes q - z, so no int8 copy of W is ever
+// written to shared memory - and x's tokens are its N (128), read by the tensor cores from shared memory as
+// cp.async left them. wgmma.mma_async.m64n128k32.s32.s8.s8, A in registers (PTX ISA; CUTLASS's
+// SM90_64x128x32_S32S8S8_RS_TN):
+//   A: lane l of warp w of the warpgroup (g = l / 4, t = l % 4) holds a0 = row 16w + g, k 4t..4t+3;
+//      a1 = row 16w + g + 8, the same k; a2 / a3 = those rows, k 16 + 4t..   (mma.m16n8k32's A, per warp)
+//   B: in shared memory, K-major without swizzle: core matrices of 8 tokens x 16 bytes of k (128 contiguous
+//      bytes), the next 16 bytes of k LBO bytes on, the next 8 tokens SBO bytes on (the descriptor's fields)
+//   D: d[4c + e] = row 16w + g + 8 (e / 2), token 8c + 2t + (e % 2), c = 0..15 (mma's C, per n8 chunk)
+// A stage's x is laid out as 8 chunks of 16 bytes of k, each the block's 128 tokens x 16 bytes (kChunk = 2048
+// bytes): LBO = kChunk, SBO = 128, and k-tile kt's descriptor starts at chunk 2 kt. The copies write 8
+// consecutive tokens of one chunk per 8 lanes (conflict-free), and read 8 rows x 64 bytes of x a warp.
+//
+// A word of A from the packed row (byte i: k 2i low nibble, 2i + 1 high): lane t needs k 4t..4t+3 (bytes 2t,
+// 2t + 1 of the k-tile's 16) and k 16 + 4t.. (bytes 8 + 2t, 9 + 2t). The two 4-byte shared loads at 4 (t / 2)
+// and 8 + 4 (t / 2) hold them as their low (t even) or high halves; one PRMT joins them into the word
+// w = bytes (2t, 2t + 1, 8 + 2t, 9 + 2t), and word_to_b (the mma.sync kernel's) gives (a0, a2) from it:
+// lo = nibbles k 4t, 4t + 2, 16 + 4t, 16 + 4t + 2, hi the odd ones, PRMT 0x5140 / 0x7362 interleave them.
+//
+// Block: 2 warpgroups (256 threads), a 128 (rows of W) x 128 (tokens) tile of the output transposed, each
+// warpgroup 64 rows of W. K in stages of 128 through 5 buffers of shared memory, 3 stages in flight: a stage's
+// buffer is written again 2 stages after the one that read it, when its wgmma have finished (waited). A group's
+// (32, 64, 128: GT = 1, 2, 4 k-tiles) wgmma are issued, waited for and the sums scaled into y; the two warpgroups
+// take turns issuing (wg_stage), so that one's epilogue runs beside the other's wgmma. Longer groups (multiples of
+// 128, per channel: GT = 0) add a stage's 4 k-tiles at a time and are scaled at their last stage.
+#pragma once
+
+#include <cstdlib>
+
+#include "w4a8_gemm_core.cuh"
+
+namespace minicpm_int4_w4a8_wg {
+
+namespace w8 = minicpm_int4_w4a8;
+using minicpm_int4_hd::byte_perm;
+using minicpm_int4_hd::ldg;
+
+constexpr int kBN = 128;                     // rows of W per block (2 warpgroups x 64)
+constexpr int kBM = 128;                     // tokens per block: the wgmma's N
+constexpr int kBK = 128;                     // k per stage
+constexpr int kKT = 32;                      // k per wgmma
+constexpr int kThreads = 256;
+constexpr int kStages = 5;                   // buffers
+constexpr int kAhead = kStages - 2;          // stages in flight: a buffer is refilled 2 stages after its use
+constexpr int kChunk = kBM * 16;             // bytes of one 16-byte k chunk of the block's tokens: the LBO
+constexpr int kSBO = 128;                    // bytes between 8-token core matrices
+constexpr int kStageX = (kBK / 16) * kChunk; // 16384
+constexpr int kStrideW = kBK / 2 + 16;       // bytes per row of packed W (80: 8 rows x 2 words hit 16 banks)
+constexpr int kStageBytes = kStageX + kBN * kStrideW;
+constexpr int kSmemBytes = kStages * kStageBytes;  // 133120: dynamic, opted in by the launcher
+constexpr int kAcc = kBM / 2;                // int32 accumulators a thread: 64 (16 n8 chunks x 4)
+constexpr int kPiecesX = kBM * kBK / 16 / kThreads;      // 16-byte pieces of x a thread a stage: 4 (kBM = 128)
+static_assert(kBM == 128 && kThreads == 256, "the copy plan: tokens tok0 + 32 i, 8 x 4 chunks a warp");
+constexpr int kPiecesW = kBN * kBK / 2 / 16 / kThreads;  // of W: 2
+
+// K % 32 == 0 (whole k-tiles, rows of packed W 16-byte aligned) and a group of 32, 64 or 128, or a multiple of
+// 128 (per channel included) that divides K. The rest (per channel with K % 128 != 0, K % 32 == 16) is the
+// mma.sync kernel's.
+inline bool supported(int K, int G) {
+  return K > 0 && K % 32 == 0 && G > 0 && K % G == 0 && (G == 32 || G == 64 || G % 128 == 0);
+}
+inline int static_group_tiles(int G) { return G == 32 || G == 64 || G == 128 ? G / kKT : 0; }
+inline long blocks(int M, int N) { return static_cast<long>((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN); }
+
+// Block id -> (token block, W block), 8 token blocks at a time: consecutive blocks share W's tile (L2).
+MINICPM_HD void block_tile(int pid, int M, int N, int& bm, int& bn) {
+  const int nbm = (M + kBM - 1) / kBM, nbn = (N + kBN - 1) / kBN;
+  const int width = w8::kGroupM * nbn;
+  const int first = (pid / width) * w8::kGroupM;
+  const int size = nbm - first < w8::kGroupM ? nbm - first : w8::kGroupM;
+  bm = first + (pid % width) % size;
+  bn = (pid % width) / size;
+}
+
+// The 16-byte pieces thread tid copies each stage, worked out once (copy_plan; stage_piece then adds the stage's
+// k): x - piece u = tid + 256 i is token 8 (u / 64) + u % 8 = tok0 + 32 i, chunk (u / 8) % 8 (the same for every
+// i); W - row tid / 4 + 64 i, bytes 16 (tid % 4) of the stage's 64. dst: offset in the stage; src: the global
+// address; bytes: 16, or 0 past M, N or K (the piece zero-filled, src then a valid address that is not read).
+struct CopyPlan {
+  const int8_t* x;     // the first x piece's source at k = 0
+  const uint8_t* w;    // the first W piece's
+  int dstx, dstw;      // their offsets in a stage
+  int kx, kw;          // the k each starts at within a stage (x: 16 c; W: 32 (tid % 4))
+  unsigned rows_ok;    // bit i: piece i's token lies inside M (i < kPiecesX) or its row inside N
+};
+
+MINICPM_HD CopyPlan copy_plan(const w8::Params& p, int m0, int n0, int tid) {
+  CopyPlan c;
+  const int tok0 = 8 * (tid / 64) + tid % 8, chunk = (tid / 8) % 8, row0 = tid / 4, cb = 16 * (tid % 4);
+  c.kx = 16 * chunk;
+  c.kw = 2 * cb;
+  c.x = p.xq + static_cast<long>(m0 + tok0) * p.K + c.kx;
+  c.w = p.qb + static_cast<long>(n0 + row0) * (p.K / 2) + cb;
+  c.dstx = chunk * kChunk + 16 * tok0;
+  c.dstw = kStageX + row0 * kStrideW + cb;
+  c.rows_ok = 0;
+  MINICPM_UNROLL
+  for (int i = 0; i < kPiecesX; ++i) c.rows_ok |= static_cast<unsigned>(m0 + tok0 + 32 * i < p.M) << i;
+  MINICPM_UNROLL
+  for (int i = 0; i < kPiecesW; ++i) c.rows_ok |= static_cast<unsigned>(n0 + row0 + 64 * i < p.N) << (kPiecesX + i);
+  return c;
+}
+
+MINICPM_HD void stage_piece(const w8::Params& p, const CopyPlan& c, int kb, int i, int& dst, const void*& src,
+                            int& bytes) {
+  const int k0 = kb * kBK;
+  if (i < kPiecesX) {
+    dst = c.dstx + 16 * 32 * i;
+    bytes = (c.rows_ok >> i) & 1 && k0 + c.kx < p.K ? 16 : 0;
+    src = bytes ? static_cast<const void*>(c.x + static_cast<long>(32 * i) * p.K + k0) : p.xq;
+  } else {
+    const int j = i - kPiecesX;
+    dst = c.dstw + 64 * kStrideW * j;
+    bytes = (c.rows_ok >> i) & 1 && k0 + c.kw < p.K ? 16 : 0;  // K % 32 == 0: a piece is all in or all out
+    src = bytes ? static_cast<const void*>(c.w + static_cast<long>(64 * j) * (p.K / 2) + k0 / 2) : p.qb;
+  }
+}
+
+// The descriptor of k-tile kt of a stage's x (no swizzle, K-major): start, LBO = kChunk, SBO = 128, each >> 4.
+// addr: the stage's offset in shared memory (the device's shared window; the emulation's buffer).
+MINICPM_HD uint64_t x_desc(uint32_t addr, int kt) {
+  const uint32_t start = addr + 2 * kt * kChunk;
+  return static_cast<uint64_t>((start & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kChunk >> 4) << 16) |
+         (static_cast<uint64_t>(kSBO >> 4) << 32);
+}
+
+// A warpgroup's registers, L lanes of them (L = 1 on the device, 128 in the emulation).
+template <int L>
+struct WgState {
+  int32_t acc[L][kAcc];     // a group's integer sums
+  uint32_t a[4][L][4];      // A of a group's (GT > 0) or a stage's (GT = 0) k-tiles
+  float y[L][kAcc];         // sum over finished groups, fp32
+  uint32_t zz[2][L];        // the current group's zero points of the lane's rows g, g + 8, in all 4 bytes
+  uint32_t znext[2][L];     // the next group's, raw: loaded a group ahead
+  uint32_t sbits[2][L];     // the current group's scales, raw: loaded at its start, used at its end
+  int row[2][L];            // offsets of the lane's rows in scales / zeros (rows past N read row N - 1)
+  int aoff[2][L];           // offsets in a stage's W of the lane's A words: rows g, g + 8, bytes 4 (t / 2)
+  uint32_t sel[L];          // the PRMT selector that joins their halves (t even: low halves; odd: high)
+  int grp;                  // GT = 0: the current group, -1 before the first
+  int left;                 // GT = 0: its stages still to come
+};
+
+// n0w: the warpgroup's first row of W; lanes[l]: 0..127 within the warpgroup.
+// n0w: the warpgroup's first row of W (w_rows: in the block's tile); lanes[l]: 0..127 within the warpgroup.
+template <int L>
+MINICPM_HD void wg_init(const w8::Params& p, int n0w, int w_rows, const int (&lanes)[L], WgState<L>& st) {
+  for (int l = 0; l < L; ++l) {
+    const int lane = lanes[l] & 31, g = lane >> 2, t = lane & 3, r = 16 * (lanes[l] >> 5) + g;
+    MINICPM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      st.row[h][l] = (n0w + r + 8 * h < p.N ? n0w + r + 8 * h : p.N - 1) * p.groups;
+      st.aoff[h][l] = kStageX + (w_rows + r + 8 * h) * kStrideW + 4 * (t >> 1);
+    }
+    st.sel[l] = (t & 1) ? 0x7632u : 0x5410u;
+    MINICPM_UNROLL
+    for (int i = 0; i < kAcc; ++i) st.y[l][i] = 0.f;
+  }
+  st.grp = -1;
+  st.left = 0;
+}
+
+// Group grp starts: its zero points (loaded when the group before started; the first group's now) into zz, the
+// next group's loaded; its scales loaded into sbits, used at its end.
+template <typename SZ, int L>
+MINICPM_HD void start_group(const w8::Params& p, int grp, WgState<L>& st) {
+  const int ahead = grp + 1 < p.groups ? grp + 1 : grp;
+  for (int l = 0; l < L; ++l)
+    MINICPM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      if (grp == 0) st.znext[h][l] = w8::load_bits<SZ>(p.zeros, st.row[h][l]);
+      st.zz[h][l] = static_cast<uint32_t>(static_cast<int>(w8::bits_to_f32<SZ>(st.znext[h][l]))) * 0x01010101u;
+      st.znext[h][l] = w8::load_bits<SZ>(p.zeros, st.row[h][l] + ahead);
+      st.sbits[h][l] = w8::load_bits<SZ>(p.scales, st.row[h][l] + grp);
+    }
+}
+
+// y += float(acc) * s for the lane's rows (the group's scales; I2FP is full rate on sm_90).
+template <typename SZ, int L>
+MINICPM_HD void epilogue(WgState<L>& st) {
+  for (int l = 0; l < L; ++l) {
+    const float s0 = w8::bits_to_f32<SZ>(st.sbits[0][l]), s1 = w8::bits_to_f32<SZ>(st.sbits[1][l]);
+    MINICPM_UNROLL
+    for (int i = 0; i < kAcc; ++i)
+      st.y[l][i] = w8::fadd_rn(st.y[l][i], w8::fmul_rn(w8::int_to_float<false>(st.acc[l][i]), (i & 2) ? s1 : s0));
+  }
+}
+
+// The lane's A of k-tile kt from the stage's packed W: rows g, g + 8 of its warp's 16, zero points zz.
+template <int L>
+MINICPM_HD void load_a(const uint8_t* stage, int kt, const WgState<L>& st, uint32_t mask, uint32_t (*a)[4]) {
+  for (int l = 0; l < L; ++l)
+    MINICPM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* src = stage + st.aoff[h][l] + 16 * kt;
+      uint32_t lo, hi;
+#ifdef __CUDA_ARCH__
+      lo = *reinterpret_cast<const uint32_t*>(src);
+      hi = *reinterpret_cast<const uint32_t*>(src + 8);
+#else
+      std::memcpy(&lo, src, 4);
+      std::memcpy(&hi, src + 8, 4);
+#endif
+      w8::word_to_b(byte_perm(lo, hi, st.sel[l]), st.zz[h][l], mask, a[l][h], a[l][2 + h]);
+    }
+}
+
+// One warpgroup's work on stage kb (x at `stage`, its W rows at the offsets wg_init worked out): GT = 1, 2, 4 - the
+// stage's groups, each one's A unpacked, its wgmma issued and waited for, then scaled into y; GT = 0 - the stage's
+// 4 k-tiles onto the group's sums, waited for, and scaled at the group's last stage. Wg: DeviceWg or the
+// emulation's HostWg (base: shared memory's start).
+//
+// Turns: the two warpgroups issue their wgmma alternately, group by group - warpgroup 0 first in each stage
+// (take_turn(first) waits for the other's pass_turn unless first; pass_turn(last) lets the other go, the last group
+// of a stage excepted for warpgroup 1) - so that the tensor cores run one's group while the other scales its last
+// one into y, instead of both issuing at once and both then waiting through their epilogues side by side.
+//
+// One set of accumulators: with a second set for the next group's wgmma while this group's epilogue runs (and
+// its A in a second set of registers), ptxas 13.0 serialized the wgmma anyway (C7513 / C7514: registers of a
+// wgmma read or defined within its pipeline stage) and the 128-token tile spilled; in one block the two
+// warpgroups' epilogues run between the tensor cores' work on the other's groups only as the scheduler lets them.
+template <int GT, typename SZ, class Wg, int L>
+MINICPM_HD void wg_stage(const w8::Params& p, Wg& wg, const uint8_t* stage, int kb, WgState<L>& st) {
+  const uint32_t addr = wg.smem_addr(stage);
+  if constexpr (GT > 0) {
+    MINICPM_UNROLL
+    for (int j = 0; j < 4 / GT; ++j) {
+      const int kt0 = GT * j;
+      if (kb * kBK + kKT * kt0 >= p.K) break;  // the last stage's tail (K % 128 != 0): whole groups past K
+      const bool last = j + 1 == 4 / GT || kb * kBK + kKT * (kt0 + GT) >= p.K;  // the stage's last group
+      start_group<SZ, L>(p, kb * (4 / GT) + j, st);
+      MINICPM_UNROLL
+      for (int kt = 0; kt < GT; ++kt) load_a(stage, kt0 + kt, st, p.mask_lo, st.a[kt]);
+      wg.take_turn(j == 0);
+      wg.fence();
+      MINICPM_UNROLL
+      for (int kt = 0; kt < GT; ++kt) wg.mma(st.acc, st.a[kt], x_desc(addr, kt0 + kt), kt == 0);
+      wg.commit();
+      wg.pass_turn(last);
+      wg.template wait<0>();
+      wg.fence_acc(st.acc);
+      epilogue<SZ, L>(st);
+    }
+  } else {
+    const bool starts = st.left == 0;
+    if (starts) {  // a group starts at this stage
+      st.grp += 1;
+      st.left = p.G / kBK;
+      start_group<SZ, L>(p, st.grp, st);
+    }
+    MINICPM_UNROLL
+    for (int kt = 0; kt < 4; ++kt) load_a(stage, kt, st, p.mask_lo, st.a[kt]);
+    wg.take_turn(true);
+    wg.fence();
+    MINICPM_UNROLL
+    for (int kt = 0; kt < 4; ++kt) wg.mma(st.acc, st.a[kt], x_desc(addr, kt), starts && kt == 0);
+    wg.commit();
+    wg.pass_turn(true);
+    wg.template wait<0>();  // (wait 1 would let the next stage's A overwrite registers this stage's wgmma read)
+    st.left -= 1;
+    if (st.left == 0) {
+      wg.fence_acc(st.acc);
+      epilogue<SZ, L>(st);
+    }
+  }
+}
+
+// The warpgroup's outputs: rows n0w + 16 w + g (+8) of W, tokens m0 + 8c + 2t (+1), inside [M, N]. Transposed
+// into out [M, N]: a lane writes 2 rows of 8 consecutive ones a warp (16 bytes of fp16) per token.
+template <int L>
+MINICPM_HD void wg_store(const w8::Params& p, int m0, int n0w, const int (&lanes)[L], const WgState<L>& st) {
+  for (int l = 0; l < L; ++l) {
+    const int lane = lanes[l] & 31, g = lane >> 2, t = lane & 3, n = n0w + 16 * (lanes[l] >> 5) + g;
+    float bs[2];
+    MINICPM_UNROLL
+    for (int h = 0; h < 2; ++h) bs[h] = p.bias != nullptr && n + 8 * h < p.N ? w8::load_f32(p.bias, n + 8 * h, p.out_dtype) : 0.f;
+    MINICPM_UNROLL
+    for (int c = 0; c < kAcc / 4; ++c) {
+      float xs[2];
+      MINICPM_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + 8 * c + 2 * t + e;
+        xs[e] = m < p.M ? ldg(p.xs + m) : 0.f;
+      }
+      MINICPM_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * c + 2 * t + (e & 1), nn = n + 8 * (e >> 1);
+        if (m >= p.M || nn >= p.N) continue;
+        float v = w8::fmul_rn(st.y[l][4 * c + e], xs[e & 1]);
+        if (p.bias != nullptr) v = w8::fadd_rn(v, bs[e >> 1]);
+        w8::store_f32(p.out, static_cast<long>(m) * p.ldo + nn, v, p.out_dtype);
+      }
+    }
+  }
+}
+
+// The warpgroup MMA on the host for all 128 lanes, from the layouts above; exact integers. base: the start of
+// the emulation's shared memory (descriptor addresses are offsets from it).
+struct HostWg {
+  const uint8_t* base = nullptr;
+  MINICPM_HD uint32_t smem_addr(const uint8_t* p) const { return static_cast<uint32_t>(p - base); }
+  MINICPM_HD void fence() {}
+  MINICPM_HD void take_turn(bool) {}
+  MINICPM_HD void pass_turn(bool) {}
+  MINICPM_HD void commit() {}
+  template <int N> MINICPM_HD void wait() {}
+  MINICPM_HD void fence_acc(int32_t (*)[kAcc]) {}
+  MINICPM_HD void mma(int32_t (*d)[kAcc], const uint32_t (*a)[4], uint64_t desc, bool first) const {
+#ifndef __CUDA_ARCH__
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) std::abort();  // no swizzle, no base offset
+    int A[64][32], B[kBM][32];
+    for (int l = 0; l < 128; ++l) {
+      const int w = l / 32, g = (l % 32) / 4, t = l % 4;
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 4; ++j)
+          A[16 * w + g + 8 * (r & 1)][4 * t + 16 * (r >> 1) + j] = static_cast<int8_t>((a[l][r] >> (8 * j)) & 0xFFu);
+    }
+    for (int n = 0; n < kBM; ++n)
+      for (int k = 0; k < 32; ++k)
+        B[n][k] = static_cast<int8_t>(base[start + (k / 16) * lbo + (n / 8) * sbo + (n % 8) * 16 + k % 16]);
+    for (int l = 0; l < 128; ++l) {
+      const int w = l / 32, g = (l % 32) / 4, t = l % 4;
+      for (int i = 0; i < kAcc; ++i) {
+        const int row = 16 * w + g + 8 * ((i & 3) >> 1), col = 8 * (i / 4) + 2 * t + (i & 1);
+        int32_t s = first ? 0 : d[l][i];
+        for (int k = 0; k < 32; ++k) s += A[row][k] * B[col][k];
+        d[l][i] = s;
+      }
+    }
+#else
+    (void)d, (void)a, (void)desc, (void)first;
+#endif
+  }
+};
+
+}  // namespace minicpm_int4_w4a8_wg

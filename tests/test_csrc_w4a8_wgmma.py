@@ -1,0 +1,125 @@
+"""The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu, sm_90a) run on the CPU, bit for bit against reference.py.
+
+tests/csrc/host_emu.cu runs the kernel's own code (csrc/w4a8_wgmma_core.cuh) block by block in the launch
+order: every thread's 16-byte copies into the stage's buffer in the layout the descriptors describe (zero-filled
+past M, N and K), every warpgroup's unpacking of W into the A registers (the two shared loads, the PRMT that
+joins their halves, the zero point subtracted in the bytes), the wgmma emulated from the PTX ISA's layouts - A
+from the 128 lanes' registers (CUTLASS's ALayout_64x32), x read through the 64-bit descriptor the kernel builds
+(start, LBO and SBO decoded from its bit fields, no swizzle), the accumulators' CLayout_64x128 - then every
+group's scaling and every store. Its fp32 arithmetic is the reference's, so the result must equal the
+reference's bits, and the mma.sync kernel's (test_csrc_w4a8.py). Shared memory starts as 0xA5 bytes and the
+output as NaN; every global input ends at an inaccessible page (csrc_emu.guarded).
+
+What is left to the GPU (tests/test_gpu.py): the real wgmma (whether the hardware reads the layouts as the PTX
+ISA says), the async proxy fence, cp.async's pipeline and the waits, and timing.
+"""
+import pytest
+import torch
+
+from csrc_emu import guarded
+from test_csrc_w4a8 import CODE, _assert_reference_bits, _emulate, _inputs
+
+
+def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None):
+    m, k = x_q.shape
+    n = qweight.shape[0]
+    ldo = ldo or n
+    out = torch.full((m, ldo), float("nan"), dtype=out_dtype)
+    x_q, x_scale, qweight = guarded(x_q), guarded(x_scale), guarded(qweight)
+    scales, zeros = guarded(scales), guarded(zeros)
+    bias = None if bias is None else guarded(bias)
+    rc = emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
+                                             scales.data_ptr(), zeros.data_ptr(),
+                                             None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                             m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype])
+    assert rc == 0, f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
+    return out[:, :n]
+
+
+# (M, N, K, group size as quantized (-1 = per channel)): what each exercises
+SHAPES = [
+    (1, 8, 128, 128),      # one token, 8 rows of W (one warp's half of them), one stage, one group
+    (3, 130, 256, 64),     # N past one block by 2 rows (a second W block, 126 rows masked); 2 groups a stage
+    (17, 72, 384, 32),     # a group per k-tile (4 a stage)
+    (130, 40, 768, 128),   # M past one 128-token block by 2; 6 stages: every one of the 5 buffers, one reused
+    (64, 200, 256, -1),    # per channel, K = 256: one group over two stages (the run-time path, wait 1 between)
+    (33, 96, 4224, -1),    # per channel over a long K (33 stages): |acc| past 2**22, the one I2F rounding
+    (7, 16, 768, 256),     # G = 256: two stages a group, 3 groups
+    (2, 16, 128, -1),      # per channel with K = G = 128: groups of 4 k-tiles placed at compile time
+    (20, 48, 160, 32),     # K % 128 = 32: the last stage holds one k-tile (one group), the rest skipped
+    (5, 24, 320, 64),      # K % 128 = 64: the last stage holds one group of two k-tiles
+    (129, 136, 384, 128),  # both M and N one past a block
+]
+
+
+@pytest.mark.parametrize("sz_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-N{s[1]}-K{s[2]}-G{s[3]}")
+def test_w4a8_wgmma_emulation_gives_the_reference_bits(emu, shape, sz_dtype):
+    m, n, k, group_size = shape
+    args = _inputs(m, n, k, group_size, sz_dtype, seed=m * 5 + n)
+    _assert_reference_bits(_emulate_wg(emu, *args), *args)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_w4a8_wgmma_emulation_bias_output_dtypes_and_the_mma_sync_kernels_bits(emu, out_dtype):
+    # scales of one dtype, output and bias of another; and the same bits as the mma.sync kernel (which the
+    # launcher takes instead on other GPUs and shapes): both are the reference's, operation for operation
+    args = _inputs(19, 136, 256, 64, torch.bfloat16, seed=5, bias=True, out_dtype=out_dtype)
+    y = _emulate_wg(emu, *args)
+    _assert_reference_bits(y, *args)
+    view = torch.int16 if y.element_size() == 2 else torch.int32
+    assert torch.equal(y.view(view), _emulate(emu, *args).view(view))
+
+
+def test_w4a8_wgmma_emulation_strided_output_and_many_blocks(emu):
+    # 3 x 3 blocks in the grouped launch order, out with a row stride
+    args = _inputs(300, 260, 256, 128, torch.float16, seed=11, bias=True)
+    _assert_reference_bits(_emulate_wg(emu, *args, ldo=264), *args)
+
+
+def test_w4a8_wgmma_emulation_extreme_products_stay_exact(emu):
+    # |x| = 127 against q - z = +-15 everywhere: the largest group sums, and per channel over K = 8192 15.6M,
+    # past fp32's 2**24 integers (one int32 -> fp32 rounding, as in the reference)
+    from minicpm_int4.packing import pack_int4
+
+    k = 8192
+    x_q = torch.full((2, k), 127, dtype=torch.int8)
+    x_q[1] = -127
+    q = torch.full((16, k), 15, dtype=torch.uint8)
+    q[8:] = 0
+    qweight = pack_int4(q)
+    for gs in (128, k):
+        scales = torch.full((16, k // gs), 0.5, dtype=torch.float16)
+        zeros = torch.zeros(16, k // gs, dtype=torch.float16)
+        zeros[8:] = 15
+        args = (x_q, torch.ones(2), qweight, scales, zeros, None, gs, torch.float32)
+        y = _emulate_wg(emu, *args)
+        _assert_reference_bits(y, *args)
+        assert y[0, 0].item() == pytest.approx(127 * 15 * k * 0.5, rel=1e-6)
+
+
+def test_w4a8_wgmma_takes_what_it_says(emu):
+    # K % 32 == 0 and groups of 32, 64 or a multiple of 128 dividing K (per channel included); per-channel
+    # layers with K % 128 != 0 (the vision MLP's K = 4304: K % 32 == 16) stay the mma.sync kernel's
+    ok = emu.minicpm_int4_w4a8_wgmma_supported
+    assert ok(4096, 128) and ok(4096, 64) and ok(4096, 32) and ok(4096, 4096) and ok(12288, 256) and ok(160, 32)
+    assert not ok(4304, 4304) and not ok(272, 16) and not ok(288, 96) and not ok(160, 160) and not ok(4096, 512 * 3)
+    assert not ok(256, 512)
+    x_q, x_scale, qweight, scales, zeros, _, _, _ = _inputs(4, 16, 288, -1, torch.float16, seed=1)
+    out = torch.empty(4, 16, dtype=torch.float16)
+    for k, g in ((288, 96), (288, 288), (272, 272)):
+        assert emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
+                                                   scales.data_ptr(), zeros.data_ptr(), None, out.data_ptr(),
+                                                   4, 16, k, g, 16, 0, 0) == -2
+    # everything it takes, the mma.sync kernel takes too (the launcher's fallback where the GPU has no sm_90a build)
+    for k in range(32, 1100, 32):
+        for g in (32, 64, 96, 128, 256, 384, k):
+            if ok(k, g):
+                assert emu.minicpm_int4_w4a8_supported(k, g), (k, g)
+
+
+def test_w4a8_wgmma_block_order_covers_every_tile_once(emu):
+    for m, n in ((4096, 4096), (1000, 130), (129, 4096), (17, 12288)):
+        nbm, nbn = -(-m // 128), -(-n // 128)
+        tiles = [divmod(emu.minicpm_int4_w4a8_wgmma_block_tile(pid, m, n), 65536) for pid in range(nbm * nbn)]
+        assert sorted(tiles) == [(i, j) for i in range(nbm) for j in range(nbn)]
