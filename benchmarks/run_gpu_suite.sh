@@ -71,7 +71,7 @@ else
   # stage's limit leaves the time the plots take (matplotlib's first import builds its font cache on a
   # fresh machine: warmed in the background below)
   BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 110
-              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-dq,w4a16-cuda,w4a16-cuda-ahead2,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-m64,w4a8-cuda-mma,torch-tinygemm,bnb-nf4,gemlite)
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-dq,w4a16-cuda,w4a16-cuda-ahead2,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-m64,w4a8-cuda-mma,w4a8-cuda-fma,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)

@@ -192,7 +192,8 @@ int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : t == at::kBFloat1
 // multiple of 32 dividing K, or K (per channel).
 // kernel: 0 = the launcher's choice (what ops.py passes): the warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) on a GPU
 // with its sm_90a build where it takes (K, group_size), else the mma.sync one; 1 = mma.sync; 2 = wgmma (an error
-// where it cannot run) - the bench's w4a8-cuda-mma rows force 1.
+// where it cannot run); 3 = wgmma with the epilogue's multiply and add fused (within reference.w4a8_tolerance, not
+// the reference's bits) - the bench's w4a8-cuda-mma / w4a8-cuda-fma rows force 1 / 3.
 // block_rows (mma.sync): rows of x per block (64 or 128), or 0 for the launcher's choice by the device's SMs; 64 or
 // 128 imply kernel 1 (the bench's w4a8-cuda-m64 rows force 64).
 at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& qweight,
@@ -235,11 +236,12 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a8_gemm: sizes exceed int32");
   TORCH_CHECK(block_rows == 0 || block_rows == 64 || block_rows == 128,
               msg("w4a8_gemm (cuda): block_rows must be 0 (the launcher's choice), 64 or 128, got ", block_rows));
-  TORCH_CHECK(kernel >= 0 && kernel <= 2,
-              msg("w4a8_gemm (cuda): kernel must be 0 (the launcher's choice), 1 (mma.sync) or 2 (wgmma), got ", kernel));
-  if (kernel == 2) {
+  TORCH_CHECK(kernel >= 0 && kernel <= 3,
+              msg("w4a8_gemm (cuda): kernel must be 0 (the launcher's choice), 1 (mma.sync), 2 (wgmma) or 3 (wgmma, "
+                  "fused epilogue), got ", kernel));
+  if (kernel >= 2) {
     TORCH_CHECK(block_rows == 0, msg("w4a8_gemm (cuda): block_rows (", block_rows, ") is the mma.sync kernel's; "
-                                     "kernel=2 (wgmma) takes block_rows=0"));
+                                     "kernel=", kernel, " (wgmma) takes block_rows=0"));
     TORCH_CHECK(minicpm_int4_w4a8_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
                 msg("w4a8_gemm (cuda): the wgmma kernel needs K % 32 == 0 and a group size of 32, 64 or a multiple of "
                     "128 dividing K; got K=", K, ", group_size=", group_size, " (kernel=0 or 1 takes it)"));

@@ -105,7 +105,7 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPl
 // Stage kb: landed (this thread's copies; then the cross-proxy fence - cp.async writes through the generic proxy,
 // wgmma reads through the async one - and every thread's), the stage kAhead on queued into the buffer whose
 // wgmma were waited for 2 stages ago, then the warpgroup's work on it.
-template <int GT, typename SZ>
+template <int GT, bool FMA, typename SZ>
 __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, const wg::CopyPlan& plan,
                                      int kb, int stages, wg::WgState<1>& st) {
   cp_async_wait<wg::kAhead - 1>();
@@ -116,12 +116,12 @@ __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t
   const int next = kb + wg::kAhead;
   if (next < stages) load_stage(p, plan, smem + (next % wg::kStages) * wg::kStageBytes, next);
   cp_async_commit();  // one group per stage, empty ones included: the wait above counts them
-  wg::wg_stage<GT, SZ, DeviceWg, 1>(p, dev, smem + (kb % wg::kStages) * wg::kStageBytes, kb, st);
+  wg::wg_stage<GT, FMA, SZ, DeviceWg, 1>(p, dev, smem + (kb % wg::kStages) * wg::kStageBytes, kb, st);
 }
 
 #endif  // MINICPM_WGMMA
 
-template <int GT, typename SZ>
+template <int GT, bool FMA, typename SZ>
 __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params p) {
 #if MINICPM_WGMMA
   extern __shared__ __align__(128) uint8_t smem[];
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
     if (s < stages) load_stage(p, plan, smem + s * wg::kStageBytes, s);
     cp_async_commit();
   }
-  for (int kb = 0; kb < stages; ++kb) step<GT, SZ>(p, dev, smem, plan, kb, stages, st);
+  for (int kb = 0; kb < stages; ++kb) step<GT, FMA, SZ>(p, dev, smem, plan, kb, stages, st);
   wg::wg_store<1>(p, m0, n0w, lanes, st);
 #else
   (void)p;
@@ -147,29 +147,34 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
 #endif
 }
 
-template <int GT, typename SZ>
+template <int GT, bool FMA, typename SZ>
 cudaError_t launch(const w8::Params& p, cudaStream_t stream) {
   static bool done[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev >= 64 || !done[dev]) {
-    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, wg::kSmemBytes);
+    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, FMA, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, wg::kSmemBytes);
     if (err != cudaSuccess) return err;
     if (dev < 64) done[dev] = true;
   }
-  w4a8_wgmma_kernel<GT, SZ><<<static_cast<unsigned>(wg::blocks(p.M, p.N)), wg::kThreads, wg::kSmemBytes, stream>>>(p);
+  w4a8_wgmma_kernel<GT, FMA, SZ><<<static_cast<unsigned>(wg::blocks(p.M, p.N)), wg::kThreads, wg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename SZ>
+template <bool FMA, typename SZ>
 cudaError_t launch_groups(const w8::Params& p, cudaStream_t stream) {
   switch (wg::static_group_tiles(p.G)) {
-    case 1: return launch<1, SZ>(p, stream);
-    case 2: return launch<2, SZ>(p, stream);
-    case 4: return launch<4, SZ>(p, stream);
-    default: return launch<0, SZ>(p, stream);
+    case 1: return launch<1, FMA, SZ>(p, stream);
+    case 2: return launch<2, FMA, SZ>(p, stream);
+    case 4: return launch<4, FMA, SZ>(p, stream);
+    default: return launch<0, FMA, SZ>(p, stream);
   }
+}
+
+template <typename SZ>
+cudaError_t launch_sz(const w8::Params& p, bool fma, cudaStream_t stream) {
+  return fma ? launch_groups<true, SZ>(p, stream) : launch_groups<false, SZ>(p, stream);
 }
 
 }  // namespace
@@ -194,10 +199,11 @@ extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return
 
 // The launch, for w4a8_gemm.cu's entry point (which checked the pointers and sizes): cudaErrorInvalidValue
 // where the kernel does not take (K, G), cudaErrorNoKernelImageForDevice where this GPU has no sm_90a build.
-cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, cudaStream_t stream) {
+// fma: the epilogue's multiply and add fused (w4a8_wgmma_core.cuh: within the reference's tolerance, not its bits).
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, cudaStream_t stream) {
   if (!wg::supported(p.K, p.G) || p.M <= 0 || wg::blocks(p.M, p.N) > 0x7FFFFFFFL) return cudaErrorInvalidValue;
   if (!minicpm_int4_w4a8_wgmma_available()) return cudaErrorNoKernelImageForDevice;
-  if (p.sz_dtype == 0) return launch_groups<__half>(p, stream);
-  if (p.sz_dtype == 1) return launch_groups<__nv_bfloat16>(p, stream);
-  return launch_groups<float>(p, stream);
+  if (p.sz_dtype == 0) return launch_sz<__half>(p, fma, stream);
+  if (p.sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, fma, stream);
+  return launch_sz<float>(p, fma, stream);
 }

@@ -39,7 +39,7 @@ def build(out_dir) -> ctypes.CDLL:
     so.minicpm_int4_w4a8_emulate.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
     so.minicpm_int4_w4a8_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a8_wgmma_emulate.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_long]
-                                                   + [ctypes.c_int] * 2)
+                                                   + [ctypes.c_int] * 3)
     so.minicpm_int4_w4a8_wgmma_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a8_wgmma_block_tile.argtypes = [ctypes.c_int] * 3
     so.minicpm_int4_w4a8_magic_convert.argtypes = [ctypes.c_int]

@@ -423,8 +423,8 @@ def _hopper_wgmma_expected():
 def test_cuda_extension_w4a8_wgmma(case):
     """The warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) forced (kernel=2), the launcher's choice (0) and the mma.sync
     kernel (1): the reference's bits from each - the check that the hardware reads the layouts as
-    tests/test_csrc_w4a8_wgmma.py's emulation does. Elsewhere than an sm_90a build on an H100 / H200: kernel=2
-    raises a clear error."""
+    tests/test_csrc_w4a8_wgmma.py's emulation does; kernel=3 (the fused epilogue) within the derived tolerance.
+    Elsewhere than an sm_90a build on an H100 / H200: kernel=2 raises a clear error."""
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     n, k, group_size, m = case
@@ -441,14 +441,17 @@ def test_cuda_extension_w4a8_wgmma(case):
                 c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, 2)
             return
         torch.full((m * n + 4096,), float("nan"), dtype=torch.float32, device="cuda")  # freed into the cache: poison
-        ys = [c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, kern) for kern in (2, 0, 1)]
-        assert not ys[0].isnan().any(), "outputs never written"
+        ys = [c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, kern) for kern in (2, 0, 1, 3)]
+        assert not ys[0].isnan().any() and not ys[3].isnan().any(), "outputs never written"
         assert torch.equal(ys[0], y_ref), (case, dtype, int((ys[0] != y_ref).sum()))
         assert torch.equal(ys[1], y_ref) and torch.equal(ys[2], y_ref)
+        # kernel=3, the fused epilogue: not the reference's bits, within its derived tolerance
+        tol = w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, dtype, y_ref)
+        assert ((ys[3].double() - y_ref.double()).abs() <= tol.double()).all(), (case, dtype)
     with pytest.raises(RuntimeError, match="block_rows .* is the mma.sync kernel's"):
         c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 64, 2)
-    with pytest.raises(RuntimeError, match="kernel must be 0 .*, 1 .* or 2 .*, got 3"):
-        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 0, 3)
+    with pytest.raises(RuntimeError, match=r"kernel must be 0 .*, 1 .*, 2 .* or 3 .*, got 4"):
+        c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 0, 4)
 
 
 def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():

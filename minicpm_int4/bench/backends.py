@@ -306,6 +306,24 @@ class OursW4A8CudaMma(OursW4A8CudaRows64):
         self.block_rows, self.kernel = 0, 1
 
 
+class OursW4A8CudaFma(OursW4A8CudaRows64):
+    """The CUDA W4A8 GEMM's warpgroup-MMA kernel with its epilogue's multiply and add fused (kernel=3: a third fewer
+    of the instructions that bound it; within reference.w4a8_tolerance, not the reference's bits), beside
+    `w4a8-cuda` (the launcher's choice: the unfused wgmma kernel on an H100 / H200): these rows decide whether the
+    fused epilogue becomes the launcher's. sm_90a builds only (elsewhere the op refuses kernel=3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.name = "w4a8-cuda-fma"
+        self.block_rows, self.kernel = 0, 3
+
+    def available(self, device):
+        reason = super().available(device)
+        if reason is None and (device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0)):
+            reason = "the warpgroup-MMA kernel needs an H100 / H200 (sm_90a)"
+        return reason
+
+
 class TorchTinyGemm(Backend):
     """torch's built-in int4 tinygemm (aten._weight_int4pack_mm), the kernel behind torchao int4wo.
     Our (q, scale, zero) map to its format exactly: w = (q - 8) * s + (8 - z) * s."""
@@ -427,7 +445,7 @@ def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
-            OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(),
+            OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 
 

@@ -288,7 +288,8 @@ VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit
             ("w4a8-cuda", "w4a8-triton", 1024), ("w4a8-cuda", "w4a8-triton", 4096),
             ("w4a8-cuda-m64", "w4a8-cuda", 1024), ("w4a8-cuda-m64", "w4a8-cuda", 4096),
             ("w4a8-cuda-mma", "w4a8-cuda", 256), ("w4a8-cuda-mma", "w4a8-cuda", 1024),
-            ("w4a8-cuda-mma", "w4a8-cuda", 4096))
+            ("w4a8-cuda-mma", "w4a8-cuda", 4096), ("w4a8-cuda-fma", "w4a8-cuda", 1024),
+            ("w4a8-cuda-fma", "w4a8-cuda", 4096))
 
 
 def variant_lines(bench: Dict) -> List[str]:

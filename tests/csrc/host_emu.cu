@@ -297,7 +297,7 @@ namespace wgk = minicpm_int4_w4a8_wg;
 // copied into its buffer as the kernel's 256 threads would (wgk::stage_piece, zero-filled past M, N and K), then
 // each warpgroup's work on it (wg_stage, its 128 lanes at once, HostWg reading x through the descriptors the
 // kernel builds, from the layout the copies wrote), then each warpgroup's stores. Shared memory starts as 0xA5.
-template <int GT, typename SZ>
+template <int GT, bool FMA, typename SZ>
 void w4a8_wg_grid(const w8::Params& p) {
   int lanes[128];
   for (int l = 0; l < 128; ++l) lanes[l] = l;
@@ -323,20 +323,25 @@ void w4a8_wg_grid(const w8::Params& p) {
           std::memcpy(stage + dst, src, bytes);
           std::memset(stage + dst + bytes, 0, 16 - bytes);
         }
-      for (int w = 0; w < 2; ++w) wgk::wg_stage<GT, SZ, wgk::HostWg, 128>(p, wg, stage, kb, st[w]);
+      for (int w = 0; w < 2; ++w) wgk::wg_stage<GT, FMA, SZ, wgk::HostWg, 128>(p, wg, stage, kb, st[w]);
     }
     for (int w = 0; w < 2; ++w) wgk::wg_store<128>(p, m0, n0 + 64 * w, lanes, st[w]);
   }
 }
 
-template <typename SZ>
-void w4a8_wg_sz(const w8::Params& p) {
+template <bool FMA, typename SZ>
+void w4a8_wg_groups(const w8::Params& p) {
   switch (wgk::static_group_tiles(p.G)) {  // the launcher's instantiations
-    case 1: w4a8_wg_grid<1, SZ>(p); break;
-    case 2: w4a8_wg_grid<2, SZ>(p); break;
-    case 4: w4a8_wg_grid<4, SZ>(p); break;
-    default: w4a8_wg_grid<0, SZ>(p);
+    case 1: w4a8_wg_grid<1, FMA, SZ>(p); break;
+    case 2: w4a8_wg_grid<2, FMA, SZ>(p); break;
+    case 4: w4a8_wg_grid<4, FMA, SZ>(p); break;
+    default: w4a8_wg_grid<0, FMA, SZ>(p);
   }
+}
+
+template <typename SZ>
+void w4a8_wg_sz(const w8::Params& p, bool fma) {
+  fma ? w4a8_wg_groups<true, SZ>(p) : w4a8_wg_groups<false, SZ>(p);
 }
 
 }  // namespace
@@ -444,20 +449,21 @@ int minicpm_int4_w4a8_block_tile(int pid, int M, int N, int block_rows) {
 }
 int minicpm_int4_w4a8_block_rows(int M, int N, int sms) { return w8::block_warps_m(M, N, sms, 0) * w8::kWarpRows; }
 
-// The warpgroup-MMA kernel on the host: arguments as minicpm_int4_w4a8_emulate's (no block rows); returns 0, or -2
-// where the kernel does not take the shape (its launcher's cudaErrorInvalidValue).
+// The warpgroup-MMA kernel on the host: arguments as minicpm_int4_w4a8_emulate's (no block rows), fma = 1 for the
+// fused epilogue (the op's kernel=3); returns 0, or -2 where the kernel does not take the shape (its launcher's
+// cudaErrorInvalidValue).
 int minicpm_int4_w4a8_wgmma_emulate(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
                                     const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
-                                    long ldo, int sz_dtype, int out_dtype) {
+                                    long ldo, int sz_dtype, int out_dtype, int fma) {
   if (!wgk::supported(K, group_size) || M <= 0 || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2) return -2;
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
                      group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, ldo, sz_dtype, out_dtype};
   if (sz_dtype == 0)
-    w4a8_wg_sz<__half>(p);
+    w4a8_wg_sz<__half>(p, fma != 0);
   else if (sz_dtype == 1)
-    w4a8_wg_sz<__nv_bfloat16>(p);
+    w4a8_wg_sz<__nv_bfloat16>(p, fma != 0);
   else
-    w4a8_wg_sz<float>(p);
+    w4a8_wg_sz<float>(p, fma != 0);
   return 0;
 }
 int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return wgk::supported(K, group_size) ? 1 : 0; }
