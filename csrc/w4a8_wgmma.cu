@@ -1,12 +1,13 @@
 // W4A8 GEMM on Hopper's warpgroup MMA (sm_90a): int8 activations x int4 weights, wgmma.mma_async
 // m64n128k32 s8 with W unpacked in registers as the A operand and x read by the tensor cores from shared memory,
 // the reference's bits (w4a8_wgmma_core.cuh says how, and runs on the host in the tests' emulation). A 128 x 128
-// output tile per block of 2 warpgroups, K through 5 buffers of 128-k stages (cp.async, 3 in flight, 130 KiB),
+// output tile per block of 2 warpgroups, K through 5 buffers of 128-k stages (cp.async, 4 in flight, 130 KiB),
 // two int32 accumulator sets so that a group's epilogue runs beside the next group's wgmma.
 //
 // Built for every arch (one source), but the kernel has a body only where __CUDA_ARCH_FEAT_SM90_ALL is defined
-// (nvcc -gencode arch=compute_90a): the launcher asks the loaded module (kBuilt, a device variable set per arch)
-// before it takes this kernel, and the mma.sync kernel (w4a8_gemm.cu) serves every other GPU and shape.
+// (nvcc -gencode arch=compute_90a): the launcher asks whether the code loaded for this GPU is that body (by its
+// registers: minicpm_int4_w4a8_wgmma_available) before it takes this kernel, and the mma.sync kernel
+// (w4a8_gemm.cu) serves every other GPU and shape.
 // No torch headers: plain pointers, sizes and a cudaStream_t.
 #include <cuda_runtime.h>
 
@@ -25,9 +26,9 @@ namespace wg = minicpm_int4_w4a8_wg;
 #define MINICPM_WGMMA 0
 #endif
 
-// 1 in the module of an sm_90a build, 0 in every other arch's: which one the driver loaded for this GPU says
-// whether the kernel below has a body here.
-__device__ int kBuilt = MINICPM_WGMMA;
+// Registers the kernel's body needs at least (197 - 255 with nvcc 13.0; the stub of other archs: under 16):
+// minicpm_int4_w4a8_wgmma_available tells the two apart by it.
+constexpr int kBodyMinRegs = 96;
 
 #if MINICPM_WGMMA  // the device code the kernel's body uses: compiled for sm_90a only (no unused code elsewhere)
 
@@ -103,8 +104,8 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPl
 }
 
 // Stage kb: landed (this thread's copies; then the cross-proxy fence - cp.async writes through the generic proxy,
-// wgmma reads through the async one - and every thread's), the stage kAhead on queued into the buffer whose
-// wgmma were waited for 2 stages ago, then the warpgroup's work on it.
+// wgmma reads through the async one - and every thread's), the stage kAhead on queued into the buffer of the stage
+// before (both warpgroups waited for their wgmma on it before this barrier), then the warpgroup's work on stage kb.
 template <int GT, bool FMA, typename SZ>
 __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, const wg::CopyPlan& plan,
                                      int kb, int stages, wg::WgState<1>& st) {
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
   wg::wg_store<1>(p, m0, n0w, lanes, st);
 #else
   (void)p;
-  __trap();  // never launched: the launcher reads kBuilt first
+  __trap();  // never launched: the launcher asks minicpm_int4_w4a8_wgmma_available first
 #endif
 }
 
@@ -179,18 +180,22 @@ cudaError_t launch_sz(const w8::Params& p, bool fma, cudaStream_t stream) {
 
 }  // namespace
 
-// 1 where this GPU runs the kernel: the module loaded for it is an sm_90a build's. Asked once per device.
+// 1 where this GPU runs the kernel: the code loaded for it is an sm_90a build's, whose body needs 184 or more
+// registers a thread (inspect-cuda), where the other archs' stub - a trap - needs a handful. Read from the
+// function's attributes, not from device memory: no copy that would break a CUDA graph being captured when the
+// first W4A8 call comes inside one. Asked once per device.
 extern "C" int minicpm_int4_w4a8_wgmma_available() {
   static int cached[64];
   static bool asked[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
   if (dev < 64 && asked[dev]) return cached[dev];
+  cudaFuncAttributes attr{};
   int built = 0;
-  if (cudaMemcpyFromSymbol(&built, kBuilt, sizeof(int)) != cudaSuccess) {
-    (void)cudaGetLastError();  // no module for this GPU: not available, and no sticky error left behind
-    built = 0;
-  }
+  if (cudaFuncGetAttributes(&attr, w4a8_wgmma_kernel<4, false, __half>) == cudaSuccess)
+    built = attr.numRegs >= kBodyMinRegs ? 1 : 0;
+  else
+    (void)cudaGetLastError();  // no code for this GPU: not available, and no error left behind
   if (dev < 64) cached[dev] = built, asked[dev] = true;
   return built;
 }

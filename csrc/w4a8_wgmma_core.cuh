@@ -26,8 +26,9 @@
 // lo = nibbles k 4t, 4t + 2, 16 + 4t, 16 + 4t + 2, hi the odd ones, PRMT 0x5140 / 0x7362 interleave them.
 //
 // Block: 2 warpgroups (256 threads), a 128 (rows of W) x 128 (tokens) tile of the output transposed, each
-// warpgroup 64 rows of W. K in stages of 128 through 5 buffers of shared memory, 3 stages in flight: a stage's
-// buffer is written again 2 stages after the one that read it, when its wgmma have finished (waited). A group's
+// warpgroup 64 rows of W. K in stages of 128 through 5 buffers of shared memory, 4 stages in flight: a stage's
+// buffer is written again at the next stage, whose barrier every warpgroup reaches after waiting for its wgmma on
+// it (each group's wgmma are waited for before its epilogue). A group's
 // (32, 64, 128: GT = 1, 2, 4 k-tiles) wgmma are issued, waited for and the sums scaled into y; the two warpgroups
 // take turns issuing (wg_stage), so that one's epilogue runs beside the other's wgmma. Longer groups (multiples of
 // 128, per channel: GT = 0) add a stage's 4 k-tiles at a time and are scaled at their last stage.
@@ -50,7 +51,7 @@ constexpr int kBK = 128;                     // k per stage
 constexpr int kKT = 32;                      // k per wgmma
 constexpr int kThreads = 256;
 constexpr int kStages = 5;                   // buffers
-constexpr int kAhead = kStages - 2;          // stages in flight: a buffer is refilled 2 stages after its use
+constexpr int kAhead = kStages - 1;          // stages in flight: a buffer is refilled the stage after its use
 constexpr int kChunk = kBM * 16;             // bytes of one 16-byte k chunk of the block's tokens: the LBO
 constexpr int kSBO = 128;                    // bytes between 8-token core matrices
 constexpr int kStageX = (kBK / 16) * kChunk; // 16384

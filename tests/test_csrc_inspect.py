@@ -196,8 +196,12 @@ def test_w4a8_wgmma_instantiations_and_loop(variants):
     wg = _pick(variants, "sm90a", "w4a8-wg")
     assert sorted((v.dtype, v.params["GT"], v.params["FMA"]) for v in wg) == sorted(
         (d, gt, f) for d in ("float16", "bfloat16", "float32") for gt in (0, 1, 2, 4) for f in (0, 1))
+    # the launcher tells the body from other archs' stub (a trap, 4 registers) by the registers it needs
+    import re
+    src = open(os.path.join(csrc_inspect.CSRC, "w4a8_wgmma.cu")).read()
+    body_min = int(re.search(r"constexpr int kBodyMinRegs = (\d+);", src).group(1))
     for v in wg:
-        assert v.spill_bytes == 0 and v.loop_local_memory == 0 and v.regs <= 255, (v.dtype, v.params, v.regs)
+        assert v.spill_bytes == 0 and v.loop_local_memory == 0 and body_min <= v.regs <= 255, (v.dtype, v.params, v.regs)
         assert sum(c for op, c in v.loop_counts.items() if op.startswith("IGMMA")) == 4, (v.dtype, v.params)
         assert v.smem <= 1024  # dynamic shared memory (133120 bytes, opted in at launch); sm_90's 1 KiB reserve
     for v in _pick(variants, "sm90a", "w4a8-wg", GT=4):

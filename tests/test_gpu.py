@@ -416,11 +416,7 @@ def _hopper_wgmma_expected():
     return torch.cuda.get_device_capability() == (9, 0) and (archs is None or "9.0a" in archs)
 
 
-@pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (4096, 4096, 128, 300), (2304, 768, 128, 1024),
-                                  (14336, 4096, 64, 129), (4096, 14336, 32, 17), (18944, 3584, 128, 1),
-                                  (1152, 4096, -1, 260), (264, 512, 128, 129), (72, 160, 32, 3)],
-                         ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
-def test_cuda_extension_w4a8_wgmma(case):
+def _w4a8_wgmma_kernels(case):
     """The warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) forced (kernel=2), the launcher's choice (0) and the mma.sync
     kernel (1): the reference's bits from each - the check that the hardware reads the layouts as
     tests/test_csrc_w4a8_wgmma.py's emulation does; kernel=3 (the fused epilogue) within the derived tolerance.
@@ -452,6 +448,21 @@ def test_cuda_extension_w4a8_wgmma(case):
         c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 64, 2)
     with pytest.raises(RuntimeError, match=r"kernel must be 0 .*, 1 .*, 2 .* or 3 .*, got 4"):
         c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 0, 4)
+
+
+@pytest.mark.parametrize("case", [(264, 512, 128, 129), (72, 160, 32, 3), (136, 256, -1, 130), (40, 768, -1, 17),
+                                  (200, 384, 64, 1)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a8_wgmma_small(case):
+    """Odd sizes (N, M past a 128-tile; K % 128 != 0; per channel over 2 and 6 stages: the run-time groups),
+    small enough for the GPU suite's compute-sanitizer stage (-k cuda_extension)."""
+    _w4a8_wgmma_kernels(case)
+
+
+@pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (4096, 4096, 128, 300), (2304, 768, 128, 1024),
+                                  (14336, 4096, 64, 129), (4096, 14336, 32, 17), (18944, 3584, 128, 1),
+                                  (1152, 4096, -1, 260)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a8_wgmma_real_shapes(case):
+    _w4a8_wgmma_kernels(case)
 
 
 def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():
