@@ -72,6 +72,9 @@ int minicpm_int4_w4a8_supported(int K, int group_size);
 int minicpm_int4_w4a8_wgmma_supported(int K, int group_size);
 // 1 where the current GPU runs the warpgroup-MMA kernel (an sm_90a build, loaded for an H100 / H200).
 int minicpm_int4_w4a8_wgmma_available(void);
+// 1 where MINICPM_INT4_W4A8_WGMMA=0 turns it off (read once per process): never the launcher's choice, and
+// kernel = 2 / 3 give cudaErrorNotPermitted.
+int minicpm_int4_w4a8_wgmma_disabled(void);
 
 #ifdef __cplusplus
 }

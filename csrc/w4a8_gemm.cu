@@ -173,7 +173,7 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
   // the warpgroup-MMA kernel (sm_90a) where it takes the shape and this GPU has it, unless mma.sync or its block
   // rows are asked for
   if (kernel >= 2 || (kernel == 0 && block_rows == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
-                      minicpm_int4_w4a8_wgmma_available()))
+                      !minicpm_int4_w4a8_wgmma_disabled() && minicpm_int4_w4a8_wgmma_available()))
     return minicpm_int4_w4a8_wgmma_launch(p, kernel == 3, stream);
   int sms = 0;
   if (block_rows == 0) {

@@ -11,6 +11,8 @@
 // No torch headers: plain pointers, sizes and a cudaStream_t.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "launchers.h"
 #include "w4a8_wgmma_core.cuh"
 #include "wgmma_s8.cuh"
@@ -200,6 +202,16 @@ extern "C" int minicpm_int4_w4a8_wgmma_available() {
   return built;
 }
 
+// 1 where MINICPM_INT4_W4A8_WGMMA=0 is set (read once per process): the launcher then never takes the kernel, and
+// forcing it is refused - the GPU suite's way to measure everything else should the kernel fail on a GPU.
+extern "C" int minicpm_int4_w4a8_wgmma_disabled() {
+  static const int disabled = [] {
+    const char* v = std::getenv("MINICPM_INT4_W4A8_WGMMA");
+    return v != nullptr && v[0] == '0' && v[1] == '\0' ? 1 : 0;
+  }();
+  return disabled;
+}
+
 extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return wg::supported(K, group_size) ? 1 : 0; }
 
 // The launch, for w4a8_gemm.cu's entry point (which checked the pointers and sizes): cudaErrorInvalidValue
@@ -207,6 +219,7 @@ extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return
 // fma: the epilogue's multiply and add fused (w4a8_wgmma_core.cuh: within the reference's tolerance, not its bits).
 cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, cudaStream_t stream) {
   if (!wg::supported(p.K, p.G) || p.M <= 0 || wg::blocks(p.M, p.N) > 0x7FFFFFFFL) return cudaErrorInvalidValue;
+  if (minicpm_int4_w4a8_wgmma_disabled()) return cudaErrorNotPermitted;
   if (!minicpm_int4_w4a8_wgmma_available()) return cudaErrorNoKernelImageForDevice;
   if (p.sz_dtype == 0) return launch_sz<__half>(p, fma, stream);
   if (p.sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, fma, stream);
