@@ -253,6 +253,7 @@ MINICPM_HD void wg_stage(const w8::Params& p, Wg& wg, const uint8_t* stage, int 
       MINICPM_UNROLL
       for (int kt = 0; kt < GT; ++kt) load_a(stage, kt0 + kt, st, p.mask_lo, st.a[kt]);
       wg.take_turn(j == 0);
+      wg.fence_acc(st.acc);  // the last epilogue's reads of acc stay above the wgmma that overwrite it
       wg.fence();
       MINICPM_UNROLL
       for (int kt = 0; kt < GT; ++kt) wg.mma(st.acc, st.a[kt], x_desc(addr, kt0 + kt), kt == 0);
@@ -272,6 +273,7 @@ MINICPM_HD void wg_stage(const w8::Params& p, Wg& wg, const uint8_t* stage, int 
     MINICPM_UNROLL
     for (int kt = 0; kt < 4; ++kt) load_a(stage, kt, st, p.mask_lo, st.a[kt]);
     wg.take_turn(true);
+    wg.fence_acc(st.acc);
     wg.fence();
     MINICPM_UNROLL
     for (int kt = 0; kt < 4; ++kt) wg.mma(st.acc, st.a[kt], x_desc(addr, kt), starts && kt == 0);
