@@ -150,7 +150,7 @@ cudaError_t sm_count(int& sms) {
 }  // namespace
 
 // csrc/w4a8_wgmma.cu
-cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, cudaStream_t stream);
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, int sms, cudaStream_t stream);
 
 extern "C" int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
 
@@ -172,10 +172,13 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
                      sz_dtype, out_dtype};
   // the warpgroup-MMA kernel (sm_90a) where it takes the shape and this GPU has it, unless mma.sync or its block
   // rows are asked for
-  if (kernel >= 2 || (kernel == 0 && block_rows == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
-                      !minicpm_int4_w4a8_wgmma_disabled() && minicpm_int4_w4a8_wgmma_available()))
-    return minicpm_int4_w4a8_wgmma_launch(p, kernel == 3, stream);
   int sms = 0;
+  if (kernel >= 2 || (kernel == 0 && block_rows == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
+                      !minicpm_int4_w4a8_wgmma_disabled() && minicpm_int4_w4a8_wgmma_available())) {
+    const cudaError_t err = sm_count(sms);  // its persistent CTAs: one an SM
+    if (err != cudaSuccess) return err;
+    return minicpm_int4_w4a8_wgmma_launch(p, kernel == 3, sms, stream);
+  }
   if (block_rows == 0) {
     const cudaError_t err = sm_count(sms);
     if (err != cudaSuccess) return err;

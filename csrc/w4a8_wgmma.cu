@@ -1,7 +1,7 @@
 // W4A8 GEMM on Hopper's warpgroup MMA (sm_90a): int8 activations x int4 weights, wgmma.mma_async
 // m64n128k32 s8 with W unpacked in registers as the A operand and x read by the tensor cores from shared memory,
 // the reference's bits (w4a8_wgmma_core.cuh says how, and runs on the host in the tests' emulation). A 128 x 128
-// output tile per block of 2 warpgroups, K through 5 buffers of 128-k stages (cp.async, 4 in flight, 130 KiB),
+// output tile per block of 2 warpgroups, K through 5 buffers of 128-k stages (cp.async, 4 in flight, 130 KiB; the output tile leaves through 66 KiB more),
 // two int32 accumulator sets so that a group's epilogue runs beside the next group's wgmma.
 //
 // Built for every arch (one source), but the kernel has a body only where __CUDA_ARCH_FEAT_SM90_ALL is defined
@@ -105,21 +105,25 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPl
   }
 }
 
-// Stage kb: landed (this thread's copies; then the cross-proxy fence - cp.async writes through the generic proxy,
-// wgmma reads through the async one - and every thread's), the stage kAhead on queued into the buffer of the stage
-// before (both warpgroups waited for their wgmma on it before this barrier), then the warpgroup's work on stage kb.
+// Stage s of the CTA's stream (tile-local k-block kb, in buffer `buf` = s % kStages): landed (this thread's copies;
+// then the cross-proxy fence - cp.async writes through the generic proxy, wgmma reads through the async one - and
+// every thread's), the stage kAhead on queued into the buffer of the stage before (both warpgroups waited for
+// their wgmma on it before this barrier), then the warpgroup's work on stage s.
 template <int GT, bool FMA, typename SZ>
-__device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, const wg::CopyPlan& plan,
-                                     int kb, int stages, wg::WgState<1>& st) {
+__device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, wg::LoadCursor& lc, int s,
+                                     int total, int buf, int kb, int stages, wg::WgState<1>& st) {
   cp_async_wait<wg::kAhead - 1>();
 #if MINICPM_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
   __syncthreads();
-  const int next = kb + wg::kAhead;
-  if (next < stages) load_stage(p, plan, smem + (next % wg::kStages) * wg::kStageBytes, next);
+  if (s + wg::kAhead < total) {
+    const int lbuf = buf == 0 ? wg::kStages - 1 : buf - 1;  // (s + kAhead) % kStages, kAhead = kStages - 1
+    load_stage(p, lc.plan, smem + lbuf * wg::kStageBytes, lc.kb);
+    wg::load_step(p, stages, threadIdx.x, lc);
+  }
   cp_async_commit();  // one group per stage, empty ones included: the wait above counts them
-  wg::wg_stage<GT, FMA, SZ, DeviceWg, 1>(p, dev, smem + (kb % wg::kStages) * wg::kStageBytes, kb, st);
+  wg::wg_stage<GT, FMA, SZ, DeviceWg, 1>(p, dev, smem + buf * wg::kStageBytes, kb, st);
 }
 
 #endif  // MINICPM_WGMMA
@@ -128,22 +132,38 @@ template <int GT, bool FMA, typename SZ>
 __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params p) {
 #if MINICPM_WGMMA
   extern __shared__ __align__(128) uint8_t smem[];
-  int bm, bn;
-  wg::block_tile(blockIdx.x, p.M, p.N, bm, bn);
-  const int m0 = bm * wg::kBM, n0 = bn * wg::kBN, n0w = n0 + 64 * (threadIdx.x >> 7);
+  const int grid = gridDim.x, cta = blockIdx.x, wgi = threadIdx.x >> 7;
   const int lanes[1] = {static_cast<int>(threadIdx.x & 127)};
-  wg::WgState<1> st;
-  wg::wg_init(p, n0w, 64 * (threadIdx.x >> 7), lanes, st);
-  DeviceWg dev{static_cast<int>(threadIdx.x >> 7)};
-  const wg::CopyPlan plan = wg::copy_plan(p, m0, n0, threadIdx.x);
   const int stages = (p.K + wg::kBK - 1) / wg::kBK;
+  const int tiles = wg::cta_tiles(p.M, p.N, cta, grid), total = tiles * stages;
+  DeviceWg dev{wgi};
+  wg::LoadCursor lc = wg::load_start(p, cta, grid, threadIdx.x);
 #pragma unroll
   for (int s = 0; s < wg::kAhead; ++s) {
-    if (s < stages) load_stage(p, plan, smem + s * wg::kStageBytes, s);
+    if (s < total) {
+      load_stage(p, lc.plan, smem + s * wg::kStageBytes, lc.kb);
+      wg::load_step(p, stages, threadIdx.x, lc);
+    }
     cp_async_commit();
   }
-  for (int kb = 0; kb < stages; ++kb) step<GT, FMA, SZ>(p, dev, smem, plan, kb, stages, st);
-  wg::wg_store<1>(p, m0, n0w, lanes, st);
+  static_assert(wg::kAhead == wg::kStages - 1, "step's buffer of the stage kAhead on");
+  wg::WgState<1> st;
+  int s = 0, buf = 0;  // the stream's stage, and its buffer
+  wg::TileWalk w = wg::walk_start(p.M, cta, grid);
+  for (int t = 0; t < tiles; ++t, wg::walk_next(w)) {
+    const int m0 = w.bm * wg::kBM, n0 = w.bn * wg::kBN;
+    wg::wg_init(p, n0 + 64 * wgi, 64 * wgi, lanes, st);
+    for (int kb = 0; kb < stages; ++kb, ++s) {
+      step<GT, FMA, SZ>(p, dev, smem, lc, s, total, buf, kb, stages, st);
+      buf = buf == wg::kStages - 1 ? 0 : buf + 1;
+    }
+    // the outputs, through shared memory, while the next tile's first stages land (the tile buffer is free: every
+    // thread passed a stage barrier since its last tile_store)
+    uint8_t* tile = smem + wg::kStages * wg::kStageBytes;
+    wg::wg_tile_out<1>(p, m0, n0, 64 * wgi, lanes, st, tile);
+    __syncthreads();
+    wg::tile_store(p, m0, n0, tile, threadIdx.x);
+  }
 #else
   (void)p;
   __trap();  // never launched: the launcher asks minicpm_int4_w4a8_wgmma_available first
@@ -151,7 +171,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
 }
 
 template <int GT, bool FMA, typename SZ>
-cudaError_t launch(const w8::Params& p, cudaStream_t stream) {
+cudaError_t launch(const w8::Params& p, int sms, cudaStream_t stream) {
   static bool done[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -161,23 +181,24 @@ cudaError_t launch(const w8::Params& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (dev < 64) done[dev] = true;
   }
-  w4a8_wgmma_kernel<GT, FMA, SZ><<<static_cast<unsigned>(wg::blocks(p.M, p.N)), wg::kThreads, wg::kSmemBytes, stream>>>(p);
+  w4a8_wgmma_kernel<GT, FMA, SZ><<<static_cast<unsigned>(wg::grid_ctas(p.M, p.N, sms)), wg::kThreads, wg::kSmemBytes,
+                                   stream>>>(p);
   return cudaGetLastError();
 }
 
 template <bool FMA, typename SZ>
-cudaError_t launch_groups(const w8::Params& p, cudaStream_t stream) {
+cudaError_t launch_groups(const w8::Params& p, int sms, cudaStream_t stream) {
   switch (wg::static_group_tiles(p.G)) {
-    case 1: return launch<1, FMA, SZ>(p, stream);
-    case 2: return launch<2, FMA, SZ>(p, stream);
-    case 4: return launch<4, FMA, SZ>(p, stream);
-    default: return launch<0, FMA, SZ>(p, stream);
+    case 1: return launch<1, FMA, SZ>(p, sms, stream);
+    case 2: return launch<2, FMA, SZ>(p, sms, stream);
+    case 4: return launch<4, FMA, SZ>(p, sms, stream);
+    default: return launch<0, FMA, SZ>(p, sms, stream);
   }
 }
 
 template <typename SZ>
-cudaError_t launch_sz(const w8::Params& p, bool fma, cudaStream_t stream) {
-  return fma ? launch_groups<true, SZ>(p, stream) : launch_groups<false, SZ>(p, stream);
+cudaError_t launch_sz(const w8::Params& p, bool fma, int sms, cudaStream_t stream) {
+  return fma ? launch_groups<true, SZ>(p, sms, stream) : launch_groups<false, SZ>(p, sms, stream);
 }
 
 }  // namespace
@@ -217,11 +238,14 @@ extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return
 // The launch, for w4a8_gemm.cu's entry point (which checked the pointers and sizes): cudaErrorInvalidValue
 // where the kernel does not take (K, G), cudaErrorNoKernelImageForDevice where this GPU has no sm_90a build.
 // fma: the epilogue's multiply and add fused (w4a8_wgmma_core.cuh: within the reference's tolerance, not its bits).
-cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, cudaStream_t stream) {
-  if (!wg::supported(p.K, p.G) || p.M <= 0 || wg::blocks(p.M, p.N) > 0x7FFFFFFFL) return cudaErrorInvalidValue;
+// sms: the device's SMs - persistent CTAs, one an SM (grid_ctas).
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, int sms, cudaStream_t stream) {
+  if (!wg::supported(p.K, p.G) || p.M <= 0 || wg::blocks(p.M, p.N) * ((p.K + wg::kBK - 1) / wg::kBK) > 0x7FFFFFFFL)
+    return cudaErrorInvalidValue;  // (a CTA's stream of stages counted in an int)
   if (minicpm_int4_w4a8_wgmma_disabled()) return cudaErrorNotPermitted;
   if (!minicpm_int4_w4a8_wgmma_available()) return cudaErrorNoKernelImageForDevice;
-  if (p.sz_dtype == 0) return launch_sz<__half>(p, fma, stream);
-  if (p.sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, fma, stream);
-  return launch_sz<float>(p, fma, stream);
+  if (sms <= 0) return cudaErrorInvalidValue;
+  if (p.sz_dtype == 0) return launch_sz<__half>(p, fma, sms, stream);
+  if (p.sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, fma, sms, stream);
+  return launch_sz<float>(p, fma, sms, stream);
 }

@@ -36,6 +36,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 
 #include "w4a8_gemm_core.cuh"
 
@@ -57,7 +58,10 @@ constexpr int kSBO = 128;                    // bytes between 8-token core matri
 constexpr int kStageX = (kBK / 16) * kChunk; // 16384
 constexpr int kStrideW = kBK / 2 + 16;       // bytes per row of packed W (80: 8 rows x 2 words hit 16 banks)
 constexpr int kStageBytes = kStageX + kBN * kStrideW;
-constexpr int kSmemBytes = kStages * kStageBytes;  // 133120: dynamic, opted in by the launcher
+constexpr int kOutStride = kBN * 4 + 16;     // bytes per token of the output tile in shared memory (fp32 at most;
+                                             // +16: a lane quad's 4 tokens 2t land on 4 bank groups)
+constexpr int kOutBytes = kBM * kOutStride;  // 67584: the output tile, after the ring of stages
+constexpr int kSmemBytes = kStages * kStageBytes + kOutBytes;  // 200704: dynamic, opted in by the launcher
 constexpr int kAcc = kBM / 2;                // int32 accumulators a thread: 64 (16 n8 chunks x 4)
 constexpr int kPiecesX = kBM * kBK / 16 / kThreads;      // 16-byte pieces of x a thread a stage: 4 (kBM = 128)
 static_assert(kBM == 128 && kThreads == 256, "the copy plan: tokens tok0 + 32 i, 8 x 4 chunks a warp");
@@ -70,17 +74,7 @@ inline bool supported(int K, int G) {
   return K > 0 && K % 32 == 0 && G > 0 && K % G == 0 && (G == 32 || G == 64 || G % 128 == 0);
 }
 inline int static_group_tiles(int G) { return G == 32 || G == 64 || G == 128 ? G / kKT : 0; }
-inline long blocks(int M, int N) { return static_cast<long>((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN); }
-
-// Block id -> (token block, W block), 8 token blocks at a time: consecutive blocks share W's tile (L2).
-MINICPM_HD void block_tile(int pid, int M, int N, int& bm, int& bn) {
-  const int nbm = (M + kBM - 1) / kBM, nbn = (N + kBN - 1) / kBN;
-  const int width = w8::kGroupM * nbn;
-  const int first = (pid / width) * w8::kGroupM;
-  const int size = nbm - first < w8::kGroupM ? nbm - first : w8::kGroupM;
-  bm = first + (pid % width) % size;
-  bn = (pid % width) / size;
-}
+MINICPM_HD long blocks(int M, int N) { return static_cast<long>((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN); }
 
 // The 16-byte pieces thread tid copies each stage, worked out once (copy_plan; stage_piece then adds the stage's
 // k): x - piece u = tid + 256 i is token 8 (u / 64) + u % 8 = tok0 + 32 i, chunk (u / 8) % 8 (the same for every
@@ -288,15 +282,87 @@ MINICPM_HD void wg_stage(const w8::Params& p, Wg& wg, const uint8_t* stage, int 
   }
 }
 
-// The warpgroup's outputs: rows n0w + 16 w + g (+8) of W, tokens m0 + 8c + 2t (+1), inside [M, N]. Transposed
-// into out [M, N]: a lane writes 2 rows of 8 consecutive ones a warp (16 bytes of fp16) per token.
-template <int L>
-MINICPM_HD void wg_store(const w8::Params& p, int m0, int n0w, const int (&lanes)[L], const WgState<L>& st) {
+// Persistent CTAs: min(tiles, SMs) of them, CTA c taking tiles c, c + grid, c + 2 grid, ..., their stages one
+// stream, so that the copies run kAhead stages ahead across the tiles' boundaries - the next tile's first stages
+// land while this one's last are computed and its outputs stored - instead of each tile's CTA starting cold (one
+// CTA an SM: nothing else hides a fill or a store; at K = 768 a tile is 6 stages).
+MINICPM_HD int grid_ctas(int M, int N, int sms) {
+  const long tiles = blocks(M, N);
+  return static_cast<int>(sms > 0 && tiles > sms ? sms : tiles);
+}
+
+// A CTA's tiles in order: tile id i is (token block i % nbm, W block i / nbm) - token blocks fastest, so that the
+// CTAs at work at once share a few W tiles (read once from HBM, then from L2) and all of x's - walked by an add and
+// a compare a tile, no division in the loop.
+struct TileWalk {
+  int bm, bn;    // the current tile
+  int dq, dr;    // grid / nbm, grid % nbm: the step to the CTA's next tile
+  int nbm;
+};
+
+MINICPM_HD TileWalk walk_start(int M, int cta, int grid) {
+  TileWalk w;
+  w.nbm = (M + kBM - 1) / kBM;
+  w.bm = cta % w.nbm;
+  w.bn = cta / w.nbm;
+  w.dq = grid / w.nbm;
+  w.dr = grid % w.nbm;
+  return w;
+}
+
+MINICPM_HD void walk_next(TileWalk& w) {
+  w.bm += w.dr;
+  w.bn += w.dq;
+  if (w.bm >= w.nbm) {
+    w.bm -= w.nbm;
+    w.bn += 1;
+  }
+}
+
+// The load side of a CTA's stream: the next stage to copy - its tile and k-block - and that tile's copy plan.
+struct LoadCursor {
+  int kb;
+  TileWalk w;
+  CopyPlan plan;
+};
+
+MINICPM_HD LoadCursor load_start(const w8::Params& p, int cta, int grid, int tid) {
+  LoadCursor c;
+  c.kb = 0;
+  c.w = walk_start(p.M, cta, grid);
+  c.plan = copy_plan(p, c.w.bm * kBM, c.w.bn * kBN, tid);
+  return c;
+}
+
+// The stage after: the next k-block, or the next tile's first (its plan worked out: once a tile).
+MINICPM_HD void load_step(const w8::Params& p, int stages, int tid, LoadCursor& c) {
+  if (++c.kb < stages) return;
+  c.kb = 0;
+  walk_next(c.w);
+  c.plan = copy_plan(p, c.w.bm * kBM, c.w.bn * kBN, tid);
+}
+
+// The tiles CTA cta works through (each (K + 127) / 128 stages; the launcher keeps tiles x stages below 2**31).
+MINICPM_HD int cta_tiles(int M, int N, int cta, int grid) {
+  return static_cast<int>((blocks(M, N) - cta + grid - 1) / grid);
+}
+
+// A tile's outputs leave through shared memory (each lane's 64 sums are 2 rows of W x 32 tokens of out [M, N]:
+// stored straight from the registers, a warp's store covered 4 tokens x 16 bytes, and the per-output bounds,
+// dtype and address work cost ~42 instructions an output - as much as 6 stages of the main loop):
+//   wg_tile_out: each lane's y * x_scale (+ bias), rounded to the output dtype - the reference's operations -,
+//                into the tile [token][row of W] (kOutStride bytes a token; tokens and rows past M, N too);
+//   tile_store:  after a barrier, the block's 256 threads copy it to out 16 bytes at a time (rows of out
+//                16-byte aligned: out's address and ldo; else, and at N's edge, element by element).
+template <typename OT, int L>
+MINICPM_HD void wg_tile_out_t(const w8::Params& p, int m0, int n0, int wrow, const int (&lanes)[L],
+                              const WgState<L>& st, uint8_t* tile) {
   for (int l = 0; l < L; ++l) {
-    const int lane = lanes[l] & 31, g = lane >> 2, t = lane & 3, n = n0w + 16 * (lanes[l] >> 5) + g;
+    const int lane = lanes[l] & 31, g = lane >> 2, t = lane & 3, r = wrow + 16 * (lanes[l] >> 5) + g;
     float bs[2];
     MINICPM_UNROLL
-    for (int h = 0; h < 2; ++h) bs[h] = p.bias != nullptr && n + 8 * h < p.N ? w8::load_f32(p.bias, n + 8 * h, p.out_dtype) : 0.f;
+    for (int h = 0; h < 2; ++h)
+      bs[h] = p.bias != nullptr && n0 + r + 8 * h < p.N ? w8::load_f32(p.bias, n0 + r + 8 * h, p.out_dtype) : 0.f;
     MINICPM_UNROLL
     for (int c = 0; c < kAcc / 4; ++c) {
       float xs[2];
@@ -307,12 +373,45 @@ MINICPM_HD void wg_store(const w8::Params& p, int m0, int n0w, const int (&lanes
       }
       MINICPM_UNROLL
       for (int e = 0; e < 4; ++e) {
-        const int m = m0 + 8 * c + 2 * t + (e & 1), nn = n + 8 * (e >> 1);
-        if (m >= p.M || nn >= p.N) continue;
         float v = w8::fmul_rn(st.y[l][4 * c + e], xs[e & 1]);
         if (p.bias != nullptr) v = w8::fadd_rn(v, bs[e >> 1]);
-        w8::store_f32(p.out, static_cast<long>(m) * p.ldo + nn, v, p.out_dtype);
+        const int tok = 8 * c + 2 * t + (e & 1), row = r + 8 * (e >> 1);
+        OT* dst = reinterpret_cast<OT*>(tile + tok * kOutStride) + row;
+        if constexpr (sizeof(OT) == 4) *dst = v;
+        else if constexpr (std::is_same<OT, __half>::value) *dst = __float2half_rn(v);
+        else *dst = __float2bfloat16_rn(v);
       }
+    }
+  }
+}
+
+template <int L>
+MINICPM_HD void wg_tile_out(const w8::Params& p, int m0, int n0, int wrow, const int (&lanes)[L],
+                            const WgState<L>& st, uint8_t* tile) {
+  if (p.out_dtype == 0) wg_tile_out_t<__half, L>(p, m0, n0, wrow, lanes, st, tile);
+  else if (p.out_dtype == 1) wg_tile_out_t<__nv_bfloat16, L>(p, m0, n0, wrow, lanes, st, tile);
+  else wg_tile_out_t<float, L>(p, m0, n0, wrow, lanes, st, tile);
+}
+
+// Thread tid's share of the tile: 16-byte pieces u = tid + 256 i of the 128 tokens x (128 x esize) bytes, token
+// u / (8 esize), piece u % (8 esize) of its row.
+MINICPM_HD void tile_store(const w8::Params& p, int m0, int n0, const uint8_t* tile, int tid) {
+  const int esize = p.out_dtype == 2 ? 4 : 2, per_row = 8 * esize, per_piece = 16 / esize;
+  const bool vec = ((reinterpret_cast<uintptr_t>(p.out) | static_cast<uintptr_t>(p.ldo * esize)) & 15) == 0;
+  for (int u = tid; u < kBM * per_row; u += kThreads) {
+    const int tok = u / per_row, col = (u % per_row) * per_piece, m = m0 + tok, n = n0 + col;
+    if (m >= p.M || n >= p.N) continue;
+    const uint8_t* src = tile + tok * kOutStride + col * esize;
+    uint8_t* dst = static_cast<uint8_t*>(p.out) + (static_cast<long>(m) * p.ldo + n) * esize;
+    if (vec && n + per_piece <= p.N) {
+#ifdef __CUDA_ARCH__
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+      std::memcpy(dst, src, 16);
+#endif
+    } else {
+      const int left = p.N - n < per_piece ? p.N - n : per_piece;
+      for (int j = 0; j < left * esize; ++j) dst[j] = src[j];
     }
   }
 }

@@ -185,13 +185,14 @@ def test_w4a8_wgmma_instantiations_and_loop(variants):
     """The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), sm_90a only: the 8 instantiations per scales dtype its
     launcher picks (groups of 32 / 64 / 128 at compile time, GT = 1 / 2 / 4; multiples of 128 and per channel at
     run time, GT = 0; each with the reference's epilogue and the fused one, FMA) compile with no stack and no local
-    memory, at most 255 registers (one block of 256 threads an SM), and the stage loop holds a warpgroup's 4 IGMMA
-    (m64n128k32, 4 k-tiles). The loop's instructions bound the kernel: both warpgroups issue 8 warps x (instructions
-    a stage) over 4 schedulers while the tensor cores take 2 x 4 x 64 = 512 cycles for the stage's 8 IGMMA (8192
-    int8 ops a cycle an SM), so the kernel is issue-bound above 512 / 2 = 256 instructions a thread a stage. At
-    G = 128 the group's fp32 epilogue is 192 of them (the reference's convert, multiply and add of 64 sums) or 128
-    (convert, FFMA); the rest - unpacking W, the copies, the turns - stays under 250 (435 / 371 in all today:
-    ~870 / ~740 issue cycles a stage, about 59% / 69% of the tensor cores' rate)."""
+    memory, at most 255 registers (one CTA of 256 threads an SM), and the stage loop - the inner loop of the
+    persistent CTA's tiles - holds a warpgroup's 4 IGMMA (m64n128k32, 4 k-tiles). The loop's instructions bound the
+    kernel: both warpgroups issue 8 warps x (instructions a stage) over 4 schedulers while the tensor cores take
+    2 x 4 x 64 = 512 cycles for the stage's 8 IGMMA (8192 int8 ops a cycle an SM), so the kernel is issue-bound
+    above 512 / 2 = 256 instructions a thread a stage. At G = 128 the group's fp32 epilogue is 192 of them (the
+    reference's convert, multiply and add of 64 sums) or 128 (convert, FFMA); the rest - unpacking W, the copies,
+    the turns, and (counted here, run once a tile) the next tile's copy plan - stays under 340 (519 / 455 in all
+    today: ~1040 / ~910 issue cycles a stage at most, so at least ~49% / ~56% of the tensor cores' rate)."""
     assert not [v for v in variants if v.kernel == "w4a8-wg" and v.arch != "sm90a"]
     wg = _pick(variants, "sm90a", "w4a8-wg")
     assert sorted((v.dtype, v.params["GT"], v.params["FMA"]) for v in wg) == sorted(
@@ -209,4 +210,4 @@ def test_w4a8_wgmma_instantiations_and_loop(variants):
         epilogue = sum(c for op, c in v.loop_counts.items() if op.startswith(("I2FP", "FMUL", "FADD", "FFMA")))
         assert epilogue == (128 if v.params["FMA"] else 192), (v.dtype, v.params, epilogue)
         assert v.params["FMA"] == ("FFMA" in v.loop_counts)
-        assert total - epilogue <= 250, (v.dtype, v.params, total, epilogue)
+        assert total - epilogue <= 340, (v.dtype, v.params, total, epilogue)

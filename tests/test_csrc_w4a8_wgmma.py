@@ -22,7 +22,9 @@ from csrc_emu import guarded
 from test_csrc_w4a8 import CODE, _assert_reference_bits, _emulate, _inputs
 
 
-def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, fma=False):
+def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, fma=False, sms=3):
+    """The kernel's persistent CTAs sized for `sms` SMs (3: every shape with more than 3 tiles has CTAs that
+    work through several, their stage streams crossing tiles' boundaries)."""
     m, k = x_q.shape
     n = qweight.shape[0]
     ldo = ldo or n
@@ -33,8 +35,9 @@ def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, 
     rc = emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
                                              scales.data_ptr(), zeros.data_ptr(),
                                              None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                             m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], int(fma))
-    assert rc == 0, f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
+                                             m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], int(fma), sms)
+    tiles = -(-m // 128) * -(-n // 128)
+    assert rc == min(tiles, sms), f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
     return out[:, :n]
 
 
@@ -74,9 +77,18 @@ def test_w4a8_wgmma_emulation_bias_output_dtypes_and_the_mma_sync_kernels_bits(e
 
 
 def test_w4a8_wgmma_emulation_strided_output_and_many_blocks(emu):
-    # 3 x 3 blocks in the grouped launch order, out with a row stride
+    # 3 x 3 tiles in the grouped order, out with a row stride
     args = _inputs(300, 260, 256, 128, torch.float16, seed=11, bias=True)
     _assert_reference_bits(_emulate_wg(emu, *args, ldo=264), *args)
+
+
+@pytest.mark.parametrize("sms", [1, 2, 4, 132])
+def test_w4a8_wgmma_persistent_ctas_give_the_same_bits(emu, sms):
+    # 3 x 3 tiles of 3 stages (K = 384, G = 64: two groups a stage) over 1, 2, 4 persistent CTAs (9, 5 or 4, 3 or 2
+    # tiles each: the copies' stream, kAhead = 4 stages ahead in a ring of 5 buffers, crosses tiles' boundaries
+    # mid-ring) and over one CTA a tile: the reference's bits from every schedule
+    args = _inputs(300, 260, 384, 64, torch.bfloat16, seed=sms, bias=True)
+    _assert_reference_bits(_emulate_wg(emu, *args, sms=sms), *args)
 
 
 def test_w4a8_wgmma_emulation_extreme_products_stay_exact(emu):
@@ -112,7 +124,7 @@ def test_w4a8_wgmma_takes_what_it_says(emu):
     for k, g in ((288, 96), (288, 288), (272, 272)):
         assert emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
                                                    scales.data_ptr(), zeros.data_ptr(), None, out.data_ptr(),
-                                                   4, 16, k, g, 16, 0, 0, 0) == -2
+                                                   4, 16, k, g, 16, 0, 0, 0, 132) == -2
     # everything it takes, the mma.sync kernel takes too (the launcher's fallback where the GPU has no sm_90a build)
     for k in range(32, 1100, 32):
         for g in (32, 64, 96, 128, 256, 384, k):
@@ -120,11 +132,16 @@ def test_w4a8_wgmma_takes_what_it_says(emu):
                 assert emu.minicpm_int4_w4a8_supported(k, g), (k, g)
 
 
-def test_w4a8_wgmma_block_order_covers_every_tile_once(emu):
-    for m, n in ((4096, 4096), (1000, 130), (129, 4096), (17, 12288)):
+def test_w4a8_wgmma_persistent_ctas_cover_every_tile_once(emu):
+    # min(tiles, SMs) CTAs; CTA c's tiles c, c + grid, ... walked by adds (TileWalk): together every tile once
+    for m, n, sms in ((4096, 4096, 132), (1000, 130, 132), (129, 4096, 132), (17, 12288, 132), (4096, 768, 132),
+                      (1024, 4608, 114), (300, 260, 4), (128, 128, 132)):
         nbm, nbn = -(-m // 128), -(-n // 128)
-        tiles = [divmod(emu.minicpm_int4_w4a8_wgmma_block_tile(pid, m, n), 65536) for pid in range(nbm * nbn)]
-        assert sorted(tiles) == [(i, j) for i in range(nbm) for j in range(nbn)]
+        grid = emu.minicpm_int4_w4a8_wgmma_grid(m, n, sms)
+        assert grid == min(nbm * nbn, sms)
+        tiles = [divmod(emu.minicpm_int4_w4a8_wgmma_tile(m, cta, grid, t), 65536)
+                 for cta in range(grid) for t in range(emu.minicpm_int4_w4a8_wgmma_cta_tiles(m, n, cta, grid))]
+        assert sorted(tiles) == [(i, j) for i in range(nbm) for j in range(nbn)], (m, n, sms)
 
 
 @pytest.mark.parametrize("shape", [(17, 72, 384, 32), (130, 40, 768, 128), (33, 96, 4224, -1), (7, 16, 768, 256)],
