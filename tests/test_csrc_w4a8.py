@@ -47,18 +47,22 @@ def _inputs(m, n, k, group_size, sz_dtype, seed, bias=False, out_dtype=None):
     return x_q, x_scale, qweight, scales, zeros, b, gs, out_dtype
 
 
-def _emulate(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, block_rows=128, sms=132):
-    """The kernel with 128- or 64-row blocks (block_rows; 0: the launcher's choice for `sms` SMs)."""
+def emulation_args(x_q, x_scale, qweight, scales, zeros, bias, out_dtype, ldo=None):
+    """(pointer arguments, out, (m, n, k, ldo)) for an emulated W4A8 kernel: every input copied to end at an
+    inaccessible page, out [M, ldo] filled with NaN."""
     m, k = x_q.shape
     n = qweight.shape[0]
     ldo = ldo or n
     out = torch.full((m, ldo), float("nan"), dtype=out_dtype)
-    x_q, x_scale, qweight = guarded(x_q), guarded(x_scale), guarded(qweight)
-    scales, zeros = guarded(scales), guarded(zeros)
-    bias = None if bias is None else guarded(bias)
-    rc = emu.minicpm_int4_w4a8_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                       zeros.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                       m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], block_rows, sms)
+    ins = [guarded(t) for t in (x_q, x_scale, qweight, scales, zeros)] + [None if bias is None else guarded(bias)]
+    ptrs = [None if t is None else t.data_ptr() for t in ins] + [out.data_ptr()]
+    return ptrs, out, (m, n, k, ldo)
+
+
+def _emulate(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, block_rows=128, sms=132):
+    """The kernel with 128- or 64-row blocks (block_rows; 0: the launcher's choice for `sms` SMs)."""
+    ptrs, out, (m, n, k, ldo) = emulation_args(x_q, x_scale, qweight, scales, zeros, bias, out_dtype, ldo)
+    rc = emu.minicpm_int4_w4a8_emulate(*ptrs, m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], block_rows, sms)
     assert rc in (64, 128) and (block_rows == 0 or rc == block_rows), \
         f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
     return out[:, :n]
@@ -121,10 +125,10 @@ def test_w4a8_emulation_strided_output_and_many_blocks(emu):
     _assert_reference_bits(_emulate(emu, *args, ldo=264), *args)
 
 
-def test_w4a8_emulation_extreme_products_stay_exact(emu):
-    # |x| = 127 against q - z = +-15 everywhere: the largest group sums (127 * 15 * 128 = 243840, inside the
-    # magic convert's 2**22) and, per channel over K = 8192, 15.6M: past fp32's 2**24 integers, where only
-    # the one int32 -> fp32 rounding may differ from the exact sum - as in the reference
+def extreme_products_stay_exact(emulate):
+    """|x| = 127 against q - z = +-15 everywhere: the largest group sums (127 * 15 * 128 = 243840, inside the
+    magic convert's 2**22) and, per channel over K = 8192, 15.6M: past fp32's 2**24 integers, where only
+    the one int32 -> fp32 rounding may differ from the exact sum - as in the reference. emulate(*args) -> y."""
     k = 8192
     x_q = torch.full((2, k), 127, dtype=torch.int8)
     x_q[1] = -127
@@ -137,9 +141,13 @@ def test_w4a8_emulation_extreme_products_stay_exact(emu):
         zeros[8:] = 15  # q - z = -15 for the second half of the rows
         x_scale = torch.ones(2)
         args = (x_q, x_scale, qweight, scales, zeros, None, gs, torch.float32)
-        y = _emulate(emu, *args)
+        y = emulate(*args)
         _assert_reference_bits(y, *args)
         assert y[0, 0].item() == pytest.approx(127 * 15 * k * 0.5, rel=1e-6)
+
+
+def test_w4a8_emulation_extreme_products_stay_exact(emu):
+    extreme_products_stay_exact(lambda *args: _emulate(emu, *args))
 
 
 def test_w4a8_emulation_refuses_what_the_kernel_does_not_take(emu):

@@ -18,24 +18,15 @@ import torch
 
 from minicpm_int4.reference import w4a8_gemm_ref, w4a8_tolerance
 
-from csrc_emu import guarded
-from test_csrc_w4a8 import CODE, _assert_reference_bits, _emulate, _inputs
+from test_csrc_w4a8 import CODE, _assert_reference_bits, _emulate, _inputs, emulation_args, extreme_products_stay_exact
 
 
 def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, fma=False, sms=3):
     """The kernel's persistent CTAs sized for `sms` SMs (3: every shape with more than 3 tiles has CTAs that
     work through several, their stage streams crossing tiles' boundaries)."""
-    m, k = x_q.shape
-    n = qweight.shape[0]
-    ldo = ldo or n
-    out = torch.full((m, ldo), float("nan"), dtype=out_dtype)
-    x_q, x_scale, qweight = guarded(x_q), guarded(x_scale), guarded(qweight)
-    scales, zeros = guarded(scales), guarded(zeros)
-    bias = None if bias is None else guarded(bias)
-    rc = emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
-                                             scales.data_ptr(), zeros.data_ptr(),
-                                             None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                             m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], int(fma), sms)
+    ptrs, out, (m, n, k, ldo) = emulation_args(x_q, x_scale, qweight, scales, zeros, bias, out_dtype, ldo)
+    rc = emu.minicpm_int4_w4a8_wgmma_emulate(*ptrs, m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], int(fma),
+                                             sms)
     tiles = -(-m // 128) * -(-n // 128)
     assert rc == min(tiles, sms), f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
     return out[:, :n]
@@ -92,24 +83,7 @@ def test_w4a8_wgmma_persistent_ctas_give_the_same_bits(emu, sms):
 
 
 def test_w4a8_wgmma_emulation_extreme_products_stay_exact(emu):
-    # |x| = 127 against q - z = +-15 everywhere: the largest group sums, and per channel over K = 8192 15.6M,
-    # past fp32's 2**24 integers (one int32 -> fp32 rounding, as in the reference)
-    from minicpm_int4.packing import pack_int4
-
-    k = 8192
-    x_q = torch.full((2, k), 127, dtype=torch.int8)
-    x_q[1] = -127
-    q = torch.full((16, k), 15, dtype=torch.uint8)
-    q[8:] = 0
-    qweight = pack_int4(q)
-    for gs in (128, k):
-        scales = torch.full((16, k // gs), 0.5, dtype=torch.float16)
-        zeros = torch.zeros(16, k // gs, dtype=torch.float16)
-        zeros[8:] = 15
-        args = (x_q, torch.ones(2), qweight, scales, zeros, None, gs, torch.float32)
-        y = _emulate_wg(emu, *args)
-        _assert_reference_bits(y, *args)
-        assert y[0, 0].item() == pytest.approx(127 * 15 * k * 0.5, rel=1e-6)
+    extreme_products_stay_exact(lambda *args: _emulate_wg(emu, *args))
 
 
 def test_w4a8_wgmma_takes_what_it_says(emu):
