@@ -1,5 +1,6 @@
 // The W4A8 GEMM on Hopper's warpgroup MMA (csrc/w4a8_wgmma.cu, sm_90a), written once for the device and the
-// host like w4a8_gemm_core.cuh, whose arithmetic it keeps operation for operation (the reference's bits):
+// host like w4a8_gemm_core.cuh, whose arithmetic it keeps operation for operation (the reference's bits; the FMA
+// instantiations fuse the epilogue's multiply and add - within reference.w4a8_tolerance, not its bits):
 //
 //   acc_g  = sum_{k in g} x_q[m, k] * (q[n, k] - z[n, g])            int32, exact
 //   y     := fadd(y, fmul(float(acc_g), s[n, g]))                     groups in order, no fma
@@ -31,7 +32,10 @@
 // it (each group's wgmma are waited for before its epilogue). A group's
 // (32, 64, 128: GT = 1, 2, 4 k-tiles) wgmma are issued, waited for and the sums scaled into y; the two warpgroups
 // take turns issuing (wg_stage), so that one's epilogue runs beside the other's wgmma. Longer groups (multiples of
-// 128, per channel: GT = 0) add a stage's 4 k-tiles at a time and are scaled at their last stage.
+// 128, per channel: GT = 0) add a stage's 4 k-tiles at a time and are scaled at their last stage. The CTAs are
+// persistent (grid_ctas: one an SM), each walking its tiles (TileWalk) as one stream of stages whose copies run
+// kAhead stages ahead across tiles' boundaries (LoadCursor); a tile's outputs leave through shared memory
+// (wg_tile_out, tile_store).
 #pragma once
 
 #include <cmath>
