@@ -56,20 +56,14 @@ struct DeviceWg {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
   }
   __device__ __forceinline__ void fence() {
-#if MINICPM_WGMMA
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
   }
   __device__ __forceinline__ void commit() {
-#if MINICPM_WGMMA
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
   }
   template <int N>
   __device__ __forceinline__ void wait() {
-#if MINICPM_WGMMA
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
   }
   // the accumulators as written by the async wgmma: no read of them moves above the wait before this
   __device__ __forceinline__ void fence_acc(int32_t (*d)[wg::kAcc]) {
@@ -78,12 +72,8 @@ struct DeviceWg {
   }
   // d (+)= W (a: this lane's 4 registers) x the 128 tokens of x the descriptor points at; first: d = the product
   __device__ __forceinline__ void mma(int32_t (*d)[wg::kAcc], const uint32_t (*a)[4], uint64_t desc, bool first) {
-#if MINICPM_WGMMA
     static_assert(wg::kBM == 128, "the m64n128k32 instruction");
     MINICPM_WGMMA_M64N128K32_S8(d, a, desc, first);
-#else
-    (void)d, (void)a, (void)desc, (void)first;
-#endif
   }
 };
 
@@ -113,9 +103,7 @@ template <int GT, bool FMA, typename SZ>
 __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, wg::LoadCursor& lc, int s,
                                      int total, int buf, int kb, int stages, wg::WgState<1>& st) {
   cp_async_wait<wg::kAhead - 1>();
-#if MINICPM_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
   __syncthreads();
   if (s + wg::kAhead < total) {
     const int lbuf = buf == 0 ? wg::kStages - 1 : buf - 1;  // (s + kAhead) % kStages, kAhead = kStages - 1
