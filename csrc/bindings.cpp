@@ -194,8 +194,8 @@ int dtype_code(at::ScalarType t) { return t == at::kHalf ? 0 : t == at::kBFloat1
 // with its sm_90a build where it takes (K, group_size), else the mma.sync one; 1 = mma.sync; 2 = wgmma (an error
 // where it cannot run); 3 = wgmma with the epilogue's multiply and add fused (within reference.w4a8_tolerance, not
 // the reference's bits) - the bench's w4a8-cuda-mma / w4a8-cuda-fma rows force 1 / 3.
-// block_rows (mma.sync): rows of x per block (64 or 128), or 0 for the launcher's choice by the device's SMs; 64 or
-// 128 imply kernel 1 (the bench's w4a8-cuda-m64 rows force 64).
+// block_rows: rows of x (tokens) per block, 64 or 128, or 0 for the launcher's choice by the device's SMs - either
+// kernel's (the bench's w4a8-cuda-m64 rows force mma.sync's 64, its w4a8-cuda-t64 / -t128 rows wgmma's).
 at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& qweight,
                      const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
                      int64_t group_size, at::ScalarType out_dtype, int64_t block_rows, int64_t kernel) {
@@ -240,8 +240,6 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
               msg("w4a8_gemm (cuda): kernel must be 0 (the launcher's choice), 1 (mma.sync), 2 (wgmma) or 3 (wgmma, "
                   "fused epilogue), got ", kernel));
   if (kernel >= 2) {
-    TORCH_CHECK(block_rows == 0, msg("w4a8_gemm (cuda): block_rows (", block_rows, ") is the mma.sync kernel's; "
-                                     "kernel=", kernel, " (wgmma) takes block_rows=0"));
     TORCH_CHECK(minicpm_int4_w4a8_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
                 msg("w4a8_gemm (cuda): the wgmma kernel needs K % 32 == 0 and a group size of 32, 64 or a multiple of "
                     "128 dividing K; got K=", K, ", group_size=", group_size, " (kernel=0 or 1 takes it)"));

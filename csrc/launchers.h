@@ -59,8 +59,9 @@ cudaError_t minicpm_int4_act_quant(const void* x, const void* input_scale, const
 // (minicpm_int4_w4a8_wgmma_supported), else the mma.sync one -; 1 = mma.sync; 2 = wgmma (cudaErrorInvalidValue
 // for a shape it does not take, cudaErrorNoKernelImageForDevice without the build); 3 = wgmma with the epilogue's
 // multiply and add fused (fewer instructions; within the reference's tolerance, not its bits).
-// block_rows (mma.sync): rows of x per block, 128 (8 warps) or 64 (4 warps), or 0: 128 unless such blocks would be
-// fewer than the device's SMs (minicpm_int4_w4a8_block_rows); 64 / 128 imply mma.sync (with kernel >= 2: invalid).
+// block_rows: rows of x (tokens) per block, 128 or 64, or 0 for the kernel's own choice - mma.sync: 8 or 4 warps,
+// 128 unless such blocks would be fewer than the device's SMs (minicpm_int4_w4a8_block_rows); wgmma: m64n128k32 or
+// m64n64k32 tiles, by the waves of persistent CTAs each leaves (w4a8_wgmma_core.cuh, block_tokens).
 cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
                                    const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
                                    int64_t ldo, int sz_dtype, int out_dtype, int block_rows, int kernel,

@@ -150,7 +150,8 @@ cudaError_t sm_count(int& sms) {
 }  // namespace
 
 // csrc/w4a8_wgmma.cu
-cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, int sms, cudaStream_t stream);
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, int block_tokens, int sms,
+                                           cudaStream_t stream);
 
 extern "C" int minicpm_int4_w4a8_supported(int K, int group_size) { return w8::supported(K, group_size) ? 1 : 0; }
 
@@ -160,7 +161,7 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
                                               int out_dtype, int block_rows, int kernel, cudaStream_t stream) {
   if (M < 0 || N <= 0 || !w8::supported(K, group_size) || sz_dtype < 0 || sz_dtype > 2 || out_dtype < 0 ||
       out_dtype > 2 || ldo < N || (block_rows != 0 && block_rows != 64 && block_rows != 128) || kernel < 0 ||
-      kernel > 3 || (kernel >= 2 && block_rows != 0))
+      kernel > 3)
     return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(xq) % 16 != 0 || reinterpret_cast<uintptr_t>(qweight) % 16 != 0)
     return cudaErrorMisalignedAddress;
@@ -170,14 +171,14 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
                      group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, static_cast<long>(ldo),
                      sz_dtype, out_dtype};
-  // the warpgroup-MMA kernel (sm_90a) where it takes the shape and this GPU has it, unless mma.sync or its block
-  // rows are asked for
+  // the warpgroup-MMA kernel (sm_90a) where it takes the shape and this GPU has it, unless mma.sync is asked for;
+  // block_rows are either kernel's tokens a block
   int sms = 0;
-  if (kernel >= 2 || (kernel == 0 && block_rows == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
+  if (kernel >= 2 || (kernel == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
                       !minicpm_int4_w4a8_wgmma_disabled() && minicpm_int4_w4a8_wgmma_available())) {
     const cudaError_t err = sm_count(sms);  // its persistent CTAs: one an SM
     if (err != cudaSuccess) return err;
-    return minicpm_int4_w4a8_wgmma_launch(p, kernel == 3, sms, stream);
+    return minicpm_int4_w4a8_wgmma_launch(p, kernel == 3, block_rows, sms, stream);
   }
   if (block_rows == 0) {
     const cudaError_t err = sm_count(sms);

@@ -1,8 +1,10 @@
 // W4A8 GEMM on Hopper's warpgroup MMA (sm_90a): int8 activations x int4 weights, wgmma.mma_async
-// m64n128k32 s8 with W unpacked in registers as the A operand and x read by the tensor cores from shared memory,
-// the reference's bits (w4a8_wgmma_core.cuh says how, and runs on the host in the tests' emulation). A 128 x 128
-// output tile per block of 2 warpgroups, K through 5 buffers of 128-k stages (cp.async, 4 in flight, 130 KiB; the output tile leaves through 66 KiB more),
-// two int32 accumulator sets so that a group's epilogue runs beside the next group's wgmma.
+// m64n128k32 s8 (m64n64k32 for 64-token blocks) with W unpacked in registers as the A operand and x read by the
+// tensor cores from shared memory, the reference's bits (w4a8_wgmma_core.cuh says how, and runs on the host in the
+// tests' emulation). A 128 (rows of W) x 128 (tokens) output tile per block of 2 warpgroups taking turns at the
+// tensor cores, K through 5 buffers of 128-k stages (cp.async, 4 in flight, 130 KiB; the output tile leaves through
+// 66 KiB more); or 128 x 64 tiles through 8 buffers (block_tokens: where the 128-token tiles would leave much of
+// the last wave of SMs idle). Persistent CTAs, one an SM.
 //
 // Built for every arch (one source), but the kernel has a body only where __CUDA_ARCH_FEAT_SM90_ALL is defined
 // (nvcc -gencode arch=compute_90a): the launcher asks whether the code loaded for this GPU is that body (by its
@@ -66,14 +68,28 @@ struct DeviceWg {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
   }
   // the accumulators as written by the async wgmma: no read of them moves above the wait before this
-  __device__ __forceinline__ void fence_acc(int32_t (*d)[wg::kAcc]) {
+  template <int NA>
+  __device__ __forceinline__ void fence_acc(int32_t (*d)[NA]) {
 #pragma unroll
-    for (int i = 0; i < wg::kAcc; ++i) asm volatile("" : "+r"(d[0][i])::"memory");
+    for (int i = 0; i < NA; ++i) asm volatile("" : "+r"(d[0][i])::"memory");
   }
-  // d (+)= W (a: this lane's 4 registers) x the 128 tokens of x the descriptor points at; first: d = the product
-  __device__ __forceinline__ void mma(int32_t (*d)[wg::kAcc], const uint32_t (*a)[4], uint64_t desc, bool first) {
-    static_assert(wg::kBM == 128, "the m64n128k32 instruction");
-    MINICPM_WGMMA_M64N128K32_S8(d, a, desc, first);
+  // the A registers of the next NK wgmma as computed: their unpacking (pure register arithmetic, which the compiler
+  // may sink past the wgmma.fence into the run of wgmma) done before it - else ptxas injects a warpgroup.arrive
+  // inside the run (C7519), holding the last wgmma back until the ones before it have read their registers
+  template <int NK, int L>
+  __device__ __forceinline__ void fence_a(uint32_t (*a)[L][4]) {
+#pragma unroll
+    for (int k = 0; k < NK; ++k)
+      asm volatile("" : "+r"(a[k][0][0]), "+r"(a[k][0][1]), "+r"(a[k][0][2]), "+r"(a[k][0][3])::"memory");
+  }
+  // d (+)= W (a: this lane's 4 registers) x the 2 NA tokens of x the descriptor points at; first: d = the product
+  template <int NA>
+  __device__ __forceinline__ void mma(int32_t (*d)[NA], const uint32_t (*a)[4], uint64_t desc, bool first) {
+    static_assert(NA == 64 || NA == 32, "m64n128k32 or m64n64k32");
+    if constexpr (NA == 64)
+      MINICPM_WGMMA_M64N128K32_S8(d, a, desc, first);
+    else
+      MINICPM_WGMMA_M64N64K32_S8(d, a, desc, first);
   }
 };
 
@@ -85,12 +101,13 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+template <int BM>
 __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPlan& plan, uint8_t* stage, int kb) {
 #pragma unroll
-  for (int i = 0; i < wg::kPiecesX + wg::kPiecesW; ++i) {
+  for (int i = 0; i < wg::Tile<BM>::kPiecesX + wg::kPiecesW; ++i) {
     int dst, bytes;
     const void* src;
-    wg::stage_piece(p, plan, kb, i, dst, src, bytes);
+    wg::stage_piece<BM>(p, plan, kb, i, dst, src, bytes);
     cp_async16(stage + dst, src, bytes);
   }
 }
@@ -99,58 +116,60 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPl
 // then the cross-proxy fence - cp.async writes through the generic proxy, wgmma reads through the async one - and
 // every thread's), the stage kAhead on queued into the buffer of the stage before (both warpgroups waited for
 // their wgmma on it before this barrier), then the warpgroup's work on stage s.
-template <int GT, bool FMA, typename SZ>
+template <int GT, bool FMA, typename SZ, int BM>
 __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, wg::LoadCursor& lc, int s,
-                                     int total, int buf, int kb, int stages, wg::WgState<1>& st) {
-  cp_async_wait<wg::kAhead - 1>();
+                                     int total, int buf, int kb, int stages, wg::WgState<BM, 1>& st) {
+  using T = wg::Tile<BM>;
+  cp_async_wait<T::kAhead - 1>();
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
-  if (s + wg::kAhead < total) {
-    const int lbuf = buf == 0 ? wg::kStages - 1 : buf - 1;  // (s + kAhead) % kStages, kAhead = kStages - 1
-    load_stage(p, lc.plan, smem + lbuf * wg::kStageBytes, lc.kb);
-    wg::load_step(p, stages, threadIdx.x, lc);
+  if (s + T::kAhead < total) {
+    const int lbuf = buf == 0 ? T::kStages - 1 : buf - 1;  // (s + kAhead) % kStages, kAhead = kStages - 1
+    load_stage<BM>(p, lc.plan, smem + lbuf * T::kStageBytes, lc.kb);
+    wg::load_step<BM>(p, stages, threadIdx.x, lc);
   }
   cp_async_commit();  // one group per stage, empty ones included: the wait above counts them
-  wg::wg_stage<GT, FMA, SZ, DeviceWg, 1>(p, dev, smem + buf * wg::kStageBytes, kb, st);
+  wg::wg_stage<GT, FMA, SZ, DeviceWg>(p, dev, smem + buf * T::kStageBytes, kb, st);
 }
 
 #endif  // MINICPM_WGMMA
 
-template <int GT, bool FMA, typename SZ>
+template <int GT, bool FMA, typename SZ, int BM>
 __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params p) {
 #if MINICPM_WGMMA
+  using T = wg::Tile<BM>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int grid = gridDim.x, cta = blockIdx.x, wgi = threadIdx.x >> 7;
   const int lanes[1] = {static_cast<int>(threadIdx.x & 127)};
   const int stages = (p.K + wg::kBK - 1) / wg::kBK;
-  const int tiles = wg::cta_tiles(p.M, p.N, cta, grid), total = tiles * stages;
+  const int tiles = wg::cta_tiles<BM>(p.M, p.N, cta, grid), total = tiles * stages;
   DeviceWg dev{wgi};
-  wg::LoadCursor lc = wg::load_start(p, cta, grid, threadIdx.x);
+  wg::LoadCursor lc = wg::load_start<BM>(p, cta, grid, threadIdx.x);
 #pragma unroll
-  for (int s = 0; s < wg::kAhead; ++s) {
+  for (int s = 0; s < T::kAhead; ++s) {
     if (s < total) {
-      load_stage(p, lc.plan, smem + s * wg::kStageBytes, lc.kb);
-      wg::load_step(p, stages, threadIdx.x, lc);
+      load_stage<BM>(p, lc.plan, smem + s * T::kStageBytes, lc.kb);
+      wg::load_step<BM>(p, stages, threadIdx.x, lc);
     }
     cp_async_commit();
   }
-  static_assert(wg::kAhead == wg::kStages - 1, "step's buffer of the stage kAhead on");
-  wg::WgState<1> st;
+  static_assert(T::kAhead == T::kStages - 1, "step's buffer of the stage kAhead on");
+  wg::WgState<BM, 1> st;
   int s = 0, buf = 0;  // the stream's stage, and its buffer
-  wg::TileWalk w = wg::walk_start(p.M, cta, grid);
+  wg::TileWalk w = wg::walk_start<BM>(p.M, cta, grid);
   for (int t = 0; t < tiles; ++t, wg::walk_next(w)) {
-    const int m0 = w.bm * wg::kBM, n0 = w.bn * wg::kBN;
+    const int m0 = w.bm * BM, n0 = w.bn * wg::kBN;
     wg::wg_init(p, n0 + 64 * wgi, 64 * wgi, lanes, st);
     for (int kb = 0; kb < stages; ++kb, ++s) {
-      step<GT, FMA, SZ>(p, dev, smem, lc, s, total, buf, kb, stages, st);
-      buf = buf == wg::kStages - 1 ? 0 : buf + 1;
+      step<GT, FMA, SZ, BM>(p, dev, smem, lc, s, total, buf, kb, stages, st);
+      buf = buf == T::kStages - 1 ? 0 : buf + 1;
     }
     // the outputs, through shared memory, while the next tile's first stages land (the tile buffer is free: every
     // thread passed a stage barrier since its last tile_store)
-    uint8_t* tile = smem + wg::kStages * wg::kStageBytes;
-    wg::wg_tile_out<1>(p, m0, n0, 64 * wgi, lanes, st, tile);
+    uint8_t* tile = smem + T::kStages * T::kStageBytes;
+    wg::wg_tile_out(p, m0, n0, 64 * wgi, lanes, st, tile);
     __syncthreads();
-    wg::tile_store(p, m0, n0, tile, threadIdx.x);
+    wg::tile_store<BM>(p, m0, n0, tile, threadIdx.x);
   }
 #else
   (void)p;
@@ -158,35 +177,38 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
 #endif
 }
 
-template <int GT, bool FMA, typename SZ>
+template <int GT, bool FMA, typename SZ, int BM>
 cudaError_t launch(const w8::Params& p, int sms, cudaStream_t stream) {
+  using T = wg::Tile<BM>;
   static bool done[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev >= 64 || !done[dev]) {
-    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, FMA, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, wg::kSmemBytes);
+    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, FMA, SZ, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               T::kSmemBytes);
     if (err != cudaSuccess) return err;
     if (dev < 64) done[dev] = true;
   }
-  w4a8_wgmma_kernel<GT, FMA, SZ><<<static_cast<unsigned>(wg::grid_ctas(p.M, p.N, sms)), wg::kThreads, wg::kSmemBytes,
-                                   stream>>>(p);
+  w4a8_wgmma_kernel<GT, FMA, SZ, BM><<<static_cast<unsigned>(wg::grid_ctas<BM>(p.M, p.N, sms)), wg::kThreads,
+                                       T::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <bool FMA, typename SZ>
+template <bool FMA, typename SZ, int BM>
 cudaError_t launch_groups(const w8::Params& p, int sms, cudaStream_t stream) {
   switch (wg::static_group_tiles(p.G)) {
-    case 1: return launch<1, FMA, SZ>(p, sms, stream);
-    case 2: return launch<2, FMA, SZ>(p, sms, stream);
-    case 4: return launch<4, FMA, SZ>(p, sms, stream);
-    default: return launch<0, FMA, SZ>(p, sms, stream);
+    case 1: return launch<1, FMA, SZ, BM>(p, sms, stream);
+    case 2: return launch<2, FMA, SZ, BM>(p, sms, stream);
+    case 4: return launch<4, FMA, SZ, BM>(p, sms, stream);
+    default: return launch<0, FMA, SZ, BM>(p, sms, stream);
   }
 }
 
 template <typename SZ>
-cudaError_t launch_sz(const w8::Params& p, bool fma, int sms, cudaStream_t stream) {
-  return fma ? launch_groups<true, SZ>(p, sms, stream) : launch_groups<false, SZ>(p, sms, stream);
+cudaError_t launch_sz(const w8::Params& p, bool fma, int bm, int sms, cudaStream_t stream) {
+  if (bm == 64) return fma ? launch_groups<true, SZ, 64>(p, sms, stream) : launch_groups<false, SZ, 64>(p, sms, stream);
+  return fma ? launch_groups<true, SZ, 128>(p, sms, stream) : launch_groups<false, SZ, 128>(p, sms, stream);
 }
 
 }  // namespace
@@ -203,7 +225,7 @@ extern "C" int minicpm_int4_w4a8_wgmma_available() {
   if (dev < 64 && asked[dev]) return cached[dev];
   cudaFuncAttributes attr{};
   int built = 0;
-  if (cudaFuncGetAttributes(&attr, w4a8_wgmma_kernel<4, false, __half>) == cudaSuccess)
+  if (cudaFuncGetAttributes(&attr, w4a8_wgmma_kernel<4, false, __half, 128>) == cudaSuccess)
     built = attr.numRegs >= kBodyMinRegs ? 1 : 0;
   else
     (void)cudaGetLastError();  // no code for this GPU: not available, and no error left behind
@@ -226,14 +248,19 @@ extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return
 // The launch, for w4a8_gemm.cu's entry point (which checked the pointers and sizes): cudaErrorInvalidValue
 // where the kernel does not take (K, G), cudaErrorNoKernelImageForDevice where this GPU has no sm_90a build.
 // fma: the epilogue's multiply and add fused (w4a8_wgmma_core.cuh: within the reference's tolerance, not its bits).
-// sms: the device's SMs - persistent CTAs, one an SM (grid_ctas).
-cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, int sms, cudaStream_t stream) {
-  if (!wg::supported(p.K, p.G) || p.M <= 0 || wg::blocks(p.M, p.N) * ((p.K + wg::kBK - 1) / wg::kBK) > 0x7FFFFFFFL)
-    return cudaErrorInvalidValue;  // (a CTA's stream of stages counted in an int)
+// block_tokens: tokens a block, 128 or 64, or 0 for wg::block_tokens's choice. sms: the device's SMs - persistent
+// CTAs, one an SM (grid_ctas).
+cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, bool fma, int block_tokens, int sms,
+                                           cudaStream_t stream) {
+  if (!wg::supported(p.K, p.G) || p.M <= 0 || sms <= 0 || (block_tokens != 0 && block_tokens != 64 && block_tokens != 128))
+    return cudaErrorInvalidValue;
+  const int bm = block_tokens != 0 ? block_tokens : wg::block_tokens(p.M, p.N, sms);
+  const long tiles = bm == 64 ? wg::blocks<64>(p.M, p.N) : wg::blocks<128>(p.M, p.N);
+  if (tiles * ((p.K + wg::kBK - 1) / wg::kBK) > 0x7FFFFFFFL) return cudaErrorInvalidValue;  // (a CTA's stream of
+                                                                                              // stages: an int)
   if (minicpm_int4_w4a8_wgmma_disabled()) return cudaErrorNotPermitted;
   if (!minicpm_int4_w4a8_wgmma_available()) return cudaErrorNoKernelImageForDevice;
-  if (sms <= 0) return cudaErrorInvalidValue;
-  if (p.sz_dtype == 0) return launch_sz<__half>(p, fma, sms, stream);
-  if (p.sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, fma, sms, stream);
-  return launch_sz<float>(p, fma, sms, stream);
+  if (p.sz_dtype == 0) return launch_sz<__half>(p, fma, bm, sms, stream);
+  if (p.sz_dtype == 1) return launch_sz<__nv_bfloat16>(p, fma, bm, sms, stream);
+  return launch_sz<float>(p, fma, bm, sms, stream);
 }

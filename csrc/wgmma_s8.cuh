@@ -1,6 +1,6 @@
-// wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 with A in 4 registers and B by descriptor (device code
-// only): D (+)= A x B, or D = A x B where FIRST (scale-d 0). D: the thread's 64 accumulators, D[0][0..63];
-// A: its 4 registers, A[0][0..3]; DESC: the 64-bit shared memory descriptor of B.
+// wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 (and m64n64k32) with A in 4 registers and B by descriptor
+// (device code only): D (+)= A x B, or D = A x B where FIRST (scale-d 0). D: the thread's 64 (32) accumulators,
+// D[0][0..63]; A: its 4 registers, A[0][0..3]; DESC: the 64-bit shared memory descriptor of B.
 #pragma once
 
 #define MINICPM_WGMMA_M64N128K32_S8(D, A, DESC, FIRST) \
@@ -20,4 +20,18 @@
         "+r"((D)[0][48]), "+r"((D)[0][49]), "+r"((D)[0][50]), "+r"((D)[0][51]), "+r"((D)[0][52]), "+r"((D)[0][53]), \
         "+r"((D)[0][54]), "+r"((D)[0][55]), "+r"((D)[0][56]), "+r"((D)[0][57]), "+r"((D)[0][58]), "+r"((D)[0][59]), \
         "+r"((D)[0][60]), "+r"((D)[0][61]), "+r"((D)[0][62]), "+r"((D)[0][63]) \
+      : "r"((A)[0][0]), "r"((A)[0][1]), "r"((A)[0][2]), "r"((A)[0][3]), "l"(DESC), "r"((FIRST) ? 0 : 1))
+
+#define MINICPM_WGMMA_M64N64K32_S8(D, A, DESC, FIRST) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+      "{%32, %33, %34, %35}, %36, p;\n}\n" \
+      : "+r"((D)[0][0]), "+r"((D)[0][1]), "+r"((D)[0][2]), "+r"((D)[0][3]), "+r"((D)[0][4]), "+r"((D)[0][5]), \
+        "+r"((D)[0][6]), "+r"((D)[0][7]), "+r"((D)[0][8]), "+r"((D)[0][9]), "+r"((D)[0][10]), "+r"((D)[0][11]), \
+        "+r"((D)[0][12]), "+r"((D)[0][13]), "+r"((D)[0][14]), "+r"((D)[0][15]), "+r"((D)[0][16]), "+r"((D)[0][17]), \
+        "+r"((D)[0][18]), "+r"((D)[0][19]), "+r"((D)[0][20]), "+r"((D)[0][21]), "+r"((D)[0][22]), "+r"((D)[0][23]), \
+        "+r"((D)[0][24]), "+r"((D)[0][25]), "+r"((D)[0][26]), "+r"((D)[0][27]), "+r"((D)[0][28]), "+r"((D)[0][29]), \
+        "+r"((D)[0][30]), "+r"((D)[0][31]) \
       : "r"((A)[0][0]), "r"((A)[0][1]), "r"((A)[0][2]), "r"((A)[0][3]), "l"(DESC), "r"((FIRST) ? 0 : 1))

@@ -39,17 +39,19 @@ def build(out_dir) -> ctypes.CDLL:
     so.minicpm_int4_w4a8_emulate.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
     so.minicpm_int4_w4a8_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a8_wgmma_emulate.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_long]
-                                                   + [ctypes.c_int] * 4)
+                                                   + [ctypes.c_int] * 5)
     so.minicpm_int4_w4a8_wgmma_supported.argtypes = [ctypes.c_int] * 2
-    so.minicpm_int4_w4a8_wgmma_tile.argtypes = [ctypes.c_int] * 4
-    so.minicpm_int4_w4a8_wgmma_cta_tiles.argtypes = [ctypes.c_int] * 4
-    so.minicpm_int4_w4a8_wgmma_grid.argtypes = [ctypes.c_int] * 3
+    so.minicpm_int4_w4a8_wgmma_tile.argtypes = [ctypes.c_int] * 5
+    so.minicpm_int4_w4a8_wgmma_cta_tiles.argtypes = [ctypes.c_int] * 5
+    so.minicpm_int4_w4a8_wgmma_grid.argtypes = [ctypes.c_int] * 4
+    so.minicpm_int4_w4a8_wgmma_block_tokens.argtypes = [ctypes.c_int] * 3
     so.minicpm_int4_w4a8_magic_convert.argtypes = [ctypes.c_int]
     so.minicpm_int4_w4a8_block_tile.argtypes = [ctypes.c_int] * 4
     so.minicpm_int4_w4a8_block_rows.argtypes = [ctypes.c_int] * 3
     so.minicpm_int4_w4a8_static_group_tiles.argtypes = [ctypes.c_int] * 2
     for f in (so.minicpm_int4_w4a8_wgmma_emulate, so.minicpm_int4_w4a8_wgmma_supported,
               so.minicpm_int4_w4a8_wgmma_tile, so.minicpm_int4_w4a8_wgmma_cta_tiles, so.minicpm_int4_w4a8_wgmma_grid,
+              so.minicpm_int4_w4a8_wgmma_block_tokens,
               so.minicpm_int4_w4a8_emulate, so.minicpm_int4_w4a8_supported, so.minicpm_int4_w4a8_magic_convert,
               so.minicpm_int4_w4a8_block_tile, so.minicpm_int4_w4a8_static_group_tiles, so.minicpm_int4_w4a8_block_rows,
               so.minicpm_int4_gemv_emulate, so.minicpm_int4_mma_emulate, so.minicpm_int4_act_quant_emulate,

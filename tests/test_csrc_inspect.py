@@ -182,21 +182,25 @@ def test_w4a8_gemm_instantiations_and_loop(variants):
 
 
 def test_w4a8_wgmma_instantiations_and_loop(variants):
-    """The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), sm_90a only: the 8 instantiations per scales dtype its
+    """The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), sm_90a only: the 16 instantiations per scales dtype its
     launcher picks (groups of 32 / 64 / 128 at compile time, GT = 1 / 2 / 4; multiples of 128 and per channel at
-    run time, GT = 0; each with the reference's epilogue and the fused one, FMA) compile with no stack and no local
-    memory, at most 255 registers (one CTA of 256 threads an SM), and the stage loop - the inner loop of the
-    persistent CTA's tiles - holds a warpgroup's 4 IGMMA (m64n128k32, 4 k-tiles). The loop's instructions bound the
-    kernel: both warpgroups issue 8 warps x (instructions a stage) over 4 schedulers while the tensor cores take
-    2 x 4 x 64 = 512 cycles for the stage's 8 IGMMA (8192 int8 ops a cycle an SM), so the kernel is issue-bound
-    above 512 / 2 = 256 instructions a thread a stage. At G = 128 the group's fp32 epilogue is 192 of them (the
-    reference's convert, multiply and add of 64 sums) or 128 (convert, FFMA); the rest - unpacking W, the copies,
-    the turns, and (counted here, run once a tile) the next tile's copy plan - stays under 340 (519 / 455 in all
-    today: ~1040 / ~910 issue cycles a stage at most, so at least ~49% / ~56% of the tensor cores' rate)."""
+    run time, GT = 0; each with the reference's epilogue and the fused one, FMA; blocks of 128 or 64 tokens, BM)
+    compile with no stack and no local memory, at most 255 registers (one CTA of 256 threads an SM), and the stage
+    loop - the inner loop of the persistent CTA's tiles - holds a warpgroup's 4 IGMMA (m64nBMk32, 4 k-tiles) after
+    one warpgroup.arrive (wgmma.fence) a group: none injected by ptxas inside a run of wgmma (C7519: the A registers'
+    unpacking sunk past the fence, which held a group's last wgmma back). The loop's instructions bound the kernel:
+    both warpgroups issue 8 warps x (instructions a stage) over 4 schedulers while the tensor cores take
+    2 x 4 x 64 = 512 cycles for the stage's 8 IGMMA at BM = 128 (8192 int8 ops a cycle an SM), so the kernel is
+    issue-bound above 512 / 2 = 256 instructions a thread a stage. At G = 128 the group's fp32 epilogue is 3 BM / 2
+    of them (the reference's convert, multiply and add of BM / 2 sums) or BM (convert, FFMA); the rest - unpacking
+    W, the copies, the turns, and (counted here, run once a tile) the next tile's copy plan - stays under 340 (518 /
+    454 in all today at BM = 128: ~1040 / ~910 issue cycles a stage at most, so at least ~49% / ~56% of the tensor
+    cores' rate; 400 / 368 at BM = 64, whose block_tokens rule weighs them)."""
     assert not [v for v in variants if v.kernel == "w4a8-wg" and v.arch != "sm90a"]
     wg = _pick(variants, "sm90a", "w4a8-wg")
-    assert sorted((v.dtype, v.params["GT"], v.params["FMA"]) for v in wg) == sorted(
-        (d, gt, f) for d in ("float16", "bfloat16", "float32") for gt in (0, 1, 2, 4) for f in (0, 1))
+    assert sorted((v.dtype, v.params["GT"], v.params["FMA"], v.params["BM"]) for v in wg) == sorted(
+        (d, gt, f, bm) for d in ("float16", "bfloat16", "float32") for gt in (0, 1, 2, 4) for f in (0, 1)
+        for bm in (64, 128))
     # the launcher tells the body from other archs' stub (a trap, 4 registers) by the registers it needs
     import re
     src = open(os.path.join(csrc_inspect.CSRC, "w4a8_wgmma.cu")).read()
@@ -204,10 +208,18 @@ def test_w4a8_wgmma_instantiations_and_loop(variants):
     for v in wg:
         assert v.spill_bytes == 0 and v.loop_local_memory == 0 and body_min <= v.regs <= 255, (v.dtype, v.params, v.regs)
         assert sum(c for op, c in v.loop_counts.items() if op.startswith("IGMMA")) == 4, (v.dtype, v.params)
-        assert v.smem <= 1024  # dynamic shared memory (133120 bytes, opted in at launch); sm_90's 1 KiB reserve
+        groups = 4 // v.params["GT"] if v.params["GT"] else 1
+        assert v.loop_counts.get("WARPGROUP.ARRIVE") == groups, (v.dtype, v.params, v.loop_counts.get("WARPGROUP.ARRIVE"))
+        assert v.smem <= 1024  # dynamic shared memory (opted in at launch); sm_90's 1 KiB reserve
+    # the core's block_tokens model: its stage costs are these loops' (fp16 scales, the reference's epilogue, G = 128)
+    core = open(os.path.join(csrc_inspect.CSRC, "w4a8_wgmma_core.cuh")).read()
+    for bm in (128, 64):
+        v, = _pick(variants, "sm90a", "w4a8-wg", GT=4, FMA=0, BM=bm, dtype="float16")
+        cost = int(re.search(rf"constexpr int kStageCost{bm} = (\d+);", core).group(1))
+        assert abs(sum(v.loop_counts.values()) - cost) <= 0.05 * cost, (bm, sum(v.loop_counts.values()), cost)
     for v in _pick(variants, "sm90a", "w4a8-wg", GT=4):
         total = sum(v.loop_counts.values())
         epilogue = sum(c for op, c in v.loop_counts.items() if op.startswith(("I2FP", "FMUL", "FADD", "FFMA")))
-        assert epilogue == (128 if v.params["FMA"] else 192), (v.dtype, v.params, epilogue)
+        assert epilogue == (1 if v.params["FMA"] else 1.5) * v.params["BM"], (v.dtype, v.params, epilogue)
         assert v.params["FMA"] == ("FFMA" in v.loop_counts)
         assert total - epilogue <= 340, (v.dtype, v.params, total, epilogue)

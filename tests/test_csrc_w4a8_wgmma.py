@@ -21,14 +21,18 @@ from minicpm_int4.reference import w4a8_gemm_ref, w4a8_tolerance
 from test_csrc_w4a8 import CODE, _assert_reference_bits, _emulate, _inputs, emulation_args, extreme_products_stay_exact
 
 
-def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, fma=False, sms=3):
+def _emulate_wg(emu, x_q, x_scale, qweight, scales, zeros, bias, gs, out_dtype, ldo=None, fma=False, sms=3,
+                block_tokens=128):
     """The kernel's persistent CTAs sized for `sms` SMs (3: every shape with more than 3 tiles has CTAs that
-    work through several, their stage streams crossing tiles' boundaries)."""
+    work through several, their stage streams crossing tiles' boundaries), blocks of 128 or 64 tokens (0: the
+    launcher's choice)."""
     ptrs, out, (m, n, k, ldo) = emulation_args(x_q, x_scale, qweight, scales, zeros, bias, out_dtype, ldo)
     rc = emu.minicpm_int4_w4a8_wgmma_emulate(*ptrs, m, n, k, gs, ldo, CODE[scales.dtype], CODE[out_dtype], int(fma),
-                                             sms)
-    tiles = -(-m // 128) * -(-n // 128)
-    assert rc == min(tiles, sms), f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
+                                             block_tokens, sms)
+    assert rc >= 0, f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
+    grid, bm = divmod(rc, 256)
+    assert bm == (block_tokens or emu.minicpm_int4_w4a8_wgmma_block_tokens(m, n, sms))
+    assert grid == min(-(-m // bm) * -(-n // 128), sms)
     return out[:, :n]
 
 
@@ -56,6 +60,15 @@ def test_w4a8_wgmma_emulation_gives_the_reference_bits(emu, shape, sz_dtype):
     _assert_reference_bits(_emulate_wg(emu, *args), *args)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-N{s[1]}-K{s[2]}-G{s[3]}")
+def test_w4a8_wgmma_64_token_blocks_give_the_reference_bits(emu, shape):
+    # m64n64k32 tiles: x's stage half as wide (LBO = 1024 in its descriptors), 2 pieces of x a thread, 32
+    # accumulators a lane, a ring of 8 buffers (K = 768 / 4224: stages past the ring); M = 130 / 129: 3 token blocks
+    m, n, k, group_size = shape
+    args = _inputs(m, n, k, group_size, torch.bfloat16, seed=m * 7 + n, bias=True)
+    _assert_reference_bits(_emulate_wg(emu, *args, block_tokens=64), *args)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_w4a8_wgmma_emulation_bias_output_dtypes_and_the_mma_sync_kernels_bits(emu, out_dtype):
     # scales of one dtype, output and bias of another; and the same bits as the mma.sync kernel (which the
@@ -73,13 +86,15 @@ def test_w4a8_wgmma_emulation_strided_output_and_many_blocks(emu):
     _assert_reference_bits(_emulate_wg(emu, *args, ldo=264), *args)
 
 
+@pytest.mark.parametrize("block_tokens", [128, 64])
 @pytest.mark.parametrize("sms", [1, 2, 4, 132])
-def test_w4a8_wgmma_persistent_ctas_give_the_same_bits(emu, sms):
+def test_w4a8_wgmma_persistent_ctas_give_the_same_bits(emu, sms, block_tokens):
     # 3 x 3 tiles of 3 stages (K = 384, G = 64: two groups a stage) over 1, 2, 4 persistent CTAs (9, 5 or 4, 3 or 2
     # tiles each: the copies' stream, kAhead = 4 stages ahead in a ring of 5 buffers, crosses tiles' boundaries
-    # mid-ring) and over one CTA a tile: the reference's bits from every schedule
+    # mid-ring; 64-token blocks: 5 x 3 tiles, 7 stages ahead in a ring of 8) and over one CTA a tile: the
+    # reference's bits from every schedule
     args = _inputs(300, 260, 384, 64, torch.bfloat16, seed=sms, bias=True)
-    _assert_reference_bits(_emulate_wg(emu, *args, sms=sms), *args)
+    _assert_reference_bits(_emulate_wg(emu, *args, sms=sms, block_tokens=block_tokens), *args)
 
 
 def test_w4a8_wgmma_emulation_extreme_products_stay_exact(emu):
@@ -98,7 +113,10 @@ def test_w4a8_wgmma_takes_what_it_says(emu):
     for k, g in ((288, 96), (288, 288), (272, 272)):
         assert emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
                                                    scales.data_ptr(), zeros.data_ptr(), None, out.data_ptr(),
-                                                   4, 16, k, g, 16, 0, 0, 0, 132) == -2
+                                                   4, 16, k, g, 16, 0, 0, 0, 0, 132) == -2
+    assert emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
+                                               scales.data_ptr(), zeros.data_ptr(), None, out.data_ptr(),
+                                               4, 16, 256, 256, 16, 0, 0, 0, 96, 132) == -2  # 96 tokens a block
     # everything it takes, the mma.sync kernel takes too (the launcher's fallback where the GPU has no sm_90a build)
     for k in range(32, 1100, 32):
         for g in (32, 64, 96, 128, 256, 384, k):
@@ -106,16 +124,35 @@ def test_w4a8_wgmma_takes_what_it_says(emu):
                 assert emu.minicpm_int4_w4a8_supported(k, g), (k, g)
 
 
-def test_w4a8_wgmma_persistent_ctas_cover_every_tile_once(emu):
+@pytest.mark.parametrize("bm", [128, 64])
+def test_w4a8_wgmma_persistent_ctas_cover_every_tile_once(emu, bm):
     # min(tiles, SMs) CTAs; CTA c's tiles c, c + grid, ... walked by adds (TileWalk): together every tile once
     for m, n, sms in ((4096, 4096, 132), (1000, 130, 132), (129, 4096, 132), (17, 12288, 132), (4096, 768, 132),
-                      (1024, 4608, 114), (300, 260, 4), (128, 128, 132)):
-        nbm, nbn = -(-m // 128), -(-n // 128)
-        grid = emu.minicpm_int4_w4a8_wgmma_grid(m, n, sms)
+                      (1024, 4608, 114), (300, 260, 4), (128, 128, 132), (65, 768, 132)):
+        nbm, nbn = -(-m // bm), -(-n // 128)
+        grid = emu.minicpm_int4_w4a8_wgmma_grid(bm, m, n, sms)
         assert grid == min(nbm * nbn, sms)
-        tiles = [divmod(emu.minicpm_int4_w4a8_wgmma_tile(m, cta, grid, t), 65536)
-                 for cta in range(grid) for t in range(emu.minicpm_int4_w4a8_wgmma_cta_tiles(m, n, cta, grid))]
+        tiles = [divmod(emu.minicpm_int4_w4a8_wgmma_tile(bm, m, cta, grid, t), 65536)
+                 for cta in range(grid) for t in range(emu.minicpm_int4_w4a8_wgmma_cta_tiles(bm, m, n, cta, grid))]
         assert sorted(tiles) == [(i, j) for i in range(nbm) for j in range(nbn)], (m, n, sms)
+
+
+def test_w4a8_wgmma_block_tokens_rule(emu):
+    # 64 tokens a block where waves x a tile's cost (the static model: a 64-token tile at 400 / 518 of a 128-token
+    # one's) comes out shorter: M <= 64 (a 128-token block half empty or more); grids under one wave either way
+    # (768-wide layers at M = 1024: 48 tiles on 132 SMs, 96 of 64 tokens; 4096 x 4096 at M = 256: 64 / 128). 128
+    # where halving the tiles adds a wave: 768-wide at M = 4096 (192 tiles, 2 waves, against 3), 3072 x 768 at
+    # M = 1024 (192); and where the 128-token tiles fill their waves (4096 x 4096 at M = 1024 and 4096)
+    bt = emu.minicpm_int4_w4a8_wgmma_block_tokens
+    assert bt(1, 4096, 132) == 64 and bt(64, 12288, 132) == 64 and bt(33, 768, 132) == 64
+    assert bt(1024, 768, 132) == 64 and bt(256, 4096, 132) == 64 and bt(1024, 1024, 132) == 64
+    assert bt(4096, 768, 132) == 128 and bt(1024, 3072, 132) == 128 and bt(256, 12288, 132) == 128
+    assert bt(4096, 4096, 132) == 128 and bt(1024, 4096, 132) == 128 and bt(4096, 12288, 132) == 128
+    assert bt(65, 4096, 1) == 128 and bt(64, 4096, 1) == 64  # one SM: the tokens' blocks alone decide
+    # the rule's choice is what the launcher runs: the same bits either way
+    args = _inputs(70, 136, 256, 64, torch.float16, seed=3)
+    y = _emulate_wg(emu, *args, sms=132, block_tokens=0)
+    assert torch.equal(y.view(torch.int16), _emulate_wg(emu, *args, sms=132, block_tokens=128).view(torch.int16))
 
 
 @pytest.mark.parametrize("shape", [(17, 72, 384, 32), (130, 40, 768, 128), (33, 96, 4224, -1), (7, 16, 768, 256)],

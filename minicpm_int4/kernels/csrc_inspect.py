@@ -45,7 +45,8 @@ class Variant:
                                  # mma, act_quant: P (1: x read through an act-order layer's channel order);
                                  # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3);
                                  # w4a8: WM (warps along M), GT (k-tiles per group at compile time, 0: run
-                                 # time), MAGIC, NARROW; w4a8-wg: GT, FMA (fused epilogue)
+                                 # time), MAGIC, NARROW; w4a8-wg: GT, FMA (fused epilogue),
+                                 # BM (tokens a block: the wgmma's N, 128 or 64)
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -68,7 +69,7 @@ class Variant:
         if self.kernel == "w4a8":
             return W4A8_WARP_ROWS
         if self.kernel == "w4a8-wg":
-            return 128  # the wgmma's N: tokens a warpgroup's A is used for
+            return self.params["BM"]  # the wgmma's N: tokens a warpgroup's A is used for
         return self.params.get("MT", 8 * self.params.get("NB", 1))
 
     @property
@@ -141,14 +142,14 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
             stages = best[0] // W4A8_STAGE_IMMA
             v.loop_counts, v.weights_per_trip = dict(best[1]), stages * W4A8_WARP_W_ROWS * W4A8_STAGE_K / 32.0
         return v
-    m = re.search(r"w4a8_wgmma_kernelILi(\d+)ELb([01])E(\d+__\w+?|f)E", name)
+    m = re.search(r"w4a8_wgmma_kernelILi(\d+)ELb([01])E(\d+__\w+?|f)Li(\d+)E", name)
     if m:  # sm_90a only (elsewhere the kernel is a stub the launcher never starts); GT as w4a8's; FMA: the
-        # epilogue's multiply and add fused (the op's kernel=3)
+        # epilogue's multiply and add fused (the op's kernel=3); BM: tokens a block (m64n128k32 or m64n64k32)
         if arch != "sm90a":
             return None
-        v = Variant(arch, "w4a8-wg", _DTYPES[m.group(3)], {"GT": int(m.group(1)), "FMA": int(m.group(2)), "S": 0},
-                    regs, spill, smem)
-        best = None  # the stage loop: 4 IGMMA (m64n128k32) per warpgroup per 128-k stage
+        v = Variant(arch, "w4a8-wg", _DTYPES[m.group(3)], {"GT": int(m.group(1)), "FMA": int(m.group(2)),
+                                                          "BM": int(m.group(4)), "S": 0}, regs, spill, smem)
+        best = None  # the stage loop: 4 IGMMA (m64nBMk32) per warpgroup per 128-k stage
         for loop in loop_bodies(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("IGMMA"))
             if mma and mma % 4 == 0 and (best is None or mma > best[0]):

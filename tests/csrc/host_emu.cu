@@ -300,65 +300,69 @@ namespace wgk = minicpm_int4_w4a8_wg;
 // warpgroup's work on this stage (wg_stage, its 128 lanes at once, HostWg reading x through the descriptors the
 // kernel builds), a tile's outputs after its last stage - into the tile buffer by every lane, then out of it by
 // every thread. Shared memory starts as 0xA5 bytes.
-template <int GT, bool FMA, typename SZ>
+template <int GT, bool FMA, typename SZ, int BM>
 void w4a8_wg_grid(const w8::Params& p, int sms) {
+  using T = wgk::Tile<BM>;
   int lanes[128];
   for (int l = 0; l < 128; ++l) lanes[l] = l;
-  std::vector<uint8_t> smem(wgk::kSmemBytes);
-  std::vector<wgk::WgState<128>> st(2);
+  std::vector<uint8_t> smem(T::kSmemBytes);
+  std::vector<wgk::WgState<BM, 128>> st(2);
   wgk::HostWg wg;
   wg.base = smem.data();
-  const int grid = wgk::grid_ctas(p.M, p.N, sms);
+  const int grid = wgk::grid_ctas<BM>(p.M, p.N, sms);
   const int stages = (p.K + wgk::kBK - 1) / wgk::kBK;
   auto copy = [&](std::vector<wgk::LoadCursor>& lc, int s, int cta) {
-    uint8_t* stage = smem.data() + (s % wgk::kStages) * wgk::kStageBytes;
+    uint8_t* stage = smem.data() + (s % T::kStages) * T::kStageBytes;
     for (int tid = 0; tid < wgk::kThreads; ++tid) {
-      for (int i = 0; i < wgk::kPiecesX + wgk::kPiecesW; ++i) {
+      for (int i = 0; i < T::kPiecesX + wgk::kPiecesW; ++i) {
         int dst, bytes;
         const void* src;
-        wgk::stage_piece(p, lc[tid].plan, lc[tid].kb, i, dst, src, bytes);
+        wgk::stage_piece<BM>(p, lc[tid].plan, lc[tid].kb, i, dst, src, bytes);
         std::memcpy(stage + dst, src, bytes);
         std::memset(stage + dst + bytes, 0, 16 - bytes);
       }
-      wgk::load_step(p, stages, tid, lc[tid]);
+      wgk::load_step<BM>(p, stages, tid, lc[tid]);
     }
   };
   for (int cta = 0; cta < grid; ++cta) {
     std::fill(smem.begin(), smem.end(), static_cast<uint8_t>(0xA5));
-    const int tiles = wgk::cta_tiles(p.M, p.N, cta, grid), total = tiles * stages;
+    const int tiles = wgk::cta_tiles<BM>(p.M, p.N, cta, grid), total = tiles * stages;
     std::vector<wgk::LoadCursor> lc;
-    for (int tid = 0; tid < wgk::kThreads; ++tid) lc.push_back(wgk::load_start(p, cta, grid, tid));
-    for (int s = 0; s < wgk::kAhead && s < total; ++s) copy(lc, s, cta);
+    for (int tid = 0; tid < wgk::kThreads; ++tid) lc.push_back(wgk::load_start<BM>(p, cta, grid, tid));
+    for (int s = 0; s < T::kAhead && s < total; ++s) copy(lc, s, cta);
     int s = 0;
-    wgk::TileWalk walk = wgk::walk_start(p.M, cta, grid);
+    wgk::TileWalk walk = wgk::walk_start<BM>(p.M, cta, grid);
     for (int t = 0; t < tiles; ++t, wgk::walk_next(walk)) {
-      const int m0 = walk.bm * wgk::kBM, n0 = walk.bn * wgk::kBN;
+      const int m0 = walk.bm * BM, n0 = walk.bn * wgk::kBN;
       for (int w = 0; w < 2; ++w) wgk::wg_init(p, n0 + 64 * w, 64 * w, lanes, st[w]);
       for (int kb = 0; kb < stages; ++kb, ++s) {
-        if (s + wgk::kAhead < total) copy(lc, s + wgk::kAhead, cta);
-        uint8_t* stage = smem.data() + (s % wgk::kStages) * wgk::kStageBytes;
-        for (int w = 0; w < 2; ++w) wgk::wg_stage<GT, FMA, SZ, wgk::HostWg, 128>(p, wg, stage, kb, st[w]);
+        if (s + T::kAhead < total) copy(lc, s + T::kAhead, cta);
+        uint8_t* stage = smem.data() + (s % T::kStages) * T::kStageBytes;
+        for (int w = 0; w < 2; ++w) wgk::wg_stage<GT, FMA, SZ, wgk::HostWg>(p, wg, stage, kb, st[w]);
       }
-      uint8_t* tile = smem.data() + wgk::kStages * wgk::kStageBytes;
-      for (int w = 0; w < 2; ++w) wgk::wg_tile_out<128>(p, m0, n0, 64 * w, lanes, st[w], tile);
-      for (int tid = 0; tid < wgk::kThreads; ++tid) wgk::tile_store(p, m0, n0, tile, tid);
+      uint8_t* tile = smem.data() + T::kStages * T::kStageBytes;
+      for (int w = 0; w < 2; ++w) wgk::wg_tile_out(p, m0, n0, 64 * w, lanes, st[w], tile);
+      for (int tid = 0; tid < wgk::kThreads; ++tid) wgk::tile_store<BM>(p, m0, n0, tile, tid);
     }
   }
 }
 
-template <bool FMA, typename SZ>
+template <bool FMA, typename SZ, int BM>
 void w4a8_wg_groups(const w8::Params& p, int sms) {
   switch (wgk::static_group_tiles(p.G)) {  // the launcher's instantiations
-    case 1: w4a8_wg_grid<1, FMA, SZ>(p, sms); break;
-    case 2: w4a8_wg_grid<2, FMA, SZ>(p, sms); break;
-    case 4: w4a8_wg_grid<4, FMA, SZ>(p, sms); break;
-    default: w4a8_wg_grid<0, FMA, SZ>(p, sms);
+    case 1: w4a8_wg_grid<1, FMA, SZ, BM>(p, sms); break;
+    case 2: w4a8_wg_grid<2, FMA, SZ, BM>(p, sms); break;
+    case 4: w4a8_wg_grid<4, FMA, SZ, BM>(p, sms); break;
+    default: w4a8_wg_grid<0, FMA, SZ, BM>(p, sms);
   }
 }
 
 template <typename SZ>
-void w4a8_wg_sz(const w8::Params& p, bool fma, int sms) {
-  fma ? w4a8_wg_groups<true, SZ>(p, sms) : w4a8_wg_groups<false, SZ>(p, sms);
+void w4a8_wg_sz(const w8::Params& p, bool fma, int bm, int sms) {
+  if (bm == 64)
+    fma ? w4a8_wg_groups<true, SZ, 64>(p, sms) : w4a8_wg_groups<false, SZ, 64>(p, sms);
+  else
+    fma ? w4a8_wg_groups<true, SZ, 128>(p, sms) : w4a8_wg_groups<false, SZ, 128>(p, sms);
 }
 
 }  // namespace
@@ -466,32 +470,40 @@ int minicpm_int4_w4a8_block_tile(int pid, int M, int N, int block_rows) {
 }
 int minicpm_int4_w4a8_block_rows(int M, int N, int sms) { return w8::block_warps_m(M, N, sms, 0) * w8::kWarpRows; }
 
-// The warpgroup-MMA kernel on the host: arguments as minicpm_int4_w4a8_emulate's (no block rows), fma = 1 for the
-// fused epilogue (the op's kernel=3), sms: the SMs its persistent CTAs are sized for; returns the CTAs, or -2 where
-// the kernel does not take the shape (its launcher's cudaErrorInvalidValue).
+// The warpgroup-MMA kernel on the host: arguments as minicpm_int4_w4a8_emulate's, fma = 1 for the fused epilogue
+// (the op's kernel=3), block_tokens 64 / 128 or 0 for the launcher's choice (wgk::block_tokens), sms: the SMs its
+// persistent CTAs are sized for; returns the CTAs x 256 + the tokens a block, or -2 where the kernel does not take
+// the shape (its launcher's cudaErrorInvalidValue).
 int minicpm_int4_w4a8_wgmma_emulate(const int8_t* xq, const float* x_scale, const int32_t* qweight, const void* scales,
                                     const void* zeros, const void* bias, void* out, int M, int N, int K, int group_size,
-                                    long ldo, int sz_dtype, int out_dtype, int fma, int sms) {
-  if (!wgk::supported(K, group_size) || M <= 0 || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2 || sms <= 0)
+                                    long ldo, int sz_dtype, int out_dtype, int fma, int block_tokens, int sms) {
+  if (!wgk::supported(K, group_size) || M <= 0 || N <= 0 || ldo < N || sz_dtype < 0 || sz_dtype > 2 || sms <= 0 ||
+      (block_tokens != 0 && block_tokens != 64 && block_tokens != 128))
     return -2;
+  const int bm = block_tokens != 0 ? block_tokens : wgk::block_tokens(M, N, sms);
   const w8::Params p{xq, x_scale, reinterpret_cast<const uint8_t*>(qweight), scales, zeros, bias, out, M, N, K,
                      group_size, w8::group_tiles_for(K, group_size), K / group_size, 0x0F0F0F0Fu, ldo, sz_dtype, out_dtype};
   if (sz_dtype == 0)
-    w4a8_wg_sz<__half>(p, fma != 0, sms);
+    w4a8_wg_sz<__half>(p, fma != 0, bm, sms);
   else if (sz_dtype == 1)
-    w4a8_wg_sz<__nv_bfloat16>(p, fma != 0, sms);
+    w4a8_wg_sz<__nv_bfloat16>(p, fma != 0, bm, sms);
   else
-    w4a8_wg_sz<float>(p, fma != 0, sms);
-  return wgk::grid_ctas(M, N, sms);
+    w4a8_wg_sz<float>(p, fma != 0, bm, sms);
+  return (bm == 64 ? wgk::grid_ctas<64>(M, N, sms) : wgk::grid_ctas<128>(M, N, sms)) * 256 + bm;
 }
 int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return wgk::supported(K, group_size) ? 1 : 0; }
-// Tile t of CTA cta of `grid` (TileWalk, as the kernel walks them): bm * 65536 + bn.
-int minicpm_int4_w4a8_wgmma_tile(int M, int cta, int grid, int t) {
-  wgk::TileWalk w = wgk::walk_start(M, cta, grid);
+// Tile t of CTA cta of `grid` for BM tokens a block (TileWalk, as the kernel walks them): bm * 65536 + bn.
+int minicpm_int4_w4a8_wgmma_tile(int BM, int M, int cta, int grid, int t) {
+  wgk::TileWalk w = BM == 64 ? wgk::walk_start<64>(M, cta, grid) : wgk::walk_start<128>(M, cta, grid);
   for (int i = 0; i < t; ++i) wgk::walk_next(w);
   return w.bm * 65536 + w.bn;
 }
-int minicpm_int4_w4a8_wgmma_cta_tiles(int M, int N, int cta, int grid) { return wgk::cta_tiles(M, N, cta, grid); }
-int minicpm_int4_w4a8_wgmma_grid(int M, int N, int sms) { return wgk::grid_ctas(M, N, sms); }
+int minicpm_int4_w4a8_wgmma_cta_tiles(int BM, int M, int N, int cta, int grid) {
+  return BM == 64 ? wgk::cta_tiles<64>(M, N, cta, grid) : wgk::cta_tiles<128>(M, N, cta, grid);
+}
+int minicpm_int4_w4a8_wgmma_grid(int BM, int M, int N, int sms) {
+  return BM == 64 ? wgk::grid_ctas<64>(M, N, sms) : wgk::grid_ctas<128>(M, N, sms);
+}
+int minicpm_int4_w4a8_wgmma_block_tokens(int M, int N, int sms) { return wgk::block_tokens(M, N, sms); }
 
 }  // extern "C"
