@@ -66,13 +66,15 @@ else
   # each case replays its CUDA graph of calls for 10 x rep-ms; on the H200 two models (16 shapes) at three M
   # took ~95 s for ~20 cases a shape. Four M here (decode, the dispatch table's prefill entries at 256 and
   # 4096) and the backends whose rows decide something: fp16, the defaults, and the measurement variants
-  # not yet timed (prefetch, ahead2, dq, w4a8 flat, the CUDA W4A8 GEMM and its 64-row blocks) - not the tensor-core-at-M=1 and
+  # not yet timed (prefetch, ahead2, dq, w4a8 flat, the CUDA W4A8 GEMM: mma.sync, the fused epilogue, the wgmma
+  # kernel's 64- and 128-token blocks forced; not mma.sync's 64-row blocks, which an H100 / H200 runs only with the
+  # wgmma kernel turned off) - not the tensor-core-at-M=1 and
   # unsplit GEMV rows nor the CUDA-core GEMV, which run 2 settled (0.65x, 0.99x; "auto" never picked the
   # GEMV) - ~23 cases a shape (ours before the peers: a budget that runs out cuts peers' rows first). The
   # stage's limit leaves the time the plots take (matplotlib's first import builds its font cache on a
   # fresh machine: warmed in the background below)
   BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 110
-              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-dq,w4a16-cuda,w4a16-cuda-ahead2,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-m64,w4a8-cuda-mma,w4a8-cuda-fma,torch-tinygemm,bnb-nf4,gemlite)
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-dq,w4a16-cuda,w4a16-cuda-ahead2,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)

@@ -73,9 +73,10 @@ struct DeviceWg {
 #pragma unroll
     for (int i = 0; i < NA; ++i) asm volatile("" : "+r"(d[0][i])::"memory");
   }
-  // the A registers of the next NK wgmma as computed: their unpacking (pure register arithmetic, which the compiler
-  // may sink past the wgmma.fence into the run of wgmma) done before it - else ptxas injects a warpgroup.arrive
-  // inside the run (C7519), holding the last wgmma back until the ones before it have read their registers
+  // the A registers of the next NK wgmma as computed here, before the turn barrier: their unpacking is pure register
+  // arithmetic, which the compiler otherwise sinks (the group's last k-tile's) past the barrier and the wgmma.fence
+  // into the run of wgmma - ptxas then adds a warpgroup.arrive before the last one (C7519) - so that it runs while
+  // this warpgroup holds the tensor cores' turn instead of while the other one does
   template <int NK, int L>
   __device__ __forceinline__ void fence_a(uint32_t (*a)[L][4]) {
 #pragma unroll

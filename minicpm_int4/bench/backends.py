@@ -324,6 +324,18 @@ class OursW4A8CudaFma(OursW4A8CudaRows64):
         return reason
 
 
+class OursW4A8CudaTokens(OursW4A8CudaFma):
+    """The CUDA W4A8 GEMM's warpgroup-MMA kernel with its blocks' tokens forced - 64 (m64n64k32) or 128
+    (m64n128k32) - beside `w4a8-cuda`, whose launcher picks one by a static model (w4a8_wgmma_core.cuh,
+    block_tokens: waves of persistent CTAs x a tile's instructions): these rows check or replace that rule.
+    sm_90a builds only."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.name = f"w4a8-cuda-t{tokens}"
+        self.block_rows, self.kernel = tokens, 2
+
+
 class TorchTinyGemm(Backend):
     """torch's built-in int4 tinygemm (aten._weight_int4pack_mm), the kernel behind torchao int4wo.
     Our (q, scale, zero) map to its format exactly: w = (q - 8) * s + (8 - z) * s."""
@@ -446,6 +458,7 @@ def default_backends():
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
+            OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]
 
 

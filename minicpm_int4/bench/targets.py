@@ -289,7 +289,9 @@ VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit
             ("w4a8-cuda-m64", "w4a8-cuda", 1024), ("w4a8-cuda-m64", "w4a8-cuda", 4096),
             ("w4a8-cuda-mma", "w4a8-cuda", 256), ("w4a8-cuda-mma", "w4a8-cuda", 1024),
             ("w4a8-cuda-mma", "w4a8-cuda", 4096), ("w4a8-cuda-fma", "w4a8-cuda", 1024),
-            ("w4a8-cuda-fma", "w4a8-cuda", 4096))
+            ("w4a8-cuda-fma", "w4a8-cuda", 4096), ("w4a8-cuda-t64", "w4a8-cuda", 256),
+            ("w4a8-cuda-t64", "w4a8-cuda", 1024), ("w4a8-cuda-t64", "w4a8-cuda", 4096),
+            ("w4a8-cuda-t128", "w4a8-cuda", 256), ("w4a8-cuda-t128", "w4a8-cuda", 1024))
 
 
 def variant_lines(bench: Dict) -> List[str]:

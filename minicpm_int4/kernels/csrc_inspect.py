@@ -204,7 +204,7 @@ def _inspect_source(archs: Sequence[str], source: str) -> List[Variant]:
 
 def format_table(variants: Sequence[Variant]) -> str:
     lines = ["| arch | kernel | dtype | instantiation | regs | stack B | local-memory ops in the loop | smem B | "
-             "loop instr / weight | per weight and row of x (MT, or 8 x NB; w4a8: 64; w4a8-wg: 128) | loop instr / mma |",
+             "loop instr / weight | per weight and row of x (MT, or 8 x NB; w4a8: 64; w4a8-wg: BM) | loop instr / mma |",
              "|" + "---|" * 11]
     for v in variants:
         ipw, ipm = v.instr_per_weight, v.instr_per_mma
