@@ -246,6 +246,9 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     TORCH_CHECK(!minicpm_int4_w4a8_wgmma_disabled(),
                 "w4a8_gemm (cuda): the wgmma kernel is turned off by MINICPM_INT4_W4A8_WGMMA=0 (read when the process "
                 "first ran a W4A8 GEMM); kernel=0 or 1 runs the mma.sync kernel");
+    TORCH_CHECK(block_rows != 64 || !minicpm_int4_w4a8_wgmma_t64_disabled(),
+                "w4a8_gemm (cuda): the wgmma kernel's 64-token blocks are turned off by MINICPM_INT4_W4A8_WGMMA=128 "
+                "(read when the process first ran a W4A8 GEMM); block_rows=0 or 128 runs its 128-token blocks");
     const c10::cuda::CUDAGuard probe(x_q.device());
     TORCH_CHECK(minicpm_int4_w4a8_wgmma_available(),
                 "w4a8_gemm (cuda): the wgmma kernel needs an H100 / H200 and an extension built for sm_90a "

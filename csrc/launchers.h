@@ -76,6 +76,9 @@ int minicpm_int4_w4a8_wgmma_available(void);
 // 1 where MINICPM_INT4_W4A8_WGMMA=0 turns it off (read once per process): never the launcher's choice, and
 // kernel = 2 / 3 give cudaErrorNotPermitted.
 int minicpm_int4_w4a8_wgmma_disabled(void);
+// 1 where MINICPM_INT4_W4A8_WGMMA=128 turns its 64-token blocks off: the launcher keeps to 128-token ones, and
+// block_rows = 64 goes to the mma.sync kernel (kernel 0) or gives cudaErrorNotPermitted (kernel 2 / 3).
+int minicpm_int4_w4a8_wgmma_t64_disabled(void);
 
 #ifdef __cplusplus
 }

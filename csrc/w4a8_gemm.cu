@@ -175,7 +175,8 @@ extern "C" cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_s
   // block_rows are either kernel's tokens a block
   int sms = 0;
   if (kernel >= 2 || (kernel == 0 && minicpm_int4_w4a8_wgmma_supported(K, group_size) &&
-                      !minicpm_int4_w4a8_wgmma_disabled() && minicpm_int4_w4a8_wgmma_available())) {
+                      !minicpm_int4_w4a8_wgmma_disabled() && minicpm_int4_w4a8_wgmma_available() &&
+                      !(block_rows == 64 && minicpm_int4_w4a8_wgmma_t64_disabled()))) {
     const cudaError_t err = sm_count(sms);  // its persistent CTAs: one an SM
     if (err != cudaSuccess) return err;
     return minicpm_int4_w4a8_wgmma_launch(p, kernel == 3, block_rows, sms, stream);

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "launchers.h"
 #include "w4a8_wgmma_core.cuh"
@@ -234,15 +235,23 @@ extern "C" int minicpm_int4_w4a8_wgmma_available() {
   return built;
 }
 
-// 1 where MINICPM_INT4_W4A8_WGMMA=0 is set (read once per process): the launcher then never takes the kernel, and
-// forcing it is refused - the GPU suite's way to measure everything else should the kernel fail on a GPU.
-extern "C" int minicpm_int4_w4a8_wgmma_disabled() {
-  static const int disabled = [] {
+// MINICPM_INT4_W4A8_WGMMA, read once per process: "0" turns the kernel off (the launcher never takes it, and
+// forcing it is refused), "128" its 64-token blocks (the launcher's rule keeps to 128, forcing 64 is refused) - the
+// GPU suite's way to measure everything else should the kernel, or its 64-token blocks alone, fail on a GPU.
+namespace {
+int wgmma_switch() {
+  static const int value = [] {
     const char* v = std::getenv("MINICPM_INT4_W4A8_WGMMA");
-    return v != nullptr && v[0] == '0' && v[1] == '\0' ? 1 : 0;
+    if (v == nullptr) return -1;
+    const std::string s(v);
+    return s == "0" ? 0 : s == "128" ? 128 : -1;
   }();
-  return disabled;
+  return value;
 }
+}  // namespace
+
+extern "C" int minicpm_int4_w4a8_wgmma_disabled() { return wgmma_switch() == 0 ? 1 : 0; }
+extern "C" int minicpm_int4_w4a8_wgmma_t64_disabled() { return wgmma_switch() == 128 ? 1 : 0; }
 
 extern "C" int minicpm_int4_w4a8_wgmma_supported(int K, int group_size) { return wg::supported(K, group_size) ? 1 : 0; }
 
@@ -255,7 +264,10 @@ cudaError_t minicpm_int4_w4a8_wgmma_launch(const minicpm_int4_w4a8::Params& p, b
                                            cudaStream_t stream) {
   if (!wg::supported(p.K, p.G) || p.M <= 0 || sms <= 0 || (block_tokens != 0 && block_tokens != 64 && block_tokens != 128))
     return cudaErrorInvalidValue;
-  const int bm = block_tokens != 0 ? block_tokens : wg::block_tokens(p.M, p.N, sms);
+  if (block_tokens == 64 && minicpm_int4_w4a8_wgmma_t64_disabled()) return cudaErrorNotPermitted;
+  const int bm = block_tokens != 0                           ? block_tokens
+                 : minicpm_int4_w4a8_wgmma_t64_disabled() ? 128
+                                                            : wg::block_tokens(p.M, p.N, sms);
   const long tiles = bm == 64 ? wg::blocks<64>(p.M, p.N) : wg::blocks<128>(p.M, p.N);
   if (tiles * ((p.K + wg::kBK - 1) / wg::kBK) > 0x7FFFFFFFL) return cudaErrorInvalidValue;  // (a CTA's stream of
                                                                                               // stages: an int)

@@ -176,3 +176,44 @@ def test_w4a8_wgmma_fused_epilogue_within_the_derived_tolerance(emu, shape, out_
     # kernel's bits (else the fma path would not be the one that ran); one group (per channel) is y = fma(a, s, 0)
     if out_dtype == torch.float32 and gs < k:
         assert not torch.equal(y, _emulate_wg(emu, *args))
+
+
+def test_w4a8_wgmma_switches_are_read_as_documented(tmp_path):
+    # MINICPM_INT4_W4A8_WGMMA (the GPU suite's fallbacks): "0" turns the kernel off, "128" its 64-token blocks
+    # (forcing them refused before anything touches the GPU, the launcher's choice kept to 128); anything else
+    # turns nothing off. csrc/w4a8_wgmma.cu's own launcher, linked into a host program (no GPU: a launch that gets
+    # past the switches stops where the sm_90a build is missing)
+    import os
+    import shutil
+    import subprocess
+
+    from csrc_emu import ROOT
+
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("MINICPM_INT4_REQUIRE_NVCC") == "1":
+            pytest.fail("MINICPM_INT4_REQUIRE_NVCC=1 but nvcc is not on PATH")
+        pytest.skip("needs nvcc")
+    exe = str(tmp_path / "probe")
+    cmd = [nvcc, "-std=c++17", "-O1", "-arch=sm_80", "-o", exe, os.path.join(ROOT, "tests", "csrc", "wgmma_switch_probe.cu"),
+           os.path.join(ROOT, "csrc", "w4a8_wgmma.cu"), "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def probe(value):
+        env = {k: v for k, v in os.environ.items() if k != "MINICPM_INT4_W4A8_WGMMA"}
+        if value is not None:
+            env["MINICPM_INT4_W4A8_WGMMA"] = value
+        out = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return dict(kv.split("=") for kv in out.stdout.split())
+
+    missing = "cudaErrorNoKernelImageForDevice"
+    for value in (None, "1", "64", ""):
+        assert probe(value) == {"disabled": "0", "t64_disabled": "0", "launch64": missing, "launch128": missing,
+                                "launch0": missing}, value
+    assert probe("0") == {"disabled": "1", "t64_disabled": "0", "launch64": "cudaErrorNotPermitted",
+                          "launch128": "cudaErrorNotPermitted", "launch0": "cudaErrorNotPermitted"}
+    assert probe("128") == {"disabled": "0", "t64_disabled": "1", "launch64": "cudaErrorNotPermitted",
+                            "launch128": missing, "launch0": missing}

@@ -416,15 +416,17 @@ def _hopper_wgmma_expected():
     return torch.cuda.get_device_capability() == (9, 0) and (archs is None or "9.0a" in archs)
 
 
-def _w4a8_wgmma_kernels(case):
-    """The warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) forced (kernel=2), the launcher's choice (0) and the mma.sync
-    kernel (1): the reference's bits from each - the check that the hardware reads the layouts as
-    tests/test_csrc_w4a8_wgmma.py's emulation does; kernel=3 (the fused epilogue) within the derived tolerance.
-    Elsewhere than an sm_90a build on an H100 / H200: kernel=2 raises a clear error."""
+def _w4a8_wgmma_kernels(case, tokens):
+    """The warpgroup-MMA kernel (csrc/w4a8_wgmma.cu) forced (kernel=2) with `tokens` (128 or 64) tokens a block, and
+    with 128: the launcher's choice (0) and the mma.sync kernel (1) - the reference's bits from each, the check that
+    the hardware reads the layouts as tests/test_csrc_w4a8_wgmma.py's emulation does; kernel=3 (the fused epilogue)
+    within the derived tolerance. Elsewhere than an sm_90a build on an H100 / H200: kernel=2 raises a clear error;
+    under MINICPM_INT4_W4A8_WGMMA=0 (128: forced 64-token blocks) too - the GPU suite's switches."""
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     n, k, group_size, m = case
     c_ops = torch.ops.minicpm_int4_C
+    switch = os.environ.get("MINICPM_INT4_W4A8_WGMMA")
     for dtype in (torch.float16, torch.bfloat16):
         qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
         x = torch.randn(m, k, dtype=dtype, device="cuda")
@@ -432,43 +434,46 @@ def _w4a8_wgmma_kernels(case):
         x_q, s = quantize_per_token_int8_ref(x)
         b = torch.randn(n, dtype=dtype, device="cuda")
         y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, b, gs, dtype)
-        if os.environ.get("MINICPM_INT4_W4A8_WGMMA") == "0":  # the switch (the suite sets it when these failed)
-            with pytest.raises(RuntimeError, match="turned off by MINICPM_INT4_W4A8_WGMMA=0"):
-                c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, 2)
-            assert torch.equal(c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype), y_ref)  # mma.sync
+        if switch == "0" or (switch == "128" and tokens == 64):  # the switches (the suite sets them when these failed)
+            with pytest.raises(RuntimeError, match=f"turned off by MINICPM_INT4_W4A8_WGMMA={switch}"):
+                c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, tokens, 2)
+            # the launcher's choice: mma.sync, or the 128-token blocks
+            assert torch.equal(c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype), y_ref)
             return
         if not _hopper_wgmma_expected():
             with pytest.raises(RuntimeError, match="wgmma kernel needs an H100 / H200 and an extension built for sm_90a"):
-                c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, 0, 2)
+                c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, tokens, 2)
             return
         torch.full((m * n + 4096,), float("nan"), dtype=torch.float32, device="cuda")  # freed into the cache: poison
-        # (block_rows, kernel): wgmma's 128- and 64-token blocks, the launcher's choice, mma.sync; then fused
-        runs = ((128, 2), (64, 2), (0, 0), (0, 1), (128, 3), (64, 3))
+        # (block_rows, kernel): wgmma's blocks of `tokens`, then with 128 the launcher's choice and mma.sync; fused last
+        runs = ((tokens, 2),) + (((0, 0), (0, 1)) if tokens == 128 else ()) + ((tokens, 3),)
         ys = [c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, b, gs, dtype, rows, kern) for rows, kern in runs]
         assert not any(y.isnan().any() for y in ys), "outputs never written"
-        for (rows, kern), y in zip(runs[:4], ys[:4]):
+        for (rows, kern), y in zip(runs[:-1], ys[:-1]):
             assert torch.equal(y, y_ref), (case, dtype, rows, kern, int((y != y_ref).sum()))
         # kernel=3, the fused epilogue: not the reference's bits, within its derived tolerance
         tol = w4a8_tolerance(x_q, s, qweight, scales, zeros, gs, dtype, y_ref)
-        for y in ys[4:]:
-            assert ((y.double() - y_ref.double()).abs() <= tol.double()).all(), (case, dtype)
+        assert ((ys[-1].double() - y_ref.double()).abs() <= tol.double()).all(), (case, dtype)
     with pytest.raises(RuntimeError, match=r"kernel must be 0 .*, 1 .*, 2 .* or 3 .*, got 4"):
         c_ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, dtype, 0, 4)
 
 
+@pytest.mark.parametrize("tokens", [128, 64], ids=["t128", "t64"])
 @pytest.mark.parametrize("case", [(264, 512, 128, 129), (72, 160, 32, 3), (136, 256, -1, 130), (40, 768, -1, 17),
                                   (200, 384, 64, 1)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
-def test_cuda_extension_w4a8_wgmma_small(case):
-    """Odd sizes (N, M past a 128-tile; K % 128 != 0; per channel over 2 and 6 stages: the run-time groups),
-    small enough for the GPU suite's compute-sanitizer stage (-k cuda_extension)."""
-    _w4a8_wgmma_kernels(case)
+def test_cuda_extension_w4a8_wgmma_small(case, tokens):
+    """Odd sizes (N, M past a tile; K % 128 != 0; per channel over 2 and 6 stages: the run-time groups), small
+    enough for the GPU suite's compute-sanitizer stage (-k cuda_extension); its wgmma-smoke stage runs them first,
+    then, should they fail, the t128 ones alone under MINICPM_INT4_W4A8_WGMMA=128 (the 64-token blocks off)."""
+    _w4a8_wgmma_kernels(case, tokens)
 
 
+@pytest.mark.parametrize("tokens", [128, 64], ids=["t128", "t64"])
 @pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (4096, 4096, 128, 300), (2304, 768, 128, 1024),
                                   (14336, 4096, 64, 129), (4096, 14336, 32, 17), (18944, 3584, 128, 1),
                                   (1152, 4096, -1, 260)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
-def test_cuda_extension_w4a8_wgmma_real_shapes(case):
-    _w4a8_wgmma_kernels(case)
+def test_cuda_extension_w4a8_wgmma_real_shapes(case, tokens):
+    _w4a8_wgmma_kernels(case, tokens)
 
 
 def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():
