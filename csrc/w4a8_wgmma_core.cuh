@@ -59,6 +59,7 @@ constexpr int kStrideW = kBK / 2 + 16;       // bytes per row of packed W (80: 8
 constexpr int kOutStride = kBN * 4 + 16;     // bytes per token of the output tile in shared memory (fp32 at most;
                                              // +16: a lane quad's 4 tokens 2t land on 4 bank groups)
 constexpr int kPiecesW = kBN * kBK / 2 / 16 / kThreads;  // 16-byte pieces of W a thread a stage: 2
+static_assert(kThreads == 256, "the copy plan: tokens tok0 + 32 i, 8 x 4 chunks a warp");
 
 // A block's tokens: BM = 128 (m64n128k32) or 64 (m64n64k32: twice the tiles, for grids that leave SMs idle
 // (block_tokens), at a higher cost a product: W's unpacking and copies serve half as many tokens).
@@ -91,8 +92,9 @@ MINICPM_HD long blocks(int M, int N) { return static_cast<long>((M + BM - 1) / B
 
 // The 16-byte pieces thread tid copies each stage, worked out once (copy_plan; stage_piece then adds the stage's
 // k): x - piece u = tid + 256 i (i < BM / 32) is token 8 (u / 64) + u % 8 = tok0 + 32 i, chunk (u / 8) % 8 (the
-// same for every i); W - row tid / 4 + 64 i, bytes 16 (tid % 4) of the stage's 64. dst: offset in the stage; src: the global
-// address; bytes: 16, or 0 past M, N or K (the piece zero-filled, src then a valid address that is not read).
+// same for every i); W - row tid / 4 + 64 i, bytes 16 (tid % 4) of the stage's 64. dst: offset in the stage;
+// src: the global address; bytes: 16, or 0 past M, N or K (the piece zero-filled, src then a valid address that
+// is not read).
 struct CopyPlan {
   const int8_t* x;     // the first x piece's source at k = 0
   const uint8_t* w;    // the first W piece's
