@@ -636,3 +636,17 @@ def test_act_quant_variant_rows_run_the_triton_kernel_with_4_or_16_warps_a_row()
         assert backend == "triton" and act_quant.ACT_QUANT_WARPS == 16
     assert act_quant.ACT_QUANT_WARPS is None
     assert _act_quant_variant("cuda")[0] == "cuda"
+
+
+def test_plots_draw_the_defaults_and_peers_not_the_measurement_variants():
+    # a panel a shape with a line a backend: fp16, our four defaults ("auto" chooses between them) and every peer;
+    # the measurement variants (targets.VARIANTS) stay in the tables - a line each made the plots unreadable
+    from minicpm_int4.bench import backends, report, targets
+
+    assert report._plotted({"backend": "fp16", "family": "fp16"})
+    for b in backends.default_backends():
+        row = {"backend": b.name, "family": b.family}
+        expect = b.family in ("fp16", "peer") or b.name in ("w4a16-triton", "w4a16-cuda", "w4a8-triton", "w4a8-cuda")
+        assert report._plotted(row) == expect, b.name
+    variants = {v for v, _, _ in targets.VARIANTS} - set(report.PLOTTED_OURS)
+    assert variants and not any(report._plotted({"backend": v, "family": "ours"}) for v in variants)

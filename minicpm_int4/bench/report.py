@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 MICRO_SCHEMA_KEYS = ("kind", "env", "config", "copy_bandwidth_gbps", "skipped", "rows", "act_quant")
 ROW_KEYS = ("model", "n", "k", "m", "backend", "family", "median_ms", "p20_ms", "p80_ms", "bytes", "tflops",
@@ -199,55 +199,87 @@ def _plt():
         return None, f"matplotlib is not installed ({e}); plots skipped"
 
 
+# The backends the plots draw: fp16 (the baseline), our default kernels - what "auto" chooses between - and the
+# peers. The bench's measurement variants (prefetch, dq, unsplit, tc, ahead2, flat, the forced CUDA W4A8 kernels
+# and block sizes: bench/targets.py VARIANTS) stay in bench.md and targets.md; a line each in every panel made the
+# plots unreadable (~15 backends x 12 shapes in one panel).
+PLOTTED_OURS = ("w4a16-triton", "w4a16-cuda", "w4a8-triton", "w4a8-cuda")
+
+
+def _plotted(row: Dict) -> bool:
+    return row["backend"] in PLOTTED_OURS or row.get("family") in ("fp16", "peer")
+
+
+def _colors(backends: Sequence[str]) -> Dict[str, str]:
+    """One color per backend, the same in every panel and plot."""
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
+    return {b: palette[i % len(palette)] for i, b in enumerate(backends)}
+
+
 def micro_plots(result: Dict, out_dir: str) -> List[str]:
-    """speedup_vs_m.png (speedup over fp16 vs M, one panel per model, a line per shape and backend)
-    and bandwidth.png (% of measured copy bandwidth at decode M)."""
+    """speedup_vs_m.png (speedup over fp16 vs M, one panel per shape, a line per backend: our defaults solid, the
+    peers dashed) and bandwidth.png (% of measured copy bandwidth at M = 1, a bar per backend and shape)."""
     plt, why = _plt()
     if plt is None:
         print(f"[bench] {why}")
         return []
-    rows = result["rows"]
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    rows = [r for r in result["rows"] if _plotted(r)]
+    order = [b for b in ("fp16", *PLOTTED_OURS) if any(r["backend"] == b for r in rows)]
+    order += sorted({r["backend"] for r in rows} - set(order))
+    color = _colors(order)
     files = []
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        lines = defaultdict(list)
-        for r in rows:
-            if r["model"] == model and r["backend"] != "fp16" and r.get("speedup_vs_fp16"):
-                lines[(r["backend"], r["n"], r["k"])].append((r["m"], r["speedup_vs_fp16"]))
-        for (b, n, k), pts in sorted(lines.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                    ls="-" if b.startswith("w4a16-triton") else "--", label=f"{b} {n}x{k}")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("speedup over fp16 torch.matmul")
-        ax.set_title(model)
-        ax.legend(fontsize=5, ncol=2)
-    fig.suptitle(f"{result['env'].get('device_name')} - commit {str(result['env'].get('commit'))[:10]}")
-    fig.tight_layout()
-    files.append(os.path.join(out_dir, "speedup_vs_m.png"))
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    shapes = list(dict.fromkeys((r["model"], r["n"], r["k"]) for r in rows if r["backend"] != "fp16"))
+    if shapes:
+        cols = min(4, len(shapes))
+        nrows = -(-len(shapes) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+        drawn = {}
+        for ax, (model, n, k) in zip(axes.flat, shapes):
+            for b in order:
+                if b == "fp16":
+                    continue
+                pts = sorted((r["m"], r["speedup_vs_fp16"]) for r in rows if (r["model"], r["n"], r["k"]) == (model, n, k)
+                             and r["backend"] == b and r.get("speedup_vs_fp16"))
+                if pts:
+                    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=color[b],
+                                      ls="-" if b in PLOTTED_OURS else "--", label=b)
+                    drawn.setdefault(b, line)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{model} {n}x{k}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in axes.flat[len(shapes):]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("speedup over fp16", fontsize=8)
+        for ax in axes[-1, :]:
+            ax.set_xlabel("M (tokens)", fontsize=8)
+        top = 1 - 0.6 / (3 * nrows)  # room for the title and the legend: ~0.6 inch
+        fig.tight_layout(rect=(0, 0, 1, top))
+        fig.suptitle(f"{result['env'].get('device_name')} - commit {str(result['env'].get('commit'))[:10]}: "
+                     "speedup over fp16 torch.matmul", y=0.998, fontsize=9, va="top")
+        fig.legend(list(drawn.values()), list(drawn), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.22 / (3 * nrows)),
+                   ncol=min(8, max(1, len(drawn))), fontsize=8, frameon=False)
+        files.append(os.path.join(out_dir, "speedup_vs_m.png"))
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
 
-    dec = [r for r in rows if r["m"] <= 16]
+    dec = [r for r in rows if r["m"] == 1 and r.get("pct_copy_bw") is not None]
     if dec:
-        fig, ax = plt.subplots(figsize=(10, 4.5))
-        series = defaultdict(list)
-        for r in dec:
-            if r["m"] == 1:
-                series[r["backend"]].append((f"{r['model']}\n{r['n']}x{r['k']}", r["pct_copy_bw"]))
-        labels = list(dict.fromkeys(lab for s in series.values() for lab, _ in s))
-        width = 0.8 / max(1, len(series))
-        for i, (b, vals) in enumerate(series.items()):
-            d = dict(vals)
-            ax.bar([j + i * width for j in range(len(labels))], [d.get(l, 0) for l in labels], width, label=b)
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(shapes) + 2), 4.5))
+        labels = list(dict.fromkeys(f"{r['model']}\n{r['n']}x{r['k']}" for r in dec))
+        present = [b for b in order if any(r["backend"] == b for r in dec)]
+        width = 0.8 / max(1, len(present))
+        for i, b in enumerate(present):
+            d = {f"{r['model']}\n{r['n']}x{r['k']}": r["pct_copy_bw"] for r in dec if r["backend"] == b}
+            ax.bar([j + i * width for j in range(len(labels))], [d.get(l, 0) for l in labels], width, label=b,
+                   color=color[b])
         ax.axhline(100, color="k", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-        ax.set_xticklabels(labels, fontsize=5, rotation=90)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90)
         ax.set_ylabel("% of measured copy bandwidth (M = 1)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=min(4, len(present)))
         fig.tight_layout()
         files.append(os.path.join(out_dir, "bandwidth.png"))
         fig.savefig(files[-1], dpi=120)
