@@ -289,6 +289,27 @@ TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {
   m.impl("w4a8_gemm", &w4a8_gemm);
 }
 
+// minicpm_int4._C.w4a8_kernel(): which CUDA W4A8 GEMM the launcher (kernel=0) takes on the current GPU for the
+// shapes the wgmma kernel takes (K % 32 == 0; groups of 32, 64 or multiples of 128 - the rest always go to
+// mma.sync), and why - for `minicpm-int4 env`.
+static PyObject* w4a8_kernel(PyObject*, PyObject*) {
+  const char* what;
+  if (minicpm_int4_w4a8_wgmma_disabled())
+    what = "mma.sync (the wgmma kernel is turned off by MINICPM_INT4_W4A8_WGMMA=0)";
+  else if (!minicpm_int4_w4a8_wgmma_available())
+    what = "mma.sync (no sm_90a build of the wgmma kernel for this GPU: it needs an H100 / H200 and "
+           "TORCH_CUDA_ARCH_LIST=9.0a)";
+  else if (minicpm_int4_w4a8_wgmma_t64_disabled())
+    what = "wgmma, 128-token blocks only (its 64-token blocks are turned off by MINICPM_INT4_W4A8_WGMMA=128)";
+  else
+    what = "wgmma (warpgroup MMA, sm_90a), 64- or 128-token blocks by the launcher's waves rule";
+  return PyUnicode_FromString(what);
+}
+
+static PyMethodDef methods[] = {
+    {"w4a8_kernel", w4a8_kernel, METH_NOARGS, "Which CUDA W4A8 GEMM the launcher takes on the current GPU, and why."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // `import minicpm_int4._C` loads this library, which runs the registrations above.
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "minicpm_int4 CUDA kernels", -1, nullptr};
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "minicpm_int4 CUDA kernels", -1, methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -476,6 +476,24 @@ def test_cuda_extension_w4a8_wgmma_real_shapes(case, tokens):
     _w4a8_wgmma_kernels(case, tokens)
 
 
+def test_cuda_extension_says_which_w4a8_kernel_it_takes():
+    """minicpm_int4._C.w4a8_kernel() (what `minicpm-int4 env` prints): wgmma on an sm_90a build on an H100 / H200,
+    with the GPU suite's switches named; mma.sync elsewhere, saying why."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    from minicpm_int4 import _C
+
+    what, switch = _C.w4a8_kernel(), os.environ.get("MINICPM_INT4_W4A8_WGMMA")
+    if switch == "0":
+        assert what.startswith("mma.sync") and "MINICPM_INT4_W4A8_WGMMA=0" in what
+    elif not _hopper_wgmma_expected():
+        assert what.startswith("mma.sync (no sm_90a build"), what
+    elif switch == "128":
+        assert what.startswith("wgmma, 128-token blocks only"), what
+    else:
+        assert what.startswith("wgmma (warpgroup MMA, sm_90a)"), what
+
+
 def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
