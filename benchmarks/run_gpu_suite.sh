@@ -24,7 +24,7 @@
 #   SUITE_BENCH_ARGS="--ms 1,16,4096 --models ..."     the bench's arguments (after --out), in place of the
 #                                                      default's (below: 2 models, 4 M, the deciding backends)
 #   SUITE_PROFILE_ARGS="--modes cudagraph ..."         the profile's arguments (besides --out, --time-budget-s)
-# The full suite leaves the profile a minute or so of its 540 s: with a 15-minute device budget, follow
+# The full suite leaves the profile little or nothing of its 540 s: with a 15-minute device budget, follow
 # it with SUITE_STAGES=install,profile SUITE_DEADLINE_S=280 (the profile runs every model eager, then with
 # the decode step captured by hand - seconds - then compiled by transformers - a minute or more each).
 #   SUITE_EXTRA_CMD="bash .probe/run.sh"               a diagnostic command carried with the call, run
@@ -63,17 +63,17 @@ if [ -n "${SUITE_QUICK:-}" ]; then
   BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 10 --max-n 20000 --time-budget-s 90)
   PROFILE_ARGS=(--models llama3-v2.5 --new-tokens 32 --modes eager,cudagraph)
 else
-  # each case replays its CUDA graph of calls for 10 x rep-ms; on the H200 two models (16 shapes) at three M
-  # took ~95 s for ~20 cases a shape. Four M here (decode, the dispatch table's prefill entries at 256 and
-  # 4096) and the backends whose rows decide something: fp16, the defaults, and the measurement variants
-  # not yet timed (prefetch, ahead2, dq, w4a8 flat, the CUDA W4A8 GEMM: mma.sync, the fused epilogue, the wgmma
-  # kernel's 64- and 128-token blocks forced; not mma.sync's 64-row blocks, which an H100 / H200 runs only with the
-  # wgmma kernel turned off) - not the tensor-core-at-M=1 and
-  # unsplit GEMV rows nor the CUDA-core GEMV, which run 2 settled (0.65x, 0.99x; "auto" never picked the
-  # GEMV) - ~23 cases a shape (ours before the peers: a budget that runs out cuts peers' rows first). The
-  # stage's limit leaves the time the plots take (matplotlib's first import builds its font cache on a
-  # fresh machine: warmed in the background below)
-  BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 110
+  # each case replays its CUDA graph of calls for 10 x rep-ms; on the H200 (run 2) our 240 cases took 68 s (~0.28 s
+  # a case), the peers' first ones ~10 s each. Four M here (decode, the dispatch table's prefill entries at 256
+  # and 4096) and the backends whose rows decide something: fp16 and the defaults (14 cases a shape: ~65 s over
+  # the 16 shapes), the measurement variants not yet timed (15 a shape: prefetch, ahead2, dq, w4a8 flat, the CUDA
+  # W4A8 GEMM's mma.sync, fused epilogue and the wgmma kernel's 64- and 128-token blocks forced; not mma.sync's
+  # 64-row blocks, which an H100 / H200 runs only with the wgmma kernel turned off, nor the tensor-core-at-M=1,
+  # unsplit and CUDA-core GEMV rows that run 2 settled), then the peers (12 a shape) - in that order (bench/micro.py):
+  # the 150 s budget cuts the peers first, then the variants' last shapes. The stage's limit leaves the time the
+  # plots take (matplotlib's first import builds its font cache on a fresh machine: warmed in the background
+  # below); the profile, after it, gets what is left of the 540 s (little: a second call runs it)
+  BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 150
               --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-dq,w4a16-cuda,w4a16-cuda-ahead2,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
@@ -146,7 +146,7 @@ print(f'gptq_quantize 4096x12288 g128 on GPU (act-order, first call): {(time.per
 # order (input_perm: read through by the Triton decode kernels and quantizer and the CUDA tensor-core kernel, or gathered first);
 # W4A16's lines come first, should the limit cut W4A8's autotuning short
 stage input-scale-cost 50 $PY benchmarks/input_scale_cost.py
-stage bench 150 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
+stage bench 190 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 # the dispatch table this bench measured (where the CUDA kernel, or at M = 1 the Triton tensor-core
 # kernel, beat the default), outside the checkout: the profile's backend="auto" runs on it, as it will
 # once ingest_gpu_results.py commits the same table (profile.json's env records which table it used)

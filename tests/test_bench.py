@@ -650,3 +650,26 @@ def test_plots_draw_the_defaults_and_peers_not_the_measurement_variants():
         assert report._plotted(row) == expect, b.name
     variants = {v for v, _, _ in targets.VARIANTS} - set(report.PLOTTED_OURS)
     assert variants and not any(report._plotted({"backend": v, "family": "ours"}) for v in variants)
+
+
+def test_bench_times_defaults_then_variants_then_peers(monkeypatch):
+    # the order a time budget cuts from the end: every shape's fp16 and default rows (the targets', the dispatch
+    # table's W4A8 entries) before any measurement variant's, the variants before the peers
+    from minicpm_int4.bench import backends, micro
+    from minicpm_int4.bench.shapes import LinearShape
+
+    order = []
+    monkeypatch.setattr(micro, "_time_shape", lambda shape, b, *a, **k: order.append((shape.n, b.name)))
+    monkeypatch.setattr(micro, "_bench_act_quant", lambda *a, **k: [])
+    live = [b for b in backends.default_backends() if b.family in ("fp16", "ours")][:8] + [backends.TorchTinyGemm()]
+    for b in live:
+        monkeypatch.setattr(b, "available", lambda device: None)
+    shapes = [LinearShape("m", 64, 128), LinearShape("m", 96, 128)]
+    micro.run_microbench(shapes, ms=[1], backends=live, device=torch.device("cpu"), copy_bw_gbps=1.0, progress=False)
+    tiers = [0 if b.family == "fp16" or (b.family == "ours" and not b.is_variant) else 1 if b.is_variant else 2
+             for b in live]
+    tier_of = {b.name: t for b, t in zip(live, tiers)}
+    assert {0, 1, 2} <= set(tiers) and len(order) == 2 * len(live)
+    assert [tier_of[name] for _, name in order] == sorted(tier_of[name] for _, name in order)
+    # within a tier, shape by shape
+    assert [n for n, name in order if tier_of[name] == 0] == sorted(n for n, name in order if tier_of[name] == 0)

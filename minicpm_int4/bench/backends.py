@@ -31,6 +31,8 @@ class Prepared:
 class Backend:
     name = "?"
     family = "?"        # "fp16", "ours", "peer"
+    is_variant = False  # ours: a measurement variant (a kernel "auto" does not run, timed to decide whether it
+                        # should - bench/targets.py VARIANTS), not one of the defaults
 
     def available(self, device: torch.device) -> Optional[str]:
         return None
@@ -107,6 +109,7 @@ class OursW4A16(_Ours):
 class _OursW4A16CudaVariant(OursW4A16):
     """One of the CUDA extension's kernels called by its launcher variant (bindings.cpp), bypassing the
     "auto" choice that "w4a16-cuda" makes."""
+    is_variant = True
     variant = 0
     label = "?"
 
@@ -144,6 +147,7 @@ class OursW4A16CudaAhead(_OursW4A16CudaVariant):
 class _OursW4A16TritonSwitched(OursW4A16):
     """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), inside one of
     kernels/w4a16.py's measurement switches (context managers, not backends of ops.py)."""
+    is_variant = True
     switch = "?"
 
     def __init__(self, name: str):
@@ -259,6 +263,7 @@ class OursW4A8TritonFlat(OursW4A8):
     """The W4A8 GEMM with each group's K steps unrolled, so that Triton pipelines the loop over groups
     (kernels/w4a8.py W4A8_FLAT_GROUPS), beside `w4a8-triton`'s nested loop: these rows decide whether it
     becomes the default."""
+    is_variant = True
 
     def __init__(self):
         super().__init__("triton")
@@ -274,6 +279,7 @@ class OursW4A8CudaRows64(OursW4A8):
     """The CUDA W4A8 GEMM with 64-row blocks of 4 warps forced (its launcher takes them only where 128-row blocks
     would be fewer than the SMs), beside `w4a8-cuda`: these rows decide whether the smaller blocks - two or three an
     SM - are also worth it on larger grids (e.g. N = 768 at M = 4096: 192 blocks of 128 rows over 132 SMs)."""
+    is_variant = True
 
     def __init__(self):
         super().__init__("cuda")

@@ -53,9 +53,9 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
                    progress: bool = True, copy_bw_gbps: Optional[float] = None,
                    time_budget_s: Optional[float] = None,
                    checkpoint: Optional[Callable[[Dict], object]] = None) -> Dict:
-    """Time every backend on every shape at every M. Shapes run in order (lm_head-sized ones last),
-    fp16 and our backends over all of them before the peers; past `time_budget_s`, or on Ctrl-C /
-    SIGINT, it stops and returns what it has, marked incomplete.
+    """Time every backend on every shape at every M. Shapes run in order (lm_head-sized ones last): fp16 and our
+    default backends over all of them, then our measurement variants, then the peers; past `time_budget_s`, or
+    on Ctrl-C / SIGINT, it stops and returns what it has, marked incomplete.
     `checkpoint(result so far)` is called after each (shape, backend) (the CLI writes it to disk)."""
     import time
 
@@ -79,10 +79,12 @@ def run_microbench(shapes: Sequence[LinearShape], ms: Sequence[int] = M_SWEEP,
             live.append(b)
     esize = torch.empty((), dtype=dtype).element_size()
     shapes = sorted(shapes, key=lambda s: s.n >= 100_000)  # stable: vocabulary projections last
-    # fp16 and ours over every shape first, the peers after them: a time budget that runs out
-    # cuts the peers' rows (nice to have) before any of the rows the targets are judged on
-    work = ([(s, b) for s in shapes for b in live if b.family != "peer"]
-            + [(s, b) for s in shapes for b in live if b.family == "peer"])
+    # fp16 and our defaults over every shape first - the rows the targets are judged on and the dispatch table's
+    # W4A8 entries come from -, then our measurement variants (the rows that decide the next defaults), the peers
+    # last: a time budget that runs out cuts the peers' rows (nice to have), then the variants' last shapes,
+    # before any target's row
+    tier = lambda b: 2 if b.family == "peer" else 1 if b.is_variant else 0  # noqa: E731
+    work = [(s, b) for t in (0, 1, 2) for s in shapes for b in live if tier(b) == t]
     bar = _bar(len(work) * len(ms), progress)
     result["errors"] = []
     try:
