@@ -241,8 +241,9 @@ at::Tensor w4a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
                   "fused epilogue), got ", kernel));
   if (kernel >= 2) {
     TORCH_CHECK(minicpm_int4_w4a8_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
-                msg("w4a8_gemm (cuda): the wgmma kernel needs K % 32 == 0 and a group size of 32, 64 or a multiple of "
-                    "128 dividing K; got K=", K, ", group_size=", group_size, " (kernel=0 or 1 takes it)"));
+                msg("w4a8_gemm (cuda): the wgmma kernel needs a group size of 32, 64 or a multiple of 128 dividing K, "
+                    "or per channel (group_size = K); got K=", K, ", group_size=", group_size,
+                    " (kernel=0 or 1 takes it)"));
     TORCH_CHECK(!minicpm_int4_w4a8_wgmma_disabled(),
                 "w4a8_gemm (cuda): the wgmma kernel is turned off by MINICPM_INT4_W4A8_WGMMA=0 (read when the process "
                 "first ran a W4A8 GEMM); kernel=0 or 1 runs the mma.sync kernel");

@@ -69,7 +69,7 @@ cudaError_t minicpm_int4_w4a8_gemm(const int8_t* xq, const float* x_scale, const
 
 // 1 where minicpm_int4_w4a8_gemm takes (K, group_size), else 0.
 int minicpm_int4_w4a8_supported(int K, int group_size);
-// 1 where its warpgroup-MMA kernel takes them: K % 32 == 0 and a group of 32, 64, or a multiple of 128.
+// 1 where its warpgroup-MMA kernel takes them: a group of 32, 64 or a multiple of 128, or per channel.
 int minicpm_int4_w4a8_wgmma_supported(int K, int group_size);
 // 1 where the current GPU runs the warpgroup-MMA kernel (an sm_90a build, loaded for an H100 / H200).
 int minicpm_int4_w4a8_wgmma_available(void);

@@ -95,22 +95,35 @@ struct DeviceWg {
   }
 };
 
+// cp.async of one 16-byte piece: `bytes` of it from src, the rest zero-filled (src-size: nothing read past it).
+// NARROW: as two 8-byte copies (rows of packed W only 8-byte aligned: per channel with K % 32 == 16).
+template <bool NARROW>
 __device__ __forceinline__ void cp_async16(void* smem, const void* src, int bytes) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+  if constexpr (NARROW) {
+    const int lo = bytes < 8 ? bytes : 8, hi = bytes > 8 ? bytes - 8 : 0;
+    const char* src_hi = hi ? static_cast<const char*>(src) + 8 : static_cast<const char*>(src);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(lo) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst + 8), "l"(src_hi), "r"(hi) : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+  }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-template <int BM>
+template <int BM, bool NARROW>
 __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPlan& plan, uint8_t* stage, int kb) {
 #pragma unroll
   for (int i = 0; i < wg::Tile<BM>::kPiecesX + wg::kPiecesW; ++i) {
     int dst, bytes;
     const void* src;
-    wg::stage_piece<BM>(p, plan, kb, i, dst, src, bytes);
-    cp_async16(stage + dst, src, bytes);
+    wg::stage_piece<BM>(p, plan, kb, i, dst, src, bytes, NARROW);
+    if (NARROW && i >= wg::Tile<BM>::kPiecesX)  // (unrolled: settled at compile time)
+      cp_async16<true>(stage + dst, src, bytes);
+    else
+      cp_async16<false>(stage + dst, src, bytes);
   }
 }
 
@@ -118,7 +131,7 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPl
 // then the cross-proxy fence - cp.async writes through the generic proxy, wgmma reads through the async one - and
 // every thread's), the stage kAhead on queued into the buffer of the stage before (both warpgroups waited for
 // their wgmma on it before this barrier), then the warpgroup's work on stage s.
-template <int GT, bool FMA, typename SZ, int BM>
+template <int GT, bool FMA, typename SZ, int BM, bool NARROW>
 __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, wg::LoadCursor& lc, int s,
                                      int total, int buf, int kb, int stages, wg::WgState<BM, 1>& st) {
   using T = wg::Tile<BM>;
@@ -127,7 +140,7 @@ __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t
   __syncthreads();
   if (s + T::kAhead < total) {
     const int lbuf = buf == 0 ? T::kStages - 1 : buf - 1;  // (s + kAhead) % kStages, kAhead = kStages - 1
-    load_stage<BM>(p, lc.plan, smem + lbuf * T::kStageBytes, lc.kb);
+    load_stage<BM, NARROW>(p, lc.plan, smem + lbuf * T::kStageBytes, lc.kb);
     wg::load_step<BM>(p, stages, threadIdx.x, lc);
   }
   cp_async_commit();  // one group per stage, empty ones included: the wait above counts them
@@ -136,7 +149,7 @@ __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t
 
 #endif  // MINICPM_WGMMA
 
-template <int GT, bool FMA, typename SZ, int BM>
+template <int GT, bool FMA, typename SZ, int BM, bool NARROW>
 __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params p) {
 #if MINICPM_WGMMA
   using T = wg::Tile<BM>;
@@ -150,7 +163,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
 #pragma unroll
   for (int s = 0; s < T::kAhead; ++s) {
     if (s < total) {
-      load_stage<BM>(p, lc.plan, smem + s * T::kStageBytes, lc.kb);
+      load_stage<BM, NARROW>(p, lc.plan, smem + s * T::kStageBytes, lc.kb);
       wg::load_step<BM>(p, stages, threadIdx.x, lc);
     }
     cp_async_commit();
@@ -163,7 +176,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
     const int m0 = w.bm * BM, n0 = w.bn * wg::kBN;
     wg::wg_init(p, n0 + 64 * wgi, 64 * wgi, lanes, st);
     for (int kb = 0; kb < stages; ++kb, ++s) {
-      step<GT, FMA, SZ, BM>(p, dev, smem, lc, s, total, buf, kb, stages, st);
+      step<GT, FMA, SZ, BM, NARROW>(p, dev, smem, lc, s, total, buf, kb, stages, st);
       buf = buf == T::kStages - 1 ? 0 : buf + 1;
     }
     // the outputs, through shared memory, while the next tile's first stages land (the tile buffer is free: every
@@ -179,7 +192,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
 #endif
 }
 
-template <int GT, bool FMA, typename SZ, int BM>
+template <int GT, bool FMA, typename SZ, int BM, bool NARROW>
 cudaError_t launch(const w8::Params& p, int sms, cudaStream_t stream) {
   using T = wg::Tile<BM>;
   static bool done[64] = {};
@@ -187,23 +200,25 @@ cudaError_t launch(const w8::Params& p, int sms, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev >= 64 || !done[dev]) {
-    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, FMA, SZ, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, FMA, SZ, BM, NARROW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                T::kSmemBytes);
     if (err != cudaSuccess) return err;
     if (dev < 64) done[dev] = true;
   }
-  w4a8_wgmma_kernel<GT, FMA, SZ, BM><<<static_cast<unsigned>(wg::grid_ctas<BM>(p.M, p.N, sms)), wg::kThreads,
-                                       T::kSmemBytes, stream>>>(p);
+  w4a8_wgmma_kernel<GT, FMA, SZ, BM, NARROW><<<static_cast<unsigned>(wg::grid_ctas<BM>(p.M, p.N, sms)),
+                                               wg::kThreads, T::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <bool FMA, typename SZ, int BM>
 cudaError_t launch_groups(const w8::Params& p, int sms, cudaStream_t stream) {
   switch (wg::static_group_tiles(p.G)) {
-    case 1: return launch<1, FMA, SZ, BM>(p, sms, stream);
-    case 2: return launch<2, FMA, SZ, BM>(p, sms, stream);
-    case 4: return launch<4, FMA, SZ, BM>(p, sms, stream);
-    default: return launch<0, FMA, SZ, BM>(p, sms, stream);
+    case 1: return launch<1, FMA, SZ, BM, false>(p, sms, stream);
+    case 2: return launch<2, FMA, SZ, BM, false>(p, sms, stream);
+    case 4: return launch<4, FMA, SZ, BM, false>(p, sms, stream);
+    default:  // multiples of 128 and per channel; rows of W only 8-byte aligned there alone (K % 32 == 16)
+      return wg::narrow_w(p.K) ? launch<0, FMA, SZ, BM, true>(p, sms, stream)
+                               : launch<0, FMA, SZ, BM, false>(p, sms, stream);
   }
 }
 
@@ -227,7 +242,7 @@ extern "C" int minicpm_int4_w4a8_wgmma_available() {
   if (dev < 64 && asked[dev]) return cached[dev];
   cudaFuncAttributes attr{};
   int built = 0;
-  if (cudaFuncGetAttributes(&attr, w4a8_wgmma_kernel<4, false, __half, 128>) == cudaSuccess)
+  if (cudaFuncGetAttributes(&attr, w4a8_wgmma_kernel<4, false, __half, 128, false>) == cudaSuccess)
     built = attr.numRegs >= kBodyMinRegs ? 1 : 0;
   else
     (void)cudaGetLastError();  // no code for this GPU: not available, and no error left behind

@@ -81,11 +81,13 @@ struct Tile {
 static_assert(Tile<128>::kSmemBytes <= 232448 && Tile<64>::kSmemBytes <= 232448, "sm_90's 227 KiB a block");
 
 // K % 32 == 0 (whole k-tiles, rows of packed W 16-byte aligned) and a group of 32, 64 or 128, or a multiple of
-// 128 (per channel included) that divides K. The rest (per channel with K % 128 != 0, K % 32 == 16) is the
-// mma.sync kernel's.
+// 128 that divides K; or per channel (G = K) with K % 16 == 0 - a last stage of fewer than 4 k-tiles (K % 128 != 0)
+// and, where K % 32 == 16 (SigLIP's MLP, K = 4304), a last k-tile half past K, zero in x and W; the rows of packed
+// W are then only 8-byte aligned, and copied 8 bytes at a time (narrow_w: the NARROW instantiations).
 inline bool supported(int K, int G) {
-  return K > 0 && K % 32 == 0 && G > 0 && K % G == 0 && (G == 32 || G == 64 || G % 128 == 0);
+  return K > 0 && K % 16 == 0 && G > 0 && K % G == 0 && (G == 32 || G == 64 || G % 128 == 0 || G == K);
 }
+inline bool narrow_w(int K) { return K % 32 != 0; }
 inline int static_group_tiles(int G) { return G == 32 || G == 64 || G == 128 ? G / kKT : 0; }
 template <int BM>
 MINICPM_HD long blocks(int M, int N) { return static_cast<long>((M + BM - 1) / BM) * ((N + kBN - 1) / kBN); }
@@ -122,9 +124,11 @@ MINICPM_HD CopyPlan copy_plan(const w8::Params& p, int m0, int n0, int tid) {
   return c;
 }
 
+// narrow: per channel with K % 32 == 16 (narrow_w), where a W piece can lie half inside K (constant in the
+// kernel's instantiations: the K % 32 == 0 ones keep the all-or-nothing test)
 template <int BM>
 MINICPM_HD void stage_piece(const w8::Params& p, const CopyPlan& c, int kb, int i, int& dst, const void*& src,
-                            int& bytes) {
+                            int& bytes, bool narrow) {
   constexpr int kPiecesX = Tile<BM>::kPiecesX;
   const int k0 = kb * kBK;
   if (i < kPiecesX) {
@@ -134,7 +138,12 @@ MINICPM_HD void stage_piece(const w8::Params& p, const CopyPlan& c, int kb, int 
   } else {
     const int j = i - kPiecesX;
     dst = c.dstw + 64 * kStrideW * j;
-    bytes = (c.rows_ok >> i) & 1 && k0 + c.kw < p.K ? 16 : 0;  // K % 32 == 0: a piece is all in or all out
+    if (narrow) {
+      const int left = (p.K - k0 - c.kw) / 2;  // bytes of the row from the piece on: 16 or more, 8, or none
+      bytes = (c.rows_ok >> i) & 1 && left > 0 ? (left < 16 ? left : 16) : 0;
+    } else {
+      bytes = (c.rows_ok >> i) & 1 && k0 + c.kw < p.K ? 16 : 0;  // K % 32 == 0: a piece is all in or all out
+    }
     src = bytes ? static_cast<const void*>(c.w + static_cast<long>(64 * j) * (p.K / 2) + k0 / 2) : p.qb;
   }
 }
@@ -283,7 +292,7 @@ MINICPM_HD void wg_stage(const w8::Params& p, Wg& wg, const uint8_t* stage, int 
     const bool starts = st.left == 0;
     if (starts) {  // a group starts at this stage
       st.grp += 1;
-      st.left = p.G / kBK;
+      st.left = (p.G + kBK - 1) / kBK;  // (per channel with K % 128 != 0: the last stage a part one)
       start_group<SZ>(p, st.grp, st);
     }
     MINICPM_UNROLL

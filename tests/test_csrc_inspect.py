@@ -182,9 +182,10 @@ def test_w4a8_gemm_instantiations_and_loop(variants):
 
 
 def test_w4a8_wgmma_instantiations_and_loop(variants):
-    """The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), sm_90a only: the 16 instantiations per scales dtype its
+    """The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), sm_90a only: the 20 instantiations per scales dtype its
     launcher picks (groups of 32 / 64 / 128 at compile time, GT = 1 / 2 / 4; multiples of 128 and per channel at
-    run time, GT = 0; each with the reference's epilogue and the fused one, FMA; blocks of 128 or 64 tokens, BM)
+    run time, GT = 0, with W's rows copied 8 bytes at a time too, NARROW - per channel with K % 32 == 16; each
+    with the reference's epilogue and the fused one, FMA; blocks of 128 or 64 tokens, BM)
     compile with no stack and no local memory, at most 255 registers (one CTA of 256 threads an SM), and the stage
     loop - the inner loop of the persistent CTA's tiles - holds a warpgroup's 4 IGMMA (m64nBMk32, 4 k-tiles) after
     one warpgroup.arrive (wgmma.fence) a group: none injected by ptxas inside a run of wgmma (C7519: the A registers'
@@ -198,9 +199,9 @@ def test_w4a8_wgmma_instantiations_and_loop(variants):
     cores' rate; 400 / 368 at BM = 64, whose block_tokens rule weighs them)."""
     assert not [v for v in variants if v.kernel == "w4a8-wg" and v.arch != "sm90a"]
     wg = _pick(variants, "sm90a", "w4a8-wg")
-    assert sorted((v.dtype, v.params["GT"], v.params["FMA"], v.params["BM"]) for v in wg) == sorted(
-        (d, gt, f, bm) for d in ("float16", "bfloat16", "float32") for gt in (0, 1, 2, 4) for f in (0, 1)
-        for bm in (64, 128))
+    assert sorted((v.dtype, v.params["GT"], v.params["FMA"], v.params["BM"], v.params["NARROW"]) for v in wg) == sorted(
+        (d, gt, f, bm, nw) for d in ("float16", "bfloat16", "float32") for gt in (0, 1, 2, 4) for f in (0, 1)
+        for bm in (64, 128) for nw in ((0, 1) if gt == 0 else (0,)))
     # the launcher tells the body from other archs' stub (a trap, 4 registers) by the registers it needs
     import re
     src = open(os.path.join(csrc_inspect.CSRC, "w4a8_wgmma.cu")).read()
@@ -214,7 +215,7 @@ def test_w4a8_wgmma_instantiations_and_loop(variants):
     # the core's block_tokens model: its stage costs are these loops' (fp16 scales, the reference's epilogue, G = 128)
     core = open(os.path.join(csrc_inspect.CSRC, "w4a8_wgmma_core.cuh")).read()
     for bm in (128, 64):
-        v, = _pick(variants, "sm90a", "w4a8-wg", GT=4, FMA=0, BM=bm, dtype="float16")
+        v, = _pick(variants, "sm90a", "w4a8-wg", GT=4, FMA=0, BM=bm, NARROW=0, dtype="float16")
         cost = int(re.search(rf"constexpr int kStageCost{bm} = (\d+);", core).group(1))
         assert abs(sum(v.loop_counts.values()) - cost) <= 0.05 * cost, (bm, sum(v.loop_counts.values()), cost)
     for v in _pick(variants, "sm90a", "w4a8-wg", GT=4):

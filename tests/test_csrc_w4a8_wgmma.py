@@ -49,6 +49,10 @@ SHAPES = [
     (20, 48, 160, 32),     # K % 128 = 32: the last stage holds one k-tile (one group), the rest skipped
     (5, 24, 320, 64),      # K % 128 = 64: the last stage holds one group of two k-tiles
     (129, 136, 384, 128),  # both M and N one past a block
+    (19, 40, 4304, -1),    # per channel, K % 32 == 16 (SigLIP's MLP): rows of W 8-byte aligned (NARROW's 8-byte copies),
+                           # a last stage of 2.5 k-tiles - its third half past K, zero in x and W
+    (6, 24, 4160, -1),     # per channel, K % 128 = 64: a last stage of two k-tiles
+    (3, 8, 48, -1),        # per channel, K = 48: one stage, its second k-tile half past K
 ]
 
 
@@ -102,15 +106,16 @@ def test_w4a8_wgmma_emulation_extreme_products_stay_exact(emu):
 
 
 def test_w4a8_wgmma_takes_what_it_says(emu):
-    # K % 32 == 0 and groups of 32, 64 or a multiple of 128 dividing K (per channel included); per-channel
-    # layers with K % 128 != 0 (the vision MLP's K = 4304: K % 32 == 16) stay the mma.sync kernel's
+    # groups of 32, 64 or a multiple of 128 dividing K, and per channel with K % 16 == 0 (the vision MLP's K = 4304,
+    # K % 32 == 16, included); other group sizes (96, 144: multiples of 32 the mma.sync kernel takes) are its alone
     ok = emu.minicpm_int4_w4a8_wgmma_supported
     assert ok(4096, 128) and ok(4096, 64) and ok(4096, 32) and ok(4096, 4096) and ok(12288, 256) and ok(160, 32)
-    assert not ok(4304, 4304) and not ok(272, 16) and not ok(288, 96) and not ok(160, 160) and not ok(4096, 512 * 3)
-    assert not ok(256, 512)
+    assert ok(4304, 4304) and ok(160, 160) and ok(48, 48) and ok(272, 272)
+    assert not ok(272, 16) and not ok(288, 96) and not ok(288, 144) and not ok(4096, 512 * 3) and not ok(256, 512)
+    assert not ok(4312, 4312) and not ok(4304, 16)
     x_q, x_scale, qweight, scales, zeros, _, _, _ = _inputs(4, 16, 288, -1, torch.float16, seed=1)
     out = torch.empty(4, 16, dtype=torch.float16)
-    for k, g in ((288, 96), (288, 288), (272, 272)):
+    for k, g in ((288, 96), (288, 144), (280, 280)):
         assert emu.minicpm_int4_w4a8_wgmma_emulate(x_q.data_ptr(), x_scale.data_ptr(), qweight.data_ptr(),
                                                    scales.data_ptr(), zeros.data_ptr(), None, out.data_ptr(),
                                                    4, 16, k, g, 16, 0, 0, 0, 0, 132) == -2
@@ -118,7 +123,7 @@ def test_w4a8_wgmma_takes_what_it_says(emu):
                                                scales.data_ptr(), zeros.data_ptr(), None, out.data_ptr(),
                                                4, 16, 256, 256, 16, 0, 0, 0, 96, 132) == -2  # 96 tokens a block
     # everything it takes, the mma.sync kernel takes too (the launcher's fallback where the GPU has no sm_90a build)
-    for k in range(32, 1100, 32):
+    for k in range(16, 1100, 16):
         for g in (32, 64, 96, 128, 256, 384, k):
             if ok(k, g):
                 assert emu.minicpm_int4_w4a8_supported(k, g), (k, g)

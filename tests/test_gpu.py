@@ -460,9 +460,10 @@ def _w4a8_wgmma_kernels(case, tokens):
 
 @pytest.mark.parametrize("tokens", [128, 64], ids=["t128", "t64"])
 @pytest.mark.parametrize("case", [(264, 512, 128, 129), (72, 160, 32, 3), (136, 256, -1, 130), (40, 768, -1, 17),
-                                  (200, 384, 64, 1)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+                                  (200, 384, 64, 1), (24, 4304, -1, 5)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
 def test_cuda_extension_w4a8_wgmma_small(case, tokens):
-    """Odd sizes (N, M past a tile; K % 128 != 0; per channel over 2 and 6 stages: the run-time groups), small
+    """Odd sizes (N, M past a tile; K % 128 != 0; per channel over 2 and 6 stages: the run-time groups, and with
+    K % 32 == 16: W's rows 8-byte aligned, copied 8 bytes at a time, a last k-tile half past K), small
     enough for the GPU suite's compute-sanitizer stage (-k cuda_extension); its wgmma-smoke stage runs them first,
     then, should they fail, the t128 ones alone under MINICPM_INT4_W4A8_WGMMA=128 (the 64-token blocks off)."""
     _w4a8_wgmma_kernels(case, tokens)
@@ -471,7 +472,8 @@ def test_cuda_extension_w4a8_wgmma_small(case, tokens):
 @pytest.mark.parametrize("tokens", [128, 64], ids=["t128", "t64"])
 @pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (4096, 4096, 128, 300), (2304, 768, 128, 1024),
                                   (14336, 4096, 64, 129), (4096, 14336, 32, 17), (18944, 3584, 128, 1),
-                                  (1152, 4096, -1, 260)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+                                  (1152, 4096, -1, 260), (1152, 4304, -1, 1024)],
+                         ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
 def test_cuda_extension_w4a8_wgmma_real_shapes(case, tokens):
     _w4a8_wgmma_kernels(case, tokens)
 
@@ -497,9 +499,14 @@ def test_cuda_extension_says_which_w4a8_kernel_it_takes():
 def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
-    qweight, scales, zeros, gs = _cuda_layer(64, 4304, -1, torch.float16)  # K % 32 == 16: the mma.sync kernel's
-    x_q, s = quantize_per_token_int8_ref(torch.randn(20, 4304, dtype=torch.float16, device="cuda"))
-    with pytest.raises(RuntimeError, match="the wgmma kernel needs K % 32 == 0"):
+    # groups of 96 (a foreign checkpoint's; the package's quantizer makes 32 / 64 / 128 / per channel, all wgmma's):
+    # the mma.sync kernel's alone
+    gs = 96
+    qweight = torch.randint(-2**31, 2**31 - 1, (64, 288 // 8), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(64, 288 // gs, device="cuda") * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (64, 288 // gs), device="cuda").half()
+    x_q, s = quantize_per_token_int8_ref(torch.randn(20, 288, dtype=torch.float16, device="cuda"))
+    with pytest.raises(RuntimeError, match="the wgmma kernel needs a group size of 32, 64 or a multiple of 128"):
         torch.ops.minicpm_int4_C.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16, 0, 2)
     y = torch.ops.minicpm_int4_C.w4a8_gemm(x_q, s, qweight, scales, zeros, None, gs, torch.float16)  # launcher: mma.sync
     assert torch.equal(y, w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16))

@@ -46,7 +46,7 @@ class Variant:
                                  # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3);
                                  # w4a8: WM (warps along M), GT (k-tiles per group at compile time, 0: run
                                  # time), MAGIC, NARROW; w4a8-wg: GT, FMA (fused epilogue),
-                                 # BM (tokens a block: the wgmma's N, 128 or 64)
+                                 # BM (tokens a block: the wgmma's N, 128 or 64), NARROW
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -142,13 +142,15 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
             stages = best[0] // W4A8_STAGE_IMMA
             v.loop_counts, v.weights_per_trip = dict(best[1]), stages * W4A8_WARP_W_ROWS * W4A8_STAGE_K / 32.0
         return v
-    m = re.search(r"w4a8_wgmma_kernelILi(\d+)ELb([01])E(\d+__\w+?|f)Li(\d+)E", name)
+    m = re.search(r"w4a8_wgmma_kernelILi(\d+)ELb([01])E(\d+__\w+?|f)Li(\d+)ELb([01])E", name)
     if m:  # sm_90a only (elsewhere the kernel is a stub the launcher never starts); GT as w4a8's; FMA: the
-        # epilogue's multiply and add fused (the op's kernel=3); BM: tokens a block (m64n128k32 or m64n64k32)
+        # epilogue's multiply and add fused (the op's kernel=3); BM: tokens a block (m64n128k32 or m64n64k32);
+        # NARROW: W copied 8 bytes at a time (per channel with K % 32 == 16)
         if arch != "sm90a":
             return None
         v = Variant(arch, "w4a8-wg", _DTYPES[m.group(3)], {"GT": int(m.group(1)), "FMA": int(m.group(2)),
-                                                          "BM": int(m.group(4)), "S": 0}, regs, spill, smem)
+                                                          "BM": int(m.group(4)), "NARROW": int(m.group(5)), "S": 0},
+                    regs, spill, smem)
         best = None  # the stage loop: 4 IGMMA (m64nBMk32) per warpgroup per 128-k stage
         for loop in loop_bodies(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("IGMMA"))

@@ -317,7 +317,7 @@ void w4a8_wg_grid(const w8::Params& p, int sms) {
       for (int i = 0; i < T::kPiecesX + wgk::kPiecesW; ++i) {
         int dst, bytes;
         const void* src;
-        wgk::stage_piece<BM>(p, lc[tid].plan, lc[tid].kb, i, dst, src, bytes);
+        wgk::stage_piece<BM>(p, lc[tid].plan, lc[tid].kb, i, dst, src, bytes, wgk::narrow_w(p.K));
         std::memcpy(stage + dst, src, bytes);
         std::memset(stage + dst + bytes, 0, 16 - bytes);
       }
