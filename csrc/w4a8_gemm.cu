@@ -11,6 +11,7 @@
 // copies into shared memory, the pipeline's waits and barriers, and the launch.
 #include <cuda_runtime.h>
 
+#include "cp_async.cuh"
 #include "launchers.h"
 #include "w4a8_gemm_core.cuh"
 
@@ -21,24 +22,7 @@
 namespace {
 
 namespace w8 = minicpm_int4_w4a8;
-
-// cp.async of one piece: `bytes` of it from src, the rest zero-filled (src-size; nothing read past it).
-// NARROW: as two 8-byte copies (rows of packed W that are only 8-byte aligned, K % 32 == 16).
-template <bool NARROW>
-__device__ __forceinline__ void cp_async_piece(void* smem, const void* src, int bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  if constexpr (NARROW) {
-    const int lo = bytes < 8 ? bytes : 8, hi = bytes > 8 ? bytes - 8 : 0;
-    const char* src_hi = hi ? static_cast<const char*>(src) + 8 : static_cast<const char*>(src);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(lo) : "memory");
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst + 8), "l"(src_hi), "r"(hi) : "memory");
-  } else {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+namespace cp = minicpm_int4_cp;
 
 template <int WM, bool NARROW_W>
 __device__ __forceinline__ void load_stage(const w8::Params& p, const w8::CopyPlan& plan, uint8_t* stage, int kb) {
@@ -49,9 +33,9 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const w8::CopyPl
     const void* src;
     w8::stage_piece<WM>(p, plan, kb, i, dst, src, bytes);
     if (i >= B::kPiecesA && NARROW_W)
-      cp_async_piece<true>(stage + dst, src, bytes);
+      cp::piece<true>(stage + dst, src, bytes);
     else
-      cp_async_piece<false>(stage + dst, src, bytes);
+      cp::piece<false>(stage + dst, src, bytes);
   }
 }
 
@@ -73,14 +57,14 @@ __global__ void __launch_bounds__(w8::Block<WM>::kThreads, 1) w4a8_gemm_kernel(w
 #pragma unroll
   for (int s = 0; s < w8::kStages - 1; ++s) {
     if (s < stages) load_stage<WM, NARROW_W>(p, plan, smem + s * B::kStageBytes, s);
-    cp_async_commit();  // one group per stage, empty ones included: the wait below counts them
+    cp::commit();  // one group per stage, empty ones included: the wait below counts them
   }
   for (int kb = 0; kb < stages; ++kb) {
-    cp_async_wait<w8::kStages - 2>();  // stage kb has landed (this thread's copies) ...
+    cp::wait<w8::kStages - 2>();  // stage kb has landed (this thread's copies) ...
     __syncthreads();                   // ... and every thread's; all warps are done with stage kb - 1
     const int next = kb + w8::kStages - 1;
     if (next < stages) load_stage<WM, NARROW_W>(p, plan, smem + (next % w8::kStages) * B::kStageBytes, next);
-    cp_async_commit();
+    cp::commit();
     uint8_t* stage = smem + (kb % w8::kStages) * B::kStageBytes;
     w8::permute_x<WM>(stage, threadIdx.x);  // x's words into ldmatrix order (w4a8_gemm_core.cuh) ...
     __syncthreads();                        // ... all of them, before any warp reads its fragments

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cp_async.cuh"
 #include "launchers.h"
 #include "w4a8_wgmma_core.cuh"
 #include "wgmma_s8.cuh"
@@ -95,23 +96,7 @@ struct DeviceWg {
   }
 };
 
-// cp.async of one 16-byte piece: `bytes` of it from src, the rest zero-filled (src-size: nothing read past it).
-// NARROW: as two 8-byte copies (rows of packed W only 8-byte aligned: per channel with K % 32 == 16).
-template <bool NARROW>
-__device__ __forceinline__ void cp_async16(void* smem, const void* src, int bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  if constexpr (NARROW) {
-    const int lo = bytes < 8 ? bytes : 8, hi = bytes > 8 ? bytes - 8 : 0;
-    const char* src_hi = hi ? static_cast<const char*>(src) + 8 : static_cast<const char*>(src);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(lo) : "memory");
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst + 8), "l"(src_hi), "r"(hi) : "memory");
-  } else {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+namespace cp = minicpm_int4_cp;
 
 template <int BM, bool NARROW>
 __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPlan& plan, uint8_t* stage, int kb) {
@@ -121,9 +106,9 @@ __device__ __forceinline__ void load_stage(const w8::Params& p, const wg::CopyPl
     const void* src;
     wg::stage_piece<BM>(p, plan, kb, i, dst, src, bytes, NARROW);
     if (NARROW && i >= wg::Tile<BM>::kPiecesX)  // (unrolled: settled at compile time)
-      cp_async16<true>(stage + dst, src, bytes);
+      cp::piece<true>(stage + dst, src, bytes);
     else
-      cp_async16<false>(stage + dst, src, bytes);
+      cp::piece<false>(stage + dst, src, bytes);
   }
 }
 
@@ -135,7 +120,7 @@ template <int GT, bool FMA, typename SZ, int BM, bool NARROW>
 __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t* smem, wg::LoadCursor& lc, int s,
                                      int total, int buf, int kb, int stages, wg::WgState<BM, 1>& st) {
   using T = wg::Tile<BM>;
-  cp_async_wait<T::kAhead - 1>();
+  cp::wait<T::kAhead - 1>();
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   if (s + T::kAhead < total) {
@@ -143,7 +128,7 @@ __device__ __forceinline__ void step(const w8::Params& p, DeviceWg& dev, uint8_t
     load_stage<BM, NARROW>(p, lc.plan, smem + lbuf * T::kStageBytes, lc.kb);
     wg::load_step<BM>(p, stages, threadIdx.x, lc);
   }
-  cp_async_commit();  // one group per stage, empty ones included: the wait above counts them
+  cp::commit();  // one group per stage, empty ones included: the wait above counts them
   wg::wg_stage<GT, FMA, SZ, DeviceWg>(p, dev, smem + buf * T::kStageBytes, kb, st);
 }
 
@@ -166,7 +151,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
       load_stage<BM, NARROW>(p, lc.plan, smem + s * T::kStageBytes, lc.kb);
       wg::load_step<BM>(p, stages, threadIdx.x, lc);
     }
-    cp_async_commit();
+    cp::commit();
   }
   static_assert(T::kAhead == T::kStages - 1, "step's buffer of the stage kAhead on");
   wg::WgState<BM, 1> st;
