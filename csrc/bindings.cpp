@@ -291,8 +291,8 @@ TORCH_LIBRARY_IMPL(minicpm_int4_C, CUDA, m) {
 }
 
 // minicpm_int4._C.w4a8_kernel(): which CUDA W4A8 GEMM the launcher (kernel=0) takes on the current GPU for the
-// shapes the wgmma kernel takes (K % 32 == 0; groups of 32, 64 or multiples of 128 - the rest always go to
-// mma.sync), and why - for `minicpm-int4 env`.
+// shapes the wgmma kernel takes (groups of 32, 64 or multiples of 128, and per channel - other group sizes always
+// go to mma.sync), and why - for `minicpm-int4 env`.
 static PyObject* w4a8_kernel(PyObject*, PyObject*) {
   const char* what;
   if (minicpm_int4_w4a8_wgmma_disabled())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
 MICRO_SCHEMA_KEYS = ("kind", "env", "config", "copy_bandwidth_gbps", "skipped", "rows", "act_quant")
