@@ -70,7 +70,8 @@ at::Tensor checked_input_perm(const char* op, const std::optional<at::Tensor>& i
 
 // variant: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core GEMV), 1 = the
 // CUDA-core GEMV, 2 = the tensor-core kernel (K % 128 == 0, group size a power of two >= 32 or K),
-// 3 = the tensor-core kernel with two chunks of W requested ahead instead of one (measurement; plain x).
+// 3 = the tensor-core kernel with two chunks of W requested ahead instead of one, 4 = the tensor-core kernel
+// with W copied four chunks ahead into a ring in shared memory (measurements; plain x).
 // input_scale: None, or [K] of the activation dtype: y = (x * input_scale) @ ..., multiplied in the
 // kernels' loads of x (each product rounded to x's dtype, torch's x * input_scale).
 // input_perm: None, or int32 [K], a permutation: y = (x[:, input_perm] * input_scale) @ ..., x read through
@@ -102,14 +103,15 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
-  TORCH_CHECK(variant >= 0 && variant <= 3, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV), "
-              "2 (tensor cores) or 3 (tensor cores, two chunks of W ahead), got ", variant));
+  TORCH_CHECK(variant >= 0 && variant <= 4, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV), "
+              "2 (tensor cores), 3 (tensor cores, two chunks of W ahead) or 4 (tensor cores, W through a ring in "
+              "shared memory), got ", variant));
   TORCH_CHECK(variant < 2 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
               msg("w4a16_gemm (cuda): the tensor-core kernel needs K % 128 == 0 and a group size that is a power of two "
                   ">= 32 or K; got K=", K, ", group_size=", group_size, " (variant 0 or 1 takes it)"));
-  TORCH_CHECK(variant != 3 || (!input_scale.has_value() && !input_perm.has_value()),
-              "w4a16_gemm (cuda): variant 3 (two chunks of W ahead) is built for plain x only: no input_scale or "
-              "input_perm (variant 2 takes them)");
+  TORCH_CHECK(variant < 3 || (!input_scale.has_value() && !input_perm.has_value()),
+              msg("w4a16_gemm (cuda): variant ", variant, " (", variant == 3 ? "two chunks of W ahead" : "the shared-memory ring",
+                  ") is built for plain x only: no input_scale or input_perm (variant 2 takes them)"));
   TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
               "w4a16_gemm (cuda): qweight must be 16-byte aligned for 16-byte loads (got a view with an offset?)");
   TORCH_CHECK(out.is_cuda() && out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == M &&

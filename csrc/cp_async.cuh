@@ -1,4 +1,5 @@
-// cp.async as the W4A8 kernels use it (device code only, sm_80+: csrc/w4a8_gemm.cu, csrc/w4a8_wgmma.cu).
+// cp.async as the kernels use it (device code only, sm_80+: csrc/w4a8_gemm.cu, csrc/w4a8_wgmma.cu, and the
+// W4A16 tensor-core kernel's ring variant in csrc/w4a16_gemv.cu).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -27,7 +27,20 @@ template <typename P> MINICPM_HD P ldg(const P* p) {
 #ifdef __CUDA_ARCH__
   return __ldg(p);
 #else
+  P v;  // a byte copy: the host compiler's type-based alias analysis must not reorder the emulation's reads
+  std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof v);
+  return v;
+#endif
+}
+
+// A plain load (shared memory on the device; on the host a byte copy, as ldg's).
+template <typename P> MINICPM_HD P ld(const P* p) {
+#ifdef __CUDA_ARCH__
   return *p;
+#else
+  P v;
+  std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof v);
+  return v;
 #endif
 }
 

@@ -25,7 +25,9 @@ extern "C" {
 // tensor-core kernel and no input_scale (minicpm_int4_w4a16_reads_perm), else cudaErrorInvalidValue.
 // dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the
 // CUDA-core GEMV, 2 = tensor cores, 3 = tensor cores with two chunks of W requested ahead instead of
-// one (a measurement variant: plain x only, no input_scale or input_perm, else cudaErrorInvalidValue).
+// one, 4 = tensor cores with W copied (cp.async) four chunks ahead into a ring in shared memory (scales
+// and zero points loaded as far ahead into registers) - measurement variants: plain x only, no
+// input_scale or input_perm, else cudaErrorInvalidValue.
 cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* input_perm,
                                     const int32_t* qweight, const void* scales, const void* zeros, const void* bias,
                                     void* out, int M, int N, int K, int group_size, int64_t ldx, int64_t ldo, int dtype,

@@ -17,6 +17,7 @@
 //   bias [N] or nullptr; out [M, N] same dtype as x, row stride ldo.
 #include <cuda_runtime.h>
 
+#include "cp_async.cuh"
 #include "launchers.h"
 #include "w4a16_gemv_core.cuh"
 #include "w4a16_mma_core.cuh"
@@ -56,16 +57,12 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(Params<T> p, const
   }
 }
 
-template <typename T, int NT, int NB, bool POST, int W, bool S, bool P, int AHEAD>
-__global__ void __launch_bounds__(32 * W)
-    w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
+// The block's sum of its warps' partials (shared memory, warp order) and the stores.
+template <typename T, int NT, int NB, int W>
+__device__ __forceinline__ void block_store(const float (&acc)[NT][NB][1][4], const minicpm_int4_mma::Params<T>& p,
+                                            int n0, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
   namespace mm = minicpm_int4_mma;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n0 = blockIdx.x * 16 * NT;
-  const int lanes[1] = {lane};
-  float acc[NT][NB][1][4];
-  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S, P, AHEAD>(p, n0, warp, lanes, acc);
-
   constexpr int kSlots = NT * NB * 4;
   __shared__ float red[kSlots][W][32];  // [output slot][warp][lane]: conflict-free both ways
 #pragma unroll
@@ -84,6 +81,59 @@ __global__ void __launch_bounds__(32 * W)
     mm::slot_output(n0, NB, slot, ln, m, n);
     mm::store_output<T, W>(vals, bias, out, ldo, p.M, p.N, m, n);
   }
+}
+
+template <typename T, int NT, int NB, bool POST, int W, bool S, bool P, int AHEAD>
+__global__ void __launch_bounds__(32 * W)
+    w4a16_mma_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
+  namespace mm = minicpm_int4_mma;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = blockIdx.x * 16 * NT;
+  const int lanes[1] = {lane};
+  float acc[NT][NB][1][4];
+  mm::warp_partials<T, NT, NB, POST, W, mm::DeviceMma, 1, S, P, AHEAD>(p, n0, warp, lanes, acc);
+  block_store<T, NT, NB, W>(acc, p, n0, bias, out, ldo);
+}
+
+// The ring variant's copies (w4a16_mma_core.cuh, warp_partials_ring): cp.async, one thread's own.
+struct DeviceCp {
+  MINICPM_HD void copy16(void* dst, const void* src, int bytes) {
+#ifdef __CUDA_ARCH__
+    minicpm_int4_cp::piece<false>(dst, src, bytes);
+#else
+    (void)dst, (void)src, (void)bytes;
+#endif
+  }
+  MINICPM_HD void commit() {
+#ifdef __CUDA_ARCH__
+    minicpm_int4_cp::commit();
+#endif
+  }
+  template <int N> MINICPM_HD void wait() {
+#ifdef __CUDA_ARCH__
+    minicpm_int4_cp::wait<N>();
+#endif
+  }
+};
+
+// Variant 4: the tensor-core kernel with W, scales and zero points copied kRingDepth chunks ahead into a
+// ring in shared memory (dynamic: W x ring_warp_bytes<NT>, 32 - 64 KiB).
+// One block an SM is all it asks for (minBlocks 1): one tile takes 64 - 128 registers (two or three blocks of
+// 8 warps an SM anyway), two tiles 128 - 200 (one block, still 48 KiB of W in flight); left to its default,
+// ptxas held the two-tile loops at 128 and spilled in them.
+template <typename T, int NT, int NB, bool POST, int W>
+__global__ void __launch_bounds__(32 * W, 1)
+    w4a16_mma_ring_kernel(minicpm_int4_mma::Params<T> p, const T* __restrict__ bias, T* __restrict__ out, long ldo) {
+  namespace mm = minicpm_int4_mma;
+  extern __shared__ __align__(16) unsigned char ring_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = blockIdx.x * 16 * NT;
+  const int lanes[1] = {lane};
+  float acc[NT][NB][1][4];
+  DeviceCp cp;
+  mm::warp_partials_ring<T, NT, NB, POST, W, mm::DeviceMma, 1>(p, n0, warp, lanes,
+                                                              ring_smem + warp * mm::ring_warp_bytes<NT>(), cp, acc);
+  block_store<T, NT, NB, W>(acc, p, n0, bias, out, ldo);
 }
 
 // SMs of the current device, cached per device (read once; the attribute query is cheap but not free).
@@ -161,12 +211,35 @@ void launch_mma_sp(const minicpm_int4_mma::Params<T>& p, bool post, const T* bia
     w4a16_mma_kernel<T, NT, NB, false, W, S, P, AHEAD><<<grid, 32 * W, 0, stream>>>(p, bias, out, ldo);
 }
 
+// The ring variant: its shared memory is past the 48 KiB a launch gets without asking, so the kernel's
+// limit is raised once per device.
+template <typename T, int NT, int NB, bool POST, int W>
+void launch_mma_ring(const minicpm_int4_mma::Params<T>& p, const T* bias, T* out, long ldo, cudaStream_t stream) {
+  constexpr int kSmem = W * minicpm_int4_mma::ring_warp_bytes<NT>();
+  static bool done[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return;  // the launcher's cudaGetLastError reports it
+  if (dev >= 64 || !done[dev]) {
+    if (cudaFuncSetAttribute(w4a16_mma_ring_kernel<T, NT, NB, POST, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSmem) != cudaSuccess)
+      return;
+    if (dev < 64) done[dev] = true;
+  }
+  const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
+  w4a16_mma_ring_kernel<T, NT, NB, POST, W><<<grid, 32 * W, kSmem, stream>>>(p, bias, out, ldo);
+}
+
+// mode: 0 = the default (one chunk of W ahead in registers), 1 = two chunks ahead (variant 3), 2 = the ring in
+// shared memory (variant 4); 1 and 2 for plain x only (launch_any refuses them with a scale or an order).
 template <typename T, int NT, int NB, int W>
-void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, bool deep, const T* bias, T* out, long ldo,
+void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, int mode, const T* bias, T* out, long ldo,
                   cudaStream_t stream) {
-  // deep (variant 3): two chunks of lookahead, plain x only (launch_any refuses it with a scale or an order)
   constexpr int kDeep = minicpm_int4_mma::kAheadDeep;
-  if (deep) return launch_mma_sp<T, NT, NB, W, false, false, kDeep>(p, post, bias, out, ldo, stream);
+  if (mode == 1) return launch_mma_sp<T, NT, NB, W, false, false, kDeep>(p, post, bias, out, ldo, stream);
+  if (mode == 2) {
+    if (post) return launch_mma_ring<T, NT, NB, true, W>(p, bias, out, ldo, stream);
+    return launch_mma_ring<T, NT, NB, false, W>(p, bias, out, ldo, stream);
+  }
   // scaled or permuted: 16 warps never take two column blocks (mma_warps_for_launch), so no such instantiations
   constexpr bool kLoadsOk = !(NB == 2 && W == minicpm_int4_mma::kWarpsSmallN);
   const bool s = p.input_scale != nullptr, g = p.input_perm != nullptr;
@@ -179,18 +252,18 @@ void launch_mma_w(const minicpm_int4_mma::Params<T>& p, bool post, bool deep, co
 
 // The instantiations: NT = 2 with 8 warps (large N), NT = 1 with 8 or 16 warps.
 template <typename T, int NB>
-void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool post, bool deep, const T* bias, T* out,
+void launch_mma_nb(const minicpm_int4_mma::Params<T>& p, int nt, int warps, bool post, int mode, const T* bias, T* out,
                    long ldo, cudaStream_t stream) {
-  if (nt == 2) return launch_mma_w<T, 2, NB, minicpm_int4_mma::kWarps>(p, post, deep, bias, out, ldo, stream);
+  if (nt == 2) return launch_mma_w<T, 2, NB, minicpm_int4_mma::kWarps>(p, post, mode, bias, out, ldo, stream);
   if (warps == minicpm_int4_mma::kWarpsSmallN)
-    return launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarpsSmallN>(p, post, deep, bias, out, ldo, stream);
-  launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarps>(p, post, deep, bias, out, ldo, stream);
+    return launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarpsSmallN>(p, post, mode, bias, out, ldo, stream);
+  launch_mma_w<T, 1, NB, minicpm_int4_mma::kWarps>(p, post, mode, bias, out, ldo, stream);
 }
 
 template <typename T>
 cudaError_t launch_mma(const T* x, const T* ms, const int32_t* perm, const int32_t* qweight, const T* scales,
                        const T* zeros, const T* bias, T* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                       bool deep, cudaStream_t stream) {
+                       int mode, cudaStream_t stream) {
   namespace mm = minicpm_int4_mma;
   const bool post = mm::mma_post_scale(K, group_size);
   const int sms = sm_count();
@@ -202,9 +275,9 @@ cudaError_t launch_mma(const T* x, const T* ms, const int32_t* perm, const int32
     T* os = out + static_cast<long>(m0) * ldo;
     const int w = mm::mma_warps_for_launch(warps, rows, ms != nullptr || perm != nullptr);
     if (rows > 8)
-      launch_mma_nb<T, 2>(p, nt, w, post, deep, bias, os, ldo, stream);
+      launch_mma_nb<T, 2>(p, nt, w, post, mode, bias, os, ldo, stream);
     else
-      launch_mma_nb<T, 1>(p, nt, w, post, deep, bias, os, ldo, stream);
+      launch_mma_nb<T, 1>(p, nt, w, post, mode, bias, os, ldo, stream);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -217,12 +290,12 @@ cudaError_t launch_any(const T* x, const T* ms, const int32_t* perm, const int32
                        int variant, cudaStream_t stream) {
   const bool mma_ok = minicpm_int4_mma::mma_supported(K, group_size);
   if (variant >= 2 && !mma_ok) return cudaErrorInvalidValue;
-  const bool deep = variant == 3;
-  if (deep && (ms != nullptr || perm != nullptr)) return cudaErrorInvalidValue;  // instantiated for plain x only
+  const int mode = variant == 3 ? 1 : variant == 4 ? 2 : 0;
+  if (mode != 0 && (ms != nullptr || perm != nullptr)) return cudaErrorInvalidValue;  // instantiated for plain x only
   const bool mma = variant >= 2 || (variant == 0 && mma_ok);
   if (perm != nullptr && (!mma || ms != nullptr)) return cudaErrorInvalidValue;  // x gathered first there
   if (mma)
-    return launch_mma<T>(x, ms, perm, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, deep, stream);
+    return launch_mma<T>(x, ms, perm, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, mode, stream);
   return launch<T>(x, ms, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, stream);
 }
 
@@ -236,7 +309,7 @@ extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_
                                                const void* bias, void* out, int M, int N, int K, int group_size,
                                                int64_t ldx, int64_t ldo, int dtype, int variant, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
-      variant < 0 || variant > 3)
+      variant < 0 || variant > 4)
     return cudaErrorInvalidValue;
   // x, the input scale and the channel order are read 8 values (16 or 32 bytes) at a time; qweight's
   // rows 16 bytes at a time when K % 32 == 0

@@ -118,21 +118,44 @@ MINICPM_HD RowConsts row_consts(uint32_t s_bits, uint32_t z_bits) {
   return rc;
 }
 
+// (a & b) | c; ASM: as one LOP3 on the device. Left to itself, ptxas split it into an AND and an OR in the
+// ring variant's loop for the mask of nibbles 1 and 5 (+0.2 - 0.45 instructions a weight); the default
+// kernels keep the plain expression, which it compiles to one LOP3 there.
+MINICPM_HD uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+#else
+  return (a & b) | c;
+#endif
+}
+
 // Word w (nibbles 0..7 = 8 consecutive k of one row) -> the four pairs (nib 0,4), (1,5), (2,6),
 // (3,7) as q - z (POST) or (q - z) * s rounded to T.
-template <typename T, bool POST>
+template <typename T, bool POST, bool ASM = false>
 MINICPM_HD void dequant_word(uint32_t w, const RowConsts& rc, uint32_t mask_lo, uint32_t out[4]) {
   const uint32_t one = splat<T>(1.f);
   if constexpr (std::is_same<T, __half>::value) {
     const uint32_t sixteenth = splat<T>(1.f / 16.f);
     const uint32_t w8 = w >> 8;
-    out[0] = fma2<T>((w & mask_lo) | Pair<T>::kMagic, one, rc.zlo);                       // 1024 + q - (1024 + z)
-    out[1] = fma2<T>((w & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);          // (1024 + 16q) / 16 - (64 + z)
-    out[2] = fma2<T>((w8 & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
-    out[3] = fma2<T>((w8 & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);
+    if constexpr (ASM) {
+      out[0] = fma2<T>(and_or(w, mask_lo, Pair<T>::kMagic), one, rc.zlo);                  // 1024 + q - (1024 + z)
+      out[1] = fma2<T>(and_or(w, mask_lo << 4, Pair<T>::kMagic), sixteenth, rc.zhi);       // (1024 + 16q) / 16 - (64 + z)
+      out[2] = fma2<T>(and_or(w8, mask_lo, Pair<T>::kMagic), one, rc.zlo);
+      out[3] = fma2<T>(and_or(w8, mask_lo << 4, Pair<T>::kMagic), sixteenth, rc.zhi);
+    } else {
+      out[0] = fma2<T>((w & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
+      out[1] = fma2<T>((w & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);
+      out[2] = fma2<T>((w8 & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
+      out[3] = fma2<T>((w8 & (mask_lo << 4)) | Pair<T>::kMagic, sixteenth, rc.zhi);
+    }
   } else {
     MINICPM_UNROLL
-    for (int j = 0; j < 4; ++j) out[j] = fma2<T>(((w >> (4 * j)) & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t v = w >> (4 * j);
+      out[j] = fma2<T>(ASM ? and_or(v, mask_lo, Pair<T>::kMagic) : (v & mask_lo) | Pair<T>::kMagic, one, rc.zlo);
+    }
   }
   if constexpr (!POST) {
     const uint32_t minus_zero = 0x80008000u;  // x + (-0) = x for every x, zeros included
@@ -210,6 +233,157 @@ template <typename T> struct Params {
   const int32_t* input_perm;  // [K] or nullptr: x[:, input_perm] is what the mma reads as x (never with input_scale)
 };
 
+// Per lane, before a warp's loop: where its rows of W, their scales and zero points, and its rows of
+// x start (rows past N read row N - 1, rows of x past M re-read row M - 1: their outputs are dropped).
+template <int NT, int NB, int L>
+struct LaneRows {
+  const uint4* wp[NT][2][L];
+  const unsigned short* sp[NT][2][L];
+  const unsigned short* zp[NT][2][L];
+  int kl[L];            // the lane's first k in a chunk (32 t)
+  const int32_t* pp[L]; // P: this lane's channel indices, from chunk 0
+  const void* xp[NB][L];  // its rows of x (T)
+};
+
+template <typename T, int NT, int NB, bool P, int L>
+MINICPM_HD void lane_rows(const Params<T>& p, int n0, const int (&lanes)[L], LaneRows<NT, NB, L>& r) {
+  const int groups = p.K / p.group_size;
+  for (int l = 0; l < L; ++l) {
+    const int g = lanes[l] >> 2, t = lanes[l] & 3;
+    r.kl[l] = 32 * t;
+    r.pp[l] = P ? p.input_perm + r.kl[l] : nullptr;
+    MINICPM_UNROLL
+    for (int nt = 0; nt < NT; ++nt)
+      MINICPM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        int n = n0 + 16 * nt + g + 8 * h;
+        n = n < p.N ? n : p.N - 1;
+        r.wp[nt][h][l] = reinterpret_cast<const uint4*>(p.qweight + static_cast<long>(n) * (p.K / 8)) + t;
+        r.sp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.scales) + static_cast<long>(n) * groups;
+        r.zp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.zeros) + static_cast<long>(n) * groups;
+      }
+    MINICPM_UNROLL
+    for (int nb = 0; nb < NB; ++nb) {
+      const unsigned row = 8 * nb + g < p.M ? 8 * nb + g : p.M - 1;
+      r.xp[nb][l] = p.x + static_cast<unsigned long>(row) * static_cast<unsigned long>(p.ldx);
+    }
+  }
+}
+
+// One chunk's raw weights for a lane's rows: the 16-byte piece of each row, its scale and zero point.
+template <int NT, int L>
+struct RawChunk {
+  uint4 w[NT][2][L];
+  unsigned short s[NT][2][L], z[NT][2][L];
+};
+
+// The product of chunk c: dequantize the raw words into A fragments, load x into B fragments, and
+// the mma into acc (POST: each 128-k chunk's fp32 sum times the row's scale). r by value: by reference,
+// nvcc kept some of it in memory and the default kernels' loops grew by an instruction or two a chunk.
+template <typename T, int NT, int NB, bool POST, class Mma, int L, bool S, bool P, bool ASM = false>
+MINICPM_HD void chunk_product(const Params<T>& p, int c, const LaneRows<NT, NB, L> r, const RawChunk<NT, L>& cur,
+                              float (&acc)[NT][NB][L][4]) {
+  uint32_t a[NT][8][L][4];
+  uint32_t b[NB][8][L][2];
+  float sc[NT][L][2];  // POST: the scales of rows g and g + 8
+  for (int l = 0; l < L; ++l) {
+    MINICPM_UNROLL
+    for (int nt = 0; nt < NT; ++nt) {
+      MINICPM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const RowConsts rc = row_consts<T>(cur.s[nt][h][l], cur.z[nt][h][l]);
+        sc[nt][l][h] = rc.s;
+        const uint4 w4 = cur.w[nt][h][l];
+        const uint32_t words[4] = {w4.x, w4.y, w4.z, w4.w};
+        MINICPM_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          uint32_t d[4];
+          dequant_word<T, POST, ASM>(words[i], rc, p.mask_lo, d);
+          // k-tile 2i: nibbles (0,4) -> A reg h (cols 2t, 2t+1), (1,5) -> A reg 2 + h (cols 2t+8, 2t+9);
+          // k-tile 2i + 1: nibbles (2,6) and (3,7)
+          a[nt][2 * i][l][h] = d[0];
+          a[nt][2 * i][l][2 + h] = d[1];
+          a[nt][2 * i + 1][l][h] = d[2];
+          a[nt][2 * i + 1][l][2 + h] = d[3];
+        }
+      }
+    }
+    MINICPM_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      // S: the input scale's 8 k of this piece, shared by every row of x
+      [[maybe_unused]] uint4 mv;
+      if constexpr (S) mv = ldg(reinterpret_cast<const uint4*>(p.input_scale + c * kChunk + r.kl[l] + 8 * i));
+      // P: the channel of each of the piece's 8 k, shared by every row of x
+      [[maybe_unused]] int idx[8];
+      if constexpr (P) minicpm_int4_hd::load_idx8(r.pp[l] + c * kChunk + 8 * i, idx);
+      MINICPM_UNROLL
+      for (int nb = 0; nb < NB; ++nb) {
+        if constexpr (P) {
+          // the element pairs the k-tiles take (below), packed straight from the gathered 2-byte
+          // loads: one PRMT per pair instead of packing a piece and then permuting it
+          const unsigned short* row = static_cast<const unsigned short*>(r.xp[nb][l]);
+          uint32_t e[8];
+          MINICPM_UNROLL
+          for (int j = 0; j < 8; ++j) e[j] = ldg(row + idx[j]);
+          b[nb][2 * i][l][0] = e[0] | (e[4] << 16);
+          b[nb][2 * i][l][1] = e[1] | (e[5] << 16);
+          b[nb][2 * i + 1][l][0] = e[2] | (e[6] << 16);
+          b[nb][2 * i + 1][l][1] = e[3] | (e[7] << 16);
+          continue;
+        }
+        uint4 xv = ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(r.xp[nb][l]) + c * kChunk + r.kl[l] + 8 * i));
+        if constexpr (S) {
+          const uint32_t minus_zero = 0x80008000u;  // x * m + (-0) = x * m, signed zeros included
+          xv.x = fma2<T>(xv.x, mv.x, minus_zero);
+          xv.y = fma2<T>(xv.y, mv.y, minus_zero);
+          xv.z = fma2<T>(xv.z, mv.z, minus_zero);
+          xv.w = fma2<T>(xv.w, mv.w, minus_zero);
+        }
+        // x[k0 + 8i + j] = element j of xv; k-tile 2i + h takes (j = 2h, 2h + 4) and (2h + 1, 2h + 5)
+        b[nb][2 * i][l][0] = byte_perm(xv.x, xv.z, 0x5410);
+        b[nb][2 * i][l][1] = byte_perm(xv.x, xv.z, 0x7632);
+        b[nb][2 * i + 1][l][0] = byte_perm(xv.y, xv.w, 0x5410);
+        b[nb][2 * i + 1][l][1] = byte_perm(xv.y, xv.w, 0x7632);
+      }
+    }
+  }
+  if constexpr (POST) {
+    MINICPM_UNROLL
+    for (int nt = 0; nt < NT; ++nt) {
+      MINICPM_UNROLL
+      for (int nb = 0; nb < NB; ++nb) {
+        float part[L][4];
+        for (int l = 0; l < L; ++l)
+          MINICPM_UNROLL
+          for (int e = 0; e < 4; ++e) part[l][e] = 0.f;
+        MINICPM_UNROLL
+        for (int kt = 0; kt < 8; ++kt) Mma::template run<T>(a[nt][kt], b[nb][kt], part);
+        for (int l = 0; l < L; ++l)
+          MINICPM_UNROLL
+          for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = fmaf(part[l][e], sc[nt][l][e >> 1], acc[nt][nb][l][e]);
+      }
+    }
+  } else {
+    MINICPM_UNROLL
+    for (int kt = 0; kt < 8; ++kt)
+      MINICPM_UNROLL
+      for (int nt = 0; nt < NT; ++nt)
+        MINICPM_UNROLL
+        for (int nb = 0; nb < NB; ++nb) Mma::template run<T>(a[nt][kt], b[nb][kt], acc[nt][nb]);
+  }
+}
+
+template <int NT, int NB, int L>
+MINICPM_HD void zero_acc(float (&acc)[NT][NB][L][4]) {
+  MINICPM_UNROLL
+  for (int nt = 0; nt < NT; ++nt)
+    MINICPM_UNROLL
+    for (int nb = 0; nb < NB; ++nb)
+      for (int l = 0; l < L; ++l)
+        MINICPM_UNROLL
+        for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
+}
+
 // One warp's partial sums over its chunks (c = warp, warp + W, ...) for the 16 * NT rows from
 // n0 and the 8 * NB rows of x: acc[nt][nb][l][e] in the C layout. lanes[l] = the lane ids held.
 // S: p.input_scale is set, and each 16-byte piece of x is multiplied by the same piece of it as it
@@ -221,42 +395,9 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
   static_assert(!(S && P), "x read through a channel order is not multiplied by an input scale here: "
                            "the launcher gathers x first for a layer with both");
   const int chunks = p.K / kChunk;
-  const int groups = p.K / p.group_size;
-  // per lane, before the loop: row pointers (rows past N read row N - 1; their outputs are dropped)
-  const uint4* wp[NT][2][L];
-  const unsigned short* sp[NT][2][L];
-  const unsigned short* zp[NT][2][L];
-  const T* xp[NB][L];
-  [[maybe_unused]] const int32_t* pp[L];  // P: this lane's channel indices, from chunk 0
-  int kl[L];
-  for (int l = 0; l < L; ++l) {
-    const int g = lanes[l] >> 2, t = lanes[l] & 3;
-    kl[l] = 32 * t;
-    if constexpr (P) pp[l] = p.input_perm + kl[l];
-    MINICPM_UNROLL
-    for (int nt = 0; nt < NT; ++nt)
-      MINICPM_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        int n = n0 + 16 * nt + g + 8 * h;
-        n = n < p.N ? n : p.N - 1;
-        wp[nt][h][l] = reinterpret_cast<const uint4*>(p.qweight + static_cast<long>(n) * (p.K / 8)) + t;
-        sp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.scales) + static_cast<long>(n) * groups;
-        zp[nt][h][l] = reinterpret_cast<const unsigned short*>(p.zeros) + static_cast<long>(n) * groups;
-      }
-    // rows of x past M re-read row M - 1: they only feed columns of C whose outputs are dropped
-    MINICPM_UNROLL
-    for (int nb = 0; nb < NB; ++nb) {
-      const unsigned row = 8 * nb + g < p.M ? 8 * nb + g : p.M - 1;
-      xp[nb][l] = p.x + static_cast<unsigned long>(row) * static_cast<unsigned long>(p.ldx);
-    }
-  }
-  MINICPM_UNROLL
-  for (int nt = 0; nt < NT; ++nt)
-    MINICPM_UNROLL
-    for (int nb = 0; nb < NB; ++nb)
-      for (int l = 0; l < L; ++l)
-        MINICPM_UNROLL
-        for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = 0.f;
+  LaneRows<NT, NB, L> r;
+  lane_rows<T, NT, NB, P, L>(p, n0, lanes, r);
+  zero_acc<NT, NB, L>(acc);
 
   // AHEAD chunks of lookahead for the weights (the HBM stream): chunk c + AHEAD * W's words, scales
   // and zero points are loaded before chunk c is dequantized, so each lane keeps AHEAD + 1 chunks'
@@ -264,26 +405,22 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
   // no chunk that far ahead re-reads its own (an L1 hit) instead of branching.
   // x (a few KiB, L1/L2-resident) is loaded in the trip that uses it: registers for occupancy.
   static_assert(AHEAD == 1 || AHEAD == 2, "lookahead of 1 or 2 chunks");
-  struct Raw {
-    uint4 w[NT][2][L];
-    unsigned short s[NT][2][L], z[NT][2][L];
-  };
-  auto load = [&](int c, Raw& r) {
+  auto load = [&](int c, RawChunk<NT, L>& raw) {
     for (int l = 0; l < L; ++l) {
-      const int k0 = c * kChunk + kl[l];  // this lane's 32 k, all in one group
+      const int k0 = c * kChunk + r.kl[l];  // this lane's 32 k, all in one group
       const int grp = k0 >> p.group_shift;
       MINICPM_UNROLL
       for (int nt = 0; nt < NT; ++nt)
         MINICPM_UNROLL
         for (int h = 0; h < 2; ++h) {  // rows g, g + 8 of the tile
-          r.w[nt][h][l] = ldg(wp[nt][h][l] + 4 * c);
-          r.s[nt][h][l] = ldg(sp[nt][h][l] + grp);
-          r.z[nt][h][l] = ldg(zp[nt][h][l] + grp);
+          raw.w[nt][h][l] = ldg(r.wp[nt][h][l] + 4 * c);
+          raw.s[nt][h][l] = ldg(r.sp[nt][h][l] + grp);
+          raw.z[nt][h][l] = ldg(r.zp[nt][h][l] + grp);
         }
     }
   };
-  Raw cur;
-  [[maybe_unused]] Raw mid;  // AHEAD = 2: the chunk after cur
+  RawChunk<NT, L> cur;
+  [[maybe_unused]] RawChunk<NT, L> mid;  // AHEAD = 2: the chunk after cur
   if (warp < chunks) {
     load(warp, cur);
     if constexpr (AHEAD == 2) load(warp + W < chunks ? warp + W : warp, mid);
@@ -293,96 +430,9 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
 #pragma unroll(AHEAD + 1)
 #endif
   for (int c = warp; c < chunks; c += W) {
-    Raw next;
+    RawChunk<NT, L> next;
     load(c + AHEAD * W < chunks ? c + AHEAD * W : c, next);
-    uint32_t a[NT][8][L][4];
-    uint32_t b[NB][8][L][2];
-    float sc[NT][L][2];  // POST: the scales of rows g and g + 8
-    for (int l = 0; l < L; ++l) {
-      MINICPM_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
-        MINICPM_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          const RowConsts rc = row_consts<T>(cur.s[nt][h][l], cur.z[nt][h][l]);
-          sc[nt][l][h] = rc.s;
-          const uint4 w4 = cur.w[nt][h][l];
-          const uint32_t words[4] = {w4.x, w4.y, w4.z, w4.w};
-          MINICPM_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            uint32_t d[4];
-            dequant_word<T, POST>(words[i], rc, p.mask_lo, d);
-            // k-tile 2i: nibbles (0,4) -> A reg h (cols 2t, 2t+1), (1,5) -> A reg 2 + h (cols 2t+8, 2t+9);
-            // k-tile 2i + 1: nibbles (2,6) and (3,7)
-            a[nt][2 * i][l][h] = d[0];
-            a[nt][2 * i][l][2 + h] = d[1];
-            a[nt][2 * i + 1][l][h] = d[2];
-            a[nt][2 * i + 1][l][2 + h] = d[3];
-          }
-        }
-      }
-      MINICPM_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        // S: the input scale's 8 k of this piece, shared by every row of x
-        [[maybe_unused]] uint4 mv;
-        if constexpr (S) mv = ldg(reinterpret_cast<const uint4*>(p.input_scale + c * kChunk + kl[l] + 8 * i));
-        // P: the channel of each of the piece's 8 k, shared by every row of x
-        [[maybe_unused]] int idx[8];
-        if constexpr (P) minicpm_int4_hd::load_idx8(pp[l] + c * kChunk + 8 * i, idx);
-        MINICPM_UNROLL
-        for (int nb = 0; nb < NB; ++nb) {
-          if constexpr (P) {
-            // the element pairs the k-tiles take (below), packed straight from the gathered 2-byte
-            // loads: one PRMT per pair instead of packing a piece and then permuting it
-            const unsigned short* row = reinterpret_cast<const unsigned short*>(xp[nb][l]);
-            uint32_t e[8];
-            MINICPM_UNROLL
-            for (int j = 0; j < 8; ++j) e[j] = ldg(row + idx[j]);
-            b[nb][2 * i][l][0] = e[0] | (e[4] << 16);
-            b[nb][2 * i][l][1] = e[1] | (e[5] << 16);
-            b[nb][2 * i + 1][l][0] = e[2] | (e[6] << 16);
-            b[nb][2 * i + 1][l][1] = e[3] | (e[7] << 16);
-            continue;
-          }
-          uint4 xv = ldg(reinterpret_cast<const uint4*>(xp[nb][l] + c * kChunk + kl[l] + 8 * i));
-          if constexpr (S) {
-            const uint32_t minus_zero = 0x80008000u;  // x * m + (-0) = x * m, signed zeros included
-            xv.x = fma2<T>(xv.x, mv.x, minus_zero);
-            xv.y = fma2<T>(xv.y, mv.y, minus_zero);
-            xv.z = fma2<T>(xv.z, mv.z, minus_zero);
-            xv.w = fma2<T>(xv.w, mv.w, minus_zero);
-          }
-          // x[k0 + 8i + j] = element j of xv; k-tile 2i + h takes (j = 2h, 2h + 4) and (2h + 1, 2h + 5)
-          b[nb][2 * i][l][0] = byte_perm(xv.x, xv.z, 0x5410);
-          b[nb][2 * i][l][1] = byte_perm(xv.x, xv.z, 0x7632);
-          b[nb][2 * i + 1][l][0] = byte_perm(xv.y, xv.w, 0x5410);
-          b[nb][2 * i + 1][l][1] = byte_perm(xv.y, xv.w, 0x7632);
-        }
-      }
-    }
-    if constexpr (POST) {
-      MINICPM_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
-        MINICPM_UNROLL
-        for (int nb = 0; nb < NB; ++nb) {
-          float part[L][4];
-          for (int l = 0; l < L; ++l)
-            MINICPM_UNROLL
-            for (int e = 0; e < 4; ++e) part[l][e] = 0.f;
-          MINICPM_UNROLL
-          for (int kt = 0; kt < 8; ++kt) Mma::template run<T>(a[nt][kt], b[nb][kt], part);
-          for (int l = 0; l < L; ++l)
-            MINICPM_UNROLL
-            for (int e = 0; e < 4; ++e) acc[nt][nb][l][e] = fmaf(part[l][e], sc[nt][l][e >> 1], acc[nt][nb][l][e]);
-        }
-      }
-    } else {
-      MINICPM_UNROLL
-      for (int kt = 0; kt < 8; ++kt)
-        MINICPM_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
-          MINICPM_UNROLL
-          for (int nb = 0; nb < NB; ++nb) Mma::template run<T>(a[nt][kt], b[nb][kt], acc[nt][nb]);
-    }
+    chunk_product<T, NT, NB, POST, Mma, L, S, P>(p, c, r, cur, acc);
     if constexpr (AHEAD == 2) {
       cur = mid;
       mid = next;
@@ -390,6 +440,101 @@ MINICPM_HD void warp_partials(const Params<T>& p, int n0, int warp, const int (&
       cur = next;
     }
   }
+}
+
+// ---- the ring variant (launcher variant 4): W through shared memory, kRingDepth chunks ahead ------------
+// Why: the register lookahead above keeps one chunk (NT KiB a warp) of W in flight per warp while it
+// multiplies another, and a block of 8 warps with two tiles holds ~136 registers a thread, so an SM runs
+// one such block: ~16 KiB of HBM reads in flight an SM, about what the H200 run's 2.1 TB/s streaming rate
+// means at a loaded DRAM latency near 1 us (Little's law: bytes in flight = bandwidth x latency), half
+// of the copy bandwidth. Here each lane copies its own 16-byte pieces of chunk c + D * W with cp.async
+// into a ring of D slots in shared memory, and loads that chunk's scales and zero points (2 bytes each,
+// too small for cp.async) into a register ring of the same depth, so D - 1 chunks stay in flight while it
+// multiplies one: D = 4 keeps three (3 - 6 KiB a warp, 24 - 48 KiB a block of 8 warps; with one tile, two or
+// three such blocks an SM).
+//
+// A slot holds, per lane, its 2 NT pieces of W, lane-minor (uint4 w[2 NT][32]: a warp's reads of one piece
+// are 512 contiguous bytes, no bank conflict). Each lane reads back only what it copied itself, so
+// cp.async.wait_group is all the synchronisation (no barrier); a slot is refilled after the chunk read from
+// it has been multiplied (the mma consumed its registers), so a refill never overwrites what is still to
+// be read. The loop runs D trips an iteration so that every slot index is a constant. Trips past the warp's
+// last chunk still commit a group (empty copies: src-size 0, nothing read) so the wait count stays fixed.
+// Plain x only (no input scale, no channel order), as variant 3; x is read as in the default kernel.
+constexpr int kRingDepth = 4;
+template <int NT> MINICPM_HD constexpr int ring_slot_bytes() { return 32 * 16 * 2 * NT; }
+template <int NT> MINICPM_HD constexpr int ring_warp_bytes() { return kRingDepth * ring_slot_bytes<NT>(); }
+
+// Cp: the copies' policy - cp.async on the device (csrc/w4a16_gemv.cu), a deferred copy per commit
+// group on the host (tests/csrc/host_emu.cu: a group lands only when a wait lets it, so a slot read too
+// early reads what the ring held before). copy16(dst, src, bytes): `bytes` (16 or 0) of src, the rest
+// zero-filled; commit(); wait<N>().
+// WAIT: the copy groups a trip leaves in flight before it reads its slot - kRingDepth - 1, the chunks
+// after its own; the emulation's control case instantiates kRingDepth (one too many: a slot read before
+// its copy landed) to show that its deferred copies catch that.
+template <typename T, int NT, int NB, bool POST, int W, class Mma, int L, class Cp, int WAIT = kRingDepth - 1>
+MINICPM_HD void warp_partials_ring(const Params<T>& p, int n0, int warp, const int (&lanes)[L], unsigned char* ring,
+                                   Cp& cp, float (&acc)[NT][NB][L][4]) {
+  constexpr int D = kRingDepth, kSlot = ring_slot_bytes<NT>();
+  const int chunks = p.K / kChunk;
+  LaneRows<NT, NB, L> r;
+  lane_rows<T, NT, NB, false, L>(p, n0, lanes, r);
+  zero_acc<NT, NB, L>(acc);
+  auto w_at = [&](int slot, int nt, int h, int lane) {
+    return reinterpret_cast<uint4*>(ring + slot * kSlot) + (nt * 2 + h) * 32 + lane;
+  };
+  // scales and zero points: D chunks ahead in registers (slot j of sz: the chunk of trip j)
+  unsigned short ss[D][NT][2][L], zz[D][NT][2][L];
+  // chunk c into slot `slot`; past the warp's last chunk (c >= chunks) nothing is read: the copies are
+  // zero-fills (src-size 0) and the scales' loads re-read chunk 0's (no branch around the copies)
+  auto issue = [&](int c, int slot) {
+    const bool valid = c < chunks;
+    const int cc = valid ? c : 0;
+    for (int l = 0; l < L; ++l) {
+      const int grp = (cc * kChunk + r.kl[l]) >> p.group_shift;
+      MINICPM_UNROLL
+      for (int nt = 0; nt < NT; ++nt)
+        MINICPM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          cp.copy16(w_at(slot, nt, h, lanes[l]), r.wp[nt][h][l] + 4 * cc, valid ? 16 : 0);
+          ss[slot][nt][h][l] = ldg(r.sp[nt][h][l] + grp);
+          zz[slot][nt][h][l] = ldg(r.zp[nt][h][l] + grp);
+        }
+    }
+  };
+  auto read = [&](int slot, RawChunk<NT, L>& raw) {
+    for (int l = 0; l < L; ++l)
+      MINICPM_UNROLL
+      for (int nt = 0; nt < NT; ++nt)
+        MINICPM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          raw.w[nt][h][l] = minicpm_int4_hd::ld(w_at(slot, nt, h, lanes[l]));
+          raw.s[nt][h][l] = ss[slot][nt][h][l];
+          raw.z[nt][h][l] = zz[slot][nt][h][l];
+        }
+  };
+  // D groups first (empty ones too: a trip always waits for the group committed D trips before it)
+  MINICPM_UNROLL
+  for (int j = 0; j < D; ++j) {
+    issue(warp + j * W, j);
+    cp.commit();
+  }
+  // D trips an iteration, so that each trip's slot is a constant (shared-memory offsets in the
+  // instructions, registers for the scales)
+  for (int c0 = warp; c0 < chunks; c0 += D * W) {
+    MINICPM_UNROLL
+    for (int j = 0; j < D; ++j) {
+      const int c = c0 + j * W;
+      if (c < chunks) {
+        cp.template wait<WAIT>();
+        RawChunk<NT, L> raw;
+        read(j, raw);
+        chunk_product<T, NT, NB, POST, Mma, L, false, false, true>(p, c, r, raw, acc);
+        issue(c + D * W, j);
+        cp.commit();
+      }
+    }
+  }
+  cp.template wait<0>();  // nothing in flight when the block's reduction starts (or the kernel exits)
 }
 
 // Slot s = (nt * NB + nb) * 4 + e of lane `lane` -> the output it belongs to: (m, n).

@@ -30,7 +30,7 @@ def build(out_dir) -> ctypes.CDLL:
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
     so = ctypes.CDLL(lib)
     # the last arguments of each emulation: the input scale's pointer, or None; then (tensor-core
-    # kernel and quantizer) the channel order's, or None; then (tensor-core kernel) 1 for variant 3
+    # kernel and quantizer) the channel order's, or None; then (tensor-core kernel) the mode: 1 variant 3, 2 variant 4
     gemv_args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
     so.minicpm_int4_gemv_emulate.argtypes = gemv_args + [ctypes.c_void_p]
     so.minicpm_int4_mma_emulate.argtypes = gemv_args + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]

@@ -28,11 +28,12 @@ VALID_R = {mt: [r for r in (1, 2, 4, 8) if mt * r <= 8] for mt in range(1, 9)}
 
 
 def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, kernel="gemv", warps=0,
-             input_scale=None, input_perm=None, deep=False):
+             input_scale=None, input_perm=None, mode=0):
     """The CUDA-core GEMV (rows = R, rows per block) or the tensor-core kernel (rows = N-tiles per
     block, warps per block); 0 = the launcher's own choice for `sms` SMs. input_scale: [K] or None;
-    input_perm (the tensor-core kernel only): int32 [K] or None; deep (the tensor-core kernel only):
-    the launcher's variant 3, two chunks of W requested ahead."""
+    input_perm (the tensor-core kernel only): int32 [K] or None; mode (the tensor-core kernel only):
+    1 = the launcher's variant 3, two chunks of W requested ahead; 2 = variant 4, the ring in shared
+    memory; 3 = that ring reading each slot one copy group early (a control)."""
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.full((m, n), float("nan"), dtype=x.dtype)
@@ -44,7 +45,7 @@ def _emulate(emu, x, qweight, scales, zeros, bias, group_size, rows=0, sms=132, 
         rc = emu.minicpm_int4_gemv_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, sms, ms)
     else:
         rc = emu.minicpm_int4_mma_emulate(*args, m, n, k, group_size, x.stride(0), out.stride(0), dtype, rows, warps,
-                                          sms, ms, None if input_perm is None else input_perm.data_ptr(), int(deep))
+                                          sms, ms, None if input_perm is None else input_perm.data_ptr(), mode)
     assert rc == 0, f"{kernel}: no instantiation for M={m} rows={rows} (rc {rc})"
     return out
 
@@ -163,11 +164,40 @@ def test_mma_two_chunks_ahead_gives_the_same_bits(emu, shape, dtype):
             x = _guarded(torch.randn(m, k, generator=g).to(dtype))
             bias = _guarded(torch.randn(n, generator=g).to(dtype)) if m == 1 else None
             one = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps)
-            two = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps, deep=True)
+            two = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps, mode=1)
             assert torch.equal(two, one), (m, tiles, warps)
     x = torch.randn(1, k, generator=g).to(dtype)
     with pytest.raises(AssertionError, match="rc -3"):  # built for plain x only, as the launcher
-        _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma", deep=True, input_scale=torch.ones(k, dtype=dtype))
+        _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma", mode=1, input_scale=torch.ones(k, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-G{s[2]}")
+def test_mma_ring_in_shared_memory_gives_the_same_bits(emu, shape, dtype):
+    """Variant 4 copies each lane's pieces of W four chunks ahead into a ring in shared memory (cp.async)
+    and loads the scales and zero points as far ahead in registers: the same chunks multiplied in the same
+    order, so the bits of the default kernel, for every instantiation and every count of chunks per warp
+    (0 - 6: a warp with fewer chunks than slots, the ring's wrap, zero-filled copies past the last chunk).
+    The emulation lands each copy only when the kernel's wait lets its group land, on a ring that starts
+    poisoned, and the control (mode 3: one group too many left in flight) must come out wrong - a read of a
+    slot before its copy landed does not pass unnoticed here."""
+    n, k, group_size = shape
+    qweight, scales, zeros, gs = _layer(n, k, group_size, dtype, seed=n * k + 2)
+    qweight, scales, zeros = _guarded(qweight), _guarded(scales), _guarded(zeros)
+    g = torch.Generator().manual_seed(n + 13)
+    for m in (1, 3, 9, 16):
+        for tiles, warps in ((1, 8), (2, 8), (1, 16)):
+            x = _guarded(torch.randn(m, k, generator=g).to(dtype))
+            bias = _guarded(torch.randn(n, generator=g).to(dtype)) if m % 2 else None
+            one = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps)
+            ring = _emulate(emu, x, qweight, scales, zeros, bias, gs, rows=tiles, kernel="mma", warps=warps, mode=2)
+            assert torch.equal(ring, one), (m, tiles, warps)
+    x = _guarded(torch.randn(1, k, generator=g).to(dtype))
+    early = _emulate(emu, x, qweight, scales, zeros, None, gs, rows=1, kernel="mma", warps=8, mode=3)
+    right = _emulate(emu, x, qweight, scales, zeros, None, gs, rows=1, kernel="mma", warps=8, mode=2)
+    assert not torch.equal(early, right), "reading each slot a group early went unnoticed"
+    with pytest.raises(AssertionError, match="rc -3"):  # built for plain x only, as the launcher
+        _emulate(emu, x, qweight, scales, zeros, None, gs, kernel="mma", mode=2, input_perm=torch.arange(k, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -61,26 +61,30 @@ def test_cuda_extension_w4a16(m, dtype, variant):
     assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("variant", [3, 4], ids=["ahead2", "ring"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cuda_extension_two_chunks_ahead(dtype):
+def test_cuda_extension_lookahead_variants(dtype, variant):
     """Variant 3 (the tensor-core kernel requesting W two chunks ahead, the bench's `w4a16-cuda-ahead2`)
-    gives variant 2's bits: the same chunks summed in the same order, for every block shape the launcher
-    picks on this GPU (two tiles, one tile of 8 or of 16 warps) and both column blocks of x; with an
-    input scale or a channel order it refuses, naming variant 2."""
+    and variant 4 (W copied four chunks ahead into a ring in shared memory, `w4a16-cuda-ring`) give
+    variant 2's bits: the same chunks summed in the same order, for every block shape the launcher picks on
+    this GPU (two tiles, one tile of 8 or of 16 warps), both column blocks of x, and K from 1 to 12 chunks a
+    warp; with an input scale or a channel order they refuse, naming variant 2."""
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
     c_ops = torch.ops.minicpm_int4_C
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for n, k, group_size in ((64 * sms, 1024, 128), (4104, 2048, 32), (1000, 1536, -1)):  # 2 tiles; 1 x 8; 1 x 16 warps
+    # 2 tiles; 1 x 8; 1 x 16 warps; 2 tiles with 12 chunks a warp (the ring's wrap, three times over)
+    for n, k, group_size in ((64 * sms, 1024, 128), (4104, 2048, 32), (1000, 1536, -1), (64 * sms, 12288, 64)):
         qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
         bias = torch.randn(n, dtype=dtype, device="cuda")
         for m in (1, 5, 16, 17):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
-            y = c_ops.w4a16_gemm(x, qweight, scales, zeros, bias, gs, 3)
+            y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            c_ops.w4a16_gemm_out(x, qweight, scales, zeros, bias, gs, y, variant)
             assert torch.equal(y, c_ops.w4a16_gemm(x, qweight, scales, zeros, bias, gs, 2)), (n, k, m)
         assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x, dequant(qweight, scales, zeros, gs, dtype))
-    with pytest.raises(RuntimeError, match="variant 3 .* plain x only"):
-        c_ops.w4a16_gemm(x, qweight, scales, zeros, None, gs, 3, torch.ones(k, dtype=dtype, device="cuda"))
+    with pytest.raises(RuntimeError, match=f"variant {variant} .* plain x only"):
+        c_ops.w4a16_gemm(x, qweight, scales, zeros, None, gs, variant, torch.ones(k, dtype=dtype, device="cuda"))
 
 
 @pytest.mark.parametrize("variant", ["gemv", "mma"])

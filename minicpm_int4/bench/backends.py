@@ -144,6 +144,18 @@ class OursW4A16CudaAhead(_OursW4A16CudaVariant):
         super().__init__(max_m)
 
 
+class OursW4A16CudaRing(_OursW4A16CudaVariant):
+    """The CUDA extension's tensor-core kernel with W copied four chunks ahead (cp.async) into a ring in
+    shared memory (variant 4), beside "w4a16-cuda": three chunks of HBM reads in flight a warp while it
+    multiplies one, whatever the registers, against one in the default - what Little's law says the H200
+    run's 2.1 TB/s streaming rate lacked (csrc/w4a16_mma_core.cuh, warp_partials_ring). M = 1 (#5's
+    bandwidth target) to 16 (#3's 3x over fp16). Shapes the tensor-core kernel does not take: an error row."""
+    variant, label = 4, "w4a16-cuda-ring"
+
+    def __init__(self, max_m: Optional[int] = 16):
+        super().__init__(max_m)
+
+
 class _OursW4A16TritonSwitched(OursW4A16):
     """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), inside one of
     kernels/w4a16.py's measurement switches (context managers, not backends of ops.py)."""
@@ -462,7 +474,7 @@ def _import_helper():
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
-            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A8("triton"), OursW4A8TritonFlat(),
+            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

@@ -43,7 +43,8 @@ class Variant:
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
                                  # all: S (1: the layer's input scale multiplied into the loads of x);
                                  # mma, act_quant: P (1: x read through an act-order layer's channel order);
-                                 # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3);
+                                 # mma: A (chunks of W requested ahead: 1, or 2 for launcher variant 3; 4 with
+                                 # RING = 1: launcher variant 4, cp.async into a 4-slot ring in shared memory);
                                  # w4a8: WM (warps along M), GT (k-tiles per group at compile time, 0: run
                                  # time), MAGIC, NARROW; w4a8-wg: GT, FMA (fused epilogue),
                                  # BM (tokens a block: the wgmma's N, 128 or 64), NARROW
@@ -94,6 +95,9 @@ def _tool(name: str) -> str:
     raise RuntimeError(f"{name} not found (install the CUDA toolkit, or triton which bundles cuobjdump)")
 
 
+RING_DEPTH = 4  # csrc/w4a16_mma_core.cuh kRingDepth
+
+
 def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) -> Optional[Variant]:
     m = re.search(r"w4a16_gemv_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])E", name)
     if m:
@@ -113,11 +117,18 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
             v.loop_counts, v.weights_per_trip = dict(best[1]), 32.0 * r * best[0] // per_trip
         return v
     m = re.search(r"w4a16_mma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])ELb([01])ELi(\d+)E", name)
-    if m:
-        v = Variant(arch, "mma", _DTYPES[m.group(1)], {"NT": int(m.group(2)), "NB": int(m.group(3)),
-                                                       "POST": int(m.group(4)), "W": int(m.group(5)),
-                                                       "S": int(m.group(6)), "P": int(m.group(7)),
-                                                       "A": int(m.group(8))}, regs, spill, smem)
+    ring = re.search(r"w4a16_mma_ring_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])ELi(\d+)E", name)
+    if m or ring:
+        if ring:  # plain x only; A = the ring's slots (csrc/w4a16_mma_core.cuh kRingDepth)
+            groups = ring.groups() + ("0", "0", str(RING_DEPTH))
+        else:
+            groups = m.groups()
+        v = Variant(arch, "mma", _DTYPES[groups[0]], {"NT": int(groups[1]), "NB": int(groups[2]),
+                                                      "POST": int(groups[3]), "W": int(groups[4]),
+                                                      "S": int(groups[5]), "P": int(groups[6]),
+                                                      "A": int(groups[7])}, regs, spill, smem)
+        if ring:
+            v.params["RING"] = 1
         nt, nb = v.params["NT"], v.params["NB"]
         best = None  # the loop with the most tensor-core ops: 8 * NT * NB per 128-k chunk
         for loop in loop_bodies(sass):

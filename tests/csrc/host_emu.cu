@@ -17,6 +17,7 @@
 #include "../../csrc/w4a8_wgmma_core.cuh"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -105,20 +106,67 @@ int emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros,
 
 namespace mm = minicpm_int4_mma;
 
-template <typename T, int NT, int NB, bool POST, int W, int AHEAD = 1>
+// cp.async for the ring variant, per warp: each copy waits in its commit group until a wait lets that group
+// land (the oldest first, as cp.async.wait_group does), so a slot read before its group landed holds what
+// the ring held before - the poison it starts with, or an older chunk - and the result is wrong.
+struct HostCp {
+  struct Copy {
+    void* dst;
+    const void* src;
+    int bytes, size;
+  };
+  std::vector<std::vector<Copy>> groups;
+  std::vector<Copy> open;
+  // __host__ __device__ as the core's callers (host code only: the device pass sees empty bodies)
+  MINICPM_HD void copy16(void* dst, const void* src, int bytes) {
+#ifndef __CUDA_ARCH__
+    open.push_back({dst, src, bytes, 16});
+#endif
+  }
+  MINICPM_HD void commit() {
+#ifndef __CUDA_ARCH__
+    groups.push_back(open);
+    open.clear();
+#endif
+  }
+  template <int N> MINICPM_HD void wait() {
+#ifndef __CUDA_ARCH__
+    while (static_cast<int>(groups.size()) > N) {
+      for (const Copy& c : groups.front()) {
+        std::memset(c.dst, 0, static_cast<size_t>(c.size));
+        if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));  // reads only `bytes` of src
+      }
+      groups.erase(groups.begin());
+    }
+#endif
+  }
+};
+
+// mode: 0 the default, 1 two chunks of W ahead (variant 3), 2 the ring in shared memory (variant 4); 3 the
+// ring reading each slot one copy group too early (a control: the deferred copies must make it wrong)
+template <typename T, int NT, int NB, bool POST, int W, int MODE = 0>
 void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
   int lanes[32];
   for (int l = 0; l < 32; ++l) lanes[l] = l;
   std::vector<float> acc_store(static_cast<size_t>(W) * NT * NB * 32 * 4);
   auto acc = reinterpret_cast<float(*)[NT][NB][32][4]>(acc_store.data());
+  std::vector<unsigned char> ring(MODE >= 2 ? static_cast<size_t>(mm::ring_warp_bytes<NT>()) : 0);
   for (int n0 = 0; n0 < p.N; n0 += 16 * NT) {
     for (int w = 0; w < W; ++w) {
-      if (p.input_perm != nullptr)  // the launcher's choice of instantiation (never both)
+      if (p.input_perm != nullptr) {  // the launcher's choice of instantiation (never both)
         mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false, true>(p, n0, w, lanes, acc[w]);
-      else if (p.input_scale != nullptr)
+      } else if (p.input_scale != nullptr) {
         mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, true>(p, n0, w, lanes, acc[w]);
-      else
-        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false, false, AHEAD>(p, n0, w, lanes, acc[w]);
+      } else if constexpr (MODE >= 2) {
+        std::fill(ring.begin(), ring.end(), static_cast<unsigned char>(0xFF));  // poison: every nibble 15
+        HostCp cp;
+        constexpr int kWait = MODE == 3 ? mm::kRingDepth : mm::kRingDepth - 1;
+        mm::warp_partials_ring<T, NT, NB, POST, W, mm::HostMma, 32, HostCp, kWait>(p, n0, w, lanes, ring.data(), cp,
+                                                                                  acc[w]);
+      } else {
+        mm::warp_partials<T, NT, NB, POST, W, mm::HostMma, 32, false, false, MODE == 1 ? mm::kAheadDeep : 1>(
+            p, n0, w, lanes, acc[w]);
+      }
     }
     for (int slot = 0; slot < NT * NB * 4; ++slot) {
       const int e = slot & 3, nb = (slot >> 2) % NB, nt = (slot >> 2) / NB;
@@ -134,14 +182,17 @@ void mma_grid(const mm::Params<T>& p, const T* bias, T* out, long ldo) {
 }
 
 // The kernel's instantiations (csrc/w4a16_gemv.cu launch_mma_nb); false for any other choice.
-// deep: the variant-3 instantiation (two chunks of W ahead; plain x only, as the launcher).
+// mode 1 / 2: the variant-3 / variant-4 instantiations (plain x only, as the launcher); 3: the control above.
 template <typename T, int NB>
-bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, bool deep, const T* bias, T* out, long ldo) {
+bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, int mode, const T* bias, T* out, long ldo) {
   auto run = [&](auto nt_c, auto w_c) {
     constexpr int NTc = decltype(nt_c)::value, Wc = decltype(w_c)::value;
-    if (deep)
-      post ? mma_grid<T, NTc, NB, true, Wc, mm::kAheadDeep>(p, bias, out, ldo)
-           : mma_grid<T, NTc, NB, false, Wc, mm::kAheadDeep>(p, bias, out, ldo);
+    if (mode == 1)
+      post ? mma_grid<T, NTc, NB, true, Wc, 1>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc, 1>(p, bias, out, ldo);
+    else if (mode == 2)
+      post ? mma_grid<T, NTc, NB, true, Wc, 2>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc, 2>(p, bias, out, ldo);
+    else if (mode == 3)
+      post ? mma_grid<T, NTc, NB, true, Wc, 3>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc, 3>(p, bias, out, ldo);
     else
       post ? mma_grid<T, NTc, NB, true, Wc>(p, bias, out, ldo) : mma_grid<T, NTc, NB, false, Wc>(p, bias, out, ldo);
     return true;
@@ -156,10 +207,10 @@ bool mma_dispatch(const mm::Params<T>& p, int nt, int warps, bool post, bool dee
 template <typename T>
 int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* zeros, const T* bias, T* out, int M,
                 int N, int K, int group_size, long ldx, long ldo, int tiles, int warps, int sms, const T* ms,
-                const int32_t* perm, bool deep) {
+                const int32_t* perm, int mode) {
   if (!mm::mma_supported(K, group_size)) return -2;
   if (perm != nullptr && ms != nullptr) return -3;  // as the launcher: no such instantiation
-  if (deep && (perm != nullptr || ms != nullptr)) return -3;  // variant 3: plain x only
+  if (mode != 0 && (perm != nullptr || ms != nullptr)) return -3;  // variants 3 and 4: plain x only
   const bool post = mm::mma_post_scale(K, group_size);
   const int nt = tiles > 0 ? tiles : mm::mma_tiles_per_block(N, sms);
   const int w = warps > 0 ? warps : mm::mma_warps_per_block(N, nt, sms);
@@ -170,8 +221,8 @@ int mma_emulate(const T* x, const int32_t* qweight, const T* scales, const T* ze
     T* os = out + static_cast<long>(m0) * ldo;
     // the launcher applies it to every slice
     const int ws = mm::mma_warps_for_launch(w, rows, ms != nullptr || perm != nullptr);
-    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, ws, post, deep, bias, os, ldo)
-                             : mma_dispatch<T, 1>(p, nt, ws, post, deep, bias, os, ldo);
+    const bool ok = rows > 8 ? mma_dispatch<T, 2>(p, nt, ws, post, mode, bias, os, ldo)
+                             : mma_dispatch<T, 1>(p, nt, ws, post, mode, bias, os, ldo);
     if (!ok) return -1;
   }
   return 0;
@@ -388,24 +439,25 @@ int minicpm_int4_gemv_emulate(const void* x, const int32_t* qweight, const void*
 
 // The tensor-core kernel: tiles = N-tiles per block, warps = warps per block (0: as the launcher
 // picks with `sms` SMs); input_scale as above; input_perm NULL or int32 [K] (x read through it);
-// deep = 1: the launcher's variant 3 (two chunks of W ahead).
+// mode = 1 / 2: the launcher's variant 3 (two chunks of W ahead) / 4 (the ring in shared memory); 3: the
+// ring reading its slots one copy group early (a control, no launcher variant).
 // Returns 0, -1 for a tile count without an instantiation, -2 where the kernel does not apply,
-// -3 for an input scale and a channel order together, or either with deep (the launcher's
+// -3 for an input scale and a channel order together, or either with mode 1 or 2 (the launcher's
 // cudaErrorInvalidValue).
 int minicpm_int4_mma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                              const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
                              int dtype, int tiles, int warps, int sms, const void* input_scale,
-                             const int32_t* input_perm, int deep) {
+                             const int32_t* input_perm, int mode) {
   if (dtype == 0)
     return mma_emulate<__half>(static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales),
                                static_cast<const __half*>(zeros), static_cast<const __half*>(bias),
                                static_cast<__half*>(out), M, N, K, group_size, ldx, ldo, tiles, warps, sms,
-                               static_cast<const __half*>(input_scale), input_perm, deep != 0);
+                               static_cast<const __half*>(input_scale), input_perm, mode);
   return mma_emulate<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), qweight,
                                     static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
                                     static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
                                     group_size, ldx, ldo, tiles, warps, sms, static_cast<const __nv_bfloat16*>(input_scale),
-                                    input_perm, deep != 0);
+                                    input_perm, mode);
 }
 
 int minicpm_int4_mma_supported(int K, int group_size) { return mm::mma_supported(K, group_size) ? 1 : 0; }
