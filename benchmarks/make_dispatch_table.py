@@ -1,5 +1,5 @@
 """Write minicpm_int4/dispatch_table.json from a `minicpm-int4 bench` result: where the CUDA
-extension, at M = 1 the Triton tensor-core decode kernel, or past M = 16 the weight dequantized and
+extension (or its shared-memory ring variant), at M = 1 the Triton tensor-core decode kernel, or past M = 16 the weight dequantized and
 torch's matmul, measured faster than the Triton kernels' default, backend="auto" will use it on that
 GPU, and the faster of the two activation quantizers per (K, M) and of the two W4A8 paths per (N, K, M)
 (minicpm_int4/dispatch.py).
@@ -27,10 +27,11 @@ def main(argv=None) -> int:
         json.dump(table, f, indent=1)
     name = bench["env"]["device_name"]
     rules = table["devices"][name]["w4a16"]
-    wins = {b: sum(r["backend"] == b for r in rules) for b in ("cuda", "triton-tc", "triton-dq")}
+    wins = {b: sum(r["backend"] == b for r in rules) for b in ("cuda", "cuda-ring", "triton-tc", "triton-dq")}
     aq = table["devices"][name].get("act_quant", [])
     w8 = table["devices"][name].get("w4a8", [])
-    print(f"{args.out}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']}; "
+    print(f"{args.out}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']} (its shared-memory "
+          f"ring variant: {wins['cuda-ring']}); "
           f"where M = 1 is faster on the Triton tensor-core kernel than on the GEMV: {wins['triton-tc']}; "
           f"where the prefill is faster dequantized + matmul: {wins['triton-dq']}; the activation quantizer "
           f"timed at {len(aq)} (K, M), the CUDA one faster at {sum(e['backend'] == 'cuda' for e in aq)}; W4A8 (quantizer + "

@@ -3,13 +3,15 @@ shape and M, per GPU model, read from benchmark results; and likewise for the pe
 quantizer (Triton or the CUDA extension's, by K and M: act_quant_auto_backend) and the W4A8 GEMM (Triton
 or the CUDA extension's, by N, K, M and the group size measured: w4a8_auto_backend).
 
-Four candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
+Five candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
 M = 1, the fused prefill kernel past M = 16), "triton-tc" (M = 1 on the Triton tensor-core decode
 kernel instead of the GEMV: fewer instructions per weight, split-K finished in the same launch with the
-layer's workspace), "cuda" (the extension, M <= 16) and "triton-dq" (M > 16: the weight dequantized
-whole by a Triton kernel, then torch's matmul). `minicpm_int4/dispatch_table.json` (package data) is
+layer's workspace), "cuda" (the extension, M <= 16), "cuda-ring" (the extension's tensor-core kernel
+with W through a ring in shared memory, launcher variant 4, M <= 16: for a layer it does not take - an
+input scale, a channel order, K % 128 != 0 or a group size that is no power of two - ops.py runs "cuda"'s
+kernel) and "triton-dq" (M > 16: the weight dequantized whole by a Triton kernel, then torch's matmul). `minicpm_int4/dispatch_table.json` (package data) is
 written by `python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench`
-run (rows `w4a16-triton`, `w4a16-triton-tc`, `w4a16-cuda`, `w4a16-triton-dq`): a decode entry names an
+run (rows `w4a16-triton`, `w4a16-triton-tc`, `w4a16-cuda`, `w4a16-cuda-ring`, `w4a16-triton-dq`): a decode entry names an
 (N, K, M) where another candidate was measured faster than "triton", with every candidate's median, so
 that the lookup can take the fastest of those available (no extension built: the better Triton
 kernel). Past M = 16 every measured (N, K, M) is an entry, and a query takes the one at the largest
@@ -35,6 +37,7 @@ PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d
 TABLE_ENV = "MINICPM_INT4_DISPATCH_TABLE"
 TABLE_PATH = os.environ.get(TABLE_ENV) or PACKAGE_TABLE_PATH  # the table "auto" reads
 CUDA_MAX_M = 16
+CUDA_CANDIDATES = ("cuda", "cuda-ring")  # the W4A16 candidates that need the extension
 # "triton-dq" holds the layer's weight dequantized (2 bytes a weight) for the call's length: past this size
 # "auto" keeps the fused prefill kernel whatever was measured (a 150k-vocabulary lm_head would take 1.2 GB)
 DEQUANT_MAX_BYTES = 256 * 2**20
@@ -90,8 +93,9 @@ def _prefill_ms(device_name: str, path: str) -> Dict:
 
 def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available: bool,
                        path: str = TABLE_PATH, device_name: Optional[str] = None) -> str:
-    """"triton", "triton-tc", "cuda" or "triton-dq": the fastest measured for this GPU, (N, K) and M among
-    those available (cuda_available: the extension is built); "triton" where nothing was measured."""
+    """"triton", "triton-tc", "cuda", "cuda-ring" or "triton-dq": the fastest measured for this GPU, (N, K)
+    and M among those available (cuda_available: the extension is built); "triton" where nothing was
+    measured."""
     device_name = device_name or _device_name(device_index)
     if m > CUDA_MAX_M:
         measured = [mm for mm in _prefill_ms(device_name, path).get((n, k), ()) if mm <= m]
@@ -103,7 +107,7 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     times = _cached_rules(device_name, path).get((n, k, m))
     if not times:
         return "triton"
-    usable = {b: t for b, t in times.items() if (b != "cuda" or cuda_available)
+    usable = {b: t for b, t in times.items() if (b not in CUDA_CANDIDATES or cuda_available)
               and (b != "triton-dq" or 2 * n * k <= DEQUANT_MAX_BYTES)}
     return min(usable, key=usable.get) if usable else "triton"
 
@@ -176,16 +180,16 @@ def describe(device_name: Optional[str] = None) -> Dict:
 
 
 # bench row -> candidate; "triton-tc" is an M = 1 choice (the decode kernel already runs M = 2..16), "cuda"
-# one of M <= 16, "triton-dq" one of M > 16
+# and "cuda-ring" ones of M <= 16, "triton-dq" one of M > 16
 _CANDIDATES = {"w4a16-triton": "triton", "w4a16-triton-tc": "triton-tc", "w4a16-cuda": "cuda",
-               "w4a16-triton-dq": "triton-dq"}
+               "w4a16-cuda-ring": "cuda-ring", "w4a16-triton-dq": "triton-dq"}
 
 
 def _candidate(r: Dict) -> Optional[str]:
     cand = _CANDIDATES.get(r["backend"])
     if cand is None or r.get("check") != "ok":
         return None
-    if cand == "triton-tc" and r["m"] != 1 or cand == "cuda" and r["m"] > CUDA_MAX_M:
+    if cand == "triton-tc" and r["m"] != 1 or cand in CUDA_CANDIDATES and r["m"] > CUDA_MAX_M:
         return None
     if cand == "triton-dq" and r["m"] <= CUDA_MAX_M:
         return None
@@ -216,7 +220,7 @@ def _w4a8_entries(bench: Dict) -> list:
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
-    """Add one GPU's measurements to a dispatch table: an entry wherever "triton-tc" or "cuda" beat
+    """Add one GPU's measurements to a dispatch table: an entry wherever "triton-tc", "cuda" or "cuda-ring" beat
     "triton"'s median for a decode (N, K, M), and for every prefill (N, K, M) where "triton-dq" was timed
     beside "triton" (the prefill lookup needs the M where "triton" won too), with all the candidates'
     medians."""

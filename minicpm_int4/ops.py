@@ -79,6 +79,12 @@ def _cuda_ext():
     return torch.ops.minicpm_int4_C, None
 
 
+def cuda_mma_supported(k: int, group_size: int) -> bool:
+    """Whether the CUDA extension's W4A16 tensor-core kernel takes a layer (csrc/w4a16_mma_core.cuh,
+    mma_supported): K % 128 == 0 and a group size that is a power of two >= 32, or per channel (= K)."""
+    return k % 128 == 0 and (group_size == k or (group_size >= 32 and group_size & (group_size - 1) == 0))
+
+
 def cuda_w4a8_supported(k: int, group_size: int) -> bool:
     """Whether the CUDA W4A8 kernel takes a layer of K input features and this group size (K for per
     channel): K % 16 == 0 (its 16-byte rows of x_q) and a group size that is a multiple of 32 dividing K,
@@ -114,7 +120,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
 
     Meta tensors always take "torch" (shapes only).
     "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
-    GPU and `shape` - W4A16's (M, N, K): "cuda" (the extension, when built), at M = 1 "triton-tc" (the
+    GPU and `shape` - W4A16's (M, N, K): "cuda" or "cuda-ring" (the extension, when built; the second its
+    tensor-core kernel with W through a ring in shared memory), at M = 1 "triton-tc" (the
     Triton tensor-core decode kernel instead of the GEMV), at M > 16 "triton-dq" (the weight
     dequantized by a Triton kernel, then torch's matmul, instead of the fused prefill kernel); the
     activation quantizer's (M, K) and the W4A8 GEMM's (M, N, K, group size): "cuda" where its kernel was
@@ -144,7 +151,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
                                          ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g))
             else:  # W4A16, shape (M, N, K)
                 pick = w4a16_auto_backend(*shape, device.index or 0, ext_ok)
-            if pick == "cuda" or (pick in ("triton-tc", "triton-dq") and triton_ok):
+            if pick in ("cuda", "cuda-ring") or (pick in ("triton-tc", "triton-dq") and triton_ok):
                 return pick
         return "triton" if triton_ok else "torch"
     if backend == "triton":
@@ -311,11 +318,16 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale,
                                                       input_perm=input_perm, dequant_matmul=dq)
-    if be == "cuda":  # the CUDA kernels multiply the input scale into x as they load it, and the
+    if be in ("cuda", "cuda-ring"):  # the CUDA kernels multiply the input scale into x as they load it, and the
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:
             x, input_perm = _gathered(x, input_perm), None
-        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 0, input_scale, input_perm)
+        # "cuda-ring" (measured faster for this shape): launcher variant 4 where it takes the layer - plain x
+        # and the tensor-core kernel's layouts - else the extension's own choice (variant 0)
+        ring = (be == "cuda-ring" and input_scale is None and input_perm is None
+                and cuda_mma_supported(x.shape[1], group_size))
+        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 4 if ring else 0, input_scale,
+                                         input_perm)
     x = _gathered(x, input_perm)  # the reference takes x gathered
     if input_scale is not None:  # the reference takes x * m (a pass of its own)
         x = x * input_scale

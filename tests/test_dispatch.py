@@ -150,6 +150,57 @@ def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
     assert pick(4096, True, m=4) == "triton"
 
 
+def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, monkeypatch):
+    # the bench's w4a16-cuda-ring rows (launcher variant 4) enter the table like w4a16-cuda's, M <= 16 only;
+    # without the extension the lookup falls back to Triton
+    rows = [
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.008},
+        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda-ring", "median_ms": 0.006},
+        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.004},
+        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.003},
+        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-cuda-ring", "median_ms": 0.0035},
+        {"n": 4096, "k": 4096, "m": 64, "backend": "w4a16-triton", "median_ms": 0.02},
+        {"n": 4096, "k": 4096, "m": 64, "backend": "w4a16-cuda-ring", "median_ms": 0.01},  # not an M > 16 choice
+    ]
+    table = table_from_bench(_bench("GPU-A", rows))
+    assert [(r["n"], r["m"], r["backend"]) for r in table["devices"]["GPU-A"]["w4a16"]] == [
+        (1024, 1, "cuda"), (4096, 1, "cuda-ring")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    assert w4a16_auto_backend(1, 4096, 4096, 0, True, str(path), "GPU-A") == "cuda-ring"
+    assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"
+    assert w4a16_auto_backend(1, 1024, 4096, 0, True, str(path), "GPU-A") == "cuda"
+
+    # ops runs a "cuda-ring" pick as variant 4 where the kernel takes the layer, else the extension's own choice
+    import torch
+
+    from minicpm_int4 import ops
+
+    seen = []
+
+    class Ext:
+        @staticmethod
+        def w4a16_gemm(x, qweight, scales, zeros, bias, group_size, variant, input_scale, input_perm):
+            seen.append(variant)
+            return x.new_zeros((x.shape[0], qweight.shape[0]))
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "cuda-ring")
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext, None))
+    x, qweight = torch.randn(2, 256, dtype=torch.float16), torch.zeros(8, 32, dtype=torch.int32)
+    scales = torch.ones(8, 2, dtype=torch.float16)
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 128, "auto")
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 128, "auto", None, torch.ones(256, dtype=torch.float16))
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 128, "auto", None, None,
+                       torch.randperm(256, generator=torch.Generator().manual_seed(0)).to(torch.int32))
+    x96, q96 = torch.randn(2, 192, dtype=torch.float16), torch.zeros(8, 24, dtype=torch.int32)
+    s96 = torch.ones(8, 2, dtype=torch.float16)
+    ops._w4a16_gemm_op(x96, q96, s96, s96, None, 96, "auto")  # K % 128 != 0: not the tensor-core kernel's
+    assert seen == [4, 0, 0, 0]
+    assert ops.cuda_mma_supported(4096, 4096) and ops.cuda_mma_supported(4096, 32)
+    assert not ops.cuda_mma_supported(4096, 16) and not ops.cuda_mma_supported(4304, 4304)
+
+
 def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatch):
     # ops routes a "triton-tc" pick to the decode kernel when the layer's workspace is there (the
     # table was measured so); a bare call without one keeps the GEMV

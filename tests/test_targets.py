@@ -86,6 +86,20 @@ def test_w4a8_cuda_rows_give_the_faster_w4a8_path_its_own_lines():
     assert "| w4a8-cuda | w4a8-triton | 4096 | 0.97x (0.78 - 1.17, 2) | 1.17x (1.17 - 1.17, 1) |" in variant_lines(bench)
 
 
+def test_cuda_ring_rows_give_the_auto_cuda_bandwidth_line():
+    ts = check_targets(_bench())
+    assert not any(t.what.startswith("CUDA extension as backend='auto'") for t in ts)  # no ring rows: no line
+    bench = _bench()
+    fp = 0.040
+    bench["rows"] += [_row("minicpmv4.6", 4096, 4096, 1, "w4a16-cuda-ring", 0.0080, fp, pct=95.0),  # beats 92%
+                      _row("llama3-v2.5", 14336, 4096, 1, "w4a16-cuda-ring", 0.0120, fp, pct=70.0)]  # 92% counts
+    auto = _by_what(check_targets(bench), "CUDA extension as backend='auto'")
+    assert auto.per_shape == [("minicpmv4.6 4096 x 4096", pytest.approx(95.0)),
+                              ("llama3-v2.5 14336 x 4096", pytest.approx(92.0))]
+    assert auto.verdict == "met"
+    assert _by_what(check_targets(bench), "CUDA extension, M = 1").per_shape[0][1] == pytest.approx(92.0)
+
+
 def test_unmeasured_and_equal_are_not_met():
     bench = _bench()
     bench["rows"] = [r for r in bench["rows"] if r["backend"] != "w4a16-cuda"]      # extension not built

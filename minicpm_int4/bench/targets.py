@@ -169,6 +169,15 @@ def check_targets(bench: Dict) -> List[Target]:
     out.append(_collect(bench, Target(5, "CUDA extension, M = 1: % of copy bandwidth", 90, "%"), large, cuda_bw))
     out.append(_collect(bench, Target(5, "CUDA extension over the faster Triton kernel (time ratio), M = 1", 1.0, "x",
                                       strict=True), large, cuda_over_triton))
+
+    def cuda_auto_bw(by, s):  # the faster of the default and the shared-memory ring, as the dispatch table picks
+        rows = [r for r in (_row(by, s, 1, "w4a16-cuda"), _row(by, s, 1, "w4a16-cuda-ring")) if r]
+        return max(r["pct_copy_bw"] for r in rows) if rows else None
+
+    if any(r["backend"] == "w4a16-cuda-ring" for r in bench.get("rows", [])):
+        out.append(_collect(bench, Target(5, "CUDA extension as backend='auto' takes it (the faster of the default and "
+                                          "the shared-memory ring), M = 1: % of copy bandwidth", 90, "%"),
+                            large, cuda_auto_bw))
     return out
 
 
