@@ -19,6 +19,7 @@
 
 #include "cp_async.cuh"
 #include "launchers.h"
+#include "smem_opt_in.h"
 #include "w4a16_gemv_core.cuh"
 #include "w4a16_mma_core.cuh"
 
@@ -217,14 +218,9 @@ template <typename T, int NT, int NB, bool POST, int W>
 void launch_mma_ring(const minicpm_int4_mma::Params<T>& p, const T* bias, T* out, long ldo, cudaStream_t stream) {
   constexpr int kSmem = W * minicpm_int4_mma::ring_warp_bytes<NT>();
   static bool done[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return;  // the launcher's cudaGetLastError reports it
-  if (dev >= 64 || !done[dev]) {
-    if (cudaFuncSetAttribute(w4a16_mma_ring_kernel<T, NT, NB, POST, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kSmem) != cudaSuccess)
-      return;
-    if (dev < 64) done[dev] = true;
-  }
+  if (minicpm_int4_launch::opt_in_smem(done, reinterpret_cast<const void*>(w4a16_mma_ring_kernel<T, NT, NB, POST, W>),
+                                       kSmem) != cudaSuccess)
+    return;  // the launcher's cudaGetLastError reports it
   const dim3 grid((p.N + 16 * NT - 1) / (16 * NT));
   w4a16_mma_ring_kernel<T, NT, NB, POST, W><<<grid, 32 * W, kSmem, stream>>>(p, bias, out, ldo);
 }

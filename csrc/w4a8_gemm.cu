@@ -13,6 +13,7 @@
 
 #include "cp_async.cuh"
 #include "launchers.h"
+#include "smem_opt_in.h"
 #include "w4a8_gemm_core.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -77,14 +78,8 @@ __global__ void __launch_bounds__(w8::Block<WM>::kThreads, 1) w4a8_gemm_kernel(w
 template <int WM, int GT, bool MAGIC, bool NARROW_W, typename SZ>
 cudaError_t opt_in_smem() {
   static bool done[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 64 && done[dev]) return cudaSuccess;
-  err = cudaFuncSetAttribute(w4a8_gemm_kernel<WM, GT, MAGIC, NARROW_W, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             w8::Block<WM>::kSmemBytes);
-  if (err == cudaSuccess && dev < 64) done[dev] = true;
-  return err;
+  return minicpm_int4_launch::opt_in_smem(done, reinterpret_cast<const void*>(w4a8_gemm_kernel<WM, GT, MAGIC, NARROW_W, SZ>),
+                                          w8::Block<WM>::kSmemBytes);
 }
 
 template <int WM, int GT, bool MAGIC, bool NARROW_W, typename SZ>

@@ -18,6 +18,7 @@
 
 #include "cp_async.cuh"
 #include "launchers.h"
+#include "smem_opt_in.h"
 #include "w4a8_wgmma_core.cuh"
 #include "wgmma_s8.cuh"
 
@@ -181,15 +182,9 @@ template <int GT, bool FMA, typename SZ, int BM, bool NARROW>
 cudaError_t launch(const w8::Params& p, int sms, cudaStream_t stream) {
   using T = wg::Tile<BM>;
   static bool done[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = minicpm_int4_launch::opt_in_smem(
+      done, reinterpret_cast<const void*>(w4a8_wgmma_kernel<GT, FMA, SZ, BM, NARROW>), T::kSmemBytes);
   if (err != cudaSuccess) return err;
-  if (dev >= 64 || !done[dev]) {
-    err = cudaFuncSetAttribute(w4a8_wgmma_kernel<GT, FMA, SZ, BM, NARROW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               T::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (dev < 64) done[dev] = true;
-  }
   w4a8_wgmma_kernel<GT, FMA, SZ, BM, NARROW><<<static_cast<unsigned>(wg::grid_ctas<BM>(p.M, p.N, sms)),
                                                wg::kThreads, T::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

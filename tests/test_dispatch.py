@@ -153,16 +153,10 @@ def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
 def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, monkeypatch):
     # the bench's w4a16-cuda-ring rows (launcher variant 4) enter the table like w4a16-cuda's, M <= 16 only;
     # without the extension the lookup falls back to Triton
-    rows = [
-        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
-        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.008},
-        {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda-ring", "median_ms": 0.006},
-        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.004},
-        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.003},
-        {"n": 1024, "k": 4096, "m": 1, "backend": "w4a16-cuda-ring", "median_ms": 0.0035},
-        {"n": 4096, "k": 4096, "m": 64, "backend": "w4a16-triton", "median_ms": 0.02},
-        {"n": 4096, "k": 4096, "m": 64, "backend": "w4a16-cuda-ring", "median_ms": 0.01},  # not an M > 16 choice
-    ]
+    times = {(4096, 1): (0.010, 0.008, 0.006), (1024, 1): (0.004, 0.003, 0.0035),
+             (4096, 64): (0.02, None, 0.01)}  # (N, M): Triton, CUDA, ring; M = 64 is not a ring choice
+    rows = [{"n": n, "k": 4096, "m": m, "backend": b, "median_ms": t} for (n, m), ts in times.items()
+            for b, t in zip(("w4a16-triton", "w4a16-cuda", "w4a16-cuda-ring"), ts) if t is not None]
     table = table_from_bench(_bench("GPU-A", rows))
     assert [(r["n"], r["m"], r["backend"]) for r in table["devices"]["GPU-A"]["w4a16"]] == [
         (1024, 1, "cuda"), (4096, 1, "cuda-ring")]
