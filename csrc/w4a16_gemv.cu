@@ -117,8 +117,8 @@ struct DeviceCp {
   }
 };
 
-// Variant 4: the tensor-core kernel with W, scales and zero points copied kRingDepth chunks ahead into a
-// ring in shared memory (dynamic: W x ring_warp_bytes<NT>, 32 - 64 KiB).
+// Variant 4: the tensor-core kernel with W copied kRingDepth chunks ahead into a ring in shared memory
+// (dynamic: W x ring_warp_bytes<NT>, 32 - 64 KiB; scales and zero points as far ahead in registers).
 // One block an SM is all it asks for (minBlocks 1): one tile takes 64 - 128 registers (two or three blocks of
 // 8 warps an SM anyway), two tiles 128 - 200 (one block, still 48 KiB of W in flight); left to its default,
 // ptxas held the two-tile loops at 128 and spilled in them.
