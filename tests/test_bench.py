@@ -583,13 +583,15 @@ def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, 
     monkeypatch.setattr(shapes_mod, "all_shapes", lambda models: TINY[1:])
     out = tmp_path / "b"
     rc = main(["bench", "--allow-cpu", "--ms", "1,17", "--rep-ms", "1", "--out", str(out),
-               "--backends", "w4a16-triton-prefetch,w4a16-triton,w4a16-cuda-ahead2,w4a16-triton-dq,w4a8-triton-flat"])
+               "--backends", "w4a16-triton-prefetch,w4a16-triton,w4a16-cuda-ahead2,w4a16-triton-dq,w4a8-triton-flat,"
+               "w4a16-triton-rhs"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
     by_m = {m: {r["backend"] for r in res["rows"] if r["m"] == m} for m in (1, 17)}
-    # the prefetching GEMV is an M = 1 variant, dequantization + matmul and W4A8's flat group loop prefill ones
+    # the prefetching GEMV is an M = 1 variant, dequantization + matmul, the prefill tile as x @ W.T and W4A8's
+    # flat group loop prefill ones
     assert by_m == {1: {"fp16", "w4a16-triton", "w4a16-triton-prefetch"},
-                    17: {"fp16", "w4a16-triton", "w4a16-triton-dq", "w4a8-triton-flat"}}
+                    17: {"fp16", "w4a16-triton", "w4a16-triton-dq", "w4a16-triton-rhs", "w4a8-triton-flat"}}
     assert all(r["check"] in ("ok", "unchecked") for r in res["rows"])
     # the host time of a Triton backend's call is also taken with Triton's own launch (kernels/_launch.py)
     for r in res["rows"]:
@@ -597,10 +599,10 @@ def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, 
         assert (r["host_us_triton_launch"] > 0) if triton_row else r["host_us_triton_launch"] is None, r
     assert "| host us | host us, Triton's launch | GPU us |" in (out / "bench.md").read_text()
     assert res["config"]["backends"] == ["fp16", "w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-dq",
-                                         "w4a16-cuda-ahead2", "w4a8-triton-flat"]
+                                         "w4a16-triton-rhs", "w4a16-cuda-ahead2", "w4a8-triton-flat"]
     assert "w4a16-cuda-ahead2" in res["skipped"]  # no CUDA extension here: skipped, named
-    assert ("[bench] backends: fp16, w4a16-triton, w4a16-triton-prefetch, w4a16-triton-dq, w4a16-cuda-ahead2, "
-            "w4a8-triton-flat" in capsys.readouterr().out)
+    assert ("[bench] backends: fp16, w4a16-triton, w4a16-triton-prefetch, w4a16-triton-dq, w4a16-triton-rhs, "
+            "w4a16-cuda-ahead2, w4a8-triton-flat" in capsys.readouterr().out)
     with pytest.raises(ValueError, match=r"unknown backend\(s\) \['nosuch'\]: choose from fp16,w4a16-triton,"):
         B.select_backends(["nosuch"])
 

@@ -48,29 +48,40 @@ def test_w4a16_triton_matches_reference(m, group_size, dtype, has_bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("m", [17, 64], ids=lambda m: f"M{m}")
-def test_w4a16_prefill_row_dequant_matches_reference(m, group_size, dtype, monkeypatch):
-    # the prefill kernel's sm_90 path (W tile dequantized as rows, then transposed for the dot);
-    # the test above runs the [K, N] path the interpreter picks by default
+@pytest.mark.parametrize("lhs", [True, False], ids=["w-lhs", "w-rhs"])
+def test_w4a16_prefill_row_dequant_matches_reference(m, group_size, dtype, lhs, monkeypatch):
+    # the prefill kernel's GPU path (W tile dequantized as rows): the product computed transposed, the rows
+    # the dot's first operand (PREFILL_W_LHS), or the rows transposed as its second; the test above runs the
+    # [K, N] path the interpreter picks by default
     from minicpm_int4.kernels import w4a16
 
     monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", True)
+    monkeypatch.setattr(w4a16, "PREFILL_W_LHS", lhs)
+    launched = []
+    monkeypatch.setattr(w4a16, "_w4a16_prefill_kernel", _Recording(w4a16._w4a16_prefill_kernel, "prefill", launched,
+                                                                   flags=("W_LHS",)))
     n, k = SHAPES[group_size]
+    if group_size == -1 and lhs:  # a K the K tile (32 here) divides: ragged K takes x @ W.T (PREFILL_W_LHS)
+        k = 224
     _check_triton_vs_reference(n, k, group_size, m, dtype, weight_seed=m * n + 1, x_seed=m)
+    assert launched == ["prefill" + (" W_LHS" if lhs else "")]
 
 
 def test_w4a16_prefill_paths_dequantize_alike(monkeypatch):
-    # both prefill paths round (q - z) * s once to the dtype (the reference's rule): with x one-hot
-    # rows each output is one dequantized weight, so the two paths must agree bit for bit
+    # every prefill path rounds (q - z) * s once to the dtype (the reference's rule): with x one-hot
+    # rows each output is one dequantized weight, so the [K, N] tile and the row tile, either side of
+    # the dot, must agree bit for bit
     from minicpm_int4.kernels import w4a16
 
     n, k = 45, 192
     qweight, scales, zeros, gs = random_qweight(n, k, 64, torch.bfloat16, seed=3)
     x = torch.eye(k, dtype=torch.bfloat16)[:32]
     outs = []
-    for rows in (False, True):
+    for rows, lhs in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", rows)
+        monkeypatch.setattr(w4a16, "PREFILL_W_LHS", lhs)
         outs.append(ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="triton"))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.equal(outs[1], dequant(qweight, scales, zeros, gs, torch.bfloat16)[:, :32].t())
 
 
@@ -325,12 +336,14 @@ def test_w4a16_gemv_splitk_in_one_launch(case, dtype, monkeypatch):
 
 
 # (M, kernel, case, variant: the decode kernel's m as x.T's tile (sm_90) or as a column (sm_80); the
-# prefill kernel's weight tile dequantized as rows (sm_90) or as [K, N])
+# prefill kernel's weight tile dequantized as rows (GPUs; "rhs": the rows the dot's second operand,
+# PREFILL_W_LHS False) or as [K, N])
 INPUT_SCALE_CASES = [(1, "gemv", case, None) for case in GEMV_CASES] + [
     (m, "decode", case, False) for m in (3, 16) for case in DECODE_CASES] + [
     (16, "decode", case, True) for case in ("even-g32", "masked-n-g64", "masked-split-g32")] + [
     (17, "prefill", "masked-n-g64", False), (64, "prefill", "even-g32", False),
-    (17, "prefill", "masked-k-per-channel", True), (33, "prefill", "even-g128-split", True)]
+    (17, "prefill", "masked-k-per-channel", True), (33, "prefill", "even-g128-split", True),
+    (17, "prefill", "masked-n-g64", "rhs")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -344,7 +357,8 @@ def test_input_scale_multiplied_as_x_is_loaded(m, kernel, case, tile, dtype, mon
     from minicpm_int4.kernels import w4a16
 
     if kernel == "prefill":
-        monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", tile)
+        monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", bool(tile))
+        monkeypatch.setattr(w4a16, "PREFILL_W_LHS", tile != "rhs")
     else:
         monkeypatch.setattr(w4a16, "SCALE_AS_TILE", tile)
     n, k, group_size = (GEMV_CASES if kernel == "gemv" else DECODE_CASES)[case]
@@ -490,15 +504,15 @@ def test_input_perm_gathered_first_where_not_fused(m, flag, monkeypatch):
 
 
 class _Recording:
-    """A launched Triton kernel, its name recorded (kernel[grid](...) passes through), with the
-    HAS_SCALE / HAS_PERM flags it was launched with."""
+    """A launched Triton kernel, its name recorded (kernel[grid](...) passes through), with the flags
+    (HAS_SCALE / HAS_PERM by default) it was launched with."""
 
-    def __init__(self, kernel, name, log):
-        self.kernel, self.name, self.log = kernel, name, log
+    def __init__(self, kernel, name, log, flags=("HAS_SCALE", "HAS_PERM")):
+        self.kernel, self.name, self.log, self.flags = kernel, name, log, flags
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.log.append(self.name + "".join(f" {flag}" for flag in ("HAS_SCALE", "HAS_PERM") if kwargs.get(flag)))
+            self.log.append(self.name + "".join(f" {flag}" for flag in self.flags if kwargs.get(flag)))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -506,8 +520,9 @@ class _Recording:
 def test_prefill_config_choice_on_a_gpu(monkeypatch):
     # What the autotuner may time on a GPU (the interpreter has a single config, so CI never runs
     # this choice): fp32 layers get their own small FMA tiles, fp16/bf16 the tensor-core ones, and
-    # 128x256 only from sm_90. Also the row-dequantized tile only for 64-wide K tiles (on sm_80 only
-    # with a Triton where it measured cheaper).
+    # 128x256 only from sm_90, the 256-token tiles only there and only for the transposed product
+    # (W_LHS: BLOCK_M is its wgmma's n). Also the row-dequantized tile only for 64-wide K tiles (on sm_80
+    # only with a Triton where it measured cheaper).
     from minicpm_int4.kernels import _common, w4a16
 
     monkeypatch.setattr(w4a16, "INTERPRET", False)
@@ -520,6 +535,9 @@ def test_prefill_config_choice_on_a_gpu(monkeypatch):
         assert tiles(fp32) == {(bm, bn, w) for bm, bn, w, _ in w4a16.FP32_PREFILL_TILES}
         tc = prune(cfgs, {}, DOT_FP32=False)
         assert not tiles(tc) & tiles(fp32) and ((128, 256, 8) in tiles(tc)) == (cap >= 90)
+        assert not any(bm == 256 for bm, _, _ in tiles(tc))
+        lhs = prune(cfgs, {}, DOT_FP32=False, W_LHS=True)
+        assert tiles(lhs) - tiles(tc) == ({(256, 128, 8), (256, 64, 4)} if cap >= 90 else set())
         assert w4a16._prefill_w_rows(torch.device("cpu"), 64) == (cap >= 90 or w4a16.ROW_TILE_ON_SM80)
         assert not w4a16._prefill_w_rows(torch.device("cpu"), 32)
 

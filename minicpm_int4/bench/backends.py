@@ -223,6 +223,21 @@ class OursW4A16TritonDequant(_OursW4A16TritonSwitched):
         return m > CUDA_MAX_M  # (past the decode sizes: the switch changes only M > 16)
 
 
+class OursW4A16TritonRhs(_OursW4A16TritonSwitched):
+    """M > 16 on the fused prefill kernel with the weight's row tile as the dot's second operand, y = x @ W.T
+    (kernels/w4a16.py PREFILL_W_LHS = False: each K step's wgmma waits for the last to finish), beside
+    `w4a16-triton`'s transposed product, whose wgmma reads the weight from registers with one in flight:
+    these rows tell whether that overlap is worth the layout's extra instructions per weight."""
+    switch = "rhs_prefill"
+
+    def __init__(self):
+        super().__init__("w4a16-triton-rhs")
+        self.max_m = None
+
+    def supports(self, m):
+        return m > CUDA_MAX_M  # (past the decode sizes: the switch changes only M > 16)
+
+
 class OursW4A8(_Ours):
     """Activation quantization + int8 x int4 GEMM, timed together: the path a W4A8 layer runs from
     ops.W4A8_MIN_M rows on (below it the layer runs W4A16, the w4a16 rows). `w4a8-triton`: the Triton
@@ -473,7 +488,7 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16("cuda", max_m=16),
+            OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),

@@ -199,7 +199,7 @@ def _plt():
 
 
 # The backends the plots draw: fp16 (the baseline), our default kernels - what "auto" chooses between - and the
-# peers. The bench's measurement variants (Backend.is_variant: prefetch, dq, unsplit, tc, ahead2, ring, flat, the forced
+# peers. The bench's measurement variants (Backend.is_variant: prefetch, dq, rhs, unsplit, tc, ahead2, ring, flat, the forced
 # CUDA W4A8 kernels and block sizes; bench/targets.py VARIANTS) stay in bench.md and targets.md; a line each in
 # every panel made the plots unreadable (~15 backends x 12 shapes in one panel).
 PLOTTED_OURS = ("w4a16-triton", "w4a16-cuda", "w4a8-triton", "w4a8-cuda")

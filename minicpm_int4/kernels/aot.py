@@ -80,6 +80,11 @@ class Compiled:
     sass_counts: Dict[str, int] = field(default_factory=dict)   # SASS opcode -> static count
     loop_sass: Dict[str, int] = field(default_factory=dict)     # the same, innermost hot loop only
     error: Optional[str] = None
+    # Hopper's wgmma: how many read their A operand from registers (the rest from shared memory), and the
+    # most wgmma groups a wait lets stay in flight (wgmma.wait_group N; 0: each waits for the last to finish,
+    # so nothing else overlaps the tensor cores). None without wgmma.
+    wgmma_a_registers: Optional[int] = None
+    wgmma_in_flight: Optional[int] = None
 
     @property
     def vector_bytes(self) -> int:
@@ -351,6 +356,11 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     loads.update(f"cp.async.b{8 * int(b, 0)}" for b in
                  re.findall(r"cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)", ptx))
     mma = Counter(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)(?:\.[a-z0-9]+)*", ptx))
+    wgmma = re.findall(r"\bwgmma\.mma_async[^;]*;", ptx)
+    # `{d...}, {a0, a1, a2, a3}, b_desc`: A from registers; `{d...}, a_desc, b_desc`: from shared memory
+    a_registers = sum(1 for w in wgmma if re.search(r"\}\s*,\s*\{", w)) if wgmma else None
+    pending = [int(p) for p in re.findall(r"\bwgmma\.wait_group(?:\.sync)?(?:\.aligned)?\s+(\d+)", ptx)]
+    in_flight = (max(pending) if pending else 0) if wgmma else None
     regs, stack = 0, 0
     total, loop = {}, {}
     with tempfile.TemporaryDirectory() as d:
@@ -367,7 +377,7 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
                     options=launch.options, smem_limit=arch.smem_limit, regs=regs, spill_bytes=stack,
                     smem=compiled.metadata.shared, global_loads=dict(loads), tensor_core=dict(mma),
-                    sass_counts=total, loop_sass=loop)
+                    sass_counts=total, loop_sass=loop, wgmma_a_registers=a_registers, wgmma_in_flight=in_flight)
 
 
 def _failed(launch: Launch, arch: Arch, error: str) -> Compiled:
@@ -466,6 +476,8 @@ def format_table(results: Sequence[Compiled]) -> str:
         cfg = " ".join(f"{k}={v}" for k, v in c.constexprs.items() if k.startswith(("BLOCK", "SPLIT", "GROUP", "EVEN", "FIXUP")))
         cfg += f" w{c.options.get('num_warps')} s{c.options.get('num_stages')}"
         tc = ", ".join(sorted(c.tensor_core)) or "-"
+        if c.wgmma_a_registers is not None:
+            tc += f" (A from {'registers' if c.wgmma_a_registers else 'shared memory'}, {c.wgmma_in_flight} in flight)"
         ipw = loop_instructions_per_weight(c)
         lines.append(f"| {c.arch} | {c.kernel} | {c.label} | {cfg} | {c.regs} | {c.spill_bytes} | "
                      f"{c.smem / 1024:.1f} | {c.vector_bytes} | {tc} | {'-' if ipw is None else f'{ipw:.2f}'} | "

@@ -614,11 +614,16 @@ def _prefill_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfgs = []
-    for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]:
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4),
+                         (256, 128, 8, 3), (256, 64, 4, 3)]:
         cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        # 128x256 needs Hopper's wgmma (accumulators in fewer registers) or sm_100's tcgen05: it spills on
-        # sm_80 and on consumer Blackwell, sm_120 (aot.py)
-        cfgs.append(tag_config(cfg, min_capability=90, datacenter_mma=True) if bn == 256 else cfg)
+        # 128x256 and the 256-token tiles need Hopper's wgmma (accumulators in fewer registers) or sm_100's
+        # tcgen05: they spill on sm_80 and on consumer Blackwell, sm_120 (aot.py). The 256-token tiles are
+        # PREFILL_W_LHS's (BLOCK_M is its wgmma's n, up to 256); as x @ W.T with a fused input scale 256 x 64
+        # spilled 136 bytes on sm_90a
+        if 256 in (bm, bn):
+            cfg = tag_config(cfg, min_capability=90, datacenter_mma=True, w_lhs=bm == 256)
+        cfgs.append(cfg)
     # fp32 layers multiply in exact fp32 (FMA, no tensor cores): the tiles above spill kilobytes
     # per thread there (aot.py), so they get small ones of their own
     for bm, bn, w, s in FP32_PREFILL_TILES:
@@ -631,22 +636,36 @@ FP32_PREFILL_TILES = [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]  # spill-f
 
 
 def _prefill_prune(configs, kwargs):
-    """The fp32-dot configs for DOT_FP32 launches, the tensor-core ones otherwise; then by GPU."""
+    """The fp32-dot configs for DOT_FP32 launches, the tensor-core ones otherwise (the 256-token tiles only
+    for W_LHS launches); then by GPU."""
     if len(configs) <= 1:  # the interpreter's single config
         return configs
     fp32 = bool(kwargs.get("DOT_FP32", False))
-    return min_capability([c for c in configs if config_tag(c, "dot_fp32", False) == fp32])
+    lhs = bool(kwargs.get("W_LHS", False))
+    return min_capability([c for c in configs if config_tag(c, "dot_fp32", False) == fp32
+                           and (lhs or not config_tag(c, "w_lhs", False))])
+
+
+@triton.jit
+def _prefill_x_tile(x_ptr, in_scale_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SCALE: tl.constexpr):
+    """x's tile [BLOCK_M, BLOCK_K] (zeros past M and K), times the input scale with HAS_SCALE."""
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+    if HAS_SCALE:  # x * m as torch rounds it, in registers between the load and the dot
+        x = _times_input_scale(x, tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0)[None, :])
+    return x
 
 
 @fast_launch
-@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_SCALE"], prune=_prefill_prune)
+@autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_SCALE", "W_LHS"], prune=_prefill_prune)
 @triton.jit
 def _w4a16_prefill_kernel(
     x_ptr, in_scale_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, KW, G: tl.constexpr, NUM_GROUPS, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_om, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, W_ROWS: tl.constexpr,
-    ASM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    W_LHS: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """M > 16. W_ROWS: dequantize the weight tile as W's rows with _dequant_rows and hand its
     transpose to the dot - on sm_90a 4.9-7.5 SASS instructions per weight with the inline PTX (ASM:
@@ -655,29 +674,38 @@ def _w4a16_prefill_kernel(
     tensor-core time. Else the [K, N] tile is dequantized directly (_load_dequant_tile): 32-wide K
     tiles, and sm_80 under a Triton whose transpose costs more than it saves (_prefill_w_rows).
     HAS_SCALE: y = (x * m) @ W.T, m (in_scale_ptr [K]) multiplied into each x tile after its load,
-    rounded as torch's `x * m` (FUSE_INPUT_SCALE_PREFILL)."""
+    rounded as torch's `x * m` (FUSE_INPUT_SCALE_PREFILL). W_LHS (row tiles): the tile computed
+    transposed, y.T = W @ x.T, the dequantized rows the dot's first operand (PREFILL_W_LHS)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        if HAS_SCALE:  # x * m as torch rounds it, in registers between the load and the dot
-            x = _times_input_scale(x, tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0)[None, :])
-        if W_ROWS:
-            w = tl.trans(_load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn,
-                                            stride_sn, m0, m1, m2, m3, w_dtype, BLOCK_K, ASM))
-        else:
-            w = _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
-                                   stride_qn, stride_sn, w_dtype, BLOCK_K, BLOCK_N)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+    if W_LHS:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _prefill_x_tile(x_ptr, in_scale_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm, HAS_SCALE)
+            w = _load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn, stride_sn,
+                                   m0, m1, m2, m3, w_dtype, BLOCK_K, ASM)
+            if DOT_FP32:
+                acc_t += tl.dot(w.to(tl.float32), tl.trans(x).to(tl.float32), input_precision="ieee")
+            else:
+                acc_t += tl.dot(w, tl.trans(x))
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _prefill_x_tile(x_ptr, in_scale_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm, HAS_SCALE)
+            if W_ROWS:
+                w = tl.trans(_load_dequant_rows(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS, stride_qn,
+                                                stride_sn, m0, m1, m2, m3, w_dtype, BLOCK_K, ASM))
+            else:
+                w = _load_dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, KW, G, NUM_GROUPS,
+                                       stride_qn, stride_sn, w_dtype, BLOCK_K, BLOCK_N)
+            if DOT_FP32:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -785,6 +813,27 @@ def _decode_plan(n: int, k: int, group_size: int, sms: int):
 
 # None: pick by K tile (row-oriented dequantization for 64-wide tiles); tests set True / False to run both paths
 PREFILL_W_ROWS = None
+# The prefill kernel's row tile computed transposed, y.T = W @ x.T: the dequantized weight rows are the dot's
+# first operand, which Hopper's wgmma reads from registers, and x.T the second, which it reads from the
+# shared memory x's pipelined copies (cp.async) land in. As the second operand (False: y = x @ W.T, the
+# rows transposed) the weight tile is built in registers each K step and must be written to shared memory
+# for the wgmma to read, so Triton waits for each step's wgmma to finish before the next step's dequantization
+# (wgmma.wait_group 0): dequantization and tensor cores take turns. As the first operand Triton keeps a wgmma
+# in flight while it dequantizes the next tile (wait_group 1; 3 with triton 3.6). Compiled for sm_90a,
+# fp16 G = 128 N = K = 4096, loop SASS instructions per weight (kernels/aot.py; a 128-token tile's budget
+# under the tensor cores is BLOCK_M / 16 = 8): triton 3.9 128x128 6.38 -> 7.03, 128x256 4.92 -> 5.78, and
+# the 256-token tiles this layout allows (wgmma n = 256: BLOCK_M is the dot's N here) 7.6 - 9.2 of 16;
+# triton 3.6 alike (6.19 -> 6.91, 4.95 -> 5.55). On sm_80 (mma.sync: both operands in registers, no
+# overlap either way) it takes 0 - 0.35 fewer instructions and 3 - 56 fewer registers. Public Triton
+# numbers say the same of upcast operands on Hopper (triton-lang/triton#11624: an upcast fp8 / fp4 operand
+# on the left ran 1.3 - 3.5x faster than on the right, 2048 x 2048 x 1024). Not yet timed on a GPU: the bench's
+# `w4a16-triton-rhs` rows time the other layout, False here. Not with the opt-in fused input scale
+# (FUSE_INPUT_SCALE_PREFILL on a GPU): x * m, made in registers, would have to be written to shared memory for
+# the wgmma's B, which serialises it again (0 in flight) and spills the 256 x 64 tile; that takes x @ W.T.
+# Nor where K is no multiple of the K tile (a per-channel layer of ragged K, masked): there the transposed
+# tiles kept no wgmma in flight and spilled more (1000 x 1032: 5 of 7 configs on sm_90a, 2 of 4 on sm_80,
+# against 2 and 2 as x @ W.T).
+PREFILL_W_LHS = True
 # None: the decode kernel loads an input scale as x.T's tile on sm_90+ and as a vector on older GPUs
 # and in the interpreter (_load_input_scale); tests set True / False to run both
 SCALE_AS_TILE = None
@@ -1006,6 +1055,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     # fp32 FMA dots (no tensor cores) keep both operand tiles in registers: 32-wide K tiles there
     block_k = _block_k(k, g, 32 if INTERPRET or dot_fp32 else 64)
     w_rows = _prefill_w_rows(x.device, block_k)
+    w_lhs = w_rows and PREFILL_W_LHS and input_scale is None and k % block_k == 0
     for m0, m1 in row_slices(m, x.stride(0), out.stride(0)):  # one slice unless M x N >= 2**31
         xs, ys, ms = x[m0:m1], out[m0:m1], m1 - m0
         grid = lambda meta, ms=ms: (cdiv(ms, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -1013,7 +1063,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
             xs, xs if input_scale is None else input_scale, qweight, scales, zeros, b, ys, ms, n, k, k // 8, g,
             num_groups, next_pow2(ms), xs.stride(0), qweight.stride(0), scales.stride(0), ys.stride(0), *NIBBLE_MASKS,
             HAS_BIAS=has_bias, HAS_SCALE=input_scale is not None, DOT_FP32=dot_fp32, W_ROWS=w_rows,
-            ASM=w_rows and _use_ptx(dot_fp32), BLOCK_K=block_k,
+            W_LHS=w_lhs, ASM=w_rows and _use_ptx(dot_fp32), BLOCK_K=block_k,
         )
     return out
 
@@ -1027,6 +1077,13 @@ def tensor_core_decode():
     """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
     `w4a16-triton-tc` rows; not thread-safe)."""
     return _setting("GEMV_MAX_M", 0)
+
+
+def rhs_prefill():
+    """Run the prefill row tile as y = x @ W.T (the weight tile the dot's second operand) instead of
+    PREFILL_W_LHS's transposed product, inside the block (the benchmark's `w4a16-triton-rhs` rows; not
+    thread-safe)."""
+    return _setting("PREFILL_W_LHS", False)
 
 
 def dequant_prefill():
