@@ -209,7 +209,18 @@ class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
         super().__init__("w4a16-triton-prefetch")
 
 
-class OursW4A16TritonDequant(_OursW4A16TritonSwitched):
+class _OursW4A16TritonPrefillSwitched(_OursW4A16TritonSwitched):
+    """A switch that changes only the prefill path (M > 16): timed past the decode sizes."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.max_m = None
+
+    def supports(self, m):
+        return m > CUDA_MAX_M
+
+
+class OursW4A16TritonDequant(_OursW4A16TritonPrefillSwitched):
     """M > 16 as the weight dequantized whole by a Triton kernel, then torch's matmul (kernels/w4a16.py
     PREFILL_DEQUANT; cuBLAS on a GPU), beside `w4a16-triton`'s fused prefill kernel: these rows are the
     dispatch table's prefill entries ("triton-dq", dispatch.py), which backend="auto" follows."""
@@ -217,13 +228,9 @@ class OursW4A16TritonDequant(_OursW4A16TritonSwitched):
 
     def __init__(self):
         super().__init__("w4a16-triton-dq")
-        self.max_m = None
-
-    def supports(self, m):
-        return m > CUDA_MAX_M  # (past the decode sizes: the switch changes only M > 16)
 
 
-class OursW4A16TritonRhs(_OursW4A16TritonSwitched):
+class OursW4A16TritonRhs(_OursW4A16TritonPrefillSwitched):
     """M > 16 on the fused prefill kernel with the weight's row tile as the dot's second operand, y = x @ W.T
     (kernels/w4a16.py PREFILL_W_LHS = False: each K step's wgmma waits for the last to finish), beside
     `w4a16-triton`'s transposed product, whose wgmma reads the weight from registers with one in flight:
@@ -232,10 +239,6 @@ class OursW4A16TritonRhs(_OursW4A16TritonSwitched):
 
     def __init__(self):
         super().__init__("w4a16-triton-rhs")
-        self.max_m = None
-
-    def supports(self, m):
-        return m > CUDA_MAX_M  # (past the decode sizes: the switch changes only M > 16)
 
 
 class OursW4A8(_Ours):
