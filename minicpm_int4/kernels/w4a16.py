@@ -43,8 +43,9 @@ Three regimes (picked here by M):
           does it in a second launch). Like the GEMV it multiplies by the exact (q - z) * s
           (within reference.gemm_tolerance's half ulp of w).
   prefill (M  > 16): tiled GEMM on tensor cores; w = ((q - z) * s) in fp32 rounded once to x's
-          dtype (the reference's rule), a tile per step (dequantized as W's rows and transposed,
-          or directly as [K, N]: _prefill_w_rows), grouped tile order for L2 reuse,
+          dtype (the reference's rule), a tile per step (dequantized as W's rows, the first operand
+          of y.T = W @ x.T - PREFILL_W_LHS - or transposed for y = x @ W.T, or directly as [K, N]:
+          _prefill_w_rows), grouped tile order for L2 reuse,
           autotuned tile shapes. Every K tile lies inside one group (BLOCK_K divides G, or G == K),
           so scales and zeros are read once per tile.
 """
