@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import reference
 from .config import BACKENDS
+from .dispatch import CUDA_CANDIDATES
 from .quantize import LAYER_DTYPES
 
 FLOAT_DTYPES = LAYER_DTYPES  # what the kernels take: the int4 layers' dtypes
@@ -151,7 +152,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
                                          ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g))
             else:  # W4A16, shape (M, N, K)
                 pick = w4a16_auto_backend(*shape, device.index or 0, ext_ok)
-            if pick in ("cuda", "cuda-ring") or (pick in ("triton-tc", "triton-dq") and triton_ok):
+            if pick in CUDA_CANDIDATES or (pick in ("triton-tc", "triton-dq") and triton_ok):
                 return pick
         return "triton" if triton_ok else "torch"
     if backend == "triton":
@@ -318,7 +319,7 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
                                                       m1_tensor_core=tc, input_scale=input_scale,
                                                       input_perm=input_perm, dequant_matmul=dq)
-    if be in ("cuda", "cuda-ring"):  # the CUDA kernels multiply the input scale into x as they load it, and the
+    if be in CUDA_CANDIDATES:  # the CUDA kernels multiply the input scale into x as they load it, and the
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:
             x, input_perm = _gathered(x, input_perm), None
