@@ -359,8 +359,7 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     wgmma = re.findall(r"\bwgmma\.mma_async[^;]*;", ptx)
     # `{d...}, {a0, a1, a2, a3}, b_desc`: A from registers; `{d...}, a_desc, b_desc`: from shared memory
     a_registers = sum(1 for w in wgmma if re.search(r"\}\s*,\s*\{", w)) if wgmma else None
-    pending = [int(p) for p in re.findall(r"\bwgmma\.wait_group(?:\.sync)?(?:\.aligned)?\s+(\d+)", ptx)]
-    in_flight = (max(pending) if pending else 0) if wgmma else None
+    in_flight = _wgmma_in_flight(ptx) if wgmma else None
     regs, stack = 0, 0
     total, loop = {}, {}
     with tempfile.TemporaryDirectory() as d:
@@ -378,6 +377,38 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
                     options=launch.options, smem_limit=arch.smem_limit, regs=regs, spill_bytes=stack,
                     smem=compiled.metadata.shared, global_loads=dict(loads), tensor_core=dict(mma),
                     sass_counts=total, loop_sass=loop, wgmma_a_registers=a_registers, wgmma_in_flight=in_flight)
+
+
+def _wgmma_in_flight(ptx: str) -> int:
+    """The most wgmma groups a `wgmma.wait_group N` of this PTX leaves in flight (0: none, or no wait)."""
+    pending = [int(p) for p in re.findall(r"\bwgmma\.wait_group(?:\.sync)?(?:\.aligned)?\s+(\d+)", ptx)]
+    return max(pending) if pending else 0
+
+
+def wgmma_in_flight_by_accumulator(arch: Arch = ARCHS["sm90a"]) -> Dict[str, int]:
+    """{"fp32": n, "int32": n}: the wgmma groups this Triton keeps in flight in a plain tiled GEMM's K loop
+    (kernels/_wgmma_probe.py, 128 x 128 x 64 tiles, 8 warps, 3 stages) with fp16 inputs and an fp32
+    accumulator, and with int8 inputs and an int32 one. The second is W4A8's case: 0 means every int8 dot
+    waits for the one before it, whatever the kernel around it does."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from ._wgmma_probe import _probe_gemm
+
+    out = {}
+    for acc, ty in (("fp32", "*fp16"), ("int32", "*i8")):
+        launch = Launch("wgmma_probe", {"ACC_INT": acc == "int32", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64},
+                        {"num_warps": 8, "num_stages": 3},
+                        {"a_ptr": ty, "b_ptr": ty, "c_ptr": "*fp32", "K": "i32", "ACC_INT": "constexpr",
+                         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                        ("a_ptr", "b_ptr", "c_ptr", "K"))
+        compiled = triton.compile(_ast_source(_probe_gemm, launch), target=GPUTarget("cuda", arch.capability, 32),
+                                  options=dict(launch.options))
+        ptx = compiled.asm["ptx"]
+        if not re.search(r"\bwgmma\.mma_async", ptx):
+            raise RuntimeError(f"the {acc} probe GEMM compiled without wgmma for {arch.name}")
+        out[acc] = _wgmma_in_flight(ptx)
+    return out
 
 
 def _failed(launch: Launch, arch: Arch, error: str) -> Compiled:
@@ -539,6 +570,15 @@ def main(argv=None) -> int:
                       progress=(lambda s: print(s, file=sys.stderr, flush=True)),
                       bias=(False, True) if args.bias else (False,), isolate=args.isolate)
     print(format_table([c for c in results if problems(c)] if args.problems_only else results))
+    if results and any(ARCHS[a].capability >= 90 for a in archs):
+        try:
+            import triton
+
+            probe = wgmma_in_flight_by_accumulator()
+            print(f"\nsm90a, triton {triton.__version__}: a plain GEMM keeps {probe['fp32']} wgmma group(s) in flight "
+                  f"with an fp32 accumulator, {probe['int32']} with an int32 one (int8 dots: W4A8)")
+        except Exception as e:  # a fact beside the table, not one of its variants
+            print(f"\n(the wgmma probe GEMM did not compile: {type(e).__name__}: {e})", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(c) | {"problems": problems(c)} for c in results], f, indent=1, default=str)

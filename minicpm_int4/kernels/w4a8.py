@@ -19,7 +19,11 @@ unpacking works on four bytes per instruction (inline PTX, USE_ASM): low nibbles
 before the XOR, so no borrow crosses bytes); high nibbles the same after a shift by 4. That is under
 one instruction per weight; aot.py counts ~2-2.7 SASS instructions per weight for the whole loop
 on sm_90a, against 7.7 for the [K, N]-tile unpacking it replaced - which matters because int8
-wgmma does ~4096 MACs per SM-clock, so a 128-row tile hides only ~4 instructions per weight.
+wgmma does ~4096 MACs per SM-clock, so a 128-row tile's MMAs take the time of ~4 instructions per
+weight. On Hopper they do not hide them: Triton keeps a wgmma in flight only for an fp32 accumulator
+(its pipeliner's rule; a plain int8 GEMM shows the same, kernels/_wgmma_probe.py), so each int8 dot
+here is waited for before the next K step and unpacking and MMAs take turns - what the CUDA
+extension's warpgroup kernel (csrc/w4a8_wgmma.cu) is for.
 The interpreter cannot run inline PTX; there the same bytes are unpacked with int8 tensor ops.
 
 Per-channel layers (PER_CHANNEL, G == K: the vision MLP's K = 4304, which no group size divides)
