@@ -73,6 +73,18 @@ for launch in launches:
         c = aot.compile_launch(launch, aot.ARCHS["sm90a"])
         out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                 "instr_per_weight": aot.loop_instructions_per_weight(c), "variant": "rhs"})
+# the 2..16-row decode kernel with two groups of 128 a loop trip (w4a16.DECODE_TRIP_WORDS = 32; the bench's
+# w4a16-triton-trip32 rows), beside the default's records of the same problems above (M = 4, G = 128, fp16 / bf16)
+for arch in ("sm80", "sm90a"):
+    with w4a16.long_decode_trip():
+        launches = aot.record_launches(aot.ARCHS[arch], [(4096, 4096), (1152, 4304)], [4],
+                                       [torch.float16, torch.bfloat16], [128], w4a8=False, act_quant=False,
+                                       input_scale=False, input_perm=False)
+    for launch in launches:
+        if launch.kernel == "w4a16_decode":
+            c = aot.compile_launch(launch, aot.ARCHS[arch])
+            out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
+                                    "instr_per_weight": aot.loop_instructions_per_weight(c), "variant": "trip32"})
 # W4A8's opt-in flat group loop (w4a8.W4A8_FLAT_GROUPS) on the GPUs it is meant for
 from minicpm_int4.kernels import w4a8
 with w4a8.flat_groups():
@@ -312,6 +324,30 @@ def test_decode_inner_loop_within_issue_budget(compiled):
             assert any(k.startswith("wgmma") for k in c["tensor_core"]), c["tensor_core"]
 
 
+def test_decode_long_trip_issues_fewer_instructions_per_weight(compiled):
+    """DECODE_TRIP_WORDS = 32 (two dots of a group of 128 a loop trip): compiled for the same problems as the
+    default (4096 x 4096 G = 128 and the per-channel 1152 x 4304; the budget and spill checks above cover it too),
+    each config issues fewer SASS instructions per weight than the default's (the loop's fixed cost - waits,
+    barriers, address arithmetic, the scales' loads - spread over twice the weights; sm_90a G = 128: 2.9 - 3.1
+    against 3.2 - 3.5) and keeps twice the
+    bytes a pipeline stage, for a few more registers and more shared memory a program: the bench's
+    w4a16-triton-trip32 rows decide whether that is worth the programs an SM it may cost."""
+    def key(c):
+        return c["arch"], c["label"], c["constexprs"]["FIXUP"], c["constexprs"]["EVEN"], c["options"]["num_stages"]
+
+    decode = [c for c in _by_kernel(compiled, "w4a16_decode") if "M=4 " in c["label"]
+              and not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"]]
+    default = {key(c): c for c in decode if c.get("variant") is None}
+    long = [c for c in decode if c.get("variant") == "trip32"]
+    assert {c["arch"] for c in long} == {"sm80", "sm90a"} and len(long) >= 48, len(long)
+    for c in long:
+        base = default[key(c)]
+        where = (key(c), c["instr_per_weight"], base["instr_per_weight"])
+        assert c["constexprs"]["STEPS"] == 2 * base["constexprs"]["STEPS"], where
+        assert not c["spill_bytes"] and not c["problems"], where
+        assert c["instr_per_weight"] < base["instr_per_weight"], where
+
+
 def test_decode_splitk_fixup_synchronises_at_gpu_scope(compiled):
     # the one-launch split-K (kernels/w4a16.py, _splitk_fixup) as ptxas lowered it: a release fence at
     # GPU scope before one strong GPU-scope atomic add (the arrival), the L1 invalidated before the
@@ -320,7 +356,7 @@ def test_decode_splitk_fixup_synchronises_at_gpu_scope(compiled):
     decode = _by_kernel(compiled, "w4a16_decode")
     fixup = [c for c in decode if c["constexprs"]["FIXUP"]]
     assert fixup and all(c["constexprs"]["SPLIT_K"] > 1 for c in fixup)
-    plain = {(c["arch"], c["label"], str(c["options"])): c for c in decode
+    plain = {(c["arch"], c["label"], str(c["options"]), c.get("variant")): c for c in decode
              if not c["constexprs"]["FIXUP"] and c["constexprs"]["SPLIT_K"] > 1}
     for c in fixup:
         ops = c["sass_counts"]
@@ -334,7 +370,7 @@ def test_decode_splitk_fixup_synchronises_at_gpu_scope(compiled):
             (where, c["loop_sass"])
         if c["constexprs"]["HAS_SCALE"] or c["constexprs"]["HAS_PERM"]:
             continue  # compared with their twins without the scale / the order below
-        twin = plain[(c["arch"], c["label"], str(c["options"]))]
+        twin = plain[(c["arch"], c["label"], str(c["options"]), c.get("variant"))]
         # no dearer than the two-launch twin (triton 3.6 on sm_80 even schedules it 0.1 cheaper)
         assert c["instr_per_weight"] <= twin["instr_per_weight"] + 0.05, where
 
@@ -350,7 +386,7 @@ def test_decode_kernels_multiply_an_input_scale_for_little(compiled):
     for kernel, extra in (("w4a16_gemv", {"sm80": 0.3, "sm90a": 0.3}), ("w4a16_decode", {"sm80": 0.0, "sm90a": 0.4})):
         variants = _by_kernel(compiled, kernel)
         twins = {(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP")): c for c in variants
-                 if not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"]}
+                 if not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"] and c.get("variant") is None}
         scaled = [c for c in variants if c["constexprs"]["HAS_SCALE"]]
         assert {c["arch"] for c in scaled} == {"sm80", "sm90a"}
         for c in scaled:
@@ -376,7 +412,7 @@ def test_decode_kernels_read_x_through_an_input_perm(compiled):
     for kernel in ("w4a16_gemv", "w4a16_decode"):
         variants = _by_kernel(compiled, kernel)
         twins = {(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP")): c for c in variants
-                 if not c["constexprs"]["HAS_PERM"] and not c["constexprs"]["HAS_SCALE"]}
+                 if not c["constexprs"]["HAS_PERM"] and not c["constexprs"]["HAS_SCALE"] and c.get("variant") is None}
         permuted = [c for c in variants if c["constexprs"]["HAS_PERM"]]
         assert {c["arch"] for c in permuted} == {"sm80", "sm90a"}
         assert {c["constexprs"]["EVEN"] for c in permuted} == {True, False}

@@ -516,6 +516,55 @@ def test_cpu_costs_summary_and_committed_results():
     assert {"device", "device_name", "commit", "torch", "triton", "timestamp_utc"} <= set(committed["env"])
 
 
+def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys):
+    """benchmarks/decode_sweep.py (a GPU session's sweep of the decode kernels' launch settings) on the CPU,
+    tiny: at M = 1 the GEMV's settings and the tensor-core kernel's, at M = 4 the decode kernel's, each row
+    checked against the reference before it is timed, with the plan its settings made (the splits and trip
+    steps differ where the settings do), the default first; JSON and Markdown written; bad options refused
+    before anything runs; the module settings restored afterwards."""
+    import importlib.util
+
+    if not ops.triton_interpreter_active():
+        pytest.skip("times the Triton kernels on CPU (TRITON_INTERPRET=1)")
+    from minicpm_int4.kernels import w4a16
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("decode_sweep", os.path.join(here, "benchmarks", "decode_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = {n: getattr(w4a16, n) for n in ("GEMV_THREADS_PER_SM", "GEMV_PREFETCH", "GEMV_MAX_M",
+                                               "DECODE_PROGRAMS_PER_SM", "DECODE_TRIP_WORDS")}
+    out = tmp_path / "sweep"
+    rc = mod.main(["--shapes", "32x1024", "--ms", "1,4", "--gemv-threads", "16,512", "--programs", "1,8",
+                   "--trips", "16,32", "--rep-ms", "1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "decode_sweep.json").read_text())
+    assert not res["errors"] and res["copy_bandwidth_gbps"] > 0
+    rows = {(r["m"], r["label"]): r for r in res["rows"]}
+    m1 = [r for r in res["rows"] if r["m"] == 1]
+    m4 = [r for r in res["rows"] if r["m"] == 4]
+    # M = 1: the default, the GEMV's other (threads, prefetch) pairs (512 without prefetch is the default), and
+    # the tensor-core kernel at each (programs, trip); M = 4: the default and the 4 decode settings (none of them
+    # the default's 2 programs an SM)
+    assert len(m1) == 1 + 3 + 4 and len(m4) == 1 + 4
+    assert m1[0]["default"] and m4[0]["default"] and sum(r["default"] for r in res["rows"]) == 2
+    assert {r["plan"]["kernel"] for r in m1} == {"gemv", "decode"} and {r["plan"]["kernel"] for r in m4} == {"decode"}
+    assert all(r["check"] == "ok" and r["median_ms"] > 0 and r["gbps"] > 0 for r in res["rows"])
+    gemv_splits = {r["setting"].get("GEMV_THREADS_PER_SM", 512): r["plan"]["split_k"] for r in m1
+                   if r["plan"]["kernel"] == "gemv"}
+    assert gemv_splits[16] < gemv_splits[512]  # fewer threads an SM wanted: K split fewer ways
+    one, eight = (rows[(4, f"DECODE_PROGRAMS_PER_SM={p}, DECODE_TRIP_WORDS=16")] for p in (1, 8))
+    assert one["plan"]["split_k"] < eight["plan"]["split_k"]
+    long = rows[(4, "DECODE_PROGRAMS_PER_SM=1, DECODE_TRIP_WORDS=32")]
+    assert long["plan"]["steps"] == 2 * one["plan"]["steps"]
+    md = (out / "decode_sweep.md").read_text()
+    assert "| 32 x 1024 | 4 | **default** |" in md and "default's time over this" in md
+    assert {n: getattr(w4a16, n) for n in before} == before
+    with pytest.raises(SystemExit):
+        mod.main(["--ms", "17"])
+    assert "--ms '17': decode sizes, 1 to 16" in capsys.readouterr().err
+
+
 def test_input_scale_cost_script_runs_and_reports_both_layers(capsys):
     """benchmarks/input_scale_cost.py (the GPU suite's input-scale stage) on the CPU, small: a row per
     layer kind and M with the plain, scaled and permuted (act-order) layers' times, and a line each for
@@ -582,15 +631,16 @@ def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(shapes_mod, "all_shapes", lambda models: TINY[1:])
     out = tmp_path / "b"
-    rc = main(["bench", "--allow-cpu", "--ms", "1,17", "--rep-ms", "1", "--out", str(out),
+    rc = main(["bench", "--allow-cpu", "--ms", "1,4,17", "--rep-ms", "1", "--out", str(out),
                "--backends", "w4a16-triton-prefetch,w4a16-triton,w4a16-cuda-ahead2,w4a16-triton-dq,w4a8-triton-flat,"
-               "w4a16-triton-rhs"])
+               "w4a16-triton-rhs,w4a16-triton-trip32"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
-    by_m = {m: {r["backend"] for r in res["rows"] if r["m"] == m} for m in (1, 17)}
-    # the prefetching GEMV is an M = 1 variant, dequantization + matmul, the prefill tile as x @ W.T and W4A8's
-    # flat group loop prefill ones
+    by_m = {m: {r["backend"] for r in res["rows"] if r["m"] == m} for m in (1, 4, 17)}
+    # the prefetching GEMV is an M = 1 variant, the decode kernel's long trip one of 2..16 rows, dequantization +
+    # matmul, the prefill tile as x @ W.T and W4A8's flat group loop prefill ones
     assert by_m == {1: {"fp16", "w4a16-triton", "w4a16-triton-prefetch"},
+                    4: {"fp16", "w4a16-triton", "w4a16-triton-trip32"},
                     17: {"fp16", "w4a16-triton", "w4a16-triton-dq", "w4a16-triton-rhs", "w4a8-triton-flat"}}
     assert all(r["check"] in ("ok", "unchecked") for r in res["rows"])
     # the host time of a Triton backend's call is also taken with Triton's own launch (kernels/_launch.py)
@@ -598,11 +648,11 @@ def test_bench_backends_option_times_only_those_and_fp16(tmp_path, monkeypatch, 
         triton_row = r["backend"].startswith(("w4a16-triton", "w4a8-triton")) and r["m"] <= 16
         assert (r["host_us_triton_launch"] > 0) if triton_row else r["host_us_triton_launch"] is None, r
     assert "| host us | host us, Triton's launch | GPU us |" in (out / "bench.md").read_text()
-    assert res["config"]["backends"] == ["fp16", "w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-dq",
-                                         "w4a16-triton-rhs", "w4a16-cuda-ahead2", "w4a8-triton-flat"]
+    assert res["config"]["backends"] == ["fp16", "w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-trip32",
+                                         "w4a16-triton-dq", "w4a16-triton-rhs", "w4a16-cuda-ahead2", "w4a8-triton-flat"]
     assert "w4a16-cuda-ahead2" in res["skipped"]  # no CUDA extension here: skipped, named
-    assert ("[bench] backends: fp16, w4a16-triton, w4a16-triton-prefetch, w4a16-triton-dq, w4a16-triton-rhs, "
-            "w4a16-cuda-ahead2, w4a8-triton-flat" in capsys.readouterr().out)
+    assert ("[bench] backends: fp16, w4a16-triton, w4a16-triton-prefetch, w4a16-triton-trip32, w4a16-triton-dq, "
+            "w4a16-triton-rhs, w4a16-cuda-ahead2, w4a8-triton-flat" in capsys.readouterr().out)
     with pytest.raises(ValueError, match=r"unknown backend\(s\) \['nosuch'\]: choose from fp16,w4a16-triton,"):
         B.select_backends(["nosuch"])
 

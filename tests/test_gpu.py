@@ -778,6 +778,32 @@ def test_triton_splitk_in_one_launch(nk, m, dtype):
                       dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("nk,m,dtype", [((4096, 4096), 16, torch.float16), ((1024, 4096), 4, torch.bfloat16)],
+                         ids=["N4096-M16-fp16", "N1024-M4-bf16"])
+def test_triton_decode_long_trip(nk, m, dtype):
+    """The decode kernel with two groups of 128 a loop trip (w4a16.DECODE_TRIP_WORDS = 32, the bench's
+    w4a16-triton-trip32 rows) on the GPU, as QuantLinear calls it (split-K finished in the launch): within the
+    reference's bound, counters back at zero, and where its plan splits K as the default's does, the
+    default's bits (the dot steps add in the same order)."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    workspace = ops.w4a16_workspace(n, "cuda")
+    short = w4a16._decode_blocks(n, k, gs, x.device)
+    y_short = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton", workspace=workspace)
+    with w4a16.long_decode_trip():
+        long = w4a16._decode_blocks(n, k, gs, x.device)
+        y_long = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton", workspace=workspace)
+    torch.cuda.synchronize()
+    assert long[2] == 2 * short[2] and torch.count_nonzero(workspace) == 0
+    if long[3] == short[3]:
+        assert torch.equal(y_long, y_short)
+    assert_gemm_close(y_long, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x,
+                      dequant(qweight, scales, zeros, gs, dtype))
+
+
 @pytest.mark.parametrize("nk,dtype", [((1024, 4096), torch.float16), ((4096, 4096), torch.bfloat16),
                                       ((768, 3072), torch.float16)], ids=["N1024-fp16", "N4096-bf16", "N768-K3072-fp16"])
 def test_triton_gemv_splitk_in_one_launch(nk, dtype):

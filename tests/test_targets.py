@@ -177,9 +177,11 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
                         {"model": "llama3-v2.5", "weights": "int4", "mode": "cudagraph", "tokens_per_s": 120.0}]}
     (src2 / "profile.json").write_text(json.dumps(profile))
     (src2 / "suite.log").write_text("=== [profile] rc=0\n")
+    (src2 / "decode_sweep.md").write_text("## Decode sweep\n")  # the call's extra stage ran the decode sweep
     table_before = table.read_text()
     rep2 = ingest(str(src2), str(root), dispatch_table=str(table))
-    assert rep2["copied"] == ["suite.log", "profile.json"] and table.read_text() == table_before
+    assert rep2["copied"] == ["suite.log", "profile.json", "decode_sweep.md"] and table.read_text() == table_before
+    assert (dest / "decode_sweep.md").exists() and "decode_sweep.json" not in rep2["missing"]
     assert (dest / "suite.log").read_text() == "=== [env] rc=0\n"
     assert (dest / "suite.profile.log").read_text() == "=== [profile] rc=0\n"
     text = (dest / "targets.md").read_text()

@@ -132,6 +132,32 @@ def test_w4a16_decode_paths(case, m, dtype):
     _check_triton_vs_reference(n, k, group_size, m, dtype, weight_seed=n * k + m, x_seed=k + m, x_scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m", [2, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_w4a16_decode_long_trip(case, m, dtype):
+    """DECODE_TRIP_WORDS = 32 (long_decode_trip, the bench's w4a16-triton-trip32 rows): twice the dot steps a
+    loop trip. The steps add in the same order either way, so where the split of K is the same the bits are
+    the default's; where the longer trip splits K fewer ways (fewer trips to share out), the reference's
+    bound holds."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k, group_size = DECODE_CASES[case]
+    gs = k if group_size == -1 else group_size
+    qweight, scales, zeros, _ = random_qweight(n, k, group_size, dtype, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k), dtype=torch.float32).to(dtype) * 4
+    short = w4a16._decode_blocks(n, k, gs, x.device)
+    y_short = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton")
+    with w4a16.long_decode_trip():
+        long = w4a16._decode_blocks(n, k, gs, x.device)
+        y_long = ops.w4a16_gemm(x, qweight, scales, zeros, None, group_size, backend="triton")
+    assert long[2] == 2 * short[2] and long[:2] == short[:2]
+    if long[3] == short[3]:
+        assert torch.equal(y_long, y_short)
+    assert_gemm_close(y_long, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x,
+                      dequant(qweight, scales, zeros, gs, x.dtype))
+
+
 class _NoLaunch:
     def __getitem__(self, grid):
         raise AssertionError("the split-K reduce kernel was launched although a workspace was given")

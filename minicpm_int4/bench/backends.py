@@ -209,6 +209,21 @@ class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
         super().__init__("w4a16-triton-prefetch")
 
 
+class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
+    """The Triton 2..16-row decode kernel with 32 packed words of K a loop trip (two dots of a group of 128;
+    kernels/w4a16.py DECODE_TRIP_WORDS = 32) beside `w4a16-triton`'s 16: compiled for sm_90a at G = 128,
+    2.89 - 2.95 SASS instructions per weight against 3.16 - 3.28 and twice the bytes a pipeline stage, for 12
+    more registers and 8 - 24 KB more shared memory a program (kernels/aot.py); these rows decide the default."""
+    switch = "long_decode_trip"
+
+    def __init__(self):
+        super().__init__("w4a16-triton-trip32")
+        self.max_m = CUDA_MAX_M
+
+    def supports(self, m):
+        return 2 <= m <= CUDA_MAX_M
+
+
 class _OursW4A16TritonPrefillSwitched(_OursW4A16TritonSwitched):
     """A switch that changes only the prefill path (M > 16): timed past the decode sizes."""
 
@@ -491,7 +506,7 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16TritonPrefetch(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
+            OursW4A16TritonPrefetch(), OursW4A16TritonTrip32(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),

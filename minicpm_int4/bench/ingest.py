@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 
 SUITE_FILES = ("suite.log", "bench.json", "bench.md", "speedup_vs_m.png", "bandwidth.png",
                "profile.json", "profile.md", "e2e.png")
+# written by a call's extra stage when it ran benchmarks/decode_sweep.py (its launch settings): copied where present
+OPTIONAL_FILES = ("decode_sweep.json", "decode_sweep.md")
 
 
 def device_slug(name: str) -> str:
@@ -52,7 +54,7 @@ def ingest(src: str, root: str, dispatch_table: Optional[str] = None) -> Dict:
     slug = device_slug(device)
     dest = os.path.join(root, "benchmarks", "results", slug)
     os.makedirs(dest, exist_ok=True)
-    copied = [f for f in SUITE_FILES if os.path.exists(os.path.join(src, f))]
+    copied = [f for f in SUITE_FILES + OPTIONAL_FILES if os.path.exists(os.path.join(src, f))]
     for f in copied:
         # a profile-only call (SUITE_STAGES=install,profile, after a call that ran the bench) keeps the bench
         # call's suite.log: its own goes beside it

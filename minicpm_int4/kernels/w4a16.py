@@ -780,31 +780,41 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
     """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K) for the 2 <= M <= 16 kernel. A dot step is BLOCK_KW words
-    inside one group; a loop trip is STEPS of them (128 weights of K on a GPU). BLOCK_N = 64 rows
-    is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs until about
-    two programs per SM run, each keeping >= 2 trips."""
-    return _decode_plan(n, k, group_size, num_sms(device))[:4]
+    inside one group; a loop trip is STEPS of them (DECODE_TRIP_WORDS words: 128 weights of K on a GPU).
+    BLOCK_N = 64 rows is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs
+    until about DECODE_PROGRAMS_PER_SM programs per SM run, each keeping >= 2 trips."""
+    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)[:4]
+
+
+# The 2..16-row decode kernel's launch plan (_decode_plan), as settings so that benchmarks/decode_sweep.py can
+# time other values on a GPU without editing the code: K is split until the grid has about this many programs
+# an SM (each of 4 warps; ~96 registers a thread and 28 - 45 KB of shared memory, so up to 5 fit an SM)...
+DECODE_PROGRAMS_PER_SM = 2
+# ... and one loop trip covers this many packed words of K (16: 128 weights, one group of 128; 32 makes two
+# dots a trip - more bytes a pipeline stage, fewer trips and barriers per byte)
+DECODE_TRIP_WORDS = 16
 
 
 # Launch plans are pure functions of the layer's shape and the GPU's SM count: cached, so that a
 # decode step's host work per layer is a dictionary lookup, not a dozen integer computations.
 @functools.lru_cache(maxsize=4096)
-def _decode_plan(n: int, k: int, group_size: int, sms: int):
-    """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K, KW_PER_SPLIT, EVEN, PER_CHANNEL, GROUP_W) of _decode."""
+def _decode_plan(n: int, k: int, group_size: int, sms: int, programs_per_sm: int = 2, trip_words: int = 16):
+    """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K, KW_PER_SPLIT, EVEN, PER_CHANNEL, GROUP_W) of _decode
+    (programs_per_sm, trip_words: DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)."""
     kw = k // 8
     per_channel = group_size >= k
     group_w = kw if per_channel else group_size // 8
-    if INTERPRET:  # small tiles so the tests' shapes cross every boundary
-        block_n, block_kw, steps = 16, min(4, group_w) if not per_channel else 4, 2
+    if INTERPRET:  # small tiles so the tests' shapes cross every boundary (a trip of 2 steps, 4 with 32 words)
+        block_n, block_kw, steps = 16, min(4, group_w) if not per_channel else 4, max(1, trip_words // 8)
     else:
         block_n = 64
         block_kw = 16 if per_channel else min(16, group_w)
-        steps = max(1, 16 // block_kw)
+        steps = max(1, trip_words // block_kw)
     trip = block_kw * steps
     n_tiles = cdiv(n, block_n)
     trips = cdiv(kw, trip)
     split = 1
-    while n_tiles * split < 2 * sms and trips // (split * 2) >= 2:
+    while n_tiles * split < programs_per_sm * sms and trips // (split * 2) >= 2:
         split *= 2
     kw_per_split = cdiv(cdiv(kw, split), trip) * trip
     split = cdiv(kw, kw_per_split)  # no program left without work
@@ -887,7 +897,7 @@ def _gemv_blocks(n: int, kw: int, device: torch.device):
     4 x 16-byte chunks (16 words) per step, so that enough loads are in flight; the row tile is the
     widest that still gives about two programs per SM, and K is split when the rows alone give too
     few threads to keep the memory system busy (_gemv_plan)."""
-    return _gemv_plan(n, kw, num_sms(device), GEMV_SPLIT)
+    return _gemv_plan(n, kw, num_sms(device), GEMV_SPLIT, GEMV_THREADS_PER_SM)
 
 
 # The threads per SM the M = 1 GEMV aims to have streaming W: its loop holds ~128 registers a thread
@@ -916,7 +926,7 @@ GEMV_PREFETCH = False
 
 
 @functools.lru_cache(maxsize=4096)
-def _gemv_plan(n: int, kw: int, sms: int, force_split=None):
+def _gemv_plan(n: int, kw: int, sms: int, force_split=None, threads_per_sm: int = 512):
     if INTERPRET:  # small tiles so that the tests' shapes cross every boundary, split K included
         block_n, block_kw, warps = 4, 8, 1
     else:
@@ -926,7 +936,7 @@ def _gemv_plan(n: int, kw: int, sms: int, force_split=None):
             block_n = 16 * 32 * warps // block_kw
             if warps == 1 or cdiv(n, block_n) >= 2 * sms:
                 break
-    target = GEMV_THREADS_PER_SM * sms
+    target = threads_per_sm * sms
     trips = cdiv(kw, block_kw)
     split = 1
     # (not where K / 8 is no multiple of the step: masking K in a 16-row, 4-warp tile cost 5.2 - 6.0 SASS
@@ -992,7 +1002,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
     m, k = x.shape
     n, kw = qweight.shape
     block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
-        n, k, group_size, num_sms(x.device))
+        n, k, group_size, num_sms(x.device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part, fixup = _split_k_partials(out, split, workspace, cdiv(n, block_n), "decode")
     b = bias if bias is not None else scales  # any valid pointer; never read
@@ -1091,6 +1101,12 @@ def dequant_prefill():
     """Run M > 16 as the whole weight dequantized (dequantize_triton) and torch's matmul instead of the fused
     prefill kernel, inside the block (the benchmark's `w4a16-triton-dq` rows; not thread-safe)."""
     return _setting("PREFILL_DEQUANT", True)
+
+
+def long_decode_trip():
+    """Run the 2..16-row decode kernel with two groups of 128 a loop trip (DECODE_TRIP_WORDS = 32) instead of
+    one, inside the block (the benchmark's `w4a16-triton-trip32` rows; not thread-safe)."""
+    return _setting("DECODE_TRIP_WORDS", 32)
 
 
 def prefetch_gemv():
