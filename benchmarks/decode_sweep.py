@@ -173,10 +173,13 @@ def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), dev
 
 def table(result: Dict) -> str:
     """Markdown: per (shape, M), every setting timed, fastest first, with its time over the default's."""
+    timings = sorted({r["timing"] for r in result["rows"]})
+    how = ("kernel time from a CUDA graph of calls over rotating weight copies" if timings == ["cuda-graph"]
+           else f"timing: {', '.join(timings) or '-'} (not GPU kernel time: no speed is implied)")
     lines = [f"## Decode sweep ({result['env'].get('device_name', result['env'].get('device', '?'))})", "",
              f"- copy bandwidth measured: {result['copy_bandwidth_gbps']:.0f} GB/s; fp16, G = "
-             f"{result['config']['group_size']}; kernel time from a CUDA graph of calls over rotating weight copies",
-             ""]
+             f"{result['config']['group_size']}; {how}", f"- commit {result['env'].get('commit')}, torch "
+             f"{result['env'].get('torch')}, triton {result['env'].get('triton')}", ""]
     if result.get("incomplete"):
         lines += [f"- **incomplete**: {result['incomplete']}", ""]
     lines += ["| N x K | M | setting | plan | us | GB/s | % copy bw | default's time over this |", "|---|---|---|---|---|---|---|---|"]

@@ -559,6 +559,7 @@ def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys
     assert long["plan"]["steps"] == 2 * one["plan"]["steps"]
     md = (out / "decode_sweep.md").read_text()
     assert "| 32 x 1024 | 4 | **default** |" in md and "default's time over this" in md
+    assert "timing: cpu (not GPU kernel time" in md and "triton " in md
     assert {n: getattr(w4a16, n) for n in before} == before
     with pytest.raises(SystemExit):
         mod.main(["--ms", "17"])
