@@ -46,14 +46,10 @@ def _settings(**values):
     their arguments, which include the settings, so no cache goes stale)."""
     from minicpm_int4.kernels import w4a16
 
-    saved = {name: getattr(w4a16, name) for name in values}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, value in values.items():
-            setattr(w4a16, name, value)
+            stack.enter_context(w4a16._setting(name, value))
         yield
-    finally:
-        for name, value in saved.items():
-            setattr(w4a16, name, value)
 
 
 def settings_for(m: int, gemv_threads=GEMV_THREADS, programs=PROGRAMS_PER_SM, trips=TRIP_WORDS) -> List[Dict]:
@@ -94,10 +90,9 @@ def _label(setting: Dict) -> str:
 def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), device: Optional[str] = None,
           rep_ms: float = 10, time_budget_s: Optional[float] = None, out: Optional[str] = None,
           gemv_threads=GEMV_THREADS, programs=PROGRAMS_PER_SM, trips=TRIP_WORDS, group_size: int = 128) -> Dict:
-    from minicpm_int4 import ops
-    from minicpm_int4.bench.backends import _int4, _int4_bytes
+    from minicpm_int4.bench.backends import OursW4A16
     from minicpm_int4.bench.env import Rotating, copy_bandwidth_gbps, env_info, kernel_time_ms, rotating_copies
-    from minicpm_int4.reference import dequantize_ref, gemm_tolerance, w4a16_gemm_ref
+    from minicpm_int4.bench.micro import _check
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16
@@ -120,32 +115,21 @@ def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), dev
             break
         g = torch.Generator(device=device).manual_seed(n * 31 + k)
         w = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
-        first = _int4(w, group_size)
-        wbytes = _int4_bytes(n, k, group_size, 2)
-        copies = [first] + [_int4(w, group_size) for _ in range(rotating_copies(wbytes, device) - 1)]
-        workspace = ops.w4a16_workspace(n, device)
-        rot = Rotating(copies)
-
-        def call(x, parts=None):
-            qweight, scales, zeros = parts or rot.next()
-            return ops.quantized_linear(x, qweight, scales, zeros, None, group_size, None, "triton", workspace)
-
+        # the bench's own Triton W4A16 row: QuantLinear's call with the layer's workspace, its reference and bound
+        ours = OursW4A16("triton")
+        first = ours.prepare(w, group_size)
+        rot = Rotating([first] + [ours.prepare(w, group_size)
+                                  for _ in range(rotating_copies(first.weight_bytes, device) - 1)])
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
-            y_ref = w4a16_gemm_ref(x, *first, None, group_size)
-            bound = gemm_tolerance(x, dequantize_ref(*first, group_size, dtype), dtype, y_ref).double()
             for setting in settings_for(m, gemv_threads, programs, trips):
                 row = {"n": n, "k": k, "m": m, "setting": setting, "label": _label(setting), "default": not setting}
                 try:
                     with _settings(**setting):
                         row["plan"] = _plan(n, k, m, group_size, device)
-                        y = call(x, first)
-                        err = (y.double() - y_ref.double()).abs()
-                        if not torch.isfinite(y).all() or (err > bound).any():
-                            raise AssertionError(f"{int((err > bound).sum())} outputs outside the derived bound "
-                                                 f"(max error {err.max().item():.3g})")
-                        med, p20, p80, how = kernel_time_ms(lambda: call(x), device, rep_ms=rep_ms)
-                    nbytes = wbytes + (m * k + m * n) * 2
+                        _check(f"w4a16-triton {row['label']}", first, x)  # raises outside the derived bound
+                        med, p20, p80, how = kernel_time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
+                    nbytes = first.weight_bytes + ours.activation_bytes(m, k, n, 2)
                     row.update({"median_ms": med, "p20_ms": p20, "p80_ms": p80, "timing": how, "bytes": nbytes,
                                 "gbps": nbytes / (med * 1e-3) / 1e9,
                                 "pct_copy_bw": 100 * nbytes / (med * 1e-3) / 1e9 / bw, "check": "ok"})
@@ -159,7 +143,7 @@ def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), dev
                 done += 1
                 if bar is not None:
                     bar.update(1)
-        del copies, rot
+        del first, rot
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if out:

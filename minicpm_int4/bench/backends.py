@@ -218,7 +218,6 @@ class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
 
     def __init__(self):
         super().__init__("w4a16-triton-trip32")
-        self.max_m = CUDA_MAX_M
 
     def supports(self, m):
         return 2 <= m <= CUDA_MAX_M
@@ -226,10 +225,6 @@ class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
 
 class _OursW4A16TritonPrefillSwitched(_OursW4A16TritonSwitched):
     """A switch that changes only the prefill path (M > 16): timed past the decode sizes."""
-
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.max_m = None
 
     def supports(self, m):
         return m > CUDA_MAX_M

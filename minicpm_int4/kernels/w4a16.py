@@ -798,7 +798,7 @@ DECODE_TRIP_WORDS = 16
 # Launch plans are pure functions of the layer's shape and the GPU's SM count: cached, so that a
 # decode step's host work per layer is a dictionary lookup, not a dozen integer computations.
 @functools.lru_cache(maxsize=4096)
-def _decode_plan(n: int, k: int, group_size: int, sms: int, programs_per_sm: int = 2, trip_words: int = 16):
+def _decode_plan(n: int, k: int, group_size: int, sms: int, programs_per_sm: int, trip_words: int):
     """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K, KW_PER_SPLIT, EVEN, PER_CHANNEL, GROUP_W) of _decode
     (programs_per_sm, trip_words: DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)."""
     kw = k // 8
@@ -926,7 +926,7 @@ GEMV_PREFETCH = False
 
 
 @functools.lru_cache(maxsize=4096)
-def _gemv_plan(n: int, kw: int, sms: int, force_split=None, threads_per_sm: int = 512):
+def _gemv_plan(n: int, kw: int, sms: int, force_split, threads_per_sm: int):
     if INTERPRET:  # small tiles so that the tests' shapes cross every boundary, split K included
         block_n, block_kw, warps = 4, 8, 1
     else:
