@@ -309,7 +309,7 @@ def _input_channels(p_ptr, k, K, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
 
 
 @fast_launch
-@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "HAS_SCALE", "HAS_PERM"])
+@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "STEPS", "HAS_SCALE", "HAS_PERM"])
 @triton.jit
 def _w4a16_decode_kernel(
     x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,

@@ -85,7 +85,7 @@ def _w4a8_step(acc, xq_ptr, qb_ptr, k0, offs_m, offs_n, m_mask, n_mask, zb, K, K
 
 
 @fast_launch
-@autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G"])
+@autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G", "FLAT_GROUPS"])
 @triton.jit
 def _w4a8_gemm_kernel(
     xq_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
