@@ -1,8 +1,9 @@
 """Write minicpm_int4/dispatch_table.json from a `minicpm-int4 bench` result: where the CUDA
-extension (or its shared-memory ring variant), at M = 1 the Triton tensor-core decode kernel, or past M = 16 the weight dequantized and
-torch's matmul, measured faster than the Triton kernels' default, backend="auto" will use it on that
-GPU, and the faster of the two activation quantizers per (K, M) and of the two W4A8 paths per (N, K, M)
-(minicpm_int4/dispatch.py).
+extension (or its shared-memory ring variant) or one of the Triton kernels' variants (at M = 1 the
+tensor-core decode kernel or the GEMV prefetching / unsplit, at 2..16 the decode kernel's long trip, past
+M = 16 the weight dequantized and torch's matmul or the prefill tile as x @ W.T) measured faster than the
+Triton kernels' defaults, backend="auto" will use it on that GPU; and the faster of the two activation
+quantizers per (K, M) and of the two W4A8 paths per (N, K, M) (minicpm_int4/dispatch.py).
 
     python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json [--out PATH]
 
@@ -12,7 +13,7 @@ from its own bench and points MINICPM_INT4_DISPATCH_TABLE at it for the profile 
 import argparse
 import json
 
-from minicpm_int4.dispatch import PACKAGE_TABLE_PATH, load_table, table_from_bench
+from minicpm_int4.dispatch import CUDA_CANDIDATES, PACKAGE_TABLE_PATH, TRITON_CANDIDATES, load_table, table_from_bench
 
 
 def main(argv=None) -> int:
@@ -27,15 +28,14 @@ def main(argv=None) -> int:
         json.dump(table, f, indent=1)
     name = bench["env"]["device_name"]
     rules = table["devices"][name]["w4a16"]
-    wins = {b: sum(r["backend"] == b for r in rules) for b in ("cuda", "cuda-ring", "triton-tc", "triton-dq")}
+    wins = {b: sum(r["backend"] == b for r in rules) for b in (*CUDA_CANDIDATES, *TRITON_CANDIDATES)}
     aq = table["devices"][name].get("act_quant", [])
     w8 = table["devices"][name].get("w4a8", [])
-    print(f"{args.out}: on {name}, (N, K, M) cases where the CUDA kernel wins: {wins['cuda']} (its shared-memory "
-          f"ring variant: {wins['cuda-ring']}); "
-          f"where M = 1 is faster on the Triton tensor-core kernel than on the GEMV: {wins['triton-tc']}; "
-          f"where the prefill is faster dequantized + matmul: {wins['triton-dq']}; the activation quantizer "
-          f"timed at {len(aq)} (K, M), the CUDA one faster at {sum(e['backend'] == 'cuda' for e in aq)}; W4A8 (quantizer + "
-          f"GEMM) timed both ways at {len(w8)} (N, K, M), the CUDA one faster at {sum(e['backend'] == 'cuda' for e in w8)}")
+    print(f"{args.out}: on {name}, (N, K, M) cases where a candidate other than the Triton kernels' defaults is "
+          f"fastest: " + (", ".join(f"{b} {w}" for b, w in wins.items() if w) or "none") + f" (of {len(rules)} "
+          f"entries); the activation quantizer timed at {len(aq)} (K, M), the CUDA one faster at "
+          f"{sum(e['backend'] == 'cuda' for e in aq)}; W4A8 (quantizer + GEMM) timed both ways at {len(w8)} (N, K, M), "
+          f"the CUDA one faster at {sum(e['backend'] == 'cuda' for e in w8)}")
     return 0
 
 

@@ -3,22 +3,28 @@ shape and M, per GPU model, read from benchmark results; and likewise for the pe
 quantizer (Triton or the CUDA extension's, by K and M: act_quant_auto_backend) and the W4A8 GEMM (Triton
 or the CUDA extension's, by N, K, M and the group size measured: w4a8_auto_backend).
 
-Five candidates: "triton" (the Triton kernels as ops.py picks them by M: the CUDA-core GEMV at
-M = 1, the fused prefill kernel past M = 16), "triton-tc" (M = 1 on the Triton tensor-core decode
-kernel instead of the GEMV: fewer instructions per weight, split-K finished in the same launch with the
-layer's workspace), "cuda" (the extension, M <= 16), "cuda-ring" (the extension's tensor-core kernel
-with W through a ring in shared memory, launcher variant 4, M <= 16: for a layer it does not take - an
-input scale, a channel order, K % 128 != 0 or a group size that is no power of two - ops.py runs "cuda"'s
-kernel) and "triton-dq" (M > 16: the weight dequantized whole by a Triton kernel, then torch's matmul). `minicpm_int4/dispatch_table.json` (package data) is
-written by `python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench`
-run (rows `w4a16-triton`, `w4a16-triton-tc`, `w4a16-cuda`, `w4a16-cuda-ring`, `w4a16-triton-dq`): a decode entry names an
-(N, K, M) where another candidate was measured faster than "triton", with every candidate's median, so
-that the lookup can take the fastest of those available (no extension built: the better Triton
-kernel). Past M = 16 every measured (N, K, M) is an entry, and a query takes the one at the largest
-measured M at or below its own: "triton-dq" pays a fixed cost (writing the fp16 weight) that a larger M
-only amortises further, so where it won at a measured M it wins above it; below the smallest measured
-prefill M, "triton"; and never for a weight whose fp16 copy would pass DEQUANT_MAX_BYTES. Absent an
-entry (another GPU, an unmeasured shape) "auto" means "triton": nothing is guessed.
+The candidates: "triton" (the Triton kernels as ops.py picks them by M, with kernels/w4a16.py's settings:
+the CUDA-core GEMV at M = 1, the tensor-core decode kernel at 2..16, the fused prefill kernel past M = 16);
+the Triton variants, each one of those settings changed for the call (TRITON_CANDIDATES; kernels/w4a16.py
+VARIANTS): at M = 1 "triton-tc" (the tensor-core decode kernel instead of the GEMV: fewer instructions per
+weight, split-K finished in the same launch with the layer's workspace), "triton-prefetch" (the GEMV with its
+next step of W loaded ahead) and "triton-unsplit" (the GEMV with K never split); at 2..16 "triton-trip32" (the
+decode kernel with two groups of 128 a loop trip); past 16 "triton-dq" (the weight dequantized whole by a
+Triton kernel, then torch's matmul) and "triton-rhs" (the prefill row tile as the dot's second operand,
+y = x @ W.T); and, with the extension built, "cuda" (M <= 16) and "cuda-ring" (its tensor-core kernel with W
+through a ring in shared memory, launcher variant 4, M <= 16: for a layer it does not take - an input scale,
+a channel order, K % 128 != 0 or a group size that is no power of two - ops.py runs "cuda"'s kernel). So a
+GPU run that measures a variant faster makes "auto" take it for that shape with no change to the code's
+defaults. `minicpm_int4/dispatch_table.json` (package data) is written by
+`python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run (its
+rows `w4a16-<candidate>`): a decode entry names an (N, K, M) where another candidate was measured faster than
+"triton", with every candidate's median, so that the lookup can take the fastest of those available (no
+extension built: the best Triton one). Past M = 16 every measured (N, K, M) is an entry, and a query takes
+the one at the largest measured M at or below its own: "triton-dq" pays a fixed cost (writing the fp16
+weight) that a larger M only amortises further, so where it won at a measured M it wins above it (and a
+tile layout that won at a large M keeps winning where tiles are full); below the smallest measured
+prefill M, "triton"; and never "triton-dq" for a weight whose fp16 copy would pass DEQUANT_MAX_BYTES.
+Absent an entry (another GPU, an unmeasured shape) "auto" means "triton": nothing is guessed.
 
 MINICPM_INT4_DISPATCH_TABLE=<path>, set before minicpm_int4 is imported, reads the table from there
 instead: the GPU suite writes one from the bench it has just run, so that its end-to-end profile runs
@@ -38,6 +44,13 @@ TABLE_ENV = "MINICPM_INT4_DISPATCH_TABLE"
 TABLE_PATH = os.environ.get(TABLE_ENV) or PACKAGE_TABLE_PATH  # the table "auto" reads
 CUDA_MAX_M = 16
 CUDA_CANDIDATES = ("cuda", "cuda-ring")  # the W4A16 candidates that need the extension
+# The Triton kernels' variants (kernels/w4a16.py VARIANTS: one of that module's settings changed for a call) and
+# the M they are measured and picked at (a candidate is only ever compared where it runs something other than
+# "triton": "triton-tc" / "-prefetch" / "-unsplit" change the M = 1 GEMV, "triton-trip32" the 2..16-row decode
+# kernel, "triton-dq" / "-rhs" the prefill path)
+TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1),
+                     "triton-trip32": (2, CUDA_MAX_M), "triton-dq": (CUDA_MAX_M + 1, None),
+                     "triton-rhs": (CUDA_MAX_M + 1, None)}
 # "triton-dq" holds the layer's weight dequantized (2 bytes a weight) for the call's length: past this size
 # "auto" keeps the fused prefill kernel whatever was measured (a 150k-vocabulary lm_head would take 1.2 GB)
 DEQUANT_MAX_BYTES = 256 * 2**20
@@ -93,8 +106,8 @@ def _prefill_ms(device_name: str, path: str) -> Dict:
 
 def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available: bool,
                        path: str = TABLE_PATH, device_name: Optional[str] = None) -> str:
-    """"triton", "triton-tc", "cuda", "cuda-ring" or "triton-dq": the fastest measured for this GPU, (N, K)
-    and M among those available (cuda_available: the extension is built); "triton" where nothing was
+    """"triton" or another candidate (CUDA_CANDIDATES, TRITON_CANDIDATES): the fastest measured for this GPU,
+    (N, K) and M among those available (cuda_available: the extension is built); "triton" where nothing was
     measured."""
     device_name = device_name or _device_name(device_index)
     if m > CUDA_MAX_M:
@@ -179,19 +192,17 @@ def describe(device_name: Optional[str] = None) -> Dict:
     return out
 
 
-# bench row -> candidate; "triton-tc" is an M = 1 choice (the decode kernel already runs M = 2..16), "cuda"
-# and "cuda-ring" ones of M <= 16, "triton-dq" one of M > 16
-_CANDIDATES = {"w4a16-triton": "triton", "w4a16-triton-tc": "triton-tc", "w4a16-cuda": "cuda",
-               "w4a16-cuda-ring": "cuda-ring", "w4a16-triton-dq": "triton-dq"}
+# candidate -> the M (first, last; None: any) it is a choice at; its bench rows are "w4a16-<candidate>"
+_CANDIDATE_M = {"triton": (1, None), **{c: (1, CUDA_MAX_M) for c in CUDA_CANDIDATES}, **TRITON_CANDIDATES}
+_CANDIDATES = {f"w4a16-{c}": c for c in _CANDIDATE_M}  # bench row -> candidate
 
 
 def _candidate(r: Dict) -> Optional[str]:
     cand = _CANDIDATES.get(r["backend"])
     if cand is None or r.get("check") != "ok":
         return None
-    if cand == "triton-tc" and r["m"] != 1 or cand in CUDA_CANDIDATES and r["m"] > CUDA_MAX_M:
-        return None
-    if cand == "triton-dq" and r["m"] <= CUDA_MAX_M:
+    first, last = _CANDIDATE_M[cand]
+    if r["m"] < first or (last is not None and r["m"] > last):
         return None
     return cand
 
@@ -220,10 +231,10 @@ def _w4a8_entries(bench: Dict) -> list:
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
-    """Add one GPU's measurements to a dispatch table: an entry wherever "triton-tc", "cuda" or "cuda-ring" beat
-    "triton"'s median for a decode (N, K, M), and for every prefill (N, K, M) where "triton-dq" was timed
-    beside "triton" (the prefill lookup needs the M where "triton" won too), with all the candidates'
-    medians."""
+    """Add one GPU's measurements to a dispatch table: an entry wherever another candidate beat "triton"'s
+    median for a decode (N, K, M), and for every prefill (N, K, M) where another candidate ("triton-dq",
+    "triton-rhs") was timed beside "triton" (the prefill lookup needs the M where "triton" won too), with all
+    the candidates' medians."""
     times: Dict = {}
     for r in bench["rows"]:
         cand = _candidate(r)

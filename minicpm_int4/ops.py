@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import reference
 from .config import BACKENDS
-from .dispatch import CUDA_CANDIDATES
+from .dispatch import CUDA_CANDIDATES, TRITON_CANDIDATES
 from .quantize import LAYER_DTYPES
 
 FLOAT_DTYPES = LAYER_DTYPES  # what the kernels take: the int4 layers' dtypes
@@ -122,9 +122,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     Meta tensors always take "torch" (shapes only).
     "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
     GPU and `shape` - W4A16's (M, N, K): "cuda" or "cuda-ring" (the extension, when built; the second its
-    tensor-core kernel with W through a ring in shared memory), at M = 1 "triton-tc" (the
-    Triton tensor-core decode kernel instead of the GEMV), at M > 16 "triton-dq" (the weight
-    dequantized by a Triton kernel, then torch's matmul, instead of the fused prefill kernel); the
+    tensor-core kernel with W through a ring in shared memory), or a variant of the Triton kernels
+    (dispatch.TRITON_CANDIDATES: at M = 1 "triton-tc", the tensor-core decode kernel instead of the GEMV, or
+    the GEMV prefetching / unsplit; at 2..16 the decode kernel's long trip; at M > 16 "triton-dq", the weight
+    dequantized by a Triton kernel then torch's matmul, or the prefill tile as x @ W.T); the
     activation quantizer's (M, K) and the W4A8 GEMM's (M, N, K, group size): "cuda" where its kernel was
     measured faster (and, for W4A8, takes the layer); CPU tensors -> "torch".
     "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
@@ -152,7 +153,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
                                          ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g))
             else:  # W4A16, shape (M, N, K)
                 pick = w4a16_auto_backend(*shape, device.index or 0, ext_ok)
-            if pick in CUDA_CANDIDATES or (pick in ("triton-tc", "triton-dq") and triton_ok):
+            if pick in CUDA_CANDIDATES or (pick in TRITON_CANDIDATES and triton_ok):
                 return pick
         return "triton" if triton_ok else "torch"
     if backend == "triton":
@@ -308,17 +309,17 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
                      input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
-    if be in ("triton", "triton-tc", "triton-dq"):
-        # "triton-tc" was measured with the layer's workspace (one launch): without one, the GEMV
-        tc = be == "triton-tc" and workspace is not None
+    if be == "triton" or be in TRITON_CANDIDATES:
         # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first),
-        # and the decode kernels read x through input_perm (prefill gathers first); "triton-dq" (M > 16):
-        # the weight dequantized whole, then torch's matmul - fp16 / bf16 only (the table's rows are
-        # fp16's; an fp32 matmul would follow the user's TF32 setting, where the fused kernel is exact fp32)
-        dq = True if be == "triton-dq" and x.dtype != torch.float32 else None
+        # and the decode kernels read x through input_perm (prefill gathers first). A variant the table picked
+        # (dispatch.py) changes one of the Triton module's settings for this call; not "triton-tc" without the
+        # layer's workspace (it was measured in one launch with it: without one, the GEMV), nor "triton-dq" for an
+        # fp32 layer (the table's rows are fp16's; an fp32 matmul would follow the user's TF32 setting, where the
+        # fused kernel is exact fp32)
+        variant = None if be == "triton" or (be == "triton-tc" and workspace is None) or (
+            be == "triton-dq" and x.dtype == torch.float32) else be
         return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
-                                                      m1_tensor_core=tc, input_scale=input_scale,
-                                                      input_perm=input_perm, dequant_matmul=dq)
+                                                      input_scale=input_scale, input_perm=input_perm, variant=variant)
     if be in CUDA_CANDIDATES:  # the CUDA kernels multiply the input scale into x as they load it, and the
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:

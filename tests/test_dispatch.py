@@ -195,9 +195,12 @@ def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, mo
     assert not ops.cuda_mma_supported(4096, 16) and not ops.cuda_mma_supported(4304, 4304)
 
 
-def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatch):
-    # ops routes a "triton-tc" pick to the decode kernel when the layer's workspace is there (the
-    # table was measured so); a bare call without one keeps the GEMV
+@pytest.mark.parametrize("pick", ["triton", "triton-tc", "triton-prefetch", "triton-unsplit", "triton-trip32",
+                                  "triton-dq", "triton-rhs"])
+def test_auto_runs_the_triton_variant_the_table_picked(pick, monkeypatch):
+    # ops hands a Triton variant the table picked to the Triton launcher as `variant` (one setting changed for
+    # that call); "triton-tc" only with the layer's workspace (it was measured so: without one, the GEMV), and
+    # "triton-dq" not for an fp32 layer (its fused kernel is exact fp32; torch's matmul would follow TF32)
     import torch
 
     from minicpm_int4 import ops
@@ -206,25 +209,60 @@ def test_auto_runs_the_tensor_core_kernel_at_m1_only_with_a_workspace(monkeypatc
 
     class Kernels:
         @staticmethod
-        def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace, m1_tensor_core, input_scale=None,
-                              input_perm=None, dequant_matmul=None):
-            calls.append((m1_tensor_core, dequant_matmul))
+        def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace, input_scale=None,
+                              input_perm=None, variant=None):
+            calls.append(variant)
             return x.new_zeros((x.shape[0], qweight.shape[0]))
 
-    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton-tc")
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: pick)
     monkeypatch.setattr(ops, "_triton_kernels", lambda: (Kernels, None))
-    x, qweight = torch.randn(1, 64, dtype=torch.float16), torch.zeros(8, 8, dtype=torch.int32)
-    scales = torch.ones(8, 2, dtype=torch.float16)
-    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto", ops.w4a16_workspace(8))
-    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 32, "auto")
-    assert calls == [(True, None), (False, None)]  # (None: the Triton module's own PREFILL_DEQUANT)
-    # a "triton-dq" pick (M > 16) reaches the Triton launcher as dequant_matmul, for fp16 / bf16 layers
-    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "triton-dq")
-    ops._w4a16_gemm_op(torch.randn(32, 64, dtype=torch.float16), qweight, scales, scales, None, 32, "auto")
-    assert calls[-1] == (False, True)
-    scales32 = scales.float()  # an fp32 layer keeps the fused kernel's exact fp32 products
-    ops._w4a16_gemm_op(torch.randn(32, 64), qweight, scales32, scales32, None, 32, "auto")
-    assert calls[-1] == (False, None)
+    qweight = torch.zeros(8, 8, dtype=torch.int32)
+    for dtype in (torch.float16, torch.float32):
+        scales = torch.ones(8, 2, dtype=dtype)
+        for workspace in (ops.w4a16_workspace(8), None):
+            ops._w4a16_gemm_op(torch.randn(1, 64, dtype=dtype), qweight, scales, scales, None, 32, "auto", workspace)
+    expect = None if pick == "triton" else pick
+    assert calls == [expect, None if pick == "triton-tc" else expect,
+                     None if pick == "triton-dq" else expect, None if pick in ("triton-tc", "triton-dq") else expect]
+
+
+def test_every_triton_candidate_is_a_variant_of_the_kernels_and_a_bench_row():
+    # dispatch.py's Triton candidates, kernels/w4a16.py's VARIANTS (what a call runs for each) and the bench's
+    # rows that measure them (w4a16-<candidate>, timed under the module switch of the same setting) are one list;
+    # each row is timed at (at least) an M its candidate is a choice at
+    from minicpm_int4.bench.backends import default_backends
+    from minicpm_int4.dispatch import TRITON_CANDIDATES, _CANDIDATE_M
+    from minicpm_int4.kernels import w4a16
+
+    assert set(TRITON_CANDIDATES) == set(w4a16.VARIANTS)
+    rows = {b.name: b for b in default_backends()}
+    for cand, (first, last) in _CANDIDATE_M.items():
+        row = rows[f"w4a16-{cand}"]
+        assert row.supports(first) and (last is None or not row.supports(last + 1)), cand
+        assert first == 1 or not row.supports(first - 1), cand
+
+
+def test_triton_variants_enter_the_table_at_their_m_only(tmp_path):
+    # a variant's rows count where the candidate is a choice: the GEMV's at M = 1, the long decode trip's at
+    # 2..16, the prefill tile's past 16; elsewhere the row is no claim
+    times = {("w4a16-triton-prefetch", 1): 0.008, ("w4a16-triton-prefetch", 16): 0.001,
+             ("w4a16-triton-unsplit", 1): 0.009, ("w4a16-triton-trip32", 1): 0.001,
+             ("w4a16-triton-trip32", 16): 0.011, ("w4a16-triton-trip32", 64): 0.001,
+             ("w4a16-triton-rhs", 16): 0.001, ("w4a16-triton-rhs", 256): 0.030, ("w4a16-triton-rhs", 4096): 0.300}
+    base = {1: 0.010, 16: 0.012, 64: 0.02, 256: 0.025, 4096: 0.400}
+    rows = [{"n": 4096, "k": 4096, "m": m, "backend": "w4a16-triton", "median_ms": t} for m, t in base.items()]
+    rows += [{"n": 4096, "k": 4096, "m": m, "backend": b, "median_ms": t} for (b, m), t in times.items()]
+    table = table_from_bench(_bench("GPU-A", rows))
+    assert [(r["m"], r["backend"], sorted(r["times_ms"])) for r in table["devices"]["GPU-A"]["w4a16"]] == [
+        (1, "triton-prefetch", ["triton", "triton-prefetch", "triton-unsplit"]),
+        (16, "triton-trip32", ["triton", "triton-trip32"]),
+        (256, "triton", ["triton", "triton-rhs"]), (4096, "triton-rhs", ["triton", "triton-rhs"])]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda m: w4a16_auto_backend(m, 4096, 4096, 0, False, str(path), "GPU-A")  # noqa: E731
+    assert [pick(m) for m in (1, 2, 9, 16, 17, 256, 4095, 4096, 8192)] == [
+        "triton-prefetch", "triton", "triton-trip32", "triton-trip32", "triton", "triton", "triton", "triton-rhs",
+        "triton-rhs"]
 
 
 def test_cuda_backend_gets_the_input_scale_and_perm_and_the_unscaled_x(monkeypatch):
@@ -314,7 +352,7 @@ def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "make_dispatch_table.py"), str(bench),
                         "--out", str(table)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "on GPU-A" in r.stdout and "Triton tensor-core kernel than on the GEMV: 1" in r.stdout
+    assert "on GPU-A" in r.stdout and "fastest: triton-tc 1 (of 1 entries)" in r.stdout
     assert [x["backend"] for x in json.loads(table.read_text())["devices"]["GPU-A"]["w4a16"]] == ["triton-tc"]
     probe = ("import json; from minicpm_int4 import dispatch as d; "
              "print(json.dumps([d.describe('GPU-A'), d.w4a16_auto_backend(1, 4096, 4096, 0, False, device_name='GPU-A')]))")

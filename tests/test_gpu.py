@@ -804,6 +804,28 @@ def test_triton_decode_long_trip(nk, m, dtype):
                       dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("variant,m", [("triton-tc", 1), ("triton-prefetch", 1), ("triton-unsplit", 1),
+                                       ("triton-trip32", 8), ("triton-dq", 64), ("triton-rhs", 300)])
+def test_triton_variant_per_call_is_its_switch(variant, m):
+    """A Triton variant as backend="auto" runs it where the dispatch table picked it (w4a16_gemm_triton's
+    `variant`: one setting changed for the call) gives the bits of the module switch the bench timed it under,
+    with the layer's workspace (counters back at zero), on a MiniCPM-V 4.6 LLM shape."""
+    from minicpm_int4.kernels import w4a16
+
+    n, k = 4096, 4096
+    qweight, scales, zeros, gs = _cuda_layer(n, k, 128, torch.float16)
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    bias = torch.randn(n, dtype=torch.float16, device="cuda")
+    workspace = ops.w4a16_workspace(n, "cuda")
+    y = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, bias, gs, workspace, variant=variant)
+    with w4a16._variant_switch(variant):
+        y_switch = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, bias, gs, workspace)
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_switch) and torch.count_nonzero(workspace) == 0
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                      dequant(qweight, scales, zeros, gs, torch.float16))
+
+
 @pytest.mark.parametrize("nk,dtype", [((1024, 4096), torch.float16), ((4096, 4096), torch.bfloat16),
                                       ((768, 3072), torch.float16)], ids=["N1024-fp16", "N4096-bf16", "N768-K3072-fp16"])
 def test_triton_gemv_splitk_in_one_launch(nk, dtype):

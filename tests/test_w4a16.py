@@ -213,19 +213,69 @@ def test_w4a16_decode_splitk_needs_zeroed_counters():
     assert torch.isnan(y).any()
 
 
-def test_m1_tensor_core_flag_runs_the_decode_kernel(monkeypatch):
-    # ops passes m1_tensor_core=True where dispatch.py's table picked "triton-tc"
+class _LaunchLog:
+    """Every launch of a w4a16 kernel: its name, grid (a callable grid as the grid it gives the first config)
+    and arguments, tensors as (dtype, shape) - what decides the kernel's work; kernel[grid](...) passes
+    through."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            norm = lambda v: (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.log.append((self.name, grid if not callable(grid) else "callable", tuple(map(norm, args)),
+                             tuple(sorted((k, norm(v)) for k, v in kwargs.items()))))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+W4A16_KERNELS = ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_kernel", "_w4a16_dequant_kernel",
+                 "_splitk_reduce_kernel")
+# a variant (w4a16.VARIANTS) and an M where it changes what runs for the layer below (K split by default at
+# M = 1 and in the decode kernel, the prefill tile dequantized as rows so that its side of the dot matters)
+VARIANT_M = {"triton-tc": 1, "triton-prefetch": 1, "triton-unsplit": 1, "triton-trip32": 5, "triton-dq": 40,
+             "triton-rhs": 40}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_M))
+def test_a_variant_changes_one_call_as_its_switch_does(variant, monkeypatch):
+    """w4a16_gemm_triton(variant=v), what ops runs where dispatch.py's table picked v, launches what the
+    module switch the bench's `w4a16-<v>` rows are timed under launches - the same kernels, grids and
+    arguments, so the same bits - and not what the module's own settings launch; the module's settings are
+    left as they were, and the result is the reference's within its tolerance."""
     from minicpm_int4.kernels import w4a16
 
-    def no_gemv(*args):
-        raise AssertionError("the GEMV ran although m1_tensor_core=True")
+    assert set(VARIANT_M) == set(w4a16.VARIANTS)
+    monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", True)
+    n, k, group_size = 16, 1024, 128
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=len(variant))
+    g = torch.Generator().manual_seed(VARIANT_M[variant])
+    x = torch.randn(VARIANT_M[variant], k, generator=g).to(torch.float16)
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    if VARIANT_M[variant] == 1:
+        assert w4a16._gemv_blocks(n, k // 8, x.device)[3] > 1
+    log = []
+    for name in W4A16_KERNELS:
+        monkeypatch.setattr(w4a16, name, _LaunchLog(getattr(w4a16, name), name, log))
+    settings = {name: getattr(w4a16, name) for name, _ in w4a16.VARIANTS.values()}
 
-    monkeypatch.setattr(w4a16, "_gemv", no_gemv)
-    n, k = SHAPES[64]
-    qweight, scales, zeros, gs = random_qweight(n, k, 64, torch.float16, seed=9)
-    x = torch.randn(1, k, dtype=torch.float16)
-    y = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, None, gs, ops.w4a16_workspace(n), m1_tensor_core=True)
-    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, None, gs), x, dequant(qweight, scales, zeros, gs, x.dtype))
+    def run(**kw):
+        del log[:]
+        y = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, bias, gs, ops.w4a16_workspace(n), **kw)
+        return y, list(log)
+
+    y, launched = run(variant=variant)
+    assert {name: getattr(w4a16, name) for name in settings} == settings
+    with w4a16._variant_switch(variant):
+        y_switch, launched_switch = run()
+    default, launched_default = run()
+    assert launched == launched_switch and torch.equal(y, y_switch)
+    assert launched != launched_default
+    assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, bias, gs), x,
+                      dequant(qweight, scales, zeros, gs, x.dtype))
+    with pytest.raises(ValueError, match="unknown variant 'triton-fast'"):
+        w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, bias, gs, variant="triton-fast")
 
 
 @pytest.mark.parametrize("group_size", [32, -1], ids=lambda g: f"g{g}")

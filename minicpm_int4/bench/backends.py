@@ -157,23 +157,24 @@ class OursW4A16CudaRing(_OursW4A16CudaVariant):
 
 
 class _OursW4A16TritonSwitched(OursW4A16):
-    """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), inside one of
-    kernels/w4a16.py's measurement switches (context managers, not backends of ops.py)."""
+    """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), with one of kernels/w4a16.py's
+    VARIANTS - the candidates of dispatch.py that backend="auto" takes where these rows measure them faster -
+    switched on for the call (w4a16._variant_switch: the module setting the variant changes)."""
     is_variant = True
-    switch = "?"
+    variant = "?"
 
-    def __init__(self, name: str):
+    def __init__(self):
         super().__init__("triton", max_m=1)
-        self.name = name
+        self.name = f"w4a16-{self.variant}"
 
     def _runner(self, qweight, scales, zeros, group_size, gs):
         from ..kernels import w4a16
 
-        switch = getattr(w4a16, self.switch)
+        variant = self.variant
         workspace = ops.w4a16_workspace(qweight.shape[0], qweight.device)
 
         def run(x):
-            with switch():
+            with w4a16._variant_switch(variant):
                 return ops.quantized_linear(x, qweight, scales, zeros, None, gs, None, "triton", workspace)
         return run
 
@@ -181,11 +182,8 @@ class _OursW4A16TritonSwitched(OursW4A16):
 class OursW4A16TritonTensorCore(_OursW4A16TritonSwitched):
     """The Triton tensor-core decode kernel at M = 1, where "w4a16-triton" takes the GEMV: ~3.2
     against ~4.2 SASS instructions per weight on sm_90a, both in one launch (split-K finished in the
-    decode kernel with the layer's workspace); these rows decide kernels/w4a16.py's GEMV_MAX_M."""
-    switch = "tensor_core_decode"
-
-    def __init__(self):
-        super().__init__("w4a16-triton-tc")
+    decode kernel with the layer's workspace)."""
+    variant = "triton-tc"
 
 
 class OursW4A16TritonUnsplit(_OursW4A16TritonSwitched):
@@ -193,31 +191,22 @@ class OursW4A16TritonUnsplit(_OursW4A16TritonSwitched):
     "w4a16-triton" splits it for shapes whose rows alone give too few threads (N = 1024 - 4096 on
     an H100 / H200; elsewhere the two rows run the same kernel): these rows tell whether the split's
     parallelism is worth its partial sums (GEMV_THREADS_PER_SM)."""
-    switch = "unsplit_gemv"
-
-    def __init__(self):
-        super().__init__("w4a16-triton-unsplit")
+    variant = "triton-unsplit"
 
 
 class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
     """The Triton M = 1 GEMV with its next step of W and x loaded before it computes the current one
     (kernels/w4a16.py GEMV_PREFETCH), beside `w4a16-triton`'s GEMV, which waits for each step's loads:
     these rows decide whether the double buffer's loads in flight are worth its registers."""
-    switch = "prefetch_gemv"
-
-    def __init__(self):
-        super().__init__("w4a16-triton-prefetch")
+    variant = "triton-prefetch"
 
 
 class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
     """The Triton 2..16-row decode kernel with 32 packed words of K a loop trip (two dots of a group of 128;
     kernels/w4a16.py DECODE_TRIP_WORDS = 32) beside `w4a16-triton`'s 16: compiled for sm_90a at G = 128,
     2.89 - 2.95 SASS instructions per weight against 3.16 - 3.28 and twice the bytes a pipeline stage, for 12
-    more registers and 8 - 24 KB more shared memory a program (kernels/aot.py); these rows decide the default."""
-    switch = "long_decode_trip"
-
-    def __init__(self):
-        super().__init__("w4a16-triton-trip32")
+    more registers and 8 - 24 KB more shared memory a program (kernels/aot.py)."""
+    variant = "triton-trip32"
 
     def supports(self, m):
         return 2 <= m <= CUDA_MAX_M
@@ -232,12 +221,8 @@ class _OursW4A16TritonPrefillSwitched(_OursW4A16TritonSwitched):
 
 class OursW4A16TritonDequant(_OursW4A16TritonPrefillSwitched):
     """M > 16 as the weight dequantized whole by a Triton kernel, then torch's matmul (kernels/w4a16.py
-    PREFILL_DEQUANT; cuBLAS on a GPU), beside `w4a16-triton`'s fused prefill kernel: these rows are the
-    dispatch table's prefill entries ("triton-dq", dispatch.py), which backend="auto" follows."""
-    switch = "dequant_prefill"
-
-    def __init__(self):
-        super().__init__("w4a16-triton-dq")
+    PREFILL_DEQUANT; cuBLAS on a GPU), beside `w4a16-triton`'s fused prefill kernel."""
+    variant = "triton-dq"
 
 
 class OursW4A16TritonRhs(_OursW4A16TritonPrefillSwitched):
@@ -245,10 +230,7 @@ class OursW4A16TritonRhs(_OursW4A16TritonPrefillSwitched):
     (kernels/w4a16.py PREFILL_W_LHS = False: each K step's wgmma waits for the last to finish), beside
     `w4a16-triton`'s transposed product, whose wgmma reads the weight from registers with one in flight:
     these rows tell whether that overlap is worth the layout's extra instructions per weight."""
-    switch = "rhs_prefill"
-
-    def __init__(self):
-        super().__init__("w4a16-triton-rhs")
+    variant = "triton-rhs"
 
 
 class OursW4A8(_Ours):

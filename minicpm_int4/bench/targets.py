@@ -309,8 +309,9 @@ VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit
 def variant_lines(bench: Dict) -> List[str]:
     """Each measurement variant against the kernel it would replace at its M, per shape the two share:
     default time / variant time (above 1: the variant is faster), median and range over all shapes and
-    over the large ones. What decides whether a variant becomes the default (or, for `w4a16-triton-dq`,
-    what the dispatch table's prefill entries will pick)."""
+    over the large ones. What decides whether a variant becomes the default; where a shape's W4A16 variant
+    is faster, the dispatch table made from the same bench already has backend="auto" take it there
+    (dispatch.py's candidates)."""
     by = _ok_rows(bench)
     out = []
     for variant, default, m in VARIANTS:

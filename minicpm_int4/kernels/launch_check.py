@@ -110,6 +110,14 @@ def _scripted_timings(*kernels):
         tuner.do_bench = do_bench
 
 
+def _fused_prefill(*args):
+    """The fused prefill kernel's launch whatever w4a16.PREFILL_DEQUANT says."""
+    from . import w4a16
+
+    with w4a16._setting("PREFILL_DEQUANT", False):
+        return w4a16.w4a16_gemm_triton(*args)
+
+
 def _sites():
     """[(name, call)]: every launch site of the package, on small shapes that cross its branches."""
     from .. import ops
@@ -139,7 +147,7 @@ def _sites():
                                                                     None, 4304)),
         ("decode M=4", lambda: w4a16.w4a16_gemm_triton(x4, qw, s, z, bias, g, workspace=ws)),
         ("decode M=4, no workspace", lambda: w4a16.w4a16_gemm_triton(x4, qw, s, z, None, g)),
-        ("prefill M=64, fused", lambda: w4a16.w4a16_gemm_triton(x64, qw, s, z, bias, g, dequant_matmul=False)),
+        ("prefill M=64, fused", lambda: _fused_prefill(x64, qw, s, z, bias, g)),
         ("dequantize", lambda: w4a16.dequantize_triton(qw, s, z, g)),
         ("w4a8 M=64", lambda: w4a8.w4a8_gemm_triton(xq, xs, qw, s, z, bias, g, torch.float16)),
         ("act quant M=64", lambda: act_quant.quantize_per_token_int8_triton(x64)),

@@ -778,12 +778,30 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
-def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
+# The variants of these kernels that dispatch.py's measured table can pick for a layer shape and M (backend="auto"):
+# each is one of this module's settings changed, for one call (w4a16_gemm_triton's `variant`: no module state,
+# safe under threads and CUDA graphs). The measurement switches at the end of this file set the same for a
+# block; the bench's `w4a16-<variant>` rows time them that way, beside `w4a16-triton` (the settings as they are).
+VARIANTS = {
+    "triton-tc": ("GEMV_MAX_M", 0),              # M = 1 on the tensor-core decode kernel, not the GEMV
+    "triton-prefetch": ("GEMV_PREFETCH", True),  # M = 1: the GEMV loads its next step of W ahead
+    "triton-unsplit": ("GEMV_SPLIT", 1),         # M = 1: the GEMV never splits K across programs
+    "triton-trip32": ("DECODE_TRIP_WORDS", 32),  # 2 <= M <= 16: two groups of 128 a decode-kernel loop trip
+    "triton-dq": ("PREFILL_DEQUANT", True),      # M > 16: the weight dequantized whole, then torch's matmul
+    "triton-rhs": ("PREFILL_W_LHS", False),      # M > 16: the prefill row tile as the dot's second operand
+}
+_NO_VARIANT = {}  # (read only: the launchers' default)
+_VARIANT_SETTINGS = {None: _NO_VARIANT, **{v: {name: value} for v, (name, value) in VARIANTS.items()}}
+
+
+def _decode_blocks(n: int, k: int, group_size: int, device: torch.device, over=_NO_VARIANT):
     """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K) for the 2 <= M <= 16 kernel. A dot step is BLOCK_KW words
     inside one group; a loop trip is STEPS of them (DECODE_TRIP_WORDS words: 128 weights of K on a GPU).
     BLOCK_N = 64 rows is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs
-    until about DECODE_PROGRAMS_PER_SM programs per SM run, each keeping >= 2 trips."""
-    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)[:4]
+    until about DECODE_PROGRAMS_PER_SM programs per SM run, each keeping >= 2 trips. over: a variant's
+    settings (VARIANTS)."""
+    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM,
+                        over.get("DECODE_TRIP_WORDS", DECODE_TRIP_WORDS))[:4]
 
 
 # The 2..16-row decode kernel's launch plan (_decode_plan), as settings so that benchmarks/decode_sweep.py can
@@ -892,12 +910,12 @@ def _prefill_w_rows(device: torch.device, block_k: int) -> bool:
     return not INTERPRET and block_k >= 64 and (ROW_TILE_ON_SM80 or _common.target_capability(device) >= 90)
 
 
-def _gemv_blocks(n: int, kw: int, device: torch.device):
+def _gemv_blocks(n: int, kw: int, device: torch.device, over=_NO_VARIANT):
     """(BLOCK_N, BLOCK_KW, num_warps, SPLIT_K, KW_PER_SPLIT) for the M = 1 kernel: each thread streams
     4 x 16-byte chunks (16 words) per step, so that enough loads are in flight; the row tile is the
     widest that still gives about two programs per SM, and K is split when the rows alone give too
-    few threads to keep the memory system busy (_gemv_plan)."""
-    return _gemv_plan(n, kw, num_sms(device), GEMV_SPLIT, GEMV_THREADS_PER_SM)
+    few threads to keep the memory system busy (_gemv_plan). over: a variant's settings (VARIANTS)."""
+    return _gemv_plan(n, kw, num_sms(device), over.get("GEMV_SPLIT", GEMV_SPLIT), GEMV_THREADS_PER_SM)
 
 
 # The threads per SM the M = 1 GEMV aims to have streaming W: its loop holds ~128 registers a thread
@@ -957,9 +975,10 @@ def _gemv_plan(n: int, kw: int, sms: int, force_split, threads_per_sm: int):
     return block_n, block_kw, warps, split, kw_per_split
 
 
-def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_scale=None, input_perm=None):
+def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_scale=None, input_perm=None,
+          over=_NO_VARIANT):
     n, kw = qweight.shape
-    block_n, block_kw, warps, split, kw_per_split = _gemv_blocks(n, kw, x.device)
+    block_n, block_kw, warps, split, kw_per_split = _gemv_blocks(n, kw, x.device, over)
     # words per group as a power of two (per-channel: any power of two >= K/8 puts every word in group 0)
     group_w = group_size // 8 if group_size < x.shape[1] else next_pow2(kw)
     even = n % block_n == 0 and kw % block_kw == 0 and kw_per_split * split == kw
@@ -971,7 +990,8 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
         zeros, b, out, part, workspace if fixup else qweight,
         n, kw, kw_per_split, qweight.stride(0), scales.stride(0), *GEMV_MASKS,
         HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even,
-        GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw, PREFETCH=GEMV_PREFETCH,
+        GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        PREFETCH=over.get("GEMV_PREFETCH", GEMV_PREFETCH),
         num_warps=warps, num_stages=1,
     )
     if split > 1 and not fixup:
@@ -998,11 +1018,11 @@ def _reduce_split_k(part, b, out, split: int, has_bias: bool):
 
 
 def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=None, input_scale=None,
-            input_perm=None):
+            input_perm=None, over=_NO_VARIANT):
     m, k = x.shape
     n, kw = qweight.shape
     block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
-        n, k, group_size, num_sms(x.device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)
+        n, k, group_size, num_sms(x.device), DECODE_PROGRAMS_PER_SM, over.get("DECODE_TRIP_WORDS", DECODE_TRIP_WORDS))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part, fixup = _split_k_partials(out, split, workspace, cdiv(n, block_n), "decode")
     b = bias if bias is not None else scales  # any valid pointer; never read
@@ -1024,19 +1044,22 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
     return out
 
 
-def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, m1_tensor_core=False,
-                      input_scale=None, input_perm=None, dequant_matmul=None):
+def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=None, input_scale=None,
+                      input_perm=None, variant=None):
     """x [M, K] @ dequant(qweight [N, K/8], scales/zeros [N, K/G]).T + bias -> [M, N] in x.dtype.
     Inputs are validated by ops.w4a16_gemm; group_size here is positive (G == K for per-channel).
     workspace: int32 zeros, one per 16 rows (ops.w4a16_workspace; left at zero), or None: a split-K
-    GEMV or decode then reduces in a second launch. m1_tensor_core: M = 1 on the decode kernel, not the GEMV
-    (where dispatch.py's measured table says that is faster). input_scale: [K] in x's dtype or None,
+    GEMV or decode then reduces in a second launch. variant: None (this module's settings) or a key of
+    VARIANTS - one setting changed for this call alone, where dispatch.py's measured table says that is
+    faster for the layer's shape and M (e.g. "triton-tc": M = 1 on the decode kernel, not the GEMV;
+    "triton-dq": M > 16 as the weight dequantized whole, then torch's matmul). input_scale: [K] in x's dtype or None,
     y = (x * input_scale) @ ...: multiplied into x's loads by the GEMV and the decode kernel
     (FUSE_INPUT_SCALE), into the prefill kernel's x tiles in the interpreter (FUSE_INPUT_SCALE_PREFILL), else in a
     pass of its own first. input_perm: int32 [K] or None, y = (x[:, input_perm] * input_scale) @ ...:
-    the decode kernels read x through it (FUSE_INPUT_PERM), prefill gathers first. dequant_matmul (M > 16;
-    None: PREFILL_DEQUANT): the weight dequantized whole by dequantize_triton, then torch's matmul (cuBLAS on
-    a GPU) in place of the fused prefill kernel - where dispatch.py's measured table says it is faster."""
+    the decode kernels read x through it (FUSE_INPUT_PERM), prefill gathers first."""
+    over = _VARIANT_SETTINGS.get(variant)
+    if over is None:
+        raise ValueError(f"w4a16_gemm_triton: unknown variant {variant!r}; expected None or one of {tuple(VARIANTS)}")
     if x.shape[0] == 0:  # an empty batch: nothing to launch (as act_quant / w4a8 / the CUDA bindings do)
         return torch.empty((0, qweight.shape[0]), dtype=x.dtype, device=x.device)
     decode = x.shape[0] <= DECODE_MAX_M
@@ -1047,12 +1070,13 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
             x, input_perm = x.index_select(1, input_perm), None
         if input_scale is not None and not fuse_scale:
             x, input_scale = x * input_scale, None
-    if x.shape[0] <= GEMV_MAX_M and not m1_tensor_core:
-        return _gemv(x, qweight, scales, zeros, bias, group_size, workspace, input_scale, input_perm)
+    if x.shape[0] <= over.get("GEMV_MAX_M", GEMV_MAX_M):
+        return _gemv(x, qweight, scales, zeros, bias, group_size, workspace, input_scale, input_perm, over)
     dot_fp32 = _dot_fp32(x.dtype)
     if decode:
-        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale, input_perm)
-    if PREFILL_DEQUANT if dequant_matmul is None else dequant_matmul:
+        return _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace, input_scale, input_perm,
+                       over)
+    if over.get("PREFILL_DEQUANT", PREFILL_DEQUANT):
         if input_scale is not None:  # (x was gathered above; the scale left for the fused tiles: torch's x * m)
             x = x * input_scale
         return torch.nn.functional.linear(x, dequantize_triton(qweight, scales, zeros, group_size), bias)
@@ -1066,7 +1090,7 @@ def w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace=Non
     # fp32 FMA dots (no tensor cores) keep both operand tiles in registers: 32-wide K tiles there
     block_k = _block_k(k, g, 32 if INTERPRET or dot_fp32 else 64)
     w_rows = _prefill_w_rows(x.device, block_k)
-    w_lhs = w_rows and PREFILL_W_LHS and input_scale is None and k % block_k == 0
+    w_lhs = w_rows and over.get("PREFILL_W_LHS", PREFILL_W_LHS) and input_scale is None and k % block_k == 0
     for m0, m1 in row_slices(m, x.stride(0), out.stride(0)):  # one slice unless M x N >= 2**31
         xs, ys, ms = x[m0:m1], out[m0:m1], m1 - m0
         grid = lambda meta, ms=ms: (cdiv(ms, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -1084,39 +1108,45 @@ def _setting(name: str, value):
     return _common.module_setting(globals(), name, value)
 
 
+def _variant_switch(variant: str):
+    return _setting(*VARIANTS[variant])
+
+
 def tensor_core_decode():
-    """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (the benchmark's
-    `w4a16-triton-tc` rows; not thread-safe)."""
-    return _setting("GEMV_MAX_M", 0)
+    """Run M = 1 on the tensor-core decode kernel instead of the GEMV, inside the block (variant "triton-tc";
+    the benchmark's `w4a16-triton-tc` rows; not thread-safe)."""
+    return _variant_switch("triton-tc")
 
 
 def rhs_prefill():
     """Run the prefill row tile as y = x @ W.T (the weight tile the dot's second operand) instead of
-    PREFILL_W_LHS's transposed product, inside the block (the benchmark's `w4a16-triton-rhs` rows; not
-    thread-safe)."""
-    return _setting("PREFILL_W_LHS", False)
+    PREFILL_W_LHS's transposed product, inside the block (variant "triton-rhs"; the benchmark's
+    `w4a16-triton-rhs` rows; not thread-safe)."""
+    return _variant_switch("triton-rhs")
 
 
 def dequant_prefill():
     """Run M > 16 as the whole weight dequantized (dequantize_triton) and torch's matmul instead of the fused
-    prefill kernel, inside the block (the benchmark's `w4a16-triton-dq` rows; not thread-safe)."""
-    return _setting("PREFILL_DEQUANT", True)
+    prefill kernel, inside the block (variant "triton-dq"; the benchmark's `w4a16-triton-dq` rows; not
+    thread-safe)."""
+    return _variant_switch("triton-dq")
 
 
 def long_decode_trip():
     """Run the 2..16-row decode kernel with two groups of 128 a loop trip (DECODE_TRIP_WORDS = 32) instead of
-    one, inside the block (the benchmark's `w4a16-triton-trip32` rows; not thread-safe)."""
-    return _setting("DECODE_TRIP_WORDS", 32)
+    one, inside the block (variant "triton-trip32"; the benchmark's `w4a16-triton-trip32` rows; not
+    thread-safe)."""
+    return _variant_switch("triton-trip32")
 
 
 def prefetch_gemv():
-    """Run the M = 1 GEMV with its next step of W loaded ahead (GEMV_PREFETCH), inside the block (the
-    benchmark's `w4a16-triton-prefetch` rows; not thread-safe)."""
-    return _setting("GEMV_PREFETCH", True)
+    """Run the M = 1 GEMV with its next step of W loaded ahead (GEMV_PREFETCH), inside the block (variant
+    "triton-prefetch"; the benchmark's `w4a16-triton-prefetch` rows; not thread-safe)."""
+    return _variant_switch("triton-prefetch")
 
 
 def unsplit_gemv():
-    """Run the M = 1 GEMV without splitting K, inside the block (the benchmark's `w4a16-triton-unsplit`
-    rows, beside `w4a16-triton`'s split where _gemv_plan splits: they tell GEMV_THREADS_PER_SM's worth;
-    not thread-safe)."""
-    return _setting("GEMV_SPLIT", 1)
+    """Run the M = 1 GEMV without splitting K, inside the block (variant "triton-unsplit"; the benchmark's
+    `w4a16-triton-unsplit` rows, beside `w4a16-triton`'s split where _gemv_plan splits: they tell
+    GEMV_THREADS_PER_SM's worth; not thread-safe)."""
+    return _variant_switch("triton-unsplit")
