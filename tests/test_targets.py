@@ -100,6 +100,34 @@ def test_cuda_ring_rows_give_the_auto_cuda_bandwidth_line():
     assert _by_what(check_targets(bench), "CUDA extension, M = 1").per_shape[0][1] == pytest.approx(92.0)
 
 
+def test_triton_variant_rows_give_the_auto_triton_lines():
+    # where the bench timed the Triton variants that backend="auto" can take (dispatch.TRITON_CANDIDATES), the
+    # targets get a line each with the fastest per shape; without such rows, no line
+    ts = check_targets(_bench())
+    assert not any(t.what.startswith("W4A16 Triton as backend='auto'") or "faster tile order" in t.what for t in ts)
+    bench = _bench()
+    big, llama = ("minicpmv4.6", 4096, 4096), ("llama3-v2.5", 14336, 4096)
+    bench["rows"] += [_row(*big, 1, "w4a16-triton-prefetch", 0.0090, 0.040, pct=97.0),   # beats the tc kernel's 88%
+                      _row(*llama, 1, "w4a16-triton-unsplit", 0.0200, 0.040, pct=40.0),  # slower: 88% counts
+                      _row(*big, 16, "w4a16-triton-trip32", 0.0120, 0.042),            # 3.5x over 3.23x
+                      _row(*llama, 16, "w4a16-triton-trip32", 0.0140, 0.042),          # slower: 3.23x counts
+                      _row(*big, 4096, "w4a16-triton-rhs", 1.20, 1.0),                 # slower: 0.95x counts
+                      _row(*llama, 4096, "w4a16-triton-rhs", 1.00, 1.0),               # 1.0x
+                      _row(*llama, 4096, "w4a16-triton-dq", 0.90, 1.0)]
+    ts = check_targets(bench)
+    m1 = _by_what(ts, "W4A16 Triton as backend='auto' takes it (the fastest of the GEMV")
+    assert m1.per_shape == [("minicpmv4.6 4096 x 4096", 97.0), ("llama3-v2.5 14336 x 4096", 88.0)]
+    assert m1.verdict == "met"
+    m16 = _by_what(ts, "W4A16 Triton as backend='auto' takes it (the faster of the decode")
+    assert [v for _, v in m16.per_shape] == [pytest.approx(0.042 / 0.012), pytest.approx(0.042 / 0.013)]
+    rhs = _by_what(ts, "W4A16 Triton fused prefill kernel, the faster tile order")
+    assert [v for _, v in rhs.per_shape] == [pytest.approx(1 / 1.05), pytest.approx(1.0)]
+    auto = _by_what(ts, "W4A16 as backend='auto' takes it")
+    assert [v for _, v in auto.per_shape] == [pytest.approx(1 / 1.05), pytest.approx(1 / 0.9)]
+    assert _by_what(ts, "W4A16 Triton, M = 4096").per_shape == rhs.per_shape[:1] + [
+        ("llama3-v2.5 14336 x 4096", pytest.approx(1 / 1.05))]  # the defaults' own line is unchanged
+
+
 def test_unmeasured_and_equal_are_not_met():
     bench = _bench()
     bench["rows"] = [r for r in bench["rows"] if r["backend"] != "w4a16-cuda"]      # extension not built
