@@ -3,7 +3,8 @@ extension (or its shared-memory ring variant) or one of the Triton kernels' vari
 tensor-core decode kernel or the GEMV prefetching / unsplit, at 2..16 the decode kernel's long trip, past
 M = 16 the weight dequantized and torch's matmul or the prefill tile as x @ W.T) measured faster than the
 Triton kernels' defaults, backend="auto" will use it on that GPU; and the faster of the two activation
-quantizers per (K, M) and of the two W4A8 paths per (N, K, M) (minicpm_int4/dispatch.py).
+quantizers per (K, M) and the fastest W4A8 path per (N, K, M) - Triton's or the CUDA one, or a variant of
+either (minicpm_int4/dispatch.py).
 
     python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json [--out PATH]
 
@@ -12,6 +13,7 @@ from its own bench and points MINICPM_INT4_DISPATCH_TABLE at it for the profile 
 """
 import argparse
 import json
+from collections import Counter
 
 from minicpm_int4.dispatch import CUDA_CANDIDATES, PACKAGE_TABLE_PATH, TRITON_CANDIDATES, load_table, table_from_bench
 
@@ -34,8 +36,9 @@ def main(argv=None) -> int:
     print(f"{args.out}: on {name}, (N, K, M) cases where a candidate other than the Triton kernels' defaults is "
           f"fastest: " + (", ".join(f"{b} {w}" for b, w in wins.items() if w) or "none") + f" (of {len(rules)} "
           f"entries); the activation quantizer timed at {len(aq)} (K, M), the CUDA one faster at "
-          f"{sum(e['backend'] == 'cuda' for e in aq)}; W4A8 (quantizer + GEMM) timed both ways at {len(w8)} (N, K, M), "
-          f"the CUDA one faster at {sum(e['backend'] == 'cuda' for e in w8)}")
+          f"{sum(e['backend'] == 'cuda' for e in aq)}; W4A8 (quantizer + GEMM) timed beside Triton's at {len(w8)} (N, K, M), "
+          f"another path fastest at {sum(e['backend'] != 'triton' for e in w8)}"
+          + "".join(f", {b} {n}" for b, n in sorted(Counter(e['backend'] for e in w8 if e['backend'] != 'triton').items())))
     return 0
 
 

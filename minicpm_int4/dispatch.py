@@ -1,7 +1,8 @@
 """The measured rule behind backend="auto" on CUDA for W4A16: which kernel is fastest for a layer
 shape and M, per GPU model, read from benchmark results; and likewise for the per-token int8 activation
 quantizer (Triton or the CUDA extension's, by K and M: act_quant_auto_backend) and the W4A8 GEMM (Triton
-or the CUDA extension's, by N, K, M and the group size measured: w4a8_auto_backend).
+or the CUDA extension's, or a variant of either, W4A8_CANDIDATES, by N, K, M and the group size measured:
+w4a8_auto_backend).
 
 The candidates: "triton" (the Triton kernels as ops.py picks them by M, with kernels/w4a16.py's settings:
 the CUDA-core GEMV at M = 1, the tensor-core decode kernel at 2..16, the fused prefill kernel past M = 16);
@@ -51,6 +52,14 @@ CUDA_CANDIDATES = ("cuda", "cuda-ring")  # the W4A16 candidates that need the ex
 TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1),
                      "triton-trip32": (2, CUDA_MAX_M), "triton-dq": (CUDA_MAX_M + 1, None),
                      "triton-rhs": (CUDA_MAX_M + 1, None)}
+# The W4A8 GEMM's candidates (bench rows `w4a8-<candidate>`: the per-token quantizer + the GEMM) and what each
+# needs to run: None (a Triton kernel: "triton-flat" is kernels/w4a8.py's W4A8_FLAT_GROUPS for the call), "cuda"
+# (the extension's W4A8 GEMM taking the layer: its launcher's choice, or the mma.sync kernel forced - "cuda-mma" -
+# with 64-token blocks - "cuda-m64"), or the block tokens of its warpgroup-MMA kernel forced ("cuda-t64" /
+# "cuda-t128": that kernel on this GPU with those blocks allowed). Not the wgmma kernel's fused epilogue
+# (`w4a8-cuda-fma`), which is within the reference's tolerance but not its bits: measured, never picked.
+W4A8_CANDIDATES = {"triton": None, "triton-flat": None, "cuda": "cuda", "cuda-mma": "cuda", "cuda-m64": "cuda",
+                   "cuda-t64": 64, "cuda-t128": 128}
 # "triton-dq" holds the layer's weight dequantized (2 bytes a weight) for the call's length: past this size
 # "auto" keeps the fused prefill kernel whatever was measured (a 150k-vocabulary lm_head would take 1.2 GB)
 DEQUANT_MAX_BYTES = 256 * 2**20
@@ -161,19 +170,22 @@ def _w4a8_rules(device_name: str, path: str) -> Dict:
 
 
 def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int, cuda_available: bool,
-                      path: str = TABLE_PATH, device_name: Optional[str] = None) -> str:
-    """"triton" or "cuda" for the W4A8 GEMM of an [M, K] x_q and an [N, K] weight of this group size: the
-    faster measured on this GPU for (N, K) at the measured M nearest M on a log scale (the larger on a
-    tie), if the bench measured this group size (each group ends in an epilogue of its own: the balance
-    between the kernels moves with it); "triton" where nothing was measured or the extension is not
-    built (the caller checks that the CUDA kernel takes K and the group size)."""
-    if not cuda_available:
-        return "triton"
+                      path: str = TABLE_PATH, device_name: Optional[str] = None, wgmma_tokens=()) -> str:
+    """A W4A8_CANDIDATES name for the W4A8 GEMM of an [M, K] x_q and an [N, K] weight of this group size: the
+    fastest measured on this GPU for (N, K) at the measured M nearest M on a log scale (the larger on a
+    tie) among those that can run here, if the bench measured this group size (each group ends in an epilogue
+    of its own: the balance between the kernels moves with it); "triton" where nothing was measured.
+    cuda_available: the extension is built and its W4A8 kernel takes K and the group size (the caller checks);
+    wgmma_tokens: the block tokens its warpgroup-MMA kernel can be forced to on this GPU (the measured shape
+    and group size are ones it takes: the bench ran it)."""
     g, entries = _w4a8_rules(device_name or _device_name(device_index), path).get((n, k), (None, None))
     if not entries or g != group_size:
         return "triton"
     _, times = min(entries, key=lambda e: (abs(math.log2(e[0]) - math.log2(max(m, 1))), -e[0]))
-    return min(times, key=times.get)
+    need = lambda c: W4A8_CANDIDATES.get(c, False)  # noqa: E731 (False: a name this version does not know)
+    usable = {c: t for c, t in times.items() if need(c) is None or (cuda_available and (
+        need(c) == "cuda" or need(c) in wgmma_tokens))}
+    return min(usable, key=usable.get) if usable else "triton"
 
 
 def describe(device_name: Optional[str] = None) -> Dict:
@@ -219,15 +231,17 @@ def _act_quant_entries(bench: Dict) -> list:
 
 
 def _w4a8_entries(bench: Dict) -> list:
-    """Every (N, K, M) where the bench timed both W4A8 paths (quantizer + GEMM: `w4a8-triton`, `w4a8-cuda`)
-    and both passed their check, with both medians and the bench's group size (one per bench run)."""
+    """Every (N, K, M) where the bench timed the Triton W4A8 path (quantizer + GEMM: `w4a8-triton`) and another
+    candidate (`w4a8-<candidate>`: the CUDA one, a variant of either) with their checks passed, with every
+    candidate's median and the bench's group size (one per bench run)."""
     gs = (bench.get("config") or {}).get("group_size", 128)
+    rows = {f"w4a8-{c}": c for c in W4A8_CANDIDATES}
     times: Dict = {}
     for r in bench.get("rows", []):
-        if r["backend"] in ("w4a8-triton", "w4a8-cuda") and r.get("check") == "ok":
-            times.setdefault((r["n"], r["k"], r["m"]), {})[r["backend"][5:]] = r["median_ms"]
+        if r["backend"] in rows and r.get("check") == "ok":
+            times.setdefault((r["n"], r["k"], r["m"]), {})[rows[r["backend"]]] = r["median_ms"]
     return [{"n": n, "k": k, "m": m, "group_size": gs, "backend": min(t, key=t.get), "times_ms": dict(sorted(t.items()))}
-            for (n, k, m), t in sorted(times.items()) if len(t) == 2]
+            for (n, k, m), t in sorted(times.items()) if "triton" in t and len(t) >= 2]
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:

@@ -107,6 +107,30 @@ def _cuda_w4a8(k: int, group_size: int):
     return ext
 
 
+# The W4A8 candidates of dispatch.py that run the extension's GEMM, and its (block_rows, kernel) arguments for each
+# (csrc/bindings.cpp: 0 = the launcher's choice; kernel 1 = mma.sync, 2 = warpgroup MMA)
+W4A8_CUDA_ARGS = {"cuda": (0, 0), "cuda-mma": (0, 1), "cuda-m64": (64, 1), "cuda-t64": (64, 2), "cuda-t128": (128, 2)}
+
+
+@functools.lru_cache(maxsize=None)
+def _w4a8_wgmma_tokens(device_index: int) -> frozenset:
+    """The block tokens the extension's warpgroup-MMA W4A8 kernel may be forced to on this GPU: what its
+    `_C.w4a8_kernel()` reports there (an sm_90a build on an H100 / H200, not turned off by
+    MINICPM_INT4_W4A8_WGMMA), so that "auto" never forces it where the op would refuse."""
+    try:
+        from . import _C
+
+        with torch.cuda.device(device_index):
+            what = _C.w4a8_kernel()
+    except (ImportError, AttributeError, RuntimeError):
+        return frozenset()
+    if what.startswith("wgmma (warpgroup MMA"):
+        return frozenset((64, 128))
+    if what.startswith("wgmma, 128-token blocks only"):
+        return frozenset((128,))
+    return frozenset()
+
+
 def triton_interpreter_active() -> bool:
     kernels, _ = _triton_kernels()
     return kernels is not None and kernels.INTERPRET
@@ -147,10 +171,13 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
             ext_ok = ext is not None
             if op == "quantize_per_token_int8":  # shape (M, K)
                 pick = act_quant_auto_backend(*shape, device.index or 0, ext_ok)
-            elif op == "w4a8_gemm":  # shape (M, N, K, group size): the CUDA kernel where it takes the layer
+            elif op == "w4a8_gemm":  # shape (M, N, K, group size): the CUDA kernels where they take the layer
                 m, n, k, g = shape
-                pick = w4a8_auto_backend(m, n, k, g, device.index or 0,
-                                         ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g))
+                cuda_ok = ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g)
+                pick = w4a8_auto_backend(m, n, k, g, device.index or 0, cuda_ok,
+                                         wgmma_tokens=_w4a8_wgmma_tokens(device.index or 0) if cuda_ok else ())
+                if pick in W4A8_CUDA_ARGS or (pick == "triton-flat" and triton_ok):
+                    return pick
             else:  # W4A16, shape (M, N, K)
                 pick = w4a16_auto_backend(*shape, device.index or 0, ext_ok)
             if pick in CUDA_CANDIDATES or (pick in TRITON_CANDIDATES and triton_ok):
@@ -532,11 +559,12 @@ def quantize_per_token_int8(x: Tensor, backend: str = "auto", input_scale: Optio
 def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
                     bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
     be = resolve_backend(backend, x_q.device, "w4a8_gemm", shape=(x_q.shape[0], qweight.shape[0], x_q.shape[1], group_size))
-    if be == "triton":
-        return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype)
-    if be == "cuda":  # the int8 mma.sync kernel (csrc/w4a8_gemm.cu): the reference's bits
+    if be in ("triton", "triton-flat"):  # ("triton-flat": each group's K steps unrolled, the same bits)
+        return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype,
+                                                     flat=True if be == "triton-flat" else None)
+    if be in W4A8_CUDA_ARGS:  # the int8 mma.sync / wgmma kernels (csrc/w4a8_gemm.cu, w4a8_wgmma.cu): the reference's bits
         return _cuda_w4a8(x_q.shape[1], group_size).w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size,
-                                                              out_dtype)
+                                                              out_dtype, *W4A8_CUDA_ARGS[be])
     return _reference(x_q.device, reference.w4a8_gemm_ref, x_q, x_scale, qweight, scales, zeros, bias, group_size,
                       out_dtype)
 

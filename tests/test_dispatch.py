@@ -122,6 +122,84 @@ def test_w4a8_takes_the_faster_measured_path_at_its_shape_nearest_m_and_group_si
     assert pick(4096, n=768, k=3072) == "triton" and pick(4096, n=768, k=768) == "triton"
 
 
+def test_w4a8_variants_are_candidates_where_they_can_run(tmp_path):
+    """The bench's W4A8 variant rows (w4a8-triton-flat, w4a8-cuda-mma / -m64 / -t64 / -t128) join the entries
+    beside w4a8-triton and w4a8-cuda; the wgmma kernel's fused epilogue (w4a8-cuda-fma: not the reference's
+    bits) does not. A query takes the fastest that can run: the CUDA ones with the extension taking the layer,
+    the forced wgmma ones only with their block tokens allowed on this GPU."""
+    from minicpm_int4.dispatch import W4A8_CANDIDATES, w4a8_auto_backend
+
+    times = {"w4a8-triton": 1.0, "w4a8-triton-flat": 0.9, "w4a8-cuda": 0.8, "w4a8-cuda-mma": 0.7,
+             "w4a8-cuda-m64": 0.65, "w4a8-cuda-t128": 0.6, "w4a8-cuda-t64": 0.5, "w4a8-cuda-fma": 0.1}
+    bench = _bench("GPU-A", [{"n": 4096, "k": 4096, "m": 4096, "backend": b, "median_ms": t} for b, t in times.items()]
+                   + [{"n": 1024, "k": 4096, "m": 4096, "backend": "w4a8-cuda-t64", "median_ms": 0.1}])  # no baseline
+    bench["config"] = {"group_size": 128}
+    table = table_from_bench(bench)
+    [entry] = table["devices"]["GPU-A"]["w4a8"]
+    assert entry["backend"] == "cuda-t64" and sorted(entry["times_ms"]) == sorted(W4A8_CANDIDATES)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda ext, tokens=(): w4a8_auto_backend(4096, 4096, 4096, 128, 0, ext, str(path), "GPU-A", tokens)  # noqa: E731
+    assert pick(True, {64, 128}) == "cuda-t64"
+    assert pick(True, {128}) == "cuda-t128"   # 64-token wgmma blocks turned off on this GPU
+    assert pick(True) == "cuda-m64"           # no wgmma here: the fastest mma.sync
+    assert pick(False, {64, 128}) == "triton-flat"  # no extension: the faster Triton kernel
+
+
+@pytest.mark.parametrize("pick,args", [("cuda", (0, 0)), ("cuda-mma", (0, 1)), ("cuda-m64", (64, 1)),
+                                       ("cuda-t64", (64, 2)), ("cuda-t128", (128, 2)), ("triton", None),
+                                       ("triton-flat", None)])
+def test_w4a8_pick_reaches_its_kernel(pick, args, monkeypatch):
+    # ops runs a W4A8 pick: the extension's GEMM with the variant's (block_rows, kernel), or the Triton GEMM,
+    # "triton-flat" with each group's K steps unrolled for that call
+    import torch
+
+    from minicpm_int4 import ops
+
+    calls = []
+
+    class Ext:
+        @staticmethod
+        def w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, block_rows, kernel):
+            calls.append((block_rows, kernel))
+            return torch.zeros(x_q.shape[0], qweight.shape[0], dtype=out_dtype)
+
+    class Kernels:
+        @staticmethod
+        def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, flat=None):
+            calls.append(flat)
+            return torch.zeros(x_q.shape[0], qweight.shape[0], dtype=out_dtype)
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *a, **kw: pick)
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext, None))
+    monkeypatch.setattr(ops, "_triton_kernels", lambda: (Kernels, None))
+    x_q, x_scale = torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)
+    qweight, scales = torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 2, dtype=torch.float16)
+    ops._w4a8_gemm_op(x_q, x_scale, qweight, scales, scales, None, 32, torch.float16, "auto")
+    assert calls == [args if args is not None else (True if pick == "triton-flat" else None)]
+
+
+def test_w4a8_auto_forces_wgmma_only_where_the_extension_reports_it(monkeypatch):
+    # the block tokens "auto" may force the wgmma kernel to come from the extension's own report for the GPU
+    import sys
+    import types
+
+    from minicpm_int4 import ops
+
+    for report, tokens in (("wgmma (warpgroup MMA, sm_90a), 64- or 128-token blocks by the launcher's waves rule",
+                            {64, 128}),
+                           ("wgmma, 128-token blocks only (its 64-token blocks are turned off by ...)", {128}),
+                           ("mma.sync (no sm_90a build of the wgmma kernel for this GPU: ...)", set())):
+        fake = types.ModuleType("minicpm_int4._C")
+        fake.w4a8_kernel = lambda report=report: report
+        monkeypatch.setitem(sys.modules, "minicpm_int4._C", fake)
+        monkeypatch.setattr(ops.torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+        ops._w4a8_wgmma_tokens.cache_clear()
+        assert ops._w4a8_wgmma_tokens(0) == tokens
+    monkeypatch.delitem(sys.modules, "minicpm_int4._C")
+    ops._w4a8_wgmma_tokens.cache_clear()
+
+
 def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
     # at M = 1 the Triton tensor-core decode kernel competes with the GEMV ("triton") and the CUDA
     # extension; without the extension the lookup falls back to the better Triton kernel
@@ -428,7 +506,7 @@ def test_auto_asks_the_quantizer_rule_with_m_and_k(monkeypatch):
     # W4A8: (M, N, K, group size), and whether the CUDA kernel could run it (an extension with the op, a
     # layer it takes: K % 16 == 0, a group size that is a multiple of 32 or K)
     monkeypatch.setattr(dispatch, "w4a8_auto_backend",
-                        lambda m, n, k, g, dev, ext: asked.append(("w4a8", m, n, k, g, ext)) or ("cuda" if ext else "triton"))
+                        lambda m, n, k, g, dev, ext, **kw: asked.append(("w4a8", m, n, k, g, ext)) or ("cuda" if ext else "triton"))
 
     class Ext:
         w4a8_gemm = object()

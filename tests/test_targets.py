@@ -84,6 +84,11 @@ def test_w4a8_cuda_rows_give_the_faster_w4a8_path_its_own_lines():
 
     # Triton time over CUDA time: 0.70 / 0.60 and 0.70 / 0.90, the median of both, the large shape alone
     assert "| w4a8-cuda | w4a8-triton | 4096 | 0.97x (0.78 - 1.17, 2) | 1.17x (1.17 - 1.17, 1) |" in variant_lines(bench)
+    # a W4A8 variant "auto" can take counts; the fused epilogue's rows (no candidate: not the reference's bits) do not
+    bench["rows"] += [_row("minicpmv4.6", 768, 3072, 4096, "w4a8-cuda-t128", 0.50, fp),
+                      _row("minicpmv4.6", 4096, 4096, 4096, "w4a8-cuda-fma", 0.10, fp)]
+    best = _by_what(check_targets(bench), "W4A8, the faster of Triton and the CUDA kernel")
+    assert [v for _, v in best.per_shape] == [pytest.approx(1 / 0.60), pytest.approx(1 / 0.50)]
 
 
 def test_cuda_ring_rows_give_the_auto_cuda_bandwidth_line():

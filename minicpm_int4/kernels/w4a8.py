@@ -169,8 +169,9 @@ def _magic_convert(device: torch.device) -> bool:
     return not INTERPRET and _common.target_capability(device) < 90
 
 
-def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype):
-    """Validated by ops.w4a8_gemm; group_size is positive here (G == K for per-channel)."""
+def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, flat=None):
+    """Validated by ops.w4a8_gemm; group_size is positive here (G == K for per-channel). flat: each group's K
+    steps unrolled (None: W4A8_FLAT_GROUPS), for this call - dispatch.py's "triton-flat"."""
     m, k = x_q.shape
     n = qweight.shape[0]
     g = group_size
@@ -191,7 +192,7 @@ def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out
             ms, n, k, k // 2, g, next_pow2(ms),
             xs.stride(0), qbytes.stride(0), scales.stride(0), ys.stride(0),
             HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(out_dtype), USE_ASM=not INTERPRET, PER_CHANNEL=g == k,
-            MAGIC_CVT=g != k and _magic_convert(x_q.device), FLAT_GROUPS=W4A8_FLAT_GROUPS,
+            MAGIC_CVT=g != k and _magic_convert(x_q.device), FLAT_GROUPS=W4A8_FLAT_GROUPS if flat is None else flat,
             BLOCK_K=block_k,
         )
     return out
