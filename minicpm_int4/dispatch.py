@@ -52,6 +52,10 @@ CUDA_CANDIDATES = ("cuda", "cuda-ring")  # the W4A16 candidates that need the ex
 TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1),
                      "triton-trip32": (2, CUDA_MAX_M), "triton-dq": (CUDA_MAX_M + 1, None),
                      "triton-rhs": (CUDA_MAX_M + 1, None)}
+# The per-token int8 activation quantizer's candidates (the bench's act_quant rows): the Triton kernel, it with 4 /
+# 16 warps a row for the call (kernels/act_quant.py ACT_QUANT_WARPS; its default is the row's block / 512), and
+# the extension's (csrc/act_quant.cu). All give the reference's bits.
+ACT_QUANT_CANDIDATES = ("triton", "triton-4w", "triton-16w", "cuda")
 # The W4A8 GEMM's candidates (bench rows `w4a8-<candidate>`: the per-token quantizer + the GEMM) and what each
 # needs to run: None (a Triton kernel: "triton-flat" is kernels/w4a8.py's W4A8_FLAT_GROUPS for the call), "cuda"
 # (the extension's W4A8 GEMM taking the layer: its launcher's choice, or the mma.sync kernel forced - "cuda-mma" -
@@ -146,17 +150,16 @@ def _act_quant_rules(device_name: str, path: str) -> Dict:
 
 def act_quant_auto_backend(m: int, k: int, device_index: int, cuda_available: bool, path: str = TABLE_PATH,
                            device_name: Optional[str] = None) -> str:
-    """"triton" or "cuda" for the per-token int8 quantizer of an [M, K] x: the faster measured on this GPU
-    at this K (rows are read whole, so K decides how each program works), at the measured M nearest M
-    on a log scale (the larger on a tie); "triton" where this K was not measured or the extension is
-    not built."""
-    if not cuda_available:
-        return "triton"
+    """An ACT_QUANT_CANDIDATES name for the per-token int8 quantizer of an [M, K] x: the fastest measured on
+    this GPU at this K (rows are read whole, so K decides how each program works), at the measured M nearest
+    M on a log scale (the larger on a tie), among those that can run ("cuda": the extension is built);
+    "triton" where this K was not measured."""
     entries = _act_quant_rules(device_name or _device_name(device_index), path).get(k)
     if not entries:
         return "triton"
     _, times = min(entries, key=lambda e: (abs(math.log2(e[0]) - math.log2(max(m, 1))), -e[0]))
-    return min(times, key=times.get)
+    usable = {c: t for c, t in times.items() if c in ACT_QUANT_CANDIDATES and (c != "cuda" or cuda_available)}
+    return min(usable, key=usable.get) if usable else "triton"
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,14 +223,15 @@ def _candidate(r: Dict) -> Optional[str]:
 
 
 def _act_quant_entries(bench: Dict) -> list:
-    """Every (K, M) where the bench timed both activation quantizers (a row whose output check failed is
-    no time; runs before the check was recorded have none), with both medians."""
+    """Every (K, M) where the bench timed the Triton quantizer and another candidate (ACT_QUANT_CANDIDATES; a
+    row whose output check failed is no time; runs before the check was recorded have none), with every
+    candidate's median."""
     times: Dict = {}
     for r in bench.get("act_quant", []):
-        if r["backend"] in ("triton", "cuda") and r.get("check", "ok") == "ok" and r.get("median_ms") is not None:
+        if r["backend"] in ACT_QUANT_CANDIDATES and r.get("check", "ok") == "ok" and r.get("median_ms") is not None:
             times.setdefault((r["k"], r["m"]), {})[r["backend"]] = r["median_ms"]
     return [{"k": k, "m": m, "backend": min(t, key=t.get), "times_ms": dict(sorted(t.items()))}
-            for (k, m), t in sorted(times.items()) if len(t) == 2]
+            for (k, m), t in sorted(times.items()) if "triton" in t and len(t) >= 2]
 
 
 def _w4a8_entries(bench: Dict) -> list:

@@ -107,6 +107,9 @@ def _cuda_w4a8(k: int, group_size: int):
     return ext
 
 
+# The activation quantizer's Triton candidates of dispatch.py and the warps a row each runs with (None: the
+# kernel's own choice, kernels/act_quant.py)
+ACT_QUANT_TRITON_WARPS = {"triton": None, "triton-4w": 4, "triton-16w": 16}
 # The W4A8 candidates of dispatch.py that run the extension's GEMM, and its (block_rows, kernel) arguments for each
 # (csrc/bindings.cpp: 0 = the launcher's choice; kernel 1 = mma.sync, 2 = warpgroup MMA)
 W4A8_CUDA_ARGS = {"cuda": (0, 0), "cuda-mma": (0, 1), "cuda-m64": (64, 1), "cuda-t64": (64, 2), "cuda-t128": (128, 2)}
@@ -150,8 +153,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     (dispatch.TRITON_CANDIDATES: at M = 1 "triton-tc", the tensor-core decode kernel instead of the GEMV, or
     the GEMV prefetching / unsplit; at 2..16 the decode kernel's long trip; at M > 16 "triton-dq", the weight
     dequantized by a Triton kernel then torch's matmul, or the prefill tile as x @ W.T); the
-    activation quantizer's (M, K) and the W4A8 GEMM's (M, N, K, group size): "cuda" where its kernel was
-    measured faster (and, for W4A8, takes the layer); CPU tensors -> "torch".
+    activation quantizer's (M, K): "cuda" or the Triton kernel with 4 / 16 warps a row where measured faster;
+    the W4A8 GEMM's (M, N, K, group size): the CUDA GEMM (its launcher's choice or a kernel / block size
+    forced: W4A8_CUDA_ARGS) where it takes the layer, or the Triton one with each group's K steps unrolled
+    ("triton-flat"), where measured faster; CPU tensors -> "torch".
     "triton" on CPU runs only under TRITON_INTERPRET=1; it never falls back silently to the reference.
     """
     if backend not in BACKENDS:
@@ -171,6 +176,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
             ext_ok = ext is not None
             if op == "quantize_per_token_int8":  # shape (M, K)
                 pick = act_quant_auto_backend(*shape, device.index or 0, ext_ok)
+                if pick == "cuda" or (pick in ACT_QUANT_TRITON_WARPS and triton_ok):
+                    return pick
             elif op == "w4a8_gemm":  # shape (M, N, K, group size): the CUDA kernels where they take the layer
                 m, n, k, g = shape
                 cuda_ok = ext_ok and hasattr(ext, "w4a8_gemm") and cuda_w4a8_supported(k, g)
@@ -513,8 +520,9 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
 def _quantize_per_token_int8_impl(x: Tensor, backend: str, input_scale: Optional[Tensor] = None,
                                   input_perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     be = resolve_backend(backend, x.device, "quantize_per_token_int8", shape=tuple(x.shape))
-    if be == "triton":  # the input scale multiplied, and x gathered, inside the one pass over x
-        return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm)
+    if be in ACT_QUANT_TRITON_WARPS:  # the input scale multiplied, and x gathered, inside the one pass over x
+        return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm,
+                                                                   warps=ACT_QUANT_TRITON_WARPS[be])
     if be == "cuda":  # the input scale multiplied, or x read through input_perm, in the CUDA quantizer's pass
         if not CUDA_FUSE_INPUT_PERM:
             x, input_perm = _gathered(x, input_perm), None

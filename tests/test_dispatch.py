@@ -91,6 +91,42 @@ def test_activation_quantizer_takes_the_faster_measured_at_its_k_and_nearest_m(t
     assert act_quant_auto_backend(4096, 14336, 0, True, str(path), "GPU-B") == "triton"  # another GPU
 
 
+def test_activation_quantizer_warps_variants_are_candidates(tmp_path, monkeypatch):
+    # the Triton quantizer with 4 / 16 warps a row (the bench's triton-4w / triton-16w rows) joins the entries;
+    # a query takes the fastest that can run (without the extension: the fastest Triton one), and ops runs the
+    # pick's warps for the call
+    import torch
+
+    from minicpm_int4 import ops
+    from minicpm_int4.dispatch import act_quant_auto_backend
+
+    bench = _bench("GPU-A", [])
+    row = lambda k, m, backend, ms: dict(k=k, m=m, backend=backend, median_ms=ms)  # noqa: E731
+    bench["act_quant"] = [row(4096, 4096, "triton", 18.0), row(4096, 4096, "triton-4w", 19.0),
+                          row(4096, 4096, "triton-16w", 15.0), row(4096, 4096, "cuda", 14.0),
+                          row(768, 1, "triton", 2.0), row(768, 1, "triton-4w", 1.9)]
+    table = table_from_bench(bench)
+    assert [(e["k"], e["backend"]) for e in table["devices"]["GPU-A"]["act_quant"]] == [(768, "triton-4w"),
+                                                                                         (4096, "cuda")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda m, k, ext: act_quant_auto_backend(m, k, 0, ext, str(path), "GPU-A")  # noqa: E731
+    assert (pick(4096, 4096, True), pick(4096, 4096, False), pick(1, 768, False)) == ("cuda", "triton-16w", "triton-4w")
+    calls = []
+
+    class Kernels:
+        @staticmethod
+        def quantize_per_token_int8_triton(x, input_scale=None, input_perm=None, warps=None):
+            calls.append(warps)
+            return torch.zeros(x.shape, dtype=torch.int8), torch.ones(x.shape[0])
+
+    monkeypatch.setattr(ops, "_triton_kernels", lambda: (Kernels, None))
+    for picked in ("triton", "triton-4w", "triton-16w"):
+        monkeypatch.setattr(ops, "resolve_backend", lambda *a, picked=picked, **kw: picked)
+        ops._quantize_per_token_int8_op(torch.randn(3, 64), "auto")
+    assert calls == [None, 4, 16]
+
+
 def test_w4a8_takes_the_faster_measured_path_at_its_shape_nearest_m_and_group_size(tmp_path):
     """The W4A8 GEMM: the bench's w4a8-triton / w4a8-cuda rows (quantizer + GEMM, both timed and checked) become
     entries per (N, K, M) with the bench's group size; a query takes its (N, K)'s entry at the measured M

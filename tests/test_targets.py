@@ -51,6 +51,12 @@ def test_verdicts_on_known_numbers():
     assert w4a8.verdict == "not met" and len(w4a8.per_shape) == 2  # MiniCPM-V 4.6 shapes, vision included
     assert _by_what(ts, "W4A8 over W4A16").verdict == "met"
     assert _by_what(ts, "activation quantization").per_shape == [("4096 x 4096", 72.0)]
+    assert not any("warps-a-row" in t.what for t in ts)  # no variant rows: no line
+    bench = _bench()
+    bench["act_quant"] += [{"m": 4096, "k": 4096, "backend": "triton-16w", "pct_copy_bw": 81.0},
+                           {"m": 4096, "k": 4096, "backend": "triton-4w", "pct_copy_bw": 99.0, "check": "mismatch"}]
+    aq_auto = _by_what(check_targets(bench), "activation quantization (Triton as backend='auto'")
+    assert aq_auto.per_shape == [("4096 x 4096", 81.0)] and aq_auto.verdict == "met"
     assert _by_what(ts, "CUDA extension, M = 1").verdict == "met"
     assert _by_what(ts, "CUDA extension over").worst == pytest.approx(0.0100 / 0.0095)
     assert not any(t.what.startswith("W4A16 as backend='auto'") for t in ts)  # no dequant + matmul rows: no line

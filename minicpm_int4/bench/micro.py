@@ -153,8 +153,8 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
 
 
 # The Triton quantizer's measurement variants: warps a row (kernels/act_quant.py ACT_QUANT_WARPS) in place
-# of its default, block / 512
-ACT_QUANT_VARIANTS = {"triton-4w": 4, "triton-16w": 16}
+# of its default, block / 512 - candidates of backend="auto" too (dispatch.ACT_QUANT_CANDIDATES)
+ACT_QUANT_VARIANTS = {name: w for name, w in ops.ACT_QUANT_TRITON_WARPS.items() if w is not None}
 
 
 def _act_quant_variant(backend: str):

@@ -187,6 +187,13 @@ def check_targets(bench: Dict) -> List[Target]:
         if r["m"] == 4096 and r["k"] == 4096 and r["backend"] == "triton":
             aq.per_shape.append(("4096 x 4096", r["pct_copy_bw"]))
     out.append(aq)
+    variants = [r for r in bench.get("act_quant", []) if r["m"] == 4096 and r["k"] == 4096 and r.get("check", "ok") == "ok"
+                and r["backend"] in ("triton", "triton-4w", "triton-16w")]
+    if any(r["backend"] != "triton" for r in variants):
+        aq_auto = Target(4, "activation quantization (Triton as backend='auto' takes it: the fastest of its warps-a-row "
+                            "variants), M x K = 4096 x 4096: % of copy bandwidth", 70, "%")
+        aq_auto.per_shape.append(("4096 x 4096", max(r["pct_copy_bw"] for r in variants)))
+        out.append(aq_auto)
 
     def cuda_bw(by, s):
         r = _row(by, s, 1, "w4a16-cuda")

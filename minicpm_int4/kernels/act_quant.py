@@ -96,9 +96,11 @@ def _act_quant_kernel(x_ptr, m_ptr, p_ptr, xq_ptr, scale_ptr, K, stride_xm, stri
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_per_token_int8_triton(x, input_scale=None, input_perm=None):
+def quantize_per_token_int8_triton(x, input_scale=None, input_perm=None, warps=None):
     """x [M, K] -> (x_q int8 [M, K], scale fp32 [M]) of x, or of x * input_scale ([K], x's dtype),
-    x read as x[:, input_perm] (int32 [K]) where one is given. Validated by ops.quantize_per_token_int8."""
+    x read as x[:, input_perm] (int32 [K]) where one is given. Validated by ops.quantize_per_token_int8.
+    warps: warps a row for this call (None: ACT_QUANT_WARPS, else the row's block / 512; dispatch.py's
+    "triton-4w" / "triton-16w")."""
     m, k = x.shape
     x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -108,7 +110,7 @@ def quantize_per_token_int8_triton(x, input_scale=None, input_perm=None):
     single = block <= MAX_SINGLE_BLOCK
     if not single:
         block = 4096
-    num_warps = 4 if INTERPRET else ACT_QUANT_WARPS or min(32, max(4, block // 512))
+    num_warps = 4 if INTERPRET else warps or ACT_QUANT_WARPS or min(32, max(4, block // 512))
     has_scale = input_scale is not None
     _act_quant_kernel[(m,)](x, input_scale if has_scale else x, x if input_perm is None else input_perm, x_q, scale,
                             k, x.stride(0), x_q.stride(0), BLOCK_K=block, SINGLE_BLOCK=single, HAS_SCALE=has_scale,
