@@ -809,7 +809,8 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device, over=_
 # an SM (each of 4 warps; ~96 registers a thread and 28 - 45 KB of shared memory, so up to 5 fit an SM)...
 DECODE_PROGRAMS_PER_SM = 2
 # ... and one loop trip covers this many packed words of K (16: 128 weights, one group of 128; 32 makes two
-# dots a trip - more bytes a pipeline stage, fewer trips and barriers per byte)
+# dots a trip - more bytes a pipeline stage, fewer trips and barriers per byte; variant "triton-trip32", which
+# backend="auto" takes per shape where a bench measured it faster)
 DECODE_TRIP_WORDS = 16
 
 
@@ -856,7 +857,8 @@ PREFILL_W_ROWS = None
 # overlap either way) it takes 0 - 0.35 fewer instructions and 3 - 56 fewer registers. Public Triton
 # numbers say the same of upcast operands on Hopper (triton-lang/triton#11624: an upcast fp8 / fp4 operand
 # on the left ran 1.3 - 3.5x faster than on the right, 2048 x 2048 x 1024). Not yet timed on a GPU: the bench's
-# `w4a16-triton-rhs` rows time the other layout, False here. Not with the opt-in fused input scale
+# `w4a16-triton-rhs` rows time the other layout, False here (variant "triton-rhs", which backend="auto" takes per
+# shape where they measure it faster). Not with the opt-in fused input scale
 # (FUSE_INPUT_SCALE_PREFILL on a GPU): x * m, made in registers, would have to be written to shared memory for
 # the wgmma's B, which serialises it again (0 in flight) and spills the 256 x 64 tile; that takes x @ W.T.
 # Nor where K is no multiple of the K tile (a per-channel layer of ragged K, masked): there the transposed
@@ -939,7 +941,8 @@ GEMV_SPLIT = None
 # loads issue at the top of the loop for the same 127 - 128 registers, 4.16 - 4.17 -> 4.31 - 4.34 SASS
 # instructions per weight (per channel, K = 4304: 4.57 -> 5.07); on sm_80 125 - 128 -> 163 - 165
 # registers (3 programs of 4 warps an SM instead of 4), 4.43 - 4.45 -> 4.60 - 4.62. Off until a GPU
-# run's `w4a16-triton-prefetch` rows say it is faster.
+# run's `w4a16-triton-prefetch` rows say it is faster (variant "triton-prefetch": backend="auto" takes it per shape
+# where they do).
 GEMV_PREFETCH = False
 
 
