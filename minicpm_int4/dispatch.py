@@ -12,9 +12,11 @@ weight, split-K finished in the same launch with the layer's workspace), "triton
 next step of W loaded ahead) and "triton-unsplit" (the GEMV with K never split); at 2..16 "triton-trip32" (the
 decode kernel with two groups of 128 a loop trip); past 16 "triton-dq" (the weight dequantized whole by a
 Triton kernel, then torch's matmul) and "triton-rhs" (the prefill row tile as the dot's second operand,
-y = x @ W.T); and, with the extension built, "cuda" (M <= 16) and "cuda-ring" (its tensor-core kernel with W
-through a ring in shared memory, launcher variant 4, M <= 16: for a layer it does not take - an input scale,
-a channel order, K % 128 != 0 or a group size that is no power of two - ops.py runs "cuda"'s kernel). So a
+y = x @ W.T); and, with the extension built, M <= 16, "cuda" (its launcher's choice) and its variants
+(CUDA_CANDIDATES): "cuda-gemv" (its CUDA-core GEMV, launcher variant 1), "cuda-ahead2" and "cuda-ring" (its
+tensor-core kernel with W requested two chunks ahead, variant 3, or through a ring in shared memory, variant 4:
+for a layer they do not take - an input scale, a channel order, K % 128 != 0 or a group size that is no power
+of two - ops.py runs "cuda"'s kernel). So a
 GPU run that measures a variant faster makes "auto" take it for that shape with no change to the code's
 defaults. `minicpm_int4/dispatch_table.json` (package data) is written by
 `python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run (its
@@ -44,7 +46,8 @@ PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d
 TABLE_ENV = "MINICPM_INT4_DISPATCH_TABLE"
 TABLE_PATH = os.environ.get(TABLE_ENV) or PACKAGE_TABLE_PATH  # the table "auto" reads
 CUDA_MAX_M = 16
-CUDA_CANDIDATES = ("cuda", "cuda-ring")  # the W4A16 candidates that need the extension
+# the W4A16 candidates that need the extension: its launcher's choice and its variants (ops.W4A16_CUDA_VARIANTS)
+CUDA_CANDIDATES = ("cuda", "cuda-gemv", "cuda-ahead2", "cuda-ring")
 # The Triton kernels' variants (kernels/w4a16.py VARIANTS: one of that module's settings changed for a call) and
 # the M they are measured and picked at (a candidate is only ever compared where it runs something other than
 # "triton": "triton-tc" / "-prefetch" / "-unsplit" change the M = 1 GEMV, "triton-trip32" the 2..16-row decode

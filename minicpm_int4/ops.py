@@ -107,6 +107,11 @@ def _cuda_w4a8(k: int, group_size: int):
     return ext
 
 
+# The W4A16 candidates of dispatch.py that run the extension (CUDA_CANDIDATES): its launcher variant for each
+# (csrc/bindings.cpp: 0 = its own choice, 1 = the CUDA-core GEMV, 3 = the tensor-core kernel requesting W two
+# chunks ahead, 4 = it with W through a ring in shared memory), and whether the variant takes only plain x (no
+# input scale or channel order) on the tensor-core kernel's layouts (cuda_mma_supported) - elsewhere variant 0
+W4A16_CUDA_VARIANTS = {"cuda": (0, False), "cuda-gemv": (1, False), "cuda-ahead2": (3, True), "cuda-ring": (4, True)}
 # The activation quantizer's Triton candidates of dispatch.py and the warps a row each runs with (None: the
 # kernel's own choice, kernels/act_quant.py)
 ACT_QUANT_TRITON_WARPS = {"triton": None, "triton-4w": 4, "triton-16w": 16}
@@ -148,8 +153,9 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
 
     Meta tensors always take "torch" (shapes only).
     "auto": CUDA tensors -> "triton", or what dispatch.py's measured table says is faster for this
-    GPU and `shape` - W4A16's (M, N, K): "cuda" or "cuda-ring" (the extension, when built; the second its
-    tensor-core kernel with W through a ring in shared memory), or a variant of the Triton kernels
+    GPU and `shape` - W4A16's (M, N, K): "cuda" or one of its variants (the extension, when built:
+    W4A16_CUDA_VARIANTS - its CUDA-core GEMV, its tensor-core kernel with W two chunks ahead or through a ring
+    in shared memory), or a variant of the Triton kernels
     (dispatch.TRITON_CANDIDATES: at M = 1 "triton-tc", the tensor-core decode kernel instead of the GEMV, or
     the GEMV prefetching / unsplit; at 2..16 the decode kernel's long trip; at M > 16 "triton-dq", the weight
     dequantized by a Triton kernel then torch's matmul, or the prefill tile as x @ W.T); the
@@ -358,11 +364,13 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:
             x, input_perm = _gathered(x, input_perm), None
-        # "cuda-ring" (measured faster for this shape): launcher variant 4 where it takes the layer - plain x
-        # and the tensor-core kernel's layouts - else the extension's own choice (variant 0)
-        ring = (be == "cuda-ring" and input_scale is None and input_perm is None
-                and cuda_mma_supported(x.shape[1], group_size))
-        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, 4 if ring else 0, input_scale,
+        # a variant the table picked for this shape (W4A16_CUDA_VARIANTS): its launcher variant where it takes the
+        # layer - the lookahead ones plain x and the tensor-core kernel's layouts - else the extension's own choice
+        variant, plain_tc_only = W4A16_CUDA_VARIANTS[be]
+        if plain_tc_only and not (input_scale is None and input_perm is None
+                                  and cuda_mma_supported(x.shape[1], group_size)):
+            variant = 0
+        return _cuda_ext()[0].w4a16_gemm(x, qweight, scales, zeros, bias, group_size, variant, input_scale,
                                          input_perm)
     x = _gathered(x, input_perm)  # the reference takes x gathered
     if input_scale is not None:  # the reference takes x * m (a pass of its own)

@@ -279,8 +279,17 @@ def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, mo
     assert w4a16_auto_backend(1, 4096, 4096, 0, True, str(path), "GPU-A") == "cuda-ring"
     assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"
     assert w4a16_auto_backend(1, 1024, 4096, 0, True, str(path), "GPU-A") == "cuda"
+    from minicpm_int4 import ops
 
-    # ops runs a "cuda-ring" pick as variant 4 where the kernel takes the layer, else the extension's own choice
+    assert ops.cuda_mma_supported(4096, 4096) and ops.cuda_mma_supported(4096, 32)
+    assert not ops.cuda_mma_supported(4096, 16) and not ops.cuda_mma_supported(4304, 4304)
+
+
+@pytest.mark.parametrize("pick,variant,plain_tc_only", [("cuda", 0, False), ("cuda-gemv", 1, False),
+                                                        ("cuda-ahead2", 3, True), ("cuda-ring", 4, True)])
+def test_a_cuda_pick_runs_its_launcher_variant_where_it_takes_the_layer(pick, variant, plain_tc_only, monkeypatch):
+    # ops runs a CUDA pick as its launcher variant; the lookahead variants (two chunks ahead, the ring) only where
+    # the tensor-core kernel takes the layer with plain x, else the extension's own choice (variant 0)
     import torch
 
     from minicpm_int4 import ops
@@ -293,7 +302,7 @@ def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, mo
             seen.append(variant)
             return x.new_zeros((x.shape[0], qweight.shape[0]))
 
-    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "cuda-ring")
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: pick)
     monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext, None))
     x, qweight = torch.randn(2, 256, dtype=torch.float16), torch.zeros(8, 32, dtype=torch.int32)
     scales = torch.ones(8, 2, dtype=torch.float16)
@@ -304,9 +313,7 @@ def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, mo
     x96, q96 = torch.randn(2, 192, dtype=torch.float16), torch.zeros(8, 24, dtype=torch.int32)
     s96 = torch.ones(8, 2, dtype=torch.float16)
     ops._w4a16_gemm_op(x96, q96, s96, s96, None, 96, "auto")  # K % 128 != 0: not the tensor-core kernel's
-    assert seen == [4, 0, 0, 0]
-    assert ops.cuda_mma_supported(4096, 4096) and ops.cuda_mma_supported(4096, 32)
-    assert not ops.cuda_mma_supported(4096, 16) and not ops.cuda_mma_supported(4304, 4304)
+    assert seen == ([variant, 0, 0, 0] if plain_tc_only else [variant] * 4)
 
 
 @pytest.mark.parametrize("pick", ["triton", "triton-tc", "triton-prefetch", "triton-unsplit", "triton-trip32",
