@@ -675,6 +675,27 @@ def test_gpu_suite_default_arguments_are_ones_the_commands_take():
         build_parser().parse_args(["profile", "--out", "x"] + shlex.split(profile))
 
 
+def test_gpu_suite_times_every_candidate_the_committed_dispatch_table_takes():
+    """A table made from a bench keeps only the candidates that bench timed: the full suite's bench times every
+    W4A16 / W4A8 candidate the committed table picks somewhere (its own backend list), so that committing the next
+    GPU run's table cannot silently drop a measured win."""
+    import json
+    import re
+
+    from minicpm_int4.dispatch import PACKAGE_TABLE_PATH
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    script = open(os.path.join(root, "benchmarks", "run_gpu_suite.sh")).read()
+    full = re.findall(r"--backends (\S+)", script)
+    assert len(full) == 1
+    timed = set(full[0].split(","))
+    table = json.load(open(PACKAGE_TABLE_PATH))
+    for device, entry in table["devices"].items():
+        for op in ("w4a16", "w4a8"):
+            for rule in entry.get(op, []):
+                assert f"{op}-{rule['backend']}" in timed, (device, op, rule["backend"])
+
+
 def test_act_quant_variant_rows_run_the_triton_kernel_with_4_or_16_warps_a_row():
     from minicpm_int4.bench.micro import _act_quant_variant
     from minicpm_int4.kernels import act_quant
