@@ -500,6 +500,38 @@ def test_cuda_extension_says_which_w4a8_kernel_it_takes():
         assert what.startswith("wgmma (warpgroup MMA, sm_90a)"), what
 
 
+def test_auto_runs_each_cuda_pick_on_the_real_extension(monkeypatch):
+    """What backend="auto" may pick among the extension's kernels (ops.W4A16_CUDA_VARIANTS, ops.W4A8_CUDA_ARGS),
+    through ops on the real bindings: each W4A8 pick the reference's bits, forcing the wgmma kernel only with the
+    block tokens the extension reports allowed here (ops._w4a8_wgmma_tokens, checked against this GPU and the
+    suite's switch); each W4A16 pick its launcher variant's bits."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    switch = os.environ.get("MINICPM_INT4_W4A8_WGMMA")
+    ops._w4a8_wgmma_tokens.cache_clear()
+    tokens = ops._w4a8_wgmma_tokens(torch.cuda.current_device())
+    if switch == "0" or not _hopper_wgmma_expected():
+        assert tokens == frozenset()
+    else:
+        assert tokens == (frozenset({128}) if switch == "128" else frozenset({64, 128}))
+    n, k, g, m = 264, 512, 128, 129
+    qweight, scales, zeros, gs = _cuda_layer(n, k, g, torch.float16)
+    x_q, s = quantize_per_token_int8_ref(torch.randn(m, k, dtype=torch.float16, device="cuda"))
+    y_ref = w4a8_gemm_ref(x_q, s, qweight, scales, zeros, None, gs, torch.float16)
+    for pick, (rows, kernel) in ops.W4A8_CUDA_ARGS.items():
+        if kernel == 2 and rows not in tokens:
+            continue
+        monkeypatch.setattr(ops, "resolve_backend", lambda *a, pick=pick, **kw: pick)
+        y = ops.w4a8_gemm(x_q, s, qweight, scales, zeros, None, g, torch.float16, backend="auto")
+        assert torch.equal(y, y_ref), pick
+    x = torch.randn(4, 4096, dtype=torch.float16, device="cuda")
+    qweight, scales, zeros, gs = _cuda_layer(1024, 4096, 128, torch.float16)
+    for pick, (variant, _) in ops.W4A16_CUDA_VARIANTS.items():
+        monkeypatch.setattr(ops, "resolve_backend", lambda *a, pick=pick, **kw: pick)
+        y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="auto")
+        assert torch.equal(y, torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, 128, variant)), pick
+
+
 def test_cuda_extension_w4a8_wgmma_refuses_what_it_does_not_take():
     if ops.cuda_extension_error():
         pytest.skip(ops.cuda_extension_error())
