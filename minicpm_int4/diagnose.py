@@ -181,6 +181,9 @@ def format_report(info: Dict) -> str:
         lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)"
                      + (f", the activation quantizer timed at {aq} (K, M)" if aq else "")
                      + (f", W4A8 at {w8} (N, K, M)" if w8 else ""))
+        for op, picks in (d.get("this_device_picks") or {}).items():
+            if picks:
+                lines.append(f"    {op} entries won by: " + ", ".join(f"{b} {n}" for b, n in picks.items()))
     h = info.get("transformers_integration")
     if h:
         state = f"quantization method {h['quant_method']!r} registered" if h["registered"] else "unavailable"

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from typing import Dict, Optional
 
 PACKAGE_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
@@ -207,6 +208,9 @@ def describe(device_name: Optional[str] = None) -> Dict:
         out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
         out["this_device_act_quant_entries"] = len(entry.get("act_quant", [])) if entry else 0
         out["this_device_w4a8_entries"] = len(entry.get("w4a8", [])) if entry else 0
+        # per op, how many entries each candidate wins (what "auto" runs there instead of the defaults)
+        out["this_device_picks"] = {op: dict(sorted(Counter(r["backend"] for r in entry.get(op, [])).items()))
+                                    for op in ("w4a16", "act_quant", "w4a8")} if entry else {}
     return out
 
 

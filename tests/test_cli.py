@@ -362,6 +362,9 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text and "quantize_per_token_int8 M=4096 K=14336: cuda" in text
     assert ("dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s), the activation "
             "quantizer timed at 15 (K, M)") in text
+    info["dispatch_table"]["this_device_picks"] = {"w4a16": {"cuda": 5, "cuda-gemv": 2}, "act_quant": {}, "w4a8": {}}
+    assert ("quantizer timed at 15 (K, M)\n    w4a16 entries won by: cuda 5, cuda-gemv 2\n"
+            in diagnose.format_report(info))  # (an op without entries: no line)
     info["dispatch_table"].update(from_env=True, path="/tmp/suite-table.json", exists=True)
     assert "NVIDIA H200 (MINICPM_INT4_DISPATCH_TABLE=/tmp/suite-table.json)\n" in diagnose.format_report(info)
     # how the compiled Triton kernels are launched (kernels/_launch.py), and why not directly

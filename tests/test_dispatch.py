@@ -484,7 +484,8 @@ def test_a_table_named_by_the_environment_is_what_auto_reads(tmp_path):
     assert pick == "triton-tc"
     assert described == {"path": str(table), "from_env": True, "exists": True, "devices": ["GPU-A"],
                          "this_device": "GPU-A", "this_device_rules": 1, "this_device_act_quant_entries": 0,
-                         "this_device_w4a8_entries": 0}
+                         "this_device_w4a8_entries": 0,
+                         "this_device_picks": {"w4a16": {"triton-tc": 1}, "act_quant": {}, "w4a8": {}}}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)  # the package's
     described, pick = json.loads(r.stdout.splitlines()[-1])
     assert pick == "triton" and not described["from_env"] and described["this_device_rules"] == 0
