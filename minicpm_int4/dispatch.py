@@ -20,10 +20,13 @@ of two - ops.py runs "cuda"'s kernel). So a
 GPU run that measures a variant faster makes "auto" take it for that shape with no change to the code's
 defaults. `minicpm_int4/dispatch_table.json` (package data) is written by
 `python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run (its
-rows `w4a16-<candidate>`): a decode entry names an (N, K, M) where another candidate was measured faster than
-"triton", with every candidate's median, so that the lookup can take the fastest of those available (no
-extension built: the best Triton one). Past M = 16 every measured (N, K, M) is an entry, and a query takes
-the one at the largest measured M at or below its own: "triton-dq" pays a fixed cost (writing the fp16
+rows `w4a16-<candidate>`): every (N, K, M) where another candidate was timed beside "triton" is an entry, with
+every candidate's median, so that the lookup can take the fastest of those available (no extension built: the
+best Triton one). M = 1 takes its own entry (other kernels run there). 2..16 rows take the entry at their
+bucket (m_bucket: the next power of two, as the kernels' own instantiations go), else at the measured decode M
+nearest it on a log scale (the larger on a tie): the decode kernels stream W once whatever M, so a measured M
+stands for its neighbours. Past M = 16 a query takes the entry at the largest measured M at or below
+its own: "triton-dq" pays a fixed cost (writing the fp16
 weight) that a larger M only amortises further, so where it won at a measured M it wins above it (and a
 tile layout that won at a large M keeps winning where tiles are full); below the smallest measured
 prefill M, "triton"; and never "triton-dq" for a weight whose fp16 copy would pass DEQUANT_MAX_BYTES.
@@ -114,9 +117,19 @@ def _cached_rules(device_name: str, path: str) -> Dict:
 @functools.lru_cache(maxsize=None)
 def _prefill_ms(device_name: str, path: str) -> Dict:
     """(N, K) -> the sorted prefill M (> CUDA_MAX_M) this GPU's table has entries at."""
+    return _measured_ms(device_name, path, CUDA_MAX_M + 1, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_ms(device_name: str, path: str) -> Dict:
+    """(N, K) -> the sorted decode M of 2..16 rows this GPU's table has entries at."""
+    return _measured_ms(device_name, path, 2, CUDA_MAX_M)
+
+
+def _measured_ms(device_name: str, path: str, first: int, last: Optional[int]) -> Dict:
     out: Dict = {}
     for n, k, m in _cached_rules(device_name, path):
-        if m > CUDA_MAX_M:
+        if m >= first and (last is None or m <= last):
             out.setdefault((n, k), []).append(m)
     return {nk: sorted(ms) for nk, ms in out.items()}
 
@@ -132,8 +145,13 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
         if not measured:
             return "triton"
         m = measured[-1]
-    else:
-        m = m_bucket(m)
+    elif m > 1:  # 2..16 rows: the decode kernels stream W once whatever M; M's bucket (the kernels' own: the
+        # next power of two), else the measured decode M nearest it on a log scale (the larger on a tie)
+        measured = _decode_ms(device_name, path).get((n, k))
+        if not measured:
+            return "triton"
+        b = m_bucket(m)
+        m = min(measured, key=lambda mm: (abs(math.log2(mm) - math.log2(b)), -mm))
     times = _cached_rules(device_name, path).get((n, k, m))
     if not times:
         return "triton"
@@ -256,10 +274,9 @@ def _w4a8_entries(bench: Dict) -> list:
 
 
 def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
-    """Add one GPU's measurements to a dispatch table: an entry wherever another candidate beat "triton"'s
-    median for a decode (N, K, M), and for every prefill (N, K, M) where another candidate ("triton-dq",
-    "triton-rhs") was timed beside "triton" (the prefill lookup needs the M where "triton" won too), with all
-    the candidates' medians."""
+    """Add one GPU's measurements to a dispatch table: an entry for every (N, K, M) where another candidate was
+    timed beside "triton" - those "triton" won too, since the lookups at an unmeasured M go by which M were
+    measured - with every candidate's median and the fastest."""
     times: Dict = {}
     for r in bench["rows"]:
         cand = _candidate(r)
@@ -269,9 +286,7 @@ def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
     for (n, k, m), t in sorted(times.items()):
         if "triton" not in t or len(t) < 2:  # no baseline, or nothing beside it, measured: no claim
             continue
-        best = min(t, key=t.get)
-        if best != "triton" or m > CUDA_MAX_M:
-            rules.append({"n": n, "k": k, "m": m, "backend": best, "times_ms": dict(sorted(t.items()))})
+        rules.append({"n": n, "k": k, "m": m, "backend": min(t, key=t.get), "times_ms": dict(sorted(t.items()))})
     table = dict(existing or {})
     devices = dict(table.get("devices", {}))
     env = bench["env"]

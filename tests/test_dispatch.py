@@ -11,7 +11,7 @@ def _bench(device_name, rows):
             "rows": [dict(r, check="ok") for r in rows]}
 
 
-def test_table_records_only_measured_wins_and_lookup_uses_it(tmp_path):
+def test_table_records_what_was_timed_beside_triton_and_lookup_uses_it(tmp_path):
     rows = [
         {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
         {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.008},   # cuda wins
@@ -21,17 +21,33 @@ def test_table_records_only_measured_wins_and_lookup_uses_it(tmp_path):
     ]
     table = table_from_bench(_bench("GPU-A", rows))
     assert table["devices"]["GPU-A"]["w4a16"] == [
-        {"n": 4096, "k": 4096, "m": 1, "backend": "cuda", "times_ms": {"cuda": 0.008, "triton": 0.010}}]
+        {"n": 4096, "k": 4096, "m": 1, "backend": "cuda", "times_ms": {"cuda": 0.008, "triton": 0.010}},
+        {"n": 4096, "k": 4096, "m": 16, "backend": "triton", "times_ms": {"cuda": 0.020, "triton": 0.012}}]
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
     pick = lambda m, n, k, dev="GPU-A": w4a16_auto_backend(m, n, k, 0, True, str(path), dev)  # noqa: E731
     assert pick(1, 4096, 4096) == "cuda"
     assert pick(16, 4096, 4096) == "triton"
     assert pick(9, 4096, 4096) == "triton"          # bucket 16, measured slower
+    assert pick(2, 4096, 4096) == "triton"          # the nearest measured decode M is 16 (M = 1 runs other kernels)
     assert pick(1, 4096, 4096, "GPU-B") == "triton"  # another GPU: nothing measured, nothing guessed
     assert pick(1, 4096, 8192) == "triton"           # unmeasured shape
     assert pick(64, 4096, 4096) == "triton"          # beyond the CUDA kernel's range
     assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"  # extension not built
+
+
+def test_decode_m_takes_the_measured_decode_m_nearest_on_a_log_scale(tmp_path):
+    """2..16 rows: the decode kernels stream W once whatever M, so an M whose bucket (next power of two) was not
+    measured takes the entry at the measured decode M nearest that bucket (log scale, the larger on a tie) -
+    never M = 1's, where other kernels run."""
+    t = {1: (0.010, 0.001), 4: (0.010, 0.020), 16: (0.012, 0.008)}  # M: (triton, cuda)
+    rows = [{"n": 4096, "k": 4096, "m": m, "backend": b, "median_ms": ms} for m, pair in t.items()
+            for b, ms in zip(("w4a16-triton", "w4a16-cuda"), pair)]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table_from_bench(_bench("GPU-A", rows))))
+    pick = lambda m: w4a16_auto_backend(m, 4096, 4096, 0, True, str(path), "GPU-A")  # noqa: E731
+    # M = 2: bucket 2, nearest 4; 3 - 4: bucket 4; 5 - 8: bucket 8, as far from 4 as from 16 (the larger); 9 - 16: 16
+    assert [pick(m) for m in range(1, 17)] == ["cuda"] + ["triton"] * 3 + ["cuda"] * 12
 
 
 def test_prefill_takes_the_entry_at_the_largest_measured_m_at_or_below(tmp_path, monkeypatch):
@@ -253,7 +269,7 @@ def test_m1_picks_the_fastest_of_gemv_tensor_core_and_cuda(tmp_path):
     ]
     table = table_from_bench(_bench("GPU-A", rows))
     assert [(r["n"], r["m"], r["backend"]) for r in table["devices"]["GPU-A"]["w4a16"]] == [
-        (1024, 1, "triton-tc"), (4096, 1, "cuda")]
+        (1024, 1, "triton-tc"), (2048, 1, "triton"), (4096, 1, "cuda")]
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
     pick = lambda n, ext, m=1: w4a16_auto_backend(m, n, 4096, 0, ext, str(path), "GPU-A")  # noqa: E731
@@ -382,8 +398,8 @@ def test_triton_variants_enter_the_table_at_their_m_only(tmp_path):
     path.write_text(json.dumps(table))
     pick = lambda m: w4a16_auto_backend(m, 4096, 4096, 0, False, str(path), "GPU-A")  # noqa: E731
     assert [pick(m) for m in (1, 2, 9, 16, 17, 256, 4095, 4096, 8192)] == [
-        "triton-prefetch", "triton", "triton-trip32", "triton-trip32", "triton", "triton", "triton", "triton-rhs",
-        "triton-rhs"]
+        "triton-prefetch", "triton-trip32", "triton-trip32", "triton-trip32", "triton", "triton", "triton",
+        "triton-rhs", "triton-rhs"]  # (M = 2: the measured decode M nearest its bucket, 16)
 
 
 def test_cuda_backend_gets_the_input_scale_and_perm_and_the_unscaled_x(monkeypatch):
