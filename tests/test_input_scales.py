@@ -242,8 +242,8 @@ def test_w4a8_layer_multiplies_the_input_scale_inside_its_activation_quantizer(r
     seen = []
     quantizer = kernels.quantize_per_token_int8_triton
     monkeypatch.setattr(kernels, "quantize_per_token_int8_triton",
-                        lambda x, input_scale=None, input_perm=None: seen.append((x, input_scale))
-                        or quantizer(x, input_scale, input_perm))
+                        lambda x, input_scale=None, input_perm=None, warps=None: seen.append((x, input_scale))
+                        or quantizer(x, input_scale, input_perm, warps))
     torch.manual_seed(rows)
     lin = nn.Linear(64, 48).half()
     m = random_input_scale(64, seed=3)
