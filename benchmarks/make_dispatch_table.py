@@ -13,9 +13,8 @@ from its own bench and points MINICPM_INT4_DISPATCH_TABLE at it for the profile 
 """
 import argparse
 import json
-from collections import Counter
 
-from minicpm_int4.dispatch import CUDA_CANDIDATES, PACKAGE_TABLE_PATH, TRITON_CANDIDATES, load_table, table_from_bench
+from minicpm_int4.dispatch import PACKAGE_TABLE_PATH, load_table, picks, table_from_bench
 
 
 def main(argv=None) -> int:
@@ -29,18 +28,14 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(table, f, indent=1)
     name = bench["env"]["device_name"]
-    rules = table["devices"][name]["w4a16"]
-    wins = {b: sum(r["backend"] == b for r in rules) for b in (*CUDA_CANDIDATES, *TRITON_CANDIDATES)}
-    aq = table["devices"][name].get("act_quant", [])
-    w8 = table["devices"][name].get("w4a8", [])
+    entry = table["devices"][name]
+    won = {op: ", ".join(f"{b} {n}" for b, n in counts.items() if b != "triton") or "none"
+           for op, counts in picks(entry).items()}
     print(f"{args.out}: on {name}, (N, K, M) cases where a candidate other than the Triton kernels' defaults is "
-          f"fastest: " + (", ".join(f"{b} {w}" for b, w in wins.items() if w) or "none") + f" (of {len(rules)} "
-          f"entries); the activation quantizer timed at {len(aq)} (K, M), another than Triton's default fastest at "
-          f"{sum(e['backend'] != 'triton' for e in aq)}"
-          + "".join(f", {b} {n}" for b, n in sorted(Counter(e['backend'] for e in aq if e['backend'] != 'triton').items()))
-          + f"; W4A8 (quantizer + GEMM) timed beside Triton's at {len(w8)} (N, K, M), "
-          f"another path fastest at {sum(e['backend'] != 'triton' for e in w8)}"
-          + "".join(f", {b} {n}" for b, n in sorted(Counter(e['backend'] for e in w8 if e['backend'] != 'triton').items())))
+          f"fastest: {won['w4a16']} (of {len(entry['w4a16'])} entries); the activation quantizer timed at "
+          f"{len(entry['act_quant'])} (K, M), another than Triton's default fastest: {won['act_quant']}; W4A8 "
+          f"(quantizer + GEMM) timed beside Triton's at {len(entry['w4a8'])} (N, K, M), another path fastest: "
+          f"{won['w4a8']}")
     return 0
 
 

@@ -126,6 +126,19 @@ def _decode_ms(device_name: str, path: str) -> Dict:
     return _measured_ms(device_name, path, 2, CUDA_MAX_M)
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_entry_m(device_name: str, path: str, n: int, k: int, bucket: int) -> Optional[int]:
+    """The measured decode M whose entry 2..16 rows of this bucket (the kernels' own: the next power of two) take:
+    the bucket, else the measured decode M nearest it (once per shape and bucket: a decode step asks per layer)."""
+    measured = _decode_ms(device_name, path).get((n, k))
+    return _nearest_m(measured, bucket, lambda mm: mm) if measured else None
+
+
+def _nearest_m(items, m: int, m_of):
+    """The item whose M (m_of(item)) is nearest m on a log scale, the larger on a tie."""
+    return min(items, key=lambda e: (abs(math.log2(m_of(e)) - math.log2(max(m, 1))), -m_of(e)))
+
+
 def _measured_ms(device_name: str, path: str, first: int, last: Optional[int]) -> Dict:
     out: Dict = {}
     for n, k, m in _cached_rules(device_name, path):
@@ -145,13 +158,10 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
         if not measured:
             return "triton"
         m = measured[-1]
-    elif m > 1:  # 2..16 rows: the decode kernels stream W once whatever M; M's bucket (the kernels' own: the
-        # next power of two), else the measured decode M nearest it on a log scale (the larger on a tie)
-        measured = _decode_ms(device_name, path).get((n, k))
-        if not measured:
+    elif m > 1:  # 2..16 rows: the decode kernels stream W once whatever M
+        m = _decode_entry_m(device_name, path, n, k, m_bucket(m))
+        if m is None:
             return "triton"
-        b = m_bucket(m)
-        m = min(measured, key=lambda mm: (abs(math.log2(mm) - math.log2(b)), -mm))
     times = _cached_rules(device_name, path).get((n, k, m))
     if not times:
         return "triton"
@@ -179,7 +189,7 @@ def act_quant_auto_backend(m: int, k: int, device_index: int, cuda_available: bo
     entries = _act_quant_rules(device_name or _device_name(device_index), path).get(k)
     if not entries:
         return "triton"
-    _, times = min(entries, key=lambda e: (abs(math.log2(e[0]) - math.log2(max(m, 1))), -e[0]))
+    _, times = _nearest_m(entries, m, lambda e: e[0])
     usable = {c: t for c, t in times.items() if c in ACT_QUANT_CANDIDATES and (c != "cuda" or cuda_available)}
     return min(usable, key=usable.get) if usable else "triton"
 
@@ -206,7 +216,7 @@ def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int
     g, entries = _w4a8_rules(device_name or _device_name(device_index), path).get((n, k), (None, None))
     if not entries or g != group_size:
         return "triton"
-    _, times = min(entries, key=lambda e: (abs(math.log2(e[0]) - math.log2(max(m, 1))), -e[0]))
+    _, times = _nearest_m(entries, m, lambda e: e[0])
     need = lambda c: W4A8_CANDIDATES.get(c, False)  # noqa: E731 (False: a name this version does not know)
     usable = {c: t for c, t in times.items() if need(c) is None or (cuda_available and (
         need(c) == "cuda" or need(c) in wgmma_tokens))}
@@ -226,10 +236,14 @@ def describe(device_name: Optional[str] = None) -> Dict:
         out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
         out["this_device_act_quant_entries"] = len(entry.get("act_quant", [])) if entry else 0
         out["this_device_w4a8_entries"] = len(entry.get("w4a8", [])) if entry else 0
-        # per op, how many entries each candidate wins (what "auto" runs there instead of the defaults)
-        out["this_device_picks"] = {op: dict(sorted(Counter(r["backend"] for r in entry.get(op, [])).items()))
-                                    for op in ("w4a16", "act_quant", "w4a8")} if entry else {}
+        out["this_device_picks"] = picks(entry) if entry else {}
     return out
+
+
+def picks(entry: Dict) -> Dict:
+    """Per op of one GPU's table entry, how many entries each candidate wins (what "auto" runs there)."""
+    return {op: dict(sorted(Counter(r["backend"] for r in entry.get(op, [])).items()))
+            for op in ("w4a16", "act_quant", "w4a8")}
 
 
 # candidate -> the M (first, last; None: any) it is a choice at; its bench rows are "w4a16-<candidate>"
