@@ -89,9 +89,14 @@ def _row(by, s, m, backend):
     return by.get((s[0], s[1], s[2], m, backend))
 
 
-def _best_triton_m1(by, s) -> Optional[Dict]:
-    rows = [r for r in (_row(by, s, 1, "w4a16-triton"), _row(by, s, 1, "w4a16-triton-tc")) if r]
+def _fastest(by, s, m, backends) -> Optional[Dict]:
+    """The fastest row of these backends for shape s at M (None where none was timed)."""
+    rows = [r for r in (_row(by, s, m, b) for b in backends) if r]
     return min(rows, key=lambda r: r["median_ms"]) if rows else None
+
+
+def _best_triton_m1(by, s) -> Optional[Dict]:
+    return _fastest(by, s, 1, ("w4a16-triton", "w4a16-triton-tc"))
 
 
 def check_targets(bench: Dict) -> List[Target]:
@@ -125,9 +130,8 @@ def check_targets(bench: Dict) -> List[Target]:
     # TRITON_CANDIDATES, whose table this bench makes) faster for the shape: a line each where such rows exist
     if measured & {"w4a16-triton-prefetch", "w4a16-triton-unsplit"}:
         def m1_auto_bw(by, s):
-            rows = [r for r in (_row(by, s, 1, b) for b in ("w4a16-triton", "w4a16-triton-tc", "w4a16-triton-prefetch",
-                                                              "w4a16-triton-unsplit")) if r]
-            return min(rows, key=lambda r: r["median_ms"])["pct_copy_bw"] if rows else None
+            r = _fastest(by, s, 1, ("w4a16-triton", "w4a16-triton-tc", "w4a16-triton-prefetch", "w4a16-triton-unsplit"))
+            return r["pct_copy_bw"] if r else None
 
         out.append(_collect(bench, Target(3, "W4A16 Triton as backend='auto' takes it (the fastest of the GEMV, "
                                           "prefetching or unsplit, and the tensor-core kernel), M = 1: % of copy "
@@ -155,10 +159,6 @@ def check_targets(bench: Dict) -> List[Target]:
     out.append(_collect(bench, Target(4, "W4A8 over W4A16 Triton (time ratio), M = 4096, MiniCPM-V 4.6 shapes", 1.0, "x",
                                       strict=True), v46, w4a8_over_w4a16))
 
-    def fastest(by, s, m, backends):
-        rows = [r for r in (_row(by, s, m, b) for b in backends) if r]
-        return min(rows, key=lambda r: r["median_ms"]) if rows else None
-
     if any(r["backend"] == "w4a8-cuda" for r in bench.get("rows", [])):
         # as backend="auto" takes them: every W4A8 candidate of the dispatch table (the fused-epilogue row is no candidate)
         from ..dispatch import W4A8_CANDIDATES
@@ -167,11 +167,11 @@ def check_targets(bench: Dict) -> List[Target]:
         w4a16s = ("w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq")
 
         def w4a8_best_speedup(by, s):
-            r = fastest(by, s, 4096, w4a8s)
+            r = _fastest(by, s, 4096, w4a8s)
             return r.get("speedup_vs_fp16") if r else None
 
         def w4a8_best_over_w4a16_best(by, s):
-            a, b = fastest(by, s, 4096, w4a8s), fastest(by, s, 4096, w4a16s)
+            a, b = _fastest(by, s, 4096, w4a8s), _fastest(by, s, 4096, w4a16s)
             return b["median_ms"] / a["median_ms"] if a and b else None
 
         out.append(_collect(bench, Target(4, "W4A8, the faster of Triton and the CUDA kernel (the fastest of their "
@@ -212,8 +212,8 @@ def check_targets(bench: Dict) -> List[Target]:
     cuda_rows = tuple(f"w4a16-{c}" for c in CUDA_CANDIDATES)
 
     def cuda_auto_bw(by, s):  # the fastest of the launcher's choice and its variants, as the dispatch table picks
-        rows = [r for r in (_row(by, s, 1, b) for b in cuda_rows) if r]
-        return max(r["pct_copy_bw"] for r in rows) if rows else None
+        r = _fastest(by, s, 1, cuda_rows)
+        return r["pct_copy_bw"] if r else None
 
     if any(r["backend"] in cuda_rows[1:] for r in bench.get("rows", [])):
         out.append(_collect(bench, Target(5, "CUDA extension as backend='auto' takes it (the fastest of the default and "
