@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The bench's peers that the GPU image lacks (bitsandbytes nf4, gemlite), as wheels for the device
-# call to carry. Run it here (it needs pip's index), before the suite's device call:
+# The bench's peers that the GPU image lacks (bitsandbytes nf4, gemlite), and the kernels MiniCPM-V 4.6's
+# linear-attention layers run on in transformers where installed (flash-linear-attention's fla-core and its
+# einops: pure Python + Triton; without them transformers runs its reference PyTorch gated delta rule, "more than an
+# order of magnitude" slower on an H100 by its own warning, which the end-to-end profile then pays in fp16 and int4
+# alike - a deployment of that model installs them), as wheels for the device call to carry. Run it here (it needs
+# pip's index), before the suite's device call:
 #
-#   bash benchmarks/fetch_peer_wheels.sh        # -> .whl/ (git-ignored, about 7.5 MB)
+#   bash benchmarks/fetch_peer_wheels.sh        # -> .whl/ (git-ignored, about 8.5 MB)
 #
 # then call the device tool with carry [".whl"]; run_gpu_suite.sh installs whatever .whl/ holds
 # into a private folder on PYTHONPATH (--no-deps: torch, numpy, packaging and tqdm are in the image).
@@ -13,6 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BNB_VERSION=${BNB_VERSION:-0.50.2}
 GEMLITE_VERSION=${GEMLITE_VERSION:-0.6.0.post2}
+# (causal-conv1d, the layers' other package, is a CUDA extension published as an sdist: not carried - transformers'
+# PyTorch short convolution stands in, the same in both runs; FLA_VERSION=none carries no fla-core)
+FLA_VERSION=${FLA_VERSION:-0.6.0}
+EINOPS_VERSION=${EINOPS_VERSION:-0.8.2}
 PY_VERSION=${PEER_PY_VERSION:-3.12}
 DIR=.whl
 rm -rf "$DIR" && mkdir -p "$DIR"
@@ -37,4 +45,7 @@ EOF
 
 python3 -m pip download -q --no-deps --no-binary=:all: -d "$TMP" "gemlite==$GEMLITE_VERSION"
 python3 -m pip wheel -q --no-deps -w "$DIR" "$TMP"/gemlite-*.tar.gz
+if [ "$FLA_VERSION" != none ]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$DIR" "fla-core==$FLA_VERSION" "einops==$EINOPS_VERSION"
+fi
 ls -l "$DIR"

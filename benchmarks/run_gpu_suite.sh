@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call, on a bare GPU machine, inside 9 minutes:
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
-#      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried;
+#      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried (fla-core, the
+#      kernels of MiniCPM-V 4.6's linear attention, for the profile only);
 #   2. the warpgroup-MMA W4A8 kernel's small tests alone (wgmma-smoke: should they fail, the rest runs without
 #      it), the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
 #   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep), the dispatch table
@@ -46,10 +47,14 @@ PY=${PYTHON:-python3}
 export MINICPM_INT4_COMMIT=${MINICPM_INT4_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 T0=$(date +%s)
 DEADLINE=${SUITE_DEADLINE_S:-540}
+SCRATCH=${SUITE_SCRATCH:-/tmp}  # the carried wheels' sites and the dispatch table, outside the checkout
 
 stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left before the deadline)
   local name=$1 limit=$2; shift 2
-  if [ -n "${SUITE_STAGES:-}" ] && [[ ",$SUITE_STAGES,install-without-cuda-extension," != *",$name,"* ]]; then
+  # (install-without-cuda-extension stands in for a failed install; model-kernels belongs to the profile)
+  local allowed=",${SUITE_STAGES:-},install-without-cuda-extension,"
+  [[ $allowed == *",profile,"* ]] && allowed+="model-kernels,"
+  if [ -n "${SUITE_STAGES:-}" ] && [[ $allowed != *",$name,"* ]]; then
     echo "=== [$name] skipped: not in SUITE_STAGES" >> "$LOG"; return 0
   fi
   local left=$(( DEADLINE - ($(date +%s) - T0) - 5 ))
@@ -99,11 +104,21 @@ stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-is
   || stage install-without-cuda-extension 60 env MINICPM_INT4_BUILD_CUDA=0 $PY -m pip install --no-build-isolation \
        --no-deps --no-index -e .
 # the peers the image lacks, carried as wheels (bash benchmarks/fetch_peer_wheels.sh here, then the
-# device call with carry [".whl"]): bitsandbytes nf4 and gemlite rows in the bench
-PEER_SITE=/tmp/minicpm-int4-peers
-if compgen -G ".whl/*.whl" > /dev/null; then
+# device call with carry [".whl"]): bitsandbytes nf4 and gemlite rows in the bench. The same folder carries the
+# kernels MiniCPM-V 4.6's linear-attention layers run on in transformers (fla-core and einops): those go into a
+# site of their own that only the profile sees (stage model-kernels, below) - the gpu tests compile a patched tiny
+# 4.6 with fullgraph=True, a test of our layers and not of fla's traceability, and the bench never runs a model
+PEER_SITE=$SCRATCH/minicpm-int4-peers
+MODEL_SITE=$SCRATCH/minicpm-int4-model-kernels
+PEER_WHEELS=(); MODEL_WHEELS=()
+for w in .whl/*.whl; do
+  [ -e "$w" ] || continue
+  case $(basename "$w") in fla_core-*|einops-*) MODEL_WHEELS+=("$w") ;; *) PEER_WHEELS+=("$w") ;; esac
+done
+if (( ${#PEER_WHEELS[@]} )); then
   stage peers 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$PEER_SITE" .whl/*.whl && export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$PEER_SITE" "${PEER_WHEELS[@]}" && [ -d "$PEER_SITE" ] \
+    && export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
   echo "=== [peers] no wheels carried: bnb-nf4 and gemlite will be skipped (benchmarks/fetch_peer_wheels.sh)" >> "$LOG"
 fi
@@ -156,16 +171,26 @@ stage bench 190 $PY -m minicpm_int4 bench --out "$OUT_DIR" "${BENCH_ARGS[@]}"
 # the dispatch table this bench measured (where the CUDA kernel, or at M = 1 the Triton tensor-core
 # kernel, beat the default), outside the checkout: the profile's backend="auto" runs on it, as it will
 # once ingest_gpu_results.py commits the same table (profile.json's env records which table it used)
-SUITE_TABLE=/tmp/minicpm-int4-dispatch-table.json
+SUITE_TABLE=$SCRATCH/minicpm-int4-dispatch-table.json
 rm -f "$SUITE_TABLE"
+# (only where it was written: a call without the bench - SUITE_STAGES=install,profile after a first call - skips the
+# stage, and pointing "auto" at a missing table would leave it the Triton kernels everywhere, not the package's table)
 stage dispatch-table 20 $PY benchmarks/make_dispatch_table.py "$OUT_DIR/bench.json" --out "$SUITE_TABLE" \
-  && export MINICPM_INT4_DISPATCH_TABLE="$SUITE_TABLE"
+  && [ -s "$SUITE_TABLE" ] && export MINICPM_INT4_DISPATCH_TABLE="$SUITE_TABLE"
 # profile takes what the stages before it left, less 25 s for targets; it starts no new run past
 # its own budget (a graphed run compiles for a minute or more), and an interrupted profile still
 # writes what it measured
+PROFILE_PYTHONPATH=${PYTHONPATH:-}
+if (( ${#MODEL_WHEELS[@]} )); then
+  stage model-kernels 30 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$MODEL_SITE" "${MODEL_WHEELS[@]}" && [ -d "$MODEL_SITE" ] \
+    && PROFILE_PYTHONPATH="$MODEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "=== [model-kernels] none carried: MiniCPM-V 4.6's linear attention runs on transformers' PyTorch path" >> "$LOG"
+fi
 PROFILE_S=$(( DEADLINE - ($(date +%s) - T0) - 30 ))
-stage profile "$PROFILE_S" $PY -m minicpm_int4 profile --out "$OUT_DIR" "${PROFILE_ARGS[@]}" \
-  --time-budget-s $(( PROFILE_S > 120 ? PROFILE_S - 60 : PROFILE_S / 2 ))
+stage profile "$PROFILE_S" env PYTHONPATH="$PROFILE_PYTHONPATH" $PY -m minicpm_int4 profile --out "$OUT_DIR" \
+  "${PROFILE_ARGS[@]}" --time-budget-s $(( PROFILE_S > 120 ? PROFILE_S - 60 : PROFILE_S / 2 ))
 # the issues' targets against what was just measured, into suite.log (targets.md is written later,
 # beside the committed results: at most 8 files come back)
 stage targets 15 $PY -m minicpm_int4 targets "$OUT_DIR" --no-write

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import __version__, ops
-from .bench.env import env_info
+from .bench.env import env_info, model_kernels_ran_on
 
 # (M, N, K) that "auto" is asked about: decode M = 1 and 16, prefill, on a 4096 x 4096 layer
 PROBE_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096))
@@ -136,6 +136,7 @@ def format_report(info: Dict) -> str:
         f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda'] or 'none: a CPU build'}), "
         f"triton {info['triton']}, transformers {info['transformers']}",
         "peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in info["peers"].items()),
+        "MiniCPM-V 4.6's linear attention (transformers' Qwen3.5 layers) on a GPU runs on: " + ", ".join(model_kernels_ran_on(info)),
         f"device: {info['device']} ({info['device_name']})"
         + (f", sm_{info['capability'].replace('.', '')}, {info['sm_count']} SMs, "
            f"{info['total_memory_bytes'] / 2**30:.0f} GiB" if "capability" in info else ""),

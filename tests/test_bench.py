@@ -210,6 +210,34 @@ def test_profile_harness_on_tiny_models(tmp_path):
         assert "linear-attention layers (Qwen3.5) ran on PyTorch in place of fla-core (not installed)" in md
 
 
+def test_model_kernels_count_only_where_their_module_imports(monkeypatch):
+    """An installed fla-core whose module fails to import is recorded as such (transformers then runs its
+    PyTorch path): the profile's line says PyTorch, naming the error, not the installed version alone."""
+    from minicpm_int4.bench import env as E
+    from minicpm_int4.bench.report import _env_lines
+
+    monkeypatch.setattr(E, "MODEL_KERNEL_MODULES", {"fla-core": "json", "causal-conv1d": "minicpm_int4_no_such_mod"})
+    versions = {"fla-core": "0.6.0", "causal-conv1d": "1.7.0"}
+    unusable = E.model_kernels_unusable(versions)
+    assert set(unusable) == {"causal-conv1d"} and "ModuleNotFoundError" in unusable["causal-conv1d"]
+    assert E.model_kernels_unusable({"fla-core": None, "causal-conv1d": None}) == {}  # not installed: nothing tried
+    line = next(x for x in _env_lines({"model_kernels": versions, "model_kernels_unusable": unusable},
+                                      model_kernels=True) if "linear-attention" in x)
+    assert "ran on fla-core 0.6.0, PyTorch in place of causal-conv1d (1.7.0 installed, its import failed: " \
+           "ModuleNotFoundError" in line
+    # env_info records it where the import fails (and not at all where every installed one imports)
+    monkeypatch.setattr(E, "peer_versions", lambda packages=E.PEER_PACKAGES: dict.fromkeys(packages, "1.0"))
+    info = E.env_info(torch.device("cpu"))
+    assert set(info["model_kernels_unusable"]) == {"causal-conv1d"}
+    from minicpm_int4 import diagnose
+
+    monkeypatch.setattr(diagnose, "env_info", E.env_info)
+    assert "linear attention (transformers' Qwen3.5 layers) on a GPU runs on: fla-core 1.0, PyTorch in place of causal-conv1d " \
+           "(1.0 installed, its import failed: ModuleNotFoundError" in diagnose.format_report(diagnose.collect())
+    monkeypatch.setattr(E, "MODEL_KERNEL_MODULES", {"fla-core": "json", "causal-conv1d": "os"})
+    assert "model_kernels_unusable" not in E.env_info(torch.device("cpu"))
+
+
 def test_profile_w4a8_run_flips_the_int4_layers_to_int8_activations_and_back(monkeypatch):
     """profile --w4a8: after the int4 eager run, one more eager run of the same layers with act="int8" (no
     re-patch), decoding W4A8_PROFILE_TOKENS tokens; the layers are W4A16 again afterwards; targets.md's e2e
@@ -438,6 +466,84 @@ def test_gpu_suite_scripts_parse(script):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _run_suite_with_a_stub_python(tmp_path, wheels, **env):
+    """benchmarks/run_gpu_suite.sh copied beside `wheels` (empty files in .whl/) and run with PYTHON = a stub that
+    records each call's arguments, PYTHONPATH and dispatch table (and creates a `--target` folder, as pip does):
+    the calls, in order."""
+    import shutil
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = tmp_path / "checkout"
+    (root / "benchmarks").mkdir(parents=True)
+    shutil.copy(os.path.join(here, "benchmarks", "run_gpu_suite.sh"), root / "benchmarks")
+    (root / ".whl").mkdir()
+    for w in wheels:
+        (root / ".whl" / w).write_bytes(b"")
+    calls = tmp_path / "calls.jsonl"
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env python3\n"
+                    "import json, os, sys\n"
+                    "a = sys.argv[1:]\n"
+                    "if '--target' in a: os.makedirs(a[a.index('--target') + 1], exist_ok=True)\n"
+                    "if a[0].endswith('make_dispatch_table.py'): open(a[a.index('--out') + 1], 'w').write('{}')\n"
+                    f"with open({str(calls)!r}, 'a') as f:\n"
+                    "    f.write(json.dumps({'args': a, 'pythonpath': os.environ.get('PYTHONPATH', ''),\n"
+                    "                        'table': os.environ.get('MINICPM_INT4_DISPATCH_TABLE')}) + '\\n')\n")
+    stub.chmod(0o755)
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SUITE_", "MINICPM_INT4_")) and k != "PYTHONPATH"}
+    run_env.update(PYTHON=str(stub), SUITE_SCRATCH=str(tmp_path / "scratch"), PATH=os.environ["PATH"], **env)
+    (tmp_path / "scratch").mkdir()
+    r = subprocess.run(["bash", str(root / "benchmarks" / "run_gpu_suite.sh"), str(tmp_path / "out")], env=run_env,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(line) for line in calls.read_text().splitlines()]
+    return out, (tmp_path / "out" / "suite.log").read_text()
+
+
+def _suite_call(calls, *words):
+    found = [c for c in calls if all(w in c["args"] for w in words)]
+    assert len(found) == 1, (words, [c["args"] for c in calls])
+    return found[0]
+
+
+def test_gpu_suite_gives_the_carried_model_kernels_to_the_profile_only(tmp_path):
+    """fla-core / einops (MiniCPM-V 4.6's linear attention in transformers) go into a site only the profile has on its
+    path; the peers' wheels into theirs, which the tests, bench and profile have; the profile runs "auto" on the
+    dispatch table its bench wrote - and, with no table written, on the package's (no pointer to a missing file)."""
+    wheels = ["bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl", "gemlite-0.6.0.post2-py3-none-any.whl",
+              "fla_core-0.6.0-py3-none-any.whl", "einops-0.8.2-py3-none-any.whl"]
+    scratch = str(tmp_path / "scratch")
+    peers, model = f"{scratch}/minicpm-int4-peers", f"{scratch}/minicpm-int4-model-kernels"
+    calls, log = _run_suite_with_a_stub_python(tmp_path, wheels)
+    pip_peers = _suite_call(calls, "pip", "--target", peers)
+    assert sorted(os.path.basename(a) for a in pip_peers["args"] if a.endswith(".whl")) == sorted(wheels[:2])
+    pip_model = _suite_call(calls, "pip", "--target", model)
+    assert sorted(os.path.basename(a) for a in pip_model["args"] if a.endswith(".whl")) == sorted(wheels[2:])
+    tests, bench = _suite_call(calls, "-m", "gpu"), _suite_call(calls, "bench")
+    profile = _suite_call(calls, "profile")
+    for c in (tests, bench, profile):
+        assert peers in c["pythonpath"].split(":")
+    assert model not in tests["pythonpath"] and model not in bench["pythonpath"]
+    assert profile["pythonpath"].split(":")[:2] == [model, peers]
+    assert profile["table"] == f"{scratch}/minicpm-int4-dispatch-table.json"  # the one this bench's stage wrote
+    assert "=== [model-kernels] (limit" in log
+
+    # the follow-up call that runs only the profile installs the model kernels too, and points "auto" at no table
+    # (it runs on the package's, where the first call's is committed by then)
+    (tmp_path / "second").mkdir()
+    calls, log = _run_suite_with_a_stub_python(tmp_path / "second", wheels, SUITE_STAGES="install,profile")
+    assert [c for c in calls if "bench" in c["args"] or "gpu" in c["args"]] == []
+    profile = _suite_call(calls, "profile")
+    assert profile["pythonpath"].split(":")[0] == str(tmp_path / "second" / "scratch" / "minicpm-int4-model-kernels")
+    assert profile["table"] is None
+
+    # without model-kernel wheels the profile's path is the peers' alone, and the log says why
+    (tmp_path / "third").mkdir()
+    calls, log = _run_suite_with_a_stub_python(tmp_path / "third", wheels[:2], SUITE_STAGES="install,profile")
+    assert "minicpm-int4-model-kernels" not in _suite_call(calls, "profile")["pythonpath"]
+    assert "=== [model-kernels] none carried" in log
 
 
 def test_readme_performance_section_is_generated_from_results(tmp_path):

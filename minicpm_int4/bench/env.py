@@ -47,6 +47,9 @@ def env_info(device: torch.device) -> Dict:
         info["triton"] = None
     info["peers"] = peer_versions()
     info["model_kernels"] = peer_versions(MODEL_KERNEL_PACKAGES)
+    unusable = model_kernels_unusable(info["model_kernels"])
+    if unusable:
+        info["model_kernels_unusable"] = unusable
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
@@ -64,6 +67,41 @@ PEER_PACKAGES = ("bitsandbytes", "gemlite")
 # int4, so it adds to both sides of an end-to-end comparison. Recorded so that the profile's numbers are read
 # with it.
 MODEL_KERNEL_PACKAGES = ("fla-core", "causal-conv1d")
+# The module transformers imports for each (its hub_kernels' use_kernel_func_from_hub_with_fallback: the gated delta
+# rule from fla.ops.gated_delta_rule, causal_conv1d_fn / _update from causal_conv1d); where that import fails,
+# transformers takes its PyTorch path even though the package is installed
+MODEL_KERNEL_MODULES = {"fla-core": "fla.ops.gated_delta_rule", "causal-conv1d": "causal_conv1d"}
+
+
+def model_kernels_ran_on(env: Dict) -> list:
+    """What MiniCPM-V 4.6's linear-attention layers run on in transformers with the install `env` (env_info)
+    records, a phrase per package: its version, or the PyTorch path in its place and why."""
+    unusable = env.get("model_kernels_unusable") or {}
+    out = []
+    for name, version in (env.get("model_kernels") or {}).items():
+        if not version:
+            out.append(f"PyTorch in place of {name} (not installed)")
+        elif name in unusable:
+            out.append(f"PyTorch in place of {name} ({version} installed, its import failed: {unusable[name]})")
+        else:
+            out.append(f"{name} {version}")
+    return out
+
+
+def model_kernels_unusable(versions: Dict) -> Dict:
+    """{package: why} for each installed model-kernel package whose module does not import here (its installed
+    version alone would claim the model ran on it)."""
+    import importlib
+
+    out = {}
+    for name, version in versions.items():
+        if not version or name not in MODEL_KERNEL_MODULES:
+            continue
+        try:
+            importlib.import_module(MODEL_KERNEL_MODULES[name])
+        except Exception as e:  # noqa: BLE001 (any failure makes transformers fall back)
+            out[name] = f"{type(e).__name__}: {e}"[:300]
+    return out
 
 
 def peer_versions(packages=PEER_PACKAGES) -> Dict:

@@ -5,6 +5,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from .env import model_kernels_ran_on
+
 MICRO_SCHEMA_KEYS = ("kind", "env", "config", "copy_bandwidth_gbps", "skipped", "rows", "act_quant")
 ROW_KEYS = ("model", "n", "k", "m", "backend", "family", "median_ms", "p20_ms", "p80_ms", "bytes", "tflops",
             "gbps", "pct_copy_bw", "check", "speedup_vs_fp16")
@@ -43,9 +45,8 @@ def _env_lines(env: Dict, model_kernels: bool = False) -> List[str]:
         lines.append("- peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()))
     kernels = env.get("model_kernels")
     if model_kernels and kernels:  # (end-to-end only: the kernel rows do not run the model)
-        lines.append("- MiniCPM-V 4.6's linear-attention layers (Qwen3.5) ran on " + ", ".join(
-            f"{k} {v}" if v else f"PyTorch in place of {k} (not installed)" for k, v in kernels.items())
-            + " (`bench/env.py`: the same for fp16 and int4)")
+        lines.append("- MiniCPM-V 4.6's linear-attention layers (Qwen3.5) ran on " + ", ".join(model_kernels_ran_on(env))
+                     + " (`bench/env.py`: the same for fp16 and int4)")
     d = env.get("dispatch_table")
     if d:
         where = "made from this run's bench" if d.get("from_env") else "the package's"
