@@ -226,6 +226,17 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
     text = (dest / "targets.md").read_text()
     assert "W4A16 Triton, M = 1" in text and "| llama3-v2.5 | cudagraph | 50.0 | 120.0 | 2.40x" in text
 
+    # and a bench-only call after it (the profile run first): targets.md keeps the profile in the folder, and says so
+    src3 = tmp_path / "out3"
+    src3.mkdir()
+    (src3 / "bench.json").write_text(json.dumps(dict(bench, incomplete=None, errors=[])))
+    (src3 / "suite.log").write_text("=== [bench] rc=0\n")
+    rep3 = ingest(str(src3), str(root), dispatch_table=str(table))
+    assert rep3["copied"] == ["suite.log", "bench.json"] and (dest / "profile.json").exists()
+    assert any("end-to-end rows come from the profile.json already in" in w for w in rep3["warnings"])
+    text = (dest / "targets.md").read_text()
+    assert "W4A16 Triton, M = 1" in text and "| llama3-v2.5 | cudagraph | 50.0 | 120.0 | 2.40x" in text
+
     cpu = tmp_path / "cpu"
     cpu.mkdir()
     (cpu / "bench.json").write_text(json.dumps(dict(bench, env=dict(bench["env"], device="cpu", device_name="cpu"))))

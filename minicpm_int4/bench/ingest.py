@@ -81,6 +81,11 @@ def ingest(src: str, root: str, dispatch_table: Optional[str] = None) -> Dict:
                 f.write(md)
             report["targets"] = md
         return report
+    if profile is None:  # a bench-only call (e.g. after a profile-only one): targets.md keeps the folder's profile
+        profile = _load(os.path.join(dest, "profile.json"))
+        if profile is not None:
+            report["warnings"].append("targets.md's end-to-end rows come from the profile.json already in "
+                                      f"{dest} (commit {profile.get('env', {}).get('commit')})")
     if bench.get("rows"):
         path = dispatch_table or os.path.join(root, "minicpm_int4", "dispatch_table.json")
         table = table_from_bench(bench, _load(path))  # other GPUs' entries are kept
