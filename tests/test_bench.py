@@ -490,7 +490,11 @@ def _run_suite_with_a_stub_python(tmp_path, wheels, **env):
                     "if a[0].endswith('make_dispatch_table.py'): open(a[a.index('--out') + 1], 'w').write('{}')\n"
                     f"with open({str(calls)!r}, 'a') as f:\n"
                     "    f.write(json.dumps({'args': a, 'pythonpath': os.environ.get('PYTHONPATH', ''),\n"
-                    "                        'table': os.environ.get('MINICPM_INT4_DISPATCH_TABLE')}) + '\\n')\n")
+                    "                        'table': os.environ.get('MINICPM_INT4_DISPATCH_TABLE'),\n"
+                    "                        'wgmma': os.environ.get('MINICPM_INT4_W4A8_WGMMA')}) + '\\n')\n"
+                    # a call with an argument that is one of STUB_FAIL's (|-separated) fails
+                    "fail = set(filter(None, os.environ.get('STUB_FAIL', '').split('|')))\n"
+                    "sys.exit(1 if fail & set(a) else 0)\n")
     stub.chmod(0o755)
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SUITE_", "MINICPM_INT4_")) and k != "PYTHONPATH"}
     run_env.update(PYTHON=str(stub), SUITE_SCRATCH=str(tmp_path / "scratch"), PATH=os.environ["PATH"], **env)
@@ -544,6 +548,20 @@ def test_gpu_suite_gives_the_carried_model_kernels_to_the_profile_only(tmp_path)
     calls, log = _run_suite_with_a_stub_python(tmp_path / "third", wheels[:2], SUITE_STAGES="install,profile")
     assert "minicpm-int4-model-kernels" not in _suite_call(calls, "profile")["pythonpath"]
     assert "=== [model-kernels] none carried" in log
+
+
+@pytest.mark.parametrize("fail, wgmma", [("", None), ("w4a8_wgmma_small", "128"),
+                                         ("w4a8_wgmma_small|w4a8_wgmma_small and t128", "0")])
+def test_gpu_suite_turns_the_wgmma_kernel_off_only_as_its_smoke_tests_say(tmp_path, fail, wgmma):
+    """The wgmma kernel's small tests (stage wgmma-smoke, pytest -k below) gate it for the rest of the suite: passed,
+    untouched; failed with the 128-token ones passing alone, MINICPM_INT4_W4A8_WGMMA=128; both failed, 0 - also
+    where SUITE_STAGES names wgmma-smoke but not its fallback stage, which belongs to it (it was skipped there,
+    returning success: the 128-token blocks kept on, untested)."""
+    for stages in (None, "wgmma-smoke,gpu-tests"):
+        sub = tmp_path / (stages or "all")
+        sub.mkdir()
+        calls, log = _run_suite_with_a_stub_python(sub, [], STUB_FAIL=fail, **({"SUITE_STAGES": stages} if stages else {}))
+        assert _suite_call(calls, "-m", "gpu")["wgmma"] == wgmma, (stages, fail, log)
 
 
 def test_readme_performance_section_is_generated_from_results(tmp_path):
