@@ -564,6 +564,24 @@ def test_gpu_suite_turns_the_wgmma_kernel_off_only_as_its_smoke_tests_say(tmp_pa
         assert _suite_call(calls, "-m", "gpu")["wgmma"] == wgmma, (stages, fail, log)
 
 
+def test_every_test_selection_of_the_gpu_suite_selects_tests():
+    """Each `-k` the suite runs tests/test_gpu.py with (wgmma-smoke, its 128-token fallback, the sanitizer's) selects
+    some: one that a renamed test left empty would make pytest exit 5, which the suite reads as a failure (the wgmma
+    kernel turned off for a run, a sanitizer verdict without tests)."""
+    import re
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(here, "benchmarks", "run_gpu_suite.sh")).read()
+    selections = re.findall(r'tests/test_gpu\.py -k "([^"$]+)"', script)
+    assert len(selections) == 3, selections
+    for k in selections:
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            os.path.join(here, "tests", "test_gpu.py"), "-k", k], capture_output=True, text=True,
+                           cwd=here, timeout=300)
+        assert r.returncode == 0 and re.search(r"^\d+/\d+ tests collected", r.stdout, re.M), (k, r.stdout[-500:])
+
+
 def test_readme_performance_section_is_generated_from_results(tmp_path):
     from minicpm_int4.bench.e2e import run_profile
     from minicpm_int4.bench.readme import END, START, update_readme
