@@ -582,6 +582,23 @@ def test_every_test_selection_of_the_gpu_suite_selects_tests():
         assert r.returncode == 0 and re.search(r"^\d+/\d+ tests collected", r.stdout, re.M), (k, r.stdout[-500:])
 
 
+def test_the_stage_lists_the_docs_give_name_the_suites_stages():
+    """SUITE_STAGES lists in benchmarks/README.md and the suite's own header name stages the script has: a misspelt
+    one is skipped without a word, on a GPU machine, after its device minutes are spent."""
+    import re
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(here, "benchmarks", "run_gpu_suite.sh")).read()
+    stages = set(re.findall(r"^\s*(?:if !? ?)?(?:\|\| )?stage ([a-z0-9-]+) ", script, re.M))
+    stages |= set(re.findall(r"(?:\|\||&&|if !?|then|\]) stage ([a-z0-9-]+) ", script))
+    assert {"install", "profile", "bench", "wgmma-smoke", "wgmma-smoke-t128", "model-kernels", "peers"} <= stages
+    docs = script + open(os.path.join(here, "benchmarks", "README.md")).read()
+    lists = re.findall(r"SUITE_STAGES=([a-z0-9,-]+)", docs)
+    assert len(lists) >= 4
+    for names in lists:
+        assert set(names.split(",")) <= stages, names
+
+
 def test_readme_performance_section_is_generated_from_results(tmp_path):
     from minicpm_int4.bench.e2e import run_profile
     from minicpm_int4.bench.readme import END, START, update_readme
