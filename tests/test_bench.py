@@ -620,6 +620,18 @@ def test_readme_performance_section_is_generated_from_results(tmp_path):
     assert "w4a16-torch M=1" in text and "% " not in text.split(START)[0]
     assert "decode tokens/s" in text and "results/some-gpu/bench.md" in text
     assert not update_readme(str(readme), str(tmp_path / "results"))  # idempotent
+    assert "linear-attention layers ran on" not in text  # no MiniCPM-V 4.6 run: nothing to say
+
+
+def test_readme_says_what_minicpmv46_linear_attention_ran_on():
+    from minicpm_int4.bench.readme import profile_summary
+
+    run = {"model": "minicpmv4.6", "weights": "float16", "mode": "eager", "tokens_per_s": 30.0, "prefill_ms": 90.0}
+    prof = {"config": {"prompt_tokens": 512, "new_tokens": 128}, "runs": [run],
+            "env": {"model_kernels": {"fla-core": "0.6.0", "causal-conv1d": None}}}
+    text = "\n".join(profile_summary(prof, "r"))
+    assert "MiniCPM-V 4.6's linear-attention layers ran on fla-core 0.6.0, PyTorch in place of causal-conv1d " \
+           "(not installed)." in text
 
 
 def test_committed_readme_matches_committed_results():

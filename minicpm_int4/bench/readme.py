@@ -8,6 +8,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from .env import model_kernels_ran_on
 from .report import fmt_value
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
@@ -75,7 +76,12 @@ def profile_summary(profile: Dict, rel: str) -> List[str]:
             continue
         out.append(f"| {r['model']} | {r['weights']} | {r['mode']} | {fmt_value(r.get('tokens_per_s'), '{:.1f}')} | "
                    f"{fmt_value(r.get('prefill_ms'), '{:.1f}')} | {(r.get('peak_bytes') or 0) / 2**20:.0f} |")
-    out += ["", f"Details: [{rel}/profile.md]({rel}/profile.md)", ""]
+    out.append("")
+    if any(r.get("model") == "minicpmv4.6" for r in profile["runs"]) and profile.get("env", {}).get("model_kernels"):
+        # what the 4.6 LLM's linear attention ran on shapes its every figure, fp16 and int4 alike
+        out += ["MiniCPM-V 4.6's linear-attention layers ran on " + ", ".join(model_kernels_ran_on(profile["env"]))
+                + ".", ""]
+    out += [f"Details: [{rel}/profile.md]({rel}/profile.md)", ""]
     return out
 
 
