@@ -126,10 +126,9 @@ def _decode_ms(device_name: str, path: str) -> Dict:
     return _measured_ms(device_name, path, 2, CUDA_MAX_M)
 
 
-@functools.lru_cache(maxsize=None)
 def _decode_entry_m(device_name: str, path: str, n: int, k: int, bucket: int) -> Optional[int]:
     """The measured decode M whose entry 2..16 rows of this bucket (the kernels' own: the next power of two) take:
-    the bucket, else the measured decode M nearest it (once per shape and bucket: a decode step asks per layer)."""
+    the bucket, else the measured decode M nearest it."""
     measured = _decode_ms(device_name, path).get((n, k))
     return _nearest_m(measured, bucket, lambda mm: mm) if measured else None
 
@@ -152,7 +151,14 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     """"triton" or another candidate (CUDA_CANDIDATES, TRITON_CANDIDATES): the fastest measured for this GPU,
     (N, K) and M among those available (cuda_available: the extension is built); "triton" where nothing was
     measured."""
-    device_name = device_name or _device_name(device_index)
+    return _w4a16_pick(m, n, k, cuda_available, path, device_name or _device_name(device_index), DEQUANT_MAX_BYTES)
+
+
+@functools.lru_cache(maxsize=4096)
+def _w4a16_pick(m: int, n: int, k: int, cuda_available: bool, path: str, device_name: str,
+                dequant_max_bytes: int) -> str:
+    """w4a16_auto_backend's answer, once per (M, layer shape) and DEQUANT_MAX_BYTES (a module setting, read per
+    call): every layer of every decode step asks (the table is read once per path, as load_table is)."""
     if m > CUDA_MAX_M:
         measured = [mm for mm in _prefill_ms(device_name, path).get((n, k), ()) if mm <= m]
         if not measured:
@@ -166,7 +172,7 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     if not times:
         return "triton"
     usable = {b: t for b, t in times.items() if (b not in CUDA_CANDIDATES or cuda_available)
-              and (b != "triton-dq" or 2 * n * k <= DEQUANT_MAX_BYTES)}
+              and (b != "triton-dq" or 2 * n * k <= dequant_max_bytes)}
     return min(usable, key=usable.get) if usable else "triton"
 
 
