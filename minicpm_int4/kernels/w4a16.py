@@ -794,14 +794,12 @@ _NO_VARIANT = {}  # (read only: the launchers' default)
 _VARIANT_SETTINGS = {None: _NO_VARIANT, **{v: {name: value} for v, (name, value) in VARIANTS.items()}}
 
 
-def _decode_blocks(n: int, k: int, group_size: int, device: torch.device, over=_NO_VARIANT):
+def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
     """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K) for the 2 <= M <= 16 kernel. A dot step is BLOCK_KW words
     inside one group; a loop trip is STEPS of them (DECODE_TRIP_WORDS words: 128 weights of K on a GPU).
     BLOCK_N = 64 rows is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs
-    until about DECODE_PROGRAMS_PER_SM programs per SM run, each keeping >= 2 trips. over: a variant's
-    settings (VARIANTS)."""
-    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM,
-                        over.get("DECODE_TRIP_WORDS", DECODE_TRIP_WORDS))[:4]
+    until about DECODE_PROGRAMS_PER_SM programs per SM run, each keeping >= 2 trips."""
+    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)[:4]
 
 
 # The 2..16-row decode kernel's launch plan (_decode_plan), as settings so that benchmarks/decode_sweep.py can
