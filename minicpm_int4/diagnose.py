@@ -17,6 +17,7 @@ import torch
 
 from . import __version__, ops
 from .bench.env import env_info, model_kernels_ran_on
+from .dispatch import borrowed_from
 
 # (M, N, K) that "auto" is asked about: decode M = 1 and 16, prefill, on a 4096 x 4096 layer
 PROBE_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096))
@@ -92,7 +93,10 @@ def _auto_picks(device: torch.device) -> List[Dict]:
 def _dispatch_table(device: torch.device) -> Dict:
     from .dispatch import describe
 
-    return describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    if device.type != "cuda":
+        return describe()
+    major, minor = torch.cuda.get_device_capability(device)
+    return describe(torch.cuda.get_device_name(device), f"{major}.{minor}")
 
 
 def collect(device: Optional[str] = None) -> Dict:
@@ -179,7 +183,7 @@ def format_report(info: Dict) -> str:
     lines.append(f"dispatch table: {table}")
     if "this_device" in d:
         aq, w8 = d.get("this_device_act_quant_entries"), d.get("this_device_w4a8_entries")
-        lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)"
+        lines.append(f"  {d['this_device']}: {d['this_device_rules']} measured rule(s)" + borrowed_from(d)
                      + (f", the activation quantizer timed at {aq} (K, M)" if aq else "")
                      + (f", W4A8 at {w8} (N, K, M)" if w8 else ""))
         for op, picks in (d.get("this_device_picks") or {}).items():

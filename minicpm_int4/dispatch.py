@@ -30,7 +30,9 @@ its own: "triton-dq" pays a fixed cost (writing the fp16
 weight) that a larger M only amortises further, so where it won at a measured M it wins above it (and a
 tile layout that won at a large M keeps winning where tiles are full); below the smallest measured
 prefill M, "triton"; and never "triton-dq" for a weight whose fp16 copy would pass DEQUANT_MAX_BYTES.
-Absent an entry (another GPU, an unmeasured shape) "auto" means "triton": nothing is guessed.
+A GPU without an entry of its own reads the entry of a measured GPU of the same compute capability (SAME_ARCH,
+table_entry_for: an H100 the H200's); absent an entry (a GPU of an unmeasured architecture, an unmeasured shape)
+"auto" means "triton": nothing is guessed.
 
 MINICPM_INT4_DISPATCH_TABLE=<path>, set before minicpm_int4 is imported, reads the table from there
 instead: the GPU suite writes one from the bench it has just run, so that its end-to-end profile runs
@@ -74,6 +76,15 @@ W4A8_CANDIDATES = {"triton": None, "triton-flat": None, "cuda": "cuda", "cuda-mm
 # "triton-dq" holds the layer's weight dequantized (2 bytes a weight) for the call's length: past this size
 # "auto" keeps the fused prefill kernel whatever was measured (a 150k-vocabulary lm_head would take 1.2 GB)
 DEQUANT_MAX_BYTES = 256 * 2**20
+# A GPU the table has no entry for reads the entry of a measured GPU of the same compute capability (an H100 the
+# H200's, say: table_entry_for), where the entry records its capability. Which kernel is fastest for a shape is
+# set by what an architecture fixes - instructions per weight, the launch floor, the tensor-core rate, registers
+# and shared memory per SM - more than by the bandwidth, which moves the margins; every candidate computes the
+# same numbers, so a borrowed pick can cost speed, never accuracy, and a bench on the GPU itself replaces it
+# (make_dispatch_table.py adds its own entry). MINICPM_INT4_DISPATCH_SAME_ARCH=0 (before import) or
+# SAME_ARCH = False: such a GPU runs "triton" everywhere, as one of another architecture always does.
+SAME_ARCH_ENV = "MINICPM_INT4_DISPATCH_SAME_ARCH"
+SAME_ARCH = os.environ.get(SAME_ARCH_ENV, "1") != "0"
 
 
 def m_bucket(m: int) -> int:
@@ -96,10 +107,37 @@ def load_table(path: str = TABLE_PATH) -> Dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_name(index: int) -> str:
+def _device_identity(index: int):
+    """(name, compute capability as "9.0") of the CUDA device `index`."""
     import torch
 
-    return torch.cuda.get_device_name(index)
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), f"{major}.{minor}"
+
+
+def table_entry_for(device_name: str, capability: Optional[str] = None, path: str = TABLE_PATH,
+                    same_arch: Optional[bool] = None) -> Optional[str]:
+    """The GPU whose measurements backend="auto" reads on `device_name`: its own entry; else, with `same_arch`
+    (default SAME_ARCH) and the capability known, a measured GPU's of the same compute capability - of those,
+    the one with the most W4A16 entries, then by name; else None (auto means "triton")."""
+    devices = load_table(path).get("devices", {})
+    if device_name in devices:
+        return device_name
+    if capability is None or not (SAME_ARCH if same_arch is None else same_arch):
+        return None
+    kin = [(-len(e.get("w4a16", [])), name) for name, e in devices.items() if e.get("capability") == capability]
+    return min(kin)[1] if kin else None
+
+
+@functools.lru_cache(maxsize=None)
+def _table_device(index: int, path: str, same_arch: bool) -> str:
+    name, capability = _device_identity(index)
+    return table_entry_for(name, capability, path, same_arch) or name
+
+
+def _device_name(index: int, path: str) -> str:
+    """The table entry (a GPU's name) the CUDA device `index` reads: table_entry_for, SAME_ARCH read per call."""
+    return _table_device(index, path, SAME_ARCH)
 
 
 def _rules_for(device_name: str, table: Dict) -> Dict:
@@ -151,7 +189,7 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     """"triton" or another candidate (CUDA_CANDIDATES, TRITON_CANDIDATES): the fastest measured for this GPU,
     (N, K) and M among those available (cuda_available: the extension is built); "triton" where nothing was
     measured."""
-    return _w4a16_pick(m, n, k, cuda_available, path, device_name or _device_name(device_index), DEQUANT_MAX_BYTES)
+    return _w4a16_pick(m, n, k, cuda_available, path, device_name or _device_name(device_index, path), DEQUANT_MAX_BYTES)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -192,7 +230,7 @@ def act_quant_auto_backend(m: int, k: int, device_index: int, cuda_available: bo
     this GPU at this K (rows are read whole, so K decides how each program works), at the measured M nearest
     M on a log scale (the larger on a tie), among those that can run ("cuda": the extension is built);
     "triton" where this K was not measured."""
-    entries = _act_quant_rules(device_name or _device_name(device_index), path).get(k)
+    entries = _act_quant_rules(device_name or _device_name(device_index, path), path).get(k)
     if not entries:
         return "triton"
     _, times = _nearest_m(entries, m, lambda e: e[0])
@@ -219,7 +257,7 @@ def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int
     cuda_available: the extension is built and its W4A8 kernel takes K and the group size (the caller checks);
     wgmma_tokens: the block tokens its warpgroup-MMA kernel can be forced to on this GPU (the measured shape
     and group size are ones it takes: the bench ran it)."""
-    g, entries = _w4a8_rules(device_name or _device_name(device_index), path).get((n, k), (None, None))
+    g, entries = _w4a8_rules(device_name or _device_name(device_index, path), path).get((n, k), (None, None))
     if not entries or g != group_size:
         return "triton"
     _, times = _nearest_m(entries, m, lambda e: e[0])
@@ -229,21 +267,35 @@ def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int
     return min(usable, key=usable.get) if usable else "triton"
 
 
-def describe(device_name: Optional[str] = None) -> Dict:
+def describe(device_name: Optional[str] = None, capability: Optional[str] = None) -> Dict:
     """The table "auto" reads: its path, whether MINICPM_INT4_DISPATCH_TABLE chose it, the GPUs it has
-    measurements for and, given a GPU's name, how many rules it holds for that GPU (result files and
-    `minicpm-int4 env` carry this, so that a profile says what "auto" ran on)."""
+    measurements for and, given a GPU's name (and compute capability), how many rules it holds for that GPU -
+    `this_device_entry` names the GPU they were measured on where it is another of the same capability (SAME_ARCH)
+    (result files and `minicpm-int4 env` carry this, so that a profile says what "auto" ran on)."""
     table = load_table(TABLE_PATH)
     out = {"path": TABLE_PATH, "from_env": TABLE_PATH != PACKAGE_TABLE_PATH, "exists": os.path.exists(TABLE_PATH),
            "devices": sorted(table.get("devices", {}))}
     if device_name is not None:
-        entry = table.get("devices", {}).get(device_name)
+        used = table_entry_for(device_name, capability, TABLE_PATH)
+        entry = table.get("devices", {}).get(used) if used else None
         out["this_device"] = device_name
+        if used is not None and used != device_name:
+            out["this_device_entry"] = used
+            out["this_device_capability"] = capability
         out["this_device_rules"] = len(entry["w4a16"]) if entry else 0
         out["this_device_act_quant_entries"] = len(entry.get("act_quant", [])) if entry else 0
         out["this_device_w4a8_entries"] = len(entry.get("w4a8", [])) if entry else 0
         out["this_device_picks"] = picks(entry) if entry else {}
     return out
+
+
+def borrowed_from(described: Dict) -> str:
+    """"" or, for a describe() whose GPU reads another's entry, the words that say whose (for reports)."""
+    used = described.get("this_device_entry")
+    if not used:
+        return ""
+    return (f", {used}'s (none of its own; the same compute capability {described.get('this_device_capability')}; "
+            f"{SAME_ARCH_ENV}=0 turns this off)")
 
 
 def picks(entry: Dict) -> Dict:
@@ -311,7 +363,10 @@ def table_from_bench(bench: Dict, existing: Optional[Dict] = None) -> Dict:
     devices = dict(table.get("devices", {}))
     env = bench["env"]
     devices[env["device_name"]] = {"commit": env.get("commit"), "timestamp_utc": env.get("timestamp_utc"),
-                                   "torch": env.get("torch"), "triton": env.get("triton"), "w4a16": rules,
+                                   "torch": env.get("torch"), "triton": env.get("triton"),
+                                   # what another GPU of the same architecture matches on (table_entry_for)
+                                   "capability": env.get("capability"), "sm_count": env.get("sm_count"),
+                                   "w4a16": rules,
                                    "act_quant": _act_quant_entries(bench), "w4a8": _w4a8_entries(bench)}
     table["devices"] = devices
     return table

@@ -365,6 +365,12 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     info["dispatch_table"]["this_device_picks"] = {"w4a16": {"cuda": 5, "cuda-gemv": 2}, "act_quant": {}, "w4a8": {}}
     assert ("quantizer timed at 15 (K, M)\n    w4a16 entries won by: cuda 5, cuda-gemv 2\n"
             in diagnose.format_report(info))  # (an op without entries: no line)
+    # an H100 reading the H200's entry (dispatch.SAME_ARCH): the line says whose
+    borrowed = dict(info["dispatch_table"], this_device="NVIDIA H100 80GB HBM3", this_device_entry="NVIDIA H200",
+                    this_device_capability="9.0")
+    assert ("  NVIDIA H100 80GB HBM3: 7 measured rule(s), NVIDIA H200's (none of its own; the same compute capability "
+            "9.0; MINICPM_INT4_DISPATCH_SAME_ARCH=0 turns this off), the activation quantizer timed at 15 (K, M)\n"
+            in diagnose.format_report(dict(info, dispatch_table=borrowed)))
     info["dispatch_table"].update(from_env=True, path="/tmp/suite-table.json", exists=True)
     assert "NVIDIA H200 (MINICPM_INT4_DISPATCH_TABLE=/tmp/suite-table.json)\n" in diagnose.format_report(info)
     # how the compiled Triton kernels are launched (kernels/_launch.py), and why not directly

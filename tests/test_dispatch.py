@@ -36,6 +36,107 @@ def test_table_records_what_was_timed_beside_triton_and_lookup_uses_it(tmp_path)
     assert w4a16_auto_backend(1, 4096, 4096, 0, False, str(path), "GPU-A") == "triton"  # extension not built
 
 
+def test_a_gpu_without_an_entry_reads_a_measured_gpu_of_the_same_compute_capability(tmp_path, monkeypatch):
+    """An H100 where the table has only an H200 (both sm_90): "auto" takes the H200's picks - for W4A16, the
+    activation quantizer and W4A8 - not "triton" everywhere; a GPU of another architecture, an entry without its
+    capability (a table written before it was recorded) or SAME_ARCH off: "triton". Its own entry, once
+    measured, wins over a borrowed one; among several of the same capability, the one with the most entries."""
+    from minicpm_int4 import dispatch
+
+    def bench(name, capability, w4a16_winner, extra_shapes=0):
+        rows = [{"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
+                {"n": 4096, "k": 4096, "m": 1, "backend": f"w4a16-{w4a16_winner}", "median_ms": 0.008}]
+        for i in range(extra_shapes):  # more entries ("triton" winning them)
+            rows += [{"n": 512 * (i + 1), "k": 4096, "m": 1, "backend": b, "median_ms": t}
+                     for b, t in (("w4a16-triton", 0.001), ("w4a16-cuda", 0.002))]
+        rows += [{"n": 4096, "k": 4096, "m": 4096, "backend": b, "median_ms": t}
+                 for b, t in (("w4a8-triton", 0.5), ("w4a8-cuda", 0.3))]
+        b = _bench(name, rows)
+        b["env"].update(capability=capability, sm_count=132)
+        b["act_quant"] = [{"m": 4096, "k": 4096, "backend": c, "median_ms": t, "check": "ok"}
+                          for c, t in (("triton", 0.05), ("cuda", 0.04))]
+        return b
+
+    table = table_from_bench(bench("NVIDIA H200", "9.0", "cuda"))
+    assert table["devices"]["NVIDIA H200"]["capability"] == "9.0" and table["devices"]["NVIDIA H200"]["sm_count"] == 132
+    table = table_from_bench(bench("NVIDIA A100", "8.0", "triton-tc"), table)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+
+    def picks(name, capability, same_arch=True):
+        monkeypatch.setattr(dispatch, "_device_identity", lambda index: (name, capability))
+        monkeypatch.setattr(dispatch, "SAME_ARCH", same_arch)
+        dispatch._table_device.cache_clear()
+        return (w4a16_auto_backend(1, 4096, 4096, 0, True, str(path)),
+                dispatch.act_quant_auto_backend(4096, 4096, 0, True, str(path)),
+                dispatch.w4a8_auto_backend(4096, 4096, 4096, 128, 0, True, str(path)))
+
+    assert picks("NVIDIA H200", "9.0") == ("cuda", "cuda", "cuda")            # its own
+    assert picks("NVIDIA H100 80GB HBM3", "9.0") == ("cuda", "cuda", "cuda")   # the H200's
+    assert picks("NVIDIA A100-SXM4-80GB", "8.0") == ("triton-tc", "cuda", "cuda")  # the A100's, not the H200's
+    assert picks("NVIDIA H100 80GB HBM3", "9.0", same_arch=False) == ("triton",) * 3
+    assert picks("NVIDIA L40S", "8.9") == ("triton",) * 3                       # no measured GPU of sm_89
+    assert picks("NVIDIA H100 80GB HBM3", "9.0") == ("cuda", "cuda", "cuda")   # (the setting is read per call)
+    assert dispatch.table_entry_for("NVIDIA H100 80GB HBM3", "9.0", str(path)) == "NVIDIA H200"
+    assert dispatch.table_entry_for("NVIDIA H100 80GB HBM3", None, str(path)) is None  # capability unknown
+    # a table written before the capability was recorded: its entries match their own GPU only
+    old = json.loads(path.read_text())
+    for e in old["devices"].values():
+        del e["capability"], e["sm_count"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert dispatch.table_entry_for("NVIDIA H100 80GB HBM3", "9.0", str(tmp_path / "old.json")) is None
+    assert dispatch.table_entry_for("NVIDIA H200", "9.0", str(tmp_path / "old.json")) == "NVIDIA H200"
+    # the H100 measured: its own entry from then on; a third sm_90 GPU takes the one with more entries
+    table = table_from_bench(bench("NVIDIA H100 80GB HBM3", "9.0", "triton-tc", extra_shapes=2), table)
+    path2 = tmp_path / "table2.json"
+    path2.write_text(json.dumps(table))
+    path = path2
+    assert picks("NVIDIA H100 80GB HBM3", "9.0")[0] == "triton-tc"
+    assert picks("NVIDIA H200", "9.0")[0] == "cuda"
+    assert dispatch.table_entry_for("NVIDIA GH200 480GB", "9.0", str(path2)) == "NVIDIA H100 80GB HBM3"
+    assert picks("NVIDIA GH200 480GB", "9.0")[0] == "triton-tc"
+
+
+def test_describe_says_whose_entry_a_gpu_reads(tmp_path, monkeypatch):
+    """describe() (result files' env, `minicpm-int4 env`) names the GPU a borrowed entry was measured on, and
+    the reports say so in words; a GPU with its own entry, or none, has no such key."""
+    from minicpm_int4 import dispatch
+    from minicpm_int4.bench.report import _env_lines
+
+    b = _bench("NVIDIA H200", [{"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
+                               {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": 0.008}])
+    b["env"]["capability"] = "9.0"
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table_from_bench(b)))
+    monkeypatch.setattr(dispatch, "TABLE_PATH", str(path))
+    d = dispatch.describe("NVIDIA H100 80GB HBM3", "9.0")
+    assert d["this_device"] == "NVIDIA H100 80GB HBM3" and d["this_device_entry"] == "NVIDIA H200"
+    assert d["this_device_capability"] == "9.0" and d["this_device_rules"] == 1
+    assert d["this_device_picks"]["w4a16"] == {"cuda": 1}
+    line = next(x for x in _env_lines({"device_name": "NVIDIA H100 80GB HBM3", "dispatch_table": d})
+                if "dispatch table" in x)
+    assert line == ("- backend=\"auto\": dispatch table made from this run's bench, 1 measured rule(s) for this GPU, "
+                    "NVIDIA H200's "
+                    "(none of its own; the same compute capability 9.0; MINICPM_INT4_DISPATCH_SAME_ARCH=0 turns this "
+                    "off) (`minicpm_int4/dispatch.py`)")
+    for name, cap in (("NVIDIA H200", "9.0"), ("NVIDIA A100", "8.0"), ("NVIDIA H100 80GB HBM3", None)):
+        d = dispatch.describe(name, cap)
+        assert "this_device_entry" not in d and dispatch.borrowed_from(d) == ""
+        assert d["this_device_rules"] == (1 if name == "NVIDIA H200" else 0)
+    monkeypatch.setattr(dispatch, "SAME_ARCH", False)
+    assert dispatch.describe("NVIDIA H100 80GB HBM3", "9.0")["this_device_rules"] == 0
+
+
+def test_the_committed_table_records_each_gpus_capability():
+    """What a GPU of the same architecture matches on: every entry of the package's table has it."""
+    from minicpm_int4.dispatch import PACKAGE_TABLE_PATH
+
+    with open(PACKAGE_TABLE_PATH) as f:
+        devices = json.load(f)["devices"]
+    assert devices and all(e.get("capability") and e.get("sm_count") for e in devices.values())
+    assert devices["NVIDIA H200"]["capability"] == "9.0"
+
+
 def test_decode_m_takes_the_measured_decode_m_nearest_on_a_log_scale(tmp_path):
     """2..16 rows: the decode kernels stream W once whatever M, so an M whose bucket (next power of two) was not
     measured takes the entry at the measured decode M nearest that bucket (log scale, the larger on a tie) -

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from ..dispatch import borrowed_from
 from .env import model_kernels_ran_on
 
 MICRO_SCHEMA_KEYS = ("kind", "env", "config", "copy_bandwidth_gbps", "skipped", "rows", "act_quant")
@@ -51,7 +52,7 @@ def _env_lines(env: Dict, model_kernels: bool = False) -> List[str]:
     if d:
         where = "made from this run's bench" if d.get("from_env") else "the package's"
         lines.append(f"- backend=\"auto\": dispatch table {where}, {d.get('this_device_rules', 0)} measured rule(s) "
-                     f"for this GPU (`minicpm_int4/dispatch.py`)")
+                     f"for this GPU{borrowed_from(d)} (`minicpm_int4/dispatch.py`)")
     return lines
 
 
