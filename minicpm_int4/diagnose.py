@@ -95,8 +95,8 @@ def _dispatch_table(device: torch.device) -> Dict:
 
     if device.type != "cuda":
         return describe()
-    major, minor = torch.cuda.get_device_capability(device)
-    return describe(torch.cuda.get_device_name(device), f"{major}.{minor}")
+    p = torch.cuda.get_device_properties(device)
+    return describe(p.name, f"{p.major}.{p.minor}", p.multi_processor_count)
 
 
 def collect(device: Optional[str] = None) -> Dict:

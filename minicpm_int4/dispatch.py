@@ -108,31 +108,37 @@ def load_table(path: str = TABLE_PATH) -> Dict:
 
 @functools.lru_cache(maxsize=None)
 def _device_identity(index: int):
-    """(name, compute capability as "9.0") of the CUDA device `index`."""
+    """(name, compute capability as "9.0", SM count) of the CUDA device `index`."""
     import torch
 
-    major, minor = torch.cuda.get_device_capability(index)
-    return torch.cuda.get_device_name(index), f"{major}.{minor}"
+    p = torch.cuda.get_device_properties(index)
+    return p.name, f"{p.major}.{p.minor}", p.multi_processor_count
 
 
 def table_entry_for(device_name: str, capability: Optional[str] = None, path: str = TABLE_PATH,
-                    same_arch: Optional[bool] = None) -> Optional[str]:
+                    same_arch: Optional[bool] = None, sm_count: Optional[int] = None) -> Optional[str]:
     """The GPU whose measurements backend="auto" reads on `device_name`: its own entry; else, with `same_arch`
     (default SAME_ARCH) and the capability known, a measured GPU's of the same compute capability - of those,
-    the one with the most W4A16 entries, then by name; else None (auto means "triton")."""
+    the one with the SM count nearest `sm_count` (the kernels' split-K plans and waves follow it), then the most
+    W4A16 entries, then by name; else None (auto means "triton")."""
     devices = load_table(path).get("devices", {})
     if device_name in devices:
         return device_name
     if capability is None or not (SAME_ARCH if same_arch is None else same_arch):
         return None
-    kin = [(-len(e.get("w4a16", [])), name) for name, e in devices.items() if e.get("capability") == capability]
-    return min(kin)[1] if kin else None
+
+    def sm_gap(e):
+        return abs(e["sm_count"] - sm_count) if sm_count and e.get("sm_count") else math.inf
+
+    kin = [(sm_gap(e), -len(e.get("w4a16", [])), name) for name, e in devices.items()
+           if e.get("capability") == capability]
+    return min(kin)[2] if kin else None
 
 
 @functools.lru_cache(maxsize=None)
 def _table_device(index: int, path: str, same_arch: bool) -> str:
-    name, capability = _device_identity(index)
-    return table_entry_for(name, capability, path, same_arch) or name
+    name, capability, sm_count = _device_identity(index)
+    return table_entry_for(name, capability, path, same_arch, sm_count) or name
 
 
 def _device_name(index: int, path: str) -> str:
@@ -267,7 +273,8 @@ def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int
     return min(usable, key=usable.get) if usable else "triton"
 
 
-def describe(device_name: Optional[str] = None, capability: Optional[str] = None) -> Dict:
+def describe(device_name: Optional[str] = None, capability: Optional[str] = None,
+             sm_count: Optional[int] = None) -> Dict:
     """The table "auto" reads: its path, whether MINICPM_INT4_DISPATCH_TABLE chose it, the GPUs it has
     measurements for and, given a GPU's name (and compute capability), how many rules it holds for that GPU -
     `this_device_entry` names the GPU they were measured on where it is another of the same capability (SAME_ARCH)
@@ -276,7 +283,7 @@ def describe(device_name: Optional[str] = None, capability: Optional[str] = None
     out = {"path": TABLE_PATH, "from_env": TABLE_PATH != PACKAGE_TABLE_PATH, "exists": os.path.exists(TABLE_PATH),
            "devices": sorted(table.get("devices", {}))}
     if device_name is not None:
-        used = table_entry_for(device_name, capability, TABLE_PATH)
+        used = table_entry_for(device_name, capability, TABLE_PATH, sm_count=sm_count)
         entry = table.get("devices", {}).get(used) if used else None
         out["this_device"] = device_name
         if used is not None and used != device_name:

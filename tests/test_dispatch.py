@@ -43,7 +43,7 @@ def test_a_gpu_without_an_entry_reads_a_measured_gpu_of_the_same_compute_capabil
     measured, wins over a borrowed one; among several of the same capability, the one with the most entries."""
     from minicpm_int4 import dispatch
 
-    def bench(name, capability, w4a16_winner, extra_shapes=0):
+    def bench(name, capability, w4a16_winner, extra_shapes=0, sm_count=132):
         rows = [{"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
                 {"n": 4096, "k": 4096, "m": 1, "backend": f"w4a16-{w4a16_winner}", "median_ms": 0.008}]
         for i in range(extra_shapes):  # more entries ("triton" winning them)
@@ -52,7 +52,7 @@ def test_a_gpu_without_an_entry_reads_a_measured_gpu_of_the_same_compute_capabil
         rows += [{"n": 4096, "k": 4096, "m": 4096, "backend": b, "median_ms": t}
                  for b, t in (("w4a8-triton", 0.5), ("w4a8-cuda", 0.3))]
         b = _bench(name, rows)
-        b["env"].update(capability=capability, sm_count=132)
+        b["env"].update(capability=capability, sm_count=sm_count)
         b["act_quant"] = [{"m": 4096, "k": 4096, "backend": c, "median_ms": t, "check": "ok"}
                           for c, t in (("triton", 0.05), ("cuda", 0.04))]
         return b
@@ -63,8 +63,8 @@ def test_a_gpu_without_an_entry_reads_a_measured_gpu_of_the_same_compute_capabil
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
 
-    def picks(name, capability, same_arch=True):
-        monkeypatch.setattr(dispatch, "_device_identity", lambda index: (name, capability))
+    def picks(name, capability, same_arch=True, sm_count=132):
+        monkeypatch.setattr(dispatch, "_device_identity", lambda index: (name, capability, sm_count))
         monkeypatch.setattr(dispatch, "SAME_ARCH", same_arch)
         dispatch._table_device.cache_clear()
         return (w4a16_auto_backend(1, 4096, 4096, 0, True, str(path)),
@@ -95,6 +95,14 @@ def test_a_gpu_without_an_entry_reads_a_measured_gpu_of_the_same_compute_capabil
     assert picks("NVIDIA H200", "9.0")[0] == "cuda"
     assert dispatch.table_entry_for("NVIDIA GH200 480GB", "9.0", str(path2)) == "NVIDIA H100 80GB HBM3"
     assert picks("NVIDIA GH200 480GB", "9.0")[0] == "triton-tc"
+    # the SM count nearest first (split-K plans and waves follow it), before the number of entries
+    table = table_from_bench(bench("GPU-114", "9.0", "cuda-gemv", sm_count=114), table)
+    path = tmp_path / "table3.json"
+    path.write_text(json.dumps(table))
+    assert picks("NVIDIA H100 PCIe", "9.0", sm_count=114)[0] == "cuda-gemv"
+    assert picks("NVIDIA H100 PCIe", "9.0", sm_count=120)[0] == "cuda-gemv"  # 6 SMs off, not 12
+    assert picks("NVIDIA GH200 480GB", "9.0", sm_count=132)[0] == "triton-tc"
+    assert dispatch.table_entry_for("NVIDIA H100 PCIe", "9.0", str(path)) == "NVIDIA H100 80GB HBM3"  # SMs unknown
 
 
 def test_describe_says_whose_entry_a_gpu_reads(tmp_path, monkeypatch):

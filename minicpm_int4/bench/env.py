@@ -56,7 +56,7 @@ def env_info(device: torch.device) -> Dict:
                     total_memory_bytes=p.total_memory, l2_cache_bytes=getattr(p, "L2_cache_size", None))
         from ..dispatch import describe
 
-        info["dispatch_table"] = describe(info["device_name"], info["capability"])  # what backend="auto" ran on
+        info["dispatch_table"] = describe(info["device_name"], info["capability"], info["sm_count"])  # what backend="auto" ran on
     return info
 
 
