@@ -826,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", add_help=False,
                    help="versions, devices, which backends this install can run (and why not), what "
                         "backend='auto' picks; for bug reports (--help for options)")
+    sub.add_parser("dispatch-table", add_help=False,
+                   help="a dispatch table for backend='auto' from a bench run's bench.json (a GPU the package has "
+                        "not measured: --out PATH, then MINICPM_INT4_DISPATCH_TABLE=PATH) (--help for options)")
     sub.add_parser("targets", add_help=False,
                    help="the issues' performance targets checked against a results folder's bench.json / "
                         "profile.json; writes targets.md there (--help for options)")
@@ -846,6 +849,10 @@ def main(argv=None) -> int:
         from . import diagnose
 
         return diagnose.main(argv[1:])
+    if argv[:1] == ["dispatch-table"]:  # its own parser (bench/dispatch_table.py)
+        from .bench import dispatch_table
+
+        return dispatch_table.main(argv[1:])
     if argv[:1] == ["targets"]:  # its own parser (bench/targets.py)
         from .bench import targets
 

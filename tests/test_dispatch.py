@@ -687,3 +687,56 @@ def test_auto_asks_the_quantizer_rule_with_m_and_k(monkeypatch):
     assert ops.resolve_backend("auto", cuda, "w4a8_gemm", shape=(4096, 1024, 4096, 128)) in ("triton", "torch")
     assert asked[2:] == [("w4a8", 4096, 1024, 4096, 128, True), ("w4a8", 4096, 1024, 4300, 4300, False),
                          ("w4a8", 4096, 1024, 4096, 128, False)]
+
+
+def test_dispatch_table_command_writes_a_users_table_and_refuses_what_is_not_one(tmp_path, capsys):
+    """`minicpm-int4 dispatch-table BENCH --out PATH` (a GPU the package has not measured): the table from a bench
+    result, added to one already at PATH (other GPUs kept, this GPU's entry replaced), with the variable to set;
+    --out is required (the package's own table is benchmarks/make_dispatch_table.py's default); a missing file, a
+    JSON that is no bench result, a bench timed on the CPU and an --out that is no table are refused by name."""
+    from minicpm_int4.cli import main
+
+    def bench_file(name, device_name, winner_ms, device="cuda:0"):
+        b = _bench(device_name, [{"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-triton", "median_ms": 0.010},
+                                 {"n": 4096, "k": 4096, "m": 1, "backend": "w4a16-cuda", "median_ms": winner_ms}])
+        b["env"].update(device=device, capability="8.9", sm_count=142)
+        path = tmp_path / name
+        path.write_text(json.dumps(b))
+        return str(path)
+
+    out = tmp_path / "tables" / "mine.json"
+    assert main(["dispatch-table", bench_file("a.json", "NVIDIA L40S", 0.008), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}: on NVIDIA L40S" in printed and "fastest: cuda 1 (of 1 entries)" in printed
+    assert f"MINICPM_INT4_DISPATCH_TABLE={out}" in printed
+    entry = json.loads(out.read_text())["devices"]["NVIDIA L40S"]
+    assert entry["capability"] == "8.9" and [r["backend"] for r in entry["w4a16"]] == ["cuda"]
+    assert main(["dispatch-table", bench_file("b.json", "NVIDIA A100", 0.008), "--out", str(out)]) == 0
+    assert main(["dispatch-table", bench_file("c.json", "NVIDIA L40S", 0.020), "--out", str(out)]) == 0
+    devices = json.loads(out.read_text())["devices"]
+    assert sorted(devices) == ["NVIDIA A100", "NVIDIA L40S"]
+    assert [r["backend"] for r in devices["NVIDIA L40S"]["w4a16"]] == ["triton"]  # the new run's, not the old
+    assert w4a16_auto_backend(1, 4096, 4096, 0, True, str(out), "NVIDIA A100") == "cuda"
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as e:  # argparse: --out is required
+        main(["dispatch-table", bench_file("d.json", "GPU", 0.008)])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    refusals = {
+        str(tmp_path / "missing.json"): "no such file",
+        str(tmp_path / "notjson.json"): "is not JSON",
+        str(tmp_path / "profile.json"): "is not a `minicpm-int4 bench` result",
+        bench_file("cpu.json", "cpu", 0.008, device="cpu"): "was timed on cpu, not a GPU",
+    }
+    (tmp_path / "notjson.json").write_text("{")
+    (tmp_path / "profile.json").write_text(json.dumps({"kind": "profile", "runs": [], "env": {"device_name": "x"}}))
+    for path, words in refusals.items():
+        with pytest.raises(SystemExit) as e:
+            main(["dispatch-table", path, "--out", str(tmp_path / "t.json")])
+        assert words in str(e.value), (path, e.value)
+    assert not (tmp_path / "t.json").exists()
+    notes = tmp_path / "notes.json"
+    notes.write_text("[1, 2]")
+    with pytest.raises(SystemExit) as e:
+        main(["dispatch-table", bench_file("e.json", "GPU", 0.008), "--out", str(notes)])
+    assert "exists and is not a dispatch table" in str(e.value) and notes.read_text() == "[1, 2]"
