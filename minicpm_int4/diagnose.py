@@ -189,6 +189,9 @@ def format_report(info: Dict) -> str:
         for op, picks in (d.get("this_device_picks") or {}).items():
             if picks:
                 lines.append(f"    {op} entries won by: " + ", ".join(f"{b} {n}" for b, n in picks.items()))
+        if d.get("this_device_entry") or not d["this_device_rules"]:  # no measurements of this GPU's own
+            lines.append("    to measure this GPU's own: minicpm-int4 bench --out b && minicpm-int4 dispatch-table "
+                         "b/bench.json --out t.json, then MINICPM_INT4_DISPATCH_TABLE=t.json")
     h = info.get("transformers_integration")
     if h:
         state = f"quantization method {h['quant_method']!r} registered" if h["registered"] else "unavailable"

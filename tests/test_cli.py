@@ -371,6 +371,10 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     assert ("  NVIDIA H100 80GB HBM3: 7 measured rule(s), NVIDIA H200's (none of its own; the same compute capability "
             "9.0; MINICPM_INT4_DISPATCH_SAME_ARCH=0 turns this off), the activation quantizer timed at 15 (K, M)\n"
             in diagnose.format_report(dict(info, dispatch_table=borrowed)))
+    hint = "    to measure this GPU's own: minicpm-int4 bench --out b && minicpm-int4 dispatch-table b/bench.json"
+    assert hint in diagnose.format_report(dict(info, dispatch_table=borrowed))
+    assert hint in diagnose.format_report(dict(info, dispatch_table=dict(info["dispatch_table"], this_device_rules=0)))
+    assert hint not in text  # (the H200 has its own)
     info["dispatch_table"].update(from_env=True, path="/tmp/suite-table.json", exists=True)
     assert "NVIDIA H200 (MINICPM_INT4_DISPATCH_TABLE=/tmp/suite-table.json)\n" in diagnose.format_report(info)
     # how the compiled Triton kernels are launched (kernels/_launch.py), and why not directly
