@@ -91,12 +91,11 @@ def _auto_picks(device: torch.device) -> List[Dict]:
 
 
 def _dispatch_table(device: torch.device) -> Dict:
-    from .dispatch import describe
+    from .dispatch import _device_identity, describe
 
     if device.type != "cuda":
         return describe()
-    p = torch.cuda.get_device_properties(device)
-    return describe(p.name, f"{p.major}.{p.minor}", p.multi_processor_count)
+    return describe(*_device_identity(torch.cuda.current_device() if device.index is None else device.index))
 
 
 def collect(device: Optional[str] = None) -> Dict:

@@ -137,13 +137,9 @@ def table_entry_for(device_name: str, capability: Optional[str] = None, path: st
 
 @functools.lru_cache(maxsize=None)
 def _table_device(index: int, path: str, same_arch: bool) -> str:
+    """The table entry (a GPU's name) the CUDA device `index` reads (callers pass SAME_ARCH: read per call)."""
     name, capability, sm_count = _device_identity(index)
     return table_entry_for(name, capability, path, same_arch, sm_count) or name
-
-
-def _device_name(index: int, path: str) -> str:
-    """The table entry (a GPU's name) the CUDA device `index` reads: table_entry_for, SAME_ARCH read per call."""
-    return _table_device(index, path, SAME_ARCH)
 
 
 def _rules_for(device_name: str, table: Dict) -> Dict:
@@ -195,7 +191,7 @@ def w4a16_auto_backend(m: int, n: int, k: int, device_index: int, cuda_available
     """"triton" or another candidate (CUDA_CANDIDATES, TRITON_CANDIDATES): the fastest measured for this GPU,
     (N, K) and M among those available (cuda_available: the extension is built); "triton" where nothing was
     measured."""
-    return _w4a16_pick(m, n, k, cuda_available, path, device_name or _device_name(device_index, path), DEQUANT_MAX_BYTES)
+    return _w4a16_pick(m, n, k, cuda_available, path, device_name or _table_device(device_index, path, SAME_ARCH), DEQUANT_MAX_BYTES)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -236,7 +232,7 @@ def act_quant_auto_backend(m: int, k: int, device_index: int, cuda_available: bo
     this GPU at this K (rows are read whole, so K decides how each program works), at the measured M nearest
     M on a log scale (the larger on a tie), among those that can run ("cuda": the extension is built);
     "triton" where this K was not measured."""
-    entries = _act_quant_rules(device_name or _device_name(device_index, path), path).get(k)
+    entries = _act_quant_rules(device_name or _table_device(device_index, path, SAME_ARCH), path).get(k)
     if not entries:
         return "triton"
     _, times = _nearest_m(entries, m, lambda e: e[0])
@@ -263,7 +259,7 @@ def w4a8_auto_backend(m: int, n: int, k: int, group_size: int, device_index: int
     cuda_available: the extension is built and its W4A8 kernel takes K and the group size (the caller checks);
     wgmma_tokens: the block tokens its warpgroup-MMA kernel can be forced to on this GPU (the measured shape
     and group size are ones it takes: the bench ran it)."""
-    g, entries = _w4a8_rules(device_name or _device_name(device_index, path), path).get((n, k), (None, None))
+    g, entries = _w4a8_rules(device_name or _table_device(device_index, path, SAME_ARCH), path).get((n, k), (None, None))
     if not entries or g != group_size:
         return "triton"
     _, times = _nearest_m(entries, m, lambda e: e[0])

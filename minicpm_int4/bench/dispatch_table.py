@@ -19,6 +19,7 @@ import os
 from typing import Optional
 
 from ..dispatch import TABLE_ENV, picks, table_from_bench
+from .report import write_json
 
 
 def _read_bench(path: str) -> dict:
@@ -57,11 +58,7 @@ def main(argv=None, default_out: Optional[str] = None, prog: str = "minicpm-int4
         if not isinstance(existing, dict) or not isinstance(existing.get("devices", {}), dict):
             raise SystemExit(f"dispatch-table: {args.out} exists and is not a dispatch table; name another --out")
     table = table_from_bench(bench, existing)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(table, args.out)  # beside, then renamed into place
     name = bench["env"]["device_name"]
     entry = table["devices"][name]
     won = {op: ", ".join(f"{b} {n}" for b, n in counts.items() if b != "triton") or "none"
