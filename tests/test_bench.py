@@ -564,6 +564,23 @@ def test_gpu_suite_turns_the_wgmma_kernel_off_only_as_its_smoke_tests_say(tmp_pa
         assert _suite_call(calls, "-m", "gpu")["wgmma"] == wgmma, (stages, fail, log)
 
 
+def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):
+    """The counters stage (ncu's hardware counters, 2 result files) is opt-in: the full suite already writes the 8
+    files a device call brings back. Named in SUITE_STAGES it runs once, after the bench, into the output folder."""
+    calls, log = _run_suite_with_a_stub_python(tmp_path, [])
+    assert not [c for c in calls if any(a.endswith("ncu_counters.py") for a in c["args"])]
+    assert "=== [counters] skipped: opt-in (name it in SUITE_STAGES)" in log
+    (tmp_path / "named").mkdir()
+    calls, log = _run_suite_with_a_stub_python(tmp_path / "named", [], SUITE_STAGES="install,bench,counters,targets",
+                                               SUITE_COUNTERS_BUDGET_S="40")
+    counters = _suite_call(calls, "--time-budget-s", "40")
+    assert counters["args"][0].endswith("benchmarks/ncu_counters.py")
+    assert counters["args"][counters["args"].index("--out") + 1] == str(tmp_path / "named" / "out")
+    # after the bench (its kernels compiled and autotuned by then), before targets
+    assert calls.index(_suite_call(calls, "bench")) < calls.index(counters) < calls.index(_suite_call(calls, "targets"))
+    assert "=== [counters] (limit" in log
+
+
 def test_every_test_selection_of_the_gpu_suite_selects_tests():
     """Each `-k` the suite runs tests/test_gpu.py with (wgmma-smoke, its 128-token fallback, the sanitizer's) selects
     some: one that a renamed test left empty would make pytest exit 5, which the suite reads as a failure (the wgmma

@@ -231,8 +231,11 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
     src3.mkdir()
     (src3 / "bench.json").write_text(json.dumps(dict(bench, incomplete=None, errors=[])))
     (src3 / "suite.log").write_text("=== [bench] rc=0\n")
+    (src3 / "counters.json").write_text("{}")  # the call's opt-in counters stage ran (benchmarks/ncu_counters.py)
+    (src3 / "counters.md").write_text("## Hardware counters\n")
     rep3 = ingest(str(src3), str(root), dispatch_table=str(table))
-    assert rep3["copied"] == ["suite.log", "bench.json"] and (dest / "profile.json").exists()
+    assert rep3["copied"] == ["suite.log", "bench.json", "counters.json", "counters.md"] and (dest / "profile.json").exists()
+    assert (dest / "counters.md").read_text() == "## Hardware counters\n"
     assert any("end-to-end rows come from the profile.json already in" in w for w in rep3["warnings"])
     text = (dest / "targets.md").read_text()
     assert "W4A16 Triton, M = 1" in text and "| llama3-v2.5 | cudagraph | 50.0 | 120.0 | 2.40x" in text

@@ -15,8 +15,9 @@ from typing import Dict, List, Optional
 
 SUITE_FILES = ("suite.log", "bench.json", "bench.md", "speedup_vs_m.png", "bandwidth.png",
                "profile.json", "profile.md", "e2e.png")
-# written by a call's extra stage when it ran benchmarks/decode_sweep.py (its launch settings): copied where present
-OPTIONAL_FILES = ("decode_sweep.json", "decode_sweep.md")
+# written by a call's extra stage when it ran benchmarks/decode_sweep.py (its launch settings), and by the opt-in
+# counters stage (benchmarks/ncu_counters.py: Nsight Compute's hardware counters): copied where present
+OPTIONAL_FILES = ("decode_sweep.json", "decode_sweep.md", "counters.json", "counters.md")
 
 
 def device_slug(name: str) -> str:
