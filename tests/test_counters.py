@@ -116,6 +116,25 @@ def test_raw_csv_read_and_each_kernel_given_to_its_case():
     assert att["cases"][0]["kernels"][0]["duration_us"] == pytest.approx(15.25)
 
 
+def test_the_details_page_layout_is_read_too():
+    """An ncu that wrote the details page's layout (a row per metric, display names) instead of the raw page's."""
+    head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Section Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [(0, C.MARKER, "GPU Speed Of Light Throughput", "Duration", "usecond", "1.50"),
+            (1, "gemv(half*)", "GPU Speed Of Light Throughput", "Duration", "usecond", "15.25"),
+            (1, "gemv(half*)", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "44.50"),
+            (1, "gemv(half*)", "Occupancy", "Achieved Occupancy", "%", "61.20"),
+            (1, "gemv(half*)", "Occupancy", "Block Limit Registers", "block", "6"),
+            (1, "gemv(half*)", "Occupancy", "Block Limit Warps", "block", "16"),
+            (1, "gemv(half*)", "Launch Statistics", "Dynamic Shared Memory Per Block", "Kbyte/block", "2.05")]
+    text = "\n".join(["==PROF== Disconnected", head] + [
+        f'"{i}","9","python3","h","{k}","1","7","{sec}","{name}","{unit}","{val}"' for i, k, sec, name, unit, val in rows])
+    att = C.attribute(C.read_raw_csv(text), [{"n": 1, "k": 1, "m": 1, "backend": "w4a16-cuda"}])
+    k = att["cases"][0]["kernels"][0]
+    assert k["kernel"] == "gemv(half*)" and k["duration_us"] == pytest.approx(15.25) and k["dram_pct"] == pytest.approx(44.5)
+    assert k["occupancy_pct"] == pytest.approx(61.2) and k["occupancy_limited_by"] == ["registers"]
+    assert k["smem_dynamic_bytes"] == pytest.approx(2050)
+
+
 def test_markers_that_do_not_match_the_cases_attribute_nothing():
     """One marker for two cases (a case's marker lost): every kernel stays unattributed - none is given to the
     wrong case - and the result says why."""

@@ -57,26 +57,33 @@ DECODE_BACKENDS = {1: ("fp16", "w4a16-triton", "w4a16-triton-unsplit", "w4a16-tr
 PREFILL_SHAPE, PREFILL_M = (14336, 4096), 4096
 PREFILL_BACKENDS = ("fp16", "w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq", "w4a8-triton", "w4a8-cuda")
 
-# summary field -> the raw counters that give it, the first one present wins (names differ across ncu versions)
+# summary field -> the counters that give it, the first one present wins: the raw page's metric names (names differ
+# across ncu versions), then the details page's display names (an ncu that wrote that layout instead: read too)
 FIELDS = {
-    "duration_us": ("gpu__time_duration.sum",),
-    "dram_pct": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    "duration_us": ("gpu__time_duration.sum", "Duration"),
+    "dram_pct": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+                 "DRAM Throughput"),
     "dram_read_bytes": ("dram__bytes_read.sum",),
-    "l2_pct": ("lts__throughput.avg.pct_of_peak_sustained_elapsed",),
-    "l1_pct": ("l1tex__throughput.avg.pct_of_peak_sustained_active",),
-    "sm_pct": ("sm__throughput.avg.pct_of_peak_sustained_elapsed",),
-    "occupancy_pct": ("sm__warps_active.avg.pct_of_peak_sustained_active",),
-    "theoretical_occupancy_pct": ("sm__maximum_warps_per_active_cycle_pct",),
-    "issue_active_pct": ("smsp__issue_active.avg.pct_of_peak_sustained_active",),
-    "eligible_warps": ("smsp__warps_eligible.avg.per_cycle_active",),
-    "registers": ("launch__registers_per_thread",),
-    "block": ("launch__block_size",),
-    "grid": ("launch__grid_size",),
-    "waves": ("launch__waves_per_multiprocessor",),
-    "smem_dynamic_bytes": ("launch__shared_mem_per_block_dynamic",),
-    "smem_static_bytes": ("launch__shared_mem_per_block_static",),
+    "l2_pct": ("lts__throughput.avg.pct_of_peak_sustained_elapsed", "L2 Cache Throughput"),
+    "l1_pct": ("l1tex__throughput.avg.pct_of_peak_sustained_active", "L1/TEX Cache Throughput"),
+    "sm_pct": ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "Compute (SM) Throughput"),
+    "occupancy_pct": ("sm__warps_active.avg.pct_of_peak_sustained_active", "Achieved Occupancy"),
+    "theoretical_occupancy_pct": ("sm__maximum_warps_per_active_cycle_pct", "Theoretical Occupancy"),
+    "issue_active_pct": ("smsp__issue_active.avg.pct_of_peak_sustained_active", "One or More Eligible"),
+    "eligible_warps": ("smsp__warps_eligible.avg.per_cycle_active", "Eligible Warps Per Scheduler"),
+    "registers": ("launch__registers_per_thread", "Registers Per Thread"),
+    "block": ("launch__block_size", "Block Size"),
+    "grid": ("launch__grid_size", "Grid Size"),
+    "waves": ("launch__waves_per_multiprocessor", "Waves Per SM"),
+    "smem_dynamic_bytes": ("launch__shared_mem_per_block_dynamic", "Dynamic Shared Memory Per Block"),
+    "smem_static_bytes": ("launch__shared_mem_per_block_static", "Static Shared Memory Per Block"),
 }
-OCCUPANCY_LIMITS = ("registers", "shared_mem", "warps", "blocks", "barriers")
+# occupancy limit -> (raw name, details-page name): blocks an SM by that resource
+OCCUPANCY_LIMITS = {"registers": ("launch__occupancy_limit_registers", "Block Limit Registers"),
+                    "shared_mem": ("launch__occupancy_limit_shared_mem", "Block Limit Shared Mem"),
+                    "warps": ("launch__occupancy_limit_warps", "Block Limit Warps"),
+                    "blocks": ("launch__occupancy_limit_blocks", "Block Limit SM"),
+                    "barriers": ("launch__occupancy_limit_barriers", "Block Limit Barriers")}
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 # base units -> microseconds / bytes (ncu scales units unless --print-units base; both are read)
 TIME_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
@@ -154,13 +161,16 @@ def _number(text: str) -> Optional[float]:
 
 def read_raw_csv(text: str) -> List[Dict]:
     """ncu's `--csv --page raw` output (header row, units row, one row per kernel; ==PROF== lines and the
-    application's output around it ignored) -> [{"kernel": name, "metrics": {name: (value, unit)}}]."""
+    application's output around it ignored) -> [{"kernel": name, "metrics": {name: (value, unit)}}], in launch
+    order. The details page's layout (a row per metric: "Metric Name", "Metric Unit", "Metric Value") is read too."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
         return []
     rows = list(csv.reader(io.StringIO("\n".join(line for line in lines[start:] if line.startswith('"')))))
     header = rows[0]
+    if {"Metric Name", "Metric Value"} <= set(header):
+        return _read_long(header, rows[1:])
     units = rows[1] if len(rows) > 1 and not (rows[1] and rows[1][0].strip().isdigit()) else None
     body = rows[2:] if units is not None else rows[1:]
     out = []
@@ -177,10 +187,24 @@ def read_raw_csv(text: str) -> List[Dict]:
     return out
 
 
+def _read_long(header: List[str], body: List[List[str]]) -> List[Dict]:
+    col = {name: i for i, name in enumerate(header)}
+    kernels: Dict[str, Dict] = {}
+    for r in body:
+        if len(r) != len(header):
+            continue
+        k = kernels.setdefault(r[col["ID"]], {"kernel": r[col["Kernel Name"]] if "Kernel Name" in col else "?",
+                                              "id": r[col["ID"]], "metrics": {}})
+        unit = r[col["Metric Unit"]] if "Metric Unit" in col else ""
+        k["metrics"].setdefault(r[col["Metric Name"]], (r[col["Metric Value"]], unit))
+    return list(kernels.values())  # (dicts keep the order the IDs came in: launch order)
+
+
 def _value(metrics: Dict, names: Sequence[str], field: str) -> Optional[float]:
     for name in names:
         if name in metrics:
             raw, unit = metrics[name]
+            unit = unit.split("/")[0]  # "Kbyte/block" -> Kbyte
             v = _number(raw)
             if v is None:
                 continue
@@ -198,7 +222,7 @@ def summarize_kernel(row: Dict) -> Dict:
     s = {"kernel": row["kernel"]}
     for field, names in FIELDS.items():
         s[field] = _value(m, names, field)
-    limits = {k: _value(m, (f"launch__occupancy_limit_{k}",), k) for k in OCCUPANCY_LIMITS}
+    limits = {k: _value(m, names, k) for k, names in OCCUPANCY_LIMITS.items()}
     limits = {k: v for k, v in limits.items() if v is not None}
     if limits:
         low = min(limits.values())
