@@ -195,7 +195,12 @@ stage dispatch-table 20 $PY benchmarks/make_dispatch_table.py "$OUT_DIR/bench.js
 # 2.5's MLP shapes, fp16's beside them: DRAM / L2 / SM throughput, occupancy and its limit, issue-slot use, the
 # largest warp stalls - why each kernel runs at the bench's speed (counters.json, counters.md: 2 more files, so
 # opt-in - the bench call of a two-call session has room: SUITE_STAGES=...,bench,dispatch-table,counters,targets)
-stage counters 100 $PY benchmarks/ncu_counters.py --out "$OUT_DIR" --time-budget-s "${SUITE_COUNTERS_BUDGET_S:-50}"
+# (its cases stop at the budget, cut to what the deadline leaves the stage less 45 s for the last case and ncu's
+# report: ncu prints its results only when the profiled process ends, so a stage killed at its limit has none)
+COUNTERS_BUDGET=${SUITE_COUNTERS_BUDGET_S:-50}
+COUNTERS_LEFT=$(( DEADLINE - ($(date +%s) - T0) - 5 - 45 ))
+(( COUNTERS_LEFT < COUNTERS_BUDGET )) && COUNTERS_BUDGET=$(( COUNTERS_LEFT > 1 ? COUNTERS_LEFT : 1 ))
+stage counters 100 $PY benchmarks/ncu_counters.py --out "$OUT_DIR" --time-budget-s "$COUNTERS_BUDGET"
 # profile takes what the stages before it left, less 25 s for targets; it starts no new run past
 # its own budget (a graphed run compiles for a minute or more), and an interrupted profile still
 # writes what it measured

@@ -579,6 +579,12 @@ def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):
     # after the bench (its kernels compiled and autotuned by then), before targets
     assert calls.index(_suite_call(calls, "bench")) < calls.index(counters) < calls.index(_suite_call(calls, "targets"))
     assert "=== [counters] (limit" in log
+    # near the deadline its cases' budget shrinks to what the stage has left less 45 s for ncu's report (a stage
+    # killed at its limit would bring back nothing: ncu prints its results only when the child ends)
+    (tmp_path / "late").mkdir()
+    calls, log = _run_suite_with_a_stub_python(tmp_path / "late", [], SUITE_STAGES="counters", SUITE_DEADLINE_S="90")
+    args = _suite_call(calls, "--out", str(tmp_path / "late" / "out"))["args"]
+    assert 30 <= int(args[args.index("--time-budget-s") + 1]) <= 40
 
 
 def test_every_test_selection_of_the_gpu_suite_selects_tests():
