@@ -54,7 +54,8 @@ def _row(i, kernel, dur, dram=None, extra=None):
     return i, kernel, vals
 
 
-COLUMNS = ["gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+COLUMNS = ["gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed", "dram__bytes_read.sum",
+           "smsp__inst_executed.sum",
            "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
            "launch__occupancy_limit_registers", "launch__occupancy_limit_warps", "launch__occupancy_limit_shared_mem",
            "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
@@ -62,7 +63,7 @@ COLUMNS = ["gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
            "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",
            "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio",
            "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
-UNITS = ["nsecond", "%", "%", "register/thread", "block", "block", "block", "", "", "", "", ""]
+UNITS = ["nsecond", "%", "byte", "inst", "%", "register/thread", "block", "block", "block", "", "", "", "", ""]
 
 
 def _csv(rows, units=UNITS, noise=True):
@@ -80,12 +81,17 @@ def _csv(rows, units=UNITS, noise=True):
 
 
 def test_raw_csv_read_and_each_kernel_given_to_its_case():
-    stalls = {COLUMNS[7]: "3.1", COLUMNS[8]: "9.0", COLUMNS[9]: "0.4", COLUMNS[10]: "1.2", COLUMNS[11]: "0.8"}
+    st = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    stalls = {st.format("long_scoreboard"): "3.1", st.format("selected"): "9.0", st.format("wait"): "0.4",
+              st.format("math_pipe_throttle"): "1.2", st.format("barrier"): "0.8"}
+    occupancy = {"sm__warps_active.avg.pct_of_peak_sustained_active": "61.2", "launch__registers_per_thread": "40",
+                 "launch__occupancy_limit_registers": "6", "launch__occupancy_limit_warps": "8",
+                 "launch__occupancy_limit_shared_mem": "32", "dram__bytes_read.sum": "29,360,128"}
     text = _csv([
         _row(0, "stray_kernel", "1,000"),                 # before the first marker: no case's
         _row(1, C.MARKER, "1,500"),
         _row(2, "w4a16_gemv_kernel", "15,250", "44.5",
-             dict(stalls, **{COLUMNS[2]: "61.2", COLUMNS[3]: "40", COLUMNS[4]: "6", COLUMNS[5]: "8", COLUMNS[6]: "32"})),
+             dict(stalls, **occupancy)),
         _row(3, "reduce_kernel", "2,000", "3"),
         _row(4, C.MARKER, "1,400"),
         _row(5, "gemvx_kernel", "27,000", "91"),
@@ -102,6 +108,7 @@ def test_raw_csv_read_and_each_kernel_given_to_its_case():
     gemv = ours["kernels"][0]
     assert gemv["duration_us"] == pytest.approx(15.25) and gemv["dram_pct"] == pytest.approx(44.5)  # ns -> us, "1,000"s
     assert gemv["occupancy_pct"] == pytest.approx(61.2) and gemv["registers"] == 40
+    assert gemv["dram_read_bytes"] == 29_360_128
     assert gemv["occupancy_limited_by"] == ["registers"] and gemv["blocks_per_sm_limit"] == 6
     # the largest stalls, "selected" (the warp issuing) left out
     assert gemv["top_stalls"] == [("long_scoreboard", 3.1), ("math_pipe_throttle", 1.2), ("barrier", 0.8)]
@@ -111,9 +118,12 @@ def test_raw_csv_read_and_each_kernel_given_to_its_case():
     assert ours["gbps"] == pytest.approx(30e6 / 17.25e-6 / 1e9)
 
     # units as ncu scales them by default (no --print-units base): read the same
-    scaled = _csv([_row(0, C.MARKER, "1.5"), _row(1, "k", "15.25", "44")], units=["usecond"] + UNITS[1:], noise=False)
-    att = C.attribute(C.read_raw_csv(scaled), cases[:1])
-    assert att["cases"][0]["kernels"][0]["duration_us"] == pytest.approx(15.25)
+    scaled = _csv([_row(0, C.MARKER, "1.5"), _row(1, "k", "15.25", "44", {"dram__bytes_read.sum": "29.36",
+                                                                           "smsp__inst_executed.sum": "1.5"})],
+                  units=["usecond", "%", "Mbyte", "Kinst"] + UNITS[4:], noise=False)
+    k = C.attribute(C.read_raw_csv(scaled), cases[:1])["cases"][0]["kernels"][0]
+    assert k["duration_us"] == pytest.approx(15.25) and k["dram_read_bytes"] == pytest.approx(29.36e6)
+    assert k["warp_instructions"] == pytest.approx(1500)
 
 
 def test_the_details_page_layout_is_read_too():
@@ -133,6 +143,16 @@ def test_the_details_page_layout_is_read_too():
     assert k["kernel"] == "gemv(half*)" and k["duration_us"] == pytest.approx(15.25) and k["dram_pct"] == pytest.approx(44.5)
     assert k["occupancy_pct"] == pytest.approx(61.2) and k["occupancy_limited_by"] == ["registers"]
     assert k["smem_dynamic_bytes"] == pytest.approx(2050)
+
+
+def test_extra_counters_only_where_ncu_lists_them(tmp_path):
+    ncu = _fake_ncu(tmp_path)
+    assert C.known_metrics(ncu) == ["dram__bytes_read.sum", "smsp__inst_executed.sum"]
+    assert C.known_metrics(str(tmp_path / "missing-ncu")) == []  # the query fails: no extras, the sections still run
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\necho dram__bytes_read; exit 3\n")
+    failing.chmod(0o755)
+    assert C.known_metrics(str(failing)) == []
 
 
 def test_markers_that_do_not_match_the_cases_attribute_nothing():
@@ -184,29 +204,37 @@ def test_the_child_profiles_each_case_once_after_its_marker():
     assert events == ["sync", "start", "marker", "sync", "stop"] * 2
 
 
-def _fake_ncu(tmp_path, mode="ok"):
-    """A stand-in ncu: reads the child's arguments off its command line, writes the manifest the child would and
-    the CSV ncu would (a marker and one kernel per case, the case's index in the duration); mode "old" rejects
-    --print-units as an ncu without it would, "broken" profiles nothing."""
+QUERY = """Device NVIDIA H200 (GH100)
+------------------------------------------------
+Metric Name                 Metric Description
+dram__bytes_read            # of bytes read from DRAM
+smsp__inst_executed         # of warp instructions executed
+"""
+
+
+def _fake_ncu(tmp_path, mode="ok", csv_text=""):
+    """A stand-in ncu: `--query-metrics` prints QUERY (it knows two of EXTRA_METRICS); otherwise it reads the
+    child's arguments off its command line, writes the manifest the child would (case i: 1000 (i + 1) bytes) and
+    copies `csv_text` where ncu writes its CSV. Mode "old" rejects --print-units as an ncu without it would,
+    "broken" profiles nothing."""
+    (tmp_path / "canned.csv").write_text(csv_text)
+    (tmp_path / "query.txt").write_text(QUERY)
     script = tmp_path / "ncu"
     script.write_text(f"""#!{sys.executable}
-import json, sys
+import json, shutil, sys
 a = sys.argv[1:]
+if a == ["--query-metrics"]:
+    print(open({str(tmp_path / "query.txt")!r}).read()); sys.exit(0)
 if {mode!r} == "old" and "--print-units" in a:
     print("==ERROR== unrecognised option '--print-units'"); sys.exit(1)
 log = a[a.index("--log-file") + 1]
 cases = json.load(open(a[a.index("--cases-json") + 1]))
 ran = [dict(c, bytes=1000 * (i + 1), check="ok") for i, c in enumerate(cases)]
 json.dump({{"cases": ran, "errors": []}}, open(a[a.index("--manifest") + 1], "w"))
-with open(log, "w") as f:
-    if {mode!r} == "broken":
-        f.write("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters\\n")
-        sys.exit(1)
-    f.write({_csv([])!r})
-    for i, c in enumerate(ran):
-        f.write('"%d","1","p","h","{C.MARKER}","(1, 1, 1)","(1, 1, 1)","100","","","","","","","","","","",""\\n' % (2 * i))
-        f.write('"%d","1","p","h","kernel_%s","(1, 1, 1)","(1, 1, 1)","%d000","55","","","","","","","","","",""\\n'
-                % (2 * i + 1, c["backend"], i + 1))
+if {mode!r} == "broken":
+    open(log, "w").write("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters\\n")
+    sys.exit(1)
+shutil.copy({str(tmp_path / "canned.csv")!r}, log)
 """)
     script.chmod(0o755)
     return str(script)
@@ -218,17 +246,25 @@ def test_run_counters_end_to_end_with_a_stand_in_ncu(tmp_path, monkeypatch, mode
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(env, "env_info", lambda device: dict(ENV))
-    cases = C.parse_cases("14336:4096:1:fp16,14336:4096:1:w4a16-cuda")
-    res = C.run_counters(str(tmp_path / "out"), cases, time_budget_s=5, ncu=_fake_ncu(tmp_path, mode))
+    cases = C.parse_cases("64:128:1:fp16,64:128:1:w4a16-cuda")
+    extra = {"dram__bytes_read.sum": "1,500", "smsp__inst_executed.sum": "1,024"}
+    text = _csv([_row(0, C.MARKER, "100"), _row(1, "kernel_fp16", "1,000", "55", extra),
+                 _row(2, C.MARKER, "100"), _row(3, "kernel_w4a16-cuda", "2,000", "55", extra)])
+    res = C.run_counters(str(tmp_path / "out"), cases, time_budget_s=5, ncu=_fake_ncu(tmp_path, mode, text))
     assert "error" not in res, res.get("error")
     assert ("--print-units" in res["command"]) == (mode == "ok")  # retried without it where ncu lacks it
+    # the extra counters this ncu lists (lts__t_bytes is not in its list: left out, not failing the run)
+    assert res["extra_metrics"] == ["dram__bytes_read.sum", "smsp__inst_executed.sum"]
+    assert "--metrics dram__bytes_read.sum,smsp__inst_executed.sum" in res["command"]
     assert [[k["kernel"] for k in c["kernels"]] for c in res["cases"]] == [["kernel_fp16"], ["kernel_w4a16-cuda"]]
     assert [c["kernels"][0]["duration_us"] for c in res["cases"]] == [1.0, 2.0]
-    assert res["cases"][1]["gbps"] == pytest.approx(2000 / 2e-6 / 1e9)
+    ours = res["cases"][1]
+    assert ours["gbps"] == pytest.approx(2000 / 2e-6 / 1e9) and ours["dram_read_over_bytes"] == pytest.approx(0.75)
+    assert ours["thread_inst_per_weight"] == pytest.approx(1024 * 32 / (64 * 128)) and "l2_over_bytes" not in ours
     saved = json.loads((tmp_path / "out" / "counters.json").read_text())
     assert saved["env"]["device_name"] == "NVIDIA H200" and len(saved["raw"]) == 4
     md = (tmp_path / "out" / "counters.md").read_text()
-    assert "| 14336 x 4096 | 1 | w4a16-cuda | `kernel_w4a16-cuda` | 2.00 | 1 | 55 |" in md and "NVIDIA H200" in md
+    assert "| 64 x 128 | 1 | w4a16-cuda | `kernel_w4a16-cuda` | 2.00 | 1 | 0.75 | - | 4.00 | 55 |" in md and "NVIDIA H200" in md
 
 
 def test_run_counters_says_why_it_has_no_numbers(tmp_path, monkeypatch):

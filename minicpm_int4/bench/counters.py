@@ -64,6 +64,8 @@ FIELDS = {
     "dram_pct": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
                  "DRAM Throughput"),
     "dram_read_bytes": ("dram__bytes_read.sum",),
+    "l2_bytes": ("lts__t_bytes.sum",),
+    "warp_instructions": ("smsp__inst_executed.sum", "sm__inst_executed.sum", "Executed Instructions"),
     "l2_pct": ("lts__throughput.avg.pct_of_peak_sustained_elapsed", "L2 Cache Throughput"),
     "l1_pct": ("l1tex__throughput.avg.pct_of_peak_sustained_active", "L1/TEX Cache Throughput"),
     "sm_pct": ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "Compute (SM) Throughput"),
@@ -87,8 +89,14 @@ OCCUPANCY_LIMITS = {"registers": ("launch__occupancy_limit_registers", "Block Li
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 # base units -> microseconds / bytes (ncu scales units unless --print-units base; both are read)
 TIME_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
-BYTE_UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9,
-              "Kibyte": 1024, "Mibyte": 1 << 20, "Gibyte": 1 << 30}
+PREFIXES = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 1024, "Mi": 1 << 20, "Gi": 1 << 30}
+COUNTED = re.compile(r"^(Ki|Mi|Gi|K|M|G|T)?(byte|inst|sector|cycle)s?$")  # counts ncu may scale: "Mbyte", "Kinst"
+
+# Counters read beside the sections where this ncu knows them (ncu --query-metrics; a name it does not know would
+# fail the whole run): the bytes DRAM and L2 moved and the warp instructions issued, so that a row says whether a
+# weight byte was read once, how much x was re-read from L2, and the instructions a weight it took, beside the
+# static counts of kernel_inspection.md / cuda_kernel_inspection.md
+EXTRA_METRICS = ("dram__bytes_read.sum", "lts__t_bytes.sum", "smsp__inst_executed.sum")
 
 
 @triton.jit
@@ -139,14 +147,29 @@ def find_ncu() -> Optional[str]:
 
 
 def ncu_command(ncu: str, log_path: str, child: Sequence[str], sections: Sequence[str] = SECTIONS,
-                base_units: bool = True) -> List[str]:
+                base_units: bool = True, metrics: Sequence[str] = ()) -> List[str]:
     """ncu around `child`: the clocks left alone (--clock-control none), only the ranges between
     cudaProfilerStart / Stop profiled, the raw page as CSV (in base units) into `log_path`."""
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
            "--csv", "--page", "raw", *(["--print-units", "base"] if base_units else []), "--log-file", log_path]
     for s in sections:
         cmd += ["--section", s]
+    if metrics:
+        cmd += ["--metrics", ",".join(metrics)]
     return cmd + list(child)
+
+
+def known_metrics(ncu: str, wanted: Sequence[str] = EXTRA_METRICS, timeout_s: float = 20) -> List[str]:
+    """The names of `wanted` this ncu lists for the GPU (`ncu --query-metrics`: base names, one a line), by base
+    name; none where the query fails."""
+    try:
+        proc = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if proc.returncode != 0:
+        return []
+    listed = set(re.findall(r"^\s*([a-z0-9_]+__[a-z0-9_]+)", proc.stdout, re.M))
+    return [m for m in wanted if m.split(".")[0] in listed]
 
 
 def _number(text: str) -> Optional[float]:
@@ -210,8 +233,9 @@ def _value(metrics: Dict, names: Sequence[str], field: str) -> Optional[float]:
                 continue
             if field.endswith("_us"):
                 v *= TIME_UNITS.get(unit, 1.0)
-            elif field.endswith("_bytes"):
-                v *= BYTE_UNITS.get(unit, 1.0)
+            else:
+                hit = COUNTED.match(unit)
+                v *= PREFIXES[hit.group(1) or ""] if hit else 1.0
             return v
     return None
 
@@ -254,11 +278,26 @@ def attribute(rows: List[Dict], cases: List[Dict]) -> Dict:
 
 
 def _case_totals(case: Dict) -> Dict:
+    """Over the case's kernels: time, GB/s on the bench's byte count, DRAM and L2 bytes over that count (1.0:
+    each byte moved once), and thread instructions a weight (warp instructions x 32 / (N K): the static counts'
+    measure, with every instruction outside the K loop in it)."""
     ks = case.get("kernels") or []
-    dur = [k["duration_us"] for k in ks if k.get("duration_us") is not None]
-    tot = {"kernels_total_us": sum(dur) if dur else None}
+
+    def total(field):
+        vals = [k[field] for k in ks if k.get(field) is not None]
+        return sum(vals) if vals and len(vals) == len(ks) else None
+
+    dur = total("duration_us")
+    tot = {"kernels_total_us": dur}
     if dur and case.get("bytes"):
-        tot["gbps"] = case["bytes"] / (sum(dur) * 1e-6) / 1e9
+        tot["gbps"] = case["bytes"] / (dur * 1e-6) / 1e9
+    for field, key in (("dram_read_bytes", "dram_read_over_bytes"), ("l2_bytes", "l2_over_bytes")):
+        v = total(field)
+        if v is not None and case.get("bytes"):
+            tot[key] = v / case["bytes"]
+    inst = total("warp_instructions")
+    if inst is not None and case.get("n") and case.get("k"):
+        tot["thread_inst_per_weight"] = inst * 32 / (case["n"] * case["k"])
     return tot
 
 
@@ -296,8 +335,10 @@ def run_counters(out_dir: str, cases: Optional[List[Dict]] = None, time_budget_s
                  "--group-size", str(group_size)]
         t0 = time.monotonic()
         limit = timeout_s if timeout_s is not None else time_budget_s + 40
+        metrics = known_metrics(ncu)
+        result["extra_metrics"] = metrics
         for units in (True, False):  # an ncu without --print-units: once more without it (fails in seconds)
-            cmd = ncu_command(ncu, log, child, sections, base_units=units)
+            cmd = ncu_command(ncu, log, child, sections, base_units=units, metrics=metrics)
             result["command"] = " ".join(cmd)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(limit - (time.monotonic() - t0), 1))
@@ -359,17 +400,23 @@ def counters_markdown(res: Dict) -> str:
               "active high - instruction-bound (fewer instructions a weight); both low with `long_scoreboard` "
               "first among the stalls and low occupancy - too few loads in flight (more bytes in flight a warp, or "
               "more warps); L2 % high beside a modest DRAM % - operands re-read from L2 (x at M = 16).", "",
-              "| N x K | M | backend | kernel | us | GB/s (bench bytes) | DRAM % | L2 % | SM % | occupancy % (theor.; limit) "
+              "Per case (its first row): GB/s on the bench's byte count (weights, scales, zeros, x, y); DRAM read and L2 "
+              "bytes over that count (1.0: each byte moved once); thread instructions a weight (warp instructions x 32 / "
+              "(N K), everything the launch issued).", "",
+              "| N x K | M | backend | kernel | us | GB/s (bench bytes) | DRAM read / bytes | L2 bytes / bytes "
+              "| thread instr / weight | DRAM % | L2 % | SM % | occupancy % (theor.; limit) "
               "| issue active % | eligible warps | regs | grid x block | waves | top stalls (warps a issue) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res.get("cases", []):
         ks = c.get("kernels") or []
         if not ks:
             why = f"failed: {c['error'][:80]}" if c.get("error") else "no kernel attributed"
-            lines.append(f"| {c['n']} x {c['k']} | {c['m']} | {c['backend']} | ({why}) |" + " - |" * 12)
+            lines.append(f"| {c['n']} x {c['k']} | {c['m']} | {c['backend']} | ({why}) |" + " - |" * 15)
             continue
         for i, k in enumerate(ks):
-            gbps = _f(c.get("gbps")) if i == 0 else ""
+            per_case = (f"{_f(c.get('gbps'))} | {_f(c.get('dram_read_over_bytes'), '{:.2f}')} "
+                        f"| {_f(c.get('l2_over_bytes'), '{:.2f}')} | {_f(c.get('thread_inst_per_weight'), '{:.2f}')}"
+                        if i == 0 else " | | ")
             occ = f"{_f(k.get('occupancy_pct'))} ({_f(k.get('theoretical_occupancy_pct'))}"
             if k.get("occupancy_limited_by"):
                 occ += f"; {'/'.join(k['occupancy_limited_by'])}"
@@ -377,7 +424,7 @@ def counters_markdown(res: Dict) -> str:
             stalls = ", ".join(f"{n} {v:.1f}" for n, v in k.get("top_stalls", []))
             name = k["kernel"] if len(k["kernel"]) <= 48 else k["kernel"][:45] + "..."
             lines.append(
-                f"| {c['n']} x {c['k']} | {c['m']} | {c['backend']} | `{name}` | {_f(k.get('duration_us'), '{:.2f}')} | {gbps} "
+                f"| {c['n']} x {c['k']} | {c['m']} | {c['backend']} | `{name}` | {_f(k.get('duration_us'), '{:.2f}')} | {per_case} "
                 f"| {_f(k.get('dram_pct'))} | {_f(k.get('l2_pct'))} | {_f(k.get('sm_pct'))} | {occ} "
                 f"| {_f(k.get('issue_active_pct'))} | {_f(k.get('eligible_warps'), '{:.2f}')} | {_f(k.get('registers'))} "
                 f"| {_f(k.get('grid'))} x {_f(k.get('block'))} | {_f(k.get('waves'), '{:.2f}')} | {stalls or '-'} |")
