@@ -832,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", add_help=False,
                    help="the issues' performance targets checked against a results folder's bench.json / "
                         "profile.json; writes targets.md there (--help for options)")
+    sub.add_parser("counters", add_help=False,
+                   help="Nsight Compute's hardware counters of the decode / prefill kernels beside fp16's: DRAM / "
+                        "L2 / SM %% of peak, occupancy, issue slots, warp stalls (a GPU and ncu; --help for options)")
     return p
 
 
@@ -857,6 +860,10 @@ def main(argv=None) -> int:
         from .bench import targets
 
         return targets.main(argv[1:])
+    if argv[:1] == ["counters"]:  # its own parser (bench/counters.py)
+        from .bench import counters
+
+        return counters.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "demo" and args.dtype is None:
         args.dtype = "fp16" if torch.cuda.is_available() else "bf16"

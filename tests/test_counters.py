@@ -301,6 +301,18 @@ def test_the_script_refuses_a_bad_case_list(capsys):
     assert "--out is required" in capsys.readouterr().err
 
 
+def test_the_cli_runs_it(capsys):
+    from minicpm_int4.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["counters", "--help"])
+    out = capsys.readouterr().out
+    assert "minicpm-int4 counters" in out and "--time-budget-s" in out
+    with pytest.raises(SystemExit):
+        main(["counters", "--out", "x", "--cases", "1:2:fp16"])
+    assert "N:K:M:backend" in capsys.readouterr().err
+
+
 def test_the_wrapper_script_runs_the_module():
     import subprocess
 

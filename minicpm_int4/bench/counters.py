@@ -18,7 +18,8 @@ kernel named `minicpm_int4_ncu_marker`) that says where the case's kernels begin
 (the clocks the timings ran at; the device README asks it) and its default cache control (caches flushed
 before each pass: the weights come from DRAM, as the bench's rotating copies make them).
 
-    python benchmarks/ncu_counters.py --out DIR [--time-budget-s 60] [--cases N:K:M:backend,...]
+    minicpm-int4 counters --out DIR [--time-budget-s 60] [--cases N:K:M:backend,...]
+    (python benchmarks/ncu_counters.py in a checkout: the same)
 
 Writes DIR/counters.json and DIR/counters.md (or, where ncu is missing or cannot read the counters, a
 counters.json that says why). Needs a GPU and ncu; the suite's `counters` stage runs it after the bench.
@@ -523,7 +524,7 @@ def _child(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="ncu_counters", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="minicpm-int4 counters", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="folder for counters.json / counters.md")
     p.add_argument("--cases", help="N:K:M:backend,... (default: Llama3-V 2.5's MLP shapes, the decode kernels at "
                                    "M = 1 and 16, the prefill ones at 4096, fp16 beside each)")
