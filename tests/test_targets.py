@@ -235,7 +235,7 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
     (src3 / "counters.md").write_text("## Hardware counters\n")
     rep3 = ingest(str(src3), str(root), dispatch_table=str(table))
     assert rep3["copied"] == ["suite.log", "bench.json", "counters.json", "counters.md"] and (dest / "profile.json").exists()
-    assert (dest / "counters.md").read_text() == "## Hardware counters\n"
+    assert (dest / "counters.md").read_text() == "## Hardware counters\n" == rep3["counters"]
     assert any("end-to-end rows come from the profile.json already in" in w for w in rep3["warnings"])
     text = (dest / "targets.md").read_text()
     assert "W4A16 Triton, M = 1" in text and "| llama3-v2.5 | cudagraph | 50.0 | 120.0 | 2.40x" in text

@@ -63,6 +63,9 @@ def ingest(src: str, root: str, dispatch_table: Optional[str] = None) -> Dict:
         shutil.copyfile(os.path.join(src, f), os.path.join(dest, to))
     report = {"folder": dest, "device": device, "copied": copied,
               "missing": [f for f in SUITE_FILES if f not in copied], "warnings": []}
+    if "counters.md" in copied:  # the hardware counters' table, printed with the targets for the closing note
+        with open(os.path.join(src, "counters.md")) as f:
+            report["counters"] = f.read()
     for name, res in (("bench", bench), ("profile", profile)):
         if res is not None and res.get("incomplete"):
             report["warnings"].append(f"{name}.json is marked incomplete: {res['incomplete']}")
@@ -119,6 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"dispatch table written: {rep['dispatch_table']}")
     if rep.get("targets"):
         print(rep["targets"])
+    if rep.get("counters"):
+        print(rep["counters"])
     table = " minicpm_int4/dispatch_table.json" if rep.get("dispatch_table") else ""
     print(f"next: git add {os.path.relpath(rep['folder'], args.root)} README.md{table} && git commit "
           "(quote the targets table in the closing notes)")
