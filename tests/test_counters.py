@@ -301,6 +301,19 @@ def test_the_script_refuses_a_bad_case_list(capsys):
     assert "--out is required" in capsys.readouterr().err
 
 
+def test_run_streaming_prints_as_it_goes_and_kills_the_whole_session(capsys):
+    """ncu's output goes through line by line (the progress of a minute-long run); past the timeout the whole
+    session goes - a profiled child that outlived ncu would hold the pipe open (and, on a GPU, the device)."""
+    import time
+
+    rc, out = C.run_streaming([sys.executable, "-c", "print('one'); print('two'); raise SystemExit(3)"], 60)
+    assert rc == 3 and out == "one\ntwo\n" and capsys.readouterr().out == "one\ntwo\n"
+    t0 = time.monotonic()
+    rc, out = C.run_streaming(["sh", "-c", "echo started; sleep 60 & sleep 60"], 1.5, echo=False)
+    assert rc == "timeout" and out == "started\n" and time.monotonic() - t0 < 30
+    assert capsys.readouterr().out == ""
+
+
 def test_the_cli_runs_it(capsys):
     from minicpm_int4.cli import main
 

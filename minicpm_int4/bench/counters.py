@@ -304,11 +304,12 @@ def _case_totals(case: Dict) -> Dict:
 
 def run_counters(out_dir: str, cases: Optional[List[Dict]] = None, time_budget_s: float = 60,
                  sections: Sequence[str] = SECTIONS, dtype: str = "float16", group_size: int = 128,
-                 ncu: Optional[str] = None, timeout_s: Optional[float] = None) -> Dict:
+                 ncu: Optional[str] = None, timeout_s: Optional[float] = None, echo: bool = True) -> Dict:
     """Profile `cases` under ncu and write counters.json / counters.md in `out_dir`. The child starts no case
     past `time_budget_s` from now (its start-up included); ncu prints its results only when the child exits, so
     the child must end by itself: the parent's `timeout_s` (default the budget plus 40 s, for the last case and
-    ncu's report) only guards against a hang, and a run it stops has no numbers."""
+    ncu's report) only guards against a hang, and a run it stops has no numbers. `echo`: ncu's and the child's
+    output (a line a case, ncu's passes a kernel) printed as it comes - the progress of a minute-long run."""
     from .backends import select_backends
     from .env import env_info
 
@@ -341,11 +342,7 @@ def run_counters(out_dir: str, cases: Optional[List[Dict]] = None, time_budget_s
         for units in (True, False):  # an ncu without --print-units: once more without it (fails in seconds)
             cmd = ncu_command(ncu, log, child, sections, base_units=units, metrics=metrics)
             result["command"] = " ".join(cmd)
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(limit - (time.monotonic() - t0), 1))
-                rc, out = proc.returncode, proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as e:
-                rc, out = "timeout", str(e)
+            rc, out = run_streaming(cmd, max(limit - (time.monotonic() - t0), 1), echo=echo)
             # the CSV goes to --log-file; an ncu that printed it to stdout instead is read there
             text = open(log).read() if os.path.exists(log) else ""
             rows = read_raw_csv(text) or read_raw_csv(out)
@@ -367,6 +364,42 @@ def run_counters(out_dir: str, cases: Optional[List[Dict]] = None, time_budget_s
     if len(ran["cases"]) < len(cases):
         result["incomplete"] = f"{len(ran['cases'])} of {len(cases)} cases profiled (time budget of {time_budget_s:.0f} s)"
     return _write(result, out_dir)
+
+
+def run_streaming(cmd: Sequence[str], timeout_s: float, echo: bool = True, tail_lines: int = 2000):
+    """(return code or "timeout", the output's last `tail_lines` lines) of `cmd`, stdout and stderr together,
+    each line printed as it comes where `echo`. The command runs in a session of its own and past `timeout_s`
+    the whole session is killed: ncu's profiled child too, which would otherwise keep the pipe (and the GPU)."""
+    import collections
+    import signal
+    import threading
+
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    fired = threading.Event()
+
+    def kill():
+        fired.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    tail: collections.deque = collections.deque(maxlen=tail_lines)
+    try:
+        for line in proc.stdout:
+            tail.append(line)
+            if echo:
+                print(line, end="", flush=True)
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:  # interrupted (Ctrl-C, the suite's stage limit): take the child along
+            kill()
+            proc.wait()
+    return ("timeout" if fired.is_set() else rc), "".join(tail)
 
 
 def _write(result: Dict, out_dir: str) -> Dict:
@@ -452,9 +485,12 @@ def run_cases(cases: List[Dict], device, dtype, group_size: int, time_budget_s: 
     ran: Dict = {"cases": [], "errors": []}
     esize = torch.empty((), dtype=dtype).element_size()
     weights: Dict = {}
-    for case in cases:
+    for i, case in enumerate(cases):
         if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+            print(f"[counters] time budget reached: {len(cases) - i} case(s) left out", flush=True)
             break
+        print(f"[counters] case {i + 1}/{len(cases)}: {case['n']} x {case['k']}, M = {case['m']}, {case['backend']}",
+              flush=True)
         try:
             backend = [b for b in select_backends([case["backend"]]) if b.name == case["backend"]][0]
             why = backend.available(device)
