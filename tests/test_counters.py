@@ -183,7 +183,7 @@ def test_the_child_profiles_each_case_once_after_its_marker():
     assert len(ran["errors"]) == 1 and ran["errors"][0]["case"]["backend"] == "w4a16-cuda"
     assert events == ["sync", "start", "marker", "sync", "stop"] * 2 and saved == [1, 2]
     ran = C.run_cases(cases, torch.device("cpu"), torch.float16, 128, -1, start=None, stop=None, marker=None, sync=None)
-    assert ran == {"cases": [], "errors": []}
+    assert ran == {"cases": [], "errors": [], "left_out": 3}
 
     # a call that fails inside its range: the range is closed, the case listed with its error (its marker was
     # launched: the markers and the cases still pair up), and the next case runs
@@ -230,7 +230,8 @@ if {mode!r} == "old" and "--print-units" in a:
 log = a[a.index("--log-file") + 1]
 cases = json.load(open(a[a.index("--cases-json") + 1]))
 ran = [dict(c, bytes=1000 * (i + 1), check="ok") for i, c in enumerate(cases)]
-json.dump({{"cases": ran, "errors": []}}, open(a[a.index("--manifest") + 1], "w"))
+json.dump(dict({{"cases": ran, "errors": []}}, **({{"left_out": 1}} if {mode!r} == "short" else {{}})),
+          open(a[a.index("--manifest") + 1], "w"))
 if {mode!r} == "broken":
     open(log, "w").write("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters\\n")
     sys.exit(1)
@@ -240,7 +241,7 @@ shutil.copy({str(tmp_path / "canned.csv")!r}, log)
     return str(script)
 
 
-@pytest.mark.parametrize("mode", ["ok", "old"])
+@pytest.mark.parametrize("mode", ["ok", "old", "short"])
 def test_run_counters_end_to_end_with_a_stand_in_ncu(tmp_path, monkeypatch, mode):
     import minicpm_int4.bench.env as env
 
@@ -252,7 +253,9 @@ def test_run_counters_end_to_end_with_a_stand_in_ncu(tmp_path, monkeypatch, mode
                  _row(2, C.MARKER, "100"), _row(3, "kernel_w4a16-cuda", "2,000", "55", extra)])
     res = C.run_counters(str(tmp_path / "out"), cases, time_budget_s=5, ncu=_fake_ncu(tmp_path, mode, text))
     assert "error" not in res, res.get("error")
-    assert ("--print-units" in res["command"]) == (mode == "ok")  # retried without it where ncu lacks it
+    assert ("--print-units" in res["command"]) == (mode != "old")  # retried without it where ncu lacks it
+    # a child that ran out of its budget says so (the cases it left out); a finished one is not "incomplete"
+    assert res.get("incomplete") == ("1 of 2 cases left out (time budget of 5 s)" if mode == "short" else None)
     # the extra counters this ncu lists (lts__t_bytes is not in its list: left out, not failing the run)
     assert res["extra_metrics"] == ["dram__bytes_read.sum", "smsp__inst_executed.sum"]
     assert "--metrics dram__bytes_read.sum,smsp__inst_executed.sum" in res["command"]

@@ -361,8 +361,10 @@ def run_counters(out_dir: str, cases: Optional[List[Dict]] = None, time_budget_s
         c.update(_case_totals(c))
     result.update(att)
     result["raw"] = rows
-    if len(ran["cases"]) < len(cases):
-        result["incomplete"] = f"{len(ran['cases'])} of {len(cases)} cases profiled (time budget of {time_budget_s:.0f} s)"
+    if ran.get("left_out"):
+        result["incomplete"] = (f"{ran['left_out']} of {len(cases)} cases left out (time budget of {time_budget_s:.0f} s)")
+    elif rc == "timeout":
+        result["incomplete"] = "ncu was stopped at its timeout: the cases after the last attributed one are missing"
     return _write(result, out_dir)
 
 
@@ -488,6 +490,7 @@ def run_cases(cases: List[Dict], device, dtype, group_size: int, time_budget_s: 
     for i, case in enumerate(cases):
         if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
             print(f"[counters] time budget reached: {len(cases) - i} case(s) left out", flush=True)
+            ran["left_out"] = len(cases) - i
             break
         print(f"[counters] case {i + 1}/{len(cases)}: {case['n']} x {case['k']}, M = {case['m']}, {case['backend']}",
               flush=True)
