@@ -405,11 +405,10 @@ def run_streaming(cmd: Sequence[str], timeout_s: float, echo: bool = True, tail_
 
 
 def _write(result: Dict, out_dir: str) -> Dict:
-    from .report import write_json
+    from .report import _write_text, write_json
 
     write_json(result, os.path.join(out_dir, "counters.json"))
-    with open(os.path.join(out_dir, "counters.md"), "w") as f:
-        f.write(counters_markdown(result))
+    _write_text(os.path.join(out_dir, "counters.md"), counters_markdown(result))
     return result
 
 
@@ -487,6 +486,7 @@ def run_cases(cases: List[Dict], device, dtype, group_size: int, time_budget_s: 
     ran: Dict = {"cases": [], "errors": []}
     esize = torch.empty((), dtype=dtype).element_size()
     weights: Dict = {}
+    by_name = {b.name: b for b in select_backends(sorted({c["backend"] for c in cases}))}  # an unknown name: ValueError
     for i, case in enumerate(cases):
         if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
             print(f"[counters] time budget reached: {len(cases) - i} case(s) left out", flush=True)
@@ -495,7 +495,7 @@ def run_cases(cases: List[Dict], device, dtype, group_size: int, time_budget_s: 
         print(f"[counters] case {i + 1}/{len(cases)}: {case['n']} x {case['k']}, M = {case['m']}, {case['backend']}",
               flush=True)
         try:
-            backend = [b for b in select_backends([case["backend"]]) if b.name == case["backend"]][0]
+            backend = by_name[case["backend"]]
             why = backend.available(device)
             if why:
                 raise RuntimeError(f"not available: {why}")
