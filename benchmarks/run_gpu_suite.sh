@@ -3,8 +3,8 @@
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
 #      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried (fla-core, the
 #      kernels of MiniCPM-V 4.6's linear attention, for the profile only);
-#   2. the warpgroup-MMA W4A8 kernel's small tests alone (wgmma-smoke: should they fail, the rest runs without
-#      it), the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
+#   2. the warpgroup-MMA W4A8 kernel's and W4A16 prefill GEMM's small tests alone (wgmma-smoke: should they fail,
+#      the rest runs without them), the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
 #   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep), the dispatch table
 #      it measured, and `minicpm-int4 profile` (end to end with backend="auto" on that table, given
 #      whatever time the stages before it left);
@@ -60,7 +60,7 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
   local parent=$name
   case $name in
     install-without-cuda-extension) parent=install ;;
-    wgmma-smoke-t128) parent=wgmma-smoke ;;
+    wgmma-smoke-t128|wgmma16-smoke) parent=wgmma-smoke ;;
     model-kernels) parent=profile ;;
   esac
   if [ -n "${SUITE_STAGES:-}" ] && [[ ",$SUITE_STAGES," != *",$parent,"* ]]; then
@@ -89,7 +89,7 @@ else
   # each case replays its CUDA graph of calls for 10 x rep-ms; on the H200 (run 2) our 240 cases took 68 s (~0.28 s
   # a case), the peers' first ones ~10 s each. Four M here (decode, the dispatch table's prefill entries at 256
   # and 4096) and the backends whose rows decide something: fp16 and the defaults (14 cases a shape: ~65 s over
-  # the 16 shapes), the measurement variants (23 a shape: prefetch, trip32, ahead2, ring, dq, rhs, w4a8 flat, the CUDA
+  # the 16 shapes), the measurement variants (25 a shape: prefetch, trip32, ahead2, ring, dq, rhs, the CUDA W4A16 wgmma GEMM, w4a8 flat, the CUDA
   # W4A8 GEMM's mma.sync, fused epilogue and the wgmma kernel's 64- and 128-token blocks forced; and the unsplit and
   # CUDA-core GEMVs, which run 2 measured faster on some shapes at M = 1 - the committed dispatch table takes them
   # there, so each new table must time them again; not mma.sync's 64-row blocks, which an H100 / H200 runs only with
@@ -99,7 +99,7 @@ else
   # plots take (matplotlib's first import builds its font cache on a fresh machine: warmed in the background
   # below); the profile, after it, gets what is left of the 540 s (little: a second call runs it)
   BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 150
-              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-trip32,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-trip32,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)
@@ -159,6 +159,14 @@ if ! stage wgmma-smoke 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_gpu
     export MINICPM_INT4_W4A8_WGMMA=0
   fi
   echo "=== [wgmma-smoke] failed: MINICPM_INT4_W4A8_WGMMA=$MINICPM_INT4_W4A8_WGMMA for the rest of the suite" >> "$LOG"
+fi
+# Likewise the warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu; checked on the CPU only when written), which
+# the extension's launcher takes past 16 rows on an H100 / H200 (backend="cuda", the bench's w4a16-cuda-wgmma rows,
+# "auto" where a table picked it): its small tests alone first; should they fail or hang, it is turned off for the
+# rest of the suite (MINICPM_INT4_W4A16_WGMMA=0: past 16 rows the decode kernel in slices, its forced rows an error)
+if ! stage wgmma16-smoke 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k "w4a16_wgmma_small"; then
+  export MINICPM_INT4_W4A16_WGMMA=0
+  echo "=== [wgmma16-smoke] failed: MINICPM_INT4_W4A16_WGMMA=0 for the rest of the suite" >> "$LOG"
 fi
 stage gpu-tests "${SUITE_TESTS_S:-150}" env MINICPM_INT4_AUTOTUNE_CACHE=0 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" "${TESTS_K[@]}" tests/test_gpu.py
 stage sanitizer 60 env MINICPM_INT4_AUTOTUNE_CACHE=0 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_extension and not real_shapes"

@@ -71,7 +71,8 @@ at::Tensor checked_input_perm(const char* op, const std::optional<at::Tensor>& i
 // variant: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core GEMV), 1 = the
 // CUDA-core GEMV, 2 = the tensor-core kernel (K % 128 == 0, group size a power of two >= 32 or K),
 // 3 = the tensor-core kernel with two chunks of W requested ahead instead of one, 4 = the tensor-core kernel
-// with W copied four chunks ahead into a ring in shared memory (measurements; plain x).
+// with W copied four chunks ahead into a ring in shared memory (measurements; plain x), 5 = the warpgroup-MMA prefill
+// GEMM (sm_90a; variant 0 takes it for M > 16 where it runs).
 // input_scale: None, or [K] of the activation dtype: y = (x * input_scale) @ ..., multiplied in the
 // kernels' loads of x (each product rounded to x's dtype, torch's x * input_scale).
 // input_perm: None, or int32 [K], a permutation: y = (x[:, input_perm] * input_scale) @ ..., x read through
@@ -103,13 +104,18 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
-  TORCH_CHECK(variant >= 0 && variant <= 4, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV), "
-              "2 (tensor cores), 3 (tensor cores, two chunks of W ahead) or 4 (tensor cores, W through a ring in "
-              "shared memory), got ", variant));
-  TORCH_CHECK(variant < 2 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
+  TORCH_CHECK(variant >= 0 && variant <= 5, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV), "
+              "2 (tensor cores), 3 (tensor cores, two chunks of W ahead), 4 (tensor cores, W through a ring in "
+              "shared memory) or 5 (the warpgroup-MMA prefill GEMM, sm_90a), got ", variant));
+  TORCH_CHECK(variant != 5 || minicpm_int4_w4a16_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
+              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) needs K % 64 == 0 and a group size of 32, "
+                  "a multiple of 64 or K; got K=", K, ", group_size=", group_size, " (variant 0 takes it)"));
+  TORCH_CHECK(variant != 5 || !minicpm_int4_w4a16_wgmma_disabled(),
+              "w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) is turned off by MINICPM_INT4_W4A16_WGMMA=0");
+  TORCH_CHECK(variant < 2 || variant == 5 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
               msg("w4a16_gemm (cuda): the tensor-core kernel needs K % 128 == 0 and a group size that is a power of two "
                   ">= 32 or K; got K=", K, ", group_size=", group_size, " (variant 0 or 1 takes it)"));
-  TORCH_CHECK(variant < 3 || (!input_scale.has_value() && !input_perm.has_value()),
+  TORCH_CHECK(variant < 3 || variant == 5 || (!input_scale.has_value() && !input_perm.has_value()),
               msg("w4a16_gemm (cuda): variant ", variant, " (", variant == 3 ? "two chunks of W ahead" : "the shared-memory ring",
                   ") is built for plain x only: no input_scale or input_perm (variant 2 takes them)"));
   TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
@@ -122,17 +128,26 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const at::Tensor ms = checked_input_scale("w4a16_gemm", input_scale, x);
   at::Tensor perm = checked_input_perm("w4a16_gemm", input_perm, x);
   const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(variant != 5 || minicpm_int4_w4a16_wgmma_available(),
+              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) needs a GPU that runs the extension's "
+                  "sm_90a build (an H100 / H200 with TORCH_CUDA_ARCH_LIST including 9.0a); this is ", x.device()));
   if (M == 0) return;
   // The kernel reads x 16 bytes at a time: a view with an odd offset or row stride is copied
   // (an [M, K] row of a decode step: a few KiB, negligible next to the weights). Where the kernel
   // does not read x through the channel order, x is gathered (a fresh, aligned tensor).
-  const bool gather = perm.defined() && !minicpm_int4_w4a16_reads_perm(static_cast<int>(K), static_cast<int>(group_size),
-                                                                       static_cast<int>(variant), ms.defined() ? 1 : 0);
+  // The warpgroup-MMA prefill GEMM (M > 16 on an H100 / H200, or variant 5) reads x as it is: gathered and multiplied
+  // by the input scale here first (x[:, perm] * input_scale, torch's product: the reference's rounding).
+  const bool wgmma = minicpm_int4_w4a16_takes_wgmma(static_cast<int>(M), static_cast<int>(K), static_cast<int>(group_size),
+                                                    static_cast<int>(variant)) != 0;
+  const bool gather = perm.defined() && (wgmma || !minicpm_int4_w4a16_reads_perm(static_cast<int>(K), static_cast<int>(group_size),
+                                                                                 static_cast<int>(variant), ms.defined() ? 1 : 0));
   const bool x_aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (M == 1 || x.stride(0) % 8 == 0);
-  const at::Tensor xa = gather ? x.index_select(1, perm) : x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
+  at::Tensor xa = gather ? x.index_select(1, perm) : x_aligned ? x : at::empty({M, K}, x.options()).copy_(x);
   if (gather) perm = at::Tensor();
+  const bool premultiply = wgmma && ms.defined();
+  if (premultiply) xa = xa * ms;
   cudaError_t err = minicpm_int4_w4a16_gemv(
-      xa.data_ptr(), ms.defined() ? ms.data_ptr() : nullptr, perm.defined() ? perm.data_ptr<int32_t>() : nullptr,
+      xa.data_ptr(), ms.defined() && !premultiply ? ms.data_ptr() : nullptr, perm.defined() ? perm.data_ptr<int32_t>() : nullptr,
       qweight.data_ptr<int32_t>(), scales.data_ptr(),
       zeros.data_ptr(), bias_ptr, out.data_ptr(),
       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size), M == 1 ? K : xa.stride(0),
@@ -309,8 +324,26 @@ static PyObject* w4a8_kernel(PyObject*, PyObject*) {
   return PyUnicode_FromString(what);
 }
 
+// minicpm_int4._C.w4a16_prefill_kernel(): what the CUDA W4A16 launcher (variant 0) runs past M = 16 on the current GPU
+// for the layers the warpgroup-MMA prefill GEMM takes (K % 64 == 0, groups of 32 or powers of two from 64, per
+// channel), and why - for `minicpm-int4 env` and ops.py's "auto".
+static PyObject* w4a16_prefill_kernel(PyObject*, PyObject*) {
+  const char* what;
+  if (minicpm_int4_w4a16_wgmma_disabled())
+    what = "the tensor-core decode kernel in slices of 16 rows (the wgmma prefill GEMM is turned off by "
+           "MINICPM_INT4_W4A16_WGMMA=0)";
+  else if (!minicpm_int4_w4a16_wgmma_available())
+    what = "the tensor-core decode kernel in slices of 16 rows (no sm_90a build of the wgmma prefill GEMM for this GPU: "
+           "it needs an H100 / H200 and TORCH_CUDA_ARCH_LIST=9.0a)";
+  else
+    what = "wgmma (warpgroup MMA, sm_90a), 128- or 256-token blocks by the launcher's waves rule";
+  return PyUnicode_FromString(what);
+}
+
 static PyMethodDef methods[] = {
     {"w4a8_kernel", w4a8_kernel, METH_NOARGS, "Which CUDA W4A8 GEMM the launcher takes on the current GPU, and why."},
+    {"w4a16_prefill_kernel", w4a16_prefill_kernel, METH_NOARGS,
+     "What the CUDA W4A16 launcher runs past M = 16 on the current GPU, and why."},
     {nullptr, nullptr, 0, nullptr}};
 
 // `import minicpm_int4._C` loads this library, which runs the registrations above.

@@ -23,15 +23,22 @@ extern "C" {
 // input_perm: NULL, or int32 [K], a permutation of 0..K-1, 16-byte aligned: y = x[:, input_perm] @ ..., x read
 // through it (an act-order layer's channel order; its values are the caller's to check). Only with the
 // tensor-core kernel and no input_scale (minicpm_int4_w4a16_reads_perm), else cudaErrorInvalidValue.
-// dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported), 1 = the
+// dtype: 0 = fp16, 1 = bf16. variant: 0 = auto (tensor cores where mma_supported; M > 16 on a GPU with the
+// sm_90a build: the warpgroup-MMA prefill GEMM where it takes the layer, minicpm_int4_w4a16_takes_wgmma), 1 = the
 // CUDA-core GEMV, 2 = tensor cores, 3 = tensor cores with two chunks of W requested ahead instead of
 // one, 4 = tensor cores with W copied (cp.async) four chunks ahead into a ring in shared memory (scales
 // and zero points loaded as far ahead into registers) - measurement variants: plain x only, no
-// input_scale or input_perm, else cudaErrorInvalidValue.
+// input_scale or input_perm, else cudaErrorInvalidValue. 5 = the warpgroup-MMA prefill GEMM (below), any M.
 cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* input_perm,
                                     const int32_t* qweight, const void* scales, const void* zeros, const void* bias,
                                     void* out, int M, int N, int K, int group_size, int64_t ldx, int64_t ldo, int dtype,
                                     int variant, cudaStream_t stream);
+
+// 1 where minicpm_int4_w4a16_gemv runs the warpgroup-MMA prefill GEMM (csrc/w4a16_wgmma.cu) for these
+// arguments: variant 5, or variant 0 with M > 16 on a GPU that runs its sm_90a build, for a (K, group_size) it takes
+// and unless MINICPM_INT4_W4A16_WGMMA=0. That kernel takes no input_scale or input_perm: the caller passes x
+// gathered and multiplied (else cudaErrorInvalidValue).
+int minicpm_int4_w4a16_takes_wgmma(int M, int K, int group_size, int variant);
 
 // 1 where the tensor-core kernel (variant 2) takes (K, group_size), else 0.
 int minicpm_int4_w4a16_mma_supported(int K, int group_size);
@@ -39,6 +46,15 @@ int minicpm_int4_w4a16_mma_supported(int K, int group_size);
 // 1 where minicpm_int4_w4a16_gemv reads x through an input_perm for these arguments (the tensor-core
 // kernel runs, and there is no input scale), else 0: the caller passes x gathered and no input_perm.
 int minicpm_int4_w4a16_reads_perm(int K, int group_size, int variant, int has_input_scale);
+
+// The W4A16 prefill GEMM on Hopper's warpgroup MMA (csrc/w4a16_wgmma.cu, sm_90a; minicpm_int4_w4a16_gemv runs it
+// where minicpm_int4_w4a16_takes_wgmma says so): 1 where it takes (K, group_size) - K % 64 == 0 and a group of 32,
+// a power of two from 64, or K -; 1 where the current GPU runs it (an sm_90a build, loaded for an H100 / H200); 1
+// where MINICPM_INT4_W4A16_WGMMA=0 turns it off (read once per process: never the launcher's choice, variant 5
+// cudaErrorNotPermitted).
+int minicpm_int4_w4a16_wgmma_supported(int K, int group_size);
+int minicpm_int4_w4a16_wgmma_available(void);
+int minicpm_int4_w4a16_wgmma_disabled(void);
 
 // Per-token int8: scale[m] = max|x[m, :]| / 127, xq[m, k] = rint(x[m, k] / scale[m]) in [-127, 127].
 // x [M, K] with row stride ldx (elements); xq contiguous [M, K]. dtype: 0 = fp16, 1 = bf16, 2 = fp32.

@@ -30,7 +30,7 @@ def _backends() -> Dict:
     interp = bool(kernels is not None and kernels.INTERPRET)
     ext, ext_why = ops._cuda_ext()
     ext_ops: List[str] = []
-    w4a8_kernel = None
+    w4a8_kernel = w4a16_prefill = None
     if ext is not None:
         ext_ops = sorted(n for n in ("w4a16_gemm", "quantize_per_token_int8", "w4a8_gemm") if hasattr(ext, n))
         if torch.cuda.is_available():
@@ -40,12 +40,19 @@ def _backends() -> Dict:
                 w4a8_kernel = _C.w4a8_kernel()
             except (ImportError, AttributeError, RuntimeError) as e:
                 w4a8_kernel = f"unknown ({e})"
+            try:  # what its W4A16 launcher runs past M = 16 (the wgmma prefill GEMM on an H100 / H200)
+                from . import _C
+
+                w4a16_prefill = _C.w4a16_prefill_kernel()
+            except (ImportError, AttributeError, RuntimeError) as e:
+                w4a16_prefill = f"unknown ({e})"
     return {
         "torch": {"available": True, "what": "reference.py (the CPU path and the specification)"},
         "triton": {"available": kernels is not None, "reason": triton_why, "interpreter": interp,
                    "interpreter_problem": kernels.interpreter_problem() if interp else None,
                    "launch": _triton_launch(kernels, interp)},
         "cuda": {"available": ext is not None, "reason": ext_why, "ops": ext_ops, "w4a8_kernel": w4a8_kernel,
+                 "w4a16_prefill_kernel": w4a16_prefill,
                  "nvcc": shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                                   if os.environ.get("CUDA_HOME") else None),
                  "torch_cuda_build": torch.version.cuda},
@@ -162,6 +169,8 @@ def format_report(info: Dict) -> str:
         lines.append(f"backend cuda: minicpm_int4._C loaded ({', '.join(c['ops'])})")
         if c.get("w4a8_kernel"):
             lines.append(f"  W4A8 GEMM on this GPU: {c['w4a8_kernel']}")
+        if c.get("w4a16_prefill_kernel"):
+            lines.append(f"  W4A16 past 16 rows (backend='cuda') on this GPU: {c['w4a16_prefill_kernel']}")
     else:
         lines.append(f"backend cuda: unavailable - {c['reason']}")
         lines.append(f"  to build it: nvcc {c['nvcc'] or 'not found'}, torch CUDA build "

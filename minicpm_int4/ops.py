@@ -86,6 +86,13 @@ def cuda_mma_supported(k: int, group_size: int) -> bool:
     return k % 128 == 0 and (group_size == k or (group_size >= 32 and group_size & (group_size - 1) == 0))
 
 
+def cuda_wgmma_w4a16_supported(k: int, group_size: int) -> bool:
+    """Whether the extension's warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma_core.cuh, supported) takes a layer:
+    K % 64 == 0 and a group of 32, a power of two from 64 dividing K, or K (per channel)."""
+    g = group_size
+    return k > 0 and k % 64 == 0 and g > 0 and k % g == 0 and (g == 32 or g == k or (g >= 64 and g & (g - 1) == 0))
+
+
 def cuda_w4a8_supported(k: int, group_size: int) -> bool:
     """Whether the CUDA W4A8 kernel takes a layer of K input features and this group size (K for per
     channel): K % 16 == 0 (its 16-byte rows of x_q) and a group size that is a multiple of 32 dividing K,
@@ -111,7 +118,8 @@ def _cuda_w4a8(k: int, group_size: int):
 # (csrc/bindings.cpp: 0 = its own choice, 1 = the CUDA-core GEMV, 3 = the tensor-core kernel requesting W two
 # chunks ahead, 4 = it with W through a ring in shared memory), and whether the variant takes only plain x (no
 # input scale or channel order) on the tensor-core kernel's layouts (cuda_mma_supported) - elsewhere variant 0
-W4A16_CUDA_VARIANTS = {"cuda": (0, False), "cuda-gemv": (1, False), "cuda-ahead2": (3, True), "cuda-ring": (4, True)}
+W4A16_CUDA_VARIANTS = {"cuda": (0, False), "cuda-gemv": (1, False), "cuda-ahead2": (3, True), "cuda-ring": (4, True),
+                       "cuda-wgmma": (5, False)}
 # The activation quantizer's Triton candidates of dispatch.py and the warps a row each runs with (None: the
 # kernel's own choice, kernels/act_quant.py)
 ACT_QUANT_TRITON_WARPS = {"triton": None, "triton-4w": 4, "triton-16w": 16}
@@ -137,6 +145,20 @@ def _w4a8_wgmma_tokens(device_index: int) -> frozenset:
     if what.startswith("wgmma, 128-token blocks only"):
         return frozenset((128,))
     return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_wgmma_w4a16_runs(device_index: int) -> bool:
+    """Whether the extension's warpgroup-MMA W4A16 prefill GEMM runs on this GPU: what its
+    `_C.w4a16_prefill_kernel()` reports there (an sm_90a build on an H100 / H200, not turned off by
+    MINICPM_INT4_W4A16_WGMMA=0), so that "auto" never asks for it where the op would refuse."""
+    try:
+        from . import _C
+
+        with torch.cuda.device(device_index):
+            return _C.w4a16_prefill_kernel().startswith("wgmma")
+    except (ImportError, AttributeError, RuntimeError):
+        return False
 
 
 def triton_interpreter_active() -> bool:
@@ -349,6 +371,11 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
                      input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
+    if be == "cuda-wgmma" and not (cuda_wgmma_w4a16_supported(x.shape[1], group_size)
+                                   and cuda_wgmma_w4a16_runs(x.device.index or 0)):
+        # the table's pick for this shape (measured at the bench's group size), for a layer the kernel does not take
+        # or where it does not run (an extension built without sm_90a, or turned off): the Triton kernels
+        be = "triton"
     if be == "triton" or be in TRITON_CANDIDATES:
         # the kernels multiply the input scale into x as they load it (prefill on sm_90; elsewhere first),
         # and the decode kernels read x through input_perm (prefill gathers first). A variant the table picked

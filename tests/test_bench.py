@@ -588,7 +588,8 @@ def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):
 
 
 def test_every_test_selection_of_the_gpu_suite_selects_tests():
-    """Each `-k` the suite runs tests/test_gpu.py with (wgmma-smoke, its 128-token fallback, the sanitizer's) selects
+    """Each `-k` the suite runs tests/test_gpu.py with (wgmma-smoke's W4A8 and W4A16 kernels, the former's 128-token
+    fallback, the sanitizer's) selects
     some: one that a renamed test left empty would make pytest exit 5, which the suite reads as a failure (the wgmma
     kernel turned off for a run, a sanitizer verdict without tests)."""
     import re
@@ -597,7 +598,7 @@ def test_every_test_selection_of_the_gpu_suite_selects_tests():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = open(os.path.join(here, "benchmarks", "run_gpu_suite.sh")).read()
     selections = re.findall(r'tests/test_gpu\.py -k "([^"$]+)"', script)
-    assert len(selections) == 3, selections
+    assert len(selections) == 4, selections
     for k in selections:
         r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                             os.path.join(here, "tests", "test_gpu.py"), "-k", k], capture_output=True, text=True,
@@ -614,7 +615,8 @@ def test_the_stage_lists_the_docs_give_name_the_suites_stages():
     script = open(os.path.join(here, "benchmarks", "run_gpu_suite.sh")).read()
     stages = set(re.findall(r"^\s*(?:if !? ?)?(?:\|\| )?stage ([a-z0-9-]+) ", script, re.M))
     stages |= set(re.findall(r"(?:\|\||&&|if !?|then|\]) stage ([a-z0-9-]+) ", script))
-    assert {"install", "profile", "bench", "wgmma-smoke", "wgmma-smoke-t128", "model-kernels", "peers"} <= stages
+    assert {"install", "profile", "bench", "wgmma-smoke", "wgmma-smoke-t128", "wgmma16-smoke", "model-kernels",
+            "peers"} <= stages
     docs = script + open(os.path.join(here, "benchmarks", "README.md")).read()
     lists = re.findall(r"SUITE_STAGES=([a-z0-9,-]+)", docs)
     assert len(lists) >= 4

@@ -199,6 +199,36 @@ def test_w4a8_gemm_instantiations_and_loop(variants):
         assert all(v.instr_per_mma <= 30 for v in _pick(variants, arch, "w4a8", GT=1)), arch
 
 
+def test_w4a16_wgmma_instantiations_and_loop(variants):
+    """The warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu), sm_90a only: the 8 instantiations its launcher
+    picks (fp16 / bf16; blocks of 128 or 256 tokens, BM; one or two groups a 64-k stage, GS) compile with no stack and
+    no local memory, at most 255 registers, and the stage loop holds both of its branches (the stage's A in set 0 or
+    1, the other set dequantized while it runs): 4 HGMMA (m64nBMk16) after one warpgroup.arrive (wgmma.fence) each -
+    none injected by ptxas inside a run of wgmma - and one wait for all but the newest group (wgmma.wait_group 1),
+    so one stage's wgmma stay in flight while the next stage is dequantized. The loop's instructions bound the kernel:
+    both warpgroups issue 8 warps x (instructions a stage) over 4 schedulers while the tensor cores take
+    2 x 4 x 64 (BM / 128) cycles for the stage's 8 HGMMA (4096 fp16 flops a cycle an SM), so at BM = 256 the kernel
+    stays tensor-bound below 512 instructions a thread a stage, at BM = 128 below 256 (the code of the two branches
+    counted together: below twice that; fp16 today ~580 at BM = 128 - issue-bound, ~88% of the tensor rate at most -
+    and ~775 at 256; bf16, which shifts each nibble down, ~680 / ~870)."""
+    assert not [v for v in variants if v.kernel == "w4a16-wg" and v.arch != "sm90a"]
+    wg = _pick(variants, "sm90a", "w4a16-wg")
+    assert sorted((v.dtype, v.params["BM"], v.params["GS"]) for v in wg) == sorted(
+        (d, bm, gs) for d in ("float16", "bfloat16") for bm in (128, 256) for gs in (1, 2))
+    import re
+    src = open(os.path.join(csrc_inspect.CSRC, "w4a16_wgmma.cu")).read()
+    body_min = int(re.search(r"constexpr int kBodyMinRegs = (\d+);", src).group(1))
+    for v in wg:
+        assert v.spill_bytes == 0 and v.loop_local_memory == 0 and body_min <= v.regs <= 255, (v.dtype, v.params, v.regs)
+        assert sum(c for op, c in v.loop_counts.items() if op.startswith("HGMMA")) == 8, (v.dtype, v.params)
+        assert v.loop_counts.get("WARPGROUP.ARRIVE") == 2, (v.dtype, v.params, v.loop_counts.get("WARPGROUP.ARRIVE"))
+        assert v.loop_counts.get("WARPGROUP.DEPBAR.LE") == 2, (v.dtype, v.params)
+        assert v.smem <= 1024  # dynamic shared memory (opted in at launch)
+        # both branches' code: at BM = 256 (what the launcher takes for large M) under 2 x 512, tensor-bound; at
+        # BM = 128 under 2 x 512 too - issue-bound there, but at half the tensor cores' rate or more
+        assert sum(v.loop_counts.values()) <= 2 * 512, (v.dtype, v.params, sum(v.loop_counts.values()))
+
+
 def test_w4a8_wgmma_instantiations_and_loop(variants):
     """The warpgroup-MMA W4A8 GEMM (csrc/w4a8_wgmma.cu), sm_90a only: the 20 instantiations per scales dtype its
     launcher picks (groups of 32 / 64 / 128 at compile time, GT = 1 / 2 / 4; multiples of 128 and per channel at

@@ -410,6 +410,74 @@ def test_the_cuda_ring_variant_is_a_candidate_where_measured_faster(tmp_path, mo
     assert not ops.cuda_mma_supported(4096, 16) and not ops.cuda_mma_supported(4304, 4304)
 
 
+def test_the_cuda_wgmma_prefill_gemm_is_a_candidate_past_16_rows(tmp_path, monkeypatch):
+    # the bench's w4a16-cuda-wgmma rows (launcher variant 5, the warpgroup-MMA prefill GEMM) enter the table past
+    # M = 16 only, beside the Triton prefill kernels; without the extension the lookup keeps to Triton's
+    times = {(4096, 256): (0.030, 0.040, 0.020), (4096, 4096): (0.400, 0.300, 0.250), (1024, 4096): (0.1, 0.2, 0.3),
+             (4096, 16): (0.010, None, 0.001)}  # (N, M): fused Triton, dq, wgmma; M = 16 is not a wgmma choice
+    rows = [{"n": n, "k": 4096, "m": m, "backend": b, "median_ms": t} for (n, m), ts in times.items()
+            for b, t in zip(("w4a16-triton", "w4a16-triton-dq", "w4a16-cuda-wgmma"), ts) if t is not None]
+    table = table_from_bench(_bench("GPU-A", rows))
+    assert [(r["n"], r["m"], r["backend"]) for r in table["devices"]["GPU-A"]["w4a16"]] == [
+        (1024, 4096, "triton"), (4096, 256, "cuda-wgmma"), (4096, 4096, "cuda-wgmma")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    pick = lambda m, n=4096, ext=True: w4a16_auto_backend(m, n, 4096, 0, ext, str(path), "GPU-A")  # noqa: E731
+    assert [pick(m) for m in (256, 1000, 4096, 100000)] == ["cuda-wgmma"] * 4
+    assert pick(16) == "triton" and pick(255) == "triton"
+    assert pick(4096, ext=False) == "triton-dq" and pick(256, ext=False) == "triton"
+    assert pick(4096, n=1024) == "triton"
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["runs", "does-not-run"])
+def test_a_cuda_wgmma_pick_runs_variant_5_where_it_takes_the_layer_else_triton(runs, monkeypatch):
+    # "cuda-wgmma" runs the launcher's variant 5 (input scale and channel order passed on: the bindings apply them)
+    # for a layer the kernel takes (K % 64 == 0; a group of 32, a power of two from 64, or per channel) on a GPU
+    # where it runs; else the Triton kernels - never the extension's variant 0 past 16 rows (its decode kernel in
+    # slices) and never an error from the op
+    import torch
+
+    from minicpm_int4 import ops
+
+    seen = []
+
+    class Ext:
+        @staticmethod
+        def w4a16_gemm(x, qweight, scales, zeros, bias, group_size, variant, input_scale, input_perm):
+            seen.append(("cuda", variant, input_scale is not None, input_perm is not None))
+            return x.new_zeros((x.shape[0], qweight.shape[0]))
+
+    class Kernels:
+        @staticmethod
+        def w4a16_gemm_triton(x, qweight, *args, **kwargs):
+            seen.append(("triton",))
+            return x.new_zeros((x.shape[0], qweight.shape[0]))
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "cuda-wgmma")
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext, None))
+    monkeypatch.setattr(ops, "_triton_kernels", lambda: (Kernels, None))
+    monkeypatch.setattr(ops, "cuda_wgmma_w4a16_runs", lambda device_index: runs)
+    x, qweight = torch.randn(20, 256, dtype=torch.float16), torch.zeros(8, 32, dtype=torch.int32)
+    scales = torch.ones(8, 2, dtype=torch.float16)
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 128, "auto")
+    ops._w4a16_gemm_op(x, qweight, scales, scales, None, 128, "auto", None, torch.ones(256, dtype=torch.float16),
+                       torch.randperm(256, generator=torch.Generator().manual_seed(0)).to(torch.int32))
+    x96, q96 = torch.randn(20, 192, dtype=torch.float16), torch.zeros(8, 24, dtype=torch.int32)
+    s96 = torch.ones(8, 2, dtype=torch.float16)
+    ops._w4a16_gemm_op(x96, q96, s96, s96, None, 96, "auto")  # K % 64 == 0 but a group of 96: not the kernel's
+    x320, q320 = torch.randn(20, 320, dtype=torch.float16), torch.zeros(8, 40, dtype=torch.int32)
+    s320 = torch.ones(8, 10, dtype=torch.float16)
+    ops._w4a16_gemm_op(x320, q320, s320, s320, None, 32, "auto")  # K = 320, G = 32: the kernel's
+    if runs:
+        assert seen == [("cuda", 5, False, False), ("cuda", 5, True, True), ("triton",), ("cuda", 5, False, False)]
+    else:
+        assert seen == [("triton",)] * 4
+    assert ops.cuda_wgmma_w4a16_supported(4096, 4096) and ops.cuda_wgmma_w4a16_supported(18944, 18944)
+    assert ops.cuda_wgmma_w4a16_supported(3584, 128) and ops.cuda_wgmma_w4a16_supported(768, 32)
+    assert not ops.cuda_wgmma_w4a16_supported(4304, 4304) and not ops.cuda_wgmma_w4a16_supported(384, 192)
+    assert not ops.cuda_wgmma_w4a16_supported(256, 16)
+
+
 @pytest.mark.parametrize("pick,variant,plain_tc_only", [("cuda", 0, False), ("cuda-gemv", 1, False),
                                                         ("cuda-ahead2", 3, True), ("cuda-ring", 4, True)])
 def test_a_cuda_pick_runs_its_launcher_variant_where_it_takes_the_layer(pick, variant, plain_tc_only, monkeypatch):

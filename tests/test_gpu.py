@@ -482,6 +482,80 @@ def test_cuda_extension_w4a8_wgmma_real_shapes(case, tokens):
     _w4a8_wgmma_kernels(case, tokens)
 
 
+def _w4a16_wgmma_check(case):
+    """The warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu) forced (variant 5) on fresh random data into a
+    poisoned output: within the derived tolerance of the reference, the same bits again on a second run, and from
+    the launcher's choice (variant 0) past 16 rows; x = rows of the identity gives the dequantized weight itself,
+    which must be the reference's bit for bit (the check that the hardware reads A's registers and x's descriptor
+    as tests/test_csrc_w4a16_wgmma.py's emulation does); an input scale and a channel order (applied to x by the
+    bindings first) give the bits of torch's x[:, perm] * scale. Elsewhere than an sm_90a build on an H100 / H200,
+    or under MINICPM_INT4_W4A16_WGMMA=0 (the GPU suite's switch), variant 5 raises a clear error."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    n, k, group_size, m = case
+    c_ops = torch.ops.minicpm_int4_C
+    switch = os.environ.get("MINICPM_INT4_W4A16_WGMMA")
+    for dtype in (torch.float16, torch.bfloat16):
+        qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        if switch == "0":
+            with pytest.raises(RuntimeError, match="turned off by MINICPM_INT4_W4A16_WGMMA=0"):
+                c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 5)
+            return
+        if not _hopper_wgmma_expected():
+            with pytest.raises(RuntimeError, match="needs a GPU that runs the extension's sm_90a build"):
+                c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 5)
+            return
+        y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        c_ops.w4a16_gemm_out(x, qweight, scales, zeros, b, gs, y, 5)
+        w = dequant(qweight, scales, zeros, gs, dtype)
+        assert_gemm_close(y, w4a16_gemm_ref(x, qweight, scales, zeros, b, gs), x, w)
+        assert torch.equal(c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 5), y), "not deterministic"
+        if m > 16:
+            assert torch.equal(c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 0), y), "variant 0 past 16 rows"
+        eye = torch.eye(k, dtype=dtype, device="cuda")[: min(k, 512)]
+        wt = c_ops.w4a16_gemm(eye, qweight, scales, zeros, None, gs, 5)
+        assert torch.equal(wt, w[:, : eye.shape[0]].t().contiguous()), "the dequantized weight's bits"
+        perm = torch.randperm(k, device="cuda").to(torch.int32)
+        scale = torch.exp(torch.randn(k, device="cuda")).to(dtype)
+        ys = c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 5, scale, perm)
+        assert torch.equal(ys, c_ops.w4a16_gemm(x[:, perm.long()] * scale, qweight, scales, zeros, b, gs, 5))
+
+
+@pytest.mark.parametrize("case", [(264, 512, 128, 129), (72, 192, 32, 3), (136, 256, -1, 300), (40, 640, 64, 17),
+                                  (2040, 256, 128, 2000)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a16_wgmma_small(case):
+    """Odd sizes: N and M past a tile, two groups a stage (G = 32), per channel, 10 stages (the 6-buffer ring
+    reused), and a grid the launcher gives 256-token blocks (m64n256k16) with both edges partial - small enough for
+    the GPU suite's compute-sanitizer stage (-k cuda_extension); its wgmma-smoke stage runs them first and turns the
+    kernel off for the rest of the suite should they fail (MINICPM_INT4_W4A16_WGMMA=0)."""
+    _w4a16_wgmma_check(case)
+
+
+@pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (12288, 4096, 128, 1024), (4096, 14336, 32, 300),
+                                  (18944, 3584, 128, 17), (2304, 768, 64, 1024), (1152, 4096, -1, 260)],
+                         ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a16_wgmma_real_shapes(case):
+    _w4a16_wgmma_check(case)
+
+
+def test_cuda_extension_says_what_w4a16_runs_past_16_rows():
+    """minicpm_int4._C.w4a16_prefill_kernel() (what `minicpm-int4 env` prints): wgmma on an sm_90a build on an
+    H100 / H200, the decode kernel in slices elsewhere or under the suite's switch, saying why."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    from minicpm_int4 import _C
+
+    what = _C.w4a16_prefill_kernel()
+    if os.environ.get("MINICPM_INT4_W4A16_WGMMA") == "0":
+        assert "MINICPM_INT4_W4A16_WGMMA=0" in what and not what.startswith("wgmma"), what
+    elif not _hopper_wgmma_expected():
+        assert "no sm_90a build" in what, what
+    else:
+        assert what.startswith("wgmma (warpgroup MMA, sm_90a)"), what
+
+
 def test_cuda_extension_says_which_w4a8_kernel_it_takes():
     """minicpm_int4._C.w4a8_kernel() (what `minicpm-int4 env` prints): wgmma on an sm_90a build on an H100 / H200,
     with the GPU suite's switches named; mma.sync elsewhere, saying why."""
@@ -526,9 +600,16 @@ def test_auto_runs_each_cuda_pick_on_the_real_extension(monkeypatch):
         assert torch.equal(y, y_ref), pick
     x = torch.randn(4, 4096, dtype=torch.float16, device="cuda")
     qweight, scales, zeros, gs = _cuda_layer(1024, 4096, 128, torch.float16)
+    ops.cuda_wgmma_w4a16_runs.cache_clear()
+    wgmma_runs = ops.cuda_wgmma_w4a16_runs(torch.cuda.current_device())
+    assert wgmma_runs == (_hopper_wgmma_expected() and os.environ.get("MINICPM_INT4_W4A16_WGMMA") != "0")
     for pick, (variant, _) in ops.W4A16_CUDA_VARIANTS.items():
         monkeypatch.setattr(ops, "resolve_backend", lambda *a, pick=pick, **kw: pick)
         y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="auto")
+        if pick == "cuda-wgmma" and not wgmma_runs:  # where the prefill GEMM does not run: the Triton kernels
+            monkeypatch.undo()
+            assert torch.equal(y, ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton")), pick
+            continue
         assert torch.equal(y, torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, 128, variant)), pick
 
 

@@ -156,6 +156,29 @@ class OursW4A16CudaRing(_OursW4A16CudaVariant):
         super().__init__(max_m)
 
 
+class OursW4A16CudaWgmma(_OursW4A16CudaVariant):
+    """The CUDA extension's warpgroup-MMA prefill GEMM (csrc/w4a16_wgmma.cu, variant 5: W dequantized in registers as
+    the wgmma's A operand, the reference's weight, x read by the tensor cores from shared memory) past M = 16, beside
+    the Triton prefill kernel and its variants (dq: the weight dequantized whole, then cuBLAS): these rows put it in
+    the dispatch table ("cuda-wgmma") where it is the fastest. sm_90a builds only (elsewhere the op refuses
+    variant 5)."""
+    variant, label = 5, "w4a16-cuda-wgmma"
+
+    def __init__(self):
+        super().__init__(None)
+
+    def supports(self, m):
+        return m > CUDA_MAX_M
+
+    def available(self, device):
+        reason = super().available(device)
+        if reason is None and (device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0)):
+            reason = "the warpgroup-MMA prefill GEMM needs an H100 / H200 (sm_90a)"
+        if reason is None and not ops.cuda_wgmma_w4a16_runs(device.index or 0):
+            reason = "the extension's warpgroup-MMA prefill GEMM does not run on this GPU (_C.w4a16_prefill_kernel())"
+        return reason
+
+
 class _OursW4A16TritonSwitched(OursW4A16):
     """Our Triton W4A16 at M = 1 as QuantLinear calls it (the layer's workspace), with one of kernels/w4a16.py's
     VARIANTS - the candidates of dispatch.py that backend="auto" takes where these rows measure them faster -
@@ -484,7 +507,7 @@ def _import_helper():
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonTrip32(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
-            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A8("triton"), OursW4A8TritonFlat(),
+            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A16CudaWgmma(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

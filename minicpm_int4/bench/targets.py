@@ -149,6 +149,15 @@ def check_targets(bench: Dict) -> List[Target]:
                                           "either tile order and dequantization + matmul), M = 4096: speedup over "
                                           "fp16", 0.9, "x"),
                             large, best_speedup(4096, ("w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq"))))
+    if "w4a16-cuda-wgmma" in measured:
+        out.append(_collect(bench, Target(3, "W4A16 CUDA warpgroup-MMA prefill GEMM (the fused dequantization on "
+                                          "Hopper's wgmma), M = 4096: speedup over fp16", 0.9, "x"),
+                            large, speedup(4096, "w4a16-cuda-wgmma")))
+        out.append(_collect(bench, Target(3, "W4A16 as backend='auto' takes it with the extension (the fastest of the "
+                                          "Triton prefill kernels, dequantization + matmul and the CUDA wgmma GEMM), "
+                                          "M = 4096: speedup over fp16", 0.9, "x"),
+                            large, best_speedup(4096, ("w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq",
+                                                       "w4a16-cuda-wgmma"))))
     out.append(_collect(bench, Target(4, "W4A8 (with activation quantization), M = 4096, MiniCPM-V 4.6 shapes: speedup over fp16",
                                       1.5, "x"), v46, speedup(4096, "w4a8-triton")))
 
@@ -337,6 +346,7 @@ VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit
             ("w4a16-cuda-ring", "w4a16-cuda", 16),
             ("w4a16-triton-dq", "w4a16-triton", 1024), ("w4a16-triton-dq", "w4a16-triton", 4096),
             ("w4a16-triton-rhs", "w4a16-triton", 256), ("w4a16-triton-rhs", "w4a16-triton", 4096),
+            ("w4a16-cuda-wgmma", "w4a16-triton", 256), ("w4a16-cuda-wgmma", "w4a16-triton", 4096),
             ("w4a8-triton-flat", "w4a8-triton", 4096), ("w4a8-cuda", "w4a8-triton", 256),
             ("w4a8-cuda", "w4a8-triton", 1024), ("w4a8-cuda", "w4a8-triton", 4096),
             ("w4a8-cuda-m64", "w4a8-cuda", 1024), ("w4a8-cuda-m64", "w4a8-cuda", 4096),

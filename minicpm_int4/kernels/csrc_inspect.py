@@ -31,6 +31,7 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
 ARCHS = {"sm80": "80", "sm90a": "90a"}
 # csrc/w4a8_gemm_core.cuh: a warp's tile is 64 rows of x x 32 rows of W, a stage 128 k (4 k-tiles of 16 IMMA)
 W4A8_WARP_ROWS, W4A8_WARP_W_ROWS, W4A8_STAGE_K, W4A8_STAGE_IMMA = 64, 32, 128, 64
+W4A16_WG_STAGE_K = 64  # csrc/w4a16_wgmma_core.cuh kBK
 _DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 
 
@@ -38,7 +39,8 @@ _DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 class Variant:
     arch: str
     kernel: str                  # "gemv" (CUDA cores), "mma" (tensor cores), "act_quant", "w4a8" (int8 tensor cores),
-                                 # "w4a8-wg" (int8 warpgroup MMA, sm_90a)
+                                 # "w4a8-wg" (int8 warpgroup MMA, sm_90a), "w4a16-wg" (the W4A16 prefill GEMM on
+                                 # fp16 / bf16 warpgroup MMA, sm_90a)
     dtype: str
     params: Dict[str, int]       # gemv: MT (rows of x), R (rows per block); mma: NT, NB, POST, W (warps); act_quant: U;
                                  # all: S (1: the layer's input scale multiplied into the loads of x);
@@ -47,7 +49,8 @@ class Variant:
                                  # RING = 1: launcher variant 4, cp.async into a 4-slot ring in shared memory);
                                  # w4a8: WM (warps along M), GT (k-tiles per group at compile time, 0: run
                                  # time), MAGIC, NARROW; w4a8-wg: GT, FMA (fused epilogue),
-                                 # BM (tokens a block: the wgmma's N, 128 or 64), NARROW
+                                 # BM (tokens a block: the wgmma's N, 128 or 64), NARROW; w4a16-wg: BM (128 or
+                                 # 256), GS (groups a 64-k stage: 2 for G = 32)
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -69,14 +72,14 @@ class Variant:
     def rows_of_x(self) -> int:
         if self.kernel == "w4a8":
             return W4A8_WARP_ROWS
-        if self.kernel == "w4a8-wg":
+        if self.kernel in ("w4a8-wg", "w4a16-wg"):
             return self.params["BM"]  # the wgmma's N: tokens a warpgroup's A is used for
         return self.params.get("MT", 8 * self.params.get("NB", 1))
 
     @property
     def instr_per_mma(self) -> Optional[float]:
         """SASS instructions the loop issues per tensor-core instruction (HMMA / IMMA) in it."""
-        mma = sum(c for op, c in self.loop_counts.items() if op.startswith(("HMMA", "IMMA", "IGMMA")))
+        mma = sum(c for op, c in self.loop_counts.items() if op.startswith(("HMMA", "IMMA", "IGMMA", "HGMMA")))
         return sum(self.loop_counts.values()) / mma if mma else None
 
 
@@ -170,6 +173,21 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a stage: 64 rows of W x 128 k per warpgroup, unpacked by its 128 threads
             v.loop_counts, v.weights_per_trip = dict(best[1]), best[0] // 4 * 64 * W4A8_STAGE_K / 128.0
         return v
+    m = re.search(r"w4a16_wgmma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)EE", name)
+    if m:  # sm_90a only (elsewhere a stub); BM: tokens a block (m64n128k16 or m64n256k16); GS: groups a 64-k stage
+        if arch != "sm90a":
+            return None
+        v = Variant(arch, "w4a16-wg", _DTYPES[m.group(1)], {"BM": int(m.group(2)), "GS": int(m.group(3)), "S": 0},
+                    regs, spill, smem)
+        best = None  # the stage loop: both of its branches (A set 0 / 1), 4 HGMMA (m64nBMk16) each
+        for loop in loop_bodies(sass):
+            mma = sum(c for op, c in loop.items() if op.startswith("HGMMA"))
+            if mma and mma % 8 == 0 and (best is None or mma > best[0]):
+                best = (mma, loop)
+        if best:  # a stage: 64 rows of W x 64 k per warpgroup, dequantized by its 128 threads; the loop's code holds
+            # two stages' (one a trip runs), so its instructions a weight are about one stage's
+            v.loop_counts, v.weights_per_trip = dict(best[1]), best[0] // 4 * 64 * W4A16_WG_STAGE_K / 128.0
+        return v
     m = re.search(r"act_quant_kernelI(\d+__\w+?|f)Li(\d+)ELb([01])ELb([01])E", name)
     if m:  # no K loop per weight: registers, stack, and local memory in its loops
         v = Variant(arch, "act_quant", _DTYPES[m.group(1)], {"U": int(m.group(2)), "S": int(m.group(3)),
@@ -180,7 +198,8 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
 
 
 def inspect(archs: Sequence[str] = ("sm80", "sm90a"),
-            sources: Sequence[str] = ("w4a16_gemv.cu", "act_quant.cu", "w4a8_gemm.cu", "w4a8_wgmma.cu")) -> List[Variant]:
+            sources: Sequence[str] = ("w4a16_gemv.cu", "w4a16_wgmma.cu", "act_quant.cu", "w4a8_gemm.cu",
+                                      "w4a8_wgmma.cu")) -> List[Variant]:
     out: List[Variant] = []
     for source in sources:
         out += _inspect_source(archs, source)
