@@ -56,7 +56,8 @@ DECODE_BACKENDS = {1: ("fp16", "w4a16-triton", "w4a16-triton-unsplit", "w4a16-tr
                    16: ("fp16", "w4a16-triton", "w4a16-triton-trip32", "w4a16-cuda", "w4a16-cuda-ahead2",
                         "w4a16-cuda-ring")}
 PREFILL_SHAPE, PREFILL_M = (14336, 4096), 4096
-PREFILL_BACKENDS = ("fp16", "w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq", "w4a8-triton", "w4a8-cuda")
+PREFILL_BACKENDS = ("fp16", "w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq", "w4a16-cuda-wgmma", "w4a8-triton",
+                    "w4a8-cuda")
 
 # summary field -> the counters that give it, the first one present wins: the raw page's metric names (names differ
 # across ncu versions), then the details page's display names (an ncu that wrote that layout instead: read too)
