@@ -66,6 +66,23 @@ MINICPM_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 #endif
 }
 
+// A wgmma shared-memory matrix descriptor without swizzle (K-major core matrices of 8 rows x 16 bytes): the start
+// address, the leading byte offset (the next 16 bytes of k) and the stride byte offset (the next 8 rows), each >> 4
+// in its 14-bit field; base offset and swizzle mode 0 (the W4A8 and W4A16 warpgroup-MMA kernels' x operand).
+MINICPM_HD uint64_t wgmma_desc(uint32_t start, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((start & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32);
+}
+
+// Its fields back (the emulations' wgmma read x through them); false for a descriptor with a swizzle or a base offset,
+// which these kernels never build.
+MINICPM_HD bool wgmma_desc_fields(uint64_t desc, uint32_t& start, uint32_t& lbo, uint32_t& sbo) {
+  start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  return (desc >> 62) == 0 && ((desc >> 49) & 7) == 0;
+}
+
 // An act-order layer's channel order (QuantLinear.input_perm, int32 [K], 16-byte aligned): weight
 // column k multiplies x[perm[k]]. The kernels read x through it where they would read x[k .. k + 7]
 // as one 16-byte piece: the 8 indices (two 16-byte loads, shared by every row of x), then one 2-byte

@@ -12,14 +12,12 @@
 // No torch headers: plain pointers, sizes and a cudaStream_t.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "cp_async.cuh"
 #include "launchers.h"
 #include "smem_opt_in.h"
 #include "w4a16_wgmma_core.cuh"
 #include "wgmma_f16.cuh"
+#include "wgmma_sync.cuh"
 
 namespace {
 
@@ -38,16 +36,7 @@ constexpr int kBodyMinRegs = 96;
 #if MINICPM_WGMMA16  // the device code the kernel's body uses: compiled for sm_90a only
 
 // The warpgroup-wide operations for one thread (the emulation's HostWg does them for all 128 lanes).
-struct DeviceWg {
-  __device__ __forceinline__ uint32_t smem_addr(const uint8_t* q) const {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(q));
-  }
-  __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-  __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-  template <int N>
-  __device__ __forceinline__ void wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-  }
+struct DeviceWg : minicpm_int4_wgmma::WgSync {
   // the accumulators as the async wgmma left them: no read of them moves above the wait before this
   template <int NA>
   __device__ __forceinline__ void fence_acc(float (*d)[NA]) {
@@ -66,11 +55,11 @@ struct DeviceWg {
     static_assert(NA == 64 || NA == 128, "m64n128k16 or m64n256k16");
     constexpr bool kHalf = std::is_same<T, __half>::value;
     if constexpr (NA == 64) {
-      if constexpr (kHalf) MINICPM_WGMMA_M64N128K16_F16(d, a, desc, first);
-      else MINICPM_WGMMA_M64N128K16_BF16(d, a, desc, first);
+      if constexpr (kHalf) MINICPM_WGMMA_M64N128K16("f16", d, a, desc, first);
+      else MINICPM_WGMMA_M64N128K16("bf16", d, a, desc, first);
     } else {
-      if constexpr (kHalf) MINICPM_WGMMA_M64N256K16_F16(d, a, desc, first);
-      else MINICPM_WGMMA_M64N256K16_BF16(d, a, desc, first);
+      if constexpr (kHalf) MINICPM_WGMMA_M64N256K16("f16", d, a, desc, first);
+      else MINICPM_WGMMA_M64N256K16("bf16", d, a, desc, first);
     }
   }
 };
@@ -199,12 +188,7 @@ cudaError_t launch_t(const wg::Params<T>& p, int bm, int sms, cudaStream_t strea
 // MINICPM_INT4_W4A16_WGMMA, read once per process: "0" turns the kernel off (never the launcher's choice; forcing it
 // is refused), "128" its 256-token blocks - the GPU suite's way to measure everything else should it fail on a GPU.
 int wgmma_switch() {
-  static const int value = [] {
-    const char* v = std::getenv("MINICPM_INT4_W4A16_WGMMA");
-    if (v == nullptr) return -1;
-    const std::string s(v);
-    return s == "0" ? 0 : s == "128" ? 128 : -1;
-  }();
+  static const int value = minicpm_int4_launch::env_switch("MINICPM_INT4_W4A16_WGMMA");
   return value;
 }
 
@@ -213,17 +197,7 @@ int wgmma_switch() {
 extern "C" int minicpm_int4_w4a16_wgmma_available() {
   static int cached[64];
   static bool asked[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev < 64 && asked[dev]) return cached[dev];
-  cudaFuncAttributes attr{};
-  int built = 0;
-  if (cudaFuncGetAttributes(&attr, w4a16_wgmma_kernel<__half, 128, 1>) == cudaSuccess)
-    built = attr.numRegs >= kBodyMinRegs ? 1 : 0;
-  else
-    (void)cudaGetLastError();  // no code for this GPU: not available, and no error left behind
-  if (dev < 64) cached[dev] = built, asked[dev] = true;
-  return built;
+  return minicpm_int4_launch::body_built(cached, asked, reinterpret_cast<const void*>(w4a16_wgmma_kernel<__half, 128, 1>), kBodyMinRegs);
 }
 
 extern "C" int minicpm_int4_w4a16_wgmma_disabled() { return wgmma_switch() == 0 ? 1 : 0; }

@@ -61,9 +61,14 @@ using minicpm_int4_mma::fma2;
 using minicpm_int4_mma::pack2;
 using minicpm_int4_mma::Pair;
 using minicpm_int4_mma::splat;
-// the persistent CTAs' walk over 128-row W blocks x BM-token blocks: the W4A8 kernel's, whose BM only sizes blocks
+// the persistent CTAs' grid and walk over 128-row W blocks x BM-token blocks: the W4A8 kernel's (its BM only sizes
+// the blocks: 256 here too)
+using minicpm_int4_w4a8_wg::blocks;
+using minicpm_int4_w4a8_wg::cta_tiles;
+using minicpm_int4_w4a8_wg::grid_ctas;
 using minicpm_int4_w4a8_wg::TileWalk;
 using minicpm_int4_w4a8_wg::walk_next;
+using minicpm_int4_w4a8_wg::walk_start;
 
 constexpr int kBN = minicpm_int4_w4a8_wg::kBN;  // rows of W per block (2 warpgroups x 64): 128
 constexpr int kBK = 64;                         // k per stage
@@ -106,28 +111,6 @@ inline int group_shift(int K, int G) {
   int shift = 0;
   while ((1 << shift) < G) ++shift;
   return shift;
-}
-
-template <int BM>
-MINICPM_HD long blocks(int M, int N) { return static_cast<long>((M + BM - 1) / BM) * ((N + kBN - 1) / kBN); }
-template <int BM>
-MINICPM_HD int grid_ctas(int M, int N, int sms) {
-  const long tiles = blocks<BM>(M, N);
-  return static_cast<int>(sms > 0 && tiles > sms ? sms : tiles);
-}
-template <int BM>
-MINICPM_HD int cta_tiles(int M, int N, int cta, int grid) {
-  return static_cast<int>((blocks<BM>(M, N) - cta + grid - 1) / grid);
-}
-template <int BM>
-MINICPM_HD TileWalk walk_start(int M, int cta, int grid) {
-  TileWalk w;
-  w.nbm = (M + BM - 1) / BM;
-  w.bm = cta % w.nbm;
-  w.bn = cta / w.nbm;
-  w.dq = grid / w.nbm;
-  w.dr = grid % w.nbm;
-  return w;
 }
 
 // Tokens a block: 256 (m64n256k16: the tensor cores' work a stage doubles, W's copy and dequantization per stage do
@@ -229,9 +212,7 @@ MINICPM_HD void load_step(const Params<T>& p, int stages, int tid, LoadCursor& c
 template <int BM>
 MINICPM_HD uint64_t x_desc(uint32_t addr, int kt) {
   constexpr int kChunk = Tile<BM>::kChunk;
-  const uint32_t start = addr + 2 * kt * kChunk;
-  return static_cast<uint64_t>((start & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kChunk >> 4) << 16) |
-         (static_cast<uint64_t>(kSBO >> 4) << 32);
+  return minicpm_int4_hd::wgmma_desc(addr + 2 * kt * kChunk, kChunk, kSBO);
 }
 
 // ---- a warpgroup's registers: L lanes of them (1 on the device, 128 in the emulation) ----------------------------
@@ -406,10 +387,8 @@ struct HostWg {
   MINICPM_HD void mma(float (*d)[NA], const uint32_t (*a)[4], uint64_t desc, bool first) const {
     constexpr int kBM = 2 * NA;
 #ifndef __CUDA_ARCH__
-    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) std::abort();  // no swizzle, no base offset
+    uint32_t start, lbo, sbo;
+    if (!minicpm_int4_hd::wgmma_desc_fields(desc, start, lbo, sbo)) std::abort();  // no swizzle, no base offset
     double A[64][16], B[kBM][16];
     for (int l = 0; l < 128; ++l) {
       const int w = l / 32, g = (l % 32) / 4, t = l % 4;

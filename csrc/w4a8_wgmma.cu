@@ -13,14 +13,12 @@
 // No torch headers: plain pointers, sizes and a cudaStream_t.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "cp_async.cuh"
 #include "launchers.h"
 #include "smem_opt_in.h"
 #include "w4a8_wgmma_core.cuh"
 #include "wgmma_s8.cuh"
+#include "wgmma_sync.cuh"
 
 namespace {
 
@@ -43,7 +41,7 @@ constexpr int kBodyMinRegs = 96;
 // Turns (w4a8_wgmma_core.cuh, wg_stage): named barriers 1 (warpgroup 0 waits, 1 arrives) and 2 (1 waits, 0
 // arrives), 256 threads each - 128 arriving, 128 waiting; every arrival is matched by one wait before the next
 // (strict alternation within a stage; __syncthreads between stages), so no barrier ever counts two phases at once.
-struct DeviceWg {
+struct DeviceWg : minicpm_int4_wgmma::WgSync {
   int wgi;  // this thread's warpgroup: 0 or 1
   __device__ __forceinline__ void take_turn(bool first) {
     if (wgi == 1)
@@ -56,19 +54,6 @@ struct DeviceWg {
       asm volatile("bar.arrive 2, 256;\n" ::: "memory");
     else if (!last)
       asm volatile("bar.arrive 1, 256;\n" ::: "memory");
-  }
-  __device__ __forceinline__ uint32_t smem_addr(const uint8_t* p) const {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  }
-  __device__ __forceinline__ void fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-  }
-  __device__ __forceinline__ void commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  }
-  template <int N>
-  __device__ __forceinline__ void wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
   }
   // the accumulators as written by the async wgmma: no read of them moves above the wait before this
   template <int NA>
@@ -144,7 +129,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) w4a8_wgmma_kernel(w8::Params 
   const int lanes[1] = {static_cast<int>(threadIdx.x & 127)};
   const int stages = (p.K + wg::kBK - 1) / wg::kBK;
   const int tiles = wg::cta_tiles<BM>(p.M, p.N, cta, grid), total = tiles * stages;
-  DeviceWg dev{wgi};
+  DeviceWg dev{{}, wgi};
   wg::LoadCursor lc = wg::load_start<BM>(p, cta, grid, threadIdx.x);
 #pragma unroll
   for (int s = 0; s < T::kAhead; ++s) {
@@ -217,17 +202,7 @@ cudaError_t launch_sz(const w8::Params& p, bool fma, int bm, int sms, cudaStream
 extern "C" int minicpm_int4_w4a8_wgmma_available() {
   static int cached[64];
   static bool asked[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev < 64 && asked[dev]) return cached[dev];
-  cudaFuncAttributes attr{};
-  int built = 0;
-  if (cudaFuncGetAttributes(&attr, w4a8_wgmma_kernel<4, false, __half, 128, false>) == cudaSuccess)
-    built = attr.numRegs >= kBodyMinRegs ? 1 : 0;
-  else
-    (void)cudaGetLastError();  // no code for this GPU: not available, and no error left behind
-  if (dev < 64) cached[dev] = built, asked[dev] = true;
-  return built;
+  return minicpm_int4_launch::body_built(cached, asked, reinterpret_cast<const void*>(w4a8_wgmma_kernel<4, false, __half, 128, false>), kBodyMinRegs);
 }
 
 // MINICPM_INT4_W4A8_WGMMA, read once per process: "0" turns the kernel off (the launcher never takes it, and
@@ -235,12 +210,7 @@ extern "C" int minicpm_int4_w4a8_wgmma_available() {
 // GPU suite's way to measure everything else should the kernel, or its 64-token blocks alone, fail on a GPU.
 namespace {
 int wgmma_switch() {
-  static const int value = [] {
-    const char* v = std::getenv("MINICPM_INT4_W4A8_WGMMA");
-    if (v == nullptr) return -1;
-    const std::string s(v);
-    return s == "0" ? 0 : s == "128" ? 128 : -1;
-  }();
+  static const int value = minicpm_int4_launch::env_switch("MINICPM_INT4_W4A8_WGMMA");
   return value;
 }
 }  // namespace

@@ -153,9 +153,7 @@ MINICPM_HD void stage_piece(const w8::Params& p, const CopyPlan& c, int kb, int 
 template <int BM>
 MINICPM_HD uint64_t x_desc(uint32_t addr, int kt) {
   constexpr int kChunk = Tile<BM>::kChunk;
-  const uint32_t start = addr + 2 * kt * kChunk;
-  return static_cast<uint64_t>((start & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kChunk >> 4) << 16) |
-         (static_cast<uint64_t>(kSBO >> 4) << 32);
+  return minicpm_int4_hd::wgmma_desc(addr + 2 * kt * kChunk, kChunk, kSBO);
 }
 
 // A warpgroup's registers, L lanes of them (L = 1 on the device, 128 in the emulation), for BM tokens a block.
@@ -489,10 +487,8 @@ struct HostWg {
   MINICPM_HD void mma(int32_t (*d)[NA], const uint32_t (*a)[4], uint64_t desc, bool first) const {
     constexpr int kBM = 2 * NA;
 #ifndef __CUDA_ARCH__
-    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) std::abort();  // no swizzle, no base offset
+    uint32_t start, lbo, sbo;
+    if (!minicpm_int4_hd::wgmma_desc_fields(desc, start, lbo, sbo)) std::abort();  // no swizzle, no base offset
     int A[64][32], B[kBM][32];
     for (int l = 0; l < 128; ++l) {
       const int w = l / 32, g = (l % 32) / 4, t = l % 4;
