@@ -35,7 +35,9 @@ class QuantConfig:
             activations), or a dict from model part to either, e.g. ``{"vision": "int8"}`` (parts not
             named use W4A16).
         backend: "auto" (fastest available for the device and M), "triton", "cuda" (the compiled
-            extension), or "torch" (the pure-PyTorch reference; what "auto" means on CPU).
+            extension: its decode kernels up to 16 rows; past 16 its warpgroup-MMA prefill GEMM on an H100 / H200,
+            elsewhere the decode kernel in slices of 16), or "torch" (the pure-PyTorch reference; what "auto" means
+            on CPU).
         method: "search" (clipping-range search, the default: never worse than rtn on any group, and
             measured better on trained weights, see benchmarks/results/cpu/minilm_quality.md) or "rtn"
             (round to nearest with the min/max range) or "gptq" (error feedback along the inverse Hessian

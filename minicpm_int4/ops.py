@@ -180,7 +180,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     in shared memory), or a variant of the Triton kernels
     (dispatch.TRITON_CANDIDATES: at M = 1 "triton-tc", the tensor-core decode kernel instead of the GEMV, or
     the GEMV prefetching / unsplit; at 2..16 the decode kernel's long trip; at M > 16 "triton-dq", the weight
-    dequantized by a Triton kernel then torch's matmul, or the prefill tile as x @ W.T); the
+    dequantized by a Triton kernel then torch's matmul, or the prefill tile as x @ W.T), or at M > 16 "cuda-wgmma"
+    (the extension's warpgroup-MMA prefill GEMM, where it takes the layer and runs on this GPU); the
     activation quantizer's (M, K): "cuda" or the Triton kernel with 4 / 16 warps a row where measured faster;
     the W4A8 GEMM's (M, N, K, group size): the CUDA GEMM (its launcher's choice or a kernel / block size
     forced: W4A8_CUDA_ARGS) where it takes the layer, or the Triton one with each group's K steps unrolled

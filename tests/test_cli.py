@@ -359,6 +359,10 @@ def test_env_report_of_a_gpu_install(monkeypatch):
     info["backends"]["cuda"]["w4a8_kernel"] = "wgmma, 128-token blocks only (...)"
     assert ("backend cuda: minicpm_int4._C loaded (quantize_per_token_int8, w4a16_gemm)\n"
             "  W4A8 GEMM on this GPU: wgmma, 128-token blocks only (...)\n") in diagnose.format_report(info)
+    info["backends"]["cuda"]["w4a16_prefill_kernel"] = "wgmma (warpgroup MMA, sm_90a), 128- or 256-token blocks (...)"
+    assert ("  W4A8 GEMM on this GPU: wgmma, 128-token blocks only (...)\n"
+            "  W4A16 past 16 rows (backend='cuda') on this GPU: wgmma (warpgroup MMA, sm_90a), 128- or 256-token "
+            "blocks (...)\n") in diagnose.format_report(info)
     assert "w4a16_gemm M=1 N=4096 K=4096: cuda" in text and "quantize_per_token_int8 M=4096 K=14336: cuda" in text
     assert ("dispatch table: 1 GPU(s) measured: NVIDIA H200\n  NVIDIA H200: 7 measured rule(s), the activation "
             "quantizer timed at 15 (K, M)") in text
