@@ -143,6 +143,9 @@ def test_cuda_extension_rejects_bad_inputs():
                                             None, 1544, 2)
     with pytest.raises(RuntimeError, match="variant must be"):
         torch.ops.minicpm_int4_C.w4a16_gemm(x, qweight, scales, zeros, None, 32, 7)
+    with pytest.raises(RuntimeError, match=r"the warpgroup-MMA prefill GEMM \(variant 5\) needs K % 64 == 0"):
+        torch.ops.minicpm_int4_C.w4a16_gemm(torch.randn(20, 1544, dtype=torch.float16, device="cuda"), q2, s2, z2,
+                                            None, 1544, 5)
     # a bad input scale or channel order (test_cuda_extension_input_scale_fused and _input_perm_read_with_x run good ones)
     c_ops, k = torch.ops.minicpm_int4_C, 256
     scale = torch.exp(torch.randn(k, device="cuda")).half()
