@@ -70,6 +70,8 @@ SHAPES = [
     (260, 24, 192, 64, 256),  # 256-token blocks (m64n256k16; a ring of 4): M past one by 4, a second block nearly empty
     (300, 264, 320, 32, 256), # 256-token blocks, G = 32, 3 W blocks x 2 token blocks on 3 SMs
     (5, 16, 64, -1, 256),     # 256-token blocks, one stage, per channel with K = G = 64
+    (260, 300, 64, 64, 0),    # one stage a tile, 9 tiles on 3 SMs: every stage crosses into the next tile (copies,
+                              # scales and dequantization a tile ahead of the epilogue)
 ]
 
 
