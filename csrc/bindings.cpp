@@ -109,7 +109,7 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
               "shared memory) or 5 (the warpgroup-MMA prefill GEMM, sm_90a), got ", variant));
   TORCH_CHECK(variant != 5 || minicpm_int4_w4a16_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
               msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) needs K % 64 == 0 and a group size of 32, "
-                  "a multiple of 64 or K; got K=", K, ", group_size=", group_size, " (variant 0 takes it)"));
+                  "a power of two from 64, or K; got K=", K, ", group_size=", group_size, " (variant 0 takes it)"));
   TORCH_CHECK(variant != 5 || !minicpm_int4_w4a16_wgmma_disabled(),
               "w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) is turned off by MINICPM_INT4_W4A16_WGMMA=0");
   TORCH_CHECK(variant < 2 || variant == 5 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),

@@ -172,10 +172,9 @@ class OursW4A16CudaWgmma(_OursW4A16CudaVariant):
 
     def available(self, device):
         reason = super().available(device)
-        if reason is None and (device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0)):
-            reason = "the warpgroup-MMA prefill GEMM needs an H100 / H200 (sm_90a)"
         if reason is None and not ops.cuda_wgmma_w4a16_runs(device.index or 0):
-            reason = "the extension's warpgroup-MMA prefill GEMM does not run on this GPU (_C.w4a16_prefill_kernel())"
+            reason = ("the warpgroup-MMA prefill GEMM does not run here: it needs an H100 / H200 and the extension's "
+                      "sm_90a build, not turned off (_C.w4a16_prefill_kernel() says why)")
         return reason
 
 
