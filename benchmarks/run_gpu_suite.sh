@@ -60,7 +60,7 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
   local parent=$name
   case $name in
     install-without-cuda-extension) parent=install ;;
-    wgmma-smoke-t128|wgmma16-smoke) parent=wgmma-smoke ;;
+    wgmma-smoke-t128|wgmma16-smoke|wgmma16-split-smoke) parent=wgmma-smoke ;;
     model-kernels) parent=profile ;;
   esac
   if [ -n "${SUITE_STAGES:-}" ] && [[ ",$SUITE_STAGES," != *",$parent,"* ]]; then
@@ -99,7 +99,7 @@ else
   # plots take (matplotlib's first import builds its font cache on a fresh machine: warmed in the background
   # below); the profile, after it, gets what is left of the 540 s (little: a second call runs it)
   BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 20000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 150
-              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-trip32,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-trip32,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a16-cuda-wgmma-nosplit,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)
@@ -163,10 +163,15 @@ fi
 # Likewise the warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu; checked on the CPU only when written), which
 # the extension's launcher takes past 16 rows on an H100 / H200 (backend="cuda", the bench's w4a16-cuda-wgmma rows,
 # "auto" where a table picked it): its small tests alone first; should they fail or hang, it is turned off for the
-# rest of the suite (MINICPM_INT4_W4A16_WGMMA=0: past 16 rows the decode kernel in slices, its forced rows an error)
-if ! stage wgmma16-smoke 60 $PY -m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k "w4a16_wgmma_small"; then
+# rest of the suite (MINICPM_INT4_W4A16_WGMMA=0: past 16 rows the decode kernel in slices, its forced rows an error) -
+# they run with its split-K off; where they pass, its split-K's (thread block clusters, distributed shared memory)
+# on their own: should those fail, the kernel keeps a tile a CTA for the rest (MINICPM_INT4_W4A16_WGMMA_SPLIT=0)
+if ! stage wgmma16-smoke 60 env MINICPM_INT4_W4A16_WGMMA_SPLIT=0 $PY -m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k "w4a16_wgmma_small"; then
   export MINICPM_INT4_W4A16_WGMMA=0
   echo "=== [wgmma16-smoke] failed: MINICPM_INT4_W4A16_WGMMA=0 for the rest of the suite" >> "$LOG"
+elif ! stage wgmma16-split-smoke 45 $PY -m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k "w4a16_wgmma_split_small"; then
+  export MINICPM_INT4_W4A16_WGMMA_SPLIT=0
+  echo "=== [wgmma16-split-smoke] failed: MINICPM_INT4_W4A16_WGMMA_SPLIT=0 for the rest of the suite" >> "$LOG"
 fi
 stage gpu-tests "${SUITE_TESTS_S:-150}" env MINICPM_INT4_AUTOTUNE_CACHE=0 $PY -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}" "${TESTS_K[@]}" tests/test_gpu.py
 stage sanitizer 60 env MINICPM_INT4_AUTOTUNE_CACHE=0 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cuda_extension and not real_shapes"

@@ -72,7 +72,8 @@ at::Tensor checked_input_perm(const char* op, const std::optional<at::Tensor>& i
 // CUDA-core GEMV, 2 = the tensor-core kernel (K % 128 == 0, group size a power of two >= 32 or K),
 // 3 = the tensor-core kernel with two chunks of W requested ahead instead of one, 4 = the tensor-core kernel
 // with W copied four chunks ahead into a ring in shared memory (measurements; plain x), 5 = the warpgroup-MMA prefill
-// GEMM (sm_90a; variant 0 takes it for M > 16 where it runs).
+// GEMM (sm_90a; variant 0 takes it for M > 16 where it runs; split-K over a cluster of CTAs a tile where its tiles are
+// too few for the SMs), 6 = it with a tile a CTA, never split (a measurement).
 // input_scale: None, or [K] of the activation dtype: y = (x * input_scale) @ ..., multiplied in the
 // kernels' loads of x (each product rounded to x's dtype, torch's x * input_scale).
 // input_perm: None, or int32 [K], a permutation: y = (x[:, input_perm] * input_scale) @ ..., x read through
@@ -104,18 +105,21 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     bias_ptr = bias->data_ptr();
   }
   TORCH_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "w4a16_gemm: sizes exceed int32");
-  TORCH_CHECK(variant >= 0 && variant <= 5, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV), "
+  TORCH_CHECK(variant >= 0 && variant <= 6, msg("w4a16_gemm (cuda): variant must be 0 (auto), 1 (CUDA-core GEMV), "
               "2 (tensor cores), 3 (tensor cores, two chunks of W ahead), 4 (tensor cores, W through a ring in "
-              "shared memory) or 5 (the warpgroup-MMA prefill GEMM, sm_90a), got ", variant));
-  TORCH_CHECK(variant != 5 || minicpm_int4_w4a16_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
-              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) needs K % 64 == 0 and a group size of 32, "
-                  "a power of two from 64, or K; got K=", K, ", group_size=", group_size, " (variant 0 takes it)"));
-  TORCH_CHECK(variant != 5 || !minicpm_int4_w4a16_wgmma_disabled(),
-              "w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) is turned off by MINICPM_INT4_W4A16_WGMMA=0");
-  TORCH_CHECK(variant < 2 || variant == 5 || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
+              "shared memory), 5 (the warpgroup-MMA prefill GEMM, sm_90a) or 6 (it without split-K), got ", variant));
+  const bool wg_forced = variant == 5 || variant == 6;
+  TORCH_CHECK(!wg_forced || minicpm_int4_w4a16_wgmma_supported(static_cast<int>(K), static_cast<int>(group_size)),
+              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant ", variant, ") needs K % 64 == 0 and a "
+                  "group size of 32, a power of two from 64, or K; got K=", K, ", group_size=", group_size,
+                  " (variant 0 takes it)"));
+  TORCH_CHECK(!wg_forced || !minicpm_int4_w4a16_wgmma_disabled(),
+              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant ", variant, ") is turned off by "
+                  "MINICPM_INT4_W4A16_WGMMA=0"));
+  TORCH_CHECK(variant < 2 || wg_forced || minicpm_int4_w4a16_mma_supported(static_cast<int>(K), static_cast<int>(group_size)),
               msg("w4a16_gemm (cuda): the tensor-core kernel needs K % 128 == 0 and a group size that is a power of two "
                   ">= 32 or K; got K=", K, ", group_size=", group_size, " (variant 0 or 1 takes it)"));
-  TORCH_CHECK(variant < 3 || variant == 5 || (!input_scale.has_value() && !input_perm.has_value()),
+  TORCH_CHECK(variant < 3 || wg_forced || (!input_scale.has_value() && !input_perm.has_value()),
               msg("w4a16_gemm (cuda): variant ", variant, " (", variant == 3 ? "two chunks of W ahead" : "the shared-memory ring",
                   ") is built for plain x only: no input_scale or input_perm (variant 2 takes them)"));
   TORCH_CHECK(K % 32 != 0 || reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
@@ -128,14 +132,14 @@ void w4a16_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const at::Tensor ms = checked_input_scale("w4a16_gemm", input_scale, x);
   at::Tensor perm = checked_input_perm("w4a16_gemm", input_perm, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(variant != 5 || minicpm_int4_w4a16_wgmma_available(),
-              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant 5) needs a GPU that runs the extension's "
+  TORCH_CHECK(!wg_forced || minicpm_int4_w4a16_wgmma_available(),
+              msg("w4a16_gemm (cuda): the warpgroup-MMA prefill GEMM (variant ", variant, ") needs a GPU that runs the extension's "
                   "sm_90a build (an H100 / H200 with TORCH_CUDA_ARCH_LIST including 9.0a); this is ", x.device()));
   if (M == 0) return;
   // The kernel reads x 16 bytes at a time: a view with an odd offset or row stride is copied
   // (an [M, K] row of a decode step: a few KiB, negligible next to the weights). Where the kernel
   // does not read x through the channel order, x is gathered (a fresh, aligned tensor).
-  // The warpgroup-MMA prefill GEMM (M > 16 on an H100 / H200, or variant 5) reads x as it is: gathered and multiplied
+  // The warpgroup-MMA prefill GEMM (M > 16 on an H100 / H200, or variants 5, 6) reads x as it is: gathered and multiplied
   // by the input scale here first (x[:, perm] * input_scale, torch's product: the reference's rounding).
   const bool wgmma = minicpm_int4_w4a16_takes_wgmma(static_cast<int>(M), static_cast<int>(K), static_cast<int>(group_size),
                                                     static_cast<int>(variant)) != 0;
@@ -335,15 +339,41 @@ static PyObject* w4a16_prefill_kernel(PyObject*, PyObject*) {
   else if (!minicpm_int4_w4a16_wgmma_available())
     what = "the tensor-core decode kernel in slices of 16 rows (no sm_90a build of the wgmma prefill GEMM for this GPU: "
            "it needs an H100 / H200 and TORCH_CUDA_ARCH_LIST=9.0a)";
+  else if (minicpm_int4_w4a16_wgmma_split_disabled())
+    what = "wgmma (warpgroup MMA, sm_90a), 128- or 256-token blocks by the launcher's waves rule, split-K turned off "
+           "by MINICPM_INT4_W4A16_WGMMA_SPLIT=0";
   else
-    what = "wgmma (warpgroup MMA, sm_90a), 128- or 256-token blocks by the launcher's waves rule";
+    what = "wgmma (warpgroup MMA, sm_90a), 128- or 256-token blocks by the launcher's waves rule, split-K over clusters "
+           "of 2 - 8 CTAs where the tiles are too few for the SMs";
   return PyUnicode_FromString(what);
+}
+
+// minicpm_int4._C.w4a16_wgmma_splits(M, N, K, group_size, bf16=False): the CTAs a tile (split-K over a thread block
+// cluster) the launcher's choice of the W4A16 warpgroup-MMA GEMM takes for this GEMM on the current GPU - 1 unsplit,
+// 2 / 4 / 8 - or 0 where that kernel does not run here or take the layer: for the GPU tests and `minicpm-int4 env`.
+static PyObject* w4a16_wgmma_splits(PyObject*, PyObject* args) {
+  int M = 0, N = 0, K = 0, G = 0, bf16 = 0;
+  if (!PyArg_ParseTuple(args, "iiii|p", &M, &N, &K, &G, &bf16)) return nullptr;
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    PyErr_SetString(PyExc_RuntimeError, "w4a16_wgmma_splits: no CUDA device");
+    return nullptr;
+  }
+  const int r = minicpm_int4_w4a16_wgmma_splits(M, N, K, G, bf16 ? 1 : 0, sms);
+  if (r < 0) {
+    PyErr_Format(PyExc_RuntimeError, "w4a16_wgmma_splits: %s", cudaGetErrorString(static_cast<cudaError_t>(-r)));
+    return nullptr;
+  }
+  return PyLong_FromLong(r);
 }
 
 static PyMethodDef methods[] = {
     {"w4a8_kernel", w4a8_kernel, METH_NOARGS, "Which CUDA W4A8 GEMM the launcher takes on the current GPU, and why."},
     {"w4a16_prefill_kernel", w4a16_prefill_kernel, METH_NOARGS,
      "What the CUDA W4A16 launcher runs past M = 16 on the current GPU, and why."},
+    {"w4a16_wgmma_splits", w4a16_wgmma_splits, METH_VARARGS,
+     "w4a16_wgmma_splits(M, N, K, group_size, bf16=False): the CTAs a tile (split-K) the W4A16 wgmma GEMM takes here."},
     {nullptr, nullptr, 0, nullptr}};
 
 // `import minicpm_int4._C` loads this library, which runs the registrations above.

@@ -28,14 +28,16 @@ extern "C" {
 // CUDA-core GEMV, 2 = tensor cores, 3 = tensor cores with two chunks of W requested ahead instead of
 // one, 4 = tensor cores with W copied (cp.async) four chunks ahead into a ring in shared memory (scales
 // and zero points loaded as far ahead into registers) - measurement variants: plain x only, no
-// input_scale or input_perm, else cudaErrorInvalidValue. 5 = the warpgroup-MMA prefill GEMM (below), any M.
+// input_scale or input_perm, else cudaErrorInvalidValue. 5 = the warpgroup-MMA prefill GEMM (below), any M (split-K
+// over a cluster of CTAs a tile where its tiles are too few to fill the SMs), 6 = it with a tile a CTA, never split
+// (a measurement variant).
 cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_scale, const int32_t* input_perm,
                                     const int32_t* qweight, const void* scales, const void* zeros, const void* bias,
                                     void* out, int M, int N, int K, int group_size, int64_t ldx, int64_t ldo, int dtype,
                                     int variant, cudaStream_t stream);
 
 // 1 where minicpm_int4_w4a16_gemv runs the warpgroup-MMA prefill GEMM (csrc/w4a16_wgmma.cu) for these
-// arguments: variant 5, or variant 0 with M > 16 on a GPU that runs its sm_90a build, for a (K, group_size) it takes
+// arguments: variant 5 or 6, or variant 0 with M > 16 on a GPU that runs its sm_90a build, for a (K, group_size) it takes
 // and unless MINICPM_INT4_W4A16_WGMMA=0. That kernel takes no input_scale or input_perm: the caller passes x
 // gathered and multiplied (else cudaErrorInvalidValue).
 int minicpm_int4_w4a16_takes_wgmma(int M, int K, int group_size, int variant);
@@ -51,10 +53,15 @@ int minicpm_int4_w4a16_reads_perm(int K, int group_size, int variant, int has_in
 // where minicpm_int4_w4a16_takes_wgmma says so): 1 where it takes (K, group_size) - K % 64 == 0 and a group of 32,
 // a power of two from 64, or K -; 1 where the current GPU runs it (an sm_90a build, loaded for an H100 / H200); 1
 // where MINICPM_INT4_W4A16_WGMMA=0 turns it off (read once per process: never the launcher's choice, variant 5
-// cudaErrorNotPermitted).
+// cudaErrorNotPermitted); 1 where MINICPM_INT4_W4A16_WGMMA_SPLIT=0 turns its split-K off (a tile a CTA always).
 int minicpm_int4_w4a16_wgmma_supported(int K, int group_size);
 int minicpm_int4_w4a16_wgmma_available(void);
 int minicpm_int4_w4a16_wgmma_disabled(void);
+int minicpm_int4_w4a16_wgmma_split_disabled(void);
+// The CTAs a tile (split-K) the launcher's choice takes for an M x N x K GEMM on the current GPU with `sms` SMs
+// (dtype 0 fp16, 1 bf16): 1 unsplit, 2 / 4 / 8; 0 where the kernel does not run here or take the layer; negative: a
+// CUDA error.
+int minicpm_int4_w4a16_wgmma_splits(int M, int N, int K, int group_size, int dtype, int sms);
 
 // Per-token int8: scale[m] = max|x[m, :]| / 127, xq[m, k] = rint(x[m, k] / scale[m]) in [-127, 127].
 // x [M, K] with row stride ldx (elements); xq contiguous [M, K]. dtype: 0 = fp16, 1 = bf16, 2 = fp32.

@@ -4,7 +4,7 @@
 //   - a CUDA-core GEMV (w4a16_gemv_core.cuh): M = 1..8 per launch, any K % 8 == 0 and G % 8 == 0.
 // "auto" takes the tensor-core kernel where it applies. Larger M runs in slices of 16 - but on a GPU that runs
 // the sm_90a build, M > 16 goes to the warpgroup-MMA prefill GEMM (csrc/w4a16_wgmma.cu) where it takes the layer
-// (variant 0; variant 5 forces it). A layer's input scale (QuantConfig.input_scales)
+// (variant 0; variant 5 forces it, 6 with a tile a CTA). A layer's input scale (QuantConfig.input_scales)
 // is multiplied into x as it is loaded, by instantiations of their own (S = true). The tensor-core
 // kernel also reads x through an act-order layer's channel order (input_perm; P = true, a layer
 // without an input scale - what GPTQ / compressed-tensors checkpoints give); for the other cases the
@@ -307,12 +307,12 @@ extern "C" cudaError_t minicpm_int4_w4a16_gemv(const void* x, const void* input_
                                                const void* bias, void* out, int M, int N, int K, int group_size,
                                                int64_t ldx, int64_t ldo, int dtype, int variant, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 != 0 || group_size <= 0 || group_size % 8 != 0 || K % group_size != 0 ||
-      variant < 0 || variant > 5)
+      variant < 0 || variant > 6)
     return cudaErrorInvalidValue;
   if (minicpm_int4_w4a16_takes_wgmma(M, K, group_size, variant)) {  // prefill on Hopper (csrc/w4a16_wgmma.cu)
     if (input_scale != nullptr || input_perm != nullptr) return cudaErrorInvalidValue;  // the caller applies them first
     return minicpm_int4_w4a16_wg::launch(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, dtype, 0,
-                                         sm_count(), stream);
+                                         variant == 6 ? 1 : 0, sm_count(), stream);
   }
   // x, the input scale and the channel order are read 8 values (16 or 32 bytes) at a time; qweight's
   // rows 16 bytes at a time when K % 32 == 0
@@ -339,7 +339,7 @@ extern "C" int minicpm_int4_w4a16_mma_supported(int K, int group_size) {
 }
 
 extern "C" int minicpm_int4_w4a16_takes_wgmma(int M, int K, int group_size, int variant) {
-  if (variant == 5) return 1;  // forced: the wgmma launcher says why where it cannot run
+  if (variant == 5 || variant == 6) return 1;  // forced: the wgmma launcher says why where it cannot run
   return variant == 0 && M > minicpm_int4_mma::kMaxM && minicpm_int4_w4a16_wgmma_supported(K, group_size) &&
                  !minicpm_int4_w4a16_wgmma_disabled() && minicpm_int4_w4a16_wgmma_available()
              ? 1

@@ -123,6 +123,36 @@ MINICPM_HD int block_tokens(int M, int N, int sms) {
   return w256 * 18 <= w128 * 10 ? 256 : 128;
 }
 
+// ---- split-K: a grid under one wave of tiles ----------------------------------------------------------------------
+// Where the 128-token tiles are too few to fill the SMs (M <= 128, or M = 256 on a 4096-wide layer: 64 tiles on 132
+// SMs), each tile is computed by a cluster of `splits` CTAs (2, 4 or 8; thread block clusters, sm_90), CTA r of it
+// summing k-blocks [stages r / splits, stages (r + 1) / splits): a decode-sized M is W-bound, and a tile a CTA
+// would leave most SMs - and most of HBM's bandwidth - idle. Each CTA writes its partial sums to its own shared
+// memory (part_out: fp32, the ring's space, free by then); after the cluster's barrier CTA r reads a share of the
+// tile from every CTA of the cluster (distributed shared memory), adds them in rank order - the same order whichever
+// CTA finishes first: deterministic -, adds the bias, rounds once and stores (split_reduce). No workspace in global
+// memory, no second kernel, no atomics. The largest power of two up to kMaxSplit that keeps tiles x splits within
+// the SMs and at least kMinSplitStages stages a CTA (a CTA's pipeline fill and the reduction cost a few stages'
+// time); the launcher takes fewer where the GPU fits fewer such clusters at once (cudaOccupancyMaxActiveClusters).
+// 128-token blocks only (a grid under one wave never takes 256: block_tokens).
+constexpr int kMaxSplit = 8;        // the portable cluster size
+constexpr int kMinSplitStages = 4;  // 256 k a CTA at least
+MINICPM_HD int split_k(int M, int N, int K, int sms) {
+  const long tiles = blocks<128>(M, N);
+  const int stages = K / kBK;
+  int s = 1;
+  while (2 * s <= kMaxSplit && tiles * 2 * s <= sms && stages / (2 * s) >= kMinSplitStages) s *= 2;
+  return s;
+}
+// CTA `rank` of a tile's `splits`: its k-blocks [kb0, kb1).
+MINICPM_HD void split_range(int stages, int splits, int rank, int& kb0, int& kb1) {
+  kb0 = static_cast<int>(static_cast<long>(stages) * rank / splits);
+  kb1 = static_cast<int>(static_cast<long>(stages) * (rank + 1) / splits);
+}
+constexpr int kPartStride = kBN + 4;  // floats a token in a CTA's partial tile [token][row of W]: + 4, so that a
+                                      // warp's 32 lanes (rows g, tokens 2t) write 32 distinct banks
+static_assert(128 * kPartStride * 4 <= Tile<128>::kStages * Tile<128>::kStageBytes, "a partial tile in the ring");
+
 template <typename T>
 struct Params {
   const T* x;             // [M, K], row stride ldx (a multiple of 8), 16-byte aligned
@@ -136,6 +166,7 @@ struct Params {
   int gshift;             // group_shift(K, G)
   long ldx, ldo;
   uint32_t mask;          // fp16: 0x00F0000F, bf16: 0x0000000F - passed at run time so that the masks stay one LOP3
+  int splits = 1;         // CTAs a tile (split-K over a cluster: split_k), 1: a tile a CTA, persistent
 };
 
 // ---- copies: the 16-byte pieces thread tid copies each stage ----------------------------------------------------
@@ -191,19 +222,21 @@ struct LoadCursor {
   CopyPlan plan;
 };
 
+// (cta, grid: the CTA's place among the tiles' CTAs - its cluster's under split-K, one tile each -; kb0: the
+// first k-block it sums, kb1 the end: a tile's K is [kb0, kb1), all of it (0, stages) but under split-K)
 template <typename T, int BM>
-MINICPM_HD LoadCursor load_start(const Params<T>& p, int cta, int grid, int tid) {
+MINICPM_HD LoadCursor load_start(const Params<T>& p, int cta, int grid, int tid, int kb0) {
   LoadCursor c;
-  c.kb = 0;
+  c.kb = kb0;
   c.w = walk_start<BM>(p.M, cta, grid);
   c.plan = copy_plan<T, BM>(p, c.w.bm * BM, c.w.bn * kBN, tid);
   return c;
 }
 
 template <typename T, int BM>
-MINICPM_HD void load_step(const Params<T>& p, int stages, int tid, LoadCursor& c) {
-  if (++c.kb < stages) return;
-  c.kb = 0;
+MINICPM_HD void load_step(const Params<T>& p, int kb0, int kb1, int tid, LoadCursor& c) {
+  if (++c.kb < kb1) return;
+  c.kb = kb0;
   walk_next(c.w);
   c.plan = copy_plan<T, BM>(p, c.w.bm * BM, c.w.bn * kBN, tid);
 }
@@ -250,10 +283,10 @@ struct DqCursor {
 };
 
 template <typename T, int BM, int L, int GS>
-MINICPM_HD void dq_step(const Params<T>& p, int stages, int wgi, const int (&lanes)[L], DqCursor& c,
+MINICPM_HD void dq_step(const Params<T>& p, int kb0, int kb1, int wgi, const int (&lanes)[L], DqCursor& c,
                         WgState<BM, L, GS>& st) {
-  if (++c.kb < stages) return;
-  c.kb = 0;
+  if (++c.kb < kb1) return;
+  c.kb = kb0;
   walk_next(c.w);
   wg_rows(p, c.w.bn * kBN + 64 * wgi, 64 * wgi, lanes, st);
 }
@@ -377,6 +410,65 @@ MINICPM_HD void tile_store(const Params<T>& p, int m0, int n0, const uint8_t* ti
   }
 }
 
+// ---- split-K's partial tiles and their sum ----------------------------------------------------------------------
+// Each lane's fp32 sums as they are into the CTA's partial tile [token][row of W] (kPartStride floats a token).
+template <int BM, int L, int GS>
+MINICPM_HD void part_out(int wrow, const int (&lanes)[L], const WgState<BM, L, GS>& st, float* part) {
+  for (int l = 0; l < L; ++l) {
+    const int lane = lanes[l] & 31, g = lane >> 2, t = lane & 3, r = wrow + 16 * (lanes[l] >> 5) + g;
+    MINICPM_UNROLL
+    for (int c = 0; c < BM / 8; ++c)
+      MINICPM_UNROLL
+      for (int e = 0; e < 4; ++e) part[(8 * c + 2 * t + (e & 1)) * kPartStride + r + 8 * (e >> 1)] = st.acc[l][4 * c + e];
+  }
+}
+
+// CTA `rank`'s share of its cluster's tile: the 4-row pieces u = 256 j + tid (token u / 32, rows 4 (u % 32) ..
+// + 3: a warp's 32 pieces one token's 128 rows, 512 contiguous bytes of each partial and 256 of out) of the blocks j
+// with j % splits == rank; each the sum of parts(0) .. parts(splits - 1) (the cluster's partial tiles, rank order:
+// the device maps its own into each CTA's shared memory, mapa; the emulation has them side by side) + bias,
+// rounded to T - the reference's fp32 add and cast - and stored 8 bytes at a time (element by element where out's
+// rows are not 8-byte aligned or at N's edge); tokens past M and rows past N are not read.
+template <typename T, int BM, typename Parts>
+MINICPM_HD void split_reduce(const Params<T>& p, int m0, int n0, const Parts& parts, int splits, int rank, int tid) {
+  static_assert(BM * kBN / 4 % kThreads == 0, "whole blocks of pieces");
+  const bool vec = ((reinterpret_cast<uintptr_t>(p.out) | static_cast<uintptr_t>(p.ldo * 2)) & 7) == 0;
+  for (int j = rank; j < BM * kBN / 4 / kThreads; j += splits) {
+    const int u = j * kThreads + tid, tok = u / 32, row = (u % 32) * 4, m = m0 + tok, n = n0 + row;
+    if (m >= p.M || n >= p.N) continue;
+    float v[4];
+    for (int s = 0; s < splits; ++s) {
+      float q[4];
+#ifdef __CUDA_ARCH__
+      const float4 f = *reinterpret_cast<const float4*>(parts(s) + tok * kPartStride + row);
+      q[0] = f.x, q[1] = f.y, q[2] = f.z, q[3] = f.w;
+#else
+      std::memcpy(q, parts(s) + tok * kPartStride + row, 16);
+#endif
+      MINICPM_UNROLL
+      for (int i = 0; i < 4; ++i) v[i] = s == 0 ? q[i] : v[i] + q[i];
+    }
+    T o[4];
+    MINICPM_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      if (p.bias != nullptr && n + i < p.N) v[i] = v[i] + Pair<T>::to_f32(ldg(p.bias + n + i));
+      o[i] = Pair<T>::from_f32(v[i]);
+    }
+    T* dst = p.out + static_cast<long>(m) * p.ldo + n;
+    if (vec && n + 4 <= p.N) {
+#ifdef __CUDA_ARCH__
+      uint2 w;
+      std::memcpy(&w, o, 8);
+      *reinterpret_cast<uint2*>(dst) = w;
+#else
+      std::memcpy(dst, o, 8);
+#endif
+    } else {
+      for (int i = 0; i < 4 && n + i < p.N; ++i) dst[i] = o[i];
+    }
+  }
+}
+
 // ---- the warpgroup MMA on the host, for all 128 lanes, from the layouts above ----------------------------------
 // The products are exact in double and each wgmma's 16 summed there, then added to the fp32 accumulator (the
 // hardware's order and internal rounding differ: the tests' tolerance is derived for any fp32 summation order).
@@ -423,14 +515,16 @@ struct HostWg {
 // out[M, N] = x @ dequant(W).T (+ bias) for fp16 (dtype 0) / bf16 (1) x [M, K] with row stride ldx (a multiple of 8),
 // x and qweight 16-byte aligned (else cudaErrorMisalignedAddress); no input scale or channel order (the caller applies
 // them to x first). block_tokens: 128 or 256, or 0 for block_tokens' rule (128 only under
-// MINICPM_INT4_W4A16_WGMMA=128); sms: the device's SMs. cudaErrorInvalidValue where the kernel does not take the
-// arguments (supported), cudaErrorNoKernelImageForDevice where this GPU has no sm_90a build, cudaErrorNotPermitted
-// where MINICPM_INT4_W4A16_WGMMA turns it (0) or its 256-token blocks (128) off. A C++ function (its parameter types
-// in its linked name), declared here once.
+// MINICPM_INT4_W4A16_WGMMA=128); split: 0 for split_k's rule (fewer where the GPU fits fewer clusters at once;
+// none under MINICPM_INT4_W4A16_WGMMA_SPLIT=0), 1 never (a tile a CTA), 2 / 4 / 8 that many CTAs a tile (128-token
+// blocks); sms: the device's SMs. cudaErrorInvalidValue where the kernel does not take the arguments (supported),
+// cudaErrorNoKernelImageForDevice where this GPU has no sm_90a build, cudaErrorNotPermitted where
+// MINICPM_INT4_W4A16_WGMMA turns it (0) or its 256-token blocks (128) off. A C++ function (its parameter types in its
+// linked name), declared here once.
 #if defined(__CUDACC__) && defined(CUDART_VERSION)
 cudaError_t launch(const void* x, const int32_t* qweight, const void* scales, const void* zeros, const void* bias,
                    void* out, int M, int N, int K, int group_size, int64_t ldx, int64_t ldo, int dtype, int block_tokens,
-                   int sms, cudaStream_t stream);
+                   int split, int sms, cudaStream_t stream);
 #endif
 
 }  // namespace minicpm_int4_w4a16_wg

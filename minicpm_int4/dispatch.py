@@ -17,8 +17,9 @@ y = x @ W.T); and, with the extension built, M <= 16, "cuda" (its launcher's cho
 tensor-core kernel with W requested two chunks ahead, variant 3, or through a ring in shared memory, variant 4:
 for a layer they do not take - an input scale, a channel order, K % 128 != 0 or a group size that is no power
 of two - ops.py runs "cuda"'s kernel); past 16, with the extension built, "cuda-wgmma" (its warpgroup-MMA
-prefill GEMM, launcher variant 5, sm_90a: for a layer it does not take - K % 64 != 0, or a group that is neither
-32 nor a power of two - ops.py runs "triton"). So a
+prefill GEMM, launcher variant 5, sm_90a, split-K over clusters of CTAs where its tiles are too few for the SMs;
+"cuda-wgmma-nosplit", variant 6, it with a tile a CTA: for a layer they do not take - K % 64 != 0, or a group that
+is neither 32 nor a power of two - ops.py runs "triton"). So a
 GPU run that measures a variant faster makes "auto" take it for that shape with no change to the code's
 defaults. `minicpm_int4/dispatch_table.json` (package data) is written by
 `python benchmarks/make_dispatch_table.py benchmarks/results/<gpu>/bench.json` from a `bench` run (its
@@ -55,9 +56,9 @@ TABLE_ENV = "MINICPM_INT4_DISPATCH_TABLE"
 TABLE_PATH = os.environ.get(TABLE_ENV) or PACKAGE_TABLE_PATH  # the table "auto" reads
 CUDA_MAX_M = 16
 # the W4A16 candidates that need the extension: its launcher's choice and its variants (ops.W4A16_CUDA_VARIANTS)
-CUDA_CANDIDATES = ("cuda", "cuda-gemv", "cuda-ahead2", "cuda-ring", "cuda-wgmma")
+CUDA_CANDIDATES = ("cuda", "cuda-gemv", "cuda-ahead2", "cuda-ring", "cuda-wgmma", "cuda-wgmma-nosplit")
 # the CUDA candidates measured and picked past the decode sizes only (the rest: M <= CUDA_MAX_M)
-CUDA_PREFILL_CANDIDATES = ("cuda-wgmma",)
+CUDA_PREFILL_CANDIDATES = ("cuda-wgmma", "cuda-wgmma-nosplit")
 # The Triton kernels' variants (kernels/w4a16.py VARIANTS: one of that module's settings changed for a call) and
 # the M they are measured and picked at (a candidate is only ever compared where it runs something other than
 # "triton": "triton-tc" / "-prefetch" / "-unsplit" change the M = 1 GEMV, "triton-trip32" the 2..16-row decode

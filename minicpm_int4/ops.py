@@ -116,10 +116,13 @@ def _cuda_w4a8(k: int, group_size: int):
 
 # The W4A16 candidates of dispatch.py that run the extension (CUDA_CANDIDATES): its launcher variant for each
 # (csrc/bindings.cpp: 0 = its own choice, 1 = the CUDA-core GEMV, 3 = the tensor-core kernel requesting W two
-# chunks ahead, 4 = it with W through a ring in shared memory), and whether the variant takes only plain x (no
+# chunks ahead, 4 = it with W through a ring in shared memory, 5 = the warpgroup-MMA prefill GEMM, 6 = it with a tile
+# a CTA, its split-K off), and whether the variant takes only plain x (no
 # input scale or channel order) on the tensor-core kernel's layouts (cuda_mma_supported) - elsewhere variant 0
 W4A16_CUDA_VARIANTS = {"cuda": (0, False), "cuda-gemv": (1, False), "cuda-ahead2": (3, True), "cuda-ring": (4, True),
-                       "cuda-wgmma": (5, False)}
+                       "cuda-wgmma": (5, False), "cuda-wgmma-nosplit": (6, False)}
+# the W4A16 candidates that run the warpgroup-MMA prefill GEMM (sm_90a; the layers cuda_wgmma_w4a16_supported takes)
+W4A16_WGMMA_CANDIDATES = ("cuda-wgmma", "cuda-wgmma-nosplit")
 # The activation quantizer's Triton candidates of dispatch.py and the warps a row each runs with (None: the
 # kernel's own choice, kernels/act_quant.py)
 ACT_QUANT_TRITON_WARPS = {"triton": None, "triton-4w": 4, "triton-16w": 16}
@@ -181,7 +184,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, shape=None) -> 
     (dispatch.TRITON_CANDIDATES: at M = 1 "triton-tc", the tensor-core decode kernel instead of the GEMV, or
     the GEMV prefetching / unsplit; at 2..16 the decode kernel's long trip; at M > 16 "triton-dq", the weight
     dequantized by a Triton kernel then torch's matmul, or the prefill tile as x @ W.T), or at M > 16 "cuda-wgmma"
-    (the extension's warpgroup-MMA prefill GEMM, where it takes the layer and runs on this GPU); the
+    (the extension's warpgroup-MMA prefill GEMM, where it takes the layer and runs on this GPU; split-K over
+    clusters of CTAs where its tiles are too few for the SMs) or "cuda-wgmma-nosplit" (it with a tile a CTA); the
     activation quantizer's (M, K): "cuda" or the Triton kernel with 4 / 16 warps a row where measured faster;
     the W4A8 GEMM's (M, N, K, group size): the CUDA GEMM (its launcher's choice or a kernel / block size
     forced: W4A8_CUDA_ARGS) where it takes the layer, or the Triton one with each group's K steps unrolled
@@ -372,7 +376,7 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
                      group_size: int, backend: str, workspace: Optional[Tensor] = None,
                      input_scale: Optional[Tensor] = None, input_perm: Optional[Tensor] = None) -> Tensor:
     be = resolve_backend(backend, x.device, "w4a16_gemm", shape=(x.shape[0], qweight.shape[0], x.shape[1]))
-    if be == "cuda-wgmma" and not (cuda_wgmma_w4a16_supported(x.shape[1], group_size)
+    if be in W4A16_WGMMA_CANDIDATES and not (cuda_wgmma_w4a16_supported(x.shape[1], group_size)
                                    and cuda_wgmma_w4a16_runs(x.device.index or 0)):
         # the table's pick for this shape (measured at the bench's group size), for a layer the kernel does not take
         # or where it does not run (an extension built without sm_90a, or turned off): the Triton kernels

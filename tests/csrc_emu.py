@@ -42,7 +42,8 @@ def build(out_dir) -> ctypes.CDLL:
                                                    + [ctypes.c_int] * 5)
     so.minicpm_int4_w4a8_wgmma_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a16_wgmma_emulate.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [ctypes.c_long] * 2
-                                                    + [ctypes.c_int] * 3)
+                                                    + [ctypes.c_int] * 4)
+    so.minicpm_int4_w4a16_wgmma_split_k.argtypes = [ctypes.c_int] * 4
     so.minicpm_int4_w4a16_wgmma_supported.argtypes = [ctypes.c_int] * 2
     so.minicpm_int4_w4a16_wgmma_block_tokens.argtypes = [ctypes.c_int] * 3
     so.minicpm_int4_w4a8_wgmma_tile.argtypes = [ctypes.c_int] * 5
@@ -54,7 +55,7 @@ def build(out_dir) -> ctypes.CDLL:
     so.minicpm_int4_w4a8_block_rows.argtypes = [ctypes.c_int] * 3
     so.minicpm_int4_w4a8_static_group_tiles.argtypes = [ctypes.c_int] * 2
     for f in (so.minicpm_int4_w4a16_wgmma_emulate, so.minicpm_int4_w4a16_wgmma_supported,
-              so.minicpm_int4_w4a16_wgmma_block_tokens, so.minicpm_int4_w4a8_wgmma_emulate, so.minicpm_int4_w4a8_wgmma_supported,
+              so.minicpm_int4_w4a16_wgmma_block_tokens, so.minicpm_int4_w4a16_wgmma_split_k, so.minicpm_int4_w4a8_wgmma_emulate, so.minicpm_int4_w4a8_wgmma_supported,
               so.minicpm_int4_w4a8_wgmma_tile, so.minicpm_int4_w4a8_wgmma_cta_tiles, so.minicpm_int4_w4a8_wgmma_grid,
               so.minicpm_int4_w4a8_wgmma_block_tokens,
               so.minicpm_int4_w4a8_emulate, so.minicpm_int4_w4a8_supported, so.minicpm_int4_w4a8_magic_convert,

@@ -491,7 +491,9 @@ def _run_suite_with_a_stub_python(tmp_path, wheels, **env):
                     f"with open({str(calls)!r}, 'a') as f:\n"
                     "    f.write(json.dumps({'args': a, 'pythonpath': os.environ.get('PYTHONPATH', ''),\n"
                     "                        'table': os.environ.get('MINICPM_INT4_DISPATCH_TABLE'),\n"
-                    "                        'wgmma': os.environ.get('MINICPM_INT4_W4A8_WGMMA')}) + '\\n')\n"
+                    "                        'wgmma': os.environ.get('MINICPM_INT4_W4A8_WGMMA'),\n"
+                    "                        'wgmma16': os.environ.get('MINICPM_INT4_W4A16_WGMMA'),\n"
+                    "                        'split16': os.environ.get('MINICPM_INT4_W4A16_WGMMA_SPLIT')}) + '\\n')\n"
                     # a call with an argument that is one of STUB_FAIL's (|-separated) fails
                     "fail = set(filter(None, os.environ.get('STUB_FAIL', '').split('|')))\n"
                     "sys.exit(1 if fail & set(a) else 0)\n")
@@ -564,6 +566,24 @@ def test_gpu_suite_turns_the_wgmma_kernel_off_only_as_its_smoke_tests_say(tmp_pa
         assert _suite_call(calls, "-m", "gpu")["wgmma"] == wgmma, (stages, fail, log)
 
 
+@pytest.mark.parametrize("fail, wgmma16, split16", [("", None, None), ("w4a16_wgmma_small", "0", None),
+                                                     ("w4a16_wgmma_split_small", None, "0")])
+def test_gpu_suite_turns_the_w4a16_wgmma_kernel_or_its_split_off_only_as_its_smoke_tests_say(tmp_path, fail, wgmma16,
+                                                                                              split16):
+    """The W4A16 wgmma kernel's small tests (stage wgmma16-smoke) gate it, then its split-K's (wgmma16-split-smoke,
+    run only where the kernel passed) gate the split: passed, untouched; the kernel's failed, MINICPM_INT4_W4A16_WGMMA=0
+    (the split's tests not run: nothing of the kernel runs); the split's failed, MINICPM_INT4_W4A16_WGMMA_SPLIT=0 and
+    the kernel kept - also where SUITE_STAGES names wgmma-smoke alone, whose stages they are."""
+    for stages in (None, "wgmma-smoke,gpu-tests"):
+        sub = tmp_path / (stages or "all")
+        sub.mkdir()
+        calls, log = _run_suite_with_a_stub_python(sub, [], STUB_FAIL=fail, **({"SUITE_STAGES": stages} if stages else {}))
+        tests = _suite_call(calls, "-m", "gpu")
+        assert (tests["wgmma16"], tests["split16"]) == (wgmma16, split16), (stages, fail, log)
+        ran_split = [c for c in calls if "w4a16_wgmma_split_small" in c["args"]]
+        assert bool(ran_split) == (fail != "w4a16_wgmma_small"), (stages, fail)
+
+
 def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):
     """The counters stage (ncu's hardware counters, 2 result files) is opt-in: the full suite already writes the 8
     files a device call brings back. Named in SUITE_STAGES it runs once, after the bench, into the output folder."""
@@ -589,7 +609,7 @@ def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):
 
 def test_every_test_selection_of_the_gpu_suite_selects_tests():
     """Each `-k` the suite runs tests/test_gpu.py with (wgmma-smoke's W4A8 and W4A16 kernels, the former's 128-token
-    fallback, the sanitizer's) selects
+    fallback, the latter's split-K, the sanitizer's) selects
     some: one that a renamed test left empty would make pytest exit 5, which the suite reads as a failure (the wgmma
     kernel turned off for a run, a sanitizer verdict without tests)."""
     import re
@@ -598,7 +618,7 @@ def test_every_test_selection_of_the_gpu_suite_selects_tests():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = open(os.path.join(here, "benchmarks", "run_gpu_suite.sh")).read()
     selections = re.findall(r'tests/test_gpu\.py -k "([^"$]+)"', script)
-    assert len(selections) == 4, selections
+    assert len(selections) == 5, selections
     for k in selections:
         r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                             os.path.join(here, "tests", "test_gpu.py"), "-k", k], capture_output=True, text=True,
@@ -615,7 +635,8 @@ def test_the_stage_lists_the_docs_give_name_the_suites_stages():
     script = open(os.path.join(here, "benchmarks", "run_gpu_suite.sh")).read()
     stages = set(re.findall(r"^\s*(?:if !? ?)?(?:\|\| )?stage ([a-z0-9-]+) ", script, re.M))
     stages |= set(re.findall(r"(?:\|\||&&|if !?|then|\]) stage ([a-z0-9-]+) ", script))
-    assert {"install", "profile", "bench", "wgmma-smoke", "wgmma-smoke-t128", "wgmma16-smoke", "model-kernels",
+    assert {"install", "profile", "bench", "wgmma-smoke", "wgmma-smoke-t128", "wgmma16-smoke", "wgmma16-split-smoke",
+            "model-kernels",
             "peers"} <= stages
     docs = script + open(os.path.join(here, "benchmarks", "README.md")).read()
     lists = re.findall(r"SUITE_STAGES=([a-z0-9,-]+)", docs)

@@ -200,8 +200,9 @@ def test_w4a8_gemm_instantiations_and_loop(variants):
 
 
 def test_w4a16_wgmma_instantiations_and_loop(variants):
-    """The warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu), sm_90a only: the 8 instantiations its launcher
-    picks (fp16 / bf16; blocks of 128 or 256 tokens, BM; one or two groups a 64-k stage, GS) compile with no stack and
+    """The warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu), sm_90a only: the 12 instantiations its launcher
+    picks (fp16 / bf16; blocks of 128 or 256 tokens, BM; one or two groups a 64-k stage, GS; and at 128 split-K over a
+    cluster, SPLIT - its stage loop the same, its epilogue the partial tile and the cluster's sum) compile with no stack and
     no local memory, at most 255 registers, and the stage loop holds both of its branches (the stage's A in set 0 or
     1, the other set dequantized while it runs): 4 HGMMA (m64nBMk16) after one warpgroup.arrive (wgmma.fence) each -
     none injected by ptxas inside a run of wgmma - and one wait for all but the newest group (wgmma.wait_group 1),
@@ -213,8 +214,9 @@ def test_w4a16_wgmma_instantiations_and_loop(variants):
     and ~775 at 256; bf16, which shifts each nibble down, ~680 / ~870)."""
     assert not [v for v in variants if v.kernel == "w4a16-wg" and v.arch != "sm90a"]
     wg = _pick(variants, "sm90a", "w4a16-wg")
-    assert sorted((v.dtype, v.params["BM"], v.params["GS"]) for v in wg) == sorted(
-        (d, bm, gs) for d in ("float16", "bfloat16") for bm in (128, 256) for gs in (1, 2))
+    assert sorted((v.dtype, v.params["BM"], v.params["GS"], v.params["SPLIT"]) for v in wg) == sorted(
+        [(d, bm, gs, 0) for d in ("float16", "bfloat16") for bm in (128, 256) for gs in (1, 2)]
+        + [(d, 128, gs, 1) for d in ("float16", "bfloat16") for gs in (1, 2)])
     import re
     src = open(os.path.join(csrc_inspect.CSRC, "w4a16_wgmma.cu")).read()
     body_min = int(re.search(r"constexpr int kBodyMinRegs = (\d+);", src).group(1))

@@ -26,9 +26,10 @@ DTYPES = [torch.float16, torch.bfloat16]
 CODE = {torch.float16: 0, torch.bfloat16: 1}
 
 
-def _emulate(emu, x, qweight, scales, zeros, bias, gs, block_tokens=0, sms=3, ldo=None):
-    """The kernel's persistent CTAs for `sms` SMs, blocks of 128 / 256 tokens (0: the kernel's rule); x may be a
-    row-strided view (its row stride is the kernel's ldx). Returns out [M, N]."""
+def _emulate(emu, x, qweight, scales, zeros, bias, gs, block_tokens=0, sms=3, ldo=None, split=0):
+    """The kernel's CTAs for `sms` SMs, blocks of 128 / 256 tokens (0: the kernel's rule), split-K over `split` CTAs
+    a tile (0: the kernel's rule, 1: none - persistent CTAs); x may be a row-strided view (its row stride is the
+    kernel's ldx). Returns out [M, N]."""
     m, k = x.shape
     n = qweight.shape[0]
     ldo = ldo or n
@@ -36,11 +37,15 @@ def _emulate(emu, x, qweight, scales, zeros, bias, gs, block_tokens=0, sms=3, ld
     rc = emu.minicpm_int4_w4a16_wgmma_emulate(
         x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, gs, x.stride(0), ldo, CODE[x.dtype],
-        block_tokens, sms)
+        block_tokens, split, sms)
     assert rc >= 0, f"the kernel does not take K={k}, group_size={gs} (rc {rc})"
-    grid, bm = divmod(rc, 1024)
-    assert bm == (block_tokens or emu.minicpm_int4_w4a16_wgmma_block_tokens(m, n, sms))
-    assert grid == min(-(-m // bm) * -(-n // 128), sms)
+    grid, low = divmod(rc, 1024)
+    bm, splits = low - low % 128, low % 128
+    assert bm == (128 if split > 1 else block_tokens or emu.minicpm_int4_w4a16_wgmma_block_tokens(m, n, sms))
+    assert splits == (split if split > 1 else emu.minicpm_int4_w4a16_wgmma_split_k(m, n, k, sms)
+                      if split == 0 and bm == 128 else 1)
+    tiles = -(-m // bm) * -(-n // 128)
+    assert grid == (tiles * splits if splits > 1 else min(tiles, sms))
     assert torch.isnan(out[:, n:]).all(), "wrote past N in a row of out"
     return out[:, :n]
 
@@ -121,7 +126,7 @@ def test_w4a16_wgmma_refuses_what_it_does_not_take(emu, k, group_size):
     s = torch.ones(8, max(1, k // group_size), dtype=torch.float16)
     out = torch.zeros(4, 8, dtype=torch.float16)
     rc = emu.minicpm_int4_w4a16_wgmma_emulate(x.data_ptr(), q.data_ptr(), s.data_ptr(), s.data_ptr(), None,
-                                              out.data_ptr(), 4, 8, k, group_size, k, 8, 0, 0, 132)
+                                              out.data_ptr(), 4, 8, k, group_size, k, 8, 0, 0, 0, 132)
     assert rc == -2
 
 
@@ -142,3 +147,78 @@ def test_w4a16_wgmma_supported_shapes_cover_the_llm_layers(emu):
 ])
 def test_w4a16_wgmma_block_tokens_rule(emu, m, n, sms, expect):
     assert emu.minicpm_int4_w4a16_wgmma_block_tokens(m, n, sms) == expect
+
+
+# Split-K (a tile a cluster of 2 / 4 / 8 CTAs, csrc/w4a16_wgmma_core.cuh split_k): each CTA of a cluster through its
+# share of the k-blocks into its own shared memory (its partial tile, part_out), then each CTA's share of the tile
+# summed over all of the cluster's partial tiles in rank order, + bias, rounded and stored (split_reduce).
+# (M, N, K, group size (-1 = per channel), CTAs a tile): what each exercises
+SPLIT_SHAPES = [
+    (1, 8, 256, 64, 2),       # one token, 8 rows: 2 CTAs of 2 stages; pieces past N / M not stored
+    (3, 130, 448, 32, 2),     # 7 stages split 3 / 4; G = 32 (two groups a stage); N past a block: 2 clusters
+    (17, 72, 576, 64, 8),     # 9 stages over 8 CTAs (1 each, one with 2): a CTA's only stage is its tile's first
+    (64, 264, 1024, 128, 4),  # 3 W blocks; a group over two stages, the splits' boundaries inside none
+    (128, 40, 512, -1, 4),    # per channel: one group over all the CTAs' stages; a full 128-token block
+    (130, 136, 768, 128, 2),  # M and N past a block: 4 tiles (clusters), a second token block of 2
+    (33, 96, 4096, -1, 8),    # a long K: 8 CTAs x 8 stages, their sums of 512 products each added in fp32
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: f"M{s[0]}-N{s[1]}-K{s[2]}-G{s[3]}-S{s[4]}")
+def test_w4a16_wgmma_split_k_matches_reference(emu, shape, dtype):
+    m, n, k, group_size, split = shape
+    (x, qweight, scales, zeros, bias), gs = _inputs(m, n, k, group_size, dtype, seed=m * 5 + k, bias=m % 2 == 1)
+    y = _emulate(emu, x, qweight, scales, zeros, bias, gs, split=split, sms=132)
+    _check(y, x, qweight, scales, zeros, bias, gs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_w4a16_wgmma_split_k_keeps_the_reference_weight_bit_for_bit(emu, dtype, split):
+    # x = identity rows: each output is one weight times 1 in one CTA's partial tile and exact zeros in the others', so
+    # any piece summed from the wrong place (token, row or CTA) or rounded twice differs from the reference's weight
+    n, k = 136, 512
+    qweight, scales, zeros, gs = random_qweight(n, k, 64, dtype, seed=split)
+    scales = scales * (1 + torch.rand(scales.shape, generator=torch.Generator().manual_seed(5))).to(dtype)
+    x = torch.eye(k, dtype=dtype)[:130]  # two token blocks, the second of 2 tokens
+    y = _emulate(emu, guarded(x.contiguous()), guarded(qweight), guarded(scales.contiguous()), guarded(zeros), None, gs,
+                 split=split, sms=132)
+    w = dequantize_ref(qweight, scales, zeros, gs, out_dtype=dtype)
+    assert torch.equal(y.view(torch.int16), w.t()[:130].contiguous().view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_w4a16_wgmma_split_k_by_its_rule_strided_out(emu, dtype):
+    # the rule on 132 SMs: 2 tiles -> 8 CTAs each; out with row stride N + 3 (not 8-byte aligned: element by element)
+    m, n, k = 64, 136, 4096
+    assert emu.minicpm_int4_w4a16_wgmma_split_k(m, n, k, 132) == 8
+    (x, qweight, scales, zeros, bias), gs = _inputs(m, n, k, 128, dtype, seed=21, bias=True)
+    y = _emulate(emu, x, qweight, scales, zeros, bias, gs, sms=132, ldo=n + 3)
+    _check(y, x, qweight, scales, zeros, bias, gs)
+
+
+@pytest.mark.parametrize("m,n,k,sms,expect", [
+    (64, 4096, 4096, 132, 4),     # 32 tiles: x 4 = 128 CTAs on 132 SMs (x 8 would not fit)
+    (256, 4096, 4096, 132, 2),    # 64 tiles: 2 CTAs each
+    (64, 1024, 4096, 132, 8),     # 8 tiles (a KV projection): 8 each, 8 stages a CTA
+    (64, 1024, 768, 132, 2),      # K = 768: 12 stages, at least 4 a CTA
+    (600, 4096, 4096, 132, 1),    # 160 tiles: past the SMs, persistent CTAs
+    (4096, 4096, 4096, 132, 1),
+    (17, 8, 192, 132, 1),         # 3 stages: too few to share
+    (64, 4096, 4096, 114, 2),     # an H100 PCIe's 114 SMs: 32 x 4 = 128 would not fit, 32 x 2 does
+])
+def test_w4a16_wgmma_split_k_rule(emu, m, n, k, sms, expect):
+    assert emu.minicpm_int4_w4a16_wgmma_split_k(m, n, k, sms) == expect
+
+
+@pytest.mark.parametrize("k,split,block_tokens", [(512, 3, 0), (512, 16, 0), (512, 2, 256), (128, 4, 0)])
+def test_w4a16_wgmma_split_k_refusals(emu, k, split, block_tokens):
+    # a split other than 1 / 2 / 4 / 8, split-K with 256-token blocks, or more CTAs than stages: refused, not run
+    x = torch.zeros(4, k, dtype=torch.float16)
+    q = torch.zeros(8, k // 8, dtype=torch.int32)
+    s = torch.ones(8, k // 64, dtype=torch.float16)
+    out = torch.zeros(4, 8, dtype=torch.float16)
+    rc = emu.minicpm_int4_w4a16_wgmma_emulate(x.data_ptr(), q.data_ptr(), s.data_ptr(), s.data_ptr(), None,
+                                              out.data_ptr(), 4, 8, k, 64, k, 8, 0, block_tokens, split, 132)
+    assert rc == -2

@@ -427,14 +427,21 @@ def test_the_cuda_wgmma_prefill_gemm_is_a_candidate_past_16_rows(tmp_path, monke
     assert pick(16) == "triton" and pick(255) == "triton"
     assert pick(4096, ext=False) == "triton-dq" and pick(256, ext=False) == "triton"
     assert pick(4096, n=1024) == "triton"
+    # the unsplit kernel's rows (w4a16-cuda-wgmma-nosplit, variant 6) beside them: the faster of the two is the pick
+    rows += [{"n": 4096, "k": 4096, "m": 256, "backend": "w4a16-cuda-wgmma-nosplit", "median_ms": 0.015}]
+    path = tmp_path / "table2.json"  # (the lookup reads a path's table once)
+    path.write_text(json.dumps(table_from_bench(_bench("GPU-A", rows))))
+    assert pick(256) == "cuda-wgmma-nosplit" and pick(4096) == "cuda-wgmma"
+    assert pick(256, ext=False) == "triton"
 
 
+@pytest.mark.parametrize("pick,variant", [("cuda-wgmma", 5), ("cuda-wgmma-nosplit", 6)])
 @pytest.mark.parametrize("runs", [True, False], ids=["runs", "does-not-run"])
-def test_a_cuda_wgmma_pick_runs_variant_5_where_it_takes_the_layer_else_triton(runs, monkeypatch):
-    # "cuda-wgmma" runs the launcher's variant 5 (input scale and channel order passed on: the bindings apply them)
-    # for a layer the kernel takes (K % 64 == 0; a group of 32, a power of two from 64, or per channel) on a GPU
-    # where it runs; else the Triton kernels - never the extension's variant 0 past 16 rows (its decode kernel in
-    # slices) and never an error from the op
+def test_a_cuda_wgmma_pick_runs_its_variant_where_it_takes_the_layer_else_triton(runs, pick, variant, monkeypatch):
+    # "cuda-wgmma" runs the launcher's variant 5 ("cuda-wgmma-nosplit" 6: its split-K off; input scale and channel
+    # order passed on: the bindings apply them) for a layer the kernel takes (K % 64 == 0; a group of 32, a power of
+    # two from 64, or per channel) on a GPU where it runs; else the Triton kernels - never the extension's variant 0
+    # past 16 rows (its decode kernel in slices) and never an error from the op
     import torch
 
     from minicpm_int4 import ops
@@ -453,7 +460,7 @@ def test_a_cuda_wgmma_pick_runs_variant_5_where_it_takes_the_layer_else_triton(r
             seen.append(("triton",))
             return x.new_zeros((x.shape[0], qweight.shape[0]))
 
-    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: "cuda-wgmma")
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args, **kwargs: pick)
     monkeypatch.setattr(ops, "_cuda_ext", lambda: (Ext, None))
     monkeypatch.setattr(ops, "_triton_kernels", lambda: (Kernels, None))
     monkeypatch.setattr(ops, "cuda_wgmma_w4a16_runs", lambda device_index: runs)
@@ -469,7 +476,8 @@ def test_a_cuda_wgmma_pick_runs_variant_5_where_it_takes_the_layer_else_triton(r
     s320 = torch.ones(8, 10, dtype=torch.float16)
     ops._w4a16_gemm_op(x320, q320, s320, s320, None, 32, "auto")  # K = 320, G = 32: the kernel's
     if runs:
-        assert seen == [("cuda", 5, False, False), ("cuda", 5, True, True), ("triton",), ("cuda", 5, False, False)]
+        assert seen == [("cuda", variant, False, False), ("cuda", variant, True, True), ("triton",),
+                        ("cuda", variant, False, False)]
     else:
         assert seen == [("triton",)] * 4
     assert ops.cuda_wgmma_w4a16_supported(4096, 4096) and ops.cuda_wgmma_w4a16_supported(18944, 18944)

@@ -517,6 +517,9 @@ def _w4a16_wgmma_check(case):
         assert torch.equal(c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 5), y), "not deterministic"
         if m > 16:
             assert torch.equal(c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 0), y), "variant 0 past 16 rows"
+        y6 = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        c_ops.w4a16_gemm_out(x, qweight, scales, zeros, b, gs, y6, 6)  # a tile a CTA, whatever the split rule says
+        assert_gemm_close(y6, w4a16_gemm_ref(x, qweight, scales, zeros, b, gs), x, w)
         eye = torch.eye(k, dtype=dtype, device="cuda")[: min(k, 512)]
         wt = c_ops.w4a16_gemm(eye, qweight, scales, zeros, None, gs, 5)
         assert torch.equal(wt, w[:, : eye.shape[0]].t().contiguous()), "the dequantized weight's bits"
@@ -534,6 +537,49 @@ def test_cuda_extension_w4a16_wgmma_small(case):
     the GPU suite's compute-sanitizer stage (-k cuda_extension); its wgmma-smoke stage runs them first and turns the
     kernel off for the rest of the suite should they fail (MINICPM_INT4_W4A16_WGMMA=0)."""
     _w4a16_wgmma_check(case)
+
+
+@pytest.mark.parametrize("case", [(1024, 4096, 128, 64), (4096, 4096, 128, 3), (264, 768, 32, 17), (136, 4096, -1, 130),
+                                  (72, 2048, 64, 1)], ids=lambda c: f"N{c[0]}-K{c[1]}-G{c[2]}-M{c[3]}")
+def test_cuda_extension_w4a16_wgmma_split_small(case):
+    """Split-K (csrc/w4a16_wgmma_core.cuh split_k): grids under one wave of tiles on an H100 / H200 - a KV projection
+    at 64 tokens (8 tiles: 8 CTAs each), a 4096-wide layer at 3 (32 tiles: 4, or 2 on an H100 PCIe's 114 SMs), G = 32
+    with 12 stages (2), per channel past a block both ways (8), one token (8) - each tile a thread block cluster whose
+    CTAs add their partial sums through distributed shared memory. The launcher's plan (_C.w4a16_wgmma_splits) splits
+    them; the output poisoned first is within the reference's tolerance, deterministic (the partials added in rank
+    order whichever CTA finishes first), within it of the unsplit kernel (variant 6), and x = identity rows gives the
+    reference's dequantized weight bit for bit. Under MINICPM_INT4_W4A16_WGMMA_SPLIT=0 (the GPU suite's switch,
+    should these fail) the plan is 1 and variant 5 is variant 6. Its own stage of the suite (wgmma16-split-smoke) runs
+    them after the unsplit kernel's (wgmma16-smoke, with the split off)."""
+    if ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    if not _hopper_wgmma_expected() or os.environ.get("MINICPM_INT4_W4A16_WGMMA") == "0":
+        pytest.skip("the warpgroup-MMA prefill GEMM does not run here (test_cuda_extension_w4a16_wgmma_small says why)")
+    from minicpm_int4 import _C
+
+    n, k, group_size, m = case
+    c_ops = torch.ops.minicpm_int4_C
+    off = os.environ.get("MINICPM_INT4_W4A16_WGMMA_SPLIT") == "0"
+    for dtype in (torch.float16, torch.bfloat16):
+        qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+        splits = _C.w4a16_wgmma_splits(m, n, k, gs, dtype == torch.bfloat16)
+        assert splits == 1 if off else splits in (2, 4, 8), splits
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        c_ops.w4a16_gemm_out(x, qweight, scales, zeros, b, gs, y, 5)
+        w = dequant(qweight, scales, zeros, gs, dtype)
+        y_ref = w4a16_gemm_ref(x, qweight, scales, zeros, b, gs)
+        assert_gemm_close(y, y_ref, x, w)
+        for _ in range(3):
+            assert torch.equal(c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 5), y), "not deterministic"
+        y6 = c_ops.w4a16_gemm(x, qweight, scales, zeros, b, gs, 6)
+        assert_gemm_close(y6, y_ref, x, w)
+        if off:
+            assert torch.equal(y6, y)
+        eye = torch.eye(k, dtype=dtype, device="cuda")[torch.arange(m, device="cuda") * 7 % k]  # m rows, 1s spread
+        wt = c_ops.w4a16_gemm(eye, qweight, scales, zeros, None, gs, 5)
+        assert torch.equal(wt, w[:, torch.arange(m, device="cuda") * 7 % k].t().contiguous()), "the weight's bits"
 
 
 @pytest.mark.parametrize("case", [(4096, 4096, 128, 4096), (12288, 4096, 128, 1024), (4096, 14336, 32, 300),
@@ -557,6 +603,8 @@ def test_cuda_extension_says_what_w4a16_runs_past_16_rows():
         assert "no sm_90a build" in what, what
     else:
         assert what.startswith("wgmma (warpgroup MMA, sm_90a)"), what
+        split_off = os.environ.get("MINICPM_INT4_W4A16_WGMMA_SPLIT") == "0"
+        assert ("MINICPM_INT4_W4A16_WGMMA_SPLIT=0" in what) == split_off, what
 
 
 def test_cuda_extension_says_which_w4a8_kernel_it_takes():
@@ -609,7 +657,7 @@ def test_auto_runs_each_cuda_pick_on_the_real_extension(monkeypatch):
     for pick, (variant, _) in ops.W4A16_CUDA_VARIANTS.items():
         monkeypatch.setattr(ops, "resolve_backend", lambda *a, pick=pick, **kw: pick)
         y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="auto")
-        if pick == "cuda-wgmma" and not wgmma_runs:  # where the prefill GEMM does not run: the Triton kernels
+        if pick in ops.W4A16_WGMMA_CANDIDATES and not wgmma_runs:  # where the prefill GEMM does not run: Triton's
             monkeypatch.undo()
             assert torch.equal(y, ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton")), pick
             continue

@@ -497,6 +497,18 @@ class Gemlite(Backend):
                         reference=lambda x: w4a16_gemm_ref(x, packed, scales, zeros, None, gs))
 
 
+class OursW4A16CudaWgmmaNosplit(OursW4A16CudaWgmma):
+    """The warpgroup-MMA prefill GEMM with a tile a CTA always (variant 6), beside "w4a16-cuda-wgmma", which splits K
+    over a cluster of 2 - 8 CTAs a tile where its tiles are too few to fill the SMs (csrc/w4a16_wgmma_core.cuh,
+    split_k): these rows say whether the split's partial sums through distributed shared memory pay, and put the
+    unsplit kernel in the dispatch table ("cuda-wgmma-nosplit") where it is faster. Up to M = 1024 only: past it
+    every shape of the three models has a wave of tiles or more (the two kernels are the same)."""
+    variant, label = 6, "w4a16-cuda-wgmma-nosplit"
+
+    def supports(self, m):
+        return CUDA_MAX_M < m <= 1024
+
+
 def _import_helper():
     import gemlite.helper
 
@@ -506,7 +518,7 @@ def _import_helper():
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
             OursW4A16TritonPrefetch(), OursW4A16TritonTrip32(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
-            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A16CudaWgmma(), OursW4A8("triton"), OursW4A8TritonFlat(),
+            OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A16CudaWgmma(), OursW4A16CudaWgmmaNosplit(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),
             TorchTinyGemm(), BitsandbytesNF4(), Gemlite()]

@@ -347,6 +347,7 @@ VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit
             ("w4a16-triton-dq", "w4a16-triton", 1024), ("w4a16-triton-dq", "w4a16-triton", 4096),
             ("w4a16-triton-rhs", "w4a16-triton", 256), ("w4a16-triton-rhs", "w4a16-triton", 4096),
             ("w4a16-cuda-wgmma", "w4a16-triton", 256), ("w4a16-cuda-wgmma", "w4a16-triton", 4096),
+            ("w4a16-cuda-wgmma-nosplit", "w4a16-cuda-wgmma", 256),
             ("w4a8-triton-flat", "w4a8-triton", 4096), ("w4a8-cuda", "w4a8-triton", 256),
             ("w4a8-cuda", "w4a8-triton", 1024), ("w4a8-cuda", "w4a8-triton", 4096),
             ("w4a8-cuda-m64", "w4a8-cuda", 1024), ("w4a8-cuda-m64", "w4a8-cuda", 4096),

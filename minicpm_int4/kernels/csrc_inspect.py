@@ -50,7 +50,7 @@ class Variant:
                                  # w4a8: WM (warps along M), GT (k-tiles per group at compile time, 0: run
                                  # time), MAGIC, NARROW; w4a8-wg: GT, FMA (fused epilogue),
                                  # BM (tokens a block: the wgmma's N, 128 or 64), NARROW; w4a16-wg: BM (128 or
-                                 # 256), GS (groups a 64-k stage: 2 for G = 32)
+                                 # 256), GS (groups a 64-k stage: 2 for G = 32), SPLIT (1: split-K over a cluster)
     regs: int
     spill_bytes: int             # STACK + LOCAL from cuobjdump -res-usage (the whole kernel)
     smem: int
@@ -173,12 +173,13 @@ def _variant(arch: str, name: str, regs: int, spill: int, smem: int, sass: str) 
         if best:  # a stage: 64 rows of W x 128 k per warpgroup, unpacked by its 128 threads
             v.loop_counts, v.weights_per_trip = dict(best[1]), best[0] // 4 * 64 * W4A8_STAGE_K / 128.0
         return v
-    m = re.search(r"w4a16_wgmma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)EE", name)
-    if m:  # sm_90a only (elsewhere a stub); BM: tokens a block (m64n128k16 or m64n256k16); GS: groups a 64-k stage
+    m = re.search(r"w4a16_wgmma_kernelI(\d+__\w+?)Li(\d+)ELi(\d+)ELb([01])EE", name)
+    if m:  # sm_90a only (elsewhere a stub); BM: tokens a block (m64n128k16 or m64n256k16); GS: groups a 64-k stage;
+        # SPLIT: split-K (a tile a cluster of CTAs, 128-token blocks)
         if arch != "sm90a":
             return None
-        v = Variant(arch, "w4a16-wg", _DTYPES[m.group(1)], {"BM": int(m.group(2)), "GS": int(m.group(3)), "S": 0},
-                    regs, spill, smem)
+        v = Variant(arch, "w4a16-wg", _DTYPES[m.group(1)], {"BM": int(m.group(2)), "GS": int(m.group(3)),
+                                                            "SPLIT": int(m.group(4)), "S": 0}, regs, spill, smem)
         best = None  # the stage loop: both of its branches (A set 0 / 1), 4 HGMMA (m64nBMk16) each
         for loop in loop_bodies(sass):
             mma = sum(c for op, c in loop.items() if op.startswith("HGMMA"))

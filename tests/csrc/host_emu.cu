@@ -423,74 +423,111 @@ namespace {
 
 namespace w16 = minicpm_int4_w4a16_wg;
 
-// The warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu): its persistent CTAs one after another (grid_ctas for
-// `sms` SMs), each through its stream of stages in the kernel's order - the first kAhead stages copied into the ring,
-// both warpgroups' rows, scales and zero points and stage 0's A; then per stage: the next stage's scales and zero
-// points loaded, each warpgroup's 4 wgmma on this stage (HostWg reading x through the descriptors the kernel builds,
-// A from its set s % 2), the copy of the stage kAhead on into the previous stage's buffer, the next stage dequantized
-// into the other set (dq_step crossing into the next tile as the kernel's cursor does); a tile's outputs after its
-// last stage, into the tile buffer by every lane and out of it by every thread. Shared memory starts as 0xA5 bytes.
+// The warpgroup-MMA W4A16 prefill GEMM (csrc/w4a16_wgmma.cu): its CTAs one after another, each through its stream of
+// stages in the kernel's order - the first kAhead stages copied into the ring, both warpgroups' rows, scales and zero
+// points and stage 0's A; then per stage: the next stage's scales and zero points loaded, each warpgroup's 4 wgmma on
+// this stage (HostWg reading x through the descriptors the kernel builds, A from its set s % 2), the copy of the
+// stage kAhead on into the previous stage's buffer, the next stage dequantized into the other set (dq_step crossing
+// into the next tile as the kernel's cursor does). Persistent (p.splits == 1: grid_ctas for `sms` SMs), a tile's
+// outputs after its last stage, into the tile buffer by every lane and out of it by every thread. Split-K (p.splits
+// CTAs a tile, a cluster): each CTA of a cluster through its k-blocks (split_range) into its own shared memory, its
+// partial tile written by every lane (part_out) - all of the cluster's, as its barrier makes them - then each CTA's
+// share of the tile summed by every thread from all of them (split_reduce), the CTAs' shared memories side by side.
+// Shared memory starts as 0xA5 bytes.
 template <typename T, int BM, int GS>
 void w4a16_wg_grid(const w16::Params<T>& p, int sms) {
   using TT = w16::Tile<BM>;
   int lanes[128];
   for (int l = 0; l < 128; ++l) lanes[l] = l;
-  std::vector<uint8_t> smem(TT::kSmemBytes);
   std::vector<w16::WgState<BM, 128, GS>> st(2);
-  w16::HostWg hw;
-  hw.base = smem.data();
-  const int grid = w16::grid_ctas<BM>(p.M, p.N, sms);
   const int stages = p.K / w16::kBK;
-  auto copy = [&](std::vector<w16::LoadCursor>& lc, int s) {
-    uint8_t* stage = smem.data() + (s % TT::kStages) * TT::kStageBytes;
-    for (int tid = 0; tid < w16::kThreads; ++tid) {
-      for (int i = 0; i < TT::kPiecesX + 1; ++i) {
-        int dst, bytes;
-        const void* src;
-        w16::stage_piece<T, BM>(p, lc[tid].plan, lc[tid].kb, i, dst, src, bytes);
-        std::memcpy(stage + dst, src, bytes);
-        std::memset(stage + dst + bytes, 0, 16 - bytes);
-      }
-      w16::load_step<T, BM>(p, stages, tid, lc[tid]);
-    }
-  };
-  for (int cta = 0; cta < grid; ++cta) {
+  // CTA (cta, grid) of the tiles' walk, through k-blocks [kb0, kb1) of each of its tiles in `smem`; done(walk) after
+  // each tile's last stage
+  auto run = [&](std::vector<uint8_t>& smem, int cta, int grid, int kb0, int kb1, const auto& done) {
     std::fill(smem.begin(), smem.end(), static_cast<uint8_t>(0xA5));
-    const int tiles = w16::cta_tiles<BM>(p.M, p.N, cta, grid), total = tiles * stages;
+    w16::HostWg hw;
+    hw.base = smem.data();
+    auto copy = [&](std::vector<w16::LoadCursor>& lc, int s) {
+      uint8_t* stage = smem.data() + (s % TT::kStages) * TT::kStageBytes;
+      for (int tid = 0; tid < w16::kThreads; ++tid) {
+        for (int i = 0; i < TT::kPiecesX + 1; ++i) {
+          int dst, bytes;
+          const void* src;
+          w16::stage_piece<T, BM>(p, lc[tid].plan, lc[tid].kb, i, dst, src, bytes);
+          std::memcpy(stage + dst, src, bytes);
+          std::memset(stage + dst + bytes, 0, 16 - bytes);
+        }
+        w16::load_step<T, BM>(p, kb0, kb1, tid, lc[tid]);
+      }
+    };
+    const int tiles = w16::cta_tiles<BM>(p.M, p.N, cta, grid), total = tiles * (kb1 - kb0);
     std::vector<w16::LoadCursor> lc;
-    for (int tid = 0; tid < w16::kThreads; ++tid) lc.push_back(w16::load_start<T, BM>(p, cta, grid, tid));
+    for (int tid = 0; tid < w16::kThreads; ++tid) lc.push_back(w16::load_start<T, BM>(p, cta, grid, tid, kb0));
     for (int s = 0; s < TT::kAhead && s < total; ++s) copy(lc, s);
-    std::vector<w16::DqCursor> dc(2, w16::DqCursor{w16::walk_start<BM>(p.M, cta, grid), 0});
+    std::vector<w16::DqCursor> dc(2, w16::DqCursor{w16::walk_start<BM>(p.M, cta, grid), kb0});
     for (int w = 0; w < 2; ++w) {
       w16::wg_rows(p, dc[w].w.bn * w16::kBN + 64 * w, 64 * w, lanes, st[w]);
-      w16::load_sz(p, 0, st[w]);
+      w16::load_sz(p, kb0, st[w]);
       w16::dequant_stage<T>(smem.data(), p.mask, st[w], st[w].a[0]);
-      w16::dq_step(p, stages, w, lanes, dc[w], st[w]);
+      w16::dq_step(p, kb0, kb1, w, lanes, dc[w], st[w]);
     }
     int s = 0, buf = 0;
     w16::TileWalk walk = w16::walk_start<BM>(p.M, cta, grid);
     for (int t = 0; t < tiles; ++t, w16::walk_next(walk)) {
-      for (int kb = 0; kb < stages; ++kb, ++s) {
+      for (int kb = kb0; kb < kb1; ++kb, ++s) {
         const int set = s & 1;
         for (int w = 0; w < 2; ++w) {
           if (s + 1 < total) w16::load_sz(p, dc[w].kb, st[w]);
           const uint32_t addr = hw.smem_addr(smem.data() + buf * TT::kStageBytes);
           for (int kt = 0; kt < 4; ++kt)
-            hw.mma<T>(st[w].acc, st[w].a[set][kt], w16::x_desc<BM>(addr, kt), kb == 0 && kt == 0);
+            hw.mma<T>(st[w].acc, st[w].a[set][kt], w16::x_desc<BM>(addr, kt), kb == kb0 && kt == 0);
         }
         if (s + 1 < total) {
           if (s + TT::kAhead < total) copy(lc, s + TT::kAhead);
           const int nbuf = buf == TT::kStages - 1 ? 0 : buf + 1;
           for (int w = 0; w < 2; ++w) {
             w16::dequant_stage<T>(smem.data() + nbuf * TT::kStageBytes, p.mask, st[w], st[w].a[set ^ 1]);
-            w16::dq_step(p, stages, w, lanes, dc[w], st[w]);
+            w16::dq_step(p, kb0, kb1, w, lanes, dc[w], st[w]);
           }
         }
         buf = buf == TT::kStages - 1 ? 0 : buf + 1;
       }
-      uint8_t* tile = smem.data() + TT::kStages * TT::kStageBytes;
-      for (int w = 0; w < 2; ++w) w16::tile_out(p, walk.bn * w16::kBN, 64 * w, lanes, st[w], tile);
-      for (int tid = 0; tid < w16::kThreads; ++tid) w16::tile_store<T, BM>(p, walk.bm * BM, walk.bn * w16::kBN, tile, tid);
+      done(walk);
+    }
+  };
+  if (p.splits == 1) {
+    std::vector<uint8_t> smem(TT::kSmemBytes);
+    const int grid = w16::grid_ctas<BM>(p.M, p.N, sms);
+    for (int cta = 0; cta < grid; ++cta)
+      run(smem, cta, grid, 0, stages, [&](const w16::TileWalk& walk) {
+        uint8_t* tile = smem.data() + TT::kStages * TT::kStageBytes;
+        for (int w = 0; w < 2; ++w) w16::tile_out(p, walk.bn * w16::kBN, 64 * w, lanes, st[w], tile);
+        for (int tid = 0; tid < w16::kThreads; ++tid)
+          w16::tile_store<T, BM>(p, walk.bm * BM, walk.bn * w16::kBN, tile, tid);
+      });
+    return;
+  }
+  if constexpr (BM == 128) {
+    const int tiles = static_cast<int>(w16::blocks<128>(p.M, p.N));
+    std::vector<std::vector<uint8_t>> smem(p.splits, std::vector<uint8_t>(TT::kSmemBytes));
+    struct Parts {
+      std::vector<std::vector<uint8_t>>* smem;
+      const float* operator()(int rank) const { return reinterpret_cast<const float*>((*smem)[rank].data()); }
+    };
+    for (int tile = 0; tile < tiles; ++tile) {
+      w16::TileWalk at{};
+      for (int rank = 0; rank < p.splits; ++rank) {
+        int kb0, kb1;
+        w16::split_range(stages, p.splits, rank, kb0, kb1);
+        run(smem[rank], tile, tiles, kb0, kb1, [&](const w16::TileWalk& walk) {
+          at = walk;
+          for (int w = 0; w < 2; ++w)
+            w16::part_out(64 * w, lanes, st[w], reinterpret_cast<float*>(smem[rank].data()));
+        });
+      }
+      for (int rank = 0; rank < p.splits; ++rank)
+        for (int tid = 0; tid < w16::kThreads; ++tid)
+          w16::split_reduce<T, BM>(p, at.bm * BM, at.bn * w16::kBN, Parts{&smem}, p.splits, rank, tid);
     }
   }
 }
@@ -648,32 +685,41 @@ int minicpm_int4_w4a8_wgmma_block_tokens(int M, int N, int sms) { return wgk::bl
 
 // The W4A16 warpgroup-MMA kernel on the host: x [M, K] (row stride ldx), the canonical qweight, scales / zeros of x's
 // dtype (dtype 0 fp16, 1 bf16), bias or NULL, out [M, N] (row stride ldo); block_tokens 128 / 256 or 0 for the
-// kernel's rule (w16::block_tokens), sms: the SMs its persistent CTAs are sized for. Returns the CTAs x 1024 + the
-// tokens a block, or -2 where the kernel does not take the arguments (its launcher's cudaErrorInvalidValue).
+// kernel's rule (w16::block_tokens), split 0 for its rule (w16::split_k), 1 none, 2 / 4 / 8 forced - as the launcher
+// takes them (but for the GPU's cluster occupancy, which it may lower the rule's split by); sms: the SMs its CTAs are
+// sized for. Returns the CTAs x 1024 + the tokens a block + the CTAs a tile (the splits), or -2 where the
+// kernel does not take the arguments (its launcher's cudaErrorInvalidValue).
 int minicpm_int4_w4a16_wgmma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                                      const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
-                                     int dtype, int block_tokens, int sms) {
+                                     int dtype, int block_tokens, int split, int sms) {
   if (!w16::supported(K, group_size) || M <= 0 || N <= 0 || sms <= 0 || ldx < K || ldx % 8 != 0 || ldo < N ||
-      (dtype != 0 && dtype != 1) || (block_tokens != 0 && block_tokens != 128 && block_tokens != 256))
+      (dtype != 0 && dtype != 1) || (block_tokens != 0 && block_tokens != 128 && block_tokens != 256) ||
+      (split != 0 && split != 1 && split != 2 && split != 4 && split != 8) ||
+      (split > 1 && (block_tokens == 256 || K / w16::kBK < split)))
     return -2;
-  const int bm = block_tokens != 0 ? block_tokens : w16::block_tokens(M, N, sms);
+  const int bm = split > 1 ? 128 : block_tokens != 0 ? block_tokens : w16::block_tokens(M, N, sms);
+  const int splits = split > 1 ? split : split == 0 && bm == 128 ? w16::split_k(M, N, K, sms) : 1;
   if (dtype == 0) {
-    const w16::Params<__half> p{static_cast<const __half*>(x), reinterpret_cast<const uint8_t*>(qweight),
-                                static_cast<const __half*>(scales), static_cast<const __half*>(zeros),
-                                static_cast<const __half*>(bias), static_cast<__half*>(out), M, N, K, group_size,
-                                K / group_size, w16::group_shift(K, group_size), ldx, ldo, 0x00F0000Fu};
+    w16::Params<__half> p{static_cast<const __half*>(x), reinterpret_cast<const uint8_t*>(qweight),
+                          static_cast<const __half*>(scales), static_cast<const __half*>(zeros),
+                          static_cast<const __half*>(bias), static_cast<__half*>(out), M, N, K, group_size,
+                          K / group_size, w16::group_shift(K, group_size), ldx, ldo, 0x00F0000Fu};
+    p.splits = splits;
     w4a16_wg_t(p, bm, sms);
   } else {
-    const w16::Params<__nv_bfloat16> p{static_cast<const __nv_bfloat16*>(x), reinterpret_cast<const uint8_t*>(qweight),
-                                       static_cast<const __nv_bfloat16*>(scales),
-                                       static_cast<const __nv_bfloat16*>(zeros),
-                                       static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N,
-                                       K, group_size, K / group_size, w16::group_shift(K, group_size), ldx, ldo, 0x0000000Fu};
+    w16::Params<__nv_bfloat16> p{static_cast<const __nv_bfloat16*>(x), reinterpret_cast<const uint8_t*>(qweight),
+                                 static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
+                                 static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
+                                 group_size, K / group_size, w16::group_shift(K, group_size), ldx, ldo, 0x0000000Fu};
+    p.splits = splits;
     w4a16_wg_t(p, bm, sms);
   }
-  return (bm == 256 ? w16::grid_ctas<256>(M, N, sms) : w16::grid_ctas<128>(M, N, sms)) * 1024 + bm;
+  const long ctas = splits > 1 ? w16::blocks<128>(M, N) * splits
+                               : (bm == 256 ? w16::grid_ctas<256>(M, N, sms) : w16::grid_ctas<128>(M, N, sms));
+  return static_cast<int>(ctas) * 1024 + bm + splits;
 }
 int minicpm_int4_w4a16_wgmma_supported(int K, int group_size) { return w16::supported(K, group_size) ? 1 : 0; }
 int minicpm_int4_w4a16_wgmma_block_tokens(int M, int N, int sms) { return w16::block_tokens(M, N, sms); }  // the rule
+int minicpm_int4_w4a16_wgmma_split_k(int M, int N, int K, int sms) { return w16::split_k(M, N, K, sms); }  // the rule
 
 }  // extern "C"
