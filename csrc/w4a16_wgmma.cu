@@ -245,12 +245,18 @@ struct ClusterLaunch {
 // (cudaOccupancyMaxActiveClusters: a cluster's CTAs share a GPC, one CTA an SM here, so fewer than SMs / splits may
 // fit; asked once per device and cluster size), else 1 (the persistent kernel). Negative: a CUDA error.
 template <typename T, int GS>
+cudaError_t split_opt_in() {  // the split kernel's shared memory past 48 KiB, asked once per device
+  static bool done[64] = {};
+  return minicpm_int4_launch::opt_in_smem(done, reinterpret_cast<const void*>(w4a16_wgmma_kernel<T, 128, GS, true>),
+                                          wg::Tile<128>::kSmemBytes);
+}
+
+template <typename T, int GS>
 int fitting_splits(int splits, long tiles) {
   using TT = wg::Tile<128>;
   auto kernel = w4a16_wgmma_kernel<T, 128, GS, true>;
-  static bool done[64] = {};
   static int fits[64][4] = {};  // per device and log2 splits: clusters that fit + 1 (0: not asked yet)
-  cudaError_t err = minicpm_int4_launch::opt_in_smem(done, reinterpret_cast<const void*>(kernel), TT::kSmemBytes);
+  cudaError_t err = split_opt_in<T, GS>();
   if (err != cudaSuccess) return -static_cast<int>(err);
   int dev = 0;
   err = cudaGetDevice(&dev);
@@ -278,16 +284,13 @@ cudaError_t launch_split(wg::Params<T> p, bool forced, int sms, cudaStream_t str
   using TT = wg::Tile<128>;
   auto kernel = w4a16_wgmma_kernel<T, 128, GS, true>;
   const long tiles = wg::blocks<128>(p.M, p.N);
-  if (!forced) {
+  if (!forced) {  // (fitting_splits opts the kernel in)
     const int fit = fitting_splits<T, GS>(p.splits, tiles);
     if (fit < 0) return static_cast<cudaError_t>(-fit);
     p.splits = fit;
     if (p.splits == 1) return launch<T, 128, GS>(p, sms, stream);
-  } else {
-    static bool done[64] = {};
-    const cudaError_t err =
-        minicpm_int4_launch::opt_in_smem(done, reinterpret_cast<const void*>(kernel), TT::kSmemBytes);
-    if (err != cudaSuccess) return err;
+  } else if (const cudaError_t err = split_opt_in<T, GS>(); err != cudaSuccess) {
+    return err;
   }
   const ClusterLaunch launch(p.splits, tiles, TT::kSmemBytes, stream);
   return cudaLaunchKernelEx(&launch.cfg, kernel, p);
@@ -335,8 +338,8 @@ extern "C" int minicpm_int4_w4a16_wgmma_splits(int M, int N, int K, int group_si
   if (!wg::supported(K, group_size) || M <= 0 || N <= 0 || sms <= 0 || (dtype != 0 && dtype != 1) ||
       minicpm_int4_w4a16_wgmma_disabled() || !minicpm_int4_w4a16_wgmma_available())
     return 0;
-  const int bm = wgmma_switch() == 128 ? 128 : wg::block_tokens(M, N, sms);
-  const int splits = bm == 128 && split_switch() != 0 ? wg::split_k(M, N, K, sms) : 1;
+  int bm, splits;
+  wg::plan(M, N, K, sms, 0, 0, wgmma_switch() != 128, split_switch() != 0, bm, splits);
   if (splits == 1) return 1;
   const long tiles = wg::blocks<128>(M, N);
   const bool two = group_size == 32;
@@ -348,34 +351,20 @@ cudaError_t minicpm_int4_w4a16_wg::launch(const void* x, const int32_t* qweight,
                                           const void* bias, void* out, int M, int N, int K, int group_size, int64_t ldx,
                                           int64_t ldo, int dtype, int block_tokens, int split, int sms,
                                           cudaStream_t stream) {
-  if (!wg::supported(K, group_size) || M <= 0 || N <= 0 || sms <= 0 || ldx < K || ldx % 8 != 0 || ldo < N ||
-      (dtype != 0 && dtype != 1) || (block_tokens != 0 && block_tokens != 128 && block_tokens != 256) ||
-      (split != 0 && split != 1 && split != 2 && split != 4 && split != 8) ||
-      (split > 1 && (block_tokens == 256 || K / wg::kBK < split)))  // (every CTA of a tile sums a k-block or more)
-    return cudaErrorInvalidValue;
+  if (!wg::args_ok(M, N, K, group_size, ldx, ldo, dtype, block_tokens, split, sms)) return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0 || (reinterpret_cast<uintptr_t>(qweight) & 15) != 0)
     return cudaErrorMisalignedAddress;
   if (block_tokens == 256 && wgmma_switch() == 128) return cudaErrorNotPermitted;
   if (split > 1 && split_switch() == 0) return cudaErrorNotPermitted;
-  const int bm = split > 1 ? 128 : block_tokens != 0 ? block_tokens : wgmma_switch() == 128 ? 128
-                                                                                           : wg::block_tokens(M, N, sms);
-  const int splits = split > 1 ? split : split == 0 && bm == 128 && split_switch() != 0 ? wg::split_k(M, N, K, sms) : 1;
+  int bm, splits;
+  wg::plan(M, N, K, sms, block_tokens, split, wgmma_switch() != 128, split_switch() != 0, bm, splits);
   const long tiles = bm == 256 ? wg::blocks<256>(M, N) : wg::blocks<128>(M, N);
   if (tiles * (K / wg::kBK) > 0x7FFFFFFFL) return cudaErrorInvalidValue;  // (a CTA's stream of stages: an int)
   if (minicpm_int4_w4a16_wgmma_disabled()) return cudaErrorNotPermitted;
   if (!minicpm_int4_w4a16_wgmma_available()) return cudaErrorNoKernelImageForDevice;
-  if (dtype == 0) {
-    wg::Params<__half> p{static_cast<const __half*>(x), reinterpret_cast<const uint8_t*>(qweight),
-                         static_cast<const __half*>(scales), static_cast<const __half*>(zeros),
-                         static_cast<const __half*>(bias), static_cast<__half*>(out), M, N, K, group_size,
-                         K / group_size, wg::group_shift(K, group_size), ldx, ldo, 0x00F0000Fu};
-    p.splits = splits;
-    return launch_t<__half>(p, bm, split > 1, sms, stream);
-  }
-  wg::Params<__nv_bfloat16> p{static_cast<const __nv_bfloat16*>(x), reinterpret_cast<const uint8_t*>(qweight),
-                              static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
-                              static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                              group_size, K / group_size, wg::group_shift(K, group_size), ldx, ldo, 0x0000000Fu};
-  p.splits = splits;
-  return launch_t<__nv_bfloat16>(p, bm, split > 1, sms, stream);
+  if (dtype == 0)
+    return launch_t<__half>(wg::make_params<__half>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo,
+                                                   splits), bm, split > 1, sms, stream);
+  return launch_t<__nv_bfloat16>(wg::make_params<__nv_bfloat16>(x, qweight, scales, zeros, bias, out, M, N, K,
+                                                                 group_size, ldx, ldo, splits), bm, split > 1, sms, stream);
 }

@@ -169,6 +169,33 @@ struct Params {
   int splits = 1;         // CTAs a tile (split-K over a cluster: split_k), 1: a tile a CTA, persistent
 };
 
+// The launcher's arguments (w4a16_wgmma.cu launch; the emulation takes the same): whether the kernel takes them -
+// block_tokens (plan's tokens) 0 for the rule, 128 or 256; split 0 (the rule), 1 (none) or 2 / 4 / 8 CTAs a tile, with 128-token
+// blocks and a k-block or more a CTA - and then its plan: the tokens a block and the CTAs a tile. wide: 256-token
+// blocks allowed by the rule, may_split: split-K allowed by it (the launcher's environment switches).
+inline bool args_ok(int M, int N, int K, int G, long ldx, long ldo, int dtype, int block_tokens, int split, int sms) {
+  return supported(K, G) && M > 0 && N > 0 && sms > 0 && ldx >= K && ldx % 8 == 0 && ldo >= N &&
+         (dtype == 0 || dtype == 1) && (block_tokens == 0 || block_tokens == 128 || block_tokens == 256) &&
+         (split == 0 || split == 1 || split == 2 || split == 4 || split == 8) &&
+         (split <= 1 || (block_tokens != 256 && K / kBK >= split));
+}
+inline void plan(int M, int N, int K, int sms, int tokens, int split, bool wide, bool may_split, int& bm,
+                 int& splits) {
+  bm = split > 1 ? 128 : tokens != 0 ? tokens : wide ? block_tokens(M, N, sms) : 128;
+  splits = split > 1 ? split : split == 0 && bm == 128 && may_split ? split_k(M, N, K, sms) : 1;
+}
+
+// The kernel's parameters for x's dtype T (the nibble mask its dequantization takes: fp16 0x00F0000F, bf16 0xF).
+template <typename T>
+Params<T> make_params(const void* x, const int32_t* qweight, const void* scales, const void* zeros, const void* bias,
+                      void* out, int M, int N, int K, int G, long ldx, long ldo, int splits) {
+  Params<T> p{static_cast<const T*>(x), reinterpret_cast<const uint8_t*>(qweight), static_cast<const T*>(scales),
+              static_cast<const T*>(zeros), static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, G, K / G,
+              group_shift(K, G), ldx, ldo, std::is_same<T, __half>::value ? 0x00F0000Fu : 0x0000000Fu};
+  p.splits = splits;
+  return p;
+}
+
 // ---- copies: the 16-byte pieces thread tid copies each stage ----------------------------------------------------
 // x: piece u = tid + 256 i (i < BM / 32) is token tok0 + 32 i (tok0 = 8 (tid / 64) + tid % 8), chunk (tid / 8) % 8;
 // W: row tid / 2, bytes 16 (tid % 2) of the row's 32. Zero-filled past M and N (K is whole stages).

@@ -692,28 +692,15 @@ int minicpm_int4_w4a8_wgmma_block_tokens(int M, int N, int sms) { return wgk::bl
 int minicpm_int4_w4a16_wgmma_emulate(const void* x, const int32_t* qweight, const void* scales, const void* zeros,
                                      const void* bias, void* out, int M, int N, int K, int group_size, long ldx, long ldo,
                                      int dtype, int block_tokens, int split, int sms) {
-  if (!w16::supported(K, group_size) || M <= 0 || N <= 0 || sms <= 0 || ldx < K || ldx % 8 != 0 || ldo < N ||
-      (dtype != 0 && dtype != 1) || (block_tokens != 0 && block_tokens != 128 && block_tokens != 256) ||
-      (split != 0 && split != 1 && split != 2 && split != 4 && split != 8) ||
-      (split > 1 && (block_tokens == 256 || K / w16::kBK < split)))
-    return -2;
-  const int bm = split > 1 ? 128 : block_tokens != 0 ? block_tokens : w16::block_tokens(M, N, sms);
-  const int splits = split > 1 ? split : split == 0 && bm == 128 ? w16::split_k(M, N, K, sms) : 1;
-  if (dtype == 0) {
-    w16::Params<__half> p{static_cast<const __half*>(x), reinterpret_cast<const uint8_t*>(qweight),
-                          static_cast<const __half*>(scales), static_cast<const __half*>(zeros),
-                          static_cast<const __half*>(bias), static_cast<__half*>(out), M, N, K, group_size,
-                          K / group_size, w16::group_shift(K, group_size), ldx, ldo, 0x00F0000Fu};
-    p.splits = splits;
-    w4a16_wg_t(p, bm, sms);
-  } else {
-    w16::Params<__nv_bfloat16> p{static_cast<const __nv_bfloat16*>(x), reinterpret_cast<const uint8_t*>(qweight),
-                                 static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros),
-                                 static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), M, N, K,
-                                 group_size, K / group_size, w16::group_shift(K, group_size), ldx, ldo, 0x0000000Fu};
-    p.splits = splits;
-    w4a16_wg_t(p, bm, sms);
-  }
+  if (!w16::args_ok(M, N, K, group_size, ldx, ldo, dtype, block_tokens, split, sms)) return -2;
+  int bm, splits;
+  w16::plan(M, N, K, sms, block_tokens, split, true, true, bm, splits);
+  if (dtype == 0)
+    w4a16_wg_t(w16::make_params<__half>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo, splits), bm,
+               sms);
+  else
+    w4a16_wg_t(w16::make_params<__nv_bfloat16>(x, qweight, scales, zeros, bias, out, M, N, K, group_size, ldx, ldo,
+                                               splits), bm, sms);
   const long ctas = splits > 1 ? w16::blocks<128>(M, N) * splits
                                : (bm == 256 ? w16::grid_ctas<256>(M, N, sms) : w16::grid_ctas<128>(M, N, sms));
   return static_cast<int>(ctas) * 1024 + bm + splits;
