@@ -8,6 +8,7 @@
 from .calibrate import calibrate
 from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
+from .fusion import fuse_projections, unfuse_projections
 from .patch import dequantize_model, patch_model
 from .qlinear import QuantLinear
 
@@ -18,4 +19,4 @@ from .hf_integration import register_when_transformers_loads as _register_with_t
 _register_with_transformers()  # from_pretrained / save_pretrained of int4 models (hf_integration.py)
 
 __all__ = ["QuantConfig", "QuantLinear", "patch_model", "dequantize_model", "calibrate", "save_quantized",
-           "load_quantized", "__version__"]
+           "load_quantized", "fuse_projections", "unfuse_projections", "__version__"]

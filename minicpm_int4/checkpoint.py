@@ -77,7 +77,10 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
             continue
         if ident is not None:
             seen[ident] = key
-        tensors[key] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view of a larger tensor (fuse_projections' rows): older safetensors refuse those
+        tensors[key] = t
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "modules": modules, "aliases": aliases}
     if report is not None:
         meta["decisions"] = report.to_dict()["decisions"]

@@ -100,6 +100,14 @@ def cmd_demo(args) -> int:
         q_logits = forward().float()
         q_gen = generate()
         q_ms = _time_ms(forward, device) if device.type == "cuda" else None
+    # one GEMM for each set of sibling projections at one-token decode (fusion.py): the same greedy tokens
+    from .fusion import fuse_projections
+
+    fusion = fuse_projections(model)
+    with torch.no_grad():
+        f_gen = generate()
+    stacked = sum(g.calls for g in fusion.groups)
+    fused_same = f_gen.shape == q_gen.shape and bool(torch.equal(f_gen, q_gen))
     rel = ((q_logits - ref_logits).norm() / ref_logits.norm()).item()
     top1 = (q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     n = min(ref_gen.shape[1], q_gen.shape[1])
@@ -114,6 +122,9 @@ def cmd_demo(args) -> int:
           + (f", first difference at token {first_diff}" if first_diff is not None else ", identical"))
     print(f"  {args.dtype}: {ref_gen[0].tolist()}")
     print(f"  int4: {q_gen[0].tolist()}")
+    print(f"fuse_projections: {len(fusion.groups)} group(s) of sibling int4 projections, one GEMM each at one-token "
+          f"decode ({fusion.launches_saved} launch(es) fewer a token, {stacked} stacked call(s) in this generation); "
+          f"its tokens {'are the unfused int4 model' + chr(39) + 's' if fused_same else 'DIFFER from the unfused int4 model' + chr(39) + 's'}")
     spread = ref_logits.std(-1).mean().item()
     print(f"note: random weights give nearly flat logits (mean std {spread:.3f} across the vocabulary), so a small "
           "perturbation flips the top-1 token; quality on trained weights: benchmarks/results/cpu/minilm_quality.md")
@@ -124,7 +135,9 @@ def cmd_demo(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"report": report.to_dict(), "bytes_fp": bytes_fp, "bytes_int4": bytes_q, "logits_rel_err": rel,
-                       "top1_agreement": top1, "generation_agreement": gen_agree, "fp_ms": fp_ms, "int4_ms": q_ms}, f, indent=2)
+                       "top1_agreement": top1, "generation_agreement": gen_agree, "fp_ms": fp_ms, "int4_ms": q_ms,
+                       "fused_groups": len(fusion.groups), "fused_launches_saved_per_token": fusion.launches_saved,
+                       "fused_stacked_calls": stacked, "fused_generation_same": fused_same}, f, indent=2)
     return 0
 
 
@@ -623,7 +636,8 @@ def cmd_profile(args) -> int:
                          image_grid=args.image_grid, modes=args.modes, group_size=args.group_size, device=device,
                          dtype=_dtype(args.dtype), trace_dir=args.out if args.trace else None,
                          time_budget_s=args.time_budget_s,
-                         checkpoint=lambda res: write_checkpoint(res, args.out, "profile"), w4a8=args.w4a8)
+                         checkpoint=lambda res: write_checkpoint(res, args.out, "profile"), w4a8=args.w4a8,
+                         fuse=not args.no_fuse)
     files = write_all(result, args.out, "profile")
     print(profile_markdown(result))
     print("\n".join(f"wrote {f}" for f in files))
@@ -812,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--w4a8", action="store_true",
                     help="also an eager run of the int4 model with int8 activations (W4A8: vision and prefill; "
                          "decode stays W4A16), weights 'int4-w4a8'")
+    pr.add_argument("--no-fuse", action="store_true",
+                    help="leave out the 'int4-fused' runs (eager, cudagraph: the int4 model after fuse_projections, "
+                         "q / k / v and gate / up one GEMM each at decode)")
     pr.add_argument("--out", default="profile-results")
     pr.add_argument("--time-budget-s", type=float, default=None, help="skip the runs left after this long")
     pr.add_argument("--device", default=None)

@@ -74,6 +74,10 @@ class QuantLinear(nn.Module):
         >>> y = ql(torch.randn(2, 7, 4096, dtype=torch.float16))
     """
 
+    # fusion.FusedProjections this layer's rows belong to (fuse_projections), and its place there
+    _fusion = None
+    _fusion_index = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.float16, device=None, act: Optional[str] = None,
                  backend: str = "auto", input_scale: bool = False, input_perm: bool = False):
@@ -220,6 +224,11 @@ class QuantLinear(nn.Module):
         # a decode step calls this hundreds of times: each buffer is read once, from the module's own
         # dicts (nn.Module.__getattr__'s search costs about 1 us a tensor on a slow CPU, as much as a
         # small GEMM's launch), the checks are one branch, and the messages are built only on failure
+        fusion = self._fusion
+        if fusion is not None:  # one GEMM with its siblings (fusion.py), made now or by a sibling on this x
+            y = fusion.output(self, x)
+            if y is not None:
+                return y
         buffers = self._buffers
         qweight, scales = buffers["qweight"], buffers["scales"]
         k = self.in_features

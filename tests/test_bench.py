@@ -182,14 +182,18 @@ def test_profile_harness_on_tiny_models(tmp_path):
     res = run_profile(models=["minicpmv4.6", "llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3,
                       image_grid=4, modes=["eager"], group_size=32, device=torch.device("cpu"), dtype=torch.float32,
                       checkpoint=checkpoint)
-    assert len(res["runs"]) == 4
+    assert [r["weights"] for r in res["runs"]] == ["float32", "int4", "int4-fused"] * 2
     # written after every run, marked unfinished, no half-written files left
-    assert seen == [1, 2, 3, 4] and "incomplete" not in res
+    assert seen == [1, 2, 3, 4, 5, 6] and "incomplete" not in res
     ckpt = json.loads((tmp_path / "ckpt" / "profile.json").read_text())
-    assert len(ckpt["runs"]) == 4 and "did not finish" in ckpt["incomplete"]
+    assert len(ckpt["runs"]) == 6 and "did not finish" in ckpt["incomplete"]
     assert "incomplete" in (tmp_path / "ckpt" / "profile.md").read_text()
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["profile.json", "profile.md"]
-    assert [("patch_model_s" in r) for r in res["runs"]] == [False, True, False, True]
+    assert [("patch_model_s" in r) for r in res["runs"]] == [False, True, False] * 2
+    # the int4-fused runs: the same int4 layers after fuse_projections, whose stacked GEMMs ran in the decode
+    for int4, r in zip(res["runs"][1::3], res["runs"][2::3]):
+        assert r["fused_groups"] > 0 and r["launches_saved_per_token"] >= r["fused_groups"] and r["stacked_calls"] > 0
+        assert r["fusion_off"] == [] and r["weight_bytes"] == int4["weight_bytes"]  # (no byte added)
     for r in res["runs"]:
         assert "error" not in r, r
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0 and r["weight_bytes"] > 0
@@ -257,13 +261,18 @@ def test_profile_w4a8_run_flips_the_int4_layers_to_int8_activations_and_back(mon
     monkeypatch.setattr(e2e, "measure", spy)
     res = e2e.run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=24, new_tokens=12, modes=["eager"],
                           group_size=32, device=torch.device("cpu"), dtype=torch.float32, w4a8=True)
-    assert [(w, n) for w, n, _ in acts] == [("float32", 12), ("int4", 12), ("int4-w4a8", e2e.W4A8_PROFILE_TOKENS)]
-    assert acts[0][2] == set() and acts[1][2] == {None} and acts[2][2] == {"int8"}
-    assert res["config"]["w4a8"] is True and [r["weights"] for r in res["runs"]] == ["float32", "int4", "int4-w4a8"]
-    assert all("error" not in r for r in res["runs"]) and res["runs"][2]["new_tokens"] == e2e.W4A8_PROFILE_TOKENS
+    assert [(w, n) for w, n, _ in acts] == [("float32", 12), ("int4", 12), ("int4-fused", 12),
+                                           ("int4-w4a8", e2e.W4A8_PROFILE_TOKENS)]
+    assert acts[0][2] == set() and acts[1][2] == acts[2][2] == {None} and acts[3][2] == {"int8"}
+    assert res["config"]["w4a8"] is True
+    assert [r["weights"] for r in res["runs"]] == ["float32", "int4", "int4-fused", "int4-w4a8"]
+    assert all("error" not in r for r in res["runs"]) and res["runs"][3]["new_tokens"] == e2e.W4A8_PROFILE_TOKENS
     lines = e2e_lines(res)
     assert lines[2].startswith("| llama3-v2.5 | eager | ") and "W4A8 end to end" in "\n".join(lines)
     assert lines[-1].startswith("| llama3-v2.5 | ") and lines[-1].count("x |") == 1  # no vision tower: prefill only
+    at = next(i for i, line in enumerate(lines) if line.startswith("Sibling projections fused"))  # int4-fused vs int4
+    row = lines[at + 4].split(" | ")
+    assert row[:2] == ["| llama3-v2.5", "eager"] and row[4].endswith("x") and row[5] == f"{res['runs'][2]['launches_saved_per_token']} |"
     assert build_parser().parse_args(["profile", "--w4a8"]).w4a8
 
 
@@ -281,11 +290,12 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
         how = "torch.compile(model.forward"
     res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3, modes=["eager", "graphed"],
                       group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    # (no int4-fused run in graphed mode: the compiled step runs the layers one by one anyway, fusion.py)
     assert [(r["weights"], r["mode"]) for r in res["runs"]] == [
-        ("float32", "eager"), ("int4", "eager"), ("float32", "graphed"), ("int4", "graphed")]
+        ("float32", "eager"), ("int4", "eager"), ("int4-fused", "eager"), ("float32", "graphed"), ("int4", "graphed")]
     from helpers import static_cache_reads_linear_weights
 
-    graphed = res["runs"][2:]
+    graphed = res["runs"][3:]
     if static_cache_reads_linear_weights():  # the int4 run fails, and says why (test_patch)
         assert "has no `weight`: it holds it as int4" in graphed.pop()["error"]
     for r in graphed:
@@ -321,12 +331,16 @@ def test_profile_cudagraph_mode_replays_one_captured_decode_step(name, tmp_path)
     new_tokens = 8
     res = run_profile(models=[name], size="tiny", prompt_tokens=8, new_tokens=new_tokens, image_grid=4,
                       modes=["cudagraph"], group_size=32, device=torch.device("cpu"), dtype=torch.float32)
-    assert [(r["weights"], r["mode"]) for r in res["runs"]] == [("float32", "cudagraph"), ("int4", "cudagraph")]
+    assert [(r["weights"], r["mode"]) for r in res["runs"]] == [
+        ("float32", "cudagraph"), ("int4", "cudagraph"), ("int4-fused", "cudagraph")]
     from helpers import static_cache_reads_linear_weights
 
     runs = res["runs"]
     if static_cache_reads_linear_weights():  # transformers 4.40: as in the graphed mode
-        assert "has no `weight`: it holds it as int4" in runs.pop()["error"]
+        for _ in range(2):
+            assert "has no `weight`: it holds it as int4" in runs.pop()["error"]
+    else:  # the fused layers' stacked GEMMs ran in the replayed steps, which decoded the eager decode's tokens
+        assert runs[2]["stacked_calls"] > 0 and runs[2]["launches_saved_per_token"] > 0
     for r in runs:
         assert "error" not in r, r
         assert r["graphed_by"].startswith("the decode step captured by hand") and r["emulated"] is True

@@ -1,5 +1,6 @@
 """CPU-side costs that matter, tracked with pytest-benchmark (`pytest tests/test_cpu_costs.py
 --benchmark-enable`; in the default run they execute once, as plain tests)."""
+import pytest
 import torch
 from torch import nn
 
@@ -28,11 +29,23 @@ def test_quantlinear_host_path_of_a_triton_decode_call(benchmark, monkeypatch):
     plan, allocations) with the kernel launches replaced by a counter: what an eager decode step
     pays per layer before Triton's own launcher. Also holds the call to one launch: split-K is
     finished inside the decode kernel (the layer's workspace), no reduce launch after it."""
+    launches = _record_triton_launches(monkeypatch)
+    from minicpm_int4.kernels import w4a16
+
+    ql = QuantLinear.from_linear(nn.Linear(1024, 16, dtype=torch.float16), QuantConfig(group_size=128, backend="triton"))
+    x = torch.randn(1, 4, 1024, dtype=torch.float16)
+    assert w4a16._decode_blocks(16, 1024, 128, x.device)[3] > 1  # K is split
+    with torch.no_grad():
+        y = benchmark(ql, x)
+    assert y.shape == (1, 4, 16)
+    assert set(launches) == {"_w4a16_decode_kernel"}
+
+
+def _record_triton_launches(monkeypatch):
+    """Replace the W4A16 Triton kernels by recorders of their launches (the host path runs as ever)."""
     from minicpm_int4 import ops
 
     if not ops.triton_interpreter_active():
-        import pytest
-
         pytest.skip("needs the Triton kernels importable on CPU (TRITON_INTERPRET=1)")
     from minicpm_int4.kernels import w4a16
 
@@ -47,10 +60,31 @@ def test_quantlinear_host_path_of_a_triton_decode_call(benchmark, monkeypatch):
 
     for name in ("_w4a16_decode_kernel", "_splitk_reduce_kernel", "_w4a16_gemv_kernel"):
         monkeypatch.setattr(w4a16, name, Recorder(name))
-    ql = QuantLinear.from_linear(nn.Linear(1024, 16, dtype=torch.float16), QuantConfig(group_size=128, backend="triton"))
-    x = torch.randn(1, 4, 1024, dtype=torch.float16)
-    assert w4a16._decode_blocks(16, 1024, 128, x.device)[3] > 1  # K is split
+    return launches
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_by_layer", "fuse_projections"])
+def test_host_path_of_a_decode_tokens_q_k_v_calls(benchmark, monkeypatch, fused):
+    """The host side of one decode token's q / k / v calls (rows in Llama-3-8B's 4 : 1 : 1, K = 1024) on the
+    Triton M = 1 path with the launches replaced by a counter: three layer calls, or (fuse_projections) one
+    stacked call by q and two slices taken by k and v - one launch instead of three."""
+    from minicpm_int4 import fuse_projections
+
+    launches = _record_triton_launches(monkeypatch)
+    parent = nn.Module()
+    for name, n in (("q_proj", 1024), ("k_proj", 256), ("v_proj", 256)):
+        lin = nn.Linear(1024, n, bias=False, dtype=torch.float16)
+        setattr(parent, name, QuantLinear.from_linear(lin, QuantConfig(group_size=128, backend="triton")))
+    if fused:
+        assert len(fuse_projections(parent).groups) == 1
+    layers = (parent.q_proj, parent.k_proj, parent.v_proj)
+
+    def token():
+        x = torch.randn(1, 1, 1024, dtype=torch.float16)
+        return [layer(x) for layer in layers]
+
     with torch.no_grad():
-        y = benchmark(ql, x)
-    assert y.shape == (1, 4, 16)
-    assert set(launches) == {"_w4a16_decode_kernel"}
+        launches.clear()
+        outs = token()
+        assert len(launches) == (1 if fused else 3) and [y.shape[-1] for y in outs] == [1024, 256, 256]
+        benchmark(token)

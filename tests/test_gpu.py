@@ -796,7 +796,9 @@ def test_profile_cudagraph_mode_captures_the_decode_step():
 
     res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=16, new_tokens=24, modes=["cudagraph"],
                       group_size=32, device=torch.device("cuda"), dtype=torch.float16)
-    assert [r["weights"] for r in res["runs"]] == ["float16", "int4"]
+    # int4-fused: q / k / v and gate / up one GEMM each (fuse_projections), captured and replayed the same way
+    assert [r["weights"] for r in res["runs"]] == ["float16", "int4", "int4-fused"]
+    assert res["runs"][2]["stacked_calls"] > 0 and res["runs"][2]["fusion_off"] == []
     for r in res["runs"]:
         assert "error" not in r, r
         assert r["emulated"] is False and r["capture_ms"] > 0 and r["graph_step_ms"] > 0
@@ -830,6 +832,53 @@ def test_cuda_graph_capture(act, backend, m):
         torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
     assert not torch.equal(y_graph, y_eager)
     assert torch.count_nonzero(ql.workspace) == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_fused_projections_real_shapes_and_cuda_graph(backend):
+    """fuse_projections on Llama-3-8B's attention (q 4096, k / v 1024 rows of 4096) and a bias on q only: one
+    stacked GEMM a token, each layer's output within the reference's bound, captured in a CUDA graph and
+    replayed on new inputs (the group's split-K counters left at zero), then layer by layer again at 17 rows."""
+    from torch import nn
+
+    from minicpm_int4 import fuse_projections
+
+    if backend == "cuda" and ops.cuda_extension_error():
+        pytest.skip(ops.cuda_extension_error())
+    torch.manual_seed(0)
+    parent = nn.Module()
+    for name, n in (("q_proj", 4096), ("k_proj", 1024), ("v_proj", 1024)):
+        lin = nn.Linear(4096, n, bias=name == "q_proj", dtype=torch.float16, device="cuda")
+        setattr(parent, name, QuantLinear.from_linear(lin, QuantConfig(group_size=128, backend=backend)))
+    layers = [parent.q_proj, parent.k_proj, parent.v_proj]
+    (group,) = fuse_projections(parent).groups
+    x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+
+    def check(outs, x):
+        for y, layer in zip(outs, layers):
+            w = dequant(layer.qweight, layer.scales, layer.zeros, 128, torch.float16)
+            ref = w4a16_gemm_ref(x, layer.qweight, layer.scales, layer.zeros, layer.bias, 128)
+            assert_gemm_close(y, ref, x, w)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up (autotuning) outside capture
+            check([layer(x) for layer in layers], x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [layer(x) for layer in layers]
+    assert group.calls == 3 and group.active
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        check(outs, x)
+    assert torch.count_nonzero(group.workspace) == 0
+    x17 = torch.randn(17, 4096, dtype=torch.float16, device="cuda")
+    check([layer(x17) for layer in layers], x17)
+    assert group.calls == 3
 
 
 @pytest.mark.parametrize("asm", [True, False], ids=["ptx", "triton-ops"])

@@ -284,3 +284,33 @@ def test_merged_model_computes_as_the_adapted_one_and_quantizes_again(peft, kind
         assert isinstance(q, QuantLinear)
         step = q.scales.float().repeat_interleave(32, dim=1)
         assert ((q.dequantized_weight().float() - w.float()).abs() <= 0.5 * step * (1 + 1e-3) + 1e-7).all(), n
+
+
+def test_lora_layers_over_fused_projections_share_one_stacked_call(peft):
+    """fuse_projections on a model with LoRA adapters: a LoRA layer calls its base QuantLinear with its own
+    input, so q / k / v and gate / up still make one stacked call a token (adapted or not), and the adapted
+    model's one-token output is the unfused one's within the summation-order bound."""
+    from minicpm_int4 import fuse_projections
+    from minicpm_int4.peft_integration import lora_config, lora_layer_class
+
+    from minicpm_int4.tiny import NativeModelUnavailable
+
+    try:
+        model = build_native("4_6", seed=0)
+    except NativeModelUnavailable as e:  # transformers 4.x
+        pytest.skip(str(e))
+    # (min_out_features=16: the tiny model's 32-row k / v projections are int4 too, as full-size ones are)
+    report = patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=16), progress=False)
+    int4 = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    _randomize_adapters(int4, seed=1)
+    ids = torch.randint(0, 200, (1, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = int4(input_ids=ids).logits
+        fused = fuse_projections(int4)
+        after = int4(input_ids=ids).logits
+    ran = {tuple(g.names) for g in fused.groups if g.calls == 1}
+    assert {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")} <= ran, ran
+    assert all(g.active for g in fused.groups)
+    adapted = [m for m in int4.modules() if isinstance(m, lora_layer_class())]
+    assert any(m.base_layer._fusion is not None for m in adapted)
+    assert _rel(after, before) <= _bound(report)

@@ -410,14 +410,18 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
                 image_grid: int = 28, modes: Sequence[str] = MODES, group_size: int = 128,
                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float16,
                 trace_dir: Optional[str] = None, time_budget_s: Optional[float] = None,
-                checkpoint: Optional[Callable[[Dict], object]] = None, w4a8: bool = False) -> Dict:
+                checkpoint: Optional[Callable[[Dict], object]] = None, w4a8: bool = False,
+                fuse: bool = True) -> Dict:
     """Past `time_budget_s` (checked between runs), or on Ctrl-C / SIGINT, the remaining runs are
     left out and the result is marked incomplete. `checkpoint(result so far)` is called after each
     run (the CLI writes it to disk: a crash in a later run, say inside a compiler, keeps it).
     w4a8: after each model's int4 run in eager mode, one more eager run ("int4-w4a8") of the same int4
     layers with int8 activations (every QuantLinear's act = "int8": the same weights, so no re-patch):
     what W4A8 changes end to end, the vision encoder and the prefill; its decode rows run W4A16 as
-    ever (M < ops.W4A8_MIN_M), so it decodes only W4A8_PROFILE_TOKENS tokens."""
+    ever (M < ops.W4A8_MIN_M), so it decodes only W4A8_PROFILE_TOKENS tokens.
+    fuse: after each model's int4 run in the eager and cudagraph modes, one more ("int4-fused") of the same
+    layers after minicpm_int4.fuse_projections (q / k / v, gate / up, ... one GEMM each at one-token decode:
+    fusion.py); not in graphed mode, where the compiled step runs the layers one by one anyway."""
     import time
 
     unknown = [m for m in modes if m not in MODES]
@@ -427,7 +431,7 @@ def run_profile(models: Sequence[str] = MODELS, size: str = "full", prompt_token
     t0 = time.monotonic()
     try:
         return _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype,
-                            trace_dir, t0, time_budget_s, checkpoint, w4a8)
+                            trace_dir, t0, time_budget_s, checkpoint, w4a8, fuse)
     except KeyboardInterrupt:
         res = _PARTIAL.pop("result", None) or {"kind": "profile", "runs": []}
         res["incomplete"] = "interrupted"
@@ -451,16 +455,18 @@ def _set_act(model, act) -> int:
 
 
 def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, group_size, device, dtype, trace_dir,
-                 t0, time_budget_s, checkpoint=None, w4a8=False):
+                 t0, time_budget_s, checkpoint=None, w4a8=False, fuse=True):
     import time
 
     from .. import QuantConfig, patch_model
+    from ..fusion import fuse_projections
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"kind": "profile", "env": env_info(device),
               "config": {"models": list(models), "size": size, "prompt_tokens": prompt_tokens, "images": 1,
                          "image_grid_patches": image_grid, "new_tokens": new_tokens, "modes": list(modes),
-                         "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "w4a8": w4a8},
+                         "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "w4a8": w4a8,
+                         "fuse": fuse},
               "runs": [], "descriptions": {}, "traces": {}}
     _PARTIAL["result"] = result
     from .env import copy_bandwidth_gbps
@@ -482,7 +488,8 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
             model, desc = build_model(name, size, dtype, device)
             result["descriptions"][name] = desc
             inputs = make_inputs(name, model, prompt_tokens, image_grid, device)
-            weight_runs = [result["config"]["dtype"], "int4"] + (["int4-w4a8"] if w4a8 and mode == "eager" else [])
+            weight_runs = ([result["config"]["dtype"], "int4"] + (["int4-fused"] if fuse and mode != "graphed" else [])
+                           + (["int4-w4a8"] if w4a8 and mode == "eager" else []))
             for weights in weight_runs:
                 if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
                     result["incomplete"] = f"time budget of {time_budget_s:.0f} s reached before {name} {weights} {mode}"
@@ -495,6 +502,10 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
                     patch_s = time.perf_counter() - tp
                     result.setdefault("patch", {}).setdefault(name, report.summary())
                 tokens = new_tokens
+                fused = None
+                if weights == "int4-fused":  # the same int4 layers, siblings stacked (no re-patch)
+                    fused = fuse_projections(model)
+                    _sync(device)
                 if weights == "int4-w4a8":  # the same int4 layers, int8 activations from W4A8_MIN_M rows on
                     _set_act(model, "int8")
                     tokens = min(new_tokens, W4A8_PROFILE_TOKENS)
@@ -505,6 +516,11 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
                     r["new_tokens"] = tokens
                 if patch_s is not None:
                     r["patch_model_s"] = patch_s
+                if fused is not None:
+                    r["fused_groups"] = len(fused.groups)
+                    r["launches_saved_per_token"] = fused.launches_saved
+                    r["stacked_calls"] = sum(g.calls for g in fused.groups)  # > 0: fusion ran
+                    r["fusion_off"] = sorted({g.reason for g in fused.groups if not g.active})
                 if r.get("error"):
                     print(f"[profile]   failed: {r['error']}")
                 result["runs"].append(r)

@@ -437,6 +437,18 @@ def e2e_lines(profile: Optional[Dict]) -> List[str]:
         out.append(f"| {model} | {mode} | {cell(fp, 'tokens_per_s')} | {cell(int4, 'tokens_per_s')} | {ratio} | "
                    f"{cell(fp, 'peak_bytes', 2**20, '{:.0f}')} | {cell(int4, 'peak_bytes', 2**20, '{:.0f}')} | "
                    f"{cell(fp, 'weight_bytes', 2**20, '{:.0f}')} | {cell(int4, 'weight_bytes', 2**20, '{:.0f}')} |")
+    fused = [(model, mode, r) for (model, mode, w), r in runs.items() if w == "int4-fused"]
+    if fused:  # the same int4 layers after fuse_projections (fusion.py)
+        out += ["", "Sibling projections fused (`int4-fused`: the int4 model after `fuse_projections`, q / k / v, gate / up "
+                "and the linear attention's input projections one GEMM each at one-token decode) against the int4 run:", "",
+                "| model | mode | int4 tokens/s | int4-fused tokens/s | fused / int4 | int4 launches saved a token |",
+                "|---|---|---|---|---|---|"]
+        for model, mode, r in fused:
+            base = runs.get((model, mode, "int4")) or {}
+            a, b = base.get("tokens_per_s"), r.get("tokens_per_s")
+            out.append(f"| {model} | {mode} | {'-' if a is None else f'{a:.1f}'} | "
+                       f"{'failed' if r.get('error') else '-' if b is None else f'{b:.1f}'} | "
+                       f"{f'{b / a:.2f}x' if a and b else '-'} | {r.get('launches_saved_per_token', '-')} |")
     w4a8 = [(model, r) for (model, mode, w), r in runs.items() if w == "int4-w4a8" and mode == "eager"]
     if w4a8:  # profile --w4a8: the same int4 layers with int8 activations, eager
         out += ["", "W4A8 end to end (`profile --w4a8`, eager: the int4 layers with int8 activations from 17 rows on; "

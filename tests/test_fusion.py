@@ -1,0 +1,354 @@
+"""fuse_projections (fusion.py): sibling int4 projections that read the same input as one GEMM at one-token
+calls - the same outputs as layer by layer, fewer kernel calls, no byte added, and every case where it must
+not apply (more rows, other inputs, tracing, weights replaced) computing layer by layer."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_gemm_close
+from minicpm_int4 import QuantConfig, QuantLinear, fuse_projections, ops, patch_model, unfuse_projections
+from minicpm_int4.fusion import FusedProjections
+from minicpm_int4.reference import w4a16_gemm_ref
+
+K = 64
+
+
+class Attention(nn.Module):
+    """q / k / v of one input (or, cross=True, q of the first and k / v of the second), odd row counts,
+    a bias on q and v only."""
+
+    def __init__(self, k=K, rows=(40, 24, 56), dtype=torch.float16, config=None, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        config = config or QuantConfig(group_size=32, backend="torch")
+        for name, n, bias in zip(("q_proj", "k_proj", "v_proj"), rows, (True, False, True)):
+            lin = nn.Linear(k, n, bias=bias, dtype=torch.float32)
+            if bias:
+                nn.init.uniform_(lin.bias, -0.5, 0.5)
+            setattr(self, name, QuantLinear.from_linear(lin.to(dtype), config, name=name))
+
+    def forward(self, x, kv=None):
+        kv = x if kv is None else kv
+        return self.q_proj(x), self.k_proj(kv), self.v_proj(kv)
+
+
+def _layer_ref(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, layer.in_features)
+    return w4a16_gemm_ref(x2, layer.qweight, layer.scales, layer.zeros, layer.bias, layer._kernel_group_size)
+
+
+def _check_close(y, layer, x):
+    ref = _layer_ref(layer, x).reshape(y.shape)
+    w = layer.dequantized_weight()
+    assert_gemm_close(y.reshape(-1, layer.out_features), ref.reshape(-1, layer.out_features),
+                      x.reshape(-1, layer.in_features), w)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    calls = []
+    real = ops.quantized_linear
+
+    def counted(x, qweight, *args, **kwargs):
+        calls.append(qweight.shape[0])
+        return real(x, qweight, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "quantized_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float16), ("torch", torch.bfloat16), ("torch", torch.float32),
+                                           ("triton", torch.float16)])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("shape", [(1, 1, K), (K,), (1, K)])
+def test_one_stacked_call_gives_each_layer_its_output(backend, dtype, group_size, shape, count_calls):
+    m = Attention(dtype=dtype, config=QuantConfig(group_size=group_size, backend=backend))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        alone = m(x)
+        report = fuse_projections(m)
+        count_calls.clear()
+        fused = m(x)
+    assert count_calls == [120]  # one GEMM of 40 + 24 + 56 rows for the three
+    assert len(report.groups) == 1 and report.launches_saved == 2 and report.skipped == []
+    for y, y0, layer in zip(fused, alone, (m.q_proj, m.k_proj, m.v_proj)):
+        assert y.shape == y0.shape == (*shape[:-1], layer.out_features) and y.dtype == dtype and y.is_contiguous()
+        _check_close(y, layer, x)     # the reference's, within the derived bound (the stacked GEMM's own order)
+        if backend == "torch":
+            _check_close(y0, layer, x)
+
+
+def test_layers_view_one_stacked_tensor_each_and_keep_their_state_dict():
+    m = Attention()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    (group,) = fuse_projections(m).groups
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert sum(t.numel() * t.element_size() for t in after.values()) == nbytes
+    for name in ("qweight", "scales", "zeros"):
+        stacked = getattr(group, name)
+        for i, layer in enumerate((m.q_proj, m.k_proj, m.v_proj)):
+            t = getattr(layer, name)
+            assert t.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+            assert t.data_ptr() == stacked[group.offsets[i]].data_ptr()
+    # k_proj has no bias: zeros in the stacked bias, None on the layer
+    assert m.k_proj.bias is None and torch.equal(group.bias[40:64], torch.zeros(24, dtype=group.bias.dtype))
+    assert m.q_proj.bias.data_ptr() == group.bias.data_ptr() and not m.q_proj.bias.requires_grad
+    # a load_state_dict writes through the views into the stacked tensors
+    sd = {k: v.clone() for k, v in after.items()}
+    sd["k_proj.scales"] *= 2
+    m.load_state_dict(sd)
+    assert torch.equal(group.scales[40:64], sd["k_proj.scales"]) and m.k_proj._fusion is group and group.intact()
+
+
+@pytest.mark.parametrize("rows", [2, 3, 17])
+def test_more_rows_compute_layer_by_layer_with_the_same_bits(rows, count_calls):
+    m = Attention()
+    x = torch.randn(rows, K, dtype=torch.float16)
+    with torch.no_grad():
+        alone = m(x)
+        fuse_projections(m)
+        count_calls.clear()
+        fused = m(x)
+    assert count_calls == [40, 24, 56]
+    assert all(torch.equal(a, b) for a, b in zip(alone, fused))
+
+
+def test_siblings_on_other_inputs_turn_the_group_off(count_calls):
+    """A cross-attention's q reads another tensor than k / v: the first call that shows it turns the group off
+    for good, and every output is still the layer's own."""
+    m = Attention()
+    (group,) = fuse_projections(m).groups
+    x, kv = torch.randn(1, K, dtype=torch.float16), torch.randn(1, K, dtype=torch.float16)
+    with torch.no_grad():
+        q, k, v = m(x, kv)
+    assert not group.active and "k_proj, v_proj did not take the input k_proj was called with" in group.reason
+    for y, layer, inp in ((q, m.q_proj, x), (k, m.k_proj, kv), (v, m.v_proj, kv)):
+        _check_close(y, layer, inp)
+    count_calls.clear()
+    with torch.no_grad():
+        m(x)
+    assert count_calls == [40, 24, 56]
+
+
+def test_an_input_changed_in_place_is_computed_again():
+    m = Attention()
+    fuse_projections(m)
+    x = torch.randn(1, K, dtype=torch.float16)
+    with torch.no_grad():
+        m.q_proj(x)
+        x.mul_(2)  # the stacked call's slices are of the old values
+        k = m.k_proj(x)
+        v = m.v_proj(x)
+    _check_close(k, m.k_proj, x)
+    _check_close(v, m.v_proj, x)
+
+
+def test_a_layer_called_twice_then_its_siblings():
+    m = Attention()
+    (group,) = fuse_projections(m).groups
+    x = torch.randn(1, 1, K, dtype=torch.float16)
+    with torch.no_grad():
+        outs = [m.q_proj(x), m.q_proj(x), m.k_proj(x), m.v_proj(x)]
+    for y, layer in zip(outs, (m.q_proj, m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x)
+    assert group.active and group.calls == 1
+
+
+def test_inference_mode_and_gradients():
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    x = torch.randn(1, K)
+    with torch.inference_mode():  # (inference tensors keep no version counter)
+        for y, layer in zip(m(x), (m.q_proj, m.k_proj, m.v_proj)):
+            _check_close(y, layer, x)
+    xg = x.clone().requires_grad_(True)
+    q, k, v = m(xg)
+    (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
+    w = torch.cat([m.q_proj.dequantized_weight(), 2 * m.k_proj.dequantized_weight(), 3 * m.v_proj.dequantized_weight()])
+    torch.testing.assert_close(xg.grad, w.sum(0, keepdim=True))
+    assert group.calls == 2 and group.active
+
+
+def test_a_dtype_move_turns_the_group_off_with_a_warning_and_fusing_again_restores_it(count_calls):
+    m = Attention()
+    (group,) = fuse_projections(m).groups
+    m.to(torch.bfloat16)  # new scales / zeros / bias tensors in every layer: the stacked ones are not theirs now
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"q_proj \+ k_proj \+ v_proj of <model>|call minicpm_int4"
+                                                          r"\.fuse_projections\(model\) again"):
+        outs = m(x)
+    assert not group.active and count_calls == [40, 24, 56]
+    for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+        assert y.dtype == torch.bfloat16
+        _check_close(y, layer, x)
+    (again,) = fuse_projections(m).groups
+    assert again is not group and again.active and m.q_proj._fusion is again
+    count_calls.clear()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs2 = m(x)
+    assert count_calls == [120] and all(torch.equal(a, b) for a, b in zip(outs, outs2))
+
+
+def test_fusing_twice_keeps_the_groups_and_unfuse_gives_back_own_tensors(count_calls):
+    m = Attention()
+    (group,) = fuse_projections(m).groups
+    ptr = group.qweight.data_ptr()
+    (same,) = fuse_projections(m).groups
+    assert same is group and group.qweight.data_ptr() == ptr
+    x = torch.randn(1, K, dtype=torch.float16)
+    with torch.no_grad():
+        fused = m(x)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert unfuse_projections(m) == 1 and unfuse_projections(m) == 0
+    for layer in (m.q_proj, m.k_proj, m.v_proj):
+        assert layer._fusion is None
+        for t in (layer.qweight, layer.scales, layer.zeros) + ((layer.bias,) if layer.bias is not None else ()):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # its own storage again
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    count_calls.clear()
+    with torch.no_grad():
+        alone = m(x)
+    assert count_calls == [40, 24, 56]
+    for a, b, layer in zip(fused, alone, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(a, layer, x)
+        _check_close(b, layer, x)
+
+
+def test_what_is_left_unfused_and_why():
+    cfg = QuantConfig(group_size=32, backend="torch")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention()
+            self.attn.k_proj = QuantLinear.from_linear(nn.Linear(K, 24, dtype=torch.float16),
+                                                       QuantConfig(group_size=64, backend="torch"))
+            self.mlp = nn.Module()
+            self.mlp.gate_proj = QuantLinear.from_linear(nn.Linear(K, 48, dtype=torch.float16), cfg)
+            self.mlp.up_proj = QuantLinear.from_linear(nn.Linear(K, 48, dtype=torch.float16), cfg.replace(act="int8"))
+            self.other = nn.Module()
+            self.other.gate_proj = QuantLinear.from_linear(nn.Linear(K, 16, dtype=torch.float16), cfg)
+            self.other.up_proj = nn.Linear(K, 16, dtype=torch.float16)  # kept in high precision: nothing to fuse
+            self.shared = nn.Module()
+            self.shared.gate_proj = QuantLinear.from_linear(nn.Linear(K, 16, dtype=torch.float16), cfg)
+            self.shared.up_proj = QuantLinear.from_linear(nn.Linear(K, 16, dtype=torch.float16), cfg)
+            self.elsewhere = self.shared.up_proj  # the same layer at a second place
+            self.trained = nn.Module()
+            self.trained.gate_proj = QuantLinear.from_linear(nn.Linear(K, 16, dtype=torch.float16), cfg)
+            self.trained.up_proj = QuantLinear.from_linear(nn.Linear(K, 16, dtype=torch.float16), cfg)
+            self.trained.up_proj.bias.requires_grad_(True)  # (peft's bias="all")
+
+    report = fuse_projections(Block())
+    assert report.groups == [] and report.launches_saved == 0
+    assert dict(report.skipped) == {
+        "attn.{q_proj, k_proj, v_proj}": "different group_size",
+        "mlp.{gate_proj, up_proj}": "different act",
+        "shared.{gate_proj, up_proj}": "a layer is used at more than one place",
+        "trained.{gate_proj, up_proj}": "a trainable bias (its gradient would not reach it through the stacked call)"}
+    assert "left: mlp.{gate_proj, up_proj}: different act" in str(report)
+
+
+def test_torch_compile_traces_the_layers_one_by_one():
+    """Under torch.compile (and export / jit) the group's bookkeeping would be a module mutation inside the
+    trace: the compiled forward runs the layers one by one, with no graph break."""
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    x = torch.randn(1, K)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        outs = compiled(x)
+    assert group.calls == 0 and group.active
+    for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x)
+
+
+def test_deepcopy_keeps_a_working_group_of_its_own():
+    m = Attention()
+    (group,) = fuse_projections(m).groups
+    c = copy.deepcopy(m)
+    cg = c.q_proj._fusion
+    assert isinstance(cg, FusedProjections) and cg is not group and cg.intact() and cg.layers[1] is c.k_proj
+    assert c.k_proj.qweight.untyped_storage().data_ptr() == cg.qweight.untyped_storage().data_ptr() \
+        != group.qweight.untyped_storage().data_ptr()
+    x = torch.randn(1, K, dtype=torch.float16)
+    with torch.no_grad():
+        a, b = m(x), c(x)
+    assert cg.calls == 1 and all(torch.equal(u, w) for u, w in zip(a, b))
+
+
+@pytest.mark.parametrize("version", ["4_6", "llama"])
+def test_tiny_model_decodes_the_same_tokens_with_fewer_calls(version, tmp_path, count_calls):
+    """A patched tiny MiniCPM-V 4.6 (Qwen3.5: gate / up, the linear attention's in_proj_qkv / in_proj_z) and the
+    Llama3-V 2.5 layout's LLM (q / k / v, gate / up): greedy decoding gives the same tokens fused, a one-token
+    forward makes one call a group fewer, and save_quantized writes the layers' own tensors."""
+    from minicpm_int4 import save_quantized
+    from minicpm_int4.checkpoint import load_quantized
+    from minicpm_int4.tiny import NativeModelUnavailable, build_native, build_remote_layout
+
+    torch.manual_seed(0)
+    try:
+        model = (build_native("4_6") if version == "4_6" else build_remote_layout(version)).eval()
+    except NativeModelUnavailable as e:  # transformers 4.x
+        pytest.skip(str(e))
+    # (min_out_features=16: the tiny models' 32-row k / v projections are int4 too, as full-size ones are)
+    patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=16), progress=False)
+    llm = model if version == "4_6" else model.llm
+    ids = torch.randint(0, 200, (1, 10))
+    with torch.no_grad():
+        ref = llm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        count_calls.clear()
+        llm(input_ids=ids[:, :1])
+        unfused = len(count_calls)
+        report = fuse_projections(model)
+        count_calls.clear()
+        llm(input_ids=ids[:, :1])
+        ran = [g for g in report.groups if g.calls]
+        assert ran and len(count_calls) == unfused - sum(len(g.layers) - 1 for g in ran)
+        names = {tuple(g.names) for g in ran}
+        want = {("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj")} | (
+            {("in_proj_qkv", "in_proj_z")} if version == "4_6" else set())
+        assert want <= names, names
+        got = llm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ref, got)
+    assert all(g.active for g in report.groups) and len(ran) == len(report.groups)  # the LLM's only, by default
+    vision = "model.vision_tower" if version == "4_6" else "vpm"
+    assert not any(g.parent_name.startswith(vision) for g in report.groups)
+    encoder = fuse_projections(model, parts=["vision"])  # asked for: the vision tower's q / k / v too
+    assert encoder.groups and all(g.parent_name.startswith(vision) and g.names == ["q_proj", "k_proj", "v_proj"]
+                                  for g in encoder.groups)
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['vpm'\]"):
+        fuse_projections(model, parts=["vpm"])
+    save_quantized(model, str(tmp_path / "q"))
+    fresh = (build_native("4_6") if version == "4_6" else build_remote_layout(version)).eval()
+    load_quantized(fresh, str(tmp_path / "q"), progress=False)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_strided_input_and_settings_changed_after_fusing(count_calls):
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    wide = torch.randn(1, 2 * K)
+    x = wide[:, ::2]  # one row, not contiguous
+    with torch.no_grad():
+        outs = m(x)
+    assert count_calls == [120]
+    for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x.contiguous())
+    m.k_proj.act = "int8"  # settings are read at each call: the siblings disagree now, each computes as set
+    count_calls.clear()
+    with torch.no_grad():
+        m(x)
+    assert count_calls == [40, 24, 56] and group.active
+    m.k_proj.act = None
+    count_calls.clear()
+    with torch.no_grad():
+        m(x)
+    assert count_calls == [120]
