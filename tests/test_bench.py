@@ -167,6 +167,31 @@ def test_shapes_come_from_the_real_configs():
     assert ("llama3-v2.5", 14336, 4096) in shapes and ("llama3-v2.5", 1024, 4096) in shapes
     assert ("minicpmv2.6", 18944, 3584) in shapes and ("minicpmv2.6", 512, 3584) in shapes
     assert ("minicpmv4.6", 32, 4096) not in shapes  # in_proj_a/b: too small to be quantized
+    # fuse_projections' stacked GEMMs (LLM only), timed at one-token calls only; the 4.6 linear attention's
+    # in_proj_qkv + in_proj_z is 12288 x 4096, a plain layer's shape already (its rows cover every M)
+    fused = {(s.model, s.n, s.k): s for s in all_shapes() if s.ms is not None}
+    assert set(fused) == {("minicpmv4.6", 24576, 4096), ("minicpmv4.6", 10240, 4096), ("llama3-v2.5", 28672, 4096),
+                          ("llama3-v2.5", 6144, 4096), ("minicpmv2.6", 37888, 3584), ("minicpmv2.6", 4608, 3584)}
+    assert all(s.ms == (1,) for s in fused.values())
+    assert fused[("llama3-v2.5", 6144, 4096)].names == ["model.layers.0.self_attn.q_proj+k_proj+v_proj"]
+    assert len(fused[("minicpmv4.6", 24576, 4096)].names) == 32  # every layer's gate / up, no vision tower's
+
+
+def test_fused_shapes_are_timed_at_one_token_and_kept_apart_in_the_reports(tmp_path):
+    from minicpm_int4.bench.readme import _largest_llm_shapes
+
+    shapes = TINY + [LinearShape("tiny", 160, 256, ["a.q_proj+k_proj"], ms=(1,))]
+    res = run_microbench(shapes, ms=[1, 4, 17], backends=[B.Fp16Matmul(), B.OursW4A16("torch"), B.OursW4A8("torch")],
+                         device=torch.device("cpu"), group_size=64, rep_ms=1, progress=False, copy_bw_gbps=50.0)
+    fused = [r for r in res["rows"] if r["n"] == 160]
+    assert fused and {r["m"] for r in fused} == {1} and all(r["fused"] for r in fused)
+    assert {r["backend"] for r in fused} == {"fp16", "w4a16-torch"}  # (W4A8 from 17 rows: nothing at M = 1)
+    assert not any(r["fused"] for r in res["rows"] if r["n"] != 160)
+    assert {r["k"] for r in res["act_quant"]} == {256, 128}
+    assert _largest_llm_shapes(res["rows"]) == [{"model": "tiny", "n": 96, "k": 256}]
+    write_all(res, str(tmp_path), "bench")
+    md = (tmp_path / "bench.md").read_text()
+    assert "| 160 x 256 (fused) |" in md and "(fused): the stacked GEMM" in md and "| 96 x 256 |" in md
 
 
 def test_profile_harness_on_tiny_models(tmp_path):

@@ -129,7 +129,7 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
     rot = Rotating(copies)
     for m in ms:
         bar.update(1)
-        if not b.supports(m):
+        if not b.supports(m) or (shape.ms is not None and m not in shape.ms):
             continue
         x = torch.randn(m, k, device=device, dtype=dtype)
         status = _check(b.name, first, x)
@@ -148,7 +148,9 @@ def _time_shape(shape, b, ms, bar, result, device, dtype, group_size, rep_ms, es
             "median_ms": med, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
             "tflops": 2 * m * n * k / (med * 1e-3) / 1e12, "gbps": gbps, "pct_copy_bw": 100 * gbps / bw,
             "check": status, "rotating_copies": len(copies), "host_us": host_us,
-            "host_us_triton_launch": host_triton, "timing": how})
+            "host_us_triton_launch": host_triton, "timing": how,
+            # a stacked shape of fuse_projections' (timed at one-token calls only, bench/shapes.py)
+            "fused": shape.ms is not None})
         del x
 
 
@@ -174,7 +176,7 @@ def _bench_act_quant(shapes, ms, device, dtype, bw, rep_ms, live):
     backends = ["triton", *ACT_QUANT_VARIANTS] if device.type == "cuda" else ["torch"]
     if device.type == "cuda" and ops.cuda_extension_error() is None:
         backends.append("cuda")  # csrc/act_quant.cu beside the Triton kernel
-    for k in sorted({s.k for s in shapes}):
+    for k in sorted({s.k for s in shapes if s.ms is None}):
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
             # copies past twice the L2, as for the weights: at 4096 x 4096 one x (32 MiB) would stay in an H200's L2

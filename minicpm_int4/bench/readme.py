@@ -23,10 +23,11 @@ def _load(path: str) -> Optional[Dict]:
 
 
 def _largest_llm_shapes(rows: List[Dict]) -> List[Dict]:
-    """Per model, the LLM shape with the most weight bytes, lm_head excluded (N < 100k)."""
+    """Per model, the LLM shape with the most weight bytes, lm_head excluded (N < 100k), and fuse_projections'
+    stacked shapes (timed at M = 1 only)."""
     best = {}
     for r in rows:
-        if r["n"] >= 100_000:
+        if r["n"] >= 100_000 or r.get("fused"):
             continue
         key = r["model"]
         if key not in best or r["n"] * r["k"] > best[key][0] * best[key][1]:

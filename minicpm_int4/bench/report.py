@@ -80,8 +80,10 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
     for e in result.get("errors", []):
         out.append(f"- **error** {e['model']} {e['n']} x {e['k']} `{e['backend']}`: {e['error']}")
     out.append("")
+    fused = {(r["model"], r["n"], r["k"]) for r in rows if r.get("fused")}
     for model in dict.fromkeys(r["model"] for r in rows):
         shapes = list(dict.fromkeys((r["n"], r["k"]) for r in rows if r["model"] == model))
+        label = lambda n, k: f"{n} x {k}" + (" (fused)" if (model, n, k) in fused else "")  # noqa: E731
         out += [f"### {model}", ""]
         head = ["N x K"]
         for m in shown_ms:
@@ -89,7 +91,7 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
             head += [f"M={m} {b} x" for b in backends]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for n, k in shapes:
-            cells = [f"{n} x {k}"]
+            cells = [label(n, k)]
             for m in shown_ms:
                 fp = by.get((model, n, k, m, "fp16"))
                 cells.append(f"{fp['median_ms']:.4f}" if fp else "-")
@@ -98,6 +100,9 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
                     cells.append(f"{r['speedup_vs_fp16']:.2f}" if r and r.get("speedup_vs_fp16") else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        if any(m_ == model for m_, _, _ in fused):
+            out += ["(fused): the stacked GEMM of sibling projections `fuse_projections` makes (q / k / v, gate / up), "
+                    "timed at M = 1, the one-token calls it runs at.", ""]
         dec = [r for r in rows if r["model"] == model and r["m"] <= 16 and r["backend"] != "fp16"]
         if dec:
             out += [f"% of copy bandwidth, decode (M <= 16), {model}:", ""]
@@ -108,7 +113,7 @@ def micro_markdown(result: Dict, decode_ms=(1, 16), prefill_ms=(4096,)) -> str:
                 for b in bks:
                     vals = [by.get((model, n, k, m, b)) for m in ms]
                     if any(vals):
-                        out.append(f"| {n} x {k} | {b} | " + " | ".join(f"{v['pct_copy_bw']:.0f}%" if v else "-" for v in vals) + " |")
+                        out.append(f"| {label(n, k)} | {b} | " + " | ".join(f"{v['pct_copy_bw']:.0f}%" if v else "-" for v in vals) + " |")
             out.append("")
     host = [r for r in rows if r.get("host_us") is not None and r["m"] == 1]
     if host:
@@ -230,7 +235,8 @@ def micro_plots(result: Dict, out_dir: str) -> List[str]:
     order += sorted({r["backend"] for r in rows} - set(order))
     color = _colors(order)
     files = []
-    shapes = list(dict.fromkeys((r["model"], r["n"], r["k"]) for r in rows if r["backend"] != "fp16"))
+    # (fuse_projections' stacked shapes, timed at M = 1 only, are bars in bandwidth.png, not lines here)
+    shapes = list(dict.fromkeys((r["model"], r["n"], r["k"]) for r in rows if r["backend"] != "fp16" and not r.get("fused")))
     if shapes:
         cols = min(4, len(shapes))
         nrows = -(-len(shapes) // cols)

@@ -6,7 +6,7 @@ Models are instantiated on the meta device (no memory, no download); the shapes 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ class LinearShape:
     n: int
     k: int
     names: List[str] = field(default_factory=list)
+    # only these M (None: the sweep's): a fused projection (fusion.py) runs stacked at one-token calls only
+    ms: Optional[Tuple[int, ...]] = None
 
     @property
     def label(self) -> str:
@@ -32,7 +34,34 @@ def _distinct_shapes(model_name: str, model: nn.Module, min_out_features: int = 
         if isinstance(mod, nn.Linear) and mod.out_features >= min_out_features:
             s = shapes.setdefault((mod.out_features, mod.in_features), LinearShape(model_name, mod.out_features, mod.in_features))
             s.names.append(name)
-    return list(shapes.values())
+    return list(shapes.values()) + _fused_shapes(model_name, model, shapes, min_out_features)
+
+
+def _fused_shapes(model_name: str, model: nn.Module, plain: Dict[Tuple[int, int], LinearShape],
+                  min_out_features: int) -> List[LinearShape]:
+    """The stacked GEMMs fuse_projections makes of the model's sibling projections (fusion.SIBLING_SETS, the
+    parts it fuses by default), at M = 1 only - the one-token calls it runs them at - and only where no plain
+    layer has the shape already (whose rows cover it at every M): so that the dispatch table has an entry for
+    each and the bench says what a fused decode step's kernels do."""
+    from ..fusion import ENCODER_PARTS, SIBLING_SETS
+    from ..models import detect_layout
+
+    layout = detect_layout(model)
+    out: Dict[Tuple[int, int], LinearShape] = {}
+    for parent_name, parent in model.named_modules():
+        if layout.part_of(f"{parent_name}.x") in ENCODER_PARTS:
+            continue
+        for names in SIBLING_SETS:
+            layers = [(n, parent._modules.get(n)) for n in names]
+            layers = [(n, m) for n, m in layers if isinstance(m, nn.Linear) and m.out_features >= min_out_features]
+            if len(layers) < 2 or len({m.in_features for _, m in layers}) != 1:
+                continue
+            key = (sum(m.out_features for _, m in layers), layers[0][1].in_features)
+            if key in plain:
+                continue
+            s = out.setdefault(key, LinearShape(model_name, key[0], key[1], ms=(1,)))
+            s.names.append(f"{parent_name}.{'+'.join(n for n, _ in layers)}")
+    return list(out.values())
 
 
 def minicpmv46_shapes() -> List[LinearShape]:
