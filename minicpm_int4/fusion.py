@@ -36,19 +36,12 @@ import torch
 from torch import nn
 
 from . import ops
-from .models import unwrap_compiled
+from .models import SHARED_INPUT_SIBLINGS, unwrap_compiled
 from .qlinear import QuantLinear
 
-# Sibling names that take the same input in the layouts models.py knows (an attribute of one parent
-# module each): self-attention, the gated MLP, Qwen3.5's gated delta net (MiniCPM-V 4.6 / 4.7 / OCR)
-# and Qwen3-Next's form of it. Anything else is left alone; a set whose members turn out not to share
-# their input turns itself off at the first call that shows it (above).
-SIBLING_SETS: Tuple[Tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
-    ("in_proj_qkvz", "in_proj_ba"),
-)
+# Sibling names that take the same input (layout knowledge: models.py); anything else is left alone, and a set
+# whose members turn out not to share their input turns itself off at the first call that shows it (above).
+SIBLING_SETS = SHARED_INPUT_SIBLINGS
 
 _TENSORS = ("qweight", "scales", "zeros")
 

@@ -83,6 +83,19 @@ GENERIC = ModelLayout(
     parts=(("", "other"),),
 )
 
+# Sibling Linears (attributes of one parent module) that the layouts' forwards call on the same input, in
+# turn: fusion.fuse_projections stacks such int4 siblings into one GEMM at one-token calls. Self-attention's
+# q / k / v (every LLM here, SigLIP, Whisper), the gated MLP's gate / up (Llama, Qwen2, Qwen3.5, MiniCPM), and
+# the linear-attention input projections of Qwen3.5's gated delta net (MiniCPM-V 4.6 / 4.7 / OCR) and of
+# Qwen3-Next's. A set whose layers turn out not to share their input (a cross-attention's q) is found out at
+# its first call (fusion.py).
+SHARED_INPUT_SIBLINGS: Tuple[Tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+    ("in_proj_qkvz", "in_proj_ba"),
+)
+
 # Parents whose forward reads a child Linear's `.weight` directly (F.multi_head_attention_forward
 # takes out_proj.weight): replacing that child would change what the parent computes.
 DIRECT_WEIGHT_READERS: Tuple[type, ...] = (nn.MultiheadAttention,)
