@@ -269,6 +269,18 @@ def test_torch_compile_traces_the_layers_one_by_one():
         _check_close(y, layer, x)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_traces_the_layers_one_by_one(strict):
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    x = torch.randn(1, K)
+    ep = torch.export.export(m, (x,), strict=strict)
+    assert group.calls == 0 and group.active
+    x2 = torch.randn(1, K)
+    for y, layer in zip(ep.module()(x2), (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x2)
+
+
 def test_deepcopy_keeps_a_working_group_of_its_own():
     m = Attention()
     (group,) = fuse_projections(m).groups
