@@ -347,3 +347,24 @@ def test_a_converted_model_gets_this_packages_quantizer(tmp_path):
     plain = _fp_llama(tmp_path / "fp", dtype=torch.float16)
     patch_model(plain, QuantConfig(group_size=32), progress=False)
     assert getattr(plain, "hf_quantizer", None) is None
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+def test_save_pretrained_of_fused_projections(tmp_path):
+    """fuse_projections leaves the layers' tensors as row views of one stacked tensor each: transformers'
+    save_pretrained (one file and sharded; it finds tensors that share storage itself) and save_quantized write
+    each layer's own rows, which load back into the same logits."""
+    from minicpm_int4 import fuse_projections
+
+    model = _fp_llama(tmp_path / "fp")
+    report = patch_model(model, QuantConfig(group_size=32, min_out_features=16), progress=False)
+    names = {d.name for d in report.quantized}
+    expected = _logits(model)
+    fused = fuse_projections(model)
+    assert {tuple(g.names) for g in fused.groups} == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}
+    assert torch.equal(_logits(model), expected)  # (six rows: layer by layer, the same bits)
+    model.save_pretrained(tmp_path / "hf")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    save_quantized(model, tmp_path / "ours")
+    for folder in ("hf", "sharded", "ours"):
+        _check_loaded(load_pretrained_quantized(str(tmp_path / folder), progress=False), expected, names)
