@@ -81,6 +81,24 @@ def test_one_stacked_call_gives_each_layer_its_output(backend, dtype, group_size
             _check_close(y0, layer, x)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_w4a8_layers_make_one_stacked_call_too(backend, count_calls):
+    """A W4A8 layer (act="int8") computes one row as W4A16 (ops.W4A8_MIN_M): its siblings' stacked call does
+    the same, within the same bound; at 17 rows each layer quantizes its own activations as before."""
+    m = Attention(config=QuantConfig(group_size=32, backend=backend, act="int8"))
+    (group,) = fuse_projections(m).groups
+    x = torch.randn(1, K, dtype=torch.float16)
+    with torch.no_grad():
+        outs = m(x)
+    assert count_calls == [120] and group.calls == 1
+    for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x)
+    count_calls.clear()
+    with torch.no_grad():
+        m(torch.randn(17, K, dtype=torch.float16))
+    assert count_calls == [40, 24, 56]
+
+
 def test_layers_view_one_stacked_tensor_each_and_keep_their_state_dict():
     m = Attention()
     before = {k: v.clone() for k, v in m.state_dict().items()}
