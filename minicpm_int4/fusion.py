@@ -2,7 +2,7 @@
 gated-delta-net input projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a).
 
 At batch-1 decode every QuantLinear call is a kernel launch whose fixed cost (the launch, the ramp up
-and the tail; ~3-4 us a call on an H200 in results/nvidia-h200/targets.md, plus the host's Python
+and the tail; ~2.7-3.8 us a call on an H200 in results/nvidia-h200/targets.md, plus the host's Python
 in eager mode) is paid whatever the layer's size, and many of MiniCPM-V's projections are small (a
 KV projection of 1024 rows, the linear-attention's 32-row `in_proj_b` / `in_proj_a`). Siblings that
 multiply the same x are one GEMM over their rows stacked: MiniCPM-V 4.6's LLM (default config, int4 where
