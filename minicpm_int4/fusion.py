@@ -4,7 +4,7 @@ gated-delta-net input projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a)
 At batch-1 decode every QuantLinear call is a kernel launch whose fixed cost (the launch, the ramp up
 and the tail; ~2.7-3.8 us a call on an H200 in results/nvidia-h200/targets.md, plus the host's Python
 in eager mode) is paid whatever the layer's size, and many of MiniCPM-V's projections are small (a
-KV projection of 1024 rows, the linear-attention's 32-row `in_proj_b` / `in_proj_a`). Siblings that
+KV projection of 1024 rows streams in about a microsecond). Siblings that
 multiply the same x are one GEMM over their rows stacked: MiniCPM-V 4.6's LLM (default config, int4 where
 patch_model puts it) goes from 200 int4 launches a token to 128, Llama3-V 2.5's from 224 to 128.
 
