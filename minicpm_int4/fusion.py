@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -247,6 +247,33 @@ def _quant_layer(child: Optional[nn.Module]) -> Optional[QuantLinear]:
     return base if isinstance(base, QuantLinear) else None
 
 
+def sibling_sets(model: nn.Module, layer_of: Callable[[Optional[nn.Module]], Optional[nn.Module]],
+                 parts: Optional[Sequence[str]] = None, who: str = "sibling_sets") -> List[Tuple[str, List[Tuple[str, nn.Module]]]]:
+    """Every set of SIBLING_SETS with two or more layers that `layer_of(child)` accepts (it returns the layer to
+    use, or None), as (parent name, [(attribute, layer), ...]) in model order, within the model parts `parts`
+    (config.PARTS, by the model's layout; default: all but ENCODER_PARTS). fuse_projections fuses these; the
+    bench times their stacked shapes (bench/shapes.py)."""
+    from .config import PARTS
+    from .models import detect_layout
+
+    if parts is not None:
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"{who}: unknown part(s) {unknown}; the parts are {list(PARTS)}")
+    wanted = set(parts) if parts is not None else set(PARTS) - set(ENCODER_PARTS)
+    layout = detect_layout(model)
+    out = []
+    for parent_name, parent in model.named_modules():
+        if layout.part_of(f"{parent_name}.x" if parent_name else "x") not in wanted:
+            continue
+        for names in SIBLING_SETS:
+            found = [(n, layer_of(parent._modules.get(n))) for n in names]
+            found = [(n, layer) for n, layer in found if layer is not None]
+            if len(found) >= 2:
+                out.append((parent_name, found))
+    return out
+
+
 def fuse_projections(model: nn.Module, parts: Optional[Sequence[str]] = None) -> FusionReport:
     """Make one GEMM of each set of sibling int4 projections that read the same input (SIBLING_SETS:
     q / k / v, gate / up, Qwen3.5's linear-attention input projections), in place, for one-token
@@ -258,45 +285,31 @@ def fuse_projections(model: nn.Module, parts: Optional[Sequence[str]] = None) ->
     model parts (config.PARTS, by the model's layout) to look in; by default all but ENCODER_PARTS (the vision
     tower, the audio encoder, the resampler / merger), which never run a one-token call.
     `unfuse_projections(model)` undoes it."""
-    from .config import PARTS
-    from .models import detect_layout
     from .patch import linear_places
 
     model = unwrap_compiled(model)
-    if parts is not None:
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            raise ValueError(f"fuse_projections: unknown part(s) {unknown}; the parts are {list(PARTS)}")
-    wanted = set(parts) if parts is not None else set(PARTS) - set(ENCODER_PARTS)
-    layout = detect_layout(model)
     places = linear_places(model)
     report = FusionReport()
-    for parent_name, parent in model.named_modules():
-        if layout.part_of(f"{parent_name}.x" if parent_name else "x") not in wanted:
+    for parent_name, found in sibling_sets(model, _quant_layer, parts, "fuse_projections"):
+        present = [n for n, _ in found]
+        layers = [layer for _, layer in found]
+        where = f"{parent_name or '<model>'}.{{{', '.join(present)}}}"
+        groups = {id(layer._fusion): layer._fusion for layer in layers if layer._fusion is not None}
+        if len(groups) == 1:
+            (group,) = groups.values()
+            if group.active and group.intact() and group.layers == layers:  # already one, still whole
+                report.groups.append(group)
+                continue
+        for group in groups.values():  # broken by a move, or of another set of layers: rebuilt
+            group.unfuse()
+        if any(len(places.get(id(layer), ())) > 1 for layer in layers):
+            report.skipped.append((where, "a layer is used at more than one place"))
             continue
-        for names in SIBLING_SETS:
-            found = {n: _quant_layer(parent._modules.get(n)) for n in names}
-            present = [n for n in names if found[n] is not None]
-            if len(present) < 2:
-                continue
-            where = f"{parent_name or '<model>'}.{{{', '.join(present)}}}"
-            layers = [found[n] for n in present]
-            groups = {id(layer._fusion): layer._fusion for layer in layers if layer._fusion is not None}
-            if len(groups) == 1:
-                (group,) = groups.values()
-                if group.active and group.intact() and group.layers == layers:  # already one, still whole
-                    report.groups.append(group)
-                    continue
-            for group in groups.values():  # broken by a move, or of another set of layers: rebuilt
-                group.unfuse()
-            if any(len(places.get(id(layer), ())) > 1 for layer in layers):
-                report.skipped.append((where, "a layer is used at more than one place"))
-                continue
-            why = _compatible(layers)
-            if why is not None:
-                report.skipped.append((where, why))
-                continue
-            report.groups.append(FusedProjections(parent_name, present, layers))
+        why = _compatible(layers)
+        if why is not None:
+            report.skipped.append((where, why))
+            continue
+        report.groups.append(FusedProjections(parent_name, present, layers))
     return report
 
 

@@ -43,24 +43,20 @@ def _fused_shapes(model_name: str, model: nn.Module, plain: Dict[Tuple[int, int]
     parts it fuses by default), at M = 1 only - the one-token calls it runs them at - and only where no plain
     layer has the shape already (whose rows cover it at every M): so that the dispatch table has an entry for
     each and the bench says what a fused decode step's kernels do."""
-    from ..fusion import ENCODER_PARTS, SIBLING_SETS
-    from ..models import detect_layout
+    from ..fusion import sibling_sets
 
-    layout = detect_layout(model)
+    def linear(m):  # a layer patch_model makes int4 by default
+        return m if isinstance(m, nn.Linear) and m.out_features >= min_out_features else None
+
     out: Dict[Tuple[int, int], LinearShape] = {}
-    for parent_name, parent in model.named_modules():
-        if layout.part_of(f"{parent_name}.x") in ENCODER_PARTS:
+    for parent_name, layers in sibling_sets(model, linear):
+        if len({m.in_features for _, m in layers}) != 1:
             continue
-        for names in SIBLING_SETS:
-            layers = [(n, parent._modules.get(n)) for n in names]
-            layers = [(n, m) for n, m in layers if isinstance(m, nn.Linear) and m.out_features >= min_out_features]
-            if len(layers) < 2 or len({m.in_features for _, m in layers}) != 1:
-                continue
-            key = (sum(m.out_features for _, m in layers), layers[0][1].in_features)
-            if key in plain:
-                continue
-            s = out.setdefault(key, LinearShape(model_name, key[0], key[1], ms=(1,)))
-            s.names.append(f"{parent_name}.{'+'.join(n for n, _ in layers)}")
+        key = (sum(m.out_features for _, m in layers), layers[0][1].in_features)
+        if key in plain:
+            continue
+        s = out.setdefault(key, LinearShape(model_name, key[0], key[1], ms=(1,)))
+        s.names.append(f"{parent_name}.{'+'.join(n for n, _ in layers)}")
     return list(out.values())
 
 
