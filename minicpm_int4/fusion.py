@@ -136,22 +136,24 @@ class FusedProjections:
     def output(self, layer: QuantLinear, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Layer `layer`'s output for x from a stacked call (made now, or by a sibling's call on this
         same x), or None where the layer computes on its own (module docstring)."""
+        i = layer._fusion_index
+        pending = self._pending
+        # first, the common case: a sibling's stacked call on this very tensor, unchanged since (it passed the
+        # checks below then; a traced call's x is another object)
+        if pending is not None and pending[0] is x and pending[1] == _version(x):
+            y = pending[2].pop(i, None)
+            if y is not None:
+                if not pending[2]:
+                    self._pending = None
+                return y
+            return None  # this layer again on the same x before its siblings: its own call
         if not self.active or x.numel() != self.in_features or x.shape[-1] != self.in_features or _traced(x):
             return None
         if x.dtype != self.dtype or x.device != self.device:
             if not self.intact():  # the model was moved to x's device / dtype since fusing
                 self._moved()
             return None  # (else a wrong input, which gets the layer's own error)
-        i = layer._fusion_index
-        pending = self._pending
         if pending is not None:
-            if pending[0] is x and pending[1] == _version(x):
-                y = pending[2].pop(i, None)
-                if y is not None:
-                    if not pending[2]:
-                        self._pending = None
-                    return y
-                return None  # this layer again on the same x before its siblings: its own call
             # the last stacked call's slices were not all taken before another input came
             self.turn_off(f"{', '.join(self.names[j] for j in sorted(pending[2]))} did not take the input "
                           f"{self.names[i]} was called with")
