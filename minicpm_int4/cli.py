@@ -827,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also an eager run of the int4 model with int8 activations (W4A8: vision and prefill; "
                          "decode stays W4A16), weights 'int4-w4a8'")
     pr.add_argument("--no-fuse", action="store_true",
-                    help="leave out the 'int4-fused' runs (eager, cudagraph: the int4 model after fuse_projections, "
+                    help="leave out the 'int4-fused' runs (every mode: the int4 model after fuse_projections, "
                          "q / k / v and gate / up one GEMM each at decode)")
     pr.add_argument("--out", default="profile-results")
     pr.add_argument("--time-budget-s", type=float, default=None, help="skip the runs left after this long")

@@ -17,14 +17,21 @@ rows (no memory added; its state_dict, checkpoints and load_state_dict unchanged
 the first sibling (any of them) computes the stacked GEMM once and keeps the others' slices; each
 sibling then called with that same tensor (the same object, not modified in place since) returns
 its slice. Everything else computes layer by layer from the views, with the same kernels as before:
-more than one row of x (prefill; slices of a wider output would not be contiguous), torch.compile /
-export / jit tracing or a dispatch mode (fusing there would mutate the module while tracing), a
+more than one row of x (prefill; slices of a wider output would not be contiguous), torch.export /
+jit tracing or a dispatch mode (the group's tensors belong to no module such a graph could hold), a
 sibling called with another input than the one its slices were made from (the group is then turned
 off for good: its layers do not share their input, e.g. a cross-attention's q), or weights that were
 replaced since (`model.to(...)` onto another device or dtype, `load_state_dict(assign=True)`: the
 group turns off with a warning; call fuse_projections again). A CUDA graph captured by hand replays
 the stacked launches. Not for one model run from several threads at once (the slices not yet taken are
 the group's state).
+
+torch.compile follows the same protocol as it traces (dynamo compares traced tensors by identity and
+replays the group's state changes), so a compiled one-token step - transformers' compiled decode, CUDA
+graph trees - has one stacked GEMM a group and slices of it. One difference: dynamo gives no version
+counter a trace can compare, so a compiled model whose code changed the projections' input in place
+between two siblings' calls would get the slices of the input before the change (no MiniCPM-V layout
+does; eager mode checks it).
 """
 from __future__ import annotations
 
@@ -51,10 +58,28 @@ ENCODER_PARTS = ("vision", "merger", "resampler", "audio")
 
 
 def _traced(x: torch.Tensor) -> bool:
-    """Whether this call is being traced or intercepted (compile, export, jit, fake / functional
-    tensors, a dispatch mode), where the group's bookkeeping must not run."""
+    """Whether this eager-looking call is being traced or intercepted (export, jit, fake / functional
+    tensors, a dispatch mode), where the group's bookkeeping must not run (torch.compile is
+    FusedProjections._compiled_output's)."""
     return (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
             or bool(ops._dispatch_modes()))
+
+
+def _mark_static(*tensors: Optional[torch.Tensor]) -> None:
+    """Tell torch.compile that these tensors keep their address from call to call, as a module's buffers do:
+    a group's stacked tensors are attributes of no module, and CUDA graph trees (mode="reduce-overhead") would
+    otherwise copy such an input into a buffer of their own before every replay - the whole stacked weight."""
+    import torch._dynamo
+
+    mark = getattr(torch._dynamo, "mark_static_address", None)
+    for t in tensors:
+        if t is not None and mark is not None:
+            mark(t)
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
+    return bool(is_exporting is not None and is_exporting())
 
 
 def _version(x: torch.Tensor) -> Optional[int]:
@@ -91,6 +116,7 @@ class FusedProjections:
         self.input_scale = first.input_scale
         self.input_perm = first.input_perm
         self.workspace = ops.w4a16_workspace(self.out_features, self.device)
+        _mark_static(self.qweight, self.scales, self.zeros, self.bias, self.workspace)
         self._expect = []  # the tensors each layer must still hold for the stacked call to be its own
         for i, layer in enumerate(layers):  # each layer's tensors become views of its rows
             a, b = self.offsets[i], self.offsets[i + 1]
@@ -103,7 +129,8 @@ class FusedProjections:
             self._expect.append(tuple(layer._buffers[t] for t in _TENSORS) + (layer._parameters["bias"],))
         self.active = True
         self.reason = ""            # why the group turned off, once it has
-        self.calls = 0              # stacked GEMMs run (each serving every sibling)
+        self.calls = 0              # stacked GEMMs run in eager mode (each serving every sibling)
+        self.in_graph = False       # whether a torch.compile graph that makes the stacked call has run
         self._pending: Optional[Tuple[torch.Tensor, Optional[int], Dict[int, torch.Tensor]]] = None
 
     def __repr__(self) -> str:
@@ -136,11 +163,13 @@ class FusedProjections:
     def output(self, layer: QuantLinear, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Layer `layer`'s output for x from a stacked call (made now, or by a sibling's call on this
         same x), or None where the layer computes on its own (module docstring)."""
+        if torch.compiler.is_compiling():
+            return self._compiled_output(layer, x)
         i = layer._fusion_index
         pending = self._pending
         # first, the common case: a sibling's stacked call on this very tensor, unchanged since (it passed the
-        # checks below then; a traced call's x is another object)
-        if pending is not None and pending[0] is x and pending[1] == _version(x):
+        # checks below then; slices a compiled graph left at a graph break have no version)
+        if pending is not None and pending[0] is x and (pending[1] is None or pending[1] == _version(x)):
             y = pending[2].pop(i, None)
             if y is not None:
                 if not pending[2]:
@@ -161,6 +190,15 @@ class FusedProjections:
         if not self.intact():
             self._moved()
             return None
+        y = self._stacked(layer, x, _version(x))
+        if y is not None:
+            self.calls += 1
+        return y
+
+    def _stacked(self, layer: QuantLinear, x: torch.Tensor, version: Optional[int]) -> Optional[torch.Tensor]:
+        """The stacked GEMM for a checked one-row x: layer's slice now, its siblings' kept for x at `version`;
+        None (nothing run) where the siblings' settings disagree now."""
+        i = layer._fusion_index
         act, backend, own_workspace = layer.act, layer.backend, True
         for other in self.layers:  # settings are read live (a layer's act / backend can be changed at any time)
             if other.act != act or other.backend != backend:
@@ -170,13 +208,51 @@ class FusedProjections:
         y = ops.quantized_linear(x.reshape(1, self.in_features).contiguous(), self.qweight, self.scales, self.zeros, self.bias,
                                  self.group_size, act, backend, self.workspace if own_workspace else None,
                                  self.input_scale, self.input_perm)
-        self.calls += 1
         lead = x.shape[:-1]
         outs = {j: y[:, self.offsets[j]:self.offsets[j + 1]].reshape(*lead, self.rows[j])
                 for j in range(len(self.layers))}
         mine = outs.pop(i)
-        self._pending = (x, _version(x), outs)
+        self._pending = (x, version, outs)
         return mine
+
+    def _compiled_output(self, layer: QuantLinear, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """output() as torch.compile traces it: the same protocol, which dynamo follows as it is (it compares
+        traced tensors by identity and replays the group's state changes as side effects), so that a compiled
+        one-token step has one stacked GEMM a group and slices of it, and the group's state is back to none
+        by the step's end once every sibling took its slice. After a graph break between siblings, the eager
+        code or the next graph takes the slices left (kept with no version, matched by identity). Not under
+        export (whose graph could not hold the group's tensors, attributes of no module) nor another tracer.
+        `calls` is not counted here (a counter read in the trace would be a guard: a recompile a step);
+        `in_graph` says that such a graph ran. Nothing warns (a graph
+        break): a group a move broke turns off in the trace, as in eager, and the guard on `active`
+        recompiles the step layer by layer."""
+        if _exporting() or type(x) is not torch.Tensor:
+            return None
+        i = layer._fusion_index
+        pending = self._pending
+        if pending is not None and pending[0] is x:
+            y = pending[2].pop(i, None)
+            if y is not None:
+                if not pending[2]:
+                    self._pending = None
+                return y
+            return None
+        if not self.active or x.numel() != self.in_features or x.shape[-1] != self.in_features:
+            return None
+        if x.dtype != self.dtype or x.device != self.device:
+            return None
+        if pending is not None:
+            self.turn_off(f"{', '.join(self.names[j] for j in sorted(pending[2]))} did not take the input "
+                          f"{self.names[i]} was called with")
+            return None
+        if not self.intact():
+            self.turn_off("a layer's weights were replaced since fusing (moved to another device or dtype, or loaded "
+                          "with assign=True); call minicpm_int4.fuse_projections(model) again")
+            return None
+        y = self._stacked(layer, x, None)
+        if y is not None:
+            self.in_graph = True  # (a write of a constant: no guard; replayed each time the graph runs)
+        return y
 
     def unfuse(self) -> None:
         """Give every layer tensors of its own again (copies of its rows) and detach the group."""

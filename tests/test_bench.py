@@ -297,8 +297,37 @@ def test_profile_w4a8_run_flips_the_int4_layers_to_int8_activations_and_back(mon
     assert lines[-1].startswith("| llama3-v2.5 | ") and lines[-1].count("x |") == 1  # no vision tower: prefill only
     at = next(i for i, line in enumerate(lines) if line.startswith("Sibling projections fused"))  # int4-fused vs int4
     row = lines[at + 4].split(" | ")
-    assert row[:2] == ["| llama3-v2.5", "eager"] and row[4].endswith("x") and row[5] == f"{res['runs'][2]['launches_saved_per_token']} |"
+    a, b = res["runs"][1]["tokens_per_s"], res["runs"][2]["tokens_per_s"]  # (None where a loaded CPU timed no decode)
+    assert row[:2] == ["| llama3-v2.5", "eager"] and row[4] == (f"{b / a:.2f}x" if a and b else "-")
+    assert row[5] == f"{res['runs'][2]['launches_saved_per_token']} |"
     assert build_parser().parse_args(["profile", "--w4a8"]).w4a8
+
+
+def test_profile_runs_the_graphed_fused_compiles_after_every_required_run(monkeypatch):
+    """The order of the profile's runs (measure stubbed): per mode and model fp16, int4 (and eager / cudagraph
+    int4-fused); the graphed mode's int4-fused runs - a compile each, beyond what the tables of fp16 vs int4
+    need - in a pass of their own at the end, on a model patched and fused there."""
+    from minicpm_int4 import QuantLinear
+    from minicpm_int4.bench import e2e
+
+    seen = []
+
+    def stub(name, model, inputs, new_tokens, device, mode, weights):
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        seen.append((name, weights, mode, bool(layers), any(m._fusion is not None for m in layers)))
+        return {"model": name, "weights": weights, "mode": mode}
+
+    monkeypatch.setattr(e2e, "measure", stub)
+    e2e.run_profile(models=["minicpmv4.6", "llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=2,
+                    group_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    want = []
+    for mode in ("eager", "cudagraph", "graphed"):
+        for name in (("minicpmv4.6", "llama3-v2.5") if mode != "graphed" else ("llama3-v2.5", "minicpmv4.6")):
+            want += [(name, "float32", mode, False, False), (name, "int4", mode, True, False)]
+            if mode != "graphed":
+                want.append((name, "int4-fused", mode, True, True))
+    want += [(name, "int4-fused", "graphed", True, True) for name in ("llama3-v2.5", "minicpmv4.6")]
+    assert seen == want
 
 
 def test_profile_graphed_mode_compiles_only_the_decode_step():
@@ -315,14 +344,17 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
         how = "torch.compile(model.forward"
     res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3, modes=["eager", "graphed"],
                       group_size=32, device=torch.device("cpu"), dtype=torch.float32)
-    # (no int4-fused run in graphed mode: the compiled step runs the layers one by one anyway, fusion.py)
     assert [(r["weights"], r["mode"]) for r in res["runs"]] == [
-        ("float32", "eager"), ("int4", "eager"), ("int4-fused", "eager"), ("float32", "graphed"), ("int4", "graphed")]
+        ("float32", "eager"), ("int4", "eager"), ("int4-fused", "eager"),
+        ("float32", "graphed"), ("int4", "graphed"), ("int4-fused", "graphed")]
     from helpers import static_cache_reads_linear_weights
 
     graphed = res["runs"][3:]
-    if static_cache_reads_linear_weights():  # the int4 run fails, and says why (test_patch)
-        assert "has no `weight`: it holds it as int4" in graphed.pop()["error"]
+    if static_cache_reads_linear_weights():  # the int4 runs fail, and say why (test_patch)
+        for _ in range(2):
+            assert "has no `weight`: it holds it as int4" in graphed.pop()["error"]
+    else:  # the compiled decode step held the stacked GEMMs (fusion.py), with no graph break of its own
+        assert graphed[-1]["groups_in_graph"] == graphed[-1]["fused_groups"] > 0
     for r in graphed:
         assert "error" not in r, r
         assert r["graphed_by"].startswith(how) and r["graph_breaks"] == graphed[0]["graph_breaks"]

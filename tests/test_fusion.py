@@ -3,6 +3,7 @@ calls - the same outputs as layer by layer, fewer kernel calls, no byte added, a
 not apply (more rows, other inputs, tracing, weights replaced) computing layer by layer."""
 import copy
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -272,19 +273,161 @@ def test_what_is_left_unfused_and_why():
     assert "left: mlp.{gate_proj, up_proj}: different act" in str(report)
 
 
-def test_torch_compile_traces_the_layers_one_by_one():
-    """Under torch.compile (and export / jit) the group's bookkeeping would be a module mutation inside the
-    trace: the compiled forward runs the layers one by one, with no graph break."""
+class Normed(nn.Module):
+    """The projections' input made inside the step, as a model's norm makes it (x * 2, kv * 2)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, kv=None):
+        return self.inner(x * 2, None if kv is None else kv * 2)
+
+
+class Capture:
+    """A torch.compile backend that keeps each dynamo graph and runs it eagerly, or through inductor."""
+
+    def __init__(self, inductor=False):
+        self.graphs, self.inductor = [], inductor
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+    def gemm_rows(self, graph=-1):
+        """The output rows of each int4 GEMM the graph calls (its qweight's rows), in order."""
+        return [node.args[1].meta["example_value"].shape[0] for node in self.graphs[graph].graph.nodes
+                if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                and node.target.namespace == "minicpm_int4"]
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_makes_one_stacked_call_a_group(backend, inductor):
+    """A compiled one-row step (transformers' compiled decode, the profile's graphed mode) has one GEMM a group
+    and slices of it: dynamo follows the group's protocol, and its state is back to none by the step's end.
+    The stacked tensors are marked as static inputs (CUDA graph trees would copy any other input before each
+    replay), and a second step reuses the graph."""
+    import torch._dynamo
+
+    m = Attention(dtype=torch.float32 if backend == "torch" else torch.float16,
+                  config=QuantConfig(group_size=32, backend=backend))
+    (group,) = fuse_projections(m).groups
+    # marked when fused (torch >= 2.5's dynamo marks a module's tensor attributes itself; the group's are
+    # reached through a plain object, so they are marked for every torch and every way of reaching them)
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in (group.qweight, group.scales, group.zeros,
+                                                                         group.bias))
+    capture = Capture(inductor)
+    torch._dynamo.reset()
+    compiled = torch.compile(Normed(m), fullgraph=True, backend=capture)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for step in range(2):
+            x = torch.randn(1, K, generator=gen).to(group.dtype)
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                outs = compiled(x)
+            for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+                assert y.shape == (1, layer.out_features)
+                _check_close(y, layer, x * 2)
+            assert group._pending is None and group.active
+    assert len(capture.graphs) == 1 and capture.gemm_rows() == [120]
+    assert group.calls == 0 and group.in_graph  # (calls: eager only; a counter read in a trace is a guard)
+    static = {node.meta["example_value"].shape: node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+              for node in capture.graphs[0].graph.nodes if node.op == "placeholder"}
+    for t in (group.qweight, group.scales, group.zeros, group.bias):
+        assert static[t.shape] is not None, t.shape
+    assert static[(1, K)] is None  # (x: a plain input)
+
+
+def test_torch_compile_more_rows_and_cross_inputs_run_layer_by_layer():
+    """Compiled, as in eager: more than one row computes layer by layer; a group whose siblings turn out to read
+    different inputs turns off in the trace (q's slice of its stacked call is still right), and the changed
+    `active` recompiles the step layer by layer."""
+    import torch._dynamo
+
     m = Attention(dtype=torch.float32)
     (group,) = fuse_projections(m).groups
-    x = torch.randn(1, K)
+    capture = Capture()
     torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(Normed(m), fullgraph=True, backend=capture)
     with torch.no_grad():
-        outs = compiled(x)
-    assert group.calls == 0 and group.active
+        x = torch.randn(3, K)
+        for y, layer in zip(compiled(x), (m.q_proj, m.k_proj, m.v_proj)):
+            _check_close(y, layer, x * 2)
+        assert capture.gemm_rows() == [40, 24, 56] and group.active and not group.in_graph
+        x, kv = torch.randn(1, K), torch.randn(1, K)
+        for _ in range(2):
+            outs = compiled(x, kv)
+            for y, layer, inp in zip(outs, (m.q_proj, m.k_proj, m.v_proj), (x, kv, kv)):
+                _check_close(y, layer, inp * 2)
+    assert not group.active and "k_proj, v_proj did not take" in group.reason and group._pending is None
+    assert [capture.gemm_rows(i) for i in (1, 2)] == [[120, 24, 56], [40, 24, 56]]  # then recompiled without it
+    assert len(capture.graphs) == 3
+
+
+class Broken(nn.Module):
+    """q, then a graph break, then k (traced again, in the graph after the break) and v (run eagerly: a function
+    dynamo does not compile) of the same input, made inside the step."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        import torch._dynamo
+
+        x = x * 2
+        q = self.inner.q_proj(x)
+        torch._dynamo.graph_break()
+        return q, self.inner.k_proj(x), self._eager(x)
+
+    @torch.compiler.disable
+    def _eager(self, x):
+        return self.inner.v_proj(x)
+
+
+def test_torch_compile_graph_break_between_siblings():
+    """A graph break after the stacked call: the siblings after it, traced or eager, take the slices the first
+    graph left (they carry no version counter; matched by identity), the group stays on, nothing is left
+    pending, and nothing recompiles."""
+    import torch._dynamo
+
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    capture = Capture()
+    torch._dynamo.reset()
+    compiled = torch.compile(Broken(m), backend=capture)
+    with torch.no_grad():
+        for step in range(2):
+            x = torch.randn(1, K)
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                outs = compiled(x)
+            for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+                _check_close(y, layer, x * 2)
+            assert group.active and group._pending is None and group.calls == 0
+    assert [capture.gemm_rows(i) for i in range(len(capture.graphs))] == [[120]]  # (k's graph: no op, none made)
+
+
+def test_torch_compile_after_a_move_runs_layer_by_layer():
+    """Weights replaced since fusing (here: the model moved to another dtype): the compiled step does not
+    read the stale stacked tensors - it computes layer by layer from the layers' own."""
+    import torch._dynamo
+
+    m = Attention(dtype=torch.float16)
+    (group,) = fuse_projections(m).groups
+    m.to(torch.float32)
+    capture = Capture()
+    torch._dynamo.reset()
+    x = torch.randn(1, K)
+    with torch.no_grad():
+        outs = torch.compile(Normed(m), fullgraph=True, backend=capture)(x)
+    assert capture.gemm_rows() == [40, 24, 56] and group.active and not group.in_graph  # (the eager call warns)
     for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
-        _check_close(y, layer, x)
+        _check_close(y, layer, x * 2)
 
 
 @pytest.mark.parametrize("strict", [True, False])
@@ -360,6 +503,48 @@ def test_tiny_model_decodes_the_same_tokens_with_fewer_calls(version, tmp_path, 
     load_quantized(fresh, str(tmp_path / "q"), progress=False)
     for (k, a), (k2, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("version", ["4_6", "llama"])
+def test_tiny_llm_compiled_one_token_step_has_one_gemm_a_group(version):
+    """The tiny models' LLMs compiled fullgraph (a decode step of one token): fused, the graph has one int4 GEMM
+    a group fewer per sibling, and the logits are the eager fused model's."""
+    import torch._dynamo
+
+    from minicpm_int4.tiny import NativeModelUnavailable, build_native, build_remote_layout
+
+    torch.manual_seed(0)
+    try:
+        model = (build_native("4_6") if version == "4_6" else build_remote_layout(version)).eval()
+    except NativeModelUnavailable as e:  # transformers 4.x
+        pytest.skip(str(e))
+    patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=16), progress=False)
+    if version == "4_6":
+        fn = lambda ids: model.model.language_model(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
+    else:
+        fn = lambda ids: model.llm(input_ids=ids, use_cache=False).logits  # noqa: E731
+    ids = torch.tensor([[7]])
+    plain = Capture()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        try:
+            torch.compile(fn, fullgraph=True, backend=plain)(ids)
+        except torch._dynamo.exc.Unsupported as e:  # (test_patch.py: whether this torch traces the model at all)
+            pytest.skip(f"this torch cannot compile the patched {version} LLM fullgraph: {str(e).splitlines()[0][:200]}")
+        report = fuse_projections(model)
+        eager = fn(ids)
+        fused = Capture()
+        torch._dynamo.reset()
+        out = torch.compile(fn, fullgraph=True, backend=fused)(ids)
+    assert len(fused.graphs) == 1 and report.launches_saved > 0
+    assert len(fused.gemm_rows()) == len(plain.gemm_rows()) - report.launches_saved
+    want = Counter(plain.gemm_rows())  # each group's layers' GEMMs become one of their stacked rows
+    for g in report.groups:
+        want.subtract(g.rows)
+        want[g.out_features] += 1
+    assert min(want.values()) >= 0 and Counter(fused.gemm_rows()) == +want
+    assert all(g.active and g._pending is None and g.in_graph and g.calls == 1 for g in report.groups)
+    torch.testing.assert_close(out, eager)  # (fp32: dynamo may take an equivalent path; test_patch.py says why)
 
 
 def test_strided_input_and_settings_changed_after_fusing(count_calls):

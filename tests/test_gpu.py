@@ -880,6 +880,24 @@ def test_fused_projections_real_shapes_and_cuda_graph(backend):
     check([layer(x17) for layer in layers], x17)
     assert group.calls == 3
 
+    # compiled with CUDA graph trees (transformers' compiled decode): one stacked GEMM in the graph, replayed on
+    # new inputs with the stacked tensors as static inputs (fusion._mark_static), no recompile after the first
+    import torch._dynamo
+
+    def step(h):
+        h = h * 2  # (the projections' input made inside the step, as a norm makes it)
+        return [layer(h) for layer in layers]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for i in range(4):
+        x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            outs = [y.clone() for y in compiled(x)]
+        check(outs, x * 2)
+    assert group.in_graph and group.active and group._pending is None and group.calls == 3
+    assert torch.count_nonzero(group.workspace) == 0
+
 
 @pytest.mark.parametrize("asm", [True, False], ids=["ptx", "triton-ops"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
