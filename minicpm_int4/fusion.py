@@ -77,9 +77,13 @@ def _mark_static(*tensors: Optional[torch.Tensor]) -> None:
             mark(t)
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
+
+
 def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
-    return bool(is_exporting is not None and is_exporting())
+    """Whether torch.export is tracing; where torch cannot say (no torch.compiler.is_exporting: torch 2.4), any
+    trace is taken for an export (the compiled step then runs the layers one by one, as it did before)."""
+    return _IS_EXPORTING is None or bool(_IS_EXPORTING())
 
 
 def _version(x: torch.Tensor) -> Optional[int]:

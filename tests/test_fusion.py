@@ -412,6 +412,25 @@ def test_torch_compile_graph_break_between_siblings():
     assert [capture.gemm_rows(i) for i in range(len(capture.graphs))] == [[120]]  # (k's graph: no op, none made)
 
 
+def test_torch_compile_without_is_exporting_runs_layer_by_layer(monkeypatch):
+    """A torch that cannot tell export from compile (no torch.compiler.is_exporting: 2.4) traces layer by layer."""
+    import torch._dynamo
+
+    from minicpm_int4 import fusion
+
+    monkeypatch.setattr(fusion, "_IS_EXPORTING", None)
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    capture = Capture()
+    torch._dynamo.reset()
+    x = torch.randn(1, K)
+    with torch.no_grad():
+        outs = torch.compile(Normed(m), fullgraph=True, backend=capture)(x)
+    assert capture.gemm_rows() == [40, 24, 56] and group.active and not group.in_graph
+    for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x * 2)
+
+
 def test_torch_compile_after_a_move_runs_layer_by_layer():
     """Weights replaced since fusing (here: the model moved to another dtype): the compiled step does not
     read the stale stacked tensors - it computes layer by layer from the layers' own."""
