@@ -475,13 +475,9 @@ def test_deepcopy_keeps_a_working_group_of_its_own():
     assert cg.calls == 1 and all(torch.equal(u, w) for u, w in zip(a, b))
 
 
-@pytest.mark.parametrize("version", ["4_6", "llama"])
-def test_tiny_model_decodes_the_same_tokens_with_fewer_calls(version, tmp_path, count_calls):
-    """A patched tiny MiniCPM-V 4.6 (Qwen3.5: gate / up, the linear attention's in_proj_qkv / in_proj_z) and the
-    Llama3-V 2.5 layout's LLM (q / k / v, gate / up): greedy decoding gives the same tokens fused, a one-token
-    forward makes one call a group fewer, and save_quantized writes the layers' own tensors."""
-    from minicpm_int4 import save_quantized
-    from minicpm_int4.checkpoint import load_quantized
+def _patched_tiny(version: str) -> nn.Module:
+    """A tiny random MiniCPM-V 4.6 or Llama3-V 2.5-layout model, patched with the reference backend (skipped where
+    this transformers has no native 4.6 classes)."""
     from minicpm_int4.tiny import NativeModelUnavailable, build_native, build_remote_layout
 
     torch.manual_seed(0)
@@ -491,6 +487,19 @@ def test_tiny_model_decodes_the_same_tokens_with_fewer_calls(version, tmp_path, 
         pytest.skip(str(e))
     # (min_out_features=16: the tiny models' 32-row k / v projections are int4 too, as full-size ones are)
     patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=16), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("version", ["4_6", "llama"])
+def test_tiny_model_decodes_the_same_tokens_with_fewer_calls(version, tmp_path, count_calls):
+    """A patched tiny MiniCPM-V 4.6 (Qwen3.5: gate / up, the linear attention's in_proj_qkv / in_proj_z) and the
+    Llama3-V 2.5 layout's LLM (q / k / v, gate / up): greedy decoding gives the same tokens fused, a one-token
+    forward makes one call a group fewer, and save_quantized writes the layers' own tensors."""
+    from minicpm_int4 import save_quantized
+    from minicpm_int4.checkpoint import load_quantized
+    from minicpm_int4.tiny import build_native, build_remote_layout
+
+    model = _patched_tiny(version)
     llm = model if version == "4_6" else model.llm
     ids = torch.randint(0, 200, (1, 10))
     with torch.no_grad():
@@ -530,14 +539,7 @@ def test_tiny_llm_compiled_one_token_step_has_one_gemm_a_group(version):
     a group fewer per sibling, and the logits are the eager fused model's."""
     import torch._dynamo
 
-    from minicpm_int4.tiny import NativeModelUnavailable, build_native, build_remote_layout
-
-    torch.manual_seed(0)
-    try:
-        model = (build_native("4_6") if version == "4_6" else build_remote_layout(version)).eval()
-    except NativeModelUnavailable as e:  # transformers 4.x
-        pytest.skip(str(e))
-    patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=16), progress=False)
+    model = _patched_tiny(version)
     if version == "4_6":
         fn = lambda ids: model.model.language_model(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
     else:
