@@ -21,8 +21,9 @@ more than one row of x (prefill; slices of a wider output would not be contiguou
 jit tracing or a dispatch mode (the group's tensors belong to no module such a graph could hold), a
 sibling called with another input than the one its slices were made from (the group is then turned
 off for good: its layers do not share their input, e.g. a cross-attention's q), or weights that were
-replaced since (`model.to(...)` onto another device or dtype, `load_state_dict(assign=True)`: the
-group turns off with a warning; call fuse_projections again). A CUDA graph captured by hand replays
+replaced since (`model.to(...)` onto another device or dtype, `load_state_dict(assign=True)`, a buffer
+set: QuantLinear tells its group as it happens, which turns off with a warning; call fuse_projections
+again). A CUDA graph captured by hand replays
 the stacked launches. Not for one model run from several threads at once (the slices not yet taken are
 the group's state).
 
@@ -63,6 +64,19 @@ def _traced(x: torch.Tensor) -> bool:
     FusedProjections._compiled_output's)."""
     return (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
             or bool(ops._dispatch_modes()))
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel (called from turn_off) of the first frame outside this package and torch: the
+    user's line that moved, loaded or called the model, however deep the module tree it went through."""
+    import os
+    import sys
+
+    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+    frame, level = sys._getframe(2), 2  # (turn_off's caller: level 2 of warnings.warn called in turn_off)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _mark_static(*tensors: Optional[torch.Tensor]) -> None:
@@ -158,11 +172,19 @@ class FusedProjections:
         self.active, self.reason, self._pending = False, reason, None
         if warn:
             warnings.warn(f"minicpm_int4.fuse_projections: {' + '.join(self.names)} of "
-                          f"{self.parent_name or '<model>'} now compute one by one: {reason}", stacklevel=5)
+                          f"{self.parent_name or '<model>'} now compute one by one: {reason}",
+                          stacklevel=_caller_stacklevel())
 
     def _moved(self) -> None:
         self.turn_off("a layer's weights were replaced since fusing (moved to another device or dtype, or loaded with "
                       "assign=True); call minicpm_int4.fuse_projections(model) again", warn=True)
+
+    def check_intact(self) -> None:
+        """Turn the group off, with the warning, if a layer's tensors were replaced. QuantLinear calls it as they
+        are (a move, an assigning load, a buffer set): a compiled step does not check intact() at each call,
+        whose identity tests would be guards evaluated in Python at every step."""
+        if self.active and not self.intact():
+            self._moved()
 
     def output(self, layer: QuantLinear, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Layer `layer`'s output for x from a stacked call (made now, or by a sibling's call on this
@@ -194,29 +216,28 @@ class FusedProjections:
         if not self.intact():
             self._moved()
             return None
-        y = self._stacked(layer, x, _version(x))
-        if y is not None:
-            self.calls += 1
-        return y
-
-    def _stacked(self, layer: QuantLinear, x: torch.Tensor, version: Optional[int]) -> Optional[torch.Tensor]:
-        """The stacked GEMM for a checked one-row x: layer's slice now, its siblings' kept for x at `version`;
-        None (nothing run) where the siblings' settings disagree now."""
-        i = layer._fusion_index
         act, backend, own_workspace = layer.act, layer.backend, True
         for other in self.layers:  # settings are read live (a layer's act / backend can be changed at any time)
             if other.act != act or other.backend != backend:
                 return None  # the siblings disagree now: each computes as it is set
             own_workspace = own_workspace and other._buffers["workspace"] is not None
         # (a layer whose workspace was set to None, to run on several streams at once, shares none here either)
+        self.calls += 1
+        return self._stacked(layer, x, _version(x), act, backend, own_workspace)
+
+    def _stacked(self, layer: QuantLinear, x: torch.Tensor, version: Optional[int], act: Optional[str], backend: str,
+                 own_workspace: bool) -> torch.Tensor:
+        """The stacked GEMM for a checked one-row x with these settings: layer's slice now, its siblings' kept
+        for x at `version`."""
+        i = layer._fusion_index
         y = ops.quantized_linear(x.reshape(1, self.in_features).contiguous(), self.qweight, self.scales, self.zeros, self.bias,
                                  self.group_size, act, backend, self.workspace if own_workspace else None,
                                  self.input_scale, self.input_perm)
         lead = x.shape[:-1]
         outs = {j: y[:, self.offsets[j]:self.offsets[j + 1]].reshape(*lead, self.rows[j])
-                for j in range(len(self.layers))}
+                for j in range(len(self.rows))}
         mine = outs.pop(i)
-        self._pending = (x, version, outs)
+        self._pending = (x, version, outs, act, backend)
         return mine
 
     def _compiled_output(self, layer: QuantLinear, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -226,10 +247,13 @@ class FusedProjections:
         by the step's end once every sibling took its slice. After a graph break between siblings, the eager
         code or the next graph takes the slices left (kept with no version, matched by identity). Not under
         export (whose graph could not hold the group's tensors, attributes of no module) nor another tracer.
-        `calls` is not counted here (a counter read in the trace would be a guard: a recompile a step);
-        `in_graph` says that such a graph ran. Nothing warns (a graph
-        break): a group a move broke turns off in the trace, as in eager, and the guard on `active`
-        recompiles the step layer by layer."""
+        Every check here becomes a guard that runs before each compiled step, so the trace reads only what the
+        calling layer and the group hold: the layer that makes the stacked call does with its own settings, and a
+        sibling set otherwise computes on its own (eager mode asks every sibling first); the group is not checked
+        for replaced tensors (intact(): identity tests between objects, guards evaluated in Python) - QuantLinear
+        turns it off as they are replaced (check_intact), and the guard on `active` recompiles the step layer
+        by layer. `calls` is not counted here (a counter read in the trace would be a guard: a recompile a step);
+        `in_graph` says that such a graph ran."""
         if _exporting() or type(x) is not torch.Tensor:
             return None
         i = layer._fusion_index
@@ -239,6 +263,8 @@ class FusedProjections:
             if y is not None:
                 if not pending[2]:
                     self._pending = None
+                if layer.act != pending[3] or layer.backend != pending[4]:
+                    return None  # set otherwise than the sibling that made the stacked call: computes as set
                 return y
             return None
         if not self.active or x.numel() != self.in_features or x.shape[-1] != self.in_features:
@@ -249,14 +275,8 @@ class FusedProjections:
             self.turn_off(f"{', '.join(self.names[j] for j in sorted(pending[2]))} did not take the input "
                           f"{self.names[i]} was called with")
             return None
-        if not self.intact():
-            self.turn_off("a layer's weights were replaced since fusing (moved to another device or dtype, or loaded "
-                          "with assign=True); call minicpm_int4.fuse_projections(model) again")
-            return None
-        y = self._stacked(layer, x, None)
-        if y is not None:
-            self.in_graph = True  # (a write of a constant: no guard; replayed each time the graph runs)
-        return y
+        self.in_graph = True  # (a write of a constant: no guard; replayed each time the graph runs)
+        return self._stacked(layer, x, None, layer.act, layer.backend, layer._buffers["workspace"] is not None)
 
     def unfuse(self) -> None:
         """Give every layer tensors of its own again (copies of its rows) and detach the group."""

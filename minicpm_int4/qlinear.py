@@ -13,6 +13,9 @@ from .models import effective_weight
 from .packing import num_groups, pack_int4, packed_bytes
 from .quantize import LAYER_DTYPES, check_layer_dtype, check_quantizable, quantize_weight, scale_dtype_for
 
+# the tensors fuse_projections turns into rows of stacked ones (fusion.py): replacing one takes the layer out of its group
+_FUSED_TENSORS = frozenset(("qweight", "scales", "zeros", "bias"))
+
 
 def _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale, input_perm=False) -> None:
     """The constructor's arguments, checked (load_quantized builds layers from a checkpoint's JSON):
@@ -165,6 +168,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{prefix[:-1] or 'QuantLinear'}: input_perm is not a permutation of the "
                              f"{self.in_features} input channels")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._fusion is not None:  # an assigning load replaces the views of the stacked tensors (fusion.py)
+            self._fusion.check_intact()
 
     def _apply(self, fn, *args, **kwargs):
         # model.double() / .to(torch.float64) / .to(torch.complex64) would turn the scales, zeros and
@@ -175,7 +180,15 @@ class QuantLinear(nn.Module):
             raise TypeError(f"QuantLinear({self.in_features} -> {self.out_features}): converting it to {probe.dtype} "
                             "is not supported: int4 layers compute in fp16, bf16 or fp32 (convert the model to one "
                             "of those, or convert only the modules that are not QuantLinear)")
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if self._fusion is not None:  # a move gives the layer tensors of its own: no longer the stacked ones' rows
+            self._fusion.check_intact()
+        return out
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _FUSED_TENSORS and self._fusion is not None:  # a tensor replaced: not the stacked ones' rows
+            self._fusion.check_intact()
 
     def __getattr__(self, name: str):
         try:

@@ -88,3 +88,38 @@ def test_host_path_of_a_decode_tokens_q_k_v_calls(benchmark, monkeypatch, fused)
         outs = token()
         assert len(launches) == (1 if fused else 3) and [y.shape[-1] for y in outs] == [1024, 256, 256]
         benchmark(token)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_by_layer", "fuse_projections"])
+def test_dynamo_overhead_of_a_compiled_one_token_step(benchmark, fused):
+    """What torch.compile's wrapper costs a decode step before its graph runs - the guards, the replayed state
+    changes - with the graph replaced by a stub that returns the outputs of its first run: the tiny Llama3-V
+    2.5-layout LLM (4 layers), layer by layer or fused (8 groups). The host time a CUDA-graph-tree decode step
+    pays on top of its replay, where fusion must not add back what fewer launches save (fusion.py keeps the
+    compiled path's checks to guards torch evaluates in C++)."""
+    import torch._dynamo
+
+    from minicpm_int4 import fuse_projections
+    from minicpm_int4.tiny import build_remote_layout
+
+    torch.manual_seed(0)
+    model = build_remote_layout("llama").eval()
+    patch_model(model, QuantConfig(group_size=32, backend="torch", min_out_features=16), progress=False)
+    groups = len(fuse_projections(model).groups) if fused else 0
+    gemms = []
+
+    def stub(gm, example_inputs):
+        gemms.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"
+                         and getattr(n.target, "namespace", None) == "minicpm_int4"))
+        outs = gm(*example_inputs)
+        return lambda *args: outs
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda ids: model.llm(input_ids=ids, use_cache=False).logits, fullgraph=True, backend=stub)
+    ids = torch.tensor([[7]])
+    with torch.no_grad():
+        step(ids)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            benchmark(step, ids)
+    assert len(gemms) == 1 and (groups == 8) == fused
+    assert gemms[0] == 4 * 7 - (4 * 3 if fused else 0)  # q k v o gate up down a layer (lm_head: fp16); fused 2 + 1 fewer

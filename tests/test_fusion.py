@@ -196,12 +196,16 @@ def test_inference_mode_and_gradients():
 def test_a_dtype_move_turns_the_group_off_with_a_warning_and_fusing_again_restores_it(count_calls):
     m = Attention()
     (group,) = fuse_projections(m).groups
-    m.to(torch.bfloat16)  # new scales / zeros / bias tensors in every layer: the stacked ones are not theirs now
+    # new scales / zeros / bias tensors in every layer: the stacked ones are not theirs now (said as it happens)
+    with pytest.warns(UserWarning, match=r"q_proj \+ k_proj \+ v_proj of <model>.*call minicpm_int4"
+                                         r"\.fuse_projections\(model\) again") as said:
+        m.to(torch.bfloat16)
+    assert len(said) == 1 and said[0].filename == __file__  # (once, pointing at the move)
+    assert not group.active
     x = torch.randn(1, K, dtype=torch.bfloat16)
-    with torch.no_grad(), pytest.warns(UserWarning, match=r"q_proj \+ k_proj \+ v_proj of <model>|call minicpm_int4"
-                                                          r"\.fuse_projections\(model\) again"):
+    with torch.no_grad():
         outs = m(x)
-    assert not group.active and count_calls == [40, 24, 56]
+    assert count_calls == [40, 24, 56]
     for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
         assert y.dtype == torch.bfloat16
         _check_close(y, layer, x)
@@ -212,6 +216,61 @@ def test_a_dtype_move_turns_the_group_off_with_a_warning_and_fusing_again_restor
         warnings.simplefilter("error")
         outs2 = m(x)
     assert count_calls == [120] and all(torch.equal(a, b) for a, b in zip(outs, outs2))
+
+
+@pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "buffer set"])
+def test_replacing_a_layers_tensors_turns_the_group_off_as_it_happens(how, count_calls):
+    """Tensors replaced after fusing - an assigning load, a buffer set - are said at once (QuantLinear tells its
+    group: the compiled path does not test the layers' tensors at each step), and the layers compute on their own
+    from then on, eager and compiled, with the new weights; a load that copies into the views keeps the group."""
+    import torch._dynamo
+
+    m = Attention(dtype=torch.float32)
+    (group,) = fuse_projections(m).groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})  # copied into the views: still fused
+    assert group.active and group.intact()
+    new = Attention(dtype=torch.float32, seed=5)
+    with pytest.warns(UserWarning, match="fuse_projections") as said:
+        if how == "buffer set":
+            m.k_proj.scales = new.k_proj.scales.clone()
+        else:
+            m.load_state_dict(new.state_dict(), assign=True)
+    assert len(said) == 1 and said[0].filename == __file__ and not group.active
+    x = torch.randn(1, K)
+    capture = Capture()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        count_calls.clear()
+        eager = m(x)
+        assert count_calls == [40, 24, 56]
+        compiled = torch.compile(Normed(m), fullgraph=True, backend=capture)(x / 2)
+    assert capture.gemm_rows() == [40, 24, 56]
+    for y, z, layer in zip(eager, compiled, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x)
+        _check_close(z, layer, x)
+
+
+def test_torch_compile_a_sibling_set_otherwise_computes_on_its_own():
+    """Compiled, the sibling that makes the stacked call does with its own settings (the trace reads no other
+    layer's: guards), and a sibling set otherwise (here k's backend) computes on its own, as it is set."""
+    import torch._dynamo
+
+    m = Attention(dtype=torch.float16)
+    (group,) = fuse_projections(m).groups
+    m.k_proj.backend = "triton"
+    capture = Capture()
+    torch._dynamo.reset()
+    x = torch.randn(1, K, dtype=torch.float16)
+    with torch.no_grad():
+        outs = torch.compile(Normed(m), fullgraph=True, backend=capture)(x)
+    assert capture.gemm_rows() == [120, 24] and group.active and group._pending is None
+    backends = [node.args[6] for node in capture.graphs[0].graph.nodes
+                if node.op == "call_function" and getattr(node.target, "namespace", None) == "minicpm_int4"]
+    assert backends == ["torch", "triton"]
+    for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
+        _check_close(y, layer, x * 2)
 
 
 def test_fusing_twice_keeps_the_groups_and_unfuse_gives_back_own_tensors(count_calls):
@@ -438,13 +497,14 @@ def test_torch_compile_after_a_move_runs_layer_by_layer():
 
     m = Attention(dtype=torch.float16)
     (group,) = fuse_projections(m).groups
-    m.to(torch.float32)
+    with pytest.warns(UserWarning, match="fuse_projections"):
+        m.to(torch.float32)
     capture = Capture()
     torch._dynamo.reset()
     x = torch.randn(1, K)
     with torch.no_grad():
         outs = torch.compile(Normed(m), fullgraph=True, backend=capture)(x)
-    assert capture.gemm_rows() == [40, 24, 56] and group.active and not group.in_graph  # (the eager call warns)
+    assert capture.gemm_rows() == [40, 24, 56] and not group.active and not group.in_graph
     for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
         _check_close(y, layer, x * 2)
 
