@@ -149,7 +149,9 @@ class FusedProjections:
         self.reason = ""            # why the group turned off, once it has
         self.calls = 0              # stacked GEMMs run in eager mode (each serving every sibling)
         self.in_graph = False       # whether a torch.compile graph that makes the stacked call has run
-        self._pending: Optional[Tuple[torch.Tensor, Optional[int], Dict[int, torch.Tensor]]] = None
+        # the last stacked call's input, its version (None: made in a compiled graph), the slices not yet taken,
+        # and the act / backend it ran with
+        self._pending: Optional[Tuple[torch.Tensor, Optional[int], Dict[int, torch.Tensor], Optional[str], str]] = None
 
     def __repr__(self) -> str:
         state = "active" if self.active else f"off ({self.reason})"
@@ -200,6 +202,8 @@ class FusedProjections:
             if y is not None:
                 if not pending[2]:
                     self._pending = None
+                if layer.act != pending[3] or layer.backend != pending[4]:
+                    return None  # (a compiled graph's call, which asked only its own layer: this one is set otherwise)
                 return y
             return None  # this layer again on the same x before its siblings: its own call
         if not self.active or x.numel() != self.in_features or x.shape[-1] != self.in_features or _traced(x):

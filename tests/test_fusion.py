@@ -449,25 +449,30 @@ class Broken(nn.Module):
         return self.inner.v_proj(x)
 
 
-def test_torch_compile_graph_break_between_siblings():
+@pytest.mark.parametrize("v_act", [None, "int8"], ids=["same", "v_set_otherwise"])
+def test_torch_compile_graph_break_between_siblings(v_act, count_calls):
     """A graph break after the stacked call: the siblings after it, traced or eager, take the slices the first
     graph left (they carry no version counter; matched by identity), the group stays on, nothing is left
-    pending, and nothing recompiles."""
+    pending, and nothing recompiles; the eager v, set otherwise than q (act), computes on its own."""
     import torch._dynamo
 
     m = Attention(dtype=torch.float32)
     (group,) = fuse_projections(m).groups
+    m.v_proj.act = v_act
     capture = Capture()
     torch._dynamo.reset()
     compiled = torch.compile(Broken(m), backend=capture)
     with torch.no_grad():
         for step in range(2):
             x = torch.randn(1, K)
+            count_calls.clear()
             with torch._dynamo.config.patch(error_on_recompile=step > 0):
                 outs = compiled(x)
             for y, layer in zip(outs, (m.q_proj, m.k_proj, m.v_proj)):
                 _check_close(y, layer, x * 2)
             assert group.active and group._pending is None and group.calls == 0
+        # (the second step: the graph's call, as dynamo replays the counter's append, and v's own eager one)
+        assert count_calls == [120] + ([] if v_act is None else [56])
     assert [capture.gemm_rows(i) for i in range(len(capture.graphs))] == [[120]]  # (k's graph: no op, none made)
 
 
