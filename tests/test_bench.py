@@ -299,7 +299,10 @@ def test_profile_w4a8_run_flips_the_int4_layers_to_int8_activations_and_back(mon
     row = lines[at + 4].split(" | ")
     a, b = res["runs"][1]["tokens_per_s"], res["runs"][2]["tokens_per_s"]  # (None where a loaded CPU timed no decode)
     assert row[:2] == ["| llama3-v2.5", "eager"] and row[4] == (f"{b / a:.2f}x" if a and b else "-")
-    assert row[5] == f"{res['runs'][2]['launches_saved_per_token']} |"
+    assert row[5] == f"{res['runs'][2]['launches_saved_per_token']}"
+    fused_run = res["runs"][2]
+    assert fused_run["groups_ran_stacked"] == fused_run["fused_groups"] > 0  # (the tiny LLM's every group, eager)
+    assert row[6] == f"{fused_run['fused_groups']} of {fused_run['fused_groups']} |"
     assert build_parser().parse_args(["profile", "--w4a8"]).w4a8
 
 
@@ -354,7 +357,7 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
         for _ in range(2):
             assert "has no `weight`: it holds it as int4" in graphed.pop()["error"]
     else:  # the compiled decode step held the stacked GEMMs (fusion.py), with no graph break of its own
-        assert graphed[-1]["groups_in_graph"] == graphed[-1]["fused_groups"] > 0
+        assert graphed[-1]["groups_in_graph"] == graphed[-1]["groups_ran_stacked"] == graphed[-1]["fused_groups"] > 0
     for r in graphed:
         assert "error" not in r, r
         assert r["graphed_by"].startswith(how) and r["graph_breaks"] == graphed[0]["graph_breaks"]

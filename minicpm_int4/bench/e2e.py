@@ -531,6 +531,7 @@ def _run_profile(models, size, prompt_tokens, new_tokens, image_grid, modes, gro
                     r["launches_saved_per_token"] = fused.launches_saved
                     r["stacked_calls"] = sum(g.calls for g in fused.groups)  # > 0: fusion ran (eager, captured)
                     r["groups_in_graph"] = sum(g.in_graph for g in fused.groups)  # > 0: in a compiled step (graphed)
+                    r["groups_ran_stacked"] = sum(bool(g.calls or g.in_graph) for g in fused.groups)
                     r["fusion_off"] = sorted({g.reason for g in fused.groups if not g.active})
                 if r.get("error"):
                     print(f"[profile]   failed: {r['error']}")

@@ -441,14 +441,18 @@ def e2e_lines(profile: Optional[Dict]) -> List[str]:
     if fused:  # the same int4 layers after fuse_projections (fusion.py)
         out += ["", "Sibling projections fused (`int4-fused`: the int4 model after `fuse_projections`, q / k / v, gate / up "
                 "and the linear attention's input projections one GEMM each at one-token decode) against the int4 run:", "",
-                "| model | mode | int4 tokens/s | int4-fused tokens/s | fused / int4 | int4 launches saved a token |",
-                "|---|---|---|---|---|---|"]
+                "| model | mode | int4 tokens/s | int4-fused tokens/s | fused / int4 | int4 launches saved a token "
+                "| groups that ran stacked |",
+                "|---|---|---|---|---|---|---|"]
         for model, mode, r in fused:
             base = runs.get((model, mode, "int4")) or {}
             a, b = base.get("tokens_per_s"), r.get("tokens_per_s")
+            # (the evidence that the fused model computed fused: eager / captured calls, or a compiled graph's)
+            ran = (f"{r['groups_ran_stacked']} of {r['fused_groups']}" if r.get("groups_ran_stacked") is not None
+                   else "-")
             out.append(f"| {model} | {mode} | {'-' if a is None else f'{a:.1f}'} | "
                        f"{'failed' if r.get('error') else '-' if b is None else f'{b:.1f}'} | "
-                       f"{f'{b / a:.2f}x' if a and b else '-'} | {r.get('launches_saved_per_token', '-')} |")
+                       f"{f'{b / a:.2f}x' if a and b else '-'} | {r.get('launches_saved_per_token', '-')} | {ran} |")
     w4a8 = [(model, r) for (model, mode, w), r in runs.items() if w == "int4-w4a8" and mode == "eager"]
     if w4a8:  # profile --w4a8: the same int4 layers with int8 activations, eager
         out += ["", "W4A8 end to end (`profile --w4a8`, eager: the int4 layers with int8 activations from 17 rows on; "
