@@ -168,8 +168,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{prefix[:-1] or 'QuantLinear'}: input_perm is not a permutation of the "
                              f"{self.in_features} input channels")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._fusion is not None:  # an assigning load replaces the views of the stacked tensors (fusion.py)
-            self._fusion.check_intact()
 
     def _apply(self, fn, *args, **kwargs):
         # model.double() / .to(torch.float64) / .to(torch.complex64) would turn the scales, zeros and
@@ -187,7 +185,8 @@ class QuantLinear(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name in _FUSED_TENSORS and self._fusion is not None:  # a tensor replaced: not the stacked ones' rows
+        # a tensor replaced (set, or loaded with assign=True, which sets it): no longer the stacked ones' rows
+        if name in _FUSED_TENSORS and self._fusion is not None:
             self._fusion.check_intact()
 
     def __getattr__(self, name: str):
