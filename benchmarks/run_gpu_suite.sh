@@ -2,7 +2,8 @@
 # The whole GPU suite in one call, on a bare GPU machine, inside 9 minutes:
 #   1. install the package from this checkout, building the CUDA extension (the image's own torch,
 #      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried (fla-core, the
-#      kernels of MiniCPM-V 4.6's linear attention, for the profile only);
+#      kernels of MiniCPM-V 4.6's linear attention, for the profile only); the Triton kernels compiled before the
+#      call (.tcache/, bash benchmarks/warm_triton_cache.sh; carry [".whl", ".tcache"]) into Triton's cache;
 #   2. the warpgroup-MMA W4A8 kernel's and W4A16 prefill GEMM's small tests alone (wgmma-smoke: should they fail,
 #      the rest runs without them), the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
 #   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep), the dispatch table
@@ -62,6 +63,7 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
     install-without-cuda-extension) parent=install ;;
     wgmma-smoke-t128|wgmma16-smoke|wgmma16-split-smoke) parent=wgmma-smoke ;;
     model-kernels) parent=profile ;;
+    warm-cache) parent=install ;;
   esac
   if [ -n "${SUITE_STAGES:-}" ] && [[ ",$SUITE_STAGES," != *",$parent,"* ]]; then
     echo "=== [$name] skipped: not in SUITE_STAGES" >> "$LOG"; return 0
@@ -74,13 +76,18 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
   local left=$(( DEADLINE - ($(date +%s) - T0) - 5 ))
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then echo "=== [$name] skipped: deadline reached" >> "$LOG"; return 0; fi
-  local t0; t0=$(date +%s)
+  local t0 k0; t0=$(date +%s); k0=$(triton_kernels)
   echo "=== [$name] (limit ${limit}s): $*" >> "$LOG"
   timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
-  echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s" >> "$LOG"
+  local k1; k1=$(triton_kernels)
+  echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s$( (( k1 > k0 )) && echo ", $(( k1 - k0 )) Triton kernels compiled")" >> "$LOG"
   return $rc
 }
+# kernels in Triton's cache (a directory each, holding its group file; autotuning results have none): each stage's
+# line says how many it compiled - what a warm cache (below) did not spare it
+TRITON_CACHE_ROOT=${TRITON_CACHE_DIR:-${TRITON_HOME:-$HOME}/.triton/cache}
+triton_kernels() { find "$TRITON_CACHE_ROOT" -mindepth 2 -maxdepth 2 -name '__grp__*.json' 2>/dev/null | wc -l; }
 
 if [ -n "${SUITE_QUICK:-}" ]; then
   BENCH_ARGS=(--ms 1,16,256,4096 --rep-ms 10 --max-n 20000 --time-budget-s 90)
@@ -137,6 +144,16 @@ if (( ${#PEER_WHEELS[@]} )); then
     && export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
   echo "=== [peers] no wheels carried: bnb-nf4 and gemlite will be skipped (benchmarks/fetch_peer_wheels.sh)" >> "$LOG"
+fi
+# Triton's cache warmed with the kernels the bench and profile launch, compiled without a GPU before the call
+# (bash benchmarks/warm_triton_cache.sh -> .tcache/, carried): their first launches here then find them instead of
+# compiling on this machine's CPU inside the stages' budgets (~0.5 s a kernel, ~150 of them). Installed under the
+# keys this machine's Triton computes, only where it was built by the same Triton version for this target, ptxas and
+# environment; else nothing is installed and the log says why (kernels/warm_cache.py)
+if [ -f .tcache/manifest.json ]; then
+  stage warm-cache 30 $PY -m minicpm_int4.kernels.warm_cache install .tcache
+else
+  echo "=== [warm-cache] none carried: every Triton kernel compiles here (bash benchmarks/warm_triton_cache.sh)" >> "$LOG"
 fi
 # versions, the device, whether _C loaded (and why not), what backend="auto" picks: into suite.log
 stage env-report 30 $PY -m minicpm_int4 env

@@ -535,17 +535,17 @@ def test_bench_refuses_cpu_timings_by_default(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["run_gpu_suite.sh", "fetch_peer_wheels.sh"])
+@pytest.mark.parametrize("script", ["run_gpu_suite.sh", "fetch_peer_wheels.sh", "warm_triton_cache.sh"])
 def test_gpu_suite_scripts_parse(script):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-def _run_suite_with_a_stub_python(tmp_path, wheels, **env):
-    """benchmarks/run_gpu_suite.sh copied beside `wheels` (empty files in .whl/) and run with PYTHON = a stub that
-    records each call's arguments, PYTHONPATH and dispatch table (and creates a `--target` folder, as pip does):
-    the calls, in order."""
+def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, **env):
+    """benchmarks/run_gpu_suite.sh copied beside `wheels` (empty files in .whl/) - and, with `tcache`, a warm Triton
+    cache's manifest in .tcache/ - and run with PYTHON = a stub that records each call's arguments, PYTHONPATH and
+    dispatch table (and creates a `--target` folder, as pip does): the calls, in order."""
     import shutil
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -555,6 +555,9 @@ def _run_suite_with_a_stub_python(tmp_path, wheels, **env):
     (root / ".whl").mkdir()
     for w in wheels:
         (root / ".whl" / w).write_bytes(b"")
+    if tcache:
+        (root / ".tcache").mkdir()
+        (root / ".tcache" / "manifest.json").write_text("{}")
     calls = tmp_path / "calls.jsonl"
     stub = tmp_path / "python"
     stub.write_text("#!/usr/bin/env python3\n"
@@ -656,6 +659,26 @@ def test_gpu_suite_turns_the_w4a16_wgmma_kernel_or_its_split_off_only_as_its_smo
         assert (tests["wgmma16"], tests["split16"]) == (wgmma16, split16), (stages, fail, log)
         ran_split = [c for c in calls if "w4a16_wgmma_split_small" in c["args"]]
         assert bool(ran_split) == (fail != "w4a16_wgmma_small"), (stages, fail)
+
+
+def test_gpu_suite_installs_a_carried_warm_triton_cache_before_any_kernel_runs(tmp_path):
+    """.tcache/ (benchmarks/warm_triton_cache.sh) goes into Triton's cache right after the package - in the full
+    suite and in the profile-only call alike, before the first stage that launches a kernel; without it the log
+    says every kernel compiles on the machine."""
+    for stages in (None, "install,profile"):
+        sub = tmp_path / (stages or "all")
+        sub.mkdir()
+        calls, log = _run_suite_with_a_stub_python(sub, [], tcache=True, **({"SUITE_STAGES": stages} if stages else {}))
+        warm = _suite_call(calls, "minicpm_int4.kernels.warm_cache")
+        assert warm["args"] == ["-m", "minicpm_int4.kernels.warm_cache", "install", ".tcache"]
+        install = _suite_call(calls, "pip", "-e")
+        first_kernel = _suite_call(calls, "profile") if stages else _suite_call(calls, "w4a8_wgmma_small")
+        assert calls.index(install) < calls.index(warm) < calls.index(first_kernel)
+        assert "=== [warm-cache] (limit" in log
+    (tmp_path / "none").mkdir()
+    calls, log = _run_suite_with_a_stub_python(tmp_path / "none", [])
+    assert not [c for c in calls if "minicpm_int4.kernels.warm_cache" in c["args"]]
+    assert "=== [warm-cache] none carried: every Triton kernel compiles here" in log
 
 
 def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):

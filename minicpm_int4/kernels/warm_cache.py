@@ -1,0 +1,431 @@
+"""A warm Triton cache for a GPU session: the kernels the bench and the profile launch, compiled here.
+
+    python -m minicpm_int4.kernels.warm_cache build [--out .tcache] [--models ...] [--ms ...]   (here, no GPU)
+    python -m minicpm_int4.kernels.warm_cache install .tcache                                  (on the GPU)
+
+A GPU session has 15 device minutes, and Triton compiles each kernel specialisation on the GPU machine's CPU the
+first time it is launched: the bench's Triton rows (the GPU suite's models, M = 1 / 16 / 256 / 4096, every W4A16 and
+W4A8 variant, each autotune config), an odd M's prefill (the profile's prompts) and the activation quantizers are 151
+kernels, 72 s of compiling on this 2-core machine (triton 3.6), spent inside the bench's time budget - and by the
+profile where it runs first, in a call of its own. `build` compiles the same specialisations here, through Triton's own JIT: the real launchers run on CPU tensors
+under launch_check's stand-in driver (every autotune config compiled, nothing run) with the target's SM count, so the
+block sizes, split-K and specialisation (16-byte aligned pointers, ints divisible by 16 or equal to 1) are those the
+GPU run makes. It packs each compiled kernel (cubin + metadata) with the parts of Triton's cache key that are the
+same on any machine: the hash of the kernel's source and specialisation, and of its compile options.
+
+`install`, on the GPU machine, recomputes each kernel's key there - that machine's Triton build (`triton_key()`:
+its libtriton differs by Python version), backend hash (ptxas version and arch) and cache-invalidating environment
+variables, through Triton's own `get_cache_key` - and writes the kernels into its cache (TRITON_CACHE_DIR, or
+Triton's default), so that their first launch finds them. Only where the parts built here hold there: the same Triton
+version, GPU target, ptxas (backend hash) and environment; else it installs nothing and says why. A launch whose
+specialisation was not built (another SM count's plans, a shape or M the build did not cover) compiles as ever.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+ARCHIVE = "kernels.tar.xz"
+# what the GPU suite's bench runs (benchmarks/run_gpu_suite.sh: --models, --max-n, --ms, and its Triton backends)
+# plus M = 17, the specialisation of an M no multiple of 16 (a prompt's prefill in the profile)
+SUITE_MODELS = ("minicpmv4.6", "llama3-v2.5")
+SUITE_MAX_N = 30000
+SUITE_MS = (1, 16, 17, 256, 4096)
+SUITE_BACKENDS = ("w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-unsplit", "w4a16-triton-trip32",
+                  "w4a16-triton-dq", "w4a16-triton-rhs", "w4a8-triton", "w4a8-triton-flat")
+
+
+class _Hashed:
+    """A stand-in for the source / options object Triton's get_cache_key asks `.hash()` of."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def hash(self) -> str:
+        return self.value
+
+
+def _cache_key_hash(src_hash: str, backend_hash: str, options_hash: str, env_vars: Dict) -> str:
+    """The cache directory's key of a kernel, as triton.compiler.compile makes it (this Triton's key format)."""
+    from triton.runtime.cache import get_cache_key
+
+    key = get_cache_key(_Hashed(src_hash), _Hashed(backend_hash), _Hashed(options_hash), env_vars)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _env_vars() -> Dict:
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+
+    return dict(get_cache_invalidating_env_vars())
+
+
+@contextlib.contextmanager
+def _recording_keys(sink: Dict[str, Dict]):
+    """Every compile's key parts, by the hash its cache directory is named after."""
+    import triton.compiler.compiler as tcc
+
+    original = tcc.get_cache_key
+
+    def record(src, backend, options, env_vars):
+        key = original(src, backend, options, env_vars)
+        sink[hashlib.sha256(key.encode("utf-8")).hexdigest()] = {
+            "name": src.name[:150], "src_hash": src.hash(), "options_hash": options.hash(),
+            "backend_hash": backend.hash(), "env": sorted(env_vars.items())}
+        return key
+
+    tcc.get_cache_key = record
+    try:
+        yield
+    finally:
+        tcc.get_cache_key = original
+
+
+def _random_int4(w: torch.Tensor, group_size: int):
+    """Packed words, scales and zeros of w's shape and dtype with random values: a launch's specialisation
+    depends on shapes, dtypes and alignment only, and quantizing the models' largest layers on a CPU takes long."""
+    n, k = w.shape
+    if group_size != -1 and k % group_size:  # (as quantize_rtn refuses it: the bench records that shape's error)
+        raise ValueError(f"weight of shape [N={n}, K={k}]: K is not divisible by group_size={group_size}")
+    groups = 1 if group_size == -1 else k // group_size
+    return (torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32),
+            torch.rand(n, groups, dtype=w.dtype) + 0.5, torch.randint(0, 16, (n, groups)).to(w.dtype))
+
+
+def _cases(models, max_n, ms, backends, group_size, dtype):
+    """[(label, call)]: the bench's Triton launches (bench/micro.py, bench/backends.py) as it makes them."""
+    from .. import ops
+    from ..bench import backends as bench_backends
+    from ..bench.micro import _act_quant_variant
+    from ..bench.shapes import all_shapes
+
+    shapes = [s for s in all_shapes(tuple(models)) if s.n <= max_n]
+    chosen = [b for b in bench_backends.select_backends(list(backends)) if b.name != "fp16"]
+    not_triton = [b.name for b in chosen if not getattr(b, "backend", "").startswith("triton")]
+    if not_triton:
+        raise ValueError(f"warm_cache: {not_triton} run no Triton kernel; choose from the w4a16-triton* / w4a8-triton* "
+                         "backends")
+    cases = []
+    if any(b.name.startswith("w4a8") for b in chosen):  # the bench times the quantizers where W4A8 is in the run
+        for k in sorted({s.k for s in shapes if s.ms is None}):
+            for m in ms:
+                for name in ("triton", "triton-4w", "triton-16w"):
+                    def quant(m=m, k=k, name=name):
+                        op_backend, switch = _act_quant_variant(name)
+                        with switch:
+                            ops.quantize_per_token_int8(torch.randn(m, k, dtype=dtype), op_backend)
+                    cases.append((f"act_quant {name} M={m} K={k}", quant))
+    for s in shapes:
+        for b in chosen:
+            shape_ms = [m for m in ms if b.supports(m) and (s.ms is None or m in s.ms)]
+            if shape_ms:
+                def run(s=s, b=b, shape_ms=shape_ms):  # one weight a (shape, backend), every M
+                    prepared = b.prepare(torch.empty(s.n, s.k, dtype=dtype), group_size)
+                    for m in shape_ms:
+                        prepared.run(torch.randn(m, s.k, dtype=dtype))
+                cases.append((f"{s.label} {b.name} M={','.join(map(str, shape_ms))}", run))
+    return cases
+
+
+@contextlib.contextmanager
+def _compiling_for(capability: int, sms: int):
+    """The package's launchers as on a `capability` GPU with `sms` SMs, their kernels compiled and recorded, not run:
+    launch_check's stand-in driver, autotuners timing each config by a hash of its launch (every config compiled),
+    the ops taking "triton" on CPU tensors, bench weights random, and the whole-weight path's matmul skipped."""
+    from .. import ops
+    from ..bench import backends as bench_backends
+    from . import launch_check, w4a8, w4a16
+
+    saved = (ops.resolve_backend, bench_backends._int4, w4a16.num_sms, torch.nn.functional.linear)
+    tuners = (w4a16._w4a16_decode_kernel, w4a16._w4a16_prefill_kernel, w4a8._w4a8_gemm_kernel)
+    saved_bench = [getattr(t, "kernel", t).__dict__.get("do_bench") for t in tuners]
+    with launch_check.stand_in_driver(capability):
+        launch_check._scripted_timings(*tuners)
+        ops.resolve_backend = lambda backend, device, op, shape=None: backend
+        bench_backends._int4 = _random_int4
+        w4a16.num_sms = lambda device: sms
+        # (triton-dq's torch matmul of a dequantized weight nobody computed: its shape is all that matters)
+        torch.nn.functional.linear = lambda x, w, b=None: x.new_empty(*x.shape[:-1], w.shape[0])
+        try:
+            yield
+        finally:
+            ops.resolve_backend, bench_backends._int4, w4a16.num_sms, torch.nn.functional.linear = saved
+            for t, d in zip(tuners, saved_bench):
+                tuner = getattr(t, "kernel", t)
+                if d is None:
+                    tuner.__dict__.pop("do_bench", None)
+                else:
+                    tuner.do_bench = d
+
+
+# the files whose code the compiled kernels come from (the tooling beside them in kernels/ changes no kernel)
+KERNEL_SOURCES = ("__init__.py", "_common.py", "act_quant.py", "w4a16.py", "w4a8.py")
+
+
+def _kernels_digest() -> str:
+    """sha256 of the Triton kernels' source files: a warm cache built from other sources has other keys."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] = SUITE_MS,
+          backends: Sequence[str] = SUITE_BACKENDS, max_n: int = SUITE_MAX_N, group_size: int = 128,
+          capability: int = 90, sms: int = 132, dtype: torch.dtype = torch.float16, progress: bool = True) -> Dict:
+    """Compile the cases (_cases) for the target into a fresh Triton cache and pack them into out_dir
+    (manifest.json + kernels.tar.xz). Returns the manifest. Needs the kernels compiled, not interpreted."""
+    import triton
+
+    from . import INTERPRET, _launch
+
+    if INTERPRET:
+        raise RuntimeError("warm_cache.build compiles the kernels: run it without TRITON_INTERPRET=1")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_manager
+
+    keys: Dict[str, Dict] = {}
+    failed: List[str] = []
+    t0 = time.monotonic()
+    saved_dir = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir  # only this build's kernels (Triton reads it at each compile)
+        try:
+            with _compiling_for(capability, sms), _recording_keys(keys):
+                cases = _cases(models, max_n, ms, backends, group_size, dtype)
+                bar = _progress(len(cases), progress)
+                for label, call in cases:
+                    try:
+                        call()
+                    except Exception as e:  # noqa: BLE001 - one case's failure is reported, the rest still built
+                        failed.append(f"{label}: {type(e).__name__}: {str(e)[:200]}")
+                    bar.update(1)
+                bar.close()
+            target = GPUTarget("cuda", capability, 32)
+            binary_ext = make_backend(target).binary_ext
+            entries = []
+            os.makedirs(out_dir, exist_ok=True)
+            tmp_archive = os.path.join(out_dir, ARCHIVE + ".tmp")
+            with tarfile.open(tmp_archive, "w:xz") as tar:
+                for h, parts in sorted(keys.items()):
+                    meta_name = f"{parts['name']}.json"
+                    group = get_cache_manager(h).get_group(meta_name) or {}
+                    files = {f: p for f, p in group.items() if f == meta_name or f.endswith("." + binary_ext)}
+                    if len(files) != 2:  # (a compile that failed left no group)
+                        continue
+                    for f, p in sorted(files.items()):
+                        tar.add(p, arcname=f"{h}/{f}")
+                    entries.append({"hash": h, "name": parts["name"], "src_hash": parts["src_hash"],
+                                    "options_hash": parts["options_hash"], "files": sorted(files)})
+            os.replace(tmp_archive, os.path.join(out_dir, ARCHIVE))
+        finally:
+            if saved_dir is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved_dir
+    backend_hashes = {p["backend_hash"] for p in keys.values()}
+    envs = {json.dumps(p["env"]) for p in keys.values()}
+    manifest = {
+        "format": FORMAT, "triton": triton.__version__, "target": {"backend": "cuda", "arch": capability, "warp_size": 32},
+        "sms": sms, "backend_hash": backend_hashes.pop() if len(backend_hashes) == 1 else None,
+        "env": json.loads(envs.pop()) if len(envs) == 1 else None,
+        "kernels_digest": _kernels_digest(), "commit": _commit(),
+        "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.monotonic() - t0, 1),
+        "cases": {"models": list(models), "ms": list(ms), "backends": list(backends), "max_n": max_n,
+                  "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "count": len(cases)},
+        "failed": failed, "fast_launch": _launch._SUPPORTED, "entries": entries}
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # (tqdm comes with transformers; a bare install goes without the bar)
+        tqdm = None
+    if enabled and tqdm is not None:
+        return tqdm(total=total, desc="warm cache", unit="case")
+
+    class _Silent:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+    return _Silent()
+
+
+def mismatch(manifest: Dict, target=None) -> List[str]:
+    """Why this machine's Triton would not look the built kernels up under the keys install writes: [] where it
+    would (the same Triton version, GPU target, backend hash - ptxas and arch - and cache-invalidating env vars)."""
+    import triton
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.driver import driver
+
+    if manifest.get("format") != FORMAT:
+        return [f"manifest format {manifest.get('format')!r}, this reader's is {FORMAT}"]
+    why = []
+    if manifest["triton"] != triton.__version__:
+        why.append(f"built with triton {manifest['triton']}, this is {triton.__version__}")
+    target = target or driver.active.get_current_target()
+    built = manifest["target"]
+    if (target.backend, target.arch, target.warp_size) != (built["backend"], built["arch"], built["warp_size"]):
+        why.append(f"built for {built['backend']} {built['arch']}, this GPU is {target.backend} {target.arch}")
+        return why
+    backend_hash = make_backend(target).hash()
+    if manifest["backend_hash"] != backend_hash:
+        why.append("another backend (ptxas) than the build's: "
+                   f"{_first_line(manifest['backend_hash'])!r} / {_first_line(backend_hash)!r}")
+    env = sorted(_env_vars().items())
+    if json.loads(json.dumps(env)) != manifest["env"]:
+        why.append(f"cache-invalidating environment variables {env} here, {manifest['env']} at the build")
+    return why
+
+
+def _first_line(text) -> str:
+    lines = [ln for ln in str(text).splitlines() if "release" in ln] or str(text).splitlines() or [""]
+    return lines[0].strip()
+
+
+def install(src_dir: str, target=None) -> Dict:
+    """Write the built kernels into this machine's Triton cache under the keys its Triton computes (for `target`,
+    default the GPU's). {"installed", "present", "entries", "skipped": [reasons] (nothing installed), "cache_dir",
+    "stale": the kernel sources changed since the build (their launches miss and compile), "built"}."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_manager
+    from triton.runtime.driver import driver
+
+    with open(os.path.join(src_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    report = {"entries": len(manifest.get("entries", [])), "installed": 0, "present": 0, "skipped": [],
+              "stale": manifest.get("kernels_digest") != _kernels_digest(), "cache_dir": None,
+              "built": {k: manifest.get(k) for k in ("triton", "sms", "commit", "made")}}
+    target = target or driver.active.get_current_target()
+    why = mismatch(manifest, target)
+    if why:
+        report["skipped"] = why
+        return report
+    backend_hash, env = make_backend(target).hash(), _env_vars()
+    with tarfile.open(os.path.join(src_dir, ARCHIVE), "r:xz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for e in manifest["entries"]:
+            h = _cache_key_hash(e["src_hash"], backend_hash, e["options_hash"], env)
+            manager = get_cache_manager(h)
+            report["cache_dir"] = os.path.dirname(manager.cache_dir)
+            meta_name = f"{e['name']}.json"
+            if manager.get_group(meta_name) is not None:
+                report["present"] += 1
+                continue
+            group = {}
+            for f in e["files"]:
+                data = tar.extractfile(members[f"{e['hash']}/{f}"]).read()
+                if f == meta_name:  # the metadata names its kernel's hash: this machine's
+                    meta = json.loads(data)
+                    meta["hash"] = h
+                    group[f] = manager.put(json.dumps(meta), f, binary=False)
+                else:
+                    group[f] = manager.put(data, f, binary=True)
+            manager.put_group(meta_name, group)
+            report["installed"] += 1
+    return report
+
+
+def cache_entries(cache_dir: Optional[str] = None) -> int:
+    """Compiled kernels in a Triton cache (TRITON_CACHE_DIR, or Triton's default): directories holding a group."""
+    if cache_dir is None:
+        try:
+            from triton import knobs
+
+            cache_dir = knobs.cache.dir
+        except ImportError:  # (triton < 3.4)
+            cache_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    if not cache_dir or not os.path.isdir(cache_dir):
+        return 0
+    n = 0
+    for d in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, d)
+        if os.path.isdir(path) and any(f.startswith("__grp__") and not f.endswith(".autotune.json")
+                                       for f in os.listdir(path)):
+            n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile the suite's Triton kernels here (no GPU) into --out")
+    b.add_argument("--out", default=".tcache")
+    b.add_argument("--models", default=",".join(SUITE_MODELS))
+    b.add_argument("--ms", default=",".join(map(str, SUITE_MS)))
+    b.add_argument("--backends", default=",".join(SUITE_BACKENDS))
+    b.add_argument("--max-n", type=int, default=SUITE_MAX_N)
+    b.add_argument("--capability", type=int, default=90)
+    b.add_argument("--sms", type=int, default=132, help="the target's SM count (H100 SXM / H200: 132)")
+    i = sub.add_parser("install", help="on the GPU: the built kernels into this machine's Triton cache")
+    i.add_argument("src", nargs="?", default=".tcache")
+    c = sub.add_parser("count", help="compiled kernels in this machine's Triton cache")
+    c.add_argument("--dir", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "build":
+        m = build(args.out, [s for s in args.models.split(",") if s], [int(v) for v in args.ms.split(",")],
+                  [s for s in args.backends.split(",") if s], args.max_n, capability=args.capability, sms=args.sms)
+        print(f"[warm-cache] {len(m['entries'])} kernels for {m['target']['backend']} {m['target']['arch']} "
+              f"({m['sms']} SMs), triton {m['triton']}, from {m['cases']['count']} launches in {m['build_s']} s -> "
+              f"{args.out} ({os.path.getsize(os.path.join(args.out, ARCHIVE)) / 2**20:.1f} MiB)")
+        for f in m["failed"]:
+            print(f"[warm-cache] failed: {f}")
+        return 1 if m["failed"] else 0
+    if args.cmd == "install":
+        if not os.path.exists(os.path.join(args.src, MANIFEST)):
+            print(f"[warm-cache] no {MANIFEST} in {args.src}: nothing to install "
+                  "(python -m minicpm_int4.kernels.warm_cache build, where the GPU image's triton is installed)")
+            return 0
+        r = install(args.src)
+        built = r["built"]
+        if r["skipped"]:
+            print(f"[warm-cache] nothing installed: {'; '.join(r['skipped'])}")
+        else:
+            print(f"[warm-cache] {r['installed']} kernels installed, {r['present']} already there, of {r['entries']} "
+                  f"built for {built['sms']} SMs at {built['commit'] or '?'} ({built['made']}) -> {r['cache_dir']}")
+            if r["stale"]:
+                print("[warm-cache] the kernels' sources changed since the build: their launches compile anew "
+                      "(build it again)")
+            import torch as _torch
+
+            if _torch.cuda.is_available():
+                sms = _torch.cuda.get_device_properties(0).multi_processor_count
+                if sms != built["sms"]:
+                    print(f"[warm-cache] this GPU has {sms} SMs: launches whose plans depend on it compile anew")
+        return 0
+    print(cache_entries(args.dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

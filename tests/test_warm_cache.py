@@ -1,0 +1,215 @@
+"""kernels/warm_cache.py: Triton kernels compiled here for a GPU session, found there under that machine's keys.
+
+The build compiles the bench's Triton launches for sm_90 in a fresh process (no TRITON_INTERPRET) under
+launch_check's stand-in driver; a second process, from a copy of the package somewhere else and with another
+Triton cache, installs them and launches the same cases: nothing may compile. Without the install the same cases
+compile (so the count can tell). The install's refusals (another Triton, target, ptxas, environment) are checked
+in this process: they need no compile."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the GEMV at M = 1 on Llama-3-8B's layers up to 5000 rows: a few kernels, seconds to compile
+BUILD = ["--models", "llama3-v2.5", "--max-n", "5000", "--ms", "1", "--backends", "w4a16-triton"]
+
+LAUNCH = r"""
+import json, os, sys, torch
+import triton.runtime.cache
+if os.environ.get("OTHER_TRITON_BUILD") == "1":  # another build of the same Triton (GPU image: Python 3.12's libtriton)
+    own_key = triton.runtime.cache.triton_key
+    triton.runtime.cache.triton_key = lambda: own_key() + "-another-libtriton"
+from minicpm_int4.kernels import launch_check, warm_cache
+src, install = sys.argv[1], sys.argv[2] == "1"
+manifest = json.load(open(os.path.join(src, "manifest.json")))
+report = None
+if install:
+    with launch_check.stand_in_driver(90):
+        report = warm_cache.install(src)
+before = warm_cache.cache_entries()
+c = manifest["cases"]
+with warm_cache._compiling_for(90, manifest["sms"]):
+    for label, call in warm_cache._cases(c["models"], c["max_n"], c["ms"], c["backends"], c["group_size"],
+                                         torch.float16):
+        call()
+print(json.dumps({"report": report, "before": before, "after": warm_cache.cache_entries(),
+                  "package": os.path.dirname(warm_cache.__file__)}))
+"""
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("warm") / "tcache"
+    proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out), *BUILD],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[warm-cache]" in proc.stdout and "kernels for cuda 90 (132 SMs)" in proc.stdout
+    with open(out / "manifest.json") as f:
+        return out, json.load(f)
+
+
+def _launch(src, cache_dir, install: bool, package_root=None, other_build=False):
+    env = _env(TRITON_CACHE_DIR=str(cache_dir), OTHER_TRITON_BUILD="1" if other_build else "0")
+    if package_root is not None:
+        env["PYTHONPATH"] = str(package_root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, str(src), "1" if install else "0"], env=env,
+                          cwd=str(package_root or ROOT), capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+def test_the_build_holds_each_kernel_with_its_key_parts(built):
+    import triton
+
+    out, manifest = built
+    assert manifest["triton"] == triton.__version__ and manifest["target"] == {"backend": "cuda", "arch": 90,
+                                                                               "warp_size": 32}
+    assert manifest["failed"] == [] and manifest["env"] == [] and "ptxas" in manifest["backend_hash"]
+    entries = manifest["entries"]
+    assert entries and {e["name"] for e in entries} == {"_w4a16_gemv_kernel"}
+    from minicpm_int4.bench.shapes import all_shapes
+
+    assert manifest["cases"]["count"] == len([s for s in all_shapes(("llama3-v2.5",)) if s.n <= 5000])
+    import tarfile
+
+    with tarfile.open(out / "kernels.tar.xz") as tar:
+        names = set(tar.getnames())
+    for e in entries:  # the binary and the metadata only (the IRs stay behind: a cache hit reads neither)
+        assert e["files"] == sorted([f"{e['name']}.cubin", f"{e['name']}.json"])
+        assert {f"{e['hash']}/{f}" for f in e["files"]} <= names
+
+
+def test_installed_kernels_are_found_by_a_copy_of_the_package_elsewhere(built, tmp_path):
+    """The keys install writes are the ones the JIT computes in another process, from another checkout and with
+    another build of the same Triton (whose triton_key differs: the build's own keys would never be looked up): the
+    same launches then compile nothing. Without the install they compile (the count tells)."""
+    from triton.runtime.cache import _base32
+
+    src, manifest = built
+    elsewhere = tmp_path / "checkout"
+    shutil.copytree(os.path.join(ROOT, "minicpm_int4"), elsewhere / "minicpm_int4",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    warm = _launch(src, tmp_path / "cache-warm", install=True, package_root=elsewhere, other_build=True)
+    assert warm["package"].startswith(str(elsewhere))
+    n = len(manifest["entries"])
+    assert warm["report"]["installed"] == n and warm["report"]["skipped"] == [] and not warm["report"]["stale"]
+    assert warm["before"] == warm["after"] == n, warm
+    assert not set(os.listdir(tmp_path / "cache-warm")) & {_base32(e["hash"]) for e in manifest["entries"]}
+    cold = _launch(src, tmp_path / "cache-cold", install=False)
+    assert cold["before"] == 0 and cold["after"] == n, cold
+
+
+def test_install_rewrites_the_metadata_and_paths_for_this_cache(built, tmp_path, monkeypatch):
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.cache import _base32
+
+    from minicpm_int4.kernels import warm_cache
+
+    src, manifest = built
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    target = GPUTarget("cuda", 90, 32)
+    report = warm_cache.install(str(src), target=target)
+    assert report["installed"] == len(manifest["entries"]) and report["cache_dir"] == str(tmp_path / "cache")
+    assert warm_cache.cache_entries() == report["installed"]
+    for d in os.listdir(tmp_path / "cache"):
+        groups = [f for f in os.listdir(tmp_path / "cache" / d) if f.startswith("__grp__")]
+        (grp,) = groups
+        with open(tmp_path / "cache" / d / grp) as f:
+            paths = json.load(f)["child_paths"]
+        assert sorted(paths) == sorted(f for f in os.listdir(tmp_path / "cache" / d) if not f.startswith("__grp__"))
+        assert all(p.startswith(str(tmp_path / "cache" / d)) and os.path.exists(p) for p in paths.values())
+        meta = json.load(open(next(p for f, p in paths.items() if f.endswith(".json"))))
+        assert _base32(meta["hash"]) == d  # this machine's key, not the build's
+    again = warm_cache.install(str(src), target=target)
+    assert again["installed"] == 0 and again["present"] == len(manifest["entries"])
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"triton": "0.0.1"}, r"built with triton 0\.0\.1, this is"),
+    ({"target": {"backend": "cuda", "arch": 80, "warp_size": 32}}, r"built for cuda 80, this GPU is cuda 90"),
+    ({"backend_hash": "ptxas: Cuda compilation tools, release 11.0, V11.0.1\n-90"},
+     r"another backend \(ptxas\) than the build's: '.*release 11\.0, V11\.0\.1' / '.*release"),
+    ({"env": [["TRITON_DEFAULT_FP_FUSION", "0"]]}, r"cache-invalidating environment variables \[\] here"),
+    ({"format": 99}, r"manifest format 99"),
+])
+def test_install_refuses_what_this_machine_would_key_otherwise(built, tmp_path, monkeypatch, change, reason):
+    from triton.backends.compiler import GPUTarget
+
+    from minicpm_int4.kernels import warm_cache
+
+    src, manifest = built
+    other = tmp_path / "tcache"
+    shutil.copytree(src, other)
+    with open(other / "manifest.json", "w") as f:
+        json.dump({**manifest, **change}, f)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    report = warm_cache.install(str(other), target=GPUTarget("cuda", 90, 32))
+    assert report["installed"] == 0 and report["skipped"] and re.search(reason, "; ".join(report["skipped"]))
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+
+
+def test_a_build_from_other_kernel_sources_is_called_stale(built, tmp_path, monkeypatch):
+    from triton.backends.compiler import GPUTarget
+
+    from minicpm_int4.kernels import warm_cache
+
+    src, manifest = built
+    other = tmp_path / "tcache"
+    shutil.copytree(src, other)
+    with open(other / "manifest.json", "w") as f:
+        json.dump({**manifest, "kernels_digest": "0" * 64}, f)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert warm_cache.install(str(other), target=GPUTarget("cuda", 90, 32))["stale"] is True
+
+
+def test_the_build_refuses_the_interpreter_and_non_triton_backends(monkeypatch):
+    from minicpm_int4.kernels import INTERPRET, warm_cache
+
+    if INTERPRET:
+        with pytest.raises(RuntimeError, match="compiles the kernels: run it without TRITON_INTERPRET=1"):
+            warm_cache.build("/nonexistent")
+    with pytest.raises(ValueError, match=r"\['w4a16-cuda'\] run no Triton kernel"):
+        warm_cache._cases(("llama3-v2.5",), 5000, (1,), ("w4a16-cuda",), 128, torch.float16)
+    with pytest.raises(ValueError, match="K=4304.*not divisible by group_size=128"):  # as the bench's quantize_rtn
+        warm_cache._random_int4(torch.empty(64, 4304, dtype=torch.float16), 128)
+    qw, s, z = warm_cache._random_int4(torch.empty(64, 4304, dtype=torch.bfloat16), -1)
+    assert (qw.shape, qw.dtype, s.shape, s.dtype, z.shape) == ((64, 538), torch.int32, (64, 1), torch.bfloat16, (64, 1))
+
+
+def test_install_without_a_build_says_so(tmp_path, capsys):
+    from minicpm_int4.kernels import warm_cache
+
+    assert warm_cache.main(["install", str(tmp_path)]) == 0
+    assert "no manifest.json in" in capsys.readouterr().out
+
+
+def test_the_default_build_covers_the_gpu_suites_bench():
+    """warm_cache's defaults follow run_gpu_suite.sh's bench: its models, --max-n, every M, and every Triton backend
+    (a backend added to the suite and not here would compile on the GPU again, silently)."""
+    from minicpm_int4.kernels import warm_cache
+
+    with open(os.path.join(ROOT, "benchmarks", "run_gpu_suite.sh")) as f:
+        script = f.read()
+    (args,) = re.findall(r"^  BENCH_ARGS=\((--models .*?)\)$", script, flags=re.M | re.S)
+    opt = dict(re.findall(r"--([a-z-]+) (\S+)", args))
+    assert tuple(opt["models"].split(",")) == warm_cache.SUITE_MODELS and int(opt["max-n"]) == warm_cache.SUITE_MAX_N
+    assert set(map(int, opt["ms"].split(","))) <= set(warm_cache.SUITE_MS)
+    triton_backends = [b for b in opt["backends"].split(",") if re.match(r"w4a(16|8)-triton", b)]
+    assert triton_backends == list(warm_cache.SUITE_BACKENDS)
+    # installed right after the package, in every call that installs it
+    assert "stage warm-cache 30 $PY -m minicpm_int4.kernels.warm_cache install .tcache" in script
+    assert "warm-cache) parent=install ;;" in script
