@@ -1,6 +1,7 @@
 """The measuring harness itself, on CPU and tiny shapes: schema, writers, skipped peers, checks."""
 import json
 import os
+import re
 import subprocess
 import types
 
@@ -565,6 +566,11 @@ def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, **env):
                     "a = sys.argv[1:]\n"
                     "if '--target' in a: os.makedirs(a[a.index('--target') + 1], exist_ok=True)\n"
                     "if a[0].endswith('make_dispatch_table.py'): open(a[a.index('--out') + 1], 'w').write('{}')\n"
+                    # a bench that compiles two Triton kernels: two entries in the cache (a group file each)
+                    "if 'bench' in a and os.environ.get('TRITON_CACHE_DIR'):\n"
+                    "    for d in ('AAA', 'BBB'):\n"
+                    "        os.makedirs(os.path.join(os.environ['TRITON_CACHE_DIR'], d), exist_ok=True)\n"
+                    "        open(os.path.join(os.environ['TRITON_CACHE_DIR'], d, '__grp__k.json'), 'w').write('{}')\n"
                     f"with open({str(calls)!r}, 'a') as f:\n"
                     "    f.write(json.dumps({'args': a, 'pythonpath': os.environ.get('PYTHONPATH', ''),\n"
                     "                        'table': os.environ.get('MINICPM_INT4_DISPATCH_TABLE'),\n"
@@ -676,9 +682,12 @@ def test_gpu_suite_installs_a_carried_warm_triton_cache_before_any_kernel_runs(t
         assert calls.index(install) < calls.index(warm) < calls.index(first_kernel)
         assert "=== [warm-cache] (limit" in log
     (tmp_path / "none").mkdir()
-    calls, log = _run_suite_with_a_stub_python(tmp_path / "none", [])
+    calls, log = _run_suite_with_a_stub_python(tmp_path / "none", [], TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     assert not [c for c in calls if "minicpm_int4.kernels.warm_cache" in c["args"]]
     assert "=== [warm-cache] none carried: every Triton kernel compiles here" in log
+    # each stage's line counts the kernels it compiled (what the warm cache did not spare it), and only those
+    assert re.search(r"^=== \[bench\] rc=0 in \d+s, 2 Triton kernels compiled$", log, re.M), log
+    assert not re.search(r"^=== \[(?!bench\]).*Triton kernels compiled", log, re.M), log
 
 
 def test_gpu_suite_runs_the_counters_stage_only_where_named(tmp_path):
