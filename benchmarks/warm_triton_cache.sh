@@ -15,8 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TRITON_VERSION=${TRITON_VERSION:-3.6.0}
 TORCH_VERSION=${WARM_TORCH_VERSION:-2.13.0}   # any CPU torch the package supports: it only holds the tensors
+# fla-core: the kernels of MiniCPM-V 4.6's linear attention, which the profile runs where the call carries them
+# (fetch_peer_wheels.sh's FLA_VERSION, the same release: its kernels' sources are in their keys); none: left out
+FLA_VERSION=${FLA_VERSION:-0.6.0}
+EINOPS_VERSION=${EINOPS_VERSION:-0.8.2}
 VENV=${WARM_VENV:-/tmp/minicpm-int4-warm-venv}
-if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$TRITON_VERSION')" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$TRITON_VERSION')" 2>/dev/null \
+    || { [ "$FLA_VERSION" != none ] && ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('fla-core') != '$FLA_VERSION')" 2>/dev/null; }; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
@@ -33,6 +38,11 @@ if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '
   fi
   "$VENV/bin/python" -m pip install -q "${CONSTRAINTS[@]}" "triton==$TRITON_VERSION" transformers safetensors tqdm numpy
   "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+  if [ "$FLA_VERSION" != none ]; then
+    "$VENV/bin/python" -m pip install -q --no-deps "fla-core==$FLA_VERSION" "einops==$EINOPS_VERSION"
+  fi
 fi
 # TRITON_INTERPRET off (the kernels compiled); no Triton environment variable that changes its cache keys
-env -u TRITON_INTERPRET MINICPM_INT4_BUILD_CUDA=0 "$VENV/bin/python" -m minicpm_int4.kernels.warm_cache build --out .tcache "$@"
+FLA_ARGS=(); [ "$FLA_VERSION" = none ] && FLA_ARGS=(--fla-tokens 0)
+env -u TRITON_INTERPRET MINICPM_INT4_BUILD_CUDA=0 "$VENV/bin/python" -m minicpm_int4.kernels.warm_cache build --out .tcache \
+  "${FLA_ARGS[@]}" "$@"

@@ -213,3 +213,89 @@ def test_the_default_build_covers_the_gpu_suites_bench():
     # installed right after the package, in every call that installs it
     assert "stage warm-cache 30 $PY -m minicpm_int4.kernels.warm_cache install .tcache" in script
     assert "warm-cache) parent=install ;;" in script
+
+
+FLA_LAUNCH = r"""
+import json, os, sys, torch
+import triton.runtime.cache
+own_key = triton.runtime.cache.triton_key  # another build of the same Triton, as on the GPU image
+triton.runtime.cache.triton_key = lambda: own_key() + "-another-libtriton"
+from minicpm_int4.kernels import launch_check, warm_cache
+src = sys.argv[1]
+fla = json.load(open(os.path.join(src, "manifest.json")))["fla"]
+with launch_check.stand_in_driver(90):
+    report = warm_cache.install(src)
+    before = warm_cache.cache_entries()
+    with warm_cache._as_cuda_device(*warm_cache.FLA_DEVICE):
+        cases, version, why = warm_cache._fla_cases(fla["prompt_tokens"], fla["heads"], fla["head_dim"], torch.float16)
+        for label, call in cases:
+            call()
+print(json.dumps({"report": report, "before": before, "after": warm_cache.cache_entries(), "version": version}))
+"""
+
+
+def _fla_site() -> str:
+    """Where fla-core is (CI installs it in a site of its own, MINICPM_INT4_FLA_SITE, for these tests' processes
+    alone: on the PYTHONPATH of the whole run it would become the tiny 4.6 models' linear attention in transformers)."""
+    import importlib.util
+
+    site = os.environ.get("MINICPM_INT4_FLA_SITE")
+    if site:
+        return site
+    if importlib.util.find_spec("fla") is not None:
+        return ""
+    if os.environ.get("MINICPM_INT4_REQUIRE_FLA") == "1":
+        pytest.fail("MINICPM_INT4_REQUIRE_FLA=1 but fla-core is neither importable nor in MINICPM_INT4_FLA_SITE")
+    pytest.skip("fla-core is not installed (CI runs these tests with MINICPM_INT4_FLA_SITE)")
+
+
+def test_the_profiles_fla_kernels_are_built_and_found_under_another_triton_build(tmp_path):
+    """fla-core's gated delta rule kernels (MiniCPM-V 4.6's linear attention in the profile), built as transformers
+    calls them - every autotune config of the chunked prefill, the recurrent decode - and installed under another
+    Triton build's keys: the same calls then compile nothing."""
+    pytest.importorskip("triton")
+    site = _fla_site()
+    env = _env(PYTHONPATH=site + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "tcache"
+    proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
+                           "--backends", ""], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    fla = manifest["fla"]
+    assert fla["version"] and fla["count"] == 2 and fla["skipped"] is None and manifest["failed"] == []
+    assert f"[warm-cache] fla-core {fla['version']}: 2 calls" in proc.stdout
+    names = {e["name"] for e in manifest["entries"]}
+    assert "fused_recurrent_gated_delta_rule_fwd_kernel" in names and any("chunk" in n for n in names)
+    assert manifest["cases"]["count"] == 0 and len(manifest["entries"]) > 10  # (every autotune config)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", FLA_LAUNCH, str(out)], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1])
+    n = len(manifest["entries"])
+    assert got["version"] == fla["version"] and got["report"]["installed"] == n
+    assert got["before"] == got["after"] == n, got
+
+
+def test_the_fla_build_follows_the_profiles_model_and_prompt():
+    """FLA_PROMPT_TOKENS, FLA_HEADS, FLA_HEAD_DIM are the profile's: its default prompt (run_profile's prompt_tokens
+    and image_grid) through MiniCPMV4_6Config()'s vision tower and merger, and its linear attention's value heads and
+    head size (transformers repeats q and k to the value heads before the kernel)."""
+    import inspect
+
+    from minicpm_int4.bench.e2e import run_profile
+    from minicpm_int4.kernels import warm_cache
+    from minicpm_int4.tiny import _transformers_class, image_inputs
+
+    cfg = _transformers_class("MiniCPMV4_6Config")(image_token_id=10)
+    text = cfg.text_config
+    assert (warm_cache.FLA_HEADS, warm_cache.FLA_HEAD_DIM) == (text.linear_num_value_heads, text.linear_value_head_dim)
+    assert text.linear_key_head_dim == text.linear_value_head_dim
+    defaults = inspect.signature(run_profile).parameters
+    # the image's tokens: the real vision tower and merger in front of a one-layer, 64-wide LLM (the count is theirs)
+    text.num_hidden_layers, text.hidden_size, text.intermediate_size = 1, 64, 128
+    text.layer_types = text.layer_types[:1]
+    model = _transformers_class("MiniCPMV4_6ForConditionalGeneration")._from_config(cfg).eval()
+    _, _, n_img = image_inputs(model, grid=defaults["image_grid"].default)
+    assert warm_cache.FLA_PROMPT_TOKENS == defaults["prompt_tokens"].default + n_img

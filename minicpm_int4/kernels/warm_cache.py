@@ -5,13 +5,16 @@
 
 A GPU session has 15 device minutes, and Triton compiles each kernel specialisation on the GPU machine's CPU the
 first time it is launched: the bench's Triton rows (the GPU suite's models, M = 1 / 16 / 256 / 4096, every W4A16 and
-W4A8 variant, each autotune config), an odd M's prefill (the profile's prompts) and the activation quantizers are 151
-kernels, 72 s of compiling on this 2-core machine (triton 3.6), spent inside the bench's time budget - and by the
-profile where it runs first, in a call of its own. `build` compiles the same specialisations here, through Triton's own JIT: the real launchers run on CPU tensors
-under launch_check's stand-in driver (every autotune config compiled, nothing run) with the target's SM count, so the
-block sizes, split-K and specialisation (16-byte aligned pointers, ints divisible by 16 or equal to 1) are those the
-GPU run makes. It packs each compiled kernel (cubin + metadata) with the parts of Triton's cache key that are the
-same on any machine: the hash of the kernel's source and specialisation, and of its compile options.
+W4A8 variant, each autotune config), an odd M's prefill (the profile's prompts) and the activation quantizers are
+151 kernels, 72 s of compiling on this 2-core machine (triton 3.6), spent inside the bench's time budget - and by
+the profile where it runs first, in a call of its own, which also compiles fla-core's 60 for MiniCPM-V 4.6's linear
+attention (31 s here) where the call carries fla-core. `build` compiles the same specialisations here, through
+Triton's own JIT: the real launchers run on CPU tensors under launch_check's stand-in driver (every autotune config
+compiled, nothing run) with the target's SM count, so the block sizes, split-K and specialisation (16-byte aligned
+pointers, ints divisible by 16 or equal to 1) are those the GPU run makes; fla-core's are called as transformers'
+Qwen3.5 layer calls them, imported with torch.cuda's device queries answering as an H100 does (_fla_cases). It packs
+each compiled kernel (cubin + metadata) with the parts of Triton's cache key that are the same on any machine: the
+hash of the kernel's source and specialisation, and of its compile options.
 
 `install`, on the GPU machine, recomputes each kernel's key there - that machine's Triton build (`triton_key()`:
 its libtriton differs by Python version), backend hash (ptxas version and arch) and cache-invalidating environment
@@ -45,6 +48,16 @@ SUITE_MAX_N = 30000
 SUITE_MS = (1, 16, 17, 256, 4096)
 SUITE_BACKENDS = ("w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-unsplit", "w4a16-triton-trip32",
                   "w4a16-triton-dq", "w4a16-triton-rhs", "w4a8-triton", "w4a8-triton-flat")
+# The profile's MiniCPM-V 4.6 linear-attention kernels (its Qwen3.5 layers run flash-linear-attention's fla-core where
+# the suite carries it - benchmarks/fetch_peer_wheels.sh): its chunked gated delta rule autotunes ~60 kernels on the
+# first prefill, its recurrent one decodes. Their specialisation follows the call transformers makes
+# (models/qwen3_5: q and k repeated to the value heads, g in fp32, beta in the model's dtype, no initial state at the
+# prefill, the final state kept, q / k L2-normalised in the kernel) on the profile's prompt: 512 text tokens and one
+# 28 x 28-patch image, which MiniCPMV4_6Config()'s vision tower and merger make 49 tokens (tests/test_warm_cache.py
+# checks it against the model classes).
+FLA_PROMPT_TOKENS = 512 + 49
+FLA_HEADS, FLA_HEAD_DIM = 32, 128  # MiniCPMV4_6Config(): linear_num_value_heads, linear_key / value_head_dim
+FLA_DEVICE = ("NVIDIA H100 80GB HBM3", (9, 0))  # what fla's import-time checks see (IS_NVIDIA_HOPPER: any H100 / H200)
 
 
 class _Hashed:
@@ -139,6 +152,83 @@ def _cases(models, max_n, ms, backends, group_size, dtype):
 
 
 @contextlib.contextmanager
+def _as_cuda_device(name: str, capability):
+    """torch.cuda's device queries answered as on that GPU (fla-core's import-time hardware checks ask torch, not
+    Triton's driver); launch_check's stand-in driver answers Triton's."""
+    names = ("is_available", "device_count", "current_device", "get_device_name", "get_device_capability")
+    saved = {n: getattr(torch.cuda, n) for n in names}
+    torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: 1)
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.get_device_name = lambda *a, **k: name
+    torch.cuda.get_device_capability = lambda *a, **k: tuple(capability)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.cuda, n, f)
+
+
+def _fla_cases(prompt_tokens: int, heads: int, dim: int, dtype):
+    """([(label, call)], fla version or None, why not): the profile's linear-attention kernels through fla-core, as
+    transformers' Qwen3.5 layer calls them (prefill: the chunked gated delta rule; decode: the recurrent one).
+    Imported here, under the stand-in driver and _as_cuda_device, so that its import-time checks see the GPU; its
+    autotuners time each config by the stand-in's launch (every config compiled)."""
+    import gc
+    import importlib.util
+
+    if importlib.util.find_spec("fla") is None:
+        return [], None, "fla-core is not installed"
+    import importlib.metadata
+
+    from triton.runtime.autotuner import Autotuner
+
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+    def timed_by_launch(fn, quantiles=None, **kwargs):  # (the stand-in records the launch; every config ties)
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    import warnings
+
+    with warnings.catch_warnings():  # (looking at every live object touches deprecated torch attributes)
+        warnings.simplefilter("ignore")
+        tuners = [o for o in gc.get_objects() if isinstance(o, Autotuner)]
+    for tuner in tuners:
+        if _kernel_module(tuner).startswith("fla."):
+            tuner.do_bench = timed_by_launch
+
+    def inputs(t):
+        qkv = [torch.randn(1, t, heads, dim, dtype=dtype) for _ in range(3)]
+        return qkv, -torch.rand(1, t, heads, dtype=torch.float32), torch.rand(1, t, heads, dtype=dtype)
+
+    def prefill():
+        (q, k, v), g, beta = inputs(prompt_tokens)
+        chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=True,
+                               use_qk_l2norm_in_kernel=True, cu_seqlens=None)
+
+    def decode():
+        (q, k, v), g, beta = inputs(1)
+        state = torch.randn(1, heads, dim, dim, dtype=torch.float32)
+        fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True,
+                                         use_qk_l2norm_in_kernel=True, cu_seqlens=None)
+
+    version = importlib.metadata.version("fla-core")
+    return [(f"fla {version} chunk_gated_delta_rule T={prompt_tokens}", prefill),
+            (f"fla {version} fused_recurrent_gated_delta_rule T=1", decode)], version, None
+
+
+def _kernel_module(tuner) -> str:
+    """The module that defined an autotuner's kernel (through heuristics wrappers: each holds the next as `fn`)."""
+    obj = tuner
+    while obj is not None:
+        obj = getattr(obj, "fn", None)
+        module = getattr(obj, "__module__", None)
+        if isinstance(module, str) and not module.startswith("triton."):
+            return module
+    return ""
+
+
+@contextlib.contextmanager
 def _compiling_for(capability: int, sms: int):
     """The package's launchers as on a `capability` GPU with `sms` SMs, their kernels compiled and recorded, not run:
     launch_check's stand-in driver, autotuners timing each config by a hash of its launch (every config compiled),
@@ -185,8 +275,10 @@ def _kernels_digest() -> str:
 
 def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] = SUITE_MS,
           backends: Sequence[str] = SUITE_BACKENDS, max_n: int = SUITE_MAX_N, group_size: int = 128,
-          capability: int = 90, sms: int = 132, dtype: torch.dtype = torch.float16, progress: bool = True) -> Dict:
-    """Compile the cases (_cases) for the target into a fresh Triton cache and pack them into out_dir
+          capability: int = 90, sms: int = 132, dtype: torch.dtype = torch.float16, progress: bool = True,
+          fla_tokens: Optional[int] = FLA_PROMPT_TOKENS) -> Dict:
+    """Compile the cases (_cases; and, where fla-core is installed and fla_tokens is not None, the profile's
+    linear-attention kernels: _fla_cases) for the target into a fresh Triton cache and pack them into out_dir
     (manifest.json + kernels.tar.xz). Returns the manifest. Needs the kernels compiled, not interpreted."""
     import triton
 
@@ -206,15 +298,14 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
         os.environ["TRITON_CACHE_DIR"] = cache_dir  # only this build's kernels (Triton reads it at each compile)
         try:
             with _compiling_for(capability, sms), _recording_keys(keys):
+                fla_cases, fla_version, fla_skipped = [], None, "not asked for"
+                if fla_tokens is not None:
+                    # (first: fla is imported here, under the stand-in, before transformers' models import it)
+                    with _as_cuda_device(*FLA_DEVICE):
+                        fla_cases, fla_version, fla_skipped = _fla_cases(fla_tokens, FLA_HEADS, FLA_HEAD_DIM, dtype)
+                        _run_cases(fla_cases, failed, progress, "warm cache (fla)")
                 cases = _cases(models, max_n, ms, backends, group_size, dtype)
-                bar = _progress(len(cases), progress)
-                for label, call in cases:
-                    try:
-                        call()
-                    except Exception as e:  # noqa: BLE001 - one case's failure is reported, the rest still built
-                        failed.append(f"{label}: {type(e).__name__}: {str(e)[:200]}")
-                    bar.update(1)
-                bar.close()
+                _run_cases(cases, failed, progress, "warm cache")
             target = GPUTarget("cuda", capability, 32)
             binary_ext = make_backend(target).binary_ext
             entries = []
@@ -240,17 +331,31 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
     backend_hashes = {p["backend_hash"] for p in keys.values()}
     envs = {json.dumps(p["env"]) for p in keys.values()}
     manifest = {
-        "format": FORMAT, "triton": triton.__version__, "target": {"backend": "cuda", "arch": capability, "warp_size": 32},
+        "format": FORMAT, "triton": triton.__version__,
+        "target": {"backend": "cuda", "arch": capability, "warp_size": 32},
         "sms": sms, "backend_hash": backend_hashes.pop() if len(backend_hashes) == 1 else None,
         "env": json.loads(envs.pop()) if len(envs) == 1 else None,
         "kernels_digest": _kernels_digest(), "commit": _commit(),
         "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.monotonic() - t0, 1),
         "cases": {"models": list(models), "ms": list(ms), "backends": list(backends), "max_n": max_n,
                   "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "count": len(cases)},
+        "fla": {"version": fla_version, "prompt_tokens": fla_tokens, "heads": FLA_HEADS, "head_dim": FLA_HEAD_DIM,
+                "device": FLA_DEVICE[0], "count": len(fla_cases), "skipped": fla_skipped},
         "failed": failed, "fast_launch": _launch._SUPPORTED, "entries": entries}
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def _run_cases(cases, failed: List[str], progress: bool, desc: str) -> None:
+    bar = _progress(len(cases), progress, desc)
+    for label, call in cases:
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - one case's failure is reported, the rest still built
+            failed.append(f"{label}: {type(e).__name__}: {str(e)[:200]}")
+        bar.update(1)
+    bar.close()
 
 
 def _commit() -> Optional[str]:
@@ -264,13 +369,13 @@ def _commit() -> Optional[str]:
         return None
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "warm cache"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # (tqdm comes with transformers; a bare install goes without the bar)
         tqdm = None
     if enabled and tqdm is not None:
-        return tqdm(total=total, desc="warm cache", unit="case")
+        return tqdm(total=total, desc=desc, unit="case")
 
     class _Silent:
         def update(self, n):
@@ -387,6 +492,8 @@ def main(argv=None) -> int:
     b.add_argument("--max-n", type=int, default=SUITE_MAX_N)
     b.add_argument("--capability", type=int, default=90)
     b.add_argument("--sms", type=int, default=132, help="the target's SM count (H100 SXM / H200: 132)")
+    b.add_argument("--fla-tokens", type=int, default=FLA_PROMPT_TOKENS,
+                   help="the profile's prompt length for fla-core's kernels (where installed); 0: leave them out")
     i = sub.add_parser("install", help="on the GPU: the built kernels into this machine's Triton cache")
     i.add_argument("src", nargs="?", default=".tcache")
     c = sub.add_parser("count", help="compiled kernels in this machine's Triton cache")
@@ -394,10 +501,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "build":
         m = build(args.out, [s for s in args.models.split(",") if s], [int(v) for v in args.ms.split(",")],
-                  [s for s in args.backends.split(",") if s], args.max_n, capability=args.capability, sms=args.sms)
+                  [s for s in args.backends.split(",") if s], args.max_n, capability=args.capability, sms=args.sms,
+                  fla_tokens=args.fla_tokens or None)
         print(f"[warm-cache] {len(m['entries'])} kernels for {m['target']['backend']} {m['target']['arch']} "
               f"({m['sms']} SMs), triton {m['triton']}, from {m['cases']['count']} launches in {m['build_s']} s -> "
               f"{args.out} ({os.path.getsize(os.path.join(args.out, ARCHIVE)) / 2**20:.1f} MiB)")
+        fla = m["fla"]
+        print(f"[warm-cache] fla-core {fla['version']}: {fla['count']} calls" if fla["version"]
+              else f"[warm-cache] fla-core's kernels left out: {fla['skipped']}")
         for f in m["failed"]:
             print(f"[warm-cache] failed: {f}")
         return 1 if m["failed"] else 0
