@@ -299,3 +299,18 @@ def test_the_fla_build_follows_the_profiles_model_and_prompt():
     model = _transformers_class("MiniCPMV4_6ForConditionalGeneration")._from_config(cfg).eval()
     _, _, n_img = image_inputs(model, grid=defaults["image_grid"].default)
     assert warm_cache.FLA_PROMPT_TOKENS == defaults["prompt_tokens"].default + n_img
+
+
+def test_an_fla_core_that_does_not_import_is_left_out_with_the_reason(tmp_path, monkeypatch):
+    """A build beside an fla-core this Triton or torch cannot import still builds the rest and says why."""
+    from minicpm_int4.kernels import warm_cache
+
+    broken = tmp_path / "fla"
+    (broken / "ops").mkdir(parents=True)
+    (broken / "__init__.py").write_text("")
+    (broken / "ops" / "__init__.py").write_text("raise ImportError('needs a newer triton')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
+        monkeypatch.delitem(sys.modules, name)
+    cases, version, why = warm_cache._fla_cases(561, 32, 128, torch.float16)
+    assert (cases, version) == ([], None) and why == "fla-core did not import: ImportError: needs a newer triton"
