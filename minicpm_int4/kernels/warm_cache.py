@@ -172,7 +172,7 @@ def _fla_cases(prompt_tokens: int, heads: int, dim: int, dtype):
     """([(label, call)], fla version or None, why not): the profile's linear-attention kernels through fla-core, as
     transformers' Qwen3.5 layer calls them (prefill: the chunked gated delta rule; decode: the recurrent one).
     Imported here, under the stand-in driver and _as_cuda_device, so that its import-time checks see the GPU; its
-    autotuners time each config by the stand-in's launch (every config compiled)."""
+    autotuners time each config by launch_check's scripted timings (every config compiled)."""
     import gc
     import importlib.util
 
@@ -187,18 +187,15 @@ def _fla_cases(prompt_tokens: int, heads: int, dim: int, dtype):
     except Exception as e:  # noqa: BLE001 - an fla-core this Triton / torch cannot import: the rest is still built
         return [], None, f"fla-core did not import: {type(e).__name__}: {str(e)[:200]}"
 
-    def timed_by_launch(fn, quantiles=None, **kwargs):  # (the stand-in records the launch; every config ties)
-        fn()
-        return [1.0, 1.0, 1.0] if quantiles else 1.0
-
     import warnings
+
+    from . import launch_check
 
     with warnings.catch_warnings():  # (looking at every live object touches deprecated torch attributes)
         warnings.simplefilter("ignore")
         tuners = [o for o in gc.get_objects() if isinstance(o, Autotuner)]
-    for tuner in tuners:
-        if _kernel_module(tuner).startswith("fla."):
-            tuner.do_bench = timed_by_launch
+    # (each config timed by a hash of the stand-in's record of its launch, as the package's own tuners are)
+    launch_check._scripted_timings(*[t for t in tuners if _kernel_module(t).startswith("fla.")])
 
     def inputs(t):
         qkv = [torch.randn(1, t, heads, dim, dtype=dtype) for _ in range(3)]
@@ -502,8 +499,6 @@ def main(argv=None) -> int:
                    help="the profile's prompt length for fla-core's kernels (where installed); 0: leave them out")
     i = sub.add_parser("install", help="on the GPU: the built kernels into this machine's Triton cache")
     i.add_argument("src", nargs="?", default=".tcache")
-    c = sub.add_parser("count", help="compiled kernels in this machine's Triton cache")
-    c.add_argument("--dir", default=None)
     args = p.parse_args(argv)
     if args.cmd == "build":
         m = build(args.out, [s for s in args.models.split(",") if s], [int(v) for v in args.ms.split(",")],
@@ -533,14 +528,10 @@ def main(argv=None) -> int:
             if r["stale"]:
                 print("[warm-cache] the kernels' sources changed since the build: their launches compile anew "
                       "(build it again)")
-            import torch as _torch
-
-            if _torch.cuda.is_available():
-                sms = _torch.cuda.get_device_properties(0).multi_processor_count
+            if torch.cuda.is_available():
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
                 if sms != built["sms"]:
                     print(f"[warm-cache] this GPU has {sms} SMs: launches whose plans depend on it compile anew")
-        return 0
-    print(cache_entries(args.dir))
     return 0
 
 
