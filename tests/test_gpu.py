@@ -839,6 +839,7 @@ def test_fused_projections_real_shapes_and_cuda_graph(backend):
     """fuse_projections on Llama-3-8B's attention (q 4096, k / v 1024 rows of 4096) and a bias on q only: one
     stacked GEMM a token, each layer's output within the reference's bound, captured in a CUDA graph and
     replayed on new inputs (the group's split-K counters left at zero), then layer by layer again at 17 rows."""
+    import torch._dynamo  # (here, not below its first use: an import of torch in the body makes `torch` local)
     from torch import nn
 
     from minicpm_int4 import fuse_projections
@@ -882,8 +883,6 @@ def test_fused_projections_real_shapes_and_cuda_graph(backend):
 
     # compiled with CUDA graph trees (transformers' compiled decode): one stacked GEMM in the graph, replayed on
     # new inputs with the stacked tensors as static inputs (fusion._mark_static), no recompile after the first
-    import torch._dynamo
-
     def step(h):
         h = h * 2  # (the projections' input made inside the step, as a norm makes it)
         return [layer(h) for layer in layers]
