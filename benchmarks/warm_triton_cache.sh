@@ -20,7 +20,7 @@ TORCH_VERSION=${WARM_TORCH_VERSION:-2.13.0}   # any CPU torch the package suppor
 FLA_VERSION=${FLA_VERSION:-0.6.0}
 EINOPS_VERSION=${EINOPS_VERSION:-0.8.2}
 VENV=${WARM_VENV:-/tmp/minicpm-int4-warm-venv}
-if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$TRITON_VERSION')" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import triton, pytest, sys; sys.exit(triton.__version__ != '$TRITON_VERSION')" 2>/dev/null \
     || { [ "$FLA_VERSION" != none ] && ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('fla-core') != '$FLA_VERSION')" 2>/dev/null; }; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -36,7 +36,9 @@ if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '
     grep -v -E "^(triton|torch|numpy)==" .ci/constraints.txt > "$VENV/constraints.txt"
     CONSTRAINTS=(-c "$VENV/constraints.txt")
   fi
-  "$VENV/bin/python" -m pip install -q "${CONSTRAINTS[@]}" "triton==$TRITON_VERSION" transformers safetensors tqdm numpy
+  # (pytest: the gpu tests are run here, their kernels compiled - below)
+  "$VENV/bin/python" -m pip install -q "${CONSTRAINTS[@]}" "triton==$TRITON_VERSION" transformers safetensors tqdm numpy \
+      pytest
   "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
   if [ "$FLA_VERSION" != none ]; then
     "$VENV/bin/python" -m pip install -q --no-deps "fla-core==$FLA_VERSION" "einops==$EINOPS_VERSION"
@@ -44,5 +46,8 @@ if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '
 fi
 # TRITON_INTERPRET off (the kernels compiled); no Triton environment variable that changes its cache keys
 FLA_ARGS=(); [ "$FLA_VERSION" = none ] && FLA_ARGS=(--fla-tokens 0)
+# the suite's gpu-tests stage's kernels too: tests/test_gpu.py run here on CPU tensors, their launches compiled
+# (~700 kernels; 6 min on 2 cores, a process a core); WARM_TESTS=0 leaves them out (2 min in all)
+TEST_ARGS=(--tests tests/test_gpu.py); [ "${WARM_TESTS:-1}" = 0 ] && TEST_ARGS=()
 env -u TRITON_INTERPRET MINICPM_INT4_BUILD_CUDA=0 "$VENV/bin/python" -m minicpm_int4.kernels.warm_cache build --out .tcache \
-  "${FLA_ARGS[@]}" "$@"
+  "${FLA_ARGS[@]}" "${TEST_ARGS[@]}" "$@"

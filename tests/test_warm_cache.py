@@ -314,3 +314,167 @@ def test_an_fla_core_that_does_not_import_is_left_out_with_the_reason(tmp_path, 
         monkeypatch.delitem(sys.modules, name)
     cases, version, why = warm_cache._fla_cases(561, 32, 128, torch.float16)
     assert (cases, version) == ([], None) and why == "fla-core did not import: ImportError: needs a newer triton"
+
+
+# A gpu test module as tests/test_gpu.py writes them (beside a copy of tests/conftest.py, which skips gpu tests where
+# torch sees no GPU): tensors made on "cuda", a check after each launch (none can hold where no kernel runs), a test
+# that the time limit stops, one the -m gpu selection leaves out, one that skips.
+GPU_TESTS = r'''
+import time
+
+import pytest
+import torch
+
+from minicpm_int4 import ops
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_then_prefill(dtype):
+    n, k = 264, 512
+    qweight = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(n, k // 128) + 0.5).to(dtype).cuda()
+    zeros = torch.randint(0, 16, (n, k // 128)).to("cuda").to(dtype)
+    x = torch.randn(1, k, dtype=dtype, device=torch.device("cuda"))
+    assert x.is_cuda  # (made on the CPU here)
+    y = ops.w4a16_gemm(x, qweight, scales, zeros, None, 128, backend="triton")
+    assert torch.isfinite(y).all()  # (never written here)
+    torch.testing.assert_close(y, y)
+    torch.cuda.synchronize()
+    y = ops.w4a16_gemm(torch.randn(17, k, dtype=dtype, device="cuda"), qweight, scales, zeros, None, 128,
+                       backend="auto")
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+def test_act_quant_in_a_graph():
+    x = torch.randn(3, 1000, dtype=torch.float16, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        xq, s = ops.quantize_per_token_int8(x, backend="triton")
+    g.replay()
+    assert s.is_cuda
+
+
+@pytest.mark.gpu
+def test_the_time_limit():
+    time.sleep(900)
+
+
+@pytest.mark.gpu
+def test_skipped():
+    pytest.skip("as on a GPU without the extension")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_not_gpu_marked(m):
+    raise AssertionError("left out by -m gpu")
+'''
+
+REPLAY = r"""
+import json, os, sys
+import triton.runtime.cache
+own_key = triton.runtime.cache.triton_key  # another build of the same Triton, as on the GPU image
+triton.runtime.cache.triton_key = lambda: own_key() + "-another-libtriton"
+from minicpm_int4.kernels import _warm_tests, launch_check, warm_cache
+src = sys.argv[1]
+report = None
+if src != "-":
+    with launch_check.stand_in_driver(90):
+        report = warm_cache.install(src)
+before = warm_cache.cache_entries()
+result = _warm_tests.run(["-m", "gpu", "test_gpu_like.py", "-k", "not time_limit"])
+print(json.dumps({"report": report, "before": before, "after": warm_cache.cache_entries(),
+                  "names": sorted({k["name"] for k in result["keys"].values()}), "launched": len(result["keys"]),
+                  "tests": result["tests"]}))
+"""
+
+
+def test_the_gpu_tests_kernels_are_built_by_running_them_and_found_under_another_triton_build(tmp_path):
+    """--tests: a gpu test module run here on CPU tensors under the stand-in (python -O: its checks, which no
+    unrun kernel could pass, left out; torch.cuda's graph and synchronize standing in) compiles each launch it
+    makes, the sleeper stopped, the unmarked tests left out; installed under another Triton build's keys, the same
+    tests then compile nothing - and without the install they compile what they launch."""
+    pytest.importorskip("triton")
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tests / "conftest.py")
+    (tests / "test_gpu_like.py").write_text(GPU_TESTS)
+    out = tmp_path / "tcache"
+    proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
+                           *BUILD, "--fla-tokens", "0", "--tests", "test_gpu_like.py", "--test-jobs", "2",
+                           "--test-seconds", "45"], env=_env(), cwd=str(tests), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(out / "manifest.json") as f:
+        manifest = json.load(f)
+    t = manifest["tests"]
+    assert t["paths"] == ["test_gpu_like.py"] and t["jobs"] == 2
+    # the 5 gpu tests (the unmarked two, which would fail, left out): their checks gone, all but the sleeper pass
+    assert t["tests"] == {"failed": 1, "passed": 3, "skipped": 1}, t
+    assert t["stopped"] == ["test_gpu_like.py::test_the_time_limit"]
+    assert t["failed"] == ["test_gpu_like.py::test_the_time_limit: TimeoutError: test_gpu_like.py::test_the_time_limit: "
+                           "past 45 s on the host"], t["failed"]
+    assert "[warm-cache]   stopped: test_gpu_like.py::test_the_time_limit: TimeoutError" in proc.stdout
+    names = {e["name"] for e in manifest["entries"]}
+    # the bench's GEMV, and from the tests: the GEMV (M = 1) and the prefill tile (M = 17), fp16 and bf16, and
+    # the quantizer
+    assert {"_w4a16_gemv_kernel", "_w4a16_prefill_kernel", "_act_quant_kernel"} <= names, names
+    assert t["count"] >= 5 and len(manifest["entries"]) > t["count"]  # (and the bench's)
+    assert f"{t['count']} more kernels from its gpu tests" in proc.stdout
+
+    env = _env(TRITON_CACHE_DIR=str(tmp_path / "cache-warm"))
+    warm = subprocess.run([sys.executable, "-O", "-c", REPLAY, str(out)], env=env, cwd=str(tests),
+                          capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in warm.stdout.splitlines() if ln.startswith("{")]
+    assert warm.returncode == 0 and lines, warm.stdout[-2000:] + warm.stderr[-3000:]
+    warm = json.loads(lines[-1])
+    n = len(manifest["entries"])
+    assert warm["report"]["installed"] == n and warm["before"] == warm["after"] == n, warm
+    assert "_w4a16_prefill_kernel" in warm["names"] and "_act_quant_kernel" in warm["names"]
+    env = _env(TRITON_CACHE_DIR=str(tmp_path / "cache-cold"))
+    cold = subprocess.run([sys.executable, "-O", "-c", REPLAY, "-"], env=env, cwd=str(tests), capture_output=True,
+                          text=True, timeout=900)
+    cold = json.loads([ln for ln in cold.stdout.splitlines() if ln.startswith("{")][-1])
+    assert cold["before"] == 0 and cold["after"] == cold["launched"] >= t["count"], cold
+
+
+def test_a_tests_pass_that_cannot_run_is_reported_and_the_rest_built(tmp_path):
+    """A test file pytest cannot run (here: none there) fails the build's exit code with pytest's reason in the
+    manifest, and the bench's kernels are still packed."""
+    pytest.importorskip("triton")
+    out = tmp_path / "tcache"
+    proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
+                           *BUILD, "--fla-tokens", "0", "--tests", "no_such_test_file.py", "--test-jobs", "1"],
+                          env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out / "manifest.json") as f:
+        manifest = json.load(f)
+    (why,) = manifest["failed"]
+    assert why.startswith("the tests' pass 0/1 (no_such_test_file.py) ended with exit code 1:") and "USAGE_ERROR" in why
+    assert "[warm-cache] failed: the tests' pass 0/1" in proc.stdout
+    assert manifest["tests"]["count"] == 0 and {e["name"] for e in manifest["entries"]} == {"_w4a16_gemv_kernel"}
+
+
+def test_the_tests_pass_needs_python_O_and_compiled_kernels(monkeypatch):
+    """Run with their asserts, the tests would stop at the first check of a kernel that never ran: refused."""
+    from minicpm_int4.kernels import _warm_tests
+
+    with pytest.raises(RuntimeError, match="run under python -O"):
+        _warm_tests.run(["tests/test_gpu.py"])
+
+
+def test_the_build_script_runs_the_test_files_of_the_suites_gpu_tests_stage():
+    """warm_triton_cache.sh's --tests are the files run_gpu_suite.sh's gpu-tests stage runs, with its -m gpu
+    (_test_pass) and its MINICPM_INT4_AUTOTUNE_CACHE=0: a test file added to the stage and not to the build would
+    compile on the GPU again, silently."""
+    with open(os.path.join(ROOT, "benchmarks", "run_gpu_suite.sh")) as f:
+        (stage,) = [ln for ln in f.read().splitlines() if ln.startswith("stage gpu-tests ")]
+    with open(os.path.join(ROOT, "benchmarks", "warm_triton_cache.sh")) as f:
+        (args,) = re.findall(r"^TEST_ARGS=\(--tests (\S+)\)", f.read(), flags=re.M)
+    assert re.findall(r"(tests/\S+\.py)", stage) == args.split(",")
+    assert " -m gpu " in stage and "MINICPM_INT4_AUTOTUNE_CACHE=0" in stage
+    from minicpm_int4.kernels import warm_cache
+
+    source = open(warm_cache.__file__).read()
+    assert '"--", "-m", "gpu", *tests]' in source and 'MINICPM_INT4_AUTOTUNE_CACHE="0"' in source

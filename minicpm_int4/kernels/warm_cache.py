@@ -276,9 +276,11 @@ def _kernels_digest() -> str:
 def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] = SUITE_MS,
           backends: Sequence[str] = SUITE_BACKENDS, max_n: int = SUITE_MAX_N, group_size: int = 128,
           capability: int = 90, sms: int = 132, dtype: torch.dtype = torch.float16, progress: bool = True,
-          fla_tokens: Optional[int] = FLA_PROMPT_TOKENS) -> Dict:
+          fla_tokens: Optional[int] = FLA_PROMPT_TOKENS, tests: Sequence[str] = (), test_jobs: Optional[int] = None,
+          test_seconds: int = 30) -> Dict:
     """Compile the cases (_cases; and, where fla-core is installed and fla_tokens is not None, the profile's
-    linear-attention kernels: _fla_cases) for the target into a fresh Triton cache and pack them into out_dir
+    linear-attention kernels: _fla_cases; and, where `tests` names test files, the Triton launches of their
+    gpu-marked tests: _test_pass) for the target into a fresh Triton cache and pack them into out_dir
     (manifest.json + kernels.tar.xz). Returns the manifest. Needs the kernels compiled, not interpreted."""
     import triton
 
@@ -306,6 +308,10 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
                         _run_cases(fla_cases, failed, progress, "warm cache (fla)")
                 cases = _cases(models, max_n, ms, backends, group_size, dtype)
                 _run_cases(cases, failed, progress, "warm cache")
+            tests_report = {"paths": list(tests), "count": 0, "skipped": "not asked for"}
+            if tests:  # (in processes of their own: the tests run under python -O)
+                tests_report = _test_pass(list(tests), capability, sms, test_jobs, test_seconds, cache_dir, keys,
+                                          failed, progress)
             target = GPUTarget("cuda", capability, 32)
             binary_ext = make_backend(target).binary_ext
             entries = []
@@ -341,10 +347,69 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
                   "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "count": len(cases)},
         "fla": {"version": fla_version, "prompt_tokens": fla_tokens, "heads": FLA_HEADS, "head_dim": FLA_HEAD_DIM,
                 "device": FLA_DEVICE[0], "count": len(fla_cases), "skipped": fla_skipped},
+        "tests": tests_report,
         "failed": failed, "fast_launch": _launch._SUPPORTED, "entries": entries}
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def _test_pass(tests: List[str], capability: int, sms: int, jobs: Optional[int], seconds: int, cache_dir: str,
+               keys: Dict[str, Dict], failed: List[str], progress: bool) -> Dict:
+    """The gpu-marked tests of `tests` (files, as the GPU suite's gpu-tests stage names them: relative to the
+    working directory) run by _warm_tests in `jobs` processes at once (default: one a core, at most 4 - a test's
+    host reference on the largest shapes holds ~10 GB), each on a slice of them, compiling into cache_dir; their
+    compiles' key parts join `keys`, a process that fails joins `failed`. Returns what the manifest says of it: the
+    files, the kernels compiled, the tests' outcomes (not results: their kernels never run here), those stopped past
+    `seconds` and the failed ones with their errors (their later launches not compiled)."""
+    import subprocess
+
+    jobs = max(1, jobs or min(os.cpu_count() or 1, 4))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # (the gpu-tests stage's setting: each autotuner times every config, so each is compiled)
+    env.update(TRITON_CACHE_DIR=cache_dir, MINICPM_INT4_AUTOTUNE_CACHE="0")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # (the host references' share)
+    before = set(keys)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as work:
+        procs = []
+        for i in range(jobs):
+            out, done = os.path.join(work, f"keys{i}.json"), os.path.join(work, f"progress{i}")
+            cmd = [sys.executable, "-O", "-m", "minicpm_int4.kernels._warm_tests", "--keys", out, "--capability",
+                   str(capability), "--sms", str(sms), "--test-seconds", str(seconds), "--shard", f"{i}/{jobs}",
+                   "--progress", done, "--", "-m", "gpu", *tests]
+            log = open(os.path.join(work, f"log{i}"), "w")
+            procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), out, done, log))
+        bar, shown = _progress(None, progress, "warm cache (tests)"), 0
+        while any(p.poll() is None for p, *_ in procs):
+            time.sleep(1)
+            totals = [d + ".total" for _, _, d, _ in procs]
+            if getattr(bar, "total", 0) is None and all(os.path.exists(t) for t in totals):
+                with contextlib.suppress(ValueError):  # (a total being written)
+                    bar.total = sum(int(open(t).read()) for t in totals)
+            ended = sum(os.path.getsize(d) for _, _, d, _ in procs if os.path.exists(d))
+            bar.update(ended - shown)
+            shown = ended
+        bar.close()
+        report = {"paths": tests, "jobs": jobs, "tests": {}, "stopped": [], "failed": [], "count": 0, "skipped": None}
+        for i, (p, out, _, log) in enumerate(procs):
+            log.close()
+            if p.returncode != 0 or not os.path.exists(out):  # (what the others compiled is still built)
+                with open(log.name) as f:
+                    tail = [ln for ln in f.read().splitlines() if ln.strip()][-12:]
+                failed.append(f"the tests' pass {i}/{jobs} ({' '.join(tests)}) ended with exit code {p.returncode}: "
+                              + " | ".join(tail)[-1500:])
+                continue
+            with open(out) as f:
+                result = json.load(f)
+            keys.update(result["keys"])
+            for outcome, n in result["tests"].items():
+                report["tests"][outcome] = report["tests"].get(outcome, 0) + n
+            report["stopped"] += result["stopped"]
+            report["failed"] += result["failed"]
+    report["count"] = len(set(keys) - before)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    return report
 
 
 def _run_cases(cases, failed: List[str], progress: bool, desc: str) -> None:
@@ -372,13 +437,13 @@ def _commit() -> Optional[str]:
         return None
 
 
-def _progress(total: int, enabled: bool, desc: str = "warm cache"):
+def _progress(total: Optional[int], enabled: bool, desc: str = "warm cache"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # (tqdm comes with transformers; a bare install goes without the bar)
         tqdm = None
     if enabled and tqdm is not None:
-        return tqdm(total=total, desc=desc, unit="case")
+        return tqdm(total=total, desc=desc, unit="case" if total else "test")
 
     class _Silent:
         def update(self, n):
@@ -497,19 +562,32 @@ def main(argv=None) -> int:
     b.add_argument("--sms", type=int, default=132, help="the target's SM count (H100 SXM / H200: 132)")
     b.add_argument("--fla-tokens", type=int, default=FLA_PROMPT_TOKENS,
                    help="the profile's prompt length for fla-core's kernels (where installed); 0: leave them out")
+    b.add_argument("--tests", default="", help="test files (e.g. tests/test_gpu.py) whose gpu-marked tests' Triton "
+                   "launches are compiled too: the tests run here on CPU tensors under python -O (needs pytest)")
+    b.add_argument("--test-jobs", type=int, default=None, help="the tests' processes at once (default: a core each, "
+                   "at most 4)")
+    b.add_argument("--test-seconds", type=int, default=30, help="each test's time limit here")
     i = sub.add_parser("install", help="on the GPU: the built kernels into this machine's Triton cache")
     i.add_argument("src", nargs="?", default=".tcache")
     args = p.parse_args(argv)
     if args.cmd == "build":
         m = build(args.out, [s for s in args.models.split(",") if s], [int(v) for v in args.ms.split(",")],
                   [s for s in args.backends.split(",") if s], args.max_n, capability=args.capability, sms=args.sms,
-                  fla_tokens=args.fla_tokens or None)
+                  fla_tokens=args.fla_tokens or None, tests=[t for t in args.tests.split(",") if t],
+                  test_jobs=args.test_jobs, test_seconds=args.test_seconds)
         print(f"[warm-cache] {len(m['entries'])} kernels for {m['target']['backend']} {m['target']['arch']} "
               f"({m['sms']} SMs), triton {m['triton']}, from {m['cases']['count']} launches in {m['build_s']} s -> "
               f"{args.out} ({os.path.getsize(os.path.join(args.out, ARCHIVE)) / 2**20:.1f} MiB)")
         fla = m["fla"]
         print(f"[warm-cache] fla-core {fla['version']}: {fla['count']} calls" if fla["version"]
               else f"[warm-cache] fla-core's kernels left out: {fla['skipped']}")
+        t = m["tests"]
+        if t["paths"]:
+            outcomes = ", ".join(f"{n} {o}" for o, n in sorted(t["tests"].items()))
+            print(f"[warm-cache] {','.join(t['paths'])}: {t['count']} more kernels from its gpu tests ({outcomes} here, "
+                  f"where their kernels never run; {len(t['stopped'])} stopped past the time limit) in {t['seconds']} s")
+            for f in t.get("failed", []):  # (each stopped there: what it would have launched next is not built)
+                print(f"[warm-cache]   stopped: {f}")
         for f in m["failed"]:
             print(f"[warm-cache] failed: {f}")
         return 1 if m["failed"] else 0
