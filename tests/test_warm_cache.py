@@ -341,17 +341,18 @@ def test_decode_then_prefill(dtype):
     assert torch.isfinite(y).all()  # (never written here)
     torch.testing.assert_close(y, y)
     torch.cuda.synchronize()
-    y = ops.w4a16_gemm(torch.randn(17, k, dtype=dtype, device="cuda"), qweight, scales, zeros, None, 128,
-                       backend="auto")
-    assert torch.isfinite(y).all()
+    assert torch.isfinite(ops.w4a16_gemm(torch.randn(17, k, dtype=dtype, device="cuda"), qweight, scales, zeros,
+                                         None, 128, backend="auto")).all()  # (a launch inside the check)
 
 
 @pytest.mark.gpu
 def test_act_quant_in_a_graph():
+    from gpu_helpers import quantized_scale
+
     x = torch.randn(3, 1000, dtype=torch.float16, device="cuda")
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        xq, s = ops.quantize_per_token_int8(x, backend="triton")
+        s = quantized_scale(x)
     g.replay()
     assert s.is_cuda
 
@@ -369,6 +370,18 @@ def test_skipped():
 @pytest.mark.parametrize("m", [1, 2])
 def test_not_gpu_marked(m):
     raise AssertionError("left out by -m gpu")
+'''
+
+# a helper module beside the tests (as tests/helpers.py), whose checks launch kernels too
+GPU_HELPERS = r'''
+from minicpm_int4 import ops
+
+
+def quantized_scale(x):
+    assert x.is_cuda
+    out = {}
+    assert out.setdefault("s", ops.quantize_per_token_int8(x, backend="triton")[1]).is_cuda
+    return out["s"]
 '''
 
 REPLAY = r"""
@@ -391,15 +404,17 @@ print(json.dumps({"report": report, "before": before, "after": warm_cache.cache_
 
 
 def test_the_gpu_tests_kernels_are_built_by_running_them_and_found_under_another_triton_build(tmp_path):
-    """--tests: a gpu test module run here on CPU tensors under the stand-in (python -O: its checks, which no
-    unrun kernel could pass, left out; torch.cuda's graph and synchronize standing in) compiles each launch it
-    makes, the sleeper stopped, the unmarked tests left out; installed under another Triton build's keys, the same
-    tests then compile nothing - and without the install they compile what they launch."""
+    """--tests: a gpu test module run here on CPU tensors under the stand-in (its checks, which no unrun kernel
+    could pass, evaluated and not enforced - in its helper module too -; torch.cuda's graph and synchronize standing
+    in) compiles each launch it makes, those inside a check too, the sleeper stopped, the unmarked tests left out;
+    installed under another Triton build's keys, the same tests then compile nothing - and without the install they
+    compile what they launch."""
     pytest.importorskip("triton")
     tests = tmp_path / "tests"
     tests.mkdir()
     shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tests / "conftest.py")
     (tests / "test_gpu_like.py").write_text(GPU_TESTS)
+    (tests / "gpu_helpers.py").write_text(GPU_HELPERS)
     out = tmp_path / "tcache"
     proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
                            *BUILD, "--fla-tokens", "0", "--tests", "test_gpu_like.py", "--test-jobs", "2",
@@ -417,8 +432,8 @@ def test_the_gpu_tests_kernels_are_built_by_running_them_and_found_under_another
                            "past 45 s on the host"], t["failed"]
     assert "[warm-cache]   stopped: test_gpu_like.py::test_the_time_limit: TimeoutError" in proc.stdout
     names = {e["name"] for e in manifest["entries"]}
-    # the bench's GEMV, and from the tests: the GEMV (M = 1) and the prefill tile (M = 17), fp16 and bf16, and
-    # the quantizer
+    # the bench's GEMV, and from the tests: the GEMV (M = 1) and, inside a check, the prefill tile (M = 17), fp16 and
+    # bf16, and the quantizer, inside a check of the helper module
     assert {"_w4a16_gemv_kernel", "_w4a16_prefill_kernel", "_act_quant_kernel"} <= names, names
     assert t["count"] >= 5 and len(manifest["entries"]) > t["count"]  # (and the bench's)
     assert f"{t['count']} more kernels from its gpu tests" in proc.stdout

@@ -9,9 +9,12 @@ launch them: on CPU tensors (a torch function mode hands "cuda" devices the CPU;
 an H100's, its streams, events and graphs issue the work in order), under launch_check's stand-in driver for the target (every kernel compiled for it, none run; autotuners
 time each config by a hash of its launch, so every config is compiled), with the ops resolving backends as on that
 GPU and the decode plans made for its SM count. What the kernels would have computed is never there, so the tests'
-checks cannot hold: run under `python -O` with `--assert=plain`, their assert statements are left out and each test
-goes on to its next launch (torch.testing.assert_close is left out too); a test that stops anyway (torch.compile,
-the CUDA extension, a check that raises) has compiled what it launched until then. tests/test_gpu.py: ~680 kernels
+checks cannot hold: pytest's assertion rewriting of the test files and the modules beside them (helpers) is made to
+evaluate each assert's expression - a launch inside it, `assert torch.equal(y, ops.w4a16_gemm(...))`, is compiled -
+without checking it, so each test goes on to its next launch (torch.testing.assert_close is left out too; rewritten
+code is neither read from nor written to pytest's pyc cache, and the run is under `python -O`, whose asserts elsewhere
+are gone); a test that stops anyway (torch.compile, the CUDA extension, an error) has compiled what it launched
+until then. tests/test_gpu.py: ~680 kernels
 beyond the bench's, with triton 3.6 in 10 minutes on 2 cores. A per-test time limit keeps a host-side reference on the largest shapes from
 holding up the rest. Outcomes are not results here: the record is the compiles, each with its key parts
 (warm_cache._recording_keys), written to --keys; the kernels themselves land in TRITON_CACHE_DIR, which the build
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -136,6 +140,36 @@ def _as_the_gpu(capability: int, sms: int):
                 setattr(torch.cuda, n, f)
 
 
+@contextlib.contextmanager
+def _asserts_evaluated_not_checked(dirs: List[str]):
+    """pytest's assertion rewriting, for test files and the modules in `dirs`, turning `assert test, msg` into the
+    statement `test`: evaluated, never raising. Its pyc cache is neither read (a normal run's rewrite would check)
+    nor written (this one would stop checking in a normal run)."""
+    import ast
+
+    from _pytest.assertion import rewrite
+
+    def visit_assert(self, assert_):
+        return [ast.copy_location(ast.Expr(value=assert_.test), assert_)]
+
+    def should_rewrite(self, name, fn, state):
+        here = os.path.abspath(fn)
+        return saved[2](self, name, fn, state) or any(here.startswith(d + os.sep) for d in dirs)
+
+    saved = (rewrite.AssertionRewriter.visit_Assert, rewrite._read_pyc, rewrite.AssertionRewritingHook._should_rewrite,
+             rewrite.AssertionRewritingHook._early_rewrite_bailout, sys.dont_write_bytecode)
+    rewrite.AssertionRewriter.visit_Assert = visit_assert
+    rewrite._read_pyc = lambda *a, **k: None
+    rewrite.AssertionRewritingHook._should_rewrite = should_rewrite
+    rewrite.AssertionRewritingHook._early_rewrite_bailout = lambda self, name, state: False  # (helpers by path)
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        (rewrite.AssertionRewriter.visit_Assert, rewrite._read_pyc, rewrite.AssertionRewritingHook._should_rewrite,
+         rewrite.AssertionRewritingHook._early_rewrite_bailout, sys.dont_write_bytecode) = saved
+
+
 def run(pytest_args: List[str], capability: int = 90, sms: int = 132, test_seconds: int = 30, shard=(0, 1),
         progress: Optional[str] = None) -> Dict:
     """Run the tests (pytest_args: files and options) as on the target: shard (i, n) runs the i-th of n shares of
@@ -203,9 +237,12 @@ def run(pytest_args: List[str], capability: int = 90, sms: int = 132, test_secon
     keys: Dict[str, Dict] = {}
     plugin = Plugin()
     t0 = time.monotonic()
-    with _as_the_gpu(capability, sms), _recording_keys(keys), CudaOnHost():
+    # (the directories of the test files named: their helper modules' asserts are evaluated too)
+    dirs = sorted({os.path.dirname(os.path.abspath(a.split("::")[0])) for a in pytest_args
+                   if a.split("::")[0].endswith(".py")})
+    with _as_the_gpu(capability, sms), _recording_keys(keys), _asserts_evaluated_not_checked(dirs), CudaOnHost():
         # (-o addopts=: the project's own options - --benchmark-disable and such - may need plugins not installed)
-        code = pytest.main(["-q", "-p", "no:cacheprovider", "-o", "addopts=", "--assert=plain", "-W", "ignore",
+        code = pytest.main(["-q", "-p", "no:cacheprovider", "-o", "addopts=", "--assert=rewrite", "-W", "ignore",
                             *pytest_args], plugins=[plugin])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.NO_TESTS_COLLECTED):
         raise RuntimeError(f"pytest {' '.join(pytest_args)} ended with {code!r} (its output above says why)")
