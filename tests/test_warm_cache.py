@@ -363,6 +363,13 @@ def test_the_time_limit():
 
 
 @pytest.mark.gpu
+def test_more_memory_than_its_share():  # (untouched: without the cap, the host would hand it out)
+    with open("/proc/meminfo") as f:
+        available = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:")) * 1024
+    torch.empty(int(available * 0.9), dtype=torch.uint8)
+
+
+@pytest.mark.gpu
 def test_skipped():
     pytest.skip("as on a GPU without the extension")
 
@@ -396,7 +403,7 @@ if src != "-":
     with launch_check.stand_in_driver(90):
         report = warm_cache.install(src)
 before = warm_cache.cache_entries()
-result = _warm_tests.run(["-m", "gpu", "test_gpu_like.py", "-k", "not time_limit"])
+result = _warm_tests.run(["-m", "gpu", "test_gpu_like.py", "-k", "not time_limit and not memory"])
 print(json.dumps({"report": report, "before": before, "after": warm_cache.cache_entries(),
                   "names": sorted({k["name"] for k in result["keys"].values()}), "launched": len(result["keys"]),
                   "tests": result["tests"]}))
@@ -425,11 +432,14 @@ def test_the_gpu_tests_kernels_are_built_by_running_them_and_found_under_another
         manifest = json.load(f)
     t = manifest["tests"]
     assert t["paths"] == ["test_gpu_like.py"] and t["jobs"] == 2
-    # the 5 gpu tests (the unmarked two, which would fail, left out): their checks gone, all but the sleeper pass
-    assert t["tests"] == {"failed": 1, "passed": 3, "skipped": 1}, t
+    # the 6 gpu tests (the unmarked two, which would fail, left out): their checks not enforced, all pass but the
+    # sleeper and the one past its process's memory share (each process capped at its share of the free memory)
+    assert t["tests"] == {"failed": 2, "passed": 3, "skipped": 1}, t
     assert t["stopped"] == ["test_gpu_like.py::test_the_time_limit"]
-    assert t["failed"] == ["test_gpu_like.py::test_the_time_limit: TimeoutError: test_gpu_like.py::test_the_time_limit: "
-                           "past 45 s on the host"], t["failed"]
+    assert sorted(t["failed"])[0].startswith("test_gpu_like.py::test_more_memory_than_its_share: RuntimeError: ")
+    assert "can't allocate memory" in sorted(t["failed"])[0], t["failed"]
+    assert sorted(t["failed"])[1] == ("test_gpu_like.py::test_the_time_limit: TimeoutError: "
+                                      "test_gpu_like.py::test_the_time_limit: past 45 s on the host"), t["failed"]
     assert "[warm-cache]   stopped: test_gpu_like.py::test_the_time_limit: TimeoutError" in proc.stdout
     names = {e["name"] for e in manifest["entries"]}
     # the bench's GEMV, and from the tests: the GEMV (M = 1) and, inside a check, the prefill tile (M = 17), fp16 and
@@ -472,7 +482,8 @@ def test_a_tests_pass_that_cannot_run_is_reported_and_the_rest_built(tmp_path):
 
 
 def test_the_tests_pass_needs_python_O_and_compiled_kernels(monkeypatch):
-    """Run with their asserts, the tests would stop at the first check of a kernel that never ran: refused."""
+    """Without -O, an assert the pass's rewriting does not reach (a module outside the tests' folders) would stop a
+    test at the first check of a kernel that never ran: refused."""
     from minicpm_int4.kernels import _warm_tests
 
     with pytest.raises(RuntimeError, match="run under python -O"):
@@ -493,3 +504,43 @@ def test_the_build_script_runs_the_test_files_of_the_suites_gpu_tests_stage():
 
     source = open(warm_cache.__file__).read()
     assert '"--", "-m", "gpu", *tests]' in source and 'MINICPM_INT4_AUTOTUNE_CACHE="0"' in source
+
+
+KILLED_TESTS = r'''
+import os
+import signal
+
+import pytest
+import torch
+
+from minicpm_int4 import ops
+
+
+@pytest.mark.gpu
+def test_a_launch():
+    x = torch.randn(3, 520, dtype=torch.float16, device="cuda")
+    ops.quantize_per_token_int8(x, backend="triton")
+
+
+@pytest.mark.gpu
+def test_killed():  # (as the host's out-of-memory killer does)
+    os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_tests_pass_killed_half_way_keeps_what_it_compiled(tmp_path):
+    """A tests' process killed (the host out of memory) leaves what it compiled until then: its record is written
+    after each test; the build says how it ended and fails its exit code."""
+    pytest.importorskip("triton")
+    (tmp_path / "test_killed_like.py").write_text(KILLED_TESTS)
+    out = tmp_path / "tcache"
+    proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
+                           *BUILD, "--fla-tokens", "0", "--tests", "test_killed_like.py", "--test-jobs", "1"],
+                          env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out / "manifest.json") as f:
+        manifest = json.load(f)
+    (why,) = manifest["failed"]
+    assert why.startswith("the tests' pass 0/1 (test_killed_like.py) ended with exit code -9:"), why
+    assert manifest["tests"]["tests"] == {"passed": 1} and manifest["tests"]["count"] >= 1
+    assert "_act_quant_kernel" in {e["name"] for e in manifest["entries"]}

@@ -171,14 +171,16 @@ def _asserts_evaluated_not_checked(dirs: List[str]):
 
 
 def run(pytest_args: List[str], capability: int = 90, sms: int = 132, test_seconds: int = 30, shard=(0, 1),
-        progress: Optional[str] = None) -> Dict:
+        progress: Optional[str] = None, keys_path: Optional[str] = None) -> Dict:
     """Run the tests (pytest_args: files and options) as on the target: shard (i, n) runs the i-th of n shares of
     the collected tests, test functions dealt round them (the build runs the n in parallel; a function's
     parametrisations stay together: the largest host references are one function's); `progress` (a file) gets a character as each test ends, and `progress`.total the slice's size. {"keys": {cache hash: key parts},
     "tests": outcomes counted, "stopped": tests past test_seconds, "failed": each failed test with its error's first
-    line, "seconds"}."""
+    line, "seconds", "complete": whether pytest ended}, also written to keys_path after each test (a process killed
+    half-way - the host out of memory - leaves what it compiled until then)."""
     if sys.flags.optimize < 1:
-        raise RuntimeError("the tests' checks must be left out (their kernels never run here): run under python -O")
+        raise RuntimeError("asserts the rewriting does not reach (outside the tests' folders) must not stop the tests "
+                           "either - their kernels never run here: run under python -O")
     from . import INTERPRET
 
     if INTERPRET:
@@ -216,6 +218,8 @@ def run(pytest_args: List[str], capability: int = 90, sms: int = 132, test_secon
                 self.failed.append(f"{report.nodeid}: {getattr(crash, 'message', '?').splitlines()[0][:200]}")
 
         def pytest_runtest_logfinish(self, nodeid, location):
+            if keys_path:
+                result(complete=False)
             if progress:
                 with open(progress, "a") as f:
                     f.write(".")
@@ -237,6 +241,16 @@ def run(pytest_args: List[str], capability: int = 90, sms: int = 132, test_secon
     keys: Dict[str, Dict] = {}
     plugin = Plugin()
     t0 = time.monotonic()
+
+    def result(complete: bool) -> Dict:
+        r = {"keys": keys, "tests": plugin.counts, "stopped": plugin.stopped, "failed": plugin.failed,
+             "seconds": round(time.monotonic() - t0, 1), "complete": complete}
+        if keys_path:
+            with open(keys_path + ".tmp", "w") as f:
+                json.dump(r, f)
+            os.replace(keys_path + ".tmp", keys_path)
+        return r
+
     # (the directories of the test files named: their helper modules' asserts are evaluated too)
     dirs = sorted({os.path.dirname(os.path.abspath(a.split("::")[0])) for a in pytest_args
                    if a.split("::")[0].endswith(".py")})
@@ -246,8 +260,7 @@ def run(pytest_args: List[str], capability: int = 90, sms: int = 132, test_secon
                             *pytest_args], plugins=[plugin])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.NO_TESTS_COLLECTED):
         raise RuntimeError(f"pytest {' '.join(pytest_args)} ended with {code!r} (its output above says why)")
-    return {"keys": keys, "tests": plugin.counts, "stopped": plugin.stopped, "failed": plugin.failed,
-            "seconds": round(time.monotonic() - t0, 1)}
+    return result(complete=True)
 
 
 def main(argv=None) -> int:
@@ -258,14 +271,20 @@ def main(argv=None) -> int:
     p.add_argument("--test-seconds", type=int, default=30, help="each test's time limit on the host")
     p.add_argument("--shard", default="0/1", help="I/N: the I-th of N shares of the tests")
     p.add_argument("--progress", default=None, help="a file that gets a character as each test ends")
+    p.add_argument("--max-memory-gb", type=float, default=None,
+                   help="this process's data memory capped (RLIMIT_DATA): a test past it fails, the rest go on, where "
+                        "the host would otherwise kill the process")
     p.add_argument("pytest_args", nargs="+", help="after --: the test files and pytest's options")
     args = p.parse_args(argv)
     index, count = (int(v) for v in args.shard.split("/"))
     if not 0 <= index < count:
         p.error(f"--shard {args.shard}: I must be in 0..N-1")
-    result = run(args.pytest_args, args.capability, args.sms, args.test_seconds, (index, count), args.progress)
-    with open(args.keys, "w") as f:
-        json.dump(result, f)
+    if args.max_memory_gb:
+        import resource
+
+        cap, hard = int(args.max_memory_gb * 2**30), resource.getrlimit(resource.RLIMIT_DATA)[1]
+        resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    run(args.pytest_args, args.capability, args.sms, args.test_seconds, (index, count), args.progress, args.keys)
     return 0
 
 

@@ -309,7 +309,7 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
                 cases = _cases(models, max_n, ms, backends, group_size, dtype)
                 _run_cases(cases, failed, progress, "warm cache")
             tests_report = {"paths": list(tests), "count": 0, "skipped": "not asked for"}
-            if tests:  # (in processes of their own: the tests run under python -O)
+            if tests:  # (in processes of their own: the tests run under python -O, their checks not enforced)
                 tests_report = _test_pass(list(tests), capability, sms, test_jobs, test_seconds, cache_dir, keys,
                                           failed, progress)
             target = GPUTarget("cuda", capability, 32)
@@ -357,14 +357,18 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
 def _test_pass(tests: List[str], capability: int, sms: int, jobs: Optional[int], seconds: int, cache_dir: str,
                keys: Dict[str, Dict], failed: List[str], progress: bool) -> Dict:
     """The gpu-marked tests of `tests` (files, as the GPU suite's gpu-tests stage names them: relative to the
-    working directory) run by _warm_tests in `jobs` processes at once (default: one a core, at most 4 - a test's
-    host reference on the largest shapes holds ~10 GB), each on a slice of them, compiling into cache_dir; their
+    working directory) run by _warm_tests in `jobs` processes at once (default: one a core, at most 4; each capped
+    at its share of the free memory - a test's host work on the largest shapes holds 10 GB and more), each on a
+    share of them, compiling into cache_dir; their
     compiles' key parts join `keys`, a process that fails joins `failed`. Returns what the manifest says of it: the
     files, the kernels compiled, the tests' outcomes (not results: their kernels never run here), those stopped past
     `seconds` and the failed ones with their errors (their later launches not compiled)."""
     import subprocess
 
     jobs = max(1, jobs or min(os.cpu_count() or 1, 4))
+    # each process's data memory capped at its share of what the host has free: a test past it fails (its later
+    # launches not built) where the kernel's out-of-memory killer would take the whole process
+    share_gb = _available_memory_gb() * 0.85 / jobs
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # (the gpu-tests stage's setting: each autotuner times every config, so each is compiled)
     env.update(TRITON_CACHE_DIR=cache_dir, MINICPM_INT4_AUTOTUNE_CACHE="0")
@@ -377,7 +381,8 @@ def _test_pass(tests: List[str], capability: int, sms: int, jobs: Optional[int],
             out, done = os.path.join(work, f"keys{i}.json"), os.path.join(work, f"progress{i}")
             cmd = [sys.executable, "-O", "-m", "minicpm_int4.kernels._warm_tests", "--keys", out, "--capability",
                    str(capability), "--sms", str(sms), "--test-seconds", str(seconds), "--shard", f"{i}/{jobs}",
-                   "--progress", done, "--", "-m", "gpu", *tests]
+                   "--progress", done, *(["--max-memory-gb", f"{share_gb:.1f}"] if share_gb > 0 else []),
+                   "--", "-m", "gpu", *tests]
             log = open(os.path.join(work, f"log{i}"), "w")
             procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), out, done, log))
         bar, shown = _progress(None, progress, "warm cache (tests)"), 0
@@ -394,11 +399,12 @@ def _test_pass(tests: List[str], capability: int, sms: int, jobs: Optional[int],
         report = {"paths": tests, "jobs": jobs, "tests": {}, "stopped": [], "failed": [], "count": 0, "skipped": None}
         for i, (p, out, _, log) in enumerate(procs):
             log.close()
-            if p.returncode != 0 or not os.path.exists(out):  # (what the others compiled is still built)
+            if p.returncode != 0:  # (what it compiled until then, and what the others compiled, is still built)
                 with open(log.name) as f:
                     tail = [ln for ln in f.read().splitlines() if ln.strip()][-12:]
                 failed.append(f"the tests' pass {i}/{jobs} ({' '.join(tests)}) ended with exit code {p.returncode}: "
                               + " | ".join(tail)[-1500:])
+            if not os.path.exists(out):
                 continue
             with open(out) as f:
                 result = json.load(f)
@@ -410,6 +416,18 @@ def _test_pass(tests: List[str], capability: int, sms: int, jobs: Optional[int],
     report["count"] = len(set(keys) - before)
     report["seconds"] = round(time.monotonic() - t0, 1)
     return report
+
+
+def _available_memory_gb() -> float:
+    """The host's available memory (Linux: MemAvailable), 0 where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
 
 
 def _run_cases(cases, failed: List[str], progress: bool, desc: str) -> None:
@@ -563,7 +581,7 @@ def main(argv=None) -> int:
     b.add_argument("--fla-tokens", type=int, default=FLA_PROMPT_TOKENS,
                    help="the profile's prompt length for fla-core's kernels (where installed); 0: leave them out")
     b.add_argument("--tests", default="", help="test files (e.g. tests/test_gpu.py) whose gpu-marked tests' Triton "
-                   "launches are compiled too: the tests run here on CPU tensors under python -O (needs pytest)")
+                   "launches are compiled too: the tests run here on CPU tensors, their checks not enforced (needs pytest)")
     b.add_argument("--test-jobs", type=int, default=None, help="the tests' processes at once (default: a core each, "
                    "at most 4)")
     b.add_argument("--test-seconds", type=int, default=30, help="each test's time limit here")
