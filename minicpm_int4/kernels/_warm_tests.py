@@ -14,7 +14,7 @@ evaluate each assert's expression - a launch inside it, `assert torch.equal(y, o
 without checking it, so each test goes on to its next launch (torch.testing.assert_close is left out too; rewritten
 code is neither read from nor written to pytest's pyc cache, and the run is under `python -O`, whose asserts elsewhere
 are gone); a test that stops anyway (torch.compile, the CUDA extension, an error) has compiled what it launched
-until then. tests/test_gpu.py: ~680 kernels
+until then. tests/test_gpu.py: ~700 kernels
 beyond the bench's, with triton 3.6 in 10 minutes on 2 cores. A per-test time limit keeps a host-side reference on the largest shapes from
 holding up the rest. Outcomes are not results here: the record is the compiles, each with its key parts
 (warm_cache._recording_keys), written to --keys; the kernels themselves land in TRITON_CACHE_DIR, which the build
