@@ -464,17 +464,23 @@ def test_the_gpu_tests_kernels_are_built_by_running_them_and_found_under_another
     assert cold["before"] == 0 and cold["after"] == cold["launched"] >= t["count"], cold
 
 
-def test_a_tests_pass_that_cannot_run_is_reported_and_the_rest_built(tmp_path):
-    """A test file pytest cannot run (here: none there) fails the build's exit code with pytest's reason in the
-    manifest, and the bench's kernels are still packed."""
+def _failed_build(tmp_path, test_file):
+    """The bench's few kernels and test_file's in one process, built in tmp_path: (its run, its manifest); the build
+    must fail its exit code."""
     pytest.importorskip("triton")
     out = tmp_path / "tcache"
     proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
-                           *BUILD, "--fla-tokens", "0", "--tests", "no_such_test_file.py", "--test-jobs", "1"],
+                           *BUILD, "--fla-tokens", "0", "--tests", test_file, "--test-jobs", "1"],
                           env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     with open(out / "manifest.json") as f:
-        manifest = json.load(f)
+        return proc, json.load(f)
+
+
+def test_a_tests_pass_that_cannot_run_is_reported_and_the_rest_built(tmp_path):
+    """A test file pytest cannot run (here: none there) fails the build's exit code with pytest's reason in the
+    manifest, and the bench's kernels are still packed."""
+    proc, manifest = _failed_build(tmp_path, "no_such_test_file.py")
     (why,) = manifest["failed"]
     assert why.startswith("the tests' pass 0/1 (no_such_test_file.py) ended with exit code 1:") and "USAGE_ERROR" in why
     assert "[warm-cache] failed: the tests' pass 0/1" in proc.stdout
@@ -531,15 +537,8 @@ def test_killed():  # (as the host's out-of-memory killer does)
 def test_a_tests_pass_killed_half_way_keeps_what_it_compiled(tmp_path):
     """A tests' process killed (the host out of memory) leaves what it compiled until then: its record is written
     after each test; the build says how it ended and fails its exit code."""
-    pytest.importorskip("triton")
     (tmp_path / "test_killed_like.py").write_text(KILLED_TESTS)
-    out = tmp_path / "tcache"
-    proc = subprocess.run([sys.executable, "-m", "minicpm_int4.kernels.warm_cache", "build", "--out", str(out),
-                           *BUILD, "--fla-tokens", "0", "--tests", "test_killed_like.py", "--test-jobs", "1"],
-                          env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    with open(out / "manifest.json") as f:
-        manifest = json.load(f)
+    _, manifest = _failed_build(tmp_path, "test_killed_like.py")
     (why,) = manifest["failed"]
     assert why.startswith("the tests' pass 0/1 (test_killed_like.py) ended with exit code -9:"), why
     assert manifest["tests"]["tests"] == {"passed": 1} and manifest["tests"]["count"] >= 1
