@@ -112,22 +112,19 @@ def _host_cuda_runtime():
 def _as_the_gpu(capability: int, sms: int):
     """The package's ops and torch.cuda as on the target GPU, its Triton kernels compiled (and recorded), not run."""
     from .. import ops
-    from . import launch_check, w4a8, w4a16
-    from .warm_cache import FLA_DEVICE, _as_cuda_device
+    from .warm_cache import FLA_DEVICE, _as_cuda_device, _on_target
 
     name = FLA_DEVICE[0]
-    saved = (ops.resolve_backend, w4a16.num_sms, torch.cuda.get_device_properties, torch.testing.assert_close)
+    saved = (ops.resolve_backend, torch.cuda.get_device_properties, torch.testing.assert_close)
     runtime = _host_cuda_runtime()
     saved_runtime = {n: getattr(torch.cuda, n) for n in runtime}
     resolve = ops.resolve_backend
     cuda0 = torch.device("cuda", 0)
-    with launch_check.stand_in_driver(capability), _as_cuda_device(name, divmod(capability, 10)):
-        launch_check._scripted_timings(w4a16._w4a16_decode_kernel, w4a16._w4a16_prefill_kernel, w4a8._w4a8_gemm_kernel)
+    with _on_target(capability, sms), _as_cuda_device(name, divmod(capability, 10)):
         # (a host tensor here stands for a CUDA one: the backend the GPU would resolve - "auto" by its dispatch
         # table, "triton" compiled, "cuda" refused where the extension is not built, as on a GPU without it)
         ops.resolve_backend = lambda backend, device, op, shape=None: resolve(
             backend, cuda0 if device.type == "cpu" else device, op, shape)
-        w4a16.num_sms = lambda device: sms
         torch.cuda.get_device_properties = lambda *a, **k: _Properties(name, divmod(capability, 10), sms)
         torch.testing.assert_close = lambda *a, **k: None
         for n, f in runtime.items():
@@ -135,7 +132,7 @@ def _as_the_gpu(capability: int, sms: int):
         try:
             yield
         finally:
-            ops.resolve_backend, w4a16.num_sms, torch.cuda.get_device_properties, torch.testing.assert_close = saved
+            ops.resolve_backend, torch.cuda.get_device_properties, torch.testing.assert_close = saved
             for n, f in saved_runtime.items():
                 setattr(torch.cuda, n, f)
 

@@ -229,34 +229,48 @@ def _kernel_module(tuner) -> str:
 
 
 @contextlib.contextmanager
-def _compiling_for(capability: int, sms: int):
-    """The package's launchers as on a `capability` GPU with `sms` SMs, their kernels compiled and recorded, not run:
-    launch_check's stand-in driver, autotuners timing each config by a hash of its launch (every config compiled),
-    the ops taking "triton" on CPU tensors, bench weights random, and the whole-weight path's matmul skipped."""
-    from .. import ops
-    from ..bench import backends as bench_backends
+def _on_target(capability: int, sms: int):
+    """The package's Triton kernels compiled for a `capability` GPU with `sms` SMs, not run: launch_check's stand-in
+    driver, the package's autotuners timing each config by a hash of its launch (every config compiled), the decode
+    plans made for that SM count."""
     from . import launch_check, w4a8, w4a16
 
-    saved = (ops.resolve_backend, bench_backends._int4, w4a16.num_sms, torch.nn.functional.linear)
+    saved_sms = w4a16.num_sms
     tuners = (w4a16._w4a16_decode_kernel, w4a16._w4a16_prefill_kernel, w4a8._w4a8_gemm_kernel)
     saved_bench = [getattr(t, "kernel", t).__dict__.get("do_bench") for t in tuners]
     with launch_check.stand_in_driver(capability):
         launch_check._scripted_timings(*tuners)
-        ops.resolve_backend = lambda backend, device, op, shape=None: backend
-        bench_backends._int4 = _random_int4
         w4a16.num_sms = lambda device: sms
-        # (triton-dq's torch matmul of a dequantized weight nobody computed: its shape is all that matters)
-        torch.nn.functional.linear = lambda x, w, b=None: x.new_empty(*x.shape[:-1], w.shape[0])
         try:
             yield
         finally:
-            ops.resolve_backend, bench_backends._int4, w4a16.num_sms, torch.nn.functional.linear = saved
+            w4a16.num_sms = saved_sms
             for t, d in zip(tuners, saved_bench):
                 tuner = getattr(t, "kernel", t)
                 if d is None:
                     tuner.__dict__.pop("do_bench", None)
                 else:
                     tuner.do_bench = d
+
+
+@contextlib.contextmanager
+def _compiling_for(capability: int, sms: int):
+    """The bench's launchers as on a `capability` GPU with `sms` SMs (_on_target), their kernels compiled and
+    recorded, not run: the ops taking "triton" on CPU tensors, bench weights random, and the whole-weight path's
+    matmul skipped."""
+    from .. import ops
+    from ..bench import backends as bench_backends
+
+    saved = (ops.resolve_backend, bench_backends._int4, torch.nn.functional.linear)
+    with _on_target(capability, sms):
+        ops.resolve_backend = lambda backend, device, op, shape=None: backend
+        bench_backends._int4 = _random_int4
+        # (triton-dq's torch matmul of a dequantized weight nobody computed: its shape is all that matters)
+        torch.nn.functional.linear = lambda x, w, b=None: x.new_empty(*x.shape[:-1], w.shape[0])
+        try:
+            yield
+        finally:
+            ops.resolve_backend, bench_backends._int4, torch.nn.functional.linear = saved
 
 
 # the files whose code the compiled kernels come from (the tooling beside them in kernels/ changes no kernel)
@@ -604,7 +618,7 @@ def main(argv=None) -> int:
             outcomes = ", ".join(f"{n} {o}" for o, n in sorted(t["tests"].items()))
             print(f"[warm-cache] {','.join(t['paths'])}: {t['count']} more kernels from its gpu tests ({outcomes} here, "
                   f"where their kernels never run; {len(t['stopped'])} stopped past the time limit) in {t['seconds']} s")
-            for f in t.get("failed", []):  # (each stopped there: what it would have launched next is not built)
+            for f in t["failed"]:  # (each stopped there: what it would have launched next is not built)
                 print(f"[warm-cache]   stopped: {f}")
         for f in m["failed"]:
             print(f"[warm-cache] failed: {f}")
