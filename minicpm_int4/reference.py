@@ -114,6 +114,62 @@ def gemm_tolerance(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, y_r
     return (fin.eps * y_ref.abs().double() + (2 * k * eps32 + w_unit) * mag + fin.tiny).float()
 
 
+# The packed M = 1 GEMV (kernels/w4a16.py GEMV_HALF2) multiplies x by this before its fp16 products
+GEMV_HALF2_X_SCALE = 2.0 ** -6
+
+
+def _round_to_fp16(v: torch.Tensor) -> torch.Tensor:
+    """fp64 -> fp16 with one correct rounding (numpy's conversion is direct; torch's passes through fp32,
+    which can round twice)."""
+    import numpy as np
+
+    return torch.from_numpy(v.detach().double().cpu().numpy().astype(np.float16))
+
+
+def gemv_half2_words(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The packed GEMV's per-word sums (GEMV_HALF2), the specification of its fp16 arithmetic: x [1, K] fp16 ->
+    [N, K / 8] fp32, word w of row n being
+
+        lo + hi in fp32,  lo = fl(fl(fl(fl(t_0 x_0) + t_1 x_1) + t_2 x_2) + t_3 x_3),  hi the same over i = 4..7,
+
+    with t_i = q[n, 8w + i] - z, x_i = fl(x[8w + i] * 2**-6), fl() one rounding to fp16 (each a + b * c fused).
+    The kernel multiplies each by 2**6 times the group's scale and sums them in fp32."""
+    n = qweight.shape[0]
+    k = x.shape[1]
+    xt = _round_to_fp16(x[0].double() * GEMV_HALF2_X_SCALE).double().reshape(k // 8, 8)
+    t = (unpack_int4(qweight).double() - zeros.double().repeat_interleave(group_size, dim=1)).reshape(n, k // 8, 8)
+    halves = []
+    for first in (0, 4):
+        p = _round_to_fp16(t[:, :, first] * xt[:, first]).double()
+        for i in range(first + 1, first + 4):  # every value below is exact in fp64 before its rounding
+            p = _round_to_fp16(t[:, :, i] * xt[:, i] + p).double()
+        halves.append(p.float())
+    return halves[0] + halves[1]
+
+
+def gemv_half2_tolerance(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         group_size: int, y_ref: torch.Tensor) -> torch.Tensor:
+    """Derived bound for |packed GEMV - w4a16_gemm_ref| (x [1, K] fp16): gemm_tolerance's terms (fp32 sums in
+    another order, the reference's rounding of w, one ulp of the output) plus the fp16 arithmetic's:
+
+        1.01 * 4 * u * sum_k |x_k| |q_k - z| |s|      each half's 4 roundings, each within u = 2**-11 of a
+                                                      partial sum (at most the sum of |terms| so far);
+        + 2**6 * eta * sum_k |s| (|q_k - z| + 1.01)   the subnormal floor: a rounding of x * 2**-6 or of a
+                                                      partial sum below fp16's normal range errs by at most
+                                                      eta = 2**-25 (half its spacing), 8 roundings a word.
+
+    In fp64. No term for overflow: with |x| <= 65504 every partial sum is below 4 * 15 * 1023.5 < 65504."""
+    u, eta = 2.0 ** -11, 2.0 ** -25
+    k = x.shape[1]
+    w = dequantize_ref(qweight, scales, zeros, group_size, x.dtype)
+    sa = scales.double().abs().repeat_interleave(group_size, dim=1)
+    t = (unpack_int4(qweight).double() - zeros.double().repeat_interleave(group_size, dim=1)).abs()
+    mag = x.double().abs() @ (t * sa).t()
+    floor = 2.0 ** 6 * eta * ((t + 1.01) * sa).sum(dim=1)
+    assert x.shape[0] == 1 and k == t.shape[1]
+    return (gemm_tolerance(x, w, x.dtype, y_ref).double() + 1.01 * 4 * u * mag + floor[None, :]).float()
+
+
 def w4a8_tolerance(x_q: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor, group_size: int, out_dtype: torch.dtype, y_ref: torch.Tensor,
                    chunk: int = 4096) -> torch.Tensor:

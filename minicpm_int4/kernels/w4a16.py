@@ -235,6 +235,27 @@ PAIRS_F16_PTX = tl.constexpr(_PTX_REGS + _F16_Q_MINUS_Z.replace("ZHI", "$10") + 
 PAIRS_BF16_PTX = tl.constexpr(_PTX_REGS + _BF16_Q_MINUS_Z + _PAIRED_OUT)
 SCALED_F16_PTX = tl.constexpr(_PTX_REGS + _F16_Q_MINUS_Z.replace("ZHI", "$11") + _SCALED_OUT.replace("T2", "f16x2"))
 SCALED_BF16_PTX = tl.constexpr(_PTX_REGS + _BF16_Q_MINUS_Z + _SCALED_OUT.replace("T2", "bf16x2"))
+# The M = 1 GEMV's packed variant (GEMV_HALF2, fp16 only): one word's sum_i x_i * (q_i - z) with the products
+# made and added two at a time in fp16 - the pairs (q_j - z, q_{j+4} - z) of _F16_Q_MINUS_Z times the pairs
+# (x_j, x_{j+4}), one HMUL2 and three HFMA2, one chain of four terms a half - then the two halves added in fp32:
+# 17 instructions a word where the fp32 path (_nibbles_dot) spends ~28. Operands: $1 = word, $2 = the pair
+# -(1024 + z), $3 = -(64 + z), $4..$7 = x's pairs (x_j, x_{j+4}) for j = 0..3, times 2**-6 (X_PAIRS_F16_PTX);
+# $0 = the fp32 sum. _h2_word_dot has the Triton-op twin.
+H2_DOT_F16_PTX = tl.constexpr(
+    "{ .reg .b32 w8, t0, t1, t2, t3, c, p; .reg .b16 lo, hi; .reg .f32 flo, fhi, sum; "
+    + _F16_Q_MINUS_Z.replace("$9", "$2").replace("$8", "$1").replace("ZHI", "$3")
+    + "mul.rn.f16x2 p, t0, $4; fma.rn.f16x2 p, t1, $5, p; fma.rn.f16x2 p, t2, $6, p; fma.rn.f16x2 p, t3, $7, p; "
+      "mov.b32 {lo, hi}, p; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.rn.f32 sum, flo, fhi; mov.b32 $0, sum; }")
+# x's 8 values of a word, loaded as 4 words of fp16 pairs ($4..$7: (x0, x1), (x2, x3), (x4, x5), (x6, x7)), into
+# the pairs (x_j, x_{j+4}) ($0..$3) by PRMT, each times 2**-6 (HMUL2: exact but for values under 2**-8, which it
+# rounds to fp16's subnormal spacing 2**-24), so that no sum of four products (at most 4 * 15 * 1023.5) overflows
+# for any finite x; the kernel multiplies the scales by 2**6. Once per word of x a thread holds, not per row.
+X_PAIRS_F16_PTX = tl.constexpr(
+    "{ .reg .b32 s; mov.b32 s, 0x24002400; "
+    "prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; prmt.b32 $2, $5, $7, 0x5410; "
+    "prmt.b32 $3, $5, $7, 0x7632; "
+    "mul.rn.f16x2 $0, $0, s; mul.rn.f16x2 $1, $1, s; mul.rn.f16x2 $2, $2, s; mul.rn.f16x2 $3, $3, s; }")
+H2_X_SCALE = 2.0 ** -6  # (0x2400 in fp16; the kernel multiplies the scales by 64.0 to undo it)
 
 
 def _use_ptx(dot_fp32: bool) -> bool:
@@ -471,7 +492,13 @@ def _x_columns(x):
     """_x_words' [BLOCK_KW, 8] as eight [BLOCK_KW] fp32 vectors, x[8 * kw + i] for i = 0..7: converted
     before it is split and spread to the threads that hold the weights (so once per element, not per
     row)."""
-    x = x.to(tl.float32).reshape(x.shape[0], 4, 2)
+    return _split8(x.to(tl.float32))
+
+
+@triton.jit
+def _split8(x):
+    """[R, 8] -> its eight columns, [R] each."""
+    x = x.reshape(x.shape[0], 4, 2)
     x_even, x_odd = tl.split(x)                                 # i = 0 2 4 6 | 1 3 5 7
     x04, x26 = tl.split(x_even.reshape(x.shape[0], 2, 2))
     x15, x37 = tl.split(x_odd.reshape(x.shape[0], 2, 2))
@@ -510,6 +537,124 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
     return d
 
 
+@triton.jit
+def _half(v, HI: tl.constexpr):
+    """The low (or HI: high) fp16 of int32 pairs."""
+    if HI:
+        v = v >> 16
+    return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _pack_halves(a, b):
+    """fp16 a, b -> int32 pairs (a low, b high)."""
+    return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _x_pairs_of_words(x01, x23, x45, x67, ASM: tl.constexpr):
+    """x's words of fp16 pairs [W] (x0 | x1 << 16, ...) -> the pairs (x_j, x_{j+4}) * 2**-6 for j = 0..3
+    (X_PAIRS_F16_PTX; its twin from Triton ops)."""
+    if ASM:
+        xa, xb, xc, xd = tl.inline_asm_elementwise(X_PAIRS_F16_PTX, "=r,=r,=r,=r,r,r,r,r", [x01, x23, x45, x67],
+                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        xa, xb, xc, xd = _x_pairs(_half(x01, False), _half(x01, True), _half(x23, False), _half(x23, True),
+                                  _half(x45, False), _half(x45, True), _half(x67, False), _half(x67, True))
+    return xa, xb, xc, xd
+
+
+@triton.jit
+def _x_pairs(x0, x1, x2, x3, x4, x5, x6, x7):
+    """fp16 x_0..x_7 [W] -> the pairs (x_j, x_{j+4}) * 2**-6 as int32 [W] for j = 0..3 (one rounding of
+    the exact product to fp16, as mul.rn.f16x2 makes it)."""
+    x0, x1, x2, x3 = _x_prescale(x0), _x_prescale(x1), _x_prescale(x2), _x_prescale(x3)
+    x4, x5, x6, x7 = _x_prescale(x4), _x_prescale(x5), _x_prescale(x6), _x_prescale(x7)
+    return _pack_halves(x0, x4), _pack_halves(x1, x5), _pack_halves(x2, x6), _pack_halves(x3, x7)
+
+
+@triton.jit
+def _x_prescale(x):
+    return (x.to(tl.float32) * 0.015625).to(tl.float16)  # H2_X_SCALE
+
+
+@triton.jit
+def _fma16(a, b, c):
+    """fp16 a * b + c rounded once (fma.rn.f16): the exact value in fp64 - a product of an fp16 and a
+    nibble difference has at most 15 significant bits, and any sum of it with an fp16 is a multiple of
+    2**-24 below 2**20 - then one rounding to fp16."""
+    return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float16)
+
+
+@triton.jit
+def _h2_word_dot(words, z, xa, xb, xc, xd, m0, m1, m2, m3, ASM: tl.constexpr):
+    """The packed GEMV's sum_i x_i * (q_i - z) * 2**-6 of each word [R, W] (fp32): xa..xd int32 [W] x's pairs
+    (_x_pairs), z fp32 [R, 1] or [R, W]. Two chains of fp16 products and sums, nibbles 0..3 and 4..7 (each
+    rounded to fp16 at every step: a product, then three fused multiply-adds), added in fp32. ASM: the
+    inline PTX H2_DOT_F16_PTX; else the same roundings in the same order from Triton ops (_fma16: the
+    interpreter, or PTX_DEQUANT = False)."""
+    if ASM:
+        # (inline_asm_elementwise broadcasts its operands to one shape: the rows' pairs, x's words)
+        d = tl.inline_asm_elementwise(
+            H2_DOT_F16_PTX, "=r,r,r,r,r,r,r,r",
+            [words, _pair_bits(-(z + 1024.0), tl.float16), _pair_bits(-(z + 64.0), tl.float16), xa[None, :],
+             xb[None, :], xc[None, :], xd[None, :]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo = words | 0x4F000000  # q - z exactly in fp32, as _nibbles_dot makes it
+        hi = (words >> 16) | 0x4F000000
+        z0 = z + 8388608.0
+        z1 = z + 524288.0
+        z2 = z + 32768.0
+        z3 = z + 2048.0
+        # the first product exact in fp32 (at most 4 x 11 bits), rounded once to fp16: mul.rn.f16x2
+        a = (((lo & m0).to(tl.float32, bitcast=True) - z0) * _half(xa, False)[None, :].to(tl.float32)).to(tl.float16)
+        a = _fma16((lo & m1).to(tl.float32, bitcast=True) - z1, _half(xb, False)[None, :], a)
+        a = _fma16((lo & m2).to(tl.float32, bitcast=True) - z2, _half(xc, False)[None, :], a)
+        a = _fma16((lo & m3).to(tl.float32, bitcast=True) - z3, _half(xd, False)[None, :], a)
+        b = (((hi & m0).to(tl.float32, bitcast=True) - z0) * _half(xa, True)[None, :].to(tl.float32)).to(tl.float16)
+        b = _fma16((hi & m1).to(tl.float32, bitcast=True) - z1, _half(xb, True)[None, :], b)
+        b = _fma16((hi & m2).to(tl.float32, bitcast=True) - z2, _half(xc, True)[None, :], b)
+        b = _fma16((hi & m3).to(tl.float32, bitcast=True) - z3, _half(xd, True)[None, :], b)
+        d = a.to(tl.float32) + b.to(tl.float32)
+    return d
+
+
+@triton.jit
+def _h2_x_step(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr,
+               PAIR_LOADS: tl.constexpr, ASM: tl.constexpr):
+    """x's pairs for the packed GEMV's words kw [W]: PAIR_LOADS (no input scale or channel order; x's start 4-byte
+    aligned) reads them as 4 words of fp16 pairs per word of W (x0 | x1 << 16, ...) - no split of x's values
+    across threads' registers; otherwise from _x_words' [W, 8] values."""
+    if PAIR_LOADS:
+        x32 = x_ptr.to(tl.pointer_type(tl.int32))
+        if EVEN:
+            x01 = tl.load(x32 + kw * 4)
+            x23 = tl.load(x32 + kw * 4 + 1)
+            x45 = tl.load(x32 + kw * 4 + 2)
+            x67 = tl.load(x32 + kw * 4 + 3)
+        else:
+            x01 = tl.load(x32 + kw * 4, mask=kw < KW, other=0)
+            x23 = tl.load(x32 + kw * 4 + 1, mask=kw < KW, other=0)
+            x45 = tl.load(x32 + kw * 4 + 2, mask=kw < KW, other=0)
+            x67 = tl.load(x32 + kw * 4 + 3, mask=kw < KW, other=0)
+        xa, xb, xc, xd = _x_pairs_of_words(x01, x23, x45, x67, ASM)
+    else:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(_x_words(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM))
+        xa, xb, xc, xd = _x_pairs(x0, x1, x2, x3, x4, x5, x6, x7)
+    return xa, xb, xc, xd
+
+
+@triton.jit
+def _gemv_x(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr,
+            HALF2: tl.constexpr, PAIR_LOADS: tl.constexpr, ASM: tl.constexpr):
+    """The GEMV's x for words kw: _x_words' [W, 8], or with HALF2 _h2_x_step's four pair vectors."""
+    if HALF2:
+        return _h2_x_step(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM, PAIR_LOADS, ASM)
+    else:
+        return _x_words(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM)
+
+
 @fast_launch
 @triton.jit
 def _w4a16_gemv_kernel(
@@ -517,7 +662,8 @@ def _w4a16_gemv_kernel(
     N, KW, KW_PER_SPLIT, stride_qn, stride_sn, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
     SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, HALF2: tl.constexpr = False, PAIR_LOADS: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """M = 1: y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g]).
 
@@ -538,7 +684,8 @@ def _w4a16_gemv_kernel(
     trip loads the next trip's words and x before it computes its own (a register double buffer:
     Triton pipelines only loads that feed a dot), so a program keeps a step of W in flight while it
     multiplies, and x's loads (L2 hits) wait behind it; the last trip re-reads its own step (EVEN; a
-    cache hit) or loads masked words past K."""
+    cache hit) or loads masked words past K. HALF2 (fp16 x): each word's products made and added in
+    fp16 pairs (_h2_word_dot; ASM: its inline PTX), x taken times 2**-6 and the scale times 2**6."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -558,7 +705,7 @@ def _w4a16_gemv_kernel(
             ahead = tl.load(w_rows + kw_first[None, :])
         else:
             ahead = tl.load(w_rows + kw_first[None, :], mask=n_mask[:, None] & (kw_first < KW)[None, :], other=0)
-        x_ahead = _x_words(x_ptr, m_ptr, p_ptr, kw_first, KW, EVEN, HAS_SCALE, HAS_PERM)
+        x_ahead = _gemv_x(x_ptr, m_ptr, p_ptr, kw_first, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         kw = kw0 + offs_w
         if PREFETCH:
@@ -570,14 +717,15 @@ def _w4a16_gemv_kernel(
             else:
                 kw_ahead = kw + BLOCK_KW
                 ahead = tl.load(w_rows + kw_ahead[None, :], mask=n_mask[:, None] & (kw_ahead < KW)[None, :], other=0)
-            x_ahead = _x_words(x_ptr, m_ptr, p_ptr, kw_ahead, KW, EVEN, HAS_SCALE, HAS_PERM)
+            x_ahead = _gemv_x(x_ptr, m_ptr, p_ptr, kw_ahead, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM)
         else:
             if EVEN:
                 words = tl.load(w_rows + kw[None, :])
             else:
                 words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
-            xw = _x_words(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(xw)
+            xw = _gemv_x(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM)
+        if not HALF2:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(xw)
         if BLOCK_KW <= GROUP_W:
             sz = offs_n * stride_sn + kw0 // GROUP_W
             s = tl.load(s_ptr + sz, mask=n_mask, other=0).to(tl.float32)[:, None]
@@ -597,7 +745,11 @@ def _w4a16_gemv_kernel(
                 z = tl.load(z_ptr + sz, mask=mask, other=0).to(tl.float32)
             s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP_W)), (BLOCK_N, BLOCK_KW))
             z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, NG, GROUP_W)), (BLOCK_N, BLOCK_KW))
-        acc += _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3) * s
+        if HALF2:
+            xa, xb, xc, xd = xw
+            acc += _h2_word_dot(words, z, xa, xb, xc, xd, m0, m1, m2, m3, ASM) * (s * 64.0)
+        else:
+            acc += _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3) * s
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -786,6 +938,7 @@ VARIANTS = {
     "triton-tc": ("GEMV_MAX_M", 0),              # M = 1 on the tensor-core decode kernel, not the GEMV
     "triton-prefetch": ("GEMV_PREFETCH", True),  # M = 1: the GEMV loads its next step of W ahead
     "triton-unsplit": ("GEMV_SPLIT", 1),         # M = 1: the GEMV never splits K across programs
+    "triton-h2": ("GEMV_HALF2", True),           # M = 1, fp16: the GEMV's products in fp16 pairs
     "triton-trip32": ("DECODE_TRIP_WORDS", 32),  # 2 <= M <= 16: two groups of 128 a decode-kernel loop trip
     "triton-dq": ("PREFILL_DEQUANT", True),      # M > 16: the weight dequantized whole, then torch's matmul
     "triton-rhs": ("PREFILL_W_LHS", False),      # M > 16: the prefill row tile as the dot's second operand
@@ -942,6 +1095,21 @@ GEMV_SPLIT = None
 # run's `w4a16-triton-prefetch` rows say it is faster (variant "triton-prefetch": backend="auto" takes it per shape
 # where they do).
 GEMV_PREFETCH = False
+# The M = 1 GEMV of fp16 layers makes each word's eight products two at a time in fp16 (HALF2, _h2_word_dot):
+# the exact q - z pairs of the decode kernel's PTX (a LOP3 and a packed HADD2 / HFMA2 a pair), times x's pairs
+# by one HMUL2 and three HFMA2 - a chain of four terms in each half -, the halves converted and added in fp32,
+# the scale applied per word in fp32 as before. The fp32 path spends an AND, an FADD and an FFMA on each weight
+# (4.2 - 4.4 SASS instructions per weight on sm_90a with the loop's overhead), more than an H200 issues at 85%
+# of its copy bandwidth (~3.6 - 3.9 with memory stalls; ~4.7 at a perfect issue rate): whatever the loads in
+# flight, that path cannot reach #3's target there. The price is precision: each half's four products and
+# sums are rounded to fp16 (unit 2**-11) - as large, per term, as the rounding of the weight to fp16 that
+# the reference itself makes -, bounded by reference.gemv_half2_tolerance, which the tests and the bench's
+# check hold it to; x is scaled by 2**-6 first (exact in fp16's normal range), so that no sum of four
+# products overflows for any finite fp16 x (without it |x| > 1092 could make inf), and the scale by 2**6.
+# Off until a GPU run's `w4a16-triton-h2` rows say it is faster (variant "triton-h2": backend="auto" takes it
+# per shape where they do); bf16 / fp32 layers keep the fp32 path (bf16's 8-bit significand is too coarse
+# for the chains).
+GEMV_HALF2 = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -984,6 +1152,7 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
     group_w = group_size // 8 if group_size < x.shape[1] else next_pow2(kw)
     even = n % block_n == 0 and kw % block_kw == 0 and kw_per_split * split == kw
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    half2 = x.dtype == torch.float16 and over.get("GEMV_HALF2", GEMV_HALF2)  # (other dtypes: the fp32 path)
     part, fixup = _split_k_partials(out, split, workspace, cdiv(n, 16), "gemv")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_gemv_kernel[(cdiv(n, block_n), split)](
@@ -992,7 +1161,9 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
         n, kw, kw_per_split, qweight.stride(0), scales.stride(0), *GEMV_MASKS,
         HAS_BIAS=bias is not None, HAS_SCALE=input_scale is not None, HAS_PERM=input_perm is not None, EVEN=even,
         GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        PREFETCH=over.get("GEMV_PREFETCH", GEMV_PREFETCH),
+        PREFETCH=over.get("GEMV_PREFETCH", GEMV_PREFETCH), HALF2=half2,
+        PAIR_LOADS=half2 and input_scale is None and input_perm is None and x.data_ptr() % 4 == 0,
+        ASM=half2 and PTX_DEQUANT and not INTERPRET,
         num_warps=warps, num_stages=1,
     )
     if split > 1 and not fixup:
@@ -1144,6 +1315,12 @@ def prefetch_gemv():
     """Run the M = 1 GEMV with its next step of W loaded ahead (GEMV_PREFETCH), inside the block (variant
     "triton-prefetch"; the benchmark's `w4a16-triton-prefetch` rows; not thread-safe)."""
     return _variant_switch("triton-prefetch")
+
+
+def half2_gemv():
+    """Run the M = 1 GEMV of fp16 layers with its products made in fp16 pairs (GEMV_HALF2), inside the block
+    (variant "triton-h2"; the benchmark's `w4a16-triton-h2` rows; not thread-safe)."""
+    return _variant_switch("triton-h2")
 
 
 def unsplit_gemv():
