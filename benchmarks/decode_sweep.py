@@ -7,7 +7,9 @@ workspace: split-K finished in the same launch), each call checked against refer
 bound) before it is timed with the bench's timing (a CUDA graph of calls over weight copies that do not
 fit in L2, bench/env.py kernel_time_ms):
   M = 1:     the CUDA-core GEMV, GEMV_THREADS_PER_SM (the threads an SM K is split to give) x GEMV_PREFETCH
-             (its next step of W loaded before it computes the current one); and the tensor-core decode
+             (its next step of W loaded before it computes the current one) x GEMV_HALF2 (its products in fp16
+             pairs: 96 registers a thread where the fp32 path holds 128, so more threads an SM may pay); and the
+             tensor-core decode
              kernel at M = 1 (GEMV_MAX_M = 0) over the decode settings below;
   M = 2..16: the tensor-core decode kernel, DECODE_PROGRAMS_PER_SM (the programs an SM K is split to give)
              x DECODE_TRIP_WORDS (packed words of K a loop trip: 16 = one group of 128, 32 = two).
@@ -58,8 +60,8 @@ def settings_for(m: int, gemv_threads=GEMV_THREADS, programs=PROGRAMS_PER_SM, tr
 
     out: List[Dict] = [{}]
     if m == 1:
-        for threads, prefetch in itertools.product(gemv_threads, (False, True)):
-            s = {"GEMV_THREADS_PER_SM": threads, "GEMV_PREFETCH": prefetch}
+        for threads, prefetch, half2 in itertools.product(gemv_threads, (False, True), (False, True)):
+            s = {"GEMV_THREADS_PER_SM": threads, "GEMV_PREFETCH": prefetch, "GEMV_HALF2": half2}
             if any(getattr(w4a16, k) != v for k, v in s.items()):
                 out.append(s)
     for pps, trip in itertools.product(programs, trips):
@@ -90,7 +92,7 @@ def _label(setting: Dict) -> str:
 def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), device: Optional[str] = None,
           rep_ms: float = 10, time_budget_s: Optional[float] = None, out: Optional[str] = None,
           gemv_threads=GEMV_THREADS, programs=PROGRAMS_PER_SM, trips=TRIP_WORDS, group_size: int = 128) -> Dict:
-    from minicpm_int4.bench.backends import OursW4A16
+    from minicpm_int4.bench.backends import OursW4A16, OursW4A16TritonHalf2
     from minicpm_int4.bench.env import Rotating, copy_bandwidth_gbps, env_info, kernel_time_ms, rotating_copies
     from minicpm_int4.bench.micro import _check
 
@@ -118,6 +120,7 @@ def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), dev
         # the bench's own Triton W4A16 row: QuantLinear's call with the layer's workspace, its reference and bound
         ours = OursW4A16("triton")
         first = ours.prepare(w, group_size)
+        packed = OursW4A16TritonHalf2().prepare(w, group_size)  # the same layer, checked against its own bound
         rot = Rotating([first] + [ours.prepare(w, group_size)
                                   for _ in range(rotating_copies(first.weight_bytes, device) - 1)])
         for m in ms:
@@ -127,7 +130,8 @@ def sweep(shapes: Sequence = DEFAULT_SHAPES, ms: Sequence[int] = (1, 4, 16), dev
                 try:
                     with _settings(**setting):
                         row["plan"] = _plan(n, k, m, group_size, device)
-                        _check(f"w4a16-triton {row['label']}", first, x)  # raises outside the derived bound
+                        # raises outside the derived bound
+                        _check(f"w4a16-triton {row['label']}", packed if setting.get("GEMV_HALF2") else first, x)
                         med, p20, p80, how = kernel_time_ms(lambda: rot.next().run(x), device, rep_ms=rep_ms)
                     nbytes = first.weight_bytes + ours.activation_bytes(m, k, n, 2)
                     row.update({"median_ms": med, "p20_ms": p20, "p80_ms": p80, "timing": how, "bytes": nbytes,

@@ -61,9 +61,10 @@ CUDA_CANDIDATES = ("cuda", "cuda-gemv", "cuda-ahead2", "cuda-ring", "cuda-wgmma"
 CUDA_PREFILL_CANDIDATES = ("cuda-wgmma", "cuda-wgmma-nosplit")
 # The Triton kernels' variants (kernels/w4a16.py VARIANTS: one of that module's settings changed for a call) and
 # the M they are measured and picked at (a candidate is only ever compared where it runs something other than
-# "triton": "triton-tc" / "-prefetch" / "-unsplit" change the M = 1 GEMV, "triton-trip32" the 2..16-row decode
+# "triton": "triton-tc" / "-prefetch" / "-unsplit" / "-h2" change the M = 1 GEMV (-h2 fp16 layers only: its
+# products in fp16 pairs, within reference.gemv_half2_tolerance - for other dtypes it is the default GEMV), "triton-trip32" the 2..16-row decode
 # kernel, "triton-dq" / "-rhs" the prefill path)
-TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1),
+TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1), "triton-h2": (1, 1),
                      "triton-trip32": (2, CUDA_MAX_M), "triton-dq": (CUDA_MAX_M + 1, None),
                      "triton-rhs": (CUDA_MAX_M + 1, None)}
 # The per-token int8 activation quantizer's candidates (the bench's act_quant rows): the Triton kernel, it with 4 /

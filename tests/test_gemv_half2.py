@@ -44,8 +44,10 @@ def _x_values(g, k):
 
 
 @triton.jit
-def _words_kernel(x_ptr, qw_ptr, z_ptr, out_ptr, KW: tl.constexpr, R: tl.constexpr, PAIRS: tl.constexpr):
-    """The packed GEMV's per-word sums of R rows x KW words (the kernel's own helpers, its twin path)."""
+def _words_kernel(x_ptr, qw_ptr, z_ptr, out_ptr, m0, m1, m2, m3, KW: tl.constexpr, R: tl.constexpr,
+                  PAIRS: tl.constexpr, ASM: tl.constexpr = False):
+    """The packed GEMV's per-word sums of R rows x KW words (the kernel's own helpers: the twin, or with ASM - a
+    GPU - the inline PTX; tests/test_gpu.py). m0..m3: w4a16.GEMV_MASKS, as the GEMV takes them."""
     rows = tl.arange(0, R)
     kw = tl.arange(0, KW)
     words = tl.load(qw_ptr + rows[:, None] * KW + kw[None, :])
@@ -53,13 +55,12 @@ def _words_kernel(x_ptr, qw_ptr, z_ptr, out_ptr, KW: tl.constexpr, R: tl.constex
     if PAIRS:
         x32 = x_ptr.to(tl.pointer_type(tl.int32))
         xa, xb, xc, xd = w4a16._x_pairs_of_words(tl.load(x32 + kw * 4), tl.load(x32 + kw * 4 + 1),
-                                                 tl.load(x32 + kw * 4 + 2), tl.load(x32 + kw * 4 + 3), False)
+                                                 tl.load(x32 + kw * 4 + 2), tl.load(x32 + kw * 4 + 3), ASM)
     else:
         xv = tl.load(x_ptr + kw[:, None] * 8 + tl.arange(0, 8)[None, :])
         x0, x1, x2, x3, x4, x5, x6, x7 = w4a16._split8(xv)
         xa, xb, xc, xd = w4a16._x_pairs(x0, x1, x2, x3, x4, x5, x6, x7)
-    m0, m1, m2, m3 = w4a16.GEMV_MASKS
-    d = w4a16._h2_word_dot(words, z, xa, xb, xc, xd, m0, m1, m2, m3, False)
+    d = w4a16._h2_word_dot(words, z, xa, xb, xc, xd, m0, m1, m2, m3, ASM)
     tl.store(out_ptr + rows[:, None] * KW + kw[None, :], d)
 
 
@@ -113,7 +114,7 @@ def test_twin_gives_the_specified_word_sums(paired_loads):
     x = _x_values(g, kw * 8)[None, :]
     out = torch.empty(r, kw, dtype=torch.float32)
     qweight = pack_int4(q)
-    _words_kernel[(1,)](x, qweight, zeros, out, KW=kw, R=r, PAIRS=paired_loads)
+    _words_kernel[(1,)](x, qweight, zeros, out, *w4a16.GEMV_MASKS, KW=kw, R=r, PAIRS=paired_loads)
     want = gemv_half2_words(x, qweight, zeros, kw * 8)
     assert torch.equal(out.view(torch.int32), want.view(torch.int32))
 

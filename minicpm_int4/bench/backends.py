@@ -88,15 +88,21 @@ class OursW4A16(_Ours):
 
     def prepare(self, w, group_size):
         qweight, scales, zeros = _int4(w, group_size)
-        from ..reference import dequantize_ref, gemm_tolerance, w4a16_gemm_ref
+        from ..reference import w4a16_gemm_ref
 
         gs = w.shape[1] if group_size == -1 else group_size
         return Prepared(
             run=self._runner(qweight, scales, zeros, group_size, gs),
             weight_bytes=_int4_bytes(*w.shape, group_size, w.element_size()),
             reference=lambda x: w4a16_gemm_ref(x, qweight, scales, zeros, None, gs),
-            tolerance=lambda x, y_ref: gemm_tolerance(
-                x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref))
+            tolerance=self._tolerance(qweight, scales, zeros, gs))
+
+    @staticmethod
+    def _tolerance(qweight, scales, zeros, gs):
+        """(x, y_ref) -> the derived bound the rows are checked against: fp32 sums in another order."""
+        from ..reference import dequantize_ref, gemm_tolerance
+
+        return lambda x, y_ref: gemm_tolerance(x, dequantize_ref(qweight, scales, zeros, gs, x.dtype), x.dtype, y_ref)
 
     def _runner(self, qweight, scales, zeros, group_size, gs):
         # exactly as QuantLinear calls it: its workspace (split-K decode in one launch) and its call
@@ -221,6 +227,23 @@ class OursW4A16TritonPrefetch(_OursW4A16TritonSwitched):
     (kernels/w4a16.py GEMV_PREFETCH), beside `w4a16-triton`'s GEMV, which waits for each step's loads:
     these rows decide whether the double buffer's loads in flight are worth its registers."""
     variant = "triton-prefetch"
+
+
+class OursW4A16TritonHalf2(_OursW4A16TritonSwitched):
+    """The Triton M = 1 GEMV with each word's products and sums made two at a time in fp16 (kernels/w4a16.py
+    GEMV_HALF2: ~3.0 SASS instructions per weight and 96 registers on sm_90a against the fp32 path's ~4.2 and
+    128), beside `w4a16-triton`: these rows decide whether fewer instructions buy bandwidth. fp16 layers only
+    (the bench's default dtype; for others the switch runs the fp32 GEMV). Checked against its own derived bound,
+    reference.gemv_half2_tolerance (its fp16 roundings), not gemm_tolerance's fp32 sums."""
+    variant = "triton-h2"
+
+    @staticmethod
+    def _tolerance(qweight, scales, zeros, gs):
+        from ..reference import gemv_half2_tolerance
+
+        fp32_sums = OursW4A16._tolerance(qweight, scales, zeros, gs)
+        return lambda x, y_ref: (gemv_half2_tolerance(x, qweight, scales, zeros, gs, y_ref)
+                                 if x.dtype == torch.float16 else fp32_sums(x, y_ref))
 
 
 class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
@@ -517,7 +540,7 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16TritonPrefetch(), OursW4A16TritonTrip32(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
+            OursW4A16TritonPrefetch(), OursW4A16TritonHalf2(), OursW4A16TritonTrip32(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A16CudaWgmma(), OursW4A16CudaWgmmaNosplit(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),

@@ -24,7 +24,8 @@ Three regimes (picked here by M):
           issues 4.1-4.3 SASS instructions per weight on sm_90a at G = 128 (kernels/aot.py; 4.3-4.5
           with triton 3.6, the GPU image's compiler), 4.4-4.5 on sm_80: was 4.7 with x scaled by
           16**-j and one exponent for every nibble, 42.5 for the multiply-reduce GEMV before that.
-          An H200 at 85% of its bandwidth leaves ~3.6-3.9 (see GEMV_MAX_M).
+          An H200 at 85% of its bandwidth leaves ~3.6-3.9 (see GEMV_MAX_M). Variant GEMV_HALF2 (fp16):
+          the products and their sums two at a time in fp16, ~3.0 (_h2_word_dot).
           It multiplies by the exact (q - z) * s rather than by that weight rounded to x's dtype;
           reference.gemm_tolerance allows the half ulp of w this moves each product.
   decode  (2 <= M <= 16, _w4a16_decode_kernel): computed transposed, y.T = W @ x.T, so the weight
