@@ -232,6 +232,23 @@ def test_packed_gemv_is_its_specification_and_its_bound_near_the_fp32_gemvs():
 
 
 @interpreter
+@pytest.mark.parametrize("nk", [(40, 1024), (24, 200)], ids=["split", "masked"])
+def test_packed_gemv_with_the_prefetch_gives_the_same_bits(nk):
+    """decode_sweep.py times GEMV_HALF2 with GEMV_PREFETCH (each trip's next words of W and x's pairs loaded before
+    it computes its own): only the loads move, so the bits are the packed GEMV's alone - K split or masked."""
+    n, k = nk
+    qweight, scales, zeros, gs, x = _layer_and_x(n, k, 64 if k % 64 == 0 else -1, seed=13)
+    gs = gs if k % 64 == 0 else k
+    workspace = ops.w4a16_workspace(n)
+    with w4a16.half2_gemv():
+        y = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, None, gs, workspace)
+        with w4a16.prefetch_gemv():
+            y_ahead = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, None, gs, workspace)
+    assert torch.equal(y, y_ahead)
+    _assert_within(y_ahead, x, qweight, scales, zeros, gs)
+
+
+@interpreter
 def test_other_dtypes_keep_the_fp32_gemv():
     """bf16 / fp32 layers are not packed (bf16's 8-bit significand is too coarse for the chains): under the switch
     they launch the fp32 GEMV, bit for bit what they launch without it."""
