@@ -53,7 +53,8 @@ for arch in ("sm80", "sm90a"):
     for launch in launches:
         c = aot.compile_launch(launch, aot.ARCHS[arch])
         out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
-                                "instr_per_weight": aot.loop_instructions_per_weight(c)})
+                                "instr_per_weight": aot.loop_instructions_per_weight(c),
+                                "variant": "h2" if launch.constexprs.get("HALF2") else None})
 # the quantizer with 4 / 16 warps a row (act_quant.ACT_QUANT_WARPS, the bench's triton-4w / -16w rows), one- and
 # 16K-wide rows
 from minicpm_int4.kernels import act_quant
@@ -420,7 +421,7 @@ def test_decode_kernels_multiply_an_input_scale_for_little(compiled):
         variants = _by_kernel(compiled, kernel)
         twins = {(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP")): c for c in variants
                  if not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"] and c.get("variant") is None}
-        scaled = [c for c in variants if c["constexprs"]["HAS_SCALE"]]
+        scaled = [c for c in variants if c["constexprs"]["HAS_SCALE"] and c.get("variant") is None]
         assert {c["arch"] for c in scaled} == {"sm80", "sm90a"}
         for c in scaled:
             twin = twins[(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP"))]
