@@ -123,7 +123,7 @@ def _round_to_fp16(v: torch.Tensor) -> torch.Tensor:
     which can round twice)."""
     import numpy as np
 
-    return torch.from_numpy(v.detach().double().cpu().numpy().astype(np.float16))
+    return torch.from_numpy(v.detach().double().cpu().numpy().astype(np.float16)).to(v.device)
 
 
 def gemv_half2_words(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -159,14 +159,14 @@ def gemv_half2_tolerance(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
                                                       eta = 2**-25 (half its spacing), 8 roundings a word.
 
     In fp64. No term for overflow: with |x| <= 65504 every partial sum is below 4 * 15 * 1023.5 < 65504."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv_half2_tolerance: x must be one row [1, K] (the packed GEMV's M = 1), got {tuple(x.shape)}")
     u, eta = 2.0 ** -11, 2.0 ** -25
-    k = x.shape[1]
     w = dequantize_ref(qweight, scales, zeros, group_size, x.dtype)
     sa = scales.double().abs().repeat_interleave(group_size, dim=1)
     t = (unpack_int4(qweight).double() - zeros.double().repeat_interleave(group_size, dim=1)).abs()
     mag = x.double().abs() @ (t * sa).t()
     floor = 2.0 ** 6 * eta * ((t + 1.01) * sa).sum(dim=1)
-    assert x.shape[0] == 1 and k == t.shape[1]
     return (gemm_tolerance(x, w, x.dtype, y_ref).double() + 1.01 * 4 * u * mag + floor[None, :]).float()
 
 
