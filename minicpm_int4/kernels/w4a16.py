@@ -520,7 +520,9 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
     2**(23 - 4j) + z then gives q - z exactly: no shift, no int-to-float convert, and x needs no
     scaling by 16**-j. The masks come in as kernel arguments so that ptxas reads them from the
     constant bank inside the LOP3 (as literals it re-materialised them with a MOV per use on sm_90a:
-    +0.45 SASS instructions per weight)."""
+    +0.45 SASS instructions per weight).
+    (Each q - z is consumed as it is made: all eight made first, as _gemv_q_minus_z returns them, compiled
+    to 127 - 167 registers where this takes 96 - 128.)"""
     lo = words | 0x4F000000
     hi = (words >> 16) | 0x4F000000
     z0 = z + 8388608.0   # 2**23
@@ -536,6 +538,22 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
     d += ((hi & m2).to(tl.float32, bitcast=True) - z2) * x6[None, :]
     d += ((hi & m3).to(tl.float32, bitcast=True) - z3) * x7[None, :]
     return d
+
+
+@triton.jit
+def _gemv_q_minus_z(words, z, m0, m1, m2, m3):
+    """The exact q - z (fp32) of nibbles 0..7 of each word, made as _nibbles_dot makes them (m0..m3 the
+    GEMV_MASKS): for the packed GEMV's Triton-op twin."""
+    lo = words | 0x4F000000
+    hi = (words >> 16) | 0x4F000000
+    z0 = z + 8388608.0   # 2**23
+    z1 = z + 524288.0    # 2**19
+    z2 = z + 32768.0     # 2**15
+    z3 = z + 2048.0      # 2**11
+    return ((lo & m0).to(tl.float32, bitcast=True) - z0, (lo & m1).to(tl.float32, bitcast=True) - z1,
+            (lo & m2).to(tl.float32, bitcast=True) - z2, (lo & m3).to(tl.float32, bitcast=True) - z3,
+            (hi & m0).to(tl.float32, bitcast=True) - z0, (hi & m1).to(tl.float32, bitcast=True) - z1,
+            (hi & m2).to(tl.float32, bitcast=True) - z2, (hi & m3).to(tl.float32, bitcast=True) - z3)
 
 
 @triton.jit
@@ -602,23 +620,21 @@ def _h2_word_dot(words, z, xa, xb, xc, xd, m0, m1, m2, m3, ASM: tl.constexpr):
              xb[None, :], xc[None, :], xd[None, :]],
             dtype=tl.float32, is_pure=True, pack=1)
     else:
-        lo = words | 0x4F000000  # q - z exactly in fp32, as _nibbles_dot makes it
-        hi = (words >> 16) | 0x4F000000
-        z0 = z + 8388608.0
-        z1 = z + 524288.0
-        z2 = z + 32768.0
-        z3 = z + 2048.0
-        # the first product exact in fp32 (at most 4 x 11 bits), rounded once to fp16: mul.rn.f16x2
-        a = (((lo & m0).to(tl.float32, bitcast=True) - z0) * _half(xa, False)[None, :].to(tl.float32)).to(tl.float16)
-        a = _fma16((lo & m1).to(tl.float32, bitcast=True) - z1, _half(xb, False)[None, :], a)
-        a = _fma16((lo & m2).to(tl.float32, bitcast=True) - z2, _half(xc, False)[None, :], a)
-        a = _fma16((lo & m3).to(tl.float32, bitcast=True) - z3, _half(xd, False)[None, :], a)
-        b = (((hi & m0).to(tl.float32, bitcast=True) - z0) * _half(xa, True)[None, :].to(tl.float32)).to(tl.float16)
-        b = _fma16((hi & m1).to(tl.float32, bitcast=True) - z1, _half(xb, True)[None, :], b)
-        b = _fma16((hi & m2).to(tl.float32, bitcast=True) - z2, _half(xc, True)[None, :], b)
-        b = _fma16((hi & m3).to(tl.float32, bitcast=True) - z3, _half(xd, True)[None, :], b)
-        d = a.to(tl.float32) + b.to(tl.float32)
+        t0, t1, t2, t3, t4, t5, t6, t7 = _gemv_q_minus_z(words, z, m0, m1, m2, m3)  # exact in fp32
+        d = (_h2_chain(t0, t1, t2, t3, xa, xb, xc, xd, False).to(tl.float32)
+             + _h2_chain(t4, t5, t6, t7, xa, xb, xc, xd, True).to(tl.float32))
     return d
+
+
+@triton.jit
+def _h2_chain(t0, t1, t2, t3, xa, xb, xc, xd, HI: tl.constexpr):
+    """One half of H2_DOT_F16_PTX with Triton ops: fl(fl(fl(fl(t0 x0) + t1 x1) + t2 x2) + t3 x3) in fp16, x_j the
+    low (or HI: high) halves of x's pairs. The first product is exact in fp32 (at most 4 x 11 bits), then
+    rounded once, as mul.rn.f16x2 makes it; the rest fused (_fma16)."""
+    p = (t0 * _half(xa, HI)[None, :].to(tl.float32)).to(tl.float16)
+    p = _fma16(t1, _half(xb, HI)[None, :], p)
+    p = _fma16(t2, _half(xc, HI)[None, :], p)
+    return _fma16(t3, _half(xd, HI)[None, :], p)
 
 
 @triton.jit
