@@ -356,6 +356,21 @@ def test_decode_inner_loop_within_issue_budget(compiled):
             assert any(k.startswith("wgmma") for k in c["tensor_core"]), c["tensor_core"]
 
 
+def test_decode_loads_a_steps_scales_a_step_ahead(compiled):
+    """The decode kernel's scales and zero points (2 bytes a row: too narrow for cp.async, so Triton's
+    pipeliner leaves them out of its stages) are loaded a dot step before the step that uses them: their
+    ld.global come before the loop waits for its stage of W. Loaded at the step itself, each trip waited for
+    them after the wait for W - an L1 / L2 round trip before its dequantization could begin, every trip. A
+    per-channel layer loads them once, before the loop."""
+    for c in _by_kernel(compiled, "w4a16_decode"):
+        where = f"{c['arch']} {c['label']} {c['options']} {c['constexprs']}"
+        if c["constexprs"]["PER_CHANNEL"]:
+            if not (c["constexprs"]["HAS_SCALE"] or c["constexprs"]["HAS_PERM"]):
+                assert c["loop_loads_before_wait"] == 0, where
+        else:
+            assert c["loop_loads_before_wait"] >= 2, where
+
+
 def test_decode_long_trip_issues_fewer_instructions_per_weight(compiled):
     """DECODE_TRIP_WORDS = 32 (two dots of a group of 128 a loop trip): compiled for the same problems as the
     default (4096 x 4096 G = 128 and the per-channel 1152 x 4304; the budget and spill checks above cover it too),

@@ -85,6 +85,10 @@ class Compiled:
     # so nothing else overlaps the tensor cores). None without wgmma.
     wgmma_a_registers: Optional[int] = None
     wgmma_in_flight: Optional[int] = None
+    # The global loads (PTX ld.global) the pipelined K loop issues before it waits for its stage of W
+    # (cp.async.wait_group): loads whose latency passes during that wait and the trip's math, as a step
+    # ahead's scales and zero points do in the decode kernel. None: no loop with such a wait.
+    loop_loads_before_wait: Optional[int] = None
 
     @property
     def vector_bytes(self) -> int:
@@ -376,7 +380,21 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
                     options=launch.options, smem_limit=arch.smem_limit, regs=regs, spill_bytes=stack,
                     smem=compiled.metadata.shared, global_loads=dict(loads), tensor_core=dict(mma),
-                    sass_counts=total, loop_sass=loop, wgmma_a_registers=a_registers, wgmma_in_flight=in_flight)
+                    sass_counts=total, loop_sass=loop, wgmma_a_registers=a_registers, wgmma_in_flight=in_flight,
+                    loop_loads_before_wait=_loop_loads_before_wait(ptx))
+
+
+def _loop_loads_before_wait(ptx: str) -> Optional[int]:
+    """ld.global instructions in the first PTX loop that waits for cp.async copies, before that wait (see
+    Compiled.loop_loads_before_wait); None where no loop waits for any."""
+    for header in re.finditer(r"^(\$L__BB\d+_\d+):[^\n]*Inner Loop Header", ptx, re.M):
+        body = ptx[header.end():]
+        back = re.search(r"\bbra(?:\.uni)?\s+" + re.escape(header.group(1)) + r"\s*;", body)
+        body = body[:back.start()] if back else body
+        wait = body.find("cp.async.wait_group")
+        if wait >= 0:
+            return len(re.findall(r"\bld\.global\b", body[:wait]))
+    return None
 
 
 def _wgmma_in_flight(ptx: str) -> int:

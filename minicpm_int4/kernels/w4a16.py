@@ -350,7 +350,10 @@ def _w4a16_decode_kernel(
     transpose through shared memory), and x.T [BLOCK_K, 16] the small second one (wgmma m64n16 on
     Hopper). The dot multiplies x by the exact small integers q - z (_dequant_pairs; its column
     order within a word is nibbles 0 4 1 5 2 6 3 7, and x.T's rows are permuted alike); the group's
-    scale is applied to the dot's fp32 result (per-channel: once at the end). ASM: the PTX
+    scale is applied to the dot's fp32 result (per-channel: once at the end). A step's scales and zero
+    points are loaded one step ahead (_decode_group_sz): 2-byte loads, which Triton's pipeliner leaves
+    out of its cp.async stages; loaded at their own step, they made each trip wait for them before
+    its dequantization could begin. ASM: the PTX
     dequantization (fp16 / bf16 on a GPU), else its Triton-op twin. A loop trip makes STEPS dots of
     BLOCK_KW words (one group each: BLOCK_KW divides GROUP_W). Program (pid_n, pid_k) covers words
     [pid_k * KW_PER_SPLIT, +KW_PER_SPLIT) of its rows; with SPLIT_K > 1 it writes fp32 partial sums
@@ -377,9 +380,14 @@ def _w4a16_decode_kernel(
         z = tl.load(z_ptr + sz_rows, mask=n_mask, other=0).to(tl.float32)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     kw_begin = pid_k * KW_PER_SPLIT
+    if not PER_CHANNEL:  # the first step's scales and zero points; each step then loads its successor's
+        s, z = _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw_begin, KW, GROUP_W, EVEN)
     for kw0 in range(kw_begin, kw_begin + KW_PER_SPLIT, BLOCK_KW * STEPS):
         for step in tl.static_range(STEPS):
             kw_step = tl.multiple_of(kw0 + step * BLOCK_KW, BLOCK_KW)
+            if not PER_CHANNEL:
+                s_step, z_step = s, z
+                s, z = _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw_step + BLOCK_KW, KW, GROUP_W, EVEN)
             kw = kw_step + offs_w
             k = kw_step * 8 + tl.arange(0, BLOCK_KW * 8)
             x_ptrs = x_ptr + offs_m[None, :] * stride_xm + _input_channels(p_ptr, k, KW * 8, EVEN, HAS_PERM)[:, None]
@@ -393,12 +401,7 @@ def _w4a16_decode_kernel(
                 xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k < KW * 8)[:, None], other=0)
                 if HAS_SCALE:
                     xt = _times_input_scale(xt, _load_input_scale(m_ptr, k, offs_m, KW * 8, False, SCALE_TILE))
-            if not PER_CHANNEL:
-                sz_mask = n_mask & (tl.full((BLOCK_N,), kw_step, tl.int32) < KW)
-                g = kw_step // GROUP_W
-                s = tl.load(s_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)
-                z = tl.load(z_ptr + sz_rows + g, mask=sz_mask, other=0).to(tl.float32)[:, None]
-            w = _dequant_pairs(words, z, m0, m1, m2, m3, dot_dtype, ASM)
+            w = _dequant_pairs(words, z if PER_CHANNEL else z_step, m0, m1, m2, m3, dot_dtype, ASM)
             # x's rows in the same order (a permutation inside each thread's registers):
             # row 8w + 2j + e <- k = 8w + j + 4e
             xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_KW, 2, 4, BLOCK_M)), (0, 2, 1, 3)),
@@ -413,7 +416,7 @@ def _w4a16_decode_kernel(
                     part = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
                 else:
                     part = tl.dot(w, xt)
-                acc += part * s[:, None]
+                acc += part * s_step[:, None]
     if PER_CHANNEL:
         acc = acc * s[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
@@ -428,6 +431,25 @@ def _w4a16_decode_kernel(
         if FIXUP:
             _splitk_fixup(part_ptrs, out_ptrs, out_mask, count_ptr + pid_n, b_ptr + offs_n, n_mask, M * N,
                           HAS_BIAS, SPLIT_K, x_dtype)
+
+
+@triton.jit
+def _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw, KW, GROUP_W: tl.constexpr, EVEN: tl.constexpr):
+    """The scales [BLOCK_N] and zero points [BLOCK_N, 1] (fp32) of the group that holds packed word kw (of
+    rows sz_rows): loaded a dot step before the step that uses them, so that their latency passes while
+    the step before is computed. Past the program's last step kw is a word of the next program's (a
+    group loaded, never used) or K itself: EVEN reads the last group again (every row is real, no mask
+    to make), else rows past N and words past K read zeros, as the step's masked words do."""
+    if EVEN:
+        g = tl.minimum(kw, KW - 1) // GROUP_W
+        s = tl.load(s_ptr + sz_rows + g)
+        z = tl.load(z_ptr + sz_rows + g)
+    else:
+        sz_mask = n_mask & (tl.full(n_mask.shape, kw, tl.int32) < KW)
+        g = kw // GROUP_W
+        s = tl.load(s_ptr + sz_rows + g, mask=sz_mask, other=0)
+        z = tl.load(z_ptr + sz_rows + g, mask=sz_mask, other=0)
+    return s.to(tl.float32), z.to(tl.float32)[:, None]
 
 
 @triton.jit
