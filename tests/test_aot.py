@@ -210,6 +210,19 @@ def test_w4a8_unpacking_costs_no_more_than_its_int8_wgmma(compiled):
             assert ipw is not None and ipw <= 4.0, (c["label"], c["constexprs"], ipw)
 
 
+def test_w4a8_loads_a_groups_scales_ahead_on_sm80_only(compiled):
+    # w4a8.W4A8_SCALES_AHEAD by GPU: on sm_80 the grouped loop loads the next group's scales and zero points
+    # while it sums this one, which brought its 128-row configs at G = 128 from 7.1 - 7.5 SASS instructions per
+    # weight to 3.8 - 4.0, inside mma.sync's budget; on sm_90a the same spilled, so Hopper keeps the loads at the
+    # group. Per-channel layers load them once.
+    for c in _by_kernel(compiled, "w4a8_gemm"):
+        k = c["constexprs"]
+        where = (c["arch"], c["label"], k.get("BLOCK_M"), k.get("BLOCK_N"), k.get("FLAT_GROUPS"))
+        assert k["SCALES_AHEAD"] == (c["arch"] == "sm80" and not k["PER_CHANNEL"]), where
+        if c["arch"] == "sm80" and "K=4096 G=128" in c["label"] and not k.get("FLAT_GROUPS"):
+            assert not c["spill_bytes"] and c["instr_per_weight"] <= 4.0, (where, c["instr_per_weight"])
+
+
 def test_triton_keeps_no_int8_wgmma_in_flight():
     """The compiler fact behind the Triton W4A8 GEMM's speed on Hopper, which w4a8.py, README and
     kernel_inspection.md state: Triton's WGMMA pipeliner keeps a dot in flight only with an fp32 accumulator,

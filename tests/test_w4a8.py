@@ -191,6 +191,30 @@ def test_w4a8_magic_int_to_float_convert_is_exact(group_size, monkeypatch):
 
 
 @triton_only
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+@pytest.mark.parametrize("group_size", [32, 64, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("m", [3, 130], ids=lambda m: f"M{m}")
+def test_w4a8_scales_a_group_ahead_give_the_same_bits(m, group_size, flat, monkeypatch):
+    """W4A8_SCALES_AHEAD (sm_80 - 89's default: a group's scales and zero points loaded while the group before is
+    summed; the last group's loads read the last group again) multiplies each group's sum by the same scale in
+    the same order: the reference's bits, with bias and ragged N, in both loop forms; and is tuned apart."""
+    from minicpm_int4.kernels import w4a8
+
+    n, k = SHAPES[group_size]
+    qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.bfloat16, seed=m + group_size)
+    x_q, x_scale = quantize_per_token_int8_ref(torch.randn(m, k))
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    outs = []
+    for ahead in (False, True):
+        monkeypatch.setattr(w4a8, "W4A8_SCALES_AHEAD", ahead)
+        outs.append(w4a8.w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, gs, torch.float32, flat=flat))
+    y_ref = w4a8_gemm_ref(x_q, x_scale, qweight, scales, zeros, bias, gs, torch.float32)
+    assert torch.equal(outs[0], y_ref) and torch.equal(outs[1], y_ref)
+    kernel = w4a8._w4a8_gemm_kernel
+    assert "SCALES_AHEAD" in getattr(kernel, "tuner", kernel).keys
+
+
+@triton_only
 @pytest.mark.parametrize("group_size", [64, 128], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("m", [17, 130], ids=lambda m: f"M{m}")
 def test_w4a8_flat_groups_give_the_same_bits(m, group_size):
