@@ -215,11 +215,14 @@ def test_w4a8_loads_a_groups_scales_ahead_on_sm80_only(compiled):
     # while it sums this one, which brought its 128-row configs at G = 128 from 7.1 - 7.5 SASS instructions per
     # weight to 3.8 - 4.0, inside mma.sync's budget; on sm_90a the same spilled, so Hopper keeps the loads at the
     # group. Per-channel layers load them once.
+    # (from triton 3.9: 3.6 made G = 128's 128-row configs dearer, and keeps the loads at the group)
+    from minicpm_int4.kernels.w4a8 import SCALES_AHEAD_ON_SM80
+
     for c in _by_kernel(compiled, "w4a8_gemm"):
         k = c["constexprs"]
         where = (c["arch"], c["label"], k.get("BLOCK_M"), k.get("BLOCK_N"), k.get("FLAT_GROUPS"))
-        assert k["SCALES_AHEAD"] == (c["arch"] == "sm80" and not k["PER_CHANNEL"]), where
-        if c["arch"] == "sm80" and "K=4096 G=128" in c["label"] and not k.get("FLAT_GROUPS"):
+        assert k["SCALES_AHEAD"] == (c["arch"] == "sm80" and not k["PER_CHANNEL"] and SCALES_AHEAD_ON_SM80), where
+        if k["SCALES_AHEAD"] and "K=4096 G=128" in c["label"] and not k.get("FLAT_GROUPS"):
             assert not c["spill_bytes"] and c["instr_per_weight"] <= 4.0, (where, c["instr_per_weight"])
 
 

@@ -18,6 +18,15 @@ import triton.language as tl
 AUTOTUNE_CACHE = os.environ.get("MINICPM_INT4_AUTOTUNE_CACHE", "1") != "0"
 
 
+def triton_at_least(major: int, minor: int) -> bool:
+    """This Triton is major.minor or newer (a choice the compiled code was measured to favour only from there)."""
+    try:
+        got = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
+
+
 def autotune_cache_supported() -> bool:
     """Whether this Triton's autotune can keep its results on disk (cache_results: triton >= 3.4)."""
     return "cache_results" in inspect.signature(triton.autotune).parameters

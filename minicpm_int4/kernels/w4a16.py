@@ -1075,19 +1075,11 @@ def _fuse_prefill_scale(x: torch.Tensor) -> bool:
     return INTERPRET  # compiled: the separate pass, measured faster on sm_90 (above) and sm_80's choice already
 
 
-def _triton_at_least(major: int, minor: int) -> bool:
-    try:
-        got = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return got >= (major, minor)
-
-
 # sm_80 takes the row tile only from the Triton where it was measured cheaper (kernels/aot.py,
 # N = K = 4096): triton 3.9 5.9 - 8.9 SASS instructions per weight against 9.6 - 13 for the [K, N]
 # tile, within mma.sync's BLOCK_M / 8; triton 3.6 10.6 - 18.2 against 9.6 - 13 (its transpose for
 # mma.sync costs more than the dequantization saves). Versions between were not measured.
-ROW_TILE_ON_SM80 = _triton_at_least(3, 9)
+ROW_TILE_ON_SM80 = _common.triton_at_least(3, 9)
 
 
 def _prefill_w_rows(device: torch.device, block_k: int) -> bool:

@@ -172,8 +172,11 @@ W4A8_FLAT_GROUPS = False
 # 3.2 - 18.7 SASS instructions per weight from most configs (G = 128 nested: 128x128 7.09 -> 3.78, 128x64
 # 7.47 -> 3.97, 64x64 6.47 -> 3.16; 64x128 3.64 either way) for up to +61 registers, no new spills; on
 # sm_90a it made the 128x128 configs spill (72 - 104 bytes) and cost up to +1.4 elsewhere, so Hopper keeps
-# the loads at the group (its W4A8 path is the CUDA wgmma kernel). The same bits. Tests set True / False.
+# the loads at the group (its W4A8 path is the CUDA wgmma kernel). With triton 3.6 sm_80 gained in 12 of 20
+# configs but lost in G = 128's 128-row ones (6.53 / 6.88 -> 8.69), so below 3.9 (versions between not
+# measured) it stays off. The same bits. Tests set True / False.
 W4A8_SCALES_AHEAD = None
+SCALES_AHEAD_ON_SM80 = _common.triton_at_least(3, 9)
 
 
 def flat_groups():
@@ -191,7 +194,7 @@ def _magic_convert(device: torch.device) -> bool:
 def _scales_ahead(device: torch.device) -> bool:
     if W4A8_SCALES_AHEAD is not None:
         return W4A8_SCALES_AHEAD
-    return not INTERPRET and _common.target_capability(device) < 90
+    return not INTERPRET and SCALES_AHEAD_ON_SM80 and _common.target_capability(device) < 90
 
 
 def w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype, flat=None):
