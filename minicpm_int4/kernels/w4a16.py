@@ -533,6 +533,14 @@ def _split8(x):
 
 
 @triton.jit
+def _nibble_floats(words, z):
+    """What _nibbles_dot / _gemv_q_minus_z mask and subtract: the word's nibbles 0..3 (lo) and 4..7 (hi) ORed with
+    every exponent bit of 2**23, 2**19, 2**15, 2**11, and z plus each of those powers of two."""
+    return (words | 0x4F000000, (words >> 16) | 0x4F000000,
+            z + 8388608.0, z + 524288.0, z + 32768.0, z + 2048.0)
+
+
+@triton.jit
 def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
     """sum_i x_i * (q_i - z) over the 8 nibbles of each word, every product exact in fp32 (nibbles
     4..7 come from word >> 16). Each nibble becomes the float 2**(23 - 4j) + q for its place j
@@ -545,12 +553,7 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
     +0.45 SASS instructions per weight).
     (Each q - z is consumed as it is made: all eight made first, as _gemv_q_minus_z returns them, compiled
     to 127 - 167 registers where this takes 96 - 128.)"""
-    lo = words | 0x4F000000
-    hi = (words >> 16) | 0x4F000000
-    z0 = z + 8388608.0   # 2**23
-    z1 = z + 524288.0    # 2**19
-    z2 = z + 32768.0     # 2**15
-    z3 = z + 2048.0      # 2**11
+    lo, hi, z0, z1, z2, z3 = _nibble_floats(words, z)
     d = ((lo & m0).to(tl.float32, bitcast=True) - z0) * x0[None, :]
     d += ((lo & m1).to(tl.float32, bitcast=True) - z1) * x1[None, :]
     d += ((lo & m2).to(tl.float32, bitcast=True) - z2) * x2[None, :]
@@ -566,12 +569,7 @@ def _nibbles_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3):
 def _gemv_q_minus_z(words, z, m0, m1, m2, m3):
     """The exact q - z (fp32) of nibbles 0..7 of each word, made as _nibbles_dot makes them (m0..m3 the
     GEMV_MASKS): for the packed GEMV's Triton-op twin."""
-    lo = words | 0x4F000000
-    hi = (words >> 16) | 0x4F000000
-    z0 = z + 8388608.0   # 2**23
-    z1 = z + 524288.0    # 2**19
-    z2 = z + 32768.0     # 2**15
-    z3 = z + 2048.0      # 2**11
+    lo, hi, z0, z1, z2, z3 = _nibble_floats(words, z)
     return ((lo & m0).to(tl.float32, bitcast=True) - z0, (lo & m1).to(tl.float32, bitcast=True) - z1,
             (lo & m2).to(tl.float32, bitcast=True) - z2, (lo & m3).to(tl.float32, bitcast=True) - z3,
             (hi & m0).to(tl.float32, bitcast=True) - z0, (hi & m1).to(tl.float32, bitcast=True) - z1,
