@@ -96,7 +96,7 @@ else
   # each case replays its CUDA graph of calls for 10 x rep-ms; on the H200 (run 2) our 240 cases took 68 s (~0.28 s
   # a case), the peers' first ones ~10 s each. Four M here (decode, the dispatch table's prefill entries at 256
   # and 4096) and the backends whose rows decide something: fp16 and the defaults (14 cases a shape: ~65 s over
-  # the 16 shapes), the measurement variants (25 a shape: prefetch, trip32, ahead2, ring, dq, rhs, the CUDA W4A16 wgmma GEMM, w4a8 flat, the CUDA
+  # the 16 shapes), the measurement variants (26 a shape: prefetch, trip32, staged, ahead2, ring, dq, rhs, the CUDA W4A16 wgmma GEMM, w4a8 flat, the CUDA
   # W4A8 GEMM's mma.sync, fused epilogue and the wgmma kernel's 64- and 128-token blocks forced; and the unsplit and
   # CUDA-core GEMVs, which run 2 measured faster on some shapes at M = 1 - the committed dispatch table takes them
   # there, so each new table must time them again; not mma.sync's 64-row blocks, which an H100 / H200 runs only with
@@ -108,7 +108,7 @@ else
   # (--max-n 30000: every LLM layer and fuse_projections' stacked gate / up - 24576 and 28672 rows, at M = 1 only -
   # but not the 128k-152k-row vocabulary projections)
   BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 30000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 150
-              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-h2,w4a16-triton-trip32,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a16-cuda-wgmma-nosplit,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-h2,w4a16-triton-trip32,w4a16-triton-staged,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a16-cuda-wgmma-nosplit,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)

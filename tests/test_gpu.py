@@ -1079,8 +1079,42 @@ def test_triton_decode_long_trip(nk, m, dtype):
                       dequant(qweight, scales, zeros, gs, dtype))
 
 
+@pytest.mark.parametrize("nk,group_size,m,dtype", [((4096, 4096), 128, 16, torch.float16),
+                                                    ((4096, 4096), 128, 4, torch.bfloat16),
+                                                    ((1152, 4304), -1, 16, torch.float16)],
+                         ids=["N4096-G128-M16-fp16", "N4096-G128-M4-bf16", "N1152-K4304-perchannel-M16-fp16"])
+def test_triton_decode_fragment_order(nk, group_size, m, dtype):
+    """The decode kernel's fragment order (w4a16.DECODE_FRAGMENT: the dequantized tile made in the tensor cores'
+    register layout, the default on this GPU) against the natural order (the bench's w4a16-triton-staged rows) on
+    the GPU: with integer x each dot step's sum is an exact integer in fp32 and the steps add in the same order, so
+    both give the same bits; with random x, the reference's bound."""
+    from minicpm_int4.kernels import _common, w4a16
+
+    n, k = nk
+    gs = k if group_size == -1 else group_size
+    assert w4a16._decode_fragment(torch.device("cuda"), 64, 16, False, w4a16.DECODE_FRAGMENT) == (
+        w4a16.FRAGMENT_ON_SM80 or _common.target_capability(torch.device("cuda")) >= 90)
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+    workspace = ops.w4a16_workspace(n, "cuda")
+    x_int = torch.randint(-8, 9, (m, k), device="cuda").to(dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda") * 4
+    fragment = [w4a16.w4a16_gemm_triton(v, qweight, scales, zeros, None, gs, workspace, variant=None)
+                for v in (x_int, x)]
+    with w4a16._setting("DECODE_FRAGMENT", True):
+        forced = [w4a16.w4a16_gemm_triton(v, qweight, scales, zeros, None, gs, workspace) for v in (x_int, x)]
+    with w4a16.staged_decode():
+        staged = [w4a16.w4a16_gemm_triton(v, qweight, scales, zeros, None, gs, workspace) for v in (x_int, x)]
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(workspace) == 0
+    assert torch.equal(forced[0], staged[0])
+    for y, v in zip(fragment + forced, (x_int, x) * 2):
+        assert_gemm_close(y, w4a16_gemm_ref(v, qweight, scales, zeros, None, gs), v,
+                          dequant(qweight, scales, zeros, gs, dtype))
+
+
 @pytest.mark.parametrize("variant,m", [("triton-tc", 1), ("triton-prefetch", 1), ("triton-unsplit", 1), ("triton-h2", 1),
-                                       ("triton-trip32", 8), ("triton-dq", 64), ("triton-rhs", 300)])
+                                       ("triton-trip32", 8), ("triton-staged", 8), ("triton-dq", 64),
+                                       ("triton-rhs", 300)])
 def test_triton_variant_per_call_is_its_switch(variant, m):
     """A Triton variant as backend="auto" runs it where the dispatch table picked it (w4a16_gemm_triton's
     `variant`: one setting changed for the call) gives the bits of the module switch the bench timed it under,

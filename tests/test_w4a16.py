@@ -158,6 +158,72 @@ def test_w4a16_decode_long_trip(case, m, dtype):
                       dequant(qweight, scales, zeros, gs, x.dtype))
 
 
+# The decode kernel on the GPU plan's tile (64 rows, 16-word steps: DECODE_INTERPRETER_TILES = False), where it
+# dequantizes in the tensor cores' fragment order (DECODE_FRAGMENT): G = 128 and per channel; EVEN or masked rows
+# and words, K split across programs.
+FRAGMENT_CASES = {
+    "even-g128": (64, 256, 128),
+    "even-g128-split": (128, 2048, 128),
+    "masked-n-g128": (70, 384, 128),
+    "even-per-channel": (64, 256, -1),
+    "masked-k-per-channel": (64, 136, -1),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m", [2, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("case", list(FRAGMENT_CASES))
+def test_w4a16_decode_fragment_order(case, m, dtype, monkeypatch):
+    """The fragment order (rows and columns relabelled so that the dot's first operand is already in the tensor
+    cores' register layout; x.T's rows permuted alike) against the natural order on the same tile and split: with
+    integer x every dot step's sum is an exact integer in fp32 and the groups add in the same order, so the two
+    give the same bits - a row or column sent to the wrong place would not; with random x, the reference's
+    bound."""
+    from minicpm_int4.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "DECODE_INTERPRETER_TILES", False)
+    n, k, group_size = FRAGMENT_CASES[case]
+    gs = k if group_size == -1 else group_size
+    block_n, block_kw, steps, split = w4a16._decode_blocks(n, k, gs, torch.device("cpu"))
+    assert (block_n, block_kw) == (64, 16) and (split > 1) == ("split" in case)
+    assert (n % block_n == 0 and (k // 8) % (block_kw * steps * split) == 0) == case.startswith("even")
+    qweight, scales, zeros, _ = random_qweight(n, k, group_size, dtype, seed=n * k + m)
+    g = torch.Generator().manual_seed(k + m)
+    x_int = torch.randint(-8, 9, (m, k), generator=g).to(dtype)
+    x = (torch.randn(m, k, generator=g) * 4).to(dtype)
+    launched = []
+    monkeypatch.setattr(w4a16, "_w4a16_decode_kernel", _Recording(w4a16._w4a16_decode_kernel, "decode", launched,
+                                                                  flags=("FRAGMENT",)))
+    outs = {}
+    for fragment in (True, False):
+        monkeypatch.setattr(w4a16, "DECODE_FRAGMENT", fragment)
+        outs[fragment] = [ops.w4a16_gemm(v, qweight, scales, zeros, None, group_size, backend="triton")
+                          for v in (x_int, x)]
+    assert launched == ["decode FRAGMENT"] * 2 + ["decode"] * 2
+    assert torch.equal(outs[True][0], outs[False][0])
+    for y, v in zip(outs[True], (x_int, x)):
+        assert_gemm_close(y, w4a16_gemm_ref(v, qweight, scales, zeros, None, gs), v,
+                          dequant(qweight, scales, zeros, gs, dtype))
+
+
+def test_decode_fragment_order_needs_the_gpu_tile(monkeypatch):
+    """The fragment order is a relabelling of what 4 warps hold of a 64 x 16-word tile: other tiles (the
+    interpreter's small ones, G = 32 / 64's 4- and 8-word steps) take the natural order whatever the setting, and on
+    a GPU fp32 layers' FMA dots do too; None picks it in the interpreter where the tile allows."""
+    from minicpm_int4.kernels import w4a16
+
+    cpu = torch.device("cpu")
+    assert w4a16._decode_fragment(cpu, 64, 16, False, None)
+    assert w4a16._decode_fragment(cpu, 64, 16, True, True)   # the interpreter's fp32 dots (bf16, fp32)
+    assert not w4a16._decode_fragment(cpu, 64, 16, False, False)
+    for block_n, block_kw in [(16, 4), (64, 8), (64, 4), (16, 16)]:
+        assert not w4a16._decode_fragment(cpu, block_n, block_kw, False, True)
+    monkeypatch.setattr(w4a16, "INTERPRET", False)
+    assert not w4a16._decode_fragment(cpu, 64, 16, True, True)
+    assert w4a16._decode_fragment(cpu, 64, 16, False, True)
+    assert w4a16.DECODE_FRAGMENT is None  # the default: by GPU
+
+
 def test_decode_plans_are_tuned_apart():
     """The decode kernel's autotuner (num_stages: weight tiles in flight) keys on every plan value that changes
     the bytes a pipeline stage holds: the steps a loop trip (DECODE_TRIP_WORDS; a long trip's stage is twice
@@ -235,7 +301,7 @@ W4A16_KERNELS = ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_k
 # a variant (w4a16.VARIANTS) and an M where it changes what runs for the layer below (K split by default at
 # M = 1 and in the decode kernel, the prefill tile dequantized as rows so that its side of the dot matters)
 VARIANT_M = {"triton-tc": 1, "triton-prefetch": 1, "triton-unsplit": 1, "triton-h2": 1, "triton-trip32": 5,
-             "triton-dq": 40, "triton-rhs": 40}
+             "triton-staged": 5, "triton-dq": 40, "triton-rhs": 40}
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_M))
@@ -248,6 +314,8 @@ def test_a_variant_changes_one_call_as_its_switch_does(variant, monkeypatch):
 
     assert set(VARIANT_M) == set(w4a16.VARIANTS)
     monkeypatch.setattr(w4a16, "PREFILL_W_ROWS", True)
+    # the GPU's decode tile, where the fragment order runs ("triton-staged" switches it off)
+    monkeypatch.setattr(w4a16, "DECODE_INTERPRETER_TILES", variant != "triton-staged")
     n, k, group_size = 16, 1024, 128
     qweight, scales, zeros, gs = random_qweight(n, k, group_size, torch.float16, seed=len(variant))
     g = torch.Generator().manual_seed(VARIANT_M[variant])

@@ -257,6 +257,19 @@ class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
         return 2 <= m <= CUDA_MAX_M
 
 
+class OursW4A16TritonStaged(_OursW4A16TritonSwitched):
+    """The Triton 2..16-row decode kernel with its dequantized tile in the natural order, which Triton moves into the
+    tensor cores' register layout through shared memory every dot step (kernels/w4a16.py DECODE_FRAGMENT = False),
+    beside `w4a16-triton`'s fragment order, made in that layout in registers: compiled for sm_90a at G = 128
+    (triton 3.9 / 3.6), 3.06 / 2.91 against 2.94 / 2.78 SASS instructions per weight, 8 STS.128, 8 LDSM.x4 and 16 KB
+    of shared memory more a program; sm_80 (triton 3.9) 4.30 against 3.08. These rows tell whether the layout
+    change cost time (G = 128 and per channel; G = 32 / 64 run the natural order either way)."""
+    variant = "triton-staged"
+
+    def supports(self, m):
+        return 2 <= m <= CUDA_MAX_M
+
+
 class _OursW4A16TritonPrefillSwitched(_OursW4A16TritonSwitched):
     """A switch that changes only the prefill path (M > 16): timed past the decode sizes."""
 
@@ -540,7 +553,8 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16TritonPrefetch(), OursW4A16TritonHalf2(), OursW4A16TritonTrip32(), OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
+            OursW4A16TritonPrefetch(), OursW4A16TritonHalf2(), OursW4A16TritonTrip32(), OursW4A16TritonStaged(),
+            OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A16CudaWgmma(), OursW4A16CudaWgmmaNosplit(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),
             OursW4A8CudaTokens(64), OursW4A8CudaTokens(128),

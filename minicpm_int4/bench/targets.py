@@ -343,6 +343,7 @@ def stream_fit_lines(bench: Dict, fits: Optional[List[StreamFit]] = None) -> Lis
 VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit", "w4a16-triton", 1),
             ("w4a16-triton-h2", "w4a16-triton", 1),
             ("w4a16-triton-tc", "w4a16-triton", 1), ("w4a16-triton-trip32", "w4a16-triton", 16),
+            ("w4a16-triton-staged", "w4a16-triton", 16),
             ("w4a16-cuda-gemv", "w4a16-cuda", 1), ("w4a16-cuda-ahead2", "w4a16-cuda", 1),
             ("w4a16-cuda-ahead2", "w4a16-cuda", 16), ("w4a16-cuda-ring", "w4a16-cuda", 1),
             ("w4a16-cuda-ring", "w4a16-cuda", 16),

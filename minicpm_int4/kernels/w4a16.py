@@ -272,12 +272,11 @@ def _pair_bits(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """int32 words [R, W], zero points zf [R, 1] (fp32) -> the exact q - z as [R, 8 * W] in DTYPE,
-    in the paired order: column 8 * w + 2 * j + e holds nibble j + 4 * e of word w (so the two
-    values one instruction makes sit side by side, as the dot's operand packs them; the caller
-    reads x's rows in the same order). ASM: PAIRS_*_PTX (GPU, fp16 / bf16); otherwise the
-    same numbers with Triton ops (the interpreter; fp32)."""
+def _q_minus_z_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """int32 words [R, W], zero points zf [R, 1] (fp32) -> nibbles 0..7's exact q - z, eight [R, W] in DTYPE.
+    ASM: PAIRS_*_PTX (GPU, fp16 / bf16), nibbles j and j + 4 made by one instruction (and packed side by side
+    in a register wherever the caller puts them next to each other); otherwise the same numbers with Triton ops
+    (the interpreter; fp32)."""
     if ASM:
         if DTYPE == tl.float16:
             zlo = _pair_bits(-(zf + 1024.0), DTYPE)
@@ -294,9 +293,53 @@ def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.const
         n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z8(words, zf, m0, m1, m2, m3)
         n0, n1, n2, n3 = n0.to(DTYPE), n1.to(DTYPE), n2.to(DTYPE), n3.to(DTYPE)
         n4, n5, n6, n7 = n4.to(DTYPE), n5.to(DTYPE), n6.to(DTYPE), n7.to(DTYPE)
+    return n0, n1, n2, n3, n4, n5, n6, n7
+
+
+@triton.jit
+def _dequant_pairs(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """int32 words [R, W], zero points zf [R, 1] (fp32) -> the exact q - z as [R, 8 * W] in DTYPE,
+    in the paired order: column 8 * w + 2 * j + e holds nibble j + 4 * e of word w (so the two
+    values one instruction makes sit side by side, as the dot's operand packs them; the caller
+    reads x's rows in the same order)."""
+    n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z_pairs(words, zf, m0, m1, m2, m3, DTYPE, ASM)
     # [R, W, 2, 2, 2], index (a, b, e) = column 4a + 2b + e = nibble (2a + b) + 4e
     w = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n4, n6), tl.join(n5, n7)))
     return tl.reshape(w, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def _fragment_rows(BLOCK_N: tl.constexpr):
+    """The weight rows (of the program's BLOCK_N = 64) whose words tile row r holds, for the fragment order
+    (_dequant_fragment): r = 32a + 8w + l -> 16w + 8a + l."""
+    r = tl.arange(0, BLOCK_N)
+    return (r // 8 % 4) * 16 + (r // 32) * 8 + r % 8
+
+
+@triton.jit
+def _dequant_fragment(words, zf, m0, m1, m2, m3, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """The q - z of words [64, 16] (int32, loaded as rows _fragment_rows; zero points zf [64, 1], fp32) as the
+    [64, 128] first operand of a tensor-core dot, in the order the tensor cores' register fragment holds it:
+    tile row 16w + 8a + l is words row 32a + 8w + l, and column 32u + 8j + 2c + e holds nibble j + 4e of word
+    4c + u (x.T's rows go the same way: k = 32c + 8u + 4e + j). Only a relabelling of the values each thread
+    already holds, for 4 warps loading the [64, 16] words tile 16 bytes a thread (4 threads a row, 8 rows a
+    warp, 2 rows apart by 32 a thread): each thread ends with its rows l and l + 8 of its warp's 16 and columns
+    2c + e (+ 8, + 16q) of every 16 - an m16n8k16 / m64nNk16 A fragment - so the compiler passes the registers
+    to mma.sync / wgmma as they are, where _dequant_pairs' natural order goes through shared memory (a store, a
+    barrier and an ldmatrix a trip)."""
+    n0, n1, n2, n3, n4, n5, n6, n7 = _q_minus_z_pairs(words, zf, m0, m1, m2, m3, DTYPE, ASM)
+    # [64, 16 (4c + u), 2 (e), 2 (j & 1), 2 (j >> 1)]
+    t = tl.join(tl.join(tl.join(n0, n4), tl.join(n1, n5)), tl.join(tl.join(n2, n6), tl.join(n3, n7)))
+    t = tl.reshape(t, (2, 4, 8, 4, 4, 2, 2, 2))            # rows (a, w, l), words (c, u), e, j & 1, j >> 1
+    t = tl.permute(t, (1, 0, 2, 4, 7, 6, 3, 5))            # rows (w, a, l), columns (u, j >> 1, j & 1, c, e)
+    return tl.reshape(t, (64, 128))
+
+
+@triton.jit
+def _fragment_x(xt, BLOCK_M: tl.constexpr):
+    """x.T's step [128, BLOCK_M] (row k) in _dequant_fragment's column order: row 32u + 8j + 2c + e <- k = 32c +
+    8u + 4e + j."""
+    return tl.reshape(tl.permute(tl.reshape(xt, (4, 4, 2, 2, 2, BLOCK_M)), (1, 3, 4, 0, 2, 5)), (128, BLOCK_M))
 
 
 @triton.jit
@@ -331,7 +374,8 @@ def _input_channels(p_ptr, k, K, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
 
 
 @fast_launch
-@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "STEPS", "HAS_SCALE", "HAS_PERM"])
+@autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "KW", "GROUP_W", "BLOCK_N", "SPLIT_K", "STEPS", "HAS_SCALE", "HAS_PERM",
+                                           "FRAGMENT"])
 @triton.jit
 def _w4a16_decode_kernel(
     x_ptr, m_ptr, p_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
@@ -340,7 +384,7 @@ def _w4a16_decode_kernel(
     KW_PER_SPLIT, m0, m1, m2, m3,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, DOT_FP32: tl.constexpr,
     EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_PERM: tl.constexpr,
-    GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr,
+    GROUP_W: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr, FRAGMENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
 ):
     """2 <= M <= 16: y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, k] * (q[n, k] - z[n, g]).
@@ -350,7 +394,10 @@ def _w4a16_decode_kernel(
     transpose through shared memory), and x.T [BLOCK_K, 16] the small second one (wgmma m64n16 on
     Hopper). The dot multiplies x by the exact small integers q - z (_dequant_pairs; its column
     order within a word is nibbles 0 4 1 5 2 6 3 7, and x.T's rows are permuted alike); the group's
-    scale is applied to the dot's fp32 result (per-channel: once at the end). A step's scales and zero
+    scale is applied to the dot's fp32 result (per-channel: once at the end). FRAGMENT (64 rows, 16-word
+    steps): the rows loaded in the order _fragment_rows and the tile made in the tensor cores' register order
+    (_dequant_fragment, x.T's rows alike: _fragment_x), so that it reaches mma.sync / wgmma from the registers it
+    was made in instead of through a shared-memory buffer each step. A step's scales and zero
     points are loaded one step ahead (_decode_group_sz): 2-byte loads, which Triton's pipeliner leaves
     out of its cp.async stages; loaded at their own step, they made each trip wait for them before
     its dequantization could begin. ASM: the PTX
@@ -373,21 +420,28 @@ def _w4a16_decode_kernel(
     m_mask = offs_m < M
     x_dtype = x_ptr.dtype.element_ty
     dot_dtype = tl.float32 if DOT_FP32 else x_dtype
-    w_rows = qw_ptr + offs_n[:, None] * stride_qn
+    if FRAGMENT:
+        offs_wn = pid_n * BLOCK_N + _fragment_rows(BLOCK_N)
+    else:
+        offs_wn = offs_n
+    wn_mask = offs_wn < N
+    w_rows = qw_ptr + offs_wn[:, None] * stride_qn
     sz_rows = offs_n * stride_sn
+    z_rows = offs_wn * stride_sn
     if PER_CHANNEL:
         s = tl.load(s_ptr + sz_rows, mask=n_mask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + sz_rows, mask=n_mask, other=0).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + z_rows, mask=wn_mask, other=0).to(tl.float32)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     kw_begin = pid_k * KW_PER_SPLIT
     if not PER_CHANNEL:  # the first step's scales and zero points; each step then loads its successor's
-        s, z = _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw_begin, KW, GROUP_W, EVEN)
+        s, z = _decode_group_sz(s_ptr, z_ptr, sz_rows, z_rows, n_mask, wn_mask, kw_begin, KW, GROUP_W, EVEN)
     for kw0 in range(kw_begin, kw_begin + KW_PER_SPLIT, BLOCK_KW * STEPS):
         for step in tl.static_range(STEPS):
             kw_step = tl.multiple_of(kw0 + step * BLOCK_KW, BLOCK_KW)
             if not PER_CHANNEL:
                 s_step, z_step = s, z
-                s, z = _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw_step + BLOCK_KW, KW, GROUP_W, EVEN)
+                s, z = _decode_group_sz(s_ptr, z_ptr, sz_rows, z_rows, n_mask, wn_mask, kw_step + BLOCK_KW, KW,
+                                        GROUP_W, EVEN)
             kw = kw_step + offs_w
             k = kw_step * 8 + tl.arange(0, BLOCK_KW * 8)
             x_ptrs = x_ptr + offs_m[None, :] * stride_xm + _input_channels(p_ptr, k, KW * 8, EVEN, HAS_PERM)[:, None]
@@ -397,15 +451,19 @@ def _w4a16_decode_kernel(
                 if HAS_SCALE:
                     xt = _times_input_scale(xt, _load_input_scale(m_ptr, k, offs_m, KW * 8, True, SCALE_TILE))
             else:
-                words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
+                words = tl.load(w_rows + kw[None, :], mask=wn_mask[:, None] & (kw < KW)[None, :], other=0)
                 xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k < KW * 8)[:, None], other=0)
                 if HAS_SCALE:
                     xt = _times_input_scale(xt, _load_input_scale(m_ptr, k, offs_m, KW * 8, False, SCALE_TILE))
-            w = _dequant_pairs(words, z if PER_CHANNEL else z_step, m0, m1, m2, m3, dot_dtype, ASM)
-            # x's rows in the same order (a permutation inside each thread's registers):
-            # row 8w + 2j + e <- k = 8w + j + 4e
-            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_KW, 2, 4, BLOCK_M)), (0, 2, 1, 3)),
-                            (BLOCK_KW * 8, BLOCK_M))
+            if FRAGMENT:
+                w = _dequant_fragment(words, z if PER_CHANNEL else z_step, m0, m1, m2, m3, dot_dtype, ASM)
+                xt = _fragment_x(xt, BLOCK_M)
+            else:
+                w = _dequant_pairs(words, z if PER_CHANNEL else z_step, m0, m1, m2, m3, dot_dtype, ASM)
+                # x's rows in the same order (a permutation inside each thread's registers):
+                # row 8w + 2j + e <- k = 8w + j + 4e
+                xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_KW, 2, 4, BLOCK_M)), (0, 2, 1, 3)),
+                                (BLOCK_KW * 8, BLOCK_M))
             if PER_CHANNEL:
                 if DOT_FP32:
                     acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
@@ -434,7 +492,8 @@ def _w4a16_decode_kernel(
 
 
 @triton.jit
-def _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw, KW, GROUP_W: tl.constexpr, EVEN: tl.constexpr):
+def _decode_group_sz(s_ptr, z_ptr, sz_rows, z_rows, n_mask, z_mask, kw, KW, GROUP_W: tl.constexpr,
+                     EVEN: tl.constexpr):
     """The scales [BLOCK_N] and zero points [BLOCK_N, 1] (fp32) of the group that holds packed word kw (of
     rows sz_rows): loaded a dot step before the step that uses them, so that their latency passes while
     the step before is computed. Past the program's last step kw is a word of the next program's (a
@@ -443,12 +502,12 @@ def _decode_group_sz(s_ptr, z_ptr, sz_rows, n_mask, kw, KW, GROUP_W: tl.constexp
     if EVEN:
         g = tl.minimum(kw, KW - 1) // GROUP_W
         s = tl.load(s_ptr + sz_rows + g)
-        z = tl.load(z_ptr + sz_rows + g)
+        z = tl.load(z_ptr + z_rows + g)
     else:
-        sz_mask = n_mask & (tl.full(n_mask.shape, kw, tl.int32) < KW)
+        in_k = tl.full(n_mask.shape, kw, tl.int32) < KW
         g = kw // GROUP_W
-        s = tl.load(s_ptr + sz_rows + g, mask=sz_mask, other=0)
-        z = tl.load(z_ptr + sz_rows + g, mask=sz_mask, other=0)
+        s = tl.load(s_ptr + sz_rows + g, mask=n_mask & in_k, other=0)
+        z = tl.load(z_ptr + z_rows + g, mask=z_mask & in_k, other=0)
     return s.to(tl.float32), z.to(tl.float32)[:, None]
 
 
@@ -977,6 +1036,7 @@ VARIANTS = {
     "triton-unsplit": ("GEMV_SPLIT", 1),         # M = 1: the GEMV never splits K across programs
     "triton-h2": ("GEMV_HALF2", True),           # M = 1, fp16: the GEMV's products in fp16 pairs
     "triton-trip32": ("DECODE_TRIP_WORDS", 32),  # 2 <= M <= 16: two groups of 128 a decode-kernel loop trip
+    "triton-staged": ("DECODE_FRAGMENT", False),  # 2 <= M <= 16: the dequantized tile in natural order (via smem)
     "triton-dq": ("PREFILL_DEQUANT", True),      # M > 16: the weight dequantized whole, then torch's matmul
     "triton-rhs": ("PREFILL_W_LHS", False),      # M > 16: the prefill row tile as the dot's second operand
 }
@@ -989,7 +1049,8 @@ def _decode_blocks(n: int, k: int, group_size: int, device: torch.device):
     inside one group; a loop trip is STEPS of them (DECODE_TRIP_WORDS words: 128 weights of K on a GPU).
     BLOCK_N = 64 rows is one Hopper wgmma (m64) and reads x once per 64 rows; K is split across programs
     until about DECODE_PROGRAMS_PER_SM programs per SM run, each keeping >= 2 trips."""
-    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)[:4]
+    return _decode_plan(n, k, group_size, num_sms(device), DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS,
+                        INTERPRET and DECODE_INTERPRETER_TILES)[:4]
 
 
 # The 2..16-row decode kernel's launch plan (_decode_plan), as settings so that benchmarks/decode_sweep.py can
@@ -1000,18 +1061,34 @@ DECODE_PROGRAMS_PER_SM = 2
 # dots a trip - more bytes a pipeline stage, fewer trips and barriers per byte; variant "triton-trip32", which
 # backend="auto" takes per shape where a bench measured it faster)
 DECODE_TRIP_WORDS = 16
+# ... and the dequantized tile made in the tensor cores' register order (_dequant_fragment: rows and columns
+# relabelled so that each thread already holds its mma.sync / wgmma A fragment) instead of the natural order,
+# which Triton moves into that layout through shared memory each dot step (8 STS.128, a barrier and 8 LDSM.x4 a
+# thread and trip; 16 KB of shared memory a program). Needs the GPU plan's tile (64 rows, 16-word steps: G = 128
+# and per channel; G = 32 / 64 take the natural order). None: by GPU - sm_90+, and sm_80 - 89 from triton 3.9
+# (FRAGMENT_ON_SM80): G = 128, 4096 x 4096, M = 16, SASS instructions per weight and shared memory a program,
+# natural -> fragment order: sm_90a triton 3.9 3.06 -> 2.94 and 28 -> 12 KB (s2), triton 3.6 2.91 -> 2.78;
+# sm_80 triton 3.9 4.30 -> 3.08 and 128 -> 88 registers, triton 3.6 4.48 -> 5.56 (x's rows gathered 2 bytes at
+# a time with shuffles there; kernel_inspection.md). False: the natural order, variant "triton-staged", which
+# backend="auto" takes per shape where a bench measured it faster. The interpreter takes it where its tiles allow
+# (DECODE_INTERPRETER_TILES = False, as tests set it).
+DECODE_FRAGMENT = None
+FRAGMENT_ON_SM80 = _common.triton_at_least(3, 9)
+# The interpreter's decode tiles: 16 rows and 4-word steps, so that the tests' small shapes cross every boundary;
+# False (tests): the GPU plan's 64 rows and 16-word steps, the tile the fragment order needs.
+DECODE_INTERPRETER_TILES = True
 
 
 # Launch plans are pure functions of the layer's shape and the GPU's SM count: cached, so that a
 # decode step's host work per layer is a dictionary lookup, not a dozen integer computations.
 @functools.lru_cache(maxsize=4096)
-def _decode_plan(n: int, k: int, group_size: int, sms: int, programs_per_sm: int, trip_words: int):
+def _decode_plan(n: int, k: int, group_size: int, sms: int, programs_per_sm: int, trip_words: int, small: bool):
     """(BLOCK_N, BLOCK_KW, STEPS, SPLIT_K, KW_PER_SPLIT, EVEN, PER_CHANNEL, GROUP_W) of _decode
-    (programs_per_sm, trip_words: DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS)."""
+    (programs_per_sm, trip_words: DECODE_PROGRAMS_PER_SM, DECODE_TRIP_WORDS; small: the interpreter's tiles)."""
     kw = k // 8
     per_channel = group_size >= k
     group_w = kw if per_channel else group_size // 8
-    if INTERPRET:  # small tiles so the tests' shapes cross every boundary (a trip of 2 steps, 4 with 32 words)
+    if small:  # small tiles so the tests' shapes cross every boundary (a trip of 2 steps, 4 with 32 words)
         block_n, block_kw, steps = 16, min(4, group_w) if not per_channel else 4, max(1, trip_words // 8)
     else:
         block_n = 64
@@ -1056,6 +1133,18 @@ PREFILL_W_LHS = True
 # None: the decode kernel loads an input scale as x.T's tile on sm_90+ and as a vector on older GPUs
 # and in the interpreter (_load_input_scale); tests set True / False to run both
 SCALE_AS_TILE = None
+
+
+def _decode_fragment(device: torch.device, block_n: int, block_kw: int, dot_fp32: bool, setting) -> bool:
+    """Whether the decode kernel dequantizes in the tensor cores' fragment order (DECODE_FRAGMENT, or the call's
+    variant's value of it): the 64-row tile of 16-word steps only, and on a GPU tensor-core dots only."""
+    if block_n != 64 or block_kw != 16:
+        return False
+    if setting is not None:
+        return bool(setting) and (INTERPRET or not dot_fp32)
+    if INTERPRET:
+        return True
+    return not dot_fp32 and (FRAGMENT_ON_SM80 or _common.target_capability(device) >= 90)
 
 
 def _decode_scale_tile(device: torch.device) -> bool:
@@ -1223,7 +1312,8 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
     m, k = x.shape
     n, kw = qweight.shape
     block_n, block_kw, steps, split, kw_per_split, even, per_channel, group_w = _decode_plan(
-        n, k, group_size, num_sms(x.device), DECODE_PROGRAMS_PER_SM, over.get("DECODE_TRIP_WORDS", DECODE_TRIP_WORDS))
+        n, k, group_size, num_sms(x.device), DECODE_PROGRAMS_PER_SM, over.get("DECODE_TRIP_WORDS", DECODE_TRIP_WORDS),
+        INTERPRET and DECODE_INTERPRETER_TILES)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part, fixup = _split_k_partials(out, split, workspace, cdiv(n, block_n), "decode")
     b = bias if bias is not None else scales  # any valid pointer; never read
@@ -1238,6 +1328,7 @@ def _decode(x, qweight, scales, zeros, bias, group_size, dot_fp32, workspace=Non
         HAS_SCALE=input_scale is not None, SCALE_TILE=input_scale is not None and _decode_scale_tile(x.device),
         HAS_PERM=input_perm is not None,
         GROUP_W=group_w, PER_CHANNEL=per_channel, ASM=_use_ptx(dot_fp32),
+        FRAGMENT=_decode_fragment(x.device, block_n, block_kw, dot_fp32, over.get("DECODE_FRAGMENT", DECODE_FRAGMENT)),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, STEPS=steps,
     )
     if split > 1 and not fixup:
@@ -1338,6 +1429,13 @@ def long_decode_trip():
     one, inside the block (variant "triton-trip32"; the benchmark's `w4a16-triton-trip32` rows; not
     thread-safe)."""
     return _variant_switch("triton-trip32")
+
+
+def staged_decode():
+    """Run the 2..16-row decode kernel with its dequantized tile in the natural order, which the compiler moves into
+    the tensor cores' layout through shared memory (DECODE_FRAGMENT = False), inside the block (variant
+    "triton-staged"; the benchmark's `w4a16-triton-staged` rows; not thread-safe)."""
+    return _variant_switch("triton-staged")
 
 
 def prefetch_gemv():
