@@ -398,6 +398,18 @@ def test_decode_loads_a_steps_scales_a_step_ahead(compiled):
             assert c["loop_loads_before_wait"] >= 2, where
 
 
+def _decode_variant_pairs(compiled, variant):
+    """(the default's record, the variant's) for each M = 4 decode-kernel problem compiled as `variant` (no input scale
+    or channel order): the same GPU, problem, FIXUP, EVEN and num_stages."""
+    def key(c):
+        return c["arch"], c["label"], c["constexprs"]["FIXUP"], c["constexprs"]["EVEN"], c["options"]["num_stages"]
+
+    decode = [c for c in _by_kernel(compiled, "w4a16_decode") if "M=4 " in c["label"]
+              and not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"]]
+    default = {key(c): c for c in decode if c.get("variant") is None}
+    return [(default[key(c)], c) for c in decode if c.get("variant") == variant]
+
+
 def test_decode_long_trip_issues_fewer_instructions_per_weight(compiled):
     """DECODE_TRIP_WORDS = 32 (two dots of a group of 128 a loop trip): compiled for the same problems as the
     default (4096 x 4096 G = 128 and the per-channel 1152 x 4304; the budget and spill checks above cover it too),
@@ -406,17 +418,10 @@ def test_decode_long_trip_issues_fewer_instructions_per_weight(compiled):
     against 3.2 - 3.5) and keeps twice the
     bytes a pipeline stage, for a few more registers and more shared memory a program: the bench's
     w4a16-triton-trip32 rows decide whether that is worth the programs an SM it may cost."""
-    def key(c):
-        return c["arch"], c["label"], c["constexprs"]["FIXUP"], c["constexprs"]["EVEN"], c["options"]["num_stages"]
-
-    decode = [c for c in _by_kernel(compiled, "w4a16_decode") if "M=4 " in c["label"]
-              and not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"]]
-    default = {key(c): c for c in decode if c.get("variant") is None}
-    long = [c for c in decode if c.get("variant") == "trip32"]
-    assert {c["arch"] for c in long} == {"sm80", "sm90a"} and len(long) >= 48, len(long)
-    for c in long:
-        base = default[key(c)]
-        where = (key(c), c["instr_per_weight"], base["instr_per_weight"])
+    pairs = _decode_variant_pairs(compiled, "trip32")
+    assert {c["arch"] for _, c in pairs} == {"sm80", "sm90a"} and len(pairs) >= 48, len(pairs)
+    for base, c in pairs:
+        where = (c["arch"], c["label"], c["options"], c["instr_per_weight"], base["instr_per_weight"])
         assert c["constexprs"]["STEPS"] == 2 * base["constexprs"]["STEPS"], where
         assert not c["spill_bytes"] and not c["problems"], where
         # sm_80 at most a hair dearer: triton 3.6 (the GPU image's) compiles one config, bf16 per channel s2,
@@ -435,17 +440,11 @@ def test_decode_fragment_order_reaches_the_tensor_cores_without_shared_memory(co
     above. sm_80 takes it from triton 3.9 only (w4a16.FRAGMENT_ON_SM80: 3.6 gathered x's rows 2 bytes at a time)."""
     from minicpm_int4.kernels import w4a16
 
-    def key(c):
-        return c["arch"], c["label"], c["constexprs"]["FIXUP"], c["constexprs"]["EVEN"], c["options"]["num_stages"]
-
-    decode = [c for c in _by_kernel(compiled, "w4a16_decode") if "M=4 " in c["label"] and "float16" in c["label"]
-              and not c["constexprs"]["HAS_SCALE"] and not c["constexprs"]["HAS_PERM"]]
-    default = {key(c): c for c in decode if c.get("variant") is None}
-    staged = [c for c in decode if c.get("variant") == "staged"]
-    assert {c["arch"] for c in staged} == {"sm80", "sm90a"} and len(staged) >= 24, len(staged)
-    for c in staged:
-        base = default[key(c)]
-        where = (key(c), base["instr_per_weight"], c["instr_per_weight"], base["smem"], c["smem"])
+    pairs = _decode_variant_pairs(compiled, "staged")
+    assert {c["arch"] for _, c in pairs} == {"sm80", "sm90a"} and len(pairs) >= 24, len(pairs)
+    for base, c in pairs:
+        where = (c["arch"], c["label"], c["options"], base["instr_per_weight"], c["instr_per_weight"], base["smem"],
+                 c["smem"])
         assert not c["constexprs"]["FRAGMENT"] and not c["spill_bytes"] and not c["problems"], where
         if c["arch"] == "sm80" and not w4a16.FRAGMENT_ON_SM80:
             assert not base["constexprs"]["FRAGMENT"], where
