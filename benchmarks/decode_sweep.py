@@ -12,7 +12,9 @@ fit in L2, bench/env.py kernel_time_ms):
              tensor-core decode
              kernel at M = 1 (GEMV_MAX_M = 0) over the decode settings below;
   M = 2..16: the tensor-core decode kernel, DECODE_PROGRAMS_PER_SM (the programs an SM K is split to give)
-             x DECODE_TRIP_WORDS (packed words of K a loop trip: 16 = one group of 128, 32 = two).
+             x DECODE_TRIP_WORDS (packed words of K a loop trip: 16 = one group of 128, 32 = two); and at the
+             default plan with DECODE_FRAGMENT = False (its dequantized tile in natural order, moved into the
+             tensor cores' layout through 16 KB of shared memory a program; at M = 1 on the tensor-core kernel).
 Every row keeps the plan the settings made (split, steps a trip) and GB/s against the copy bandwidth
 measured in the same run; the Markdown lists, per (shape, M), each setting's time over the default's.
 Writes decode_sweep.json and decode_sweep.md in --out, rewritten after each shape (a run cut short keeps
@@ -71,6 +73,8 @@ def settings_for(m: int, gemv_threads=GEMV_THREADS, programs=PROGRAMS_PER_SM, tr
         elif all(getattr(w4a16, k) == v for k, v in s.items()):
             continue  # the default
         out.append(s)
+    if w4a16.DECODE_FRAGMENT is not False:  # the natural order, the bench's w4a16-triton-staged rows
+        out.append({"GEMV_MAX_M": 0, "DECODE_FRAGMENT": False} if m == 1 else {"DECODE_FRAGMENT": False})
     return out
 
 
@@ -82,7 +86,8 @@ def _plan(n: int, k: int, m: int, group_size: int, device: torch.device) -> Dict
         block_n, block_kw, warps, split, _ = w4a16._gemv_blocks(n, k // 8, device)
         return {"kernel": "gemv", "block_n": block_n, "block_kw": block_kw, "warps": warps, "split_k": split}
     block_n, block_kw, steps, split = w4a16._decode_blocks(n, k, group_size, device)
-    return {"kernel": "decode", "block_n": block_n, "block_kw": block_kw, "steps": steps, "split_k": split}
+    return {"kernel": "decode", "block_n": block_n, "block_kw": block_kw, "steps": steps, "split_k": split,
+            "fragment": w4a16._decode_fragment(device, block_n, block_kw, False, w4a16.DECODE_FRAGMENT)}
 
 
 def _label(setting: Dict) -> str:

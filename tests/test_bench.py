@@ -842,7 +842,8 @@ def test_cpu_costs_summary_and_committed_results():
 
 def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys):
     """benchmarks/decode_sweep.py (a GPU session's sweep of the decode kernels' launch settings) on the CPU,
-    tiny: at M = 1 the GEMV's settings and the tensor-core kernel's, at M = 4 the decode kernel's, each row
+    tiny: at M = 1 the GEMV's settings and the tensor-core kernel's, at M = 4 the decode kernel's (and its tile in
+    natural order, DECODE_FRAGMENT = False, at the default plan), each row
     checked against the reference before it is timed, with the plan its settings made (the splits and trip
     steps differ where the settings do), the default first; JSON and Markdown written; bad options refused
     before anything runs; the module settings restored afterwards."""
@@ -857,7 +858,7 @@ def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     before = {n: getattr(w4a16, n) for n in ("GEMV_THREADS_PER_SM", "GEMV_PREFETCH", "GEMV_HALF2", "GEMV_MAX_M",
-                                               "DECODE_PROGRAMS_PER_SM", "DECODE_TRIP_WORDS")}
+                                               "DECODE_PROGRAMS_PER_SM", "DECODE_TRIP_WORDS", "DECODE_FRAGMENT")}
     out = tmp_path / "sweep"
     rc = mod.main(["--shapes", "32x1024", "--ms", "1,4", "--gemv-threads", "16,512", "--programs", "1,8",
                    "--trips", "16,32", "--rep-ms", "1", "--out", str(out)])
@@ -868,9 +869,12 @@ def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys
     m1 = [r for r in res["rows"] if r["m"] == 1]
     m4 = [r for r in res["rows"] if r["m"] == 4]
     # M = 1: the default, the GEMV's other (threads, prefetch, packed) triples (512 without prefetch, unpacked, is
-    # the default), and the tensor-core kernel at each (programs, trip); M = 4: the default and the 4 decode
-    # settings (none of them the default's 2 programs an SM)
-    assert len(m1) == 1 + 7 + 4 and len(m4) == 1 + 4
+    # the default), and the tensor-core kernel at each (programs, trip) and in natural order; M = 4: the default, the 4
+    # decode settings (none of them the default's 2 programs an SM) and the natural order
+    assert len(m1) == 1 + 7 + 4 + 1 and len(m4) == 1 + 4 + 1
+    staged = rows[(4, "DECODE_FRAGMENT=False")]
+    assert staged["plan"]["fragment"] is False and staged["plan"]["split_k"] == m4[0]["plan"]["split_k"]
+    assert rows[(1, "GEMV_MAX_M=0, DECODE_FRAGMENT=False")]["plan"]["kernel"] == "decode"
     assert sum(bool(r["setting"].get("GEMV_HALF2")) for r in m1) == 4
     assert m1[0]["default"] and m4[0]["default"] and sum(r["default"] for r in res["rows"]) == 2
     assert {r["plan"]["kernel"] for r in m1} == {"gemv", "decode"} and {r["plan"]["kernel"] for r in m4} == {"decode"}
