@@ -227,14 +227,15 @@ def test_decode_fragment_order_needs_the_gpu_tile(monkeypatch):
 def test_decode_plans_are_tuned_apart():
     """The decode kernel's autotuner (num_stages: weight tiles in flight) keys on every plan value that changes
     the bytes a pipeline stage holds: the steps a loop trip (DECODE_TRIP_WORDS; a long trip's stage is twice
-    the default's), the split and the tile, so that a variant's launches (the bench's `w4a16-triton-trip32`
+    the default's), the split and the tile, and on the tile's order (DECODE_FRAGMENT: the natural order holds a
+    16 KB buffer more a program), so that a variant's launches (the bench's `w4a16-triton-trip32`
     rows, decode_sweep's trips, a table's "triton-trip32" pick) are not run on the config timed for the
     default's plan of the same shape."""
     from minicpm_int4.kernels import w4a16
 
     kernel = w4a16._w4a16_decode_kernel
     keys = getattr(kernel, "tuner", kernel).keys  # (fast_launch wraps the autotuner on a GPU)
-    assert {"STEPS", "SPLIT_K", "BLOCK_N", "GROUP_W", "M_BUCKET", "N", "KW"} <= set(keys)
+    assert {"STEPS", "SPLIT_K", "BLOCK_N", "GROUP_W", "M_BUCKET", "N", "KW", "FRAGMENT"} <= set(keys)
 
 
 class _NoLaunch:
