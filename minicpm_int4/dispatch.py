@@ -11,8 +11,8 @@ VARIANTS): at M = 1 "triton-tc" (the tensor-core decode kernel instead of the GE
 weight, split-K finished in the same launch with the layer's workspace), "triton-prefetch" (the GEMV with its
 next step of W loaded ahead) and "triton-unsplit" (the GEMV with K never split); at 2..16 "triton-trip32" (the
 decode kernel with two groups of 128 a loop trip) and "triton-staged" (it with its dequantized tile in natural
-order, moved into the tensor cores' layout through shared memory); past 16 "triton-dq" (the weight dequantized whole by a
-Triton kernel, then torch's matmul) and "triton-rhs" (the prefill row tile as the dot's second operand,
+order, moved into the tensor cores' layout through shared memory); past 16 "triton-dq" (the weight dequantized
+whole by a Triton kernel, then torch's matmul) and "triton-rhs" (the prefill row tile as the dot's second operand,
 y = x @ W.T); and, with the extension built, M <= 16, "cuda" (its launcher's choice) and its variants
 (CUDA_CANDIDATES): "cuda-gemv" (its CUDA-core GEMV, launcher variant 1), "cuda-ahead2" and "cuda-ring" (its
 tensor-core kernel with W requested two chunks ahead, variant 3, or through a ring in shared memory, variant 4:
@@ -63,11 +63,11 @@ CUDA_PREFILL_CANDIDATES = ("cuda-wgmma", "cuda-wgmma-nosplit")
 # The Triton kernels' variants (kernels/w4a16.py VARIANTS: one of that module's settings changed for a call) and
 # the M they are measured and picked at (a candidate is only ever compared where it runs something other than
 # "triton": "triton-tc" / "-prefetch" / "-unsplit" / "-h2" change the M = 1 GEMV (-h2 fp16 layers only: its
-# products in fp16 pairs, within reference.gemv_half2_tolerance - for other dtypes it is the default GEMV), "triton-trip32" and
-# "-staged" the 2..16-row decode kernel, "triton-dq" / "-rhs" the prefill path)
+# products in fp16 pairs, within reference.gemv_half2_tolerance - for other dtypes it is the default GEMV),
+# "triton-trip32" and "-staged" the 2..16-row decode kernel, "triton-dq" / "-rhs" the prefill path)
 TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1), "triton-h2": (1, 1),
-                     "triton-trip32": (2, CUDA_MAX_M), "triton-staged": (2, CUDA_MAX_M), "triton-dq": (CUDA_MAX_M + 1, None),
-                     "triton-rhs": (CUDA_MAX_M + 1, None)}
+                     "triton-trip32": (2, CUDA_MAX_M), "triton-staged": (2, CUDA_MAX_M),
+                     "triton-dq": (CUDA_MAX_M + 1, None), "triton-rhs": (CUDA_MAX_M + 1, None)}
 # The per-token int8 activation quantizer's candidates (the bench's act_quant rows): the Triton kernel, it with 4 /
 # 16 warps a row for the call (kernels/act_quant.py ACT_QUANT_WARPS; its default is the row's block / 512), and
 # the extension's (csrc/act_quant.cu). All give the reference's bits.

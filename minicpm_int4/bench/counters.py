@@ -53,8 +53,8 @@ MARKER = "minicpm_int4_ncu_marker"  # launched before each case's call: where it
 DECODE_SHAPES = ((14336, 4096), (4096, 14336))
 DECODE_BACKENDS = {1: ("fp16", "w4a16-triton", "w4a16-triton-unsplit", "w4a16-triton-tc", "w4a16-cuda",
                        "w4a16-cuda-gemv", "w4a16-cuda-ahead2", "w4a16-cuda-ring"),
-                   16: ("fp16", "w4a16-triton", "w4a16-triton-trip32", "w4a16-triton-staged", "w4a16-cuda", "w4a16-cuda-ahead2",
-                        "w4a16-cuda-ring")}
+                   16: ("fp16", "w4a16-triton", "w4a16-triton-trip32", "w4a16-triton-staged", "w4a16-cuda",
+                        "w4a16-cuda-ahead2", "w4a16-cuda-ring")}
 PREFILL_SHAPE, PREFILL_M = (14336, 4096), 4096
 PREFILL_BACKENDS = ("fp16", "w4a16-triton", "w4a16-triton-rhs", "w4a16-triton-dq", "w4a16-cuda-wgmma", "w4a8-triton",
                     "w4a8-cuda")
