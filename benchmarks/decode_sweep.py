@@ -8,8 +8,9 @@ bound) before it is timed with the bench's timing (a CUDA graph of calls over we
 fit in L2, bench/env.py kernel_time_ms):
   M = 1:     the CUDA-core GEMV, GEMV_THREADS_PER_SM (the threads an SM K is split to give) x GEMV_PREFETCH
              (its next step of W loaded before it computes the current one) x GEMV_HALF2 (its products in fp16
-             pairs: 96 registers a thread where the fp32 path holds 128, so more threads an SM may pay); and the
-             tensor-core decode
+             pairs: 96 registers a thread where the fp32 path holds 128, so more threads an SM may pay); the other
+             GEMV_DIRECT_LOADS (x, scales and zero points loaded by each thread for its own words, no barrier) x
+             GEMV_PREFETCH x GEMV_HALF2 at the default split; and the tensor-core decode
              kernel at M = 1 (GEMV_MAX_M = 0) over the decode settings below;
   M = 2..16: the tensor-core decode kernel, DECODE_PROGRAMS_PER_SM (the programs an SM K is split to give)
              x DECODE_TRIP_WORDS (packed words of K a loop trip: 16 = one group of 128, 32 = two); and at the
@@ -66,6 +67,10 @@ def settings_for(m: int, gemv_threads=GEMV_THREADS, programs=PROGRAMS_PER_SM, tr
             s = {"GEMV_THREADS_PER_SM": threads, "GEMV_PREFETCH": prefetch, "GEMV_HALF2": half2}
             if any(getattr(w4a16, k) != v for k, v in s.items()):
                 out.append(s)
+        # the loads of x, scales and zero points made where they are used, at the default split
+        for prefetch, half2 in itertools.product((False, True), (False, True)):
+            s = {"GEMV_DIRECT_LOADS": not w4a16.GEMV_DIRECT_LOADS, "GEMV_PREFETCH": prefetch, "GEMV_HALF2": half2}
+            out.append(s)
     for pps, trip in itertools.product(programs, trips):
         s = {"DECODE_PROGRAMS_PER_SM": pps, "DECODE_TRIP_WORDS": trip}
         if m == 1:

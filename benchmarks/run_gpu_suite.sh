@@ -108,7 +108,7 @@ else
   # (--max-n 30000: every LLM layer and fuse_projections' stacked gate / up - 24576 and 28672 rows, at M = 1 only -
   # but not the 128k-152k-row vocabulary projections)
   BENCH_ARGS=(--models minicpmv4.6,llama3-v2.5 --max-n 30000 --ms 1,16,256,4096 --rep-ms 10 --time-budget-s 150
-              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-h2,w4a16-triton-trip32,w4a16-triton-staged,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a16-cuda-wgmma-nosplit,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
+              --backends w4a16-triton,w4a16-triton-prefetch,w4a16-triton-unsplit,w4a16-triton-h2,w4a16-triton-direct,w4a16-triton-trip32,w4a16-triton-staged,w4a16-triton-dq,w4a16-triton-rhs,w4a16-cuda,w4a16-cuda-gemv,w4a16-cuda-ahead2,w4a16-cuda-ring,w4a16-cuda-wgmma,w4a16-cuda-wgmma-nosplit,w4a8-triton,w4a8-triton-flat,w4a8-cuda,w4a8-cuda-mma,w4a8-cuda-fma,w4a8-cuda-t64,w4a8-cuda-t128,torch-tinygemm,bnb-nf4,gemlite)
   PROFILE_ARGS=(--new-tokens 128 --modes eager,cudagraph,graphed)
 fi
 # shellcheck disable=SC2206  # (word-split on purpose: a list of arguments)

@@ -9,8 +9,10 @@ the CUDA-core GEMV at M = 1, the tensor-core decode kernel at 2..16, the fused p
 the Triton variants, each one of those settings changed for the call (TRITON_CANDIDATES; kernels/w4a16.py
 VARIANTS): at M = 1 "triton-tc" (the tensor-core decode kernel instead of the GEMV: fewer instructions per
 weight, split-K finished in the same launch with the layer's workspace), "triton-prefetch" (the GEMV with its
-next step of W loaded ahead) and "triton-unsplit" (the GEMV with K never split); at 2..16 "triton-trip32" (the
-decode kernel with two groups of 128 a loop trip) and "triton-staged" (it with its dequantized tile in natural
+next step of W loaded ahead), "triton-unsplit" (the GEMV with K never split), "triton-h2" (its products in
+fp16 pairs) and "triton-direct" (its x, scales and zero points loaded by each thread for its own words, no shared
+memory between); at 2..16 "triton-trip32" (the decode kernel with two groups of 128 a loop trip) and
+"triton-staged" (it with its dequantized tile in natural
 order, moved into the tensor cores' layout through shared memory); past 16 "triton-dq" (the weight dequantized
 whole by a Triton kernel, then torch's matmul) and "triton-rhs" (the prefill row tile as the dot's second operand,
 y = x @ W.T); and, with the extension built, M <= 16, "cuda" (its launcher's choice) and its variants
@@ -62,10 +64,11 @@ CUDA_CANDIDATES = ("cuda", "cuda-gemv", "cuda-ahead2", "cuda-ring", "cuda-wgmma"
 CUDA_PREFILL_CANDIDATES = ("cuda-wgmma", "cuda-wgmma-nosplit")
 # The Triton kernels' variants (kernels/w4a16.py VARIANTS: one of that module's settings changed for a call) and
 # the M they are measured and picked at (a candidate is only ever compared where it runs something other than
-# "triton": "triton-tc" / "-prefetch" / "-unsplit" / "-h2" change the M = 1 GEMV (-h2 fp16 layers only: its
+# "triton": "triton-tc" / "-prefetch" / "-unsplit" / "-h2" / "-direct" change the M = 1 GEMV (-h2 fp16 layers only: its
 # products in fp16 pairs, within reference.gemv_half2_tolerance - for other dtypes it is the default GEMV),
 # "triton-trip32" and "-staged" the 2..16-row decode kernel, "triton-dq" / "-rhs" the prefill path)
 TRITON_CANDIDATES = {"triton-tc": (1, 1), "triton-prefetch": (1, 1), "triton-unsplit": (1, 1), "triton-h2": (1, 1),
+                     "triton-direct": (1, 1),
                      "triton-trip32": (2, CUDA_MAX_M), "triton-staged": (2, CUDA_MAX_M),
                      "triton-dq": (CUDA_MAX_M + 1, None), "triton-rhs": (CUDA_MAX_M + 1, None)}
 # The per-token int8 activation quantizer's candidates (the bench's act_quant rows): the Triton kernel, it with 4 /

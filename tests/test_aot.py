@@ -55,6 +55,19 @@ for arch in ("sm80", "sm90a"):
         out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
                                 "instr_per_weight": aot.loop_instructions_per_weight(c),
                                 "variant": "h2" if launch.constexprs.get("HALF2") else None})
+    # the GEMV's x, scales and zero points loaded where they are used (w4a16.GEMV_DIRECT_LOADS; the bench's
+    # w4a16-triton-direct rows), the fp32 path and the packed one, K split and not, G = 128 and per channel
+    with w4a16.direct_gemv():
+        launches = aot.record_launches(aot.ARCHS[arch], [(4096, 4096), (12288, 4096)], [1], [torch.float16],
+                                       [128, -1], w4a8=False, act_quant=False, input_scale=False, input_perm=False)
+        with w4a16.half2_gemv():
+            launches += aot.record_launches(aot.ARCHS[arch], [(4096, 4096), (12288, 4096)], [1], [torch.float16],
+                                            [128], w4a8=False, act_quant=False, input_scale=False, input_perm=False)
+    for launch in launches:
+        if launch.kernel == "w4a16_gemv":
+            c = aot.compile_launch(launch, aot.ARCHS[arch])
+            out.append(asdict(c) | {"problems": aot.problems(c), "vector_bytes": c.vector_bytes,
+                                    "instr_per_weight": aot.loop_instructions_per_weight(c), "variant": "direct"})
 # the quantizer with 4 / 16 warps a row (act_quant.ACT_QUANT_WARPS, the bench's triton-4w / -16w rows), one- and
 # 16K-wide rows
 from minicpm_int4.kernels import act_quant
@@ -345,6 +358,41 @@ def test_gemv_half2_variant_issues_fewer_instructions(compiled):
         if c["constexprs"]["EVEN"] and c["constexprs"]["PAIR_LOADS"]:
             assert c["instr_per_weight"] <= 3.3, (c["arch"], c["label"], c["instr_per_weight"])
     assert compared >= 8
+
+
+def test_gemv_direct_loads_keep_the_loop_free_of_barriers_and_its_weight_loads_early(compiled):
+    # GEMV_DIRECT_LOADS: x's words (and, G = 128, the scales and zero points) loaded by each thread for its own words
+    # of W - no barrier and no shared memory left in the loop, where the default's has them (20 BAR.SYNC on sm_90a)
+    # - under the 128-register ceiling that keeps ptxas from sinking the streamed weight loads into the step (without
+    # it two to three of a thread's four were issued after half of the products, kernels/w4a16.py): every 16-byte
+    # load of W in the first quarter of the loop; no spills; the cost +0.2 SASS instructions per weight at most
+    from minicpm_int4.kernels import w4a16
+
+    gemv = _by_kernel(compiled, "w4a16_gemv")
+    direct = [c for c in gemv if c.get("variant") == "direct" and c["constexprs"]["EVEN"]]
+    # (K split on sm_90a's 132 SMs for 4096 x 4096; not on sm_80's 108)
+    assert {(c["arch"], c["constexprs"]["HALF2"], c["constexprs"]["SPLIT_K"] > 1) for c in direct} == \
+        {(a, h, False) for a in ("sm80", "sm90a") for h in (False, True)} | {("sm90a", h, True) for h in (False, True)}
+    key = lambda c: (c["arch"], c["label"], tuple(sorted((k, v) for k, v in c["constexprs"].items()  # noqa: E731
+                                                        if k not in ("DIRECT_X", "DIRECT_SZ", "LOAD_ASM"))))
+    default = {key(c): c for c in gemv if not c["constexprs"]["DIRECT_X"] and not c["constexprs"].get("PREFETCH")}
+    compared = 0
+    for c in direct:
+        where = (c["arch"], c["label"], c["constexprs"]["HALF2"])
+        assert not c["error"] and not c["problems"], (where, c["error"], c["problems"])
+        assert c["constexprs"]["DIRECT_X"] and c["constexprs"]["DIRECT_SZ"] and c["constexprs"]["LOAD_ASM"], where
+        assert c["options"]["maxnreg"] == w4a16.GEMV_DIRECT_MAXNREG and c["regs"] <= w4a16.GEMV_DIRECT_MAXNREG, where
+        shared = {k: v for k, v in c["loop_sass"].items() if k.split(".")[0] in ("BAR", "STS", "LDS", "STSM", "LDSM")}
+        assert not shared, (where, shared)
+        assert c["loop_last_stream_load_at"] is not None and c["loop_last_stream_load_at"] < 0.25, \
+            (where, c["loop_last_stream_load_at"])
+        base = default.get(key(c))
+        if base is not None:
+            assert any(k.startswith("BAR") for k in base["loop_sass"]), (where, base["loop_sass"])
+            assert c["instr_per_weight"] <= base["instr_per_weight"] + 0.2, \
+                (where, c["instr_per_weight"], base["instr_per_weight"])
+            compared += 1
+    assert compared >= 6
 
 
 def test_gemv_inner_loop_within_issue_budget(compiled):

@@ -857,8 +857,9 @@ def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys
     spec = importlib.util.spec_from_file_location("decode_sweep", os.path.join(here, "benchmarks", "decode_sweep.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    before = {n: getattr(w4a16, n) for n in ("GEMV_THREADS_PER_SM", "GEMV_PREFETCH", "GEMV_HALF2", "GEMV_MAX_M",
-                                               "DECODE_PROGRAMS_PER_SM", "DECODE_TRIP_WORDS", "DECODE_FRAGMENT")}
+    before = {n: getattr(w4a16, n) for n in ("GEMV_THREADS_PER_SM", "GEMV_PREFETCH", "GEMV_HALF2", "GEMV_DIRECT_LOADS",
+                                               "GEMV_MAX_M", "DECODE_PROGRAMS_PER_SM", "DECODE_TRIP_WORDS",
+                                               "DECODE_FRAGMENT")}
     out = tmp_path / "sweep"
     rc = mod.main(["--shapes", "32x1024", "--ms", "1,4", "--gemv-threads", "16,512", "--programs", "1,8",
                    "--trips", "16,32", "--rep-ms", "1", "--out", str(out)])
@@ -869,13 +870,16 @@ def test_decode_sweep_times_each_setting_with_the_plan_it_makes(tmp_path, capsys
     m1 = [r for r in res["rows"] if r["m"] == 1]
     m4 = [r for r in res["rows"] if r["m"] == 4]
     # M = 1: the default, the GEMV's other (threads, prefetch, packed) triples (512 without prefetch, unpacked, is
-    # the default), and the tensor-core kernel at each (programs, trip) and in natural order; M = 4: the default, the 4
-    # decode settings (none of them the default's 2 programs an SM) and the natural order
-    assert len(m1) == 1 + 7 + 4 + 1 and len(m4) == 1 + 4 + 1
+    # the default), its direct loads with each (prefetch, packed) pair, and the tensor-core kernel at each (programs,
+    # trip) and in natural order; M = 4: the default, the 4 decode settings (none of them the default's 2 programs
+    # an SM) and the natural order
+    assert len(m1) == 1 + 7 + 4 + 4 + 1 and len(m4) == 1 + 4 + 1
+    direct = [r for r in m1 if r["setting"].get("GEMV_DIRECT_LOADS")]
+    assert len(direct) == 4 and {r["plan"]["split_k"] for r in direct} == {m1[0]["plan"]["split_k"]}
     staged = rows[(4, "DECODE_FRAGMENT=False")]
     assert staged["plan"]["fragment"] is False and staged["plan"]["split_k"] == m4[0]["plan"]["split_k"]
     assert rows[(1, "GEMV_MAX_M=0, DECODE_FRAGMENT=False")]["plan"]["kernel"] == "decode"
-    assert sum(bool(r["setting"].get("GEMV_HALF2")) for r in m1) == 4
+    assert sum(bool(r["setting"].get("GEMV_HALF2")) for r in m1) == 4 + 2
     assert m1[0]["default"] and m4[0]["default"] and sum(r["default"] for r in res["rows"]) == 2
     assert {r["plan"]["kernel"] for r in m1} == {"gemv", "decode"} and {r["plan"]["kernel"] for r in m4} == {"decode"}
     assert all(r["check"] == "ok" and r["median_ms"] > 0 and r["gbps"] > 0 for r in res["rows"])

@@ -518,7 +518,7 @@ def test_a_cuda_pick_runs_its_launcher_variant_where_it_takes_the_layer(pick, va
 
 
 @pytest.mark.parametrize("pick", ["triton", "triton-tc", "triton-prefetch", "triton-unsplit", "triton-h2",
-                                  "triton-trip32", "triton-staged", "triton-dq", "triton-rhs"])
+                                  "triton-direct", "triton-trip32", "triton-staged", "triton-dq", "triton-rhs"])
 def test_auto_runs_the_triton_variant_the_table_picked(pick, monkeypatch):
     # ops hands a Triton variant the table picked to the Triton launcher as `variant` (one setting changed for
     # that call); "triton-tc" only with the layer's workspace (it was measured so: without one, the GEMV), and

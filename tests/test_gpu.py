@@ -1113,8 +1113,8 @@ def test_triton_decode_fragment_order(nk, group_size, m, dtype):
 
 
 @pytest.mark.parametrize("variant,m", [("triton-tc", 1), ("triton-prefetch", 1), ("triton-unsplit", 1), ("triton-h2", 1),
-                                       ("triton-trip32", 8), ("triton-staged", 8), ("triton-dq", 64),
-                                       ("triton-rhs", 300)])
+                                       ("triton-direct", 1), ("triton-trip32", 8), ("triton-staged", 8),
+                                       ("triton-dq", 64), ("triton-rhs", 300)])
 def test_triton_variant_per_call_is_its_switch(variant, m):
     """A Triton variant as backend="auto" runs it where the dispatch table picked it (w4a16_gemm_triton's
     `variant`: one setting changed for the call) gives the bits of the module switch the bench timed it under,
@@ -1138,6 +1138,38 @@ def test_triton_variant_per_call_is_its_switch(variant, m):
         assert ((y.double() - y_ref.double()).abs() <= gemv_half2_tolerance(x, qweight, scales, zeros, gs, y_ref)).all()
     else:
         assert_gemm_close(y, y_ref, x, dequant(qweight, scales, zeros, gs, torch.float16))
+
+
+@pytest.mark.parametrize("nk,group_size,dtype,settings", [
+    ((4096, 4096), 128, torch.float16, {}), ((12288, 4096), 32, torch.bfloat16, {}),
+    ((4096, 4096), -1, torch.float16, {"GEMV_HALF2": True}), ((12288, 4096), 128, torch.float16, {"GEMV_HALF2": True}),
+    ((4096, 4096), 128, torch.float16, {"GEMV_HALF2": True, "GEMV_PREFETCH": True}),
+    ((4096, 4096), 64, torch.bfloat16, {"GEMV_PREFETCH": True})],
+    ids=["split-g128", "unsplit-g32-bf16", "packed-per-channel", "packed-unsplit", "packed-prefetch",
+         "prefetch-g64-bf16"])
+def test_triton_gemv_direct_loads_give_the_gemvs_bits(nk, group_size, dtype, settings):
+    # GEMV_DIRECT_LOADS on the GPU: x's words and the scales / zero points through the inline-PTX loads
+    # (LD_V4_B32_PTX, LD_B16_PTX; the interpreter runs their tl.load twin), the default GEMV's bits in each path,
+    # K split (the fixup's counters back at zero) or not
+    import contextlib
+
+    from minicpm_int4.kernels import w4a16
+
+    n, k = nk
+    qweight, scales, zeros, gs = _cuda_layer(n, k, group_size, dtype)
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    workspace = ops.w4a16_workspace(n, "cuda")
+    assert w4a16._direct_x(x, None, None)
+    with contextlib.ExitStack() as stack:
+        for name, value in settings.items():
+            stack.enter_context(w4a16._setting(name, value))
+        y = w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, None, gs, workspace)
+        with w4a16.direct_gemv():
+            y_direct = [w4a16.w4a16_gemm_triton(x, qweight, scales, zeros, None, gs, workspace) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(workspace) == 0
+    for yd in y_direct:
+        assert torch.equal(yd, y)
 
 
 @pytest.mark.parametrize("nk,dtype", [((1024, 4096), torch.float16), ((4096, 4096), torch.bfloat16),

@@ -301,8 +301,8 @@ W4A16_KERNELS = ("_w4a16_gemv_kernel", "_w4a16_decode_kernel", "_w4a16_prefill_k
                  "_splitk_reduce_kernel")
 # a variant (w4a16.VARIANTS) and an M where it changes what runs for the layer below (K split by default at
 # M = 1 and in the decode kernel, the prefill tile dequantized as rows so that its side of the dot matters)
-VARIANT_M = {"triton-tc": 1, "triton-prefetch": 1, "triton-unsplit": 1, "triton-h2": 1, "triton-trip32": 5,
-             "triton-staged": 5, "triton-dq": 40, "triton-rhs": 40}
+VARIANT_M = {"triton-tc": 1, "triton-prefetch": 1, "triton-unsplit": 1, "triton-h2": 1, "triton-direct": 1,
+             "triton-trip32": 5, "triton-staged": 5, "triton-dq": 40, "triton-rhs": 40}
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_M))

@@ -246,6 +246,15 @@ class OursW4A16TritonHalf2(_OursW4A16TritonSwitched):
                                  if x.dtype == torch.float16 else fp32_sums(x, y_ref))
 
 
+class OursW4A16TritonDirect(_OursW4A16TritonSwitched):
+    """The Triton M = 1 GEMV with x, the scales and the zero points loaded by each thread for its own words of W
+    (kernels/w4a16.py GEMV_DIRECT_LOADS: inline-PTX loads, under a 128-register ceiling), beside `w4a16-triton`'s,
+    which loads them once a program and moves them to those threads through shared memory: compiled for sm_90a
+    (G = 128), no barrier in the loop where there were 20, for +0.1 SASS instructions per weight. These rows tell
+    whether the barriers cost bandwidth."""
+    variant = "triton-direct"
+
+
 class OursW4A16TritonTrip32(_OursW4A16TritonSwitched):
     """The Triton 2..16-row decode kernel with 32 packed words of K a loop trip (two dots of a group of 128;
     kernels/w4a16.py DECODE_TRIP_WORDS = 32) beside `w4a16-triton`'s 16: compiled for sm_90a at G = 128,
@@ -553,7 +562,8 @@ def _import_helper():
 
 def default_backends():
     return [Fp16Matmul(), OursW4A16("triton"), OursW4A16TritonTensorCore(), OursW4A16TritonUnsplit(),
-            OursW4A16TritonPrefetch(), OursW4A16TritonHalf2(), OursW4A16TritonTrip32(), OursW4A16TritonStaged(),
+            OursW4A16TritonPrefetch(), OursW4A16TritonHalf2(), OursW4A16TritonDirect(), OursW4A16TritonTrip32(),
+            OursW4A16TritonStaged(),
             OursW4A16TritonDequant(), OursW4A16TritonRhs(), OursW4A16("cuda", max_m=16),
             OursW4A16CudaCore(max_m=16), OursW4A16CudaAhead(), OursW4A16CudaRing(), OursW4A16CudaWgmma(), OursW4A16CudaWgmmaNosplit(), OursW4A8("triton"), OursW4A8TritonFlat(),
             OursW4A8("cuda"), OursW4A8CudaRows64(), OursW4A8CudaMma(), OursW4A8CudaFma(),

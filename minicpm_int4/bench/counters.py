@@ -51,8 +51,8 @@ MARKER = "minicpm_int4_ncu_marker"  # launched before each case's call: where it
 # Default cases: Llama3-V 2.5's largest LLM shapes (MLP gate / up and down, #3's "large shapes"), the decode
 # kernels at M = 1 and 16 (#3 / #5's targets) and the prefill ones at 4096, beside fp16 (cuBLAS) as the yardstick
 DECODE_SHAPES = ((14336, 4096), (4096, 14336))
-DECODE_BACKENDS = {1: ("fp16", "w4a16-triton", "w4a16-triton-unsplit", "w4a16-triton-tc", "w4a16-cuda",
-                       "w4a16-cuda-gemv", "w4a16-cuda-ahead2", "w4a16-cuda-ring"),
+DECODE_BACKENDS = {1: ("fp16", "w4a16-triton", "w4a16-triton-unsplit", "w4a16-triton-tc", "w4a16-triton-direct",
+                       "w4a16-cuda", "w4a16-cuda-gemv", "w4a16-cuda-ahead2", "w4a16-cuda-ring"),
                    16: ("fp16", "w4a16-triton", "w4a16-triton-trip32", "w4a16-triton-staged", "w4a16-cuda",
                         "w4a16-cuda-ahead2", "w4a16-cuda-ring")}
 PREFILL_SHAPE, PREFILL_M = (14336, 4096), 4096

@@ -128,10 +128,10 @@ def check_targets(bench: Dict) -> List[Target]:
 
     # The Triton kernels as backend="auto" runs them where the bench measured a variant (dispatch.py's
     # TRITON_CANDIDATES, whose table this bench makes) faster for the shape: a line each where such rows exist
-    if measured & {"w4a16-triton-prefetch", "w4a16-triton-unsplit", "w4a16-triton-h2"}:
+    if measured & {"w4a16-triton-prefetch", "w4a16-triton-unsplit", "w4a16-triton-h2", "w4a16-triton-direct"}:
         def m1_auto_bw(by, s):
             r = _fastest(by, s, 1, ("w4a16-triton", "w4a16-triton-tc", "w4a16-triton-prefetch", "w4a16-triton-unsplit",
-                                    "w4a16-triton-h2"))
+                                    "w4a16-triton-h2", "w4a16-triton-direct"))
             return r["pct_copy_bw"] if r else None
 
         out.append(_collect(bench, Target(3, "W4A16 Triton as backend='auto' takes it (the fastest of the GEMV, "
@@ -341,7 +341,7 @@ def stream_fit_lines(bench: Dict, fits: Optional[List[StreamFit]] = None) -> Lis
 # The bench's measurement variants and the default each is an alternative to (bench/backends.py).
 # (variant, the kernel it would replace, the M compared at)
 VARIANTS = (("w4a16-triton-prefetch", "w4a16-triton", 1), ("w4a16-triton-unsplit", "w4a16-triton", 1),
-            ("w4a16-triton-h2", "w4a16-triton", 1),
+            ("w4a16-triton-h2", "w4a16-triton", 1), ("w4a16-triton-direct", "w4a16-triton", 1),
             ("w4a16-triton-tc", "w4a16-triton", 1), ("w4a16-triton-trip32", "w4a16-triton", 16),
             ("w4a16-triton-staged", "w4a16-triton", 16),
             ("w4a16-cuda-gemv", "w4a16-cuda", 1), ("w4a16-cuda-ahead2", "w4a16-cuda", 1),

@@ -89,6 +89,10 @@ class Compiled:
     # (cp.async.wait_group): loads whose latency passes during that wait and the trip's math, as a step
     # ahead's scales and zero points do in the decode kernel. None: no loop with such a wait.
     loop_loads_before_wait: Optional[int] = None
+    # Where in the innermost loop its last 16-byte global load outside the read-only path (LDG.E.128, not .CONSTANT:
+    # the streamed weight words of the GEMV) sits, as a fraction of the loop's instructions (0: the first). A load
+    # issued late waits out the memory's latency mid-step. None: no such load in the loop.
+    loop_last_stream_load_at: Optional[float] = None
 
     @property
     def vector_bytes(self) -> int:
@@ -174,6 +178,8 @@ def _recording(arch: Arch, sink: List[Launch], label: str):
                 bound.update(meta)
                 options = {"num_warps": 4, "num_stages": 3}
                 options.update({k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound})
+                if bound.pop("maxnreg", None) is not None:  # (a register ceiling: the GEMV's GEMV_DIRECT_LOADS)
+                    options["maxnreg"] = kwargs["maxnreg"]
                 options.update(opts)
                 signature, constexprs, attrs = {}, {}, []
                 for p in fn.params:
@@ -288,15 +294,22 @@ def _tool(name: str) -> str:
     return path if os.path.exists(path) else name
 
 
-def _sass_summary(sass_text: str) -> Tuple[Dict[str, int], Dict[str, int]]:
+def _sass_summary(sass_text: str) -> Tuple[Dict[str, int], Dict[str, int], Optional[float]]:
     """(opcode counts of the whole kernel, opcode counts of its innermost loop: the shortest span
-    closed by a backward branch)."""
+    closed by a backward branch, where in that loop its last streamed 16-byte load sits: Compiled's
+    loop_last_stream_load_at)."""
     instrs, spans = _sass_parse(sass_text)
     loop: Counter = Counter()
+    last_at = None
     if spans:
         lo, hi = min(spans, key=lambda span: span[1] - span[0])
         loop = _sass_counts(instrs, lo, hi)
-    return dict(_sass_counts(instrs)), dict(loop)
+        body = [op for a, op in instrs if lo <= a <= hi and op != "NOP"]
+        streamed = [i for i, op in enumerate(body)
+                    if op.startswith("LDG") and ".128" in op and ".CONSTANT" not in op]
+        if streamed:
+            last_at = streamed[-1] / len(body)
+    return dict(_sass_counts(instrs)), dict(loop), last_at
 
 
 def _legacy_compiler_api() -> Optional[bool]:
@@ -365,7 +378,7 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
     a_registers = sum(1 for w in wgmma if re.search(r"\}\s*,\s*\{", w)) if wgmma else None
     in_flight = _wgmma_in_flight(ptx) if wgmma else None
     regs, stack = 0, 0
-    total, loop = {}, {}
+    total, loop, last_at = {}, {}, None
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -376,12 +389,12 @@ def compile_launch(launch: Launch, arch: Arch, sass: bool = True) -> Compiled:
             regs, stack = int(m.group(1)), int(m.group(2))
         if sass:
             out = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-            total, loop = _sass_summary(out)
+            total, loop, last_at = _sass_summary(out)
     return Compiled(kernel=launch.kernel, arch=arch.name, label=launch.label, constexprs=launch.constexprs,
                     options=launch.options, smem_limit=arch.smem_limit, regs=regs, spill_bytes=stack,
                     smem=compiled.metadata.shared, global_loads=dict(loads), tensor_core=dict(mma),
                     sass_counts=total, loop_sass=loop, wgmma_a_registers=a_registers, wgmma_in_flight=in_flight,
-                    loop_loads_before_wait=_loop_loads_before_wait(ptx))
+                    loop_loads_before_wait=_loop_loads_before_wait(ptx), loop_last_stream_load_at=last_at)
 
 
 def _loop_loads_before_wait(ptx: str) -> Optional[int]:

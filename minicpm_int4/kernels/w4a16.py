@@ -25,7 +25,9 @@ Three regimes (picked here by M):
           with triton 3.6, the GPU image's compiler), 4.4-4.5 on sm_80: was 4.7 with x scaled by
           16**-j and one exponent for every nibble, 42.5 for the multiply-reduce GEMV before that.
           An H200 at 85% of its bandwidth leaves ~3.6-3.9 (see GEMV_MAX_M). Variant GEMV_HALF2 (fp16):
-          the products and their sums two at a time in fp16, ~3.0 (_h2_word_dot).
+          the products and their sums two at a time in fp16, ~3.0 (_h2_word_dot). Variant
+          GEMV_DIRECT_LOADS: x, scales and zero points loaded by each thread for its own words (inline
+          PTX loads), not once a program and through shared memory: no barrier in the loop.
           It multiplies by the exact (q - z) * s rather than by that weight rounded to x's dtype;
           reference.gemm_tolerance allows the half ulp of w this moves each product.
   decode  (2 <= M <= 16, _w4a16_decode_kernel): computed transposed, y.T = W @ x.T, so the weight
@@ -257,6 +259,15 @@ X_PAIRS_F16_PTX = tl.constexpr(
     "prmt.b32 $3, $5, $7, 0x7632; "
     "mul.rn.f16x2 $0, $0, s; mul.rn.f16x2 $1, $1, s; mul.rn.f16x2 $2, $2, s; mul.rn.f16x2 $3, $3, s; }")
 H2_X_SCALE = 2.0 ** -6  # (0x2400 in fp16; the kernel multiplies the scales by 64.0 to undo it)
+# The M = 1 GEMV's loads made in the layout of their use (GEMV_DIRECT_LOADS): x's 16 bytes for a word of W as 4
+# words of pairs, and a row's scale or zero point. A tl.load's layout is the coalescer's (a [W] vector spread over
+# the threads, a [rows, groups] tile), and Triton then moves what it loaded to the word tile's threads through
+# shared memory (STS, BAR.SYNC, LDS every step); an inline-asm operand takes its user's layout, so each thread
+# loads what it multiplies: x's words again in every warp that holds their columns (L1 hits), a row's scale and
+# zero point once for the thread's words of a group (4 words of 16 or 4 in one group; identical addresses merged by
+# the compiler). Read-only data (.nc): nothing in the launch writes x, the scales or the zero points.
+LD_V4_B32_PTX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+LD_B16_PTX = tl.constexpr("ld.global.nc.b16 $0, [$1];")
 
 
 def _use_ptx(dot_fp32: bool) -> bool:
@@ -636,17 +647,49 @@ def _gemv_q_minus_z(words, z, m0, m1, m2, m3):
 
 
 @triton.jit
-def _half(v, HI: tl.constexpr):
-    """The low (or HI: high) fp16 of int32 pairs."""
+def _half(v, HI: tl.constexpr, DTYPE: tl.constexpr = tl.float16):
+    """The low (or HI: high) fp16 (or DTYPE: bf16) of int32 pairs."""
     if HI:
         v = v >> 16
-    return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return (v & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True)
 
 
 @triton.jit
 def _pack_halves(a, b):
     """fp16 a, b -> int32 pairs (a low, b high)."""
     return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _ld_words4(p, ASM: tl.constexpr):
+    """The int32 at p, p + 1, p + 2, p + 3 (p 16-byte aligned) as four tensors of p's shape: one 16-byte load an
+    element, in the layout where they are used (ASM: LD_V4_B32_PTX); else tl.load's twin (the interpreter)."""
+    if ASM:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(LD_V4_B32_PTX, "=r,=r,=r,=r,l", [p], dtype=(tl.int32,) * 4,
+                                                   is_pure=True, pack=1)
+    else:
+        w0, w1, w2, w3 = tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _ld_2byte(p, ASM: tl.constexpr):
+    """The fp16 / bf16 values at p, loaded in the layout where they are used (ASM: LD_B16_PTX); else tl.load."""
+    if ASM:
+        v = tl.inline_asm_elementwise(LD_B16_PTX, "=h,l", [p], dtype=tl.int16, is_pure=True, pack=1)
+        v = v.to(p.dtype.element_ty, bitcast=True)
+    else:
+        v = tl.load(p)
+    return v
+
+
+@triton.jit
+def _pair_columns(x01, x23, x45, x67, DTYPE: tl.constexpr):
+    """x's words of 2-byte pairs (x0 | x1 << 16, ...) -> x_0 .. x_7 in fp32 (exact): _x_columns' values."""
+    return (_half(x01, False, DTYPE).to(tl.float32), _half(x01, True, DTYPE).to(tl.float32),
+            _half(x23, False, DTYPE).to(tl.float32), _half(x23, True, DTYPE).to(tl.float32),
+            _half(x45, False, DTYPE).to(tl.float32), _half(x45, True, DTYPE).to(tl.float32),
+            _half(x67, False, DTYPE).to(tl.float32), _half(x67, True, DTYPE).to(tl.float32))
 
 
 @triton.jit
@@ -743,9 +786,18 @@ def _h2_x_step(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.co
 
 @triton.jit
 def _gemv_x(x_ptr, m_ptr, p_ptr, kw, KW, EVEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr,
-            HALF2: tl.constexpr, PAIR_LOADS: tl.constexpr, ASM: tl.constexpr):
-    """The GEMV's x for words kw: _x_words' [W, 8], or with HALF2 _h2_x_step's four pair vectors."""
-    if HALF2:
+            HALF2: tl.constexpr, PAIR_LOADS: tl.constexpr, ASM: tl.constexpr, DIRECT_X: tl.constexpr,
+            LOAD_ASM: tl.constexpr):
+    """The GEMV's x for words kw: _x_words' [W, 8], or with HALF2 _h2_x_step's four pair vectors. DIRECT_X (2-byte
+    x, 16-byte aligned, no input scale or channel order, EVEN): x's four words of pairs a word of W, loaded where
+    they are used (_ld_words4; LOAD_ASM its inline PTX) - with HALF2 made into the pairs."""
+    if DIRECT_X:
+        x01, x23, x45, x67 = _ld_words4(x_ptr.to(tl.pointer_type(tl.int32)) + kw * 4, LOAD_ASM)
+        if HALF2:
+            return _x_pairs_of_words(x01, x23, x45, x67, ASM)
+        else:
+            return x01, x23, x45, x67
+    elif HALF2:
         return _h2_x_step(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM, PAIR_LOADS, ASM)
     else:
         return _x_words(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM)
@@ -759,7 +811,8 @@ def _w4a16_gemv_kernel(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, GROUP_W: tl.constexpr,
     SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     PREFETCH: tl.constexpr = False, HALF2: tl.constexpr = False, PAIR_LOADS: tl.constexpr = False,
-    ASM: tl.constexpr = False,
+    ASM: tl.constexpr = False, DIRECT_X: tl.constexpr = False, DIRECT_SZ: tl.constexpr = False,
+    LOAD_ASM: tl.constexpr = False,
 ):
     """M = 1: y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g]).
 
@@ -781,7 +834,10 @@ def _w4a16_gemv_kernel(
     Triton pipelines only loads that feed a dot), so a program keeps a step of W in flight while it
     multiplies, and x's loads (L2 hits) wait behind it; the last trip re-reads its own step (EVEN; a
     cache hit) or loads masked words past K. HALF2 (fp16 x): each word's products made and added in
-    fp16 pairs (_h2_word_dot; ASM: its inline PTX), x taken times 2**-6 and the scale times 2**6."""
+    fp16 pairs (_h2_word_dot; ASM: its inline PTX), x taken times 2**-6 and the scale times 2**6.
+    DIRECT_X / DIRECT_SZ (GEMV_DIRECT_LOADS; EVEN): x's words, and where a step spans several groups the scales
+    and zero points, loaded by each thread for the words it holds (_ld_words4, _ld_2byte; LOAD_ASM: inline PTX)
+    rather than once per program and moved to those threads through shared memory: no barrier in the loop."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -801,7 +857,8 @@ def _w4a16_gemv_kernel(
             ahead = tl.load(w_rows + kw_first[None, :])
         else:
             ahead = tl.load(w_rows + kw_first[None, :], mask=n_mask[:, None] & (kw_first < KW)[None, :], other=0)
-        x_ahead = _gemv_x(x_ptr, m_ptr, p_ptr, kw_first, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM)
+        x_ahead = _gemv_x(x_ptr, m_ptr, p_ptr, kw_first, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM,
+                          DIRECT_X, LOAD_ASM)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         kw = kw0 + offs_w
         if PREFETCH:
@@ -813,16 +870,27 @@ def _w4a16_gemv_kernel(
             else:
                 kw_ahead = kw + BLOCK_KW
                 ahead = tl.load(w_rows + kw_ahead[None, :], mask=n_mask[:, None] & (kw_ahead < KW)[None, :], other=0)
-            x_ahead = _gemv_x(x_ptr, m_ptr, p_ptr, kw_ahead, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM)
+            x_ahead = _gemv_x(x_ptr, m_ptr, p_ptr, kw_ahead, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM,
+                              DIRECT_X, LOAD_ASM)
         else:
             if EVEN:
                 words = tl.load(w_rows + kw[None, :])
             else:
                 words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
-            xw = _gemv_x(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM)
+            xw = _gemv_x(x_ptr, m_ptr, p_ptr, kw, KW, EVEN, HAS_SCALE, HAS_PERM, HALF2, PAIR_LOADS, ASM, DIRECT_X,
+                         LOAD_ASM)
         if not HALF2:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(xw)
-        if BLOCK_KW <= GROUP_W:
+            if DIRECT_X:
+                x01, x23, x45, x67 = xw
+                x0, x1, x2, x3, x4, x5, x6, x7 = _pair_columns(x01, x23, x45, x67, x_ptr.dtype.element_ty)
+            else:
+                x0, x1, x2, x3, x4, x5, x6, x7 = _x_columns(xw)
+        if DIRECT_SZ and BLOCK_KW > GROUP_W:
+            # each thread's row and group: (kw0 + w) // GROUP_W, kw0 a multiple of BLOCK_KW (both powers of two)
+            sz = offs_n[:, None] * stride_sn + (kw0 // GROUP_W + offs_w // GROUP_W)[None, :]
+            s = _ld_2byte(s_ptr + sz, LOAD_ASM).to(tl.float32)
+            z = _ld_2byte(z_ptr + sz, LOAD_ASM).to(tl.float32)
+        elif BLOCK_KW <= GROUP_W:
             sz = offs_n * stride_sn + kw0 // GROUP_W
             s = tl.load(s_ptr + sz, mask=n_mask, other=0).to(tl.float32)[:, None]
             z = tl.load(z_ptr + sz, mask=n_mask, other=0).to(tl.float32)[:, None]
@@ -1035,6 +1103,7 @@ VARIANTS = {
     "triton-prefetch": ("GEMV_PREFETCH", True),  # M = 1: the GEMV loads its next step of W ahead
     "triton-unsplit": ("GEMV_SPLIT", 1),         # M = 1: the GEMV never splits K across programs
     "triton-h2": ("GEMV_HALF2", True),           # M = 1, fp16: the GEMV's products in fp16 pairs
+    "triton-direct": ("GEMV_DIRECT_LOADS", True),  # M = 1: the GEMV's x, scales, zeros loaded where used (no smem)
     "triton-trip32": ("DECODE_TRIP_WORDS", 32),  # 2 <= M <= 16: two groups of 128 a decode-kernel loop trip
     "triton-staged": ("DECODE_FRAGMENT", False),  # 2 <= M <= 16: the dequantized tile in natural order (via smem)
     "triton-dq": ("PREFILL_DEQUANT", True),      # M > 16: the weight dequantized whole, then torch's matmul
@@ -1228,6 +1297,24 @@ GEMV_PREFETCH = False
 # per shape where they do); bf16 / fp32 layers keep the fp32 path (bf16's 8-bit significand is too coarse
 # for the chains).
 GEMV_HALF2 = False
+# The M = 1 GEMV's x and (where a step spans several groups) scales and zero points loaded by each thread for the
+# words of W it holds (LD_V4_B32_PTX, LD_B16_PTX), instead of once a program and then moved to those threads through
+# shared memory: its loop keeps no barrier and no shared memory (sm_90a, G = 128: 20 BAR.SYNC, 8 STSM, 16 LDS a step
+# before; 12, 4, 12 in the packed GEMV), so no warp of a program waits for the others' loads of x before it
+# multiplies, at the price of x's words loaded - and, in the packed GEMV, paired - in each of the 4 warps that hold
+# their columns (L1 hits; kernels/aot.py: SASS instructions per weight -0.1 to +0.2). Where its loads cannot be
+# made so (a ragged K or rows: masks; an input scale or channel order, x in fp32 or not 16-byte aligned: x's part)
+# the GEMV loads as before. Off until a GPU run's `w4a16-triton-direct` rows say it is faster (variant
+# "triton-direct": backend="auto" takes it per shape where they do; decode_sweep.py times it with GEMV_HALF2 and
+# GEMV_PREFETCH too).
+GEMV_DIRECT_LOADS = False
+# ... with this register ceiling (ptxas's maxnreg: 16 warps an SM, the fp32 GEMV's own occupancy). With
+# no barrier left to hold them (ptxas moves no load past a bar.sync), ptxas sinks loads towards their use when it
+# picks its own register count (sm_90a, packed GEMV: 80 registers, two of a thread's four 16-byte loads of W issued
+# half-way through the step or later; sm_80 fp32 path: 96 registers, three of four) - each then waits out the
+# memory's latency mid-step; under the ceiling every load of W issues in the first 5 - 22% of the step
+# (kernels/aot.py; tests/test_aot.py holds it to the first quarter).
+GEMV_DIRECT_MAXNREG = 128
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1271,6 +1358,7 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
     even = n % block_n == 0 and kw % block_kw == 0 and kw_per_split * split == kw
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     half2 = x.dtype == torch.float16 and over.get("GEMV_HALF2", GEMV_HALF2)  # (other dtypes: the fp32 path)
+    direct = even and over.get("GEMV_DIRECT_LOADS", GEMV_DIRECT_LOADS)  # (their loads are not masked)
     part, fixup = _split_k_partials(out, split, workspace, cdiv(n, 16), "gemv")
     b = bias if bias is not None else scales  # any valid pointer; never read
     _w4a16_gemv_kernel[(cdiv(n, block_n), split)](
@@ -1281,12 +1369,19 @@ def _gemv(x, qweight, scales, zeros, bias, group_size, workspace=None, input_sca
         GROUP_W=group_w, SPLIT_K=split, FIXUP=fixup, BLOCK_N=block_n, BLOCK_KW=block_kw,
         PREFETCH=over.get("GEMV_PREFETCH", GEMV_PREFETCH), HALF2=half2,
         PAIR_LOADS=half2 and input_scale is None and input_perm is None and x.data_ptr() % 4 == 0,
-        ASM=half2 and PTX_DEQUANT and not INTERPRET,
-        num_warps=warps, num_stages=1,
+        ASM=half2 and PTX_DEQUANT and not INTERPRET, DIRECT_X=direct and _direct_x(x, input_scale, input_perm),
+        DIRECT_SZ=direct and scales.element_size() == 2, LOAD_ASM=not INTERPRET,
+        num_warps=warps, num_stages=1, maxnreg=GEMV_DIRECT_MAXNREG if direct else None,
     )
     if split > 1 and not fixup:
         _reduce_split_k(part, b, out, split, bias is not None)
     return out
+
+
+def _direct_x(x, input_scale, input_perm) -> bool:
+    """Whether the GEMV can load x as words of 2-byte pairs in the layout of their use (GEMV_DIRECT_LOADS): one 16-byte
+    load a word of W needs x 16-byte aligned, in fp16 / bf16, read as it is (no input scale or channel order)."""
+    return x.element_size() == 2 and x.data_ptr() % 16 == 0 and input_scale is None and input_perm is None
 
 
 def _split_k_partials(out, split, workspace, counters: int, kernel: str):
@@ -1448,6 +1543,13 @@ def half2_gemv():
     """Run the M = 1 GEMV of fp16 layers with its products made in fp16 pairs (GEMV_HALF2), inside the block
     (variant "triton-h2"; the benchmark's `w4a16-triton-h2` rows; not thread-safe)."""
     return _variant_switch("triton-h2")
+
+
+def direct_gemv():
+    """Run the M = 1 GEMV with x, the scales and the zero points loaded by each thread for its own words of W, with
+    no shared memory between (GEMV_DIRECT_LOADS), inside the block (variant "triton-direct"; the benchmark's
+    `w4a16-triton-direct` rows; not thread-safe)."""
+    return _variant_switch("triton-direct")
 
 
 def unsplit_gemv():

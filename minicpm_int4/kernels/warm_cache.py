@@ -47,7 +47,7 @@ SUITE_MODELS = ("minicpmv4.6", "llama3-v2.5")
 SUITE_MAX_N = 30000
 SUITE_MS = (1, 16, 17, 256, 4096)
 SUITE_BACKENDS = ("w4a16-triton", "w4a16-triton-prefetch", "w4a16-triton-unsplit", "w4a16-triton-h2",
-                  "w4a16-triton-trip32", "w4a16-triton-staged",
+                  "w4a16-triton-direct", "w4a16-triton-trip32", "w4a16-triton-staged",
                   "w4a16-triton-dq", "w4a16-triton-rhs", "w4a8-triton", "w4a8-triton-flat")
 # The profile's MiniCPM-V 4.6 linear-attention kernels (its Qwen3.5 layers run flash-linear-attention's fla-core where
 # the suite carries it - benchmarks/fetch_peer_wheels.sh): its chunked gated delta rule autotunes ~60 kernels on the
