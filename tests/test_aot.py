@@ -13,6 +13,7 @@ masks carried their own exponents; 42.5 for the version before that); the test h
 
 Runs in a fresh process without TRITON_INTERPRET (the interpreter changes the configs).
 """
+import dataclasses
 import json
 import os
 import re
@@ -753,3 +754,34 @@ def test_inspect_kernels_speaks_the_older_compiler_api(monkeypatch):
     monkeypatch.setattr(aot, "_kernels", lambda: None)
     monkeypatch.setattr(aot, "inspect", lambda **kw: pytest.fail("compiled with a compiler it cannot drive"))
     assert aot.main(["--arch", "sm90a"]) == 2
+
+
+def test_where_the_loop_streams_w_and_the_rule_on_it():
+    """aot's loop_last_stream_load_at: the innermost loop's last 16-byte load outside the read-only path (.CONSTANT:
+    x, scales) as a fraction of the loop's instructions; problems() reports an M = 1 GEMV on 16-byte steps, without
+    the prefetch (whose loads are the next step's), whose load of W sits past half of its loop."""
+    from minicpm_int4.kernels import aot
+
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",             # before the loop
+        "        /*0020*/                   LDG.E.128.CONSTANT R8, desc[UR4][R2.64] ;",    # loop: 0 (x)
+        "        /*0030*/                   LDG.E.128 R12, desc[UR4][R2.64] ;",            # 1 (W)
+        "        /*0040*/                   FFMA R0, R1, R2, R3 ;",                        # 2
+        "        /*0050*/                   NOP ;",                                        # (not counted)
+        "        /*0060*/                   FFMA R0, R1, R2, R3 ;",                        # 3
+        "        /*0070*/                   LDG.E.128 R16, desc[UR4][R2.64] ;",            # 4 (W)
+        "        /*0080*/                   LDG.E.128.CONSTANT R20, desc[UR4][R2.64] ;",   # 5 (x)
+        "        /*0090*/                   FFMA R0, R1, R2, R3 ;",                        # 6
+        "        /*00a0*/               @P0 BRA 0x20 ;",                                  # 7
+        "        /*00b0*/                   EXIT ;"])
+    total, loop, last_at = aot._sass_summary(sass)
+    assert loop["LDG.E.128"] == 2 and loop["LDG.E.128.CONSTANT"] == 2 and total["LDG.E.128"] == 3
+    assert last_at == 4 / 8
+    gemv = aot.Compiled(kernel="w4a16_gemv", arch="sm90a", label="M=1", constexprs={"EVEN": True, "PREFETCH": False},
+                        options={"num_warps": 4}, regs=80, spill_bytes=0, smem=0, smem_limit=232448, global_loads={},
+                        tensor_core={}, loop_last_stream_load_at=0.65)
+    assert aot.problems(gemv) == ["a 16-byte load of W issued 65% of the way through the loop"]
+    for early in (dict(loop_last_stream_load_at=0.11), dict(constexprs={"EVEN": True, "PREFETCH": True}),
+                  dict(constexprs={"EVEN": False, "PREFETCH": False}), dict(kernel="w4a16_dequant")):
+        assert aot.problems(dataclasses.replace(gemv, **early)) == [], early

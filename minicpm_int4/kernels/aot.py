@@ -528,6 +528,14 @@ def problems(c: Compiled) -> List[str]:
         out.append("no tensor-core instruction (mma / wgmma) in the PTX")
     if c.kernel == "w4a8_gemm" and c.tensor_core and not any(".s8" in k for k in c.tensor_core):
         out.append("the W4A8 GEMM does not use int8 tensor cores")
+    # the M = 1 GEMV streams W with plain loads that its own step consumes (the prefetch's are the next step's): one
+    # issued past half of the loop waits out the memory's latency mid-step (w4a16.GEMV_DIRECT_MAXNREG's reason).
+    # 16-byte-aligned steps only: sm_80's ragged per-channel GEMV (1 warp, masked) has its last at 56 - 57%
+    # (kernel_inspection.md)
+    late = c.loop_last_stream_load_at
+    if c.kernel == "w4a16_gemv" and c.constexprs.get("EVEN") and not c.constexprs.get("PREFETCH") \
+            and late is not None and late > 0.5:
+        out.append(f"a 16-byte load of W issued {late:.0%} of the way through the loop")
     return out
 
 
