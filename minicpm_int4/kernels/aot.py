@@ -178,8 +178,9 @@ def _recording(arch: Arch, sink: List[Launch], label: str):
                 bound.update(meta)
                 options = {"num_warps": 4, "num_stages": 3}
                 options.update({k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound})
-                if bound.pop("maxnreg", None) is not None:  # (a register ceiling: the GEMV's GEMV_DIRECT_LOADS)
-                    options["maxnreg"] = kwargs["maxnreg"]
+                maxnreg = bound.pop("maxnreg", None)  # (a register ceiling: the GEMV's GEMV_DIRECT_LOADS)
+                if maxnreg is not None:
+                    options["maxnreg"] = maxnreg
                 options.update(opts)
                 signature, constexprs, attrs = {}, {}, []
                 for p in fn.params:
