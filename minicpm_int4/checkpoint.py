@@ -381,6 +381,9 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
     returns what was set."""
     mod_name, _, attr = key.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
+    if not value.is_contiguous():  # a view a .bin file kept as one (torch.save keeps strides): held contiguous, as
+        # the model's own tensors are and the kernels read a QuantLinear's (row-major)
+        value = value.contiguous()
     if attr in mod._parameters:
         if not isinstance(value, nn.Parameter):
             value = nn.Parameter(value, requires_grad=False)

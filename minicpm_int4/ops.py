@@ -298,7 +298,17 @@ def _check_weight(op: str, k: int, qweight: Tensor, scales: Tensor, zeros: Tenso
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the input is on {device}")
+        _check_contiguous(op, name, t)
     return gs
+
+
+def _check_contiguous(op: str, name: str, t: Tensor) -> None:
+    """The kernels read a weight's tensors (and the bias) row-major with unit stride: a view with other strides
+    (a transpose, a column slice) would be read as if it were not one - a wrong result, not an error. Not copied
+    here: a copy a call of the whole weight would cost more than the GEMM; QuantLinear keeps its own contiguous."""
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (row-major), got a view of shape {tuple(t.shape)} with "
+                         f"strides {t.stride()}: make it contiguous once (.contiguous()), not in every call")
 
 
 def _check_bias_type(op: str, bias) -> None:
@@ -320,6 +330,7 @@ def _check_bias(op: str, bias: Optional[Tensor], n: int, dtype: torch.dtype, dev
         raise TypeError(f"{op}: bias dtype {bias.dtype} differs from the output dtype {dtype}")
     if bias.device != device:
         raise ValueError(f"{op}: bias is on {bias.device} but the input is on {device}")
+    _check_contiguous(op, "bias", bias)
 
 
 def _check_x(op: str, x: Tensor) -> None:
@@ -499,8 +510,9 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
     input scale and / or a channel order.
 
     Args:
-        x: [M, K] fp16/bf16/fp32 activations. qweight: int32 [N, K // 8] (packing.py).
-        scales, zeros: [N, K // group_size] in x's dtype. bias: [N] in x's dtype or None.
+        x: [M, K] fp16/bf16/fp32 activations (any strides). qweight: int32 [N, K // 8] (packing.py).
+        scales, zeros: [N, K // group_size] in x's dtype. bias: [N] in x's dtype or None. The weight's
+        tensors and the bias contiguous (a view with other strides is refused, not copied every call).
         group_size: 32/64/128, or -1 for per output channel.
         workspace: optional `w4a16_workspace(N, device)`: split-K decode in one launch instead of two
             (same result). It must hold zeros, and the call leaves it so.
@@ -548,9 +560,13 @@ def _dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, gs: int, out_dty
 def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The [N, K] weight the kernels compute with, (q - z) * s rounded once to out_dtype (default the
-    scales' dtype): reference.dequantize_ref's bits, computed by a Triton kernel on CUDA."""
-    k = qweight.shape[1] * 8
-    gs = k if group_size == -1 else group_size
+    scales' dtype): reference.dequantize_ref's bits, computed by a Triton kernel on CUDA. The weight's tensors
+    are checked as w4a16_gemm checks them (the device: qweight's)."""
+    is_2d = isinstance(qweight, Tensor) and qweight.dim() == 2  # (else _check_weight names what qweight is)
+    gs = _check_weight("dequantize", qweight.shape[1] * 8 if is_2d else 0, qweight, scales, zeros, group_size,
+                       qweight.device if is_2d else None)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize: out_dtype must be fp16/bf16/fp32 or None (the scales' dtype), got {out_dtype}")
     return _dequantize(qweight, scales, zeros, gs, out_dtype)
 
 

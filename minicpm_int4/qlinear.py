@@ -15,6 +15,9 @@ from .quantize import LAYER_DTYPES, check_layer_dtype, check_quantizable, quanti
 
 # the tensors fuse_projections turns into rows of stacked ones (fusion.py): replacing one takes the layer out of its group
 _FUSED_TENSORS = frozenset(("qweight", "scales", "zeros", "bias"))
+# the tensors the kernels read row-major with unit stride (ops._check_contiguous): one set as a view with other
+# strides (load_state_dict(assign=True) of a transposed tensor) is copied into a contiguous one when it is set
+_ROW_MAJOR_TENSORS = _FUSED_TENSORS | {"input_scale", "input_perm"}
 
 
 def _check_layer_args(in_features, out_features, group_size, dtype, act, backend, input_scale, input_perm=False) -> None:
@@ -184,10 +187,30 @@ class QuantLinear(nn.Module):
         return out
 
     def __setattr__(self, name: str, value) -> None:
+        if name in _ROW_MAJOR_TENSORS and isinstance(value, torch.Tensor) and "out_features" in self.__dict__:
+            # the forward hands its tensors to the kernels unchecked: one set by hand (or by an assigning load) is
+            # checked here - a wrong shape would be read out of bounds - and a view would be read as if it were not one
+            self._check_tensor(name, value)
+            if not value.is_contiguous():
+                contiguous = value.contiguous()
+                value = nn.Parameter(contiguous, value.requires_grad) if isinstance(value, nn.Parameter) else contiguous
         super().__setattr__(name, value)
         # a tensor replaced (set, or loaded with assign=True, which sets it): no longer the stacked ones' rows
         if name in _FUSED_TENSORS and self._fusion is not None:
             self._fusion.check_intact()
+
+    def _check_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Shape and kind of dtype of a tensor set as one of the layer's (ValueError naming the layer and it)."""
+        n, k = self.out_features, self.in_features
+        g = num_groups(k, self.group_size)
+        shape, integer = {"qweight": ((n, k // 8), True), "scales": ((n, g), False), "zeros": ((n, g), False),
+                          "bias": ((n,), False), "input_scale": ((k,), False), "input_perm": ((k,), True)}[name]
+        dtypes = (torch.int32,) if integer else LAYER_DTYPES
+        if tuple(value.shape) != shape or value.dtype not in dtypes:
+            raise ValueError(f"QuantLinear({k} -> {n}): {name} must be a {' / '.join(map(str, dtypes))} tensor of "
+                             f"shape {shape}, got {value.dtype} {tuple(value.shape)}")
+        if name == "input_perm" and not _is_permutation(value, k):  # the kernels read x at these indices
+            raise ValueError(f"QuantLinear({k} -> {n}): input_perm is not a permutation of the {k} input channels")
 
     def __getattr__(self, name: str):
         try:

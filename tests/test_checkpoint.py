@@ -457,3 +457,66 @@ def test_a_tied_model_refuses_a_checkpoint_whose_tied_pair_differs(tmp_path):
         a = model(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
         b = loaded(input_ids=ids, pixel_values=pv, target_sizes=ts).logits
     assert torch.allclose(a, b, rtol=0, atol=1e-5)  # fp32; the loaded tensors are file mappings (other BLAS paths)
+
+
+def test_a_tensor_set_from_a_file_is_held_contiguous():
+    """torch.save keeps a view's strides, so a .bin file can hold transposed tensors: what the loaders set in
+    place of a meta tensor is a contiguous copy (the kernels read a QuantLinear's tensors row-major), a Parameter
+    stays one."""
+    from minicpm_int4.checkpoint import _assign
+
+    model = torch.nn.Sequential(QuantLinear(64, 24, group_size=32, device="meta"))
+    for key, shape in (("0.scales", (24, 2)), ("0.qweight", (24, 8)), ("0.bias", (24,))):
+        dtype = torch.int32 if key == "0.qweight" else torch.float16
+        t = (torch.randint(0, 99, shape[::-1]).to(dtype).t() if len(shape) == 2 else torch.randn(48).to(dtype)[::2])
+        assert not t.is_contiguous()
+        held = _assign(model, key, t)
+        assert held.is_contiguous() and torch.equal(held, t) and model.state_dict(keep_vars=True)[key] is held
+        assert isinstance(held, torch.nn.Parameter) == (key == "0.bias")
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named_at_its_first_difference(tmp_path):
+    """Each way a saved folder can differ from the model it is loaded into, by the message that names it."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_native("4_6")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path)
+    meta_path, weights_path = tmp_path / "quant_config.json", tmp_path / "model.safetensors"
+    meta, tensors = json.loads(meta_path.read_text()), load_file(str(weights_path))
+    layer = next(iter(meta["modules"]))
+    spec = meta["modules"][layer]
+
+    def load_edited(edit_meta=None, edit_tensors=None, edit_model=None):
+        m, t = json.loads(json.dumps(meta)), dict(tensors)
+        if edit_meta:
+            edit_meta(m)
+        if edit_tensors:
+            edit_tensors(t)
+        meta_path.write_text(json.dumps(m))
+        save_file(t, str(weights_path))
+        fresh = build_native("4_6")
+        if edit_model:
+            edit_model(fresh)
+        load_quantized(fresh, tmp_path)
+
+    with pytest.raises(CheckpointMismatchError, match="format_version 99 is not supported .*reads version 1"):
+        load_edited(edit_meta=lambda m: m.update(format_version=99))
+    parent, _, attr = layer.rpartition(".")
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint module '{layer}' is a Identity in the model, not a "
+                                                      "Linear"):
+        load_edited(edit_model=lambda f: setattr(f.get_submodule(parent), attr, torch.nn.Identity()))
+    k, n = spec["in_features"], spec["out_features"]
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint module '{layer}' is {n} x {k} but the model's is "
+                                                      f"{n + 8} x {k}"):
+        load_edited(edit_model=lambda f: setattr(f.get_submodule(parent), attr, torch.nn.Linear(k, n + 8)))
+    with pytest.raises(CheckpointMismatchError, match=f"tensor '{layer}.scales' of the model is missing from the "
+                                                      "checkpoint"):
+        load_edited(edit_tensors=lambda t: t.pop(f"{layer}.scales"))
+    with pytest.raises(CheckpointMismatchError, match=f"tensor '{layer}.scales': checkpoint dtype torch.float16 != "
+                                                      "model dtype torch.float32"):
+        load_edited(edit_tensors=lambda t: t.update({f"{layer}.scales": t[f"{layer}.scales"].half()}))
+    with pytest.raises(CheckpointMismatchError, match=r"tensor 'extra.weight' in the checkpoint has no counterpart in "
+                                                      r"the model \(1 unexpected tensors\)"):
+        load_edited(edit_tensors=lambda t: t.update({"extra.weight": torch.ones(2)}))
+    load_edited()  # (the folder as saved loads)

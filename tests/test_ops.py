@@ -1,5 +1,6 @@
 """The op door: schemas and fake implementations (opcheck), backend rules, input checks."""
 import os
+import re
 import subprocess
 import sys
 
@@ -196,6 +197,87 @@ def test_bad_inputs_get_clear_errors():
         ops.w4a8_gemm(x, torch.ones(3), qweight, scales, zeros)
     with pytest.raises(TypeError, match="x_scale must be fp32"):
         ops.w4a8_gemm(x.to(torch.int8), torch.ones(3, dtype=torch.float16), qweight, scales, zeros)
+
+
+def test_the_rest_of_the_bad_inputs_get_clear_errors():
+    """Each remaining check of the ops' inputs, by the message that names the problem."""
+    qweight, scales, zeros = _layer()
+    x = torch.randn(3, 128, dtype=torch.float16)
+    xq, xs = x.to(torch.int8), torch.ones(3)
+    with pytest.raises(TypeError, match="expected a tensor, got list"):
+        ops.w4a16_gemm(x.tolist(), qweight, scales, zeros, None, 64)
+    with pytest.raises(TypeError, match=r"qweight must be int32 \[N, K//8\], got torch.int64 \(40, 16\)"):
+        ops.w4a16_gemm(x, qweight.long(), scales, zeros, None, 64)
+    with pytest.raises(TypeError, match="group_size must be an int .* got bool True"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, None, True)
+    with pytest.raises(TypeError, match="scales must be fp16/bf16/fp32, got torch.int32"):
+        ops.w4a16_gemm(x, qweight, scales.int(), zeros.int(), None, 64)
+    with pytest.raises(TypeError, match="zeros dtype torch.float32 differs from scales dtype torch.float16"):
+        ops.w4a16_gemm(x, qweight, scales, zeros.float(), None, 64)
+    with pytest.raises(TypeError, match="bias dtype torch.float32 differs from the output dtype torch.float16"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, torch.zeros(40), 64)
+    with pytest.raises(ValueError, match="bias is on meta but the input is on cpu"):
+        ops.w4a16_gemm(x, qweight, scales, zeros, torch.zeros(40, dtype=torch.float16, device="meta"), 64)
+    with pytest.raises(ValueError, match="x_scale is on meta but x_q is on cpu"):
+        ops.w4a8_gemm(xq, xs.to("meta"), qweight, scales, zeros, group_size=64)
+    with pytest.raises(TypeError, match="out_dtype must be fp16/bf16/fp32, got torch.int32"):
+        ops.w4a8_gemm(xq, xs, qweight, scales, zeros, group_size=64, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="w4a8_linear: activations are torch.float32 but the weight scales are "
+                                        "torch.float16"):
+        ops.w4a8_linear(x.float(), qweight, scales, zeros, group_size=64)
+    # K a multiple of 8 (whole words) that the group size does not divide
+    q40, s40, z40 = qweight[:, :5].contiguous(), scales[:, :1].contiguous(), zeros[:, :1].contiguous()
+    with pytest.raises(ValueError, match="K=40 is not divisible by group_size=32"):
+        ops.w4a16_gemm(x[:, :40], q40, s40, z40, None, 32)
+
+
+def _strided(t):
+    """t's values in a tensor with column-major strides (a transpose of a contiguous one): same shape, same values."""
+    return t.t().contiguous().t() if t.dim() == 2 else t.repeat_interleave(2)[::2]
+
+
+@pytest.mark.parametrize("name", ["qweight", "scales", "zeros", "bias"])
+def test_views_with_other_strides_are_refused_not_read_as_row_major(name):
+    """The kernels read a weight's tensors row-major with unit stride: a transposed view of the right shape would
+    be read as if it were not one (the Triton backends gave wrong numbers, no error), so every op refuses it,
+    naming the tensor; the same values made contiguous compute as ever."""
+    qweight, scales, zeros = _layer(gs=32)
+    bias = torch.randn(40, dtype=torch.float16)
+    x = torch.randn(3, 128, dtype=torch.float16)
+    t = dict(qweight=qweight, scales=scales, zeros=zeros, bias=bias)
+    view = {**t, name: _strided(t[name])}
+    assert not view[name].is_contiguous() and torch.equal(view[name], t[name])
+    match = re.escape(f"{name} must be contiguous (row-major), got a view of shape {tuple(t[name].shape)} with strides "
+                      f"{view[name].stride()}")
+    calls = [lambda w: ops.w4a16_gemm(x, w["qweight"], w["scales"], w["zeros"], w["bias"], 32),
+             lambda w: ops.w4a8_linear(x, w["qweight"], w["scales"], w["zeros"], w["bias"], 32),
+             lambda w: ops.w4a8_gemm(x.to(torch.int8), torch.ones(3), w["qweight"], w["scales"], w["zeros"], w["bias"],
+                                     32)]
+    if name != "bias":
+        calls.append(lambda w: ops.dequantize(w["qweight"], w["scales"], w["zeros"], 32))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call(view)
+        call(t)  # (the contiguous tensors pass)
+
+
+def test_dequantize_checks_the_weight_as_the_gemm_does():
+    qweight, scales, zeros = _layer()
+    from minicpm_int4.reference import dequantize_ref
+
+    assert torch.equal(ops.dequantize(qweight, scales, zeros, 64), dequantize_ref(qweight, scales, zeros, 64))
+    with pytest.raises(ValueError, match="group_size=48 is not supported"):
+        ops.dequantize(qweight, scales, zeros, 48)
+    with pytest.raises(ValueError, match=r"scales must have shape \[N=40, K/group_size = 128/32 = 4\]"):
+        ops.dequantize(qweight, scales, zeros, 32)
+    with pytest.raises(TypeError, match=r"qweight must be int32 \[N, K//8\], got torch.int32 \(640,\)"):
+        ops.dequantize(qweight.flatten(), scales, zeros, 64)
+    with pytest.raises(TypeError, match="qweight must be a tensor, got list"):
+        ops.dequantize(qweight.tolist(), scales, zeros, 64)
+    with pytest.raises(ValueError, match="zeros is on meta but the input is on cpu"):
+        ops.dequantize(qweight, scales, zeros.to("meta"), 64)
+    with pytest.raises(TypeError, match="out_dtype must be fp16/bf16/fp32 or None"):
+        ops.dequantize(qweight, scales, zeros, 64, torch.int8)
 
 
 def test_cuda_backend_on_cpu_tensors_raises():

@@ -2,7 +2,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minicpm_int4.packing import PACK_ORDER, pack_int4, packed_bytes, unpack_int4
+from minicpm_int4 import packing
+from minicpm_int4.packing import PACK_ORDER, nibbles, pack_int4, packed_bytes, unpack_int4
 
 
 @settings(max_examples=40, deadline=None)
@@ -33,6 +34,21 @@ def test_nibble_order_is_documented_layout():
         assert (word >> (4 * i)) & 0xF == q[0, PACK_ORDER[i]].item()
 
 
+def test_the_byte_order_free_path_packs_and_unpacks_the_same_words(monkeypatch):
+    """On a little-endian host (every one the tests run on) pack_int4 and nibbles read a word as its four bytes;
+    elsewhere they shift in 64 / 32 bits: forced here, the same words from the same values and back - the top
+    nibble >= 8 (a negative int32) included - and a [1, G] transpose, whose last dimension has any stride."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (17, 40), generator=g, dtype=torch.uint8)
+    q[:, 7::8] = torch.randint(8, 16, (17, 5), generator=g, dtype=torch.uint8)
+    words, values, column = pack_int4(q), nibbles(pack_int4(q)), pack_int4(q)[:1, :].t()
+    assert packing._LITTLE_ENDIAN and (words < 0).all()
+    monkeypatch.setattr(packing, "_LITTLE_ENDIAN", False)
+    assert torch.equal(pack_int4(q), words)
+    assert torch.equal(nibbles(words), values) and torch.equal(unpack_int4(words), q)
+    assert torch.equal(nibbles(column), values[0][:, None])
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="multiple of 8"):
         pack_int4(torch.zeros(2, 12, dtype=torch.uint8))
@@ -40,6 +56,8 @@ def test_pack_rejects_bad_input():
         pack_int4(torch.full((1, 8), 16, dtype=torch.int32))
     with pytest.raises(TypeError, match="integer"):
         pack_int4(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match=r"2-D \[N, K\] tensor, got shape \(8,\)"):
+        pack_int4(torch.zeros(8, dtype=torch.uint8))
     with pytest.raises(TypeError, match="int32"):
         unpack_int4(torch.zeros(1, 1, dtype=torch.int64))
 

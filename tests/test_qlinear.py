@@ -326,6 +326,63 @@ def test_forward_reads_the_tensors_the_module_holds_now():
 
 
 @pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
+def test_tensors_set_as_views_with_other_strides_are_held_contiguous():
+    """The forward hands its tensors to the kernels unchecked, and they read them row-major: a state dict of views
+    with other strides (transposes of contiguous tensors, every-other-element slices), loaded with assign=True -
+    which sets them as they are - or a tensor set by hand, is held as a contiguous copy, and the Triton kernels give
+    the layer's bits (read as row-major, the views gave other numbers: no error)."""
+    torch.manual_seed(11)
+    k = 128
+    lin = nn.Linear(k, 40, dtype=torch.float16)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=32, backend="triton"),
+                                 input_scale=torch.rand(k) + 0.5)
+    ql.input_perm = torch.randperm(k).to(torch.int32)  # (an act-order checkpoint's channel order)
+    xs = [torch.randn(m, k, dtype=torch.float16) for m in (1, 3)]
+    expect = [ql(x) for x in xs]
+    views = {n: t.t().contiguous().t() if t.dim() == 2 else t.repeat_interleave(2)[::2]
+             for n, t in ql.state_dict().items()}
+    assert not any(v.is_contiguous() for v in views.values())
+    loaded = QuantLinear(k, 40, group_size=32, dtype=torch.float16, backend="triton", input_scale=True,
+                         input_perm=True)
+    loaded.load_state_dict(views, assign=True)
+    held = loaded.state_dict()
+    for name, v in views.items():
+        assert held[name].is_contiguous() and torch.equal(held[name], v), name
+    assert isinstance(loaded.bias, nn.Parameter)
+    for x, y in zip(xs, expect):
+        assert torch.equal(loaded(x), y)
+    loaded.scales = views["scales"]
+    assert loaded.scales.is_contiguous() and torch.equal(loaded(xs[1]), expect[1])
+
+
+def test_a_tensor_set_by_hand_that_the_layer_cannot_hold_is_refused():
+    """What the forward hands the kernels unchecked is checked as it is set: a shape they would read out of bounds,
+    a dtype they would misread, a channel order that is not one. None (no bias / input scale) is still taken."""
+    ql = QuantLinear.from_linear(nn.Linear(64, 24, dtype=torch.float16), QuantConfig(group_size=32),
+                                 input_scale=torch.ones(64))
+    before = {n: t.clone() for n, t in ql.state_dict().items()}
+    for name, value, what in (
+            ("qweight", torch.zeros(24, 4, dtype=torch.int32), "qweight must be a torch.int32 tensor of shape (24, 8), "
+                                                                "got torch.int32 (24, 4)"),
+            ("qweight", torch.zeros(24, 8, dtype=torch.int64), "qweight must be a torch.int32 tensor of shape (24, 8), "
+                                                                "got torch.int64 (24, 8)"),
+            ("scales", torch.ones(24, 1, dtype=torch.float16), "scales must be a torch.float16 / torch.bfloat16 / "
+                                                               "torch.float32 tensor of shape (24, 2)"),
+            ("zeros", torch.zeros(24, 2, dtype=torch.float64), "zeros must be a torch.float16 / torch.bfloat16"),
+            ("bias", nn.Parameter(torch.zeros(25, dtype=torch.float16)), "bias must be"),
+            ("input_scale", torch.ones(63, dtype=torch.float16), "input_scale must be"),
+            ("input_perm", torch.arange(64), "input_perm must be a torch.int32 tensor of shape (64,)"),
+            ("input_perm", torch.zeros(64, dtype=torch.int32),
+             "input_perm is not a permutation of the 64 input channels")):
+        with pytest.raises(ValueError, match=re.escape(f"QuantLinear(64 -> 24): {what}")):
+            setattr(ql, name, value)
+    after = ql.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    ql.bias, ql.input_scale = None, None
+    assert ql.bias is None and ql.input_scale is None and ql(torch.randn(2, 64, dtype=torch.float16)).shape == (2, 24)
+
+
+@pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
 def test_forward_passes_its_workspace_to_the_decode_kernel(monkeypatch):
     # a decode-size input on a layer whose K is split: one launch, the layer's counters back at zero
     from minicpm_int4.kernels import w4a16
@@ -413,6 +470,16 @@ def test_config_validation():
         QuantConfig(sensitivity="global")
     with pytest.raises(ValueError, match="sensitivity_batches=0: must be >= 1"):
         QuantConfig(sensitivity_batches=0)
+    for kw, what in (({"method": "awq"}, "QuantConfig.method='awq': must be one of"),
+                     ({"act": {"vision": "int4"}}, "QuantConfig.act['vision']='int4': must be one of"),
+                     ({"act": "fp8"}, "QuantConfig.act='fp8': must be None, 'int8' or a dict part -> act"),
+                     ({"min_out_features": 0}, "QuantConfig.min_out_features must be >= 1"),
+                     ({"keep_most_sensitive": -1}, "QuantConfig.keep_most_sensitive must be >= 0"),
+                     ({"weight_budget_bytes": 0}, "QuantConfig.weight_budget_bytes must be positive")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            QuantConfig(**kw)
+    with pytest.raises(ValueError, match=re.escape("QuantConfig.from_dict: unknown fields ['bitz']")):
+        QuantConfig.from_dict({**QuantConfig().to_dict(), "bitz": 4})
     assert (QuantConfig().sensitivity, QuantConfig().sensitivity_batches) == ("model", 4)
     new_fields = ("gptq_damp", "sensitivity", "sensitivity_batches")
     old_checkpoint = {k: v for k, v in QuantConfig().to_dict().items() if k not in new_fields}  # saved before them

@@ -249,6 +249,38 @@ def test_ingest_takes_a_suite_folder_into_the_repository(tmp_path):
         ingest(str(tmp_path / "repo"), str(root), dispatch_table=str(table))
 
 
+def test_ingest_script_takes_a_new_gpu_and_says_what_to_commit(tmp_path, capsys):
+    """benchmarks/ingest_gpu_results.py's main, as a GPU session runs it first: a GPU with no results yet (an H100
+    beside the committed H200) gets a folder and a dispatch entry of its own; the other GPU's are kept; what is
+    incomplete is printed, and the git command to commit it."""
+    from minicpm_int4.bench.ingest import main as ingest_main
+    from minicpm_int4.bench.readme import END, START
+
+    src, root = tmp_path / "out", tmp_path / "repo"
+    src.mkdir()
+    (root / "benchmarks" / "results" / "nvidia-h200").mkdir(parents=True)
+    (root / "minicpm_int4").mkdir()
+    (root / "minicpm_int4" / "dispatch_table.json").write_text(json.dumps({"devices": {"NVIDIA H200": {"w4a16": []}}}))
+    (root / "README.md").write_text(f"# x\n\n{START}\nnothing yet\n{END}\n")
+    bench = _bench()
+    bench["env"].update(device="cuda:0", device_name="NVIDIA H100 80GB HBM3", commit="abc")
+    bench["config"] = {"ms": [1, 16, 4096], "group_size": 128, "dtype": "float16", "rep_ms": 30}
+    bench["incomplete"] = "time budget of 130 s reached before lm_head"
+    (src / "bench.json").write_text(json.dumps(bench))
+    (src / "suite.log").write_text("=== [bench] rc=0\n")
+    assert ingest_main([str(src), "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    dest = root / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3"
+    assert f"NVIDIA H100 80GB HBM3: copied suite.log, bench.json to {dest}" in out
+    assert "warning: bench.json is marked incomplete: time budget of 130 s reached before lm_head" in out
+    assert "README.md performance section regenerated" in out and "W4A16 Triton, M = 1" in out
+    assert ("next: git add benchmarks/results/nvidia-h100-80gb-hbm3 README.md minicpm_int4/dispatch_table.json "
+            "&& git commit") in out
+    devices = json.loads((root / "minicpm_int4" / "dispatch_table.json").read_text())["devices"]
+    assert set(devices) == {"NVIDIA H200", "NVIDIA H100 80GB HBM3"}
+    assert "### NVIDIA H100 80GB HBM3" in (root / "README.md").read_text()
+
+
 def _streaming_bench(floors_us, gbps, eager_backend=None):
     """Rows whose times are exactly floor + bytes / bandwidth per backend (M = 1), over shapes of 1 - 32 MB,
     plus fp16 at four times the bytes."""
