@@ -25,6 +25,7 @@ Public functions (validate, then call the op):
 """
 # (no `from __future__ import annotations` here: torch < 2.5 builds a custom op's schema from its function's
 # annotations as they are, and strings - 'Tensor', 'Optional[Tensor]' - made `import minicpm_int4` fail on torch 2.4)
+import contextlib
 import functools
 import operator
 import os
@@ -401,8 +402,10 @@ def _w4a16_gemm_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         # fused kernel is exact fp32)
         variant = None if be == "triton" or (be == "triton-tc" and workspace is None) or (
             be == "triton-dq" and x.dtype == torch.float32) else be
-        return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
-                                                      input_scale=input_scale, input_perm=input_perm, variant=variant)
+        with _on_device(x.device):
+            return _triton_kernels()[0].w4a16_gemm_triton(x, qweight, scales, zeros, bias, group_size, workspace,
+                                                          input_scale=input_scale, input_perm=input_perm,
+                                                          variant=variant)
     if be in CUDA_CANDIDATES:  # the CUDA kernels multiply the input scale into x as they load it, and the
         # tensor-core kernel reads x through input_perm (the bindings gather first where it does not)
         if not CUDA_FUSE_INPUT_PERM:
@@ -545,6 +548,20 @@ def w4a16_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: 
                           None if input_perm is None else input_perm.contiguous())
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _on_device(device: torch.device):
+    """A Triton kernel launches on the current CUDA device, on its current stream: for tensors on another GPU (a model
+    on cuda:1, or split over GPUs by a device_map) that device is made the current one for the call, as torch's own
+    ops and the CUDA extension's bindings (a device guard) do - else Triton refused their pointers ("cannot be
+    accessed from Triton") or, between GPUs with peer access, read them across the link. One device query where the
+    tensors are on the current device (the common case)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NO_CONTEXT
+
+
 def _dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, gs: int, out_dtype: Optional[torch.dtype]) -> Tensor:
     """reference.dequantize_ref's bits: on CUDA by the Triton kernel (one pass, where the reference makes
     several of N x K temporaries), elsewhere (or without Triton) by the reference."""
@@ -553,7 +570,8 @@ def _dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, gs: int, out_dty
         if kernels is not None:
             from .kernels.w4a16 import dequantize_triton
 
-            return dequantize_triton(qweight, scales, zeros, gs, out_dtype)
+            with _on_device(qweight.device):
+                return dequantize_triton(qweight, scales, zeros, gs, out_dtype)
     return reference.dequantize_ref(qweight, scales, zeros, gs, out_dtype)
 
 
@@ -577,8 +595,9 @@ def _quantize_per_token_int8_impl(x: Tensor, backend: str, input_scale: Optional
                                   input_perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     be = resolve_backend(backend, x.device, "quantize_per_token_int8", shape=tuple(x.shape))
     if be in ACT_QUANT_TRITON_WARPS:  # the input scale multiplied, and x gathered, inside the one pass over x
-        return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm,
-                                                                   warps=ACT_QUANT_TRITON_WARPS[be])
+        with _on_device(x.device):
+            return _triton_kernels()[0].quantize_per_token_int8_triton(x, input_scale, input_perm,
+                                                                       warps=ACT_QUANT_TRITON_WARPS[be])
     if be == "cuda":  # the input scale multiplied, or x read through input_perm, in the CUDA quantizer's pass
         if not CUDA_FUSE_INPUT_PERM:
             x, input_perm = _gathered(x, input_perm), None
@@ -624,8 +643,9 @@ def _w4a8_gemm_impl(x_q: Tensor, x_scale: Tensor, qweight: Tensor, scales: Tenso
                     bias: Optional[Tensor], group_size: int, out_dtype: torch.dtype, backend: str) -> Tensor:
     be = resolve_backend(backend, x_q.device, "w4a8_gemm", shape=(x_q.shape[0], qweight.shape[0], x_q.shape[1], group_size))
     if be in ("triton", "triton-flat"):  # ("triton-flat": each group's K steps unrolled, the same bits)
-        return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size, out_dtype,
-                                                     flat=True if be == "triton-flat" else None)
+        with _on_device(x_q.device):
+            return _triton_kernels()[0].w4a8_gemm_triton(x_q, x_scale, qweight, scales, zeros, bias, group_size,
+                                                         out_dtype, flat=True if be == "triton-flat" else None)
     if be in W4A8_CUDA_ARGS:  # the int8 mma.sync / wgmma kernels (csrc/w4a8_gemm.cu, w4a8_wgmma.cu): the reference's bits
         return _cuda_w4a8(x_q.shape[1], group_size).w4a8_gemm(x_q, x_scale, qweight, scales, zeros, bias, group_size,
                                                               out_dtype, *W4A8_CUDA_ARGS[be])

@@ -1514,3 +1514,22 @@ def test_triton_fast_launch_same_bits_and_taken(act, m, monkeypatch):
     torch.cuda.synchronize()
     monkeypatch.setattr(_launch, "ENABLED", False)
     torch.testing.assert_close(y_graph, ql(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (a layer on the one that is not current)")
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_triton_kernels_run_on_the_gpu_of_their_tensors(act):
+    """A layer on cuda:1 while cuda:0 is the current device (a model moved to a second GPU, or split over GPUs by a
+    device_map): the Triton kernels launch on cuda:1 (ops._on_device) and give the bits they give with cuda:1
+    current - decode and prefill, the activation quantizer and W4A8, the dequantization - and cuda:0 stays current."""
+    lin = torch.nn.Linear(4096, 1032, dtype=torch.float16)
+    ql = QuantLinear.from_linear(lin, QuantConfig(group_size=128, act=act, backend="triton")).to("cuda:1")
+    xs = [torch.randn(m, 4096, dtype=torch.float16, device="cuda:1") for m in (1, 3, 64)]
+    with torch.cuda.device(1):
+        expect = [ql(x) for x in xs] + [ql.dequantized_weight()]
+    with torch.cuda.device(0):
+        got = [ql(x) for x in xs] + [ql.dequantized_weight()]
+        assert torch.cuda.current_device() == 0
+    for y, e in zip(got, expect):
+        assert y.device == torch.device("cuda:1")
+        torch.testing.assert_close(y, e, rtol=0, atol=0)

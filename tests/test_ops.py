@@ -280,6 +280,47 @@ def test_dequantize_checks_the_weight_as_the_gemm_does():
         ops.dequantize(qweight, scales, zeros, 64, torch.int8)
 
 
+def test_on_device_makes_the_tensors_gpu_current_only_where_it_is_not(monkeypatch):
+    """Triton launches on the current CUDA device: ops._on_device gives torch.cuda.device(d) for tensors on another
+    GPU, and no context for the current one or the CPU."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or "guard")
+    assert ops._on_device(torch.device("cuda", 1)) == "guard" and entered == [torch.device("cuda", 1)]
+    assert ops._on_device(torch.device("cuda", 0)) is ops._NO_CONTEXT
+    assert ops._on_device(torch.device("cpu")) is ops._NO_CONTEXT and len(entered) == 1
+
+
+@pytest.mark.skipif(not ops.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")
+def test_every_triton_op_launches_under_the_device_of_its_tensors(monkeypatch):
+    """Each op's Triton path runs inside ops._on_device(its tensors' device), layer calls too (W4A16 at decode and
+    prefill sizes, the quantizer and W4A8); a GPU test checks it on two GPUs (tests/test_gpu.py)."""
+    import contextlib
+
+    from minicpm_int4 import QuantConfig, QuantLinear
+
+    seen = []
+    monkeypatch.setattr(ops, "_on_device", lambda d: seen.append(d) or contextlib.nullcontext())
+    qweight, scales, zeros = _layer()
+    calls = []
+    for m in (1, 3, 17):  # (W4A8 runs its decode rows, M <= 16, on the W4A16 kernel; prefill quantizes, then the GEMM)
+        x = torch.randn(m, 128, dtype=torch.float16)
+        calls.append(lambda x=x: ops.w4a16_gemm(x, qweight, scales, zeros, None, 64, backend="triton"))
+        calls.append(lambda x=x: ops.w4a8_linear(x, qweight, scales, zeros, None, 64, backend="triton"))
+    calls.append(lambda: ops.quantize_per_token_int8(x, backend="triton"))
+    calls.append(lambda: ops.w4a8_gemm(x.to(torch.int8), torch.ones(17), qweight, scales, zeros, None, 64,
+                                       backend="triton"))
+    for act in (None, "int8"):
+        ql = QuantLinear.from_linear(torch.nn.Linear(128, 40, dtype=torch.float16),
+                                     QuantConfig(group_size=64, act=act, backend="triton"))
+        calls.append(lambda ql=ql: ql(torch.randn(20, 128, dtype=torch.float16)))
+    for call in calls:
+        before = len(seen)
+        call()
+        assert len(seen) > before
+    assert set(seen) == {torch.device("cpu")}
+
+
 def test_cuda_backend_on_cpu_tensors_raises():
     qweight, scales, zeros = _layer()
     x = torch.randn(3, 128, dtype=torch.float16)
