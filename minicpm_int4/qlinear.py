@@ -15,8 +15,9 @@ from .quantize import LAYER_DTYPES, check_layer_dtype, check_quantizable, quanti
 
 # the tensors fuse_projections turns into rows of stacked ones (fusion.py): replacing one takes the layer out of its group
 _FUSED_TENSORS = frozenset(("qweight", "scales", "zeros", "bias"))
-# the tensors the kernels read row-major with unit stride (ops._check_contiguous): one set as a view with other
-# strides (load_state_dict(assign=True) of a transposed tensor) is copied into a contiguous one when it is set
+# the tensors the forward hands the kernels unchecked (row-major, unit stride: ops._check_contiguous): one set on the
+# layer is checked for its shape and dtype (_check_tensor), and a view with other strides (load_state_dict(assign=True)
+# of a transposed tensor) is copied into a contiguous one
 _ROW_MAJOR_TENSORS = _FUSED_TENSORS | {"input_scale", "input_perm"}
 
 
