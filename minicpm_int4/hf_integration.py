@@ -255,7 +255,19 @@ def build_quantized_modules(model: nn.Module, modules: dict, config: dict) -> No
         ql = layer_from_spec(spec, mod.weight.device, backend, dtype)
         for parent, attr, _ in places[id(mod)]:
             setattr(parent, attr, ql)
+            _mark_initialized(parent)
     untie_quantized(model)  # before the tensors load: 5.x ties what all_tied_weights_keys says after loading
+
+
+def _mark_initialized(parent: nn.Module) -> None:
+    """Tell transformers' weight init to pass over a module that now holds a QuantLinear and has no tensors
+    of its own. transformers 5.0 - 5.3 run every module's _init_weights after loading (later versions skip a
+    module whose tensors all loaded), and some read their children's weights there - SiglipAttention's
+    initialises q_proj.weight - which a QuantLinear has not: from_pretrained of a model with an int4
+    attention in a SigLIP vision tower stopped in an AttributeError. The children are still visited one by
+    one (a kept Linear's own init sees its loaded weight and leaves it)."""
+    if next(parent.parameters(recurse=False), None) is None and next(parent.buffers(recurse=False), None) is None:
+        parent._is_hf_initialized = True
 
 
 def _tie_configs(config) -> list:

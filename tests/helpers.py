@@ -1,4 +1,6 @@
 """Shared test helpers: random quantized layers and derived tolerances."""
+import types
+
 import torch
 
 from minicpm_int4.packing import pack_int4, unpack_int4
@@ -220,6 +222,8 @@ def tiny_minicpmv4_6_processor(image_token_id: int, n_words: int = 200, scale_re
             self.image_token_divisor = self.video_token_divisor = 4 if ip.downsample_mode == "4x" else 16
             for name in ("image_token", "image_token_id", "video_token", "video_token_id", *MM_TOKENS):
                 setattr(self, name, getattr(tokenizer, name))
+            if not hasattr(self, "video_processor"):  # transformers 5.7 - 5.10's __call__ reads its downsample_mode
+                self.video_processor = types.SimpleNamespace(downsample_mode=ip.downsample_mode)  # without videos too
 
     image_processor = MiniCPMV4_6ImageProcessorPil(scale_resolution=scale_resolution, patch_size=14, max_slice_nums=4)
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
