@@ -144,23 +144,35 @@ def layer_from_spec(spec: dict, device, backend: str, dtype: Optional[torch.dtyp
                        input_scale=spec.get("input_scale", False), input_perm=spec.get("input_perm", False))
 
 
+def read_json(path: str):
+    """json.load of a checkpoint's file; a file that is not JSON is named (json's own error gives a line and
+    column, not the file)."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointMismatchError(f"{path} is not valid JSON ({e}): a damaged or unfinished checkpoint") from None
+
+
 def read_quant_config(path: str) -> dict:
     """quant_config.json of a save_quantized folder or, for a folder that transformers' save_pretrained
     wrote from a patched model, the same record from config.json's quantization_config."""
     cfg_path = os.path.join(path, CONFIG_NAME)
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            meta = json.load(f)
+        meta = read_json(cfg_path)
     else:
         hf_path = os.path.join(path, "config.json")
         meta = None
         if os.path.exists(hf_path):
-            with open(hf_path) as f:
-                meta = json.load(f).get("quantization_config")
+            meta = read_json(hf_path)
+            meta = meta.get("quantization_config") if isinstance(meta, dict) else None
         if not isinstance(meta, dict) or meta.get("quant_method") != QUANT_METHOD:
             raise FileNotFoundError(f"{path} is not a minicpm_int4 checkpoint: {CONFIG_NAME} not found, and no "
                                     f"config.json with a {QUANT_METHOD!r} quantization_config")
         cfg_path = hf_path
+    if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointMismatchError(f"{cfg_path}: not a minicpm_int4 record (a JSON object with 'format_version', "
+                                      f"'config' and 'modules'), got {str(meta)[:80]}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
                                       f"(this minicpm_int4 reads version {FORMAT_VERSION})")
@@ -205,8 +217,11 @@ def _open_weights(path: str, allow_bin: bool = False):
         if os.path.exists(os.path.join(path, single)):
             files = [single]
         elif os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            index_data = read_json(index)
+            weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointMismatchError(f"{index} has no 'weight_map' (tensor name -> file)")
+            files = sorted(set(weight_map.values()))
         if files:
             break
     if not files and allow_bin and os.path.isdir(path):
@@ -221,10 +236,36 @@ def _open_weights(path: str, allow_bin: bool = False):
         by_key = {}
         for name in files:
             full = os.path.join(path, name)
-            handle = (stack.enter_context(safe_open(full, framework="pt")) if name.endswith(".safetensors")
-                      else _TorchFile(full))
+            try:
+                handle = (stack.enter_context(safe_open(full, framework="pt")) if name.endswith(".safetensors")
+                          else _TorchFile(full))
+            except (OSError, CheckpointMismatchError):
+                raise
+            except Exception as e:  # safetensors' SafetensorError, torch.load's UnpicklingError ...: name the file
+                raise CheckpointMismatchError(f"{full} cannot be read as a {'safetensors' if name.endswith('.safetensors') else 'torch'} "
+                                              f"file ({type(e).__name__}: {e}): a damaged or unfinished download") from e
             by_key.update(dict.fromkeys(handle.keys(), handle))
         yield by_key
+
+
+def check_load_device(device, what: str) -> torch.device:
+    """The device a loader was asked for, refused with the reason where no tensor can be loaded onto it: not a
+    device, the meta device (which holds no values: the loaders materialise a model built on it), or a GPU this
+    machine / this build of torch has not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what}(device={device!r}): not a device ({e})") from None
+    if d.type == "meta":
+        raise ValueError(f"{what}(device='meta'): the meta device holds no values to load a checkpoint into; for the "
+                         "model's structure alone, build it under checkpoint.parameters_on_meta()")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise RuntimeError(f"{what}(device={device!r}): no CUDA device here (torch {torch.__version__}, {build})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{what}(device={device!r}): this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
 
 
 def load_quantized(model: nn.Module, path: str, device=None, progress: bool = True) -> nn.Module:
@@ -241,6 +282,8 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
     from . import foreign
     from .hub import checkpoint_dir
 
+    if device is not None:
+        check_load_device(device, "load_quantized")
     path = checkpoint_dir(path)  # a Hub model id: its files, fetched or from the cache
     load_device = device or "cpu"
     wrapper, model = model, unwrap_compiled(model)  # returned as given (a torch.compile wrapper stays one)
@@ -284,14 +327,19 @@ def load_quantized(model: nn.Module, path: str, device=None, progress: bool = Tr
 
     with _open_weights(path) as files:
         _load_tensors(model, files, meta.get("aliases", {}), load_device, progress)
+    _check_loaded_layers(model)
+    mark_quantized(model, config)
+    return wrapper
+
+
+def _check_loaded_layers(model: nn.Module) -> None:
+    """QuantLinear.check_loaded of every int4 layer (input_perm a permutation, finite scales / zeros)."""
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             try:
-                m.check_input_perm(name)
+                m.check_loaded(name)
             except ValueError as e:
                 raise CheckpointMismatchError(f"checkpoint module {e}") from None
-    mark_quantized(model, config)
-    return wrapper
 
 
 def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool) -> None:
@@ -304,6 +352,7 @@ def _load_foreign(model: nn.Module, path: str, fmt, load_device, progress: bool)
     with _open_weights(path, allow_bin=True) as files:
         consumed, group_size = foreign.load_layers(model, files, fmt, load_device, progress=progress)
         _load_tensors(model, files, {}, load_device, progress, consumed, skip_quant_layers=True, cast=True)
+    _check_loaded_layers(model)
     hf_config = getattr(model, "config", None)
     if isinstance(getattr(hf_config, "quantization_config", None), dict):  # the foreign record: ours replaces it
         del hf_config.quantization_config
@@ -436,6 +485,7 @@ def load_pretrained_quantized(path: str, device="cpu", model_class=None, trust_r
     from . import foreign
     from .hub import checkpoint_dir
 
+    check_load_device(device, "load_pretrained_quantized")  # before a download and minutes of building
     path = checkpoint_dir(path, revision=revision)  # a Hub model id: its files, fetched (with progress) or cached
     fmt = foreign.detect(path)  # before minutes of building: an unreadable AWQ / GPTQ variant fails here
     if dtype is not None and fmt is None:

@@ -35,7 +35,6 @@ and `checkpoint.load_quantized` read these folders as they read their own.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -93,8 +92,9 @@ class ForeignFormat:
 def _read_json(path: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        data = json.load(f)
+    from .checkpoint import read_json  # (a file that is not JSON is named)
+
+    data = read_json(path)
     return data if isinstance(data, dict) else None
 
 

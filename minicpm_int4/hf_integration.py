@@ -102,7 +102,7 @@ def register() -> Optional[str]:
                     for name, m in model.named_modules():
                         if not isinstance(m, _quant_linear()):
                             continue
-                        m.check_input_perm(name)  # the kernels read x through it: a bad index is refused here
+                        m.check_loaded(name)  # the kernels read x through input_perm: a bad index is refused here
                         if m.workspace.device != m.qweight.device:  # 4.x leaves unsaved buffers on meta
                             m.workspace = w4a16_workspace(m.out_features, m.qweight.device)
                         else:

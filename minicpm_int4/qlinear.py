@@ -47,6 +47,21 @@ def _check_layer_args(in_features, out_features, group_size, dtype, act, backend
             raise TypeError(f"{shape}: {flag}={value!r} must be True or False (whether the layer holds one)")
 
 
+_FINITE_TENSORS = ("scales", "zeros", "input_scale")
+
+
+def _check_finite(t: Optional[torch.Tensor], what: str) -> None:
+    """ValueError if t holds a NaN / inf. No save gives a layer one (patch_model refuses such weights, and a
+    scale is at most a group's range / 15): it comes from a damaged file or a cast that overflowed, and would turn
+    every output its group reaches into NaN without an error. A meta tensor is not checked."""
+    if t is None or t.device.type == "meta" or not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    bad = (~torch.isfinite(t)).nonzero()
+    first = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{what}: {bad.shape[0]} NaN / inf value(s), the first at {list(first)} ({t[first].item()}) - "
+                     "a damaged checkpoint, or one cast to a dtype its values overflow")
+
+
 def _is_permutation(p: torch.Tensor, k: int) -> bool:
     """Whether p holds 0..k-1 once each (a meta tensor, which holds nothing yet, passes)."""
     if p.device.type == "meta":
@@ -166,6 +181,10 @@ class QuantLinear(nn.Module):
         if self.workspace is not None:  # None: set by a user who runs the layer on several streams at once
             with torch.no_grad():
                 self.workspace.zero_()
+        for what in _FINITE_TENSORS:  # (as the loaders' check_loaded: a NaN scale would give NaN outputs, no error)
+            value = state_dict.get(prefix + what)
+            if isinstance(value, torch.Tensor):
+                _check_finite(value, f"{prefix[:-1] or 'QuantLinear'}: {what}")
         perm = state_dict.get(prefix + "input_perm")
         if self.input_perm is not None and isinstance(perm, torch.Tensor) and perm.shape == self.input_perm.shape \
                 and not _is_permutation(perm, self.in_features):  # the kernels read x at these indices
@@ -255,6 +274,13 @@ class QuantLinear(nn.Module):
         at these indices, so a wrong one would read out of bounds. A meta tensor is not checked."""
         if self.input_perm is not None and not _is_permutation(self.input_perm, self.in_features):
             raise ValueError(f"{name}: input_perm is not a permutation of the {self.in_features} input channels")
+
+    def check_loaded(self, name: str = "QuantLinear") -> None:
+        """What the loaders check once a layer's tensors are in (load_quantized, transformers' from_pretrained):
+        check_input_perm, and that the scales, zeros and input scale hold no NaN / inf (`_check_finite`)."""
+        self.check_input_perm(name)
+        for what in _FINITE_TENSORS:
+            _check_finite(self._buffers.get(what), f"{name}: {what}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step calls this hundreds of times: each buffer is read once, from the module's own

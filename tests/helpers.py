@@ -118,6 +118,25 @@ def static_cache_reads_linear_weights() -> bool:
     return hasattr(LlamaForCausalLM, "_setup_cache")
 
 
+def static_cache_fails_unpatched(kind: str = "4_6"):
+    """Why this transformers cannot decode the tiny fp32 native model (`kind`) with a static cache, untouched
+    by this package, or None where it can: 5.10's generate builds no causal mask for the linear-attention
+    layers of the Qwen3.5-style text model (KeyError 'linear_attention'); 5.25 does."""
+    from minicpm_int4.tiny import NativeModelUnavailable, build_native
+
+    with torch.random.fork_rng():  # (build_native seeds torch's generator: the caller's draws stay its own)
+        try:
+            model = build_native(kind)
+        except NativeModelUnavailable:
+            return None  # (a transformers without the class: what the caller does then is its own)
+        ids = torch.randint(10, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+        try:
+            model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        except Exception as e:  # (any of transformers' own: this model is not patched)
+            return f"{type(e).__name__}: {e}"
+    return None
+
+
 def save_word_tokenizer(path, n_words: int = 200) -> None:
     """A real tokenizer directory (from_pretrained-loadable): whitespace words w0 .. w{n-1}, ids from 2."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -389,6 +389,13 @@ def test_profile_cudagraph_mode_replays_one_captured_decode_step(name, tmp_path)
     from minicpm_int4.bench.e2e import CHECK_TOKENS, WARMUP_STEPS, run_profile
     from minicpm_int4.bench.report import profile_markdown
 
+    import transformers
+    from helpers import static_cache_fails_unpatched
+
+    why = static_cache_fails_unpatched() if name == "minicpmv4.6" else None
+    if why:
+        pytest.skip(f"transformers {transformers.__version__} cannot decode the fp32 {name} model itself with a "
+                    f"static cache ({why[:120]})")
     new_tokens = 8
     res = run_profile(models=[name], size="tiny", prompt_tokens=8, new_tokens=new_tokens, image_grid=4,
                       modes=["cudagraph"], group_size=32, device=torch.device("cpu"), dtype=torch.float32)

@@ -519,4 +519,64 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named_at_its_first_differen
     with pytest.raises(CheckpointMismatchError, match=r"tensor 'extra.weight' in the checkpoint has no counterpart in "
                                                       r"the model \(1 unexpected tensors\)"):
         load_edited(edit_tensors=lambda t: t.update({"extra.weight": torch.ones(2)}))
+
+    def poison(name, index, value):
+        def edit(t):
+            bad = t[f"{layer}.{name}"].clone()
+            bad[index] = value
+            t[f"{layer}.{name}"] = bad
+        return edit
+
+    # values no save writes (a damaged file): a NaN scale would make every output its group reaches NaN
+    with pytest.raises(CheckpointMismatchError, match=rf"checkpoint module {layer}: scales: 1 NaN / inf value\(s\), "
+                                                      r"the first at \[1, 0\] \(nan\) - a damaged checkpoint"):
+        load_edited(edit_tensors=poison("scales", (1, 0), float("nan")))
+    with pytest.raises(CheckpointMismatchError, match=rf"{layer}: zeros: 1 NaN / inf value\(s\), the first at "
+                                                      r"\[2, 1\] \(inf\)"):
+        load_edited(edit_tensors=poison("zeros", (2, 1), float("inf")))
     load_edited()  # (the folder as saved loads)
+    # files that are not what they say: named, not json's line / column or safetensors' header message alone
+    good = weights_path.read_bytes()
+    weights_path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors cannot be read as a safetensors file "
+                                                      r"\(SafetensorError: .*\): a damaged or unfinished download"):
+        load_quantized(build_native("4_6"), tmp_path)
+    weights_path.write_bytes(good)
+    meta_path.write_text('{"format_version": 1, "config": ')
+    with pytest.raises(CheckpointMismatchError, match=r"quant_config.json is not valid JSON \(Expecting value: line 1"):
+        load_quantized(build_native("4_6"), tmp_path)
+    meta_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointMismatchError, match=r"quant_config.json: not a minicpm_int4 record"):
+        load_quantized(build_native("4_6"), tmp_path)
+    meta_path.write_text(json.dumps(meta))
+    weights_path.rename(tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors.index.json has no 'weight_map'"):
+        load_quantized(build_native("4_6"), tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": dict.fromkeys(tensors, "model-00001-of-00001.safetensors")}))
+    load_quantized(build_native("4_6"), tmp_path)  # (a sharded folder loads)
+
+
+def test_loaders_refuse_a_device_they_cannot_load_onto(tmp_path):
+    """The device is checked before anything is read or built: a string that is no device, the meta device
+    (which holds no values; before, the load ran and then said that every parameter was missing from the
+    checkpoint) and a GPU the machine has not (before: torch's AssertionError from deep inside the load)."""
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    model = build_native("4_6")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path)
+    for load in (lambda d: load_pretrained_quantized(str(tmp_path), device=d),
+                 lambda d: load_quantized(build_native("4_6"), tmp_path, device=d)):
+        with pytest.raises(ValueError, match=r"\(device='gpu0'\): not a device"):
+            load("gpu0")
+        with pytest.raises(ValueError, match=r"\(device='meta'\): the meta device holds no values"):
+            load("meta")
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match=r"\(device='cuda'\): no CUDA device here \(torch "):
+                load("cuda")
+        else:
+            with pytest.raises(RuntimeError, match=rf"\(device='cuda:{torch.cuda.device_count()}'\): this machine has"):
+                load(f"cuda:{torch.cuda.device_count()}")
+    assert load_pretrained_quantized(str(tmp_path), device=torch.device("cpu")).device.type == "cpu"

@@ -406,3 +406,24 @@ def test_weight_init_passes_over_modules_that_hold_int4_layers():
     attn._is_hf_initialized = False  # without the mark, the attention's own init reads q_proj.weight
     with pytest.raises(AttributeError, match="has no `weight`"):
         model._init_weights(attn)
+
+
+@pytest.mark.skipif(bool(NO_REGISTRY), reason=f"{NO_REGISTRY}")
+@pytest.mark.skipif(NEEDS_ACCELERATE, reason=f"transformers {transformers.__version__} needs accelerate "
+                                             "for quantizers, which is not installed")
+def test_from_pretrained_refuses_scales_that_are_not_finite(tmp_path):
+    """from_pretrained checks what it loaded as load_quantized does (QuantLinear.check_loaded): a NaN scale in
+    the file - no save writes one - is named, not left to turn the layer's outputs into NaN."""
+    from safetensors.torch import load_file, save_file
+
+    model = _fp_llama(tmp_path / "fp")
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    tensors = load_file(str(out / "model.safetensors"))
+    victim = sorted(k for k in tensors if k.endswith(".scales"))[0]
+    tensors[victim][2, 1] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"^{victim[:-len('.scales')]}: scales: 1 NaN / inf value\(s\), the first at "
+                                         r"\[2, 1\] \(nan\)"):
+        _load(out)

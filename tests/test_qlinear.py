@@ -235,6 +235,23 @@ def test_loading_an_input_perm_that_is_not_a_permutation_is_refused():
         ql.load_state_dict({**ql.state_dict(), "input_perm": torch.zeros(64, dtype=torch.int32)})
 
 
+def test_loading_scales_or_zeros_that_are_not_finite_is_refused():
+    """A NaN / inf scale, zero point or input scale turns the outputs of its group (or channel) into NaN with no
+    error; no save writes one (a damaged file, or a cast that overflowed): load_state_dict refuses it naming the
+    module and the first place, and the layer keeps what it held."""
+    model = nn.Sequential(QuantLinear.from_linear(nn.Linear(64, 16), QuantConfig(group_size=32), input_scale=torch.rand(64) + 0.5))
+    held = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, index, value, shown in (("scales", (3, 1), float("nan"), "nan"), ("zeros", (0, 0), float("-inf"), "-inf"),
+                                      ("input_scale", (5,), float("inf"), "inf")):
+        bad = held[f"0.{name}"].clone()
+        bad[index] = value
+        with pytest.raises(ValueError, match=rf"^0: {name}: 1 NaN / inf value\(s\), the first at "
+                                             rf"\[{', '.join(map(str, index))}\] \({shown}\) - a damaged checkpoint"):
+            model.load_state_dict({**held, f"0.{name}": bad})
+        assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())
+    model.load_state_dict(held)
+
+
 @pytest.mark.parametrize("act", [None, "int8"])
 def test_torch_export_with_a_dynamic_batch(act, tmp_path):
     """torch.export of a patched model: the int4 layers are the package's ops in the graph (no graph
