@@ -408,7 +408,10 @@ def _load_tensors(model: nn.Module, files: Dict, aliases: Dict[str, str], load_d
         if cast and t.dtype != target.dtype and t.is_floating_point() and target.is_floating_point():
             t = t.to(target.dtype)
         if t.dtype != target.dtype:
-            raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}")
+            hint = (f" (a model saved in {t.dtype}: build the model in that dtype - load_pretrained_quantized does - and "
+                    "convert it after loading, model.to(dtype))" if t.is_floating_point() and target.is_floating_point()
+                    else "")
+            raise CheckpointMismatchError(f"tensor {key!r}: checkpoint dtype {t.dtype} != model dtype {target.dtype}{hint}")
         if target.device.type == "meta":
             loaded[id(target)] = _assign(model, key, t.to(load_device))
         else:

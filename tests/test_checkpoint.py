@@ -514,7 +514,8 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named_at_its_first_differen
                                                       "checkpoint"):
         load_edited(edit_tensors=lambda t: t.pop(f"{layer}.scales"))
     with pytest.raises(CheckpointMismatchError, match=f"tensor '{layer}.scales': checkpoint dtype torch.float16 != "
-                                                      "model dtype torch.float32"):
+                                                      r"model dtype torch.float32 \(a model saved in torch.float16: build "
+                                                      "the model in that dtype - load_pretrained_quantized does"):
         load_edited(edit_tensors=lambda t: t.update({f"{layer}.scales": t[f"{layer}.scales"].half()}))
     with pytest.raises(CheckpointMismatchError, match=r"tensor 'extra.weight' in the checkpoint has no counterpart in "
                                                       r"the model \(1 unexpected tensors\)"):
