@@ -424,6 +424,8 @@ def test_from_pretrained_refuses_scales_that_are_not_finite(tmp_path):
     victim = sorted(k for k in tensors if k.endswith(".scales"))[0]
     tensors[victim][2, 1] = float("nan")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"^{victim[:-len('.scales')]}: scales: 1 NaN / inf value\(s\), the first at "
-                                         r"\[2, 1\] \(nan\)"):
+    # (5.x: the quantizer's check after loading names the module; 4.x sets each module's tensors through its own
+    # load_state_dict, with no prefix, where the layer's check refuses it first)
+    who = victim[:-len(".scales")] if TF_MAJOR >= 5 else "QuantLinear"
+    with pytest.raises(ValueError, match=rf"^{who}: scales: 1 NaN / inf value\(s\), the first at \[2, 1\] \(nan\)"):
         _load(out)
