@@ -235,14 +235,13 @@ def _open_weights(path: str, allow_bin: bool = False):
     with contextlib.ExitStack() as stack:
         by_key = {}
         for name in files:
-            full = os.path.join(path, name)
+            full, safetensors = os.path.join(path, name), name.endswith(".safetensors")
             try:
-                handle = (stack.enter_context(safe_open(full, framework="pt")) if name.endswith(".safetensors")
-                          else _TorchFile(full))
+                handle = stack.enter_context(safe_open(full, framework="pt")) if safetensors else _TorchFile(full)
             except (OSError, CheckpointMismatchError):
                 raise
             except Exception as e:  # safetensors' SafetensorError, torch.load's UnpicklingError ...: name the file
-                raise CheckpointMismatchError(f"{full} cannot be read as a {'safetensors' if name.endswith('.safetensors') else 'torch'} "
+                raise CheckpointMismatchError(f"{full} cannot be read as a {'safetensors' if safetensors else 'torch'} "
                                               f"file ({type(e).__name__}: {e}): a damaged or unfinished download") from e
             by_key.update(dict.fromkeys(handle.keys(), handle))
         yield by_key
