@@ -332,6 +332,41 @@ def test_what_is_left_unfused_and_why():
     assert "left: mlp.{gate_proj, up_proj}: different act" in str(report)
 
 
+def _set_backend(a):
+    a.k_proj.backend = "triton"
+
+
+def _set_dtype(a):
+    a.v_proj.to(torch.bfloat16)
+
+
+def _set_input_scale(a, value=1.0):
+    a.k_proj.input_scale = torch.full((K,), value, dtype=torch.float16)
+
+
+def _set_both_input_scales(a):
+    a.q_proj.input_scale = torch.full((K,), 2.0, dtype=torch.float16)
+    _set_input_scale(a, 0.5)  # (another scale than q's)
+
+
+@pytest.mark.parametrize("change, why", [
+    (_set_backend, "different backend"),
+    (_set_dtype, "different dtypes"),
+    (_set_input_scale, "different input_scales"),  # one layer with a scale, the others without
+    (_set_both_input_scales, "different input_scales"),
+    (lambda a: a.k_proj.to("meta"), "on different devices"),
+    (lambda a: a.to("meta"), "weights not loaded (meta)"),
+])
+def test_siblings_that_differ_otherwise_are_left_with_the_reason(change, why):
+    """The other reasons _compatible gives: one stacked GEMM computes with one backend, dtype, device and input
+    scale, so siblings that differ in any of them stay layer by layer, named - and they compute as before."""
+    attn = Attention()
+    change(attn)
+    report = fuse_projections(attn)
+    assert report.groups == [] and dict(report.skipped) == {"<model>.{q_proj, k_proj, v_proj}": why}
+    assert all(getattr(layer, "_fusion", None) is None for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
 class Normed(nn.Module):
     """The projections' input made inside the step, as a model's norm makes it (x * 2, kv * 2)."""
 
