@@ -397,8 +397,9 @@ def test_weight_init_passes_over_modules_that_hold_int4_layers():
     for m in model.modules():  # unflagged, as from_pretrained builds it (its constructor's init flags every module)
         m.__dict__.pop("_is_hf_initialized", None)
     build_quantized_modules(model, _quant_modules(src), config.to_dict())
-    first = {type(m).__name__: m for m in reversed(list(model.modules()))}  # (the module tree differs between versions)
-    attn, mlp = first["SiglipAttention"], first["SiglipMLP"]
+    # by what they hold: the module tree and the attention's class differ between versions (4.44: SiglipSdpaAttention)
+    attn = next(m for m in model.modules() if hasattr(m, "q_proj"))
+    mlp = next(m for m in model.modules() if hasattr(m, "fc1"))
     assert all(isinstance(m, QuantLinear) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1))
     for m in model.modules():  # transformers 5.0 - 5.3: PreTrainedModel._initialize_weights over every module
         if not getattr(m, "_is_hf_initialized", False):

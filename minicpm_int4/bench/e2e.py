@@ -95,10 +95,12 @@ def make_inputs(name: str, model, prompt_tokens: int, image_grid: int, device) -
         img_id = model.config.image_token_id
         text = torch.randint(img_id + 1, vocab, (prompt_tokens,), generator=g)
         ids = torch.cat([text[:8], torch.full((n_img,), img_id), text[8:]]).unsqueeze(0).to(device)
-        return {"input_ids": ids, "pixel_values": pv, "target_sizes": ts}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pv, "target_sizes": ts}
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_tokens + 96), generator=g).to(device)
-    return {"input_ids": ids}
+    # the mask a tokenizer gives: generate() makes one itself only for a forward whose signature names it, and the
+    # cudagraph mode's forward takes **kwargs - transformers 4.44's static-cache step then read attention_mask.ndim
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _vision_fn(name, model, inputs):
