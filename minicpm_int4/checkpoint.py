@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
         if dtype is not None:  # what the high-precision tensors in the file are (`torch_dtype` in 4.x)
             for key, value in hf_dtype_kwargs(dtype).items():
                 setattr(hf_config, key, value)
-        if getattr(model, "_auto_class", None) is not None:
+        if _remote_code_class(model, hf_config):
             # remote code (MiniCPM-V 2.x / o-2.6, loaded with trust_remote_code=True): its modeling files
             # go beside the checkpoint and into config.auto_map, as save_pretrained does; the config
             # class's own file follows in hf_config.save_pretrained
@@ -107,16 +107,48 @@ def save_quantized(model: nn.Module, path: str, report=None) -> None:
         stale = qc is not None and getattr(method, "value", method) != QUANT_METHOD
         if stale:  # another package's record (transformers loaded AWQ / GPTQ layers that patch_model converted,
             del hf_config.quantization_config  # and no registry let it put ours there): not in the checkpoint
+        # transformers 4.46 - 4.53 keep "attention implementation chosen" in the config, and a config.json that says
+        # so made the loaded model use eager attention (not the sdpa of the model saved: other logits); their
+        # save_pretrained clears it first, as here
+        autoset = [c for c in _configs(hf_config) if getattr(c, "_attn_implementation_autoset", False) is True]
+        for c in autoset:
+            c._attn_implementation_autoset = False
         try:
             hf_config.save_pretrained(path)
         finally:
             if stale:
                 hf_config.quantization_config = qc
+            for c in autoset:
+                c._attn_implementation_autoset = True
         if _can_generate(model):  # as save_pretrained: eos ids, sampling defaults, generate()'s limits
             model.generation_config.save_pretrained(path)
 
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def _remote_code_class(model: nn.Module, hf_config) -> bool:
+    """Whether `model` is remote code (its class from a checkpoint's own files, which transformers imports under
+    `transformers_modules`): then make sure the class knows its auto class, as from_pretrained registers it, so
+    that custom_object_save copies its files - transformers 4.45 - 4.52's AutoModel.from_pretrained does not
+    register it (4.40 - 4.44's only for a local folder), so those files were left out and the int4 folder did
+    not load. The auto class is the config's auto_map entry naming the class, else AutoModel (MiniCPM-V 2.x's)."""
+    if getattr(model, "_auto_class", None) is not None:
+        return True
+    if not type(model).__module__.startswith("transformers_modules."):
+        return False
+    auto_map = getattr(hf_config, "auto_map", None) or {}
+    name = type(model).__name__
+    auto = next((k for k, v in auto_map.items() if k != "AutoConfig" and isinstance(v, str)
+                 and v.rsplit(".", 1)[-1] == name), "AutoModel")
+    type(model).register_for_auto_class(auto)
+    return True
+
+
+def _configs(hf_config) -> List:
+    """A transformers config and the sub-configs it holds (a vision / text config)."""
+    subs = [v for v in vars(hf_config).values() if hasattr(v, "to_json_string") and hasattr(v, "save_pretrained")]
+    return [hf_config, *subs]
 
 
 def _can_generate(model: nn.Module) -> bool:

@@ -341,9 +341,10 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
     in transformers 4.55's own code), and the graphed runs come after every eager one."""
     from minicpm_int4.bench.e2e import run_profile
 
-    try:  # transformers < 4.48 has no decode-step compile: the harness compiles model.forward
-        from transformers import CompileConfig  # noqa: F401
-        how = "transformers' decode-step compile"
+    try:  # transformers < 4.48 has no decode-step compile, and 4.48's is for CUDA only: the harness compiles model.forward
+        from transformers import CompileConfig
+        how = "transformers' decode-step compile" if hasattr(CompileConfig, "_compile_all_devices") else \
+            "torch.compile(model.forward"
     except ImportError:
         how = "torch.compile(model.forward"
     res = run_profile(models=["llama3-v2.5"], size="tiny", prompt_tokens=8, new_tokens=3, modes=["eager", "graphed"],
@@ -377,7 +378,9 @@ def test_profile_graphed_mode_compiles_only_the_decode_step():
     assert model.generation_config.cache_implementation == "static"
     _ungraph(model)
     assert model.generation_config.cache_implementation is None
-    assert getattr(model.generation_config, "compile_config", None) is None
+    # (the default of this transformers: none, or 4.48's CompileConfig(); 4.40 - 4.47 have no such setting)
+    default = getattr(type(model.generation_config)(), "compile_config", None)
+    assert type(getattr(model.generation_config, "compile_config", None)) is type(default)
     assert not hasattr(model.forward, "_torchdynamo_orig_callable")
 
 
@@ -456,6 +459,23 @@ def test_the_captured_decode_step_has_no_data_dependent_host_read(name):
         model.generate(**inputs, do_sample=False, min_new_tokens=3, max_new_tokens=8)
     assert found, "generate() made no decode step"
     assert (found[0].graph_count, found[0].graph_break_count) == (1, 0), found[0].break_reasons
+
+
+def test_the_cudagraph_mode_keeps_transformers_from_compiling_and_ungraph_restores_the_model():
+    """The hand-captured step must run as Python: disable_compile where transformers has it, and get_compiled_call
+    giving the plain call (transformers 4.48 compiles a static cache's decode step on CUDA with no switch); after
+    the run the model is as built - a compile_config this transformers accepts (4.48 refused the None it got)."""
+    from minicpm_int4.bench.e2e import _hand_graph_setup, _ungraph, build_model
+
+    model, _ = build_model("llama3-v2.5", "tiny", torch.float32, torch.device("cpu"))
+    default = getattr(type(model.generation_config)(), "compile_config", None)  # (4.40 - 4.47 have none)
+    _hand_graph_setup(model)
+    assert model.generation_config.cache_implementation == "static" and model.generation_config.disable_compile
+    assert model.get_compiled_call(default) == model.__call__
+    _ungraph(model)
+    assert "get_compiled_call" not in model.__dict__ and model.generation_config.cache_implementation is None
+    assert type(getattr(model.generation_config, "compile_config", None)) is type(default)
+    model.generation_config.validate()
 
 
 def test_profile_runs_its_modes_in_order_and_refuses_an_unknown_one():

@@ -277,8 +277,56 @@ def _remote_code_checkpoint(root):
                               image_size=28, patch_size=14)}))
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.from_pretrained(str(src), trust_remote_code=True)
-    transformers.AutoModel.from_config(cfg, trust_remote_code=True).save_pretrained(str(ckpt))
+    model = transformers.AutoModel.from_config(cfg, trust_remote_code=True)
+    if getattr(model, "_auto_class", None) is None:  # (4.48's from_config, unlike from_pretrained, did not register
+        type(model).register_for_auto_class("AutoModel")  # it: save_pretrained then left the code out)
+    model.save_pretrained(str(ckpt))
     return ckpt
+
+
+def test_remote_code_files_are_saved_where_from_pretrained_did_not_register_the_class(tmp_path):
+    """transformers 4.45 - 4.52's AutoModel.from_pretrained (4.40 - 4.44's for a Hub id) does not register a
+    remote-code class for its auto class, so save_pretrained - and save_quantized, which asked the same
+    registration - left the modeling files out, and the int4 folder did not load (replayed here by clearing
+    it). save_quantized knows remote code by its module (transformers_modules) and registers it as
+    config.auto_map names it."""
+    import transformers
+
+    from minicpm_int4.checkpoint import load_pretrained_quantized
+
+    ckpt = _remote_code_checkpoint(tmp_path)
+    model = transformers.AutoModel.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+    type(model)._auto_class = None
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    save_quantized(model, tmp_path / "int4")
+    assert {"modeling_tinyv.py", "configuration_tinyv.py"} <= set(os.listdir(tmp_path / "int4"))
+    assert json.loads((tmp_path / "int4" / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_tinyv.TinyV"
+    loaded = load_pretrained_quantized(str(tmp_path / "int4"), trust_remote_code=True, progress=False)
+    ids = torch.randint(6, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    pv = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids, pv).logits, loaded(ids, pv).logits)
+
+
+def test_save_quantized_writes_no_attention_choice_into_config_json(tmp_path):
+    """transformers 4.46 - 4.53 mark a loaded model's config "attention implementation chosen"
+    (_attn_implementation_autoset); a config.json saying so made the model rebuilt from it take eager attention
+    instead of the sdpa of the model saved (other logits; caught under 4.48). save_quantized clears it in the
+    file, as save_pretrained does, and leaves the live config as it was (replayed by setting it here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, SiglipConfig
+
+    from minicpm_int4.checkpoint import _configs
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    patch_model(model, QuantConfig(group_size=32), progress=False)
+    model.config._attn_implementation_autoset = True
+    save_quantized(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()).get("_attn_implementation_autoset") is not True
+    assert model.config._attn_implementation_autoset is True
+    # a composite config's sub-configs (a vision tower's, a text model's) are cleared alike
+    siglip = SiglipConfig()
+    assert [id(c) for c in _configs(siglip)] == [id(siglip), id(siglip.text_config), id(siglip.vision_config)]
 
 
 def test_remote_code_model_round_trip_through_its_own_code(tmp_path):

@@ -120,7 +120,8 @@ def _graph_decode_step(model, device) -> str:
         from transformers import CompileConfig
     except ImportError:
         CompileConfig = None
-    if CompileConfig is None:
+    # (transformers 4.48 compiles the step on CUDA only, with no switch for other devices: compiled here off CUDA)
+    if CompileConfig is None or (device.type != "cuda" and not hasattr(CompileConfig, "_compile_all_devices")):
         model.forward = torch.compile(model.forward, mode="reduce-overhead")
         return "torch.compile(model.forward, mode='reduce-overhead'), static cache"
     cfg = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
@@ -133,9 +134,9 @@ def _graph_decode_step(model, device) -> str:
 def _ungraph(model) -> None:
     model.generation_config.cache_implementation = None
     model.generation_config.disable_compile = False
-    if hasattr(model.generation_config, "compile_config"):
-        model.generation_config.compile_config = None
-    for attr in ("_compiled_call", "_last_compile_config"):
+    if hasattr(model.generation_config, "compile_config"):  # this transformers' default (4.48 refuses None)
+        model.generation_config.compile_config = type(model.generation_config)().compile_config
+    for attr in ("_compiled_call", "_last_compile_config", "get_compiled_call"):
         model.__dict__.pop(attr, None)
     if hasattr(model.forward, "_torchdynamo_orig_callable"):
         model.forward = model.forward._torchdynamo_orig_callable
@@ -151,6 +152,9 @@ def _hand_graph_setup(model) -> str:
     compiles by itself once the cache is static), and the step captured by _CapturedDecode."""
     model.generation_config.cache_implementation = "static"
     model.generation_config.disable_compile = True
+    # transformers 4.48 has no disable_compile: on CUDA its generate() compiles a static cache's decode step
+    # whatever the config says, through get_compiled_call - which gives the plain call here
+    model.get_compiled_call = lambda *args, **kwargs: model.__call__
     return "the decode step captured by hand in one CUDA graph (no compile), static cache, eager prefill"
 
 
