@@ -137,12 +137,16 @@ def _remote_code_class(model: nn.Module, hf_config) -> bool:
         return True
     if not type(model).__module__.startswith("transformers_modules."):
         return False
-    auto_map = getattr(hf_config, "auto_map", None) or {}
-    name = type(model).__name__
-    auto = next((k for k, v in auto_map.items() if k != "AutoConfig" and isinstance(v, str)
-                 and v.rsplit(".", 1)[-1] == name), "AutoModel")
-    type(model).register_for_auto_class(auto)
+    entry = _auto_map_entry(hf_config, type(model).__name__)
+    type(model).register_for_auto_class(entry[0] if entry else "AutoModel")
     return True
+
+
+def _auto_map_entry(hf_config, class_name: str):
+    """(auto class, "module.Class") of the config's auto_map entry for the model class `class_name`, or None."""
+    auto_map = getattr(hf_config, "auto_map", None) or {}
+    return next(((k, v) for k, v in auto_map.items() if k != "AutoConfig" and isinstance(v, str)
+                 and v.rsplit(".", 1)[-1] == class_name), None)
 
 
 def _configs(hf_config) -> List:
@@ -554,18 +558,19 @@ def _model_class_of(cfg, path: str, trust_remote_code: bool):
     archs = getattr(cfg, "architectures", None) or []
     if archs and hasattr(transformers, archs[0]):
         return getattr(transformers, archs[0])
-    auto_map = {k: v for k, v in (getattr(cfg, "auto_map", None) or {}).items() if k != "AutoConfig"}
-    refs = [ref for ref in auto_map.values() if isinstance(ref, str) and archs and ref.rsplit(".", 1)[-1] == archs[0]]
-    if not refs:
+    entry = _auto_map_entry(cfg, archs[0]) if archs else None
+    if entry is None:
+        auto_map = {k: v for k, v in (getattr(cfg, "auto_map", None) or {}).items() if k != "AutoConfig"}
         raise ValueError(f"{path}/config.json names no transformers model class ({archs}) and no remote-code class "
                          f"of that name in auto_map ({auto_map}); pass model_class=")
+    auto, ref = entry
     if not trust_remote_code:
-        raise ValueError(f"{path}/config.json names the remote-code class {refs[0]} (a file beside the checkpoint): "
+        raise ValueError(f"{path}/config.json names the remote-code class {ref} (a file beside the checkpoint): "
                          "pass trust_remote_code=True to run it, as from_pretrained asks")
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    cls = get_class_from_dynamic_module(refs[0], path)
+    cls = get_class_from_dynamic_module(ref, path)
     # as from_pretrained does: the class then knows its auto_map entry, so that save_quantized of the
     # loaded model copies its modeling files again (a converted or re-saved checkpoint stays loadable)
-    cls.register_for_auto_class(next(k for k, v in auto_map.items() if v == refs[0]))
+    cls.register_for_auto_class(auto)
     return cls

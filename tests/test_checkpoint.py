@@ -329,6 +329,22 @@ def test_save_quantized_writes_no_attention_choice_into_config_json(tmp_path):
     assert [id(c) for c in _configs(siglip)] == [id(siglip), id(siglip.text_config), id(siglip.vision_config)]
 
 
+def test_a_config_naming_no_class_it_can_build_is_refused_by_name():
+    """The model class comes from transformers or from an auto_map entry of that name; a config naming neither
+    says so (and asks for model_class=) instead of building something else."""
+    from transformers import LlamaConfig
+
+    from minicpm_int4.checkpoint import _model_class_of
+
+    cfg = LlamaConfig(architectures=["TinyV"], auto_map={"AutoConfig": "configuration_tinyv.TinyVConfig",
+                                                         "AutoModel": "modeling_tinyv.OtherModel"})
+    with pytest.raises(ValueError, match=r"names no transformers model class \(\['TinyV'\]\) .* pass model_class="):
+        _model_class_of(cfg, "ckpt", trust_remote_code=True)
+    cfg.auto_map["AutoModelForCausalLM"] = "modeling_tinyv.TinyV"
+    with pytest.raises(ValueError, match="remote-code class modeling_tinyv.TinyV .* pass trust_remote_code=True"):
+        _model_class_of(cfg, "ckpt", trust_remote_code=False)
+
+
 def test_remote_code_model_round_trip_through_its_own_code(tmp_path):
     """MiniCPM-V 2.x / o-2.6 are remote code: save_quantized puts the modeling files beside the int4
     checkpoint (as save_pretrained does) and load_pretrained_quantized runs them again when trusted."""
