@@ -69,8 +69,9 @@ def _cuda_ext():
         from . import _C  # noqa: F401  (registers torch.ops.minicpm_int4_C.*)
     except Exception as e:
         return None, (f"the CUDA extension minicpm_int4._C is not built ({type(e).__name__}: {e}); "
-                      "reinstall with a CUDA build of torch and nvcc: "
-                      "MINICPM_INT4_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+                      "reinstall with a CUDA build of torch and the CUDA toolkit (nvcc) of its CUDA major version: "
+                      "MINICPM_INT4_BUILD_CUDA=1 pip install --no-build-isolation -e . (an install without it "
+                      "leaves the extension out where it cannot be built; forced, it fails naming why)")
     # an editable install keeps the _C it built until it is reinstalled: one built from an older
     # checkout would take these ops' arguments wrongly, so it is refused by name
     schema = str(torch.ops.minicpm_int4_C.w4a16_gemm.default._schema)

@@ -174,3 +174,127 @@ def test_bindings_never_format_a_message_through_an_iostream():
             assert len(message) <= 1, f"{where}: {len(message)} message pieces; pass msg(...) instead"
             if message:
                 assert re.fullmatch(r'("([^"\\]|\\.)*"\s*)+', message[0]) or message[0].startswith("msg("), where
+
+
+def _setup_module():
+    """setup.py's imports and functions, without its last lines (which run setup())."""
+    import ast
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    body = [n for n in ast.parse(src).body
+            if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+            or (isinstance(n, ast.Assign) and [t.id for t in n.targets if isinstance(t, ast.Name)] == ["HERE"])]
+    scope = {"__file__": os.path.join(ROOT, "setup.py")}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "setup.py", "exec"), scope)
+    return scope
+
+
+def _toolkit(root, headers="include"):
+    """A stand-in CUDA toolkit: bin/nvcc, whose --dryrun prints the TOP line real nvcc prints, and the runtime
+    header under `headers`."""
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text('#!/bin/sh\necho "#\\$ _HERE_=$(dirname "$0")"\necho "#\\$ TOP=$(dirname "$0")/.."\n')
+    nvcc.chmod(0o755)
+    (root / headers).mkdir(parents=True)
+    (root / headers / "cuda_runtime_api.h").write_text("")
+    return root
+
+
+@pytest.fixture
+def no_cuda_env(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    return monkeypatch
+
+
+def test_cuda_toolkit_found_through_a_wrapper_nvcc(tmp_path, no_cuda_env):
+    """An nvcc on PATH that is a script exec'ing the real one in another folder (this machine's
+    /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc): torch's guess, the folder above it, has no CUDA
+    headers, and the README's install failed compiling bindings.cpp (cuda_runtime_api.h: no such file) with a
+    CUDA torch. The toolkit is the one nvcc itself works from."""
+    tk = _toolkit(tmp_path / "cuda-13.0")
+    (tmp_path / "wrap" / "bin").mkdir(parents=True)
+    wrapper = tmp_path / "wrap" / "bin" / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {tk}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    no_cuda_env.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    home, headers, looked = _setup_module()["_cuda_toolkit"]()
+    assert (home, headers) == (str(tk), str(tk / "include"))
+    assert looked == [str(tmp_path / "wrap"), str(tk)]
+
+
+def test_cuda_toolkit_found_through_a_linked_nvcc_and_conda_layout(tmp_path, no_cuda_env):
+    """A link to nvcc (found by the file it links to), and headers in targets/<platform>/include only (the layout
+    of conda's and pip's CUDA packages), which setup.py passes to the build itself (torch adds include/ only)."""
+    tk = _toolkit(tmp_path / "tk", headers="targets/x86_64-linux/include")
+    (tmp_path / "link" / "bin").mkdir(parents=True)
+    os.symlink(tk / "bin" / "nvcc", tmp_path / "link" / "bin" / "nvcc")
+    no_cuda_env.setenv("PATH", f"{tmp_path / 'link' / 'bin'}:{os.environ['PATH']}")
+    home, headers, looked = _setup_module()["_cuda_toolkit"]()
+    assert (home, headers) == (str(tk), str(tk / "targets" / "x86_64-linux" / "include"))
+    assert looked[0] == str(tmp_path / "link")
+
+
+def test_cuda_toolkit_given_without_headers_is_not_taken(tmp_path, no_cuda_env):
+    """CUDA_HOME is the user's word: no other folder is tried, and one without the runtime headers is reported
+    (setup.py then installs pure Python, or fails naming the folders when the build is forced)."""
+    empty = tmp_path / "cuda"
+    (empty / "bin").mkdir(parents=True)
+    no_cuda_env.setenv("CUDA_HOME", str(empty))
+    assert _setup_module()["_cuda_toolkit"]() == (None, None, [str(empty)])
+    tk = _toolkit(tmp_path / "tk")
+    no_cuda_env.setenv("CUDA_HOME", str(tk))
+    assert _setup_module()["_cuda_toolkit"]()[:2] == (str(tk), str(tk / "include"))
+
+
+def test_cuda_toolkit_of_this_machines_nvcc(no_cuda_env):
+    """The nvcc here (CI has one, a wrapper script in /usr/local/bin): the folder it works from has the headers."""
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    home, headers, _ = _setup_module()["_cuda_toolkit"]()
+    assert home is not None and os.path.isfile(os.path.join(headers, "cuda_runtime_api.h"))
+
+
+class _FailingBuild:
+    """A stand-in for torch's BuildExtension whose build fails (a compile error, or torch's refusal of an nvcc
+    whose CUDA major version differs from torch's: torch 2.8's cu128 wheel beside CUDA 13)."""
+    def get_ext_fullname(self, name):
+        return name
+
+    def get_ext_filename(self, fullname):
+        return fullname.replace(".", "/") + ".cpython-311-x86_64-linux-gnu.so"
+
+    def build_extensions(self):
+        raise RuntimeError("Error compiling objects for extension")
+
+
+def test_failed_auto_build_installs_without_the_extension(tmp_path, capsys):
+    """Unforced, a compile that fails leaves the package installable without _C (saying why, and how to make it
+    an error), and removes an older build's library from the checkout, which an editable install would go on
+    importing; forced (MINICPM_INT4_BUILD_CUDA=1), it fails the install."""
+    from types import SimpleNamespace
+    mod = _setup_module()
+    mod["HERE"] = str(tmp_path)
+    (tmp_path / "minicpm_int4").mkdir()
+    stale = tmp_path / "minicpm_int4" / "_C.cpython-311-x86_64-linux-gnu.so"
+    stale.write_bytes(b"an older build")
+    build = mod["_optional_build"](_FailingBuild, False)()
+    build.extensions = [SimpleNamespace(name="minicpm_int4._C")]
+    build.build_extensions()
+    err = capsys.readouterr().err
+    assert "failed to build" in err and "MINICPM_INT4_BUILD_CUDA=1" in err and "Error compiling" in err
+    assert not stale.exists()
+    class Mismatch(_FailingBuild):  # torch raises this one with its format and values apart
+        def build_extensions(self):
+            raise RuntimeError("The detected CUDA version (%s) mismatches the version that was used to compile "
+                               "PyTorch (%s).", "13.0", "12.8")
+    build = mod["_optional_build"](Mismatch, False)()
+    build.extensions = [SimpleNamespace(name="minicpm_int4._C")]
+    build.build_extensions()
+    assert "The detected CUDA version (13.0) mismatches the version that was used to compile PyTorch (12.8)." in \
+        capsys.readouterr().err
+    build = mod["_optional_build"](_FailingBuild, True)()
+    build.extensions = [SimpleNamespace(name="minicpm_int4._C")]
+    with pytest.raises(RuntimeError, match="Error compiling"):
+        build.build_extensions()
