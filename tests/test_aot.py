@@ -546,8 +546,9 @@ def test_decode_kernels_multiply_an_input_scale_for_little(compiled):
     registers, and x * m takes a trip through shared memory (STS.U16, LDSM) - still under the 4.0 - 4.4 the
     natural order's scaled loop issued (it was the cheaper of that order's two, -0.4). A separate pass over x
     instead costs a launch. The absolute budgets are test_*_inner_loop_within_issue_budget's, which these
-    variants meet too. The bounds are CI's compiler's (triton 3.9; with 3.6 sm_80 runs the natural order, whose
-    scaled loop cost +0.41 - 0.88 there; results/cpu/kernel_inspection_triton3.6.md)."""
+    variants meet too. Before triton 3.9 sm_80 runs the natural order (w4a16.FRAGMENT_ON_SM80), whose scaled loop
+    costs more: +0.41 - 0.88 with triton 3.6 (results/cpu/kernel_inspection_triton3.6.md), +0.47 - 0.95 with 3.7.1
+    (the one torch 2.12's and 2.13's CUDA wheels pin); its bound there is 1.0."""
     for kernel, extra in (("w4a16_gemv", {"sm80": 0.3, "sm90a": 0.3}), ("w4a16_decode", {"sm80": 0.6, "sm90a": 0.4})):
         variants = _by_kernel(compiled, kernel)
         twins = {(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP")): c for c in variants
@@ -556,7 +557,9 @@ def test_decode_kernels_multiply_an_input_scale_for_little(compiled):
         assert {c["arch"] for c in scaled} == {"sm80", "sm90a"}
         for c in scaled:
             twin = twins[(c["arch"], c["label"], str(c["options"]), c["constexprs"].get("FIXUP"))]
-            assert c["instr_per_weight"] <= twin["instr_per_weight"] + extra[c["arch"]], \
+            bound = 1.0 if kernel == "w4a16_decode" and c["arch"] == "sm80" and not c["constexprs"]["FRAGMENT"] \
+                else extra[c["arch"]]
+            assert c["instr_per_weight"] <= twin["instr_per_weight"] + bound, \
                 (c["arch"], c["label"], c["options"], twin["instr_per_weight"], c["instr_per_weight"])
             if kernel == "w4a16_decode":
                 assert c["constexprs"]["SCALE_TILE"] == (c["arch"] == "sm90a")

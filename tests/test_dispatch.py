@@ -341,10 +341,13 @@ def test_w4a8_pick_reaches_its_kernel(pick, args, monkeypatch):
 
 
 def test_w4a8_auto_forces_wgmma_only_where_the_extension_reports_it(monkeypatch):
-    # the block tokens "auto" may force the wgmma kernel to come from the extension's own report for the GPU
+    # the block tokens "auto" may force the wgmma kernel to come from the extension's own report for the GPU.
+    # The stand-in replaces the package's attribute too: where the real extension is built and was imported
+    # (a CUDA torch), `from . import _C` finds that attribute before sys.modules
     import sys
     import types
 
+    import minicpm_int4
     from minicpm_int4 import ops
 
     for report, tokens in (("wgmma (warpgroup MMA, sm_90a), 64- or 128-token blocks by the launcher's waves rule",
@@ -354,10 +357,11 @@ def test_w4a8_auto_forces_wgmma_only_where_the_extension_reports_it(monkeypatch)
         fake = types.ModuleType("minicpm_int4._C")
         fake.w4a8_kernel = lambda report=report: report
         monkeypatch.setitem(sys.modules, "minicpm_int4._C", fake)
+        monkeypatch.setattr(minicpm_int4, "_C", fake, raising=False)
         monkeypatch.setattr(ops.torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
         ops._w4a8_wgmma_tokens.cache_clear()
         assert ops._w4a8_wgmma_tokens(0) == tokens
-    monkeypatch.delitem(sys.modules, "minicpm_int4._C")
+    monkeypatch.undo()
     ops._w4a8_wgmma_tokens.cache_clear()
 
 
