@@ -92,11 +92,17 @@ def _mark_static(*tensors: Optional[torch.Tensor]) -> None:
 
 
 _IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
+# the module holding the flag torch.export sets while it traces, where torch has one (read at each call: it changes)
+_EXPORT_FLAG_MODULE = torch.compiler if isinstance(getattr(torch.compiler, "_is_exporting_flag", None), bool) else None
 
 
 def _exporting() -> bool:
-    """Whether torch.export is tracing; where torch cannot say (no torch.compiler.is_exporting: torch 2.4), any
-    trace is taken for an export (the compiled step then runs the layers one by one, as it did before)."""
+    """Whether torch.export is tracing: the flag torch.export sets (torch.compiler._is_exporting_flag), read
+    itself where torch has it - torch 2.8's dynamo answers is_exporting() True in every trace (it folds the
+    call to a constant; later torch reads it the flag), so a compiled step ran the layers one by one there.
+    Where torch cannot say (no torch.compiler.is_exporting: torch 2.4), any trace is taken for an export."""
+    if _EXPORT_FLAG_MODULE is not None:
+        return bool(_EXPORT_FLAG_MODULE._is_exporting_flag)
     return _IS_EXPORTING is None or bool(_IS_EXPORTING())
 
 

@@ -432,8 +432,11 @@ def test_torch_compile_makes_one_stacked_call_a_group(backend, inductor):
     assert group.calls == 0 and group.in_graph  # (calls: eager only; a counter read in a trace is a guard)
     static = {node.meta["example_value"].shape: node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
               for node in capture.graphs[0].graph.nodes if node.op == "placeholder"}
+    constants = {node.target for node in capture.graphs[0].graph.nodes if node.op == "get_attr"}
     for t in (group.qweight, group.scales, group.zeros, group.bias):
-        assert static[t.shape] is not None, t.shape
+        # an input marked static, or (torch 2.8's dynamo, for tensors reached through a plain object) a constant of
+        # the graph: neither is copied before a CUDA graph tree's replay
+        assert static.get(t.shape) is not None or (t.shape not in static and constants), (t.shape, constants)
     assert static[(1, K)] is None  # (x: a plain input)
 
 
@@ -518,6 +521,7 @@ def test_torch_compile_without_is_exporting_runs_layer_by_layer(monkeypatch):
     from minicpm_int4 import fusion
 
     monkeypatch.setattr(fusion, "_IS_EXPORTING", None)
+    monkeypatch.setattr(fusion, "_EXPORT_FLAG_MODULE", None)  # (nor torch.export's own flag)
     m = Attention(dtype=torch.float32)
     (group,) = fuse_projections(m).groups
     capture = Capture()

@@ -67,8 +67,9 @@ def build_model(name: str, size: str, dtype: torch.dtype, device: torch.device):
             from ..tiny import _transformers_class
 
             cfg = _transformers_class("MiniCPMV4_6Config")(image_token_id=IMAGE_TOKEN_ID)
+            cls = _transformers_class("MiniCPMV4_6ForConditionalGeneration")  # (outside the device: shapes.py says why)
             with torch.device(device):
-                model = _transformers_class("MiniCPMV4_6ForConditionalGeneration")._from_config(cfg, **hf_dtype_kwargs(dtype))
+                model = cls._from_config(cfg, **hf_dtype_kwargs(dtype))
             model.eval()
         return model, "MiniCPMV4_6Config() defaults (Qwen3.5 LLM 4096 hidden, vision 768)"
     if name == "llama3-v2.5":
@@ -79,8 +80,9 @@ def build_model(name: str, size: str, dtype: torch.dtype, device: torch.device):
             cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                            max_position_embeddings=8192)
+        cls = transformers.LlamaForCausalLM  # (resolved outside the device context: shapes._causal_lm_shapes says why)
         with torch.device(device):
-            model = transformers.LlamaForCausalLM._from_config(cfg, **hf_dtype_kwargs(dtype))
+            model = cls._from_config(cfg, **hf_dtype_kwargs(dtype))
         return model.eval(), "Llama-3-8B-shaped LLM of MiniCPM-Llama3-V 2.5 (text-only; 96 resampler tokens as text)"
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 

@@ -65,8 +65,9 @@ def minicpmv46_shapes() -> List[LinearShape]:
     from ..tiny import _transformers_class
 
     cfg = _transformers_class("MiniCPMV4_6Config")()
+    cls = _transformers_class("MiniCPMV4_6ForConditionalGeneration")  # (outside the meta device: _causal_lm_shapes)
     with torch.device("meta"):
-        model = _transformers_class("MiniCPMV4_6ForConditionalGeneration")(cfg)
+        model = cls(cfg)
     return _distinct_shapes("minicpmv4.6", model)
 
 
@@ -75,8 +76,12 @@ def _causal_lm_shapes(name: str, family: str, **dims) -> List[LinearShape]:
     import transformers
 
     cfg = getattr(transformers, f"{family}Config")(num_hidden_layers=1, **dims)
+    # resolved outside the meta device: transformers' lazy import of the class can be the process's first import of
+    # torch._dynamo, which torch 2.8 cannot finish inside a device context (a circular import: 'partially
+    # initialized module torch._dynamo has no attribute disable'; transformers 4.57)
+    cls = getattr(transformers, f"{family}ForCausalLM")
     with torch.device("meta"):
-        model = getattr(transformers, f"{family}ForCausalLM")(cfg)
+        model = cls(cfg)
     return _distinct_shapes(name, model)
 
 

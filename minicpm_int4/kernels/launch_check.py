@@ -230,18 +230,24 @@ def _probe_kernels():
     def probe(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
         _probe_body(p_ptr, q_ptr, n, m, f, b, N, FLAG)
 
-    # the config by n, so that two n that Triton specialises alike (16, 32) take different ones
+    # the config by n, so that two n that Triton specialises alike (16, 32) take different ones (a named function, not a
+    # lambda in the decorator: Python 3.9's inspect.getsource then cut the kernel's source short, and triton.jit
+    # found no def in it)
+    def by_n(configs, named_args, **kw):
+        return [configs[abs(named_args["n"]) // 16 % 2]]
+
     @triton.autotune(configs=[triton.Config({"N": 16}, num_warps=1), triton.Config({"N": 32}, num_warps=2)], key=["n"],
-                     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw:
-                                       [configs[abs(named_args["n"]) // 16 % 2]]})
+                     prune_configs_by={"early_config_prune": by_n})
     @triton.jit
     def probe_tuned(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
         _probe_body(p_ptr, q_ptr, n, m, f, b, N, FLAG)
 
     hook_calls = []
 
-    @triton.autotune(configs=[triton.Config({"N": 16}, num_warps=1, pre_hook=lambda nargs: hook_calls.append(1))],
-                     key=["n"])
+    def hook(nargs):
+        hook_calls.append(1)
+
+    @triton.autotune(configs=[triton.Config({"N": 16}, num_warps=1, pre_hook=hook)], key=["n"])
     @triton.jit
     def probe_hooked(p_ptr, q_ptr, n, m, f, b, N: tl.constexpr, FLAG: tl.constexpr):
         _probe_body(p_ptr, q_ptr, n, m, f, b, N, FLAG)

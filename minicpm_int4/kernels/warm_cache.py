@@ -85,6 +85,18 @@ def _env_vars() -> Dict:
     return dict(get_cache_invalidating_env_vars())
 
 
+def unsupported_triton() -> Optional[str]:
+    """Why this triton cannot build or key a warm cache, or None: the cache names a kernel by the hash of
+    triton.runtime.cache.get_cache_key's key (triton 3.6, the GPU image's, has it; 3.4 has not)."""
+    import triton
+    import triton.runtime.cache
+
+    if not hasattr(triton.runtime.cache, "get_cache_key"):
+        return (f"triton {triton.__version__} has no triton.runtime.cache.get_cache_key, by whose key a warm cache "
+                "names its kernels: build it with the GPU machine's triton (3.6 on this workplace's image)")
+    return None
+
+
 @contextlib.contextmanager
 def _recording_keys(sink: Dict[str, Dict]):
     """Every compile's key parts, by the hash its cache directory is named after."""
@@ -303,6 +315,9 @@ def build(out_dir: str, models: Sequence[str] = SUITE_MODELS, ms: Sequence[int] 
 
     if INTERPRET:
         raise RuntimeError("warm_cache.build compiles the kernels: run it without TRITON_INTERPRET=1")
+    why = unsupported_triton()
+    if why:
+        raise RuntimeError(f"warm_cache.build: {why}")
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.cache import get_cache_manager
