@@ -68,20 +68,22 @@ def _cuda_toolkit():
     the folder above the nvcc on PATH (torch's own guess), above the file it links to, the folder nvcc itself
     works from, and /usr/local/cuda - the first that has bin/nvcc and the runtime headers (home None: none)."""
     given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if given:
-        candidates = [given]
-    else:
+
+    def candidates():  # (lazily: nvcc is run only where the folders around it do not hold the toolkit)
+        if given:
+            yield given
+            return
         nvcc = shutil.which("nvcc")
-        candidates = []
         if nvcc:
-            candidates += [os.path.dirname(os.path.dirname(nvcc)),
-                           os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
-            top = _nvcc_top(nvcc)
-            if top:
-                candidates.append(top)
-        candidates.append("/usr/local/cuda")
+            yield os.path.dirname(os.path.dirname(nvcc))
+            yield os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+            yield _nvcc_top(nvcc)
+        yield "/usr/local/cuda"
+
     looked = []
-    for home in candidates:
+    for home in candidates():
+        if home is None:
+            continue
         home = os.path.normpath(home)
         if home in looked:
             continue

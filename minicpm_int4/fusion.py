@@ -99,7 +99,7 @@ _EXPORT_FLAG_MODULE = torch.compiler if isinstance(getattr(torch.compiler, "_is_
 def _exporting() -> bool:
     """Whether torch.export is tracing: the flag torch.export sets (torch.compiler._is_exporting_flag), read
     itself where torch has it - torch 2.8's dynamo answers is_exporting() True in every trace (it folds the
-    call to a constant; later torch reads it the flag), so a compiled step ran the layers one by one there.
+    call to a constant; later torch reads the flag), so a compiled step ran the layers one by one there.
     Where torch cannot say (no torch.compiler.is_exporting: torch 2.4), any trace is taken for an export."""
     if _EXPORT_FLAG_MODULE is not None:
         return bool(_EXPORT_FLAG_MODULE._is_exporting_flag)

@@ -105,13 +105,8 @@ def test_bindings_schemas_parse_and_every_op_has_a_cuda_kernel():
 
 
 def _setup_function(name):
-    """One function of setup.py, compiled on its own (running setup.py would run setup())."""
-    import ast
-    src = open(os.path.join(ROOT, "setup.py")).read()
-    node = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == name)
-    scope = {}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), scope)
-    return scope[name]
+    """One function of setup.py (compiled with its imports and the rest: _setup_module)."""
+    return _setup_module()[name]
 
 
 @pytest.mark.parametrize("caps, expected", [
