@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call, on a bare GPU machine, inside 9 minutes:
-#   1. install the package from this checkout, building the CUDA extension (the image's own torch,
+#   1. install the package from this checkout, building the CUDA extension - or taking the one built before the
+#      call (.prebuilt/, bash benchmarks/prebuild_extension.sh) where it still matches (the image's own torch,
 #      triton and transformers are kept: --no-deps), and the peers' wheels if .whl/ was carried (fla-core, the
 #      kernels of MiniCPM-V 4.6's linear attention, for the profile only); the Triton kernels compiled before the
-#      call (.tcache/, bash benchmarks/warm_triton_cache.sh; carry [".whl", ".tcache"]) into Triton's cache;
+#      call (.tcache/, bash benchmarks/warm_triton_cache.sh; carry [".whl", ".tcache", ".prebuilt"]) into Triton's cache;
 #   2. the warpgroup-MMA W4A8 kernel's and W4A16 prefill GEMM's small tests alone (wgmma-smoke: should they fail,
 #      the rest runs without them), the gpu-marked tests on the compiled kernels, and the CUDA-extension tests under compute-sanitizer;
 #   3. the search timing, the input-scale cost, `minicpm-int4 bench` (kernel sweep), the dispatch table
@@ -60,7 +61,7 @@ stage() {  # stage NAME LIMIT_S CMD...   (the limit is cut to what is left befor
   # 128-token blocks on untested
   local parent=$name
   case $name in
-    install-without-cuda-extension) parent=install ;;
+    install-without-cuda-extension|install-prebuilt) parent=install ;;
     wgmma-smoke-t128|wgmma16-smoke|wgmma16-split-smoke) parent=wgmma-smoke ;;
     model-kernels) parent=profile ;;
     warm-cache) parent=install ;;
@@ -123,9 +124,18 @@ stage env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; pr
 # should the CUDA extension fail to build, the package goes in without it, so that the Triton kernels'
 # tests, bench and profile still run in this call (the log keeps the build's error; the extension's
 # tests then fail naming it)
-stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
-  || stage install-without-cuda-extension 60 env MINICPM_INT4_BUILD_CUDA=0 $PY -m pip install --no-build-isolation \
-       --no-deps --no-index -e .
+# A CUDA extension built before the call against this image's torch (bash benchmarks/prebuild_extension.sh ->
+# .prebuilt/, carried) is installed instead of building one here, where it matches this checkout's csrc/ and
+# setup.py, this torch build, this Python and this GPU, and loads (benchmarks/prebuilt_extension.py); else the
+# stage says why and the extension is built as before
+if [ -f .prebuilt/manifest.json ] && stage install-prebuilt 45 $PY benchmarks/prebuilt_extension.py install .prebuilt; then
+  stage install 60 env MINICPM_INT4_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+else
+  [ -f .prebuilt/manifest.json ] || echo "=== [install-prebuilt] none carried: the extension is built here (bash benchmarks/prebuild_extension.sh)" >> "$LOG"
+  stage install 150 env MINICPM_INT4_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+    || stage install-without-cuda-extension 60 env MINICPM_INT4_BUILD_CUDA=0 $PY -m pip install --no-build-isolation \
+         --no-deps --no-index -e .
+fi
 # the peers the image lacks, carried as wheels (bash benchmarks/fetch_peer_wheels.sh here, then the
 # device call with carry [".whl"]): bitsandbytes nf4 and gemlite rows in the bench. The same folder carries the
 # kernels MiniCPM-V 4.6's linear-attention layers run on in transformers (fla-core and einops): those go into a

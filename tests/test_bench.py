@@ -568,17 +568,19 @@ def test_bench_refuses_cpu_timings_by_default(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["run_gpu_suite.sh", "fetch_peer_wheels.sh", "warm_triton_cache.sh"])
+@pytest.mark.parametrize("script", ["run_gpu_suite.sh", "fetch_peer_wheels.sh", "warm_triton_cache.sh",
+                                    "prebuild_extension.sh"])
 def test_gpu_suite_scripts_parse(script):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, **env):
+def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, prebuilt=False, **env):
     """benchmarks/run_gpu_suite.sh copied beside `wheels` (empty files in .whl/) - and, with `tcache`, a warm Triton
-    cache's manifest in .tcache/ - and run with PYTHON = a stub that records each call's arguments, PYTHONPATH and
-    dispatch table (and creates a `--target` folder, as pip does): the calls, in order."""
+    cache's manifest in .tcache/, with `prebuilt` a prebuilt extension's in .prebuilt/ - and run with PYTHON = a
+    stub that records each call's arguments, PYTHONPATH, dispatch table and MINICPM_INT4_BUILD_CUDA (and creates a
+    `--target` folder, as pip does): the calls, in order."""
     import shutil
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -591,6 +593,9 @@ def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, **env):
     if tcache:
         (root / ".tcache").mkdir()
         (root / ".tcache" / "manifest.json").write_text("{}")
+    if prebuilt:
+        (root / ".prebuilt").mkdir()
+        (root / ".prebuilt" / "manifest.json").write_text("{}")
     calls = tmp_path / "calls.jsonl"
     stub = tmp_path / "python"
     stub.write_text("#!/usr/bin/env python3\n"
@@ -608,7 +613,8 @@ def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, **env):
                     "                        'table': os.environ.get('MINICPM_INT4_DISPATCH_TABLE'),\n"
                     "                        'wgmma': os.environ.get('MINICPM_INT4_W4A8_WGMMA'),\n"
                     "                        'wgmma16': os.environ.get('MINICPM_INT4_W4A16_WGMMA'),\n"
-                    "                        'split16': os.environ.get('MINICPM_INT4_W4A16_WGMMA_SPLIT')}) + '\\n')\n"
+                    "                        'split16': os.environ.get('MINICPM_INT4_W4A16_WGMMA_SPLIT'),\n"
+                    "                        'build_cuda': os.environ.get('MINICPM_INT4_BUILD_CUDA')}) + '\\n')\n"
                     # a call with an argument that is one of STUB_FAIL's (|-separated) fails
                     "fail = set(filter(None, os.environ.get('STUB_FAIL', '').split('|')))\n"
                     "sys.exit(1 if fail & set(a) else 0)\n")
@@ -665,6 +671,25 @@ def test_gpu_suite_gives_the_carried_model_kernels_to_the_profile_only(tmp_path)
     calls, log = _run_suite_with_a_stub_python(tmp_path / "third", wheels[:2], SUITE_STAGES="install,profile")
     assert "minicpm-int4-model-kernels" not in _suite_call(calls, "profile")["pythonpath"]
     assert "=== [model-kernels] none carried" in log
+
+
+@pytest.mark.parametrize("carried, refused", [(False, False), (True, False), (True, True)])
+def test_gpu_suite_installs_a_carried_extension_or_builds_one(tmp_path, carried, refused):
+    """A prebuilt extension (.prebuilt/, benchmarks/prebuild_extension.sh) is offered to prebuilt_extension.py's
+    install first; taken, the package goes in without building (MINICPM_INT4_BUILD_CUDA=0); refused - or none
+    carried, which the log says - the install stage builds it (=1), as it did before there was one."""
+    calls, log = _run_suite_with_a_stub_python(tmp_path, [], prebuilt=carried, SUITE_STAGES="install",
+                                               STUB_FAIL=".prebuilt" if refused else "")
+    offered = [c for c in calls if any(a.endswith("prebuilt_extension.py") for a in c["args"])]
+    assert [c["args"][-2:] for c in offered] == ([["install", ".prebuilt"]] if carried else [])
+    pips = [c for c in calls if c["args"][:3] == ["-m", "pip", "install"] and "-e" in c["args"]]
+    assert [c["build_cuda"] for c in pips] == (["0"] if carried and not refused else ["1"])
+    if carried:
+        assert calls.index(offered[0]) < calls.index(pips[0])
+        assert f"=== [install-prebuilt] rc={1 if refused else 0}" in log
+    else:
+        assert "=== [install-prebuilt] none carried" in log
+    assert "=== [install] rc=0" in log
 
 
 @pytest.mark.parametrize("fail, wgmma", [("", None), ("w4a8_wgmma_small", "128"),
