@@ -569,7 +569,7 @@ def test_bench_refuses_cpu_timings_by_default(capsys):
 
 
 @pytest.mark.parametrize("script", ["run_gpu_suite.sh", "fetch_peer_wheels.sh", "warm_triton_cache.sh",
-                                    "prebuild_extension.sh"])
+                                    "prebuild_extension.sh", "prepare_gpu_call.sh"])
 def test_gpu_suite_scripts_parse(script):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(["bash", "-n", os.path.join(here, "benchmarks", script)], capture_output=True, text=True)
