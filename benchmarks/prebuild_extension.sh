@@ -10,7 +10,8 @@
 # the library only where it matches - the checkout's csrc/ and setup.py, the image's torch build, its Python, the
 # GPU's architecture - and loads; else it says why and the install stage builds the extension as before.
 # Made for that image: Python 3.12, torch 2.11.0 (its CUDA 13.0 build, PyPI's), an H100 / H200 (sm_90a);
-# PREBUILD_PYTHON (an interpreter of that version), PREBUILD_TORCH_VERSION and PREBUILD_ARCHS change them.
+# PREBUILD_PY_VERSION (and PREBUILD_PYTHON, an interpreter of it), PREBUILD_TORCH_VERSION and PREBUILD_ARCHS change
+# them; PREBUILD_VENV is the venv (made again where its Python or torch differs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${PREBUILD_TORCH_VERSION:-2.11.0}
@@ -25,7 +26,8 @@ fi
 if [ -z "${PREBUILD_PYTHON:-}" ]; then
   echo "no Python $PY_VERSION found (python$PY_VERSION, pyenv): set PREBUILD_PYTHON to one" >&2; exit 1
 fi
-if ! "$VENV/bin/python" -c "import torch, ninja, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' or torch.version.cuda is None)" 2>/dev/null; then
+# (a venv of another Python would build a library the image's Python cannot import: made again)
+if ! "$VENV/bin/python" -c "import torch, ninja, sys; sys.exit('%d.%d' % sys.version_info[:2] != '$PY_VERSION' or torch.__version__.split('+')[0] != '$TORCH_VERSION' or torch.version.cuda is None)" 2>/dev/null; then
   rm -rf "$VENV"
   "$PREBUILD_PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel
