@@ -43,11 +43,11 @@ def sources_digest(root: str = ROOT) -> str:
     csrc = os.path.join(root, "csrc")
     if not os.path.isdir(csrc):
         raise FileNotFoundError(f"no csrc/ folder in {root}")
-    for rel in sorted(os.listdir(csrc)) + ["../setup.py"]:
-        path = os.path.normpath(os.path.join(csrc, rel))
+    for rel in [os.path.join("csrc", name) for name in sorted(os.listdir(csrc))] + ["setup.py"]:
+        path = os.path.join(root, rel)
         if not os.path.isfile(path):
             continue
-        h.update(os.path.relpath(path, root).encode() + b"\0")
+        h.update(rel.encode() + b"\0")
         with open(path, "rb") as f:
             data = f.read()
         h.update(len(data).to_bytes(8, "little") + data)
