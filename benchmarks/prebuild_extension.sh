@@ -19,8 +19,12 @@ ARCHS=${PREBUILD_ARCHS:-9.0a}
 PY_VERSION=${PREBUILD_PY_VERSION:-3.12}
 VENV=${PREBUILD_VENV:-/tmp/minicpm-int4-prebuild-venv}
 if [ -z "${PREBUILD_PYTHON:-}" ]; then
+  # (each one run, not only looked up: pyenv's shim python3.12 is on PATH for every installed version but runs only
+  # where that version is selected - "pyenv: python3.12: command not found" on a machine whose global is 3.11)
   for p in "python$PY_VERSION" "$HOME"/.pyenv/versions/"$PY_VERSION".*/bin/python; do
-    if command -v "$p" > /dev/null 2>&1; then PREBUILD_PYTHON=$p; break; fi
+    if "$p" -c "import sys; sys.exit('%d.%d' % sys.version_info[:2] != '$PY_VERSION')" > /dev/null 2>&1; then
+      PREBUILD_PYTHON=$p; break
+    fi
   done
 fi
 if [ -z "${PREBUILD_PYTHON:-}" ]; then

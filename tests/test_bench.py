@@ -576,6 +576,26 @@ def test_gpu_suite_scripts_parse(script):
     assert r.returncode == 0, r.stderr
 
 
+def test_prebuild_extension_skips_a_python_that_does_not_run(tmp_path):
+    """prebuild_extension.sh's interpreter of the image's Python is run, not only looked up: pyenv puts a shim of every
+    installed version on PATH (`python3.12`) that fails - "pyenv: python3.12: command not found", 127 - where another
+    version is selected, and the script took that shim and died making its venv. With only such a shim and no pyenv
+    version of it, it must say that no such Python was found (a clear 1, before any venv or download)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "python3.98"
+    shim.write_text("#!/bin/sh\necho 'pyenv: python3.98: command not found' >&2\nexit 127\n")
+    shim.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path / "home"), "PREBUILD_PY_VERSION": "3.98",
+           "PREBUILD_VENV": str(tmp_path / "venv")}
+    r = subprocess.run(["bash", os.path.join(here, "benchmarks", "prebuild_extension.sh")], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "no Python 3.98 found" in r.stderr
+    assert not (tmp_path / "venv").exists()
+
+
 def _run_suite_with_a_stub_python(tmp_path, wheels, tcache=False, prebuilt=False, **env):
     """benchmarks/run_gpu_suite.sh copied beside `wheels` (empty files in .whl/) - and, with `tcache`, a warm Triton
     cache's manifest in .tcache/, with `prebuilt` a prebuilt extension's in .prebuilt/ - and run with PYTHON = a
